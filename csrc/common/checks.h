@@ -1,0 +1,60 @@
+// Input checks shared by every linattn operator. Each failure raises a c10::Error (a Python
+// RuntimeError) whose message names the operator, the argument, what was expected and what
+// was given, so that a bad call never reaches a kernel that could read or write out of bounds.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#include <optional>
+#include <string>
+#include <vector>
+
+namespace linattn {
+
+inline std::string shape_str(const at::Tensor& t) {
+  return c10::str(t.sizes());
+}
+
+inline void check_floating(const char* op, const char* name, const at::Tensor& t) {
+  const auto st = t.scalar_type();
+  TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kHalf || st == at::kBFloat16,
+              op, ": ", name, " must be float32, float64, float16 or bfloat16, got ", st);
+}
+
+inline void check_dim(const char* op, const char* name, const at::Tensor& t, int64_t dim,
+                      const char* layout) {
+  TORCH_CHECK(t.dim() == dim, op, ": ", name, " must be a ", dim, "-D tensor ", layout,
+              ", got shape ", shape_str(t));
+}
+
+inline void check_same_device_dtype(const char* op, const char* name, const at::Tensor& t,
+                                    const char* ref_name, const at::Tensor& ref) {
+  TORCH_CHECK(t.device() == ref.device(), op, ": ", name, " and ", ref_name,
+              " must be on the same device, got ", t.device(), " and ", ref.device());
+  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), op, ": ", name, " and ", ref_name,
+              " must have the same dtype, got ", t.scalar_type(), " and ", ref.scalar_type());
+}
+
+inline void check_shape(const char* op, const char* name, const at::Tensor& t,
+                        at::IntArrayRef expected, const char* meaning) {
+  TORCH_CHECK(t.sizes() == expected, op, ": ", name, " must have shape ", expected, " ", meaning,
+              ", got ", shape_str(t));
+}
+
+// States and normalizers accumulate in float32, or float64 for float64 inputs.
+inline at::ScalarType accumulate_type(at::ScalarType input) {
+  return input == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+inline void check_state(const char* op, const char* name, const at::Tensor& state,
+                        const at::Tensor& like, at::IntArrayRef expected) {
+  TORCH_CHECK(state.device() == like.device(), op, ": ", name, " must be on ", like.device(),
+              ", got ", state.device());
+  const auto acc = accumulate_type(like.scalar_type());
+  TORCH_CHECK(state.scalar_type() == acc, op, ": ", name, " must be ", acc, " for ",
+              like.scalar_type(), " inputs, got ", state.scalar_type());
+  check_shape(op, name, state, expected, "(B, H, m, dv + 1)");
+}
+
+}  // namespace linattn

@@ -1,0 +1,83 @@
+// CPU operator entry points: validate, allocate, hand raw views to the chunked kernels.
+#include "kernel.h"
+#include "op_checks.h"
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <torch/library.h>
+
+namespace linattn {
+namespace {
+
+template <typename T>
+Strided4<const T> view_of(const at::Tensor& t) {
+  Strided4<const T> s;
+  s.data = t.const_data_ptr<T>();
+  for (int i = 0; i < 4; ++i) s.stride[i] = t.stride(i);
+  return s;
+}
+
+// Nullable pointer to a contiguous accumulation-type state.
+template <typename acc_t>
+const acc_t* state_ptr(const std::optional<at::Tensor>& state, at::Tensor& keep_alive) {
+  if (!state.has_value()) return nullptr;
+  keep_alive = state->contiguous();
+  return keep_alive.const_data_ptr<acc_t>();
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cpu(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const std::optional<at::Tensor>& initial_state, bool causal, bool normalize, double eps) {
+  const LinearAttentionShape s = check_forward_inputs(q, k, v, initial_state, causal, normalize, eps);
+  const auto acc = accumulate_type(q.scalar_type());
+  auto out = at::empty({s.batch, s.heads, s.q_len, s.value_dim}, q.options());
+  auto final_state =
+      at::empty({s.batch, s.heads, s.feature_dim, s.value_dim + 1}, q.options().dtype(acc));
+  auto normalizer = at::empty({s.batch, s.heads, s.q_len}, q.options().dtype(acc));
+  at::Tensor initial;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "linear_attn_fwd", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    linear_attention_forward_cpu<scalar_t, acc_t>(
+        s, view_of<scalar_t>(q), view_of<scalar_t>(k), view_of<scalar_t>(v),
+        state_ptr<acc_t>(initial_state, initial), out.mutable_data_ptr<scalar_t>(),
+        final_state.mutable_data_ptr<acc_t>(), normalizer.mutable_data_ptr<acc_t>());
+  });
+  return {out, final_state, normalizer};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
+    const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_final_state,
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& normalizer, const std::optional<at::Tensor>& initial_state, bool causal,
+    bool normalize) {
+  const LinearAttentionShape s = check_backward_inputs(grad_out, grad_final_state, q, k, v, out,
+                                                       normalizer, initial_state, causal, normalize);
+  const auto acc = accumulate_type(q.scalar_type());
+  auto grad_q = at::empty({s.batch, s.heads, s.q_len, s.feature_dim}, q.options());
+  auto grad_k = at::empty({s.batch, s.heads, s.k_len, s.feature_dim}, q.options());
+  auto grad_v = at::empty({s.batch, s.heads, s.k_len, s.value_dim}, q.options());
+  auto grad_initial =
+      at::empty({s.batch, s.heads, s.feature_dim, s.value_dim + 1}, q.options().dtype(acc));
+  const at::Tensor den = normalizer.contiguous();
+  at::Tensor initial, grad_final;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "linear_attn_bwd", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    linear_attention_backward_cpu<scalar_t, acc_t>(
+        s, view_of<scalar_t>(grad_out), view_of<scalar_t>(q), view_of<scalar_t>(k),
+        view_of<scalar_t>(v), view_of<scalar_t>(out), den.const_data_ptr<acc_t>(),
+        state_ptr<acc_t>(initial_state, initial), state_ptr<acc_t>(grad_final_state, grad_final),
+        grad_q.mutable_data_ptr<scalar_t>(), grad_k.mutable_data_ptr<scalar_t>(),
+        grad_v.mutable_data_ptr<scalar_t>(), grad_initial.mutable_data_ptr<acc_t>());
+  });
+  return {grad_q, grad_k, grad_v, grad_initial};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(linattn, CPU, m) {
+  m.impl("linear_attn_fwd", &forward_cpu);
+  m.impl("linear_attn_bwd", &backward_cpu);
+}
+
+}  // namespace linattn

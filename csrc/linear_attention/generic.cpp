@@ -1,0 +1,126 @@
+// Device-generic linear attention: the same operators written with ATen ops only (batched
+// matmuls and a cumulative sum over chunk states), so that CUDA and every other backend get
+// a correct implementation without a fused kernel. It is registered as the
+// CompositeExplicitAutograd kernel of the main operators, and under the *_generic names so
+// the tests can run it on CPU tensors.
+#include "op_checks.h"
+
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+namespace linattn {
+namespace {
+
+// For every row i: O_i = Q_i (S0 + Σ_{j≤i} K_j V_jᵀ); also returns the final state.
+// Q, K: (B, H, T, a); V: (B, H, T, b); S0: (B, H, a, b).
+// The chunk is at least min(a, b) long, so the T/C chunk states held at once take no more
+// memory than T·max(a, b) per batch·head, as much as one input.
+std::tuple<at::Tensor, at::Tensor> causal_scan(const at::Tensor& Q, const at::Tensor& K,
+                                               const at::Tensor& V, const at::Tensor& S0) {
+  const int64_t B = Q.size(0), H = Q.size(1), T = Q.size(2), b = V.size(3);
+  if (T == 0) return {Q.new_zeros({B, H, 0, b}), S0.clone()};
+  const int64_t C = std::max<int64_t>(64, std::min(Q.size(3), b));
+  const int64_t n = (T + C - 1) / C;
+  const int64_t pad = n * C - T;
+  auto chunked = [&](const at::Tensor& x) {
+    return at::constant_pad_nd(x, {0, 0, 0, pad}).view({B, H, n, C, x.size(3)});
+  };
+  const at::Tensor Qc = chunked(Q), Kc = chunked(K), Vc = chunked(V);
+  const at::Tensor intra = at::matmul(Qc, Kc.transpose(-1, -2)).tril_();
+  const at::Tensor chunk_states = at::matmul(Kc.transpose(-1, -2), Vc);  // (B, H, n, a, b)
+  const at::Tensor inclusive = chunk_states.cumsum(2);
+  const at::Tensor before =
+      at::cat({at::zeros_like(chunk_states.narrow(2, 0, 1)), inclusive.narrow(2, 0, n - 1)}, 2) +
+      S0.unsqueeze(2);
+  const at::Tensor O = at::matmul(intra, Vc) + at::matmul(Qc, before);
+  return {O.reshape({B, H, n * C, b}).narrow(2, 0, T), S0 + inclusive.select(2, n - 1)};
+}
+
+// Same with the sums running backwards in time: O_i = Q_i (S0 + Σ_{j≥i} K_j V_jᵀ).
+std::tuple<at::Tensor, at::Tensor> reverse_causal_scan(const at::Tensor& Q, const at::Tensor& K,
+                                                       const at::Tensor& V, const at::Tensor& S0) {
+  auto [O, final_state] = causal_scan(Q.flip(2), K.flip(2), V.flip(2), S0);
+  return {O.flip(2), final_state};
+}
+
+at::Tensor augmented_values(const at::Tensor& v, at::ScalarType acc) {
+  const at::Tensor va = v.to(acc);
+  auto ones_shape = va.sizes().vec();
+  ones_shape.back() = 1;
+  return at::cat({va, at::ones(ones_shape, va.options())}, -1);
+}
+
+at::Tensor state_or_zeros(const std::optional<at::Tensor>& state, const LinearAttentionShape& s,
+                          const at::TensorOptions& options) {
+  if (state.has_value()) return *state;
+  return at::zeros({s.batch, s.heads, s.feature_dim, s.value_dim + 1}, options);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_generic(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const std::optional<at::Tensor>& initial_state, bool causal, bool normalize, double eps) {
+  const LinearAttentionShape s = check_forward_inputs(q, k, v, initial_state, causal, normalize, eps);
+  const auto acc = accumulate_type(q.scalar_type());
+  const at::Tensor Q = q.to(acc), K = k.to(acc), Vp = augmented_values(v, acc);
+  const at::Tensor S0 = state_or_zeros(initial_state, s, Q.options());
+  at::Tensor O, final_state;
+  if (causal) {
+    std::tie(O, final_state) = causal_scan(Q, K, Vp, S0);
+  } else {
+    final_state = S0 + at::matmul(K.transpose(-1, -2), Vp);
+    O = at::matmul(Q, final_state);
+  }
+  const at::Tensor normalizer = O.select(-1, s.value_dim) + eps;
+  at::Tensor out = O.narrow(-1, 0, s.value_dim);
+  if (normalize) out = out / normalizer.unsqueeze(-1);
+  return {out.to(q.scalar_type()).contiguous(), final_state.contiguous(), normalizer.contiguous()};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_generic(
+    const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_final_state,
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& normalizer, const std::optional<at::Tensor>& initial_state, bool causal,
+    bool normalize) {
+  const LinearAttentionShape s = check_backward_inputs(grad_out, grad_final_state, q, k, v, out,
+                                                       normalizer, initial_state, causal, normalize);
+  const auto acc = accumulate_type(q.scalar_type());
+  const at::Tensor Q = q.to(acc), K = k.to(acc), Vp = augmented_values(v, acc);
+  const at::Tensor G = grad_out.to(acc);
+  // Gradient with respect to the augmented output [numerator | normalizer].
+  at::Tensor Gp;
+  if (normalize) {
+    const at::Tensor inv = normalizer.reciprocal().unsqueeze(-1);
+    const at::Tensor d_normalizer = -(G * out.to(acc)).sum(-1, true) * inv;
+    Gp = at::cat({G * inv, d_normalizer}, -1);
+  } else {
+    Gp = at::cat({G, at::zeros_like(G.narrow(-1, 0, 1))}, -1);
+  }
+  const at::Tensor S0 = state_or_zeros(initial_state, s, Q.options());
+  const at::Tensor dSN = state_or_zeros(grad_final_state, s, Q.options());
+  at::Tensor dq, dk, dvp, d_initial;
+  if (causal) {
+    dq = std::get<0>(causal_scan(Gp, Vp, K, S0.transpose(-1, -2)));
+    dk = std::get<0>(reverse_causal_scan(Vp, Gp, Q, dSN.transpose(-1, -2)));
+    std::tie(dvp, d_initial) = reverse_causal_scan(K, Q, Gp, dSN);
+  } else {
+    const at::Tensor state = S0 + at::matmul(K.transpose(-1, -2), Vp);
+    d_initial = dSN + at::matmul(Q.transpose(-1, -2), Gp);
+    dq = at::matmul(Gp, state.transpose(-1, -2));
+    dk = at::matmul(Vp, d_initial.transpose(-1, -2));
+    dvp = at::matmul(K, d_initial);
+  }
+  const auto dtype = q.scalar_type();
+  return {dq.to(dtype).contiguous(), dk.to(dtype).contiguous(),
+          dvp.narrow(-1, 0, s.value_dim).to(dtype).contiguous(), d_initial.contiguous()};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(linattn, CompositeExplicitAutograd, m) {
+  m.impl("linear_attn_fwd", &forward_generic);
+  m.impl("linear_attn_bwd", &backward_generic);
+  m.impl("linear_attn_fwd_generic", &forward_generic);
+  m.impl("linear_attn_bwd_generic", &backward_generic);
+}
+
+}  // namespace linattn

@@ -1,0 +1,56 @@
+// Kernel interface of the linear attention family: raw pointers, strides and sizes only, so
+// the math does not depend on ATen's Tensor class.
+//
+// The state is kept augmented: S' = [S | z] with shape (m, dv + 1), which is what the kernels
+// get when every value row is extended by a trailing 1. Then q·S' yields the numerator and the
+// normalizer in one product, and the backward treats both the same way.
+#pragma once
+
+#include <cstdint>
+
+namespace linattn {
+
+// A (batch, head, row, column) view: element strides, so transposed views need no copy.
+template <typename T>
+struct Strided4 {
+  T* data = nullptr;
+  int64_t stride[4] = {0, 0, 0, 0};
+
+  T* row(int64_t b, int64_t h, int64_t t) const {
+    return data + b * stride[0] + h * stride[1] + t * stride[2];
+  }
+};
+
+struct LinearAttentionShape {
+  int64_t batch = 0;
+  int64_t heads = 0;
+  int64_t q_len = 0;        // N
+  int64_t k_len = 0;        // M (== N when causal)
+  int64_t feature_dim = 0;  // m
+  int64_t value_dim = 0;    // dv; states are (m, dv + 1)
+  bool causal = false;
+  bool normalize = true;
+  double eps = 1e-6;
+};
+
+// acc_t is float for float/half/bfloat16 inputs and double for double inputs. Every acc_t
+// buffer is contiguous: states (B, H, m, dv + 1), normalizers (B, H, N).
+template <typename scalar_t, typename acc_t>
+void linear_attention_forward_cpu(const LinearAttentionShape& shape,
+                                  Strided4<const scalar_t> q, Strided4<const scalar_t> k,
+                                  Strided4<const scalar_t> v,
+                                  const acc_t* initial_state,  // nullable
+                                  scalar_t* out,               // contiguous (B, H, N, dv)
+                                  acc_t* final_state, acc_t* normalizer);
+
+template <typename scalar_t, typename acc_t>
+void linear_attention_backward_cpu(const LinearAttentionShape& shape,
+                                   Strided4<const scalar_t> grad_out, Strided4<const scalar_t> q,
+                                   Strided4<const scalar_t> k, Strided4<const scalar_t> v,
+                                   Strided4<const scalar_t> out, const acc_t* normalizer,
+                                   const acc_t* initial_state,     // nullable
+                                   const acc_t* grad_final_state,  // nullable
+                                   scalar_t* grad_q, scalar_t* grad_k, scalar_t* grad_v,  // contiguous
+                                   acc_t* grad_initial_state);
+
+}  // namespace linattn

@@ -1,0 +1,32 @@
+// Every linattn operator schema, in one place. Kernels register themselves per dispatch key
+// in their family's folder; fake kernels and autograd are registered from linattn/_ops.py.
+#include <Python.h>
+#include <torch/library.h>
+
+// The Python module linattn._C only exists so that importing it loads this library; it has
+// no functions of its own, which keeps the extension within the limited (abi3) Python API.
+PyMODINIT_FUNC PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+
+TORCH_LIBRARY(linattn, m) {
+  // Kernelized linear attention on feature-mapped q, k (METHODS.md §1). States are augmented:
+  // (B, H, m, dv + 1) = [S | z]; normalizer is q·z + eps per query, saved for the backward.
+  m.def(
+      "linear_attn_fwd(Tensor q, Tensor k, Tensor v, Tensor? initial_state, bool causal, "
+      "bool normalize, float eps) -> (Tensor out, Tensor final_state, Tensor normalizer)");
+  m.def(
+      "linear_attn_bwd(Tensor grad_out, Tensor? grad_final_state, Tensor q, Tensor k, Tensor v, "
+      "Tensor out, Tensor normalizer, Tensor? initial_state, bool causal, bool normalize) -> "
+      "(Tensor grad_q, Tensor grad_k, Tensor grad_v, Tensor grad_initial_state)");
+  // The device-generic implementation under its own name, so tests can run on CPU exactly
+  // what CUDA tensors execute.
+  m.def(
+      "linear_attn_fwd_generic(Tensor q, Tensor k, Tensor v, Tensor? initial_state, bool causal, "
+      "bool normalize, float eps) -> (Tensor out, Tensor final_state, Tensor normalizer)");
+  m.def(
+      "linear_attn_bwd_generic(Tensor grad_out, Tensor? grad_final_state, Tensor q, Tensor k, "
+      "Tensor v, Tensor out, Tensor normalizer, Tensor? initial_state, bool causal, "
+      "bool normalize) -> (Tensor grad_q, Tensor grad_k, Tensor grad_v, Tensor grad_initial_state)");
+}

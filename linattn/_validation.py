@@ -1,0 +1,112 @@
+"""Argument checks of the functional API, with messages that name the function, the argument,
+what was expected and what was given. The C++ operators check again (they can be called
+directly), but these run first and speak in the caller's terms."""
+import numbers
+
+import torch
+
+SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+def shape(t: torch.Tensor) -> tuple:
+    return tuple(t.shape)
+
+
+def check_tensor(where: str, name: str, t, dim: int, layout: str) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{where}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != dim:
+        raise ValueError(f"{where}: {name} must be a {dim}-D tensor {layout}, got shape {shape(t)}")
+
+
+def check_float_dtype(where: str, name: str, t: torch.Tensor) -> None:
+    if t.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(
+            f"{where}: {name} must be float32, float64, bfloat16 or float16, got {t.dtype}"
+        )
+
+
+def check_same_device_dtype(where: str, names: tuple, tensors: tuple) -> None:
+    first_name, first = names[0], tensors[0]
+    for name, t in zip(names[1:], tensors[1:]):
+        if t.device != first.device:
+            raise ValueError(
+                f"{where}: {first_name} and {name} must be on the same device, got {first.device} and {t.device}"
+            )
+        if t.dtype != first.dtype:
+            raise TypeError(
+                f"{where}: {first_name} and {name} must have the same dtype, got {first.dtype} and {t.dtype}"
+            )
+
+
+def check_qkv(where: str, q, k, v, causal: bool) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_tensor(where, name, t, 4, "(B, H, T, D)")
+    check_float_dtype(where, "q", q)
+    check_same_device_dtype(where, ("q", "k", "v"), (q, k, v))
+    if q.shape[:2] != k.shape[:2] or k.shape[:2] != v.shape[:2]:
+        raise ValueError(
+            f"{where}: q, k and v must share batch and head dims (B, H), "
+            f"got q {shape(q)}, k {shape(k)} and v {shape(v)}"
+        )
+    if q.shape[3] != k.shape[3]:
+        raise ValueError(f"{where}: q and k must have the same head dim, got q {shape(q)} and k {shape(k)}")
+    if k.shape[2] != v.shape[2]:
+        raise ValueError(f"{where}: k and v must have the same length, got k {shape(k)} and v {shape(v)}")
+    if causal and q.shape[2] != k.shape[2]:
+        raise ValueError(
+            f"{where}: causal attention needs as many queries as keys, got q {shape(q)} and k {shape(k)}"
+        )
+
+
+def check_key_padding_mask(where: str, mask, k: torch.Tensor) -> None:
+    if mask is None:
+        return
+    expected = (k.shape[0], k.shape[2])
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"{where}: key_padding_mask must be a bool tensor of shape (B, T_k) = {expected}, "
+                        f"got {type(mask).__name__}")
+    if mask.dtype != torch.bool:
+        raise TypeError(f"{where}: key_padding_mask must be a bool tensor (True = padded), got {mask.dtype}")
+    if shape(mask) != expected:
+        raise ValueError(f"{where}: key_padding_mask must have shape (B, T_k) = {expected}, got {shape(mask)}")
+    if mask.device != k.device:
+        raise ValueError(f"{where}: key_padding_mask must be on {k.device}, got {mask.device}")
+
+
+def check_eps(where: str, eps) -> None:
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not (0 <= float(eps) < float("inf")):
+        raise ValueError(f"{where}: eps must be a finite number >= 0, got {eps!r}")
+
+
+def check_features(where: str, phi_q: torch.Tensor, phi_k: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> None:
+    """A callable feature map must keep (B, H, T) and give q and k the same feature dim."""
+    for name, phi, x in (("q", phi_q, q), ("k", phi_k, k)):
+        if not isinstance(phi, torch.Tensor) or phi.dim() != 4 or phi.shape[:3] != x.shape[:3]:
+            got = shape(phi) if isinstance(phi, torch.Tensor) else type(phi).__name__
+            raise ValueError(
+                f"{where}: feature_map({name}) must return a (B, H, T, m) tensor with {name}'s (B, H, T) = "
+                f"{shape(x)[:3]}, got {got}"
+            )
+    if phi_q.shape[3] != phi_k.shape[3]:
+        raise ValueError(
+            f"{where}: feature_map must give q and k the same feature dim, got {shape(phi_q)} and {shape(phi_k)}"
+        )
+    check_float_dtype(where, "feature_map(q)", phi_q)
+    check_same_device_dtype(where, ("feature_map(q)", "feature_map(k)"), (phi_q, phi_k))
+
+
+def check_state(where: str, name: str, state, phi_k: torch.Tensor, v: torch.Tensor) -> None:
+    """A recurrent state (S, z): S (B, H, m, dv) and z (B, H, m)."""
+    batch, heads, _, m = phi_k.shape
+    dv = v.shape[3]
+    expected = ((batch, heads, m, dv), (batch, heads, m))
+    if not (isinstance(state, (tuple, list)) and len(state) == 2 and all(isinstance(s, torch.Tensor) for s in state)):
+        raise TypeError(f"{where}: {name} must be a tuple (S, z) of tensors with shapes {expected}, got {state!r:.80}")
+    for part, t, exp in (("S", state[0], expected[0]), ("z", state[1], expected[1])):
+        if shape(t) != exp:
+            raise ValueError(f"{where}: {name} {part} must have shape {exp} (B, H, m{', dv' if part == 'S' else ''}), "
+                             f"got {shape(t)}")
+        if t.device != v.device:
+            raise ValueError(f"{where}: {name} {part} must be on {v.device}, got {t.device}")
+        check_float_dtype(where, f"{name} {part}", t)

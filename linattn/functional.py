@@ -1,0 +1,79 @@
+"""The documented functions of linattn (shared/API.md), on (B, H, T, D) tensors."""
+from typing import Callable, Optional, Tuple, Union
+
+import torch
+
+from . import _ops
+from . import _validation as check
+from .feature_maps import resolve_feature_map
+
+State = Tuple[torch.Tensor, torch.Tensor]
+
+
+def linear_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool = False,
+    feature_map: Union[str, Callable, None] = "elu",
+    normalize: bool = True,
+    eps: float = 1e-6,
+    key_padding_mask: Optional[torch.Tensor] = None,
+    decay: Optional[torch.Tensor] = None,
+    gate: Optional[torch.Tensor] = None,
+    initial_state: Optional[State] = None,
+    output_final_state: bool = False,
+):
+    """Kernelized linear attention (Katharopoulos et al. 2020), METHODS.md §1.
+
+    o_i = φ(q_i)ᵀ S_i / (φ(q_i)ᵀ z_i + eps) with S = Σ_j φ(k_j) v_jᵀ and z = Σ_j φ(k_j) summed over
+    all keys, or over keys j <= i when causal. Cost O(T·m·dv) instead of softmax's O(T²·d).
+
+    Args:
+        q, k, v: (B, H, T_q, D), (B, H, T_k, D), (B, H, T_k, dv); any strides. T_q may differ
+            from T_k unless causal.
+        feature_map: "elu" (elu+1), "relu", "identity", None (q and k already featurized) or a
+            callable applied to q and k, returning (B, H, T, m).
+        normalize: divide by the normalizer; False gives o_i = φ(q_i)ᵀ S_i.
+        key_padding_mask: (B, T_k) bool, True marks a padded key, which then contributes nothing.
+        initial_state: (S, z) with S (B, H, m, dv) and z (B, H, m), added to every prefix sum.
+        output_final_state: also return the state (S, z) after the last key, in float32
+            (float64 for float64 inputs); feeding it back as initial_state continues the sequence.
+
+    Returns:
+        out (B, H, T_q, dv) in the input dtype, or (out, (S, z)) when output_final_state.
+    """
+    where = "linattn.linear_attention"
+    check.check_qkv(where, q, k, v, causal)
+    if decay is not None or gate is not None:
+        raise NotImplementedError(
+            f"{where}: decay and gate are not implemented yet; call it with decay=None and gate=None"
+        )
+    check.check_eps(where, eps)
+    check.check_key_padding_mask(where, key_padding_mask, k)
+    phi = resolve_feature_map(feature_map, where)
+    if feature_map == "identity" and normalize:
+        raise ValueError(
+            f"{where}: feature_map='identity' can be negative and make the normalizer vanish; "
+            "use it with normalize=False, got normalize=True"
+        )
+
+    phi_q, phi_k = (q, k) if phi is None else (phi(q), phi(k))
+    if phi is not None:
+        check.check_features(where, phi_q, phi_k, q, k)
+    if key_padding_mask is not None:
+        phi_k = phi_k.masked_fill(key_padding_mask[:, None, :, None], 0)
+
+    acc = _ops.accumulate_dtype(q.dtype)
+    initial = None
+    if initial_state is not None:
+        check.check_state(where, "initial_state", initial_state, phi_k, v)
+        S0, z0 = initial_state
+        initial = torch.cat([S0.to(acc), z0.to(acc).unsqueeze(-1)], dim=-1)
+
+    out, final_state, _ = _ops.linear_attn_fwd()(phi_q, phi_k, v, initial, causal, normalize, float(eps))
+    if not output_final_state:
+        return out
+    value_dim = v.shape[3]
+    return out, (final_state[..., :value_dim], final_state[..., value_dim])

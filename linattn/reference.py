@@ -1,0 +1,57 @@
+"""Float64 quadratic formulas of METHODS.md: the oracle every kernel is tested against.
+
+Deliberately naive: the full (T_q × T_k) score matrix, no chunking, no reuse of the kernels'
+algebra, so that a shared mistake is unlikely.
+"""
+from typing import Optional, Tuple
+
+import torch
+
+from .feature_maps import resolve_feature_map
+
+
+def linear_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool = False,
+    feature_map="elu",
+    normalize: bool = True,
+    eps: float = 1e-6,
+    key_padding_mask: Optional[torch.Tensor] = None,
+    initial_state: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+):
+    """METHODS.md §1 in float64. Returns (out, (S_final, z_final))."""
+    phi = resolve_feature_map(feature_map, "linattn.reference.linear_attention")
+    q, k, v = q.double(), k.double(), v.double()
+    phi_q, phi_k = (q, k) if phi is None else (phi(q), phi(k))
+    if key_padding_mask is not None:
+        phi_k = phi_k * (~key_padding_mask)[:, None, :, None].double()
+    scores = phi_q @ phi_k.transpose(-1, -2)  # (B, H, T_q, T_k)
+    if causal:
+        scores = scores.tril()
+    numerator = scores @ v
+    normalizer = scores.sum(-1)
+    S = phi_k.transpose(-1, -2) @ v
+    z = phi_k.sum(-2)
+    if initial_state is not None:
+        S0, z0 = initial_state[0].double(), initial_state[1].double()
+        numerator = numerator + phi_q @ S0
+        normalizer = normalizer + (phi_q * z0.unsqueeze(-2)).sum(-1)
+        S, z = S + S0, z + z0
+    out = numerator / (normalizer + eps).unsqueeze(-1) if normalize else numerator
+    return out, (S, z)
+
+
+def softmax_attention(q, k, v, *, causal=False, scale=None, key_padding_mask=None):
+    """METHODS.md §0 in float64: softmax(s·QKᵀ + B) V."""
+    q, k, v = q.double(), k.double(), v.double()
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    scores = (q @ k.transpose(-1, -2)) * scale
+    if causal:
+        n, m = scores.shape[-2:]
+        scores = scores.masked_fill(torch.ones(n, m, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
+    if key_padding_mask is not None:
+        scores = scores.masked_fill(key_padding_mask[:, None, None, :], float("-inf"))
+    return torch.softmax(scores, dim=-1) @ v

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Installs everything linattn needs on a fresh machine and builds the extension in place.
+# torch: kept if one is installed already; otherwise LINATTN_TORCH (default the CPU build
+# torch==2.13.0; use e.g. LINATTN_TORCH="torch==2.14.1" for a CUDA build).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+
+if ! "$PY" -c "import torch" 2>/dev/null; then
+  "$PY" -m pip install --quiet "${LINATTN_TORCH:-torch==2.13.0}"
+fi
+"$PY" -m pip install --quiet "setuptools>=64" wheel ninja pytest hypothesis matplotlib tqdm
+
+# ccache makes rebuilds cheap; it is optional, so a failed install is not an error.
+if ! command -v ccache >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+  (apt-get update -qq && apt-get install -y -qq ccache) >/dev/null 2>&1 || true
+fi
+# Debian's ccache puts compiler-named wrappers in /usr/lib/ccache (torch's ninja build wants
+# CXX to be a single program, so "ccache g++" cannot go there).
+if [ -d /usr/lib/ccache ]; then
+  export PATH="/usr/lib/ccache:$PATH"
+fi
+export MAX_JOBS=${MAX_JOBS:-2}
+"$PY" -m pip install --quiet --no-build-isolation -e .
+"$PY" -c "import linattn, torch; print('linattn', linattn.__version__, 'built against torch', torch.__version__)"

@@ -1,0 +1,46 @@
+"""Builds linattn._C: every operator's C++ sources, plus CUDA sources when they exist and both
+a CUDA toolkit and a CUDA build of torch are present (no GPU needed to compile)."""
+import glob
+import os
+
+import torch
+from setuptools import setup
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+# The limited Python API (abi3) needs torch >= 2.6, where extensions no longer need pybind11.
+TORCH_MAJOR_MINOR = tuple(int(x) for x in torch.__version__.split(".")[:2])
+PY_LIMITED_API = TORCH_MAJOR_MINOR >= (2, 6)
+
+
+def sources(pattern):
+    return sorted(os.path.relpath(p, HERE) for p in glob.glob(os.path.join(HERE, "csrc", "**", pattern), recursive=True))
+
+
+def extension():
+    cxx_flags = ["-O3", "-std=c++17", "-fvisibility=hidden"]
+    if PY_LIMITED_API:
+        cxx_flags.append("-DPy_LIMITED_API=0x030a0000")
+    cpp_sources = sources("*.cpp")
+    cuda_sources = sources("*.cu")
+    want_cuda = os.environ.get("LINATTN_BUILD_CUDA", "auto") != "0"
+    if cuda_sources and want_cuda and torch.version.cuda is not None and CUDA_HOME is not None:
+        if not torch.cuda.is_available():
+            # No visible GPU to ask for its architecture: build for Ampere and Hopper.
+            os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+        return CUDAExtension(
+            "linattn._C",
+            cpp_sources + cuda_sources,
+            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++17"]},
+            py_limited_api=PY_LIMITED_API,
+        )
+    return CppExtension(
+        "linattn._C", cpp_sources, extra_compile_args={"cxx": cxx_flags}, py_limited_api=PY_LIMITED_API
+    )
+
+
+setup(
+    ext_modules=[extension()],
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    options={"bdist_wheel": {"py_limited_api": "cp310"}} if PY_LIMITED_API else {},
+)
