@@ -11,22 +11,28 @@ PyMODINIT_FUNC PyInit__C(void) {
 }
 
 TORCH_LIBRARY(linattn, m) {
-  // Kernelized linear attention on feature-mapped q, k (METHODS.md §1). States are augmented:
-  // (B, H, m, dv + 1) = [S | z]; normalizer is q·z + eps per query, saved for the backward.
+  // Kernelized linear attention (METHODS.md §1). feature_map: 0 identity (q, k are features
+  // already), 1 elu+1, 2 relu, applied inside the kernels; key_padding_mask (B, T_k) bool,
+  // True = padded key. States are augmented: (B, H, m, dv + 1) = [S | z]; normalizer is
+  // φ(q)·z + eps per query, saved for the backward.
   m.def(
-      "linear_attn_fwd(Tensor q, Tensor k, Tensor v, Tensor? initial_state, bool causal, "
-      "bool normalize, float eps) -> (Tensor out, Tensor final_state, Tensor normalizer)");
+      "linear_attn_fwd(Tensor q, Tensor k, Tensor v, Tensor? initial_state, "
+      "Tensor? key_padding_mask, int feature_map, bool causal, bool normalize, float eps) -> "
+      "(Tensor out, Tensor final_state, Tensor normalizer)");
   m.def(
       "linear_attn_bwd(Tensor grad_out, Tensor? grad_final_state, Tensor q, Tensor k, Tensor v, "
-      "Tensor out, Tensor normalizer, Tensor? initial_state, bool causal, bool normalize) -> "
+      "Tensor out, Tensor normalizer, Tensor? initial_state, Tensor? key_padding_mask, "
+      "int feature_map, bool causal, bool normalize) -> "
       "(Tensor grad_q, Tensor grad_k, Tensor grad_v, Tensor grad_initial_state)");
   // The device-generic implementation under its own name, so tests can run on CPU exactly
   // what CUDA tensors execute.
   m.def(
-      "linear_attn_fwd_generic(Tensor q, Tensor k, Tensor v, Tensor? initial_state, bool causal, "
-      "bool normalize, float eps) -> (Tensor out, Tensor final_state, Tensor normalizer)");
+      "linear_attn_fwd_generic(Tensor q, Tensor k, Tensor v, Tensor? initial_state, "
+      "Tensor? key_padding_mask, int feature_map, bool causal, bool normalize, float eps) -> "
+      "(Tensor out, Tensor final_state, Tensor normalizer)");
   m.def(
       "linear_attn_bwd_generic(Tensor grad_out, Tensor? grad_final_state, Tensor q, Tensor k, "
-      "Tensor v, Tensor out, Tensor normalizer, Tensor? initial_state, bool causal, "
-      "bool normalize) -> (Tensor grad_q, Tensor grad_k, Tensor grad_v, Tensor grad_initial_state)");
+      "Tensor v, Tensor out, Tensor normalizer, Tensor? initial_state, Tensor? key_padding_mask, "
+      "int feature_map, bool causal, bool normalize) -> "
+      "(Tensor grad_q, Tensor grad_k, Tensor grad_v, Tensor grad_initial_state)");
 }

@@ -38,7 +38,7 @@ def _register(generic: bool) -> None:
     backward_op = getattr(torch.ops.linattn, _BACKWARD_NAMES[generic]).default
 
     @torch.library.register_fake(forward_name)
-    def _forward_fake(q, k, v, initial_state, causal, normalize, eps):
+    def _forward_fake(q, k, v, initial_state, key_padding_mask, feature_map, causal, normalize, eps):
         batch, heads, q_len, features = q.shape
         value_dim = v.shape[3]
         acc = accumulate_dtype(q.dtype)
@@ -49,7 +49,8 @@ def _register(generic: bool) -> None:
         )
 
     @torch.library.register_fake(f"linattn::{_BACKWARD_NAMES[generic]}")
-    def _backward_fake(grad_out, grad_final_state, q, k, v, out, normalizer, initial_state, causal, normalize):
+    def _backward_fake(grad_out, grad_final_state, q, k, v, out, normalizer, initial_state, key_padding_mask,
+                       feature_map, causal, normalize):
         batch, heads, _, features = q.shape
         return (
             torch.empty_like(q, memory_format=torch.contiguous_format),
@@ -59,19 +60,22 @@ def _register(generic: bool) -> None:
         )
 
     def setup_context(ctx, inputs, output):
-        q, k, v, initial_state, causal, normalize, _eps = inputs
+        q, k, v, initial_state, key_padding_mask, feature_map, causal, normalize, _eps = inputs
         out, _final_state, normalizer = output
-        ctx.save_for_backward(q, k, v, out, normalizer, initial_state)
+        ctx.save_for_backward(q, k, v, out, normalizer, initial_state, key_padding_mask)
+        ctx.feature_map = feature_map
         ctx.causal = causal
         ctx.normalize = normalize
         ctx.mark_non_differentiable(normalizer)
 
     def backward(ctx, grad_out, grad_final_state, _grad_normalizer):
-        q, k, v, out, normalizer, initial_state = ctx.saved_tensors
+        q, k, v, out, normalizer, initial_state, key_padding_mask = ctx.saved_tensors
         grad_q, grad_k, grad_v, grad_initial = backward_op(
-            grad_out, grad_final_state, q, k, v, out, normalizer, initial_state, ctx.causal, ctx.normalize
+            grad_out, grad_final_state, q, k, v, out, normalizer, initial_state, key_padding_mask,
+            ctx.feature_map, ctx.causal, ctx.normalize,
         )
-        return grad_q, grad_k, grad_v, (grad_initial if initial_state is not None else None), None, None, None
+        grad_initial = grad_initial if initial_state is not None else None
+        return grad_q, grad_k, grad_v, grad_initial, None, None, None, None, None
 
     torch.library.register_autograd(forward_name, backward, setup_context=setup_context)
 

@@ -9,6 +9,9 @@ from .feature_maps import resolve_feature_map
 
 State = Tuple[torch.Tensor, torch.Tensor]
 
+# Feature-map codes of the C++ operators (csrc/linear_attention/kernel.h, FeatureMap).
+FUSED_FEATURE_MAPS = {"identity": 0, "elu": 1, "relu": 2}
+
 
 def linear_attention(
     q: torch.Tensor,
@@ -59,11 +62,13 @@ def linear_attention(
             "use it with normalize=False, got normalize=True"
         )
 
-    phi_q, phi_k = (q, k) if phi is None else (phi(q), phi(k))
-    if phi is not None:
+    # The built-in maps run inside the kernels; a callable runs here, before them.
+    fused_code = FUSED_FEATURE_MAPS.get(feature_map) if isinstance(feature_map, str) else None
+    if fused_code is not None or phi is None:
+        phi_q, phi_k, code = q, k, fused_code or 0
+    else:
+        phi_q, phi_k, code = phi(q), phi(k), 0
         check.check_features(where, phi_q, phi_k, q, k)
-    if key_padding_mask is not None:
-        phi_k = phi_k.masked_fill(key_padding_mask[:, None, :, None], 0)
 
     acc = _ops.accumulate_dtype(q.dtype)
     initial = None
@@ -72,7 +77,9 @@ def linear_attention(
         S0, z0 = initial_state
         initial = torch.cat([S0.to(acc), z0.to(acc).unsqueeze(-1)], dim=-1)
 
-    out, final_state, _ = _ops.linear_attn_fwd()(phi_q, phi_k, v, initial, causal, normalize, float(eps))
+    out, final_state, _ = _ops.linear_attn_fwd()(
+        phi_q, phi_k, v, initial, key_padding_mask, code, causal, normalize, float(eps)
+    )
     if not output_final_state:
         return out
     value_dim = v.shape[3]

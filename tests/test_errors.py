@@ -87,16 +87,22 @@ def test_direct_operator_calls_are_checked_in_cpp():
     q, k, v = qkv()
     for op in (torch.ops.linattn.linear_attn_fwd, torch.ops.linattn.linear_attn_fwd_generic):
         with pytest.raises(RuntimeError, match=r"linattn.linear_attention: q must be a 4-D tensor"):
-            op(q[0], k, v, None, False, True, 1e-6)
+            op(q[0], k, v, None, None, 1, False, True, 1e-6)
         with pytest.raises(RuntimeError, match=r"initial_state must have shape \[2, 3, 8, 9\]"):
-            op(q, k, v, torch.zeros(2, 3, 8, 8), False, True, 1e-6)
+            op(q, k, v, torch.zeros(2, 3, 8, 8), None, 1, False, True, 1e-6)
         with pytest.raises(RuntimeError, match=r"initial_state must be Float for"):
-            op(q, k, v, torch.zeros(2, 3, 8, 9, dtype=torch.float64), False, True, 1e-6)
+            op(q, k, v, torch.zeros(2, 3, 8, 9, dtype=torch.float64), None, 1, False, True, 1e-6)
         with pytest.raises(RuntimeError, match=r"eps must be finite"):
-            op(q, k, v, None, False, True, float("inf"))
-    out, state, normalizer = torch.ops.linattn.linear_attn_fwd(q, k, v, None, True, True, 1e-6)
+            op(q, k, v, None, None, 1, False, True, float("inf"))
+        with pytest.raises(RuntimeError, match=r"feature_map code must be 0 \(identity\), 1 \(elu\+1\) or 2"):
+            op(q, k, v, None, None, 7, False, True, 1e-6)
+        with pytest.raises(RuntimeError, match=r"key_padding_mask must have shape \[2, 10\]"):
+            op(q, k, v, None, torch.zeros(2, 3, dtype=torch.bool), 1, False, True, 1e-6)
+        with pytest.raises(RuntimeError, match=r"key_padding_mask must be a bool tensor"):
+            op(q, k, v, None, torch.zeros(2, 10), 1, False, True, 1e-6)
+    out, state, normalizer = torch.ops.linattn.linear_attn_fwd(q, k, v, None, None, 1, True, True, 1e-6)
     for op in (torch.ops.linattn.linear_attn_bwd, torch.ops.linattn.linear_attn_bwd_generic):
         with pytest.raises(RuntimeError, match=r"normalizer must have shape"):
-            op(out, None, q, k, v, out, normalizer[:, :, :3], None, True, True)
+            op(out, None, q, k, v, out, normalizer[:, :, :3], None, None, 1, True, True)
         with pytest.raises(RuntimeError, match=r"grad_out must have shape"):
-            op(out[:, :, :3], None, q, k, v, out, normalizer, None, True, True)
+            op(out[:, :, :3], None, q, k, v, out, normalizer, None, None, 1, True, True)

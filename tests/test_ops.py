@@ -8,15 +8,16 @@ from conftest import assert_close
 OPS = ["linear_attn_fwd", "linear_attn_fwd_generic"]
 
 
-def op_args(causal, with_state, dtype=torch.float32, requires_grad=True):
+def op_args(causal, with_state, dtype=torch.float32, requires_grad=True, feature_map=1, masked=False):
     g = torch.Generator().manual_seed(0)
     B, H, T, m, dv = 2, 3, 37, 8, 6
     acc = torch.float64 if dtype == torch.float64 else torch.float32
-    q = torch.rand(B, H, T, m, generator=g).to(dtype).requires_grad_(requires_grad)
-    k = torch.rand(B, H, T, m, generator=g).to(dtype).requires_grad_(requires_grad)
+    q = torch.randn(B, H, T, m, generator=g).to(dtype).requires_grad_(requires_grad)
+    k = torch.randn(B, H, T, m, generator=g).to(dtype).requires_grad_(requires_grad)
     v = torch.randn(B, H, T, dv, generator=g).to(dtype).requires_grad_(requires_grad)
     state = torch.rand(B, H, m, dv + 1, generator=g).to(acc).requires_grad_(requires_grad) if with_state else None
-    return (q, k, v, state, causal, True, 1e-6)
+    mask = (torch.arange(T) >= T - 5).expand(B, T).contiguous() if masked else None
+    return (q, k, v, state, mask, feature_map, causal, True, 1e-6)
 
 
 @pytest.mark.parametrize("name", OPS)
@@ -28,16 +29,26 @@ def test_opcheck_forward(name, causal, with_state, dtype):
     torch.library.opcheck(op, op_args(causal, with_state, dtype))
 
 
+@pytest.mark.parametrize("name", OPS)
+@pytest.mark.parametrize("feature_map", [0, 1, 2])
+def test_opcheck_forward_feature_maps_and_mask(name, feature_map):
+    op = getattr(torch.ops.linattn, name).default
+    torch.library.opcheck(op, op_args(True, False, feature_map=feature_map, masked=True))
+
+
 @pytest.mark.parametrize("name", ["linear_attn_bwd", "linear_attn_bwd_generic"])
 @pytest.mark.parametrize("causal", [False, True])
 def test_opcheck_backward(name, causal):
-    q, k, v, state, causal, normalize, eps = op_args(causal, True, requires_grad=False)
-    out, final_state, normalizer = torch.ops.linattn.linear_attn_fwd(q, k, v, state, causal, normalize, eps)
+    q, k, v, state, mask, feature_map, causal, normalize, eps = op_args(causal, True, requires_grad=False,
+                                                                        masked=True)
+    out, final_state, normalizer = torch.ops.linattn.linear_attn_fwd(
+        q, k, v, state, mask, feature_map, causal, normalize, eps)
     grad_out = torch.randn_like(out)
     grad_final = torch.randn_like(final_state)
     op = getattr(torch.ops.linattn, name).default
     for gf in (grad_final, None):
-        torch.library.opcheck(op, (grad_out, gf, q, k, v, out, normalizer, state, causal, normalize))
+        torch.library.opcheck(
+            op, (grad_out, gf, q, k, v, out, normalizer, state, mask, feature_map, causal, normalize))
 
 
 def _loss_and_grads(fn, q, k, v):

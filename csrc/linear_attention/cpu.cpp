@@ -18,29 +18,32 @@ Strided4<const T> view_of(const at::Tensor& t) {
   return s;
 }
 
-// Nullable pointer to a contiguous accumulation-type state.
-template <typename acc_t>
-const acc_t* state_ptr(const std::optional<at::Tensor>& state, at::Tensor& keep_alive) {
-  if (!state.has_value()) return nullptr;
-  keep_alive = state->contiguous();
-  return keep_alive.const_data_ptr<acc_t>();
+// Nullable pointer to the contiguous data of an optional tensor (a state or the mask).
+template <typename T>
+const T* optional_ptr(const std::optional<at::Tensor>& t, at::Tensor& keep_alive) {
+  if (!t.has_value()) return nullptr;
+  keep_alive = t->contiguous();
+  return keep_alive.const_data_ptr<T>();
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cpu(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const std::optional<at::Tensor>& initial_state, bool causal, bool normalize, double eps) {
-  const LinearAttentionShape s = check_forward_inputs(q, k, v, initial_state, causal, normalize, eps);
+    const std::optional<at::Tensor>& initial_state, const std::optional<at::Tensor>& key_padding_mask,
+    int64_t feature_map, bool causal, bool normalize, double eps) {
+  const LinearAttentionShape s = check_forward_inputs(q, k, v, initial_state, key_padding_mask,
+                                                      feature_map, causal, normalize, eps);
   const auto acc = accumulate_type(q.scalar_type());
   auto out = at::empty({s.batch, s.heads, s.q_len, s.value_dim}, q.options());
   auto final_state =
       at::empty({s.batch, s.heads, s.feature_dim, s.value_dim + 1}, q.options().dtype(acc));
   auto normalizer = at::empty({s.batch, s.heads, s.q_len}, q.options().dtype(acc));
-  at::Tensor initial;
+  at::Tensor initial, mask;
+  const bool* mask_ptr = optional_ptr<bool>(key_padding_mask, mask);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "linear_attn_fwd", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     linear_attention_forward_cpu<scalar_t, acc_t>(
-        s, view_of<scalar_t>(q), view_of<scalar_t>(k), view_of<scalar_t>(v),
-        state_ptr<acc_t>(initial_state, initial), out.mutable_data_ptr<scalar_t>(),
+        s, view_of<scalar_t>(q), view_of<scalar_t>(k), view_of<scalar_t>(v), mask_ptr,
+        optional_ptr<acc_t>(initial_state, initial), out.mutable_data_ptr<scalar_t>(),
         final_state.mutable_data_ptr<acc_t>(), normalizer.mutable_data_ptr<acc_t>());
   });
   return {out, final_state, normalizer};
@@ -49,10 +52,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cpu(
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
     const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_final_state,
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
-    const at::Tensor& normalizer, const std::optional<at::Tensor>& initial_state, bool causal,
+    const at::Tensor& normalizer, const std::optional<at::Tensor>& initial_state,
+    const std::optional<at::Tensor>& key_padding_mask, int64_t feature_map, bool causal,
     bool normalize) {
-  const LinearAttentionShape s = check_backward_inputs(grad_out, grad_final_state, q, k, v, out,
-                                                       normalizer, initial_state, causal, normalize);
+  const LinearAttentionShape s =
+      check_backward_inputs(grad_out, grad_final_state, q, k, v, out, normalizer, initial_state,
+                            key_padding_mask, feature_map, causal, normalize);
   const auto acc = accumulate_type(q.scalar_type());
   auto grad_q = at::empty({s.batch, s.heads, s.q_len, s.feature_dim}, q.options());
   auto grad_k = at::empty({s.batch, s.heads, s.k_len, s.feature_dim}, q.options());
@@ -60,13 +65,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
   auto grad_initial =
       at::empty({s.batch, s.heads, s.feature_dim, s.value_dim + 1}, q.options().dtype(acc));
   const at::Tensor den = normalizer.contiguous();
-  at::Tensor initial, grad_final;
+  at::Tensor initial, grad_final, mask;
+  const bool* mask_ptr = optional_ptr<bool>(key_padding_mask, mask);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "linear_attn_bwd", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     linear_attention_backward_cpu<scalar_t, acc_t>(
         s, view_of<scalar_t>(grad_out), view_of<scalar_t>(q), view_of<scalar_t>(k),
-        view_of<scalar_t>(v), view_of<scalar_t>(out), den.const_data_ptr<acc_t>(),
-        state_ptr<acc_t>(initial_state, initial), state_ptr<acc_t>(grad_final_state, grad_final),
+        view_of<scalar_t>(v), view_of<scalar_t>(out), den.const_data_ptr<acc_t>(), mask_ptr,
+        optional_ptr<acc_t>(initial_state, initial), optional_ptr<acc_t>(grad_final_state, grad_final),
         grad_q.mutable_data_ptr<scalar_t>(), grad_k.mutable_data_ptr<scalar_t>(),
         grad_v.mutable_data_ptr<scalar_t>(), grad_initial.mutable_data_ptr<acc_t>());
   });

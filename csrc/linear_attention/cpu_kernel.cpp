@@ -17,6 +17,7 @@
 #include <c10/util/Half.h>
 
 #include <algorithm>
+#include <cmath>
 #include <vector>
 
 namespace linattn {
@@ -34,6 +35,33 @@ void load_rows(acc_t* dst, int64_t ld, const scalar_t* src, int64_t row_stride,
     } else {
       for (int64_t c = 0; c < cols; ++c) d[c] = static_cast<acc_t>(s[c * col_stride]);
     }
+  }
+}
+
+// φ and its derivative, with the switch outside the element loops.
+template <typename acc_t>
+void apply_feature_map(FeatureMap map, acc_t* x, int64_t rows, int64_t cols, int64_t ld) {
+  if (map == kFeatureIdentity) return;
+  for (int64_t r = 0; r < rows; ++r) {
+    acc_t* row = x + r * ld;
+    if (map == kFeatureElu) {
+      // elu(x) + 1 = x + 1 for x > 0 and exp(x) otherwise (exactly, unlike expm1(x) + 1).
+      for (int64_t c = 0; c < cols; ++c) row[c] = row[c] > 0 ? row[c] + acc_t(1) : std::exp(row[c]);
+    } else {
+      for (int64_t c = 0; c < cols; ++c) row[c] = row[c] > 0 ? row[c] : acc_t(0);
+    }
+  }
+}
+
+template <typename acc_t>
+acc_t feature_map_derivative(FeatureMap map, acc_t x) {
+  switch (map) {
+    case kFeatureElu:
+      return x > 0 ? acc_t(1) : std::exp(x);
+    case kFeatureRelu:
+      return x > 0 ? acc_t(1) : acc_t(0);
+    default:
+      return acc_t(1);
   }
 }
 
@@ -68,9 +96,35 @@ struct Kernel {
     rstate.resize(m * dvp);
   }
 
-  void load(std::vector<acc_t>& dst, int64_t width, const Strided4<const scalar_t>& x, int64_t bi,
-            int64_t hi, int64_t t0, int64_t L) {
-    load_rows(dst.data(), width, x.row(bi, hi, t0), x.stride[2], x.stride[3], L, width);
+  // φ(rows t0..t0+L) of q or k; rows of padded keys (mask non-null and true) become 0.
+  void load_features(std::vector<acc_t>& dst, const Strided4<const scalar_t>& x, int64_t bi,
+                     int64_t hi, int64_t t0, int64_t L, const bool* mask = nullptr) {
+    load_rows(dst.data(), m, x.row(bi, hi, t0), x.stride[2], x.stride[3], L, m);
+    apply_feature_map(s.feature_map, dst.data(), L, m, m);
+    if (mask)
+      for (int64_t r = 0; r < L; ++r)
+        if (mask[t0 + r]) std::fill(dst.data() + r * m, dst.data() + (r + 1) * m, acc_t(0));
+  }
+
+  // Stores the gradient with respect to raw q or k rows: dφ ⊙ φ'(x), 0 for padded keys.
+  void store_feature_grads(scalar_t* dst_bh, const acc_t* dphi, const Strided4<const scalar_t>& x,
+                           int64_t bi, int64_t hi, int64_t t0, int64_t L, const bool* mask = nullptr) {
+    for (int64_t r = 0; r < L; ++r) {
+      scalar_t* dst = dst_bh + (t0 + r) * m;
+      const acc_t* src = dphi + r * m;
+      if (mask && mask[t0 + r]) {
+        std::fill(dst, dst + m, scalar_t(0));
+        continue;
+      }
+      if (s.feature_map == kFeatureIdentity) {
+        for (int64_t c = 0; c < m; ++c) dst[c] = static_cast<scalar_t>(src[c]);
+        continue;
+      }
+      const scalar_t* raw = x.row(bi, hi, t0 + r);
+      for (int64_t c = 0; c < m; ++c)
+        dst[c] = static_cast<scalar_t>(
+            src[c] * feature_map_derivative(s.feature_map, static_cast<acc_t>(raw[c * x.stride[3]])));
+    }
   }
 
   // V'_c = [V_c | 1]
@@ -130,9 +184,10 @@ struct Kernel {
   }
 
   void forward(int64_t bh, Strided4<const scalar_t> Q, Strided4<const scalar_t> K,
-               Strided4<const scalar_t> V, const acc_t* initial, scalar_t* out, acc_t* final_state,
-               acc_t* den) {
+               Strided4<const scalar_t> V, const bool* key_padding_mask, const acc_t* initial,
+               scalar_t* out, acc_t* final_state, acc_t* den) {
     const int64_t bi = bh / s.heads, hi = bh % s.heads;
+    const bool* mask = key_padding_mask ? key_padding_mask + bi * s.k_len : nullptr;
     const int64_t N = s.q_len, M = s.k_len;
     scalar_t* out_bh = out + bh * N * dv;
     acc_t* den_bh = den + bh * N;
@@ -140,8 +195,8 @@ struct Kernel {
     if (s.causal) {
       for (int64_t t0 = 0; t0 < N; t0 += C) {
         const int64_t L = std::min(C, N - t0);
-        load(q, m, Q, bi, hi, t0, L);
-        load(k, m, K, bi, hi, t0, L);
+        load_features(q, Q, bi, hi, t0, L);
+        load_features(k, K, bi, hi, t0, L, mask);
         load_values(V, bi, hi, t0, L);
         gemm<acc_t>(false, false, L, dvp, m, q.data(), m, state.data(), dvp, 0, o.data(), dvp);
         gemm<acc_t>(false, true, L, L, m, q.data(), m, k.data(), m, 0, a.data(), C);
@@ -153,13 +208,13 @@ struct Kernel {
     } else {
       for (int64_t t0 = 0; t0 < M; t0 += C) {
         const int64_t L = std::min(C, M - t0);
-        load(k, m, K, bi, hi, t0, L);
+        load_features(k, K, bi, hi, t0, L, mask);
         load_values(V, bi, hi, t0, L);
         accumulate_state(L);
       }
       for (int64_t t0 = 0; t0 < N; t0 += C) {
         const int64_t L = std::min(C, N - t0);
-        load(q, m, Q, bi, hi, t0, L);
+        load_features(q, Q, bi, hi, t0, L);
         gemm<acc_t>(false, false, L, dvp, m, q.data(), m, state.data(), dvp, 0, o.data(), dvp);
         store_output(out_bh, den_bh, t0, L);
       }
@@ -169,9 +224,11 @@ struct Kernel {
 
   void backward(int64_t bh, Strided4<const scalar_t> G, Strided4<const scalar_t> Q,
                 Strided4<const scalar_t> K, Strided4<const scalar_t> V, Strided4<const scalar_t> O,
-                const acc_t* den, const acc_t* initial, const acc_t* grad_final, scalar_t* dq,
-                scalar_t* dk_out, scalar_t* dv_out, acc_t* grad_initial) {
+                const acc_t* den, const bool* key_padding_mask, const acc_t* initial,
+                const acc_t* grad_final, scalar_t* dq, scalar_t* dk_out, scalar_t* dv_out,
+                acc_t* grad_initial) {
     const int64_t bi = bh / s.heads, hi = bh % s.heads;
+    const bool* mask = key_padding_mask ? key_padding_mask + bi * s.k_len : nullptr;
     const int64_t N = s.q_len, M = s.k_len;
     const acc_t* den_bh = den + bh * N;
     scalar_t* dq_bh = dq + bh * N * m;
@@ -185,7 +242,7 @@ struct Kernel {
       // Pass 1, forward in time: dq_i = S'_i g'_i with S'_i the inclusive prefix state.
       for (int64_t t0 = 0; t0 < N; t0 += C) {
         const int64_t L = std::min(C, N - t0);
-        load(k, m, K, bi, hi, t0, L);
+        load_features(k, K, bi, hi, t0, L, mask);
         load_values(V, bi, hi, t0, L);
         load_output_grads(G, O, den_bh, bi, hi, t0, L);
         gemm<acc_t>(false, true, L, m, dvp, g.data(), dvp, state.data(), dvp, 0, o.data(), m);
@@ -193,14 +250,14 @@ struct Kernel {
         keep_causal(b.data(), L, C);
         gemm<acc_t>(false, false, L, m, L, b.data(), C, k.data(), m, 1, o.data(), m);
         accumulate_state(L);
-        store_rows(dq_bh, m, o.data(), m, t0, L);
+        store_feature_grads(dq_bh, o.data(), Q, bi, hi, t0, L);
       }
       // Pass 2, backward in time: dk_j = R_j v'_j, dv'_j = R_jᵀ k_j, R_j = R_N + Σ_{i≥j} q_i g'_iᵀ.
       const int64_t last = N == 0 ? 0 : ((N - 1) / C) * C;
       for (int64_t t0 = last; t0 >= 0 && N > 0; t0 -= C) {
         const int64_t L = std::min(C, N - t0);
-        load(q, m, Q, bi, hi, t0, L);
-        load(k, m, K, bi, hi, t0, L);
+        load_features(q, Q, bi, hi, t0, L);
+        load_features(k, K, bi, hi, t0, L, mask);
         load_values(V, bi, hi, t0, L);
         load_output_grads(G, O, den_bh, bi, hi, t0, L);
         // dK_c = V'_c Rᵀ + (tril(G'_c V'_cᵀ))ᵀ Q_c
@@ -215,33 +272,33 @@ struct Kernel {
         gemm<acc_t>(true, false, L, dvp, L, a.data(), C, g.data(), dvp, 1, o.data(), dvp);
         // R += Q_cᵀ G'_c
         gemm<acc_t>(true, false, m, dvp, L, q.data(), m, g.data(), dvp, 1, R, dvp);
-        store_rows(dk_bh, m, dk.data(), m, t0, L);
+        store_feature_grads(dk_bh, dk.data(), K, bi, hi, t0, L, mask);
         store_rows(dv_bh, dv, o.data(), dvp, t0, L);
       }
     } else {
       for (int64_t t0 = 0; t0 < M; t0 += C) {
         const int64_t L = std::min(C, M - t0);
-        load(k, m, K, bi, hi, t0, L);
+        load_features(k, K, bi, hi, t0, L, mask);
         load_values(V, bi, hi, t0, L);
         accumulate_state(L);
       }
       // dq_i = S' g'_i;  R = R_N + Σ_i q_i g'_iᵀ
       for (int64_t t0 = 0; t0 < N; t0 += C) {
         const int64_t L = std::min(C, N - t0);
-        load(q, m, Q, bi, hi, t0, L);
+        load_features(q, Q, bi, hi, t0, L);
         load_output_grads(G, O, den_bh, bi, hi, t0, L);
         gemm<acc_t>(false, true, L, m, dvp, g.data(), dvp, state.data(), dvp, 0, o.data(), m);
         gemm<acc_t>(true, false, m, dvp, L, q.data(), m, g.data(), dvp, 1, R, dvp);
-        store_rows(dq_bh, m, o.data(), m, t0, L);
+        store_feature_grads(dq_bh, o.data(), Q, bi, hi, t0, L);
       }
       // dk_j = R v'_j;  dv'_j = Rᵀ k_j
       for (int64_t t0 = 0; t0 < M; t0 += C) {
         const int64_t L = std::min(C, M - t0);
-        load(k, m, K, bi, hi, t0, L);
+        load_features(k, K, bi, hi, t0, L, mask);
         load_values(V, bi, hi, t0, L);
         gemm<acc_t>(false, true, L, m, dvp, v.data(), dvp, R, dvp, 0, dk.data(), m);
         gemm<acc_t>(false, false, L, dvp, m, k.data(), m, R, dvp, 0, o.data(), dvp);
-        store_rows(dk_bh, m, dk.data(), m, t0, L);
+        store_feature_grads(dk_bh, dk.data(), K, bi, hi, t0, L, mask);
         store_rows(dv_bh, dv, o.data(), dvp, t0, L);
       }
     }
@@ -260,13 +317,13 @@ int64_t chunk_length(const LinearAttentionShape& s) {
 template <typename scalar_t, typename acc_t>
 void linear_attention_forward_cpu(const LinearAttentionShape& shape, Strided4<const scalar_t> q,
                                   Strided4<const scalar_t> k, Strided4<const scalar_t> v,
-                                  const acc_t* initial_state, scalar_t* out, acc_t* final_state,
-                                  acc_t* normalizer) {
+                                  const bool* key_padding_mask, const acc_t* initial_state,
+                                  scalar_t* out, acc_t* final_state, acc_t* normalizer) {
   const int64_t chunk = chunk_length(shape);
   at::parallel_for(0, shape.batch * shape.heads, 1, [&](int64_t begin, int64_t end) {
     Kernel<scalar_t, acc_t> kernel(shape, chunk);
     for (int64_t bh = begin; bh < end; ++bh)
-      kernel.forward(bh, q, k, v, initial_state, out, final_state, normalizer);
+      kernel.forward(bh, q, k, v, key_padding_mask, initial_state, out, final_state, normalizer);
   });
 }
 
@@ -275,14 +332,16 @@ void linear_attention_backward_cpu(const LinearAttentionShape& shape,
                                    Strided4<const scalar_t> grad_out, Strided4<const scalar_t> q,
                                    Strided4<const scalar_t> k, Strided4<const scalar_t> v,
                                    Strided4<const scalar_t> out, const acc_t* normalizer,
-                                   const acc_t* initial_state, const acc_t* grad_final_state,
+                                   const bool* key_padding_mask, const acc_t* initial_state,
+                                   const acc_t* grad_final_state,
                                    scalar_t* grad_q, scalar_t* grad_k, scalar_t* grad_v,
                                    acc_t* grad_initial_state) {
   const int64_t chunk = chunk_length(shape);
   at::parallel_for(0, shape.batch * shape.heads, 1, [&](int64_t begin, int64_t end) {
     Kernel<scalar_t, acc_t> kernel(shape, chunk);
     for (int64_t bh = begin; bh < end; ++bh)
-      kernel.backward(bh, grad_out, q, k, v, out, normalizer, initial_state, grad_final_state,
+      kernel.backward(bh, grad_out, q, k, v, out, normalizer, key_padding_mask, initial_state,
+                      grad_final_state,
                       grad_q, grad_k, grad_v, grad_initial_state);
   });
 }
@@ -290,11 +349,11 @@ void linear_attention_backward_cpu(const LinearAttentionShape& shape,
 #define LINATTN_INSTANTIATE(scalar_t, acc_t)                                                     \
   template void linear_attention_forward_cpu<scalar_t, acc_t>(                                   \
       const LinearAttentionShape&, Strided4<const scalar_t>, Strided4<const scalar_t>,           \
-      Strided4<const scalar_t>, const acc_t*, scalar_t*, acc_t*, acc_t*);                        \
+      Strided4<const scalar_t>, const bool*, const acc_t*, scalar_t*, acc_t*, acc_t*);           \
   template void linear_attention_backward_cpu<scalar_t, acc_t>(                                  \
       const LinearAttentionShape&, Strided4<const scalar_t>, Strided4<const scalar_t>,           \
       Strided4<const scalar_t>, Strided4<const scalar_t>, Strided4<const scalar_t>, const acc_t*, \
-      const acc_t*, const acc_t*, scalar_t*, scalar_t*, scalar_t*, acc_t*);
+      const bool*, const acc_t*, const acc_t*, scalar_t*, scalar_t*, scalar_t*, acc_t*);
 
 LINATTN_INSTANTIATE(float, float)
 LINATTN_INSTANTIATE(double, double)

@@ -50,6 +50,33 @@ at::Tensor augmented_values(const at::Tensor& v, at::ScalarType acc) {
   return at::cat({va, at::ones(ones_shape, va.options())}, -1);
 }
 
+at::Tensor features(const at::Tensor& x, FeatureMap map) {
+  switch (map) {
+    case kFeatureElu:
+      return at::elu(x) + 1;
+    case kFeatureRelu:
+      return at::relu(x);
+    default:
+      return x;
+  }
+}
+
+at::Tensor feature_derivative(const at::Tensor& x, FeatureMap map) {
+  switch (map) {
+    case kFeatureElu:
+      return at::where(x > 0, at::ones_like(x), x.exp());
+    default:  // relu
+      return (x > 0).to(x.scalar_type());
+  }
+}
+
+// φ(k) with padded keys zeroed: they then leave the state and every sum.
+at::Tensor key_features(const at::Tensor& k, const std::optional<at::Tensor>& mask, FeatureMap map) {
+  at::Tensor phi = features(k, map);
+  if (mask.has_value()) phi = phi.masked_fill(mask->unsqueeze(1).unsqueeze(-1), 0);
+  return phi;
+}
+
 at::Tensor state_or_zeros(const std::optional<at::Tensor>& state, const LinearAttentionShape& s,
                           const at::TensorOptions& options) {
   if (state.has_value()) return *state;
@@ -58,10 +85,14 @@ at::Tensor state_or_zeros(const std::optional<at::Tensor>& state, const LinearAt
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_generic(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const std::optional<at::Tensor>& initial_state, bool causal, bool normalize, double eps) {
-  const LinearAttentionShape s = check_forward_inputs(q, k, v, initial_state, causal, normalize, eps);
+    const std::optional<at::Tensor>& initial_state, const std::optional<at::Tensor>& key_padding_mask,
+    int64_t feature_map, bool causal, bool normalize, double eps) {
+  const LinearAttentionShape s = check_forward_inputs(q, k, v, initial_state, key_padding_mask,
+                                                      feature_map, causal, normalize, eps);
   const auto acc = accumulate_type(q.scalar_type());
-  const at::Tensor Q = q.to(acc), K = k.to(acc), Vp = augmented_values(v, acc);
+  const at::Tensor Q = features(q.to(acc), s.feature_map);
+  const at::Tensor K = key_features(k.to(acc), key_padding_mask, s.feature_map);
+  const at::Tensor Vp = augmented_values(v, acc);
   const at::Tensor S0 = state_or_zeros(initial_state, s, Q.options());
   at::Tensor O, final_state;
   if (causal) {
@@ -79,12 +110,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_generic(
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_generic(
     const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_final_state,
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
-    const at::Tensor& normalizer, const std::optional<at::Tensor>& initial_state, bool causal,
+    const at::Tensor& normalizer, const std::optional<at::Tensor>& initial_state,
+    const std::optional<at::Tensor>& key_padding_mask, int64_t feature_map, bool causal,
     bool normalize) {
-  const LinearAttentionShape s = check_backward_inputs(grad_out, grad_final_state, q, k, v, out,
-                                                       normalizer, initial_state, causal, normalize);
+  const LinearAttentionShape s =
+      check_backward_inputs(grad_out, grad_final_state, q, k, v, out, normalizer, initial_state,
+                            key_padding_mask, feature_map, causal, normalize);
   const auto acc = accumulate_type(q.scalar_type());
-  const at::Tensor Q = q.to(acc), K = k.to(acc), Vp = augmented_values(v, acc);
+  const at::Tensor q_acc = q.to(acc), k_acc = k.to(acc);
+  const at::Tensor Q = features(q_acc, s.feature_map);
+  const at::Tensor K = key_features(k_acc, key_padding_mask, s.feature_map);
+  const at::Tensor Vp = augmented_values(v, acc);
   const at::Tensor G = grad_out.to(acc);
   // Gradient with respect to the augmented output [numerator | normalizer].
   at::Tensor Gp;
@@ -109,6 +145,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_generic(
     dk = at::matmul(Vp, d_initial.transpose(-1, -2));
     dvp = at::matmul(K, d_initial);
   }
+  // Back through φ; padded keys got φ(k) := 0, so their gradient is 0.
+  if (s.feature_map != kFeatureIdentity) {
+    dq = dq * feature_derivative(q_acc, s.feature_map);
+    dk = dk * feature_derivative(k_acc, s.feature_map);
+  }
+  if (key_padding_mask.has_value()) dk = dk.masked_fill(key_padding_mask->unsqueeze(1).unsqueeze(-1), 0);
   const auto dtype = q.scalar_type();
   return {dq.to(dtype).contiguous(), dk.to(dtype).contiguous(),
           dvp.narrow(-1, 0, s.value_dim).to(dtype).contiguous(), d_initial.contiguous()};

@@ -14,7 +14,9 @@ constexpr const char* kLinearAttentionOp = "linattn.linear_attention";
 inline LinearAttentionShape check_forward_inputs(const at::Tensor& q, const at::Tensor& k,
                                                  const at::Tensor& v,
                                                  const std::optional<at::Tensor>& initial_state,
-                                                 bool causal, bool normalize, double eps) {
+                                                 const std::optional<at::Tensor>& key_padding_mask,
+                                                 int64_t feature_map, bool causal, bool normalize,
+                                                 double eps) {
   const char* op = kLinearAttentionOp;
   check_dim(op, "q", q, 4, "(B, H, T, D)");
   check_dim(op, "k", k, 4, "(B, H, T, D)");
@@ -34,6 +36,16 @@ inline LinearAttentionShape check_forward_inputs(const at::Tensor& q, const at::
               ": causal attention needs as many queries as keys, got q ", shape_str(q), " and k ",
               shape_str(k));
   TORCH_CHECK(std::isfinite(eps), op, ": eps must be finite, got ", eps);
+  TORCH_CHECK(feature_map == kFeatureIdentity || feature_map == kFeatureElu ||
+                  feature_map == kFeatureRelu,
+              op, ": feature_map code must be 0 (identity), 1 (elu+1) or 2 (relu), got ", feature_map);
+  if (key_padding_mask.has_value()) {
+    const at::Tensor& mask = *key_padding_mask;
+    TORCH_CHECK(mask.scalar_type() == at::kBool && mask.device() == q.device(), op,
+                ": key_padding_mask must be a bool tensor on ", q.device(), ", got ",
+                mask.scalar_type(), " on ", mask.device());
+    check_shape(op, "key_padding_mask", mask, {k.size(0), k.size(2)}, "(B, T_k)");
+  }
 
   LinearAttentionShape s;
   s.batch = q.size(0);
@@ -42,6 +54,7 @@ inline LinearAttentionShape check_forward_inputs(const at::Tensor& q, const at::
   s.k_len = k.size(2);
   s.feature_dim = q.size(3);
   s.value_dim = v.size(3);
+  s.feature_map = static_cast<FeatureMap>(feature_map);
   s.causal = causal;
   s.normalize = normalize;
   s.eps = eps;
@@ -54,10 +67,12 @@ inline LinearAttentionShape check_forward_inputs(const at::Tensor& q, const at::
 inline LinearAttentionShape check_backward_inputs(
     const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_final_state,
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
-    const at::Tensor& normalizer, const std::optional<at::Tensor>& initial_state, bool causal,
+    const at::Tensor& normalizer, const std::optional<at::Tensor>& initial_state,
+    const std::optional<at::Tensor>& key_padding_mask, int64_t feature_map, bool causal,
     bool normalize) {
   const char* op = kLinearAttentionOp;
-  LinearAttentionShape s = check_forward_inputs(q, k, v, initial_state, causal, normalize, 0.0);
+  LinearAttentionShape s = check_forward_inputs(q, k, v, initial_state, key_padding_mask,
+                                                feature_map, causal, normalize, 0.0);
   const std::vector<int64_t> out_shape{s.batch, s.heads, s.q_len, s.value_dim};
   check_same_device_dtype(op, "grad_out", grad_out, "q", q);
   check_shape(op, "grad_out", grad_out, out_shape, "(B, H, T_q, dv)");
