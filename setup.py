@@ -18,7 +18,12 @@ def sources(pattern):
 
 
 def extension():
-    cxx_flags = ["-O3", "-std=c++17", "-fvisibility=hidden"]
+    # -fopenmp: at::parallel_for is a header template, so it only runs in parallel when this
+    # extension itself is compiled with OpenMP (torch's CPU builds use the OpenMP backend).
+    # -fno-trapping-math / -fno-math-errno (as torch itself is built): lets GCC if-convert and
+    # vectorize the element loops of the kernels.
+    cxx_flags = ["-O3", "-std=c++17", "-fvisibility=hidden", "-fopenmp", "-fno-trapping-math", "-fno-math-errno"]
+    link_flags = ["-fopenmp"]
     if PY_LIMITED_API:
         cxx_flags.append("-DPy_LIMITED_API=0x030a0000")
     cpp_sources = sources("*.cpp")
@@ -32,10 +37,15 @@ def extension():
             "linattn._C",
             cpp_sources + cuda_sources,
             extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++17"]},
+            extra_link_args=link_flags,
             py_limited_api=PY_LIMITED_API,
         )
     return CppExtension(
-        "linattn._C", cpp_sources, extra_compile_args={"cxx": cxx_flags}, py_limited_api=PY_LIMITED_API
+        "linattn._C",
+        cpp_sources,
+        extra_compile_args={"cxx": cxx_flags},
+        extra_link_args=link_flags,
+        py_limited_api=PY_LIMITED_API,
     )
 
 

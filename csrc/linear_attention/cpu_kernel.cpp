@@ -11,6 +11,7 @@
 // them: one forward pass for dQ and one reverse pass (with R = Σ_{i≥j} q_i g'_iᵀ) for dK, dV.
 #include "kernel.h"
 #include "../common/cpu_gemm.h"
+#include "../common/fast_math.h"
 
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -38,30 +39,35 @@ void load_rows(acc_t* dst, int64_t ld, const scalar_t* src, int64_t row_stride,
   }
 }
 
-// φ and its derivative, with the switch outside the element loops.
+// φ and its derivative, with the switch outside the element loops and branch-free bodies,
+// so the loops vectorize. elu(x) + 1 is x + 1 for x > 0 and exp(x) otherwise (exactly, unlike
+// expm1(x) + 1); its derivative is 1 for x > 0 and exp(x) otherwise.
 template <typename acc_t>
 void apply_feature_map(FeatureMap map, acc_t* x, int64_t rows, int64_t cols, int64_t ld) {
   if (map == kFeatureIdentity) return;
   for (int64_t r = 0; r < rows; ++r) {
     acc_t* row = x + r * ld;
     if (map == kFeatureElu) {
-      // elu(x) + 1 = x + 1 for x > 0 and exp(x) otherwise (exactly, unlike expm1(x) + 1).
-      for (int64_t c = 0; c < cols; ++c) row[c] = row[c] > 0 ? row[c] + acc_t(1) : std::exp(row[c]);
+      for (int64_t c = 0; c < cols; ++c) {
+        const acc_t e = exp_nonpositive(row[c]);
+        row[c] = row[c] > 0 ? row[c] + acc_t(1) : e;
+      }
     } else {
       for (int64_t c = 0; c < cols; ++c) row[c] = row[c] > 0 ? row[c] : acc_t(0);
     }
   }
 }
 
+// grad[c] *= φ'(x[c]) for one row.
 template <typename acc_t>
-acc_t feature_map_derivative(FeatureMap map, acc_t x) {
-  switch (map) {
-    case kFeatureElu:
-      return x > 0 ? acc_t(1) : std::exp(x);
-    case kFeatureRelu:
-      return x > 0 ? acc_t(1) : acc_t(0);
-    default:
-      return acc_t(1);
+void apply_feature_map_derivative(FeatureMap map, acc_t* grad, const acc_t* x, int64_t cols) {
+  if (map == kFeatureElu) {
+    for (int64_t c = 0; c < cols; ++c) {
+      const acc_t e = exp_nonpositive(x[c]);
+      grad[c] *= x[c] > 0 ? acc_t(1) : e;
+    }
+  } else if (map == kFeatureRelu) {
+    for (int64_t c = 0; c < cols; ++c) grad[c] = x[c] > 0 ? grad[c] : acc_t(0);
   }
 }
 
@@ -80,7 +86,7 @@ struct Kernel {
   int64_t dvp;  // dv + 1: augmented value / state width
 
   // Per-thread scratch, every block contiguous with leading dim = its column count.
-  std::vector<acc_t> q, k, v, g, a, b, o, dk, state, rstate;
+  std::vector<acc_t> q, k, v, g, a, b, o, dk, raw, state, rstate;
 
   Kernel(const LinearAttentionShape& shape, int64_t chunk)
       : s(shape), C(chunk), m(shape.feature_dim), dv(shape.value_dim), dvp(shape.value_dim + 1) {
@@ -92,6 +98,7 @@ struct Kernel {
     b.resize(C * C);
     o.resize(C * std::max(m, dvp));
     dk.resize(C * m);
+    raw.resize(C * m);
     state.resize(m * dvp);
     rstate.resize(m * dvp);
   }
@@ -107,23 +114,20 @@ struct Kernel {
   }
 
   // Stores the gradient with respect to raw q or k rows: dφ ⊙ φ'(x), 0 for padded keys.
-  void store_feature_grads(scalar_t* dst_bh, const acc_t* dphi, const Strided4<const scalar_t>& x,
-                           int64_t bi, int64_t hi, int64_t t0, int64_t L, const bool* mask = nullptr) {
+  // dphi is overwritten; the scratch block `raw` receives the raw rows.
+  void store_feature_grads(scalar_t* dst_bh, acc_t* dphi, const Strided4<const scalar_t>& x, int64_t bi, int64_t hi, int64_t t0,
+                           int64_t L, const bool* mask = nullptr) {
+    if (s.feature_map != kFeatureIdentity)
+      load_rows(raw.data(), m, x.row(bi, hi, t0), x.stride[2], x.stride[3], L, m);
     for (int64_t r = 0; r < L; ++r) {
       scalar_t* dst = dst_bh + (t0 + r) * m;
-      const acc_t* src = dphi + r * m;
+      acc_t* src = dphi + r * m;
       if (mask && mask[t0 + r]) {
         std::fill(dst, dst + m, scalar_t(0));
         continue;
       }
-      if (s.feature_map == kFeatureIdentity) {
-        for (int64_t c = 0; c < m; ++c) dst[c] = static_cast<scalar_t>(src[c]);
-        continue;
-      }
-      const scalar_t* raw = x.row(bi, hi, t0 + r);
-      for (int64_t c = 0; c < m; ++c)
-        dst[c] = static_cast<scalar_t>(
-            src[c] * feature_map_derivative(s.feature_map, static_cast<acc_t>(raw[c * x.stride[3]])));
+      apply_feature_map_derivative(s.feature_map, src, raw.data() + r * m, m);
+      for (int64_t c = 0; c < m; ++c) dst[c] = static_cast<scalar_t>(src[c]);
     }
   }
 
