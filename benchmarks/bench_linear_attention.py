@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 import linattn
 from benchmarks.common import (current_rss_bytes, gemm_gflops, interleaved_medians, machine_info, peak_rss_bytes,
+                               reset_peak_rss,
                                run_child, write_results)
 from benchmarks.linear_attention_formulations import linear_attention_chunked, linear_attention_einsum
 
@@ -67,6 +68,7 @@ def check_agreement(T=257):
 def measure_memory(impl, T, causal):
     """Child-process entry: peak bytes above baseline for one forward+backward."""
     fn = implementations(causal)[impl]
+    reset_peak_rss()
     baseline = current_rss_bytes()
     q, k, v = make_inputs(T, True)
     forward_backward(fn, q, k, v)

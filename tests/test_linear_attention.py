@@ -185,11 +185,16 @@ def test_gradcheck_float64(implementation, causal, normalize):
     assert torch.autograd.gradcheck(fn, (q, k, v, S, z))
 
 
-def test_nan_propagates_without_crash(implementation):
+@pytest.mark.parametrize("feature_map", ["elu", "relu", None])
+def test_nan_propagates_without_crash(implementation, feature_map):
     q, k, v = make_inputs(1, 1, 10, 10, 4, 4, requires_grad=False)
     q[0, 0, 3, 1] = float("nan")
-    out = linattn.linear_attention(q, k, v, causal=True)
+    out = linattn.linear_attention(q.abs(), k.abs(), v, causal=True, feature_map=feature_map) if feature_map is None \
+        else linattn.linear_attention(q, k, v, causal=True, feature_map=feature_map)
     assert torch.isnan(out[0, 0, 3]).all() and torch.isfinite(out[0, 0, :3]).all()
+    k[0, 0, 5, 0] = float("nan")  # a NaN key reaches every later query
+    out = linattn.linear_attention(q, k, v, causal=True, feature_map="elu")
+    assert torch.isnan(out[0, 0, 5:]).all() and torch.isfinite(out[0, 0, :3]).all()
 
 
 def test_cpu_kernel_equals_generic():

@@ -1,7 +1,7 @@
 // exp(x) for x <= 0 in float32, written branch-free so that loops over it vectorize
 // (the elu+1 feature map evaluates it on every element of q and k). Cody-Waite range
 // reduction and Cephes' degree-6 polynomial: within 2 ulp of expf on [-87, 0]; below -87 it
-// returns exp(-87) ≈ 1.6e-38 instead of flushing towards 0.
+// returns exp(-87) ≈ 1.6e-38 instead of flushing towards 0. NaN stays NaN.
 #pragma once
 
 #include <algorithm>
@@ -12,7 +12,9 @@
 namespace linattn {
 
 inline float exp_nonpositive(float x) {
-  x = std::max(-87.0f, std::min(x, 0.0f));
+  // Argument order matters: std::min/max return their first argument when the comparison is
+  // false, so a NaN x stays NaN (and so does the result) instead of being clamped away.
+  x = std::max(std::min(x, 0.0f), -87.0f);
   // n = round(x / ln 2) for x <= 0 (truncation of a value <= -0.5 rounds half away from 0).
   const int32_t n = static_cast<int32_t>(x * 1.44269504088896341f - 0.5f);
   const float nf = static_cast<float>(n);

@@ -53,7 +53,7 @@ void apply_feature_map(FeatureMap map, acc_t* x, int64_t rows, int64_t cols, int
         row[c] = row[c] > 0 ? row[c] + acc_t(1) : e;
       }
     } else {
-      for (int64_t c = 0; c < cols; ++c) row[c] = row[c] > 0 ? row[c] : acc_t(0);
+      for (int64_t c = 0; c < cols; ++c) row[c] = row[c] < 0 ? acc_t(0) : row[c];  // NaN stays NaN
     }
   }
 }
