@@ -169,6 +169,17 @@ struct Kernel {
     gemm<acc_t>(true, false, m, dvp, L, k.data(), m, v.data(), dvp, acc_t(1), state.data(), dvp);
   }
 
+  // Non-causal: state += Σ_j φ(k_j) v'_jᵀ over every key of (bi, hi).
+  void accumulate_all_keys(const Strided4<const scalar_t>& K, const Strided4<const scalar_t>& V,
+                           int64_t bi, int64_t hi, const bool* mask) {
+    for (int64_t t0 = 0; t0 < s.k_len; t0 += C) {
+      const int64_t L = std::min(C, s.k_len - t0);
+      load_features(k, K, bi, hi, t0, L, mask);
+      load_values(V, bi, hi, t0, L);
+      accumulate_state(L);
+    }
+  }
+
   void store_output(scalar_t* out_bh, acc_t* den_bh, int64_t t0, int64_t L) {
     for (int64_t r = 0; r < L; ++r) {
       const acc_t* orow = o.data() + r * dvp;
@@ -192,7 +203,7 @@ struct Kernel {
                scalar_t* out, acc_t* final_state, acc_t* den) {
     const int64_t bi = bh / s.heads, hi = bh % s.heads;
     const bool* mask = key_padding_mask ? key_padding_mask + bi * s.k_len : nullptr;
-    const int64_t N = s.q_len, M = s.k_len;
+    const int64_t N = s.q_len;
     scalar_t* out_bh = out + bh * N * dv;
     acc_t* den_bh = den + bh * N;
     init_state(state, initial, bh);
@@ -210,12 +221,7 @@ struct Kernel {
         store_output(out_bh, den_bh, t0, L);
       }
     } else {
-      for (int64_t t0 = 0; t0 < M; t0 += C) {
-        const int64_t L = std::min(C, M - t0);
-        load_features(k, K, bi, hi, t0, L, mask);
-        load_values(V, bi, hi, t0, L);
-        accumulate_state(L);
-      }
+      accumulate_all_keys(K, V, bi, hi, mask);
       for (int64_t t0 = 0; t0 < N; t0 += C) {
         const int64_t L = std::min(C, N - t0);
         load_features(q, Q, bi, hi, t0, L);
@@ -280,12 +286,7 @@ struct Kernel {
         store_rows(dv_bh, dv, o.data(), dvp, t0, L);
       }
     } else {
-      for (int64_t t0 = 0; t0 < M; t0 += C) {
-        const int64_t L = std::min(C, M - t0);
-        load_features(k, K, bi, hi, t0, L, mask);
-        load_values(V, bi, hi, t0, L);
-        accumulate_state(L);
-      }
+      accumulate_all_keys(K, V, bi, hi, mask);
       // dq_i = S' g'_i;  R = R_N + Σ_i q_i g'_iᵀ
       for (int64_t t0 = 0; t0 < N; t0 += C) {
         const int64_t L = std::min(C, N - t0);
