@@ -115,8 +115,9 @@ struct Kernel {
 
   // Stores the gradient with respect to raw q or k rows: dφ ⊙ φ'(x), 0 for padded keys.
   // dphi is overwritten; the scratch block `raw` receives the raw rows.
-  void store_feature_grads(scalar_t* dst_bh, acc_t* dphi, const Strided4<const scalar_t>& x, int64_t bi, int64_t hi, int64_t t0,
-                           int64_t L, const bool* mask = nullptr) {
+  void store_feature_grads(scalar_t* dst_bh, acc_t* dphi, const Strided4<const scalar_t>& x,
+                           int64_t bi, int64_t hi, int64_t t0, int64_t L,
+                           const bool* mask = nullptr) {
     if (s.feature_map != kFeatureIdentity)
       load_rows(raw.data(), m, x.row(bi, hi, t0), x.stride[2], x.stride[3], L, m);
     for (int64_t r = 0; r < L; ++r) {
