@@ -11,6 +11,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 # The limited Python API (abi3) needs torch >= 2.6, where extensions no longer need pybind11.
 TORCH_MAJOR_MINOR = tuple(int(x) for x in torch.__version__.split(".")[:2])
 PY_LIMITED_API = TORCH_MAJOR_MINOR >= (2, 6)
+# torch 2.14's headers require C++20 (`#error C++20 or later compatible compiler is required`).
+CXX_STANDARD = "c++20" if TORCH_MAJOR_MINOR >= (2, 10) else "c++17"
 
 
 def sources(pattern):
@@ -22,7 +24,7 @@ def extension():
     # extension itself is compiled with OpenMP (torch's CPU builds use the OpenMP backend).
     # -fno-trapping-math / -fno-math-errno (as torch itself is built): lets GCC if-convert and
     # vectorize the element loops of the kernels.
-    cxx_flags = ["-O3", "-std=c++17", "-fvisibility=hidden", "-fopenmp", "-fno-trapping-math", "-fno-math-errno"]
+    cxx_flags = ["-O3", f"-std={CXX_STANDARD}", "-fvisibility=hidden", "-fopenmp", "-fno-trapping-math", "-fno-math-errno"]
     link_flags = ["-fopenmp"]
     if PY_LIMITED_API:
         cxx_flags.append("-DPy_LIMITED_API=0x030a0000")
@@ -36,7 +38,7 @@ def extension():
         return CUDAExtension(
             "linattn._C",
             cpp_sources + cuda_sources,
-            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++17"]},
+            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", f"-std={CXX_STANDARD}"]},
             extra_link_args=link_flags,
             py_limited_api=PY_LIMITED_API,
         )

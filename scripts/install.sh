@@ -1,15 +1,18 @@
 #!/usr/bin/env bash
 # Installs everything linattn needs on a fresh machine and builds the extension in place.
-# torch: kept if one is installed already; otherwise LINATTN_TORCH (default the CPU build
-# torch==2.13.0; use e.g. LINATTN_TORCH="torch==2.14.1" for a CUDA build).
+# torch: kept if one is installed already; otherwise LINATTN_TORCH (default torch==2.14.1 with
+# torchvision==0.29.1: a CUDA 13 build that also runs on CPU-only machines; torchvision is needed
+# by the ViT example and tests, and PyPI has no torchvision that imports beside the CPU-only 2.13.0).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 
 if ! "$PY" -c "import torch" 2>/dev/null; then
-  "$PY" -m pip install --quiet "${LINATTN_TORCH:-torch==2.13.0}"
+  "$PY" -m pip install --quiet ${LINATTN_TORCH:-torch==2.14.1 torchvision==0.29.1}
 fi
 "$PY" -m pip install --quiet "setuptools>=64" wheel ninja pytest hypothesis matplotlib tqdm
+# timm: optional (swap_attention handles its Attention blocks; tests skip without it).
+"$PY" -m pip install --quiet "timm>=1.0" || echo "timm not installed: its tests will be skipped"
 
 # ccache makes rebuilds cheap; it is optional, so a failed install is not an error.
 if ! command -v ccache >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
