@@ -15,7 +15,12 @@ except ImportError as error:  # pragma: no cover - depends on how the package wa
 
 from . import _ops  # noqa: E402,F401  (fake kernels and autograd for the operators)
 from . import reference  # noqa: E402
-from .feature_maps import elu_feature_map, relu_feature_map  # noqa: E402
-from .functional import linear_attention  # noqa: E402
+from .feature_maps import elu_feature_map, favor_features, random_features, relu_feature_map  # noqa: E402
+from .functional import efficient_attention, linear_attention, performer_attention  # noqa: E402
+from . import nn  # noqa: E402
+from .swap import swap_attention  # noqa: E402
 
-__all__ = ["linear_attention", "elu_feature_map", "relu_feature_map", "reference", "__version__"]
+__all__ = [
+    "linear_attention", "performer_attention", "efficient_attention", "random_features", "favor_features",
+    "elu_feature_map", "relu_feature_map", "nn", "swap_attention", "reference", "__version__",
+]

@@ -5,7 +5,7 @@ import torch
 
 from . import _ops
 from . import _validation as check
-from .feature_maps import resolve_feature_map
+from .feature_maps import PERFORMER_KERNELS, favor_features, resolve_feature_map
 
 State = Tuple[torch.Tensor, torch.Tensor]
 
@@ -84,3 +84,78 @@ def linear_attention(
         return out
     value_dim = v.shape[3]
     return out, (final_state[..., :value_dim], final_state[..., value_dim])
+
+
+def performer_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    projection: torch.Tensor,
+    *,
+    causal: bool = False,
+    kernel: str = "softmax",
+    eps: float = 1e-6,
+    key_padding_mask: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Performer's FAVOR+ attention (Choromanski et al. 2021), METHODS.md §2.
+
+    Linear attention (§1, normalized) with random features φ built from `projection` (m, D)
+    (see linattn.random_features and linattn.feature_maps.favor_features): with
+    kernel="softmax", φ(q)·φ(k) is an unbiased estimate of exp(q·k/√D), so the output estimates
+    softmax attention; kernel="relu" is the paper's generalized ReLU attention. The features are
+    computed here; the attention itself runs in linattn's linear-attention operator. Half
+    inputs are computed in float32 (exp features overflow float16) and returned in their dtype.
+    """
+    where = "linattn.performer_attention"
+    check.check_qkv(where, q, k, v, causal)
+    check.check_eps(where, eps)
+    check.check_key_padding_mask(where, key_padding_mask, k)
+    check.check_tensor(where, "projection", projection, 2, "(nb_features, D)")
+    if projection.shape[1] != q.shape[3] or projection.shape[0] < 1:
+        raise ValueError(
+            f"{where}: projection must be (nb_features, D) with D = {q.shape[3]} (the head dim of q), "
+            f"got {tuple(projection.shape)}"
+        )
+    if kernel not in PERFORMER_KERNELS:
+        raise ValueError(f"{where}: kernel must be one of {list(PERFORMER_KERNELS)}, got {kernel!r}")
+    phi_q = favor_features(q, projection, is_query=True, kernel=kernel, causal=causal)
+    phi_k = favor_features(
+        k, projection, is_query=False, kernel=kernel, causal=causal, key_padding_mask=key_padding_mask
+    )
+    out = linear_attention(
+        phi_q, phi_k, v.to(phi_q.dtype), causal=causal, feature_map=None, eps=eps,
+        key_padding_mask=key_padding_mask,
+    )
+    return out.to(v.dtype)
+
+
+def efficient_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    key_padding_mask: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Efficient Attention (Shen et al. 2021, arXiv 1812.01243), METHODS.md §3.
+
+    O = ρ_q(Q) (ρ_k(K)ᵀ V): ρ_q is a softmax over each query's D features, ρ_k a softmax over
+    the sequence for each key feature, padded keys excluded (a sequence with every key padded
+    gets a zero output). Non-causal. The product runs in linattn's linear-attention operator.
+    """
+    where = "linattn.efficient_attention"
+    check.check_qkv(where, q, k, v, causal=False)
+    check.check_key_padding_mask(where, key_padding_mask, k)
+    acc = _ops.accumulate_dtype(q.dtype)
+    rho_q = torch.softmax(q.to(acc), dim=-1)
+    keys = k.to(acc)
+    if key_padding_mask is not None:
+        padded = key_padding_mask[:, None, :, None]
+        keys = keys.masked_fill(padded, float("-inf"))
+    rho_k = torch.softmax(keys, dim=-2)
+    if key_padding_mask is not None:
+        # All-padded sequences give 0/0 = NaN in the softmax; their keys contribute nothing.
+        rho_k = rho_k.masked_fill(padded, 0.0)
+    out = linear_attention(
+        rho_q.to(q.dtype), rho_k.to(k.dtype), v, feature_map=None, normalize=False
+    )
+    return out

@@ -1,0 +1,346 @@
+"""The attention methods behind linattn.nn.MultiheadAttention(method=...), on (N, H, L, hd) heads.
+
+Each method is a small nn.Module (its learned or drawn tensors are its own parameters and
+buffers) with one forward:
+
+    forward(q, k, v, *, causal, key_padding_mask, attn_mask, dropout_p, need_weights)
+        -> (out (N, H, L, hd_v), weights (N, H, L, S) or None)
+
+Softmax takes torch's masks as they are (bool or float, attn_mask (L, S) or (N·H, L, S)).
+The kernelized methods never see an attn_mask: the module has turned it into `causal`, and
+key_padding_mask into a bool mask (True = padded), or rejected it (see masks.py).
+
+What dropout means differs, because only softmax and Linformer form attention weights:
+  - softmax, linformer: dropout on the attention probabilities, as nn.MultiheadAttention does;
+  - linear, performer, efficient: whole keys (columns of the implicit attention matrix) are
+    dropped per batch and head with probability p and the rest scaled by 1/(1 − p), applied to
+    the values, so out = weights @ v still holds, with the same expectation as torch's dropout;
+    the normalizer is left as it is.
+"""
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import functional
+from ..feature_maps import FEATURE_MAPS, PERFORMER_KERNELS, favor_features, random_features
+from .masks import causal_pattern, merged_bias
+
+
+def _drop_keys(v: torch.Tensor, dropout_p: float):
+    """Values with whole keys dropped (see the module docstring), and the (N, H, 1, S) scale
+    applied to them, for the weights."""
+    if dropout_p <= 0.0:
+        return v, None
+    keep = torch.empty(v.shape[:3], device=v.device, dtype=v.dtype).bernoulli_(1.0 - dropout_p)
+    scale = keep / (1.0 - dropout_p)
+    return v * scale.unsqueeze(-1), scale.unsqueeze(-2)
+
+
+def _normalized_weights(phi_q, phi_k, causal: bool, key_padding_mask, eps: float) -> torch.Tensor:
+    """The attention matrix that normalized linear attention applies implicitly:
+    A_ij = φ(q_i)·φ(k_j) / (Σ_j' φ(q_i)·φ(k_j') + eps) over visible keys."""
+    if key_padding_mask is not None:
+        phi_k = phi_k.masked_fill(key_padding_mask[:, None, :, None], 0.0)
+    scores = phi_q @ phi_k.transpose(-1, -2)
+    if causal:
+        scores = scores.masked_fill(causal_pattern(*scores.shape[-2:], scores.device), 0.0)
+    return scores / (scores.sum(-1, keepdim=True) + eps)
+
+
+class MethodModule(nn.Module):
+    """Base of the methods. A state_dict without any of a method's own tensors (one saved from
+    torch.nn.MultiheadAttention or timm's Attention) leaves them at their current values instead
+    of reporting them missing, so pretrained weights load with strict=True."""
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        if any(key.startswith(prefix) for key in state_dict):
+            super()._load_from_state_dict(
+                state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+            )
+
+
+def _check_choice(method: str, name: str, value, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"linattn method {method!r}: {name} must be one of {list(choices)}, got {value!r}")
+
+
+def _check_positive_int(method: str, name: str, value, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        expected = "a positive int" + (" or None" if allow_none else "")
+        raise ValueError(f"linattn method {method!r}: {name} must be {expected}, got {value!r}")
+
+
+def _check_eps(method: str, eps) -> None:
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0 or math.isinf(eps):
+        raise ValueError(f"linattn method {method!r}: eps must be a finite float >= 0, got {eps!r}")
+
+
+class SoftmaxMethod(MethodModule):
+    """Exact softmax attention (METHODS.md §0) with nn.MultiheadAttention's mask semantics."""
+
+    name = "softmax"
+    options = ()
+    supports_causal = True
+    takes_any_mask = True
+
+    def __init__(self, num_heads: int, head_dim: int, device=None, dtype=None):
+        super().__init__()
+
+    def forward(self, q, k, v, *, causal, key_padding_mask, attn_mask, dropout_p, need_weights):
+        batch, heads = q.shape[:2]
+        bias = merged_bias(attn_mask, key_padding_mask, batch, heads, q.dtype)
+        if causal and attn_mask is None and bias is not None:
+            # A causal request plus key padding: put both in the one additive mask.
+            bias = bias.masked_fill(causal_pattern(q.shape[2], k.shape[2], q.device), float("-inf"))
+        causal_flag = causal and bias is None
+        if not need_weights:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p, is_causal=causal_flag)
+            return out, None
+        # The same steps as nn.MultiheadAttention's need_weights path: scale q, add the mask.
+        scores = (q * math.sqrt(1.0 / q.shape[-1])) @ k.transpose(-1, -2)
+        if bias is not None:
+            scores = scores + bias
+        if causal_flag:
+            scores = scores.masked_fill(causal_pattern(q.shape[2], k.shape[2], q.device), float("-inf"))
+        weights = torch.softmax(scores, dim=-1)
+        if dropout_p > 0.0:
+            weights = F.dropout(weights, p=dropout_p)
+        return weights @ v, weights
+
+
+class LinearMethod(MethodModule):
+    """Kernelized linear attention (Katharopoulos et al.), METHODS.md §1; options feature_map
+    ("elu" for elu+1, or "relu") and eps."""
+
+    name = "linear"
+    options = ("feature_map", "eps")
+    supports_causal = True
+    takes_any_mask = False
+
+    def __init__(self, num_heads: int, head_dim: int, device=None, dtype=None, *, feature_map="elu", eps=1e-6):
+        super().__init__()
+        _check_choice(self.name, "feature_map", feature_map, ("elu", "relu"))
+        _check_eps(self.name, eps)
+        self.feature_map, self.eps = feature_map, float(eps)
+
+    def extra_repr(self) -> str:
+        return f"feature_map={self.feature_map!r}, eps={self.eps}"
+
+    def forward(self, q, k, v, *, causal, key_padding_mask, attn_mask, dropout_p, need_weights):
+        v, key_scale = _drop_keys(v, dropout_p)
+        out = functional.linear_attention(
+            q, k, v, causal=causal, feature_map=self.feature_map, eps=self.eps, key_padding_mask=key_padding_mask
+        )
+        if not need_weights:
+            return out, None
+        phi = FEATURE_MAPS[self.feature_map]
+        weights = _normalized_weights(phi(q), phi(k), causal, key_padding_mask, self.eps)
+        return out, weights if key_scale is None else weights * key_scale
+
+
+class PerformerMethod(MethodModule):
+    """Performer FAVOR+ (METHODS.md §2). Options:
+      nb_features: random features m (default ⌈hd·ln hd⌉);
+      orthogonal, scaling: how the projection is drawn (linattn.random_features);
+      kernel: "softmax" (estimates softmax attention) or "relu";
+      feature_redraw_interval: in training, draw a new projection every this many forward calls
+        (None: never); eval mode never redraws. Under torch.compile the count is not kept (a
+        compiled graph cannot redraw): call redraw_projection() between steps instead;
+      seed: seeds the draws (reproducible projections); eps: added to the normalizer.
+    The projection is a buffer, so it is saved in the state_dict and moves with the module."""
+
+    name = "performer"
+    options = ("nb_features", "orthogonal", "scaling", "kernel", "feature_redraw_interval", "seed", "eps")
+    supports_causal = True
+    takes_any_mask = False
+
+    def __init__(
+        self, num_heads: int, head_dim: int, device=None, dtype=None, *, nb_features=None, orthogonal=True,
+        scaling="norm", kernel="softmax", feature_redraw_interval=1000, seed=None, eps=1e-6,
+    ):
+        super().__init__()
+        if nb_features is None:
+            nb_features = max(1, math.ceil(head_dim * math.log(head_dim))) if head_dim > 1 else 1
+        _check_positive_int(self.name, "nb_features", nb_features)
+        _check_positive_int(self.name, "feature_redraw_interval", feature_redraw_interval, allow_none=True)
+        _check_choice(self.name, "kernel", kernel, PERFORMER_KERNELS)
+        _check_choice(self.name, "scaling", scaling, ("norm", "sqrt_d"))
+        _check_choice(self.name, "orthogonal", orthogonal, (True, False))
+        _check_eps(self.name, eps)
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise ValueError(f"linattn method 'performer': seed must be an int or None, got {seed!r}")
+        self.nb_features, self.head_dim = nb_features, head_dim
+        self.orthogonal, self.scaling, self.kernel = orthogonal, scaling, kernel
+        self.feature_redraw_interval, self.eps = feature_redraw_interval, float(eps)
+        self._generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        self._calls_since_redraw = 0
+        self.register_buffer("projection", self._draw(device, dtype))
+
+    def extra_repr(self) -> str:
+        return (
+            f"nb_features={self.nb_features}, kernel={self.kernel!r}, orthogonal={self.orthogonal}, "
+            f"feature_redraw_interval={self.feature_redraw_interval}"
+        )
+
+    def _draw(self, device, dtype) -> torch.Tensor:
+        return random_features(
+            self.nb_features, self.head_dim, orthogonal=self.orthogonal, scaling=self.scaling,
+            generator=self._generator, device=device, dtype=dtype,
+        )
+
+    @torch.no_grad()
+    def redraw_projection(self) -> None:
+        """Draws a new random projection in place (same shape, device and dtype)."""
+        self.projection.copy_(self._draw(self.projection.device, self.projection.dtype))
+        self._calls_since_redraw = 0
+
+    def _maybe_redraw(self) -> None:
+        if not self.training or self.feature_redraw_interval is None or torch.compiler.is_compiling():
+            return
+        if self._calls_since_redraw >= self.feature_redraw_interval:
+            self.redraw_projection()
+        self._calls_since_redraw += 1
+
+    def forward(self, q, k, v, *, causal, key_padding_mask, attn_mask, dropout_p, need_weights):
+        self._maybe_redraw()
+        v, key_scale = _drop_keys(v, dropout_p)
+        out = functional.performer_attention(
+            q, k, v, self.projection, causal=causal, kernel=self.kernel, eps=self.eps,
+            key_padding_mask=key_padding_mask,
+        )
+        if not need_weights:
+            return out, None
+        phi_q = favor_features(q, self.projection, is_query=True, kernel=self.kernel, causal=causal)
+        phi_k = favor_features(
+            k, self.projection, is_query=False, kernel=self.kernel, causal=causal, key_padding_mask=key_padding_mask
+        )
+        weights = _normalized_weights(phi_q, phi_k, causal, key_padding_mask, self.eps).to(q.dtype)
+        return out, weights if key_scale is None else weights * key_scale
+
+
+class EfficientMethod(MethodModule):
+    """Efficient Attention (Shen et al.), METHODS.md §3: non-causal, no options."""
+
+    name = "efficient"
+    options = ()
+    supports_causal = False
+    takes_any_mask = False
+
+    def __init__(self, num_heads: int, head_dim: int, device=None, dtype=None):
+        super().__init__()
+
+    def forward(self, q, k, v, *, causal, key_padding_mask, attn_mask, dropout_p, need_weights):
+        v, key_scale = _drop_keys(v, dropout_p)
+        out = functional.efficient_attention(q, k, v, key_padding_mask=key_padding_mask)
+        if not need_weights:
+            return out, None
+        rho_q = torch.softmax(q, dim=-1)
+        keys = k if key_padding_mask is None else k.masked_fill(key_padding_mask[:, None, :, None], float("-inf"))
+        rho_k = torch.nan_to_num(torch.softmax(keys, dim=-2), nan=0.0)
+        weights = rho_q @ rho_k.transpose(-1, -2)
+        return out, weights if key_scale is None else weights * key_scale
+
+
+LINFORMER_SHARING = ("none", "headwise", "kv", "layerwise")
+
+
+class LinformerMethod(MethodModule):
+    """Linformer (Wang et al.), METHODS.md §4: keys and values projected along the sequence to k
+    rows by learned E, F (k, max_seq_len), then softmax attention. Options:
+      max_seq_len (required): the longest key sequence; shorter ones use E[:, :S], longer raise;
+      k: projected length (default 256);
+      sharing: "none" (E, F per head), "headwise" (one E, F for all heads), "kv" (E = F, one for
+        all heads), "layerwise" (one E = F for every swapped layer of a model: swap_attention
+        shares it; a module built alone owns its own);
+      shared_projection: the (k, max_seq_len) Parameter to share under "layerwise".
+    Non-causal only."""
+
+    name = "linformer"
+    options = ("max_seq_len", "k", "sharing", "shared_projection")
+    supports_causal = False
+    takes_any_mask = False
+
+    def __init__(
+        self, num_heads: int, head_dim: int, device=None, dtype=None, *, max_seq_len=None, k=256,
+        sharing="headwise", shared_projection: Optional[nn.Parameter] = None,
+    ):
+        super().__init__()
+        if max_seq_len is None:
+            raise ValueError(
+                "linattn method 'linformer': needs max_seq_len, the longest key sequence it will see "
+                "(its projections E, F are (k, max_seq_len))"
+            )
+        _check_positive_int(self.name, "max_seq_len", max_seq_len)
+        _check_positive_int(self.name, "k", k)
+        _check_choice(self.name, "sharing", sharing, LINFORMER_SHARING)
+        self.max_seq_len, self.k, self.sharing = max_seq_len, k, sharing
+        shape = (num_heads, k, max_seq_len) if sharing == "none" else (k, max_seq_len)
+        if shared_projection is not None:
+            if sharing != "layerwise" or tuple(shared_projection.shape) != shape:
+                raise ValueError(
+                    f"linattn method 'linformer': shared_projection must be a {shape} Parameter used with "
+                    f"sharing='layerwise', got {tuple(shared_projection.shape)} with sharing={sharing!r}"
+                )
+            self.E = shared_projection
+        else:
+            self.E = nn.Parameter(self.initial_projection(shape, device, dtype))
+        if sharing in ("none", "headwise"):
+            self.F = nn.Parameter(self.initial_projection(shape, device, dtype))
+
+    @staticmethod
+    def initial_projection(shape, device=None, dtype=None) -> torch.Tensor:
+        # N(0, 1/k): a projected key is then a sum of keys of about its own scale.
+        return torch.randn(shape, device=device, dtype=dtype) * shape[-2] ** -0.5
+
+    def extra_repr(self) -> str:
+        return f"max_seq_len={self.max_seq_len}, k={self.k}, sharing={self.sharing!r}"
+
+    def value_projection(self) -> torch.Tensor:
+        return self.F if self.sharing in ("none", "headwise") else self.E
+
+    def forward(self, q, k, v, *, causal, key_padding_mask, attn_mask, dropout_p, need_weights):
+        length = k.shape[2]
+        if length > self.max_seq_len:
+            raise ValueError(
+                f"linattn method 'linformer': the key sequence has {length} tokens, more than "
+                f"max_seq_len={self.max_seq_len} that its projections were built for"
+            )
+        E = self.E[..., :length].to(k.dtype)
+        F_ = self.value_projection()[..., :length].to(v.dtype)
+        if key_padding_mask is not None:
+            # Zeroing the projection's columns of padded keys = zeroing those keys and values.
+            keep = (~key_padding_mask)[:, None, None, :].to(k.dtype)  # (N, 1, 1, S)
+            E, F_ = E * keep, F_ * keep
+        k_proj, v_proj = E @ k, F_ @ v  # (N, H, k, hd)
+        if not need_weights:
+            return F.scaled_dot_product_attention(q, k_proj, v_proj, dropout_p=dropout_p), None
+        probs = torch.softmax((q * math.sqrt(1.0 / q.shape[-1])) @ k_proj.transpose(-1, -2), dim=-1)
+        if dropout_p > 0.0:
+            probs = F.dropout(probs, p=dropout_p)
+        # out = P F V: the equivalent weights over the original keys are P F.
+        return probs @ v_proj, probs @ F_
+
+
+METHODS = {
+    cls.name: cls for cls in (SoftmaxMethod, LinearMethod, PerformerMethod, EfficientMethod, LinformerMethod)
+}
+# In API.md's list but not built yet: asking for one says so instead of "unknown".
+PLANNED_METHODS = ("local", "longformer", "bigbird", "reformer", "hybrid")
+
+
+def build_method(method: str, *, num_heads: int, head_dim: int, device=None, dtype=None, **options) -> nn.Module:
+    """The method module for `method` with `options`, or a ValueError listing what is valid."""
+    if method not in METHODS:
+        planned = f" ({method!r} is planned but not implemented yet)" if method in PLANNED_METHODS else ""
+        raise ValueError(f"linattn: unknown method {method!r}{planned}; available methods: {sorted(METHODS)}")
+    cls = METHODS[method]
+    unknown = sorted(set(options) - set(cls.options))
+    if unknown:
+        valid = list(cls.options) or "none"
+        raise ValueError(f"linattn method {method!r}: unknown option(s) {unknown}; valid options: {valid}")
+    return cls(num_heads, head_dim, device, dtype, **options)

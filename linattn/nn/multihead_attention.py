@@ -1,0 +1,193 @@
+"""linattn.nn.MultiheadAttention: torch.nn.MultiheadAttention with a choice of attention method."""
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .masks import is_causal_mask, key_padding_as_bool
+from .methods import build_method
+
+
+def _keep_torch_fast_paths_off(module, args):
+    """A forward pre-hook that does nothing. nn.TransformerEncoderLayer skips its fused inference
+    path (torch._transformer_encoder_layer_fwd, which reads in_proj_weight and computes softmax
+    attention itself) whenever a submodule has hooks; without this, an eval-mode encoder layer
+    would never call this module."""
+    return None
+
+
+class MultiheadAttention(nn.MultiheadAttention):
+    """A drop-in for torch.nn.MultiheadAttention whose attention is `method`.
+
+    Same constructor, forward signature, parameters and state_dict keys as torch's module (it is
+    a subclass), so a state_dict loads in either direction; methods with tensors of their own
+    (Linformer's E/F, Performer's projection) add them under `core.` — load torch's state_dict
+    into one with strict=True and those keep their initial values; load one's into torch's with
+    strict=False.
+
+    method: "softmax" (exact; reproduces torch's module), "linear", "performer", "efficient",
+    "linformer"; method_options go to the method (see linattn.nn.methods, e.g. feature_map="relu",
+    nb_features=256, max_seq_len=1024). The methods other than softmax accept key padding and
+    causal masks only; efficient and linformer are non-causal only. need_weights=True returns the
+    attention matrix the method applies implicitly (out = weights @ v), computed only when asked,
+    in O(L·S) memory. The meaning of dropout per method is in linattn.nn.methods.
+    """
+
+    def __init__(
+        self, embed_dim, num_heads, dropout=0.0, bias=True, add_bias_kv=False, add_zero_attn=False,
+        kdim=None, vdim=None, batch_first=False, device=None, dtype=None, *, method="linear", **method_options,
+    ):
+        super().__init__(
+            embed_dim, num_heads, dropout=dropout, bias=bias, add_bias_kv=add_bias_kv,
+            add_zero_attn=add_zero_attn, kdim=kdim, vdim=vdim, batch_first=batch_first, device=device, dtype=dtype,
+        )
+        self.method = method
+        self.core = build_method(
+            method, num_heads=num_heads, head_dim=self.head_dim, device=device, dtype=dtype, **method_options
+        )
+        self.register_forward_pre_hook(_keep_torch_fast_paths_off)
+
+    def extra_repr(self) -> str:
+        return f"method={self.method!r}, embed_dim={self.embed_dim}, num_heads={self.num_heads}, batch_first={self.batch_first}"
+
+    @classmethod
+    def from_torch(cls, module: nn.MultiheadAttention, method="linear", **method_options) -> "MultiheadAttention":
+        """A linattn module with the configuration and weights of a torch.nn.MultiheadAttention."""
+        weight = module.out_proj.weight
+        new = cls(
+            module.embed_dim, module.num_heads, dropout=module.dropout, bias=module.in_proj_bias is not None,
+            add_bias_kv=module.bias_k is not None, add_zero_attn=module.add_zero_attn, kdim=module.kdim,
+            vdim=module.vdim, batch_first=module.batch_first, device=weight.device, dtype=weight.dtype,
+            method=method, **method_options,
+        )
+        new.load_state_dict(module.state_dict(), strict=False)
+        new.train(module.training)
+        return new
+
+    def forward(
+        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+        key_padding_mask: Optional[torch.Tensor] = None, need_weights: bool = True,
+        attn_mask: Optional[torch.Tensor] = None, average_attn_weights: bool = True, is_causal: bool = False,
+    ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        where = f"linattn.nn.MultiheadAttention(method={self.method!r})"
+        if any(t.is_nested for t in (query, key, value)):
+            raise ValueError(
+                f"{where}: nested tensor inputs are not supported; build nn.TransformerEncoder with "
+                "enable_nested_tensor=False (linattn.swap_attention does this for you)"
+            )
+        batched = query.dim() == 3
+        if query.dim() not in (2, 3) or key.dim() != query.dim() or value.dim() != query.dim():
+            raise ValueError(
+                f"{where}: query, key and value must all be 3-D (batched) or 2-D (unbatched), got "
+                f"{tuple(query.shape)}, {tuple(key.shape)} and {tuple(value.shape)}"
+            )
+        if not batched:
+            query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
+            if key_padding_mask is not None:
+                key_padding_mask = key_padding_mask.unsqueeze(0)
+        elif self.batch_first:
+            query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
+        # From here on (L, N, E), as torch's functional multi_head_attention_forward.
+        length, batch, _ = query.shape
+        source_length = key.shape[0]
+        self._check_inputs(where, query, key, value, key_padding_mask, attn_mask)
+
+        q, k, v = self._project(query, key, value)  # (L, N, E), (S, N, E), (S, N, E)
+        if self.core.takes_any_mask:
+            # torch's rule: with the is_causal hint, no key padding and no weights asked for, the
+            # mask is dropped for SDPA's is_causal (which then also hides bias_kv / zero_attn keys,
+            # unlike the padded mask). Without any attn_mask torch raises; here it means causal.
+            causal = is_causal and (attn_mask is None or (key_padding_mask is None and not need_weights))
+            if causal:
+                attn_mask = None
+        else:
+            causal = is_causal_mask(attn_mask, is_causal, length, source_length, self.method)
+            if causal and not self.core.supports_causal:
+                raise ValueError(f"{where}: this method is non-causal only; got a causal attn_mask or is_causal=True")
+            key_padding_mask = key_padding_as_bool(key_padding_mask, self.method)
+            attn_mask = None
+            if causal and (self.bias_k is not None or self.add_zero_attn):
+                raise ValueError(
+                    f"{where}: add_bias_kv / add_zero_attn append keys every query sees, which the causal "
+                    "kernel of this method does not support yet; use them without a causal mask"
+                )
+        if self.bias_k is not None:
+            k = torch.cat([k, self.bias_k.expand(1, batch, -1)])
+            v = torch.cat([v, self.bias_v.expand(1, batch, -1)])
+            attn_mask, key_padding_mask = _pad_masks(attn_mask, key_padding_mask)
+
+        heads, head_dim = self.num_heads, self.head_dim
+        # Head split as views: (L, N, E) -> (N, H, L, hd) without a copy.
+        q = q.view(length, batch, heads, head_dim).permute(1, 2, 0, 3)
+        k = k.view(k.shape[0], batch, heads, head_dim).permute(1, 2, 0, 3)
+        v = v.view(v.shape[0], batch, heads, head_dim).permute(1, 2, 0, 3)
+        if self.add_zero_attn:
+            k = torch.cat([k, k.new_zeros(batch, heads, 1, head_dim)], dim=2)
+            v = torch.cat([v, v.new_zeros(batch, heads, 1, head_dim)], dim=2)
+            attn_mask, key_padding_mask = _pad_masks(attn_mask, key_padding_mask)
+
+        dropout_p = self.dropout if self.training else 0.0
+        out, weights = self.core(
+            q, k, v, causal=causal, key_padding_mask=key_padding_mask, attn_mask=attn_mask,
+            dropout_p=dropout_p, need_weights=need_weights,
+        )
+        out = out.permute(2, 0, 1, 3).reshape(length * batch, self.embed_dim)
+        out = F.linear(out, self.out_proj.weight, self.out_proj.bias).view(length, batch, -1)
+        if weights is not None and average_attn_weights:
+            weights = weights.mean(dim=1)
+        if not batched:
+            return out.squeeze(1), None if weights is None else weights.squeeze(0)
+        if self.batch_first:
+            out = out.transpose(0, 1)
+        return out, weights
+
+    def _project(self, query, key, value):
+        embed = self.embed_dim
+        bias = self.in_proj_bias
+        b_q, b_k, b_v = (None, None, None) if bias is None else bias.split(embed)
+        if self._qkv_same_embed_dim:
+            if query is key and key is value:
+                # Self-attention: one GEMM for all three, as torch does.
+                return F.linear(query, self.in_proj_weight, bias).chunk(3, dim=-1)
+            w_q, w_k, w_v = self.in_proj_weight.split(embed)
+        else:
+            w_q, w_k, w_v = self.q_proj_weight, self.k_proj_weight, self.v_proj_weight
+        return F.linear(query, w_q, b_q), F.linear(key, w_k, b_k), F.linear(value, w_v, b_v)
+
+    def _check_inputs(self, where, query, key, value, key_padding_mask, attn_mask):
+        length, batch, embed = query.shape
+        if embed != self.embed_dim:
+            raise ValueError(f"{where}: query must have embed_dim={self.embed_dim} features, got {embed}")
+        if key.shape[2] != self.kdim or value.shape[2] != self.vdim:
+            raise ValueError(
+                f"{where}: key and value must have kdim={self.kdim} and vdim={self.vdim} features, "
+                f"got {key.shape[2]} and {value.shape[2]}"
+            )
+        if key.shape[:2] != value.shape[:2] or key.shape[1] != batch:
+            raise ValueError(
+                f"{where}: key and value must have the same length and batch as each other and batch {batch} "
+                f"of query, got key {tuple(key.shape)} and value {tuple(value.shape)} (in (L, N, E) order)"
+            )
+        source_length = key.shape[0]
+        if key_padding_mask is not None and tuple(key_padding_mask.shape) != (batch, source_length):
+            raise ValueError(
+                f"{where}: key_padding_mask must be (batch, source length) = {(batch, source_length)}, "
+                f"got {tuple(key_padding_mask.shape)}"
+            )
+        if attn_mask is not None:
+            allowed = ((length, source_length), (batch * self.num_heads, length, source_length))
+            if tuple(attn_mask.shape) not in allowed:
+                raise ValueError(
+                    f"{where}: attn_mask must be (L, S) = {allowed[0]} or (N·num_heads, L, S) = {allowed[1]}, "
+                    f"got {tuple(attn_mask.shape)}"
+                )
+
+
+def _pad_masks(attn_mask, key_padding_mask):
+    """One more key column that every query may see, as torch pads its masks for bias_kv / zero_attn."""
+    if attn_mask is not None:
+        attn_mask = F.pad(attn_mask, (0, 1))
+    if key_padding_mask is not None:
+        key_padding_mask = F.pad(key_padding_mask, (0, 1))
+    return attn_mask, key_padding_mask
