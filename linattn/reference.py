@@ -55,3 +55,47 @@ def softmax_attention(q, k, v, *, causal=False, scale=None, key_padding_mask=Non
     if key_padding_mask is not None:
         scores = scores.masked_fill(key_padding_mask[:, None, None, :], float("-inf"))
     return torch.softmax(scores, dim=-1) @ v
+
+
+def favor_features(x, projection, *, kernel="softmax"):
+    """METHODS.md §2 features in float64, without any stabilizer: exp(W x' − ‖x'‖²/2) / √m with
+    x' = x·d^(−1/4), or relu(W x') + 1e-3."""
+    x, w = x.double(), projection.double()
+    x = x * x.shape[-1] ** -0.25
+    projected = x @ w.T
+    if kernel == "relu":
+        return torch.relu(projected) + 1e-3
+    return torch.exp(projected - 0.5 * (x * x).sum(-1, keepdim=True)) / w.shape[0] ** 0.5
+
+
+def performer_attention(q, k, v, projection, *, causal=False, kernel="softmax", eps=0.0, key_padding_mask=None):
+    """FAVOR+ (§2) as quadratic attention with the same random features, in float64."""
+    phi_q = favor_features(q, projection, kernel=kernel)
+    phi_k = favor_features(k, projection, kernel=kernel)
+    out, _ = linear_attention(
+        phi_q, phi_k, v, causal=causal, feature_map=None, eps=eps, key_padding_mask=key_padding_mask
+    )
+    return out
+
+
+def efficient_attention(q, k, v, *, key_padding_mask=None):
+    """Efficient Attention (§3) in float64: ρ_q(Q) ρ_k(K)ᵀ V as a (T_q × T_k) matrix."""
+    q, k, v = q.double(), k.double(), v.double()
+    rho_q = torch.softmax(q, dim=-1)
+    if key_padding_mask is not None:
+        k = k.masked_fill(key_padding_mask[:, None, :, None], float("-inf"))
+    rho_k = torch.nan_to_num(torch.softmax(k, dim=-2), nan=0.0)
+    return (rho_q @ rho_k.transpose(-1, -2)) @ v
+
+
+def linformer_attention(q, k, v, E, F, *, key_padding_mask=None):
+    """Linformer (§4) in float64: softmax(s·Q (E K)ᵀ) (F V), E, F (…, k, N_max) cut to T_k."""
+    q, k, v = q.double(), k.double(), v.double()
+    length = k.shape[-2]
+    E, F = E[..., :length].double(), F[..., :length].double()
+    if key_padding_mask is not None:
+        keep = (~key_padding_mask)[:, None, :, None].double()
+        k, v = k * keep, v * keep
+    k_proj, v_proj = E @ k, F @ v
+    scores = (q @ k_proj.transpose(-1, -2)) * q.shape[-1] ** -0.5
+    return torch.softmax(scores, dim=-1) @ v_proj
