@@ -62,3 +62,13 @@ def print_table(headers, rows):
     print("-" * len(line))
     for row in rows:
         print("  ".join(f"{str(c):>{w}}" for c, w in zip(row, widths)))
+
+
+def save_results(name, rows, plot):
+    """Writes results/<name>.json and the figure plot(rows, path) to results/<name>.png, and
+    says where they are."""
+    RESULTS.mkdir(exist_ok=True)
+    json_path, png_path = RESULTS / f"{name}.json", RESULTS / f"{name}.png"
+    json_path.write_text(json.dumps(rows, indent=1))
+    plot(rows, png_path)
+    print(f"\nplot: {png_path}\nraw numbers: {json_path}")

@@ -19,7 +19,7 @@ import sys
 import time
 
 import _common  # noqa: F401  (sets up imports when run as a file)
-from _common import RESULTS, PeakMemory, print_table, run_worker
+from _common import PeakMemory, print_table, run_worker, save_results
 
 METHOD_OPTIONS = {
     "softmax": {},
@@ -151,11 +151,7 @@ def main():
     print(f"\nFirst-token recall, T={length} (+1 classifier token), 4 classes (chance 0.25), 2-layer pre-norm "
           f"Transformer dim 64, {steps} AdamW steps of batch {args.batch}, {args.device}, {torch.get_num_threads()} threads")
     print_table(["method", "test acc", "step ms", "speed vs softmax", "peak MiB", "mem vs softmax"], table)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "long_sequence_classification.json").write_text(json.dumps(rows, indent=1))
-    png = RESULTS / "long_sequence_classification.png"
-    plot(rows, png)
-    print(f"\nplot: {png}\nraw numbers: {RESULTS / 'long_sequence_classification.json'}")
+    save_results("long_sequence_classification", rows, plot)
 
 
 if __name__ == "__main__":

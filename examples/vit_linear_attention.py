@@ -14,7 +14,7 @@ import sys
 import time
 
 import _common  # noqa: F401  (sets up imports when run as a file)
-from _common import RESULTS, PeakMemory, print_table, run_worker
+from _common import PeakMemory, print_table, run_worker, save_results
 
 
 def synthetic_batch(batch, size, generator):
@@ -130,11 +130,7 @@ def main():
           f"{args.device}, {torch.get_num_threads()} threads; median step time")
     print_table(["px", "tokens", "method", "step ms", "img/s", "speed vs softmax", "peak MiB", "mem vs softmax", "loss"],
                 table)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "vit_linear_attention.json").write_text(json.dumps(rows, indent=1))
-    png = RESULTS / "vit_linear_attention.png"
-    plot(rows, png)
-    print(f"\nplot: {png}\nraw numbers: {RESULTS / 'vit_linear_attention.json'}")
+    save_results("vit_linear_attention", rows, plot)
 
 
 if __name__ == "__main__":
