@@ -61,7 +61,7 @@ class MultiheadAttention(nn.MultiheadAttention):
             vdim=module.vdim, batch_first=module.batch_first, device=weight.device, dtype=weight.dtype,
             method=method, **method_options,
         )
-        new.load_state_dict(module.state_dict(), strict=False)
+        new.load_state_dict(module.state_dict())  # strict: every torch key must land
         new.train(module.training)
         return new
 
