@@ -156,3 +156,18 @@ def test_unknown_method_or_option_leaves_model_untouched():
     assert all(type(m.self_attn) is nn.MultiheadAttention for m in model.layers)
     with pytest.raises(ValueError, match="available methods"):
         linattn.swap_attention(nn.Linear(2, 2), method="nystrom")
+
+
+def test_whole_swapped_vit_compiles_fullgraph_and_trains():
+    torch.manual_seed(0)
+    model = linattn.swap_attention(_vit(), method="linear").train()
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+    x = torch.randn(2, 3, 32, 32)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True)
+    out, expected = compiled(x), model(x)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    out.sum().backward()
+    assert all(p.grad is not None for p in model.parameters())
