@@ -96,7 +96,9 @@ def performer_attention(
     kernel: str = "softmax",
     eps: float = 1e-6,
     key_padding_mask: Optional[torch.Tensor] = None,
-) -> torch.Tensor:
+    initial_state: Optional[State] = None,
+    output_final_state: bool = False,
+):
     """Performer's FAVOR+ attention (Choromanski et al. 2021), METHODS.md §2.
 
     Linear attention (§1, normalized) with random features φ built from `projection` (m, D)
@@ -105,6 +107,11 @@ def performer_attention(
     softmax attention; kernel="relu" is the paper's generalized ReLU attention. The features are
     computed here; the attention itself runs in linattn's linear-attention operator. Half
     inputs are computed in float32 (exp features overflow float16) and returned in their dtype.
+
+    initial_state / output_final_state (causal only) work as in linear_attention, with S
+    (B, H, m, dv) and z (B, H, m) over the random features: causal key features do not depend on
+    the sequence (see favor_features), so states of separate calls add up exactly. Non-causal
+    key features are scaled by a max over the whole call's keys, so they have no such state.
     """
     where = "linattn.performer_attention"
     check.check_qkv(where, q, k, v, causal)
@@ -118,15 +125,22 @@ def performer_attention(
         )
     if kernel not in PERFORMER_KERNELS:
         raise ValueError(f"{where}: kernel must be one of {list(PERFORMER_KERNELS)}, got {kernel!r}")
+    if (initial_state is not None or output_final_state) and not causal and kernel == "softmax":
+        raise ValueError(
+            f"{where}: initial_state and output_final_state need causal=True with kernel='softmax' (non-causal "
+            "key features are scaled by the whole call's keys, so states of separate calls do not add up)"
+        )
     phi_q = favor_features(q, projection, is_query=True, kernel=kernel, causal=causal)
     phi_k = favor_features(
         k, projection, is_query=False, kernel=kernel, causal=causal, key_padding_mask=key_padding_mask
     )
-    out = linear_attention(
+    result = linear_attention(
         phi_q, phi_k, v.to(phi_q.dtype), causal=causal, feature_map=None, eps=eps,
-        key_padding_mask=key_padding_mask,
+        key_padding_mask=key_padding_mask, initial_state=initial_state, output_final_state=output_final_state,
     )
-    return out.to(v.dtype)
+    if output_final_state:
+        return result[0].to(v.dtype), result[1]
+    return result.to(v.dtype)
 
 
 def efficient_attention(

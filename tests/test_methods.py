@@ -145,3 +145,15 @@ def test_compile_fullgraph_matches_eager():
         assert_close(compiled_out, eager_out, 1e-6, "compiled output")
         for got, want in zip(_grads(compiled_out, (q, k, v)), _grads(eager_out, (q, k, v))):
             assert_close(got, want, 1e-6, "compiled gradient")
+
+
+def test_causal_performer_state_chains_across_calls():
+    q, k, v = _qkv(2, 2, 150, 16, torch.float32, seed=7)
+    W = linattn.random_features(40, 16, generator=torch.Generator().manual_seed(0))
+    whole = linattn.performer_attention(q, k, v, W, causal=True)
+    first, state = linattn.performer_attention(q[:, :, :61], k[:, :, :61], v[:, :, :61], W, causal=True,
+                                               output_final_state=True)
+    rest = linattn.performer_attention(q[:, :, 61:], k[:, :, 61:], v[:, :, 61:], W, causal=True, initial_state=state)
+    assert_close(torch.cat([first, rest], dim=2), whole, 1e-5, "chained")
+    with pytest.raises(ValueError, match="need causal=True"):
+        linattn.performer_attention(q, k, v, W, output_final_state=True)

@@ -225,3 +225,44 @@ def test_performer_redraws_in_training_only():
     assert torch.equal(module.core.projection, first)
     module(x, x, x)  # the third training call is past the interval
     assert not torch.equal(module.core.projection, first)
+
+
+@pytest.mark.parametrize("method", ["linear", "performer"])
+@pytest.mark.parametrize("bias_kv,zero_attn", [(True, False), (False, True), (True, True)])
+def test_causal_kernel_with_keys_every_query_sees(method, bias_kv, zero_attn):
+    """add_bias_kv / add_zero_attn keys are visible to every query even under a causal mask (as in
+    torch); the causal kernels take them as an initial state. Checked against the quadratic form."""
+    torch.manual_seed(0)
+    options = {"nb_features": 32, "seed": 0, "eps": 0.0} if method == "performer" else {}
+    module = linattn.nn.MultiheadAttention(24, 3, batch_first=True, add_bias_kv=bias_kv, add_zero_attn=zero_attn,
+                                           method=method, **options).double()
+    with torch.no_grad():
+        if bias_kv:
+            module.bias_k.normal_(), module.bias_v.normal_()
+    x = 0.5 * torch.randn(2, 11, 24, dtype=torch.float64)
+    mask = nn.Transformer.generate_square_subsequent_mask(11, dtype=torch.float64)
+    out, weights = module(x, x, x, attn_mask=mask, is_causal=True, average_attn_weights=False)
+
+    W, b = module.in_proj_weight, module.in_proj_bias
+    heads = lambda t: t.view(t.shape[0], t.shape[1], 3, 8).transpose(1, 2)
+    q, k, v = (heads(x @ W[i * 24:(i + 1) * 24].T + b[i * 24:(i + 1) * 24]) for i in range(3))
+    extra_k, extra_v = [], []
+    if bias_kv:
+        extra_k.append(heads(module.bias_k.expand(2, 1, 24))), extra_v.append(heads(module.bias_v.expand(2, 1, 24)))
+    if zero_attn:
+        extra_k.append(torch.zeros(2, 3, 1, 8, dtype=torch.float64)), extra_v.append(torch.zeros(2, 3, 1, 8, dtype=torch.float64))
+    keys, values = torch.cat([k, *extra_k], dim=2), torch.cat([v, *extra_v], dim=2)
+    if method == "linear":
+        phi = lambda t: torch.nn.functional.elu(t) + 1
+    else:
+        phi = lambda t: reference.favor_features(t, module.core.projection)
+    scores = phi(q) @ phi(keys).transpose(-1, -2)
+    visible = torch.ones(11, keys.shape[2], dtype=torch.bool)
+    visible[:, :11] = torch.ones(11, 11, dtype=torch.bool).tril()
+    scores = scores * visible
+    expected_weights = scores / (scores.sum(-1, keepdim=True) + module.core.eps)
+    expected = module.out_proj((expected_weights @ values).transpose(1, 2).reshape(2, 11, 24))
+    assert_close(out, expected, 1e-10, "output")
+    assert_close(weights, expected_weights, 1e-10, "weights")
+    fast, _ = module(x, x, x, attn_mask=mask, is_causal=True, need_weights=False)
+    assert_close(fast, expected, 1e-10, "need_weights=False")

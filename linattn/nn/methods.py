@@ -39,15 +39,35 @@ def _drop_keys(v: torch.Tensor, dropout_p: float):
     return v * scale.unsqueeze(-1), scale.unsqueeze(-2)
 
 
-def _normalized_weights(phi_q, phi_k, causal: bool, key_padding_mask, eps: float) -> torch.Tensor:
+def _normalized_weights(phi_q, phi_k, causal: bool, key_padding_mask, eps: float, phi_visible=None) -> torch.Tensor:
     """The attention matrix that normalized linear attention applies implicitly:
-    A_ij = φ(q_i)·φ(k_j) / (Σ_j' φ(q_i)·φ(k_j') + eps) over visible keys."""
+    A_ij = φ(q_i)·φ(k_j) / (Σ_j' φ(q_i)·φ(k_j') + eps) over visible keys; the keys of
+    phi_visible (every query sees them) come as extra columns after the sequence's."""
     if key_padding_mask is not None:
         phi_k = phi_k.masked_fill(key_padding_mask[:, None, :, None], 0.0)
     scores = phi_q @ phi_k.transpose(-1, -2)
     if causal:
         scores = scores.masked_fill(causal_pattern(*scores.shape[-2:], scores.device), 0.0)
+    if phi_visible is not None:
+        scores = torch.cat([scores, phi_q @ phi_visible.transpose(-1, -2)], dim=-1)
     return scores / (scores.sum(-1, keepdim=True) + eps)
+
+
+def _split_visible(v, visible_kv, dropout_p):
+    """Key dropout over the sequence's values and the always-visible ones together; returns
+    (v, visible values or None, the weights' column scale or None)."""
+    if visible_kv is None:
+        v, key_scale = _drop_keys(v, dropout_p)
+        return v, None, key_scale
+    both, key_scale = _drop_keys(torch.cat([v, visible_kv[1]], dim=2), dropout_p)
+    return both[:, :, : v.shape[2]], both[:, :, v.shape[2]:], key_scale
+
+
+def _state_of(phi_visible: torch.Tensor, values: torch.Tensor):
+    """The recurrent state (S, z) of keys every query sees, in the accumulation dtype."""
+    acc = torch.float64 if values.dtype == torch.float64 else torch.float32
+    phi, values = phi_visible.to(acc), values.to(acc)
+    return phi.transpose(-1, -2) @ values, phi.sum(-2)
 
 
 class MethodModule(nn.Module):
@@ -131,15 +151,19 @@ class LinearMethod(MethodModule):
     def extra_repr(self) -> str:
         return f"feature_map={self.feature_map!r}, eps={self.eps}"
 
-    def forward(self, q, k, v, *, causal, key_padding_mask, attn_mask, dropout_p, need_weights):
-        v, key_scale = _drop_keys(v, dropout_p)
+    def forward(self, q, k, v, *, causal, key_padding_mask, attn_mask, dropout_p, need_weights, visible_kv=None):
+        """visible_kv: (keys, values) (N, H, e, hd) that every query sees (nn.MultiheadAttention's
+        bias_kv / zero_attn in causal mode); they enter as the initial recurrent state."""
+        phi = FEATURE_MAPS[self.feature_map]
+        v, visible_values, key_scale = _split_visible(v, visible_kv, dropout_p)
+        phi_visible = None if visible_kv is None else phi(visible_kv[0])
         out = functional.linear_attention(
-            q, k, v, causal=causal, feature_map=self.feature_map, eps=self.eps, key_padding_mask=key_padding_mask
+            q, k, v, causal=causal, feature_map=self.feature_map, eps=self.eps, key_padding_mask=key_padding_mask,
+            initial_state=None if visible_kv is None else _state_of(phi_visible, visible_values),
         )
         if not need_weights:
             return out, None
-        phi = FEATURE_MAPS[self.feature_map]
-        weights = _normalized_weights(phi(q), phi(k), causal, key_padding_mask, self.eps)
+        weights = _normalized_weights(phi(q), phi(k), causal, key_padding_mask, self.eps, phi_visible)
         return out, weights if key_scale is None else weights * key_scale
 
 
@@ -206,12 +230,18 @@ class PerformerMethod(MethodModule):
             self.redraw_projection()
         self._calls_since_redraw += 1
 
-    def forward(self, q, k, v, *, causal, key_padding_mask, attn_mask, dropout_p, need_weights):
+    def forward(self, q, k, v, *, causal, key_padding_mask, attn_mask, dropout_p, need_weights, visible_kv=None):
+        """visible_kv: as for LinearMethod (causal only here, where key features do not depend
+        on the sequence, so the visible keys' state is on the same scale)."""
         self._maybe_redraw()
-        v, key_scale = _drop_keys(v, dropout_p)
+        v, visible_values, key_scale = _split_visible(v, visible_kv, dropout_p)
+        phi_visible = None
+        if visible_kv is not None:
+            phi_visible = favor_features(visible_kv[0], self.projection, is_query=False, kernel=self.kernel, causal=True)
         out = functional.performer_attention(
             q, k, v, self.projection, causal=causal, kernel=self.kernel, eps=self.eps,
             key_padding_mask=key_padding_mask,
+            initial_state=None if visible_kv is None else _state_of(phi_visible, visible_values),
         )
         if not need_weights:
             return out, None
@@ -219,7 +249,7 @@ class PerformerMethod(MethodModule):
         phi_k = favor_features(
             k, self.projection, is_query=False, kernel=self.kernel, causal=causal, key_padding_mask=key_padding_mask
         )
-        weights = _normalized_weights(phi_q, phi_k, causal, key_padding_mask, self.eps).to(q.dtype)
+        weights = _normalized_weights(phi_q, phi_k, causal, key_padding_mask, self.eps, phi_visible).to(q.dtype)
         return out, weights if key_scale is None else weights * key_scale
 
 

@@ -107,30 +107,32 @@ class MultiheadAttention(nn.MultiheadAttention):
                 raise ValueError(f"{where}: this method is non-causal only; got a causal attn_mask or is_causal=True")
             key_padding_mask = key_padding_as_bool(key_padding_mask, self.method)
             attn_mask = None
-            if causal and (self.bias_k is not None or self.add_zero_attn):
-                raise ValueError(
-                    f"{where}: add_bias_kv / add_zero_attn append keys every query sees, which the causal "
-                    "kernel of this method does not support yet; use them without a causal mask"
-                )
-        if self.bias_k is not None:
-            k = torch.cat([k, self.bias_k.expand(1, batch, -1)])
-            v = torch.cat([v, self.bias_v.expand(1, batch, -1)])
-            attn_mask, key_padding_mask = _pad_masks(attn_mask, key_padding_mask)
-
+        # bias_kv / zero_attn append keys that every query sees. Appended to the sequence, they
+        # suit masks; a causal kernel instead takes them as its initial state (visible_kv).
+        as_state = causal and not self.core.takes_any_mask
         heads, head_dim = self.num_heads, self.head_dim
         # Head split as views: (L, N, E) -> (N, H, L, hd) without a copy.
-        q = q.view(length, batch, heads, head_dim).permute(1, 2, 0, 3)
-        k = k.view(k.shape[0], batch, heads, head_dim).permute(1, 2, 0, 3)
-        v = v.view(v.shape[0], batch, heads, head_dim).permute(1, 2, 0, 3)
+        split = lambda t: t.view(t.shape[0], batch, heads, head_dim).permute(1, 2, 0, 3)
+        q, k, v = split(q), split(k), split(v)
+        visible_k, visible_v = [], []
+        if self.bias_k is not None:
+            visible_k.append(split(self.bias_k.expand(1, batch, -1)))
+            visible_v.append(split(self.bias_v.expand(1, batch, -1)))
         if self.add_zero_attn:
-            k = torch.cat([k, k.new_zeros(batch, heads, 1, head_dim)], dim=2)
-            v = torch.cat([v, v.new_zeros(batch, heads, 1, head_dim)], dim=2)
-            attn_mask, key_padding_mask = _pad_masks(attn_mask, key_padding_mask)
+            visible_k.append(k.new_zeros(batch, heads, 1, head_dim))
+            visible_v.append(v.new_zeros(batch, heads, 1, head_dim))
+        extra = {}
+        if visible_k and as_state:
+            extra["visible_kv"] = (torch.cat(visible_k, dim=2), torch.cat(visible_v, dim=2))
+        elif visible_k:
+            k, v = torch.cat([k, *visible_k], dim=2), torch.cat([v, *visible_v], dim=2)
+            for _ in visible_k:
+                attn_mask, key_padding_mask = _pad_masks(attn_mask, key_padding_mask)
 
         dropout_p = self.dropout if self.training else 0.0
         out, weights = self.core(
             q, k, v, causal=causal, key_padding_mask=key_padding_mask, attn_mask=attn_mask,
-            dropout_p=dropout_p, need_weights=need_weights,
+            dropout_p=dropout_p, need_weights=need_weights, **extra,
         )
         out = out.permute(2, 0, 1, 3).reshape(length * batch, self.embed_dim)
         out = F.linear(out, self.out_proj.weight, self.out_proj.bias).view(length, batch, -1)
