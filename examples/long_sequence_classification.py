@@ -16,10 +16,9 @@ import argparse
 import json
 import statistics
 import sys
-import time
 
 import _common  # noqa: F401  (sets up imports when run as a file)
-from _common import PeakMemory, print_table, run_worker, save_results
+from _common import PeakMemory, print_table, run_worker, save_results, timed_training_step
 
 METHOD_OPTIONS = {
     "softmax": {},
@@ -81,14 +80,8 @@ def worker(config):
     with PeakMemory(device) as memory:
         for _ in range(config["steps"]):
             tokens, labels = (t.to(device) for t in make_batch(config["batch"], length, classes, vocab, generator))
-            start = time.perf_counter()
-            loss = torch.nn.functional.cross_entropy(model(tokens), labels)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - start)
+            seconds, final_loss = timed_training_step(model, optimizer, tokens, labels)
+            times.append(seconds)
     model.eval()
     correct = total = 0
     test_generator = torch.Generator().manual_seed(2)
@@ -98,7 +91,7 @@ def worker(config):
             correct += (model(tokens.to(device)).argmax(-1).cpu() == labels).sum().item()
             total += labels.numel()
     return {**config, "step_s": statistics.median(times[1:]), "peak_mb": memory.peak / 2**20,
-            "accuracy": correct / total, "final_loss": loss.item()}
+            "accuracy": correct / total, "final_loss": final_loss}
 
 
 def plot(rows, path):

@@ -11,10 +11,9 @@ import argparse
 import json
 import statistics
 import sys
-import time
 
 import _common  # noqa: F401  (sets up imports when run as a file)
-from _common import PeakMemory, print_table, run_worker, save_results
+from _common import PeakMemory, print_table, run_worker, save_results, timed_training_step
 
 
 def synthetic_batch(batch, size, generator):
@@ -51,16 +50,9 @@ def worker(config):
     times, losses = [], []
     with PeakMemory(device) as memory:
         for images, labels in batches:
-            images, labels = images.to(device), labels.to(device)
-            start = time.perf_counter()
-            loss = torch.nn.functional.cross_entropy(model(images), labels)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - start)
-            losses.append(loss.item())
+            seconds, loss = timed_training_step(model, optimizer, images.to(device), labels.to(device))
+            times.append(seconds)
+            losses.append(loss)
     step = statistics.median(times[1:] if len(times) > 1 else times)  # the first step warms up
     return {
         **config, "tokens": (config["size"] // config["patch"]) ** 2 + 1, "step_s": step,
