@@ -4,6 +4,8 @@ from typing import Callable, Optional, Union
 import torch
 import torch.nn.functional as F
 
+from ._ops import accumulate_dtype
+
 FeatureMap = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -137,3 +139,20 @@ def favor_features(
             shift = torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))
     m = projection.shape[0]
     return torch.exp(exponent - shift) * m**-0.5
+
+
+# --- Efficient Attention (Shen et al., METHODS.md §3) ---------------------------------------
+
+
+def efficient_feature_maps(q: torch.Tensor, k: torch.Tensor, key_padding_mask: Optional[torch.Tensor] = None):
+    """(ρ_q(Q), ρ_k(K)) in float32 (float64 for float64 inputs): a softmax over each query's
+    features, and a softmax over the sequence for each key feature with padded keys excluded
+    (zero; a sequence with every key padded gets all zeros instead of the softmax's 0/0)."""
+    acc = accumulate_dtype(q.dtype)
+    rho_q = torch.softmax(q.to(acc), dim=-1)
+    keys = k.to(acc)
+    if key_padding_mask is None:
+        return rho_q, torch.softmax(keys, dim=-2)
+    padded = key_padding_mask[:, None, :, None]
+    rho_k = torch.softmax(keys.masked_fill(padded, float("-inf")), dim=-2)
+    return rho_q, rho_k.masked_fill(padded, 0.0)

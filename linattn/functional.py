@@ -5,7 +5,7 @@ import torch
 
 from . import _ops
 from . import _validation as check
-from .feature_maps import PERFORMER_KERNELS, favor_features, resolve_feature_map
+from .feature_maps import PERFORMER_KERNELS, efficient_feature_maps, favor_features, resolve_feature_map
 
 State = Tuple[torch.Tensor, torch.Tensor]
 
@@ -159,17 +159,5 @@ def efficient_attention(
     where = "linattn.efficient_attention"
     check.check_qkv(where, q, k, v, causal=False)
     check.check_key_padding_mask(where, key_padding_mask, k)
-    acc = _ops.accumulate_dtype(q.dtype)
-    rho_q = torch.softmax(q.to(acc), dim=-1)
-    keys = k.to(acc)
-    if key_padding_mask is not None:
-        padded = key_padding_mask[:, None, :, None]
-        keys = keys.masked_fill(padded, float("-inf"))
-    rho_k = torch.softmax(keys, dim=-2)
-    if key_padding_mask is not None:
-        # All-padded sequences give 0/0 = NaN in the softmax; their keys contribute nothing.
-        rho_k = rho_k.masked_fill(padded, 0.0)
-    out = linear_attention(
-        rho_q.to(q.dtype), rho_k.to(k.dtype), v, feature_map=None, normalize=False
-    )
-    return out
+    rho_q, rho_k = efficient_feature_maps(q, k, key_padding_mask)
+    return linear_attention(rho_q.to(q.dtype), rho_k.to(k.dtype), v, feature_map=None, normalize=False)

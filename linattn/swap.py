@@ -46,7 +46,7 @@ def swap_attention(model: nn.Module, method: str = "linear", **method_options) -
         k = options.get("k", 256)
         max_seq_len = options.get("max_seq_len")
         if max_seq_len is not None:
-            weight = _some_weight(first)
+            weight = next(first.parameters())
             options["shared_projection"] = nn.Parameter(
                 LinformerMethod.initial_projection((k, max_seq_len), device=weight.device, dtype=weight.dtype)
             )
@@ -61,13 +61,7 @@ def swap_attention(model: nn.Module, method: str = "linear", **method_options) -
             isinstance(m, MultiheadAttention) for m in module.modules()
         ):
             module.use_nested_tensor = False
-    if isinstance(model, nn.TransformerEncoder):
-        model.use_nested_tensor = False
     return model
-
-
-def _some_weight(module: nn.Module):
-    return next(module.parameters())
 
 
 def _without_linformer_requirements(method, options):

@@ -25,7 +25,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import functional
-from ..feature_maps import FEATURE_MAPS, PERFORMER_KERNELS, favor_features, random_features
+from .._ops import accumulate_dtype
+from ..feature_maps import (
+    FEATURE_MAPS, PERFORMER_KERNELS, efficient_feature_maps, favor_features, random_features,
+)
 from .masks import causal_pattern, merged_bias
 
 
@@ -65,7 +68,7 @@ def _split_visible(v, visible_kv, dropout_p):
 
 def _state_of(phi_visible: torch.Tensor, values: torch.Tensor):
     """The recurrent state (S, z) of keys every query sees, in the accumulation dtype."""
-    acc = torch.float64 if values.dtype == torch.float64 else torch.float32
+    acc = accumulate_dtype(values.dtype)
     phi, values = phi_visible.to(acc), values.to(acc)
     return phi.transpose(-1, -2) @ values, phi.sum(-2)
 
@@ -269,10 +272,8 @@ class EfficientMethod(MethodModule):
         out = functional.efficient_attention(q, k, v, key_padding_mask=key_padding_mask)
         if not need_weights:
             return out, None
-        rho_q = torch.softmax(q, dim=-1)
-        keys = k if key_padding_mask is None else k.masked_fill(key_padding_mask[:, None, :, None], float("-inf"))
-        rho_k = torch.nan_to_num(torch.softmax(keys, dim=-2), nan=0.0)
-        weights = rho_q @ rho_k.transpose(-1, -2)
+        rho_q, rho_k = efficient_feature_maps(q, k, key_padding_mask)
+        weights = (rho_q @ rho_k.transpose(-1, -2)).to(q.dtype)
         return out, weights if key_scale is None else weights * key_scale
 
 

@@ -9,6 +9,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from .masks import additive
 from .methods import build_method
 
 
@@ -51,9 +52,7 @@ class TimmAttention(nn.Module):
                 )
             # timm passes scaled_dot_product_attention's convention (bool True = attend): make it additive.
             if attn_mask.dtype == torch.bool:
-                attn_mask = torch.zeros(attn_mask.shape, dtype=q.dtype, device=q.device).masked_fill(
-                    ~attn_mask, float("-inf")
-                )
+                attn_mask = additive(~attn_mask, q.dtype)
         if is_causal and not self.core.supports_causal:
             raise ValueError(f"linattn.nn.TimmAttention(method={self.method!r}): this method is non-causal only")
         out, _ = self.core(
