@@ -1,8 +1,10 @@
-"""Fake (meta) kernels and autograd for the C++ operators of linattn.
+"""Autograd for the C++ operators of linattn.
 
-The schemas live in csrc/ops.cpp. Everything here is registered once, at import, for both
-the main operators and their *_generic twins (the device-generic implementation that CUDA
-tensors run today, exposed under its own name so tests can exercise it on CPU).
+The schemas live in csrc/ops.cpp; the Meta kernels that fake tensors run are C++ too
+(csrc/linear_attention/meta.cpp), so they apply the same argument checks as the real kernels.
+Everything here is registered once, at import, for both the main operators and their
+*_generic twins (the device-generic implementation that CUDA tensors run today, exposed under
+its own name so tests can exercise it on CPU).
 """
 import contextlib
 
@@ -37,28 +39,6 @@ def _register(generic: bool) -> None:
     forward_name = f"linattn::{_FORWARD_NAMES[generic]}"
     backward_op = getattr(torch.ops.linattn, _BACKWARD_NAMES[generic]).default
 
-    @torch.library.register_fake(forward_name)
-    def _forward_fake(q, k, v, initial_state, key_padding_mask, feature_map, causal, normalize, eps):
-        batch, heads, q_len, features = q.shape
-        value_dim = v.shape[3]
-        acc = accumulate_dtype(q.dtype)
-        return (
-            q.new_empty((batch, heads, q_len, value_dim)),
-            q.new_empty((batch, heads, features, value_dim + 1), dtype=acc),
-            q.new_empty((batch, heads, q_len), dtype=acc),
-        )
-
-    @torch.library.register_fake(f"linattn::{_BACKWARD_NAMES[generic]}")
-    def _backward_fake(grad_out, grad_final_state, q, k, v, out, normalizer, initial_state, key_padding_mask,
-                       feature_map, causal, normalize):
-        batch, heads, _, features = q.shape
-        return (
-            torch.empty_like(q, memory_format=torch.contiguous_format),
-            torch.empty_like(k, memory_format=torch.contiguous_format),
-            torch.empty_like(v, memory_format=torch.contiguous_format),
-            q.new_empty((batch, heads, features, v.shape[3] + 1), dtype=accumulate_dtype(q.dtype)),
-        )
-
     def setup_context(ctx, inputs, output):
         q, k, v, initial_state, key_padding_mask, feature_map, causal, normalize, _eps = inputs
         out, _final_state, normalizer = output
@@ -78,6 +58,23 @@ def _register(generic: bool) -> None:
         return grad_q, grad_k, grad_v, grad_initial, None, None, None, None, None
 
     torch.library.register_autograd(forward_name, backward, setup_context=setup_context)
+    # The backward operator has no derivative of its own: a second derivative through it
+    # (create_graph=True, then differentiating the gradients) raises instead of returning zeros.
+    torch.library.register_autograd(
+        f"linattn::{_BACKWARD_NAMES[generic]}", _no_double_backward, setup_context=_no_context
+    )
+
+
+def _no_context(ctx, inputs, output):
+    pass
+
+
+def _no_double_backward(ctx, *grads):
+    raise RuntimeError(
+        "linattn.linear_attention: second derivatives (double backward) are not implemented; the "
+        "first-order gradient is exact. Differentiate it once (create_graph=False), or use "
+        "method='softmax' / torch's attention where higher-order gradients are needed"
+    )
 
 
 _register(generic=False)

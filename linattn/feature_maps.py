@@ -137,6 +137,10 @@ def favor_features(
             shift = masked.amax(dim=(-1, -2), keepdim=True)
             # A sequence whose keys are all padded has no max; any finite shift does.
             shift = torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))
+    if key_padding_mask is not None and not is_query:
+        # A padded key's exponent may lie far above the unpadded keys' max: exp would overflow,
+        # and the Inf would turn the zero gradient of an excluded key into 0·Inf = NaN.
+        exponent = exponent.masked_fill(key_padding_mask[:, None, :, None], float("-inf"))
     m = projection.shape[0]
     return torch.exp(exponent - shift) * m**-0.5
 

@@ -22,26 +22,49 @@ def linear_attention(
     key_padding_mask: Optional[torch.Tensor] = None,
     initial_state: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
 ):
-    """METHODS.md §1 in float64. Returns (out, (S_final, z_final))."""
+    """METHODS.md §1 in float64. Returns (out, (S_final, z_final)).
+
+    Masked pairs (a later key when causal, a padded key) are excluded from every sum, not
+    multiplied by 0, so an Inf or NaN there never reaches a query; a row whose normalizer is
+    exactly 0 is 0."""
     phi = resolve_feature_map(feature_map, "linattn.reference.linear_attention")
     q, k, v = q.double(), k.double(), v.double()
     phi_q, phi_k = (q, k) if phi is None else (phi(q), phi(k))
-    if key_padding_mask is not None:
-        phi_k = phi_k * (~key_padding_mask)[:, None, :, None].double()
-    scores = phi_q @ phi_k.transpose(-1, -2)  # (B, H, T_q, T_k)
+    batch, heads, length_q, length_k = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
+    visible = torch.ones(batch, 1, length_q, length_k, dtype=torch.bool, device=q.device)
     if causal:
-        scores = scores.tril()
-    numerator = scores @ v
+        visible = visible.tril()
+    if key_padding_mask is not None:
+        visible = visible & ~key_padding_mask[:, None, None, :]
+    scores = (phi_q @ phi_k.transpose(-1, -2)).masked_fill(~visible, 0.0)  # (B, H, T_q, T_k)
+    numerator = _visible_sum(scores, visible, v)
     normalizer = scores.sum(-1)
-    S = phi_k.transpose(-1, -2) @ v
-    z = phi_k.sum(-2)
+    # The final state sums every unpadded key.
+    key_visible = torch.ones(batch, 1, 1, length_k, dtype=torch.bool, device=q.device)
+    if key_padding_mask is not None:
+        key_visible = key_visible & ~key_padding_mask[:, None, None, :]
+    phi_k_visible = phi_k.transpose(-1, -2).masked_fill(~key_visible, 0.0)  # (B, H, m, T_k)
+    S = _visible_sum(phi_k_visible, key_visible, v)
+    z = phi_k_visible.sum(-1)
     if initial_state is not None:
         S0, z0 = initial_state[0].double(), initial_state[1].double()
         numerator = numerator + phi_q @ S0
         normalizer = normalizer + (phi_q * z0.unsqueeze(-2)).sum(-1)
         S, z = S + S0, z + z0
-    out = numerator / (normalizer + eps).unsqueeze(-1) if normalize else numerator
+    if not normalize:
+        return numerator, (S, z)
+    denominator = (normalizer + eps).unsqueeze(-1)
+    out = torch.where(denominator == 0, torch.zeros_like(numerator), numerator / denominator)
     return out, (S, z)
+
+
+def _visible_sum(weights: torch.Tensor, visible: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """Σ_j weights_ij values_j over the visible j only. With finite values a matrix product
+    (the masked weights are 0 and 0·finite = 0); otherwise term by term, masked terms dropped."""
+    if bool(torch.isfinite(values).all()):
+        return weights @ values
+    terms = weights.unsqueeze(-1) * values.unsqueeze(-3)  # (..., i, j, c)
+    return terms.masked_fill(~visible.unsqueeze(-1), 0.0).sum(-2)
 
 
 def softmax_attention(q, k, v, *, causal=False, scale=None, key_padding_mask=None):

@@ -66,7 +66,8 @@ def test_option_checks():
     q, k, v = qkv()
     raises(ValueError, r"feature_map must be one of \['elu', 'identity', 'relu'\]", LA, q, k, v, feature_map="cosine")
     raises(ValueError, r"feature_map='identity' .* normalize=False", LA, q, k, v, feature_map="identity")
-    raises(ValueError, r"eps must be a finite number >= 0, got -1", LA, q, k, v, eps=-1)
+    raises(ValueError, r"eps must be a finite number > 0, got -1", LA, q, k, v, eps=-1)
+    raises(ValueError, r"eps must be a finite number > 0, got 0", LA, q, k, v, eps=0)
     raises(ValueError, r"feature_map\(q\) must return a \(B, H, T, m\) tensor", LA, q, k, v,
            feature_map=lambda x: x.sum(-1))
     raises(NotImplementedError, r"decay and gate are not implemented yet", LA, q, k, v, decay=torch.ones(3))
@@ -92,7 +93,7 @@ def test_direct_operator_calls_are_checked_in_cpp():
             op(q, k, v, torch.zeros(2, 3, 8, 8), None, 1, False, True, 1e-6)
         with pytest.raises(RuntimeError, match=r"initial_state must be Float for"):
             op(q, k, v, torch.zeros(2, 3, 8, 9, dtype=torch.float64), None, 1, False, True, 1e-6)
-        with pytest.raises(RuntimeError, match=r"eps must be finite"):
+        with pytest.raises(RuntimeError, match=r"eps must be a finite number > 0, got inf"):
             op(q, k, v, None, None, 1, False, True, float("inf"))
         with pytest.raises(RuntimeError, match=r"feature_map code must be 0 \(identity\), 1 \(elu\+1\) or 2"):
             op(q, k, v, None, None, 7, False, True, 1e-6)

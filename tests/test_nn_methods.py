@@ -63,7 +63,7 @@ def test_method_matches_reference(name, causal, masked, length):
     torch.manual_seed(0)
     module = _build(name)
     if method == "performer":
-        module.core.eps = 0.0  # the reference has no stabilizer, so no eps to scale
+        module.core.eps = 1e-300  # the reference has no stabilizer, so no eps to scale (≈ 0)
     g = torch.Generator().manual_seed(1)
     x = (0.5 * torch.randn(2, length, 24, generator=g)).requires_grad_()
     mask = (torch.rand(2, length, generator=g) < 0.3) if masked else None
@@ -233,7 +233,7 @@ def test_causal_kernel_with_keys_every_query_sees(method, bias_kv, zero_attn):
     """add_bias_kv / add_zero_attn keys are visible to every query even under a causal mask (as in
     torch); the causal kernels take them as an initial state. Checked against the quadratic form."""
     torch.manual_seed(0)
-    options = {"nb_features": 32, "seed": 0, "eps": 0.0} if method == "performer" else {}
+    options = {"nb_features": 32, "seed": 0, "eps": 1e-300} if method == "performer" else {}
     module = linattn.nn.MultiheadAttention(24, 3, batch_first=True, add_bias_kv=bias_kv, add_zero_attn=zero_attn,
                                            method=method, **options).double()
     with torch.no_grad():

@@ -1,6 +1,10 @@
 // Input checks shared by every linattn operator. Each failure raises a c10::Error (a Python
 // RuntimeError) whose message names the operator, the argument, what was expected and what
 // was given, so that a bad call never reaches a kernel that could read or write out of bounds.
+//
+// Sizes are read as SymInts: the same checks then run in the real kernels (concrete sizes)
+// and in the Meta kernels that torch.compile's fake tensors trace with symbolic sizes, so the
+// two can never disagree about what is a valid call.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -13,7 +17,7 @@
 namespace linattn {
 
 inline std::string shape_str(const at::Tensor& t) {
-  return c10::str(t.sizes());
+  return c10::str(t.sym_sizes());
 }
 
 inline void check_floating(const char* op, const char* name, const at::Tensor& t) {
@@ -28,17 +32,22 @@ inline void check_dim(const char* op, const char* name, const at::Tensor& t, int
               ", got shape ", shape_str(t));
 }
 
-inline void check_same_device_dtype(const char* op, const char* name, const at::Tensor& t,
-                                    const char* ref_name, const at::Tensor& ref) {
+inline void check_same_device(const char* op, const char* name, const at::Tensor& t,
+                              const char* ref_name, const at::Tensor& ref) {
   TORCH_CHECK(t.device() == ref.device(), op, ": ", name, " and ", ref_name,
               " must be on the same device, got ", t.device(), " and ", ref.device());
+}
+
+inline void check_same_device_dtype(const char* op, const char* name, const at::Tensor& t,
+                                    const char* ref_name, const at::Tensor& ref) {
+  check_same_device(op, name, t, ref_name, ref);
   TORCH_CHECK(t.scalar_type() == ref.scalar_type(), op, ": ", name, " and ", ref_name,
               " must have the same dtype, got ", t.scalar_type(), " and ", ref.scalar_type());
 }
 
 inline void check_shape(const char* op, const char* name, const at::Tensor& t,
-                        at::IntArrayRef expected, const char* meaning) {
-  TORCH_CHECK(t.sizes() == expected, op, ": ", name, " must have shape ", expected, " ", meaning,
+                        c10::SymIntArrayRef expected, const char* meaning) {
+  TORCH_CHECK(t.sym_sizes() == expected, op, ": ", name, " must have shape ", expected, " ", meaning,
               ", got ", shape_str(t));
 }
 
@@ -48,9 +57,8 @@ inline at::ScalarType accumulate_type(at::ScalarType input) {
 }
 
 inline void check_state(const char* op, const char* name, const at::Tensor& state,
-                        const at::Tensor& like, at::IntArrayRef expected) {
-  TORCH_CHECK(state.device() == like.device(), op, ": ", name, " must be on ", like.device(),
-              ", got ", state.device());
+                        const at::Tensor& like, c10::SymIntArrayRef expected) {
+  check_same_device(op, name, state, "q", like);
   const auto acc = accumulate_type(like.scalar_type());
   TORCH_CHECK(state.scalar_type() == acc, op, ": ", name, " must be ", acc, " for ",
               like.scalar_type(), " inputs, got ", state.scalar_type());

@@ -30,8 +30,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cpu(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const std::optional<at::Tensor>& initial_state, const std::optional<at::Tensor>& key_padding_mask,
     int64_t feature_map, bool causal, bool normalize, double eps) {
-  const LinearAttentionShape s = check_forward_inputs(q, k, v, initial_state, key_padding_mask,
-                                                      feature_map, causal, normalize, eps);
+  check_forward_inputs(q, k, v, initial_state, key_padding_mask, feature_map, causal, eps);
+  const LinearAttentionShape s = kernel_shape(q, k, v, feature_map, causal, normalize, eps);
   const auto acc = accumulate_type(q.scalar_type());
   auto out = at::empty({s.batch, s.heads, s.q_len, s.value_dim}, q.options());
   auto final_state =
@@ -55,9 +55,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
     const at::Tensor& normalizer, const std::optional<at::Tensor>& initial_state,
     const std::optional<at::Tensor>& key_padding_mask, int64_t feature_map, bool causal,
     bool normalize) {
-  const LinearAttentionShape s =
-      check_backward_inputs(grad_out, grad_final_state, q, k, v, out, normalizer, initial_state,
-                            key_padding_mask, feature_map, causal, normalize);
+  check_backward_inputs(grad_out, grad_final_state, q, k, v, out, normalizer, initial_state,
+                        key_padding_mask, feature_map, causal);
+  const LinearAttentionShape s = kernel_shape(q, k, v, feature_map, causal, normalize, 1.0);
   const auto acc = accumulate_type(q.scalar_type());
   auto grad_q = at::empty({s.batch, s.heads, s.q_len, s.feature_dim}, q.options());
   auto grad_k = at::empty({s.batch, s.heads, s.k_len, s.feature_dim}, q.options());

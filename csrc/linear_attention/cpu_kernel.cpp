@@ -9,6 +9,11 @@
 //   O'_c = Q_c S' + tril(Q_c K_cᵀ) V'_c,   S' += K_cᵀ V'_c,   V' = [V | 1]
 // The last column of O' is the normalizer. The backward recomputes states instead of storing
 // them: one forward pass for dQ and one reverse pass (with R = Σ_{i≥j} q_i g'_iᵀ) for dK, dV.
+//
+// Masked terms are excluded, never multiplied by zero: a padded key's value is not loaded, and
+// a chunk whose operand holds an Inf or NaN takes an exact triangular product instead of the
+// GEMM with a zero-filled upper triangle (where 0·Inf = NaN would reach rows that cannot see
+// that position). A row whose normalizer is exactly 0 gets a zero output and zero gradients.
 #include "kernel.h"
 #include "../common/cpu_gemm.h"
 #include "../common/fast_math.h"
@@ -77,6 +82,38 @@ void keep_causal(acc_t* a, int64_t L, int64_t ld) {
   for (int64_t i = 0; i < L; ++i) std::fill(a + i * ld + i + 1, a + i * ld + L, acc_t(0));
 }
 
+// Whether every element of a rows×cols block is finite: x − x is 0 for finite x and NaN for
+// ±Inf or NaN, and the sum of those stays 0 only if all are finite (a loop that vectorizes).
+template <typename acc_t>
+bool all_finite(const acc_t* x, int64_t rows, int64_t cols, int64_t ld) {
+  acc_t sum = 0;
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < cols; ++c) sum += x[r * ld + c] - x[r * ld + c];
+  return sum == acc_t(0);
+}
+
+// out (L × w) += tril(A)·X, or tril(A)ᵀ·X when transpose_a: the causal product of a chunk,
+// A's strictly upper triangle masked (keep_causal has zeroed it). With finite X that is one
+// GEMM; otherwise the masked pairs are skipped, since 0·Inf would be NaN.
+template <typename acc_t>
+void add_causal_product(bool transpose_a, int64_t L, int64_t w, const acc_t* A, int64_t lda,
+                        const acc_t* X, int64_t ldx, acc_t* out, int64_t ldo) {
+  if (all_finite(X, L, w, ldx)) {
+    gemm<acc_t>(transpose_a, false, L, w, L, A, lda, X, ldx, acc_t(1), out, ldo);
+    return;
+  }
+  for (int64_t i = 0; i < L; ++i) {
+    acc_t* o = out + i * ldo;
+    // Row i of tril(A) holds keys j <= i; row i of tril(A)ᵀ holds queries j >= i.
+    const int64_t begin = transpose_a ? i : 0, end = transpose_a ? L : i + 1;
+    for (int64_t j = begin; j < end; ++j) {
+      const acc_t a = transpose_a ? A[j * lda + i] : A[i * lda + j];
+      const acc_t* x = X + j * ldx;
+      for (int64_t c = 0; c < w; ++c) o[c] += a * x[c];
+    }
+  }
+}
+
 template <typename scalar_t, typename acc_t>
 struct Kernel {
   const LinearAttentionShape& s;
@@ -132,14 +169,22 @@ struct Kernel {
     }
   }
 
-  // V'_c = [V_c | 1]
-  void load_values(const Strided4<const scalar_t>& x, int64_t bi, int64_t hi, int64_t t0, int64_t L) {
+  // V'_c = [V_c | 1]; a padded key's row is all 0 (its value is never read, so a NaN there
+  // stays out of every sum).
+  void load_values(const Strided4<const scalar_t>& x, int64_t bi, int64_t hi, int64_t t0, int64_t L,
+                   const bool* mask) {
     load_rows(v.data(), dvp, x.row(bi, hi, t0), x.stride[2], x.stride[3], L, dv);
-    for (int64_t r = 0; r < L; ++r) v[r * dvp + dv] = acc_t(1);
+    for (int64_t r = 0; r < L; ++r) {
+      acc_t* row = v.data() + r * dvp;
+      row[dv] = acc_t(1);
+      if (mask && mask[t0 + r]) std::fill(row, row + dvp, acc_t(0));
+    }
   }
 
   // G'_c: the gradient with respect to the augmented output [numerator | normalizer].
-  // normalized: o = n / d  =>  dn = g / d,  dd = -(g·o) / d.
+  // normalized: o = n / d  =>  dn = g / d,  dd = -(g·o) / d. A zero cotangent contributes
+  // nothing (not 0·o, which is NaN for a non-finite output), and a row with d = 0 (zero
+  // output) passes no gradient.
   void load_output_grads(const Strided4<const scalar_t>& grad, const Strided4<const scalar_t>& out,
                          const acc_t* den, int64_t bi, int64_t hi, int64_t t0, int64_t L) {
     load_rows(g.data(), dvp, grad.row(bi, hi, t0), grad.stride[2], grad.stride[3], L, dv);
@@ -150,9 +195,13 @@ struct Kernel {
         continue;
       }
       const scalar_t* orow = out.row(bi, hi, t0 + r);
-      const acc_t inv = acc_t(1) / den[t0 + r];
+      const acc_t d = den[t0 + r];
+      const acc_t inv = d == acc_t(0) ? acc_t(0) : acc_t(1) / d;
       acc_t dot = 0;
-      for (int64_t c = 0; c < dv; ++c) dot += gr[c] * static_cast<acc_t>(orow[c * out.stride[3]]);
+      for (int64_t c = 0; c < dv; ++c) {
+        const acc_t term = gr[c] * static_cast<acc_t>(orow[c * out.stride[3]]);
+        dot += gr[c] == acc_t(0) ? acc_t(0) : term;
+      }
       for (int64_t c = 0; c < dv; ++c) gr[c] *= inv;
       gr[dv] = -dot * inv;
     }
@@ -176,7 +225,7 @@ struct Kernel {
     for (int64_t t0 = 0; t0 < s.k_len; t0 += C) {
       const int64_t L = std::min(C, s.k_len - t0);
       load_features(k, K, bi, hi, t0, L, mask);
-      load_values(V, bi, hi, t0, L);
+      load_values(V, bi, hi, t0, L, mask);
       accumulate_state(L);
     }
   }
@@ -186,17 +235,25 @@ struct Kernel {
       const acc_t* orow = o.data() + r * dvp;
       const acc_t d = orow[dv] + static_cast<acc_t>(s.eps);
       den_bh[t0 + r] = d;
-      const acc_t scale = s.normalize ? acc_t(1) / d : acc_t(1);
+      // d is exactly 0 only when eps underflows the accumulation type and the query matches
+      // no key (or signed features cancel): the row is then defined as 0, not 0/0.
+      const acc_t scale = !s.normalize ? acc_t(1) : d == acc_t(0) ? acc_t(0) : acc_t(1) / d;
       scalar_t* dst = out_bh + (t0 + r) * dv;
       for (int64_t c = 0; c < dv; ++c) dst[c] = static_cast<scalar_t>(orow[c] * scale);
     }
   }
 
-  void store_rows(scalar_t* dst_bh, int64_t width, const acc_t* src, int64_t ld, int64_t t0,
-                  int64_t L) {
-    for (int64_t r = 0; r < L; ++r)
-      for (int64_t c = 0; c < width; ++c)
-        dst_bh[(t0 + r) * width + c] = static_cast<scalar_t>(src[r * ld + c]);
+  // Value gradients; a padded key's is 0 (its value was never read).
+  void store_value_grads(scalar_t* dst_bh, const acc_t* src, int64_t ld, int64_t t0, int64_t L,
+                         const bool* mask) {
+    for (int64_t r = 0; r < L; ++r) {
+      scalar_t* dst = dst_bh + (t0 + r) * dv;
+      if (mask && mask[t0 + r]) {
+        std::fill(dst, dst + dv, scalar_t(0));
+        continue;
+      }
+      for (int64_t c = 0; c < dv; ++c) dst[c] = static_cast<scalar_t>(src[r * ld + c]);
+    }
   }
 
   void forward(int64_t bh, Strided4<const scalar_t> Q, Strided4<const scalar_t> K,
@@ -213,11 +270,11 @@ struct Kernel {
         const int64_t L = std::min(C, N - t0);
         load_features(q, Q, bi, hi, t0, L);
         load_features(k, K, bi, hi, t0, L, mask);
-        load_values(V, bi, hi, t0, L);
+        load_values(V, bi, hi, t0, L, mask);
         gemm<acc_t>(false, false, L, dvp, m, q.data(), m, state.data(), dvp, 0, o.data(), dvp);
         gemm<acc_t>(false, true, L, L, m, q.data(), m, k.data(), m, 0, a.data(), C);
         keep_causal(a.data(), L, C);
-        gemm<acc_t>(false, false, L, dvp, L, a.data(), C, v.data(), dvp, 1, o.data(), dvp);
+        add_causal_product(false, L, dvp, a.data(), C, v.data(), dvp, o.data(), dvp);
         accumulate_state(L);
         store_output(out_bh, den_bh, t0, L);
       }
@@ -254,12 +311,12 @@ struct Kernel {
       for (int64_t t0 = 0; t0 < N; t0 += C) {
         const int64_t L = std::min(C, N - t0);
         load_features(k, K, bi, hi, t0, L, mask);
-        load_values(V, bi, hi, t0, L);
+        load_values(V, bi, hi, t0, L, mask);
         load_output_grads(G, O, den_bh, bi, hi, t0, L);
         gemm<acc_t>(false, true, L, m, dvp, g.data(), dvp, state.data(), dvp, 0, o.data(), m);
         gemm<acc_t>(false, true, L, L, dvp, g.data(), dvp, v.data(), dvp, 0, b.data(), C);
         keep_causal(b.data(), L, C);
-        gemm<acc_t>(false, false, L, m, L, b.data(), C, k.data(), m, 1, o.data(), m);
+        add_causal_product(false, L, m, b.data(), C, k.data(), m, o.data(), m);
         accumulate_state(L);
         store_feature_grads(dq_bh, o.data(), Q, bi, hi, t0, L);
       }
@@ -269,22 +326,22 @@ struct Kernel {
         const int64_t L = std::min(C, N - t0);
         load_features(q, Q, bi, hi, t0, L);
         load_features(k, K, bi, hi, t0, L, mask);
-        load_values(V, bi, hi, t0, L);
+        load_values(V, bi, hi, t0, L, mask);
         load_output_grads(G, O, den_bh, bi, hi, t0, L);
         // dK_c = V'_c Rᵀ + (tril(G'_c V'_cᵀ))ᵀ Q_c
         gemm<acc_t>(false, true, L, m, dvp, v.data(), dvp, R, dvp, 0, dk.data(), m);
         gemm<acc_t>(false, true, L, L, dvp, g.data(), dvp, v.data(), dvp, 0, b.data(), C);
         keep_causal(b.data(), L, C);
-        gemm<acc_t>(true, false, L, m, L, b.data(), C, q.data(), m, 1, dk.data(), m);
+        add_causal_product(true, L, m, b.data(), C, q.data(), m, dk.data(), m);
         // dV'_c = K_c R + (tril(Q_c K_cᵀ))ᵀ G'_c
         gemm<acc_t>(false, false, L, dvp, m, k.data(), m, R, dvp, 0, o.data(), dvp);
         gemm<acc_t>(false, true, L, L, m, q.data(), m, k.data(), m, 0, a.data(), C);
         keep_causal(a.data(), L, C);
-        gemm<acc_t>(true, false, L, dvp, L, a.data(), C, g.data(), dvp, 1, o.data(), dvp);
+        add_causal_product(true, L, dvp, a.data(), C, g.data(), dvp, o.data(), dvp);
         // R += Q_cᵀ G'_c
         gemm<acc_t>(true, false, m, dvp, L, q.data(), m, g.data(), dvp, 1, R, dvp);
         store_feature_grads(dk_bh, dk.data(), K, bi, hi, t0, L, mask);
-        store_rows(dv_bh, dv, o.data(), dvp, t0, L);
+        store_value_grads(dv_bh, o.data(), dvp, t0, L, mask);
       }
     } else {
       accumulate_all_keys(K, V, bi, hi, mask);
@@ -301,11 +358,11 @@ struct Kernel {
       for (int64_t t0 = 0; t0 < M; t0 += C) {
         const int64_t L = std::min(C, M - t0);
         load_features(k, K, bi, hi, t0, L, mask);
-        load_values(V, bi, hi, t0, L);
+        load_values(V, bi, hi, t0, L, mask);
         gemm<acc_t>(false, true, L, m, dvp, v.data(), dvp, R, dvp, 0, dk.data(), m);
         gemm<acc_t>(false, false, L, dvp, m, k.data(), m, R, dvp, 0, o.data(), dvp);
         store_feature_grads(dk_bh, dk.data(), K, bi, hi, t0, L, mask);
-        store_rows(dv_bh, dv, o.data(), dvp, t0, L);
+        store_value_grads(dv_bh, o.data(), dvp, t0, L, mask);
       }
     }
     std::copy(rstate.begin(), rstate.end(), grad_initial + bh * m * dvp);

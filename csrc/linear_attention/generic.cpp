@@ -11,6 +11,17 @@
 namespace linattn {
 namespace {
 
+// tril(A)·V for a batch of chunks, the strictly upper (masked) pairs excluded rather than
+// multiplied by 0: non-finite entries of V are taken out of the product, and the entries of
+// the rows that can see one (same column, same or earlier row) are NaN. Without a host-side
+// branch on the data this costs a few element-wise passes, no extra product.
+at::Tensor causal_product(const at::Tensor& A, const at::Tensor& V) {
+  const at::Tensor finite = at::isfinite(V);
+  const at::Tensor product = at::matmul(A.tril(), at::where(finite, V, at::zeros({}, V.options())));
+  const at::Tensor sees_non_finite = at::logical_not(finite).cumsum(-2) > 0;
+  return at::where(sees_non_finite, at::full({}, NAN, V.options()), product);
+}
+
 // For every row i: O_i = Q_i (S0 + Σ_{j≤i} K_j V_jᵀ); also returns the final state.
 // Q, K: (B, H, T, a); V: (B, H, T, b); S0: (B, H, a, b).
 // The chunk is at least min(a, b) long, so the T/C chunk states held at once take no more
@@ -26,13 +37,13 @@ std::tuple<at::Tensor, at::Tensor> causal_scan(const at::Tensor& Q, const at::Te
     return at::constant_pad_nd(x, {0, 0, 0, pad}).view({B, H, n, C, x.size(3)});
   };
   const at::Tensor Qc = chunked(Q), Kc = chunked(K), Vc = chunked(V);
-  const at::Tensor intra = at::matmul(Qc, Kc.transpose(-1, -2)).tril_();
+  const at::Tensor intra = causal_product(at::matmul(Qc, Kc.transpose(-1, -2)), Vc);
   const at::Tensor chunk_states = at::matmul(Kc.transpose(-1, -2), Vc);  // (B, H, n, a, b)
   const at::Tensor inclusive = chunk_states.cumsum(2);
   const at::Tensor before =
       at::cat({at::zeros_like(chunk_states.narrow(2, 0, 1)), inclusive.narrow(2, 0, n - 1)}, 2) +
       S0.unsqueeze(2);
-  const at::Tensor O = at::matmul(intra, Vc) + at::matmul(Qc, before);
+  const at::Tensor O = intra + at::matmul(Qc, before);
   return {O.reshape({B, H, n * C, b}).narrow(2, 0, T), S0 + inclusive.select(2, n - 1)};
 }
 
@@ -43,17 +54,22 @@ std::tuple<at::Tensor, at::Tensor> reverse_causal_scan(const at::Tensor& Q, cons
   return {O.flip(2), final_state};
 }
 
-at::Tensor augmented_values(const at::Tensor& v, at::ScalarType acc) {
+// [v | 1], with a padded key's row all 0: its value is never read, so a NaN there stays out.
+at::Tensor augmented_values(const at::Tensor& v, const std::optional<at::Tensor>& mask,
+                            at::ScalarType acc) {
   const at::Tensor va = v.to(acc);
   auto ones_shape = va.sizes().vec();
   ones_shape.back() = 1;
-  return at::cat({va, at::ones(ones_shape, va.options())}, -1);
+  const at::Tensor augmented = at::cat({va, at::ones(ones_shape, va.options())}, -1);
+  return mask.has_value() ? augmented.masked_fill(mask->unsqueeze(1).unsqueeze(-1), 0) : augmented;
 }
 
 at::Tensor features(const at::Tensor& x, FeatureMap map) {
   switch (map) {
     case kFeatureElu:
-      return at::elu(x) + 1;
+      // elu(x) + 1 as exp(x) for x <= 0 (exactly, as the CPU kernel): elu's expm1(x) + 1 is
+      // 0 in float32 for x below about -17.
+      return at::where(x > 0, x + 1, x.exp());
     case kFeatureRelu:
       return at::relu(x);
     default:
@@ -87,12 +103,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_generic(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const std::optional<at::Tensor>& initial_state, const std::optional<at::Tensor>& key_padding_mask,
     int64_t feature_map, bool causal, bool normalize, double eps) {
-  const LinearAttentionShape s = check_forward_inputs(q, k, v, initial_state, key_padding_mask,
-                                                      feature_map, causal, normalize, eps);
+  check_forward_inputs(q, k, v, initial_state, key_padding_mask, feature_map, causal, eps);
+  const LinearAttentionShape s = kernel_shape(q, k, v, feature_map, causal, normalize, eps);
   const auto acc = accumulate_type(q.scalar_type());
   const at::Tensor Q = features(q.to(acc), s.feature_map);
   const at::Tensor K = key_features(k.to(acc), key_padding_mask, s.feature_map);
-  const at::Tensor Vp = augmented_values(v, acc);
+  const at::Tensor Vp = augmented_values(v, key_padding_mask, acc);
   const at::Tensor S0 = state_or_zeros(initial_state, s, Q.options());
   at::Tensor O, final_state;
   if (causal) {
@@ -103,7 +119,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_generic(
   }
   const at::Tensor normalizer = O.select(-1, s.value_dim) + eps;
   at::Tensor out = O.narrow(-1, 0, s.value_dim);
-  if (normalize) out = out / normalizer.unsqueeze(-1);
+  // A normalizer of exactly 0 (eps underflowed, no key matched) gives a zero row, not 0/0.
+  if (normalize) out = at::where(normalizer.unsqueeze(-1) == 0, 0, out / normalizer.unsqueeze(-1));
   return {out.to(q.scalar_type()).contiguous(), final_state.contiguous(), normalizer.contiguous()};
 }
 
@@ -113,20 +130,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_generic(
     const at::Tensor& normalizer, const std::optional<at::Tensor>& initial_state,
     const std::optional<at::Tensor>& key_padding_mask, int64_t feature_map, bool causal,
     bool normalize) {
-  const LinearAttentionShape s =
-      check_backward_inputs(grad_out, grad_final_state, q, k, v, out, normalizer, initial_state,
-                            key_padding_mask, feature_map, causal, normalize);
+  check_backward_inputs(grad_out, grad_final_state, q, k, v, out, normalizer, initial_state,
+                        key_padding_mask, feature_map, causal);
+  const LinearAttentionShape s = kernel_shape(q, k, v, feature_map, causal, normalize, 1.0);
   const auto acc = accumulate_type(q.scalar_type());
   const at::Tensor q_acc = q.to(acc), k_acc = k.to(acc);
   const at::Tensor Q = features(q_acc, s.feature_map);
   const at::Tensor K = key_features(k_acc, key_padding_mask, s.feature_map);
-  const at::Tensor Vp = augmented_values(v, acc);
+  const at::Tensor Vp = augmented_values(v, key_padding_mask, acc);
   const at::Tensor G = grad_out.to(acc);
-  // Gradient with respect to the augmented output [numerator | normalizer].
+  // Gradient with respect to the augmented output [numerator | normalizer]. A zero cotangent
+  // contributes nothing (not 0·out, NaN for a non-finite output); a zero normalizer (zero
+  // output) passes no gradient.
   at::Tensor Gp;
   if (normalize) {
-    const at::Tensor inv = normalizer.reciprocal().unsqueeze(-1);
-    const at::Tensor d_normalizer = -(G * out.to(acc)).sum(-1, true) * inv;
+    const at::Tensor inv = at::where(normalizer == 0, 0, normalizer.reciprocal()).unsqueeze(-1);
+    const at::Tensor g_dot_out = at::where(G == 0, 0, G * out.to(acc)).sum(-1, true);
+    const at::Tensor d_normalizer = -g_dot_out * inv;
     Gp = at::cat({G * inv, d_normalizer}, -1);
   } else {
     Gp = at::cat({G, at::zeros_like(G.narrow(-1, 0, 1))}, -1);
@@ -150,10 +170,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_generic(
     dq = dq * feature_derivative(q_acc, s.feature_map);
     dk = dk * feature_derivative(k_acc, s.feature_map);
   }
-  if (key_padding_mask.has_value()) dk = dk.masked_fill(key_padding_mask->unsqueeze(1).unsqueeze(-1), 0);
+  at::Tensor dv = dvp.narrow(-1, 0, s.value_dim);
+  if (key_padding_mask.has_value()) {
+    const at::Tensor padded = key_padding_mask->unsqueeze(1).unsqueeze(-1);
+    dk = dk.masked_fill(padded, 0);
+    dv = dv.masked_fill(padded, 0);
+  }
   const auto dtype = q.scalar_type();
-  return {dq.to(dtype).contiguous(), dk.to(dtype).contiguous(),
-          dvp.narrow(-1, 0, s.value_dim).to(dtype).contiguous(), d_initial.contiguous()};
+  return {dq.to(dtype).contiguous(), dk.to(dtype).contiguous(), dv.to(dtype).contiguous(),
+          d_initial.contiguous()};
 }
 
 }  // namespace

@@ -99,8 +99,8 @@ def _check_positive_int(method: str, name: str, value, allow_none: bool = False)
 
 
 def _check_eps(method: str, eps) -> None:
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0 or math.isinf(eps):
-        raise ValueError(f"linattn method {method!r}: eps must be a finite float >= 0, got {eps!r}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0 or math.isinf(eps):
+        raise ValueError(f"linattn method {method!r}: eps must be a finite float > 0, got {eps!r}")
 
 
 class SoftmaxMethod(MethodModule):

@@ -1,0 +1,50 @@
+// Meta kernels of the linear attention operators: what fake tensors (torch.compile, export,
+// opcheck) and meta tensors run. They apply the very checks of the real kernels (op_checks.h),
+// on symbolic sizes, and allocate outputs with the real kernels' (contiguous) layout. A call
+// mixing meta and real tensors dispatches here too and is refused by the device check.
+#include "op_checks.h"
+
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+namespace linattn {
+namespace {
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_meta(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const std::optional<at::Tensor>& initial_state, const std::optional<at::Tensor>& key_padding_mask,
+    int64_t feature_map, bool causal, bool normalize, double eps) {
+  const LinearAttentionSizes s =
+      check_forward_inputs(q, k, v, initial_state, key_padding_mask, feature_map, causal, eps);
+  const auto acc = q.options().dtype(accumulate_type(q.scalar_type()));
+  return {at::empty_symint({s.batch, s.heads, s.q_len, s.value_dim}, q.options()),
+          at::empty_symint(s.state(), acc),
+          at::empty_symint({s.batch, s.heads, s.q_len}, acc)};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_meta(
+    const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_final_state,
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& normalizer, const std::optional<at::Tensor>& initial_state,
+    const std::optional<at::Tensor>& key_padding_mask, int64_t feature_map, bool causal,
+    bool normalize) {
+  const LinearAttentionSizes s =
+      check_backward_inputs(grad_out, grad_final_state, q, k, v, out, normalizer, initial_state,
+                            key_padding_mask, feature_map, causal);
+  const auto acc = q.options().dtype(accumulate_type(q.scalar_type()));
+  return {at::empty_symint({s.batch, s.heads, s.q_len, s.feature_dim}, q.options()),
+          at::empty_symint({s.batch, s.heads, s.k_len, s.feature_dim}, q.options()),
+          at::empty_symint({s.batch, s.heads, s.k_len, s.value_dim}, q.options()),
+          at::empty_symint(s.state(), acc)};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(linattn, Meta, m) {
+  m.impl("linear_attn_fwd", &forward_meta);
+  m.impl("linear_attn_bwd", &backward_meta);
+  m.impl("linear_attn_fwd_generic", &forward_meta);
+  m.impl("linear_attn_bwd_generic", &backward_meta);
+}
+
+}  // namespace linattn
