@@ -183,8 +183,8 @@ struct Kernel {
 
   // G'_c: the gradient with respect to the augmented output [numerator | normalizer].
   // normalized: o = n / d  =>  dn = g / d,  dd = -(g·o) / d. A zero cotangent contributes
-  // nothing (not 0·o, which is NaN for a non-finite output), and a row with d = 0 (zero
-  // output) passes no gradient.
+  // nothing (not 0·o, which is NaN for a non-finite output): a row whose cotangent is all 0,
+  // or whose d is 0 (zero output), passes no gradient.
   void load_output_grads(const Strided4<const scalar_t>& grad, const Strided4<const scalar_t>& out,
                          const acc_t* den, int64_t bi, int64_t hi, int64_t t0, int64_t L) {
     load_rows(g.data(), dvp, grad.row(bi, hi, t0), grad.stride[2], grad.stride[3], L, dv);
@@ -198,9 +198,15 @@ struct Kernel {
       const acc_t d = den[t0 + r];
       const acc_t inv = d == acc_t(0) ? acc_t(0) : acc_t(1) / d;
       acc_t dot = 0;
+      bool any_cotangent = false;
       for (int64_t c = 0; c < dv; ++c) {
         const acc_t term = gr[c] * static_cast<acc_t>(orow[c * out.stride[3]]);
         dot += gr[c] == acc_t(0) ? acc_t(0) : term;
+        any_cotangent |= gr[c] != acc_t(0);
+      }
+      if (!any_cotangent) {  // the row passes no gradient, even when its output is not finite
+        std::fill(gr, gr + dvp, acc_t(0));
+        continue;
       }
       for (int64_t c = 0; c < dv; ++c) gr[c] *= inv;
       gr[dv] = -dot * inv;

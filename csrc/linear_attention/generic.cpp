@@ -140,14 +140,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_generic(
   const at::Tensor Vp = augmented_values(v, key_padding_mask, acc);
   const at::Tensor G = grad_out.to(acc);
   // Gradient with respect to the augmented output [numerator | normalizer]. A zero cotangent
-  // contributes nothing (not 0·out, NaN for a non-finite output); a zero normalizer (zero
-  // output) passes no gradient.
+  // contributes nothing (not 0·out, NaN for a non-finite output): a row whose cotangent is all
+  // 0, or whose normalizer is 0 (zero output), passes no gradient.
   at::Tensor Gp;
   if (normalize) {
     const at::Tensor inv = at::where(normalizer == 0, 0, normalizer.reciprocal()).unsqueeze(-1);
     const at::Tensor g_dot_out = at::where(G == 0, 0, G * out.to(acc)).sum(-1, true);
     const at::Tensor d_normalizer = -g_dot_out * inv;
-    Gp = at::cat({G * inv, d_normalizer}, -1);
+    const at::Tensor no_cotangent = (G == 0).all(-1, true);
+    Gp = at::where(no_cotangent, 0, at::cat({G * inv, d_normalizer}, -1));
   } else {
     Gp = at::cat({G, at::zeros_like(G.narrow(-1, 0, 1))}, -1);
   }
