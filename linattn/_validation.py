@@ -8,6 +8,16 @@ import torch
 SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
+class ArgumentError(ValueError, AssertionError):
+    """A bad argument value or shape. Also an AssertionError, which is what
+    torch.nn.MultiheadAttention raises for the same mistakes, so callers that catch either keep
+    working after the swap."""
+
+
+class ArgumentTypeError(TypeError, AssertionError):
+    """A bad argument type or dtype; also an AssertionError, as torch raises for bad mask dtypes."""
+
+
 def shape(t: torch.Tensor) -> tuple:
     return tuple(t.shape)
 

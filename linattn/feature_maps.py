@@ -67,9 +67,9 @@ def random_features(
     generator: a torch.Generator on the CPU for reproducible draws; the result is moved to device.
     """
     where = "linattn.random_features"
-    if not isinstance(nb_features, int) or nb_features < 1:
+    if isinstance(nb_features, bool) or not isinstance(nb_features, int) or nb_features < 1:
         raise ValueError(f"{where}: nb_features must be a positive int, got {nb_features!r}")
-    if not isinstance(dim, int) or dim < 1:
+    if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
         raise ValueError(f"{where}: dim must be a positive int, got {dim!r}")
     if scaling not in ("norm", "sqrt_d"):
         raise ValueError(f"{where}: scaling must be 'norm' or 'sqrt_d', got {scaling!r}")
@@ -134,6 +134,8 @@ def favor_features(
             masked = exponent
             if key_padding_mask is not None:
                 masked = exponent.masked_fill(key_padding_mask[:, None, :, None], float("-inf"))
+            if masked.shape[-2] == 0:  # no keys: nothing to scale
+                masked = masked.new_zeros(*masked.shape[:-2], 1, masked.shape[-1])
             shift = masked.amax(dim=(-1, -2), keepdim=True)
             # A sequence whose keys are all padded has no max; any finite shift does.
             shift = torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))

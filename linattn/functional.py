@@ -118,6 +118,9 @@ def performer_attention(
     check.check_eps(where, eps)
     check.check_key_padding_mask(where, key_padding_mask, k)
     check.check_tensor(where, "projection", projection, 2, "(nb_features, D)")
+    check.check_float_dtype(where, "projection", projection)
+    if q.shape[3] < 1:
+        raise ValueError(f"{where}: the head dim D of q and k must be at least 1, got q {tuple(q.shape)}")
     if projection.shape[1] != q.shape[3] or projection.shape[0] < 1:
         raise ValueError(
             f"{where}: projection must be (nb_features, D) with D = {q.shape[3]} (the head dim of q), "

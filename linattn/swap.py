@@ -1,4 +1,9 @@
 """linattn.swap_attention: put linattn's attention into an existing model, in place."""
+import collections
+import logging
+import re
+import warnings
+
 from torch import nn
 
 from .nn.methods import build_method, LinformerMethod
@@ -14,7 +19,32 @@ def _timm_attention_class():
     return Attention
 
 
-def swap_attention(model: nn.Module, method: str = "linear", **method_options) -> nn.Module:
+logger = logging.getLogger("linattn")
+
+# Class names that mark a module as some attention block (torchvision's ShiftedWindowAttention,
+# timm's EvaAttention / WindowAttention, Hugging Face's BertSelfAttention, LlamaAttention ...).
+_ATTENTION_NAME = re.compile(r"attention|attn", re.IGNORECASE)
+
+
+def _unhandled_attention_kinds(model: nn.Module, handled: list) -> collections.Counter:
+    """Class names of attention-like modules that swap_attention does not replace, outside the
+    modules it does replace (and outside linattn's own)."""
+    inside_handled = {id(m) for module in handled for m in module.modules()}
+    kinds = collections.Counter()
+    for module in model.modules():
+        cls = type(module)
+        if id(module) in inside_handled or cls.__module__.startswith("linattn."):
+            continue
+        if _ATTENTION_NAME.search(cls.__name__) and not isinstance(module, nn.Dropout):
+            kinds[f"{cls.__module__}.{cls.__qualname__}"] += 1
+    return kinds
+
+
+def _describe(counts: collections.Counter) -> str:
+    return ", ".join(f"{n} × {kind}" for kind, n in sorted(counts.items()))
+
+
+def swap_attention(model: nn.Module, method: str = "linear", *, strict: bool = False, **method_options) -> nn.Module:
     """Replaces every torch.nn.MultiheadAttention in `model` (and every timm `Attention` block,
     when timm is installed) by linattn's equivalent using `method`, keeping the weights,
     training mode, device and dtype; returns `model` (changed in place).
@@ -25,6 +55,11 @@ def swap_attention(model: nn.Module, method: str = "linear", **method_options) -
     attention. With method="linformer" and sharing="layerwise", one projection is shared by all
     swapped modules. Unknown methods or options raise a ValueError listing the valid ones before
     anything is changed.
+
+    It never does nothing silently: what it replaced is logged (logger "linattn", INFO), and
+    attention modules of kinds it does not handle (Swin/MaxViT/EVA blocks, Hugging Face
+    attention classes, ...) are named in a UserWarning, as is a model in which nothing was
+    replaced; with strict=True those cases raise a ValueError instead, before anything changes.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"linattn.swap_attention: model must be a torch.nn.Module, got {type(model).__name__}")
@@ -36,9 +71,21 @@ def swap_attention(model: nn.Module, method: str = "linear", **method_options) -
         if (isinstance(child, nn.MultiheadAttention) and not isinstance(child, MultiheadAttention))
         or (timm_attention is not None and type(child) is timm_attention)
     ]
+    unhandled = _unhandled_attention_kinds(model, [child for _, _, child in targets])
+    problem = None
+    if unhandled:
+        problem = (
+            f"linattn.swap_attention: left {_describe(unhandled)} unchanged: swap_attention handles "
+            "torch.nn.MultiheadAttention and timm's Attention blocks only"
+        )
+    elif not targets:
+        problem = "linattn.swap_attention: the model holds no torch.nn.MultiheadAttention or timm Attention module"
+    if problem and strict:
+        raise ValueError(problem + " (strict=True)")
     if not targets:
         # Still validate, so a typo is not silently accepted on a model without attention.
         build_method(method, num_heads=1, head_dim=8, **_without_linformer_requirements(method, method_options))
+        warnings.warn(problem + "; nothing was replaced", UserWarning, stacklevel=2)
         return model
     options = dict(method_options)
     if method == "linformer" and options.get("sharing") == "layerwise" and options.get("shared_projection") is None:
@@ -50,12 +97,18 @@ def swap_attention(model: nn.Module, method: str = "linear", **method_options) -
             options["shared_projection"] = nn.Parameter(
                 LinformerMethod.initial_projection((k, max_seq_len), device=weight.device, dtype=weight.dtype)
             )
-    for parent, name, child in targets:
-        if isinstance(child, nn.MultiheadAttention):
-            replacement = MultiheadAttention.from_torch(child, method=method, **options)
-        else:
-            replacement = TimmAttention(child, method=method, **options)
+    replacements = [
+        (parent, name, child,
+         MultiheadAttention.from_torch(child, method=method, **options) if isinstance(child, nn.MultiheadAttention)
+         else TimmAttention(child, method=method, **options))
+        for parent, name, child in targets
+    ]  # all built (and their options checked) before the model changes
+    for parent, name, _, replacement in replacements:
         setattr(parent, name, replacement)
+    replaced = collections.Counter(f"{type(child).__module__}.{type(child).__qualname__}" for _, _, child in targets)
+    logger.info("linattn.swap_attention: replaced %s with method=%r", _describe(replaced), method)
+    if problem:
+        warnings.warn(problem, UserWarning, stacklevel=2)
     for module in model.modules():
         if isinstance(module, nn.TransformerEncoder) and any(
             isinstance(m, MultiheadAttention) for m in module.modules()

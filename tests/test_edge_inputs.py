@@ -300,3 +300,53 @@ def test_double_backward_raises(causal, implementation):
     (grad_q,) = torch.autograd.grad(out.square().sum(), q, create_graph=True)
     with pytest.raises(RuntimeError, match=r"second derivatives \(double backward\) are not implemented"):
         grad_q.sum().backward()
+
+
+# --- item: validation gaps: the documented result or a clear error ---------------------------
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_performer_with_no_tokens_returns_empty(causal):
+    q = torch.randn(1, 2, 0, 4, requires_grad=True)
+    W = linattn.random_features(8, 4)
+    mask = torch.zeros(1, 0, dtype=torch.bool)
+    out = linattn.performer_attention(q, q, q, W, causal=causal, key_padding_mask=mask)
+    assert out.shape == (1, 2, 0, 4)
+    out.sum().backward()
+    assert q.grad.shape == q.shape
+
+
+def test_performer_refuses_zero_head_dim_and_complex_projection():
+    q = torch.randn(1, 2, 5, 0)
+    with pytest.raises(ValueError, match=r"performer_attention: the head dim D of q and k must be at least 1"):
+        linattn.performer_attention(q, q, torch.randn(1, 2, 5, 3), torch.randn(8, 0))
+    q, k, v = qkv()
+    with pytest.raises(TypeError, match=r"projection must be float32.*got torch.complex64"):
+        linattn.performer_attention(q, k, v, linattn.random_features(8, 4).to(torch.complex64))
+
+
+@pytest.mark.parametrize("args", [(True, 4), (4, True), (0, 4), (4.0, 4)])
+def test_random_features_refuses_non_int_sizes(args):
+    with pytest.raises(ValueError, match=r"linattn.random_features: (nb_features|dim) must be a positive int"):
+        linattn.random_features(*args)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_zero_width_values_and_features(causal, implementation):
+    q, k, _ = qkv(requires_grad=True)
+    v = torch.randn(2, 2, 10, 0, requires_grad=True)
+    out = linattn.linear_attention(q, k, v, causal=causal)
+    assert out.shape == (2, 2, 10, 0)
+    grads = torch.autograd.grad(out.sum(), (q, k, v))
+    assert all(g.shape == t.shape and (g == 0).all() for g, t in zip(grads, (q, k, v)))
+    q0 = torch.randn(2, 2, 10, 0)
+    out = linattn.linear_attention(q0, q0, torch.randn(2, 2, 10, 3), causal=causal)
+    assert (out == 0).all()  # no features: every normalizer is eps and every numerator 0
+
+
+def test_empty_batch_in_functional_ops(implementation):
+    q = torch.randn(0, 2, 5, 4, requires_grad=True)
+    out = linattn.linear_attention(q, q, q, causal=True)
+    assert out.shape == (0, 2, 5, 4)
+    out.sum().backward()
+    assert linattn.performer_attention(q, q, q, linattn.random_features(8, 4)).shape == (0, 2, 5, 4)
+    assert linattn.efficient_attention(q, q, q).shape == (0, 2, 5, 4)

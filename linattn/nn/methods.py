@@ -204,9 +204,17 @@ class PerformerMethod(MethodModule):
         self.nb_features, self.head_dim = nb_features, head_dim
         self.orthogonal, self.scaling, self.kernel = orthogonal, scaling, kernel
         self.feature_redraw_interval, self.eps = feature_redraw_interval, float(eps)
+        self.seed = seed
         self._generator = torch.Generator().manual_seed(seed) if seed is not None else None
         self._calls_since_redraw = 0
         self.register_buffer("projection", self._draw(device, dtype))
+
+    def reset_parameters(self) -> None:
+        """Draws the projection afresh, in place: with a seed, the one drawn at construction
+        (so meta-device init then to_empty() and reset_parameters() gives the same module)."""
+        if self.seed is not None:
+            self._generator.manual_seed(self.seed)
+        self.redraw_projection()
 
     def extra_repr(self) -> str:
         return (
@@ -322,6 +330,14 @@ class LinformerMethod(MethodModule):
             self.E = nn.Parameter(self.initial_projection(shape, device, dtype))
         if sharing in ("none", "headwise"):
             self.F = nn.Parameter(self.initial_projection(shape, device, dtype))
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Re-initialises E (and F) in place, as at construction; a layerwise-shared projection
+        is re-initialised by each module that holds it, which leaves it a valid draw."""
+        for projection in (self.E, getattr(self, "F", None)):
+            if projection is not None:
+                projection.copy_(self.initial_projection(projection.shape, projection.device, projection.dtype))
 
     @staticmethod
     def initial_projection(shape, device=None, dtype=None) -> torch.Tensor:

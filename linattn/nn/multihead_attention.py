@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._validation import ArgumentError, ArgumentTypeError
 from .masks import is_causal_mask, key_padding_as_bool
 from .methods import build_method
 
@@ -48,6 +49,23 @@ class MultiheadAttention(nn.MultiheadAttention):
         )
         self.register_forward_pre_hook(_keep_torch_fast_paths_off)
 
+    def __prepare_scriptable__(self):
+        # torch.jit.script calls this on every submodule first: say what to use instead of
+        # failing deep inside TorchScript's compiler.
+        raise RuntimeError(
+            f"linattn.nn.MultiheadAttention(method={self.method!r}) cannot be compiled with torch.jit.script "
+            "(TorchScript does not support its custom operators and method modules); use "
+            "torch.compile(model) or torch.export.export(model, ...) instead"
+        )
+
+    def reset_parameters(self) -> None:
+        """Re-initialises the weights as torch's module does, and the method's own tensors
+        (Performer's projection, Linformer's E/F): what FSDP-style meta-device init calls after
+        to_empty()."""
+        self._reset_parameters()
+        if hasattr(self.core, "reset_parameters"):
+            self.core.reset_parameters()
+
     def extra_repr(self) -> str:
         return f"method={self.method!r}, embed_dim={self.embed_dim}, num_heads={self.num_heads}, batch_first={self.batch_first}"
 
@@ -71,14 +89,21 @@ class MultiheadAttention(nn.MultiheadAttention):
         attn_mask: Optional[torch.Tensor] = None, average_attn_weights: bool = True, is_causal: bool = False,
     ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         where = f"linattn.nn.MultiheadAttention(method={self.method!r})"
+        if torch.compiler.is_compiling() and not (is_causal is True or is_causal is False):
+            # nn.TransformerEncoder(Layer) derives is_causal from the mask's values when it is not
+            # given; a compiled graph cannot branch on that.
+            raise ArgumentError(
+                f"{where}: under torch.compile, is_causal was computed from the mask's values (nn.TransformerEncoder "
+                "does that when is_causal is not given); pass is_causal=True (or False) explicitly with the mask, "
+                "e.g. encoder(x, mask=causal_mask, is_causal=True)"
+            )
         if any(t.is_nested for t in (query, key, value)):
-            raise ValueError(
-                f"{where}: nested tensor inputs are not supported; build nn.TransformerEncoder with "
-                "enable_nested_tensor=False (linattn.swap_attention does this for you)"
+            return self._forward_nested(
+                where, query, key, value, key_padding_mask, need_weights, attn_mask, average_attn_weights, is_causal
             )
         batched = query.dim() == 3
         if query.dim() not in (2, 3) or key.dim() != query.dim() or value.dim() != query.dim():
-            raise ValueError(
+            raise ArgumentError(
                 f"{where}: query, key and value must all be 3-D (batched) or 2-D (unbatched), got "
                 f"{tuple(query.shape)}, {tuple(key.shape)} and {tuple(value.shape)}"
             )
@@ -91,6 +116,14 @@ class MultiheadAttention(nn.MultiheadAttention):
         # From here on (L, N, E), as torch's functional multi_head_attention_forward.
         length, batch, _ = query.shape
         source_length = key.shape[0]
+        _check_mask_dtype(where, "key_padding_mask", key_padding_mask)
+        _check_mask_dtype(where, "attn_mask", attn_mask)
+        if is_causal and attn_mask is not None and (
+            not self.core.takes_any_mask or (key_padding_mask is None and not need_weights)
+        ):
+            # As torch: the mask only accompanies the is_causal hint, which is what is used, so
+            # it is not validated (torch drops it the same way for SDPA's is_causal).
+            attn_mask = None
         self._check_inputs(where, query, key, value, key_padding_mask, attn_mask)
 
         q, k, v = self._project(query, key, value)  # (L, N, E), (S, N, E), (S, N, E)
@@ -135,7 +168,7 @@ class MultiheadAttention(nn.MultiheadAttention):
             dropout_p=dropout_p, need_weights=need_weights, **extra,
         )
         out = out.permute(2, 0, 1, 3).reshape(length * batch, self.embed_dim)
-        out = F.linear(out, self.out_proj.weight, self.out_proj.bias).view(length, batch, -1)
+        out = F.linear(out, self.out_proj.weight, self.out_proj.bias).view(length, batch, self.embed_dim)
         if weights is not None and average_attn_weights:
             weights = weights.mean(dim=1)
         if not batched:
@@ -143,6 +176,33 @@ class MultiheadAttention(nn.MultiheadAttention):
         if self.batch_first:
             out = out.transpose(0, 1)
         return out, weights
+
+    def _forward_nested(self, where, query, key, value, key_padding_mask, need_weights, attn_mask,
+                        average_attn_weights, is_causal):
+        """Nested (ragged) batch_first inputs, as nn.TransformerEncoder's eval fast path builds
+        them: padded to a dense batch whose padding is a key padding mask, attended, and the
+        output cut back to the same ragged lengths."""
+        if not (query.is_nested and key.is_nested and value.is_nested):
+            raise ArgumentError(f"{where}: query, key and value must all be nested tensors or none of them")
+        if not self.batch_first:
+            raise ArgumentError(f"{where}: nested tensor inputs need batch_first=True, as in torch")
+        if key_padding_mask is not None:
+            raise ArgumentError(f"{where}: nested inputs carry their own lengths; pass key_padding_mask=None")
+        query_lengths = [t.shape[0] for t in query.unbind()]
+        key_lengths = [t.shape[0] for t in key.unbind()]
+        if [t.shape[0] for t in value.unbind()] != key_lengths:
+            raise ArgumentError(f"{where}: key and value must have the same lengths")
+        dense_query = torch.nested.to_padded_tensor(query, 0.0)
+        dense_key = dense_query if key is query else torch.nested.to_padded_tensor(key, 0.0)
+        dense_value = dense_key if value is key else torch.nested.to_padded_tensor(value, 0.0)
+        positions = torch.arange(dense_key.shape[1], device=dense_key.device)
+        padding = positions[None, :] >= torch.tensor(key_lengths, device=dense_key.device)[:, None]
+        out, weights = self.forward(
+            dense_query, dense_key, dense_value, key_padding_mask=padding, need_weights=need_weights,
+            attn_mask=attn_mask, average_attn_weights=average_attn_weights, is_causal=is_causal,
+        )
+        ragged = torch.nested.as_nested_tensor([out[i, :n] for i, n in enumerate(query_lengths)])
+        return ragged, weights
 
     def _project(self, query, key, value):
         embed = self.embed_dim
@@ -160,30 +220,39 @@ class MultiheadAttention(nn.MultiheadAttention):
     def _check_inputs(self, where, query, key, value, key_padding_mask, attn_mask):
         length, batch, embed = query.shape
         if embed != self.embed_dim:
-            raise ValueError(f"{where}: query must have embed_dim={self.embed_dim} features, got {embed}")
+            raise ArgumentError(f"{where}: query must have embed_dim={self.embed_dim} features, got {embed}")
         if key.shape[2] != self.kdim or value.shape[2] != self.vdim:
-            raise ValueError(
+            raise ArgumentError(
                 f"{where}: key and value must have kdim={self.kdim} and vdim={self.vdim} features, "
                 f"got {key.shape[2]} and {value.shape[2]}"
             )
         if key.shape[:2] != value.shape[:2] or key.shape[1] != batch:
-            raise ValueError(
+            raise ArgumentError(
                 f"{where}: key and value must have the same length and batch as each other and batch {batch} "
                 f"of query, got key {tuple(key.shape)} and value {tuple(value.shape)} (in (L, N, E) order)"
             )
         source_length = key.shape[0]
         if key_padding_mask is not None and tuple(key_padding_mask.shape) != (batch, source_length):
-            raise ValueError(
+            raise ArgumentError(
                 f"{where}: key_padding_mask must be (batch, source length) = {(batch, source_length)}, "
                 f"got {tuple(key_padding_mask.shape)}"
             )
         if attn_mask is not None:
             allowed = ((length, source_length), (batch * self.num_heads, length, source_length))
             if tuple(attn_mask.shape) not in allowed:
-                raise ValueError(
+                raise ArgumentError(
                     f"{where}: attn_mask must be (L, S) = {allowed[0]} or (N·num_heads, L, S) = {allowed[1]}, "
                     f"got {tuple(attn_mask.shape)}"
                 )
+
+
+def _check_mask_dtype(where: str, name: str, mask) -> None:
+    """torch accepts bool masks (True = masked) and float masks (added to the scores) only."""
+    if mask is not None and mask.dtype != torch.bool and not mask.is_floating_point():
+        raise ArgumentTypeError(
+            f"{where}: {name} must be a bool (True = masked) or floating-point (additive) tensor, as in "
+            f"torch.nn.MultiheadAttention, got {mask.dtype}"
+        )
 
 
 def _pad_masks(attn_mask, key_padding_mask):

@@ -35,6 +35,12 @@ class TimmAttention(nn.Module):
         )
         self.train(source.training)
 
+    def __prepare_scriptable__(self):
+        raise RuntimeError(
+            f"linattn.nn.TimmAttention(method={self.method!r}) cannot be compiled with torch.jit.script; use "
+            "torch.compile(model) or torch.export.export(model, ...) instead"
+        )
+
     def extra_repr(self) -> str:
         return f"method={self.method!r}, num_heads={self.num_heads}, head_dim={self.head_dim}"
 
