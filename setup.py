@@ -3,11 +3,23 @@ a CUDA toolkit and a CUDA build of torch are present (no GPU needed to compile).
 import glob
 import os
 
-import torch
 from setuptools import setup
+
+try:
+    import torch
+except ImportError:  # an isolated build (pip without --no-build-isolation, python -m build)
+    raise SystemExit(
+        "linattn is compiled against the torch it will run with, and this build environment has none: "
+        "install torch first, then build with `pip install --no-build-isolation .` (or `-e .`). A build in "
+        "an isolated environment would download another torch and build an extension that cannot load."
+    )
+import torch.utils.cpp_extension as cpp_extension
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+# Recorded so that `import linattn` can refuse, with a clear message, a torch other than the one
+# the extension was compiled against (whose ABI it would not match).
+BUILD_INFO = os.path.join(HERE, "linattn", "_build_info.py")
 # The limited Python API (abi3) needs torch >= 2.6, where extensions no longer need pybind11.
 TORCH_MAJOR_MINOR = tuple(int(x) for x in torch.__version__.split(".")[:2])
 PY_LIMITED_API = TORCH_MAJOR_MINOR >= (2, 6)
@@ -26,8 +38,16 @@ def extension():
     # vectorize the element loops of the kernels.
     cxx_flags = ["-O3", f"-std={CXX_STANDARD}", "-fvisibility=hidden", "-fopenmp", "-fno-trapping-math", "-fno-math-errno"]
     link_flags = ["-fopenmp"]
-    if PY_LIMITED_API:
+    if PY_LIMITED_API and not hasattr(cpp_extension, "min_supported_cpython"):
+        # Newer torch adds -DPy_LIMITED_API itself for py_limited_api extensions; a second
+        # definition would only trigger a "redefined" warning.
         cxx_flags.append("-DPy_LIMITED_API=0x030a0000")
+    if os.environ.get("LINATTN_SANITIZE") == "1":
+        # AddressSanitizer + UndefinedBehaviorSanitizer build for the test suite (see README,
+        # scripts/sanitize.sh); every UB report aborts instead of printing and going on.
+        sanitize = ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined", "-fno-omit-frame-pointer", "-g"]
+        cxx_flags = [f for f in cxx_flags if f != "-O3"] + ["-O1"] + sanitize
+        link_flags += sanitize
     cpp_sources = sources("*.cpp")
     cuda_sources = sources("*.cu")
     want_cuda = os.environ.get("LINATTN_BUILD_CUDA", "auto") != "0"
@@ -51,6 +71,16 @@ def extension():
     )
 
 
+def write_build_info():
+    with open(BUILD_INFO, "w") as f:
+        f.write(
+            "# Written by setup.py when the extension was built; not tracked by git.\n"
+            f"TORCH_VERSION = {torch.__version__!r}\n"
+            f"TORCH_CUDA_VERSION = {torch.version.cuda!r}\n"
+        )
+
+
+write_build_info()
 setup(
     ext_modules=[extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},

@@ -5,6 +5,17 @@ __version__ = "0.1.0"
 import torch  # noqa: F401  (libtorch must be loaded before the extension that links to it)
 
 try:
+    from ._build_info import TORCH_VERSION as _BUILT_AGAINST
+except ImportError:  # pragma: no cover - a source tree that was never built
+    _BUILT_AGAINST = None
+if _BUILT_AGAINST is not None and _BUILT_AGAINST != torch.__version__:
+    raise ImportError(
+        f"linattn's C++ extension was built against torch {_BUILT_AGAINST}, but torch {torch.__version__} is "
+        "installed; extensions only load into the torch they were compiled with. Rebuild it: "
+        "`pip install --no-build-isolation -e .` (or `bash scripts/install.sh`) from the repository root"
+    )
+
+try:
     from . import _C  # noqa: F401  (loading it registers the C++ operators)
 except ImportError as error:  # pragma: no cover - depends on how the package was installed
     raise ImportError(

@@ -10,7 +10,7 @@ PY=${PYTHON:-python3}
 if ! "$PY" -c "import torch" 2>/dev/null; then
   "$PY" -m pip install --quiet ${LINATTN_TORCH:-torch==2.14.1 torchvision==0.29.1}
 fi
-"$PY" -m pip install --quiet "setuptools>=64" wheel ninja pytest hypothesis matplotlib tqdm
+"$PY" -m pip install --quiet "setuptools>=77" wheel ninja pytest hypothesis matplotlib tqdm
 # timm: optional (swap_attention handles its Attention blocks; tests skip without it).
 "$PY" -m pip install --quiet "timm>=1.0" || echo "timm not installed: its tests will be skipped"
 
