@@ -1,6 +1,6 @@
 """Benchmark of linattn.nn.MultiheadAttention's methods as whole modules (in-projection,
 attention, out-projection), forward+backward, against torch.nn.MultiheadAttention and, when
-they are installed, the PyPI peers performer-pytorch and linformer (pip install ".[peers]").
+they are installed, the PyPI peers performer-pytorch and linformer (pip install performer-pytorch linformer).
 
 Self-attention on x (B, T, E) with E=256 and 4 heads of 64, fp32, need_weights=False; every
 module of a (T, causal) point is timed in the same run, round-robin, and quoted as a median;

@@ -25,8 +25,8 @@ def linear_attention(
     """METHODS.md §1 in float64. Returns (out, (S_final, z_final)).
 
     Masked pairs (a later key when causal, a padded key) are excluded from every sum, not
-    multiplied by 0, so an Inf or NaN there never reaches a query; a row whose normalizer is
-    exactly 0 is 0."""
+    multiplied by 0, so an Inf or NaN there never reaches a query; a row whose normalizer is 0
+    (or subnormal) is 0."""
     phi = resolve_feature_map(feature_map, "linattn.reference.linear_attention")
     q, k, v = q.double(), k.double(), v.double()
     phi_q, phi_k = (q, k) if phi is None else (phi(q), phi(k))
@@ -46,6 +46,11 @@ def linear_attention(
     phi_k_visible = phi_k.transpose(-1, -2).masked_fill(~key_visible, 0.0)  # (B, H, m, T_k)
     S = _visible_sum(phi_k_visible, key_visible, v)
     z = phi_k_visible.sum(-1)
+    # o_i = φ(q_i)ᵀ S_i: a query multiplies its state even when no key is visible (an empty
+    # state is 0, and a NaN or Inf query then gives NaN, as in the kernels).
+    m, dv = phi_q.shape[-1], v.shape[-1]
+    numerator = numerator + phi_q @ phi_q.new_zeros(m, dv)
+    normalizer = normalizer + phi_q @ phi_q.new_zeros(m)
     if initial_state is not None:
         S0, z0 = initial_state[0].double(), initial_state[1].double()
         numerator = numerator + phi_q @ S0
@@ -54,7 +59,8 @@ def linear_attention(
     if not normalize:
         return numerator, (S, z)
     denominator = (normalizer + eps).unsqueeze(-1)
-    out = torch.where(denominator == 0, torch.zeros_like(numerator), numerator / denominator)
+    vanished = denominator.abs() < torch.finfo(torch.float64).tiny  # as the kernels: 0, not 0/0
+    out = torch.where(vanished, torch.zeros_like(numerator), numerator / denominator)
     return out, (S, z)
 
 

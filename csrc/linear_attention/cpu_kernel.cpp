@@ -24,6 +24,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <vector>
 
 namespace linattn {
@@ -80,6 +81,14 @@ void apply_feature_map_derivative(FeatureMap map, acc_t* grad, const acc_t* x, i
 template <typename acc_t>
 void keep_causal(acc_t* a, int64_t L, int64_t ld) {
   for (int64_t i = 0; i < L; ++i) std::fill(a + i * ld + i + 1, a + i * ld + L, acc_t(0));
+}
+
+// A normalizer that is 0 or subnormal (only possible when eps underflows the accumulation type
+// and the query's features miss every key, or signed features cancel): the row is defined as 0
+// and passes no gradient, instead of 0/0 or a reciprocal that overflows. NaN is not vanished.
+template <typename acc_t>
+bool vanished(acc_t d) {
+  return std::abs(d) < std::numeric_limits<acc_t>::min();
 }
 
 // Whether every element of a rows×cols block is finite: x − x is 0 for finite x and NaN for
@@ -196,7 +205,7 @@ struct Kernel {
       }
       const scalar_t* orow = out.row(bi, hi, t0 + r);
       const acc_t d = den[t0 + r];
-      const acc_t inv = d == acc_t(0) ? acc_t(0) : acc_t(1) / d;
+      const acc_t inv = vanished(d) ? acc_t(0) : acc_t(1) / d;
       acc_t dot = 0;
       bool any_cotangent = false;
       for (int64_t c = 0; c < dv; ++c) {
@@ -241,9 +250,7 @@ struct Kernel {
       const acc_t* orow = o.data() + r * dvp;
       const acc_t d = orow[dv] + static_cast<acc_t>(s.eps);
       den_bh[t0 + r] = d;
-      // d is exactly 0 only when eps underflows the accumulation type and the query matches
-      // no key (or signed features cancel): the row is then defined as 0, not 0/0.
-      const acc_t scale = !s.normalize ? acc_t(1) : d == acc_t(0) ? acc_t(0) : acc_t(1) / d;
+      const acc_t scale = !s.normalize ? acc_t(1) : vanished(d) ? acc_t(0) : acc_t(1) / d;
       scalar_t* dst = out_bh + (t0 + r) * dv;
       for (int64_t c = 0; c < dv; ++c) dst[c] = static_cast<scalar_t>(orow[c] * scale);
     }

@@ -8,6 +8,8 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <limits>
+
 namespace linattn {
 namespace {
 
@@ -93,6 +95,14 @@ at::Tensor key_features(const at::Tensor& k, const std::optional<at::Tensor>& ma
   return phi;
 }
 
+// A normalizer that is 0 or subnormal (eps underflowed, no key matched): the row is 0 and
+// passes no gradient, as in the CPU kernel. NaN is not vanished.
+at::Tensor vanished(const at::Tensor& normalizer) {
+  const double tiny = normalizer.scalar_type() == at::kDouble ? std::numeric_limits<double>::min()
+                                                              : std::numeric_limits<float>::min();
+  return normalizer.abs() < tiny;
+}
+
 at::Tensor state_or_zeros(const std::optional<at::Tensor>& state, const LinearAttentionShape& s,
                           const at::TensorOptions& options) {
   if (state.has_value()) return *state;
@@ -119,8 +129,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_generic(
   }
   const at::Tensor normalizer = O.select(-1, s.value_dim) + eps;
   at::Tensor out = O.narrow(-1, 0, s.value_dim);
-  // A normalizer of exactly 0 (eps underflowed, no key matched) gives a zero row, not 0/0.
-  if (normalize) out = at::where(normalizer.unsqueeze(-1) == 0, 0, out / normalizer.unsqueeze(-1));
+  if (normalize) out = at::where(vanished(normalizer).unsqueeze(-1), 0, out / normalizer.unsqueeze(-1));
   return {out.to(q.scalar_type()).contiguous(), final_state.contiguous(), normalizer.contiguous()};
 }
 
@@ -144,7 +153,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_generic(
   // 0, or whose normalizer is 0 (zero output), passes no gradient.
   at::Tensor Gp;
   if (normalize) {
-    const at::Tensor inv = at::where(normalizer == 0, 0, normalizer.reciprocal()).unsqueeze(-1);
+    const at::Tensor inv = at::where(vanished(normalizer), 0, normalizer.reciprocal()).unsqueeze(-1);
     const at::Tensor g_dot_out = at::where(G == 0, 0, G * out.to(acc)).sum(-1, true);
     const at::Tensor d_normalizer = -g_dot_out * inv;
     const at::Tensor no_cotangent = (G == 0).all(-1, true);
