@@ -113,19 +113,25 @@ def main():
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4), sharey=True)
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5), sharey=True)
+    # One colour per implementation across both panels (a panel's own colour cycle would give
+    # the same method different colours where a panel lacks some methods), and one legend.
+    colours = {name: plt.get_cmap("tab10")(i % 10) for i, name in enumerate(names)}
+    lines = {}
     for ax, causal in zip(axes, (False, True)):
         mine = [r for r in rows if r["causal"] == causal]
         for name in names:
             points = [(r["T"], r["forward_backward_s"]["torch MHA"] / r["forward_backward_s"][name])
                       for r in mine if name in r["forward_backward_s"]]
             if points:
-                ax.plot(*zip(*points), "o-", label=name)
+                (lines[name],) = ax.plot(*zip(*points), "o-", color=colours[name], label=name)
         ax.set(xscale="log", yscale="log", xlabel="T", title=f"{'causal' if causal else 'non-causal'} fwd+bwd")
         ax.axhline(1.0, color="k", lw=0.8)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("speed vs torch nn.MultiheadAttention")
-    axes[1].legend(fontsize=8)
+    fig.legend([lines[n] for n in names if n in lines], [n for n in names if n in lines], loc="center right",
+               fontsize=8)
+    fig.subplots_adjust(right=0.8)
     json_path, png_path = write_results(args.out, "modules", {"machine": info, "B": B, "E": E, "heads": HEADS,
                                                               "rows": rows}, fig)
     print(f"\nwrote {json_path} and {png_path}")

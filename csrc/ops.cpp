@@ -24,6 +24,13 @@ TORCH_LIBRARY(linattn, m) {
       "Tensor out, Tensor normalizer, Tensor? initial_state, Tensor? key_padding_mask, "
       "int feature_map, bool causal, bool normalize) -> "
       "(Tensor grad_q, Tensor grad_k, Tensor grad_v, Tensor grad_initial_state)");
+  // The device-generic forward as a CompositeImplicitAutograd op: tracers that record ATen ops
+  // (torch.onnx.export, legacy and dynamo) see its standard ATen operations instead of a
+  // custom op they cannot translate. Used by linattn.linear_attention during ONNX export.
+  m.def(
+      "linear_attn_fwd_decomposed(Tensor q, Tensor k, Tensor v, Tensor? initial_state, "
+      "Tensor? key_padding_mask, int feature_map, bool causal, bool normalize, float eps) -> "
+      "(Tensor out, Tensor final_state, Tensor normalizer)");
   // The device-generic implementation under its own name, so tests can run on CPU exactly
   // what CUDA tensors execute.
   m.def(

@@ -32,6 +32,17 @@ def generic_implementation(enabled: bool = True):
 
 
 def linear_attn_fwd():
+    if torch.onnx.is_in_onnx_export():
+        if not torch.compiler.is_exporting():
+            # The legacy exporter traces with TorchScript, which records the op itself rather than
+            # the ATen ops it decomposes into, and has no ONNX translation for it.
+            raise RuntimeError(
+                "linattn: the legacy TorchScript-based ONNX exporter (torch.onnx.export(..., dynamo=False)) cannot "
+                "translate linattn's operators; export with torch.onnx.export(..., dynamo=True), the default "
+                "since torch 2.9"
+            )
+        # The dynamo exporter translates standard ATen ops: this twin decomposes into them.
+        return torch.ops.linattn.linear_attn_fwd_decomposed.default
     return getattr(torch.ops.linattn, _FORWARD_NAMES[_use_generic]).default
 
 

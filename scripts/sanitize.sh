@@ -20,7 +20,14 @@ if [ -d /usr/lib/ccache ]; then export PATH="/usr/lib/ccache:$PATH"; fi
 export LD_PRELOAD="$(gcc -print-file-name=libasan.so) $(gcc -print-file-name=libubsan.so)"
 export ASAN_OPTIONS=detect_leaks=0:abort_on_error=1:allocator_may_return_null=1
 export UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
-export PYTHONPATH="$PWD/$BUILD${PYTHONPATH:+:$PYTHONPATH}"
-"$PY" -c "import linattn, os; assert linattn.__file__.startswith(os.path.abspath('$BUILD')), linattn.__file__"
-"$PY" -m pytest -q -p no:cacheprovider tests/test_linear_attention.py tests/test_edge_inputs.py tests/test_errors.py \
-  tests/test_ops.py tests/test_cpu_gemm_fallback.py tests/test_fuzz.py "$@"
+# `python -S` with site-packages on PYTHONPATH: its .pth files are then not run, so an editable
+# install of the regular build cannot shadow the sanitized copy.
+SITE=$("$PY" -c "import site; print(':'.join(site.getsitepackages()))")
+export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
+# Run from the sanitized copy, so that its linattn/ (not the checkout's) is first on sys.path.
+ROOT=$PWD
+cd "$BUILD"
+"$PY" -S -c "import linattn, os; assert linattn.__file__.startswith(os.getcwd()), linattn.__file__"
+"$PY" -S -m pytest -q -p no:cacheprovider "$ROOT"/tests/test_linear_attention.py "$ROOT"/tests/test_edge_inputs.py \
+  "$ROOT"/tests/test_errors.py "$ROOT"/tests/test_ops.py "$ROOT"/tests/test_cpu_gemm_fallback.py \
+  "$ROOT"/tests/test_methods.py "$ROOT"/tests/test_fuzz.py "$@"

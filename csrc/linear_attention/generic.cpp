@@ -200,4 +200,8 @@ TORCH_LIBRARY_IMPL(linattn, CompositeExplicitAutograd, m) {
   m.impl("linear_attn_bwd_generic", &backward_generic);
 }
 
+TORCH_LIBRARY_IMPL(linattn, CompositeImplicitAutograd, m) {
+  m.impl("linear_attn_fwd_decomposed", &forward_generic);
+}
+
 }  // namespace linattn
