@@ -92,13 +92,16 @@ bool vanished(acc_t d) {
 }
 
 // Whether every element of a rows×cols block is finite: x − x is 0 for finite x and NaN for
-// ±Inf or NaN, and the sum of those stays 0 only if all are finite (a loop that vectorizes).
+// ±Inf or NaN. The test is AND-reduced as an integer, which (unlike a float sum) the compiler
+// may reorder, so the loop vectorizes.
 template <typename acc_t>
 bool all_finite(const acc_t* x, int64_t rows, int64_t cols, int64_t ld) {
-  acc_t sum = 0;
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t c = 0; c < cols; ++c) sum += x[r * ld + c] - x[r * ld + c];
-  return sum == acc_t(0);
+  int finite = 1;
+  for (int64_t r = 0; r < rows; ++r) {
+    const acc_t* row = x + r * ld;
+    for (int64_t c = 0; c < cols; ++c) finite &= (row[c] - row[c]) == acc_t(0);
+  }
+  return finite != 0;
 }
 
 // out (L × w) += tril(A)·X, or tril(A)ᵀ·X when transpose_a: the causal product of a chunk,
