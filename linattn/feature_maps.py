@@ -10,8 +10,12 @@ FeatureMap = Callable[[torch.Tensor], torch.Tensor]
 
 
 def elu_feature_map(x: torch.Tensor) -> torch.Tensor:
-    """φ(x) = elu(x) + 1: positive, so the normalizer never vanishes (Katharopoulos et al.)."""
-    return F.elu(x) + 1
+    """φ(x) = elu(x) + 1: positive, so the normalizer never vanishes (Katharopoulos et al.).
+
+    Computed as x + 1 for x > 0 and exp(x) otherwise, as the kernels do: F.elu(x) + 1 is
+    expm1(x) + 1, which rounds to exactly 0 below x ≈ −17 in float32 (−37 in float64). The
+    exponent is clamped at 0 so the branch not taken never overflows (its gradient would be NaN)."""
+    return torch.where(x > 0, x + 1, torch.exp(torch.clamp(x, max=0)))
 
 
 def relu_feature_map(x: torch.Tensor) -> torch.Tensor:

@@ -59,8 +59,9 @@ def linear_attention(
     if not normalize:
         return numerator, (S, z)
     denominator = (normalizer + eps).unsqueeze(-1)
-    vanished = denominator.abs() < torch.finfo(torch.float64).tiny  # as the kernels: 0, not 0/0
-    out = torch.where(vanished, torch.zeros_like(numerator), numerator / denominator)
+    # As the kernels: a vanished normalizer gives 0 (NaN where the row sees a NaN or Inf), not 0/0.
+    vanished = denominator.abs() < torch.finfo(torch.float64).tiny
+    out = torch.where(vanished, numerator * 0.0, numerator / denominator)
     return out, (S, z)
 
 

@@ -331,11 +331,12 @@ def test_random_features_refuses_non_int_sizes(args):
         linattn.random_features(*args)
 
 
+@pytest.mark.parametrize("normalize", [True, False])
 @pytest.mark.parametrize("causal", [False, True])
-def test_zero_width_values_and_features(causal, implementation):
+def test_zero_width_values_and_features(causal, normalize, implementation):
     q, k, _ = qkv(requires_grad=True)
     v = torch.randn(2, 2, 10, 0, requires_grad=True)
-    out = linattn.linear_attention(q, k, v, causal=causal)
+    out = linattn.linear_attention(q, k, v, causal=causal, normalize=normalize)
     assert out.shape == (2, 2, 10, 0)
     grads = torch.autograd.grad(out.sum(), (q, k, v))
     assert all(g.shape == t.shape and (g == 0).all() for g, t in zip(grads, (q, k, v)))

@@ -116,7 +116,12 @@ def _compare(got, expected, dtype, what, tolerance=None):
     assert torch.equal(torch.isfinite(got), finite), f"{what}: finite where the reference is not, or not where it is"
     if finite.any():
         err = relative_error(got[finite], expected[finite])
-        assert err <= (tolerance or 10 * TOLERANCE[dtype]), f"{what}: relative error {err:.2e}"
+        assert err <= (tolerance or FUZZ_TOLERANCE[dtype]), f"{what}: relative error {err:.2e}"
+
+
+# Wider than the suite's tolerances: inputs scaled by 30 make elu features as small as e^-60,
+# next to eps, where the result is ill-conditioned in any precision.
+FUZZ_TOLERANCE = {torch.float64: 1e-8, torch.float32: 1e-4, torch.bfloat16: 1e-1, torch.float16: 5e-2}
 
 
 # The normalized output's gradient is a difference of two terms that can cancel to a small
@@ -137,6 +142,7 @@ def test_linear_attention_equals_reference_or_raises(c):
         out, (S, z) = linattn.linear_attention(q, k, v, initial_state=state, output_final_state=True, **options)
     expected, (S_ref, z_ref) = reference.linear_attention(q, k, v, initial_state=state, **options)
     assert out.dtype == q.dtype and out.shape == expected.shape
+    rows = torch.zeros_like(out, dtype=torch.bool)
     if c["normalize"] and c["dtype"] != torch.float64:
         # Rows whose normalizer underflows float32 (eps = 1e-50 rounds to 0 there, and the
         # features of scaled inputs can vanish) are defined as 0: finite, but not the float64 value.
@@ -150,8 +156,8 @@ def test_linear_attention_equals_reference_or_raises(c):
     _compare(out, expected, c["dtype"], "out")
     _compare(S, S_ref, c["dtype"], "final S")
     _compare(z, z_ref, c["dtype"], "final z")
-    if c["bad"] or q.numel() == 0 or v.numel() == 0:
-        return
+    if c["bad"] or rows.any():
+        return  # (rows defined as 0 in float32 pass no gradient; the float64 reference's do)
     if c["dtype"] == torch.float16 and (c["scale"] != 1.0 or c["normalize"]):
         return  # gradients of large float16 values overflow float16 itself
     leaves = [t.detach().requires_grad_() for t in (q, k, v)]

@@ -85,7 +85,8 @@ void keep_causal(acc_t* a, int64_t L, int64_t ld) {
 
 // A normalizer that is 0 or subnormal (only possible when eps underflows the accumulation type
 // and the query's features miss every key, or signed features cancel): the row is defined as 0
-// and passes no gradient, instead of 0/0 or a reciprocal that overflows. NaN is not vanished.
+// (numerator·0, so still NaN where it sees a NaN or Inf) and passes no gradient, instead of 0/0
+// or a reciprocal that overflows. NaN is not vanished.
 template <typename acc_t>
 bool vanished(acc_t d) {
   return std::abs(d) < std::numeric_limits<acc_t>::min();

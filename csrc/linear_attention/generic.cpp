@@ -129,7 +129,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_generic(
   }
   const at::Tensor normalizer = O.select(-1, s.value_dim) + eps;
   at::Tensor out = O.narrow(-1, 0, s.value_dim);
-  if (normalize) out = at::where(vanished(normalizer).unsqueeze(-1), 0, out / normalizer.unsqueeze(-1));
+  // A vanished row is 0 (out·0: still NaN where it sees a NaN or Inf, as in the CPU kernel).
+  if (normalize) out = at::where(vanished(normalizer).unsqueeze(-1), out * 0, out / normalizer.unsqueeze(-1));
   return {out.to(q.scalar_type()).contiguous(), final_state.contiguous(), normalizer.contiguous()};
 }
 
@@ -159,7 +160,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_generic(
     const at::Tensor no_cotangent = (G == 0).all(-1, true);
     Gp = at::where(no_cotangent, 0, at::cat({G * inv, d_normalizer}, -1));
   } else {
-    Gp = at::cat({G, at::zeros_like(G.narrow(-1, 0, 1))}, -1);
+    Gp = at::cat({G, at::zeros({G.size(0), G.size(1), G.size(2), 1}, G.options())}, -1);
   }
   const at::Tensor S0 = state_or_zeros(initial_state, s, Q.options());
   const at::Tensor dSN = state_or_zeros(grad_final_state, s, Q.options());
