@@ -129,9 +129,9 @@ def main():
         ax.axhline(1.0, color="k", lw=0.8)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("speed vs torch nn.MultiheadAttention")
-    fig.legend([lines[n] for n in names if n in lines], [n for n in names if n in lines], loc="center right",
-               fontsize=8)
-    fig.subplots_adjust(right=0.8)
+    fig.subplots_adjust(right=0.84)
+    fig.legend([lines[n] for n in names if n in lines], [n for n in names if n in lines], loc="center left",
+               bbox_to_anchor=(0.85, 0.5), fontsize=8)
     json_path, png_path = write_results(args.out, "modules", {"machine": info, "B": B, "E": E, "heads": HEADS,
                                                               "rows": rows}, fig)
     print(f"\nwrote {json_path} and {png_path}")
