@@ -31,6 +31,26 @@ TORCH_LIBRARY(linattn, m) {
       "linear_attn_fwd_decomposed(Tensor q, Tensor k, Tensor v, Tensor? initial_state, "
       "Tensor? key_padding_mask, int feature_map, bool causal, bool normalize, float eps) -> "
       "(Tensor out, Tensor final_state, Tensor normalizer)");
+  // Restricted softmax attention (METHODS.md §5): sliding window with flash-attn's
+  // (left, right) bounds (-1 = unbounded; causal is right = 0), dilation, Longformer
+  // global_mask (B, T) and key_padding_mask (B, T_k), both bool. lse (B, H, T_q) is the per-row
+  // logsumexp the backward recomputes probabilities from (-inf for a row that sees no key).
+  m.def(
+      "sliding_window_attn_fwd(Tensor q, Tensor k, Tensor v, int window_left, int window_right, "
+      "int dilation, Tensor? global_mask, Tensor? key_padding_mask, float scale) -> "
+      "(Tensor out, Tensor lse)");
+  m.def(
+      "sliding_window_attn_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+      "int window_left, int window_right, int dilation, Tensor? global_mask, "
+      "Tensor? key_padding_mask, float scale) -> (Tensor grad_q, Tensor grad_k, Tensor grad_v)");
+  m.def(
+      "sliding_window_attn_fwd_generic(Tensor q, Tensor k, Tensor v, int window_left, "
+      "int window_right, int dilation, Tensor? global_mask, Tensor? key_padding_mask, "
+      "float scale) -> (Tensor out, Tensor lse)");
+  m.def(
+      "sliding_window_attn_bwd_generic(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, "
+      "Tensor lse, int window_left, int window_right, int dilation, Tensor? global_mask, "
+      "Tensor? key_padding_mask, float scale) -> (Tensor grad_q, Tensor grad_k, Tensor grad_v)");
   // The device-generic implementation under its own name, so tests can run on CPU exactly
   // what CUDA tensors execute.
   m.def(

@@ -28,10 +28,11 @@ from . import _ops  # noqa: E402,F401  (fake kernels and autograd for the operat
 from . import reference  # noqa: E402
 from .feature_maps import elu_feature_map, favor_features, random_features, relu_feature_map  # noqa: E402
 from .functional import efficient_attention, linear_attention, performer_attention  # noqa: E402
+from .functional import sliding_window_attention  # noqa: E402
 from . import nn  # noqa: E402
 from .swap import swap_attention  # noqa: E402
 
 __all__ = [
-    "linear_attention", "performer_attention", "efficient_attention", "random_features", "favor_features",
+    "linear_attention", "performer_attention", "efficient_attention", "sliding_window_attention", "random_features", "favor_features",
     "elu_feature_map", "relu_feature_map", "nn", "swap_attention", "reference", "__version__",
 ]

@@ -12,6 +12,8 @@ import torch
 
 _FORWARD_NAMES = {False: "linear_attn_fwd", True: "linear_attn_fwd_generic"}
 _BACKWARD_NAMES = {False: "linear_attn_bwd", True: "linear_attn_bwd_generic"}
+_WINDOW_FORWARD_NAMES = {False: "sliding_window_attn_fwd", True: "sliding_window_attn_fwd_generic"}
+_WINDOW_BACKWARD_NAMES = {False: "sliding_window_attn_bwd", True: "sliding_window_attn_bwd_generic"}
 _use_generic = False
 
 
@@ -44,6 +46,10 @@ def linear_attn_fwd():
         # The dynamo exporter translates standard ATen ops: this twin decomposes into them.
         return torch.ops.linattn.linear_attn_fwd_decomposed.default
     return getattr(torch.ops.linattn, _FORWARD_NAMES[_use_generic]).default
+
+
+def window_attn_fwd():
+    return getattr(torch.ops.linattn, _WINDOW_FORWARD_NAMES[_use_generic]).default
 
 
 def _register(generic: bool) -> None:
@@ -82,11 +88,37 @@ def _no_context(ctx, inputs, output):
 
 def _no_double_backward(ctx, *grads):
     raise RuntimeError(
-        "linattn.linear_attention: second derivatives (double backward) are not implemented; the "
+        "linattn: second derivatives (double backward) are not implemented; the "
         "first-order gradient is exact. Differentiate it once (create_graph=False), or use "
         "method='softmax' / torch's attention where higher-order gradients are needed"
     )
 
 
+def _register_window(generic: bool) -> None:
+    forward_name = f"linattn::{_WINDOW_FORWARD_NAMES[generic]}"
+    backward_name = f"linattn::{_WINDOW_BACKWARD_NAMES[generic]}"
+    backward_op = getattr(torch.ops.linattn, _WINDOW_BACKWARD_NAMES[generic]).default
+
+    def setup_context(ctx, inputs, output):
+        q, k, v, left, right, dilation, global_mask, key_padding_mask, scale = inputs
+        out, lse = output
+        ctx.save_for_backward(q, k, v, out, lse, global_mask, key_padding_mask)
+        ctx.options = (left, right, dilation, scale)
+        ctx.mark_non_differentiable(lse)
+
+    def backward(ctx, grad_out, _grad_lse):
+        q, k, v, out, lse, global_mask, key_padding_mask = ctx.saved_tensors
+        left, right, dilation, scale = ctx.options
+        grad_q, grad_k, grad_v = backward_op(
+            grad_out.contiguous(), q, k, v, out, lse, left, right, dilation, global_mask, key_padding_mask, scale
+        )
+        return grad_q, grad_k, grad_v, None, None, None, None, None, None
+
+    torch.library.register_autograd(forward_name, backward, setup_context=setup_context)
+    torch.library.register_autograd(backward_name, _no_double_backward, setup_context=_no_context)
+
+
 _register(generic=False)
 _register(generic=True)
+_register_window(generic=False)
+_register_window(generic=True)

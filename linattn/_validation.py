@@ -69,19 +69,21 @@ def check_qkv(where: str, q, k, v, causal: bool) -> None:
         )
 
 
-def check_key_padding_mask(where: str, mask, k: torch.Tensor) -> None:
+def check_key_padding_mask(where: str, mask, k: torch.Tensor, name: str = "key_padding_mask",
+                           meaning: str = "True = padded") -> None:
+    """A (B, T_k) bool mask per key (key_padding_mask, or global_mask with its own name)."""
     if mask is None:
         return
     expected = (k.shape[0], k.shape[2])
     if not isinstance(mask, torch.Tensor):
-        raise TypeError(f"{where}: key_padding_mask must be a bool tensor of shape (B, T_k) = {expected}, "
+        raise TypeError(f"{where}: {name} must be a bool tensor of shape (B, T_k) = {expected}, "
                         f"got {type(mask).__name__}")
     if mask.dtype != torch.bool:
-        raise TypeError(f"{where}: key_padding_mask must be a bool tensor (True = padded), got {mask.dtype}")
+        raise TypeError(f"{where}: {name} must be a bool tensor ({meaning}), got {mask.dtype}")
     if shape(mask) != expected:
-        raise ValueError(f"{where}: key_padding_mask must have shape (B, T_k) = {expected}, got {shape(mask)}")
+        raise ValueError(f"{where}: {name} must have shape (B, T_k) = {expected}, got {shape(mask)}")
     if mask.device != k.device:
-        raise ValueError(f"{where}: key_padding_mask must be on {k.device}, got {mask.device}")
+        raise ValueError(f"{where}: {name} must be on {k.device}, got {mask.device}")
 
 
 def check_eps(where: str, eps) -> None:

@@ -17,6 +17,7 @@
 #include "kernel.h"
 #include "../common/cpu_gemm.h"
 #include "../common/fast_math.h"
+#include "../common/masked_product.h"
 
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -29,21 +30,6 @@
 
 namespace linattn {
 namespace {
-
-// Copies `rows` strided rows of `cols` elements into a contiguous buffer with leading dim ld.
-template <typename scalar_t, typename acc_t>
-void load_rows(acc_t* dst, int64_t ld, const scalar_t* src, int64_t row_stride,
-               int64_t col_stride, int64_t rows, int64_t cols) {
-  for (int64_t r = 0; r < rows; ++r) {
-    const scalar_t* s = src + r * row_stride;
-    acc_t* d = dst + r * ld;
-    if (col_stride == 1) {
-      for (int64_t c = 0; c < cols; ++c) d[c] = static_cast<acc_t>(s[c]);
-    } else {
-      for (int64_t c = 0; c < cols; ++c) d[c] = static_cast<acc_t>(s[c * col_stride]);
-    }
-  }
-}
 
 // φ and its derivative, with the switch outside the element loops and branch-free bodies,
 // so the loops vectorize. elu(x) + 1 is x + 1 for x > 0 and exp(x) otherwise (exactly, unlike
@@ -92,39 +78,13 @@ bool vanished(acc_t d) {
   return std::abs(d) < std::numeric_limits<acc_t>::min();
 }
 
-// Whether every element of a rows×cols block is finite: x − x is 0 for finite x and NaN for
-// ±Inf or NaN. The test is AND-reduced as an integer, which (unlike a float sum) the compiler
-// may reorder, so the loop vectorizes.
-template <typename acc_t>
-bool all_finite(const acc_t* x, int64_t rows, int64_t cols, int64_t ld) {
-  int finite = 1;
-  for (int64_t r = 0; r < rows; ++r) {
-    const acc_t* row = x + r * ld;
-    for (int64_t c = 0; c < cols; ++c) finite &= (row[c] - row[c]) == acc_t(0);
-  }
-  return finite != 0;
-}
-
 // out (L × w) += tril(A)·X, or tril(A)ᵀ·X when transpose_a: the causal product of a chunk,
-// A's strictly upper triangle masked (keep_causal has zeroed it). With finite X that is one
-// GEMM; otherwise the masked pairs are skipped, since 0·Inf would be NaN.
+// A's strictly upper triangle masked (keep_causal has zeroed it) and excluded.
 template <typename acc_t>
 void add_causal_product(bool transpose_a, int64_t L, int64_t w, const acc_t* A, int64_t lda,
                         const acc_t* X, int64_t ldx, acc_t* out, int64_t ldo) {
-  if (all_finite(X, L, w, ldx)) {
-    gemm<acc_t>(transpose_a, false, L, w, L, A, lda, X, ldx, acc_t(1), out, ldo);
-    return;
-  }
-  for (int64_t i = 0; i < L; ++i) {
-    acc_t* o = out + i * ldo;
-    // Row i of tril(A) holds keys j <= i; row i of tril(A)ᵀ holds queries j >= i.
-    const int64_t begin = transpose_a ? i : 0, end = transpose_a ? L : i + 1;
-    for (int64_t j = begin; j < end; ++j) {
-      const acc_t a = transpose_a ? A[j * lda + i] : A[i * lda + j];
-      const acc_t* x = X + j * ldx;
-      for (int64_t c = 0; c < w; ++c) o[c] += a * x[c];
-    }
-  }
+  add_masked_product(transpose_a, L, L, w, A, lda, X, ldx, out, ldo,
+                     [](int64_t i, int64_t j) { return j <= i; });
 }
 
 template <typename scalar_t, typename acc_t>

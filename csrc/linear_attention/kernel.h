@@ -6,20 +6,11 @@
 // normalizer in one product, and the backward treats both the same way.
 #pragma once
 
+#include "../common/strided.h"
+
 #include <cstdint>
 
 namespace linattn {
-
-// A (batch, head, row, column) view: element strides, so transposed views need no copy.
-template <typename T>
-struct Strided4 {
-  T* data = nullptr;
-  int64_t stride[4] = {0, 0, 0, 0};
-
-  T* row(int64_t b, int64_t h, int64_t t) const {
-    return data + b * stride[0] + h * stride[1] + t * stride[2];
-  }
-};
 
 // Feature maps the kernels apply themselves while loading q and k (the op's `feature_map`).
 // Fusing them saves two feature-mapped copies of q and k and their separate passes.

@@ -1,0 +1,318 @@
+// CPU kernels of restricted softmax attention (METHODS.md §5: sliding window, dilation,
+// Longformer global tokens, key padding), flash-style: a query block of 64 rows walks the key
+// blocks it can see (its window's band, or every key when it holds a global row, plus the
+// global keys gathered from outside the band), each scored by one GEMM, masked by the
+// visibility predicate, and folded into a running max and sum; the backward recomputes the
+// probabilities from the saved per-row logsumexp. Never a T×T matrix: scratch is
+// O(block·(block + D)) per thread (plus the key-gradient accumulators in the backward).
+//
+// Masked pairs are excluded: their probability is set to 0 from the predicate (not computed
+// as exp(−inf)), and the products with values / keys / queries skip them whenever an operand
+// holds an Inf or NaN (common/masked_product.h). A row that sees no key gets 0 and lse = −inf.
+#include "kernel.h"
+#include "../common/cpu_gemm.h"
+#include "../common/fast_math.h"
+#include "../common/masked_product.h"
+
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+namespace linattn {
+namespace {
+
+constexpr int64_t kBlock = 64;  // query rows per block, and keys per key group
+
+template <typename acc_t>
+constexpr acc_t minus_infinity() {
+  return -std::numeric_limits<acc_t>::infinity();
+}
+
+// The keys one query block visits, in groups of at most kBlock indices.
+struct KeyGroups {
+  std::vector<std::vector<int64_t>> groups;
+
+  void add_range(int64_t begin, int64_t end) {
+    for (int64_t j0 = begin; j0 < end; j0 += kBlock) {
+      std::vector<int64_t> g;
+      for (int64_t j = j0; j < std::min(end, j0 + kBlock); ++j) g.push_back(j);
+      groups.push_back(std::move(g));
+    }
+  }
+  void add_list(const std::vector<int64_t>& keys) {
+    for (size_t i0 = 0; i0 < keys.size(); i0 += kBlock)
+      groups.emplace_back(keys.begin() + i0, keys.begin() + std::min(keys.size(), i0 + kBlock));
+  }
+};
+
+template <typename scalar_t, typename acc_t>
+struct WindowKernel {
+  const WindowAttentionShape& s;
+  const bool* global;   // (B, T) or null
+  const bool* padding;  // (B, T_k) or null
+  const std::vector<std::vector<int64_t>>& global_keys;  // per batch, sorted
+  int64_t D, dv;
+
+  std::vector<acc_t> q, k, v, g, scores, probs, o, dq, dk_part, dv_part, row_max, row_sum, lse_rows,
+      delta;
+  std::vector<unsigned char> vis;
+
+  WindowKernel(const WindowAttentionShape& shape, const bool* global_mask, const bool* key_padding,
+               const std::vector<std::vector<int64_t>>& globals)
+      : s(shape), global(global_mask), padding(key_padding), global_keys(globals),
+        D(shape.head_dim), dv(shape.value_dim) {
+    q.resize(kBlock * D);
+    k.resize(kBlock * D);
+    v.resize(kBlock * dv);
+    g.resize(kBlock * dv);
+    scores.resize(kBlock * kBlock);
+    probs.resize(kBlock * kBlock);
+    o.resize(kBlock * dv);
+    dq.resize(kBlock * D);
+    dk_part.resize(kBlock * D);
+    dv_part.resize(kBlock * dv);
+    row_max.resize(kBlock);
+    row_sum.resize(kBlock);
+    lse_rows.resize(kBlock);
+    delta.resize(kBlock);
+    vis.resize(kBlock * kBlock);
+  }
+
+  // The key groups rows [i0, i1) of batch bi visit.
+  KeyGroups key_groups(int64_t bi, int64_t i0, int64_t i1) const {
+    KeyGroups kg;
+    bool any_global_row = false;
+    if (global)
+      for (int64_t i = i0; i < i1; ++i) any_global_row |= global[bi * s.k_len + i];
+    if (any_global_row) {
+      kg.add_range(0, s.k_len);
+      return kg;
+    }
+    const int64_t begin = s.band_begin(i0), end = std::max(begin, s.band_end(i1));
+    kg.add_range(begin, end);
+    if (global) {
+      std::vector<int64_t> outside;
+      for (int64_t j : global_keys[bi])
+        if (j < begin || j >= end) outside.push_back(j);
+      kg.add_list(outside);
+    }
+    return kg;
+  }
+
+  bool visible(int64_t bi, int64_t i, int64_t j) const {
+    if (padding && padding[bi * s.k_len + j]) return false;
+    if (global && (global[bi * s.k_len + i] || global[bi * s.k_len + j])) return true;
+    return s.in_window(i, j);
+  }
+
+  // Rows of a (b, h) view gathered by index into contiguous scratch.
+  template <typename Dst>
+  void gather(Dst& dst, int64_t width, const Strided4<const scalar_t>& x, int64_t bi, int64_t hi,
+              const std::vector<int64_t>& rows) {
+    for (size_t r = 0; r < rows.size(); ++r)
+      load_rows(dst.data() + r * width, width, x.row(bi, hi, rows[r]), x.stride[2], x.stride[3], 1, width);
+  }
+
+  void load_queries(const Strided4<const scalar_t>& Q, int64_t bi, int64_t hi, int64_t i0, int64_t L) {
+    load_rows(q.data(), D, Q.row(bi, hi, i0), Q.stride[2], Q.stride[3], L, D);
+    const acc_t scale = static_cast<acc_t>(s.scale);
+    for (int64_t x = 0; x < L * D; ++x) q[x] *= scale;
+  }
+
+  // scores = q kᵀ for the group, and the visibility of each pair.
+  void score(int64_t bi, int64_t i0, int64_t L, const std::vector<int64_t>& keys) {
+    const int64_t n = static_cast<int64_t>(keys.size());
+    gemm<acc_t>(false, true, L, n, D, q.data(), D, k.data(), D, 0, scores.data(), kBlock);
+    for (int64_t r = 0; r < L; ++r)
+      for (int64_t c = 0; c < n; ++c) vis[r * kBlock + c] = visible(bi, i0 + r, keys[c]);
+  }
+
+  auto visible_pair() const {
+    return [this](int64_t r, int64_t c) { return vis[r * kBlock + c] != 0; };
+  }
+
+  void forward_block(int64_t bh, int64_t i0, Strided4<const scalar_t> Q, Strided4<const scalar_t> K,
+                     Strided4<const scalar_t> V, scalar_t* out, acc_t* lse) {
+    const int64_t bi = bh / s.heads, hi = bh % s.heads;
+    const int64_t L = std::min(kBlock, s.q_len - i0);
+    load_queries(Q, bi, hi, i0, L);
+    std::fill(o.begin(), o.end(), acc_t(0));
+    std::fill(row_max.begin(), row_max.end(), minus_infinity<acc_t>());
+    std::fill(row_sum.begin(), row_sum.end(), acc_t(0));
+    for (const auto& keys : key_groups(bi, i0, i0 + L).groups) {
+      const int64_t n = static_cast<int64_t>(keys.size());
+      gather(k, D, K, bi, hi, keys);
+      gather(v, dv, V, bi, hi, keys);
+      score(bi, i0, L, keys);
+      for (int64_t r = 0; r < L; ++r) {
+        const acc_t* sr = scores.data() + r * kBlock;
+        const unsigned char* vr = vis.data() + r * kBlock;
+        acc_t* pr = probs.data() + r * kBlock;
+        acc_t group_max = minus_infinity<acc_t>();
+        for (int64_t c = 0; c < n; ++c)
+          if (vr[c] && sr[c] > group_max) group_max = sr[c];
+        bool any_visible = false;
+        for (int64_t c = 0; c < n; ++c) any_visible |= vr[c] != 0;
+        if (!any_visible) {
+          std::fill(pr, pr + n, acc_t(0));
+          continue;
+        }
+        const acc_t m_old = row_max[r];
+        const acc_t m_new = std::max(m_old, group_max);
+        // All visible scores NaN leave m at −inf: exp(NaN − −inf) is NaN, which then propagates.
+        const acc_t alpha = m_old == minus_infinity<acc_t>() ? acc_t(0) : exp_nonpositive(m_old - m_new);
+        acc_t sum = 0;
+        for (int64_t c = 0; c < n; ++c) {
+          pr[c] = vr[c] ? exp_nonpositive(sr[c] - m_new) : acc_t(0);
+          sum += pr[c];
+        }
+        row_sum[r] = row_sum[r] * alpha + sum;
+        row_max[r] = m_new;
+        acc_t* orow = o.data() + r * dv;
+        for (int64_t c = 0; c < dv; ++c) orow[c] *= alpha;
+      }
+      add_masked_product(false, L, n, dv, probs.data(), kBlock, v.data(), dv, o.data(), dv, visible_pair());
+    }
+    scalar_t* out_rows = out + (bh * s.q_len + i0) * dv;
+    for (int64_t r = 0; r < L; ++r) {
+      const acc_t l = row_sum[r];
+      const acc_t inv = l == acc_t(0) ? acc_t(0) : acc_t(1) / l;
+      for (int64_t c = 0; c < dv; ++c) out_rows[r * dv + c] = static_cast<scalar_t>(o[r * dv + c] * inv);
+      lse[bh * s.q_len + i0 + r] = l == acc_t(0) ? minus_infinity<acc_t>() : row_max[r] + std::log(l);
+    }
+  }
+
+  void backward(int64_t bh, Strided4<const scalar_t> G, Strided4<const scalar_t> Q,
+                Strided4<const scalar_t> K, Strided4<const scalar_t> V, Strided4<const scalar_t> O,
+                const acc_t* lse, scalar_t* grad_q, scalar_t* grad_k, scalar_t* grad_v,
+                std::vector<acc_t>& dk_acc, std::vector<acc_t>& dv_acc) {
+    const int64_t bi = bh / s.heads, hi = bh % s.heads;
+    dk_acc.assign(s.k_len * D, acc_t(0));
+    dv_acc.assign(s.k_len * dv, acc_t(0));
+    const acc_t scale = static_cast<acc_t>(s.scale);
+    for (int64_t i0 = 0; i0 < s.q_len; i0 += kBlock) {
+      const int64_t L = std::min(kBlock, s.q_len - i0);
+      load_queries(Q, bi, hi, i0, L);
+      load_rows(g.data(), dv, G.row(bi, hi, i0), G.stride[2], G.stride[3], L, dv);
+      for (int64_t r = 0; r < L; ++r) {
+        // δ_i = dO_i · O_i; a zero cotangent contributes nothing (not 0·O, NaN for NaN O).
+        const scalar_t* orow = O.row(bi, hi, i0 + r);
+        acc_t dot = 0;
+        for (int64_t c = 0; c < dv; ++c) {
+          const acc_t gc = g[r * dv + c];
+          dot += gc == acc_t(0) ? acc_t(0) : gc * static_cast<acc_t>(orow[c * O.stride[3]]);
+        }
+        delta[r] = dot;
+        lse_rows[r] = lse[bh * s.q_len + i0 + r];
+      }
+      std::fill(dq.begin(), dq.end(), acc_t(0));
+      for (const auto& keys : key_groups(bi, i0, i0 + L).groups) {
+        const int64_t n = static_cast<int64_t>(keys.size());
+        gather(k, D, K, bi, hi, keys);
+        gather(v, dv, V, bi, hi, keys);
+        score(bi, i0, L, keys);
+        for (int64_t r = 0; r < L; ++r) {
+          const bool empty = lse_rows[r] == minus_infinity<acc_t>();
+          for (int64_t c = 0; c < n; ++c) {
+            const int64_t x = r * kBlock + c;
+            if (empty) vis[x] = 0;
+            probs[x] = vis[x] ? exp_nonpositive(scores[x] - lse_rows[r]) : acc_t(0);
+          }
+        }
+        // dV_keys += Pᵀ dO
+        std::fill(dv_part.begin(), dv_part.end(), acc_t(0));
+        add_masked_product(true, L, n, dv, probs.data(), kBlock, g.data(), dv, dv_part.data(), dv, visible_pair());
+        // dP = dO Vᵀ, then dS = P ⊙ (dP − δ) on visible pairs (scores is reused for dS).
+        gemm<acc_t>(false, true, L, n, dv, g.data(), dv, v.data(), dv, 0, scores.data(), kBlock);
+        for (int64_t r = 0; r < L; ++r)
+          for (int64_t c = 0; c < n; ++c) {
+            const int64_t x = r * kBlock + c;
+            scores[x] = vis[x] ? probs[x] * (scores[x] - delta[r]) : acc_t(0);
+          }
+        // dQ += dS K (scaled at the end), dK_keys += dSᵀ (scale·Q)
+        add_masked_product(false, L, n, D, scores.data(), kBlock, k.data(), D, dq.data(), D, visible_pair());
+        std::fill(dk_part.begin(), dk_part.end(), acc_t(0));
+        add_masked_product(true, L, n, D, scores.data(), kBlock, q.data(), D, dk_part.data(), D, visible_pair());
+        for (int64_t c = 0; c < n; ++c) {
+          acc_t* dkr = dk_acc.data() + keys[c] * D;
+          acc_t* dvr = dv_acc.data() + keys[c] * dv;
+          for (int64_t x = 0; x < D; ++x) dkr[x] += dk_part[c * D + x];
+          for (int64_t x = 0; x < dv; ++x) dvr[x] += dv_part[c * dv + x];
+        }
+      }
+      scalar_t* dq_rows = grad_q + (bh * s.q_len + i0) * D;
+      for (int64_t x = 0; x < L * D; ++x) dq_rows[x] = static_cast<scalar_t>(dq[x] * scale);
+    }
+    scalar_t* dk_rows = grad_k + bh * s.k_len * D;
+    scalar_t* dv_rows = grad_v + bh * s.k_len * dv;
+    for (int64_t x = 0; x < s.k_len * D; ++x) dk_rows[x] = static_cast<scalar_t>(dk_acc[x]);
+    for (int64_t x = 0; x < s.k_len * dv; ++x) dv_rows[x] = static_cast<scalar_t>(dv_acc[x]);
+  }
+};
+
+std::vector<std::vector<int64_t>> global_key_lists(const WindowAttentionShape& s, const bool* global) {
+  std::vector<std::vector<int64_t>> lists(s.batch);
+  if (global)
+    for (int64_t b = 0; b < s.batch; ++b)
+      for (int64_t j = 0; j < s.k_len; ++j)
+        if (global[b * s.k_len + j]) lists[b].push_back(j);
+  return lists;
+}
+
+}  // namespace
+
+template <typename scalar_t, typename acc_t>
+void window_attention_forward_cpu(const WindowAttentionShape& shape, Strided4<const scalar_t> q,
+                                  Strided4<const scalar_t> k, Strided4<const scalar_t> v,
+                                  const bool* global_mask, const bool* key_padding_mask,
+                                  scalar_t* out, acc_t* lse) {
+  const auto globals = global_key_lists(shape, global_mask);
+  const int64_t blocks = (shape.q_len + kBlock - 1) / kBlock;
+  // Rows are independent in the forward: (batch·head, query block) pairs are the work items,
+  // so one long sequence still keeps every thread busy.
+  at::parallel_for(0, shape.batch * shape.heads * blocks, 1, [&](int64_t begin, int64_t end) {
+    WindowKernel<scalar_t, acc_t> kernel(shape, global_mask, key_padding_mask, globals);
+    for (int64_t item = begin; item < end; ++item)
+      kernel.forward_block(item / blocks, (item % blocks) * kBlock, q, k, v, out, lse);
+  });
+}
+
+template <typename scalar_t, typename acc_t>
+void window_attention_backward_cpu(const WindowAttentionShape& shape,
+                                   Strided4<const scalar_t> grad_out, Strided4<const scalar_t> q,
+                                   Strided4<const scalar_t> k, Strided4<const scalar_t> v,
+                                   Strided4<const scalar_t> out, const acc_t* lse,
+                                   const bool* global_mask, const bool* key_padding_mask,
+                                   scalar_t* grad_q, scalar_t* grad_k, scalar_t* grad_v) {
+  const auto globals = global_key_lists(shape, global_mask);
+  // Key and value gradients gather contributions from every query block of a (batch, head):
+  // one work item per (batch, head), with its accumulators.
+  at::parallel_for(0, shape.batch * shape.heads, 1, [&](int64_t begin, int64_t end) {
+    WindowKernel<scalar_t, acc_t> kernel(shape, global_mask, key_padding_mask, globals);
+    std::vector<acc_t> dk_acc, dv_acc;
+    for (int64_t bh = begin; bh < end; ++bh)
+      kernel.backward(bh, grad_out, q, k, v, out, lse, grad_q, grad_k, grad_v, dk_acc, dv_acc);
+  });
+}
+
+#define LINATTN_INSTANTIATE(scalar_t, acc_t)                                                      \
+  template void window_attention_forward_cpu<scalar_t, acc_t>(                                    \
+      const WindowAttentionShape&, Strided4<const scalar_t>, Strided4<const scalar_t>,            \
+      Strided4<const scalar_t>, const bool*, const bool*, scalar_t*, acc_t*);                     \
+  template void window_attention_backward_cpu<scalar_t, acc_t>(                                   \
+      const WindowAttentionShape&, Strided4<const scalar_t>, Strided4<const scalar_t>,            \
+      Strided4<const scalar_t>, Strided4<const scalar_t>, Strided4<const scalar_t>, const acc_t*, \
+      const bool*, const bool*, scalar_t*, scalar_t*, scalar_t*);
+
+LINATTN_INSTANTIATE(float, float)
+LINATTN_INSTANTIATE(double, double)
+LINATTN_INSTANTIATE(c10::Half, float)
+LINATTN_INSTANTIATE(c10::BFloat16, float)
+#undef LINATTN_INSTANTIATE
+
+}  // namespace linattn

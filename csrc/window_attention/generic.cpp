@@ -1,0 +1,157 @@
+// Device-generic window attention: the same operators in ATen ops, for CUDA and every other
+// backend, and under *_generic names so the tests run it on CPU tensors. A host loop walks
+// query blocks of 128 rows; each gathers the keys its window can reach (plus global keys) and
+// runs a masked softmax over them, so memory stays O(T·(block + window)), never T×T. With
+// global tokens the block/key plan reads global_mask on the host (a device sync on GPUs).
+#include "op_checks.h"
+
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <limits>
+#include <vector>
+
+namespace linattn {
+namespace {
+
+constexpr int64_t kGenericBlock = 128;
+
+// A·X over the visible pairs only: masked entries of A are 0 already, and a non-finite entry of
+// X is taken out of the product; the outputs that see one (through a visible pair) are NaN.
+at::Tensor masked_matmul(const at::Tensor& A, const at::Tensor& visible, const at::Tensor& X) {
+  const at::Tensor finite = at::isfinite(X);
+  const at::Tensor product = at::matmul(A, at::where(finite, X, at::zeros({}, X.options())));
+  const at::Tensor sees_non_finite =
+      at::matmul(visible.to(X.scalar_type()), at::logical_not(finite).to(X.scalar_type())) > 0;
+  return at::where(sees_non_finite, at::full({}, NAN, X.options()), product);
+}
+
+struct BlockPlan {
+  int64_t i0, i1;
+  at::Tensor keys;  // int64 key indices on the device
+};
+
+// The query blocks and the keys each one visits (its window band, or every key when one of its
+// rows is global in some batch entry, plus the global keys outside the band).
+std::vector<BlockPlan> plan_blocks(const WindowAttentionShape& s,
+                                   const std::optional<at::Tensor>& global_mask,
+                                   const at::TensorOptions& index_options) {
+  at::Tensor global_rows, global_keys;
+  if (global_mask.has_value()) {
+    const at::Tensor any = global_mask->any(0).cpu();
+    global_rows = any;
+    global_keys = any.nonzero().flatten();
+  }
+  std::vector<BlockPlan> plan;
+  for (int64_t i0 = 0; i0 < s.q_len; i0 += kGenericBlock) {
+    const int64_t i1 = std::min(s.q_len, i0 + kGenericBlock);
+    int64_t begin = s.band_begin(i0), end = std::max(begin, s.band_end(i1));
+    at::Tensor extra;
+    if (global_mask.has_value()) {
+      if (global_rows.narrow(0, i0, i1 - i0).any().item<bool>()) {
+        begin = 0;
+        end = s.k_len;
+      } else {
+        extra = global_keys.index({at::logical_or(global_keys < begin, global_keys >= end)});
+      }
+    }
+    at::Tensor keys = at::arange(begin, end, index_options);
+    if (extra.defined() && extra.numel() > 0) keys = at::cat({keys, extra.to(index_options.device())});
+    plan.push_back({i0, i1, keys});
+  }
+  return plan;
+}
+
+// Visibility (B, 1, L, n) of rows [i0, i1) against `keys`.
+at::Tensor visibility(const WindowAttentionShape& s, int64_t i0, int64_t i1, const at::Tensor& keys,
+                      const std::optional<at::Tensor>& global_mask,
+                      const std::optional<at::Tensor>& key_padding_mask) {
+  const at::Tensor rows = at::arange(i0, i1, keys.options()).unsqueeze(-1);
+  const at::Tensor d = rows + (s.k_len - s.q_len) - keys.unsqueeze(0);  // (L, n)
+  at::Tensor in_window = at::ones_like(d, d.options().dtype(at::kBool));
+  if (s.left >= 0) in_window = in_window.logical_and(d <= s.left);
+  if (s.right >= 0) in_window = in_window.logical_and(d >= -s.right);
+  if (s.dilation > 1) in_window = in_window.logical_and(d.remainder(s.dilation) == 0);
+  at::Tensor visible = in_window.unsqueeze(0).expand({s.batch, i1 - i0, keys.size(0)});
+  if (global_mask.has_value()) {
+    const at::Tensor g_rows = global_mask->narrow(1, i0, i1 - i0).unsqueeze(-1);
+    const at::Tensor g_keys = global_mask->index_select(1, keys).unsqueeze(1);
+    visible = visible.logical_or(g_rows).logical_or(g_keys);
+  }
+  if (key_padding_mask.has_value())
+    visible = visible.logical_and(key_padding_mask->index_select(1, keys).logical_not().unsqueeze(1));
+  return visible.unsqueeze(1);
+}
+
+std::tuple<at::Tensor, at::Tensor> forward_generic(const at::Tensor& q, const at::Tensor& k,
+                                                   const at::Tensor& v, int64_t left, int64_t right,
+                                                   int64_t dilation,
+                                                   const std::optional<at::Tensor>& global_mask,
+                                                   const std::optional<at::Tensor>& key_padding_mask,
+                                                   double scale) {
+  check_window_inputs(q, k, v, left, right, dilation, global_mask, key_padding_mask, scale);
+  const WindowAttentionShape s = window_kernel_shape(q, k, v, left, right, dilation, scale);
+  const auto acc = accumulate_type(q.scalar_type());
+  const at::Tensor Q = q.to(acc) * scale, K = k.to(acc), V = v.to(acc);
+  std::vector<at::Tensor> outs, lses;
+  const double inf = std::numeric_limits<double>::infinity();
+  for (const BlockPlan& block : plan_blocks(s, global_mask, q.options().dtype(at::kLong))) {
+    const at::Tensor Kb = K.index_select(2, block.keys), Vb = V.index_select(2, block.keys);
+    const at::Tensor visible = visibility(s, block.i0, block.i1, block.keys, global_mask, key_padding_mask);
+    const at::Tensor scores = at::matmul(Q.narrow(2, block.i0, block.i1 - block.i0), Kb.transpose(-1, -2));
+    const at::Tensor row_max = scores.masked_fill(visible.logical_not(), -inf).amax(-1, true);
+    const at::Tensor shift = at::where(row_max == -inf, 0, row_max);
+    const at::Tensor probs = at::where(visible, (scores - shift).exp(), 0);
+    const at::Tensor sum = probs.sum(-1, true);
+    const at::Tensor out = masked_matmul(probs, visible, Vb);
+    outs.push_back(at::where(sum == 0, 0, out / sum));
+    lses.push_back(at::where(sum == 0, -inf, shift + sum.log()).squeeze(-1));
+  }
+  at::Tensor out = outs.empty() ? at::empty({s.batch, s.heads, 0, s.value_dim}, V.options()) : at::cat(outs, 2);
+  at::Tensor lse = lses.empty() ? at::empty({s.batch, s.heads, 0}, V.options()) : at::cat(lses, 2);
+  return {out.to(q.scalar_type()).contiguous(), lse.contiguous()};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_generic(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& out, const at::Tensor& lse, int64_t left, int64_t right, int64_t dilation,
+    const std::optional<at::Tensor>& global_mask, const std::optional<at::Tensor>& key_padding_mask,
+    double scale) {
+  const auto sizes = check_window_inputs(q, k, v, left, right, dilation, global_mask, key_padding_mask, scale);
+  check_window_backward_inputs(grad_out, q, out, lse, sizes);
+  const WindowAttentionShape s = window_kernel_shape(q, k, v, left, right, dilation, scale);
+  const auto acc = accumulate_type(q.scalar_type());
+  const at::Tensor Q = q.to(acc) * scale, K = k.to(acc), V = v.to(acc), G = grad_out.to(acc);
+  // δ_i = dO_i · O_i, a zero cotangent contributing nothing (not 0·O, NaN for NaN O).
+  const at::Tensor delta = at::where(G == 0, 0, G * out.to(acc)).sum(-1, true);
+  at::Tensor dQ = at::zeros_like(Q), dK = at::zeros_like(K), dV = at::zeros_like(V);
+  const double inf = std::numeric_limits<double>::infinity();
+  for (const BlockPlan& block : plan_blocks(s, global_mask, q.options().dtype(at::kLong))) {
+    const int64_t L = block.i1 - block.i0;
+    const at::Tensor Kb = K.index_select(2, block.keys), Vb = V.index_select(2, block.keys);
+    const at::Tensor Qb = Q.narrow(2, block.i0, L), Gb = G.narrow(2, block.i0, L);
+    const at::Tensor lse_b = lse.narrow(2, block.i0, L).unsqueeze(-1);
+    const at::Tensor visible = visibility(s, block.i0, block.i1, block.keys, global_mask, key_padding_mask)
+                                   .logical_and(lse_b != -inf);
+    const at::Tensor probs = at::where(visible, (at::matmul(Qb, Kb.transpose(-1, -2)) - lse_b).exp(), 0);
+    const at::Tensor visible_t = visible.transpose(-1, -2);
+    dV.index_add_(2, block.keys, masked_matmul(probs.transpose(-1, -2), visible_t, Gb));
+    const at::Tensor dP = at::matmul(Gb, Vb.transpose(-1, -2));
+    const at::Tensor dS = at::where(visible, probs * (dP - delta.narrow(2, block.i0, L)), 0);
+    dQ.narrow(2, block.i0, L).copy_(masked_matmul(dS, visible, Kb) * scale);
+    dK.index_add_(2, block.keys, masked_matmul(dS.transpose(-1, -2), visible_t, Qb));
+  }
+  const auto dtype = q.scalar_type();
+  return {dQ.to(dtype).contiguous(), dK.to(dtype).contiguous(), dV.to(dtype).contiguous()};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(linattn, CompositeExplicitAutograd, m) {
+  m.impl("sliding_window_attn_fwd", &forward_generic);
+  m.impl("sliding_window_attn_bwd", &backward_generic);
+  m.impl("sliding_window_attn_fwd_generic", &forward_generic);
+  m.impl("sliding_window_attn_bwd_generic", &backward_generic);
+}
+
+}  // namespace linattn

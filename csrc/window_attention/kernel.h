@@ -1,0 +1,64 @@
+// Kernel interface of the restricted-softmax family (METHODS.md §5): softmax attention in which
+// query i sees key j only when visible(i, j). Raw pointers, strides and sizes only.
+//
+// Sliding window with flash-attn's window_size meaning: with the query aligned to key
+// a = i + (T_k − T_q) (bottom-right alignment), key j is in the window when
+// a − left <= j <= a + right (a negative bound is unbounded) and, with dilation d, (a − j) is a
+// multiple of d. Longformer global tokens (T_q == T_k): a global row sees every key, every row
+// sees the global keys. A padded key is seen by no row.
+#pragma once
+
+#include "../common/strided.h"
+
+#include <cstdint>
+
+namespace linattn {
+
+struct WindowAttentionShape {
+  int64_t batch = 0;
+  int64_t heads = 0;
+  int64_t q_len = 0;
+  int64_t k_len = 0;
+  int64_t head_dim = 0;   // D of q and k
+  int64_t value_dim = 0;  // dv
+  int64_t left = -1;      // window bounds, -1 = unbounded
+  int64_t right = -1;
+  int64_t dilation = 1;
+  double scale = 1.0;
+
+  // Whether key j is in query i's window (globals and padding aside).
+  bool in_window(int64_t i, int64_t j) const {
+    const int64_t d = i + (k_len - q_len) - j;  // > 0: the key lies before the query
+    return (left < 0 || d <= left) && (right < 0 || -d <= right) && d % dilation == 0;
+  }
+  // The keys [begin, end) that rows [i0, i1) can see through their window.
+  int64_t band_begin(int64_t i0) const {
+    if (left < 0) return 0;
+    const int64_t b = i0 + (k_len - q_len) - left;
+    return b < 0 ? 0 : (b > k_len ? k_len : b);
+  }
+  int64_t band_end(int64_t i1) const {
+    if (right < 0) return k_len;
+    const int64_t e = i1 - 1 + (k_len - q_len) + right + 1;
+    return e < 0 ? 0 : (e > k_len ? k_len : e);
+  }
+};
+
+// Per-row masks: global_mask (B, T) and key_padding_mask (B, T_k), contiguous, nullable.
+// Outputs: out (B, H, T_q, dv) contiguous, lse (B, H, T_q) acc_t (−inf for a row that sees no
+// key; its output is 0).
+template <typename scalar_t, typename acc_t>
+void window_attention_forward_cpu(const WindowAttentionShape& shape, Strided4<const scalar_t> q,
+                                  Strided4<const scalar_t> k, Strided4<const scalar_t> v,
+                                  const bool* global_mask, const bool* key_padding_mask,
+                                  scalar_t* out, acc_t* lse);
+
+template <typename scalar_t, typename acc_t>
+void window_attention_backward_cpu(const WindowAttentionShape& shape,
+                                   Strided4<const scalar_t> grad_out, Strided4<const scalar_t> q,
+                                   Strided4<const scalar_t> k, Strided4<const scalar_t> v,
+                                   Strided4<const scalar_t> out, const acc_t* lse,
+                                   const bool* global_mask, const bool* key_padding_mask,
+                                   scalar_t* grad_q, scalar_t* grad_k, scalar_t* grad_v);
+
+}  // namespace linattn

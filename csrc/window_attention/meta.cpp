@@ -1,0 +1,43 @@
+// Meta kernels of the window attention operators: the real kernels' checks on symbolic sizes,
+// outputs with the real kernels' (contiguous) layout.
+#include "op_checks.h"
+
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+namespace linattn {
+namespace {
+
+std::tuple<at::Tensor, at::Tensor> forward_meta(const at::Tensor& q, const at::Tensor& k,
+                                                const at::Tensor& v, int64_t left, int64_t right,
+                                                int64_t dilation,
+                                                const std::optional<at::Tensor>& global_mask,
+                                                const std::optional<at::Tensor>& key_padding_mask,
+                                                double scale) {
+  const auto s = check_window_inputs(q, k, v, left, right, dilation, global_mask, key_padding_mask, scale);
+  return {at::empty_symint({s.batch, s.heads, s.q_len, s.value_dim}, q.options()),
+          at::empty_symint({s.batch, s.heads, s.q_len}, q.options().dtype(accumulate_type(q.scalar_type())))};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_meta(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& out, const at::Tensor& lse, int64_t left, int64_t right, int64_t dilation,
+    const std::optional<at::Tensor>& global_mask, const std::optional<at::Tensor>& key_padding_mask,
+    double scale) {
+  const auto s = check_window_inputs(q, k, v, left, right, dilation, global_mask, key_padding_mask, scale);
+  check_window_backward_inputs(grad_out, q, out, lse, s);
+  return {at::empty_symint({s.batch, s.heads, s.q_len, s.head_dim}, q.options()),
+          at::empty_symint({s.batch, s.heads, s.k_len, s.head_dim}, q.options()),
+          at::empty_symint({s.batch, s.heads, s.k_len, s.value_dim}, q.options())};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(linattn, Meta, m) {
+  m.impl("sliding_window_attn_fwd", &forward_meta);
+  m.impl("sliding_window_attn_bwd", &backward_meta);
+  m.impl("sliding_window_attn_fwd_generic", &forward_meta);
+  m.impl("sliding_window_attn_bwd_generic", &backward_meta);
+}
+
+}  // namespace linattn

@@ -1,0 +1,98 @@
+// Argument checks of the window attention operators, shared by the CPU kernel, the
+// device-generic implementation and the Meta kernels (on SymInts, see common/checks.h).
+#pragma once
+
+#include "../common/checks.h"
+#include "kernel.h"
+
+#include <cmath>
+
+namespace linattn {
+
+constexpr const char* kWindowAttentionOp = "linattn.sliding_window_attention";
+
+struct WindowAttentionSizes {
+  c10::SymInt batch, heads, q_len, k_len, head_dim, value_dim;
+};
+
+inline WindowAttentionSizes check_window_inputs(const at::Tensor& q, const at::Tensor& k,
+                                                const at::Tensor& v, int64_t left, int64_t right,
+                                                int64_t dilation,
+                                                const std::optional<at::Tensor>& global_mask,
+                                                const std::optional<at::Tensor>& key_padding_mask,
+                                                double scale) {
+  const char* op = kWindowAttentionOp;
+  check_dim(op, "q", q, 4, "(B, H, T, D)");
+  check_dim(op, "k", k, 4, "(B, H, T, D)");
+  check_dim(op, "v", v, 4, "(B, H, T, D)");
+  check_floating(op, "q", q);
+  check_same_device_dtype(op, "k", k, "q", q);
+  check_same_device_dtype(op, "v", v, "q", q);
+  TORCH_CHECK(q.sym_size(0) == k.sym_size(0) && q.sym_size(1) == k.sym_size(1) &&
+                  k.sym_size(0) == v.sym_size(0) && k.sym_size(1) == v.sym_size(1),
+              op, ": q, k and v must share batch and head dims, got q ", shape_str(q), ", k ",
+              shape_str(k), " and v ", shape_str(v));
+  TORCH_CHECK(q.sym_size(3) == k.sym_size(3), op, ": q and k must have the same head dim, got q ",
+              shape_str(q), " and k ", shape_str(k));
+  TORCH_CHECK(k.sym_size(2) == v.sym_size(2), op, ": k and v must have the same length, got k ",
+              shape_str(k), " and v ", shape_str(v));
+  TORCH_CHECK(left >= -1 && right >= -1, op,
+              ": window bounds must be >= 0, or -1 for unbounded, got (", left, ", ", right, ")");
+  TORCH_CHECK(dilation >= 1, op, ": dilation must be >= 1, got ", dilation);
+  TORCH_CHECK(std::isfinite(scale), op, ": scale must be finite, got ", scale);
+  WindowAttentionSizes s{q.sym_size(0), q.sym_size(1), q.sym_size(2),
+                         k.sym_size(2), q.sym_size(3), v.sym_size(3)};
+  if (global_mask.has_value()) {
+    const at::Tensor& g = *global_mask;
+    check_same_device(op, "global_mask", g, "q", q);
+    TORCH_CHECK(g.scalar_type() == at::kBool, op,
+                ": global_mask must be a bool tensor (True = global token), got ", g.scalar_type());
+    TORCH_CHECK(s.q_len == s.k_len, op, ": global_mask needs as many queries as keys, got q ",
+                shape_str(q), " and k ", shape_str(k));
+    check_shape(op, "global_mask", g, {s.batch, s.k_len}, "(B, T)");
+  }
+  if (key_padding_mask.has_value()) {
+    const at::Tensor& mask = *key_padding_mask;
+    check_same_device(op, "key_padding_mask", mask, "q", q);
+    TORCH_CHECK(mask.scalar_type() == at::kBool, op,
+                ": key_padding_mask must be a bool tensor (True = padded key), got ",
+                mask.scalar_type());
+    check_shape(op, "key_padding_mask", mask, {s.batch, s.k_len}, "(B, T_k)");
+  }
+  return s;
+}
+
+inline void check_window_backward_inputs(const at::Tensor& grad_out, const at::Tensor& q,
+                                         const at::Tensor& out, const at::Tensor& lse,
+                                         const WindowAttentionSizes& s) {
+  const char* op = kWindowAttentionOp;
+  const std::vector<c10::SymInt> out_shape{s.batch, s.heads, s.q_len, s.value_dim};
+  check_same_device_dtype(op, "grad_out", grad_out, "q", q);
+  check_shape(op, "grad_out", grad_out, out_shape, "(B, H, T_q, dv)");
+  check_same_device_dtype(op, "out", out, "q", q);
+  check_shape(op, "out", out, out_shape, "(B, H, T_q, dv)");
+  check_same_device(op, "lse", lse, "q", q);
+  TORCH_CHECK(lse.scalar_type() == accumulate_type(q.scalar_type()), op, ": lse must be ",
+              accumulate_type(q.scalar_type()), " for ", q.scalar_type(), " inputs, got ",
+              lse.scalar_type());
+  check_shape(op, "lse", lse, {s.batch, s.heads, s.q_len}, "(B, H, T_q)");
+}
+
+inline WindowAttentionShape window_kernel_shape(const at::Tensor& q, const at::Tensor& k,
+                                                const at::Tensor& v, int64_t left, int64_t right,
+                                                int64_t dilation, double scale) {
+  WindowAttentionShape s;
+  s.batch = q.size(0);
+  s.heads = q.size(1);
+  s.q_len = q.size(2);
+  s.k_len = k.size(2);
+  s.head_dim = q.size(3);
+  s.value_dim = v.size(3);
+  s.left = left;
+  s.right = right;
+  s.dilation = dilation;
+  s.scale = scale;
+  return s;
+}
+
+}  // namespace linattn

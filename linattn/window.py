@@ -1,0 +1,86 @@
+"""Restricted softmax attention (METHODS.md §5): sliding windows, dilated windows and
+Longformer global tokens, on (B, H, T, D) tensors. Exported from linattn.functional."""
+import math
+import numbers
+from typing import Optional, Tuple, Union
+
+import torch
+
+from . import _ops
+from . import _validation as check
+
+Window = Union[int, Tuple[int, int]]
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def window_bounds(where: str, window: Window, causal: bool) -> Tuple[int, int]:
+    """(left, right) key bounds around each query's aligned position, -1 = unbounded.
+
+    An int w means |i − j| <= w (causal: i − w <= j <= i); a (left, right) pair has flash-attn's
+    window_size meaning. causal=True sets right = 0."""
+    if _is_int(window):
+        if window < -1:
+            raise ValueError(f"{where}: window must be >= 0 (or -1 for unbounded), got {window}")
+        left, right = int(window), int(window)
+    elif isinstance(window, (tuple, list)) and len(window) == 2 and all(_is_int(w) for w in window):
+        left, right = (int(w) for w in window)
+        if left < -1 or right < -1:
+            raise ValueError(f"{where}: window bounds must be >= 0 or -1 (unbounded), got {tuple(window)}")
+    else:
+        raise TypeError(f"{where}: window must be an int or a (left, right) pair of ints, got {window!r}")
+    return left, 0 if causal else right
+
+
+def sliding_window_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    window: Window,
+    *,
+    causal: bool = False,
+    dilation: int = 1,
+    global_mask: Optional[torch.Tensor] = None,
+    key_padding_mask: Optional[torch.Tensor] = None,
+    scale: Optional[float] = None,
+) -> torch.Tensor:
+    """Softmax attention in which query i sees only the keys of its window (METHODS.md §5).
+
+    Args:
+        q, k, v: (B, H, T_q, D), (B, H, T_k, D), (B, H, T_k, dv); any strides, any lengths.
+        window: an int w (|i − j| <= w; causal: i − w <= j <= i) or (left, right) with
+            flash-attn's window_size meaning: key j is seen when a − left <= j <= a + right with
+            a = i + T_k − T_q (bottom-right alignment), −1 = unbounded.
+        causal: right bound 0.
+        dilation: d > 1 keeps only the keys with (a − j) divisible by d (Longformer's dilated
+            windows; the window still spans |a − j| <= w).
+        global_mask: (B, T) bool, True = global token (T_q == T_k, not causal): a global row sees
+            every key and every row sees the global keys (Longformer).
+        key_padding_mask: (B, T_k) bool, True = padded key, seen by no row.
+        scale: score scale, default D ** -0.5.
+
+    Returns (B, H, T_q, dv) in the input dtype. A row that sees no key returns 0 (and passes
+    zero gradients), never NaN. Computed flash-style in blocks: memory O(T·(block + window)),
+    never a T×T matrix; float32 accumulation for every dtype.
+    """
+    where = "linattn.sliding_window_attention"
+    check.check_qkv(where, q, k, v, causal=False)
+    left, right = window_bounds(where, window, causal)
+    if not _is_int(dilation) or dilation < 1:
+        raise ValueError(f"{where}: dilation must be an int >= 1, got {dilation!r}")
+    check.check_key_padding_mask(where, key_padding_mask, k)
+    if global_mask is not None:
+        if causal:
+            raise ValueError(f"{where}: global_mask needs causal=False (a global row would see later keys)")
+        if q.shape[2] != k.shape[2]:
+            raise ValueError(f"{where}: global_mask needs as many queries as keys, got q {tuple(q.shape)} and k "
+                             f"{tuple(k.shape)}")
+        check.check_key_padding_mask(where, global_mask, k, name="global_mask", meaning="True = global token")
+    if scale is None:
+        scale = q.shape[-1] ** -0.5 if q.shape[-1] > 0 else 1.0
+    elif isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
+        raise ValueError(f"{where}: scale must be a finite number or None, got {scale!r}")
+    out, _ = _ops.window_attn_fwd()(q, k, v, left, right, int(dilation), global_mask, key_padding_mask, float(scale))
+    return out
