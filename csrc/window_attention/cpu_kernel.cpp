@@ -26,27 +26,28 @@
 namespace linattn {
 namespace {
 
-constexpr int64_t kBlock = 64;  // query rows per block, and keys per key group
+constexpr int64_t kBlock = 64;        // query rows per block
+constexpr int64_t kKeyGroup = 256;    // keys per group: larger GEMMs, fewer online-softmax rescales
 
 template <typename acc_t>
 constexpr acc_t minus_infinity() {
   return -std::numeric_limits<acc_t>::infinity();
 }
 
-// The keys one query block visits, in groups of at most kBlock indices.
+// The keys one query block visits, in groups of at most kKeyGroup indices.
 struct KeyGroups {
   std::vector<std::vector<int64_t>> groups;
 
   void add_range(int64_t begin, int64_t end) {
-    for (int64_t j0 = begin; j0 < end; j0 += kBlock) {
+    for (int64_t j0 = begin; j0 < end; j0 += kKeyGroup) {
       std::vector<int64_t> g;
-      for (int64_t j = j0; j < std::min(end, j0 + kBlock); ++j) g.push_back(j);
+      for (int64_t j = j0; j < std::min(end, j0 + kKeyGroup); ++j) g.push_back(j);
       groups.push_back(std::move(g));
     }
   }
   void add_list(const std::vector<int64_t>& keys) {
-    for (size_t i0 = 0; i0 < keys.size(); i0 += kBlock)
-      groups.emplace_back(keys.begin() + i0, keys.begin() + std::min(keys.size(), i0 + kBlock));
+    for (size_t i0 = 0; i0 < keys.size(); i0 += kKeyGroup)
+      groups.emplace_back(keys.begin() + i0, keys.begin() + std::min(keys.size(), i0 + kKeyGroup));
   }
 };
 
@@ -67,20 +68,20 @@ struct WindowKernel {
       : s(shape), global(global_mask), padding(key_padding), global_keys(globals),
         D(shape.head_dim), dv(shape.value_dim) {
     q.resize(kBlock * D);
-    k.resize(kBlock * D);
-    v.resize(kBlock * dv);
+    k.resize(kKeyGroup * D);
+    v.resize(kKeyGroup * dv);
     g.resize(kBlock * dv);
-    scores.resize(kBlock * kBlock);
-    probs.resize(kBlock * kBlock);
+    scores.resize(kBlock * kKeyGroup);
+    probs.resize(kBlock * kKeyGroup);
     o.resize(kBlock * dv);
     dq.resize(kBlock * D);
-    dk_part.resize(kBlock * D);
-    dv_part.resize(kBlock * dv);
+    dk_part.resize(kKeyGroup * D);
+    dv_part.resize(kKeyGroup * dv);
     row_max.resize(kBlock);
     row_sum.resize(kBlock);
     lse_rows.resize(kBlock);
     delta.resize(kBlock);
-    vis.resize(kBlock * kBlock);
+    vis.resize(kBlock * kKeyGroup);
   }
 
   // The key groups rows [i0, i1) of batch bi visit.
@@ -104,12 +105,6 @@ struct WindowKernel {
     return kg;
   }
 
-  bool visible(int64_t bi, int64_t i, int64_t j) const {
-    if (padding && padding[bi * s.k_len + j]) return false;
-    if (global && (global[bi * s.k_len + i] || global[bi * s.k_len + j])) return true;
-    return s.in_window(i, j);
-  }
-
   // Rows of a (b, h) view gathered by index into contiguous scratch.
   template <typename Dst>
   void gather(Dst& dst, int64_t width, const Strided4<const scalar_t>& x, int64_t bi, int64_t hi,
@@ -124,16 +119,36 @@ struct WindowKernel {
     for (int64_t x = 0; x < L * D; ++x) q[x] *= scale;
   }
 
-  // scores = q kᵀ for the group, and the visibility of each pair.
+  // scores = q kᵀ for the group, and the visibility of each pair: the window as an interval
+  // test per row (a loop that vectorizes), then dilation, global tokens and padding only when
+  // they are in use (WindowAttentionShape::in_window is the definition this matches).
   void score(int64_t bi, int64_t i0, int64_t L, const std::vector<int64_t>& keys) {
     const int64_t n = static_cast<int64_t>(keys.size());
-    gemm<acc_t>(false, true, L, n, D, q.data(), D, k.data(), D, 0, scores.data(), kBlock);
-    for (int64_t r = 0; r < L; ++r)
-      for (int64_t c = 0; c < n; ++c) vis[r * kBlock + c] = visible(bi, i0 + r, keys[c]);
+    gemm<acc_t>(false, true, L, n, D, q.data(), D, k.data(), D, 0, scores.data(), kKeyGroup);
+    const int64_t* key = keys.data();
+    const int64_t offset = s.k_len - s.q_len;
+    for (int64_t r = 0; r < L; ++r) {
+      const int64_t a = i0 + r + offset;  // the query's aligned key position
+      const int64_t lo = s.left < 0 ? std::numeric_limits<int64_t>::min() : a - s.left;
+      const int64_t hi = s.right < 0 ? std::numeric_limits<int64_t>::max() : a + s.right;
+      unsigned char* vr = vis.data() + r * kKeyGroup;
+      for (int64_t c = 0; c < n; ++c) vr[c] = key[c] >= lo && key[c] <= hi;
+      if (s.dilation > 1)
+        for (int64_t c = 0; c < n; ++c) vr[c] = vr[c] && (a - key[c]) % s.dilation == 0;
+      if (global) {
+        const bool* g = global + bi * s.k_len;
+        const bool row_global = g[i0 + r];
+        for (int64_t c = 0; c < n; ++c) vr[c] = vr[c] || row_global || g[key[c]];
+      }
+      if (padding) {
+        const bool* p = padding + bi * s.k_len;
+        for (int64_t c = 0; c < n; ++c) vr[c] = vr[c] && !p[key[c]];
+      }
+    }
   }
 
   auto visible_pair() const {
-    return [this](int64_t r, int64_t c) { return vis[r * kBlock + c] != 0; };
+    return [this](int64_t r, int64_t c) { return vis[r * kKeyGroup + c] != 0; };
   }
 
   void forward_block(int64_t bh, int64_t i0, Strided4<const scalar_t> Q, Strided4<const scalar_t> K,
@@ -150,14 +165,19 @@ struct WindowKernel {
       gather(v, dv, V, bi, hi, keys);
       score(bi, i0, L, keys);
       for (int64_t r = 0; r < L; ++r) {
-        const acc_t* sr = scores.data() + r * kBlock;
-        const unsigned char* vr = vis.data() + r * kBlock;
-        acc_t* pr = probs.data() + r * kBlock;
+        const acc_t* sr = scores.data() + r * kKeyGroup;
+        const unsigned char* vr = vis.data() + r * kKeyGroup;
+        acc_t* pr = probs.data() + r * kKeyGroup;
+        // `omp simd` reductions let these loops vectorize (a plain float reduction may not be
+        // reordered); a NaN score still reaches the output through its exp below.
         acc_t group_max = minus_infinity<acc_t>();
-        for (int64_t c = 0; c < n; ++c)
-          if (vr[c] && sr[c] > group_max) group_max = sr[c];
-        bool any_visible = false;
-        for (int64_t c = 0; c < n; ++c) any_visible |= vr[c] != 0;
+        int any_visible = 0;
+#pragma omp simd reduction(max : group_max) reduction(| : any_visible)
+        for (int64_t c = 0; c < n; ++c) {
+          const acc_t x = vr[c] ? sr[c] : minus_infinity<acc_t>();
+          group_max = x > group_max ? x : group_max;
+          any_visible |= vr[c];
+        }
         if (!any_visible) {
           std::fill(pr, pr + n, acc_t(0));
           continue;
@@ -166,17 +186,19 @@ struct WindowKernel {
         const acc_t m_new = std::max(m_old, group_max);
         // All visible scores NaN leave m at −inf: exp(NaN − −inf) is NaN, which then propagates.
         const acc_t alpha = m_old == minus_infinity<acc_t>() ? acc_t(0) : exp_nonpositive(m_old - m_new);
-        acc_t sum = 0;
         for (int64_t c = 0; c < n; ++c) {
-          pr[c] = vr[c] ? exp_nonpositive(sr[c] - m_new) : acc_t(0);
-          sum += pr[c];
+          const acc_t e = exp_nonpositive(sr[c] - m_new);
+          pr[c] = vr[c] ? e : acc_t(0);
         }
+        acc_t sum = 0;
+#pragma omp simd reduction(+ : sum)
+        for (int64_t c = 0; c < n; ++c) sum += pr[c];
         row_sum[r] = row_sum[r] * alpha + sum;
         row_max[r] = m_new;
         acc_t* orow = o.data() + r * dv;
         for (int64_t c = 0; c < dv; ++c) orow[c] *= alpha;
       }
-      add_masked_product(false, L, n, dv, probs.data(), kBlock, v.data(), dv, o.data(), dv, visible_pair());
+      add_masked_product(false, L, n, dv, probs.data(), kKeyGroup, v.data(), dv, o.data(), dv, visible_pair());
     }
     scalar_t* out_rows = out + (bh * s.q_len + i0) * dv;
     for (int64_t r = 0; r < L; ++r) {
@@ -218,26 +240,30 @@ struct WindowKernel {
         score(bi, i0, L, keys);
         for (int64_t r = 0; r < L; ++r) {
           const bool empty = lse_rows[r] == minus_infinity<acc_t>();
+          unsigned char* vr = vis.data() + r * kKeyGroup;
+          if (empty) std::fill(vr, vr + n, 0);
+          const acc_t* sr = scores.data() + r * kKeyGroup;
+          acc_t* pr = probs.data() + r * kKeyGroup;
+          const acc_t row_lse = lse_rows[r];
           for (int64_t c = 0; c < n; ++c) {
-            const int64_t x = r * kBlock + c;
-            if (empty) vis[x] = 0;
-            probs[x] = vis[x] ? exp_nonpositive(scores[x] - lse_rows[r]) : acc_t(0);
+            const acc_t e = exp_nonpositive(sr[c] - row_lse);
+            pr[c] = vr[c] ? e : acc_t(0);
           }
         }
         // dV_keys += Pᵀ dO
         std::fill(dv_part.begin(), dv_part.end(), acc_t(0));
-        add_masked_product(true, L, n, dv, probs.data(), kBlock, g.data(), dv, dv_part.data(), dv, visible_pair());
+        add_masked_product(true, L, n, dv, probs.data(), kKeyGroup, g.data(), dv, dv_part.data(), dv, visible_pair());
         // dP = dO Vᵀ, then dS = P ⊙ (dP − δ) on visible pairs (scores is reused for dS).
-        gemm<acc_t>(false, true, L, n, dv, g.data(), dv, v.data(), dv, 0, scores.data(), kBlock);
+        gemm<acc_t>(false, true, L, n, dv, g.data(), dv, v.data(), dv, 0, scores.data(), kKeyGroup);
         for (int64_t r = 0; r < L; ++r)
           for (int64_t c = 0; c < n; ++c) {
-            const int64_t x = r * kBlock + c;
+            const int64_t x = r * kKeyGroup + c;
             scores[x] = vis[x] ? probs[x] * (scores[x] - delta[r]) : acc_t(0);
           }
         // dQ += dS K (scaled at the end), dK_keys += dSᵀ (scale·Q)
-        add_masked_product(false, L, n, D, scores.data(), kBlock, k.data(), D, dq.data(), D, visible_pair());
+        add_masked_product(false, L, n, D, scores.data(), kKeyGroup, k.data(), D, dq.data(), D, visible_pair());
         std::fill(dk_part.begin(), dk_part.end(), acc_t(0));
-        add_masked_product(true, L, n, D, scores.data(), kBlock, q.data(), D, dk_part.data(), D, visible_pair());
+        add_masked_product(true, L, n, D, scores.data(), kKeyGroup, q.data(), D, dk_part.data(), D, visible_pair());
         for (int64_t c = 0; c < n; ++c) {
           acc_t* dkr = dk_acc.data() + keys[c] * D;
           acc_t* dvr = dv_acc.data() + keys[c] * dv;
