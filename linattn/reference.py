@@ -8,6 +8,7 @@ from typing import Optional, Tuple
 import torch
 
 from .feature_maps import resolve_feature_map
+from .window import window_mask
 
 
 def linear_attention(
@@ -131,37 +132,13 @@ def linformer_attention(q, k, v, E, F, *, key_padding_mask=None):
     return torch.softmax(scores, dim=-1) @ v_proj
 
 
-def window_visibility(length_q, length_k, window, *, causal=False, dilation=1, global_mask=None,
-                      key_padding_mask=None, batch=1, device=None):
-    """The dense (B, 1, T_q, T_k) bool mask of METHODS.md §5 (True = the query sees the key),
-    built from the definition; the operators never build it."""
-    from .window import window_bounds
-
-    left, right = window_bounds("linattn.reference.window_visibility", window, causal)
-    i = torch.arange(length_q, device=device)[:, None] + (length_k - length_q)
-    j = torch.arange(length_k, device=device)[None, :]
-    d = i - j
-    visible = torch.ones(length_q, length_k, dtype=torch.bool, device=device)
-    if left >= 0:
-        visible &= d <= left
-    if right >= 0:
-        visible &= -d <= right
-    visible &= d % dilation == 0
-    visible = visible.expand(batch, 1, length_q, length_k)
-    if global_mask is not None:
-        visible = visible | global_mask[:, None, :, None] | global_mask[:, None, None, :]
-    if key_padding_mask is not None:
-        visible = visible & ~key_padding_mask[:, None, None, :]
-    return visible
-
-
 def sliding_window_attention(q, k, v, window, *, causal=False, dilation=1, global_mask=None,
                              key_padding_mask=None, scale=None):
     """METHODS.md §5 in float64: softmax over exactly the visible keys, masked terms excluded
     (an Inf or NaN at a key a row cannot see never reaches it); a row with no visible key is 0."""
     q, k, v = q.double(), k.double(), v.double()
     scale = (q.shape[-1] ** -0.5 if q.shape[-1] > 0 else 1.0) if scale is None else scale
-    visible = window_visibility(q.shape[2], k.shape[2], window, causal=causal, dilation=dilation,
+    visible = window_mask(q.shape[2], k.shape[2], window, causal=causal, dilation=dilation,
                                 global_mask=global_mask, key_padding_mask=key_padding_mask,
                                 batch=q.shape[0], device=q.device)
     scores = ((q @ k.transpose(-1, -2)) * scale).masked_fill(~visible, float("-inf"))

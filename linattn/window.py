@@ -84,3 +84,26 @@ def sliding_window_attention(
         raise ValueError(f"{where}: scale must be a finite number or None, got {scale!r}")
     out, _ = _ops.window_attn_fwd()(q, k, v, left, right, int(dilation), global_mask, key_padding_mask, float(scale))
     return out
+
+
+def window_mask(length_q, length_k, window, *, causal=False, dilation=1, global_mask=None,
+                      key_padding_mask=None, batch=1, device=None):
+    """The dense (B, 1, T_q, T_k) bool mask of sliding_window_attention (True = the query sees
+    the key), straight from the definition: for the float64 reference, need_weights, and
+    comparisons with dense-mask attention. The operators never build it."""
+    left, right = window_bounds("linattn.window_mask", window, causal)
+    i = torch.arange(length_q, device=device)[:, None] + (length_k - length_q)
+    j = torch.arange(length_k, device=device)[None, :]
+    d = i - j
+    visible = torch.ones(length_q, length_k, dtype=torch.bool, device=device)
+    if left >= 0:
+        visible &= d <= left
+    if right >= 0:
+        visible &= -d <= right
+    visible &= d % dilation == 0
+    visible = visible.expand(batch, 1, length_q, length_k)
+    if global_mask is not None:
+        visible = visible | global_mask[:, None, :, None] | global_mask[:, None, None, :]
+    if key_padding_mask is not None:
+        visible = visible & ~key_padding_mask[:, None, None, :]
+    return visible

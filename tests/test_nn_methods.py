@@ -18,8 +18,11 @@ METHOD_OPTIONS = {
     "linformer": {"max_seq_len": 40, "k": 12, "sharing": "none"},
     "linformer-headwise": {"max_seq_len": 40, "k": 12},
     "linformer-kv": {"max_seq_len": 40, "k": 12, "sharing": "kv"},
+    "local": {"window": 5},
+    "local-dilated": {"window": (7, 3), "dilation": 2},
+    "longformer": {"window": 4, "global_tokens": 2},
 }
-CAUSAL = {"softmax", "linear", "performer"}
+CAUSAL = {"softmax", "linear", "performer", "local"}
 
 
 def _build(name, embed=24, heads=3, **kwargs):
@@ -44,6 +47,12 @@ def _reference(module, query, key, value, key_padding_mask, causal):
     elif method == "performer":
         out = reference.performer_attention(q, k, v, core.projection, causal=causal, kernel=core.kernel, eps=0.0,
                                             key_padding_mask=key_padding_mask)
+    elif method in ("local", "longformer"):
+        global_mask = None
+        if method == "longformer":
+            global_mask = (torch.arange(key.shape[1]) < core.global_tokens).expand(key.shape[0], key.shape[1])
+        out = reference.sliding_window_attention(q, k, v, core.window, causal=causal, dilation=core.dilation,
+                                                 global_mask=global_mask, key_padding_mask=key_padding_mask)
     elif method == "efficient":
         out = reference.efficient_attention(q, k, v, key_padding_mask=key_padding_mask)
     else:

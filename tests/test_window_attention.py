@@ -186,3 +186,54 @@ def test_double_backward_raises():
     (gq,) = torch.autograd.grad(SWA(q, k, v, 3).square().sum(), q, create_graph=True)
     with pytest.raises(RuntimeError, match=r"second derivatives"):
         gq.sum().backward()
+
+
+# --- the "local" and "longformer" methods of linattn.nn.MultiheadAttention ---------------------
+
+def test_longformer_module_takes_a_global_mask_per_call():
+    torch.manual_seed(0)
+    module = linattn.nn.MultiheadAttention(16, 2, batch_first=True, method="longformer", window=3, global_tokens=1)
+    x = torch.randn(2, 30, 16, dtype=torch.float64)
+    module = module.double()
+    default, _ = module(x, x, x, need_weights=False)
+    first = torch.zeros(2, 30, dtype=torch.bool)
+    first[:, 0] = True
+    explicit, _ = module(x, x, x, need_weights=False, global_mask=first)
+    assert_close(explicit, default, 1e-12, "global_tokens=1 is the first token")
+    other = torch.zeros(2, 30, dtype=torch.bool)
+    other[:, [5, 17]] = True
+    out, weights = module(x, x, x, global_mask=other, average_attn_weights=False)
+    assert weights[:, :, 5].gt(0).all() and weights[:, :, :, 17].gt(0).all()  # global row 5 sees all; all see 17
+    assert (weights[:, :, 0, 10] == 0).all()  # outside row 0's window, not global
+
+
+def test_global_mask_and_extra_keys_errors():
+    x = torch.randn(2, 10, 16)
+    with pytest.raises(ValueError, match=r"global_mask is only for method='longformer'"):
+        linattn.nn.MultiheadAttention(16, 2, batch_first=True, method="local")(
+            x, x, x, global_mask=torch.zeros(2, 10, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"add_bias_kv and add_zero_attn are not supported by this method"):
+        linattn.nn.MultiheadAttention(16, 2, batch_first=True, method="local", add_zero_attn=True)(x, x, x)
+    with pytest.raises(ValueError, match=r"non-causal only"):
+        linattn.nn.MultiheadAttention(16, 2, batch_first=True, method="longformer")(x, x, x, is_causal=True,
+                                                                                   attn_mask=torch.zeros(10, 10))
+    with pytest.raises(ValueError, match=r"linattn method 'local': window must be"):
+        linattn.nn.MultiheadAttention(16, 2, method="local", window=-5)
+
+
+@pytest.mark.parametrize("method", ["local", "longformer"])
+@pytest.mark.parametrize("training", [False, True])
+def test_swapped_encoder_with_a_window_covering_the_sequence_is_softmax(method, training):
+    def encoder():
+        torch.manual_seed(0)
+        layer = torch.nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+        return torch.nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+
+    windowed = linattn.swap_attention(encoder(), method=method, window=200).train(training)
+    dense = linattn.swap_attention(encoder(), method="softmax").train(training)
+    assert all(layer.self_attn.method == method for layer in windowed.layers)
+    x = torch.randn(2, 50, 16)
+    out = windowed(x)
+    assert_close(out, dense(x), 1e-5, "window >= T equals softmax")
+    out.sum().backward()
+    assert all(p.grad is not None for p in windowed.parameters())

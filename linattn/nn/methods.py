@@ -29,6 +29,7 @@ from .._ops import accumulate_dtype
 from ..feature_maps import (
     FEATURE_MAPS, PERFORMER_KERNELS, efficient_feature_maps, favor_features, random_features,
 )
+from ..window import window_bounds, window_mask
 from .masks import causal_pattern, merged_bias
 
 
@@ -77,6 +78,9 @@ class MethodModule(nn.Module):
     """Base of the methods. A state_dict without any of a method's own tensors (one saved from
     torch.nn.MultiheadAttention or timm's Attention) leaves them at their current values instead
     of reporting them missing, so pretrained weights load with strict=True."""
+
+    # Whether add_bias_kv / add_zero_attn keys (which every query sees) can be appended.
+    supports_extra_keys = True
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
         if any(key.startswith(prefix) for key in state_dict):
@@ -285,6 +289,78 @@ class EfficientMethod(MethodModule):
         return out, weights if key_scale is None else weights * key_scale
 
 
+class LocalMethod(MethodModule):
+    """Sliding-window softmax attention (METHODS.md §5) through linattn.sliding_window_attention.
+    Options:
+      window: an int w (each query sees the keys within w positions; causal: the w before it
+        and itself) or a (left, right) pair with flash-attn's window_size meaning; default 128;
+      dilation: keep every d-th key of the window (Longformer's dilated windows), default 1.
+    Accepts key padding and causal masks; dropout drops whole keys, as for the linear methods."""
+
+    name = "local"
+    options = ("window", "dilation")
+    supports_causal = True
+    takes_any_mask = False
+    supports_extra_keys = False  # bias_kv / zero_attn keys would fall outside most windows
+
+    def __init__(self, num_heads: int, head_dim: int, device=None, dtype=None, *, window=128, dilation=1):
+        super().__init__()
+        where = f"linattn method {self.name!r}"
+        window_bounds(where, window, causal=False)  # raises on a bad window
+        _check_positive_int(self.name, "dilation", dilation)
+        self.window, self.dilation = window, dilation
+
+    def extra_repr(self) -> str:
+        return f"window={self.window!r}, dilation={self.dilation}"
+
+    def global_mask(self, key_padding_mask, q, k, given):
+        return given
+
+    def forward(self, q, k, v, *, causal, key_padding_mask, attn_mask, dropout_p, need_weights, global_mask=None):
+        v, key_scale = _drop_keys(v, dropout_p)
+        global_mask = self.global_mask(key_padding_mask, q, k, global_mask)
+        out = functional.sliding_window_attention(
+            q, k, v, self.window, causal=causal, dilation=self.dilation, global_mask=global_mask,
+            key_padding_mask=key_padding_mask,
+        )
+        if not need_weights:
+            return out, None
+        visible = window_mask(
+            q.shape[2], k.shape[2], self.window, causal=causal, dilation=self.dilation, global_mask=global_mask,
+            key_padding_mask=key_padding_mask, batch=q.shape[0], device=q.device,
+        )
+        scores = ((q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)).masked_fill(~visible, float("-inf"))
+        weights = torch.softmax(scores, dim=-1).masked_fill(~visible.any(-1, keepdim=True), 0.0)
+        return out, weights if key_scale is None else weights * key_scale
+
+
+class LongformerMethod(LocalMethod):
+    """Longformer (METHODS.md §5): a sliding window plus global tokens, which see every key and
+    are seen by every query. Options: window and dilation as for "local", and global_tokens:
+    how many leading tokens are global (default 1: a [CLS] token). MultiheadAttention's
+    forward(..., global_mask=(N, L) bool) overrides it per call. Self-attention, non-causal."""
+
+    name = "longformer"
+    options = ("window", "dilation", "global_tokens")
+    supports_causal = False
+
+    def __init__(self, num_heads: int, head_dim: int, device=None, dtype=None, *, window=128, dilation=1,
+                 global_tokens=1):
+        super().__init__(num_heads, head_dim, device, dtype, window=window, dilation=dilation)
+        if isinstance(global_tokens, bool) or not isinstance(global_tokens, int) or global_tokens < 0:
+            raise ValueError(f"linattn method 'longformer': global_tokens must be an int >= 0, got {global_tokens!r}")
+        self.global_tokens = global_tokens
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, global_tokens={self.global_tokens}"
+
+    def global_mask(self, key_padding_mask, q, k, given):
+        if given is not None:
+            return given
+        positions = torch.arange(k.shape[2], device=k.device)
+        return (positions < self.global_tokens).expand(k.shape[0], k.shape[2])
+
+
 LINFORMER_SHARING = ("none", "headwise", "kv", "layerwise")
 
 
@@ -374,10 +450,12 @@ class LinformerMethod(MethodModule):
 
 
 METHODS = {
-    cls.name: cls for cls in (SoftmaxMethod, LinearMethod, PerformerMethod, EfficientMethod, LinformerMethod)
+    cls.name: cls for cls in (
+        SoftmaxMethod, LinearMethod, PerformerMethod, EfficientMethod, LinformerMethod, LocalMethod, LongformerMethod,
+    )
 }
 # In API.md's list but not built yet: asking for one says so instead of "unknown".
-PLANNED_METHODS = ("local", "longformer", "bigbird", "reformer", "hybrid")
+PLANNED_METHODS = ("bigbird", "reformer", "hybrid", "additive")
 
 
 def build_method(method: str, *, num_heads: int, head_dim: int, device=None, dtype=None, **options) -> nn.Module:

@@ -87,8 +87,13 @@ class MultiheadAttention(nn.MultiheadAttention):
         self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
         key_padding_mask: Optional[torch.Tensor] = None, need_weights: bool = True,
         attn_mask: Optional[torch.Tensor] = None, average_attn_weights: bool = True, is_causal: bool = False,
+        global_mask: Optional[torch.Tensor] = None,
     ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """torch.nn.MultiheadAttention's forward; global_mask (N, L) bool marks Longformer's
+        global tokens (method="longformer" only; default: its global_tokens option)."""
         where = f"linattn.nn.MultiheadAttention(method={self.method!r})"
+        if global_mask is not None and self.method != "longformer":
+            raise ArgumentError(f"{where}: global_mask is only for method='longformer'")
         if torch.compiler.is_compiling() and not (is_causal is True or is_causal is False):
             # nn.TransformerEncoder(Layer) derives is_causal from the mask's values when it is not
             # given; a compiled graph cannot branch on that.
@@ -154,7 +159,10 @@ class MultiheadAttention(nn.MultiheadAttention):
         if self.add_zero_attn:
             visible_k.append(k.new_zeros(batch, heads, 1, head_dim))
             visible_v.append(v.new_zeros(batch, heads, 1, head_dim))
-        extra = {}
+        extra = {} if global_mask is None else {"global_mask": global_mask if batched else global_mask.unsqueeze(0)}
+        if visible_k and not self.core.supports_extra_keys:
+            raise ValueError(f"{where}: add_bias_kv and add_zero_attn are not supported by this method (their keys "
+                             "would have to be seen by every query, outside its window)")
         if visible_k and as_state:
             extra["visible_kv"] = (torch.cat(visible_k, dim=2), torch.cat(visible_v, dim=2))
         elif visible_k:
