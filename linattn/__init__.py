@@ -29,10 +29,11 @@ from . import reference  # noqa: E402
 from .feature_maps import elu_feature_map, favor_features, random_features, relu_feature_map  # noqa: E402
 from .functional import efficient_attention, linear_attention, performer_attention  # noqa: E402
 from .functional import sliding_window_attention  # noqa: E402
+from .window import window_mask  # noqa: E402
 from . import nn  # noqa: E402
 from .swap import swap_attention  # noqa: E402
 
 __all__ = [
-    "linear_attention", "performer_attention", "efficient_attention", "sliding_window_attention", "random_features", "favor_features",
+    "linear_attention", "performer_attention", "efficient_attention", "sliding_window_attention", "window_mask", "random_features", "favor_features",
     "elu_feature_map", "relu_feature_map", "nn", "swap_attention", "reference", "__version__",
 ]
