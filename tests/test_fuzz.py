@@ -301,3 +301,52 @@ def test_performer_and_efficient_equal_their_references(data):
     if rows.any():
         assert relative_error(out[rows], expected[rows]) <= 10 * max(TOLERANCE[dtype], 1e-5)
     _compare(efficient, reference.efficient_attention(q, k, v, key_padding_mask=mask), dtype, "efficient")
+
+
+@FUZZ
+@given(st.data())
+def test_sliding_window_attention_equals_reference(data):
+    """sliding_window_attention against float64 softmax under the dense mask built from the
+    definition: windows and (left, right) bounds incl. unbounded, T_q != T_k, dilation, global
+    tokens, padding (all-padded rows too), strided views, every dtype, NaN/Inf anywhere."""
+    causal = data.draw(st.booleans())
+    B, H = data.draw(st.integers(0, 2)), data.draw(st.integers(1, 2))
+    Tq = data.draw(LENGTHS)
+    Tk = Tq if data.draw(st.booleans()) else data.draw(LENGTHS)
+    D, dv = data.draw(st.sampled_from([1, 4, 16])), data.draw(st.sampled_from([0, 3, 8]))
+    window = data.draw(st.one_of(st.integers(0, 70), st.tuples(st.integers(-1, 70), st.integers(-1, 70))))
+    dilation = data.draw(st.sampled_from([1, 1, 2, 3]))
+    dtype = data.draw(st.sampled_from(FLOAT_DTYPES))
+    seed = data.draw(st.integers(0, 2**16))
+    g = torch.Generator().manual_seed(seed)
+    base = {"q": torch.randn(B, H, Tq, D, generator=g, dtype=torch.float64),
+            "k": torch.randn(B, H, Tk, D, generator=g, dtype=torch.float64),
+            "v": torch.randn(B, H, Tk, dv, generator=g, dtype=torch.float64)}
+    bad = data.draw(st.sampled_from([None, None, None, "q", "k", "v"]))
+    if bad is not None and base[bad].numel():
+        base[bad].view(-1)[data.draw(st.integers(0, base[bad].numel() - 1))] = data.draw(
+            st.sampled_from([math.nan, math.inf, -math.inf]))
+    q, k, v = (_place(base[n], data.draw(st.sampled_from(["contiguous", "transposed", "sliced", "offset"])), dtype)
+               for n in "qkv")
+    padding = (torch.rand(B, Tk, generator=g) < 0.2) if data.draw(st.booleans()) else None
+    if padding is not None and B > 0 and data.draw(st.booleans()):
+        padding[0] = True
+    global_mask = None
+    if not causal and Tq == Tk and data.draw(st.booleans()):
+        global_mask = torch.rand(B, Tk, generator=g) < 0.05
+    options = dict(causal=causal, dilation=dilation, global_mask=global_mask, key_padding_mask=padding)
+    with _ops.generic_implementation(data.draw(st.booleans())):
+        out = linattn.sliding_window_attention(q, k, v, window, **options)
+        expected = reference.sliding_window_attention(q, k, v, window, **options)
+        _compare(out, expected, dtype, "out")
+        if bad is not None or q.numel() == 0 or dtype == torch.float16:
+            return
+        leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+        cotangent = torch.randn(expected.shape, generator=g, dtype=torch.float64)
+        got = linattn.sliding_window_attention(*leaves, window, **options)
+        grads = torch.autograd.grad((got.double() * cotangent).sum(), leaves)
+    ref_leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref = reference.sliding_window_attention(*ref_leaves, window, **options)
+    ref_grads = torch.autograd.grad((ref * cotangent).sum(), ref_leaves)
+    for name, a, b in zip("qkv", grads, ref_grads):
+        _compare(a, b, dtype, f"d{name}", 3 * FUZZ_TOLERANCE[dtype])

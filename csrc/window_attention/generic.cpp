@@ -96,11 +96,18 @@ std::tuple<at::Tensor, at::Tensor> forward_generic(const at::Tensor& q, const at
   std::vector<at::Tensor> outs, lses;
   const double inf = std::numeric_limits<double>::infinity();
   for (const BlockPlan& block : plan_blocks(s, global_mask, q.options().dtype(at::kLong))) {
+    if (block.keys.numel() == 0) {  // no key at all: zero rows, lse = −inf
+      outs.push_back(at::zeros({s.batch, s.heads, block.i1 - block.i0, s.value_dim}, V.options()));
+      lses.push_back(at::full({s.batch, s.heads, block.i1 - block.i0}, -inf, V.options()));
+      continue;
+    }
     const at::Tensor Kb = K.index_select(2, block.keys), Vb = V.index_select(2, block.keys);
     const at::Tensor visible = visibility(s, block.i0, block.i1, block.keys, global_mask, key_padding_mask);
     const at::Tensor scores = at::matmul(Q.narrow(2, block.i0, block.i1 - block.i0), Kb.transpose(-1, -2));
     const at::Tensor row_max = scores.masked_fill(visible.logical_not(), -inf).amax(-1, true);
-    const at::Tensor shift = at::where(row_max == -inf, 0, row_max);
+    // A row without visible keys is shifted by 0 (its probabilities are all 0, its output 0);
+    // one whose visible scores are all −inf keeps −inf, so −inf − −inf gives NaN, as softmax does.
+    const at::Tensor shift = at::where(visible.any(-1, true), row_max, 0);
     const at::Tensor probs = at::where(visible, (scores - shift).exp(), 0);
     const at::Tensor sum = probs.sum(-1, true);
     const at::Tensor out = masked_matmul(probs, visible, Vb);
@@ -127,6 +134,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_generic(
   at::Tensor dQ = at::zeros_like(Q), dK = at::zeros_like(K), dV = at::zeros_like(V);
   const double inf = std::numeric_limits<double>::infinity();
   for (const BlockPlan& block : plan_blocks(s, global_mask, q.options().dtype(at::kLong))) {
+    if (block.keys.numel() == 0) continue;  // rows without keys pass no gradient
     const int64_t L = block.i1 - block.i0;
     const at::Tensor Kb = K.index_select(2, block.keys), Vb = V.index_select(2, block.keys);
     const at::Tensor Qb = Q.narrow(2, block.i0, L), Gb = G.narrow(2, block.i0, L);
