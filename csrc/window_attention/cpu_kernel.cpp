@@ -1,10 +1,11 @@
-// CPU kernels of restricted softmax attention (METHODS.md §5: sliding window, dilation,
-// Longformer global tokens, key padding), flash-style: a query block of 64 rows walks the key
-// blocks it can see (its window's band, or every key when it holds a global row, plus the
-// global keys gathered from outside the band), each scored by one GEMM, masked by the
-// visibility predicate, and folded into a running max and sum; the backward recomputes the
-// probabilities from the saved per-row logsumexp. Never a T×T matrix: scratch is
-// O(block·(block + D)) per thread (plus the key-gradient accumulators in the backward).
+// CPU kernels of restricted softmax attention (METHODS.md §5–§6: sliding window, dilation,
+// Longformer global tokens, block-sparse layouts, key padding): one flash-style engine for
+// every pattern, a pattern saying which keys a query block visits and which pairs are visible.
+// A query block of 64 rows walks its key groups (a window's band, plus global keys; a layout
+// row's present blocks), each scored by one GEMM, masked by the pattern, and folded into a
+// running max and sum; the backward recomputes the probabilities from the saved per-row
+// logsumexp. Never a T×T matrix: scratch is O(block·(group + D)) per thread (plus the
+// key-gradient accumulators in the backward).
 //
 // Masked pairs are excluded: their probability is set to 0 from the predicate (not computed
 // as exp(−inf)), and the products with values / keys / queries skip them whenever an operand
@@ -51,41 +52,24 @@ struct KeyGroups {
   }
 };
 
-template <typename scalar_t, typename acc_t>
-struct WindowKernel {
+// Sliding window + dilation + Longformer global tokens + key padding.
+struct WindowPattern {
   const WindowAttentionShape& s;
   const bool* global;   // (B, T) or null
   const bool* padding;  // (B, T_k) or null
-  const std::vector<std::vector<int64_t>>& global_keys;  // per batch, sorted
-  int64_t D, dv;
+  std::vector<std::vector<int64_t>> global_keys;  // per batch, sorted
 
-  std::vector<acc_t> q, k, v, g, scores, probs, o, dq, dk_part, dv_part, row_max, row_sum, lse_rows,
-      delta;
-  std::vector<unsigned char> vis;
-
-  WindowKernel(const WindowAttentionShape& shape, const bool* global_mask, const bool* key_padding,
-               const std::vector<std::vector<int64_t>>& globals)
-      : s(shape), global(global_mask), padding(key_padding), global_keys(globals),
-        D(shape.head_dim), dv(shape.value_dim) {
-    q.resize(kBlock * D);
-    k.resize(kKeyGroup * D);
-    v.resize(kKeyGroup * dv);
-    g.resize(kBlock * dv);
-    scores.resize(kBlock * kKeyGroup);
-    probs.resize(kBlock * kKeyGroup);
-    o.resize(kBlock * dv);
-    dq.resize(kBlock * D);
-    dk_part.resize(kKeyGroup * D);
-    dv_part.resize(kKeyGroup * dv);
-    row_max.resize(kBlock);
-    row_sum.resize(kBlock);
-    lse_rows.resize(kBlock);
-    delta.resize(kBlock);
-    vis.resize(kBlock * kKeyGroup);
+  WindowPattern(const WindowAttentionShape& shape, const bool* global_mask, const bool* key_padding)
+      : s(shape), global(global_mask), padding(key_padding), global_keys(shape.batch) {
+    if (global)
+      for (int64_t b = 0; b < s.batch; ++b)
+        for (int64_t j = 0; j < s.k_len; ++j)
+          if (global[b * s.k_len + j]) global_keys[b].push_back(j);
   }
 
-  // The key groups rows [i0, i1) of batch bi visit.
-  KeyGroups key_groups(int64_t bi, int64_t i0, int64_t i1) const {
+  // The key groups rows [i0, i1) of batch bi visit: their window's band, or every key when one
+  // of them is global, plus the global keys outside the band.
+  KeyGroups key_groups(int64_t bi, int64_t /*hi*/, int64_t i0, int64_t i1) const {
     KeyGroups kg;
     bool any_global_row = false;
     if (global)
@@ -105,33 +89,19 @@ struct WindowKernel {
     return kg;
   }
 
-  // Rows of a (b, h) view gathered by index into contiguous scratch.
-  template <typename Dst>
-  void gather(Dst& dst, int64_t width, const Strided4<const scalar_t>& x, int64_t bi, int64_t hi,
-              const std::vector<int64_t>& rows) {
-    for (size_t r = 0; r < rows.size(); ++r)
-      load_rows(dst.data() + r * width, width, x.row(bi, hi, rows[r]), x.stride[2], x.stride[3], 1, width);
-  }
-
-  void load_queries(const Strided4<const scalar_t>& Q, int64_t bi, int64_t hi, int64_t i0, int64_t L) {
-    load_rows(q.data(), D, Q.row(bi, hi, i0), Q.stride[2], Q.stride[3], L, D);
-    const acc_t scale = static_cast<acc_t>(s.scale);
-    for (int64_t x = 0; x < L * D; ++x) q[x] *= scale;
-  }
-
-  // scores = q kᵀ for the group, and the visibility of each pair: the window as an interval
-  // test per row (a loop that vectorizes), then dilation, global tokens and padding only when
-  // they are in use (WindowAttentionShape::in_window is the definition this matches).
-  void score(int64_t bi, int64_t i0, int64_t L, const std::vector<int64_t>& keys) {
+  // vis (L × n, leading dim ld) for rows i0.. against `keys`: the window as an interval test per
+  // row (a loop that vectorizes), then dilation, global tokens and padding only when they are in
+  // use (WindowAttentionShape::in_window is the definition this matches).
+  void visibility(int64_t bi, int64_t /*hi*/, int64_t i0, int64_t L, const std::vector<int64_t>& keys,
+                  unsigned char* vis, int64_t ld) const {
     const int64_t n = static_cast<int64_t>(keys.size());
-    gemm<acc_t>(false, true, L, n, D, q.data(), D, k.data(), D, 0, scores.data(), kKeyGroup);
     const int64_t* key = keys.data();
     const int64_t offset = s.k_len - s.q_len;
     for (int64_t r = 0; r < L; ++r) {
       const int64_t a = i0 + r + offset;  // the query's aligned key position
       const int64_t lo = s.left < 0 ? std::numeric_limits<int64_t>::min() : a - s.left;
       const int64_t hi = s.right < 0 ? std::numeric_limits<int64_t>::max() : a + s.right;
-      unsigned char* vr = vis.data() + r * kKeyGroup;
+      unsigned char* vr = vis + r * ld;
       for (int64_t c = 0; c < n; ++c) vr[c] = key[c] >= lo && key[c] <= hi;
       if (s.dilation > 1)
         for (int64_t c = 0; c < n; ++c) vr[c] = vr[c] && (a - key[c]) % s.dilation == 0;
@@ -146,6 +116,107 @@ struct WindowKernel {
       }
     }
   }
+};
+
+// Block-sparse: key j is visible to query i when layout[h, i / b, j / b] (and j <= i + T_k − T_q
+// when causal), unless padded. Layout (H or 1, ⌈T_q/b⌉, ⌈T_k/b⌉), contiguous.
+struct BlockPattern {
+  const WindowAttentionShape& s;
+  const bool* layout;
+  int64_t layout_heads, block, q_blocks, k_blocks;
+  bool causal;
+  const bool* padding;
+
+  const bool* layout_row(int64_t hi, int64_t qb) const {
+    return layout + ((layout_heads == 1 ? 0 : hi) * q_blocks + qb) * k_blocks;
+  }
+
+  // Every key block present in the layout row of any query block that rows [i0, i1) touch
+  // (those wholly after the last row's position skipped when causal).
+  KeyGroups key_groups(int64_t /*bi*/, int64_t hi, int64_t i0, int64_t i1) const {
+    std::vector<unsigned char> present(k_blocks, 0);
+    for (int64_t qb = i0 / block; qb <= (i1 - 1) / block; ++qb) {
+      const bool* row = layout_row(hi, qb);
+      for (int64_t kb = 0; kb < k_blocks; ++kb) present[kb] |= row[kb];
+    }
+    const int64_t last_key = causal ? i1 - 1 + (s.k_len - s.q_len) : s.k_len - 1;
+    std::vector<int64_t> keys;
+    for (int64_t kb = 0; kb < k_blocks; ++kb) {
+      if (!present[kb]) continue;
+      for (int64_t j = kb * block; j < std::min(s.k_len, (kb + 1) * block) && j <= last_key; ++j) keys.push_back(j);
+    }
+    KeyGroups kg;
+    kg.add_list(keys);
+    return kg;
+  }
+
+  void visibility(int64_t bi, int64_t hi, int64_t i0, int64_t L, const std::vector<int64_t>& keys,
+                  unsigned char* vis, int64_t ld) const {
+    const int64_t n = static_cast<int64_t>(keys.size());
+    const int64_t* key = keys.data();
+    for (int64_t r = 0; r < L; ++r) {
+      const bool* row = layout_row(hi, (i0 + r) / block);
+      const int64_t last = causal ? i0 + r + (s.k_len - s.q_len) : std::numeric_limits<int64_t>::max();
+      unsigned char* vr = vis + r * ld;
+      for (int64_t c = 0; c < n; ++c) vr[c] = row[key[c] / block] && key[c] <= last;
+      if (padding) {
+        const bool* p = padding + bi * s.k_len;
+        for (int64_t c = 0; c < n; ++c) vr[c] = vr[c] && !p[key[c]];
+      }
+    }
+  }
+};
+
+// The flash-style engine, for any pattern with key_groups() and visibility().
+template <typename scalar_t, typename acc_t, typename Pattern>
+struct SoftmaxEngine {
+  const WindowAttentionShape& s;
+  const Pattern& pattern;
+  int64_t D, dv;
+
+  std::vector<acc_t> q, k, v, g, scores, probs, o, dq, dk_part, dv_part, row_max, row_sum, lse_rows,
+      delta;
+  std::vector<unsigned char> vis;
+
+  SoftmaxEngine(const WindowAttentionShape& shape, const Pattern& visible)
+      : s(shape), pattern(visible), D(shape.head_dim), dv(shape.value_dim) {
+    q.resize(kBlock * D);
+    k.resize(kKeyGroup * D);
+    v.resize(kKeyGroup * dv);
+    g.resize(kBlock * dv);
+    scores.resize(kBlock * kKeyGroup);
+    probs.resize(kBlock * kKeyGroup);
+    o.resize(kBlock * dv);
+    dq.resize(kBlock * D);
+    dk_part.resize(kKeyGroup * D);
+    dv_part.resize(kKeyGroup * dv);
+    row_max.resize(kBlock);
+    row_sum.resize(kBlock);
+    lse_rows.resize(kBlock);
+    delta.resize(kBlock);
+    vis.resize(kBlock * kKeyGroup);
+  }
+
+  // Rows of a (b, h) view gathered by index into contiguous scratch.
+  template <typename Dst>
+  void gather(Dst& dst, int64_t width, const Strided4<const scalar_t>& x, int64_t bi, int64_t hi,
+              const std::vector<int64_t>& rows) {
+    for (size_t r = 0; r < rows.size(); ++r)
+      load_rows(dst.data() + r * width, width, x.row(bi, hi, rows[r]), x.stride[2], x.stride[3], 1, width);
+  }
+
+  void load_queries(const Strided4<const scalar_t>& Q, int64_t bi, int64_t hi, int64_t i0, int64_t L) {
+    load_rows(q.data(), D, Q.row(bi, hi, i0), Q.stride[2], Q.stride[3], L, D);
+    const acc_t scale = static_cast<acc_t>(s.scale);
+    for (int64_t x = 0; x < L * D; ++x) q[x] *= scale;
+  }
+
+  // scores = q kᵀ for the group, and the visibility of each pair.
+  void score(int64_t bi, int64_t hi, int64_t i0, int64_t L, const std::vector<int64_t>& keys) {
+    const int64_t n = static_cast<int64_t>(keys.size());
+    gemm<acc_t>(false, true, L, n, D, q.data(), D, k.data(), D, 0, scores.data(), kKeyGroup);
+    pattern.visibility(bi, hi, i0, L, keys, vis.data(), kKeyGroup);
+  }
 
   auto visible_pair() const {
     return [this](int64_t r, int64_t c) { return vis[r * kKeyGroup + c] != 0; };
@@ -159,11 +230,11 @@ struct WindowKernel {
     std::fill(o.begin(), o.end(), acc_t(0));
     std::fill(row_max.begin(), row_max.end(), minus_infinity<acc_t>());
     std::fill(row_sum.begin(), row_sum.end(), acc_t(0));
-    for (const auto& keys : key_groups(bi, i0, i0 + L).groups) {
+    for (const auto& keys : pattern.key_groups(bi, hi, i0, i0 + L).groups) {
       const int64_t n = static_cast<int64_t>(keys.size());
       gather(k, D, K, bi, hi, keys);
       gather(v, dv, V, bi, hi, keys);
-      score(bi, i0, L, keys);
+      score(bi, hi, i0, L, keys);
       for (int64_t r = 0; r < L; ++r) {
         const acc_t* sr = scores.data() + r * kKeyGroup;
         const unsigned char* vr = vis.data() + r * kKeyGroup;
@@ -233,11 +304,11 @@ struct WindowKernel {
         lse_rows[r] = lse[bh * s.q_len + i0 + r];
       }
       std::fill(dq.begin(), dq.end(), acc_t(0));
-      for (const auto& keys : key_groups(bi, i0, i0 + L).groups) {
+      for (const auto& keys : pattern.key_groups(bi, hi, i0, i0 + L).groups) {
         const int64_t n = static_cast<int64_t>(keys.size());
         gather(k, D, K, bi, hi, keys);
         gather(v, dv, V, bi, hi, keys);
-        score(bi, i0, L, keys);
+        score(bi, hi, i0, L, keys);
         for (int64_t r = 0; r < L; ++r) {
           const bool empty = lse_rows[r] == minus_infinity<acc_t>();
           unsigned char* vr = vis.data() + r * kKeyGroup;
@@ -281,13 +352,37 @@ struct WindowKernel {
   }
 };
 
-std::vector<std::vector<int64_t>> global_key_lists(const WindowAttentionShape& s, const bool* global) {
-  std::vector<std::vector<int64_t>> lists(s.batch);
-  if (global)
-    for (int64_t b = 0; b < s.batch; ++b)
-      for (int64_t j = 0; j < s.k_len; ++j)
-        if (global[b * s.k_len + j]) lists[b].push_back(j);
-  return lists;
+BlockPattern block_pattern(const WindowAttentionShape& shape, const BlockLayout& layout, const bool* padding) {
+  return BlockPattern{shape, layout.data, layout.heads, layout.block, layout.q_blocks, layout.k_blocks,
+                      layout.causal, padding};
+}
+
+template <typename scalar_t, typename acc_t, typename Pattern>
+void run_forward(const WindowAttentionShape& shape, const Pattern& pattern, Strided4<const scalar_t> q,
+                 Strided4<const scalar_t> k, Strided4<const scalar_t> v, scalar_t* out, acc_t* lse) {
+  const int64_t blocks = (shape.q_len + kBlock - 1) / kBlock;
+  // Rows are independent in the forward: (batch·head, query block) pairs are the work items,
+  // so one long sequence still keeps every thread busy.
+  at::parallel_for(0, shape.batch * shape.heads * blocks, 1, [&](int64_t begin, int64_t end) {
+    SoftmaxEngine<scalar_t, acc_t, Pattern> engine(shape, pattern);
+    for (int64_t item = begin; item < end; ++item)
+      engine.forward_block(item / blocks, (item % blocks) * kBlock, q, k, v, out, lse);
+  });
+}
+
+template <typename scalar_t, typename acc_t, typename Pattern>
+void run_backward(const WindowAttentionShape& shape, const Pattern& pattern, Strided4<const scalar_t> grad_out,
+                  Strided4<const scalar_t> q, Strided4<const scalar_t> k, Strided4<const scalar_t> v,
+                  Strided4<const scalar_t> out, const acc_t* lse, scalar_t* grad_q, scalar_t* grad_k,
+                  scalar_t* grad_v) {
+  // Key and value gradients gather contributions from every query block of a (batch, head):
+  // one work item per (batch, head), with its accumulators.
+  at::parallel_for(0, shape.batch * shape.heads, 1, [&](int64_t begin, int64_t end) {
+    SoftmaxEngine<scalar_t, acc_t, Pattern> engine(shape, pattern);
+    std::vector<acc_t> dk_acc, dv_acc;
+    for (int64_t bh = begin; bh < end; ++bh)
+      engine.backward(bh, grad_out, q, k, v, out, lse, grad_q, grad_k, grad_v, dk_acc, dv_acc);
+  });
 }
 
 }  // namespace
@@ -297,15 +392,7 @@ void window_attention_forward_cpu(const WindowAttentionShape& shape, Strided4<co
                                   Strided4<const scalar_t> k, Strided4<const scalar_t> v,
                                   const bool* global_mask, const bool* key_padding_mask,
                                   scalar_t* out, acc_t* lse) {
-  const auto globals = global_key_lists(shape, global_mask);
-  const int64_t blocks = (shape.q_len + kBlock - 1) / kBlock;
-  // Rows are independent in the forward: (batch·head, query block) pairs are the work items,
-  // so one long sequence still keeps every thread busy.
-  at::parallel_for(0, shape.batch * shape.heads * blocks, 1, [&](int64_t begin, int64_t end) {
-    WindowKernel<scalar_t, acc_t> kernel(shape, global_mask, key_padding_mask, globals);
-    for (int64_t item = begin; item < end; ++item)
-      kernel.forward_block(item / blocks, (item % blocks) * kBlock, q, k, v, out, lse);
-  });
+  run_forward(shape, WindowPattern(shape, global_mask, key_padding_mask), q, k, v, out, lse);
 }
 
 template <typename scalar_t, typename acc_t>
@@ -315,15 +402,27 @@ void window_attention_backward_cpu(const WindowAttentionShape& shape,
                                    Strided4<const scalar_t> out, const acc_t* lse,
                                    const bool* global_mask, const bool* key_padding_mask,
                                    scalar_t* grad_q, scalar_t* grad_k, scalar_t* grad_v) {
-  const auto globals = global_key_lists(shape, global_mask);
-  // Key and value gradients gather contributions from every query block of a (batch, head):
-  // one work item per (batch, head), with its accumulators.
-  at::parallel_for(0, shape.batch * shape.heads, 1, [&](int64_t begin, int64_t end) {
-    WindowKernel<scalar_t, acc_t> kernel(shape, global_mask, key_padding_mask, globals);
-    std::vector<acc_t> dk_acc, dv_acc;
-    for (int64_t bh = begin; bh < end; ++bh)
-      kernel.backward(bh, grad_out, q, k, v, out, lse, grad_q, grad_k, grad_v, dk_acc, dv_acc);
-  });
+  run_backward(shape, WindowPattern(shape, global_mask, key_padding_mask), grad_out, q, k, v, out, lse, grad_q,
+               grad_k, grad_v);
+}
+
+template <typename scalar_t, typename acc_t>
+void block_sparse_attention_forward_cpu(const WindowAttentionShape& shape, const BlockLayout& layout,
+                                        Strided4<const scalar_t> q, Strided4<const scalar_t> k,
+                                        Strided4<const scalar_t> v, const bool* key_padding_mask,
+                                        scalar_t* out, acc_t* lse) {
+  run_forward(shape, block_pattern(shape, layout, key_padding_mask), q, k, v, out, lse);
+}
+
+template <typename scalar_t, typename acc_t>
+void block_sparse_attention_backward_cpu(const WindowAttentionShape& shape, const BlockLayout& layout,
+                                         Strided4<const scalar_t> grad_out, Strided4<const scalar_t> q,
+                                         Strided4<const scalar_t> k, Strided4<const scalar_t> v,
+                                         Strided4<const scalar_t> out, const acc_t* lse,
+                                         const bool* key_padding_mask, scalar_t* grad_q,
+                                         scalar_t* grad_k, scalar_t* grad_v) {
+  run_backward(shape, block_pattern(shape, layout, key_padding_mask), grad_out, q, k, v, out, lse, grad_q,
+               grad_k, grad_v);
 }
 
 #define LINATTN_INSTANTIATE(scalar_t, acc_t)                                                      \
@@ -333,7 +432,14 @@ void window_attention_backward_cpu(const WindowAttentionShape& shape,
   template void window_attention_backward_cpu<scalar_t, acc_t>(                                   \
       const WindowAttentionShape&, Strided4<const scalar_t>, Strided4<const scalar_t>,            \
       Strided4<const scalar_t>, Strided4<const scalar_t>, Strided4<const scalar_t>, const acc_t*, \
-      const bool*, const bool*, scalar_t*, scalar_t*, scalar_t*);
+      const bool*, const bool*, scalar_t*, scalar_t*, scalar_t*);                                 \
+  template void block_sparse_attention_forward_cpu<scalar_t, acc_t>(                              \
+      const WindowAttentionShape&, const BlockLayout&, Strided4<const scalar_t>,                  \
+      Strided4<const scalar_t>, Strided4<const scalar_t>, const bool*, scalar_t*, acc_t*);        \
+  template void block_sparse_attention_backward_cpu<scalar_t, acc_t>(                             \
+      const WindowAttentionShape&, const BlockLayout&, Strided4<const scalar_t>,                  \
+      Strided4<const scalar_t>, Strided4<const scalar_t>, Strided4<const scalar_t>,               \
+      Strided4<const scalar_t>, const acc_t*, const bool*, scalar_t*, scalar_t*, scalar_t*);
 
 LINATTN_INSTANTIATE(float, float)
 LINATTN_INSTANTIATE(double, double)

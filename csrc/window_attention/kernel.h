@@ -44,6 +44,18 @@ struct WindowAttentionShape {
   }
 };
 
+// A block-sparse layout (METHODS.md §6): data (heads, q_blocks, k_blocks) bool, contiguous, with
+// heads 1 (shared) or H; query i sees key j when data[h, i / block, j / block] (and, when
+// causal, j <= i + T_k − T_q). The shape's window fields are unused.
+struct BlockLayout {
+  const bool* data = nullptr;
+  int64_t heads = 1;
+  int64_t block = 1;
+  int64_t q_blocks = 0;
+  int64_t k_blocks = 0;
+  bool causal = false;
+};
+
 // Per-row masks: global_mask (B, T) and key_padding_mask (B, T_k), contiguous, nullable.
 // Outputs: out (B, H, T_q, dv) contiguous, lse (B, H, T_q) acc_t (−inf for a row that sees no
 // key; its output is 0).
@@ -60,5 +72,19 @@ void window_attention_backward_cpu(const WindowAttentionShape& shape,
                                    Strided4<const scalar_t> out, const acc_t* lse,
                                    const bool* global_mask, const bool* key_padding_mask,
                                    scalar_t* grad_q, scalar_t* grad_k, scalar_t* grad_v);
+
+template <typename scalar_t, typename acc_t>
+void block_sparse_attention_forward_cpu(const WindowAttentionShape& shape, const BlockLayout& layout,
+                                        Strided4<const scalar_t> q, Strided4<const scalar_t> k,
+                                        Strided4<const scalar_t> v, const bool* key_padding_mask,
+                                        scalar_t* out, acc_t* lse);
+
+template <typename scalar_t, typename acc_t>
+void block_sparse_attention_backward_cpu(const WindowAttentionShape& shape, const BlockLayout& layout,
+                                         Strided4<const scalar_t> grad_out, Strided4<const scalar_t> q,
+                                         Strided4<const scalar_t> k, Strided4<const scalar_t> v,
+                                         Strided4<const scalar_t> out, const acc_t* lse,
+                                         const bool* key_padding_mask, scalar_t* grad_q,
+                                         scalar_t* grad_k, scalar_t* grad_v);
 
 }  // namespace linattn
