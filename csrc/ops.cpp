@@ -51,6 +51,22 @@ TORCH_LIBRARY(linattn, m) {
       "sliding_window_attn_bwd_generic(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, "
       "Tensor lse, int window_left, int window_right, int dilation, Tensor? global_mask, "
       "Tensor? key_padding_mask, float scale) -> (Tensor grad_q, Tensor grad_k, Tensor grad_v)");
+  // Block-sparse softmax attention (METHODS.md §6): layout (H or 1, ceil(T_q/b), ceil(T_k/b))
+  // bool, block_size b; causal additionally hides keys after the query (bottom-right aligned).
+  m.def(
+      "block_sparse_attn_fwd(Tensor q, Tensor k, Tensor v, Tensor layout, int block_size, bool causal, "
+      "Tensor? key_padding_mask, float scale) -> (Tensor out, Tensor lse)");
+  m.def(
+      "block_sparse_attn_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+      "Tensor layout, int block_size, bool causal, Tensor? key_padding_mask, float scale) -> "
+      "(Tensor grad_q, Tensor grad_k, Tensor grad_v)");
+  m.def(
+      "block_sparse_attn_fwd_generic(Tensor q, Tensor k, Tensor v, Tensor layout, int block_size, "
+      "bool causal, Tensor? key_padding_mask, float scale) -> (Tensor out, Tensor lse)");
+  m.def(
+      "block_sparse_attn_bwd_generic(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, "
+      "Tensor lse, Tensor layout, int block_size, bool causal, Tensor? key_padding_mask, "
+      "float scale) -> (Tensor grad_q, Tensor grad_k, Tensor grad_v)");
   // The device-generic implementation under its own name, so tests can run on CPU exactly
   // what CUDA tensors execute.
   m.def(

@@ -52,6 +52,11 @@ def window_attn_fwd():
     return getattr(torch.ops.linattn, _WINDOW_FORWARD_NAMES[_use_generic]).default
 
 
+def block_sparse_attn_fwd():
+    return torch.ops.linattn.block_sparse_attn_fwd_generic.default if _use_generic else \
+        torch.ops.linattn.block_sparse_attn_fwd.default
+
+
 def _register(generic: bool) -> None:
     forward_name = f"linattn::{_FORWARD_NAMES[generic]}"
     backward_op = getattr(torch.ops.linattn, _BACKWARD_NAMES[generic]).default
@@ -118,7 +123,33 @@ def _register_window(generic: bool) -> None:
     torch.library.register_autograd(backward_name, _no_double_backward, setup_context=_no_context)
 
 
+def _register_block_sparse(generic: bool) -> None:
+    suffix = "_generic" if generic else ""
+    backward_op = getattr(torch.ops.linattn, f"block_sparse_attn_bwd{suffix}").default
+
+    def setup_context(ctx, inputs, output):
+        q, k, v, layout, block_size, causal, key_padding_mask, scale = inputs
+        out, lse = output
+        ctx.save_for_backward(q, k, v, out, lse, layout, key_padding_mask)
+        ctx.options = (block_size, causal, scale)
+        ctx.mark_non_differentiable(lse)
+
+    def backward(ctx, grad_out, _grad_lse):
+        q, k, v, out, lse, layout, key_padding_mask = ctx.saved_tensors
+        block_size, causal, scale = ctx.options
+        grad_q, grad_k, grad_v = backward_op(
+            grad_out.contiguous(), q, k, v, out, lse, layout, block_size, causal, key_padding_mask, scale
+        )
+        return grad_q, grad_k, grad_v, None, None, None, None, None
+
+    torch.library.register_autograd(f"linattn::block_sparse_attn_fwd{suffix}", backward, setup_context=setup_context)
+    torch.library.register_autograd(f"linattn::block_sparse_attn_bwd{suffix}", _no_double_backward,
+                                    setup_context=_no_context)
+
+
 _register(generic=False)
 _register(generic=True)
 _register_window(generic=False)
 _register_window(generic=True)
+_register_block_sparse(generic=False)
+_register_block_sparse(generic=True)

@@ -6,6 +6,7 @@ import torch
 from . import _ops
 from . import _validation as check
 from .feature_maps import PERFORMER_KERNELS, efficient_feature_maps, favor_features, resolve_feature_map
+from .sparse import bigbird_layout, block_local_layout, block_sparse_attention  # noqa: F401
 from .window import sliding_window_attention  # noqa: F401  (the restricted-softmax family)
 
 State = Tuple[torch.Tensor, torch.Tensor]

@@ -141,7 +141,28 @@ def sliding_window_attention(q, k, v, window, *, causal=False, dilation=1, globa
     visible = window_mask(q.shape[2], k.shape[2], window, causal=causal, dilation=dilation,
                                 global_mask=global_mask, key_padding_mask=key_padding_mask,
                                 batch=q.shape[0], device=q.device)
+    return masked_softmax_attention(q, k, v, visible, scale)
+
+
+def masked_softmax_attention(q, k, v, visible, scale):
+    """Softmax over exactly the visible keys (a dense bool mask), in float64, masked terms
+    excluded; a row with no visible key is 0."""
+    q, k, v = q.double(), k.double(), v.double()
     scores = ((q @ k.transpose(-1, -2)) * scale).masked_fill(~visible, float("-inf"))
     probs = torch.softmax(scores, dim=-1)
     probs = torch.where(visible.any(-1, keepdim=True), probs, torch.zeros_like(probs))  # no key: 0, not NaN
     return _visible_sum(probs, visible, v)
+
+
+def block_sparse_attention(q, k, v, layout, block_size, *, causal=False, key_padding_mask=None, scale=None):
+    """METHODS.md §6 in float64: softmax under the layout expanded to a dense mask."""
+    scale = (q.shape[-1] ** -0.5 if q.shape[-1] > 0 else 1.0) if scale is None else scale
+    Tq, Tk = q.shape[2], k.shape[2]
+    rows = torch.arange(Tq, device=q.device) // block_size
+    cols = torch.arange(Tk, device=q.device) // block_size
+    visible = layout[:, rows][:, :, cols].unsqueeze(0)  # (1, H or 1, T_q, T_k)
+    if causal:
+        visible = visible & (torch.arange(Tk)[None, :] <= torch.arange(Tq)[:, None] + (Tk - Tq))
+    if key_padding_mask is not None:
+        visible = visible & ~key_padding_mask[:, None, None, :]
+    return masked_softmax_attention(q, k, v, visible, scale)

@@ -21,8 +21,9 @@ METHOD_OPTIONS = {
     "local": {"window": 5},
     "local-dilated": {"window": (7, 3), "dilation": 2},
     "longformer": {"window": 4, "global_tokens": 2},
+    "bigbird": {"block_size": 8, "num_random": 1, "seed": 3},
 }
-CAUSAL = {"softmax", "linear", "performer", "local"}
+CAUSAL = {"softmax", "linear", "performer", "local", "bigbird"}
 
 
 def _build(name, embed=24, heads=3, **kwargs):
@@ -53,6 +54,9 @@ def _reference(module, query, key, value, key_padding_mask, causal):
             global_mask = (torch.arange(key.shape[1]) < core.global_tokens).expand(key.shape[0], key.shape[1])
         out = reference.sliding_window_attention(q, k, v, core.window, causal=causal, dilation=core.dilation,
                                                  global_mask=global_mask, key_padding_mask=key_padding_mask)
+    elif method == "bigbird":
+        out = reference.block_sparse_attention(q, k, v, core.layout(key.shape[1], key.device), core.block_size,
+                                               causal=causal, key_padding_mask=key_padding_mask)
     elif method == "efficient":
         out = reference.efficient_attention(q, k, v, key_padding_mask=key_padding_mask)
     else:
@@ -147,10 +151,10 @@ def test_compiled_module_matches_eager(name):
 
 
 def test_unknown_method_and_options_list_the_valid_ones():
-    with pytest.raises(ValueError, match=r"unknown method 'favor'.*available methods: \['efficient', 'linear'"):
+    with pytest.raises(ValueError, match=r"unknown method 'favor'.*available methods: \['bigbird', 'efficient', 'linear'"):
         linattn.nn.MultiheadAttention(16, 2, method="favor")
-    with pytest.raises(ValueError, match=r"'bigbird' is planned but not implemented"):
-        linattn.nn.MultiheadAttention(16, 2, method="bigbird")
+    with pytest.raises(ValueError, match=r"'reformer' is planned but not implemented"):
+        linattn.nn.MultiheadAttention(16, 2, method="reformer")
     with pytest.raises(ValueError, match=r"unknown option\(s\) \['nb_features'\]; valid options: \['feature_map', 'eps'\]"):
         linattn.nn.MultiheadAttention(16, 2, method="linear", nb_features=3)
     with pytest.raises(ValueError, match="feature_map must be one of"):

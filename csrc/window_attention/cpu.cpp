@@ -72,11 +72,69 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(
   return {grad_q, grad_k, grad_v};
 }
 
+BlockLayout block_layout(const at::Tensor& layout, int64_t block_size, bool causal) {
+  BlockLayout b;
+  b.data = layout.const_data_ptr<bool>();
+  b.heads = layout.size(0);
+  b.q_blocks = layout.size(1);
+  b.k_blocks = layout.size(2);
+  b.block = block_size;
+  b.causal = causal;
+  return b;
+}
+
+std::tuple<at::Tensor, at::Tensor> block_forward_cpu(const at::Tensor& q, const at::Tensor& k,
+                                                     const at::Tensor& v, const at::Tensor& layout,
+                                                     int64_t block_size, bool causal,
+                                                     const std::optional<at::Tensor>& key_padding_mask,
+                                                     double scale) {
+  check_block_sparse_inputs(q, k, v, layout, block_size, key_padding_mask, scale);
+  const WindowAttentionShape s = window_kernel_shape(q, k, v, -1, -1, 1, scale);
+  auto out = at::empty({s.batch, s.heads, s.q_len, s.value_dim}, q.options());
+  auto lse = at::empty({s.batch, s.heads, s.q_len}, q.options().dtype(accumulate_type(q.scalar_type())));
+  const at::Tensor layout_c = layout.contiguous();
+  at::Tensor padding;
+  const bool* padding_ptr = mask_ptr(key_padding_mask, padding);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "block_sparse_attn_fwd", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    block_sparse_attention_forward_cpu<scalar_t, acc_t>(
+        s, block_layout(layout_c, block_size, causal), view_of<scalar_t>(q), view_of<scalar_t>(k),
+        view_of<scalar_t>(v), padding_ptr, out.mutable_data_ptr<scalar_t>(), lse.mutable_data_ptr<acc_t>());
+  });
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> block_backward_cpu(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& out, const at::Tensor& lse, const at::Tensor& layout, int64_t block_size, bool causal,
+    const std::optional<at::Tensor>& key_padding_mask, double scale) {
+  const auto sizes = check_block_sparse_inputs(q, k, v, layout, block_size, key_padding_mask, scale);
+  check_window_backward_inputs(grad_out, q, out, lse, sizes);
+  const WindowAttentionShape s = window_kernel_shape(q, k, v, -1, -1, 1, scale);
+  auto grad_q = at::empty({s.batch, s.heads, s.q_len, s.head_dim}, q.options());
+  auto grad_k = at::empty({s.batch, s.heads, s.k_len, s.head_dim}, q.options());
+  auto grad_v = at::empty({s.batch, s.heads, s.k_len, s.value_dim}, q.options());
+  const at::Tensor lse_c = lse.contiguous(), layout_c = layout.contiguous();
+  at::Tensor padding;
+  const bool* padding_ptr = mask_ptr(key_padding_mask, padding);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "block_sparse_attn_bwd", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    block_sparse_attention_backward_cpu<scalar_t, acc_t>(
+        s, block_layout(layout_c, block_size, causal), view_of<scalar_t>(grad_out), view_of<scalar_t>(q),
+        view_of<scalar_t>(k), view_of<scalar_t>(v), view_of<scalar_t>(out), lse_c.const_data_ptr<acc_t>(),
+        padding_ptr, grad_q.mutable_data_ptr<scalar_t>(), grad_k.mutable_data_ptr<scalar_t>(),
+        grad_v.mutable_data_ptr<scalar_t>());
+  });
+  return {grad_q, grad_k, grad_v};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(linattn, CPU, m) {
   m.impl("sliding_window_attn_fwd", &forward_cpu);
   m.impl("sliding_window_attn_bwd", &backward_cpu);
+  m.impl("block_sparse_attn_fwd", &block_forward_cpu);
+  m.impl("block_sparse_attn_bwd", &block_backward_cpu);
 }
 
 }  // namespace linattn

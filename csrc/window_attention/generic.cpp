@@ -1,4 +1,4 @@
-// Device-generic window attention: the same operators in ATen ops, for CUDA and every other
+// Device-generic window and block-sparse attention: the same operators in ATen ops, for CUDA and every other
 // backend, and under *_generic names so the tests run it on CPU tensors. A host loop walks
 // query blocks of 128 rows; each gathers the keys its window can reach (plus global keys) and
 // runs a masked softmax over them, so memory stays O(T·(block + window)), never T×T. With
@@ -8,6 +8,7 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <functional>
 #include <limits>
 #include <vector>
 
@@ -83,26 +84,27 @@ at::Tensor visibility(const WindowAttentionShape& s, int64_t i0, int64_t i1, con
   return visible.unsqueeze(1);
 }
 
-std::tuple<at::Tensor, at::Tensor> forward_generic(const at::Tensor& q, const at::Tensor& k,
-                                                   const at::Tensor& v, int64_t left, int64_t right,
-                                                   int64_t dilation,
-                                                   const std::optional<at::Tensor>& global_mask,
-                                                   const std::optional<at::Tensor>& key_padding_mask,
-                                                   double scale) {
-  check_window_inputs(q, k, v, left, right, dilation, global_mask, key_padding_mask, scale);
-  const WindowAttentionShape s = window_kernel_shape(q, k, v, left, right, dilation, scale);
+using Visibility = std::function<at::Tensor(int64_t i0, int64_t i1, const at::Tensor& keys)>;
+
+// Softmax over the keys of each planned query block, with the pattern's (B or 1, H or 1, L, n)
+// visibility; returns out (input dtype) and lse.
+std::tuple<at::Tensor, at::Tensor> engine_forward(const at::Tensor& q, const at::Tensor& k,
+                                                  const at::Tensor& v, double scale,
+                                                  const std::vector<BlockPlan>& plan,
+                                                  const Visibility& visibility) {
   const auto acc = accumulate_type(q.scalar_type());
   const at::Tensor Q = q.to(acc) * scale, K = k.to(acc), V = v.to(acc);
+  const int64_t B = q.size(0), H = q.size(1), dv = v.size(3);
   std::vector<at::Tensor> outs, lses;
   const double inf = std::numeric_limits<double>::infinity();
-  for (const BlockPlan& block : plan_blocks(s, global_mask, q.options().dtype(at::kLong))) {
+  for (const BlockPlan& block : plan) {
     if (block.keys.numel() == 0) {  // no key at all: zero rows, lse = −inf
-      outs.push_back(at::zeros({s.batch, s.heads, block.i1 - block.i0, s.value_dim}, V.options()));
-      lses.push_back(at::full({s.batch, s.heads, block.i1 - block.i0}, -inf, V.options()));
+      outs.push_back(at::zeros({B, H, block.i1 - block.i0, dv}, V.options()));
+      lses.push_back(at::full({B, H, block.i1 - block.i0}, -inf, V.options()));
       continue;
     }
     const at::Tensor Kb = K.index_select(2, block.keys), Vb = V.index_select(2, block.keys);
-    const at::Tensor visible = visibility(s, block.i0, block.i1, block.keys, global_mask, key_padding_mask);
+    const at::Tensor visible = visibility(block.i0, block.i1, block.keys);
     const at::Tensor scores = at::matmul(Q.narrow(2, block.i0, block.i1 - block.i0), Kb.transpose(-1, -2));
     const at::Tensor row_max = scores.masked_fill(visible.logical_not(), -inf).amax(-1, true);
     // A row without visible keys is shifted by 0 (its probabilities are all 0, its output 0);
@@ -114,33 +116,28 @@ std::tuple<at::Tensor, at::Tensor> forward_generic(const at::Tensor& q, const at
     outs.push_back(at::where(sum == 0, 0, out / sum));
     lses.push_back(at::where(sum == 0, -inf, shift + sum.log()).squeeze(-1));
   }
-  at::Tensor out = outs.empty() ? at::empty({s.batch, s.heads, 0, s.value_dim}, V.options()) : at::cat(outs, 2);
-  at::Tensor lse = lses.empty() ? at::empty({s.batch, s.heads, 0}, V.options()) : at::cat(lses, 2);
+  at::Tensor out = outs.empty() ? at::empty({B, H, 0, dv}, V.options()) : at::cat(outs, 2);
+  at::Tensor lse = lses.empty() ? at::empty({B, H, 0}, V.options()) : at::cat(lses, 2);
   return {out.to(q.scalar_type()).contiguous(), lse.contiguous()};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_generic(
+std::tuple<at::Tensor, at::Tensor, at::Tensor> engine_backward(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const at::Tensor& out, const at::Tensor& lse, int64_t left, int64_t right, int64_t dilation,
-    const std::optional<at::Tensor>& global_mask, const std::optional<at::Tensor>& key_padding_mask,
-    double scale) {
-  const auto sizes = check_window_inputs(q, k, v, left, right, dilation, global_mask, key_padding_mask, scale);
-  check_window_backward_inputs(grad_out, q, out, lse, sizes);
-  const WindowAttentionShape s = window_kernel_shape(q, k, v, left, right, dilation, scale);
+    const at::Tensor& out, const at::Tensor& lse, double scale, const std::vector<BlockPlan>& plan,
+    const Visibility& visibility) {
   const auto acc = accumulate_type(q.scalar_type());
   const at::Tensor Q = q.to(acc) * scale, K = k.to(acc), V = v.to(acc), G = grad_out.to(acc);
   // δ_i = dO_i · O_i, a zero cotangent contributing nothing (not 0·O, NaN for NaN O).
   const at::Tensor delta = at::where(G == 0, 0, G * out.to(acc)).sum(-1, true);
   at::Tensor dQ = at::zeros_like(Q), dK = at::zeros_like(K), dV = at::zeros_like(V);
   const double inf = std::numeric_limits<double>::infinity();
-  for (const BlockPlan& block : plan_blocks(s, global_mask, q.options().dtype(at::kLong))) {
+  for (const BlockPlan& block : plan) {
     if (block.keys.numel() == 0) continue;  // rows without keys pass no gradient
     const int64_t L = block.i1 - block.i0;
     const at::Tensor Kb = K.index_select(2, block.keys), Vb = V.index_select(2, block.keys);
     const at::Tensor Qb = Q.narrow(2, block.i0, L), Gb = G.narrow(2, block.i0, L);
     const at::Tensor lse_b = lse.narrow(2, block.i0, L).unsqueeze(-1);
-    const at::Tensor visible = visibility(s, block.i0, block.i1, block.keys, global_mask, key_padding_mask)
-                                   .logical_and(lse_b != -inf);
+    const at::Tensor visible = visibility(block.i0, block.i1, block.keys).logical_and(lse_b != -inf);
     const at::Tensor probs = at::where(visible, (at::matmul(Qb, Kb.transpose(-1, -2)) - lse_b).exp(), 0);
     const at::Tensor visible_t = visible.transpose(-1, -2);
     dV.index_add_(2, block.keys, masked_matmul(probs.transpose(-1, -2), visible_t, Gb));
@@ -153,6 +150,99 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_generic(
   return {dQ.to(dtype).contiguous(), dK.to(dtype).contiguous(), dV.to(dtype).contiguous()};
 }
 
+Visibility window_visibility(const WindowAttentionShape& s, const std::optional<at::Tensor>& global_mask,
+                             const std::optional<at::Tensor>& key_padding_mask) {
+  return [&s, &global_mask, &key_padding_mask](int64_t i0, int64_t i1, const at::Tensor& keys) {
+    return visibility(s, i0, i1, keys, global_mask, key_padding_mask);
+  };
+}
+
+std::tuple<at::Tensor, at::Tensor> forward_generic(const at::Tensor& q, const at::Tensor& k,
+                                                   const at::Tensor& v, int64_t left, int64_t right,
+                                                   int64_t dilation,
+                                                   const std::optional<at::Tensor>& global_mask,
+                                                   const std::optional<at::Tensor>& key_padding_mask,
+                                                   double scale) {
+  check_window_inputs(q, k, v, left, right, dilation, global_mask, key_padding_mask, scale);
+  const WindowAttentionShape s = window_kernel_shape(q, k, v, left, right, dilation, scale);
+  return engine_forward(q, k, v, scale, plan_blocks(s, global_mask, q.options().dtype(at::kLong)),
+                        window_visibility(s, global_mask, key_padding_mask));
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_generic(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& out, const at::Tensor& lse, int64_t left, int64_t right, int64_t dilation,
+    const std::optional<at::Tensor>& global_mask, const std::optional<at::Tensor>& key_padding_mask,
+    double scale) {
+  const auto sizes = check_window_inputs(q, k, v, left, right, dilation, global_mask, key_padding_mask, scale);
+  check_window_backward_inputs(grad_out, q, out, lse, sizes);
+  const WindowAttentionShape s = window_kernel_shape(q, k, v, left, right, dilation, scale);
+  return engine_backward(grad_out, q, k, v, out, lse, scale,
+                         plan_blocks(s, global_mask, q.options().dtype(at::kLong)),
+                         window_visibility(s, global_mask, key_padding_mask));
+}
+
+// Block-sparse: each query block visits the key blocks present in the layout rows it touches
+// (for any head; read on the host, a sync on GPUs).
+std::vector<BlockPlan> plan_layout_blocks(const WindowAttentionShape& s, const at::Tensor& layout,
+                                          int64_t block_size, bool causal,
+                                          const at::TensorOptions& index_options) {
+  const at::Tensor rows = layout.any(0).cpu();  // (q_blocks, k_blocks)
+  std::vector<BlockPlan> plan;
+  for (int64_t i0 = 0; i0 < s.q_len; i0 += kGenericBlock) {
+    const int64_t i1 = std::min(s.q_len, i0 + kGenericBlock);
+    const at::Tensor present = rows.narrow(0, i0 / block_size, (i1 - 1) / block_size - i0 / block_size + 1).any(0);
+    const int64_t last_key = causal ? i1 - 1 + (s.k_len - s.q_len) : s.k_len - 1;
+    std::vector<int64_t> keys;
+    const bool* p = present.const_data_ptr<bool>();
+    for (int64_t kb = 0; kb < present.size(0); ++kb)
+      if (p[kb])
+        for (int64_t j = kb * block_size; j < std::min(s.k_len, (kb + 1) * block_size) && j <= last_key; ++j)
+          keys.push_back(j);
+    plan.push_back({i0, i1, at::tensor(keys, at::TensorOptions().dtype(at::kLong)).to(index_options.device())});
+  }
+  return plan;
+}
+
+Visibility layout_visibility(const WindowAttentionShape& s, const at::Tensor& layout, int64_t block_size,
+                             bool causal, const std::optional<at::Tensor>& key_padding_mask) {
+  return [&s, &layout, block_size, causal, &key_padding_mask](int64_t i0, int64_t i1, const at::Tensor& keys) {
+    const at::Tensor rows = at::arange(i0, i1, keys.options());
+    at::Tensor visible = layout.index_select(1, rows.div(block_size, "floor"))
+                             .index_select(2, keys.div(block_size, "floor"))
+                             .unsqueeze(0);  // (1, H or 1, L, n)
+    if (causal)
+      visible = visible.logical_and(keys.unsqueeze(0) <= rows.unsqueeze(-1) + (s.k_len - s.q_len));
+    if (key_padding_mask.has_value())
+      visible = visible.logical_and(
+          key_padding_mask->index_select(1, keys).logical_not().unsqueeze(1).unsqueeze(1));
+    return visible;
+  };
+}
+
+std::tuple<at::Tensor, at::Tensor> block_forward_generic(const at::Tensor& q, const at::Tensor& k,
+                                                         const at::Tensor& v, const at::Tensor& layout,
+                                                         int64_t block_size, bool causal,
+                                                         const std::optional<at::Tensor>& key_padding_mask,
+                                                         double scale) {
+  check_block_sparse_inputs(q, k, v, layout, block_size, key_padding_mask, scale);
+  const WindowAttentionShape s = window_kernel_shape(q, k, v, -1, -1, 1, scale);
+  return engine_forward(q, k, v, scale, plan_layout_blocks(s, layout, block_size, causal, q.options().dtype(at::kLong)),
+                        layout_visibility(s, layout, block_size, causal, key_padding_mask));
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> block_backward_generic(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& out, const at::Tensor& lse, const at::Tensor& layout, int64_t block_size, bool causal,
+    const std::optional<at::Tensor>& key_padding_mask, double scale) {
+  const auto sizes = check_block_sparse_inputs(q, k, v, layout, block_size, key_padding_mask, scale);
+  check_window_backward_inputs(grad_out, q, out, lse, sizes);
+  const WindowAttentionShape s = window_kernel_shape(q, k, v, -1, -1, 1, scale);
+  return engine_backward(grad_out, q, k, v, out, lse, scale,
+                         plan_layout_blocks(s, layout, block_size, causal, q.options().dtype(at::kLong)),
+                         layout_visibility(s, layout, block_size, causal, key_padding_mask));
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(linattn, CompositeExplicitAutograd, m) {
@@ -160,6 +250,10 @@ TORCH_LIBRARY_IMPL(linattn, CompositeExplicitAutograd, m) {
   m.impl("sliding_window_attn_bwd", &backward_generic);
   m.impl("sliding_window_attn_fwd_generic", &forward_generic);
   m.impl("sliding_window_attn_bwd_generic", &backward_generic);
+  m.impl("block_sparse_attn_fwd", &block_forward_generic);
+  m.impl("block_sparse_attn_bwd", &block_backward_generic);
+  m.impl("block_sparse_attn_fwd_generic", &block_forward_generic);
+  m.impl("block_sparse_attn_bwd_generic", &block_backward_generic);
 }
 
 }  // namespace linattn

@@ -31,9 +31,34 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_meta(
           at::empty_symint({s.batch, s.heads, s.k_len, s.value_dim}, q.options())};
 }
 
+std::tuple<at::Tensor, at::Tensor> block_forward_meta(const at::Tensor& q, const at::Tensor& k,
+                                                      const at::Tensor& v, const at::Tensor& layout,
+                                                      int64_t block_size, bool causal,
+                                                      const std::optional<at::Tensor>& key_padding_mask,
+                                                      double scale) {
+  const auto s = check_block_sparse_inputs(q, k, v, layout, block_size, key_padding_mask, scale);
+  return {at::empty_symint({s.batch, s.heads, s.q_len, s.value_dim}, q.options()),
+          at::empty_symint({s.batch, s.heads, s.q_len}, q.options().dtype(accumulate_type(q.scalar_type())))};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> block_backward_meta(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& out, const at::Tensor& lse, const at::Tensor& layout, int64_t block_size, bool causal,
+    const std::optional<at::Tensor>& key_padding_mask, double scale) {
+  const auto s = check_block_sparse_inputs(q, k, v, layout, block_size, key_padding_mask, scale);
+  check_window_backward_inputs(grad_out, q, out, lse, s);
+  return {at::empty_symint({s.batch, s.heads, s.q_len, s.head_dim}, q.options()),
+          at::empty_symint({s.batch, s.heads, s.k_len, s.head_dim}, q.options()),
+          at::empty_symint({s.batch, s.heads, s.k_len, s.value_dim}, q.options())};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(linattn, Meta, m) {
+  m.impl("block_sparse_attn_fwd", &block_forward_meta);
+  m.impl("block_sparse_attn_bwd", &block_backward_meta);
+  m.impl("block_sparse_attn_fwd_generic", &block_forward_meta);
+  m.impl("block_sparse_attn_bwd_generic", &block_backward_meta);
   m.impl("sliding_window_attn_fwd", &forward_meta);
   m.impl("sliding_window_attn_bwd", &backward_meta);
   m.impl("sliding_window_attn_fwd_generic", &forward_meta);

@@ -62,6 +62,31 @@ inline WindowAttentionSizes check_window_inputs(const at::Tensor& q, const at::T
   return s;
 }
 
+// The checks of the block-sparse operators: q, k, v, padding and scale as for windows, and a
+// (H or 1, ceil(T_q/b), ceil(T_k/b)) bool layout.
+inline WindowAttentionSizes check_block_sparse_inputs(const at::Tensor& q, const at::Tensor& k,
+                                                      const at::Tensor& v, const at::Tensor& layout,
+                                                      int64_t block_size,
+                                                      const std::optional<at::Tensor>& key_padding_mask,
+                                                      double scale) {
+  const char* op = "linattn.block_sparse_attention";
+  TORCH_CHECK(block_size >= 1, op, ": block_size must be >= 1, got ", block_size);
+  const WindowAttentionSizes s =
+      check_window_inputs(q, k, v, -1, -1, 1, std::nullopt, key_padding_mask, scale);
+  check_dim(op, "layout", layout, 3, "(H or 1, ceil(T_q / block_size), ceil(T_k / block_size))");
+  check_same_device(op, "layout", layout, "q", q);
+  TORCH_CHECK(layout.scalar_type() == at::kBool, op, ": layout must be a bool tensor, got ",
+              layout.scalar_type());
+  const c10::SymInt q_blocks = (s.q_len + block_size - 1) / block_size;
+  const c10::SymInt k_blocks = (s.k_len + block_size - 1) / block_size;
+  TORCH_CHECK((layout.sym_size(0) == 1 || layout.sym_size(0) == s.heads) &&
+                  layout.sym_size(1) == q_blocks && layout.sym_size(2) == k_blocks,
+              op, ": layout must have shape (1 or H=", s.heads, ", ", q_blocks, ", ", k_blocks,
+              ") for T_q=", s.q_len, ", T_k=", s.k_len, " and block_size=", block_size, ", got ",
+              shape_str(layout));
+  return s;
+}
+
 inline void check_window_backward_inputs(const at::Tensor& grad_out, const at::Tensor& q,
                                          const at::Tensor& out, const at::Tensor& lse,
                                          const WindowAttentionSizes& s) {
