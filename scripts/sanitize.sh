@@ -30,4 +30,5 @@ cd "$BUILD"
 "$PY" -S -c "import linattn, os; assert linattn.__file__.startswith(os.getcwd()), linattn.__file__"
 "$PY" -S -m pytest -q -p no:cacheprovider "$ROOT"/tests/test_linear_attention.py "$ROOT"/tests/test_edge_inputs.py \
   "$ROOT"/tests/test_errors.py "$ROOT"/tests/test_ops.py "$ROOT"/tests/test_cpu_gemm_fallback.py \
-  "$ROOT"/tests/test_methods.py "$ROOT"/tests/test_window_attention.py "$ROOT"/tests/test_fuzz.py "$@"
+  "$ROOT"/tests/test_methods.py "$ROOT"/tests/test_window_attention.py \
+  "$ROOT"/tests/test_block_sparse_attention.py "$ROOT"/tests/test_fuzz.py "$@"
