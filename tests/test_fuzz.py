@@ -350,3 +350,44 @@ def test_sliding_window_attention_equals_reference(data):
     ref_grads = torch.autograd.grad((ref * cotangent).sum(), ref_leaves)
     for name, a, b in zip("qkv", grads, ref_grads):
         _compare(a, b, dtype, f"d{name}", 3 * FUZZ_TOLERANCE[dtype])
+
+
+@FUZZ
+@given(st.data())
+def test_block_sparse_attention_equals_reference(data):
+    """block_sparse_attention against float64 softmax under the expanded layout: random layouts
+    (per head or shared), block sizes incl. 1 and larger than T, T_q != T_k, causal, padding,
+    views, dtypes, NaN/Inf anywhere, both implementations."""
+    B, H = data.draw(st.integers(0, 2)), data.draw(st.integers(1, 2))
+    Tq, Tk = data.draw(LENGTHS), data.draw(LENGTHS)
+    D, dv = data.draw(st.sampled_from([1, 4, 16])), data.draw(st.sampled_from([0, 3, 8]))
+    b = data.draw(st.sampled_from([1, 3, 16, 64, 300]))
+    dtype = data.draw(st.sampled_from(FLOAT_DTYPES))
+    g = torch.Generator().manual_seed(data.draw(st.integers(0, 2**16)))
+    layout = torch.rand(data.draw(st.sampled_from([1, H])), math.ceil(Tq / b), math.ceil(Tk / b), generator=g) < \
+        data.draw(st.sampled_from([0.0, 0.2, 0.6, 1.0]))
+    base = [torch.randn(B, H, Tq, D, generator=g, dtype=torch.float64),
+            torch.randn(B, H, Tk, D, generator=g, dtype=torch.float64),
+            torch.randn(B, H, Tk, dv, generator=g, dtype=torch.float64)]
+    bad = data.draw(st.sampled_from([None, None, 0, 1, 2]))
+    if bad is not None and base[bad].numel():
+        base[bad].view(-1)[data.draw(st.integers(0, base[bad].numel() - 1))] = data.draw(
+            st.sampled_from([math.nan, math.inf, -math.inf]))
+    q, k, v = (_place(t, data.draw(st.sampled_from(["contiguous", "transposed", "sliced", "offset"])), dtype)
+               for t in base)
+    padding = (torch.rand(B, Tk, generator=g) < 0.2) if data.draw(st.booleans()) else None
+    options = dict(causal=data.draw(st.booleans()), key_padding_mask=padding)
+    with _ops.generic_implementation(data.draw(st.booleans())):
+        out = linattn.block_sparse_attention(q, k, v, layout, b, **options)
+        expected = reference.block_sparse_attention(q, k, v, layout, b, **options)
+        _compare(out, expected, dtype, "out")
+        if bad is not None or q.numel() == 0 or dtype == torch.float16:
+            return
+        leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+        cotangent = torch.randn(expected.shape, generator=g, dtype=torch.float64)
+        grads = torch.autograd.grad((linattn.block_sparse_attention(*leaves, layout, b, **options).double()
+                                     * cotangent).sum(), leaves)
+    ref_leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref = reference.block_sparse_attention(*ref_leaves, layout, b, **options)
+    for name, a, r in zip("qkv", grads, torch.autograd.grad((ref * cotangent).sum(), ref_leaves)):
+        _compare(a, r, dtype, f"d{name}", 3 * FUZZ_TOLERANCE[dtype])
