@@ -22,8 +22,9 @@ METHOD_OPTIONS = {
     "local-dilated": {"window": (7, 3), "dilation": 2},
     "longformer": {"window": 4, "global_tokens": 2},
     "bigbird": {"block_size": 8, "num_random": 1, "seed": 3},
+    "hybrid": {"window": 4},
 }
-CAUSAL = {"softmax", "linear", "performer", "local", "bigbird"}
+CAUSAL = {"softmax", "linear", "performer", "local", "bigbird", "hybrid"}
 
 
 def _build(name, embed=24, heads=3, **kwargs):
@@ -54,6 +55,13 @@ def _reference(module, query, key, value, key_padding_mask, causal):
             global_mask = (torch.arange(key.shape[1]) < core.global_tokens).expand(key.shape[0], key.shape[1])
         out = reference.sliding_window_attention(q, k, v, core.window, causal=causal, dilation=core.dilation,
                                                  global_mask=global_mask, key_padding_mask=key_padding_mask)
+    elif method == "hybrid":
+        g = torch.sigmoid(core.gate.double())[None, :, None, None]
+        linear, _ = reference.linear_attention(q, k, v, causal=causal, feature_map=core.linear.feature_map,
+                                               eps=core.linear.eps, key_padding_mask=key_padding_mask)
+        local = reference.sliding_window_attention(q, k, v, core.local.window, causal=causal,
+                                                   key_padding_mask=key_padding_mask)
+        out = g * linear + (1 - g) * local
     elif method == "bigbird":
         out = reference.block_sparse_attention(q, k, v, core.layout(key.shape[1], key.device), core.block_size,
                                                causal=causal, key_padding_mask=key_padding_mask)
@@ -77,6 +85,9 @@ def test_method_matches_reference(name, causal, masked, length):
     module = _build(name)
     if method == "performer":
         module.core.eps = 1e-300  # the reference has no stabilizer, so no eps to scale (≈ 0)
+    if method == "hybrid":
+        with torch.no_grad():
+            module.core.gate.copy_(torch.tensor([-1.0, 0.5, 2.0]))  # an uneven mix per head
     g = torch.Generator().manual_seed(1)
     x = (0.5 * torch.randn(2, length, 24, generator=g)).requires_grad_()
     mask = (torch.rand(2, length, generator=g) < 0.3) if masked else None
@@ -151,7 +162,7 @@ def test_compiled_module_matches_eager(name):
 
 
 def test_unknown_method_and_options_list_the_valid_ones():
-    with pytest.raises(ValueError, match=r"unknown method 'favor'.*available methods: \['bigbird', 'efficient', 'linear'"):
+    with pytest.raises(ValueError, match=r"unknown method 'favor'.*available methods: \['bigbird', 'efficient', 'hybrid', 'linear'"):
         linattn.nn.MultiheadAttention(16, 2, method="favor")
     with pytest.raises(ValueError, match=r"'reformer' is planned but not implemented"):
         linattn.nn.MultiheadAttention(16, 2, method="reformer")

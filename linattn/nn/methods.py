@@ -430,6 +430,47 @@ class BigBirdMethod(MethodModule):
         return out, weights if key_scale is None else weights * key_scale
 
 
+class HybridMethod(MethodModule):
+    """Linear attention plus sliding-window softmax (METHODS.md §8): per head,
+    out = g ⊙ linear(q, k, v) + (1 − g) ⊙ local(q, k, v) with g = sigmoid(gate), a learned
+    per-head parameter (`core.gate`, initialised to 0: an even mix). Options: window (128),
+    feature_map ("elu" / "relu") and eps for the linear part. Key padding and causal masks;
+    dropout drops whole keys in both parts alike."""
+
+    name = "hybrid"
+    options = ("window", "feature_map", "eps")
+    supports_causal = True
+    takes_any_mask = False
+    supports_extra_keys = False
+
+    def __init__(self, num_heads: int, head_dim: int, device=None, dtype=None, *, window=128, feature_map="elu",
+                 eps=1e-6):
+        super().__init__()
+        self.local = LocalMethod(num_heads, head_dim, device, dtype, window=window)
+        self.linear = LinearMethod(num_heads, head_dim, device, dtype, feature_map=feature_map, eps=eps)
+        self.gate = nn.Parameter(torch.zeros(num_heads, device=device, dtype=dtype))
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        self.gate.zero_()
+
+    def extra_repr(self) -> str:
+        return f"heads={self.gate.numel()}"
+
+    def forward(self, q, k, v, *, causal, key_padding_mask, attn_mask, dropout_p, need_weights):
+        v, key_scale = _drop_keys(v, dropout_p)
+        options = dict(causal=causal, key_padding_mask=key_padding_mask, attn_mask=None, dropout_p=0.0,
+                       need_weights=need_weights)
+        linear_out, linear_weights = self.linear(q, k, v, **options)
+        local_out, local_weights = self.local(q, k, v, **options)
+        g = torch.sigmoid(self.gate).to(linear_out.dtype)[None, :, None, None]
+        out = g * linear_out + (1 - g) * local_out
+        if not need_weights:
+            return out, None
+        weights = g * linear_weights.to(out.dtype) + (1 - g) * local_weights.to(out.dtype)
+        return out, weights if key_scale is None else weights * key_scale
+
+
 LINFORMER_SHARING = ("none", "headwise", "kv", "layerwise")
 
 
@@ -521,11 +562,11 @@ class LinformerMethod(MethodModule):
 METHODS = {
     cls.name: cls for cls in (
         SoftmaxMethod, LinearMethod, PerformerMethod, EfficientMethod, LinformerMethod, LocalMethod, LongformerMethod,
-        BigBirdMethod,
+        BigBirdMethod, HybridMethod,
     )
 }
 # In API.md's list but not built yet: asking for one says so instead of "unknown".
-PLANNED_METHODS = ("reformer", "hybrid", "additive")
+PLANNED_METHODS = ("reformer", "additive")
 
 
 def build_method(method: str, *, num_heads: int, head_dim: int, device=None, dtype=None, **options) -> nn.Module:
