@@ -51,6 +51,24 @@ inline void check_shape(const char* op, const char* name, const at::Tensor& t,
               ", got ", shape_str(t));
 }
 
+// q (B, H, T_q, D), k (B, H, T_k, D), v (B, H, T_k, dv): one floating dtype, one device.
+inline void check_qkv(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  check_dim(op, "q", q, 4, "(B, H, T, D)");
+  check_dim(op, "k", k, 4, "(B, H, T, D)");
+  check_dim(op, "v", v, 4, "(B, H, T, D)");
+  check_floating(op, "q", q);
+  check_same_device_dtype(op, "k", k, "q", q);
+  check_same_device_dtype(op, "v", v, "q", q);
+  TORCH_CHECK(q.sym_size(0) == k.sym_size(0) && q.sym_size(1) == k.sym_size(1) &&
+                  k.sym_size(0) == v.sym_size(0) && k.sym_size(1) == v.sym_size(1),
+              op, ": q, k and v must share batch and head dims, got q ", shape_str(q), ", k ",
+              shape_str(k), " and v ", shape_str(v));
+  TORCH_CHECK(q.sym_size(3) == k.sym_size(3), op, ": q and k must have the same head dim, got q ",
+              shape_str(q), " and k ", shape_str(k));
+  TORCH_CHECK(k.sym_size(2) == v.sym_size(2), op, ": k and v must have the same length, got k ",
+              shape_str(k), " and v ", shape_str(v));
+}
+
 // States and normalizers accumulate in float32, or float64 for float64 inputs.
 inline at::ScalarType accumulate_type(at::ScalarType input) {
   return input == at::kDouble ? at::kDouble : at::kFloat;

@@ -1,6 +1,7 @@
 // CPU operator entry points: validate, allocate, hand raw views to the chunked kernels.
 #include "kernel.h"
 #include "op_checks.h"
+#include "../common/tensor_views.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -9,22 +10,6 @@
 
 namespace linattn {
 namespace {
-
-template <typename T>
-Strided4<const T> view_of(const at::Tensor& t) {
-  Strided4<const T> s;
-  s.data = t.const_data_ptr<T>();
-  for (int i = 0; i < 4; ++i) s.stride[i] = t.stride(i);
-  return s;
-}
-
-// Nullable pointer to the contiguous data of an optional tensor (a state or the mask).
-template <typename T>
-const T* optional_ptr(const std::optional<at::Tensor>& t, at::Tensor& keep_alive) {
-  if (!t.has_value()) return nullptr;
-  keep_alive = t->contiguous();
-  return keep_alive.const_data_ptr<T>();
-}
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cpu(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,

@@ -26,20 +26,7 @@ inline LinearAttentionSizes check_inputs(const at::Tensor& q, const at::Tensor& 
                                          const std::optional<at::Tensor>& key_padding_mask,
                                          int64_t feature_map, bool causal) {
   const char* op = kLinearAttentionOp;
-  check_dim(op, "q", q, 4, "(B, H, T, D)");
-  check_dim(op, "k", k, 4, "(B, H, T, D)");
-  check_dim(op, "v", v, 4, "(B, H, T, D)");
-  check_floating(op, "q", q);
-  check_same_device_dtype(op, "k", k, "q", q);
-  check_same_device_dtype(op, "v", v, "q", q);
-  TORCH_CHECK(q.sym_size(0) == k.sym_size(0) && q.sym_size(1) == k.sym_size(1) &&
-                  k.sym_size(0) == v.sym_size(0) && k.sym_size(1) == v.sym_size(1),
-              op, ": q, k and v must share batch and head dims, got q ", shape_str(q), ", k ",
-              shape_str(k), " and v ", shape_str(v));
-  TORCH_CHECK(q.sym_size(3) == k.sym_size(3), op, ": q and k must have the same head dim, got q ",
-              shape_str(q), " and k ", shape_str(k));
-  TORCH_CHECK(k.sym_size(2) == v.sym_size(2), op, ": k and v must have the same length, got k ",
-              shape_str(k), " and v ", shape_str(v));
+  check_qkv(op, q, k, v);
   TORCH_CHECK(!causal || q.sym_size(2) == k.sym_size(2), op,
               ": causal attention needs as many queries as keys, got q ", shape_str(q), " and k ",
               shape_str(k));

@@ -2,6 +2,7 @@
 // views to the fused kernels (cpu_kernel.cpp).
 #include "kernel.h"
 #include "op_checks.h"
+#include "../common/tensor_views.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -10,20 +11,6 @@
 
 namespace linattn {
 namespace {
-
-template <typename T>
-Strided4<const T> view_of(const at::Tensor& t) {
-  Strided4<const T> s;
-  s.data = t.const_data_ptr<T>();
-  for (int i = 0; i < 4; ++i) s.stride[i] = t.stride(i);
-  return s;
-}
-
-const bool* mask_ptr(const std::optional<at::Tensor>& mask, at::Tensor& keep_alive) {
-  if (!mask.has_value()) return nullptr;
-  keep_alive = mask->contiguous();
-  return keep_alive.const_data_ptr<bool>();
-}
 
 std::tuple<at::Tensor, at::Tensor> forward_cpu(const at::Tensor& q, const at::Tensor& k,
                                                const at::Tensor& v, int64_t left, int64_t right,
@@ -36,8 +23,8 @@ std::tuple<at::Tensor, at::Tensor> forward_cpu(const at::Tensor& q, const at::Te
   auto out = at::empty({s.batch, s.heads, s.q_len, s.value_dim}, q.options());
   auto lse = at::empty({s.batch, s.heads, s.q_len}, q.options().dtype(accumulate_type(q.scalar_type())));
   at::Tensor global, padding;
-  const bool* global_ptr = mask_ptr(global_mask, global);
-  const bool* padding_ptr = mask_ptr(key_padding_mask, padding);
+  const bool* global_ptr = optional_ptr<bool>(global_mask, global);
+  const bool* padding_ptr = optional_ptr<bool>(key_padding_mask, padding);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "sliding_window_attn_fwd", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     window_attention_forward_cpu<scalar_t, acc_t>(s, view_of<scalar_t>(q), view_of<scalar_t>(k),
@@ -60,8 +47,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(
   auto grad_v = at::empty({s.batch, s.heads, s.k_len, s.value_dim}, q.options());
   const at::Tensor lse_c = lse.contiguous();
   at::Tensor global, padding;
-  const bool* global_ptr = mask_ptr(global_mask, global);
-  const bool* padding_ptr = mask_ptr(key_padding_mask, padding);
+  const bool* global_ptr = optional_ptr<bool>(global_mask, global);
+  const bool* padding_ptr = optional_ptr<bool>(key_padding_mask, padding);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "sliding_window_attn_bwd", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     window_attention_backward_cpu<scalar_t, acc_t>(
@@ -94,7 +81,7 @@ std::tuple<at::Tensor, at::Tensor> block_forward_cpu(const at::Tensor& q, const 
   auto lse = at::empty({s.batch, s.heads, s.q_len}, q.options().dtype(accumulate_type(q.scalar_type())));
   const at::Tensor layout_c = layout.contiguous();
   at::Tensor padding;
-  const bool* padding_ptr = mask_ptr(key_padding_mask, padding);
+  const bool* padding_ptr = optional_ptr<bool>(key_padding_mask, padding);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "block_sparse_attn_fwd", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     block_sparse_attention_forward_cpu<scalar_t, acc_t>(
@@ -116,7 +103,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> block_backward_cpu(
   auto grad_v = at::empty({s.batch, s.heads, s.k_len, s.value_dim}, q.options());
   const at::Tensor lse_c = lse.contiguous(), layout_c = layout.contiguous();
   at::Tensor padding;
-  const bool* padding_ptr = mask_ptr(key_padding_mask, padding);
+  const bool* padding_ptr = optional_ptr<bool>(key_padding_mask, padding);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "block_sparse_attn_bwd", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     block_sparse_attention_backward_cpu<scalar_t, acc_t>(

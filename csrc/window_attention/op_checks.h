@@ -22,20 +22,7 @@ inline WindowAttentionSizes check_window_inputs(const at::Tensor& q, const at::T
                                                 const std::optional<at::Tensor>& key_padding_mask,
                                                 double scale) {
   const char* op = kWindowAttentionOp;
-  check_dim(op, "q", q, 4, "(B, H, T, D)");
-  check_dim(op, "k", k, 4, "(B, H, T, D)");
-  check_dim(op, "v", v, 4, "(B, H, T, D)");
-  check_floating(op, "q", q);
-  check_same_device_dtype(op, "k", k, "q", q);
-  check_same_device_dtype(op, "v", v, "q", q);
-  TORCH_CHECK(q.sym_size(0) == k.sym_size(0) && q.sym_size(1) == k.sym_size(1) &&
-                  k.sym_size(0) == v.sym_size(0) && k.sym_size(1) == v.sym_size(1),
-              op, ": q, k and v must share batch and head dims, got q ", shape_str(q), ", k ",
-              shape_str(k), " and v ", shape_str(v));
-  TORCH_CHECK(q.sym_size(3) == k.sym_size(3), op, ": q and k must have the same head dim, got q ",
-              shape_str(q), " and k ", shape_str(k));
-  TORCH_CHECK(k.sym_size(2) == v.sym_size(2), op, ": k and v must have the same length, got k ",
-              shape_str(k), " and v ", shape_str(v));
+  check_qkv(op, q, k, v);
   TORCH_CHECK(left >= -1 && right >= -1, op,
               ": window bounds must be >= 0, or -1 for unbounded, got (", left, ", ", right, ")");
   TORCH_CHECK(dilation >= 1, op, ": dilation must be >= 1, got ", dilation);
