@@ -197,12 +197,18 @@ struct SoftmaxEngine {
     vis.resize(kBlock * kKeyGroup);
   }
 
-  // Rows of a (b, h) view gathered by index into contiguous scratch.
+  // Rows of a (b, h) view gathered by index into contiguous scratch, one load per run of
+  // consecutive indices (a window band is a single run).
   template <typename Dst>
   void gather(Dst& dst, int64_t width, const Strided4<const scalar_t>& x, int64_t bi, int64_t hi,
               const std::vector<int64_t>& rows) {
-    for (size_t r = 0; r < rows.size(); ++r)
-      load_rows(dst.data() + r * width, width, x.row(bi, hi, rows[r]), x.stride[2], x.stride[3], 1, width);
+    const int64_t n = static_cast<int64_t>(rows.size());
+    for (int64_t r0 = 0; r0 < n;) {
+      int64_t r1 = r0 + 1;
+      while (r1 < n && rows[r1] == rows[r1 - 1] + 1) ++r1;
+      load_rows(dst.data() + r0 * width, width, x.row(bi, hi, rows[r0]), x.stride[2], x.stride[3], r1 - r0, width);
+      r0 = r1;
+    }
   }
 
   void load_queries(const Strided4<const scalar_t>& Q, int64_t bi, int64_t hi, int64_t i0, int64_t L) {
