@@ -69,6 +69,16 @@ inline void check_qkv(const char* op, const at::Tensor& q, const at::Tensor& k, 
               shape_str(k), " and v ", shape_str(v));
 }
 
+// A per-key bool mask (B, T_k) on q's device (key padding, Longformer's global tokens).
+inline void check_key_mask(const char* op, const char* name, const std::optional<at::Tensor>& mask,
+                           const at::Tensor& q, const at::Tensor& k, const char* meaning) {
+  if (!mask.has_value()) return;
+  check_same_device(op, name, *mask, "q", q);
+  TORCH_CHECK(mask->scalar_type() == at::kBool, op, ": ", name, " must be a bool tensor (", meaning,
+              "), got ", mask->scalar_type());
+  check_shape(op, name, *mask, {k.sym_size(0), k.sym_size(2)}, "(B, T_k)");
+}
+
 // States and normalizers accumulate in float32, or float64 for float64 inputs.
 inline at::ScalarType accumulate_type(at::ScalarType input) {
   return input == at::kDouble ? at::kDouble : at::kFloat;

@@ -35,14 +35,7 @@ inline LinearAttentionSizes check_inputs(const at::Tensor& q, const at::Tensor& 
               op, ": feature_map code must be 0 (identity), 1 (elu+1) or 2 (relu), got ", feature_map);
   LinearAttentionSizes s{q.sym_size(0), q.sym_size(1), q.sym_size(2),
                          k.sym_size(2), q.sym_size(3), v.sym_size(3)};
-  if (key_padding_mask.has_value()) {
-    const at::Tensor& mask = *key_padding_mask;
-    check_same_device(op, "key_padding_mask", mask, "q", q);
-    TORCH_CHECK(mask.scalar_type() == at::kBool, op,
-                ": key_padding_mask must be a bool tensor (True = padded key), got ",
-                mask.scalar_type());
-    check_shape(op, "key_padding_mask", mask, {s.batch, s.k_len}, "(B, T_k)");
-  }
+  check_key_mask(op, "key_padding_mask", key_padding_mask, q, k, "True = padded key");
   if (initial_state.has_value()) check_state(op, "initial_state", *initial_state, q, s.state());
   return s;
 }

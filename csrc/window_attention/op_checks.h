@@ -29,23 +29,11 @@ inline WindowAttentionSizes check_window_inputs(const at::Tensor& q, const at::T
   TORCH_CHECK(std::isfinite(scale), op, ": scale must be finite, got ", scale);
   WindowAttentionSizes s{q.sym_size(0), q.sym_size(1), q.sym_size(2),
                          k.sym_size(2), q.sym_size(3), v.sym_size(3)};
-  if (global_mask.has_value()) {
-    const at::Tensor& g = *global_mask;
-    check_same_device(op, "global_mask", g, "q", q);
-    TORCH_CHECK(g.scalar_type() == at::kBool, op,
-                ": global_mask must be a bool tensor (True = global token), got ", g.scalar_type());
+  if (global_mask.has_value())
     TORCH_CHECK(s.q_len == s.k_len, op, ": global_mask needs as many queries as keys, got q ",
                 shape_str(q), " and k ", shape_str(k));
-    check_shape(op, "global_mask", g, {s.batch, s.k_len}, "(B, T)");
-  }
-  if (key_padding_mask.has_value()) {
-    const at::Tensor& mask = *key_padding_mask;
-    check_same_device(op, "key_padding_mask", mask, "q", q);
-    TORCH_CHECK(mask.scalar_type() == at::kBool, op,
-                ": key_padding_mask must be a bool tensor (True = padded key), got ",
-                mask.scalar_type());
-    check_shape(op, "key_padding_mask", mask, {s.batch, s.k_len}, "(B, T_k)");
-  }
+  check_key_mask(op, "global_mask", global_mask, q, k, "True = global token");
+  check_key_mask(op, "key_padding_mask", key_padding_mask, q, k, "True = padded key");
   return s;
 }
 
