@@ -1,6 +1,7 @@
 """Long-sequence text classification on a generated task whose answer depends on tokens far
-apart, comparing softmax, linear, performer and linformer attention in the same small
-Transformer (one swap_attention line each): accuracy, training step time and peak memory.
+apart, comparing softmax, linear, performer, linformer, local (sliding window), longformer and
+bigbird attention in the same small Transformer (one swap_attention line each): accuracy,
+training step time and peak memory.
 
 The task: a sequence of random tokens; the label is the *first* token, and the model reads its
 answer at a classifier token appended after the *last* one, so attention has to carry
@@ -25,6 +26,12 @@ METHOD_OPTIONS = {
     "linear": {},
     "performer": {"nb_features": 64, "seed": 0},
     "linformer": {"k": 64},  # max_seq_len is set from the sequence length
+    # Softmax restricted to who may attend to whom: a window alone cannot reach the first token
+    # from the classifier token in two layers; Longformer's global first token and BigBird's
+    # global first/last blocks can.
+    "local": {"window": 32},
+    "longformer": {"window": 32, "global_tokens": 1},
+    "bigbird": {"block_size": 32, "num_random": 2},
 }
 
 
