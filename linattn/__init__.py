@@ -30,12 +30,12 @@ from .feature_maps import elu_feature_map, favor_features, random_features, relu
 from .functional import efficient_attention, linear_attention, performer_attention  # noqa: E402
 from .functional import sliding_window_attention  # noqa: E402
 from .window import window_mask  # noqa: E402
-from .sparse import bigbird_layout, block_local_layout, block_sparse_attention  # noqa: E402
+from .sparse import bigbird_layout, block_local_layout, block_sparse_attention, layout_mask  # noqa: E402
 from . import nn  # noqa: E402
 from .swap import swap_attention  # noqa: E402
 
 __all__ = [
     "linear_attention", "performer_attention", "efficient_attention", "sliding_window_attention", "window_mask",
-    "block_sparse_attention", "block_local_layout", "bigbird_layout", "random_features", "favor_features",
+    "block_sparse_attention", "block_local_layout", "bigbird_layout", "layout_mask", "random_features", "favor_features",
     "elu_feature_map", "relu_feature_map", "nn", "swap_attention", "reference", "__version__",
 ]

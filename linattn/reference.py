@@ -8,6 +8,7 @@ from typing import Optional, Tuple
 import torch
 
 from .feature_maps import resolve_feature_map
+from .sparse import layout_mask
 from .window import window_mask
 
 
@@ -157,12 +158,5 @@ def masked_softmax_attention(q, k, v, visible, scale):
 def block_sparse_attention(q, k, v, layout, block_size, *, causal=False, key_padding_mask=None, scale=None):
     """METHODS.md §6 in float64: softmax under the layout expanded to a dense mask."""
     scale = (q.shape[-1] ** -0.5 if q.shape[-1] > 0 else 1.0) if scale is None else scale
-    Tq, Tk = q.shape[2], k.shape[2]
-    rows = torch.arange(Tq, device=q.device) // block_size
-    cols = torch.arange(Tk, device=q.device) // block_size
-    visible = layout[:, rows][:, :, cols].unsqueeze(0)  # (1, H or 1, T_q, T_k)
-    if causal:
-        visible = visible & (torch.arange(Tk)[None, :] <= torch.arange(Tq)[:, None] + (Tk - Tq))
-    if key_padding_mask is not None:
-        visible = visible & ~key_padding_mask[:, None, None, :]
+    visible = layout_mask(layout, block_size, q.shape[2], k.shape[2], causal=causal, key_padding_mask=key_padding_mask)
     return masked_softmax_attention(q, k, v, visible, scale)

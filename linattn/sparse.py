@@ -114,3 +114,19 @@ def bigbird_layout(T: int, block_size: int, *, num_random: int = 3, num_global: 
                 pick = torch.randperm(candidates.numel(), generator=generator)[:num_random]
                 layout[h, row, candidates[pick]] = True
     return layout.to(device)
+
+
+def layout_mask(layout: torch.Tensor, block_size: int, length_q: int, length_k: int, *, causal: bool = False,
+                key_padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The dense (B or 1, H or 1, T_q, T_k) bool mask of block_sparse_attention (True = the query
+    sees the key), expanded from the layout by definition: for the float64 reference and
+    need_weights. The operators never build it."""
+    rows = torch.arange(length_q, device=layout.device) // block_size
+    cols = torch.arange(length_k, device=layout.device) // block_size
+    visible = layout[:, rows][:, :, cols].unsqueeze(0)
+    if causal:
+        keys, queries = torch.arange(length_k, device=layout.device), torch.arange(length_q, device=layout.device)
+        visible = visible & (keys[None, :] <= queries[:, None] + (length_k - length_q))
+    if key_padding_mask is not None:
+        visible = visible & ~key_padding_mask[:, None, None, :]
+    return visible

@@ -91,7 +91,7 @@ struct WindowPattern {
 
   // vis (L × n, leading dim ld) for rows i0.. against `keys`: the window as an interval test per
   // row (a loop that vectorizes), then dilation, global tokens and padding only when they are in
-  // use (WindowAttentionShape::in_window is the definition this matches).
+  // use (the definition is at the top of kernel.h).
   void visibility(int64_t bi, int64_t /*hi*/, int64_t i0, int64_t L, const std::vector<int64_t>& keys,
                   unsigned char* vis, int64_t ld) const {
     const int64_t n = static_cast<int64_t>(keys.size());
@@ -224,6 +224,15 @@ struct SoftmaxEngine {
     pattern.visibility(bi, hi, i0, L, keys, vis.data(), kKeyGroup);
   }
 
+  // A key group's keys and values into scratch, its scores and visibility; returns its size.
+  int64_t load_group(const Strided4<const scalar_t>& K, const Strided4<const scalar_t>& V, int64_t bi,
+                     int64_t hi, int64_t i0, int64_t L, const std::vector<int64_t>& keys) {
+    gather(k, D, K, bi, hi, keys);
+    gather(v, dv, V, bi, hi, keys);
+    score(bi, hi, i0, L, keys);
+    return static_cast<int64_t>(keys.size());
+  }
+
   auto visible_pair() const {
     return [this](int64_t r, int64_t c) { return vis[r * kKeyGroup + c] != 0; };
   }
@@ -237,10 +246,7 @@ struct SoftmaxEngine {
     std::fill(row_max.begin(), row_max.end(), minus_infinity<acc_t>());
     std::fill(row_sum.begin(), row_sum.end(), acc_t(0));
     for (const auto& keys : pattern.key_groups(bi, hi, i0, i0 + L).groups) {
-      const int64_t n = static_cast<int64_t>(keys.size());
-      gather(k, D, K, bi, hi, keys);
-      gather(v, dv, V, bi, hi, keys);
-      score(bi, hi, i0, L, keys);
+      const int64_t n = load_group(K, V, bi, hi, i0, L, keys);
       for (int64_t r = 0; r < L; ++r) {
         const acc_t* sr = scores.data() + r * kKeyGroup;
         const unsigned char* vr = vis.data() + r * kKeyGroup;
@@ -311,10 +317,7 @@ struct SoftmaxEngine {
       }
       std::fill(dq.begin(), dq.end(), acc_t(0));
       for (const auto& keys : pattern.key_groups(bi, hi, i0, i0 + L).groups) {
-        const int64_t n = static_cast<int64_t>(keys.size());
-        gather(k, D, K, bi, hi, keys);
-        gather(v, dv, V, bi, hi, keys);
-        score(bi, hi, i0, L, keys);
+        const int64_t n = load_group(K, V, bi, hi, i0, L, keys);
         for (int64_t r = 0; r < L; ++r) {
           const bool empty = lse_rows[r] == minus_infinity<acc_t>();
           unsigned char* vr = vis.data() + r * kKeyGroup;

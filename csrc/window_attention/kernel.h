@@ -26,11 +26,6 @@ struct WindowAttentionShape {
   int64_t dilation = 1;
   double scale = 1.0;
 
-  // Whether key j is in query i's window (globals and padding aside).
-  bool in_window(int64_t i, int64_t j) const {
-    const int64_t d = i + (k_len - q_len) - j;  // > 0: the key lies before the query
-    return (left < 0 || d <= left) && (right < 0 || -d <= right) && d % dilation == 0;
-  }
   // The keys [begin, end) that rows [i0, i1) can see through their window.
   int64_t band_begin(int64_t i0) const {
     if (left < 0) return 0;

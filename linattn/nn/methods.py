@@ -29,6 +29,7 @@ from .._ops import accumulate_dtype
 from ..feature_maps import (
     FEATURE_MAPS, PERFORMER_KERNELS, efficient_feature_maps, favor_features, random_features,
 )
+from ..sparse import layout_mask
 from ..window import window_bounds, window_mask
 from .masks import causal_pattern, merged_bias
 
@@ -289,6 +290,13 @@ class EfficientMethod(MethodModule):
         return out, weights if key_scale is None else weights * key_scale
 
 
+def _masked_softmax_weights(q, k, visible) -> torch.Tensor:
+    """The softmax attention weights over the visible keys only (a row without any is 0): what
+    the restricted-softmax methods apply implicitly, for need_weights."""
+    scores = ((q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)).masked_fill(~visible, float("-inf"))
+    return torch.softmax(scores, dim=-1).masked_fill(~visible.any(-1, keepdim=True), 0.0)
+
+
 class LocalMethod(MethodModule):
     """Sliding-window softmax attention (METHODS.md §5) through linattn.sliding_window_attention.
     Options:
@@ -313,12 +321,13 @@ class LocalMethod(MethodModule):
     def extra_repr(self) -> str:
         return f"window={self.window!r}, dilation={self.dilation}"
 
-    def global_mask(self, key_padding_mask, q, k, given):
+    def global_mask(self, k, given):
+        """The global tokens for keys k: the ones given (longformer), or none."""
         return given
 
     def forward(self, q, k, v, *, causal, key_padding_mask, attn_mask, dropout_p, need_weights, global_mask=None):
         v, key_scale = _drop_keys(v, dropout_p)
-        global_mask = self.global_mask(key_padding_mask, q, k, global_mask)
+        global_mask = self.global_mask(k, global_mask)
         out = functional.sliding_window_attention(
             q, k, v, self.window, causal=causal, dilation=self.dilation, global_mask=global_mask,
             key_padding_mask=key_padding_mask,
@@ -329,8 +338,7 @@ class LocalMethod(MethodModule):
             q.shape[2], k.shape[2], self.window, causal=causal, dilation=self.dilation, global_mask=global_mask,
             key_padding_mask=key_padding_mask, batch=q.shape[0], device=q.device,
         )
-        scores = ((q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)).masked_fill(~visible, float("-inf"))
-        weights = torch.softmax(scores, dim=-1).masked_fill(~visible.any(-1, keepdim=True), 0.0)
+        weights = _masked_softmax_weights(q, k, visible)
         return out, weights if key_scale is None else weights * key_scale
 
 
@@ -354,7 +362,7 @@ class LongformerMethod(LocalMethod):
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, global_tokens={self.global_tokens}"
 
-    def global_mask(self, key_padding_mask, q, k, given):
+    def global_mask(self, k, given):
         if given is not None:
             return given
         positions = torch.arange(k.shape[2], device=k.device)
@@ -418,15 +426,9 @@ class BigBirdMethod(MethodModule):
                                                 key_padding_mask=key_padding_mask)
         if not need_weights:
             return out, None
-        T, b = k.shape[2], self.block_size
-        blocks = torch.arange(T, device=k.device) // b
-        visible = layout[:, blocks][:, :, blocks].unsqueeze(0)
-        if causal:
-            visible = visible & ~causal_pattern(T, T, k.device)
-        if key_padding_mask is not None:
-            visible = visible & ~key_padding_mask[:, None, None, :]
-        scores = ((q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)).masked_fill(~visible, float("-inf"))
-        weights = torch.softmax(scores, dim=-1).masked_fill(~visible.any(-1, keepdim=True), 0.0)
+        visible = layout_mask(layout, self.block_size, q.shape[2], k.shape[2], causal=causal,
+                              key_padding_mask=key_padding_mask)
+        weights = _masked_softmax_weights(q, k, visible)
         return out, weights if key_scale is None else weights * key_scale
 
 
