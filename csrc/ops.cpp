@@ -3,6 +3,8 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include <string>
+
 // The Python module linattn._C only exists so that importing it loads this library; it has
 // no functions of its own, which keeps the extension within the limited (abi3) Python API.
 PyMODINIT_FUNC PyInit__C(void) {
@@ -53,20 +55,24 @@ TORCH_LIBRARY(linattn, m) {
       "Tensor? key_padding_mask, float scale) -> (Tensor grad_q, Tensor grad_k, Tensor grad_v)");
   // Block-sparse softmax attention (METHODS.md §6): layout (H or 1, ceil(T_q/b), ceil(T_k/b))
   // bool, block_size b; causal additionally hides keys after the query (bottom-right aligned).
-  m.def(
-      "block_sparse_attn_fwd(Tensor q, Tensor k, Tensor v, Tensor layout, int block_size, bool causal, "
-      "Tensor? key_padding_mask, float scale) -> (Tensor out, Tensor lse)");
-  m.def(
-      "block_sparse_attn_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
-      "Tensor layout, int block_size, bool causal, Tensor? key_padding_mask, float scale) -> "
-      "(Tensor grad_q, Tensor grad_k, Tensor grad_v)");
-  m.def(
-      "block_sparse_attn_fwd_generic(Tensor q, Tensor k, Tensor v, Tensor layout, int block_size, "
-      "bool causal, Tensor? key_padding_mask, float scale) -> (Tensor out, Tensor lse)");
-  m.def(
-      "block_sparse_attn_bwd_generic(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, "
-      "Tensor lse, Tensor layout, int block_size, bool causal, Tensor? key_padding_mask, "
-      "float scale) -> (Tensor grad_q, Tensor grad_k, Tensor grad_v)");
+  // Optional terms (PairTerms in window_attention/kernel.h): an additive score bias
+  // (1 or H, T_q, T_k) with its gradient grad_bias (size 0 without one), segment ids
+  // (B, 1 or H, T) that must match, and original positions (B, 1 or H, T) of a permuted
+  // sequence (causal compares them; a token's own key scores -1e5). grad_lse, the cotangent of
+  // lse, lets callers combine several attentions by their logsumexp (Reformer's rounds).
+  for (const char* suffix : {"", "_generic"}) {
+    const std::string forward = std::string("block_sparse_attn_fwd") + suffix +
+          "(Tensor q, Tensor k, Tensor v, Tensor layout, int block_size, bool causal, "
+          "Tensor? key_padding_mask, float scale, Tensor? bias=None, Tensor? q_segments=None, "
+          "Tensor? k_segments=None, Tensor? positions=None) -> (Tensor out, Tensor lse)";
+    const std::string backward = std::string("block_sparse_attn_bwd") + suffix +
+          "(Tensor grad_out, Tensor? grad_lse, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+          "Tensor layout, int block_size, bool causal, Tensor? key_padding_mask, float scale, "
+          "Tensor? bias=None, Tensor? q_segments=None, Tensor? k_segments=None, Tensor? positions=None) -> "
+          "(Tensor grad_q, Tensor grad_k, Tensor grad_v, Tensor grad_bias)";
+    m.def(forward.c_str());  // parsed here: the strings need not outlive the call
+    m.def(backward.c_str());
+  }
   // The device-generic implementation under its own name, so tests can run on CPU exactly
   // what CUDA tensors execute.
   m.def(

@@ -128,19 +128,22 @@ def _register_block_sparse(generic: bool) -> None:
     backward_op = getattr(torch.ops.linattn, f"block_sparse_attn_bwd{suffix}").default
 
     def setup_context(ctx, inputs, output):
-        q, k, v, layout, block_size, causal, key_padding_mask, scale = inputs
+        q, k, v, layout, block_size, causal, key_padding_mask, scale, bias, q_segments, k_segments, positions = inputs
         out, lse = output
-        ctx.save_for_backward(q, k, v, out, lse, layout, key_padding_mask)
+        ctx.save_for_backward(q, k, v, out, lse, layout, key_padding_mask, bias, q_segments, k_segments, positions)
         ctx.options = (block_size, causal, scale)
-        ctx.mark_non_differentiable(lse)
 
-    def backward(ctx, grad_out, _grad_lse):
-        q, k, v, out, lse, layout, key_padding_mask = ctx.saved_tensors
+    def backward(ctx, grad_out, grad_lse):
+        q, k, v, out, lse, layout, key_padding_mask, bias, q_segments, k_segments, positions = ctx.saved_tensors
         block_size, causal, scale = ctx.options
-        grad_q, grad_k, grad_v = backward_op(
-            grad_out.contiguous(), q, k, v, out, lse, layout, block_size, causal, key_padding_mask, scale
+        if grad_out is None:  # only lse was used
+            grad_out = torch.zeros_like(out)
+        grad_q, grad_k, grad_v, grad_bias = backward_op(
+            grad_out.contiguous(), None if grad_lse is None else grad_lse.contiguous(), q, k, v, out, lse, layout,
+            block_size, causal, key_padding_mask, scale, bias, q_segments, k_segments, positions,
         )
-        return grad_q, grad_k, grad_v, None, None, None, None, None
+        return (grad_q, grad_k, grad_v, None, None, None, None, None,
+                grad_bias if bias is not None else None, None, None, None)
 
     torch.library.register_autograd(f"linattn::block_sparse_attn_fwd{suffix}", backward, setup_context=setup_context)
     torch.library.register_autograd(f"linattn::block_sparse_attn_bwd{suffix}", _no_double_backward,

@@ -131,7 +131,7 @@ def test_opcheck_backward(name):
     layout = random_layout(1, 70, 70, 16)
     out, lse = torch.ops.linattn.block_sparse_attn_fwd(q, k, v, layout, 16, False, None, 0.25)
     op = getattr(torch.ops.linattn, name).default
-    torch.library.opcheck(op, (torch.randn_like(out), q, k, v, out, lse, layout, 16, False, None, 0.25))
+    torch.library.opcheck(op, (torch.randn_like(out), None, q, k, v, out, lse, layout, 16, False, None, 0.25))
 
 
 def test_compile_fullgraph_matches_eager():

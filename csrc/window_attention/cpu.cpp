@@ -70,12 +70,38 @@ BlockLayout block_layout(const at::Tensor& layout, int64_t block_size, bool caus
   return b;
 }
 
-std::tuple<at::Tensor, at::Tensor> block_forward_cpu(const at::Tensor& q, const at::Tensor& k,
-                                                     const at::Tensor& v, const at::Tensor& layout,
-                                                     int64_t block_size, bool causal,
-                                                     const std::optional<at::Tensor>& key_padding_mask,
-                                                     double scale) {
-  check_block_sparse_inputs(q, k, v, layout, block_size, key_padding_mask, scale);
+// The PairTerms of kernel.h for one call; holds the contiguous (and, for the bias,
+// accumulate-type) copies the pointers refer to.
+template <typename acc_t>
+struct PairTermsHolder {
+  at::Tensor bias, grad_bias, q_segments, k_segments, positions;
+  PairTerms<acc_t> terms;
+
+  PairTermsHolder(const PairTermTensors& t, bool with_grad_bias) {
+    if (t.bias.has_value()) {
+      bias = t.bias->to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
+      terms.bias = bias.const_data_ptr<acc_t>();
+      terms.bias_heads = bias.size(0);
+      if (with_grad_bias) {
+        grad_bias = at::zeros_like(bias);
+        terms.grad_bias = grad_bias.mutable_data_ptr<acc_t>();
+      }
+    }
+    terms.q_segments = optional_ptr<int64_t>(t.q_segments, q_segments);
+    terms.k_segments = optional_ptr<int64_t>(t.k_segments, k_segments);
+    if (t.q_segments.has_value()) terms.segment_heads = t.q_segments->size(1);
+    terms.positions = optional_ptr<int64_t>(t.positions, positions);
+    if (t.positions.has_value()) terms.position_heads = t.positions->size(1);
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor> block_forward_cpu(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& layout, int64_t block_size,
+    bool causal, const std::optional<at::Tensor>& key_padding_mask, double scale,
+    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& q_segments,
+    const std::optional<at::Tensor>& k_segments, const std::optional<at::Tensor>& positions) {
+  const PairTermTensors terms{bias, q_segments, k_segments, positions};
+  check_block_sparse_inputs(q, k, v, layout, block_size, key_padding_mask, scale, terms);
   const WindowAttentionShape s = window_kernel_shape(q, k, v, -1, -1, 1, scale);
   auto out = at::empty({s.batch, s.heads, s.q_len, s.value_dim}, q.options());
   auto lse = at::empty({s.batch, s.heads, s.q_len}, q.options().dtype(accumulate_type(q.scalar_type())));
@@ -84,35 +110,43 @@ std::tuple<at::Tensor, at::Tensor> block_forward_cpu(const at::Tensor& q, const 
   const bool* padding_ptr = optional_ptr<bool>(key_padding_mask, padding);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "block_sparse_attn_fwd", [&] {
     using acc_t = at::opmath_type<scalar_t>;
+    const PairTermsHolder<acc_t> held(terms, false);
     block_sparse_attention_forward_cpu<scalar_t, acc_t>(
-        s, block_layout(layout_c, block_size, causal), view_of<scalar_t>(q), view_of<scalar_t>(k),
+        s, block_layout(layout_c, block_size, causal), held.terms, view_of<scalar_t>(q), view_of<scalar_t>(k),
         view_of<scalar_t>(v), padding_ptr, out.mutable_data_ptr<scalar_t>(), lse.mutable_data_ptr<acc_t>());
   });
   return {out, lse};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> block_backward_cpu(
-    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const at::Tensor& out, const at::Tensor& lse, const at::Tensor& layout, int64_t block_size, bool causal,
-    const std::optional<at::Tensor>& key_padding_mask, double scale) {
-  const auto sizes = check_block_sparse_inputs(q, k, v, layout, block_size, key_padding_mask, scale);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> block_backward_cpu(
+    const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_lse, const at::Tensor& q, const at::Tensor& k,
+    const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, const at::Tensor& layout, int64_t block_size,
+    bool causal, const std::optional<at::Tensor>& key_padding_mask, double scale,
+    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& q_segments,
+    const std::optional<at::Tensor>& k_segments, const std::optional<at::Tensor>& positions) {
+  const PairTermTensors terms{bias, q_segments, k_segments, positions};
+  const auto sizes = check_block_sparse_inputs(q, k, v, layout, block_size, key_padding_mask, scale, terms);
   check_window_backward_inputs(grad_out, q, out, lse, sizes);
+  check_grad_lse(kBlockSparseOp, grad_lse, q, sizes);
   const WindowAttentionShape s = window_kernel_shape(q, k, v, -1, -1, 1, scale);
   auto grad_q = at::empty({s.batch, s.heads, s.q_len, s.head_dim}, q.options());
   auto grad_k = at::empty({s.batch, s.heads, s.k_len, s.head_dim}, q.options());
   auto grad_v = at::empty({s.batch, s.heads, s.k_len, s.value_dim}, q.options());
+  at::Tensor grad_bias = at::empty({0}, q.options());
   const at::Tensor lse_c = lse.contiguous(), layout_c = layout.contiguous();
-  at::Tensor padding;
+  at::Tensor padding, grad_lse_c;
   const bool* padding_ptr = optional_ptr<bool>(key_padding_mask, padding);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "block_sparse_attn_bwd", [&] {
     using acc_t = at::opmath_type<scalar_t>;
+    const PairTermsHolder<acc_t> held(terms, true);
     block_sparse_attention_backward_cpu<scalar_t, acc_t>(
-        s, block_layout(layout_c, block_size, causal), view_of<scalar_t>(grad_out), view_of<scalar_t>(q),
-        view_of<scalar_t>(k), view_of<scalar_t>(v), view_of<scalar_t>(out), lse_c.const_data_ptr<acc_t>(),
-        padding_ptr, grad_q.mutable_data_ptr<scalar_t>(), grad_k.mutable_data_ptr<scalar_t>(),
-        grad_v.mutable_data_ptr<scalar_t>());
+        s, block_layout(layout_c, block_size, causal), held.terms, view_of<scalar_t>(grad_out),
+        optional_ptr<acc_t>(grad_lse, grad_lse_c), view_of<scalar_t>(q), view_of<scalar_t>(k),
+        view_of<scalar_t>(v), view_of<scalar_t>(out), lse_c.const_data_ptr<acc_t>(), padding_ptr,
+        grad_q.mutable_data_ptr<scalar_t>(), grad_k.mutable_data_ptr<scalar_t>(), grad_v.mutable_data_ptr<scalar_t>());
+    if (bias.has_value()) grad_bias = held.grad_bias.to(bias->scalar_type());
   });
-  return {grad_q, grad_k, grad_v};
+  return {grad_q, grad_k, grad_v, grad_bias};
 }
 
 }  // namespace

@@ -116,34 +116,49 @@ struct WindowPattern {
       }
     }
   }
+
+  // No bias and no fixed scores in this family.
+  template <typename acc_t>
+  void adjust_scores(int64_t, int64_t, int64_t, int64_t, const std::vector<int64_t>&, acc_t*, unsigned char*,
+                     int64_t) const {}
+  template <typename acc_t>
+  void add_bias_grad(int64_t, int64_t, int64_t, const std::vector<int64_t>&, const acc_t*, int64_t, acc_t*) const {}
 };
 
 // Block-sparse: key j is visible to query i when layout[h, i / b, j / b] (and j <= i + T_k − T_q
-// when causal), unless padded. Layout (H or 1, ⌈T_q/b⌉, ⌈T_k/b⌉), contiguous.
+// when causal), unless padded, and, with the PairTerms of kernel.h, when their segment ids
+// match (causal then compares positions). Layout (H or 1, ⌈T_q/b⌉, ⌈T_k/b⌉), contiguous.
+// visibility() marks a pair 1, or 2 when adjust_scores fixes its score (a token's own key under
+// shared QK): it is attended but passes no score gradient.
+template <typename acc_t>
 struct BlockPattern {
   const WindowAttentionShape& s;
-  const bool* layout;
-  int64_t layout_heads, block, q_blocks, k_blocks;
-  bool causal;
+  const BlockLayout& l;
+  const PairTerms<acc_t>& t;
   const bool* padding;
 
   const bool* layout_row(int64_t hi, int64_t qb) const {
-    return layout + ((layout_heads == 1 ? 0 : hi) * q_blocks + qb) * k_blocks;
+    return l.data + ((l.heads == 1 ? 0 : hi) * l.q_blocks + qb) * l.k_blocks;
+  }
+  // Row (bi, hi) of a (B, 1 or H, len) per-token tensor.
+  static const int64_t* token_row(const int64_t* x, int64_t heads, int64_t bi, int64_t hi, int64_t len) {
+    return x + (bi * heads + (heads == 1 ? 0 : hi)) * len;
   }
 
   // Every key block present in the layout row of any query block that rows [i0, i1) touch
-  // (those wholly after the last row's position skipped when causal).
+  // (those wholly after the last row's position skipped when causal on indices).
   KeyGroups key_groups(int64_t /*bi*/, int64_t hi, int64_t i0, int64_t i1) const {
-    std::vector<unsigned char> present(k_blocks, 0);
-    for (int64_t qb = i0 / block; qb <= (i1 - 1) / block; ++qb) {
+    std::vector<unsigned char> present(l.k_blocks, 0);
+    for (int64_t qb = i0 / l.block; qb <= (i1 - 1) / l.block; ++qb) {
       const bool* row = layout_row(hi, qb);
-      for (int64_t kb = 0; kb < k_blocks; ++kb) present[kb] |= row[kb];
+      for (int64_t kb = 0; kb < l.k_blocks; ++kb) present[kb] |= row[kb];
     }
-    const int64_t last_key = causal ? i1 - 1 + (s.k_len - s.q_len) : s.k_len - 1;
+    const bool index_causal = l.causal && !t.positions;
+    const int64_t last_key = index_causal ? i1 - 1 + (s.k_len - s.q_len) : s.k_len - 1;
     std::vector<int64_t> keys;
-    for (int64_t kb = 0; kb < k_blocks; ++kb) {
+    for (int64_t kb = 0; kb < l.k_blocks; ++kb) {
       if (!present[kb]) continue;
-      for (int64_t j = kb * block; j < std::min(s.k_len, (kb + 1) * block) && j <= last_key; ++j) keys.push_back(j);
+      for (int64_t j = kb * l.block; j < std::min(s.k_len, (kb + 1) * l.block) && j <= last_key; ++j) keys.push_back(j);
     }
     KeyGroups kg;
     kg.add_list(keys);
@@ -154,15 +169,66 @@ struct BlockPattern {
                   unsigned char* vis, int64_t ld) const {
     const int64_t n = static_cast<int64_t>(keys.size());
     const int64_t* key = keys.data();
+    const int64_t* pos = t.positions ? token_row(t.positions, t.position_heads, bi, hi, s.k_len) : nullptr;
+    const int64_t* qseg = t.q_segments ? token_row(t.q_segments, t.segment_heads, bi, hi, s.q_len) : nullptr;
+    const int64_t* kseg = t.k_segments ? token_row(t.k_segments, t.segment_heads, bi, hi, s.k_len) : nullptr;
     for (int64_t r = 0; r < L; ++r) {
-      const bool* row = layout_row(hi, (i0 + r) / block);
-      const int64_t last = causal ? i0 + r + (s.k_len - s.q_len) : std::numeric_limits<int64_t>::max();
+      const int64_t i = i0 + r;
+      const bool* row = layout_row(hi, i / l.block);
       unsigned char* vr = vis + r * ld;
-      for (int64_t c = 0; c < n; ++c) vr[c] = row[key[c] / block] && key[c] <= last;
+      if (l.causal && pos) {
+        const int64_t pi = pos[i];
+        for (int64_t c = 0; c < n; ++c) vr[c] = row[key[c] / l.block] && pos[key[c]] <= pi;
+      } else {
+        const int64_t last = l.causal ? i + (s.k_len - s.q_len) : std::numeric_limits<int64_t>::max();
+        for (int64_t c = 0; c < n; ++c) vr[c] = row[key[c] / l.block] && key[c] <= last;
+      }
+      if (qseg) {
+        const int64_t id = qseg[i];
+        for (int64_t c = 0; c < n; ++c) vr[c] = vr[c] && kseg[key[c]] == id;
+      }
       if (padding) {
         const bool* p = padding + bi * s.k_len;
         for (int64_t c = 0; c < n; ++c) vr[c] = vr[c] && !p[key[c]];
       }
+    }
+  }
+
+  // scores += bias; a visible pair of a token with itself (equal positions) scores kSelfScore.
+  void adjust_scores(int64_t bi, int64_t hi, int64_t i0, int64_t L, const std::vector<int64_t>& keys,
+                     acc_t* scores, unsigned char* vis, int64_t ld) const {
+    const int64_t n = static_cast<int64_t>(keys.size());
+    const int64_t* key = keys.data();
+    if (t.bias) {
+      const acc_t* head_bias = t.bias + (t.bias_heads == 1 ? 0 : hi) * s.q_len * s.k_len;
+      for (int64_t r = 0; r < L; ++r) {
+        const acc_t* br = head_bias + (i0 + r) * s.k_len;
+        acc_t* sr = scores + r * ld;
+        for (int64_t c = 0; c < n; ++c) sr[c] += br[key[c]];
+      }
+    }
+    if (t.positions) {
+      const int64_t* pos = token_row(t.positions, t.position_heads, bi, hi, s.k_len);
+      for (int64_t r = 0; r < L; ++r) {
+        const int64_t pi = pos[i0 + r];
+        for (int64_t c = 0; c < n; ++c)
+          if (vis[r * ld + c] && pos[key[c]] == pi) {
+            scores[r * ld + c] = static_cast<acc_t>(kSelfScore);
+            vis[r * ld + c] = 2;
+          }
+      }
+    }
+  }
+
+  // grad_bias (a thread's accumulator) += dS over the group's pairs.
+  void add_bias_grad(int64_t hi, int64_t i0, int64_t L, const std::vector<int64_t>& keys, const acc_t* dS,
+                     int64_t ld, acc_t* grad_bias) const {
+    if (!t.bias) return;
+    const int64_t n = static_cast<int64_t>(keys.size());
+    acc_t* head_grad = grad_bias + (t.bias_heads == 1 ? 0 : hi) * s.q_len * s.k_len;
+    for (int64_t r = 0; r < L; ++r) {
+      acc_t* gr = head_grad + (i0 + r) * s.k_len;
+      for (int64_t c = 0; c < n; ++c) gr[keys[c]] += dS[r * ld + c];
     }
   }
 };
@@ -222,6 +288,7 @@ struct SoftmaxEngine {
     const int64_t n = static_cast<int64_t>(keys.size());
     gemm<acc_t>(false, true, L, n, D, q.data(), D, k.data(), D, 0, scores.data(), kKeyGroup);
     pattern.visibility(bi, hi, i0, L, keys, vis.data(), kKeyGroup);
+    pattern.adjust_scores(bi, hi, i0, L, keys, scores.data(), vis.data(), kKeyGroup);
   }
 
   // A key group's keys and values into scratch, its scores and visibility; returns its size.
@@ -292,10 +359,12 @@ struct SoftmaxEngine {
     }
   }
 
+  // grad_lse (nullable) is the cotangent of lse: it enters as δ_i − grad_lse_i. grad_bias is
+  // this thread's bias-gradient accumulator (null without a bias).
   void backward(int64_t bh, Strided4<const scalar_t> G, Strided4<const scalar_t> Q,
                 Strided4<const scalar_t> K, Strided4<const scalar_t> V, Strided4<const scalar_t> O,
-                const acc_t* lse, scalar_t* grad_q, scalar_t* grad_k, scalar_t* grad_v,
-                std::vector<acc_t>& dk_acc, std::vector<acc_t>& dv_acc) {
+                const acc_t* lse, const acc_t* grad_lse, scalar_t* grad_q, scalar_t* grad_k, scalar_t* grad_v,
+                std::vector<acc_t>& dk_acc, std::vector<acc_t>& dv_acc, acc_t* grad_bias) {
     const int64_t bi = bh / s.heads, hi = bh % s.heads;
     dk_acc.assign(s.k_len * D, acc_t(0));
     dv_acc.assign(s.k_len * dv, acc_t(0));
@@ -312,7 +381,7 @@ struct SoftmaxEngine {
           const acc_t gc = g[r * dv + c];
           dot += gc == acc_t(0) ? acc_t(0) : gc * static_cast<acc_t>(orow[c * O.stride[3]]);
         }
-        delta[r] = dot;
+        delta[r] = grad_lse ? dot - grad_lse[bh * s.q_len + i0 + r] : dot;
         lse_rows[r] = lse[bh * s.q_len + i0 + r];
       }
       std::fill(dq.begin(), dq.end(), acc_t(0));
@@ -333,13 +402,15 @@ struct SoftmaxEngine {
         // dV_keys += Pᵀ dO
         std::fill(dv_part.begin(), dv_part.end(), acc_t(0));
         add_masked_product(true, L, n, dv, probs.data(), kKeyGroup, g.data(), dv, dv_part.data(), dv, visible_pair());
-        // dP = dO Vᵀ, then dS = P ⊙ (dP − δ) on visible pairs (scores is reused for dS).
+        // dP = dO Vᵀ, then dS = P ⊙ (dP − δ) on visible pairs whose score is not fixed (scores
+        // is reused for dS).
         gemm<acc_t>(false, true, L, n, dv, g.data(), dv, v.data(), dv, 0, scores.data(), kKeyGroup);
         for (int64_t r = 0; r < L; ++r)
           for (int64_t c = 0; c < n; ++c) {
             const int64_t x = r * kKeyGroup + c;
-            scores[x] = vis[x] ? probs[x] * (scores[x] - delta[r]) : acc_t(0);
+            scores[x] = vis[x] == 1 ? probs[x] * (scores[x] - delta[r]) : acc_t(0);
           }
+        if (grad_bias) pattern.add_bias_grad(hi, i0, L, keys, scores.data(), kKeyGroup, grad_bias);
         // dQ += dS K (scaled at the end), dK_keys += dSᵀ (scale·Q)
         add_masked_product(false, L, n, D, scores.data(), kKeyGroup, k.data(), D, dq.data(), D, visible_pair());
         std::fill(dk_part.begin(), dk_part.end(), acc_t(0));
@@ -361,11 +432,6 @@ struct SoftmaxEngine {
   }
 };
 
-BlockPattern block_pattern(const WindowAttentionShape& shape, const BlockLayout& layout, const bool* padding) {
-  return BlockPattern{shape, layout.data, layout.heads, layout.block, layout.q_blocks, layout.k_blocks,
-                      layout.causal, padding};
-}
-
 template <typename scalar_t, typename acc_t, typename Pattern>
 void run_forward(const WindowAttentionShape& shape, const Pattern& pattern, Strided4<const scalar_t> q,
                  Strided4<const scalar_t> k, Strided4<const scalar_t> v, scalar_t* out, acc_t* lse) {
@@ -379,19 +445,31 @@ void run_forward(const WindowAttentionShape& shape, const Pattern& pattern, Stri
   });
 }
 
+// grad_bias (bias_size entries, zeroed; null without a bias) receives the sum over (batch, head)
+// of each one's bias gradient: every parallel chunk accumulates its own, and the chunks are
+// added in order, so the result does not depend on thread timing.
 template <typename scalar_t, typename acc_t, typename Pattern>
 void run_backward(const WindowAttentionShape& shape, const Pattern& pattern, Strided4<const scalar_t> grad_out,
-                  Strided4<const scalar_t> q, Strided4<const scalar_t> k, Strided4<const scalar_t> v,
-                  Strided4<const scalar_t> out, const acc_t* lse, scalar_t* grad_q, scalar_t* grad_k,
-                  scalar_t* grad_v) {
+                  const acc_t* grad_lse, Strided4<const scalar_t> q, Strided4<const scalar_t> k,
+                  Strided4<const scalar_t> v, Strided4<const scalar_t> out, const acc_t* lse, scalar_t* grad_q,
+                  scalar_t* grad_k, scalar_t* grad_v, acc_t* grad_bias = nullptr, int64_t bias_size = 0) {
+  const int64_t items = shape.batch * shape.heads;
+  std::vector<std::vector<acc_t>> chunk_bias_grads(grad_bias ? items : 0);
   // Key and value gradients gather contributions from every query block of a (batch, head):
   // one work item per (batch, head), with its accumulators.
-  at::parallel_for(0, shape.batch * shape.heads, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
     SoftmaxEngine<scalar_t, acc_t, Pattern> engine(shape, pattern);
     std::vector<acc_t> dk_acc, dv_acc;
+    acc_t* bias_acc = nullptr;
+    if (grad_bias) {
+      chunk_bias_grads[begin].assign(bias_size, acc_t(0));
+      bias_acc = chunk_bias_grads[begin].data();
+    }
     for (int64_t bh = begin; bh < end; ++bh)
-      engine.backward(bh, grad_out, q, k, v, out, lse, grad_q, grad_k, grad_v, dk_acc, dv_acc);
+      engine.backward(bh, grad_out, q, k, v, out, lse, grad_lse, grad_q, grad_k, grad_v, dk_acc, dv_acc, bias_acc);
   });
+  for (const auto& chunk : chunk_bias_grads)
+    for (int64_t x = 0; x < static_cast<int64_t>(chunk.size()); ++x) grad_bias[x] += chunk[x];
 }
 
 }  // namespace
@@ -411,27 +489,29 @@ void window_attention_backward_cpu(const WindowAttentionShape& shape,
                                    Strided4<const scalar_t> out, const acc_t* lse,
                                    const bool* global_mask, const bool* key_padding_mask,
                                    scalar_t* grad_q, scalar_t* grad_k, scalar_t* grad_v) {
-  run_backward(shape, WindowPattern(shape, global_mask, key_padding_mask), grad_out, q, k, v, out, lse, grad_q,
-               grad_k, grad_v);
+  run_backward(shape, WindowPattern(shape, global_mask, key_padding_mask), grad_out, static_cast<const acc_t*>(nullptr),
+               q, k, v, out, lse, grad_q, grad_k, grad_v);
 }
 
 template <typename scalar_t, typename acc_t>
 void block_sparse_attention_forward_cpu(const WindowAttentionShape& shape, const BlockLayout& layout,
-                                        Strided4<const scalar_t> q, Strided4<const scalar_t> k,
-                                        Strided4<const scalar_t> v, const bool* key_padding_mask,
-                                        scalar_t* out, acc_t* lse) {
-  run_forward(shape, block_pattern(shape, layout, key_padding_mask), q, k, v, out, lse);
+                                        const PairTerms<acc_t>& terms, Strided4<const scalar_t> q,
+                                        Strided4<const scalar_t> k, Strided4<const scalar_t> v,
+                                        const bool* key_padding_mask, scalar_t* out, acc_t* lse) {
+  run_forward(shape, BlockPattern<acc_t>{shape, layout, terms, key_padding_mask}, q, k, v, out, lse);
 }
 
 template <typename scalar_t, typename acc_t>
 void block_sparse_attention_backward_cpu(const WindowAttentionShape& shape, const BlockLayout& layout,
-                                         Strided4<const scalar_t> grad_out, Strided4<const scalar_t> q,
+                                         const PairTerms<acc_t>& terms, Strided4<const scalar_t> grad_out,
+                                         const acc_t* grad_lse, Strided4<const scalar_t> q,
                                          Strided4<const scalar_t> k, Strided4<const scalar_t> v,
                                          Strided4<const scalar_t> out, const acc_t* lse,
                                          const bool* key_padding_mask, scalar_t* grad_q,
                                          scalar_t* grad_k, scalar_t* grad_v) {
-  run_backward(shape, block_pattern(shape, layout, key_padding_mask), grad_out, q, k, v, out, lse, grad_q,
-               grad_k, grad_v);
+  const int64_t bias_size = terms.bias ? terms.bias_heads * shape.q_len * shape.k_len : 0;
+  run_backward(shape, BlockPattern<acc_t>{shape, layout, terms, key_padding_mask}, grad_out, grad_lse, q, k, v, out,
+               lse, grad_q, grad_k, grad_v, terms.bias ? terms.grad_bias : nullptr, bias_size);
 }
 
 #define LINATTN_INSTANTIATE(scalar_t, acc_t)                                                      \
@@ -443,12 +523,14 @@ void block_sparse_attention_backward_cpu(const WindowAttentionShape& shape, cons
       Strided4<const scalar_t>, Strided4<const scalar_t>, Strided4<const scalar_t>, const acc_t*, \
       const bool*, const bool*, scalar_t*, scalar_t*, scalar_t*);                                 \
   template void block_sparse_attention_forward_cpu<scalar_t, acc_t>(                              \
-      const WindowAttentionShape&, const BlockLayout&, Strided4<const scalar_t>,                  \
-      Strided4<const scalar_t>, Strided4<const scalar_t>, const bool*, scalar_t*, acc_t*);        \
+      const WindowAttentionShape&, const BlockLayout&, const PairTerms<acc_t>&,                   \
+      Strided4<const scalar_t>, Strided4<const scalar_t>, Strided4<const scalar_t>, const bool*,  \
+      scalar_t*, acc_t*);                                                                         \
   template void block_sparse_attention_backward_cpu<scalar_t, acc_t>(                             \
-      const WindowAttentionShape&, const BlockLayout&, Strided4<const scalar_t>,                  \
-      Strided4<const scalar_t>, Strided4<const scalar_t>, Strided4<const scalar_t>,               \
-      Strided4<const scalar_t>, const acc_t*, const bool*, scalar_t*, scalar_t*, scalar_t*);
+      const WindowAttentionShape&, const BlockLayout&, const PairTerms<acc_t>&,                   \
+      Strided4<const scalar_t>, const acc_t*, Strided4<const scalar_t>, Strided4<const scalar_t>, \
+      Strided4<const scalar_t>, Strided4<const scalar_t>, const acc_t*, const bool*, scalar_t*,   \
+      scalar_t*, scalar_t*);
 
 LINATTN_INSTANTIATE(float, float)
 LINATTN_INSTANTIATE(double, double)

@@ -84,7 +84,20 @@ at::Tensor visibility(const WindowAttentionShape& s, int64_t i0, int64_t i1, con
   return visible.unsqueeze(1);
 }
 
-using Visibility = std::function<at::Tensor(int64_t i0, int64_t i1, const at::Tensor& keys)>;
+// What a pattern says about rows [i0, i1) against `keys`: visibility (B or 1, H or 1, L, n),
+// and optionally a score bias (1, H or 1, L, n) and the visible pairs whose score is fixed at
+// kSelfScore (a token's own key under shared QK; no score gradient).
+struct PairBlock {
+  at::Tensor visible, bias, fixed;
+};
+using Visibility = std::function<PairBlock(int64_t i0, int64_t i1, const at::Tensor& keys)>;
+
+// The scores of a block with the pattern's bias and fixed scores applied.
+at::Tensor adjusted_scores(at::Tensor scores, const PairBlock& pairs) {
+  if (pairs.bias.defined()) scores = scores + pairs.bias;
+  if (pairs.fixed.defined()) scores = at::where(pairs.fixed, kSelfScore, scores);
+  return scores;
+}
 
 // Softmax over the keys of each planned query block, with the pattern's (B or 1, H or 1, L, n)
 // visibility; returns out (input dtype) and lse.
@@ -104,8 +117,10 @@ std::tuple<at::Tensor, at::Tensor> engine_forward(const at::Tensor& q, const at:
       continue;
     }
     const at::Tensor Kb = K.index_select(2, block.keys), Vb = V.index_select(2, block.keys);
-    const at::Tensor visible = visibility(block.i0, block.i1, block.keys);
-    const at::Tensor scores = at::matmul(Q.narrow(2, block.i0, block.i1 - block.i0), Kb.transpose(-1, -2));
+    const PairBlock pairs = visibility(block.i0, block.i1, block.keys);
+    const at::Tensor& visible = pairs.visible;
+    const at::Tensor scores =
+        adjusted_scores(at::matmul(Q.narrow(2, block.i0, block.i1 - block.i0), Kb.transpose(-1, -2)), pairs);
     const at::Tensor row_max = scores.masked_fill(visible.logical_not(), -inf).amax(-1, true);
     // A row without visible keys is shifted by 0 (its probabilities are all 0, its output 0);
     // one whose visible scores are all −inf keeps −inf, so −inf − −inf gives NaN, as softmax does.
@@ -121,15 +136,19 @@ std::tuple<at::Tensor, at::Tensor> engine_forward(const at::Tensor& q, const at:
   return {out.to(q.scalar_type()).contiguous(), lse.contiguous()};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> engine_backward(
-    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const at::Tensor& out, const at::Tensor& lse, double scale, const std::vector<BlockPlan>& plan,
-    const Visibility& visibility) {
+// Gradients of q, k, v, and of the bias (shape bias_shape, accumulate type) when the pattern
+// has one; grad_lse (nullable) is the cotangent of lse, entering as δ − grad_lse.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> engine_backward(
+    const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_lse, const at::Tensor& q, const at::Tensor& k,
+    const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, double scale, const std::vector<BlockPlan>& plan,
+    const Visibility& visibility, const std::optional<at::Tensor>& bias = std::nullopt) {
   const auto acc = accumulate_type(q.scalar_type());
   const at::Tensor Q = q.to(acc) * scale, K = k.to(acc), V = v.to(acc), G = grad_out.to(acc);
   // δ_i = dO_i · O_i, a zero cotangent contributing nothing (not 0·O, NaN for NaN O).
-  const at::Tensor delta = at::where(G == 0, 0, G * out.to(acc)).sum(-1, true);
+  at::Tensor delta = at::where(G == 0, 0, G * out.to(acc)).sum(-1, true);
+  if (grad_lse.has_value()) delta = delta - grad_lse->unsqueeze(-1);
   at::Tensor dQ = at::zeros_like(Q), dK = at::zeros_like(K), dV = at::zeros_like(V);
+  at::Tensor dBias = bias.has_value() ? at::zeros(bias->sizes(), Q.options()) : at::empty({0}, q.options());
   const double inf = std::numeric_limits<double>::infinity();
   for (const BlockPlan& block : plan) {
     if (block.keys.numel() == 0) continue;  // rows without keys pass no gradient
@@ -137,23 +156,32 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> engine_backward(
     const at::Tensor Kb = K.index_select(2, block.keys), Vb = V.index_select(2, block.keys);
     const at::Tensor Qb = Q.narrow(2, block.i0, L), Gb = G.narrow(2, block.i0, L);
     const at::Tensor lse_b = lse.narrow(2, block.i0, L).unsqueeze(-1);
-    const at::Tensor visible = visibility(block.i0, block.i1, block.keys).logical_and(lse_b != -inf);
-    const at::Tensor probs = at::where(visible, (at::matmul(Qb, Kb.transpose(-1, -2)) - lse_b).exp(), 0);
+    const PairBlock pairs = visibility(block.i0, block.i1, block.keys);
+    const at::Tensor visible = pairs.visible.logical_and(lse_b != -inf);
+    const at::Tensor probs =
+        at::where(visible, (adjusted_scores(at::matmul(Qb, Kb.transpose(-1, -2)), pairs) - lse_b).exp(), 0);
     const at::Tensor visible_t = visible.transpose(-1, -2);
     dV.index_add_(2, block.keys, masked_matmul(probs.transpose(-1, -2), visible_t, Gb));
     const at::Tensor dP = at::matmul(Gb, Vb.transpose(-1, -2));
-    const at::Tensor dS = at::where(visible, probs * (dP - delta.narrow(2, block.i0, L)), 0);
+    const at::Tensor scored = pairs.fixed.defined() ? visible.logical_and(pairs.fixed.logical_not()) : visible;
+    const at::Tensor dS = at::where(scored, probs * (dP - delta.narrow(2, block.i0, L)), 0);
     dQ.narrow(2, block.i0, L).copy_(masked_matmul(dS, visible, Kb) * scale);
     dK.index_add_(2, block.keys, masked_matmul(dS.transpose(-1, -2), visible_t, Qb));
+    if (bias.has_value()) {
+      at::Tensor per_head = dS.sum(0);  // (H, L, n)
+      if (bias->size(0) == 1) per_head = per_head.sum(0, true);
+      dBias.narrow(1, block.i0, L).index_add_(2, block.keys, per_head);
+    }
   }
   const auto dtype = q.scalar_type();
-  return {dQ.to(dtype).contiguous(), dK.to(dtype).contiguous(), dV.to(dtype).contiguous()};
+  if (bias.has_value()) dBias = dBias.to(bias->scalar_type());
+  return {dQ.to(dtype).contiguous(), dK.to(dtype).contiguous(), dV.to(dtype).contiguous(), dBias};
 }
 
 Visibility window_visibility(const WindowAttentionShape& s, const std::optional<at::Tensor>& global_mask,
                              const std::optional<at::Tensor>& key_padding_mask) {
   return [&s, &global_mask, &key_padding_mask](int64_t i0, int64_t i1, const at::Tensor& keys) {
-    return visibility(s, i0, i1, keys, global_mask, key_padding_mask);
+    return PairBlock{visibility(s, i0, i1, keys, global_mask, key_padding_mask), {}, {}};
   };
 }
 
@@ -177,22 +205,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_generic(
   const auto sizes = check_window_inputs(q, k, v, left, right, dilation, global_mask, key_padding_mask, scale);
   check_window_backward_inputs(grad_out, q, out, lse, sizes);
   const WindowAttentionShape s = window_kernel_shape(q, k, v, left, right, dilation, scale);
-  return engine_backward(grad_out, q, k, v, out, lse, scale,
-                         plan_blocks(s, global_mask, q.options().dtype(at::kLong)),
-                         window_visibility(s, global_mask, key_padding_mask));
+  auto grads = engine_backward(grad_out, std::nullopt, q, k, v, out, lse, scale,
+                               plan_blocks(s, global_mask, q.options().dtype(at::kLong)),
+                               window_visibility(s, global_mask, key_padding_mask));
+  return {std::get<0>(grads), std::get<1>(grads), std::get<2>(grads)};
 }
 
 // Block-sparse: each query block visits the key blocks present in the layout rows it touches
-// (for any head; read on the host, a sync on GPUs).
+// (for any head; read on the host, a sync on GPUs); causal on indices also drops later keys.
 std::vector<BlockPlan> plan_layout_blocks(const WindowAttentionShape& s, const at::Tensor& layout,
-                                          int64_t block_size, bool causal,
+                                          int64_t block_size, bool index_causal,
                                           const at::TensorOptions& index_options) {
   const at::Tensor rows = layout.any(0).cpu();  // (q_blocks, k_blocks)
   std::vector<BlockPlan> plan;
   for (int64_t i0 = 0; i0 < s.q_len; i0 += kGenericBlock) {
     const int64_t i1 = std::min(s.q_len, i0 + kGenericBlock);
     const at::Tensor present = rows.narrow(0, i0 / block_size, (i1 - 1) / block_size - i0 / block_size + 1).any(0);
-    const int64_t last_key = causal ? i1 - 1 + (s.k_len - s.q_len) : s.k_len - 1;
+    const int64_t last_key = index_causal ? i1 - 1 + (s.k_len - s.q_len) : s.k_len - 1;
     std::vector<int64_t> keys;
     const bool* p = present.const_data_ptr<bool>();
     for (int64_t kb = 0; kb < present.size(0); ++kb)
@@ -204,43 +233,70 @@ std::vector<BlockPlan> plan_layout_blocks(const WindowAttentionShape& s, const a
   return plan;
 }
 
+// Rows [i0, i1) of a (B, 1 or H, T) per-token tensor against `keys`: (B, ., L, 1) and (B, ., 1, n).
+std::pair<at::Tensor, at::Tensor> token_pairs(const at::Tensor& ids_q, const at::Tensor& ids_k, int64_t i0,
+                                              int64_t i1, const at::Tensor& keys) {
+  return {ids_q.narrow(2, i0, i1 - i0).unsqueeze(-1), ids_k.index_select(2, keys).unsqueeze(-2)};
+}
+
 Visibility layout_visibility(const WindowAttentionShape& s, const at::Tensor& layout, int64_t block_size,
-                             bool causal, const std::optional<at::Tensor>& key_padding_mask) {
-  return [&s, &layout, block_size, causal, &key_padding_mask](int64_t i0, int64_t i1, const at::Tensor& keys) {
+                             bool causal, const std::optional<at::Tensor>& key_padding_mask,
+                             const PairTermTensors& t) {
+  return [&s, &layout, block_size, causal, &key_padding_mask, t](int64_t i0, int64_t i1, const at::Tensor& keys) {
     const at::Tensor rows = at::arange(i0, i1, keys.options());
+    PairBlock pairs;
     at::Tensor visible = layout.index_select(1, rows.div(block_size, "floor"))
                              .index_select(2, keys.div(block_size, "floor"))
                              .unsqueeze(0);  // (1, H or 1, L, n)
-    if (causal)
+    at::Tensor pos_q, pos_k;
+    if (t.positions.has_value()) std::tie(pos_q, pos_k) = token_pairs(*t.positions, *t.positions, i0, i1, keys);
+    if (causal && pos_q.defined())
+      visible = visible.logical_and(pos_k <= pos_q);
+    else if (causal)
       visible = visible.logical_and(keys.unsqueeze(0) <= rows.unsqueeze(-1) + (s.k_len - s.q_len));
+    if (t.q_segments.has_value()) {
+      const auto [seg_q, seg_k] = token_pairs(*t.q_segments, *t.k_segments, i0, i1, keys);
+      visible = visible.logical_and(seg_q == seg_k);
+    }
     if (key_padding_mask.has_value())
       visible = visible.logical_and(
           key_padding_mask->index_select(1, keys).logical_not().unsqueeze(1).unsqueeze(1));
-    return visible;
+    if (t.bias.has_value())
+      pairs.bias = t.bias->narrow(1, i0, i1 - i0).index_select(2, keys).unsqueeze(0).to(accumulate_type(t.bias->scalar_type()));
+    if (pos_q.defined()) pairs.fixed = visible.logical_and(pos_k == pos_q);
+    pairs.visible = visible;
+    return pairs;
   };
 }
 
-std::tuple<at::Tensor, at::Tensor> block_forward_generic(const at::Tensor& q, const at::Tensor& k,
-                                                         const at::Tensor& v, const at::Tensor& layout,
-                                                         int64_t block_size, bool causal,
-                                                         const std::optional<at::Tensor>& key_padding_mask,
-                                                         double scale) {
-  check_block_sparse_inputs(q, k, v, layout, block_size, key_padding_mask, scale);
+std::tuple<at::Tensor, at::Tensor> block_forward_generic(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& layout, int64_t block_size,
+    bool causal, const std::optional<at::Tensor>& key_padding_mask, double scale,
+    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& q_segments,
+    const std::optional<at::Tensor>& k_segments, const std::optional<at::Tensor>& positions) {
+  const PairTermTensors terms{bias, q_segments, k_segments, positions};
+  check_block_sparse_inputs(q, k, v, layout, block_size, key_padding_mask, scale, terms);
   const WindowAttentionShape s = window_kernel_shape(q, k, v, -1, -1, 1, scale);
-  return engine_forward(q, k, v, scale, plan_layout_blocks(s, layout, block_size, causal, q.options().dtype(at::kLong)),
-                        layout_visibility(s, layout, block_size, causal, key_padding_mask));
+  const bool index_causal = causal && !positions.has_value();
+  return engine_forward(q, k, v, scale, plan_layout_blocks(s, layout, block_size, index_causal, q.options().dtype(at::kLong)),
+                        layout_visibility(s, layout, block_size, causal, key_padding_mask, terms));
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> block_backward_generic(
-    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const at::Tensor& out, const at::Tensor& lse, const at::Tensor& layout, int64_t block_size, bool causal,
-    const std::optional<at::Tensor>& key_padding_mask, double scale) {
-  const auto sizes = check_block_sparse_inputs(q, k, v, layout, block_size, key_padding_mask, scale);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> block_backward_generic(
+    const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_lse, const at::Tensor& q, const at::Tensor& k,
+    const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, const at::Tensor& layout, int64_t block_size,
+    bool causal, const std::optional<at::Tensor>& key_padding_mask, double scale,
+    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& q_segments,
+    const std::optional<at::Tensor>& k_segments, const std::optional<at::Tensor>& positions) {
+  const PairTermTensors terms{bias, q_segments, k_segments, positions};
+  const auto sizes = check_block_sparse_inputs(q, k, v, layout, block_size, key_padding_mask, scale, terms);
   check_window_backward_inputs(grad_out, q, out, lse, sizes);
+  check_grad_lse(kBlockSparseOp, grad_lse, q, sizes);
   const WindowAttentionShape s = window_kernel_shape(q, k, v, -1, -1, 1, scale);
-  return engine_backward(grad_out, q, k, v, out, lse, scale,
-                         plan_layout_blocks(s, layout, block_size, causal, q.options().dtype(at::kLong)),
-                         layout_visibility(s, layout, block_size, causal, key_padding_mask));
+  const bool index_causal = causal && !positions.has_value();
+  return engine_backward(grad_out, grad_lse, q, k, v, out, lse, scale,
+                         plan_layout_blocks(s, layout, block_size, index_causal, q.options().dtype(at::kLong)),
+                         layout_visibility(s, layout, block_size, causal, key_padding_mask, terms), bias);
 }
 
 }  // namespace

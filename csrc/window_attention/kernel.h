@@ -51,6 +51,30 @@ struct BlockLayout {
   bool causal = false;
 };
 
+// Optional per-pair and per-token terms of the block-sparse operator (all nullable, contiguous):
+// - bias (bias_heads, T_q, T_k), bias_heads 1 or H: added to the scaled scores (Swin's relative
+//   position bias); its gradient, summed over the batch (and heads when shared), is grad_bias.
+// - segments q (B, segment_heads, T_q) and k (B, segment_heads, T_k): query i sees key j only
+//   when their ids are equal (Swin's shifted-window regions, Reformer's buckets, padding as an
+//   id no query has).
+// - positions (B, position_heads, T), T_q == T_k: the original positions of a permuted sequence
+//   (Reformer's sorted buckets): causal compares them instead of indices, and a query's own
+//   token (equal position) scores kSelfScore, seen only when nothing else is.
+template <typename acc_t>
+struct PairTerms {
+  const acc_t* bias = nullptr;
+  int64_t bias_heads = 1;
+  acc_t* grad_bias = nullptr;  // same shape as bias, zeroed by the caller
+  const int64_t* q_segments = nullptr;
+  const int64_t* k_segments = nullptr;
+  int64_t segment_heads = 1;
+  const int64_t* positions = nullptr;
+  int64_t position_heads = 1;
+};
+
+// Reformer's score for a token attending to itself under shared QK (METHODS.md §7).
+constexpr double kSelfScore = -1e5;
+
 // Per-row masks: global_mask (B, T) and key_padding_mask (B, T_k), contiguous, nullable.
 // Outputs: out (B, H, T_q, dv) contiguous, lse (B, H, T_q) acc_t (−inf for a row that sees no
 // key; its output is 0).
@@ -70,13 +94,15 @@ void window_attention_backward_cpu(const WindowAttentionShape& shape,
 
 template <typename scalar_t, typename acc_t>
 void block_sparse_attention_forward_cpu(const WindowAttentionShape& shape, const BlockLayout& layout,
-                                        Strided4<const scalar_t> q, Strided4<const scalar_t> k,
-                                        Strided4<const scalar_t> v, const bool* key_padding_mask,
-                                        scalar_t* out, acc_t* lse);
+                                        const PairTerms<acc_t>& terms, Strided4<const scalar_t> q,
+                                        Strided4<const scalar_t> k, Strided4<const scalar_t> v,
+                                        const bool* key_padding_mask, scalar_t* out, acc_t* lse);
 
+// grad_lse (B, H, T_q) acc_t, nullable: the cotangent of lse (Reformer combines rounds by it).
 template <typename scalar_t, typename acc_t>
 void block_sparse_attention_backward_cpu(const WindowAttentionShape& shape, const BlockLayout& layout,
-                                         Strided4<const scalar_t> grad_out, Strided4<const scalar_t> q,
+                                         const PairTerms<acc_t>& terms, Strided4<const scalar_t> grad_out,
+                                         const acc_t* grad_lse, Strided4<const scalar_t> q,
                                          Strided4<const scalar_t> k, Strided4<const scalar_t> v,
                                          Strided4<const scalar_t> out, const acc_t* lse,
                                          const bool* key_padding_mask, scalar_t* grad_q,

@@ -31,25 +31,31 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_meta(
           at::empty_symint({s.batch, s.heads, s.k_len, s.value_dim}, q.options())};
 }
 
-std::tuple<at::Tensor, at::Tensor> block_forward_meta(const at::Tensor& q, const at::Tensor& k,
-                                                      const at::Tensor& v, const at::Tensor& layout,
-                                                      int64_t block_size, bool causal,
-                                                      const std::optional<at::Tensor>& key_padding_mask,
-                                                      double scale) {
-  const auto s = check_block_sparse_inputs(q, k, v, layout, block_size, key_padding_mask, scale);
+std::tuple<at::Tensor, at::Tensor> block_forward_meta(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& layout, int64_t block_size,
+    bool causal, const std::optional<at::Tensor>& key_padding_mask, double scale,
+    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& q_segments,
+    const std::optional<at::Tensor>& k_segments, const std::optional<at::Tensor>& positions) {
+  const auto s = check_block_sparse_inputs(q, k, v, layout, block_size, key_padding_mask, scale,
+                                           {bias, q_segments, k_segments, positions});
   return {at::empty_symint({s.batch, s.heads, s.q_len, s.value_dim}, q.options()),
           at::empty_symint({s.batch, s.heads, s.q_len}, q.options().dtype(accumulate_type(q.scalar_type())))};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> block_backward_meta(
-    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const at::Tensor& out, const at::Tensor& lse, const at::Tensor& layout, int64_t block_size, bool causal,
-    const std::optional<at::Tensor>& key_padding_mask, double scale) {
-  const auto s = check_block_sparse_inputs(q, k, v, layout, block_size, key_padding_mask, scale);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> block_backward_meta(
+    const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_lse, const at::Tensor& q, const at::Tensor& k,
+    const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, const at::Tensor& layout, int64_t block_size,
+    bool causal, const std::optional<at::Tensor>& key_padding_mask, double scale,
+    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& q_segments,
+    const std::optional<at::Tensor>& k_segments, const std::optional<at::Tensor>& positions) {
+  const auto s = check_block_sparse_inputs(q, k, v, layout, block_size, key_padding_mask, scale,
+                                           {bias, q_segments, k_segments, positions});
   check_window_backward_inputs(grad_out, q, out, lse, s);
+  check_grad_lse(kBlockSparseOp, grad_lse, q, s);
   return {at::empty_symint({s.batch, s.heads, s.q_len, s.head_dim}, q.options()),
           at::empty_symint({s.batch, s.heads, s.k_len, s.head_dim}, q.options()),
-          at::empty_symint({s.batch, s.heads, s.k_len, s.value_dim}, q.options())};
+          at::empty_symint({s.batch, s.heads, s.k_len, s.value_dim}, q.options()),
+          bias.has_value() ? at::empty_symint(bias->sym_sizes(), bias->options()) : at::empty({0}, q.options())};
 }
 
 }  // namespace

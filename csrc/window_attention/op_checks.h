@@ -10,6 +10,7 @@
 namespace linattn {
 
 constexpr const char* kWindowAttentionOp = "linattn.sliding_window_attention";
+constexpr const char* kBlockSparseOp = "linattn.block_sparse_attention";
 
 struct WindowAttentionSizes {
   c10::SymInt batch, heads, q_len, k_len, head_dim, value_dim;
@@ -37,14 +38,70 @@ inline WindowAttentionSizes check_window_inputs(const at::Tensor& q, const at::T
   return s;
 }
 
+// The optional terms of the block-sparse operators (PairTerms in kernel.h), as tensors.
+struct PairTermTensors {
+  const std::optional<at::Tensor>& bias;        // (1 or H, T_q, T_k), q's dtype
+  const std::optional<at::Tensor>& q_segments;  // (B, 1 or H, T_q) int64
+  const std::optional<at::Tensor>& k_segments;  // (B, same, T_k) int64
+  const std::optional<at::Tensor>& positions;   // (B, 1 or H, T) int64, T_q == T_k
+};
+
+inline void check_token_ids(const char* op, const char* name, const at::Tensor& ids, const at::Tensor& q,
+                            const c10::SymInt& batch, const c10::SymInt& heads, const c10::SymInt& len,
+                            const char* layout) {
+  check_dim(op, name, ids, 3, layout);
+  check_same_device(op, name, ids, "q", q);
+  TORCH_CHECK(ids.scalar_type() == at::kLong, op, ": ", name, " must be an int64 tensor, got ",
+              ids.scalar_type());
+  TORCH_CHECK(ids.sym_size(0) == batch && (ids.sym_size(1) == 1 || ids.sym_size(1) == heads) &&
+                  ids.sym_size(2) == len,
+              op, ": ", name, " must have shape (B=", batch, ", 1 or H=", heads, ", ", len, ") ", layout,
+              ", got ", shape_str(ids));
+}
+
+inline void check_pair_terms(const char* op, const at::Tensor& q, const WindowAttentionSizes& s,
+                             const PairTermTensors& t) {
+  if (t.bias.has_value()) {
+    check_dim(op, "bias", *t.bias, 3, "(1 or H, T_q, T_k)");
+    check_same_device_dtype(op, "bias", *t.bias, "q", q);
+    TORCH_CHECK((t.bias->sym_size(0) == 1 || t.bias->sym_size(0) == s.heads) &&
+                    t.bias->sym_size(1) == s.q_len && t.bias->sym_size(2) == s.k_len,
+                op, ": bias must have shape (1 or H=", s.heads, ", T_q=", s.q_len, ", T_k=", s.k_len,
+                "), got ", shape_str(*t.bias));
+  }
+  TORCH_CHECK(t.q_segments.has_value() == t.k_segments.has_value(), op,
+              ": q_segments and k_segments must be given together");
+  if (t.q_segments.has_value()) {
+    check_token_ids(op, "q_segments", *t.q_segments, q, s.batch, s.heads, s.q_len, "(B, 1 or H, T_q)");
+    check_token_ids(op, "k_segments", *t.k_segments, q, s.batch, s.heads, s.k_len, "(B, 1 or H, T_k)");
+    TORCH_CHECK(t.q_segments->sym_size(1) == t.k_segments->sym_size(1), op,
+                ": q_segments and k_segments must have the same head dim, got ", shape_str(*t.q_segments),
+                " and ", shape_str(*t.k_segments));
+  }
+  if (t.positions.has_value()) {
+    TORCH_CHECK(s.q_len == s.k_len, op, ": positions need as many queries as keys, got T_q=", s.q_len,
+                " and T_k=", s.k_len);
+    check_token_ids(op, "positions", *t.positions, q, s.batch, s.heads, s.q_len, "(B, 1 or H, T)");
+  }
+}
+
+inline void check_grad_lse(const char* op, const std::optional<at::Tensor>& grad_lse, const at::Tensor& q,
+                           const WindowAttentionSizes& s) {
+  if (!grad_lse.has_value()) return;
+  check_same_device(op, "grad_lse", *grad_lse, "q", q);
+  TORCH_CHECK(grad_lse->scalar_type() == accumulate_type(q.scalar_type()), op, ": grad_lse must be ",
+              accumulate_type(q.scalar_type()), " for ", q.scalar_type(), " inputs, got ", grad_lse->scalar_type());
+  check_shape(op, "grad_lse", *grad_lse, {s.batch, s.heads, s.q_len}, "(B, H, T_q)");
+}
+
 // The checks of the block-sparse operators: q, k, v, padding and scale as for windows, and a
 // (H or 1, ceil(T_q/b), ceil(T_k/b)) bool layout.
 inline WindowAttentionSizes check_block_sparse_inputs(const at::Tensor& q, const at::Tensor& k,
                                                       const at::Tensor& v, const at::Tensor& layout,
                                                       int64_t block_size,
                                                       const std::optional<at::Tensor>& key_padding_mask,
-                                                      double scale) {
-  const char* op = "linattn.block_sparse_attention";
+                                                      double scale, const PairTermTensors& terms) {
+  const char* op = kBlockSparseOp;
   TORCH_CHECK(block_size >= 1, op, ": block_size must be >= 1, got ", block_size);
   const WindowAttentionSizes s =
       check_window_inputs(q, k, v, -1, -1, 1, std::nullopt, key_padding_mask, scale);
@@ -59,6 +116,7 @@ inline WindowAttentionSizes check_block_sparse_inputs(const at::Tensor& q, const
               op, ": layout must have shape (1 or H=", s.heads, ", ", q_blocks, ", ", k_blocks,
               ") for T_q=", s.q_len, ", T_k=", s.k_len, " and block_size=", block_size, ", got ",
               shape_str(layout));
+  check_pair_terms(op, q, s, terms);
   return s;
 }
 
