@@ -8,6 +8,8 @@ from . import _validation as check
 from .feature_maps import PERFORMER_KERNELS, efficient_feature_maps, favor_features, resolve_feature_map
 from .sparse import bigbird_layout, block_local_layout, block_sparse_attention  # noqa: F401
 from .window import sliding_window_attention  # noqa: F401  (the restricted-softmax family)
+from .swin import shifted_window_attention, window_attention  # noqa: F401
+from .lsh import lsh_attention  # noqa: F401
 
 State = Tuple[torch.Tensor, torch.Tensor]
 

@@ -145,14 +145,72 @@ def sliding_window_attention(q, k, v, window, *, causal=False, dilation=1, globa
     return masked_softmax_attention(q, k, v, visible, scale)
 
 
-def masked_softmax_attention(q, k, v, visible, scale):
+def masked_softmax_attention(q, k, v, visible, scale, *, bias=None, fixed=None, return_lse=False):
     """Softmax over exactly the visible keys (a dense bool mask), in float64, masked terms
-    excluded; a row with no visible key is 0."""
+    excluded; a row with no visible key is 0 (lse −inf). bias is added to the scaled scores;
+    `fixed` pairs score kSelfScore (−1e5) whatever q and k are."""
     q, k, v = q.double(), k.double(), v.double()
-    scores = ((q @ k.transpose(-1, -2)) * scale).masked_fill(~visible, float("-inf"))
+    scores = (q @ k.transpose(-1, -2)) * scale
+    if bias is not None:
+        scores = scores + bias.double()
+    if fixed is not None:
+        scores = torch.where(fixed, torch.full_like(scores, SELF_SCORE), scores)
+    scores = scores.masked_fill(~visible, float("-inf"))
     probs = torch.softmax(scores, dim=-1)
     probs = torch.where(visible.any(-1, keepdim=True), probs, torch.zeros_like(probs))  # no key: 0, not NaN
-    return _visible_sum(probs, visible, v)
+    out = _visible_sum(probs, visible, v)
+    return (out, torch.logsumexp(scores, dim=-1)) if return_lse else out
+
+
+# Reformer's score for a token attending to itself under shared QK (METHODS.md §7).
+SELF_SCORE = -1e5
+
+
+def window_attention(q, k, v, *, bias=None, regions=None, scale=None):
+    """Swin window attention (METHODS.md §5) in float64 on partitioned windows (G, H, N, D):
+    scaled scores plus bias (H or 1, N, N), tokens of different regions (nW, N) (window g uses
+    row g % nW) not seeing each other."""
+    G, N = q.shape[0], q.shape[2]
+    scale = (q.shape[-1] ** -0.5 if q.shape[-1] > 0 else 1.0) if scale is None else scale
+    visible = torch.ones(G, 1, N, N, dtype=torch.bool, device=q.device)
+    if regions is not None:
+        r = regions.repeat(G // regions.shape[0], 1)
+        visible = (r[:, :, None] == r[:, None, :]).unsqueeze(1)
+    return masked_softmax_attention(q, k, v, visible, scale, bias=bias)
+
+
+def lsh_attention(qk, v, buckets, bucket_size, *, causal=False, key_padding_mask=None, scale=None):
+    """Reformer LSH attention (METHODS.md §7) in float64 from given buckets (B, H, rounds, T),
+    written as dense masks without sorting any tensor: in round r, token i sees token j when
+    both share a bucket, j's chunk (of its rank in the (bucket, position) order) is i's or the
+    one before, j <= i when causal, and j is not padded; i's own score is −1e5; rounds are
+    weighted by the softmax of their logsumexps."""
+    B, H, T, D = qk.shape
+    scale = (D ** -0.5 if D > 0 else 1.0) if scale is None else scale
+    q = qk.double()
+    k = torch.nn.functional.normalize(q, dim=-1)
+    outs, lses = [], []
+    positions = torch.arange(T, device=qk.device)
+    for r in range(buckets.shape[2]):
+        b = buckets[:, :, r]  # (B, H, T)
+        rank = (b * T + positions).argsort(-1).argsort(-1)
+        chunk = rank // bucket_size
+        d = chunk[..., :, None] - chunk[..., None, :]
+        visible = (b[..., :, None] == b[..., None, :]) & ((d == 0) | (d == 1))
+        if causal:
+            visible = visible & (positions[None, :] <= positions[:, None])
+        if key_padding_mask is not None:
+            visible = visible & ~key_padding_mask[:, None, None, :]
+        fixed = torch.eye(T, dtype=torch.bool, device=qk.device)
+        out, lse = masked_softmax_attention(q, k, v, visible, scale, fixed=fixed, return_lse=True)
+        outs.append(out)
+        lses.append(lse)
+    lse = torch.stack(lses)  # (rounds, B, H, T)
+    finite_max = torch.where(torch.isfinite(lse.amax(0)), lse.amax(0), torch.zeros_like(lse[0]))
+    e = torch.exp(lse - finite_max)
+    total = e.sum(0)
+    weights = e / torch.where(total == 0, torch.ones_like(total), total)
+    return (weights.unsqueeze(-1) * torch.stack(outs)).sum(0)
 
 
 def block_sparse_attention(q, k, v, layout, block_size, *, causal=False, key_padding_mask=None, scale=None):

@@ -9,6 +9,7 @@ from torch import nn
 from .nn.methods import build_method, LinformerMethod
 from .nn.multihead_attention import MultiheadAttention
 from .nn.timm_attention import TimmAttention
+from .nn.swin_attention import is_timm_window_attention, is_torchvision_window_attention, swap_window_attention
 
 
 def _timm_attention_class():
@@ -50,14 +51,17 @@ def swap_attention(model: nn.Module, method: str = "linear", *, strict: bool = F
     training mode, device and dtype; returns `model` (changed in place).
 
     Works for nn.Transformer / nn.TransformerEncoder(Layer) / nn.TransformerDecoder(Layer),
-    torchvision's VisionTransformer and timm's ViTs. nn.TransformerEncoder's nested-tensor fast
+    torchvision's VisionTransformer and timm's ViTs. Swin window-attention blocks (torchvision's
+    ShiftedWindowAttention / V2, timm's Swin WindowAttention) are replaced by linattn's fused
+    window attention whatever the method: it is exact (same outputs and weights), and the
+    windows already make it linear in the image size. nn.TransformerEncoder's nested-tensor fast
     path is switched off on encoders that hold a swapped layer, since it would bypass the new
     attention. With method="linformer" and sharing="layerwise", one projection is shared by all
     swapped modules. Unknown methods or options raise a ValueError listing the valid ones before
     anything is changed.
 
     It never does nothing silently: what it replaced is logged (logger "linattn", INFO), and
-    attention modules of kinds it does not handle (Swin/MaxViT/EVA blocks, Hugging Face
+    attention modules of kinds it does not handle (MaxViT/EVA blocks, timm's Swin V2, Hugging Face
     attention classes, ...) are named in a UserWarning, as is a model in which nothing was
     replaced; with strict=True those cases raise a ValueError instead, before anything changes.
     """
@@ -70,16 +74,18 @@ def swap_attention(model: nn.Module, method: str = "linear", *, strict: bool = F
         for name, child in parent.named_children()
         if (isinstance(child, nn.MultiheadAttention) and not isinstance(child, MultiheadAttention))
         or (timm_attention is not None and type(child) is timm_attention)
+        or _is_window_block(child)
     ]
     unhandled = _unhandled_attention_kinds(model, [child for _, _, child in targets])
     problem = None
     if unhandled:
         problem = (
             f"linattn.swap_attention: left {_describe(unhandled)} unchanged: swap_attention handles "
-            "torch.nn.MultiheadAttention and timm's Attention blocks only"
+            "torch.nn.MultiheadAttention, timm's Attention and torchvision's / timm's Swin window-attention blocks only"
         )
     elif not targets:
-        problem = "linattn.swap_attention: the model holds no torch.nn.MultiheadAttention or timm Attention module"
+        problem = ("linattn.swap_attention: the model holds no torch.nn.MultiheadAttention, timm Attention or Swin "
+                   "window-attention module")
     if problem and strict:
         raise ValueError(problem + " (strict=True)")
     if not targets:
@@ -97,16 +103,21 @@ def swap_attention(model: nn.Module, method: str = "linear", *, strict: bool = F
             options["shared_projection"] = nn.Parameter(
                 LinformerMethod.initial_projection((k, max_seq_len), device=weight.device, dtype=weight.dtype)
             )
-    replacements = [
-        (parent, name, child,
-         MultiheadAttention.from_torch(child, method=method, **options) if isinstance(child, nn.MultiheadAttention)
-         else TimmAttention(child, method=method, **options))
-        for parent, name, child in targets
-    ]  # all built (and their options checked) before the model changes
+    if any(_is_window_block(child) for _, _, child in targets):  # the other replacements check it themselves
+        build_method(method, num_heads=1, head_dim=8, **_without_linformer_requirements(method, options))
+    replacements = [(parent, name, child, _replacement(child, method, options)) for parent, name, child in targets]
+    # all built (and their options checked) before the model changes
     for parent, name, _, replacement in replacements:
         setattr(parent, name, replacement)
-    replaced = collections.Counter(f"{type(child).__module__}.{type(child).__qualname__}" for _, _, child in targets)
-    logger.info("linattn.swap_attention: replaced %s with method=%r", _describe(replaced), method)
+    replaced = collections.Counter(
+        f"{type(child).__module__}.{type(child).__qualname__}" for _, _, child in targets if not _is_window_block(child))
+    windowed = collections.Counter(
+        f"{type(child).__module__}.{type(child).__qualname__}" for _, _, child in targets if _is_window_block(child))
+    if replaced:
+        logger.info("linattn.swap_attention: replaced %s with method=%r", _describe(replaced), method)
+    if windowed:
+        logger.info("linattn.swap_attention: replaced %s with linattn's fused window attention (exact; method does "
+                    "not apply to Swin window blocks)", _describe(windowed))
     if problem:
         warnings.warn(problem, UserWarning, stacklevel=2)
     for module in model.modules():
@@ -115,6 +126,18 @@ def swap_attention(model: nn.Module, method: str = "linear", *, strict: bool = F
         ):
             module.use_nested_tensor = False
     return model
+
+
+def _is_window_block(module: nn.Module) -> bool:
+    return is_torchvision_window_attention(module) or is_timm_window_attention(module)
+
+
+def _replacement(child: nn.Module, method: str, options: dict) -> nn.Module:
+    if _is_window_block(child):
+        return swap_window_attention(child)
+    if isinstance(child, nn.MultiheadAttention):
+        return MultiheadAttention.from_torch(child, method=method, **options)
+    return TimmAttention(child, method=method, **options)
 
 
 def _without_linformer_requirements(method, options):

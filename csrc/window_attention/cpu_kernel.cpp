@@ -172,16 +172,29 @@ struct BlockPattern {
     const int64_t* pos = t.positions ? token_row(t.positions, t.position_heads, bi, hi, s.k_len) : nullptr;
     const int64_t* qseg = t.q_segments ? token_row(t.q_segments, t.segment_heads, bi, hi, s.q_len) : nullptr;
     const int64_t* kseg = t.k_segments ? token_row(t.k_segments, t.segment_heads, bi, hi, s.k_len) : nullptr;
+    // The layout's verdict on each key, recomputed only when the query block changes (no
+    // division per pair).
+    std::vector<int64_t> key_block(n);
+    for (int64_t c = 0; c < n; ++c) key_block[c] = key[c] / l.block;
+    std::vector<unsigned char> in_layout(n);
+    int64_t layout_block = -1;
     for (int64_t r = 0; r < L; ++r) {
       const int64_t i = i0 + r;
-      const bool* row = layout_row(hi, i / l.block);
+      if (i / l.block != layout_block) {
+        layout_block = i / l.block;
+        const bool* row = layout_row(hi, layout_block);
+        for (int64_t c = 0; c < n; ++c) in_layout[c] = row[key_block[c]];
+      }
+      const unsigned char* lay = in_layout.data();
       unsigned char* vr = vis + r * ld;
       if (l.causal && pos) {
         const int64_t pi = pos[i];
-        for (int64_t c = 0; c < n; ++c) vr[c] = row[key[c] / l.block] && pos[key[c]] <= pi;
+        for (int64_t c = 0; c < n; ++c) vr[c] = lay[c] & (pos[key[c]] <= pi);
+      } else if (l.causal) {
+        const int64_t last = i + (s.k_len - s.q_len);
+        for (int64_t c = 0; c < n; ++c) vr[c] = lay[c] & (key[c] <= last);
       } else {
-        const int64_t last = l.causal ? i + (s.k_len - s.q_len) : std::numeric_limits<int64_t>::max();
-        for (int64_t c = 0; c < n; ++c) vr[c] = row[key[c] / l.block] && key[c] <= last;
+        std::copy(lay, lay + n, vr);
       }
       if (qseg) {
         const int64_t id = qseg[i];
@@ -320,14 +333,13 @@ struct SoftmaxEngine {
         acc_t* pr = probs.data() + r * kKeyGroup;
         // `omp simd` reductions let these loops vectorize (a plain float reduction may not be
         // reordered); a NaN score still reaches the output through its exp below.
+        // Masked scores go to pr first: separate simple loops are what the compiler vectorizes.
+        unsigned char any_visible = 0;
+        for (int64_t c = 0; c < n; ++c) any_visible |= vr[c];
+        for (int64_t c = 0; c < n; ++c) pr[c] = vr[c] ? sr[c] : minus_infinity<acc_t>();
         acc_t group_max = minus_infinity<acc_t>();
-        int any_visible = 0;
-#pragma omp simd reduction(max : group_max) reduction(| : any_visible)
-        for (int64_t c = 0; c < n; ++c) {
-          const acc_t x = vr[c] ? sr[c] : minus_infinity<acc_t>();
-          group_max = x > group_max ? x : group_max;
-          any_visible |= vr[c];
-        }
+#pragma omp simd reduction(max : group_max)
+        for (int64_t c = 0; c < n; ++c) group_max = pr[c] > group_max ? pr[c] : group_max;
         if (!any_visible) {
           std::fill(pr, pr + n, acc_t(0));
           continue;
@@ -405,11 +417,13 @@ struct SoftmaxEngine {
         // dP = dO Vᵀ, then dS = P ⊙ (dP − δ) on visible pairs whose score is not fixed (scores
         // is reused for dS).
         gemm<acc_t>(false, true, L, n, dv, g.data(), dv, v.data(), dv, 0, scores.data(), kKeyGroup);
-        for (int64_t r = 0; r < L; ++r)
-          for (int64_t c = 0; c < n; ++c) {
-            const int64_t x = r * kKeyGroup + c;
-            scores[x] = vis[x] == 1 ? probs[x] * (scores[x] - delta[r]) : acc_t(0);
-          }
+        for (int64_t r = 0; r < L; ++r) {
+          acc_t* dsr = scores.data() + r * kKeyGroup;
+          const acc_t* pr = probs.data() + r * kKeyGroup;
+          const unsigned char* vr = vis.data() + r * kKeyGroup;
+          const acc_t d = delta[r];
+          for (int64_t c = 0; c < n; ++c) dsr[c] = vr[c] == 1 ? pr[c] * (dsr[c] - d) : acc_t(0);
+        }
         if (grad_bias) pattern.add_bias_grad(hi, i0, L, keys, scores.data(), kKeyGroup, grad_bias);
         // dQ += dS K (scaled at the end), dK_keys += dSᵀ (scale·Q)
         add_masked_product(false, L, n, D, scores.data(), kKeyGroup, k.data(), D, dq.data(), D, visible_pair());
