@@ -1,0 +1,152 @@
+"""Swin window attention: linattn.window_attention against the float64 reference (bias,
+shifted-window regions, every dtype, gradients of q, k, v and the bias), the block-sparse
+operator's pair terms through both implementations, and swap_attention on torchvision's and
+timm's Swin models against the unswapped models."""
+import copy
+
+import pytest
+import torch
+
+import linattn
+from linattn import reference
+from linattn.swin import shifted_window_regions
+from conftest import TOLERANCE, assert_close
+
+
+def windows(G=8, H=3, N=49, D=16, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    make = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64).to(dtype).requires_grad_()
+    return make(G, H, N, D), make(G, H, N, D), make(G, H, N, D), make(H, N, N)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shifted", [False, True])
+def test_window_attention_matches_reference(implementation, dtype, shifted):
+    q, k, v, bias = windows(dtype=dtype)
+    regions = shifted_window_regions(14, 14, [7, 7], [3, 3]) if shifted else None  # 4 windows
+    out = linattn.window_attention(q, k, v, bias=bias, regions=regions)
+    expected = reference.window_attention(q, k, v, bias=bias, regions=regions)
+    tol = max(TOLERANCE[dtype], 1e-6)
+    assert out.dtype == dtype
+    assert_close(out, expected, tol, "out")
+    cot = torch.randn(expected.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    got = torch.autograd.grad((out.double() * cot).sum(), (q, k, v, bias))
+    want = torch.autograd.grad((expected * cot).sum(), (q, k, v, bias))
+    for name, a, b in zip(("q", "k", "v", "bias"), got, want):
+        assert_close(a, b, tol * 3, f"d{name}")
+
+
+def test_shared_bias_and_odd_window(implementation):
+    q, k, v, _ = windows(G=6, H=2, N=13, D=5, dtype=torch.float64)
+    bias = torch.randn(1, 13, 13, dtype=torch.float64, requires_grad=True)
+    regions = torch.randint(0, 3, (3, 13), generator=torch.Generator().manual_seed(2))
+    assert torch.autograd.gradcheck(
+        lambda a, b, c, d: linattn.window_attention(a, b, c, bias=d, regions=regions, scale=0.7), (q, k, v, bias))
+
+
+def test_regions_are_the_shifted_window_mask():
+    # Same regions, same mask as torchvision builds (pairs of different regions get -100 there).
+    regions = shifted_window_regions(21, 14, [7, 7], [3, 3])
+    assert regions.shape == (6, 49)
+    img = torch.zeros(21, 14)
+    count = 0
+    for h in ((0, -7), (-7, -3), (-3, None)):
+        for w in ((0, -7), (-7, -3), (-3, None)):
+            img[h[0]:h[1], w[0]:w[1]] = count
+            count += 1
+    tv = img.view(3, 7, 2, 7).permute(0, 2, 1, 3).reshape(6, 49)
+    assert torch.equal(regions[:, :, None] == regions[:, None, :], tv[:, :, None] == tv[:, None, :])
+
+
+@pytest.mark.parametrize("suffix", ["", "_generic"])
+def test_opcheck_pair_terms(suffix):
+    q, k, v, bias = (t.detach() for t in windows(G=4, H=2, N=20, D=8))
+    seg = torch.randint(0, 3, (4, 1, 20), generator=torch.Generator().manual_seed(0))
+    pos = torch.randperm(20, generator=torch.Generator().manual_seed(1)).repeat(4, 2, 1)
+    layout = torch.rand(2, 3, 3, generator=torch.Generator().manual_seed(2)) < 0.7
+    fwd = getattr(torch.ops.linattn, f"block_sparse_attn_fwd{suffix}").default
+    bwd = getattr(torch.ops.linattn, f"block_sparse_attn_bwd{suffix}").default
+    args = (q, k, v, layout, 8, True, None, 0.3, bias, seg, seg, pos)
+    torch.library.opcheck(fwd, args)
+    out, lse = fwd(*args)
+    grad_lse = torch.randn_like(lse).masked_fill(torch.isinf(lse), 0)
+    torch.library.opcheck(bwd, (torch.randn_like(out), grad_lse, q, k, v, out, lse) + args[3:])
+
+
+def test_pair_terms_kernel_equals_generic():
+    q, k, v, bias = windows(G=3, H=2, N=70, D=8, dtype=torch.float64)
+    seg = torch.randint(0, 4, (3, 2, 70), generator=torch.Generator().manual_seed(0))
+    kseg = seg.masked_fill(torch.rand(3, 2, 70, generator=torch.Generator().manual_seed(3)) < 0.1, -1)
+    pos = torch.stack([torch.randperm(70, generator=torch.Generator().manual_seed(i)) for i in range(6)]).view(3, 2, 70)
+    layout = torch.rand(1, 5, 5, generator=torch.Generator().manual_seed(2)) < 0.6
+    results = []
+    for suffix in ("", "_generic"):
+        fwd = getattr(torch.ops.linattn, f"block_sparse_attn_fwd{suffix}")
+        bwd = getattr(torch.ops.linattn, f"block_sparse_attn_bwd{suffix}")
+        out, lse = fwd(q, k, v, layout, 16, True, None, 0.4, bias, seg, kseg, pos)
+        grads = bwd(torch.ones_like(out), torch.ones_like(lse).masked_fill(torch.isinf(lse), 0), q, k, v, out, lse,
+                    layout, 16, True, None, 0.4, bias, seg, kseg, pos)
+        results.append((out, lse) + tuple(grads))
+    for a, b in zip(*results):
+        assert torch.allclose(a, b, atol=1e-12, equal_nan=False), (a - b).abs().max()
+
+
+def test_pair_term_errors():
+    q, k, v, bias = (t.detach() for t in windows(G=2, H=2, N=10, D=4))
+    layout = torch.ones(1, 1, 1, dtype=torch.bool)
+    op = torch.ops.linattn.block_sparse_attn_fwd
+    with pytest.raises(RuntimeError, match=r"bias must have shape \(1 or H=2, T_q=10, T_k=10\)"):
+        op(q, k, v, layout, 10, False, None, 1.0, bias[:, :5], None, None, None)
+    with pytest.raises(RuntimeError, match=r"q_segments and k_segments must be given together"):
+        op(q, k, v, layout, 10, False, None, 1.0, None, torch.zeros(2, 1, 10, dtype=torch.long), None, None)
+    with pytest.raises(RuntimeError, match=r"positions must be an int64 tensor"):
+        op(q, k, v, layout, 10, False, None, 1.0, None, None, None, torch.zeros(2, 1, 10))
+    with pytest.raises(ValueError, match=r"regions must be an int64 \(nW, N=10\) tensor with nW dividing G=2"):
+        linattn.window_attention(q, k, v, regions=torch.zeros(3, 10, dtype=torch.long))
+
+
+def test_compile_fullgraph_matches_eager():
+    torch._dynamo.reset()
+    q, k, v, bias = windows(G=4, H=2, N=16, D=8)
+    regions = shifted_window_regions(8, 8, [4, 4], [2, 2])
+    fn = lambda q, k, v, b: linattn.window_attention(q, k, v, bias=b, regions=regions)
+    got, eager = torch.compile(fn, fullgraph=True)(q, k, v, bias), fn(q, k, v, bias)
+    assert_close(got, eager, 1e-6, "compiled")
+    for a, b in zip(torch.autograd.grad(got.sum(), (q, k, v, bias)), torch.autograd.grad(eager.sum(), (q, k, v, bias))):
+        assert_close(a, b, 1e-6, "compiled gradient")
+
+
+def _compare_models(model, x):
+    swapped = linattn.swap_attention(copy.deepcopy(model), "linear")
+    assert list(swapped.state_dict()) == list(model.state_dict())
+    out, ref = swapped(x), model(x)
+    assert_close(out, ref, 1e-5, "output")
+    out.square().sum().backward()
+    ref.square().sum().backward()
+    grads = dict(swapped.named_parameters())
+    for name, p in model.named_parameters():
+        assert_close(grads[name].grad, p.grad, 1e-4, f"grad {name}")
+    return swapped
+
+
+@pytest.mark.parametrize("builder", ["swin_t", "swin_v2_t"])
+def test_swap_torchvision_swin(builder):
+    models = pytest.importorskip("torchvision.models")
+    torch.manual_seed(0)
+    model = getattr(models, builder)(num_classes=10).eval()  # eval: no stochastic depth
+    swapped = _compare_models(model, torch.randn(2, 3, 72, 88))  # odd grid: padding and shifts
+    assert sum(type(m).__name__.startswith("Linattn") for m in swapped.modules()) == 12
+
+
+def test_swap_timm_swin():
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, num_classes=10).eval()
+    _compare_models(model, torch.randn(1, 3, 224, 224))
+
+
+def test_swap_refuses_attention_dropout():
+    models = pytest.importorskip("torchvision.models.swin_transformer")
+    block = models.ShiftedWindowAttention(32, [4, 4], [2, 2], 2, attention_dropout=0.1)
+    with pytest.raises(ValueError, match="attention dropout 0.1 cannot be swapped"):
+        linattn.swap_attention(torch.nn.Sequential(block))
