@@ -10,6 +10,7 @@ from .sparse import bigbird_layout, block_local_layout, block_sparse_attention  
 from .window import sliding_window_attention  # noqa: F401  (the restricted-softmax family)
 from .swin import shifted_window_attention, window_attention  # noqa: F401
 from .lsh import lsh_attention  # noqa: F401
+from .additive import additive_attention  # noqa: F401
 
 State = Tuple[torch.Tensor, torch.Tensor]
 

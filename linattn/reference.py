@@ -218,3 +218,17 @@ def block_sparse_attention(q, k, v, layout, block_size, *, causal=False, key_pad
     scale = (q.shape[-1] ** -0.5 if q.shape[-1] > 0 else 1.0) if scale is None else scale
     visible = layout_mask(layout, block_size, q.shape[2], k.shape[2], causal=causal, key_padding_mask=key_padding_mask)
     return masked_softmax_attention(q, k, v, visible, scale)
+
+
+def additive_attention(q, k, v, w, *, window=None, causal=False, key_padding_mask=None):
+    """Bahdanau attention (METHODS.md §9) in float64 from the full (T_q, T_k, D) tanh tensor:
+    scores w_h · tanh(q_i + k_j) over the visible keys (window / causal with
+    sliding_window_attention's meaning, bottom-right aligned; padding)."""
+    q, k, v, w = q.double(), k.double(), v.double(), w.double()
+    scores = torch.einsum("bhtsd,hd->bhts", torch.tanh(q[:, :, :, None] + k[:, :, None]), w)
+    T, S = q.shape[2], k.shape[2]
+    visible = window_mask(T, S, (-1, -1) if window is None else window, causal=causal, batch=q.shape[0],
+                          key_padding_mask=key_padding_mask, device=q.device)
+    # The scores enter as the bias of a masked softmax whose q·k term is zero.
+    return masked_softmax_attention(q.new_zeros(q.shape[:-1] + (1,)), k.new_zeros(k.shape[:-1] + (1,)), v, visible,
+                                    1.0, bias=scores)
