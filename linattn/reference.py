@@ -179,17 +179,17 @@ def window_attention(q, k, v, *, bias=None, regions=None, scale=None):
     return masked_softmax_attention(q, k, v, visible, scale, bias=bias)
 
 
-def lsh_attention(qk, v, buckets, bucket_size, *, causal=False, key_padding_mask=None, scale=None):
-    """Reformer LSH attention (METHODS.md §7) in float64 from given buckets (B, H, rounds, T),
-    written as dense masks without sorting any tensor: in round r, token i sees token j when
-    both share a bucket, j's chunk (of its rank in the (bucket, position) order) is i's or the
-    one before, j <= i when causal, and j is not padded; i's own score is −1e5; rounds are
-    weighted by the softmax of their logsumexps."""
+def lsh_attention_weights(qk, buckets, bucket_size, *, causal=False, key_padding_mask=None, scale=None):
+    """The (B, H, T, T) attention weights of Reformer LSH attention (METHODS.md §7) in float64
+    from given buckets (B, H, rounds, T), written as dense masks without sorting any tensor: in
+    round r, token i sees token j when both share a bucket, j's chunk (of its rank in the
+    (bucket, position) order) is i's or the one before, j <= i when causal, and j is not padded;
+    i's own score is −1e5; rounds are weighted by the softmax of their logsumexps."""
     B, H, T, D = qk.shape
     scale = (D ** -0.5 if D > 0 else 1.0) if scale is None else scale
     q = qk.double()
     k = torch.nn.functional.normalize(q, dim=-1)
-    outs, lses = [], []
+    probs, lses = [], []
     positions = torch.arange(T, device=qk.device)
     for r in range(buckets.shape[2]):
         b = buckets[:, :, r]  # (B, H, T)
@@ -201,16 +201,24 @@ def lsh_attention(qk, v, buckets, bucket_size, *, causal=False, key_padding_mask
             visible = visible & (positions[None, :] <= positions[:, None])
         if key_padding_mask is not None:
             visible = visible & ~key_padding_mask[:, None, None, :]
-        fixed = torch.eye(T, dtype=torch.bool, device=qk.device)
-        out, lse = masked_softmax_attention(q, k, v, visible, scale, fixed=fixed, return_lse=True)
-        outs.append(out)
+        scores = (q @ k.transpose(-1, -2)) * scale
+        scores = torch.where(torch.eye(T, dtype=torch.bool, device=qk.device), torch.full_like(scores, SELF_SCORE),
+                             scores).masked_fill(~visible, float("-inf"))
+        lse = torch.logsumexp(scores, dim=-1)
+        probs.append(torch.where(visible.any(-1, keepdim=True), torch.softmax(scores, -1), torch.zeros_like(scores)))
         lses.append(lse)
     lse = torch.stack(lses)  # (rounds, B, H, T)
     finite_max = torch.where(torch.isfinite(lse.amax(0)), lse.amax(0), torch.zeros_like(lse[0]))
     e = torch.exp(lse - finite_max)
     total = e.sum(0)
     weights = e / torch.where(total == 0, torch.ones_like(total), total)
-    return (weights.unsqueeze(-1) * torch.stack(outs)).sum(0)
+    return (weights.unsqueeze(-1) * torch.stack(probs)).sum(0)
+
+
+def lsh_attention(qk, v, buckets, bucket_size, *, causal=False, key_padding_mask=None, scale=None):
+    """Reformer LSH attention in float64: lsh_attention_weights @ v."""
+    return lsh_attention_weights(qk, buckets, bucket_size, causal=causal, key_padding_mask=key_padding_mask,
+                                 scale=scale) @ v.double()
 
 
 def block_sparse_attention(q, k, v, layout, block_size, *, causal=False, key_padding_mask=None, scale=None):

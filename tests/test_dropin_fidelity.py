@@ -190,11 +190,13 @@ def test_swap_warns_when_nothing_was_replaced():
         linattn.swap_attention(nn.Sequential(nn.Linear(3, 3)), method="linear", strict=True)
 
 
-def test_swap_names_torchvision_swin_blocks():
+def test_swap_replaces_torchvision_swin_blocks_and_says_so(caplog, recwarn):
     torchvision = pytest.importorskip("torchvision")
     model = torchvision.models.swin_t()
-    with pytest.warns(UserWarning, match=r"12 × torchvision.models.swin_transformer.ShiftedWindowAttention"):
+    with caplog.at_level(logging.INFO, logger="linattn"):
         linattn.swap_attention(model, method="linear")
+    assert "12 × torchvision.models.swin_transformer.ShiftedWindowAttention with linattn's fused window" in caplog.text
+    assert not [w for w in recwarn if "linattn" in str(w.message)]
 
 
 def test_swap_names_timm_eva_blocks():

@@ -23,8 +23,11 @@ METHOD_OPTIONS = {
     "longformer": {"window": 4, "global_tokens": 2},
     "bigbird": {"block_size": 8, "num_random": 1, "seed": 3},
     "hybrid": {"window": 4},
+    "reformer": {"n_hashes": 2, "bucket_size": 8, "seed": 1},
+    "additive": {},
+    "additive-window": {"window": 3},
 }
-CAUSAL = {"softmax", "linear", "performer", "local", "bigbird", "hybrid"}
+CAUSAL = {"softmax", "linear", "performer", "local", "bigbird", "hybrid", "reformer", "additive"}
 
 
 def _build(name, embed=24, heads=3, **kwargs):
@@ -67,6 +70,12 @@ def _reference(module, query, key, value, key_padding_mask, causal):
                                                causal=causal, key_padding_mask=key_padding_mask)
     elif method == "efficient":
         out = reference.efficient_attention(q, k, v, key_padding_mask=key_padding_mask)
+    elif method == "reformer":  # shared QK: the query projection is the keys too
+        buckets = linattn.lsh.lsh_buckets(q, core.rotations(q.shape[2], q.device, q.dtype))
+        out = reference.lsh_attention(q, v, buckets, core.bucket_size, causal=causal, key_padding_mask=key_padding_mask)
+    elif method == "additive":
+        out = reference.additive_attention(q, k, v, core.w, window=core.window, causal=causal,
+                                           key_padding_mask=key_padding_mask)
     else:
         out = reference.linformer_attention(q, k, v, core.E, core.value_projection(), key_padding_mask=key_padding_mask)
     out = out.transpose(1, 2).reshape(query.shape[0], query.shape[1], E)
@@ -162,10 +171,8 @@ def test_compiled_module_matches_eager(name):
 
 
 def test_unknown_method_and_options_list_the_valid_ones():
-    with pytest.raises(ValueError, match=r"unknown method 'favor'.*available methods: \['bigbird', 'efficient', 'hybrid', 'linear'"):
+    with pytest.raises(ValueError, match=r"unknown method 'favor'.*available methods: \['additive', 'bigbird', 'efficient', 'hybrid', 'linear'"):
         linattn.nn.MultiheadAttention(16, 2, method="favor")
-    with pytest.raises(ValueError, match=r"'reformer' is planned but not implemented"):
-        linattn.nn.MultiheadAttention(16, 2, method="reformer")
     with pytest.raises(ValueError, match=r"unknown option\(s\) \['nb_features'\]; valid options: \['feature_map', 'eps'\]"):
         linattn.nn.MultiheadAttention(16, 2, method="linear", nb_features=3)
     with pytest.raises(ValueError, match="feature_map must be one of"):

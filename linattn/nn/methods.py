@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import functional
+from .. import functional, lsh, reference
 from .._ops import accumulate_dtype
 from ..feature_maps import (
     FEATURE_MAPS, PERFORMER_KERNELS, efficient_feature_maps, favor_features, random_features,
@@ -473,6 +473,103 @@ class HybridMethod(MethodModule):
         return out, weights if key_scale is None else weights * key_scale
 
 
+class ReformerMethod(MethodModule):
+    """Reformer LSH attention (METHODS.md §7) through linattn.lsh_attention. Shared QK: the query
+    projection serves as the keys too (the key projection is unused, as in Reformer). Options:
+    n_hashes (4), bucket_size (64), seed (0): the random rotations are a fixed function of the
+    seed, the round and the bucket count (integer hashes through Box-Muller, tensor ops only), so
+    a layer hashes the same way in every call and torch.compile traces it at any length.
+    Self-attention only; key padding and causal masks; dropout drops whole keys. need_weights
+    builds the dense (T, T) weights (O(T²))."""
+
+    name = "reformer"
+    options = ("n_hashes", "bucket_size", "seed")
+    supports_causal = True
+    takes_any_mask = False
+    supports_extra_keys = False
+
+    def __init__(self, num_heads: int, head_dim: int, device=None, dtype=None, *, n_hashes=4, bucket_size=64, seed=0):
+        super().__init__()
+        _check_positive_int(self.name, "n_hashes", n_hashes)
+        _check_positive_int(self.name, "bucket_size", bucket_size)
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise ValueError(f"linattn method 'reformer': seed must be an int >= 0, got {seed!r}")
+        self.head_dim, self.n_hashes, self.bucket_size, self.seed = head_dim, n_hashes, bucket_size, seed
+
+    def extra_repr(self) -> str:
+        return f"n_hashes={self.n_hashes}, bucket_size={self.bucket_size}, seed={self.seed}"
+
+    def rotations(self, length: int, device, dtype) -> torch.Tensor:
+        """(n_hashes, head_dim, n_buckets / 2) standard-normal rotations for a sequence length."""
+        half = lsh.lsh_buckets_count(length, self.bucket_size) // 2
+        idx = torch.arange(self.n_hashes * self.head_dim * half, device=device, dtype=torch.int64)
+
+        def uniform(salt: int) -> torch.Tensor:
+            mixed = ((idx * 2654435761 + self.seed * 97531 + half * 7919 + salt) % 4294967296) * 2246822519
+            mixed = (mixed ^ (mixed // 65536)) % 4294967296
+            return (mixed.to(torch.float64) + 0.5) / 4294967296.0
+
+        normal = torch.sqrt(-2 * torch.log(uniform(11))) * torch.cos(2 * math.pi * uniform(12345))
+        return normal.view(self.n_hashes, self.head_dim, half).to(dtype)
+
+    def forward(self, q, k, v, *, causal, key_padding_mask, attn_mask, dropout_p, need_weights):
+        if q.shape[2] != k.shape[2]:
+            raise ValueError("linattn method 'reformer': self-attention only (as many queries as keys), got "
+                             f"{q.shape[2]} queries and {k.shape[2]} keys")
+        v, key_scale = _drop_keys(v, dropout_p)
+        rotations = self.rotations(q.shape[2], q.device, q.dtype)
+        out = lsh.lsh_attention(q, v, n_hashes=self.n_hashes, bucket_size=self.bucket_size, causal=causal,
+                                key_padding_mask=key_padding_mask, rotations=rotations)
+        if not need_weights:
+            return out, None
+        weights = reference.lsh_attention_weights(q, lsh.lsh_buckets(q, rotations), self.bucket_size, causal=causal,
+                                                  key_padding_mask=key_padding_mask).to(q.dtype)
+        return out, weights if key_scale is None else weights * key_scale
+
+
+class AdditiveMethod(MethodModule):
+    """Additive (Bahdanau) attention (METHODS.md §9) through linattn.additive_attention: score
+    w_h · tanh(q_i + k_j) with a learned per-head vector `core.w` (H, head_dim), initialised
+    N(0, 1/head_dim). Option window (None: every key; an int or (left, right) as for "local").
+    Key padding and causal masks; dropout drops whole keys. need_weights builds the dense
+    (T, S, head_dim) tanh tensor."""
+
+    name = "additive"
+    options = ("window",)
+    supports_causal = True
+    takes_any_mask = False
+    supports_extra_keys = False
+
+    def __init__(self, num_heads: int, head_dim: int, device=None, dtype=None, *, window=None):
+        super().__init__()
+        if window is not None:
+            window_bounds("linattn method 'additive'", window, causal=False)  # raises on a bad window
+        self.window = window
+        self.w = nn.Parameter(torch.empty(num_heads, head_dim, device=device, dtype=dtype))
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.w, std=self.w.shape[1] ** -0.5)
+
+    def extra_repr(self) -> str:
+        return f"heads={self.w.shape[0]}, window={self.window!r}"
+
+    def forward(self, q, k, v, *, causal, key_padding_mask, attn_mask, dropout_p, need_weights):
+        v, key_scale = _drop_keys(v, dropout_p)
+        w = self.w.to(q.dtype)
+        out = functional.additive_attention(q, k, v, w, window=self.window, causal=causal,
+                                            key_padding_mask=key_padding_mask)
+        if not need_weights:
+            return out, None
+        visible = window_mask(q.shape[2], k.shape[2], (-1, -1) if self.window is None else self.window, causal=causal,
+                              key_padding_mask=key_padding_mask, batch=q.shape[0], device=q.device)
+        scores = torch.einsum("bhtsd,hd->bhts", torch.tanh(q[:, :, :, None] + k[:, :, None]), w)
+        weights = torch.softmax(scores.masked_fill(~visible, float("-inf")), -1).masked_fill(
+            ~visible.any(-1, keepdim=True), 0.0)
+        return out, weights if key_scale is None else weights * key_scale
+
+
 LINFORMER_SHARING = ("none", "headwise", "kv", "layerwise")
 
 
@@ -564,11 +661,11 @@ class LinformerMethod(MethodModule):
 METHODS = {
     cls.name: cls for cls in (
         SoftmaxMethod, LinearMethod, PerformerMethod, EfficientMethod, LinformerMethod, LocalMethod, LongformerMethod,
-        BigBirdMethod, HybridMethod,
+        BigBirdMethod, HybridMethod, ReformerMethod, AdditiveMethod,
     )
 }
 # In API.md's list but not built yet: asking for one says so instead of "unknown".
-PLANNED_METHODS = ("reformer", "additive")
+PLANNED_METHODS = ()
 
 
 def build_method(method: str, *, num_heads: int, head_dim: int, device=None, dtype=None, **options) -> nn.Module:
