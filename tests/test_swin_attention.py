@@ -130,7 +130,7 @@ def _compare_models(model, x):
 
 
 @pytest.mark.parametrize("builder", ["swin_t", "swin_v2_t"])
-def test_swap_torchvision_swin(builder):
+def test_swin_swap_models_torchvision(builder):
     models = pytest.importorskip("torchvision.models")
     torch.manual_seed(0)
     model = getattr(models, builder)(num_classes=10).eval()  # eval: no stochastic depth
@@ -138,7 +138,7 @@ def test_swap_torchvision_swin(builder):
     assert sum(type(m).__name__.startswith("Linattn") for m in swapped.modules()) == 12
 
 
-def test_swap_timm_swin():
+def test_swin_swap_models_timm():
     timm = pytest.importorskip("timm")
     torch.manual_seed(0)
     model = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, num_classes=10).eval()
