@@ -12,6 +12,7 @@ from typing import Optional, Tuple
 import torch
 
 from . import _validation as check
+from ._ops import accumulate_dtype
 from .window import Window, window_bounds
 
 # Elements of one block's tanh slab (B·H·rows·keys·D): 2^24 floats = 64 MiB in float32.
@@ -56,7 +57,7 @@ def _slab(q, k, i0, i1, j0, j1):
 
 
 def _acc(x: torch.Tensor) -> torch.Tensor:
-    return x.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
+    return x.to(accumulate_dtype(x.dtype))
 
 
 @torch.library.custom_op("linattn::additive_attn_fwd", mutates_args=())
@@ -83,8 +84,7 @@ def additive_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: torc
 @additive_attn_fwd.register_fake
 def _(q, k, v, w, left, right, key_padding_mask):
     B, H, T, _ = q.shape
-    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-    return q.new_empty(B, H, T, v.shape[3]), q.new_empty(B, H, T, dtype=acc)
+    return q.new_empty(B, H, T, v.shape[3]), q.new_empty(B, H, T, dtype=accumulate_dtype(q.dtype))
 
 
 @torch.library.custom_op("linattn::additive_attn_bwd", mutates_args=())

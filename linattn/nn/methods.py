@@ -290,11 +290,16 @@ class EfficientMethod(MethodModule):
         return out, weights if key_scale is None else weights * key_scale
 
 
-def _masked_softmax_weights(q, k, visible) -> torch.Tensor:
-    """The softmax attention weights over the visible keys only (a row without any is 0): what
-    the restricted-softmax methods apply implicitly, for need_weights."""
-    scores = ((q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)).masked_fill(~visible, float("-inf"))
+def _softmax_over_visible(scores, visible) -> torch.Tensor:
+    """Softmax of `scores` over the visible keys only (a row without any is 0): the weights the
+    restricted-softmax methods apply implicitly, for need_weights."""
+    scores = scores.masked_fill(~visible, float("-inf"))
     return torch.softmax(scores, dim=-1).masked_fill(~visible.any(-1, keepdim=True), 0.0)
+
+
+def _masked_softmax_weights(q, k, visible) -> torch.Tensor:
+    """_softmax_over_visible of the scaled dot-product scores."""
+    return _softmax_over_visible((q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2), visible)
 
 
 class LocalMethod(MethodModule):
@@ -565,8 +570,7 @@ class AdditiveMethod(MethodModule):
         visible = window_mask(q.shape[2], k.shape[2], (-1, -1) if self.window is None else self.window, causal=causal,
                               key_padding_mask=key_padding_mask, batch=q.shape[0], device=q.device)
         scores = torch.einsum("bhtsd,hd->bhts", torch.tanh(q[:, :, :, None] + k[:, :, None]), w)
-        weights = torch.softmax(scores.masked_fill(~visible, float("-inf")), -1).masked_fill(
-            ~visible.any(-1, keepdim=True), 0.0)
+        weights = _softmax_over_visible(scores, visible)
         return out, weights if key_scale is None else weights * key_scale
 
 
