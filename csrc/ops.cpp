@@ -1,5 +1,7 @@
 // Every linattn operator schema, in one place. Kernels register themselves per dispatch key
 // in their family's folder; fake kernels and autograd are registered from linattn/_ops.py.
+#include "common/cpu_isa.h"
+
 #include <Python.h>
 #include <torch/library.h>
 
@@ -13,6 +15,9 @@ PyMODINIT_FUNC PyInit__C(void) {
 }
 
 TORCH_LIBRARY(linattn, m) {
+  // Which instruction-set build of the CPU kernels this process runs: "base", "avx2" or
+  // "avx512" (common/cpu_isa.h; LINATTN_CPU_ISA narrows it).
+  m.def("cpu_isa() -> str", [] { return std::string(linattn::cpu_isa_name(linattn::cpu_isa())); });
   // Kernelized linear attention (METHODS.md §1). feature_map: 0 identity (q, k are features
   // already), 1 elu+1, 2 relu, applied inside the kernels; key_padding_mask (B, T_k) bool,
   // True = padded key. States are augmented: (B, H, m, dv + 1) = [S | z]; normalizer is

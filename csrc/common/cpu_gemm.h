@@ -7,6 +7,8 @@
 // loop, which is how the tests exercise it.
 #pragma once
 
+#include "cpu_isa.h"
+
 #include <algorithm>
 #include <climits>
 #include <cstdint>
@@ -23,6 +25,7 @@ void dgemm_(const char* transa, const char* transb, const int* m, const int* n, 
 }
 
 namespace linattn {
+namespace LINATTN_ISA {  // one copy per instruction-set build (cpu_isa.h)
 
 inline bool blas_gemm_allowed() {
   static const bool allowed = [] {
@@ -101,4 +104,5 @@ void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const T* 
                C, &lc);
 }
 
+}  // namespace LINATTN_ISA
 }  // namespace linattn

@@ -6,12 +6,15 @@
 // round(x / ln 2) comes from the 1.5·2^23 rounding trick and integer bit patterns.
 #pragma once
 
+#include "cpu_isa.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 
 namespace linattn {
+namespace LINATTN_ISA {  // one copy per instruction-set build (cpu_isa.h)
 
 inline float exp_nonpositive(float x) {
   // Argument order matters: std::min/max return their first argument when the comparison is
@@ -44,4 +47,5 @@ inline double exp_nonpositive(double x) {
   return std::exp(x > 0.0 ? 0.0 : x);
 }
 
+}  // namespace LINATTN_ISA
 }  // namespace linattn

@@ -5,11 +5,14 @@
 // skips the masked pairs. Shared by the linear-attention and window-attention CPU kernels.
 #pragma once
 
+#include "cpu_isa.h"
+
 #include "cpu_gemm.h"
 
 #include <cstdint>
 
 namespace linattn {
+namespace LINATTN_ISA {  // one copy per instruction-set build (cpu_isa.h)
 
 // Whether every element of a rows×cols block is finite: x − x is 0 for finite x and NaN for
 // ±Inf or NaN. The test is AND-reduced as an integer, which (unlike a float sum) the compiler
@@ -48,4 +51,5 @@ void add_masked_product(bool transpose_a, int64_t M, int64_t N, int64_t w, const
   }
 }
 
+}  // namespace LINATTN_ISA
 }  // namespace linattn

@@ -26,10 +26,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cpu(
   const bool* mask_ptr = optional_ptr<bool>(key_padding_mask, mask);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "linear_attn_fwd", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    linear_attention_forward_cpu<scalar_t, acc_t>(
+    LINATTN_CPU_ISA_DISPATCH(linear_attention_forward_cpu<scalar_t, acc_t>(
         s, view_of<scalar_t>(q), view_of<scalar_t>(k), view_of<scalar_t>(v), mask_ptr,
         optional_ptr<acc_t>(initial_state, initial), out.mutable_data_ptr<scalar_t>(),
-        final_state.mutable_data_ptr<acc_t>(), normalizer.mutable_data_ptr<acc_t>());
+        final_state.mutable_data_ptr<acc_t>(), normalizer.mutable_data_ptr<acc_t>()));
   });
   return {out, final_state, normalizer};
 }
@@ -54,12 +54,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
   const bool* mask_ptr = optional_ptr<bool>(key_padding_mask, mask);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "linear_attn_bwd", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    linear_attention_backward_cpu<scalar_t, acc_t>(
+    LINATTN_CPU_ISA_DISPATCH(linear_attention_backward_cpu<scalar_t, acc_t>(
         s, view_of<scalar_t>(grad_out), view_of<scalar_t>(q), view_of<scalar_t>(k),
         view_of<scalar_t>(v), view_of<scalar_t>(out), den.const_data_ptr<acc_t>(), mask_ptr,
         optional_ptr<acc_t>(initial_state, initial), optional_ptr<acc_t>(grad_final_state, grad_final),
         grad_q.mutable_data_ptr<scalar_t>(), grad_k.mutable_data_ptr<scalar_t>(),
-        grad_v.mutable_data_ptr<scalar_t>(), grad_initial.mutable_data_ptr<acc_t>());
+        grad_v.mutable_data_ptr<scalar_t>(), grad_initial.mutable_data_ptr<acc_t>()));
   });
   return {grad_q, grad_k, grad_v, grad_initial};
 }

@@ -6,6 +6,7 @@
 // normalizer in one product, and the backward treats both the same way.
 #pragma once
 
+#include "../common/cpu_isa.h"
 #include "../common/strided.h"
 
 #include <cstdint>
@@ -29,26 +30,16 @@ struct LinearAttentionShape {
   double eps = 1e-6;
 };
 
-// acc_t is float for float/half/bfloat16 inputs and double for double inputs. Every acc_t
-// buffer is contiguous: states (B, H, m, dv + 1), normalizers (B, H, N). key_padding_mask is
-// contiguous (B, M), true = padded key (φ(k_j) := 0), or null.
-template <typename scalar_t, typename acc_t>
-void linear_attention_forward_cpu(const LinearAttentionShape& shape,
-                                  Strided4<const scalar_t> q, Strided4<const scalar_t> k,
-                                  Strided4<const scalar_t> v, const bool* key_padding_mask,
-                                  const acc_t* initial_state,  // nullable
-                                  scalar_t* out,               // contiguous (B, H, N, dv)
-                                  acc_t* final_state, acc_t* normalizer);
-
-template <typename scalar_t, typename acc_t>
-void linear_attention_backward_cpu(const LinearAttentionShape& shape,
-                                   Strided4<const scalar_t> grad_out, Strided4<const scalar_t> q,
-                                   Strided4<const scalar_t> k, Strided4<const scalar_t> v,
-                                   Strided4<const scalar_t> out, const acc_t* normalizer,
-                                   const bool* key_padding_mask,   // nullable
-                                   const acc_t* initial_state,     // nullable
-                                   const acc_t* grad_final_state,  // nullable
-                                   scalar_t* grad_q, scalar_t* grad_k, scalar_t* grad_v,  // contiguous
-                                   acc_t* grad_initial_state);
+// The entry points of each instruction-set build of the kernels (cpu_kernel_impl.h); the
+// operators call the one the CPU runs best through LINATTN_CPU_ISA_DISPATCH.
+namespace cpu_base {
+#include "cpu_entry_points.inc"
+}  // namespace cpu_base
+namespace cpu_avx2 {
+#include "cpu_entry_points.inc"
+}  // namespace cpu_avx2
+namespace cpu_avx512 {
+#include "cpu_entry_points.inc"
+}  // namespace cpu_avx512
 
 }  // namespace linattn

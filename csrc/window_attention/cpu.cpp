@@ -27,9 +27,9 @@ std::tuple<at::Tensor, at::Tensor> forward_cpu(const at::Tensor& q, const at::Te
   const bool* padding_ptr = optional_ptr<bool>(key_padding_mask, padding);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "sliding_window_attn_fwd", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    window_attention_forward_cpu<scalar_t, acc_t>(s, view_of<scalar_t>(q), view_of<scalar_t>(k),
+    LINATTN_CPU_ISA_DISPATCH(window_attention_forward_cpu<scalar_t, acc_t>(s, view_of<scalar_t>(q), view_of<scalar_t>(k),
                                                   view_of<scalar_t>(v), global_ptr, padding_ptr,
-                                                  out.mutable_data_ptr<scalar_t>(), lse.mutable_data_ptr<acc_t>());
+                                                  out.mutable_data_ptr<scalar_t>(), lse.mutable_data_ptr<acc_t>()));
   });
   return {out, lse};
 }
@@ -51,10 +51,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(
   const bool* padding_ptr = optional_ptr<bool>(key_padding_mask, padding);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "sliding_window_attn_bwd", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    window_attention_backward_cpu<scalar_t, acc_t>(
+    LINATTN_CPU_ISA_DISPATCH(window_attention_backward_cpu<scalar_t, acc_t>(
         s, view_of<scalar_t>(grad_out), view_of<scalar_t>(q), view_of<scalar_t>(k), view_of<scalar_t>(v),
         view_of<scalar_t>(out), lse_c.const_data_ptr<acc_t>(), global_ptr, padding_ptr,
-        grad_q.mutable_data_ptr<scalar_t>(), grad_k.mutable_data_ptr<scalar_t>(), grad_v.mutable_data_ptr<scalar_t>());
+        grad_q.mutable_data_ptr<scalar_t>(), grad_k.mutable_data_ptr<scalar_t>(), grad_v.mutable_data_ptr<scalar_t>()));
   });
   return {grad_q, grad_k, grad_v};
 }
@@ -111,9 +111,9 @@ std::tuple<at::Tensor, at::Tensor> block_forward_cpu(
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "block_sparse_attn_fwd", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const PairTermsHolder<acc_t> held(terms, false);
-    block_sparse_attention_forward_cpu<scalar_t, acc_t>(
+    LINATTN_CPU_ISA_DISPATCH(block_sparse_attention_forward_cpu<scalar_t, acc_t>(
         s, block_layout(layout_c, block_size, causal), held.terms, view_of<scalar_t>(q), view_of<scalar_t>(k),
-        view_of<scalar_t>(v), padding_ptr, out.mutable_data_ptr<scalar_t>(), lse.mutable_data_ptr<acc_t>());
+        view_of<scalar_t>(v), padding_ptr, out.mutable_data_ptr<scalar_t>(), lse.mutable_data_ptr<acc_t>()));
   });
   return {out, lse};
 }
@@ -139,11 +139,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> block_backward_cpu(
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "block_sparse_attn_bwd", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const PairTermsHolder<acc_t> held(terms, true);
-    block_sparse_attention_backward_cpu<scalar_t, acc_t>(
+    LINATTN_CPU_ISA_DISPATCH(block_sparse_attention_backward_cpu<scalar_t, acc_t>(
         s, block_layout(layout_c, block_size, causal), held.terms, view_of<scalar_t>(grad_out),
         optional_ptr<acc_t>(grad_lse, grad_lse_c), view_of<scalar_t>(q), view_of<scalar_t>(k),
         view_of<scalar_t>(v), view_of<scalar_t>(out), lse_c.const_data_ptr<acc_t>(), padding_ptr,
-        grad_q.mutable_data_ptr<scalar_t>(), grad_k.mutable_data_ptr<scalar_t>(), grad_v.mutable_data_ptr<scalar_t>());
+        grad_q.mutable_data_ptr<scalar_t>(), grad_k.mutable_data_ptr<scalar_t>(), grad_v.mutable_data_ptr<scalar_t>()));
     if (bias.has_value()) grad_bias = held.grad_bias.to(bias->scalar_type());
   });
   return {grad_q, grad_k, grad_v, grad_bias};

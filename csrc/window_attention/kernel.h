@@ -8,6 +8,7 @@
 // sees the global keys. A padded key is seen by no row.
 #pragma once
 
+#include "../common/cpu_isa.h"
 #include "../common/strided.h"
 
 #include <cstdint>
@@ -75,37 +76,16 @@ struct PairTerms {
 // Reformer's score for a token attending to itself under shared QK (METHODS.md §7).
 constexpr double kSelfScore = -1e5;
 
-// Per-row masks: global_mask (B, T) and key_padding_mask (B, T_k), contiguous, nullable.
-// Outputs: out (B, H, T_q, dv) contiguous, lse (B, H, T_q) acc_t (−inf for a row that sees no
-// key; its output is 0).
-template <typename scalar_t, typename acc_t>
-void window_attention_forward_cpu(const WindowAttentionShape& shape, Strided4<const scalar_t> q,
-                                  Strided4<const scalar_t> k, Strided4<const scalar_t> v,
-                                  const bool* global_mask, const bool* key_padding_mask,
-                                  scalar_t* out, acc_t* lse);
-
-template <typename scalar_t, typename acc_t>
-void window_attention_backward_cpu(const WindowAttentionShape& shape,
-                                   Strided4<const scalar_t> grad_out, Strided4<const scalar_t> q,
-                                   Strided4<const scalar_t> k, Strided4<const scalar_t> v,
-                                   Strided4<const scalar_t> out, const acc_t* lse,
-                                   const bool* global_mask, const bool* key_padding_mask,
-                                   scalar_t* grad_q, scalar_t* grad_k, scalar_t* grad_v);
-
-template <typename scalar_t, typename acc_t>
-void block_sparse_attention_forward_cpu(const WindowAttentionShape& shape, const BlockLayout& layout,
-                                        const PairTerms<acc_t>& terms, Strided4<const scalar_t> q,
-                                        Strided4<const scalar_t> k, Strided4<const scalar_t> v,
-                                        const bool* key_padding_mask, scalar_t* out, acc_t* lse);
-
-// grad_lse (B, H, T_q) acc_t, nullable: the cotangent of lse (Reformer combines rounds by it).
-template <typename scalar_t, typename acc_t>
-void block_sparse_attention_backward_cpu(const WindowAttentionShape& shape, const BlockLayout& layout,
-                                         const PairTerms<acc_t>& terms, Strided4<const scalar_t> grad_out,
-                                         const acc_t* grad_lse, Strided4<const scalar_t> q,
-                                         Strided4<const scalar_t> k, Strided4<const scalar_t> v,
-                                         Strided4<const scalar_t> out, const acc_t* lse,
-                                         const bool* key_padding_mask, scalar_t* grad_q,
-                                         scalar_t* grad_k, scalar_t* grad_v);
+// The entry points of each instruction-set build of the kernels (cpu_kernel_impl.h); the
+// operators call the one the CPU runs best through LINATTN_CPU_ISA_DISPATCH.
+namespace cpu_base {
+#include "cpu_entry_points.inc"
+}  // namespace cpu_base
+namespace cpu_avx2 {
+#include "cpu_entry_points.inc"
+}  // namespace cpu_avx2
+namespace cpu_avx512 {
+#include "cpu_entry_points.inc"
+}  // namespace cpu_avx512
 
 }  // namespace linattn

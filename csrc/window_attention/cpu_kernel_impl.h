@@ -1,0 +1,552 @@
+// Included by the per-instruction-set sources cpu_kernel*.cpp (common/cpu_isa.h), after
+// common/cpu_kernel_prelude.h and inside their target pragma.
+//
+// CPU kernels of restricted softmax attention (METHODS.md §5–§6: sliding window, dilation,
+// Longformer global tokens, block-sparse layouts, key padding): one flash-style engine for
+// every pattern, a pattern saying which keys a query block visits and which pairs are visible.
+// A query block of 64 rows walks its key groups (a window's band, plus global keys; a layout
+// row's present blocks), each scored by one GEMM, masked by the pattern, and folded into a
+// running max and sum; the backward recomputes the probabilities from the saved per-row
+// logsumexp. Never a T×T matrix: scratch is O(block·(group + D)) per thread (plus the
+// key-gradient accumulators in the backward).
+//
+// Masked pairs are excluded: their probability is set to 0 from the predicate (not computed
+// as exp(−inf)), and the products with values / keys / queries skip them whenever an operand
+// holds an Inf or NaN (common/masked_product.h). A row that sees no key gets 0 and lse = −inf.
+#include "kernel.h"
+#include "../common/cpu_gemm.h"
+#include "../common/fast_math.h"
+#include "../common/masked_product.h"
+#include "../common/row_loader.h"
+
+namespace linattn {
+namespace LINATTN_ISA {
+namespace {
+
+constexpr int64_t kBlock = 64;        // query rows per block
+constexpr int64_t kKeyGroup = 256;    // keys per group: larger GEMMs, fewer online-softmax rescales
+
+template <typename acc_t>
+constexpr acc_t minus_infinity() {
+  return -std::numeric_limits<acc_t>::infinity();
+}
+
+// The keys one query block visits, in groups of at most kKeyGroup indices.
+struct KeyGroups {
+  std::vector<std::vector<int64_t>> groups;
+
+  void add_range(int64_t begin, int64_t end) {
+    for (int64_t j0 = begin; j0 < end; j0 += kKeyGroup) {
+      std::vector<int64_t> g;
+      for (int64_t j = j0; j < std::min(end, j0 + kKeyGroup); ++j) g.push_back(j);
+      groups.push_back(std::move(g));
+    }
+  }
+  void add_list(const std::vector<int64_t>& keys) {
+    for (size_t i0 = 0; i0 < keys.size(); i0 += kKeyGroup)
+      groups.emplace_back(keys.begin() + i0, keys.begin() + std::min(keys.size(), i0 + kKeyGroup));
+  }
+};
+
+// Sliding window + dilation + Longformer global tokens + key padding.
+struct WindowPattern {
+  const WindowAttentionShape& s;
+  const bool* global;   // (B, T) or null
+  const bool* padding;  // (B, T_k) or null
+  std::vector<std::vector<int64_t>> global_keys;  // per batch, sorted
+
+  WindowPattern(const WindowAttentionShape& shape, const bool* global_mask, const bool* key_padding)
+      : s(shape), global(global_mask), padding(key_padding), global_keys(shape.batch) {
+    if (global)
+      for (int64_t b = 0; b < s.batch; ++b)
+        for (int64_t j = 0; j < s.k_len; ++j)
+          if (global[b * s.k_len + j]) global_keys[b].push_back(j);
+  }
+
+  // The key groups rows [i0, i1) of batch bi visit: their window's band, or every key when one
+  // of them is global, plus the global keys outside the band.
+  KeyGroups key_groups(int64_t bi, int64_t /*hi*/, int64_t i0, int64_t i1) const {
+    KeyGroups kg;
+    bool any_global_row = false;
+    if (global)
+      for (int64_t i = i0; i < i1; ++i) any_global_row |= global[bi * s.k_len + i];
+    if (any_global_row) {
+      kg.add_range(0, s.k_len);
+      return kg;
+    }
+    const int64_t begin = s.band_begin(i0), end = std::max(begin, s.band_end(i1));
+    kg.add_range(begin, end);
+    if (global) {
+      std::vector<int64_t> outside;
+      for (int64_t j : global_keys[bi])
+        if (j < begin || j >= end) outside.push_back(j);
+      kg.add_list(outside);
+    }
+    return kg;
+  }
+
+  // vis (L × n, leading dim ld) for rows i0.. against `keys`: the window as an interval test per
+  // row (a loop that vectorizes), then dilation, global tokens and padding only when they are in
+  // use (the definition is at the top of kernel.h).
+  void visibility(int64_t bi, int64_t /*hi*/, int64_t i0, int64_t L, const std::vector<int64_t>& keys,
+                  unsigned char* vis, int64_t ld) const {
+    const int64_t n = static_cast<int64_t>(keys.size());
+    const int64_t* key = keys.data();
+    const int64_t offset = s.k_len - s.q_len;
+    for (int64_t r = 0; r < L; ++r) {
+      const int64_t a = i0 + r + offset;  // the query's aligned key position
+      const int64_t lo = s.left < 0 ? std::numeric_limits<int64_t>::min() : a - s.left;
+      const int64_t hi = s.right < 0 ? std::numeric_limits<int64_t>::max() : a + s.right;
+      unsigned char* vr = vis + r * ld;
+      for (int64_t c = 0; c < n; ++c) vr[c] = key[c] >= lo && key[c] <= hi;
+      if (s.dilation > 1)
+        for (int64_t c = 0; c < n; ++c) vr[c] = vr[c] && (a - key[c]) % s.dilation == 0;
+      if (global) {
+        const bool* g = global + bi * s.k_len;
+        const bool row_global = g[i0 + r];
+        for (int64_t c = 0; c < n; ++c) vr[c] = vr[c] || row_global || g[key[c]];
+      }
+      if (padding) {
+        const bool* p = padding + bi * s.k_len;
+        for (int64_t c = 0; c < n; ++c) vr[c] = vr[c] && !p[key[c]];
+      }
+    }
+  }
+
+  // No bias and no fixed scores in this family.
+  template <typename acc_t>
+  void adjust_scores(int64_t, int64_t, int64_t, int64_t, const std::vector<int64_t>&, acc_t*, unsigned char*,
+                     int64_t) const {}
+  template <typename acc_t>
+  void add_bias_grad(int64_t, int64_t, int64_t, const std::vector<int64_t>&, const acc_t*, int64_t, acc_t*) const {}
+};
+
+// Block-sparse: key j is visible to query i when layout[h, i / b, j / b] (and j <= i + T_k − T_q
+// when causal), unless padded, and, with the PairTerms of kernel.h, when their segment ids
+// match (causal then compares positions). Layout (H or 1, ⌈T_q/b⌉, ⌈T_k/b⌉), contiguous.
+// visibility() marks a pair 1, or 2 when adjust_scores fixes its score (a token's own key under
+// shared QK): it is attended but passes no score gradient.
+template <typename acc_t>
+struct BlockPattern {
+  const WindowAttentionShape& s;
+  const BlockLayout& l;
+  const PairTerms<acc_t>& t;
+  const bool* padding;
+
+  const bool* layout_row(int64_t hi, int64_t qb) const {
+    return l.data + ((l.heads == 1 ? 0 : hi) * l.q_blocks + qb) * l.k_blocks;
+  }
+  // Row (bi, hi) of a (B, 1 or H, len) per-token tensor.
+  static const int64_t* token_row(const int64_t* x, int64_t heads, int64_t bi, int64_t hi, int64_t len) {
+    return x + (bi * heads + (heads == 1 ? 0 : hi)) * len;
+  }
+
+  // Every key block present in the layout row of any query block that rows [i0, i1) touch
+  // (those wholly after the last row's position skipped when causal on indices).
+  KeyGroups key_groups(int64_t /*bi*/, int64_t hi, int64_t i0, int64_t i1) const {
+    std::vector<unsigned char> present(l.k_blocks, 0);
+    for (int64_t qb = i0 / l.block; qb <= (i1 - 1) / l.block; ++qb) {
+      const bool* row = layout_row(hi, qb);
+      for (int64_t kb = 0; kb < l.k_blocks; ++kb) present[kb] |= row[kb];
+    }
+    const bool index_causal = l.causal && !t.positions;
+    const int64_t last_key = index_causal ? i1 - 1 + (s.k_len - s.q_len) : s.k_len - 1;
+    std::vector<int64_t> keys;
+    for (int64_t kb = 0; kb < l.k_blocks; ++kb) {
+      if (!present[kb]) continue;
+      for (int64_t j = kb * l.block; j < std::min(s.k_len, (kb + 1) * l.block) && j <= last_key; ++j) keys.push_back(j);
+    }
+    KeyGroups kg;
+    kg.add_list(keys);
+    return kg;
+  }
+
+  void visibility(int64_t bi, int64_t hi, int64_t i0, int64_t L, const std::vector<int64_t>& keys,
+                  unsigned char* vis, int64_t ld) const {
+    const int64_t n = static_cast<int64_t>(keys.size());
+    const int64_t* key = keys.data();
+    const int64_t* pos = t.positions ? token_row(t.positions, t.position_heads, bi, hi, s.k_len) : nullptr;
+    const int64_t* qseg = t.q_segments ? token_row(t.q_segments, t.segment_heads, bi, hi, s.q_len) : nullptr;
+    const int64_t* kseg = t.k_segments ? token_row(t.k_segments, t.segment_heads, bi, hi, s.k_len) : nullptr;
+    // The layout's verdict on each key, recomputed only when the query block changes (no
+    // division per pair).
+    std::vector<int64_t> key_block(n);
+    for (int64_t c = 0; c < n; ++c) key_block[c] = key[c] / l.block;
+    std::vector<unsigned char> in_layout(n);
+    int64_t layout_block = -1;
+    for (int64_t r = 0; r < L; ++r) {
+      const int64_t i = i0 + r;
+      if (i / l.block != layout_block) {
+        layout_block = i / l.block;
+        const bool* row = layout_row(hi, layout_block);
+        for (int64_t c = 0; c < n; ++c) in_layout[c] = row[key_block[c]];
+      }
+      const unsigned char* lay = in_layout.data();
+      unsigned char* vr = vis + r * ld;
+      if (l.causal && pos) {
+        const int64_t pi = pos[i];
+        for (int64_t c = 0; c < n; ++c) vr[c] = lay[c] & (pos[key[c]] <= pi);
+      } else if (l.causal) {
+        const int64_t last = i + (s.k_len - s.q_len);
+        for (int64_t c = 0; c < n; ++c) vr[c] = lay[c] & (key[c] <= last);
+      } else {
+        std::copy(lay, lay + n, vr);
+      }
+      if (qseg) {
+        const int64_t id = qseg[i];
+        for (int64_t c = 0; c < n; ++c) vr[c] = vr[c] && kseg[key[c]] == id;
+      }
+      if (padding) {
+        const bool* p = padding + bi * s.k_len;
+        for (int64_t c = 0; c < n; ++c) vr[c] = vr[c] && !p[key[c]];
+      }
+    }
+  }
+
+  // scores += bias; a visible pair of a token with itself (equal positions) scores kSelfScore.
+  void adjust_scores(int64_t bi, int64_t hi, int64_t i0, int64_t L, const std::vector<int64_t>& keys,
+                     acc_t* scores, unsigned char* vis, int64_t ld) const {
+    const int64_t n = static_cast<int64_t>(keys.size());
+    const int64_t* key = keys.data();
+    if (t.bias) {
+      const acc_t* head_bias = t.bias + (t.bias_heads == 1 ? 0 : hi) * s.q_len * s.k_len;
+      for (int64_t r = 0; r < L; ++r) {
+        const acc_t* br = head_bias + (i0 + r) * s.k_len;
+        acc_t* sr = scores + r * ld;
+        for (int64_t c = 0; c < n; ++c) sr[c] += br[key[c]];
+      }
+    }
+    if (t.positions) {
+      const int64_t* pos = token_row(t.positions, t.position_heads, bi, hi, s.k_len);
+      for (int64_t r = 0; r < L; ++r) {
+        const int64_t pi = pos[i0 + r];
+        for (int64_t c = 0; c < n; ++c)
+          if (vis[r * ld + c] && pos[key[c]] == pi) {
+            scores[r * ld + c] = static_cast<acc_t>(kSelfScore);
+            vis[r * ld + c] = 2;
+          }
+      }
+    }
+  }
+
+  // grad_bias (a thread's accumulator) += dS over the group's pairs.
+  void add_bias_grad(int64_t hi, int64_t i0, int64_t L, const std::vector<int64_t>& keys, const acc_t* dS,
+                     int64_t ld, acc_t* grad_bias) const {
+    if (!t.bias) return;
+    const int64_t n = static_cast<int64_t>(keys.size());
+    acc_t* head_grad = grad_bias + (t.bias_heads == 1 ? 0 : hi) * s.q_len * s.k_len;
+    for (int64_t r = 0; r < L; ++r) {
+      acc_t* gr = head_grad + (i0 + r) * s.k_len;
+      for (int64_t c = 0; c < n; ++c) gr[keys[c]] += dS[r * ld + c];
+    }
+  }
+};
+
+// The flash-style engine, for any pattern with key_groups() and visibility().
+template <typename scalar_t, typename acc_t, typename Pattern>
+struct SoftmaxEngine {
+  const WindowAttentionShape& s;
+  const Pattern& pattern;
+  int64_t D, dv;
+
+  std::vector<acc_t> q, k, v, g, scores, probs, o, dq, dk_part, dv_part, row_max, row_sum, lse_rows,
+      delta;
+  std::vector<unsigned char> vis;
+
+  SoftmaxEngine(const WindowAttentionShape& shape, const Pattern& visible)
+      : s(shape), pattern(visible), D(shape.head_dim), dv(shape.value_dim) {
+    q.resize(kBlock * D);
+    k.resize(kKeyGroup * D);
+    v.resize(kKeyGroup * dv);
+    g.resize(kBlock * dv);
+    scores.resize(kBlock * kKeyGroup);
+    probs.resize(kBlock * kKeyGroup);
+    o.resize(kBlock * dv);
+    dq.resize(kBlock * D);
+    dk_part.resize(kKeyGroup * D);
+    dv_part.resize(kKeyGroup * dv);
+    row_max.resize(kBlock);
+    row_sum.resize(kBlock);
+    lse_rows.resize(kBlock);
+    delta.resize(kBlock);
+    vis.resize(kBlock * kKeyGroup);
+  }
+
+  // Rows of a (b, h) view gathered by index into contiguous scratch, one load per run of
+  // consecutive indices (a window band is a single run).
+  template <typename Dst>
+  void gather(Dst& dst, int64_t width, const Strided4<const scalar_t>& x, int64_t bi, int64_t hi,
+              const std::vector<int64_t>& rows) {
+    const int64_t n = static_cast<int64_t>(rows.size());
+    for (int64_t r0 = 0; r0 < n;) {
+      int64_t r1 = r0 + 1;
+      while (r1 < n && rows[r1] == rows[r1 - 1] + 1) ++r1;
+      load_rows(dst.data() + r0 * width, width, x.row(bi, hi, rows[r0]), x.stride[2], x.stride[3], r1 - r0, width);
+      r0 = r1;
+    }
+  }
+
+  void load_queries(const Strided4<const scalar_t>& Q, int64_t bi, int64_t hi, int64_t i0, int64_t L) {
+    load_rows(q.data(), D, Q.row(bi, hi, i0), Q.stride[2], Q.stride[3], L, D);
+    const acc_t scale = static_cast<acc_t>(s.scale);
+    for (int64_t x = 0; x < L * D; ++x) q[x] *= scale;
+  }
+
+  // scores = q kᵀ for the group, and the visibility of each pair.
+  void score(int64_t bi, int64_t hi, int64_t i0, int64_t L, const std::vector<int64_t>& keys) {
+    const int64_t n = static_cast<int64_t>(keys.size());
+    gemm<acc_t>(false, true, L, n, D, q.data(), D, k.data(), D, 0, scores.data(), kKeyGroup);
+    pattern.visibility(bi, hi, i0, L, keys, vis.data(), kKeyGroup);
+    pattern.adjust_scores(bi, hi, i0, L, keys, scores.data(), vis.data(), kKeyGroup);
+  }
+
+  // A key group's keys and values into scratch, its scores and visibility; returns its size.
+  int64_t load_group(const Strided4<const scalar_t>& K, const Strided4<const scalar_t>& V, int64_t bi,
+                     int64_t hi, int64_t i0, int64_t L, const std::vector<int64_t>& keys) {
+    gather(k, D, K, bi, hi, keys);
+    gather(v, dv, V, bi, hi, keys);
+    score(bi, hi, i0, L, keys);
+    return static_cast<int64_t>(keys.size());
+  }
+
+  auto visible_pair() const {
+    return [this](int64_t r, int64_t c) { return vis[r * kKeyGroup + c] != 0; };
+  }
+
+  void forward_block(int64_t bh, int64_t i0, Strided4<const scalar_t> Q, Strided4<const scalar_t> K,
+                     Strided4<const scalar_t> V, scalar_t* out, acc_t* lse) {
+    const int64_t bi = bh / s.heads, hi = bh % s.heads;
+    const int64_t L = std::min(kBlock, s.q_len - i0);
+    load_queries(Q, bi, hi, i0, L);
+    std::fill(o.begin(), o.end(), acc_t(0));
+    std::fill(row_max.begin(), row_max.end(), minus_infinity<acc_t>());
+    std::fill(row_sum.begin(), row_sum.end(), acc_t(0));
+    for (const auto& keys : pattern.key_groups(bi, hi, i0, i0 + L).groups) {
+      const int64_t n = load_group(K, V, bi, hi, i0, L, keys);
+      for (int64_t r = 0; r < L; ++r) {
+        const acc_t* sr = scores.data() + r * kKeyGroup;
+        const unsigned char* vr = vis.data() + r * kKeyGroup;
+        acc_t* pr = probs.data() + r * kKeyGroup;
+        // `omp simd` reductions let these loops vectorize (a plain float reduction may not be
+        // reordered); a NaN score still reaches the output through its exp below.
+        // Masked scores go to pr first: separate simple loops are what the compiler vectorizes.
+        unsigned char any_visible = 0;
+        for (int64_t c = 0; c < n; ++c) any_visible |= vr[c];
+        for (int64_t c = 0; c < n; ++c) pr[c] = vr[c] ? sr[c] : minus_infinity<acc_t>();
+        acc_t group_max = minus_infinity<acc_t>();
+#pragma omp simd reduction(max : group_max)
+        for (int64_t c = 0; c < n; ++c) group_max = pr[c] > group_max ? pr[c] : group_max;
+        if (!any_visible) {
+          std::fill(pr, pr + n, acc_t(0));
+          continue;
+        }
+        const acc_t m_old = row_max[r];
+        const acc_t m_new = std::max(m_old, group_max);
+        // All visible scores NaN leave m at −inf: exp(NaN − −inf) is NaN, which then propagates.
+        const acc_t alpha = m_old == minus_infinity<acc_t>() ? acc_t(0) : exp_nonpositive(m_old - m_new);
+        for (int64_t c = 0; c < n; ++c) {
+          const acc_t e = exp_nonpositive(sr[c] - m_new);
+          pr[c] = vr[c] ? e : acc_t(0);
+        }
+        acc_t sum = 0;
+#pragma omp simd reduction(+ : sum)
+        for (int64_t c = 0; c < n; ++c) sum += pr[c];
+        row_sum[r] = row_sum[r] * alpha + sum;
+        row_max[r] = m_new;
+        acc_t* orow = o.data() + r * dv;
+        for (int64_t c = 0; c < dv; ++c) orow[c] *= alpha;
+      }
+      add_masked_product(false, L, n, dv, probs.data(), kKeyGroup, v.data(), dv, o.data(), dv, visible_pair());
+    }
+    scalar_t* out_rows = out + (bh * s.q_len + i0) * dv;
+    for (int64_t r = 0; r < L; ++r) {
+      const acc_t l = row_sum[r];
+      const acc_t inv = l == acc_t(0) ? acc_t(0) : acc_t(1) / l;
+      for (int64_t c = 0; c < dv; ++c) out_rows[r * dv + c] = static_cast<scalar_t>(o[r * dv + c] * inv);
+      lse[bh * s.q_len + i0 + r] = l == acc_t(0) ? minus_infinity<acc_t>() : row_max[r] + std::log(l);
+    }
+  }
+
+  // grad_lse (nullable) is the cotangent of lse: it enters as δ_i − grad_lse_i. grad_bias is
+  // this thread's bias-gradient accumulator (null without a bias).
+  void backward(int64_t bh, Strided4<const scalar_t> G, Strided4<const scalar_t> Q,
+                Strided4<const scalar_t> K, Strided4<const scalar_t> V, Strided4<const scalar_t> O,
+                const acc_t* lse, const acc_t* grad_lse, scalar_t* grad_q, scalar_t* grad_k, scalar_t* grad_v,
+                std::vector<acc_t>& dk_acc, std::vector<acc_t>& dv_acc, acc_t* grad_bias) {
+    const int64_t bi = bh / s.heads, hi = bh % s.heads;
+    dk_acc.assign(s.k_len * D, acc_t(0));
+    dv_acc.assign(s.k_len * dv, acc_t(0));
+    const acc_t scale = static_cast<acc_t>(s.scale);
+    for (int64_t i0 = 0; i0 < s.q_len; i0 += kBlock) {
+      const int64_t L = std::min(kBlock, s.q_len - i0);
+      load_queries(Q, bi, hi, i0, L);
+      load_rows(g.data(), dv, G.row(bi, hi, i0), G.stride[2], G.stride[3], L, dv);
+      for (int64_t r = 0; r < L; ++r) {
+        // δ_i = dO_i · O_i; a zero cotangent contributes nothing (not 0·O, NaN for NaN O).
+        const scalar_t* orow = O.row(bi, hi, i0 + r);
+        acc_t dot = 0;
+        for (int64_t c = 0; c < dv; ++c) {
+          const acc_t gc = g[r * dv + c];
+          dot += gc == acc_t(0) ? acc_t(0) : gc * static_cast<acc_t>(orow[c * O.stride[3]]);
+        }
+        delta[r] = grad_lse ? dot - grad_lse[bh * s.q_len + i0 + r] : dot;
+        lse_rows[r] = lse[bh * s.q_len + i0 + r];
+      }
+      std::fill(dq.begin(), dq.end(), acc_t(0));
+      for (const auto& keys : pattern.key_groups(bi, hi, i0, i0 + L).groups) {
+        const int64_t n = load_group(K, V, bi, hi, i0, L, keys);
+        for (int64_t r = 0; r < L; ++r) {
+          const bool empty = lse_rows[r] == minus_infinity<acc_t>();
+          unsigned char* vr = vis.data() + r * kKeyGroup;
+          if (empty) std::fill(vr, vr + n, 0);
+          const acc_t* sr = scores.data() + r * kKeyGroup;
+          acc_t* pr = probs.data() + r * kKeyGroup;
+          const acc_t row_lse = lse_rows[r];
+          for (int64_t c = 0; c < n; ++c) {
+            const acc_t e = exp_nonpositive(sr[c] - row_lse);
+            pr[c] = vr[c] ? e : acc_t(0);
+          }
+        }
+        // dV_keys += Pᵀ dO
+        std::fill(dv_part.begin(), dv_part.end(), acc_t(0));
+        add_masked_product(true, L, n, dv, probs.data(), kKeyGroup, g.data(), dv, dv_part.data(), dv, visible_pair());
+        // dP = dO Vᵀ, then dS = P ⊙ (dP − δ) on visible pairs whose score is not fixed (scores
+        // is reused for dS).
+        gemm<acc_t>(false, true, L, n, dv, g.data(), dv, v.data(), dv, 0, scores.data(), kKeyGroup);
+        for (int64_t r = 0; r < L; ++r) {
+          acc_t* dsr = scores.data() + r * kKeyGroup;
+          const acc_t* pr = probs.data() + r * kKeyGroup;
+          const unsigned char* vr = vis.data() + r * kKeyGroup;
+          const acc_t d = delta[r];
+          for (int64_t c = 0; c < n; ++c) dsr[c] = vr[c] == 1 ? pr[c] * (dsr[c] - d) : acc_t(0);
+        }
+        if (grad_bias) pattern.add_bias_grad(hi, i0, L, keys, scores.data(), kKeyGroup, grad_bias);
+        // dQ += dS K (scaled at the end), dK_keys += dSᵀ (scale·Q)
+        add_masked_product(false, L, n, D, scores.data(), kKeyGroup, k.data(), D, dq.data(), D, visible_pair());
+        std::fill(dk_part.begin(), dk_part.end(), acc_t(0));
+        add_masked_product(true, L, n, D, scores.data(), kKeyGroup, q.data(), D, dk_part.data(), D, visible_pair());
+        for (int64_t c = 0; c < n; ++c) {
+          acc_t* dkr = dk_acc.data() + keys[c] * D;
+          acc_t* dvr = dv_acc.data() + keys[c] * dv;
+          for (int64_t x = 0; x < D; ++x) dkr[x] += dk_part[c * D + x];
+          for (int64_t x = 0; x < dv; ++x) dvr[x] += dv_part[c * dv + x];
+        }
+      }
+      scalar_t* dq_rows = grad_q + (bh * s.q_len + i0) * D;
+      for (int64_t x = 0; x < L * D; ++x) dq_rows[x] = static_cast<scalar_t>(dq[x] * scale);
+    }
+    scalar_t* dk_rows = grad_k + bh * s.k_len * D;
+    scalar_t* dv_rows = grad_v + bh * s.k_len * dv;
+    for (int64_t x = 0; x < s.k_len * D; ++x) dk_rows[x] = static_cast<scalar_t>(dk_acc[x]);
+    for (int64_t x = 0; x < s.k_len * dv; ++x) dv_rows[x] = static_cast<scalar_t>(dv_acc[x]);
+  }
+};
+
+template <typename scalar_t, typename acc_t, typename Pattern>
+void run_forward(const WindowAttentionShape& shape, const Pattern& pattern, Strided4<const scalar_t> q,
+                 Strided4<const scalar_t> k, Strided4<const scalar_t> v, scalar_t* out, acc_t* lse) {
+  const int64_t blocks = (shape.q_len + kBlock - 1) / kBlock;
+  // Rows are independent in the forward: (batch·head, query block) pairs are the work items,
+  // so one long sequence still keeps every thread busy.
+  at::parallel_for(0, shape.batch * shape.heads * blocks, 1, [&](int64_t begin, int64_t end) {
+    SoftmaxEngine<scalar_t, acc_t, Pattern> engine(shape, pattern);
+    for (int64_t item = begin; item < end; ++item)
+      engine.forward_block(item / blocks, (item % blocks) * kBlock, q, k, v, out, lse);
+  });
+}
+
+// grad_bias (bias_size entries, zeroed; null without a bias) receives the sum over (batch, head)
+// of each one's bias gradient: every parallel chunk accumulates its own, and the chunks are
+// added in order, so the result does not depend on thread timing.
+template <typename scalar_t, typename acc_t, typename Pattern>
+void run_backward(const WindowAttentionShape& shape, const Pattern& pattern, Strided4<const scalar_t> grad_out,
+                  const acc_t* grad_lse, Strided4<const scalar_t> q, Strided4<const scalar_t> k,
+                  Strided4<const scalar_t> v, Strided4<const scalar_t> out, const acc_t* lse, scalar_t* grad_q,
+                  scalar_t* grad_k, scalar_t* grad_v, acc_t* grad_bias = nullptr, int64_t bias_size = 0) {
+  const int64_t items = shape.batch * shape.heads;
+  std::vector<std::vector<acc_t>> chunk_bias_grads(grad_bias ? items : 0);
+  // Key and value gradients gather contributions from every query block of a (batch, head):
+  // one work item per (batch, head), with its accumulators.
+  at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
+    SoftmaxEngine<scalar_t, acc_t, Pattern> engine(shape, pattern);
+    std::vector<acc_t> dk_acc, dv_acc;
+    acc_t* bias_acc = nullptr;
+    if (grad_bias) {
+      chunk_bias_grads[begin].assign(bias_size, acc_t(0));
+      bias_acc = chunk_bias_grads[begin].data();
+    }
+    for (int64_t bh = begin; bh < end; ++bh)
+      engine.backward(bh, grad_out, q, k, v, out, lse, grad_lse, grad_q, grad_k, grad_v, dk_acc, dv_acc, bias_acc);
+  });
+  for (const auto& chunk : chunk_bias_grads)
+    for (int64_t x = 0; x < static_cast<int64_t>(chunk.size()); ++x) grad_bias[x] += chunk[x];
+}
+
+}  // namespace
+
+template <typename scalar_t, typename acc_t>
+void window_attention_forward_cpu(const WindowAttentionShape& shape, Strided4<const scalar_t> q,
+                                  Strided4<const scalar_t> k, Strided4<const scalar_t> v,
+                                  const bool* global_mask, const bool* key_padding_mask,
+                                  scalar_t* out, acc_t* lse) {
+  run_forward(shape, WindowPattern(shape, global_mask, key_padding_mask), q, k, v, out, lse);
+}
+
+template <typename scalar_t, typename acc_t>
+void window_attention_backward_cpu(const WindowAttentionShape& shape,
+                                   Strided4<const scalar_t> grad_out, Strided4<const scalar_t> q,
+                                   Strided4<const scalar_t> k, Strided4<const scalar_t> v,
+                                   Strided4<const scalar_t> out, const acc_t* lse,
+                                   const bool* global_mask, const bool* key_padding_mask,
+                                   scalar_t* grad_q, scalar_t* grad_k, scalar_t* grad_v) {
+  run_backward(shape, WindowPattern(shape, global_mask, key_padding_mask), grad_out, static_cast<const acc_t*>(nullptr),
+               q, k, v, out, lse, grad_q, grad_k, grad_v);
+}
+
+template <typename scalar_t, typename acc_t>
+void block_sparse_attention_forward_cpu(const WindowAttentionShape& shape, const BlockLayout& layout,
+                                        const PairTerms<acc_t>& terms, Strided4<const scalar_t> q,
+                                        Strided4<const scalar_t> k, Strided4<const scalar_t> v,
+                                        const bool* key_padding_mask, scalar_t* out, acc_t* lse) {
+  run_forward(shape, BlockPattern<acc_t>{shape, layout, terms, key_padding_mask}, q, k, v, out, lse);
+}
+
+template <typename scalar_t, typename acc_t>
+void block_sparse_attention_backward_cpu(const WindowAttentionShape& shape, const BlockLayout& layout,
+                                         const PairTerms<acc_t>& terms, Strided4<const scalar_t> grad_out,
+                                         const acc_t* grad_lse, Strided4<const scalar_t> q,
+                                         Strided4<const scalar_t> k, Strided4<const scalar_t> v,
+                                         Strided4<const scalar_t> out, const acc_t* lse,
+                                         const bool* key_padding_mask, scalar_t* grad_q,
+                                         scalar_t* grad_k, scalar_t* grad_v) {
+  const int64_t bias_size = terms.bias ? terms.bias_heads * shape.q_len * shape.k_len : 0;
+  run_backward(shape, BlockPattern<acc_t>{shape, layout, terms, key_padding_mask}, grad_out, grad_lse, q, k, v, out,
+               lse, grad_q, grad_k, grad_v, terms.bias ? terms.grad_bias : nullptr, bias_size);
+}
+
+#define LINATTN_INSTANTIATE(scalar_t, acc_t)                                                      \
+  template void window_attention_forward_cpu<scalar_t, acc_t>(                                    \
+      const WindowAttentionShape&, Strided4<const scalar_t>, Strided4<const scalar_t>,            \
+      Strided4<const scalar_t>, const bool*, const bool*, scalar_t*, acc_t*);                     \
+  template void window_attention_backward_cpu<scalar_t, acc_t>(                                   \
+      const WindowAttentionShape&, Strided4<const scalar_t>, Strided4<const scalar_t>,            \
+      Strided4<const scalar_t>, Strided4<const scalar_t>, Strided4<const scalar_t>, const acc_t*, \
+      const bool*, const bool*, scalar_t*, scalar_t*, scalar_t*);                                 \
+  template void block_sparse_attention_forward_cpu<scalar_t, acc_t>(                              \
+      const WindowAttentionShape&, const BlockLayout&, const PairTerms<acc_t>&,                   \
+      Strided4<const scalar_t>, Strided4<const scalar_t>, Strided4<const scalar_t>, const bool*,  \
+      scalar_t*, acc_t*);                                                                         \
+  template void block_sparse_attention_backward_cpu<scalar_t, acc_t>(                             \
+      const WindowAttentionShape&, const BlockLayout&, const PairTerms<acc_t>&,                   \
+      Strided4<const scalar_t>, const acc_t*, Strided4<const scalar_t>, Strided4<const scalar_t>, \
+      Strided4<const scalar_t>, Strided4<const scalar_t>, const acc_t*, const bool*, scalar_t*,   \
+      scalar_t*, scalar_t*);
+
+LINATTN_INSTANTIATE(float, float)
+LINATTN_INSTANTIATE(double, double)
+LINATTN_INSTANTIATE(c10::Half, float)
+LINATTN_INSTANTIATE(c10::BFloat16, float)
+#undef LINATTN_INSTANTIATE
+
+}  // namespace LINATTN_ISA
+}  // namespace linattn
