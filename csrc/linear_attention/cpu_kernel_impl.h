@@ -48,16 +48,16 @@ void apply_feature_map(FeatureMap map, acc_t* x, int64_t rows, int64_t cols, int
   }
 }
 
-// grad[c] *= φ'(x[c]) for one row.
+// grad[c] *= φ'(x[c]) for one row, from the features f = φ(x) rather than x, so no exp is
+// evaluated again: elu+1 has φ' = 1 where x > 0, which is where f > 1 (f = x + 1 there and
+// exp(x) <= 1 elsewhere; where x + 1 rounds to 1 both sides give 1), and φ' = exp(x) = f
+// elsewhere; relu has φ' = 1 where f > 0. A NaN x has a NaN f: elu passes NaN, relu 0, as φ'(x).
 template <typename acc_t>
-void apply_feature_map_derivative(FeatureMap map, acc_t* grad, const acc_t* x, int64_t cols) {
+void apply_feature_map_derivative(FeatureMap map, acc_t* grad, const acc_t* f, int64_t cols) {
   if (map == kFeatureElu) {
-    for (int64_t c = 0; c < cols; ++c) {
-      const acc_t e = exp_nonpositive(x[c]);
-      grad[c] *= x[c] > 0 ? acc_t(1) : e;
-    }
+    for (int64_t c = 0; c < cols; ++c) grad[c] *= f[c] > acc_t(1) ? acc_t(1) : f[c];
   } else if (map == kFeatureRelu) {
-    for (int64_t c = 0; c < cols; ++c) grad[c] = x[c] > 0 ? grad[c] : acc_t(0);
+    for (int64_t c = 0; c < cols; ++c) grad[c] = f[c] > acc_t(0) ? grad[c] : acc_t(0);
   }
 }
 
@@ -141,7 +141,7 @@ struct Kernel {
   int64_t dvp;  // dv + 1: the augmented state width of the operator's layout
 
   // Per-thread scratch, every block contiguous with leading dim = its column count.
-  std::vector<acc_t> q, k, v, g, gd, a, b, o, dk, raw;
+  std::vector<acc_t> q, k, v, g, gd, a, b, o, dk;
   std::vector<acc_t> S, z, Rs, rz;  // state [S | z] and its gradient [Rs | rz]
   std::vector<acc_t> unit;           // C ones: row sums as dot products
 
@@ -156,7 +156,6 @@ struct Kernel {
     b.resize(C * C);
     o.resize(C * std::max(m, dv));
     dk.resize(C * m);
-    raw.resize(C * m);
     S.resize(m * dv);
     z.resize(m);
     Rs.resize(m * dv);
@@ -212,13 +211,10 @@ struct Kernel {
     return {v.data(), dv};
   }
 
-  // Stores the gradient with respect to raw q or k rows: dφ ⊙ φ'(x), 0 for padded keys.
-  // dphi is overwritten; the scratch block `raw` receives the raw rows.
-  void store_feature_grads(scalar_t* dst_bh, acc_t* dphi, const Strided4<const scalar_t>& x,
-                           int64_t bi, int64_t hi, int64_t t0, int64_t L,
+  // Stores the gradient with respect to raw q or k rows: dφ ⊙ φ'(x), 0 for padded keys, from
+  // the features f of those rows (as `features` returned them). dphi is overwritten.
+  void store_feature_grads(scalar_t* dst_bh, acc_t* dphi, Rows<acc_t> f, int64_t t0, int64_t L,
                            const bool* mask = nullptr) {
-    if (s.feature_map != kFeatureIdentity)
-      load_rows(raw.data(), m, x.row(bi, hi, t0), x.stride[2], x.stride[3], L, m);
     for (int64_t r = 0; r < L; ++r) {
       scalar_t* dst = dst_bh + (t0 + r) * m;
       acc_t* src = dphi + r * m;
@@ -226,7 +222,7 @@ struct Kernel {
         std::fill(dst, dst + m, scalar_t(0));
         continue;
       }
-      apply_feature_map_derivative(s.feature_map, src, raw.data() + r * m, m);
+      apply_feature_map_derivative(s.feature_map, src, f.row(r), m);
       for (int64_t c = 0; c < m; ++c) dst[c] = static_cast<scalar_t>(src[c]);
     }
   }
@@ -245,17 +241,27 @@ struct Kernel {
       const scalar_t* orow = out.row(bi, hi, t0 + r);
       const acc_t d = den[t0 + r];
       const acc_t inv = vanished(d) ? acc_t(0) : acc_t(1) / d;
-      acc_t dot = 0;
-      bool any_cotangent = false;
-      for (int64_t c = 0; c < dv; ++c) {
-        const acc_t term = gr[c] * static_cast<acc_t>(orow[c * out.stride[3]]);
-        dot += gr[c] == acc_t(0) ? acc_t(0) : term;
-        any_cotangent |= gr[c] != acc_t(0);
-      }
+      const int64_t os = out.stride[3];
+      const acc_t dot = os == 1 ? cotangent_dot(gr, orow, 1) : cotangent_dot(gr, orow, os);
+      int any_cotangent = 0;
+#pragma omp simd reduction(| : any_cotangent)
+      for (int64_t c = 0; c < dv; ++c) any_cotangent |= gr[c] != acc_t(0);
       if (!any_cotangent) continue;  // passes no gradient, even when its output is not finite
       for (int64_t c = 0; c < dv; ++c) gr[c] *= inv;
       gd[r] = -dot * inv;
     }
+  }
+
+  // g·o over the terms with a non-zero cotangent (0·Inf would be NaN). Inlined with the
+  // literal stride 1 as well, where it vectorizes.
+  acc_t cotangent_dot(const acc_t* gr, const scalar_t* orow, int64_t os) const {
+    acc_t dot = 0;
+#pragma omp simd reduction(+ : dot)
+    for (int64_t c = 0; c < dv; ++c) {
+      const acc_t term = gr[c] * static_cast<acc_t>(orow[c * os]);
+      dot += gr[c] == acc_t(0) ? acc_t(0) : term;
+    }
+    return dot;
   }
 
   // From the operator's augmented (m, dv + 1) layout, or zeros.
@@ -407,11 +413,10 @@ struct Kernel {
         cotangent_scores(vr, mask, t0, L);
         add_causal_product(false, L, m, b.data(), C, kf.data, kf.ld, o.data(), m);
         accumulate_state(kf, vr, L);
-      } else {
-        const Rows<acc_t> qf = features(q, Q, bi, hi, t0, L);
-        add_query_terms(qf, L);
       }
-      store_feature_grads(dq_bh, o.data(), Q, bi, hi, t0, L);
+      const Rows<acc_t> qf = features(q, Q, bi, hi, t0, L);
+      if (!s.causal) add_query_terms(qf, L);
+      store_feature_grads(dq_bh, o.data(), qf, t0, L);
     }
 
     if (!s.causal) {
@@ -421,7 +426,7 @@ struct Kernel {
         const Rows<acc_t> kf = features(k, K, bi, hi, t0, L, mask);
         const Rows<acc_t> vr = values(V, bi, hi, t0, L, mask);
         key_grads(kf, vr, L);
-        store_feature_grads(dk_bh, dk.data(), K, bi, hi, t0, L, mask);
+        store_feature_grads(dk_bh, dk.data(), kf, t0, L, mask);
         store_value_grads(dv_bh, o.data(), t0, L, mask);
       }
     } else {
@@ -441,7 +446,7 @@ struct Kernel {
         keep_causal(a.data(), L, C);
         add_causal_product(true, L, dv, a.data(), C, g.data(), dv, o.data(), dv);
         add_query_terms(qf, L);
-        store_feature_grads(dk_bh, dk.data(), K, bi, hi, t0, L, mask);
+        store_feature_grads(dk_bh, dk.data(), kf, t0, L, mask);
         store_value_grads(dv_bh, o.data(), t0, L, mask);
       }
     }
