@@ -124,6 +124,20 @@ void add_outer(acc_t* x, int64_t ld, const acc_t* w, const acc_t* y, int64_t L, 
   }
 }
 
+// Everything an operator call hands the kernels (the forward's or the backward's fields).
+template <typename scalar_t, typename acc_t>
+struct Operands {
+  Strided4<const scalar_t> q, k, v, grad_out, out;
+  const bool* mask = nullptr;           // key padding (B, M)
+  const acc_t* initial = nullptr;       // (B, H, m, dv + 1) or null
+  const acc_t* grad_final = nullptr;    // (B, H, m, dv + 1) or null
+  scalar_t* o = nullptr;                // forward output (B, H, N, dv)
+  acc_t* final_state = nullptr;
+  acc_t* den = nullptr;                 // normalizers (B, H, N): written forward, read backward
+  scalar_t *dq = nullptr, *dk = nullptr, *dv = nullptr;
+  acc_t* grad_initial = nullptr;
+};
+
 // The state is split while a kernel runs: S (m × dv) multiplies values in GEMMs of width dv,
 // and z (m) is handled by vector passes, instead of GEMMs of the odd width dv + 1 over an
 // augmented [S | z] (which cost about 20% of the GEMM rate at dv = 64). The operator's
@@ -352,107 +366,6 @@ struct Kernel {
           if (mask[t0 + c]) b[r * C + c] = acc_t(0);
   }
 
-  void forward(int64_t bh, Strided4<const scalar_t> Q, Strided4<const scalar_t> K,
-               Strided4<const scalar_t> V, const bool* key_padding_mask, const acc_t* initial,
-               scalar_t* out, acc_t* final_state, acc_t* den) {
-    const int64_t bi = bh / s.heads, hi = bh % s.heads;
-    const bool* mask = key_padding_mask ? key_padding_mask + bi * s.k_len : nullptr;
-    const int64_t N = s.q_len;
-    scalar_t* out_bh = out + bh * N * dv;
-    acc_t* den_bh = den + bh * N;
-    unpack_state(S.data(), z.data(), initial, bh);
-    if (!s.causal) accumulate_all_keys(K, V, bi, hi, mask);
-    for (int64_t t0 = 0; t0 < N; t0 += C) {
-      const int64_t L = std::min(C, N - t0);
-      const Rows<acc_t> qf = features(q, Q, bi, hi, t0, L);
-      acc_t* num = numerators(out_bh, t0);
-      gemm<acc_t>(false, false, L, dv, m, qf.data, qf.ld, S.data(), dv, 0, num, dv);
-      if (!s.causal) {
-        finish_output(out_bh, num, den_bh, qf, nullptr, t0, L);
-        continue;
-      }
-      // O_c = Q_c S + tril(Q_c K_cᵀ) V_c, then the state takes the chunk.
-      const Rows<acc_t> kf = features(k, K, bi, hi, t0, L, mask);
-      const Rows<acc_t> vr = values(V, bi, hi, t0, L, mask);
-      gemm<acc_t>(false, true, L, L, m, qf.data, qf.ld, kf.data, kf.ld, 0, a.data(), C);
-      keep_causal(a.data(), L, C);
-      add_causal_product(false, L, dv, a.data(), C, vr.data, vr.ld, num, dv);
-      finish_output(out_bh, num, den_bh, qf, a.data(), t0, L);
-      accumulate_state(kf, vr, L);
-    }
-    pack_state(final_state, S.data(), z.data(), bh);
-  }
-
-  void backward(int64_t bh, Strided4<const scalar_t> G, Strided4<const scalar_t> Q,
-                Strided4<const scalar_t> K, Strided4<const scalar_t> V, Strided4<const scalar_t> O,
-                const acc_t* den, const bool* key_padding_mask, const acc_t* initial,
-                const acc_t* grad_final, scalar_t* dq, scalar_t* dk_out, scalar_t* dv_out,
-                acc_t* grad_initial) {
-    const int64_t bi = bh / s.heads, hi = bh % s.heads;
-    const bool* mask = key_padding_mask ? key_padding_mask + bi * s.k_len : nullptr;
-    const int64_t N = s.q_len, M = s.k_len;
-    const acc_t* den_bh = den + bh * N;
-    scalar_t* dq_bh = dq + bh * N * m;
-    scalar_t* dk_bh = dk_out + bh * M * m;
-    scalar_t* dv_bh = dv_out + bh * M * dv;
-    // [Rs | rz] = dL/d[S | z] of the state seen by the current chunk.
-    unpack_state(Rs.data(), rz.data(), grad_final, bh);
-    unpack_state(S.data(), z.data(), initial, bh);
-    if (!s.causal) accumulate_all_keys(K, V, bi, hi, mask);
-
-    // Forward in time: dq_i = S'_i g'_i = S g_i + gd_i z, with S'_i the state row i sees
-    // (causal: plus the chunk's own keys, tril(G_c V'_cᵀ) K_c); R += Q_cᵀ G'_c when not causal.
-    for (int64_t t0 = 0; t0 < N; t0 += C) {
-      const int64_t L = std::min(C, N - t0);
-      load_output_grads(G, O, den_bh, bi, hi, t0, L);
-      gemm<acc_t>(false, true, L, m, dv, g.data(), dv, S.data(), dv, 0, o.data(), m);
-      add_outer(o.data(), m, gd.data(), z.data(), L, m);
-      if (s.causal) {
-        const Rows<acc_t> kf = features(k, K, bi, hi, t0, L, mask);
-        const Rows<acc_t> vr = values(V, bi, hi, t0, L, mask);
-        cotangent_scores(vr, mask, t0, L);
-        add_causal_product(false, L, m, b.data(), C, kf.data, kf.ld, o.data(), m);
-        accumulate_state(kf, vr, L);
-      }
-      const Rows<acc_t> qf = features(q, Q, bi, hi, t0, L);
-      if (!s.causal) add_query_terms(qf, L);
-      store_feature_grads(dq_bh, o.data(), qf, t0, L);
-    }
-
-    if (!s.causal) {
-      // dk_j = Rs v_j + rz;  dv_j = Rsᵀ φ(k_j)
-      for (int64_t t0 = 0; t0 < M; t0 += C) {
-        const int64_t L = std::min(C, M - t0);
-        const Rows<acc_t> kf = features(k, K, bi, hi, t0, L, mask);
-        const Rows<acc_t> vr = values(V, bi, hi, t0, L, mask);
-        key_grads(kf, vr, L);
-        store_feature_grads(dk_bh, dk.data(), kf, t0, L, mask);
-        store_value_grads(dv_bh, o.data(), t0, L, mask);
-      }
-    } else {
-      // Backward in time: R_j = R_N + Σ_{i≥j} q_i g'_iᵀ; the chunk adds its causal terms.
-      const int64_t last = N == 0 ? 0 : ((N - 1) / C) * C;
-      for (int64_t t0 = last; t0 >= 0 && N > 0; t0 -= C) {
-        const int64_t L = std::min(C, N - t0);
-        const Rows<acc_t> qf = features(q, Q, bi, hi, t0, L);
-        const Rows<acc_t> kf = features(k, K, bi, hi, t0, L, mask);
-        const Rows<acc_t> vr = values(V, bi, hi, t0, L, mask);
-        load_output_grads(G, O, den_bh, bi, hi, t0, L);
-        key_grads(kf, vr, L);
-        // dK_c += tril(G'_c V'_cᵀ)ᵀ Q_c;  dV_c += tril(Q_c K_cᵀ)ᵀ G_c
-        cotangent_scores(vr, mask, t0, L);
-        add_causal_product(true, L, m, b.data(), C, qf.data, qf.ld, dk.data(), m);
-        gemm<acc_t>(false, true, L, L, m, qf.data, qf.ld, kf.data, kf.ld, 0, a.data(), C);
-        keep_causal(a.data(), L, C);
-        add_causal_product(true, L, dv, a.data(), C, g.data(), dv, o.data(), dv);
-        add_query_terms(qf, L);
-        store_feature_grads(dk_bh, dk.data(), kf, t0, L, mask);
-        store_value_grads(dv_bh, o.data(), t0, L, mask);
-      }
-    }
-    pack_state(grad_initial, Rs.data(), rz.data(), bh);
-  }
-
   // [Rs | rz] += Q_cᵀ [G_c | gd_c]
   void add_query_terms(Rows<acc_t> qf, int64_t L) {
     gemm<acc_t>(true, false, m, dv, L, qf.data, qf.ld, g.data(), dv, acc_t(1), Rs.data(), dv);
@@ -465,6 +378,131 @@ struct Kernel {
     add_outer(dk.data(), m, static_cast<const acc_t*>(nullptr), rz.data(), L, m);
     gemm<acc_t>(false, false, L, dv, m, kf.data, kf.ld, Rs.data(), dv, 0, o.data(), dv);
   }
+
+  // ---- Passes over a range of rows of one (batch, head): the sequential kernel runs each over
+  // the whole sequence; the sequence-parallel driver runs them over segments. ----
+
+  // [S | z] += Σ over keys [begin, end) of φ(k_j) [v_j | 1]ᵀ
+  void add_key_states(const Operands<scalar_t, acc_t>& x, int64_t bh, int64_t begin, int64_t end) {
+    const int64_t bi = bh / s.heads, hi = bh % s.heads;
+    const bool* mask = x.mask ? x.mask + bi * s.k_len : nullptr;
+    for (int64_t t0 = begin; t0 < end; t0 += C) {
+      const int64_t L = std::min(C, end - t0);
+      accumulate_state(features(k, x.k, bi, hi, t0, L, mask), values(x.v, bi, hi, t0, L, mask), L);
+    }
+  }
+
+  // [Rs | rz] += Σ over queries [begin, end) of φ(q_i) g'_iᵀ
+  void add_query_grad_states(const Operands<scalar_t, acc_t>& x, int64_t bh, int64_t begin, int64_t end) {
+    const int64_t bi = bh / s.heads, hi = bh % s.heads;
+    for (int64_t t0 = begin; t0 < end; t0 += C) {
+      const int64_t L = std::min(C, end - t0);
+      load_output_grads(x.grad_out, x.out, x.den + bh * s.q_len, bi, hi, t0, L);
+      add_query_terms(features(q, x.q, bi, hi, t0, L), L);
+    }
+  }
+
+  // Outputs of queries [begin, end) from the state in [S | z] (causal: the state of the keys
+  // before `begin`, advanced through the range).
+  void forward_rows(const Operands<scalar_t, acc_t>& x, int64_t bh, int64_t begin, int64_t end) {
+    const int64_t bi = bh / s.heads, hi = bh % s.heads;
+    const bool* mask = x.mask ? x.mask + bi * s.k_len : nullptr;
+    scalar_t* out_bh = x.o + bh * s.q_len * dv;
+    acc_t* den_bh = x.den + bh * s.q_len;
+    for (int64_t t0 = begin; t0 < end; t0 += C) {
+      const int64_t L = std::min(C, end - t0);
+      const Rows<acc_t> qf = features(q, x.q, bi, hi, t0, L);
+      acc_t* num = numerators(out_bh, t0);
+      gemm<acc_t>(false, false, L, dv, m, qf.data, qf.ld, S.data(), dv, 0, num, dv);
+      if (!s.causal) {
+        finish_output(out_bh, num, den_bh, qf, nullptr, t0, L);
+        continue;
+      }
+      // O_c = Q_c S + tril(Q_c K_cᵀ) V_c, then the state takes the chunk.
+      const Rows<acc_t> kf = features(k, x.k, bi, hi, t0, L, mask);
+      const Rows<acc_t> vr = values(x.v, bi, hi, t0, L, mask);
+      gemm<acc_t>(false, true, L, L, m, qf.data, qf.ld, kf.data, kf.ld, 0, a.data(), C);
+      keep_causal(a.data(), L, C);
+      add_causal_product(false, L, dv, a.data(), C, vr.data, vr.ld, num, dv);
+      finish_output(out_bh, num, den_bh, qf, a.data(), t0, L);
+      accumulate_state(kf, vr, L);
+    }
+  }
+
+  // dq of queries [begin, end): dq_i = S'_i g'_i = S g_i + gd_i z, with S'_i the state row i
+  // sees (causal: advanced through the range, the chunk's own keys by tril(G_c V'_cᵀ) K_c).
+  // add_to_r: also [Rs | rz] += Q_cᵀ G'_c (non-causal, when one thread has the whole sequence).
+  void query_grads(const Operands<scalar_t, acc_t>& x, int64_t bh, int64_t begin, int64_t end,
+                   bool add_to_r = false) {
+    const int64_t bi = bh / s.heads, hi = bh % s.heads;
+    const bool* mask = x.mask ? x.mask + bi * s.k_len : nullptr;
+    scalar_t* dq_bh = x.dq + bh * s.q_len * m;
+    for (int64_t t0 = begin; t0 < end; t0 += C) {
+      const int64_t L = std::min(C, end - t0);
+      load_output_grads(x.grad_out, x.out, x.den + bh * s.q_len, bi, hi, t0, L);
+      gemm<acc_t>(false, true, L, m, dv, g.data(), dv, S.data(), dv, 0, o.data(), m);
+      add_outer(o.data(), m, gd.data(), z.data(), L, m);
+      if (s.causal) {
+        const Rows<acc_t> kf = features(k, x.k, bi, hi, t0, L, mask);
+        const Rows<acc_t> vr = values(x.v, bi, hi, t0, L, mask);
+        cotangent_scores(vr, mask, t0, L);
+        add_causal_product(false, L, m, b.data(), C, kf.data, kf.ld, o.data(), m);
+        accumulate_state(kf, vr, L);
+      }
+      const Rows<acc_t> qf = features(q, x.q, bi, hi, t0, L);
+      if (add_to_r) add_query_terms(qf, L);
+      store_feature_grads(dq_bh, o.data(), qf, t0, L);
+    }
+  }
+
+  // dk, dv of keys [begin, end) from [Rs | rz], the gradient of the state that the range's keys
+  // feed: dk_j = Rs v_j + rz, dv_j = Rsᵀ φ(k_j). Causal: R is that of the state after the range,
+  // and the range is walked backward in time, R taking each chunk's queries.
+  void key_grads_rows(const Operands<scalar_t, acc_t>& x, int64_t bh, int64_t begin, int64_t end) {
+    const int64_t bi = bh / s.heads, hi = bh % s.heads;
+    const bool* mask = x.mask ? x.mask + bi * s.k_len : nullptr;
+    scalar_t* dk_bh = x.dk + bh * s.k_len * m;
+    scalar_t* dv_bh = x.dv + bh * s.k_len * dv;
+    if (end <= begin) return;
+    const int64_t first = s.causal ? begin + ((end - begin - 1) / C) * C : begin;
+    const int64_t step = s.causal ? -C : C;
+    for (int64_t t0 = first; s.causal ? t0 >= begin : t0 < end; t0 += step) {
+      const int64_t L = std::min(C, end - t0);
+      const Rows<acc_t> kf = features(k, x.k, bi, hi, t0, L, mask);
+      const Rows<acc_t> vr = values(x.v, bi, hi, t0, L, mask);
+      key_grads(kf, vr, L);
+      if (s.causal) {
+        // dK_c += tril(G'_c V'_cᵀ)ᵀ Q_c;  dV_c += tril(Q_c K_cᵀ)ᵀ G_c;  R += Q_cᵀ G'_c
+        const Rows<acc_t> qf = features(q, x.q, bi, hi, t0, L);
+        load_output_grads(x.grad_out, x.out, x.den + bh * s.q_len, bi, hi, t0, L);
+        cotangent_scores(vr, mask, t0, L);
+        add_causal_product(true, L, m, b.data(), C, qf.data, qf.ld, dk.data(), m);
+        gemm<acc_t>(false, true, L, L, m, qf.data, qf.ld, kf.data, kf.ld, 0, a.data(), C);
+        keep_causal(a.data(), L, C);
+        add_causal_product(true, L, dv, a.data(), C, g.data(), dv, o.data(), dv);
+        add_query_terms(qf, L);
+      }
+      store_feature_grads(dk_bh, dk.data(), kf, t0, L, mask);
+      store_value_grads(dv_bh, o.data(), t0, L, mask);
+    }
+  }
+
+  // The whole sequence of one (batch, head), on one thread.
+  void forward(const Operands<scalar_t, acc_t>& x, int64_t bh) {
+    unpack_state(S.data(), z.data(), x.initial, bh);
+    if (!s.causal) add_key_states(x, bh, 0, s.k_len);
+    forward_rows(x, bh, 0, s.q_len);
+    pack_state(x.final_state, S.data(), z.data(), bh);
+  }
+
+  void backward(const Operands<scalar_t, acc_t>& x, int64_t bh) {
+    unpack_state(S.data(), z.data(), x.initial, bh);
+    unpack_state(Rs.data(), rz.data(), x.grad_final, bh);
+    if (!s.causal) add_key_states(x, bh, 0, s.k_len);
+    query_grads(x, bh, 0, s.q_len, /*add_to_r=*/!s.causal);
+    key_grads_rows(x, bh, 0, s.k_len);
+    pack_state(x.grad_initial, Rs.data(), rz.data(), bh);
+  }
 };
 
 // Causal chunks balance the C² intra-chunk products against the m·dv state products; without
@@ -473,6 +511,161 @@ int64_t chunk_length(const LinearAttentionShape& s) {
   return s.causal ? 64 : 256;
 }
 
+// ---- Sequence parallelism, for batch·heads below the thread count: each sequence is cut into
+// P segments, one task each. A segment needs the state of the keys before it (and, backward,
+// the state gradient of the queries after it when causal; of all queries when not), so first
+// the partial states of pieces of the sequence are computed in parallel, then combined in a
+// fixed order on one thread (deterministic for a thread count), then the segments run. Causal
+// prefixes need the pieces before the last segment only, cut P to a segment so that every
+// thread has one: the extra work is the state pass over (P − 1)/P of the sequence, about 1/4
+// of a causal forward's GEMM work spread over P threads. ----
+
+constexpr int64_t kStateChunk = 256;
+
+// Segments per sequence: as many as make batch·heads·P tasks fill the threads, each of at
+// least 4 chunks (shorter ones would spend more on states than they gain).
+int64_t segments_per_sequence(const LinearAttentionShape& s, int64_t C) {
+  const int64_t tasks = s.batch * s.heads;
+  const int64_t threads = at::get_num_threads();
+  if (tasks == 0 || tasks >= threads) return 1;
+  const int64_t parts = (threads + tasks - 1) / tasks;
+  return std::max<int64_t>(1, std::min(parts, std::max(s.q_len, s.k_len) / (4 * C)));
+}
+
+// Row p·T/P of P, rounded to the chunk grid.
+int64_t segment_bound(int64_t T, int64_t P, int64_t p, int64_t C) {
+  if (p >= P) return T;
+  return std::min(T, (p * T / P) / C * C);
+}
+
+// A piece of phase 1: the partial state of keys (or the state gradient of queries) in [begin,
+// end), into slot `slot` of its (batch, head).
+struct Piece {
+  bool queries;
+  int64_t begin, end, slot;
+};
+
+template <typename scalar_t, typename acc_t>
+class SequenceParallel {
+ public:
+  SequenceParallel(const LinearAttentionShape& s, int64_t C, int64_t P, const Operands<scalar_t, acc_t>& x)
+      : s_(s), C_(C), P_(P), x_(x), width_(s.feature_dim * (s.value_dim + 1)) {}
+
+  void forward() {
+    // Non-causal: pieces = segments of the keys, all summed. Causal: segment starts' prefixes.
+    const std::vector<Piece> pieces = key_pieces();
+    compute(pieces);
+    run_segments([&](Kernel<scalar_t, acc_t>& kernel, int64_t bh, int64_t p) {
+      load_prefix(kernel, false, x_.initial, bh, pieces, s_.causal ? p : P_);
+      const int64_t N = s_.q_len;
+      kernel.forward_rows(x_, bh, segment_bound(N, P_, p, C_), segment_bound(N, P_, p + 1, C_));
+      if (p == P_ - 1) kernel.pack_state(x_.final_state, kernel.S.data(), kernel.z.data(), bh);
+    });
+  }
+
+  void backward() {
+    std::vector<Piece> pieces = key_pieces();
+    const std::vector<Piece> queries = query_pieces();
+    pieces.insert(pieces.end(), queries.begin(), queries.end());
+    compute(pieces);
+    run_segments([&](Kernel<scalar_t, acc_t>& kernel, int64_t bh, int64_t p) {
+      const int64_t N = s_.q_len, M = s_.k_len;
+      load_prefix(kernel, false, x_.initial, bh, pieces, s_.causal ? p : P_);
+      // The state gradient of the queries after this segment (causal), or of all (not).
+      load_prefix(kernel, true, x_.grad_final, bh, pieces, s_.causal ? p + 1 : 0);
+      kernel.query_grads(x_, bh, segment_bound(N, P_, p, C_), segment_bound(N, P_, p + 1, C_));
+      kernel.key_grads_rows(x_, bh, segment_bound(M, P_, p, C_), segment_bound(M, P_, p + 1, C_));
+      if (p == 0) kernel.pack_state(x_.grad_initial, kernel.Rs.data(), kernel.rz.data(), bh);
+    });
+  }
+
+ private:
+  // Keys: non-causal, the P segments; causal, each of the first P − 1 segments cut in P.
+  std::vector<Piece> key_pieces() const {
+    std::vector<Piece> pieces;
+    const int64_t M = s_.k_len;
+    for (int64_t p = 0; p < (s_.causal ? P_ - 1 : P_); ++p) {
+      const int64_t b = segment_bound(M, P_, p, C_), e = segment_bound(M, P_, p + 1, C_);
+      const int64_t cuts = s_.causal ? P_ : 1;
+      for (int64_t c = 0; c < cuts; ++c)
+        pieces.push_back({false, b + (e - b) * c / cuts, b + (e - b) * (c + 1) / cuts, p});
+    }
+    return pieces;
+  }
+
+  // Queries: non-causal, the P segments (slot 0: summed whole); causal, each of the last P − 1
+  // segments cut in P (slot p: the segment).
+  std::vector<Piece> query_pieces() const {
+    std::vector<Piece> pieces;
+    const int64_t N = s_.q_len;
+    for (int64_t p = s_.causal ? 1 : 0; p < P_; ++p) {
+      const int64_t b = segment_bound(N, P_, p, C_), e = segment_bound(N, P_, p + 1, C_);
+      const int64_t cuts = s_.causal ? P_ : 1;
+      for (int64_t c = 0; c < cuts; ++c)
+        pieces.push_back({true, b + (e - b) * c / cuts, b + (e - b) * (c + 1) / cuts, p});
+    }
+    return pieces;
+  }
+
+  // Phase 1: every piece of every (batch, head) in parallel, each into its own buffer.
+  void compute(const std::vector<Piece>& pieces) {
+    const int64_t n = static_cast<int64_t>(pieces.size()), BH = s_.batch * s_.heads;
+    partial_.assign(BH * n * width_, acc_t(0));
+    pieces_ = n;
+    at::parallel_for(0, BH * n, 1, [&](int64_t begin, int64_t end) {
+      // State passes have no intra-chunk products: long chunks make their GEMMs efficient.
+      Kernel<scalar_t, acc_t> kernel(s_, kStateChunk);
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t bh = task / n;
+        const Piece& piece = pieces[task % n];
+        auto& A = piece.queries ? kernel.Rs : kernel.S;
+        auto& a = piece.queries ? kernel.rz : kernel.z;
+        kernel.unpack_state(A.data(), a.data(), nullptr, 0);
+        if (piece.queries)
+          kernel.add_query_grad_states(x_, bh, piece.begin, piece.end);
+        else
+          kernel.add_key_states(x_, bh, piece.begin, piece.end);
+        kernel.pack_state(partial_.data() + task * width_, A.data(), a.data(), 0);
+      }
+    });
+  }
+
+  // The kernel's [S | z] (or, for queries, [Rs | rz]) = base (or 0) + the partial states of
+  // the pieces of that kind with slot below `bound` (keys) or at least `bound` (queries),
+  // summed in piece order.
+  void load_prefix(Kernel<scalar_t, acc_t>& kernel, bool queries, const acc_t* base, int64_t bh,
+                   const std::vector<Piece>& pieces, int64_t bound) {
+    std::vector<acc_t> sum(width_, acc_t(0));
+    if (base) std::copy(base + bh * width_, base + (bh + 1) * width_, sum.begin());
+    for (int64_t i = 0; i < pieces_; ++i) {
+      const Piece& piece = pieces[i];
+      if (piece.queries != queries || (queries ? piece.slot < bound : piece.slot >= bound)) continue;
+      const acc_t* part = partial_.data() + (bh * pieces_ + i) * width_;
+      for (int64_t j = 0; j < width_; ++j) sum[j] += part[j];
+    }
+    if (queries)
+      kernel.unpack_state(kernel.Rs.data(), kernel.rz.data(), sum.data(), 0);
+    else
+      kernel.unpack_state(kernel.S.data(), kernel.z.data(), sum.data(), 0);
+  }
+
+  // Phase 2: (batch, head, segment) tasks in parallel.
+  template <typename Body>
+  void run_segments(Body body) {
+    at::parallel_for(0, s_.batch * s_.heads * P_, 1, [&](int64_t begin, int64_t end) {
+      Kernel<scalar_t, acc_t> kernel(s_, C_);
+      for (int64_t task = begin; task < end; ++task) body(kernel, task / P_, task % P_);
+    });
+  }
+
+  const LinearAttentionShape& s_;
+  int64_t C_, P_;
+  const Operands<scalar_t, acc_t>& x_;
+  int64_t width_;  // m·(dv + 1): one augmented state
+  int64_t pieces_ = 0;
+  std::vector<acc_t> partial_;
+};
+
 }  // namespace
 
 template <typename scalar_t, typename acc_t>
@@ -480,11 +673,18 @@ void linear_attention_forward_cpu(const LinearAttentionShape& shape, Strided4<co
                                   Strided4<const scalar_t> k, Strided4<const scalar_t> v,
                                   const bool* key_padding_mask, const acc_t* initial_state,
                                   scalar_t* out, acc_t* final_state, acc_t* normalizer) {
+  Operands<scalar_t, acc_t> x;
+  x.q = q, x.k = k, x.v = v, x.mask = key_padding_mask, x.initial = initial_state;
+  x.o = out, x.final_state = final_state, x.den = normalizer;
   const int64_t chunk = chunk_length(shape);
+  const int64_t parts = segments_per_sequence(shape, chunk);
+  if (parts > 1) {
+    SequenceParallel<scalar_t, acc_t>(shape, chunk, parts, x).forward();
+    return;
+  }
   at::parallel_for(0, shape.batch * shape.heads, 1, [&](int64_t begin, int64_t end) {
     Kernel<scalar_t, acc_t> kernel(shape, chunk);
-    for (int64_t bh = begin; bh < end; ++bh)
-      kernel.forward(bh, q, k, v, key_padding_mask, initial_state, out, final_state, normalizer);
+    for (int64_t bh = begin; bh < end; ++bh) kernel.forward(x, bh);
   });
 }
 
@@ -497,13 +697,20 @@ void linear_attention_backward_cpu(const LinearAttentionShape& shape,
                                    const acc_t* grad_final_state,
                                    scalar_t* grad_q, scalar_t* grad_k, scalar_t* grad_v,
                                    acc_t* grad_initial_state) {
+  Operands<scalar_t, acc_t> x;
+  x.q = q, x.k = k, x.v = v, x.grad_out = grad_out, x.out = out, x.mask = key_padding_mask;
+  x.initial = initial_state, x.grad_final = grad_final_state;
+  x.den = const_cast<acc_t*>(normalizer);  // read only in the backward
+  x.dq = grad_q, x.dk = grad_k, x.dv = grad_v, x.grad_initial = grad_initial_state;
   const int64_t chunk = chunk_length(shape);
+  const int64_t parts = segments_per_sequence(shape, chunk);
+  if (parts > 1) {
+    SequenceParallel<scalar_t, acc_t>(shape, chunk, parts, x).backward();
+    return;
+  }
   at::parallel_for(0, shape.batch * shape.heads, 1, [&](int64_t begin, int64_t end) {
     Kernel<scalar_t, acc_t> kernel(shape, chunk);
-    for (int64_t bh = begin; bh < end; ++bh)
-      kernel.backward(bh, grad_out, q, k, v, out, normalizer, key_padding_mask, initial_state,
-                      grad_final_state,
-                      grad_q, grad_k, grad_v, grad_initial_state);
+    for (int64_t bh = begin; bh < end; ++bh) kernel.backward(x, bh);
   });
 }
 
