@@ -2,9 +2,12 @@
 
 fp32, B=1, H=8, D=64, T from 256 to 65536; forward and forward+backward, causal and not.
 Every implementation is timed in the same run, round-robin, and quoted as a median; ratios
-are taken between numbers of this run only. Achieved GFLOP/s of linattn is shown next to the
-machine's fp32 GEMM rate (torch.mm 2048×2048) measured in the same run. Peak memory is
-measured in a fresh process per point (peak RSS above the process's baseline).
+are taken between numbers of this run only. Achieved GFLOP/s of linattn (forward, and
+forward+backward with the backward counted as twice the forward) is shown next to the
+machine's fp32 GEMM rate (torch.mm 2048×2048) measured in the same run. Extra rows: bf16
+inputs (B=1, H=8, T=4096), and one long sequence (B=H=1, T=65536, causal: the
+sequence-parallel kernel) on all threads and on one thread. Peak memory is measured in a
+fresh process per point (peak RSS above the process's baseline).
 
     python -m benchmarks.bench_linear_attention            # full table (several minutes)
     python -m benchmarks.bench_linear_attention --quick    # smoke run, about a minute
@@ -19,7 +22,8 @@ import torch
 import torch.nn.functional as F
 
 import linattn
-from benchmarks.common import (current_rss_bytes, gemm_gflops, interleaved_medians, machine_info, peak_rss_bytes,
+from benchmarks.common import (current_rss_bytes, gemm_gflops, interleaved_medians, machine_info, median_time,
+                               peak_rss_bytes,
                                reset_peak_rss,
                                run_child, write_results)
 from benchmarks.linear_attention_formulations import linear_attention_chunked, linear_attention_einsum
@@ -44,9 +48,9 @@ def linattn_flops(T, causal):
     return B * H * per_head
 
 
-def make_inputs(T, requires_grad):
+def make_inputs(T, requires_grad, heads=H, dtype=torch.float32):
     g = torch.Generator().manual_seed(T)
-    return [torch.randn(B, H, T, D, generator=g).requires_grad_(requires_grad) for _ in range(3)]
+    return [torch.randn(B, heads, T, D, generator=g).to(dtype).requires_grad_(requires_grad) for _ in range(3)]
 
 
 def forward_backward(fn, q, k, v):
@@ -116,8 +120,11 @@ def main():
         fwd_bwd = interleaved_medians({n: (lambda f=f: forward_backward(f, qg, kg, vg)) for n, f in impls.items()},
                                       reps)
         row = {"T": T, "causal": causal, "forward_s": fwd, "forward_backward_s": fwd_bwd,
-               "linattn_forward_gflops": linattn_flops(T, causal) / fwd["linattn"] / 1e9}
+               "linattn_forward_gflops": linattn_flops(T, causal) / fwd["linattn"] / 1e9,
+               "linattn_forward_backward_gflops": 3 * linattn_flops(T, causal) / fwd_bwd["linattn"] / 1e9}
         rows.append(row)
+
+    extra = extra_rows(args.quick)
 
     memory = []
     for T in memory_lengths:
@@ -126,16 +133,75 @@ def main():
                 m = run_child(["benchmarks.bench_linear_attention", "--memory-child", impl, str(T), str(int(causal))])
                 memory.append({"T": T, "causal": causal, "impl": impl, **m})
 
+    # The GEMM rate again after the run; the higher of the two is the reference (the
+    # conservative choice when the machine's clock or load drifted during the run).
+    gemm = max(gemm, gemm_gflops(reps=3 if args.quick else 7))
+    print(f"fp32 GEMM rate used for %GEMM (best of before and after the run): {gemm:.1f} GFLOP/s")
     print_table(rows, memory, gemm)
+    print_extra(extra, gemm)
     payload = {"machine": info, "gemm_gflops": gemm, "B": B, "H": H, "D": D, "dtype": "float32", "rows": rows,
-               "memory": memory, "quick": args.quick}
+               "extra_rows": extra, "memory": memory, "quick": args.quick, "cpu_isa": torch.ops.linattn.cpu_isa()}
     json_path, png_path = write_results(args.out, "linear_attention", payload, plot(rows))
     print(f"wrote {json_path} and {png_path}")
 
 
+def extra_rows(quick):
+    """bf16 at T=4096 (H=8), and one long causal sequence (H=1) on all threads and on one."""
+    reps = 3 if quick else 7
+    rows = []
+    for causal in (False, True):
+        impls = implementations(causal)
+        impls.pop("sdpa")
+        q, k, v = make_inputs(4096, True, dtype=torch.bfloat16)
+        with torch.no_grad():
+            fwd = interleaved_medians({n: (lambda f=f: f(q, k, v)) for n, f in impls.items()}, reps)
+        fwd_bwd = interleaved_medians({n: (lambda f=f: forward_backward(f, q, k, v)) for n, f in impls.items()}, reps)
+        rows.append({"what": "bf16", "T": 4096, "heads": H, "causal": causal, "threads": torch.get_num_threads(),
+                     "forward_s": fwd, "forward_backward_s": fwd_bwd,
+                     "linattn_forward_gflops": linattn_flops(4096, causal) / fwd["linattn"] / 1e9,
+                     "linattn_forward_backward_gflops": 3 * linattn_flops(4096, causal) / fwd_bwd["linattn"] / 1e9})
+    T = 16384 if quick else 65536
+    all_threads = torch.get_num_threads()
+    q, k, v = make_inputs(T, True, heads=1)
+    fn = implementations(True)["linattn"]
+    for threads in (all_threads, 1):
+        torch.set_num_threads(threads)
+        try:
+            with torch.no_grad():
+                fwd = {"linattn": median_time(lambda: fn(q, k, v), reps)}
+            fwd_bwd = {"linattn": median_time(lambda: forward_backward(fn, q, k, v), reps)}
+        finally:
+            torch.set_num_threads(all_threads)
+        flops = linattn_flops(T, True) / H
+        rows.append({"what": "B=H=1", "T": T, "heads": 1, "causal": True, "threads": threads, "forward_s": fwd,
+                     "forward_backward_s": fwd_bwd, "linattn_forward_gflops": flops / fwd["linattn"] / 1e9,
+                     "linattn_forward_backward_gflops": 3 * flops / fwd_bwd["linattn"] / 1e9})
+    return rows
+
+
+def print_extra(extra, gemm):
+    print(f"{'row':<8}{'mode':<8}{'T':>7}{'H':>3}{'thr':>4} | {'fwd ms':>8} {'%GEMM':>6} {'vs torch':>8} |"
+          f" {'fwd+bwd ms':>10} {'%GEMM':>6} {'vs torch':>8}")
+    for r in extra:
+        f, fb = r["forward_s"], r["forward_backward_s"]
+
+        def ratio(d):
+            return f"{d['pytorch'] / d['linattn']:7.1f}x" if "pytorch" in d else f"{'-':>8}"
+
+        print(f"{r['what']:<8}{'causal' if r['causal'] else 'full':<8}{r['T']:>7}{r['heads']:>3}{r['threads']:>4} |"
+              f" {f['linattn'] * 1e3:8.2f} {100 * r['linattn_forward_gflops'] / gemm:5.0f}% {ratio(f)} |"
+              f" {fb['linattn'] * 1e3:10.2f} {100 * r['linattn_forward_backward_gflops'] / gemm:5.0f}% {ratio(fb)}")
+    scaling = [r for r in extra if r["what"] == "B=H=1"]
+    if len(scaling) == 2:
+        many, one = scaling
+        print(f"thread scaling (B=H=1, causal, T={many['T']}): {many['threads']} threads vs 1: forward "
+              f"{one['forward_s']['linattn'] / many['forward_s']['linattn']:.2f}x, forward+backward "
+              f"{one['forward_backward_s']['linattn'] / many['forward_backward_s']['linattn']:.2f}x")
+
+
 def print_table(rows, memory, gemm):
     header = (f"{'mode':<10}{'T':>7} | {'fwd ms':>8} {'GFLOP/s':>8} {'%GEMM':>6} {'vs sdpa':>8} {'vs torch':>8} |"
-              f" {'fwd+bwd ms':>10} {'vs sdpa':>8} {'vs torch':>8}")
+              f" {'fwd+bwd ms':>10} {'%GEMM':>6} {'vs sdpa':>8} {'vs torch':>8}")
     print(header)
     print("-" * len(header))
     for r in rows:
@@ -146,8 +212,8 @@ def print_table(rows, memory, gemm):
 
         print(f"{'causal' if r['causal'] else 'full':<10}{r['T']:>7} | {f['linattn'] * 1e3:8.2f}"
               f" {r['linattn_forward_gflops']:8.1f} {100 * r['linattn_forward_gflops'] / gemm:5.0f}%"
-              f" {ratio(f, 'sdpa')} {ratio(f, 'pytorch')} | {fb['linattn'] * 1e3:10.2f} {ratio(fb, 'sdpa')}"
-              f" {ratio(fb, 'pytorch')}")
+              f" {ratio(f, 'sdpa')} {ratio(f, 'pytorch')} | {fb['linattn'] * 1e3:10.2f}"
+              f" {100 * r['linattn_forward_backward_gflops'] / gemm:5.0f}% {ratio(fb, 'sdpa')} {ratio(fb, 'pytorch')}")
     print("ratios: other implementation's median time / linattn's (higher = linattn faster)")
     for m in memory:
         print(f"peak memory fwd+bwd {m['impl']:<8} {'causal' if m['causal'] else 'full':<7} T={m['T']}: "
