@@ -11,6 +11,7 @@ from .window import sliding_window_attention  # noqa: F401  (the restricted-soft
 from .swin import shifted_window_attention, window_attention  # noqa: F401
 from .lsh import lsh_attention  # noqa: F401
 from .additive import additive_attention  # noqa: F401
+from .recurrent import linear_attention_step  # noqa: F401  (decoding, one token at a time)
 
 State = Tuple[torch.Tensor, torch.Tensor]
 

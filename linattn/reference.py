@@ -67,6 +67,40 @@ def linear_attention(
     return out, (S, z)
 
 
+def decayed_linear_attention(q, k, v, log_factors, *, feature_map="elu", normalize=True, eps=1e-6,
+                             initial_state=None):
+    """Causal linear attention with a fading state (METHODS.md §1, decay and gates) in float64:
+    S_i = f_i S_{i−1} + φ(k_i) v_iᵀ with log f = log_factors (B, H, T) (log γ of a per-head decay,
+    or the log-gates g). Dense: o_i sums w_ij φ(q_i)·φ(k_j) v_j over j <= i with
+    w_ij = exp(c_i − c_j), c the cumulative sum of log f (only c_i − c_j <= 0 is exponentiated),
+    plus e^{c_i} φ(q_i)ᵀ S_0. Returns (out, (S_T, z_T))."""
+    phi = resolve_feature_map(feature_map, "linattn.reference.decayed_linear_attention")
+    q, k, v = q.double(), k.double(), v.double()
+    phi_q, phi_k = (q, k) if phi is None else (phi(q), phi(k))
+    c = log_factors.double().cumsum(-1)                                   # (B, H, T)
+    T = q.shape[2]
+    later = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)
+    exponent = (c.unsqueeze(-1) - c.unsqueeze(-2)).masked_fill(later, float("-inf"))
+    weights = exponent.exp() * (phi_q @ phi_k.transpose(-1, -2))         # (B, H, T, T)
+    numerator = weights @ v
+    denominator = weights.sum(-1)
+    S_T = (phi_k * (c[..., -1:] - c).exp().unsqueeze(-1)).transpose(-1, -2) @ v
+    z_T = (phi_k * (c[..., -1:] - c).exp().unsqueeze(-1)).sum(-2)
+    if initial_state is not None:
+        S0, z0 = initial_state[0].double(), initial_state[1].double()
+        carry = c.exp().unsqueeze(-1)                                     # e^{c_i} <= 1
+        numerator = numerator + carry * (phi_q @ S0)
+        denominator = denominator + carry.squeeze(-1) * (phi_q @ z0.unsqueeze(-1)).squeeze(-1)
+        S_T = S_T + c[..., -1:].exp().unsqueeze(-1) * S0
+        z_T = z_T + c[..., -1:].exp() * z0
+    if not normalize:
+        return numerator, (S_T, z_T)
+    denominator = denominator + eps
+    vanished = denominator.abs() < torch.finfo(torch.float64).tiny
+    out = torch.where(vanished.unsqueeze(-1), numerator * 0, numerator / denominator.unsqueeze(-1))
+    return out, (S_T, z_T)
+
+
 def _visible_sum(weights: torch.Tensor, visible: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     """Σ_j weights_ij values_j over the visible j only. With finite values a matrix product
     (the masked weights are 0 and 0·finite = 0); otherwise term by term, masked terms dropped."""

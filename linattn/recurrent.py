@@ -1,0 +1,117 @@
+"""Linear attention as an RNN (METHODS.md §1, recurrent form): one decoding step at a time.
+
+A causal linear attention layer carries a state (S, z), S (B, H, m, dv) and z (B, H, m); each
+new token updates it and reads it in O(m·dv), whatever its position, so generation costs the
+same per token at any context length. With a per-head decay γ (RetNet, Lightning) or per-token
+log-gates g ≤ 0 (Mamba-2, simple GLA) the state fades first: S_i = f_i S_{i−1} + φ(k_i) v_iᵀ,
+z_i = f_i z_{i−1} + φ(k_i), f_i = γ·e^{g_i}.
+
+Written in ATen ops: it runs on any device, under autograd (gradients for q, k, v, the state,
+decay and gate) and inside torch.compile(fullgraph=True).
+"""
+from typing import Callable, Optional, Tuple, Union
+
+import torch
+
+from . import _ops
+from . import _validation as check
+from .feature_maps import resolve_feature_map
+
+State = Tuple[torch.Tensor, torch.Tensor]
+
+
+def linear_attention_step(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    state: Optional[State] = None,
+    *,
+    feature_map: Union[str, Callable, None] = "elu",
+    normalize: bool = True,
+    eps: float = 1e-6,
+    decay: Optional[torch.Tensor] = None,
+    gate: Optional[torch.Tensor] = None,
+) -> Tuple[torch.Tensor, State]:
+    """One step of causal linear attention: the token (q, k, v) joins the state, then q reads it.
+
+    Args:
+        q, k: (B, H, D); v: (B, H, dv).
+        state: (S, z) with S (B, H, m, dv) and z (B, H, m), as returned by a previous step or by
+            `linear_attention(..., causal=True, output_final_state=True)`; None = empty.
+        feature_map, normalize, eps: as in `linear_attention`.
+        decay: (H,) per-head γ in (0, 1]: the state is multiplied by γ before the token joins.
+        gate: (B, H) log-gate g <= 0 of this token: the state is multiplied by e^g.
+
+    Returns:
+        (out (B, H, dv) in the input dtype, new state (S, z) in float32, or float64 for float64
+        inputs). Running every token of a sequence through it gives what `linear_attention`
+        with causal=True gives for the whole sequence (and, with decay or gate, METHODS.md §1's
+        decayed sums).
+    """
+    where = "linattn.linear_attention_step"
+    for name, t, layout in (("q", q, "(B, H, D)"), ("k", k, "(B, H, D)"), ("v", v, "(B, H, dv)")):
+        check.check_tensor(where, name, t, 3, layout)
+    check.check_float_dtype(where, "q", q)
+    check.check_same_device_dtype(where, ("q", "k", "v"), (q, k, v))
+    if q.shape != k.shape or q.shape[:2] != v.shape[:2]:
+        raise ValueError(
+            f"{where}: q and k must have the same shape (B, H, D) and v share (B, H), "
+            f"got q {tuple(q.shape)}, k {tuple(k.shape)} and v {tuple(v.shape)}"
+        )
+    check.check_eps(where, eps)
+    if feature_map == "identity" and normalize:
+        raise ValueError(
+            f"{where}: feature_map='identity' can be negative and make the normalizer vanish; "
+            "use it with normalize=False, got normalize=True"
+        )
+    phi = resolve_feature_map(feature_map, where)
+    acc = _ops.accumulate_dtype(q.dtype)
+    q_acc, k_acc, v_acc = q.to(acc), k.to(acc), v.to(acc)
+    phi_q, phi_k = (q_acc, k_acc) if phi is None else (phi(q_acc), phi(k_acc))
+    if phi_q.shape != phi_k.shape or phi_q.shape[:2] != q.shape[:2]:
+        raise ValueError(f"{where}: feature_map must map (B, H, D) to (B, H, m) for q and k alike, "
+                         f"got {tuple(phi_q.shape)} and {tuple(phi_k.shape)}")
+    batch, heads, m = phi_k.shape
+    dv = v.shape[2]
+    if state is None:
+        S = phi_k.new_zeros(batch, heads, m, dv)
+        z = phi_k.new_zeros(batch, heads, m)
+    else:
+        check.check_state(where, "state", state, phi_k.unsqueeze(2), v.unsqueeze(2))
+        S, z = state[0].to(acc), state[1].to(acc)
+
+    factor = _state_factor(where, decay, gate, batch, heads, v.device, acc)
+    if factor is not None:
+        S = S * factor.unsqueeze(-1).unsqueeze(-1)
+        z = z * factor.unsqueeze(-1)
+    S = S + phi_k.unsqueeze(-1) * v_acc.unsqueeze(-2)
+    z = z + phi_k
+    numerator = torch.einsum("bhm,bhmd->bhd", phi_q, S)
+    if not normalize:
+        return numerator.to(q.dtype), (S, z)
+    denominator = (phi_q * z).sum(-1, keepdim=True) + eps
+    # A vanished (0 or subnormal) normalizer defines the row as 0, as the kernels do.
+    vanished = denominator.abs() < torch.finfo(acc).tiny
+    out = torch.where(vanished, numerator * 0, numerator / torch.where(vanished, 1, denominator))
+    return out.to(q.dtype), (S, z)
+
+
+def _state_factor(where, decay, gate, batch, heads, device, acc) -> Optional[torch.Tensor]:
+    """(B, H) multiplier of the state, γ·e^g, or None when neither is given."""
+    factor = None
+    if decay is not None:
+        check.check_tensor(where, "decay", decay, 1, "(H,)")
+        check.check_float_dtype(where, "decay", decay)
+        if decay.shape[0] != heads or decay.device != device:
+            raise ValueError(f"{where}: decay must have shape ({heads},) (H,) on {device}, "
+                             f"got {tuple(decay.shape)} on {decay.device}")
+        factor = decay.to(acc).unsqueeze(0).expand(batch, heads)
+    if gate is not None:
+        check.check_tensor(where, "gate", gate, 2, "(B, H)")
+        check.check_float_dtype(where, "gate", gate)
+        if tuple(gate.shape) != (batch, heads) or gate.device != device:
+            raise ValueError(f"{where}: gate must have shape ({batch}, {heads}) (B, H) on {device}, "
+                             f"got {tuple(gate.shape)} on {gate.device}")
+        gate_factor = gate.to(acc).exp()
+        factor = gate_factor if factor is None else factor * gate_factor
+    return factor
