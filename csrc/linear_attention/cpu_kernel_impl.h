@@ -3,15 +3,19 @@
 //
 // CPU kernels of kernelized linear attention (METHODS.md §1), chunked.
 //
-// Each (batch, head) is one work item for at::parallel_for; a thread walks its sequence in
-// chunks of C rows. A chunk is first copied into contiguous accumulation-type scratch (this
-// is where strides and float16/bfloat16 are dealt with), then every product is a small
-// row-major GEMM (MKL's on x86 builds of torch, see common/cpu_gemm.h). Scratch is allocated once per thread.
+// Each (batch, head) is one work item for at::parallel_for (or, with fewer of them than
+// threads, each segment of a sequence: SequenceParallel below); a thread walks its rows in
+// chunks of C. Operands that must be mapped, masked or converted are loaded into contiguous
+// accumulation-type scratch (where strides and float16/bfloat16 are dealt with); fp32/fp64
+// rows that need none of that are used where they lie. Every product is a row-major GEMM
+// (MKL's on x86 builds of torch, see common/cpu_gemm.h). Scratch is allocated once per thread.
 //
-// Forward, causal, chunk c with the state S' = [S | z] of all earlier rows:
-//   O'_c = Q_c S' + tril(Q_c K_cᵀ) V'_c,   S' += K_cᵀ V'_c,   V' = [V | 1]
-// The last column of O' is the normalizer. The backward recomputes states instead of storing
-// them: one forward pass for dQ and one reverse pass (with R = Σ_{i≥j} q_i g'_iᵀ) for dK, dV.
+// Forward, causal, chunk c with the state [S | z] of all earlier rows:
+//   N_c = Q_c S + tril(Q_c K_cᵀ) V_c,   d_c = Q_c z + rowsum(tril(Q_c K_cᵀ)) + eps,
+//   S += K_cᵀ V_c,   z += colsum(K_c)
+// (the augmented [S | z] of METHODS.md with its ones column, split so that every GEMM has
+// width dv). The backward recomputes states instead of storing them: one forward pass for dQ
+// and one reverse pass (with R = Σ_{i≥j} q_i g'_iᵀ) for dK, dV.
 //
 // Masked terms are excluded, never multiplied by zero: a padded key's value is not loaded, and
 // a chunk whose operand holds an Inf or NaN takes an exact triangular product instead of the
@@ -514,8 +518,8 @@ int64_t chunk_length(const LinearAttentionShape& s) {
 // ---- Sequence parallelism, for batch·heads below the thread count: each sequence is cut into
 // P segments, one task each. A segment needs the state of the keys before it (and, backward,
 // the state gradient of the queries after it when causal; of all queries when not), so first
-// the partial states of pieces of the sequence are computed in parallel, then combined in a
-// fixed order on one thread (deterministic for a thread count), then the segments run. Causal
+// the partial states of pieces of the sequence are computed in parallel, then each segment's
+// task sums the pieces it needs in a fixed order (deterministic for a thread count) and runs. Causal
 // prefixes need the pieces before the last segment only, cut P to a segment so that every
 // thread has one: the extra work is the state pass over (P − 1)/P of the sequence, about 1/4
 // of a causal forward's GEMM work spread over P threads. ----
@@ -539,7 +543,7 @@ int64_t segment_bound(int64_t T, int64_t P, int64_t p, int64_t C) {
 }
 
 // A piece of phase 1: the partial state of keys (or the state gradient of queries) in [begin,
-// end), into slot `slot` of its (batch, head).
+// end); slot is the segment the rows belong to.
 struct Piece {
   bool queries;
   int64_t begin, end, slot;
