@@ -31,6 +31,20 @@ TORCH_LIBRARY(linattn, m) {
       "Tensor out, Tensor normalizer, Tensor? initial_state, Tensor? key_padding_mask, "
       "int feature_map, bool causal, bool normalize) -> "
       "(Tensor grad_q, Tensor grad_k, Tensor grad_v, Tensor grad_initial_state)");
+  // Causal linear attention with a fading state (METHODS.md §1, decay and gates): before token
+  // i joins, the state is multiplied by exp(log_decay[b, h, i]) <= 1 (log γ of a per-head
+  // decay, or a log-gate). log_decay (B, H, T) in the accumulation dtype. The backward's
+  // grad_log_decay is dL/dc_i for c = cumsum(log_decay) (the caller sums it backward in time).
+  // CPU kernels only so far.
+  m.def(
+      "decayed_linear_attn_fwd(Tensor q, Tensor k, Tensor v, Tensor log_decay, Tensor? initial_state, "
+      "Tensor? key_padding_mask, int feature_map, bool normalize, float eps) -> "
+      "(Tensor out, Tensor final_state, Tensor normalizer)");
+  m.def(
+      "decayed_linear_attn_bwd(Tensor grad_out, Tensor? grad_final_state, Tensor q, Tensor k, Tensor v, "
+      "Tensor log_decay, Tensor out, Tensor normalizer, Tensor? initial_state, Tensor? key_padding_mask, "
+      "int feature_map, bool normalize) -> "
+      "(Tensor grad_q, Tensor grad_k, Tensor grad_v, Tensor grad_initial_state, Tensor grad_log_decay)");
   // The device-generic forward as a CompositeImplicitAutograd op: tracers that record ATen ops
   // (torch.onnx.export, legacy and dynamo) see its standard ATen operations instead of a
   // custom op they cannot translate. Used by linattn.linear_attention during ONNX export.

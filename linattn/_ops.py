@@ -150,8 +150,37 @@ def _register_block_sparse(generic: bool) -> None:
                                     setup_context=_no_context)
 
 
+def _register_decayed() -> None:
+    backward_op = torch.ops.linattn.decayed_linear_attn_bwd.default
+
+    def setup_context(ctx, inputs, output):
+        q, k, v, log_decay, initial_state, key_padding_mask, feature_map, normalize, _eps = inputs
+        out, _final_state, normalizer = output
+        ctx.save_for_backward(q, k, v, log_decay, out, normalizer, initial_state, key_padding_mask)
+        ctx.options = (feature_map, normalize)
+        ctx.mark_non_differentiable(normalizer)
+
+    def backward(ctx, grad_out, grad_final_state, _grad_normalizer):
+        q, k, v, log_decay, out, normalizer, initial_state, key_padding_mask = ctx.saved_tensors
+        feature_map, normalize = ctx.options
+        if grad_out is None:  # only the final state was used
+            grad_out = torch.zeros_like(out)
+        grad_q, grad_k, grad_v, grad_initial, grad_cumulative = backward_op(
+            grad_out, grad_final_state, q, k, v, log_decay, out, normalizer, initial_state, key_padding_mask,
+            feature_map, normalize,
+        )
+        # c = cumsum(log_decay): dL/dlog_decay_t = Σ_{i >= t} dL/dc_i
+        grad_log_decay = grad_cumulative.flip(-1).cumsum(-1).flip(-1)
+        grad_initial = grad_initial if initial_state is not None else None
+        return grad_q, grad_k, grad_v, grad_log_decay, grad_initial, None, None, None, None
+
+    torch.library.register_autograd("linattn::decayed_linear_attn_fwd", backward, setup_context=setup_context)
+    torch.library.register_autograd("linattn::decayed_linear_attn_bwd", _no_double_backward, setup_context=_no_context)
+
+
 _register(generic=False)
 _register(generic=True)
+_register_decayed()
 _register_window(generic=False)
 _register_window(generic=True)
 _register_block_sparse(generic=False)

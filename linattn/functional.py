@@ -49,16 +49,15 @@ def linear_attention(
         initial_state: (S, z) with S (B, H, m, dv) and z (B, H, m), added to every prefix sum.
         output_final_state: also return the state (S, z) after the last key, in float32
             (float64 for float64 inputs); feeding it back as initial_state continues the sequence.
+        decay: (H,) per-head γ in (0, 1] (RetNet, Lightning): S_i = γ S_{i−1} + φ(k_i) v_iᵀ.
+        gate: (B, H, T) log-gates g <= 0 (Mamba-2, simple GLA): S_i = e^{g_i} S_{i−1} + φ(k_i) v_iᵀ.
+            Both causal only, CPU tensors only so far; differentiable (decay and gate too).
 
     Returns:
         out (B, H, T_q, dv) in the input dtype, or (out, (S, z)) when output_final_state.
     """
     where = "linattn.linear_attention"
     check.check_qkv(where, q, k, v, causal)
-    if decay is not None or gate is not None:
-        raise NotImplementedError(
-            f"{where}: decay and gate are not implemented yet; call it with decay=None and gate=None"
-        )
     check.check_eps(where, eps)
     check.check_key_padding_mask(where, key_padding_mask, k)
     phi = resolve_feature_map(feature_map, where)
@@ -83,13 +82,52 @@ def linear_attention(
         S0, z0 = initial_state
         initial = torch.cat([S0.to(acc), z0.to(acc).unsqueeze(-1)], dim=-1)
 
-    out, final_state, _ = _ops.linear_attn_fwd()(
-        phi_q, phi_k, v, initial, key_padding_mask, code, causal, normalize, float(eps)
-    )
+    if decay is not None or gate is not None:
+        log_decay = _log_decay(where, decay, gate, q, causal, acc)
+        out, final_state, _ = torch.ops.linattn.decayed_linear_attn_fwd(
+            phi_q, phi_k, v, log_decay, initial, key_padding_mask, code, normalize, float(eps)
+        )
+    else:
+        out, final_state, _ = _ops.linear_attn_fwd()(
+            phi_q, phi_k, v, initial, key_padding_mask, code, causal, normalize, float(eps)
+        )
     if not output_final_state:
         return out
     value_dim = v.shape[3]
     return out, (final_state[..., :value_dim], final_state[..., value_dim])
+
+
+def _log_decay(where, decay, gate, q, causal, acc):
+    """(B, H, T) log factors of the fading state: log γ per head plus the per-token log-gates."""
+    if not causal:
+        raise ValueError(f"{where}: decay and gate fade a causal state; call it with causal=True, got causal=False")
+    if q.device.type != "cpu":
+        raise NotImplementedError(
+            f"{where}: decay and gate run in the CPU kernel only so far, got tensors on {q.device}; "
+            "linattn.linear_attention_step (token by token) supports them on every device"
+        )
+    batch, heads, length = q.shape[0], q.shape[1], q.shape[2]
+    log_decay = torch.zeros(batch, heads, length, dtype=acc, device=q.device)
+    checking = not torch.compiler.is_compiling()  # value checks read the data: eager only
+    if decay is not None:
+        check.check_tensor(where, "decay", decay, 1, "(H,)")
+        check.check_float_dtype(where, "decay", decay)
+        if decay.shape[0] != heads or decay.device != q.device:
+            raise ValueError(f"{where}: decay must have shape ({heads},) (H,) on {q.device}, "
+                             f"got {tuple(decay.shape)} on {decay.device}")
+        if checking and not bool(((decay > 0) & (decay <= 1)).all()):
+            raise ValueError(f"{where}: decay must lie in (0, 1], got {decay.tolist()}")
+        log_decay = log_decay + decay.to(acc).log().view(1, heads, 1)
+    if gate is not None:
+        check.check_tensor(where, "gate", gate, 3, "(B, H, T)")
+        check.check_float_dtype(where, "gate", gate)
+        if tuple(gate.shape) != (batch, heads, length) or gate.device != q.device:
+            raise ValueError(f"{where}: gate must have shape ({batch}, {heads}, {length}) (B, H, T) on {q.device}, "
+                             f"got {tuple(gate.shape)} on {gate.device}")
+        if checking and not bool((gate <= 0).all()):
+            raise ValueError(f"{where}: gate holds log-gates, which must be <= 0 (and not NaN)")
+        log_decay = log_decay + gate.to(acc)
+    return log_decay
 
 
 def performer_attention(

@@ -68,15 +68,19 @@ def linear_attention(
 
 
 def decayed_linear_attention(q, k, v, log_factors, *, feature_map="elu", normalize=True, eps=1e-6,
-                             initial_state=None):
+                             initial_state=None, key_padding_mask=None):
     """Causal linear attention with a fading state (METHODS.md §1, decay and gates) in float64:
     S_i = f_i S_{i−1} + φ(k_i) v_iᵀ with log f = log_factors (B, H, T) (log γ of a per-head decay,
     or the log-gates g). Dense: o_i sums w_ij φ(q_i)·φ(k_j) v_j over j <= i with
     w_ij = exp(c_i − c_j), c the cumulative sum of log f (only c_i − c_j <= 0 is exponentiated),
-    plus e^{c_i} φ(q_i)ᵀ S_0. Returns (out, (S_T, z_T))."""
+    plus e^{c_i} φ(q_i)ᵀ S_0. A padded key has φ(k) = 0 (its position still fades the state).
+    Returns (out, (S_T, z_T))."""
     phi = resolve_feature_map(feature_map, "linattn.reference.decayed_linear_attention")
     q, k, v = q.double(), k.double(), v.double()
     phi_q, phi_k = (q, k) if phi is None else (phi(q), phi(k))
+    if key_padding_mask is not None:
+        phi_k = phi_k.masked_fill(key_padding_mask[:, None, :, None], 0.0)
+        v = v.masked_fill(key_padding_mask[:, None, :, None], 0.0)
     c = log_factors.double().cumsum(-1)                                   # (B, H, T)
     T = q.shape[2]
     later = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)

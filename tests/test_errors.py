@@ -70,7 +70,7 @@ def test_option_checks():
     raises(ValueError, r"eps must be a finite number > 0, got 0", LA, q, k, v, eps=0)
     raises(ValueError, r"feature_map\(q\) must return a \(B, H, T, m\) tensor", LA, q, k, v,
            feature_map=lambda x: x.sum(-1))
-    raises(NotImplementedError, r"decay and gate are not implemented yet", LA, q, k, v, decay=torch.ones(3))
+    raises(ValueError, r"decay and gate fade a causal state; call it with causal=True", LA, q, k, v, decay=torch.ones(3))
 
 
 def test_initial_state_checks():

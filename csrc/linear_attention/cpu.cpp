@@ -1,4 +1,5 @@
 // CPU operator entry points: validate, allocate, hand raw views to the chunked kernels.
+// linear_attn_* and decayed_linear_attn_* (causal, with a fading state) share one body.
 #include "kernel.h"
 #include "op_checks.h"
 #include "../common/tensor_views.h"
@@ -11,37 +12,48 @@
 namespace linattn {
 namespace {
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cpu(
-    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+template <typename T>
+const T* data_or_null(const at::Tensor& t) {
+  return t.defined() ? t.const_data_ptr<T>() : nullptr;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& log_decay,
     const std::optional<at::Tensor>& initial_state, const std::optional<at::Tensor>& key_padding_mask,
     int64_t feature_map, bool causal, bool normalize, double eps) {
-  check_forward_inputs(q, k, v, initial_state, key_padding_mask, feature_map, causal, eps);
+  const LinearAttentionSizes sizes =
+      check_forward_inputs(q, k, v, initial_state, key_padding_mask, feature_map, causal, eps);
+  if (log_decay.defined()) check_log_decay(log_decay, q, sizes);
   const LinearAttentionShape s = kernel_shape(q, k, v, feature_map, causal, normalize, eps);
   const auto acc = accumulate_type(q.scalar_type());
   auto out = at::empty({s.batch, s.heads, s.q_len, s.value_dim}, q.options());
   auto final_state =
       at::empty({s.batch, s.heads, s.feature_dim, s.value_dim + 1}, q.options().dtype(acc));
   auto normalizer = at::empty({s.batch, s.heads, s.q_len}, q.options().dtype(acc));
+  const at::Tensor decay = log_decay.defined() ? log_decay.contiguous() : at::Tensor();
   at::Tensor initial, mask;
   const bool* mask_ptr = optional_ptr<bool>(key_padding_mask, mask);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "linear_attn_fwd", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     LINATTN_CPU_ISA_DISPATCH(linear_attention_forward_cpu<scalar_t, acc_t>(
         s, view_of<scalar_t>(q), view_of<scalar_t>(k), view_of<scalar_t>(v), mask_ptr,
-        optional_ptr<acc_t>(initial_state, initial), out.mutable_data_ptr<scalar_t>(),
-        final_state.mutable_data_ptr<acc_t>(), normalizer.mutable_data_ptr<acc_t>()));
+        data_or_null<acc_t>(decay), optional_ptr<acc_t>(initial_state, initial),
+        out.mutable_data_ptr<scalar_t>(), final_state.mutable_data_ptr<acc_t>(),
+        normalizer.mutable_data_ptr<acc_t>()));
   });
   return {out, final_state, normalizer};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_impl(
     const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_final_state,
-    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
-    const at::Tensor& normalizer, const std::optional<at::Tensor>& initial_state,
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& log_decay,
+    const at::Tensor& out, const at::Tensor& normalizer, const std::optional<at::Tensor>& initial_state,
     const std::optional<at::Tensor>& key_padding_mask, int64_t feature_map, bool causal,
     bool normalize) {
-  check_backward_inputs(grad_out, grad_final_state, q, k, v, out, normalizer, initial_state,
-                        key_padding_mask, feature_map, causal);
+  const LinearAttentionSizes sizes =
+      check_backward_inputs(grad_out, grad_final_state, q, k, v, out, normalizer, initial_state,
+                            key_padding_mask, feature_map, causal);
+  if (log_decay.defined()) check_log_decay(log_decay, q, sizes);
   const LinearAttentionShape s = kernel_shape(q, k, v, feature_map, causal, normalize, 1.0);
   const auto acc = accumulate_type(q.scalar_type());
   auto grad_q = at::empty({s.batch, s.heads, s.q_len, s.feature_dim}, q.options());
@@ -49,6 +61,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
   auto grad_v = at::empty({s.batch, s.heads, s.k_len, s.value_dim}, q.options());
   auto grad_initial =
       at::empty({s.batch, s.heads, s.feature_dim, s.value_dim + 1}, q.options().dtype(acc));
+  const at::Tensor decay = log_decay.defined() ? log_decay.contiguous() : at::Tensor();
+  // dL/dc per position (c = cumsum of log_decay); the caller sums it backward in time.
+  auto grad_cumulative = decay.defined() ? at::zeros({s.batch, s.heads, s.q_len}, q.options().dtype(acc))
+                                         : at::empty({0}, q.options().dtype(acc));
   const at::Tensor den = normalizer.contiguous();
   at::Tensor initial, grad_final, mask;
   const bool* mask_ptr = optional_ptr<bool>(key_padding_mask, mask);
@@ -57,11 +73,50 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
     LINATTN_CPU_ISA_DISPATCH(linear_attention_backward_cpu<scalar_t, acc_t>(
         s, view_of<scalar_t>(grad_out), view_of<scalar_t>(q), view_of<scalar_t>(k),
         view_of<scalar_t>(v), view_of<scalar_t>(out), den.const_data_ptr<acc_t>(), mask_ptr,
-        optional_ptr<acc_t>(initial_state, initial), optional_ptr<acc_t>(grad_final_state, grad_final),
-        grad_q.mutable_data_ptr<scalar_t>(), grad_k.mutable_data_ptr<scalar_t>(),
-        grad_v.mutable_data_ptr<scalar_t>(), grad_initial.mutable_data_ptr<acc_t>()));
+        data_or_null<acc_t>(decay), optional_ptr<acc_t>(initial_state, initial),
+        optional_ptr<acc_t>(grad_final_state, grad_final), grad_q.mutable_data_ptr<scalar_t>(),
+        grad_k.mutable_data_ptr<scalar_t>(), grad_v.mutable_data_ptr<scalar_t>(),
+        grad_initial.mutable_data_ptr<acc_t>(),
+        decay.defined() ? grad_cumulative.mutable_data_ptr<acc_t>() : nullptr));
   });
-  return {grad_q, grad_k, grad_v, grad_initial};
+  return {grad_q, grad_k, grad_v, grad_initial, grad_cumulative};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cpu(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const std::optional<at::Tensor>& initial_state, const std::optional<at::Tensor>& key_padding_mask,
+    int64_t feature_map, bool causal, bool normalize, double eps) {
+  return forward_impl(q, k, v, at::Tensor(), initial_state, key_padding_mask, feature_map, causal,
+                      normalize, eps);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
+    const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_final_state,
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& normalizer, const std::optional<at::Tensor>& initial_state,
+    const std::optional<at::Tensor>& key_padding_mask, int64_t feature_map, bool causal,
+    bool normalize) {
+  auto [gq, gk, gv, gi, unused] = backward_impl(grad_out, grad_final_state, q, k, v, at::Tensor(), out,
+                                                normalizer, initial_state, key_padding_mask,
+                                                feature_map, causal, normalize);
+  return {gq, gk, gv, gi};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> decayed_forward_cpu(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& log_decay,
+    const std::optional<at::Tensor>& initial_state, const std::optional<at::Tensor>& key_padding_mask,
+    int64_t feature_map, bool normalize, double eps) {
+  return forward_impl(q, k, v, log_decay, initial_state, key_padding_mask, feature_map,
+                      /*causal=*/true, normalize, eps);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> decayed_backward_cpu(
+    const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_final_state,
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& log_decay,
+    const at::Tensor& out, const at::Tensor& normalizer, const std::optional<at::Tensor>& initial_state,
+    const std::optional<at::Tensor>& key_padding_mask, int64_t feature_map, bool normalize) {
+  return backward_impl(grad_out, grad_final_state, q, k, v, log_decay, out, normalizer, initial_state,
+                       key_padding_mask, feature_map, /*causal=*/true, normalize);
 }
 
 }  // namespace
@@ -69,6 +124,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
 TORCH_LIBRARY_IMPL(linattn, CPU, m) {
   m.impl("linear_attn_fwd", &forward_cpu);
   m.impl("linear_attn_bwd", &backward_cpu);
+  m.impl("decayed_linear_attn_fwd", &decayed_forward_cpu);
+  m.impl("decayed_linear_attn_bwd", &decayed_backward_cpu);
 }
 
 }  // namespace linattn

@@ -140,6 +140,8 @@ struct Operands {
   acc_t* den = nullptr;                 // normalizers (B, H, N): written forward, read backward
   scalar_t *dq = nullptr, *dk = nullptr, *dv = nullptr;
   acc_t* grad_initial = nullptr;
+  const acc_t* log_decay = nullptr;     // (B, H, N) log factors of a fading state, causal, or null
+  acc_t* grad_log_decay = nullptr;      // (B, H, N) dL/dc (c = cumsum of log_decay), or null
 };
 
 // The state is split while a kernel runs: S (m × dv) multiplies values in GEMMs of width dv,
@@ -162,6 +164,9 @@ struct Kernel {
   std::vector<acc_t> q, k, v, g, gd, a, b, o, dk;
   std::vector<acc_t> S, z, Rs, rz;  // state [S | z] and its gradient [Rs | rz]
   std::vector<acc_t> unit;           // C ones: row sums as dot products
+  // A fading state (log_decay): per chunk row r, b_r = Σ_{l<=r} log f (local cumulative),
+  // e^{b_r} and e^{b_last − b_r} (all exponents <= 0), and decayed copies of φ(q) and φ(k).
+  std::vector<acc_t> cb, eb, et, qd, kd;
 
   Kernel(const LinearAttentionShape& shape, int64_t chunk)
       : s(shape), C(chunk), m(shape.feature_dim), dv(shape.value_dim), dvp(shape.value_dim + 1) {
@@ -179,6 +184,56 @@ struct Kernel {
     Rs.resize(m * dv);
     rz.resize(m);
     unit.assign(C, acc_t(1));
+    cb.resize(C);
+    eb.resize(C);
+    et.resize(C);
+    qd.resize(C * m);
+    kd.resize(C * m);
+  }
+
+  // ---- A fading state (METHODS.md §1, decay and gates): inside a chunk only differences of
+  // the local cumulative log factors b are exponentiated, never a positive sum. ----
+
+  // Loads the chunk's decays; false when the state does not fade.
+  bool load_decay(const Operands<scalar_t, acc_t>& x, int64_t bh, int64_t t0, int64_t L) {
+    if (!x.log_decay) return false;
+    const acc_t* a = x.log_decay + bh * s.q_len + t0;
+    acc_t run = 0;
+    for (int64_t r = 0; r < L; ++r) cb[r] = run += a[r];
+    for (int64_t r = 0; r < L; ++r) {
+      eb[r] = exp_nonpositive(cb[r]);
+      et[r] = exp_nonpositive(cb[L - 1] - cb[r]);
+    }
+    return true;
+  }
+
+  // A (L × L, causal, ld C) ⊙= e^{b_r − b_s}: the decay between key s and query r of the chunk.
+  void decay_scores(acc_t* A, int64_t L) {
+    for (int64_t r = 0; r < L; ++r) {
+      acc_t* row = A + r * C;
+      for (int64_t c = 0; c <= r; ++c) row[c] *= exp_nonpositive(cb[r] - cb[c]);
+    }
+  }
+
+  // Rows of x (ld) times w[r].
+  static void scale_rows(acc_t* x, int64_t ld, const acc_t* w, int64_t L, int64_t n) {
+    for (int64_t r = 0; r < L; ++r)
+      for (int64_t c = 0; c < n; ++c) x[r * ld + c] *= w[r];
+  }
+
+  // A decayed copy of feature rows: dst_r = w[r]·f_r.
+  Rows<acc_t> scaled_copy(std::vector<acc_t>& dst, Rows<acc_t> f, const acc_t* w, int64_t L) {
+    for (int64_t r = 0; r < L; ++r)
+      for (int64_t c = 0; c < m; ++c) dst[r * m + c] = w[r] * f.row(r)[c];
+    return {dst.data(), m};
+  }
+
+  // [S | z] = e^{b_last} [S | z] + Σ_s e^{b_last − b_s} φ(k_s) [v_s | 1]ᵀ
+  void accumulate_decayed_state(Rows<acc_t> kf, Rows<acc_t> vr, int64_t L) {
+    const acc_t fade = eb[L - 1];
+    for (auto& e : S) e *= fade;
+    for (auto& e : z) e *= fade;
+    accumulate_state(scaled_copy(kd, kf, et.data(), L), vr, L);
   }
 
   static bool any_padded(const bool* mask, int64_t t0, int64_t L) {
@@ -328,9 +383,10 @@ struct Kernel {
   // Normalizes (and converts) the numerators of rows t0..t0+L: d = φ(q)·z (+ the row sums of
   // the chunk's causal scores `intra`, when given) + eps.
   void finish_output(scalar_t* out_bh, const acc_t* num, acc_t* den_bh, Rows<acc_t> qf,
-                     const acc_t* intra, int64_t t0, int64_t L) {
+                     const acc_t* intra, int64_t t0, int64_t L, const acc_t* fade = nullptr) {
     for (int64_t r = 0; r < L; ++r) {
       acc_t d = dot(qf.row(r), z.data(), m);
+      if (fade) d *= fade[r];  // e^{b_r}: the state seen by row r faded through the chunk
       if (intra) d += dot(intra + r * C, unit.data(), r + 1);
       d += static_cast<acc_t>(s.eps);
       den_bh[t0 + r] = d;
@@ -422,14 +478,21 @@ struct Kernel {
         finish_output(out_bh, num, den_bh, qf, nullptr, t0, L);
         continue;
       }
-      // O_c = Q_c S + tril(Q_c K_cᵀ) V_c, then the state takes the chunk.
+      // O_c = Q_c S + tril(Q_c K_cᵀ) V_c, then the state takes the chunk (with a fading state:
+      // row r sees S faded by e^{b_r}, key s by e^{b_r − b_s}).
+      const bool decayed = load_decay(x, bh, t0, L);
+      if (decayed) scale_rows(num, dv, eb.data(), L, dv);
       const Rows<acc_t> kf = features(k, x.k, bi, hi, t0, L, mask);
       const Rows<acc_t> vr = values(x.v, bi, hi, t0, L, mask);
       gemm<acc_t>(false, true, L, L, m, qf.data, qf.ld, kf.data, kf.ld, 0, a.data(), C);
       keep_causal(a.data(), L, C);
+      if (decayed) decay_scores(a.data(), L);
       add_causal_product(false, L, dv, a.data(), C, vr.data, vr.ld, num, dv);
-      finish_output(out_bh, num, den_bh, qf, a.data(), t0, L);
-      accumulate_state(kf, vr, L);
+      finish_output(out_bh, num, den_bh, qf, a.data(), t0, L, decayed ? eb.data() : nullptr);
+      if (decayed)
+        accumulate_decayed_state(kf, vr, L);
+      else
+        accumulate_state(kf, vr, L);
     }
   }
 
@@ -446,15 +509,24 @@ struct Kernel {
       load_output_grads(x.grad_out, x.out, x.den + bh * s.q_len, bi, hi, t0, L);
       gemm<acc_t>(false, true, L, m, dv, g.data(), dv, S.data(), dv, 0, o.data(), m);
       add_outer(o.data(), m, gd.data(), z.data(), L, m);
+      const bool decayed = s.causal && load_decay(x, bh, t0, L);
+      if (decayed) scale_rows(o.data(), m, eb.data(), L, m);
       if (s.causal) {
         const Rows<acc_t> kf = features(k, x.k, bi, hi, t0, L, mask);
         const Rows<acc_t> vr = values(x.v, bi, hi, t0, L, mask);
         cotangent_scores(vr, mask, t0, L);
+        if (decayed) decay_scores(b.data(), L);
         add_causal_product(false, L, m, b.data(), C, kf.data, kf.ld, o.data(), m);
-        accumulate_state(kf, vr, L);
+        if (decayed)
+          accumulate_decayed_state(kf, vr, L);
+        else
+          accumulate_state(kf, vr, L);
       }
       const Rows<acc_t> qf = features(q, x.q, bi, hi, t0, L);
       if (add_to_r) add_query_terms(qf, L);
+      // dL/dc_i gets φ(q_i)·dφ(q_i) (see backward()).
+      if (x.grad_log_decay)
+        for (int64_t r = 0; r < L; ++r) x.grad_log_decay[bh * s.q_len + t0 + r] += dot(qf.row(r), o.data() + r * m, m);
       store_feature_grads(dq_bh, o.data(), qf, t0, L);
     }
   }
@@ -477,14 +549,33 @@ struct Kernel {
       key_grads(kf, vr, L);
       if (s.causal) {
         // dK_c += tril(G'_c V'_cᵀ)ᵀ Q_c;  dV_c += tril(Q_c K_cᵀ)ᵀ G_c;  R += Q_cᵀ G'_c
+        // (fading: key s reaches the state after the chunk by e^{b_last − b_s}, query r sees
+        // the state before it by e^{b_r}, and R fades by e^{b_last} across the chunk).
+        const bool decayed = load_decay(x, bh, t0, L);
+        if (decayed) {
+          scale_rows(dk.data(), m, et.data(), L, m);
+          scale_rows(o.data(), dv, et.data(), L, dv);
+        }
         const Rows<acc_t> qf = features(q, x.q, bi, hi, t0, L);
         load_output_grads(x.grad_out, x.out, x.den + bh * s.q_len, bi, hi, t0, L);
         cotangent_scores(vr, mask, t0, L);
+        if (decayed) decay_scores(b.data(), L);
         add_causal_product(true, L, m, b.data(), C, qf.data, qf.ld, dk.data(), m);
         gemm<acc_t>(false, true, L, L, m, qf.data, qf.ld, kf.data, kf.ld, 0, a.data(), C);
         keep_causal(a.data(), L, C);
+        if (decayed) decay_scores(a.data(), L);
         add_causal_product(true, L, dv, a.data(), C, g.data(), dv, o.data(), dv);
-        add_query_terms(qf, L);
+        if (decayed) {
+          for (auto& e : Rs) e *= eb[L - 1];
+          for (auto& e : rz) e *= eb[L - 1];
+          add_query_terms(scaled_copy(qd, qf, eb.data(), L), L);
+        } else {
+          add_query_terms(qf, L);
+        }
+        // dL/dc_j gets −φ(k_j)·dφ(k_j) (see backward()).
+        if (x.grad_log_decay)
+          for (int64_t r = 0; r < L; ++r)
+            x.grad_log_decay[bh * s.q_len + t0 + r] -= dot(kf.row(r), dk.data() + r * m, m);
       }
       store_feature_grads(dk_bh, dk.data(), kf, t0, L, mask);
       store_value_grads(dv_bh, o.data(), t0, L, mask);
@@ -504,6 +595,12 @@ struct Kernel {
     unpack_state(Rs.data(), rz.data(), x.grad_final, bh);
     if (!s.causal) add_key_states(x, bh, 0, s.k_len);
     query_grads(x, bh, 0, s.q_len, /*add_to_r=*/!s.causal);
+    // A fading state: with c the cumulative log factors, dL/dc_i = φ(q_i)·dφ(q_i) −
+    // φ(k_i)·dφ(k_i) (every weight e^{c_i − c_j} is differentiated at both ends), plus, at the
+    // last token, <R_N, S'_N> for the final state (now in [S | z] after the forward pass).
+    if (x.grad_log_decay && s.q_len > 0 && x.grad_final)
+      x.grad_log_decay[bh * s.q_len + s.q_len - 1] +=
+          dot(Rs.data(), S.data(), m * dv) + dot(rz.data(), z.data(), m);
     key_grads_rows(x, bh, 0, s.k_len);
     pack_state(x.grad_initial, Rs.data(), rz.data(), bh);
   }
@@ -528,8 +625,9 @@ constexpr int64_t kStateChunk = 256;
 
 // Segments per sequence: as many as make batch·heads·P tasks fill the threads, each of at
 // least 4 chunks (shorter ones would spend more on states than they gain).
-int64_t segments_per_sequence(const LinearAttentionShape& s, int64_t C) {
+int64_t segments_per_sequence(const LinearAttentionShape& s, int64_t C, bool decayed) {
   const int64_t tasks = s.batch * s.heads;
+  if (decayed) return 1;  // partial states would need decays between pieces: not done yet
   const int64_t threads = at::get_num_threads();
   if (tasks == 0 || tasks >= threads) return 1;
   const int64_t parts = (threads + tasks - 1) / tasks;
@@ -675,13 +773,15 @@ class SequenceParallel {
 template <typename scalar_t, typename acc_t>
 void linear_attention_forward_cpu(const LinearAttentionShape& shape, Strided4<const scalar_t> q,
                                   Strided4<const scalar_t> k, Strided4<const scalar_t> v,
-                                  const bool* key_padding_mask, const acc_t* initial_state,
-                                  scalar_t* out, acc_t* final_state, acc_t* normalizer) {
+                                  const bool* key_padding_mask, const acc_t* log_decay,
+                                  const acc_t* initial_state, scalar_t* out, acc_t* final_state,
+                                  acc_t* normalizer) {
   Operands<scalar_t, acc_t> x;
   x.q = q, x.k = k, x.v = v, x.mask = key_padding_mask, x.initial = initial_state;
+  x.log_decay = log_decay;
   x.o = out, x.final_state = final_state, x.den = normalizer;
   const int64_t chunk = chunk_length(shape);
-  const int64_t parts = segments_per_sequence(shape, chunk);
+  const int64_t parts = segments_per_sequence(shape, chunk, log_decay != nullptr);
   if (parts > 1) {
     SequenceParallel<scalar_t, acc_t>(shape, chunk, parts, x).forward();
     return;
@@ -697,17 +797,18 @@ void linear_attention_backward_cpu(const LinearAttentionShape& shape,
                                    Strided4<const scalar_t> grad_out, Strided4<const scalar_t> q,
                                    Strided4<const scalar_t> k, Strided4<const scalar_t> v,
                                    Strided4<const scalar_t> out, const acc_t* normalizer,
-                                   const bool* key_padding_mask, const acc_t* initial_state,
-                                   const acc_t* grad_final_state,
+                                   const bool* key_padding_mask, const acc_t* log_decay,
+                                   const acc_t* initial_state, const acc_t* grad_final_state,
                                    scalar_t* grad_q, scalar_t* grad_k, scalar_t* grad_v,
-                                   acc_t* grad_initial_state) {
+                                   acc_t* grad_initial_state, acc_t* grad_log_decay) {
   Operands<scalar_t, acc_t> x;
   x.q = q, x.k = k, x.v = v, x.grad_out = grad_out, x.out = out, x.mask = key_padding_mask;
   x.initial = initial_state, x.grad_final = grad_final_state;
   x.den = const_cast<acc_t*>(normalizer);  // read only in the backward
   x.dq = grad_q, x.dk = grad_k, x.dv = grad_v, x.grad_initial = grad_initial_state;
+  x.log_decay = log_decay, x.grad_log_decay = grad_log_decay;
   const int64_t chunk = chunk_length(shape);
-  const int64_t parts = segments_per_sequence(shape, chunk);
+  const int64_t parts = segments_per_sequence(shape, chunk, log_decay != nullptr);
   if (parts > 1) {
     SequenceParallel<scalar_t, acc_t>(shape, chunk, parts, x).backward();
     return;
@@ -721,11 +822,13 @@ void linear_attention_backward_cpu(const LinearAttentionShape& shape,
 #define LINATTN_INSTANTIATE(scalar_t, acc_t)                                                     \
   template void linear_attention_forward_cpu<scalar_t, acc_t>(                                   \
       const LinearAttentionShape&, Strided4<const scalar_t>, Strided4<const scalar_t>,           \
-      Strided4<const scalar_t>, const bool*, const acc_t*, scalar_t*, acc_t*, acc_t*);           \
+      Strided4<const scalar_t>, const bool*, const acc_t*, const acc_t*, scalar_t*, acc_t*,      \
+      acc_t*);                                                                                   \
   template void linear_attention_backward_cpu<scalar_t, acc_t>(                                  \
       const LinearAttentionShape&, Strided4<const scalar_t>, Strided4<const scalar_t>,           \
       Strided4<const scalar_t>, Strided4<const scalar_t>, Strided4<const scalar_t>, const acc_t*, \
-      const bool*, const acc_t*, const acc_t*, scalar_t*, scalar_t*, scalar_t*, acc_t*);
+      const bool*, const acc_t*, const acc_t*, const acc_t*, scalar_t*, scalar_t*, scalar_t*,    \
+      acc_t*, acc_t*);
 
 LINATTN_INSTANTIATE(float, float)
 LINATTN_INSTANTIATE(double, double)

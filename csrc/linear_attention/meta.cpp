@@ -38,9 +38,33 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_meta(
           at::empty_symint(s.state(), acc)};
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> decayed_forward_meta(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& log_decay,
+    const std::optional<at::Tensor>& initial_state, const std::optional<at::Tensor>& key_padding_mask,
+    int64_t feature_map, bool normalize, double eps) {
+  const LinearAttentionSizes s =
+      check_forward_inputs(q, k, v, initial_state, key_padding_mask, feature_map, true, eps);
+  check_log_decay(log_decay, q, s);
+  return forward_meta(q, k, v, initial_state, key_padding_mask, feature_map, true, normalize, eps);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> decayed_backward_meta(
+    const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_final_state,
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& log_decay,
+    const at::Tensor& out, const at::Tensor& normalizer, const std::optional<at::Tensor>& initial_state,
+    const std::optional<at::Tensor>& key_padding_mask, int64_t feature_map, bool normalize) {
+  auto [gq, gk, gv, gi] = backward_meta(grad_out, grad_final_state, q, k, v, out, normalizer,
+                                        initial_state, key_padding_mask, feature_map, true, normalize);
+  const LinearAttentionSizes s = check_inputs(q, k, v, initial_state, key_padding_mask, feature_map, true);
+  check_log_decay(log_decay, q, s);
+  return {gq, gk, gv, gi, at::empty_symint({s.batch, s.heads, s.q_len}, log_decay.options())};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(linattn, Meta, m) {
+  m.impl("decayed_linear_attn_fwd", &decayed_forward_meta);
+  m.impl("decayed_linear_attn_bwd", &decayed_backward_meta);
   m.impl("linear_attn_fwd", &forward_meta);
   m.impl("linear_attn_bwd", &backward_meta);
   m.impl("linear_attn_fwd_generic", &forward_meta);

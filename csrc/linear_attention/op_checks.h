@@ -74,6 +74,17 @@ inline LinearAttentionSizes check_backward_inputs(
   return s;
 }
 
+// log_decay (B, H, T) of the decayed operators: the accumulation dtype, on q's device.
+inline void check_log_decay(const at::Tensor& log_decay, const at::Tensor& q,
+                            const LinearAttentionSizes& s) {
+  const char* op = kLinearAttentionOp;
+  check_same_device(op, "log_decay", log_decay, "q", q);
+  TORCH_CHECK(log_decay.scalar_type() == accumulate_type(q.scalar_type()), op,
+              ": log_decay must be ", accumulate_type(q.scalar_type()), " for ", q.scalar_type(),
+              " inputs, got ", log_decay.scalar_type());
+  check_shape(op, "log_decay", log_decay, {s.batch, s.heads, s.q_len}, "(B, H, T)");
+}
+
 // The concrete shape a kernel runs on (after the checks above have passed).
 inline LinearAttentionShape kernel_shape(const at::Tensor& q, const at::Tensor& k,
                                          const at::Tensor& v, int64_t feature_map, bool causal,
