@@ -33,6 +33,11 @@ def generic_implementation(enabled: bool = True):
         _use_generic = previous
 
 
+def generic_in_use() -> bool:
+    """Whether generic_implementation() routes calls to the device-generic path (tests)."""
+    return _use_generic
+
+
 def linear_attn_fwd():
     if torch.onnx.is_in_onnx_export():
         if not torch.compiler.is_exporting():

@@ -12,6 +12,7 @@ from .swin import shifted_window_attention, window_attention  # noqa: F401
 from .lsh import lsh_attention  # noqa: F401
 from .additive import additive_attention  # noqa: F401
 from .recurrent import linear_attention_step  # noqa: F401  (decoding, one token at a time)
+from .decay import decayed_linear_attention_generic
 
 State = Tuple[torch.Tensor, torch.Tensor]
 
@@ -51,7 +52,8 @@ def linear_attention(
             (float64 for float64 inputs); feeding it back as initial_state continues the sequence.
         decay: (H,) per-head γ in (0, 1] (RetNet, Lightning): S_i = γ S_{i−1} + φ(k_i) v_iᵀ.
         gate: (B, H, T) log-gates g <= 0 (Mamba-2, simple GLA): S_i = e^{g_i} S_{i−1} + φ(k_i) v_iᵀ.
-            Both causal only, CPU tensors only so far; differentiable (decay and gate too).
+            Both causal only; differentiable (decay and gate too). CPU tensors run the fused
+            kernel, others batched ATen ops (linattn/decay.py).
 
     Returns:
         out (B, H, T_q, dv) in the input dtype, or (out, (S, z)) when output_final_state.
@@ -84,6 +86,15 @@ def linear_attention(
 
     if decay is not None or gate is not None:
         log_decay = _log_decay(where, decay, gate, q, causal, acc)
+        if q.device.type != "cpu" or _ops.generic_in_use():
+            # Every other device: the same math in batched ATen ops (linattn/decay.py).
+            phi_q, phi_k = (phi_q, phi_k) if code == 0 else (phi(q.to(acc)), phi(k.to(acc)))
+            init = None if initial_state is None else (initial[..., :-1], initial[..., -1])
+            out, S, z = decayed_linear_attention_generic(
+                phi_q.to(acc), phi_k.to(acc), v.to(acc), log_decay, init, key_padding_mask, normalize, float(eps)
+            )
+            out = out.to(q.dtype)
+            return (out, (S, z)) if output_final_state else out
         out, final_state, _ = torch.ops.linattn.decayed_linear_attn_fwd(
             phi_q, phi_k, v, log_decay, initial, key_padding_mask, code, normalize, float(eps)
         )
@@ -101,14 +112,10 @@ def _log_decay(where, decay, gate, q, causal, acc):
     """(B, H, T) log factors of the fading state: log γ per head plus the per-token log-gates."""
     if not causal:
         raise ValueError(f"{where}: decay and gate fade a causal state; call it with causal=True, got causal=False")
-    if q.device.type != "cpu":
-        raise NotImplementedError(
-            f"{where}: decay and gate run in the CPU kernel only so far, got tensors on {q.device}; "
-            "linattn.linear_attention_step (token by token) supports them on every device"
-        )
     batch, heads, length = q.shape[0], q.shape[1], q.shape[2]
     log_decay = torch.zeros(batch, heads, length, dtype=acc, device=q.device)
-    checking = not torch.compiler.is_compiling()  # value checks read the data: eager only
+    # Value checks read the data: eager CPU tensors only (no host sync on accelerators).
+    checking = not torch.compiler.is_compiling() and q.device.type == "cpu"
     if decay is not None:
         check.check_tensor(where, "decay", decay, 1, "(H,)")
         check.check_float_dtype(where, "decay", decay)

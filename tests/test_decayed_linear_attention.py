@@ -1,13 +1,18 @@
 """linear_attention(..., causal=True, decay=, gate=): a fading state (RetNet/Lightning decay,
-Mamba-2/simple-GLA gates), METHODS.md §1. The CPU kernel against the float64 dense reference
+Mamba-2/simple-GLA gates), METHODS.md §1. The CPU kernel and the device-generic path (what
+CUDA tensors run, exercised here on CPU tensors) against the float64 dense reference
 (reference.decayed_linear_attention) forward and backward (decay and gate gradients too), at
 odd lengths across chunk boundaries, every dtype; against the token-by-token step; opcheck,
 compile, long sequences without overflow, and clear errors."""
+import contextlib
+
 import pytest
 import torch
 
 import linattn
-from linattn import reference
+from linattn import _ops, reference
+
+IMPLEMENTATIONS = {"fused": contextlib.nullcontext, "generic": _ops.generic_implementation}
 
 DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 TOL = {torch.float64: 1e-10, torch.float32: 3e-5, torch.bfloat16: 4e-2, torch.float16: 5e-3}
@@ -37,12 +42,15 @@ def log_factors(decay, gate, B, H, T):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("kind", ["decay", "gate", "both"])
 @pytest.mark.parametrize("T", [1, 63, 64, 65, 200])
-def test_forward_and_state_match_reference(dtype, kind, T):
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_forward_and_state_match_reference(dtype, kind, T, impl):
     q, k, v, decay, gate, state, mask = make(T=T, dtype=dtype)
     decay = decay if kind != "gate" else None
     gate = gate if kind != "decay" else None
-    out, (S, z) = linattn.linear_attention(q, k, v, causal=True, decay=decay, gate=gate, initial_state=state,
-                                           key_padding_mask=mask, output_final_state=True)
+    with IMPLEMENTATIONS[impl]():
+        out, (S, z) = linattn.linear_attention(q, k, v, causal=True, decay=decay, gate=gate, initial_state=state,
+                                               key_padding_mask=mask, output_final_state=True)
+    assert out.dtype == dtype
     expected, (S_e, z_e) = reference.decayed_linear_attention(q, k, v, log_factors(decay, gate, 2, 3, T),
                                                               initial_state=state, key_padding_mask=mask)
     tol = TOL[dtype]
@@ -53,7 +61,8 @@ def test_forward_and_state_match_reference(dtype, kind, T):
 
 @pytest.mark.parametrize("feature_map,normalize", [("elu", True), ("relu", True), ("identity", False), ("elu", False)])
 @pytest.mark.parametrize("T", [5, 130])
-def test_gradients_match_reference(feature_map, normalize, T):
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_gradients_match_reference(feature_map, normalize, T, impl):
     q, k, v, decay, gate, state, mask = make(T=T, dtype=torch.float64)
     inputs = [t.clone().requires_grad_() for t in (q, k, v, decay, gate, state[0], state[1])]
 
@@ -69,7 +78,9 @@ def test_gradients_match_reference(feature_map, normalize, T):
                                                          initial_state=(S0, z0), key_padding_mask=mask)
         return out, S, z
 
-    a, b = ours(*inputs), theirs(*inputs)
+    with IMPLEMENTATIONS[impl]():
+        a = ours(*inputs)
+    b = theirs(*inputs)
     g = torch.Generator().manual_seed(9)
     weights = [torch.randn(x.shape, generator=g, dtype=torch.float64) for x in a]
     grads_a = torch.autograd.grad(sum((x * w).sum() for x, w in zip(a, weights)), inputs)
@@ -152,7 +163,18 @@ def test_errors_name_the_argument(kwargs, error, message):
     assert message in str(info.value)
 
 
-def test_other_devices_say_so():
-    q, k, v = (torch.empty(1, 1, 4, 2, device="meta") for _ in range(3))
-    with pytest.raises(NotImplementedError, match="CPU kernel only"):
-        linattn.linear_attention(q, k, v, causal=True, decay=torch.ones(1, device="meta"))
+def test_meta_tensors_take_the_generic_path():
+    q, k, v = (torch.empty(2, 3, 100, 4, device="meta") for _ in range(3))
+    out, (S, z) = linattn.linear_attention(q, k, v, causal=True, decay=torch.full((3,), 0.9, device="meta"),
+                                           gate=torch.zeros(2, 3, 100, device="meta"), output_final_state=True)
+    assert out.shape == (2, 3, 100, 4) and S.shape == (2, 3, 4, 4) and z.shape == (2, 3, 4)
+
+
+def test_generic_path_compiles():
+    q, k, v, decay, gate, state, _ = make(T=70)
+
+    def fn(q, k, v, gate):
+        with _ops.generic_implementation():
+            return linattn.linear_attention(q, k, v, causal=True, decay=decay, gate=gate)
+
+    torch.testing.assert_close(torch.compile(fn, fullgraph=True)(q, k, v, gate), fn(q, k, v, gate))

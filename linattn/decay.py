@@ -1,0 +1,91 @@
+"""Causal linear attention with a fading state (METHODS.md §1, decay and gates) in ATen ops: the
+device-generic path that CUDA (and every non-CPU) tensors take, as csrc/linear_attention/
+generic.cpp is for the plain operator. CPU tensors run the fused kernel
+(torch.ops.linattn.decayed_linear_attn_fwd) instead.
+
+The sequence is cut into chunks of C rows, all evaluated at once in batched products (no Python
+loop, so torch.compile sees one graph for any length):
+- inside a chunk, b = the cumulative log factors from its first row; key s reaches query r with
+  weight e^{b_r − b_s} (masked to −inf above the diagonal before exp, so only exponents <= 0);
+- a chunk's own state U_c = Σ_s e^{b_last − b_s} φ(k_s) v_sᵀ;
+- the state entering chunk c is Σ_{c' < c} e^{A_{c−1} − A_{c'}} U_{c'} + e^{A_{c−1}} S_0, with A
+  the cumulative chunk totals: one (chunks × chunks) lower-triangular product, again with only
+  exponents <= 0. Its cost, chunks²·m·dv, is why long sequences take longer chunks.
+Autograd differentiates it (q, k, v, the state, and the log factors, hence decay and gate).
+"""
+from typing import Optional, Tuple
+
+import torch
+
+
+def chunk_length(T: int) -> int:
+    return 64 if T <= 16384 else 128
+
+
+def decayed_linear_attention_generic(
+    phi_q: torch.Tensor,
+    phi_k: torch.Tensor,
+    v: torch.Tensor,
+    log_decay: torch.Tensor,
+    initial_state: Optional[Tuple[torch.Tensor, torch.Tensor]],
+    key_padding_mask: Optional[torch.Tensor],
+    normalize: bool,
+    eps: float,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """phi_q, phi_k (B, H, T, m) features and v (B, H, T, dv), all in the accumulation dtype;
+    log_decay (B, H, T). Returns (out (B, H, T, dv), S (B, H, m, dv), z (B, H, m))."""
+    B, H, T, m = phi_k.shape
+    dv = v.shape[-1]
+    if key_padding_mask is not None:  # a padded key contributes nothing (its value is not read)
+        padded = key_padding_mask[:, None, :, None]
+        phi_k = phi_k.masked_fill(padded, 0.0)
+        v = v.masked_fill(padded, 0.0)
+    C = chunk_length(T)
+    n = -(-T // C)
+    pad = n * C - T  # padded rows: no key, no fading, outputs dropped
+    if pad:
+        phi_q, phi_k, v = (torch.nn.functional.pad(t, (0, 0, 0, pad)) for t in (phi_q, phi_k, v))
+        log_decay = torch.nn.functional.pad(log_decay, (0, pad))
+    q_c, k_c, v_c = (t.reshape(B, H, n, C, t.shape[-1]) for t in (phi_q, phi_k, v))
+    b = log_decay.reshape(B, H, n, C).cumsum(-1)                       # (B, H, n, C), <= 0
+    above = torch.ones(C, C, dtype=torch.bool, device=v.device).triu(1)
+    pair_decay = (b.unsqueeze(-1) - b.unsqueeze(-2)).masked_fill(above, float("-inf")).exp()
+    scores = (q_c @ k_c.transpose(-1, -2)) * pair_decay                # (B, H, n, C, C)
+    numerator = scores @ v_c
+    denominator = scores.sum(-1)
+
+    # Chunk states and the state entering each chunk.
+    to_end = (b[..., -1:] - b).exp().unsqueeze(-1)                     # e^{b_last − b_s}
+    U = (k_c * to_end).transpose(-1, -2) @ v_c                         # (B, H, n, m, dv)
+    u = (k_c * to_end).sum(-2)                                         # (B, H, n, m)
+    A = b[..., -1].cumsum(-1)                                          # (B, H, n), <= 0
+    A_before = torch.nn.functional.pad(A[..., :-1], (1, 0))            # A_{c−1}, A_{−1} = 0
+    earlier = torch.ones(n, n, dtype=torch.bool, device=v.device).tril(-1)
+    carry = (A_before.unsqueeze(-1) - A.unsqueeze(-2)).masked_fill(~earlier, float("-inf")).exp()
+    S_in = torch.einsum("bhcd,bhdmv->bhcmv", carry, U)                 # (B, H, n, m, dv)
+    z_in = torch.einsum("bhcd,bhdm->bhcm", carry, u)
+    if initial_state is not None:
+        S0, z0 = initial_state
+        fade_in = A_before.exp()
+        S_in = S_in + fade_in[..., None, None] * S0.unsqueeze(2)
+        z_in = z_in + fade_in[..., None] * z0.unsqueeze(2)
+    row_fade = b.exp().unsqueeze(-1)                                   # e^{b_r}
+    numerator = numerator + row_fade * (q_c @ S_in)
+    denominator = denominator + row_fade.squeeze(-1) * (q_c @ z_in.unsqueeze(-1)).squeeze(-1)
+
+    # The final state: every chunk's state faded to the end, plus the initial one.
+    to_last = (A[..., -1:] - A).exp()                                  # (B, H, n)
+    S = torch.einsum("bhc,bhcmv->bhmv", to_last, U)
+    z = torch.einsum("bhc,bhcm->bhm", to_last, u)
+    if initial_state is not None:
+        S = S + A[..., -1].exp()[..., None, None] * initial_state[0]
+        z = z + A[..., -1].exp()[..., None] * initial_state[1]
+
+    numerator = numerator.reshape(B, H, n * C, dv)[:, :, :T]
+    if not normalize:
+        return numerator, S, z
+    denominator = denominator.reshape(B, H, n * C)[:, :, :T] + eps
+    # A vanished (0 or subnormal) normalizer defines the row as 0, as the kernels do.
+    vanished = (denominator.abs() < torch.finfo(denominator.dtype).tiny).unsqueeze(-1)
+    out = torch.where(vanished, numerator * 0, numerator / torch.where(vanished, 1, denominator.unsqueeze(-1)))
+    return out, S, z
