@@ -43,6 +43,10 @@ def implementations(T, w, sdpa_max):
         create_block_mask = None
     if create_block_mask is not None and T <= 16384:
         block_mask = create_block_mask(lambda b, h, i, j: (j <= i) & (i - j <= w), None, None, T, T, device="cpu")
+        # One compilation per (T, w) point, as a user with fixed shapes would have: without a
+        # higher limit dynamo stops after 8 and runs flex_attention unfused (a T×T score matrix,
+        # out of memory at T=16384).
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         compiled = torch.compile(flex_attention, dynamic=False)
         impls["flex (compiled fwd)"] = (lambda q, k, v: compiled(q, k, v, block_mask=block_mask), False)
     try:

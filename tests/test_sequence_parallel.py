@@ -87,3 +87,47 @@ def test_deterministic_for_a_thread_count(threads):
     second = run(q, k, v, True, None, None, torch.float32, 3)
     for a, b in zip(first, second):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("T", [777, 1290])
+@pytest.mark.parametrize("with_initial", [False, True])
+def test_fading_state_segments(threads, T, with_initial):
+    """Decay and gates: partial states fade across the pieces they are carried over."""
+    g = torch.Generator().manual_seed(T)
+    q, k, v = [torch.randn(1, 2, T, 16, generator=g) for _ in range(3)]
+    decay = torch.tensor([0.999, 0.99])
+    gate = -torch.rand(1, 2, T, generator=g) * 0.01
+    mask = torch.rand(1, T, generator=g) < 0.1
+    initial = (torch.randn(1, 2, 16, 16, generator=g), torch.rand(1, 2, 16, generator=g) + 1) if with_initial else None
+
+    def run_gated(dtype, n_threads):
+        torch.set_num_threads(n_threads)
+        qq, kk, vv = [t.to(dtype).requires_grad_() for t in (q, k, v)]
+        dd, gg = decay.to(dtype).requires_grad_(), gate.to(dtype).requires_grad_()
+        state_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        init = None if initial is None else tuple(t.to(state_dtype).requires_grad_() for t in initial)
+        out, (S, z) = linattn.linear_attention(qq, kk, vv, causal=True, decay=dd, gate=gg, key_padding_mask=mask,
+                                               initial_state=init, output_final_state=True)
+        weights = torch.linspace(-1, 1, out.numel(), dtype=torch.float64).reshape(out.shape)
+        loss = (out.double() * weights).sum() + (S.double() * 0.1).sum() + (z.double() * 0.01).sum()
+        grads = torch.autograd.grad(loss, (qq, kk, vv, dd, gg) + (init if init else ()))
+        return [out.detach(), S.detach(), z.detach(), *grads]
+
+    names = ["out", "S", "z", "dq", "dk", "dv", "ddecay", "dgate", "dS0", "dz0"]
+    sequential = run_gated(torch.float32, 1)
+    for n_threads in (2, 4):
+        parallel = run_gated(torch.float32, n_threads)
+        for name, a, b in zip(names, parallel, sequential):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4,
+                                       msg=lambda m, n=n_threads, name=name: f"{n} threads, {name}: {m}")
+    got = run_gated(torch.float64, 4)
+    qd, kd, vd = [t.double().requires_grad_() for t in (q, k, v)]
+    dd, gg = decay.double().requires_grad_(), gate.double().requires_grad_()
+    init = None if initial is None else tuple(t.double().requires_grad_() for t in initial)
+    out, (S, z) = reference.decayed_linear_attention(qd, kd, vd, dd.log().view(1, 2, 1) + gg, key_padding_mask=mask,
+                                                     initial_state=init)
+    weights = torch.linspace(-1, 1, out.numel(), dtype=torch.float64).reshape(out.shape)
+    loss = (out * weights).sum() + (S * 0.1).sum() + (z * 0.01).sum()
+    expected = [out, S, z, *torch.autograd.grad(loss, (qd, kd, vd, dd, gg) + (init if init else ()))]
+    for name, a, b in zip(names, got, expected):
+        torch.testing.assert_close(a, b.detach(), rtol=1e-8, atol=1e-8, msg=lambda m, name=name: f"float64 {name}: {m}")

@@ -329,18 +329,43 @@ struct Kernel {
     const bool* mask = x.mask ? x.mask + bi * s.k_len : nullptr;
     for (int64_t t0 = begin; t0 < end; t0 += C) {
       const int64_t L = std::min(C, end - t0);
-      accumulate_state(features(k, x.k, bi, hi, t0, L, mask), values(x.v, bi, hi, t0, L, mask), L);
+      const Rows<acc_t> kf = features(k, x.k, bi, hi, t0, L, mask);
+      const Rows<acc_t> vr = values(x.v, bi, hi, t0, L, mask);
+      if (load_decay(x, bh, t0, L))  // a fading state: the earlier keys fade through the chunk
+        accumulate_decayed_state(kf, vr, L);
+      else
+        accumulate_state(kf, vr, L);
     }
   }
 
-  // [Rs | rz] += Σ over queries [begin, end) of φ(q_i) g'_iᵀ
+  // [Rs | rz] += Σ over queries [begin, end) of φ(q_i) g'_iᵀ: the gradient of the state before
+  // `begin` from those queries (a fading state: walked backward, R fading through each chunk).
   void add_query_grad_states(const Operands<scalar_t, acc_t>& x, int64_t bh, int64_t begin, int64_t end) {
     const int64_t bi = bh / s.heads, hi = bh % s.heads;
-    for (int64_t t0 = begin; t0 < end; t0 += C) {
+    if (end <= begin) return;
+    const bool backward_in_time = x.log_decay != nullptr;
+    const int64_t last = begin + ((end - begin - 1) / C) * C;
+    for (int64_t i = 0, t0 = backward_in_time ? last : begin; t0 >= begin && t0 < end;
+         ++i, t0 += backward_in_time ? -C : C) {
       const int64_t L = std::min(C, end - t0);
       load_output_grads(x.grad_out, x.out, x.den + bh * s.q_len, bi, hi, t0, L);
-      add_query_terms(features(q, x.q, bi, hi, t0, L), L);
+      const Rows<acc_t> qf = features(q, x.q, bi, hi, t0, L);
+      if (load_decay(x, bh, t0, L)) {
+        for (auto& e : Rs) e *= eb[L - 1];
+        for (auto& e : rz) e *= eb[L - 1];
+        add_query_terms(scaled_copy(qd, qf, eb.data(), L), L);
+      } else {
+        add_query_terms(qf, L);
+      }
     }
+  }
+
+  // A fading state's gradient at the last token: <R_N, S'_N> (see backward()); [S | z] must
+  // hold the final state and [Rs | rz] the final state's gradient.
+  void add_final_state_term(const Operands<scalar_t, acc_t>& x, int64_t bh) {
+    if (x.grad_log_decay && s.q_len > 0 && x.grad_final)
+      x.grad_log_decay[bh * s.q_len + s.q_len - 1] +=
+          dot(Rs.data(), S.data(), m * dv) + dot(rz.data(), z.data(), m);
   }
 
   // Outputs of queries [begin, end) from the state in [S | z] (causal: the state of the keys
@@ -479,9 +504,7 @@ struct Kernel {
     // A fading state: with c the cumulative log factors, dL/dc_i = φ(q_i)·dφ(q_i) −
     // φ(k_i)·dφ(k_i) (every weight e^{c_i − c_j} is differentiated at both ends), plus, at the
     // last token, <R_N, S'_N> for the final state (now in [S | z] after the forward pass).
-    if (x.grad_log_decay && s.q_len > 0 && x.grad_final)
-      x.grad_log_decay[bh * s.q_len + s.q_len - 1] +=
-          dot(Rs.data(), S.data(), m * dv) + dot(rz.data(), z.data(), m);
+    add_final_state_term(x, bh);
     key_grads_rows(x, bh, 0, s.k_len);
     pack_state(x.grad_initial, Rs.data(), rz.data(), bh);
   }

@@ -38,7 +38,7 @@ void linear_attention_forward_cpu(const LinearAttentionShape& shape, Strided4<co
   x.log_decay = log_decay;
   x.o = out, x.final_state = final_state, x.den = normalizer;
   const int64_t chunk = chunk_length(shape);
-  const int64_t parts = segments_per_sequence(shape, chunk, log_decay != nullptr);
+  const int64_t parts = segments_per_sequence(shape, chunk);
   if (parts > 1) {
     SequenceParallel<scalar_t, acc_t>(shape, chunk, parts, x).forward();
     return;
@@ -65,7 +65,7 @@ void linear_attention_backward_cpu(const LinearAttentionShape& shape,
   x.dq = grad_q, x.dk = grad_k, x.dv = grad_v, x.grad_initial = grad_initial_state;
   x.log_decay = log_decay, x.grad_log_decay = grad_log_decay;
   const int64_t chunk = chunk_length(shape);
-  const int64_t parts = segments_per_sequence(shape, chunk, log_decay != nullptr);
+  const int64_t parts = segments_per_sequence(shape, chunk);
   if (parts > 1) {
     SequenceParallel<scalar_t, acc_t>(shape, chunk, parts, x).backward();
     return;

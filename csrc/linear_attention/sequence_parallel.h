@@ -23,9 +23,8 @@ constexpr int64_t kStateChunk = 256;
 
 // Segments per sequence: as many as make batch·heads·P tasks fill the threads, each of at
 // least 4 chunks (shorter ones would spend more on states than they gain).
-int64_t segments_per_sequence(const LinearAttentionShape& s, int64_t C, bool decayed) {
+int64_t segments_per_sequence(const LinearAttentionShape& s, int64_t C) {
   const int64_t tasks = s.batch * s.heads;
-  if (decayed) return 1;  // partial states would need decays between pieces: not done yet
   const int64_t threads = at::get_num_threads();
   if (tasks == 0 || tasks >= threads) return 1;
   const int64_t parts = (threads + tasks - 1) / tasks;
@@ -74,6 +73,7 @@ class SequenceParallel {
       // The state gradient of the queries after this segment (causal), or of all (not).
       load_prefix(kernel, true, x_.grad_final, bh, pieces, s_.causal ? p + 1 : 0);
       kernel.query_grads(x_, bh, segment_bound(N, P_, p, C_), segment_bound(N, P_, p + 1, C_));
+      if (p == P_ - 1) kernel.add_final_state_term(x_, bh);  // [S | z] is the final state now
       kernel.key_grads_rows(x_, bh, segment_bound(M, P_, p, C_), segment_bound(M, P_, p + 1, C_));
       if (p == 0) kernel.pack_state(x_.grad_initial, kernel.Rs.data(), kernel.rz.data(), bh);
     });
@@ -130,18 +130,26 @@ class SequenceParallel {
     });
   }
 
-  // The kernel's [S | z] (or, for queries, [Rs | rz]) = base (or 0) + the partial states of
-  // the pieces of that kind with slot below `bound` (keys) or at least `bound` (queries),
-  // summed in piece order.
+  // The kernel's [S | z] (or, for queries, [Rs | rz]) = base (or 0) combined with the partial
+  // states of the pieces of that kind with slot below `bound` (keys: in order, towards the
+  // segment) or at least `bound` (queries: in reverse order, from the end). A fading state
+  // fades what is carried across each piece: sum = e^{Σ log f over the piece}·sum + piece.
   void load_prefix(Kernel<scalar_t, acc_t>& kernel, bool queries, const acc_t* base, int64_t bh,
                    const std::vector<Piece>& pieces, int64_t bound) {
     std::vector<acc_t> sum(width_, acc_t(0));
     if (base) std::copy(base + bh * width_, base + (bh + 1) * width_, sum.begin());
-    for (int64_t i = 0; i < pieces_; ++i) {
+    for (int64_t n = 0; n < pieces_; ++n) {
+      const int64_t i = queries ? pieces_ - 1 - n : n;
       const Piece& piece = pieces[i];
       if (piece.queries != queries || (queries ? piece.slot < bound : piece.slot >= bound)) continue;
       const acc_t* part = partial_.data() + (bh * pieces_ + i) * width_;
-      for (int64_t j = 0; j < width_; ++j) sum[j] += part[j];
+      acc_t fade = acc_t(1);
+      if (x_.log_decay) {
+        acc_t total = 0;
+        for (int64_t t = piece.begin; t < piece.end; ++t) total += x_.log_decay[bh * s_.q_len + t];
+        fade = exp_nonpositive(total);
+      }
+      for (int64_t j = 0; j < width_; ++j) sum[j] = fade * sum[j] + part[j];
     }
     if (queries)
       kernel.unpack_state(kernel.Rs.data(), kernel.rz.data(), sum.data(), 0);
