@@ -246,15 +246,6 @@ struct Kernel {
     add_weighted_rows(z.data(), kf, static_cast<const acc_t*>(nullptr), L, m);
   }
 
-  // Non-causal: the state of every key of (bi, hi).
-  void accumulate_all_keys(const Strided4<const scalar_t>& K, const Strided4<const scalar_t>& V,
-                           int64_t bi, int64_t hi, const bool* mask) {
-    for (int64_t t0 = 0; t0 < s.k_len; t0 += C) {
-      const int64_t L = std::min(C, s.k_len - t0);
-      accumulate_state(features(k, K, bi, hi, t0, L, mask), values(V, bi, hi, t0, L, mask), L);
-    }
-  }
-
   // Where a chunk's numerators go: the output itself when of the accumulation type.
   acc_t* numerators(scalar_t* out_bh, int64_t t0) {
     if constexpr (kInPlace) return out_bh + t0 * dv;
