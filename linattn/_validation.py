@@ -49,6 +49,15 @@ def check_same_device_dtype(where: str, names: tuple, tensors: tuple) -> None:
             )
 
 
+def check_fade(where: str, name: str, t, shape: tuple, layout: str, device) -> None:
+    """A decay (H,) or gate ((B, H) per step, (B, H, T) per sequence): float, that shape, on `device`."""
+    check_tensor(where, name, t, len(shape), layout)
+    check_float_dtype(where, name, t)
+    if tuple(t.shape) != tuple(shape) or t.device != device:
+        raise ValueError(f"{where}: {name} must have shape {tuple(shape)} {layout} on {device}, "
+                         f"got {tuple(t.shape)} on {t.device}")
+
+
 def check_qkv(where: str, q, k, v, causal: bool) -> None:
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_tensor(where, name, t, 4, "(B, H, T, D)")

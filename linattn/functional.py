@@ -117,20 +117,12 @@ def _log_decay(where, decay, gate, q, causal, acc):
     # Value checks read the data: eager CPU tensors only (no host sync on accelerators).
     checking = not torch.compiler.is_compiling() and q.device.type == "cpu"
     if decay is not None:
-        check.check_tensor(where, "decay", decay, 1, "(H,)")
-        check.check_float_dtype(where, "decay", decay)
-        if decay.shape[0] != heads or decay.device != q.device:
-            raise ValueError(f"{where}: decay must have shape ({heads},) (H,) on {q.device}, "
-                             f"got {tuple(decay.shape)} on {decay.device}")
+        check.check_fade(where, "decay", decay, (heads,), "(H,)", q.device)
         if checking and not bool(((decay > 0) & (decay <= 1)).all()):
             raise ValueError(f"{where}: decay must lie in (0, 1], got {decay.tolist()}")
         log_decay = log_decay + decay.to(acc).log().view(1, heads, 1)
     if gate is not None:
-        check.check_tensor(where, "gate", gate, 3, "(B, H, T)")
-        check.check_float_dtype(where, "gate", gate)
-        if tuple(gate.shape) != (batch, heads, length) or gate.device != q.device:
-            raise ValueError(f"{where}: gate must have shape ({batch}, {heads}, {length}) (B, H, T) on {q.device}, "
-                             f"got {tuple(gate.shape)} on {gate.device}")
+        check.check_fade(where, "gate", gate, (batch, heads, length), "(B, H, T)", q.device)
         if checking and not bool((gate <= 0).all()):
             raise ValueError(f"{where}: gate holds log-gates, which must be <= 0 (and not NaN)")
         log_decay = log_decay + gate.to(acc)

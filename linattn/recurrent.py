@@ -100,18 +100,10 @@ def _state_factor(where, decay, gate, batch, heads, device, acc) -> Optional[tor
     """(B, H) multiplier of the state, γ·e^g, or None when neither is given."""
     factor = None
     if decay is not None:
-        check.check_tensor(where, "decay", decay, 1, "(H,)")
-        check.check_float_dtype(where, "decay", decay)
-        if decay.shape[0] != heads or decay.device != device:
-            raise ValueError(f"{where}: decay must have shape ({heads},) (H,) on {device}, "
-                             f"got {tuple(decay.shape)} on {decay.device}")
+        check.check_fade(where, "decay", decay, (heads,), "(H,)", device)
         factor = decay.to(acc).unsqueeze(0).expand(batch, heads)
     if gate is not None:
-        check.check_tensor(where, "gate", gate, 2, "(B, H)")
-        check.check_float_dtype(where, "gate", gate)
-        if tuple(gate.shape) != (batch, heads) or gate.device != device:
-            raise ValueError(f"{where}: gate must have shape ({batch}, {heads}) (B, H) on {device}, "
-                             f"got {tuple(gate.shape)} on {gate.device}")
+        check.check_fade(where, "gate", gate, (batch, heads), "(B, H)", device)
         gate_factor = gate.to(acc).exp()
         factor = gate_factor if factor is None else factor * gate_factor
     return factor
