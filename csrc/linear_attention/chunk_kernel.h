@@ -109,12 +109,28 @@ struct Kernel {
     return {dst.data(), m};
   }
 
-  // [S | z] = e^{b_last} [S | z] + Σ_s e^{b_last − b_s} φ(k_s) [v_s | 1]ᵀ
-  void accumulate_decayed_state(Rows<acc_t> kf, Rows<acc_t> vr, int64_t L) {
-    const acc_t fade = eb[L - 1];
-    for (auto& e : S) e *= fade;
-    for (auto& e : z) e *= fade;
+  // The state takes the chunk's keys (forward in time). Fading (load_decay ran for the chunk):
+  // [S | z] = e^{b_last} [S | z] + Σ_s e^{b_last − b_s} φ(k_s) [v_s | 1]ᵀ.
+  void take_keys(Rows<acc_t> kf, Rows<acc_t> vr, int64_t L, bool decayed) {
+    if (!decayed) {
+      accumulate_state(kf, vr, L);
+      return;
+    }
+    for (auto& e : S) e *= eb[L - 1];
+    for (auto& e : z) e *= eb[L - 1];
     accumulate_state(scaled_copy(kd, kf, et.data(), L), vr, L);
+  }
+
+  // The state gradient takes the chunk's queries (backward in time). Fading:
+  // [Rs | rz] = e^{b_last} [Rs | rz] + Σ_r e^{b_r} φ(q_r) [g_r | gd_r]ᵀ.
+  void take_queries(Rows<acc_t> qf, int64_t L, bool decayed) {
+    if (!decayed) {
+      add_query_terms(qf, L);
+      return;
+    }
+    for (auto& e : Rs) e *= eb[L - 1];
+    for (auto& e : rz) e *= eb[L - 1];
+    add_query_terms(scaled_copy(qd, qf, eb.data(), L), L);
   }
 
   static bool any_padded(const bool* mask, int64_t t0, int64_t L) {
@@ -322,10 +338,7 @@ struct Kernel {
       const int64_t L = std::min(C, end - t0);
       const Rows<acc_t> kf = features(k, x.k, bi, hi, t0, L, mask);
       const Rows<acc_t> vr = values(x.v, bi, hi, t0, L, mask);
-      if (load_decay(x, bh, t0, L))  // a fading state: the earlier keys fade through the chunk
-        accumulate_decayed_state(kf, vr, L);
-      else
-        accumulate_state(kf, vr, L);
+      take_keys(kf, vr, L, load_decay(x, bh, t0, L));
     }
   }
 
@@ -336,18 +349,11 @@ struct Kernel {
     if (end <= begin) return;
     const bool backward_in_time = x.log_decay != nullptr;
     const int64_t last = begin + ((end - begin - 1) / C) * C;
-    for (int64_t i = 0, t0 = backward_in_time ? last : begin; t0 >= begin && t0 < end;
-         ++i, t0 += backward_in_time ? -C : C) {
+    for (int64_t t0 = backward_in_time ? last : begin; t0 >= begin && t0 < end;
+         t0 += backward_in_time ? -C : C) {
       const int64_t L = std::min(C, end - t0);
       load_output_grads(x.grad_out, x.out, x.den + bh * s.q_len, bi, hi, t0, L);
-      const Rows<acc_t> qf = features(q, x.q, bi, hi, t0, L);
-      if (load_decay(x, bh, t0, L)) {
-        for (auto& e : Rs) e *= eb[L - 1];
-        for (auto& e : rz) e *= eb[L - 1];
-        add_query_terms(scaled_copy(qd, qf, eb.data(), L), L);
-      } else {
-        add_query_terms(qf, L);
-      }
+      take_queries(features(q, x.q, bi, hi, t0, L), L, load_decay(x, bh, t0, L));
     }
   }
 
@@ -386,10 +392,7 @@ struct Kernel {
       if (decayed) decay_scores(a.data(), L);
       add_causal_product(false, L, dv, a.data(), C, vr.data, vr.ld, num, dv);
       finish_output(out_bh, num, den_bh, qf, a.data(), t0, L, decayed ? eb.data() : nullptr);
-      if (decayed)
-        accumulate_decayed_state(kf, vr, L);
-      else
-        accumulate_state(kf, vr, L);
+      take_keys(kf, vr, L, decayed);
     }
   }
 
@@ -414,10 +417,7 @@ struct Kernel {
         cotangent_scores(vr, mask, t0, L);
         if (decayed) decay_scores(b.data(), L);
         add_causal_product(false, L, m, b.data(), C, kf.data, kf.ld, o.data(), m);
-        if (decayed)
-          accumulate_decayed_state(kf, vr, L);
-        else
-          accumulate_state(kf, vr, L);
+        take_keys(kf, vr, L, decayed);
       }
       const Rows<acc_t> qf = features(q, x.q, bi, hi, t0, L);
       if (add_to_r) add_query_terms(qf, L);
@@ -462,13 +462,7 @@ struct Kernel {
         keep_causal(a.data(), L, C);
         if (decayed) decay_scores(a.data(), L);
         add_causal_product(true, L, dv, a.data(), C, g.data(), dv, o.data(), dv);
-        if (decayed) {
-          for (auto& e : Rs) e *= eb[L - 1];
-          for (auto& e : rz) e *= eb[L - 1];
-          add_query_terms(scaled_copy(qd, qf, eb.data(), L), L);
-        } else {
-          add_query_terms(qf, L);
-        }
+        take_queries(qf, L, decayed);
         // dL/dc_j gets −φ(k_j)·dφ(k_j) (see backward()).
         if (x.grad_log_decay)
           for (int64_t r = 0; r < L; ++r)
