@@ -125,9 +125,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> block_backward_cpu(
     const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& q_segments,
     const std::optional<at::Tensor>& k_segments, const std::optional<at::Tensor>& positions) {
   const PairTermTensors terms{bias, q_segments, k_segments, positions};
-  const auto sizes = check_block_sparse_inputs(q, k, v, layout, block_size, key_padding_mask, scale, terms);
-  check_window_backward_inputs(grad_out, q, out, lse, sizes);
-  check_grad_lse(kBlockSparseOp, grad_lse, q, sizes);
+  check_block_sparse_backward_inputs(grad_out, grad_lse, q, k, v, out, lse, layout, block_size, key_padding_mask,
+                                     scale, terms);
   const WindowAttentionShape s = window_kernel_shape(q, k, v, -1, -1, 1, scale);
   auto grad_q = at::empty({s.batch, s.heads, s.q_len, s.head_dim}, q.options());
   auto grad_k = at::empty({s.batch, s.heads, s.k_len, s.head_dim}, q.options());

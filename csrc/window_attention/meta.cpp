@@ -48,10 +48,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> block_backward_meta(
     bool causal, const std::optional<at::Tensor>& key_padding_mask, double scale,
     const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& q_segments,
     const std::optional<at::Tensor>& k_segments, const std::optional<at::Tensor>& positions) {
-  const auto s = check_block_sparse_inputs(q, k, v, layout, block_size, key_padding_mask, scale,
-                                           {bias, q_segments, k_segments, positions});
-  check_window_backward_inputs(grad_out, q, out, lse, s);
-  check_grad_lse(kBlockSparseOp, grad_lse, q, s);
+  const auto s = check_block_sparse_backward_inputs(grad_out, grad_lse, q, k, v, out, lse, layout, block_size,
+                                                    key_padding_mask, scale, {bias, q_segments, k_segments, positions});
   return {at::empty_symint({s.batch, s.heads, s.q_len, s.head_dim}, q.options()),
           at::empty_symint({s.batch, s.heads, s.k_len, s.head_dim}, q.options()),
           at::empty_symint({s.batch, s.heads, s.k_len, s.value_dim}, q.options()),

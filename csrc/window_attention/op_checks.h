@@ -136,6 +136,19 @@ inline void check_window_backward_inputs(const at::Tensor& grad_out, const at::T
   check_shape(op, "lse", lse, {s.batch, s.heads, s.q_len}, "(B, H, T_q)");
 }
 
+// The block-sparse backward's checks (CPU, device-generic and Meta kernels alike).
+inline WindowAttentionSizes check_block_sparse_backward_inputs(
+    const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_lse, const at::Tensor& q,
+    const at::Tensor& k, const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
+    const at::Tensor& layout, int64_t block_size, const std::optional<at::Tensor>& key_padding_mask,
+    double scale, const PairTermTensors& terms) {
+  const WindowAttentionSizes s =
+      check_block_sparse_inputs(q, k, v, layout, block_size, key_padding_mask, scale, terms);
+  check_window_backward_inputs(grad_out, q, out, lse, s);
+  check_grad_lse(kBlockSparseOp, grad_lse, q, s);
+  return s;
+}
+
 inline WindowAttentionShape window_kernel_shape(const at::Tensor& q, const at::Tensor& k,
                                                 const at::Tensor& v, int64_t left, int64_t right,
                                                 int64_t dilation, double scale) {
