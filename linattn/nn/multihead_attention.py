@@ -7,6 +7,7 @@ from torch import nn
 
 from .._validation import ArgumentError, ArgumentTypeError
 from .masks import is_causal_mask, key_padding_as_bool
+from .decoding import DecodingCache, decode
 from .methods import build_method
 
 
@@ -87,11 +88,20 @@ class MultiheadAttention(nn.MultiheadAttention):
         self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
         key_padding_mask: Optional[torch.Tensor] = None, need_weights: bool = True,
         attn_mask: Optional[torch.Tensor] = None, average_attn_weights: bool = True, is_causal: bool = False,
-        global_mask: Optional[torch.Tensor] = None,
+        global_mask: Optional[torch.Tensor] = None, cache: Optional[DecodingCache] = None,
     ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """torch.nn.MultiheadAttention's forward; global_mask (N, L) bool marks Longformer's
-        global tokens (method="longformer" only; default: its global_tokens option)."""
+        global tokens (method="longformer" only; default: its global_tokens option).
+
+        cache: a linattn.nn.DecodingCache for incremental (token by token) causal decoding: the
+        new tokens (one or many) attend causally to themselves and to every token this module
+        saw through the cache before, with the results of running the whole sequence at once.
+        Methods softmax (a growing key/value cache), linear and performer (a constant-size
+        state), local (the window's keys) and hybrid; self-attention without masks, and
+        need_weights=False."""
         where = f"linattn.nn.MultiheadAttention(method={self.method!r})"
+        if cache is not None:
+            return self._forward_cached(where, query, key, value, key_padding_mask, need_weights, attn_mask, cache)
         if global_mask is not None and self.method != "longformer":
             raise ArgumentError(f"{where}: global_mask is only for method='longformer'")
         if torch.compiler.is_compiling() and not (is_causal is True or is_causal is False):
@@ -184,6 +194,63 @@ class MultiheadAttention(nn.MultiheadAttention):
         if self.batch_first:
             out = out.transpose(0, 1)
         return out, weights
+
+    def _forward_cached(self, where, query, key, value, key_padding_mask, need_weights, attn_mask, cache):
+        """forward(..., cache=cache): see forward's docstring."""
+        if not isinstance(cache, DecodingCache):
+            raise ArgumentTypeError(f"{where}: cache must be a linattn.nn.DecodingCache, got {type(cache).__name__}")
+        for name, given in (("attn_mask", attn_mask), ("key_padding_mask", key_padding_mask)):
+            if given is not None:
+                raise ArgumentError(f"{where}: with cache= the attention is causal over the cached tokens and "
+                                    f"takes no {name}; got one")
+        if need_weights:
+            raise ArgumentError(f"{where}: with cache= no attention weights are formed; pass need_weights=False")
+        if self.training and self.dropout > 0.0:
+            raise ArgumentError(f"{where}: incremental decoding applies no dropout; call .eval() (dropout="
+                                f"{self.dropout} in training mode)")
+        if any(t.is_nested for t in (query, key, value)):
+            raise ArgumentError(f"{where}: with cache= query, key and value must be dense tensors")
+        if query.dim() not in (2, 3) or key.shape != query.shape[:-1] + key.shape[-1:] or \
+                value.shape != query.shape[:-1] + value.shape[-1:]:
+            raise ArgumentError(
+                f"{where}: with cache= query, key and value must be the same new tokens (decoder self-attention): "
+                f"same rank (2 or 3) and length, got {tuple(query.shape)}, {tuple(key.shape)} and {tuple(value.shape)}"
+            )
+        batched = query.dim() == 3
+        if not batched:
+            query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
+        elif self.batch_first:
+            query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
+        length, batch, _ = query.shape
+        self._check_inputs(where, query, key, value, None, None)
+        entry = cache.layer(self)
+        if entry is not None and entry["batch"] != batch:
+            raise ArgumentError(f"{where}: the cache holds a batch of {entry['batch']} sequences, the new tokens "
+                                f"have batch {batch}; use DecodingCache.select to change it")
+        q, k, v = self._project(query, key, value)
+        heads, head_dim = self.num_heads, self.head_dim
+        split = lambda t: t.view(t.shape[0], batch, heads, head_dim).permute(1, 2, 0, 3)
+        q, k, v = split(q), split(k), split(v)
+        visible = None
+        if entry is None and (self.bias_k is not None or self.add_zero_attn):
+            if not self.core.supports_extra_keys:
+                raise ValueError(f"{where}: add_bias_kv and add_zero_attn are not supported by this method")
+            visible_k, visible_v = [], []
+            if self.bias_k is not None:
+                visible_k.append(split(self.bias_k.expand(1, batch, -1)))
+                visible_v.append(split(self.bias_v.expand(1, batch, -1)))
+            if self.add_zero_attn:
+                visible_k.append(k.new_zeros(batch, heads, 1, head_dim))
+                visible_v.append(v.new_zeros(batch, heads, 1, head_dim))
+            visible = (torch.cat(visible_k, dim=2), torch.cat(visible_v, dim=2))
+        out, entry = decode(self.core, q, k, v, entry, visible, where)
+        entry["batch"] = batch
+        cache.set_layer(self, entry)
+        out = out.permute(2, 0, 1, 3).reshape(length * batch, self.embed_dim)
+        out = F.linear(out, self.out_proj.weight, self.out_proj.bias).view(length, batch, self.embed_dim)
+        if not batched:
+            return out.squeeze(1), None
+        return (out.transpose(0, 1) if self.batch_first else out), None
 
     def _forward_nested(self, where, query, key, value, key_padding_mask, need_weights, attn_mask,
                         average_attn_weights, is_causal):
