@@ -45,6 +45,13 @@ TORCH_LIBRARY(linattn, m) {
       "Tensor log_decay, Tensor out, Tensor normalizer, Tensor? initial_state, Tensor? key_padding_mask, "
       "int feature_map, bool normalize) -> "
       "(Tensor grad_q, Tensor grad_k, Tensor grad_v, Tensor grad_initial_state, Tensor grad_log_decay)");
+  // One decoding step (recurrent form): S' = factor·S + φ(k) vᵀ, z' = factor·z + φ(k),
+  // out = φ(q)ᵀS' / (φ(q)·z' + eps) (or the numerator alone). q, k (B, H, D), v (B, H, dv);
+  // S (B, H, m, dv), z (B, H, m) and factor (B, H) in the accumulation dtype; m = D. CPU only:
+  // linattn.linear_attention_step runs other devices through ATen ops.
+  m.def(
+      "linear_attn_step(Tensor q, Tensor k, Tensor v, Tensor S, Tensor z, Tensor? factor, "
+      "int feature_map, bool normalize, float eps) -> (Tensor out, Tensor S_out, Tensor z_out)");
   // The device-generic forward as a CompositeImplicitAutograd op: tracers that record ATen ops
   // (torch.onnx.export, legacy and dynamo) see its standard ATen operations instead of a
   // custom op they cannot translate. Used by linattn.linear_attention during ONNX export.

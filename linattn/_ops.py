@@ -183,9 +183,67 @@ def _register_decayed() -> None:
     torch.library.register_autograd("linattn::decayed_linear_attn_bwd", _no_double_backward, setup_context=_no_context)
 
 
+def _feature_and_slope(x: torch.Tensor, code: int):
+    """φ(x) and φ'(x) of a fused feature map (0 identity, 1 elu+1, 2 relu)."""
+    if code == 1:
+        negative = torch.exp(torch.clamp(x, max=0.0))
+        return torch.where(x > 0, x + 1, negative), torch.where(x > 0, torch.ones_like(x), negative)
+    if code == 2:
+        positive = x > 0
+        return x * positive, positive.to(x.dtype)
+    return x, torch.ones_like(x)
+
+
+def _register_step() -> None:
+    """linear_attn_step's backward, in ATen ops (the step is O(m·dv), and so is its gradient):
+    out = num/den with num = φ(q)ᵀS', den = φ(q)·z' + eps, S' = f·S + φ(k)vᵀ, z' = f·z + φ(k)."""
+
+    def setup_context(ctx, inputs, output):
+        q, k, v, S, z, factor, feature_map, normalize, eps = inputs
+        _out, S_new, z_new = output
+        ctx.save_for_backward(q, k, v, S, z, factor, S_new, z_new)
+        ctx.options = (feature_map, normalize, eps)
+
+    def backward(ctx, grad_out, grad_S_new, grad_z_new):
+        q, k, v, S, z, factor, S_new, z_new = ctx.saved_tensors
+        feature_map, normalize, eps = ctx.options
+        acc = S.dtype
+        phi_q, slope_q = _feature_and_slope(q.to(acc), feature_map)
+        phi_k, slope_k = _feature_and_slope(k.to(acc), feature_map)
+        values = v.to(acc)
+        grad_S = torch.zeros_like(S_new) if grad_S_new is None else grad_S_new
+        grad_z = torch.zeros_like(z_new) if grad_z_new is None else grad_z_new
+        grad_phi_q = torch.zeros_like(phi_q)
+        if grad_out is not None:
+            grad_num, grad_den = grad_out.to(acc), None
+            if normalize:
+                numerator = torch.einsum("bhm,bhmd->bhd", phi_q, S_new)
+                den = (phi_q * z_new).sum(-1, keepdim=True) + eps
+                vanished = den.abs() < torch.finfo(acc).tiny  # such rows are 0: no gradient
+                safe = torch.where(vanished, 1, den)
+                grad_den = torch.where(vanished, 0, -(grad_num * numerator).sum(-1, keepdim=True) / safe**2)
+                grad_num = torch.where(vanished, 0, grad_num / safe)
+            grad_S = grad_S + phi_q.unsqueeze(-1) * grad_num.unsqueeze(-2)
+            grad_phi_q = torch.einsum("bhmd,bhd->bhm", S_new, grad_num)
+            if grad_den is not None:
+                grad_z = grad_z + phi_q * grad_den
+                grad_phi_q = grad_phi_q + z_new * grad_den
+        grad_phi_k = torch.einsum("bhmd,bhd->bhm", grad_S, values) + grad_z
+        grad_v = torch.einsum("bhmd,bhm->bhd", grad_S, phi_k)
+        grad_factor = None
+        if factor is not None:
+            grad_factor = (grad_S * S).sum((-1, -2)) + (grad_z * z).sum(-1)
+            grad_S, grad_z = grad_S * factor[..., None, None], grad_z * factor[..., None]
+        return ((grad_phi_q * slope_q).to(q.dtype), (grad_phi_k * slope_k).to(k.dtype), grad_v.to(v.dtype),
+                grad_S, grad_z, grad_factor, None, None, None)
+
+    torch.library.register_autograd("linattn::linear_attn_step", backward, setup_context=setup_context)
+
+
 _register(generic=False)
 _register(generic=True)
 _register_decayed()
+_register_step()
 _register_window(generic=False)
 _register_window(generic=True)
 _register_block_sparse(generic=False)

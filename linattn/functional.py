@@ -5,7 +5,9 @@ import torch
 
 from . import _ops
 from . import _validation as check
-from .feature_maps import PERFORMER_KERNELS, efficient_feature_maps, favor_features, resolve_feature_map
+from .feature_maps import (
+    FUSED_FEATURE_MAPS, PERFORMER_KERNELS, efficient_feature_maps, favor_features, resolve_feature_map,
+)
 from .sparse import bigbird_layout, block_local_layout, block_sparse_attention  # noqa: F401
 from .window import sliding_window_attention  # noqa: F401  (the restricted-softmax family)
 from .swin import shifted_window_attention, window_attention  # noqa: F401
@@ -17,8 +19,6 @@ from .decay import decayed_linear_attention_generic
 State = Tuple[torch.Tensor, torch.Tensor]
 
 # Feature-map codes of the C++ operators (csrc/linear_attention/kernel.h, FeatureMap).
-FUSED_FEATURE_MAPS = {"identity": 0, "elu": 1, "relu": 2}
-
 
 def linear_attention(
     q: torch.Tensor,

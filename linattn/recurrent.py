@@ -15,7 +15,9 @@ import torch
 
 from . import _ops
 from . import _validation as check
-from .feature_maps import resolve_feature_map
+from .feature_maps import FEATURE_MAPS, FUSED_FEATURE_MAPS, resolve_feature_map
+
+FEATURE_MAPS_BY_CODE = {1: FEATURE_MAPS["elu"], 2: FEATURE_MAPS["relu"]}
 
 State = Tuple[torch.Tensor, torch.Tensor]
 
@@ -66,34 +68,52 @@ def linear_attention_step(
         )
     phi = resolve_feature_map(feature_map, where)
     acc = _ops.accumulate_dtype(q.dtype)
-    q_acc, k_acc, v_acc = q.to(acc), k.to(acc), v.to(acc)
-    phi_q, phi_k = (q_acc, k_acc) if phi is None else (phi(q_acc), phi(k_acc))
-    if phi_q.shape != phi_k.shape or phi_q.shape[:2] != q.shape[:2]:
-        raise ValueError(f"{where}: feature_map must map (B, H, D) to (B, H, m) for q and k alike, "
-                         f"got {tuple(phi_q.shape)} and {tuple(phi_k.shape)}")
+    # The built-in maps are fused into the CPU step; a callable runs here.
+    code = FUSED_FEATURE_MAPS.get(feature_map, 0) if isinstance(feature_map, str) or phi is None else None
+    if code is None:
+        phi_q, phi_k = phi(q.to(acc)), phi(k.to(acc))
+        if phi_q.shape != phi_k.shape or phi_q.shape[:2] != q.shape[:2]:
+            raise ValueError(f"{where}: feature_map must map (B, H, D) to (B, H, m) for q and k alike, "
+                             f"got {tuple(phi_q.shape)} and {tuple(phi_k.shape)}")
+    else:
+        phi_q, phi_k = q, k
     batch, heads, m = phi_k.shape
     dv = v.shape[2]
     if state is None:
-        S = phi_k.new_zeros(batch, heads, m, dv)
-        z = phi_k.new_zeros(batch, heads, m)
+        S = v.new_zeros(batch, heads, m, dv, dtype=acc)
+        z = v.new_zeros(batch, heads, m, dtype=acc)
     else:
         check.check_state(where, "state", state, phi_k.unsqueeze(2), v.unsqueeze(2))
         S, z = state[0].to(acc), state[1].to(acc)
-
     factor = _state_factor(where, decay, gate, batch, heads, v.device, acc)
+    if q.device.type == "cpu" and not _ops.generic_in_use():
+        out, S, z = torch.ops.linattn.linear_attn_step(
+            phi_q, phi_k, v, S, z, factor, 0 if code is None else code, normalize, float(eps)
+        )
+        return out, (S, z)
+    if code is not None and code != 0:
+        phi = FEATURE_MAPS_BY_CODE[code]
+        phi_q, phi_k = phi(q.to(acc)), phi(k.to(acc))
+    out, S, z = step_formula(phi_q.to(acc), phi_k.to(acc), v.to(acc), S, z, factor, normalize, float(eps))
+    return out.to(q.dtype), (S, z)
+
+
+def step_formula(phi_q, phi_k, v, S, z, factor, normalize: bool, eps: float):
+    """The step in ATen ops on features and values in the accumulation dtype: (out, S', z').
+    What non-CPU devices run, and the reference the CPU op's backward differentiates."""
     if factor is not None:
         S = S * factor.unsqueeze(-1).unsqueeze(-1)
         z = z * factor.unsqueeze(-1)
-    S = S + phi_k.unsqueeze(-1) * v_acc.unsqueeze(-2)
+    S = S + phi_k.unsqueeze(-1) * v.unsqueeze(-2)
     z = z + phi_k
     numerator = torch.einsum("bhm,bhmd->bhd", phi_q, S)
     if not normalize:
-        return numerator.to(q.dtype), (S, z)
+        return numerator, S, z
     denominator = (phi_q * z).sum(-1, keepdim=True) + eps
     # A vanished (0 or subnormal) normalizer defines the row as 0, as the kernels do.
-    vanished = denominator.abs() < torch.finfo(acc).tiny
+    vanished = denominator.abs() < torch.finfo(denominator.dtype).tiny
     out = torch.where(vanished, numerator * 0, numerator / torch.where(vanished, 1, denominator))
-    return out.to(q.dtype), (S, z)
+    return out, S, z
 
 
 def _state_factor(where, decay, gate, batch, heads, device, acc) -> Optional[torch.Tensor]:

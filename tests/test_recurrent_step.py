@@ -32,7 +32,7 @@ def run_steps(q, k, v, state=None, **kwargs):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("feature_map,normalize", [("elu", True), ("relu", True), ("identity", False)])
 @pytest.mark.parametrize("with_state", [False, True])
-def test_steps_equal_the_causal_operator(dtype, feature_map, normalize, with_state):
+def test_steps_equal_the_causal_operator(dtype, feature_map, normalize, with_state, implementation):
     q, k, v = inputs(dtype=dtype)
     state = None
     if with_state:
@@ -51,7 +51,7 @@ def test_steps_equal_the_causal_operator(dtype, feature_map, normalize, with_sta
 @pytest.mark.parametrize("kind", ["decay", "gate", "both"])
 @pytest.mark.parametrize("normalize", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
-def test_decay_and_gates_against_reference(kind, normalize, dtype):
+def test_decay_and_gates_against_reference(kind, normalize, dtype, implementation):
     q, k, v = inputs(dtype=dtype, T=17)
     g = torch.Generator().manual_seed(3)
     decay = torch.tensor([1.0, 0.9, 0.5], dtype=dtype) if kind in ("decay", "both") else None
@@ -80,8 +80,13 @@ def test_reference_without_decay_is_the_plain_reference():
     torch.testing.assert_close(z, z_p)
 
 
-def test_gradcheck():
+@pytest.mark.parametrize("feature_map,normalize", [("elu", True), ("relu", True), ("identity", False), ("elu", False)])
+def test_gradcheck(feature_map, normalize, implementation):
     q, k, v = (t[:, :, 0].detach().requires_grad_() for t in inputs(dtype=torch.float64))
+    if feature_map == "relu":  # keep away from relu's kink, where finite differences disagree
+        with torch.no_grad():
+            q.add_(q.sign() * 0.1)
+            k.add_(k.sign() * 0.1)
     g = torch.Generator().manual_seed(1)
     S = torch.randn(2, 3, 7, 5, dtype=torch.float64, generator=g).requires_grad_()
     z = (torch.rand(2, 3, 7, dtype=torch.float64, generator=g) + 1).requires_grad_()
@@ -89,13 +94,38 @@ def test_gradcheck():
     gate = (-torch.rand(2, 3, dtype=torch.float64, generator=g)).requires_grad_()
 
     def fn(q, k, v, S, z, decay, gate):
-        out, (S2, z2) = linattn.linear_attention_step(q, k, v, (S, z), decay=decay, gate=gate)
+        out, (S2, z2) = linattn.linear_attention_step(q, k, v, (S, z), decay=decay, gate=gate,
+                                                      feature_map=feature_map, normalize=normalize)
         return out, S2, z2
 
     assert torch.autograd.gradcheck(fn, (q, k, v, S, z, decay, gate))
+    # Only the output used (no gradient flows into the new state), and the state unused.
+    assert torch.autograd.gradcheck(lambda *a: fn(*a)[0], (q, k, v, S, z, decay, gate))
+    assert torch.autograd.gradcheck(lambda *a: fn(*a)[1], (q, k, v, S, z, decay, gate))
 
 
-def test_compile_fullgraph_equals_eager():
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("with_factor", [False, True])
+def test_opcheck(dtype, with_factor):
+    q, k, v = (t[:, :, 0] for t in inputs(dtype=dtype))
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    S, z = torch.randn(2, 3, 7, 5, dtype=acc), torch.rand(2, 3, 7, dtype=acc) + 1
+    factor = torch.rand(2, 3, dtype=acc) if with_factor else None
+    grad = dtype == torch.float64
+    args = [t.requires_grad_(grad) if t is not None else None for t in (q, k, v, S, z, factor)]
+    torch.library.opcheck(torch.ops.linattn.linear_attn_step.default, (*args, 1, True, 1e-6))
+
+
+def test_callable_feature_map(implementation):
+    q, k, v = inputs(dtype=torch.float64)
+    square = lambda x: x * x  # noqa: E731
+    out, state = run_steps(q, k, v, feature_map=square)
+    whole, final = linattn.linear_attention(q, k, v, causal=True, feature_map=square, output_final_state=True)
+    torch.testing.assert_close(out, whole)
+    torch.testing.assert_close(state[0], final[0])
+
+
+def test_compile_fullgraph_equals_eager(implementation):
     q, k, v = (t[:, :, 0] for t in inputs())
     state = (torch.rand(2, 3, 7, 5), torch.rand(2, 3, 7) + 1)
     decay = torch.tensor([0.9, 0.7, 1.0])
