@@ -45,6 +45,19 @@ TORCH_LIBRARY(linattn, m) {
       "Tensor log_decay, Tensor out, Tensor normalizer, Tensor? initial_state, Tensor? key_padding_mask, "
       "int feature_map, bool normalize) -> "
       "(Tensor grad_q, Tensor grad_k, Tensor grad_v, Tensor grad_initial_state, Tensor grad_log_decay)");
+  // Packed variable-length batches (flash-attn's cu_seqlens convention): q, k, v (1, H, total, ·)
+  // hold N sequences back to back at offsets cu_seqlens (N + 1,) int32; each attends only to
+  // itself. States per sequence (N, H, m, dv + 1); log_decay (1, H, total) as in the decayed
+  // ops, or None. CPU kernels; linattn.linear_attention runs other devices per sequence.
+  m.def(
+      "linear_attn_varlen_fwd(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens, Tensor? log_decay, "
+      "Tensor? initial_state, int feature_map, bool causal, bool normalize, float eps) -> "
+      "(Tensor out, Tensor final_state, Tensor normalizer)");
+  m.def(
+      "linear_attn_varlen_bwd(Tensor grad_out, Tensor? grad_final_state, Tensor q, Tensor k, Tensor v, "
+      "Tensor cu_seqlens, Tensor? log_decay, Tensor out, Tensor normalizer, Tensor? initial_state, "
+      "int feature_map, bool causal, bool normalize) -> "
+      "(Tensor grad_q, Tensor grad_k, Tensor grad_v, Tensor grad_initial_state, Tensor grad_log_decay)");
   // One decoding step (recurrent form): S' = factor·S + φ(k) vᵀ, z' = factor·z + φ(k),
   // out = φ(q)ᵀS' / (φ(q)·z' + eps) (or the numerator alone). q, k (B, H, D), v (B, H, dv);
   // S (B, H, m, dv), z (B, H, m) and factor (B, H) in the accumulation dtype; m = D. CPU only:

@@ -240,10 +240,42 @@ def _register_step() -> None:
     torch.library.register_autograd("linattn::linear_attn_step", backward, setup_context=setup_context)
 
 
+def _register_varlen() -> None:
+    backward_op = torch.ops.linattn.linear_attn_varlen_bwd.default
+
+    def setup_context(ctx, inputs, output):
+        q, k, v, cu_seqlens, log_decay, initial_state, feature_map, causal, normalize, _eps = inputs
+        out, _final_state, normalizer = output
+        ctx.save_for_backward(q, k, v, cu_seqlens, log_decay, out, normalizer, initial_state)
+        ctx.options = (feature_map, causal, normalize)
+        ctx.mark_non_differentiable(normalizer)
+
+    def backward(ctx, grad_out, grad_final_state, _grad_normalizer):
+        from .varlen import segment_reverse_cumsum
+
+        q, k, v, cu_seqlens, log_decay, out, normalizer, initial_state = ctx.saved_tensors
+        feature_map, causal, normalize = ctx.options
+        if grad_out is None:  # only the final states were used
+            grad_out = torch.zeros_like(out)
+        grad_q, grad_k, grad_v, grad_initial, grad_cumulative = backward_op(
+            grad_out, grad_final_state, q, k, v, cu_seqlens, log_decay, out, normalizer, initial_state,
+            feature_map, causal, normalize,
+        )
+        # c restarts with every sequence: dL/dlog_decay_t = Σ_{i >= t in t's sequence} dL/dc_i
+        grad_log_decay = None if log_decay is None else segment_reverse_cumsum(grad_cumulative, cu_seqlens)
+        grad_initial = grad_initial if initial_state is not None else None
+        return grad_q, grad_k, grad_v, None, grad_log_decay, grad_initial, None, None, None, None
+
+    torch.library.register_autograd("linattn::linear_attn_varlen_fwd", backward, setup_context=setup_context)
+    torch.library.register_autograd("linattn::linear_attn_varlen_bwd", _no_double_backward,
+                                    setup_context=_no_context)
+
+
 _register(generic=False)
 _register(generic=True)
 _register_decayed()
 _register_step()
+_register_varlen()
 _register_window(generic=False)
 _register_window(generic=True)
 _register_block_sparse(generic=False)

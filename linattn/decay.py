@@ -78,8 +78,10 @@ def decayed_linear_attention_generic(
     S = torch.einsum("bhc,bhcmv->bhmv", to_last, U)
     z = torch.einsum("bhc,bhcm->bhm", to_last, u)
     if initial_state is not None:
-        S = S + A[..., -1].exp()[..., None, None] * initial_state[0]
-        z = z + A[..., -1].exp()[..., None] * initial_state[1]
+        # Faded by the whole sequence (not at all when it is empty).
+        fade_all = A[..., -1].exp() if n else A.new_ones(B, H)
+        S = S + fade_all[..., None, None] * initial_state[0]
+        z = z + fade_all[..., None] * initial_state[1]
 
     numerator = numerator.reshape(B, H, n * C, dv)[:, :, :T]
     if not normalize:

@@ -5,6 +5,7 @@ import torch
 
 from . import _ops
 from . import _validation as check
+from .varlen import check_cu_seqlens, varlen_linear_attention
 from .feature_maps import (
     FUSED_FEATURE_MAPS, PERFORMER_KERNELS, efficient_feature_maps, favor_features, resolve_feature_map,
 )
@@ -34,6 +35,7 @@ def linear_attention(
     gate: Optional[torch.Tensor] = None,
     initial_state: Optional[State] = None,
     output_final_state: bool = False,
+    cu_seqlens: Optional[torch.Tensor] = None,
 ):
     """Kernelized linear attention (Katharopoulos et al. 2020), METHODS.md §1.
 
@@ -54,6 +56,10 @@ def linear_attention(
         gate: (B, H, T) log-gates g <= 0 (Mamba-2, simple GLA): S_i = e^{g_i} S_{i−1} + φ(k_i) v_iᵀ.
             Both causal only; differentiable (decay and gate too). CPU tensors run the fused
             kernel, others batched ATen ops (linattn/decay.py).
+        cu_seqlens: (N + 1,) int32 offsets of packed variable-length sequences (flash-attn's
+            convention; linattn/varlen.py): q, k, v are (1, H, total, D) and each sequence
+            attends only to itself; states are per sequence, (N, H, m, dv) and (N, H, m); gate
+            is (1, H, total). No key_padding_mask (there is no padding).
 
     Returns:
         out (B, H, T_q, dv) in the input dtype, or (out, (S, z)) when output_final_state.
@@ -78,6 +84,23 @@ def linear_attention(
         check.check_features(where, phi_q, phi_k, q, k)
 
     acc = _ops.accumulate_dtype(q.dtype)
+    if cu_seqlens is not None:
+        check_cu_seqlens(where, cu_seqlens, q, k, key_padding_mask)
+        log_decay = None if decay is None and gate is None else _log_decay(where, decay, gate, q, causal, acc)
+
+        def per_sequence(start, end, n):
+            return linear_attention(
+                q[:, :, start:end], k[:, :, start:end], v[:, :, start:end], causal=causal, feature_map=feature_map,
+                normalize=normalize, eps=eps, decay=decay, gate=None if gate is None else gate[:, :, start:end],
+                initial_state=None if initial_state is None else (initial_state[0][n:n + 1], initial_state[1][n:n + 1]),
+                output_final_state=True,
+            )
+
+        out, state = varlen_linear_attention(
+            where, q, k, v, phi_q, phi_k, code, cu_seqlens, causal=causal, normalize=normalize, eps=eps,
+            log_decay=log_decay, initial_state=initial_state, per_sequence=per_sequence,
+        )
+        return (out, state) if output_final_state else out
     initial = None
     if initial_state is not None:
         check.check_state(where, "initial_state", initial_state, phi_k, v)

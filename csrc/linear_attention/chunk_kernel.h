@@ -78,7 +78,7 @@ struct Kernel {
   // Loads the chunk's decays; false when the state does not fade.
   bool load_decay(const Operands<scalar_t, acc_t>& x, int64_t bh, int64_t t0, int64_t L) {
     if (!x.log_decay) return false;
-    const acc_t* a = x.log_decay + bh * s.q_len + t0;
+    const acc_t* a = x.log_decay + bh * s.q_pitch + t0;
     acc_t run = 0;
     for (int64_t r = 0; r < L; ++r) cb[r] = run += a[r];
     for (int64_t r = 0; r < L; ++r) {
@@ -352,7 +352,7 @@ struct Kernel {
     for (int64_t t0 = backward_in_time ? last : begin; t0 >= begin && t0 < end;
          t0 += backward_in_time ? -C : C) {
       const int64_t L = std::min(C, end - t0);
-      load_output_grads(x.grad_out, x.out, x.den + bh * s.q_len, bi, hi, t0, L);
+      load_output_grads(x.grad_out, x.out, x.den + bh * s.q_pitch, bi, hi, t0, L);
       take_queries(features(q, x.q, bi, hi, t0, L), L, load_decay(x, bh, t0, L));
     }
   }
@@ -361,7 +361,7 @@ struct Kernel {
   // hold the final state and [Rs | rz] the final state's gradient.
   void add_final_state_term(const Operands<scalar_t, acc_t>& x, int64_t bh) {
     if (x.grad_log_decay && s.q_len > 0 && x.grad_final)
-      x.grad_log_decay[bh * s.q_len + s.q_len - 1] +=
+      x.grad_log_decay[bh * s.q_pitch + s.q_len - 1] +=
           dot(Rs.data(), S.data(), m * dv) + dot(rz.data(), z.data(), m);
   }
 
@@ -370,8 +370,8 @@ struct Kernel {
   void forward_rows(const Operands<scalar_t, acc_t>& x, int64_t bh, int64_t begin, int64_t end) {
     const int64_t bi = bh / s.heads, hi = bh % s.heads;
     const bool* mask = x.mask ? x.mask + bi * s.k_len : nullptr;
-    scalar_t* out_bh = x.o + bh * s.q_len * dv;
-    acc_t* den_bh = x.den + bh * s.q_len;
+    scalar_t* out_bh = x.o + bh * s.q_pitch * dv;
+    acc_t* den_bh = x.den + bh * s.q_pitch;
     for (int64_t t0 = begin; t0 < end; t0 += C) {
       const int64_t L = std::min(C, end - t0);
       const Rows<acc_t> qf = features(q, x.q, bi, hi, t0, L);
@@ -403,10 +403,10 @@ struct Kernel {
                    bool add_to_r = false) {
     const int64_t bi = bh / s.heads, hi = bh % s.heads;
     const bool* mask = x.mask ? x.mask + bi * s.k_len : nullptr;
-    scalar_t* dq_bh = x.dq + bh * s.q_len * m;
+    scalar_t* dq_bh = x.dq + bh * s.q_pitch * m;
     for (int64_t t0 = begin; t0 < end; t0 += C) {
       const int64_t L = std::min(C, end - t0);
-      load_output_grads(x.grad_out, x.out, x.den + bh * s.q_len, bi, hi, t0, L);
+      load_output_grads(x.grad_out, x.out, x.den + bh * s.q_pitch, bi, hi, t0, L);
       gemm<acc_t>(false, true, L, m, dv, g.data(), dv, S.data(), dv, 0, o.data(), m);
       add_outer(o.data(), m, gd.data(), z.data(), L, m);
       const bool decayed = s.causal && load_decay(x, bh, t0, L);
@@ -423,7 +423,7 @@ struct Kernel {
       if (add_to_r) add_query_terms(qf, L);
       // dL/dc_i gets φ(q_i)·dφ(q_i) (see backward()).
       if (x.grad_log_decay)
-        for (int64_t r = 0; r < L; ++r) x.grad_log_decay[bh * s.q_len + t0 + r] += dot(qf.row(r), o.data() + r * m, m);
+        for (int64_t r = 0; r < L; ++r) x.grad_log_decay[bh * s.q_pitch + t0 + r] += dot(qf.row(r), o.data() + r * m, m);
       store_feature_grads(dq_bh, o.data(), qf, t0, L);
     }
   }
@@ -434,8 +434,8 @@ struct Kernel {
   void key_grads_rows(const Operands<scalar_t, acc_t>& x, int64_t bh, int64_t begin, int64_t end) {
     const int64_t bi = bh / s.heads, hi = bh % s.heads;
     const bool* mask = x.mask ? x.mask + bi * s.k_len : nullptr;
-    scalar_t* dk_bh = x.dk + bh * s.k_len * m;
-    scalar_t* dv_bh = x.dv + bh * s.k_len * dv;
+    scalar_t* dk_bh = x.dk + bh * s.k_pitch * m;
+    scalar_t* dv_bh = x.dv + bh * s.k_pitch * dv;
     if (end <= begin) return;
     const int64_t first = s.causal ? begin + ((end - begin - 1) / C) * C : begin;
     const int64_t step = s.causal ? -C : C;
@@ -454,7 +454,7 @@ struct Kernel {
           scale_rows(o.data(), dv, et.data(), L, dv);
         }
         const Rows<acc_t> qf = features(q, x.q, bi, hi, t0, L);
-        load_output_grads(x.grad_out, x.out, x.den + bh * s.q_len, bi, hi, t0, L);
+        load_output_grads(x.grad_out, x.out, x.den + bh * s.q_pitch, bi, hi, t0, L);
         cotangent_scores(vr, mask, t0, L);
         if (decayed) decay_scores(b.data(), L);
         add_causal_product(true, L, m, b.data(), C, qf.data, qf.ld, dk.data(), m);
@@ -466,7 +466,7 @@ struct Kernel {
         // dL/dc_j gets −φ(k_j)·dφ(k_j) (see backward()).
         if (x.grad_log_decay)
           for (int64_t r = 0; r < L; ++r)
-            x.grad_log_decay[bh * s.q_len + t0 + r] -= dot(kf.row(r), dk.data() + r * m, m);
+            x.grad_log_decay[bh * s.q_pitch + t0 + r] -= dot(kf.row(r), dk.data() + r * m, m);
       }
       store_feature_grads(dk_bh, dk.data(), kf, t0, L, mask);
       store_value_grads(dv_bh, o.data(), t0, L, mask);

@@ -9,6 +9,9 @@
 #include <ATen/OpMathType.h>
 #include <torch/library.h>
 
+#include <cmath>
+#include <vector>
+
 namespace linattn {
 namespace {
 
@@ -119,6 +122,127 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> decayed_b
                        key_padding_mask, feature_map, /*causal=*/true, normalize);
 }
 
+// --- Packed variable-length batches: each sequence runs through the same kernels on its own
+// rows of the packed buffers (LinearAttentionShape's pitch), one after the other, each using
+// every thread (over heads, or along the sequence when it is long: sequence_parallel.h).
+
+// The offsets, checked: 0 first, non-decreasing, `total` last.
+std::vector<int64_t> sequence_offsets(const at::Tensor& cu_seqlens, int64_t total) {
+  const at::Tensor cu = cu_seqlens.contiguous();
+  const int32_t* p = cu.const_data_ptr<int32_t>();
+  std::vector<int64_t> offsets(p, p + cu.numel());
+  TORCH_CHECK(offsets.front() == 0 && offsets.back() == total, kLinearAttentionOp,
+              ": cu_seqlens must start at 0 and end at the packed length ", total, ", got ",
+              offsets.front(), " ... ", offsets.back());
+  for (size_t n = 1; n < offsets.size(); ++n)
+    TORCH_CHECK(offsets[n] >= offsets[n - 1], kLinearAttentionOp,
+                ": cu_seqlens must be non-decreasing, got ", offsets[n - 1], " then ", offsets[n],
+                " at index ", n);
+  return offsets;
+}
+
+template <typename T>
+Strided4<const T> rows_from(Strided4<const T> view, int64_t start) {
+  view.data += start * view.stride[2];
+  return view;
+}
+
+LinearAttentionShape sequence_shape(LinearAttentionShape s, int64_t length) {
+  s.batch = 1;
+  s.q_len = s.k_len = length;  // the pitch stays the packed length
+  return s;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_forward_cpu(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_seqlens,
+    const std::optional<at::Tensor>& log_decay, const std::optional<at::Tensor>& initial_state,
+    int64_t feature_map, bool causal, bool normalize, double eps) {
+  TORCH_CHECK(std::isfinite(eps) && eps > 0, kLinearAttentionOp, ": eps must be a finite number > 0, got ", eps);
+  check_varlen_inputs(q, k, v, cu_seqlens, log_decay, initial_state, feature_map, causal);
+  const LinearAttentionShape s = kernel_shape(q, k, v, feature_map, causal, normalize, eps);
+  const std::vector<int64_t> offsets = sequence_offsets(cu_seqlens, s.q_len);
+  const int64_t sequences = static_cast<int64_t>(offsets.size()) - 1;
+  const int64_t state_size = s.heads * s.feature_dim * (s.value_dim + 1);
+  const auto acc = accumulate_type(q.scalar_type());
+  auto out = at::empty({1, s.heads, s.q_len, s.value_dim}, q.options());
+  auto final_state = at::empty({sequences, s.heads, s.feature_dim, s.value_dim + 1}, q.options().dtype(acc));
+  auto normalizer = at::empty({1, s.heads, s.q_len}, q.options().dtype(acc));
+  const at::Tensor decay = log_decay.has_value() ? log_decay->contiguous() : at::Tensor();
+  const at::Tensor initial = initial_state.has_value() ? initial_state->contiguous() : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "linear_attn_varlen_fwd", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto qv = view_of<scalar_t>(q), kv = view_of<scalar_t>(k), vv = view_of<scalar_t>(v);
+    for (int64_t n = 0; n < sequences; ++n) {
+      const int64_t start = offsets[n];
+      const acc_t* decay_n = decay.defined() ? decay.const_data_ptr<acc_t>() + start : nullptr;
+      const acc_t* initial_n = initial.defined() ? initial.const_data_ptr<acc_t>() + n * state_size : nullptr;
+      LINATTN_CPU_ISA_DISPATCH(linear_attention_forward_cpu<scalar_t, acc_t>(
+          sequence_shape(s, offsets[n + 1] - start), rows_from(qv, start), rows_from(kv, start),
+          rows_from(vv, start), nullptr, decay_n, initial_n,
+          out.mutable_data_ptr<scalar_t>() + start * s.value_dim,
+          final_state.mutable_data_ptr<acc_t>() + n * state_size,
+          normalizer.mutable_data_ptr<acc_t>() + start));
+    }
+  });
+  return {out, final_state, normalizer};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> varlen_backward_cpu(
+    const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_final_state,
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_seqlens,
+    const std::optional<at::Tensor>& log_decay, const at::Tensor& out, const at::Tensor& normalizer,
+    const std::optional<at::Tensor>& initial_state, int64_t feature_map, bool causal, bool normalize) {
+  const LinearAttentionSizes sizes =
+      check_varlen_inputs(q, k, v, cu_seqlens, log_decay, initial_state, feature_map, causal);
+  const char* op = kLinearAttentionOp;
+  const std::vector<c10::SymInt> out_shape{1, sizes.heads, sizes.q_len, sizes.value_dim};
+  check_same_device_dtype(op, "grad_out", grad_out, "q", q);
+  check_shape(op, "grad_out", grad_out, out_shape, "(1, H, total, dv)");
+  check_same_device_dtype(op, "out", out, "q", q);
+  check_shape(op, "out", out, out_shape, "(1, H, total, dv)");
+  const auto acc = accumulate_type(q.scalar_type());
+  TORCH_CHECK(normalizer.scalar_type() == acc, op, ": normalizer must be ", acc, ", got ", normalizer.scalar_type());
+  check_shape(op, "normalizer", normalizer, {1, sizes.heads, sizes.q_len}, "(1, H, total)");
+  const LinearAttentionShape s = kernel_shape(q, k, v, feature_map, causal, normalize, 1.0);
+  const std::vector<int64_t> offsets = sequence_offsets(cu_seqlens, s.q_len);
+  const int64_t sequences = static_cast<int64_t>(offsets.size()) - 1;
+  if (grad_final_state.has_value())
+    check_state(op, "grad_final_state", *grad_final_state, q,
+                {sequences, s.heads, s.feature_dim, s.value_dim + 1});
+  const int64_t state_size = s.heads * s.feature_dim * (s.value_dim + 1);
+  auto grad_q = at::empty({1, s.heads, s.q_len, s.feature_dim}, q.options());
+  auto grad_k = at::empty({1, s.heads, s.k_len, s.feature_dim}, q.options());
+  auto grad_v = at::empty({1, s.heads, s.k_len, s.value_dim}, q.options());
+  auto grad_initial = at::empty({sequences, s.heads, s.feature_dim, s.value_dim + 1}, q.options().dtype(acc));
+  const at::Tensor decay = log_decay.has_value() ? log_decay->contiguous() : at::Tensor();
+  auto grad_cumulative = decay.defined() ? at::zeros({1, s.heads, s.q_len}, q.options().dtype(acc))
+                                         : at::empty({0}, q.options().dtype(acc));
+  const at::Tensor den = normalizer.contiguous();
+  const at::Tensor initial = initial_state.has_value() ? initial_state->contiguous() : at::Tensor();
+  const at::Tensor grad_final = grad_final_state.has_value() ? grad_final_state->contiguous() : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "linear_attn_varlen_bwd", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto gv = view_of<scalar_t>(grad_out), qv = view_of<scalar_t>(q), kv = view_of<scalar_t>(k),
+               vv = view_of<scalar_t>(v), ov = view_of<scalar_t>(out);
+    for (int64_t n = 0; n < sequences; ++n) {
+      const int64_t start = offsets[n];
+      LINATTN_CPU_ISA_DISPATCH(linear_attention_backward_cpu<scalar_t, acc_t>(
+          sequence_shape(s, offsets[n + 1] - start), rows_from(gv, start), rows_from(qv, start),
+          rows_from(kv, start), rows_from(vv, start), rows_from(ov, start),
+          den.const_data_ptr<acc_t>() + start, nullptr,
+          decay.defined() ? decay.const_data_ptr<acc_t>() + start : nullptr,
+          initial.defined() ? initial.const_data_ptr<acc_t>() + n * state_size : nullptr,
+          grad_final.defined() ? grad_final.const_data_ptr<acc_t>() + n * state_size : nullptr,
+          grad_q.mutable_data_ptr<scalar_t>() + start * s.feature_dim,
+          grad_k.mutable_data_ptr<scalar_t>() + start * s.feature_dim,
+          grad_v.mutable_data_ptr<scalar_t>() + start * s.value_dim,
+          grad_initial.mutable_data_ptr<acc_t>() + n * state_size,
+          decay.defined() ? grad_cumulative.mutable_data_ptr<acc_t>() + start : nullptr));
+    }
+  });
+  return {grad_q, grad_k, grad_v, grad_initial, grad_cumulative};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(linattn, CPU, m) {
@@ -126,6 +250,8 @@ TORCH_LIBRARY_IMPL(linattn, CPU, m) {
   m.impl("linear_attn_bwd", &backward_cpu);
   m.impl("decayed_linear_attn_fwd", &decayed_forward_cpu);
   m.impl("decayed_linear_attn_bwd", &decayed_backward_cpu);
+  m.impl("linear_attn_varlen_fwd", &varlen_forward_cpu);
+  m.impl("linear_attn_varlen_bwd", &varlen_backward_cpu);
 }
 
 }  // namespace linattn

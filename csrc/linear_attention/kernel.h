@@ -28,6 +28,11 @@ struct LinearAttentionShape {
   bool causal = false;
   bool normalize = true;
   double eps = 1e-6;
+  // Rows between consecutive (batch, head) pairs in the contiguous buffers indexed per row
+  // (out, normalizer, log_decay and the gradients): q_len / k_len, except for one sequence of a
+  // packed batch, whose rows sit inside the (1, H, total, ·) buffers of all of them.
+  int64_t q_pitch = 0;
+  int64_t k_pitch = 0;
 };
 
 // The entry points of each instruction-set build of the kernels (cpu_kernel_impl.h); the

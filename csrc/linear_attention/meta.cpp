@@ -7,6 +7,8 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <cmath>
+
 namespace linattn {
 namespace {
 
@@ -60,6 +62,37 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> decayed_b
   return {gq, gk, gv, gi, at::empty_symint({s.batch, s.heads, s.q_len}, log_decay.options())};
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_forward_meta(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_seqlens,
+    const std::optional<at::Tensor>& log_decay, const std::optional<at::Tensor>& initial_state,
+    int64_t feature_map, bool causal, bool normalize, double eps) {
+  TORCH_CHECK(std::isfinite(eps) && eps > 0, kLinearAttentionOp, ": eps must be a finite number > 0, got ", eps);
+  const LinearAttentionSizes s =
+      check_varlen_inputs(q, k, v, cu_seqlens, log_decay, initial_state, feature_map, causal);
+  const auto acc = q.options().dtype(accumulate_type(q.scalar_type()));
+  return {at::empty_symint({1, s.heads, s.q_len, s.value_dim}, q.options()),
+          at::empty_symint({cu_seqlens.sym_size(0) - 1, s.heads, s.feature_dim, s.value_dim + 1}, acc),
+          at::empty_symint({1, s.heads, s.q_len}, acc)};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> varlen_backward_meta(
+    const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_final_state,
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_seqlens,
+    const std::optional<at::Tensor>& log_decay, const at::Tensor& out, const at::Tensor& normalizer,
+    const std::optional<at::Tensor>& initial_state, int64_t feature_map, bool causal, bool normalize) {
+  const LinearAttentionSizes s =
+      check_varlen_inputs(q, k, v, cu_seqlens, log_decay, initial_state, feature_map, causal);
+  const std::vector<c10::SymInt> out_shape{1, s.heads, s.q_len, s.value_dim};
+  check_shape(kLinearAttentionOp, "grad_out", grad_out, out_shape, "(1, H, total, dv)");
+  check_shape(kLinearAttentionOp, "out", out, out_shape, "(1, H, total, dv)");
+  const auto acc = q.options().dtype(accumulate_type(q.scalar_type()));
+  return {at::empty_symint({1, s.heads, s.q_len, s.feature_dim}, q.options()),
+          at::empty_symint({1, s.heads, s.k_len, s.feature_dim}, q.options()),
+          at::empty_symint({1, s.heads, s.k_len, s.value_dim}, q.options()),
+          at::empty_symint({cu_seqlens.sym_size(0) - 1, s.heads, s.feature_dim, s.value_dim + 1}, acc),
+          log_decay.has_value() ? at::empty_symint({1, s.heads, s.q_len}, acc) : at::empty({0}, acc)};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(linattn, Meta, m) {
@@ -69,6 +102,8 @@ TORCH_LIBRARY_IMPL(linattn, Meta, m) {
   m.impl("linear_attn_bwd", &backward_meta);
   m.impl("linear_attn_fwd_generic", &forward_meta);
   m.impl("linear_attn_bwd_generic", &backward_meta);
+  m.impl("linear_attn_varlen_fwd", &varlen_forward_meta);
+  m.impl("linear_attn_varlen_bwd", &varlen_backward_meta);
 }
 
 }  // namespace linattn

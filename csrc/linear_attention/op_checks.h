@@ -86,6 +86,41 @@ inline void check_log_decay(const at::Tensor& log_decay, const at::Tensor& q,
 }
 
 // The concrete shape a kernel runs on (after the checks above have passed).
+// Packed variable-length batches (the *_varlen operators): q, k, v (1, H, total, ·) hold N
+// sequences back to back, sequence n in rows [cu_seqlens[n], cu_seqlens[n + 1]); cu_seqlens
+// (N + 1,) int32 on q's device (its values are checked by the CPU kernel, which reads them).
+// States are per sequence: (N, H, m, dv + 1); log_decay (1, H, total).
+inline LinearAttentionSizes check_varlen_inputs(const at::Tensor& q, const at::Tensor& k,
+                                                const at::Tensor& v, const at::Tensor& cu_seqlens,
+                                                const std::optional<at::Tensor>& log_decay,
+                                                const std::optional<at::Tensor>& initial_state,
+                                                int64_t feature_map, bool causal) {
+  const char* op = kLinearAttentionOp;
+  const LinearAttentionSizes s = check_inputs(q, k, v, std::nullopt, std::nullopt, feature_map, false);
+  TORCH_CHECK(q.sym_size(0) == 1, op, ": with cu_seqlens, q, k and v hold the packed sequences as ",
+              "(1, H, total, D), got batch ", q.sym_size(0), " in q ", shape_str(q));
+  TORCH_CHECK(q.sym_size(2) == k.sym_size(2), op, ": with cu_seqlens, queries and keys are the same ",
+              "packed positions, got q ", shape_str(q), " and k ", shape_str(k));
+  check_same_device(op, "cu_seqlens", cu_seqlens, "q", q);
+  TORCH_CHECK(cu_seqlens.scalar_type() == at::kInt, op, ": cu_seqlens must be int32 offsets (N + 1,), ",
+              "got ", cu_seqlens.scalar_type());
+  check_dim(op, "cu_seqlens", cu_seqlens, 1, "(N + 1,)");
+  TORCH_CHECK(cu_seqlens.sym_size(0) >= 1, op, ": cu_seqlens needs at least one offset (N + 1,), got ",
+              shape_str(cu_seqlens));
+  const c10::SymInt sequences = cu_seqlens.sym_size(0) - 1;
+  if (initial_state.has_value())
+    check_state(op, "initial_state", *initial_state, q, {sequences, s.heads, s.feature_dim, s.value_dim + 1});
+  if (log_decay.has_value()) {
+    TORCH_CHECK(causal, op, ": decay and gates need causal=True");
+    check_same_device(op, "log_decay", *log_decay, "q", q);
+    TORCH_CHECK(log_decay->scalar_type() == accumulate_type(q.scalar_type()), op, ": log_decay must be ",
+                accumulate_type(q.scalar_type()), " for ", q.scalar_type(), " inputs, got ",
+                log_decay->scalar_type());
+    check_shape(op, "log_decay", *log_decay, {1, s.heads, s.q_len}, "(1, H, total)");
+  }
+  return s;
+}
+
 inline LinearAttentionShape kernel_shape(const at::Tensor& q, const at::Tensor& k,
                                          const at::Tensor& v, int64_t feature_map, bool causal,
                                          bool normalize, double eps) {
@@ -100,6 +135,8 @@ inline LinearAttentionShape kernel_shape(const at::Tensor& q, const at::Tensor& 
   s.causal = causal;
   s.normalize = normalize;
   s.eps = eps;
+  s.q_pitch = s.q_len;
+  s.k_pitch = s.k_len;
   return s;
 }
 

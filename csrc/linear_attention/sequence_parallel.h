@@ -146,7 +146,7 @@ class SequenceParallel {
       acc_t fade = acc_t(1);
       if (x_.log_decay) {
         acc_t total = 0;
-        for (int64_t t = piece.begin; t < piece.end; ++t) total += x_.log_decay[bh * s_.q_len + t];
+        for (int64_t t = piece.begin; t < piece.end; ++t) total += x_.log_decay[bh * s_.q_pitch + t];
         fade = exp_nonpositive(total);
       }
       for (int64_t j = 0; j < width_; ++j) sum[j] = fade * sum[j] + part[j];
