@@ -15,6 +15,13 @@ struct Strided4 {
   T* row(int64_t b, int64_t h, int64_t t) const {
     return data + b * stride[0] + h * stride[1] + t * stride[2];
   }
+
+  // The same view starting at row t (one sequence of a packed batch).
+  Strided4 from_row(int64_t t) const {
+    Strided4 view = *this;
+    view.data += t * stride[2];
+    return view;
+  }
 };
 
 }  // namespace linattn

@@ -123,8 +123,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> decayed_b
 }
 
 // --- Packed variable-length batches: each sequence runs through the same kernels on its own
-// rows of the packed buffers (LinearAttentionShape's pitch), one after the other, each using
-// every thread (over heads, or along the sequence when it is long: sequence_parallel.h).
+// rows of the packed buffers (LinearAttentionShape's pitch; cpu_kernel_impl.h decides how the
+// threads share the sequences).
 
 // The offsets, checked: 0 first, non-decreasing, `total` last.
 std::vector<int64_t> sequence_offsets(const at::Tensor& cu_seqlens, int64_t total) {
@@ -141,18 +141,6 @@ std::vector<int64_t> sequence_offsets(const at::Tensor& cu_seqlens, int64_t tota
   return offsets;
 }
 
-template <typename T>
-Strided4<const T> rows_from(Strided4<const T> view, int64_t start) {
-  view.data += start * view.stride[2];
-  return view;
-}
-
-LinearAttentionShape sequence_shape(LinearAttentionShape s, int64_t length) {
-  s.batch = 1;
-  s.q_len = s.k_len = length;  // the pitch stays the packed length
-  return s;
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_forward_cpu(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_seqlens,
     const std::optional<at::Tensor>& log_decay, const std::optional<at::Tensor>& initial_state,
@@ -162,8 +150,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_forward_cpu(
   const LinearAttentionShape s = kernel_shape(q, k, v, feature_map, causal, normalize, eps);
   const std::vector<int64_t> offsets = sequence_offsets(cu_seqlens, s.q_len);
   const int64_t sequences = static_cast<int64_t>(offsets.size()) - 1;
-  const int64_t state_size = s.heads * s.feature_dim * (s.value_dim + 1);
-  const auto acc = accumulate_type(q.scalar_type());
+    const auto acc = accumulate_type(q.scalar_type());
   auto out = at::empty({1, s.heads, s.q_len, s.value_dim}, q.options());
   auto final_state = at::empty({sequences, s.heads, s.feature_dim, s.value_dim + 1}, q.options().dtype(acc));
   auto normalizer = at::empty({1, s.heads, s.q_len}, q.options().dtype(acc));
@@ -171,18 +158,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_forward_cpu(
   const at::Tensor initial = initial_state.has_value() ? initial_state->contiguous() : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "linear_attn_varlen_fwd", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const auto qv = view_of<scalar_t>(q), kv = view_of<scalar_t>(k), vv = view_of<scalar_t>(v);
-    for (int64_t n = 0; n < sequences; ++n) {
-      const int64_t start = offsets[n];
-      const acc_t* decay_n = decay.defined() ? decay.const_data_ptr<acc_t>() + start : nullptr;
-      const acc_t* initial_n = initial.defined() ? initial.const_data_ptr<acc_t>() + n * state_size : nullptr;
-      LINATTN_CPU_ISA_DISPATCH(linear_attention_forward_cpu<scalar_t, acc_t>(
-          sequence_shape(s, offsets[n + 1] - start), rows_from(qv, start), rows_from(kv, start),
-          rows_from(vv, start), nullptr, decay_n, initial_n,
-          out.mutable_data_ptr<scalar_t>() + start * s.value_dim,
-          final_state.mutable_data_ptr<acc_t>() + n * state_size,
-          normalizer.mutable_data_ptr<acc_t>() + start));
-    }
+    LINATTN_CPU_ISA_DISPATCH(linear_attention_varlen_forward_cpu<scalar_t, acc_t>(
+        s, offsets.data(), sequences, view_of<scalar_t>(q), view_of<scalar_t>(k), view_of<scalar_t>(v),
+        data_or_null<acc_t>(decay), data_or_null<acc_t>(initial), out.mutable_data_ptr<scalar_t>(),
+        final_state.mutable_data_ptr<acc_t>(), normalizer.mutable_data_ptr<acc_t>()));
   });
   return {out, final_state, normalizer};
 }
@@ -209,8 +188,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> varlen_ba
   if (grad_final_state.has_value())
     check_state(op, "grad_final_state", *grad_final_state, q,
                 {sequences, s.heads, s.feature_dim, s.value_dim + 1});
-  const int64_t state_size = s.heads * s.feature_dim * (s.value_dim + 1);
-  auto grad_q = at::empty({1, s.heads, s.q_len, s.feature_dim}, q.options());
+    auto grad_q = at::empty({1, s.heads, s.q_len, s.feature_dim}, q.options());
   auto grad_k = at::empty({1, s.heads, s.k_len, s.feature_dim}, q.options());
   auto grad_v = at::empty({1, s.heads, s.k_len, s.value_dim}, q.options());
   auto grad_initial = at::empty({sequences, s.heads, s.feature_dim, s.value_dim + 1}, q.options().dtype(acc));
@@ -222,23 +200,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> varlen_ba
   const at::Tensor grad_final = grad_final_state.has_value() ? grad_final_state->contiguous() : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "linear_attn_varlen_bwd", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const auto gv = view_of<scalar_t>(grad_out), qv = view_of<scalar_t>(q), kv = view_of<scalar_t>(k),
-               vv = view_of<scalar_t>(v), ov = view_of<scalar_t>(out);
-    for (int64_t n = 0; n < sequences; ++n) {
-      const int64_t start = offsets[n];
-      LINATTN_CPU_ISA_DISPATCH(linear_attention_backward_cpu<scalar_t, acc_t>(
-          sequence_shape(s, offsets[n + 1] - start), rows_from(gv, start), rows_from(qv, start),
-          rows_from(kv, start), rows_from(vv, start), rows_from(ov, start),
-          den.const_data_ptr<acc_t>() + start, nullptr,
-          decay.defined() ? decay.const_data_ptr<acc_t>() + start : nullptr,
-          initial.defined() ? initial.const_data_ptr<acc_t>() + n * state_size : nullptr,
-          grad_final.defined() ? grad_final.const_data_ptr<acc_t>() + n * state_size : nullptr,
-          grad_q.mutable_data_ptr<scalar_t>() + start * s.feature_dim,
-          grad_k.mutable_data_ptr<scalar_t>() + start * s.feature_dim,
-          grad_v.mutable_data_ptr<scalar_t>() + start * s.value_dim,
-          grad_initial.mutable_data_ptr<acc_t>() + n * state_size,
-          decay.defined() ? grad_cumulative.mutable_data_ptr<acc_t>() + start : nullptr));
-    }
+    LINATTN_CPU_ISA_DISPATCH(linear_attention_varlen_backward_cpu<scalar_t, acc_t>(
+        s, offsets.data(), sequences, view_of<scalar_t>(grad_out), view_of<scalar_t>(q),
+        view_of<scalar_t>(k), view_of<scalar_t>(v), view_of<scalar_t>(out), den.const_data_ptr<acc_t>(),
+        data_or_null<acc_t>(decay), data_or_null<acc_t>(initial), data_or_null<acc_t>(grad_final),
+        grad_q.mutable_data_ptr<scalar_t>(), grad_k.mutable_data_ptr<scalar_t>(),
+        grad_v.mutable_data_ptr<scalar_t>(), grad_initial.mutable_data_ptr<acc_t>(),
+        decay.defined() ? grad_cumulative.mutable_data_ptr<acc_t>() : nullptr));
   });
   return {grad_q, grad_k, grad_v, grad_initial, grad_cumulative};
 }
