@@ -162,13 +162,7 @@ class MultiheadAttention(nn.MultiheadAttention):
         # Head split as views: (L, N, E) -> (N, H, L, hd) without a copy.
         split = lambda t: t.view(t.shape[0], batch, heads, head_dim).permute(1, 2, 0, 3)
         q, k, v = split(q), split(k), split(v)
-        visible_k, visible_v = [], []
-        if self.bias_k is not None:
-            visible_k.append(split(self.bias_k.expand(1, batch, -1)))
-            visible_v.append(split(self.bias_v.expand(1, batch, -1)))
-        if self.add_zero_attn:
-            visible_k.append(k.new_zeros(batch, heads, 1, head_dim))
-            visible_v.append(v.new_zeros(batch, heads, 1, head_dim))
+        visible_k, visible_v = self._always_visible_keys(split, k, v)
         extra = {} if global_mask is None else {"global_mask": global_mask if batched else global_mask.unsqueeze(0)}
         if visible_k and not self.core.supports_extra_keys:
             raise ValueError(f"{where}: add_bias_kv and add_zero_attn are not supported by this method (their keys "
@@ -194,6 +188,18 @@ class MultiheadAttention(nn.MultiheadAttention):
         if self.batch_first:
             out = out.transpose(0, 1)
         return out, weights
+
+    def _always_visible_keys(self, split, k, v):
+        """The (N, H, 1, hd) keys and values of add_bias_kv / add_zero_attn, which every query sees."""
+        batch, heads, _, head_dim = k.shape
+        visible_k, visible_v = [], []
+        if self.bias_k is not None:
+            visible_k.append(split(self.bias_k.expand(1, batch, -1)))
+            visible_v.append(split(self.bias_v.expand(1, batch, -1)))
+        if self.add_zero_attn:
+            visible_k.append(k.new_zeros(batch, heads, 1, head_dim))
+            visible_v.append(v.new_zeros(batch, heads, 1, head_dim))
+        return visible_k, visible_v
 
     def _forward_cached(self, where, query, key, value, key_padding_mask, need_weights, attn_mask, cache):
         """forward(..., cache=cache): see forward's docstring."""
@@ -232,16 +238,10 @@ class MultiheadAttention(nn.MultiheadAttention):
         split = lambda t: t.view(t.shape[0], batch, heads, head_dim).permute(1, 2, 0, 3)
         q, k, v = split(q), split(k), split(v)
         visible = None
-        if entry is None and (self.bias_k is not None or self.add_zero_attn):
+        visible_k, visible_v = self._always_visible_keys(split, k, v) if entry is None else ([], [])
+        if visible_k:  # the first call brings them into the cache
             if not self.core.supports_extra_keys:
                 raise ValueError(f"{where}: add_bias_kv and add_zero_attn are not supported by this method")
-            visible_k, visible_v = [], []
-            if self.bias_k is not None:
-                visible_k.append(split(self.bias_k.expand(1, batch, -1)))
-                visible_v.append(split(self.bias_v.expand(1, batch, -1)))
-            if self.add_zero_attn:
-                visible_k.append(k.new_zeros(batch, heads, 1, head_dim))
-                visible_v.append(v.new_zeros(batch, heads, 1, head_dim))
             visible = (torch.cat(visible_k, dim=2), torch.cat(visible_v, dim=2))
         out, entry = decode(self.core, q, k, v, entry, visible, where)
         entry["batch"] = batch
