@@ -76,22 +76,26 @@ TORCH_LIBRARY(linattn, m) {
   // (left, right) bounds (-1 = unbounded; causal is right = 0), dilation, Longformer
   // global_mask (B, T) and key_padding_mask (B, T_k), both bool. lse (B, H, T_q) is the per-row
   // logsumexp the backward recomputes probabilities from (-inf for a row that sees no key).
+  // segment_ids (B, T) int64, T_q == T_k: a query sees only keys of its own segment (the
+  // sequences of a packed variable-length batch).
   m.def(
       "sliding_window_attn_fwd(Tensor q, Tensor k, Tensor v, int window_left, int window_right, "
-      "int dilation, Tensor? global_mask, Tensor? key_padding_mask, float scale) -> "
-      "(Tensor out, Tensor lse)");
+      "int dilation, Tensor? global_mask, Tensor? key_padding_mask, float scale, "
+      "Tensor? segment_ids=None) -> (Tensor out, Tensor lse)");
   m.def(
       "sliding_window_attn_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
       "int window_left, int window_right, int dilation, Tensor? global_mask, "
-      "Tensor? key_padding_mask, float scale) -> (Tensor grad_q, Tensor grad_k, Tensor grad_v)");
+      "Tensor? key_padding_mask, float scale, Tensor? segment_ids=None) -> "
+      "(Tensor grad_q, Tensor grad_k, Tensor grad_v)");
   m.def(
       "sliding_window_attn_fwd_generic(Tensor q, Tensor k, Tensor v, int window_left, "
       "int window_right, int dilation, Tensor? global_mask, Tensor? key_padding_mask, "
-      "float scale) -> (Tensor out, Tensor lse)");
+      "float scale, Tensor? segment_ids=None) -> (Tensor out, Tensor lse)");
   m.def(
       "sliding_window_attn_bwd_generic(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, "
       "Tensor lse, int window_left, int window_right, int dilation, Tensor? global_mask, "
-      "Tensor? key_padding_mask, float scale) -> (Tensor grad_q, Tensor grad_k, Tensor grad_v)");
+      "Tensor? key_padding_mask, float scale, Tensor? segment_ids=None) -> "
+      "(Tensor grad_q, Tensor grad_k, Tensor grad_v)");
   // Block-sparse softmax attention (METHODS.md §6): layout (H or 1, ceil(T_q/b), ceil(T_k/b))
   // bool, block_size b; causal additionally hides keys after the query (bottom-right aligned).
   // Optional terms (PairTerms in window_attention/kernel.h): an additive score bias

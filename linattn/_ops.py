@@ -110,19 +110,20 @@ def _register_window(generic: bool) -> None:
     backward_op = getattr(torch.ops.linattn, _WINDOW_BACKWARD_NAMES[generic]).default
 
     def setup_context(ctx, inputs, output):
-        q, k, v, left, right, dilation, global_mask, key_padding_mask, scale = inputs
+        q, k, v, left, right, dilation, global_mask, key_padding_mask, scale, segment_ids = inputs
         out, lse = output
-        ctx.save_for_backward(q, k, v, out, lse, global_mask, key_padding_mask)
+        ctx.save_for_backward(q, k, v, out, lse, global_mask, key_padding_mask, segment_ids)
         ctx.options = (left, right, dilation, scale)
         ctx.mark_non_differentiable(lse)
 
     def backward(ctx, grad_out, _grad_lse):
-        q, k, v, out, lse, global_mask, key_padding_mask = ctx.saved_tensors
+        q, k, v, out, lse, global_mask, key_padding_mask, segment_ids = ctx.saved_tensors
         left, right, dilation, scale = ctx.options
         grad_q, grad_k, grad_v = backward_op(
-            grad_out.contiguous(), q, k, v, out, lse, left, right, dilation, global_mask, key_padding_mask, scale
+            grad_out.contiguous(), q, k, v, out, lse, left, right, dilation, global_mask, key_padding_mask, scale,
+            segment_ids,
         )
-        return grad_q, grad_k, grad_v, None, None, None, None, None, None
+        return grad_q, grad_k, grad_v, None, None, None, None, None, None, None
 
     torch.library.register_autograd(forward_name, backward, setup_context=setup_context)
     torch.library.register_autograd(backward_name, _no_double_backward, setup_context=_no_context)

@@ -36,6 +36,18 @@ def check_cu_seqlens(where: str, cu_seqlens, q: torch.Tensor, k: torch.Tensor, k
     return cu_seqlens.numel() - 1
 
 
+def sequence_ids(where: str, cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
+    """(total,) int64: the sequence each packed position belongs to, computed on the device (no
+    host synchronisation); the offsets' values are checked for eager CPU tensors."""
+    if cu_seqlens.device.type == "cpu" and not torch.compiler.is_compiling():
+        offsets = cu_seqlens.tolist()
+        if offsets[0] != 0 or offsets[-1] != total or any(b < a for a, b in zip(offsets, offsets[1:])):
+            raise ValueError(f"{where}: cu_seqlens must be non-decreasing offsets from 0 to the packed length "
+                             f"{total}, got {offsets}")
+    positions = torch.arange(total, device=cu_seqlens.device, dtype=torch.int32)
+    return torch.bucketize(positions, cu_seqlens[1:], right=True).to(torch.int64)
+
+
 def varlen_linear_attention(where, q, k, v, phi_q, phi_k, code, cu_seqlens, *, causal, normalize, eps,
                             log_decay, initial_state, per_sequence):
     """(out (1, H, total, dv), (S, z) per sequence (N, ...)). phi_q / phi_k / code: the operator's

@@ -7,6 +7,7 @@ from typing import Optional, Tuple, Union
 import torch
 
 from . import _ops
+from .varlen import check_cu_seqlens, sequence_ids
 from . import _validation as check
 
 Window = Union[int, Tuple[int, int]]
@@ -45,6 +46,7 @@ def sliding_window_attention(
     global_mask: Optional[torch.Tensor] = None,
     key_padding_mask: Optional[torch.Tensor] = None,
     scale: Optional[float] = None,
+    cu_seqlens: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Softmax attention in which query i sees only the keys of its window (METHODS.md §5).
 
@@ -60,6 +62,10 @@ def sliding_window_attention(
             every key and every row sees the global keys (Longformer).
         key_padding_mask: (B, T_k) bool, True = padded key, seen by no row.
         scale: score scale, default D ** -0.5.
+        cu_seqlens: (N + 1,) int32 offsets of packed variable-length sequences (flash-attn's
+            convention, as in linear_attention): q, k, v (1, H, total, D), and a query sees only
+            the keys of its window that belong to its own sequence (no host synchronisation:
+            the offsets become per-token sequence ids on the device). Not with global_mask.
 
     Returns (B, H, T_q, dv) in the input dtype. A row that sees no key returns 0 (and passes
     zero gradients), never NaN. Computed flash-style in blocks: memory O(T·(block + window)),
@@ -82,7 +88,14 @@ def sliding_window_attention(
         scale = q.shape[-1] ** -0.5 if q.shape[-1] > 0 else 1.0
     elif isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
         raise ValueError(f"{where}: scale must be a finite number or None, got {scale!r}")
-    out, _ = _ops.window_attn_fwd()(q, k, v, left, right, int(dilation), global_mask, key_padding_mask, float(scale))
+    segment_ids = None
+    if cu_seqlens is not None:
+        if global_mask is not None:
+            raise ValueError(f"{where}: global_mask is not supported with cu_seqlens")
+        check_cu_seqlens(where, cu_seqlens, q, k, key_padding_mask)
+        segment_ids = sequence_ids(where, cu_seqlens, q.shape[2]).unsqueeze(0)
+    out, _ = _ops.window_attn_fwd()(q, k, v, left, right, int(dilation), global_mask, key_padding_mask, float(scale),
+                                    segment_ids)
     return out
 
 

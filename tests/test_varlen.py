@@ -188,3 +188,52 @@ def test_errors_initial_state_and_padding():
         linattn.linear_attention(q, k, v, causal=True, cu_seqlens=cu,
                                  initial_state=(torch.zeros(1, H, D, DV, dtype=torch.float64),
                                                 torch.zeros(1, H, D, dtype=torch.float64)))
+
+
+# --- sliding_window_attention(..., cu_seqlens=) ---------------------------------------------
+
+
+@pytest.mark.parametrize("window,causal,dilation", [(3, False, 1), (4, True, 1), ((2, 6), False, 1), (6, False, 2)])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+def test_sliding_window_against_reference_per_sequence(window, causal, dilation, dtype, implementation):
+    q, k, v, cu = packed(dtype=dtype)
+    out = linattn.sliding_window_attention(q, k, v, window, causal=causal, dilation=dilation, cu_seqlens=cu)
+    expected = torch.cat([
+        reference.sliding_window_attention(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], window, causal=causal,
+                                           dilation=dilation)
+        for a, b in zip(OFFSETS[:-1], OFFSETS[1:])], 2)
+    assert_close(out, expected, TOLERANCE[dtype] * (10 if dtype == torch.bfloat16 else 1), f"{window} {causal}")
+
+
+def test_sliding_window_gradients_equal_the_per_sequence_operator(implementation):
+    q, k, v, cu = packed()
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    weight = torch.randn(1, H, OFFSETS[-1], DV, dtype=torch.float64)
+    (linattn.sliding_window_attention(*leaves, 5, causal=True, cu_seqlens=cu) * weight).sum().backward()
+    sizes = [b - a for a, b in zip(OFFSETS[:-1], OFFSETS[1:])]
+    leaves2 = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    pieces = zip(*(t.split(sizes, 2) for t in leaves2))
+    out = torch.cat([linattn.sliding_window_attention(qs, ks, vs, 5, causal=True) for qs, ks, vs in pieces], 2)
+    (out * weight).sum().backward()
+    for name, a, b in zip("qkv", leaves, leaves2):
+        assert_close(a.grad, b.grad, 1e-10, f"grad {name}")
+
+
+def test_sliding_window_opcheck_and_compile():
+    q, k, v, cu = packed([0, 5, 5, 12], dtype=torch.float32)
+    segments = torch.tensor([[0, 0, 0, 0, 0, 2, 2, 2, 2, 2, 2, 2]])
+    for op in (torch.ops.linattn.sliding_window_attn_fwd.default, torch.ops.linattn.sliding_window_attn_fwd_generic.default):
+        torch.library.opcheck(op, (q.double().requires_grad_(), k.double().requires_grad_(), v.double().requires_grad_(),
+                                   3, 0, 1, None, None, 0.5, segments))
+    fn = lambda q, k, v, cu: linattn.sliding_window_attention(q, k, v, 3, causal=True, cu_seqlens=cu)  # noqa: E731
+    torch.testing.assert_close(torch.compile(fn, fullgraph=True)(q, k, v, cu), fn(q, k, v, cu))
+
+
+def test_sliding_window_errors():
+    q, k, v, cu = packed()
+    with pytest.raises(ValueError, match="global_mask"):
+        linattn.sliding_window_attention(q, k, v, 3, cu_seqlens=cu, global_mask=torch.zeros(1, 233, dtype=torch.bool))
+    with pytest.raises(ValueError, match="non-decreasing"):
+        linattn.sliding_window_attention(q, k, v, 3, cu_seqlens=torch.tensor([0, 50, 20, 233], dtype=torch.int32))
+    with pytest.raises(RuntimeError, match="segment_ids must be int64"):
+        torch.ops.linattn.sliding_window_attn_fwd(q, k, v, 3, 3, 1, None, None, 1.0, torch.zeros(1, 233, dtype=torch.int32))

@@ -17,18 +17,19 @@ std::tuple<at::Tensor, at::Tensor> forward_cpu(const at::Tensor& q, const at::Te
                                                int64_t dilation,
                                                const std::optional<at::Tensor>& global_mask,
                                                const std::optional<at::Tensor>& key_padding_mask,
-                                               double scale) {
-  check_window_inputs(q, k, v, left, right, dilation, global_mask, key_padding_mask, scale);
+                                               double scale, const std::optional<at::Tensor>& segment_ids) {
+  check_window_inputs(q, k, v, left, right, dilation, global_mask, key_padding_mask, scale, segment_ids);
   const WindowAttentionShape s = window_kernel_shape(q, k, v, left, right, dilation, scale);
   auto out = at::empty({s.batch, s.heads, s.q_len, s.value_dim}, q.options());
   auto lse = at::empty({s.batch, s.heads, s.q_len}, q.options().dtype(accumulate_type(q.scalar_type())));
-  at::Tensor global, padding;
+  at::Tensor global, padding, segments;
   const bool* global_ptr = optional_ptr<bool>(global_mask, global);
   const bool* padding_ptr = optional_ptr<bool>(key_padding_mask, padding);
+  const int64_t* segment_ptr = optional_ptr<int64_t>(segment_ids, segments);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "sliding_window_attn_fwd", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     LINATTN_CPU_ISA_DISPATCH(window_attention_forward_cpu<scalar_t, acc_t>(s, view_of<scalar_t>(q), view_of<scalar_t>(k),
-                                                  view_of<scalar_t>(v), global_ptr, padding_ptr,
+                                                  view_of<scalar_t>(v), global_ptr, padding_ptr, segment_ptr,
                                                   out.mutable_data_ptr<scalar_t>(), lse.mutable_data_ptr<acc_t>()));
   });
   return {out, lse};
@@ -38,22 +39,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& out, const at::Tensor& lse, int64_t left, int64_t right, int64_t dilation,
     const std::optional<at::Tensor>& global_mask, const std::optional<at::Tensor>& key_padding_mask,
-    double scale) {
-  const auto sizes = check_window_inputs(q, k, v, left, right, dilation, global_mask, key_padding_mask, scale);
+    double scale, const std::optional<at::Tensor>& segment_ids) {
+  const auto sizes =
+      check_window_inputs(q, k, v, left, right, dilation, global_mask, key_padding_mask, scale, segment_ids);
   check_window_backward_inputs(grad_out, q, out, lse, sizes);
   const WindowAttentionShape s = window_kernel_shape(q, k, v, left, right, dilation, scale);
   auto grad_q = at::empty({s.batch, s.heads, s.q_len, s.head_dim}, q.options());
   auto grad_k = at::empty({s.batch, s.heads, s.k_len, s.head_dim}, q.options());
   auto grad_v = at::empty({s.batch, s.heads, s.k_len, s.value_dim}, q.options());
   const at::Tensor lse_c = lse.contiguous();
-  at::Tensor global, padding;
+  at::Tensor global, padding, segments;
   const bool* global_ptr = optional_ptr<bool>(global_mask, global);
   const bool* padding_ptr = optional_ptr<bool>(key_padding_mask, padding);
+  const int64_t* segment_ptr = optional_ptr<int64_t>(segment_ids, segments);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "sliding_window_attn_bwd", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     LINATTN_CPU_ISA_DISPATCH(window_attention_backward_cpu<scalar_t, acc_t>(
         s, view_of<scalar_t>(grad_out), view_of<scalar_t>(q), view_of<scalar_t>(k), view_of<scalar_t>(v),
-        view_of<scalar_t>(out), lse_c.const_data_ptr<acc_t>(), global_ptr, padding_ptr,
+        view_of<scalar_t>(out), lse_c.const_data_ptr<acc_t>(), global_ptr, padding_ptr, segment_ptr,
         grad_q.mutable_data_ptr<scalar_t>(), grad_k.mutable_data_ptr<scalar_t>(), grad_v.mutable_data_ptr<scalar_t>()));
   });
   return {grad_q, grad_k, grad_v};

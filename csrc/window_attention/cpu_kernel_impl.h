@@ -48,15 +48,17 @@ struct KeyGroups {
   }
 };
 
-// Sliding window + dilation + Longformer global tokens + key padding.
+// Sliding window + dilation + Longformer global tokens + key padding + segments.
 struct WindowPattern {
   const WindowAttentionShape& s;
   const bool* global;   // (B, T) or null
   const bool* padding;  // (B, T_k) or null
+  const int64_t* segments;  // (B, T) or null: a query sees only keys of its own segment
   std::vector<std::vector<int64_t>> global_keys;  // per batch, sorted
 
-  WindowPattern(const WindowAttentionShape& shape, const bool* global_mask, const bool* key_padding)
-      : s(shape), global(global_mask), padding(key_padding), global_keys(shape.batch) {
+  WindowPattern(const WindowAttentionShape& shape, const bool* global_mask, const bool* key_padding,
+                const int64_t* segment_ids)
+      : s(shape), global(global_mask), padding(key_padding), segments(segment_ids), global_keys(shape.batch) {
     if (global)
       for (int64_t b = 0; b < s.batch; ++b)
         for (int64_t j = 0; j < s.k_len; ++j)
@@ -109,6 +111,11 @@ struct WindowPattern {
       if (padding) {
         const bool* p = padding + bi * s.k_len;
         for (int64_t c = 0; c < n; ++c) vr[c] = vr[c] && !p[key[c]];
+      }
+      if (segments) {  // T_q == T_k
+        const int64_t* seg = segments + bi * s.k_len;
+        const int64_t id = seg[i0 + r];
+        for (int64_t c = 0; c < n; ++c) vr[c] = vr[c] && seg[key[c]] == id;
       }
     }
   }
@@ -488,8 +495,8 @@ template <typename scalar_t, typename acc_t>
 void window_attention_forward_cpu(const WindowAttentionShape& shape, Strided4<const scalar_t> q,
                                   Strided4<const scalar_t> k, Strided4<const scalar_t> v,
                                   const bool* global_mask, const bool* key_padding_mask,
-                                  scalar_t* out, acc_t* lse) {
-  run_forward(shape, WindowPattern(shape, global_mask, key_padding_mask), q, k, v, out, lse);
+                                  const int64_t* segment_ids, scalar_t* out, acc_t* lse) {
+  run_forward(shape, WindowPattern(shape, global_mask, key_padding_mask, segment_ids), q, k, v, out, lse);
 }
 
 template <typename scalar_t, typename acc_t>
@@ -498,8 +505,9 @@ void window_attention_backward_cpu(const WindowAttentionShape& shape,
                                    Strided4<const scalar_t> k, Strided4<const scalar_t> v,
                                    Strided4<const scalar_t> out, const acc_t* lse,
                                    const bool* global_mask, const bool* key_padding_mask,
-                                   scalar_t* grad_q, scalar_t* grad_k, scalar_t* grad_v) {
-  run_backward(shape, WindowPattern(shape, global_mask, key_padding_mask), grad_out, static_cast<const acc_t*>(nullptr),
+                                   const int64_t* segment_ids, scalar_t* grad_q, scalar_t* grad_k,
+                                   scalar_t* grad_v) {
+  run_backward(shape, WindowPattern(shape, global_mask, key_padding_mask, segment_ids), grad_out, static_cast<const acc_t*>(nullptr),
                q, k, v, out, lse, grad_q, grad_k, grad_v);
 }
 
@@ -527,11 +535,11 @@ void block_sparse_attention_backward_cpu(const WindowAttentionShape& shape, cons
 #define LINATTN_INSTANTIATE(scalar_t, acc_t)                                                      \
   template void window_attention_forward_cpu<scalar_t, acc_t>(                                    \
       const WindowAttentionShape&, Strided4<const scalar_t>, Strided4<const scalar_t>,            \
-      Strided4<const scalar_t>, const bool*, const bool*, scalar_t*, acc_t*);                     \
+      Strided4<const scalar_t>, const bool*, const bool*, const int64_t*, scalar_t*, acc_t*);     \
   template void window_attention_backward_cpu<scalar_t, acc_t>(                                   \
       const WindowAttentionShape&, Strided4<const scalar_t>, Strided4<const scalar_t>,            \
       Strided4<const scalar_t>, Strided4<const scalar_t>, Strided4<const scalar_t>, const acc_t*, \
-      const bool*, const bool*, scalar_t*, scalar_t*, scalar_t*);                                 \
+      const bool*, const bool*, const int64_t*, scalar_t*, scalar_t*, scalar_t*);                 \
   template void block_sparse_attention_forward_cpu<scalar_t, acc_t>(                              \
       const WindowAttentionShape&, const BlockLayout&, const PairTerms<acc_t>&,                   \
       Strided4<const scalar_t>, Strided4<const scalar_t>, Strided4<const scalar_t>, const bool*,  \

@@ -66,7 +66,8 @@ std::vector<BlockPlan> plan_blocks(const WindowAttentionShape& s,
 // Visibility (B, 1, L, n) of rows [i0, i1) against `keys`.
 at::Tensor visibility(const WindowAttentionShape& s, int64_t i0, int64_t i1, const at::Tensor& keys,
                       const std::optional<at::Tensor>& global_mask,
-                      const std::optional<at::Tensor>& key_padding_mask) {
+                      const std::optional<at::Tensor>& key_padding_mask,
+                      const std::optional<at::Tensor>& segment_ids) {
   const at::Tensor rows = at::arange(i0, i1, keys.options()).unsqueeze(-1);
   const at::Tensor d = rows + (s.k_len - s.q_len) - keys.unsqueeze(0);  // (L, n)
   at::Tensor in_window = at::ones_like(d, d.options().dtype(at::kBool));
@@ -81,6 +82,9 @@ at::Tensor visibility(const WindowAttentionShape& s, int64_t i0, int64_t i1, con
   }
   if (key_padding_mask.has_value())
     visible = visible.logical_and(key_padding_mask->index_select(1, keys).logical_not().unsqueeze(1));
+  if (segment_ids.has_value())  // T_q == T_k
+    visible = visible.logical_and(segment_ids->narrow(1, i0, i1 - i0).unsqueeze(-1) ==
+                                  segment_ids->index_select(1, keys).unsqueeze(1));
   return visible.unsqueeze(1);
 }
 
@@ -179,9 +183,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> engine_backward(
 }
 
 Visibility window_visibility(const WindowAttentionShape& s, const std::optional<at::Tensor>& global_mask,
-                             const std::optional<at::Tensor>& key_padding_mask) {
-  return [&s, &global_mask, &key_padding_mask](int64_t i0, int64_t i1, const at::Tensor& keys) {
-    return PairBlock{visibility(s, i0, i1, keys, global_mask, key_padding_mask), {}, {}};
+                             const std::optional<at::Tensor>& key_padding_mask,
+                             const std::optional<at::Tensor>& segment_ids) {
+  return [&s, &global_mask, &key_padding_mask, &segment_ids](int64_t i0, int64_t i1, const at::Tensor& keys) {
+    return PairBlock{visibility(s, i0, i1, keys, global_mask, key_padding_mask, segment_ids), {}, {}};
   };
 }
 
@@ -190,24 +195,25 @@ std::tuple<at::Tensor, at::Tensor> forward_generic(const at::Tensor& q, const at
                                                    int64_t dilation,
                                                    const std::optional<at::Tensor>& global_mask,
                                                    const std::optional<at::Tensor>& key_padding_mask,
-                                                   double scale) {
-  check_window_inputs(q, k, v, left, right, dilation, global_mask, key_padding_mask, scale);
+                                                   double scale, const std::optional<at::Tensor>& segment_ids) {
+  check_window_inputs(q, k, v, left, right, dilation, global_mask, key_padding_mask, scale, segment_ids);
   const WindowAttentionShape s = window_kernel_shape(q, k, v, left, right, dilation, scale);
   return engine_forward(q, k, v, scale, plan_blocks(s, global_mask, q.options().dtype(at::kLong)),
-                        window_visibility(s, global_mask, key_padding_mask));
+                        window_visibility(s, global_mask, key_padding_mask, segment_ids));
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_generic(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& out, const at::Tensor& lse, int64_t left, int64_t right, int64_t dilation,
     const std::optional<at::Tensor>& global_mask, const std::optional<at::Tensor>& key_padding_mask,
-    double scale) {
-  const auto sizes = check_window_inputs(q, k, v, left, right, dilation, global_mask, key_padding_mask, scale);
+    double scale, const std::optional<at::Tensor>& segment_ids) {
+  const auto sizes =
+      check_window_inputs(q, k, v, left, right, dilation, global_mask, key_padding_mask, scale, segment_ids);
   check_window_backward_inputs(grad_out, q, out, lse, sizes);
   const WindowAttentionShape s = window_kernel_shape(q, k, v, left, right, dilation, scale);
   auto grads = engine_backward(grad_out, std::nullopt, q, k, v, out, lse, scale,
                                plan_blocks(s, global_mask, q.options().dtype(at::kLong)),
-                               window_visibility(s, global_mask, key_padding_mask));
+                               window_visibility(s, global_mask, key_padding_mask, segment_ids));
   return {std::get<0>(grads), std::get<1>(grads), std::get<2>(grads)};
 }
 

@@ -13,8 +13,9 @@ std::tuple<at::Tensor, at::Tensor> forward_meta(const at::Tensor& q, const at::T
                                                 int64_t dilation,
                                                 const std::optional<at::Tensor>& global_mask,
                                                 const std::optional<at::Tensor>& key_padding_mask,
-                                                double scale) {
-  const auto s = check_window_inputs(q, k, v, left, right, dilation, global_mask, key_padding_mask, scale);
+                                                double scale, const std::optional<at::Tensor>& segment_ids) {
+  const auto s =
+      check_window_inputs(q, k, v, left, right, dilation, global_mask, key_padding_mask, scale, segment_ids);
   return {at::empty_symint({s.batch, s.heads, s.q_len, s.value_dim}, q.options()),
           at::empty_symint({s.batch, s.heads, s.q_len}, q.options().dtype(accumulate_type(q.scalar_type())))};
 }
@@ -23,8 +24,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_meta(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& out, const at::Tensor& lse, int64_t left, int64_t right, int64_t dilation,
     const std::optional<at::Tensor>& global_mask, const std::optional<at::Tensor>& key_padding_mask,
-    double scale) {
-  const auto s = check_window_inputs(q, k, v, left, right, dilation, global_mask, key_padding_mask, scale);
+    double scale, const std::optional<at::Tensor>& segment_ids) {
+  const auto s =
+      check_window_inputs(q, k, v, left, right, dilation, global_mask, key_padding_mask, scale, segment_ids);
   check_window_backward_inputs(grad_out, q, out, lse, s);
   return {at::empty_symint({s.batch, s.heads, s.q_len, s.head_dim}, q.options()),
           at::empty_symint({s.batch, s.heads, s.k_len, s.head_dim}, q.options()),

@@ -21,7 +21,8 @@ inline WindowAttentionSizes check_window_inputs(const at::Tensor& q, const at::T
                                                 int64_t dilation,
                                                 const std::optional<at::Tensor>& global_mask,
                                                 const std::optional<at::Tensor>& key_padding_mask,
-                                                double scale) {
+                                                double scale,
+                                                const std::optional<at::Tensor>& segment_ids) {
   const char* op = kWindowAttentionOp;
   check_qkv(op, q, k, v);
   TORCH_CHECK(left >= -1 && right >= -1, op,
@@ -35,6 +36,14 @@ inline WindowAttentionSizes check_window_inputs(const at::Tensor& q, const at::T
                 shape_str(q), " and k ", shape_str(k));
   check_key_mask(op, "global_mask", global_mask, q, k, "True = global token");
   check_key_mask(op, "key_padding_mask", key_padding_mask, q, k, "True = padded key");
+  if (segment_ids.has_value()) {
+    TORCH_CHECK(s.q_len == s.k_len, op, ": segment_ids need as many queries as keys, got q ", shape_str(q),
+                " and k ", shape_str(k));
+    check_same_device(op, "segment_ids", *segment_ids, "q", q);
+    TORCH_CHECK(segment_ids->scalar_type() == at::kLong, op, ": segment_ids must be int64, got ",
+                segment_ids->scalar_type());
+    check_shape(op, "segment_ids", *segment_ids, {k.sym_size(0), k.sym_size(2)}, "(B, T)");
+  }
   return s;
 }
 
@@ -104,7 +113,7 @@ inline WindowAttentionSizes check_block_sparse_inputs(const at::Tensor& q, const
   const char* op = kBlockSparseOp;
   TORCH_CHECK(block_size >= 1, op, ": block_size must be >= 1, got ", block_size);
   const WindowAttentionSizes s =
-      check_window_inputs(q, k, v, -1, -1, 1, std::nullopt, key_padding_mask, scale);
+      check_window_inputs(q, k, v, -1, -1, 1, std::nullopt, key_padding_mask, scale, std::nullopt);
   check_dim(op, "layout", layout, 3, "(H or 1, ceil(T_q / block_size), ceil(T_k / block_size))");
   check_same_device(op, "layout", layout, "q", q);
   TORCH_CHECK(layout.scalar_type() == at::kBool, op, ": layout must be a bool tensor, got ",
