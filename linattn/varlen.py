@@ -6,13 +6,23 @@ itself, as if it were run alone, and has its own initial/final state (N, H, m, d
 is computed: graphs of different sizes or packed documents cost what their tokens cost.
 
 CPU tensors run the varlen operators (each sequence through the chunked kernels on its own
-rows of the packed buffers, every thread on each); other devices run one linear_attention
-call per sequence, which reads the offsets on the host (a synchronisation on CUDA tensors).
+rows of the packed buffers). Other devices, without states, decay or gates, run the
+device-generic fading-state formulation (linattn/decay.py) over the whole packing with a factor
+e^{-10^4} = 0 at every sequence start (non-causal: a forward and a reversed causal pass over
+[v, 1], minus the diagonal), all on the device with no host synchronisation; with per-sequence
+states, decay or gates they run one linear_attention call per sequence, which reads the offsets
+on the host.
 """
 import torch
 
 from . import _ops
 from . import _validation as check
+from .decay import decayed_linear_attention_generic
+
+# A log factor whose exponential is exactly 0 in float32 and float64: the state's reset at a
+# sequence start. Sums of it stay exact between positions of one sequence (only zeros are added
+# there), so no other factor loses precision.
+_RESET = -1e4
 
 
 def check_cu_seqlens(where: str, cu_seqlens, q: torch.Tensor, k: torch.Tensor, key_padding_mask) -> int:
@@ -49,10 +59,10 @@ def sequence_ids(where: str, cu_seqlens: torch.Tensor, total: int) -> torch.Tens
 
 
 def varlen_linear_attention(where, q, k, v, phi_q, phi_k, code, cu_seqlens, *, causal, normalize, eps,
-                            log_decay, initial_state, per_sequence):
-    """(out (1, H, total, dv), (S, z) per sequence (N, ...)). phi_q / phi_k / code: the operator's
-    feature inputs and map code; per_sequence(start, end, n): linear_attention on one sequence
-    with output_final_state=True (the path of devices without the varlen operator)."""
+                            log_decay, initial_state, need_state, per_sequence):
+    """(out (1, H, total, dv), (S, z) per sequence (N, ...), or None when not need_state on the
+    device-generic path). phi_q / phi_k / code: the operator's feature inputs and map code;
+    per_sequence(start, end, n): linear_attention on one sequence with output_final_state=True."""
     acc = _ops.accumulate_dtype(q.dtype)
     sequences = cu_seqlens.numel() - 1
     initial = None
@@ -66,6 +76,8 @@ def varlen_linear_attention(where, q, k, v, phi_q, phi_k, code, cu_seqlens, *, c
         )
         value_dim = v.shape[3]
         return out, (final_state[..., :value_dim], final_state[..., value_dim])
+    if initial_state is None and log_decay is None and not need_state:
+        return _packed_generic(where, phi_q, phi_k, code, v, cu_seqlens, causal, normalize, eps).to(q.dtype), None
     offsets = cu_seqlens.tolist()
     if offsets[0] != 0 or offsets[-1] != q.shape[2] or any(b < a for a, b in zip(offsets, offsets[1:])):
         raise ValueError(f"{where}: cu_seqlens must be non-decreasing offsets from 0 to the packed length "
@@ -80,6 +92,43 @@ def varlen_linear_attention(where, q, k, v, phi_q, phi_k, code, cu_seqlens, *, c
         empty = (v.new_zeros(0, q.shape[1], m, v.shape[3], dtype=acc), v.new_zeros(0, q.shape[1], m, dtype=acc))
         return v.new_zeros(1, q.shape[1], 0, v.shape[3]), empty
     return torch.cat(outs, dim=2), (torch.cat([s[0] for s in states]), torch.cat([s[1] for s in states]))
+
+
+def _packed_generic(where, phi_q, phi_k, code, v, cu_seqlens, causal, normalize, eps):
+    """Every sequence of the packing at once in ATen ops, states reset at sequence boundaries."""
+    from .recurrent import FEATURE_MAPS_BY_CODE
+
+    acc = _ops.accumulate_dtype(phi_q.dtype)
+    if code:  # the built-in maps the kernels would apply
+        phi_q, phi_k = FEATURE_MAPS_BY_CODE[code](phi_q.to(acc)), FEATURE_MAPS_BY_CODE[code](phi_k.to(acc))
+    phi_q, phi_k, v = phi_q.to(acc), phi_k.to(acc), v.to(acc)
+    heads, total = phi_q.shape[1], phi_q.shape[2]
+    ids = sequence_ids(where, cu_seqlens, total)
+    change = ids[1:] != ids[:-1]  # position t + 1 starts a new sequence
+
+    def resets(at_start: torch.Tensor) -> torch.Tensor:
+        return torch.where(at_start, _RESET, 0.0).to(acc).expand(1, heads, total)
+
+    starts = torch.cat([change.new_zeros(1), change])
+    if causal:
+        out, _, _ = decayed_linear_attention_generic(phi_q, phi_k, v, resets(starts), None, None, normalize, eps)
+        return out
+    # Non-causal: each query's sum over its whole sequence = the causal sum (keys up to it) +
+    # the reversed causal sum (keys from it on) − its own key; values carry a ones column, which
+    # gives the normalizer too.
+    values = torch.cat([v, v.new_ones(*v.shape[:-1], 1)], dim=-1)
+    ends = torch.cat([change, change.new_zeros(1)])  # position t ends its sequence
+    forward, _, _ = decayed_linear_attention_generic(phi_q, phi_k, values, resets(starts), None, None, False, eps)
+    flip = lambda t: t.flip(2)  # noqa: E731
+    backward, _, _ = decayed_linear_attention_generic(
+        flip(phi_q), flip(phi_k), flip(values), resets(ends.flip(0)), None, None, False, eps)
+    both = forward + flip(backward) - (phi_q * phi_k).sum(-1, keepdim=True) * values
+    numerator, denominator = both[..., :-1], both[..., -1:]
+    if not normalize:
+        return numerator
+    denominator = denominator + eps
+    vanished = denominator.abs() < torch.finfo(acc).tiny  # as the kernels: such rows are 0
+    return torch.where(vanished, numerator * 0, numerator / torch.where(vanished, 1, denominator))
 
 
 def segment_reverse_cumsum(values: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:

@@ -237,3 +237,35 @@ def test_sliding_window_errors():
         linattn.sliding_window_attention(q, k, v, 3, cu_seqlens=torch.tensor([0, 50, 20, 233], dtype=torch.int32))
     with pytest.raises(RuntimeError, match="segment_ids must be int64"):
         torch.ops.linattn.sliding_window_attn_fwd(q, k, v, 3, 3, 1, None, None, 1.0, torch.zeros(1, 233, dtype=torch.int32))
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("feature_map,normalize", [("elu", True), ("relu", True), ("identity", False)])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+def test_device_generic_packing_without_states(causal, feature_map, normalize, dtype):
+    """What CUDA tensors run without states, decay or gates: the whole packing at once, resets at
+    sequence starts, no host synchronisation (compiles with fullgraph=True, which a .tolist()
+    would break)."""
+    q, k, v, cu = packed(dtype=dtype)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    with linattn._ops.generic_implementation():
+        out = linattn.linear_attention(*leaves, causal=causal, feature_map=feature_map, normalize=normalize,
+                                       cu_seqlens=cu)
+        weight = torch.randn(out.shape, dtype=torch.float64).to(dtype)
+        grads = torch.autograd.grad((out * weight).sum(), leaves)
+    expected, _ = per_sequence(
+        lambda n, q, k, v: reference.linear_attention(q, k, v, causal=causal, feature_map=feature_map,
+                                                      normalize=normalize), OFFSETS, q, k, v)
+    assert_close(out, expected, TOLERANCE[dtype] * 4, "out")
+    ref_leaves = [t.double().requires_grad_() for t in (q, k, v)]
+    ref_out = torch.cat([
+        reference.linear_attention(*(t[:, :, a:b] for t in ref_leaves), causal=causal, feature_map=feature_map,
+                                   normalize=normalize)[0] for a, b in zip(OFFSETS[:-1], OFFSETS[1:])], 2)
+    ref_grads = torch.autograd.grad((ref_out * weight.double()).sum(), ref_leaves)
+    for name, got, want in zip("qkv", grads, ref_grads):
+        assert_close(got, want, TOLERANCE[dtype] * 10, f"grad {name}")
+    if dtype == torch.float32:
+        fn = lambda q, k, v, cu: linattn.linear_attention(q, k, v, causal=causal, feature_map=feature_map,  # noqa: E731
+                                                          normalize=normalize, cu_seqlens=cu)
+        with linattn._ops.generic_implementation():
+            torch.testing.assert_close(torch.compile(fn, fullgraph=True)(q, k, v, cu), fn(q, k, v, cu))
