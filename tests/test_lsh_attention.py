@@ -91,3 +91,30 @@ def test_errors():
         linattn.lsh_attention(qk, v, n_hashes=0)
     with pytest.raises(ValueError, match=r"rotations must have shape \(n_hashes=4, D=8, n_buckets/2=3\)"):
         linattn.lsh_attention(qk, v, bucket_size=8, rotations=torch.randn(4, 8, 2))
+
+
+def test_reformer_method_redraws_rotations_in_training():
+    """redraw_in_training: fresh rotations from torch's generator at every training forward (the
+    Reformer paper's stochastic hashing), the fixed hash rotations in eval."""
+    torch.manual_seed(0)
+    module = linattn.nn.MultiheadAttention(16, 2, method="reformer", batch_first=True, dtype=torch.float64,
+                                           n_hashes=2, bucket_size=4, redraw_in_training=True)
+    core = module.core
+    q, v = torch.randn(1, 2, 40, 8, dtype=torch.float64), torch.randn(1, 2, 40, 8, dtype=torch.float64)
+    options = dict(causal=False, key_padding_mask=None, attn_mask=None, dropout_p=0.0, need_weights=False)
+    core.train()
+    torch.manual_seed(5)
+    first = core(q, q, v, **options)[0]
+    second = core(q, q, v, **options)[0]
+    assert not torch.allclose(first, second), "training calls should hash differently"
+    torch.manual_seed(5)
+    rotations = torch.randn(2, 8, linattn.lsh.lsh_buckets_count(40, 4) // 2, dtype=torch.float64)
+    expected = linattn.lsh_attention(q, v, n_hashes=2, bucket_size=4, rotations=rotations)
+    torch.testing.assert_close(first, expected)
+    core.eval()
+    fixed = core(q, q, v, **options)[0]
+    torch.testing.assert_close(core(q, q, v, **options)[0], fixed)
+    torch.testing.assert_close(fixed, linattn.lsh_attention(q, v, n_hashes=2, bucket_size=4,
+                                                            rotations=core.rotations(40, q.device, q.dtype)))
+    with pytest.raises(ValueError, match="redraw_in_training"):
+        linattn.nn.MultiheadAttention(16, 2, method="reformer", redraw_in_training="yes")

@@ -483,30 +483,40 @@ class ReformerMethod(MethodModule):
     projection serves as the keys too (the key projection is unused, as in Reformer). Options:
     n_hashes (4), bucket_size (64), seed (0): the random rotations are a fixed function of the
     seed, the round and the bucket count (integer hashes through Box-Muller, tensor ops only), so
-    a layer hashes the same way in every call and torch.compile traces it at any length.
+    a layer hashes the same way in every call and torch.compile traces it at any length;
+    redraw_in_training (False): in training mode, draw fresh rotations from torch's random
+    generator at every forward call instead (the Reformer paper's stochastic hashing; seed it
+    with torch.manual_seed), keeping the fixed ones for eval.
     Self-attention only; key padding and causal masks; dropout drops whole keys. need_weights
     builds the dense (T, T) weights (O(T²))."""
 
     name = "reformer"
-    options = ("n_hashes", "bucket_size", "seed")
+    options = ("n_hashes", "bucket_size", "seed", "redraw_in_training")
     supports_causal = True
     takes_any_mask = False
     supports_extra_keys = False
 
-    def __init__(self, num_heads: int, head_dim: int, device=None, dtype=None, *, n_hashes=4, bucket_size=64, seed=0):
+    def __init__(self, num_heads: int, head_dim: int, device=None, dtype=None, *, n_hashes=4, bucket_size=64, seed=0,
+                 redraw_in_training=False):
         super().__init__()
         _check_positive_int(self.name, "n_hashes", n_hashes)
         _check_positive_int(self.name, "bucket_size", bucket_size)
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
             raise ValueError(f"linattn method 'reformer': seed must be an int >= 0, got {seed!r}")
+        _check_choice(self.name, "redraw_in_training", redraw_in_training, (True, False))
         self.head_dim, self.n_hashes, self.bucket_size, self.seed = head_dim, n_hashes, bucket_size, seed
+        self.redraw_in_training = redraw_in_training
 
     def extra_repr(self) -> str:
-        return f"n_hashes={self.n_hashes}, bucket_size={self.bucket_size}, seed={self.seed}"
+        return (f"n_hashes={self.n_hashes}, bucket_size={self.bucket_size}, seed={self.seed}, "
+                f"redraw_in_training={self.redraw_in_training}")
 
     def rotations(self, length: int, device, dtype) -> torch.Tensor:
-        """(n_hashes, head_dim, n_buckets / 2) standard-normal rotations for a sequence length."""
+        """(n_hashes, head_dim, n_buckets / 2) standard-normal rotations for a sequence length:
+        fresh from torch's generator in training with redraw_in_training, else the fixed ones."""
         half = lsh.lsh_buckets_count(length, self.bucket_size) // 2
+        if self.training and self.redraw_in_training:
+            return torch.randn(self.n_hashes, self.head_dim, half, device=device, dtype=dtype)
         idx = torch.arange(self.n_hashes * self.head_dim * half, device=device, dtype=torch.int64)
 
         def uniform(salt: int) -> torch.Tensor:
