@@ -26,7 +26,6 @@ from typing import Optional
 
 import torch
 
-from .feature_maps import FEATURE_MAPS
 from .functional import linear_attention
 
 __all__ = ["register", "LinearStateCache"]
