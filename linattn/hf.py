@@ -75,6 +75,11 @@ def _attention(feature_map: str):
             mask = None if attention_mask is None else attention_mask[..., k_len_total - k_len:]
             padding = _key_padding(where, mask, q_len, k_len, causal=True)
         else:  # with a growing KV cache, the new queries are the last positions
+            if attention_mask is not None and attention_mask.shape[-1] != k_len:
+                # E.g. a LinearStateCache whose layer could not be found from the key tensor: the
+                # mask covers earlier tokens these keys do not include. Never attend to part.
+                raise ValueError(f"{where}: the attention mask covers {attention_mask.shape[-1]} keys but "
+                                 f"{k_len} keys were passed")
             padding = _key_padding(where, attention_mask, q_len, k_len, causal)
         if module.training and dropout > 0.0:  # whole keys, as linattn's linear methods drop them
             keep = torch.empty(value.shape[:3], device=value.device, dtype=value.dtype).bernoulli_(1 - dropout)

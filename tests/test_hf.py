@@ -137,3 +137,15 @@ def test_a_mask_it_cannot_honour_raises():
     window = torch.ones(1, 1, 5, 5, dtype=torch.bool).tril().triu(-1)  # a sliding window of 2
     with pytest.raises(ValueError, match="not key padding"):
         _key_padding("test", window, 5, 5, causal=True)
+
+
+def test_keys_that_do_not_cover_the_mask_raise():
+    """A call whose keys cover fewer positions than the mask (a state cache whose layer was lost)
+    must not silently attend to part of the sequence."""
+    attention = AttentionInterface._global_mapping["linattn_linear"]
+    module = torch.nn.Module()
+    module.is_causal = True
+    q = torch.randn(1, 2, 1, 4)
+    mask = torch.ones(1, 1, 1, 6, dtype=torch.bool)
+    with pytest.raises(ValueError, match="covers 6 keys but 1"):
+        attention(module, q, q, q, mask)
