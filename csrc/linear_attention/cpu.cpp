@@ -9,7 +9,6 @@
 #include <ATen/OpMathType.h>
 #include <torch/library.h>
 
-#include <cmath>
 #include <vector>
 
 namespace linattn {
@@ -145,12 +144,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_forward_cpu(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_seqlens,
     const std::optional<at::Tensor>& log_decay, const std::optional<at::Tensor>& initial_state,
     int64_t feature_map, bool causal, bool normalize, double eps) {
-  TORCH_CHECK(std::isfinite(eps) && eps > 0, kLinearAttentionOp, ": eps must be a finite number > 0, got ", eps);
-  check_varlen_inputs(q, k, v, cu_seqlens, log_decay, initial_state, feature_map, causal);
+  check_varlen_forward_inputs(q, k, v, cu_seqlens, log_decay, initial_state, feature_map, causal, eps);
   const LinearAttentionShape s = kernel_shape(q, k, v, feature_map, causal, normalize, eps);
   const std::vector<int64_t> offsets = sequence_offsets(cu_seqlens, s.q_len);
   const int64_t sequences = static_cast<int64_t>(offsets.size()) - 1;
-    const auto acc = accumulate_type(q.scalar_type());
+  const auto acc = accumulate_type(q.scalar_type());
   auto out = at::empty({1, s.heads, s.q_len, s.value_dim}, q.options());
   auto final_state = at::empty({sequences, s.heads, s.feature_dim, s.value_dim + 1}, q.options().dtype(acc));
   auto normalizer = at::empty({1, s.heads, s.q_len}, q.options().dtype(acc));
@@ -171,24 +169,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> varlen_ba
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_seqlens,
     const std::optional<at::Tensor>& log_decay, const at::Tensor& out, const at::Tensor& normalizer,
     const std::optional<at::Tensor>& initial_state, int64_t feature_map, bool causal, bool normalize) {
-  const LinearAttentionSizes sizes =
-      check_varlen_inputs(q, k, v, cu_seqlens, log_decay, initial_state, feature_map, causal);
-  const char* op = kLinearAttentionOp;
-  const std::vector<c10::SymInt> out_shape{1, sizes.heads, sizes.q_len, sizes.value_dim};
-  check_same_device_dtype(op, "grad_out", grad_out, "q", q);
-  check_shape(op, "grad_out", grad_out, out_shape, "(1, H, total, dv)");
-  check_same_device_dtype(op, "out", out, "q", q);
-  check_shape(op, "out", out, out_shape, "(1, H, total, dv)");
-  const auto acc = accumulate_type(q.scalar_type());
-  TORCH_CHECK(normalizer.scalar_type() == acc, op, ": normalizer must be ", acc, ", got ", normalizer.scalar_type());
-  check_shape(op, "normalizer", normalizer, {1, sizes.heads, sizes.q_len}, "(1, H, total)");
+  check_varlen_backward_inputs(grad_out, grad_final_state, q, k, v, cu_seqlens, log_decay, out, normalizer,
+                               initial_state, feature_map, causal);
   const LinearAttentionShape s = kernel_shape(q, k, v, feature_map, causal, normalize, 1.0);
   const std::vector<int64_t> offsets = sequence_offsets(cu_seqlens, s.q_len);
   const int64_t sequences = static_cast<int64_t>(offsets.size()) - 1;
-  if (grad_final_state.has_value())
-    check_state(op, "grad_final_state", *grad_final_state, q,
-                {sequences, s.heads, s.feature_dim, s.value_dim + 1});
-    auto grad_q = at::empty({1, s.heads, s.q_len, s.feature_dim}, q.options());
+  const auto acc = accumulate_type(q.scalar_type());
+  auto grad_q = at::empty({1, s.heads, s.q_len, s.feature_dim}, q.options());
   auto grad_k = at::empty({1, s.heads, s.k_len, s.feature_dim}, q.options());
   auto grad_v = at::empty({1, s.heads, s.k_len, s.value_dim}, q.options());
   auto grad_initial = at::empty({sequences, s.heads, s.feature_dim, s.value_dim + 1}, q.options().dtype(acc));

@@ -7,8 +7,6 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
-#include <cmath>
-
 namespace linattn {
 namespace {
 
@@ -66,9 +64,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_forward_meta(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_seqlens,
     const std::optional<at::Tensor>& log_decay, const std::optional<at::Tensor>& initial_state,
     int64_t feature_map, bool causal, bool normalize, double eps) {
-  TORCH_CHECK(std::isfinite(eps) && eps > 0, kLinearAttentionOp, ": eps must be a finite number > 0, got ", eps);
   const LinearAttentionSizes s =
-      check_varlen_inputs(q, k, v, cu_seqlens, log_decay, initial_state, feature_map, causal);
+      check_varlen_forward_inputs(q, k, v, cu_seqlens, log_decay, initial_state, feature_map, causal, eps);
   const auto acc = q.options().dtype(accumulate_type(q.scalar_type()));
   return {at::empty_symint({1, s.heads, s.q_len, s.value_dim}, q.options()),
           at::empty_symint({cu_seqlens.sym_size(0) - 1, s.heads, s.feature_dim, s.value_dim + 1}, acc),
@@ -80,11 +77,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> varlen_ba
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_seqlens,
     const std::optional<at::Tensor>& log_decay, const at::Tensor& out, const at::Tensor& normalizer,
     const std::optional<at::Tensor>& initial_state, int64_t feature_map, bool causal, bool normalize) {
-  const LinearAttentionSizes s =
-      check_varlen_inputs(q, k, v, cu_seqlens, log_decay, initial_state, feature_map, causal);
-  const std::vector<c10::SymInt> out_shape{1, s.heads, s.q_len, s.value_dim};
-  check_shape(kLinearAttentionOp, "grad_out", grad_out, out_shape, "(1, H, total, dv)");
-  check_shape(kLinearAttentionOp, "out", out, out_shape, "(1, H, total, dv)");
+  const LinearAttentionSizes s = check_varlen_backward_inputs(grad_out, grad_final_state, q, k, v, cu_seqlens,
+                                                              log_decay, out, normalizer, initial_state,
+                                                              feature_map, causal);
   const auto acc = q.options().dtype(accumulate_type(q.scalar_type()));
   return {at::empty_symint({1, s.heads, s.q_len, s.feature_dim}, q.options()),
           at::empty_symint({1, s.heads, s.k_len, s.feature_dim}, q.options()),

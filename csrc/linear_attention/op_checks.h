@@ -19,6 +19,17 @@ struct LinearAttentionSizes {
   std::vector<c10::SymInt> state() const { return {batch, heads, feature_dim, value_dim + 1}; }
 };
 
+inline void check_feature_map_code(const char* op, int64_t feature_map) {
+  TORCH_CHECK(feature_map == kFeatureIdentity || feature_map == kFeatureElu ||
+                  feature_map == kFeatureRelu,
+              op, ": feature_map code must be 0 (identity), 1 (elu+1) or 2 (relu), got ", feature_map);
+}
+
+// eps > 0: with eps = 0 a query whose features miss every key would divide 0 by 0.
+inline void check_eps(const char* op, double eps) {
+  TORCH_CHECK(std::isfinite(eps) && eps > 0, op, ": eps must be a finite number > 0, got ", eps);
+}
+
 // Checks shared by the forward and the backward operator (everything but eps).
 inline LinearAttentionSizes check_inputs(const at::Tensor& q, const at::Tensor& k,
                                          const at::Tensor& v,
@@ -30,9 +41,7 @@ inline LinearAttentionSizes check_inputs(const at::Tensor& q, const at::Tensor& 
   TORCH_CHECK(!causal || q.sym_size(2) == k.sym_size(2), op,
               ": causal attention needs as many queries as keys, got q ", shape_str(q), " and k ",
               shape_str(k));
-  TORCH_CHECK(feature_map == kFeatureIdentity || feature_map == kFeatureElu ||
-                  feature_map == kFeatureRelu,
-              op, ": feature_map code must be 0 (identity), 1 (elu+1) or 2 (relu), got ", feature_map);
+  check_feature_map_code(op, feature_map);
   LinearAttentionSizes s{q.sym_size(0), q.sym_size(1), q.sym_size(2),
                          k.sym_size(2), q.sym_size(3), v.sym_size(3)};
   check_key_mask(op, "key_padding_mask", key_padding_mask, q, k, "True = padded key");
@@ -45,20 +54,16 @@ inline LinearAttentionSizes check_forward_inputs(const at::Tensor& q, const at::
                                                  const std::optional<at::Tensor>& initial_state,
                                                  const std::optional<at::Tensor>& key_padding_mask,
                                                  int64_t feature_map, bool causal, double eps) {
-  // eps > 0: with eps = 0 a query whose features miss every key would divide 0 by 0.
-  TORCH_CHECK(std::isfinite(eps) && eps > 0, kLinearAttentionOp,
-              ": eps must be a finite number > 0, got ", eps);
+  check_eps(kLinearAttentionOp, eps);
   return check_inputs(q, k, v, initial_state, key_padding_mask, feature_map, causal);
 }
 
-inline LinearAttentionSizes check_backward_inputs(
-    const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_final_state,
-    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
-    const at::Tensor& normalizer, const std::optional<at::Tensor>& initial_state,
-    const std::optional<at::Tensor>& key_padding_mask, int64_t feature_map, bool causal) {
+// What a backward gets of its forward: grad_out and out (B, H, T_q, dv) like q, and the
+// normalizer (B, H, T_q) in the accumulation dtype.
+inline void check_saved_outputs(const at::Tensor& grad_out, const at::Tensor& out,
+                                const at::Tensor& normalizer, const at::Tensor& q,
+                                const LinearAttentionSizes& s) {
   const char* op = kLinearAttentionOp;
-  const LinearAttentionSizes s =
-      check_inputs(q, k, v, initial_state, key_padding_mask, feature_map, causal);
   const std::vector<c10::SymInt> out_shape{s.batch, s.heads, s.q_len, s.value_dim};
   check_same_device_dtype(op, "grad_out", grad_out, "q", q);
   check_shape(op, "grad_out", grad_out, out_shape, "(B, H, T_q, dv)");
@@ -69,6 +74,17 @@ inline LinearAttentionSizes check_backward_inputs(
               ": normalizer must be ", accumulate_type(q.scalar_type()), " for ", q.scalar_type(),
               " inputs, got ", normalizer.scalar_type());
   check_shape(op, "normalizer", normalizer, {s.batch, s.heads, s.q_len}, "(B, H, T_q)");
+}
+
+inline LinearAttentionSizes check_backward_inputs(
+    const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_final_state,
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& normalizer, const std::optional<at::Tensor>& initial_state,
+    const std::optional<at::Tensor>& key_padding_mask, int64_t feature_map, bool causal) {
+  const char* op = kLinearAttentionOp;
+  const LinearAttentionSizes s =
+      check_inputs(q, k, v, initial_state, key_padding_mask, feature_map, causal);
+  check_saved_outputs(grad_out, out, normalizer, q, s);
   if (grad_final_state.has_value())
     check_state(op, "grad_final_state", *grad_final_state, q, s.state());
   return s;
@@ -118,6 +134,28 @@ inline LinearAttentionSizes check_varlen_inputs(const at::Tensor& q, const at::T
                 log_decay->scalar_type());
     check_shape(op, "log_decay", *log_decay, {1, s.heads, s.q_len}, "(1, H, total)");
   }
+  return s;
+}
+
+inline LinearAttentionSizes check_varlen_forward_inputs(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_seqlens,
+    const std::optional<at::Tensor>& log_decay, const std::optional<at::Tensor>& initial_state,
+    int64_t feature_map, bool causal, double eps) {
+  check_eps(kLinearAttentionOp, eps);
+  return check_varlen_inputs(q, k, v, cu_seqlens, log_decay, initial_state, feature_map, causal);
+}
+
+inline LinearAttentionSizes check_varlen_backward_inputs(
+    const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_final_state,
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_seqlens,
+    const std::optional<at::Tensor>& log_decay, const at::Tensor& out, const at::Tensor& normalizer,
+    const std::optional<at::Tensor>& initial_state, int64_t feature_map, bool causal) {
+  const LinearAttentionSizes s =
+      check_varlen_inputs(q, k, v, cu_seqlens, log_decay, initial_state, feature_map, causal);
+  check_saved_outputs(grad_out, out, normalizer, q, s);
+  if (grad_final_state.has_value())
+    check_state(kLinearAttentionOp, "grad_final_state", *grad_final_state, q,
+                {cu_seqlens.sym_size(0) - 1, s.heads, s.feature_dim, s.value_dim + 1});
   return s;
 }
 

@@ -3,8 +3,7 @@
 // pass over the m × dv state. linattn.linear_attention_step calls it for CPU tensors (other
 // devices run the same formula in ATen ops); its backward is ATen ops too (linattn/_ops.py).
 // The Meta kernel applies the same checks, for fake tensors.
-#include "kernel.h"
-#include "../common/checks.h"
+#include "op_checks.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -39,10 +38,8 @@ StepSizes check_step_inputs(const at::Tensor& q, const at::Tensor& k, const at::
                   q.sym_size(1) == v.sym_size(1),
               op, ": q and k must have the same shape (B, H, D) and v share (B, H), got q ",
               shape_str(q), ", k ", shape_str(k), " and v ", shape_str(v));
-  TORCH_CHECK(feature_map == kFeatureIdentity || feature_map == kFeatureElu ||
-                  feature_map == kFeatureRelu,
-              op, ": feature_map code must be 0 (identity), 1 (elu+1) or 2 (relu), got ", feature_map);
-  TORCH_CHECK(std::isfinite(eps) && eps > 0, op, ": eps must be a finite number > 0, got ", eps);
+  check_feature_map_code(op, feature_map);
+  check_eps(op, eps);
   StepSizes s{q.sym_size(0), q.sym_size(1), q.sym_size(2), v.sym_size(2)};
   const auto acc = accumulate_type(q.scalar_type());
   for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"S", S}, {"z", z}}) {
