@@ -97,7 +97,7 @@ def linear_attention(
             )
 
         out, state = varlen_linear_attention(
-            where, q, k, v, phi_q, phi_k, code, cu_seqlens, causal=causal, normalize=normalize, eps=eps,
+            where, q, k, v, phi_q, phi_k, code, phi, cu_seqlens, causal=causal, normalize=normalize, eps=eps,
             log_decay=log_decay, initial_state=initial_state, need_state=output_final_state, per_sequence=per_sequence,
         )
         return (out, state) if output_final_state else out

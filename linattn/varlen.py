@@ -25,8 +25,8 @@ from .decay import decayed_linear_attention_generic
 _RESET = -1e4
 
 
-def check_cu_seqlens(where: str, cu_seqlens, q: torch.Tensor, k: torch.Tensor, key_padding_mask) -> int:
-    """Checks the packing; returns the number of sequences N."""
+def check_cu_seqlens(where: str, cu_seqlens, q: torch.Tensor, k: torch.Tensor, key_padding_mask) -> None:
+    """Checks the packing's layout (its offsets' values: checked_offsets)."""
     if not isinstance(cu_seqlens, torch.Tensor):
         raise TypeError(f"{where}: cu_seqlens must be an int32 tensor of offsets (N + 1,), got "
                         f"{type(cu_seqlens).__name__}")
@@ -43,32 +43,44 @@ def check_cu_seqlens(where: str, cu_seqlens, q: torch.Tensor, k: torch.Tensor, k
                          f"q {tuple(q.shape)} and k {tuple(k.shape)}")
     if key_padding_mask is not None:
         raise ValueError(f"{where}: with cu_seqlens there is no padding to mask; pass key_padding_mask=None")
-    return cu_seqlens.numel() - 1
+
+
+def checked_offsets(where: str, cu_seqlens: torch.Tensor, total: int) -> list:
+    """The offsets on the host (a synchronisation on accelerators), checked: non-decreasing from 0
+    to the packed length."""
+    offsets = cu_seqlens.tolist()
+    if offsets[0] != 0 or offsets[-1] != total or any(b < a for a, b in zip(offsets, offsets[1:])):
+        raise ValueError(f"{where}: cu_seqlens must be non-decreasing offsets from 0 to the packed length "
+                         f"{total}, got {offsets}")
+    return offsets
+
+
+def _position_sequences(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
+    """(total,) int64: the sequence of each packed position, on the device (no values checked)."""
+    positions = torch.arange(total, device=cu_seqlens.device, dtype=torch.int32)
+    return torch.bucketize(positions, cu_seqlens[1:], right=True).to(torch.int64)
 
 
 def sequence_ids(where: str, cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
     """(total,) int64: the sequence each packed position belongs to, computed on the device (no
     host synchronisation); the offsets' values are checked for eager CPU tensors."""
     if cu_seqlens.device.type == "cpu" and not torch.compiler.is_compiling():
-        offsets = cu_seqlens.tolist()
-        if offsets[0] != 0 or offsets[-1] != total or any(b < a for a, b in zip(offsets, offsets[1:])):
-            raise ValueError(f"{where}: cu_seqlens must be non-decreasing offsets from 0 to the packed length "
-                             f"{total}, got {offsets}")
-    positions = torch.arange(total, device=cu_seqlens.device, dtype=torch.int32)
-    return torch.bucketize(positions, cu_seqlens[1:], right=True).to(torch.int64)
+        checked_offsets(where, cu_seqlens, total)
+    return _position_sequences(cu_seqlens, total)
 
 
-def varlen_linear_attention(where, q, k, v, phi_q, phi_k, code, cu_seqlens, *, causal, normalize, eps,
+def varlen_linear_attention(where, q, k, v, phi_q, phi_k, code, phi, cu_seqlens, *, causal, normalize, eps,
                             log_decay, initial_state, need_state, per_sequence):
     """(out (1, H, total, dv), (S, z) per sequence (N, ...), or None when not need_state on the
-    device-generic path). phi_q / phi_k / code: the operator's feature inputs and map code;
-    per_sequence(start, end, n): linear_attention on one sequence with output_final_state=True."""
+    device-generic path). phi_q / phi_k / code: the operator's feature inputs and map code, phi
+    the map itself; per_sequence(start, end, n): linear_attention on one sequence with
+    output_final_state=True."""
     acc = _ops.accumulate_dtype(q.dtype)
     sequences = cu_seqlens.numel() - 1
-    initial = None
     if initial_state is not None:
         check.check_state(where, "initial_state", initial_state, phi_k.expand(sequences, *phi_k.shape[1:]), v)
     if q.device.type == "cpu" and not _ops.generic_in_use():
+        initial = None
         if initial_state is not None:
             initial = torch.cat([initial_state[0].to(acc), initial_state[1].to(acc).unsqueeze(-1)], dim=-1)
         out, final_state, _ = torch.ops.linattn.linear_attn_varlen_fwd(
@@ -77,11 +89,9 @@ def varlen_linear_attention(where, q, k, v, phi_q, phi_k, code, cu_seqlens, *, c
         value_dim = v.shape[3]
         return out, (final_state[..., :value_dim], final_state[..., value_dim])
     if initial_state is None and log_decay is None and not need_state:
-        return _packed_generic(where, phi_q, phi_k, code, v, cu_seqlens, causal, normalize, eps).to(q.dtype), None
-    offsets = cu_seqlens.tolist()
-    if offsets[0] != 0 or offsets[-1] != q.shape[2] or any(b < a for a, b in zip(offsets, offsets[1:])):
-        raise ValueError(f"{where}: cu_seqlens must be non-decreasing offsets from 0 to the packed length "
-                         f"{q.shape[2]}, got {offsets}")
+        fused = phi if code else None  # a built-in map the CPU operator would have applied
+        return _packed_generic(where, phi_q, phi_k, fused, v, cu_seqlens, causal, normalize, eps).to(q.dtype), None
+    offsets = checked_offsets(where, cu_seqlens, q.shape[2])
     outs, states = [], []
     for n in range(sequences):
         out, state = per_sequence(offsets[n], offsets[n + 1], n)
@@ -94,13 +104,12 @@ def varlen_linear_attention(where, q, k, v, phi_q, phi_k, code, cu_seqlens, *, c
     return torch.cat(outs, dim=2), (torch.cat([s[0] for s in states]), torch.cat([s[1] for s in states]))
 
 
-def _packed_generic(where, phi_q, phi_k, code, v, cu_seqlens, causal, normalize, eps):
-    """Every sequence of the packing at once in ATen ops, states reset at sequence boundaries."""
-    from .recurrent import FEATURE_MAPS_BY_CODE
-
+def _packed_generic(where, phi_q, phi_k, feature_map, v, cu_seqlens, causal, normalize, eps):
+    """Every sequence of the packing at once in ATen ops, states reset at sequence boundaries;
+    feature_map: applied here to phi_q, phi_k first (in the accumulation dtype), or None."""
     acc = _ops.accumulate_dtype(phi_q.dtype)
-    if code:  # the built-in maps the kernels would apply
-        phi_q, phi_k = FEATURE_MAPS_BY_CODE[code](phi_q.to(acc)), FEATURE_MAPS_BY_CODE[code](phi_k.to(acc))
+    if feature_map is not None:
+        phi_q, phi_k = feature_map(phi_q.to(acc)), feature_map(phi_k.to(acc))
     phi_q, phi_k, v = phi_q.to(acc), phi_k.to(acc), v.to(acc)
     heads, total = phi_q.shape[1], phi_q.shape[2]
     ids = sequence_ids(where, cu_seqlens, total)
@@ -137,7 +146,6 @@ def segment_reverse_cumsum(values: torch.Tensor, cu_seqlens: torch.Tensor) -> to
     total = values.shape[-1]
     suffix = values.flip(-1).cumsum(-1).flip(-1)
     suffix = torch.cat([suffix, suffix.new_zeros(*suffix.shape[:-1], 1)], dim=-1)
-    positions = torch.arange(total, device=values.device, dtype=torch.int32)
     ends = cu_seqlens[1:].to(torch.int64)
-    end_of = ends[torch.bucketize(positions, cu_seqlens[1:], right=True).clamp(max=ends.numel() - 1)]
+    end_of = ends[_position_sequences(cu_seqlens, total).clamp(max=ends.numel() - 1)]
     return suffix[..., :total] - suffix.index_select(-1, end_of)
