@@ -21,8 +21,8 @@ import torch
 import torch.distributed as dist
 
 from . import _ops
-from .feature_maps import FEATURE_MAPS
-from .functional import linear_attention
+from .feature_maps import resolve_feature_map
+from .functional import linear_attention, log_fade_factors
 
 __all__ = ["context_parallel_linear_attention"]
 
@@ -43,14 +43,6 @@ class _AllGather(torch.autograd.Function):
         grad = grad.contiguous()
         dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
         return grad[dist.get_rank(ctx.group)], None
-
-
-def _features(x, feature_map):
-    if feature_map is None or feature_map == "identity":
-        return x
-    if isinstance(feature_map, str):
-        return FEATURE_MAPS[feature_map](x)
-    return feature_map(x)
 
 
 def context_parallel_linear_attention(
@@ -92,24 +84,18 @@ def context_parallel_linear_attention(
     if q.shape[2] != k.shape[2]:
         raise ValueError(f"{where}: q and k must be the same slice of the sequence (same length), got "
                          f"{tuple(q.shape)} and {tuple(k.shape)}")
-    if (decay is not None or gate is not None) and not causal:
-        raise ValueError(f"{where}: decay and gate fade a causal state; call it with causal=True, got causal=False")
     acc = _ops.accumulate_dtype(q.dtype)
     rank = dist.get_rank(group)
 
     # 1. This slice's own state, and the log of its total fade.
-    phi_k = _features(k.to(acc), feature_map)
+    phi = resolve_feature_map(feature_map, where)
+    phi_k = k.to(acc) if phi is None else phi(k.to(acc))
     if key_padding_mask is not None:
         phi_k = phi_k.masked_fill(key_padding_mask[:, None, :, None], 0.0)
     weighted = phi_k
     log_fade = torch.zeros(q.shape[0], q.shape[1], dtype=acc, device=q.device)
     if decay is not None or gate is not None:
-        steps = torch.zeros(q.shape[0], q.shape[1], q.shape[2], dtype=acc, device=q.device)
-        if decay is not None:
-            steps = steps + decay.to(acc).log().view(1, -1, 1)
-        if gate is not None:
-            steps = steps + gate.to(acc)
-        cumulative = steps.cumsum(-1)
+        cumulative = log_fade_factors(where, decay, gate, k, causal, acc).cumsum(-1)
         log_fade = cumulative[..., -1] if q.shape[2] else log_fade
         # Key j reaches the slice's end faded by exp(c_T − c_j) <= 1 (no positive exponent).
         weighted = phi_k * torch.exp(log_fade.unsqueeze(-1) - cumulative).unsqueeze(-1)

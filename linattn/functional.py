@@ -86,7 +86,7 @@ def linear_attention(
     acc = _ops.accumulate_dtype(q.dtype)
     if cu_seqlens is not None:
         check_cu_seqlens(where, cu_seqlens, q, k, key_padding_mask)
-        log_decay = None if decay is None and gate is None else _log_decay(where, decay, gate, q, causal, acc)
+        log_decay = None if decay is None and gate is None else log_fade_factors(where, decay, gate, q, causal, acc)
 
         def per_sequence(start, end, n):
             return linear_attention(
@@ -108,7 +108,7 @@ def linear_attention(
         initial = torch.cat([S0.to(acc), z0.to(acc).unsqueeze(-1)], dim=-1)
 
     if decay is not None or gate is not None:
-        log_decay = _log_decay(where, decay, gate, q, causal, acc)
+        log_decay = log_fade_factors(where, decay, gate, q, causal, acc)
         if q.device.type != "cpu" or _ops.generic_in_use():
             # Every other device: the same math in batched ATen ops (linattn/decay.py).
             phi_q, phi_k = (phi_q, phi_k) if code == 0 else (phi(q.to(acc)), phi(k.to(acc)))
@@ -131,7 +131,7 @@ def linear_attention(
     return out, (final_state[..., :value_dim], final_state[..., value_dim])
 
 
-def _log_decay(where, decay, gate, q, causal, acc):
+def log_fade_factors(where, decay, gate, q, causal, acc):
     """(B, H, T) log factors of the fading state: log γ per head plus the per-token log-gates."""
     if not causal:
         raise ValueError(f"{where}: decay and gate fade a causal state; call it with causal=True, got causal=False")
