@@ -22,11 +22,13 @@ recurrent state (S, z): constant memory and O(1) work per generated token.
 
 transformers is an optional extra (`pip install transformers`), imported only here.
 """
+import functools
 from typing import Optional
 
 import torch
 
 from .functional import linear_attention
+from .nn.methods import _drop_keys
 
 __all__ = ["register", "LinearStateCache"]
 
@@ -81,9 +83,8 @@ def _attention(feature_map: str):
                 raise ValueError(f"{where}: the attention mask covers {attention_mask.shape[-1]} keys but "
                                  f"{k_len} keys were passed")
             padding = _key_padding(where, attention_mask, q_len, k_len, causal)
-        if module.training and dropout > 0.0:  # whole keys, as linattn's linear methods drop them
-            keep = torch.empty(value.shape[:3], device=value.device, dtype=value.dtype).bernoulli_(1 - dropout)
-            value = value * (keep / (1 - dropout)).unsqueeze(-1)
+        if module.training:  # whole keys, as linattn's linear methods drop them
+            value, _ = _drop_keys(value, dropout)
         if state_layer is not None:
             out = state_layer.attend(query, key, value, padding, feature_map)
         elif causal and q_len != k_len:
@@ -119,6 +120,7 @@ def register() -> None:
     _registered = True
 
 
+@functools.cache  # one class, made on first use (transformers is imported only then)
 def _state_layer_class():
     from transformers.cache_utils import CacheLayerMixin
 
