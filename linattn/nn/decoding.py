@@ -24,9 +24,6 @@ from ..feature_maps import FEATURE_MAPS, favor_features
 from ..window import window_bounds
 from .methods import _state_of
 
-DECODING_METHODS = ("softmax", "linear", "performer", "local", "hybrid")
-
-
 class DecodingCache:
     """What the attention layers of one model have seen so far, for incremental decoding.
 
@@ -102,7 +99,7 @@ def decode(core, q, k, v, entry: Optional[dict], visible_kv, where: str):
     decoder = _DECODERS.get(core.name)
     if decoder is None:
         raise ValueError(
-            f"{where}: incremental decoding (cache=) supports the methods {list(DECODING_METHODS)}, got "
+            f"{where}: incremental decoding (cache=) supports the methods {list(_DECODERS)}, got "
             f"{core.name!r}" + ("" if core.supports_causal else " (a non-causal method)")
         )
     length = 0 if entry is None else entry["length"]
@@ -194,13 +191,19 @@ def _decode_performer(core, q, k, v, entry, visible_kv, where):
 
 
 def _decode_local(core, q, k, v, entry, visible_kv, where):
+    return _attend_window(core, q, k, v, entry, 0 if entry is None else entry["length"], where)
+
+
+def _attend_window(core, q, k, v, ring_entry, length, where):
+    """Local attention of the new tokens over the ring buffer ring_entry ({"k", "v"}, or None) after
+    `length` earlier tokens: (out, the updated ring)."""
     left, _ = window_bounds(where, core.window, causal=True)
     if left < 0:
         raise ValueError(f"{where}: incremental decoding of method 'local' needs a bounded window, got "
                          f"{core.window!r}; an unbounded causal window is softmax attention (method='softmax')")
     ring = left + 1  # the newest token and the `left` before it: all any later query can see
-    entry = {"length": 0} if entry is None else dict(entry)
-    length, n = entry["length"], q.shape[2]
+    entry = {} if ring_entry is None else dict(ring_entry)
+    n = q.shape[2]
     if "k" not in entry:
         entry["k"] = k.new_zeros(*k.shape[:2], ring, k.shape[3])
         entry["v"] = v.new_zeros(*v.shape[:2], ring, v.shape[3])
@@ -229,8 +232,7 @@ def _decode_local(core, q, k, v, entry, visible_kv, where):
 def _decode_hybrid(core, q, k, v, entry, visible_kv, where):
     entry = {} if entry is None else entry
     linear_out, linear_entry = _decode_linear(core.linear, q, k, v, entry.get("linear"), None, where)
-    local_out, local_entry = _decode_local(core.local, q, k, v, entry.get("local"), None, where)
-    local_entry["length"] = entry.get("length", 0) + q.shape[2]  # the ring's slots follow positions
+    local_out, local_entry = _attend_window(core.local, q, k, v, entry.get("local"), entry.get("length", 0), where)
     g = torch.sigmoid(core.gate).to(linear_out.dtype)[None, :, None, None]
     out = g * linear_out + (1 - g) * local_out.to(linear_out.dtype)
     return out, {"linear": linear_entry, "local": local_entry}

@@ -158,11 +158,8 @@ class MultiheadAttention(nn.MultiheadAttention):
         # bias_kv / zero_attn append keys that every query sees. Appended to the sequence, they
         # suit masks; a causal kernel instead takes them as its initial state (visible_kv).
         as_state = causal and not self.core.takes_any_mask
-        heads, head_dim = self.num_heads, self.head_dim
-        # Head split as views: (L, N, E) -> (N, H, L, hd) without a copy.
-        split = lambda t: t.view(t.shape[0], batch, heads, head_dim).permute(1, 2, 0, 3)
-        q, k, v = split(q), split(k), split(v)
-        visible_k, visible_v = self._always_visible_keys(split, k, v)
+        q, k, v = self._split_heads(q, batch), self._split_heads(k, batch), self._split_heads(v, batch)
+        visible_k, visible_v = self._always_visible_keys(k, v)
         extra = {} if global_mask is None else {"global_mask": global_mask if batched else global_mask.unsqueeze(0)}
         if visible_k and not self.core.supports_extra_keys:
             raise ValueError(f"{where}: add_bias_kv and add_zero_attn are not supported by this method (their keys "
@@ -179,8 +176,7 @@ class MultiheadAttention(nn.MultiheadAttention):
             q, k, v, causal=causal, key_padding_mask=key_padding_mask, attn_mask=attn_mask,
             dropout_p=dropout_p, need_weights=need_weights, **extra,
         )
-        out = out.permute(2, 0, 1, 3).reshape(length * batch, self.embed_dim)
-        out = F.linear(out, self.out_proj.weight, self.out_proj.bias).view(length, batch, self.embed_dim)
+        out = self._merge_heads_and_project(out)
         if weights is not None and average_attn_weights:
             weights = weights.mean(dim=1)
         if not batched:
@@ -189,13 +185,23 @@ class MultiheadAttention(nn.MultiheadAttention):
             out = out.transpose(0, 1)
         return out, weights
 
-    def _always_visible_keys(self, split, k, v):
+    def _split_heads(self, t, batch):
+        """(L, N, E) -> (N, H, L, hd), a view without a copy."""
+        return t.view(t.shape[0], batch, self.num_heads, self.head_dim).permute(1, 2, 0, 3)
+
+    def _merge_heads_and_project(self, out):
+        """(N, H, L, hd) attention output -> (L, N, E) through out_proj."""
+        batch, _, length, _ = out.shape
+        out = out.permute(2, 0, 1, 3).reshape(length * batch, self.embed_dim)
+        return F.linear(out, self.out_proj.weight, self.out_proj.bias).view(length, batch, self.embed_dim)
+
+    def _always_visible_keys(self, k, v):
         """The (N, H, 1, hd) keys and values of add_bias_kv / add_zero_attn, which every query sees."""
         batch, heads, _, head_dim = k.shape
         visible_k, visible_v = [], []
         if self.bias_k is not None:
-            visible_k.append(split(self.bias_k.expand(1, batch, -1)))
-            visible_v.append(split(self.bias_v.expand(1, batch, -1)))
+            visible_k.append(self._split_heads(self.bias_k.expand(1, batch, -1), batch))
+            visible_v.append(self._split_heads(self.bias_v.expand(1, batch, -1), batch))
         if self.add_zero_attn:
             visible_k.append(k.new_zeros(batch, heads, 1, head_dim))
             visible_v.append(v.new_zeros(batch, heads, 1, head_dim))
@@ -227,18 +233,15 @@ class MultiheadAttention(nn.MultiheadAttention):
             query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
         elif self.batch_first:
             query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
-        length, batch, _ = query.shape
+        batch = query.shape[1]
         self._check_inputs(where, query, key, value, None, None)
         entry = cache.layer(self)
         if entry is not None and entry["batch"] != batch:
             raise ArgumentError(f"{where}: the cache holds a batch of {entry['batch']} sequences, the new tokens "
                                 f"have batch {batch}; use DecodingCache.select to change it")
-        q, k, v = self._project(query, key, value)
-        heads, head_dim = self.num_heads, self.head_dim
-        split = lambda t: t.view(t.shape[0], batch, heads, head_dim).permute(1, 2, 0, 3)
-        q, k, v = split(q), split(k), split(v)
+        q, k, v = (self._split_heads(t, batch) for t in self._project(query, key, value))
         visible = None
-        visible_k, visible_v = self._always_visible_keys(split, k, v) if entry is None else ([], [])
+        visible_k, visible_v = self._always_visible_keys(k, v) if entry is None else ([], [])
         if visible_k:  # the first call brings them into the cache
             if not self.core.supports_extra_keys:
                 raise ValueError(f"{where}: add_bias_kv and add_zero_attn are not supported by this method")
@@ -246,8 +249,7 @@ class MultiheadAttention(nn.MultiheadAttention):
         out, entry = decode(self.core, q, k, v, entry, visible, where)
         entry["batch"] = batch
         cache.set_layer(self, entry)
-        out = out.permute(2, 0, 1, 3).reshape(length * batch, self.embed_dim)
-        out = F.linear(out, self.out_proj.weight, self.out_proj.bias).view(length, batch, self.embed_dim)
+        out = self._merge_heads_and_project(out)
         if not batched:
             return out.squeeze(1), None
         return (out.transpose(0, 1) if self.batch_first else out), None
