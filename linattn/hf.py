@@ -73,8 +73,7 @@ def _attention(feature_map: str):
         key, value = _repeat_heads(key, heads), _repeat_heads(value, heads)
         q_len, k_len = query.shape[2], key.shape[2]
         if state_layer is not None:  # LinearStateCache: key/value are the new tokens only
-            k_len_total = attention_mask.shape[-1] if attention_mask is not None else k_len
-            mask = None if attention_mask is None else attention_mask[..., k_len_total - k_len:]
+            mask = None if attention_mask is None else attention_mask[..., -k_len:]  # the new keys' columns
             padding = _key_padding(where, mask, q_len, k_len, causal=True)
         else:  # with a growing KV cache, the new queries are the last positions
             if attention_mask is not None and attention_mask.shape[-1] != k_len:
