@@ -1,9 +1,11 @@
-"""linattn.hf: models built from small transformers configs (no downloads) running
-attn_implementation="linattn_linear" must match the same model running a float64 dense
-reference of linear attention (registered here, applying transformers' own 4-D mask), with
-padding (left and right), grouped-query heads, causal (Llama) and bidirectional (BERT, ViT)
-attention; generation must give the same tokens with transformers' KV cache, with
-linattn.hf.LinearStateCache (constant size) and without a cache; training runs backward."""
+"""linattn.hf: models built from small transformers configs (no downloads). linattn_linear and
+linattn_performer must match the same model running a dense float64 reference of the same math
+(registered here, applying transformers' own 4-D mask), with padding (left and right),
+grouped-query heads, causal (Llama) and bidirectional (BERT, ViT) attention; linattn_local must
+equal sdpa (float64, 1e-10) in the models' own sliding windows (Mistral, Qwen2) and full
+attention (BERT, Llama); generation must give the same tokens through transformers' dynamic,
+static and sliding caches, linattn.hf.LinearStateCache (constant size) and no cache; masks
+linattn cannot honour raise; training runs backward."""
 import pytest
 import torch
 
@@ -52,6 +54,21 @@ def llama(seed=0):
     return transformers.LlamaForCausalLM(config).eval()
 
 
+def assert_same_logits(model, implementation, expected_implementation, padding, length, tolerance):
+    """The model's logits on the real tokens of a batch of 3 (row 1 left-padded or row 2
+    right-padded) are the same under both implementations."""
+    ids = torch.randint(0, 61, (3, length), generator=torch.Generator().manual_seed(length))
+    mask = torch.ones(3, length, dtype=torch.long)
+    if padding == "left":
+        mask[1, :4] = 0
+    elif padding == "right":
+        mask[2, 9:] = 0
+    got = with_implementation(model, implementation)(ids, attention_mask=mask).logits
+    expected = with_implementation(model, expected_implementation)(ids, attention_mask=mask).logits
+    real = mask.bool()
+    torch.testing.assert_close(got[real], expected[real], rtol=tolerance, atol=tolerance)
+
+
 def test_register_is_idempotent():
     linattn.hf.register()
     linattn.hf.register()
@@ -60,17 +77,7 @@ def test_register_is_idempotent():
 
 @pytest.mark.parametrize("padding", [None, "left", "right"])
 def test_llama_matches_the_reference(padding):
-    model = llama()
-    ids = torch.randint(0, 61, (3, 13), generator=torch.Generator().manual_seed(1))
-    mask = torch.ones(3, 13, dtype=torch.long)
-    if padding == "left":
-        mask[1, :4] = 0
-    elif padding == "right":
-        mask[2, 9:] = 0
-    got = with_implementation(model, "linattn_linear")(ids, attention_mask=mask).logits
-    expected = with_implementation(model, "test_reference_linear")(ids, attention_mask=mask).logits
-    real = mask.bool()
-    torch.testing.assert_close(got[real], expected[real], rtol=1e-4, atol=1e-4)
+    assert_same_logits(llama(), "linattn_linear", "test_reference_linear", padding, length=13, tolerance=1e-4)
 
 
 def test_generation_with_kv_cache_state_cache_and_no_cache():
@@ -99,17 +106,21 @@ def test_state_cache_logits_match_the_whole_sequence():
     torch.testing.assert_close(torch.cat(pieces, 1), whole, rtol=1e-5, atol=1e-5)
 
 
-def test_bert_bidirectional_with_padding():
+@pytest.mark.parametrize("implementation, expected_implementation, dtype, tolerance", [
+    ("linattn_linear", "test_reference_linear", torch.float32, 1e-4),
+    ("linattn_local", "sdpa", torch.float64, 1e-10),
+])
+def test_bert_bidirectional_with_padding(implementation, expected_implementation, dtype, tolerance):
     config = transformers.BertConfig(vocab_size=61, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                                      intermediate_size=64, max_position_embeddings=64)
     torch.manual_seed(0)
-    model = transformers.BertModel(config).eval()
+    model = transformers.BertModel(config).eval().to(dtype)
     ids = torch.randint(0, 61, (2, 10), generator=torch.Generator().manual_seed(4))
     mask = torch.ones(2, 10, dtype=torch.long)
     mask[1, 6:] = 0
-    got = with_implementation(model, "linattn_linear")(ids, attention_mask=mask).last_hidden_state
-    expected = with_implementation(model, "test_reference_linear")(ids, attention_mask=mask).last_hidden_state
-    torch.testing.assert_close(got[mask.bool()], expected[mask.bool()], rtol=1e-4, atol=1e-4)
+    got = with_implementation(model, implementation)(ids, attention_mask=mask).last_hidden_state
+    expected = with_implementation(model, expected_implementation)(ids, attention_mask=mask).last_hidden_state
+    torch.testing.assert_close(got[mask.bool()], expected[mask.bool()], rtol=tolerance, atol=tolerance)
 
 
 def test_vit():
@@ -131,12 +142,14 @@ def test_training_step():
     assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
 
 
-def test_a_mask_it_cannot_honour_raises():
-    from linattn.hf import _key_padding
+def test_a_dense_mask_it_cannot_honour_raises():
+    from linattn.hf.masks import _dense_padding
 
     window = torch.ones(1, 1, 5, 5, dtype=torch.bool).tril().triu(-1)  # a sliding window of 2
-    with pytest.raises(ValueError, match="not key padding"):
-        _key_padding("test", window, 5, 5, causal=True)
+    with pytest.raises(ValueError, match="not key padding plus causality"):
+        _dense_padding("test", window, 5, 5, causal=True, window=(-1, 0))
+    # The same mask is exactly the causal window (1, 0).
+    assert _dense_padding("test", window, 5, 5, causal=True, window=(1, 0)) is None
 
 
 def test_keys_that_do_not_cover_the_mask_raise():
@@ -149,3 +162,154 @@ def test_keys_that_do_not_cover_the_mask_raise():
     mask = torch.ones(1, 1, 1, 6, dtype=torch.bool)
     with pytest.raises(ValueError, match="covers 6 keys but 1"):
         attention(module, q, q, q, mask)
+
+
+def test_plain_masks_are_compact():
+    """For causal, bidirectional and sliding-window layers the mask linattn's interface builds is
+    the (B, T) visible keys, never (B, 1, T, T); other patterns fall back to sdpa's dense mask."""
+    from transformers import masking_utils as mu
+    from linattn.hf.masks import compact_mask, recognise
+
+    assert recognise(mu.causal_mask_function) == (True, (-1, 0))
+    assert recognise(mu.bidirectional_mask_function) == (False, (-1, -1))
+    assert recognise(mu.sliding_window_causal_mask_function(5)) == (True, (4, 0))
+    assert recognise(mu.sliding_window_bidirectional_mask_function(3)) == (False, (3, 3))
+    assert recognise(mu.and_masks(mu.causal_mask_function, mu.causal_mask_function)) is None
+    padding = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]])
+    visible = compact_mask(2, 4, 4, mask_function=mu.causal_mask_function, attention_mask=padding)
+    assert visible.shape == (2, 4) and visible.tolist() == padding.bool().tolist()
+    chunked = mu.chunked_causal_mask_function(2, torch.zeros(2, dtype=torch.long))
+    assert compact_mask(2, 4, 4, mask_function=chunked, attention_mask=padding).shape == (2, 1, 4, 4)
+
+
+def test_packed_documents_raise():
+    """position_ids restarting inside a row mean packed documents, a mask linear attention cannot honour."""
+    model = with_implementation(llama(), "linattn_linear")
+    ids = torch.randint(0, 61, (1, 10))
+    positions = torch.cat([torch.arange(4), torch.arange(6)])[None]
+    with pytest.raises(ValueError, match="not key padding"):
+        model(ids, position_ids=positions, use_cache=False)
+
+
+def sliding_model(kind, window=5, seed=0):
+    """A small decoder whose layers attend in a sliding window (Qwen2: one window layer, one full)."""
+    common = dict(vocab_size=61, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=512, sliding_window=window)
+    if kind == "mistral":
+        config = transformers.MistralConfig(**common)
+        model_class = transformers.MistralForCausalLM
+    else:
+        config = transformers.Qwen2Config(**common, use_sliding_window=True,
+                                          layer_types=["sliding_attention", "full_attention"])
+        model_class = transformers.Qwen2ForCausalLM
+    torch.manual_seed(seed)
+    return model_class(config).eval()
+
+
+@pytest.mark.parametrize("kind", ["mistral", "qwen2"])
+@pytest.mark.parametrize("padding", [None, "left", "right"])
+def test_local_is_exactly_sdpa_in_the_models_window(kind, padding):
+    assert_same_logits(sliding_model(kind).double(), "linattn_local", "sdpa", padding, length=14, tolerance=1e-10)
+
+
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+def test_local_generation_matches_sdpa(cache):
+    """Generation through transformers' caches: the sliding layers' trimmed cache (offset keys)
+    and a static cache (keys past the current position never seen)."""
+    model = sliding_model("mistral", window=4)
+    ids = torch.randint(0, 61, (2, 7), generator=torch.Generator().manual_seed(6))
+    kwargs = dict(max_new_tokens=10, do_sample=False, pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+    if cache == "static":
+        kwargs["cache_implementation"] = "static"
+    got = with_implementation(model, "linattn_local").generate(ids, **kwargs)
+    expected = with_implementation(model, "sdpa").generate(ids, **kwargs)
+    assert torch.equal(got.sequences, expected.sequences)
+    torch.testing.assert_close(torch.stack(got.logits), torch.stack(expected.logits), rtol=1e-4, atol=1e-4)
+
+
+def test_linear_methods_refuse_a_sliding_window_that_matters():
+    model = with_implementation(sliding_model("mistral", window=5), "linattn_linear")
+    with pytest.raises(ValueError, match="linattn_local"):
+        model(torch.randint(0, 61, (1, 9)))
+    model(torch.randint(0, 61, (1, 5)))  # a window as long as the sequence changes nothing
+
+
+def test_local_rejects_soft_capping_and_state_caches():
+    config = transformers.Gemma2Config(vocab_size=61, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2, head_dim=8, sliding_window=4)
+    model = with_implementation(transformers.Gemma2ForCausalLM(config).eval(), "linattn_local")
+    with pytest.raises(ValueError, match="softcap"):
+        model(torch.randint(0, 61, (1, 6)))
+    model = with_implementation(llama(), "linattn_local")
+    with pytest.raises(ValueError, match="LinearStateCache"):
+        model(torch.randint(0, 61, (1, 6)), past_key_values=linattn.hf.LinearStateCache())
+
+
+def performer_reference(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """Dense float64 FAVOR+ attention with the layer's projection, over the keys transformers'
+    (sdpa) mask lets each query see."""
+    from linattn.feature_maps import favor_features
+
+    causal = bool(kwargs.get("is_causal", getattr(module, "is_causal", False)))
+    w = module.linattn_projection.double()
+    groups = query.shape[1] // key.shape[1]
+    key, value = key.repeat_interleave(groups, 1).double(), value.repeat_interleave(groups, 1).double()
+    query = query.double() * (scaling * query.shape[-1] ** 0.5)
+    scores = favor_features(query, w, is_query=True, causal=causal) @ favor_features(
+        key, w, is_query=False, causal=causal).transpose(-1, -2)
+    T_q, T_k = scores.shape[-2:]
+    visible = torch.ones(T_q, T_k, dtype=torch.bool)
+    if causal:
+        visible = torch.arange(T_k)[None, :] <= torch.arange(T_q)[:, None] + (T_k - T_q)
+    if attention_mask is not None:
+        visible = visible & attention_mask
+    scores = scores * visible
+    out = (scores @ value) / (scores.sum(-1, keepdim=True) + 1e-6)
+    return out.to(query.dtype).transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register("test_reference_performer", performer_reference)
+AttentionMaskInterface.register("test_reference_performer", sdpa_mask)
+
+
+@pytest.mark.parametrize("padding", [None, "right"])
+def test_performer_matches_the_reference(padding):
+    model = llama().double()
+    ids = torch.randint(0, 61, (2, 11), generator=torch.Generator().manual_seed(7))
+    mask = torch.ones(2, 11, dtype=torch.long)
+    if padding:
+        mask[1, 7:] = 0
+    got = with_implementation(model, "linattn_performer")(ids, attention_mask=mask).logits
+    # The projection is a non-persistent buffer per layer, drawn the same way every time.
+    projections = [m.linattn_projection for m in model.modules() if hasattr(m, "linattn_projection")]
+    assert len(projections) == 2 and not torch.equal(projections[0], projections[1])
+    assert not any("linattn" in name for name in model.state_dict())
+    expected = with_implementation(model, "test_reference_performer")(ids, attention_mask=mask).logits
+    real = mask.bool()
+    torch.testing.assert_close(got[real], expected[real], rtol=1e-9, atol=1e-9)
+
+
+def test_performer_generates_with_the_state_cache():
+    model = with_implementation(llama(), "linattn_performer")
+    ids = torch.randint(0, 61, (2, 8), generator=torch.Generator().manual_seed(8))
+    kwargs = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
+    with_state = model.generate(ids, past_key_values=linattn.hf.LinearStateCache(), **kwargs)
+    assert torch.equal(with_state, model.generate(ids, use_cache=False, **kwargs))
+
+
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+def test_left_padded_generation_through_kv_caches(cache):
+    """A left-padded batch generated through transformers' KV caches: linattn_local gives sdpa's
+    tokens, linattn_linear the tokens of its own constant-size state cache (a static cache's
+    unfilled slots are never attended)."""
+    model = llama()
+    ids = torch.randint(1, 61, (2, 8), generator=torch.Generator().manual_seed(9))
+    mask = torch.ones(2, 8, dtype=torch.long)
+    mask[0, :3] = 0
+    kwargs = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0,
+                  cache_implementation=cache)
+    local = with_implementation(model, "linattn_local").generate(ids, **kwargs)
+    assert torch.equal(local, with_implementation(model, "sdpa").generate(ids, **kwargs))
+    linear = with_implementation(model, "linattn_linear").generate(ids, **kwargs)
+    del kwargs["cache_implementation"]
+    assert torch.equal(linear, model.generate(ids, past_key_values=linattn.hf.LinearStateCache(), **kwargs))

@@ -1,0 +1,55 @@
+"""Hugging Face transformers integration: linattn's attention behind `attn_implementation=`.
+
+    import linattn
+    linattn.hf.register()
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="linattn_linear")
+    model.generate(ids, past_key_values=linattn.hf.LinearStateCache(), max_new_tokens=...)
+
+register() adds to transformers' AttentionInterface, with a mask interface of its own
+(masks.compact_mask: the (B, T) visible keys for the plain patterns, never a T×T mask):
+  - "linattn_linear": elu+1 linear attention (METHODS.md §1), causal where the model's layer is
+    (decoders such as Llama), bidirectional otherwise (BERT, ViT);
+  - "linattn_linear_relu": the same with the relu feature map;
+  - "linattn_performer": Performer FAVOR+ (METHODS.md §2) with a fixed projection per layer
+    (⌈D·ln D⌉ orthogonal random features seeded by the layer index, a non-persistent buffer);
+  - "linattn_local": exact softmax attention in the layer's own pattern, through the fused
+    sliding-window kernel: the model's sliding window where it has one (Mistral, Qwen2, Gemma),
+    full causal or bidirectional attention elsewhere; memory linear in the sequence.
+Grouped-query heads are repeated to the query heads. Masks: key padding, causality and (for
+linattn_local) the layer's sliding window; any other pattern (packed documents, chunked or custom
+masks, and sliding windows for the linear methods) raises a ValueError. Dropout in training
+drops whole keys, as linattn.nn.MultiheadAttention's methods do. No attention weights:
+`output_attentions` returns None.
+
+Generation: with transformers' caches the keys and values grow as usual (for the linear methods
+every step runs the cached keys into a state: correct, O(context) per token). Pass
+`past_key_values=linattn.hf.LinearStateCache()` with the linear methods and each layer keeps
+only its recurrent state (S, z): constant memory and O(1) work per generated token.
+
+transformers is an optional extra (`pip install transformers`), imported only when used.
+"""
+from .state_cache import LinearStateCache
+
+__all__ = ["register", "LinearStateCache", "IMPLEMENTATIONS"]
+
+IMPLEMENTATIONS = ("linattn_linear", "linattn_linear_relu", "linattn_performer", "linattn_local")
+_registered = False
+
+
+def register() -> None:
+    """Registers linattn's attention functions with transformers (idempotent)."""
+    global _registered
+    if _registered:
+        return
+    try:
+        from transformers import AttentionInterface
+        from transformers.masking_utils import AttentionMaskInterface
+    except ImportError as error:  # pragma: no cover - depends on the environment
+        raise ImportError("linattn.hf.register needs transformers (pip install transformers)") from error
+    from .attention import IMPLEMENTATIONS as functions
+    from .masks import compact_mask
+
+    for name in IMPLEMENTATIONS:
+        AttentionInterface.register(name, functions[name])
+        AttentionMaskInterface.register(name, compact_mask)
+    _registered = True

@@ -1,0 +1,146 @@
+"""The attention functions linattn registers with transformers' AttentionInterface.
+
+Each takes transformers' arguments (module, query, key, value (B, H, T, D), attention_mask,
+scaling, dropout, **kwargs) and returns (output (B, T, H, dv), None): these methods form no
+attention weights to return.
+"""
+import math
+
+import torch
+
+from ..feature_maps import random_features
+from ..functional import linear_attention, performer_attention
+from ..nn.methods import _drop_keys
+from ..window import sliding_window_attention
+from .masks import visibility
+
+PROJECTION_BUFFER = "linattn_projection"
+PROJECTION_SEED = 0x11A77  # per-layer draws: the same projection every time a model is built
+
+
+def _repeat_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """(B, H_kv, T, D) -> (B, heads, T, D): each key/value head serves heads / H_kv query heads."""
+    groups = heads // x.shape[1]
+    if groups == 1:
+        return x
+    return x[:, :, None].expand(x.shape[0], x.shape[1], groups, *x.shape[2:]).reshape(x.shape[0], heads, *x.shape[2:])
+
+
+def _where(module) -> str:
+    return f"linattn.hf ({module.__class__.__name__})"
+
+
+def _prepare(module, query, key, value, attention_mask, dropout, kwargs):
+    """Shared by every method: heads repeated, who sees whom, key dropout in training, and the
+    state-cache layer when a LinearStateCache handed these keys over."""
+    state_layer = getattr(key, "_linattn_state_layer", None)
+    heads = query.shape[1]
+    key, value = _repeat_heads(key, heads), _repeat_heads(value, heads)
+    seen = visibility(_where(module), module, attention_mask, query.shape[2], key.shape[2], kwargs,
+                      state_cache=state_layer is not None)
+    key, value = key[:, :, :seen.keys], value[:, :, :seen.keys]
+    if module.training:  # whole keys, as linattn's own modules drop them
+        value, _ = _drop_keys(value, dropout)
+    return key, value, seen, state_layer
+
+
+def _reject_binding_window(where, seen):
+    left, right = seen.window
+    reach = seen.total_keys - 1  # the farthest any key can be from a query
+    if (0 <= left < reach) or (not seen.causal and 0 <= right < reach):
+        raise ValueError(f"{where}: this layer attends in a sliding window {seen.window}, which linear attention "
+                         "cannot honour; use attn_implementation='linattn_local' for it")
+
+
+def _kernelized(attend):
+    """An attention function for a kernelized method, given attend(module, q, k, v, causal,
+    key_padding_mask, initial_state, output_final_state)."""
+
+    def forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        where = _where(module)
+        key, value, seen, state_layer = _prepare(module, query, key, value, attention_mask, dropout, kwargs)
+        _reject_binding_window(where, seen)
+        q_len, k_len, padding = query.shape[2], key.shape[2], seen.padding
+        if state_layer is not None:
+            out = state_layer.attend(lambda **state: attend(module, query, key, value, True, padding, **state))
+        elif seen.causal and q_len != k_len:
+            # Queries continue a sequence whose earlier keys the cache holds: run the earlier keys
+            # into a state first, then the new tokens from it.
+            past = k_len - q_len
+            _, state = attend(module, key[:, :, :past], key[:, :, :past], value[:, :, :past], True,
+                              None if padding is None else padding[:, :past], output_final_state=True)
+            out = attend(module, query, key[:, :, past:], value[:, :, past:], True,
+                         None if padding is None else padding[:, past:], initial_state=state)
+        else:
+            out = attend(module, query, key, value, seen.causal, padding)
+        return out.transpose(1, 2).contiguous(), None
+
+    return forward
+
+
+def _linear(feature_map):
+    def attend(module, q, k, v, causal, padding, initial_state=None, output_final_state=False):
+        return linear_attention(q, k, v, causal=causal, feature_map=feature_map, key_padding_mask=padding,
+                                initial_state=initial_state, output_final_state=output_final_state)
+
+    return attend
+
+
+def projection(module, head_dim: int, device, dtype) -> torch.Tensor:
+    """The module's FAVOR+ projection: drawn once per layer (⌈D·ln D⌉ orthogonal features, seeded
+    by the layer index) and kept as a non-persistent buffer, so it follows .to() but leaves the
+    model's state_dict as transformers saves and loads it."""
+    current = getattr(module, PROJECTION_BUFFER, None)
+    if current is None or current.shape[1] != head_dim:
+        features = max(1, math.ceil(head_dim * math.log(head_dim))) if head_dim > 1 else 1
+        layer = getattr(module, "layer_idx", 0) or 0
+        generator = torch.Generator().manual_seed(PROJECTION_SEED + int(layer))
+        current = random_features(features, head_dim, generator=generator, device=device, dtype=torch.float32)
+        module.register_buffer(PROJECTION_BUFFER, current, persistent=False)
+    return current.to(device)
+
+
+def _performer(module, q, k, v, causal, padding, initial_state=None, output_final_state=False):
+    # FAVOR+ estimates exp(q·k/√D); a model's own scaling other than 1/√D is folded into q.
+    w = projection(module, q.shape[3], q.device, q.dtype)
+    return performer_attention(q, k, v, w, causal=causal, key_padding_mask=padding,
+                               initial_state=initial_state, output_final_state=output_final_state)
+
+
+def _performer_forward():
+    kernelized = _kernelized(_performer)
+
+    def forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        if scaling is not None:
+            query = query * (scaling * math.sqrt(query.shape[3]))
+        return kernelized(module, query, key, value, attention_mask, dropout=dropout, **kwargs)
+
+    return forward
+
+
+def _reject_unsupported(where, kwargs):
+    for name in ("softcap", "s_aux"):  # Gemma-2's logit soft-capping, gpt-oss's attention sinks
+        if kwargs.get(name) is not None:
+            raise ValueError(f"{where}: {name}={kwargs[name]!r} is not supported by linattn_local")
+
+
+def local(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """Exact softmax attention in the layer's own pattern (causal or not, its sliding window,
+    key padding) through linattn's fused window kernel: memory linear in the sequence."""
+    where = _where(module)
+    _reject_unsupported(where, kwargs)
+    key, value, seen, state_layer = _prepare(module, query, key, value, attention_mask, dropout, kwargs)
+    if state_layer is not None:
+        raise ValueError(f"{where}: a LinearStateCache keeps linear-attention states; softmax attention "
+                         "(linattn_local) needs transformers' key/value cache")
+    out = sliding_window_attention(query, key, value, seen.window, causal=seen.causal,
+                                   key_padding_mask=seen.padding, scale=scaling)
+    return out.transpose(1, 2).contiguous(), None
+
+
+IMPLEMENTATIONS = {
+    "linattn_linear": _kernelized(_linear("elu")),
+    "linattn_linear_relu": _kernelized(_linear("relu")),
+    "linattn_performer": _performer_forward(),
+    "linattn_local": local,
+}

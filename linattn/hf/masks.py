@@ -1,0 +1,163 @@
+"""What each query may see, from the masks transformers makes, in the form linattn's operators take:
+causality, a (left, right) window and a key padding mask; never a T×T matrix when avoidable.
+
+transformers describes a layer's mask by a mask function (causal, bidirectional, a sliding
+window over one of them, or compositions for packed documents, image tokens ...) and asks the
+registered mask interface to build it. `compact_mask` (registered for linattn's implementations)
+recognises the plain patterns and returns only the (B, T_k) visible-keys mask with the pattern
+attached; anything else falls back to sdpa's dense boolean mask, which `visibility` then checks
+against the pattern it can honour, raising a ValueError when the mask holds another one.
+"""
+import inspect
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import torch
+
+PATTERN_ATTRIBUTE = "_linattn_pattern"
+
+
+@dataclass(frozen=True)
+class Pattern:
+    """The mask a recognised mask function describes, with transformers' position offsets."""
+
+    causal: bool
+    window: Tuple[int, int]  # flash-attn's (left, right), -1 = unbounded
+    q_offset: int
+    kv_offset: int
+
+
+@dataclass
+class Visibility:
+    causal: bool
+    window: Tuple[int, int]
+    padding: Optional[torch.Tensor]  # (B, keys) bool, True = padded
+    keys: int  # how many of the passed keys a query can see: a static cache's unfilled tail is cut
+    total_keys: int  # the sequence's keys so far (with a state cache, more than those passed)
+
+
+def _closure(function, name):
+    try:
+        return inspect.getclosurevars(function).nonlocals.get(name)
+    except (TypeError, ValueError):
+        return None
+
+
+def recognise(mask_function) -> Optional[Tuple[bool, Tuple[int, int]]]:
+    """(causal, window) of the mask functions transformers builds for plain causal, bidirectional
+    and sliding-window layers; None for anything else."""
+    from transformers import masking_utils as mu
+
+    if mask_function is mu.causal_mask_function:
+        return True, (-1, 0)
+    if mask_function is mu.bidirectional_mask_function:
+        return False, (-1, -1)
+    if getattr(mask_function, "__qualname__", "") != "and_masks.<locals>.and_mask":
+        return None
+    parts = _closure(mask_function, "mask_functions")
+    if not isinstance(parts, tuple) or len(parts) != 2:
+        return None
+    overlay, base = parts
+    width = _closure(overlay, "sliding_window")
+    if not isinstance(width, int) or isinstance(width, bool) or width < 1:
+        return None
+    name = getattr(overlay, "__qualname__", "")
+    if name == "sliding_window_overlay.<locals>.inner_mask" and base is mu.causal_mask_function:
+        return True, (width - 1, 0)  # kv > q − width
+    if name == "sliding_window_bidirectional_overlay.<locals>.inner_mask" and base is mu.bidirectional_mask_function:
+        return False, (width, width)  # |q − kv| <= width
+    return None
+
+
+def compact_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None,
+                 attention_mask=None, device="cpu", **kwargs):
+    """transformers' mask interface for linattn: the (B, kv_length) visible-keys mask carrying its
+    Pattern when the mask function is recognised, else sdpa's dense mask."""
+    from transformers.masking_utils import prepare_padding_mask, sdpa_mask
+
+    if getattr(attention_mask, PATTERN_ATTRIBUTE, None) is not None:
+        # Already made by this function (generate() prepares masks ahead of the model's forward,
+        # which hands them back here): not a 2-D padding mask to interpret again.
+        return attention_mask
+    recognised = recognise(mask_function)
+    if recognised is None:
+        return sdpa_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
+                         kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask,
+                         device=device, **kwargs)
+    padding = prepare_padding_mask(attention_mask, kv_length, kv_offset)
+    if padding is None:
+        visible = torch.ones(batch_size, kv_length, dtype=torch.bool, device=device)
+    else:
+        visible = padding[:, kv_offset:kv_offset + kv_length].to(device=device, dtype=torch.bool)
+    setattr(visible, PATTERN_ATTRIBUTE, Pattern(*recognised, q_offset=int(q_offset), kv_offset=int(kv_offset)))
+    return visible
+
+
+def _model_pattern(module, kwargs) -> Tuple[bool, Tuple[int, int]]:
+    """Causality and window as the attention module declares them (no mask or a dense one)."""
+    causal = bool(kwargs.get("is_causal", getattr(module, "is_causal", False)))
+    width = kwargs.get("sliding_window")
+    if width is None:
+        return causal, ((-1, 0) if causal else (-1, -1))
+    return causal, ((width - 1, 0) if causal else (width, width))
+
+
+def _dense_padding(where, mask, q_len, k_len, causal, window) -> Optional[torch.Tensor]:
+    """The (B, T_k) key padding mask (True = padded) that, with causality and the window, is
+    exactly transformers' 4-D mask; raises when the mask holds another pattern."""
+    visible = mask if mask.dtype == torch.bool else mask == 0
+    visible = visible[:, 0]  # (B, T_q, T_k); the head dim is 1 in transformers' masks
+    key_visible = visible.any(dim=1)
+    rows = torch.arange(q_len, device=visible.device)[:, None] + (k_len - q_len)  # bottom-right aligned
+    columns = torch.arange(k_len, device=visible.device)[None, :]
+    left, right = window
+    pattern = torch.ones(q_len, k_len, dtype=torch.bool, device=visible.device)
+    if left >= 0:
+        pattern &= columns >= rows - left
+    if right >= 0:
+        pattern &= columns <= rows + right
+    expected = key_visible[:, None, :] & pattern
+    # Rows of padded queries are left out: transformers may unmask them to avoid NaNs.
+    query_real = key_visible[:, k_len - q_len:]
+    if not bool(((visible == expected) | ~query_real[:, :, None]).all()):
+        described = "key padding" + (" plus causality" if causal else "") + (" in a window" if window[0] >= 0 else "")
+        raise ValueError(f"{where}: the attention mask is not {described}, which is all this implementation can "
+                         "honour (packed-document, chunked or custom masks are not)")
+    return None if bool(key_visible.all()) else ~key_visible
+
+
+def visibility(where, module, mask, q_len, k_len, kwargs, state_cache: bool) -> Visibility:
+    """Who sees whom, for q_len queries against the k_len keys passed (with a state cache: the
+    new tokens only, the mask covering the whole sequence so far)."""
+    pattern = getattr(mask, PATTERN_ATTRIBUTE, None) if mask is not None else None
+    if pattern is not None:
+        causal, window = pattern.causal, pattern.window
+        total, keys, visible = mask.shape[1], k_len, mask
+        if state_cache:
+            visible = visible[:, -k_len:]
+        else:
+            if total != k_len:
+                raise ValueError(f"{where}: the attention mask covers {total} keys but {k_len} keys were passed")
+            end = pattern.q_offset + q_len - pattern.kv_offset  # one past the last query's key
+            if causal and end < k_len:  # a static cache's slots after the last query: never seen
+                keys, visible = end, visible[:, :end]
+            elif end != k_len:
+                raise ValueError(f"{where}: the queries end at key {end} of {k_len}; linattn aligns them with the "
+                                 "last key")
+        padding = None if bool(visible.all()) else ~visible
+        return Visibility(causal, window, padding, keys, total)
+    causal, window = _model_pattern(module, kwargs)
+    if mask is None:
+        return Visibility(causal, window, None, k_len, k_len)
+    if mask.dim() != 4:
+        raise ValueError(f"{where}: expected transformers' 4-D attention mask or linattn's own, got shape "
+                         f"{tuple(mask.shape)}")
+    total = mask.shape[-1]
+    if state_cache:
+        mask = mask[..., -k_len:]  # the new keys' columns
+    elif total != k_len:
+        # E.g. a LinearStateCache whose layer could not be found from the key tensor: the mask
+        # covers earlier tokens these keys do not include. Never attend to part.
+        raise ValueError(f"{where}: the attention mask covers {total} keys but {k_len} keys were passed")
+    padding = _dense_padding(where, mask, q_len, k_len, causal, window)
+    return Visibility(causal, window, padding, k_len, total)
