@@ -185,3 +185,28 @@ def test_misuse_raises():
     unbounded = module("local", {"window": -1})
     with pytest.raises(ValueError, match="bounded window"):
         unbounded(x, x, x, need_weights=False, cache=DecodingCache())
+
+
+@pytest.mark.parametrize("method,opts", CASES, ids=IDS)
+def test_compiled_decoding_equals_eager_without_a_graph_per_step(method, opts):
+    """A decoding step under torch.compile(fullgraph=True) gives the eager outputs, and compiles a
+    few graphs, not one per token: the states and the window's ring buffer have a fixed shape
+    (the ring's write slot is a tensor, not a constant to specialise on); softmax's KV cache
+    settles on dynamic shapes after its first doublings. Under dynamo's recompile limit (8)."""
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    m = module(method, opts, dtype=torch.float32)
+    x = torch.randn(2, 48, 16, generator=torch.Generator().manual_seed(3))
+
+    def step(token, cache):
+        return m(token, token, token, need_weights=False, cache=cache)[0]
+
+    counter = CompileCounter()
+    compiled = torch.compile(step, backend=counter, fullgraph=True)
+    eager_cache, compiled_cache = DecodingCache(), DecodingCache()
+    with torch.no_grad():
+        for t in range(x.shape[1]):
+            token = x[:, t:t + 1]
+            torch.testing.assert_close(compiled(token, compiled_cache), step(token, eager_cache), atol=1e-6, rtol=1e-6)
+    assert counter.frame_count <= (8 if method == "softmax" else 4), counter.frame_count

@@ -209,10 +209,10 @@ def _attend_window(core, q, k, v, ring_entry, length, where):
         entry["v"] = v.new_zeros(*v.shape[:2], ring, v.shape[3])
     if n == 1 and core.dilation == 1:
         # One token: write it, then attend to every filled slot (softmax does not care about order).
-        slot = length % ring
-        keys, values = _writable(entry["k"], k), _writable(entry["v"], v)
-        keys[:, :, slot], values[:, :, slot] = k[:, :, 0], v[:, :, 0]
-        entry["k"], entry["v"] = keys, values
+        # The slot is a tensor, so a compiled step does not specialise on it (one graph per slot).
+        slot = (torch.arange(1, device=k.device) + length) % ring
+        keys = entry["k"] = _writable(entry["k"], k).index_copy_(2, slot, k)
+        values = entry["v"] = _writable(entry["v"], v).index_copy_(2, slot, v)
         filled = min(length + 1, ring)
         out = F.scaled_dot_product_attention(q, keys[:, :, :filled], values[:, :, :filled])
         return out, entry
