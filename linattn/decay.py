@@ -12,6 +12,11 @@ loop, so torch.compile sees one graph for any length):
   the cumulative chunk totals: one (chunks × chunks) lower-triangular product, again with only
   exponents <= 0. Its cost, chunks²·m·dv, is why long sequences take longer chunks.
 Autograd differentiates it (q, k, v, the state, and the log factors, hence decay and gate).
+
+With `segments` (packed variable-length sequences, per-token sequence ids) nothing crosses a
+sequence start: pairs, a chunk's own state and the carried states are masked to the rows of one
+sequence (the masks are where the −inf / 0 go), so each sequence is computed as if alone with
+no host synchronisation and no large reset factor that would cost the log factors precision.
 """
 from typing import Optional, Tuple
 
@@ -31,9 +36,12 @@ def decayed_linear_attention_generic(
     key_padding_mask: Optional[torch.Tensor],
     normalize: bool,
     eps: float,
+    segments: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """phi_q, phi_k (B, H, T, m) features and v (B, H, T, dv), all in the accumulation dtype;
-    log_decay (B, H, T). Returns (out (B, H, T, dv), S (B, H, m, dv), z (B, H, m))."""
+    log_decay (B, H, T). Returns (out (B, H, T, dv), S (B, H, m, dv), z (B, H, m)).
+    segments: (T,) sequence ids, equal within a sequence and different across a sequence start
+    (then no initial state, and the returned S, z are None)."""
     B, H, T, m = phi_k.shape
     dv = v.shape[-1]
     if key_padding_mask is not None:  # a padded key contributes nothing (its value is not read)
@@ -46,21 +54,30 @@ def decayed_linear_attention_generic(
     if pad:
         phi_q, phi_k, v = (torch.nn.functional.pad(t, (0, 0, 0, pad)) for t in (phi_q, phi_k, v))
         log_decay = torch.nn.functional.pad(log_decay, (0, pad))
+        if segments is not None:  # padded rows join the last sequence: no key, outputs dropped
+            segments = torch.cat([segments, segments[-1:].expand(pad)])
     q_c, k_c, v_c = (t.reshape(B, H, n, C, t.shape[-1]) for t in (phi_q, phi_k, v))
     b = log_decay.reshape(B, H, n, C).cumsum(-1)                       # (B, H, n, C), <= 0
-    above = torch.ones(C, C, dtype=torch.bool, device=v.device).triu(1)
-    pair_decay = (b.unsqueeze(-1) - b.unsqueeze(-2)).masked_fill(above, float("-inf")).exp()
+    hidden = torch.ones(C, C, dtype=torch.bool, device=v.device).triu(1)
+    if segments is not None:
+        seg = segments.reshape(n, C)
+        hidden = hidden | (seg.unsqueeze(-1) != seg.unsqueeze(-2))  # (n, C, C): other sequences too
+    pair_decay = (b.unsqueeze(-1) - b.unsqueeze(-2)).masked_fill(hidden, float("-inf")).exp()
     scores = (q_c @ k_c.transpose(-1, -2)) * pair_decay                # (B, H, n, C, C)
     numerator = scores @ v_c
     denominator = scores.sum(-1)
 
     # Chunk states and the state entering each chunk.
     to_end = (b[..., -1:] - b).exp().unsqueeze(-1)                     # e^{b_last − b_s}
+    if segments is not None:  # a chunk's state holds only its last row's sequence
+        to_end = to_end * (seg == seg[:, -1:]).unsqueeze(-1)
     U = (k_c * to_end).transpose(-1, -2) @ v_c                         # (B, H, n, m, dv)
     u = (k_c * to_end).sum(-2)                                         # (B, H, n, m)
     A = b[..., -1].cumsum(-1)                                          # (B, H, n), <= 0
     A_before = torch.nn.functional.pad(A[..., :-1], (1, 0))            # A_{c−1}, A_{−1} = 0
     earlier = torch.ones(n, n, dtype=torch.bool, device=v.device).tril(-1)
+    if segments is not None:  # chunk c' reaches chunk c only within one sequence
+        earlier = earlier & (seg[:, :1] == seg[:, -1].unsqueeze(0))
     carry = (A_before.unsqueeze(-1) - A.unsqueeze(-2)).masked_fill(~earlier, float("-inf")).exp()
     S_in = torch.einsum("bhcd,bhdmv->bhcmv", carry, U)                 # (B, H, n, m, dv)
     z_in = torch.einsum("bhcd,bhdm->bhcm", carry, u)
@@ -70,18 +87,22 @@ def decayed_linear_attention_generic(
         S_in = S_in + fade_in[..., None, None] * S0.unsqueeze(2)
         z_in = z_in + fade_in[..., None] * z0.unsqueeze(2)
     row_fade = b.exp().unsqueeze(-1)                                   # e^{b_r}
+    if segments is not None:  # only rows of the sequence the chunk starts in take the carried state
+        row_fade = row_fade * (seg == seg[:, :1]).unsqueeze(-1)
     numerator = numerator + row_fade * (q_c @ S_in)
     denominator = denominator + row_fade.squeeze(-1) * (q_c @ z_in.unsqueeze(-1)).squeeze(-1)
 
-    # The final state: every chunk's state faded to the end, plus the initial one.
-    to_last = (A[..., -1:] - A).exp()                                  # (B, H, n)
-    S = torch.einsum("bhc,bhcmv->bhmv", to_last, U)
-    z = torch.einsum("bhc,bhcm->bhm", to_last, u)
-    if initial_state is not None:
-        # Faded by the whole sequence (not at all when it is empty).
-        fade_all = A[..., -1].exp() if n else A.new_ones(B, H)
-        S = S + fade_all[..., None, None] * initial_state[0]
-        z = z + fade_all[..., None] * initial_state[1]
+    S = z = None
+    if segments is None:
+        # The final state: every chunk's state faded to the end, plus the initial one.
+        to_last = (A[..., -1:] - A).exp()                              # (B, H, n)
+        S = torch.einsum("bhc,bhcmv->bhmv", to_last, U)
+        z = torch.einsum("bhc,bhcm->bhm", to_last, u)
+        if initial_state is not None:
+            # Faded by the whole sequence (not at all when it is empty).
+            fade_all = A[..., -1].exp() if n else A.new_ones(B, H)
+            S = S + fade_all[..., None, None] * initial_state[0]
+            z = z + fade_all[..., None] * initial_state[1]
 
     numerator = numerator.reshape(B, H, n * C, dv)[:, :, :T]
     if not normalize:

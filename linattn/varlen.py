@@ -6,23 +6,18 @@ itself, as if it were run alone, and has its own initial/final state (N, H, m, d
 is computed: graphs of different sizes or packed documents cost what their tokens cost.
 
 CPU tensors run the varlen operators (each sequence through the chunked kernels on its own
-rows of the packed buffers). Other devices, without states, decay or gates, run the
-device-generic fading-state formulation (linattn/decay.py) over the whole packing with a factor
-e^{-10^4} = 0 at every sequence start (non-causal: a forward and a reversed causal pass over
-[v, 1], minus the diagonal), all on the device with no host synchronisation; with per-sequence
-states, decay or gates they run one linear_attention call per sequence, which reads the offsets
-on the host.
+rows of the packed buffers). Other devices, without per-sequence states, run the device-generic
+fading-state formulation (linattn/decay.py) over the whole packing, with decay and gates,
+masked so that nothing crosses a sequence start (non-causal: a forward and a reversed causal pass
+over [v, 1], minus the diagonal), all on the device with no host synchronisation; with
+per-sequence initial or final states they run one linear_attention call per sequence, which
+reads the offsets on the host.
 """
 import torch
 
 from . import _ops
 from . import _validation as check
 from .decay import decayed_linear_attention_generic
-
-# A log factor whose exponential is exactly 0 in float32 and float64: the state's reset at a
-# sequence start. Sums of it stay exact between positions of one sequence (only zeros are added
-# there), so no other factor loses precision.
-_RESET = -1e4
 
 
 def check_cu_seqlens(where: str, cu_seqlens, q: torch.Tensor, k: torch.Tensor, key_padding_mask) -> None:
@@ -88,9 +83,10 @@ def varlen_linear_attention(where, q, k, v, phi_q, phi_k, code, phi, cu_seqlens,
         )
         value_dim = v.shape[3]
         return out, (final_state[..., :value_dim], final_state[..., value_dim])
-    if initial_state is None and log_decay is None and not need_state:
+    if initial_state is None and not need_state:
         fused = phi if code else None  # a built-in map the CPU operator would have applied
-        return _packed_generic(where, phi_q, phi_k, fused, v, cu_seqlens, causal, normalize, eps).to(q.dtype), None
+        out = _packed_generic(where, phi_q, phi_k, fused, v, cu_seqlens, causal, normalize, eps, log_decay)
+        return out.to(q.dtype), None
     offsets = checked_offsets(where, cu_seqlens, q.shape[2])
     outs, states = [], []
     for n in range(sequences):
@@ -104,33 +100,29 @@ def varlen_linear_attention(where, q, k, v, phi_q, phi_k, code, phi, cu_seqlens,
     return torch.cat(outs, dim=2), (torch.cat([s[0] for s in states]), torch.cat([s[1] for s in states]))
 
 
-def _packed_generic(where, phi_q, phi_k, feature_map, v, cu_seqlens, causal, normalize, eps):
-    """Every sequence of the packing at once in ATen ops, states reset at sequence boundaries;
-    feature_map: applied here to phi_q, phi_k first (in the accumulation dtype), or None."""
+def _packed_generic(where, phi_q, phi_k, feature_map, v, cu_seqlens, causal, normalize, eps, log_decay=None):
+    """Every sequence of the packing at once in ATen ops, nothing crossing a sequence start;
+    feature_map: applied here to phi_q, phi_k first (in the accumulation dtype), or None;
+    log_decay (1, H, total) or None (causal only)."""
     acc = _ops.accumulate_dtype(phi_q.dtype)
     if feature_map is not None:
         phi_q, phi_k = feature_map(phi_q.to(acc)), feature_map(phi_k.to(acc))
     phi_q, phi_k, v = phi_q.to(acc), phi_k.to(acc), v.to(acc)
     heads, total = phi_q.shape[1], phi_q.shape[2]
     ids = sequence_ids(where, cu_seqlens, total)
-    change = ids[1:] != ids[:-1]  # position t + 1 starts a new sequence
-
-    def resets(at_start: torch.Tensor) -> torch.Tensor:
-        return torch.where(at_start, _RESET, 0.0).to(acc).expand(1, heads, total)
-
-    starts = torch.cat([change.new_zeros(1), change])
+    no_fading = phi_q.new_zeros(1, heads, total)
     if causal:
-        out, _, _ = decayed_linear_attention_generic(phi_q, phi_k, v, resets(starts), None, None, normalize, eps)
+        fading = no_fading if log_decay is None else log_decay.to(acc).expand(1, heads, total)
+        out, _, _ = decayed_linear_attention_generic(phi_q, phi_k, v, fading, None, None, normalize, eps, ids)
         return out
     # Non-causal: each query's sum over its whole sequence = the causal sum (keys up to it) +
     # the reversed causal sum (keys from it on) − its own key; values carry a ones column, which
     # gives the normalizer too.
     values = torch.cat([v, v.new_ones(*v.shape[:-1], 1)], dim=-1)
-    ends = torch.cat([change, change.new_zeros(1)])  # position t ends its sequence
-    forward, _, _ = decayed_linear_attention_generic(phi_q, phi_k, values, resets(starts), None, None, False, eps)
-    flip = lambda t: t.flip(2)  # noqa: E731
+    forward, _, _ = decayed_linear_attention_generic(phi_q, phi_k, values, no_fading, None, None, False, eps, ids)
+    flip = lambda t: t.flip(-2)  # noqa: E731  (the sequence dim of (1, H, T, ·))
     backward, _, _ = decayed_linear_attention_generic(
-        flip(phi_q), flip(phi_k), flip(values), resets(ends.flip(0)), None, None, False, eps)
+        flip(phi_q), flip(phi_k), flip(values), no_fading, None, None, False, eps, ids.flip(0))
     both = forward + flip(backward) - (phi_q * phi_k).sum(-1, keepdim=True) * values
     numerator, denominator = both[..., :-1], both[..., -1:]
     if not normalize:

@@ -243,8 +243,8 @@ def test_sliding_window_errors():
 @pytest.mark.parametrize("feature_map,normalize", [("elu", True), ("relu", True), ("identity", False)])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
 def test_device_generic_packing_without_states(causal, feature_map, normalize, dtype):
-    """What CUDA tensors run without states, decay or gates: the whole packing at once, resets at
-    sequence starts, no host synchronisation (compiles with fullgraph=True, which a .tolist()
+    """What CUDA tensors run without per-sequence states: the whole packing at once, nothing
+    crossing a sequence start, no host synchronisation (compiles with fullgraph=True, which a .tolist()
     would break)."""
     q, k, v, cu = packed(dtype=dtype)
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
@@ -269,3 +269,36 @@ def test_device_generic_packing_without_states(causal, feature_map, normalize, d
                                                           normalize=normalize, cu_seqlens=cu)
         with linattn._ops.generic_implementation():
             torch.testing.assert_close(torch.compile(fn, fullgraph=True)(q, k, v, cu), fn(q, k, v, cu))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_device_generic_packing_with_decay_and_gates(dtype):
+    """Decay and gates on the device-generic packing (CUDA tensors without per-sequence states):
+    per sequence as the float64 reference, forward and backward (the decay's and gates'
+    gradients too), and compiled with fullgraph=True (no host synchronisation)."""
+    q, k, v, cu = packed(dtype=dtype)
+    g = torch.Generator().manual_seed(5)
+    decay = torch.tensor([0.95, 0.8, 1.0], dtype=torch.float64)
+    gate = -torch.rand(1, H, OFFSETS[-1], generator=g, dtype=torch.float64) * 0.3
+    leaves = [t.clone().requires_grad_() for t in (q, k, v, decay.to(dtype), gate.to(dtype))]
+    weight = torch.randn(1, H, OFFSETS[-1], DV, generator=g, dtype=torch.float64)
+    with linattn._ops.generic_implementation():
+        out = linattn.linear_attention(*leaves[:3], causal=True, decay=leaves[3], gate=leaves[4], cu_seqlens=cu)
+        grads = torch.autograd.grad((out * weight.to(dtype)).sum(), leaves)
+    ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
+    ref_q, ref_k, ref_v, ref_decay, ref_gate = ref_leaves
+    log_factors = ref_gate + ref_decay.log().view(1, H, 1)
+    ref_out = torch.cat([
+        reference.decayed_linear_attention(ref_q[:, :, a:b], ref_k[:, :, a:b], ref_v[:, :, a:b],
+                                           log_factors[:, :, a:b])[0]
+        for a, b in zip(OFFSETS[:-1], OFFSETS[1:])], 2)
+    ref_grads = torch.autograd.grad((ref_out * weight).sum(), ref_leaves)
+    assert_close(out, ref_out, TOLERANCE[dtype] * 4, "out")
+    for name, got, want in zip(["q", "k", "v", "decay", "gate"], grads, ref_grads):
+        assert_close(got, want, TOLERANCE[dtype] * 20, f"grad {name}")
+    if dtype == torch.float32:
+        fn = lambda q, k, v, decay, gate: linattn.linear_attention(  # noqa: E731
+            q, k, v, causal=True, decay=decay, gate=gate, cu_seqlens=cu)
+        inputs = [t.detach() for t in leaves]
+        with linattn._ops.generic_implementation():
+            torch.testing.assert_close(torch.compile(fn, fullgraph=True)(*inputs), fn(*inputs))
