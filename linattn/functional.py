@@ -87,18 +87,9 @@ def linear_attention(
     if cu_seqlens is not None:
         check_cu_seqlens(where, cu_seqlens, q, k, key_padding_mask)
         log_decay = None if decay is None and gate is None else log_fade_factors(where, decay, gate, q, causal, acc)
-
-        def per_sequence(start, end, n):
-            return linear_attention(
-                q[:, :, start:end], k[:, :, start:end], v[:, :, start:end], causal=causal, feature_map=feature_map,
-                normalize=normalize, eps=eps, decay=decay, gate=None if gate is None else gate[:, :, start:end],
-                initial_state=None if initial_state is None else (initial_state[0][n:n + 1], initial_state[1][n:n + 1]),
-                output_final_state=True,
-            )
-
         out, state = varlen_linear_attention(
             where, q, k, v, phi_q, phi_k, code, phi, cu_seqlens, causal=causal, normalize=normalize, eps=eps,
-            log_decay=log_decay, initial_state=initial_state, need_state=output_final_state, per_sequence=per_sequence,
+            log_decay=log_decay, initial_state=initial_state, need_state=output_final_state,
         )
         return (out, state) if output_final_state else out
     initial = None

@@ -95,8 +95,9 @@ def decayed_linear_attention(q, k, v, log_factors, *, feature_map="elu", normali
         carry = c.exp().unsqueeze(-1)                                     # e^{c_i} <= 1
         numerator = numerator + carry * (phi_q @ S0)
         denominator = denominator + carry.squeeze(-1) * (phi_q @ z0.unsqueeze(-1)).squeeze(-1)
-        S_T = S_T + c[..., -1:].exp().unsqueeze(-1) * S0
-        z_T = z_T + c[..., -1:].exp() * z0
+        whole = c[..., -1:] if c.shape[-1] else c.new_zeros(*c.shape[:-1], 1)  # an empty sequence: no fading
+        S_T = S_T + whole.exp().unsqueeze(-1) * S0
+        z_T = z_T + whole.exp() * z0
     if not normalize:
         return numerator, (S_T, z_T)
     denominator = denominator + eps

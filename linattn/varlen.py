@@ -6,12 +6,11 @@ itself, as if it were run alone, and has its own initial/final state (N, H, m, d
 is computed: graphs of different sizes or packed documents cost what their tokens cost.
 
 CPU tensors run the varlen operators (each sequence through the chunked kernels on its own
-rows of the packed buffers). Other devices, without per-sequence states, run the device-generic
-fading-state formulation (linattn/decay.py) over the whole packing, with decay and gates,
-masked so that nothing crosses a sequence start (non-causal: a forward and a reversed causal pass
-over [v, 1], minus the diagonal), all on the device with no host synchronisation; with
-per-sequence initial or final states they run one linear_attention call per sequence, which
-reads the offsets on the host.
+rows of the packed buffers). Other devices run the device-generic fading-state formulation
+(linattn/decay.py) over the whole packing, decay and gates included, masked so that nothing
+crosses a sequence start (non-causal: a forward and a reversed causal pass over [v, 1], minus
+the diagonal); per-sequence states enter and leave through 2m extra rows per sequence
+(_with_state_rows). All on the device, with no host synchronisation.
 """
 import torch
 
@@ -65,11 +64,9 @@ def sequence_ids(where: str, cu_seqlens: torch.Tensor, total: int) -> torch.Tens
 
 
 def varlen_linear_attention(where, q, k, v, phi_q, phi_k, code, phi, cu_seqlens, *, causal, normalize, eps,
-                            log_decay, initial_state, need_state, per_sequence):
-    """(out (1, H, total, dv), (S, z) per sequence (N, ...), or None when not need_state on the
-    device-generic path). phi_q / phi_k / code: the operator's feature inputs and map code, phi
-    the map itself; per_sequence(start, end, n): linear_attention on one sequence with
-    output_final_state=True."""
+                            log_decay, initial_state, need_state):
+    """(out (1, H, total, dv), (S, z) per sequence (N, ...) or None when not need_state).
+    phi_q / phi_k / code: the operator's feature inputs and map code, phi the map itself."""
     acc = _ops.accumulate_dtype(q.dtype)
     sequences = cu_seqlens.numel() - 1
     if initial_state is not None:
@@ -83,53 +80,93 @@ def varlen_linear_attention(where, q, k, v, phi_q, phi_k, code, phi, cu_seqlens,
         )
         value_dim = v.shape[3]
         return out, (final_state[..., :value_dim], final_state[..., value_dim])
-    if initial_state is None and not need_state:
-        fused = phi if code else None  # a built-in map the CPU operator would have applied
-        out = _packed_generic(where, phi_q, phi_k, fused, v, cu_seqlens, causal, normalize, eps, log_decay)
-        return out.to(q.dtype), None
-    offsets = checked_offsets(where, cu_seqlens, q.shape[2])
-    outs, states = [], []
-    for n in range(sequences):
-        out, state = per_sequence(offsets[n], offsets[n + 1], n)
-        outs.append(out)
-        states.append(state)
-    if not states:  # no sequences: nothing to attend, empty states
-        m = phi_k.shape[3]
-        empty = (v.new_zeros(0, q.shape[1], m, v.shape[3], dtype=acc), v.new_zeros(0, q.shape[1], m, dtype=acc))
-        return v.new_zeros(1, q.shape[1], 0, v.shape[3]), empty
-    return torch.cat(outs, dim=2), (torch.cat([s[0] for s in states]), torch.cat([s[1] for s in states]))
+    fused = phi if code else None  # a built-in map the CPU operator would have applied
+    out, state = _packed_generic(where, phi_q, phi_k, fused, v, cu_seqlens, causal, normalize, eps, log_decay,
+                                 initial_state, need_state)
+    return out.to(q.dtype), state
 
 
-def _packed_generic(where, phi_q, phi_k, feature_map, v, cu_seqlens, causal, normalize, eps, log_decay=None):
+def _packed_generic(where, phi_q, phi_k, feature_map, v, cu_seqlens, causal, normalize, eps, log_decay=None,
+                    initial_state=None, need_state=False):
     """Every sequence of the packing at once in ATen ops, nothing crossing a sequence start;
     feature_map: applied here to phi_q, phi_k first (in the accumulation dtype), or None;
-    log_decay (1, H, total) or None (causal only)."""
+    log_decay (1, H, total) or None (causal only). Returns (out, (S, z) per sequence or None)."""
     acc = _ops.accumulate_dtype(phi_q.dtype)
     if feature_map is not None:
         phi_q, phi_k = feature_map(phi_q.to(acc)), feature_map(phi_k.to(acc))
     phi_q, phi_k, v = phi_q.to(acc), phi_k.to(acc), v.to(acc)
-    heads, total = phi_q.shape[1], phi_q.shape[2]
+    heads, total, dv = phi_q.shape[1], phi_q.shape[2], v.shape[3]
     ids = sequence_ids(where, cu_seqlens, total)
-    no_fading = phi_q.new_zeros(1, heads, total)
-    if causal:
-        fading = no_fading if log_decay is None else log_decay.to(acc).expand(1, heads, total)
-        out, _, _ = decayed_linear_attention_generic(phi_q, phi_k, v, fading, None, None, normalize, eps, ids)
-        return out
-    # Non-causal: each query's sum over its whole sequence = the causal sum (keys up to it) +
-    # the reversed causal sum (keys from it on) − its own key; values carry a ones column, which
-    # gives the normalizer too.
+    # Values carry a ones column: the normalizer comes out of the same sums.
     values = torch.cat([v, v.new_ones(*v.shape[:-1], 1)], dim=-1)
-    forward, _, _ = decayed_linear_attention_generic(phi_q, phi_k, values, no_fading, None, None, False, eps, ids)
-    flip = lambda t: t.flip(-2)  # noqa: E731  (the sequence dim of (1, H, T, ·))
-    backward, _, _ = decayed_linear_attention_generic(
-        flip(phi_q), flip(phi_k), flip(values), no_fading, None, None, False, eps, ids.flip(0))
-    both = forward + flip(backward) - (phi_q * phi_k).sum(-1, keepdim=True) * values
-    numerator, denominator = both[..., :-1], both[..., -1:]
+    fading = phi_q.new_zeros(1, heads, total) if log_decay is None else log_decay.to(acc).expand(1, heads, total)
+    rows = None
+    if initial_state is not None or need_state:
+        phi_q, phi_k, values, fading, ids, rows = _with_state_rows(phi_q, phi_k, values, fading, ids, cu_seqlens,
+                                                                   initial_state)
+    sums, _, _ = decayed_linear_attention_generic(phi_q, phi_k, values, fading, None, None, False, eps, ids)
+    if not causal:
+        # Each query's sum over its whole sequence = the causal sum (keys up to it) + the reversed
+        # causal sum (keys from it on) − its own key.
+        flip = lambda t: t.flip(-2)  # noqa: E731  (the sequence dim of (1, H, T, ·))
+        backward, _, _ = decayed_linear_attention_generic(
+            flip(phi_q), flip(phi_k), flip(values), fading.flip(-1), None, None, False, eps, ids.flip(0))
+        sums = sums + flip(backward) - (phi_q * phi_k).sum(-1, keepdim=True) * values
+    state = None
+    if rows is not None:
+        real, state_rows = rows
+        sequences, m = state_rows.shape
+        # The state rows' sums are the rows of [S | z] at each sequence's end.
+        final = sums.index_select(2, state_rows.flatten()).reshape(heads, sequences, m, dv + 1).transpose(0, 1)
+        state = (final[..., :dv], final[..., dv])
+        sums = sums.index_select(2, real)
+    numerator, denominator = sums[..., :-1], sums[..., -1:]
     if not normalize:
-        return numerator
+        return numerator, state
     denominator = denominator + eps
     vanished = denominator.abs() < torch.finfo(acc).tiny  # as the kernels: such rows are 0
-    return torch.where(vanished, numerator * 0, numerator / torch.where(vanished, 1, denominator))
+    return torch.where(vanished, numerator * 0, numerator / torch.where(vanished, 1, denominator)), state
+
+
+def _with_state_rows(phi_q, phi_k, values, fading, ids, cu_seqlens, initial_state):
+    """The packing with 2m extra rows per sequence, so that states need no per-sequence loop:
+    m key rows before it (φ(k) = e_i, value = row i of [S0 | z0], no fading) put its initial
+    state into the sums as if it were keys, and m query rows after it (φ(q) = e_i, no key) read
+    row i of [S | z] at its end. Row positions come from the offsets on the device: sequence n's
+    block starts at cu_seqlens[n] + 2mn. Returns the expanded tensors, their sequence ids, and
+    (the real rows' positions (total,), the state rows' positions (N, m))."""
+    heads, total, m = phi_q.shape[1], phi_q.shape[2], phi_q.shape[3]
+    width = values.shape[3]
+    sequences = cu_seqlens.numel() - 1
+    device = phi_q.device
+    n = torch.arange(sequences, device=device)
+    i = torch.arange(m, device=device)
+    offsets = cu_seqlens.to(device=device, dtype=torch.int64)
+    key_rows = (offsets[:-1] + 2 * m * n)[:, None] + i                     # (N, m)
+    state_rows = (offsets[1:] + 2 * m * n + m)[:, None] + i                # (N, m)
+    real = torch.arange(total, device=device) + 2 * m * ids + m
+    expanded = total + 2 * m * sequences
+    one_hot = torch.eye(m, dtype=phi_q.dtype, device=device).repeat(sequences, 1).expand(1, heads, sequences * m, m)
+    if initial_state is None:
+        start_values = values.new_zeros(1, heads, sequences * m, width)
+    else:  # (N, H, m, dv) and (N, H, m) -> (1, H, N·m, dv + 1), rows in key_rows' order
+        start = torch.cat([initial_state[0].to(values.dtype), initial_state[1].to(values.dtype).unsqueeze(-1)], -1)
+        start_values = start.transpose(0, 1).reshape(1, heads, sequences * m, width)
+
+    def place(shape, dim, *parts):
+        out = phi_q.new_zeros(shape) if len(shape) > 1 else ids.new_zeros(shape)
+        for rows, part in parts:
+            out = out.index_copy(dim, rows, part)
+        return out
+
+    keys, states = key_rows.flatten(), state_rows.flatten()
+    phi_q = place((1, heads, expanded, m), 2, (real, phi_q), (states, one_hot))
+    phi_k = place((1, heads, expanded, m), 2, (real, phi_k), (keys, one_hot))
+    values = place((1, heads, expanded, width), 2, (real, values), (keys, start_values))
+    fading = place((1, heads, expanded), 2, (real, fading))
+    row_ids = n.repeat_interleave(m)
+    ids = place((expanded,), 0, (real, ids), (keys, row_ids), (states, row_ids))
+    return phi_q, phi_k, values, fading, ids, (real, state_rows)
 
 
 def segment_reverse_cumsum(values: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:

@@ -272,33 +272,43 @@ def test_device_generic_packing_without_states(causal, feature_map, normalize, d
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
-def test_device_generic_packing_with_decay_and_gates(dtype):
-    """Decay and gates on the device-generic packing (CUDA tensors without per-sequence states):
-    per sequence as the float64 reference, forward and backward (the decay's and gates'
-    gradients too), and compiled with fullgraph=True (no host synchronisation)."""
+def test_device_generic_packing_with_decay_gates_and_states(dtype):
+    """Decay, gates and per-sequence states on the device-generic packing (what CUDA tensors
+    run): per sequence as the float64 reference, forward and backward (the decay's, gates' and
+    initial states' gradients too, through the output and the final states), and compiled with
+    fullgraph=True (no host synchronisation)."""
     q, k, v, cu = packed(dtype=dtype)
     g = torch.Generator().manual_seed(5)
+    n = len(OFFSETS) - 1
     decay = torch.tensor([0.95, 0.8, 1.0], dtype=torch.float64)
     gate = -torch.rand(1, H, OFFSETS[-1], generator=g, dtype=torch.float64) * 0.3
-    leaves = [t.clone().requires_grad_() for t in (q, k, v, decay.to(dtype), gate.to(dtype))]
-    weight = torch.randn(1, H, OFFSETS[-1], DV, generator=g, dtype=torch.float64)
+    S0, z0 = torch.randn(n, H, D, DV, generator=g, dtype=torch.float64), torch.rand(n, H, D, generator=g) + 1
+    leaves = [t.clone().to(dtype).requires_grad_() for t in (q, k, v, decay, gate, S0, z0)]
+    weights = [torch.randn(shape, generator=g, dtype=torch.float64) for shape in ((1, H, OFFSETS[-1], DV), S0.shape,
+                                                                                  z0.shape)]
+
+    def loss(out, state):
+        return sum((t * w.to(t.dtype)).sum() for t, w in zip((out, *state), weights))
+
     with linattn._ops.generic_implementation():
-        out = linattn.linear_attention(*leaves[:3], causal=True, decay=leaves[3], gate=leaves[4], cu_seqlens=cu)
-        grads = torch.autograd.grad((out * weight.to(dtype)).sum(), leaves)
-    ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
-    ref_q, ref_k, ref_v, ref_decay, ref_gate = ref_leaves
-    log_factors = ref_gate + ref_decay.log().view(1, H, 1)
-    ref_out = torch.cat([
-        reference.decayed_linear_attention(ref_q[:, :, a:b], ref_k[:, :, a:b], ref_v[:, :, a:b],
-                                           log_factors[:, :, a:b])[0]
-        for a, b in zip(OFFSETS[:-1], OFFSETS[1:])], 2)
-    ref_grads = torch.autograd.grad((ref_out * weight).sum(), ref_leaves)
+        out, state = linattn.linear_attention(*leaves[:3], causal=True, decay=leaves[3], gate=leaves[4],
+                                              initial_state=tuple(leaves[5:]), output_final_state=True, cu_seqlens=cu)
+        grads = torch.autograd.grad(loss(out, state), leaves)
+    ref = [t.detach().double().requires_grad_() for t in leaves]
+    log_factors = ref[4] + ref[3].log().view(1, H, 1)
+    ref_out, ref_state = per_sequence(
+        lambda i, q, k, v, f: reference.decayed_linear_attention(
+            q, k, v, f, initial_state=(ref[5][i:i + 1], ref[6][i:i + 1])), OFFSETS, ref[0], ref[1], ref[2], log_factors)
+    ref_grads = torch.autograd.grad(loss(ref_out, ref_state), ref)
     assert_close(out, ref_out, TOLERANCE[dtype] * 4, "out")
-    for name, got, want in zip(["q", "k", "v", "decay", "gate"], grads, ref_grads):
+    for name, got, want in zip(["S", "z"], state, ref_state):
+        assert_close(got, want, TOLERANCE[dtype] * 4, name)
+    for name, got, want in zip(["q", "k", "v", "decay", "gate", "S0", "z0"], grads, ref_grads):
         assert_close(got, want, TOLERANCE[dtype] * 20, f"grad {name}")
     if dtype == torch.float32:
-        fn = lambda q, k, v, decay, gate: linattn.linear_attention(  # noqa: E731
-            q, k, v, causal=True, decay=decay, gate=gate, cu_seqlens=cu)
+        fn = lambda q, k, v, decay, gate, S0, z0: linattn.linear_attention(  # noqa: E731
+            q, k, v, causal=True, decay=decay, gate=gate, initial_state=(S0, z0), output_final_state=True,
+            cu_seqlens=cu)
         inputs = [t.detach() for t in leaves]
         with linattn._ops.generic_implementation():
             torch.testing.assert_close(torch.compile(fn, fullgraph=True)(*inputs), fn(*inputs))
