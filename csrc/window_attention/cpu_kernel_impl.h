@@ -48,6 +48,12 @@ struct KeyGroups {
   }
 };
 
+// The first key when the group is one run of consecutive keys (a window's block, a band), else
+// −1: per-pair loops then index rows directly, which vectorizes, instead of through `keys`.
+inline int64_t run_start(const std::vector<int64_t>& keys) {
+  return !keys.empty() && keys.back() - keys.front() + 1 == static_cast<int64_t>(keys.size()) ? keys.front() : -1;
+}
+
 // Sliding window + dilation + Longformer global tokens + key padding + segments.
 struct WindowPattern {
   const WindowAttentionShape& s;
@@ -175,6 +181,7 @@ struct BlockPattern {
     const int64_t* pos = t.positions ? token_row(t.positions, t.position_heads, bi, hi, s.k_len) : nullptr;
     const int64_t* qseg = t.q_segments ? token_row(t.q_segments, t.segment_heads, bi, hi, s.q_len) : nullptr;
     const int64_t* kseg = t.k_segments ? token_row(t.k_segments, t.segment_heads, bi, hi, s.k_len) : nullptr;
+    const int64_t first = run_start(keys);
     // The layout's verdict on each key, recomputed only when the query block changes (no
     // division per pair).
     std::vector<int64_t> key_block(n);
@@ -201,7 +208,12 @@ struct BlockPattern {
       }
       if (qseg) {
         const int64_t id = qseg[i];
-        for (int64_t c = 0; c < n; ++c) vr[c] = vr[c] && kseg[key[c]] == id;
+        if (first >= 0) {
+          const int64_t* ks = kseg + first;
+          for (int64_t c = 0; c < n; ++c) vr[c] &= static_cast<unsigned char>(ks[c] == id);
+        } else {
+          for (int64_t c = 0; c < n; ++c) vr[c] = vr[c] && kseg[key[c]] == id;
+        }
       }
       if (padding) {
         const bool* p = padding + bi * s.k_len;
@@ -217,10 +229,15 @@ struct BlockPattern {
     const int64_t* key = keys.data();
     if (t.bias) {
       const acc_t* head_bias = t.bias + (t.bias_heads == 1 ? 0 : hi) * s.q_len * s.k_len;
+      const int64_t first = run_start(keys);
       for (int64_t r = 0; r < L; ++r) {
         const acc_t* br = head_bias + (i0 + r) * s.k_len;
         acc_t* sr = scores + r * ld;
-        for (int64_t c = 0; c < n; ++c) sr[c] += br[key[c]];
+        if (first >= 0) {
+          for (int64_t c = 0; c < n; ++c) sr[c] += br[first + c];
+        } else {
+          for (int64_t c = 0; c < n; ++c) sr[c] += br[key[c]];
+        }
       }
     }
     if (t.positions) {
@@ -242,9 +259,15 @@ struct BlockPattern {
     if (!t.bias) return;
     const int64_t n = static_cast<int64_t>(keys.size());
     acc_t* head_grad = grad_bias + (t.bias_heads == 1 ? 0 : hi) * s.q_len * s.k_len;
+    const int64_t first = run_start(keys);
     for (int64_t r = 0; r < L; ++r) {
       acc_t* gr = head_grad + (i0 + r) * s.k_len;
-      for (int64_t c = 0; c < n; ++c) gr[keys[c]] += dS[r * ld + c];
+      const acc_t* ds = dS + r * ld;
+      if (first >= 0) {
+        for (int64_t c = 0; c < n; ++c) gr[first + c] += ds[c];
+      } else {
+        for (int64_t c = 0; c < n; ++c) gr[keys[c]] += ds[c];
+      }
     }
   }
 };
