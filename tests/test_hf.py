@@ -4,8 +4,9 @@ linattn_performer must match the same model running a dense float64 reference of
 grouped-query heads, causal (Llama) and bidirectional (BERT, ViT) attention; linattn_local must
 equal sdpa (float64, 1e-10) in the models' own sliding windows (Mistral, Qwen2) and full
 attention (BERT, Llama); generation must give the same tokens through transformers' dynamic,
-static and sliding caches, linattn.hf.LinearStateCache (constant size) and no cache; masks
-linattn cannot honour raise; training runs backward."""
+static and sliding caches, linattn.hf.LinearStateCache (constant size) and no cache; packed
+documents (position_ids restarting inside a row) attend each to itself through the varlen
+operators; masks linattn cannot honour raise; training runs backward."""
 import pytest
 import torch
 
@@ -182,13 +183,47 @@ def test_plain_masks_are_compact():
     assert compact_mask(2, 4, 4, mask_function=chunked, attention_mask=padding).shape == (2, 1, 4, 4)
 
 
-def test_packed_documents_raise():
-    """position_ids restarting inside a row mean packed documents, a mask linear attention cannot honour."""
-    model = with_implementation(llama(), "linattn_linear")
-    ids = torch.randint(0, 61, (1, 10))
-    positions = torch.cat([torch.arange(4), torch.arange(6)])[None]
-    with pytest.raises(ValueError, match="not key padding"):
-        model(ids, position_ids=positions, use_cache=False)
+PACKED_POSITIONS = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3, 4, 5], [0, 1, 2, 0, 1, 2, 3, 4, 0, 1]])
+
+
+@pytest.mark.parametrize("implementation", ["linattn_linear", "linattn_local"])
+def test_packed_documents_attend_each_to_itself(implementation):
+    """Rows of packed documents (position_ids restarting inside a row, transformers' packed
+    format) run as linattn's varlen packing: each document gets what it gets alone."""
+    model = with_implementation(llama().double(), implementation)
+    ids = torch.randint(0, 61, (2, 10), generator=torch.Generator().manual_seed(10))
+    got = model(ids, position_ids=PACKED_POSITIONS, use_cache=False).logits
+    for row in range(2):
+        starts = [t for t in range(10) if PACKED_POSITIONS[row, t] == 0] + [10]
+        for a, b in zip(starts[:-1], starts[1:]):
+            alone = model(ids[row:row + 1, a:b], use_cache=False).logits[0]
+            torch.testing.assert_close(got[row, a:b], alone, rtol=1e-10, atol=1e-10)
+
+
+def test_packed_documents_in_sliding_windows_match_sdpa():
+    model = sliding_model("mistral", window=3).double()
+    ids = torch.randint(0, 61, (2, 10), generator=torch.Generator().manual_seed(11))
+    got = with_implementation(model, "linattn_local")(ids, position_ids=PACKED_POSITIONS, use_cache=False).logits
+    expected = with_implementation(model, "sdpa")(ids, position_ids=PACKED_POSITIONS, use_cache=False).logits
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
+
+
+def test_masks_it_cannot_honour_raise():
+    """Performer takes no packed documents; a chunked-attention mask is no pattern linattn knows."""
+    model = with_implementation(llama(), "linattn_performer")
+    with pytest.raises(ValueError, match="packed documents"):
+        model(torch.randint(0, 61, (2, 10)), position_ids=PACKED_POSITIONS, use_cache=False)
+    from transformers import masking_utils as mu
+    from linattn.hf.masks import compact_mask
+
+    chunked = mu.chunked_causal_mask_function(2, torch.zeros(1, dtype=torch.long))
+    mask = compact_mask(1, 4, 4, mask_function=chunked, local_size=2)  # as transformers asks for it
+    attention = AttentionInterface._global_mapping["linattn_linear"]
+    module = torch.nn.Module()
+    module.is_causal = True
+    q = torch.randn(1, 2, 4, 8)
+    with pytest.raises(ValueError, match="not key padding plus causality"):
+        attention(module, q, q, q, mask)
 
 
 def sliding_model(kind, window=5, seed=0):

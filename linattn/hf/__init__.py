@@ -15,9 +15,10 @@ register() adds to transformers' AttentionInterface, with a mask interface of it
   - "linattn_local": exact softmax attention in the layer's own pattern, through the fused
     sliding-window kernel: the model's sliding window where it has one (Mistral, Qwen2, Gemma),
     full causal or bidirectional attention elsewhere; memory linear in the sequence.
-Grouped-query heads are repeated to the query heads. Masks: key padding, causality and (for
-linattn_local) the layer's sliding window; any other pattern (packed documents, chunked or custom
-masks, and sliding windows for the linear methods) raises a ValueError. Dropout in training
+Grouped-query heads are repeated to the query heads. Masks: key padding, causality, (for
+linattn_local) the layer's sliding window, and packed documents (position_ids restarting inside
+a row: linattn's varlen operators, linattn_linear and linattn_local); any other pattern (chunked
+or custom masks, sliding windows for the linear methods) raises a ValueError. Dropout in training
 drops whole keys, as linattn.nn.MultiheadAttention's methods do. No attention weights:
 `output_attentions` returns None.
 

@@ -44,6 +44,25 @@ def _prepare(module, query, key, value, attention_mask, dropout, kwargs):
     return key, value, seen, state_layer
 
 
+def _as_packing(documents, *tensors):
+    """Rows of packed documents (B, H, T, ·) as one packing (1, H, B·T, ·) and its cu_seqlens:
+    each document becomes one sequence of linattn's varlen operators (reads the boundaries on
+    the host, as transformers' own detection of packed rows does)."""
+    B, heads, T = tensors[0].shape[:3]
+    rows = torch.arange(B, device=documents.device)[:, None] * (T + 1)  # ids distinct across rows
+    ids = (documents.to(torch.int64) + rows).flatten()
+    starts = torch.nonzero(ids[1:] != ids[:-1]).flatten() + 1
+    ends = torch.tensor([0, B * T], device=documents.device)
+    cu_seqlens = torch.cat([ends[:1], starts, ends[1:]]).to(device=tensors[0].device, dtype=torch.int32)
+    packed = [t.transpose(0, 1).reshape(1, heads, B * T, t.shape[3]) for t in tensors]
+    return packed, cu_seqlens
+
+
+def _unpack(out, batch):
+    """(1, H, B·T, dv) -> (B, H, T, dv)."""
+    return out.reshape(out.shape[1], batch, -1, out.shape[3]).transpose(0, 1)
+
+
 def _reject_binding_window(where, seen):
     left, right = seen.window
     reach = seen.total_keys - 1  # the farthest any key can be from a query
@@ -54,14 +73,17 @@ def _reject_binding_window(where, seen):
 
 def _kernelized(attend):
     """An attention function for a kernelized method, given attend(module, q, k, v, causal,
-    key_padding_mask, initial_state, output_final_state)."""
+    key_padding_mask, initial_state=, output_final_state=, cu_seqlens=)."""
 
     def forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
         where = _where(module)
         key, value, seen, state_layer = _prepare(module, query, key, value, attention_mask, dropout, kwargs)
         _reject_binding_window(where, seen)
         q_len, k_len, padding = query.shape[2], key.shape[2], seen.padding
-        if state_layer is not None:
+        if seen.documents is not None:
+            (q, k, v), cu_seqlens = _as_packing(seen.documents, query, key, value)
+            out = _unpack(attend(module, q, k, v, seen.causal, None, cu_seqlens=cu_seqlens), query.shape[0])
+        elif state_layer is not None:
             out = state_layer.attend(lambda **state: attend(module, query, key, value, True, padding, **state))
         elif seen.causal and q_len != k_len:
             # Queries continue a sequence whose earlier keys the cache holds: run the earlier keys
@@ -79,9 +101,10 @@ def _kernelized(attend):
 
 
 def _linear(feature_map):
-    def attend(module, q, k, v, causal, padding, initial_state=None, output_final_state=False):
+    def attend(module, q, k, v, causal, padding, initial_state=None, output_final_state=False, cu_seqlens=None):
         return linear_attention(q, k, v, causal=causal, feature_map=feature_map, key_padding_mask=padding,
-                                initial_state=initial_state, output_final_state=output_final_state)
+                                initial_state=initial_state, output_final_state=output_final_state,
+                                cu_seqlens=cu_seqlens)
 
     return attend
 
@@ -100,8 +123,11 @@ def projection(module, head_dim: int, device, dtype) -> torch.Tensor:
     return current.to(device)
 
 
-def _performer(module, q, k, v, causal, padding, initial_state=None, output_final_state=False):
+def _performer(module, q, k, v, causal, padding, initial_state=None, output_final_state=False, cu_seqlens=None):
     # FAVOR+ estimates exp(q·k/√D); a model's own scaling other than 1/√D is folded into q.
+    if cu_seqlens is not None:
+        raise ValueError(f"{_where(module)}: linattn_performer does not take packed documents (position_ids "
+                         "restarting inside a row); use linattn_linear or linattn_local, or pad the batch")
     w = projection(module, q.shape[3], q.device, q.dtype)
     return performer_attention(q, k, v, w, causal=causal, key_padding_mask=padding,
                                initial_state=initial_state, output_final_state=output_final_state)
@@ -133,8 +159,13 @@ def local(module, query, key, value, attention_mask, scaling=None, dropout=0.0, 
     if state_layer is not None:
         raise ValueError(f"{where}: a LinearStateCache keeps linear-attention states; softmax attention "
                          "(linattn_local) needs transformers' key/value cache")
-    out = sliding_window_attention(query, key, value, seen.window, causal=seen.causal,
-                                   key_padding_mask=seen.padding, scale=scaling)
+    if seen.documents is not None:
+        (q, k, v), cu_seqlens = _as_packing(seen.documents, query, key, value)
+        out = sliding_window_attention(q, k, v, seen.window, causal=seen.causal, scale=scaling, cu_seqlens=cu_seqlens)
+        out = _unpack(out, query.shape[0])
+    else:
+        out = sliding_window_attention(query, key, value, seen.window, causal=seen.causal,
+                                       key_padding_mask=seen.padding, scale=scaling)
     return out.transpose(1, 2).contiguous(), None
 
 

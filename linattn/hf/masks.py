@@ -4,8 +4,9 @@ causality, a (left, right) window and a key padding mask; never a T×T matrix wh
 transformers describes a layer's mask by a mask function (causal, bidirectional, a sliding
 window over one of them, or compositions for packed documents, image tokens ...) and asks the
 registered mask interface to build it. `compact_mask` (registered for linattn's implementations)
-recognises the plain patterns and returns only the (B, T_k) visible-keys mask with the pattern
-attached; anything else falls back to sdpa's dense boolean mask, which `visibility` then checks
+recognises the plain patterns, and packed documents over them (transformers' packed-sequence
+format: position_ids restarting inside a row), and returns only the (B, T_k) visible-keys mask
+with the pattern attached; anything else falls back to sdpa's dense boolean mask, which `visibility` then checks
 against the pattern it can honour, raising a ValueError when the mask holds another one.
 """
 import inspect
@@ -25,6 +26,7 @@ class Pattern:
     window: Tuple[int, int]  # flash-attn's (left, right), -1 = unbounded
     q_offset: int
     kv_offset: int
+    documents: Optional[torch.Tensor] = None  # (B, T) document ids of packed rows, or None
 
 
 @dataclass
@@ -34,6 +36,7 @@ class Visibility:
     padding: Optional[torch.Tensor]  # (B, keys) bool, True = padded
     keys: int  # how many of the passed keys a query can see: a static cache's unfilled tail is cut
     total_keys: int  # the sequence's keys so far (with a state cache, more than those passed)
+    documents: Optional[torch.Tensor] = None  # (B, T): packed documents, each attending only to itself
 
 
 def _closure(function, name):
@@ -41,6 +44,14 @@ def _closure(function, name):
         return inspect.getclosurevars(function).nonlocals.get(name)
     except (TypeError, ValueError):
         return None
+
+
+def _pair(mask_function):
+    """The two mask functions of an and_masks(first, second), or None."""
+    if getattr(mask_function, "__qualname__", "") != "and_masks.<locals>.and_mask":
+        return None
+    parts = _closure(mask_function, "mask_functions")
+    return parts if isinstance(parts, tuple) and len(parts) == 2 else None
 
 
 def recognise(mask_function) -> Optional[Tuple[bool, Tuple[int, int]]]:
@@ -52,10 +63,8 @@ def recognise(mask_function) -> Optional[Tuple[bool, Tuple[int, int]]]:
         return True, (-1, 0)
     if mask_function is mu.bidirectional_mask_function:
         return False, (-1, -1)
-    if getattr(mask_function, "__qualname__", "") != "and_masks.<locals>.and_mask":
-        return None
-    parts = _closure(mask_function, "mask_functions")
-    if not isinstance(parts, tuple) or len(parts) != 2:
+    parts = _pair(mask_function)
+    if parts is None:
         return None
     overlay, base = parts
     width = _closure(overlay, "sliding_window")
@@ -69,6 +78,23 @@ def recognise(mask_function) -> Optional[Tuple[bool, Tuple[int, int]]]:
     return None
 
 
+def recognise_packed(mask_function):
+    """(causal, window, document ids (B, T)) when the mask function is transformers' packed-
+    sequence wrapper around a recognised pattern, else None."""
+    parts = _pair(mask_function)
+    if parts is None:
+        return None
+    same_document, remapped = parts
+    if (getattr(same_document, "__qualname__", "") != "packed_sequence_mask_function.<locals>.inner_mask"
+            or getattr(remapped, "__qualname__", "") != "remap_positions_for_packed_sequence.<locals>.inner_mask"):
+        return None
+    documents = _closure(same_document, "packed_sequence_mask")
+    base = recognise(_closure(remapped, "mask_function"))
+    if base is None or not isinstance(documents, torch.Tensor):
+        return None
+    return (*base, documents)
+
+
 def compact_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None,
                  attention_mask=None, device="cpu", **kwargs):
     """transformers' mask interface for linattn: the (B, kv_length) visible-keys mask carrying its
@@ -79,7 +105,10 @@ def compact_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_
         # Already made by this function (generate() prepares masks ahead of the model's forward,
         # which hands them back here): not a 2-D padding mask to interpret again.
         return attention_mask
-    recognised = recognise(mask_function)
+    recognised, documents = recognise(mask_function), None
+    packed = recognise_packed(mask_function) if recognised is None else None
+    if packed is not None:
+        recognised, documents = packed[:2], packed[2]
     if recognised is None:
         return sdpa_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
                          kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask,
@@ -89,7 +118,8 @@ def compact_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_
         visible = torch.ones(batch_size, kv_length, dtype=torch.bool, device=device)
     else:
         visible = padding[:, kv_offset:kv_offset + kv_length].to(device=device, dtype=torch.bool)
-    setattr(visible, PATTERN_ATTRIBUTE, Pattern(*recognised, q_offset=int(q_offset), kv_offset=int(kv_offset)))
+    setattr(visible, PATTERN_ATTRIBUTE, Pattern(*recognised, q_offset=int(q_offset), kv_offset=int(kv_offset),
+                                                documents=documents))
     return visible
 
 
@@ -145,7 +175,9 @@ def visibility(where, module, mask, q_len, k_len, kwargs, state_cache: bool) -> 
                 raise ValueError(f"{where}: the queries end at key {end} of {k_len}; linattn aligns them with the "
                                  "last key")
         padding = None if bool(visible.all()) else ~visible
-        return Visibility(causal, window, padding, keys, total)
+        if pattern.documents is not None and (state_cache or padding is not None or q_len != k_len):
+            raise ValueError(f"{where}: packed documents need the whole rows at once, without padding or a cache")
+        return Visibility(causal, window, padding, keys, total, pattern.documents)
     causal, window = _model_pattern(module, kwargs)
     if mask is None:
         return Visibility(causal, window, None, k_len, k_len)
