@@ -6,7 +6,8 @@ are taken between numbers of this run only. Achieved GFLOP/s of linattn (forward
 forward+backward with the backward counted as twice the forward) is shown next to the
 machine's fp32 GEMM rate (torch.mm 2048×2048) measured in the same run. Extra rows: bf16
 inputs (B=1, H=8, T=4096), and one long sequence (B=H=1, T=65536, causal: the
-sequence-parallel kernel) on all threads and on one thread. Peak memory is measured in a
+sequence-parallel kernel) on all threads and on one thread, next to the same tokens as two
+independent heads of T/2 (the scaling this machine allows without sequence parallelism). Peak memory is measured in a
 fresh process per point (peak RSS above the process's baseline).
 
     python -m benchmarks.bench_linear_attention            # full table (several minutes)
@@ -160,22 +161,26 @@ def extra_rows(quick):
                      "forward_s": fwd, "forward_backward_s": fwd_bwd,
                      "linattn_forward_gflops": linattn_flops(4096, causal) / fwd["linattn"] / 1e9,
                      "linattn_forward_backward_gflops": 3 * linattn_flops(4096, causal) / fwd_bwd["linattn"] / 1e9})
+    # One long sequence (the sequence-parallel kernel), and as the machine's own bound the same
+    # tokens as two independent heads of half the length (no sequence parallelism needed).
     T = 16384 if quick else 65536
     all_threads = torch.get_num_threads()
-    q, k, v = make_inputs(T, True, heads=1)
     fn = implementations(True)["linattn"]
-    for threads in (all_threads, 1):
-        torch.set_num_threads(threads)
-        try:
-            with torch.no_grad():
-                fwd = {"linattn": median_time(lambda: fn(q, k, v), reps)}
-            fwd_bwd = {"linattn": median_time(lambda: forward_backward(fn, q, k, v), reps)}
-        finally:
-            torch.set_num_threads(all_threads)
-        flops = linattn_flops(T, True) / H
-        rows.append({"what": "B=H=1", "T": T, "heads": 1, "causal": True, "threads": threads, "forward_s": fwd,
-                     "forward_backward_s": fwd_bwd, "linattn_forward_gflops": flops / fwd["linattn"] / 1e9,
-                     "linattn_forward_backward_gflops": 3 * flops / fwd_bwd["linattn"] / 1e9})
+    for what, heads, length in (("B=H=1", 1, T), ("2 heads", 2, T // 2)):
+        q, k, v = make_inputs(length, True, heads=heads)
+        for threads in (all_threads, 1):
+            torch.set_num_threads(threads)
+            try:
+                with torch.no_grad():
+                    fwd = {"linattn": median_time(lambda: fn(q, k, v), reps)}
+                fwd_bwd = {"linattn": median_time(lambda: forward_backward(fn, q, k, v), reps)}
+            finally:
+                torch.set_num_threads(all_threads)
+            flops = linattn_flops(length, True) / H * heads
+            rows.append({"what": what, "T": length, "heads": heads, "causal": True, "threads": threads,
+                         "forward_s": fwd, "forward_backward_s": fwd_bwd,
+                         "linattn_forward_gflops": flops / fwd["linattn"] / 1e9,
+                         "linattn_forward_backward_gflops": 3 * flops / fwd_bwd["linattn"] / 1e9})
     return rows
 
 
@@ -191,12 +196,14 @@ def print_extra(extra, gemm):
         print(f"{r['what']:<8}{'causal' if r['causal'] else 'full':<8}{r['T']:>7}{r['heads']:>3}{r['threads']:>4} |"
               f" {f['linattn'] * 1e3:8.2f} {100 * r['linattn_forward_gflops'] / gemm:5.0f}% {ratio(f)} |"
               f" {fb['linattn'] * 1e3:10.2f} {100 * r['linattn_forward_backward_gflops'] / gemm:5.0f}% {ratio(fb)}")
-    scaling = [r for r in extra if r["what"] == "B=H=1"]
-    if len(scaling) == 2:
-        many, one = scaling
-        print(f"thread scaling (B=H=1, causal, T={many['T']}): {many['threads']} threads vs 1: forward "
-              f"{one['forward_s']['linattn'] / many['forward_s']['linattn']:.2f}x, forward+backward "
-              f"{one['forward_backward_s']['linattn'] / many['forward_backward_s']['linattn']:.2f}x")
+    for what, label in (("B=H=1", "one sequence (sequence-parallel kernel)"),
+                        ("2 heads", "the same tokens as 2 independent heads (this machine's bound)")):
+        scaling = [r for r in extra if r["what"] == what]
+        if len(scaling) == 2:
+            many, one = scaling
+            print(f"thread scaling, {label}, causal, H={many['heads']} T={many['T']}: {many['threads']} threads "
+                  f"vs 1: forward {one['forward_s']['linattn'] / many['forward_s']['linattn']:.2f}x, "
+                  f"forward+backward {one['forward_backward_s']['linattn'] / many['forward_backward_s']['linattn']:.2f}x")
 
 
 def print_table(rows, memory, gemm):
