@@ -17,6 +17,16 @@ _WINDOW_BACKWARD_NAMES = {False: "sliding_window_attn_bwd", True: "sliding_windo
 _use_generic = False
 
 
+def augmented_state(state, dtype: torch.dtype) -> torch.Tensor:
+    """(S (…, m, dv), z (…, m)) -> [S | z] (…, m, dv + 1) in dtype: the operators' state layout."""
+    return torch.cat([state[0].to(dtype), state[1].to(dtype).unsqueeze(-1)], dim=-1)
+
+
+def split_state(augmented: torch.Tensor):
+    """[S | z] (…, m, dv + 1) -> (S, z), as views."""
+    return augmented[..., :-1], augmented[..., -1]
+
+
 def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
     """States and normalizers are float32, or float64 for float64 inputs."""
     return torch.float64 if dtype == torch.float64 else torch.float32

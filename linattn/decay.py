@@ -23,6 +23,14 @@ from typing import Optional, Tuple
 import torch
 
 
+def normalized_rows(numerator: torch.Tensor, denominator: torch.Tensor, eps: float) -> torch.Tensor:
+    """numerator / (denominator + eps), denominator (…, 1). A vanished (0 or subnormal)
+    normalizer defines the row as 0 (numerator·0: still NaN where it saw a NaN), as the kernels do."""
+    denominator = denominator + eps
+    vanished = denominator.abs() < torch.finfo(denominator.dtype).tiny
+    return torch.where(vanished, numerator * 0, numerator / torch.where(vanished, 1, denominator))
+
+
 def chunk_length(T: int) -> int:
     return 64 if T <= 16384 else 128
 
@@ -107,8 +115,5 @@ def decayed_linear_attention_generic(
     numerator = numerator.reshape(B, H, n * C, dv)[:, :, :T]
     if not normalize:
         return numerator, S, z
-    denominator = denominator.reshape(B, H, n * C)[:, :, :T] + eps
-    # A vanished (0 or subnormal) normalizer defines the row as 0, as the kernels do.
-    vanished = (denominator.abs() < torch.finfo(denominator.dtype).tiny).unsqueeze(-1)
-    out = torch.where(vanished, numerator * 0, numerator / torch.where(vanished, 1, denominator.unsqueeze(-1)))
-    return out, S, z
+    denominator = denominator.reshape(B, H, n * C)[:, :, :T].unsqueeze(-1)
+    return normalized_rows(numerator, denominator, eps), S, z

@@ -95,15 +95,14 @@ def linear_attention(
     initial = None
     if initial_state is not None:
         check.check_state(where, "initial_state", initial_state, phi_k, v)
-        S0, z0 = initial_state
-        initial = torch.cat([S0.to(acc), z0.to(acc).unsqueeze(-1)], dim=-1)
+        initial = _ops.augmented_state(initial_state, acc)
 
     if decay is not None or gate is not None:
         log_decay = log_fade_factors(where, decay, gate, q, causal, acc)
         if q.device.type != "cpu" or _ops.generic_in_use():
             # Every other device: the same math in batched ATen ops (linattn/decay.py).
             phi_q, phi_k = (phi_q, phi_k) if code == 0 else (phi(q.to(acc)), phi(k.to(acc)))
-            init = None if initial_state is None else (initial[..., :-1], initial[..., -1])
+            init = None if initial_state is None else _ops.split_state(initial)
             out, S, z = decayed_linear_attention_generic(
                 phi_q.to(acc), phi_k.to(acc), v.to(acc), log_decay, init, key_padding_mask, normalize, float(eps)
             )
@@ -118,8 +117,7 @@ def linear_attention(
         )
     if not output_final_state:
         return out
-    value_dim = v.shape[3]
-    return out, (final_state[..., :value_dim], final_state[..., value_dim])
+    return out, _ops.split_state(final_state)
 
 
 def log_fade_factors(where, decay, gate, q, causal, acc):

@@ -15,6 +15,7 @@ import torch
 
 from . import _ops
 from . import _validation as check
+from .decay import normalized_rows
 from .feature_maps import FUSED_FEATURE_MAPS, resolve_feature_map
 
 State = Tuple[torch.Tensor, torch.Tensor]
@@ -106,11 +107,7 @@ def step_formula(phi_q, phi_k, v, S, z, factor, normalize: bool, eps: float):
     numerator = torch.einsum("bhm,bhmd->bhd", phi_q, S)
     if not normalize:
         return numerator, S, z
-    denominator = (phi_q * z).sum(-1, keepdim=True) + eps
-    # A vanished (0 or subnormal) normalizer defines the row as 0, as the kernels do.
-    vanished = denominator.abs() < torch.finfo(denominator.dtype).tiny
-    out = torch.where(vanished, numerator * 0, numerator / torch.where(vanished, 1, denominator))
-    return out, S, z
+    return normalized_rows(numerator, (phi_q * z).sum(-1, keepdim=True), eps), S, z
 
 
 def _state_factor(where, decay, gate, batch, heads, device, acc) -> Optional[torch.Tensor]:

@@ -16,11 +16,11 @@ import torch
 
 from . import _ops
 from . import _validation as check
-from .decay import decayed_linear_attention_generic
+from .decay import decayed_linear_attention_generic, normalized_rows
 
 
 def check_cu_seqlens(where: str, cu_seqlens, q: torch.Tensor, k: torch.Tensor, key_padding_mask) -> None:
-    """Checks the packing's layout (its offsets' values: checked_offsets)."""
+    """Checks the packing's layout (its offsets' values: check_offsets)."""
     if not isinstance(cu_seqlens, torch.Tensor):
         raise TypeError(f"{where}: cu_seqlens must be an int32 tensor of offsets (N + 1,), got "
                         f"{type(cu_seqlens).__name__}")
@@ -39,14 +39,12 @@ def check_cu_seqlens(where: str, cu_seqlens, q: torch.Tensor, k: torch.Tensor, k
         raise ValueError(f"{where}: with cu_seqlens there is no padding to mask; pass key_padding_mask=None")
 
 
-def checked_offsets(where: str, cu_seqlens: torch.Tensor, total: int) -> list:
-    """The offsets on the host (a synchronisation on accelerators), checked: non-decreasing from 0
-    to the packed length."""
+def check_offsets(where: str, cu_seqlens: torch.Tensor, total: int) -> None:
+    """The offsets, read on the host, must be non-decreasing from 0 to the packed length."""
     offsets = cu_seqlens.tolist()
     if offsets[0] != 0 or offsets[-1] != total or any(b < a for a, b in zip(offsets, offsets[1:])):
         raise ValueError(f"{where}: cu_seqlens must be non-decreasing offsets from 0 to the packed length "
                          f"{total}, got {offsets}")
-    return offsets
 
 
 def _position_sequences(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
@@ -59,7 +57,7 @@ def sequence_ids(where: str, cu_seqlens: torch.Tensor, total: int) -> torch.Tens
     """(total,) int64: the sequence each packed position belongs to, computed on the device (no
     host synchronisation); the offsets' values are checked for eager CPU tensors."""
     if cu_seqlens.device.type == "cpu" and not torch.compiler.is_compiling():
-        checked_offsets(where, cu_seqlens, total)
+        check_offsets(where, cu_seqlens, total)
     return _position_sequences(cu_seqlens, total)
 
 
@@ -67,19 +65,16 @@ def varlen_linear_attention(where, q, k, v, phi_q, phi_k, code, phi, cu_seqlens,
                             log_decay, initial_state, need_state):
     """(out (1, H, total, dv), (S, z) per sequence (N, ...) or None when not need_state).
     phi_q / phi_k / code: the operator's feature inputs and map code, phi the map itself."""
-    acc = _ops.accumulate_dtype(q.dtype)
     sequences = cu_seqlens.numel() - 1
     if initial_state is not None:
         check.check_state(where, "initial_state", initial_state, phi_k.expand(sequences, *phi_k.shape[1:]), v)
     if q.device.type == "cpu" and not _ops.generic_in_use():
-        initial = None
-        if initial_state is not None:
-            initial = torch.cat([initial_state[0].to(acc), initial_state[1].to(acc).unsqueeze(-1)], dim=-1)
+        acc = _ops.accumulate_dtype(q.dtype)
+        initial = None if initial_state is None else _ops.augmented_state(initial_state, acc)
         out, final_state, _ = torch.ops.linattn.linear_attn_varlen_fwd(
             phi_q, phi_k, v, cu_seqlens, log_decay, initial, code, causal, normalize, float(eps)
         )
-        value_dim = v.shape[3]
-        return out, (final_state[..., :value_dim], final_state[..., value_dim])
+        return out, _ops.split_state(final_state)
     fused = phi if code else None  # a built-in map the CPU operator would have applied
     out, state = _packed_generic(where, phi_q, phi_k, fused, v, cu_seqlens, causal, normalize, eps, log_decay,
                                  initial_state, need_state)
@@ -118,14 +113,10 @@ def _packed_generic(where, phi_q, phi_k, feature_map, v, cu_seqlens, causal, nor
         sequences, m = state_rows.shape
         # The state rows' sums are the rows of [S | z] at each sequence's end.
         final = sums.index_select(2, state_rows.flatten()).reshape(heads, sequences, m, dv + 1).transpose(0, 1)
-        state = (final[..., :dv], final[..., dv])
+        state = _ops.split_state(final)
         sums = sums.index_select(2, real)
     numerator, denominator = sums[..., :-1], sums[..., -1:]
-    if not normalize:
-        return numerator, state
-    denominator = denominator + eps
-    vanished = denominator.abs() < torch.finfo(acc).tiny  # as the kernels: such rows are 0
-    return torch.where(vanished, numerator * 0, numerator / torch.where(vanished, 1, denominator)), state
+    return (normalized_rows(numerator, denominator, eps) if normalize else numerator), state
 
 
 def _with_state_rows(phi_q, phi_k, values, fading, ids, cu_seqlens, initial_state):
@@ -149,9 +140,9 @@ def _with_state_rows(phi_q, phi_k, values, fading, ids, cu_seqlens, initial_stat
     one_hot = torch.eye(m, dtype=phi_q.dtype, device=device).repeat(sequences, 1).expand(1, heads, sequences * m, m)
     if initial_state is None:
         start_values = values.new_zeros(1, heads, sequences * m, width)
-    else:  # (N, H, m, dv) and (N, H, m) -> (1, H, N·m, dv + 1), rows in key_rows' order
-        start = torch.cat([initial_state[0].to(values.dtype), initial_state[1].to(values.dtype).unsqueeze(-1)], -1)
-        start_values = start.transpose(0, 1).reshape(1, heads, sequences * m, width)
+    else:  # (N, H, m, dv + 1) -> (1, H, N·m, dv + 1), rows in key_rows' order
+        start_values = _ops.augmented_state(initial_state, values.dtype).transpose(0, 1).reshape(
+            1, heads, sequences * m, width)
 
     def place(shape, dim, *parts):
         out = phi_q.new_zeros(shape) if len(shape) > 1 else ids.new_zeros(shape)
