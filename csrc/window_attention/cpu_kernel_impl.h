@@ -50,8 +50,31 @@ struct KeyGroups {
 
 // The first key when the group is one run of consecutive keys (a window's block, a band), else
 // −1: per-pair loops then index rows directly, which vectorizes, instead of through `keys`.
+// Groups hold ascending distinct keys (KeyGroups), so first/last/size identify a run.
 inline int64_t run_start(const std::vector<int64_t>& keys) {
   return !keys.empty() && keys.back() - keys.front() + 1 == static_cast<int64_t>(keys.size()) ? keys.front() : -1;
+}
+
+// vr[c] stays visible only where the key's per-token value equals id (segment ids); on a run
+// (first >= 0) the values are read in place.
+inline void keep_equal(unsigned char* vr, const int64_t* values, int64_t id, const int64_t* key, int64_t n,
+                       int64_t first) {
+  if (first >= 0) {
+    const int64_t* run = values + first;
+    for (int64_t c = 0; c < n; ++c) vr[c] &= static_cast<unsigned char>(run[c] == id);
+  } else {
+    for (int64_t c = 0; c < n; ++c) vr[c] = vr[c] && values[key[c]] == id;
+  }
+}
+
+// vr[c] stays visible only where the key is not padded.
+inline void keep_unpadded(unsigned char* vr, const bool* padded, const int64_t* key, int64_t n, int64_t first) {
+  if (first >= 0) {
+    const bool* run = padded + first;
+    for (int64_t c = 0; c < n; ++c) vr[c] &= static_cast<unsigned char>(!run[c]);
+  } else {
+    for (int64_t c = 0; c < n; ++c) vr[c] = vr[c] && !padded[key[c]];
+  }
 }
 
 // Sliding window + dilation + Longformer global tokens + key padding + segments.
@@ -100,6 +123,7 @@ struct WindowPattern {
                   unsigned char* vis, int64_t ld) const {
     const int64_t n = static_cast<int64_t>(keys.size());
     const int64_t* key = keys.data();
+    const int64_t first = run_start(keys);
     const int64_t offset = s.k_len - s.q_len;
     for (int64_t r = 0; r < L; ++r) {
       const int64_t a = i0 + r + offset;  // the query's aligned key position
@@ -114,14 +138,10 @@ struct WindowPattern {
         const bool row_global = g[i0 + r];
         for (int64_t c = 0; c < n; ++c) vr[c] = vr[c] || row_global || g[key[c]];
       }
-      if (padding) {
-        const bool* p = padding + bi * s.k_len;
-        for (int64_t c = 0; c < n; ++c) vr[c] = vr[c] && !p[key[c]];
-      }
+      if (padding) keep_unpadded(vr, padding + bi * s.k_len, key, n, first);
       if (segments) {  // T_q == T_k
         const int64_t* seg = segments + bi * s.k_len;
-        const int64_t id = seg[i0 + r];
-        for (int64_t c = 0; c < n; ++c) vr[c] = vr[c] && seg[key[c]] == id;
+        keep_equal(vr, seg, seg[i0 + r], key, n, first);
       }
     }
   }
@@ -206,19 +226,8 @@ struct BlockPattern {
       } else {
         std::copy(lay, lay + n, vr);
       }
-      if (qseg) {
-        const int64_t id = qseg[i];
-        if (first >= 0) {
-          const int64_t* ks = kseg + first;
-          for (int64_t c = 0; c < n; ++c) vr[c] &= static_cast<unsigned char>(ks[c] == id);
-        } else {
-          for (int64_t c = 0; c < n; ++c) vr[c] = vr[c] && kseg[key[c]] == id;
-        }
-      }
-      if (padding) {
-        const bool* p = padding + bi * s.k_len;
-        for (int64_t c = 0; c < n; ++c) vr[c] = vr[c] && !p[key[c]];
-      }
+      if (qseg) keep_equal(vr, kseg, qseg[i], key, n, first);
+      if (padding) keep_unpadded(vr, padding + bi * s.k_len, key, n, first);
     }
   }
 
