@@ -2,6 +2,8 @@
 a CUDA toolkit and a CUDA build of torch are present (no GPU needed to compile)."""
 import glob
 import os
+import shutil
+import subprocess
 
 from setuptools import setup
 
@@ -13,6 +15,34 @@ except ImportError:  # an isolated build (pip without --no-build-isolation, pyth
         "install torch first, then build with `pip install --no-build-isolation .` (or `-e .`). A build in "
         "an isolated environment would download another torch and build an extension that cannot load."
     )
+
+
+def locate_cuda_toolkit():
+    """Points CUDA_HOME at the toolkit whose nvcc is on the PATH, when the PATH holds a wrapper
+    script (as /usr/local/bin/nvcc here): torch would take the wrapper's parent folder
+    (/usr/local), which has no CUDA headers for the host compiler. nvcc itself reports its root
+    (`--dryrun` prints TOP=... for any compile)."""
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
+        return
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        return
+    guess = os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
+    if os.path.exists(os.path.join(guess, "include", "cuda_runtime_api.h")):
+        return
+    try:
+        report = subprocess.run([nvcc, "--dryrun", "-x", "cu", "-E", os.devnull], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return
+    for line in (report.stdout + report.stderr).splitlines():
+        if line.startswith("#$ TOP="):
+            top = os.path.normpath(line.split("=", 1)[1].strip())
+            if os.path.exists(os.path.join(top, "include", "cuda_runtime_api.h")):
+                os.environ["CUDA_HOME"] = top
+            return
+
+
+locate_cuda_toolkit()
 import torch.utils.cpp_extension as cpp_extension
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
@@ -48,8 +78,10 @@ def extension():
         sanitize = ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined", "-fno-omit-frame-pointer", "-g"]
         cxx_flags = [f for f in cxx_flags if f != "-O3"] + ["-O1"] + sanitize
         link_flags += sanitize
-    cpp_sources = sources("*.cpp")
-    cuda_sources = sources("*.cu")
+    # CUDA-only sources: the kernels (*.cu) and the host code that launches them (*cuda*.cpp,
+    # which includes CUDA headers); everything else builds everywhere.
+    cuda_sources = sources("*.cu") + sources("*cuda*.cpp")
+    cpp_sources = [s for s in sources("*.cpp") if s not in cuda_sources]
     want_cuda = os.environ.get("LINATTN_BUILD_CUDA", "auto") != "0"
     if cuda_sources and want_cuda and torch.version.cuda is not None and CUDA_HOME is not None:
         if not torch.cuda.is_available():

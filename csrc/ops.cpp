@@ -31,6 +31,19 @@ TORCH_LIBRARY(linattn, m) {
       "Tensor out, Tensor normalizer, Tensor? initial_state, Tensor? key_padding_mask, "
       "int feature_map, bool causal, bool normalize) -> "
       "(Tensor grad_q, Tensor grad_k, Tensor grad_v, Tensor grad_initial_state)");
+  // The fused kernels of the CUDA backend (linear_attention/fused_scan.h), same contract as
+  // linear_attn_fwd / linear_attn_bwd. CUDA tensors run them on the GPU; CPU tensors run the
+  // same block program in an emulation of the thread block (what the CPU tests check).
+  // linattn.set_cuda_backend chooses between them and the generic path for CUDA tensors.
+  m.def(
+      "linear_attn_fwd_fused(Tensor q, Tensor k, Tensor v, Tensor? initial_state, "
+      "Tensor? key_padding_mask, int feature_map, bool causal, bool normalize, float eps) -> "
+      "(Tensor out, Tensor final_state, Tensor normalizer)");
+  m.def(
+      "linear_attn_bwd_fused(Tensor grad_out, Tensor? grad_final_state, Tensor q, Tensor k, Tensor v, "
+      "Tensor out, Tensor normalizer, Tensor? initial_state, Tensor? key_padding_mask, "
+      "int feature_map, bool causal, bool normalize) -> "
+      "(Tensor grad_q, Tensor grad_k, Tensor grad_v, Tensor grad_initial_state)");
   // Causal linear attention with a fading state (METHODS.md §1, decay and gates): before token
   // i joins, the state is multiplied by exp(log_decay[b, h, i]) <= 1 (log γ of a per-head
   // decay, or a log-gate). log_decay (B, H, T) in the accumulation dtype. The backward's

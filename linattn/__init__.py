@@ -25,6 +25,7 @@ except ImportError as error:  # pragma: no cover - depends on how the package wa
     ) from error
 
 from . import _ops  # noqa: E402,F401  (fake kernels and autograd for the operators)
+from ._ops import cuda_backend, set_cuda_backend  # noqa: E402
 from . import reference  # noqa: E402
 from .feature_maps import elu_feature_map, favor_features, random_features, relu_feature_map  # noqa: E402
 from .functional import efficient_attention, linear_attention, performer_attention  # noqa: E402
@@ -40,5 +41,6 @@ from .swap import swap_attention  # noqa: E402
 __all__ = [
     "linear_attention", "linear_attention_step", "performer_attention", "efficient_attention", "sliding_window_attention", "window_mask",
     "block_sparse_attention", "block_local_layout", "window_attention", "shifted_window_attention", "lsh_attention", "additive_attention", "bigbird_layout", "layout_mask", "random_features", "favor_features",
-    "elu_feature_map", "relu_feature_map", "nn", "distributed", "hf", "swap_attention", "reference", "__version__",
+    "elu_feature_map", "relu_feature_map", "nn", "distributed", "hf", "swap_attention", "reference",
+    "set_cuda_backend", "cuda_backend", "__version__",
 ]

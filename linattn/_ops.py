@@ -7,14 +7,46 @@ Everything here is registered once, at import, for both the main operators and t
 its own name so tests can exercise it on CPU).
 """
 import contextlib
+import os
 
 import torch
 
 _FORWARD_NAMES = {False: "linear_attn_fwd", True: "linear_attn_fwd_generic"}
 _BACKWARD_NAMES = {False: "linear_attn_bwd", True: "linear_attn_bwd_generic"}
+# The fused kernels of the CUDA backend (csrc/linear_attention/fused_scan.h); on CPU tensors the
+# same operators run an emulation of their thread blocks.
+_FUSED_FORWARD, _FUSED_BACKWARD = "linear_attn_fwd_fused", "linear_attn_bwd_fused"
+_CUDA_BACKENDS = ("generic", "fused")
 _WINDOW_FORWARD_NAMES = {False: "sliding_window_attn_fwd", True: "sliding_window_attn_fwd_generic"}
 _WINDOW_BACKWARD_NAMES = {False: "sliding_window_attn_bwd", True: "sliding_window_attn_bwd_generic"}
 _use_generic = False
+_use_fused = False  # tests: every device through the fused operators
+
+
+def _backend_from_environment() -> str:
+    name = os.environ.get("LINATTN_CUDA_BACKEND", "generic")
+    if name not in _CUDA_BACKENDS:
+        raise ValueError(f"linattn: LINATTN_CUDA_BACKEND must be one of {_CUDA_BACKENDS}, got {name!r}")
+    return name
+
+
+_cuda_backend = _backend_from_environment()
+
+
+def set_cuda_backend(name: str) -> None:
+    """Choose how CUDA tensors run linear attention (no decay, no packed sequences):
+    "generic" (the default: batched ATen ops, verified on GPUs as the README says) or "fused"
+    (linattn's fused CUDA kernels; opt-in until they have passed the test suite on real
+    hardware, see the README). Also set by the environment variable LINATTN_CUDA_BACKEND."""
+    global _cuda_backend
+    if name not in _CUDA_BACKENDS:
+        raise ValueError(f"linattn.set_cuda_backend: name must be one of {_CUDA_BACKENDS}, got {name!r}")
+    _cuda_backend = name
+
+
+def cuda_backend() -> str:
+    """The CUDA backend in use: "generic" or "fused" (see set_cuda_backend)."""
+    return _cuda_backend
 
 
 def augmented_state(state, dtype: torch.dtype) -> torch.Tensor:
@@ -43,12 +75,24 @@ def generic_implementation(enabled: bool = True):
         _use_generic = previous
 
 
+@contextlib.contextmanager
+def fused_implementation(enabled: bool = True):
+    """Route linattn.linear_attention to the fused operators on every device (tests only: on
+    CPU tensors they emulate the CUDA kernels' thread blocks)."""
+    global _use_fused
+    previous, _use_fused = _use_fused, enabled
+    try:
+        yield
+    finally:
+        _use_fused = previous
+
+
 def generic_in_use() -> bool:
     """Whether generic_implementation() routes calls to the device-generic path (tests)."""
     return _use_generic
 
 
-def linear_attn_fwd():
+def linear_attn_fwd(device_type: str = "cpu"):
     if torch.onnx.is_in_onnx_export():
         if not torch.compiler.is_exporting():
             # The legacy exporter traces with TorchScript, which records the op itself rather than
@@ -60,6 +104,8 @@ def linear_attn_fwd():
             )
         # The dynamo exporter translates standard ATen ops: this twin decomposes into them.
         return torch.ops.linattn.linear_attn_fwd_decomposed.default
+    if _use_fused or (device_type == "cuda" and _cuda_backend == "fused" and not _use_generic):
+        return getattr(torch.ops.linattn, _FUSED_FORWARD).default
     return getattr(torch.ops.linattn, _FORWARD_NAMES[_use_generic]).default
 
 
@@ -72,9 +118,9 @@ def block_sparse_attn_fwd():
         torch.ops.linattn.block_sparse_attn_fwd.default
 
 
-def _register(generic: bool) -> None:
-    forward_name = f"linattn::{_FORWARD_NAMES[generic]}"
-    backward_op = getattr(torch.ops.linattn, _BACKWARD_NAMES[generic]).default
+def _register(forward: str, backward_name: str) -> None:
+    forward_name = f"linattn::{forward}"
+    backward_op = getattr(torch.ops.linattn, backward_name).default
 
     def setup_context(ctx, inputs, output):
         q, k, v, initial_state, key_padding_mask, feature_map, causal, normalize, _eps = inputs
@@ -98,7 +144,7 @@ def _register(generic: bool) -> None:
     # The backward operator has no derivative of its own: a second derivative through it
     # (create_graph=True, then differentiating the gradients) raises instead of returning zeros.
     torch.library.register_autograd(
-        f"linattn::{_BACKWARD_NAMES[generic]}", _no_double_backward, setup_context=_no_context
+        f"linattn::{backward_name}", _no_double_backward, setup_context=_no_context
     )
 
 
@@ -282,8 +328,9 @@ def _register_varlen() -> None:
                                     setup_context=_no_context)
 
 
-_register(generic=False)
-_register(generic=True)
+for _generic in (False, True):
+    _register(_FORWARD_NAMES[_generic], _BACKWARD_NAMES[_generic])
+_register(_FUSED_FORWARD, _FUSED_BACKWARD)
 _register_decayed()
 _register_step()
 _register_varlen()

@@ -112,7 +112,7 @@ def linear_attention(
             phi_q, phi_k, v, log_decay, initial, key_padding_mask, code, normalize, float(eps)
         )
     else:
-        out, final_state, _ = _ops.linear_attn_fwd()(
+        out, final_state, _ = _ops.linear_attn_fwd(q.device.type)(
             phi_q, phi_k, v, initial, key_padding_mask, code, causal, normalize, float(eps)
         )
     if not output_final_state:

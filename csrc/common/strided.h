@@ -2,6 +2,8 @@
 // so transposed (B, T, H, D) views need no copy (common/row_loader.h reads them).
 #pragma once
 
+#include "host_device.h"
+
 #include <cstdint>
 
 namespace linattn {
@@ -12,12 +14,12 @@ struct Strided4 {
   T* data = nullptr;
   int64_t stride[4] = {0, 0, 0, 0};
 
-  T* row(int64_t b, int64_t h, int64_t t) const {
+  LINATTN_HD T* row(int64_t b, int64_t h, int64_t t) const {
     return data + b * stride[0] + h * stride[1] + t * stride[2];
   }
 
   // The same view starting at row t (one sequence of a packed batch).
-  Strided4 from_row(int64_t t) const {
+  LINATTN_HD Strided4 from_row(int64_t t) const {
     Strided4 view = *this;
     view.data += t * stride[2];
     return view;

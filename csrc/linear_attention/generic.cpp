@@ -3,6 +3,7 @@
 // a correct implementation without a fused kernel. It is registered as the
 // CompositeExplicitAutograd kernel of the main operators, and under the *_generic names so
 // the tests can run it on CPU tensors.
+#include "generic.h"
 #include "op_checks.h"
 
 #include <ATen/ATen.h>
@@ -109,6 +110,8 @@ at::Tensor state_or_zeros(const std::optional<at::Tensor>& state, const LinearAt
   return at::zeros({s.batch, s.heads, s.feature_dim, s.value_dim + 1}, options);
 }
 
+}  // namespace
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_generic(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const std::optional<at::Tensor>& initial_state, const std::optional<at::Tensor>& key_padding_mask,
@@ -192,7 +195,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_generic(
           d_initial.contiguous()};
 }
 
-}  // namespace
 
 TORCH_LIBRARY_IMPL(linattn, CompositeExplicitAutograd, m) {
   m.impl("linear_attn_fwd", &forward_generic);

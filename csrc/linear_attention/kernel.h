@@ -8,14 +8,11 @@
 
 #include "../common/cpu_isa.h"
 #include "../common/strided.h"
+#include "feature_map.h"
 
 #include <cstdint>
 
 namespace linattn {
-
-// Feature maps the kernels apply themselves while loading q and k (the op's `feature_map`).
-// Fusing them saves two feature-mapped copies of q and k and their separate passes.
-enum FeatureMap : int64_t { kFeatureIdentity = 0, kFeatureElu = 1, kFeatureRelu = 2 };
 
 struct LinearAttentionShape {
   int64_t batch = 0;

@@ -97,6 +97,8 @@ TORCH_LIBRARY_IMPL(linattn, Meta, m) {
   m.impl("linear_attn_bwd", &backward_meta);
   m.impl("linear_attn_fwd_generic", &forward_meta);
   m.impl("linear_attn_bwd_generic", &backward_meta);
+  m.impl("linear_attn_fwd_fused", &forward_meta);
+  m.impl("linear_attn_bwd_fused", &backward_meta);
   m.impl("linear_attn_varlen_fwd", &varlen_forward_meta);
   m.impl("linear_attn_varlen_bwd", &varlen_backward_meta);
 }

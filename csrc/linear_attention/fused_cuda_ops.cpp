@@ -1,0 +1,71 @@
+// linear_attn_{fwd,bwd}_fused for CUDA tensors: the fused kernels (fused_cuda_kernels.cu) on the
+// tensors' device and current stream. Head dims whose block does not fit in the device's shared
+// memory (fp64 with the largest head dims) take the device-generic path instead.
+// Compiled only in CUDA builds (setup.py: fused_cuda_* sources).
+#include "fused_launch.h"
+#include "fused_plans.h"
+#include "generic.h"
+
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <limits>
+
+namespace linattn {
+namespace {
+
+struct CudaLaunch {
+  cudaStream_t stream;
+  template <typename Problem>
+  void operator()(const Problem& p) const {
+    TORCH_CHECK(p.blocks() <= std::numeric_limits<int32_t>::max(), kLinearAttentionOp,
+                ": batch · heads · value tiles = ", p.blocks(), " exceeds a CUDA grid");
+    fused::launch_scan(p, stream);
+  }
+};
+
+// The shared memory a block may opt in to on the current device (not ATen's device
+// properties: its header pulls in cuBLAS and cuSPARSE, which a minimal toolkit lacks).
+int64_t shared_memory_per_block() {
+  int device = 0, bytes = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  return bytes;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cuda(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const std::optional<at::Tensor>& initial_state, const std::optional<at::Tensor>& key_padding_mask,
+    int64_t feature_map, bool causal, bool normalize, double eps) {
+  const c10::cuda::CUDAGuard guard(q.device());
+  auto result = fused::forward(q, k, v, initial_state, key_padding_mask, feature_map, causal, normalize, eps,
+                               shared_memory_per_block(), CudaLaunch{c10::cuda::getCurrentCUDAStream().stream()});
+  if (result.has_value()) return *result;
+  return forward_generic(q, k, v, initial_state, key_padding_mask, feature_map, causal, normalize, eps);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cuda(
+    const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_final_state,
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& normalizer, const std::optional<at::Tensor>& initial_state,
+    const std::optional<at::Tensor>& key_padding_mask, int64_t feature_map, bool causal,
+    bool normalize) {
+  const c10::cuda::CUDAGuard guard(q.device());
+  auto result = fused::backward(grad_out, grad_final_state, q, k, v, out, normalizer, initial_state,
+                                key_padding_mask, feature_map, causal, normalize, shared_memory_per_block(),
+                                CudaLaunch{c10::cuda::getCurrentCUDAStream().stream()});
+  if (result.has_value()) return *result;
+  return backward_generic(grad_out, grad_final_state, q, k, v, out, normalizer, initial_state,
+                          key_padding_mask, feature_map, causal, normalize);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(linattn, CUDA, m) {
+  m.impl("linear_attn_fwd_fused", &forward_cuda);
+  m.impl("linear_attn_bwd_fused", &backward_cuda);
+}
+
+}  // namespace linattn

@@ -1,0 +1,77 @@
+// The fused CUDA kernels' block program (fused_scan.h) run on the CPU: every block of the grid
+// with its threads emulated one after another between the barriers. Registered as the CPU
+// kernel of linear_attn_{fwd,bwd}_fused, so that the tests check, on any machine, every index,
+// mask and chunk boundary the GPU will execute. Slow by design (one scalar loop per thread).
+#include "fused_plans.h"
+
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <limits>
+#include <vector>
+
+namespace linattn {
+namespace {
+
+// A thread block on the CPU: a phase runs for thread 0, 1, ... in turn; returning from the
+// loop is the barrier.
+struct HostExec {
+  int64_t threads;
+  template <typename Phase>
+  void operator()(const Phase& phase) const {
+    for (int64_t t = 0; t < threads; ++t) phase(t);
+  }
+};
+
+// Shared memory as large as the GPU this emulates (an H100's 227 KiB per block), so the same
+// chunk lengths are chosen.
+constexpr int64_t kEmulatedSharedBytes = 227 * 1024;
+
+struct EmulatedLaunch {
+  template <typename Problem>
+  void operator()(const Problem& p) const {
+    using acc_t = typename Problem::acc_type;
+    at::parallel_for(0, p.blocks(), 1, [&](int64_t begin, int64_t end) {
+      // Shared memory starts as NaN, as garbage would on a GPU: a read before a write shows.
+      std::vector<acc_t> shared(p.shared_elements());
+      for (int64_t block = begin; block < end; ++block) {
+        std::fill(shared.begin(), shared.end(), std::numeric_limits<acc_t>::quiet_NaN());
+        fused::run_scan_block(HostExec{fused::kThreads}, p, block, shared.data());
+      }
+    });
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_emulated(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const std::optional<at::Tensor>& initial_state, const std::optional<at::Tensor>& key_padding_mask,
+    int64_t feature_map, bool causal, bool normalize, double eps) {
+  auto result = fused::forward(q, k, v, initial_state, key_padding_mask, feature_map, causal, normalize,
+                               eps, kEmulatedSharedBytes, EmulatedLaunch{});
+  TORCH_CHECK(result.has_value(), kLinearAttentionOp, ": head dims ", q.size(3), " and ", v.size(3),
+              " need more shared memory than a fused CUDA block has");
+  return *result;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_emulated(
+    const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_final_state,
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& normalizer, const std::optional<at::Tensor>& initial_state,
+    const std::optional<at::Tensor>& key_padding_mask, int64_t feature_map, bool causal,
+    bool normalize) {
+  auto result = fused::backward(grad_out, grad_final_state, q, k, v, out, normalizer, initial_state,
+                                key_padding_mask, feature_map, causal, normalize, kEmulatedSharedBytes,
+                                EmulatedLaunch{});
+  TORCH_CHECK(result.has_value(), kLinearAttentionOp, ": head dims ", q.size(3), " and ", v.size(3),
+              " need more shared memory than a fused CUDA block has");
+  return *result;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(linattn, CPU, m) {
+  m.impl("linear_attn_fwd_fused", &forward_emulated);
+  m.impl("linear_attn_bwd_fused", &backward_emulated);
+}
+
+}  // namespace linattn

@@ -1,0 +1,186 @@
+// The fused linear attention operators' host side, shared by the CUDA kernels
+// (fused_cuda_ops.cpp) and their CPU emulation (fused_emulated.cpp): check the inputs, allocate
+// the outputs and describe each pass as a ScanProblem (fused_scan.h); `launch(problem)` runs
+// it on the device at hand. The forward is one pass; the backward three (dq; dk; dv and the
+// initial state's gradient), each reading the inputs again rather than saved chunk states.
+#pragma once
+
+#include "fused_scan.h"
+#include "kernel.h"
+#include "op_checks.h"
+#include "../common/tensor_views.h"
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+
+#include <optional>
+#include <tuple>
+
+namespace linattn {
+namespace fused {
+
+constexpr int64_t kTile = 32;      // V columns per block
+
+// The longest chunk (32, 16 or 8 rows) whose shared memory fits in max_bytes; false if none.
+template <typename scalar_t, typename acc_t>
+bool fit_chunk(ScanProblem<scalar_t, acc_t>& p, int64_t max_bytes) {
+  for (const int64_t chunk : {32, 16, 8}) {
+    p.chunk = chunk;
+    if (p.shared_elements() * static_cast<int64_t>(sizeof(acc_t)) <= max_bytes) return true;
+  }
+  return false;
+}
+
+// A (B, H, m, dv + 1) contiguous state, as is or transposed (rows = the augmented columns).
+template <typename T>
+StateView<T> state_view(T* data, const LinearAttentionShape& s, bool transposed) {
+  StateView<T> view;
+  view.data = data;
+  view.bh_stride = s.feature_dim * (s.value_dim + 1);
+  view.row_stride = transposed ? 1 : s.value_dim + 1;
+  view.col_stride = transposed ? s.value_dim + 1 : 1;
+  return view;
+}
+
+template <typename scalar_t, typename acc_t>
+ScanProblem<scalar_t, acc_t> problem_of(const LinearAttentionShape& s, const at::Tensor& q,
+                                        const at::Tensor& k, const at::Tensor& v, const bool* mask) {
+  ScanProblem<scalar_t, acc_t> p;
+  p.batch = s.batch;
+  p.heads = s.heads;
+  p.q_len = s.q_len;
+  p.k_len = s.k_len;
+  p.feature_dim = s.feature_dim;
+  p.value_dim = s.value_dim;
+  p.feature_map = static_cast<int>(s.feature_map);
+  p.normalize = s.normalize;
+  p.eps = static_cast<acc_t>(s.eps);
+  p.causal = s.causal;
+  p.tile = kTile;
+  p.q = view_of<scalar_t>(q);
+  p.k = view_of<scalar_t>(k);
+  p.v = view_of<scalar_t>(v);
+  p.key_padding = mask;
+  return p;
+}
+
+template <typename T>
+const T* data_or_null(const at::Tensor& t) {
+  return t.defined() ? t.const_data_ptr<T>() : nullptr;
+}
+
+template <typename Launch>
+std::optional<std::tuple<at::Tensor, at::Tensor, at::Tensor>> forward(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const std::optional<at::Tensor>& initial_state, const std::optional<at::Tensor>& key_padding_mask,
+    int64_t feature_map, bool causal, bool normalize, double eps, int64_t max_shared_bytes,
+    const Launch& launch) {
+  check_forward_inputs(q, k, v, initial_state, key_padding_mask, feature_map, causal, eps);
+  const LinearAttentionShape s = kernel_shape(q, k, v, feature_map, causal, normalize, eps);
+  const auto acc = q.options().dtype(accumulate_type(q.scalar_type()));
+  auto out = at::empty({s.batch, s.heads, s.q_len, s.value_dim}, q.options());
+  auto final_state = at::empty({s.batch, s.heads, s.feature_dim, s.value_dim + 1}, acc);
+  auto normalizer = at::empty({s.batch, s.heads, s.q_len}, acc);
+  const at::Tensor initial = initial_state.has_value() ? initial_state->contiguous() : at::Tensor();
+  const at::Tensor mask = key_padding_mask.has_value() ? key_padding_mask->contiguous() : at::Tensor();
+  bool fits = true;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "linear_attn_fwd_fused", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    auto p = problem_of<scalar_t, acc_t>(s, q, k, v, data_or_null<bool>(mask));
+    p.p_rows = Rows::kQueryFeatures;
+    p.k_rows = Rows::kKeyFeatures;
+    p.v_rows = Rows::kAugmentedValues;
+    p.reduction = s.feature_dim;
+    p.v_cols = s.value_dim;
+    p.extra_column = true;  // the normalizer column: every tile normalizes its own rows
+    p.state_in = state_view<const acc_t>(data_or_null<acc_t>(initial), s, false);
+    p.state_out = state_view<acc_t>(final_state.data_ptr<acc_t>(), s, false);
+    p.epilogue = Epilogue::kOutput;
+    p.out = out.data_ptr<scalar_t>();
+    p.normalizer = normalizer.data_ptr<acc_t>();
+    fits = fit_chunk(p, max_shared_bytes);
+    if (fits) launch(p);
+  });
+  if (!fits) return std::nullopt;
+  return std::make_tuple(out, final_state, normalizer);
+}
+
+template <typename Launch>
+std::optional<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>> backward(
+    const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_final_state,
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& normalizer, const std::optional<at::Tensor>& initial_state,
+    const std::optional<at::Tensor>& key_padding_mask, int64_t feature_map, bool causal,
+    bool normalize, int64_t max_shared_bytes, const Launch& launch) {
+  check_backward_inputs(grad_out, grad_final_state, q, k, v, out, normalizer, initial_state,
+                        key_padding_mask, feature_map, causal);
+  const LinearAttentionShape s = kernel_shape(q, k, v, feature_map, causal, normalize, 1.0);
+  const auto acc = q.options().dtype(accumulate_type(q.scalar_type()));
+  auto grad_q = at::empty({s.batch, s.heads, s.q_len, s.feature_dim}, q.options());
+  auto grad_k = at::empty({s.batch, s.heads, s.k_len, s.feature_dim}, q.options());
+  auto grad_v = at::empty({s.batch, s.heads, s.k_len, s.value_dim}, q.options());
+  auto grad_initial = at::empty({s.batch, s.heads, s.feature_dim, s.value_dim + 1}, acc);
+  const at::Tensor initial = initial_state.has_value() ? initial_state->contiguous() : at::Tensor();
+  const at::Tensor grad_final = grad_final_state.has_value() ? grad_final_state->contiguous() : at::Tensor();
+  const at::Tensor mask = key_padding_mask.has_value() ? key_padding_mask->contiguous() : at::Tensor();
+  const at::Tensor den = normalizer.contiguous();
+  bool fits = true;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "linear_attn_bwd_fused", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    auto base = problem_of<scalar_t, acc_t>(s, q, k, v, data_or_null<bool>(mask));
+    base.grad_out = view_of<scalar_t>(grad_out);
+    base.out_saved = view_of<scalar_t>(out);
+    base.normalizer_saved = den.const_data_ptr<acc_t>();
+    const auto S0 = data_or_null<acc_t>(initial);
+    const auto dSN = data_or_null<acc_t>(grad_final);
+
+    // dq_i = G'_i (S0 + Σ_{j<=i} φ(k_j) [v_j | 1]ᵀ)ᵀ, times φ'(q_i).
+    auto dq = base;
+    dq.p_rows = Rows::kAugmentedCotangent;
+    dq.k_rows = Rows::kAugmentedValues;
+    dq.v_rows = Rows::kKeyFeatures;
+    dq.reduction = s.value_dim + 1;
+    dq.v_cols = s.feature_dim;
+    dq.state_in = state_view<const acc_t>(S0, s, true);
+    dq.epilogue = Epilogue::kGradQuery;
+    dq.out = grad_q.data_ptr<scalar_t>();
+
+    // dk_j = [v_j | 1] (dS_N + Σ_{i>=j} φ(q_i) G'_iᵀ)ᵀ, times φ'(k_j).
+    auto dk = base;
+    dk.p_rows = Rows::kAugmentedValues;
+    dk.k_rows = Rows::kAugmentedCotangent;
+    dk.v_rows = Rows::kQueryFeatures;
+    dk.reduction = s.value_dim + 1;
+    dk.v_cols = s.feature_dim;
+    dk.reverse = true;
+    dk.state_in = state_view<const acc_t>(dSN, s, true);
+    dk.epilogue = Epilogue::kGradKey;
+    dk.out = grad_k.data_ptr<scalar_t>();
+
+    // dv_j = φ(k_j)ᵀ (dS_N + Σ_{i>=j} φ(q_i) G'_iᵀ); the sum over every row is dS0.
+    auto dv = base;
+    dv.p_rows = Rows::kKeyFeatures;
+    dv.k_rows = Rows::kQueryFeatures;
+    dv.v_rows = Rows::kAugmentedCotangent;
+    dv.reduction = s.feature_dim;
+    dv.v_cols = s.value_dim;
+    dv.extra_column = true;  // the normalizer column of dS0
+    dv.reverse = true;
+    dv.state_in = state_view<const acc_t>(dSN, s, false);
+    dv.state_out = state_view<acc_t>(grad_initial.data_ptr<acc_t>(), s, false);
+    dv.epilogue = Epilogue::kGradValue;
+    dv.out = grad_v.data_ptr<scalar_t>();
+
+    fits = fit_chunk(dq, max_shared_bytes) && fit_chunk(dk, max_shared_bytes) && fit_chunk(dv, max_shared_bytes);
+    if (!fits) return;
+    launch(dq);
+    launch(dk);
+    launch(dv);
+  });
+  if (!fits) return std::nullopt;
+  return std::make_tuple(grad_q, grad_k, grad_v, grad_initial);
+}
+
+}  // namespace fused
+}  // namespace linattn
