@@ -103,18 +103,21 @@ def extension():
     )
 
 
-def write_build_info():
+def write_build_info(cuda_kernels):
     with open(BUILD_INFO, "w") as f:
         f.write(
             "# Written by setup.py when the extension was built; not tracked by git.\n"
             f"TORCH_VERSION = {torch.__version__!r}\n"
             f"TORCH_CUDA_VERSION = {torch.version.cuda!r}\n"
+            "# Whether the fused CUDA kernels were compiled in (a CUDA torch and toolkit were present).\n"
+            f"CUDA_KERNELS = {cuda_kernels!r}\n"
         )
 
 
-write_build_info()
+EXTENSION = extension()
+write_build_info(cuda_kernels=any(source.endswith(".cu") for source in EXTENSION.sources))
 setup(
-    ext_modules=[extension()],
+    ext_modules=[EXTENSION],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     options={"bdist_wheel": {"py_limited_api": "cp310"}} if PY_LIMITED_API else {},
 )

@@ -34,4 +34,4 @@ cd "$BUILD"
   "$ROOT"/tests/test_block_sparse_attention.py "$ROOT"/tests/test_swin_attention.py \
   "$ROOT"/tests/test_lsh_attention.py "$ROOT"/tests/test_sequence_parallel.py \
   "$ROOT"/tests/test_decayed_linear_attention.py "$ROOT"/tests/test_varlen.py "$ROOT"/tests/test_recurrent_step.py \
-  "$ROOT"/tests/test_fuzz.py -k "not swin_swap_models" "$@"
+  "$ROOT"/tests/test_fused_kernels.py "$ROOT"/tests/test_fuzz.py -k "not swin_swap_models" "$@"

@@ -1,3 +1,5 @@
+import contextlib
+
 import pytest
 import torch
 
@@ -8,11 +10,30 @@ from linattn import _ops
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 5e-3}
 
 
+# The implementations of linear attention: the CPU kernel, the device-generic ATen path (what
+# CUDA tensors run by default) and the fused CUDA kernels' block program (on CPU tensors, an
+# emulation of their thread blocks; linattn.set_cuda_backend("fused") on a GPU).
+LINEAR_IMPLEMENTATIONS = ("cpu_kernel", "generic", "fused")
+
+
+@contextlib.contextmanager
+def use_implementation(name):
+    with _ops.generic_implementation(name == "generic"), _ops.fused_implementation(name == "fused"):
+        yield
+
+
 @pytest.fixture(params=["cpu_kernel", "generic"])
 def implementation(request):
     """Runs a test once through the fused CPU kernel and once through the device-generic
     ATen implementation that CUDA tensors execute."""
-    with _ops.generic_implementation(request.param == "generic"):
+    with use_implementation(request.param):
+        yield request.param
+
+
+@pytest.fixture(params=LINEAR_IMPLEMENTATIONS)
+def linear_implementation(request):
+    """As `implementation`, plus the fused CUDA kernels' block program (linear attention)."""
+    with use_implementation(request.param):
         yield request.param
 
 

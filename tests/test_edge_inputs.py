@@ -129,7 +129,7 @@ def _sanitized(t, index, value=0.0):
 
 @pytest.mark.parametrize("bad", [math.inf, -math.inf, math.nan])
 @pytest.mark.parametrize("position", [0, 5, 63, 64, 99])
-def test_causal_non_finite_value_reaches_only_later_rows(bad, position, implementation):
+def test_causal_non_finite_value_reaches_only_later_rows(bad, position, linear_implementation):
     q, k, v = qkv(B=1, H=2, T=100, D=8, dv=6)
     v_bad = _sanitized(v, (0, 1, position, 2), bad)
     out = linattn.linear_attention(q, k, v_bad, causal=True)
@@ -147,7 +147,7 @@ def test_causal_non_finite_value_reaches_only_later_rows(bad, position, implemen
 
 @pytest.mark.parametrize("where", ["q", "k", "v"])
 @pytest.mark.parametrize("position", [3, 63, 64, 70])
-def test_causal_backward_keeps_non_finite_inputs_to_the_rows_that_see_them(where, position, implementation):
+def test_causal_backward_keeps_non_finite_inputs_to_the_rows_that_see_them(where, position, linear_implementation):
     """A NaN in row `position` of q, k or v, with a loss on every row that cannot see it: the
     gradients of the positions that do not interact with it equal those of a finite input."""
     q, k, v = qkv(B=1, H=1, T=100, D=8, dv=6)
@@ -184,7 +184,7 @@ def test_causal_backward_keeps_non_finite_inputs_to_the_rows_that_see_them(where
 
 
 @pytest.mark.parametrize("causal", [False, True])
-def test_padded_key_with_non_finite_value_is_excluded(causal, implementation):
+def test_padded_key_with_non_finite_value_is_excluded(causal, linear_implementation):
     q, k, v = qkv(B=2, H=2, T=70, D=8, dv=5, requires_grad=False)
     mask = torch.zeros(2, 70, dtype=torch.bool)
     mask[0, 10] = mask[1, 69] = True
@@ -265,7 +265,7 @@ def test_elu_feature_map_gradient_is_exp():
 # --- item: eps > 0, and a normalizer of exactly 0 gives 0 -------------------------------------
 
 @pytest.mark.parametrize("causal", [False, True])
-def test_vanishing_normalizer_gives_zero_output_and_gradients(causal, implementation):
+def test_vanishing_normalizer_gives_zero_output_and_gradients(causal, linear_implementation):
     q, k, v = qkv(B=1, H=1, T=20, D=4, requires_grad=False)
     q = -q.abs() - 0.1  # relu(q) = 0: these queries match no key
     q[0, 0, ::2] = q[0, 0, ::2].abs()  # every other query matches some keys
@@ -295,7 +295,7 @@ def test_eps_must_be_positive_and_finite(eps):
 # --- item: second derivatives raise -----------------------------------------------------------
 
 @pytest.mark.parametrize("causal", [False, True])
-def test_double_backward_raises(causal, implementation):
+def test_double_backward_raises(causal, linear_implementation):
     q, k, v = qkv(requires_grad=True)
     out = linattn.linear_attention(q, k, v, causal=causal)
     (grad_q,) = torch.autograd.grad(out.square().sum(), q, create_graph=True)
@@ -333,7 +333,7 @@ def test_random_features_refuses_non_int_sizes(args):
 
 @pytest.mark.parametrize("normalize", [True, False])
 @pytest.mark.parametrize("causal", [False, True])
-def test_zero_width_values_and_features(causal, normalize, implementation):
+def test_zero_width_values_and_features(causal, normalize, linear_implementation):
     q, k, _ = qkv(requires_grad=True)
     v = torch.randn(2, 2, 10, 0, requires_grad=True)
     out = linattn.linear_attention(q, k, v, causal=causal, normalize=normalize)
@@ -345,7 +345,7 @@ def test_zero_width_values_and_features(causal, normalize, implementation):
     assert (out == 0).all()  # no features: every normalizer is eps and every numerator 0
 
 
-def test_empty_batch_in_functional_ops(implementation):
+def test_empty_batch_in_functional_ops(linear_implementation):
     q = torch.randn(0, 2, 5, 4, requires_grad=True)
     out = linattn.linear_attention(q, q, q, causal=True)
     assert out.shape == (0, 2, 5, 4)

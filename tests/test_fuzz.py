@@ -19,7 +19,7 @@ import torch
 
 import linattn
 from linattn import _ops, reference
-from conftest import TOLERANCE, relative_error
+from conftest import LINEAR_IMPLEMENTATIONS, TOLERANCE, relative_error, use_implementation
 
 hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
@@ -76,7 +76,7 @@ def cases(draw):
         bad=[(draw(st.sampled_from("qkv")), draw(st.floats(0, 1)), draw(st.sampled_from([math.nan, math.inf, -math.inf])))
              for _ in range(draw(st.sampled_from([0, 0, 0, 1, 2])))],
         seed=draw(st.integers(0, 2**16)),
-        generic=draw(st.booleans()),
+        implementation=draw(st.sampled_from(LINEAR_IMPLEMENTATIONS)),
     )
 
 
@@ -159,7 +159,7 @@ def test_linear_attention_equals_reference_or_raises(c):
     (q, k, v), mask, state = _inputs(c)
     options = dict(causal=c["causal"], feature_map=c["feature_map"], normalize=c["normalize"], eps=c["eps"],
                    key_padding_mask=mask)
-    with _ops.generic_implementation(c["generic"]):
+    with use_implementation(c["implementation"]):
         out, (S, z) = linattn.linear_attention(q, k, v, initial_state=state, output_final_state=True, **options)
     expected, (S_ref, z_ref) = reference.linear_attention(q, k, v, initial_state=state, **options)
     assert out.dtype == q.dtype and out.shape == expected.shape
@@ -184,7 +184,7 @@ def test_linear_attention_equals_reference_or_raises(c):
     leaves = [t.detach().requires_grad_() for t in (q, k, v)]
     g = torch.Generator().manual_seed(c["seed"] + 1)
     cotangent = torch.randn(expected.shape, generator=g, dtype=torch.float64)
-    with _ops.generic_implementation(c["generic"]):
+    with use_implementation(c["implementation"]):
         got = linattn.linear_attention(*leaves, initial_state=state, **options)
     grads = torch.autograd.grad((got.double() * cotangent).sum(), leaves)
     ref_leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]

@@ -48,7 +48,7 @@ def check_against_reference(q, k, v, tol, initial_state=None, **options):
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("T", [1, 2, 63, 64, 65, 1000])
 @pytest.mark.parametrize("D", [16, 60, 64, 128])
-def test_float32_sizes(implementation, causal, T, D):
+def test_float32_sizes(linear_implementation, causal, T, D):
     B, H = (2, 3) if T < 1000 else (1, 1)  # batch·heads above and below the core count
     q, k, v = make_inputs(B, H, T, T, D, D)
     check_against_reference(q, k, v, TOLERANCE[torch.float32], causal=causal)
@@ -56,7 +56,7 @@ def test_float32_sizes(implementation, causal, T, D):
 
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
-def test_dtypes(implementation, causal, dtype):
+def test_dtypes(linear_implementation, causal, dtype):
     q, k, v = make_inputs(2, 2, 131, 131, 32, 48, dtype=dtype)
     check_against_reference(q, k, v, TOLERANCE[dtype], causal=causal)
 
@@ -64,14 +64,14 @@ def test_dtypes(implementation, causal, dtype):
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("normalize", [True, False])
 @pytest.mark.parametrize("feature_map", ["elu", "relu"])
-def test_feature_maps_and_normalize(implementation, causal, normalize, feature_map):
+def test_feature_maps_and_normalize(linear_implementation, causal, normalize, feature_map):
     q, k, v = make_inputs(1, 3, 97, 97, 24, 24)
     check_against_reference(q, k, v, TOLERANCE[torch.float32], causal=causal, normalize=normalize,
                             feature_map=feature_map)
 
 
 @pytest.mark.parametrize("causal", [False, True])
-def test_identity_and_prefeaturized(implementation, causal):
+def test_identity_and_prefeaturized(linear_implementation, causal):
     q, k, v = make_inputs(2, 2, 70, 70, 16, 20)
     check_against_reference(q, k, v, TOLERANCE[torch.float32], causal=causal, feature_map="identity",
                             normalize=False)
@@ -81,7 +81,7 @@ def test_identity_and_prefeaturized(implementation, causal):
 
 
 @pytest.mark.parametrize("causal", [False, True])
-def test_callable_feature_map_with_m_not_dv(implementation, causal):
+def test_callable_feature_map_with_m_not_dv(linear_implementation, causal):
     def doubled(x):  # m = 2·D features, unlike dv
         return torch.cat([F.elu(x) + 1, torch.sigmoid(x)], dim=-1)
 
@@ -89,13 +89,13 @@ def test_callable_feature_map_with_m_not_dv(implementation, causal):
     check_against_reference(q, k, v, TOLERANCE[torch.float32], causal=causal, feature_map=doubled)
 
 
-def test_cross_attention_lengths(implementation):
+def test_cross_attention_lengths(linear_implementation):
     q, k, v = make_inputs(2, 3, 37, 100, 16, 24)
     check_against_reference(q, k, v, TOLERANCE[torch.float32], causal=False)
 
 
 @pytest.mark.parametrize("causal", [False, True])
-def test_key_padding_mask(implementation, causal):
+def test_key_padding_mask(linear_implementation, causal):
     T = 90
     q, k, v = make_inputs(3, 2, T, T, 16, 16)
     mask = torch.zeros(3, T, dtype=torch.bool)
@@ -108,14 +108,14 @@ def test_key_padding_mask(implementation, causal):
 
 
 @pytest.mark.parametrize("causal", [False, True])
-def test_initial_state_gradients(implementation, causal):
+def test_initial_state_gradients(linear_implementation, causal):
     q, k, v = make_inputs(2, 2, 75, 75, 16, 8)
     state = random_state(2, 2, 16, 8)
     check_against_reference(q, k, v, TOLERANCE[torch.float32], initial_state=state, causal=causal)
 
 
 @pytest.mark.parametrize("split", [1, 64, 100])
-def test_state_chaining_equals_whole_sequence(implementation, split):
+def test_state_chaining_equals_whole_sequence(linear_implementation, split):
     T = 161
     q, k, v = make_inputs(2, 3, T, T, 16, 24, requires_grad=False)
     whole, (S, z) = linattn.linear_attention(q, k, v, causal=True, output_final_state=True)
@@ -129,7 +129,7 @@ def test_state_chaining_equals_whole_sequence(implementation, split):
     assert_close(z2, z, 1e-6, "chained z")
 
 
-def test_state_chaining_gradients(implementation):
+def test_state_chaining_gradients(linear_implementation):
     T, split = 130, 57
     q, k, v = make_inputs(1, 2, T, T, 8, 8)
     whole = linattn.linear_attention(q, k, v, causal=True)
@@ -144,7 +144,7 @@ def test_state_chaining_gradients(implementation):
 
 
 @pytest.mark.parametrize("causal", [False, True])
-def test_strided_inputs_without_copies(implementation, causal):
+def test_strided_inputs_without_copies(linear_implementation, causal):
     B, T, H, D = 2, 77, 3, 16
     g = torch.Generator().manual_seed(3)
     # (B, T, H, D) storage viewed as (B, H, T, D), and a last dim with stride 2.
@@ -156,7 +156,7 @@ def test_strided_inputs_without_copies(implementation, causal):
 
 
 @pytest.mark.parametrize("causal", [False, True])
-def test_empty_sequence(implementation, causal):
+def test_empty_sequence(linear_implementation, causal):
     q, k, v = make_inputs(2, 3, 0, 0, 8, 5)
     out, (S, z) = linattn.linear_attention(q, k, v, causal=causal, output_final_state=True)
     assert out.shape == (2, 3, 0, 5)
@@ -165,7 +165,7 @@ def test_empty_sequence(implementation, causal):
     assert [g.shape for g in grads] == [q.shape, k.shape, v.shape]
 
 
-def test_no_keys_cross_attention(implementation):
+def test_no_keys_cross_attention(linear_implementation):
     q, k, v = make_inputs(1, 2, 5, 0, 8, 4)
     out = linattn.linear_attention(q, k, v)
     assert out.shape == (1, 2, 5, 4) and (out == 0).all()
@@ -173,7 +173,7 @@ def test_no_keys_cross_attention(implementation):
 
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("normalize", [True, False])
-def test_gradcheck_float64(implementation, causal, normalize):
+def test_gradcheck_float64(linear_implementation, causal, normalize):
     q, k, v = make_inputs(1, 2, 9, 9, 3, 4, dtype=torch.float64)
     S, z = random_state(1, 2, 3, 4, dtype=torch.float64)
 
@@ -186,7 +186,7 @@ def test_gradcheck_float64(implementation, causal, normalize):
 
 
 @pytest.mark.parametrize("feature_map", ["elu", "relu", None])
-def test_nan_propagates_without_crash(implementation, feature_map):
+def test_nan_propagates_without_crash(linear_implementation, feature_map):
     q, k, v = make_inputs(1, 1, 10, 10, 4, 4, requires_grad=False)
     q[0, 0, 3, 1] = float("nan")
     out = linattn.linear_attention(q.abs(), k.abs(), v, causal=True, feature_map=feature_map) if feature_map is None \

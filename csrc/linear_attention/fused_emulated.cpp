@@ -7,6 +7,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <cstdlib>
 #include <limits>
 #include <vector>
 
@@ -23,9 +24,13 @@ struct HostExec {
   }
 };
 
-// Shared memory as large as the GPU this emulates (an H100's 227 KiB per block), so the same
-// chunk lengths are chosen.
-constexpr int64_t kEmulatedSharedBytes = 227 * 1024;
+// Shared memory per block of the GPU this emulates: an H100's 227 KiB, so the same chunk
+// lengths are chosen, unless LINATTN_EMULATED_SHARED_BYTES names another (tests emulate an A100's
+// 163 KiB or less, to run the shorter chunks and the too-large case).
+int64_t emulated_shared_bytes() {
+  const char* text = std::getenv("LINATTN_EMULATED_SHARED_BYTES");
+  return text != nullptr ? std::strtoll(text, nullptr, 10) : 227 * 1024;
+}
 
 struct EmulatedLaunch {
   template <typename Problem>
@@ -47,7 +52,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_emulated(
     const std::optional<at::Tensor>& initial_state, const std::optional<at::Tensor>& key_padding_mask,
     int64_t feature_map, bool causal, bool normalize, double eps) {
   auto result = fused::forward(q, k, v, initial_state, key_padding_mask, feature_map, causal, normalize,
-                               eps, kEmulatedSharedBytes, EmulatedLaunch{});
+                               eps, emulated_shared_bytes(), EmulatedLaunch{});
   TORCH_CHECK(result.has_value(), kLinearAttentionOp, ": head dims ", q.size(3), " and ", v.size(3),
               " need more shared memory than a fused CUDA block has");
   return *result;
@@ -60,7 +65,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_emulated(
     const std::optional<at::Tensor>& key_padding_mask, int64_t feature_map, bool causal,
     bool normalize) {
   auto result = fused::backward(grad_out, grad_final_state, q, k, v, out, normalizer, initial_state,
-                                key_padding_mask, feature_map, causal, normalize, kEmulatedSharedBytes,
+                                key_padding_mask, feature_map, causal, normalize, emulated_shared_bytes(),
                                 EmulatedLaunch{});
   TORCH_CHECK(result.has_value(), kLinearAttentionOp, ": head dims ", q.size(3), " and ", v.size(3),
               " need more shared memory than a fused CUDA block has");
