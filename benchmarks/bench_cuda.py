@@ -1,0 +1,126 @@
+"""Linear attention on a CUDA GPU: linattn's fused kernels and its generic path against SDPA
+(flash backend where it applies) and flash-linear-attention when importable; forward and
+forward+backward, medians of CUDA-event timings. Linear attention on a GPU is bound by memory
+traffic, so each row also gives the bandwidth of reading q, k, v and writing o once, next to a
+device-to-device copy measured in the same run (the floor of the issue's targets).
+
+    python -m benchmarks.bench_cuda [--quick] [--out results]
+
+Needs a GPU; prints a table and writes results/bench_cuda.json."""
+import argparse
+import statistics
+
+import torch
+import torch.nn.functional as F
+
+import linattn
+from benchmarks.common import write_results
+
+CONFIGS = [(8, 32, 128), (1, 8, 64)]  # (B, H, D)
+LENGTHS = [1024, 4096, 16384, 65536]
+
+
+def cuda_median_ms(fn, reps, warmup=2):
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def copy_bandwidth(reps):
+    """Bytes read plus written per second by a device-to-device copy of 1 GiB."""
+    src = torch.empty(1 << 28, dtype=torch.float32, device="cuda")
+    dst = torch.empty_like(src)
+    ms = cuda_median_ms(lambda: dst.copy_(src), reps)
+    return 2 * src.numel() * 4 / (ms * 1e-3)
+
+
+def flash_linear_attention():
+    try:
+        from fla.ops.linear_attn import chunk_linear_attn  # flash-linear-attention, optional
+    except ImportError:
+        return None
+    return chunk_linear_attn
+
+
+def implementations(causal, fla):
+    def linattn_with(backend):
+        def run(q, k, v):
+            linattn.set_cuda_backend(backend)
+            return linattn.linear_attention(q, k, v, causal=causal)
+        return run
+
+    impls = {"fused": linattn_with("fused"), "generic": linattn_with("generic"),
+             "sdpa": lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=causal)}
+    if fla is not None and causal:
+        # FLA's chunk kernel takes (B, T, H, D) and has no normalizer: the same memory traffic.
+        impls["fla"] = lambda q, k, v: fla(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                          normalize=False)[0]
+    return impls
+
+
+def measure(args):
+    fla = flash_linear_attention()
+    reps = 3 if args.quick else 7
+    bandwidth = copy_bandwidth(reps)
+    rows = []
+    previous_backend = linattn.cuda_backend()
+    for B, H, D in CONFIGS:
+        for dtype in (torch.bfloat16, torch.float32):
+            for causal in (True, False):
+                for T in LENGTHS[:2] if args.quick else LENGTHS:
+                    q, k, v = (torch.randn(B, H, T, D, device="cuda", dtype=dtype, requires_grad=True) for _ in range(3))
+                    grad = torch.randn(B, H, T, D, device="cuda", dtype=dtype)
+                    io_bytes = 4 * B * H * T * D * q.element_size()
+                    floor_ms = io_bytes / bandwidth * 1e3
+                    for name, fn in implementations(causal, fla).items():
+                        if name == "sdpa" and T > args.sdpa_max_T:
+                            continue
+                        row = dict(B=B, H=H, D=D, T=T, dtype=str(dtype).split(".")[-1], causal=causal, impl=name,
+                                   floor_ms=floor_ms)
+                        try:
+                            row["fwd_ms"] = cuda_median_ms(lambda: fn(q, k, v), reps)
+                            row["fwd_bwd_ms"] = cuda_median_ms(
+                                lambda: torch.autograd.grad(fn(q, k, v), (q, k, v), grad), reps)
+                            row["fwd_vs_floor"] = row["fwd_ms"] / floor_ms
+                        except torch.cuda.OutOfMemoryError:
+                            row["error"] = "out of memory"
+                        except Exception as error:  # one failing implementation must not end a GPU run
+                            row["error"] = f"{type(error).__name__}: {error}"[:300]
+                        torch.cuda.empty_cache()
+                        rows.append(row)
+                        print(_format(row), flush=True)
+    linattn.set_cuda_backend(previous_backend)
+    return dict(device=torch.cuda.get_device_name(), torch=torch.__version__, copy_bytes_per_s=bandwidth,
+                fla=fla is not None, rows=rows)
+
+
+def _format(row):
+    times = (f"fwd {row['fwd_ms']:9.3f} ms  fwd+bwd {row['fwd_bwd_ms']:9.3f} ms  fwd/floor {row['fwd_vs_floor']:6.2f}x"
+             if "fwd_ms" in row else row["error"])
+    return (f"B={row['B']} H={row['H']} D={row['D']} T={row['T']:6d} {row['dtype']:8s} "
+            f"{'causal' if row['causal'] else 'full  '} {row['impl']:8s} {times}")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="two lengths, three repetitions")
+    parser.add_argument("--out", default="results")
+    parser.add_argument("--sdpa-max-T", type=int, default=16384, help="longest T for quadratic SDPA")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_cuda needs a CUDA GPU")
+    payload = measure(args)
+    print(f"device {payload['device']}, copy {payload['copy_bytes_per_s'] / 1e12:.2f} TB/s (read + write)")
+    write_results(args.out, "bench_cuda", payload)
+
+
+if __name__ == "__main__":
+    main()

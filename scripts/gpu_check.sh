@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Everything a GPU machine should check, in one command (issue 12): builds linattn against the
+# torch installed there (for the visible GPU's architecture), runs the CUDA tests (both CUDA
+# backends, the fused kernels' own tests, CUDA graphs and streams), the whole test suite with the
+# fused kernels as the CUDA backend, then the GPU benchmark, and writes one JSON report with the
+# pass/fail counts, the timings and the device: $OUT_DIR/gpu_check.json (default results/gpu_check).
+# Installs nothing from the network (GPU machines here have none): torch, pytest and ninja must be
+# there already. Usage: bash scripts/gpu_check.sh [--quick]   (--quick: a short benchmark)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+OUT=${OUT_DIR:-results/gpu_check}
+mkdir -p "$OUT"
+export MAX_JOBS=${MAX_JOBS:-$(nproc)} PYTHONUNBUFFERED=1
+
+SECONDS=0
+"$PY" -m pip install --no-build-isolation --no-deps -e . >"$OUT/build.log" 2>&1
+echo "build: exit $? in ${SECONDS}s (log: $OUT/build.log)"
+build_seconds=$SECONDS
+
+SECONDS=0
+"$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_fused_kernels.py \
+  --junitxml="$OUT/cuda_tests.xml" 2>&1 | tail -n 40 | tee "$OUT/cuda_tests.log"
+cuda_seconds=$SECONDS
+
+SECONDS=0
+LINATTN_CUDA_BACKEND=fused "$PY" -m pytest -q -p no:cacheprovider tests \
+  --junitxml="$OUT/suite_fused_backend.xml" 2>&1 | tail -n 40 | tee "$OUT/suite.log"
+suite_seconds=$SECONDS
+
+SECONDS=0
+"$PY" -m benchmarks.bench_cuda --out "$OUT" "$@" 2>&1 | tee "$OUT/bench_cuda.log"
+bench_seconds=$SECONDS
+
+"$PY" scripts/gpu_report.py "$OUT" "build=$build_seconds" "cuda_tests=$cuda_seconds" \
+  "suite=$suite_seconds" "benchmark=$bench_seconds"
