@@ -57,6 +57,10 @@ PY_LIMITED_API = TORCH_MAJOR_MINOR >= (2, 6)
 CXX_STANDARD = "c++20" if TORCH_MAJOR_MINOR >= (2, 10) else "c++17"
 
 
+# LINATTN_BUILD_CUDA=0 builds the CPU extension only (the sanitizer build does).
+WANT_CUDA = os.environ.get("LINATTN_BUILD_CUDA", "auto") != "0"
+
+
 def sources(pattern):
     return sorted(os.path.relpath(p, HERE) for p in glob.glob(os.path.join(HERE, "csrc", "**", pattern), recursive=True))
 
@@ -82,8 +86,7 @@ def extension():
     # which includes CUDA headers); everything else builds everywhere.
     cuda_sources = sources("*.cu") + sources("*cuda*.cpp")
     cpp_sources = [s for s in sources("*.cpp") if s not in cuda_sources]
-    want_cuda = os.environ.get("LINATTN_BUILD_CUDA", "auto") != "0"
-    if cuda_sources and want_cuda and torch.version.cuda is not None and CUDA_HOME is not None:
+    if cuda_sources and WANT_CUDA and torch.version.cuda is not None and CUDA_HOME is not None:
         if not torch.cuda.is_available():
             # No visible GPU to ask for its architecture: build for Ampere and Hopper.
             os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
@@ -111,6 +114,8 @@ def write_build_info(cuda_kernels):
             f"TORCH_CUDA_VERSION = {torch.version.cuda!r}\n"
             "# Whether the fused CUDA kernels were compiled in (a CUDA torch and toolkit were present).\n"
             f"CUDA_KERNELS = {cuda_kernels!r}\n"
+            "# False when LINATTN_BUILD_CUDA=0 asked for a CPU-only build.\n"
+            f"CUDA_WANTED = {WANT_CUDA!r}\n"
         )
 
 
