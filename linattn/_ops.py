@@ -23,25 +23,22 @@ _use_generic = False
 _use_fused = False  # tests: every device through the fused operators
 
 
-def _backend_from_environment() -> str:
-    name = os.environ.get("LINATTN_CUDA_BACKEND", "generic")
+def _checked_backend(name: str, where: str) -> str:
     if name not in _CUDA_BACKENDS:
-        raise ValueError(f"linattn: LINATTN_CUDA_BACKEND must be one of {_CUDA_BACKENDS}, got {name!r}")
+        raise ValueError(f"{where} must be one of {_CUDA_BACKENDS}, got {name!r}")
     return name
 
 
-_cuda_backend = _backend_from_environment()
+_cuda_backend = _checked_backend(os.environ.get("LINATTN_CUDA_BACKEND", "generic"), "linattn: LINATTN_CUDA_BACKEND")
 
 
 def set_cuda_backend(name: str) -> None:
     """Choose how CUDA tensors run linear attention (no decay, no packed sequences):
-    "generic" (the default: batched ATen ops, verified on GPUs as the README says) or "fused"
-    (linattn's fused CUDA kernels; opt-in until they have passed the test suite on real
-    hardware, see the README). Also set by the environment variable LINATTN_CUDA_BACKEND."""
+    "generic" (the default: batched ATen ops) or "fused" (linattn's fused CUDA kernels; opt-in
+    until they have passed the test suite on real hardware). The README says which path has been
+    run on which GPU. Also set by the environment variable LINATTN_CUDA_BACKEND."""
     global _cuda_backend
-    if name not in _CUDA_BACKENDS:
-        raise ValueError(f"linattn.set_cuda_backend: name must be one of {_CUDA_BACKENDS}, got {name!r}")
-    _cuda_backend = name
+    _cuda_backend = _checked_backend(name, "linattn.set_cuda_backend: name")
 
 
 def cuda_backend() -> str:

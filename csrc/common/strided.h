@@ -18,6 +18,9 @@ struct Strided4 {
     return data + b * stride[0] + h * stride[1] + t * stride[2];
   }
 
+  // Element (b, h, t, c).
+  LINATTN_HD T& at(int64_t b, int64_t h, int64_t t, int64_t c) const { return row(b, h, t)[c * stride[3]]; }
+
   // The same view starting at row t (one sequence of a packed batch).
   LINATTN_HD Strided4 from_row(int64_t t) const {
     Strided4 view = *this;

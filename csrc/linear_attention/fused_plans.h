@@ -65,11 +65,6 @@ ScanProblem<scalar_t, acc_t> problem_of(const LinearAttentionShape& s, const at:
   return p;
 }
 
-template <typename T>
-const T* data_or_null(const at::Tensor& t) {
-  return t.defined() ? t.const_data_ptr<T>() : nullptr;
-}
-
 template <typename Launch>
 std::optional<std::tuple<at::Tensor, at::Tensor, at::Tensor>> forward(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -82,19 +77,19 @@ std::optional<std::tuple<at::Tensor, at::Tensor, at::Tensor>> forward(
   auto out = at::empty({s.batch, s.heads, s.q_len, s.value_dim}, q.options());
   auto final_state = at::empty({s.batch, s.heads, s.feature_dim, s.value_dim + 1}, acc);
   auto normalizer = at::empty({s.batch, s.heads, s.q_len}, acc);
-  const at::Tensor initial = initial_state.has_value() ? initial_state->contiguous() : at::Tensor();
-  const at::Tensor mask = key_padding_mask.has_value() ? key_padding_mask->contiguous() : at::Tensor();
+  at::Tensor initial, mask;  // contiguous copies where needed (optional_ptr)
+  const bool* mask_ptr = optional_ptr<bool>(key_padding_mask, mask);
   bool fits = true;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "linear_attn_fwd_fused", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    auto p = problem_of<scalar_t, acc_t>(s, q, k, v, data_or_null<bool>(mask));
+    auto p = problem_of<scalar_t, acc_t>(s, q, k, v, mask_ptr);
     p.p_rows = Rows::kQueryFeatures;
     p.k_rows = Rows::kKeyFeatures;
     p.v_rows = Rows::kAugmentedValues;
     p.reduction = s.feature_dim;
     p.v_cols = s.value_dim;
     p.extra_column = true;  // the normalizer column: every tile normalizes its own rows
-    p.state_in = state_view<const acc_t>(data_or_null<acc_t>(initial), s, false);
+    p.state_in = state_view<const acc_t>(optional_ptr<acc_t>(initial_state, initial), s, false);
     p.state_out = state_view<acc_t>(final_state.data_ptr<acc_t>(), s, false);
     p.epilogue = Epilogue::kOutput;
     p.out = out.data_ptr<scalar_t>();
@@ -121,19 +116,18 @@ std::optional<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>> backwa
   auto grad_k = at::empty({s.batch, s.heads, s.k_len, s.feature_dim}, q.options());
   auto grad_v = at::empty({s.batch, s.heads, s.k_len, s.value_dim}, q.options());
   auto grad_initial = at::empty({s.batch, s.heads, s.feature_dim, s.value_dim + 1}, acc);
-  const at::Tensor initial = initial_state.has_value() ? initial_state->contiguous() : at::Tensor();
-  const at::Tensor grad_final = grad_final_state.has_value() ? grad_final_state->contiguous() : at::Tensor();
-  const at::Tensor mask = key_padding_mask.has_value() ? key_padding_mask->contiguous() : at::Tensor();
+  at::Tensor initial, grad_final, mask;  // contiguous copies where needed (optional_ptr)
+  const bool* mask_ptr = optional_ptr<bool>(key_padding_mask, mask);
   const at::Tensor den = normalizer.contiguous();
   bool fits = true;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "linear_attn_bwd_fused", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    auto base = problem_of<scalar_t, acc_t>(s, q, k, v, data_or_null<bool>(mask));
+    auto base = problem_of<scalar_t, acc_t>(s, q, k, v, mask_ptr);
     base.grad_out = view_of<scalar_t>(grad_out);
     base.out_saved = view_of<scalar_t>(out);
     base.normalizer_saved = den.const_data_ptr<acc_t>();
-    const auto S0 = data_or_null<acc_t>(initial);
-    const auto dSN = data_or_null<acc_t>(grad_final);
+    const acc_t* S0 = optional_ptr<acc_t>(initial_state, initial);
+    const acc_t* dSN = optional_ptr<acc_t>(grad_final_state, grad_final);
 
     // dq_i = G'_i (S0 + Σ_{j<=i} φ(k_j) [v_j | 1]ᵀ)ᵀ, times φ'(q_i).
     auto dq = base;

@@ -143,27 +143,30 @@ struct ScanProblem {
   }
 };
 
+// Whether key `row` of batch b is padded (only key-side rows can be: T_q may exceed T_k).
+template <typename scalar_t, typename acc_t>
+LINATTN_HD bool padded_key(const ScanProblem<scalar_t, acc_t>& p, int64_t b, int64_t row) {
+  return p.key_padding != nullptr && p.key_padding[b * p.k_len + row];
+}
+
 // Element (row, col) of an operand, in the accumulation type. `info` holds the cotangent row's
 // scalars (prepare_cotangent_row); rows past the end are never asked for.
 template <typename scalar_t, typename acc_t>
 LINATTN_HD acc_t operand(const ScanProblem<scalar_t, acc_t>& p, Rows kind, int64_t b, int64_t h,
                          int64_t row, int64_t col, const acc_t* info) {
-  // Only key-side rows can be padded (and T_q may exceed T_k when not causal).
-  const bool key_row = kind == Rows::kKeyFeatures || kind == Rows::kAugmentedValues;
-  const bool padded = key_row && p.key_padding != nullptr && p.key_padding[b * p.k_len + row];
   switch (kind) {
     case Rows::kQueryFeatures:
-      return feature<acc_t>(p.feature_map, acc_t(p.q.row(b, h, row)[col * p.q.stride[3]]));
+      return feature<acc_t>(p.feature_map, acc_t(p.q.at(b, h, row, col)));
     case Rows::kKeyFeatures:
-      if (padded) return acc_t(0);
-      return feature<acc_t>(p.feature_map, acc_t(p.k.row(b, h, row)[col * p.k.stride[3]]));
+      if (padded_key(p, b, row)) return acc_t(0);
+      return feature<acc_t>(p.feature_map, acc_t(p.k.at(b, h, row, col)));
     case Rows::kAugmentedValues:
-      if (padded) return acc_t(0);
-      return col < p.value_dim ? acc_t(p.v.row(b, h, row)[col * p.v.stride[3]]) : acc_t(1);
+      if (padded_key(p, b, row)) return acc_t(0);
+      return col < p.value_dim ? acc_t(p.v.at(b, h, row, col)) : acc_t(1);
     default: {  // kAugmentedCotangent, info = {no cotangent, 1 / normalizer, d normalizer}
       if (info[0] != acc_t(0)) return acc_t(0);
       if (col == p.value_dim) return p.normalize ? info[2] : acc_t(0);
-      const acc_t g = acc_t(p.grad_out.row(b, h, row)[col * p.grad_out.stride[3]]);
+      const acc_t g = acc_t(p.grad_out.at(b, h, row, col));
       return p.normalize ? g * info[1] : g;
     }
   }
@@ -174,15 +177,13 @@ LINATTN_HD acc_t operand(const ScanProblem<scalar_t, acc_t>& p, Rows kind, int64
 template <typename scalar_t, typename acc_t>
 LINATTN_HD void prepare_cotangent_row(const ScanProblem<scalar_t, acc_t>& p, int64_t b, int64_t h,
                                       int64_t row, acc_t* info) {
-  const scalar_t* g = p.grad_out.row(b, h, row);
-  const scalar_t* o = p.out_saved.row(b, h, row);
   bool all_zero = true;
   acc_t g_dot_out = 0;
   for (int64_t c = 0; c < p.value_dim; ++c) {
-    const acc_t gc = acc_t(g[c * p.grad_out.stride[3]]);
+    const acc_t gc = acc_t(p.grad_out.at(b, h, row, c));
     if (gc == acc_t(0)) continue;  // a zero cotangent adds nothing, not 0·Inf
     all_zero = false;
-    g_dot_out += gc * acc_t(o[c * p.out_saved.stride[3]]);
+    g_dot_out += gc * acc_t(p.out_saved.at(b, h, row, c));
   }
   acc_t inv = 0;
   if (p.normalize) {
@@ -227,7 +228,8 @@ LINATTN_HD void run_scan_block(const Exec& exec, const ScanProblem<scalar_t, acc
   const int64_t w = p.width_of_tile(), a = p.reduction, ld = p.row_ld(), C = p.chunk;
   const int64_t threads = exec.threads;
   const BlockMemory<acc_t> m = carve(p, shared);
-  // Tile column t of V: one of this tile's columns, the augmented column, or unused (0).
+  // Tile column t of V: one of this tile's columns, the augmented column, or -1 (unused,
+  // loaded as 0).
   auto column = [&](int64_t t) -> int64_t {
     if (t < tile_cols) return t0 + t;
     return (p.extra_column && t == w - 1) ? p.v_cols : -1;
@@ -272,6 +274,16 @@ LINATTN_HD void run_scan_block(const Exec& exec, const ScanProblem<scalar_t, acc
     });
   };
 
+  // The rows of the chunk starting at `start` of `total` rows.
+  auto rows_from = [&](int64_t start, int64_t total) { return total - start < C ? total - start : C; };
+
+  // P_i · St[:, t]: row i's product with the state of the rows before its chunk.
+  auto times_state = [&](int64_t i, int64_t t) {
+    acc_t sum = 0;
+    for (int64_t r = 0; r < a; ++r) sum += m.P[i * ld + r] * m.St[r * w + t];
+    return sum;
+  };
+
   // St += Σ_j K_j V_jᵀ over the chunk's rows (rows past the end were loaded as 0).
   auto update_state = [&](int64_t tid, int64_t n) {
     for (int64_t e = tid; e < a * w; e += threads) {
@@ -290,10 +302,7 @@ LINATTN_HD void run_scan_block(const Exec& exec, const ScanProblem<scalar_t, acc
       if (t >= tile_cols) continue;
       const int64_t col = t0 + t;
       const acc_t o = m.O[i * w + t];
-      const int64_t out_cols = p.v_cols;
-      scalar_t* dst = p.out + ((bh * p.rows_of(p.p_rows)) + row) * out_cols + col;
-      const bool key_row = p.epilogue == Epilogue::kGradKey || p.epilogue == Epilogue::kGradValue;
-      const bool padded = key_row && p.key_padding != nullptr && p.key_padding[b * p.k_len + row];
+      scalar_t* dst = p.out + ((bh * p.rows_of(p.p_rows)) + row) * p.v_cols + col;
       switch (p.epilogue) {
         case Epilogue::kOutput: {
           const acc_t den = m.O[i * w + (w - 1)] + p.eps;
@@ -304,15 +313,15 @@ LINATTN_HD void run_scan_block(const Exec& exec, const ScanProblem<scalar_t, acc
           break;
         }
         case Epilogue::kGradQuery:
-          *dst = scalar_t(o * feature_derivative<acc_t>(p.feature_map, acc_t(p.q.row(b, h, row)[col * p.q.stride[3]])));
+          *dst = scalar_t(o * feature_derivative<acc_t>(p.feature_map, acc_t(p.q.at(b, h, row, col))));
           break;
         case Epilogue::kGradKey:
-          *dst = padded ? scalar_t(0)
-                        : scalar_t(o * feature_derivative<acc_t>(p.feature_map,
-                                                                 acc_t(p.k.row(b, h, row)[col * p.k.stride[3]])));
+          *dst = padded_key(p, b, row)
+                     ? scalar_t(acc_t(0))
+                     : scalar_t(o * feature_derivative<acc_t>(p.feature_map, acc_t(p.k.at(b, h, row, col))));
           break;
         default:  // kGradValue
-          *dst = padded ? scalar_t(0) : scalar_t(o);
+          *dst = padded_key(p, b, row) ? scalar_t(acc_t(0)) : scalar_t(o);
       }
     }
   };
@@ -321,21 +330,16 @@ LINATTN_HD void run_scan_block(const Exec& exec, const ScanProblem<scalar_t, acc
     // Full: the state over every K/V row first, then every P row against it.
     const int64_t kv_rows = p.rows_of(p.k_rows);
     for (int64_t start = 0; start < kv_rows; start += C) {
-      const int64_t n = kv_rows - start < C ? kv_rows - start : C;
+      const int64_t n = rows_from(start, kv_rows);
       load(start, n, false, true);
       exec([&](int64_t tid) { update_state(tid, n); });
     }
     const int64_t p_rows = p.rows_of(p.p_rows);
     for (int64_t start = 0; start < p_rows; start += C) {
-      const int64_t n = p_rows - start < C ? p_rows - start : C;
+      const int64_t n = rows_from(start, p_rows);
       load(start, n, true, false);
       exec([&](int64_t tid) {
-        for (int64_t e = tid; e < n * w; e += threads) {
-          const int64_t i = e / w, t = e % w;
-          acc_t sum = 0;
-          for (int64_t r = 0; r < a; ++r) sum += m.P[i * ld + r] * m.St[r * w + t];
-          m.O[e] = sum;
-        }
+        for (int64_t e = tid; e < n * w; e += threads) m.O[e] = times_state(e / w, e % w);
       });
       exec([&](int64_t tid) { store(tid, start, n); });
     }
@@ -346,7 +350,7 @@ LINATTN_HD void run_scan_block(const Exec& exec, const ScanProblem<scalar_t, acc
     for (int64_t step = 0; step < chunks; ++step) {
       const int64_t index = p.reverse ? chunks - 1 - step : step;
       const int64_t start = index * C;
-      const int64_t n = T - start < C ? T - start : C;
+      const int64_t n = rows_from(start, T);
       load(start, n, true, true);
       // Scores between the chunk's rows, only for visible pairs (j <= i, or j >= i in reverse).
       exec([&](int64_t tid) {
@@ -364,8 +368,7 @@ LINATTN_HD void run_scan_block(const Exec& exec, const ScanProblem<scalar_t, acc
       exec([&](int64_t tid) {
         for (int64_t e = tid; e < n * w; e += threads) {
           const int64_t i = e / w, t = e % w;
-          acc_t sum = 0;
-          for (int64_t r = 0; r < a; ++r) sum += m.P[i * ld + r] * m.St[r * w + t];
+          acc_t sum = times_state(i, t);
           const int64_t lo = p.reverse ? i : 0, hi = p.reverse ? n : i + 1;
           for (int64_t j = lo; j < hi; ++j) sum += m.A[i * C + j] * m.V[j * w + t];
           m.O[e] = sum;
