@@ -56,8 +56,10 @@ struct Kernel {
     v.resize(C * dv);
     g.resize(C * dv);
     gd.resize(C);
-    a.resize(C * C);
-    b.resize(C * C);
+    if (shape.causal) {  // only causal chunks have intra-chunk scores (else 2 × C² for nothing)
+      a.resize(C * C);
+      b.resize(C * C);
+    }
     o.resize(C * std::max(m, dv));
     dk.resize(C * m);
     S.resize(m * dv);

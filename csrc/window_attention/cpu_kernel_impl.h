@@ -77,6 +77,22 @@ inline void keep_unpadded(unsigned char* vr, const bool* padded, const int64_t* 
   }
 }
 
+// p[c] = exp(s[c] − shift) where the pair is visible, else 0 (never exp(−inf)). Computed for
+// every c and then selected, so the loop vectorizes; `omp simd` because the visibility bytes
+// could alias the floats as far as the compiler knows. The loop runs to n rounded up to 16
+// (within the kKeyGroup-wide scratch rows): a scalar tail of this exp (Swin's 49 keys leave
+// one) costs as much as three vector iterations. Columns past n hold stale scratch, are
+// computed and never read.
+template <typename acc_t>
+void masked_exp(acc_t* p, const acc_t* s, const unsigned char* visible, acc_t shift, int64_t n) {
+  const int64_t width = std::min(kKeyGroup, (n + 15) / 16 * 16);
+#pragma omp simd
+  for (int64_t c = 0; c < width; ++c) {
+    const acc_t e = exp_nonpositive(s[c] - shift);
+    p[c] = visible[c] ? e : acc_t(0);
+  }
+}
+
 // Sliding window + dilation + Longformer global tokens + key padding + segments.
 struct WindowPattern {
   const WindowAttentionShape& s;
@@ -357,7 +373,7 @@ struct SoftmaxEngine {
     const int64_t bi = bh / s.heads, hi = bh % s.heads;
     const int64_t L = std::min(kBlock, s.q_len - i0);
     load_queries(Q, bi, hi, i0, L);
-    std::fill(o.begin(), o.end(), acc_t(0));
+    std::fill(o.begin(), o.begin() + L * dv, acc_t(0));
     std::fill(row_max.begin(), row_max.end(), minus_infinity<acc_t>());
     std::fill(row_sum.begin(), row_sum.end(), acc_t(0));
     for (const auto& keys : pattern.key_groups(bi, hi, i0, i0 + L).groups) {
@@ -369,8 +385,12 @@ struct SoftmaxEngine {
         // `omp simd` reductions let these loops vectorize (a plain float reduction may not be
         // reordered); a NaN score still reaches the output through its exp below.
         // Masked scores go to pr first: separate simple loops are what the compiler vectorizes.
+        // (`omp simd` also on loops that write floats next to the visibility bytes: a char may
+        // alias anything, and without it the compiler keeps them scalar.)
         unsigned char any_visible = 0;
+#pragma omp simd reduction(| : any_visible)
         for (int64_t c = 0; c < n; ++c) any_visible |= vr[c];
+#pragma omp simd
         for (int64_t c = 0; c < n; ++c) pr[c] = vr[c] ? sr[c] : minus_infinity<acc_t>();
         acc_t group_max = minus_infinity<acc_t>();
 #pragma omp simd reduction(max : group_max)
@@ -383,10 +403,7 @@ struct SoftmaxEngine {
         const acc_t m_new = std::max(m_old, group_max);
         // All visible scores NaN leave m at −inf: exp(NaN − −inf) is NaN, which then propagates.
         const acc_t alpha = m_old == minus_infinity<acc_t>() ? acc_t(0) : exp_nonpositive(m_old - m_new);
-        for (int64_t c = 0; c < n; ++c) {
-          const acc_t e = exp_nonpositive(sr[c] - m_new);
-          pr[c] = vr[c] ? e : acc_t(0);
-        }
+        masked_exp(pr, sr, vr, m_new, n);
         acc_t sum = 0;
 #pragma omp simd reduction(+ : sum)
         for (int64_t c = 0; c < n; ++c) sum += pr[c];
@@ -431,7 +448,7 @@ struct SoftmaxEngine {
         delta[r] = grad_lse ? dot - grad_lse[bh * s.q_len + i0 + r] : dot;
         lse_rows[r] = lse[bh * s.q_len + i0 + r];
       }
-      std::fill(dq.begin(), dq.end(), acc_t(0));
+      std::fill(dq.begin(), dq.begin() + L * D, acc_t(0));
       for (const auto& keys : pattern.key_groups(bi, hi, i0, i0 + L).groups) {
         const int64_t n = load_group(K, V, bi, hi, i0, L, keys);
         for (int64_t r = 0; r < L; ++r) {
@@ -441,13 +458,10 @@ struct SoftmaxEngine {
           const acc_t* sr = scores.data() + r * kKeyGroup;
           acc_t* pr = probs.data() + r * kKeyGroup;
           const acc_t row_lse = lse_rows[r];
-          for (int64_t c = 0; c < n; ++c) {
-            const acc_t e = exp_nonpositive(sr[c] - row_lse);
-            pr[c] = vr[c] ? e : acc_t(0);
-          }
+          masked_exp(pr, sr, vr, row_lse, n);
         }
         // dV_keys += Pᵀ dO
-        std::fill(dv_part.begin(), dv_part.end(), acc_t(0));
+        std::fill(dv_part.begin(), dv_part.begin() + n * dv, acc_t(0));
         add_masked_product(true, L, n, dv, probs.data(), kKeyGroup, g.data(), dv, dv_part.data(), dv, visible_pair());
         // dP = dO Vᵀ, then dS = P ⊙ (dP − δ) on visible pairs whose score is not fixed (scores
         // is reused for dS).
@@ -457,12 +471,13 @@ struct SoftmaxEngine {
           const acc_t* pr = probs.data() + r * kKeyGroup;
           const unsigned char* vr = vis.data() + r * kKeyGroup;
           const acc_t d = delta[r];
+#pragma omp simd
           for (int64_t c = 0; c < n; ++c) dsr[c] = vr[c] == 1 ? pr[c] * (dsr[c] - d) : acc_t(0);
         }
         if (grad_bias) pattern.add_bias_grad(hi, i0, L, keys, scores.data(), kKeyGroup, grad_bias);
         // dQ += dS K (scaled at the end), dK_keys += dSᵀ (scale·Q)
         add_masked_product(false, L, n, D, scores.data(), kKeyGroup, k.data(), D, dq.data(), D, visible_pair());
-        std::fill(dk_part.begin(), dk_part.end(), acc_t(0));
+        std::fill(dk_part.begin(), dk_part.begin() + n * D, acc_t(0));
         add_masked_product(true, L, n, D, scores.data(), kKeyGroup, q.data(), D, dk_part.data(), D, visible_pair());
         for (int64_t c = 0; c < n; ++c) {
           acc_t* dkr = dk_acc.data() + keys[c] * D;
