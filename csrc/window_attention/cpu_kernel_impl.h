@@ -79,10 +79,10 @@ inline void keep_unpadded(unsigned char* vr, const bool* padded, const int64_t* 
 
 // p[c] = exp(s[c] − shift) where the pair is visible, else 0 (never exp(−inf)). Computed for
 // every c and then selected, so the loop vectorizes; `omp simd` because the visibility bytes
-// could alias the floats as far as the compiler knows. The loop runs to n rounded up to 16
-// (within the kKeyGroup-wide scratch rows): a scalar tail of this exp (Swin's 49 keys leave
-// one) costs as much as three vector iterations. Columns past n hold stale scratch, are
-// computed and never read.
+// could alias the floats as far as the compiler knows. The loop runs to n rounded up to 16, a
+// multiple of every build's vector length for float and double (within the kKeyGroup-wide
+// scratch rows): a scalar tail of this exp (Swin's 49 keys leave one) costs as much as three
+// vector iterations. Columns past n hold stale scratch, are computed and never read.
 template <typename acc_t>
 void masked_exp(acc_t* p, const acc_t* s, const unsigned char* visible, acc_t shift, int64_t n) {
   const int64_t width = std::min(kKeyGroup, (n + 15) / 16 * 16);
