@@ -21,7 +21,9 @@ TORCH_LIBRARY(linattn, m) {
   // Kernelized linear attention (METHODS.md §1). feature_map: 0 identity (q, k are features
   // already), 1 elu+1, 2 relu, applied inside the kernels; key_padding_mask (B, T_k) bool,
   // True = padded key. States are augmented: (B, H, m, dv + 1) = [S | z]; normalizer is
-  // φ(q)·z + eps per query, saved for the backward.
+  // φ(q)·z + eps per query, saved for the backward. The backward may be handed the forward's
+  // final_state: without causality that is the state every query saw, which the backward then
+  // need not recompute from the keys (a causal backward does not read it).
   m.def(
       "linear_attn_fwd(Tensor q, Tensor k, Tensor v, Tensor? initial_state, "
       "Tensor? key_padding_mask, int feature_map, bool causal, bool normalize, float eps) -> "
@@ -29,7 +31,7 @@ TORCH_LIBRARY(linattn, m) {
   m.def(
       "linear_attn_bwd(Tensor grad_out, Tensor? grad_final_state, Tensor q, Tensor k, Tensor v, "
       "Tensor out, Tensor normalizer, Tensor? initial_state, Tensor? key_padding_mask, "
-      "int feature_map, bool causal, bool normalize) -> "
+      "int feature_map, bool causal, bool normalize, Tensor? final_state=None) -> "
       "(Tensor grad_q, Tensor grad_k, Tensor grad_v, Tensor grad_initial_state)");
   // The fused kernels of the CUDA backend (linear_attention/fused_scan.h), same contract as
   // linear_attn_fwd / linear_attn_bwd. CUDA tensors run them on the GPU; CPU tensors run the
@@ -42,7 +44,7 @@ TORCH_LIBRARY(linattn, m) {
   m.def(
       "linear_attn_bwd_fused(Tensor grad_out, Tensor? grad_final_state, Tensor q, Tensor k, Tensor v, "
       "Tensor out, Tensor normalizer, Tensor? initial_state, Tensor? key_padding_mask, "
-      "int feature_map, bool causal, bool normalize) -> "
+      "int feature_map, bool causal, bool normalize, Tensor? final_state=None) -> "
       "(Tensor grad_q, Tensor grad_k, Tensor grad_v, Tensor grad_initial_state)");
   // Causal linear attention with a fading state (METHODS.md §1, decay and gates): before token
   // i joins, the state is multiplied by exp(log_decay[b, h, i]) <= 1 (log γ of a per-head
@@ -138,6 +140,6 @@ TORCH_LIBRARY(linattn, m) {
   m.def(
       "linear_attn_bwd_generic(Tensor grad_out, Tensor? grad_final_state, Tensor q, Tensor k, "
       "Tensor v, Tensor out, Tensor normalizer, Tensor? initial_state, Tensor? key_padding_mask, "
-      "int feature_map, bool causal, bool normalize) -> "
+      "int feature_map, bool causal, bool normalize, Tensor? final_state=None) -> "
       "(Tensor grad_q, Tensor grad_k, Tensor grad_v, Tensor grad_initial_state)");
 }

@@ -121,18 +121,21 @@ def _register(forward: str, backward_name: str) -> None:
 
     def setup_context(ctx, inputs, output):
         q, k, v, initial_state, key_padding_mask, feature_map, causal, normalize, _eps = inputs
-        out, _final_state, normalizer = output
-        ctx.save_for_backward(q, k, v, out, normalizer, initial_state, key_padding_mask)
+        out, final_state, normalizer = output
+        # Without causality every query saw the final state: the backward reuses it instead of
+        # recomputing it from the keys (one GEMM pass and one feature-map pass fewer).
+        seen_state = None if causal else final_state
+        ctx.save_for_backward(q, k, v, out, normalizer, initial_state, key_padding_mask, seen_state)
         ctx.feature_map = feature_map
         ctx.causal = causal
         ctx.normalize = normalize
         ctx.mark_non_differentiable(normalizer)
 
     def backward(ctx, grad_out, grad_final_state, _grad_normalizer):
-        q, k, v, out, normalizer, initial_state, key_padding_mask = ctx.saved_tensors
+        q, k, v, out, normalizer, initial_state, key_padding_mask, seen_state = ctx.saved_tensors
         grad_q, grad_k, grad_v, grad_initial = backward_op(
             grad_out, grad_final_state, q, k, v, out, normalizer, initial_state, key_padding_mask,
-            ctx.feature_map, ctx.causal, ctx.normalize,
+            ctx.feature_map, ctx.causal, ctx.normalize, seen_state,
         )
         grad_initial = grad_initial if initial_state is not None else None
         return grad_q, grad_k, grad_v, grad_initial, None, None, None, None, None

@@ -117,6 +117,11 @@ def linear_attention(
         )
     if not output_final_state:
         return out
+    if not causal and decay is None and gate is None:
+        # Autograd saved this final state for the backward (every query saw it): the caller
+        # gets a copy, so that changing it in place (fading a state between calls) cannot
+        # invalidate that backward. m·(dv + 1) numbers per head.
+        final_state = final_state.clone()
     return out, _ops.split_state(final_state)
 
 

@@ -16,6 +16,9 @@ struct Operands {
   const bool* mask = nullptr;           // key padding (B, M)
   const acc_t* initial = nullptr;       // (B, H, m, dv + 1) or null
   const acc_t* grad_final = nullptr;    // (B, H, m, dv + 1) or null
+  // Non-causal backward: the forward's final state, which every query saw (B, H, m, dv + 1),
+  // or null (then recomputed from initial and the keys).
+  const acc_t* seen_state = nullptr;
   scalar_t* o = nullptr;                // forward output (B, H, N, dv)
   acc_t* final_state = nullptr;
   acc_t* den = nullptr;                 // normalizers (B, H, N): written forward, read backward
@@ -484,9 +487,13 @@ struct Kernel {
   }
 
   void backward(const Operands<scalar_t, acc_t>& x, int64_t bh) {
-    unpack_state(S.data(), z.data(), x.initial, bh);
     unpack_state(Rs.data(), rz.data(), x.grad_final, bh);
-    if (!s.causal) add_key_states(x, bh, 0, s.k_len);
+    if (x.seen_state) {
+      unpack_state(S.data(), z.data(), x.seen_state, bh);
+    } else {
+      unpack_state(S.data(), z.data(), x.initial, bh);
+      if (!s.causal) add_key_states(x, bh, 0, s.k_len);
+    }
     query_grads(x, bh, 0, s.q_len, /*add_to_r=*/!s.causal);
     // A fading state: with c the cumulative log factors, dL/dc_i = φ(q_i)·dφ(q_i) −
     // φ(k_i)·dφ(k_i) (every weight e^{c_i − c_j} is differentiated at both ends), plus, at the

@@ -51,10 +51,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& log_decay,
     const at::Tensor& out, const at::Tensor& normalizer, const std::optional<at::Tensor>& initial_state,
     const std::optional<at::Tensor>& key_padding_mask, int64_t feature_map, bool causal,
-    bool normalize) {
+    bool normalize, const std::optional<at::Tensor>& final_state) {
   const LinearAttentionSizes sizes =
       check_backward_inputs(grad_out, grad_final_state, q, k, v, out, normalizer, initial_state,
-                            key_padding_mask, feature_map, causal);
+                            key_padding_mask, feature_map, causal, final_state);
   if (log_decay.defined()) check_log_decay(log_decay, q, sizes);
   const LinearAttentionShape s = kernel_shape(q, k, v, feature_map, causal, normalize, 1.0);
   const auto acc = accumulate_type(q.scalar_type());
@@ -68,7 +68,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
   auto grad_cumulative = decay.defined() ? at::zeros({s.batch, s.heads, s.q_len}, q.options().dtype(acc))
                                          : at::empty({0}, q.options().dtype(acc));
   const at::Tensor den = normalizer.contiguous();
-  at::Tensor initial, grad_final, mask;
+  at::Tensor initial, grad_final, final, mask;
   const bool* mask_ptr = optional_ptr<bool>(key_padding_mask, mask);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "linear_attn_bwd", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -76,7 +76,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
         s, view_of<scalar_t>(grad_out), view_of<scalar_t>(q), view_of<scalar_t>(k),
         view_of<scalar_t>(v), view_of<scalar_t>(out), den.const_data_ptr<acc_t>(), mask_ptr,
         data_or_null<acc_t>(decay), optional_ptr<acc_t>(initial_state, initial),
-        optional_ptr<acc_t>(grad_final_state, grad_final), grad_q.mutable_data_ptr<scalar_t>(),
+        optional_ptr<acc_t>(grad_final_state, grad_final),
+        causal ? nullptr : optional_ptr<acc_t>(final_state, final), grad_q.mutable_data_ptr<scalar_t>(),
         grad_k.mutable_data_ptr<scalar_t>(), grad_v.mutable_data_ptr<scalar_t>(),
         grad_initial.mutable_data_ptr<acc_t>(),
         decay.defined() ? grad_cumulative.mutable_data_ptr<acc_t>() : nullptr));
@@ -97,10 +98,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
     const at::Tensor& normalizer, const std::optional<at::Tensor>& initial_state,
     const std::optional<at::Tensor>& key_padding_mask, int64_t feature_map, bool causal,
-    bool normalize) {
+    bool normalize, const std::optional<at::Tensor>& final_state) {
   auto [gq, gk, gv, gi, unused] = backward_impl(grad_out, grad_final_state, q, k, v, at::Tensor(), out,
                                                 normalizer, initial_state, key_padding_mask,
-                                                feature_map, causal, normalize);
+                                                feature_map, causal, normalize, final_state);
   return {gq, gk, gv, gi};
 }
 
@@ -118,7 +119,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> decayed_b
     const at::Tensor& out, const at::Tensor& normalizer, const std::optional<at::Tensor>& initial_state,
     const std::optional<at::Tensor>& key_padding_mask, int64_t feature_map, bool normalize) {
   return backward_impl(grad_out, grad_final_state, q, k, v, log_decay, out, normalizer, initial_state,
-                       key_padding_mask, feature_map, /*causal=*/true, normalize);
+                       key_padding_mask, feature_map, /*causal=*/true, normalize, std::nullopt);
 }
 
 // --- Packed variable-length batches: each sequence runs through the same kernels on its own

@@ -56,11 +56,12 @@ void linear_attention_backward_cpu(const LinearAttentionShape& shape,
                                    Strided4<const scalar_t> out, const acc_t* normalizer,
                                    const bool* key_padding_mask, const acc_t* log_decay,
                                    const acc_t* initial_state, const acc_t* grad_final_state,
-                                   scalar_t* grad_q, scalar_t* grad_k, scalar_t* grad_v,
-                                   acc_t* grad_initial_state, acc_t* grad_log_decay) {
+                                   const acc_t* final_state, scalar_t* grad_q, scalar_t* grad_k,
+                                   scalar_t* grad_v, acc_t* grad_initial_state, acc_t* grad_log_decay) {
   Operands<scalar_t, acc_t> x;
   x.q = q, x.k = k, x.v = v, x.grad_out = grad_out, x.out = out, x.mask = key_padding_mask;
   x.initial = initial_state, x.grad_final = grad_final_state;
+  x.seen_state = shape.causal ? nullptr : final_state;
   x.den = const_cast<acc_t*>(normalizer);  // read only in the backward
   x.dq = grad_q, x.dk = grad_k, x.dv = grad_v, x.grad_initial = grad_initial_state;
   x.log_decay = log_decay, x.grad_log_decay = grad_log_decay;
@@ -175,7 +176,7 @@ void linear_attention_varlen_backward_cpu(
     const auto xn = sequence_operands(x, shape, n, offsets[n]);
     linear_attention_backward_cpu<scalar_t, acc_t>(
         one_sequence(shape, offsets[n + 1] - offsets[n]), xn.grad_out, xn.q, xn.k, xn.v, xn.out, xn.den,
-        nullptr, xn.log_decay, xn.initial, xn.grad_final, xn.dq, xn.dk, xn.dv, xn.grad_initial,
+        nullptr, xn.log_decay, xn.initial, xn.grad_final, nullptr, xn.dq, xn.dk, xn.dv, xn.grad_initial,
         xn.grad_log_decay);
   }
 }
@@ -188,8 +189,8 @@ void linear_attention_varlen_backward_cpu(
   template void linear_attention_backward_cpu<scalar_t, acc_t>(                                  \
       const LinearAttentionShape&, Strided4<const scalar_t>, Strided4<const scalar_t>,           \
       Strided4<const scalar_t>, Strided4<const scalar_t>, Strided4<const scalar_t>, const acc_t*, \
-      const bool*, const acc_t*, const acc_t*, const acc_t*, scalar_t*, scalar_t*, scalar_t*,    \
-      acc_t*, acc_t*);                                                                           \
+      const bool*, const acc_t*, const acc_t*, const acc_t*, const acc_t*, scalar_t*, scalar_t*, \
+      scalar_t*, acc_t*, acc_t*);                                                                \
   template void linear_attention_varlen_forward_cpu<scalar_t, acc_t>(                            \
       const LinearAttentionShape&, const int64_t*, int64_t, Strided4<const scalar_t>,            \
       Strided4<const scalar_t>, Strided4<const scalar_t>, const acc_t*, const acc_t*, scalar_t*, \

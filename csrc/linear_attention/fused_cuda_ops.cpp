@@ -51,14 +51,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cuda(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
     const at::Tensor& normalizer, const std::optional<at::Tensor>& initial_state,
     const std::optional<at::Tensor>& key_padding_mask, int64_t feature_map, bool causal,
-    bool normalize) {
+    bool normalize, const std::optional<at::Tensor>& final_state) {
   const c10::cuda::CUDAGuard guard(q.device());
   auto result = fused::backward(grad_out, grad_final_state, q, k, v, out, normalizer, initial_state,
-                                key_padding_mask, feature_map, causal, normalize, shared_memory_per_block(),
+                                key_padding_mask, feature_map, causal, normalize, final_state,
+                                shared_memory_per_block(),
                                 CudaLaunch{c10::cuda::getCurrentCUDAStream().stream()});
   if (result.has_value()) return *result;
   return backward_generic(grad_out, grad_final_state, q, k, v, out, normalizer, initial_state,
-                          key_padding_mask, feature_map, causal, normalize);
+                          key_padding_mask, feature_map, causal, normalize, final_state);
 }
 
 }  // namespace

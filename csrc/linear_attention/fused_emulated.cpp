@@ -63,9 +63,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_emulated(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
     const at::Tensor& normalizer, const std::optional<at::Tensor>& initial_state,
     const std::optional<at::Tensor>& key_padding_mask, int64_t feature_map, bool causal,
-    bool normalize) {
+    bool normalize, const std::optional<at::Tensor>& final_state) {
   auto result = fused::backward(grad_out, grad_final_state, q, k, v, out, normalizer, initial_state,
-                                key_padding_mask, feature_map, causal, normalize, emulated_shared_bytes(),
+                                key_padding_mask, feature_map, causal, normalize, final_state,
+                                emulated_shared_bytes(),
                                 EmulatedLaunch{});
   TORCH_CHECK(result.has_value(), kLinearAttentionOp, ": head dims ", q.size(3), " and ", v.size(3),
               " need more shared memory than a fused CUDA block has");

@@ -107,16 +107,17 @@ std::optional<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>> backwa
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
     const at::Tensor& normalizer, const std::optional<at::Tensor>& initial_state,
     const std::optional<at::Tensor>& key_padding_mask, int64_t feature_map, bool causal,
-    bool normalize, int64_t max_shared_bytes, const Launch& launch) {
+    bool normalize, const std::optional<at::Tensor>& final_state, int64_t max_shared_bytes,
+    const Launch& launch) {
   check_backward_inputs(grad_out, grad_final_state, q, k, v, out, normalizer, initial_state,
-                        key_padding_mask, feature_map, causal);
+                        key_padding_mask, feature_map, causal, final_state);
   const LinearAttentionShape s = kernel_shape(q, k, v, feature_map, causal, normalize, 1.0);
   const auto acc = q.options().dtype(accumulate_type(q.scalar_type()));
   auto grad_q = at::empty({s.batch, s.heads, s.q_len, s.feature_dim}, q.options());
   auto grad_k = at::empty({s.batch, s.heads, s.k_len, s.feature_dim}, q.options());
   auto grad_v = at::empty({s.batch, s.heads, s.k_len, s.value_dim}, q.options());
   auto grad_initial = at::empty({s.batch, s.heads, s.feature_dim, s.value_dim + 1}, acc);
-  at::Tensor initial, grad_final, mask;  // contiguous copies where needed (optional_ptr)
+  at::Tensor initial, grad_final, final, mask;  // contiguous copies where needed (optional_ptr)
   const bool* mask_ptr = optional_ptr<bool>(key_padding_mask, mask);
   const at::Tensor den = normalizer.contiguous();
   bool fits = true;
@@ -137,6 +138,11 @@ std::optional<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>> backwa
     dq.reduction = s.value_dim + 1;
     dq.v_cols = s.feature_dim;
     dq.state_in = state_view<const acc_t>(S0, s, true);
+    if (!causal && final_state.has_value()) {
+      // Non-causal, every query saw the forward's final state: no pass over the keys.
+      dq.state_in = state_view<const acc_t>(optional_ptr<acc_t>(final_state, final), s, true);
+      dq.state_complete = true;
+    }
     dq.epilogue = Epilogue::kGradQuery;
     dq.out = grad_q.data_ptr<scalar_t>();
 

@@ -118,6 +118,9 @@ struct ScanProblem {
   int64_t v_cols = 0;     // V columns split into tiles (the augmented column excluded)
   bool extra_column = false;  // every tile also carries V's augmented column (index v_cols)
   bool causal = false, reverse = false;
+  // Full (non-causal) only: state_in already sums every K/V row (the forward's final state
+  // handed to the backward), so the pass over them is skipped.
+  bool state_complete = false;
   int64_t chunk = 32, tile = 32;
   StateView<const acc_t> state_in;
   StateView<acc_t> state_out;  // the augmented column is written by tile 0 only
@@ -327,8 +330,9 @@ LINATTN_HD void run_scan_block(const Exec& exec, const ScanProblem<scalar_t, acc
   };
 
   if (!p.causal) {
-    // Full: the state over every K/V row first, then every P row against it.
-    const int64_t kv_rows = p.rows_of(p.k_rows);
+    // Full: the state over every K/V row first (unless state_in is that already), then every
+    // P row against it.
+    const int64_t kv_rows = p.state_complete ? 0 : p.rows_of(p.k_rows);
     for (int64_t start = 0; start < kv_rows; start += C) {
       const int64_t n = rows_from(start, kv_rows);
       load(start, n, false, true);

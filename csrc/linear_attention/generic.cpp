@@ -142,9 +142,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_generic(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
     const at::Tensor& normalizer, const std::optional<at::Tensor>& initial_state,
     const std::optional<at::Tensor>& key_padding_mask, int64_t feature_map, bool causal,
-    bool normalize) {
+    bool normalize, const std::optional<at::Tensor>& final_state) {
   check_backward_inputs(grad_out, grad_final_state, q, k, v, out, normalizer, initial_state,
-                        key_padding_mask, feature_map, causal);
+                        key_padding_mask, feature_map, causal, final_state);
   const LinearAttentionShape s = kernel_shape(q, k, v, feature_map, causal, normalize, 1.0);
   const auto acc = accumulate_type(q.scalar_type());
   const at::Tensor q_acc = q.to(acc), k_acc = k.to(acc);
@@ -173,7 +173,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_generic(
     dk = std::get<0>(reverse_causal_scan(Vp, Gp, Q, dSN.transpose(-1, -2)));
     std::tie(dvp, d_initial) = reverse_causal_scan(K, Q, Gp, dSN);
   } else {
-    const at::Tensor state = S0 + at::matmul(K.transpose(-1, -2), Vp);
+    // Every query saw the final state: the forward's when handed over, else recomputed.
+    const at::Tensor state =
+        final_state.has_value() ? *final_state : S0 + at::matmul(K.transpose(-1, -2), Vp);
     d_initial = dSN + at::matmul(Q.transpose(-1, -2), Gp);
     dq = at::matmul(Gp, state.transpose(-1, -2));
     dk = at::matmul(Vp, d_initial.transpose(-1, -2));

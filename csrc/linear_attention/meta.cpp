@@ -27,10 +27,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_meta(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
     const at::Tensor& normalizer, const std::optional<at::Tensor>& initial_state,
     const std::optional<at::Tensor>& key_padding_mask, int64_t feature_map, bool causal,
-    bool normalize) {
+    bool normalize, const std::optional<at::Tensor>& final_state) {
   const LinearAttentionSizes s =
       check_backward_inputs(grad_out, grad_final_state, q, k, v, out, normalizer, initial_state,
-                            key_padding_mask, feature_map, causal);
+                            key_padding_mask, feature_map, causal, final_state);
   const auto acc = q.options().dtype(accumulate_type(q.scalar_type()));
   return {at::empty_symint({s.batch, s.heads, s.q_len, s.feature_dim}, q.options()),
           at::empty_symint({s.batch, s.heads, s.k_len, s.feature_dim}, q.options()),
@@ -54,7 +54,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> decayed_b
     const at::Tensor& out, const at::Tensor& normalizer, const std::optional<at::Tensor>& initial_state,
     const std::optional<at::Tensor>& key_padding_mask, int64_t feature_map, bool normalize) {
   auto [gq, gk, gv, gi] = backward_meta(grad_out, grad_final_state, q, k, v, out, normalizer,
-                                        initial_state, key_padding_mask, feature_map, true, normalize);
+                                        initial_state, key_padding_mask, feature_map, true, normalize,
+                                        std::nullopt);
   const LinearAttentionSizes s = check_inputs(q, k, v, initial_state, key_padding_mask, feature_map, true);
   check_log_decay(log_decay, q, s);
   return {gq, gk, gv, gi, at::empty_symint({s.batch, s.heads, s.q_len}, log_decay.options())};

@@ -80,13 +80,15 @@ inline LinearAttentionSizes check_backward_inputs(
     const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_final_state,
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
     const at::Tensor& normalizer, const std::optional<at::Tensor>& initial_state,
-    const std::optional<at::Tensor>& key_padding_mask, int64_t feature_map, bool causal) {
+    const std::optional<at::Tensor>& key_padding_mask, int64_t feature_map, bool causal,
+    const std::optional<at::Tensor>& final_state = std::nullopt) {
   const char* op = kLinearAttentionOp;
   const LinearAttentionSizes s =
       check_inputs(q, k, v, initial_state, key_padding_mask, feature_map, causal);
   check_saved_outputs(grad_out, out, normalizer, q, s);
   if (grad_final_state.has_value())
     check_state(op, "grad_final_state", *grad_final_state, q, s.state());
+  if (final_state.has_value()) check_state(op, "final_state", *final_state, q, s.state());
   return s;
 }
 

@@ -63,13 +63,17 @@ class SequenceParallel {
   }
 
   void backward() {
-    std::vector<Piece> pieces = key_pieces();
+    // Non-causal with the forward's final state at hand, no key states are needed.
+    std::vector<Piece> pieces = x_.seen_state ? std::vector<Piece>() : key_pieces();
     const std::vector<Piece> queries = query_pieces();
     pieces.insert(pieces.end(), queries.begin(), queries.end());
     compute(pieces);
     run_segments([&](Kernel<scalar_t, acc_t>& kernel, int64_t bh, int64_t p) {
       const int64_t N = s_.q_len, M = s_.k_len;
-      load_prefix(kernel, false, x_.initial, bh, pieces, s_.causal ? p : P_);
+      if (x_.seen_state)
+        kernel.unpack_state(kernel.S.data(), kernel.z.data(), x_.seen_state, bh);
+      else
+        load_prefix(kernel, false, x_.initial, bh, pieces, s_.causal ? p : P_);
       // The state gradient of the queries after this segment (causal), or of all (not).
       load_prefix(kernel, true, x_.grad_final, bh, pieces, s_.causal ? p + 1 : 0);
       kernel.query_grads(x_, bh, segment_bound(N, P_, p, C_), segment_bound(N, P_, p + 1, C_));
