@@ -71,7 +71,7 @@ TORCH_LIBRARY(linattn, m) {
   m.def(
       "linear_attn_varlen_bwd(Tensor grad_out, Tensor? grad_final_state, Tensor q, Tensor k, Tensor v, "
       "Tensor cu_seqlens, Tensor? log_decay, Tensor out, Tensor normalizer, Tensor? initial_state, "
-      "int feature_map, bool causal, bool normalize) -> "
+      "int feature_map, bool causal, bool normalize, Tensor? final_state=None) -> "
       "(Tensor grad_q, Tensor grad_k, Tensor grad_v, Tensor grad_initial_state, Tensor grad_log_decay)");
   // One decoding step (recurrent form): S' = factor·S + φ(k) vᵀ, z' = factor·z + φ(k),
   // out = φ(q)ᵀS' / (φ(q)·z' + eps) (or the numerator alone). q, k (B, H, D), v (B, H, dv);

@@ -302,21 +302,22 @@ def _register_varlen() -> None:
 
     def setup_context(ctx, inputs, output):
         q, k, v, cu_seqlens, log_decay, initial_state, feature_map, causal, normalize, _eps = inputs
-        out, _final_state, normalizer = output
-        ctx.save_for_backward(q, k, v, cu_seqlens, log_decay, out, normalizer, initial_state)
+        out, final_state, normalizer = output
+        seen_state = None if causal else final_state  # as in _register: the backward reuses it
+        ctx.save_for_backward(q, k, v, cu_seqlens, log_decay, out, normalizer, initial_state, seen_state)
         ctx.options = (feature_map, causal, normalize)
         ctx.mark_non_differentiable(normalizer)
 
     def backward(ctx, grad_out, grad_final_state, _grad_normalizer):
         from .varlen import segment_reverse_cumsum
 
-        q, k, v, cu_seqlens, log_decay, out, normalizer, initial_state = ctx.saved_tensors
+        q, k, v, cu_seqlens, log_decay, out, normalizer, initial_state, seen_state = ctx.saved_tensors
         feature_map, causal, normalize = ctx.options
         if grad_out is None:  # only the final states were used
             grad_out = torch.zeros_like(out)
         grad_q, grad_k, grad_v, grad_initial, grad_cumulative = backward_op(
             grad_out, grad_final_state, q, k, v, cu_seqlens, log_decay, out, normalizer, initial_state,
-            feature_map, causal, normalize,
+            feature_map, causal, normalize, seen_state,
         )
         # c restarts with every sequence: dL/dlog_decay_t = Σ_{i >= t in t's sequence} dL/dc_i
         grad_log_decay = None if log_decay is None else segment_reverse_cumsum(grad_cumulative, cu_seqlens)

@@ -74,6 +74,10 @@ def varlen_linear_attention(where, q, k, v, phi_q, phi_k, code, phi, cu_seqlens,
         out, final_state, _ = torch.ops.linattn.linear_attn_varlen_fwd(
             phi_q, phi_k, v, cu_seqlens, log_decay, initial, code, causal, normalize, float(eps)
         )
+        if need_state and not causal:
+            # Autograd saved this final state for the backward: the caller gets a copy it may
+            # change in place (as linattn.functional does).
+            final_state = final_state.clone()
         return out, _ops.split_state(final_state)
     fused = phi if code else None  # a built-in map the CPU operator would have applied
     out, state = _packed_generic(where, phi_q, phi_k, fused, v, cu_seqlens, causal, normalize, eps, log_decay,

@@ -2,7 +2,8 @@
 final_state argument, which autograd passes for non-causal calls): every query saw that state,
 so the backward uses it instead of recomputing it from the keys. It must give what the
 recomputing backward gives, in every implementation (CPU kernel, sequential and sequence-
-parallel; device-generic; fused block program), and a causal backward must not read it."""
+parallel; device-generic; fused block program; the packed variable-length operator), and a
+causal backward must not read it."""
 import pytest
 import torch
 
@@ -98,5 +99,45 @@ def test_returned_state_may_be_changed_in_place():
     out, (S, z) = linattn.linear_attention(q, k, v, output_final_state=True)
     S.mul_(0.5)
     z.add_(1.0)
+    for got, want in zip(torch.autograd.grad(out.sum(), (q, k, v)), expected):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("in_parallel", [False, True])
+def test_varlen_reuse_equals_recompute(causal, in_parallel):
+    """linear_attn_varlen_bwd: each sequence's final state; many short sequences run as
+    parallel (sequence, head) items, a few long ones one after another."""
+    lengths = [5, 0, 17, 9, 30, 1] * 4 if in_parallel else [700, 3, 1300]
+    g = torch.Generator().manual_seed(len(lengths))
+    cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32)
+    total, H, m, dv = int(cu[-1]), 2, 6, 5
+    q, k = (torch.randn(1, H, total, m, generator=g) for _ in range(2))
+    v = torch.randn(1, H, total, dv, generator=g)
+    initial = torch.rand(len(lengths), H, m, dv + 1, generator=g)
+    out, final_state, normalizer = torch.ops.linattn.linear_attn_varlen_fwd(q, k, v, cu, None, initial, 1, causal,
+                                                                           True, 1e-6)
+    grad_out = torch.randn(out.shape, generator=g)
+    grad_final = torch.randn(final_state.shape, generator=g)
+
+    def run(final):
+        return torch.ops.linattn.linear_attn_varlen_bwd(grad_out, grad_final, q, k, v, cu, None, out, normalizer,
+                                                       initial, 1, causal, True, final)
+    handed = final_state if not causal else torch.full_like(final_state, float("nan"))  # causal: not read
+    for got, expected in zip(run(handed), run(None)):
+        torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+    with pytest.raises(RuntimeError, match=r"final_state must have shape"):
+        run(final_state[:1])
+
+
+def test_varlen_returned_state_may_be_changed_in_place():
+    import linattn
+
+    g = torch.Generator().manual_seed(2)
+    cu = torch.tensor([0, 4, 11], dtype=torch.int32)
+    q, k, v = (torch.randn(1, 2, 11, 4, generator=g).requires_grad_() for _ in range(3))
+    expected = torch.autograd.grad(linattn.linear_attention(q, k, v, cu_seqlens=cu).sum(), (q, k, v))
+    out, (S, z) = linattn.linear_attention(q, k, v, cu_seqlens=cu, output_final_state=True)
+    S.mul_(0.5)
     for got, want in zip(torch.autograd.grad(out.sum(), (q, k, v)), expected):
         torch.testing.assert_close(got, want, rtol=0, atol=0)

@@ -169,9 +169,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> varlen_ba
     const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_final_state,
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_seqlens,
     const std::optional<at::Tensor>& log_decay, const at::Tensor& out, const at::Tensor& normalizer,
-    const std::optional<at::Tensor>& initial_state, int64_t feature_map, bool causal, bool normalize) {
+    const std::optional<at::Tensor>& initial_state, int64_t feature_map, bool causal, bool normalize,
+    const std::optional<at::Tensor>& final_state) {
   check_varlen_backward_inputs(grad_out, grad_final_state, q, k, v, cu_seqlens, log_decay, out, normalizer,
-                               initial_state, feature_map, causal);
+                               initial_state, feature_map, causal, final_state);
   const LinearAttentionShape s = kernel_shape(q, k, v, feature_map, causal, normalize, 1.0);
   const std::vector<int64_t> offsets = sequence_offsets(cu_seqlens, s.q_len);
   const int64_t sequences = static_cast<int64_t>(offsets.size()) - 1;
@@ -186,13 +187,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> varlen_ba
   const at::Tensor den = normalizer.contiguous();
   const at::Tensor initial = initial_state.has_value() ? initial_state->contiguous() : at::Tensor();
   const at::Tensor grad_final = grad_final_state.has_value() ? grad_final_state->contiguous() : at::Tensor();
+  // Non-causal, each sequence's queries saw its final state: read, not recomputed.
+  const at::Tensor seen = final_state.has_value() && !causal ? final_state->contiguous() : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "linear_attn_varlen_bwd", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     LINATTN_CPU_ISA_DISPATCH(linear_attention_varlen_backward_cpu<scalar_t, acc_t>(
         s, offsets.data(), sequences, view_of<scalar_t>(grad_out), view_of<scalar_t>(q),
         view_of<scalar_t>(k), view_of<scalar_t>(v), view_of<scalar_t>(out), den.const_data_ptr<acc_t>(),
         data_or_null<acc_t>(decay), data_or_null<acc_t>(initial), data_or_null<acc_t>(grad_final),
-        grad_q.mutable_data_ptr<scalar_t>(), grad_k.mutable_data_ptr<scalar_t>(),
+        data_or_null<acc_t>(seen), grad_q.mutable_data_ptr<scalar_t>(), grad_k.mutable_data_ptr<scalar_t>(),
         grad_v.mutable_data_ptr<scalar_t>(), grad_initial.mutable_data_ptr<acc_t>(),
         decay.defined() ? grad_cumulative.mutable_data_ptr<acc_t>() : nullptr));
   });

@@ -106,6 +106,7 @@ Operands<scalar_t, acc_t> sequence_operands(Operands<scalar_t, acc_t> x, const L
   x.dq = at_row(x.dq, m), x.dk = at_row(x.dk, m), x.dv = at_row(x.dv, dv);
   x.initial = at_state(x.initial), x.final_state = at_state(x.final_state);
   x.grad_final = at_state(x.grad_final), x.grad_initial = at_state(x.grad_initial);
+  x.seen_state = at_state(x.seen_state);
   return x;
 }
 
@@ -159,11 +160,12 @@ void linear_attention_varlen_backward_cpu(
     Strided4<const scalar_t> grad_out, Strided4<const scalar_t> q, Strided4<const scalar_t> k,
     Strided4<const scalar_t> v, Strided4<const scalar_t> out, const acc_t* normalizer,
     const acc_t* log_decay, const acc_t* initial_state, const acc_t* grad_final_state,
-    scalar_t* grad_q, scalar_t* grad_k, scalar_t* grad_v, acc_t* grad_initial_state,
-    acc_t* grad_log_decay) {
+    const acc_t* final_state, scalar_t* grad_q, scalar_t* grad_k, scalar_t* grad_v,
+    acc_t* grad_initial_state, acc_t* grad_log_decay) {
   Operands<scalar_t, acc_t> x;
   x.q = q, x.k = k, x.v = v, x.grad_out = grad_out, x.out = out;
   x.initial = initial_state, x.grad_final = grad_final_state;
+  x.seen_state = shape.causal ? nullptr : final_state;
   x.den = const_cast<acc_t*>(normalizer);  // read only in the backward
   x.dq = grad_q, x.dk = grad_k, x.dv = grad_v, x.grad_initial = grad_initial_state;
   x.log_decay = log_decay, x.grad_log_decay = grad_log_decay;
@@ -176,7 +178,7 @@ void linear_attention_varlen_backward_cpu(
     const auto xn = sequence_operands(x, shape, n, offsets[n]);
     linear_attention_backward_cpu<scalar_t, acc_t>(
         one_sequence(shape, offsets[n + 1] - offsets[n]), xn.grad_out, xn.q, xn.k, xn.v, xn.out, xn.den,
-        nullptr, xn.log_decay, xn.initial, xn.grad_final, nullptr, xn.dq, xn.dk, xn.dv, xn.grad_initial,
+        nullptr, xn.log_decay, xn.initial, xn.grad_final, xn.seen_state, xn.dq, xn.dk, xn.dv, xn.grad_initial,
         xn.grad_log_decay);
   }
 }
@@ -199,7 +201,7 @@ void linear_attention_varlen_backward_cpu(
       const LinearAttentionShape&, const int64_t*, int64_t, Strided4<const scalar_t>,            \
       Strided4<const scalar_t>, Strided4<const scalar_t>, Strided4<const scalar_t>,              \
       Strided4<const scalar_t>, const acc_t*, const acc_t*, const acc_t*, const acc_t*,          \
-      scalar_t*, scalar_t*, scalar_t*, acc_t*, acc_t*);
+      const acc_t*, scalar_t*, scalar_t*, scalar_t*, acc_t*, acc_t*);
 
 LINATTN_INSTANTIATE(float, float)
 LINATTN_INSTANTIATE(double, double)

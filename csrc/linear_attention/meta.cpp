@@ -77,10 +77,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> varlen_ba
     const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_final_state,
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_seqlens,
     const std::optional<at::Tensor>& log_decay, const at::Tensor& out, const at::Tensor& normalizer,
-    const std::optional<at::Tensor>& initial_state, int64_t feature_map, bool causal, bool normalize) {
+    const std::optional<at::Tensor>& initial_state, int64_t feature_map, bool causal, bool normalize,
+    const std::optional<at::Tensor>& final_state) {
   const LinearAttentionSizes s = check_varlen_backward_inputs(grad_out, grad_final_state, q, k, v, cu_seqlens,
                                                               log_decay, out, normalizer, initial_state,
-                                                              feature_map, causal);
+                                                              feature_map, causal, final_state);
   const auto acc = q.options().dtype(accumulate_type(q.scalar_type()));
   return {at::empty_symint({1, s.heads, s.q_len, s.feature_dim}, q.options()),
           at::empty_symint({1, s.heads, s.k_len, s.feature_dim}, q.options()),

@@ -151,13 +151,15 @@ inline LinearAttentionSizes check_varlen_backward_inputs(
     const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_final_state,
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_seqlens,
     const std::optional<at::Tensor>& log_decay, const at::Tensor& out, const at::Tensor& normalizer,
-    const std::optional<at::Tensor>& initial_state, int64_t feature_map, bool causal) {
+    const std::optional<at::Tensor>& initial_state, int64_t feature_map, bool causal,
+    const std::optional<at::Tensor>& final_state = std::nullopt) {
   const LinearAttentionSizes s =
       check_varlen_inputs(q, k, v, cu_seqlens, log_decay, initial_state, feature_map, causal);
   check_saved_outputs(grad_out, out, normalizer, q, s);
+  const std::vector<c10::SymInt> states{cu_seqlens.sym_size(0) - 1, s.heads, s.feature_dim, s.value_dim + 1};
   if (grad_final_state.has_value())
-    check_state(kLinearAttentionOp, "grad_final_state", *grad_final_state, q,
-                {cu_seqlens.sym_size(0) - 1, s.heads, s.feature_dim, s.value_dim + 1});
+    check_state(kLinearAttentionOp, "grad_final_state", *grad_final_state, q, states);
+  if (final_state.has_value()) check_state(kLinearAttentionOp, "final_state", *final_state, q, states);
   return s;
 }
 
