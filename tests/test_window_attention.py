@@ -237,3 +237,20 @@ def test_swapped_encoder_with_a_window_covering_the_sequence_is_softmax(method, 
     assert_close(out, dense(x), 1e-5, "window >= T equals softmax")
     out.sum().backward()
     assert all(p.grad is not None for p in windowed.parameters())
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_scratch_kept_between_calls_leaves_no_trace(threads):
+    """Each thread keeps its kernel scratch from call to call: a call with NaN inputs, a wide
+    window and a large head dimension must not change the result of a later, smaller call."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        nan = float("nan")
+        q, k, v = (torch.full((1, 2, 300, 64), nan, requires_grad=True) for _ in range(3))
+        SWA(q, k, v, 200).sum().backward()
+        for dtype in (torch.float32, torch.float64):
+            check(*qkv(Tq=49, D=19, dtype=dtype, seed=3), 9)
+            check(*qkv(Tq=77, D=8, dtype=dtype, seed=4), 30, causal=True)
+    finally:
+        torch.set_num_threads(previous)

@@ -18,6 +18,16 @@
 #define LINATTN_ISA cpu_base
 #endif
 
+// The instruction-set level of the build being compiled (0 baseline, 1 AVX2, 2 AVX-512), set
+// by the per-set sources next to LINATTN_ISA, for the few helpers written with intrinsics:
+// g++ does not define __AVX2__ and the like under `#pragma GCC target`.
+#if !LINATTN_CPU_ISA_VARIANTS
+#undef LINATTN_ISA_LEVEL
+#endif
+#ifndef LINATTN_ISA_LEVEL
+#define LINATTN_ISA_LEVEL 0
+#endif
+
 namespace linattn {
 
 enum class CpuIsa { base = 0, avx2 = 1, avx512 = 2 };

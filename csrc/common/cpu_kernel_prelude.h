@@ -16,3 +16,8 @@
 #include <limits>
 #include <type_traits>
 #include <vector>
+
+#include "cpu_isa.h"
+#if LINATTN_CPU_ISA_VARIANTS
+#include <immintrin.h>  // intrinsics of common/row_reductions.h, callable under the target pragmas
+#endif

@@ -1,6 +1,7 @@
 // The linear-attention CPU kernels built for AVX-512 (F, BW, VL, DQ); common/cpu_isa.h
 // chooses among the builds at run time.
 #define LINATTN_ISA cpu_avx512
+#define LINATTN_ISA_LEVEL 2
 #include "../common/cpu_kernel_prelude.h"
 #include "kernel.h"
 

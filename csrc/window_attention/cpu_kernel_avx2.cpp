@@ -1,6 +1,7 @@
 // The restricted-softmax (window, block-sparse) CPU kernels built for AVX2 + FMA;
 // common/cpu_isa.h chooses among the builds at run time.
 #define LINATTN_ISA cpu_avx2
+#define LINATTN_ISA_LEVEL 1
 #include "../common/cpu_kernel_prelude.h"
 #include "kernel.h"
 

@@ -18,6 +18,7 @@
 #include "../common/fast_math.h"
 #include "../common/masked_product.h"
 #include "../common/row_loader.h"
+#include "../common/row_reductions.h"
 
 namespace linattn {
 namespace LINATTN_ISA {
@@ -77,15 +78,19 @@ inline void keep_unpadded(unsigned char* vr, const bool* padded, const int64_t* 
   }
 }
 
+// Row loops run over `width` columns: the group's n keys rounded up to kRowLanes, within the
+// kKeyGroup-wide scratch rows. A scalar tail of the exp costs as much as three vector
+// iterations (Swin's 49 keys leave one), so score() clears the visibility of the columns past
+// n instead, and the loops compute those columns and select them away.
+inline int64_t lane_width(int64_t n) {
+  return std::min(kKeyGroup, (n + kRowLanes - 1) / kRowLanes * kRowLanes);
+}
+
 // p[c] = exp(s[c] − shift) where the pair is visible, else 0 (never exp(−inf)). Computed for
 // every c and then selected, so the loop vectorizes; `omp simd` because the visibility bytes
-// could alias the floats as far as the compiler knows. The loop runs to n rounded up to 16, a
-// multiple of every build's vector length for float and double (within the kKeyGroup-wide
-// scratch rows): a scalar tail of this exp (Swin's 49 keys leave one) costs as much as three
-// vector iterations. Columns past n hold stale scratch, are computed and never read.
+// could alias the floats as far as the compiler knows.
 template <typename acc_t>
-void masked_exp(acc_t* p, const acc_t* s, const unsigned char* visible, acc_t shift, int64_t n) {
-  const int64_t width = std::min(kKeyGroup, (n + 15) / 16 * 16);
+void masked_exp(acc_t* p, const acc_t* s, const unsigned char* visible, acc_t shift, int64_t width) {
 #pragma omp simd
   for (int64_t c = 0; c < width; ++c) {
     const acc_t e = exp_nonpositive(s[c] - shift);
@@ -297,6 +302,47 @@ struct BlockPattern {
   }
 };
 
+// An engine's scratch rows. Each thread keeps one across calls (thread_local): allocating and
+// zero-filling these ~300 KB on every call was most of the fixed cost of a small call (Swin's
+// last stage: one window, 24 heads). Stale contents are harmless: every loop writes what it
+// reads, except the columns past a group's keys, whose visibility score() clears.
+template <typename acc_t>
+struct EngineScratch {
+  std::vector<acc_t> q, k, v, g, scores, probs, o, dq, dk_part, dv_part, row_max, row_sum, lse_rows, delta;
+  std::vector<unsigned char> vis;
+  bool in_use = false;
+
+  void reserve_for(int64_t D, int64_t dv) {
+    auto at_least = [](auto& buffer, int64_t size) {
+      if (static_cast<int64_t>(buffer.size()) < size) buffer.resize(size);
+    };
+    at_least(q, kBlock * D);
+    at_least(k, kKeyGroup * D);
+    at_least(v, kKeyGroup * dv);
+    at_least(g, kBlock * dv);
+    at_least(scores, kBlock * kKeyGroup);
+    at_least(probs, kBlock * kKeyGroup);
+    at_least(o, kBlock * dv);
+    at_least(dq, kBlock * D);
+    at_least(dk_part, kKeyGroup * D);
+    at_least(dv_part, kKeyGroup * dv);
+    at_least(row_max, kBlock);
+    at_least(row_sum, kBlock);
+    at_least(lse_rows, kBlock);
+    at_least(delta, kBlock);
+    at_least(vis, kBlock * kKeyGroup);
+  }
+};
+
+// This thread's scratch, or `own` when an engine of this thread already holds it.
+template <typename acc_t>
+EngineScratch<acc_t>& claim_scratch(EngineScratch<acc_t>& own) {
+  static thread_local EngineScratch<acc_t> kept;
+  EngineScratch<acc_t>& chosen = kept.in_use ? own : kept;
+  chosen.in_use = true;
+  return chosen;
+}
+
 // The flash-style engine, for any pattern with key_groups() and visibility().
 template <typename scalar_t, typename acc_t, typename Pattern>
 struct SoftmaxEngine {
@@ -304,28 +350,22 @@ struct SoftmaxEngine {
   const Pattern& pattern;
   int64_t D, dv;
 
-  std::vector<acc_t> q, k, v, g, scores, probs, o, dq, dk_part, dv_part, row_max, row_sum, lse_rows,
-      delta;
-  std::vector<unsigned char> vis;
+  EngineScratch<acc_t> own;  // used only when this thread's kept scratch is taken
+  EngineScratch<acc_t>& buffers;
+  std::vector<acc_t>&q, &k, &v, &g, &scores, &probs, &o, &dq, &dk_part, &dv_part, &row_max, &row_sum, &lse_rows,
+      &delta;
+  std::vector<unsigned char>& vis;
 
   SoftmaxEngine(const WindowAttentionShape& shape, const Pattern& visible)
-      : s(shape), pattern(visible), D(shape.head_dim), dv(shape.value_dim) {
-    q.resize(kBlock * D);
-    k.resize(kKeyGroup * D);
-    v.resize(kKeyGroup * dv);
-    g.resize(kBlock * dv);
-    scores.resize(kBlock * kKeyGroup);
-    probs.resize(kBlock * kKeyGroup);
-    o.resize(kBlock * dv);
-    dq.resize(kBlock * D);
-    dk_part.resize(kKeyGroup * D);
-    dv_part.resize(kKeyGroup * dv);
-    row_max.resize(kBlock);
-    row_sum.resize(kBlock);
-    lse_rows.resize(kBlock);
-    delta.resize(kBlock);
-    vis.resize(kBlock * kKeyGroup);
+      : s(shape), pattern(visible), D(shape.head_dim), dv(shape.value_dim), buffers(claim_scratch(own)),
+        q(buffers.q), k(buffers.k), v(buffers.v), g(buffers.g), scores(buffers.scores), probs(buffers.probs),
+        o(buffers.o), dq(buffers.dq), dk_part(buffers.dk_part), dv_part(buffers.dv_part), row_max(buffers.row_max),
+        row_sum(buffers.row_sum), lse_rows(buffers.lse_rows), delta(buffers.delta), vis(buffers.vis) {
+    buffers.reserve_for(D, dv);
   }
+  ~SoftmaxEngine() { buffers.in_use = false; }
+  SoftmaxEngine(const SoftmaxEngine&) = delete;
+  SoftmaxEngine& operator=(const SoftmaxEngine&) = delete;
 
   // Rows of a (b, h) view gathered by index into contiguous scratch, one load per run of
   // consecutive indices (a window band is a single run).
@@ -353,6 +393,8 @@ struct SoftmaxEngine {
     gemm<acc_t>(false, true, L, n, D, q.data(), D, k.data(), D, 0, scores.data(), kKeyGroup);
     pattern.visibility(bi, hi, i0, L, keys, vis.data(), kKeyGroup);
     pattern.adjust_scores(bi, hi, i0, L, keys, scores.data(), vis.data(), kKeyGroup);
+    const int64_t width = lane_width(n);  // the row loops' columns past n: never visible
+    for (int64_t r = 0; r < L; ++r) std::fill(vis.data() + r * kKeyGroup + n, vis.data() + r * kKeyGroup + width, 0);
   }
 
   // A key group's keys and values into scratch, its scores and visibility; returns its size.
@@ -377,24 +419,13 @@ struct SoftmaxEngine {
     std::fill(row_max.begin(), row_max.end(), minus_infinity<acc_t>());
     std::fill(row_sum.begin(), row_sum.end(), acc_t(0));
     for (const auto& keys : pattern.key_groups(bi, hi, i0, i0 + L).groups) {
-      const int64_t n = load_group(K, V, bi, hi, i0, L, keys);
+      const int64_t n = load_group(K, V, bi, hi, i0, L, keys), width = lane_width(n);
       for (int64_t r = 0; r < L; ++r) {
         const acc_t* sr = scores.data() + r * kKeyGroup;
         const unsigned char* vr = vis.data() + r * kKeyGroup;
         acc_t* pr = probs.data() + r * kKeyGroup;
-        // `omp simd` reductions let these loops vectorize (a plain float reduction may not be
-        // reordered); a NaN score still reaches the output through its exp below.
-        // Masked scores go to pr first: separate simple loops are what the compiler vectorizes.
-        // (`omp simd` also on loops that write floats next to the visibility bytes: a char may
-        // alias anything, and without it the compiler keeps them scalar.)
-        unsigned char any_visible = 0;
-#pragma omp simd reduction(| : any_visible)
-        for (int64_t c = 0; c < n; ++c) any_visible |= vr[c];
-#pragma omp simd
-        for (int64_t c = 0; c < n; ++c) pr[c] = vr[c] ? sr[c] : minus_infinity<acc_t>();
-        acc_t group_max = minus_infinity<acc_t>();
-#pragma omp simd reduction(max : group_max)
-        for (int64_t c = 0; c < n; ++c) group_max = pr[c] > group_max ? pr[c] : group_max;
+        bool any_visible;
+        const acc_t group_max = masked_row_max(sr, vr, width, any_visible);
         if (!any_visible) {
           std::fill(pr, pr + n, acc_t(0));
           continue;
@@ -403,11 +434,8 @@ struct SoftmaxEngine {
         const acc_t m_new = std::max(m_old, group_max);
         // All visible scores NaN leave m at −inf: exp(NaN − −inf) is NaN, which then propagates.
         const acc_t alpha = m_old == minus_infinity<acc_t>() ? acc_t(0) : exp_nonpositive(m_old - m_new);
-        masked_exp(pr, sr, vr, m_new, n);
-        acc_t sum = 0;
-#pragma omp simd reduction(+ : sum)
-        for (int64_t c = 0; c < n; ++c) sum += pr[c];
-        row_sum[r] = row_sum[r] * alpha + sum;
+        masked_exp(pr, sr, vr, m_new, width);
+        row_sum[r] = row_sum[r] * alpha + row_total(pr, width);
         row_max[r] = m_new;
         acc_t* orow = o.data() + r * dv;
         for (int64_t c = 0; c < dv; ++c) orow[c] *= alpha;
@@ -437,32 +465,37 @@ struct SoftmaxEngine {
       const int64_t L = std::min(kBlock, s.q_len - i0);
       load_queries(Q, bi, hi, i0, L);
       load_rows(g.data(), dv, G.row(bi, hi, i0), G.stride[2], G.stride[3], L, dv);
+      // δ_i = dO_i · O_i; a zero cotangent contributes nothing (not 0·O, NaN for NaN O). The
+      // outputs' rows go through the o scratch (contiguous, accumulation type).
+      load_rows(o.data(), dv, O.row(bi, hi, i0), O.stride[2], O.stride[3], L, dv);
       for (int64_t r = 0; r < L; ++r) {
-        // δ_i = dO_i · O_i; a zero cotangent contributes nothing (not 0·O, NaN for NaN O).
-        const scalar_t* orow = O.row(bi, hi, i0 + r);
-        acc_t dot = 0;
-        for (int64_t c = 0; c < dv; ++c) {
-          const acc_t gc = g[r * dv + c];
-          dot += gc == acc_t(0) ? acc_t(0) : gc * static_cast<acc_t>(orow[c * O.stride[3]]);
-        }
+        const acc_t dot = dot_where_nonzero(g.data() + r * dv, o.data() + r * dv, dv);
         delta[r] = grad_lse ? dot - grad_lse[bh * s.q_len + i0 + r] : dot;
         lse_rows[r] = lse[bh * s.q_len + i0 + r];
       }
       std::fill(dq.begin(), dq.begin() + L * D, acc_t(0));
       for (const auto& keys : pattern.key_groups(bi, hi, i0, i0 + L).groups) {
-        const int64_t n = load_group(K, V, bi, hi, i0, L, keys);
+        const int64_t n = load_group(K, V, bi, hi, i0, L, keys), width = lane_width(n);
         for (int64_t r = 0; r < L; ++r) {
           const bool empty = lse_rows[r] == minus_infinity<acc_t>();
           unsigned char* vr = vis.data() + r * kKeyGroup;
-          if (empty) std::fill(vr, vr + n, 0);
+          if (empty) std::fill(vr, vr + width, 0);
           const acc_t* sr = scores.data() + r * kKeyGroup;
           acc_t* pr = probs.data() + r * kKeyGroup;
           const acc_t row_lse = lse_rows[r];
-          masked_exp(pr, sr, vr, row_lse, n);
+          masked_exp(pr, sr, vr, row_lse, width);
+        }
+        // Key and value gradients of a run of consecutive keys accumulate in place; other groups
+        // go through the parts, scattered below.
+        const int64_t first = run_start(keys);
+        acc_t* dv_keys = first >= 0 ? dv_acc.data() + first * dv : dv_part.data();
+        acc_t* dk_keys = first >= 0 ? dk_acc.data() + first * D : dk_part.data();
+        if (first < 0) {
+          std::fill(dv_part.begin(), dv_part.begin() + n * dv, acc_t(0));
+          std::fill(dk_part.begin(), dk_part.begin() + n * D, acc_t(0));
         }
         // dV_keys += Pᵀ dO
-        std::fill(dv_part.begin(), dv_part.begin() + n * dv, acc_t(0));
-        add_masked_product(true, L, n, dv, probs.data(), kKeyGroup, g.data(), dv, dv_part.data(), dv, visible_pair());
+        add_masked_product(true, L, n, dv, probs.data(), kKeyGroup, g.data(), dv, dv_keys, dv, visible_pair());
         // dP = dO Vᵀ, then dS = P ⊙ (dP − δ) on visible pairs whose score is not fixed (scores
         // is reused for dS).
         gemm<acc_t>(false, true, L, n, dv, g.data(), dv, v.data(), dv, 0, scores.data(), kKeyGroup);
@@ -472,19 +505,19 @@ struct SoftmaxEngine {
           const unsigned char* vr = vis.data() + r * kKeyGroup;
           const acc_t d = delta[r];
 #pragma omp simd
-          for (int64_t c = 0; c < n; ++c) dsr[c] = vr[c] == 1 ? pr[c] * (dsr[c] - d) : acc_t(0);
+          for (int64_t c = 0; c < width; ++c) dsr[c] = vr[c] == 1 ? pr[c] * (dsr[c] - d) : acc_t(0);
         }
         if (grad_bias) pattern.add_bias_grad(hi, i0, L, keys, scores.data(), kKeyGroup, grad_bias);
         // dQ += dS K (scaled at the end), dK_keys += dSᵀ (scale·Q)
         add_masked_product(false, L, n, D, scores.data(), kKeyGroup, k.data(), D, dq.data(), D, visible_pair());
-        std::fill(dk_part.begin(), dk_part.begin() + n * D, acc_t(0));
-        add_masked_product(true, L, n, D, scores.data(), kKeyGroup, q.data(), D, dk_part.data(), D, visible_pair());
-        for (int64_t c = 0; c < n; ++c) {
-          acc_t* dkr = dk_acc.data() + keys[c] * D;
-          acc_t* dvr = dv_acc.data() + keys[c] * dv;
-          for (int64_t x = 0; x < D; ++x) dkr[x] += dk_part[c * D + x];
-          for (int64_t x = 0; x < dv; ++x) dvr[x] += dv_part[c * dv + x];
-        }
+        add_masked_product(true, L, n, D, scores.data(), kKeyGroup, q.data(), D, dk_keys, D, visible_pair());
+        if (first < 0)
+          for (int64_t c = 0; c < n; ++c) {
+            acc_t* dkr = dk_acc.data() + keys[c] * D;
+            acc_t* dvr = dv_acc.data() + keys[c] * dv;
+            for (int64_t x = 0; x < D; ++x) dkr[x] += dk_part[c * D + x];
+            for (int64_t x = 0; x < dv; ++x) dvr[x] += dv_part[c * dv + x];
+          }
       }
       scalar_t* dq_rows = grad_q + (bh * s.q_len + i0) * D;
       for (int64_t x = 0; x < L * D; ++x) dq_rows[x] = static_cast<scalar_t>(dq[x] * scale);
@@ -524,8 +557,11 @@ void run_backward(const WindowAttentionShape& shape, const Pattern& pattern, Str
   at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
     SoftmaxEngine<scalar_t, acc_t, Pattern> engine(shape, pattern);
     std::vector<acc_t> dk_acc, dv_acc;
+    // The first chunk adds straight into grad_bias (zeroed): the same sums in the same order.
     acc_t* bias_acc = nullptr;
-    if (grad_bias) {
+    if (grad_bias && begin == 0) {
+      bias_acc = grad_bias;
+    } else if (grad_bias) {
       chunk_bias_grads[begin].assign(bias_size, acc_t(0));
       bias_acc = chunk_bias_grads[begin].data();
     }
