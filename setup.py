@@ -4,6 +4,7 @@ import glob
 import os
 import shutil
 import subprocess
+import sys
 
 from setuptools import setup
 
@@ -72,6 +73,14 @@ def extension():
     # vectorize the element loops of the kernels.
     cxx_flags = ["-O3", f"-std={CXX_STANDARD}", "-fvisibility=hidden", "-fopenmp", "-fno-trapping-math", "-fno-math-errno"]
     link_flags = ["-fopenmp"]
+    if sys.platform.startswith("linux"):
+        # Keep whatever the toolchain links statically private to the extension. Some images'
+        # compilers (seen on a GPU machine: CXX=/opt/gcc/bin/g++, a wrapper that links libstdc++
+        # statically) put a second libstdc++ inside _C.abi3.so with its symbols exported; the
+        # process's own libstdc++ (loaded by torch) then took over part of its calls, and
+        # formatting the first error message (ostream << double) crashed. Hidden, the static copy
+        # only ever calls itself; with a shared libstdc++ the flag changes nothing.
+        link_flags.append("-Wl,--exclude-libs,ALL")
     if PY_LIMITED_API and not hasattr(cpp_extension, "min_supported_cpython"):
         # Newer torch adds -DPy_LIMITED_API itself for py_limited_api extensions; a second
         # definition would only trigger a "redefined" warning.

@@ -46,3 +46,23 @@ def test_import_refuses_a_torch_other_than_the_build_one():
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode != 0
     assert "was built against torch" in result.stderr and "but torch 0.0.1 is installed" in result.stderr
+
+
+def test_extension_exports_nothing_it_links_statically():
+    """Only PyInit__C is a strong exported symbol of the built extension. A toolchain that links
+    libstdc++ statically (a GPU image's did) otherwise exports that private copy's functions, the
+    process's own libstdc++ answers part of their calls, and the first error message that formats
+    a number crashes the process (setup.py hides static libraries: -Wl,--exclude-libs,ALL).
+    Template code from headers is exported weak (W/V), which is harmless and allowed."""
+    import shutil
+
+    import linattn._C as extension
+
+    nm = shutil.which("nm")
+    if nm is None:
+        pytest.skip("nm (binutils) is not installed")
+    listing = subprocess.run([nm, "-D", "--defined-only", extension.__file__], capture_output=True, text=True,
+                             check=True).stdout
+    strong = sorted(line.split()[-1] for line in listing.splitlines()
+                    if len(line.split()) == 3 and line.split()[1] in "TDBR")
+    assert strong == ["PyInit__C"], f"{len(strong)} strong exported symbols, e.g. {strong[:5]}"

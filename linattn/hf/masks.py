@@ -80,16 +80,25 @@ def recognise(mask_function) -> Optional[Tuple[bool, Tuple[int, int]]]:
 
 def recognise_packed(mask_function):
     """(causal, window, document ids (B, T)) when the mask function is transformers' packed-
-    sequence wrapper around a recognised pattern, else None."""
+    sequence wrapper around a recognised pattern, else None. Two layouts exist: newer transformers
+    (5.23) ands the same-document test with the pattern on positions remapped to each document's
+    own; older ones (5.17) and the pattern on the packed row's positions with the same-document
+    test. Documents are contiguous and their positions count up by one (that is how transformers
+    finds them), so both describe the same mask."""
     parts = _pair(mask_function)
     if parts is None:
         return None
-    same_document, remapped = parts
-    if (getattr(same_document, "__qualname__", "") != "packed_sequence_mask_function.<locals>.inner_mask"
-            or getattr(remapped, "__qualname__", "") != "remap_positions_for_packed_sequence.<locals>.inner_mask"):
+    same_document = next((part for part in parts if getattr(part, "__qualname__", "")
+                          == "packed_sequence_mask_function.<locals>.inner_mask"), None)
+    if same_document is None:
         return None
+    other = parts[1] if parts[0] is same_document else parts[0]
+    if getattr(other, "__qualname__", "") == "remap_positions_for_packed_sequence.<locals>.inner_mask":
+        other = _closure(other, "mask_function")
+    elif other is not parts[0]:
+        return None  # the older layout puts the pattern first
     documents = _closure(same_document, "packed_sequence_mask")
-    base = recognise(_closure(remapped, "mask_function"))
+    base = recognise(other)
     if base is None or not isinstance(documents, torch.Tensor):
         return None
     return (*base, documents)
