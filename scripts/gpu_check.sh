@@ -18,13 +18,20 @@ SECONDS=0
 echo "build: exit $? in ${SECONDS}s (log: $OUT/build.log)"
 build_seconds=$SECONDS
 
+# With pytest-xdist a test that crashes the process fails alone (its worker is restarted)
+# instead of ending the stage without a report; pytest-timeout turns a hung kernel into a failure.
+# Both were there on the H100 image this ran on (2026-11-24); neither is required.
+PYTEST_EXTRA=()
+"$PY" -c "import xdist" 2>/dev/null && PYTEST_EXTRA+=(-n "$(( $(nproc) < 8 ? $(nproc) : 8 ))")
+"$PY" -c "import pytest_timeout" 2>/dev/null && PYTEST_EXTRA+=(--timeout 300)
+
 SECONDS=0
-"$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_fused_kernels.py \
+"$PY" -m pytest -q -p no:cacheprovider "${PYTEST_EXTRA[@]}" tests/test_cuda.py tests/test_fused_kernels.py \
   --junitxml="$OUT/cuda_tests.xml" 2>&1 | tail -n 40 | tee "$OUT/cuda_tests.log"
 cuda_seconds=$SECONDS
 
 SECONDS=0
-LINATTN_CUDA_BACKEND=fused "$PY" -m pytest -q -p no:cacheprovider tests \
+LINATTN_CUDA_BACKEND=fused "$PY" -m pytest -q -p no:cacheprovider "${PYTEST_EXTRA[@]}" tests \
   --junitxml="$OUT/suite_fused_backend.xml" 2>&1 | tail -n 40 | tee "$OUT/suite.log"
 suite_seconds=$SECONDS
 

@@ -348,3 +348,26 @@ def test_left_padded_generation_through_kv_caches(cache):
     linear = with_implementation(model, "linattn_linear").generate(ids, **kwargs)
     del kwargs["cache_implementation"]
     assert torch.equal(linear, model.generate(ids, past_key_values=linattn.hf.LinearStateCache(), **kwargs))
+
+
+def test_both_packed_mask_layouts_are_recognised():
+    """transformers 5.17 ands the pattern (on the packed row's positions) with the same-document
+    test; later versions and the same-document test with the pattern on positions remapped per
+    document. Both are the same mask and must give the same pattern; other pairs are not packing."""
+    from transformers import masking_utils as mu
+
+    from linattn.hf.masks import recognise_packed
+
+    documents = torch.tensor([[0, 0, 0, 1, 1, 2]])
+    positions = torch.tensor([[0, 1, 2, 0, 1, 0]])
+    window = mu.and_masks(mu.sliding_window_overlay(2), mu.causal_mask_function)
+    for base, expected in ((mu.causal_mask_function, (True, (-1, 0))), (window, (True, (1, 0)))):
+        layouts = [mu.and_masks(base, mu.packed_sequence_mask_function(documents))]
+        if hasattr(mu, "remap_positions_for_packed_sequence"):
+            layouts.append(mu.and_masks(mu.packed_sequence_mask_function(documents),
+                                        mu.remap_positions_for_packed_sequence(base, positions)))
+        for layout in layouts:
+            causal, window_pair, found = recognise_packed(layout)
+            assert (causal, window_pair) == expected and found is documents
+    assert recognise_packed(mu.and_masks(mu.packed_sequence_mask_function(documents), mu.causal_mask_function)) is None
+    assert recognise_packed(mu.and_masks(mu.causal_mask_function, mu.bidirectional_mask_function)) is None
