@@ -19,7 +19,9 @@ from .decay import decayed_linear_attention_generic
 
 State = Tuple[torch.Tensor, torch.Tensor]
 
-# Feature-map codes of the C++ operators (csrc/linear_attention/kernel.h, FeatureMap).
+# The built-in feature maps a plain call may hand the operator (csrc/linear_attention/kernel.h's
+# codes); "identity" is left out, it needs the checks (it can only run unnormalized).
+_PLAIN_FEATURE_MAPS = {"elu": FUSED_FEATURE_MAPS["elu"], "relu": FUSED_FEATURE_MAPS["relu"]}
 
 def linear_attention(
     q: torch.Tensor,
@@ -64,6 +66,21 @@ def linear_attention(
     Returns:
         out (B, H, T_q, dv) in the input dtype, or (out, (S, z)) when output_final_state.
     """
+    if (initial_state is None and decay is None and gate is None and cu_seqlens is None
+            and not torch.compiler.is_compiling()):
+        code = _PLAIN_FEATURE_MAPS.get(feature_map) if type(feature_map) is str else None
+        if code is not None and type(eps) is float:
+            # The common call goes straight to the operator, whose C++ checks are the same as the
+            # ones below: only a call it refuses runs them, to raise in the caller's terms.
+            try:
+                out, final_state, _ = _ops.linear_attn_fwd(q.device.type)(
+                    q, k, v, None, key_padding_mask, code, causal, normalize, eps)
+            except Exception:
+                pass
+            else:
+                if not output_final_state:
+                    return out
+                return out, _ops.split_state(final_state if causal else final_state.clone())
     where = "linattn.linear_attention"
     check.check_qkv(where, q, k, v, causal)
     check.check_eps(where, eps)

@@ -19,6 +19,7 @@ from .decay import normalized_rows
 from .feature_maps import FUSED_FEATURE_MAPS, resolve_feature_map
 
 State = Tuple[torch.Tensor, torch.Tensor]
+_PLAIN_FEATURE_MAPS = {"elu": FUSED_FEATURE_MAPS["elu"], "relu": FUSED_FEATURE_MAPS["relu"]}
 
 
 def linear_attention_step(
@@ -49,6 +50,18 @@ def linear_attention_step(
         with causal=True gives for the whole sequence (and, with decay or gate, METHODS.md §1's
         decayed sums).
     """
+    if (type(state) in (tuple, list) and len(state) == 2 and decay is None and gate is None and type(feature_map) is str
+            and feature_map in _PLAIN_FEATURE_MAPS and type(eps) is float and not torch.compiler.is_compiling()
+            and not _ops.generic_in_use()):
+        # The common decoding call goes straight to the CPU operator, whose C++ checks match the
+        # ones below: only a call it refuses (or another device's) runs them.
+        try:
+            if q.device.type == "cpu":
+                out, S, z = torch.ops.linattn.linear_attn_step(
+                    q, k, v, state[0], state[1], None, _PLAIN_FEATURE_MAPS[feature_map], normalize, eps)
+                return out, (S, z)
+        except Exception:
+            pass
     where = "linattn.linear_attention_step"
     for name, t, layout in (("q", q, "(B, H, D)"), ("k", k, "(B, H, D)"), ("v", v, "(B, H, dv)")):
         check.check_tensor(where, name, t, 3, layout)

@@ -162,14 +162,3 @@ def _with_state_rows(phi_q, phi_k, values, fading, ids, cu_seqlens, initial_stat
     row_ids = n.repeat_interleave(m)
     ids = place((expanded,), 0, (real, ids), (keys, row_ids), (states, row_ids))
     return phi_q, phi_k, values, fading, ids, (real, state_rows)
-
-
-def segment_reverse_cumsum(values: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
-    """Σ_{i >= t, i in t's sequence} values[..., i] for values (..., total): a reverse cumulative
-    sum that restarts at every sequence end (what the gates' gradient needs)."""
-    total = values.shape[-1]
-    suffix = values.flip(-1).cumsum(-1).flip(-1)
-    suffix = torch.cat([suffix, suffix.new_zeros(*suffix.shape[:-1], 1)], dim=-1)
-    ends = cu_seqlens[1:].to(torch.int64)
-    end_of = ends[_position_sequences(cu_seqlens, total).clamp(max=ends.numel() - 1)]
-    return suffix[..., :total] - suffix.index_select(-1, end_of)

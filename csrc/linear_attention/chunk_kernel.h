@@ -505,9 +505,12 @@ struct Kernel {
 };
 
 // Causal chunks balance the C² intra-chunk products against the m·dv state products; without
-// causality the chunk only sets the GEMM block, so it is longer.
+// causality the chunk only sets the GEMM block, so it is longer. A sequence shorter than that is
+// one chunk of its own length (rounded up to 8): the per-thread scratch a call allocates and
+// zeroes is then sized by the call, not by the longest chunk (the whole cost of a small call).
 int64_t chunk_length(const LinearAttentionShape& s) {
-  return s.causal ? 64 : 256;
+  const int64_t longest = std::max<int64_t>({s.q_len, s.k_len, 1});
+  return std::min<int64_t>(s.causal ? 64 : 256, (longest + 7) / 8 * 8);
 }
 
 }  // namespace

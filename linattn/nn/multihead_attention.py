@@ -127,7 +127,10 @@ class MultiheadAttention(nn.MultiheadAttention):
             if key_padding_mask is not None:
                 key_padding_mask = key_padding_mask.unsqueeze(0)
         elif self.batch_first:
-            query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
+            # Self-attention keeps query is key is value, so that _project runs one GEMM.
+            self_attention = query is key and key is value
+            query = query.transpose(0, 1)
+            key, value = (query, query) if self_attention else (key.transpose(0, 1), value.transpose(0, 1))
         # From here on (L, N, E), as torch's functional multi_head_attention_forward.
         length, batch, _ = query.shape
         source_length = key.shape[0]
@@ -232,7 +235,10 @@ class MultiheadAttention(nn.MultiheadAttention):
         if not batched:
             query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
         elif self.batch_first:
-            query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
+            # Self-attention keeps query is key is value, so that _project runs one GEMM.
+            self_attention = query is key and key is value
+            query = query.transpose(0, 1)
+            key, value = (query, query) if self_attention else (key.transpose(0, 1), value.transpose(0, 1))
         batch = query.shape[1]
         self._check_inputs(where, query, key, value, None, None)
         entry = cache.layer(self)
@@ -284,11 +290,11 @@ class MultiheadAttention(nn.MultiheadAttention):
     def _project(self, query, key, value):
         embed = self.embed_dim
         bias = self.in_proj_bias
+        if self._qkv_same_embed_dim and query is key and key is value:
+            # Self-attention: one GEMM for all three, as torch does.
+            return F.linear(query, self.in_proj_weight, bias).chunk(3, dim=-1)
         b_q, b_k, b_v = (None, None, None) if bias is None else bias.split(embed)
         if self._qkv_same_embed_dim:
-            if query is key and key is value:
-                # Self-attention: one GEMM for all three, as torch does.
-                return F.linear(query, self.in_proj_weight, bias).chunk(3, dim=-1)
             w_q, w_k, w_v = self.in_proj_weight.split(embed)
         else:
             w_q, w_k, w_v = self.q_proj_weight, self.k_proj_weight, self.v_proj_weight

@@ -1,0 +1,341 @@
+// Autograd of the linear-attention operators (docs/methods.md §1), in C++: one Function per
+// operator family, registered for the Autograd key, so that a call never passes through Python
+// (common/autograd_support.h says why). Each forward saves what its backward operator reads; the
+// backward operators are first-order only.
+#include "../common/autograd_support.h"
+
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <limits>
+
+namespace linattn {
+namespace {
+
+using Forward = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+    const std::optional<at::Tensor>&, int64_t, bool, bool, double);
+using Backward = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+    const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&,
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+    const std::optional<at::Tensor>&, int64_t, bool, bool, const std::optional<at::Tensor>&);
+
+// The three implementations of linear_attn_fwd/bwd (the CPU kernel with the generic path for other
+// devices, the generic path under its own name, the fused kernels) share one Function.
+constexpr char kForward[] = "linattn::linear_attn_fwd";
+constexpr char kBackward[] = "linattn::linear_attn_bwd";
+constexpr char kForwardGeneric[] = "linattn::linear_attn_fwd_generic";
+constexpr char kBackwardGeneric[] = "linattn::linear_attn_bwd_generic";
+constexpr char kForwardFused[] = "linattn::linear_attn_fwd_fused";
+constexpr char kBackwardFused[] = "linattn::linear_attn_bwd_fused";
+
+template <const char* ForwardName, const char* BackwardName>
+struct LinearAttention : torch::autograd::Function<LinearAttention<ForwardName, BackwardName>> {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k,
+                               const at::Tensor& v, const std::optional<at::Tensor>& initial_state,
+                               const std::optional<at::Tensor>& key_padding_mask, int64_t feature_map,
+                               bool causal, bool normalize, double eps) {
+    static const auto op = linattn_op<Forward>(ForwardName);
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    auto [out, final_state, normalizer] =
+        op.call(q, k, v, initial_state, key_padding_mask, feature_map, causal, normalize, eps);
+    // Without causality every query saw the final state: the backward reuses it instead of
+    // recomputing it from the keys (one GEMM pass and one feature-map pass fewer).
+    ctx->save_for_backward({q, k, v, out, normalizer, saved_of(initial_state),
+                            saved_of(key_padding_mask), causal ? at::Tensor() : final_state});
+    ctx->saved_data["options"] = c10::List<int64_t>({feature_map, causal, normalize});
+    ctx->mark_non_differentiable({normalizer});
+    ctx->set_materialize_grads(false);
+    return {out, final_state, normalizer};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static const auto op = linattn_op<Backward>(BackwardName);
+    const auto saved = ctx->get_saved_variables();
+    const auto& out = saved[3];
+    const auto options = ctx->saved_data["options"].toIntList();
+    const at::Tensor grad_out = grads[0].defined() ? grads[0] : at::zeros_like(out);
+    auto [grad_q, grad_k, grad_v, grad_initial] =
+        op.call(grad_out, optional_of(grads[1]), saved[0], saved[1], saved[2], out, saved[4],
+                optional_of(saved[5]), optional_of(saved[6]), options[0], options[1] != 0,
+                options[2] != 0, optional_of(saved[7]));
+    if (!saved[5].defined()) grad_initial = at::Tensor();
+    return {grad_q, grad_k, grad_v, grad_initial, {}, {}, {}, {}, {}};
+  }
+};
+
+template <const char* ForwardName, const char* BackwardName>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_attention_autograd(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const std::optional<at::Tensor>& initial_state, const std::optional<at::Tensor>& key_padding_mask,
+    int64_t feature_map, bool causal, bool normalize, double eps) {
+  if (!needs_graph(q, k, v, initial_state)) {
+    static const auto op = linattn_op<Forward>(ForwardName);
+    return call_below_autograd(op, q, k, v, initial_state, key_padding_mask, feature_map, causal, normalize, eps);
+  }
+  auto r = LinearAttention<ForwardName, BackwardName>::apply(q, k, v, initial_state, key_padding_mask,
+                                                             feature_map, causal, normalize, eps);
+  return {r[0], r[1], r[2]};
+}
+
+// dL/dlog_decay_t = Σ_{i >= t} dL/dc_i for c = cumsum(log_decay): the operators hand back dL/dc.
+at::Tensor reverse_cumsum(const at::Tensor& x) {
+  return at::flip(at::cumsum(at::flip(x, {-1}), -1), {-1});
+}
+
+// The same sum restarting at every sequence end of a packing (cu_seqlens offsets).
+at::Tensor segment_reverse_cumsum(const at::Tensor& x, const at::Tensor& cu_seqlens) {
+  const int64_t total = x.size(-1);
+  const at::Tensor ends = cu_seqlens.slice(0, 1);
+  const at::Tensor positions = at::arange(total, cu_seqlens.options());
+  const at::Tensor sequence = at::bucketize(positions, ends, /*out_int32=*/false, /*right=*/true);
+  const at::Tensor end_of = ends.to(at::kLong).index_select(0, sequence.clamp_max(ends.numel() - 1));
+  std::vector<int64_t> pad_shape = x.sizes().vec();
+  pad_shape.back() = 1;
+  const at::Tensor suffix = at::cat({reverse_cumsum(x), at::zeros(pad_shape, x.options())}, -1);
+  return suffix.slice(-1, 0, total) - suffix.index_select(-1, end_of);
+}
+
+struct DecayedLinearAttention : torch::autograd::Function<DecayedLinearAttention> {
+  static const auto& op() {
+    static const auto handle = linattn_op<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+        const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+        const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, int64_t, bool, double)>(
+        "linattn::decayed_linear_attn_fwd");
+    return handle;
+  }
+
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k,
+                               const at::Tensor& v, const at::Tensor& log_decay,
+                               const std::optional<at::Tensor>& initial_state,
+                               const std::optional<at::Tensor>& key_padding_mask, int64_t feature_map,
+                               bool normalize, double eps) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    auto [out, final_state, normalizer] =
+        op().call(q, k, v, log_decay, initial_state, key_padding_mask, feature_map, normalize, eps);
+    ctx->save_for_backward({q, k, v, log_decay, out, normalizer, saved_of(initial_state),
+                            saved_of(key_padding_mask)});
+    ctx->saved_data["options"] = c10::List<int64_t>({feature_map, normalize});
+    ctx->mark_non_differentiable({normalizer});
+    ctx->set_materialize_grads(false);
+    return {out, final_state, normalizer};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static const auto op = linattn_op<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+        const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&,
+        const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+        const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, int64_t, bool)>(
+        "linattn::decayed_linear_attn_bwd");
+    const auto saved = ctx->get_saved_variables();
+    const auto options = ctx->saved_data["options"].toIntList();
+    const at::Tensor grad_out = grads[0].defined() ? grads[0] : at::zeros_like(saved[4]);
+    auto [grad_q, grad_k, grad_v, grad_initial, grad_cumulative] =
+        op.call(grad_out, optional_of(grads[1]), saved[0], saved[1], saved[2], saved[3], saved[4],
+                saved[5], optional_of(saved[6]), optional_of(saved[7]), options[0], options[1] != 0);
+    if (!saved[6].defined()) grad_initial = at::Tensor();
+    return {grad_q, grad_k, grad_v, reverse_cumsum(grad_cumulative), grad_initial, {}, {}, {}, {}};
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> decayed_autograd(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& log_decay,
+    const std::optional<at::Tensor>& initial_state, const std::optional<at::Tensor>& key_padding_mask,
+    int64_t feature_map, bool normalize, double eps) {
+  if (!needs_graph(q, k, v, log_decay, initial_state)) {
+    return call_below_autograd(DecayedLinearAttention::op(), q, k, v, log_decay, initial_state, key_padding_mask,
+                               feature_map, normalize, eps);
+  }
+  auto r = DecayedLinearAttention::apply(q, k, v, log_decay, initial_state, key_padding_mask,
+                                         feature_map, normalize, eps);
+  return {r[0], r[1], r[2]};
+}
+
+struct VarlenLinearAttention : torch::autograd::Function<VarlenLinearAttention> {
+  static const auto& op() {
+    static const auto handle = linattn_op<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+        const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+        const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, int64_t, bool, bool, double)>(
+        "linattn::linear_attn_varlen_fwd");
+    return handle;
+  }
+
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k,
+                               const at::Tensor& v, const at::Tensor& cu_seqlens,
+                               const std::optional<at::Tensor>& log_decay,
+                               const std::optional<at::Tensor>& initial_state, int64_t feature_map,
+                               bool causal, bool normalize, double eps) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    auto [out, final_state, normalizer] =
+        op().call(q, k, v, cu_seqlens, log_decay, initial_state, feature_map, causal, normalize, eps);
+    // As in LinearAttention: a non-causal backward reuses each sequence's final state.
+    ctx->save_for_backward({q, k, v, cu_seqlens, saved_of(log_decay), out, normalizer,
+                            saved_of(initial_state), causal ? at::Tensor() : final_state});
+    ctx->saved_data["options"] = c10::List<int64_t>({feature_map, causal, normalize});
+    ctx->mark_non_differentiable({normalizer});
+    ctx->set_materialize_grads(false);
+    return {out, final_state, normalizer};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static const auto op = linattn_op<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+        const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&,
+        const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&,
+        const at::Tensor&, const std::optional<at::Tensor>&, int64_t, bool, bool,
+        const std::optional<at::Tensor>&)>("linattn::linear_attn_varlen_bwd");
+    const auto saved = ctx->get_saved_variables();
+    const auto options = ctx->saved_data["options"].toIntList();
+    const auto& cu_seqlens = saved[3];
+    const auto& log_decay = saved[4];
+    const at::Tensor grad_out = grads[0].defined() ? grads[0] : at::zeros_like(saved[5]);
+    auto [grad_q, grad_k, grad_v, grad_initial, grad_cumulative] =
+        op.call(grad_out, optional_of(grads[1]), saved[0], saved[1], saved[2], cu_seqlens,
+                optional_of(log_decay), saved[5], saved[6], optional_of(saved[7]), options[0],
+                options[1] != 0, options[2] != 0, optional_of(saved[8]));
+    if (!saved[7].defined()) grad_initial = at::Tensor();
+    const at::Tensor grad_log_decay =
+        log_decay.defined() ? segment_reverse_cumsum(grad_cumulative, cu_seqlens) : at::Tensor();
+    return {grad_q, grad_k, grad_v, {}, grad_log_decay, grad_initial, {}, {}, {}, {}};
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_autograd(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_seqlens,
+    const std::optional<at::Tensor>& log_decay, const std::optional<at::Tensor>& initial_state,
+    int64_t feature_map, bool causal, bool normalize, double eps) {
+  if (!needs_graph(q, k, v, log_decay, initial_state)) {
+    return call_below_autograd(VarlenLinearAttention::op(), q, k, v, cu_seqlens, log_decay, initial_state,
+                               feature_map, causal, normalize, eps);
+  }
+  auto r = VarlenLinearAttention::apply(q, k, v, cu_seqlens, log_decay, initial_state, feature_map,
+                                        causal, normalize, eps);
+  return {r[0], r[1], r[2]};
+}
+
+// φ(x) and φ'(x) of a fused feature map (kernel.h's codes: 0 identity, 1 elu+1, 2 relu).
+std::pair<at::Tensor, at::Tensor> feature_and_slope(const at::Tensor& x, int64_t code) {
+  if (code == 1) {
+    const at::Tensor negative = at::exp(at::clamp_max(x, 0.0));
+    const at::Tensor positive = x > 0;
+    return {at::where(positive, x + 1, negative), at::where(positive, at::ones_like(x), negative)};
+  }
+  if (code == 2) {
+    const at::Tensor positive = x > 0;
+    return {x * positive, positive.to(x.scalar_type())};
+  }
+  return {x, at::ones_like(x)};
+}
+
+// One decoding step's backward, in ATen ops (the step is O(m·dv), and so is its gradient):
+// out = num/den with num = φ(q)ᵀS', den = φ(q)·z' + eps, S' = f·S + φ(k)vᵀ, z' = f·z + φ(k).
+struct LinearAttentionStep : torch::autograd::Function<LinearAttentionStep> {
+  static const auto& op() {
+    static const auto handle = linattn_op<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+        const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+        const std::optional<at::Tensor>&, int64_t, bool, double)>("linattn::linear_attn_step");
+    return handle;
+  }
+
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k,
+                               const at::Tensor& v, const at::Tensor& S, const at::Tensor& z,
+                               const std::optional<at::Tensor>& factor, int64_t feature_map,
+                               bool normalize, double eps) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    auto [out, S_new, z_new] = op().call(q, k, v, S, z, factor, feature_map, normalize, eps);
+    ctx->save_for_backward({q, k, v, S, z, saved_of(factor), S_new, z_new});
+    ctx->saved_data["options"] = c10::List<int64_t>({feature_map, normalize});
+    ctx->saved_data["eps"] = eps;
+    ctx->set_materialize_grads(false);
+    return {out, S_new, z_new};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor &q = saved[0], &k = saved[1], &v = saved[2], &S = saved[3], &z = saved[4];
+    const at::Tensor &factor = saved[5], &S_new = saved[6], &z_new = saved[7];
+    const auto options = ctx->saved_data["options"].toIntList();
+    const double eps = ctx->saved_data["eps"].toDouble();
+    const auto acc = S.scalar_type();
+    auto [phi_q, slope_q] = feature_and_slope(q.to(acc), options[0]);
+    auto [phi_k, slope_k] = feature_and_slope(k.to(acc), options[0]);
+    const at::Tensor values = v.to(acc);
+    at::Tensor grad_S = grads[1].defined() ? grads[1] : at::zeros_like(S_new);
+    at::Tensor grad_z = grads[2].defined() ? grads[2] : at::zeros_like(z_new);
+    at::Tensor grad_phi_q = at::zeros_like(phi_q);
+    if (grads[0].defined()) {
+      at::Tensor grad_num = grads[0].to(acc), grad_den;
+      if (options[1] != 0) {
+        const at::Tensor numerator = at::matmul(phi_q.unsqueeze(-2), S_new).squeeze(-2);
+        const at::Tensor den = (phi_q * z_new).sum(-1, true) + eps;
+        const double tiny = acc == at::kDouble ? std::numeric_limits<double>::min()
+                                               : std::numeric_limits<float>::min();
+        const at::Tensor vanished = den.abs() < tiny;  // such rows are 0: no gradient
+        const at::Tensor safe = at::where(vanished, at::ones_like(den), den);
+        const at::Tensor zero = at::zeros_like(den);
+        grad_den = at::where(vanished, zero, -(grad_num * numerator).sum(-1, true) / safe.square());
+        grad_num = at::where(vanished, zero, grad_num / safe);
+      }
+      grad_S = grad_S + phi_q.unsqueeze(-1) * grad_num.unsqueeze(-2);
+      grad_phi_q = at::matmul(S_new, grad_num.unsqueeze(-1)).squeeze(-1);
+      if (grad_den.defined()) {
+        grad_z = grad_z + phi_q * grad_den;
+        grad_phi_q = grad_phi_q + z_new * grad_den;
+      }
+    }
+    const at::Tensor grad_phi_k = at::matmul(grad_S, values.unsqueeze(-1)).squeeze(-1) + grad_z;
+    const at::Tensor grad_v = at::matmul(phi_k.unsqueeze(-2), grad_S).squeeze(-2);
+    at::Tensor grad_factor;
+    if (factor.defined()) {
+      grad_factor = (grad_S * S).sum({-1, -2}) + (grad_z * z).sum(-1);
+      grad_S = grad_S * factor.unsqueeze(-1).unsqueeze(-1);
+      grad_z = grad_z * factor.unsqueeze(-1);
+    }
+    return {(grad_phi_q * slope_q).to(q.scalar_type()), (grad_phi_k * slope_k).to(k.scalar_type()),
+            grad_v.to(v.scalar_type()), grad_S, grad_z, grad_factor, {}, {}, {}};
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> step_autograd(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& S,
+    const at::Tensor& z, const std::optional<at::Tensor>& factor, int64_t feature_map, bool normalize,
+    double eps) {
+  if (!needs_graph(q, k, v, S, z, factor)) {
+    return call_below_autograd(LinearAttentionStep::op(), q, k, v, S, z, factor, feature_map, normalize, eps);
+  }
+  auto r = LinearAttentionStep::apply(q, k, v, S, z, factor, feature_map, normalize, eps);
+  return {r[0], r[1], r[2]};
+}
+
+constexpr char kDecayedBackward[] = "linattn::decayed_linear_attn_bwd";
+constexpr char kVarlenBackward[] = "linattn::linear_attn_varlen_bwd";
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(linattn, Autograd, m) {
+  m.impl("linear_attn_fwd", &linear_attention_autograd<kForward, kBackward>);
+  m.impl("linear_attn_fwd_generic", &linear_attention_autograd<kForwardGeneric, kBackwardGeneric>);
+  m.impl("linear_attn_fwd_fused", &linear_attention_autograd<kForwardFused, kBackwardFused>);
+  m.impl("linear_attn_bwd", &FirstOrderOnly<kBackward, Backward>::call);
+  m.impl("linear_attn_bwd_generic", &FirstOrderOnly<kBackwardGeneric, Backward>::call);
+  m.impl("linear_attn_bwd_fused", &FirstOrderOnly<kBackwardFused, Backward>::call);
+  m.impl("decayed_linear_attn_fwd", &decayed_autograd);
+  m.impl("decayed_linear_attn_bwd",
+         &FirstOrderOnly<kDecayedBackward,
+                         std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+                             const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&,
+                             const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                             const at::Tensor&, const std::optional<at::Tensor>&,
+                             const std::optional<at::Tensor>&, int64_t, bool)>::call);
+  m.impl("linear_attn_varlen_fwd", &varlen_autograd);
+  m.impl("linear_attn_varlen_bwd",
+         &FirstOrderOnly<kVarlenBackward,
+                         std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+                             const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&,
+                             const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                             const std::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&,
+                             const std::optional<at::Tensor>&, int64_t, bool, bool,
+                             const std::optional<at::Tensor>&)>::call);
+  m.impl("linear_attn_step", &step_autograd);
+}
+
+}  // namespace linattn
