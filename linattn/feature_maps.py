@@ -122,6 +122,13 @@ def favor_features(
         feature below e^60 (and c = 0 whenever the rows are short enough: d ≲ 100).
     relu kernel: φ(x) = relu(W x') + 1e-3 (the "generalized attention" of the paper).
     """
+    if projection.is_meta and not x.is_meta:
+        # A module built on the meta device (or loaded with assign=True from one) has no
+        # projection yet; copying it would fail with torch's "Cannot copy out of meta tensor".
+        raise ValueError(
+            f"linattn.favor_features: projection is on the meta device (it holds no values) while the inputs are on "
+            f"{x.device}; materialize it first, e.g. module.to_empty(device=...) then redraw_projection()"
+        )
     d = x.shape[-1]
     compute_dtype = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
     x = x.to(compute_dtype) * d**-0.25

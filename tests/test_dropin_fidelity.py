@@ -3,6 +3,7 @@ nn.TransformerEncoder's fast path, torch's exception kinds, empty batches, mask 
 is_causal hint, TorchScript and compile misuse with a clear word, meta-device init; and
 swap_attention never does nothing silently."""
 import logging
+import re
 import warnings
 
 import pytest
@@ -204,3 +205,69 @@ def test_swap_names_timm_eva_blocks():
     model = timm.create_model("eva02_tiny_patch14_224", pretrained=False, num_classes=2)
     with pytest.warns(UserWarning, match=r"timm.models.eva.EvaAttention"):
         linattn.swap_attention(model, method="linear")
+
+
+# --- where the softmax method could still be told apart from torch's module ------------------
+
+def _invalid_shape_calls(module):
+    """PyTorch's own invalid-shape cases of nn.MultiheadAttention(4, 4) (batch_first=False)."""
+    q3, q2 = torch.randn(4, 4, 4), torch.randn(4, 4)
+    mask_2d = torch.tensor([[False, False, True, True]] * 4)
+    return [
+        lambda: module(q3, torch.randn(4, 4), q3),                      # batched query, 2-D key
+        lambda: module(q3, q3, q3, key_padding_mask=torch.tensor([False, True, True, True])),
+        lambda: module(q3, q3, q3, attn_mask=torch.tensor([False, False, True, True])),
+        lambda: module(q2, q3, q2),                                     # unbatched query, 3-D key
+        lambda: module(q2, q2, q2, key_padding_mask=mask_2d),
+        lambda: module(q2, q2, q2, attn_mask=torch.tensor([False, False, True, True])),
+        lambda: module(q2, q2, q2, attn_mask=torch.randn(5, 4, 4).bernoulli_().to(torch.bool)),
+        lambda: module(torch.randn(1, 4, 4, 4), q3, q3),                 # 4-D query
+    ]
+
+
+@pytest.mark.parametrize("method", ["softmax", "linear"])
+def test_invalid_shapes_raise_torchs_messages(method):
+    torch.manual_seed(0)
+    ours = linattn.nn.MultiheadAttention(4, 4, method=method)
+    theirs = nn.MultiheadAttention(4, 4)
+    for index, (call, torch_call) in enumerate(zip(_invalid_shape_calls(ours), _invalid_shape_calls(theirs))):
+        with pytest.raises(AssertionError) as torch_error:
+            torch_call()
+        # Code that matches torch's message keeps working after the swap.
+        with pytest.raises(AssertionError, match=re.escape(str(torch_error.value))):
+            call()
+
+
+def test_empty_nested_inputs():
+    module = _module("softmax").eval()
+    empty = torch.nested.nested_tensor([])  # no sequence at all: torch refuses it too
+    with torch.no_grad(), pytest.raises(AssertionError, match=r"at least one sequence"):
+        module(empty, empty, empty, need_weights=False)
+    no_tokens = torch.nested.nested_tensor([torch.zeros(0, 8), torch.zeros(0, 8)])
+    with torch.no_grad():
+        out, weights = module(no_tokens, no_tokens, no_tokens, need_weights=False)
+    assert out.is_nested and [t.shape for t in out.unbind()] == [(0, 8), (0, 8)] and weights is None
+
+
+def test_softmax_is_causal_without_a_mask_raises_like_torch():
+    x = torch.randn(2, 5, 8)
+    with pytest.raises(RuntimeError, match="Need attn_mask if specifying the is_causal hint"):
+        nn.MultiheadAttention(8, 2, batch_first=True)(x, x, x, is_causal=True, need_weights=False)
+    with pytest.raises(RuntimeError, match="Need attn_mask if specifying the is_causal hint"):
+        _module("softmax")(x, x, x, is_causal=True, need_weights=False)
+    # The other methods define is_causal=True alone as causal (documented): it equals the masked call.
+    module = _module("linear")
+    out, _ = module(x, x, x, is_causal=True, need_weights=False)
+    masked, _ = module(x, x, x, attn_mask=nn.Transformer.generate_square_subsequent_mask(5), is_causal=True,
+                       need_weights=False)
+    assert torch.allclose(out, masked, atol=1e-6)
+
+
+def test_performer_projection_on_the_meta_device_is_named():
+    q = k = v = torch.randn(1, 2, 5, 4)
+    with pytest.raises(ValueError, match=r"projection is on the meta device"):
+        linattn.performer_attention(q, k, v, torch.empty(16, 4, device="meta"))
+    module = linattn.nn.MultiheadAttention(8, 2, batch_first=True, method="performer", device="meta")
+    module.load_state_dict(nn.MultiheadAttention(8, 2, batch_first=True).state_dict(), assign=True)
+    with pytest.raises(ValueError, match=r"projection is on the meta device"):
+        module(torch.randn(1, 5, 8), torch.randn(1, 5, 8), torch.randn(1, 5, 8))

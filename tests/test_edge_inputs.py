@@ -249,6 +249,28 @@ def test_elu_feature_map_is_exp_down_to_the_smallest_normal():
     assert torch.allclose(got[FORWARD_OPS[0]], got[FORWARD_OPS[1]], rtol=4e-7, atol=torch.finfo(torch.float32).tiny)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_features_below_exps_range_vanish_on_every_path(dtype):
+    """Queries around -100: elu+1 = e^-100 underflows float32's normal range. The CPU kernel's
+    exp gives 0 there (it gave FLT_MIN, 1e30 times e^-100), so with a tiny eps the row matches
+    the float64 reference and the device-generic path; and when eps itself underflows (1e-50),
+    the row's normalizer vanishes and it is 0 on both paths."""
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(1, 2, 6, 4, generator=g)
+    q[:, :, 2] = -100.0 + torch.rand(1, 2, 4, generator=g)
+    q = q.to(dtype)
+    k = torch.randn(1, 2, 6, 4, generator=g).to(dtype)
+    v = torch.randn(1, 2, 6, 4, generator=g).to(dtype)
+    for causal in (False, True):
+        expected, _ = linattn.reference.linear_attention(q.double(), k.double(), v.double(), causal=causal, eps=1e-30)
+        for generic in (False, True):
+            with linattn._ops.generic_implementation(generic):
+                out = linattn.linear_attention(q, k, v, causal=causal, eps=1e-30).double()
+                vanished = linattn.linear_attention(q, k, v, causal=causal, eps=1e-50)
+            assert (out[:, :, 2] - expected[:, :, 2]).abs().max() < 1e-9, (causal, generic)
+            assert (vanished[:, :, 2] == 0).all(), (causal, generic)
+
+
 def test_elu_feature_map_gradient_is_exp():
     x = torch.tensor([-100.0, -50.0, -17.5, -1.0, 0.5], dtype=torch.float64)
     q = torch.zeros(1, 1, 1, 1, dtype=torch.float64)

@@ -142,7 +142,9 @@ def test_swin_swap_models_timm():
     timm = pytest.importorskip("timm")
     torch.manual_seed(0)
     model = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, num_classes=10).eval()
-    _compare_models(model, torch.randn(1, 3, 224, 224))
+    swapped = _compare_models(model, torch.randn(1, 3, 224, 224))
+    # An exact swap that replaced nothing would pass the comparison too: count what it replaced.
+    assert sum(type(m).__name__.startswith("Linattn") for m in swapped.modules()) == 12
 
 
 def test_swap_refuses_attention_dropout():

@@ -1,7 +1,9 @@
 // exp(x) for x <= 0 in float32, written branch-free so that loops over it vectorize (the
 // elu+1 feature map evaluates it on every element of q and k). Cody-Waite range reduction and
 // Cephes' degree-6 polynomial: within 2 ulp of expf down to the smallest normal float,
-// exp(-87.3365) = FLT_MIN; below that it returns FLT_MIN, within FLT_MIN of the true value.
+// exp(-87.3365) = FLT_MIN; below that it returns 0 (within FLT_MIN of the true value, and 0 as
+// the exp of an underflowing score must be: a feature or probability that vanished stays out of
+// every sum, so a normalizer built only of such terms is exactly eps, or 0).
 // NaN stays NaN, and nothing converts a float to an integer (undefined behaviour for NaN):
 // round(x / ln 2) comes from the 1.5·2^23 rounding trick and integer bit patterns.
 #pragma once
@@ -16,10 +18,11 @@
 namespace linattn {
 namespace LINATTN_ISA {  // one copy per instruction-set build (cpu_isa.h)
 
-inline float exp_nonpositive(float x) {
+inline float exp_nonpositive(float input) {
+  constexpr float kLogMin = -87.3365447f;  // ln(FLT_MIN)
   // Argument order matters: std::min/max return their first argument when the comparison is
   // false, so a NaN x stays NaN (and so does the result) instead of being clamped away.
-  x = std::max(std::min(x, 0.0f), -87.3365447f);  // [ln(FLT_MIN), 0]
+  float x = std::max(std::min(input, 0.0f), kLogMin);
   // shifted = 1.5·2^23 + n with n = round(x / ln 2) in [-126, 0], rounded by the addition itself.
   constexpr float kRoundingShift = 12582912.0f;  // 1.5·2^23, bit pattern 0x4B400000
   const float shifted = x * 1.44269504088896341f + kRoundingShift;
@@ -40,7 +43,8 @@ inline float exp_nonpositive(float x) {
   const uint32_t scale_bits = (bits - 0x4B400000u + 127u) << 23;
   float scale;
   std::memcpy(&scale, &scale_bits, sizeof(scale));
-  return y * scale;
+  // A select, not a branch (loops over it still vectorize); false for NaN, which stays NaN.
+  return input < kLogMin ? 0.0f : y * scale;
 }
 
 inline double exp_nonpositive(double x) {

@@ -82,6 +82,9 @@ class MethodModule(nn.Module):
 
     # Whether add_bias_kv / add_zero_attn keys (which every query sees) can be appended.
     supports_extra_keys = True
+    # Whether is_causal is only a hint that needs its attn_mask, as in torch (softmax reproduces
+    # torch's module, refusals included); the other methods take is_causal=True alone as causal.
+    is_causal_needs_mask = False
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
         if any(key.startswith(prefix) for key in state_dict):
@@ -115,6 +118,7 @@ class SoftmaxMethod(MethodModule):
     options = ()
     supports_causal = True
     takes_any_mask = True
+    is_causal_needs_mask = True
 
     def __init__(self, num_heads: int, head_dim: int, device=None, dtype=None):
         super().__init__()
@@ -678,15 +682,23 @@ METHODS = {
         BigBirdMethod, HybridMethod, ReformerMethod, AdditiveMethod,
     )
 }
-# In API.md's list but not built yet: asking for one says so instead of "unknown".
-PLANNED_METHODS = ()
+
+
+def methods_summary(indent: str = "") -> str:
+    """One line per method: its name and the first sentence of its class's docstring (what the
+    module's docstring and the documentation list, so the list is never out of date)."""
+    lines = []
+    for name, cls in METHODS.items():
+        first = " ".join(cls.__doc__.split("\n\n")[0].split())
+        sentence = first.split(". ")[0].rstrip(".:") + "."
+        lines.append(f'{indent}- "{name}": {sentence}')
+    return "\n".join(lines)
 
 
 def build_method(method: str, *, num_heads: int, head_dim: int, device=None, dtype=None, **options) -> nn.Module:
     """The method module for `method` with `options`, or a ValueError listing what is valid."""
     if method not in METHODS:
-        planned = f" ({method!r} is planned but not implemented yet)" if method in PLANNED_METHODS else ""
-        raise ValueError(f"linattn: unknown method {method!r}{planned}; available methods: {sorted(METHODS)}")
+        raise ValueError(f"linattn: unknown method {method!r}; available methods: {sorted(METHODS)}")
     cls = METHODS[method]
     unknown = sorted(set(options) - set(cls.options))
     if unknown:

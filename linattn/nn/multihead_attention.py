@@ -8,7 +8,7 @@ from torch import nn
 from .._validation import ArgumentError, ArgumentTypeError
 from .masks import is_causal_mask, key_padding_as_bool
 from .decoding import DecodingCache, decode
-from .methods import build_method
+from .methods import build_method, methods_summary
 
 
 def _keep_torch_fast_paths_off(module, args):
@@ -28,12 +28,15 @@ class MultiheadAttention(nn.MultiheadAttention):
     into one with strict=True and those keep their initial values; load one's into torch's with
     strict=False.
 
-    method: "softmax" (exact; reproduces torch's module), "linear", "performer", "efficient",
-    "linformer"; method_options go to the method (see linattn.nn.methods, e.g. feature_map="relu",
-    nb_features=256, max_seq_len=1024). The methods other than softmax accept key padding and
-    causal masks only; efficient and linformer are non-causal only. need_weights=True returns the
+    method: one of the methods below; method_options go to the method (see linattn.nn.methods,
+    e.g. feature_map="relu", nb_features=256, max_seq_len=1024). The methods other than softmax
+    accept key padding and causal masks only; efficient and linformer are non-causal only.
+    need_weights=True returns the
     attention matrix the method applies implicitly (out = weights @ v), computed only when asked,
     in O(L·S) memory. The meaning of dropout per method is in linattn.nn.methods.
+
+    Methods:
+    {methods}
     """
 
     def __init__(
@@ -116,12 +119,7 @@ class MultiheadAttention(nn.MultiheadAttention):
             return self._forward_nested(
                 where, query, key, value, key_padding_mask, need_weights, attn_mask, average_attn_weights, is_causal
             )
-        batched = query.dim() == 3
-        if query.dim() not in (2, 3) or key.dim() != query.dim() or value.dim() != query.dim():
-            raise ArgumentError(
-                f"{where}: query, key and value must all be 3-D (batched) or 2-D (unbatched), got "
-                f"{tuple(query.shape)}, {tuple(key.shape)} and {tuple(value.shape)}"
-            )
+        batched = _check_ranks(where, query, key, value, key_padding_mask, attn_mask, self.num_heads)
         if not batched:
             query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
             if key_padding_mask is not None:
@@ -136,6 +134,10 @@ class MultiheadAttention(nn.MultiheadAttention):
         source_length = key.shape[0]
         _check_mask_dtype(where, "key_padding_mask", key_padding_mask)
         _check_mask_dtype(where, "attn_mask", attn_mask)
+        if is_causal and attn_mask is None and self.core.is_causal_needs_mask:
+            raise RuntimeError(
+                f"{where}: Need attn_mask if specifying the is_causal hint. You may use the Transformer module method "
+                "`generate_square_subsequent_mask` to create this mask (as torch.nn.MultiheadAttention)")
         if is_causal and attn_mask is not None and (
             not self.core.takes_any_mask or (key_padding_mask is None and not need_weights)
         ):
@@ -271,10 +273,19 @@ class MultiheadAttention(nn.MultiheadAttention):
             raise ArgumentError(f"{where}: nested tensor inputs need batch_first=True, as in torch")
         if key_padding_mask is not None:
             raise ArgumentError(f"{where}: nested inputs carry their own lengths; pass key_padding_mask=None")
+        if any(t.dim() != 3 for t in (query, key, value)):
+            # An empty nested tensor (no sequences) has one dimension; torch refuses it the same way.
+            raise ArgumentError(
+                f"{where}: nested query, key and value must be batched (N, L, E) with at least one sequence, got "
+                f"nested tensors of {query.dim()}, {key.dim()} and {value.dim()} dims")
         query_lengths = [t.shape[0] for t in query.unbind()]
         key_lengths = [t.shape[0] for t in key.unbind()]
         if [t.shape[0] for t in value.unbind()] != key_lengths:
             raise ArgumentError(f"{where}: key and value must have the same lengths")
+        if max(query_lengths) == 0:
+            # No query: nothing to attend (to_padded_tensor refuses a nested tensor of empty sequences).
+            self._check_embed_dims(where, query.size(-1), key.size(-1), value.size(-1))
+            return torch.nested.as_nested_tensor([t.new_zeros(0, self.embed_dim) for t in query.unbind()]), None
         dense_query = torch.nested.to_padded_tensor(query, 0.0)
         dense_key = dense_query if key is query else torch.nested.to_padded_tensor(key, 0.0)
         dense_value = dense_key if value is key else torch.nested.to_padded_tensor(value, 0.0)
@@ -300,15 +311,18 @@ class MultiheadAttention(nn.MultiheadAttention):
             w_q, w_k, w_v = self.q_proj_weight, self.k_proj_weight, self.v_proj_weight
         return F.linear(query, w_q, b_q), F.linear(key, w_k, b_k), F.linear(value, w_v, b_v)
 
-    def _check_inputs(self, where, query, key, value, key_padding_mask, attn_mask):
-        length, batch, embed = query.shape
-        if embed != self.embed_dim:
-            raise ArgumentError(f"{where}: query must have embed_dim={self.embed_dim} features, got {embed}")
-        if key.shape[2] != self.kdim or value.shape[2] != self.vdim:
+    def _check_embed_dims(self, where, query_dim, key_dim, value_dim):
+        if query_dim != self.embed_dim:
+            raise ArgumentError(f"{where}: query must have embed_dim={self.embed_dim} features, got {query_dim}")
+        if key_dim != self.kdim or value_dim != self.vdim:
             raise ArgumentError(
                 f"{where}: key and value must have kdim={self.kdim} and vdim={self.vdim} features, "
-                f"got {key.shape[2]} and {value.shape[2]}"
+                f"got {key_dim} and {value_dim}"
             )
+
+    def _check_inputs(self, where, query, key, value, key_padding_mask, attn_mask):
+        length, batch, _ = query.shape
+        self._check_embed_dims(where, query.shape[2], key.shape[2], value.shape[2])
         if key.shape[:2] != value.shape[:2] or key.shape[1] != batch:
             raise ArgumentError(
                 f"{where}: key and value must have the same length and batch as each other and batch {batch} "
@@ -327,6 +341,33 @@ class MultiheadAttention(nn.MultiheadAttention):
                     f"{where}: attn_mask must be (L, S) = {allowed[0]} or (N·num_heads, L, S) = {allowed[1]}, "
                     f"got {tuple(attn_mask.shape)}"
                 )
+
+
+MultiheadAttention.__doc__ = MultiheadAttention.__doc__.replace("    {methods}", methods_summary(indent="    "))
+
+
+def _check_ranks(where, query, key, value, key_padding_mask, attn_mask, num_heads) -> bool:
+    """Whether the call is batched; a bad rank raises with torch.nn.MultiheadAttention's own
+    message (prefixed by where), so code that matches torch's errors keeps working after a swap."""
+    if query.dim() not in (2, 3):
+        raise ArgumentError(
+            f"{where}: query should be unbatched 2D or batched 3D tensor but received {query.dim()}-D query tensor")
+    batched = query.dim() == 3
+    kind, rank, mask_rank = ("batched (3-D)", 3, 2) if batched else ("unbatched (2-D)", 2, 1)
+    if key.dim() != rank or value.dim() != rank:
+        raise ArgumentError(f"{where}: For {kind} `query`, expected `key` and `value` to be {rank}-D but found "
+                            f"{key.dim()}-D and {value.dim()}-D tensors respectively")
+    if key_padding_mask is not None and key_padding_mask.dim() != mask_rank:
+        raise ArgumentError(f"{where}: For {kind} `query`, expected `key_padding_mask` to be `None` or {mask_rank}-D "
+                            f"but found {key_padding_mask.dim()}-D tensor instead")
+    if attn_mask is not None and attn_mask.dim() not in (2, 3):
+        raise ArgumentError(f"{where}: For {kind} `query`, expected `attn_mask` to be `None`, 2-D or 3-D but found "
+                            f"{attn_mask.dim()}-D tensor instead")
+    if not batched and attn_mask is not None and attn_mask.dim() == 3:
+        expected = (num_heads, query.shape[0], key.shape[0])
+        if tuple(attn_mask.shape) != expected:
+            raise ArgumentError(f"{where}: Expected `attn_mask` shape to be {expected} but got {attn_mask.shape}")
+    return batched
 
 
 def _check_mask_dtype(where: str, name: str, mask) -> None:
