@@ -44,7 +44,7 @@ def implementations(causal):
 
 
 def linattn_flops(T, causal):
-    """Useful FLOPs of the chunked algorithm (METHODS.md §1), per forward."""
+    """Useful FLOPs of the chunked algorithm (docs/methods.md §1), per forward."""
     per_head = 4 * T * D * D + (2 * T * CHUNK * 2 * D if causal else 0)
     return B * H * per_head
 

@@ -5,7 +5,7 @@ Two measurements, each round-robin in one run and quoted as medians:
     and the same model after linattn.swap_attention (its 12 ShiftedWindowAttention blocks run
     linattn.shifted_window_attention);
   - attention alone, forward+backward, on Swin-T's four stage shapes (49-token windows with the
-    relative-position bias and the shifted-window mask): linattn.window_attention against
+    relative-position bias and the shifted-window mask): linattn.swin_attention against
     torchvision's formulation (matmul, + bias, + mask, softmax, matmul).
 
     python -m benchmarks.bench_swin            # B = 4
@@ -47,7 +47,7 @@ def attention_rows(batch, reps):
         grad = torch.randn(G, heads, N, HEAD_DIM)
         fns = {
             "torch": lambda: torch_window_attention(q, k, v, bias, mask).backward(grad),
-            "linattn": lambda: linattn.window_attention(q, k, v, bias=bias, regions=regions).backward(grad),
+            "linattn": lambda: linattn.swin_attention(q, k, v, bias=bias, regions=regions).backward(grad),
         }
         t = interleaved_medians(fns, reps)
         rows.append({"stage_grid": side, "heads": heads, "windows": G, "torch_ms": t["torch"] * 1e3,

@@ -18,7 +18,7 @@ TORCH_LIBRARY(linattn, m) {
   // Which instruction-set build of the CPU kernels this process runs: "base", "avx2" or
   // "avx512" (common/cpu_isa.h; LINATTN_CPU_ISA narrows it).
   m.def("cpu_isa() -> str", [] { return std::string(linattn::cpu_isa_name(linattn::cpu_isa())); });
-  // Kernelized linear attention (METHODS.md §1). feature_map: 0 identity (q, k are features
+  // Kernelized linear attention (docs/methods.md §1). feature_map: 0 identity (q, k are features
   // already), 1 elu+1, 2 relu, applied inside the kernels; key_padding_mask (B, T_k) bool,
   // True = padded key. States are augmented: (B, H, m, dv + 1) = [S | z]; normalizer is
   // φ(q)·z + eps per query, saved for the backward. The backward may be handed the forward's
@@ -46,7 +46,7 @@ TORCH_LIBRARY(linattn, m) {
       "Tensor out, Tensor normalizer, Tensor? initial_state, Tensor? key_padding_mask, "
       "int feature_map, bool causal, bool normalize, Tensor? final_state=None) -> "
       "(Tensor grad_q, Tensor grad_k, Tensor grad_v, Tensor grad_initial_state)");
-  // Causal linear attention with a fading state (METHODS.md §1, decay and gates): before token
+  // Causal linear attention with a fading state (docs/methods.md §1, decay and gates): before token
   // i joins, the state is multiplied by exp(log_decay[b, h, i]) <= 1 (log γ of a per-head
   // decay, or a log-gate). log_decay (B, H, T) in the accumulation dtype. The backward's
   // grad_log_decay is dL/dc_i for c = cumsum(log_decay) (the caller sums it backward in time).
@@ -87,7 +87,7 @@ TORCH_LIBRARY(linattn, m) {
       "linear_attn_fwd_decomposed(Tensor q, Tensor k, Tensor v, Tensor? initial_state, "
       "Tensor? key_padding_mask, int feature_map, bool causal, bool normalize, float eps) -> "
       "(Tensor out, Tensor final_state, Tensor normalizer)");
-  // Restricted softmax attention (METHODS.md §5): sliding window with flash-attn's
+  // Restricted softmax attention (docs/methods.md §5): sliding window with flash-attn's
   // (left, right) bounds (-1 = unbounded; causal is right = 0), dilation, Longformer
   // global_mask (B, T) and key_padding_mask (B, T_k), both bool. lse (B, H, T_q) is the per-row
   // logsumexp the backward recomputes probabilities from (-inf for a row that sees no key).
@@ -111,9 +111,9 @@ TORCH_LIBRARY(linattn, m) {
       "Tensor lse, int window_left, int window_right, int dilation, Tensor? global_mask, "
       "Tensor? key_padding_mask, float scale, Tensor? segment_ids=None) -> "
       "(Tensor grad_q, Tensor grad_k, Tensor grad_v)");
-  // Block-sparse softmax attention (METHODS.md §6): layout (H or 1, ceil(T_q/b), ceil(T_k/b))
+  // Block-sparse softmax attention (docs/methods.md §6): layout (H or 1, ceil(T_q/b), ceil(T_k/b))
   // bool, block_size b; causal additionally hides keys after the query (bottom-right aligned).
-  // Optional terms (PairTerms in window_attention/kernel.h): an additive score bias
+  // Optional terms (PairTerms in restricted_softmax/kernel.h): an additive score bias
   // (1 or H, T_q, T_k) with its gradient grad_bias (size 0 without one), segment ids
   // (B, 1 or H, T) that must match, and original positions (B, 1 or H, T) of a permuted
   // sequence (causal compares them; a token's own key scores -1e5). grad_lse, the cotangent of

@@ -98,7 +98,7 @@ def check_key_padding_mask(where: str, mask, k: torch.Tensor, name: str = "key_p
 def check_eps(where: str, eps) -> None:
     """eps > 0: it keeps the normalizer of a query that matches no key away from 0 / 0. (An eps
     below the accumulation dtype's range rounds to 0; a row whose normalizer is then exactly 0
-    gets a zero output, see METHODS.md §1.)"""
+    gets a zero output, see docs/methods.md §1.)"""
     if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not (0 < float(eps) < float("inf")):
         raise ValueError(f"{where}: eps must be a finite number > 0, got {eps!r}")
 

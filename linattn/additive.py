@@ -1,4 +1,4 @@
-"""Additive (Bahdanau) attention (METHODS.md §9): score_ij = w_h · tanh(q_i + k_j), softmax over the
+"""Additive (Bahdanau) attention (docs/methods.md §9): score_ij = w_h · tanh(q_i + k_j), softmax over the
 visible keys, optionally in a window. Exported from linattn.functional.
 
 The (T, S, D) tensor of tanh arguments is what a plain PyTorch version builds; here the operator
@@ -147,7 +147,7 @@ def additive_attention(
     causal: bool = False,
     key_padding_mask: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """Bahdanau attention: out_i = Σ_j softmax_j(w_h · tanh(q_i + k_j)) v_j (METHODS.md §9).
+    """Bahdanau attention: out_i = Σ_j softmax_j(w_h · tanh(q_i + k_j)) v_j (docs/methods.md §9).
 
     Args:
         q (B, H, T_q, D), k (B, H, T_k, D), v (B, H, T_k, dv): the per-head projected queries,

@@ -1,4 +1,4 @@
-"""Causal linear attention with a fading state (METHODS.md §1, decay and gates) in ATen ops: the
+"""Causal linear attention with a fading state (docs/methods.md §1, decay and gates) in ATen ops: the
 device-generic path that CUDA (and every non-CPU) tensors take, as csrc/linear_attention/
 generic.cpp is for the plain operator. CPU tensors run the fused kernel
 (torch.ops.linattn.decayed_linear_attn_fwd) instead.

@@ -1,4 +1,4 @@
-"""Feature maps φ of kernelized linear attention (METHODS.md §1)."""
+"""Feature maps φ of kernelized linear attention (docs/methods.md §1)."""
 from typing import Callable, Optional, Union
 
 import torch
@@ -44,7 +44,7 @@ def resolve_feature_map(feature_map: Union[str, FeatureMap, None], where: str) -
     )
 
 
-# --- FAVOR+ random features (Performer, METHODS.md §2) -------------------------------------
+# --- FAVOR+ random features (Performer, docs/methods.md §2) -------------------------------------
 
 # Largest exponent a causal key feature may reach (see favor_features): with φ(q) <= 1/√m,
 # a score φ(q)·φ(k) stays below e^60 and a sum over up to 2^31 keys below e^82, inside float32's
@@ -66,11 +66,14 @@ def random_features(
 ) -> torch.Tensor:
     """A (nb_features, dim) FAVOR+ projection W (Choromanski et al. 2021).
 
-    orthogonal: rows in blocks of `dim` mutually orthogonal rows (QR of Gaussian blocks), which
-        lowers the variance of the softmax-kernel estimate; False gives i.i.d. Gaussian rows.
-    scaling: "norm" rescales each row to the norm of an independent Gaussian vector (so rows are
-        distributed like Gaussian rows); "sqrt_d" gives every row norm √dim.
-    generator: a torch.Generator on the CPU for reproducible draws; the result is moved to device.
+    Args:
+        orthogonal: rows in blocks of `dim` mutually orthogonal rows (QR of Gaussian blocks),
+            which lowers the variance of the softmax-kernel estimate; False gives i.i.d.
+            Gaussian rows.
+        scaling: "norm" rescales each row to the norm of an independent Gaussian vector (so
+            rows are distributed like Gaussian rows); "sqrt_d" gives every row norm √dim.
+        generator: a torch.Generator on the CPU for reproducible draws; the result is moved to
+            device.
     """
     where = "linattn.random_features"
     if isinstance(nb_features, bool) or not isinstance(nb_features, int) or nb_features < 1:
@@ -115,11 +118,13 @@ def favor_features(
 
     softmax kernel: φ(x) = exp(W x' − ‖x'‖²/2 − c) / √m with x' = x·d^(−1/4), so that
     E[φ(q)·φ(k)] ∝ exp(q·k/√d). The stabilizer c is detached (it cancels in the normalized ratio):
+
       - queries: the max over the query's own features;
       - keys, non-causal: the max over all unpadded keys and features of the sequence;
       - keys, causal: a bound that depends on W only, never on any key, so no position sees a
         later one: since W x' − ‖x'‖²/2 <= ‖w_r‖²/2, c = max(0, max_r ‖w_r‖²/2 − 60) keeps every
         feature below e^60 (and c = 0 whenever the rows are short enough: d ≲ 100).
+
     relu kernel: φ(x) = relu(W x') + 1e-3 (the "generalized attention" of the paper).
     """
     if projection.is_meta and not x.is_meta:
@@ -160,7 +165,7 @@ def favor_features(
     return torch.exp(exponent - shift) * m**-0.5
 
 
-# --- Efficient Attention (Shen et al., METHODS.md §3) ---------------------------------------
+# --- Efficient Attention (Shen et al., docs/methods.md §3) ---------------------------------------
 
 
 def efficient_feature_maps(q: torch.Tensor, k: torch.Tensor, key_padding_mask: Optional[torch.Tensor] = None):

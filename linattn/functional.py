@@ -1,4 +1,4 @@
-"""The documented functions of linattn (shared/API.md), on (B, H, T, D) tensors."""
+"""The documented functions of linattn (docs/api.rst), on (B, H, T, D) tensors."""
 from typing import Callable, Optional, Tuple, Union
 
 import torch
@@ -11,7 +11,7 @@ from .feature_maps import (
 )
 from .sparse import bigbird_layout, block_local_layout, block_sparse_attention  # noqa: F401
 from .window import sliding_window_attention  # noqa: F401  (the restricted-softmax family)
-from .swin import shifted_window_attention, window_attention  # noqa: F401
+from .swin import shifted_window_attention, swin_attention, window_attention  # noqa: F401
 from .lsh import lsh_attention  # noqa: F401
 from .additive import additive_attention  # noqa: F401
 from .recurrent import linear_attention_step  # noqa: F401  (decoding, one token at a time)
@@ -39,7 +39,7 @@ def linear_attention(
     output_final_state: bool = False,
     cu_seqlens: Optional[torch.Tensor] = None,
 ):
-    """Kernelized linear attention (Katharopoulos et al. 2020), METHODS.md §1.
+    """Kernelized linear attention (Katharopoulos et al. 2020), docs/methods.md §1.
 
     o_i = φ(q_i)ᵀ S_i / (φ(q_i)ᵀ z_i + eps) with S = Σ_j φ(k_j) v_jᵀ and z = Σ_j φ(k_j) summed over
     all keys, or over keys j <= i when causal. Cost O(T·m·dv) instead of softmax's O(T²·d).
@@ -176,7 +176,7 @@ def performer_attention(
     initial_state: Optional[State] = None,
     output_final_state: bool = False,
 ):
-    """Performer's FAVOR+ attention (Choromanski et al. 2021), METHODS.md §2.
+    """Performer's FAVOR+ attention (Choromanski et al. 2021), docs/methods.md §2.
 
     Linear attention (§1, normalized) with random features φ built from `projection` (m, D)
     (see linattn.random_features and linattn.feature_maps.favor_features): with
@@ -230,7 +230,7 @@ def efficient_attention(
     *,
     key_padding_mask: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """Efficient Attention (Shen et al. 2021, arXiv 1812.01243), METHODS.md §3.
+    """Efficient Attention (Shen et al. 2021, arXiv 1812.01243), docs/methods.md §3.
 
     O = ρ_q(Q) (ρ_k(K)ᵀ V): ρ_q is a softmax over each query's D features, ρ_k a softmax over
     the sequence for each key feature, padded keys excluded (a sequence with every key padded

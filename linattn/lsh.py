@@ -1,4 +1,4 @@
-"""Reformer LSH attention (METHODS.md §7) on the block-sparse engine. Exported from
+"""Reformer LSH attention (docs/methods.md §7) on the block-sparse engine. Exported from
 linattn.functional.
 
 Each hashing round sorts the tokens by (bucket, position); the sorted sequence is cut into

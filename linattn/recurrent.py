@@ -1,4 +1,4 @@
-"""Linear attention as an RNN (METHODS.md §1, recurrent form): one decoding step at a time.
+"""Linear attention as an RNN (docs/methods.md §1, recurrent form): one decoding step at a time.
 
 A causal linear attention layer carries a state (S, z), S (B, H, m, dv) and z (B, H, m); each
 new token updates it and reads it in O(m·dv), whatever its position, so generation costs the
@@ -47,7 +47,7 @@ def linear_attention_step(
     Returns:
         (out (B, H, dv) in the input dtype, new state (S, z) in float32, or float64 for float64
         inputs). Running every token of a sequence through it gives what `linear_attention`
-        with causal=True gives for the whole sequence (and, with decay or gate, METHODS.md §1's
+        with causal=True gives for the whole sequence (and, with decay or gate, docs/methods.md §1's
         decayed sums).
     """
     if (type(state) in (tuple, list) and len(state) == 2 and decay is None and gate is None and type(feature_map) is str

@@ -1,4 +1,4 @@
-"""Float64 quadratic formulas of METHODS.md: the oracle every kernel is tested against.
+"""Float64 quadratic formulas of docs/methods.md: the oracle every kernel is tested against.
 
 Deliberately naive: the full (T_q × T_k) score matrix, no chunking, no reuse of the kernels'
 algebra, so that a shared mistake is unlikely.
@@ -24,7 +24,7 @@ def linear_attention(
     key_padding_mask: Optional[torch.Tensor] = None,
     initial_state: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
 ):
-    """METHODS.md §1 in float64. Returns (out, (S_final, z_final)).
+    """docs/methods.md §1 in float64. Returns (out, (S_final, z_final)).
 
     Masked pairs (a later key when causal, a padded key) are excluded from every sum, not
     multiplied by 0, so an Inf or NaN there never reaches a query; a row whose normalizer is 0
@@ -69,7 +69,7 @@ def linear_attention(
 
 def decayed_linear_attention(q, k, v, log_factors, *, feature_map="elu", normalize=True, eps=1e-6,
                              initial_state=None, key_padding_mask=None):
-    """Causal linear attention with a fading state (METHODS.md §1, decay and gates) in float64:
+    """Causal linear attention with a fading state (docs/methods.md §1, decay and gates) in float64:
     S_i = f_i S_{i−1} + φ(k_i) v_iᵀ with log f = log_factors (B, H, T) (log γ of a per-head decay,
     or the log-gates g). Dense: o_i sums w_ij φ(q_i)·φ(k_j) v_j over j <= i with
     w_ij = exp(c_i − c_j), c the cumulative sum of log f (only c_i − c_j <= 0 is exponentiated),
@@ -116,7 +116,7 @@ def _visible_sum(weights: torch.Tensor, visible: torch.Tensor, values: torch.Ten
 
 
 def softmax_attention(q, k, v, *, causal=False, scale=None, key_padding_mask=None):
-    """METHODS.md §0 in float64: softmax(s·QKᵀ + B) V."""
+    """docs/methods.md §0 in float64: softmax(s·QKᵀ + B) V."""
     q, k, v = q.double(), k.double(), v.double()
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     scores = (q @ k.transpose(-1, -2)) * scale
@@ -129,7 +129,7 @@ def softmax_attention(q, k, v, *, causal=False, scale=None, key_padding_mask=Non
 
 
 def favor_features(x, projection, *, kernel="softmax"):
-    """METHODS.md §2 features in float64, without any stabilizer: exp(W x' − ‖x'‖²/2) / √m with
+    """docs/methods.md §2 features in float64, without any stabilizer: exp(W x' − ‖x'‖²/2) / √m with
     x' = x·d^(−1/4), or relu(W x') + 1e-3."""
     x, w = x.double(), projection.double()
     x = x * x.shape[-1] ** -0.25
@@ -174,7 +174,7 @@ def linformer_attention(q, k, v, E, F, *, key_padding_mask=None):
 
 def sliding_window_attention(q, k, v, window, *, causal=False, dilation=1, global_mask=None,
                              key_padding_mask=None, scale=None):
-    """METHODS.md §5 in float64: softmax over exactly the visible keys, masked terms excluded
+    """docs/methods.md §5 in float64: softmax over exactly the visible keys, masked terms excluded
     (an Inf or NaN at a key a row cannot see never reaches it); a row with no visible key is 0."""
     q, k, v = q.double(), k.double(), v.double()
     scale = (q.shape[-1] ** -0.5 if q.shape[-1] > 0 else 1.0) if scale is None else scale
@@ -201,12 +201,12 @@ def masked_softmax_attention(q, k, v, visible, scale, *, bias=None, fixed=None, 
     return (out, torch.logsumexp(scores, dim=-1)) if return_lse else out
 
 
-# Reformer's score for a token attending to itself under shared QK (METHODS.md §7).
+# Reformer's score for a token attending to itself under shared QK (docs/methods.md §7).
 SELF_SCORE = -1e5
 
 
-def window_attention(q, k, v, *, bias=None, regions=None, scale=None):
-    """Swin window attention (METHODS.md §5) in float64 on partitioned windows (G, H, N, D):
+def swin_attention(q, k, v, *, bias=None, regions=None, scale=None):
+    """Swin window attention (docs/methods.md §6) in float64 on partitioned windows (G, H, N, D):
     scaled scores plus bias (H or 1, N, N), tokens of different regions (nW, N) (window g uses
     row g % nW) not seeing each other."""
     G, N = q.shape[0], q.shape[2]
@@ -219,7 +219,7 @@ def window_attention(q, k, v, *, bias=None, regions=None, scale=None):
 
 
 def lsh_attention_weights(qk, buckets, bucket_size, *, causal=False, key_padding_mask=None, scale=None):
-    """The (B, H, T, T) attention weights of Reformer LSH attention (METHODS.md §7) in float64
+    """The (B, H, T, T) attention weights of Reformer LSH attention (docs/methods.md §7) in float64
     from given buckets (B, H, rounds, T), written as dense masks without sorting any tensor: in
     round r, token i sees token j when both share a bucket, j's chunk (of its rank in the
     (bucket, position) order) is i's or the one before, j <= i when causal, and j is not padded;
@@ -261,14 +261,14 @@ def lsh_attention(qk, v, buckets, bucket_size, *, causal=False, key_padding_mask
 
 
 def block_sparse_attention(q, k, v, layout, block_size, *, causal=False, key_padding_mask=None, scale=None):
-    """METHODS.md §6 in float64: softmax under the layout expanded to a dense mask."""
+    """docs/methods.md §6 in float64: softmax under the layout expanded to a dense mask."""
     scale = (q.shape[-1] ** -0.5 if q.shape[-1] > 0 else 1.0) if scale is None else scale
     visible = layout_mask(layout, block_size, q.shape[2], k.shape[2], causal=causal, key_padding_mask=key_padding_mask)
     return masked_softmax_attention(q, k, v, visible, scale)
 
 
 def additive_attention(q, k, v, w, *, window=None, causal=False, key_padding_mask=None):
-    """Bahdanau attention (METHODS.md §9) in float64 from the full (T_q, T_k, D) tanh tensor:
+    """Bahdanau attention (docs/methods.md §9) in float64 from the full (T_q, T_k, D) tanh tensor:
     scores w_h · tanh(q_i + k_j) over the visible keys (window / causal with
     sliding_window_attention's meaning, bottom-right aligned; padding)."""
     q, k, v, w = q.double(), k.double(), v.double(), w.double()

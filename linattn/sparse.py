@@ -1,4 +1,4 @@
-"""Block-sparse softmax attention (METHODS.md §5–§6) and the layouts that describe it:
+"""Block-sparse softmax attention (docs/methods.md §5–§6) and the layouts that describe it:
 the seeds' block-local windows and BigBird. Exported from linattn.functional."""
 import math
 import numbers

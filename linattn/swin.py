@@ -1,4 +1,4 @@
-"""Swin-style window attention on image features (METHODS.md §5): attention inside w×w windows
+"""Swin-style window attention on image features (docs/methods.md §6): attention inside w×w windows
 with a learned relative-position bias, optionally on a cyclically shifted grid whose wrapped-around
 regions must not see each other. Exported from linattn.functional.
 
@@ -7,6 +7,7 @@ and the shifted-window mask is a per-token region id (pairs of different regions
 so no (windows, N, N) mask and no attention-probability tensor is ever built.
 """
 import math
+import warnings
 from typing import List, Optional
 
 import torch
@@ -16,7 +17,7 @@ from . import _ops
 from . import _validation as check
 
 
-def window_attention(
+def swin_attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -25,7 +26,7 @@ def window_attention(
     regions: Optional[torch.Tensor] = None,
     scale: Optional[float] = None,
 ) -> torch.Tensor:
-    """Softmax attention inside each window of already-partitioned tokens.
+    """Swin's window attention: softmax inside each window of already-partitioned tokens.
 
     Args:
         q, k, v: (G, H, N, D), G = batch · windows, N tokens per window; any strides.
@@ -36,7 +37,7 @@ def window_attention(
         scale: default D ** -0.5.
     Returns (G, H, N, dv).
     """
-    where = "linattn.window_attention"
+    where = "linattn.swin_attention"
     check.check_qkv(where, q, k, v, causal=False)
     G, H, N = q.shape[0], q.shape[1], q.shape[2]
     if k.shape[2] != N:
@@ -124,7 +125,7 @@ def shifted_window_attention(
         k = F.normalize(k, dim=-1)
         scale = 1.0
     regions = shifted_window_regions(pad_H, pad_W, window_size, shift_size, device=x.device) if shifted else None
-    x = window_attention(q, k, v, bias=relative_position_bias.reshape(-1, N, N).to(q.dtype), regions=regions,
+    x = swin_attention(q, k, v, bias=relative_position_bias.reshape(-1, N, N).to(q.dtype), regions=regions,
                          scale=scale)
 
     x = x.transpose(1, 2).reshape(x.size(0), N, C)
@@ -135,3 +136,11 @@ def shifted_window_attention(
     if shifted:
         x = torch.roll(x, shifts=(shift_size[0], shift_size[1]), dims=(1, 2))
     return x[:, :H, :W, :].contiguous()
+
+
+def window_attention(*args, **kwargs) -> torch.Tensor:
+    """Deprecated name of swin_attention (in linattn, "window" means the sliding window of
+    sliding_window_attention); same arguments and result."""
+    warnings.warn("linattn.window_attention is now linattn.swin_attention (the old name will be removed)",
+                  DeprecationWarning, stacklevel=2)
+    return swin_attention(*args, **kwargs)

@@ -1,4 +1,4 @@
-"""Restricted softmax attention (METHODS.md §5): sliding windows, dilated windows and
+"""Restricted softmax attention (docs/methods.md §5): sliding windows, dilated windows and
 Longformer global tokens, on (B, H, T, D) tensors. Exported from linattn.functional."""
 import math
 import numbers
@@ -20,7 +20,7 @@ def _is_int(x) -> bool:
 def window_bounds(where: str, window: Window, causal: bool) -> Tuple[int, int]:
     """(left, right) key bounds around each query's aligned position, -1 = unbounded.
 
-    An int w means |i − j| <= w (causal: i − w <= j <= i); a (left, right) pair has flash-attn's
+    An int w means ``|i − j| <= w`` (causal: i − w <= j <= i); a (left, right) pair has flash-attn's
     window_size meaning. causal=True sets right = 0."""
     if _is_int(window):
         if window < -1:
@@ -48,16 +48,16 @@ def sliding_window_attention(
     scale: Optional[float] = None,
     cu_seqlens: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """Softmax attention in which query i sees only the keys of its window (METHODS.md §5).
+    """Softmax attention in which query i sees only the keys of its window (docs/methods.md §5).
 
     Args:
         q, k, v: (B, H, T_q, D), (B, H, T_k, D), (B, H, T_k, dv); any strides, any lengths.
-        window: an int w (|i − j| <= w; causal: i − w <= j <= i) or (left, right) with
+        window: an int w (``|i − j| <= w``; causal: i − w <= j <= i) or (left, right) with
             flash-attn's window_size meaning: key j is seen when a − left <= j <= a + right with
             a = i + T_k − T_q (bottom-right alignment), −1 = unbounded.
         causal: right bound 0.
         dilation: d > 1 keeps only the keys with (a − j) divisible by d (Longformer's dilated
-            windows; the window still spans |a − j| <= w).
+            windows; the window still spans ``|a − j| <= w``).
         global_mask: (B, T) bool, True = global token (T_q == T_k, not causal): a global row sees
             every key and every row sees the global keys (Longformer).
         key_padding_mask: (B, T_k) bool, True = padded key, seen by no row.

@@ -6,7 +6,7 @@ import torch
 import linattn
 from linattn import _ops
 
-# Relative-norm tolerances against the float64 reference (METHODS.md).
+# Relative-norm tolerances against the float64 reference (docs/methods.md).
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 5e-3}
 
 

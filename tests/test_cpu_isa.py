@@ -31,7 +31,7 @@ for dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
         "window": lambda: linattn.sliding_window_attention(q, k, v, 9),
         "block": lambda: linattn.block_sparse_attention(
             q, k, v, linattn.bigbird_layout(77, 16, num_random=1, num_global=1, generator=torch.Generator().manual_seed(3)), 16),
-        "swin": lambda: linattn.window_attention(q[:, :, :49], k[:, :, :49], v[:, :, :49], bias=swin_bias(dtype),
+        "swin": lambda: linattn.swin_attention(q[:, :, :49], k[:, :, :49], v[:, :, :49], bias=swin_bias(dtype),
                                                  regions=linattn.swin.shifted_window_regions(7, 14, [7, 7], [3, 3])),
         "window_edge": lambda: linattn.sliding_window_attention(*edge_inputs(q, k, v), 9),
     }
@@ -81,7 +81,7 @@ def reference_results(name, dtype):
         "window": lambda: reference.sliding_window_attention(q, k, v, 9),
         "block": lambda: reference.block_sparse_attention(
             q, k, v, linattn.bigbird_layout(77, 16, num_random=1, num_global=1, generator=torch.Generator().manual_seed(3)), 16),
-        "swin": lambda: reference.window_attention(q[:, :, :49], k[:, :, :49], v[:, :, :49], bias=swin_bias(torch.float64),
+        "swin": lambda: reference.swin_attention(q[:, :, :49], k[:, :, :49], v[:, :, :49], bias=swin_bias(torch.float64),
                                                    regions=linattn.swin.shifted_window_regions(7, 14, [7, 7], [3, 3])),
     }
     out = calls[name]()

@@ -1,5 +1,5 @@
 """linear_attention(..., causal=True, decay=, gate=): a fading state (RetNet/Lightning decay,
-Mamba-2/simple-GLA gates), METHODS.md §1. The CPU kernel and the device-generic path (what
+Mamba-2/simple-GLA gates), docs/methods.md §1. The CPU kernel and the device-generic path (what
 CUDA tensors run, exercised here on CPU tensors) against the float64 dense reference
 (reference.decayed_linear_attention) forward and backward (decay and gate gradients too), at
 odd lengths across chunk boundaries, every dtype; against the token-by-token step; opcheck,

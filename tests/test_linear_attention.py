@@ -1,4 +1,4 @@
-"""linattn.linear_attention against the float64 reference of METHODS.md §1, forward and backward."""
+"""linattn.linear_attention against the float64 reference of docs/methods.md §1, forward and backward."""
 import pytest
 import torch
 import torch.nn.functional as F

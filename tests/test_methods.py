@@ -1,5 +1,5 @@
 """Performer, Efficient Attention and Linformer, functional and as MultiheadAttention methods,
-against the float64 formulas of METHODS.md (linattn.reference)."""
+against the float64 formulas of docs/methods.md (linattn.reference)."""
 import pytest
 import torch
 

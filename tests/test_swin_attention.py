@@ -1,4 +1,4 @@
-"""Swin window attention: linattn.window_attention against the float64 reference (bias,
+"""Swin window attention: linattn.swin_attention against the float64 reference (bias,
 shifted-window regions, every dtype, gradients of q, k, v and the bias), the block-sparse
 operator's pair terms through both implementations, and swap_attention on torchvision's and
 timm's Swin models against the unswapped models."""
@@ -24,8 +24,8 @@ def windows(G=8, H=3, N=49, D=16, dtype=torch.float32, seed=0):
 def test_window_attention_matches_reference(implementation, dtype, shifted):
     q, k, v, bias = windows(dtype=dtype)
     regions = shifted_window_regions(14, 14, [7, 7], [3, 3]) if shifted else None  # 4 windows
-    out = linattn.window_attention(q, k, v, bias=bias, regions=regions)
-    expected = reference.window_attention(q, k, v, bias=bias, regions=regions)
+    out = linattn.swin_attention(q, k, v, bias=bias, regions=regions)
+    expected = reference.swin_attention(q, k, v, bias=bias, regions=regions)
     tol = max(TOLERANCE[dtype], 1e-6)
     assert out.dtype == dtype
     assert_close(out, expected, tol, "out")
@@ -41,7 +41,7 @@ def test_shared_bias_and_odd_window(implementation):
     bias = torch.randn(1, 13, 13, dtype=torch.float64, requires_grad=True)
     regions = torch.randint(0, 3, (3, 13), generator=torch.Generator().manual_seed(2))
     assert torch.autograd.gradcheck(
-        lambda a, b, c, d: linattn.window_attention(a, b, c, bias=d, regions=regions, scale=0.7), (q, k, v, bias))
+        lambda a, b, c, d: linattn.swin_attention(a, b, c, bias=d, regions=regions, scale=0.7), (q, k, v, bias))
 
 
 def test_regions_are_the_shifted_window_mask():
@@ -102,14 +102,14 @@ def test_pair_term_errors():
     with pytest.raises(RuntimeError, match=r"positions must be an int64 tensor"):
         op(q, k, v, layout, 10, False, None, 1.0, None, None, None, torch.zeros(2, 1, 10))
     with pytest.raises(ValueError, match=r"regions must be an int64 \(nW, N=10\) tensor with nW dividing G=2"):
-        linattn.window_attention(q, k, v, regions=torch.zeros(3, 10, dtype=torch.long))
+        linattn.swin_attention(q, k, v, regions=torch.zeros(3, 10, dtype=torch.long))
 
 
 def test_compile_fullgraph_matches_eager():
     torch._dynamo.reset()
     q, k, v, bias = windows(G=4, H=2, N=16, D=8)
     regions = shifted_window_regions(8, 8, [4, 4], [2, 2])
-    fn = lambda q, k, v, b: linattn.window_attention(q, k, v, bias=b, regions=regions)
+    fn = lambda q, k, v, b: linattn.swin_attention(q, k, v, bias=b, regions=regions)
     got, eager = torch.compile(fn, fullgraph=True)(q, k, v, bias), fn(q, k, v, bias)
     assert_close(got, eager, 1e-6, "compiled")
     for a, b in zip(torch.autograd.grad(got.sum(), (q, k, v, bias)), torch.autograd.grad(eager.sum(), (q, k, v, bias))):
@@ -152,3 +152,10 @@ def test_swap_refuses_attention_dropout():
     block = models.ShiftedWindowAttention(32, [4, 4], [2, 2], 2, attention_dropout=0.1)
     with pytest.raises(ValueError, match="attention dropout 0.1 cannot be swapped"):
         linattn.swap_attention(torch.nn.Sequential(block))
+
+
+def test_the_old_name_window_attention_still_works_and_warns():
+    q, k, v = (torch.randn(4, 2, 9, 8) for _ in range(3))
+    with pytest.warns(DeprecationWarning, match="linattn.swin_attention"):
+        old = linattn.window_attention(q, k, v)
+    assert torch.equal(old, linattn.swin_attention(q, k, v))

@@ -1,4 +1,4 @@
-"""linattn.sliding_window_attention (METHODS.md §5) against float64 softmax under the
+"""linattn.sliding_window_attention (docs/methods.md §5) against float64 softmax under the
 equivalent dense mask (built by linattn.reference; the operators never build it): windows,
 (left, right) bounds, T_q != T_k, dilation, causal, global tokens, padding, fully masked rows,
 every dtype, forward and backward, gradcheck, opcheck, torch.compile, both implementations."""

@@ -1,4 +1,4 @@
-// What the operators' C++ autograd (linear_attention/autograd.cpp, window_attention/autograd.cpp)
+// What the operators' C++ autograd (linear_attention/autograd.cpp, restricted_softmax/autograd.cpp)
 // shares: calling an operator below autograd, optional tensors in and out of saved variables,
 // and the Autograd kernel of a backward operator, which has no derivative of its own.
 //

@@ -1,4 +1,4 @@
-// The chunked linear-attention kernel of one thread (METHODS.md §1): passes over row ranges of
+// The chunked linear-attention kernel of one thread (docs/methods.md §1): passes over row ranges of
 // one (batch, head) — forward, dq, dk/dv, partial states — that the drivers in
 // cpu_kernel_impl.h and sequence_parallel.h run. Part of each instruction-set build.
 #pragma once
@@ -77,7 +77,7 @@ struct Kernel {
     kd.resize(C * m);
   }
 
-  // ---- A fading state (METHODS.md §1, decay and gates): inside a chunk only differences of
+  // ---- A fading state (docs/methods.md §1, decay and gates): inside a chunk only differences of
   // the local cumulative log factors b are exponentiated, never a positive sum. ----
 
   // Loads the chunk's decays; false when the state does not fade.

@@ -1,7 +1,7 @@
 // Included by the per-instruction-set sources cpu_kernel*.cpp (common/cpu_isa.h), after
 // common/cpu_kernel_prelude.h and inside their target pragma.
 //
-// CPU kernels of kernelized linear attention (METHODS.md §1), chunked.
+// CPU kernels of kernelized linear attention (docs/methods.md §1), chunked.
 //
 // Each (batch, head) is one work item for at::parallel_for (or, with fewer of them than
 // threads, each segment of a sequence: sequence_parallel.h); a thread walks its rows in
@@ -13,7 +13,7 @@
 // Forward, causal, chunk c with the state [S | z] of all earlier rows:
 //   N_c = Q_c S + tril(Q_c K_cᵀ) V_c,   d_c = Q_c z + rowsum(tril(Q_c K_cᵀ)) + eps,
 //   S += K_cᵀ V_c,   z += colsum(K_c)
-// (the augmented [S | z] of METHODS.md with its ones column, split so that every GEMM has
+// (the augmented [S | z] of docs/methods.md with its ones column, split so that every GEMM has
 // width dv). The backward recomputes states instead of storing them: one forward pass for dQ
 // and one reverse pass (with R = Σ_{i≥j} q_i g'_iᵀ) for dK, dV.
 //

@@ -7,10 +7,10 @@
 
 register() adds to transformers' AttentionInterface, with a mask interface of its own
 (masks.compact_mask: the (B, T) visible keys for the plain patterns, never a T×T mask):
-  - "linattn_linear": elu+1 linear attention (METHODS.md §1), causal where the model's layer is
+  - "linattn_linear": elu+1 linear attention (docs/methods.md §1), causal where the model's layer is
     (decoders such as Llama), bidirectional otherwise (BERT, ViT);
   - "linattn_linear_relu": the same with the relu feature map;
-  - "linattn_performer": Performer FAVOR+ (METHODS.md §2) with a fixed projection per layer
+  - "linattn_performer": Performer FAVOR+ (docs/methods.md §2) with a fixed projection per layer
     (⌈D·ln D⌉ orthogonal random features seeded by the layer index, a non-persistent buffer);
   - "linattn_local": exact softmax attention in the layer's own pattern, through the fused
     sliding-window kernel: the model's sliding window where it has one (Mistral, Qwen2, Gemma),

@@ -2,7 +2,7 @@
 calls, so a decoder generates token by token with the results of running the whole prefix.
 
   - linear, performer: the recurrent state (S, z), (B, H, m, dv) and (B, H, m), whatever the
-    context length (METHODS.md §1, recurrent form);
+    context length (docs/methods.md §1, recurrent form);
   - local: a ring buffer of the last window + 1 keys and values;
   - hybrid: both;
   - softmax: a key/value cache that grows with the context (the baseline), with room reserved

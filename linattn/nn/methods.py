@@ -112,7 +112,7 @@ def _check_eps(method: str, eps) -> None:
 
 
 class SoftmaxMethod(MethodModule):
-    """Exact softmax attention (METHODS.md §0) with nn.MultiheadAttention's mask semantics."""
+    """Exact softmax attention (docs/methods.md §0) with nn.MultiheadAttention's mask semantics."""
 
     name = "softmax"
     options = ()
@@ -146,7 +146,7 @@ class SoftmaxMethod(MethodModule):
 
 
 class LinearMethod(MethodModule):
-    """Kernelized linear attention (Katharopoulos et al.), METHODS.md §1; options feature_map
+    """Kernelized linear attention (Katharopoulos et al.), docs/methods.md §1; options feature_map
     ("elu" for elu+1, or "relu") and eps."""
 
     name = "linear"
@@ -180,7 +180,7 @@ class LinearMethod(MethodModule):
 
 
 class PerformerMethod(MethodModule):
-    """Performer FAVOR+ (METHODS.md §2). Options:
+    """Performer FAVOR+ (docs/methods.md §2). Options:
       nb_features: random features m (default ⌈hd·ln hd⌉);
       orthogonal, scaling: how the projection is drawn (linattn.random_features);
       kernel: "softmax" (estimates softmax attention) or "relu";
@@ -274,7 +274,7 @@ class PerformerMethod(MethodModule):
 
 
 class EfficientMethod(MethodModule):
-    """Efficient Attention (Shen et al.), METHODS.md §3: non-causal, no options."""
+    """Efficient Attention (Shen et al.), docs/methods.md §3: non-causal, no options."""
 
     name = "efficient"
     options = ()
@@ -307,7 +307,7 @@ def _masked_softmax_weights(q, k, visible) -> torch.Tensor:
 
 
 class LocalMethod(MethodModule):
-    """Sliding-window softmax attention (METHODS.md §5) through linattn.sliding_window_attention.
+    """Sliding-window softmax attention (docs/methods.md §5) through linattn.sliding_window_attention.
     Options:
       window: an int w (each query sees the keys within w positions; causal: the w before it
         and itself) or a (left, right) pair with flash-attn's window_size meaning; default 128;
@@ -352,7 +352,7 @@ class LocalMethod(MethodModule):
 
 
 class LongformerMethod(LocalMethod):
-    """Longformer (METHODS.md §5): a sliding window plus global tokens, which see every key and
+    """Longformer (docs/methods.md §5): a sliding window plus global tokens, which see every key and
     are seen by every query. Options: window and dilation as for "local", and global_tokens:
     how many leading tokens are global (default 1: a [CLS] token). MultiheadAttention's
     forward(..., global_mask=(N, L) bool) overrides it per call. Self-attention, non-causal."""
@@ -379,7 +379,7 @@ class LongformerMethod(LocalMethod):
 
 
 class BigBirdMethod(MethodModule):
-    """BigBird block-sparse attention (METHODS.md §6) through linattn.block_sparse_attention.
+    """BigBird block-sparse attention (docs/methods.md §6) through linattn.block_sparse_attention.
     Options: block_size (64), num_random (3 random blocks per block row), num_global (2: the
     first and the last block), seed (the random blocks follow from it, per sequence length and
     head, so they are fixed for a layer; default 0; see layout()). Key padding and causal masks (causal hides
@@ -442,7 +442,7 @@ class BigBirdMethod(MethodModule):
 
 
 class HybridMethod(MethodModule):
-    """Linear attention plus sliding-window softmax (METHODS.md §8): per head,
+    """Linear attention plus sliding-window softmax (docs/methods.md §8): per head,
     out = g ⊙ linear(q, k, v) + (1 − g) ⊙ local(q, k, v) with g = sigmoid(gate), a learned
     per-head parameter (`core.gate`, initialised to 0: an even mix). Options: window (128),
     feature_map ("elu" / "relu") and eps for the linear part. Key padding and causal masks;
@@ -483,7 +483,7 @@ class HybridMethod(MethodModule):
 
 
 class ReformerMethod(MethodModule):
-    """Reformer LSH attention (METHODS.md §7) through linattn.lsh_attention. Shared QK: the query
+    """Reformer LSH attention (docs/methods.md §7) through linattn.lsh_attention. Shared QK: the query
     projection serves as the keys too (the key projection is unused, as in Reformer). Options:
     n_hashes (4), bucket_size (64), seed (0): the random rotations are a fixed function of the
     seed, the round and the bucket count (integer hashes through Box-Muller, tensor ops only), so
@@ -547,7 +547,7 @@ class ReformerMethod(MethodModule):
 
 
 class AdditiveMethod(MethodModule):
-    """Additive (Bahdanau) attention (METHODS.md §9) through linattn.additive_attention: score
+    """Additive (Bahdanau) attention (docs/methods.md §9) through linattn.additive_attention: score
     w_h · tanh(q_i + k_j) with a learned per-head vector `core.w` (H, head_dim), initialised
     N(0, 1/head_dim). Option window (None: every key; an int or (left, right) as for "local").
     Key padding and causal masks; dropout drops whole keys. need_weights builds the dense
@@ -592,7 +592,7 @@ LINFORMER_SHARING = ("none", "headwise", "kv", "layerwise")
 
 
 class LinformerMethod(MethodModule):
-    """Linformer (Wang et al.), METHODS.md §4: keys and values projected along the sequence to k
+    """Linformer (Wang et al.), docs/methods.md §4: keys and values projected along the sequence to k
     rows by learned E, F (k, max_seq_len), then softmax attention. Options:
       max_seq_len (required): the longest key sequence; shorter ones use E[:, :S], longer raise;
       k: projected length (default 256);

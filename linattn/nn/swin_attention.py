@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..swin import shifted_window_attention, window_attention
+from ..swin import shifted_window_attention, swin_attention
 
 _SUBCLASSES = {}
 
@@ -58,7 +58,7 @@ def _timm_forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) ->
     # timm passes the shifted-window mask as (nW, N, N) with 0 for pairs of one region and a
     # large negative value otherwise; a token's region is named by the first key it sees.
     regions = None if mask is None else (mask == 0).to(torch.uint8).argmax(-1)
-    out = window_attention(q, k, v, bias=self._get_rel_pos_bias()[0].to(q.dtype), regions=regions, scale=self.scale)
+    out = swin_attention(q, k, v, bias=self._get_rel_pos_bias()[0].to(q.dtype), regions=regions, scale=self.scale)
     return self.proj_drop(self.proj(out.transpose(1, 2).reshape(G, N, -1)))
 
 

@@ -1,4 +1,4 @@
-// Kernel interface of the restricted-softmax family (METHODS.md §5): softmax attention in which
+// Kernel interface of the restricted-softmax family (docs/methods.md §5): softmax attention in which
 // query i sees key j only when visible(i, j). Raw pointers, strides and sizes only.
 //
 // Sliding window with flash-attn's window_size meaning: with the query aligned to key
@@ -40,7 +40,7 @@ struct WindowAttentionShape {
   }
 };
 
-// A block-sparse layout (METHODS.md §6): data (heads, q_blocks, k_blocks) bool, contiguous, with
+// A block-sparse layout (docs/methods.md §6): data (heads, q_blocks, k_blocks) bool, contiguous, with
 // heads 1 (shared) or H; query i sees key j when data[h, i / block, j / block] (and, when
 // causal, j <= i + T_k − T_q). The shape's window fields are unused.
 struct BlockLayout {
@@ -73,7 +73,7 @@ struct PairTerms {
   int64_t position_heads = 1;
 };
 
-// Reformer's score for a token attending to itself under shared QK (METHODS.md §7).
+// Reformer's score for a token attending to itself under shared QK (docs/methods.md §7).
 constexpr double kSelfScore = -1e5;
 
 // The entry points of each instruction-set build of the kernels (cpu_kernel_impl.h); the

@@ -1,7 +1,7 @@
 // Included by the per-instruction-set sources cpu_kernel*.cpp (common/cpu_isa.h), after
 // common/cpu_kernel_prelude.h and inside their target pragma.
 //
-// CPU kernels of restricted softmax attention (METHODS.md §5–§6: sliding window, dilation,
+// CPU kernels of restricted softmax attention (docs/methods.md §5–§6: sliding window, dilation,
 // Longformer global tokens, block-sparse layouts, key padding): one flash-style engine for
 // every pattern, a pattern saying which keys a query block visits and which pairs are visible.
 // A query block of 64 rows walks its key groups (a window's band, plus global keys; a layout
