@@ -6,7 +6,7 @@ import warnings
 
 from torch import nn
 
-from .nn.methods import build_method, LinformerMethod
+from .nn.methods import build_method, method_class
 from .nn.multihead_attention import MultiheadAttention
 from .nn.timm_attention import TimmAttention
 from .nn.swin_attention import is_timm_window_attention, is_torchvision_window_attention, swap_window_attention
@@ -90,21 +90,12 @@ def swap_attention(model: nn.Module, method: str = "linear", *, strict: bool = F
         raise ValueError(problem + " (strict=True)")
     if not targets:
         # Still validate, so a typo is not silently accepted on a model without attention.
-        build_method(method, num_heads=1, head_dim=8, **_without_linformer_requirements(method, method_options))
+        build_method(method, num_heads=1, head_dim=8, **method_class(method).probe_options(method_options))
         warnings.warn(problem + "; nothing was replaced", UserWarning, stacklevel=2)
         return model
-    options = dict(method_options)
-    if method == "linformer" and options.get("sharing") == "layerwise" and options.get("shared_projection") is None:
-        first = targets[0][2]
-        k = options.get("k", 256)
-        max_seq_len = options.get("max_seq_len")
-        if max_seq_len is not None:
-            weight = next(first.parameters())
-            options["shared_projection"] = nn.Parameter(
-                LinformerMethod.initial_projection((k, max_seq_len), device=weight.device, dtype=weight.dtype)
-            )
+    options = method_class(method).swap_options(dict(method_options), targets[0][2])
     if any(_is_window_block(child) for _, _, child in targets):  # the other replacements check it themselves
-        build_method(method, num_heads=1, head_dim=8, **_without_linformer_requirements(method, options))
+        build_method(method, num_heads=1, head_dim=8, **method_class(method).probe_options(options))
     replacements = [(parent, name, child, _replacement(child, method, options)) for parent, name, child in targets]
     # all built (and their options checked) before the model changes
     for parent, name, _, replacement in replacements:
@@ -138,9 +129,3 @@ def _replacement(child: nn.Module, method: str, options: dict) -> nn.Module:
     if isinstance(child, nn.MultiheadAttention):
         return MultiheadAttention.from_torch(child, method=method, **options)
     return TimmAttention(child, method=method, **options)
-
-
-def _without_linformer_requirements(method, options):
-    if method == "linformer" and "max_seq_len" not in options:
-        return {**options, "max_seq_len": 1}
-    return options

@@ -23,7 +23,7 @@ def _count_core_calls(model):
         return wrapper
 
     for module in model.modules():
-        if module.__class__.__module__ == "linattn.nn.methods":
+        if module.__class__.__module__.startswith("linattn.nn.methods"):
             module.forward = counting(module.forward)
     return calls
 

@@ -29,11 +29,13 @@ only its recurrent state (S, z): constant memory and O(1) work per generated tok
 
 transformers is an optional extra (`pip install transformers`), imported only when used.
 """
+from ..nn.methods import METHODS
 from .state_cache import LinearStateCache
 
 __all__ = ["register", "LinearStateCache", "IMPLEMENTATIONS"]
 
-IMPLEMENTATIONS = ("linattn_linear", "linattn_linear_relu", "linattn_performer", "linattn_local")
+# Each method names the implementations it registers (its class's hf_implementations).
+IMPLEMENTATIONS = tuple(name for cls in METHODS.values() for name in cls.hf_implementations)
 _registered = False
 
 

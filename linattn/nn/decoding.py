@@ -20,9 +20,16 @@ import torch
 import torch.nn.functional as F
 
 from .. import functional
+from .._ops import accumulate_dtype
 from ..feature_maps import FEATURE_MAPS, favor_features
 from ..window import window_bounds
-from .methods import _state_of
+
+def state_of(phi_visible: torch.Tensor, values: torch.Tensor):
+    """The recurrent state (S, z) of keys every query sees, in the accumulation dtype."""
+    acc = accumulate_dtype(values.dtype)
+    phi, values = phi_visible.to(acc), values.to(acc)
+    return phi.transpose(-1, -2) @ values, phi.sum(-2)
+
 
 class DecodingCache:
     """What the attention layers of one model have seen so far, for incremental decoding.
@@ -96,10 +103,13 @@ def decode(core, q, k, v, entry: Optional[dict], visible_kv, where: str):
     """(out (N, H, n, hd_v), new entry) for n new tokens q, k, v (N, H, n, hd) of the causal
     method `core`, given the layer's entry (None on the first call). visible_kv: (keys, values)
     every query sees (add_bias_kv / add_zero_attn), used on the first call only."""
-    decoder = _DECODERS.get(core.name)
+    decoder = core.decoder
     if decoder is None:
+        from .methods import METHODS
+
+        decoding = [name for name, cls in METHODS.items() if cls.decoder is not None]
         raise ValueError(
-            f"{where}: incremental decoding (cache=) supports the methods {list(_DECODERS)}, got "
+            f"{where}: incremental decoding (cache=) supports the methods {decoding}, got "
             f"{core.name!r}" + ("" if core.supports_causal else " (a non-causal method)")
         )
     length = 0 if entry is None else entry["length"]
@@ -128,7 +138,7 @@ def _append(entry, name: str, new: torch.Tensor, used: int) -> torch.Tensor:
     return buffer[:, :, :need]
 
 
-def _decode_softmax(core, q, k, v, entry, visible_kv, where):
+def decode_softmax(core, q, k, v, entry, visible_kv, where):
     entry = {} if entry is None else dict(entry)
     if "used" not in entry:
         entry["used"] = 0
@@ -166,17 +176,17 @@ def _recurrent(q, k, v, state, feature_map, eps):
 def _initial_state(entry, phi_visible, visible_kv):
     if entry is not None:
         return entry["state"]
-    return None if visible_kv is None else _state_of(phi_visible, visible_kv[1])
+    return None if visible_kv is None else state_of(phi_visible, visible_kv[1])
 
 
-def _decode_linear(core, q, k, v, entry, visible_kv, where):
+def decode_linear(core, q, k, v, entry, visible_kv, where):
     phi = FEATURE_MAPS[core.feature_map]
     state = _initial_state(entry, None if visible_kv is None else phi(visible_kv[0]), visible_kv)
     out, state = _recurrent(q, k, v, state, core.feature_map, core.eps)
     return out, {"state": state}
 
 
-def _decode_performer(core, q, k, v, entry, visible_kv, where):
+def decode_performer(core, q, k, v, entry, visible_kv, where):
     def features(x, is_query):
         return favor_features(x, core.projection, is_query=is_query, kernel=core.kernel, causal=True)
 
@@ -190,7 +200,7 @@ def _decode_performer(core, q, k, v, entry, visible_kv, where):
 # --- local: a ring buffer of the window -------------------------------------------------------
 
 
-def _decode_local(core, q, k, v, entry, visible_kv, where):
+def decode_local(core, q, k, v, entry, visible_kv, where):
     return _attend_window(core, q, k, v, entry, 0 if entry is None else entry["length"], where)
 
 
@@ -229,16 +239,10 @@ def _attend_window(core, q, k, v, ring_entry, length, where):
     return out, entry
 
 
-def _decode_hybrid(core, q, k, v, entry, visible_kv, where):
+def decode_hybrid(core, q, k, v, entry, visible_kv, where):
     entry = {} if entry is None else entry
-    linear_out, linear_entry = _decode_linear(core.linear, q, k, v, entry.get("linear"), None, where)
+    linear_out, linear_entry = decode_linear(core.linear, q, k, v, entry.get("linear"), None, where)
     local_out, local_entry = _attend_window(core.local, q, k, v, entry.get("local"), entry.get("length", 0), where)
     g = torch.sigmoid(core.gate).to(linear_out.dtype)[None, :, None, None]
     out = g * linear_out + (1 - g) * local_out.to(linear_out.dtype)
     return out, {"linear": linear_entry, "local": local_entry}
-
-
-_DECODERS = {
-    "softmax": _decode_softmax, "linear": _decode_linear, "performer": _decode_performer,
-    "local": _decode_local, "hybrid": _decode_hybrid,
-}

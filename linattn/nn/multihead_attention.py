@@ -105,7 +105,7 @@ class MultiheadAttention(nn.MultiheadAttention):
         where = f"linattn.nn.MultiheadAttention(method={self.method!r})"
         if cache is not None:
             return self._forward_cached(where, query, key, value, key_padding_mask, need_weights, attn_mask, cache)
-        if global_mask is not None and self.method != "longformer":
+        if global_mask is not None and not self.core.takes_global_tokens:
             raise ArgumentError(f"{where}: global_mask is only for method='longformer'")
         if torch.compiler.is_compiling() and not (is_causal is True or is_causal is False):
             # nn.TransformerEncoder(Layer) derives is_causal from the mask's values when it is not
