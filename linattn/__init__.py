@@ -24,8 +24,8 @@ except ImportError as error:  # pragma: no cover - depends on how the package wa
         f"`pip install --no-build-isolation -e .` with the torch you use installed. Original error: {error}"
     ) from error
 
-from . import _ops  # noqa: E402,F401  (fake kernels and autograd for the operators)
-from ._ops import cuda_backend, set_cuda_backend  # noqa: E402
+from . import ops  # noqa: E402,F401  (the operators' Python side; registers additive's)
+from .ops import cuda_backend, set_cuda_backend  # noqa: E402
 from . import reference  # noqa: E402
 from .feature_maps import elu_feature_map, favor_features, random_features, relu_feature_map  # noqa: E402
 from .functional import efficient_attention, linear_attention, performer_attention  # noqa: E402

@@ -20,7 +20,7 @@ from typing import Callable, Optional, Union
 import torch
 import torch.distributed as dist
 
-from . import _ops
+from . import ops
 from .feature_maps import resolve_feature_map
 from .functional import linear_attention, log_fade_factors
 
@@ -84,7 +84,7 @@ def context_parallel_linear_attention(
     if q.shape[2] != k.shape[2]:
         raise ValueError(f"{where}: q and k must be the same slice of the sequence (same length), got "
                          f"{tuple(q.shape)} and {tuple(k.shape)}")
-    acc = _ops.accumulate_dtype(q.dtype)
+    acc = ops.accumulate_dtype(q.dtype)
     rank = dist.get_rank(group)
 
     # 1. This slice's own state, and the log of its total fade.

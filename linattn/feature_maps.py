@@ -4,7 +4,7 @@ from typing import Callable, Optional, Union
 import torch
 import torch.nn.functional as F
 
-from ._ops import accumulate_dtype
+from .ops import accumulate_dtype
 
 FeatureMap = Callable[[torch.Tensor], torch.Tensor]
 

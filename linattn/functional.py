@@ -3,7 +3,7 @@ from typing import Callable, Optional, Tuple, Union
 
 import torch
 
-from . import _ops
+from . import ops
 from . import _validation as check
 from .varlen import check_cu_seqlens, varlen_linear_attention
 from .feature_maps import (
@@ -73,14 +73,14 @@ def linear_attention(
             # The common call goes straight to the operator, whose C++ checks are the same as the
             # ones below: only a call it refuses runs them, to raise in the caller's terms.
             try:
-                out, final_state, _ = _ops.linear_attn_fwd(q.device.type)(
+                out, final_state, _ = ops.linear.forward_op(q.device.type)(
                     q, k, v, None, key_padding_mask, code, causal, normalize, eps)
             except Exception:
                 pass
             else:
                 if not output_final_state:
                     return out
-                return out, _ops.split_state(final_state if causal else final_state.clone())
+                return out, ops.split_state(final_state if causal else final_state.clone())
     where = "linattn.linear_attention"
     check.check_qkv(where, q, k, v, causal)
     check.check_eps(where, eps)
@@ -100,7 +100,7 @@ def linear_attention(
         phi_q, phi_k, code = phi(q), phi(k), 0
         check.check_features(where, phi_q, phi_k, q, k)
 
-    acc = _ops.accumulate_dtype(q.dtype)
+    acc = ops.accumulate_dtype(q.dtype)
     if cu_seqlens is not None:
         check_cu_seqlens(where, cu_seqlens, q, k, key_padding_mask)
         log_decay = None if decay is None and gate is None else log_fade_factors(where, decay, gate, q, causal, acc)
@@ -112,14 +112,14 @@ def linear_attention(
     initial = None
     if initial_state is not None:
         check.check_state(where, "initial_state", initial_state, phi_k, v)
-        initial = _ops.augmented_state(initial_state, acc)
+        initial = ops.augmented_state(initial_state, acc)
 
     if decay is not None or gate is not None:
         log_decay = log_fade_factors(where, decay, gate, q, causal, acc)
-        if q.device.type != "cpu" or _ops.generic_in_use():
+        if q.device.type != "cpu" or ops.generic_in_use():
             # Every other device: the same math in batched ATen ops (linattn/decay.py).
             phi_q, phi_k = (phi_q, phi_k) if code == 0 else (phi(q.to(acc)), phi(k.to(acc)))
-            init = None if initial_state is None else _ops.split_state(initial)
+            init = None if initial_state is None else ops.split_state(initial)
             out, S, z = decayed_linear_attention_generic(
                 phi_q.to(acc), phi_k.to(acc), v.to(acc), log_decay, init, key_padding_mask, normalize, float(eps)
             )
@@ -129,7 +129,7 @@ def linear_attention(
             phi_q, phi_k, v, log_decay, initial, key_padding_mask, code, normalize, float(eps)
         )
     else:
-        out, final_state, _ = _ops.linear_attn_fwd(q.device.type)(
+        out, final_state, _ = ops.linear.forward_op(q.device.type)(
             phi_q, phi_k, v, initial, key_padding_mask, code, causal, normalize, float(eps)
         )
     if not output_final_state:
@@ -139,7 +139,7 @@ def linear_attention(
         # gets a copy, so that changing it in place (fading a state between calls) cannot
         # invalidate that backward. m·(dv + 1) numbers per head.
         final_state = final_state.clone()
-    return out, _ops.split_state(final_state)
+    return out, ops.split_state(final_state)
 
 
 def log_fade_factors(where, decay, gate, q, causal, acc):

@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from . import _ops
+from . import ops
 from . import _validation as check
 from .sparse import _check_positive
 
@@ -106,7 +106,7 @@ def lsh_attention(
     if key_padding_mask is not None:  # a padded key gets a bucket no query has
         padded = key_padding_mask[:, None, None, :].expand(B, H, R, T).gather(3, order).reshape(B, H * R, T)
         key_segments = segments.masked_fill(padded, -1)
-    out, lse = _ops.block_sparse_attn_fwd()(
+    out, lse = ops.restricted.block_sparse_op()(
         q_sorted, k_sorted, v_sorted, chunk_layout(T, bucket_size, qk.device), int(bucket_size), bool(causal), None,
         float(scale), None, segments, key_segments, order.reshape(B, H * R, T),
     )

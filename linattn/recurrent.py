@@ -13,7 +13,7 @@ from typing import Callable, Optional, Tuple, Union
 
 import torch
 
-from . import _ops
+from . import ops
 from . import _validation as check
 from .decay import normalized_rows
 from .feature_maps import FUSED_FEATURE_MAPS, resolve_feature_map
@@ -52,7 +52,7 @@ def linear_attention_step(
     """
     if (type(state) in (tuple, list) and len(state) == 2 and decay is None and gate is None and type(feature_map) is str
             and feature_map in _PLAIN_FEATURE_MAPS and type(eps) is float and not torch.compiler.is_compiling()
-            and not _ops.generic_in_use()):
+            and not ops.generic_in_use()):
         # The common decoding call goes straight to the CPU operator, whose C++ checks match the
         # ones below: only a call it refuses (or another device's) runs them.
         try:
@@ -79,7 +79,7 @@ def linear_attention_step(
             "use it with normalize=False, got normalize=True"
         )
     phi = resolve_feature_map(feature_map, where)
-    acc = _ops.accumulate_dtype(q.dtype)
+    acc = ops.accumulate_dtype(q.dtype)
     # The built-in maps are fused into the CPU step; a callable runs here.
     code = FUSED_FEATURE_MAPS.get(feature_map, 0) if isinstance(feature_map, str) or phi is None else None
     if code is None:
@@ -98,7 +98,7 @@ def linear_attention_step(
         check.check_state(where, "state", state, phi_k.unsqueeze(2), v.unsqueeze(2))
         S, z = state[0].to(acc), state[1].to(acc)
     factor = _state_factor(where, decay, gate, batch, heads, v.device, acc)
-    if q.device.type == "cpu" and not _ops.generic_in_use():
+    if q.device.type == "cpu" and not ops.generic_in_use():
         out, S, z = torch.ops.linattn.linear_attn_step(
             phi_q, phi_k, v, S, z, factor, 0 if code is None else code, normalize, float(eps)
         )

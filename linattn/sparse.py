@@ -6,7 +6,7 @@ from typing import Optional
 
 import torch
 
-from . import _ops
+from . import ops
 from . import _validation as check
 
 
@@ -60,7 +60,7 @@ def block_sparse_attention(
         scale = q.shape[-1] ** -0.5 if q.shape[-1] > 0 else 1.0
     elif isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
         raise ValueError(f"{where}: scale must be a finite number or None, got {scale!r}")
-    out, _ = _ops.block_sparse_attn_fwd()(q, k, v, layout, int(block_size), bool(causal), key_padding_mask,
+    out, _ = ops.restricted.block_sparse_op()(q, k, v, layout, int(block_size), bool(causal), key_padding_mask,
                                           float(scale))
     return out
 

@@ -13,7 +13,7 @@ from typing import List, Optional
 import torch
 import torch.nn.functional as F
 
-from . import _ops
+from . import ops
 from . import _validation as check
 
 
@@ -52,7 +52,7 @@ def swin_attention(
     if scale is None:
         scale = q.shape[-1] ** -0.5 if q.shape[-1] > 0 else 1.0
     layout = torch.ones(1, 1, 1, dtype=torch.bool, device=q.device)
-    out, _ = _ops.block_sparse_attn_fwd()(q, k, v, layout, max(N, 1), False, None, float(scale), bias, segments,
+    out, _ = ops.restricted.block_sparse_op()(q, k, v, layout, max(N, 1), False, None, float(scale), bias, segments,
                                           segments, None)
     return out
 

@@ -14,7 +14,7 @@ the diagonal); per-sequence states enter and leave through 2m extra rows per seq
 """
 import torch
 
-from . import _ops
+from . import ops
 from . import _validation as check
 from .decay import decayed_linear_attention_generic, normalized_rows
 
@@ -68,9 +68,9 @@ def varlen_linear_attention(where, q, k, v, phi_q, phi_k, code, phi, cu_seqlens,
     sequences = cu_seqlens.numel() - 1
     if initial_state is not None:
         check.check_state(where, "initial_state", initial_state, phi_k.expand(sequences, *phi_k.shape[1:]), v)
-    if q.device.type == "cpu" and not _ops.generic_in_use():
-        acc = _ops.accumulate_dtype(q.dtype)
-        initial = None if initial_state is None else _ops.augmented_state(initial_state, acc)
+    if q.device.type == "cpu" and not ops.generic_in_use():
+        acc = ops.accumulate_dtype(q.dtype)
+        initial = None if initial_state is None else ops.augmented_state(initial_state, acc)
         out, final_state, _ = torch.ops.linattn.linear_attn_varlen_fwd(
             phi_q, phi_k, v, cu_seqlens, log_decay, initial, code, causal, normalize, float(eps)
         )
@@ -78,7 +78,7 @@ def varlen_linear_attention(where, q, k, v, phi_q, phi_k, code, phi, cu_seqlens,
             # Autograd saved this final state for the backward: the caller gets a copy it may
             # change in place (as linattn.functional does).
             final_state = final_state.clone()
-        return out, _ops.split_state(final_state)
+        return out, ops.split_state(final_state)
     fused = phi if code else None  # a built-in map the CPU operator would have applied
     out, state = _packed_generic(where, phi_q, phi_k, fused, v, cu_seqlens, causal, normalize, eps, log_decay,
                                  initial_state, need_state)
@@ -90,7 +90,7 @@ def _packed_generic(where, phi_q, phi_k, feature_map, v, cu_seqlens, causal, nor
     """Every sequence of the packing at once in ATen ops, nothing crossing a sequence start;
     feature_map: applied here to phi_q, phi_k first (in the accumulation dtype), or None;
     log_decay (1, H, total) or None (causal only). Returns (out, (S, z) per sequence or None)."""
-    acc = _ops.accumulate_dtype(phi_q.dtype)
+    acc = ops.accumulate_dtype(phi_q.dtype)
     if feature_map is not None:
         phi_q, phi_k = feature_map(phi_q.to(acc)), feature_map(phi_k.to(acc))
     phi_q, phi_k, v = phi_q.to(acc), phi_k.to(acc), v.to(acc)
@@ -117,7 +117,7 @@ def _packed_generic(where, phi_q, phi_k, feature_map, v, cu_seqlens, causal, nor
         sequences, m = state_rows.shape
         # The state rows' sums are the rows of [S | z] at each sequence's end.
         final = sums.index_select(2, state_rows.flatten()).reshape(heads, sequences, m, dv + 1).transpose(0, 1)
-        state = _ops.split_state(final)
+        state = ops.split_state(final)
         sums = sums.index_select(2, real)
     numerator, denominator = sums[..., :-1], sums[..., -1:]
     return (normalized_rows(numerator, denominator, eps) if normalize else numerator), state
@@ -145,7 +145,7 @@ def _with_state_rows(phi_q, phi_k, values, fading, ids, cu_seqlens, initial_stat
     if initial_state is None:
         start_values = values.new_zeros(1, heads, sequences * m, width)
     else:  # (N, H, m, dv + 1) -> (1, H, N·m, dv + 1), rows in key_rows' order
-        start_values = _ops.augmented_state(initial_state, values.dtype).transpose(0, 1).reshape(
+        start_values = ops.augmented_state(initial_state, values.dtype).transpose(0, 1).reshape(
             1, heads, sequences * m, width)
 
     def place(shape, dim, *parts):

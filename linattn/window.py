@@ -6,7 +6,7 @@ from typing import Optional, Tuple, Union
 
 import torch
 
-from . import _ops
+from . import ops
 from .varlen import check_cu_seqlens, sequence_ids
 from . import _validation as check
 
@@ -78,7 +78,7 @@ def sliding_window_attention(
         try:
             if scale is None:
                 scale = q.shape[-1] ** -0.5 if q.shape[-1] > 0 else 1.0
-            out, _ = _ops.window_attn_fwd()(q, k, v, window, 0 if causal else window, 1, None, key_padding_mask,
+            out, _ = ops.restricted.sliding_window_op()(q, k, v, window, 0 if causal else window, 1, None, key_padding_mask,
                                             scale, None)
             return out
         except Exception:
@@ -106,7 +106,7 @@ def sliding_window_attention(
             raise ValueError(f"{where}: global_mask is not supported with cu_seqlens")
         check_cu_seqlens(where, cu_seqlens, q, k, key_padding_mask)
         segment_ids = sequence_ids(where, cu_seqlens, q.shape[2]).unsqueeze(0)
-    out, _ = _ops.window_attn_fwd()(q, k, v, left, right, int(dilation), global_mask, key_padding_mask, float(scale),
+    out, _ = ops.restricted.sliding_window_op()(q, k, v, left, right, int(dilation), global_mask, key_padding_mask, float(scale),
                                     segment_ids)
     return out
 

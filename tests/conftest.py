@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import linattn
-from linattn import _ops
+from linattn import ops
 
 # Relative-norm tolerances against the float64 reference (docs/methods.md).
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 5e-3}
@@ -18,7 +18,7 @@ LINEAR_IMPLEMENTATIONS = ("cpu_kernel", "generic", "fused")
 
 @contextlib.contextmanager
 def use_implementation(name):
-    with _ops.generic_implementation(name == "generic"), _ops.fused_implementation(name == "fused"):
+    with ops.generic_implementation(name == "generic"), ops.fused_implementation(name == "fused"):
         yield
 
 

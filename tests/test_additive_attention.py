@@ -5,7 +5,8 @@ import pytest
 import torch
 
 import linattn
-from linattn import additive, reference
+from linattn import reference
+from linattn.ops import additive
 from conftest import TOLERANCE, assert_close
 
 

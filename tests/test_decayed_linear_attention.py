@@ -10,9 +10,9 @@ import pytest
 import torch
 
 import linattn
-from linattn import _ops, reference
+from linattn import ops, reference
 
-IMPLEMENTATIONS = {"fused": contextlib.nullcontext, "generic": _ops.generic_implementation}
+IMPLEMENTATIONS = {"fused": contextlib.nullcontext, "generic": ops.generic_implementation}
 
 DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 TOL = {torch.float64: 1e-10, torch.float32: 3e-5, torch.bfloat16: 4e-2, torch.float16: 5e-3}
@@ -174,7 +174,7 @@ def test_generic_path_compiles():
     q, k, v, decay, gate, state, _ = make(T=70)
 
     def fn(q, k, v, gate):
-        with _ops.generic_implementation():
+        with ops.generic_implementation():
             return linattn.linear_attention(q, k, v, causal=True, decay=decay, gate=gate)
 
     torch.testing.assert_close(torch.compile(fn, fullgraph=True)(q, k, v, gate), fn(q, k, v, gate))

@@ -264,7 +264,7 @@ def test_features_below_exps_range_vanish_on_every_path(dtype):
     for causal in (False, True):
         expected, _ = linattn.reference.linear_attention(q.double(), k.double(), v.double(), causal=causal, eps=1e-30)
         for generic in (False, True):
-            with linattn._ops.generic_implementation(generic):
+            with linattn.ops.generic_implementation(generic):
                 out = linattn.linear_attention(q, k, v, causal=causal, eps=1e-30).double()
                 vanished = linattn.linear_attention(q, k, v, causal=causal, eps=1e-50)
             assert (out[:, :, 2] - expected[:, :, 2]).abs().max() < 1e-9, (causal, generic)
@@ -275,7 +275,7 @@ def test_elu_feature_map_gradient_is_exp():
     x = torch.tensor([-100.0, -50.0, -17.5, -1.0, 0.5], dtype=torch.float64)
     q = torch.zeros(1, 1, 1, 1, dtype=torch.float64)
     for generic in (False, True):
-        with linattn._ops.generic_implementation(generic):
+        with linattn.ops.generic_implementation(generic):
             for value in x:
                 k = value.view(1, 1, 1, 1).clone().requires_grad_()
                 out = linattn.linear_attention(q, k, torch.ones_like(k), normalize=False)

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import linattn
-from linattn import _ops, reference
+from linattn import ops, reference
 from conftest import TOLERANCE, assert_close
 
 CUDA = torch.cuda.is_available()
@@ -39,7 +39,7 @@ def state(B, H, m, dv, device, seed=3):
 
 def check(q, k, v, tol, initial_state=None, **options):
     """Output, final state and every gradient of the fused path against the float64 reference."""
-    with _ops.fused_implementation():
+    with ops.fused_implementation():
         out, (S, z) = linattn.linear_attention(q, k, v, initial_state=initial_state, output_final_state=True,
                                                **options)
     cpu = lambda t: None if t is None else t.detach().cpu().double().requires_grad_()  # noqa: E731
@@ -161,7 +161,7 @@ def test_gradcheck_float64(device, causal):
     mask[0, 30:] = True
 
     def fn(q, k, v, S, z):
-        with _ops.fused_implementation():
+        with ops.fused_implementation():
             out, (S1, z1) = linattn.linear_attention(q, k, v, causal=causal, initial_state=(S, z),
                                                      key_padding_mask=mask, output_final_state=True)
         return out, S1, z1
@@ -194,7 +194,7 @@ def test_compile_fullgraph_equals_eager(device):
         return linattn.linear_attention(q, k, v, causal=True, output_final_state=True)
 
     compiled = torch.compile(fn, fullgraph=True, dynamic=True)
-    with _ops.fused_implementation():
+    with ops.fused_implementation():
         for T in (33, 70):
             q, k, v = inputs(2, 2, T, T, 16, 16, torch.float32, device, seed=T)
             eager = fn(q, k, v)
@@ -215,10 +215,10 @@ def test_set_cuda_backend_validates_and_restores():
         linattn.set_cuda_backend("fused")
         assert linattn.cuda_backend() == "fused"
         # CPU tensors keep the CPU kernel whatever the CUDA backend.
-        assert _ops.linear_attn_fwd("cpu") is torch.ops.linattn.linear_attn_fwd.default
-        assert _ops.linear_attn_fwd("cuda") is FWD
+        assert ops.linear.forward_op("cpu") is torch.ops.linattn.linear_attn_fwd.default
+        assert ops.linear.forward_op("cuda") is FWD
         linattn.set_cuda_backend("generic")
-        assert _ops.linear_attn_fwd("cuda") is torch.ops.linattn.linear_attn_fwd.default
+        assert ops.linear.forward_op("cuda") is torch.ops.linattn.linear_attn_fwd.default
     finally:
         linattn.set_cuda_backend(previous)
 

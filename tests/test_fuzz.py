@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import linattn
-from linattn import _ops, reference
+from linattn import ops, reference
 from conftest import LINEAR_IMPLEMENTATIONS, TOLERANCE, relative_error, use_implementation
 
 hypothesis = pytest.importorskip("hypothesis")
@@ -103,7 +103,7 @@ def _inputs(c):
             mask[0] = True
     state = None
     if c["state"] and c["causal"]:
-        acc = _ops.accumulate_dtype(c["dtype"])
+        acc = ops.accumulate_dtype(c["dtype"])
         state = (torch.randn(c["B"], c["H"], c["m"], c["dv"], generator=g, dtype=acc),
                  torch.rand(c["B"], c["H"], c["m"], generator=g, dtype=acc))
     return tensors, mask, state
@@ -216,7 +216,7 @@ def test_bad_dtypes_and_devices_raise_clear_errors(data):
     else:
         state = (torch.zeros(2, 2, 4, 4, device="meta"), torch.zeros(2, 2, 4))
     generic = data.draw(st.booleans())
-    with _ops.generic_implementation(generic), pytest.raises((TypeError, ValueError)) as info:
+    with ops.generic_implementation(generic), pytest.raises((TypeError, ValueError)) as info:
         linattn.linear_attention(*tensors, causal=True, key_padding_mask=mask, initial_state=state)
     assert "linattn.linear_attention" in str(info.value)
 
@@ -291,7 +291,7 @@ def test_performer_and_efficient_equal_their_references(data):
         mask[0] = True
     kernel = data.draw(st.sampled_from(["softmax", "relu"]))
     W = linattn.random_features(nb, D, generator=g)
-    with _ops.generic_implementation(data.draw(st.booleans())):
+    with ops.generic_implementation(data.draw(st.booleans())):
         out = linattn.performer_attention(q, k, v, W, causal=causal, kernel=kernel, eps=1e-300, key_padding_mask=mask)
         efficient = linattn.efficient_attention(q, k, v, key_padding_mask=mask)
     expected = reference.performer_attention(q, k, v, W, causal=causal, kernel=kernel, key_padding_mask=mask)
@@ -335,7 +335,7 @@ def test_sliding_window_attention_equals_reference(data):
     if not causal and Tq == Tk and data.draw(st.booleans()):
         global_mask = torch.rand(B, Tk, generator=g) < 0.05
     options = dict(causal=causal, dilation=dilation, global_mask=global_mask, key_padding_mask=padding)
-    with _ops.generic_implementation(data.draw(st.booleans())):
+    with ops.generic_implementation(data.draw(st.booleans())):
         out = linattn.sliding_window_attention(q, k, v, window, **options)
         expected = reference.sliding_window_attention(q, k, v, window, **options)
         _compare(out, expected, dtype, "out")
@@ -377,7 +377,7 @@ def test_block_sparse_attention_equals_reference(data):
                for t in base)
     padding = (torch.rand(B, Tk, generator=g) < 0.2) if data.draw(st.booleans()) else None
     options = dict(causal=data.draw(st.booleans()), key_padding_mask=padding)
-    with _ops.generic_implementation(data.draw(st.booleans())):
+    with ops.generic_implementation(data.draw(st.booleans())):
         out = linattn.block_sparse_attention(q, k, v, layout, b, **options)
         expected = reference.block_sparse_attention(q, k, v, layout, b, **options)
         _compare(out, expected, dtype, "out")

@@ -248,7 +248,7 @@ def test_device_generic_packing_without_states(causal, feature_map, normalize, d
     would break)."""
     q, k, v, cu = packed(dtype=dtype)
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-    with linattn._ops.generic_implementation():
+    with linattn.ops.generic_implementation():
         out = linattn.linear_attention(*leaves, causal=causal, feature_map=feature_map, normalize=normalize,
                                        cu_seqlens=cu)
         weight = torch.randn(out.shape, dtype=torch.float64).to(dtype)
@@ -267,7 +267,7 @@ def test_device_generic_packing_without_states(causal, feature_map, normalize, d
     if dtype == torch.float32:
         fn = lambda q, k, v, cu: linattn.linear_attention(q, k, v, causal=causal, feature_map=feature_map,  # noqa: E731
                                                           normalize=normalize, cu_seqlens=cu)
-        with linattn._ops.generic_implementation():
+        with linattn.ops.generic_implementation():
             torch.testing.assert_close(torch.compile(fn, fullgraph=True)(q, k, v, cu), fn(q, k, v, cu))
 
 
@@ -290,7 +290,7 @@ def test_device_generic_packing_with_decay_gates_and_states(dtype):
     def loss(out, state):
         return sum((t * w.to(t.dtype)).sum() for t, w in zip((out, *state), weights))
 
-    with linattn._ops.generic_implementation():
+    with linattn.ops.generic_implementation():
         out, state = linattn.linear_attention(*leaves[:3], causal=True, decay=leaves[3], gate=leaves[4],
                                               initial_state=tuple(leaves[5:]), output_final_state=True, cu_seqlens=cu)
         grads = torch.autograd.grad(loss(out, state), leaves)
@@ -310,5 +310,5 @@ def test_device_generic_packing_with_decay_gates_and_states(dtype):
             q, k, v, causal=True, decay=decay, gate=gate, initial_state=(S0, z0), output_final_state=True,
             cu_seqlens=cu)
         inputs = [t.detach() for t in leaves]
-        with linattn._ops.generic_implementation():
+        with linattn.ops.generic_implementation():
             torch.testing.assert_close(torch.compile(fn, fullgraph=True)(*inputs), fn(*inputs))

@@ -12,7 +12,7 @@ namespace {
 CpuIsa widest_supported() {
 #if LINATTN_CPU_ISA_VARIANTS
   __builtin_cpu_init();
-  // The sets the avx512 build is compiled for (cpu_kernel_avx512.cpp), all of them.
+  // The sets the avx512 build is compiled for (setup.py CPU_ISA_BUILDS), all of them.
   if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
       __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
       __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))

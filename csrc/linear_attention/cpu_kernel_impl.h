@@ -1,4 +1,4 @@
-// Included by the per-instruction-set sources cpu_kernel*.cpp (common/cpu_isa.h), after
+// Included by the per-instruction-set sources that setup.py generates (common/cpu_isa.h), after
 // common/cpu_kernel_prelude.h and inside their target pragma.
 //
 // CPU kernels of kernelized linear attention (docs/methods.md §1), chunked.

@@ -1,7 +1,7 @@
 // One decoding step of causal linear attention (docs/methods.md §1, recurrent form), fused for CPU:
 // per (batch, head) the token's features join the faded state and the query reads it, in one
 // pass over the m × dv state. linattn.linear_attention_step calls it for CPU tensors (other
-// devices run the same formula in ATen ops); its backward is ATen ops too (linattn/_ops.py).
+// devices run the same formula in ATen ops); its backward is ATen ops too (autograd.cpp).
 // The Meta kernel applies the same checks, for fake tensors.
 #include "op_checks.h"
 

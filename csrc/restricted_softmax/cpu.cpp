@@ -1,5 +1,5 @@
 // CPU operator entry points of the window attention family: validate, allocate, hand raw
-// views to the fused kernels (cpu_kernel.cpp).
+// views to the fused kernels (cpu_kernel_impl.h, one build per instruction set).
 #include "kernel.h"
 #include "op_checks.h"
 #include "../common/tensor_views.h"

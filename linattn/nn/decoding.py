@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import functional
-from .._ops import accumulate_dtype
+from ..ops import accumulate_dtype
 from ..feature_maps import FEATURE_MAPS, favor_features
 from ..window import window_bounds
 
