@@ -31,6 +31,9 @@ def identity_feature_map(x: torch.Tensor) -> torch.Tensor:
 FEATURE_MAPS = {"elu": elu_feature_map, "relu": relu_feature_map, "identity": identity_feature_map}
 # The codes of the maps the C++ kernels apply themselves (kernel.h FeatureMap).
 FUSED_FEATURE_MAPS = {"identity": 0, "elu": 1, "relu": 2}
+# The built-in maps a plain call may hand an operator without the Python checks; "identity" is
+# left out (it needs them: it can only run unnormalized).
+PLAIN_FEATURE_MAPS = {"elu": FUSED_FEATURE_MAPS["elu"], "relu": FUSED_FEATURE_MAPS["relu"]}
 
 
 def resolve_feature_map(feature_map: Union[str, FeatureMap, None], where: str) -> Optional[FeatureMap]:

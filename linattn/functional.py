@@ -7,7 +7,7 @@ from . import ops
 from . import _validation as check
 from .varlen import check_cu_seqlens, varlen_linear_attention
 from .feature_maps import (
-    FUSED_FEATURE_MAPS, PERFORMER_KERNELS, efficient_feature_maps, favor_features, resolve_feature_map,
+    FUSED_FEATURE_MAPS, PERFORMER_KERNELS, PLAIN_FEATURE_MAPS, efficient_feature_maps, favor_features, resolve_feature_map,
 )
 from .sparse import bigbird_layout, block_local_layout, block_sparse_attention  # noqa: F401
 from .window import sliding_window_attention  # noqa: F401  (the restricted-softmax family)
@@ -19,9 +19,7 @@ from .decay import decayed_linear_attention_generic
 
 State = Tuple[torch.Tensor, torch.Tensor]
 
-# The built-in feature maps a plain call may hand the operator (csrc/linear_attention/kernel.h's
-# codes); "identity" is left out, it needs the checks (it can only run unnormalized).
-_PLAIN_FEATURE_MAPS = {"elu": FUSED_FEATURE_MAPS["elu"], "relu": FUSED_FEATURE_MAPS["relu"]}
+
 
 def linear_attention(
     q: torch.Tensor,
@@ -68,7 +66,7 @@ def linear_attention(
     """
     if (initial_state is None and decay is None and gate is None and cu_seqlens is None
             and not torch.compiler.is_compiling()):
-        code = _PLAIN_FEATURE_MAPS.get(feature_map) if type(feature_map) is str else None
+        code = PLAIN_FEATURE_MAPS.get(feature_map) if type(feature_map) is str else None
         if code is not None and type(eps) is float:
             # The common call goes straight to the operator, whose C++ checks are the same as the
             # ones below: only a call it refuses runs them, to raise in the caller's terms.

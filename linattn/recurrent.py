@@ -16,10 +16,9 @@ import torch
 from . import ops
 from . import _validation as check
 from .decay import normalized_rows
-from .feature_maps import FUSED_FEATURE_MAPS, resolve_feature_map
+from .feature_maps import FUSED_FEATURE_MAPS, PLAIN_FEATURE_MAPS, resolve_feature_map
 
 State = Tuple[torch.Tensor, torch.Tensor]
-_PLAIN_FEATURE_MAPS = {"elu": FUSED_FEATURE_MAPS["elu"], "relu": FUSED_FEATURE_MAPS["relu"]}
 
 
 def linear_attention_step(
@@ -51,14 +50,14 @@ def linear_attention_step(
         decayed sums).
     """
     if (type(state) in (tuple, list) and len(state) == 2 and decay is None and gate is None and type(feature_map) is str
-            and feature_map in _PLAIN_FEATURE_MAPS and type(eps) is float and not torch.compiler.is_compiling()
+            and feature_map in PLAIN_FEATURE_MAPS and type(eps) is float and not torch.compiler.is_compiling()
             and not ops.generic_in_use()):
         # The common decoding call goes straight to the CPU operator, whose C++ checks match the
         # ones below: only a call it refuses (or another device's) runs them.
         try:
             if q.device.type == "cpu":
                 out, S, z = torch.ops.linattn.linear_attn_step(
-                    q, k, v, state[0], state[1], None, _PLAIN_FEATURE_MAPS[feature_map], normalize, eps)
+                    q, k, v, state[0], state[1], None, PLAIN_FEATURE_MAPS[feature_map], normalize, eps)
                 return out, (S, z)
         except Exception:
             pass

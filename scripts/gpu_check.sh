@@ -26,7 +26,7 @@ PYTEST_EXTRA=()
 "$PY" -c "import pytest_timeout" 2>/dev/null && PYTEST_EXTRA+=(--timeout 300)
 
 SECONDS=0
-"$PY" -m pytest -q -p no:cacheprovider "${PYTEST_EXTRA[@]}" tests/test_cuda.py tests/test_fused_kernels.py \
+"$PY" -m pytest -q -p no:cacheprovider "${PYTEST_EXTRA[@]}" tests/gpu/test_cuda.py tests/ops/test_fused_kernels.py \
   --junitxml="$OUT/cuda_tests.xml" 2>&1 | tail -n 40 | tee "$OUT/cuda_tests.log"
 cuda_seconds=$SECONDS
 

@@ -28,10 +28,11 @@ export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
 ROOT=$PWD
 cd "$BUILD"
 "$PY" -S -c "import linattn, os; assert linattn.__file__.startswith(os.getcwd()), linattn.__file__"
-"$PY" -S -m pytest -q -p no:cacheprovider "$ROOT"/tests/test_linear_attention.py "$ROOT"/tests/test_edge_inputs.py \
-  "$ROOT"/tests/test_errors.py "$ROOT"/tests/test_ops.py "$ROOT"/tests/test_cpu_gemm_fallback.py \
-  "$ROOT"/tests/test_methods.py "$ROOT"/tests/test_window_attention.py \
-  "$ROOT"/tests/test_block_sparse_attention.py "$ROOT"/tests/test_swin_attention.py \
-  "$ROOT"/tests/test_lsh_attention.py "$ROOT"/tests/test_sequence_parallel.py \
-  "$ROOT"/tests/test_decayed_linear_attention.py "$ROOT"/tests/test_varlen.py "$ROOT"/tests/test_recurrent_step.py \
-  "$ROOT"/tests/test_fused_kernels.py "$ROOT"/tests/test_fuzz.py -k "not swin_swap_models" "$@"
+"$PY" -S -m pytest -q -p no:cacheprovider "$ROOT"/tests/ops/test_linear_attention.py "$ROOT"/tests/ops/test_edge_inputs.py \
+  "$ROOT"/tests/ops/test_errors.py "$ROOT"/tests/ops/test_ops.py "$ROOT"/tests/ops/test_cpu_gemm_fallback.py \
+  "$ROOT"/tests/nn/test_methods.py "$ROOT"/tests/ops/test_window_attention.py \
+  "$ROOT"/tests/ops/test_block_sparse_attention.py "$ROOT"/tests/ops/test_swin_attention.py \
+  "$ROOT"/tests/ops/test_lsh_attention.py "$ROOT"/tests/ops/test_sequence_parallel.py \
+  "$ROOT"/tests/ops/test_decayed_linear_attention.py "$ROOT"/tests/ops/test_varlen.py "$ROOT"/tests/ops/test_recurrent_step.py \
+  "$ROOT"/tests/ops/test_fused_kernels.py "$ROOT"/tests/ops/test_fuzz.py "$ROOT"/tests/ops/test_autograd_registration.py \
+  -k "not swin_swap_models" "$@"

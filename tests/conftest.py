@@ -1,4 +1,5 @@
 import contextlib
+import pathlib
 
 import pytest
 import torch
@@ -54,3 +55,39 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
 def assert_close(actual, expected, tol, what=""):
     err = relative_error(actual, expected)
     assert err <= tol, f"{what}: relative error {err:.3e} > {tol:.1e}"
+
+
+# The repository's root (tests are grouped in ops/, nn/, integrations/ and gpu/ below this file).
+REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+# --- the methods of linattn.nn.MultiheadAttention, as the module and GPU tests build them ---
+
+METHOD_OPTIONS = {
+    "softmax": {},
+    "linear": {},
+    "linear-relu": {"feature_map": "relu"},
+    "performer": {"nb_features": 48, "seed": 0},
+    "performer-relu": {"nb_features": 48, "kernel": "relu", "seed": 0},
+    "efficient": {},
+    "linformer": {"max_seq_len": 40, "k": 12, "sharing": "none"},
+    "linformer-headwise": {"max_seq_len": 40, "k": 12},
+    "linformer-kv": {"max_seq_len": 40, "k": 12, "sharing": "kv"},
+    "local": {"window": 5},
+    "local-dilated": {"window": (7, 3), "dilation": 2},
+    "longformer": {"window": 4, "global_tokens": 2},
+    "bigbird": {"block_size": 8, "num_random": 1, "seed": 3},
+    "hybrid": {"window": 4},
+    "reformer": {"n_hashes": 2, "bucket_size": 8, "seed": 1},
+    "additive": {},
+    "additive-window": {"window": 3},
+}
+CAUSAL = {"softmax", "linear", "performer", "local", "bigbird", "hybrid", "reformer", "additive"}
+
+
+def build_module(name, embed=24, heads=3, **kwargs):
+    """linattn.nn.MultiheadAttention for METHOD_OPTIONS[name] (name: method[-variant])."""
+    method = name.split("-")[0]
+    options = METHOD_OPTIONS[name]
+    kwargs.setdefault("batch_first", True)
+    return linattn.nn.MultiheadAttention(embed, heads, method=method, **options, **kwargs)

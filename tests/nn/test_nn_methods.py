@@ -6,36 +6,7 @@ from torch import nn
 
 import linattn
 from linattn import reference
-from conftest import assert_close
-
-METHOD_OPTIONS = {
-    "softmax": {},
-    "linear": {},
-    "linear-relu": {"feature_map": "relu"},
-    "performer": {"nb_features": 48, "seed": 0},
-    "performer-relu": {"nb_features": 48, "kernel": "relu", "seed": 0},
-    "efficient": {},
-    "linformer": {"max_seq_len": 40, "k": 12, "sharing": "none"},
-    "linformer-headwise": {"max_seq_len": 40, "k": 12},
-    "linformer-kv": {"max_seq_len": 40, "k": 12, "sharing": "kv"},
-    "local": {"window": 5},
-    "local-dilated": {"window": (7, 3), "dilation": 2},
-    "longformer": {"window": 4, "global_tokens": 2},
-    "bigbird": {"block_size": 8, "num_random": 1, "seed": 3},
-    "hybrid": {"window": 4},
-    "reformer": {"n_hashes": 2, "bucket_size": 8, "seed": 1},
-    "additive": {},
-    "additive-window": {"window": 3},
-}
-CAUSAL = {"softmax", "linear", "performer", "local", "bigbird", "hybrid", "reformer", "additive"}
-
-
-def _build(name, embed=24, heads=3, **kwargs):
-    method = name.split("-")[0]
-    options = METHOD_OPTIONS[name]
-    kwargs.setdefault("batch_first", True)
-    return linattn.nn.MultiheadAttention(embed, heads, method=method, **options, **kwargs)
-
+from conftest import CAUSAL, METHOD_OPTIONS, assert_close, build_module as _build
 
 def _reference(module, query, key, value, key_padding_mask, causal):
     """The module's forward in float64 with linattn.reference's formulas (batch_first inputs)."""

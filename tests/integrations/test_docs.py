@@ -3,15 +3,15 @@ exists, every public function and class has a docstring and a place in the API r
 the module's list of methods comes from the registry. (scripts/docs.sh builds the HTML with
 warnings as errors; CI runs it.)"""
 import inspect
-import pathlib
 import re
 
 import pytest
 
 import linattn
+from conftest import REPO_ROOT
 from linattn.nn.methods import METHODS
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
+ROOT = REPO_ROOT
 CITATION = re.compile(r"docs/methods\.md §(\d+)(?:–§(\d+))?")
 
 

@@ -2,16 +2,16 @@
 decoder, its Hugging Face implementation names and its swap adapters, and everything that
 lists methods derives from the registry, so that adding a method on an existing engine is its
 class, its reference and its tests."""
-import pathlib
 import re
 
 import pytest
 import torch
 
 import linattn
+from conftest import REPO_ROOT
 from linattn.nn.methods import METHODS, MethodModule
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
+ROOT = REPO_ROOT
 
 
 def test_no_call_site_tests_a_methods_name():

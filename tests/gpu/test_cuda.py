@@ -9,8 +9,7 @@ from torch import nn
 
 import linattn
 from linattn import reference
-from conftest import TOLERANCE, assert_close
-from test_nn_methods import CAUSAL, METHOD_OPTIONS, _build
+from conftest import CAUSAL, METHOD_OPTIONS, TOLERANCE, assert_close, build_module as _build
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

@@ -7,8 +7,9 @@ import sys
 import tarfile
 
 import pytest
+from conftest import REPO_ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = str(REPO_ROOT)
 
 
 def _tracked(prefix):

@@ -12,7 +12,8 @@ import torch
 import linattn
 from linattn import reference
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The repository root: the worker subprocesses import this file as tests.ops.test_cpu_isa from it.
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 ISAS = ("base", "avx2", "avx512")
 SUPPORTED = ISAS[: ISAS.index(torch.ops.linattn.cpu_isa()) + 1]
 DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
@@ -20,7 +21,7 @@ DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 # Run in a subprocess: computes every kernel's outputs and input gradients and saves them.
 WORKER = r"""
 import sys, torch, linattn
-from tests.test_cpu_isa import edge_inputs, swin_bias
+from tests.ops.test_cpu_isa import edge_inputs, swin_bias
 torch.manual_seed(0)
 results = {"isa": torch.ops.linattn.cpu_isa()}
 for dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
