@@ -13,6 +13,8 @@ fi
 "$PY" -m pip install --quiet "setuptools>=77" wheel ninja pytest hypothesis matplotlib tqdm
 # timm: optional (swap_attention handles its Attention blocks; tests skip without it).
 "$PY" -m pip install --quiet "timm>=1.0" || echo "timm not installed: its tests will be skipped"
+# transformers: optional (linattn.hf's attention implementations; tests skip without it).
+"$PY" -m pip install --quiet "transformers>=5.17,<6" || echo "transformers not installed: its tests will be skipped"
 # onnx, onnxruntime, onnxscript: optional (ONNX export tests skip without them).
 "$PY" -m pip install --quiet onnx onnxruntime onnxscript || echo "onnx/onnxruntime not installed: ONNX export tests will be skipped"
 

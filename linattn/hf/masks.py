@@ -15,6 +15,8 @@ from typing import Optional, Tuple
 
 import torch
 
+from ..window import window_mask
+
 PATTERN_ATTRIBUTE = "_linattn_pattern"
 
 
@@ -147,14 +149,7 @@ def _dense_padding(where, mask, q_len, k_len, causal, window) -> Optional[torch.
     visible = mask if mask.dtype == torch.bool else mask == 0
     visible = visible[:, 0]  # (B, T_q, T_k); the head dim is 1 in transformers' masks
     key_visible = visible.any(dim=1)
-    rows = torch.arange(q_len, device=visible.device)[:, None] + (k_len - q_len)  # bottom-right aligned
-    columns = torch.arange(k_len, device=visible.device)[None, :]
-    left, right = window
-    pattern = torch.ones(q_len, k_len, dtype=torch.bool, device=visible.device)
-    if left >= 0:
-        pattern &= columns >= rows - left
-    if right >= 0:
-        pattern &= columns <= rows + right
+    pattern = window_mask(q_len, k_len, window, device=visible.device)[0, 0]  # bottom-right aligned
     expected = key_visible[:, None, :] & pattern
     # Rows of padded queries are left out: transformers may unmask them to avoid NaNs.
     query_real = key_visible[:, k_len - q_len:]
