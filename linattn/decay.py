@@ -1,7 +1,7 @@
 """Causal linear attention with a fading state (docs/methods.md §1, decay and gates) in ATen ops: the
 device-generic path that CUDA (and every non-CPU) tensors take, as csrc/linear_attention/
 generic.cpp is for the plain operator. CPU tensors run the fused kernel
-(torch.ops.linattn.decayed_linear_attn_fwd) instead.
+(torch.ops.linattn.linear_attn_fwd with log_decay) instead.
 
 The sequence is cut into chunks of C rows, all evaluated at once in batched products (no Python
 loop, so torch.compile sees one graph for any length):

@@ -123,8 +123,8 @@ def linear_attention(
             )
             out = out.to(q.dtype)
             return (out, (S, z)) if output_final_state else out
-        out, final_state, _ = torch.ops.linattn.decayed_linear_attn_fwd(
-            phi_q, phi_k, v, log_decay, initial, key_padding_mask, code, normalize, float(eps)
+        out, final_state, _ = torch.ops.linattn.linear_attn_fwd(
+            phi_q, phi_k, v, initial, key_padding_mask, code, True, normalize, float(eps), log_decay
         )
     else:
         out, final_state, _ = ops.linear.forward_op(q.device.type)(

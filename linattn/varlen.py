@@ -5,7 +5,7 @@ offsets, sequence n in rows [cu_seqlens[n], cu_seqlens[n + 1]). Each sequence at
 itself, as if it were run alone, and has its own initial/final state (N, H, m, dv). No padding
 is computed: graphs of different sizes or packed documents cost what their tokens cost.
 
-CPU tensors run the varlen operators (each sequence through the chunked kernels on its own
+CPU tensors run the linear-attention operator with cu_seqlens (each sequence through the chunked kernels on its own
 rows of the packed buffers). Other devices run the device-generic fading-state formulation
 (linattn/decay.py) over the whole packing, decay and gates included, masked so that nothing
 crosses a sequence start (non-causal: a forward and a reversed causal pass over [v, 1], minus
@@ -71,8 +71,8 @@ def varlen_linear_attention(where, q, k, v, phi_q, phi_k, code, phi, cu_seqlens,
     if q.device.type == "cpu" and not ops.generic_in_use():
         acc = ops.accumulate_dtype(q.dtype)
         initial = None if initial_state is None else ops.augmented_state(initial_state, acc)
-        out, final_state, _ = torch.ops.linattn.linear_attn_varlen_fwd(
-            phi_q, phi_k, v, cu_seqlens, log_decay, initial, code, causal, normalize, float(eps)
+        out, final_state, _ = torch.ops.linattn.linear_attn_fwd(
+            phi_q, phi_k, v, initial, None, code, causal, normalize, float(eps), log_decay, cu_seqlens
         )
         if need_state and not causal:
             # Autograd saved this final state for the backward: the caller gets a copy it may

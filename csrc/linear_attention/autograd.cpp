@@ -12,13 +12,14 @@
 namespace linattn {
 namespace {
 
+using Optional = std::optional<at::Tensor>;
 using Forward = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
-    const at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
-    const std::optional<at::Tensor>&, int64_t, bool, bool, double);
-using Backward = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
-    const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&,
-    const at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
-    const std::optional<at::Tensor>&, int64_t, bool, bool, const std::optional<at::Tensor>&);
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, const Optional&, const Optional&, int64_t, bool, bool,
+    double, const Optional&, const Optional&);
+using Backward = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+    const at::Tensor&, const Optional&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+    const at::Tensor&, const Optional&, const Optional&, int64_t, bool, bool, const Optional&, const Optional&,
+    const Optional&);
 
 // The three implementations of linear_attn_fwd/bwd (the CPU kernel with the generic path for other
 // devices, the generic path under its own name, the fused kernels) share one Function.
@@ -28,55 +29,6 @@ constexpr char kForwardGeneric[] = "linattn::linear_attn_fwd_generic";
 constexpr char kBackwardGeneric[] = "linattn::linear_attn_bwd_generic";
 constexpr char kForwardFused[] = "linattn::linear_attn_fwd_fused";
 constexpr char kBackwardFused[] = "linattn::linear_attn_bwd_fused";
-
-template <const char* ForwardName, const char* BackwardName>
-struct LinearAttention : torch::autograd::Function<LinearAttention<ForwardName, BackwardName>> {
-  static variable_list forward(AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k,
-                               const at::Tensor& v, const std::optional<at::Tensor>& initial_state,
-                               const std::optional<at::Tensor>& key_padding_mask, int64_t feature_map,
-                               bool causal, bool normalize, double eps) {
-    static const auto op = linattn_op<Forward>(ForwardName);
-    at::AutoDispatchBelowADInplaceOrView below_autograd;
-    auto [out, final_state, normalizer] =
-        op.call(q, k, v, initial_state, key_padding_mask, feature_map, causal, normalize, eps);
-    // Without causality every query saw the final state: the backward reuses it instead of
-    // recomputing it from the keys (one GEMM pass and one feature-map pass fewer).
-    ctx->save_for_backward({q, k, v, out, normalizer, saved_of(initial_state),
-                            saved_of(key_padding_mask), causal ? at::Tensor() : final_state});
-    ctx->saved_data["options"] = c10::List<int64_t>({feature_map, causal, normalize});
-    ctx->mark_non_differentiable({normalizer});
-    ctx->set_materialize_grads(false);
-    return {out, final_state, normalizer};
-  }
-
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    static const auto op = linattn_op<Backward>(BackwardName);
-    const auto saved = ctx->get_saved_variables();
-    const auto& out = saved[3];
-    const auto options = ctx->saved_data["options"].toIntList();
-    const at::Tensor grad_out = grads[0].defined() ? grads[0] : at::zeros_like(out);
-    auto [grad_q, grad_k, grad_v, grad_initial] =
-        op.call(grad_out, optional_of(grads[1]), saved[0], saved[1], saved[2], out, saved[4],
-                optional_of(saved[5]), optional_of(saved[6]), options[0], options[1] != 0,
-                options[2] != 0, optional_of(saved[7]));
-    if (!saved[5].defined()) grad_initial = at::Tensor();
-    return {grad_q, grad_k, grad_v, grad_initial, {}, {}, {}, {}, {}};
-  }
-};
-
-template <const char* ForwardName, const char* BackwardName>
-std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_attention_autograd(
-    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const std::optional<at::Tensor>& initial_state, const std::optional<at::Tensor>& key_padding_mask,
-    int64_t feature_map, bool causal, bool normalize, double eps) {
-  if (!needs_graph(q, k, v, initial_state)) {
-    static const auto op = linattn_op<Forward>(ForwardName);
-    return call_below_autograd(op, q, k, v, initial_state, key_padding_mask, feature_map, causal, normalize, eps);
-  }
-  auto r = LinearAttention<ForwardName, BackwardName>::apply(q, k, v, initial_state, key_padding_mask,
-                                                             feature_map, causal, normalize, eps);
-  return {r[0], r[1], r[2]};
-}
 
 // dL/dlog_decay_t = Σ_{i >= t} dL/dc_i for c = cumsum(log_decay): the operators hand back dL/dc.
 at::Tensor reverse_cumsum(const at::Tensor& x) {
@@ -96,81 +48,24 @@ at::Tensor segment_reverse_cumsum(const at::Tensor& x, const at::Tensor& cu_seql
   return suffix.slice(-1, 0, total) - suffix.index_select(-1, end_of);
 }
 
-struct DecayedLinearAttention : torch::autograd::Function<DecayedLinearAttention> {
-  static const auto& op() {
-    static const auto handle = linattn_op<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
-        const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-        const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, int64_t, bool, double)>(
-        "linattn::decayed_linear_attn_fwd");
+template <const char* ForwardName, const char* BackwardName>
+struct LinearAttention : torch::autograd::Function<LinearAttention<ForwardName, BackwardName>> {
+  static const c10::TypedOperatorHandle<Forward>& op() {
+    static const auto handle = linattn_op<Forward>(ForwardName);
     return handle;
   }
 
   static variable_list forward(AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k,
-                               const at::Tensor& v, const at::Tensor& log_decay,
-                               const std::optional<at::Tensor>& initial_state,
-                               const std::optional<at::Tensor>& key_padding_mask, int64_t feature_map,
-                               bool normalize, double eps) {
+                               const at::Tensor& v, const Optional& initial_state, const Optional& key_padding_mask,
+                               int64_t feature_map, bool causal, bool normalize, double eps,
+                               const Optional& log_decay, const Optional& cu_seqlens) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    auto [out, final_state, normalizer] =
-        op().call(q, k, v, log_decay, initial_state, key_padding_mask, feature_map, normalize, eps);
-    ctx->save_for_backward({q, k, v, log_decay, out, normalizer, saved_of(initial_state),
-                            saved_of(key_padding_mask)});
-    ctx->saved_data["options"] = c10::List<int64_t>({feature_map, normalize});
-    ctx->mark_non_differentiable({normalizer});
-    ctx->set_materialize_grads(false);
-    return {out, final_state, normalizer};
-  }
-
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    static const auto op = linattn_op<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
-        const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&,
-        const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-        const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, int64_t, bool)>(
-        "linattn::decayed_linear_attn_bwd");
-    const auto saved = ctx->get_saved_variables();
-    const auto options = ctx->saved_data["options"].toIntList();
-    const at::Tensor grad_out = grads[0].defined() ? grads[0] : at::zeros_like(saved[4]);
-    auto [grad_q, grad_k, grad_v, grad_initial, grad_cumulative] =
-        op.call(grad_out, optional_of(grads[1]), saved[0], saved[1], saved[2], saved[3], saved[4],
-                saved[5], optional_of(saved[6]), optional_of(saved[7]), options[0], options[1] != 0);
-    if (!saved[6].defined()) grad_initial = at::Tensor();
-    return {grad_q, grad_k, grad_v, reverse_cumsum(grad_cumulative), grad_initial, {}, {}, {}, {}};
-  }
-};
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> decayed_autograd(
-    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& log_decay,
-    const std::optional<at::Tensor>& initial_state, const std::optional<at::Tensor>& key_padding_mask,
-    int64_t feature_map, bool normalize, double eps) {
-  if (!needs_graph(q, k, v, log_decay, initial_state)) {
-    return call_below_autograd(DecayedLinearAttention::op(), q, k, v, log_decay, initial_state, key_padding_mask,
-                               feature_map, normalize, eps);
-  }
-  auto r = DecayedLinearAttention::apply(q, k, v, log_decay, initial_state, key_padding_mask,
-                                         feature_map, normalize, eps);
-  return {r[0], r[1], r[2]};
-}
-
-struct VarlenLinearAttention : torch::autograd::Function<VarlenLinearAttention> {
-  static const auto& op() {
-    static const auto handle = linattn_op<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
-        const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-        const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, int64_t, bool, bool, double)>(
-        "linattn::linear_attn_varlen_fwd");
-    return handle;
-  }
-
-  static variable_list forward(AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k,
-                               const at::Tensor& v, const at::Tensor& cu_seqlens,
-                               const std::optional<at::Tensor>& log_decay,
-                               const std::optional<at::Tensor>& initial_state, int64_t feature_map,
-                               bool causal, bool normalize, double eps) {
-    at::AutoDispatchBelowADInplaceOrView below_autograd;
-    auto [out, final_state, normalizer] =
-        op().call(q, k, v, cu_seqlens, log_decay, initial_state, feature_map, causal, normalize, eps);
-    // As in LinearAttention: a non-causal backward reuses each sequence's final state.
-    ctx->save_for_backward({q, k, v, cu_seqlens, saved_of(log_decay), out, normalizer,
-                            saved_of(initial_state), causal ? at::Tensor() : final_state});
+    auto [out, final_state, normalizer] = op().call(q, k, v, initial_state, key_padding_mask, feature_map, causal,
+                                                    normalize, eps, log_decay, cu_seqlens);
+    // Without causality every query saw the final state: the backward reuses it instead of
+    // recomputing it from the keys (one GEMM pass and one feature-map pass fewer).
+    ctx->save_for_backward({q, k, v, out, normalizer, saved_of(initial_state), saved_of(key_padding_mask),
+                            causal ? at::Tensor() : final_state, saved_of(log_decay), saved_of(cu_seqlens)});
     ctx->saved_data["options"] = c10::List<int64_t>({feature_map, causal, normalize});
     ctx->mark_non_differentiable({normalizer});
     ctx->set_materialize_grads(false);
@@ -178,37 +73,37 @@ struct VarlenLinearAttention : torch::autograd::Function<VarlenLinearAttention> 
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    static const auto op = linattn_op<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
-        const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&,
-        const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&,
-        const at::Tensor&, const std::optional<at::Tensor>&, int64_t, bool, bool,
-        const std::optional<at::Tensor>&)>("linattn::linear_attn_varlen_bwd");
+    static const auto op = linattn_op<Backward>(BackwardName);
     const auto saved = ctx->get_saved_variables();
+    const at::Tensor &out = saved[3], &initial = saved[5], &log_decay = saved[8], &cu_seqlens = saved[9];
     const auto options = ctx->saved_data["options"].toIntList();
-    const auto& cu_seqlens = saved[3];
-    const auto& log_decay = saved[4];
-    const at::Tensor grad_out = grads[0].defined() ? grads[0] : at::zeros_like(saved[5]);
+    const at::Tensor grad_out = grads[0].defined() ? grads[0] : at::zeros_like(out);
     auto [grad_q, grad_k, grad_v, grad_initial, grad_cumulative] =
-        op.call(grad_out, optional_of(grads[1]), saved[0], saved[1], saved[2], cu_seqlens,
-                optional_of(log_decay), saved[5], saved[6], optional_of(saved[7]), options[0],
-                options[1] != 0, options[2] != 0, optional_of(saved[8]));
-    if (!saved[7].defined()) grad_initial = at::Tensor();
-    const at::Tensor grad_log_decay =
-        log_decay.defined() ? segment_reverse_cumsum(grad_cumulative, cu_seqlens) : at::Tensor();
-    return {grad_q, grad_k, grad_v, {}, grad_log_decay, grad_initial, {}, {}, {}, {}};
+        op.call(grad_out, optional_of(grads[1]), saved[0], saved[1], saved[2], out, saved[4], optional_of(initial),
+                optional_of(saved[6]), options[0], options[1] != 0, options[2] != 0, optional_of(saved[7]),
+                optional_of(log_decay), optional_of(cu_seqlens));
+    if (!initial.defined()) grad_initial = at::Tensor();
+    at::Tensor grad_log_decay;
+    if (log_decay.defined()) {
+      grad_log_decay = cu_seqlens.defined() ? segment_reverse_cumsum(grad_cumulative, cu_seqlens)
+                                            : reverse_cumsum(grad_cumulative);
+    }
+    return {grad_q, grad_k, grad_v, grad_initial, {}, {}, {}, {}, {}, grad_log_decay, {}};
   }
 };
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_autograd(
-    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_seqlens,
-    const std::optional<at::Tensor>& log_decay, const std::optional<at::Tensor>& initial_state,
-    int64_t feature_map, bool causal, bool normalize, double eps) {
-  if (!needs_graph(q, k, v, log_decay, initial_state)) {
-    return call_below_autograd(VarlenLinearAttention::op(), q, k, v, cu_seqlens, log_decay, initial_state,
-                               feature_map, causal, normalize, eps);
+template <const char* ForwardName, const char* BackwardName>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_attention_autograd(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const Optional& initial_state,
+    const Optional& key_padding_mask, int64_t feature_map, bool causal, bool normalize, double eps,
+    const Optional& log_decay, const Optional& cu_seqlens) {
+  using Function = LinearAttention<ForwardName, BackwardName>;
+  if (!needs_graph(q, k, v, initial_state, log_decay)) {
+    return call_below_autograd(Function::op(), q, k, v, initial_state, key_padding_mask, feature_map, causal,
+                               normalize, eps, log_decay, cu_seqlens);
   }
-  auto r = VarlenLinearAttention::apply(q, k, v, cu_seqlens, log_decay, initial_state, feature_map,
-                                        causal, normalize, eps);
+  auto r = Function::apply(q, k, v, initial_state, key_padding_mask, feature_map, causal, normalize, eps, log_decay,
+                           cu_seqlens);
   return {r[0], r[1], r[2]};
 }
 
@@ -306,9 +201,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> step_autograd(
   return {r[0], r[1], r[2]};
 }
 
-constexpr char kDecayedBackward[] = "linattn::decayed_linear_attn_bwd";
-constexpr char kVarlenBackward[] = "linattn::linear_attn_varlen_bwd";
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(linattn, Autograd, m) {
@@ -318,23 +210,6 @@ TORCH_LIBRARY_IMPL(linattn, Autograd, m) {
   m.impl("linear_attn_bwd", &FirstOrderOnly<kBackward, Backward>::call);
   m.impl("linear_attn_bwd_generic", &FirstOrderOnly<kBackwardGeneric, Backward>::call);
   m.impl("linear_attn_bwd_fused", &FirstOrderOnly<kBackwardFused, Backward>::call);
-  m.impl("decayed_linear_attn_fwd", &decayed_autograd);
-  m.impl("decayed_linear_attn_bwd",
-         &FirstOrderOnly<kDecayedBackward,
-                         std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
-                             const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&,
-                             const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                             const at::Tensor&, const std::optional<at::Tensor>&,
-                             const std::optional<at::Tensor>&, int64_t, bool)>::call);
-  m.impl("linear_attn_varlen_fwd", &varlen_autograd);
-  m.impl("linear_attn_varlen_bwd",
-         &FirstOrderOnly<kVarlenBackward,
-                         std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
-                             const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&,
-                             const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                             const std::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&,
-                             const std::optional<at::Tensor>&, int64_t, bool, bool,
-                             const std::optional<at::Tensor>&)>::call);
   m.impl("linear_attn_step", &step_autograd);
 }
 

@@ -1,5 +1,5 @@
 // CPU operator entry points: validate, allocate, hand raw views to the chunked kernels.
-// linear_attn_* and decayed_linear_attn_* (causal, with a fading state) share one body.
+// One schema for plain, fading (log_decay) and packed (cu_seqlens) linear attention, one body.
 #include "kernel.h"
 #include "op_checks.h"
 #include "../common/tensor_views.h"
@@ -85,43 +85,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
   return {grad_q, grad_k, grad_v, grad_initial, grad_cumulative};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cpu(
-    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const std::optional<at::Tensor>& initial_state, const std::optional<at::Tensor>& key_padding_mask,
-    int64_t feature_map, bool causal, bool normalize, double eps) {
-  return forward_impl(q, k, v, at::Tensor(), initial_state, key_padding_mask, feature_map, causal,
-                      normalize, eps);
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
-    const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_final_state,
-    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
-    const at::Tensor& normalizer, const std::optional<at::Tensor>& initial_state,
-    const std::optional<at::Tensor>& key_padding_mask, int64_t feature_map, bool causal,
-    bool normalize, const std::optional<at::Tensor>& final_state) {
-  auto [gq, gk, gv, gi, unused] = backward_impl(grad_out, grad_final_state, q, k, v, at::Tensor(), out,
-                                                normalizer, initial_state, key_padding_mask,
-                                                feature_map, causal, normalize, final_state);
-  return {gq, gk, gv, gi};
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> decayed_forward_cpu(
-    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& log_decay,
-    const std::optional<at::Tensor>& initial_state, const std::optional<at::Tensor>& key_padding_mask,
-    int64_t feature_map, bool normalize, double eps) {
-  return forward_impl(q, k, v, log_decay, initial_state, key_padding_mask, feature_map,
-                      /*causal=*/true, normalize, eps);
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> decayed_backward_cpu(
-    const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_final_state,
-    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& log_decay,
-    const at::Tensor& out, const at::Tensor& normalizer, const std::optional<at::Tensor>& initial_state,
-    const std::optional<at::Tensor>& key_padding_mask, int64_t feature_map, bool normalize) {
-  return backward_impl(grad_out, grad_final_state, q, k, v, log_decay, out, normalizer, initial_state,
-                       key_padding_mask, feature_map, /*causal=*/true, normalize, std::nullopt);
-}
-
 // --- Packed variable-length batches: each sequence runs through the same kernels on its own
 // rows of the packed buffers (LinearAttentionShape's pitch; cpu_kernel_impl.h decides how the
 // threads share the sequences).
@@ -202,15 +165,48 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> varlen_ba
   return {grad_q, grad_k, grad_v, grad_initial, grad_cumulative};
 }
 
+// --- The operators' CPU entries: one schema for plain, fading and packed linear attention.
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cpu(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const std::optional<at::Tensor>& initial_state, const std::optional<at::Tensor>& key_padding_mask,
+    int64_t feature_map, bool causal, bool normalize, double eps, const std::optional<at::Tensor>& log_decay,
+    const std::optional<at::Tensor>& cu_seqlens) {
+  const auto chunked = [&] {
+    return forward_impl(q, k, v, log_decay.value_or(at::Tensor()), initial_state, key_padding_mask, feature_map,
+                        causal, normalize, eps);
+  };
+  return route_linear_attention(
+      key_padding_mask, causal, log_decay, cu_seqlens,
+      [&] { return varlen_forward_cpu(q, k, v, *cu_seqlens, log_decay, initial_state, feature_map, causal, normalize, eps); },
+      chunked, chunked);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
+    const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_final_state,
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& normalizer, const std::optional<at::Tensor>& initial_state,
+    const std::optional<at::Tensor>& key_padding_mask, int64_t feature_map, bool causal,
+    bool normalize, const std::optional<at::Tensor>& final_state, const std::optional<at::Tensor>& log_decay,
+    const std::optional<at::Tensor>& cu_seqlens) {
+  const auto chunked = [&] {
+    return backward_impl(grad_out, grad_final_state, q, k, v, log_decay.value_or(at::Tensor()), out, normalizer,
+                         initial_state, key_padding_mask, feature_map, causal, normalize, final_state);
+  };
+  return route_linear_attention(
+      key_padding_mask, causal, log_decay, cu_seqlens,
+      [&] {
+        return varlen_backward_cpu(grad_out, grad_final_state, q, k, v, *cu_seqlens, log_decay, out, normalizer,
+                                   initial_state, feature_map, causal, normalize, final_state);
+      },
+      chunked, chunked);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(linattn, CPU, m) {
   m.impl("linear_attn_fwd", &forward_cpu);
   m.impl("linear_attn_bwd", &backward_cpu);
-  m.impl("decayed_linear_attn_fwd", &decayed_forward_cpu);
-  m.impl("decayed_linear_attn_bwd", &decayed_backward_cpu);
-  m.impl("linear_attn_varlen_fwd", &varlen_forward_cpu);
-  m.impl("linear_attn_varlen_bwd", &varlen_backward_cpu);
 }
 
 }  // namespace linattn

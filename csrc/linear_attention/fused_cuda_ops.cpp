@@ -2,6 +2,7 @@
 // tensors' device and current stream. Head dims whose block does not fit in the device's shared
 // memory (fp64 with the largest head dims) take the device-generic path instead.
 // Compiled only in CUDA builds (setup.py: fused_cuda_* sources).
+#include "plain_entry.h"
 #include "fused_launch.h"
 #include "fused_plans.h"
 #include "generic.h"
@@ -62,11 +63,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cuda(
                           key_padding_mask, feature_map, causal, normalize, final_state);
 }
 
+constexpr char kImplementation[] = "fused CUDA kernels";
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(linattn, CUDA, m) {
-  m.impl("linear_attn_fwd_fused", &forward_cuda);
-  m.impl("linear_attn_bwd_fused", &backward_cuda);
+  m.impl("linear_attn_fwd_fused", &plain_forward<&forward_cuda, kImplementation>);
+  m.impl("linear_attn_bwd_fused", &plain_backward<&backward_cuda, kImplementation>);
 }
 
 }  // namespace linattn

@@ -2,6 +2,7 @@
 // with its threads emulated one after another between the barriers. Registered as the CPU
 // kernel of linear_attn_{fwd,bwd}_fused, so that the tests check, on any machine, every index,
 // mask and chunk boundary the GPU will execute. Slow by design (one scalar loop per thread).
+#include "plain_entry.h"
 #include "fused_plans.h"
 
 #include <ATen/Parallel.h>
@@ -73,11 +74,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_emulated(
   return *result;
 }
 
+constexpr char kImplementation[] = "fused kernels' emulation";
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(linattn, CPU, m) {
-  m.impl("linear_attn_fwd_fused", &forward_emulated);
-  m.impl("linear_attn_bwd_fused", &backward_emulated);
+  m.impl("linear_attn_fwd_fused", &plain_forward<&forward_emulated, kImplementation>);
+  m.impl("linear_attn_bwd_fused", &plain_backward<&backward_emulated, kImplementation>);
 }
 
 }  // namespace linattn

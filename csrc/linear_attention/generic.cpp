@@ -5,6 +5,7 @@
 // the tests can run it on CPU tensors.
 #include "generic.h"
 #include "op_checks.h"
+#include "plain_entry.h"
 
 #include <ATen/ATen.h>
 #include <torch/library.h>
@@ -198,15 +199,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_generic(
 }
 
 
+namespace {
+constexpr char kGenericPath[] = "device-generic kernel";
+}  // namespace
+
 TORCH_LIBRARY_IMPL(linattn, CompositeExplicitAutograd, m) {
-  m.impl("linear_attn_fwd", &forward_generic);
-  m.impl("linear_attn_bwd", &backward_generic);
-  m.impl("linear_attn_fwd_generic", &forward_generic);
-  m.impl("linear_attn_bwd_generic", &backward_generic);
+  for (const char* name : {"linear_attn_fwd", "linear_attn_fwd_generic"})
+    m.impl(name, &plain_forward<&forward_generic, kGenericPath>);
+  for (const char* name : {"linear_attn_bwd", "linear_attn_bwd_generic"})
+    m.impl(name, &plain_backward<&backward_generic, kGenericPath>);
 }
 
 TORCH_LIBRARY_IMPL(linattn, CompositeImplicitAutograd, m) {
-  m.impl("linear_attn_fwd_decomposed", &forward_generic);
+  m.impl("linear_attn_fwd_decomposed", &plain_forward<&forward_generic, kGenericPath>);
 }
 
 }  // namespace linattn

@@ -90,19 +90,51 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> varlen_ba
           log_decay.has_value() ? at::empty_symint({1, s.heads, s.q_len}, acc) : at::empty({0}, acc)};
 }
 
+// The operators' Meta entries, routed as the CPU kernel routes them.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_forward_meta(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const std::optional<at::Tensor>& initial_state, const std::optional<at::Tensor>& key_padding_mask,
+    int64_t feature_map, bool causal, bool normalize, double eps, const std::optional<at::Tensor>& log_decay,
+    const std::optional<at::Tensor>& cu_seqlens) {
+  return route_linear_attention(
+      key_padding_mask, causal, log_decay, cu_seqlens,
+      [&] { return varlen_forward_meta(q, k, v, *cu_seqlens, log_decay, initial_state, feature_map, causal, normalize, eps); },
+      [&] { return decayed_forward_meta(q, k, v, *log_decay, initial_state, key_padding_mask, feature_map, normalize, eps); },
+      [&] { return forward_meta(q, k, v, initial_state, key_padding_mask, feature_map, causal, normalize, eps); });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_backward_meta(
+    const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_final_state,
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& normalizer, const std::optional<at::Tensor>& initial_state,
+    const std::optional<at::Tensor>& key_padding_mask, int64_t feature_map, bool causal,
+    bool normalize, const std::optional<at::Tensor>& final_state, const std::optional<at::Tensor>& log_decay,
+    const std::optional<at::Tensor>& cu_seqlens) {
+  using Grads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+  return route_linear_attention(
+      key_padding_mask, causal, log_decay, cu_seqlens,
+      [&]() -> Grads {
+        return varlen_backward_meta(grad_out, grad_final_state, q, k, v, *cu_seqlens, log_decay, out, normalizer,
+                                    initial_state, feature_map, causal, normalize, final_state);
+      },
+      [&]() -> Grads {
+        return decayed_backward_meta(grad_out, grad_final_state, q, k, v, *log_decay, out, normalizer,
+                                     initial_state, key_padding_mask, feature_map, normalize);
+      },
+      [&]() -> Grads {
+        auto [gq, gk, gv, gi] = backward_meta(grad_out, grad_final_state, q, k, v, out, normalizer, initial_state,
+                                              key_padding_mask, feature_map, causal, normalize, final_state);
+        return {gq, gk, gv, gi, at::empty({0}, normalizer.options())};
+      });
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(linattn, Meta, m) {
-  m.impl("decayed_linear_attn_fwd", &decayed_forward_meta);
-  m.impl("decayed_linear_attn_bwd", &decayed_backward_meta);
-  m.impl("linear_attn_fwd", &forward_meta);
-  m.impl("linear_attn_bwd", &backward_meta);
-  m.impl("linear_attn_fwd_generic", &forward_meta);
-  m.impl("linear_attn_bwd_generic", &backward_meta);
-  m.impl("linear_attn_fwd_fused", &forward_meta);
-  m.impl("linear_attn_bwd_fused", &backward_meta);
-  m.impl("linear_attn_varlen_fwd", &varlen_forward_meta);
-  m.impl("linear_attn_varlen_bwd", &varlen_backward_meta);
+  for (const char* name : {"linear_attn_fwd", "linear_attn_fwd_generic", "linear_attn_fwd_fused"})
+    m.impl(name, &linear_forward_meta);
+  for (const char* name : {"linear_attn_bwd", "linear_attn_bwd_generic", "linear_attn_bwd_fused"})
+    m.impl(name, &linear_backward_meta);
 }
 
 }  // namespace linattn

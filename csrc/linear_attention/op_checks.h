@@ -103,6 +103,34 @@ inline void check_log_decay(const at::Tensor& log_decay, const at::Tensor& q,
   check_shape(op, "log_decay", log_decay, {s.batch, s.heads, s.q_len}, "(B, H, T)");
 }
 
+// The operator's extensions, checked where a kernel takes them (CPU and Meta).
+inline void check_no_padding_when_packed(const std::optional<at::Tensor>& key_padding_mask) {
+  TORCH_CHECK(!key_padding_mask.has_value(), kLinearAttentionOp,
+              ": with cu_seqlens there is no padding to mask; pass key_padding_mask=None");
+}
+
+inline void check_fading_is_causal(bool causal) {
+  TORCH_CHECK(causal, kLinearAttentionOp, ": decay and gates (log_decay) fade a causal state; need causal=True");
+}
+
+// A call of the family's one schema, routed to its packed, fading or plain form (the CPU and
+// Meta kernels share the routing, and so refuse the same calls).
+template <typename Packed, typename Fading, typename Plain>
+auto route_linear_attention(const std::optional<at::Tensor>& key_padding_mask, bool causal,
+                            const std::optional<at::Tensor>& log_decay,
+                            const std::optional<at::Tensor>& cu_seqlens, Packed packed, Fading fading,
+                            Plain plain) {
+  if (cu_seqlens.has_value()) {
+    check_no_padding_when_packed(key_padding_mask);
+    return packed();
+  }
+  if (log_decay.has_value()) {
+    check_fading_is_causal(causal);
+    return fading();
+  }
+  return plain();
+}
+
 // The concrete shape a kernel runs on (after the checks above have passed).
 // Packed variable-length batches (the *_varlen operators): q, k, v (1, H, total, ·) hold N
 // sequences back to back, sequence n in rows [cu_seqlens[n], cu_seqlens[n + 1]); cu_seqlens

@@ -26,16 +26,16 @@ def _fused():
 def _decayed():
     q, k, v = (torch.randn(1, 2, 9, 4, dtype=torch.float64, requires_grad=True) for _ in range(3))
     log_decay = (-torch.rand(1, 2, 9, dtype=torch.float64)).requires_grad_()
-    return (q, k, v, log_decay), lambda: torch.ops.linattn.decayed_linear_attn_fwd(
-        q, k, v, log_decay, None, None, 1, True, 1e-6)
+    return (q, k, v, log_decay), lambda: torch.ops.linattn.linear_attn_fwd(
+        q, k, v, None, None, 1, True, True, 1e-6, log_decay)
 
 
 def _varlen():
     q, k, v = (torch.randn(1, 2, 9, 4, dtype=torch.float64, requires_grad=True) for _ in range(3))
     log_decay = (-torch.rand(1, 2, 9, dtype=torch.float64)).requires_grad_()
     cu = torch.tensor([0, 4, 9], dtype=torch.int32)
-    return (q, k, v, log_decay), lambda: torch.ops.linattn.linear_attn_varlen_fwd(
-        q, k, v, cu, log_decay, None, 1, True, True, 1e-6)
+    return (q, k, v, log_decay), lambda: torch.ops.linattn.linear_attn_fwd(
+        q, k, v, None, None, 1, True, True, 1e-6, log_decay, cu)
 
 
 def _step():

@@ -106,7 +106,7 @@ def test_returned_state_may_be_changed_in_place():
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("in_parallel", [False, True])
 def test_varlen_reuse_equals_recompute(causal, in_parallel):
-    """linear_attn_varlen_bwd: each sequence's final state; many short sequences run as
+    """linear_attn_bwd with cu_seqlens: each sequence's final state; many short sequences run as
     parallel (sequence, head) items, a few long ones one after another."""
     lengths = [5, 0, 17, 9, 30, 1] * 4 if in_parallel else [700, 3, 1300]
     g = torch.Generator().manual_seed(len(lengths))
@@ -115,14 +115,14 @@ def test_varlen_reuse_equals_recompute(causal, in_parallel):
     q, k = (torch.randn(1, H, total, m, generator=g) for _ in range(2))
     v = torch.randn(1, H, total, dv, generator=g)
     initial = torch.rand(len(lengths), H, m, dv + 1, generator=g)
-    out, final_state, normalizer = torch.ops.linattn.linear_attn_varlen_fwd(q, k, v, cu, None, initial, 1, causal,
-                                                                           True, 1e-6)
+    out, final_state, normalizer = torch.ops.linattn.linear_attn_fwd(q, k, v, initial, None, 1, causal, True, 1e-6,
+                                                                     None, cu)
     grad_out = torch.randn(out.shape, generator=g)
     grad_final = torch.randn(final_state.shape, generator=g)
 
     def run(final):
-        return torch.ops.linattn.linear_attn_varlen_bwd(grad_out, grad_final, q, k, v, cu, None, out, normalizer,
-                                                       initial, 1, causal, True, final)
+        return torch.ops.linattn.linear_attn_bwd(grad_out, grad_final, q, k, v, out, normalizer, initial, None, 1,
+                                                 causal, True, final, None, cu)
     handed = final_state if not causal else torch.full_like(final_state, float("nan"))  # causal: not read
     for got, expected in zip(run(handed), run(None)):
         torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)

@@ -134,9 +134,9 @@ def test_opcheck():
     q, k, v, decay, gate, state, mask = make(T=70)
     log_decay = (decay.log().view(1, 3, 1) + gate).float().contiguous()
     initial = torch.cat([state[0], state[1].unsqueeze(-1)], -1)
-    args = (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), log_decay.requires_grad_(), initial, mask,
-            1, True, 1e-6)
-    torch.library.opcheck(torch.ops.linattn.decayed_linear_attn_fwd.default, args)
+    args = (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), initial, mask, 1, True, True, 1e-6,
+            log_decay.requires_grad_())
+    torch.library.opcheck(torch.ops.linattn.linear_attn_fwd.default, args)
 
 
 def test_compile_fullgraph_equals_eager():

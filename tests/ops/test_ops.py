@@ -94,3 +94,31 @@ def test_compile_with_mask_and_state():
     gc = torch.autograd.grad(got.sum(), (q, k, v, S, z))
     for a, b in zip(gc, ge):
         assert_close(a, b, 1e-6, "compiled gradient")
+
+
+# --- one schema for the linear family: plain, fading (log_decay) and packed (cu_seqlens) ---
+
+@pytest.mark.parametrize("name", ["linear_attn_fwd_generic", "linear_attn_fwd_fused"])
+def test_plain_implementations_refuse_fading_and_packing(name):
+    """The device-generic and fused kernels register under the family's one schema but run the
+    plain operator only: a fading state or a packing is refused with a message, never ignored."""
+    q, k, v = (torch.randn(1, 2, 8, 4) for _ in range(3))
+    op = getattr(torch.ops.linattn, name)
+    with pytest.raises(RuntimeError, match=r"neither a fading state \(log_decay\) nor packed sequences"):
+        op(q, k, v, None, None, 1, True, True, 1e-6, -torch.rand(1, 2, 8))
+    with pytest.raises(RuntimeError, match=r"neither a fading state \(log_decay\) nor packed sequences"):
+        op(q, k, v, None, None, 1, True, True, 1e-6, None, torch.tensor([0, 3, 8], dtype=torch.int32))
+
+
+def test_the_cpu_operator_checks_its_extensions():
+    q, k, v = (torch.randn(1, 2, 8, 4) for _ in range(3))
+    op = torch.ops.linattn.linear_attn_fwd
+    with pytest.raises(RuntimeError, match=r"fade a causal state; need causal=True"):
+        op(q, k, v, None, None, 1, False, True, 1e-6, -torch.rand(1, 2, 8))
+    with pytest.raises(RuntimeError, match=r"with cu_seqlens there is no padding to mask"):
+        op(q, k, v, None, torch.zeros(1, 8, dtype=torch.bool), 1, True, True, 1e-6, None,
+           torch.tensor([0, 3, 8], dtype=torch.int32))
+    # Both extensions at once: a fading state per packed sequence.
+    out, state, _ = op(q, k, v, None, None, 1, True, True, 1e-6, -torch.rand(1, 2, 8),
+                       torch.tensor([0, 3, 8], dtype=torch.int32))
+    assert out.shape == (1, 2, 8, 4) and state.shape == (2, 2, 4, 5)

@@ -150,9 +150,9 @@ def test_opcheck(dtype, with_decay):
     log_decay = -torch.rand(1, H, 12, dtype=acc) if with_decay else None
     initial = torch.rand(3, H, D, DV + 1, dtype=acc)
     grad = dtype == torch.float64
-    args = (q.requires_grad_(grad), k.requires_grad_(grad), v.requires_grad_(grad), cu, log_decay, initial, 1, True,
-            True, 1e-6)
-    torch.library.opcheck(torch.ops.linattn.linear_attn_varlen_fwd.default, args)
+    args = (q.requires_grad_(grad), k.requires_grad_(grad), v.requires_grad_(grad), initial, None, 1, True, True, 1e-6,
+            log_decay, cu)
+    torch.library.opcheck(torch.ops.linattn.linear_attn_fwd.default, args)
 
 
 def test_compile_fullgraph_equals_eager():
