@@ -6,8 +6,9 @@ same per token at any context length. With a per-head decay γ (RetNet, Lightnin
 log-gates g ≤ 0 (Mamba-2, simple GLA) the state fades first: S_i = f_i S_{i−1} + φ(k_i) v_iᵀ,
 z_i = f_i z_{i−1} + φ(k_i), f_i = γ·e^{g_i}.
 
-Written in ATen ops: it runs on any device, under autograd (gradients for q, k, v, the state,
-decay and gate) and inside torch.compile(fullgraph=True).
+One operator on every device (torch.ops.linattn.linear_attn_step: a fused CPU kernel, ATen ops
+elsewhere), under autograd (gradients for q, k, v, the state, decay and gate) and inside
+torch.compile(fullgraph=True).
 """
 from typing import Callable, Optional, Tuple, Union
 
@@ -15,7 +16,6 @@ import torch
 
 from . import ops
 from . import _validation as check
-from .decay import normalized_rows
 from .feature_maps import FUSED_FEATURE_MAPS, PLAIN_FEATURE_MAPS, resolve_feature_map
 
 State = Tuple[torch.Tensor, torch.Tensor]
@@ -52,13 +52,12 @@ def linear_attention_step(
     if (type(state) in (tuple, list) and len(state) == 2 and decay is None and gate is None and type(feature_map) is str
             and feature_map in PLAIN_FEATURE_MAPS and type(eps) is float and not torch.compiler.is_compiling()
             and not ops.generic_in_use()):
-        # The common decoding call goes straight to the CPU operator, whose C++ checks match the
-        # ones below: only a call it refuses (or another device's) runs them.
+        # The common decoding call goes straight to the operator, whose C++ checks match the
+        # ones below: only a call it refuses runs them.
         try:
-            if q.device.type == "cpu":
-                out, S, z = torch.ops.linattn.linear_attn_step(
-                    q, k, v, state[0], state[1], None, PLAIN_FEATURE_MAPS[feature_map], normalize, eps)
-                return out, (S, z)
+            out, S, z = torch.ops.linattn.linear_attn_step(
+                q, k, v, state[0], state[1], None, PLAIN_FEATURE_MAPS[feature_map], normalize, eps)
+            return out, (S, z)
         except Exception:
             pass
     where = "linattn.linear_attention_step"
@@ -97,29 +96,13 @@ def linear_attention_step(
         check.check_state(where, "state", state, phi_k.unsqueeze(2), v.unsqueeze(2))
         S, z = state[0].to(acc), state[1].to(acc)
     factor = _state_factor(where, decay, gate, batch, heads, v.device, acc)
-    if q.device.type == "cpu" and not ops.generic_in_use():
-        out, S, z = torch.ops.linattn.linear_attn_step(
-            phi_q, phi_k, v, S, z, factor, 0 if code is None else code, normalize, float(eps)
-        )
-        return out, (S, z)
-    if code:  # a built-in map the CPU op would have applied
-        phi_q, phi_k = phi(q.to(acc)), phi(k.to(acc))
-    out, S, z = step_formula(phi_q.to(acc), phi_k.to(acc), v.to(acc), S, z, factor, normalize, float(eps))
+    # The operator runs the CPU kernel or, on other devices, its ATen formulation (the _generic
+    # twin: that formulation on CPU tensors too, for the tests). A callable's features are in the
+    # accumulation dtype, and so must the values be then.
+    step = torch.ops.linattn.linear_attn_step_generic if ops.generic_in_use() else torch.ops.linattn.linear_attn_step
+    values = v if code is not None else v.to(acc)
+    out, S, z = step(phi_q, phi_k, values, S, z, factor, 0 if code is None else code, normalize, float(eps))
     return out.to(q.dtype), (S, z)
-
-
-def step_formula(phi_q, phi_k, v, S, z, factor, normalize: bool, eps: float):
-    """The step in ATen ops on features and values in the accumulation dtype: (out, S', z').
-    What non-CPU devices run, and the reference the CPU op's backward differentiates."""
-    if factor is not None:
-        S = S * factor.unsqueeze(-1).unsqueeze(-1)
-        z = z * factor.unsqueeze(-1)
-    S = S + phi_k.unsqueeze(-1) * v.unsqueeze(-2)
-    z = z + phi_k
-    numerator = torch.einsum("bhm,bhmd->bhd", phi_q, S)
-    if not normalize:
-        return numerator, S, z
-    return normalized_rows(numerator, (phi_q * z).sum(-1, keepdim=True), eps), S, z
 
 
 def _state_factor(where, decay, gate, batch, heads, device, acc) -> Optional[torch.Tensor]:

@@ -123,11 +123,12 @@ std::pair<at::Tensor, at::Tensor> feature_and_slope(const at::Tensor& x, int64_t
 
 // One decoding step's backward, in ATen ops (the step is O(m·dv), and so is its gradient):
 // out = num/den with num = φ(q)ᵀS', den = φ(q)·z' + eps, S' = f·S + φ(k)vᵀ, z' = f·z + φ(k).
-struct LinearAttentionStep : torch::autograd::Function<LinearAttentionStep> {
+template <const char* StepName>
+struct LinearAttentionStep : torch::autograd::Function<LinearAttentionStep<StepName>> {
   static const auto& op() {
     static const auto handle = linattn_op<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
         const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-        const std::optional<at::Tensor>&, int64_t, bool, double)>("linattn::linear_attn_step");
+        const std::optional<at::Tensor>&, int64_t, bool, double)>(StepName);
     return handle;
   }
 
@@ -190,16 +191,21 @@ struct LinearAttentionStep : torch::autograd::Function<LinearAttentionStep> {
   }
 };
 
+template <const char* StepName>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> step_autograd(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& S,
     const at::Tensor& z, const std::optional<at::Tensor>& factor, int64_t feature_map, bool normalize,
     double eps) {
+  using Function = LinearAttentionStep<StepName>;
   if (!needs_graph(q, k, v, S, z, factor)) {
-    return call_below_autograd(LinearAttentionStep::op(), q, k, v, S, z, factor, feature_map, normalize, eps);
+    return call_below_autograd(Function::op(), q, k, v, S, z, factor, feature_map, normalize, eps);
   }
-  auto r = LinearAttentionStep::apply(q, k, v, S, z, factor, feature_map, normalize, eps);
+  auto r = Function::apply(q, k, v, S, z, factor, feature_map, normalize, eps);
   return {r[0], r[1], r[2]};
 }
+
+constexpr char kStep[] = "linattn::linear_attn_step";
+constexpr char kStepGeneric[] = "linattn::linear_attn_step_generic";
 
 }  // namespace
 
@@ -210,7 +216,8 @@ TORCH_LIBRARY_IMPL(linattn, Autograd, m) {
   m.impl("linear_attn_bwd", &FirstOrderOnly<kBackward, Backward>::call);
   m.impl("linear_attn_bwd_generic", &FirstOrderOnly<kBackwardGeneric, Backward>::call);
   m.impl("linear_attn_bwd_fused", &FirstOrderOnly<kBackwardFused, Backward>::call);
-  m.impl("linear_attn_step", &step_autograd);
+  m.impl("linear_attn_step", &step_autograd<kStep>);
+  m.impl("linear_attn_step_generic", &step_autograd<kStepGeneric>);
 }
 
 }  // namespace linattn

@@ -4,6 +4,8 @@
 // autograd.cpp (Autograd).
 #include <torch/library.h>
 
+#include <string>
+
 TORCH_LIBRARY_FRAGMENT(linattn, m) {
   // Kernelized linear attention (docs/methods.md §1), one schema for the whole family.
   // feature_map: 0 identity (q, k are features already), 1 elu+1, 2 relu, applied inside the
@@ -46,11 +48,14 @@ TORCH_LIBRARY_FRAGMENT(linattn, m) {
       "(Tensor grad_q, Tensor grad_k, Tensor grad_v, Tensor grad_initial_state, Tensor grad_log_decay)");
   // One decoding step (recurrent form): S' = factor·S + φ(k) vᵀ, z' = factor·z + φ(k),
   // out = φ(q)ᵀS' / (φ(q)·z' + eps) (or the numerator alone). q, k (B, H, D), v (B, H, dv);
-  // S (B, H, m, dv), z (B, H, m) and factor (B, H) in the accumulation dtype; m = D. CPU only:
-  // linattn.linear_attention_step runs other devices through ATen ops.
-  m.def(
-      "linear_attn_step(Tensor q, Tensor k, Tensor v, Tensor S, Tensor z, Tensor? factor, "
-      "int feature_map, bool normalize, float eps) -> (Tensor out, Tensor S_out, Tensor z_out)");
+  // S (B, H, m, dv), z (B, H, m) and factor (B, H) in the accumulation dtype; m = D. A fused CPU
+  // kernel, and ATen ops on every other device (step.cpp); the _generic twin runs the latter on
+  // CPU tensors too, for the tests.
+  for (const char* name : {"linear_attn_step", "linear_attn_step_generic"}) {
+    m.def((std::string(name) +
+           "(Tensor q, Tensor k, Tensor v, Tensor S, Tensor z, Tensor? factor, int feature_map, bool normalize, "
+           "float eps) -> (Tensor out, Tensor S_out, Tensor z_out)").c_str());
+  }
   // The device-generic forward as a CompositeImplicitAutograd op: tracers that record ATen ops
   // (torch.onnx.export, legacy and dynamo) see its standard ATen operations instead of a
   // custom op they cannot translate. Used by linattn.linear_attention during ONNX export.

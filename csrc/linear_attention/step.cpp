@@ -1,7 +1,7 @@
 // One decoding step of causal linear attention (docs/methods.md §1, recurrent form), fused for CPU:
 // per (batch, head) the token's features join the faded state and the query reads it, in one
-// pass over the m × dv state. linattn.linear_attention_step calls it for CPU tensors (other
-// devices run the same formula in ATen ops); its backward is ATen ops too (autograd.cpp).
+// pass over the m × dv state; every other device runs the same formula in ATen ops (step_generic).
+// Its backward is ATen ops too (autograd.cpp).
 // The Meta kernel applies the same checks, for fake tensors.
 #include "op_checks.h"
 
@@ -130,9 +130,50 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> step_meta(
           at::empty_like(z, at::MemoryFormat::Contiguous)};
 }
 
+// φ of the built-in maps in ATen ops (kernel.h's codes), elu+1 as e^x for x <= 0 as everywhere.
+at::Tensor feature_map_of(const at::Tensor& x, int64_t feature_map) {
+  if (feature_map == kFeatureElu) return at::where(x > 0, x + 1, at::exp(at::clamp_max(x, 0.0)));
+  if (feature_map == kFeatureRelu) return at::clamp_min(x, 0.0);
+  return x;
+}
+
+// The step on every device but the CPU, in ATen ops (the same formula; autograd.cpp's backward
+// serves both).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> step_generic(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& S,
+    const at::Tensor& z, const std::optional<at::Tensor>& factor, int64_t feature_map, bool normalize,
+    double eps) {
+  check_step_inputs(q, k, v, S, z, factor, feature_map, eps);
+  const auto acc = S.scalar_type();
+  const at::Tensor phi_q = feature_map_of(q.to(acc), feature_map), phi_k = feature_map_of(k.to(acc), feature_map);
+  at::Tensor S_out = S, z_out = z;
+  if (factor.has_value()) {
+    S_out = S_out * factor->unsqueeze(-1).unsqueeze(-1);
+    z_out = z_out * factor->unsqueeze(-1);
+  }
+  S_out = (S_out + phi_k.unsqueeze(-1) * v.to(acc).unsqueeze(-2)).contiguous();
+  z_out = (z_out + phi_k).contiguous();
+  at::Tensor out = at::matmul(phi_q.unsqueeze(-2), S_out).squeeze(-2);
+  if (normalize) {
+    // A vanished (0 or subnormal) normalizer defines the row as 0, as the other kernels do.
+    const at::Tensor den = (phi_q * z_out).sum(-1, true) + eps;
+    const double tiny = acc == at::kDouble ? std::numeric_limits<double>::min() : std::numeric_limits<float>::min();
+    const at::Tensor vanished = den.abs() < tiny;
+    out = at::where(vanished, out * 0, out / at::where(vanished, at::ones_like(den), den));
+  }
+  return {out.to(q.scalar_type()).contiguous(), S_out, z_out};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(linattn, CPU, m) { m.impl("linear_attn_step", &step_cpu); }
-TORCH_LIBRARY_IMPL(linattn, Meta, m) { m.impl("linear_attn_step", &step_meta); }
+TORCH_LIBRARY_IMPL(linattn, CompositeExplicitAutograd, m) {
+  m.impl("linear_attn_step", &step_generic);
+  m.impl("linear_attn_step_generic", &step_generic);
+}
+TORCH_LIBRARY_IMPL(linattn, Meta, m) {
+  m.impl("linear_attn_step", &step_meta);
+  m.impl("linear_attn_step_generic", &step_meta);
+}
 
 }  // namespace linattn

@@ -45,6 +45,11 @@ def _step():
     return (q, k, v, S, z), lambda: torch.ops.linattn.linear_attn_step(q, k, v, S, z, None, 1, True, 1e-6)
 
 
+def _step_generic():
+    inputs, _ = _step()
+    return inputs, lambda: torch.ops.linattn.linear_attn_step_generic(*inputs, None, 1, True, 1e-6)
+
+
 def _window():
     q, k, v = (torch.randn(1, 2, 9, 4, dtype=torch.float64, requires_grad=True) for _ in range(3))
     return (q, k, v), lambda: torch.ops.linattn.sliding_window_attn_fwd(q, k, v, 2, 0, 1, None, None, 0.5)
@@ -57,7 +62,7 @@ def _block_sparse():
 
 
 OPERATORS = {"linear": _linear, "generic": _generic, "fused": _fused, "decayed": _decayed, "varlen": _varlen,
-             "step": _step, "window": _window, "block_sparse": _block_sparse}
+             "step": _step, "step_generic": _step_generic, "window": _window, "block_sparse": _block_sparse}
 
 
 @pytest.mark.parametrize("name", OPERATORS)
@@ -78,7 +83,7 @@ def test_no_graph_is_recorded_without_grad_mode(name):
     assert all(t.grad_fn is None and not t.requires_grad for t in outputs)
 
 
-@pytest.mark.parametrize("name", [n for n in OPERATORS if n != "step"])
+@pytest.mark.parametrize("name", [n for n in OPERATORS if not n.startswith("step")])
 def test_second_derivatives_raise(name):
     inputs, call = OPERATORS[name]()
     out = call()[0]
@@ -123,3 +128,20 @@ def test_gradient_of_the_final_state_alone(name):
     expected = torch.autograd.grad((recurrence(k, v, log_decay, starts) * weights).sum(), (k, v, log_decay))
     for got, want in zip(grads, expected):
         torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("feature_map", [0, 1, 2])
+@pytest.mark.parametrize("with_factor", [False, True])
+def test_the_generic_step_equals_the_cpu_kernel(feature_map, with_factor):
+    """linear_attn_step's ATen formulation (what non-CPU devices run) against its CPU kernel,
+    outputs and gradients, in float64."""
+    inputs, _ = _step()
+    factor = torch.rand(1, 2, dtype=torch.float64, requires_grad=True) if with_factor else None
+    results = []
+    for op in (torch.ops.linattn.linear_attn_step, torch.ops.linattn.linear_attn_step_generic):
+        out, S_new, z_new = op(*inputs, factor, feature_map, feature_map != 0, 1e-6)
+        loss = out.square().sum() + (S_new * S_new.detach()).sum() + z_new.sum()
+        wrt = inputs + ((factor,) if with_factor else ())
+        results.append((out, S_new, z_new) + torch.autograd.grad(loss, wrt))
+    for got, expected in zip(*results):
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
