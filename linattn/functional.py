@@ -20,7 +20,6 @@ from .decay import decayed_linear_attention_generic
 State = Tuple[torch.Tensor, torch.Tensor]
 
 
-
 def linear_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -78,7 +77,7 @@ def linear_attention(
             else:
                 if not output_final_state:
                     return out
-                return out, ops.split_state(final_state if causal else final_state.clone())
+                return out, ops.returned_state(final_state, causal)
     where = "linattn.linear_attention"
     check.check_qkv(where, q, k, v, causal)
     check.check_eps(where, eps)
@@ -132,12 +131,7 @@ def linear_attention(
         )
     if not output_final_state:
         return out
-    if not causal and decay is None and gate is None:
-        # Autograd saved this final state for the backward (every query saw it): the caller
-        # gets a copy, so that changing it in place (fading a state between calls) cannot
-        # invalidate that backward. m·(dv + 1) numbers per head.
-        final_state = final_state.clone()
-    return out, ops.split_state(final_state)
+    return out, ops.returned_state(final_state, causal)  # decay and gate imply causal
 
 
 def log_fade_factors(where, decay, gate, q, causal, acc):

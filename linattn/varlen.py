@@ -74,11 +74,7 @@ def varlen_linear_attention(where, q, k, v, phi_q, phi_k, code, phi, cu_seqlens,
         out, final_state, _ = torch.ops.linattn.linear_attn_fwd(
             phi_q, phi_k, v, initial, None, code, causal, normalize, float(eps), log_decay, cu_seqlens
         )
-        if need_state and not causal:
-            # Autograd saved this final state for the backward: the caller gets a copy it may
-            # change in place (as linattn.functional does).
-            final_state = final_state.clone()
-        return out, ops.split_state(final_state)
+        return out, ops.returned_state(final_state, causal) if need_state else None
     fused = phi if code else None  # a built-in map the CPU operator would have applied
     out, state = _packed_generic(where, phi_q, phi_k, fused, v, cu_seqlens, causal, normalize, eps, log_decay,
                                  initial_state, need_state)

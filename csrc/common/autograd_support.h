@@ -43,15 +43,6 @@ inline const char* kNoDoubleBackward =
 
 namespace detail {
 
-inline void collect_tracked(std::vector<at::Tensor>& out, const at::Tensor& t) {
-  if (t.defined() && t.requires_grad()) out.push_back(t);
-}
-inline void collect_tracked(std::vector<at::Tensor>& out, const std::optional<at::Tensor>& t) {
-  if (t.has_value()) collect_tracked(out, *t);
-}
-template <typename T>
-void collect_tracked(std::vector<at::Tensor>&, const T&) {}  // ints, floats, bools
-
 template <typename Tuple, size_t... I>
 void attach(Tuple& results, const c10::intrusive_ptr<torch::autograd::Node>& node,
             std::index_sequence<I...>) {
@@ -61,7 +52,16 @@ void attach(Tuple& results, const c10::intrusive_ptr<torch::autograd::Node>& nod
 inline bool tracked(const at::Tensor& t) { return t.defined() && t.requires_grad(); }
 inline bool tracked(const std::optional<at::Tensor>& t) { return t.has_value() && tracked(*t); }
 template <typename T>
-bool tracked(const T&) { return false; }
+bool tracked(const T&) { return false; }  // ints, floats, bools
+
+inline void collect_tracked(std::vector<at::Tensor>& out, const at::Tensor& t) {
+  if (tracked(t)) out.push_back(t);
+}
+inline void collect_tracked(std::vector<at::Tensor>& out, const std::optional<at::Tensor>& t) {
+  if (tracked(t)) out.push_back(*t);
+}
+template <typename T>
+void collect_tracked(std::vector<at::Tensor>&, const T&) {}
 
 }  // namespace detail
 

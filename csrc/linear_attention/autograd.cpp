@@ -3,6 +3,7 @@
 // (common/autograd_support.h says why). Each forward saves what its backward operator reads; the
 // backward operators are first-order only.
 #include "../common/autograd_support.h"
+#include "generic.h"
 
 #include <ATen/ATen.h>
 #include <torch/library.h>
@@ -107,18 +108,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_attention_autograd(
   return {r[0], r[1], r[2]};
 }
 
-// φ(x) and φ'(x) of a fused feature map (kernel.h's codes: 0 identity, 1 elu+1, 2 relu).
+// φ(x) and φ'(x) of a fused feature map (kernel.h's codes), with the generic path's formulas.
 std::pair<at::Tensor, at::Tensor> feature_and_slope(const at::Tensor& x, int64_t code) {
-  if (code == 1) {
-    const at::Tensor negative = at::exp(at::clamp_max(x, 0.0));
-    const at::Tensor positive = x > 0;
-    return {at::where(positive, x + 1, negative), at::where(positive, at::ones_like(x), negative)};
-  }
-  if (code == 2) {
-    const at::Tensor positive = x > 0;
-    return {x * positive, positive.to(x.scalar_type())};
-  }
-  return {x, at::ones_like(x)};
+  const auto map = static_cast<FeatureMap>(code);
+  if (map == kFeatureIdentity) return {x, at::ones_like(x)};
+  return {features(x, map), feature_derivative(x, map)};
 }
 
 // One decoding step's backward, in ATen ops (the step is O(m·dv), and so is its gradient):

@@ -13,6 +13,29 @@
 #include <limits>
 
 namespace linattn {
+
+at::Tensor features(const at::Tensor& x, FeatureMap map) {
+  switch (map) {
+    case kFeatureElu:
+      // elu(x) + 1 as exp(x) for x <= 0 (exactly, as the CPU kernel): elu's expm1(x) + 1 is
+      // 0 in float32 for x below about -17.
+      return at::where(x > 0, x + 1, x.exp());
+    case kFeatureRelu:
+      return at::relu(x);
+    default:
+      return x;
+  }
+}
+
+at::Tensor feature_derivative(const at::Tensor& x, FeatureMap map) {
+  switch (map) {
+    case kFeatureElu:
+      return at::where(x > 0, at::ones_like(x), x.exp());
+    default:  // relu
+      return (x > 0).to(x.scalar_type());
+  }
+}
+
 namespace {
 
 // tril(A)·V for a batch of chunks, the strictly upper (masked) pairs excluded rather than
@@ -66,28 +89,6 @@ at::Tensor augmented_values(const at::Tensor& v, const std::optional<at::Tensor>
   ones_shape.back() = 1;
   const at::Tensor augmented = at::cat({va, at::ones(ones_shape, va.options())}, -1);
   return mask.has_value() ? augmented.masked_fill(mask->unsqueeze(1).unsqueeze(-1), 0) : augmented;
-}
-
-at::Tensor features(const at::Tensor& x, FeatureMap map) {
-  switch (map) {
-    case kFeatureElu:
-      // elu(x) + 1 as exp(x) for x <= 0 (exactly, as the CPU kernel): elu's expm1(x) + 1 is
-      // 0 in float32 for x below about -17.
-      return at::where(x > 0, x + 1, x.exp());
-    case kFeatureRelu:
-      return at::relu(x);
-    default:
-      return x;
-  }
-}
-
-at::Tensor feature_derivative(const at::Tensor& x, FeatureMap map) {
-  switch (map) {
-    case kFeatureElu:
-      return at::where(x > 0, at::ones_like(x), x.exp());
-    default:  // relu
-      return (x > 0).to(x.scalar_type());
-  }
 }
 
 // φ(k) with padded keys zeroed: they then leave the state and every sum.

@@ -3,6 +3,7 @@
 // pass over the m × dv state; every other device runs the same formula in ATen ops (step_generic).
 // Its backward is ATen ops too (autograd.cpp).
 // The Meta kernel applies the same checks, for fake tensors.
+#include "generic.h"
 #include "op_checks.h"
 
 #include <ATen/ATen.h>
@@ -130,13 +131,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> step_meta(
           at::empty_like(z, at::MemoryFormat::Contiguous)};
 }
 
-// φ of the built-in maps in ATen ops (kernel.h's codes), elu+1 as e^x for x <= 0 as everywhere.
-at::Tensor feature_map_of(const at::Tensor& x, int64_t feature_map) {
-  if (feature_map == kFeatureElu) return at::where(x > 0, x + 1, at::exp(at::clamp_max(x, 0.0)));
-  if (feature_map == kFeatureRelu) return at::clamp_min(x, 0.0);
-  return x;
-}
-
 // The step on every device but the CPU, in ATen ops (the same formula; autograd.cpp's backward
 // serves both).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> step_generic(
@@ -145,7 +139,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> step_generic(
     double eps) {
   check_step_inputs(q, k, v, S, z, factor, feature_map, eps);
   const auto acc = S.scalar_type();
-  const at::Tensor phi_q = feature_map_of(q.to(acc), feature_map), phi_k = feature_map_of(k.to(acc), feature_map);
+  const auto map = static_cast<FeatureMap>(feature_map);
+  const at::Tensor phi_q = features(q.to(acc), map), phi_k = features(k.to(acc), map);
   at::Tensor S_out = S, z_out = z;
   if (factor.has_value()) {
     S_out = S_out * factor->unsqueeze(-1).unsqueeze(-1);

@@ -16,6 +16,14 @@ def split_state(augmented: torch.Tensor):
     return augmented[..., :-1], augmented[..., -1]
 
 
+def returned_state(final_state: torch.Tensor, causal: bool):
+    """The (S, z) a call hands back from the operator's final [S | z]. Without causality autograd
+    saved that state for the backward (every query saw it): the caller gets a copy, so that
+    changing it in place (fading a state between calls) cannot invalidate that backward
+    (m·(dv + 1) numbers per head)."""
+    return split_state(final_state if causal else final_state.clone())
+
+
 def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
     """States and normalizers are float32, or float64 for float64 inputs."""
     return torch.float64 if dtype == torch.float64 else torch.float32
