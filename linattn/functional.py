@@ -15,7 +15,6 @@ from .swin import shifted_window_attention, swin_attention, window_attention  # 
 from .lsh import lsh_attention  # noqa: F401
 from .additive import additive_attention  # noqa: F401
 from .recurrent import linear_attention_step  # noqa: F401  (decoding, one token at a time)
-from .decay import decayed_linear_attention_generic
 
 State = Tuple[torch.Tensor, torch.Tensor]
 
@@ -54,7 +53,7 @@ def linear_attention(
         decay: (H,) per-head γ in (0, 1] (RetNet, Lightning): S_i = γ S_{i−1} + φ(k_i) v_iᵀ.
         gate: (B, H, T) log-gates g <= 0 (Mamba-2, simple GLA): S_i = e^{g_i} S_{i−1} + φ(k_i) v_iᵀ.
             Both causal only; differentiable (decay and gate too). CPU tensors run the fused
-            kernel, others batched ATen ops (linattn/decay.py).
+            kernel, others the device-generic one (csrc/linear_attention/fading_generic.cpp).
         cu_seqlens: (N + 1,) int32 offsets of packed variable-length sequences (flash-attn's
             convention; linattn/varlen.py): q, k, v are (1, H, total, D) and each sequence
             attends only to itself; states are per sequence, (N, H, m, dv) and (N, H, m); gate
@@ -102,7 +101,7 @@ def linear_attention(
         check_cu_seqlens(where, cu_seqlens, q, k, key_padding_mask)
         log_decay = None if decay is None and gate is None else log_fade_factors(where, decay, gate, q, causal, acc)
         out, state = varlen_linear_attention(
-            where, q, k, v, phi_q, phi_k, code, phi, cu_seqlens, causal=causal, normalize=normalize, eps=eps,
+            where, q, k, v, phi_q, phi_k, code, cu_seqlens, causal=causal, normalize=normalize, eps=eps,
             log_decay=log_decay, initial_state=initial_state, need_state=output_final_state,
         )
         return (out, state) if output_final_state else out
@@ -111,24 +110,12 @@ def linear_attention(
         check.check_state(where, "initial_state", initial_state, phi_k, v)
         initial = ops.augmented_state(initial_state, acc)
 
+    log_decay = None
     if decay is not None or gate is not None:
         log_decay = log_fade_factors(where, decay, gate, q, causal, acc)
-        if q.device.type != "cpu" or ops.generic_in_use():
-            # Every other device: the same math in batched ATen ops (linattn/decay.py).
-            phi_q, phi_k = (phi_q, phi_k) if code == 0 else (phi(q.to(acc)), phi(k.to(acc)))
-            init = None if initial_state is None else ops.split_state(initial)
-            out, S, z = decayed_linear_attention_generic(
-                phi_q.to(acc), phi_k.to(acc), v.to(acc), log_decay, init, key_padding_mask, normalize, float(eps)
-            )
-            out = out.to(q.dtype)
-            return (out, (S, z)) if output_final_state else out
-        out, final_state, _ = torch.ops.linattn.linear_attn_fwd(
-            phi_q, phi_k, v, initial, key_padding_mask, code, True, normalize, float(eps), log_decay
-        )
-    else:
-        out, final_state, _ = ops.linear.forward_op(q.device.type)(
-            phi_q, phi_k, v, initial, key_padding_mask, code, causal, normalize, float(eps)
-        )
+    out, final_state, _ = ops.linear.forward_op(q.device.type, extended=log_decay is not None)(
+        phi_q, phi_k, v, initial, key_padding_mask, code, causal, normalize, float(eps), log_decay
+    )
     if not output_final_state:
         return out
     return out, ops.returned_state(final_state, causal)  # decay and gate imply causal

@@ -106,10 +106,10 @@ def lsh_attention(
     if key_padding_mask is not None:  # a padded key gets a bucket no query has
         padded = key_padding_mask[:, None, None, :].expand(B, H, R, T).gather(3, order).reshape(B, H * R, T)
         key_segments = segments.masked_fill(padded, -1)
-    out, lse = ops.restricted.block_sparse_op()(
-        q_sorted, k_sorted, v_sorted, chunk_layout(T, bucket_size, qk.device), int(bucket_size), bool(causal), None,
-        float(scale), None, segments, key_segments, order.reshape(B, H * R, T),
-    )
+    pattern = ops.restricted.Pattern(layout=chunk_layout(T, bucket_size, qk.device), block_size=int(bucket_size),
+                                     causal=bool(causal), q_segments=segments, k_segments=key_segments,
+                                     positions=order.reshape(B, H * R, T))
+    out, lse = ops.restricted.restricted_softmax(q_sorted, k_sorted, v_sorted, float(scale), pattern)
     # Back to the input order, then the rounds weighted by softmax over their logsumexps (a row
     # that sees nothing in any round, a padded token's, is 0).
     inverse = order.argsort(dim=-1)

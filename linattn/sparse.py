@@ -60,8 +60,9 @@ def block_sparse_attention(
         scale = q.shape[-1] ** -0.5 if q.shape[-1] > 0 else 1.0
     elif isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
         raise ValueError(f"{where}: scale must be a finite number or None, got {scale!r}")
-    out, _ = ops.restricted.block_sparse_op()(q, k, v, layout, int(block_size), bool(causal), key_padding_mask,
-                                          float(scale))
+    pattern = ops.restricted.Pattern(layout=layout, block_size=int(block_size), causal=bool(causal),
+                                     key_padding_mask=key_padding_mask)
+    out, _ = ops.restricted.restricted_softmax(q, k, v, float(scale), pattern)
     return out
 
 
@@ -119,14 +120,8 @@ def bigbird_layout(T: int, block_size: int, *, num_random: int = 3, num_global: 
 def layout_mask(layout: torch.Tensor, block_size: int, length_q: int, length_k: int, *, causal: bool = False,
                 key_padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The dense (B or 1, H or 1, T_q, T_k) bool mask of block_sparse_attention (True = the query
-    sees the key), expanded from the layout by definition: for the float64 reference and
-    need_weights. The operators never build it."""
-    rows = torch.arange(length_q, device=layout.device) // block_size
-    cols = torch.arange(length_k, device=layout.device) // block_size
-    visible = layout[:, rows][:, :, cols].unsqueeze(0)
-    if causal:
-        keys, queries = torch.arange(length_k, device=layout.device), torch.arange(length_q, device=layout.device)
-        visible = visible & (keys[None, :] <= queries[:, None] + (length_k - length_q))
-    if key_padding_mask is not None:
-        visible = visible & ~key_padding_mask[:, None, None, :]
-    return visible
+    sees the key), expanded from the layout by definition (ops.restricted.Pattern.dense_mask): for
+    the float64 reference and need_weights. The operators never build it."""
+    pattern = ops.restricted.Pattern(layout=layout, block_size=block_size, causal=causal,
+                                     key_padding_mask=key_padding_mask)
+    return pattern.dense_mask(length_q, length_k, device=layout.device)

@@ -51,9 +51,10 @@ def swin_attention(
         segments = regions.repeat(G // regions.shape[0], 1).unsqueeze(1)  # (G, 1, N)
     if scale is None:
         scale = q.shape[-1] ** -0.5 if q.shape[-1] > 0 else 1.0
-    layout = torch.ones(1, 1, 1, dtype=torch.bool, device=q.device)
-    out, _ = ops.restricted.block_sparse_op()(q, k, v, layout, max(N, 1), False, None, float(scale), bias, segments,
-                                          segments, None)
+    # One block holding every pair: the pattern is the regions (segments), the bias a score term.
+    pattern = ops.restricted.Pattern(layout=torch.ones(1, 1, 1, dtype=torch.bool, device=q.device),
+                                     block_size=max(N, 1), q_segments=segments, k_segments=segments, bias=bias)
+    out, _ = ops.restricted.restricted_softmax(q, k, v, float(scale), pattern)
     return out
 
 

@@ -78,8 +78,11 @@ def sliding_window_attention(
         try:
             if scale is None:
                 scale = q.shape[-1] ** -0.5 if q.shape[-1] > 0 else 1.0
-            out, _ = ops.restricted.sliding_window_op()(q, k, v, window, 0 if causal else window, 1, None, key_padding_mask,
-                                            scale, None)
+            op = ops.restricted.restricted_softmax_op()
+            if key_padding_mask is None:  # the schema's defaults, not parsed again per call
+                out, _ = op(q, k, v, scale, window, window, 1, causal)
+            else:
+                out, _ = op(q, k, v, scale, window, window, 1, causal, None, 1, None, key_padding_mask)
             return out
         except Exception:
             pass
@@ -100,35 +103,26 @@ def sliding_window_attention(
         scale = q.shape[-1] ** -0.5 if q.shape[-1] > 0 else 1.0
     elif isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
         raise ValueError(f"{where}: scale must be a finite number or None, got {scale!r}")
-    segment_ids = None
+    segments = None
     if cu_seqlens is not None:
         if global_mask is not None:
             raise ValueError(f"{where}: global_mask is not supported with cu_seqlens")
         check_cu_seqlens(where, cu_seqlens, q, k, key_padding_mask)
-        segment_ids = sequence_ids(where, cu_seqlens, q.shape[2]).unsqueeze(0)
-    out, _ = ops.restricted.sliding_window_op()(q, k, v, left, right, int(dilation), global_mask, key_padding_mask, float(scale),
-                                    segment_ids)
+        segments = sequence_ids(where, cu_seqlens, q.shape[2]).view(1, 1, -1)
+    pattern = ops.restricted.Pattern(window=(left, right), dilation=int(dilation), causal=bool(causal),
+                                     global_mask=global_mask, key_padding_mask=key_padding_mask, q_segments=segments,
+                                     k_segments=segments)
+    out, _ = ops.restricted.restricted_softmax(q, k, v, float(scale), pattern)
     return out
 
 
 def window_mask(length_q, length_k, window, *, causal=False, dilation=1, global_mask=None,
-                      key_padding_mask=None, batch=1, device=None):
+                key_padding_mask=None, batch=1, device=None):
     """The dense (B, 1, T_q, T_k) bool mask of sliding_window_attention (True = the query sees
-    the key), straight from the definition: for the float64 reference, need_weights, and
-    comparisons with dense-mask attention. The operators never build it."""
+    the key), straight from the definition (ops.restricted.Pattern.dense_mask): for the float64
+    reference, need_weights, and comparisons with dense-mask attention. The operators never build it."""
     left, right = window_bounds("linattn.window_mask", window, causal)
-    i = torch.arange(length_q, device=device)[:, None] + (length_k - length_q)
-    j = torch.arange(length_k, device=device)[None, :]
-    d = i - j
-    visible = torch.ones(length_q, length_k, dtype=torch.bool, device=device)
-    if left >= 0:
-        visible &= d <= left
-    if right >= 0:
-        visible &= -d <= right
-    visible &= d % dilation == 0
-    visible = visible.expand(batch, 1, length_q, length_k)
-    if global_mask is not None:
-        visible = visible | global_mask[:, None, :, None] | global_mask[:, None, None, :]
-    if key_padding_mask is not None:
-        visible = visible & ~key_padding_mask[:, None, None, :]
-    return visible
+    pattern = ops.restricted.Pattern(window=(left, right), dilation=dilation, global_mask=global_mask,
+                                     key_padding_mask=key_padding_mask)
+    visible = pattern.dense_mask(length_q, length_k, device=device)
+    return visible.expand(max(batch, visible.shape[0]), 1, length_q, length_k)

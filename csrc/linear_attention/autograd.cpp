@@ -36,17 +36,16 @@ at::Tensor reverse_cumsum(const at::Tensor& x) {
   return at::flip(at::cumsum(at::flip(x, {-1}), -1), {-1});
 }
 
-// The same sum restarting at every sequence end of a packing (cu_seqlens offsets).
+// The same sum restarting at every sequence end of a packing (cu_seqlens offsets): the suffix sum
+// at t minus the one at its sequence's end. Written on symbolic sizes (it also runs while
+// torch.compile traces the backward).
 at::Tensor segment_reverse_cumsum(const at::Tensor& x, const at::Tensor& cu_seqlens) {
-  const int64_t total = x.size(-1);
-  const at::Tensor ends = cu_seqlens.slice(0, 1);
-  const at::Tensor positions = at::arange(total, cu_seqlens.options());
+  const at::Tensor ends = cu_seqlens.slice(0, 1).to(at::kLong);
+  const at::Tensor positions = at::ones_like(x.select(0, 0).select(0, 0), ends.options()).cumsum(0) - 1;
   const at::Tensor sequence = at::bucketize(positions, ends, /*out_int32=*/false, /*right=*/true);
-  const at::Tensor end_of = ends.to(at::kLong).index_select(0, sequence.clamp_max(ends.numel() - 1));
-  std::vector<int64_t> pad_shape = x.sizes().vec();
-  pad_shape.back() = 1;
-  const at::Tensor suffix = at::cat({reverse_cumsum(x), at::zeros(pad_shape, x.options())}, -1);
-  return suffix.slice(-1, 0, total) - suffix.index_select(-1, end_of);
+  const at::Tensor end_of = ends.index_select(0, sequence.clamp_max(at::Scalar(ends.sym_numel() - 1)));
+  const at::Tensor suffix = at::constant_pad_nd(reverse_cumsum(x), {0, 1});  // a 0 after the last row
+  return suffix.slice(-1, 0, -1) - suffix.index_select(-1, end_of);
 }
 
 template <const char* ForwardName, const char* BackwardName>

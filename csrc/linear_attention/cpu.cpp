@@ -89,28 +89,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
 // rows of the packed buffers (LinearAttentionShape's pitch; cpu_kernel_impl.h decides how the
 // threads share the sequences).
 
-// The offsets, checked: 0 first, non-decreasing, `total` last.
-std::vector<int64_t> sequence_offsets(const at::Tensor& cu_seqlens, int64_t total) {
-  const at::Tensor cu = cu_seqlens.contiguous();
-  const int32_t* p = cu.const_data_ptr<int32_t>();
-  std::vector<int64_t> offsets(p, p + cu.numel());
-  TORCH_CHECK(offsets.front() == 0 && offsets.back() == total, kLinearAttentionOp,
-              ": cu_seqlens must start at 0 and end at the packed length ", total, ", got ",
-              offsets.front(), " ... ", offsets.back());
-  for (size_t n = 1; n < offsets.size(); ++n)
-    TORCH_CHECK(offsets[n] >= offsets[n - 1], kLinearAttentionOp,
-                ": cu_seqlens must be non-decreasing, got ", offsets[n - 1], " then ", offsets[n],
-                " at index ", n);
-  return offsets;
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_forward_cpu(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_seqlens,
     const std::optional<at::Tensor>& log_decay, const std::optional<at::Tensor>& initial_state,
     int64_t feature_map, bool causal, bool normalize, double eps) {
   check_varlen_forward_inputs(q, k, v, cu_seqlens, log_decay, initial_state, feature_map, causal, eps);
   const LinearAttentionShape s = kernel_shape(q, k, v, feature_map, causal, normalize, eps);
-  const std::vector<int64_t> offsets = sequence_offsets(cu_seqlens, s.q_len);
+  const std::vector<int64_t> offsets = read_sequence_offsets(cu_seqlens, s.q_len);
   const int64_t sequences = static_cast<int64_t>(offsets.size()) - 1;
   const auto acc = accumulate_type(q.scalar_type());
   auto out = at::empty({1, s.heads, s.q_len, s.value_dim}, q.options());
@@ -137,7 +122,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> varlen_ba
   check_varlen_backward_inputs(grad_out, grad_final_state, q, k, v, cu_seqlens, log_decay, out, normalizer,
                                initial_state, feature_map, causal, final_state);
   const LinearAttentionShape s = kernel_shape(q, k, v, feature_map, causal, normalize, 1.0);
-  const std::vector<int64_t> offsets = sequence_offsets(cu_seqlens, s.q_len);
+  const std::vector<int64_t> offsets = read_sequence_offsets(cu_seqlens, s.q_len);
   const int64_t sequences = static_cast<int64_t>(offsets.size()) - 1;
   const auto acc = accumulate_type(q.scalar_type());
   auto grad_q = at::empty({1, s.heads, s.q_len, s.feature_dim}, q.options());

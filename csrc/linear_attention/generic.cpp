@@ -2,7 +2,7 @@
 // matmuls and a cumulative sum over chunk states), so that CUDA and every other backend get
 // a correct implementation without a fused kernel. It is registered as the
 // CompositeExplicitAutograd kernel of the main operators, and under the *_generic names so
-// the tests can run it on CPU tensors.
+// the tests can run it on CPU tensors; the fading and packed forms are in fading_generic.cpp.
 #include "generic.h"
 #include "op_checks.h"
 #include "plain_entry.h"
@@ -81,6 +81,8 @@ std::tuple<at::Tensor, at::Tensor> reverse_causal_scan(const at::Tensor& Q, cons
   return {O.flip(2), final_state};
 }
 
+}  // namespace
+
 // [v | 1], with a padded key's row all 0: its value is never read, so a NaN there stays out.
 at::Tensor augmented_values(const at::Tensor& v, const std::optional<at::Tensor>& mask,
                             at::ScalarType acc) {
@@ -105,6 +107,29 @@ at::Tensor vanished(const at::Tensor& normalizer) {
                                                               : std::numeric_limits<float>::min();
   return normalizer.abs() < tiny;
 }
+
+std::tuple<at::Tensor, at::Tensor> normalized_output(const at::Tensor& O, int64_t value_dim, bool normalize,
+                                                     double eps) {
+  const at::Tensor normalizer = O.select(-1, value_dim) + eps;
+  at::Tensor out = O.narrow(-1, 0, value_dim);
+  // A vanished row is 0 (out·0: still NaN where it sees a NaN or Inf, as in the CPU kernel).
+  if (normalize) out = at::where(vanished(normalizer).unsqueeze(-1), out * 0, out / normalizer.unsqueeze(-1));
+  return {out, normalizer};
+}
+
+at::Tensor augmented_cotangent(const at::Tensor& G, const at::Tensor& out, const at::Tensor& normalizer,
+                               bool normalize) {
+  // A zero cotangent contributes nothing (not 0·out, NaN for a non-finite output): a row whose
+  // cotangent is all 0, or whose normalizer is 0 (zero output), passes no gradient.
+  if (!normalize) return at::constant_pad_nd(G, {0, 1});  // the normalizer's cotangent: 0
+  const at::Tensor inv = at::where(vanished(normalizer), 0, normalizer.reciprocal()).unsqueeze(-1);
+  const at::Tensor g_dot_out = at::where(G == 0, 0, G * out.to(G.scalar_type())).sum(-1, true);
+  const at::Tensor d_normalizer = -g_dot_out * inv;
+  const at::Tensor no_cotangent = (G == 0).all(-1, true);
+  return at::where(no_cotangent, 0, at::cat({G * inv, d_normalizer}, -1));
+}
+
+namespace {
 
 at::Tensor state_or_zeros(const std::optional<at::Tensor>& state, const LinearAttentionShape& s,
                           const at::TensorOptions& options) {
@@ -132,10 +157,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_generic(
     final_state = S0 + at::matmul(K.transpose(-1, -2), Vp);
     O = at::matmul(Q, final_state);
   }
-  const at::Tensor normalizer = O.select(-1, s.value_dim) + eps;
-  at::Tensor out = O.narrow(-1, 0, s.value_dim);
-  // A vanished row is 0 (out·0: still NaN where it sees a NaN or Inf, as in the CPU kernel).
-  if (normalize) out = at::where(vanished(normalizer).unsqueeze(-1), out * 0, out / normalizer.unsqueeze(-1));
+  const auto [out, normalizer] = normalized_output(O, s.value_dim, normalize, eps);
   return {out.to(q.scalar_type()).contiguous(), final_state.contiguous(), normalizer.contiguous()};
 }
 
@@ -154,19 +176,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_generic(
   const at::Tensor K = key_features(k_acc, key_padding_mask, s.feature_map);
   const at::Tensor Vp = augmented_values(v, key_padding_mask, acc);
   const at::Tensor G = grad_out.to(acc);
-  // Gradient with respect to the augmented output [numerator | normalizer]. A zero cotangent
-  // contributes nothing (not 0·out, NaN for a non-finite output): a row whose cotangent is all
-  // 0, or whose normalizer is 0 (zero output), passes no gradient.
-  at::Tensor Gp;
-  if (normalize) {
-    const at::Tensor inv = at::where(vanished(normalizer), 0, normalizer.reciprocal()).unsqueeze(-1);
-    const at::Tensor g_dot_out = at::where(G == 0, 0, G * out.to(acc)).sum(-1, true);
-    const at::Tensor d_normalizer = -g_dot_out * inv;
-    const at::Tensor no_cotangent = (G == 0).all(-1, true);
-    Gp = at::where(no_cotangent, 0, at::cat({G * inv, d_normalizer}, -1));
-  } else {
-    Gp = at::cat({G, at::zeros({G.size(0), G.size(1), G.size(2), 1}, G.options())}, -1);
-  }
+  // Gradient with respect to the augmented output [numerator | normalizer].
+  const at::Tensor Gp = augmented_cotangent(G, out, normalizer, normalize);
   const at::Tensor S0 = state_or_zeros(initial_state, s, Q.options());
   const at::Tensor dSN = state_or_zeros(grad_final_state, s, Q.options());
   at::Tensor dq, dk, dvp, d_initial;
@@ -201,14 +212,57 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_generic(
 
 
 namespace {
+
 constexpr char kGenericPath[] = "device-generic kernel";
+
+// The family's one schema on the generic path: packed, fading or plain, routed as the CPU and Meta
+// kernels route it (op_checks.h).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_forward_generic(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& initial_state,
+    const std::optional<at::Tensor>& key_padding_mask, int64_t feature_map, bool causal, bool normalize, double eps,
+    const std::optional<at::Tensor>& log_decay, const std::optional<at::Tensor>& cu_seqlens) {
+  return route_linear_attention(
+      key_padding_mask, causal, log_decay, cu_seqlens,
+      [&] {
+        return forward_packed_generic(q, k, v, *cu_seqlens, log_decay, initial_state, feature_map, causal,
+                                      normalize, eps);
+      },
+      [&] {
+        return forward_fading_generic(q, k, v, *log_decay, initial_state, key_padding_mask, feature_map, normalize,
+                                      eps);
+      },
+      [&] { return forward_generic(q, k, v, initial_state, key_padding_mask, feature_map, causal, normalize, eps); });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_backward_generic(
+    const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_final_state, const at::Tensor& q,
+    const at::Tensor& k, const at::Tensor& v, const at::Tensor& out, const at::Tensor& normalizer,
+    const std::optional<at::Tensor>& initial_state, const std::optional<at::Tensor>& key_padding_mask,
+    int64_t feature_map, bool causal, bool normalize, const std::optional<at::Tensor>& final_state,
+    const std::optional<at::Tensor>& log_decay, const std::optional<at::Tensor>& cu_seqlens) {
+  using Grads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+  return route_linear_attention(
+      key_padding_mask, causal, log_decay, cu_seqlens,
+      [&]() -> Grads {
+        return backward_packed_generic(grad_out, grad_final_state, q, k, v, *cu_seqlens, log_decay, out, normalizer,
+                                       initial_state, feature_map, causal, normalize);
+      },
+      [&]() -> Grads {
+        return backward_fading_generic(grad_out, grad_final_state, q, k, v, *log_decay, out, normalizer,
+                                       initial_state, key_padding_mask, feature_map, normalize);
+      },
+      [&]() -> Grads {
+        return plain_backward<&backward_generic, kGenericPath>(
+            grad_out, grad_final_state, q, k, v, out, normalizer, initial_state, key_padding_mask, feature_map,
+            causal, normalize, final_state, std::nullopt, std::nullopt);
+      });
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(linattn, CompositeExplicitAutograd, m) {
-  for (const char* name : {"linear_attn_fwd", "linear_attn_fwd_generic"})
-    m.impl(name, &plain_forward<&forward_generic, kGenericPath>);
-  for (const char* name : {"linear_attn_bwd", "linear_attn_bwd_generic"})
-    m.impl(name, &plain_backward<&backward_generic, kGenericPath>);
+  for (const char* name : {"linear_attn_fwd", "linear_attn_fwd_generic"}) m.impl(name, &linear_forward_generic);
+  for (const char* name : {"linear_attn_bwd", "linear_attn_bwd_generic"}) m.impl(name, &linear_backward_generic);
 }
 
 TORCH_LIBRARY_IMPL(linattn, CompositeImplicitAutograd, m) {

@@ -16,6 +16,18 @@ namespace linattn {
 at::Tensor features(const at::Tensor& x, FeatureMap map);
 at::Tensor feature_derivative(const at::Tensor& x, FeatureMap map);
 
+// Building blocks of the generic formulations (generic.cpp), in the accumulation dtype:
+// [v | 1] and φ(k) with padded keys' rows 0; the normalizer test (0 or subnormal: the row is 0);
+// (out, normalizer) from the augmented sums O = [numerator | denominator]; the cotangent of O
+// from the output's.
+at::Tensor augmented_values(const at::Tensor& v, const std::optional<at::Tensor>& mask, at::ScalarType acc);
+at::Tensor key_features(const at::Tensor& k, const std::optional<at::Tensor>& mask, FeatureMap map);
+at::Tensor vanished(const at::Tensor& normalizer);
+std::tuple<at::Tensor, at::Tensor> normalized_output(const at::Tensor& O, int64_t value_dim, bool normalize,
+                                                     double eps);
+at::Tensor augmented_cotangent(const at::Tensor& grad_out, const at::Tensor& out, const at::Tensor& normalizer,
+                               bool normalize);
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_generic(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const std::optional<at::Tensor>& initial_state, const std::optional<at::Tensor>& key_padding_mask,
@@ -27,5 +39,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_generic(
     const at::Tensor& normalizer, const std::optional<at::Tensor>& initial_state,
     const std::optional<at::Tensor>& key_padding_mask, int64_t feature_map, bool causal,
     bool normalize, const std::optional<at::Tensor>& final_state);
+
+// The fading-state (log_decay) and packed (cu_seqlens) forms, in fading_generic.cpp; the
+// backward returns dL/d cumsum(log_decay) as the CPU kernel does (empty without log_decay).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_fading_generic(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& log_decay,
+    const std::optional<at::Tensor>& initial_state, const std::optional<at::Tensor>& key_padding_mask,
+    int64_t feature_map, bool normalize, double eps);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_fading_generic(
+    const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_final_state, const at::Tensor& q,
+    const at::Tensor& k, const at::Tensor& v, const at::Tensor& log_decay, const at::Tensor& out,
+    const at::Tensor& normalizer, const std::optional<at::Tensor>& initial_state,
+    const std::optional<at::Tensor>& key_padding_mask, int64_t feature_map, bool normalize);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_packed_generic(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_seqlens,
+    const std::optional<at::Tensor>& log_decay, const std::optional<at::Tensor>& initial_state,
+    int64_t feature_map, bool causal, bool normalize, double eps);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_packed_generic(
+    const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_final_state, const at::Tensor& q,
+    const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_seqlens, const std::optional<at::Tensor>& log_decay,
+    const at::Tensor& out, const at::Tensor& normalizer, const std::optional<at::Tensor>& initial_state,
+    int64_t feature_map, bool causal, bool normalize);
 
 }  // namespace linattn

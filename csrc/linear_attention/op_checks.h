@@ -3,6 +3,8 @@
 // them refuse exactly the same inputs. Sizes are compared as SymInts (see common/checks.h).
 #pragma once
 
+#include <vector>
+
 #include "../common/checks.h"
 #include "kernel.h"
 
@@ -189,6 +191,22 @@ inline LinearAttentionSizes check_varlen_backward_inputs(
     check_state(kLinearAttentionOp, "grad_final_state", *grad_final_state, q, states);
   if (final_state.has_value()) check_state(kLinearAttentionOp, "final_state", *final_state, q, states);
   return s;
+}
+
+// The offsets of a packing (host tensor), checked: 0 first, non-decreasing, `total` last. Kernels
+// that read them on the host check them; the device-generic one does on CPU tensors only (no sync).
+inline std::vector<int64_t> read_sequence_offsets(const at::Tensor& cu_seqlens, int64_t total) {
+  const at::Tensor cu = cu_seqlens.contiguous();
+  const int32_t* p = cu.const_data_ptr<int32_t>();
+  std::vector<int64_t> offsets(p, p + cu.numel());
+  TORCH_CHECK(offsets.front() == 0 && offsets.back() == total, kLinearAttentionOp,
+              ": cu_seqlens must start at 0 and end at the packed length ", total, ", got ",
+              offsets.front(), " ... ", offsets.back());
+  for (size_t n = 1; n < offsets.size(); ++n)
+    TORCH_CHECK(offsets[n] >= offsets[n - 1], kLinearAttentionOp,
+                ": cu_seqlens must be non-decreasing, got ", offsets[n - 1], " then ", offsets[n],
+                " at index ", n);
+  return offsets;
 }
 
 inline LinearAttentionShape kernel_shape(const at::Tensor& q, const at::Tensor& k,

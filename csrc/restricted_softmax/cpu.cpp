@@ -1,5 +1,5 @@
-// CPU operator entry points of the window attention family: validate, allocate, hand raw
-// views to the fused kernels (cpu_kernel_impl.h, one build per instruction set).
+// CPU kernels of the restricted-softmax operator: validate, allocate, hand raw views to the
+// fused kernels (cpu_kernel_impl.h, one build per instruction set) of the pattern's region.
 #include "kernel.h"
 #include "op_checks.h"
 #include "../common/tensor_views.h"
@@ -11,67 +11,6 @@
 
 namespace linattn {
 namespace {
-
-std::tuple<at::Tensor, at::Tensor> forward_cpu(const at::Tensor& q, const at::Tensor& k,
-                                               const at::Tensor& v, int64_t left, int64_t right,
-                                               int64_t dilation,
-                                               const std::optional<at::Tensor>& global_mask,
-                                               const std::optional<at::Tensor>& key_padding_mask,
-                                               double scale, const std::optional<at::Tensor>& segment_ids) {
-  check_window_inputs(q, k, v, left, right, dilation, global_mask, key_padding_mask, scale, segment_ids);
-  const WindowAttentionShape s = window_kernel_shape(q, k, v, left, right, dilation, scale);
-  auto out = at::empty({s.batch, s.heads, s.q_len, s.value_dim}, q.options());
-  auto lse = at::empty({s.batch, s.heads, s.q_len}, q.options().dtype(accumulate_type(q.scalar_type())));
-  at::Tensor global, padding, segments;
-  const bool* global_ptr = optional_ptr<bool>(global_mask, global);
-  const bool* padding_ptr = optional_ptr<bool>(key_padding_mask, padding);
-  const int64_t* segment_ptr = optional_ptr<int64_t>(segment_ids, segments);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "sliding_window_attn_fwd", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    LINATTN_CPU_ISA_DISPATCH(window_attention_forward_cpu<scalar_t, acc_t>(s, view_of<scalar_t>(q), view_of<scalar_t>(k),
-                                                  view_of<scalar_t>(v), global_ptr, padding_ptr, segment_ptr,
-                                                  out.mutable_data_ptr<scalar_t>(), lse.mutable_data_ptr<acc_t>()));
-  });
-  return {out, lse};
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(
-    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const at::Tensor& out, const at::Tensor& lse, int64_t left, int64_t right, int64_t dilation,
-    const std::optional<at::Tensor>& global_mask, const std::optional<at::Tensor>& key_padding_mask,
-    double scale, const std::optional<at::Tensor>& segment_ids) {
-  const auto sizes =
-      check_window_inputs(q, k, v, left, right, dilation, global_mask, key_padding_mask, scale, segment_ids);
-  check_window_backward_inputs(grad_out, q, out, lse, sizes);
-  const WindowAttentionShape s = window_kernel_shape(q, k, v, left, right, dilation, scale);
-  auto grad_q = at::empty({s.batch, s.heads, s.q_len, s.head_dim}, q.options());
-  auto grad_k = at::empty({s.batch, s.heads, s.k_len, s.head_dim}, q.options());
-  auto grad_v = at::empty({s.batch, s.heads, s.k_len, s.value_dim}, q.options());
-  const at::Tensor lse_c = lse.contiguous();
-  at::Tensor global, padding, segments;
-  const bool* global_ptr = optional_ptr<bool>(global_mask, global);
-  const bool* padding_ptr = optional_ptr<bool>(key_padding_mask, padding);
-  const int64_t* segment_ptr = optional_ptr<int64_t>(segment_ids, segments);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "sliding_window_attn_bwd", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    LINATTN_CPU_ISA_DISPATCH(window_attention_backward_cpu<scalar_t, acc_t>(
-        s, view_of<scalar_t>(grad_out), view_of<scalar_t>(q), view_of<scalar_t>(k), view_of<scalar_t>(v),
-        view_of<scalar_t>(out), lse_c.const_data_ptr<acc_t>(), global_ptr, padding_ptr, segment_ptr,
-        grad_q.mutable_data_ptr<scalar_t>(), grad_k.mutable_data_ptr<scalar_t>(), grad_v.mutable_data_ptr<scalar_t>()));
-  });
-  return {grad_q, grad_k, grad_v};
-}
-
-BlockLayout block_layout(const at::Tensor& layout, int64_t block_size, bool causal) {
-  BlockLayout b;
-  b.data = layout.const_data_ptr<bool>();
-  b.heads = layout.size(0);
-  b.q_blocks = layout.size(1);
-  b.k_blocks = layout.size(2);
-  b.block = block_size;
-  b.causal = causal;
-  return b;
-}
 
 // The PairTerms of kernel.h for one call; holds the contiguous (and, for the bias,
 // accumulate-type) copies the pointers refer to.
@@ -98,55 +37,77 @@ struct PairTermsHolder {
   }
 };
 
-std::tuple<at::Tensor, at::Tensor> block_forward_cpu(
-    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& layout, int64_t block_size,
-    bool causal, const std::optional<at::Tensor>& key_padding_mask, double scale,
-    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& q_segments,
-    const std::optional<at::Tensor>& k_segments, const std::optional<at::Tensor>& positions) {
-  const PairTermTensors terms{bias, q_segments, k_segments, positions};
-  check_block_sparse_inputs(q, k, v, layout, block_size, key_padding_mask, scale, terms);
-  const WindowAttentionShape s = window_kernel_shape(q, k, v, -1, -1, 1, scale);
+BlockLayout block_layout(const at::Tensor& layout, int64_t block_size, bool causal) {
+  BlockLayout b;
+  b.data = layout.const_data_ptr<bool>();
+  b.heads = layout.size(0);
+  b.q_blocks = layout.size(1);
+  b.k_blocks = layout.size(2);
+  b.block = block_size;
+  b.causal = causal;
+  return b;
+}
+
+// One call of the schema (checked): the window kernels or the layout kernels, by the region.
+std::tuple<at::Tensor, at::Tensor> forward_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                               double scale, LINATTN_RESTRICTED_PATTERN_PARAMS) {
+  const RestrictedPattern p{LINATTN_RESTRICTED_PATTERN_ARGS};
+  check_restricted_inputs(q, k, v, scale, p);
+  const WindowAttentionShape s = window_kernel_shape(q, k, v, p.left, p.window_right(), p.dilation, scale);
   auto out = at::empty({s.batch, s.heads, s.q_len, s.value_dim}, q.options());
   auto lse = at::empty({s.batch, s.heads, s.q_len}, q.options().dtype(accumulate_type(q.scalar_type())));
-  const at::Tensor layout_c = layout.contiguous();
-  at::Tensor padding;
-  const bool* padding_ptr = optional_ptr<bool>(key_padding_mask, padding);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "block_sparse_attn_fwd", [&] {
+  at::Tensor global, padding, layout_c = p.uses_layout() ? p.layout->contiguous() : at::Tensor();
+  const bool* global_ptr = optional_ptr<bool>(p.global_mask, global);
+  const bool* padding_ptr = optional_ptr<bool>(p.key_padding_mask, padding);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "restricted_softmax_fwd", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const PairTermsHolder<acc_t> held(terms, false);
-    LINATTN_CPU_ISA_DISPATCH(block_sparse_attention_forward_cpu<scalar_t, acc_t>(
-        s, block_layout(layout_c, block_size, causal), held.terms, view_of<scalar_t>(q), view_of<scalar_t>(k),
-        view_of<scalar_t>(v), padding_ptr, out.mutable_data_ptr<scalar_t>(), lse.mutable_data_ptr<acc_t>()));
+    const PairTermsHolder<acc_t> held(p.terms(), false);
+    if (p.uses_layout()) {
+      LINATTN_CPU_ISA_DISPATCH(block_sparse_attention_forward_cpu<scalar_t, acc_t>(
+          s, block_layout(layout_c, p.block_size, p.causal), held.terms, view_of<scalar_t>(q), view_of<scalar_t>(k),
+          view_of<scalar_t>(v), padding_ptr, out.mutable_data_ptr<scalar_t>(), lse.mutable_data_ptr<acc_t>()));
+    } else {
+      LINATTN_CPU_ISA_DISPATCH(window_attention_forward_cpu<scalar_t, acc_t>(
+          s, view_of<scalar_t>(q), view_of<scalar_t>(k), view_of<scalar_t>(v), global_ptr, padding_ptr, held.terms,
+          out.mutable_data_ptr<scalar_t>(), lse.mutable_data_ptr<acc_t>()));
+    }
   });
   return {out, lse};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> block_backward_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
     const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_lse, const at::Tensor& q, const at::Tensor& k,
-    const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, const at::Tensor& layout, int64_t block_size,
-    bool causal, const std::optional<at::Tensor>& key_padding_mask, double scale,
-    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& q_segments,
-    const std::optional<at::Tensor>& k_segments, const std::optional<at::Tensor>& positions) {
-  const PairTermTensors terms{bias, q_segments, k_segments, positions};
-  check_block_sparse_backward_inputs(grad_out, grad_lse, q, k, v, out, lse, layout, block_size, key_padding_mask,
-                                     scale, terms);
-  const WindowAttentionShape s = window_kernel_shape(q, k, v, -1, -1, 1, scale);
+    const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, double scale,
+    LINATTN_RESTRICTED_PATTERN_PARAMS) {
+  const RestrictedPattern p{LINATTN_RESTRICTED_PATTERN_ARGS};
+  check_restricted_backward_inputs(grad_out, grad_lse, q, k, v, out, lse, scale, p);
+  const WindowAttentionShape s = window_kernel_shape(q, k, v, p.left, p.window_right(), p.dilation, scale);
   auto grad_q = at::empty({s.batch, s.heads, s.q_len, s.head_dim}, q.options());
   auto grad_k = at::empty({s.batch, s.heads, s.k_len, s.head_dim}, q.options());
   auto grad_v = at::empty({s.batch, s.heads, s.k_len, s.value_dim}, q.options());
   at::Tensor grad_bias = at::empty({0}, q.options());
-  const at::Tensor lse_c = lse.contiguous(), layout_c = layout.contiguous();
-  at::Tensor padding, grad_lse_c;
-  const bool* padding_ptr = optional_ptr<bool>(key_padding_mask, padding);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "block_sparse_attn_bwd", [&] {
+  const at::Tensor lse_c = lse.contiguous(), grad_out_c = grad_out.contiguous();
+  at::Tensor global, padding, grad_lse_c, layout_c = p.uses_layout() ? p.layout->contiguous() : at::Tensor();
+  const bool* global_ptr = optional_ptr<bool>(p.global_mask, global);
+  const bool* padding_ptr = optional_ptr<bool>(p.key_padding_mask, padding);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "restricted_softmax_bwd", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const PairTermsHolder<acc_t> held(terms, true);
-    LINATTN_CPU_ISA_DISPATCH(block_sparse_attention_backward_cpu<scalar_t, acc_t>(
-        s, block_layout(layout_c, block_size, causal), held.terms, view_of<scalar_t>(grad_out),
-        optional_ptr<acc_t>(grad_lse, grad_lse_c), view_of<scalar_t>(q), view_of<scalar_t>(k),
-        view_of<scalar_t>(v), view_of<scalar_t>(out), lse_c.const_data_ptr<acc_t>(), padding_ptr,
-        grad_q.mutable_data_ptr<scalar_t>(), grad_k.mutable_data_ptr<scalar_t>(), grad_v.mutable_data_ptr<scalar_t>()));
-    if (bias.has_value()) grad_bias = held.grad_bias.to(bias->scalar_type());
+    const PairTermsHolder<acc_t> held(p.terms(), true);
+    if (p.uses_layout()) {
+      LINATTN_CPU_ISA_DISPATCH(block_sparse_attention_backward_cpu<scalar_t, acc_t>(
+          s, block_layout(layout_c, p.block_size, p.causal), held.terms, view_of<scalar_t>(grad_out_c),
+          optional_ptr<acc_t>(grad_lse, grad_lse_c), view_of<scalar_t>(q), view_of<scalar_t>(k),
+          view_of<scalar_t>(v), view_of<scalar_t>(out), lse_c.const_data_ptr<acc_t>(), padding_ptr,
+          grad_q.mutable_data_ptr<scalar_t>(), grad_k.mutable_data_ptr<scalar_t>(),
+          grad_v.mutable_data_ptr<scalar_t>()));
+      if (p.bias.has_value()) grad_bias = held.grad_bias.to(p.bias->scalar_type());
+    } else {
+      LINATTN_CPU_ISA_DISPATCH(window_attention_backward_cpu<scalar_t, acc_t>(
+          s, view_of<scalar_t>(grad_out_c), optional_ptr<acc_t>(grad_lse, grad_lse_c), view_of<scalar_t>(q), view_of<scalar_t>(k), view_of<scalar_t>(v),
+          view_of<scalar_t>(out), lse_c.const_data_ptr<acc_t>(), global_ptr, padding_ptr, held.terms,
+          grad_q.mutable_data_ptr<scalar_t>(), grad_k.mutable_data_ptr<scalar_t>(),
+          grad_v.mutable_data_ptr<scalar_t>()));
+    }
   });
   return {grad_q, grad_k, grad_v, grad_bias};
 }
@@ -154,10 +115,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> block_backward_cpu(
 }  // namespace
 
 TORCH_LIBRARY_IMPL(linattn, CPU, m) {
-  m.impl("sliding_window_attn_fwd", &forward_cpu);
-  m.impl("sliding_window_attn_bwd", &backward_cpu);
-  m.impl("block_sparse_attn_fwd", &block_forward_cpu);
-  m.impl("block_sparse_attn_bwd", &block_backward_cpu);
+  m.impl("restricted_softmax_fwd", &forward_cpu);
+  m.impl("restricted_softmax_bwd", &backward_cpu);
 }
 
 }  // namespace linattn

@@ -98,17 +98,27 @@ void masked_exp(acc_t* p, const acc_t* s, const unsigned char* visible, acc_t sh
   }
 }
 
+// Row (bi, hi) of a (B, 1 or H, len) per-token tensor.
+inline const int64_t* token_row(const int64_t* x, int64_t heads, int64_t bi, int64_t hi, int64_t len) {
+  return x + (bi * heads + (heads == 1 ? 0 : hi)) * len;
+}
+
 // Sliding window + dilation + Longformer global tokens + key padding + segments.
 struct WindowPattern {
   const WindowAttentionShape& s;
   const bool* global;   // (B, T) or null
   const bool* padding;  // (B, T_k) or null
-  const int64_t* segments;  // (B, T) or null: a query sees only keys of its own segment
+  // (B, segment_heads, T_q / T_k) or null: a query sees only the keys of its own segment.
+  const int64_t* q_segments;
+  const int64_t* k_segments;
+  int64_t segment_heads;
   std::vector<std::vector<int64_t>> global_keys;  // per batch, sorted
 
+  template <typename acc_t>
   WindowPattern(const WindowAttentionShape& shape, const bool* global_mask, const bool* key_padding,
-                const int64_t* segment_ids)
-      : s(shape), global(global_mask), padding(key_padding), segments(segment_ids), global_keys(shape.batch) {
+                const PairTerms<acc_t>& terms)
+      : s(shape), global(global_mask), padding(key_padding), q_segments(terms.q_segments),
+        k_segments(terms.k_segments), segment_heads(terms.segment_heads), global_keys(shape.batch) {
     if (global)
       for (int64_t b = 0; b < s.batch; ++b)
         for (int64_t j = 0; j < s.k_len; ++j)
@@ -140,12 +150,14 @@ struct WindowPattern {
   // vis (L × n, leading dim ld) for rows i0.. against `keys`: the window as an interval test per
   // row (a loop that vectorizes), then dilation, global tokens and padding only when they are in
   // use (the definition is at the top of kernel.h).
-  void visibility(int64_t bi, int64_t /*hi*/, int64_t i0, int64_t L, const std::vector<int64_t>& keys,
+  void visibility(int64_t bi, int64_t hi, int64_t i0, int64_t L, const std::vector<int64_t>& keys,
                   unsigned char* vis, int64_t ld) const {
     const int64_t n = static_cast<int64_t>(keys.size());
     const int64_t* key = keys.data();
     const int64_t first = run_start(keys);
     const int64_t offset = s.k_len - s.q_len;
+    const int64_t* qseg = q_segments ? token_row(q_segments, segment_heads, bi, hi, s.q_len) : nullptr;
+    const int64_t* kseg = k_segments ? token_row(k_segments, segment_heads, bi, hi, s.k_len) : nullptr;
     for (int64_t r = 0; r < L; ++r) {
       const int64_t a = i0 + r + offset;  // the query's aligned key position
       const int64_t lo = s.left < 0 ? std::numeric_limits<int64_t>::min() : a - s.left;
@@ -160,10 +172,7 @@ struct WindowPattern {
         for (int64_t c = 0; c < n; ++c) vr[c] = vr[c] || row_global || g[key[c]];
       }
       if (padding) keep_unpadded(vr, padding + bi * s.k_len, key, n, first);
-      if (segments) {  // T_q == T_k
-        const int64_t* seg = segments + bi * s.k_len;
-        keep_equal(vr, seg, seg[i0 + r], key, n, first);
-      }
+      if (qseg) keep_equal(vr, kseg, qseg[i0 + r], key, n, first);
     }
   }
 
@@ -190,11 +199,6 @@ struct BlockPattern {
   const bool* layout_row(int64_t hi, int64_t qb) const {
     return l.data + ((l.heads == 1 ? 0 : hi) * l.q_blocks + qb) * l.k_blocks;
   }
-  // Row (bi, hi) of a (B, 1 or H, len) per-token tensor.
-  static const int64_t* token_row(const int64_t* x, int64_t heads, int64_t bi, int64_t hi, int64_t len) {
-    return x + (bi * heads + (heads == 1 ? 0 : hi)) * len;
-  }
-
   // Every key block present in the layout row of any query block that rows [i0, i1) touch
   // (those wholly after the last row's position skipped when causal on indices).
   KeyGroups key_groups(int64_t /*bi*/, int64_t hi, int64_t i0, int64_t i1) const {
@@ -578,19 +582,19 @@ template <typename scalar_t, typename acc_t>
 void window_attention_forward_cpu(const WindowAttentionShape& shape, Strided4<const scalar_t> q,
                                   Strided4<const scalar_t> k, Strided4<const scalar_t> v,
                                   const bool* global_mask, const bool* key_padding_mask,
-                                  const int64_t* segment_ids, scalar_t* out, acc_t* lse) {
-  run_forward(shape, WindowPattern(shape, global_mask, key_padding_mask, segment_ids), q, k, v, out, lse);
+                                  const PairTerms<acc_t>& terms, scalar_t* out, acc_t* lse) {
+  run_forward(shape, WindowPattern(shape, global_mask, key_padding_mask, terms), q, k, v, out, lse);
 }
 
 template <typename scalar_t, typename acc_t>
 void window_attention_backward_cpu(const WindowAttentionShape& shape,
-                                   Strided4<const scalar_t> grad_out, Strided4<const scalar_t> q,
+                                   Strided4<const scalar_t> grad_out, const acc_t* grad_lse, Strided4<const scalar_t> q,
                                    Strided4<const scalar_t> k, Strided4<const scalar_t> v,
                                    Strided4<const scalar_t> out, const acc_t* lse,
                                    const bool* global_mask, const bool* key_padding_mask,
-                                   const int64_t* segment_ids, scalar_t* grad_q, scalar_t* grad_k,
+                                   const PairTerms<acc_t>& terms, scalar_t* grad_q, scalar_t* grad_k,
                                    scalar_t* grad_v) {
-  run_backward(shape, WindowPattern(shape, global_mask, key_padding_mask, segment_ids), grad_out, static_cast<const acc_t*>(nullptr),
+  run_backward(shape, WindowPattern(shape, global_mask, key_padding_mask, terms), grad_out, grad_lse,
                q, k, v, out, lse, grad_q, grad_k, grad_v);
 }
 
@@ -618,11 +622,11 @@ void block_sparse_attention_backward_cpu(const WindowAttentionShape& shape, cons
 #define LINATTN_INSTANTIATE(scalar_t, acc_t)                                                      \
   template void window_attention_forward_cpu<scalar_t, acc_t>(                                    \
       const WindowAttentionShape&, Strided4<const scalar_t>, Strided4<const scalar_t>,            \
-      Strided4<const scalar_t>, const bool*, const bool*, const int64_t*, scalar_t*, acc_t*);     \
+      Strided4<const scalar_t>, const bool*, const bool*, const PairTerms<acc_t>&, scalar_t*, acc_t*); \
   template void window_attention_backward_cpu<scalar_t, acc_t>(                                   \
-      const WindowAttentionShape&, Strided4<const scalar_t>, Strided4<const scalar_t>,            \
+      const WindowAttentionShape&, Strided4<const scalar_t>, const acc_t*, Strided4<const scalar_t>, \
       Strided4<const scalar_t>, Strided4<const scalar_t>, Strided4<const scalar_t>, const acc_t*, \
-      const bool*, const bool*, const int64_t*, scalar_t*, scalar_t*, scalar_t*);                 \
+      const bool*, const bool*, const PairTerms<acc_t>&, scalar_t*, scalar_t*, scalar_t*);         \
   template void block_sparse_attention_forward_cpu<scalar_t, acc_t>(                              \
       const WindowAttentionShape&, const BlockLayout&, const PairTerms<acc_t>&,                   \
       Strided4<const scalar_t>, Strided4<const scalar_t>, Strided4<const scalar_t>, const bool*,  \

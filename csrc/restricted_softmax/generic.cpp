@@ -1,5 +1,5 @@
-// Device-generic window and block-sparse attention: the same operators in ATen ops, for CUDA and every other
-// backend, and under *_generic names so the tests run it on CPU tensors. A host loop walks
+// Device-generic restricted softmax (windows and block layouts): the same operator in ATen ops, for CUDA and
+// every other backend, and under the *_generic name so the tests run it on CPU tensors. A host loop walks
 // query blocks of 128 rows; each gathers the keys its window can reach (plus global keys) and
 // runs a masked softmax over them, so memory stays O(T·(block + window)), never T×T. With
 // global tokens the block/key plan reads global_mask on the host (a device sync on GPUs).
@@ -63,11 +63,17 @@ std::vector<BlockPlan> plan_blocks(const WindowAttentionShape& s,
   return plan;
 }
 
-// Visibility (B, 1, L, n) of rows [i0, i1) against `keys`.
+// Rows [i0, i1) of a (B, 1 or H, T) per-token tensor against `keys`: (B, ., L, 1) and (B, ., 1, n).
+std::pair<at::Tensor, at::Tensor> token_pairs(const at::Tensor& ids_q, const at::Tensor& ids_k, int64_t i0,
+                                              int64_t i1, const at::Tensor& keys) {
+  return {ids_q.narrow(2, i0, i1 - i0).unsqueeze(-1), ids_k.index_select(2, keys).unsqueeze(-2)};
+}
+
+// Visibility (B, 1 or H, L, n) of rows [i0, i1) against `keys`.
 at::Tensor visibility(const WindowAttentionShape& s, int64_t i0, int64_t i1, const at::Tensor& keys,
-                      const std::optional<at::Tensor>& global_mask,
-                      const std::optional<at::Tensor>& key_padding_mask,
-                      const std::optional<at::Tensor>& segment_ids) {
+                      const RestrictedPattern& p) {
+  const std::optional<at::Tensor>& global_mask = p.global_mask;
+  const std::optional<at::Tensor>& key_padding_mask = p.key_padding_mask;
   const at::Tensor rows = at::arange(i0, i1, keys.options()).unsqueeze(-1);
   const at::Tensor d = rows + (s.k_len - s.q_len) - keys.unsqueeze(0);  // (L, n)
   at::Tensor in_window = at::ones_like(d, d.options().dtype(at::kBool));
@@ -82,10 +88,12 @@ at::Tensor visibility(const WindowAttentionShape& s, int64_t i0, int64_t i1, con
   }
   if (key_padding_mask.has_value())
     visible = visible.logical_and(key_padding_mask->index_select(1, keys).logical_not().unsqueeze(1));
-  if (segment_ids.has_value())  // T_q == T_k
-    visible = visible.logical_and(segment_ids->narrow(1, i0, i1 - i0).unsqueeze(-1) ==
-                                  segment_ids->index_select(1, keys).unsqueeze(1));
-  return visible.unsqueeze(1);
+  visible = visible.unsqueeze(1);
+  if (p.q_segments.has_value()) {
+    const auto [seg_q, seg_k] = token_pairs(*p.q_segments, *p.k_segments, i0, i1, keys);
+    visible = visible.logical_and(seg_q == seg_k);
+  }
+  return visible;
 }
 
 // What a pattern says about rows [i0, i1) against `keys`: visibility (B or 1, H or 1, L, n),
@@ -182,39 +190,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> engine_backward(
   return {dQ.to(dtype).contiguous(), dK.to(dtype).contiguous(), dV.to(dtype).contiguous(), dBias};
 }
 
-Visibility window_visibility(const WindowAttentionShape& s, const std::optional<at::Tensor>& global_mask,
-                             const std::optional<at::Tensor>& key_padding_mask,
-                             const std::optional<at::Tensor>& segment_ids) {
-  return [&s, &global_mask, &key_padding_mask, &segment_ids](int64_t i0, int64_t i1, const at::Tensor& keys) {
-    return PairBlock{visibility(s, i0, i1, keys, global_mask, key_padding_mask, segment_ids), {}, {}};
+Visibility window_visibility(const WindowAttentionShape& s, const RestrictedPattern& p) {
+  return [&s, &p](int64_t i0, int64_t i1, const at::Tensor& keys) {
+    return PairBlock{visibility(s, i0, i1, keys, p), {}, {}};
   };
-}
-
-std::tuple<at::Tensor, at::Tensor> forward_generic(const at::Tensor& q, const at::Tensor& k,
-                                                   const at::Tensor& v, int64_t left, int64_t right,
-                                                   int64_t dilation,
-                                                   const std::optional<at::Tensor>& global_mask,
-                                                   const std::optional<at::Tensor>& key_padding_mask,
-                                                   double scale, const std::optional<at::Tensor>& segment_ids) {
-  check_window_inputs(q, k, v, left, right, dilation, global_mask, key_padding_mask, scale, segment_ids);
-  const WindowAttentionShape s = window_kernel_shape(q, k, v, left, right, dilation, scale);
-  return engine_forward(q, k, v, scale, plan_blocks(s, global_mask, q.options().dtype(at::kLong)),
-                        window_visibility(s, global_mask, key_padding_mask, segment_ids));
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_generic(
-    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const at::Tensor& out, const at::Tensor& lse, int64_t left, int64_t right, int64_t dilation,
-    const std::optional<at::Tensor>& global_mask, const std::optional<at::Tensor>& key_padding_mask,
-    double scale, const std::optional<at::Tensor>& segment_ids) {
-  const auto sizes =
-      check_window_inputs(q, k, v, left, right, dilation, global_mask, key_padding_mask, scale, segment_ids);
-  check_window_backward_inputs(grad_out, q, out, lse, sizes);
-  const WindowAttentionShape s = window_kernel_shape(q, k, v, left, right, dilation, scale);
-  auto grads = engine_backward(grad_out, std::nullopt, q, k, v, out, lse, scale,
-                               plan_blocks(s, global_mask, q.options().dtype(at::kLong)),
-                               window_visibility(s, global_mask, key_padding_mask, segment_ids));
-  return {std::get<0>(grads), std::get<1>(grads), std::get<2>(grads)};
 }
 
 // Block-sparse: each query block visits the key blocks present in the layout rows it touches
@@ -237,12 +216,6 @@ std::vector<BlockPlan> plan_layout_blocks(const WindowAttentionShape& s, const a
     plan.push_back({i0, i1, at::tensor(keys, at::TensorOptions().dtype(at::kLong)).to(index_options.device())});
   }
   return plan;
-}
-
-// Rows [i0, i1) of a (B, 1 or H, T) per-token tensor against `keys`: (B, ., L, 1) and (B, ., 1, n).
-std::pair<at::Tensor, at::Tensor> token_pairs(const at::Tensor& ids_q, const at::Tensor& ids_k, int64_t i0,
-                                              int64_t i1, const at::Tensor& keys) {
-  return {ids_q.narrow(2, i0, i1 - i0).unsqueeze(-1), ids_k.index_select(2, keys).unsqueeze(-2)};
 }
 
 Visibility layout_visibility(const WindowAttentionShape& s, const at::Tensor& layout, int64_t block_size,
@@ -275,46 +248,42 @@ Visibility layout_visibility(const WindowAttentionShape& s, const at::Tensor& la
   };
 }
 
-std::tuple<at::Tensor, at::Tensor> block_forward_generic(
-    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& layout, int64_t block_size,
-    bool causal, const std::optional<at::Tensor>& key_padding_mask, double scale,
-    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& q_segments,
-    const std::optional<at::Tensor>& k_segments, const std::optional<at::Tensor>& positions) {
-  const PairTermTensors terms{bias, q_segments, k_segments, positions};
-  check_block_sparse_inputs(q, k, v, layout, block_size, key_padding_mask, scale, terms);
-  const WindowAttentionShape s = window_kernel_shape(q, k, v, -1, -1, 1, scale);
-  const bool index_causal = causal && !positions.has_value();
-  return engine_forward(q, k, v, scale, plan_layout_blocks(s, layout, block_size, index_causal, q.options().dtype(at::kLong)),
-                        layout_visibility(s, layout, block_size, causal, key_padding_mask, terms));
+// The query blocks and the keys each one visits, by the pattern's region.
+std::vector<BlockPlan> plan(const WindowAttentionShape& s, const RestrictedPattern& p, const at::Tensor& q) {
+  const auto index_options = q.options().dtype(at::kLong);
+  if (!p.uses_layout()) return plan_blocks(s, p.global_mask, index_options);
+  return plan_layout_blocks(s, *p.layout, p.block_size, p.causal && !p.positions.has_value(), index_options);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> block_backward_generic(
+Visibility pattern_visibility(const WindowAttentionShape& s, const RestrictedPattern& p) {
+  if (!p.uses_layout()) return window_visibility(s, p);
+  return layout_visibility(s, *p.layout, p.block_size, p.causal, p.key_padding_mask, p.terms());
+}
+
+std::tuple<at::Tensor, at::Tensor> forward_generic(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                   double scale, LINATTN_RESTRICTED_PATTERN_PARAMS) {
+  const RestrictedPattern p{LINATTN_RESTRICTED_PATTERN_ARGS};
+  check_restricted_inputs(q, k, v, scale, p);
+  const WindowAttentionShape s = window_kernel_shape(q, k, v, p.left, p.window_right(), p.dilation, scale);
+  return engine_forward(q, k, v, scale, plan(s, p, q), pattern_visibility(s, p));
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_generic(
     const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_lse, const at::Tensor& q, const at::Tensor& k,
-    const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, const at::Tensor& layout, int64_t block_size,
-    bool causal, const std::optional<at::Tensor>& key_padding_mask, double scale,
-    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& q_segments,
-    const std::optional<at::Tensor>& k_segments, const std::optional<at::Tensor>& positions) {
-  const PairTermTensors terms{bias, q_segments, k_segments, positions};
-  check_block_sparse_backward_inputs(grad_out, grad_lse, q, k, v, out, lse, layout, block_size, key_padding_mask,
-                                     scale, terms);
-  const WindowAttentionShape s = window_kernel_shape(q, k, v, -1, -1, 1, scale);
-  const bool index_causal = causal && !positions.has_value();
-  return engine_backward(grad_out, grad_lse, q, k, v, out, lse, scale,
-                         plan_layout_blocks(s, layout, block_size, index_causal, q.options().dtype(at::kLong)),
-                         layout_visibility(s, layout, block_size, causal, key_padding_mask, terms), bias);
+    const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, double scale,
+    LINATTN_RESTRICTED_PATTERN_PARAMS) {
+  const RestrictedPattern p{LINATTN_RESTRICTED_PATTERN_ARGS};
+  check_restricted_backward_inputs(grad_out, grad_lse, q, k, v, out, lse, scale, p);
+  const WindowAttentionShape s = window_kernel_shape(q, k, v, p.left, p.window_right(), p.dilation, scale);
+  return engine_backward(grad_out, grad_lse, q, k, v, out, lse, scale, plan(s, p, q), pattern_visibility(s, p),
+                         p.bias);
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(linattn, CompositeExplicitAutograd, m) {
-  m.impl("sliding_window_attn_fwd", &forward_generic);
-  m.impl("sliding_window_attn_bwd", &backward_generic);
-  m.impl("sliding_window_attn_fwd_generic", &forward_generic);
-  m.impl("sliding_window_attn_bwd_generic", &backward_generic);
-  m.impl("block_sparse_attn_fwd", &block_forward_generic);
-  m.impl("block_sparse_attn_bwd", &block_backward_generic);
-  m.impl("block_sparse_attn_fwd_generic", &block_forward_generic);
-  m.impl("block_sparse_attn_bwd_generic", &block_backward_generic);
+  for (const char* name : {"restricted_softmax_fwd", "restricted_softmax_fwd_generic"}) m.impl(name, &forward_generic);
+  for (const char* name : {"restricted_softmax_bwd", "restricted_softmax_bwd_generic"}) m.impl(name, &backward_generic);
 }
 
 }  // namespace linattn

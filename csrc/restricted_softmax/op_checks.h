@@ -9,45 +9,13 @@
 
 namespace linattn {
 
-constexpr const char* kWindowAttentionOp = "linattn.sliding_window_attention";
-constexpr const char* kBlockSparseOp = "linattn.block_sparse_attention";
+constexpr const char* kRestrictedSoftmaxOp = "linattn.restricted_softmax";
 
 struct WindowAttentionSizes {
   c10::SymInt batch, heads, q_len, k_len, head_dim, value_dim;
 };
 
-inline WindowAttentionSizes check_window_inputs(const at::Tensor& q, const at::Tensor& k,
-                                                const at::Tensor& v, int64_t left, int64_t right,
-                                                int64_t dilation,
-                                                const std::optional<at::Tensor>& global_mask,
-                                                const std::optional<at::Tensor>& key_padding_mask,
-                                                double scale,
-                                                const std::optional<at::Tensor>& segment_ids) {
-  const char* op = kWindowAttentionOp;
-  check_qkv(op, q, k, v);
-  TORCH_CHECK(left >= -1 && right >= -1, op,
-              ": window bounds must be >= 0, or -1 for unbounded, got (", left, ", ", right, ")");
-  TORCH_CHECK(dilation >= 1, op, ": dilation must be >= 1, got ", dilation);
-  TORCH_CHECK(std::isfinite(scale), op, ": scale must be finite, got ", scale);
-  WindowAttentionSizes s{q.sym_size(0), q.sym_size(1), q.sym_size(2),
-                         k.sym_size(2), q.sym_size(3), v.sym_size(3)};
-  if (global_mask.has_value())
-    TORCH_CHECK(s.q_len == s.k_len, op, ": global_mask needs as many queries as keys, got q ",
-                shape_str(q), " and k ", shape_str(k));
-  check_key_mask(op, "global_mask", global_mask, q, k, "True = global token");
-  check_key_mask(op, "key_padding_mask", key_padding_mask, q, k, "True = padded key");
-  if (segment_ids.has_value()) {
-    TORCH_CHECK(s.q_len == s.k_len, op, ": segment_ids need as many queries as keys, got q ", shape_str(q),
-                " and k ", shape_str(k));
-    check_same_device(op, "segment_ids", *segment_ids, "q", q);
-    TORCH_CHECK(segment_ids->scalar_type() == at::kLong, op, ": segment_ids must be int64, got ",
-                segment_ids->scalar_type());
-    check_shape(op, "segment_ids", *segment_ids, {k.sym_size(0), k.sym_size(2)}, "(B, T)");
-  }
-  return s;
-}
-
-// The optional terms of the block-sparse operators (PairTerms in kernel.h), as tensors.
+// The optional per-token and per-pair terms of a pattern (PairTerms in kernel.h), as tensors.
 struct PairTermTensors {
   const std::optional<at::Tensor>& bias;        // (1 or H, T_q, T_k), q's dtype
   const std::optional<at::Tensor>& q_segments;  // (B, 1 or H, T_q) int64
@@ -103,36 +71,94 @@ inline void check_grad_lse(const char* op, const std::optional<at::Tensor>& grad
   check_shape(op, "grad_lse", *grad_lse, {s.batch, s.heads, s.q_len}, "(B, H, T_q)");
 }
 
-// The checks of the block-sparse operators: q, k, v, padding and scale as for windows, and a
-// (H or 1, ceil(T_q/b), ceil(T_k/b)) bool layout.
-inline WindowAttentionSizes check_block_sparse_inputs(const at::Tensor& q, const at::Tensor& k,
-                                                      const at::Tensor& v, const at::Tensor& layout,
-                                                      int64_t block_size,
-                                                      const std::optional<at::Tensor>& key_padding_mask,
-                                                      double scale, const PairTermTensors& terms) {
-  const char* op = kBlockSparseOp;
+// The schema's pattern arguments (schema.cpp) as every kernel's parameter list spells them, and
+// the RestrictedPattern they make: one spelling for the CPU, generic, Meta and autograd kernels.
+#define LINATTN_RESTRICTED_PATTERN_PARAMS                                                          \
+  int64_t window_left, int64_t window_right, int64_t dilation, bool causal,                        \
+      const std::optional<at::Tensor>&layout, int64_t block_size,                                  \
+      const std::optional<at::Tensor>&global_mask, const std::optional<at::Tensor>&key_padding_mask, \
+      const std::optional<at::Tensor>&q_segments, const std::optional<at::Tensor>&k_segments,       \
+      const std::optional<at::Tensor>&positions, const std::optional<at::Tensor>&bias
+#define LINATTN_RESTRICTED_PATTERN_ARGS                                                                    \
+  window_left, window_right, dilation, causal, layout, block_size, global_mask, key_padding_mask, q_segments, \
+      k_segments, positions, bias
+
+// The pattern arguments of the schema, as every kernel receives them.
+struct RestrictedPattern {
+  int64_t left, right, dilation;
+  bool causal;
+  const std::optional<at::Tensor>& layout;
+  int64_t block_size;
+  const std::optional<at::Tensor>& global_mask;
+  const std::optional<at::Tensor>& key_padding_mask;
+  const std::optional<at::Tensor>& q_segments;
+  const std::optional<at::Tensor>& k_segments;
+  const std::optional<at::Tensor>& positions;
+  const std::optional<at::Tensor>& bias;
+
+  // The region is a layout of blocks, or else a sliding window (unbounded: every key).
+  bool uses_layout() const { return layout.has_value(); }
+  PairTermTensors terms() const { return {bias, q_segments, k_segments, positions}; }
+  // The window's right bound with causality folded in.
+  int64_t window_right() const { return causal ? 0 : right; }
+};
+
+inline void check_layout(const char* op, const at::Tensor& layout, int64_t block_size, const at::Tensor& q,
+                         const WindowAttentionSizes& s) {
   TORCH_CHECK(block_size >= 1, op, ": block_size must be >= 1, got ", block_size);
-  const WindowAttentionSizes s =
-      check_window_inputs(q, k, v, -1, -1, 1, std::nullopt, key_padding_mask, scale, std::nullopt);
   check_dim(op, "layout", layout, 3, "(H or 1, ceil(T_q / block_size), ceil(T_k / block_size))");
   check_same_device(op, "layout", layout, "q", q);
-  TORCH_CHECK(layout.scalar_type() == at::kBool, op, ": layout must be a bool tensor, got ",
-              layout.scalar_type());
+  TORCH_CHECK(layout.scalar_type() == at::kBool, op, ": layout must be a bool tensor, got ", layout.scalar_type());
   const c10::SymInt q_blocks = (s.q_len + block_size - 1) / block_size;
   const c10::SymInt k_blocks = (s.k_len + block_size - 1) / block_size;
-  TORCH_CHECK((layout.sym_size(0) == 1 || layout.sym_size(0) == s.heads) &&
-                  layout.sym_size(1) == q_blocks && layout.sym_size(2) == k_blocks,
-              op, ": layout must have shape (1 or H=", s.heads, ", ", q_blocks, ", ", k_blocks,
-              ") for T_q=", s.q_len, ", T_k=", s.k_len, " and block_size=", block_size, ", got ",
-              shape_str(layout));
-  check_pair_terms(op, q, s, terms);
+  TORCH_CHECK((layout.sym_size(0) == 1 || layout.sym_size(0) == s.heads) && layout.sym_size(1) == q_blocks &&
+                  layout.sym_size(2) == k_blocks,
+              op, ": layout must have shape (1 or H=", s.heads, ", ", q_blocks, ", ", k_blocks, ") for T_q=", s.q_len,
+              ", T_k=", s.k_len, " and block_size=", block_size, ", got ", shape_str(layout));
+}
+
+// The forward's checks, shared by the CPU, device-generic and Meta kernels (on SymInts).
+inline WindowAttentionSizes check_restricted_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                    double scale, const RestrictedPattern& p) {
+  const char* op = kRestrictedSoftmaxOp;
+  check_qkv(op, q, k, v);
+  TORCH_CHECK(std::isfinite(scale), op, ": scale must be finite, got ", scale);
+  const WindowAttentionSizes s{q.sym_size(0), q.sym_size(1), q.sym_size(2),
+                               k.sym_size(2), q.sym_size(3), v.sym_size(3)};
+  check_key_mask(op, "key_padding_mask", p.key_padding_mask, q, k, "True = padded key");
+  if (p.uses_layout()) {
+    TORCH_CHECK(p.left == -1 && p.right == -1 && p.dilation == 1 && !p.global_mask.has_value(), op,
+                ": a layout is a region of its own; pass it without a window (window_left = window_right = -1, "
+                "dilation = 1, no global_mask), got window (", p.left, ", ", p.right, "), dilation ", p.dilation,
+                p.global_mask.has_value() ? " and a global_mask" : "");
+    check_layout(op, *p.layout, p.block_size, q, s);
+  } else {
+    TORCH_CHECK(p.left >= -1 && p.right >= -1, op, ": window bounds must be >= 0, or -1 for unbounded, got (",
+                p.left, ", ", p.right, ")");
+    TORCH_CHECK(p.dilation >= 1, op, ": dilation must be >= 1, got ", p.dilation);
+    TORCH_CHECK(!p.bias.has_value() && !p.positions.has_value(), op,
+                ": bias and positions are terms of a layout pattern; pass a layout (one block (1, 1, 1) of "
+                "block_size max(T_q, T_k) covers every pair)");
+    if (p.global_mask.has_value()) {
+      TORCH_CHECK(s.q_len == s.k_len, op, ": global_mask needs as many queries as keys, got q ", shape_str(q),
+                  " and k ", shape_str(k));
+      TORCH_CHECK(!p.causal, op, ": global_mask needs causal=False (a global row sees every key)");
+    }
+    check_key_mask(op, "global_mask", p.global_mask, q, k, "True = global token");
+  }
+  check_pair_terms(op, q, s, p.terms());
   return s;
 }
 
-inline void check_window_backward_inputs(const at::Tensor& grad_out, const at::Tensor& q,
-                                         const at::Tensor& out, const at::Tensor& lse,
-                                         const WindowAttentionSizes& s) {
-  const char* op = kWindowAttentionOp;
+// The backward's: the forward's, and the saved outputs and cotangents.
+inline WindowAttentionSizes check_restricted_backward_inputs(const at::Tensor& grad_out,
+                                                             const std::optional<at::Tensor>& grad_lse,
+                                                             const at::Tensor& q, const at::Tensor& k,
+                                                             const at::Tensor& v, const at::Tensor& out,
+                                                             const at::Tensor& lse, double scale,
+                                                             const RestrictedPattern& p) {
+  const char* op = kRestrictedSoftmaxOp;
+  const WindowAttentionSizes s = check_restricted_inputs(q, k, v, scale, p);
   const std::vector<c10::SymInt> out_shape{s.batch, s.heads, s.q_len, s.value_dim};
   check_same_device_dtype(op, "grad_out", grad_out, "q", q);
   check_shape(op, "grad_out", grad_out, out_shape, "(B, H, T_q, dv)");
@@ -140,21 +166,9 @@ inline void check_window_backward_inputs(const at::Tensor& grad_out, const at::T
   check_shape(op, "out", out, out_shape, "(B, H, T_q, dv)");
   check_same_device(op, "lse", lse, "q", q);
   TORCH_CHECK(lse.scalar_type() == accumulate_type(q.scalar_type()), op, ": lse must be ",
-              accumulate_type(q.scalar_type()), " for ", q.scalar_type(), " inputs, got ",
-              lse.scalar_type());
+              accumulate_type(q.scalar_type()), " for ", q.scalar_type(), " inputs, got ", lse.scalar_type());
   check_shape(op, "lse", lse, {s.batch, s.heads, s.q_len}, "(B, H, T_q)");
-}
-
-// The block-sparse backward's checks (CPU, device-generic and Meta kernels alike).
-inline WindowAttentionSizes check_block_sparse_backward_inputs(
-    const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_lse, const at::Tensor& q,
-    const at::Tensor& k, const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
-    const at::Tensor& layout, int64_t block_size, const std::optional<at::Tensor>& key_padding_mask,
-    double scale, const PairTermTensors& terms) {
-  const WindowAttentionSizes s =
-      check_block_sparse_inputs(q, k, v, layout, block_size, key_padding_mask, scale, terms);
-  check_window_backward_inputs(grad_out, q, out, lse, s);
-  check_grad_lse(kBlockSparseOp, grad_lse, q, s);
+  check_grad_lse(op, grad_lse, q, s);
   return s;
 }
 

@@ -15,14 +15,16 @@ from typing import Optional, Tuple
 
 import torch
 
-from ..window import window_mask
+from ..ops.restricted import Pattern
 
 PATTERN_ATTRIBUTE = "_linattn_pattern"
 
 
 @dataclass(frozen=True)
-class Pattern:
-    """The mask a recognised mask function describes, with transformers' position offsets."""
+class RecognisedMask:
+    """The mask a recognised mask function describes, with transformers' position offsets; the
+    attention turns its Visibility into linattn's own pattern (linattn.ops.restricted.Pattern, whose
+    dense_mask `_dense_padding` checks dense masks against)."""
 
     causal: bool
     window: Tuple[int, int]  # flash-attn's (left, right), -1 = unbounded
@@ -109,7 +111,7 @@ def recognise_packed(mask_function):
 def compact_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None,
                  attention_mask=None, device="cpu", **kwargs):
     """transformers' mask interface for linattn: the (B, kv_length) visible-keys mask carrying its
-    Pattern when the mask function is recognised, else sdpa's dense mask."""
+    RecognisedMask when the mask function is recognised, else sdpa's dense mask."""
     from transformers.masking_utils import prepare_padding_mask, sdpa_mask
 
     if getattr(attention_mask, PATTERN_ATTRIBUTE, None) is not None:
@@ -129,7 +131,7 @@ def compact_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_
         visible = torch.ones(batch_size, kv_length, dtype=torch.bool, device=device)
     else:
         visible = padding[:, kv_offset:kv_offset + kv_length].to(device=device, dtype=torch.bool)
-    setattr(visible, PATTERN_ATTRIBUTE, Pattern(*recognised, q_offset=int(q_offset), kv_offset=int(kv_offset),
+    setattr(visible, PATTERN_ATTRIBUTE, RecognisedMask(*recognised, q_offset=int(q_offset), kv_offset=int(kv_offset),
                                                 documents=documents))
     return visible
 
@@ -149,7 +151,7 @@ def _dense_padding(where, mask, q_len, k_len, causal, window) -> Optional[torch.
     visible = mask if mask.dtype == torch.bool else mask == 0
     visible = visible[:, 0]  # (B, T_q, T_k); the head dim is 1 in transformers' masks
     key_visible = visible.any(dim=1)
-    pattern = window_mask(q_len, k_len, window, device=visible.device)[0, 0]  # bottom-right aligned
+    pattern = Pattern(window=window).dense_mask(q_len, k_len, device=visible.device)[0, 0]  # bottom-right aligned
     expected = key_visible[:, None, :] & pattern
     # Rows of padded queries are left out: transformers may unmask them to avoid NaNs.
     query_real = key_visible[:, k_len - q_len:]

@@ -45,8 +45,13 @@ def _onnx_export_flags():
 _in_onnx_export = _onnx_export_flags()
 
 
-def forward_op(device_type: str = "cpu"):
-    """The forward operator a call on `device_type` runs (routing.py; ONNX export: the decomposed twin)."""
+def forward_op(device_type: str = "cpu", extended: bool = False):
+    """The forward operator a call on `device_type` runs (routing.py; ONNX export: the decomposed twin).
+    extended: the call has a fading state or packed sequences, which the fused kernels and the
+    decomposed twin do not run."""
+    if extended:
+        return (torch.ops.linattn.linear_attn_fwd_generic if routing.generic_in_use()
+                else torch.ops.linattn.linear_attn_fwd).default
     if _in_onnx_export():
         if not torch.compiler.is_exporting():
             # The legacy exporter traces with TorchScript, which records the op itself rather than

@@ -1,20 +1,93 @@
-"""The Python side of the restricted-softmax operators (csrc/restricted_softmax/, docs/methods.md
-§5–§7): which forward operator a call runs. Their schemas are in csrc/ops.cpp; checks, kernels,
-fake kernels and autograd are C++."""
+"""The Python side of the restricted-softmax operator (csrc/restricted_softmax/, docs/methods.md
+§5–§7): `Pattern`, which keys each query sees, as the operator's arguments (`op_args`) and as the
+dense mask of its definition (`dense_mask`, for the references, need_weights and mask checks), and
+`restricted_softmax`, which runs it. The schema, checks, kernels, fake kernels and autograd are C++.
+"""
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
 import torch
 
 from . import routing
 
 
-def sliding_window_op():
-    """The sliding-window forward operator (the device-generic twin under the tests' switch)."""
-    if routing.generic_in_use():
-        return torch.ops.linattn.sliding_window_attn_fwd_generic.default
-    return torch.ops.linattn.sliding_window_attn_fwd.default
+@dataclass(frozen=True)
+class Pattern:
+    """Which keys each query sees in a restricted-softmax call. Query i sees key j when
+
+    - its region holds the pair: a block ``layout`` (H or 1, ⌈T_q/b⌉, ⌈T_k/b⌉) bool of
+      ``block_size`` × ``block_size`` blocks, or else the sliding ``window`` (left, right) around
+      the aligned position a = i + T_k − T_q (−1 = unbounded; both −1: every key), with
+      ``dilation`` and Longformer ``global_mask`` (B, T) (a global row sees every key, every row the
+      global keys);
+    - ``causal``: j <= a (compares ``positions`` when given);
+    - ``q_segments[i] == k_segments[j]`` (B, 1 or H, T_q / T_k) int64, and j is not padded
+      (``key_padding_mask`` (B, T_k), True = padded).
+
+    With a layout, two score terms: ``bias`` (1 or H, T_q, T_k) added to the scaled scores
+    (differentiable), and ``positions`` (B, 1 or H, T) of a permuted sequence (a token's own key
+    scores −1e5, Reformer's shared-QK rule).
+    """
+
+    window: Tuple[int, int] = (-1, -1)
+    dilation: int = 1
+    causal: bool = False
+    layout: Optional[torch.Tensor] = None
+    block_size: int = 1
+    global_mask: Optional[torch.Tensor] = None
+    key_padding_mask: Optional[torch.Tensor] = None
+    q_segments: Optional[torch.Tensor] = None
+    k_segments: Optional[torch.Tensor] = None
+    positions: Optional[torch.Tensor] = None
+    bias: Optional[torch.Tensor] = None
+
+    def op_args(self) -> tuple:
+        """The operator's pattern arguments, in schema order (after q, k, v and scale)."""
+        return (self.window[0], self.window[1], self.dilation, self.causal, self.layout, self.block_size,
+                self.global_mask, self.key_padding_mask, self.q_segments, self.k_segments, self.positions, self.bias)
+
+    def dense_mask(self, length_q: int, length_k: int, device=None) -> torch.Tensor:
+        """The (B or 1, H or 1, T_q, T_k) bool mask, True = the query sees the key, straight from the
+        definition above. The operator never builds it."""
+        i = torch.arange(length_q, device=device)[:, None] + (length_k - length_q)  # aligned positions
+        j = torch.arange(length_k, device=device)[None, :]
+        if self.layout is not None:
+            rows = torch.arange(length_q, device=device) // self.block_size
+            cols = torch.arange(length_k, device=device) // self.block_size
+            visible = self.layout.to(device)[:, rows][:, :, cols].unsqueeze(0)
+        else:
+            left, right = self.window
+            d = i - j
+            visible = torch.ones(length_q, length_k, dtype=torch.bool, device=device)
+            if left >= 0:
+                visible = visible & (d <= left)
+            if right >= 0 and not self.causal:
+                visible = visible & (-d <= right)
+            visible = (visible & (d % self.dilation == 0))[None, None]
+            if self.global_mask is not None:
+                g = self.global_mask.to(device)
+                visible = visible | g[:, None, :, None] | g[:, None, None, :]
+        if self.causal:
+            if self.positions is not None:
+                p = self.positions.to(device)
+                visible = visible & (p[:, :, None, :] <= p[:, :, :, None])
+            else:
+                visible = visible & (j <= i)
+        if self.q_segments is not None:
+            visible = visible & (self.q_segments.to(device)[:, :, :, None] == self.k_segments.to(device)[:, :, None, :])
+        if self.key_padding_mask is not None:
+            visible = visible & ~self.key_padding_mask.to(device)[:, None, None, :]
+        return visible
 
 
-def block_sparse_op():
-    """The block-sparse forward operator (the device-generic twin under the tests' switch)."""
+def restricted_softmax_op():
+    """The forward operator (the device-generic twin under the tests' switch)."""
     if routing.generic_in_use():
-        return torch.ops.linattn.block_sparse_attn_fwd_generic.default
-    return torch.ops.linattn.block_sparse_attn_fwd.default
+        return torch.ops.linattn.restricted_softmax_fwd_generic.default
+    return torch.ops.linattn.restricted_softmax_fwd.default
+
+
+def restricted_softmax(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                       pattern: Pattern) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(out (B, H, T_q, dv), lse (B, H, T_q)): softmax attention under `pattern`."""
+    return restricted_softmax_op()(q, k, v, float(scale), *pattern.op_args())

@@ -52,13 +52,13 @@ def _step_generic():
 
 def _window():
     q, k, v = (torch.randn(1, 2, 9, 4, dtype=torch.float64, requires_grad=True) for _ in range(3))
-    return (q, k, v), lambda: torch.ops.linattn.sliding_window_attn_fwd(q, k, v, 2, 0, 1, None, None, 0.5)
+    return (q, k, v), lambda: torch.ops.linattn.restricted_softmax_fwd(q, k, v, 0.5, 2, 0)
 
 
 def _block_sparse():
     q, k, v = (torch.randn(1, 2, 9, 4, dtype=torch.float64, requires_grad=True) for _ in range(3))
     layout = torch.ones(1, 3, 3, dtype=torch.bool)
-    return (q, k, v), lambda: torch.ops.linattn.block_sparse_attn_fwd(q, k, v, layout, 4, True, None, 0.5)
+    return (q, k, v), lambda: torch.ops.linattn.restricted_softmax_fwd(q, k, v, 0.5, causal=True, layout=layout, block_size=4)
 
 
 OPERATORS = {"linear": _linear, "generic": _generic, "fused": _fused, "decayed": _decayed, "varlen": _varlen,

@@ -115,23 +115,23 @@ def test_gradcheck(implementation):
     assert torch.autograd.gradcheck(lambda a, b, c: BSA(a, b, c, layout, 2, causal=True), (q, k, v))
 
 
-@pytest.mark.parametrize("name", ["block_sparse_attn_fwd", "block_sparse_attn_fwd_generic"])
+@pytest.mark.parametrize("name", ["restricted_softmax_fwd", "restricted_softmax_fwd_generic"])
 @pytest.mark.parametrize("causal", [False, True])
 def test_opcheck(name, causal):
     q, k, v = qkv(B=2, H=2, Tq=70, D=8)
     p = torch.zeros(2, 70, dtype=torch.bool)
     p[1, 60:] = True
     op = getattr(torch.ops.linattn, name).default
-    torch.library.opcheck(op, (q, k, v, random_layout(2, 70, 70, 16), 16, causal, p, 0.25))
+    torch.library.opcheck(op, (q, k, v, 0.25, -1, -1, 1, causal, random_layout(2, 70, 70, 16), 16, None, p))
 
 
-@pytest.mark.parametrize("name", ["block_sparse_attn_bwd", "block_sparse_attn_bwd_generic"])
+@pytest.mark.parametrize("name", ["restricted_softmax_bwd", "restricted_softmax_bwd_generic"])
 def test_opcheck_backward(name):
     q, k, v = (t.detach() for t in qkv(B=2, H=2, Tq=70, D=8))
     layout = random_layout(1, 70, 70, 16)
-    out, lse = torch.ops.linattn.block_sparse_attn_fwd(q, k, v, layout, 16, False, None, 0.25)
+    out, lse = torch.ops.linattn.restricted_softmax_fwd(q, k, v, 0.25, layout=layout, block_size=16)
     op = getattr(torch.ops.linattn, name).default
-    torch.library.opcheck(op, (torch.randn_like(out), None, q, k, v, out, lse, layout, 16, False, None, 0.25))
+    torch.library.opcheck(op, (torch.randn_like(out), None, q, k, v, out, lse, 0.25, -1, -1, 1, False, layout, 16))
 
 
 def test_compile_fullgraph_matches_eager():
@@ -154,11 +154,12 @@ def test_errors():
         BSA(q, k, v, random_layout(1, 37, 37, 16), 8)
     with pytest.raises(TypeError, match=r"layout must be a 3-D bool tensor"):
         BSA(q, k, v, random_layout(1, 37, 37, 8).float(), 8)
-    with pytest.raises(RuntimeError, match=r"block_sparse_attention: layout must have shape"):
-        torch.ops.linattn.block_sparse_attn_fwd(q, k, v, random_layout(3, 37, 37, 8), 8, False, None, 1.0)
+    op = torch.ops.linattn.restricted_softmax_fwd
+    with pytest.raises(RuntimeError, match=r"restricted_softmax: layout must have shape"):
+        op(q, k, v, 1.0, layout=random_layout(3, 37, 37, 8), block_size=8)
     with pytest.raises(RuntimeError, match=r"block_size must be >= 1"):
-        torch.ops.linattn.block_sparse_attn_fwd(q, k, v, random_layout(1, 37, 37, 8), 0, False, None, 1.0)
+        op(q, k, v, 1.0, layout=random_layout(1, 37, 37, 8), block_size=0)
     with pytest.raises(RuntimeError, match=r"layout and q must be on the same device"):
-        torch.ops.linattn.block_sparse_attn_fwd(q, k, v, random_layout(1, 37, 37, 8).to("meta"), 8, False, None, 1.0)
+        op(q, k, v, 1.0, layout=random_layout(1, 37, 37, 8).to("meta"), block_size=8)
     with pytest.raises(ValueError, match=r"bigbird_layout: num_random must be an int >= 0"):
         linattn.bigbird_layout(100, 16, num_random=-1)

@@ -98,21 +98,79 @@ def test_compile_with_mask_and_state():
 
 # --- one schema for the linear family: plain, fading (log_decay) and packed (cu_seqlens) ---
 
-@pytest.mark.parametrize("name", ["linear_attn_fwd_generic", "linear_attn_fwd_fused"])
-def test_plain_implementations_refuse_fading_and_packing(name):
-    """The device-generic and fused kernels register under the family's one schema but run the
-    plain operator only: a fading state or a packing is refused with a message, never ignored."""
+def test_fused_kernels_refuse_fading_and_packing():
+    """The fused kernels register under the family's one schema but run the plain operator only:
+    a fading state or a packing is refused with a message, never ignored."""
     q, k, v = (torch.randn(1, 2, 8, 4) for _ in range(3))
-    op = getattr(torch.ops.linattn, name)
+    op = torch.ops.linattn.linear_attn_fwd_fused
     with pytest.raises(RuntimeError, match=r"neither a fading state \(log_decay\) nor packed sequences"):
         op(q, k, v, None, None, 1, True, True, 1e-6, -torch.rand(1, 2, 8))
     with pytest.raises(RuntimeError, match=r"neither a fading state \(log_decay\) nor packed sequences"):
         op(q, k, v, None, None, 1, True, True, 1e-6, None, torch.tensor([0, 3, 8], dtype=torch.int32))
 
 
-def test_the_cpu_operator_checks_its_extensions():
+def _extended_calls():
+    """(forward args, grad_final_state) of fading and packed calls, float64."""
+    g = torch.Generator().manual_seed(3)
+    rand = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64)  # noqa: E731
+    B, H, T, D, DV = 2, 3, 77, 5, 4
+    q, k, v = rand(B, H, T, D), rand(B, H, T, D), rand(B, H, T, DV)
+    log_decay = -torch.rand(B, H, T, generator=g, dtype=torch.float64) * 0.2
+    initial = torch.cat([rand(B, H, D, DV), torch.rand(B, H, D, 1, generator=g, dtype=torch.float64) + 1], -1)
+    mask = torch.zeros(B, T, dtype=torch.bool)
+    mask[1, 60:] = True
+    cu = torch.tensor([0, 9, 9, 40, 77], dtype=torch.int32)
+    packed = [t[:1] for t in (q, k, v)]
+    packed_initial = torch.cat([rand(4, H, D, DV), torch.rand(4, H, D, 1, generator=g, dtype=torch.float64) + 1], -1)
+    calls = {
+        "fading": ((q, k, v, initial, mask, 1, True, True, 1e-6, log_decay, None), rand(B, H, D, DV + 1)),
+        "fading, identity map, no state": ((q, k, v, None, None, 0, True, False, 1e-6, log_decay, None), None),
+        "packed, fading, states": ((*packed, packed_initial, None, 2, True, True, 1e-6, log_decay[:1], cu),
+                                   rand(4, H, D, DV + 1)),
+        "packed, causal": ((*packed, None, None, 1, True, True, 1e-6, None, cu), None),
+        "packed, not causal, states": ((*packed, packed_initial, None, 1, False, True, 1e-6, None, cu),
+                                       rand(4, H, D, DV + 1)),
+    }
+    return calls
+
+
+@pytest.mark.parametrize("case", list(_extended_calls()))
+def test_generic_kernel_runs_fading_and_packing_as_the_cpu_kernel(case):
+    """The device-generic kernel (what CUDA tensors run) takes the whole schema: its forward and
+    backward operators give the CPU kernel's outputs, final states, normalizers and gradients
+    (dL/d cumsum(log_decay) included), in float64."""
+    args, grad_final = _extended_calls()[case]
+    outputs = {}
+    for suffix in ("", "_generic"):
+        forward = getattr(torch.ops.linattn, "linear_attn_fwd" + suffix)
+        backward = getattr(torch.ops.linattn, "linear_attn_bwd" + suffix)
+        out, state, normalizer = forward(*args)
+        q, k, v, initial, mask, code, causal, normalize, _, log_decay, cu = args
+        grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=out.dtype)
+        grads = backward(grad_out, grad_final, q, k, v, out, normalizer, initial, mask, code, causal, normalize,
+                         None, log_decay, cu)
+        outputs[suffix] = (out, state, normalizer, *grads)
+    names = ["out", "final_state", "normalizer", "grad_q", "grad_k", "grad_v", "grad_initial", "grad_cumulative"]
+    for name, got, want in zip(names, outputs["_generic"], outputs[""]):
+        if name == "grad_initial" and args[3] is None:
+            continue  # not an input: the kernels may return zeros or nothing
+        if want.numel() == 0:
+            assert got.numel() == 0, name
+            continue
+        assert_close(got, want, 1e-9, name)
+
+
+@pytest.mark.parametrize("case", list(_extended_calls()))
+def test_generic_kernel_opcheck_with_fading_and_packing(case):
+    args, _ = _extended_calls()[case]
+    args = tuple(a.clone().requires_grad_() if i in (0, 1, 2) else a for i, a in enumerate(args))
+    torch.library.opcheck(torch.ops.linattn.linear_attn_fwd_generic.default, args)
+
+
+@pytest.mark.parametrize("name", ["linear_attn_fwd", "linear_attn_fwd_generic"])
+def test_the_operator_checks_its_extensions(name):
     q, k, v = (torch.randn(1, 2, 8, 4) for _ in range(3))
-    op = torch.ops.linattn.linear_attn_fwd
+    op = getattr(torch.ops.linattn, name)
     with pytest.raises(RuntimeError, match=r"fade a causal state; need causal=True"):
         op(q, k, v, None, None, 1, False, True, 1e-6, -torch.rand(1, 2, 8))
     with pytest.raises(RuntimeError, match=r"with cu_seqlens there is no padding to mask"):

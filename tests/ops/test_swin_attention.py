@@ -58,19 +58,24 @@ def test_regions_are_the_shifted_window_mask():
     assert torch.equal(regions[:, :, None] == regions[:, None, :], tv[:, :, None] == tv[:, None, :])
 
 
+def pattern_args(layout, block_size, causal, bias, q_segments, k_segments, positions):
+    """The restricted-softmax operator's pattern arguments of a layout with pair terms."""
+    return (-1, -1, 1, causal, layout, block_size, None, None, q_segments, k_segments, positions, bias)
+
+
 @pytest.mark.parametrize("suffix", ["", "_generic"])
 def test_opcheck_pair_terms(suffix):
     q, k, v, bias = (t.detach() for t in windows(G=4, H=2, N=20, D=8))
     seg = torch.randint(0, 3, (4, 1, 20), generator=torch.Generator().manual_seed(0))
     pos = torch.randperm(20, generator=torch.Generator().manual_seed(1)).repeat(4, 2, 1)
     layout = torch.rand(2, 3, 3, generator=torch.Generator().manual_seed(2)) < 0.7
-    fwd = getattr(torch.ops.linattn, f"block_sparse_attn_fwd{suffix}").default
-    bwd = getattr(torch.ops.linattn, f"block_sparse_attn_bwd{suffix}").default
-    args = (q, k, v, layout, 8, True, None, 0.3, bias, seg, seg, pos)
-    torch.library.opcheck(fwd, args)
-    out, lse = fwd(*args)
+    fwd = getattr(torch.ops.linattn, f"restricted_softmax_fwd{suffix}").default
+    bwd = getattr(torch.ops.linattn, f"restricted_softmax_bwd{suffix}").default
+    pattern = pattern_args(layout, 8, True, bias, seg, seg, pos)
+    torch.library.opcheck(fwd, (q, k, v, 0.3) + pattern)
+    out, lse = fwd(q, k, v, 0.3, *pattern)
     grad_lse = torch.randn_like(lse).masked_fill(torch.isinf(lse), 0)
-    torch.library.opcheck(bwd, (torch.randn_like(out), grad_lse, q, k, v, out, lse) + args[3:])
+    torch.library.opcheck(bwd, (torch.randn_like(out), grad_lse, q, k, v, out, lse, 0.3) + pattern)
 
 
 def test_pair_terms_kernel_equals_generic():
@@ -79,13 +84,14 @@ def test_pair_terms_kernel_equals_generic():
     kseg = seg.masked_fill(torch.rand(3, 2, 70, generator=torch.Generator().manual_seed(3)) < 0.1, -1)
     pos = torch.stack([torch.randperm(70, generator=torch.Generator().manual_seed(i)) for i in range(6)]).view(3, 2, 70)
     layout = torch.rand(1, 5, 5, generator=torch.Generator().manual_seed(2)) < 0.6
+    pattern = pattern_args(layout, 16, True, bias, seg, kseg, pos)
     results = []
     for suffix in ("", "_generic"):
-        fwd = getattr(torch.ops.linattn, f"block_sparse_attn_fwd{suffix}")
-        bwd = getattr(torch.ops.linattn, f"block_sparse_attn_bwd{suffix}")
-        out, lse = fwd(q, k, v, layout, 16, True, None, 0.4, bias, seg, kseg, pos)
+        fwd = getattr(torch.ops.linattn, f"restricted_softmax_fwd{suffix}")
+        bwd = getattr(torch.ops.linattn, f"restricted_softmax_bwd{suffix}")
+        out, lse = fwd(q, k, v, 0.4, *pattern)
         grads = bwd(torch.ones_like(out), torch.ones_like(lse).masked_fill(torch.isinf(lse), 0), q, k, v, out, lse,
-                    layout, 16, True, None, 0.4, bias, seg, kseg, pos)
+                    0.4, *pattern)
         results.append((out, lse) + tuple(grads))
     for a, b in zip(*results):
         assert torch.allclose(a, b, atol=1e-12, equal_nan=False), (a - b).abs().max()
@@ -94,13 +100,13 @@ def test_pair_terms_kernel_equals_generic():
 def test_pair_term_errors():
     q, k, v, bias = (t.detach() for t in windows(G=2, H=2, N=10, D=4))
     layout = torch.ones(1, 1, 1, dtype=torch.bool)
-    op = torch.ops.linattn.block_sparse_attn_fwd
+    op = torch.ops.linattn.restricted_softmax_fwd
     with pytest.raises(RuntimeError, match=r"bias must have shape \(1 or H=2, T_q=10, T_k=10\)"):
-        op(q, k, v, layout, 10, False, None, 1.0, bias[:, :5], None, None, None)
+        op(q, k, v, 1.0, layout=layout, block_size=10, bias=bias[:, :5])
     with pytest.raises(RuntimeError, match=r"q_segments and k_segments must be given together"):
-        op(q, k, v, layout, 10, False, None, 1.0, None, torch.zeros(2, 1, 10, dtype=torch.long), None, None)
+        op(q, k, v, 1.0, layout=layout, block_size=10, q_segments=torch.zeros(2, 1, 10, dtype=torch.long))
     with pytest.raises(RuntimeError, match=r"positions must be an int64 tensor"):
-        op(q, k, v, layout, 10, False, None, 1.0, None, None, None, torch.zeros(2, 1, 10))
+        op(q, k, v, 1.0, layout=layout, block_size=10, positions=torch.zeros(2, 1, 10))
     with pytest.raises(ValueError, match=r"regions must be an int64 \(nW, N=10\) tensor with nW dividing G=2"):
         linattn.swin_attention(q, k, v, regions=torch.zeros(3, 10, dtype=torch.long))
 

@@ -122,7 +122,7 @@ def test_gradcheck(implementation):
     assert torch.autograd.gradcheck(lambda a, b, c: SWA(a, b, c, 1, global_mask=global_mask), (q, k, v))
 
 
-@pytest.mark.parametrize("name", ["sliding_window_attn_fwd", "sliding_window_attn_fwd_generic"])
+@pytest.mark.parametrize("name", ["restricted_softmax_fwd", "restricted_softmax_fwd_generic"])
 @pytest.mark.parametrize("window,dilation,with_masks", [((3, 3), 1, False), ((5, 0), 2, True), ((-1, 2), 1, True)])
 def test_opcheck(name, window, dilation, with_masks):
     q, k, v = qkv(B=2, H=2, Tq=70, D=8)
@@ -131,15 +131,16 @@ def test_opcheck(name, window, dilation, with_masks):
     p = torch.zeros(2, 70, dtype=torch.bool)
     p[1, 60:] = True
     op = getattr(torch.ops.linattn, name).default
-    torch.library.opcheck(op, (q, k, v, *window, dilation, g if with_masks else None, p if with_masks else None, 0.25))
+    torch.library.opcheck(op, (q, k, v, 0.25, *window, dilation, False, None, 1, g if with_masks else None,
+                               p if with_masks else None))
 
 
-@pytest.mark.parametrize("name", ["sliding_window_attn_bwd", "sliding_window_attn_bwd_generic"])
+@pytest.mark.parametrize("name", ["restricted_softmax_bwd", "restricted_softmax_bwd_generic"])
 def test_opcheck_backward(name):
     q, k, v = (t.detach() for t in qkv(B=2, H=2, Tq=70, D=8))
-    out, lse = torch.ops.linattn.sliding_window_attn_fwd(q, k, v, 4, 4, 1, None, None, 0.25)
+    out, lse = torch.ops.linattn.restricted_softmax_fwd(q, k, v, 0.25, 4, 4)
     op = getattr(torch.ops.linattn, name).default
-    torch.library.opcheck(op, (torch.randn_like(out), q, k, v, out, lse, 4, 4, 1, None, None, 0.25))
+    torch.library.opcheck(op, (torch.randn_like(out), torch.randn_like(lse), q, k, v, out, lse, 0.25, 4, 4))
 
 
 @pytest.mark.parametrize("causal", [False, True])
@@ -172,13 +173,19 @@ def test_errors():
         SWA(q, k, v, 3, global_mask=torch.zeros(2, 37))
     with pytest.raises(ValueError, match=r"scale must be a finite number"):
         SWA(q, k, v, 3, scale=math.inf)
-    with pytest.raises(RuntimeError, match=r"sliding_window_attention: dilation must be >= 1"):
-        torch.ops.linattn.sliding_window_attn_fwd(q, k, v, 3, 3, 0, None, None, 1.0)
+    op = torch.ops.linattn.restricted_softmax_fwd
+    with pytest.raises(RuntimeError, match=r"restricted_softmax: dilation must be >= 1"):
+        op(q, k, v, 1.0, 3, 3, 0)
     with pytest.raises(RuntimeError, match=r"k and q must be on the same device"):
-        torch.ops.linattn.sliding_window_attn_fwd(q, k.detach().to("meta"), v, 3, 3, 1, None, None, 1.0)
+        op(q, k.detach().to("meta"), v, 1.0, 3, 3)
     with pytest.raises(RuntimeError, match=r"global_mask needs as many queries as keys"):
-        torch.ops.linattn.sliding_window_attn_fwd(q[:, :, :5], k, v, 3, 3, 1, torch.zeros(2, 37, dtype=torch.bool),
-                                                  None, 1.0)
+        op(q[:, :, :5], k, v, 1.0, 3, 3, global_mask=torch.zeros(2, 37, dtype=torch.bool))
+    with pytest.raises(RuntimeError, match=r"global_mask needs causal=False"):
+        op(q, k, v, 1.0, 3, 3, causal=True, global_mask=torch.zeros(2, 37, dtype=torch.bool))
+    with pytest.raises(RuntimeError, match=r"a layout is a region of its own"):
+        op(q, k, v, 1.0, 3, 3, layout=torch.ones(1, 1, 1, dtype=torch.bool), block_size=37)
+    with pytest.raises(RuntimeError, match=r"bias and positions are terms of a layout pattern"):
+        op(q, k, v, 1.0, 3, 3, bias=torch.zeros(1, 37, 37))
 
 
 def test_double_backward_raises():
