@@ -120,16 +120,24 @@ def _ddp_check(rank, world, start, end, T):
 @pytest.mark.parametrize("world", [2, 4])
 def test_matches_single_process(world):
     context = mp.get_context("spawn")
-    failures = context.SimpleQueue()
-    with tempfile.TemporaryDirectory() as folder:
-        init_file = os.path.join(folder, "init")
-        try:
-            mp.spawn(_worker, args=(world, init_file, failures), nprocs=world, join=True)
-        except Exception:
-            messages = []
-            while not failures.empty():
-                messages.append(failures.get())
-            raise AssertionError("\n".join(messages) or "a worker failed")
+    for attempt in range(3):
+        failures = context.SimpleQueue()
+        with tempfile.TemporaryDirectory() as folder:
+            init_file = os.path.join(folder, "init")
+            try:
+                mp.spawn(_worker, args=(world, init_file, failures), nprocs=world, join=True)
+                return
+            except Exception as error:
+                messages = []
+                while not failures.empty():
+                    messages.append(failures.get())
+                # A worker killed by a signal before it reported anything is gloo's process group
+                # failing to form ("terminate called without an active exception", about 1 run in
+                # 10 on a loaded 2-core machine), not a wrong result: form it again. A check that
+                # fails reports its message and fails the test at once.
+                killed = isinstance(error, mp.ProcessExitedException) and error.signal_name is not None
+                if messages or not killed or attempt == 2:
+                    raise AssertionError("\n".join(messages) or f"a worker failed: {error}")
 
 
 def test_needs_an_initialized_group():
