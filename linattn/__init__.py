@@ -37,10 +37,11 @@ from . import nn  # noqa: E402
 from . import distributed  # noqa: E402
 from . import hf  # noqa: E402  (imports transformers only when register() is called)
 from .swap import swap_attention  # noqa: E402
+from .conversion import attention_transfer, linearize  # noqa: E402
 
 __all__ = [
     "linear_attention", "linear_attention_step", "performer_attention", "efficient_attention", "sliding_window_attention", "window_mask",
     "block_sparse_attention", "block_local_layout", "swin_attention", "shifted_window_attention", "lsh_attention", "additive_attention", "bigbird_layout", "layout_mask", "random_features", "favor_features",
     "elu_feature_map", "relu_feature_map", "nn", "distributed", "hf", "swap_attention", "reference",
-    "set_cuda_backend", "cuda_backend", "__version__",
+    "set_cuda_backend", "cuda_backend", "linearize", "attention_transfer", "__version__",
 ]

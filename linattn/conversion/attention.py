@@ -1,0 +1,191 @@
+"""LinearizedAttention: the student that replaces one softmax attention layer of a pretrained model
+(docs/methods.md §10), and the layer's exact softmax as its teacher, on the same q, k, v.
+
+Student, per head, with learned feature maps φ_q, φ_k (linattn.nn.learned_feature_maps):
+- "linear": y_i = Σ_j φ_q(q_i)·φ_k(k_j) v_j / Σ_j φ_q(q_i)·φ_k(k_j)  (the fused linear kernel);
+- "hybrid" (LoLCATs-style): exact softmax over the pairs of a sliding window plus global tokens
+  (the restricted-softmax kernel), normalised to a mass of 1, and the linear term over every key,
+  sharing one normaliser:
+      y_i = (y_window,i + γ Σ_j φ_q(q_i)·φ_k(k_j) v_j) / (1 + γ Σ_j φ_q(q_i)·φ_k(k_j)),
+  γ a learned per-head scale starting small; evaluated as the convex combination
+  σ·y_window + (1 − σ)·y_linear, σ = 1 / (1 + γ z_i), which never overflows. (The window's own
+  mass Σ e^{s} is not used: the softmax-normalised features of Hedgehog are on another scale per
+  query; measured on all-MiniLM-L6-v2, weighting by it learned 3x slower.) Global tokens (the
+  first token, and with "first_last" each row's last real one: [CLS] and [SEP] in BERT) see every
+  key and are seen by every query, exactly.
+
+Modes: "student" (the default after linearize), "teacher" (the exact softmax: the model as it
+was), "transfer" (returns the teacher's output, so every layer sees the original activations, and
+keeps the student's loss against it for linattn.attention_transfer).
+"""
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import ops
+from ..functional import linear_attention
+from ..nn.learned_feature_maps import learned_feature_map
+
+METHODS = ("linear", "hybrid")
+MODES = ("student", "teacher", "transfer")
+LOSSES = ("output_mse", "attention_ce")
+GLOBAL_TOKENS = (None, "first", "first_last")
+LINEAR_EPS = 1e-6  # the "linear" student's normaliser guard, as linear_attention's default
+
+
+class LinearizedAttention(nn.Module):
+    """The learned part of one linearized attention layer; the projections stay the model's.
+
+    Args:
+        heads, head_dim: H and d of the layer's queries and keys.
+        method: "linear" or "hybrid".
+        feature_map: "hedgehog", "t2r", or a pair of modules (φ_q, φ_k) mapping (B, H, T, d) to
+            positive features (B, H, T, m).
+        window: the hybrid's exact window, keys with |i − j| <= window (causal: i − window <= j <= i).
+        global_tokens: the hybrid's exact global tokens: None, "first" or "first_last"
+            (bidirectional layers only).
+        linear_scale: γ's initial value (per head, learned as log γ).
+    """
+
+    def __init__(self, heads: int, head_dim: int, *, method: str = "hybrid", feature_map="hedgehog", window: int = 64,
+                 global_tokens: Optional[str] = "first_last", linear_scale: float = 1e-2):
+        super().__init__()
+        where = "linattn.linearize"
+        if method not in METHODS:
+            raise ValueError(f"{where}: method must be one of {METHODS}, got {method!r}")
+        if global_tokens not in GLOBAL_TOKENS:
+            raise ValueError(f"{where}: global_tokens must be one of {GLOBAL_TOKENS}, got {global_tokens!r}")
+        if not isinstance(window, int) or isinstance(window, bool) or window < 0:
+            raise ValueError(f"{where}: window must be an int >= 0, got {window!r}")
+        if not (isinstance(linear_scale, (int, float)) and linear_scale > 0 and math.isfinite(linear_scale)):
+            raise ValueError(f"{where}: linear_scale must be a finite number > 0, got {linear_scale!r}")
+        if isinstance(feature_map, str):
+            self.feature_map_q = learned_feature_map(feature_map, heads, head_dim)
+            self.feature_map_k = learned_feature_map(feature_map, heads, head_dim)
+        elif isinstance(feature_map, (tuple, list)) and len(feature_map) == 2 and all(
+                isinstance(m, nn.Module) for m in feature_map):
+            self.feature_map_q, self.feature_map_k = feature_map
+        else:
+            raise TypeError(f"{where}: feature_map must be 'hedgehog', 't2r' or a pair of modules (φ_q, φ_k), got "
+                            f"{feature_map!r}")
+        self.heads, self.head_dim, self.method = heads, head_dim, method
+        self.window, self.global_tokens = window, global_tokens
+        self.log_linear_scale = nn.Parameter(torch.full((heads,), math.log(linear_scale))) if method == "hybrid" else None
+        self.mode = "student"
+        self.loss_kind = "output_mse"
+        self.last_loss: Optional[torch.Tensor] = None
+
+    def extra_repr(self) -> str:
+        window = f", window={self.window}, global_tokens={self.global_tokens!r}" if self.method == "hybrid" else ""
+        return f"method={self.method!r}{window}, mode={self.mode!r}"
+
+    # --- the two attentions -------------------------------------------------------------------
+
+    def teacher(self, q, k, v, scale: float, key_padding_mask: Optional[torch.Tensor], causal: bool) -> torch.Tensor:
+        """The layer's exact softmax attention (B, H, T_q, dv)."""
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=_dense_mask(q, k, key_padding_mask, causal),
+                                              scale=scale)
+
+    def student(self, q, k, v, scale: float, key_padding_mask: Optional[torch.Tensor], causal: bool) -> torch.Tensor:
+        """The linearized attention (B, H, T_q, dv)."""
+        phi_q, phi_k = self.feature_map_q(q), self.feature_map_k(k)
+        if self.method == "linear":
+            return linear_attention(phi_q, phi_k, v, causal=causal, feature_map=None, eps=LINEAR_EPS,
+                                    key_padding_mask=key_padding_mask)
+        # [Σ φφ v | Σ φφ] in one unnormalised call.
+        values = torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)
+        sums = linear_attention(phi_q, phi_k, values, causal=causal, feature_map=None, normalize=False,
+                                key_padding_mask=key_padding_mask)
+        numerator, z = sums[..., :-1], sums[..., -1]
+        y_linear = torch.where(z[..., None] > 0, numerator / z.clamp_min(torch.finfo(z.dtype).tiny)[..., None], 0.0)
+        pattern = self._window_pattern(q, k, key_padding_mask, causal)
+        y_window, lse = ops.restricted.restricted_softmax(q, k, v, scale, pattern)
+        share = self._window_share(lse, z.to(lse.dtype)).to(v.dtype)[..., None]
+        return share * y_window + (1 - share) * y_linear
+
+    def _window_share(self, lse: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """1 / (1 + γ z): the window's share of the shared normaliser (0 for a row whose window
+        holds no key)."""
+        log_gamma = self.log_linear_scale.to(lse.dtype).view(1, -1, *([1] * (lse.dim() - 2)))
+        share = torch.sigmoid(-(log_gamma + torch.log(z)))
+        return torch.where(torch.isinf(lse) & (lse < 0), 0.0, share)
+
+    def _window_pattern(self, q, k, key_padding_mask, causal) -> "ops.restricted.Pattern":
+        global_mask = None
+        if self.global_tokens is not None and not causal and q.shape[2] == k.shape[2] and k.shape[2] > 0:
+            global_mask = torch.zeros(k.shape[0], k.shape[2], dtype=torch.bool, device=k.device)
+            global_mask[:, 0] = True
+            if self.global_tokens == "first_last":
+                real = k.shape[2] if key_padding_mask is None else (~key_padding_mask).sum(1)
+                last = (torch.as_tensor(real, device=k.device) - 1).clamp_min(0).expand(k.shape[0])
+                global_mask[torch.arange(k.shape[0], device=k.device), last] = True
+        return ops.restricted.Pattern(window=(self.window, 0 if causal else self.window), causal=causal,
+                                      global_mask=global_mask, key_padding_mask=key_padding_mask)
+
+    def student_weights(self, q, k, scale: float, key_padding_mask: Optional[torch.Tensor], causal: bool) -> torch.Tensor:
+        """The student's attention weights (B, H, T_q, T_k), dense (for the attention_ce loss and
+        inspection: O(T²) memory)."""
+        visible = _dense_mask(q, k, key_padding_mask, causal)
+        visible = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device) if visible is None else visible
+        kernel = (self.feature_map_q(q) @ self.feature_map_k(k).transpose(-1, -2)) * visible
+        z = kernel.sum(-1, keepdim=True)
+        if self.method == "linear":
+            return kernel / (z + LINEAR_EPS)
+        linear = kernel / z.clamp_min(torch.finfo(kernel.dtype).tiny)
+        window = self._window_pattern(q, k, key_padding_mask, causal).dense_mask(q.shape[2], k.shape[2], q.device)
+        scores = ((q @ k.transpose(-1, -2)) * scale).masked_fill(~window, float("-inf"))
+        lse = torch.logsumexp(scores, -1, keepdim=True)
+        exact = torch.exp(scores - torch.where(torch.isinf(lse), 0, lse)).masked_fill(~window, 0)
+        share = self._window_share(lse, z)
+        return share * exact + (1 - share) * linear
+
+    # --- what the model calls -----------------------------------------------------------------
+
+    def forward(self, q, k, v, scale: float, key_padding_mask: Optional[torch.Tensor] = None,
+                causal: bool = False) -> torch.Tensor:
+        if self.mode == "student":
+            return self.student(q, k, v, scale, key_padding_mask, causal)
+        with torch.no_grad():
+            target = self.teacher(q, k, v, scale, key_padding_mask, causal)
+        if self.mode == "transfer":
+            self.last_loss = self._loss(q, k, v, target, scale, key_padding_mask, causal)
+        return target
+
+    def _loss(self, q, k, v, target, scale, key_padding_mask, causal) -> torch.Tensor:
+        rows = _real_queries(q, key_padding_mask)  # (B, 1, T_q, 1) or None: padded queries are left out
+        if self.loss_kind == "output_mse":
+            error = (self.student(q, k, v, scale, key_padding_mask, causal).float() - target.float()) ** 2
+        else:  # attention_ce: cross-entropy of the student's weights under the teacher's
+            with torch.no_grad():
+                mask = _dense_mask(q, k, key_padding_mask, causal)
+                scores = (q @ k.transpose(-1, -2)) * scale
+                if mask is not None:
+                    scores = scores.masked_fill(~mask, float("-inf"))
+                teacher = torch.softmax(scores.float(), -1)
+            weights = self.student_weights(q, k, scale, key_padding_mask, causal).float()
+            error = -(teacher * torch.log(weights.clamp_min(1e-12))).sum(-1, keepdim=True)
+        if rows is None:
+            return error.mean()
+        error = error * rows
+        return error.sum() / (rows.sum() * error.shape[1] * error.shape[-1]).clamp_min(1)
+
+
+def _dense_mask(q, k, key_padding_mask, causal) -> Optional[torch.Tensor]:
+    """SDPA's boolean mask (True = attend) for padding and causality (bottom-right aligned), or None."""
+    mask = None
+    if causal:
+        i = torch.arange(q.shape[2], device=q.device)[:, None] + (k.shape[2] - q.shape[2])
+        mask = torch.arange(k.shape[2], device=q.device)[None, :] <= i
+    if key_padding_mask is not None:
+        keys = ~key_padding_mask[:, None, None, :]
+        mask = keys if mask is None else mask & keys
+    return mask
+
+
+def _real_queries(q, key_padding_mask) -> Optional[torch.Tensor]:
+    if key_padding_mask is None or key_padding_mask.shape[1] != q.shape[2]:
+        return None
+    return (~key_padding_mask)[:, None, :, None].to(torch.float32)

@@ -1,0 +1,104 @@
+"""Linearizing Hugging Face transformers models: every attention layer the model runs through
+transformers' AttentionInterface gets a LinearizedAttention (attached to the layer's module as
+`linattn_linearized`, so it is in the model's parameters and state_dict), and the model runs the
+"linattn_linearized" implementation, which hands each layer's q, k, v to it.
+
+The layers are found by running the model once on example inputs with a probing implementation
+(the exact softmax, recording which modules call it and their q/k/v shapes): no list of
+architectures, any model whose attention goes through the interface (BERT, Llama-family, ViT, ...).
+"""
+from collections.abc import Mapping
+from typing import Dict, List
+
+import torch
+
+from .attention import LinearizedAttention
+
+IMPLEMENTATION = "linattn_linearized"
+PROBE = "linattn_probe"
+ATTRIBUTE = "linattn_linearized"
+
+
+def _where(module) -> str:
+    return f"linattn.linearize ({module.__class__.__name__})"
+
+
+def linearized_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """transformers' attention function for linearized layers: (output (B, T, H, dv), None)."""
+    from ..hf.attention import _prepare
+
+    layer = getattr(module, ATTRIBUTE, None)
+    if layer is None:
+        raise ValueError(f"{_where(module)}: this attention layer was not linearized (run linattn.linearize on the "
+                         "model that owns it)")
+    key, value, seen, state_layer = _prepare(module, query, key, value, attention_mask, 0.0, kwargs)
+    if state_layer is not None or seen.documents is not None or seen.window[0] >= 0:
+        raise ValueError(f"{_where(module)}: linearized layers run plain causal or bidirectional attention with key "
+                         "padding (not yet a state cache, packed documents or the model's own sliding window)")
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    out = layer(query, key, value, float(scale), seen.padding, seen.causal)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _probe_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """The exact softmax (transformers' sdpa function), recording who called it with what shapes."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    _probe_attention.seen.setdefault(id(module), (module, query.shape[1], query.shape[3], value.shape[3]))
+    return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+
+
+_probe_attention.seen = {}
+
+
+def register() -> None:
+    """Adds the linearized and probing implementations to transformers' interfaces (idempotent)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    from ..hf.masks import compact_mask
+
+    AttentionInterface.register(IMPLEMENTATION, linearized_attention)
+    AttentionMaskInterface.register(IMPLEMENTATION, compact_mask)
+    AttentionInterface.register(PROBE, _probe_attention)
+    AttentionMaskInterface.register(PROBE, sdpa_mask)
+
+
+def attention_layers(model, example_inputs) -> List[tuple]:
+    """(module, heads, head_dim, value_dim) of every attention layer the model runs on example_inputs."""
+    previous = model.config._attn_implementation
+    _probe_attention.seen = {}
+    model.set_attn_implementation(PROBE)
+    try:
+        with torch.no_grad():
+            if isinstance(example_inputs, Mapping):
+                model(**example_inputs)
+            else:
+                model(example_inputs)
+        return list(_probe_attention.seen.values())
+    finally:
+        model.set_attn_implementation(previous)
+        _probe_attention.seen = {}
+
+
+def linearize_hf(model, example_inputs, options: Dict) -> List[str]:
+    """Attaches a LinearizedAttention to every attention layer of a transformers model and switches
+    the model to it; returns the layers' qualified names."""
+    register()
+    if example_inputs is None:
+        example_inputs = model.dummy_inputs
+    layers = attention_layers(model, example_inputs)
+    if not layers:
+        raise ValueError("linattn.linearize: the model ran no attention through transformers' AttentionInterface on "
+                         "the example inputs; nothing to linearize")
+    names = {id(module): name for name, module in model.named_modules()}
+    replaced = []
+    for module, heads, head_dim, value_dim in layers:
+        if getattr(module, ATTRIBUTE, None) is not None:
+            raise ValueError(f"linattn.linearize: {names[id(module)]} is already linearized")
+        parameter = next(model.parameters())
+        layer = LinearizedAttention(heads, head_dim, **options).to(device=parameter.device, dtype=parameter.dtype)
+        module.add_module(ATTRIBUTE, layer)
+        replaced.append(names[id(module)])
+    model.set_attn_implementation(IMPLEMENTATION)
+    return replaced

@@ -1,0 +1,133 @@
+"""Attention transfer (LoLCATs' first stage, docs/methods.md §10): train only a linearized model's
+new parameters so that every replaced layer reproduces its own softmax attention on the same
+inputs. All layers learn at once in one forward pass: in "transfer" mode each layer returns its
+teacher's (exact) output, so the next layer sees the original activations, and keeps its student's
+loss; the losses are summed and the feature maps (and the hybrid's scales) take one Adam step.
+"""
+import itertools
+from collections.abc import Mapping
+from typing import Dict, Iterable, List, Optional
+
+import torch
+
+from .attention import LOSSES, LinearizedAttention
+
+
+def linearized_layers(model: torch.nn.Module) -> Dict[str, LinearizedAttention]:
+    """The model's LinearizedAttention modules by qualified name."""
+    return {name: module for name, module in model.named_modules() if isinstance(module, LinearizedAttention)}
+
+
+def set_mode(model: torch.nn.Module, mode: str) -> None:
+    """"student" (the linearized model), "teacher" (the original softmax attention) or "transfer"."""
+    for layer in linearized_layers(model).values():
+        if mode not in ("student", "teacher", "transfer"):
+            raise ValueError(f"linattn: mode must be 'student', 'teacher' or 'transfer', got {mode!r}")
+        layer.mode = mode
+
+
+def _run(model, batch):
+    return model(**batch) if isinstance(batch, Mapping) else model(batch)
+
+
+def attention_transfer(model: torch.nn.Module, batches: Iterable, *, steps: int = 100, lr: float = 1e-2,
+                       loss: str = "output_mse", progress: bool = True,
+                       callback=None) -> Dict[str, List[float]]:
+    """Trains the linearized layers of `model` (linattn.linearize) to match their softmax attention.
+
+    Args:
+        model: a model linearize() converted; only its LinearizedAttention parameters change.
+        batches: model inputs (dicts of keyword arguments, or tensors), cycled through for `steps`.
+        steps, lr: Adam steps and learning rate.
+        loss: "output_mse" (each layer's output against its softmax output) or "attention_ce"
+            (cross-entropy of the student's attention weights under the teacher's; O(T²) memory).
+        progress: a tqdm progress bar.
+        callback: called as callback(step, history) after every step (e.g. to evaluate).
+
+    Returns:
+        history: per-layer loss at every step, by layer name, plus "total" (their sum).
+    Afterwards the model is back in "student" mode (linear attention only), with its parameters'
+    requires_grad flags and training mode as they were.
+    """
+    if loss not in LOSSES:
+        raise ValueError(f"linattn.attention_transfer: loss must be one of {LOSSES}, got {loss!r}")
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
+        raise ValueError(f"linattn.attention_transfer: steps must be an int >= 0, got {steps!r}")
+    layers = linearized_layers(model)
+    if not layers:
+        raise ValueError("linattn.attention_transfer: the model has no linearized layers; run linattn.linearize first")
+    batches = list(batches)
+    if not batches:
+        raise ValueError("linattn.attention_transfer: batches is empty")
+    trainable = [p for layer in layers.values() for p in layer.parameters()]
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    was_training = model.training
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in trainable:
+        p.requires_grad_(True)
+    optimizer = torch.optim.Adam(trainable, lr=lr)
+    history: Dict[str, List[float]] = {name: [] for name in layers}
+    history["total"] = []
+    model.eval()  # dropout off: the teacher is the model as it predicts
+    set_mode(model, "transfer")
+    for layer in layers.values():
+        layer.loss_kind = loss
+    steps_range = range(steps)
+    if progress:
+        from tqdm.auto import tqdm
+
+        steps_range = tqdm(steps_range, desc="attention transfer")
+    try:
+        for step, batch in zip(steps_range, itertools.cycle(batches)):
+            optimizer.zero_grad(set_to_none=True)
+            _run(model, batch)
+            losses = [layer.last_loss for layer in layers.values()]
+            if any(value is None for value in losses):
+                raise RuntimeError("linattn.attention_transfer: a linearized layer did not run on this batch")
+            total = torch.stack(losses).sum()
+            total.backward()
+            optimizer.step()
+            for name, value in zip(layers, losses):
+                history[name].append(float(value.detach()))
+            history["total"].append(float(total.detach()))
+            for layer in layers.values():
+                layer.last_loss = None
+            if progress:
+                steps_range.set_postfix(loss=f"{float(total):.4g}")
+            if callback is not None:  # sees the linearized model
+                set_mode(model, "student")
+                callback(step, history)
+                set_mode(model, "transfer")
+    finally:
+        set_mode(model, "student")
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        model.train(was_training)
+    return history
+
+
+def plot_transfer(history: Dict[str, List[float]], path: Optional[str] = None, *, title: str = "attention transfer"):
+    """Plots each layer's loss against the step (log scale); saves to `path` when given. Returns
+    the matplotlib figure."""
+    import matplotlib
+
+    if path is not None:
+        matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(7, 4))
+    for name, values in history.items():
+        if name == "total":
+            continue
+        axes.plot(values, label=name, linewidth=1)
+    axes.set_yscale("log")
+    axes.set_xlabel("step")
+    axes.set_ylabel("loss")
+    axes.set_title(title)
+    if len(history) <= 13:
+        axes.legend(fontsize=6)
+    figure.tight_layout()
+    if path is not None:
+        figure.savefig(path, dpi=120)
+    return figure

@@ -1,0 +1,142 @@
+"""linattn.linearize and linattn.attention_transfer (docs/methods.md §10) on small transformers models
+built here (BERT bidirectional, Llama causal): the record of what was replaced, teacher mode = the
+original model, the student's math against a dense float64 definition, padding, state_dict round
+trips, compile, transfer reducing every layer's loss, and errors."""
+import pytest
+import torch
+
+import linattn
+from linattn.conversion import LinearizedAttention, linearized_layers, set_mode
+
+transformers = pytest.importorskip("transformers")
+
+
+def bert(seed=0, dtype=torch.float32):
+    config = transformers.BertConfig(vocab_size=61, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                     intermediate_size=64, max_position_embeddings=128)
+    torch.manual_seed(seed)
+    return transformers.BertModel(config).eval().to(dtype)
+
+
+def llama(seed=0):
+    config = transformers.LlamaConfig(vocab_size=61, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    torch.manual_seed(seed)
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+def batch(length=40, seed=1):
+    ids = torch.randint(0, 61, (3, length), generator=torch.Generator().manual_seed(seed))
+    mask = torch.ones(3, length, dtype=torch.long)
+    mask[1, length - 9:] = 0
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+@pytest.mark.parametrize("method", ["hybrid", "linear"])
+def test_linearize_records_layers_and_the_teacher_is_the_original_model(method):
+    model, inputs = bert(dtype=torch.float64), batch()
+    original = model(**inputs).last_hidden_state
+    before = {name: p.clone() for name, p in model.named_parameters()}
+    linattn.linearize(model, method=method, window=4)
+    record = model.linattn_linearization
+    assert record["method"] == method and record["layers"] == [f"encoder.layer.{i}.attention.self" for i in range(2)]
+    assert len(linearized_layers(model)) == 2
+    new = {name for name, _ in model.named_parameters()} - set(before)
+    assert new and all(".linattn_linearized." in name for name in new)  # nothing else added or replaced
+    assert all(torch.equal(p, before[name]) for name, p in model.named_parameters() if name in before)
+    set_mode(model, "teacher")
+    real = inputs["attention_mask"].bool()
+    torch.testing.assert_close(model(**inputs).last_hidden_state[real], original[real], rtol=1e-10, atol=1e-10)
+    set_mode(model, "student")
+    student = model(**inputs).last_hidden_state
+    assert torch.isfinite(student).all() and not torch.allclose(student[real], original[real])
+
+
+def dense_student(layer, q, k, v, scale, padding, causal):
+    """The student's definition (LinearizedAttention's docstring) with dense float64 matrices."""
+    weights = layer.student_weights(q, k, scale, padding, causal)
+    return weights @ v
+
+
+@pytest.mark.parametrize("method", ["hybrid", "linear"])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("feature_map", ["hedgehog", "t2r"])
+def test_student_equals_its_dense_definition(method, causal, feature_map):
+    torch.manual_seed(3)
+    layer = LinearizedAttention(2, 4, method=method, feature_map=feature_map, window=3).double()
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    q, k, v = (torch.randn(2, 2, 23, 4, dtype=torch.float64) for _ in range(3))
+    padding = torch.zeros(2, 23, dtype=torch.bool)
+    padding[1, 17:] = True
+    got = layer.student(q, k, v, 0.5, padding, causal)
+    expected = dense_student(layer, q, k, v, 0.5, padding, causal)
+    rows = ~padding[:, None, :, None].expand_as(got)
+    torch.testing.assert_close(got[rows], expected[rows], rtol=1e-10, atol=1e-10)
+    # Padded keys change nothing.
+    k2, v2 = k.clone(), v.clone()
+    k2[1, :, 17:] = 100.0
+    v2[1, :, 17:] = -7.0
+    torch.testing.assert_close(layer.student(q, k2, v2, 0.5, padding, causal)[rows], got[rows])
+
+
+def test_student_compiles_fullgraph():
+    layer = LinearizedAttention(2, 4, window=3)
+    q, k, v = (torch.randn(1, 2, 20, 4) for _ in range(3))
+    compiled = torch.compile(lambda q, k, v: layer.student(q, k, v, 0.5, None, False), fullgraph=True)
+    torch.testing.assert_close(compiled(q, k, v), layer.student(q, k, v, 0.5, None, False))
+
+
+def test_state_dict_round_trip():
+    model, inputs = bert(), batch()
+    linattn.linearize(model, window=4)
+    with torch.no_grad():
+        for layer in linearized_layers(model).values():
+            for p in layer.parameters():
+                p.add_(0.1 * torch.randn_like(p))
+    expected = model(**inputs).last_hidden_state
+    state = model.state_dict()
+    fresh = linattn.linearize(bert(seed=5), window=4)
+    fresh.load_state_dict(state)
+    torch.testing.assert_close(fresh(**inputs).last_hidden_state, expected)
+
+
+@pytest.mark.parametrize("model_fn, method", [(bert, "hybrid"), (bert, "linear"), (llama, "hybrid")])
+def test_transfer_reduces_every_layer_loss(model_fn, method):
+    model = model_fn()
+    linattn.linearize(model, method=method, window=4)
+    frozen = {name: p.clone() for name, p in model.named_parameters() if "linattn_linearized" not in name}
+    inputs = [batch(seed=s) for s in range(3)]
+    history = linattn.attention_transfer(model, inputs, steps=40, lr=3e-2, progress=False)
+    layers = [name for name in history if name != "total"]
+    assert len(layers) == 2
+    for name in layers:
+        start, end = sum(history[name][:3]) / 3, sum(history[name][-3:]) / 3
+        assert end < 0.8 * start, (name, start, end)
+    assert all(layer.mode == "student" for layer in linearized_layers(model).values())
+    assert all(torch.equal(p, frozen[name]) for name, p in model.named_parameters() if name in frozen)
+    assert all(p.requires_grad for p in model.parameters())  # flags restored
+
+
+def test_attention_ce_loss_runs_and_falls():
+    model = bert()
+    linattn.linearize(model, method="linear")
+    history = linattn.attention_transfer(model, [batch()], steps=25, lr=3e-2, loss="attention_ce", progress=False)
+    assert history["total"][-1] < history["total"][0]
+
+
+def test_errors():
+    with pytest.raises(TypeError, match="converts Hugging Face transformers models"):
+        linattn.linearize(torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="method must be one of"):
+        linattn.linearize(bert(), method="performer")
+    with pytest.raises(ValueError, match="window must be an int >= 0"):
+        linattn.linearize(bert(), window=-1)
+    model = linattn.linearize(bert())
+    with pytest.raises(ValueError, match="already linearized"):
+        linattn.linearize(model)
+    with pytest.raises(ValueError, match="no linearized layers"):
+        linattn.attention_transfer(bert(), [batch()])
+    with pytest.raises(ValueError, match="loss must be one of"):
+        linattn.attention_transfer(model, [batch()], loss="kl")
