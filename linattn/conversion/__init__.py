@@ -11,9 +11,9 @@ trains only those new parameters so each layer reproduces its own softmax attent
 from typing import Optional
 
 from .attention import LinearizedAttention
-from .transfer import attention_transfer, linearized_layers, plot_transfer, set_mode
+from .transfer import attention_transfer, end_to_end_transfer, linearized_layers, plot_transfer, set_mode
 
-__all__ = ["linearize", "attention_transfer", "plot_transfer", "linearized_layers", "set_mode",
+__all__ = ["linearize", "attention_transfer", "end_to_end_transfer", "plot_transfer", "linearized_layers", "set_mode",
            "LinearizedAttention"]
 
 RECORD = "linattn_linearization"

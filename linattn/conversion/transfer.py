@@ -107,6 +107,88 @@ def attention_transfer(model: torch.nn.Module, batches: Iterable, *, steps: int 
     return history
 
 
+def _model_output(output) -> torch.Tensor:
+    """The tensor an end-to-end stage matches: the last hidden states, else the logits."""
+    for name in ("last_hidden_state", "logits"):
+        value = getattr(output, name, None)
+        if isinstance(value, torch.Tensor):
+            return value
+    if isinstance(output, torch.Tensor):
+        return output
+    raise TypeError("linattn.end_to_end_transfer: the model's output has neither last_hidden_state nor logits; pass "
+                    "select= to pick the tensor to match")
+
+
+def end_to_end_transfer(model: torch.nn.Module, batches: Iterable, *, steps: int = 100, lr: float = 1e-3,
+                        select=None, progress: bool = True, callback=None) -> Dict[str, List[float]]:
+    """The stage after attention_transfer: trains the same new parameters so that the linearized
+    model's final output matches the original model's (the teacher mode) on the same inputs, by
+    mean squared error over the real tokens (the batch's attention_mask, when it has one).
+
+    Each step runs the model twice (the original without gradients, the linearized one with
+    them), so a step costs about three layer-wise steps; errors that layer-wise fitting leaves and
+    that compound through the layers are what it corrects.
+
+    Args:
+        model, batches, steps, lr, progress, callback: as attention_transfer.
+        select: maps the model's output to the tensor to match (default: last_hidden_state, else
+            logits).
+    Returns:
+        history: {"total": the loss at every step}.
+    """
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
+        raise ValueError(f"linattn.end_to_end_transfer: steps must be an int >= 0, got {steps!r}")
+    layers = linearized_layers(model)
+    if not layers:
+        raise ValueError("linattn.end_to_end_transfer: the model has no linearized layers; run linattn.linearize first")
+    batches = list(batches)
+    if not batches:
+        raise ValueError("linattn.end_to_end_transfer: batches is empty")
+    select = _model_output if select is None else select
+    trainable = [p for layer in layers.values() for p in layer.parameters()]
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    was_training = model.training
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in trainable:
+        p.requires_grad_(True)
+    optimizer = torch.optim.Adam(trainable, lr=lr)
+    history: Dict[str, List[float]] = {"total": []}
+    model.eval()
+    steps_range = range(steps)
+    if progress:
+        from tqdm.auto import tqdm
+
+        steps_range = tqdm(steps_range, desc="end-to-end transfer")
+    try:
+        for step, batch in zip(steps_range, itertools.cycle(batches)):
+            set_mode(model, "teacher")
+            with torch.no_grad():
+                target = select(_run(model, batch)).float()
+            set_mode(model, "student")
+            optimizer.zero_grad(set_to_none=True)
+            error = (select(_run(model, batch)).float() - target) ** 2
+            mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
+            if mask is not None and mask.shape == error.shape[:2]:
+                rows = mask.to(error.dtype)[..., None]
+                loss = (error * rows).sum() / (rows.sum() * error.shape[-1]).clamp_min(1)
+            else:
+                loss = error.mean()
+            loss.backward()
+            optimizer.step()
+            history["total"].append(float(loss.detach()))
+            if progress:
+                steps_range.set_postfix(loss=f"{float(loss):.4g}")
+            if callback is not None:
+                callback(step, history)
+    finally:
+        set_mode(model, "student")
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        model.train(was_training)
+    return history
+
+
 def plot_transfer(history: Dict[str, List[float]], path: Optional[str] = None, *, title: str = "attention transfer"):
     """Plots each layer's loss against the step (log scale); saves to `path` when given. Returns
     the matplotlib figure."""
