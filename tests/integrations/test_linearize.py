@@ -126,6 +126,24 @@ def test_attention_ce_loss_runs_and_falls():
     assert history["total"][-1] < history["total"][0]
 
 
+def test_lora_through_peft():
+    """The fine-tuning after the transfer (docs/guide/linearize.md): LoRA on the projections, the
+    linearized layers trained whole; every trainable parameter gets a gradient and the model still
+    runs the linearized attention."""
+    peft = pytest.importorskip("peft")
+    model = linattn.linearize(bert(), window=4)
+    inputs = batch()
+    expected = model(**inputs).last_hidden_state
+    config = peft.LoraConfig(r=4, target_modules=["query", "key", "value"], modules_to_save=["linattn_linearized"])
+    tuned = peft.get_peft_model(model, config)
+    out = tuned(**inputs).last_hidden_state
+    torch.testing.assert_close(out, expected)  # LoRA starts at zero
+    out.square().mean().backward()
+    trainable = {name: p for name, p in tuned.named_parameters() if p.requires_grad}
+    assert any("lora_A" in name for name in trainable) and any("feature_map_q" in name for name in trainable)
+    assert all(p.grad is not None for p in trainable.values())
+
+
 def test_errors():
     with pytest.raises(TypeError, match="converts Hugging Face transformers models"):
         linattn.linearize(torch.nn.Linear(2, 2))
