@@ -3,16 +3,17 @@
 
 Student, per head, with learned feature maps φ_q, φ_k (linattn.nn.learned_feature_maps):
 - "linear": y_i = Σ_j φ_q(q_i)·φ_k(k_j) v_j / Σ_j φ_q(q_i)·φ_k(k_j)  (the fused linear kernel);
-- "hybrid" (LoLCATs-style): exact softmax over the pairs of a sliding window plus global tokens
-  (the restricted-softmax kernel), normalised to a mass of 1, and the linear term over every key,
-  sharing one normaliser:
-      y_i = (y_window,i + γ Σ_j φ_q(q_i)·φ_k(k_j) v_j) / (1 + γ Σ_j φ_q(q_i)·φ_k(k_j)),
-  γ a learned per-head scale starting small; evaluated as the convex combination
-  σ·y_window + (1 − σ)·y_linear, σ = 1 / (1 + γ z_i), which never overflows. (The window's own
-  mass Σ e^{s} is not used: the softmax-normalised features of Hedgehog are on another scale per
-  query; measured on all-MiniLM-L6-v2, weighting by it learned 3x slower.) Global tokens (the
-  first token, and with "first_last" each row's last real one: [CLS] and [SEP] in BERT) see every
-  key and are seen by every query, exactly.
+- "hybrid" (LoLCATs-style): exact softmax over the keys of a sliding window plus global tokens
+  (the restricted-softmax kernel), normalised to a mass of 1, and the linear term over every
+  other key, under one normaliser:
+      y_i = (y_window,i + γ Σ_{j∉E(i)} φ_q(q_i)·φ_k(k_j) v_j) / (1 + γ Σ_{j∉E(i)} φ_q(q_i)·φ_k(k_j)),
+  E(i) the keys row i attends exactly, γ a learned per-head scale starting small. The sums over
+  the other keys are the fused linear kernel's sums over all keys minus the window's (band_sums:
+  query blocks against neighbouring key blocks, O(T·window)) and the global keys'. Global tokens
+  (the first token, and with "first_last" each row's last real one: [CLS] and [SEP] in BERT) see
+  every key and are seen by every query, exactly. (The window's own mass Σ e^{s} is not used as
+  its weight: the softmax-normalised features of Hedgehog are on another scale per query;
+  measured on all-MiniLM-L6-v2, weighting by it learned 3x slower.)
 
 Modes: "student" (the default after linearize), "teacher" (the exact softmax: the model as it
 was), "transfer" (returns the teacher's output, so every layer sees the original activations, and
@@ -95,35 +96,48 @@ class LinearizedAttention(nn.Module):
         if self.method == "linear":
             return linear_attention(phi_q, phi_k, v, causal=causal, feature_map=None, eps=LINEAR_EPS,
                                     key_padding_mask=key_padding_mask)
-        # [Σ φφ v | Σ φφ] in one unnormalised call.
+        if q.shape[2] != k.shape[2]:
+            raise ValueError(f"linattn.linearize: the hybrid attends a whole sequence at once (as many queries as "
+                             f"keys), got {q.shape[2]} queries and {k.shape[2]} keys (generation with a cache: not yet)")
+        pattern, global_keys = self._window_pattern(q, k, key_padding_mask, causal)
+        y_window, lse = ops.restricted.restricted_softmax(q, k, v, scale, pattern)
+        # [Σ φφ v | Σ φφ] over every key in one unnormalised call, minus the same sums over the keys
+        # the window attends exactly: what the linear term covers is everything else.
         values = torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)
         sums = linear_attention(phi_q, phi_k, values, causal=causal, feature_map=None, normalize=False,
                                 key_padding_mask=key_padding_mask)
-        numerator, z = sums[..., :-1], sums[..., -1]
-        y_linear = torch.where(z[..., None] > 0, numerator / z.clamp_min(torch.finfo(z.dtype).tiny)[..., None], 0.0)
-        pattern = self._window_pattern(q, k, key_padding_mask, causal)
-        y_window, lse = ops.restricted.restricted_softmax(q, k, v, scale, pattern)
-        share = self._window_share(lse, z.to(lse.dtype)).to(v.dtype)[..., None]
-        return share * y_window + (1 - share) * y_linear
+        if key_padding_mask is not None:
+            phi_k = phi_k.masked_fill(key_padding_mask[:, None, :, None], 0.0)
+        sums = sums - band_sums(phi_q, phi_k, values, self.window, causal)
+        if global_keys is not None:
+            sums = sums - _global_key_sums(phi_q, phi_k, values, global_keys, self.window)
+            # A global row attends to every key exactly: no linear term.
+            sums = sums.masked_fill(pattern.global_mask[:, None, :, None], 0.0)
+        numerator, z = sums[..., :-1], sums[..., -1:].clamp_min(0)
+        gamma = self.log_linear_scale.exp().to(v.dtype)[None, :, None, None]
+        has_window = ~torch.isinf(lse)[..., None]  # a row that sees no key exactly: linear term alone
+        denominator = has_window.to(v.dtype) + gamma * z
+        out = (torch.where(has_window, y_window, 0.0) + gamma * numerator) / denominator.clamp_min(
+            torch.finfo(v.dtype).tiny)
+        return torch.where(denominator > 0, out, 0.0)
 
-    def _window_share(self, lse: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        """1 / (1 + γ z): the window's share of the shared normaliser (0 for a row whose window
-        holds no key)."""
-        log_gamma = self.log_linear_scale.to(lse.dtype).view(1, -1, *([1] * (lse.dim() - 2)))
-        share = torch.sigmoid(-(log_gamma + torch.log(z)))
-        return torch.where(torch.isinf(lse) & (lse < 0), 0.0, share)
-
-    def _window_pattern(self, q, k, key_padding_mask, causal) -> "ops.restricted.Pattern":
-        global_mask = None
+    def _window_pattern(self, q, k, key_padding_mask, causal):
+        """The exact part's Pattern, and the global keys (B, 2) (first, last real) or None."""
+        global_mask = global_keys = None
         if self.global_tokens is not None and not causal and q.shape[2] == k.shape[2] and k.shape[2] > 0:
-            global_mask = torch.zeros(k.shape[0], k.shape[2], dtype=torch.bool, device=k.device)
-            global_mask[:, 0] = True
+            batch = torch.arange(k.shape[0], device=k.device)
+            first = torch.zeros(k.shape[0], dtype=torch.long, device=k.device)
+            last = first
             if self.global_tokens == "first_last":
-                real = k.shape[2] if key_padding_mask is None else (~key_padding_mask).sum(1)
-                last = (torch.as_tensor(real, device=k.device) - 1).clamp_min(0).expand(k.shape[0])
-                global_mask[torch.arange(k.shape[0], device=k.device), last] = True
-        return ops.restricted.Pattern(window=(self.window, 0 if causal else self.window), causal=causal,
-                                      global_mask=global_mask, key_padding_mask=key_padding_mask)
+                real = torch.full_like(first, k.shape[2]) if key_padding_mask is None else (~key_padding_mask).sum(1)
+                last = (real - 1).clamp_min(0)
+            global_mask = torch.zeros(k.shape[0], k.shape[2], dtype=torch.bool, device=k.device)
+            global_mask[batch, first] = True
+            global_mask[batch, last] = True
+            global_keys = torch.stack([first, last], 1)
+        pattern = ops.restricted.Pattern(window=(self.window, 0 if causal else self.window), causal=causal,
+                                         global_mask=global_mask, key_padding_mask=key_padding_mask)
+        return pattern, global_keys
 
     def student_weights(self, q, k, scale: float, key_padding_mask: Optional[torch.Tensor], causal: bool) -> torch.Tensor:
         """The student's attention weights (B, H, T_q, T_k), dense (for the attention_ce loss and
@@ -134,13 +148,16 @@ class LinearizedAttention(nn.Module):
         z = kernel.sum(-1, keepdim=True)
         if self.method == "linear":
             return kernel / (z + LINEAR_EPS)
-        linear = kernel / z.clamp_min(torch.finfo(kernel.dtype).tiny)
-        window = self._window_pattern(q, k, key_padding_mask, causal).dense_mask(q.shape[2], k.shape[2], q.device)
-        scores = ((q @ k.transpose(-1, -2)) * scale).masked_fill(~window, float("-inf"))
+        pattern, _ = self._window_pattern(q, k, key_padding_mask, causal)
+        exact = pattern.dense_mask(q.shape[2], k.shape[2], q.device)
+        scores = ((q @ k.transpose(-1, -2)) * scale).masked_fill(~exact, float("-inf"))
         lse = torch.logsumexp(scores, -1, keepdim=True)
-        exact = torch.exp(scores - torch.where(torch.isinf(lse), 0, lse)).masked_fill(~window, 0)
-        share = self._window_share(lse, z)
-        return share * exact + (1 - share) * linear
+        has_window = ~torch.isinf(lse)
+        window_weights = torch.exp(scores - torch.where(has_window, lse, 0)).masked_fill(~exact, 0)
+        outside = kernel.masked_fill(exact, 0)
+        gamma = self.log_linear_scale.exp().to(kernel.dtype)[None, :, None, None]
+        denominator = has_window.to(kernel.dtype) + gamma * outside.sum(-1, keepdim=True)
+        return (window_weights + gamma * outside) / denominator.clamp_min(torch.finfo(kernel.dtype).tiny)
 
     # --- what the model calls -----------------------------------------------------------------
 
@@ -189,3 +206,39 @@ def _real_queries(q, key_padding_mask) -> Optional[torch.Tensor]:
     if key_padding_mask is None or key_padding_mask.shape[1] != q.shape[2]:
         return None
     return (~key_padding_mask)[:, None, :, None].to(torch.float32)
+
+
+def band_sums(phi_q: torch.Tensor, phi_k: torch.Tensor, values: torch.Tensor, window: int, causal: bool) -> torch.Tensor:
+    """Σ_j φ_q(q_i)·φ_k(k_j) values_j over the window's keys |i − j| <= window (causal:
+    i − window <= j <= i), (B, H, T, C), T_q == T_k: query blocks of `window` rows against their
+    own and neighbouring key blocks, O(T·window·(m + C)), never T×T."""
+    B, H, T, m = phi_q.shape
+    C = values.shape[-1]
+    if T == 0:
+        return values.new_zeros(B, H, 0, C)
+    b = max(window, 1)
+    n = -(-T // b)
+    pad = n * b - T
+    before, after = b, 0 if causal else b
+    span = before + b + after
+    q = F.pad(phi_q, (0, 0, 0, pad)).view(B, H, n, b, m)
+    k = F.pad(phi_k, (0, 0, before, pad + after)).unfold(2, span, b)  # (B, H, n, m, span)
+    v = F.pad(values, (0, 0, before, pad + after)).unfold(2, span, b)  # (B, H, n, C, span)
+    offset = torch.arange(b, device=q.device)[:, None] - (torch.arange(span, device=q.device)[None, :] - before)
+    band = (offset <= window) & (offset >= (0 if causal else -window))  # offset = i − j
+    weights = (q @ k) * band.to(q.dtype)
+    return (weights @ v.transpose(-1, -2)).reshape(B, H, n * b, C)[:, :, :T]
+
+
+def _global_key_sums(phi_q, phi_k, values, global_keys, window) -> torch.Tensor:
+    """Σ over the global keys outside row i's window (each once) of φ_q(q_i)·φ_k(k_g) values_g."""
+    B, H, T, m = phi_q.shape
+    index = global_keys[:, None, :, None]
+    k_g = phi_k.gather(2, index.expand(B, H, global_keys.shape[1], m))
+    v_g = values.gather(2, index.expand(B, H, global_keys.shape[1], values.shape[-1]))
+    rows = torch.arange(T, device=phi_q.device)[None, :, None]
+    outside = (rows - global_keys[:, None, :]).abs() > window  # (B, T, G)
+    unique = torch.ones_like(global_keys, dtype=torch.bool)
+    unique[:, 1:] = global_keys[:, 1:] != global_keys[:, :1]
+    weights = (phi_q @ k_g.transpose(-1, -2)) * (outside & unique[:, None, :])[:, None].to(phi_q.dtype)
+    return weights @ v_g
