@@ -119,6 +119,17 @@ def test_transfer_reduces_every_layer_loss(model_fn, method):
     assert all(p.requires_grad for p in model.parameters())  # flags restored
 
 
+@pytest.mark.parametrize("model_fn", [bert, llama])
+def test_end_to_end_transfer_lowers_the_output_error(model_fn):
+    model = linattn.linearize(model_fn(), window=4)
+    frozen = {name: p.clone() for name, p in model.named_parameters() if "linattn_linearized" not in name}
+    history = linattn.conversion.end_to_end_transfer(model, [batch(seed=s) for s in range(2)], steps=30, lr=3e-2,
+                                                     progress=False)
+    assert sum(history["total"][-3:]) < 0.8 * sum(history["total"][:3])
+    assert all(torch.equal(p, frozen[name]) for name, p in model.named_parameters() if name in frozen)
+    assert all(layer.mode == "student" for layer in linearized_layers(model).values())
+
+
 def test_attention_ce_loss_runs_and_falls():
     model = bert()
     linattn.linearize(model, method="linear")
