@@ -81,12 +81,25 @@ def attention_layers(model, example_inputs) -> List[tuple]:
         _probe_attention.seen = {}
 
 
+def _dummy_inputs(model):
+    """Inputs to find the attention layers with: a blank image for vision models, else the
+    model's own dummy inputs (a few token ids)."""
+    config = model.config
+    if getattr(model, "main_input_name", None) == "pixel_values" and hasattr(config, "image_size"):
+        size = config.image_size if isinstance(config.image_size, int) else tuple(config.image_size)
+        size = (size, size) if isinstance(size, int) else size
+        parameter = next(model.parameters())
+        return {"pixel_values": torch.zeros(1, getattr(config, "num_channels", 3), *size, dtype=parameter.dtype,
+                                            device=parameter.device)}
+    return model.dummy_inputs
+
+
 def linearize_hf(model, example_inputs, options: Dict) -> List[str]:
     """Attaches a LinearizedAttention to every attention layer of a transformers model and switches
     the model to it; returns the layers' qualified names."""
     register()
     if example_inputs is None:
-        example_inputs = model.dummy_inputs
+        example_inputs = _dummy_inputs(model)
     layers = attention_layers(model, example_inputs)
     if not layers:
         raise ValueError("linattn.linearize: the model ran no attention through transformers' AttentionInterface on "

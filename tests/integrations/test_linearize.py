@@ -88,6 +88,23 @@ def test_student_compiles_fullgraph():
     torch.testing.assert_close(compiled(q, k, v), layer.student(q, k, v, 0.5, None, False))
 
 
+def test_vision_transformer():
+    """ViT: the layers are found with a blank image of the config's size; [CLS] as the global token."""
+    config = transformers.ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2,
+                                    num_attention_heads=4, intermediate_size=64)
+    torch.manual_seed(0)
+    model = transformers.ViTModel(config).eval()
+    images = torch.randn(2, 3, 32, 32)
+    original = model(pixel_values=images).last_hidden_state
+    linattn.linearize(model, window=2, global_tokens="first")
+    assert len(model.linattn_linearization["layers"]) == 2
+    assert not torch.allclose(model(pixel_values=images).last_hidden_state, original)
+    set_mode(model, "teacher")
+    torch.testing.assert_close(model(pixel_values=images).last_hidden_state, original)
+    history = linattn.attention_transfer(model, [{"pixel_values": images}], steps=20, lr=3e-2, progress=False)
+    assert history["total"][-1] < history["total"][0]
+
+
 def test_state_dict_round_trip():
     model, inputs = bert(), batch()
     linattn.linearize(model, window=4)
