@@ -107,8 +107,8 @@ def seconds_per_forward(model, batch, repeats=5):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="a few steps only")
-    parser.add_argument("--layer-steps", type=int, default=150)
-    parser.add_argument("--end-to-end-steps", type=int, default=100)
+    parser.add_argument("--layer-steps", type=int, default=300)
+    parser.add_argument("--end-to-end-steps", type=int, default=150)
     parser.add_argument("--methods", nargs="+", default=["hybrid", "linear"])
     args = parser.parse_args()
     if args.quick:

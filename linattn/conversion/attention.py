@@ -30,7 +30,9 @@ from .. import ops
 from ..functional import linear_attention
 from ..nn.learned_feature_maps import learned_feature_map
 
-METHODS = ("linear", "hybrid")
+# The students, by name: whether one attends a window (and global tokens) exactly.
+EXACT_WINDOW = {"linear": False, "hybrid": True}
+METHODS = tuple(EXACT_WINDOW)
 MODES = ("student", "teacher", "transfer")
 LOSSES = ("output_mse", "attention_ce")
 GLOBAL_TOKENS = (None, "first", "first_last")
@@ -73,14 +75,16 @@ class LinearizedAttention(nn.Module):
             raise TypeError(f"{where}: feature_map must be 'hedgehog', 't2r' or a pair of modules (φ_q, φ_k), got "
                             f"{feature_map!r}")
         self.heads, self.head_dim, self.method = heads, head_dim, method
+        self.exact_window = EXACT_WINDOW[method]
         self.window, self.global_tokens = window, global_tokens
-        self.log_linear_scale = nn.Parameter(torch.full((heads,), math.log(linear_scale))) if method == "hybrid" else None
+        self.log_linear_scale = (nn.Parameter(torch.full((heads,), math.log(linear_scale))) if self.exact_window
+                                 else None)
         self.mode = "student"
         self.loss_kind = "output_mse"
         self.last_loss: Optional[torch.Tensor] = None
 
     def extra_repr(self) -> str:
-        window = f", window={self.window}, global_tokens={self.global_tokens!r}" if self.method == "hybrid" else ""
+        window = f", window={self.window}, global_tokens={self.global_tokens!r}" if self.exact_window else ""
         return f"method={self.method!r}{window}, mode={self.mode!r}"
 
     # --- the two attentions -------------------------------------------------------------------
@@ -93,7 +97,7 @@ class LinearizedAttention(nn.Module):
     def student(self, q, k, v, scale: float, key_padding_mask: Optional[torch.Tensor], causal: bool) -> torch.Tensor:
         """The linearized attention (B, H, T_q, dv)."""
         phi_q, phi_k = self.feature_map_q(q), self.feature_map_k(k)
-        if self.method == "linear":
+        if not self.exact_window:
             return linear_attention(phi_q, phi_k, v, causal=causal, feature_map=None, eps=LINEAR_EPS,
                                     key_padding_mask=key_padding_mask)
         if q.shape[2] != k.shape[2]:
@@ -146,7 +150,7 @@ class LinearizedAttention(nn.Module):
         visible = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device) if visible is None else visible
         kernel = (self.feature_map_q(q) @ self.feature_map_k(k).transpose(-1, -2)) * visible
         z = kernel.sum(-1, keepdim=True)
-        if self.method == "linear":
+        if not self.exact_window:
             return kernel / (z + LINEAR_EPS)
         pattern, _ = self._window_pattern(q, k, key_padding_mask, causal)
         exact = pattern.dense_mask(q.shape[2], k.shape[2], q.device)
