@@ -10,6 +10,8 @@ trains only those new parameters so each layer reproduces its own softmax attent
 """
 from typing import Optional
 
+import torch
+
 from .attention import LinearizedAttention
 from .transfer import attention_transfer, end_to_end_transfer, linearized_layers, plot_transfer, set_mode
 
@@ -29,7 +31,10 @@ def linearize(model, *, method: str = "hybrid", feature_map="hedgehog", window: 
 
     Args:
         model: a Hugging Face transformers model whose attention runs through transformers'
-            AttentionInterface (BERT, Llama-family, ViT and most current models).
+            AttentionInterface (BERT, Llama-family, ViT and most current models), or a model with
+            the attention modules linattn.swap_attention handles (torch.nn.MultiheadAttention,
+            timm's Attention, torchvision's Swin), swapped for linattn's with the "linearized"
+            method, their weights kept.
         method: "linear" (linear attention alone, constant-size state when causal) or "hybrid"
             (exact softmax in a sliding window and on global tokens, linear attention for the rest,
             one normaliser; LoLCATs-style).
@@ -46,21 +51,48 @@ def linearize(model, *, method: str = "hybrid", feature_map="hedgehog", window: 
         the model, with `model.linattn_linearization` recording the options and the replaced
         layers' names.
     """
-    try:
-        from transformers import PreTrainedModel
-    except ImportError:  # pragma: no cover - depends on the environment
-        PreTrainedModel = None
-    if PreTrainedModel is None or not isinstance(model, PreTrainedModel):
-        raise TypeError("linattn.linearize: converts Hugging Face transformers models (PreTrainedModel) for now; "
-                        f"got {type(model).__name__}")
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"linattn.linearize: model must be a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(feature_map, str):
         raise TypeError(f"linattn.linearize: feature_map must be 'hedgehog' or 't2r' (each layer gets its own), got "
                         f"{feature_map!r}")
     options = dict(method=method, feature_map=feature_map, window=window, global_tokens=global_tokens,
                    linear_scale=linear_scale)
     LinearizedAttention(1, 1, **options)  # checks the options before the model is touched
-    from .hf import linearize_hf
+    if _is_transformers_model(model):
+        from .hf import linearize_hf
 
-    replaced = linearize_hf(model, example_inputs, options)
+        replaced = linearize_hf(model, example_inputs, options)
+    else:
+        replaced = _linearize_swapped(model, options)
     setattr(model, RECORD, {**options, "layers": replaced})
     return model
+
+
+def _is_transformers_model(model) -> bool:
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:  # pragma: no cover - depends on the environment
+        return False
+    return isinstance(model, PreTrainedModel)
+
+
+def _linearize_swapped(model, options) -> list:
+    """torch / timm / torchvision models: their attention modules swapped (weights kept) for
+    linattn's with the "linearized" method; returns the swapped modules' names."""
+    from ..nn.methods import LinearizedMethod
+    from ..swap import swap_attention
+
+    def swapped():
+        return [name.rsplit(".", 1)[0] for name, module in model.named_modules() if isinstance(module, LinearizedMethod)]
+
+    if swapped():
+        raise ValueError(f"linattn.linearize: the model is already linearized ({', '.join(swapped())})")
+    swap_attention(model, "linearized", student=options["method"], feature_map=options["feature_map"],
+                   window=options["window"], global_tokens=options["global_tokens"],
+                   linear_scale=options["linear_scale"])
+    replaced = swapped()
+    if not replaced:
+        raise ValueError("linattn.linearize: found no attention module to linearize (transformers models, and the "
+                         "torch.nn.MultiheadAttention / timm / torchvision attention that linattn.swap_attention handles)")
+    return replaced

@@ -163,6 +163,14 @@ class LinearizedAttention(nn.Module):
         denominator = has_window.to(kernel.dtype) + gamma * outside.sum(-1, keepdim=True)
         return (window_weights + gamma * outside) / denominator.clamp_min(torch.finfo(kernel.dtype).tiny)
 
+    def attention_weights(self, q, k, scale: float, key_padding_mask: Optional[torch.Tensor], causal: bool):
+        """The weights the current mode applies (B, H, T_q, T_k): the student's, or the softmax's."""
+        if self.mode == "student":
+            return self.student_weights(q, k, scale, key_padding_mask, causal)
+        mask = _dense_mask(q, k, key_padding_mask, causal)
+        scores = (q @ k.transpose(-1, -2)) * scale
+        return torch.softmax(scores if mask is None else scores.masked_fill(~mask, float("-inf")), -1)
+
     # --- what the model calls -----------------------------------------------------------------
 
     def forward(self, q, k, v, scale: float, key_padding_mask: Optional[torch.Tensor] = None,
@@ -182,10 +190,8 @@ class LinearizedAttention(nn.Module):
         else:  # attention_ce: cross-entropy of the student's weights under the teacher's
             with torch.no_grad():
                 mask = _dense_mask(q, k, key_padding_mask, causal)
-                scores = (q @ k.transpose(-1, -2)) * scale
-                if mask is not None:
-                    scores = scores.masked_fill(~mask, float("-inf"))
-                teacher = torch.softmax(scores.float(), -1)
+                scores = ((q @ k.transpose(-1, -2)) * scale).float()
+                teacher = torch.softmax(scores if mask is None else scores.masked_fill(~mask, float("-inf")), -1)
             weights = self.student_weights(q, k, scale, key_padding_mask, causal).float()
             error = -(teacher * torch.log(weights.clamp_min(1e-12))).sum(-1, keepdim=True)
         if rows is None:

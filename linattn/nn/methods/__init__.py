@@ -24,6 +24,7 @@ from .base import MethodModule, _drop_keys  # noqa: F401  (hf uses _drop_keys)
 from .softmax import AdditiveMethod, LinformerMethod, SoftmaxMethod  # noqa: F401
 from .kernelized import EfficientMethod, LinearMethod, PerformerMethod  # noqa: F401
 from .restricted import BigBirdMethod, HybridMethod, LocalMethod, LongformerMethod, ReformerMethod  # noqa: F401
+from .linearized import LinearizedMethod  # noqa: F401
 
 # Every MethodModule subclass with a name, in the order of definition (softmax's family first).
 METHODS = dict(MethodModule.registry)

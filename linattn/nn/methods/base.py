@@ -96,11 +96,25 @@ class MethodModule(nn.Module):
                 raise ValueError(f"linattn: method name {name!r} is taken by {MethodModule.registry[name].__qualname__}")
             MethodModule.registry[name] = cls
 
+    def __init__(self):
+        super().__init__()
+        self._absent_prefix = None  # set while loading a state_dict that has none of our tensors
+        self.register_load_state_dict_post_hook(MethodModule._forgive_absent_tensors)
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
-        if any(key.startswith(prefix) for key in state_dict):
+        self._absent_prefix = None if any(key.startswith(prefix) for key in state_dict) else prefix
+        if self._absent_prefix is None:
             super()._load_from_state_dict(
                 state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
             )
+
+    @staticmethod
+    def _forgive_absent_tensors(module, incompatible_keys) -> None:
+        """The tensors of the method's submodules too (a linearized layer's feature maps) stay as
+        they are when the state_dict has none of the method's tensors."""
+        prefix, module._absent_prefix = module._absent_prefix, None
+        if prefix:
+            incompatible_keys.missing_keys[:] = [k for k in incompatible_keys.missing_keys if not k.startswith(prefix)]
 
 
 def _check_choice(method: str, name: str, value, choices) -> None:
