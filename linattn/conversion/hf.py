@@ -12,7 +12,8 @@ from typing import Dict, List
 
 import torch
 
-from .attention import LinearizedAttention
+from ..functional import linear_attention
+from .attention import LINEAR_EPS, LinearizedAttention
 
 IMPLEMENTATION = "linattn_linearized"
 PROBE = "linattn_probe"
@@ -23,14 +24,28 @@ def _where(module) -> str:
     return f"linattn.linearize ({module.__class__.__name__})"
 
 
+def _learned_linear(module, q, k, v, causal, padding, initial_state=None, output_final_state=False, cu_seqlens=None):
+    """The linear student with the layer's learned feature maps, in the form linattn.hf's kernelized
+    attention takes (so it decodes from a LinearStateCache's constant-size state)."""
+    layer = getattr(module, ATTRIBUTE)
+    return linear_attention(layer.feature_map_q(q), layer.feature_map_k(k), v, causal=causal, feature_map=None,
+                            eps=LINEAR_EPS, key_padding_mask=padding, initial_state=initial_state,
+                            output_final_state=output_final_state, cu_seqlens=cu_seqlens)
+
+
 def linearized_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """transformers' attention function for linearized layers: (output (B, T, H, dv), None)."""
-    from ..hf.attention import _prepare
+    """transformers' attention function for linearized layers: (output (B, T, H, dv), None). The
+    linear student runs as linattn.hf's linear attention does (caches, LinearStateCache's
+    recurrent state, packed documents); the hybrid and the teacher / transfer modes take whole
+    sequences."""
+    from ..hf.attention import _kernelized, _prepare
 
     layer = getattr(module, ATTRIBUTE, None)
     if layer is None:
         raise ValueError(f"{_where(module)}: this attention layer was not linearized (run linattn.linearize on the "
                          "model that owns it)")
+    if layer.mode == "student" and not layer.exact_window:
+        return _kernelized(_learned_linear)(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
     key, value, seen, state_layer = _prepare(module, query, key, value, attention_mask, 0.0, kwargs)
     if state_layer is not None or seen.documents is not None or seen.window[0] >= 0:
         raise ValueError(f"{_where(module)}: linearized layers run plain causal or bidirectional attention with key "

@@ -172,6 +172,20 @@ def test_lora_through_peft():
     assert all(p.grad is not None for p in trainable.values())
 
 
+def test_linear_student_generates_from_a_constant_size_state():
+    """A decoder linearized with method="linear" generates through linattn.hf.LinearStateCache (one
+    (S, z) state per layer, O(1) per token): the same tokens as transformers' own cache and as
+    recomputing the whole sequence at every step."""
+    model = linattn.linearize(llama(), method="linear")
+    ids = torch.randint(0, 61, (2, 9), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones_like(ids)
+    runs = [model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, **options)
+            for options in ({"past_key_values": linattn.hf.LinearStateCache()}, {}, {"use_cache": False})]
+    assert runs[0].tolist() == runs[1].tolist() == runs[2].tolist()
+    with pytest.raises(ValueError, match="hybrid attends a whole sequence at once"):
+        linattn.linearize(llama(), method="hybrid").generate(ids, attention_mask=mask, max_new_tokens=2)
+
+
 def test_errors():
     with pytest.raises(ValueError, match="method must be one of"):
         linattn.linearize(bert(), method="performer")
