@@ -40,7 +40,7 @@ def linearize(model, *, method: str = "hybrid", feature_map="hedgehog", window: 
             one normaliser; LoLCATs-style).
         feature_map: "hedgehog" (per-head [softmax(xW + b), softmax(−xW − b)], Zhang et al. 2024) or
             "t2r" (per-head relu(xW + b), Kasai et al. 2021); separate maps for q and k, per layer.
-        window: the hybrid's exact window |i − j| <= window (causal: the window previous keys).
+        window: the hybrid's exact window ``|i − j| <= window`` (causal: the `window` previous keys).
         global_tokens: the hybrid's exact global tokens in bidirectional layers: "first_last"
             (the first token and each row's last real one, [CLS] and [SEP]), "first", or None.
         linear_scale: the hybrid's initial weight γ of the linear term (learned per head).

@@ -47,7 +47,7 @@ class LinearizedAttention(nn.Module):
         method: "linear" or "hybrid".
         feature_map: "hedgehog", "t2r", or a pair of modules (φ_q, φ_k) mapping (B, H, T, d) to
             positive features (B, H, T, m).
-        window: the hybrid's exact window, keys with |i − j| <= window (causal: i − window <= j <= i).
+        window: the hybrid's exact window, keys with ``|i − j| <= window`` (causal: ``i − window <= j <= i``).
         global_tokens: the hybrid's exact global tokens: None, "first" or "first_last"
             (bidirectional layers only).
         linear_scale: γ's initial value (per head, learned as log γ).
@@ -219,7 +219,7 @@ def _real_queries(q, key_padding_mask) -> Optional[torch.Tensor]:
 
 
 def band_sums(phi_q: torch.Tensor, phi_k: torch.Tensor, values: torch.Tensor, window: int, causal: bool) -> torch.Tensor:
-    """Σ_j φ_q(q_i)·φ_k(k_j) values_j over the window's keys |i − j| <= window (causal:
+    """Σ_j φ_q(q_i)·φ_k(k_j) values_j over the window's keys ``|i − j| <= window`` (causal:
     i − window <= j <= i), (B, H, T, C), T_q == T_k: query blocks of `window` rows against their
     own and neighbouring key blocks, O(T·window·(m + C)), never T×T."""
     B, H, T, m = phi_q.shape
