@@ -12,7 +12,7 @@ the transfer (layer-wise, then end to end).
     python examples/linearize_minilm.py            # the README's table
     python examples/linearize_minilm.py --quick    # a few steps, to see it run
 
-Writes results/linearize_minilm.json and results/linearize_minilm.png (fidelity against steps).
+Writes results/linearize_minilm.json and .png (fidelity against steps; --output changes the prefix).
 """
 import argparse
 import importlib
@@ -110,6 +110,7 @@ def main():
     parser.add_argument("--layer-steps", type=int, default=300)
     parser.add_argument("--end-to-end-steps", type=int, default=150)
     parser.add_argument("--methods", nargs="+", default=["hybrid", "linear"])
+    parser.add_argument("--output", default="results/linearize_minilm", help="path prefix of the .json and .png")
     args = parser.parse_args()
     if args.quick:
         args.layer_steps, args.end_to_end_steps = 10, 5
@@ -163,13 +164,13 @@ def main():
         print(row, flush=True)
     results["original_seconds_at_512_tokens"] = round(seconds_per_forward(original, longest), 4)
 
-    os.makedirs("results", exist_ok=True)
-    with open("results/linearize_minilm.json", "w") as handle:
+    os.makedirs(os.path.dirname(args.output) or ".", exist_ok=True)
+    with open(args.output + ".json", "w") as handle:
         json.dump(results, handle, indent=1)
     print("| model | mean cosine | min cosine | NN agreement |\n|---|---|---|---|")
     for row in results["rows"]:
         print(f"| {row['model']} | {row['mean_cosine']:.3f} | {row['min_cosine']:.3f} | {row['nn_agreement']:.0%} |")
-    plot(results["curves"], "results/linearize_minilm.png")
+    plot(results["curves"], args.output + ".png")
 
 
 def plot(curves, path):
