@@ -167,9 +167,7 @@ class LinearizedAttention(nn.Module):
         """The weights the current mode applies (B, H, T_q, T_k): the student's, or the softmax's."""
         if self.mode == "student":
             return self.student_weights(q, k, scale, key_padding_mask, causal)
-        mask = _dense_mask(q, k, key_padding_mask, causal)
-        scores = (q @ k.transpose(-1, -2)) * scale
-        return torch.softmax(scores if mask is None else scores.masked_fill(~mask, float("-inf")), -1)
+        return _softmax_weights(q, k, scale, key_padding_mask, causal)
 
     # --- what the model calls -----------------------------------------------------------------
 
@@ -189,9 +187,7 @@ class LinearizedAttention(nn.Module):
             error = (self.student(q, k, v, scale, key_padding_mask, causal).float() - target.float()) ** 2
         else:  # attention_ce: cross-entropy of the student's weights under the teacher's
             with torch.no_grad():
-                mask = _dense_mask(q, k, key_padding_mask, causal)
-                scores = ((q @ k.transpose(-1, -2)) * scale).float()
-                teacher = torch.softmax(scores if mask is None else scores.masked_fill(~mask, float("-inf")), -1)
+                teacher = _softmax_weights(q.float(), k.float(), scale, key_padding_mask, causal)
             weights = self.student_weights(q, k, scale, key_padding_mask, causal).float()
             error = -(teacher * torch.log(weights.clamp_min(1e-12))).sum(-1, keepdim=True)
         if rows is None:
@@ -210,6 +206,13 @@ def _dense_mask(q, k, key_padding_mask, causal) -> Optional[torch.Tensor]:
         keys = ~key_padding_mask[:, None, None, :]
         mask = keys if mask is None else mask & keys
     return mask
+
+
+def _softmax_weights(q, k, scale, key_padding_mask, causal) -> torch.Tensor:
+    """The teacher's attention weights (B, H, T_q, T_k), dense."""
+    mask = _dense_mask(q, k, key_padding_mask, causal)
+    scores = (q @ k.transpose(-1, -2)) * scale
+    return torch.softmax(scores if mask is None else scores.masked_fill(~mask, float("-inf")), -1)
 
 
 def _real_queries(q, key_padding_mask) -> Optional[torch.Tensor]:

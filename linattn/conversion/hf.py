@@ -13,6 +13,7 @@ from typing import Dict, List
 import torch
 
 from ..functional import linear_attention
+from ..hf.attention import _kernelized, _prepare
 from .attention import LINEAR_EPS, LinearizedAttention
 
 IMPLEMENTATION = "linattn_linearized"
@@ -33,19 +34,21 @@ def _learned_linear(module, q, k, v, causal, padding, initial_state=None, output
                             output_final_state=output_final_state, cu_seqlens=cu_seqlens)
 
 
+# Built once: the kernelized wrapper (caches, state cache, packed documents) around the learned maps.
+_learned_linear_attention = _kernelized(_learned_linear)
+
+
 def linearized_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """transformers' attention function for linearized layers: (output (B, T, H, dv), None). The
     linear student runs as linattn.hf's linear attention does (caches, LinearStateCache's
     recurrent state, packed documents); the hybrid and the teacher / transfer modes take whole
     sequences."""
-    from ..hf.attention import _kernelized, _prepare
-
     layer = getattr(module, ATTRIBUTE, None)
     if layer is None:
         raise ValueError(f"{_where(module)}: this attention layer was not linearized (run linattn.linearize on the "
                          "model that owns it)")
     if layer.mode == "student" and not layer.exact_window:
-        return _kernelized(_learned_linear)(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
+        return _learned_linear_attention(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
     key, value, seen, state_layer = _prepare(module, query, key, value, attention_mask, 0.0, kwargs)
     if state_layer is not None or seen.documents is not None or seen.window[0] >= 0:
         raise ValueError(f"{_where(module)}: linearized layers run plain causal or bidirectional attention with key "
