@@ -1,0 +1,260 @@
+// The device-generic delta rule (docs/methods.md §11): the chunkwise algorithm of the CPU kernel
+// (cpu_kernel_impl.h says it step by step) in ATen operations, so every device runs it. All that
+// does not depend on the state is computed for every chunk at once — Γ, A, the UT transform by a
+// batched unit-triangular solve, the intra-chunk scores — and only the state's walk over the
+// chunks is a loop (T / 64 steps of a few batched products). The backward recomputes those
+// quantities, walks the chunks in reverse for the state's gradient, then assembles every other
+// gradient for all chunks at once. Registered as CompositeExplicitAutograd for delta_rule_fwd/bwd
+// (every device without a kernel of its own) and their *_generic twins (what the tests run on
+// CPU tensors). Packed batches loop over their sequences: cu_seqlens is read on the host.
+#include "op_checks.h"
+
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <limits>
+#include <vector>
+
+namespace linattn {
+namespace {
+
+using Optional = std::optional<at::Tensor>;
+constexpr int64_t kChunk = 64;
+
+struct Chunks {
+  int64_t length = 0, chunk = 0, count = 0;
+  at::Tensor q, k, v, beta, G, eG, gamma, Bkk, A, M, W, U, P, carry, decay, Kt, lower, strict;
+};
+
+// (B, H, T, ...) → (B, H, n, C, ...) after padding T to n·C rows of zeros: a padded row has
+// β = 0 and g = 0, so it changes no state, and its output is cut off.
+at::Tensor to_chunks(const at::Tensor& x, int64_t chunk, int64_t count, int64_t pad) {
+  at::Tensor padded = x.dim() == 4 ? at::constant_pad_nd(x, {0, 0, 0, pad}) : at::constant_pad_nd(x, {0, pad});
+  std::vector<int64_t> shape{x.size(0), x.size(1), count, chunk};
+  if (x.dim() == 4) shape.push_back(x.size(3));
+  return padded.reshape(shape);
+}
+
+at::Tensor from_chunks(const at::Tensor& x, int64_t length) {
+  return x.flatten(2, 3).slice(2, 0, length);
+}
+
+Chunks prepare(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& beta,
+               const Optional& log_gate, bool causal) {
+  const auto acc = accumulate_type(q.scalar_type());
+  Chunks c;
+  c.length = q.size(2);
+  c.chunk = std::min<int64_t>(kChunk, c.length);
+  c.count = (c.length + c.chunk - 1) / c.chunk;
+  const int64_t pad = c.count * c.chunk - c.length;
+  c.q = to_chunks(q.to(acc), c.chunk, c.count, pad);
+  c.k = to_chunks(k.to(acc), c.chunk, c.count, pad);
+  c.v = to_chunks(v.to(acc), c.chunk, c.count, pad);
+  c.beta = to_chunks(beta.to(acc), c.chunk, c.count, pad);
+  const at::Tensor g = log_gate.has_value() ? to_chunks(log_gate->to(acc), c.chunk, c.count, pad)
+                                            : at::zeros_like(c.beta);
+  c.G = g.cumsum(-1);
+  c.eG = c.G.exp();
+  const at::Tensor idx = at::arange(c.chunk, q.options().dtype(at::kLong));
+  c.lower = idx.unsqueeze(1) >= idx.unsqueeze(0);
+  c.strict = idx.unsqueeze(1) > idx.unsqueeze(0);
+  // Γ_ij = e^{G_i − G_j} for j ≤ i: the exponent is masked before exp, never after (it is > 0 above).
+  const at::Tensor minus_inf = at::full({}, -std::numeric_limits<double>::infinity(), c.G.options());
+  c.gamma = at::where(c.lower, c.G.unsqueeze(-1) - c.G.unsqueeze(-2), minus_inf).exp();
+  const at::Tensor zero = at::zeros({}, c.G.options());
+  c.Bkk = at::where(c.strict, at::matmul(c.k, c.k.transpose(-1, -2)) * c.gamma, zero);
+  c.A = c.beta.unsqueeze(-1) * c.Bkk;
+  c.M = c.A + at::eye(c.chunk, c.G.options());
+  const at::Tensor rhs = at::cat({(c.beta * c.eG).unsqueeze(-1) * c.k, c.beta.unsqueeze(-1) * c.v}, -1);
+  const at::Tensor solved = at::linalg_solve_triangular(c.M, rhs, /*upper=*/false, /*left=*/true, /*unitriangular=*/true);
+  c.W = solved.narrow(-1, 0, k.size(3));
+  c.U = solved.narrow(-1, k.size(3), v.size(3));
+  if (causal) c.P = at::where(c.lower, at::matmul(c.q, c.k.transpose(-1, -2)) * c.gamma, zero);
+  const at::Tensor last = c.G.narrow(-1, c.chunk - 1, 1);
+  c.carry = last.exp();  // (B, H, n, 1)
+  c.decay = (last - c.G).exp();
+  c.Kt = c.decay.unsqueeze(-1) * c.k;
+  return c;
+}
+
+at::Tensor state_or_zeros(const Optional& state, const at::Tensor& q, const at::Tensor& v) {
+  if (state.has_value()) return *state;
+  return at::zeros({q.size(0), q.size(1), q.size(3), v.size(3)}, q.options().dtype(accumulate_type(q.scalar_type())));
+}
+
+// The states entering every chunk (B, H, n, dk, dv), the pseudo-values u (B, H, n, C, dv), the
+// causal outputs' chunks, and the final state.
+struct Walk {
+  at::Tensor entering, u, out, final_state;
+};
+
+Walk walk(const Chunks& c, at::Tensor S, bool causal, double scale) {
+  std::vector<at::Tensor> entering, us, outs;
+  for (int64_t n = 0; n < c.count; ++n) {
+    entering.push_back(S);
+    const at::Tensor u = c.U.select(2, n) - at::matmul(c.W.select(2, n), S);
+    us.push_back(u);
+    if (causal) {
+      outs.push_back((at::matmul(c.eG.select(2, n).unsqueeze(-1) * c.q.select(2, n), S) +
+                      at::matmul(c.P.select(2, n), u)) * scale);
+    }
+    S = c.carry.select(2, n).unsqueeze(-1) * S + at::matmul(c.Kt.select(2, n).transpose(-1, -2), u);
+  }
+  Walk w;
+  w.entering = at::stack(entering, 2);
+  w.u = at::stack(us, 2);
+  if (causal) w.out = at::stack(outs, 2);
+  w.final_state = S;
+  return w;
+}
+
+std::tuple<at::Tensor, at::Tensor> forward_one(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                               const at::Tensor& beta, const Optional& log_gate,
+                                               const Optional& initial_state, bool causal, double scale) {
+  at::Tensor S = state_or_zeros(initial_state, q, v);
+  if (q.size(2) == 0) return {at::empty_like(v, at::MemoryFormat::Contiguous), S.clone()};
+  const Chunks c = prepare(q, k, v, beta, log_gate, causal);
+  const Walk w = walk(c, S, causal, scale);
+  const at::Tensor out = causal ? from_chunks(w.out, c.length)
+                                : at::matmul(q.to(w.final_state.scalar_type()), w.final_state) * scale;
+  return {out.to(q.scalar_type()).contiguous(), w.final_state};
+}
+
+using Gradients = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+Gradients backward_one(const at::Tensor& grad_out, const Optional& grad_final_state, const at::Tensor& q,
+                       const at::Tensor& k, const at::Tensor& v, const at::Tensor& beta, const Optional& log_gate,
+                       const Optional& initial_state, bool causal, double scale) {
+  const auto acc = accumulate_type(q.scalar_type());
+  at::Tensor dS = grad_final_state.has_value() ? grad_final_state->clone() : at::zeros_like(state_or_zeros(initial_state, q, v));
+  const at::Tensor gate_grad_empty = at::empty({0}, q.options().dtype(acc));
+  if (q.size(2) == 0) {
+    return {at::zeros_like(q), at::zeros_like(k), at::zeros_like(v), at::zeros_like(beta),
+            log_gate.has_value() ? at::zeros_like(*log_gate) : gate_grad_empty, dS};
+  }
+  const Chunks c = prepare(q, k, v, beta, log_gate, causal);
+  const Walk w = walk(c, state_or_zeros(initial_state, q, v), false, scale);
+  const int64_t pad = c.count * c.chunk - c.length;
+  at::Tensor dO = grad_out.to(acc) * scale;  // every use of dO carries the scale
+  at::Tensor grad_q;
+  if (!causal) {  // out = scale · Q S_T
+    grad_q = at::matmul(dO, w.final_state.transpose(-1, -2));
+    dS = dS + at::matmul(q.to(acc).transpose(-1, -2), dO);
+  } else {
+    dO = to_chunks(dO, c.chunk, c.count, pad);
+  }
+  // The reverse walk: dL/du per chunk and dL/d(state after each chunk).
+  std::vector<at::Tensor> dus(c.count), leaving(c.count);
+  for (int64_t n = c.count - 1; n >= 0; --n) {
+    leaving[n] = dS;
+    at::Tensor du = at::matmul(c.Kt.select(2, n), dS);
+    if (causal) du = du + at::matmul(c.P.select(2, n).transpose(-1, -2), dO.select(2, n));
+    dus[n] = du;
+    dS = c.carry.select(2, n).unsqueeze(-1) * dS - at::matmul(c.W.select(2, n).transpose(-1, -2), du);
+    if (causal) dS = dS + at::matmul((c.eG.select(2, n).unsqueeze(-1) * c.q.select(2, n)).transpose(-1, -2), dO.select(2, n));
+  }
+  const at::Tensor du = at::stack(dus, 2), dS1 = at::stack(leaving, 2), S0 = w.entering;
+  const at::Tensor zero = at::zeros({}, c.G.options());
+  // S1 = e^{G_last} S0 + Ktᵀ u
+  const at::Tensor dKt = at::matmul(w.u, dS1.transpose(-1, -2));
+  at::Tensor dK = c.decay.unsqueeze(-1) * dKt;
+  const at::Tensor r = c.decay * (c.k * dKt).sum(-1);
+  at::Tensor dG = -r;
+  const at::Tensor carried = r.sum(-1, true) + c.carry * (dS1 * S0).sum({-1, -2}).unsqueeze(-1);
+  dG = dG + at::constant_pad_nd(carried, {c.chunk - 1, 0});
+  at::Tensor dQ;
+  if (causal) {  // O = diag(e^G) Q S0 + P u
+    const at::Tensor dP = at::where(c.lower, at::matmul(dO, w.u.transpose(-1, -2)), zero);
+    dQ = c.eG.unsqueeze(-1) * at::matmul(dO, S0.transpose(-1, -2));
+    dG = dG + (dQ * c.q).sum(-1);
+    const at::Tensor E = dP * c.P;
+    dG = dG + E.sum(-1) - E.sum(-2);
+    const at::Tensor dZ = dP * c.gamma;
+    dQ = dQ + at::matmul(dZ, c.k);
+    dK = dK + at::matmul(dZ.transpose(-1, -2), c.q);
+  }
+  // u = U − W S0, then the solves' adjoints.
+  const at::Tensor dW = -at::matmul(du, S0.transpose(-1, -2));
+  const at::Tensor adj = at::linalg_solve_triangular(c.M.transpose(-1, -2), at::cat({dW, du}, -1), /*upper=*/true,
+                                                     /*left=*/true, /*unitriangular=*/true);
+  const at::Tensor dWh = adj.narrow(-1, 0, k.size(3)), dVh = adj.narrow(-1, k.size(3), v.size(3));
+  const at::Tensor dA = at::where(c.strict, -(at::matmul(dVh, c.U.transpose(-1, -2)) + at::matmul(dWh, c.W.transpose(-1, -2))), zero);
+  const at::Tensor dV = c.beta.unsqueeze(-1) * dVh;
+  const at::Tensor kw = (c.k * dWh).sum(-1) * c.eG;
+  at::Tensor dbeta = (c.v * dVh).sum(-1) + kw + (dA * c.Bkk).sum(-1);
+  dK = dK + (c.beta * c.eG).unsqueeze(-1) * dWh;
+  dG = dG + c.beta * kw;
+  const at::Tensor D = dA * c.A;
+  dG = dG + D.sum(-1) - D.sum(-2);
+  const at::Tensor F = dA * c.beta.unsqueeze(-1) * c.gamma;
+  dK = dK + at::matmul(F, c.k) + at::matmul(F.transpose(-1, -2), c.k);
+  at::Tensor grad_gate = gate_grad_empty;
+  if (log_gate.has_value()) {  // g_l enters every G_i with i ≥ l of its chunk
+    grad_gate = from_chunks(dG.flip(-1).cumsum(-1).flip(-1).unsqueeze(-1), c.length).squeeze(-1).to(log_gate->scalar_type());
+  }
+  if (causal) grad_q = from_chunks(dQ, c.length);
+  return {grad_q.to(q.scalar_type()).contiguous(), from_chunks(dK, c.length).to(q.scalar_type()).contiguous(),
+          from_chunks(dV, c.length).to(q.scalar_type()).contiguous(),
+          from_chunks(dbeta.unsqueeze(-1), c.length).squeeze(-1).to(beta.scalar_type()).contiguous(), grad_gate, dS};
+}
+
+// Rows [begin, end) of a packed (1, H, total, ·) or (1, H, total) tensor; state n of (N, H, ·, ·).
+Optional rows(const Optional& t, int64_t begin, int64_t end) {
+  return t.has_value() ? Optional(t->slice(2, begin, end)) : std::nullopt;
+}
+Optional state_of(const Optional& t, int64_t n) { return t.has_value() ? Optional(t->slice(0, n, n + 1)) : std::nullopt; }
+
+std::tuple<at::Tensor, at::Tensor> forward_generic(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                   const at::Tensor& beta, const Optional& log_gate,
+                                                   const Optional& initial_state, const Optional& cu_seqlens,
+                                                   bool causal, double scale) {
+  check_delta_rule_inputs(q, k, v, beta, log_gate, initial_state, cu_seqlens, scale);
+  if (!cu_seqlens.has_value()) return forward_one(q, k, v, beta, log_gate, initial_state, causal, scale);
+  const std::vector<int64_t> offsets = read_delta_rule_offsets(*cu_seqlens, q.size(2));
+  std::vector<at::Tensor> outs, finals;
+  for (size_t n = 0; n + 1 < offsets.size(); ++n) {
+    const int64_t a = offsets[n], b = offsets[n + 1];
+    auto [out, final_state] = forward_one(q.slice(2, a, b), k.slice(2, a, b), v.slice(2, a, b), beta.slice(2, a, b),
+                                          rows(log_gate, a, b), state_of(initial_state, n), causal, scale);
+    outs.push_back(out);
+    finals.push_back(final_state);
+  }
+  at::Tensor final_state = finals.empty() ? at::empty({0, q.size(1), q.size(3), v.size(3)}, q.options().dtype(accumulate_type(q.scalar_type())))
+                                          : at::cat(finals, 0);
+  return {at::cat(outs, 2), final_state};
+}
+
+Gradients backward_generic(const at::Tensor& grad_out, const Optional& grad_final_state, const at::Tensor& q,
+                           const at::Tensor& k, const at::Tensor& v, const at::Tensor& beta, const Optional& log_gate,
+                           const Optional& initial_state, const Optional& cu_seqlens, bool causal, double scale) {
+  const DeltaRuleSizes s = check_delta_rule_inputs(q, k, v, beta, log_gate, initial_state, cu_seqlens, scale);
+  check_delta_rule_grads(grad_out, grad_final_state, q, v, s);
+  if (!cu_seqlens.has_value())
+    return backward_one(grad_out, grad_final_state, q, k, v, beta, log_gate, initial_state, causal, scale);
+  const std::vector<int64_t> offsets = read_delta_rule_offsets(*cu_seqlens, q.size(2));
+  std::vector<at::Tensor> gq, gk, gv, gb, gg, gs;
+  for (size_t n = 0; n + 1 < offsets.size(); ++n) {
+    const int64_t a = offsets[n], b = offsets[n + 1];
+    auto [dq, dk, dv, db, dg, dS] =
+        backward_one(grad_out.slice(2, a, b), state_of(grad_final_state, n), q.slice(2, a, b), k.slice(2, a, b),
+                     v.slice(2, a, b), beta.slice(2, a, b), rows(log_gate, a, b), state_of(initial_state, n), causal, scale);
+    gq.push_back(dq), gk.push_back(dk), gv.push_back(dv), gb.push_back(db), gg.push_back(dg), gs.push_back(dS);
+  }
+  if (offsets.size() == 1) {  // no sequence at all
+    const auto acc = q.options().dtype(accumulate_type(q.scalar_type()));
+    return {at::zeros_like(q), at::zeros_like(k), at::zeros_like(v), at::zeros_like(beta),
+            log_gate.has_value() ? at::zeros_like(*log_gate) : at::empty({0}, acc),
+            at::empty({0, q.size(1), q.size(3), v.size(3)}, acc)};
+  }
+  return {at::cat(gq, 2), at::cat(gk, 2), at::cat(gv, 2), at::cat(gb, 2),
+          log_gate.has_value() ? at::cat(gg, 2) : gg.front(), at::cat(gs, 0)};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(linattn, CompositeExplicitAutograd, m) {
+  for (const char* name : {"delta_rule_fwd", "delta_rule_fwd_generic"}) m.impl(name, &forward_generic);
+  for (const char* name : {"delta_rule_bwd", "delta_rule_bwd_generic"}) m.impl(name, &backward_generic);
+}
+
+}  // namespace linattn

@@ -1,0 +1,89 @@
+// Argument checks of the delta-rule operators, shared by the CPU kernel, the device-generic
+// implementation and the Meta kernels, so all of them refuse exactly the same inputs. Sizes are
+// compared as SymInts (common/checks.h).
+#pragma once
+
+#include "../common/checks.h"
+#include "kernel.h"
+
+#include <cmath>
+#include <vector>
+
+namespace linattn {
+
+constexpr const char* kDeltaRuleOp = "linattn.delta_rule_attention";
+
+struct DeltaRuleSizes {
+  c10::SymInt batch, heads, length, key_dim, value_dim, states;  // states: B, or N when packed
+
+  std::vector<c10::SymInt> state() const { return {states, heads, key_dim, value_dim}; }
+};
+
+inline void check_per_token(const char* name, const at::Tensor& t, const at::Tensor& q) {
+  check_same_device(kDeltaRuleOp, name, t, "q", q);
+  check_floating(kDeltaRuleOp, name, t);
+  check_shape(kDeltaRuleOp, name, t, {q.sym_size(0), q.sym_size(1), q.sym_size(2)}, "(B, H, T)");
+}
+
+inline DeltaRuleSizes check_delta_rule_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                              const at::Tensor& beta, const std::optional<at::Tensor>& log_gate,
+                                              const std::optional<at::Tensor>& initial_state,
+                                              const std::optional<at::Tensor>& cu_seqlens, double scale) {
+  const char* op = kDeltaRuleOp;
+  check_qkv(op, q, k, v);
+  TORCH_CHECK(q.sym_size(2) == k.sym_size(2), op, ": q and k must have the same length (one query per token), got q ",
+              shape_str(q), " and k ", shape_str(k));
+  TORCH_CHECK(std::isfinite(scale), op, ": scale must be finite, got ", scale);
+  check_per_token("beta", beta, q);
+  if (log_gate.has_value()) check_per_token("log_gate", *log_gate, q);
+  DeltaRuleSizes s{q.sym_size(0), q.sym_size(1), q.sym_size(2), q.sym_size(3), v.sym_size(3), q.sym_size(0)};
+  if (cu_seqlens.has_value()) {
+    const at::Tensor& cu = *cu_seqlens;
+    check_same_device(op, "cu_seqlens", cu, "q", q);
+    TORCH_CHECK(cu.scalar_type() == at::kInt, op, ": cu_seqlens must be int32 (flash-attn's convention), got ",
+                cu.scalar_type());
+    TORCH_CHECK(cu.dim() == 1 && cu.sym_size(0) >= 1, op, ": cu_seqlens must be a 1-D tensor (N + 1,), got shape ",
+                shape_str(cu));
+    TORCH_CHECK(q.sym_size(0) == 1, op, ": packed sequences (cu_seqlens) need q, k, v of batch 1 (1, H, total, D), got q ",
+                shape_str(q));
+    s.states = cu.sym_size(0) - 1;
+  }
+  if (initial_state.has_value()) {
+    const at::Tensor& state = *initial_state;
+    check_same_device(op, "initial_state", state, "q", q);
+    const auto acc = accumulate_type(q.scalar_type());
+    TORCH_CHECK(state.scalar_type() == acc, op, ": initial_state must be ", acc, " for ", q.scalar_type(),
+                " inputs, got ", state.scalar_type());
+    check_shape(op, "initial_state", state, s.state(), cu_seqlens.has_value() ? "(N, H, dk, dv)" : "(B, H, dk, dv)");
+  }
+  return s;
+}
+
+inline void check_delta_rule_grads(const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_final_state,
+                                   const at::Tensor& q, const at::Tensor& v, const DeltaRuleSizes& s) {
+  check_same_device_dtype(kDeltaRuleOp, "grad_out", grad_out, "q", q);
+  check_shape(kDeltaRuleOp, "grad_out", grad_out, v.sym_sizes(), "(like v)");
+  if (grad_final_state.has_value()) {
+    check_same_device(kDeltaRuleOp, "grad_final_state", *grad_final_state, "q", q);
+    TORCH_CHECK(grad_final_state->scalar_type() == accumulate_type(q.scalar_type()), kDeltaRuleOp,
+                ": grad_final_state must be ", accumulate_type(q.scalar_type()), ", got ",
+                grad_final_state->scalar_type());
+    check_shape(kDeltaRuleOp, "grad_final_state", *grad_final_state, s.state(), "(like the final state)");
+  }
+}
+
+// The packed sequences' row offsets, read on the host and validated.
+inline std::vector<int64_t> read_delta_rule_offsets(const at::Tensor& cu_seqlens, int64_t total) {
+  const at::Tensor cu = cu_seqlens.to(at::kCPU).contiguous();
+  const int32_t* p = cu.const_data_ptr<int32_t>();
+  std::vector<int64_t> offsets(p, p + cu.numel());
+  TORCH_CHECK(offsets.front() == 0 && offsets.back() == total, kDeltaRuleOp,
+              ": cu_seqlens must start at 0 and end at the packed length ", total, ", got ", offsets.front(),
+              " ... ", offsets.back());
+  for (size_t n = 1; n < offsets.size(); ++n)
+    TORCH_CHECK(offsets[n] >= offsets[n - 1], kDeltaRuleOp, ": cu_seqlens must be non-decreasing, got ",
+                offsets[n - 1], " then ", offsets[n], " at index ", n);
+  return offsets;
+}
+
+}  // namespace linattn

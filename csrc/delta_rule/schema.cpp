@@ -1,0 +1,36 @@
+// The schemas of the delta-rule operators (docs/methods.md §11). Kernels register per dispatch
+// key in this folder: cpu.cpp (CPU), generic.cpp (every other device, and the *_generic twins),
+// meta.cpp (fake tensors), autograd.cpp (Autograd), step.cpp (decoding).
+#include <torch/library.h>
+
+#include <string>
+
+TORCH_LIBRARY_FRAGMENT(linattn, m) {
+  // q, k (B, H, T, dk), v (B, H, T, dv); beta (B, H, T) the writing strengths; log_gate (B, H, T)
+  // the log-decays g_t <= 0 of Gated DeltaNet or None (DeltaNet). States (B, H, dk, dv) in the
+  // accumulation dtype (float32; float64 for float64 inputs):
+  //   S_t = e^{g_t} (I − β_t k_t k_tᵀ) S_{t−1} + β_t k_t v_tᵀ,   out_t = scale · S_tᵀ q_t,
+  // or, non-causal, out_t = scale · S_Tᵀ q_t. cu_seqlens (N + 1,) int32: N packed sequences in
+  // (1, H, total, ·) tensors, each with its own state (N, H, dk, dv). q and k are used as given
+  // (linattn.delta_rule_attention L2-normalises them first). The backward returns dL/dbeta and
+  // dL/dlog_gate in their input dtypes (grad_log_gate empty without a gate) and dL/dinitial_state
+  // (zeros without one).
+  for (const char* suffix : {"", "_generic"}) {
+    m.def((std::string("delta_rule_fwd") + suffix +
+           "(Tensor q, Tensor k, Tensor v, Tensor beta, Tensor? log_gate=None, Tensor? initial_state=None, "
+           "Tensor? cu_seqlens=None, bool causal=True, float scale=1.0) -> (Tensor out, Tensor final_state)")
+              .c_str());
+    m.def((std::string("delta_rule_bwd") + suffix +
+           "(Tensor grad_out, Tensor? grad_final_state, Tensor q, Tensor k, Tensor v, Tensor beta, "
+           "Tensor? log_gate=None, Tensor? initial_state=None, Tensor? cu_seqlens=None, bool causal=True, "
+           "float scale=1.0) -> (Tensor grad_q, Tensor grad_k, Tensor grad_v, Tensor grad_beta, "
+           "Tensor grad_log_gate, Tensor grad_initial_state)")
+              .c_str());
+  }
+  // One decoding step of the recurrence above: q, k (B, H, dk), v (B, H, dv), beta and log_gate
+  // (B, H), state (B, H, dk, dv) in the accumulation dtype. Returns out (B, H, dv) and the new
+  // state. ATen operations (differentiable through them): O(dk · dv) per head.
+  m.def(
+      "delta_rule_step(Tensor q, Tensor k, Tensor v, Tensor beta, Tensor? log_gate, Tensor state, "
+      "float scale=1.0) -> (Tensor out, Tensor new_state)");
+}
