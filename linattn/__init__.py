@@ -32,6 +32,7 @@ from .functional import efficient_attention, linear_attention, performer_attenti
 from .functional import sliding_window_attention, swin_attention, window_attention, shifted_window_attention  # noqa: E402
 from .functional import additive_attention, lsh_attention, linear_attention_step  # noqa: E402
 from .window import window_mask  # noqa: E402
+from .delta_rule import delta_rule_attention, delta_rule_step  # noqa: E402
 from .sparse import bigbird_layout, block_local_layout, block_sparse_attention, layout_mask  # noqa: E402
 from . import nn  # noqa: E402
 from . import distributed  # noqa: E402
@@ -40,7 +41,7 @@ from .swap import swap_attention  # noqa: E402
 from .conversion import attention_transfer, linearize  # noqa: E402
 
 __all__ = [
-    "linear_attention", "linear_attention_step", "performer_attention", "efficient_attention", "sliding_window_attention", "window_mask",
+    "linear_attention", "linear_attention_step", "delta_rule_attention", "delta_rule_step", "performer_attention", "efficient_attention", "sliding_window_attention", "window_mask",
     "block_sparse_attention", "block_local_layout", "swin_attention", "shifted_window_attention", "lsh_attention", "additive_attention", "bigbird_layout", "layout_mask", "random_features", "favor_features",
     "elu_feature_map", "relu_feature_map", "nn", "distributed", "hf", "swap_attention", "reference",
     "set_cuda_backend", "cuda_backend", "linearize", "attention_transfer", "__version__",

@@ -279,3 +279,27 @@ def additive_attention(q, k, v, w, *, window=None, causal=False, key_padding_mas
     # The scores enter as the bias of a masked softmax whose q·k term is zero.
     return masked_softmax_attention(q.new_zeros(q.shape[:-1] + (1,)), k.new_zeros(k.shape[:-1] + (1,)), v, visible,
                                     1.0, bias=scores)
+
+
+def delta_rule(q, k, v, beta, *, gate=None, scale=None, initial_state=None, causal=True):
+    """The delta rule (docs/methods.md §11) token by token in float64, written from the formula:
+    S_t = e^{g_t} (I − β_t k_t k_tᵀ) S_{t−1} + β_t k_t v_tᵀ, o_t = scale · S_tᵀ q_t (causal), or
+    scale · S_Tᵀ q_t for every t (non-causal). q and k are used as given (no normalisation).
+    Returns (out, S_T)."""
+    q, k, v, beta = q.double(), k.double(), v.double(), beta.double()
+    B, H, T, dk = q.shape
+    scale = dk ** -0.5 if scale is None else scale
+    S = (initial_state.double().clone() if initial_state is not None
+         else q.new_zeros(B, H, dk, v.shape[-1]))
+    eye = torch.eye(dk, dtype=torch.float64, device=q.device)
+    outs = []
+    for t in range(T):
+        kt = k[:, :, t]
+        fade = gate[:, :, t].double().exp()[..., None, None] if gate is not None else 1.0
+        transition = eye - beta[:, :, t, None, None] * kt[..., :, None] * kt[..., None, :]
+        S = fade * (transition @ S) + beta[:, :, t, None, None] * kt[..., :, None] * v[:, :, t, None, :]
+        outs.append(scale * (q[:, :, t, None, :] @ S).squeeze(-2))
+    out = torch.stack(outs, 2) if T else v.new_zeros(B, H, 0, v.shape[-1]).double()
+    if not causal:
+        out = scale * q @ S
+    return out, S

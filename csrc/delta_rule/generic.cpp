@@ -190,7 +190,7 @@ Gradients backward_one(const at::Tensor& grad_out, const Optional& grad_final_st
   dK = dK + at::matmul(F, c.k) + at::matmul(F.transpose(-1, -2), c.k);
   at::Tensor grad_gate = gate_grad_empty;
   if (log_gate.has_value()) {  // g_l enters every G_i with i ≥ l of its chunk
-    grad_gate = from_chunks(dG.flip(-1).cumsum(-1).flip(-1).unsqueeze(-1), c.length).squeeze(-1).to(log_gate->scalar_type());
+    grad_gate = from_chunks(dG.flip(-1).cumsum(-1).flip(-1).unsqueeze(-1), c.length).squeeze(-1).to(log_gate->scalar_type()).contiguous();
   }
   if (causal) grad_q = from_chunks(dQ, c.length);
   return {grad_q.to(q.scalar_type()).contiguous(), from_chunks(dK, c.length).to(q.scalar_type()).contiguous(),
