@@ -55,6 +55,39 @@ void axpy(T alpha, const T* x, T* y, int64_t n) {
   for (int64_t i = 0; i < n; ++i) y[i] += alpha * x[i];
 }
 
+
+// The unit-triangular solves of the UT transform, row by row with the row's partial sums held in
+// registers (kBlock columns at a time) instead of updating rows in memory once per term.
+// Forward: x_i = x_i − Σ_{j<i} L_ij x_j (L strictly lower, leading dim ldl), rows in order.
+// Adjoint: x_i = x_i − Σ_{j>i} L_ji x_j, rows in reverse: the solve with (I + L)ᵀ.
+template <bool Adjoint, typename T>
+void unit_triangular_solve(const T* L, int64_t ldl, T* X, int64_t ld, int64_t rows, int64_t n) {
+  constexpr int64_t kBlock = 64;
+  for (int64_t step = 0; step < rows; ++step) {
+    const int64_t i = Adjoint ? rows - 1 - step : step;
+    const int64_t j_begin = Adjoint ? i + 1 : 0, j_end = Adjoint ? rows : i;
+    T* xi = X + i * ld;
+    for (int64_t c0 = 0; c0 < n; c0 += kBlock) {
+      const int64_t width = std::min(kBlock, n - c0);
+      if (width == kBlock) {
+        T acc[kBlock];
+        for (int64_t c = 0; c < kBlock; ++c) acc[c] = xi[c0 + c];
+        for (int64_t j = j_begin; j < j_end; ++j) {
+          const T a = Adjoint ? L[j * ldl + i] : L[i * ldl + j];
+          const T* xj = X + j * ld + c0;
+          for (int64_t c = 0; c < kBlock; ++c) acc[c] -= a * xj[c];
+        }
+        for (int64_t c = 0; c < kBlock; ++c) xi[c0 + c] = acc[c];
+      } else {
+        for (int64_t j = j_begin; j < j_end; ++j) {
+          const T a = Adjoint ? L[j * ldl + i] : L[i * ldl + j];
+          axpy(-a, X + j * ld + c0, xi + c0, width);
+        }
+      }
+    }
+  }
+}
+
 template <typename scalar_t, typename acc_t>
 struct DeltaKernel {
   const DeltaRuleShape& s;
@@ -63,7 +96,7 @@ struct DeltaKernel {
 
   // Per-thread scratch; row blocks have leading dim dk or dv, C × C blocks leading dim C.
   std::vector<acc_t> Q, K, V, dO, W, U, u, Kt, O, dQ, dK, dKt, dW, du;
-  std::vector<acc_t> beta, G, eG, decay, dG;
+  std::vector<acc_t> beta, G, eG, decay, dG, colsum;
   std::vector<acc_t> gamma, A, Bkk, P, dP;
   std::vector<acc_t> S, dS, tmpS;
   std::vector<acc_t> states;  // backward: the state entering every chunk of the item
@@ -73,17 +106,23 @@ struct DeltaKernel {
         scale(static_cast<acc_t>(shape.scale)) {
     for (auto* b : {&Q, &K, &W, &Kt, &dQ, &dK, &dKt, &dW}) b->resize(C * dk);
     for (auto* b : {&V, &dO, &U, &u, &O, &du}) b->resize(C * dv);
-    for (auto* b : {&beta, &G, &eG, &decay, &dG}) b->resize(C);
+    for (auto* b : {&beta, &G, &eG, &decay, &dG, &colsum}) b->resize(C);
     for (auto* b : {&gamma, &A, &Bkk, &P, &dP}) b->resize(C * C);
     for (auto* b : {&S, &dS, &tmpS}) b->resize(dk * dv);
   }
 
   int64_t row_index(const DeltaItem& it, int64_t t) const { return (it.b * H + it.h) * T + t; }
 
-  // Loads rows [r0, r0 + L) of the item and everything a chunk derives from them alone: the
-  // gates' cumulative sums and decays, Γ, A, W and U.
+  // Loads rows [r0, r0 + L) of the item and everything a chunk derives from them alone.
   void prepare(const DeltaOperands<scalar_t, acc_t>& x, const DeltaItem& it, int64_t r0, int64_t L,
                bool want_grad_out) {
+    load_chunk(x, it, r0, L, want_grad_out);
+    transform(L);
+  }
+
+  // The rows, the gates' cumulative sums G, e^G, the decays to the chunk's end, Γ and Kt.
+  void load_chunk(const DeltaOperands<scalar_t, acc_t>& x, const DeltaItem& it, int64_t r0, int64_t L,
+                  bool want_grad_out) {
     const auto load = [&](const Strided4<const scalar_t>& t, acc_t* dst, int64_t cols) {
       load_rows(dst, cols, t.row(it.b, it.h, r0), t.stride[2], t.stride[3], L, cols);
     };
@@ -100,13 +139,25 @@ struct DeltaKernel {
       beta[i] = x.beta[base + i];
       running += x.log_gate ? x.log_gate[base + i] : acc_t(0);
       G[i] = running;
-      eG[i] = std::exp(running);
+      eG[i] = x.log_gate ? std::exp(running) : acc_t(1);
     }
-    for (int64_t i = 0; i < L; ++i) decay[i] = std::exp(G[L - 1] - G[i]);
+    for (int64_t i = 0; i < L; ++i) decay[i] = x.log_gate ? std::exp(G[L - 1] - G[i]) : acc_t(1);
     for (int64_t i = 0; i < L; ++i) {
       acc_t* row = gamma.data() + i * C;
-      for (int64_t j = 0; j <= i; ++j) row[j] = std::exp(G[i] - G[j]);
+      if (x.log_gate) {
+        for (int64_t j = 0; j <= i; ++j) row[j] = std::exp(G[i] - G[j]);
+      } else {
+        std::fill(row, row + i + 1, acc_t(1));  // DeltaNet: no gate, no exponentials
+      }
     }
+    for (int64_t i = 0; i < L; ++i) {
+      const acc_t d = decay[i];
+      for (int64_t c = 0; c < dk; ++c) Kt[i * dk + c] = d * K[i * dk + c];
+    }
+  }
+
+  // The UT transform: Bkk, A, W and U.
+  void transform(int64_t L) {
     // Bkk = strict_tril(K Kᵀ ⊙ Γ), A = diag(β) Bkk.
     gemm<acc_t>(false, true, L, L, dk, K.data(), dk, K.data(), dk, acc_t(0), Bkk.data(), C);
     for (int64_t i = 0; i < L; ++i) {
@@ -117,22 +168,32 @@ struct DeltaKernel {
     }
     // (I + A) [W | U] = [diag(β e^G) K | diag(β) V], by forward substitution.
     for (int64_t i = 0; i < L; ++i) {
-      acc_t* w = W.data() + i * dk;
-      acc_t* uu = U.data() + i * dv;
       const acc_t bw = beta[i] * eG[i];
-      for (int64_t c = 0; c < dk; ++c) w[c] = bw * K[i * dk + c];
-      for (int64_t c = 0; c < dv; ++c) uu[c] = beta[i] * V[i * dv + c];
-      for (int64_t j = 0; j < i; ++j) {
-        const acc_t a = A[i * C + j];
-        if (a == acc_t(0)) continue;
-        axpy(-a, W.data() + j * dk, w, dk);
-        axpy(-a, U.data() + j * dv, uu, dv);
-      }
+      for (int64_t c = 0; c < dk; ++c) W[i * dk + c] = bw * K[i * dk + c];
+      for (int64_t c = 0; c < dv; ++c) U[i * dv + c] = beta[i] * V[i * dv + c];
     }
-    for (int64_t i = 0; i < L; ++i) {
-      const acc_t d = decay[i];
-      for (int64_t c = 0; c < dk; ++c) Kt[i * dk + c] = d * K[i * dk + c];
-    }
+    unit_triangular_solve<false>(A.data(), C, W.data(), dk, L, dk);
+    unit_triangular_solve<false>(A.data(), C, U.data(), dv, L, dv);
+  }
+
+  // The backward's forward pass keeps what the reverse pass needs of every chunk that depends on
+  // more than its rows: W, U, u and Bkk (memory (dk + 2 dv + C) per row; A is diag(β) Bkk).
+  std::vector<acc_t> kept_W, kept_U, kept_u, kept_B;
+
+  void keep(int64_t c, int64_t L) {
+    std::copy(W.begin(), W.begin() + L * dk, kept_W.begin() + c * C * dk);
+    std::copy(U.begin(), U.begin() + L * dv, kept_U.begin() + c * C * dv);
+    std::copy(u.begin(), u.begin() + L * dv, kept_u.begin() + c * C * dv);
+    std::copy(Bkk.begin(), Bkk.begin() + L * C, kept_B.begin() + c * C * C);
+  }
+
+  void restore(int64_t c, int64_t L) {
+    std::copy(kept_W.begin() + c * C * dk, kept_W.begin() + c * C * dk + L * dk, W.begin());
+    std::copy(kept_U.begin() + c * C * dv, kept_U.begin() + c * C * dv + L * dv, U.begin());
+    std::copy(kept_u.begin() + c * C * dv, kept_u.begin() + c * C * dv + L * dv, u.begin());
+    std::copy(kept_B.begin() + c * C * C, kept_B.begin() + c * C * C + L * C, Bkk.begin());
+    for (int64_t i = 0; i < L; ++i)
+      for (int64_t j = 0; j < i; ++j) A[i * C + j] = beta[i] * Bkk[i * C + j];
   }
 
   // u = U − W S0.
@@ -203,6 +264,10 @@ struct DeltaKernel {
   void backward(const DeltaOperands<scalar_t, acc_t>& x, const DeltaItem& it) {
     const int64_t chunks = (it.end - it.begin + C - 1) / C;
     states.resize(std::max<int64_t>(chunks, 1) * dk * dv);
+    kept_W.resize(chunks * C * dk);
+    kept_U.resize(chunks * C * dv);
+    kept_u.resize(chunks * C * dv);
+    kept_B.resize(chunks * C * C);
     // Forward pass: the state entering every chunk.
     load_initial(x.initial, it, S.data());
     for (int64_t c = 0; c < chunks; ++c) {
@@ -210,6 +275,7 @@ struct DeltaKernel {
       std::copy(S.begin(), S.end(), states.begin() + c * dk * dv);
       prepare(x, it, r0, L, false);
       pseudo_values(S.data(), L);
+      keep(c, L);
       advance_state(S.data(), L);
     }
     if (x.grad_final) {
@@ -230,18 +296,18 @@ struct DeltaKernel {
     }
     for (int64_t c = chunks - 1; c >= 0; --c) {
       const int64_t r0 = it.begin + c * C, L = std::min(C, it.end - r0);
-      chunk_backward(x, it, r0, L, states.data() + c * dk * dv);
+      chunk_backward(x, it, c, r0, L, states.data() + c * dk * dv);
     }
     std::copy(dS.begin(), dS.end(), x.grad_initial + it.state * dk * dv);
   }
 
   // One chunk of the reverse pass: dS holds dL/d(state after the chunk) on entry and
   // dL/d(state before it) on exit; the chunk's rows get their gradients.
-  void chunk_backward(const DeltaOperands<scalar_t, acc_t>& x, const DeltaItem& it, int64_t r0, int64_t L,
-                      const acc_t* S0) {
+  void chunk_backward(const DeltaOperands<scalar_t, acc_t>& x, const DeltaItem& it, int64_t c, int64_t r0,
+                      int64_t L, const acc_t* S0) {
     const bool causal = s.causal;
-    prepare(x, it, r0, L, causal);
-    pseudo_values(S0, L);
+    load_chunk(x, it, r0, L, causal);
+    restore(c, L);
     std::fill(dG.begin(), dG.begin() + L, acc_t(0));
 
     // S1 = e^{G_last} S0 + Ktᵀ u: du = Kt dS, dKt = u dSᵀ.
@@ -265,15 +331,24 @@ struct DeltaKernel {
         for (int64_t cc = 0; cc < dk; ++cc) dQ[i * dk + cc] *= eG[i];
         dG[i] += dot(Q.data() + i * dk, dQ.data() + i * dk, dk);
       }
+      // dG_i += Σ_j E_ij − Σ_j E_ji for E = dP ⊙ P; dP becomes dZ = dP ⊙ Γ, the gradient of Q Kᵀ.
+      acc_t* __restrict dp = dP.data();
+      const acc_t* __restrict p = P.data();
+      const acc_t* __restrict gm = gamma.data();
+      acc_t* __restrict column = colsum.data();
+      std::fill(column, column + L, acc_t(0));
       for (int64_t i = 0; i < L; ++i) {
+        acc_t row(0);
         for (int64_t j = 0; j <= i; ++j) {
-          const acc_t e = dP[i * C + j] * P[i * C + j];
-          dG[i] += e;
-          dG[j] -= e;
-          dP[i * C + j] *= gamma[i * C + j];  // dZ, the gradient of Q Kᵀ
+          const acc_t e = dp[i * C + j] * p[i * C + j];
+          row += e;
+          column[j] += e;
+          dp[i * C + j] *= gm[i * C + j];
         }
-        for (int64_t j = i + 1; j < L; ++j) dP[i * C + j] = acc_t(0);
+        for (int64_t j = i + 1; j < L; ++j) dp[i * C + j] = acc_t(0);
+        dG[i] += row;
       }
+      for (int64_t j = 0; j < L; ++j) dG[j] -= column[j];
       gemm<acc_t>(false, false, L, dk, L, dP.data(), C, K.data(), dk, acc_t(1), dQ.data(), dk);
       gemm<acc_t>(true, false, L, dk, L, dP.data(), C, Q.data(), dk, acc_t(1), dK.data(), dk);
     }
@@ -291,41 +366,45 @@ struct DeltaKernel {
     // u = U − W S0: dU = du, dW = −du S0ᵀ; then through the solves: [dV̂ | dŴ] = (I + A)⁻ᵀ [dU | dW].
     gemm<acc_t>(false, true, L, dk, dv, du.data(), dv, S0, dv, acc_t(0), dW.data(), dk);
     for (int64_t e = 0; e < L * dk; ++e) dW[e] = -dW[e];
-    for (int64_t i = L - 1; i >= 0; --i) {
-      const acc_t* xv = du.data() + i * dv;
-      const acc_t* xw = dW.data() + i * dk;
-      for (int64_t j = 0; j < i; ++j) {
-        const acc_t a = A[i * C + j];
-        if (a == acc_t(0)) continue;
-        axpy(-a, xv, du.data() + j * dv, dv);
-        axpy(-a, xw, dW.data() + j * dk, dk);
-      }
-    }
+    unit_triangular_solve<true>(A.data(), C, du.data(), dv, L, dv);
+    unit_triangular_solve<true>(A.data(), C, dW.data(), dk, L, dk);
     // dA = −(dV̂ Uᵀ + dŴ Wᵀ), strictly lower.
     gemm<acc_t>(false, true, L, L, dv, du.data(), dv, U.data(), dv, acc_t(0), dP.data(), C);
     gemm<acc_t>(false, true, L, L, dk, dW.data(), dk, W.data(), dk, acc_t(1), dP.data(), C);
-    for (int64_t i = 0; i < L; ++i) {
-      const acc_t* dvh = du.data() + i * dv;
-      const acc_t* dwh = dW.data() + i * dk;
-      const acc_t kw = eG[i] * dot(K.data() + i * dk, dwh, dk);
-      acc_t db = dot(V.data() + i * dv, dvh, dv) + kw;
-      dG[i] += beta[i] * kw;
-      for (int64_t j = 0; j < i; ++j) {
-        const acc_t da = -dP[i * C + j];
-        db += da * Bkk[i * C + j];
-        const acc_t d = da * A[i * C + j];
-        dG[i] += d;
-        dG[j] -= d;
-        dP[i * C + j] = da * beta[i] * gamma[i * C + j];  // F, the gradient of K Kᵀ
+    {
+      acc_t* __restrict da = dP.data();  // dA on entry (negated), F = dA ⊙ β_i Γ, the gradient of K Kᵀ, on exit
+      const acc_t* __restrict bkk = Bkk.data();
+      const acc_t* __restrict gm = gamma.data();
+      acc_t* __restrict column = colsum.data();
+      std::fill(column, column + L, acc_t(0));
+      for (int64_t i = 0; i < L; ++i) {
+        const acc_t* dvh = du.data() + i * dv;
+        const acc_t* dwh = dW.data() + i * dk;
+        const acc_t kw = eG[i] * dot(K.data() + i * dk, dwh, dk);
+        acc_t db = dot(V.data() + i * dv, dvh, dv) + kw;
+        acc_t row(0);
+        const acc_t b = beta[i];
+        for (int64_t j = 0; j < i; ++j) {
+          const acc_t dA_ij = -da[i * C + j];
+          const acc_t w = dA_ij * bkk[i * C + j];  // dA_ij · Bkk_ij; dA_ij · A_ij = β_i · w
+          db += w;
+          row += w;
+          column[j] += b * w;
+          da[i * C + j] = dA_ij * b * gm[i * C + j];
+        }
+        da[i * C + i] = acc_t(0);
+        x.dbeta[row_index(it, r0 + i)] = db;
+        dG[i] += b * (kw + row);
+        const acc_t bw = b * eG[i];
+        for (int64_t cc = 0; cc < dk; ++cc) dK[i * dk + cc] += bw * dwh[cc];
+        for (int64_t cc = 0; cc < dv; ++cc) O[i * dv + cc] = b * dvh[cc];  // dV
       }
-      for (int64_t j = i; j < L; ++j) dP[i * C + j] = acc_t(0);
-      x.dbeta[row_index(it, r0 + i)] = db;
-      const acc_t bw = beta[i] * eG[i];
-      for (int64_t cc = 0; cc < dk; ++cc) dK[i * dk + cc] += bw * dwh[cc];
-      for (int64_t cc = 0; cc < dv; ++cc) O[i * dv + cc] = beta[i] * dvh[cc];  // dV
+      for (int64_t j = 0; j < L; ++j) dG[j] -= column[j];
+      // F + Fᵀ: K Kᵀ is symmetric, so dK gets (F + Fᵀ) K in one product.
+      for (int64_t i = 0; i < L; ++i)
+        for (int64_t j = i + 1; j < L; ++j) da[i * C + j] = da[j * C + i];
     }
     gemm<acc_t>(false, false, L, dk, L, dP.data(), C, K.data(), dk, acc_t(1), dK.data(), dk);
-    gemm<acc_t>(true, false, L, dk, L, dP.data(), C, K.data(), dk, acc_t(1), dK.data(), dk);
 
     const int64_t base = row_index(it, r0);
     if (causal) store_rows(x.dq + base * dk, dQ.data(), L, dk);
