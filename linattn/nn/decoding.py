@@ -246,3 +246,21 @@ def decode_hybrid(core, q, k, v, entry, visible_kv, where):
     g = torch.sigmoid(core.gate).to(linear_out.dtype)[None, :, None, None]
     out = g * linear_out + (1 - g) * local_out.to(linear_out.dtype)
     return out, {"linear": linear_entry, "local": local_entry}
+
+
+# --- deltanet, gated_deltanet: the delta rule's state ------------------------------------------
+
+
+def decode_delta_rule(core, q, k, v, entry, visible_kv, where):
+    """The state S (N, H, hd, hd_v) of the delta rule (docs/methods.md §11), constant-size: one
+    token takes delta_rule_step, a chunk the chunkwise kernel from the state."""
+    from ..delta_rule import delta_rule_attention, delta_rule_step
+
+    beta, gate = core.beta_and_gate(k)
+    state = None if entry is None else entry["state"]
+    if q.shape[2] == 1:
+        out, state = delta_rule_step(q[:, :, 0], k[:, :, 0], v[:, :, 0], beta[:, :, 0], state,
+                                     gate=None if gate is None else gate[:, :, 0])
+        return out.unsqueeze(2), {"state": state}
+    out, state = delta_rule_attention(q, k, v, beta, gate=gate, initial_state=state, output_final_state=True)
+    return out, {"state": state}

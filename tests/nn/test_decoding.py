@@ -20,6 +20,8 @@ CASES = [
     ("local", {"window": 6, "dilation": 2}),
     ("local", {"window": (3, 7)}),
     ("hybrid", {"window": 4}),
+    ("deltanet", {}),
+    ("gated_deltanet", {}),
 ]
 IDS = [f"{method}-{'-'.join(f'{k}={v}' for k, v in opts.items())}" for method, opts in CASES]
 PIECES = (5, 1, 1, 3, 1, 7, 1, 1, 1, 2)  # 23 tokens: a prompt, steps and chunks
@@ -32,6 +34,10 @@ def module(method, opts, dtype=torch.float64, batch_first=True, **kwargs):
     if method == "hybrid":
         with torch.no_grad():
             m.core.gate.copy_(torch.tensor([0.7, -1.2]))
+    if method in ("deltanet", "gated_deltanet"):  # token-dependent β and gate, as after training
+        with torch.no_grad():
+            for p in m.core.parameters():
+                p.copy_(torch.randn_like(p))
     return m
 
 
@@ -93,7 +99,8 @@ def test_layouts(batch_first):
                  1e-12)
 
 
-@pytest.mark.parametrize("method,opts", [CASES[0], CASES[1], CASES[5], CASES[8]], ids=[IDS[0], IDS[1], IDS[5], IDS[8]])
+@pytest.mark.parametrize("method,opts", [CASES[0], CASES[1], CASES[5], CASES[8], CASES[10]],
+                         ids=[IDS[0], IDS[1], IDS[5], IDS[8], IDS[10]])
 def test_cache_size(method, opts):
     """Constant for linear (the state) and local (the window), growing for softmax."""
     m = module(method, opts)
@@ -110,6 +117,8 @@ def test_cache_size(method, opts):
         assert sizes[5] == sizes[-1]
         if method == "linear":  # S (2, 2, 8, 8) and z (2, 2, 8) in float64
             assert sizes[-1] == (2 * 2 * 8 * 8 + 2 * 2 * 8) * 8
+        if method == "gated_deltanet":  # S (2, 2, 8, 8) in float64
+            assert sizes[-1] == 2 * 2 * 8 * 8 * 8
 
 
 @pytest.mark.parametrize("method,opts", CASES, ids=IDS)
@@ -124,8 +133,8 @@ def test_select_rows_for_beam_search(method, opts):
     assert_close(rest, whole(m, x[[2, 0]])[:, 7:], 1e-12, method)
 
 
-@pytest.mark.parametrize("method,opts", [CASES[0], CASES[1], CASES[3], CASES[5], CASES[8]],
-                         ids=[IDS[0], IDS[1], IDS[3], IDS[5], IDS[8]])
+@pytest.mark.parametrize("method,opts", [CASES[0], CASES[1], CASES[3], CASES[5], CASES[8], CASES[10]],
+                         ids=[IDS[0], IDS[1], IDS[3], IDS[5], IDS[8], IDS[10]])
 def test_gradients_flow_through_the_cache(method, opts):
     m = module(method, opts)
     x = torch.randn(2, 11, 16, dtype=torch.float64, requires_grad=True)

@@ -12,6 +12,7 @@ key_padding_mask into a bool mask (True = padded), or rejected it (see masks.py)
 
 What dropout means differs, because only softmax and Linformer form attention weights:
   - softmax, linformer: dropout on the attention probabilities, as nn.MultiheadAttention does;
+  - deltanet, gated_deltanet: whole keys are skipped (they write nothing) with probability p;
   - linear, performer, efficient: whole keys (columns of the implicit attention matrix) are
     dropped per batch and head with probability p and the rest scaled by 1/(1 − p), applied to
     the values, so out = weights @ v still holds, with the same expectation as torch's dropout;
@@ -24,6 +25,7 @@ from .base import MethodModule, _drop_keys  # noqa: F401  (hf uses _drop_keys)
 from .softmax import AdditiveMethod, LinformerMethod, SoftmaxMethod  # noqa: F401
 from .kernelized import EfficientMethod, LinearMethod, PerformerMethod  # noqa: F401
 from .restricted import BigBirdMethod, HybridMethod, LocalMethod, LongformerMethod, ReformerMethod  # noqa: F401
+from .delta import DeltaNetMethod, GatedDeltaNetMethod  # noqa: F401
 from .linearized import LinearizedMethod  # noqa: F401
 
 # Every MethodModule subclass with a name, in the order of definition (softmax's family first).

@@ -1,0 +1,103 @@
+"""The delta rule as attention methods (docs/methods.md §11): "deltanet" and "gated_deltanet".
+
+A method sees each head's q, k and v, not the layer's input, so the writing strength β and the
+gate are learned projections of the head's key — itself the key projection of the input, so
+β_t = σ(a_h · k_t + b_h) is a projection of x_t whose weight lies in that head's key space:
+    β_t   = sigmoid(a_h · k_t + b_h)                                  (both methods)
+    g_t   = −e^{A_h} · softplus(c_h · k_t + d_h)                        (gated_deltanet)
+with a_h, c_h (H, hd) initialised to 0, b_h to 0 (β = 1/2), A_h to 0 and d_h so that
+softplus(d_h) is log-uniform in [1e-3, 1e-1] over the heads (Mamba-2's and Gated DeltaNet's
+initialisation of the step size dt): at construction β and the gate do not depend on the token,
+and the projections learn to make them.
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ...delta_rule import delta_rule_attention
+from ..decoding import decode_delta_rule
+from .base import MethodModule
+
+
+class DeltaNetMethod(MethodModule):
+    """The delta rule, DeltaNet (Yang et al. 2024), docs/methods.md §11: the state is corrected
+    towards each value (online regression) instead of accumulating it; β from a learned
+    projection of each head's key (linattn.nn.methods.delta). No options. Causal or not (non-causal:
+    every query reads the final state); key padding (a padded key writes nothing); dropout skips
+    whole keys (they write nothing). need_weights gives the implicit (T, T) matrix out = weights @ v."""
+
+    name = "deltanet"
+    decoder = staticmethod(decode_delta_rule)
+    options = ()
+    supports_causal = True
+    takes_any_mask = False
+    supports_extra_keys = False
+    gated = False
+
+    def __init__(self, num_heads: int, head_dim: int, device=None, dtype=None):
+        super().__init__()
+        factory = dict(device=device, dtype=dtype)
+        self.beta_weight = nn.Parameter(torch.empty(num_heads, head_dim, **factory))
+        self.beta_bias = nn.Parameter(torch.empty(num_heads, **factory))
+        if self.gated:
+            self.gate_weight = nn.Parameter(torch.empty(num_heads, head_dim, **factory))
+            self.gate_bias = nn.Parameter(torch.empty(num_heads, **factory))
+            self.A_log = nn.Parameter(torch.empty(num_heads, **factory))
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        self.beta_weight.zero_()
+        self.beta_bias.zero_()
+        if self.gated:
+            heads = self.gate_bias.numel()
+            dt = torch.logspace(math.log10(1e-3), math.log10(1e-1), heads, dtype=torch.float64)
+            self.gate_weight.zero_()
+            self.gate_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # softplus⁻¹(dt)
+            self.A_log.zero_()
+
+    def extra_repr(self) -> str:
+        return f"heads={self.beta_bias.numel()}"
+
+    def _per_head(self, k, weight, bias):
+        """a_h · k_t + b_h for every (batch, head, t): (N, H, T)."""
+        return torch.einsum("nhtd,hd->nht", k, weight.to(k.dtype)) + bias.to(k.dtype)[None, :, None]
+
+    def beta_and_gate(self, k):
+        """(β, g) for keys k (N, H, T, hd); g is None for DeltaNet."""
+        beta = torch.sigmoid(self._per_head(k, self.beta_weight, self.beta_bias))
+        if not self.gated:
+            return beta, None
+        step = F.softplus(self._per_head(k, self.gate_weight, self.gate_bias))
+        return beta, -torch.exp(self.A_log.to(k.dtype))[None, :, None] * step
+
+    def forward(self, q, k, v, *, causal, key_padding_mask, attn_mask, dropout_p, need_weights):
+        beta, gate = self.beta_and_gate(k)
+        skipped = None
+        if key_padding_mask is not None:
+            skipped = key_padding_mask[:, None, :].expand_as(beta)
+        if dropout_p > 0.0:
+            dropped = torch.rand_like(beta) < dropout_p
+            skipped = dropped if skipped is None else skipped | dropped
+        if skipped is not None:  # a skipped key neither writes (β = 0) nor fades the state (g = 0)
+            beta = beta.masked_fill(skipped, 0.0)
+            gate = None if gate is None else gate.masked_fill(skipped, 0.0)
+        out = delta_rule_attention(q, k, v, beta, gate=gate, causal=causal)
+        if not need_weights:
+            return out, None
+        # The output is linear in v: the identity as values gives the matrix it applies.
+        length = k.shape[2]
+        identity = torch.eye(length, device=v.device, dtype=v.dtype).expand(*v.shape[:2], length, length)
+        return out, delta_rule_attention(q, k, identity, beta, gate=gate, causal=causal)
+
+
+class GatedDeltaNetMethod(DeltaNetMethod):
+    """Gated DeltaNet (Yang, Kautz and Hatamizadeh 2025), docs/methods.md §11: the delta rule on a
+    state that also fades by a learned, token-dependent gate e^{g_t}; β and g from learned
+    projections of each head's key (linattn.nn.methods.delta). No options; masks, dropout and
+    need_weights as for "deltanet"."""
+
+    name = "gated_deltanet"
+    gated = True
