@@ -12,6 +12,8 @@ register() adds to transformers' AttentionInterface, with a mask interface of it
   - "linattn_linear_relu": the same with the relu feature map;
   - "linattn_performer": Performer FAVOR+ (docs/methods.md §2) with a fixed projection per layer
     (⌈D·ln D⌉ orthogonal random features seeded by the layer index, a non-persistent buffer);
+  - "linattn_deltanet", "linattn_gated_deltanet": the delta rule (docs/methods.md §11) with
+    learned β (and gate) per layer, which use_delta_rule(model) attaches and switches to;
   - "linattn_local": exact softmax attention in the layer's own pattern, through the fused
     sliding-window kernel: the model's sliding window where it has one (Mistral, Qwen2, Gemma),
     full causal or bidirectional attention elsewhere; memory linear in the sequence.
@@ -24,19 +26,26 @@ drops whole keys, as linattn.nn.MultiheadAttention's methods do. No attention we
 
 Generation: with transformers' caches the keys and values grow as usual (for the linear methods
 every step runs the cached keys into a state: correct, O(context) per token). Pass
-`past_key_values=linattn.hf.LinearStateCache()` with the linear methods and each layer keeps
-only its recurrent state (S, z): constant memory and O(1) work per generated token.
+`past_key_values=linattn.hf.LinearStateCache()` with the linear methods (and the delta rule) and
+each layer keeps only its recurrent state ((S, z), or the delta rule's S): constant memory and O(1) work per generated token.
 
 transformers is an optional extra (`pip install transformers`), imported only when used.
 """
 from ..nn.methods import METHODS
 from .state_cache import LinearStateCache
 
-__all__ = ["register", "LinearStateCache", "IMPLEMENTATIONS"]
+__all__ = ["register", "LinearStateCache", "IMPLEMENTATIONS", "use_delta_rule"]
 
 # Each method names the implementations it registers (its class's hf_implementations).
 IMPLEMENTATIONS = tuple(name for cls in METHODS.values() for name in cls.hf_implementations)
 _registered = False
+
+
+def use_delta_rule(model, *, gated: bool = True, example_inputs=None):
+    """linattn.hf.delta_rule.use_delta_rule: DeltaNet / Gated DeltaNet in a transformers model."""
+    from .delta_rule import use_delta_rule as attach
+
+    return attach(model, gated=gated, example_inputs=example_inputs)
 
 
 def register() -> None:
@@ -49,8 +58,11 @@ def register() -> None:
         from transformers.masking_utils import AttentionMaskInterface
     except ImportError as error:  # pragma: no cover - depends on the environment
         raise ImportError("linattn.hf.register needs transformers (pip install transformers)") from error
-    from .attention import IMPLEMENTATIONS as functions
+    from .attention import IMPLEMENTATIONS as kernelized
+    from .delta_rule import IMPLEMENTATIONS as delta_rule
     from .masks import compact_mask
+
+    functions = {**kernelized, **delta_rule}
 
     for name in IMPLEMENTATIONS:
         AttentionInterface.register(name, functions[name])

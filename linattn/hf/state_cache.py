@@ -54,8 +54,10 @@ def _state_layer_class():
             self.state, self.seen = None, 0
 
         def reorder_cache(self, beam_idx) -> None:
-            if self.state is not None:
+            if isinstance(self.state, tuple):  # linear attention's (S, z)
                 self.state = tuple(t.index_select(0, beam_idx.to(t.device)) for t in self.state)
+            elif self.state is not None:  # the delta rule's S
+                self.state = self.state.index_select(0, beam_idx.to(self.state.device))
 
     return LinearStateLayer
 

@@ -58,9 +58,10 @@ def test_decoding_is_offered_exactly_by_the_methods_with_a_decoder():
 
 def test_hf_implementations_come_from_the_method_classes():
     from linattn.hf import IMPLEMENTATIONS
-    from linattn.hf.attention import IMPLEMENTATIONS as FUNCTIONS
+    from linattn.hf.attention import IMPLEMENTATIONS as KERNELIZED
+    from linattn.hf.delta_rule import IMPLEMENTATIONS as DELTA_RULE
 
-    assert set(IMPLEMENTATIONS) == set(FUNCTIONS)
+    assert set(IMPLEMENTATIONS) == set(KERNELIZED) | set(DELTA_RULE)
     assert IMPLEMENTATIONS == tuple(n for cls in METHODS.values() for n in cls.hf_implementations)
 
 

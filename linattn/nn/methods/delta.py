@@ -30,6 +30,7 @@ class DeltaNetMethod(MethodModule):
 
     name = "deltanet"
     decoder = staticmethod(decode_delta_rule)
+    hf_implementations = ("linattn_deltanet",)
     options = ()
     supports_causal = True
     takes_any_mask = False
@@ -100,4 +101,5 @@ class GatedDeltaNetMethod(DeltaNetMethod):
     need_weights as for "deltanet"."""
 
     name = "gated_deltanet"
+    hf_implementations = ("linattn_gated_deltanet",)
     gated = True

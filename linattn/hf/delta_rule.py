@@ -1,0 +1,66 @@
+"""The delta rule in Hugging Face transformers models (docs/methods.md §11): "linattn_deltanet" and
+"linattn_gated_deltanet". The learned β (and gate) projections of linattn.nn's methods need a
+home in the model: use_delta_rule(model) finds the attention layers (by running the model once,
+as linattn.linearize does), attaches a DeltaNetMethod / GatedDeltaNetMethod to each as
+`linattn_delta_rule` (so they are in model.parameters() and its state_dict) and switches the
+model to the implementation; the attention function hands each layer's q, k, v to it."""
+from typing import List, Optional
+
+from ..delta_rule import delta_rule_attention
+from ..nn.methods.delta import DeltaNetMethod, GatedDeltaNetMethod
+from .attention import _kernelized
+
+ATTRIBUTE = "linattn_delta_rule"
+_CORES = {"linattn_deltanet": DeltaNetMethod, "linattn_gated_deltanet": GatedDeltaNetMethod}
+
+
+def _delta_rule(name):
+    def attend(module, q, k, v, causal, padding, initial_state=None, output_final_state=False, cu_seqlens=None):
+        core = getattr(module, ATTRIBUTE, None)
+        if not isinstance(core, _CORES[name]):
+            raise ValueError(f"linattn.hf ({module.__class__.__name__}): attn_implementation={name!r} needs the layer's "
+                             f"learned β{' and gate' if name.endswith('gated_deltanet') else ''}: call "
+                             f"linattn.hf.use_delta_rule(model{', gated=False' if name == 'linattn_deltanet' else ''}) "
+                             "(before building the optimizer)")
+        beta, gate = core.beta_and_gate(k)
+        if padding is not None:  # a padded key neither writes nor fades the state
+            beta = beta.masked_fill(padding[:, None, :], 0.0)
+            gate = None if gate is None else gate.masked_fill(padding[:, None, :], 0.0)
+        return delta_rule_attention(q, k, v, beta, gate=gate, causal=causal, initial_state=initial_state,
+                                    output_final_state=output_final_state, cu_seqlens=cu_seqlens)
+
+    return _kernelized(attend)
+
+
+IMPLEMENTATIONS = {name: _delta_rule(name) for name in _CORES}
+
+
+def use_delta_rule(model, *, gated: bool = True, example_inputs=None) -> List[str]:
+    """Gives every attention layer of a transformers model the delta rule's learned projections
+    (newly initialised, docs/methods.md §11) and switches the model to "linattn_gated_deltanet"
+    (gated=True) or "linattn_deltanet"; the pretrained q, k, v and output projections are kept.
+    example_inputs: what to run the model on to find its attention layers (default: its dummy
+    inputs). Returns the layers' qualified names. Generation: past_key_values=LinearStateCache()
+    keeps the (B, H, dk, dv) state per layer."""
+    from ..conversion.hf import _dummy_inputs, attention_layers
+    from ..conversion.hf import register as register_probe
+    from . import register
+
+    register()
+    register_probe()  # the probing implementation that finds the layers
+    name = "linattn_gated_deltanet" if gated else "linattn_deltanet"
+    layers = attention_layers(model, _dummy_inputs(model) if example_inputs is None else example_inputs)
+    if not layers:
+        raise ValueError("linattn.hf.use_delta_rule: the model ran no attention through transformers' "
+                         "AttentionInterface on the example inputs")
+    names = {id(module): qualified for qualified, module in model.named_modules()}
+    parameter = next(model.parameters())
+    for module, heads, head_dim, _ in layers:
+        module.add_module(ATTRIBUTE, _CORES[name](heads, head_dim, device=parameter.device, dtype=parameter.dtype))
+    model.set_attn_implementation(name)
+    return [names[id(module)] for module, *_ in layers]
+
+
+def delta_rule_layers(model) -> List[Optional[object]]:
+    """The delta-rule cores use_delta_rule attached, in module order."""
+    return [m for m in model.modules() if isinstance(m, DeltaNetMethod)]
