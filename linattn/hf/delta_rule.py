@@ -26,7 +26,7 @@ def _delta_rule(name):
         if padding is not None:  # a padded key neither writes nor fades the state
             beta = beta.masked_fill(padding[:, None, :], 0.0)
             gate = None if gate is None else gate.masked_fill(padding[:, None, :], 0.0)
-        return delta_rule_attention(q, k, v, beta, gate=gate, causal=causal, initial_state=initial_state,
+        return delta_rule_attention(q, k, v, beta, gate=gate, causal=causal, scale=core.scale, initial_state=initial_state,
                                     output_final_state=output_final_state, cu_seqlens=cu_seqlens)
 
     return _kernelized(attend)

@@ -260,7 +260,8 @@ def decode_delta_rule(core, q, k, v, entry, visible_kv, where):
     state = None if entry is None else entry["state"]
     if q.shape[2] == 1:
         out, state = delta_rule_step(q[:, :, 0], k[:, :, 0], v[:, :, 0], beta[:, :, 0], state,
-                                     gate=None if gate is None else gate[:, :, 0])
+                                     gate=None if gate is None else gate[:, :, 0], scale=core.scale)
         return out.unsqueeze(2), {"state": state}
-    out, state = delta_rule_attention(q, k, v, beta, gate=gate, initial_state=state, output_final_state=True)
+    out, state = delta_rule_attention(q, k, v, beta, gate=gate, initial_state=state, output_final_state=True,
+                                      scale=core.scale)
     return out, {"state": state}

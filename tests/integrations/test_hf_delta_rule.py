@@ -54,7 +54,7 @@ def test_layers_get_learned_projections_and_compute_the_recurrence(gated):
     q, k = transformers.models.llama.modeling_llama.apply_rotary_pos_emb(q, k, cos, sin)
     k, v = k.repeat_interleave(2, 1), v.repeat_interleave(2, 1)
     beta, gate = attention.linattn_delta_rule.beta_and_gate(k)
-    out, _ = reference.delta_rule(l2_normalize(q), l2_normalize(k), v, beta, gate=gate)
+    out, _ = reference.delta_rule(l2_normalize(q), l2_normalize(k), v, beta, gate=gate, scale=1.0)
     expected = attention.o_proj(out.transpose(1, 2).flatten(2))
     torch.testing.assert_close(seen["out"], expected, rtol=1e-10, atol=1e-10)
 

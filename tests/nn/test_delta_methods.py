@@ -45,7 +45,7 @@ def test_the_module_computes_the_documented_recurrence(method, causal):
         gate = -core.A_log.exp()[:, None] * F.softplus(torch.einsum("nhtd,hd->nht", k, core.gate_weight)
                                                        + core.gate_bias[:, None])
         assert (gate <= 0).all()
-    ref, _ = reference.delta_rule(l2_normalize(q), l2_normalize(k), v, beta, gate=gate, causal=causal)
+    ref, _ = reference.delta_rule(l2_normalize(q), l2_normalize(k), v, beta, gate=gate, causal=causal, scale=1.0)
     expected = m.out_proj(ref.transpose(1, 2).flatten(2))
     assert_close(out, expected, 1e-12, method)
 
