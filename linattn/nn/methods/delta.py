@@ -6,9 +6,11 @@ gate are learned projections of the head's key — itself the key projection of 
     β_t   = sigmoid(a_h · k_t + b_h)                                  (both methods)
     g_t   = −e^{A_h} · softplus(c_h · k_t + d_h)                        (gated_deltanet)
 with a_h, c_h (H, hd) initialised to 0, b_h to 0 (β = 1/2), A_h to 0 and d_h so that
-softplus(d_h) is log-uniform in [1e-3, 1e-1] over the heads (Mamba-2's and Gated DeltaNet's
-initialisation of the step size dt): at construction β and the gate do not depend on the token,
-and the projections learn to make them. The read-out scale is 1: with L2-normalised q and k,
+softplus(d_h) is log-uniform in [1e-4, 1e-2] over the heads: at construction β and the gate do
+not depend on the token, and the projections learn to make them. (Mamba-2 and Gated DeltaNet
+draw the step size from [1e-3, 1e-1] over many heads; with a layer's few heads that made half
+of them forget within tens of tokens, and associative recall learned half as fast: 0.48 vs 0.68
+at 8 pairs after 1000 steps of examples/associative_recall.py.) The read-out scale is 1: with L2-normalised q and k,
 q·k is a cosine, so a query equal to a stored key reads back ≈ β·v, on the scale of the values
 (as softmax's convex combination is). With the functional default dk^-1/2 the outputs are
 √dk times smaller, and on associative recall (examples/associative_recall.py, d_model 64) the
@@ -59,7 +61,7 @@ class DeltaNetMethod(MethodModule):
         self.beta_bias.zero_()
         if self.gated:
             heads = self.gate_bias.numel()
-            dt = torch.logspace(math.log10(1e-3), math.log10(1e-1), heads, dtype=torch.float64)
+            dt = torch.logspace(math.log10(1e-4), math.log10(1e-2), heads, dtype=torch.float64)
             self.gate_weight.zero_()
             self.gate_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # softplus⁻¹(dt)
             self.A_log.zero_()
