@@ -72,8 +72,9 @@ def delta_rule_attention(
         cu_seqlens: (N + 1,) int32 offsets of packed sequences (flash-attn's convention): q, k, v
             are (1, H, total, ·), beta and gate (1, H, total), each sequence runs from its own
             state.
-        normalize_qk: L2-normalise q and k over their last dim first (the papers' default; with
-            unit keys and β in (0, 1] the state cannot blow up).
+        normalize_qk: L2-normalise q and k over their last dim first, x · (Σ x² + 1e-6)^{-1/2}
+            (the papers' default; with unit keys and β in (0, 1] the state cannot blow up). Done
+            inside the kernels, gradients included.
 
     Every tensor argument is differentiable (q, k, v, beta, gate, initial_state). CPU tensors run
     the fused chunkwise kernel, other devices the device-generic one (the same algorithm in ATen
@@ -82,12 +83,14 @@ def delta_rule_attention(
     Returns:
         out (B, H, T, dv) in q's dtype, or (out, final_state) when output_final_state.
     """
-    q, k, scale = _queries_and_keys(q, k, v, beta, normalize_qk, scale)
+    # The operators normalise q and k themselves (fused: no normalised copies, no extra passes).
+    q, k, scale = _queries_and_keys(q, k, v, beta, False, scale)
     if initial_state is not None and initial_state.dtype != accumulate_dtype(q.dtype):
         initial_state = initial_state.to(accumulate_dtype(q.dtype))
     if cu_seqlens is not None and cu_seqlens.dtype != torch.int32:
         cu_seqlens = cu_seqlens.to(torch.int32)
-    out, final_state = _forward_op()(q, k, v, beta, gate, initial_state, cu_seqlens, bool(causal), float(scale))
+    out, final_state = _forward_op()(q, k, v, beta, gate, initial_state, cu_seqlens, bool(causal), float(scale),
+                                     bool(normalize_qk))
     return (out, final_state) if output_final_state else out
 
 

@@ -14,7 +14,7 @@
 namespace linattn {
 namespace {
 
-DeltaRuleShape kernel_shape(const at::Tensor& q, const at::Tensor& v, bool causal, double scale) {
+DeltaRuleShape kernel_shape(const at::Tensor& q, const at::Tensor& v, bool causal, double scale, bool normalize_qk) {
   DeltaRuleShape s;
   s.batch = q.size(0);
   s.heads = q.size(1);
@@ -23,6 +23,7 @@ DeltaRuleShape kernel_shape(const at::Tensor& q, const at::Tensor& v, bool causa
   s.value_dim = v.size(3);
   s.causal = causal;
   s.scale = scale;
+  s.normalize_qk = normalize_qk;
   return s;
 }
 
@@ -55,9 +56,9 @@ std::tuple<at::Tensor, at::Tensor> forward_cpu(const at::Tensor& q, const at::Te
                                                const at::Tensor& beta, const std::optional<at::Tensor>& log_gate,
                                                const std::optional<at::Tensor>& initial_state,
                                                const std::optional<at::Tensor>& cu_seqlens, bool causal,
-                                               double scale) {
+                                               double scale, bool normalize_qk) {
   const DeltaRuleSizes sizes = check_delta_rule_inputs(q, k, v, beta, log_gate, initial_state, cu_seqlens, scale);
-  const DeltaRuleShape s = kernel_shape(q, v, causal, scale);
+  const DeltaRuleShape s = kernel_shape(q, v, causal, scale, normalize_qk);
   const Packing packing = packing_of(cu_seqlens, s.length);
   const auto acc = accumulate_type(q.scalar_type());
   auto out = at::empty({s.batch, s.heads, s.length, s.value_dim}, q.options());
@@ -77,10 +78,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_final_state, const at::Tensor& q,
     const at::Tensor& k, const at::Tensor& v, const at::Tensor& beta, const std::optional<at::Tensor>& log_gate,
     const std::optional<at::Tensor>& initial_state, const std::optional<at::Tensor>& cu_seqlens, bool causal,
-    double scale) {
+    double scale, bool normalize_qk) {
   const DeltaRuleSizes sizes = check_delta_rule_inputs(q, k, v, beta, log_gate, initial_state, cu_seqlens, scale);
   check_delta_rule_grads(grad_out, grad_final_state, q, v, sizes);
-  const DeltaRuleShape s = kernel_shape(q, v, causal, scale);
+  const DeltaRuleShape s = kernel_shape(q, v, causal, scale, normalize_qk);
   const Packing packing = packing_of(cu_seqlens, s.length);
   const auto acc = accumulate_type(q.scalar_type());
   auto grad_q = at::empty({s.batch, s.heads, s.length, s.key_dim}, q.options());

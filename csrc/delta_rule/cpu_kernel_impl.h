@@ -56,6 +56,30 @@ void axpy(T alpha, const T* x, T* y, int64_t n) {
 }
 
 
+constexpr double kL2Eps = 1e-6;  // x · (Σ x² + eps)^{-1/2}, as linattn.delta_rule.l2_normalize
+
+// Rows of X (L × cols) scaled to unit length in place; r receives each row's (Σ x² + eps)^{-1/2}.
+template <typename T>
+void normalize_rows(T* X, T* r, int64_t L, int64_t cols) {
+  for (int64_t i = 0; i < L; ++i) {
+    T* x = X + i * cols;
+    r[i] = T(1) / std::sqrt(dot(x, x, cols) + T(kL2Eps));
+    for (int64_t c = 0; c < cols; ++c) x[c] *= r[i];
+  }
+}
+
+// The gradient of the raw rows from that of the normalised ones x̂ = r x:
+// dx = r (dx̂ − x̂ (x̂ · dx̂)), in place.
+template <typename T>
+void unnormalize_gradient(T* dX, const T* Xhat, const T* r, int64_t L, int64_t cols) {
+  for (int64_t i = 0; i < L; ++i) {
+    T* d = dX + i * cols;
+    const T* x = Xhat + i * cols;
+    const T along = dot(x, d, cols);
+    for (int64_t c = 0; c < cols; ++c) d[c] = r[i] * (d[c] - x[c] * along);
+  }
+}
+
 // The unit-triangular solves of the UT transform, row by row with the row's partial sums held in
 // registers (kBlock columns at a time) instead of updating rows in memory once per term.
 // Forward: x_i = x_i − Σ_{j<i} L_ij x_j (L strictly lower, leading dim ldl), rows in order.
@@ -96,7 +120,7 @@ struct DeltaKernel {
 
   // Per-thread scratch; row blocks have leading dim dk or dv, C × C blocks leading dim C.
   std::vector<acc_t> Q, K, V, dO, W, U, u, Kt, O, dQ, dK, dKt, dW, du;
-  std::vector<acc_t> beta, G, eG, decay, dG, colsum;
+  std::vector<acc_t> beta, G, eG, decay, dG, colsum, rq, rk;
   std::vector<acc_t> gamma, A, Bkk, P, dP;
   std::vector<acc_t> S, dS, tmpS;
   std::vector<acc_t> states;  // backward: the state entering every chunk of the item
@@ -106,7 +130,7 @@ struct DeltaKernel {
         scale(static_cast<acc_t>(shape.scale)) {
     for (auto* b : {&Q, &K, &W, &Kt, &dQ, &dK, &dKt, &dW}) b->resize(C * dk);
     for (auto* b : {&V, &dO, &U, &u, &O, &du}) b->resize(C * dv);
-    for (auto* b : {&beta, &G, &eG, &decay, &dG, &colsum}) b->resize(C);
+    for (auto* b : {&beta, &G, &eG, &decay, &dG, &colsum, &rq, &rk}) b->resize(C);
     for (auto* b : {&gamma, &A, &Bkk, &P, &dP}) b->resize(C * C);
     for (auto* b : {&S, &dS, &tmpS}) b->resize(dk * dv);
   }
@@ -129,6 +153,10 @@ struct DeltaKernel {
     load(x.q, Q.data(), dk);
     load(x.k, K.data(), dk);
     load(x.v, V.data(), dv);
+    if (s.normalize_qk) {
+      normalize_rows(Q.data(), rq.data(), L, dk);
+      normalize_rows(K.data(), rk.data(), L, dk);
+    }
     if (want_grad_out) {
       load(x.grad_out, dO.data(), dv);
       for (int64_t e = 0; e < L * dv; ++e) dO[e] *= scale;  // every use of dO carries the scale
@@ -234,6 +262,7 @@ struct DeltaKernel {
   void read_state(const DeltaOperands<scalar_t, acc_t>& x, const DeltaItem& it, int64_t r0, int64_t L,
                   const acc_t* state) {
     load_rows(Q.data(), dk, x.q.row(it.b, it.h, r0), x.q.stride[2], x.q.stride[3], L, dk);
+    if (s.normalize_qk) normalize_rows(Q.data(), rq.data(), L, dk);
     gemm<acc_t>(false, false, L, dv, dk, Q.data(), dk, state, dv, acc_t(0), O.data(), dv);
     for (int64_t e = 0; e < L * dv; ++e) O[e] *= scale;
     store_rows(x.out + row_index(it, r0) * dv, O.data(), L, dv);
@@ -287,10 +316,12 @@ struct DeltaKernel {
       for (int64_t r0 = it.begin; r0 < it.end; r0 += C) {
         const int64_t L = std::min(C, it.end - r0);
         load_rows(Q.data(), dk, x.q.row(it.b, it.h, r0), x.q.stride[2], x.q.stride[3], L, dk);
+        if (s.normalize_qk) normalize_rows(Q.data(), rq.data(), L, dk);
         load_rows(dO.data(), dv, x.grad_out.row(it.b, it.h, r0), x.grad_out.stride[2], x.grad_out.stride[3], L, dv);
         for (int64_t e = 0; e < L * dv; ++e) dO[e] *= scale;
         gemm<acc_t>(true, false, dk, dv, L, Q.data(), dk, dO.data(), dv, acc_t(1), dS.data(), dv);
         gemm<acc_t>(false, true, L, dk, dv, dO.data(), dv, S.data(), dv, acc_t(0), dQ.data(), dk);
+        if (s.normalize_qk) unnormalize_gradient(dQ.data(), Q.data(), rq.data(), L, dk);
         store_rows(x.dq + row_index(it, r0) * dk, dQ.data(), L, dk);
       }
     }
@@ -407,6 +438,10 @@ struct DeltaKernel {
     gemm<acc_t>(false, false, L, dk, L, dP.data(), C, K.data(), dk, acc_t(1), dK.data(), dk);
 
     const int64_t base = row_index(it, r0);
+    if (s.normalize_qk) {
+      if (causal) unnormalize_gradient(dQ.data(), Q.data(), rq.data(), L, dk);
+      unnormalize_gradient(dK.data(), K.data(), rk.data(), L, dk);
+    }
     if (causal) store_rows(x.dq + base * dk, dQ.data(), L, dk);
     store_rows(x.dk + base * dk, dK.data(), L, dk);
     store_rows(x.dv + base * dv, O.data(), L, dv);

@@ -198,17 +198,29 @@ Gradients backward_one(const at::Tensor& grad_out, const Optional& grad_final_st
           from_chunks(dbeta.unsqueeze(-1), c.length).squeeze(-1).to(beta.scalar_type()).contiguous(), grad_gate, dS};
 }
 
+// x · (Σ x² + 1e-6)^{-1/2} per row in the accumulation dtype, and that factor (…, 1).
+std::pair<at::Tensor, at::Tensor> normalized(const at::Tensor& x) {
+  const at::Tensor wide = x.to(accumulate_type(x.scalar_type()));
+  const at::Tensor r = at::rsqrt(wide.square().sum(-1, true) + 1e-6);
+  return {wide * r, r};
+}
+
+// The gradient of the raw rows from that of the normalised ones x̂: r (dx̂ − x̂ (x̂ · dx̂)).
+at::Tensor unnormalized_gradient(const at::Tensor& grad, const at::Tensor& xhat, const at::Tensor& r) {
+  const at::Tensor g = grad.to(xhat.scalar_type());
+  return r * (g - xhat * (xhat * g).sum(-1, true));
+}
+
 // Rows [begin, end) of a packed (1, H, total, ·) or (1, H, total) tensor; state n of (N, H, ·, ·).
 Optional rows(const Optional& t, int64_t begin, int64_t end) {
   return t.has_value() ? Optional(t->slice(2, begin, end)) : std::nullopt;
 }
 Optional state_of(const Optional& t, int64_t n) { return t.has_value() ? Optional(t->slice(0, n, n + 1)) : std::nullopt; }
 
-std::tuple<at::Tensor, at::Tensor> forward_generic(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                                   const at::Tensor& beta, const Optional& log_gate,
-                                                   const Optional& initial_state, const Optional& cu_seqlens,
-                                                   bool causal, double scale) {
-  check_delta_rule_inputs(q, k, v, beta, log_gate, initial_state, cu_seqlens, scale);
+std::tuple<at::Tensor, at::Tensor> forward_packed(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                  const at::Tensor& beta, const Optional& log_gate,
+                                                  const Optional& initial_state, const Optional& cu_seqlens,
+                                                  bool causal, double scale) {
   if (!cu_seqlens.has_value()) return forward_one(q, k, v, beta, log_gate, initial_state, causal, scale);
   const std::vector<int64_t> offsets = read_delta_rule_offsets(*cu_seqlens, q.size(2));
   std::vector<at::Tensor> outs, finals;
@@ -224,11 +236,9 @@ std::tuple<at::Tensor, at::Tensor> forward_generic(const at::Tensor& q, const at
   return {at::cat(outs, 2), final_state};
 }
 
-Gradients backward_generic(const at::Tensor& grad_out, const Optional& grad_final_state, const at::Tensor& q,
-                           const at::Tensor& k, const at::Tensor& v, const at::Tensor& beta, const Optional& log_gate,
-                           const Optional& initial_state, const Optional& cu_seqlens, bool causal, double scale) {
-  const DeltaRuleSizes s = check_delta_rule_inputs(q, k, v, beta, log_gate, initial_state, cu_seqlens, scale);
-  check_delta_rule_grads(grad_out, grad_final_state, q, v, s);
+Gradients backward_packed(const at::Tensor& grad_out, const Optional& grad_final_state, const at::Tensor& q,
+                          const at::Tensor& k, const at::Tensor& v, const at::Tensor& beta, const Optional& log_gate,
+                          const Optional& initial_state, const Optional& cu_seqlens, bool causal, double scale) {
   if (!cu_seqlens.has_value())
     return backward_one(grad_out, grad_final_state, q, k, v, beta, log_gate, initial_state, causal, scale);
   const std::vector<int64_t> offsets = read_delta_rule_offsets(*cu_seqlens, q.size(2));
@@ -248,6 +258,36 @@ Gradients backward_generic(const at::Tensor& grad_out, const Optional& grad_fina
   }
   return {at::cat(gq, 2), at::cat(gk, 2), at::cat(gv, 2), at::cat(gb, 2),
           log_gate.has_value() ? at::cat(gg, 2) : gg.front(), at::cat(gs, 0)};
+}
+
+std::tuple<at::Tensor, at::Tensor> forward_generic(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                   const at::Tensor& beta, const Optional& log_gate,
+                                                   const Optional& initial_state, const Optional& cu_seqlens,
+                                                   bool causal, double scale, bool normalize_qk) {
+  check_delta_rule_inputs(q, k, v, beta, log_gate, initial_state, cu_seqlens, scale);
+  if (!normalize_qk) return forward_packed(q, k, v, beta, log_gate, initial_state, cu_seqlens, causal, scale);
+  auto [out, final_state] = forward_packed(normalized(q).first, normalized(k).first, v, beta, log_gate, initial_state,
+                                           cu_seqlens, causal, scale);
+  return {out.to(q.scalar_type()), final_state};
+}
+
+Gradients backward_generic(const at::Tensor& grad_out, const Optional& grad_final_state, const at::Tensor& q,
+                           const at::Tensor& k, const at::Tensor& v, const at::Tensor& beta, const Optional& log_gate,
+                           const Optional& initial_state, const Optional& cu_seqlens, bool causal, double scale,
+                           bool normalize_qk) {
+  const DeltaRuleSizes s = check_delta_rule_inputs(q, k, v, beta, log_gate, initial_state, cu_seqlens, scale);
+  check_delta_rule_grads(grad_out, grad_final_state, q, v, s);
+  if (!normalize_qk) {
+    return backward_packed(grad_out, grad_final_state, q, k, v, beta, log_gate, initial_state, cu_seqlens, causal, scale);
+  }
+  const auto [qhat, rq] = normalized(q);
+  const auto [khat, rk] = normalized(k);
+  auto [grad_q, grad_k, grad_v, grad_beta, grad_gate, grad_initial] =
+      backward_packed(grad_out.to(qhat.scalar_type()), grad_final_state, qhat, khat, v.to(qhat.scalar_type()), beta,
+                      log_gate, initial_state, cu_seqlens, causal, scale);
+  return {unnormalized_gradient(grad_q, qhat, rq).to(q.scalar_type()).contiguous(),
+          unnormalized_gradient(grad_k, khat, rk).to(q.scalar_type()).contiguous(), grad_v.to(q.scalar_type()),
+          grad_beta, grad_gate, grad_initial};
 }
 
 }  // namespace

@@ -21,6 +21,7 @@ struct DeltaRuleShape {
   int64_t value_dim = 0;  // dv
   bool causal = true;
   double scale = 1.0;
+  bool normalize_qk = false;  // q and k L2-normalised per row inside the kernels
 };
 
 // The entry points of each instruction-set build of the kernels (cpu_kernel_impl.h).

@@ -12,7 +12,7 @@ std::tuple<at::Tensor, at::Tensor> forward_meta(const at::Tensor& q, const at::T
                                                 const at::Tensor& beta, const std::optional<at::Tensor>& log_gate,
                                                 const std::optional<at::Tensor>& initial_state,
                                                 const std::optional<at::Tensor>& cu_seqlens, bool causal,
-                                                double scale) {
+                                                double scale, bool normalize_qk) {
   const DeltaRuleSizes s = check_delta_rule_inputs(q, k, v, beta, log_gate, initial_state, cu_seqlens, scale);
   const auto acc = q.options().dtype(accumulate_type(q.scalar_type()));
   return {at::empty_symint(v.sym_sizes(), q.options()), at::empty_symint(s.state(), acc)};
@@ -22,7 +22,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_final_state, const at::Tensor& q,
     const at::Tensor& k, const at::Tensor& v, const at::Tensor& beta, const std::optional<at::Tensor>& log_gate,
     const std::optional<at::Tensor>& initial_state, const std::optional<at::Tensor>& cu_seqlens, bool causal,
-    double scale) {
+    double scale, bool normalize_qk) {
   const DeltaRuleSizes s = check_delta_rule_inputs(q, k, v, beta, log_gate, initial_state, cu_seqlens, scale);
   check_delta_rule_grads(grad_out, grad_final_state, q, v, s);
   const auto acc = q.options().dtype(accumulate_type(q.scalar_type()));

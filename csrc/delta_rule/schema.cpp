@@ -11,19 +11,20 @@ TORCH_LIBRARY_FRAGMENT(linattn, m) {
   // accumulation dtype (float32; float64 for float64 inputs):
   //   S_t = e^{g_t} (I − β_t k_t k_tᵀ) S_{t−1} + β_t k_t v_tᵀ,   out_t = scale · S_tᵀ q_t,
   // or, non-causal, out_t = scale · S_Tᵀ q_t. cu_seqlens (N + 1,) int32: N packed sequences in
-  // (1, H, total, ·) tensors, each with its own state (N, H, dk, dv). q and k are used as given
-  // (linattn.delta_rule_attention L2-normalises them first). The backward returns dL/dbeta and
+  // (1, H, total, ·) tensors, each with its own state (N, H, dk, dv). normalize_qk: q and k are
+  // first L2-normalised per row inside the kernels, x · (Σ x² + 1e-6)^{-1/2}, and the gradients
+  // are those of the raw q and k; else they are used as given. The backward returns dL/dbeta and
   // dL/dlog_gate in their input dtypes (grad_log_gate empty without a gate) and dL/dinitial_state
   // (zeros without one).
   for (const char* suffix : {"", "_generic"}) {
     m.def((std::string("delta_rule_fwd") + suffix +
            "(Tensor q, Tensor k, Tensor v, Tensor beta, Tensor? log_gate=None, Tensor? initial_state=None, "
-           "Tensor? cu_seqlens=None, bool causal=True, float scale=1.0) -> (Tensor out, Tensor final_state)")
+           "Tensor? cu_seqlens=None, bool causal=True, float scale=1.0, bool normalize_qk=False) -> (Tensor out, Tensor final_state)")
               .c_str());
     m.def((std::string("delta_rule_bwd") + suffix +
            "(Tensor grad_out, Tensor? grad_final_state, Tensor q, Tensor k, Tensor v, Tensor beta, "
            "Tensor? log_gate=None, Tensor? initial_state=None, Tensor? cu_seqlens=None, bool causal=True, "
-           "float scale=1.0) -> (Tensor grad_q, Tensor grad_k, Tensor grad_v, Tensor grad_beta, "
+           "float scale=1.0, bool normalize_qk=False) -> (Tensor grad_q, Tensor grad_k, Tensor grad_v, Tensor grad_beta, "
            "Tensor grad_log_gate, Tensor grad_initial_state)")
               .c_str());
   }

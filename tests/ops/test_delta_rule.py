@@ -175,6 +175,8 @@ def test_opcheck(name):
     op = getattr(torch.ops.linattn, name)
     torch.library.opcheck(op, (*args[:4], args[4], args[5], None, True, 0.5))
     torch.library.opcheck(op, (*args[:4], None, None, None, False, 0.5))
+    torch.library.opcheck(op, (*args[:4], args[4], args[5], None, True, 0.5, True))  # normalize_qk in the kernel
+    torch.library.opcheck(op, (*args[:4], None, None, None, False, 0.5, True))
     pq, pk, pv, pb, pg, pS, cu = packed(dtype=torch.float32)
     torch.library.opcheck(op, (pq, pk, pv, pb, pg, pS.requires_grad_(), cu, True, 0.5))
 
