@@ -11,6 +11,7 @@ sequences is reported per number of pairs (sequence length 4P).
 
     python examples/associative_recall.py            # the README's table (a few minutes on 2 cores)
     python examples/associative_recall.py --quick    # a few steps, to see it run
+    python examples/associative_recall.py --d-model 128 --steps 1000 --methods linear deltanet
 
 Writes results/associative_recall.json and .png (accuracy against P; --output changes the prefix).
 """
@@ -84,9 +85,10 @@ def accuracy(model, pairs: int, sequences: int, seed: int) -> float:
     return (predicted[asked] == targets[asked]).float().mean().item()
 
 
-def train(method: str, pair_counts, steps: int, batch_size: int, lr: float, seed: int, log_every: int):
+def train(method: str, pair_counts, steps: int, batch_size: int, lr: float, seed: int, log_every: int,
+          d_model: int = 64, heads: int = 2):
     torch.manual_seed(seed)
-    model = RecallModel(method)
+    model = RecallModel(method, d_model=d_model, heads=heads)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=max(steps, 1), pct_start=0.1)
     generator = torch.Generator().manual_seed(seed + 1)
@@ -113,14 +115,17 @@ def main():
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--d-model", type=int, default=64)
+    parser.add_argument("--heads", type=int, default=2)
     parser.add_argument("--output", default="results/associative_recall")
     args = parser.parse_args()
     if args.quick:
         args.steps, args.pairs, args.batch_size = 20, [4, 8], 16
-    results = {"pairs": args.pairs, "steps": args.steps, "accuracy": {}, "train_seconds": {}}
+    results = {"pairs": args.pairs, "steps": args.steps, "d_model": args.d_model, "heads": args.heads,
+               "accuracy": {}, "train_seconds": {}}
     for method in args.methods:
         model, seconds = train(method, args.pairs, args.steps, args.batch_size, args.lr, args.seed,
-                               log_every=0 if args.quick else 500)
+                               log_every=0 if args.quick else 500, d_model=args.d_model, heads=args.heads)
         results["accuracy"][method] = [accuracy(model, p, 256, seed=10_000 + p) for p in args.pairs]
         results["train_seconds"][method] = seconds
     width = max(len(m) for m in args.methods)
@@ -147,7 +152,7 @@ def main():
     axis.set_ylabel("recall accuracy")
     axis.set_ylim(0, 1.02)
     axis.legend()
-    axis.set_title("Multi-query associative recall, d_model 64")
+    axis.set_title(f"Multi-query associative recall, d_model {args.d_model}, {args.heads} heads")
     figure.savefig(args.output + ".png", dpi=120, bbox_inches="tight")
     print(f"\nwrote {args.output}.json and .png")
 
