@@ -23,14 +23,12 @@ def _forward_op():
             else torch.ops.linattn.delta_rule_fwd).default
 
 
-def _queries_and_keys(q, k, v, beta, normalize_qk: bool, scale):
-    """The q and k the operators get (L2-normalised unless told not to) and the output scale."""
+def _checked_scale(q, k, v, beta, scale) -> float:
+    """The output scale (dk^-1/2 by default), after checking the tensor arguments are tensors."""
     for name, x in (("q", q), ("k", k), ("v", v), ("beta", beta)):
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"linattn.delta_rule_attention: {name} must be a torch.Tensor, got {type(x).__name__}")
-    if normalize_qk:
-        q, k = l2_normalize(q), l2_normalize(k)
-    return q, k, (q.shape[-1] ** -0.5 if scale is None else float(scale))
+    return q.shape[-1] ** -0.5 if scale is None else float(scale)
 
 
 def delta_rule_attention(
@@ -83,13 +81,12 @@ def delta_rule_attention(
     Returns:
         out (B, H, T, dv) in q's dtype, or (out, final_state) when output_final_state.
     """
-    # The operators normalise q and k themselves (fused: no normalised copies, no extra passes).
-    q, k, scale = _queries_and_keys(q, k, v, beta, False, scale)
+    scale = _checked_scale(q, k, v, beta, scale)  # q and k are normalised inside the operators
     if initial_state is not None and initial_state.dtype != accumulate_dtype(q.dtype):
         initial_state = initial_state.to(accumulate_dtype(q.dtype))
     if cu_seqlens is not None and cu_seqlens.dtype != torch.int32:
         cu_seqlens = cu_seqlens.to(torch.int32)
-    out, final_state = _forward_op()(q, k, v, beta, gate, initial_state, cu_seqlens, bool(causal), float(scale),
+    out, final_state = _forward_op()(q, k, v, beta, gate, initial_state, cu_seqlens, bool(causal), scale,
                                      bool(normalize_qk))
     return (out, final_state) if output_final_state else out
 
@@ -115,7 +112,9 @@ def delta_rule_step(
     Returns:
         (out (B, H, dv) in q's dtype, new_state (B, H, dk, dv) in float32, float64 for float64).
     """
-    q, k, scale = _queries_and_keys(q, k, v, beta, normalize_qk, scale)
+    scale = _checked_scale(q, k, v, beta, scale)
+    if normalize_qk:  # one token: in PyTorch (the step is ATen operations)
+        q, k = l2_normalize(q), l2_normalize(k)
     acc = accumulate_dtype(q.dtype)
     if state is None:
         state = q.new_zeros(*q.shape[:2], q.shape[-1], v.shape[-1], dtype=acc)

@@ -79,6 +79,33 @@ inline void check_key_mask(const char* op, const char* name, const std::optional
   check_shape(op, name, *mask, {k.sym_size(0), k.sym_size(2)}, "(B, T_k)");
 }
 
+// cu_seqlens of a packed batch (flash-attn's convention): int32 offsets (N + 1,) on q's device.
+// Returns N, the number of sequences (symbolic under fake tensors).
+inline c10::SymInt check_cu_seqlens(const char* op, const at::Tensor& cu_seqlens, const at::Tensor& q) {
+  check_same_device(op, "cu_seqlens", cu_seqlens, "q", q);
+  TORCH_CHECK(cu_seqlens.scalar_type() == at::kInt, op, ": cu_seqlens must be int32 offsets (N + 1,), ",
+              "got ", cu_seqlens.scalar_type());
+  check_dim(op, "cu_seqlens", cu_seqlens, 1, "(N + 1,)");
+  TORCH_CHECK(cu_seqlens.sym_size(0) >= 1, op, ": cu_seqlens needs at least one offset (N + 1,), got ",
+              shape_str(cu_seqlens));
+  return cu_seqlens.sym_size(0) - 1;
+}
+
+// The offsets of a packing, read on the host (a copy, and so a sync, for device tensors) and
+// checked: 0 first, non-decreasing, `total` last.
+inline std::vector<int64_t> read_packed_offsets(const char* op, const at::Tensor& cu_seqlens, int64_t total) {
+  const at::Tensor cu = cu_seqlens.to(at::kCPU).contiguous();
+  const int32_t* p = cu.const_data_ptr<int32_t>();
+  std::vector<int64_t> offsets(p, p + cu.numel());
+  TORCH_CHECK(offsets.front() == 0 && offsets.back() == total, op,
+              ": cu_seqlens must start at 0 and end at the packed length ", total, ", got ",
+              offsets.front(), " ... ", offsets.back());
+  for (size_t n = 1; n < offsets.size(); ++n)
+    TORCH_CHECK(offsets[n] >= offsets[n - 1], op, ": cu_seqlens must be non-decreasing, got ", offsets[n - 1],
+                " then ", offsets[n], " at index ", n);
+  return offsets;
+}
+
 // States and normalizers accumulate in float32, or float64 for float64 inputs.
 inline at::ScalarType accumulate_type(at::ScalarType input) {
   return input == at::kDouble ? at::kDouble : at::kFloat;

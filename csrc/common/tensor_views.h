@@ -17,6 +17,12 @@ Strided4<const T> view_of(const at::Tensor& t) {
   return s;
 }
 
+// Nullable pointer to the data of a tensor that may be undefined (already contiguous).
+template <typename T>
+const T* data_or_null(const at::Tensor& t) {
+  return t.defined() ? t.const_data_ptr<T>() : nullptr;
+}
+
 // Nullable pointer to the contiguous data of an optional tensor (a state or a mask);
 // keep_alive holds the contiguous copy when one was needed.
 template <typename T>

@@ -32,11 +32,6 @@ at::Tensor as_acc(const std::optional<at::Tensor>& t, at::ScalarType acc) {
   return t.has_value() ? t->to(acc).contiguous() : at::Tensor();
 }
 
-template <typename T>
-const T* data_or_null(const at::Tensor& t) {
-  return t.defined() ? t.const_data_ptr<T>() : nullptr;
-}
-
 struct Packing {
   std::vector<int64_t> offsets;
   int64_t sequences = 0;
@@ -46,7 +41,7 @@ struct Packing {
 Packing packing_of(const std::optional<at::Tensor>& cu_seqlens, int64_t length) {
   Packing p;
   if (cu_seqlens.has_value()) {
-    p.offsets = read_delta_rule_offsets(*cu_seqlens, length);
+    p.offsets = read_packed_offsets(kDeltaRuleOp, *cu_seqlens, length);
     p.sequences = static_cast<int64_t>(p.offsets.size()) - 1;
   }
   return p;

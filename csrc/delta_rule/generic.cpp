@@ -222,7 +222,7 @@ std::tuple<at::Tensor, at::Tensor> forward_packed(const at::Tensor& q, const at:
                                                   const Optional& initial_state, const Optional& cu_seqlens,
                                                   bool causal, double scale) {
   if (!cu_seqlens.has_value()) return forward_one(q, k, v, beta, log_gate, initial_state, causal, scale);
-  const std::vector<int64_t> offsets = read_delta_rule_offsets(*cu_seqlens, q.size(2));
+  const std::vector<int64_t> offsets = read_packed_offsets(kDeltaRuleOp, *cu_seqlens, q.size(2));
   std::vector<at::Tensor> outs, finals;
   for (size_t n = 0; n + 1 < offsets.size(); ++n) {
     const int64_t a = offsets[n], b = offsets[n + 1];
@@ -241,7 +241,7 @@ Gradients backward_packed(const at::Tensor& grad_out, const Optional& grad_final
                           const Optional& initial_state, const Optional& cu_seqlens, bool causal, double scale) {
   if (!cu_seqlens.has_value())
     return backward_one(grad_out, grad_final_state, q, k, v, beta, log_gate, initial_state, causal, scale);
-  const std::vector<int64_t> offsets = read_delta_rule_offsets(*cu_seqlens, q.size(2));
+  const std::vector<int64_t> offsets = read_packed_offsets(kDeltaRuleOp, *cu_seqlens, q.size(2));
   std::vector<at::Tensor> gq, gk, gv, gb, gg, gs;
   for (size_t n = 0; n + 1 < offsets.size(); ++n) {
     const int64_t a = offsets[n], b = offsets[n + 1];

@@ -38,15 +38,9 @@ inline DeltaRuleSizes check_delta_rule_inputs(const at::Tensor& q, const at::Ten
   if (log_gate.has_value()) check_per_token("log_gate", *log_gate, q);
   DeltaRuleSizes s{q.sym_size(0), q.sym_size(1), q.sym_size(2), q.sym_size(3), v.sym_size(3), q.sym_size(0)};
   if (cu_seqlens.has_value()) {
-    const at::Tensor& cu = *cu_seqlens;
-    check_same_device(op, "cu_seqlens", cu, "q", q);
-    TORCH_CHECK(cu.scalar_type() == at::kInt, op, ": cu_seqlens must be int32 (flash-attn's convention), got ",
-                cu.scalar_type());
-    TORCH_CHECK(cu.dim() == 1 && cu.sym_size(0) >= 1, op, ": cu_seqlens must be a 1-D tensor (N + 1,), got shape ",
-                shape_str(cu));
     TORCH_CHECK(q.sym_size(0) == 1, op, ": packed sequences (cu_seqlens) need q, k, v of batch 1 (1, H, total, D), got q ",
                 shape_str(q));
-    s.states = cu.sym_size(0) - 1;
+    s.states = check_cu_seqlens(op, *cu_seqlens, q);
   }
   if (initial_state.has_value()) {
     const at::Tensor& state = *initial_state;
@@ -70,20 +64,6 @@ inline void check_delta_rule_grads(const at::Tensor& grad_out, const std::option
                 grad_final_state->scalar_type());
     check_shape(kDeltaRuleOp, "grad_final_state", *grad_final_state, s.state(), "(like the final state)");
   }
-}
-
-// The packed sequences' row offsets, read on the host and validated.
-inline std::vector<int64_t> read_delta_rule_offsets(const at::Tensor& cu_seqlens, int64_t total) {
-  const at::Tensor cu = cu_seqlens.to(at::kCPU).contiguous();
-  const int32_t* p = cu.const_data_ptr<int32_t>();
-  std::vector<int64_t> offsets(p, p + cu.numel());
-  TORCH_CHECK(offsets.front() == 0 && offsets.back() == total, kDeltaRuleOp,
-              ": cu_seqlens must start at 0 and end at the packed length ", total, ", got ", offsets.front(),
-              " ... ", offsets.back());
-  for (size_t n = 1; n < offsets.size(); ++n)
-    TORCH_CHECK(offsets[n] >= offsets[n - 1], kDeltaRuleOp, ": cu_seqlens must be non-decreasing, got ",
-                offsets[n - 1], " then ", offsets[n], " at index ", n);
-  return offsets;
 }
 
 }  // namespace linattn

@@ -149,13 +149,7 @@ inline LinearAttentionSizes check_varlen_inputs(const at::Tensor& q, const at::T
               "(1, H, total, D), got batch ", q.sym_size(0), " in q ", shape_str(q));
   TORCH_CHECK(q.sym_size(2) == k.sym_size(2), op, ": with cu_seqlens, queries and keys are the same ",
               "packed positions, got q ", shape_str(q), " and k ", shape_str(k));
-  check_same_device(op, "cu_seqlens", cu_seqlens, "q", q);
-  TORCH_CHECK(cu_seqlens.scalar_type() == at::kInt, op, ": cu_seqlens must be int32 offsets (N + 1,), ",
-              "got ", cu_seqlens.scalar_type());
-  check_dim(op, "cu_seqlens", cu_seqlens, 1, "(N + 1,)");
-  TORCH_CHECK(cu_seqlens.sym_size(0) >= 1, op, ": cu_seqlens needs at least one offset (N + 1,), got ",
-              shape_str(cu_seqlens));
-  const c10::SymInt sequences = cu_seqlens.sym_size(0) - 1;
+  const c10::SymInt sequences = check_cu_seqlens(op, cu_seqlens, q);
   if (initial_state.has_value())
     check_state(op, "initial_state", *initial_state, q, {sequences, s.heads, s.feature_dim, s.value_dim + 1});
   if (log_decay.has_value()) {
@@ -193,20 +187,10 @@ inline LinearAttentionSizes check_varlen_backward_inputs(
   return s;
 }
 
-// The offsets of a packing (host tensor), checked: 0 first, non-decreasing, `total` last. Kernels
-// that read them on the host check them; the device-generic one does on CPU tensors only (no sync).
+// The offsets of a packing (host tensor), checked. Kernels that read them on the host check them;
+// the device-generic one does on CPU tensors only (no sync).
 inline std::vector<int64_t> read_sequence_offsets(const at::Tensor& cu_seqlens, int64_t total) {
-  const at::Tensor cu = cu_seqlens.contiguous();
-  const int32_t* p = cu.const_data_ptr<int32_t>();
-  std::vector<int64_t> offsets(p, p + cu.numel());
-  TORCH_CHECK(offsets.front() == 0 && offsets.back() == total, kLinearAttentionOp,
-              ": cu_seqlens must start at 0 and end at the packed length ", total, ", got ",
-              offsets.front(), " ... ", offsets.back());
-  for (size_t n = 1; n < offsets.size(); ++n)
-    TORCH_CHECK(offsets[n] >= offsets[n - 1], kLinearAttentionOp,
-                ": cu_seqlens must be non-decreasing, got ", offsets[n - 1], " then ", offsets[n],
-                " at index ", n);
-  return offsets;
+  return read_packed_offsets(kLinearAttentionOp, cu_seqlens, total);
 }
 
 inline LinearAttentionShape kernel_shape(const at::Tensor& q, const at::Tensor& k,
