@@ -33,7 +33,10 @@ class Block(nn.Module):
     def forward(self, x, cache=None):
         h = self.norm1(x)
         if cache is None:
-            h = self.attn(h, h, h, is_causal=True, need_weights=False)[0]
+            # The mask accompanies the is_causal hint (as torch's MultiheadAttention wants it for
+            # softmax); the kernelized methods go by the hint alone.
+            mask = nn.Transformer.generate_square_subsequent_mask(x.shape[1], device=x.device, dtype=x.dtype)
+            h = self.attn(h, h, h, attn_mask=mask, is_causal=True, need_weights=False)[0]
         else:
             h = self.attn(h, h, h, need_weights=False, cache=cache)[0]
         x = x + h

@@ -8,6 +8,7 @@ trains only those new parameters so each layer reproduces its own softmax attent
     linattn.attention_transfer(model, batches, steps=300)
     # model now runs linattn's kernels; fine-tune as usual (all weights, or LoRA through peft)
 """
+import warnings
 from typing import Optional
 
 import torch
@@ -80,7 +81,9 @@ def _is_transformers_model(model) -> bool:
 def _linearize_swapped(model, options) -> list:
     """torch / timm / torchvision models: their attention modules swapped (weights kept) for
     linattn's with the "linearized" method; returns the swapped modules' names."""
-    from ..nn.methods import LinearizedMethod
+    from ..nn import MultiheadAttention
+    from ..nn.methods import LinearizedMethod, build_method
+    from ..nn.methods.softmax import SoftmaxMethod
     from ..swap import swap_attention
 
     def swapped():
@@ -88,9 +91,20 @@ def _linearize_swapped(model, options) -> list:
 
     if swapped():
         raise ValueError(f"linattn.linearize: the model is already linearized ({', '.join(swapped())})")
-    swap_attention(model, "linearized", student=options["method"], feature_map=options["feature_map"],
-                   window=options["window"], global_tokens=options["global_tokens"],
-                   linear_scale=options["linear_scale"])
+    method_options = dict(student=options["method"], feature_map=options["feature_map"], window=options["window"],
+                          global_tokens=options["global_tokens"], linear_scale=options["linear_scale"])
+    # linattn's own modules running exact softmax: the method changes, the module (and weights) stay.
+    own = [module for module in model.modules()
+           if isinstance(module, MultiheadAttention) and isinstance(module.core, SoftmaxMethod)]
+    for module in own:
+        parameter = module.in_proj_weight if module.in_proj_weight is not None else module.q_proj_weight
+        module.core = build_method("linearized", num_heads=module.num_heads, head_dim=module.head_dim,
+                                   device=parameter.device, dtype=parameter.dtype, **method_options)
+        module.method = module.core.name
+    with warnings.catch_warnings():
+        if own:  # what linattn's modules held was replaced above
+            warnings.filterwarnings("ignore", message=".*nothing was replaced")
+        swap_attention(model, "linearized", **method_options)
     replaced = swapped()
     if not replaced:
         raise ValueError("linattn.linearize: found no attention module to linearize (transformers models, and the "

@@ -27,7 +27,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
-from ..functional import linear_attention
+from ..functional import linear_attention, linear_attention_step
+from ..ops import accumulate_dtype
 from ..nn.learned_feature_maps import learned_feature_map
 
 # The students, by name: whether one attends a window (and global tokens) exactly.
@@ -94,27 +95,38 @@ class LinearizedAttention(nn.Module):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=_dense_mask(q, k, key_padding_mask, causal),
                                               scale=scale)
 
-    def student(self, q, k, v, scale: float, key_padding_mask: Optional[torch.Tensor], causal: bool) -> torch.Tensor:
-        """The linearized attention (B, H, T_q, dv)."""
+    def student(self, q, k, v, scale: float, key_padding_mask: Optional[torch.Tensor], causal: bool,
+                initial_sums: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The linearized attention (B, H, T_q, dv). initial_sums (hybrid, causal; decoding):
+        [Σ φ_k(k) vᵀ | Σ φ_k(k)] (B, H, m, dv + 1) of earlier keys that no query attends exactly."""
         phi_q, phi_k = self.feature_map_q(q), self.feature_map_k(k)
         if not self.exact_window:
             return linear_attention(phi_q, phi_k, v, causal=causal, feature_map=None, eps=LINEAR_EPS,
                                     key_padding_mask=key_padding_mask)
         if q.shape[2] != k.shape[2]:
             raise ValueError(f"linattn.linearize: the hybrid attends a whole sequence at once (as many queries as "
-                             f"keys), got {q.shape[2]} queries and {k.shape[2]} keys (generation with a cache: not yet)")
+                             f"keys), got {q.shape[2]} queries and {k.shape[2]} keys (decoding: "
+                             "LinearizedAttention.decode)")
         pattern, global_keys = self._window_pattern(q, k, key_padding_mask, causal)
         y_window, lse = ops.restricted.restricted_softmax(q, k, v, scale, pattern)
+        if causal and global_keys is not None:
+            # The kernel's window (w, 0) is causal by itself, but its global row sees every key: the
+            # sink's own row attends to itself alone (every key before it is padding).
+            y_window = torch.where(pattern.global_mask[:, None, :, None], v, y_window)
         # [Σ φφ v | Σ φφ] over every key in one unnormalised call, minus the same sums over the keys
         # the window attends exactly: what the linear term covers is everything else.
         values = torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)
+        initial_state = None
+        if initial_sums is not None:  # z is unused: the ones column of `values` carries the normaliser
+            initial_state = (initial_sums, initial_sums.new_zeros(initial_sums.shape[:-1]))
         sums = linear_attention(phi_q, phi_k, values, causal=causal, feature_map=None, normalize=False,
-                                key_padding_mask=key_padding_mask)
+                                key_padding_mask=key_padding_mask, initial_state=initial_state)
+        sums = sums.to(v.dtype)
         if key_padding_mask is not None:
             phi_k = phi_k.masked_fill(key_padding_mask[:, None, :, None], 0.0)
         sums = sums - band_sums(phi_q, phi_k, values, self.window, causal)
         if global_keys is not None:
-            sums = sums - _global_key_sums(phi_q, phi_k, values, global_keys, self.window)
+            sums = sums - _global_key_sums(phi_q, phi_k, values, global_keys, self.window, causal)
             # A global row attends to every key exactly: no linear term.
             sums = sums.masked_fill(pattern.global_mask[:, None, :, None], 0.0)
         numerator, z = sums[..., :-1], sums[..., -1:].clamp_min(0)
@@ -126,22 +138,80 @@ class LinearizedAttention(nn.Module):
         return torch.where(denominator > 0, out, 0.0)
 
     def _window_pattern(self, q, k, key_padding_mask, causal):
-        """The exact part's Pattern, and the global keys (B, 2) (first, last real) or None."""
+        """The exact part's Pattern, and the global keys (B, 2) (first, last real) or None. In a
+        causal layer the first real token alone is global: an attention sink every query sees
+        exactly (StreamingLLM), while a later token would be a future key to most rows."""
         global_mask = global_keys = None
-        if self.global_tokens is not None and not causal and q.shape[2] == k.shape[2] and k.shape[2] > 0:
+        if self.global_tokens is not None and q.shape[2] == k.shape[2] and k.shape[2] > 0:
             batch = torch.arange(k.shape[0], device=k.device)
             first = torch.zeros(k.shape[0], dtype=torch.long, device=k.device)
+            if key_padding_mask is not None:  # left padding: the first real key
+                first = (~key_padding_mask).to(torch.uint8).argmax(1)
             last = first
-            if self.global_tokens == "first_last":
-                real = torch.full_like(first, k.shape[2]) if key_padding_mask is None else (~key_padding_mask).sum(1)
-                last = (real - 1).clamp_min(0)
+            if self.global_tokens == "first_last" and not causal:
+                last = torch.full_like(first, k.shape[2] - 1)
+                if key_padding_mask is not None:  # the last real key, whichever side the padding is on
+                    last = last - (~key_padding_mask).flip(1).to(torch.uint8).argmax(1)
             global_mask = torch.zeros(k.shape[0], k.shape[2], dtype=torch.bool, device=k.device)
             global_mask[batch, first] = True
             global_mask[batch, last] = True
             global_keys = torch.stack([first, last], 1)
-        pattern = ops.restricted.Pattern(window=(self.window, 0 if causal else self.window), causal=causal,
+        # With a sink, "causal" is the window (w, 0) (the kernel takes global tokens only without it).
+        pattern = ops.restricted.Pattern(window=(self.window, 0 if causal else self.window),
+                                         causal=causal and global_mask is None,
                                          global_mask=global_mask, key_padding_mask=key_padding_mask)
         return pattern, global_keys
+
+    def decode(self, q, k, v, scale: float, entry: Optional[dict]):
+        """Causal incremental decoding of the student: (out (B, H, n, dv), entry) for n new tokens
+        after the `entry["length"]` tokens the entry has seen (entry None: none yet), equal to what
+        the whole sequence gives its last n rows. Constant-size: "linear" keeps the recurrent state
+        (S, z); "hybrid" keeps the keys some later query still attends exactly (the sink and the
+        last `window`) and [Σ φ_k(k) vᵀ | Σ φ_k(k)] of every other key seen."""
+        if self.mode != "student":
+            raise ValueError(f"linattn.linearize: incremental decoding runs the student; this layer is in mode "
+                             f"{self.mode!r} (linattn.conversion.set_mode(model, 'student'))")
+        if not self.exact_window:
+            state = None if entry is None else entry["state"]
+            phi_q, phi_k = self.feature_map_q(q), self.feature_map_k(k)
+            if q.shape[2] == 1:
+                out, state = linear_attention_step(phi_q[:, :, 0], phi_k[:, :, 0], v[:, :, 0], state, feature_map=None,
+                                                   eps=LINEAR_EPS)
+                return out.unsqueeze(2), {"state": state}
+            out, state = linear_attention(phi_q, phi_k, v, causal=True, feature_map=None, eps=LINEAR_EPS,
+                                          initial_state=state, output_final_state=True)
+            return out, {"state": state}
+        seen, n = (0, q.shape[2]) if entry is None else (entry["length"], q.shape[2])
+        sink = self.global_tokens is not None
+        # The sequence this call attends: the kept keys (positions `kept`), then the new ones.
+        kept = ([0] if sink and seen > 0 else []) + list(range(max(int(sink), seen - self.window), seen))
+        keys = k if entry is None else torch.cat([entry["k"], k], dim=2)
+        values = v if entry is None else torch.cat([entry["v"], v], dim=2)
+        sums = None if entry is None else entry["sums"]
+        if n == 1:  # every kept key is in the new row's window (or the sink): plain softmax over them
+            y_window = F.scaled_dot_product_attention(q, keys, values, scale=scale)
+            out = y_window
+            if sums is not None:
+                linear = (self.feature_map_q(q).to(sums.dtype) @ sums).to(v.dtype)
+                gamma = self.log_linear_scale.exp().to(v.dtype)[None, :, None, None]
+                out = (y_window + gamma * linear[..., :-1]) / (1 + gamma * linear[..., -1:].clamp_min(0))
+        else:  # a chunk: the full-sequence student over kept + new, from the sums; its last n rows
+            queries = torch.cat([q.new_zeros(*q.shape[:2], len(kept), q.shape[3]), q], dim=2)
+            out = self.student(queries, keys, values, scale, None, True, initial_sums=sums)[:, :, len(kept):]
+        # Keys leaving every later window (all but the sink and the last `window`) go into the sums.
+        positions = kept + list(range(seen, seen + n))
+        total = seen + n
+        leaving = [i for i, p in enumerate(positions) if (p > 0 or not sink) and p < total - self.window]
+        staying = [i for i, p in enumerate(positions) if (p == 0 and sink) or p >= total - self.window]
+        if leaving:
+            start, stop = leaving[0], leaving[-1] + 1  # contiguous: after the sink, before the window
+            phi_k = self.feature_map_k(keys[:, :, start:stop])
+            acc = accumulate_dtype(v.dtype)
+            block = torch.cat([values[:, :, start:stop], torch.ones_like(values[:, :, start:stop, :1])], dim=-1)
+            added = phi_k.to(acc).transpose(-1, -2) @ block.to(acc)
+            sums = added if sums is None else sums + added
+        index = torch.tensor(staying, dtype=torch.long, device=k.device)
+        return out, {"k": keys.index_select(2, index), "v": values.index_select(2, index), "sums": sums}
 
     def student_weights(self, q, k, scale: float, key_padding_mask: Optional[torch.Tensor], causal: bool) -> torch.Tensor:
         """The student's attention weights (B, H, T_q, T_k), dense (for the attention_ce loss and
@@ -154,6 +224,8 @@ class LinearizedAttention(nn.Module):
             return kernel / (z + LINEAR_EPS)
         pattern, _ = self._window_pattern(q, k, key_padding_mask, causal)
         exact = pattern.dense_mask(q.shape[2], k.shape[2], q.device)
+        if causal:  # the sink's row (see student)
+            exact = exact & torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril()
         scores = ((q @ k.transpose(-1, -2)) * scale).masked_fill(~exact, float("-inf"))
         lse = torch.logsumexp(scores, -1, keepdim=True)
         has_window = ~torch.isinf(lse)
@@ -243,14 +315,16 @@ def band_sums(phi_q: torch.Tensor, phi_k: torch.Tensor, values: torch.Tensor, wi
     return (weights @ v.transpose(-1, -2)).reshape(B, H, n * b, C)[:, :, :T]
 
 
-def _global_key_sums(phi_q, phi_k, values, global_keys, window) -> torch.Tensor:
-    """Σ over the global keys outside row i's window (each once) of φ_q(q_i)·φ_k(k_g) values_g."""
+def _global_key_sums(phi_q, phi_k, values, global_keys, window, causal) -> torch.Tensor:
+    """Σ over the global keys outside row i's window (each once; causal: before it) of
+    φ_q(q_i)·φ_k(k_g) values_g."""
     B, H, T, m = phi_q.shape
     index = global_keys[:, None, :, None]
     k_g = phi_k.gather(2, index.expand(B, H, global_keys.shape[1], m))
     v_g = values.gather(2, index.expand(B, H, global_keys.shape[1], values.shape[-1]))
     rows = torch.arange(T, device=phi_q.device)[None, :, None]
-    outside = (rows - global_keys[:, None, :]).abs() > window  # (B, T, G)
+    offset = rows - global_keys[:, None, :]  # (B, T, G)
+    outside = offset > window if causal else offset.abs() > window
     unique = torch.ones_like(global_keys, dtype=torch.bool)
     unique[:, 1:] = global_keys[:, 1:] != global_keys[:, :1]
     weights = (phi_q @ k_g.transpose(-1, -2)) * (outside & unique[:, None, :])[:, None].to(phi_q.dtype)

@@ -265,3 +265,13 @@ def decode_delta_rule(core, q, k, v, entry, visible_kv, where):
     out, state = delta_rule_attention(q, k, v, beta, gate=gate, initial_state=state, output_final_state=True,
                                       scale=core.scale)
     return out, {"state": state}
+
+
+# --- linearized (linattn.linearize): the student's own decoding -------------------------------
+
+
+def decode_linearized(core, q, k, v, entry, visible_kv, where):
+    """The linearized student (docs/methods.md §10): the linear state, or the hybrid's kept keys and
+    sums (LinearizedAttention.decode)."""
+    scale = q.shape[-1] ** -0.5 if q.shape[-1] > 0 else 1.0
+    return core.layer.decode(q, k, v, scale, entry)

@@ -81,6 +81,24 @@ def test_student_equals_its_dense_definition(method, causal, feature_map):
     torch.testing.assert_close(layer.student(q, k2, v2, 0.5, padding, causal)[rows], got[rows])
 
 
+@pytest.mark.parametrize("method", ["hybrid", "linear"])
+def test_causal_left_padding_changes_nothing(method):
+    """A left-padded causal row (batched generation's prompts) gives its real queries what the
+    unpadded sequence gives: the padding is invisible and the hybrid's sink is the first real token."""
+    torch.manual_seed(4)
+    layer = LinearizedAttention(2, 4, method=method, window=3).double()
+    q, k, v = (torch.randn(1, 2, 17, 4, dtype=torch.float64) for _ in range(3))
+    alone = layer.student(q, k, v, 0.5, None, True)
+    pad = 6
+    padded = [torch.cat([torch.randn(1, 2, pad, 4, dtype=torch.float64), t], 2) for t in (q, k, v)]
+    padding = torch.zeros(1, 17 + pad, dtype=torch.bool)
+    padding[:, :pad] = True
+    got = layer.student(*padded, 0.5, padding, True)[:, :, pad:]
+    torch.testing.assert_close(got, alone, rtol=1e-10, atol=1e-10)
+    dense = dense_student(layer, *padded[:2], padded[2], 0.5, padding, True)[:, :, pad:]
+    torch.testing.assert_close(dense, alone, rtol=1e-10, atol=1e-10)
+
+
 def test_student_compiles_fullgraph():
     layer = LinearizedAttention(2, 4, window=3)
     q, k, v = (torch.randn(1, 2, 20, 4) for _ in range(3))

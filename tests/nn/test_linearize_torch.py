@@ -49,6 +49,59 @@ def test_causal_decoder_style_mask():
     torch.testing.assert_close(model(x2, mask=mask, is_causal=True)[:, :20], out[:, :20])
 
 
+class TinyDecoder(torch.nn.Module):
+    """Two pre-norm blocks of linattn's own softmax attention, causal (the shape of
+    examples/generate_text.py's model)."""
+
+    def __init__(self, dim=16, heads=2):
+        super().__init__()
+        torch.manual_seed(0)
+        self.attn = torch.nn.ModuleList(
+            linattn.nn.MultiheadAttention(dim, heads, batch_first=True, method="softmax", dtype=torch.float64)
+            for _ in range(2))
+
+    def forward(self, x, cache=None):
+        for attn in self.attn:
+            if cache is None:
+                mask = torch.nn.Transformer.generate_square_subsequent_mask(x.shape[1], dtype=x.dtype)
+                x = x + attn(x, x, x, attn_mask=mask, is_causal=True, need_weights=False)[0]
+            else:
+                x = x + attn(x, x, x, need_weights=False, cache=cache)[0]
+        return x
+
+
+@pytest.mark.parametrize("student,global_tokens", [("linear", None), ("hybrid", None), ("hybrid", "first")])
+def test_linattn_softmax_modules_linearize_and_decode(student, global_tokens):
+    """linattn's own softmax modules linearize in place (weights kept, teacher = the original);
+    the student then decodes through a DecodingCache, a prompt chunk and single tokens, with the
+    results of the whole sequence, from a cache whose size stops growing once the window is full."""
+    model, x = TinyDecoder(), torch.randn(2, 31, 16, dtype=torch.float64)
+    original = model(x)
+    linattn.linearize(model, method=student, window=4, global_tokens=global_tokens)
+    assert model.linattn_linearization["layers"] == ["attn.0", "attn.1"]
+    assert all(module.method == "linearized" for module in model.attn)
+    set_mode(model, "teacher")
+    torch.testing.assert_close(model(x), original, rtol=1e-12, atol=1e-12)
+    set_mode(model, "student")
+    with torch.no_grad():
+        for p in model.parameters():  # a student that is not its initial self
+            if p.requires_grad and p.dim() <= 2:
+                p.add_(0.1 * torch.randn_like(p))
+        whole = model(x)
+        cache = linattn.nn.DecodingCache()
+        pieces, sizes = [model(x[:, :9], cache)], []
+        for t in range(9, 22):
+            pieces.append(model(x[:, t:t + 1], cache))
+            sizes.append(cache.memory_bytes())
+        pieces.append(model(x[:, 22:27], cache))  # a chunk after single tokens
+        pieces += [model(x[:, t:t + 1], cache) for t in range(27, 31)]
+    torch.testing.assert_close(torch.cat(pieces, 1), whole, rtol=1e-10, atol=1e-10)
+    assert len(set(sizes)) == 1  # constant from the start: the window was full after the prompt
+    set_mode(model, "teacher")
+    with pytest.raises(ValueError, match="incremental decoding runs the student"):
+        model(x[:, :3], linattn.nn.DecodingCache())
+
+
 def test_timm_vit():
     timm = pytest.importorskip("timm")
     torch.manual_seed(0)

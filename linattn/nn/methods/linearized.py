@@ -2,6 +2,7 @@
 swaps into torch, timm and torchvision models (through swap_attention, which keeps their weights).
 The work is linattn.conversion.LinearizedAttention's: its student runs by default, its exact
 softmax is the teacher, and attention_transfer fits the one to the other."""
+from ..decoding import decode_linearized
 from .base import MethodModule
 
 
@@ -19,6 +20,7 @@ class LinearizedMethod(MethodModule):
     supports_causal = True
     takes_any_mask = False
     supports_extra_keys = False
+    decoder = staticmethod(decode_linearized)
 
     def __init__(self, num_heads: int, head_dim: int, device=None, dtype=None, *, student="hybrid",
                  feature_map="hedgehog", window=64, global_tokens="first_last", linear_scale=1e-2):
