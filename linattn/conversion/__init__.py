@@ -43,7 +43,9 @@ def linearize(model, *, method: str = "hybrid", feature_map="hedgehog", window: 
             "t2r" (per-head relu(xW + b), Kasai et al. 2021); separate maps for q and k, per layer.
         window: the hybrid's exact window ``|i − j| <= window`` (causal: the `window` previous keys).
         global_tokens: the hybrid's exact global tokens in bidirectional layers: "first_last"
-            (the first token and each row's last real one, [CLS] and [SEP]), "first", or None.
+            (the first token and each row's last real one, [CLS] and [SEP]), "first", or None; in
+            causal layers either of the first two keeps the first real token exact as an attention
+            sink every later row sees.
         linear_scale: the hybrid's initial weight γ of the linear term (learned per head).
         example_inputs: inputs the model runs once to find its attention layers (a dict of
             keyword arguments or a tensor); default model.dummy_inputs.

@@ -11,13 +11,17 @@ Student, per head, with learned feature maps φ_q, φ_k (linattn.nn.learned_feat
   the other keys are the fused linear kernel's sums over all keys minus the window's (band_sums:
   query blocks against neighbouring key blocks, O(T·window)) and the global keys'. Global tokens
   (the first token, and with "first_last" each row's last real one: [CLS] and [SEP] in BERT) see
-  every key and are seen by every query, exactly. (The window's own mass Σ e^{s} is not used as
+  every key and are seen by every query, exactly; a causal layer keeps only the first real token,
+  as an attention sink. (The window's own mass Σ e^{s} is not used as
   its weight: the softmax-normalised features of Hedgehog are on another scale per query;
   measured on all-MiniLM-L6-v2, weighting by it learned 3x slower.)
 
 Modes: "student" (the default after linearize), "teacher" (the exact softmax: the model as it
 was), "transfer" (returns the teacher's output, so every layer sees the original activations, and
 keeps the student's loss against it for linattn.attention_transfer).
+
+Decoding (LinearizedAttention.decode): a causal student continues from a constant-size entry, the
+linear state (S, z), or the hybrid's kept keys (sink + last `window`) and the sums of the rest.
 """
 import math
 from typing import Optional
@@ -49,8 +53,8 @@ class LinearizedAttention(nn.Module):
         feature_map: "hedgehog", "t2r", or a pair of modules (φ_q, φ_k) mapping (B, H, T, d) to
             positive features (B, H, T, m).
         window: the hybrid's exact window, keys with ``|i − j| <= window`` (causal: ``i − window <= j <= i``).
-        global_tokens: the hybrid's exact global tokens: None, "first" or "first_last"
-            (bidirectional layers only).
+        global_tokens: the hybrid's exact global tokens: None, "first" or "first_last" (causal
+            layers: the first real token alone, an attention sink).
         linear_scale: γ's initial value (per head, learned as log γ).
     """
 
@@ -164,24 +168,26 @@ class LinearizedAttention(nn.Module):
 
     def decode(self, q, k, v, scale: float, entry: Optional[dict]):
         """Causal incremental decoding of the student: (out (B, H, n, dv), entry) for n new tokens
-        after the `entry["length"]` tokens the entry has seen (entry None: none yet), equal to what
+        after the `entry["length"]` tokens the entry has seen (entry None: none yet; the returned
+        entry counts the new ones), equal to what
         the whole sequence gives its last n rows. Constant-size: "linear" keeps the recurrent state
         (S, z); "hybrid" keeps the keys some later query still attends exactly (the sink and the
         last `window`) and [Σ φ_k(k) vᵀ | Σ φ_k(k)] of every other key seen."""
         if self.mode != "student":
             raise ValueError(f"linattn.linearize: incremental decoding runs the student; this layer is in mode "
                              f"{self.mode!r} (linattn.conversion.set_mode(model, 'student'))")
+        seen = 0 if entry is None else entry["length"]
         if not self.exact_window:
             state = None if entry is None else entry["state"]
             phi_q, phi_k = self.feature_map_q(q), self.feature_map_k(k)
             if q.shape[2] == 1:
                 out, state = linear_attention_step(phi_q[:, :, 0], phi_k[:, :, 0], v[:, :, 0], state, feature_map=None,
                                                    eps=LINEAR_EPS)
-                return out.unsqueeze(2), {"state": state}
+                return out.unsqueeze(2), {"state": state, "length": seen + 1}
             out, state = linear_attention(phi_q, phi_k, v, causal=True, feature_map=None, eps=LINEAR_EPS,
                                           initial_state=state, output_final_state=True)
-            return out, {"state": state}
-        seen, n = (0, q.shape[2]) if entry is None else (entry["length"], q.shape[2])
+            return out, {"state": state, "length": seen + q.shape[2]}
+        n = q.shape[2]
         sink = self.global_tokens is not None
         # The sequence this call attends: the kept keys (positions `kept`), then the new ones.
         kept = ([0] if sink and seen > 0 else []) + list(range(max(int(sink), seen - self.window), seen))
@@ -211,7 +217,8 @@ class LinearizedAttention(nn.Module):
             added = phi_k.to(acc).transpose(-1, -2) @ block.to(acc)
             sums = added if sums is None else sums + added
         index = torch.tensor(staying, dtype=torch.long, device=k.device)
-        return out, {"k": keys.index_select(2, index), "v": values.index_select(2, index), "sums": sums}
+        return out, {"k": keys.index_select(2, index), "v": values.index_select(2, index), "sums": sums,
+                     "length": total}
 
     def student_weights(self, q, k, scale: float, key_padding_mask: Optional[torch.Tensor], causal: bool) -> torch.Tensor:
         """The student's attention weights (B, H, T_q, T_k), dense (for the attention_ce loss and

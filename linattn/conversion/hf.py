@@ -50,11 +50,22 @@ def linearized_attention(module, query, key, value, attention_mask, scaling=None
     if layer.mode == "student" and not layer.exact_window:
         return _learned_linear_attention(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
     key, value, seen, state_layer = _prepare(module, query, key, value, attention_mask, 0.0, kwargs)
-    if state_layer is not None or seen.documents is not None or seen.window[0] >= 0:
+    if seen.documents is not None or seen.window[0] >= 0:
         raise ValueError(f"{_where(module)}: linearized layers run plain causal or bidirectional attention with key "
-                         "padding (not yet a state cache, packed documents or the model's own sliding window)")
-    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    out = layer(query, key, value, float(scale), seen.padding, seen.causal)
+                         "padding (not yet packed documents or the model's own sliding window)")
+    scale = float(scaling if scaling is not None else query.shape[-1] ** -0.5)
+    if state_layer is not None:  # the hybrid student decoding from its constant-size state
+        if seen.padding is not None:
+            raise ValueError(f"{_where(module)}: the hybrid's LinearStateCache takes unpadded sequences (one prompt, "
+                             "or prompts of one length); with padded prompts use transformers' own cache")
+        out = state_layer.attend(lambda initial_state, output_final_state: layer.decode(
+            query, key, value, scale, initial_state))
+    elif seen.causal and query.shape[2] != key.shape[2]:
+        # transformers' key/value cache: the new queries are the last rows of the whole sequence.
+        past = query.new_zeros(*query.shape[:2], key.shape[2] - query.shape[2], query.shape[3])
+        out = layer(torch.cat([past, query], dim=2), key, value, scale, seen.padding, True)[:, :, -query.shape[2]:]
+    else:
+        out = layer(query, key, value, scale, seen.padding, seen.causal)
     return out.transpose(1, 2).contiguous(), None
 
 

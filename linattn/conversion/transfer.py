@@ -137,8 +137,12 @@ def _model_output(output) -> torch.Tensor:
                     "select= to pick the tensor to match")
 
 
+E2E_LOSSES = ("mse", "kl")
+
+
 def end_to_end_transfer(model: torch.nn.Module, batches: Iterable, *, steps: int = 100, lr: float = 1e-3,
-                        select=None, progress: bool = True, callback=None) -> Dict[str, List[float]]:
+                        select=None, loss: str = "mse", progress: bool = True,
+                        callback=None) -> Dict[str, List[float]]:
     """The stage after attention_transfer: trains the same new parameters so that the linearized
     model's final output matches the original model's (the teacher mode) on the same inputs, by
     mean squared error over the real tokens (the batch's attention_mask, when it has one).
@@ -151,9 +155,14 @@ def end_to_end_transfer(model: torch.nn.Module, batches: Iterable, *, steps: int
         model, batches, steps, lr, progress, callback: as attention_transfer.
         select: maps the model's output to the tensor to match (default: last_hidden_state, else
             logits).
+        loss: "mse" (mean squared error of the selected tensors) or "kl" (the selected tensors are
+            logits over the last dimension: KL(original ‖ linearized) per token, a language
+            model's distillation loss).
     Returns:
         history: {"total": the loss at every step}.
     """
+    if loss not in E2E_LOSSES:
+        raise ValueError(f"linattn.end_to_end_transfer: loss must be one of {E2E_LOSSES}, got {loss!r}")
     select = _model_output if select is None else select
     history: Dict[str, List[float]] = {"total": []}
     with _training_new_parameters(model, "linattn.end_to_end_transfer", batches, steps, lr, progress,
@@ -164,16 +173,21 @@ def end_to_end_transfer(model: torch.nn.Module, batches: Iterable, *, steps: int
                 target = select(_run(model, batch)).float()
             set_mode(model, "student")
             optimizer.zero_grad(set_to_none=True)
-            error = (select(_run(model, batch)).float() - target) ** 2
+            output = select(_run(model, batch)).float()
+            if loss == "mse":
+                error = (output - target) ** 2
+            else:  # per token, summed over the vocabulary; averaged below as MSE is over features
+                teacher = torch.log_softmax(target, -1)
+                error = (teacher.exp() * (teacher - torch.log_softmax(output, -1))).sum(-1, keepdim=True)
             mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
             if mask is not None and mask.shape == error.shape[:2]:
                 rows = mask.to(error.dtype)[..., None]
-                loss = (error * rows).sum() / (rows.sum() * error.shape[-1]).clamp_min(1)
+                value = (error * rows).sum() / (rows.sum() * error.shape[-1]).clamp_min(1)
             else:
-                loss = error.mean()
-            loss.backward()
+                value = error.mean()
+            value.backward()
             optimizer.step()
-            history["total"].append(float(loss.detach()))
+            history["total"].append(float(value.detach()))
             _report(bar, history["total"][-1])
             if callback is not None:
                 callback(step, history)

@@ -2,6 +2,8 @@
 attention (or Performer's, over its random features) instead of keys and values."""
 import functools
 
+import torch
+
 
 @functools.cache  # one class, made on first use (transformers is imported only then)
 def _state_layer_class():
@@ -54,12 +56,21 @@ def _state_layer_class():
             self.state, self.seen = None, 0
 
         def reorder_cache(self, beam_idx) -> None:
-            if isinstance(self.state, tuple):  # linear attention's (S, z)
-                self.state = tuple(t.index_select(0, beam_idx.to(t.device)) for t in self.state)
-            elif self.state is not None:  # the delta rule's S
-                self.state = self.state.index_select(0, beam_idx.to(self.state.device))
+            # linear attention's (S, z), the delta rule's S, a linearized hybrid's dict of tensors
+            self.state = _select_rows(self.state, beam_idx)
 
     return LinearStateLayer
+
+
+def _select_rows(state, index):
+    """`state` (tensors, possibly in tuples and dicts) with batch rows `index`, in that order."""
+    if isinstance(state, dict):
+        return {name: _select_rows(value, index) for name, value in state.items()}
+    if isinstance(state, (tuple, list)):
+        return type(state)(_select_rows(value, index) for value in state)
+    if isinstance(state, torch.Tensor):
+        return state.index_select(0, index.to(state.device))
+    return state
 
 
 def LinearStateCache():  # noqa: N802  (a factory that reads like the class it returns)

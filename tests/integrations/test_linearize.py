@@ -165,6 +165,24 @@ def test_end_to_end_transfer_lowers_the_output_error(model_fn):
     assert all(layer.mode == "student" for layer in linearized_layers(model).values())
 
 
+def test_end_to_end_kl_is_the_next_token_divergence_and_falls():
+    model = linattn.linearize(llama(), window=4)
+    inputs = batch()
+    with torch.no_grad():
+        set_mode(model, "teacher")
+        teacher = torch.log_softmax(model(**inputs).logits, -1)
+        set_mode(model, "student")
+        student = torch.log_softmax(model(**inputs).logits, -1)
+    real = inputs["attention_mask"].bool()
+    expected = (teacher.exp() * (teacher - student)).sum(-1)[real].mean()
+    history = linattn.conversion.end_to_end_transfer(model, [inputs], steps=25, lr=3e-2, loss="kl",
+                                                     select=lambda out: out.logits, progress=False)
+    assert history["total"][0] == pytest.approx(expected.item(), rel=1e-4)
+    assert sum(history["total"][-3:]) < 0.9 * sum(history["total"][:3])
+    with pytest.raises(ValueError, match="loss must be one of"):
+        linattn.conversion.end_to_end_transfer(model, [inputs], loss="ce")
+
+
 def test_attention_ce_loss_runs_and_falls():
     model = bert()
     linattn.linearize(model, method="linear")
@@ -190,18 +208,46 @@ def test_lora_through_peft():
     assert all(p.grad is not None for p in trainable.values())
 
 
-def test_linear_student_generates_from_a_constant_size_state():
-    """A decoder linearized with method="linear" generates through linattn.hf.LinearStateCache (one
-    (S, z) state per layer, O(1) per token): the same tokens as transformers' own cache and as
-    recomputing the whole sequence at every step."""
-    model = linattn.linearize(llama(), method="linear")
+@pytest.mark.parametrize("method", ["linear", "hybrid"])
+def test_students_generate_from_a_constant_size_state(method, monkeypatch):
+    """A decoder linearized with either student generates through linattn.hf.LinearStateCache (the
+    linear (S, z) state; the hybrid's sink, last `window` keys and linear sums: O(1) per token) the
+    same tokens as through transformers' own cache and as recomputing the whole sequence at every
+    step; beam search reorders the state."""
+    model = linattn.linearize(llama(), method=method, window=3)
+    with torch.no_grad():
+        for p in model.parameters():  # feature maps that are not their initial selves
+            if p.requires_grad and p.dim() == 2 and p.shape[0] == p.shape[1]:
+                p.add_(0.2 * torch.randn_like(p))
     ids = torch.randint(0, 61, (2, 9), generator=torch.Generator().manual_seed(2))
     mask = torch.ones_like(ids)
+    decoded = []
+    if method == "hybrid":  # count the calls that decode from the state
+        decode = LinearizedAttention.decode
+        monkeypatch.setattr(LinearizedAttention, "decode", lambda self, *a: decoded.append(1) or decode(self, *a))
     runs = [model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, **options)
             for options in ({"past_key_values": linattn.hf.LinearStateCache()}, {}, {"use_cache": False})]
     assert runs[0].tolist() == runs[1].tolist() == runs[2].tolist()
-    with pytest.raises(ValueError, match="hybrid attends a whole sequence at once"):
-        linattn.linearize(llama(), method="hybrid").generate(ids, attention_mask=mask, max_new_tokens=2)
+    assert method == "linear" or len(decoded) == 2 * 8  # 2 layers, a prompt and 7 single tokens each
+    beams = [model.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False, num_beams=3, **options)
+             for options in ({"past_key_values": linattn.hf.LinearStateCache()}, {"use_cache": False})]
+    assert beams[0].tolist() == beams[1].tolist()
+
+
+def test_hybrid_generates_from_left_padded_prompts():
+    """Prompts of different lengths (left padding): transformers' cache gives what recomputing gives,
+    and each row what it gives alone; the state cache names what it needs."""
+    model = linattn.linearize(llama(), method="hybrid", window=3)
+    ids = torch.randint(1, 61, (2, 9), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0
+    runs = [model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, **options)
+            for options in ({}, {"use_cache": False})]
+    assert runs[0].tolist() == runs[1].tolist()
+    alone = model.generate(ids[1:, 4:], attention_mask=mask[1:, 4:], max_new_tokens=6, do_sample=False)
+    assert runs[0][1, 9:].tolist() == alone[0, 5:].tolist()
+    with pytest.raises(ValueError, match="takes unpadded sequences"):
+        model.generate(ids, attention_mask=mask, max_new_tokens=2, past_key_values=linattn.hf.LinearStateCache())
 
 
 def test_errors():
