@@ -252,8 +252,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_fading_generic(
   const at::Tensor K = key_features(k.to(acc), key_padding_mask, map);
   const at::Tensor Vp = augmented_values(v, key_padding_mask, acc);
   const ScanResult r = decayed_scan(Q, K, Vp, log_decay, initial_state.value_or(at::Tensor()), at::Tensor());
-  const auto [out, normalizer] = normalized_output(r.out, v.size(3), normalize, eps);
-  return {out.to(q.scalar_type()).contiguous(), r.final_state.contiguous(), normalizer.contiguous()};
+  const auto [out, normalizer] = normalized_output(r.out, v.size(3), normalize, eps, q.scalar_type());
+  return {out, r.final_state.contiguous(), normalizer.contiguous()};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_fading_generic(
@@ -304,8 +304,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_packed_generic(
   const at::Tensor sums = causal ? decayed_scan(in.Q, in.K, in.Vp, in.a, at::Tensor(), in.rows.ids).out
                                  : whole_sequence_sums(in.Q, in.K, in.Vp, in.rows.ids);
   const at::Tensor final_state = in.rows.as_states(sums.index_select(2, in.rows.state_rows));
-  const auto [out, normalizer] = normalized_output(sums.index_select(2, in.rows.real), v.size(3), normalize, eps);
-  return {out.to(q.scalar_type()).contiguous(), final_state.contiguous(), normalizer.contiguous()};
+  const auto [out, normalizer] =
+      normalized_output(sums.index_select(2, in.rows.real), v.size(3), normalize, eps, q.scalar_type());
+  return {out, final_state.contiguous(), normalizer.contiguous()};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_packed_generic(

@@ -14,12 +14,22 @@
 
 namespace linattn {
 
+namespace {
+
+// Whether autograd records ops on x (the CompositeImplicitAutograd kernels run this code on
+// tracked tensors): then no out= variants, and no in-place op on a value a backward keeps.
+bool tracked(const at::Tensor& x) { return at::GradMode::is_enabled() && x.requires_grad(); }
+
+}  // namespace
+
 at::Tensor features(const at::Tensor& x, FeatureMap map) {
   switch (map) {
     case kFeatureElu:
       // elu(x) + 1 as exp(x) for x <= 0 (exactly, as the CPU kernel): elu's expm1(x) + 1 is
-      // 0 in float32 for x below about -17.
-      return at::where(x > 0, x + 1, x.exp());
+      // 0 in float32 for x below about -17. exp(min(x, 0)) + max(x, 0) is that with two
+      // temporaries instead of where's four (x > 0 gives 1 + x; NaN and ±inf as where gave).
+      if (tracked(x)) return at::clamp_max(x, 0).exp() + at::relu(x);
+      return at::clamp_max(x, 0).exp_().add_(at::relu(x));
     case kFeatureRelu:
       return at::relu(x);
     default:
@@ -38,40 +48,65 @@ at::Tensor feature_derivative(const at::Tensor& x, FeatureMap map) {
 
 namespace {
 
-// tril(A)·V for a batch of chunks, the strictly upper (masked) pairs excluded rather than
-// multiplied by 0: non-finite entries of V are taken out of the product, and the entries of
-// the rows that can see one (same column, same or earlier row) are NaN. Without a host-side
-// branch on the data this costs a few element-wise passes, no extra product.
-at::Tensor causal_product(const at::Tensor& A, const at::Tensor& V) {
-  const at::Tensor finite = at::isfinite(V);
-  const at::Tensor product = at::matmul(A.tril(), at::where(finite, V, at::zeros({}, V.options())));
-  const at::Tensor sees_non_finite = at::logical_not(finite).cumsum(-2) > 0;
-  return at::where(sees_non_finite, at::full({}, NAN, V.options()), product);
+// tril(A)·V for a batch of chunks (A is the caller's temporary: masked in place), the strictly
+// upper (masked) pairs excluded rather than multiplied by 0: non-finite entries of V are taken
+// out of the product, and the entries of the rows that can see one (same column, same or earlier
+// row) are NaN. Without a host-side branch on the data this costs a few element-wise passes, no
+// extra product.
+at::Tensor causal_product(at::Tensor A, const at::Tensor& V) {
+  const at::Tensor finite_part = at::nan_to_num(V, 0.0, 0.0, 0.0);
+  const at::Tensor non_finite = at::ne(finite_part, V);  // NaN != 0, ±inf != 0
+  at::Tensor product = at::matmul(A.tril_(), finite_part);
+  // int32 counts: ONNX's CumSum (exports trace this path) takes no byte type.
+  return product.masked_fill_(at::cumsum(non_finite, -2, at::kInt).gt(0), NAN);
 }
 
-// For every row i: O_i = Q_i (S0 + Σ_{j≤i} K_j V_jᵀ); also returns the final state.
+// For every row i: O_i = Q_i (S0 + Σ_{j≤i} K_j V_jᵀ); also returns the final state. S0 may be
+// undefined (no initial state: nothing to add).
 // Q, K: (B, H, T, a); V: (B, H, T, b); S0: (B, H, a, b).
 // The chunk is at least min(a, b) long, so the T/C chunk states held at once take no more
 // memory than T·max(a, b) per batch·head, as much as one input.
 std::tuple<at::Tensor, at::Tensor> causal_scan(const at::Tensor& Q, const at::Tensor& K,
                                                const at::Tensor& V, const at::Tensor& S0) {
-  const int64_t B = Q.size(0), H = Q.size(1), T = Q.size(2), b = V.size(3);
-  if (T == 0) return {Q.new_zeros({B, H, 0, b}), S0.clone()};
-  const int64_t C = std::max<int64_t>(64, std::min(Q.size(3), b));
+  const int64_t B = Q.size(0), H = Q.size(1), T = Q.size(2), a = Q.size(3), b = V.size(3);
+  if (T == 0) {
+    return {Q.new_zeros({B, H, 0, b}), S0.defined() ? S0.clone() : Q.new_zeros({B, H, a, b})};
+  }
+  const int64_t C = std::max<int64_t>(64, std::min(a, b));
   const int64_t n = (T + C - 1) / C;
   const int64_t pad = n * C - T;
-  auto chunked = [&](const at::Tensor& x) {
-    return at::constant_pad_nd(x, {0, 0, 0, pad}).view({B, H, n, C, x.size(3)});
+  auto chunked = [&](const at::Tensor& x) {  // (B·H·n, C, ·): a view unless T needs padding
+    return (pad ? at::constant_pad_nd(x, {0, 0, 0, pad}) : x).reshape({B * H * n, C, x.size(3)});
   };
   const at::Tensor Qc = chunked(Q), Kc = chunked(K), Vc = chunked(V);
-  const at::Tensor intra = causal_product(at::matmul(Qc, Kc.transpose(-1, -2)), Vc);
-  const at::Tensor chunk_states = at::matmul(Kc.transpose(-1, -2), Vc);  // (B, H, n, a, b)
-  const at::Tensor inclusive = chunk_states.cumsum(2);
-  const at::Tensor before =
-      at::cat({at::zeros_like(chunk_states.narrow(2, 0, 1)), inclusive.narrow(2, 0, n - 1)}, 2) +
-      S0.unsqueeze(2);
-  const at::Tensor O = intra + at::matmul(Qc, before);
-  return {O.reshape({B, H, n * C, b}).narrow(2, 0, T), S0 + inclusive.select(2, n - 1)};
+  at::Tensor O = causal_product(at::bmm(Qc, Kc.transpose(-1, -2)), Vc);
+  // The state before each chunk, written in place: S0 (or 0) before the first, then S0 plus the
+  // prefix sums of the chunks' own states.
+  const at::Tensor chunk_states = at::bmm(Kc.transpose(-1, -2), Vc).view({B, H, n, a, b});
+  at::Tensor before, last;
+  if (tracked(chunk_states) || (S0.defined() && tracked(S0))) {  // out of place, for autograd
+    const at::Tensor inclusive = chunk_states.cumsum(2);
+    before = at::cat({at::zeros_like(chunk_states.narrow(2, 0, 1)), inclusive.narrow(2, 0, n - 1)}, 2);
+    if (S0.defined()) before = before + S0.unsqueeze(2);
+    last = inclusive.select(2, n - 1);
+  } else {
+    before = at::empty_like(chunk_states);
+    if (n > 1) {
+      at::Tensor after_first = before.narrow(2, 1, n - 1);
+      at::cumsum_out(after_first, chunk_states.narrow(2, 0, n - 1), 2);
+    }
+    last = n > 1 ? before.select(2, n - 1) + chunk_states.select(2, n - 1) : chunk_states.select(2, 0).clone();
+    if (S0.defined()) {
+      before.select(2, 0).copy_(S0);
+      if (n > 1) before.narrow(2, 1, n - 1).add_(S0.unsqueeze(2));
+    } else {
+      before.select(2, 0).zero_();
+    }
+  }
+  at::Tensor final_state = S0.defined() ? S0 + last : last;
+  O.baddbmm_(Qc, before.view({B * H * n, a, b}));
+  O = O.view({B, H, n * C, b});
+  return {pad ? O.narrow(2, 0, T) : O, final_state};
 }
 
 // Same with the sums running backwards in time: O_i = Q_i (S0 + Σ_{j≥i} K_j V_jᵀ).
@@ -83,21 +118,35 @@ std::tuple<at::Tensor, at::Tensor> reverse_causal_scan(const at::Tensor& Q, cons
 
 }  // namespace
 
+namespace {
+
+// φ(x) in the accumulation dtype. A 16-bit x is converted into a fresh tensor, which φ then
+// overwrites (one full-size temporary fewer than features(x.to(acc))).
+at::Tensor acc_features(const at::Tensor& x, FeatureMap map, at::ScalarType acc) {
+  if (x.scalar_type() == acc || tracked(x) || map == kFeatureIdentity) return features(x.to(acc), map);
+  at::Tensor y = x.to(acc);
+  if (map == kFeatureRelu) return y.relu_();
+  const at::Tensor positive = at::relu(y);
+  return y.clamp_max_(0).exp_().add_(positive);
+}
+
+}  // namespace
+
 // [v | 1], with a padded key's row all 0: its value is never read, so a NaN there stays out.
 at::Tensor augmented_values(const at::Tensor& v, const std::optional<at::Tensor>& mask,
                             at::ScalarType acc) {
-  const at::Tensor va = v.to(acc);
-  auto ones_shape = va.sizes().vec();
-  ones_shape.back() = 1;
-  const at::Tensor augmented = at::cat({va, at::ones(ones_shape, va.options())}, -1);
-  return mask.has_value() ? augmented.masked_fill(mask->unsqueeze(1).unsqueeze(-1), 0) : augmented;
+  at::Tensor augmented = at::constant_pad_nd(v.to(acc), {0, 1}, 1.0);  // a fresh tensor: masked in place
+  return mask.has_value() ? augmented.masked_fill_(mask->unsqueeze(1).unsqueeze(-1), 0) : augmented;
 }
 
 // φ(k) with padded keys zeroed: they then leave the state and every sum.
 at::Tensor key_features(const at::Tensor& k, const std::optional<at::Tensor>& mask, FeatureMap map) {
   at::Tensor phi = features(k, map);
-  if (mask.has_value()) phi = phi.masked_fill(mask->unsqueeze(1).unsqueeze(-1), 0);
-  return phi;
+  if (!mask.has_value()) return phi;
+  // The identity map returns k itself, and autograd may keep φ (relu's backward reads it): mask a
+  // copy then.
+  const at::Tensor padded = mask->unsqueeze(1).unsqueeze(-1);
+  return map == kFeatureIdentity || tracked(phi) ? phi.masked_fill(padded, 0) : phi.masked_fill_(padded, 0);
 }
 
 // A normalizer that is 0 or subnormal (eps underflowed, no key matched): the row is 0 and
@@ -109,11 +158,16 @@ at::Tensor vanished(const at::Tensor& normalizer) {
 }
 
 std::tuple<at::Tensor, at::Tensor> normalized_output(const at::Tensor& O, int64_t value_dim, bool normalize,
-                                                     double eps) {
+                                                     double eps, at::ScalarType out_dtype) {
+  const at::Tensor numerator = O.narrow(-1, 0, value_dim);
   const at::Tensor normalizer = O.select(-1, value_dim) + eps;
-  at::Tensor out = O.narrow(-1, 0, value_dim);
-  // A vanished row is 0 (out·0: still NaN where it sees a NaN or Inf, as in the CPU kernel).
-  if (normalize) out = at::where(vanished(normalizer).unsqueeze(-1), out * 0, out / normalizer.unsqueeze(-1));
+  if (!normalize) return {numerator.to(out_dtype).contiguous(), normalizer};
+  // numerator · (1/normalizer), as the CPU kernel; a vanished row is 0 (numerator·0: still NaN
+  // where it sees a NaN or Inf). Written straight into the output dtype, rounded once.
+  const at::Tensor inverse = at::where(vanished(normalizer), 0, normalizer.reciprocal()).unsqueeze(-1);
+  if (tracked(numerator)) return {(numerator * inverse).to(out_dtype).contiguous(), normalizer};
+  at::Tensor out = at::empty(numerator.sizes(), numerator.options().dtype(out_dtype));
+  at::mul_out(out, numerator, inverse);
   return {out, normalizer};
 }
 
@@ -131,10 +185,14 @@ at::Tensor augmented_cotangent(const at::Tensor& G, const at::Tensor& out, const
 
 namespace {
 
-at::Tensor state_or_zeros(const std::optional<at::Tensor>& state, const LinearAttentionShape& s,
-                          const at::TensorOptions& options) {
-  if (state.has_value()) return *state;
-  return at::zeros({s.batch, s.heads, s.feature_dim, s.value_dim + 1}, options);
+// The state, or an undefined tensor (nothing to add) when none was given.
+at::Tensor state_or_none(const std::optional<at::Tensor>& state) {
+  return state.has_value() ? *state : at::Tensor();
+}
+
+// x + state, or x itself without a state.
+at::Tensor plus_state(const at::Tensor& x, const at::Tensor& state) {
+  return state.defined() ? x + state : x;
 }
 
 }  // namespace
@@ -146,19 +204,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_generic(
   check_forward_inputs(q, k, v, initial_state, key_padding_mask, feature_map, causal, eps);
   const LinearAttentionShape s = kernel_shape(q, k, v, feature_map, causal, normalize, eps);
   const auto acc = accumulate_type(q.scalar_type());
-  const at::Tensor Q = features(q.to(acc), s.feature_map);
-  const at::Tensor K = key_features(k.to(acc), key_padding_mask, s.feature_map);
+  const at::Tensor Q = acc_features(q, s.feature_map, acc);
+  at::Tensor K = acc_features(k, s.feature_map, acc);
+  if (key_padding_mask.has_value()) {  // padded keys' features 0: in place unless K is k or autograd keeps it
+    const at::Tensor padded = key_padding_mask->unsqueeze(1).unsqueeze(-1);
+    K = K.is_same(k) || tracked(K) ? K.masked_fill(padded, 0) : K.masked_fill_(padded, 0);
+  }
   const at::Tensor Vp = augmented_values(v, key_padding_mask, acc);
-  const at::Tensor S0 = state_or_zeros(initial_state, s, Q.options());
+  const at::Tensor S0 = state_or_none(initial_state);
   at::Tensor O, final_state;
   if (causal) {
     std::tie(O, final_state) = causal_scan(Q, K, Vp, S0);
   } else {
-    final_state = S0 + at::matmul(K.transpose(-1, -2), Vp);
+    final_state = plus_state(at::matmul(K.transpose(-1, -2), Vp), S0);
     O = at::matmul(Q, final_state);
   }
-  const auto [out, normalizer] = normalized_output(O, s.value_dim, normalize, eps);
-  return {out.to(q.scalar_type()).contiguous(), final_state.contiguous(), normalizer.contiguous()};
+  const auto [out, normalizer] = normalized_output(O, s.value_dim, normalize, eps, q.scalar_type());
+  return {out, final_state.contiguous(), normalizer.contiguous()};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_generic(
@@ -178,18 +240,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_generic(
   const at::Tensor G = grad_out.to(acc);
   // Gradient with respect to the augmented output [numerator | normalizer].
   const at::Tensor Gp = augmented_cotangent(G, out, normalizer, normalize);
-  const at::Tensor S0 = state_or_zeros(initial_state, s, Q.options());
-  const at::Tensor dSN = state_or_zeros(grad_final_state, s, Q.options());
+  const at::Tensor S0 = state_or_none(initial_state);
+  const at::Tensor dSN = state_or_none(grad_final_state);
+  auto transposed = [](const at::Tensor& x) { return x.defined() ? x.transpose(-1, -2) : x; };
   at::Tensor dq, dk, dvp, d_initial;
   if (causal) {
-    dq = std::get<0>(causal_scan(Gp, Vp, K, S0.transpose(-1, -2)));
-    dk = std::get<0>(reverse_causal_scan(Vp, Gp, Q, dSN.transpose(-1, -2)));
+    dq = std::get<0>(causal_scan(Gp, Vp, K, transposed(S0)));
+    dk = std::get<0>(reverse_causal_scan(Vp, Gp, Q, transposed(dSN)));
     std::tie(dvp, d_initial) = reverse_causal_scan(K, Q, Gp, dSN);
   } else {
     // Every query saw the final state: the forward's when handed over, else recomputed.
     const at::Tensor state =
-        final_state.has_value() ? *final_state : S0 + at::matmul(K.transpose(-1, -2), Vp);
-    d_initial = dSN + at::matmul(Q.transpose(-1, -2), Gp);
+        final_state.has_value() ? *final_state : plus_state(at::matmul(K.transpose(-1, -2), Vp), S0);
+    d_initial = plus_state(at::matmul(Q.transpose(-1, -2), Gp), dSN);
     dq = at::matmul(Gp, state.transpose(-1, -2));
     dk = at::matmul(Vp, d_initial.transpose(-1, -2));
     dvp = at::matmul(K, d_initial);

@@ -18,13 +18,14 @@ at::Tensor feature_derivative(const at::Tensor& x, FeatureMap map);
 
 // Building blocks of the generic formulations (generic.cpp), in the accumulation dtype:
 // [v | 1] and φ(k) with padded keys' rows 0; the normalizer test (0 or subnormal: the row is 0);
-// (out, normalizer) from the augmented sums O = [numerator | denominator]; the cotangent of O
+// (out in out_dtype, contiguous; normalizer) from the augmented sums O = [numerator | denominator]; the
+// cotangent of O
 // from the output's.
 at::Tensor augmented_values(const at::Tensor& v, const std::optional<at::Tensor>& mask, at::ScalarType acc);
 at::Tensor key_features(const at::Tensor& k, const std::optional<at::Tensor>& mask, FeatureMap map);
 at::Tensor vanished(const at::Tensor& normalizer);
 std::tuple<at::Tensor, at::Tensor> normalized_output(const at::Tensor& O, int64_t value_dim, bool normalize,
-                                                     double eps);
+                                                     double eps, at::ScalarType out_dtype);
 at::Tensor augmented_cotangent(const at::Tensor& grad_out, const at::Tensor& out, const at::Tensor& normalizer,
                                bool normalize);
 
