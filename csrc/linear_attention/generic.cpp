@@ -39,8 +39,8 @@ at::Tensor features(const at::Tensor& x, FeatureMap map) {
 
 at::Tensor feature_derivative(const at::Tensor& x, FeatureMap map) {
   switch (map) {
-    case kFeatureElu:
-      return at::where(x > 0, at::ones_like(x), x.exp());
+    case kFeatureElu:  // 1 for x > 0, else exp(x): exp(min(x, 0)), one temporary
+      return tracked(x) ? at::clamp_max(x, 0).exp() : at::clamp_max(x, 0).exp_();
     default:  // relu
       return (x > 0).to(x.scalar_type());
   }
@@ -177,10 +177,19 @@ at::Tensor augmented_cotangent(const at::Tensor& G, const at::Tensor& out, const
   // cotangent is all 0, or whose normalizer is 0 (zero output), passes no gradient.
   if (!normalize) return at::constant_pad_nd(G, {0, 1});  // the normalizer's cotangent: 0
   const at::Tensor inv = at::where(vanished(normalizer), 0, normalizer.reciprocal()).unsqueeze(-1);
-  const at::Tensor g_dot_out = at::where(G == 0, 0, G * out.to(G.scalar_type())).sum(-1, true);
+  const at::Tensor zero = G == 0;
+  const at::Tensor g_dot_out = at::where(zero, 0, G * out.to(G.scalar_type())).sum(-1, true);
   const at::Tensor d_normalizer = -g_dot_out * inv;
-  const at::Tensor no_cotangent = (G == 0).all(-1, true);
-  return at::where(no_cotangent, 0, at::cat({G * inv, d_normalizer}, -1));
+  const at::Tensor no_cotangent = zero.all(-1, true);
+  if (tracked(G) || tracked(out)) return at::where(no_cotangent, 0, at::cat({G * inv, d_normalizer}, -1));
+  // [G·inv | d_normalizer] written into one tensor, rows without a cotangent zeroed in place.
+  auto sizes = G.sizes().vec();
+  sizes.back() += 1;
+  at::Tensor Gp = at::empty(sizes, G.options());
+  at::Tensor numerator_part = Gp.narrow(-1, 0, G.size(-1));
+  at::mul_out(numerator_part, G, inv);
+  Gp.narrow(-1, G.size(-1), 1).copy_(d_normalizer);
+  return Gp.masked_fill_(no_cotangent, 0);
 }
 
 namespace {
@@ -234,8 +243,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_generic(
   const LinearAttentionShape s = kernel_shape(q, k, v, feature_map, causal, normalize, 1.0);
   const auto acc = accumulate_type(q.scalar_type());
   const at::Tensor q_acc = q.to(acc), k_acc = k.to(acc);
-  const at::Tensor Q = features(q_acc, s.feature_map);
-  const at::Tensor K = key_features(k_acc, key_padding_mask, s.feature_map);
+  // Without autograd recording (the usual backward), temporaries are reused in place and φ is
+  // built from its derivative: elu+1's is exp(min(x, 0)), and φ = that + relu(x).
+  const bool in_place = !(tracked(q) || tracked(k) || tracked(v) || tracked(grad_out) || tracked(out));
+  const bool elu = s.feature_map == kFeatureElu && in_place;
+  const at::Tensor dphi_q = s.feature_map == kFeatureIdentity ? at::Tensor() : feature_derivative(q_acc, s.feature_map);
+  const at::Tensor dphi_k = s.feature_map == kFeatureIdentity ? at::Tensor() : feature_derivative(k_acc, s.feature_map);
+  const at::Tensor Q = elu ? at::relu(q_acc).add_(dphi_q) : features(q_acc, s.feature_map);
+  const at::Tensor K = key_features(elu ? at::relu(k_acc).add_(dphi_k) : k_acc, key_padding_mask,
+                                    elu ? kFeatureIdentity : s.feature_map);
   const at::Tensor Vp = augmented_values(v, key_padding_mask, acc);
   const at::Tensor G = grad_out.to(acc);
   // Gradient with respect to the augmented output [numerator | normalizer].
@@ -258,19 +274,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_generic(
     dvp = at::matmul(K, d_initial);
   }
   // Back through φ; padded keys got φ(k) := 0, so their gradient is 0.
-  if (s.feature_map != kFeatureIdentity) {
-    dq = dq * feature_derivative(q_acc, s.feature_map);
-    dk = dk * feature_derivative(k_acc, s.feature_map);
-  }
-  at::Tensor dv = dvp.narrow(-1, 0, s.value_dim);
+  const auto dtype = q.scalar_type();
+  auto through_features = [&](const at::Tensor& grad, const at::Tensor& derivative) {
+    if (!derivative.defined()) return grad.to(dtype).contiguous();
+    if (!in_place) return (grad * derivative).to(dtype).contiguous();
+    at::Tensor result = at::empty(grad.sizes(), grad.options().dtype(dtype));
+    return at::mul_out(result, grad, derivative);  // rounded once, into the input dtype
+  };
+  dq = through_features(dq, dphi_q);
+  dk = through_features(dk, dphi_k);
+  at::Tensor dv = dvp.narrow(-1, 0, s.value_dim).to(dtype).contiguous();
   if (key_padding_mask.has_value()) {
     const at::Tensor padded = key_padding_mask->unsqueeze(1).unsqueeze(-1);
     dk = dk.masked_fill(padded, 0);
     dv = dv.masked_fill(padded, 0);
   }
-  const auto dtype = q.scalar_type();
-  return {dq.to(dtype).contiguous(), dk.to(dtype).contiguous(), dv.to(dtype).contiguous(),
-          d_initial.contiguous()};
+  return {dq, dk, dv, d_initial.contiguous()};
 }
 
 
