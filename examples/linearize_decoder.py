@@ -19,7 +19,9 @@ import argparse
 import copy
 import json
 import math
+import os
 import statistics
+import sysconfig
 import time
 
 import _common  # noqa: F401  (sets up imports when run as a file)
@@ -69,9 +71,6 @@ class ByteLM(nn.Module):
 def corpus(modules) -> torch.Tensor:
     """The bytes of the modules' source files, one after another (files missing in this Python's
     layout are skipped)."""
-    import os
-    import sysconfig
-
     root, chunks = sysconfig.get_paths()["stdlib"], []
     for name in modules:
         path = os.path.join(root, name + ".py")

@@ -26,10 +26,10 @@ at::Tensor features(const at::Tensor& x, FeatureMap map) {
   switch (map) {
     case kFeatureElu:
       // elu(x) + 1 as exp(x) for x <= 0 (exactly, as the CPU kernel): elu's expm1(x) + 1 is
-      // 0 in float32 for x below about -17. exp(min(x, 0)) + max(x, 0) is that with two
-      // temporaries instead of where's four (x > 0 gives 1 + x; NaN and ±inf as where gave).
-      if (tracked(x)) return at::clamp_max(x, 0).exp() + at::relu(x);
-      return at::clamp_max(x, 0).exp_().add_(at::relu(x));
+      // 0 in float32 for x below about -17. It is its derivative exp(min(x, 0)) plus max(x, 0):
+      // two temporaries instead of where's four (x > 0 gives 1 + x; NaN and ±inf as where gave).
+      if (tracked(x)) return feature_derivative(x, map) + at::relu(x);
+      return feature_derivative(x, map).add_(at::relu(x));
     case kFeatureRelu:
       return at::relu(x);
     default:
@@ -139,14 +139,20 @@ at::Tensor augmented_values(const at::Tensor& v, const std::optional<at::Tensor>
   return mask.has_value() ? augmented.masked_fill_(mask->unsqueeze(1).unsqueeze(-1), 0) : augmented;
 }
 
-// φ(k) with padded keys zeroed: they then leave the state and every sum.
-at::Tensor key_features(const at::Tensor& k, const std::optional<at::Tensor>& mask, FeatureMap map) {
-  at::Tensor phi = features(k, map);
+namespace {
+
+// φ(k) with padded keys zeroed: they then leave the state and every sum. In place, unless φ is k
+// itself (the identity map) or autograd may keep it (relu's backward reads it): a copy then.
+at::Tensor mask_padded_keys(const at::Tensor& phi, const at::Tensor& k, const std::optional<at::Tensor>& mask) {
   if (!mask.has_value()) return phi;
-  // The identity map returns k itself, and autograd may keep φ (relu's backward reads it): mask a
-  // copy then.
   const at::Tensor padded = mask->unsqueeze(1).unsqueeze(-1);
-  return map == kFeatureIdentity || tracked(phi) ? phi.masked_fill(padded, 0) : phi.masked_fill_(padded, 0);
+  return phi.is_same(k) || tracked(phi) ? phi.masked_fill(padded, 0) : phi.masked_fill_(padded, 0);
+}
+
+}  // namespace
+
+at::Tensor key_features(const at::Tensor& k, const std::optional<at::Tensor>& mask, FeatureMap map) {
+  return mask_padded_keys(features(k, map), k, mask);
 }
 
 // A normalizer that is 0 or subnormal (eps underflowed, no key matched): the row is 0 and
@@ -157,6 +163,15 @@ at::Tensor vanished(const at::Tensor& normalizer) {
   return normalizer.abs() < tiny;
 }
 
+namespace {
+
+// 1 / normalizer, 0 where it vanished (the row is 0 and passes no gradient); (…, 1).
+at::Tensor inverse_normalizer(const at::Tensor& normalizer) {
+  return at::where(vanished(normalizer), 0, normalizer.reciprocal()).unsqueeze(-1);
+}
+
+}  // namespace
+
 std::tuple<at::Tensor, at::Tensor> normalized_output(const at::Tensor& O, int64_t value_dim, bool normalize,
                                                      double eps, at::ScalarType out_dtype) {
   const at::Tensor numerator = O.narrow(-1, 0, value_dim);
@@ -164,7 +179,7 @@ std::tuple<at::Tensor, at::Tensor> normalized_output(const at::Tensor& O, int64_
   if (!normalize) return {numerator.to(out_dtype).contiguous(), normalizer};
   // numerator · (1/normalizer), as the CPU kernel; a vanished row is 0 (numerator·0: still NaN
   // where it sees a NaN or Inf). Written straight into the output dtype, rounded once.
-  const at::Tensor inverse = at::where(vanished(normalizer), 0, normalizer.reciprocal()).unsqueeze(-1);
+  const at::Tensor inverse = inverse_normalizer(normalizer);
   if (tracked(numerator)) return {(numerator * inverse).to(out_dtype).contiguous(), normalizer};
   at::Tensor out = at::empty(numerator.sizes(), numerator.options().dtype(out_dtype));
   at::mul_out(out, numerator, inverse);
@@ -176,7 +191,7 @@ at::Tensor augmented_cotangent(const at::Tensor& G, const at::Tensor& out, const
   // A zero cotangent contributes nothing (not 0·out, NaN for a non-finite output): a row whose
   // cotangent is all 0, or whose normalizer is 0 (zero output), passes no gradient.
   if (!normalize) return at::constant_pad_nd(G, {0, 1});  // the normalizer's cotangent: 0
-  const at::Tensor inv = at::where(vanished(normalizer), 0, normalizer.reciprocal()).unsqueeze(-1);
+  const at::Tensor inv = inverse_normalizer(normalizer);
   const at::Tensor zero = G == 0;
   const at::Tensor g_dot_out = at::where(zero, 0, G * out.to(G.scalar_type())).sum(-1, true);
   const at::Tensor d_normalizer = -g_dot_out * inv;
@@ -214,11 +229,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_generic(
   const LinearAttentionShape s = kernel_shape(q, k, v, feature_map, causal, normalize, eps);
   const auto acc = accumulate_type(q.scalar_type());
   const at::Tensor Q = acc_features(q, s.feature_map, acc);
-  at::Tensor K = acc_features(k, s.feature_map, acc);
-  if (key_padding_mask.has_value()) {  // padded keys' features 0: in place unless K is k or autograd keeps it
-    const at::Tensor padded = key_padding_mask->unsqueeze(1).unsqueeze(-1);
-    K = K.is_same(k) || tracked(K) ? K.masked_fill(padded, 0) : K.masked_fill_(padded, 0);
-  }
+  const at::Tensor K = mask_padded_keys(acc_features(k, s.feature_map, acc), k, key_padding_mask);
   const at::Tensor Vp = augmented_values(v, key_padding_mask, acc);
   const at::Tensor S0 = state_or_none(initial_state);
   at::Tensor O, final_state;
@@ -250,8 +261,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_generic(
   const at::Tensor dphi_q = s.feature_map == kFeatureIdentity ? at::Tensor() : feature_derivative(q_acc, s.feature_map);
   const at::Tensor dphi_k = s.feature_map == kFeatureIdentity ? at::Tensor() : feature_derivative(k_acc, s.feature_map);
   const at::Tensor Q = elu ? at::relu(q_acc).add_(dphi_q) : features(q_acc, s.feature_map);
-  const at::Tensor K = key_features(elu ? at::relu(k_acc).add_(dphi_k) : k_acc, key_padding_mask,
-                                    elu ? kFeatureIdentity : s.feature_map);
+  const at::Tensor K = mask_padded_keys(elu ? at::relu(k_acc).add_(dphi_k) : features(k_acc, s.feature_map), k_acc,
+                                        key_padding_mask);
   const at::Tensor Vp = augmented_values(v, key_padding_mask, acc);
   const at::Tensor G = grad_out.to(acc);
   // Gradient with respect to the augmented output [numerator | normalizer].

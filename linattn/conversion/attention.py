@@ -119,7 +119,7 @@ class LinearizedAttention(nn.Module):
             y_window = torch.where(pattern.global_mask[:, None, :, None], v, y_window)
         # [Σ φφ v | Σ φφ] over every key in one unnormalised call, minus the same sums over the keys
         # the window attends exactly: what the linear term covers is everything else.
-        values = torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)
+        values = _with_ones(v)
         initial_state = None
         if initial_sums is not None:  # z is unused: the ones column of `values` carries the normaliser
             initial_state = (initial_sums, initial_sums.new_zeros(initial_sums.shape[:-1]))
@@ -133,12 +133,19 @@ class LinearizedAttention(nn.Module):
             sums = sums - _global_key_sums(phi_q, phi_k, values, global_keys, self.window, causal)
             # A global row attends to every key exactly: no linear term.
             sums = sums.masked_fill(pattern.global_mask[:, None, :, None], 0.0)
+        return self._mix(y_window, sums, has_window=~torch.isinf(lse)[..., None])
+
+    def _mix(self, y_window, sums, has_window=None) -> torch.Tensor:
+        """The hybrid's output from the exact part y_window (normalised to mass 1) and the linear
+        sums [Σ φφ v | Σ φφ] over the other keys, under one normaliser. has_window (…, 1) bool: the
+        rows that see a key exactly (None: every row); a row that sees none has the linear term alone."""
         numerator, z = sums[..., :-1], sums[..., -1:].clamp_min(0)
-        gamma = self.log_linear_scale.exp().to(v.dtype)[None, :, None, None]
-        has_window = ~torch.isinf(lse)[..., None]  # a row that sees no key exactly: linear term alone
-        denominator = has_window.to(v.dtype) + gamma * z
+        gamma = self.log_linear_scale.exp().to(y_window.dtype)[None, :, None, None]
+        if has_window is None:  # the denominator is at least 1
+            return (y_window + gamma * numerator) / (1 + gamma * z)
+        denominator = has_window.to(y_window.dtype) + gamma * z
         out = (torch.where(has_window, y_window, 0.0) + gamma * numerator) / denominator.clamp_min(
-            torch.finfo(v.dtype).tiny)
+            torch.finfo(y_window.dtype).tiny)
         return torch.where(denominator > 0, out, 0.0)
 
     def _window_pattern(self, q, k, key_padding_mask, causal):
@@ -195,26 +202,22 @@ class LinearizedAttention(nn.Module):
         values = v if entry is None else torch.cat([entry["v"], v], dim=2)
         sums = None if entry is None else entry["sums"]
         if n == 1:  # every kept key is in the new row's window (or the sink): plain softmax over them
-            y_window = F.scaled_dot_product_attention(q, keys, values, scale=scale)
-            out = y_window
+            out = F.scaled_dot_product_attention(q, keys, values, scale=scale)
             if sums is not None:
-                linear = (self.feature_map_q(q).to(sums.dtype) @ sums).to(v.dtype)
-                gamma = self.log_linear_scale.exp().to(v.dtype)[None, :, None, None]
-                out = (y_window + gamma * linear[..., :-1]) / (1 + gamma * linear[..., -1:].clamp_min(0))
+                out = self._mix(out, (self.feature_map_q(q).to(sums.dtype) @ sums).to(v.dtype))
         else:  # a chunk: the full-sequence student over kept + new, from the sums; its last n rows
             queries = torch.cat([q.new_zeros(*q.shape[:2], len(kept), q.shape[3]), q], dim=2)
             out = self.student(queries, keys, values, scale, None, True, initial_sums=sums)[:, :, len(kept):]
         # Keys leaving every later window (all but the sink and the last `window`) go into the sums.
-        positions = kept + list(range(seen, seen + n))
         total = seen + n
-        leaving = [i for i, p in enumerate(positions) if (p > 0 or not sink) and p < total - self.window]
-        staying = [i for i, p in enumerate(positions) if (p == 0 and sink) or p >= total - self.window]
+        stays = [(p == 0 and sink) or p >= total - self.window for p in kept + list(range(seen, total))]
+        staying = [i for i, stay in enumerate(stays) if stay]
+        leaving = [i for i, stay in enumerate(stays) if not stay]
         if leaving:
             start, stop = leaving[0], leaving[-1] + 1  # contiguous: after the sink, before the window
-            phi_k = self.feature_map_k(keys[:, :, start:stop])
             acc = accumulate_dtype(v.dtype)
-            block = torch.cat([values[:, :, start:stop], torch.ones_like(values[:, :, start:stop, :1])], dim=-1)
-            added = phi_k.to(acc).transpose(-1, -2) @ block.to(acc)
+            phi_k = self.feature_map_k(keys[:, :, start:stop]).to(acc)
+            added = phi_k.transpose(-1, -2) @ _with_ones(values[:, :, start:stop]).to(acc)
             sums = added if sums is None else sums + added
         index = torch.tensor(staying, dtype=torch.long, device=k.device)
         return out, {"k": keys.index_select(2, index), "v": values.index_select(2, index), "sums": sums,
@@ -273,6 +276,11 @@ class LinearizedAttention(nn.Module):
             return error.mean()
         error = error * rows
         return error.sum() / (rows.sum() * error.shape[1] * error.shape[-1]).clamp_min(1)
+
+
+def _with_ones(v: torch.Tensor) -> torch.Tensor:
+    """[v | 1]: values whose sums carry the normaliser in their last column."""
+    return torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)
 
 
 def _dense_mask(q, k, key_padding_mask, causal) -> Optional[torch.Tensor]:

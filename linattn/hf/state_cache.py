@@ -2,7 +2,7 @@
 attention (or Performer's, over its random features) instead of keys and values."""
 import functools
 
-import torch
+from ..nn.decoding import map_tensors
 
 
 @functools.cache  # one class, made on first use (transformers is imported only then)
@@ -57,20 +57,9 @@ def _state_layer_class():
 
         def reorder_cache(self, beam_idx) -> None:
             # linear attention's (S, z), the delta rule's S, a linearized hybrid's dict of tensors
-            self.state = _select_rows(self.state, beam_idx)
+            self.state = map_tensors(self.state, lambda t: t.index_select(0, beam_idx.to(t.device)))
 
     return LinearStateLayer
-
-
-def _select_rows(state, index):
-    """`state` (tensors, possibly in tuples and dicts) with batch rows `index`, in that order."""
-    if isinstance(state, dict):
-        return {name: _select_rows(value, index) for name, value in state.items()}
-    if isinstance(state, (tuple, list)):
-        return type(state)(_select_rows(value, index) for value in state)
-    if isinstance(state, torch.Tensor):
-        return state.index_select(0, index.to(state.device))
-    return state
 
 
 def LinearStateCache():  # noqa: N802  (a factory that reads like the class it returns)

@@ -69,18 +69,18 @@ class DecodingCache:
     def select(self, index: torch.Tensor) -> None:
         """Keeps the batch rows `index` (a 1-D int tensor), in that order, in every layer."""
         for key, entry in self._layers.items():
-            self._layers[key] = _map_tensors(entry, lambda t: t.index_select(0, index.to(t.device)))
+            self._layers[key] = map_tensors(entry, lambda t: t.index_select(0, index.to(t.device)))
             self._layers[key]["batch"] = index.numel()
 
 
-def _map_tensors(value, fn):
+def map_tensors(value, fn):
     """`value` (an entry: dicts, tuples and tensors) with fn applied to every tensor."""
     if isinstance(value, torch.Tensor):
         return fn(value)
     if isinstance(value, dict):
-        return {key: _map_tensors(item, fn) for key, item in value.items()}
+        return {key: map_tensors(item, fn) for key, item in value.items()}
     if isinstance(value, tuple):
-        return tuple(_map_tensors(item, fn) for item in value)
+        return tuple(map_tensors(item, fn) for item in value)
     return value
 
 
