@@ -7,3 +7,11 @@
 #else
 #define LINATTN_HD
 #endif
+
+// Fully unrolls the next loop in device code, where a loop over a register array must unroll for
+// the array to stay in registers (an array indexed at run time goes to local memory).
+#if defined(__CUDA_ARCH__)
+#define LINATTN_UNROLL _Pragma("unroll")
+#else
+#define LINATTN_UNROLL
+#endif

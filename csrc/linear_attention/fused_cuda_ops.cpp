@@ -4,6 +4,7 @@
 // Compiled only in CUDA builds (setup.py: fused_cuda_* sources).
 #include "plain_entry.h"
 #include "fused_launch.h"
+#include "tensor_core/launch.h"
 #include "fused_plans.h"
 #include "generic.h"
 
@@ -19,6 +20,12 @@ namespace {
 
 struct CudaLaunch {
   cudaStream_t stream;
+  template <typename scalar_t>
+  void operator()(const tensor_core::ForwardProblem<scalar_t>& p) const {
+    TORCH_CHECK(p.blocks() <= std::numeric_limits<int32_t>::max(), kLinearAttentionOp,
+                ": batch · heads = ", p.blocks(), " exceeds a CUDA grid");
+    tensor_core::launch_forward(p, stream);
+  }
   template <typename Problem>
   void operator()(const Problem& p) const {
     TORCH_CHECK(p.blocks() <= std::numeric_limits<int32_t>::max(), kLinearAttentionOp,

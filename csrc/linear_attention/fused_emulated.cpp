@@ -4,6 +4,7 @@
 // mask and chunk boundary the GPU will execute. Slow by design (one scalar loop per thread).
 #include "plain_entry.h"
 #include "fused_plans.h"
+#include "../common/warp/host_block.h"
 
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -33,7 +34,32 @@ int64_t emulated_shared_bytes() {
   return text != nullptr ? std::strtoll(text, nullptr, 10) : 227 * 1024;
 }
 
+// The tensor-core forward on the CPU: each block's warps emulated lane by lane through the
+// warp-operation layer, counting what they do (common/warp/emulation.h).
+template <int DK, int DV, typename scalar_t>
+void emulate_tensor_core_forward(const tensor_core::ForwardProblem<scalar_t>& p) {
+  using State = tensor_core::WarpState<DK, DV>;
+  at::parallel_for(0, p.blocks(), 1, [&](int64_t begin, int64_t end) {
+    warp::EmulationCounters counters;
+    const warp::CountingScope counting(counters);
+    warp::HostBlock<State> exec(tensor_core::kWarps, tensor_core::Layout<DK, DV>::kBytes);
+    for (int64_t block = begin; block < end; ++block) {
+      exec.reset();
+      tensor_core::run_forward_block<DK, DV>(exec, p, block);
+      exec.finish();
+    }
+    warp::emulation_totals().add(counters);
+  });
+}
+
 struct EmulatedLaunch {
+  template <typename scalar_t>
+  void operator()(const tensor_core::ForwardProblem<scalar_t>& p) const {
+    tensor_core::with_head_dims(p, [&](auto dk, auto dv) {
+      emulate_tensor_core_forward<decltype(dk)::value, decltype(dv)::value>(p);
+    });
+  }
+
   template <typename Problem>
   void operator()(const Problem& p) const {
     using acc_t = typename Problem::acc_type;

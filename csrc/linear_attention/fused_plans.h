@@ -6,6 +6,7 @@
 #pragma once
 
 #include "fused_scan.h"
+#include "tensor_core/plan.h"
 #include "kernel.h"
 #include "op_checks.h"
 #include "../common/tensor_views.h"
@@ -79,6 +80,15 @@ std::optional<std::tuple<at::Tensor, at::Tensor, at::Tensor>> forward(
   auto normalizer = at::empty({s.batch, s.heads, s.q_len}, acc);
   at::Tensor initial, mask;  // contiguous copies where needed (optional_ptr)
   const bool* mask_ptr = optional_ptr<bool>(key_padding_mask, mask);
+  if (tensor_core::takes(s, q.scalar_type(), max_shared_bytes)) {
+    // 16-bit inputs with head dims up to 128: the tensor-core scan (tensor_core/forward.h).
+    AT_DISPATCH_REDUCED_FLOATING_TYPES(q.scalar_type(), "linear_attn_fwd_fused", [&] {
+      launch(tensor_core::forward_problem<scalar_t>(
+          s, q, k, v, mask_ptr, state_view<const float>(optional_ptr<float>(initial_state, initial), s, false),
+          state_view<float>(final_state.data_ptr<float>(), s, false), out, normalizer));
+    });
+    return std::make_tuple(out, final_state, normalizer);
+  }
   bool fits = true;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "linear_attn_fwd_fused", [&] {
     using acc_t = at::opmath_type<scalar_t>;

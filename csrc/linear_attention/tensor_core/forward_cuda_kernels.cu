@@ -1,0 +1,57 @@
+// The tensor-core forward (forward.h) as a CUDA kernel: one block of 8 warps per (batch, head),
+// the block program's phases separated by __syncthreads().
+#include "launch.h"
+
+#include <c10/cuda/CUDAException.h>
+
+namespace linattn {
+namespace tensor_core {
+namespace {
+
+template <typename State>
+struct DeviceBlock {
+  const warp::WarpContext& context;
+  State& state;
+  template <typename Phase>
+  __device__ void operator()(const Phase& phase) const {
+    phase(context, state);
+    __syncthreads();
+  }
+};
+
+template <int DK, int DV, typename scalar_t>
+__global__ void __launch_bounds__(kThreads, 1) forward_kernel(const ForwardProblem<scalar_t> p) {
+#if defined(__CUDA_ARCH__)  // (the host pass of nvcc sees the host WarpContext, without a lane)
+  extern __shared__ __align__(16) unsigned char shared[];
+  warp::WarpContext context;
+  context.shared = shared;
+  context.warp = static_cast<int>(threadIdx.x) / warp::kWarpSize;
+  context.lane = static_cast<int>(threadIdx.x) % warp::kWarpSize;
+  WarpState<DK, DV> state;
+  run_forward_block<DK, DV>(DeviceBlock<WarpState<DK, DV>>{context, state}, p, static_cast<int64_t>(blockIdx.x));
+#endif
+}
+
+template <int DK, int DV, typename scalar_t>
+void launch_dims(const ForwardProblem<scalar_t>& p, cudaStream_t stream) {
+  constexpr int bytes = Layout<DK, DV>::kBytes;
+  // Above 48 KiB a kernel must opt in to its dynamic shared memory.
+  C10_CUDA_CHECK(cudaFuncSetAttribute(forward_kernel<DK, DV, scalar_t>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                      bytes));
+  forward_kernel<DK, DV, scalar_t><<<static_cast<unsigned int>(p.blocks()), kThreads, bytes, stream>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace
+
+template <typename scalar_t>
+void launch_forward(const ForwardProblem<scalar_t>& p, cudaStream_t stream) {
+  if (p.blocks() == 0) return;
+  with_head_dims(p, [&](auto dk, auto dv) { launch_dims<decltype(dk)::value, decltype(dv)::value>(p, stream); });
+}
+
+template void launch_forward<c10::BFloat16>(const ForwardProblem<c10::BFloat16>&, cudaStream_t);
+template void launch_forward<c10::Half>(const ForwardProblem<c10::Half>&, cudaStream_t);
+
+}  // namespace tensor_core
+}  // namespace linattn

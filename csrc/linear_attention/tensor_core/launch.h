@@ -1,0 +1,18 @@
+// The tensor-core forward's CUDA launcher (forward_cuda_kernels.cu), declared with no CUDA header
+// beyond the runtime's stream type, so host code compiled without nvcc can call it.
+#pragma once
+
+#include "forward.h"
+
+#include <cuda_runtime_api.h>
+
+namespace linattn {
+namespace tensor_core {
+
+// One block per (batch, head) on `stream`, asynchronously (CUDA-graph capturable). Instantiated
+// for c10::BFloat16 and c10::Half.
+template <typename scalar_t>
+void launch_forward(const ForwardProblem<scalar_t>& p, cudaStream_t stream);
+
+}  // namespace tensor_core
+}  // namespace linattn
