@@ -55,7 +55,7 @@ void emulate_tensor_core_forward(const tensor_core::ForwardProblem<scalar_t>& p)
 struct EmulatedLaunch {
   template <typename scalar_t>
   void operator()(const tensor_core::ForwardProblem<scalar_t>& p) const {
-    tensor_core::with_head_dims(p, [&](auto dk, auto dv) {
+    tensor_core::with_head_dims(p.feature_dim, p.value_dim, [&](auto dk, auto dv) {
       emulate_tensor_core_forward<decltype(dk)::value, decltype(dv)::value>(p);
     });
   }

@@ -87,6 +87,9 @@ __device__ inline void mma_16816(Accumulator (&d)[4], const Fragment (&a)[4], co
   }
 }
 
+// The warp's lanes meet: shared-memory writes of each are visible to all.
+__device__ inline void sync(const WarpContext&) { __syncwarp(); }
+
 // Lane `source`'s value of x, for every lane.
 __device__ inline Lanes<float> shuffle(const WarpContext&, const Lanes<float>& x, const Lanes<int>& source) {
   return Lanes<float>{__shfl_sync(0xffffffffu, x.value, source.value)};
@@ -229,6 +232,9 @@ inline void mma_16816(Accumulator (&d)[4], const Fragment (&a)[4], const Fragmen
   }
   detail::counters().mma += 1;
 }
+
+// The emulation runs a warp's lanes one after another between warp operations: nothing to wait for.
+inline void sync(const WarpContext&) {}
 
 inline Lanes<float> shuffle(const WarpContext&, const Lanes<float>& x, const Lanes<int>& source) {
   Lanes<float> result;

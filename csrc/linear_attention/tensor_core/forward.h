@@ -10,8 +10,8 @@
 // and the output row is O's numerator over its last column (the normalizer) + eps. The ones
 // column of [V | 1] is an extra 8-column mma tile generated in registers, so the normalizer is
 // computed by the same instructions (and the same rounding of the scores) as the numerator.
-// φ is applied to the fragments as ldmatrix delivers them, and is 0 for padded keys, rows past
-// the end and columns past the head dim (which the loads zero-fill), so those add nothing.
+// φ is applied to the rows in shared memory as they land, by the thread that copied them, and is
+// 0 for padded keys, rows past the end and columns past the head dim, so those add nothing.
 // Non-causal: one pass accumulates St over every key chunk, a second reads every query chunk.
 // The next chunk's rows are in flight (cp.async, double-buffered) while the current one computes.
 //
@@ -62,41 +62,53 @@ struct ForwardProblem {
 // row addresses of an ldmatrix fall in eight different 16-byte bank groups (no conflicts).
 LINATTN_HD constexpr int padded_pitch(int bytes) { return bytes + ((16 - bytes) % 128 + 128) % 128; }
 
-// Shared memory of one block: two chunk buffers (Q, K, V rows and the keys' validity flags) and
-// the 16-bit copy of the state [S | z 0 ... 0] (DK rows of DV + 8 columns).
+// Shared memory of one block: two chunk buffers (Q, K and V rows, a non-finite flag), the 16-bit
+// copy of the state [S | z 0 ... 0] (DK rows of DV + 8 columns) and a scratch tile per warp.
 template <int DK, int DV>
 struct Layout {
   static constexpr int kQKPitch = padded_pitch(DK * 2), kVPitch = padded_pitch(DV * 2);
   static constexpr int kStatePitch = padded_pitch((DV + 8) * 2);
   static constexpr int kQ = 0, kK = kQ + kChunk * kQKPitch, kV = kK + kChunk * kQKPitch;
-  static constexpr int kValid = kV + kChunk * kVPitch;
-  static constexpr int kBuffer = (kValid + kChunk + 15) / 16 * 16;
+  static constexpr int kNonFinite = kV + kChunk * kVPitch;  // a byte: the chunk's V holds Inf or NaN
+  static constexpr int kBuffer = kNonFinite + 16;
   static constexpr int kState = 2 * kBuffer;
-  static constexpr int kBytes = kState + DK * kStatePitch;
+  static constexpr int kScratch = kState + DK * kStatePitch;  // per warp, 16x16 fp32: see diagonal_exactly
+  static constexpr int kBytes = kScratch + kWarps * 16 * 16 * 4;
 };
 
 // The head dims a kernel is compiled for: 64 or 128 (smaller dims run zero-padded to 64).
 LINATTN_HD inline int padded_head_dim(int64_t dim) { return dim <= 64 ? 64 : 128; }
 
-// Calls f(std::integral_constant<int, DK>{}, std::integral_constant<int, DV>{}) for the problem's
-// compiled head dims.
-template <typename scalar_t, typename F>
-void with_head_dims(const ForwardProblem<scalar_t>& p, F&& f) {
+// Calls f(std::integral_constant<int, DK>{}, std::integral_constant<int, DV>{}) for the kernel
+// compiled for head dims dk and dv.
+template <typename F>
+void with_head_dims(int64_t dk, int64_t dv, F&& f) {
   using k64 = std::integral_constant<int, 64>;
   using k128 = std::integral_constant<int, 128>;
-  const bool dk64 = padded_head_dim(p.feature_dim) == 64, dv64 = padded_head_dim(p.value_dim) == 64;
+  const bool dk64 = padded_head_dim(dk) == 64, dv64 = padded_head_dim(dv) == 64;
   if (dk64 && dv64) f(k64{}, k64{});
   else if (dk64) f(k64{}, k128{});
   else if (dv64) f(k128{}, k64{});
   else f(k128{}, k128{});
 }
 
-// A warp's registers that live across the block's barriers: its tiles of the fp32 state.
+// The shared memory of one block for head dims dk and dv.
+inline int64_t shared_bytes_of(int64_t dk, int64_t dv) {
+  int64_t bytes = 0;
+  with_head_dims(dk, dv, [&](auto k, auto v) { bytes = Layout<decltype(k)::value, decltype(v)::value>::kBytes; });
+  return bytes;
+}
+
+// A warp's registers that live across the block's barriers: its tiles of the fp32 state. Warp w
+// owns row tile w / kWarpsPerRowTile of the state (16 features) and a contiguous range of its
+// 8-column tiles, so its tiles share one φ(K)ᵀ fragment and their addresses differ by constants.
 template <int DK, int DV>
 struct WarpState {
   static constexpr int kStateCols = DV / 8 + 1;  // n8 tiles: the values', then [z 0 ... 0]
-  static constexpr int kStateTiles = DK / 16 * kStateCols;
-  static constexpr int kTilesPerWarp = (kStateTiles + kWarps - 1) / kWarps;
+  static constexpr int kRowTiles = DK / 16;
+  static_assert(kWarps % kRowTiles == 0, "every row tile of the state has the same number of warps");
+  static constexpr int kWarpsPerRowTile = kWarps / kRowTiles;
+  static constexpr int kTilesPerWarp = (kStateCols + kWarpsPerRowTile - 1) / kWarpsPerRowTile;
   Accumulator state[kTilesPerWarp][4];
 };
 
@@ -107,9 +119,9 @@ LINATTN_HD inline uint32_t feature_pair(int map, uint32_t pair, bool valid_lo, b
   const float hi = valid_hi ? fused::feature<float>(map, warp::unpack_hi<half_t>(pair)) : 0.0f;
   return warp::pack<half_t>(lo, hi);
 }
-LINATTN_HD inline uint32_t keep_pair(uint32_t pair, bool valid_lo, bool valid_hi) {
-  return (valid_lo ? pair & 0xffffu : 0u) | (valid_hi ? pair & 0xffff0000u : 0u);
-}
+
+// Which operand rows a chunk buffer holds.
+enum class Operand : int { kQuery = 0, kKey = 1, kValue = 2 };
 
 template <typename scalar_t, int DK, int DV>
 struct ForwardBlock {
@@ -126,59 +138,120 @@ struct ForwardBlock {
 
   LINATTN_HD static uint32_t buffer(int64_t chunk) { return static_cast<uint32_t>((chunk & 1) * L::kBuffer); }
 
-  // --- loads -----------------------------------------------------------------------------------
+  // --- loads ---------------------------------------------------------------------------------
+  // A chunk's rows arrive in 16-byte pieces; piece e of an operand (row e / pieces per row,
+  // columns 8 (e % pieces per row) ..) is copied and then prepared by thread e mod 256, so that
+  // each thread prepares what it copied itself, once its own copies have landed, and one barrier
+  // later every warp reads finished rows.
 
-  // Rows [start, start + 64) of one operand (dim columns of `cols` stored) into shared memory at
-  // `base`: 16-byte cp.async where possible, zero-filled past the end, element loads otherwise.
-  LINATTN_HD void load_rows(const WarpContext& w, const Strided4<const scalar_t>& x, bool vector, int64_t rows,
-                            int64_t dim, int cols, int pitch, uint32_t base, int64_t start) const {
-    const int pieces_per_row = cols / 8, pieces = kChunk * pieces_per_row;
+  struct Rows {
+    const Strided4<const scalar_t>* x;
+    bool vector;
+    int64_t rows, dim;
+    int cols, pitch;
+    uint32_t offset;  // in the chunk buffer
+  };
+  LINATTN_HD Rows rows_of(Operand operand) const {
+    if (operand == Operand::kQuery) return {&p.q, p.q_vector, p.q_len, p.feature_dim, DK, L::kQKPitch, L::kQ};
+    if (operand == Operand::kKey) return {&p.k, p.k_vector, p.k_len, p.feature_dim, DK, L::kQKPitch, L::kK};
+    return {&p.v, p.v_vector, p.k_len, p.value_dim, DV, L::kVPitch, L::kV};
+  }
+
+  // Calls piece(lane, r, col) for each piece of a chunk's rows that lane `lane` of warp w owns.
+  template <typename Piece>
+  LINATTN_HD void each_piece(const WarpContext& w, const Rows& x, Piece&& piece) const {
+    const int pieces_per_row = x.cols / 8, pieces = kChunk * pieces_per_row;
     warp::for_lanes(w, [&](int lane) {
-      for (int e = w.warp * warp::kWarpSize + lane; e < pieces; e += kThreads) {
-        const int r = e / pieces_per_row, col = e % pieces_per_row * 8;
-        const int64_t row = start + r;
-        const uint32_t dst = base + static_cast<uint32_t>(r * pitch + col * 2);
-        if (row >= rows || col >= dim) {
-          warp::cp_async_16(w, dst, x.data, 0);
-        } else if (vector && col + 8 <= dim) {
-          warp::cp_async_16(w, dst, &x.at(b, h, row, col), 16);
-        } else {
-          LINATTN_UNROLL
-          for (int i = 0; i < 8; ++i) {
-            const scalar_t value = col + i < dim ? warp::load_global(w, &x.at(b, h, row, col + i)) : scalar_t(0.0f);
-            warp::store_shared<uint16_t>(w, dst + 2 * i, value.x);
-          }
+      for (int e = w.warp * warp::kWarpSize + lane; e < pieces; e += kThreads)
+        piece(lane, e / pieces_per_row, e % pieces_per_row * 8);
+    });
+  }
+
+  // Copies rows [start, start + 64): 16-byte cp.async where possible, zero-filled past the end,
+  // element loads otherwise (strided or unaligned rows, a last partial piece).
+  LINATTN_HD void load_rows(const WarpContext& w, Operand operand, uint32_t base, int64_t start) const {
+    const Rows x = rows_of(operand);
+    each_piece(w, x, [&](int, int r, int col) {
+      const int64_t row = start + r;
+      const uint32_t dst = base + x.offset + static_cast<uint32_t>(r * x.pitch + col * 2);
+      if (row >= x.rows || col >= x.dim) {
+        warp::cp_async_16(w, dst, x.x->data, 0);
+      } else if (x.vector && col + 8 <= x.dim) {
+        warp::cp_async_16(w, dst, &x.x->at(b, h, row, col), 16);
+      } else {
+        LINATTN_UNROLL
+        for (int i = 0; i < 8; ++i) {
+          const scalar_t value = col + i < x.dim ? warp::load_global(w, &x.x->at(b, h, row, col + i)) : scalar_t(0.0f);
+          warp::store_shared<uint16_t>(w, dst + 2 * i, value.x);
         }
       }
     });
   }
 
-  // Issues the loads of chunk `chunk` (Q rows and/or K, V rows with the keys' validity flags).
+  // Rows as the products want them: φ(q), φ(k) and v, with 0 for columns past the head dim (φ(0)
+  // need not be 0) and, for keys, 0 in a padded key's or a past-the-end key's row, so those add
+  // nothing (and a padded key's Inf or NaN never meets a 0 score). A value row holding Inf or NaN
+  // raises the chunk's flag (see diagonal_exactly).
+  LINATTN_HD void prepare_rows(const WarpContext& w, Operand operand, uint32_t base, int64_t start) const {
+    const Rows x = rows_of(operand);
+    each_piece(w, x, [&](int, int r, int col) {
+      const int64_t row = start + r;
+      bool valid = row < x.rows;
+      if (valid && operand != Operand::kQuery && p.key_padding != nullptr)
+        valid = !warp::load_global(w, p.key_padding + b * p.k_len + row);
+      const uint32_t at = base + x.offset + static_cast<uint32_t>(r * x.pitch + col * 2);
+      bool non_finite = false;
+      LINATTN_UNROLL
+      for (int i = 0; i < 4; ++i) {
+        const uint32_t pair = warp::load_shared<uint32_t>(w, at + 4 * i);
+        const int64_t c = col + 2 * i;
+        uint32_t result;
+        if (operand == Operand::kValue) {
+          result = valid ? pair : 0u;
+          non_finite = non_finite || !finite_pair(result);
+        } else {
+          result = feature_pair<scalar_t>(p.feature_map, pair, valid && c < x.dim, valid && c + 1 < x.dim);
+        }
+        warp::store_shared<uint32_t>(w, at + 4 * i, result);
+      }
+      if (non_finite) warp::store_shared<uint8_t>(w, base + L::kNonFinite, 1);
+    });
+  }
+
+  // Whether both halves of a 16-bit pair are finite (exponent bits not all ones).
+  LINATTN_HD static bool finite_pair(uint32_t pair) {
+    constexpr uint32_t exponent = std::is_same_v<scalar_t, c10::Half> ? 0x7c00u : 0x7f80u;
+    return (pair & exponent) != exponent && ((pair >> 16) & exponent) != exponent;
+  }
+
+  // Issues the loads of chunk `chunk`: Q rows and/or K and V rows.
   LINATTN_HD void issue_chunk(const WarpContext& w, int64_t chunk, bool want_q, bool want_kv) const {
     const uint32_t base = buffer(chunk);
     const int64_t start = chunk * kChunk;
-    if (want_q) load_rows(w, p.q, p.q_vector, p.q_len, p.feature_dim, DK, L::kQKPitch, base + L::kQ, start);
+    if (want_q) load_rows(w, Operand::kQuery, base, start);
     if (want_kv) {
-      load_rows(w, p.k, p.k_vector, p.k_len, p.feature_dim, DK, L::kQKPitch, base + L::kK, start);
-      load_rows(w, p.v, p.v_vector, p.k_len, p.value_dim, DV, L::kVPitch, base + L::kV, start);
-      if (w.warp < kChunk / warp::kWarpSize) {
-        warp::for_lanes(w, [&](int lane) {
-          const int r = w.warp * warp::kWarpSize + lane;
-          const int64_t row = start + r;
-          bool valid = row < p.k_len;
-          if (valid && p.key_padding != nullptr) valid = !warp::load_global(w, p.key_padding + b * p.k_len + row);
-          warp::store_shared<uint8_t>(w, base + L::kValid + r, valid ? 1 : 0);
-        });
-      }
+      load_rows(w, Operand::kKey, base, start);
+      load_rows(w, Operand::kValue, base, start);
+      if (w.warp == 0) warp::for_lanes(w, [&](int lane) {
+        if (lane == 0) warp::store_shared<uint8_t>(w, base + L::kNonFinite, 0);
+      });
     }
     warp::cp_async_commit(w);
   }
 
-  LINATTN_HD bool key_valid(const WarpContext& w, uint32_t base, int key) const {
-    return warp::load_shared<uint8_t>(w, base + L::kValid + key) != 0;
+  // Once the chunk's copies issued by this warp have landed: prepares what it copied.
+  LINATTN_HD void prepare_chunk(const WarpContext& w, int64_t chunk, bool want_q, bool want_kv) const {
+    warp::cp_async_wait<0>(w);
+    const uint32_t base = buffer(chunk);
+    const int64_t start = chunk * kChunk;
+    if (want_q) prepare_rows(w, Operand::kQuery, base, start);
+    if (want_kv) {
+      prepare_rows(w, Operand::kKey, base, start);
+      prepare_rows(w, Operand::kValue, base, start);
+    }
   }
 
-  // --- fragments -------------------------------------------------------------------------------
+  // --- fragments (of prepared rows) ------------------------------------------------------------
 
   // φ(Q) rows 16·rb.. of the chunk, 16 feature columns from ks·16: an A operand.
   LINATTN_HD void query_fragment(const WarpContext& w, uint32_t base, int rb, int ks, Fragment (&a)[4]) const {
@@ -187,14 +260,6 @@ struct ForwardBlock {
       offset[lane] = base + L::kQ + (rb * 16 + lane % 16) * L::kQKPitch + (ks * 16 + lane / 16 * 8) * 2;
     });
     warp::ldmatrix_x4<false>(w, a, offset);
-    warp::for_lanes(w, [&](int lane) {
-      const int t = warp::thread_in_group(lane);
-      LINATTN_UNROLL
-      for (int i = 0; i < 4; ++i) {
-        const int64_t col = ks * 16 + 2 * t + 8 * (i / 2);
-        a[i][lane] = feature_pair<scalar_t>(p.feature_map, a[i][lane], col < p.feature_dim, col + 1 < p.feature_dim);
-      }
-    });
   }
 
   // φ(K)ᵀ for the scores: keys nt·8.. (columns) × features ks·16.. (rows), a B operand.
@@ -204,16 +269,6 @@ struct ForwardBlock {
       offset[lane] = base + L::kK + (nt * 8 + lane % 8) * L::kQKPitch + (ks * 16 + (lane / 8) % 2 * 8) * 2;
     });
     warp::ldmatrix_x2<false>(w, bf, offset);
-    warp::for_lanes(w, [&](int lane) {
-      const int g = warp::group_of(lane), t = warp::thread_in_group(lane);
-      const bool valid = key_valid(w, base, nt * 8 + g);
-      LINATTN_UNROLL
-      for (int i = 0; i < 2; ++i) {
-        const int64_t col = ks * 16 + 2 * t + 8 * i;
-        bf[i][lane] = feature_pair<scalar_t>(p.feature_map, bf[i][lane], valid && col < p.feature_dim,
-                                             valid && col + 1 < p.feature_dim);
-      }
-    });
   }
 
   // φ(K)ᵀ for the state update: features mi·16.. (rows) × keys kk·16.. (columns), an A operand.
@@ -224,23 +279,12 @@ struct ForwardBlock {
       offset[lane] = base + L::kK + (kk * 16 + m / 2 * 8 + lane % 8) * L::kQKPitch + (mi * 16 + m % 2 * 8) * 2;
     });
     warp::ldmatrix_x4<true>(w, a, offset);
-    warp::for_lanes(w, [&](int lane) {
-      const int g = warp::group_of(lane), t = warp::thread_in_group(lane);
-      LINATTN_UNROLL
-      for (int i = 0; i < 4; ++i) {
-        const int64_t feature = mi * 16 + g + 8 * (i % 2);
-        const int key = kk * 16 + 2 * t + 8 * (i / 2);
-        const bool inside = feature < p.feature_dim;
-        a[i][lane] = feature_pair<scalar_t>(p.feature_map, a[i][lane], inside && key_valid(w, base, key),
-                                            inside && key_valid(w, base, key + 1));
-      }
-    });
   }
 
   // [V | 1] for keys kk·16.. (rows) × 8 columns of tile ni (ni = DV / 8: the ones), a B operand.
   LINATTN_HD void value_fragment(const WarpContext& w, uint32_t base, int kk, int ni, Fragment (&bf)[2]) const {
     if (ni == DV / 8) {
-      // The ones column: φ(k) is 0 for keys that must add nothing, so the ones need no mask.
+      // The ones column: φ(k) is 0 in the rows of keys that must add nothing, so the ones need no mask.
       warp::for_lanes(w, [&](int lane) {
         const uint32_t one = warp::group_of(lane) == 0 ? warp::pack<scalar_t>(1.0f, 1.0f) : 0u;
         bf[0][lane] = one;
@@ -253,17 +297,6 @@ struct ForwardBlock {
       offset[lane] = base + L::kV + (kk * 16 + (lane / 8) % 2 * 8 + lane % 8) * L::kVPitch + ni * 16;
     });
     warp::ldmatrix_x2<true>(w, bf, offset);
-    if (p.key_padding != nullptr) {
-      // A padded key's value may be anything (Inf, NaN): it must not meet the 0 score as 0·Inf.
-      warp::for_lanes(w, [&](int lane) {
-        const int t = warp::thread_in_group(lane);
-        LINATTN_UNROLL
-        for (int i = 0; i < 2; ++i) {
-          const int key = kk * 16 + 2 * t + 8 * i;
-          bf[i][lane] = keep_pair(bf[i][lane], key_valid(w, base, key), key_valid(w, base, key + 1));
-        }
-      });
-    }
   }
 
   // The 16-bit state for features ks·16.. (rows) × 8 columns of tile ni, a B operand.
@@ -277,13 +310,11 @@ struct ForwardBlock {
 
   // --- the state -------------------------------------------------------------------------------
 
-  // Tile `slot` of warp w: its (row tile, column tile), or false past the last tile.
+  // Tile `slot` of warp w: its (row tile, column tile), or false past the last column tile.
   LINATTN_HD static bool state_tile(int warp_index, int slot, int& mi, int& ni) {
-    const int index = warp_index * State::kTilesPerWarp + slot;
-    if (index >= State::kStateTiles) return false;
-    mi = index / State::kStateCols;
-    ni = index % State::kStateCols;
-    return true;
+    mi = warp_index / State::kWarpsPerRowTile;
+    ni = warp_index % State::kWarpsPerRowTile * State::kTilesPerWarp + slot;
+    return ni < State::kStateCols;
   }
 
   // Element i of accumulator tile (mi, ni) for `lane`: its state row and column (the normalizer
@@ -348,16 +379,12 @@ struct ForwardBlock {
   // St += φ(K)ᵀ [V | 1] over the chunk's keys (`keys` of them hold data).
   LINATTN_HD void update_state(const WarpContext& w, State& s, uint32_t base, int keys) const {
     for (int kk = 0; kk * 16 < keys; ++kk) {
-      int loaded = -1;
       Fragment a[4];
+      key_transposed_fragment(w, base, w.warp / State::kWarpsPerRowTile, kk, a);
       LINATTN_UNROLL
       for (int slot = 0; slot < State::kTilesPerWarp; ++slot) {
         int mi = 0, ni = 0;
         if (!state_tile(w.warp, slot, mi, ni)) continue;
-        if (mi != loaded) {  // a warp's tiles are contiguous: mostly one row tile
-          key_transposed_fragment(w, base, mi, kk, a);
-          loaded = mi;
-        }
         Fragment bf[2];
         value_fragment(w, base, kk, ni, bf);
         warp::mma_16816<scalar_t>(s.state[slot], a, bf);
@@ -369,6 +396,56 @@ struct ForwardBlock {
 
   // Value tile j (0 .. kOutTiles) of warp half `ch`: a state column tile.
   LINATTN_HD static int out_tile(int ch, int j) { return j < kColsPerHalf ? ch * kColsPerHalf + j : DV / 8; }
+
+  // The diagonal block's scores · [V | 1] without multiplying a masked (0) score by V: the mma
+  // would turn 0 · Inf into NaN in rows before the key holding Inf, which never see that key.
+  // Taken only for chunks whose V holds Inf or NaN; the scores go through the warp's scratch tile.
+  LINATTN_HD void diagonal_exactly(const WarpContext& w, uint32_t base, const Fragment (&scores)[kChunk / 16][4],
+                                   Accumulator (&o)[kOutTiles][4]) const {
+    const int rb = w.warp % 4, ch = w.warp / 4;
+    const uint32_t scratch = L::kScratch + w.warp * 16 * 16 * 4;
+    LINATTN_UNROLL
+    for (int kk = 0; kk < kChunk / 16; ++kk) {
+      if (kk != rb) continue;
+      warp::for_lanes(w, [&](int lane) {
+        const int g = warp::group_of(lane), t = warp::thread_in_group(lane);
+        LINATTN_UNROLL
+        for (int i = 0; i < 4; ++i) {
+          const int row = g + 8 * (i % 2), key = 2 * t + 8 * (i / 2);
+          warp::store_shared<float>(w, scratch + (row * 16 + key) * 4, warp::unpack_lo<scalar_t>(scores[kk][i][lane]));
+          warp::store_shared<float>(w, scratch + (row * 16 + key + 1) * 4, warp::unpack_hi<scalar_t>(scores[kk][i][lane]));
+        }
+      });
+    }
+    warp::sync(w);
+    warp::for_lanes(w, [&](int lane) {
+      const int g = warp::group_of(lane), t = warp::thread_in_group(lane);
+      LINATTN_UNROLL
+      for (int half = 0; half < 2; ++half) {
+        const int row = g + 8 * half;
+        for (int key = 0; key <= row; ++key) {
+          const float score = warp::load_shared<float>(w, scratch + (row * 16 + key) * 4);
+          const uint32_t value_row = base + L::kV + (rb * 16 + key) * L::kVPitch;
+          LINATTN_UNROLL
+          for (int j = 0; j < kOutTiles; ++j) {
+            LINATTN_UNROLL
+            for (int e = 0; e < 2; ++e) {
+              const int col = out_tile(ch, j) * 8 + 2 * t + e;
+              float value;
+              if (j == kOutTiles - 1) {
+                value = col == DV ? 1.0f : 0.0f;  // the ones column
+              } else {
+                const uint16_t bits = warp::load_shared<uint16_t>(w, value_row + col * 2);
+                value = static_cast<float>(scalar_t(bits, typename scalar_t::from_bits_t()));
+              }
+              o[j][2 * half + e][lane] += score * value;
+            }
+          }
+        }
+      }
+    });
+    warp::sync(w);
+  }
 
   // The chunk's output rows 16·rb.. for the warp's half of the value columns, and the normalizer.
   LINATTN_HD void output(const WarpContext& w, uint32_t base, int64_t chunk, bool causal) const {
@@ -442,9 +519,10 @@ struct ForwardBlock {
     }
     // This chunk: scores · [V | 1].
     if (causal) {
+      const bool exact_diagonal = warp::load_shared<uint8_t>(w, base + L::kNonFinite) != 0;
       LINATTN_UNROLL
       for (int kk = 0; kk < kChunk / 16; ++kk) {
-        if (kk > rb) continue;
+        if (kk > rb || (kk == rb && exact_diagonal)) continue;
         LINATTN_UNROLL
         for (int j = 0; j < kOutTiles; ++j) {
           Fragment bf[2];
@@ -452,6 +530,7 @@ struct ForwardBlock {
           warp::mma_16816<scalar_t>(o[j], scores[kk], bf);
         }
       }
+      if (exact_diagonal) diagonal_exactly(w, base, scores, o);
     }
     // The normalizer of rows g and g + 8 is column 0 of the last tile, held by the group's lane 0.
     Lanes<int> leader;
@@ -501,7 +580,7 @@ LINATTN_HD void run_forward_block(const Exec& exec, const ForwardProblem<scalar_
     for (int64_t chunk = 0; chunk < chunks; ++chunk) {
       exec([&](const WarpContext& w, State& s) {
         if (republish && chunk > 0) blk.publish_state(w, s);
-        warp::cp_async_wait<0>(w);
+        blk.prepare_chunk(w, chunk, want_q, want_kv);
       });
       exec([&](const WarpContext& w, State& s) {
         if (chunk + 1 < chunks) blk.issue_chunk(w, chunk + 1, want_q, want_kv);

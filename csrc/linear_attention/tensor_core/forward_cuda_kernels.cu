@@ -47,7 +47,8 @@ void launch_dims(const ForwardProblem<scalar_t>& p, cudaStream_t stream) {
 template <typename scalar_t>
 void launch_forward(const ForwardProblem<scalar_t>& p, cudaStream_t stream) {
   if (p.blocks() == 0) return;
-  with_head_dims(p, [&](auto dk, auto dv) { launch_dims<decltype(dk)::value, decltype(dv)::value>(p, stream); });
+  with_head_dims(p.feature_dim, p.value_dim,
+                 [&](auto dk, auto dv) { launch_dims<decltype(dk)::value, decltype(dv)::value>(p, stream); });
 }
 
 template void launch_forward<c10::BFloat16>(const ForwardProblem<c10::BFloat16>&, cudaStream_t);

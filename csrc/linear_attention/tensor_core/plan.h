@@ -14,13 +14,6 @@
 namespace linattn {
 namespace tensor_core {
 
-inline int64_t shared_bytes(int dk, int dv) {
-  if (dk == 64 && dv == 64) return Layout<64, 64>::kBytes;
-  if (dk == 64) return Layout<64, 128>::kBytes;
-  if (dv == 64) return Layout<128, 64>::kBytes;
-  return Layout<128, 128>::kBytes;
-}
-
 // LINATTN_TENSOR_CORES=0 keeps bf16/fp16 on the SIMT kernels (comparisons, benchmarks).
 inline bool enabled() {
   const char* text = std::getenv("LINATTN_TENSOR_CORES");
@@ -32,7 +25,7 @@ inline bool enabled() {
 inline bool takes(const LinearAttentionShape& s, at::ScalarType dtype, int64_t max_shared_bytes) {
   if (dtype != at::kBFloat16 && dtype != at::kHalf) return false;
   if (s.feature_dim > 128 || s.value_dim > 128 || !enabled()) return false;
-  return shared_bytes(padded_head_dim(s.feature_dim), padded_head_dim(s.value_dim)) <= max_shared_bytes;
+  return shared_bytes_of(s.feature_dim, s.value_dim) <= max_shared_bytes;
 }
 
 // Whether 8 columns of every row of t load as one aligned 16-byte copy.

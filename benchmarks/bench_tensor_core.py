@@ -1,0 +1,138 @@
+"""The tensor-core forward of linear attention (csrc/linear_attention/tensor_core/): the figures a
+machine without a GPU can give, from the warp emulation and the compiled cubins.
+
+  - emulated global traffic of one forward as a multiple of its floor (reading q, k, v and
+    writing o once), and ldmatrix wavefronts per 8x8 matrix (1.00 = no bank conflicts), at the
+    issue's shape: B=1 H=2 D=128 T=4096 bf16, causal and not;
+  - per compiled kernel (sm_80 and sm_90, from `cuobjdump -res-usage`): registers, stack and
+    local memory, tensor-core instructions (HMMA) in its SASS, shared memory per block, and the
+    blocks per SM an H100 fits (registers and shared memory per block, as the CUDA occupancy
+    calculator counts them).
+
+    python -m benchmarks.bench_tensor_core [--quick]
+
+cuobjdump and nvdisasm come from NVIDIA's PyPI packages (nvidia-cuda-cuobjdump,
+nvidia-cuda-nvdisasm); without them, or in a build without the CUDA kernels, the cubin table is
+left out. Writes results/tensor_core.json.
+"""
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import torch
+
+import linattn
+from benchmarks.common import machine_info, write_results
+
+ELU = 1
+THREADS = 256  # per block of the tensor-core forward (tensor_core/forward.h, kThreads)
+H100 = {"registers": 65536, "shared": 228 * 1024, "reserved_per_block": 1024, "threads": 2048, "blocks": 32}
+
+
+def emulated_figures(T, D, causal):
+    q, k, v = (torch.randn(1, 2, T, D).mul(0.3).bfloat16() for _ in range(3))
+    torch.ops.linattn._reset_warp_emulation_counters()
+    torch.ops.linattn.linear_attn_fwd_fused(q, k, v, None, None, ELU, causal, True, 1e-6)
+    mma, matrices, wavefronts, shuffles, read, written = torch.ops.linattn._warp_emulation_counters().tolist()
+    floor = 4 * 2 * T * D * 2
+    return {"T": T, "D": D, "causal": causal, "mma": mma, "read_bytes": read, "written_bytes": written,
+            "traffic_over_floor": (read + written) / floor,
+            "wavefronts_per_matrix": wavefronts / max(matrices, 1)}
+
+
+def find_tool(name):
+    found = shutil.which(name)
+    if found:
+        return found
+    try:
+        import nvidia
+    except ImportError:
+        return None
+    for root in nvidia.__path__:
+        for sub in ("cu13/bin", "cuda_cuobjdump/bin", "cuda_nvdisasm/bin"):
+            path = os.path.join(root, sub, name)
+            if os.path.exists(path):
+                return path
+    return None
+
+
+def h100_blocks_per_sm(registers, shared_bytes):
+    """Blocks of 256 threads per SM on an H100: registers are allocated per warp in units of 256,
+    shared memory per block plus 1 KiB the system reserves."""
+    per_warp = -(-registers * 32 // 256) * 256
+    by_registers = H100["registers"] // (per_warp * THREADS // 32)
+    by_shared = H100["shared"] // (shared_bytes + H100["reserved_per_block"])
+    return min(by_registers, by_shared, H100["threads"] // THREADS, H100["blocks"])
+
+
+def cubin_figures(library):
+    cuobjdump = find_tool("cuobjdump")
+    if cuobjdump is None:
+        return None, "cuobjdump not found (pip install nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm)"
+    nvdisasm = find_tool("nvdisasm")
+    env = dict(os.environ)
+    if nvdisasm:
+        env["PATH"] = os.path.dirname(nvdisasm) + os.pathsep + env.get("PATH", "")
+    usage = subprocess.run([cuobjdump, "-res-usage", library], capture_output=True, text=True, env=env).stdout
+    rows, arch = [], None
+    lines = usage.splitlines()
+    for i, line in enumerate(lines):
+        m = re.search(r"arch = (sm_\d+)", line)
+        if m:
+            arch = m.group(1)
+        m = re.search(r"Function (\S*tensor_core\S*forward_kernelILi(\d+)ELi(\d+)EN3c10(\d+)(\w+?)EEEv\S*):", line)
+        if not m:
+            continue
+        figures = dict(re.findall(r"(\w+(?:\[\d\])?):(\d+)", lines[i + 1]))
+        rows.append({"arch": arch, "function": m.group(1), "dk": int(m.group(2)), "dv": int(m.group(3)),
+                     "dtype": m.group(5), "registers": int(figures["REG"]), "stack": int(figures["STACK"]),
+                     "local": int(figures["LOCAL"])})
+    if nvdisasm:
+        for row in rows:
+            sass = subprocess.run([cuobjdump, "-sass", "-arch", row["arch"], "-fun", row["function"], library],
+                                  capture_output=True, text=True, env=env).stdout
+            row["hmma"] = len(re.findall(r"\bHMMA\.16816\.F32", sass))
+            row["ldsm"] = len(re.findall(r"\bLDSM\b", sass))
+    for row in rows:
+        row["shared_bytes"] = torch.ops.linattn._tensor_core_shared_bytes(row["dk"], row["dv"])
+        row["h100_blocks_per_sm"] = h100_blocks_per_sm(row["registers"], row["shared_bytes"])
+    return rows, None
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="T=1024 instead of 4096")
+    args = parser.parse_args()
+    T = 1024 if args.quick else 4096
+    emulated = [emulated_figures(T, 128, causal) for causal in (True, False)]
+    print(f"Emulated tensor-core forward, B=1 H=2 D=128 T={T} bf16 (floor = q, k, v read + o written once):")
+    for e in emulated:
+        print(f"  {'causal' if e['causal'] else 'full':>6}: traffic {e['traffic_over_floor']:.3f}x the floor "
+              f"(target <= 1.15), {e['wavefronts_per_matrix']:.2f} wavefronts per ldmatrix matrix, {e['mma']} mma")
+    library = linattn._C.__file__ if hasattr(linattn._C, "__file__") else None
+    cubins, why = (None, "no CUDA kernels in this build")
+    from linattn import _build_info
+    if getattr(_build_info, "CUDA_KERNELS", False) and library:
+        cubins, why = cubin_figures(library)
+    if cubins is None:
+        print(f"Cubins: {why}")
+    else:
+        print("Compiled kernels (forward_kernel<DK, DV, dtype>):")
+        print(f"  {'arch':6} {'DK':>4} {'DV':>4} {'dtype':9} {'regs':>5} {'stack':>5} {'local':>5} {'HMMA':>5} "
+              f"{'smem KiB':>8} {'H100 blocks/SM':>14}")
+        for r in cubins:
+            print(f"  {r['arch']:6} {r['dk']:>4} {r['dv']:>4} {r['dtype']:9} {r['registers']:>5} {r['stack']:>5} "
+                  f"{r['local']:>5} {r.get('hmma', '?'):>5} {r['shared_bytes'] / 1024:>8.1f} "
+                  f"{r['h100_blocks_per_sm']:>14}")
+        print("  Below two blocks per SM because each block keeps its fp32 state in its 8 warps' registers\n"
+              "  (at D = 128 a lane holds 68 of them) and two chunk buffers in shared memory; the next\n"
+              "  chunk's cp.async copies hide the load latency instead of a second block.")
+    path, _ = write_results("results", "tensor_core", {"machine": machine_info(), "emulated": emulated, "cubins": cubins})
+    print(f"Wrote {path}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

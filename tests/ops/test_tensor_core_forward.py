@@ -1,0 +1,225 @@
+"""The tensor-core forward of linear attention (csrc/linear_attention/tensor_core/forward.h).
+
+linear_attn_fwd_fused runs it for bfloat16 and float16 inputs with head dims up to 128; on CPU
+tensors through the warp-operation layer's emulation (every lane of every warp, ldmatrix and mma
+with the PTX ISA's fragment layouts, cp.async landing only at its wait, shared memory starting as
+NaN). Each test counts the mma instructions the emulation executed, so a test cannot pass on
+another path. Figures of the static checks (traffic, bank conflicts) are printed by
+benchmarks/bench_tensor_core.py; the thresholds the issue sets are asserted here."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import linattn
+from linattn import ops, reference
+from conftest import TOLERANCE, assert_close
+
+FWD = torch.ops.linattn.linear_attn_fwd_fused.default
+HALF_TYPES = [torch.bfloat16, torch.float16]
+ELU = 1
+
+
+def counters():
+    names = ("mma", "ldmatrix_matrices", "ldmatrix_wavefronts", "shuffles", "read_bytes", "written_bytes")
+    return dict(zip(names, torch.ops.linattn._warp_emulation_counters().tolist()))
+
+
+def run(q, k, v, causal=True, initial_state=None, mask=None, feature_map=ELU, normalize=True):
+    """The fused forward, asserting that the tensor cores' emulation ran it."""
+    torch.ops.linattn._reset_warp_emulation_counters()
+    result = FWD(q, k, v, initial_state, mask, feature_map, causal, normalize, 1e-6)
+    assert counters()["mma"] > 0, "the tensor-core forward did not run"
+    return result
+
+
+def reference_forward(q, k, v, causal=True, initial_state=None, mask=None, feature_map="elu", normalize=True):
+    state = None
+    if initial_state is not None:
+        state = (initial_state[..., :-1].double(), initial_state[..., -1].double())
+    out, (S, z) = reference.linear_attention(q.double(), k.double(), v.double(), causal=causal, initial_state=state,
+                                             key_padding_mask=mask, feature_map=feature_map, normalize=normalize)
+    return out, S, z
+
+
+def make(B, H, Tq, Tk, m, dv, dtype, seed=0, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(B, H, T, d, generator=g, dtype=torch.float64).mul(scale).to(dtype)
+            for T, d in ((Tq, m), (Tk, m), (Tk, dv))]
+
+
+def check(q, k, v, tol, **options):
+    out, state, _ = run(q, k, v, **options)
+    ref, S, z = reference_forward(q, k, v, **options)
+    dv = v.shape[-1]
+    assert out.dtype == q.dtype
+    assert_close(out, ref, tol, "out")
+    assert_close(state[..., :dv], S, tol, "final S")
+    assert_close(state[..., dv], z, tol, "final z")
+
+
+@pytest.mark.parametrize("dtype", HALF_TYPES)
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("T", [1, 15, 63, 64, 65, 128, 131, 200])
+def test_matches_reference_around_the_chunk(dtype, causal, T):
+    q, k, v = make(2, 3, T, T, 32, 48, dtype)
+    check(q, k, v, TOLERANCE[dtype], causal=causal)
+
+
+@pytest.mark.parametrize("dtype", HALF_TYPES)
+@pytest.mark.parametrize("m, dv", [(16, 16), (8, 24), (24, 40), (64, 64), (65, 63), (100, 70), (64, 128), (128, 64),
+                                   (128, 128)])
+@pytest.mark.parametrize("causal", [True, False])
+def test_head_dims(dtype, m, dv, causal):
+    q, k, v = make(1, 2, 77, 77, m, dv, dtype, seed=1, scale=0.5)
+    check(q, k, v, TOLERANCE[dtype], causal=causal)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("feature_map, normalize", [(1, True), (1, False), (2, True), (2, False), (0, False)])
+def test_feature_maps_padding_and_state(causal, feature_map, normalize):
+    dtype = torch.bfloat16
+    q, k, v = make(2, 2, 100, 100, 24, 20, dtype, seed=5)
+    mask = torch.zeros(2, 100, dtype=torch.bool)
+    mask[0, 70:] = True
+    mask[1, ::3] = True
+    g = torch.Generator().manual_seed(3)
+    state = torch.cat([torch.randn(2, 2, 24, 20, generator=g), torch.rand(2, 2, 24, 1, generator=g) * 2], -1)
+    names = {0: "identity", 1: "elu", 2: "relu"}
+    out, S, _ = run(q, k, v, causal=causal, initial_state=state, mask=mask, feature_map=feature_map,
+                    normalize=normalize)
+    ref, S_ref, z_ref = reference_forward(q, k, v, causal=causal, initial_state=state, mask=mask,
+                                          feature_map=names[feature_map], normalize=normalize)
+    assert_close(out, ref, TOLERANCE[dtype], "out")
+    assert_close(S[..., :20], S_ref, TOLERANCE[dtype], "final S")
+    assert_close(S[..., 20], z_ref, TOLERANCE[dtype], "final z")
+
+
+def test_padded_keys_may_hold_inf_and_nan():
+    """A padded key's row adds nothing, whatever it holds (its φ(k) and v rows are zeroed in
+    shared memory, so no 0·Inf reaches an mma)."""
+    q, k, v = make(1, 2, 90, 90, 32, 32, torch.bfloat16, seed=7)
+    mask = torch.zeros(1, 90, dtype=torch.bool)
+    mask[0, 10:80:7] = True
+    clean = run(q, k, v, mask=mask)[0]
+    k2, v2 = k.clone(), v.clone()
+    k2[:, :, mask[0]] = float("inf")
+    v2[:, :, mask[0]] = float("nan")
+    dirty = run(q, k2, v2, mask=mask)[0]
+    assert torch.equal(clean, dirty)
+
+
+def test_cross_attention_lengths():
+    for Tq, Tk in ((40, 150), (150, 3), (1, 64)):
+        q, k, v = make(2, 2, Tq, Tk, 20, 12, torch.float16, seed=Tq)
+        check(q, k, v, TOLERANCE[torch.float16], causal=False)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_strided_and_unaligned_rows(causal):
+    """(B, T, H, D) layouts take 16-byte copies; a column-sliced v and a storage offset that
+    breaks 16-byte alignment take element loads."""
+    g = torch.Generator().manual_seed(2)
+    q, k = (torch.randn(2, 70, 3, 32, generator=g).bfloat16().transpose(1, 2) for _ in range(2))
+    v_wide = torch.randn(2, 3, 70, 40, generator=g).bfloat16()
+    v = v_wide[..., 3:30]
+    check(q, k, v, TOLERANCE[torch.bfloat16], causal=causal)
+    flat = torch.randn(2 * 3 * 70 * 32 + 1, generator=g).bfloat16()
+    q_unaligned = flat[1:].view(2, 3, 70, 32)
+    check(q_unaligned, k.contiguous(), v.contiguous(), TOLERANCE[torch.bfloat16], causal=causal)
+
+
+def test_offsets_past_2_to_the_31():
+    """Element offsets are 64-bit: the second batch's rows start 2^31 + 64 elements after the
+    first (a 4 GiB allocation of which only the used rows are touched)."""
+    T, D = 70, 16
+    stride_b = 2 ** 31 + 64
+    storage = torch.empty(stride_b + T * D, dtype=torch.bfloat16)
+    g = torch.Generator().manual_seed(9)
+    views = []
+    for _ in range(3):
+        x = storage.as_strided((2, 1, T, D), (stride_b, T * D, D, 1))
+        x[0].copy_(torch.randn(1, T, D, generator=g))
+        x[1].copy_(torch.randn(1, T, D, generator=g))
+        views.append(x.clone())  # the values, compact, for the reference
+    # One storage for all three would alias them: q, k, v each get a storage of their own.
+    inputs = []
+    for compact in views:
+        big = torch.empty(stride_b + T * D, dtype=torch.bfloat16)
+        x = big.as_strided((2, 1, T, D), (stride_b, T * D, D, 1))
+        x.copy_(compact)
+        inputs.append(x)
+    out = run(*inputs)[0]
+    ref = reference_forward(*views)[0]
+    assert_close(out, ref, TOLERANCE[torch.bfloat16], "out")
+
+
+def test_equals_simt_kernels(monkeypatch):
+    """LINATTN_TENSOR_CORES=0 keeps 16-bit inputs on the SIMT kernels: both agree to bf16 rounding."""
+    q, k, v = make(2, 2, 150, 150, 64, 64, torch.bfloat16, seed=4)
+    for causal in (True, False):
+        tensor_core = run(q, k, v, causal=causal)
+        monkeypatch.setenv("LINATTN_TENSOR_CORES", "0")
+        torch.ops.linattn._reset_warp_emulation_counters()
+        simt = FWD(q, k, v, None, None, ELU, causal, True, 1e-6)
+        assert counters()["mma"] == 0
+        monkeypatch.delenv("LINATTN_TENSOR_CORES")
+        for a, b in zip(tensor_core, simt):
+            assert_close(a, b.double(), 1e-2, "tensor cores vs SIMT")
+
+
+def test_falls_back_when_shared_memory_is_small(monkeypatch):
+    """A GPU whose blocks have less shared memory than the kernel's (sm_86: 99 KiB at D = 128)
+    runs the SIMT kernels."""
+    monkeypatch.setenv("LINATTN_EMULATED_SHARED_BYTES", str(99 * 1024))
+    q, k, v = make(1, 1, 20, 20, 128, 128, torch.bfloat16)
+    torch.ops.linattn._reset_warp_emulation_counters()
+    FWD(q, k, v, None, None, ELU, True, True, 1e-6)
+    assert counters()["mma"] == 0
+
+
+def test_long_sequence_traffic_and_bank_conflicts():
+    """The issue's static figures for the causal forward at B=1 H=2 D=128 T=4096 bf16: global
+    traffic at most 1.15x reading q, k, v and writing o once, and no ldmatrix bank conflicts."""
+    B, H, T, D = 1, 2, 4096, 128
+    q, k, v = make(B, H, T, T, D, D, torch.bfloat16, seed=6, scale=0.3)
+    run(q, k, v)
+    c = counters()
+    floor = 4 * B * H * T * D * 2
+    traffic = c["read_bytes"] + c["written_bytes"]
+    assert traffic <= 1.15 * floor, f"traffic {traffic / floor:.3f}x the floor"
+    assert c["ldmatrix_wavefronts"] == c["ldmatrix_matrices"], "ldmatrix bank conflicts"
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_autograd_opcheck_and_compile(causal):
+    """The operator through linattn.linear_attention: gradients (the backward is the SIMT
+    kernels'), opcheck, and torch.compile(fullgraph=True) equal to eager."""
+    q, k, v = (t.requires_grad_() for t in make(1, 2, 70, 70, 32, 32, torch.bfloat16, seed=8))
+    with ops.fused_implementation():
+        out = linattn.linear_attention(q, k, v, causal=causal)
+        out.float().square().sum().backward()
+        compiled = torch.compile(lambda a, b, c: linattn.linear_attention(a, b, c, causal=causal), fullgraph=True)
+        assert torch.equal(compiled(q, k, v), out)
+    ref = reference.linear_attention(*(t.detach().double().requires_grad_() for t in (q, k, v)), causal=causal)[0]
+    assert_close(out.detach(), ref.detach(), TOLERANCE[torch.bfloat16], "out")
+    torch.library.opcheck(FWD, (q.detach(), k.detach(), v.detach(), None, None, ELU, causal, True, 1e-6))
+
+
+@pytest.mark.parametrize("dtype", HALF_TYPES)
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")])
+def test_a_later_value_never_reaches_earlier_rows(dtype, bad):
+    """Causal: rows before a key whose value holds Inf or NaN never see it (the reference excludes
+    masked pairs rather than multiplying them by 0), here at both ends of a 16-row block and of
+    the chunk; rows from that key on see it, as in the reference."""
+    q, k, v = make(1, 2, 150, 150, 32, 24, dtype, seed=12)
+    for key in (5, 16, 63, 64, 100):
+        v_bad = v.clone()
+        v_bad[0, 1, key, 7] = bad
+        out = run(q, k, v_bad)[0]
+        ref = reference_forward(q, k, v_bad)[0]
+        assert torch.isfinite(out[:, :, :key]).all()
+        assert_close(out[:, :, :key], ref[:, :, :key], TOLERANCE[dtype], "rows before the key")
+        assert torch.equal(torch.isfinite(out), torch.isfinite(ref))
