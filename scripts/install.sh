@@ -23,6 +23,9 @@ fi
 # fla-core: optional, flash-linear-attention's ops (their pure-PyTorch delta-rule references are
 # the delta rule's independent oracle and its benchmark's peer; both skip without it).
 "$PY" -m pip install --quiet fla-core || echo "fla-core not installed: its delta-rule comparisons will be skipped"
+# cuobjdump and nvdisasm: optional, NVIDIA's binary tools (the tensor-core kernels' static check
+# reads their SASS: tensor-core instructions, no local memory; the test skips without them).
+"$PY" -m pip install --quiet nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm || echo "cuobjdump/nvdisasm not installed: the SASS check will be skipped"
 # onnx, onnxruntime, onnxscript: optional (ONNX export tests skip without them).
 "$PY" -m pip install --quiet onnx onnxruntime onnxscript || echo "onnx/onnxruntime not installed: ONNX export tests will be skipped"
 

@@ -223,3 +223,24 @@ def test_a_later_value_never_reaches_earlier_rows(dtype, bad):
         assert torch.isfinite(out[:, :, :key]).all()
         assert_close(out[:, :, :key], ref[:, :, :key], TOLERANCE[dtype], "rows before the key")
         assert torch.equal(torch.isfinite(out), torch.isfinite(ref))
+
+
+def test_cubins_hold_tensor_core_instructions_and_no_local_memory():
+    """The compiled kernels (sm_80 and sm_90, every head-dim and dtype instance) use mma.sync
+    (HMMA.16816.F32 in their SASS) and no local memory: no register spills, no stack."""
+    from linattn import _build_info
+
+    if not getattr(_build_info, "CUDA_KERNELS", False):
+        pytest.skip("a build without the CUDA kernels")
+    from benchmarks.bench_tensor_core import cubin_figures, find_tool
+
+    if find_tool("cuobjdump") is None or find_tool("nvdisasm") is None:
+        assert not os.environ.get("CI"), "CI installs nvidia-cuda-cuobjdump and nvidia-cuda-nvdisasm (install.sh)"
+        pytest.skip("cuobjdump / nvdisasm not installed")
+    rows, _ = cubin_figures(linattn._C.__file__)
+    assert {row["arch"] for row in rows} == {"sm_80", "sm_90"}
+    assert len(rows) == 2 * 2 * 4  # two architectures, two dtypes, four (DK, DV) instances
+    for row in rows:
+        name = f"{row['arch']} DK={row['dk']} DV={row['dv']} {row['dtype']}"
+        assert row["hmma"] > 0, f"{name}: no tensor-core instructions"
+        assert row["stack"] == 0 and row["local"] == 0, f"{name}: local memory (register spills)"
