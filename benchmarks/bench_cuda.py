@@ -1,5 +1,6 @@
 """Linear attention on a CUDA GPU: linattn's fused kernels and its generic path against SDPA
-(flash backend where it applies) and flash-linear-attention when importable; forward and
+(flash backend where it applies) and flash-linear-attention when importable ("fused" runs the
+tensor-core forward for bf16, "fused-simt" the same call on the SIMT kernels); forward and
 forward+backward, medians of CUDA-event timings. Linear attention on a GPU is bound by memory
 traffic, so each row also gives the bandwidth of reading q, k, v and writing o once, next to a
 device-to-device copy measured in the same run (the floor of the issue's targets).
@@ -8,6 +9,7 @@ device-to-device copy measured in the same run (the floor of the issue's targets
 
 Needs a GPU; prints a table and writes results/bench_cuda.json."""
 import argparse
+import os
 import statistics
 
 import torch
@@ -16,8 +18,8 @@ import torch.nn.functional as F
 import linattn
 from benchmarks.common import write_results
 
-CONFIGS = [(8, 32, 128), (1, 8, 64)]  # (B, H, D)
-LENGTHS = [1024, 4096, 16384, 65536]
+# (B, H, D): lengths with --quick (the CUDA issue's target points), lengths otherwise.
+CONFIGS = {(8, 32, 128): ([4096, 16384], [1024, 4096, 16384]), (1, 8, 64): ([65536], [1024, 4096, 16384, 65536])}
 
 
 def cuda_median_ms(fn, reps, warmup=2):
@@ -57,7 +59,15 @@ def implementations(causal, fla):
             return linattn.linear_attention(q, k, v, causal=causal)
         return run
 
-    impls = {"fused": linattn_with("fused"), "generic": linattn_with("generic"),
+    def simt_fused(q, k, v):
+        # The fused backend without the tensor-core forward (16-bit inputs; the same call otherwise).
+        os.environ["LINATTN_TENSOR_CORES"] = "0"
+        try:
+            return linattn_with("fused")(q, k, v)
+        finally:
+            del os.environ["LINATTN_TENSOR_CORES"]
+
+    impls = {"fused": linattn_with("fused"), "fused-simt": simt_fused, "generic": linattn_with("generic"),
              "sdpa": lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=causal)}
     if fla is not None and causal:
         # FLA's chunk kernel takes (B, T, H, D) and has no normalizer: the same memory traffic.
@@ -72,10 +82,10 @@ def measure(args):
     bandwidth = copy_bandwidth(reps)
     rows = []
     previous_backend = linattn.cuda_backend()
-    for B, H, D in CONFIGS:
+    for (B, H, D), (quick_lengths, lengths) in CONFIGS.items():
         for dtype in (torch.bfloat16, torch.float32):
             for causal in (True, False):
-                for T in LENGTHS[:2] if args.quick else LENGTHS:
+                for T in quick_lengths if args.quick else lengths:
                     q, k, v = (torch.randn(B, H, T, D, device="cuda", dtype=dtype, requires_grad=True) for _ in range(3))
                     grad = torch.randn(B, H, T, D, device="cuda", dtype=dtype)
                     io_bytes = 4 * B * H * T * D * q.element_size()
@@ -83,6 +93,8 @@ def measure(args):
                     for name, fn in implementations(causal, fla).items():
                         if name == "sdpa" and T > args.sdpa_max_T:
                             continue
+                        if name == "fused-simt" and dtype == torch.float32:
+                            continue  # float32 has no tensor-core path: "fused" is the SIMT kernel
                         row = dict(B=B, H=H, D=D, T=T, dtype=str(dtype).split(".")[-1], causal=causal, impl=name,
                                    floor_ms=floor_ms)
                         try:

@@ -32,13 +32,17 @@ THREADS = 256  # per block of the tensor-core forward (tensor_core/forward.h, kT
 H100 = {"registers": 65536, "shared": 228 * 1024, "reserved_per_block": 1024, "threads": 2048, "blocks": 32}
 
 
-def emulated_figures(T, D, causal):
+def emulated_figures(T, D, causal, processors):
+    """One forward at B=1 H=2 on an emulated GPU of `processors` SMs (2: one block per (batch,
+    head), the whole kernel; 132, an H100's: the sequence split into segments)."""
+    os.environ["LINATTN_EMULATED_SMS"] = str(processors)
     q, k, v = (torch.randn(1, 2, T, D).mul(0.3).bfloat16() for _ in range(3))
     torch.ops.linattn._reset_warp_emulation_counters()
     torch.ops.linattn.linear_attn_fwd_fused(q, k, v, None, None, ELU, causal, True, 1e-6)
+    del os.environ["LINATTN_EMULATED_SMS"]
     mma, matrices, wavefronts, shuffles, read, written = torch.ops.linattn._warp_emulation_counters().tolist()
     floor = 4 * 2 * T * D * 2
-    return {"T": T, "D": D, "causal": causal, "mma": mma, "read_bytes": read, "written_bytes": written,
+    return {"T": T, "D": D, "causal": causal, "processors": processors, "mma": mma, "read_bytes": read, "written_bytes": written,
             "traffic_over_floor": (read + written) / floor,
             "wavefronts_per_matrix": wavefronts / max(matrices, 1)}
 
@@ -107,11 +111,13 @@ def main():
     parser.add_argument("--quick", action="store_true", help="T=1024 instead of 4096")
     args = parser.parse_args()
     T = 1024 if args.quick else 4096
-    emulated = [emulated_figures(T, 128, causal) for causal in (True, False)]
+    emulated = [emulated_figures(T, 128, causal, processors) for processors in (2, 132) for causal in (True, False)]
     print(f"Emulated tensor-core forward, B=1 H=2 D=128 T={T} bf16 (floor = q, k, v read + o written once):")
     for e in emulated:
-        print(f"  {'causal' if e['causal'] else 'full':>6}: traffic {e['traffic_over_floor']:.3f}x the floor "
-              f"(target <= 1.15), {e['wavefronts_per_matrix']:.2f} wavefronts per ldmatrix matrix, {e['mma']} mma")
+        kind = "one block per head" if e["processors"] == 2 else "split for 132 SMs"
+        print(f"  {'causal' if e['causal'] else 'full':>6}, {kind}: traffic {e['traffic_over_floor']:.3f}x the floor "
+              f"(target <= 1.15 unsplit, 2 split), {e['wavefronts_per_matrix']:.2f} wavefronts per ldmatrix matrix, "
+              f"{e['mma']} mma")
     library = linattn._C.__file__ if hasattr(linattn._C, "__file__") else None
     cubins, why = (None, "no CUDA kernels in this build")
     from linattn import _build_info

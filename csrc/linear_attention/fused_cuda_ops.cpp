@@ -20,6 +20,13 @@ namespace {
 
 struct CudaLaunch {
   cudaStream_t stream;
+  // The current device's SMs (the tensor-core forward splits long sequences to fill them).
+  int64_t processors() const {
+    int device = 0, count = 0;
+    C10_CUDA_CHECK(cudaGetDevice(&device));
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
+    return count;
+  }
   template <typename scalar_t>
   void operator()(const tensor_core::ForwardProblem<scalar_t>& p) const {
     TORCH_CHECK(p.blocks() <= std::numeric_limits<int32_t>::max(), kLinearAttentionOp,

@@ -52,7 +52,16 @@ void emulate_tensor_core_forward(const tensor_core::ForwardProblem<scalar_t>& p)
   });
 }
 
+// The SMs of the GPU this emulates (the sequence split cuts rows until blocks fill them): an
+// H100's 132 unless LINATTN_EMULATED_SMS names another (tests emulate the split with fewer).
+int64_t emulated_processors() {
+  const char* text = std::getenv("LINATTN_EMULATED_SMS");
+  return text != nullptr ? std::strtoll(text, nullptr, 10) : 132;
+}
+
 struct EmulatedLaunch {
+  int64_t processors() const { return emulated_processors(); }
+
   template <typename scalar_t>
   void operator()(const tensor_core::ForwardProblem<scalar_t>& p) const {
     tensor_core::with_head_dims(p.feature_dim, p.value_dim, [&](auto dk, auto dv) {

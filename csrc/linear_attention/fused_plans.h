@@ -82,10 +82,17 @@ std::optional<std::tuple<at::Tensor, at::Tensor, at::Tensor>> forward(
   const bool* mask_ptr = optional_ptr<bool>(key_padding_mask, mask);
   if (tensor_core::takes(s, q.scalar_type(), max_shared_bytes)) {
     // 16-bit inputs with head dims up to 128: the tensor-core scan (tensor_core/forward.h).
+    const auto in = state_view<const float>(optional_ptr<float>(initial_state, initial), s, false);
+    const int64_t segments = tensor_core::segments_for(s, launch.processors());
     AT_DISPATCH_REDUCED_FLOATING_TYPES(q.scalar_type(), "linear_attn_fwd_fused", [&] {
-      launch(tensor_core::forward_problem<scalar_t>(
-          s, q, k, v, mask_ptr, state_view<const float>(optional_ptr<float>(initial_state, initial), s, false),
-          state_view<float>(final_state.data_ptr<float>(), s, false), out, normalizer));
+      auto p = tensor_core::forward_problem<scalar_t>(s, q, k, v, mask_ptr, in,
+                                                      state_view<float>(final_state.data_ptr<float>(), s, false),
+                                                      out, normalizer);
+      if (segments == 1) {
+        launch(p);
+      } else {
+        tensor_core::split_forward(p, segments, initial_state, final_state, launch);
+      }
     });
     return std::make_tuple(out, final_state, normalizer);
   }

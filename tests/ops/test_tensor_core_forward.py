@@ -180,9 +180,11 @@ def test_falls_back_when_shared_memory_is_small(monkeypatch):
     assert counters()["mma"] == 0
 
 
-def test_long_sequence_traffic_and_bank_conflicts():
+def test_long_sequence_traffic_and_bank_conflicts(monkeypatch):
     """The issue's static figures for the causal forward at B=1 H=2 D=128 T=4096 bf16: global
-    traffic at most 1.15x reading q, k, v and writing o once, and no ldmatrix bank conflicts."""
+    traffic at most 1.15x reading q, k, v and writing o once, and no ldmatrix bank conflicts
+    (one block per (batch, head): a GPU with as many SMs as blocks, so no sequence split)."""
+    monkeypatch.setenv("LINATTN_EMULATED_SMS", "2")
     B, H, T, D = 1, 2, 4096, 128
     q, k, v = make(B, H, T, T, D, D, torch.bfloat16, seed=6, scale=0.3)
     run(q, k, v)
@@ -244,3 +246,71 @@ def test_cubins_hold_tensor_core_instructions_and_no_local_memory():
         name = f"{row['arch']} DK={row['dk']} DV={row['dv']} {row['dtype']}"
         assert row["hmma"] > 0, f"{name}: no tensor-core instructions"
         assert row["stack"] == 0 and row["local"] == 0, f"{name}: local memory (register spills)"
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("with_state_and_mask", [False, True])
+def test_sequence_split(monkeypatch, causal, with_state_and_mask):
+    """Too few (batch, head) blocks for the GPU's SMs: the rows are cut into segments (state sums,
+    their prefix, then each segment's outputs). Emulating 16 SMs, B·H = 2 and T = 1100 give two
+    segments; the split reads K and V twice when causal, which the traffic shows."""
+    q, k, v = make(1, 2, 1100, 1100, 32, 24, torch.bfloat16, seed=13)
+    options = {"causal": causal}
+    if with_state_and_mask:
+        g = torch.Generator().manual_seed(4)
+        options["initial_state"] = torch.cat([torch.randn(1, 2, 32, 24, generator=g),
+                                              torch.rand(1, 2, 32, 1, generator=g)], -1)
+        options["mask"] = torch.zeros(1, 1100, dtype=torch.bool)
+        options["mask"][0, 500:700:3] = True
+    monkeypatch.setenv("LINATTN_EMULATED_SMS", "1")
+    whole = run(q, k, v, **options)
+    whole_read = counters()["read_bytes"]
+    monkeypatch.setenv("LINATTN_EMULATED_SMS", "16")
+    split = run(q, k, v, **options)
+    split_read = counters()["read_bytes"]
+    kv_bytes = (k.numel() + v.numel()) * 2
+    if causal:  # the states pass reads K and V once more
+        assert split_read >= whole_read + kv_bytes
+    else:  # the same rows, once each, and each segment reads the total state
+        state_bytes = 2 * 2 * 32 * 25 * 4  # (heads, segments, m, dv + 1) in fp32
+        assert whole_read <= split_read <= whole_read + state_bytes
+    ref, S, z = reference_forward(q, k, v, **options)
+    for name, (a, b) in {"out": (split[0], ref), "S": (split[1][..., :24], S), "z": (split[1][..., 24], z)}.items():
+        assert_close(a, b, TOLERANCE[torch.bfloat16], name)
+    assert_close(split[0], whole[0].double(), 1e-2, "split vs whole")
+
+
+# --- On a GPU: the compiled kernel itself ----------------------------------------------------------
+
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", HALF_TYPES)
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("B, H, T, m, dv", [(2, 3, 1, 32, 24), (2, 3, 131, 32, 24), (1, 2, 77, 128, 128),
+                                            (4, 8, 300, 64, 64), (1, 1, 5000, 64, 64)])
+def test_cuda_kernel_matches_reference(dtype, causal, B, H, T, m, dv):
+    """The CUDA kernel (B·H = 1 at T = 5000 takes the sequence split), with padding and a state."""
+    q, k, v = (t.cuda() for t in make(B, H, T, T, m, dv, dtype, seed=T))
+    mask = torch.zeros(B, T, dtype=torch.bool)
+    mask[0, T // 3:T // 2] = True
+    g = torch.Generator().manual_seed(1)
+    state = torch.cat([torch.randn(B, H, m, dv, generator=g), torch.rand(B, H, m, 1, generator=g)], -1)
+    out, S, _ = FWD(q, k, v, state.cuda(), mask.cuda(), ELU, causal, True, 1e-6)
+    ref, S_ref, z_ref = reference_forward(q.cpu(), k.cpu(), v.cpu(), causal=causal, initial_state=state, mask=mask)
+    assert_close(out.cpu(), ref, TOLERANCE[dtype], "out")
+    assert_close(S[..., :dv].cpu(), S_ref, TOLERANCE[dtype], "final S")
+    assert_close(S[..., dv].cpu(), z_ref, TOLERANCE[dtype], "final z")
+
+
+@needs_gpu
+def test_cuda_kernel_equals_emulation():
+    """The GPU and its CPU emulation run the same kernel source: equal up to the order of the fp32
+    additions inside an mma."""
+    q, k, v = make(2, 4, 333, 333, 64, 64, torch.bfloat16, seed=21)
+    for causal in (True, False):
+        gpu = FWD(q.cuda(), k.cuda(), v.cuda(), None, None, ELU, causal, True, 1e-6)
+        cpu = FWD(q, k, v, None, None, ELU, causal, True, 1e-6)
+        for a, b in zip(gpu, cpu):
+            assert_close(a.cpu(), b.double(), 1e-2, "GPU vs emulation")

@@ -38,7 +38,9 @@ constexpr int kWarps = 8;
 constexpr int kThreads = kWarps * warp::kWarpSize;
 constexpr int kChunk = 64;  // rows per chunk: 4 row blocks of 16
 
-// Everything one launch reads and writes; one block per (batch, head).
+enum class Pass : int { kWhole = 0, kSegmentStates = 1, kSegmentOutputs = 2 };
+
+// Everything one launch reads and writes; one block per (batch, head) (and segment).
 template <typename scalar_t>
 struct ForwardProblem {
   int64_t batch = 0, heads = 0, q_len = 0, k_len = 0, feature_dim = 0, value_dim = 0;
@@ -54,8 +56,17 @@ struct ForwardProblem {
   fused::StateView<float> state_out;       // or null
   scalar_t* out = nullptr;                 // (B, H, T_q, dv) contiguous
   float* normalizer = nullptr;             // (B, H, T_q)
+  // The sequence split (one long sequence has too few (batch, head) blocks to fill a GPU): the
+  // rows are cut into `segments` of segment_rows_q query / segment_rows_k key rows (multiples of
+  // the chunk), a block per (batch, head, segment), in two launches with a prefix sum between:
+  //   kSegmentStates: block (bh, s) writes Σ φ(k)[v | 1]ᵀ over its key rows to state_out[bh·S + s];
+  //   kSegmentOutputs: block (bh, s) reads the state before its rows (causal; non-causal: the
+  //                    total) from state_in[bh·S + s] and writes its query rows' outputs.
+  // State views are indexed by block; kWhole (one segment) is the unsplit kernel.
+  Pass pass = Pass::kWhole;
+  int64_t segments = 1, segment_rows_q = 0, segment_rows_k = 0;
 
-  LINATTN_HD int64_t blocks() const { return batch * heads; }
+  LINATTN_HD int64_t blocks() const { return batch * heads * segments; }
 };
 
 // Row pitch in shared memory for rows of `bytes`: 16 bytes past a multiple of 128, so the eight
@@ -131,12 +142,29 @@ struct ForwardBlock {
   static constexpr int kOutTiles = kColsPerHalf + 1;  // plus the normalizer tile
 
   const ForwardProblem<scalar_t>& p;
-  int64_t b, h, bh;
+  int64_t block, bh, b, h, segment;
 
-  LINATTN_HD ForwardBlock(const ForwardProblem<scalar_t>& problem, int64_t block)
-      : p(problem), b(block / problem.heads), h(block % problem.heads), bh(block) {}
+  LINATTN_HD ForwardBlock(const ForwardProblem<scalar_t>& problem, int64_t index)
+      : p(problem),
+        block(index),
+        bh(index / problem.segments),
+        b(bh / problem.heads),
+        h(bh % problem.heads),
+        segment(index % problem.segments) {}
 
+  // The chunk buffer of the block's chunk number `chunk` (counted from its first row).
   LINATTN_HD static uint32_t buffer(int64_t chunk) { return static_cast<uint32_t>((chunk & 1) * L::kBuffer); }
+
+  // The block's rows [begin, end) of `rows` (all of them unless the sequence is split).
+  LINATTN_HD void row_range(int64_t rows, int64_t segment_rows, int64_t& begin, int64_t& end) const {
+    if (p.segments == 1) {
+      begin = 0;
+      end = rows;
+      return;
+    }
+    begin = segment * segment_rows < rows ? segment * segment_rows : rows;
+    end = begin + segment_rows < rows ? begin + segment_rows : rows;
+  }
 
   // --- loads ---------------------------------------------------------------------------------
   // A chunk's rows arrive in 16-byte pieces; piece e of an operand (row e / pieces per row,
@@ -225,9 +253,8 @@ struct ForwardBlock {
   }
 
   // Issues the loads of chunk `chunk`: Q rows and/or K and V rows.
-  LINATTN_HD void issue_chunk(const WarpContext& w, int64_t chunk, bool want_q, bool want_kv) const {
+  LINATTN_HD void issue_chunk(const WarpContext& w, int64_t chunk, int64_t start, bool want_q, bool want_kv) const {
     const uint32_t base = buffer(chunk);
-    const int64_t start = chunk * kChunk;
     if (want_q) load_rows(w, Operand::kQuery, base, start);
     if (want_kv) {
       load_rows(w, Operand::kKey, base, start);
@@ -240,10 +267,9 @@ struct ForwardBlock {
   }
 
   // Once the chunk's copies issued by this warp have landed: prepares what it copied.
-  LINATTN_HD void prepare_chunk(const WarpContext& w, int64_t chunk, bool want_q, bool want_kv) const {
+  LINATTN_HD void prepare_chunk(const WarpContext& w, int64_t chunk, int64_t start, bool want_q, bool want_kv) const {
     warp::cp_async_wait<0>(w);
     const uint32_t base = buffer(chunk);
-    const int64_t start = chunk * kChunk;
     if (want_q) prepare_rows(w, Operand::kQuery, base, start);
     if (want_kv) {
       prepare_rows(w, Operand::kKey, base, start);
@@ -336,7 +362,7 @@ struct ForwardBlock {
         for (int i = 0; i < 4; ++i) {
           const int64_t row = state_row(mi, lane, i), col = state_col(ni, lane, i);
           const bool stored = mine && p.state_in.data != nullptr && row < p.feature_dim && col >= 0;
-          s.state[slot][i][lane] = stored ? warp::load_global(w, p.state_in.at(bh, row, col)) : 0.0f;
+          s.state[slot][i][lane] = stored ? warp::load_global(w, p.state_in.at(block, row, col)) : 0.0f;
         }
       });
     }
@@ -352,7 +378,7 @@ struct ForwardBlock {
         LINATTN_UNROLL
         for (int i = 0; i < 4; ++i) {
           const int64_t row = state_row(mi, lane, i), col = state_col(ni, lane, i);
-          if (row < p.feature_dim && col >= 0) warp::store_global(w, p.state_out.at(bh, row, col), s.state[slot][i][lane]);
+          if (row < p.feature_dim && col >= 0) warp::store_global(w, p.state_out.at(block, row, col), s.state[slot][i][lane]);
         }
       });
     }
@@ -448,9 +474,9 @@ struct ForwardBlock {
   }
 
   // The chunk's output rows 16·rb.. for the warp's half of the value columns, and the normalizer.
-  LINATTN_HD void output(const WarpContext& w, uint32_t base, int64_t chunk, bool causal) const {
+  LINATTN_HD void output(const WarpContext& w, uint32_t base, int64_t start, bool causal) const {
     const int rb = w.warp % 4, ch = w.warp / 4;
-    const int64_t row0 = chunk * kChunk + rb * 16;
+    const int64_t row0 = start + rb * 16;
     if (row0 >= p.q_len) return;
     // (Registers bound the order: one 16-column slice of φ(Q) at a time, loaded again for the
     // state product, and the scores packed to 16 bits before the output tiles are started.)
@@ -570,43 +596,52 @@ LINATTN_HD void run_forward_block(const Exec& exec, const ForwardProblem<scalar_
   using State = WarpState<DK, DV>;
   const Block blk(p, block);
 
-  // Streams chunks 0 .. chunks - 1: `work(w, s, chunk, base, rows)` runs once each chunk's rows
-  // are in shared memory, while the next chunk's are in flight. `republish`: the state changes
-  // with every chunk, and its 16-bit copy is rewritten once every warp has read the old one.
-  auto stream = [&](int64_t rows, bool want_q, bool want_kv, bool republish, auto&& work) {
-    const int64_t chunks = (rows + kChunk - 1) / kChunk;
-    if (chunks == 0) return;
-    exec([&](const WarpContext& w, State&) { blk.issue_chunk(w, 0, want_q, want_kv); });
+  // Streams rows [begin, end) in chunks: `work(w, s, start, base, rows)` runs once the chunk's
+  // rows (from row `start`) are in shared memory, while the next chunk's are in flight.
+  // `republish`: the state changes with every chunk, and its 16-bit copy is rewritten once every
+  // warp has read the old one.
+  auto stream = [&](int64_t begin, int64_t end, bool want_q, bool want_kv, bool republish, auto&& work) {
+    const int64_t chunks = (end - begin + kChunk - 1) / kChunk;
+    if (chunks <= 0) return;
+    exec([&](const WarpContext& w, State&) { blk.issue_chunk(w, 0, begin, want_q, want_kv); });
     for (int64_t chunk = 0; chunk < chunks; ++chunk) {
+      const int64_t start = begin + chunk * kChunk;
       exec([&](const WarpContext& w, State& s) {
         if (republish && chunk > 0) blk.publish_state(w, s);
-        blk.prepare_chunk(w, chunk, want_q, want_kv);
+        blk.prepare_chunk(w, chunk, start, want_q, want_kv);
       });
       exec([&](const WarpContext& w, State& s) {
-        if (chunk + 1 < chunks) blk.issue_chunk(w, chunk + 1, want_q, want_kv);
-        const int64_t left = rows - chunk * kChunk;
-        work(w, s, chunk, Block::buffer(chunk), static_cast<int>(left < kChunk ? left : kChunk));
+        if (chunk + 1 < chunks) blk.issue_chunk(w, chunk + 1, start + kChunk, want_q, want_kv);
+        const int64_t left = end - start;
+        work(w, s, start, Block::buffer(chunk), static_cast<int>(left < kChunk ? left : kChunk));
       });
     }
   };
+  auto outputs = [&](const WarpContext& w, State& s, int64_t start, uint32_t base, int rows) {
+    blk.output(w, base, start, p.causal);
+    if (p.causal) blk.update_state(w, s, base, rows);
+  };
+  auto accumulate = [&](const WarpContext& w, State& s, int64_t, uint32_t base, int rows) {
+    blk.update_state(w, s, base, rows);
+  };
 
+  int64_t q_begin = 0, q_end = 0, k_begin = 0, k_end = 0;
+  blk.row_range(p.q_len, p.segment_rows_q, q_begin, q_end);
+  blk.row_range(p.k_len, p.segment_rows_k, k_begin, k_end);
   exec([&](const WarpContext& w, State& s) {
     blk.load_state(w, s);
-    blk.publish_state(w, s);
+    if (p.pass != Pass::kSegmentStates) blk.publish_state(w, s);
   });
-  if (p.causal) {
-    stream(p.q_len, true, true, true, [&](const WarpContext& w, State& s, int64_t chunk, uint32_t base, int rows) {
-      blk.output(w, base, chunk, true);
-      blk.update_state(w, s, base, rows);
-    });
+  if (p.pass == Pass::kSegmentStates) {
+    stream(k_begin, k_end, false, true, false, accumulate);
+  } else if (p.causal) {
+    stream(q_begin, q_end, true, true, true, outputs);
   } else {
-    stream(p.k_len, false, true, false, [&](const WarpContext& w, State& s, int64_t, uint32_t base, int rows) {
-      blk.update_state(w, s, base, rows);
-    });
-    exec([&](const WarpContext& w, State& s) { blk.publish_state(w, s); });
-    stream(p.q_len, true, false, false, [&](const WarpContext& w, State&, int64_t chunk, uint32_t base, int) {
-      blk.output(w, base, chunk, false);
-    });
+    if (p.pass == Pass::kWhole) {
+      stream(k_begin, k_end, false, true, false, accumulate);
+      exec([&](const WarpContext& w, State& s) { blk.publish_state(w, s); });
+    }
+    stream(q_begin, q_end, true, false, false, outputs);
   }
   exec([&](const WarpContext& w, State& s) { blk.store_state(w, s); });
 }

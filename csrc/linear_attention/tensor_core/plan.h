@@ -8,7 +8,9 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <cstdlib>
+#include <optional>
 #include <cstring>
 
 namespace linattn {
@@ -66,6 +68,68 @@ ForwardProblem<scalar_t> forward_problem(const LinearAttentionShape& s, const at
   p.out = out.data_ptr<scalar_t>();
   p.normalizer = normalizer.data_ptr<float>();
   return p;
+}
+
+// The sequence split: how many segments a call is cut into so that (batch, head, segment)
+// blocks fill `processors` SMs, each segment at least kMinimumSegment rows long.
+constexpr int64_t kMinimumSegment = 8 * kChunk;
+
+inline int64_t segments_for(const LinearAttentionShape& s, int64_t processors) {
+  const int64_t blocks = s.batch * s.heads, rows = s.q_len > s.k_len ? s.q_len : s.k_len;
+  if (blocks == 0 || blocks >= processors) return 1;
+  const int64_t wanted = (processors + blocks - 1) / blocks, longest = rows / kMinimumSegment;
+  return std::max<int64_t>(1, std::min(wanted, longest));
+}
+
+// Rows per segment: `rows` cut into `segments` whole chunks.
+inline int64_t segment_rows(int64_t rows, int64_t segments) {
+  const int64_t per = (rows + segments - 1) / segments;
+  return (per + kChunk - 1) / kChunk * kChunk;
+}
+
+// One (m, w) contiguous state per block, at data + block · m · w.
+template <typename T>
+fused::StateView<T> block_states(T* data, int64_t m, int64_t w) {
+  fused::StateView<T> view;
+  view.data = data;
+  view.bh_stride = m * w;
+  view.row_stride = w;
+  view.col_stride = 1;
+  return view;
+}
+
+// Runs p split into `segments`: the segments' state sums (one launch), their prefix sums in ATen
+// (fp32, a fixed order: deterministic), then every segment's outputs from the state before it
+// (one launch). Writes p's outputs and final_state ((B, H, m, dv + 1)).
+template <typename scalar_t, typename Launch>
+void split_forward(ForwardProblem<scalar_t> p, int64_t segments, const std::optional<at::Tensor>& initial_state,
+                   at::Tensor& final_state, const Launch& launch) {
+  const int64_t m = p.feature_dim, w = p.value_dim + 1;
+  const auto options = final_state.options();
+  p.segments = segments;
+  p.segment_rows_q = segment_rows(p.q_len, segments);
+  p.segment_rows_k = segment_rows(p.k_len, segments);
+  const at::Tensor sums = at::empty({p.batch, p.heads, segments, m, w}, options);
+  auto states = p;
+  states.pass = Pass::kSegmentStates;
+  states.state_in = {};
+  states.state_out = block_states<float>(sums.data_ptr<float>(), m, w);
+  launch(states);
+  at::Tensor total = sums.sum(2);
+  if (initial_state.has_value()) total.add_(*initial_state);
+  final_state.copy_(total);
+  at::Tensor before;  // the state each segment's rows start from
+  if (p.causal) {
+    before = sums.cumsum(2).sub_(sums);
+    if (initial_state.has_value()) before.add_(initial_state->unsqueeze(2));
+  } else {
+    before = total.unsqueeze(2).expand({p.batch, p.heads, segments, m, w}).contiguous();
+  }
+  auto outputs = p;
+  outputs.pass = Pass::kSegmentOutputs;
+  outputs.state_in = block_states<const float>(before.data_ptr<float>(), m, w);
+  outputs.state_out = {};
+  launch(outputs);
 }
 
 }  // namespace tensor_core
