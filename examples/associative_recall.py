@@ -12,6 +12,7 @@ sequences is reported per number of pairs (sequence length 4P).
     python examples/associative_recall.py            # the README's table (a few minutes on 2 cores)
     python examples/associative_recall.py --quick    # a few steps, to see it run
     python examples/associative_recall.py --d-model 128 --steps 1000 --methods linear deltanet
+    python examples/associative_recall.py --task overwrite --pairs 8 16 32 --steps 2000   # keys reassigned
 
 Writes results/associative_recall.json and .png (accuracy against P; --output changes the prefix).
 """
@@ -42,6 +43,26 @@ def batch(pairs: int, size: int, generator: torch.Generator):
     targets = torch.full_like(tokens, -100)
     targets[:, 2 * pairs::2] = answers  # predicted at each asked key's position: the next token
     return tokens, targets
+
+
+def overwrite_batch(pairs: int, size: int, generator: torch.Generator):
+    """The overwrite variant: the P pairs, then every key again (in another order) with a new value,
+    then the keys asked in a third order, each to be answered with its latest value. A state that
+    only accumulates holds both values of every key; the delta rule replaces the old one."""
+    keys = torch.argsort(torch.rand(size, KEYS, generator=generator), dim=1)[:, :pairs]
+    first = torch.randint(KEYS, KEYS + VALUES, (size, pairs), generator=generator)
+    # The new value differs from the old one (else a stale answer would count as right).
+    latest = KEYS + (first - KEYS + torch.randint(1, VALUES, (size, pairs), generator=generator)) % VALUES
+    again = torch.argsort(torch.rand(size, pairs, generator=generator), dim=1)
+    order = torch.argsort(torch.rand(size, pairs, generator=generator), dim=1)
+    parts = [(keys, first), (keys.gather(1, again), latest.gather(1, again)), (keys.gather(1, order), latest.gather(1, order))]
+    tokens = torch.cat([torch.stack(part, 2).flatten(1) for part in parts], 1)
+    targets = torch.full_like(tokens, -100)
+    targets[:, 4 * pairs::2] = latest.gather(1, order)
+    return tokens, targets
+
+
+TASKS = {"recall": (batch, 4), "overwrite": (overwrite_batch, 6)}  # (batch maker, tokens per pair)
 
 
 class Block(nn.Module):
@@ -76,9 +97,9 @@ class RecallModel(nn.Module):
         return self.head(self.norm(x))
 
 
-def accuracy(model, pairs: int, sequences: int, seed: int) -> float:
+def accuracy(model, pairs: int, sequences: int, seed: int, task: str = "recall") -> float:
     generator = torch.Generator().manual_seed(seed)
-    tokens, targets = batch(pairs, sequences, generator)
+    tokens, targets = TASKS[task][0](pairs, sequences, generator)
     with torch.no_grad():
         predicted = model(tokens).argmax(-1)
     asked = targets != -100
@@ -86,7 +107,7 @@ def accuracy(model, pairs: int, sequences: int, seed: int) -> float:
 
 
 def train(method: str, pair_counts, steps: int, batch_size: int, lr: float, seed: int, log_every: int,
-          d_model: int = 64, heads: int = 2):
+          d_model: int = 64, heads: int = 2, task: str = "recall"):
     torch.manual_seed(seed)
     model = RecallModel(method, d_model=d_model, heads=heads)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1)
@@ -95,7 +116,7 @@ def train(method: str, pair_counts, steps: int, batch_size: int, lr: float, seed
     start = time.perf_counter()
     for step in range(steps):
         pairs = pair_counts[step % len(pair_counts)]  # every length in turn
-        tokens, targets = batch(pairs, batch_size, generator)
+        tokens, targets = TASKS[task][0](pairs, batch_size, generator)
         loss = F.cross_entropy(model(tokens).flatten(0, 1), targets.flatten())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -117,20 +138,26 @@ def main():
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--d-model", type=int, default=64)
     parser.add_argument("--heads", type=int, default=2)
-    parser.add_argument("--output", default="results/associative_recall")
+    parser.add_argument("--task", choices=sorted(TASKS), default="recall",
+                        help="recall: each key once; overwrite: each key twice, the latest value asked")
+    parser.add_argument("--output", default=None, help="results prefix (default results/associative_recall[_overwrite])")
     args = parser.parse_args()
     if args.quick:
         args.steps, args.pairs, args.batch_size = 20, [4, 8], 16
-    results = {"pairs": args.pairs, "steps": args.steps, "d_model": args.d_model, "heads": args.heads,
+    if args.output is None:
+        args.output = "results/associative_recall" + ("" if args.task == "recall" else "_" + args.task)
+    per_pair = TASKS[args.task][1]
+    results = {"task": args.task, "pairs": args.pairs, "steps": args.steps, "d_model": args.d_model, "heads": args.heads,
                "accuracy": {}, "train_seconds": {}}
     for method in args.methods:
         model, seconds = train(method, args.pairs, args.steps, args.batch_size, args.lr, args.seed,
-                               log_every=0 if args.quick else 500, d_model=args.d_model, heads=args.heads)
-        results["accuracy"][method] = [accuracy(model, p, 256, seed=10_000 + p) for p in args.pairs]
+                               log_every=0 if args.quick else 500, d_model=args.d_model, heads=args.heads,
+                               task=args.task)
+        results["accuracy"][method] = [accuracy(model, p, 256, seed=10_000 + p, task=args.task) for p in args.pairs]
         results["train_seconds"][method] = seconds
     width = max(len(m) for m in args.methods)
     print(f"\nrecall accuracy on held-out sequences ({args.steps} training steps each)")
-    print(f"{'method':>{width}} " + " ".join(f"{f'P={p} (T={4 * p})':>13}" for p in args.pairs) + "   train s")
+    print(f"{'method':>{width}} " + " ".join(f"{f'P={p} (T={per_pair * p})':>13}" for p in args.pairs) + "   train s")
     for method in args.methods:
         row = " ".join(f"{a:>13.3f}" for a in results["accuracy"][method])
         print(f"{method:>{width}} {row}   {results['train_seconds'][method]:7.0f}")
@@ -148,11 +175,12 @@ def main():
     for method in args.methods:
         axis.plot(args.pairs, results["accuracy"][method], marker="o", label=method)
     axis.set_xscale("log", base=2)
-    axis.set_xlabel("key-value pairs P (sequence length 4P)")
+    axis.set_xlabel(f"key-value pairs P (sequence length {per_pair}P)")
     axis.set_ylabel("recall accuracy")
     axis.set_ylim(0, 1.02)
     axis.legend()
-    axis.set_title(f"Multi-query associative recall, d_model {args.d_model}, {args.heads} heads")
+    title = "Multi-query associative recall" if args.task == "recall" else "Recall of overwritten values"
+    axis.set_title(f"{title}, d_model {args.d_model}, {args.heads} heads")
     figure.savefig(args.output + ".png", dpi=120, bbox_inches="tight")
     print(f"\nwrote {args.output}.json and .png")
 

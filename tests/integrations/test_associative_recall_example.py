@@ -31,3 +31,19 @@ def test_quick_run_covers_every_method(tmp_path, monkeypatch):
     assert sorted(results["accuracy"]) == sorted(associative_recall.METHODS)
     assert all(0.0 <= a <= 1.0 for accuracies in results["accuracy"].values() for a in accuracies)
     assert (tmp_path / "recall.png").exists()
+
+
+def test_overwrite_targets_are_the_latest_values():
+    """--task overwrite: every key is assigned twice (a different value the second time) and the
+    asked key's target is its second value."""
+    tokens, targets = associative_recall.overwrite_batch(5, 3, torch.Generator().manual_seed(1))
+    assert tokens.shape == targets.shape == (3, 30)
+    for row in range(3):
+        first = dict(zip(tokens[row, 0:10:2].tolist(), tokens[row, 1:10:2].tolist()))
+        latest = dict(zip(tokens[row, 10:20:2].tolist(), tokens[row, 11:20:2].tolist()))
+        assert len(first) == 5 and sorted(first) == sorted(latest)
+        assert all(first[k] != latest[k] and latest[k] >= associative_recall.KEYS for k in first)
+        asked = tokens[row, 20::2].tolist()
+        assert sorted(asked) == sorted(first)
+        assert targets[row, 20::2].tolist() == [latest[k] for k in asked]
+        assert (targets[row, :20] == -100).all() and (targets[row, 21::2] == -100).all()
