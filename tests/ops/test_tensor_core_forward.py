@@ -70,7 +70,7 @@ def test_matches_reference_around_the_chunk(dtype, causal, T):
 
 @pytest.mark.parametrize("dtype", HALF_TYPES)
 @pytest.mark.parametrize("m, dv", [(16, 16), (8, 24), (24, 40), (64, 64), (65, 63), (100, 70), (64, 128), (128, 64),
-                                   (128, 128)])
+                                   (128, 128), (32, 200), (128, 256), (200, 72), (256, 256)])
 @pytest.mark.parametrize("causal", [True, False])
 def test_head_dims(dtype, m, dv, causal):
     q, k, v = make(1, 2, 77, 77, m, dv, dtype, seed=1, scale=0.5)
@@ -241,7 +241,7 @@ def test_cubins_hold_tensor_core_instructions_and_no_local_memory():
         pytest.skip("cuobjdump / nvdisasm not installed")
     rows, _ = cubin_figures(linattn._C.__file__)
     assert {row["arch"] for row in rows} == {"sm_80", "sm_90"}
-    assert len(rows) == 2 * 2 * 4  # two architectures, two dtypes, four (DK, DV) instances
+    assert len(rows) == 2 * 2 * 5  # two architectures, two dtypes, five (DK, DV) instances
     for row in rows:
         name = f"{row['arch']} DK={row['dk']} DV={row['dv']} {row['dtype']}"
         assert row["hmma"] > 0, f"{name}: no tensor-core instructions"
@@ -314,3 +314,22 @@ def test_cuda_kernel_equals_emulation():
         cpu = FWD(q, k, v, None, None, ELU, causal, True, 1e-6)
         for a, b in zip(gpu, cpu):
             assert_close(a.cpu(), b.double(), 1e-2, "GPU vs emulation")
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("m, dv", [(48, 150), (160, 100)])
+def test_value_tiles_with_state_and_padding(monkeypatch, causal, m, dv):
+    """dv wider than a block's value tile (128 columns; 64 beside m > 128): a block per tile, each
+    computing the normalizer, tile 0 writing it and z; with an initial state, padding, and the
+    sequence split on top (16 emulated SMs)."""
+    monkeypatch.setenv("LINATTN_EMULATED_SMS", "16")
+    q, k, v = make(1, 2, 1100, 1100, m, dv, torch.bfloat16, seed=14, scale=0.5)
+    g = torch.Generator().manual_seed(5)
+    state = torch.cat([torch.randn(1, 2, m, dv, generator=g), torch.rand(1, 2, m, 1, generator=g)], -1)
+    mask = torch.zeros(1, 1100, dtype=torch.bool)
+    mask[0, 300:900:5] = True
+    out, S, _ = run(q, k, v, causal=causal, initial_state=state, mask=mask)
+    ref, S_ref, z_ref = reference_forward(q, k, v, causal=causal, initial_state=state, mask=mask)
+    assert_close(out, ref, TOLERANCE[torch.bfloat16], "out")
+    assert_close(S[..., :dv], S_ref, TOLERANCE[torch.bfloat16], "final S")
+    assert_close(S[..., dv], z_ref, TOLERANCE[torch.bfloat16], "final z")

@@ -246,7 +246,7 @@ inline Lanes<float> shuffle(const WarpContext&, const Lanes<float>& x, const Lan
 inline void cp_async_16(const WarpContext& w, uint32_t shared_offset, const void* source, int source_bytes) {
   detail::check_shared(w, shared_offset, 16, 16);
   if (source_bytes != 0 && source_bytes != 16) emulation_fault("warp emulation: cp.async source bytes not 0 or 16");
-  if (source_bytes != 0 && reinterpret_cast<uintptr_t>(source) % 16 != 0)
+  if (reinterpret_cast<uintptr_t>(source) % 16 != 0)  // even with nothing to read (PTX: aligned to the copy size)
     emulation_fault("warp emulation: misaligned cp.async source");
   w.pending->open.push_back({shared_offset, static_cast<const unsigned char*>(source), 16, source_bytes});
   detail::counters().global_read_bytes += source_bytes;

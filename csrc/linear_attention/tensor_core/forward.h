@@ -65,8 +65,11 @@ struct ForwardProblem {
   // State views are indexed by block; kWhole (one segment) is the unsplit kernel.
   Pass pass = Pass::kWhole;
   int64_t segments = 1, segment_rows_q = 0, segment_rows_k = 0;
+  // Value dims wider than the kernel's DV run in tiles of DV columns, a block each (every tile
+  // computes the normalizer; tile 0 writes it and the state's z column).
+  int64_t value_tiles = 1;
 
-  LINATTN_HD int64_t blocks() const { return batch * heads * segments; }
+  LINATTN_HD int64_t blocks() const { return batch * heads * segments * value_tiles; }
 };
 
 // Row pitch in shared memory for rows of `bytes`: 16 bytes past a multiple of 128, so the eight
@@ -87,8 +90,10 @@ struct Layout {
   static constexpr int kBytes = kScratch + kWarps * 16 * 16 * 4;
 };
 
-// The head dims a kernel is compiled for: 64 or 128 (smaller dims run zero-padded to 64).
-LINATTN_HD inline int padded_head_dim(int64_t dim) { return dim <= 64 ? 64 : 128; }
+// The kernel a call runs: DK, its feature dim padded to 64, 128 or 256, and DV, the value columns
+// a block takes (64 or 128; 64 beside DK = 256, whose state would not fit in registers otherwise).
+LINATTN_HD inline int padded_feature_dim(int64_t dk) { return dk <= 64 ? 64 : dk <= 128 ? 128 : 256; }
+LINATTN_HD inline int value_tile_width(int64_t dk, int64_t dv) { return dk > 128 || dv <= 64 ? 64 : 128; }
 
 // Calls f(std::integral_constant<int, DK>{}, std::integral_constant<int, DV>{}) for the kernel
 // compiled for head dims dk and dv.
@@ -96,10 +101,12 @@ template <typename F>
 void with_head_dims(int64_t dk, int64_t dv, F&& f) {
   using k64 = std::integral_constant<int, 64>;
   using k128 = std::integral_constant<int, 128>;
-  const bool dk64 = padded_head_dim(dk) == 64, dv64 = padded_head_dim(dv) == 64;
-  if (dk64 && dv64) f(k64{}, k64{});
-  else if (dk64) f(k64{}, k128{});
-  else if (dv64) f(k128{}, k64{});
+  using k256 = std::integral_constant<int, 256>;
+  const int DK = padded_feature_dim(dk), DV = value_tile_width(dk, dv);
+  if (DK == 256) f(k256{}, k64{});
+  else if (DK == 64 && DV == 64) f(k64{}, k64{});
+  else if (DK == 64) f(k64{}, k128{});
+  else if (DV == 64) f(k128{}, k64{});
   else f(k128{}, k128{});
 }
 
@@ -111,15 +118,19 @@ inline int64_t shared_bytes_of(int64_t dk, int64_t dv) {
 }
 
 // A warp's registers that live across the block's barriers: its tiles of the fp32 state. Warp w
-// owns row tile w / kWarpsPerRowTile of the state (16 features) and a contiguous range of its
-// 8-column tiles, so its tiles share one φ(K)ᵀ fragment and their addresses differ by constants.
+// owns kRowTilesPerWarp row tiles (16 features each) of the state and, in each, a contiguous
+// range of kColsPerWarp 8-column tiles, so its tiles of a row share one φ(K)ᵀ fragment and their
+// addresses differ by constants. (DK <= 128: several warps share a row tile; DK = 256: each warp
+// has two.)
 template <int DK, int DV>
 struct WarpState {
   static constexpr int kStateCols = DV / 8 + 1;  // n8 tiles: the values', then [z 0 ... 0]
   static constexpr int kRowTiles = DK / 16;
-  static_assert(kWarps % kRowTiles == 0, "every row tile of the state has the same number of warps");
-  static constexpr int kWarpsPerRowTile = kWarps / kRowTiles;
-  static constexpr int kTilesPerWarp = (kStateCols + kWarpsPerRowTile - 1) / kWarpsPerRowTile;
+  static_assert(kWarps % kRowTiles == 0 || kRowTiles % kWarps == 0, "row tiles spread evenly over warps");
+  static constexpr int kRowTilesPerWarp = kRowTiles > kWarps ? kRowTiles / kWarps : 1;
+  static constexpr int kWarpsPerRowTile = kRowTiles < kWarps ? kWarps / kRowTiles : 1;
+  static constexpr int kColsPerWarp = (kStateCols + kWarpsPerRowTile - 1) / kWarpsPerRowTile;
+  static constexpr int kTilesPerWarp = kRowTilesPerWarp * kColsPerWarp;
   Accumulator state[kTilesPerWarp][4];
 };
 
@@ -142,15 +153,22 @@ struct ForwardBlock {
   static constexpr int kOutTiles = kColsPerHalf + 1;  // plus the normalizer tile
 
   const ForwardProblem<scalar_t>& p;
-  int64_t block, bh, b, h, segment;
+  // Block index = ((bh · segments) + segment) · value_tiles + tile; states are per (bh, segment).
+  int64_t tile, state_index, bh, b, h, segment, col0;
+  Strided4<const scalar_t> v_tile;  // v from the tile's first column
 
   LINATTN_HD ForwardBlock(const ForwardProblem<scalar_t>& problem, int64_t index)
       : p(problem),
-        block(index),
-        bh(index / problem.segments),
+        tile(index % problem.value_tiles),
+        state_index(index / problem.value_tiles),
+        bh(state_index / problem.segments),
         b(bh / problem.heads),
         h(bh % problem.heads),
-        segment(index % problem.segments) {}
+        segment(state_index % problem.segments),
+        col0(tile * DV),
+        v_tile(problem.v) {
+    v_tile.data += col0 * problem.v.stride[3];
+  }
 
   // The chunk buffer of the block's chunk number `chunk` (counted from its first row).
   LINATTN_HD static uint32_t buffer(int64_t chunk) { return static_cast<uint32_t>((chunk & 1) * L::kBuffer); }
@@ -182,7 +200,7 @@ struct ForwardBlock {
   LINATTN_HD Rows rows_of(Operand operand) const {
     if (operand == Operand::kQuery) return {&p.q, p.q_vector, p.q_len, p.feature_dim, DK, L::kQKPitch, L::kQ};
     if (operand == Operand::kKey) return {&p.k, p.k_vector, p.k_len, p.feature_dim, DK, L::kQKPitch, L::kK};
-    return {&p.v, p.v_vector, p.k_len, p.value_dim, DV, L::kVPitch, L::kV};
+    return {&v_tile, p.v_vector, p.k_len, p.value_dim - col0, DV, L::kVPitch, L::kV};
   }
 
   // Calls piece(lane, r, col) for each piece of a chunk's rows that lane `lane` of warp w owns.
@@ -195,7 +213,7 @@ struct ForwardBlock {
     });
   }
 
-  // Copies rows [start, start + 64): 16-byte cp.async where possible, zero-filled past the end,
+  // Copies rows [start, start + 64): 16-byte cp.async where possible, zeros past the end,
   // element loads otherwise (strided or unaligned rows, a last partial piece).
   LINATTN_HD void load_rows(const WarpContext& w, Operand operand, uint32_t base, int64_t start) const {
     const Rows x = rows_of(operand);
@@ -203,7 +221,10 @@ struct ForwardBlock {
       const int64_t row = start + r;
       const uint32_t dst = base + x.offset + static_cast<uint32_t>(r * x.pitch + col * 2);
       if (row >= x.rows || col >= x.dim) {
-        warp::cp_async_16(w, dst, x.x->data, 0);
+        // Zeros past the end: plain stores (a zero-filling cp.async would still need an aligned
+        // source address, which an unaligned tensor has nowhere to offer).
+        LINATTN_UNROLL
+        for (int i = 0; i < 4; ++i) warp::store_shared<uint32_t>(w, dst + 4 * i, 0u);
       } else if (x.vector && col + 8 <= x.dim) {
         warp::cp_async_16(w, dst, &x.x->at(b, h, row, col), 16);
       } else {
@@ -338,8 +359,8 @@ struct ForwardBlock {
 
   // Tile `slot` of warp w: its (row tile, column tile), or false past the last column tile.
   LINATTN_HD static bool state_tile(int warp_index, int slot, int& mi, int& ni) {
-    mi = warp_index / State::kWarpsPerRowTile;
-    ni = warp_index % State::kWarpsPerRowTile * State::kTilesPerWarp + slot;
+    mi = warp_index / State::kWarpsPerRowTile * State::kRowTilesPerWarp + slot / State::kColsPerWarp;
+    ni = warp_index % State::kWarpsPerRowTile * State::kColsPerWarp + slot % State::kColsPerWarp;
     return ni < State::kStateCols;
   }
 
@@ -349,7 +370,7 @@ struct ForwardBlock {
   LINATTN_HD int64_t state_col(int ni, int lane, int i) const {
     const int c = 2 * warp::thread_in_group(lane) + i % 2;
     if (ni == DV / 8) return c == 0 ? p.value_dim : -1;
-    return ni * 8 + c < p.value_dim ? ni * 8 + c : -1;
+    return col0 + ni * 8 + c < p.value_dim ? col0 + ni * 8 + c : -1;
   }
 
   LINATTN_HD void load_state(const WarpContext& w, State& s) const {
@@ -362,7 +383,7 @@ struct ForwardBlock {
         for (int i = 0; i < 4; ++i) {
           const int64_t row = state_row(mi, lane, i), col = state_col(ni, lane, i);
           const bool stored = mine && p.state_in.data != nullptr && row < p.feature_dim && col >= 0;
-          s.state[slot][i][lane] = stored ? warp::load_global(w, p.state_in.at(block, row, col)) : 0.0f;
+          s.state[slot][i][lane] = stored ? warp::load_global(w, p.state_in.at(state_index, row, col)) : 0.0f;
         }
       });
     }
@@ -378,7 +399,10 @@ struct ForwardBlock {
         LINATTN_UNROLL
         for (int i = 0; i < 4; ++i) {
           const int64_t row = state_row(mi, lane, i), col = state_col(ni, lane, i);
-          if (row < p.feature_dim && col >= 0) warp::store_global(w, p.state_out.at(block, row, col), s.state[slot][i][lane]);
+          const bool written = col >= 0 && (col < p.value_dim || tile == 0);  // z: tile 0's
+          if (row < p.feature_dim && written) {
+            warp::store_global(w, p.state_out.at(state_index, row, col), s.state[slot][i][lane]);
+          }
         }
       });
     }
@@ -405,15 +429,20 @@ struct ForwardBlock {
   // St += φ(K)ᵀ [V | 1] over the chunk's keys (`keys` of them hold data).
   LINATTN_HD void update_state(const WarpContext& w, State& s, uint32_t base, int keys) const {
     for (int kk = 0; kk * 16 < keys; ++kk) {
-      Fragment a[4];
-      key_transposed_fragment(w, base, w.warp / State::kWarpsPerRowTile, kk, a);
       LINATTN_UNROLL
-      for (int slot = 0; slot < State::kTilesPerWarp; ++slot) {
+      for (int r = 0; r < State::kRowTilesPerWarp; ++r) {
         int mi = 0, ni = 0;
-        if (!state_tile(w.warp, slot, mi, ni)) continue;
-        Fragment bf[2];
-        value_fragment(w, base, kk, ni, bf);
-        warp::mma_16816<scalar_t>(s.state[slot], a, bf);
+        state_tile(w.warp, r * State::kColsPerWarp, mi, ni);
+        Fragment a[4];
+        key_transposed_fragment(w, base, mi, kk, a);
+        LINATTN_UNROLL
+        for (int c = 0; c < State::kColsPerWarp; ++c) {
+          const int slot = r * State::kColsPerWarp + c;
+          if (!state_tile(w.warp, slot, mi, ni)) continue;
+          Fragment bf[2];
+          value_fragment(w, base, kk, ni, bf);
+          warp::mma_16816<scalar_t>(s.state[slot], a, bf);
+        }
       }
     }
   }
@@ -575,14 +604,14 @@ struct ForwardBlock {
         for (int j = 0; j < kColsPerHalf; ++j) {
           LINATTN_UNROLL
           for (int e = 0; e < 2; ++e) {
-            const int64_t col = out_tile(ch, j) * 8 + 2 * t + e;
+            const int64_t col = col0 + out_tile(ch, j) * 8 + 2 * t + e;
             if (col >= p.value_dim) continue;
             float value = o[j][2 * half + e][lane];
             if (p.normalize) value = fused::vanished(den) ? value * 0.0f : value / den;
             warp::store_global(w, p.out + out_row + col, scalar_t(value));
           }
         }
-        if (ch == 0 && t == 0) warp::store_global(w, p.normalizer + bh * p.q_len + row, den);
+        if (tile == 0 && ch == 0 && t == 0) warp::store_global(w, p.normalizer + bh * p.q_len + row, den);
       }
     });
   }

@@ -22,11 +22,11 @@ inline bool enabled() {
   return text == nullptr || std::strcmp(text, "0") != 0;
 }
 
-// Whether the tensor-core forward takes this call: 16-bit inputs, head dims up to 128, and its
+// Whether the tensor-core forward takes this call: 16-bit inputs, head dims up to 256, and its
 // shared memory fits in what a block may have.
 inline bool takes(const LinearAttentionShape& s, at::ScalarType dtype, int64_t max_shared_bytes) {
   if (dtype != at::kBFloat16 && dtype != at::kHalf) return false;
-  if (s.feature_dim > 128 || s.value_dim > 128 || !enabled()) return false;
+  if (s.feature_dim > 256 || s.value_dim > 256 || !enabled()) return false;
   return shared_bytes_of(s.feature_dim, s.value_dim) <= max_shared_bytes;
 }
 
@@ -67,15 +67,19 @@ ForwardProblem<scalar_t> forward_problem(const LinearAttentionShape& s, const at
   p.state_out = state_out;
   p.out = out.data_ptr<scalar_t>();
   p.normalizer = normalizer.data_ptr<float>();
+  const int64_t width = value_tile_width(s.feature_dim, s.value_dim);
+  p.value_tiles = (s.value_dim + width - 1) / width;
   return p;
 }
 
-// The sequence split: how many segments a call is cut into so that (batch, head, segment)
-// blocks fill `processors` SMs, each segment at least kMinimumSegment rows long.
+// The sequence split: how many segments a call is cut into so that (batch, head, segment, value
+// tile) blocks fill `processors` SMs, each segment at least kMinimumSegment rows long.
 constexpr int64_t kMinimumSegment = 8 * kChunk;
 
 inline int64_t segments_for(const LinearAttentionShape& s, int64_t processors) {
-  const int64_t blocks = s.batch * s.heads, rows = s.q_len > s.k_len ? s.q_len : s.k_len;
+  const int64_t width = value_tile_width(s.feature_dim, s.value_dim);
+  const int64_t blocks = s.batch * s.heads * ((s.value_dim + width - 1) / width);
+  const int64_t rows = s.q_len > s.k_len ? s.q_len : s.k_len;
   if (blocks == 0 || blocks >= processors) return 1;
   const int64_t wanted = (processors + blocks - 1) / blocks, longest = rows / kMinimumSegment;
   return std::max<int64_t>(1, std::min(wanted, longest));
