@@ -333,3 +333,13 @@ def test_value_tiles_with_state_and_padding(monkeypatch, causal, m, dv):
     assert_close(out, ref, TOLERANCE[torch.bfloat16], "out")
     assert_close(S[..., :dv], S_ref, TOLERANCE[torch.bfloat16], "final S")
     assert_close(S[..., dv], z_ref, TOLERANCE[torch.bfloat16], "final z")
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_no_value_columns_still_write_z(causal):
+    """dv = 0: no value tile, yet one block per (batch, head) writes the normalizer and z."""
+    q, k, v = make(1, 2, 70, 70, 16, 0, torch.bfloat16, seed=15)
+    out, S, den = run(q, k, v, causal=causal)
+    ref, _, z = reference_forward(q, k, v, causal=causal)
+    assert out.shape == ref.shape
+    assert_close(S[..., 0], z, TOLERANCE[torch.bfloat16], "final z")

@@ -30,6 +30,13 @@ inline bool takes(const LinearAttentionShape& s, at::ScalarType dtype, int64_t m
   return shared_bytes_of(s.feature_dim, s.value_dim) <= max_shared_bytes;
 }
 
+// The value tiles of a call; one even without value columns (dv = 0), whose block still writes
+// the normalizer and z.
+inline int64_t value_tiles_of(const LinearAttentionShape& s) {
+  const int64_t width = value_tile_width(s.feature_dim, s.value_dim);
+  return std::max<int64_t>(1, (s.value_dim + width - 1) / width);
+}
+
 // Whether 8 columns of every row of t load as one aligned 16-byte copy.
 template <typename scalar_t>
 bool vector_rows(const at::Tensor& t) {
@@ -67,8 +74,7 @@ ForwardProblem<scalar_t> forward_problem(const LinearAttentionShape& s, const at
   p.state_out = state_out;
   p.out = out.data_ptr<scalar_t>();
   p.normalizer = normalizer.data_ptr<float>();
-  const int64_t width = value_tile_width(s.feature_dim, s.value_dim);
-  p.value_tiles = (s.value_dim + width - 1) / width;
+  p.value_tiles = value_tiles_of(s);
   return p;
 }
 
@@ -77,8 +83,7 @@ ForwardProblem<scalar_t> forward_problem(const LinearAttentionShape& s, const at
 constexpr int64_t kMinimumSegment = 8 * kChunk;
 
 inline int64_t segments_for(const LinearAttentionShape& s, int64_t processors) {
-  const int64_t width = value_tile_width(s.feature_dim, s.value_dim);
-  const int64_t blocks = s.batch * s.heads * ((s.value_dim + width - 1) / width);
+  const int64_t blocks = s.batch * s.heads * value_tiles_of(s);
   const int64_t rows = s.q_len > s.k_len ? s.q_len : s.k_len;
   if (blocks == 0 || blocks >= processors) return 1;
   const int64_t wanted = (processors + blocks - 1) / blocks, longest = rows / kMinimumSegment;
