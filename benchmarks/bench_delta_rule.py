@@ -105,6 +105,29 @@ def run(T, reps):
     return rows
 
 
+def decoding_step_rows(reps):
+    """One Gated DeltaNet decoding step under no_grad: linattn.delta_rule_step (the fused CPU
+    kernel) against the step's formula in ATen operations (what the step ran before it)."""
+    def formula(q, k, v, beta, gate, S):
+        S = S * gate.exp()[..., None, None]
+        predicted = torch.matmul(k.unsqueeze(-2), S).squeeze(-2)
+        S_new = S + k.unsqueeze(-1) * (beta.unsqueeze(-1) * (v - predicted)).unsqueeze(-2)
+        return torch.matmul(q.unsqueeze(-2), S_new).squeeze(-2), S_new
+
+    rows = []
+    for b, h, d in ((1, H, D), (8, 16, 128)):
+        g = torch.Generator().manual_seed(2)
+        q, k, v = (torch.randn(b, h, d, generator=g) for _ in range(3))
+        beta, gate, S = torch.rand(b, h, generator=g), -torch.rand(b, h, generator=g), torch.randn(b, h, d, d, generator=g)
+        with torch.no_grad():
+            t = interleaved_medians({
+                "fused": lambda: linattn.delta_rule_step(q, k, v, beta, S, gate=gate, scale=1.0, normalize_qk=False),
+                "formula": lambda: formula(q, k, v, beta, gate, S)}, reps * 20, warmup=10)
+        rows.append({"B": b, "H": h, "D": d, "fused_us": t["fused"] * 1e6, "formula_us": t["formula"] * 1e6,
+                     "speedup": t["formula"] / t["fused"]})
+    return rows
+
+
 def memory_child(T):
     """(In a fresh process) peak RSS growth of one DeltaNet forward+backward at length T."""
     q, k, v, beta, _ = inputs(T)
@@ -134,10 +157,15 @@ def main():
             print(f"{T:>6} {row['implementation']:>30} {row['fwd_ms']:>9.1f} {row['fwd_bwd_ms']:>11.1f} "
                   f"{row['linattn_speedup_fwd']:>17.2f}x {row['linattn_speedup_fwd_bwd']:>9.2f}x")
         memory.append(run_child(["benchmarks.bench_delta_rule", "--memory-child", str(T)]))
+    steps = decoding_step_rows(reps)
+    print("\none Gated DeltaNet decoding step (no_grad): the fused CPU step against its ATen formula")
+    for r in steps:
+        print(f"  B={r['B']} H={r['H']} D={r['D']}: {r['fused_us']:.1f} us vs {r['formula_us']:.1f} us "
+              f"({r['speedup']:.2f}x)")
     print("\npeak memory of a DeltaNet forward+backward (growth of the process's RSS):")
     for m in memory:
         print(f"  T={m['T']:>6}: {m['peak_growth_mb']:7.1f} MiB (inputs and output gradient: {m['inputs_mb']:.1f} MiB)")
-    path, _ = write_results("results", "delta_rule", {"machine": machine_info(), "B": B, "H": H, "D": D,
+    path, _ = write_results("results", "delta_rule", {"machine": machine_info(), "B": B, "H": H, "D": D, "steps": steps,
                                                       "rows": rows, "memory": memory})
     print(f"\nraw numbers: {path}")
 

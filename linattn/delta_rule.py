@@ -113,7 +113,7 @@ def delta_rule_step(
         (out (B, H, dv) in q's dtype, new_state (B, H, dk, dv) in float32, float64 for float64).
     """
     scale = _checked_scale(q, k, v, beta, scale)
-    if normalize_qk:  # one token: in PyTorch (the step is ATen operations)
+    if normalize_qk:  # one token: in PyTorch (the step's own kernels take normalised q, k)
         q, k = l2_normalize(q), l2_normalize(k)
     acc = accumulate_dtype(q.dtype)
     if state is None:

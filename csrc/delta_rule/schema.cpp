@@ -34,4 +34,9 @@ TORCH_LIBRARY_FRAGMENT(linattn, m) {
   m.def(
       "delta_rule_step(Tensor q, Tensor k, Tensor v, Tensor beta, Tensor? log_gate, Tensor state, "
       "float scale=1.0) -> (Tensor out, Tensor new_state)");
+  // The same step in one pass over the state per head (a CPU kernel; Meta for fake tensors), which
+  // delta_rule_step runs on CPU tensors when no gradient is wanted (decoding). Not differentiable.
+  m.def(
+      "delta_rule_step_fused(Tensor q, Tensor k, Tensor v, Tensor beta, Tensor? log_gate, Tensor state, "
+      "float scale=1.0) -> (Tensor out, Tensor new_state)");
 }

@@ -121,6 +121,63 @@ def test_decoding_step_is_differentiable():
     assert torch.autograd.gradcheck(lambda *a: linattn.delta_rule_step(*a, gate=g), args)
 
 
+def step_by_formula(q, k, v, beta, gate, state, scale):
+    """One step from the formula in float64: S' = e^g S, S'' = S' + β k (v − S'ᵀk)ᵀ, out = scale S''ᵀq."""
+    q, k, v, beta, S = (t.double() for t in (q, k, v, beta, state))
+    if gate is not None:
+        S = S * gate.double().exp()[..., None, None]
+    predicted = torch.einsum("bhr,bhrc->bhc", k, S)
+    S_new = S + k[..., :, None] * (beta[..., None] * (v - predicted))[..., None, :]
+    return scale * torch.einsum("bhr,bhrc->bhc", q, S_new), S_new
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("gated", [False, True])
+def test_fused_decoding_step_equals_the_formula(dtype, gated):
+    """delta_rule_step_fused (the CPU kernel decoding runs) on strided inputs, every dtype."""
+    g = torch.Generator().manual_seed(3)
+    q, k = (torch.randn(3, 5, 2, 33, generator=g, dtype=torch.float64).transpose(1, 2)[:, :, 1] for _ in range(2))
+    v = torch.randn(3, 2, 40, generator=g, dtype=torch.float64)[..., ::2]
+    q, k = torch.nn.functional.normalize(q, dim=-1), torch.nn.functional.normalize(k, dim=-1)
+    beta = torch.rand(3, 2, generator=g, dtype=torch.float64)
+    gate = -torch.rand(3, 2, generator=g, dtype=torch.float64) if gated else None
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    state = torch.randn(3, 2, 33, 20, generator=g, dtype=torch.float64).to(acc)
+    out, S = torch.ops.linattn.delta_rule_step_fused(q.to(dtype), k.to(dtype), v.to(dtype), beta, gate, state, 0.7)
+    ref_out, ref_S = step_by_formula(q.to(dtype), k.to(dtype), v.to(dtype), beta, gate, state, 0.7)
+    tol = {torch.float64: 1e-12, torch.float32: 1e-6, torch.bfloat16: 1e-2, torch.float16: 2e-3}[dtype]
+    assert out.dtype == dtype and S.dtype == acc
+    assert_close(out, ref_out, tol, "out")
+    assert_close(S, ref_S, tol if dtype == torch.float64 else 1e-6, "state")
+    torch.library.opcheck(torch.ops.linattn.delta_rule_step_fused.default,
+                          (q.to(dtype), k.to(dtype), v.to(dtype), beta, gate, state, 0.7))
+
+
+def test_decoding_step_runs_the_fused_kernel_only_without_gradients():
+    """delta_rule_step on CPU tensors: the fused kernel when no gradient is wanted (counted in the
+    profiler), the differentiable ATen formula otherwise; both give the same step."""
+    q, k, v, beta, gate, S0 = make(B=2, T=1, dtype=torch.float32)
+    args = (q[:, :, 0], k[:, :, 0], v[:, :, 0], beta[:, :, 0], S0)
+
+    def fused_calls(fn):
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            result = fn()
+        return result, sum(e.name == "linattn::delta_rule_step_fused" for e in prof.events())
+
+    with torch.no_grad():
+        (out, S), calls = fused_calls(lambda: linattn.delta_rule_step(*args, gate=gate[:, :, 0]))
+    assert calls == 1
+    grad_args = [t.clone().requires_grad_() for t in args]
+    (out_g, S_g), calls = fused_calls(lambda: linattn.delta_rule_step(*grad_args, gate=gate[:, :, 0]))
+    assert calls == 0 and out_g.requires_grad
+    assert_close(out, out_g.detach(), 1e-6, "out")
+    assert_close(S, S_g.detach(), 1e-6, "state")
+    compiled = torch.compile(lambda *a: linattn.delta_rule_step(*a, gate=gate[:, :, 0]), fullgraph=True)
+    with torch.no_grad():
+        out_c, S_c = compiled(*args)
+    assert torch.equal(out_c, out) and torch.equal(S_c, S)
+
+
 def packed(seed=0, lengths=(5, 0, 64, 71, 1), H=2, dk=6, dv=5, dtype=torch.float64):
     g = torch.Generator().manual_seed(seed)
     total = sum(lengths)
