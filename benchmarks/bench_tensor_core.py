@@ -28,7 +28,7 @@ import linattn
 from benchmarks.common import machine_info, write_results
 
 ELU = 1
-THREADS = 256  # per block of the tensor-core forward (tensor_core/forward.h, kThreads)
+THREADS = 256  # per block of the tensor-core forward (tensor_core/problem.h, kThreads)
 H100 = {"registers": 65536, "shared": 228 * 1024, "reserved_per_block": 1024, "threads": 2048, "blocks": 32}
 
 

@@ -5,6 +5,7 @@
 #include "plain_entry.h"
 #include "fused_plans.h"
 #include "../common/warp/host_block.h"
+#include "tensor_core/forward.h"
 
 #include <ATen/Parallel.h>
 #include <torch/library.h>

@@ -1,5 +1,6 @@
 // The tensor-core forward (forward.h) as a CUDA kernel: one block of 8 warps per (batch, head),
 // the block program's phases separated by __syncthreads().
+#include "forward.h"
 #include "launch.h"
 
 #include <c10/cuda/CUDAException.h>

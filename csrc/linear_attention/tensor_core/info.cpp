@@ -1,7 +1,7 @@
 // linattn::_tensor_core_shared_bytes(dk, dv): the shared memory one block of the tensor-core
 // forward takes for head dims up to dk and dv (what benchmarks/bench_tensor_core.py reports
 // beside the compiled kernels' registers).
-#include "forward.h"
+#include "problem.h"
 
 #include <torch/library.h>
 

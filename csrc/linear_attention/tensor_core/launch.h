@@ -2,7 +2,7 @@
 // beyond the runtime's stream type, so host code compiled without nvcc can call it.
 #pragma once
 
-#include "forward.h"
+#include "problem.h"
 
 #include <cuda_runtime_api.h>
 

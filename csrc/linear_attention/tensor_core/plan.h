@@ -2,7 +2,7 @@
 // launch (fused_cuda_ops.cpp) and the CPU emulation (fused_emulated.cpp) through fused_plans.h.
 #pragma once
 
-#include "forward.h"
+#include "problem.h"
 #include "../kernel.h"
 #include "../../common/tensor_views.h"
 

@@ -1,0 +1,494 @@
+// One block of the tensor-core forward (forward.h) as the operations its phases call: loading and
+// preparing a chunk's rows, the mma operand fragments, the state tiles each warp owns, and a chunk's
+// outputs. Written per warp on the warp-operation layer (common/warp/).
+#pragma once
+
+#include "problem.h"
+
+namespace linattn {
+namespace tensor_core {
+// φ of both halves of a 16-bit pair, 0 where not valid.
+template <typename half_t>
+LINATTN_HD inline uint32_t feature_pair(int map, uint32_t pair, bool valid_lo, bool valid_hi) {
+  const float lo = valid_lo ? fused::feature<float>(map, warp::unpack_lo<half_t>(pair)) : 0.0f;
+  const float hi = valid_hi ? fused::feature<float>(map, warp::unpack_hi<half_t>(pair)) : 0.0f;
+  return warp::pack<half_t>(lo, hi);
+}
+
+// Which operand rows a chunk buffer holds.
+enum class Operand : int { kQuery = 0, kKey = 1, kValue = 2 };
+
+template <typename scalar_t, int DK, int DV>
+struct ForwardBlock {
+  using L = Layout<DK, DV>;
+  using State = WarpState<DK, DV>;
+  static constexpr int kColsPerHalf = DV / 16;  // value n8 tiles per output warp
+  static constexpr int kOutTiles = kColsPerHalf + 1;  // plus the normalizer tile
+
+  const ForwardProblem<scalar_t>& p;
+  // Block index = ((bh · segments) + segment) · value_tiles + tile; states are per (bh, segment).
+  int64_t tile, state_index, bh, b, h, segment, col0;
+  Strided4<const scalar_t> v_tile;  // v from the tile's first column
+
+  LINATTN_HD ForwardBlock(const ForwardProblem<scalar_t>& problem, int64_t index)
+      : p(problem),
+        tile(index % problem.value_tiles),
+        state_index(index / problem.value_tiles),
+        bh(state_index / problem.segments),
+        b(bh / problem.heads),
+        h(bh % problem.heads),
+        segment(state_index % problem.segments),
+        col0(tile * DV),
+        v_tile(problem.v) {
+    v_tile.data += col0 * problem.v.stride[3];
+  }
+
+  // The chunk buffer of the block's chunk number `chunk` (counted from its first row).
+  LINATTN_HD static uint32_t buffer(int64_t chunk) { return static_cast<uint32_t>((chunk & 1) * L::kBuffer); }
+
+  // The block's rows [begin, end) of `rows` (all of them unless the sequence is split).
+  LINATTN_HD void row_range(int64_t rows, int64_t segment_rows, int64_t& begin, int64_t& end) const {
+    if (p.segments == 1) {
+      begin = 0;
+      end = rows;
+      return;
+    }
+    begin = segment * segment_rows < rows ? segment * segment_rows : rows;
+    end = begin + segment_rows < rows ? begin + segment_rows : rows;
+  }
+
+  // --- loads ---------------------------------------------------------------------------------
+  // A chunk's rows arrive in 16-byte pieces; piece e of an operand (row e / pieces per row,
+  // columns 8 (e % pieces per row) ..) is copied and then prepared by thread e mod 256, so that
+  // each thread prepares what it copied itself, once its own copies have landed, and one barrier
+  // later every warp reads finished rows.
+
+  struct Rows {
+    const Strided4<const scalar_t>* x;
+    bool vector;
+    int64_t rows, dim;
+    int cols, pitch;
+    uint32_t offset;  // in the chunk buffer
+  };
+  LINATTN_HD Rows rows_of(Operand operand) const {
+    if (operand == Operand::kQuery) return {&p.q, p.q_vector, p.q_len, p.feature_dim, DK, L::kQKPitch, L::kQ};
+    if (operand == Operand::kKey) return {&p.k, p.k_vector, p.k_len, p.feature_dim, DK, L::kQKPitch, L::kK};
+    return {&v_tile, p.v_vector, p.k_len, p.value_dim - col0, DV, L::kVPitch, L::kV};
+  }
+
+  // Calls piece(lane, r, col) for each piece of a chunk's rows that lane `lane` of warp w owns.
+  template <typename Piece>
+  LINATTN_HD void each_piece(const WarpContext& w, const Rows& x, Piece&& piece) const {
+    const int pieces_per_row = x.cols / 8, pieces = kChunk * pieces_per_row;
+    warp::for_lanes(w, [&](int lane) {
+      for (int e = w.warp * warp::kWarpSize + lane; e < pieces; e += kThreads)
+        piece(lane, e / pieces_per_row, e % pieces_per_row * 8);
+    });
+  }
+
+  // Copies rows [start, start + 64): 16-byte cp.async where possible, zeros past the end,
+  // element loads otherwise (strided or unaligned rows, a last partial piece).
+  LINATTN_HD void load_rows(const WarpContext& w, Operand operand, uint32_t base, int64_t start) const {
+    const Rows x = rows_of(operand);
+    each_piece(w, x, [&](int, int r, int col) {
+      const int64_t row = start + r;
+      const uint32_t dst = base + x.offset + static_cast<uint32_t>(r * x.pitch + col * 2);
+      if (row >= x.rows || col >= x.dim) {
+        // Zeros past the end: plain stores (a zero-filling cp.async would still need an aligned
+        // source address, which an unaligned tensor has nowhere to offer).
+        LINATTN_UNROLL
+        for (int i = 0; i < 4; ++i) warp::store_shared<uint32_t>(w, dst + 4 * i, 0u);
+      } else if (x.vector && col + 8 <= x.dim) {
+        warp::cp_async_16(w, dst, &x.x->at(b, h, row, col), 16);
+      } else {
+        LINATTN_UNROLL
+        for (int i = 0; i < 8; ++i) {
+          const scalar_t value = col + i < x.dim ? warp::load_global(w, &x.x->at(b, h, row, col + i)) : scalar_t(0.0f);
+          warp::store_shared<uint16_t>(w, dst + 2 * i, value.x);
+        }
+      }
+    });
+  }
+
+  // Rows as the products want them: φ(q), φ(k) and v, with 0 for columns past the head dim (φ(0)
+  // need not be 0) and, for keys, 0 in a padded key's or a past-the-end key's row, so those add
+  // nothing (and a padded key's Inf or NaN never meets a 0 score). A value row holding Inf or NaN
+  // raises the chunk's flag (see diagonal_exactly).
+  LINATTN_HD void prepare_rows(const WarpContext& w, Operand operand, uint32_t base, int64_t start) const {
+    const Rows x = rows_of(operand);
+    each_piece(w, x, [&](int, int r, int col) {
+      const int64_t row = start + r;
+      bool valid = row < x.rows;
+      if (valid && operand != Operand::kQuery && p.key_padding != nullptr)
+        valid = !warp::load_global(w, p.key_padding + b * p.k_len + row);
+      const uint32_t at = base + x.offset + static_cast<uint32_t>(r * x.pitch + col * 2);
+      bool non_finite = false;
+      LINATTN_UNROLL
+      for (int i = 0; i < 4; ++i) {
+        const uint32_t pair = warp::load_shared<uint32_t>(w, at + 4 * i);
+        const int64_t c = col + 2 * i;
+        uint32_t result;
+        if (operand == Operand::kValue) {
+          result = valid ? pair : 0u;
+          non_finite = non_finite || !finite_pair(result);
+        } else {
+          result = feature_pair<scalar_t>(p.feature_map, pair, valid && c < x.dim, valid && c + 1 < x.dim);
+        }
+        warp::store_shared<uint32_t>(w, at + 4 * i, result);
+      }
+      if (non_finite) warp::store_shared<uint8_t>(w, base + L::kNonFinite, 1);
+    });
+  }
+
+  // Whether both halves of a 16-bit pair are finite (exponent bits not all ones).
+  LINATTN_HD static bool finite_pair(uint32_t pair) {
+    constexpr uint32_t exponent = std::is_same_v<scalar_t, c10::Half> ? 0x7c00u : 0x7f80u;
+    return (pair & exponent) != exponent && ((pair >> 16) & exponent) != exponent;
+  }
+
+  // Issues the loads of chunk `chunk`: Q rows and/or K and V rows.
+  LINATTN_HD void issue_chunk(const WarpContext& w, int64_t chunk, int64_t start, bool want_q, bool want_kv) const {
+    const uint32_t base = buffer(chunk);
+    if (want_q) load_rows(w, Operand::kQuery, base, start);
+    if (want_kv) {
+      load_rows(w, Operand::kKey, base, start);
+      load_rows(w, Operand::kValue, base, start);
+      if (w.warp == 0) warp::for_lanes(w, [&](int lane) {
+        if (lane == 0) warp::store_shared<uint8_t>(w, base + L::kNonFinite, 0);
+      });
+    }
+    warp::cp_async_commit(w);
+  }
+
+  // Once the chunk's copies issued by this warp have landed: prepares what it copied.
+  LINATTN_HD void prepare_chunk(const WarpContext& w, int64_t chunk, int64_t start, bool want_q, bool want_kv) const {
+    warp::cp_async_wait<0>(w);
+    const uint32_t base = buffer(chunk);
+    if (want_q) prepare_rows(w, Operand::kQuery, base, start);
+    if (want_kv) {
+      prepare_rows(w, Operand::kKey, base, start);
+      prepare_rows(w, Operand::kValue, base, start);
+    }
+  }
+
+  // --- fragments (of prepared rows) ------------------------------------------------------------
+
+  // φ(Q) rows 16·rb.. of the chunk, 16 feature columns from ks·16: an A operand.
+  LINATTN_HD void query_fragment(const WarpContext& w, uint32_t base, int rb, int ks, Fragment (&a)[4]) const {
+    Lanes<uint32_t> offset;
+    warp::for_lanes(w, [&](int lane) {
+      offset[lane] = base + L::kQ + (rb * 16 + lane % 16) * L::kQKPitch + (ks * 16 + lane / 16 * 8) * 2;
+    });
+    warp::ldmatrix_x4<false>(w, a, offset);
+  }
+
+  // φ(K)ᵀ for the scores: keys nt·8.. (columns) × features ks·16.. (rows), a B operand.
+  LINATTN_HD void key_fragment(const WarpContext& w, uint32_t base, int nt, int ks, Fragment (&bf)[2]) const {
+    Lanes<uint32_t> offset;
+    warp::for_lanes(w, [&](int lane) {
+      offset[lane] = base + L::kK + (nt * 8 + lane % 8) * L::kQKPitch + (ks * 16 + (lane / 8) % 2 * 8) * 2;
+    });
+    warp::ldmatrix_x2<false>(w, bf, offset);
+  }
+
+  // φ(K)ᵀ for the state update: features mi·16.. (rows) × keys kk·16.. (columns), an A operand.
+  LINATTN_HD void key_transposed_fragment(const WarpContext& w, uint32_t base, int mi, int kk, Fragment (&a)[4]) const {
+    Lanes<uint32_t> offset;
+    warp::for_lanes(w, [&](int lane) {
+      const int m = lane / 8;  // matrix m: keys +8 (m / 2), features +8 (m % 2)
+      offset[lane] = base + L::kK + (kk * 16 + m / 2 * 8 + lane % 8) * L::kQKPitch + (mi * 16 + m % 2 * 8) * 2;
+    });
+    warp::ldmatrix_x4<true>(w, a, offset);
+  }
+
+  // [V | 1] for keys kk·16.. (rows) × 8 columns of tile ni (ni = DV / 8: the ones), a B operand.
+  LINATTN_HD void value_fragment(const WarpContext& w, uint32_t base, int kk, int ni, Fragment (&bf)[2]) const {
+    if (ni == DV / 8) {
+      // The ones column: φ(k) is 0 in the rows of keys that must add nothing, so the ones need no mask.
+      warp::for_lanes(w, [&](int lane) {
+        const uint32_t one = warp::group_of(lane) == 0 ? warp::pack<scalar_t>(1.0f, 1.0f) : 0u;
+        bf[0][lane] = one;
+        bf[1][lane] = one;
+      });
+      return;
+    }
+    Lanes<uint32_t> offset;
+    warp::for_lanes(w, [&](int lane) {
+      offset[lane] = base + L::kV + (kk * 16 + (lane / 8) % 2 * 8 + lane % 8) * L::kVPitch + ni * 16;
+    });
+    warp::ldmatrix_x2<true>(w, bf, offset);
+  }
+
+  // The 16-bit state for features ks·16.. (rows) × 8 columns of tile ni, a B operand.
+  LINATTN_HD void state_fragment(const WarpContext& w, int ks, int ni, Fragment (&bf)[2]) const {
+    Lanes<uint32_t> offset;
+    warp::for_lanes(w, [&](int lane) {
+      offset[lane] = L::kState + (ks * 16 + (lane / 8) % 2 * 8 + lane % 8) * L::kStatePitch + ni * 16;
+    });
+    warp::ldmatrix_x2<true>(w, bf, offset);
+  }
+
+  // --- the state -------------------------------------------------------------------------------
+
+  // Tile `slot` of warp w: its (row tile, column tile), or false past the last column tile.
+  LINATTN_HD static bool state_tile(int warp_index, int slot, int& mi, int& ni) {
+    mi = warp_index / State::kWarpsPerRowTile * State::kRowTilesPerWarp + slot / State::kColsPerWarp;
+    ni = warp_index % State::kWarpsPerRowTile * State::kColsPerWarp + slot % State::kColsPerWarp;
+    return ni < State::kStateCols;
+  }
+
+  // Element i of accumulator tile (mi, ni) for `lane`: its state row and column (the normalizer
+  // tile's column 0 is the state's column dv, its other columns none: -1).
+  LINATTN_HD int64_t state_row(int mi, int lane, int i) const { return mi * 16 + warp::group_of(lane) + 8 * (i / 2); }
+  LINATTN_HD int64_t state_col(int ni, int lane, int i) const {
+    const int c = 2 * warp::thread_in_group(lane) + i % 2;
+    if (ni == DV / 8) return c == 0 ? p.value_dim : -1;
+    return col0 + ni * 8 + c < p.value_dim ? col0 + ni * 8 + c : -1;
+  }
+
+  LINATTN_HD void load_state(const WarpContext& w, State& s) const {
+    LINATTN_UNROLL
+    for (int slot = 0; slot < State::kTilesPerWarp; ++slot) {
+      int mi = 0, ni = 0;
+      const bool mine = state_tile(w.warp, slot, mi, ni);
+      warp::for_lanes(w, [&](int lane) {
+        LINATTN_UNROLL
+        for (int i = 0; i < 4; ++i) {
+          const int64_t row = state_row(mi, lane, i), col = state_col(ni, lane, i);
+          const bool stored = mine && p.state_in.data != nullptr && row < p.feature_dim && col >= 0;
+          s.state[slot][i][lane] = stored ? warp::load_global(w, p.state_in.at(state_index, row, col)) : 0.0f;
+        }
+      });
+    }
+  }
+
+  LINATTN_HD void store_state(const WarpContext& w, const State& s) const {
+    if (p.state_out.data == nullptr) return;
+    LINATTN_UNROLL
+    for (int slot = 0; slot < State::kTilesPerWarp; ++slot) {
+      int mi = 0, ni = 0;
+      if (!state_tile(w.warp, slot, mi, ni)) continue;
+      warp::for_lanes(w, [&](int lane) {
+        LINATTN_UNROLL
+        for (int i = 0; i < 4; ++i) {
+          const int64_t row = state_row(mi, lane, i), col = state_col(ni, lane, i);
+          const bool written = col >= 0 && (col < p.value_dim || tile == 0);  // z: tile 0's
+          if (row < p.feature_dim && written) {
+            warp::store_global(w, p.state_out.at(state_index, row, col), s.state[slot][i][lane]);
+          }
+        }
+      });
+    }
+  }
+
+  // The 16-bit copy the queries read: each warp writes its tiles.
+  LINATTN_HD void publish_state(const WarpContext& w, const State& s) const {
+    LINATTN_UNROLL
+    for (int slot = 0; slot < State::kTilesPerWarp; ++slot) {
+      int mi = 0, ni = 0;
+      if (!state_tile(w.warp, slot, mi, ni)) continue;
+      warp::for_lanes(w, [&](int lane) {
+        const int g = warp::group_of(lane), t = warp::thread_in_group(lane);
+        LINATTN_UNROLL
+        for (int half = 0; half < 2; ++half) {
+          const uint32_t offset = L::kState + (mi * 16 + g + 8 * half) * L::kStatePitch + (ni * 8 + 2 * t) * 2;
+          warp::store_shared<uint32_t>(
+              w, offset, warp::pack<scalar_t>(s.state[slot][2 * half][lane], s.state[slot][2 * half + 1][lane]));
+        }
+      });
+    }
+  }
+
+  // St += φ(K)ᵀ [V | 1] over the chunk's keys (`keys` of them hold data).
+  LINATTN_HD void update_state(const WarpContext& w, State& s, uint32_t base, int keys) const {
+    for (int kk = 0; kk * 16 < keys; ++kk) {
+      LINATTN_UNROLL
+      for (int r = 0; r < State::kRowTilesPerWarp; ++r) {
+        int mi = 0, ni = 0;
+        state_tile(w.warp, r * State::kColsPerWarp, mi, ni);
+        Fragment a[4];
+        key_transposed_fragment(w, base, mi, kk, a);
+        LINATTN_UNROLL
+        for (int c = 0; c < State::kColsPerWarp; ++c) {
+          const int slot = r * State::kColsPerWarp + c;
+          if (!state_tile(w.warp, slot, mi, ni)) continue;
+          Fragment bf[2];
+          value_fragment(w, base, kk, ni, bf);
+          warp::mma_16816<scalar_t>(s.state[slot], a, bf);
+        }
+      }
+    }
+  }
+
+  // --- the output ------------------------------------------------------------------------------
+
+  // Value tile j (0 .. kOutTiles) of warp half `ch`: a state column tile.
+  LINATTN_HD static int out_tile(int ch, int j) { return j < kColsPerHalf ? ch * kColsPerHalf + j : DV / 8; }
+
+  // The diagonal block's scores · [V | 1] without multiplying a masked (0) score by V: the mma
+  // would turn 0 · Inf into NaN in rows before the key holding Inf, which never see that key.
+  // Taken only for chunks whose V holds Inf or NaN; the scores go through the warp's scratch tile.
+  LINATTN_HD void diagonal_exactly(const WarpContext& w, uint32_t base, const Fragment (&scores)[kChunk / 16][4],
+                                   Accumulator (&o)[kOutTiles][4]) const {
+    const int rb = w.warp % 4, ch = w.warp / 4;
+    const uint32_t scratch = L::kScratch + w.warp * 16 * 16 * 4;
+    LINATTN_UNROLL
+    for (int kk = 0; kk < kChunk / 16; ++kk) {
+      if (kk != rb) continue;
+      warp::for_lanes(w, [&](int lane) {
+        const int g = warp::group_of(lane), t = warp::thread_in_group(lane);
+        LINATTN_UNROLL
+        for (int i = 0; i < 4; ++i) {
+          const int row = g + 8 * (i % 2), key = 2 * t + 8 * (i / 2);
+          warp::store_shared<float>(w, scratch + (row * 16 + key) * 4, warp::unpack_lo<scalar_t>(scores[kk][i][lane]));
+          warp::store_shared<float>(w, scratch + (row * 16 + key + 1) * 4, warp::unpack_hi<scalar_t>(scores[kk][i][lane]));
+        }
+      });
+    }
+    warp::sync(w);
+    warp::for_lanes(w, [&](int lane) {
+      const int g = warp::group_of(lane), t = warp::thread_in_group(lane);
+      LINATTN_UNROLL
+      for (int half = 0; half < 2; ++half) {
+        const int row = g + 8 * half;
+        for (int key = 0; key <= row; ++key) {
+          const float score = warp::load_shared<float>(w, scratch + (row * 16 + key) * 4);
+          const uint32_t value_row = base + L::kV + (rb * 16 + key) * L::kVPitch;
+          LINATTN_UNROLL
+          for (int j = 0; j < kOutTiles; ++j) {
+            LINATTN_UNROLL
+            for (int e = 0; e < 2; ++e) {
+              const int col = out_tile(ch, j) * 8 + 2 * t + e;
+              float value;
+              if (j == kOutTiles - 1) {
+                value = col == DV ? 1.0f : 0.0f;  // the ones column
+              } else {
+                const uint16_t bits = warp::load_shared<uint16_t>(w, value_row + col * 2);
+                value = static_cast<float>(scalar_t(bits, typename scalar_t::from_bits_t()));
+              }
+              o[j][2 * half + e][lane] += score * value;
+            }
+          }
+        }
+      }
+    });
+    warp::sync(w);
+  }
+
+  // The chunk's output rows 16·rb.. for the warp's half of the value columns, and the normalizer.
+  LINATTN_HD void output(const WarpContext& w, uint32_t base, int64_t start, bool causal) const {
+    const int rb = w.warp % 4, ch = w.warp / 4;
+    const int64_t row0 = start + rb * 16;
+    if (row0 >= p.q_len) return;
+    // (Registers bound the order: one 16-column slice of φ(Q) at a time, loaded again for the
+    // state product, and the scores packed to 16 bits before the output tiles are started.)
+    Fragment scores[kChunk / 16][4];  // A fragments of the masked scores, 16 keys each
+    if (causal) {
+      // Scores against keys 0 .. 16·rb + 15 of the chunk (the later ones are masked whole).
+      Accumulator sc[kChunk / 8][4];
+      LINATTN_UNROLL
+      for (int nt = 0; nt < kChunk / 8; ++nt) {
+        LINATTN_UNROLL
+        for (int i = 0; i < 4; ++i) warp::for_lanes(w, [&](int lane) { sc[nt][i][lane] = 0.0f; });
+      }
+      LINATTN_UNROLL
+      for (int ks = 0; ks < DK / 16; ++ks) {
+        Fragment qf[4];
+        query_fragment(w, base, rb, ks, qf);
+        LINATTN_UNROLL
+        for (int nt = 0; nt < kChunk / 8; ++nt) {
+          if (nt > 2 * rb + 1) continue;
+          Fragment bf[2];
+          key_fragment(w, base, nt, ks, bf);
+          warp::mma_16816<scalar_t>(sc[nt], qf, bf);
+        }
+      }
+      // The diagonal block: key j is seen by rows i >= j.
+      warp::for_lanes(w, [&](int lane) {
+        const int g = warp::group_of(lane), t = warp::thread_in_group(lane);
+        LINATTN_UNROLL
+        for (int nt = 0; nt < kChunk / 8; ++nt) {
+          LINATTN_UNROLL
+          for (int i = 0; i < 4; ++i) {
+            const int row = rb * 16 + g + 8 * (i / 2), key = nt * 8 + 2 * t + i % 2;
+            if (key > row) sc[nt][i][lane] = 0.0f;
+          }
+        }
+      });
+      // The C fragments of two score tiles are the A fragment of their 16 keys.
+      warp::for_lanes(w, [&](int lane) {
+        LINATTN_UNROLL
+        for (int kk = 0; kk < kChunk / 16; ++kk) {
+          LINATTN_UNROLL
+          for (int i = 0; i < 4; ++i) {
+            const Accumulator* tile = sc[2 * kk + i / 2];
+            scores[kk][i][lane] = warp::pack<scalar_t>(tile[2 * (i % 2)][lane], tile[2 * (i % 2) + 1][lane]);
+          }
+        }
+      });
+    }
+    Accumulator o[kOutTiles][4];
+    LINATTN_UNROLL
+    for (int j = 0; j < kOutTiles; ++j) {
+      LINATTN_UNROLL
+      for (int i = 0; i < 4; ++i) warp::for_lanes(w, [&](int lane) { o[j][i][lane] = 0.0f; });
+    }
+    // The chunks before: φ(Q) · St.
+    LINATTN_UNROLL
+    for (int ks = 0; ks < DK / 16; ++ks) {
+      Fragment qf[4];
+      query_fragment(w, base, rb, ks, qf);
+      LINATTN_UNROLL
+      for (int j = 0; j < kOutTiles; ++j) {
+        Fragment bf[2];
+        state_fragment(w, ks, out_tile(ch, j), bf);
+        warp::mma_16816<scalar_t>(o[j], qf, bf);
+      }
+    }
+    // This chunk: scores · [V | 1].
+    if (causal) {
+      const bool exact_diagonal = warp::load_shared<uint8_t>(w, base + L::kNonFinite) != 0;
+      LINATTN_UNROLL
+      for (int kk = 0; kk < kChunk / 16; ++kk) {
+        if (kk > rb || (kk == rb && exact_diagonal)) continue;
+        LINATTN_UNROLL
+        for (int j = 0; j < kOutTiles; ++j) {
+          Fragment bf[2];
+          value_fragment(w, base, kk, out_tile(ch, j), bf);
+          warp::mma_16816<scalar_t>(o[j], scores[kk], bf);
+        }
+      }
+      if (exact_diagonal) diagonal_exactly(w, base, scores, o);
+    }
+    // The normalizer of rows g and g + 8 is column 0 of the last tile, held by the group's lane 0.
+    Lanes<int> leader;
+    warp::for_lanes(w, [&](int lane) { leader[lane] = lane & ~3; });
+    const Lanes<float> den_top = warp::shuffle(w, o[kOutTiles - 1][0], leader);
+    const Lanes<float> den_bottom = warp::shuffle(w, o[kOutTiles - 1][2], leader);
+    warp::for_lanes(w, [&](int lane) {
+      const int g = warp::group_of(lane), t = warp::thread_in_group(lane);
+      LINATTN_UNROLL
+      for (int half = 0; half < 2; ++half) {
+        const int64_t row = row0 + g + 8 * half;
+        if (row >= p.q_len) continue;
+        const float den = (half == 0 ? den_top[lane] : den_bottom[lane]) + p.eps;
+        const int64_t out_row = (bh * p.q_len + row) * p.value_dim;
+        LINATTN_UNROLL
+        for (int j = 0; j < kColsPerHalf; ++j) {
+          LINATTN_UNROLL
+          for (int e = 0; e < 2; ++e) {
+            const int64_t col = col0 + out_tile(ch, j) * 8 + 2 * t + e;
+            if (col >= p.value_dim) continue;
+            float value = o[j][2 * half + e][lane];
+            if (p.normalize) value = fused::vanished(den) ? value * 0.0f : value / den;
+            warp::store_global(w, p.out + out_row + col, scalar_t(value));
+          }
+        }
+        if (tile == 0 && ch == 0 && t == 0) warp::store_global(w, p.normalizer + bh * p.q_len + row, den);
+      }
+    });
+  }
+};
+
+}  // namespace tensor_core
+}  // namespace linattn
