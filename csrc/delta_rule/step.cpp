@@ -73,15 +73,15 @@ bool wants_gradient(std::initializer_list<const at::Tensor*> tensors) {
 std::tuple<at::Tensor, at::Tensor> delta_rule_step(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                    const at::Tensor& beta, const std::optional<at::Tensor>& log_gate,
                                                    const at::Tensor& state, double scale) {
-  check_step_inputs(q, k, v, beta, log_gate, state);
   const at::Tensor none;
   const bool gradient = wants_gradient({&q, &k, &v, &beta, log_gate.has_value() ? &*log_gate : &none, &state});
   if (!gradient && (q.is_cpu() || q.is_meta())) {
     static const auto fused = c10::Dispatcher::singleton()
                                   .findSchemaOrThrow("linattn::delta_rule_step_fused", "")
                                   .typed<decltype(delta_rule_step)>();
-    return fused.call(q, k, v, beta, log_gate, state, scale);
+    return fused.call(q, k, v, beta, log_gate, state, scale);  // which checks the inputs
   }
+  check_step_inputs(q, k, v, beta, log_gate, state);
   return step_in_aten(q, k, v, beta, log_gate, state, scale);
 }
 

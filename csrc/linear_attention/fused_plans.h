@@ -36,18 +36,14 @@ bool fit_chunk(ScanProblem<scalar_t, acc_t>& p, int64_t max_bytes) {
 // A (B, H, m, dv + 1) contiguous state, as is or transposed (rows = the augmented columns).
 template <typename T>
 StateView<T> state_view(T* data, const LinearAttentionShape& s, bool transposed) {
-  StateView<T> view;
-  view.data = data;
-  view.bh_stride = s.feature_dim * (s.value_dim + 1);
-  view.row_stride = transposed ? 1 : s.value_dim + 1;
-  view.col_stride = transposed ? s.value_dim + 1 : 1;
-  return view;
+  return augmented_state_view(data, s.feature_dim, s.value_dim, transposed);
 }
 
-template <typename scalar_t, typename acc_t>
-ScanProblem<scalar_t, acc_t> problem_of(const LinearAttentionShape& s, const at::Tensor& q,
-                                        const at::Tensor& k, const at::Tensor& v, const bool* mask) {
-  ScanProblem<scalar_t, acc_t> p;
+// The call's sizes, options and inputs, which the SIMT scan's and the tensor-core forward's
+// problems both describe.
+template <typename Problem, typename scalar_t>
+void describe_call(Problem& p, const LinearAttentionShape& s, const at::Tensor& q, const at::Tensor& k,
+                   const at::Tensor& v, const bool* key_padding) {
   p.batch = s.batch;
   p.heads = s.heads;
   p.q_len = s.q_len;
@@ -56,13 +52,40 @@ ScanProblem<scalar_t, acc_t> problem_of(const LinearAttentionShape& s, const at:
   p.value_dim = s.value_dim;
   p.feature_map = static_cast<int>(s.feature_map);
   p.normalize = s.normalize;
-  p.eps = static_cast<acc_t>(s.eps);
+  p.eps = static_cast<decltype(p.eps)>(s.eps);
   p.causal = s.causal;
-  p.tile = kTile;
   p.q = view_of<scalar_t>(q);
   p.k = view_of<scalar_t>(k);
   p.v = view_of<scalar_t>(v);
-  p.key_padding = mask;
+  p.key_padding = key_padding;
+}
+
+template <typename scalar_t, typename acc_t>
+ScanProblem<scalar_t, acc_t> problem_of(const LinearAttentionShape& s, const at::Tensor& q,
+                                        const at::Tensor& k, const at::Tensor& v, const bool* mask) {
+  ScanProblem<scalar_t, acc_t> p;
+  describe_call<ScanProblem<scalar_t, acc_t>, scalar_t>(p, s, q, k, v, mask);
+  p.tile = kTile;
+  return p;
+}
+
+// The tensor-core forward's problem; outputs contiguous.
+template <typename scalar_t>
+tensor_core::ForwardProblem<scalar_t> tensor_core_problem(const LinearAttentionShape& s, const at::Tensor& q,
+                                                          const at::Tensor& k, const at::Tensor& v,
+                                                          const bool* mask, StateView<const float> state_in,
+                                                          StateView<float> state_out, at::Tensor& out,
+                                                          at::Tensor& normalizer) {
+  tensor_core::ForwardProblem<scalar_t> p;
+  describe_call<tensor_core::ForwardProblem<scalar_t>, scalar_t>(p, s, q, k, v, mask);
+  p.q_vector = tensor_core::vector_rows<scalar_t>(q);
+  p.k_vector = tensor_core::vector_rows<scalar_t>(k);
+  p.v_vector = tensor_core::vector_rows<scalar_t>(v);
+  p.state_in = state_in;
+  p.state_out = state_out;
+  p.out = out.data_ptr<scalar_t>();
+  p.normalizer = normalizer.data_ptr<float>();
+  p.value_tiles = tensor_core::value_tiles_of(s);
   return p;
 }
 
@@ -81,13 +104,13 @@ std::optional<std::tuple<at::Tensor, at::Tensor, at::Tensor>> forward(
   at::Tensor initial, mask;  // contiguous copies where needed (optional_ptr)
   const bool* mask_ptr = optional_ptr<bool>(key_padding_mask, mask);
   if (tensor_core::takes(s, q.scalar_type(), max_shared_bytes)) {
-    // 16-bit inputs with head dims up to 128: the tensor-core scan (tensor_core/forward.h).
+    // 16-bit inputs with head dims up to 256: the tensor-core scan (tensor_core/forward.h).
     const auto in = state_view<const float>(optional_ptr<float>(initial_state, initial), s, false);
     const int64_t segments = tensor_core::segments_for(s, launch.processors());
     AT_DISPATCH_REDUCED_FLOATING_TYPES(q.scalar_type(), "linear_attn_fwd_fused", [&] {
-      auto p = tensor_core::forward_problem<scalar_t>(s, q, k, v, mask_ptr, in,
-                                                      state_view<float>(final_state.data_ptr<float>(), s, false),
-                                                      out, normalizer);
+      auto p = tensor_core_problem<scalar_t>(s, q, k, v, mask_ptr, in,
+                                             state_view<float>(final_state.data_ptr<float>(), s, false), out,
+                                             normalizer);
       if (segments == 1) {
         launch(p);
       } else {

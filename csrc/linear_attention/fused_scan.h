@@ -98,6 +98,18 @@ struct StateView {
   }
 };
 
+// (m, dv + 1) contiguous states, one per index (a (batch, head), or (batch, head, segment)), as
+// they are or transposed (rows = the augmented columns).
+template <typename T>
+StateView<T> augmented_state_view(T* data, int64_t m, int64_t dv, bool transposed) {
+  StateView<T> view;
+  view.data = data;
+  view.bh_stride = m * (dv + 1);
+  view.row_stride = transposed ? 1 : dv + 1;
+  view.col_stride = transposed ? dv + 1 : 1;
+  return view;
+}
+
 // Everything one launch reads and writes. Outputs are contiguous (B, H, rows, cols).
 template <typename scalar_t, typename acc_t>
 struct ScanProblem {

@@ -1,6 +1,6 @@
 // The process-wide totals of the warp emulation's counters, and the operators that read and
 // reset them (the kernels' static checks: tests/ops/test_warp_layer.py and
-// benchmarks/bench_tensor_core_emulation.py).
+// benchmarks/bench_tensor_core.py).
 #include "emulation.h"
 
 #include <ATen/ATen.h>

@@ -34,7 +34,7 @@ struct EmulationCounters {
   }
 };
 
-// The counters of the block the calling CPU thread emulates (set by EmulatedBlock).
+// The counters of the block the calling CPU thread emulates (set by a CountingScope).
 inline thread_local EmulationCounters* current_counters = nullptr;
 
 // Counts into `c` while alive (on this CPU thread), whether the block ends or throws.

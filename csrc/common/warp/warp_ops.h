@@ -138,7 +138,23 @@ inline void check_shared(const WarpContext& w, uint32_t offset, int bytes, int a
   if (static_cast<int64_t>(offset) + bytes > w.pending->shared_bytes)
     emulation_fault("warp emulation: shared-memory access out of bounds");
 }
+}  // namespace detail
 
+// One lane's shared-memory store and load, checked for alignment and bounds.
+template <typename T>
+inline void store_shared(const WarpContext& w, uint32_t offset, T value) {
+  detail::check_shared(w, offset, sizeof(T), sizeof(T));
+  std::memcpy(w.shared + offset, &value, sizeof(T));
+}
+template <typename T>
+inline T load_shared(const WarpContext& w, uint32_t offset) {
+  detail::check_shared(w, offset, sizeof(T), sizeof(T));
+  T value;
+  std::memcpy(&value, w.shared + offset, sizeof(T));
+  return value;
+}
+
+namespace detail {
 // The wavefronts one 8x8 matrix (8 row addresses of 16 bytes) takes: the most distinct 4-byte
 // words any of the 32 banks must serve.
 inline int wavefronts(const uint32_t (&rows)[8]) {
@@ -157,11 +173,6 @@ inline int wavefronts(const uint32_t (&rows)[8]) {
   return most;
 }
 
-inline uint16_t half_at(const WarpContext& w, uint32_t offset) {
-  uint16_t h;
-  std::memcpy(&h, w.shared + offset, 2);
-  return h;
-}
 
 // Matrix m of an ldmatrix: the registers lanes receive (PTX ISA, "ldmatrix": without .trans lane
 // l holds row l / 4, columns 2(l % 4) and 2(l % 4) + 1; with .trans the transposed positions).
@@ -179,11 +190,11 @@ inline void load_matrix(const WarpContext& w, Fragment& r, const Lanes<uint32_t>
     const int g = group_of(lane), t = thread_in_group(lane);
     uint16_t lo, hi;
     if (kTranspose) {
-      lo = half_at(w, rows[2 * t] + 2 * g);
-      hi = half_at(w, rows[2 * t + 1] + 2 * g);
+      lo = load_shared<uint16_t>(w, rows[2 * t] + 2 * g);
+      hi = load_shared<uint16_t>(w, rows[2 * t + 1] + 2 * g);
     } else {
-      lo = half_at(w, rows[g] + 4 * t);
-      hi = half_at(w, rows[g] + 4 * t + 2);
+      lo = load_shared<uint16_t>(w, rows[g] + 4 * t);
+      hi = load_shared<uint16_t>(w, rows[g] + 4 * t + 2);
     }
     r[lane] = static_cast<uint32_t>(lo) | (static_cast<uint32_t>(hi) << 16);
   }
@@ -270,18 +281,6 @@ inline void store_global(const WarpContext&, T* p, T value) {
   *p = value;
 }
 
-template <typename T>
-inline void store_shared(const WarpContext& w, uint32_t offset, T value) {
-  detail::check_shared(w, offset, sizeof(T), sizeof(T));
-  std::memcpy(w.shared + offset, &value, sizeof(T));
-}
-template <typename T>
-inline T load_shared(const WarpContext& w, uint32_t offset) {
-  detail::check_shared(w, offset, sizeof(T), sizeof(T));
-  T value;
-  std::memcpy(&value, w.shared + offset, sizeof(T));
-  return value;
-}
 #endif
 
 }  // namespace warp

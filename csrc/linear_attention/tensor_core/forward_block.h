@@ -7,6 +7,7 @@
 
 namespace linattn {
 namespace tensor_core {
+
 // φ of both halves of a 16-bit pair, 0 where not valid.
 template <typename half_t>
 LINATTN_HD inline uint32_t feature_pair(int map, uint32_t pair, bool valid_lo, bool valid_hi) {
@@ -76,13 +77,13 @@ struct ForwardBlock {
     return {&v_tile, p.v_vector, p.k_len, p.value_dim - col0, DV, L::kVPitch, L::kV};
   }
 
-  // Calls piece(lane, r, col) for each piece of a chunk's rows that lane `lane` of warp w owns.
+  // Calls piece(r, col) for each piece of a chunk's rows that a lane of warp w owns (per lane).
   template <typename Piece>
   LINATTN_HD void each_piece(const WarpContext& w, const Rows& x, Piece&& piece) const {
     const int pieces_per_row = x.cols / 8, pieces = kChunk * pieces_per_row;
     warp::for_lanes(w, [&](int lane) {
       for (int e = w.warp * warp::kWarpSize + lane; e < pieces; e += kThreads)
-        piece(lane, e / pieces_per_row, e % pieces_per_row * 8);
+        piece(e / pieces_per_row, e % pieces_per_row * 8);
     });
   }
 
@@ -90,7 +91,7 @@ struct ForwardBlock {
   // element loads otherwise (strided or unaligned rows, a last partial piece).
   LINATTN_HD void load_rows(const WarpContext& w, Operand operand, uint32_t base, int64_t start) const {
     const Rows x = rows_of(operand);
-    each_piece(w, x, [&](int, int r, int col) {
+    each_piece(w, x, [&](int r, int col) {
       const int64_t row = start + r;
       const uint32_t dst = base + x.offset + static_cast<uint32_t>(r * x.pitch + col * 2);
       if (row >= x.rows || col >= x.dim) {
@@ -116,7 +117,7 @@ struct ForwardBlock {
   // raises the chunk's flag (see diagonal_exactly).
   LINATTN_HD void prepare_rows(const WarpContext& w, Operand operand, uint32_t base, int64_t start) const {
     const Rows x = rows_of(operand);
-    each_piece(w, x, [&](int, int r, int col) {
+    each_piece(w, x, [&](int r, int col) {
       const int64_t row = start + r;
       bool valid = row < x.rows;
       if (valid && operand != Operand::kQuery && p.key_padding != nullptr)
@@ -212,20 +213,30 @@ struct ForwardBlock {
       });
       return;
     }
-    Lanes<uint32_t> offset;
-    warp::for_lanes(w, [&](int lane) {
-      offset[lane] = base + L::kV + (kk * 16 + (lane / 8) % 2 * 8 + lane % 8) * L::kVPitch + ni * 16;
-    });
-    warp::ldmatrix_x2<true>(w, bf, offset);
+    rows_as_b_operand(w, base + L::kV + kk * 16 * L::kVPitch + ni * 16, L::kVPitch, bf);
   }
 
   // The 16-bit state for features ks·16.. (rows) × 8 columns of tile ni, a B operand.
   LINATTN_HD void state_fragment(const WarpContext& w, int ks, int ni, Fragment (&bf)[2]) const {
+    rows_as_b_operand(w, L::kState + ks * 16 * L::kStatePitch + ni * 16, L::kStatePitch, bf);
+  }
+
+  // A B operand (16 rows k × 8 columns n) stored row by row from shared offset `origin`, `pitch`
+  // bytes apart: two 8×8 matrices (rows 0-7, 8-15) read transposed.
+  LINATTN_HD static void rows_as_b_operand(const WarpContext& w, uint32_t origin, int pitch, Fragment (&bf)[2]) {
     Lanes<uint32_t> offset;
-    warp::for_lanes(w, [&](int lane) {
-      offset[lane] = L::kState + (ks * 16 + (lane / 8) % 2 * 8 + lane % 8) * L::kStatePitch + ni * 16;
-    });
+    warp::for_lanes(w, [&](int lane) { offset[lane] = origin + ((lane / 8) % 2 * 8 + lane % 8) * pitch; });
     warp::ldmatrix_x2<true>(w, bf, offset);
+  }
+
+  // Sets accumulator tiles to 0.
+  template <int N>
+  LINATTN_HD static void clear(const WarpContext& w, Accumulator (&tiles)[N][4]) {
+    LINATTN_UNROLL
+    for (int j = 0; j < N; ++j) {
+      LINATTN_UNROLL
+      for (int i = 0; i < 4; ++i) warp::for_lanes(w, [&](int lane) { tiles[j][i][lane] = 0.0f; });
+    }
   }
 
   // --- the state -------------------------------------------------------------------------------
@@ -386,11 +397,7 @@ struct ForwardBlock {
     if (causal) {
       // Scores against keys 0 .. 16·rb + 15 of the chunk (the later ones are masked whole).
       Accumulator sc[kChunk / 8][4];
-      LINATTN_UNROLL
-      for (int nt = 0; nt < kChunk / 8; ++nt) {
-        LINATTN_UNROLL
-        for (int i = 0; i < 4; ++i) warp::for_lanes(w, [&](int lane) { sc[nt][i][lane] = 0.0f; });
-      }
+      clear(w, sc);
       LINATTN_UNROLL
       for (int ks = 0; ks < DK / 16; ++ks) {
         Fragment qf[4];
@@ -428,11 +435,7 @@ struct ForwardBlock {
       });
     }
     Accumulator o[kOutTiles][4];
-    LINATTN_UNROLL
-    for (int j = 0; j < kOutTiles; ++j) {
-      LINATTN_UNROLL
-      for (int i = 0; i < 4; ++i) warp::for_lanes(w, [&](int lane) { o[j][i][lane] = 0.0f; });
-    }
+    clear(w, o);
     // The chunks before: φ(Q) · St.
     LINATTN_UNROLL
     for (int ks = 0; ks < DK / 16; ++ks) {

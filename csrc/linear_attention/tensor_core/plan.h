@@ -1,17 +1,17 @@
-// When the tensor-core forward (forward.h) runs, and the problem it is given. Shared by the CUDA
-// launch (fused_cuda_ops.cpp) and the CPU emulation (fused_emulated.cpp) through fused_plans.h.
+// When the tensor-core forward (forward.h) runs, its value tiles and its sequence split. Shared by
+// the CUDA launch (fused_cuda_ops.cpp) and the CPU emulation (fused_emulated.cpp) through
+// fused_plans.h, which builds the problem.
 #pragma once
 
 #include "problem.h"
 #include "../kernel.h"
-#include "../../common/tensor_views.h"
 
 #include <ATen/ATen.h>
 
 #include <algorithm>
 #include <cstdlib>
-#include <optional>
 #include <cstring>
+#include <optional>
 
 namespace linattn {
 namespace tensor_core {
@@ -46,38 +46,6 @@ bool vector_rows(const at::Tensor& t) {
   return reinterpret_cast<uintptr_t>(t.const_data_ptr<scalar_t>()) % 16 == 0;
 }
 
-// The forward's problem; q, k, v of any strides, outputs contiguous.
-template <typename scalar_t>
-ForwardProblem<scalar_t> forward_problem(const LinearAttentionShape& s, const at::Tensor& q, const at::Tensor& k,
-                                         const at::Tensor& v, const bool* key_padding,
-                                         fused::StateView<const float> state_in, fused::StateView<float> state_out,
-                                         at::Tensor& out, at::Tensor& normalizer) {
-  ForwardProblem<scalar_t> p;
-  p.batch = s.batch;
-  p.heads = s.heads;
-  p.q_len = s.q_len;
-  p.k_len = s.k_len;
-  p.feature_dim = s.feature_dim;
-  p.value_dim = s.value_dim;
-  p.feature_map = static_cast<int>(s.feature_map);
-  p.normalize = s.normalize;
-  p.causal = s.causal;
-  p.eps = static_cast<float>(s.eps);
-  p.q = view_of<scalar_t>(q);
-  p.k = view_of<scalar_t>(k);
-  p.v = view_of<scalar_t>(v);
-  p.q_vector = vector_rows<scalar_t>(q);
-  p.k_vector = vector_rows<scalar_t>(k);
-  p.v_vector = vector_rows<scalar_t>(v);
-  p.key_padding = key_padding;
-  p.state_in = state_in;
-  p.state_out = state_out;
-  p.out = out.data_ptr<scalar_t>();
-  p.normalizer = normalizer.data_ptr<float>();
-  p.value_tiles = value_tiles_of(s);
-  return p;
-}
-
 // The sequence split: how many segments a call is cut into so that (batch, head, segment, value
 // tile) blocks fill `processors` SMs, each segment at least kMinimumSegment rows long.
 constexpr int64_t kMinimumSegment = 8 * kChunk;
@@ -96,17 +64,6 @@ inline int64_t segment_rows(int64_t rows, int64_t segments) {
   return (per + kChunk - 1) / kChunk * kChunk;
 }
 
-// One (m, w) contiguous state per block, at data + block · m · w.
-template <typename T>
-fused::StateView<T> block_states(T* data, int64_t m, int64_t w) {
-  fused::StateView<T> view;
-  view.data = data;
-  view.bh_stride = m * w;
-  view.row_stride = w;
-  view.col_stride = 1;
-  return view;
-}
-
 // Runs p split into `segments`: the segments' state sums (one launch), their prefix sums in ATen
 // (fp32, a fixed order: deterministic), then every segment's outputs from the state before it
 // (one launch). Writes p's outputs and final_state ((B, H, m, dv + 1)).
@@ -122,7 +79,7 @@ void split_forward(ForwardProblem<scalar_t> p, int64_t segments, const std::opti
   auto states = p;
   states.pass = Pass::kSegmentStates;
   states.state_in = {};
-  states.state_out = block_states<float>(sums.data_ptr<float>(), m, w);
+  states.state_out = fused::augmented_state_view<float>(sums.data_ptr<float>(), m, p.value_dim, false);
   launch(states);
   at::Tensor total = sums.sum(2);
   if (initial_state.has_value()) total.add_(*initial_state);
@@ -136,7 +93,7 @@ void split_forward(ForwardProblem<scalar_t> p, int64_t segments, const std::opti
   }
   auto outputs = p;
   outputs.pass = Pass::kSegmentOutputs;
-  outputs.state_in = block_states<const float>(before.data_ptr<float>(), m, w);
+  outputs.state_in = fused::augmented_state_view<const float>(before.data_ptr<float>(), m, p.value_dim, false);
   outputs.state_out = {};
   launch(outputs);
 }
