@@ -78,7 +78,7 @@ def sliding_window_attention(
         try:
             if scale is None:
                 scale = q.shape[-1] ** -0.5 if q.shape[-1] > 0 else 1.0
-            op = ops.restricted.restricted_softmax_op()
+            op = ops.restricted.restricted_softmax_op(q.device.type)
             if key_padding_mask is None:  # the schema's defaults, not parsed again per call
                 out, _ = op(q, k, v, scale, window, window, 1, causal)
             else:

@@ -7,6 +7,7 @@
 #include "tensor_core/launch.h"
 #include "fused_plans.h"
 #include "generic.h"
+#include "../common/cuda_device.h"
 
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -21,12 +22,7 @@ namespace {
 struct CudaLaunch {
   cudaStream_t stream;
   // The current device's SMs (the tensor-core forward splits long sequences to fill them).
-  int64_t processors() const {
-    int device = 0, count = 0;
-    C10_CUDA_CHECK(cudaGetDevice(&device));
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
-    return count;
-  }
+  int64_t processors() const { return multiprocessors(); }
   template <typename scalar_t>
   void operator()(const tensor_core::ForwardProblem<scalar_t>& p) const {
     TORCH_CHECK(p.blocks() <= std::numeric_limits<int32_t>::max(), kLinearAttentionOp,
@@ -40,15 +36,6 @@ struct CudaLaunch {
     fused::launch_scan(p, stream);
   }
 };
-
-// The shared memory a block may opt in to on the current device (not ATen's device
-// properties: its header pulls in cuBLAS and cuSPARSE, which a minimal toolkit lacks).
-int64_t shared_memory_per_block() {
-  int device = 0, bytes = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&device));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-  return bytes;
-}
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cuda(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,

@@ -5,12 +5,12 @@
 #include "plain_entry.h"
 #include "fused_plans.h"
 #include "../common/warp/host_block.h"
+#include "../common/warp/host_settings.h"
 #include "tensor_core/forward.h"
 
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include <cstdlib>
 #include <limits>
 #include <vector>
 
@@ -26,14 +26,6 @@ struct HostExec {
     for (int64_t t = 0; t < threads; ++t) phase(t);
   }
 };
-
-// Shared memory per block of the GPU this emulates: an H100's 227 KiB, so the same chunk
-// lengths are chosen, unless LINATTN_EMULATED_SHARED_BYTES names another (tests emulate an A100's
-// 163 KiB or less, to run the shorter chunks and the too-large case).
-int64_t emulated_shared_bytes() {
-  const char* text = std::getenv("LINATTN_EMULATED_SHARED_BYTES");
-  return text != nullptr ? std::strtoll(text, nullptr, 10) : 227 * 1024;
-}
 
 // The tensor-core forward on the CPU: each block's warps emulated lane by lane through the
 // warp-operation layer, counting what they do (common/warp/emulation.h).
@@ -53,15 +45,8 @@ void emulate_tensor_core_forward(const tensor_core::ForwardProblem<scalar_t>& p)
   });
 }
 
-// The SMs of the GPU this emulates (the sequence split cuts rows until blocks fill them): an
-// H100's 132 unless LINATTN_EMULATED_SMS names another (tests emulate the split with fewer).
-int64_t emulated_processors() {
-  const char* text = std::getenv("LINATTN_EMULATED_SMS");
-  return text != nullptr ? std::strtoll(text, nullptr, 10) : 132;
-}
-
 struct EmulatedLaunch {
-  int64_t processors() const { return emulated_processors(); }
+  int64_t processors() const { return warp::emulated_processors(); }
 
   template <typename scalar_t>
   void operator()(const tensor_core::ForwardProblem<scalar_t>& p) const {
@@ -89,7 +74,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_emulated(
     const std::optional<at::Tensor>& initial_state, const std::optional<at::Tensor>& key_padding_mask,
     int64_t feature_map, bool causal, bool normalize, double eps) {
   auto result = fused::forward(q, k, v, initial_state, key_padding_mask, feature_map, causal, normalize,
-                               eps, emulated_shared_bytes(), EmulatedLaunch{});
+                               eps, warp::emulated_shared_bytes(), EmulatedLaunch{});
   TORCH_CHECK(result.has_value(), kLinearAttentionOp, ": head dims ", q.size(3), " and ", v.size(3),
               " need more shared memory than a fused CUDA block has");
   return *result;
@@ -103,7 +88,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_emulated(
     bool normalize, const std::optional<at::Tensor>& final_state) {
   auto result = fused::backward(grad_out, grad_final_state, q, k, v, out, normalizer, initial_state,
                                 key_padding_mask, feature_map, causal, normalize, final_state,
-                                emulated_shared_bytes(),
+                                warp::emulated_shared_bytes(),
                                 EmulatedLaunch{});
   TORCH_CHECK(result.has_value(), kLinearAttentionOp, ": head dims ", q.size(3), " and ", v.size(3),
               " need more shared memory than a fused CUDA block has");

@@ -78,9 +78,9 @@ tensor_core::ForwardProblem<scalar_t> tensor_core_problem(const LinearAttentionS
                                                           at::Tensor& normalizer) {
   tensor_core::ForwardProblem<scalar_t> p;
   describe_call<tensor_core::ForwardProblem<scalar_t>, scalar_t>(p, s, q, k, v, mask);
-  p.q_vector = tensor_core::vector_rows<scalar_t>(q);
-  p.k_vector = tensor_core::vector_rows<scalar_t>(k);
-  p.v_vector = tensor_core::vector_rows<scalar_t>(v);
+  p.q_vector = warp::vector_rows<scalar_t>(q);
+  p.k_vector = warp::vector_rows<scalar_t>(k);
+  p.v_vector = warp::vector_rows<scalar_t>(v);
   p.state_in = state_in;
   p.state_out = state_out;
   p.out = out.data_ptr<scalar_t>();

@@ -1,6 +1,7 @@
 // The schema of the restricted-softmax operator (docs/methods.md §5–§7). Kernels register
 // per dispatch key in this folder: cpu.cpp (CPU), generic.cpp (every other device, and the
-// *_generic twins), meta.cpp (fake tensors), autograd.cpp (Autograd).
+// *_generic twins), flash_*.cpp (the flash engine of the fused backend), meta.cpp (fake tensors),
+// autograd.cpp (Autograd).
 #include <torch/library.h>
 
 #include <string>
@@ -39,4 +40,10 @@ TORCH_LIBRARY_FRAGMENT(linattn, m) {
     m.def(forward.c_str());  // parsed here: the strings need not outlive the call
     m.def(backward.c_str());
   }
+  // The flash engine's forward (flash/forward.h): CUDA's fused backend runs it on the GPU, and on
+  // CPU tensors it runs the GPU kernel's emulation (the tests' switch). Calls it does not take
+  // (fp32/fp64, head dims past 256) run restricted_softmax_fwd. Its backward is
+  // restricted_softmax_bwd, from the saved logsumexp.
+  m.def((std::string("restricted_softmax_fwd_fused(Tensor q, Tensor k, Tensor v, float scale, ") + kPatternArguments +
+         ") -> (Tensor out, Tensor lse)").c_str());
 }

@@ -80,8 +80,12 @@ class Pattern:
         return visible
 
 
-def restricted_softmax_op():
-    """The forward operator (the device-generic twin under the tests' switch)."""
+def restricted_softmax_op(device_type: str = "cpu"):
+    """The forward operator a call on `device_type` runs: the flash engine's under the fused CUDA
+    backend (routing.py; on CPU tensors its emulation, under the tests' switch), the device-generic
+    twin under the tests' generic switch, else the operator itself."""
+    if routing.fused_in_use(device_type):
+        return torch.ops.linattn.restricted_softmax_fwd_fused.default
     if routing.generic_in_use():
         return torch.ops.linattn.restricted_softmax_fwd_generic.default
     return torch.ops.linattn.restricted_softmax_fwd.default
@@ -90,4 +94,4 @@ def restricted_softmax_op():
 def restricted_softmax(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
                        pattern: Pattern) -> Tuple[torch.Tensor, torch.Tensor]:
     """(out (B, H, T_q, dv), lse (B, H, T_q)): softmax attention under `pattern`."""
-    return restricted_softmax_op()(q, k, v, float(scale), *pattern.op_args())
+    return restricted_softmax_op(q.device.type)(q, k, v, float(scale), *pattern.op_args())

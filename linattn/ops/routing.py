@@ -18,9 +18,10 @@ _cuda_backend = _checked_backend(os.environ.get("LINATTN_CUDA_BACKEND", "generic
 
 
 def set_cuda_backend(name: str) -> None:
-    """Choose how CUDA tensors run linear attention (no decay, no packed sequences):
-    "generic" (the default: batched ATen ops) or "fused" (linattn's fused CUDA kernels; opt-in
-    until they are faster than the generic path). docs/guide/cuda.md says which path has been
+    """Choose how CUDA tensors run linear attention (no decay, no packed sequences) and restricted
+    softmax (windows, layouts, Swin): "generic" (the default: batched ATen ops) or "fused"
+    (linattn's fused CUDA kernels: linear attention's scans and tensor-core forward, the flash
+    engine's forward; opt-in until they have run on hardware and beat the generic path). docs/guide/cuda.md says which path has been
     run on which GPU. Also set by the environment variable LINATTN_CUDA_BACKEND."""
     global _cuda_backend
     _cuda_backend = _checked_backend(name, "linattn.set_cuda_backend: name")
@@ -44,8 +45,8 @@ def generic_implementation(enabled: bool = True):
 
 @contextlib.contextmanager
 def fused_implementation(enabled: bool = True):
-    """Route linear attention to the fused operators on every device (tests only: on CPU tensors
-    they emulate the CUDA kernels' thread blocks)."""
+    """Route linear attention and restricted softmax to the fused operators on every device (tests
+    only: on CPU tensors they emulate the CUDA kernels' thread blocks)."""
     global _use_fused
     previous, _use_fused = _use_fused, enabled
     try:
@@ -60,5 +61,5 @@ def generic_in_use() -> bool:
 
 
 def fused_in_use(device_type: str) -> bool:
-    """Whether a linear-attention call on `device_type` runs the fused operators."""
+    """Whether a linear-attention or restricted-softmax call on `device_type` runs the fused operators."""
     return _use_fused or (device_type == "cuda" and _cuda_backend == "fused" and not _use_generic)

@@ -64,51 +64,14 @@ struct ForwardBlock {
   // each thread prepares what it copied itself, once its own copies have landed, and one barrier
   // later every warp reads finished rows.
 
-  struct Rows {
-    const Strided4<const scalar_t>* x;
-    bool vector;
-    int64_t rows, dim;
-    int cols, pitch;
-    uint32_t offset;  // in the chunk buffer
-  };
-  LINATTN_HD Rows rows_of(Operand operand) const {
+  LINATTN_HD warp::RowTile<scalar_t> rows_of(Operand operand) const {
     if (operand == Operand::kQuery) return {&p.q, p.q_vector, p.q_len, p.feature_dim, DK, L::kQKPitch, L::kQ};
     if (operand == Operand::kKey) return {&p.k, p.k_vector, p.k_len, p.feature_dim, DK, L::kQKPitch, L::kK};
     return {&v_tile, p.v_vector, p.k_len, p.value_dim - col0, DV, L::kVPitch, L::kV};
   }
 
-  // Calls piece(r, col) for each piece of a chunk's rows that a lane of warp w owns (per lane).
-  template <typename Piece>
-  LINATTN_HD void each_piece(const WarpContext& w, const Rows& x, Piece&& piece) const {
-    const int pieces_per_row = x.cols / 8, pieces = kChunk * pieces_per_row;
-    warp::for_lanes(w, [&](int lane) {
-      for (int e = w.warp * warp::kWarpSize + lane; e < pieces; e += kThreads)
-        piece(e / pieces_per_row, e % pieces_per_row * 8);
-    });
-  }
-
-  // Copies rows [start, start + 64): 16-byte cp.async where possible, zeros past the end,
-  // element loads otherwise (strided or unaligned rows, a last partial piece).
   LINATTN_HD void load_rows(const WarpContext& w, Operand operand, uint32_t base, int64_t start) const {
-    const Rows x = rows_of(operand);
-    each_piece(w, x, [&](int r, int col) {
-      const int64_t row = start + r;
-      const uint32_t dst = base + x.offset + static_cast<uint32_t>(r * x.pitch + col * 2);
-      if (row >= x.rows || col >= x.dim) {
-        // Zeros past the end: plain stores (a zero-filling cp.async would still need an aligned
-        // source address, which an unaligned tensor has nowhere to offer).
-        LINATTN_UNROLL
-        for (int i = 0; i < 4; ++i) warp::store_shared<uint32_t>(w, dst + 4 * i, 0u);
-      } else if (x.vector && col + 8 <= x.dim) {
-        warp::cp_async_16(w, dst, &x.x->at(b, h, row, col), 16);
-      } else {
-        LINATTN_UNROLL
-        for (int i = 0; i < 8; ++i) {
-          const scalar_t value = col + i < x.dim ? warp::load_global(w, &x.x->at(b, h, row, col + i)) : scalar_t(0.0f);
-          warp::store_shared<uint16_t>(w, dst + 2 * i, value.x);
-        }
-      }
-    });
+    warp::copy_rows<kThreads, kChunk>(w, rows_of(operand), b, h, base, start);
   }
 
   // Rows as the products want them: φ(q), φ(k) and v, with 0 for columns past the head dim (φ(0)
@@ -116,8 +79,8 @@ struct ForwardBlock {
   // nothing (and a padded key's Inf or NaN never meets a 0 score). A value row holding Inf or NaN
   // raises the chunk's flag (see diagonal_exactly).
   LINATTN_HD void prepare_rows(const WarpContext& w, Operand operand, uint32_t base, int64_t start) const {
-    const Rows x = rows_of(operand);
-    each_piece(w, x, [&](int r, int col) {
+    const warp::RowTile<scalar_t> x = rows_of(operand);
+    warp::each_piece<kThreads, kChunk>(w, x, [&](int r, int col) {
       const int64_t row = start + r;
       bool valid = row < x.rows;
       if (valid && operand != Operand::kQuery && p.key_padding != nullptr)
@@ -131,7 +94,7 @@ struct ForwardBlock {
         uint32_t result;
         if (operand == Operand::kValue) {
           result = valid ? pair : 0u;
-          non_finite = non_finite || !finite_pair(result);
+          non_finite = non_finite || !warp::finite_pair<scalar_t>(result);
         } else {
           result = feature_pair<scalar_t>(p.feature_map, pair, valid && c < x.dim, valid && c + 1 < x.dim);
         }
@@ -139,12 +102,6 @@ struct ForwardBlock {
       }
       if (non_finite) warp::store_shared<uint8_t>(w, base + L::kNonFinite, 1);
     });
-  }
-
-  // Whether both halves of a 16-bit pair are finite (exponent bits not all ones).
-  LINATTN_HD static bool finite_pair(uint32_t pair) {
-    constexpr uint32_t exponent = std::is_same_v<scalar_t, c10::Half> ? 0x7c00u : 0x7f80u;
-    return (pair & exponent) != exponent && ((pair >> 16) & exponent) != exponent;
   }
 
   // Issues the loads of chunk `chunk`: Q rows and/or K and V rows.
@@ -176,20 +133,12 @@ struct ForwardBlock {
 
   // φ(Q) rows 16·rb.. of the chunk, 16 feature columns from ks·16: an A operand.
   LINATTN_HD void query_fragment(const WarpContext& w, uint32_t base, int rb, int ks, Fragment (&a)[4]) const {
-    Lanes<uint32_t> offset;
-    warp::for_lanes(w, [&](int lane) {
-      offset[lane] = base + L::kQ + (rb * 16 + lane % 16) * L::kQKPitch + (ks * 16 + lane / 16 * 8) * 2;
-    });
-    warp::ldmatrix_x4<false>(w, a, offset);
+    warp::rows_as_a_operand(w, base + L::kQ + rb * 16 * L::kQKPitch + ks * 32, L::kQKPitch, a);
   }
 
   // φ(K)ᵀ for the scores: keys nt·8.. (columns) × features ks·16.. (rows), a B operand.
   LINATTN_HD void key_fragment(const WarpContext& w, uint32_t base, int nt, int ks, Fragment (&bf)[2]) const {
-    Lanes<uint32_t> offset;
-    warp::for_lanes(w, [&](int lane) {
-      offset[lane] = base + L::kK + (nt * 8 + lane % 8) * L::kQKPitch + (ks * 16 + (lane / 8) % 2 * 8) * 2;
-    });
-    warp::ldmatrix_x2<false>(w, bf, offset);
+    warp::rows_as_b_operand_transposed(w, base + L::kK + nt * 8 * L::kQKPitch + ks * 32, L::kQKPitch, bf);
   }
 
   // φ(K)ᵀ for the state update: features mi·16.. (rows) × keys kk·16.. (columns), an A operand.
@@ -213,30 +162,12 @@ struct ForwardBlock {
       });
       return;
     }
-    rows_as_b_operand(w, base + L::kV + kk * 16 * L::kVPitch + ni * 16, L::kVPitch, bf);
+    warp::rows_as_b_operand(w, base + L::kV + kk * 16 * L::kVPitch + ni * 16, L::kVPitch, bf);
   }
 
   // The 16-bit state for features ks·16.. (rows) × 8 columns of tile ni, a B operand.
   LINATTN_HD void state_fragment(const WarpContext& w, int ks, int ni, Fragment (&bf)[2]) const {
-    rows_as_b_operand(w, L::kState + ks * 16 * L::kStatePitch + ni * 16, L::kStatePitch, bf);
-  }
-
-  // A B operand (16 rows k × 8 columns n) stored row by row from shared offset `origin`, `pitch`
-  // bytes apart: two 8×8 matrices (rows 0-7, 8-15) read transposed.
-  LINATTN_HD static void rows_as_b_operand(const WarpContext& w, uint32_t origin, int pitch, Fragment (&bf)[2]) {
-    Lanes<uint32_t> offset;
-    warp::for_lanes(w, [&](int lane) { offset[lane] = origin + ((lane / 8) % 2 * 8 + lane % 8) * pitch; });
-    warp::ldmatrix_x2<true>(w, bf, offset);
-  }
-
-  // Sets accumulator tiles to 0.
-  template <int N>
-  LINATTN_HD static void clear(const WarpContext& w, Accumulator (&tiles)[N][4]) {
-    LINATTN_UNROLL
-    for (int j = 0; j < N; ++j) {
-      LINATTN_UNROLL
-      for (int i = 0; i < 4; ++i) warp::for_lanes(w, [&](int lane) { tiles[j][i][lane] = 0.0f; });
-    }
+    warp::rows_as_b_operand(w, L::kState + ks * 16 * L::kStatePitch + ni * 16, L::kStatePitch, bf);
   }
 
   // --- the state -------------------------------------------------------------------------------
@@ -397,7 +328,7 @@ struct ForwardBlock {
     if (causal) {
       // Scores against keys 0 .. 16·rb + 15 of the chunk (the later ones are masked whole).
       Accumulator sc[kChunk / 8][4];
-      clear(w, sc);
+      warp::clear(w, sc);
       LINATTN_UNROLL
       for (int ks = 0; ks < DK / 16; ++ks) {
         Fragment qf[4];
@@ -435,7 +366,7 @@ struct ForwardBlock {
       });
     }
     Accumulator o[kOutTiles][4];
-    clear(w, o);
+    warp::clear(w, o);
     // The chunks before: φ(Q) · St.
     LINATTN_UNROLL
     for (int ks = 0; ks < DK / 16; ++ks) {

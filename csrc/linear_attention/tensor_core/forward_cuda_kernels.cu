@@ -1,6 +1,7 @@
 // The tensor-core forward (forward.h) as a CUDA kernel: one block of 8 warps per (batch, head),
 // the block program's phases separated by __syncthreads().
 #include "forward.h"
+#include "../../common/warp/device_block.h"
 #include "launch.h"
 
 #include <c10/cuda/CUDAException.h>
@@ -9,27 +10,13 @@ namespace linattn {
 namespace tensor_core {
 namespace {
 
-template <typename State>
-struct DeviceBlock {
-  const warp::WarpContext& context;
-  State& state;
-  template <typename Phase>
-  __device__ void operator()(const Phase& phase) const {
-    phase(context, state);
-    __syncthreads();
-  }
-};
-
 template <int DK, int DV, typename scalar_t>
 __global__ void __launch_bounds__(kThreads, 1) forward_kernel(const ForwardProblem<scalar_t> p) {
 #if defined(__CUDA_ARCH__)  // (the host pass of nvcc sees the host WarpContext, without a lane)
   extern __shared__ __align__(16) unsigned char shared[];
-  warp::WarpContext context;
-  context.shared = shared;
-  context.warp = static_cast<int>(threadIdx.x) / warp::kWarpSize;
-  context.lane = static_cast<int>(threadIdx.x) % warp::kWarpSize;
+  const warp::WarpContext context = warp::this_warp(shared);
   WarpState<DK, DV> state;
-  run_forward_block<DK, DV>(DeviceBlock<WarpState<DK, DV>>{context, state}, p, static_cast<int64_t>(blockIdx.x));
+  run_forward_block<DK, DV>(warp::DeviceBlock<WarpState<DK, DV>>{context, state}, p, static_cast<int64_t>(blockIdx.x));
 #endif
 }
 

@@ -6,27 +6,21 @@
 #include "problem.h"
 #include "../kernel.h"
 
+#include "../../common/warp/host_settings.h"
+
 #include <ATen/ATen.h>
 
 #include <algorithm>
-#include <cstdlib>
-#include <cstring>
 #include <optional>
 
 namespace linattn {
 namespace tensor_core {
 
-// LINATTN_TENSOR_CORES=0 keeps bf16/fp16 on the SIMT kernels (comparisons, benchmarks).
-inline bool enabled() {
-  const char* text = std::getenv("LINATTN_TENSOR_CORES");
-  return text == nullptr || std::strcmp(text, "0") != 0;
-}
-
 // Whether the tensor-core forward takes this call: 16-bit inputs, head dims up to 256, and its
 // shared memory fits in what a block may have.
 inline bool takes(const LinearAttentionShape& s, at::ScalarType dtype, int64_t max_shared_bytes) {
   if (dtype != at::kBFloat16 && dtype != at::kHalf) return false;
-  if (s.feature_dim > 256 || s.value_dim > 256 || !enabled()) return false;
+  if (s.feature_dim > 256 || s.value_dim > 256 || !warp::tensor_cores_enabled()) return false;
   return shared_bytes_of(s.feature_dim, s.value_dim) <= max_shared_bytes;
 }
 
@@ -35,15 +29,6 @@ inline bool takes(const LinearAttentionShape& s, at::ScalarType dtype, int64_t m
 inline int64_t value_tiles_of(const LinearAttentionShape& s) {
   const int64_t width = value_tile_width(s.feature_dim, s.value_dim);
   return std::max<int64_t>(1, (s.value_dim + width - 1) / width);
-}
-
-// Whether 8 columns of every row of t load as one aligned 16-byte copy.
-template <typename scalar_t>
-bool vector_rows(const at::Tensor& t) {
-  if (t.stride(3) != 1 && t.size(3) > 1) return false;
-  for (int d = 0; d < 3; ++d)
-    if (t.stride(d) % 8 != 0 && t.size(d) > 1) return false;
-  return reinterpret_cast<uintptr_t>(t.const_data_ptr<scalar_t>()) % 16 == 0;
 }
 
 // The sequence split: how many segments a call is cut into so that (batch, head, segment, value

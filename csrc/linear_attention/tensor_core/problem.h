@@ -3,7 +3,7 @@
 // registers each warp keeps across barriers.
 #pragma once
 
-#include "../../common/warp/warp_ops.h"
+#include "../../common/warp/row_copy.h"
 #include "../../common/strided.h"
 #include "../fused_scan.h"
 
@@ -56,16 +56,12 @@ struct ForwardProblem {
   LINATTN_HD int64_t blocks() const { return batch * heads * segments * value_tiles; }
 };
 
-// Row pitch in shared memory for rows of `bytes`: 16 bytes past a multiple of 128, so the eight
-// row addresses of an ldmatrix fall in eight different 16-byte bank groups (no conflicts).
-LINATTN_HD constexpr int padded_pitch(int bytes) { return bytes + ((16 - bytes) % 128 + 128) % 128; }
-
 // Shared memory of one block: two chunk buffers (Q, K and V rows, a non-finite flag), the 16-bit
 // copy of the state [S | z 0 ... 0] (DK rows of DV + 8 columns) and a scratch tile per warp.
 template <int DK, int DV>
 struct Layout {
-  static constexpr int kQKPitch = padded_pitch(DK * 2), kVPitch = padded_pitch(DV * 2);
-  static constexpr int kStatePitch = padded_pitch((DV + 8) * 2);
+  static constexpr int kQKPitch = warp::padded_pitch(DK * 2), kVPitch = warp::padded_pitch(DV * 2);
+  static constexpr int kStatePitch = warp::padded_pitch((DV + 8) * 2);
   static constexpr int kQ = 0, kK = kQ + kChunk * kQKPitch, kV = kK + kChunk * kQKPitch;
   static constexpr int kNonFinite = kV + kChunk * kVPitch;  // a byte: the chunk's V holds Inf or NaN
   static constexpr int kBuffer = kNonFinite + 16;

@@ -1,0 +1,355 @@
+// One block of the flash engine's forward (forward.h) as the operations its phases call: which key
+// tiles it visits, loading them, a key tile's scores, online softmax and P·V, and the outputs.
+// Written per warp on the warp-operation layer (common/warp/).
+#pragma once
+
+#include "visibility.h"
+
+#include <cmath>
+
+namespace linattn {
+namespace flash {
+
+// e^x as the kernels compute it, the same expression on both sides (exp2 of a product).
+LINATTN_HD inline float exp_of(float x) {
+  constexpr float kLog2e = 1.4426950408889634f;
+#if defined(__CUDA_ARCH__)
+  return exp2f(x * kLog2e);
+#else
+  return std::exp2(x * kLog2e);
+#endif
+}
+
+LINATTN_HD inline float minus_infinity() { return -INFINITY; }
+
+template <typename scalar_t, int D>
+struct FlashBlock {
+  using L = Layout<D>;
+  using State = WarpState<D>;
+
+  const FlashProblem<scalar_t>& p;
+  int64_t q_tile, bh, b, h, i0, i1;
+  Band<scalar_t> band;
+  const int32_t* visits = nullptr;  // the plan's row of key tiles (null: the band's tiles)
+  const uint8_t* kinds = nullptr;
+  int64_t visit_count = 0;
+
+  LINATTN_HD FlashBlock(const FlashProblem<scalar_t>& problem, int64_t index)
+      : p(problem),
+        q_tile(index % problem.q_tiles),
+        bh(index / problem.q_tiles),
+        b(bh / problem.heads),
+        h(bh % problem.heads),
+        i0(q_tile * kRows),
+        i1(i0 + kRows < problem.q_len ? i0 + kRows : problem.q_len),
+        band{problem, i0, i1} {
+    if (p.visit_tiles != nullptr) {
+      const int64_t pb = p.plan_batch == 1 ? 0 : b, ph = p.plan_heads == 1 ? 0 : h;
+      const int64_t row = (pb * p.plan_heads + ph) * p.q_tiles + q_tile;
+      visits = p.visit_tiles + row * p.k_tiles;
+      kinds = p.tile_kinds + row * p.k_tiles;
+      visit_count = p.visit_counts[row];
+    } else {
+      const int64_t n = band.last() - band.first() + 1;
+      visit_count = n > 0 ? n : 0;
+    }
+  }
+
+  // Visit n: its key tile and how much of it the rows see.
+  LINATTN_HD int64_t tile_of(int64_t n) const { return visits != nullptr ? visits[n] : band.first() + n; }
+  LINATTN_HD TileKind kind_of(int64_t tile) const {
+    return kinds != nullptr ? static_cast<TileKind>(kinds[tile]) : band.kind(tile);
+  }
+
+  // The key/value buffer of visit n (double-buffered).
+  LINATTN_HD static uint32_t buffer(int64_t n) { return static_cast<uint32_t>((n & 1) * L::kBuffer); }
+
+  // --- loads ---------------------------------------------------------------------------------
+
+  LINATTN_HD warp::RowTile<scalar_t> query_rows() const {
+    return {&p.q, p.q_vector, p.q_len, p.head_dim, D, L::kPitch, L::kQ};
+  }
+  LINATTN_HD warp::RowTile<scalar_t> key_rows() const {
+    return {&p.k, p.k_vector, p.k_len, p.head_dim, D, L::kPitch, L::kK};
+  }
+  LINATTN_HD warp::RowTile<scalar_t> value_rows() const {
+    return {&p.v, p.v_vector, p.k_len, p.value_dim, D, L::kPitch, L::kV};
+  }
+
+  // The query tile's rows (committed with the first key tile).
+  LINATTN_HD void issue_queries(const WarpContext& w) const {
+    warp::copy_rows<kThreads, kRows>(w, query_rows(), b, h, 0, i0);
+  }
+
+  // Issues the copies of visit n's keys and values.
+  LINATTN_HD void issue_keys(const WarpContext& w, int64_t n) const {
+    const uint32_t base = buffer(n);
+    const int64_t j0 = tile_of(n) * kKeys;
+    warp::copy_rows<kThreads, kKeys>(w, key_rows(), b, h, base, j0);
+    warp::copy_rows<kThreads, kKeys>(w, value_rows(), b, h, base, j0);
+    if (w.warp == 0) warp::for_lanes(w, [&](int lane) {
+      if (lane == 0) warp::store_shared<uint8_t>(w, base + L::kNonFinite, 0);
+    });
+    warp::cp_async_commit(w);
+  }
+
+  // Once this warp's copies of visit n have landed: a padded key's value row becomes 0 (it is
+  // never seen, and its Inf or NaN must not meet a 0 probability), and a value row that still
+  // holds Inf or NaN raises the tile's flag (see exact_values).
+  LINATTN_HD void prepare_keys(const WarpContext& w, int64_t n) const {
+    warp::cp_async_wait<0>(w);
+    const uint32_t base = buffer(n);
+    const int64_t j0 = tile_of(n) * kKeys;
+    const warp::RowTile<scalar_t> x = value_rows();
+    warp::each_piece<kThreads, kKeys>(w, x, [&](int r, int col) {
+      const int64_t key = j0 + r;
+      const bool padded = key < p.k_len && p.key_padding != nullptr && warp::load_global(w, p.key_padding + b * p.k_len + key);
+      const uint32_t at = base + x.offset + static_cast<uint32_t>(r * x.pitch + col * 2);
+      bool finite = true;
+      LINATTN_UNROLL
+      for (int i = 0; i < 4; ++i) {
+        if (padded) warp::store_shared<uint32_t>(w, at + 4 * i, 0u);
+        else finite = finite && warp::finite_pair<scalar_t>(warp::load_shared<uint32_t>(w, at + 4 * i));
+      }
+      if (!finite) warp::store_shared<uint8_t>(w, base + L::kNonFinite, 1);
+    });
+  }
+
+  // --- one key tile ----------------------------------------------------------------------------
+
+  // The query rows of warp w start at i0 + 16 w; row half `half` of lane group g is row g + 8 half.
+  LINATTN_HD int64_t row_of(const WarpContext& w, int lane, int half) const {
+    return i0 + w.warp * 16 + warp::group_of(lane) + 8 * half;
+  }
+
+  LINATTN_HD static void start(const WarpContext& w, State& s) {
+    warp::clear(w, s.o);
+    warp::for_lanes(w, [&](int lane) {
+      LINATTN_UNROLL
+      for (int half = 0; half < 2; ++half) {
+        s.row_max[half][lane] = minus_infinity();
+        s.row_sum[half][lane] = 0.0f;
+      }
+    });
+  }
+
+  // The scaled scores of the warp's 16 rows against the tile's 64 keys, with the pattern applied:
+  // −inf where a pair is not visible, the bias added, kSelfScore where fixed.
+  LINATTN_HD void scores(const WarpContext& w, uint32_t base, int64_t j0, TileKind kind,
+                         Accumulator (&sc)[kKeys / 8][4]) const {
+    warp::clear(w, sc);
+    LINATTN_UNROLL
+    for (int ks = 0; ks < D / 16; ++ks) {
+      if (ks * 16 >= p.head_dim) continue;  // columns past the head dim: zeros on both sides
+      Fragment qf[4];
+      warp::rows_as_a_operand(w, L::kQ + w.warp * 16 * L::kPitch + ks * 32, L::kPitch, qf);
+      LINATTN_UNROLL
+      for (int nt = 0; nt < kKeys / 8; ++nt) {
+        Fragment bf[2];
+        warp::rows_as_b_operand_transposed(w, base + L::kK + nt * 8 * L::kPitch + ks * 32, L::kPitch, bf);
+        warp::mma_16816<scalar_t>(sc[nt], qf, bf);
+      }
+    }
+    warp::for_lanes(w, [&](int lane) {
+      LINATTN_UNROLL
+      for (int nt = 0; nt < kKeys / 8; ++nt) {
+        LINATTN_UNROLL
+        for (int i = 0; i < 4; ++i) {
+          const int64_t row = row_of(w, lane, i / 2), key = j0 + nt * 8 + 2 * warp::thread_in_group(lane) + i % 2;
+          float x = sc[nt][i][lane] * p.scale;
+          if (row >= p.q_len || key >= p.k_len) {
+            x = minus_infinity();
+          } else if (kind == kPartial) {
+            const Pair pair = pair_of(p, b, h, row, key);
+            if (!pair.visible) x = minus_infinity();
+            else if (pair.fixed) x = static_cast<float>(kSelfScore);
+            else if (p.bias != nullptr) x += bias_at(w, row, key);
+          } else if (p.bias != nullptr) {
+            x += bias_at(w, row, key);
+          }
+          sc[nt][i][lane] = x;
+        }
+      }
+    });
+  }
+
+  LINATTN_HD float bias_at(const WarpContext& w, int64_t row, int64_t key) const {
+    const int64_t head = p.bias_heads == 1 ? 0 : h;
+    return static_cast<float>(warp::load_global(w, p.bias + (head * p.q_len + row) * p.k_len + key));
+  }
+
+  // Online softmax over one tile: the new running maxima, the old sums and outputs rescaled,
+  // scores turned into probabilities exp(s − max) (0 where masked: exp(−inf)).
+  LINATTN_HD void softmax_step(const WarpContext& w, State& s, Accumulator (&sc)[kKeys / 8][4]) const {
+    Lanes<float> tile_max[2];
+    warp::for_lanes(w, [&](int lane) {
+      LINATTN_UNROLL
+      for (int half = 0; half < 2; ++half) {
+        float m = minus_infinity();
+        LINATTN_UNROLL
+        for (int nt = 0; nt < kKeys / 8; ++nt) m = fmaxf(m, fmaxf(sc[nt][2 * half][lane], sc[nt][2 * half + 1][lane]));
+        tile_max[half][lane] = m;
+      }
+    });
+    LINATTN_UNROLL
+    for (int half = 0; half < 2; ++half) tile_max[half] = group_reduce(w, tile_max[half], true);
+    Lanes<float> alpha[2];
+    warp::for_lanes(w, [&](int lane) {
+      LINATTN_UNROLL
+      for (int half = 0; half < 2; ++half) {
+        const float m_old = s.row_max[half][lane], m_new = fmaxf(m_old, tile_max[half][lane]);
+        // Nothing visible yet: shift by 0 (exp(−inf) = 0 for the masked, NaN stays NaN).
+        const float shift = m_new == minus_infinity() ? 0.0f : m_new;
+        alpha[half][lane] = exp_of(m_old - shift);
+        s.row_max[half][lane] = m_new;
+        float sum = 0.0f;
+        LINATTN_UNROLL
+        for (int nt = 0; nt < kKeys / 8; ++nt) {
+          LINATTN_UNROLL
+          for (int e = 0; e < 2; ++e) {
+            const float prob = exp_of(sc[nt][2 * half + e][lane] - shift);
+            sc[nt][2 * half + e][lane] = prob;
+            sum += prob;
+          }
+        }
+        s.row_sum[half][lane] = s.row_sum[half][lane] * alpha[half][lane] + sum;
+      }
+      LINATTN_UNROLL
+      for (int j = 0; j < D / 8; ++j) {
+        LINATTN_UNROLL
+        for (int i = 0; i < 4; ++i) s.o[j][i][lane] *= alpha[i / 2][lane];
+      }
+    });
+  }
+
+  // The maximum (or sum) of x over the four lanes of each lane group (the lanes of one row).
+  LINATTN_HD static Lanes<float> group_reduce(const WarpContext& w, Lanes<float> x, bool maximum) {
+    LINATTN_UNROLL
+    for (int offset = 1; offset <= 2; offset *= 2) {
+      Lanes<int> source;
+      warp::for_lanes(w, [&](int lane) { source[lane] = lane ^ offset; });
+      const Lanes<float> other = warp::shuffle(w, x, source);
+      warp::for_lanes(w, [&](int lane) { x[lane] = maximum ? fmaxf(x[lane], other[lane]) : x[lane] + other[lane]; });
+    }
+    return x;
+  }
+
+  // O += P·V on tensor cores: the probabilities' C fragments, packed to 16 bits, are the A
+  // fragments of their 16 keys.
+  LINATTN_HD void add_values(const WarpContext& w, State& s, uint32_t base, const Accumulator (&sc)[kKeys / 8][4]) const {
+    Fragment probs[kKeys / 16][4];
+    warp::for_lanes(w, [&](int lane) {
+      LINATTN_UNROLL
+      for (int kk = 0; kk < kKeys / 16; ++kk) {
+        LINATTN_UNROLL
+        for (int i = 0; i < 4; ++i) {
+          const Accumulator* tile = sc[2 * kk + i / 2];
+          probs[kk][i][lane] = warp::pack<scalar_t>(tile[2 * (i % 2)][lane], tile[2 * (i % 2) + 1][lane]);
+        }
+      }
+    });
+    LINATTN_UNROLL
+    for (int kk = 0; kk < kKeys / 16; ++kk) {
+      LINATTN_UNROLL
+      for (int j = 0; j < D / 8; ++j) {
+        if (j * 8 >= p.value_dim) continue;
+        Fragment bf[2];
+        warp::rows_as_b_operand(w, base + L::kV + kk * 16 * L::kPitch + j * 16, L::kPitch, bf);
+        warp::mma_16816<scalar_t>(s.o[j], probs[kk], bf);
+      }
+    }
+  }
+
+  // O += P·V term by term over the visible pairs only, for a tile whose V holds Inf or NaN: the
+  // mma would multiply a masked pair's 0 by it (NaN in rows that never see the key). As the
+  // reference: a visible pair adds p·v (NaN or Inf where v is), a masked one nothing. The
+  // probabilities (rounded as add_values rounds them; −1 where masked) pass through the warp's
+  // scratch so that each lane reads its rows' every key.
+  LINATTN_HD void exact_values(const WarpContext& w, State& s, uint32_t base, int64_t j0, TileKind kind,
+                               const Accumulator (&sc)[kKeys / 8][4]) const {
+    const uint32_t scratch = L::kScratch + w.warp * L::kScratchPerWarp;
+    warp::for_lanes(w, [&](int lane) {
+      LINATTN_UNROLL
+      for (int nt = 0; nt < kKeys / 8; ++nt) {
+        LINATTN_UNROLL
+        for (int i = 0; i < 4; ++i) {
+          const int64_t row = row_of(w, lane, i / 2);
+          const int key = nt * 8 + 2 * warp::thread_in_group(lane) + i % 2;
+          bool visible = row < p.q_len && j0 + key < p.k_len;
+          if (visible && kind == kPartial) visible = pair_of(p, b, h, row, j0 + key).visible;
+          const float prob = static_cast<float>(scalar_t(sc[nt][i][lane]));
+          warp::store_shared<float>(w, scratch + ((row - i0 - w.warp * 16) * kKeys + key) * 4, visible ? prob : -1.0f);
+        }
+      }
+    });
+    warp::sync(w);
+    warp::for_lanes(w, [&](int lane) {
+      const int g = warp::group_of(lane), t = warp::thread_in_group(lane);
+      LINATTN_UNROLL
+      for (int half = 0; half < 2; ++half) {
+        for (int key = 0; key < kKeys; ++key) {
+          const float prob = warp::load_shared<float>(w, scratch + ((g + 8 * half) * kKeys + key) * 4);
+          if (prob == -1.0f) continue;
+          const uint32_t value_row = base + L::kV + key * L::kPitch;
+          for (int j = 0; j < D / 8; ++j) {
+            LINATTN_UNROLL
+            for (int e = 0; e < 2; ++e) {
+              const uint16_t bits = warp::load_shared<uint16_t>(w, value_row + (j * 8 + 2 * t + e) * 2);
+              s.o[j][2 * half + e][lane] += prob * static_cast<float>(scalar_t(bits, typename scalar_t::from_bits_t()));
+            }
+          }
+        }
+      }
+    });
+    warp::sync(w);
+  }
+
+  // Visit n of the warp's rows: scores, softmax step, P·V.
+  LINATTN_HD void attend(const WarpContext& w, State& s, int64_t n) const {
+    if (i0 + w.warp * 16 >= p.q_len) return;  // rows all past the end
+    const uint32_t base = buffer(n);
+    const int64_t tile = tile_of(n), j0 = tile * kKeys;
+    const TileKind kind = kind_of(tile);
+    Accumulator sc[kKeys / 8][4];
+    scores(w, base, j0, kind, sc);
+    softmax_step(w, s, sc);
+    if (warp::load_shared<uint8_t>(w, base + L::kNonFinite) != 0) exact_values(w, s, base, j0, kind, sc);
+    else add_values(w, s, base, sc);
+  }
+
+  // --- the outputs -----------------------------------------------------------------------------
+
+  // out = O / l and lse = max + log l per row; a row that saw no key gets 0 and −inf.
+  LINATTN_HD void finish(const WarpContext& w, const State& s) const {
+    if (i0 + w.warp * 16 >= p.q_len) return;
+    Lanes<float> sums[2];
+    LINATTN_UNROLL
+    for (int half = 0; half < 2; ++half) sums[half] = group_reduce(w, s.row_sum[half], false);
+    warp::for_lanes(w, [&](int lane) {
+      const int t = warp::thread_in_group(lane);
+      LINATTN_UNROLL
+      for (int half = 0; half < 2; ++half) {
+        const int64_t row = row_of(w, lane, half);
+        if (row >= p.q_len) continue;
+        const float l = sums[half][lane];
+        const float inverse = l == 0.0f ? 0.0f : 1.0f / l;
+        const int64_t out_row = (bh * p.q_len + row) * p.value_dim;
+        LINATTN_UNROLL
+        for (int j = 0; j < D / 8; ++j) {
+          LINATTN_UNROLL
+          for (int e = 0; e < 2; ++e) {
+            const int64_t col = j * 8 + 2 * t + e;
+            if (col < p.value_dim) warp::store_global(w, p.out + out_row + col, scalar_t(s.o[j][2 * half + e][lane] * inverse));
+          }
+        }
+        if (t == 0) {
+          const float lse = l == 0.0f ? minus_infinity() : s.row_max[half][lane] + logf(l);
+          warp::store_global(w, p.lse + bh * p.q_len + row, lse);
+        }
+      }
+    });
+  }
+};
+
+}  // namespace flash
+}  // namespace linattn

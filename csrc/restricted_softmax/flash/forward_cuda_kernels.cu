@@ -1,0 +1,48 @@
+// The flash engine's forward (forward.h) as a CUDA kernel: one block of 4 warps per (batch, head,
+// query tile), the block program's phases separated by __syncthreads().
+#include "forward.h"
+#include "launch.h"
+#include "../../common/warp/device_block.h"
+
+#include <c10/cuda/CUDAException.h>
+
+namespace linattn {
+namespace flash {
+namespace {
+
+// Blocks an SM holds by shared memory (H100: 227 KiB), which the registers are budgeted for.
+template <int D>
+constexpr int kBlocksPerSM = D == 64 ? 3 : D == 128 ? 2 : 1;
+
+template <int D, typename scalar_t>
+__global__ void __launch_bounds__(kThreads, kBlocksPerSM<D>) forward_kernel(const FlashProblem<scalar_t> p) {
+#if defined(__CUDA_ARCH__)  // (the host pass of nvcc sees the host WarpContext, without a lane)
+  extern __shared__ __align__(16) unsigned char shared[];
+  const warp::WarpContext context = warp::this_warp(shared);
+  WarpState<D> state;
+  run_forward_block<D>(warp::DeviceBlock<WarpState<D>>{context, state}, p, static_cast<int64_t>(blockIdx.x));
+#endif
+}
+
+template <int D, typename scalar_t>
+void launch_dim(const FlashProblem<scalar_t>& p, cudaStream_t stream) {
+  constexpr int bytes = Layout<D>::kBytes;
+  // Above 48 KiB a kernel must opt in to its dynamic shared memory.
+  C10_CUDA_CHECK(cudaFuncSetAttribute(forward_kernel<D, scalar_t>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+  forward_kernel<D, scalar_t><<<static_cast<unsigned int>(p.blocks()), kThreads, bytes, stream>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace
+
+template <typename scalar_t>
+void launch_forward(const FlashProblem<scalar_t>& p, cudaStream_t stream) {
+  if (p.blocks() == 0) return;
+  with_head_dim(p.head_dim, p.value_dim, [&](auto d) { launch_dim<decltype(d)::value>(p, stream); });
+}
+
+template void launch_forward<c10::BFloat16>(const FlashProblem<c10::BFloat16>&, cudaStream_t);
+template void launch_forward<c10::Half>(const FlashProblem<c10::Half>&, cudaStream_t);
+
+}  // namespace flash
+}  // namespace linattn

@@ -1,0 +1,208 @@
+// When the flash engine (forward.h) runs a call, and the problem it is given: the tensors' views
+// and the visit plan, which key tiles each query tile reads. Shared by the CUDA launch
+// (flash_cuda_ops.cpp) and the CPU emulation (flash_emulated.cpp). Host code only (ATen).
+//
+// The plan is built by ATen ops on the inputs' device, without reading anything back to the host
+// (no device synchronisation, CUDA-graph capturable). A window without global tokens needs none:
+// the kernel walks its band. Otherwise each (query tile, key tile) pair gets a TileKind:
+// - windows with global tokens: the band's kind from the tiles' row − key distances, and any
+//   tile holding a global key, or of a query tile holding a global row, at least partial;
+// - layouts: from 2-D prefix sums of the layout, the number of its blocks a tile covers that are
+//   set: none hidden, all whole, else partial; above the diagonal hidden when causal.
+// A tile with per-pair terms (padding, segments, positions), past the sequence's end or under
+// dilation is partial at most. The visited tiles of each query tile are then listed first,
+// ascending, by a stable sort.
+#pragma once
+
+#include "problem.h"
+#include "../op_checks.h"
+#include "../../common/autograd_support.h"
+#include "../../common/tensor_views.h"
+#include "../../common/warp/host_settings.h"
+
+#include <ATen/ATen.h>
+
+#include <vector>
+
+namespace linattn {
+namespace flash {
+
+// Whether the engine takes the call: 16-bit inputs, head dims 1 to 256 whose kernel's shared
+// memory fits in what a block may have.
+inline bool takes(const at::Tensor& q, const at::Tensor& v, int64_t max_shared_bytes) {
+  if (q.scalar_type() != at::kBFloat16 && q.scalar_type() != at::kHalf) return false;
+  const int64_t d = q.size(3), dv = v.size(3);
+  if (d < 1 || dv < 1 || d > 256 || dv > 256 || !warp::tensor_cores_enabled()) return false;
+  return shared_bytes_of(d, dv) <= max_shared_bytes;
+}
+
+inline int64_t tiles_of(int64_t length, int64_t tile) { return (length + tile - 1) / tile; }
+
+// The tile kinds (plan batch, plan heads, q tiles, k tiles) uint8 of a pattern that needs a plan.
+inline at::Tensor tile_kinds(const RestrictedPattern& p, int64_t q_len, int64_t k_len, const at::TensorOptions& on) {
+  const auto index = on.dtype(at::kLong);
+  const at::Tensor i0 = at::arange(tiles_of(q_len, kRows), index) * kRows;
+  const at::Tensor j0 = at::arange(tiles_of(k_len, kKeys), index) * kKeys;
+  const at::Tensor i1 = at::clamp_max(i0 + kRows, q_len), j1 = at::clamp_max(j0 + kKeys, k_len);
+  const int64_t offset = k_len - q_len;
+  at::Tensor kind;
+  if (p.uses_layout()) {
+    const int64_t b = p.block_size;
+    const at::Tensor set = p.layout->to(at::kInt);
+    at::Tensor prefix = at::zeros({set.size(0), set.size(1) + 1, set.size(2) + 1}, set.options());
+    prefix.narrow(1, 1, set.size(1)).narrow(2, 1, set.size(2)).copy_(set.cumsum(1).cumsum(2));
+    const at::Tensor r0 = i0.div(b, "floor"), r1 = (i1 - 1).div(b, "floor") + 1;
+    const at::Tensor c0 = j0.div(b, "floor"), c1 = (j1 - 1).div(b, "floor") + 1;
+    auto at_blocks = [&](const at::Tensor& r, const at::Tensor& c) { return prefix.index_select(1, r).index_select(2, c); };
+    const at::Tensor count = at_blocks(r1, c1) - at_blocks(r0, c1) - at_blocks(r1, c0) + at_blocks(r0, c0);
+    const at::Tensor area = ((r1 - r0).unsqueeze(1) * (c1 - c0).unsqueeze(0)).unsqueeze(0);
+    kind = at::where(count == 0, 0, at::where(count == area, 2, 1));
+    if (p.causal && !p.positions.has_value()) {
+      const at::Tensor last_aligned = (i1 - 1 + offset).unsqueeze(1), first_aligned = (i0 + offset).unsqueeze(1);
+      kind = at::where(j0.unsqueeze(0) > last_aligned, 0, kind);
+      kind = at::where((j1 - 1).unsqueeze(0) > first_aligned, at::clamp_max(kind, 1), kind);
+    } else if (p.causal) {
+      kind = at::clamp_max(kind, 1);  // positions: any pair may be hidden
+    }
+    kind = kind.unsqueeze(0);  // (1, layout heads, q tiles, k tiles)
+  } else {
+    const int64_t left = p.left, right = p.window_right();
+    const at::Tensor d_min = (i0 + offset).unsqueeze(1) - (j1 - 1).unsqueeze(0);
+    const at::Tensor d_max = (i1 - 1 + offset).unsqueeze(1) - j0.unsqueeze(0);
+    at::Tensor meets = at::ones_like(d_min, d_min.options().dtype(at::kBool)), inside = meets;
+    if (left >= 0) {
+      meets = meets.logical_and(d_min <= left);
+      inside = inside.logical_and(d_max <= left);
+    }
+    if (right >= 0) {
+      meets = meets.logical_and(d_max >= -right);
+      inside = inside.logical_and(d_min >= -right);
+    }
+    if (p.dilation != 1) inside = at::zeros_like(inside);
+    kind = at::where(inside, 2, at::where(meets, 1, 0));
+    if (p.global_mask.has_value()) {
+      // T_q == T_k: a tile holds a global row or key when any of its tokens is global.
+      const int64_t tiles = i0.size(0);
+      const at::Tensor global = at::constant_pad_nd(*p.global_mask, {0, tiles * kRows - q_len})
+                                    .view({-1, tiles, kRows})
+                                    .any(-1);
+      const at::Tensor touched = global.unsqueeze(2).logical_or(global.unsqueeze(1));  // (B, tiles, tiles)
+      kind = at::where(touched, at::clamp_min(kind, 1), kind).unsqueeze(1);  // (B, 1, q tiles, k tiles)
+    } else {
+      kind = kind.unsqueeze(0).unsqueeze(0);
+    }
+  }
+  const bool per_pair = p.key_padding_mask.has_value() || p.q_segments.has_value() || p.positions.has_value();
+  const at::Tensor ragged = (j1 - j0 < kKeys).view({1, 1, 1, -1});  // the last key tile, past the end
+  kind = at::where(ragged, at::clamp_max(kind, 1), kind);
+  if (per_pair) kind = at::clamp_max(kind, 1);
+  return kind.to(at::kByte).contiguous();
+}
+
+// The problem of one call and the tensors it points into (contiguous copies, the plan, outputs).
+template <typename scalar_t>
+struct FlashCall {
+  FlashProblem<scalar_t> problem;
+  at::Tensor out, lse;
+  std::vector<at::Tensor> held;
+
+  template <typename T>
+  const T* hold(const std::optional<at::Tensor>& t) {
+    if (!t.has_value()) return nullptr;
+    held.push_back(t->contiguous());
+    return held.back().const_data_ptr<T>();
+  }
+};
+
+template <typename scalar_t>
+FlashCall<scalar_t> prepare_call(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale,
+                                 const RestrictedPattern& pattern) {
+  FlashCall<scalar_t> call;
+  FlashProblem<scalar_t>& p = call.problem;
+  p.batch = q.size(0);
+  p.heads = q.size(1);
+  p.q_len = q.size(2);
+  p.k_len = k.size(2);
+  p.head_dim = q.size(3);
+  p.value_dim = v.size(3);
+  p.scale = static_cast<float>(scale);
+  p.q_tiles = tiles_of(p.q_len, kRows);
+  p.k_tiles = tiles_of(p.k_len, kKeys);
+  p.causal = pattern.causal;
+  if (pattern.uses_layout()) {
+    p.layout = call.template hold<bool>(pattern.layout);
+    p.layout_heads = pattern.layout->size(0);
+    p.q_blocks = pattern.layout->size(1);
+    p.k_blocks = pattern.layout->size(2);
+    p.block = pattern.block_size;
+  } else {
+    p.left = pattern.left;
+    p.right = pattern.window_right();
+    p.dilation = pattern.dilation;
+    p.global_mask = call.template hold<bool>(pattern.global_mask);
+  }
+  p.key_padding = call.template hold<bool>(pattern.key_padding_mask);
+  p.q_segments = call.template hold<int64_t>(pattern.q_segments);
+  p.k_segments = call.template hold<int64_t>(pattern.k_segments);
+  if (pattern.q_segments.has_value()) p.segment_heads = pattern.q_segments->size(1);
+  p.positions = call.template hold<int64_t>(pattern.positions);
+  if (pattern.positions.has_value()) p.position_heads = pattern.positions->size(1);
+  p.bias = call.template hold<scalar_t>(pattern.bias);
+  if (pattern.bias.has_value()) p.bias_heads = pattern.bias->size(0);
+  if (pattern.uses_layout() || pattern.global_mask.has_value()) {
+    const at::Tensor kinds = tile_kinds(pattern, p.q_len, p.k_len, q.options());
+    const at::Tensor visited = kinds > 0;
+    const at::Tensor counts = visited.sum(-1).to(at::kInt).contiguous();
+    // Visited tiles first, each group ascending: a stable sort of "not visited".
+    const at::Tensor tiles = std::get<1>(at::sort(visited.logical_not().to(at::kByte), true, -1, false))
+                                 .to(at::kInt)
+                                 .contiguous();
+    call.held.insert(call.held.end(), {kinds, counts, tiles});
+    p.tile_kinds = kinds.const_data_ptr<uint8_t>();
+    p.visit_counts = counts.const_data_ptr<int32_t>();
+    p.visit_tiles = tiles.const_data_ptr<int32_t>();
+    p.plan_batch = kinds.size(0);
+    p.plan_heads = kinds.size(1);
+  }
+  p.q = view_of<scalar_t>(q);
+  p.k = view_of<scalar_t>(k);
+  p.v = view_of<scalar_t>(v);
+  p.q_vector = warp::vector_rows<scalar_t>(q);
+  p.k_vector = warp::vector_rows<scalar_t>(k);
+  p.v_vector = warp::vector_rows<scalar_t>(v);
+  call.out = at::empty({p.batch, p.heads, p.q_len, p.value_dim}, q.options());
+  call.lse = at::empty({p.batch, p.heads, p.q_len}, q.options().dtype(at::kFloat));
+  p.out = call.out.template mutable_data_ptr<scalar_t>();
+  p.lse = call.lse.template mutable_data_ptr<float>();
+  return call;
+}
+
+// Runs a call the engine takes: launch(problem) for its bf16 or fp16 problem; returns (out, lse).
+template <typename Launch>
+std::tuple<at::Tensor, at::Tensor> run_call(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                            double scale, const RestrictedPattern& pattern, const Launch& launch) {
+  auto run = [&](auto tag) -> std::tuple<at::Tensor, at::Tensor> {
+    using scalar_t = decltype(tag);
+    const FlashCall<scalar_t> call = prepare_call<scalar_t>(q, k, v, scale, pattern);
+    launch(call.problem);
+    return {call.out, call.lse};
+  };
+  return q.scalar_type() == at::kBFloat16 ? run(c10::BFloat16{}) : run(c10::Half{});
+}
+
+// A call the engine does not take: restricted_softmax_fwd (the CPU kernel, or the device-generic
+// one on CUDA), called from below autograd.
+inline std::tuple<at::Tensor, at::Tensor> unfused_forward(const at::Tensor& q, const at::Tensor& k,
+                                                          const at::Tensor& v, double scale,
+                                                          LINATTN_RESTRICTED_PATTERN_PARAMS) {
+  using Signature = std::tuple<at::Tensor, at::Tensor>(
+      const at::Tensor&, const at::Tensor&, const at::Tensor&, double, int64_t, int64_t, int64_t, bool,
+      const std::optional<at::Tensor>&, int64_t, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
+      const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
+      const std::optional<at::Tensor>&);
+  static const auto op = linattn_op<Signature>("linattn::restricted_softmax_fwd");
+  return op.call(q, k, v, scale, LINATTN_RESTRICTED_PATTERN_ARGS);
+}
+
+}  // namespace flash
+}  // namespace linattn

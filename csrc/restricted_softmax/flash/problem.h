@@ -1,0 +1,112 @@
+// What one launch of the flash engine (forward.h) is given, and the sizes its kernels are
+// compiled for: the problem, the head-dim instances, the shared-memory layout of a block and the
+// registers each warp keeps across barriers.
+#pragma once
+
+#include "../../common/warp/row_copy.h"
+#include "../../common/strided.h"
+
+#include <cstdint>
+#include <type_traits>
+
+namespace linattn {
+namespace flash {
+
+using warp::Accumulator;
+using warp::Fragment;
+using warp::Lanes;
+using warp::WarpContext;
+
+constexpr int kWarps = 4;
+constexpr int kThreads = kWarps * warp::kWarpSize;
+constexpr int kRows = 64;  // query rows per block: 16 per warp
+constexpr int kKeys = 64;  // keys per key tile
+
+// How much of a key tile the block's query rows see.
+enum TileKind : uint8_t { kHidden = 0, kPartial = 1, kWhole = 2 };
+
+// Everything one launch reads and writes; one block per (batch, head, query tile). Query i sees
+// key j as RestrictedPattern (op_checks.h) says; visibility.h computes it per pair.
+template <typename scalar_t>
+struct FlashProblem {
+  int64_t batch = 0, heads = 0, q_len = 0, k_len = 0, head_dim = 0, value_dim = 0;
+  float scale = 1.0f;
+  // The region: a sliding window (left, right with causality folded in, -1 = unbounded),
+  // dilation and Longformer global tokens (B, T); or a block layout (layout_heads, q_blocks,
+  // k_blocks) of `block` × `block` blocks, contiguous.
+  int64_t left = -1, right = -1, dilation = 1;
+  bool causal = false;
+  const bool* global_mask = nullptr;
+  const bool* layout = nullptr;
+  int64_t layout_heads = 1, block = 1, q_blocks = 0, k_blocks = 0;
+  // Per-token and per-pair terms (kernel.h's PairTerms): all contiguous, nullable.
+  const bool* key_padding = nullptr;  // (B, T_k), true = padded
+  const int64_t* q_segments = nullptr;
+  const int64_t* k_segments = nullptr;
+  int64_t segment_heads = 1;
+  const int64_t* positions = nullptr;
+  int64_t position_heads = 1;
+  const scalar_t* bias = nullptr;  // (bias_heads, T_q, T_k)
+  int64_t bias_heads = 1;
+  // The key tiles each query tile visits (plan.h). Without a plan (a window without global
+  // tokens) the kernel walks the window's band. With one, per (plan batch, plan head, query
+  // tile): `visit_counts` tiles, listed first and ascending in the row of `visit_tiles`
+  // (plan_batch, plan_heads, q_tiles, k_tiles), each of the TileKind in `tile_kinds` (same shape).
+  const int32_t* visit_tiles = nullptr;
+  const int32_t* visit_counts = nullptr;
+  const uint8_t* tile_kinds = nullptr;
+  int64_t plan_batch = 1, plan_heads = 1;
+  int64_t q_tiles = 0, k_tiles = 0;
+  Strided4<const scalar_t> q, k, v;
+  bool q_vector = false, k_vector = false, v_vector = false;  // rows copy as 16-byte cp.async
+  scalar_t* out = nullptr;  // (B, H, T_q, dv) contiguous
+  float* lse = nullptr;     // (B, H, T_q)
+
+  LINATTN_HD int64_t blocks() const { return batch * heads * q_tiles; }
+};
+
+// Shared memory of one block: the query tile, two key/value tile buffers (each with a flag: the
+// tile's V holds Inf or NaN) and a per-warp scratch of probabilities (see exact_values).
+template <int D>
+struct Layout {
+  static constexpr int kPitch = warp::padded_pitch(D * 2);
+  static constexpr int kQ = 0;
+  static constexpr int kK = kRows * kPitch, kV = kK + kKeys * kPitch, kNonFinite = kV + kKeys * kPitch;
+  static constexpr int kBuffer = kKeys * kPitch * 2 + 16;  // K, V and the flag
+  static constexpr int kScratch = kK + 2 * kBuffer;
+  static constexpr int kScratchPerWarp = 16 * kKeys * 4;
+  static constexpr int kBytes = kScratch + kWarps * kScratchPerWarp;
+};
+
+// The kernel a call runs: D, its larger head dim (q/k or v) padded to 64, 128 or 256.
+LINATTN_HD inline int padded_head_dim(int64_t head_dim, int64_t value_dim) {
+  const int64_t d = head_dim > value_dim ? head_dim : value_dim;
+  return d <= 64 ? 64 : d <= 128 ? 128 : 256;
+}
+
+// Calls f(std::integral_constant<int, D>{}) for the kernel compiled for these head dims.
+template <typename F>
+void with_head_dim(int64_t head_dim, int64_t value_dim, F&& f) {
+  const int D = padded_head_dim(head_dim, value_dim);
+  if (D == 64) f(std::integral_constant<int, 64>{});
+  else if (D == 128) f(std::integral_constant<int, 128>{});
+  else f(std::integral_constant<int, 256>{});
+}
+
+inline int64_t shared_bytes_of(int64_t head_dim, int64_t value_dim) {
+  int64_t bytes = 0;
+  with_head_dim(head_dim, value_dim, [&](auto d) { bytes = Layout<decltype(d)::value>::kBytes; });
+  return bytes;
+}
+
+// A warp's registers that live across the block's barriers: the fp32 output accumulators of its
+// 16 query rows, and per row half (rows g and g + 8 of lane group g) the running maximum of the
+// scaled scores and this lane's part of the sum of their exponentials.
+template <int D>
+struct WarpState {
+  Accumulator o[D / 8][4];
+  Lanes<float> row_max[2], row_sum[2];
+};
+
+}  // namespace flash
+}  // namespace linattn

@@ -1,0 +1,47 @@
+// The flash engine's forward (flash/forward.h) run on the CPU: each block's warps emulated lane by
+// lane through the warp-operation layer, counting what they do (common/warp/emulation.h).
+// Registered as the CPU kernel of restricted_softmax_fwd_fused, so that the tests check, on any
+// machine, every index, mask, fragment and tile the GPU will execute. Slow by design.
+#include "flash/forward.h"
+#include "flash/plan.h"
+#include "../common/warp/host_block.h"
+
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+namespace linattn {
+namespace {
+
+template <int D, typename scalar_t>
+void emulate_forward(const flash::FlashProblem<scalar_t>& p) {
+  using State = flash::WarpState<D>;
+  at::parallel_for(0, p.blocks(), 1, [&](int64_t begin, int64_t end) {
+    warp::EmulationCounters counters;
+    const warp::CountingScope counting(counters);
+    warp::HostBlock<State> exec(flash::kWarps, flash::Layout<D>::kBytes);
+    for (int64_t block = begin; block < end; ++block) {
+      exec.reset();
+      flash::run_forward_block<D>(exec, p, block);
+      exec.finish();
+    }
+    warp::emulation_totals().add(counters);
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> forward_emulated(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                    double scale, LINATTN_RESTRICTED_PATTERN_PARAMS) {
+  const RestrictedPattern pattern{LINATTN_RESTRICTED_PATTERN_ARGS};
+  check_restricted_inputs(q, k, v, scale, pattern);
+  if (!flash::takes(q, v, warp::emulated_shared_bytes()))
+    return flash::unfused_forward(q, k, v, scale, LINATTN_RESTRICTED_PATTERN_ARGS);
+  return flash::run_call(q, k, v, scale, pattern, [](const auto& problem) {
+    flash::with_head_dim(problem.head_dim, problem.value_dim,
+                         [&](auto d) { emulate_forward<decltype(d)::value>(problem); });
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(linattn, CPU, m) { m.impl("restricted_softmax_fwd_fused", &forward_emulated); }
+
+}  // namespace linattn
