@@ -1,9 +1,13 @@
-"""The tensor-core forward of linear attention (csrc/linear_attention/tensor_core/): the figures a
-machine without a GPU can give, from the warp emulation and the compiled cubins.
+"""The tensor-core kernels (linear attention's forward, csrc/linear_attention/tensor_core/, and the
+restricted-softmax flash engine, csrc/restricted_softmax/flash/): the figures a machine without a
+GPU can give, from the warp emulation and the compiled cubins.
 
-  - emulated global traffic of one forward as a multiple of its floor (reading q, k, v and
-    writing o once), and ldmatrix wavefronts per 8x8 matrix (1.00 = no bank conflicts), at the
-    issue's shape: B=1 H=2 D=128 T=4096 bf16, causal and not;
+  - linear attention: emulated global traffic of one forward as a multiple of its floor (reading
+    q, k, v and writing o once), and ldmatrix wavefronts per 8x8 matrix (1.00 = no bank
+    conflicts), at the issue's shape: B=1 H=2 D=128 T=4096 bf16, causal and not;
+  - the flash engine, sliding window (256, 256) and causal at B=1 H=2 D=64 T=4096 bf16: score
+    pairs computed per visible pair (the tiles' waste at the band's edges), K/V bytes read per
+    visited key tile's bytes (1.00 = each visited tile read once) and wavefronts per matrix;
   - per compiled kernel (sm_80 and sm_90, from `cuobjdump -res-usage`): registers, stack and
     local memory, tensor-core instructions (HMMA) in its SASS, shared memory per block, and the
     blocks per SM an H100 fits (registers and shared memory per block, as the CUDA occupancy
@@ -28,7 +32,14 @@ import linattn
 from benchmarks.common import machine_info, write_results
 
 ELU = 1
-THREADS = 256  # per block of the tensor-core forward (tensor_core/problem.h, kThreads)
+# The compiled kernels by family: their mangled names, threads per block (kThreads) and shared
+# memory per block for their head-dim instance.
+KERNELS = {
+    "linear": {"pattern": r"Function (\S*tensor_core\S*forward_kernelILi(\d+)ELi(\d+)EN3c10(\d+)(\w+?)EEEv\S*):",
+               "threads": 256, "shared": lambda dk, dv: torch.ops.linattn._tensor_core_shared_bytes(dk, dv)},
+    "flash": {"pattern": r"Function (\S*flash\S*forward_kernelILi(\d+)()EN3c10(\d+)(\w+?)EEEv\S*):",
+              "threads": 128, "shared": lambda d, _: torch.ops.linattn._flash_shared_bytes(d, d)},
+}
 H100 = {"registers": 65536, "shared": 228 * 1024, "reserved_per_block": 1024, "threads": 2048, "blocks": 32}
 
 
@@ -44,6 +55,25 @@ def emulated_figures(T, D, causal, processors):
     floor = 4 * 2 * T * D * 2
     return {"T": T, "D": D, "causal": causal, "processors": processors, "mma": mma, "read_bytes": read, "written_bytes": written,
             "traffic_over_floor": (read + written) / floor,
+            "wavefronts_per_matrix": wavefronts / max(matrices, 1)}
+
+
+def emulated_flash_figures(T, D, window, causal):
+    """One flash forward at B=1 H=2 under a sliding window (left, right) (causal: right = 0)."""
+    from linattn.ops.restricted import Pattern
+
+    pattern = Pattern(window=(window, window), causal=causal)
+    q, k, v = (torch.randn(1, 2, T, D).bfloat16() for _ in range(3))
+    torch.ops.linattn._reset_warp_emulation_counters()
+    torch.ops.linattn.restricted_softmax_fwd_fused(q, k, v, D ** -0.5, *pattern.op_args())
+    mma, matrices, wavefronts, shuffles, read, written = torch.ops.linattn._warp_emulation_counters().tolist()
+    visible = int(pattern.dense_mask(T, T).sum()) * 2
+    mma_per_tile = 4 * (D // 16 * 8 + D // 8 * 4)  # 4 warps: scores (D/16 k-steps x 8) and P.V (4 x D/8)
+    tiles = mma // mma_per_tile
+    kv_read = read - 2 * T * D * 2  # all but the queries
+    return {"T": T, "D": D, "window": window, "causal": causal, "mma": mma, "key_tiles": tiles,
+            "computed_per_visible_pair": tiles * 64 * 64 / visible,
+            "kv_reads_per_visited_tile": kv_read / (tiles * 64 * 2 * D * 2),
             "wavefronts_per_matrix": wavefronts / max(matrices, 1)}
 
 
@@ -63,13 +93,13 @@ def find_tool(name):
     return None
 
 
-def h100_blocks_per_sm(registers, shared_bytes):
-    """Blocks of 256 threads per SM on an H100: registers are allocated per warp in units of 256,
-    shared memory per block plus 1 KiB the system reserves."""
+def h100_blocks_per_sm(registers, shared_bytes, threads):
+    """Blocks of `threads` threads per SM on an H100: registers are allocated per warp in units of
+    256, shared memory per block plus 1 KiB the system reserves."""
     per_warp = -(-registers * 32 // 256) * 256
-    by_registers = H100["registers"] // (per_warp * THREADS // 32)
+    by_registers = H100["registers"] // (per_warp * threads // 32)
     by_shared = H100["shared"] // (shared_bytes + H100["reserved_per_block"])
-    return min(by_registers, by_shared, H100["threads"] // THREADS, H100["blocks"])
+    return min(by_registers, by_shared, H100["threads"] // threads, H100["blocks"])
 
 
 def cubin_figures(library):
@@ -87,13 +117,15 @@ def cubin_figures(library):
         m = re.search(r"arch = (sm_\d+)", line)
         if m:
             arch = m.group(1)
-        m = re.search(r"Function (\S*tensor_core\S*forward_kernelILi(\d+)ELi(\d+)EN3c10(\d+)(\w+?)EEEv\S*):", line)
-        if not m:
-            continue
-        figures = dict(re.findall(r"(\w+(?:\[\d\])?):(\d+)", lines[i + 1]))
-        rows.append({"arch": arch, "function": m.group(1), "dk": int(m.group(2)), "dv": int(m.group(3)),
-                     "dtype": m.group(5), "registers": int(figures["REG"]), "stack": int(figures["STACK"]),
-                     "local": int(figures["LOCAL"])})
+        for kernel, spec in KERNELS.items():
+            m = re.search(spec["pattern"], line)
+            if not m:
+                continue
+            figures = dict(re.findall(r"(\w+(?:\[\d\])?):(\d+)", lines[i + 1]))
+            dk = int(m.group(2))
+            rows.append({"kernel": kernel, "arch": arch, "function": m.group(1), "dk": dk,
+                         "dv": int(m.group(3) or dk), "dtype": m.group(5), "registers": int(figures["REG"]),
+                         "stack": int(figures["STACK"]), "local": int(figures["LOCAL"])})
     if nvdisasm:
         for row in rows:
             sass = subprocess.run([cuobjdump, "-sass", "-arch", row["arch"], "-fun", row["function"], library],
@@ -101,8 +133,9 @@ def cubin_figures(library):
             row["hmma"] = len(re.findall(r"\bHMMA\.16816\.F32", sass))
             row["ldsm"] = len(re.findall(r"\bLDSM\b", sass))
     for row in rows:
-        row["shared_bytes"] = torch.ops.linattn._tensor_core_shared_bytes(row["dk"], row["dv"])
-        row["h100_blocks_per_sm"] = h100_blocks_per_sm(row["registers"], row["shared_bytes"])
+        spec = KERNELS[row["kernel"]]
+        row["shared_bytes"] = spec["shared"](row["dk"], row["dv"])
+        row["h100_blocks_per_sm"] = h100_blocks_per_sm(row["registers"], row["shared_bytes"], spec["threads"])
     return rows, None
 
 
@@ -118,6 +151,13 @@ def main():
         print(f"  {'causal' if e['causal'] else 'full':>6}, {kind}: traffic {e['traffic_over_floor']:.3f}x the floor "
               f"(target <= 1.15 unsplit, 2 split), {e['wavefronts_per_matrix']:.2f} wavefronts per ldmatrix matrix, "
               f"{e['mma']} mma")
+    flash = [emulated_flash_figures(T, 64, 256, causal) for causal in (False, True)]
+    print(f"Emulated flash engine forward, B=1 H=2 D=64 T={T} bf16, sliding window 256:")
+    for e in flash:
+        print(f"  {'causal' if e['causal'] else 'both sides':>10}: {e['key_tiles']} key tiles, "
+              f"{e['computed_per_visible_pair']:.2f} score pairs computed per visible pair, "
+              f"K/V read {e['kv_reads_per_visited_tile']:.2f}x per visited tile, "
+              f"{e['wavefronts_per_matrix']:.2f} wavefronts per ldmatrix matrix")
     library = linattn._C.__file__ if hasattr(linattn._C, "__file__") else None
     cubins, why = (None, "no CUDA kernels in this build")
     from linattn import _build_info
@@ -126,17 +166,18 @@ def main():
     if cubins is None:
         print(f"Cubins: {why}")
     else:
-        print("Compiled kernels (forward_kernel<DK, DV, dtype>):")
-        print(f"  {'arch':6} {'DK':>4} {'DV':>4} {'dtype':9} {'regs':>5} {'stack':>5} {'local':>5} {'HMMA':>5} "
-              f"{'smem KiB':>8} {'H100 blocks/SM':>14}")
+        print("Compiled kernels (linear: forward_kernel<DK, DV, dtype>; flash: forward_kernel<D, dtype>):")
+        print(f"  {'kernel':6} {'arch':6} {'DK':>4} {'DV':>4} {'dtype':9} {'regs':>5} {'stack':>5} {'local':>5} "
+              f"{'HMMA':>5} {'smem KiB':>8} {'H100 blocks/SM':>14}")
         for r in cubins:
-            print(f"  {r['arch']:6} {r['dk']:>4} {r['dv']:>4} {r['dtype']:9} {r['registers']:>5} {r['stack']:>5} "
+            print(f"  {r['kernel']:6} {r['arch']:6} {r['dk']:>4} {r['dv']:>4} {r['dtype']:9} {r['registers']:>5} {r['stack']:>5} "
                   f"{r['local']:>5} {r.get('hmma', '?'):>5} {r['shared_bytes'] / 1024:>8.1f} "
                   f"{r['h100_blocks_per_sm']:>14}")
-        print("  Below two blocks per SM because each block keeps its fp32 state in its 8 warps' registers\n"
-              "  (at D = 128 a lane holds 68 of them) and two chunk buffers in shared memory; the next\n"
-              "  chunk's cp.async copies hide the load latency instead of a second block.")
-    path, _ = write_results("results", "tensor_core", {"machine": machine_info(), "emulated": emulated, "cubins": cubins})
+        print("  Linear: below two blocks per SM because each block keeps its fp32 state in its 8 warps'\n"
+              "  registers (at D = 128 a lane holds 68 of them) and two chunk buffers in shared memory; the\n"
+              "  next chunk's cp.async copies hide the load latency instead of a second block.")
+    path, _ = write_results("results", "tensor_core", {"machine": machine_info(), "emulated": emulated, "flash": flash,
+                                                          "cubins": cubins})
     print(f"Wrote {path}")
 
 

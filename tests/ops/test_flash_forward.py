@@ -5,6 +5,8 @@ CPU tensors through the warp-operation layer's emulation (every lane of every wa
 mma with the PTX ISA's fragment layouts, cp.async landing only at its wait, shared memory starting
 as NaN). Every pattern kind is checked against softmax under Pattern.dense_mask in float64, and
 each test counts the mma instructions the emulation executed, so it cannot pass on another path."""
+import os
+
 import pytest
 import torch
 
@@ -269,6 +271,27 @@ def test_public_api_runs_the_engine():
         out = linattn.sliding_window_attention(q, k, v, 17, causal=True)
         assert counters()["mma"] > 0
     assert_close(out, expected.double(), TOLERANCE[torch.bfloat16], "fused vs default")
+
+
+def test_cubins_hold_tensor_core_instructions_and_no_local_memory():
+    """The compiled kernels (sm_80 and sm_90, D = 64, 128, 256, bf16 and fp16) use mma.sync
+    (HMMA.16816.F32 in their SASS) and no local memory: no register spills, no stack."""
+    from linattn import _build_info
+
+    if not getattr(_build_info, "CUDA_KERNELS", False):
+        pytest.skip("a build without the CUDA kernels")
+    from benchmarks.bench_tensor_core import cubin_figures, find_tool
+
+    if find_tool("cuobjdump") is None or find_tool("nvdisasm") is None:
+        assert not os.environ.get("CI"), "CI installs nvidia-cuda-cuobjdump and nvidia-cuda-nvdisasm (install.sh)"
+        pytest.skip("cuobjdump / nvdisasm not installed")
+    rows = [row for row in cubin_figures(linattn._C.__file__)[0] if row["kernel"] == "flash"]
+    assert {(row["arch"], row["dk"], row["dtype"]) for row in rows} == {
+        (arch, d, dtype) for arch in ("sm_80", "sm_90") for d in (64, 128, 256) for dtype in ("BFloat16", "Half")}
+    for row in rows:
+        name = f"{row['arch']} D={row['dk']} {row['dtype']}"
+        assert row["hmma"] > 0, f"{name}: no tensor-core instructions"
+        assert row["stack"] == 0 and row["local"] == 0, f"{name}: local memory (register spills)"
 
 
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
