@@ -26,6 +26,7 @@ constexpr char kBackward[] = "linattn::restricted_softmax_bwd";
 constexpr char kForwardGeneric[] = "linattn::restricted_softmax_fwd_generic";
 constexpr char kBackwardGeneric[] = "linattn::restricted_softmax_bwd_generic";
 constexpr char kForwardFused[] = "linattn::restricted_softmax_fwd_fused";
+constexpr char kBackwardFused[] = "linattn::restricted_softmax_bwd_fused";
 
 // The pattern's tensors, in the order they are saved after q, k, v, out, lse.
 constexpr int kSavedPattern = 5;
@@ -84,8 +85,8 @@ std::tuple<at::Tensor, at::Tensor> restricted_softmax_autograd(const at::Tensor&
 TORCH_LIBRARY_IMPL(linattn, Autograd, m) {
   m.impl("restricted_softmax_fwd", &restricted_softmax_autograd<kForward, kBackward>);
   m.impl("restricted_softmax_fwd_generic", &restricted_softmax_autograd<kForwardGeneric, kBackwardGeneric>);
-  // The flash engine's forward saves what restricted_softmax_bwd recomputes from.
-  m.impl("restricted_softmax_fwd_fused", &restricted_softmax_autograd<kForwardFused, kBackward>);
+  m.impl("restricted_softmax_fwd_fused", &restricted_softmax_autograd<kForwardFused, kBackwardFused>);
+  m.impl("restricted_softmax_bwd_fused", &FirstOrderOnly<kBackwardFused, Backward>::call);
   m.impl("restricted_softmax_bwd", &FirstOrderOnly<kBackward, Backward>::call);
   m.impl("restricted_softmax_bwd_generic", &FirstOrderOnly<kBackwardGeneric, Backward>::call);
 }

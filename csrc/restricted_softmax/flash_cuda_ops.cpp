@@ -9,6 +9,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <limits>
 
 namespace linattn {
@@ -28,8 +29,29 @@ std::tuple<at::Tensor, at::Tensor> forward_cuda(const at::Tensor& q, const at::T
   });
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cuda(
+    const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_lse, const at::Tensor& q, const at::Tensor& k,
+    const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, double scale,
+    LINATTN_RESTRICTED_PATTERN_PARAMS) {
+  const RestrictedPattern pattern{LINATTN_RESTRICTED_PATTERN_ARGS};
+  check_restricted_backward_inputs(grad_out, grad_lse, q, k, v, out, lse, scale, pattern);
+  const c10::cuda::CUDAGuard guard(q.device());
+  if (!flash::takes_backward(q, v, shared_memory_per_block()))
+    return flash::unfused_backward(grad_out, grad_lse, q, k, v, out, lse, scale, LINATTN_RESTRICTED_PATTERN_ARGS);
+  return flash::run_backward_call(grad_out, grad_lse, q, k, v, out, lse, scale, pattern,
+                                  [](const auto& problem, const auto& gradients) {
+                                    const int64_t tiles = std::max(problem.q_tiles, problem.k_tiles);
+                                    TORCH_CHECK(problem.batch * problem.heads * tiles <= std::numeric_limits<int32_t>::max(),
+                                                kRestrictedSoftmaxOp, ": batch · heads · tiles exceeds a CUDA grid");
+                                    flash::launch_backward(problem, gradients, c10::cuda::getCurrentCUDAStream().stream());
+                                  });
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(linattn, CUDA, m) { m.impl("restricted_softmax_fwd_fused", &forward_cuda); }
+TORCH_LIBRARY_IMPL(linattn, CUDA, m) {
+  m.impl("restricted_softmax_fwd_fused", &forward_cuda);
+  m.impl("restricted_softmax_bwd_fused", &backward_cuda);
+}
 
 }  // namespace linattn

@@ -2,6 +2,7 @@
 // lane through the warp-operation layer, counting what they do (common/warp/emulation.h).
 // Registered as the CPU kernel of restricted_softmax_fwd_fused, so that the tests check, on any
 // machine, every index, mask, fragment and tile the GPU will execute. Slow by design.
+#include "flash/backward.h"
 #include "flash/forward.h"
 #include "flash/plan.h"
 #include "../common/warp/host_block.h"
@@ -28,6 +29,31 @@ void emulate_forward(const flash::FlashProblem<scalar_t>& p) {
   });
 }
 
+// Blocks [0, blocks) of one backward launch (Block: KeyBlock or QueryBlock).
+template <typename Block, typename scalar_t>
+void emulate_backward_blocks(const flash::FlashProblem<scalar_t>& p, const flash::FlashGradients<scalar_t>& g,
+                             int64_t blocks, int64_t shared_bytes) {
+  using State = typename Block::State;
+  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    warp::EmulationCounters counters;
+    const warp::CountingScope counting(counters);
+    warp::HostBlock<State> exec(flash::kWarps, shared_bytes);
+    for (int64_t block = begin; block < end; ++block) {
+      exec.reset();
+      flash::run_backward_block<Block>(exec, p, g, block);
+      exec.finish();
+    }
+    warp::emulation_totals().add(counters);
+  });
+}
+
+template <int D, typename scalar_t>
+void emulate_backward(const flash::FlashProblem<scalar_t>& p, const flash::FlashGradients<scalar_t>& g) {
+  constexpr int64_t bytes = flash::BackwardLayout<D>::kBytes;
+  emulate_backward_blocks<flash::KeyBlock<scalar_t, D>>(p, g, p.batch * p.heads * p.k_tiles, bytes);
+  emulate_backward_blocks<flash::QueryBlock<scalar_t, D>>(p, g, p.batch * p.heads * p.q_tiles, bytes);
+}
+
 std::tuple<at::Tensor, at::Tensor> forward_emulated(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                     double scale, LINATTN_RESTRICTED_PATTERN_PARAMS) {
   const RestrictedPattern pattern{LINATTN_RESTRICTED_PATTERN_ARGS};
@@ -40,8 +66,27 @@ std::tuple<at::Tensor, at::Tensor> forward_emulated(const at::Tensor& q, const a
   });
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_emulated(
+    const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_lse, const at::Tensor& q, const at::Tensor& k,
+    const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, double scale,
+    LINATTN_RESTRICTED_PATTERN_PARAMS) {
+  const RestrictedPattern pattern{LINATTN_RESTRICTED_PATTERN_ARGS};
+  check_restricted_backward_inputs(grad_out, grad_lse, q, k, v, out, lse, scale, pattern);
+  if (!flash::takes_backward(q, v, warp::emulated_shared_bytes()))
+    return flash::unfused_backward(grad_out, grad_lse, q, k, v, out, lse, scale, LINATTN_RESTRICTED_PATTERN_ARGS);
+  return flash::run_backward_call(grad_out, grad_lse, q, k, v, out, lse, scale, pattern,
+                                  [](const auto& problem, const auto& gradients) {
+                                    flash::with_backward_head_dim(problem.head_dim, problem.value_dim, [&](auto d) {
+                                      emulate_backward<decltype(d)::value>(problem, gradients);
+                                    });
+                                  });
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(linattn, CPU, m) { m.impl("restricted_softmax_fwd_fused", &forward_emulated); }
+TORCH_LIBRARY_IMPL(linattn, CPU, m) {
+  m.impl("restricted_softmax_fwd_fused", &forward_emulated);
+  m.impl("restricted_softmax_bwd_fused", &backward_emulated);
+}
 
 }  // namespace linattn

@@ -32,7 +32,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_meta(
 TORCH_LIBRARY_IMPL(linattn, Meta, m) {
   for (const char* name : {"restricted_softmax_fwd", "restricted_softmax_fwd_generic", "restricted_softmax_fwd_fused"})
     m.impl(name, &forward_meta);
-  for (const char* name : {"restricted_softmax_bwd", "restricted_softmax_bwd_generic"}) m.impl(name, &backward_meta);
+  for (const char* name : {"restricted_softmax_bwd", "restricted_softmax_bwd_generic", "restricted_softmax_bwd_fused"})
+    m.impl(name, &backward_meta);
 }
 
 }  // namespace linattn

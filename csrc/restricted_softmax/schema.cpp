@@ -40,10 +40,13 @@ TORCH_LIBRARY_FRAGMENT(linattn, m) {
     m.def(forward.c_str());  // parsed here: the strings need not outlive the call
     m.def(backward.c_str());
   }
-  // The flash engine's forward (flash/forward.h): CUDA's fused backend runs it on the GPU, and on
-  // CPU tensors it runs the GPU kernel's emulation (the tests' switch). Calls it does not take
-  // (fp32/fp64, head dims past 256) run restricted_softmax_fwd. Its backward is
-  // restricted_softmax_bwd, from the saved logsumexp.
+  // The flash engine (flash/forward.h, flash/backward.h): CUDA's fused backend runs it on the GPU,
+  // and on CPU tensors it runs the GPU kernels' emulation (the tests' switch). Calls it does not
+  // take (fp32/fp64; head dims past 256, past 128 for the backward) run restricted_softmax_fwd/bwd.
   m.def((std::string("restricted_softmax_fwd_fused(Tensor q, Tensor k, Tensor v, float scale, ") + kPatternArguments +
          ") -> (Tensor out, Tensor lse)").c_str());
+  m.def((std::string("restricted_softmax_bwd_fused(Tensor grad_out, Tensor? grad_lse, Tensor q, Tensor k, Tensor v, "
+                     "Tensor out, Tensor lse, float scale, ") +
+         kPatternArguments + ") -> (Tensor grad_q, Tensor grad_k, Tensor grad_v, Tensor grad_bias)")
+            .c_str());
 }

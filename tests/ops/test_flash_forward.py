@@ -108,14 +108,18 @@ def layout_patterns(T, H):
     }
 
 
-@pytest.mark.parametrize("dtype", HALF_TYPES)
-@pytest.mark.parametrize("name", list(layout_patterns(8, 1)))
-def test_layout_patterns(dtype, name):
-    T, H = 150, 2
+def layout_case(name, dtype, T=150, H=2):
+    """Pattern `name` of layout_patterns (its bias in `dtype`) and q, k, v (B=2, D=dv=32)."""
     pattern = layout_patterns(T, H)[name]
     if pattern.bias is not None:
         pattern = Pattern(**{**pattern.__dict__, "bias": pattern.bias.to(dtype)})
-    q, k, v = make(2, H, T, T, 32, 32, dtype, seed=5)
+    return pattern, make(2, H, T, T, 32, 32, dtype, seed=5)
+
+
+@pytest.mark.parametrize("dtype", HALF_TYPES)
+@pytest.mark.parametrize("name", list(layout_patterns(8, 1)))
+def test_layout_patterns(dtype, name):
+    pattern, (q, k, v) = layout_case(name, dtype)
     check(q, k, v, pattern)
 
 

@@ -124,6 +124,9 @@ __device__ inline T load_shared(const WarpContext& w, uint32_t offset) {
   return *reinterpret_cast<const T*>(w.shared + offset);
 }
 
+// fp32 atomic add to global memory (red.global.add.f32): the order of the additions is not fixed.
+__device__ inline void atomic_add_global(const WarpContext&, float* p, float value) { atomicAdd(p, value); }
+
 #else
 // --- host: the emulation ----------------------------------------------------------------------
 
@@ -279,6 +282,21 @@ template <typename T>
 inline void store_global(const WarpContext&, T* p, T value) {
   detail::counters().global_write_bytes += sizeof(T);
   *p = value;
+}
+
+// Blocks emulated on several CPU threads may add to the same float: a compare-and-swap loop.
+inline void atomic_add_global(const WarpContext&, float* p, float value) {
+  detail::counters().global_write_bytes += sizeof(float);
+  uint32_t* bits = reinterpret_cast<uint32_t*>(p);
+  uint32_t expected = __atomic_load_n(bits, __ATOMIC_RELAXED);
+  for (;;) {
+    float current;
+    std::memcpy(&current, &expected, sizeof(float));
+    const float sum = current + value;
+    uint32_t desired;
+    std::memcpy(&desired, &sum, sizeof(float));
+    if (__atomic_compare_exchange_n(bits, &expected, desired, false, __ATOMIC_RELAXED, __ATOMIC_RELAXED)) return;
+  }
 }
 
 #endif

@@ -133,54 +133,25 @@ struct FlashBlock {
     });
   }
 
-  // The scaled scores of the warp's 16 rows against the tile's 64 keys, with the pattern applied:
-  // −inf where a pair is not visible, the bias added, kSelfScore where fixed.
-  LINATTN_HD void scores(const WarpContext& w, uint32_t base, int64_t j0, TileKind kind,
-                         Accumulator (&sc)[kKeys / 8][4]) const {
-    warp::clear(w, sc);
-    LINATTN_UNROLL
-    for (int ks = 0; ks < D / 16; ++ks) {
-      if (ks * 16 >= p.head_dim) continue;  // columns past the head dim: zeros on both sides
-      Fragment qf[4];
-      warp::rows_as_a_operand(w, L::kQ + w.warp * 16 * L::kPitch + ks * 32, L::kPitch, qf);
-      LINATTN_UNROLL
-      for (int nt = 0; nt < kKeys / 8; ++nt) {
-        Fragment bf[2];
-        warp::rows_as_b_operand_transposed(w, base + L::kK + nt * 8 * L::kPitch + ks * 32, L::kPitch, bf);
-        warp::mma_16816<scalar_t>(sc[nt], qf, bf);
-      }
-    }
+  // The scaled scores of the warp's 16 rows against the tile's 64 keys, with the pattern applied
+  // (score_of): −inf where a pair is hidden, the bias added, kSelfScore where fixed.
+  LINATTN_HD void scores(const WarpContext& w, uint32_t base, int64_t j0, TileKind kind, ScoreTile& sc) const {
+    rows_times_rows<scalar_t, D>(w, L::kQ + w.warp * 16 * L::kPitch, base + L::kK, L::kPitch, p.head_dim, sc);
     warp::for_lanes(w, [&](int lane) {
       LINATTN_UNROLL
       for (int nt = 0; nt < kKeys / 8; ++nt) {
         LINATTN_UNROLL
         for (int i = 0; i < 4; ++i) {
           const int64_t row = row_of(w, lane, i / 2), key = j0 + nt * 8 + 2 * warp::thread_in_group(lane) + i % 2;
-          float x = sc[nt][i][lane] * p.scale;
-          if (row >= p.q_len || key >= p.k_len) {
-            x = minus_infinity();
-          } else if (kind == kPartial) {
-            const Pair pair = pair_of(p, b, h, row, key);
-            if (!pair.visible) x = minus_infinity();
-            else if (pair.fixed) x = static_cast<float>(kSelfScore);
-            else if (p.bias != nullptr) x += bias_at(w, row, key);
-          } else if (p.bias != nullptr) {
-            x += bias_at(w, row, key);
-          }
-          sc[nt][i][lane] = x;
+          sc[nt][i][lane] = score_of(w, p, b, h, row, key, kind, sc[nt][i][lane] * p.scale).value;
         }
       }
     });
   }
 
-  LINATTN_HD float bias_at(const WarpContext& w, int64_t row, int64_t key) const {
-    const int64_t head = p.bias_heads == 1 ? 0 : h;
-    return static_cast<float>(warp::load_global(w, p.bias + (head * p.q_len + row) * p.k_len + key));
-  }
-
   // Online softmax over one tile: the new running maxima, the old sums and outputs rescaled,
   // scores turned into probabilities exp(s − max) (0 where masked: exp(−inf)).
-  LINATTN_HD void softmax_step(const WarpContext& w, State& s, Accumulator (&sc)[kKeys / 8][4]) const {
+  LINATTN_HD void softmax_step(const WarpContext& w, State& s, ScoreTile& sc) const {
     Lanes<float> tile_max[2];
     warp::for_lanes(w, [&](int lane) {
       LINATTN_UNROLL
@@ -236,28 +207,10 @@ struct FlashBlock {
 
   // O += P·V on tensor cores: the probabilities' C fragments, packed to 16 bits, are the A
   // fragments of their 16 keys.
-  LINATTN_HD void add_values(const WarpContext& w, State& s, uint32_t base, const Accumulator (&sc)[kKeys / 8][4]) const {
+  LINATTN_HD void add_values(const WarpContext& w, State& s, uint32_t base, const ScoreTile& sc) const {
     Fragment probs[kKeys / 16][4];
-    warp::for_lanes(w, [&](int lane) {
-      LINATTN_UNROLL
-      for (int kk = 0; kk < kKeys / 16; ++kk) {
-        LINATTN_UNROLL
-        for (int i = 0; i < 4; ++i) {
-          const Accumulator* tile = sc[2 * kk + i / 2];
-          probs[kk][i][lane] = warp::pack<scalar_t>(tile[2 * (i % 2)][lane], tile[2 * (i % 2) + 1][lane]);
-        }
-      }
-    });
-    LINATTN_UNROLL
-    for (int kk = 0; kk < kKeys / 16; ++kk) {
-      LINATTN_UNROLL
-      for (int j = 0; j < D / 8; ++j) {
-        if (j * 8 >= p.value_dim) continue;
-        Fragment bf[2];
-        warp::rows_as_b_operand(w, base + L::kV + kk * 16 * L::kPitch + j * 16, L::kPitch, bf);
-        warp::mma_16816<scalar_t>(s.o[j], probs[kk], bf);
-      }
-    }
+    as_a_fragments<scalar_t>(w, sc, probs);
+    add_product<scalar_t, D>(w, probs, base + L::kV, L::kPitch, p.value_dim, s.o);
   }
 
   // O += P·V term by term over the visible pairs only, for a tile whose V holds Inf or NaN: the
@@ -266,7 +219,7 @@ struct FlashBlock {
   // probabilities (rounded as add_values rounds them; −1 where masked) pass through the warp's
   // scratch so that each lane reads its rows' every key.
   LINATTN_HD void exact_values(const WarpContext& w, State& s, uint32_t base, int64_t j0, TileKind kind,
-                               const Accumulator (&sc)[kKeys / 8][4]) const {
+                               const ScoreTile& sc) const {
     const uint32_t scratch = L::kScratch + w.warp * L::kScratchPerWarp;
     warp::for_lanes(w, [&](int lane) {
       LINATTN_UNROLL
@@ -310,7 +263,7 @@ struct FlashBlock {
     const uint32_t base = buffer(n);
     const int64_t tile = tile_of(n), j0 = tile * kKeys;
     const TileKind kind = kind_of(tile);
-    Accumulator sc[kKeys / 8][4];
+    ScoreTile sc;
     scores(w, base, j0, kind, sc);
     softmax_step(w, s, sc);
     if (warp::load_shared<uint8_t>(w, base + L::kNonFinite) != 0) exact_values(w, s, base, j0, kind, sc);

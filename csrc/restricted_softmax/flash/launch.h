@@ -2,7 +2,7 @@
 // the runtime's stream type, so host code compiled without nvcc can call it.
 #pragma once
 
-#include "problem.h"
+#include "backward_block.h"
 
 #include <cuda_runtime_api.h>
 
@@ -13,6 +13,10 @@ namespace flash {
 // Instantiated for c10::BFloat16 and c10::Half.
 template <typename scalar_t>
 void launch_forward(const FlashProblem<scalar_t>& p, cudaStream_t stream);
+
+// The backward's two launches (key blocks, then query blocks) on `stream`, asynchronously.
+template <typename scalar_t>
+void launch_backward(const FlashProblem<scalar_t>& p, const FlashGradients<scalar_t>& g, cudaStream_t stream);
 
 }  // namespace flash
 }  // namespace linattn

@@ -14,7 +14,7 @@
 // ascending, by a stable sort.
 #pragma once
 
-#include "problem.h"
+#include "backward_block.h"
 #include "../op_checks.h"
 #include "../../common/autograd_support.h"
 #include "../../common/tensor_views.h"
@@ -34,6 +34,12 @@ inline bool takes(const at::Tensor& q, const at::Tensor& v, int64_t max_shared_b
   const int64_t d = q.size(3), dv = v.size(3);
   if (d < 1 || dv < 1 || d > 256 || dv > 256 || !warp::tensor_cores_enabled()) return false;
   return shared_bytes_of(d, dv) <= max_shared_bytes;
+}
+
+// Whether the backward (backward.h) takes it too: also head dims up to kMaxBackwardHeadDim.
+inline bool takes_backward(const at::Tensor& q, const at::Tensor& v, int64_t max_shared_bytes) {
+  if (q.size(3) > kMaxBackwardHeadDim || v.size(3) > kMaxBackwardHeadDim) return false;
+  return takes(q, v, max_shared_bytes) && backward_shared_bytes_of(q.size(3), v.size(3)) <= max_shared_bytes;
 }
 
 inline int64_t tiles_of(int64_t length, int64_t tile) { return (length + tile - 1) / tile; }
@@ -99,11 +105,23 @@ inline at::Tensor tile_kinds(const RestrictedPattern& p, int64_t q_len, int64_t 
   return kind.to(at::kByte).contiguous();
 }
 
+// The visit lists of a tile-kind tensor (..., tiles, other tiles): per row the count of visited
+// tiles and the tiles, visited first and each group ascending (a stable sort of "not visited").
+struct VisitLists {
+  at::Tensor counts, tiles;
+};
+inline VisitLists visit_lists(const at::Tensor& kinds) {
+  const at::Tensor visited = kinds > 0;
+  return {visited.sum(-1).to(at::kInt).contiguous(),
+          std::get<1>(at::sort(visited.logical_not().to(at::kByte), true, -1, false)).to(at::kInt).contiguous()};
+}
+
 // The problem of one call and the tensors it points into (contiguous copies, the plan, outputs).
 template <typename scalar_t>
 struct FlashCall {
   FlashProblem<scalar_t> problem;
   at::Tensor out, lse;
+  at::Tensor kinds;  // the plan's tile kinds, or undefined without a plan
   std::vector<at::Tensor> held;
 
   template <typename T>
@@ -116,7 +134,7 @@ struct FlashCall {
 
 template <typename scalar_t>
 FlashCall<scalar_t> prepare_call(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale,
-                                 const RestrictedPattern& pattern) {
+                                 const RestrictedPattern& pattern, bool outputs = true) {
   FlashCall<scalar_t> call;
   FlashProblem<scalar_t>& p = call.problem;
   p.batch = q.size(0);
@@ -150,19 +168,14 @@ FlashCall<scalar_t> prepare_call(const at::Tensor& q, const at::Tensor& k, const
   p.bias = call.template hold<scalar_t>(pattern.bias);
   if (pattern.bias.has_value()) p.bias_heads = pattern.bias->size(0);
   if (pattern.uses_layout() || pattern.global_mask.has_value()) {
-    const at::Tensor kinds = tile_kinds(pattern, p.q_len, p.k_len, q.options());
-    const at::Tensor visited = kinds > 0;
-    const at::Tensor counts = visited.sum(-1).to(at::kInt).contiguous();
-    // Visited tiles first, each group ascending: a stable sort of "not visited".
-    const at::Tensor tiles = std::get<1>(at::sort(visited.logical_not().to(at::kByte), true, -1, false))
-                                 .to(at::kInt)
-                                 .contiguous();
-    call.held.insert(call.held.end(), {kinds, counts, tiles});
-    p.tile_kinds = kinds.const_data_ptr<uint8_t>();
-    p.visit_counts = counts.const_data_ptr<int32_t>();
-    p.visit_tiles = tiles.const_data_ptr<int32_t>();
-    p.plan_batch = kinds.size(0);
-    p.plan_heads = kinds.size(1);
+    call.kinds = tile_kinds(pattern, p.q_len, p.k_len, q.options());
+    const VisitLists lists = visit_lists(call.kinds);
+    call.held.insert(call.held.end(), {lists.counts, lists.tiles});
+    p.tile_kinds = call.kinds.template const_data_ptr<uint8_t>();
+    p.visit_counts = lists.counts.const_data_ptr<int32_t>();
+    p.visit_tiles = lists.tiles.const_data_ptr<int32_t>();
+    p.plan_batch = call.kinds.size(0);
+    p.plan_heads = call.kinds.size(1);
   }
   p.q = view_of<scalar_t>(q);
   p.k = view_of<scalar_t>(k);
@@ -170,10 +183,58 @@ FlashCall<scalar_t> prepare_call(const at::Tensor& q, const at::Tensor& k, const
   p.q_vector = warp::vector_rows<scalar_t>(q);
   p.k_vector = warp::vector_rows<scalar_t>(k);
   p.v_vector = warp::vector_rows<scalar_t>(v);
-  call.out = at::empty({p.batch, p.heads, p.q_len, p.value_dim}, q.options());
-  call.lse = at::empty({p.batch, p.heads, p.q_len}, q.options().dtype(at::kFloat));
-  p.out = call.out.template mutable_data_ptr<scalar_t>();
-  p.lse = call.lse.template mutable_data_ptr<float>();
+  if (outputs) {
+    call.out = at::empty({p.batch, p.heads, p.q_len, p.value_dim}, q.options());
+    call.lse = at::empty({p.batch, p.heads, p.q_len}, q.options().dtype(at::kFloat));
+    p.out = call.out.template mutable_data_ptr<scalar_t>();
+    p.lse = call.lse.template mutable_data_ptr<float>();
+  }
+  return call;
+}
+
+// The backward of one call: the forward's problem and plan, the gradients' problem (the plan
+// transposed, delta), the gradients.
+template <typename scalar_t>
+struct FlashBackwardCall {
+  FlashCall<scalar_t> forward;
+  FlashGradients<scalar_t> gradients;
+  at::Tensor grad_q, grad_k, grad_v, grad_bias;
+  std::vector<at::Tensor> held;
+};
+
+template <typename scalar_t>
+FlashBackwardCall<scalar_t> prepare_backward(const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_lse,
+                                             const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                             const at::Tensor& out, const at::Tensor& lse, double scale,
+                                             const RestrictedPattern& pattern) {
+  FlashBackwardCall<scalar_t> call{prepare_call<scalar_t>(q, k, v, scale, pattern, false)};
+  FlashGradients<scalar_t>& g = call.gradients;
+  const FlashProblem<scalar_t>& p = call.forward.problem;
+  at::Tensor delta = (grad_out.to(at::kFloat) * out.to(at::kFloat)).sum(-1);
+  if (grad_lse.has_value()) delta = delta - *grad_lse;
+  call.held.insert(call.held.end(), {delta.contiguous(), lse.contiguous()});
+  g.delta = call.held[0].template const_data_ptr<float>();
+  g.lse = call.held[1].template const_data_ptr<float>();
+  g.grad_out = view_of<scalar_t>(grad_out);
+  g.grad_out_vector = warp::vector_rows<scalar_t>(grad_out);
+  if (call.forward.kinds.defined()) {
+    const at::Tensor seen = call.forward.kinds.transpose(-1, -2).contiguous();
+    const VisitLists lists = visit_lists(seen);
+    call.held.insert(call.held.end(), {seen, lists.counts, lists.tiles});
+    g.seen_kinds = seen.const_data_ptr<uint8_t>();
+    g.seen_counts = lists.counts.const_data_ptr<int32_t>();
+    g.seen_tiles = lists.tiles.const_data_ptr<int32_t>();
+  }
+  call.grad_q = at::empty({p.batch, p.heads, p.q_len, p.head_dim}, q.options());
+  call.grad_k = at::empty({p.batch, p.heads, p.k_len, p.head_dim}, q.options());
+  call.grad_v = at::empty({p.batch, p.heads, p.k_len, p.value_dim}, q.options());
+  g.grad_q = call.grad_q.template mutable_data_ptr<scalar_t>();
+  g.grad_k = call.grad_k.template mutable_data_ptr<scalar_t>();
+  g.grad_v = call.grad_v.template mutable_data_ptr<scalar_t>();
+  if (pattern.bias.has_value()) {
+    call.grad_bias = at::zeros(pattern.bias->sizes(), q.options().dtype(at::kFloat));
+    g.grad_bias = call.grad_bias.template mutable_data_ptr<float>();
+  }
   return call;
 }
 
@@ -190,6 +251,25 @@ std::tuple<at::Tensor, at::Tensor> run_call(const at::Tensor& q, const at::Tenso
   return q.scalar_type() == at::kBFloat16 ? run(c10::BFloat16{}) : run(c10::Half{});
 }
 
+// Runs the backward of a call the backward takes: launch(problem, gradients); returns the
+// gradients as restricted_softmax_bwd does (grad_bias in the bias's dtype, or empty).
+template <typename Launch>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_backward_call(
+    const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_lse, const at::Tensor& q, const at::Tensor& k,
+    const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, double scale, const RestrictedPattern& pattern,
+    const Launch& launch) {
+  auto run = [&](auto tag) -> std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> {
+    using scalar_t = decltype(tag);
+    const FlashBackwardCall<scalar_t> call =
+        prepare_backward<scalar_t>(grad_out, grad_lse, q, k, v, out, lse, scale, pattern);
+    launch(call.forward.problem, call.gradients);
+    const at::Tensor grad_bias =
+        pattern.bias.has_value() ? call.grad_bias.to(pattern.bias->scalar_type()) : at::empty({0}, q.options());
+    return {call.grad_q, call.grad_k, call.grad_v, grad_bias};
+  };
+  return q.scalar_type() == at::kBFloat16 ? run(c10::BFloat16{}) : run(c10::Half{});
+}
+
 // A call the engine does not take: restricted_softmax_fwd (the CPU kernel, or the device-generic
 // one on CUDA), called from below autograd.
 inline std::tuple<at::Tensor, at::Tensor> unfused_forward(const at::Tensor& q, const at::Tensor& k,
@@ -202,6 +282,19 @@ inline std::tuple<at::Tensor, at::Tensor> unfused_forward(const at::Tensor& q, c
       const std::optional<at::Tensor>&);
   static const auto op = linattn_op<Signature>("linattn::restricted_softmax_fwd");
   return op.call(q, k, v, scale, LINATTN_RESTRICTED_PATTERN_ARGS);
+}
+
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> unfused_backward(
+    const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_lse, const at::Tensor& q, const at::Tensor& k,
+    const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, double scale,
+    LINATTN_RESTRICTED_PATTERN_PARAMS) {
+  using Optional = std::optional<at::Tensor>;
+  using Signature = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+      const at::Tensor&, const Optional&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+      const at::Tensor&, double, int64_t, int64_t, int64_t, bool, const Optional&, int64_t, const Optional&,
+      const Optional&, const Optional&, const Optional&, const Optional&, const Optional&);
+  static const auto op = linattn_op<Signature>("linattn::restricted_softmax_bwd");
+  return op.call(grad_out, grad_lse, q, k, v, out, lse, scale, LINATTN_RESTRICTED_PATTERN_ARGS);
 }
 
 }  // namespace flash

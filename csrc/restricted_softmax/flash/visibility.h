@@ -6,6 +6,8 @@
 #include "problem.h"
 #include "../kernel.h"
 
+#include <cmath>
+
 namespace linattn {
 namespace flash {
 
@@ -49,6 +51,30 @@ LINATTN_HD inline Pair pair_of(const FlashProblem<scalar_t>& p, int64_t b, int64
   return {visible, fixed};
 }
 
+// The score of the pair (i, j) as softmax sees it, from its scaled product `scaled`: −inf when
+// hidden (or out of range), kSelfScore when fixed, else with the bias added. `gradient`: whether
+// the pair passes a score gradient (visible and not fixed). Per pair only in partial tiles.
+struct Score {
+  float value;
+  bool gradient;
+};
+
+template <typename scalar_t>
+LINATTN_HD inline Score score_of(const WarpContext& w, const FlashProblem<scalar_t>& p, int64_t b, int64_t h,
+                                 int64_t i, int64_t j, TileKind kind, float scaled) {
+  if (i >= p.q_len || j >= p.k_len) return {-INFINITY, false};
+  if (kind == kPartial) {
+    const Pair pair = pair_of(p, b, h, i, j);
+    if (!pair.visible) return {-INFINITY, false};
+    if (pair.fixed) return {static_cast<float>(kSelfScore), false};
+  }
+  if (p.bias != nullptr) {
+    const int64_t head = p.bias_heads == 1 ? 0 : h;
+    scaled += static_cast<float>(warp::load_global(w, p.bias + (head * p.q_len + i) * p.k_len + j));
+  }
+  return {scaled, true};
+}
+
 // The window's band for the query rows [i0, i1): key tiles [first, last] (none when last < first),
 // and whether key tile t is seen whole by every one of those rows (no per-pair mask needed).
 template <typename scalar_t>
@@ -79,6 +105,18 @@ struct Band {
     return inside ? kWhole : kPartial;
   }
 };
+
+// The transposed band: query tiles [first, last] whose rows see keys [j0, j1) through the window
+// (the tiles whose band holds the key tile).
+template <typename scalar_t>
+LINATTN_HD inline void seen_by(const FlashProblem<scalar_t>& p, int64_t j0, int64_t j1, int64_t& first, int64_t& last) {
+  const int64_t offset = p.k_len - p.q_len;
+  auto clamp = [&](int64_t i) { return i < 0 ? 0 : (i > p.q_len ? p.q_len : i); };
+  const int64_t begin = p.right < 0 ? 0 : clamp(j0 - p.right - offset);
+  const int64_t end = p.left < 0 ? p.q_len : clamp(j1 - 1 + p.left - offset + 1);
+  first = begin / kRows;
+  last = end <= begin ? first - 1 : (end - 1) / kRows;
+}
 
 }  // namespace flash
 }  // namespace linattn

@@ -1,0 +1,337 @@
+// The blocks of the flash engine's backward (backward.h): what they are given beside the forward's
+// problem, their shared-memory layout, and the operations of their phases. Written per warp on the
+// warp-operation layer (common/warp/).
+#pragma once
+
+#include "forward_block.h"
+
+namespace linattn {
+namespace flash {
+
+// What the backward reads and writes beside the forward's problem (plan.h builds both).
+template <typename scalar_t>
+struct FlashGradients {
+  Strided4<const scalar_t> grad_out;
+  bool grad_out_vector = false;
+  const float* lse = nullptr;    // (B, H, T_q): the forward's
+  const float* delta = nullptr;  // (B, H, T_q): Σ_c dO·O − grad_lse per row
+  scalar_t* grad_q = nullptr;    // (B, H, T_q, D) contiguous
+  scalar_t* grad_k = nullptr;    // (B, H, T_k, D)
+  scalar_t* grad_v = nullptr;    // (B, H, T_k, dv)
+  float* grad_bias = nullptr;    // (bias_heads, T_q, T_k), zeroed; summed over batch (and heads when shared)
+  // The plan transposed (plan batch, plan heads, k tiles, q tiles): the query tiles that see each
+  // key tile, as FlashProblem's plan lists key tiles (null: the window's band, transposed).
+  const int32_t* seen_tiles = nullptr;
+  const int32_t* seen_counts = nullptr;
+  const uint8_t* seen_kinds = nullptr;
+};
+
+// Shared memory of a backward block: two resident 64-row tiles (the key block's K and V, or the
+// query block's Q and dO), and two buffers of two streamed tiles each (Q and dO, or K and V) with
+// the streamed query rows' lse and delta (64 floats each).
+template <int D>
+struct BackwardLayout {
+  static constexpr int kPitch = warp::padded_pitch(D * 2);
+  static constexpr int kTile = kRows * kPitch;
+  static constexpr int kResident0 = 0, kResident1 = kTile;
+  static constexpr int kStreamed0 = 2 * kTile, kStreamed1 = 3 * kTile;  // + buffer offset
+  static constexpr int kLse = 4 * kTile, kDelta = kLse + kRows * 4;      // + buffer offset
+  static constexpr int kBuffer = 2 * kTile + 2 * kRows * 4;
+  static constexpr int kBytes = 2 * kTile + 2 * kBuffer;
+};
+
+// The backward runs head dims up to 128: a key block's warps hold dK and dV (16 rows × D fp32
+// each) in registers, which at D = 256 would not fit beside the products.
+constexpr int kMaxBackwardHeadDim = 128;
+
+// Calls f(std::integral_constant<int, D>{}) for the backward compiled for these head dims (64 or 128).
+template <typename F>
+void with_backward_head_dim(int64_t head_dim, int64_t value_dim, F&& f) {
+  if (padded_head_dim(head_dim, value_dim) == 64) f(std::integral_constant<int, 64>{});
+  else f(std::integral_constant<int, 128>{});
+}
+
+inline int64_t backward_shared_bytes_of(int64_t head_dim, int64_t value_dim) {
+  int64_t bytes = 0;
+  with_backward_head_dim(head_dim, value_dim, [&](auto d) { bytes = BackwardLayout<decltype(d)::value>::kBytes; });
+  return bytes;
+}
+
+// A warp's registers across barriers: the gradient rows it accumulates (dK and dV of 16 keys, or
+// dQ of 16 queries), and for a query block its rows' lse and delta.
+template <int D>
+struct BackwardState {
+  Accumulator first[D / 8][4];   // dK or dQ (unscaled)
+  Accumulator second[D / 8][4];  // dV (key blocks)
+  Lanes<float> lse[2], delta[2];
+};
+
+// What both backward blocks share: the (batch, head) and tile of the block, its visits, loads.
+template <typename scalar_t, int D>
+struct BackwardBlockBase {
+  using L = BackwardLayout<D>;
+  using State = BackwardState<D>;
+  const FlashProblem<scalar_t>& p;
+  const FlashGradients<scalar_t>& g;
+  int64_t tile, bh, b, h;
+  const int32_t* visits = nullptr;
+  const uint8_t* kinds = nullptr;
+  int64_t first = 0, visit_count = 0;
+
+  LINATTN_HD BackwardBlockBase(const FlashProblem<scalar_t>& problem, const FlashGradients<scalar_t>& gradients,
+                               int64_t index, int64_t tiles)
+      : p(problem), g(gradients), tile(index % tiles), bh(index / tiles), b(bh / problem.heads), h(bh % problem.heads) {}
+
+  // The plan's row for this block's tile in a (plan batch, plan heads, tiles, other tiles) list.
+  LINATTN_HD void use_plan(const int32_t* tiles_list, const int32_t* counts, const uint8_t* kind_list, int64_t tiles,
+                           int64_t other_tiles) {
+    const int64_t pb = p.plan_batch == 1 ? 0 : b, ph = p.plan_heads == 1 ? 0 : h;
+    const int64_t row = (pb * p.plan_heads + ph) * tiles + tile;
+    visits = tiles_list + row * other_tiles;
+    kinds = kind_list + row * other_tiles;
+    visit_count = counts[row];
+  }
+  LINATTN_HD void use_range(int64_t begin, int64_t last) {
+    first = begin;
+    visit_count = last >= begin ? last - begin + 1 : 0;
+  }
+  LINATTN_HD int64_t other_tile(int64_t n) const { return visits != nullptr ? visits[n] : first + n; }
+
+  LINATTN_HD static uint32_t buffer(int64_t n) { return static_cast<uint32_t>((n & 1) * L::kBuffer); }
+
+  LINATTN_HD warp::RowTile<scalar_t> rows(const Strided4<const scalar_t>* x, bool vector, int64_t len, int64_t dim,
+                                          uint32_t offset) const {
+    return {x, vector, len, dim, D, L::kPitch, offset};
+  }
+  LINATTN_HD warp::RowTile<scalar_t> query_rows(uint32_t offset) const {
+    return rows(&p.q, p.q_vector, p.q_len, p.head_dim, offset);
+  }
+  LINATTN_HD warp::RowTile<scalar_t> grad_out_rows(uint32_t offset) const {
+    return rows(&g.grad_out, g.grad_out_vector, p.q_len, p.value_dim, offset);
+  }
+  LINATTN_HD warp::RowTile<scalar_t> key_rows(uint32_t offset) const {
+    return rows(&p.k, p.k_vector, p.k_len, p.head_dim, offset);
+  }
+  LINATTN_HD warp::RowTile<scalar_t> value_rows(uint32_t offset) const {
+    return rows(&p.v, p.v_vector, p.k_len, p.value_dim, offset);
+  }
+
+  // P and dS of one product tile (in place of S and dP): P = exp(S − lse) (0 where hidden or for
+  // a row that saw no key), dS = P (dP − delta) where the pair passes a score gradient, else 0.
+  // `pair(lane, nt, i, query, key)` names the element's pair; lse_of/delta_of(lane, nt, i) its
+  // query's values. `bias_gradient`: add dS to grad_bias (one of the two blocks does).
+  template <typename Pair, typename Lse, typename Delta>
+  LINATTN_HD void probabilities(const WarpContext& w, TileKind kind, ScoreTile& s, ScoreTile& dp, const Pair& pair,
+                                const Lse& lse_of, const Delta& delta_of, bool bias_gradient) const {
+    warp::for_lanes(w, [&](int lane) {
+      LINATTN_UNROLL
+      for (int nt = 0; nt < kKeys / 8; ++nt) {
+        LINATTN_UNROLL
+        for (int i = 0; i < 4; ++i) {
+          int64_t query = 0, key = 0;
+          pair(lane, nt, i, query, key);
+          const Score score = score_of(w, p, b, h, query, key, kind, s[nt][i][lane] * p.scale);
+          const float lse = lse_of(lane, nt, i);
+          const float prob = lse == -INFINITY ? 0.0f : exp_of(score.value - lse);
+          s[nt][i][lane] = prob;
+          const float ds = score.gradient ? prob * (dp[nt][i][lane] - delta_of(lane, nt, i)) : 0.0f;
+          dp[nt][i][lane] = ds;
+          if (bias_gradient && g.grad_bias != nullptr && score.gradient) {
+            const int64_t head = p.bias_heads == 1 ? 0 : h;
+            warp::atomic_add_global(w, g.grad_bias + (head * p.q_len + query) * p.k_len + key, ds);
+          }
+        }
+      }
+    });
+  }
+
+  // Rows [row0, row0 + 16) of a (B, H, len, width) gradient from accumulators, times `factor`.
+  LINATTN_HD void store_rows(const WarpContext& w, const Accumulator (&acc)[D / 8][4], scalar_t* out, int64_t row0,
+                             int64_t len, int64_t width, float factor) const {
+    warp::for_lanes(w, [&](int lane) {
+      const int gi = warp::group_of(lane), t = warp::thread_in_group(lane);
+      LINATTN_UNROLL
+      for (int half = 0; half < 2; ++half) {
+        const int64_t row = row0 + gi + 8 * half;
+        if (row >= len) continue;
+        LINATTN_UNROLL
+        for (int j = 0; j < D / 8; ++j) {
+          LINATTN_UNROLL
+          for (int e = 0; e < 2; ++e) {
+            const int64_t col = j * 8 + 2 * t + e;
+            if (col < width)
+              warp::store_global(w, out + (bh * len + row) * width + col, scalar_t(acc[j][2 * half + e][lane] * factor));
+          }
+        }
+      }
+    });
+  }
+};
+
+// A key block: 64 keys of one (batch, head), resident K and V; it visits the query tiles that
+// see them and accumulates dK = scale · Σ dSᵀ Q and dV = Σ Pᵀ dO (warp w: keys 16 w ..).
+template <typename scalar_t, int D>
+struct KeyBlock : BackwardBlockBase<scalar_t, D> {
+  using Base = BackwardBlockBase<scalar_t, D>;
+  using L = typename Base::L;
+  using State = typename Base::State;
+  using Base::b;
+  using Base::g;
+  using Base::h;
+  using Base::p;
+  int64_t j0;
+
+  LINATTN_HD KeyBlock(const FlashProblem<scalar_t>& problem, const FlashGradients<scalar_t>& gradients, int64_t index)
+      : Base(problem, gradients, index, problem.k_tiles), j0(this->tile * kKeys) {
+    if (g.seen_tiles != nullptr) {
+      this->use_plan(g.seen_tiles, g.seen_counts, g.seen_kinds, p.k_tiles, p.q_tiles);
+    } else {
+      int64_t first = 0, last = 0;
+      seen_by(p, j0, j0 + kKeys < p.k_len ? j0 + kKeys : p.k_len, first, last);
+      this->use_range(first, last);
+    }
+  }
+
+  LINATTN_HD TileKind kind_of(int64_t q_tile) const {
+    if (this->kinds != nullptr) return static_cast<TileKind>(this->kinds[q_tile]);
+    const int64_t i0 = q_tile * kRows;
+    return Band<scalar_t>{p, i0, i0 + kRows < p.q_len ? i0 + kRows : p.q_len}.kind(this->tile);
+  }
+
+  LINATTN_HD void issue_resident(const WarpContext& w, State&) const {
+    warp::copy_rows<kThreads, kKeys>(w, this->key_rows(L::kResident0), b, h, 0, j0);
+    warp::copy_rows<kThreads, kKeys>(w, this->value_rows(L::kResident1), b, h, 0, j0);
+  }
+
+  // Visit n's query rows, dO rows, lse and delta (past the end: zeros, lse −inf).
+  LINATTN_HD void issue(const WarpContext& w, int64_t n) const {
+    const uint32_t base = Base::buffer(n);
+    const int64_t i0 = this->other_tile(n) * kRows;
+    warp::copy_rows<kThreads, kRows>(w, this->query_rows(L::kStreamed0), b, h, base, i0);
+    warp::copy_rows<kThreads, kRows>(w, this->grad_out_rows(L::kStreamed1), b, h, base, i0);
+    warp::for_lanes(w, [&](int lane) {
+      const int r = w.warp * warp::kWarpSize + lane;
+      if (r >= kRows) return;
+      const int64_t row = i0 + r, at = this->bh * p.q_len + row;
+      const bool inside = row < p.q_len;
+      warp::store_shared<float>(w, base + L::kLse + r * 4, inside ? warp::load_global(w, g.lse + at) : -INFINITY);
+      warp::store_shared<float>(w, base + L::kDelta + r * 4, inside ? warp::load_global(w, g.delta + at) : 0.0f);
+    });
+    warp::cp_async_commit(w);
+  }
+
+  LINATTN_HD void attend(const WarpContext& w, State& s, int64_t n) const {
+    if (j0 + w.warp * 16 >= p.k_len) return;
+    const uint32_t base = Base::buffer(n);
+    const int64_t q_tile = this->other_tile(n), i0 = q_tile * kRows;
+    const uint32_t own = static_cast<uint32_t>(w.warp * 16 * L::kPitch);
+    ScoreTile st, dpt;  // Sᵀ and dPᵀ: the warp's 16 keys × the tile's 64 queries
+    rows_times_rows<scalar_t, D>(w, L::kResident0 + own, base + L::kStreamed0, L::kPitch, p.head_dim, st);
+    rows_times_rows<scalar_t, D>(w, L::kResident1 + own, base + L::kStreamed1, L::kPitch, p.value_dim, dpt);
+    auto column = [](int lane, int nt, int i) { return nt * 8 + 2 * warp::thread_in_group(lane) + i % 2; };
+    this->probabilities(
+        w, kind_of(q_tile), st, dpt,
+        [&](int lane, int nt, int i, int64_t& query, int64_t& key) {
+          query = i0 + column(lane, nt, i);
+          key = j0 + w.warp * 16 + warp::group_of(lane) + 8 * (i / 2);
+        },
+        [&](int lane, int nt, int i) { return warp::load_shared<float>(w, base + L::kLse + column(lane, nt, i) * 4); },
+        [&](int lane, int nt, int i) { return warp::load_shared<float>(w, base + L::kDelta + column(lane, nt, i) * 4); },
+        false);
+    Fragment a[kKeys / 16][4];
+    as_a_fragments<scalar_t>(w, st, a);
+    add_product<scalar_t, D>(w, a, base + L::kStreamed1, L::kPitch, p.value_dim, s.second);  // dV += Pᵀ dO
+    as_a_fragments<scalar_t>(w, dpt, a);
+    add_product<scalar_t, D>(w, a, base + L::kStreamed0, L::kPitch, p.head_dim, s.first);  // dK += dSᵀ Q
+  }
+
+  LINATTN_HD void finish(const WarpContext& w, const State& s) const {
+    const int64_t row0 = j0 + w.warp * 16;
+    this->store_rows(w, s.first, g.grad_k, row0, p.k_len, p.head_dim, p.scale);
+    this->store_rows(w, s.second, g.grad_v, row0, p.k_len, p.value_dim, 1.0f);
+  }
+};
+
+// A query block: 64 queries of one (batch, head), resident Q and dO; it visits the key tiles they
+// see (as the forward) and accumulates dQ = scale · Σ dS K (warp w: queries 16 w ..).
+template <typename scalar_t, int D>
+struct QueryBlock : BackwardBlockBase<scalar_t, D> {
+  using Base = BackwardBlockBase<scalar_t, D>;
+  using L = typename Base::L;
+  using State = typename Base::State;
+  using Base::b;
+  using Base::g;
+  using Base::h;
+  using Base::p;
+  int64_t i0;
+
+  LINATTN_HD QueryBlock(const FlashProblem<scalar_t>& problem, const FlashGradients<scalar_t>& gradients,
+                        int64_t index)
+      : Base(problem, gradients, index, problem.q_tiles), i0(this->tile * kRows) {
+    if (p.visit_tiles != nullptr) {
+      this->use_plan(p.visit_tiles, p.visit_counts, p.tile_kinds, p.q_tiles, p.k_tiles);
+    } else {
+      const Band<scalar_t> band{p, i0, i0 + kRows < p.q_len ? i0 + kRows : p.q_len};
+      this->use_range(band.first(), band.last());
+    }
+  }
+
+  LINATTN_HD TileKind kind_of(int64_t k_tile) const {
+    if (this->kinds != nullptr) return static_cast<TileKind>(this->kinds[k_tile]);
+    return Band<scalar_t>{p, i0, i0 + kRows < p.q_len ? i0 + kRows : p.q_len}.kind(k_tile);
+  }
+
+  LINATTN_HD int64_t row_of(const WarpContext& w, int lane, int half) const {
+    return i0 + w.warp * 16 + warp::group_of(lane) + 8 * half;
+  }
+
+  // Q and dO rows, and each lane's rows' lse and delta into its registers.
+  LINATTN_HD void issue_resident(const WarpContext& w, State& s) const {
+    warp::copy_rows<kThreads, kRows>(w, this->query_rows(L::kResident0), b, h, 0, i0);
+    warp::copy_rows<kThreads, kRows>(w, this->grad_out_rows(L::kResident1), b, h, 0, i0);
+    warp::for_lanes(w, [&](int lane) {
+      LINATTN_UNROLL
+      for (int half = 0; half < 2; ++half) {
+        const int64_t row = row_of(w, lane, half), at = this->bh * p.q_len + row;
+        s.lse[half][lane] = row < p.q_len ? warp::load_global(w, g.lse + at) : -INFINITY;
+        s.delta[half][lane] = row < p.q_len ? warp::load_global(w, g.delta + at) : 0.0f;
+      }
+    });
+  }
+
+  LINATTN_HD void issue(const WarpContext& w, int64_t n) const {
+    const uint32_t base = Base::buffer(n);
+    const int64_t j0 = this->other_tile(n) * kKeys;
+    warp::copy_rows<kThreads, kKeys>(w, this->key_rows(L::kStreamed0), b, h, base, j0);
+    warp::copy_rows<kThreads, kKeys>(w, this->value_rows(L::kStreamed1), b, h, base, j0);
+    warp::cp_async_commit(w);
+  }
+
+  LINATTN_HD void attend(const WarpContext& w, State& s, int64_t n) const {
+    if (i0 + w.warp * 16 >= p.q_len) return;
+    const uint32_t base = Base::buffer(n);
+    const int64_t k_tile = this->other_tile(n), j0 = k_tile * kKeys;
+    const uint32_t own = static_cast<uint32_t>(w.warp * 16 * L::kPitch);
+    ScoreTile sc, dp;  // S and dP: the warp's 16 queries × the tile's 64 keys
+    rows_times_rows<scalar_t, D>(w, L::kResident0 + own, base + L::kStreamed0, L::kPitch, p.head_dim, sc);
+    rows_times_rows<scalar_t, D>(w, L::kResident1 + own, base + L::kStreamed1, L::kPitch, p.value_dim, dp);
+    this->probabilities(
+        w, kind_of(k_tile), sc, dp,
+        [&](int lane, int nt, int i, int64_t& query, int64_t& key) {
+          query = row_of(w, lane, i / 2);
+          key = j0 + nt * 8 + 2 * warp::thread_in_group(lane) + i % 2;
+        },
+        [&](int lane, int, int i) { return s.lse[i / 2][lane]; },
+        [&](int lane, int, int i) { return s.delta[i / 2][lane]; }, true);
+    Fragment a[kKeys / 16][4];
+    as_a_fragments<scalar_t>(w, dp, a);
+    add_product<scalar_t, D>(w, a, base + L::kStreamed0, L::kPitch, p.head_dim, s.first);  // dQ += dS K
+  }
+
+  LINATTN_HD void finish(const WarpContext& w, const State& s) const {
+    this->store_rows(w, s.first, g.grad_q, i0 + w.warp * 16, p.q_len, p.head_dim, p.scale);
+  }
+};
+
+}  // namespace flash
+}  // namespace linattn

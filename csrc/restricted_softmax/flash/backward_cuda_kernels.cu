@@ -1,0 +1,52 @@
+// The flash engine's backward (backward.h) as two CUDA kernels: key blocks (dK, dV) and query
+// blocks (dQ), 4 warps each, the block program's phases separated by __syncthreads().
+#include "backward.h"
+#include "launch.h"
+#include "../../common/warp/device_block.h"
+
+#include <c10/cuda/CUDAException.h>
+
+namespace linattn {
+namespace flash {
+namespace {
+
+template <typename Block, typename scalar_t>
+__global__ void __launch_bounds__(kThreads) backward_kernel(const FlashProblem<scalar_t> p,
+                                                            const FlashGradients<scalar_t> g) {
+#if defined(__CUDA_ARCH__)  // (the host pass of nvcc sees the host WarpContext, without a lane)
+  extern __shared__ __align__(16) unsigned char shared[];
+  const warp::WarpContext context = warp::this_warp(shared);
+  typename Block::State state;
+  run_backward_block<Block>(warp::DeviceBlock<typename Block::State>{context, state}, p, g,
+                            static_cast<int64_t>(blockIdx.x));
+#endif
+}
+
+template <typename Block, typename scalar_t>
+void launch_blocks(const FlashProblem<scalar_t>& p, const FlashGradients<scalar_t>& g, int64_t blocks, int bytes,
+                   cudaStream_t stream) {
+  if (blocks == 0) return;
+  C10_CUDA_CHECK(cudaFuncSetAttribute(backward_kernel<Block, scalar_t>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                      bytes));
+  backward_kernel<Block, scalar_t><<<static_cast<unsigned int>(blocks), kThreads, bytes, stream>>>(p, g);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace
+
+template <typename scalar_t>
+void launch_backward(const FlashProblem<scalar_t>& p, const FlashGradients<scalar_t>& g, cudaStream_t stream) {
+  with_backward_head_dim(p.head_dim, p.value_dim, [&](auto d) {
+    constexpr int D = decltype(d)::value, bytes = BackwardLayout<D>::kBytes;
+    launch_blocks<KeyBlock<scalar_t, D>>(p, g, p.batch * p.heads * p.k_tiles, bytes, stream);
+    launch_blocks<QueryBlock<scalar_t, D>>(p, g, p.batch * p.heads * p.q_tiles, bytes, stream);
+  });
+}
+
+template void launch_backward<c10::BFloat16>(const FlashProblem<c10::BFloat16>&, const FlashGradients<c10::BFloat16>&,
+                                             cudaStream_t);
+template void launch_backward<c10::Half>(const FlashProblem<c10::Half>&, const FlashGradients<c10::Half>&,
+                                         cudaStream_t);
+
+}  // namespace flash
+}  // namespace linattn
