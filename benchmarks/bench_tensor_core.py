@@ -32,15 +32,35 @@ import linattn
 from benchmarks.common import machine_info, write_results
 
 ELU = 1
-# The compiled kernels by family: their mangled names, threads per block (kThreads) and shared
-# memory per block for their head-dim instance.
+H100 = {"registers": 65536, "shared": 228 * 1024, "reserved_per_block": 1024, "threads": 2048, "blocks": 32}
+
+
+# The compiled kernels by family: how to read (DK, DV, dtype) from a mangled name, threads per
+# block (kThreads) and shared memory per block for the head-dim instance.
+def _linear_instance(m):
+    return int(m.group(2)), int(m.group(3)), m.group(5)
+
+
+def _flash_instance(m):
+    return int(m.group(2)), int(m.group(2)), m.group(4)
+
+
+def _flash_backward_instance(m):
+    return int(m.group(5)), int(m.group(5)), f"{m.group(4)} {m.group(2)}"
+
+
 KERNELS = {
     "linear": {"pattern": r"Function (\S*tensor_core\S*forward_kernelILi(\d+)ELi(\d+)EN3c10(\d+)(\w+?)EEEv\S*):",
-               "threads": 256, "shared": lambda dk, dv: torch.ops.linattn._tensor_core_shared_bytes(dk, dv)},
-    "flash": {"pattern": r"Function (\S*flash\S*forward_kernelILi(\d+)()EN3c10(\d+)(\w+?)EEEv\S*):",
-              "threads": 128, "shared": lambda d, _: torch.ops.linattn._flash_shared_bytes(d, d)},
+               "instance": _linear_instance, "threads": 256,
+               "shared": lambda dk, dv: torch.ops.linattn._tensor_core_shared_bytes(dk, dv)},
+    "flash": {"pattern": r"Function (\S*flash\S*forward_kernelILi(\d+)EN3c10(\d+)(\w+?)EEEv\S*):",
+              "instance": _flash_instance, "threads": 128,
+              "shared": lambda d, _: torch.ops.linattn._flash_shared_bytes(d, d, False)},
+    "flash-bwd": {"pattern": r"Function (\S*flash\S*backward_kernelINS0_\d+(KeyBlock|QueryBlock)"
+                             r"IN3c10(\d+)(\w+?)ELi(\d+)\S*):",
+                  "instance": _flash_backward_instance, "threads": 128,
+                  "shared": lambda d, _: torch.ops.linattn._flash_shared_bytes(d, d, True)},
 }
-H100 = {"registers": 65536, "shared": 228 * 1024, "reserved_per_block": 1024, "threads": 2048, "blocks": 32}
 
 
 def emulated_figures(T, D, causal, processors):
@@ -53,7 +73,8 @@ def emulated_figures(T, D, causal, processors):
     del os.environ["LINATTN_EMULATED_SMS"]
     mma, matrices, wavefronts, shuffles, read, written = torch.ops.linattn._warp_emulation_counters().tolist()
     floor = 4 * 2 * T * D * 2
-    return {"T": T, "D": D, "causal": causal, "processors": processors, "mma": mma, "read_bytes": read, "written_bytes": written,
+    return {"T": T, "D": D, "causal": causal, "processors": processors, "mma": mma, "read_bytes": read,
+            "written_bytes": written,
             "traffic_over_floor": (read + written) / floor,
             "wavefronts_per_matrix": wavefronts / max(matrices, 1)}
 
@@ -122,10 +143,10 @@ def cubin_figures(library):
             if not m:
                 continue
             figures = dict(re.findall(r"(\w+(?:\[\d\])?):(\d+)", lines[i + 1]))
-            dk = int(m.group(2))
-            rows.append({"kernel": kernel, "arch": arch, "function": m.group(1), "dk": dk,
-                         "dv": int(m.group(3) or dk), "dtype": m.group(5), "registers": int(figures["REG"]),
-                         "stack": int(figures["STACK"]), "local": int(figures["LOCAL"])})
+            dk, dv, dtype = spec["instance"](m)
+            rows.append({"kernel": kernel, "arch": arch, "function": m.group(1), "dk": dk, "dv": dv, "dtype": dtype,
+                         "registers": int(figures["REG"]), "stack": int(figures["STACK"]),
+                         "local": int(figures["LOCAL"])})
     if nvdisasm:
         for row in rows:
             sass = subprocess.run([cuobjdump, "-sass", "-arch", row["arch"], "-fun", row["function"], library],
@@ -166,11 +187,13 @@ def main():
     if cubins is None:
         print(f"Cubins: {why}")
     else:
-        print("Compiled kernels (linear: forward_kernel<DK, DV, dtype>; flash: forward_kernel<D, dtype>):")
-        print(f"  {'kernel':6} {'arch':6} {'DK':>4} {'DV':>4} {'dtype':9} {'regs':>5} {'stack':>5} {'local':>5} "
+        print("Compiled kernels (linear: forward_kernel<DK, DV, dtype>; flash: forward_kernel<D, dtype>, "
+              "backward_kernel<KeyBlock or QueryBlock<dtype, D>>):")
+        print(f"  {'kernel':9} {'arch':6} {'DK':>4} {'DV':>4} {'dtype':19} {'regs':>5} {'stack':>5} {'local':>5} "
               f"{'HMMA':>5} {'smem KiB':>8} {'H100 blocks/SM':>14}")
         for r in cubins:
-            print(f"  {r['kernel']:6} {r['arch']:6} {r['dk']:>4} {r['dv']:>4} {r['dtype']:9} {r['registers']:>5} {r['stack']:>5} "
+            print(f"  {r['kernel']:9} {r['arch']:6} {r['dk']:>4} {r['dv']:>4} {r['dtype']:19} {r['registers']:>5} "
+                  f"{r['stack']:>5} "
                   f"{r['local']:>5} {r.get('hmma', '?'):>5} {r['shared_bytes'] / 1024:>8.1f} "
                   f"{r['h100_blocks_per_sm']:>14}")
         print("  Linear: below two blocks per SM because each block keeps its fp32 state in its 8 warps'\n"

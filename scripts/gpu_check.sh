@@ -2,8 +2,9 @@
 # Everything a GPU machine should check, in one command (issue 12): builds linattn against the
 # torch installed there (for the visible GPU's architecture), runs the CUDA tests (both CUDA
 # backends, the fused kernels' own tests, CUDA graphs and streams), the whole test suite with the
-# fused kernels as the CUDA backend, then the GPU benchmark, and writes one JSON report with the
-# pass/fail counts, the timings and the device: $OUT_DIR/gpu_check.json (default results/gpu_check).
+# fused kernels as the CUDA backend, then the GPU benchmarks (linear attention; restricted softmax
+# against FlexAttention), and writes one JSON report with the pass/fail counts, the timings and the
+# device: $OUT_DIR/gpu_check.json (default results/gpu_check).
 # Installs nothing from the network (GPU machines here have none): torch, pytest and ninja must be
 # there already. Usage: bash scripts/gpu_check.sh [--quick]   (--quick: the CUDA tests and the
 # benchmark at the CUDA issue's target points, without the whole suite: fits a lent GPU's minutes)
@@ -27,7 +28,8 @@ PYTEST_EXTRA=()
 "$PY" -c "import pytest_timeout" 2>/dev/null && PYTEST_EXTRA+=(--timeout 300)
 
 SECONDS=0
-"$PY" -m pytest -q -p no:cacheprovider "${PYTEST_EXTRA[@]}" tests/gpu/test_cuda.py tests/ops/test_fused_kernels.py tests/ops/test_tensor_core_forward.py \
+"$PY" -m pytest -q -p no:cacheprovider "${PYTEST_EXTRA[@]}" tests/gpu/test_cuda.py tests/ops/test_fused_kernels.py \
+  tests/ops/test_tensor_core_forward.py tests/ops/test_flash_forward.py tests/ops/test_flash_backward.py \
   --junitxml="$OUT/cuda_tests.xml" 2>&1 | tail -n 40 | tee "$OUT/cuda_tests.log"
 cuda_seconds=$SECONDS
 
@@ -42,6 +44,7 @@ suite_seconds=$SECONDS
 
 SECONDS=0
 "$PY" -m benchmarks.bench_cuda --out "$OUT" "$@" 2>&1 | tee "$OUT/bench_cuda.log"
+"$PY" -m benchmarks.bench_restricted_cuda --out "$OUT" "$@" 2>&1 | tee "$OUT/bench_restricted_cuda.log"
 bench_seconds=$SECONDS
 
 "$PY" scripts/gpu_report.py "$OUT" "build=$build_seconds" "cuda_tests=$cuda_seconds" \

@@ -25,14 +25,18 @@ def test_counts(path):
 def main():
     folder = sys.argv[1]
     stages = dict(arg.split("=", 1) for arg in sys.argv[2:])
-    bench_path = os.path.join(folder, "bench_cuda.json")
+    def benchmark(name):
+        path = os.path.join(folder, f"{name}.json")
+        return json.load(open(path)) if os.path.exists(path) else None
+
     report = {
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "torch": torch.__version__,
         "seconds": {name: int(value) for name, value in stages.items()},
         "cuda_tests": test_counts(os.path.join(folder, "cuda_tests.xml")),
         "suite_fused_backend": test_counts(os.path.join(folder, "suite_fused_backend.xml")),
-        "benchmark": json.load(open(bench_path)) if os.path.exists(bench_path) else None,
+        "benchmark": benchmark("bench_cuda"),
+        "benchmark_restricted": benchmark("bench_restricted_cuda"),
     }
     path = os.path.join(folder, "gpu_check.json")
     with open(path, "w") as f:

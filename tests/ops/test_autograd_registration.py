@@ -61,8 +61,15 @@ def _block_sparse():
     return (q, k, v), lambda: torch.ops.linattn.restricted_softmax_fwd(q, k, v, 0.5, causal=True, layout=layout, block_size=4)
 
 
+def _flash():
+    """The restricted-softmax flash engine (bf16: the engine's emulation, forward and backward)."""
+    q, k, v = (torch.randn(1, 2, 9, 16, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    return (q, k, v), lambda: torch.ops.linattn.restricted_softmax_fwd_fused(q, k, v, 0.5, 2, 0)
+
+
 OPERATORS = {"linear": _linear, "generic": _generic, "fused": _fused, "decayed": _decayed, "varlen": _varlen,
-             "step": _step, "step_generic": _step_generic, "window": _window, "block_sparse": _block_sparse}
+             "step": _step, "step_generic": _step_generic, "window": _window, "block_sparse": _block_sparse,
+             "flash": _flash}
 
 
 @pytest.mark.parametrize("name", OPERATORS)

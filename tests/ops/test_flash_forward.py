@@ -34,7 +34,8 @@ def run(q, k, v, scale, pattern, engine=True):
 
 def make(B, H, Tq, Tk, D, dv, dtype, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return [torch.randn(B, H, T, d, generator=g, dtype=torch.float64).to(dtype) for T, d in ((Tq, D), (Tk, D), (Tk, dv))]
+    shapes = ((Tq, D), (Tk, D), (Tk, dv))
+    return [torch.randn(B, H, T, d, generator=g, dtype=torch.float64).to(dtype) for T, d in shapes]
 
 
 def reference_forward(q, k, v, scale, pattern):
@@ -278,8 +279,9 @@ def test_public_api_runs_the_engine():
 
 
 def test_cubins_hold_tensor_core_instructions_and_no_local_memory():
-    """The compiled kernels (sm_80 and sm_90, D = 64, 128, 256, bf16 and fp16) use mma.sync
-    (HMMA.16816.F32 in their SASS) and no local memory: no register spills, no stack."""
+    """The compiled kernels (sm_80 and sm_90, bf16 and fp16; forward D = 64, 128, 256, backward key
+    and query blocks D = 64, 128) use mma.sync (HMMA.16816.F32 in their SASS) and no local memory:
+    no register spills, no stack."""
     from linattn import _build_info
 
     if not getattr(_build_info, "CUDA_KERNELS", False):
@@ -289,9 +291,12 @@ def test_cubins_hold_tensor_core_instructions_and_no_local_memory():
     if find_tool("cuobjdump") is None or find_tool("nvdisasm") is None:
         assert not os.environ.get("CI"), "CI installs nvidia-cuda-cuobjdump and nvidia-cuda-nvdisasm (install.sh)"
         pytest.skip("cuobjdump / nvdisasm not installed")
-    rows = [row for row in cubin_figures(linattn._C.__file__)[0] if row["kernel"] == "flash"]
-    assert {(row["arch"], row["dk"], row["dtype"]) for row in rows} == {
-        (arch, d, dtype) for arch in ("sm_80", "sm_90") for d in (64, 128, 256) for dtype in ("BFloat16", "Half")}
+    rows = [row for row in cubin_figures(linattn._C.__file__)[0] if row["kernel"].startswith("flash")]
+    dtypes = ("BFloat16", "Half")
+    forward = {("flash", arch, d, dtype) for arch in ("sm_80", "sm_90") for d in (64, 128, 256) for dtype in dtypes}
+    backward = {("flash-bwd", arch, d, f"{dtype} {block}") for arch in ("sm_80", "sm_90") for d in (64, 128)
+                for dtype in dtypes for block in ("KeyBlock", "QueryBlock")}
+    assert {(row["kernel"], row["arch"], row["dk"], row["dtype"]) for row in rows} == forward | backward
     for row in rows:
         name = f"{row['arch']} D={row['dk']} {row['dtype']}"
         assert row["hmma"] > 0, f"{name}: no tensor-core instructions"

@@ -80,7 +80,12 @@ struct BackwardBlockBase {
 
   LINATTN_HD BackwardBlockBase(const FlashProblem<scalar_t>& problem, const FlashGradients<scalar_t>& gradients,
                                int64_t index, int64_t tiles)
-      : p(problem), g(gradients), tile(index % tiles), bh(index / tiles), b(bh / problem.heads), h(bh % problem.heads) {}
+      : p(problem),
+        g(gradients),
+        tile(index % tiles),
+        bh(index / tiles),
+        b(bh / problem.heads),
+        h(bh % problem.heads) {}
 
   // The plan's row for this block's tile in a (plan batch, plan heads, tiles, other tiles) list.
   LINATTN_HD void use_plan(const int32_t* tiles_list, const int32_t* counts, const uint8_t* kind_list, int64_t tiles,
@@ -120,12 +125,12 @@ struct BackwardBlockBase {
   // a row that saw no key), dS = P (dP − delta) where the pair passes a score gradient, else 0.
   // `pair(lane, nt, i, query, key)` names the element's pair; lse_of/delta_of(lane, nt, i) its
   // query's values. `bias_gradient`: add dS to grad_bias (one of the two blocks does).
-  template <typename Pair, typename Lse, typename Delta>
-  LINATTN_HD void probabilities(const WarpContext& w, TileKind kind, ScoreTile& s, ScoreTile& dp, const Pair& pair,
-                                const Lse& lse_of, const Delta& delta_of, bool bias_gradient) const {
+  template <int N, typename Pair, typename Lse, typename Delta>
+  LINATTN_HD void probabilities(const WarpContext& w, TileKind kind, ProductTile<N>& s, ProductTile<N>& dp,
+                                const Pair& pair, const Lse& lse_of, const Delta& delta_of, bool bias_gradient) const {
     warp::for_lanes(w, [&](int lane) {
       LINATTN_UNROLL
-      for (int nt = 0; nt < kKeys / 8; ++nt) {
+      for (int nt = 0; nt < N / 8; ++nt) {
         LINATTN_UNROLL
         for (int i = 0; i < 4; ++i) {
           int64_t query = 0, key = 0;
@@ -159,8 +164,9 @@ struct BackwardBlockBase {
           LINATTN_UNROLL
           for (int e = 0; e < 2; ++e) {
             const int64_t col = j * 8 + 2 * t + e;
-            if (col < width)
-              warp::store_global(w, out + (bh * len + row) * width + col, scalar_t(acc[j][2 * half + e][lane] * factor));
+            if (col >= width) continue;
+            const scalar_t value(acc[j][2 * half + e][lane] * factor);
+            warp::store_global(w, out + (bh * len + row) * width + col, value);
           }
         }
       }
@@ -220,29 +226,45 @@ struct KeyBlock : BackwardBlockBase<scalar_t, D> {
     warp::cp_async_commit(w);
   }
 
+  // The query tile in two halves of 32 columns: the products of a half (Sᵀ, dPᵀ) beside dK and
+  // dV (16 rows × D each, fp32) fit the registers at D = 128, a whole tile's would spill.
+  static constexpr int kHalf = kRows / 2;
+
   LINATTN_HD void attend(const WarpContext& w, State& s, int64_t n) const {
     if (j0 + w.warp * 16 >= p.k_len) return;
     const uint32_t base = Base::buffer(n);
     const int64_t q_tile = this->other_tile(n), i0 = q_tile * kRows;
+    const TileKind kind = kind_of(q_tile);
     const uint32_t own = static_cast<uint32_t>(w.warp * 16 * L::kPitch);
-    ScoreTile st, dpt;  // Sᵀ and dPᵀ: the warp's 16 keys × the tile's 64 queries
-    rows_times_rows<scalar_t, D>(w, L::kResident0 + own, base + L::kStreamed0, L::kPitch, p.head_dim, st);
-    rows_times_rows<scalar_t, D>(w, L::kResident1 + own, base + L::kStreamed1, L::kPitch, p.value_dim, dpt);
-    auto column = [](int lane, int nt, int i) { return nt * 8 + 2 * warp::thread_in_group(lane) + i % 2; };
-    this->probabilities(
-        w, kind_of(q_tile), st, dpt,
-        [&](int lane, int nt, int i, int64_t& query, int64_t& key) {
-          query = i0 + column(lane, nt, i);
-          key = j0 + w.warp * 16 + warp::group_of(lane) + 8 * (i / 2);
-        },
-        [&](int lane, int nt, int i) { return warp::load_shared<float>(w, base + L::kLse + column(lane, nt, i) * 4); },
-        [&](int lane, int nt, int i) { return warp::load_shared<float>(w, base + L::kDelta + column(lane, nt, i) * 4); },
-        false);
-    Fragment a[kKeys / 16][4];
-    as_a_fragments<scalar_t>(w, st, a);
-    add_product<scalar_t, D>(w, a, base + L::kStreamed1, L::kPitch, p.value_dim, s.second);  // dV += Pᵀ dO
-    as_a_fragments<scalar_t>(w, dpt, a);
-    add_product<scalar_t, D>(w, a, base + L::kStreamed0, L::kPitch, p.head_dim, s.first);  // dK += dSᵀ Q
+    LINATTN_UNROLL
+    for (int half = 0; half < 2; ++half) {
+      const uint32_t rows = static_cast<uint32_t>(half * kHalf * L::kPitch);
+      const uint32_t queries = base + L::kStreamed0 + rows, grad_out = base + L::kStreamed1 + rows;
+      ProductTile<kHalf> st, dpt;  // Sᵀ and dPᵀ: the warp's 16 keys × 32 queries
+      rows_times_rows<scalar_t, D, kHalf>(w, L::kResident0 + own, queries, L::kPitch, p.head_dim, st);
+      rows_times_rows<scalar_t, D, kHalf>(w, L::kResident1 + own, grad_out, L::kPitch, p.value_dim, dpt);
+      auto column = [&](int lane, int nt, int i) {
+        return half * kHalf + nt * 8 + 2 * warp::thread_in_group(lane) + i % 2;
+      };
+      this->template probabilities<kHalf>(
+          w, kind, st, dpt,
+          [&](int lane, int nt, int i, int64_t& query, int64_t& key) {
+            query = i0 + column(lane, nt, i);
+            key = j0 + w.warp * 16 + warp::group_of(lane) + 8 * (i / 2);
+          },
+          [&](int lane, int nt, int i) {
+            return warp::load_shared<float>(w, base + L::kLse + column(lane, nt, i) * 4);
+          },
+          [&](int lane, int nt, int i) {
+            return warp::load_shared<float>(w, base + L::kDelta + column(lane, nt, i) * 4);
+          },
+          false);
+      Fragment a[kHalf / 16][4];
+      as_a_fragments<scalar_t, kHalf>(w, st, a);
+      add_product<scalar_t, D, kHalf>(w, a, grad_out, L::kPitch, p.value_dim, s.second);  // dV += Pᵀ dO
+      as_a_fragments<scalar_t, kHalf>(w, dpt, a);
+      add_product<scalar_t, D, kHalf>(w, a, queries, L::kPitch, p.head_dim, s.first);  // dK += dSᵀ Q
+    }
   }
 
   LINATTN_HD void finish(const WarpContext& w, const State& s) const {
@@ -315,7 +337,7 @@ struct QueryBlock : BackwardBlockBase<scalar_t, D> {
     ScoreTile sc, dp;  // S and dP: the warp's 16 queries × the tile's 64 keys
     rows_times_rows<scalar_t, D>(w, L::kResident0 + own, base + L::kStreamed0, L::kPitch, p.head_dim, sc);
     rows_times_rows<scalar_t, D>(w, L::kResident1 + own, base + L::kStreamed1, L::kPitch, p.value_dim, dp);
-    this->probabilities(
+    this->template probabilities<kKeys>(
         w, kind_of(k_tile), sc, dp,
         [&](int lane, int nt, int i, int64_t& query, int64_t& key) {
           query = row_of(w, lane, i / 2);

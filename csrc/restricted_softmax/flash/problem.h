@@ -65,14 +65,17 @@ struct FlashProblem {
   LINATTN_HD int64_t blocks() const { return batch * heads * q_tiles; }
 };
 
-// One 16-row × 64-column tile of products per warp, as mma accumulators.
-using ScoreTile = Accumulator[kKeys / 8][4];
+// One warp's tile of products, 16 rows × N columns (N = kKeys unless a block halves it to spare
+// registers), as mma accumulators.
+template <int N = kKeys>
+using ProductTile = Accumulator[N / 8][4];
+using ScoreTile = ProductTile<kKeys>;
 
 // acc = A·Bᵀ over `depth` columns (up to D, in steps of 16; the rest are zeros on both sides): A
-// is 16 rows from shared offset a_origin, B 64 rows from b_origin, both `pitch` bytes apart.
-template <typename scalar_t, int D>
+// is 16 rows from shared offset a_origin, B N rows from b_origin, both `pitch` bytes apart.
+template <typename scalar_t, int D, int N = kKeys>
 LINATTN_HD void rows_times_rows(const WarpContext& w, uint32_t a_origin, uint32_t b_origin, int pitch, int64_t depth,
-                                ScoreTile& acc) {
+                                ProductTile<N>& acc) {
   warp::clear(w, acc);
   LINATTN_UNROLL
   for (int ks = 0; ks < D / 16; ++ks) {
@@ -80,7 +83,7 @@ LINATTN_HD void rows_times_rows(const WarpContext& w, uint32_t a_origin, uint32_
     Fragment a[4];
     warp::rows_as_a_operand(w, a_origin + ks * 32, pitch, a);
     LINATTN_UNROLL
-    for (int nt = 0; nt < kKeys / 8; ++nt) {
+    for (int nt = 0; nt < N / 8; ++nt) {
       Fragment bf[2];
       warp::rows_as_b_operand_transposed(w, b_origin + nt * 8 * pitch + ks * 32, pitch, bf);
       warp::mma_16816<scalar_t>(acc[nt], a, bf);
@@ -88,12 +91,13 @@ LINATTN_HD void rows_times_rows(const WarpContext& w, uint32_t a_origin, uint32_
   }
 }
 
-// A product tile's C fragments, packed to 16 bits, as the A fragments of its 4 × 16 columns.
-template <typename scalar_t>
-LINATTN_HD void as_a_fragments(const WarpContext& w, const ScoreTile& c, Fragment (&a)[kKeys / 16][4]) {
+// A product tile's C fragments, packed to 16 bits, as the A fragments of its N / 16 groups of 16
+// columns.
+template <typename scalar_t, int N = kKeys>
+LINATTN_HD void as_a_fragments(const WarpContext& w, const ProductTile<N>& c, Fragment (&a)[N / 16][4]) {
   warp::for_lanes(w, [&](int lane) {
     LINATTN_UNROLL
-    for (int kk = 0; kk < kKeys / 16; ++kk) {
+    for (int kk = 0; kk < N / 16; ++kk) {
       LINATTN_UNROLL
       for (int i = 0; i < 4; ++i) {
         const Accumulator* tile = c[2 * kk + i / 2];
@@ -103,13 +107,13 @@ LINATTN_HD void as_a_fragments(const WarpContext& w, const ScoreTile& c, Fragmen
   });
 }
 
-// acc (16 rows × D) += A (16 × 64, as_a_fragments) · the 64 rows from shared offset `origin`, over
+// acc (16 rows × D) += A (16 × N, as_a_fragments) · the N rows from shared offset `origin`, over
 // their first `width` columns (in steps of 8).
-template <typename scalar_t, int D>
-LINATTN_HD void add_product(const WarpContext& w, const Fragment (&a)[kKeys / 16][4], uint32_t origin, int pitch,
+template <typename scalar_t, int D, int N = kKeys>
+LINATTN_HD void add_product(const WarpContext& w, const Fragment (&a)[N / 16][4], uint32_t origin, int pitch,
                             int64_t width, Accumulator (&acc)[D / 8][4]) {
   LINATTN_UNROLL
-  for (int kk = 0; kk < kKeys / 16; ++kk) {
+  for (int kk = 0; kk < N / 16; ++kk) {
     LINATTN_UNROLL
     for (int j = 0; j < D / 8; ++j) {
       if (j * 8 >= width) continue;
