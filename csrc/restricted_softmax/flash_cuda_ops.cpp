@@ -38,13 +38,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cuda(
   const c10::cuda::CUDAGuard guard(q.device());
   if (!flash::takes_backward(q, v, shared_memory_per_block()))
     return flash::unfused_backward(grad_out, grad_lse, q, k, v, out, lse, scale, LINATTN_RESTRICTED_PATTERN_ARGS);
-  return flash::run_backward_call(grad_out, grad_lse, q, k, v, out, lse, scale, pattern,
-                                  [](const auto& problem, const auto& gradients) {
-                                    const int64_t tiles = std::max(problem.q_tiles, problem.k_tiles);
-                                    TORCH_CHECK(problem.batch * problem.heads * tiles <= std::numeric_limits<int32_t>::max(),
-                                                kRestrictedSoftmaxOp, ": batch · heads · tiles exceeds a CUDA grid");
-                                    flash::launch_backward(problem, gradients, c10::cuda::getCurrentCUDAStream().stream());
-                                  });
+  auto launch = [](const auto& problem, const auto& gradients) {
+    const int64_t blocks = std::max(problem.blocks(), problem.key_blocks());
+    TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(), kRestrictedSoftmaxOp,
+                ": batch · heads · tiles exceeds a CUDA grid");
+    flash::launch_backward(problem, gradients, c10::cuda::getCurrentCUDAStream().stream());
+  };
+  return flash::run_backward_call(grad_out, grad_lse, q, k, v, out, lse, scale, pattern, launch);
 }
 
 }  // namespace

@@ -50,8 +50,8 @@ void emulate_backward_blocks(const flash::FlashProblem<scalar_t>& p, const flash
 template <int D, typename scalar_t>
 void emulate_backward(const flash::FlashProblem<scalar_t>& p, const flash::FlashGradients<scalar_t>& g) {
   constexpr int64_t bytes = flash::BackwardLayout<D>::kBytes;
-  emulate_backward_blocks<flash::KeyBlock<scalar_t, D>>(p, g, p.batch * p.heads * p.k_tiles, bytes);
-  emulate_backward_blocks<flash::QueryBlock<scalar_t, D>>(p, g, p.batch * p.heads * p.q_tiles, bytes);
+  emulate_backward_blocks<flash::KeyBlock<scalar_t, D>>(p, g, p.key_blocks(), bytes);
+  emulate_backward_blocks<flash::QueryBlock<scalar_t, D>>(p, g, p.blocks(), bytes);
 }
 
 std::tuple<at::Tensor, at::Tensor> forward_emulated(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,

@@ -78,6 +78,20 @@ def test_cross_attention_lengths(Tq, Tk):
     check(q, k, v, Pattern(layout=layout, block_size=16, causal=True))
 
 
+@pytest.mark.parametrize("dtype", HALF_TYPES)
+def test_many_global_tokens(dtype):
+    """Gathered global rows and keys (two tiles of each), with padding and segments: every pair's
+    gradient once."""
+    T = 300
+    g = torch.Generator().manual_seed(3)
+    global_mask = torch.rand(2, T, generator=g) < 0.3
+    padding = torch.rand(2, T, generator=g) < 0.1
+    segments = torch.randint(0, 2, (2, 1, T), generator=g)
+    q, k, v = make(2, 2, T, T, 32, 32, dtype, seed=6)
+    check(q, k, v, Pattern(window=(10, 30), global_mask=global_mask, key_padding_mask=padding,
+                           q_segments=segments, k_segments=segments))
+
+
 def test_bias_gradient_sums_over_batch_and_shared_heads():
     """Swin's case: a bias shared by the batch (and by the heads), with shifted-window segments."""
     T, H = 49, 3

@@ -236,6 +236,33 @@ def test_layout_tiles_visited_are_the_layouts():
     assert c["read_bytes"] == query_tiles * 64 * D * 2 + int(layout.sum()) * 64 * 2 * D * 2
 
 
+def test_global_tokens_are_gathered():
+    """Longformer: each regular query tile visits its band and one tile of gathered global keys,
+    and the global rows are one gathered tile visiting every key tile, so the mma count is the
+    window's plus those (not a global token's whole tile per query tile)."""
+    T, D, w = 1024, 32, 64
+    global_mask = torch.zeros(1, T, dtype=torch.bool)
+    global_mask[0, 5::64] = True  # one in every tile: 16
+    q, k, v = make(1, 1, T, T, D, D, torch.bfloat16, seed=4)
+    check(q, k, v, Pattern(window=(w, w), global_mask=global_mask))
+    tiles = T // 64
+    band_tiles = sum(min(tiles - 1, (i * 64 + 63 + w) // 64) - max(0, (i * 64 - w) // 64) + 1 for i in range(tiles))
+    per_warp = 2 * 8 + 4 * 4  # scores over 2 k-steps of 16 and 8 key columns, P·V over 4 key steps and 4 columns
+    assert counters()["mma"] == (band_tiles + tiles) * 4 * per_warp + tiles * 1 * per_warp
+
+
+@pytest.mark.parametrize("dtype", HALF_TYPES)
+def test_many_global_tokens(dtype):
+    """More global tokens than a tile holds (two gathered tiles), with padding and segments."""
+    T = 300
+    g = torch.Generator().manual_seed(3)
+    global_mask = torch.rand(2, T, generator=g) < 0.3
+    padding = torch.rand(2, T, generator=g) < 0.1
+    q, k, v = make(2, 2, T, T, 32, 32, dtype, seed=6)
+    check(q, k, v, Pattern(window=(10, 30), global_mask=global_mask, key_padding_mask=padding,
+                           q_segments=ids(2, 1, T, high=2), k_segments=ids(2, 1, T, high=2)))
+
+
 @pytest.mark.parametrize("name", ["window", "layout with bias"])
 def test_autograd_opcheck_and_compile(name):
     """Through the public API under the fused switch: gradients (the backward recomputes from the

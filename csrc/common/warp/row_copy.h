@@ -32,20 +32,23 @@ template <int kThreads, int kRows, typename scalar_t, typename Piece>
 LINATTN_HD void each_piece(const WarpContext& w, const RowTile<scalar_t>& x, Piece&& piece) {
   const int pieces_per_row = x.cols / 8, pieces = kRows * pieces_per_row;
   for_lanes(w, [&](int lane) {
-    for (int e = w.warp * kWarpSize + lane; e < pieces; e += kThreads) piece(e / pieces_per_row, e % pieces_per_row * 8);
+    for (int e = w.warp * kWarpSize + lane; e < pieces; e += kThreads) {
+      piece(e / pieces_per_row, e % pieces_per_row * 8);
+    }
   });
 }
 
-// Copies rows [start, start + kRows) of x at (b, h) to shared offset base + x.offset: 16-byte
-// cp.async where the row allows it, zeros past the end (rows or columns), element loads otherwise
-// (strided or unaligned rows, a last partial piece). The caller commits and waits.
-template <int kThreads, int kRows, typename scalar_t>
-LINATTN_HD void copy_rows(const WarpContext& w, const RowTile<scalar_t>& x, int64_t b, int64_t h, uint32_t base,
-                          int64_t start) {
+// Copies kRows rows of x at (b, h) to shared offset base + x.offset, tile row r from row
+// source(r) of x (−1: none, zeros): 16-byte cp.async where the row allows it, zeros past the end
+// (rows or columns), element loads otherwise (strided or unaligned rows, a last partial piece).
+// The caller commits and waits.
+template <int kThreads, int kRows, typename scalar_t, typename Source>
+LINATTN_HD void copy_rows_from(const WarpContext& w, const RowTile<scalar_t>& x, int64_t b, int64_t h, uint32_t base,
+                               const Source& source) {
   each_piece<kThreads, kRows>(w, x, [&](int r, int col) {
-    const int64_t row = start + r;
+    const int64_t row = source(r);
     const uint32_t dst = base + x.offset + static_cast<uint32_t>(r * x.pitch + col * 2);
-    if (row >= x.rows || col >= x.dim) {
+    if (row < 0 || col >= x.dim) {
       // Plain stores: a zero-filling cp.async would still need an aligned source address, which
       // an unaligned tensor has nowhere to offer.
       LINATTN_UNROLL
@@ -60,6 +63,13 @@ LINATTN_HD void copy_rows(const WarpContext& w, const RowTile<scalar_t>& x, int6
       }
     }
   });
+}
+
+// Rows [start, start + kRows) of x (zeros past x.rows).
+template <int kThreads, int kRows, typename scalar_t>
+LINATTN_HD void copy_rows(const WarpContext& w, const RowTile<scalar_t>& x, int64_t b, int64_t h, uint32_t base,
+                          int64_t start) {
+  copy_rows_from<kThreads, kRows>(w, x, b, h, base, [&](int r) { return start + r < x.rows ? start + r : -1; });
 }
 
 // Whether both halves of a 16-bit pair are finite (exponent bits not all ones).

@@ -25,7 +25,7 @@ LINATTN_HD void run_backward_block(const Exec& exec, const FlashProblem<scalar_t
                                    const FlashGradients<scalar_t>& g, int64_t index) {
   using State = typename Block::State;
   const Block blk(p, g, index);
-  const int64_t visits = blk.visit_count;
+  const int64_t visits = blk.visits.count();
   exec([&](const WarpContext& w, State& s) {
     warp::clear(w, s.first);
     warp::clear(w, s.second);

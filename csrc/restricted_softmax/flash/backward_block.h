@@ -66,41 +66,27 @@ struct BackwardState {
   Lanes<float> lse[2], delta[2];
 };
 
-// What both backward blocks share: the (batch, head) and tile of the block, its visits, loads.
+// What both backward blocks share: the (batch, head) and own tokens of the block, its visits,
+// loads, the probabilities and the stores.
 template <typename scalar_t, int D>
 struct BackwardBlockBase {
   using L = BackwardLayout<D>;
   using State = BackwardState<D>;
   const FlashProblem<scalar_t>& p;
   const FlashGradients<scalar_t>& g;
-  int64_t tile, bh, b, h;
-  const int32_t* visits = nullptr;
-  const uint8_t* kinds = nullptr;
-  int64_t first = 0, visit_count = 0;
+  int64_t bh, b, h;
+  TokenTile own;  // the block's queries (query blocks) or keys (key blocks)
+  Visits visits;
 
   LINATTN_HD BackwardBlockBase(const FlashProblem<scalar_t>& problem, const FlashGradients<scalar_t>& gradients,
-                               int64_t index, int64_t tiles)
-      : p(problem),
-        g(gradients),
-        tile(index % tiles),
-        bh(index / tiles),
-        b(bh / problem.heads),
-        h(bh % problem.heads) {}
+                               const BlockTokens& block)
+      : p(problem), g(gradients), bh(block.bh), b(block.b), h(block.h), own(block.own) {}
 
-  // The plan's row for this block's tile in a (plan batch, plan heads, tiles, other tiles) list.
-  LINATTN_HD void use_plan(const int32_t* tiles_list, const int32_t* counts, const uint8_t* kind_list, int64_t tiles,
-                           int64_t other_tiles) {
-    const int64_t pb = p.plan_batch == 1 ? 0 : b, ph = p.plan_heads == 1 ? 0 : h;
-    const int64_t row = (pb * p.plan_heads + ph) * tiles + tile;
-    visits = tiles_list + row * other_tiles;
-    kinds = kind_list + row * other_tiles;
-    visit_count = counts[row];
+  // Whether a token of the block's own tile is a global token computed by its gathered tile's
+  // block instead (a regular block's global rows or keys get no gradient from it).
+  LINATTN_HD bool computed_elsewhere(int64_t token) const {
+    return !own.gathered && p.global_index != nullptr && p.global_mask[b * p.q_len + token];
   }
-  LINATTN_HD void use_range(int64_t begin, int64_t last) {
-    first = begin;
-    visit_count = last >= begin ? last - begin + 1 : 0;
-  }
-  LINATTN_HD int64_t other_tile(int64_t n) const { return visits != nullptr ? visits[n] : first + n; }
 
   LINATTN_HD static uint32_t buffer(int64_t n) { return static_cast<uint32_t>((n & 1) * L::kBuffer); }
 
@@ -123,8 +109,9 @@ struct BackwardBlockBase {
 
   // P and dS of one product tile (in place of S and dP): P = exp(S − lse) (0 where hidden or for
   // a row that saw no key), dS = P (dP − delta) where the pair passes a score gradient, else 0.
-  // `pair(lane, nt, i, query, key)` names the element's pair; lse_of/delta_of(lane, nt, i) its
-  // query's values. `bias_gradient`: add dS to grad_bias (one of the two blocks does).
+  // `pair(lane, nt, i, query, key, row_gathered, key_gathered)` names the element's pair;
+  // lse_of/delta_of(lane, nt, i) its query's values. `bias_gradient`: add dS to grad_bias (one of
+  // the two blocks does).
   template <int N, typename Pair, typename Lse, typename Delta>
   LINATTN_HD void probabilities(const WarpContext& w, TileKind kind, ProductTile<N>& s, ProductTile<N>& dp,
                                 const Pair& pair, const Lse& lse_of, const Delta& delta_of, bool bias_gradient) const {
@@ -134,8 +121,10 @@ struct BackwardBlockBase {
         LINATTN_UNROLL
         for (int i = 0; i < 4; ++i) {
           int64_t query = 0, key = 0;
-          pair(lane, nt, i, query, key);
-          const Score score = score_of(w, p, b, h, query, key, kind, s[nt][i][lane] * p.scale);
+          bool row_gathered = false, key_gathered = false;
+          pair(lane, nt, i, query, key, row_gathered, key_gathered);
+          const Score score =
+              score_of(w, p, b, h, query, key, kind, s[nt][i][lane] * p.scale, row_gathered, key_gathered);
           const float lse = lse_of(lane, nt, i);
           const float prob = lse == -INFINITY ? 0.0f : exp_of(score.value - lse);
           s[nt][i][lane] = prob;
@@ -150,15 +139,16 @@ struct BackwardBlockBase {
     });
   }
 
-  // Rows [row0, row0 + 16) of a (B, H, len, width) gradient from accumulators, times `factor`.
-  LINATTN_HD void store_rows(const WarpContext& w, const Accumulator (&acc)[D / 8][4], scalar_t* out, int64_t row0,
-                             int64_t len, int64_t width, float factor) const {
+  // Warp w's 16 rows of the block's own tile of a (B, H, len, width) gradient from accumulators,
+  // times `factor`.
+  LINATTN_HD void store_rows(const WarpContext& w, const Accumulator (&acc)[D / 8][4], scalar_t* out, int64_t len,
+                             int64_t width, float factor) const {
     warp::for_lanes(w, [&](int lane) {
       const int gi = warp::group_of(lane), t = warp::thread_in_group(lane);
       LINATTN_UNROLL
       for (int half = 0; half < 2; ++half) {
-        const int64_t row = row0 + gi + 8 * half;
-        if (row >= len) continue;
+        const int64_t row = own.token(p, b, len, w.warp * 16 + gi + 8 * half);
+        if (row < 0 || computed_elsewhere(row)) continue;
         LINATTN_UNROLL
         for (int j = 0; j < D / 8; ++j) {
           LINATTN_UNROLL
@@ -184,42 +174,54 @@ struct KeyBlock : BackwardBlockBase<scalar_t, D> {
   using Base::b;
   using Base::g;
   using Base::h;
+  using Base::own;
   using Base::p;
-  int64_t j0;
+  using Base::visits;
 
+  // Regular key blocks visit the query tiles of the transposed band (or plan), then the tiles of
+  // gathered global rows; blocks of gathered global keys visit every query tile, then those.
   LINATTN_HD KeyBlock(const FlashProblem<scalar_t>& problem, const FlashGradients<scalar_t>& gradients, int64_t index)
-      : Base(problem, gradients, index, problem.k_tiles), j0(this->tile * kKeys) {
-    if (g.seen_tiles != nullptr) {
-      this->use_plan(g.seen_tiles, g.seen_counts, g.seen_kinds, p.k_tiles, p.q_tiles);
+      : Base(problem, gradients, BlockTokens(problem, index, problem.k_tiles)) {
+    if (own.gathered) {
+      if (own.start >= own.count) return;
+      visits.use_range(0, p.q_tiles - 1);
+    } else if (g.seen_tiles != nullptr) {
+      visits.use_plan(p, g.seen_tiles, g.seen_counts, g.seen_kinds, b, h, p.k_tiles, own.start / kKeys, p.q_tiles);
     } else {
       int64_t first = 0, last = 0;
-      seen_by(p, j0, j0 + kKeys < p.k_len ? j0 + kKeys : p.k_len, first, last);
-      this->use_range(first, last);
+      seen_by(p, own.start, own.start + kKeys < p.k_len ? own.start + kKeys : p.k_len, first, last);
+      visits.use_range(first, last);
     }
+    if (p.global_index != nullptr) visits.add_gathered(p.global_count[b]);
   }
 
-  LINATTN_HD TileKind kind_of(int64_t q_tile) const {
-    if (this->kinds != nullptr) return static_cast<TileKind>(this->kinds[q_tile]);
-    const int64_t i0 = q_tile * kRows;
-    return Band<scalar_t>{p, i0, i0 + kRows < p.q_len ? i0 + kRows : p.q_len}.kind(this->tile);
+  LINATTN_HD TileKind kind_of(const TokenTile& queries) const {
+    if (own.gathered || queries.gathered) return kPartial;
+    if (visits.kinds != nullptr) return static_cast<TileKind>(visits.kinds[queries.start / kRows]);
+    const int64_t i0 = queries.start;
+    return Band<scalar_t>{p, i0, i0 + kRows < p.q_len ? i0 + kRows : p.q_len}.kind(own.start / kKeys, b);
   }
+
+  LINATTN_HD int64_t key_of(int r) const { return own.token(p, b, p.k_len, r); }
 
   LINATTN_HD void issue_resident(const WarpContext& w, State&) const {
-    warp::copy_rows<kThreads, kKeys>(w, this->key_rows(L::kResident0), b, h, 0, j0);
-    warp::copy_rows<kThreads, kKeys>(w, this->value_rows(L::kResident1), b, h, 0, j0);
+    auto key = [&](int r) { return key_of(r); };
+    warp::copy_rows_from<kThreads, kKeys>(w, this->key_rows(L::kResident0), b, h, 0, key);
+    warp::copy_rows_from<kThreads, kKeys>(w, this->value_rows(L::kResident1), b, h, 0, key);
   }
 
   // Visit n's query rows, dO rows, lse and delta (past the end: zeros, lse −inf).
   LINATTN_HD void issue(const WarpContext& w, int64_t n) const {
     const uint32_t base = Base::buffer(n);
-    const int64_t i0 = this->other_tile(n) * kRows;
-    warp::copy_rows<kThreads, kRows>(w, this->query_rows(L::kStreamed0), b, h, base, i0);
-    warp::copy_rows<kThreads, kRows>(w, this->grad_out_rows(L::kStreamed1), b, h, base, i0);
+    const TokenTile queries = visits.tile(n);
+    auto query = [&](int r) { return queries.token(p, b, p.q_len, r); };
+    warp::copy_rows_from<kThreads, kRows>(w, this->query_rows(L::kStreamed0), b, h, base, query);
+    warp::copy_rows_from<kThreads, kRows>(w, this->grad_out_rows(L::kStreamed1), b, h, base, query);
     warp::for_lanes(w, [&](int lane) {
       const int r = w.warp * warp::kWarpSize + lane;
       if (r >= kRows) return;
-      const int64_t row = i0 + r, at = this->bh * p.q_len + row;
-      const bool inside = row < p.q_len;
+      const int64_t row = query(r), at = this->bh * p.q_len + row;
+      const bool inside = row >= 0;
       warp::store_shared<float>(w, base + L::kLse + r * 4, inside ? warp::load_global(w, g.lse + at) : -INFINITY);
       warp::store_shared<float>(w, base + L::kDelta + r * 4, inside ? warp::load_global(w, g.delta + at) : 0.0f);
     });
@@ -231,26 +233,28 @@ struct KeyBlock : BackwardBlockBase<scalar_t, D> {
   static constexpr int kHalf = kRows / 2;
 
   LINATTN_HD void attend(const WarpContext& w, State& s, int64_t n) const {
-    if (j0 + w.warp * 16 >= p.k_len) return;
+    if (key_of(w.warp * 16) < 0) return;
     const uint32_t base = Base::buffer(n);
-    const int64_t q_tile = this->other_tile(n), i0 = q_tile * kRows;
-    const TileKind kind = kind_of(q_tile);
-    const uint32_t own = static_cast<uint32_t>(w.warp * 16 * L::kPitch);
+    const TokenTile queries = visits.tile(n);
+    const TileKind kind = kind_of(queries);
+    const uint32_t warp_rows = static_cast<uint32_t>(w.warp * 16 * L::kPitch);
     LINATTN_UNROLL
     for (int half = 0; half < 2; ++half) {
       const uint32_t rows = static_cast<uint32_t>(half * kHalf * L::kPitch);
-      const uint32_t queries = base + L::kStreamed0 + rows, grad_out = base + L::kStreamed1 + rows;
+      const uint32_t streamed_queries = base + L::kStreamed0 + rows, grad_out = base + L::kStreamed1 + rows;
       ProductTile<kHalf> st, dpt;  // Sᵀ and dPᵀ: the warp's 16 keys × 32 queries
-      rows_times_rows<scalar_t, D, kHalf>(w, L::kResident0 + own, queries, L::kPitch, p.head_dim, st);
-      rows_times_rows<scalar_t, D, kHalf>(w, L::kResident1 + own, grad_out, L::kPitch, p.value_dim, dpt);
+      rows_times_rows<scalar_t, D, kHalf>(w, L::kResident0 + warp_rows, streamed_queries, L::kPitch, p.head_dim, st);
+      rows_times_rows<scalar_t, D, kHalf>(w, L::kResident1 + warp_rows, grad_out, L::kPitch, p.value_dim, dpt);
       auto column = [&](int lane, int nt, int i) {
         return half * kHalf + nt * 8 + 2 * warp::thread_in_group(lane) + i % 2;
       };
       this->template probabilities<kHalf>(
           w, kind, st, dpt,
-          [&](int lane, int nt, int i, int64_t& query, int64_t& key) {
-            query = i0 + column(lane, nt, i);
-            key = j0 + w.warp * 16 + warp::group_of(lane) + 8 * (i / 2);
+          [&](int lane, int nt, int i, int64_t& query, int64_t& key, bool& row_gathered, bool& key_gathered) {
+            query = queries.token(p, b, p.q_len, column(lane, nt, i));
+            key = key_of(w.warp * 16 + warp::group_of(lane) + 8 * (i / 2));
+            row_gathered = queries.gathered;
+            key_gathered = own.gathered;
           },
           [&](int lane, int nt, int i) {
             return warp::load_shared<float>(w, base + L::kLse + column(lane, nt, i) * 4);
@@ -263,14 +267,13 @@ struct KeyBlock : BackwardBlockBase<scalar_t, D> {
       as_a_fragments<scalar_t, kHalf>(w, st, a);
       add_product<scalar_t, D, kHalf>(w, a, grad_out, L::kPitch, p.value_dim, s.second);  // dV += Pᵀ dO
       as_a_fragments<scalar_t, kHalf>(w, dpt, a);
-      add_product<scalar_t, D, kHalf>(w, a, queries, L::kPitch, p.head_dim, s.first);  // dK += dSᵀ Q
+      add_product<scalar_t, D, kHalf>(w, a, streamed_queries, L::kPitch, p.head_dim, s.first);  // dK += dSᵀ Q
     }
   }
 
   LINATTN_HD void finish(const WarpContext& w, const State& s) const {
-    const int64_t row0 = j0 + w.warp * 16;
-    this->store_rows(w, s.first, g.grad_k, row0, p.k_len, p.head_dim, p.scale);
-    this->store_rows(w, s.second, g.grad_v, row0, p.k_len, p.value_dim, 1.0f);
+    this->store_rows(w, s.first, g.grad_k, p.k_len, p.head_dim, p.scale);
+    this->store_rows(w, s.second, g.grad_v, p.k_len, p.value_dim, 1.0f);
   }
 };
 
@@ -284,64 +287,75 @@ struct QueryBlock : BackwardBlockBase<scalar_t, D> {
   using Base::b;
   using Base::g;
   using Base::h;
+  using Base::own;
   using Base::p;
-  int64_t i0;
+  using Base::visits;
+  Band<scalar_t> band;
 
+  // The forward's visits (FlashBlock).
   LINATTN_HD QueryBlock(const FlashProblem<scalar_t>& problem, const FlashGradients<scalar_t>& gradients,
                         int64_t index)
-      : Base(problem, gradients, index, problem.q_tiles), i0(this->tile * kRows) {
-    if (p.visit_tiles != nullptr) {
-      this->use_plan(p.visit_tiles, p.visit_counts, p.tile_kinds, p.q_tiles, p.k_tiles);
+      : Base(problem, gradients, BlockTokens(problem, index, problem.q_tiles)),
+        band{problem, own.start, own.start + kRows < problem.q_len ? own.start + kRows : problem.q_len} {
+    if (own.gathered) {
+      if (own.start < own.count) visits.use_range(0, p.k_tiles - 1);
+    } else if (p.visit_tiles != nullptr) {
+      visits.use_plan(p, p.visit_tiles, p.visit_counts, p.tile_kinds, b, h, p.q_tiles, own.start / kRows, p.k_tiles);
     } else {
-      const Band<scalar_t> band{p, i0, i0 + kRows < p.q_len ? i0 + kRows : p.q_len};
-      this->use_range(band.first(), band.last());
+      visits.use_range(band.first(), band.last());
+      if (p.global_index != nullptr) visits.add_gathered(p.global_count[b]);
     }
   }
 
-  LINATTN_HD TileKind kind_of(int64_t k_tile) const {
-    if (this->kinds != nullptr) return static_cast<TileKind>(this->kinds[k_tile]);
-    return Band<scalar_t>{p, i0, i0 + kRows < p.q_len ? i0 + kRows : p.q_len}.kind(k_tile);
+  LINATTN_HD TileKind kind_of(const TokenTile& keys) const {
+    if (own.gathered || keys.gathered) return kPartial;
+    if (visits.kinds != nullptr) return static_cast<TileKind>(visits.kinds[keys.start / kKeys]);
+    return band.kind(keys.start / kKeys, b);
   }
 
   LINATTN_HD int64_t row_of(const WarpContext& w, int lane, int half) const {
-    return i0 + w.warp * 16 + warp::group_of(lane) + 8 * half;
+    return own.token(p, b, p.q_len, w.warp * 16 + warp::group_of(lane) + 8 * half);
   }
 
   // Q and dO rows, and each lane's rows' lse and delta into its registers.
   LINATTN_HD void issue_resident(const WarpContext& w, State& s) const {
-    warp::copy_rows<kThreads, kRows>(w, this->query_rows(L::kResident0), b, h, 0, i0);
-    warp::copy_rows<kThreads, kRows>(w, this->grad_out_rows(L::kResident1), b, h, 0, i0);
+    auto query = [&](int r) { return own.token(p, b, p.q_len, r); };
+    warp::copy_rows_from<kThreads, kRows>(w, this->query_rows(L::kResident0), b, h, 0, query);
+    warp::copy_rows_from<kThreads, kRows>(w, this->grad_out_rows(L::kResident1), b, h, 0, query);
     warp::for_lanes(w, [&](int lane) {
       LINATTN_UNROLL
       for (int half = 0; half < 2; ++half) {
         const int64_t row = row_of(w, lane, half), at = this->bh * p.q_len + row;
-        s.lse[half][lane] = row < p.q_len ? warp::load_global(w, g.lse + at) : -INFINITY;
-        s.delta[half][lane] = row < p.q_len ? warp::load_global(w, g.delta + at) : 0.0f;
+        s.lse[half][lane] = row >= 0 ? warp::load_global(w, g.lse + at) : -INFINITY;
+        s.delta[half][lane] = row >= 0 ? warp::load_global(w, g.delta + at) : 0.0f;
       }
     });
   }
 
   LINATTN_HD void issue(const WarpContext& w, int64_t n) const {
     const uint32_t base = Base::buffer(n);
-    const int64_t j0 = this->other_tile(n) * kKeys;
-    warp::copy_rows<kThreads, kKeys>(w, this->key_rows(L::kStreamed0), b, h, base, j0);
-    warp::copy_rows<kThreads, kKeys>(w, this->value_rows(L::kStreamed1), b, h, base, j0);
+    const TokenTile keys = visits.tile(n);
+    auto key = [&](int r) { return keys.token(p, b, p.k_len, r); };
+    warp::copy_rows_from<kThreads, kKeys>(w, this->key_rows(L::kStreamed0), b, h, base, key);
+    warp::copy_rows_from<kThreads, kKeys>(w, this->value_rows(L::kStreamed1), b, h, base, key);
     warp::cp_async_commit(w);
   }
 
   LINATTN_HD void attend(const WarpContext& w, State& s, int64_t n) const {
-    if (i0 + w.warp * 16 >= p.q_len) return;
+    if (row_of(w, 0, 0) < 0) return;  // (lane 0's first row: the warp's first)
     const uint32_t base = Base::buffer(n);
-    const int64_t k_tile = this->other_tile(n), j0 = k_tile * kKeys;
-    const uint32_t own = static_cast<uint32_t>(w.warp * 16 * L::kPitch);
+    const TokenTile keys = visits.tile(n);
+    const uint32_t warp_rows = static_cast<uint32_t>(w.warp * 16 * L::kPitch);
     ScoreTile sc, dp;  // S and dP: the warp's 16 queries × the tile's 64 keys
-    rows_times_rows<scalar_t, D>(w, L::kResident0 + own, base + L::kStreamed0, L::kPitch, p.head_dim, sc);
-    rows_times_rows<scalar_t, D>(w, L::kResident1 + own, base + L::kStreamed1, L::kPitch, p.value_dim, dp);
+    rows_times_rows<scalar_t, D>(w, L::kResident0 + warp_rows, base + L::kStreamed0, L::kPitch, p.head_dim, sc);
+    rows_times_rows<scalar_t, D>(w, L::kResident1 + warp_rows, base + L::kStreamed1, L::kPitch, p.value_dim, dp);
     this->template probabilities<kKeys>(
-        w, kind_of(k_tile), sc, dp,
-        [&](int lane, int nt, int i, int64_t& query, int64_t& key) {
+        w, kind_of(keys), sc, dp,
+        [&](int lane, int nt, int i, int64_t& query, int64_t& key, bool& row_gathered, bool& key_gathered) {
           query = row_of(w, lane, i / 2);
-          key = j0 + nt * 8 + 2 * warp::thread_in_group(lane) + i % 2;
+          key = keys.token(p, b, p.k_len, nt * 8 + 2 * warp::thread_in_group(lane) + i % 2);
+          row_gathered = own.gathered;
+          key_gathered = keys.gathered;
         },
         [&](int lane, int, int i) { return s.lse[i / 2][lane]; },
         [&](int lane, int, int i) { return s.delta[i / 2][lane]; }, true);
@@ -351,7 +365,7 @@ struct QueryBlock : BackwardBlockBase<scalar_t, D> {
   }
 
   LINATTN_HD void finish(const WarpContext& w, const State& s) const {
-    this->store_rows(w, s.first, g.grad_q, i0 + w.warp * 16, p.q_len, p.head_dim, p.scale);
+    this->store_rows(w, s.first, g.grad_q, p.q_len, p.head_dim, p.scale);
   }
 };
 

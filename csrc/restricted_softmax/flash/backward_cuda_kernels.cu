@@ -10,8 +10,10 @@ namespace linattn {
 namespace flash {
 namespace {
 
+// Registers budgeted for two blocks per SM (255 a thread; D = 64 would otherwise be held to 168
+// and spill).
 template <typename Block, typename scalar_t>
-__global__ void __launch_bounds__(kThreads) backward_kernel(const FlashProblem<scalar_t> p,
+__global__ void __launch_bounds__(kThreads, 2) backward_kernel(const FlashProblem<scalar_t> p,
                                                             const FlashGradients<scalar_t> g) {
 #if defined(__CUDA_ARCH__)  // (the host pass of nvcc sees the host WarpContext, without a lane)
   extern __shared__ __align__(16) unsigned char shared[];
@@ -38,8 +40,8 @@ template <typename scalar_t>
 void launch_backward(const FlashProblem<scalar_t>& p, const FlashGradients<scalar_t>& g, cudaStream_t stream) {
   with_backward_head_dim(p.head_dim, p.value_dim, [&](auto d) {
     constexpr int D = decltype(d)::value, bytes = BackwardLayout<D>::kBytes;
-    launch_blocks<KeyBlock<scalar_t, D>>(p, g, p.batch * p.heads * p.k_tiles, bytes, stream);
-    launch_blocks<QueryBlock<scalar_t, D>>(p, g, p.batch * p.heads * p.q_tiles, bytes, stream);
+    launch_blocks<KeyBlock<scalar_t, D>>(p, g, p.key_blocks(), bytes, stream);
+    launch_blocks<QueryBlock<scalar_t, D>>(p, g, p.blocks(), bytes, stream);
   });
 }
 

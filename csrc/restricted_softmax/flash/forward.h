@@ -25,7 +25,7 @@ LINATTN_HD void run_forward_block(const Exec& exec, const FlashProblem<scalar_t>
   using Block = FlashBlock<scalar_t, D>;
   using State = WarpState<D>;
   const Block blk(p, block);
-  const int64_t visits = blk.visit_count;
+  const int64_t visits = blk.visits.count();
   exec([&](const WarpContext& w, State& s) {
     Block::start(w, s);
     if (visits > 0) {

@@ -28,37 +28,37 @@ struct FlashBlock {
   using State = WarpState<D>;
 
   const FlashProblem<scalar_t>& p;
-  int64_t q_tile, bh, b, h, i0, i1;
+  int64_t bh, b, h;
+  TokenTile rows;  // the block's queries
   Band<scalar_t> band;
-  const int32_t* visits = nullptr;  // the plan's row of key tiles (null: the band's tiles)
-  const uint8_t* kinds = nullptr;
-  int64_t visit_count = 0;
+  Visits visits;
 
+  // Regular blocks own query tiles, visit the key tiles of their band (or plan) and then the
+  // tiles of gathered global keys; blocks of gathered global rows visit every key tile.
   LINATTN_HD FlashBlock(const FlashProblem<scalar_t>& problem, int64_t index)
+      : FlashBlock(problem, BlockTokens(problem, index, problem.q_tiles)) {}
+  LINATTN_HD FlashBlock(const FlashProblem<scalar_t>& problem, const BlockTokens& block)
       : p(problem),
-        q_tile(index % problem.q_tiles),
-        bh(index / problem.q_tiles),
-        b(bh / problem.heads),
-        h(bh % problem.heads),
-        i0(q_tile * kRows),
-        i1(i0 + kRows < problem.q_len ? i0 + kRows : problem.q_len),
-        band{problem, i0, i1} {
-    if (p.visit_tiles != nullptr) {
-      const int64_t pb = p.plan_batch == 1 ? 0 : b, ph = p.plan_heads == 1 ? 0 : h;
-      const int64_t row = (pb * p.plan_heads + ph) * p.q_tiles + q_tile;
-      visits = p.visit_tiles + row * p.k_tiles;
-      kinds = p.tile_kinds + row * p.k_tiles;
-      visit_count = p.visit_counts[row];
+        bh(block.bh),
+        b(block.b),
+        h(block.h),
+        rows(block.own),
+        band{problem, rows.start, rows.start + kRows < problem.q_len ? rows.start + kRows : problem.q_len} {
+    if (rows.gathered) {
+      if (rows.start < rows.count) visits.use_range(0, p.k_tiles - 1);
+    } else if (p.visit_tiles != nullptr) {
+      visits.use_plan(p, p.visit_tiles, p.visit_counts, p.tile_kinds, b, h, p.q_tiles, rows.start / kRows, p.k_tiles);
     } else {
-      const int64_t n = band.last() - band.first() + 1;
-      visit_count = n > 0 ? n : 0;
+      visits.use_range(band.first(), band.last());
+      if (p.global_index != nullptr) visits.add_gathered(p.global_count[b]);
     }
   }
 
-  // Visit n: its key tile and how much of it the rows see.
-  LINATTN_HD int64_t tile_of(int64_t n) const { return visits != nullptr ? visits[n] : band.first() + n; }
-  LINATTN_HD TileKind kind_of(int64_t tile) const {
-    return kinds != nullptr ? static_cast<TileKind>(kinds[tile]) : band.kind(tile);
+  // How much of visit n's key tile the rows see.
+  LINATTN_HD TileKind kind_of(const TokenTile& keys) const {
+    if (rows.gathered || keys.gathered) return kPartial;
+    if (visits.kinds != nullptr) return static_cast<TileKind>(visits.kinds[keys.start / kKeys]);
+    return band.kind(keys.start / kKeys, b);
   }
 
   // The key/value buffer of visit n (double-buffered).
@@ -76,17 +76,30 @@ struct FlashBlock {
     return {&p.v, p.v_vector, p.k_len, p.value_dim, D, L::kPitch, L::kV};
   }
 
-  // The query tile's rows (committed with the first key tile).
+  // The query tile's rows (committed with the first key tile) and tokens.
   LINATTN_HD void issue_queries(const WarpContext& w) const {
-    warp::copy_rows<kThreads, kRows>(w, query_rows(), b, h, 0, i0);
+    auto row = [&](int r) { return rows.token(p, b, p.q_len, r); };
+    warp::copy_rows_from<kThreads, kRows>(w, query_rows(), b, h, 0, row);
+    store_tokens(w, L::kRowTokens, row);
+  }
+
+  // The tile's 64 tokens (−1 past the end) at shared offset `at`, one per thread.
+  template <typename Token>
+  LINATTN_HD static void store_tokens(const WarpContext& w, uint32_t at, const Token& token) {
+    warp::for_lanes(w, [&](int lane) {
+      const int r = w.warp * warp::kWarpSize + lane;
+      if (r < kRows) warp::store_shared<int32_t>(w, at + r * 4, static_cast<int32_t>(token(r)));
+    });
   }
 
   // Issues the copies of visit n's keys and values.
   LINATTN_HD void issue_keys(const WarpContext& w, int64_t n) const {
     const uint32_t base = buffer(n);
-    const int64_t j0 = tile_of(n) * kKeys;
-    warp::copy_rows<kThreads, kKeys>(w, key_rows(), b, h, base, j0);
-    warp::copy_rows<kThreads, kKeys>(w, value_rows(), b, h, base, j0);
+    const TokenTile keys = visits.tile(n);
+    auto key = [&](int r) { return keys.token(p, b, p.k_len, r); };
+    warp::copy_rows_from<kThreads, kKeys>(w, key_rows(), b, h, base, key);
+    warp::copy_rows_from<kThreads, kKeys>(w, value_rows(), b, h, base, key);
+    store_tokens(w, base + L::kKeyTokens, key);
     if (w.warp == 0) warp::for_lanes(w, [&](int lane) {
       if (lane == 0) warp::store_shared<uint8_t>(w, base + L::kNonFinite, 0);
     });
@@ -99,11 +112,12 @@ struct FlashBlock {
   LINATTN_HD void prepare_keys(const WarpContext& w, int64_t n) const {
     warp::cp_async_wait<0>(w);
     const uint32_t base = buffer(n);
-    const int64_t j0 = tile_of(n) * kKeys;
+    const TokenTile keys = visits.tile(n);
     const warp::RowTile<scalar_t> x = value_rows();
     warp::each_piece<kThreads, kKeys>(w, x, [&](int r, int col) {
-      const int64_t key = j0 + r;
-      const bool padded = key < p.k_len && p.key_padding != nullptr && warp::load_global(w, p.key_padding + b * p.k_len + key);
+      const int64_t key = keys.token(p, b, p.k_len, r);
+      const bool padded =
+          key >= 0 && p.key_padding != nullptr && warp::load_global(w, p.key_padding + b * p.k_len + key);
       const uint32_t at = base + x.offset + static_cast<uint32_t>(r * x.pitch + col * 2);
       bool finite = true;
       LINATTN_UNROLL
@@ -117,10 +131,20 @@ struct FlashBlock {
 
   // --- one key tile ----------------------------------------------------------------------------
 
-  // The query rows of warp w start at i0 + 16 w; row half `half` of lane group g is row g + 8 half.
+  // The query of row half `half` of lane group g in warp w's rows (row 16 w + g + 8 half of the
+  // tile), or −1 past the end.
   LINATTN_HD int64_t row_of(const WarpContext& w, int lane, int half) const {
-    return i0 + w.warp * 16 + warp::group_of(lane) + 8 * half;
+    return rows.token(p, b, p.q_len, w.warp * 16 + warp::group_of(lane) + 8 * half);
   }
+  // The same, and key `column` of the tile in buffer `base`, from the tokens in shared memory.
+  LINATTN_HD int64_t shared_row(const WarpContext& w, int lane, int half) const {
+    return warp::load_shared<int32_t>(w, L::kRowTokens + (w.warp * 16 + warp::group_of(lane) + 8 * half) * 4);
+  }
+  LINATTN_HD static int64_t shared_key(const WarpContext& w, uint32_t base, int column) {
+    return warp::load_shared<int32_t>(w, base + L::kKeyTokens + column * 4);
+  }
+  // Whether warp w has no rows (its first is past the end: a tile's tokens are a prefix).
+  LINATTN_HD bool idle(const WarpContext& w) const { return rows.token(p, b, p.q_len, w.warp * 16) < 0; }
 
   LINATTN_HD static void start(const WarpContext& w, State& s) {
     warp::clear(w, s.o);
@@ -135,15 +159,18 @@ struct FlashBlock {
 
   // The scaled scores of the warp's 16 rows against the tile's 64 keys, with the pattern applied
   // (score_of): −inf where a pair is hidden, the bias added, kSelfScore where fixed.
-  LINATTN_HD void scores(const WarpContext& w, uint32_t base, int64_t j0, TileKind kind, ScoreTile& sc) const {
+  LINATTN_HD void scores(const WarpContext& w, uint32_t base, const TokenTile& keys, TileKind kind,
+                         ScoreTile& sc) const {
     rows_times_rows<scalar_t, D>(w, L::kQ + w.warp * 16 * L::kPitch, base + L::kK, L::kPitch, p.head_dim, sc);
     warp::for_lanes(w, [&](int lane) {
       LINATTN_UNROLL
       for (int nt = 0; nt < kKeys / 8; ++nt) {
         LINATTN_UNROLL
         for (int i = 0; i < 4; ++i) {
-          const int64_t row = row_of(w, lane, i / 2), key = j0 + nt * 8 + 2 * warp::thread_in_group(lane) + i % 2;
-          sc[nt][i][lane] = score_of(w, p, b, h, row, key, kind, sc[nt][i][lane] * p.scale).value;
+          const int64_t row = shared_row(w, lane, i / 2);
+          const int64_t key = shared_key(w, base, nt * 8 + 2 * warp::thread_in_group(lane) + i % 2);
+          sc[nt][i][lane] =
+              score_of(w, p, b, h, row, key, kind, sc[nt][i][lane] * p.scale, rows.gathered, keys.gathered).value;
         }
       }
     });
@@ -218,7 +245,7 @@ struct FlashBlock {
   // reference: a visible pair adds p·v (NaN or Inf where v is), a masked one nothing. The
   // probabilities (rounded as add_values rounds them; −1 where masked) pass through the warp's
   // scratch so that each lane reads its rows' every key.
-  LINATTN_HD void exact_values(const WarpContext& w, State& s, uint32_t base, int64_t j0, TileKind kind,
+  LINATTN_HD void exact_values(const WarpContext& w, State& s, uint32_t base, const TokenTile& keys, TileKind kind,
                                const ScoreTile& sc) const {
     const uint32_t scratch = L::kScratch + w.warp * L::kScratchPerWarp;
     warp::for_lanes(w, [&](int lane) {
@@ -226,12 +253,14 @@ struct FlashBlock {
       for (int nt = 0; nt < kKeys / 8; ++nt) {
         LINATTN_UNROLL
         for (int i = 0; i < 4; ++i) {
-          const int64_t row = row_of(w, lane, i / 2);
-          const int key = nt * 8 + 2 * warp::thread_in_group(lane) + i % 2;
-          bool visible = row < p.q_len && j0 + key < p.k_len;
-          if (visible && kind == kPartial) visible = pair_of(p, b, h, row, j0 + key).visible;
+          const int64_t row = shared_row(w, lane, i / 2);
+          const int column = nt * 8 + 2 * warp::thread_in_group(lane) + i % 2;
+          const int64_t key = shared_key(w, base, column);
+          bool visible = row >= 0 && key >= 0;
+          if (visible && kind == kPartial) visible = pair_of(p, b, h, row, key, rows.gathered, keys.gathered).visible;
           const float prob = static_cast<float>(scalar_t(sc[nt][i][lane]));
-          warp::store_shared<float>(w, scratch + ((row - i0 - w.warp * 16) * kKeys + key) * 4, visible ? prob : -1.0f);
+          const int local_row = warp::group_of(lane) + 8 * (i / 2);
+          warp::store_shared<float>(w, scratch + (local_row * kKeys + column) * 4, visible ? prob : -1.0f);
         }
       }
     });
@@ -259,22 +288,23 @@ struct FlashBlock {
 
   // Visit n of the warp's rows: scores, softmax step, P·V.
   LINATTN_HD void attend(const WarpContext& w, State& s, int64_t n) const {
-    if (i0 + w.warp * 16 >= p.q_len) return;  // rows all past the end
+    if (idle(w)) return;
     const uint32_t base = buffer(n);
-    const int64_t tile = tile_of(n), j0 = tile * kKeys;
-    const TileKind kind = kind_of(tile);
+    const TokenTile keys = visits.tile(n);
+    const TileKind kind = kind_of(keys);
     ScoreTile sc;
-    scores(w, base, j0, kind, sc);
+    scores(w, base, keys, kind, sc);
     softmax_step(w, s, sc);
-    if (warp::load_shared<uint8_t>(w, base + L::kNonFinite) != 0) exact_values(w, s, base, j0, kind, sc);
+    if (warp::load_shared<uint8_t>(w, base + L::kNonFinite) != 0) exact_values(w, s, base, keys, kind, sc);
     else add_values(w, s, base, sc);
   }
 
   // --- the outputs -----------------------------------------------------------------------------
 
-  // out = O / l and lse = max + log l per row; a row that saw no key gets 0 and −inf.
+  // out = O / l and lse = max + log l per row; a row that saw no key gets 0 and −inf. A global
+  // row is written by its gathered row block only.
   LINATTN_HD void finish(const WarpContext& w, const State& s) const {
-    if (i0 + w.warp * 16 >= p.q_len) return;
+    if (idle(w)) return;
     Lanes<float> sums[2];
     LINATTN_UNROLL
     for (int half = 0; half < 2; ++half) sums[half] = group_reduce(w, s.row_sum[half], false);
@@ -283,7 +313,7 @@ struct FlashBlock {
       LINATTN_UNROLL
       for (int half = 0; half < 2; ++half) {
         const int64_t row = row_of(w, lane, half);
-        if (row >= p.q_len) continue;
+        if (row < 0 || (!rows.gathered && p.global_index != nullptr && p.global_mask[b * p.q_len + row])) continue;
         const float l = sums[half][lane];
         const float inverse = l == 0.0f ? 0.0f : 1.0f / l;
         const int64_t out_row = (bh * p.q_len + row) * p.value_dim;
@@ -292,7 +322,8 @@ struct FlashBlock {
           LINATTN_UNROLL
           for (int e = 0; e < 2; ++e) {
             const int64_t col = j * 8 + 2 * t + e;
-            if (col < p.value_dim) warp::store_global(w, p.out + out_row + col, scalar_t(s.o[j][2 * half + e][lane] * inverse));
+            if (col >= p.value_dim) continue;
+            warp::store_global(w, p.out + out_row + col, scalar_t(s.o[j][2 * half + e][lane] * inverse));
           }
         }
         if (t == 0) {

@@ -3,10 +3,10 @@
 // (flash_cuda_ops.cpp) and the CPU emulation (flash_emulated.cpp). Host code only (ATen).
 //
 // The plan is built by ATen ops on the inputs' device, without reading anything back to the host
-// (no device synchronisation, CUDA-graph capturable). A window without global tokens needs none:
-// the kernel walks its band. Otherwise each (query tile, key tile) pair gets a TileKind:
-// - windows with global tokens: the band's kind from the tiles' row − key distances, and any
-//   tile holding a global key, or of a query tile holding a global row, at least partial;
+// (no device synchronisation, CUDA-graph capturable). A window needs none: the kernel walks its
+// band; Longformer's global tokens are gathered instead (per batch entry their indices, ascending,
+// by a stable sort, and which tiles hold one), their rows and keys computed in tiles of their
+// own. A layout's (query tile, key tile) pairs each get a TileKind:
 // - layouts: from 2-D prefix sums of the layout, the number of its blocks a tile covers that are
 //   set: none hidden, all whole, else partial; above the diagonal hidden when causal.
 // A tile with per-pair terms (padding, segments, positions), past the sequence's end or under
@@ -44,60 +44,33 @@ inline bool takes_backward(const at::Tensor& q, const at::Tensor& v, int64_t max
 
 inline int64_t tiles_of(int64_t length, int64_t tile) { return (length + tile - 1) / tile; }
 
-// The tile kinds (plan batch, plan heads, q tiles, k tiles) uint8 of a pattern that needs a plan.
+// The tile kinds (1, layout heads, q tiles, k tiles) uint8 of a layout pattern.
 inline at::Tensor tile_kinds(const RestrictedPattern& p, int64_t q_len, int64_t k_len, const at::TensorOptions& on) {
   const auto index = on.dtype(at::kLong);
   const at::Tensor i0 = at::arange(tiles_of(q_len, kRows), index) * kRows;
   const at::Tensor j0 = at::arange(tiles_of(k_len, kKeys), index) * kKeys;
   const at::Tensor i1 = at::clamp_max(i0 + kRows, q_len), j1 = at::clamp_max(j0 + kKeys, k_len);
   const int64_t offset = k_len - q_len;
-  at::Tensor kind;
-  if (p.uses_layout()) {
-    const int64_t b = p.block_size;
-    const at::Tensor set = p.layout->to(at::kInt);
-    at::Tensor prefix = at::zeros({set.size(0), set.size(1) + 1, set.size(2) + 1}, set.options());
-    prefix.narrow(1, 1, set.size(1)).narrow(2, 1, set.size(2)).copy_(set.cumsum(1).cumsum(2));
-    const at::Tensor r0 = i0.div(b, "floor"), r1 = (i1 - 1).div(b, "floor") + 1;
-    const at::Tensor c0 = j0.div(b, "floor"), c1 = (j1 - 1).div(b, "floor") + 1;
-    auto at_blocks = [&](const at::Tensor& r, const at::Tensor& c) { return prefix.index_select(1, r).index_select(2, c); };
-    const at::Tensor count = at_blocks(r1, c1) - at_blocks(r0, c1) - at_blocks(r1, c0) + at_blocks(r0, c0);
-    const at::Tensor area = ((r1 - r0).unsqueeze(1) * (c1 - c0).unsqueeze(0)).unsqueeze(0);
-    kind = at::where(count == 0, 0, at::where(count == area, 2, 1));
-    if (p.causal && !p.positions.has_value()) {
-      const at::Tensor last_aligned = (i1 - 1 + offset).unsqueeze(1), first_aligned = (i0 + offset).unsqueeze(1);
-      kind = at::where(j0.unsqueeze(0) > last_aligned, 0, kind);
-      kind = at::where((j1 - 1).unsqueeze(0) > first_aligned, at::clamp_max(kind, 1), kind);
-    } else if (p.causal) {
-      kind = at::clamp_max(kind, 1);  // positions: any pair may be hidden
-    }
-    kind = kind.unsqueeze(0);  // (1, layout heads, q tiles, k tiles)
-  } else {
-    const int64_t left = p.left, right = p.window_right();
-    const at::Tensor d_min = (i0 + offset).unsqueeze(1) - (j1 - 1).unsqueeze(0);
-    const at::Tensor d_max = (i1 - 1 + offset).unsqueeze(1) - j0.unsqueeze(0);
-    at::Tensor meets = at::ones_like(d_min, d_min.options().dtype(at::kBool)), inside = meets;
-    if (left >= 0) {
-      meets = meets.logical_and(d_min <= left);
-      inside = inside.logical_and(d_max <= left);
-    }
-    if (right >= 0) {
-      meets = meets.logical_and(d_max >= -right);
-      inside = inside.logical_and(d_min >= -right);
-    }
-    if (p.dilation != 1) inside = at::zeros_like(inside);
-    kind = at::where(inside, 2, at::where(meets, 1, 0));
-    if (p.global_mask.has_value()) {
-      // T_q == T_k: a tile holds a global row or key when any of its tokens is global.
-      const int64_t tiles = i0.size(0);
-      const at::Tensor global = at::constant_pad_nd(*p.global_mask, {0, tiles * kRows - q_len})
-                                    .view({-1, tiles, kRows})
-                                    .any(-1);
-      const at::Tensor touched = global.unsqueeze(2).logical_or(global.unsqueeze(1));  // (B, tiles, tiles)
-      kind = at::where(touched, at::clamp_min(kind, 1), kind).unsqueeze(1);  // (B, 1, q tiles, k tiles)
-    } else {
-      kind = kind.unsqueeze(0).unsqueeze(0);
-    }
+  const int64_t b = p.block_size;
+  const at::Tensor set = p.layout->to(at::kInt);
+  at::Tensor prefix = at::zeros({set.size(0), set.size(1) + 1, set.size(2) + 1}, set.options());
+  prefix.narrow(1, 1, set.size(1)).narrow(2, 1, set.size(2)).copy_(set.cumsum(1).cumsum(2));
+  const at::Tensor r0 = i0.div(b, "floor"), r1 = (i1 - 1).div(b, "floor") + 1;
+  const at::Tensor c0 = j0.div(b, "floor"), c1 = (j1 - 1).div(b, "floor") + 1;
+  auto at_blocks = [&](const at::Tensor& r, const at::Tensor& c) {
+    return prefix.index_select(1, r).index_select(2, c);
+  };
+  const at::Tensor count = at_blocks(r1, c1) - at_blocks(r0, c1) - at_blocks(r1, c0) + at_blocks(r0, c0);
+  const at::Tensor area = ((r1 - r0).unsqueeze(1) * (c1 - c0).unsqueeze(0)).unsqueeze(0);
+  at::Tensor kind = at::where(count == 0, 0, at::where(count == area, 2, 1));
+  if (p.causal && !p.positions.has_value()) {
+    const at::Tensor last_aligned = (i1 - 1 + offset).unsqueeze(1), first_aligned = (i0 + offset).unsqueeze(1);
+    kind = at::where(j0.unsqueeze(0) > last_aligned, 0, kind);
+    kind = at::where((j1 - 1).unsqueeze(0) > first_aligned, at::clamp_max(kind, 1), kind);
+  } else if (p.causal) {
+    kind = at::clamp_max(kind, 1);  // positions: any pair may be hidden
   }
+  kind = kind.unsqueeze(0);  // (1, layout heads, q tiles, k tiles)
   const bool per_pair = p.key_padding_mask.has_value() || p.q_segments.has_value() || p.positions.has_value();
   const at::Tensor ragged = (j1 - j0 < kKeys).view({1, 1, 1, -1});  // the last key tile, past the end
   kind = at::where(ragged, at::clamp_max(kind, 1), kind);
@@ -167,7 +140,20 @@ FlashCall<scalar_t> prepare_call(const at::Tensor& q, const at::Tensor& k, const
   if (pattern.positions.has_value()) p.position_heads = pattern.positions->size(1);
   p.bias = call.template hold<scalar_t>(pattern.bias);
   if (pattern.bias.has_value()) p.bias_heads = pattern.bias->size(0);
-  if (pattern.uses_layout() || pattern.global_mask.has_value()) {
+  if (pattern.global_mask.has_value()) {
+    const at::Tensor& global = pattern.global_mask.value();
+    const VisitLists lists = visit_lists(global.to(at::kByte));  // per batch entry: the global tokens first
+    const at::Tensor tiles = at::constant_pad_nd(global, {0, p.q_tiles * kRows - p.q_len})
+                                 .view({p.batch, p.q_tiles, kRows})
+                                 .any(-1)
+                                 .to(at::kByte)
+                                 .contiguous();
+    call.held.insert(call.held.end(), {lists.counts, lists.tiles, tiles});
+    p.global_count = lists.counts.const_data_ptr<int32_t>();
+    p.global_index = lists.tiles.const_data_ptr<int32_t>();
+    p.global_tiles = tiles.const_data_ptr<uint8_t>();
+  }
+  if (pattern.uses_layout()) {
     call.kinds = tile_kinds(pattern, p.q_len, p.k_len, q.options());
     const VisitLists lists = visit_lists(call.kinds);
     call.held.insert(call.held.end(), {lists.counts, lists.tiles});

@@ -57,12 +57,26 @@ struct FlashProblem {
   const uint8_t* tile_kinds = nullptr;
   int64_t plan_batch = 1, plan_heads = 1;
   int64_t q_tiles = 0, k_tiles = 0;
+  // Longformer's global tokens, gathered (a window with a global_mask, T_q = T_k; plan.h): per
+  // batch entry global_count[b] token indices, ascending, first in global_index (B, T) int32, and
+  // per 64-token tile whether it holds one (global_tiles (B, tiles) uint8). A global row sees
+  // every key and every row sees a global key; those pairs are computed in tiles of gathered
+  // global tokens (TokenTile) instead of the band's tiles, which hide them: see FlashBlock.
+  const int32_t* global_index = nullptr;
+  const int32_t* global_count = nullptr;
+  const uint8_t* global_tiles = nullptr;
   Strided4<const scalar_t> q, k, v;
   bool q_vector = false, k_vector = false, v_vector = false;  // rows copy as 16-byte cp.async
   scalar_t* out = nullptr;  // (B, H, T_q, dv) contiguous
   float* lse = nullptr;     // (B, H, T_q)
 
-  LINATTN_HD int64_t blocks() const { return batch * heads * q_tiles; }
+  // Tiles of gathered global tokens per (batch, head): at most as many as of tokens (the count
+  // itself lives on the device; blocks past it return at once).
+  LINATTN_HD int64_t gathered_tiles() const { return global_index != nullptr ? q_tiles : 0; }
+  // Blocks of a launch over query tiles (the forward, the backward's query blocks) and over key
+  // tiles (its key blocks), each followed by the gathered tiles' blocks.
+  LINATTN_HD int64_t blocks() const { return batch * heads * (q_tiles + gathered_tiles()); }
+  LINATTN_HD int64_t key_blocks() const { return batch * heads * (k_tiles + gathered_tiles()); }
 };
 
 // One warp's tile of products, 16 rows × N columns (N = kKeys unless a block halves it to spare
@@ -125,16 +139,20 @@ LINATTN_HD void add_product(const WarpContext& w, const Fragment (&a)[N / 16][4]
 }
 
 // Shared memory of one block: the query tile, two key/value tile buffers (each with a flag: the
-// tile's V holds Inf or NaN) and a per-warp scratch of probabilities (see exact_values).
+// tile's V holds Inf or NaN, and the tile's key tokens), a per-warp scratch of probabilities (see
+// exact_values) and the query tile's tokens. (Tokens as int32, −1 past the end: the per-pair
+// pattern reads them from here rather than keeping their arithmetic in registers.)
 template <int D>
 struct Layout {
   static constexpr int kPitch = warp::padded_pitch(D * 2);
   static constexpr int kQ = 0;
   static constexpr int kK = kRows * kPitch, kV = kK + kKeys * kPitch, kNonFinite = kV + kKeys * kPitch;
-  static constexpr int kBuffer = kKeys * kPitch * 2 + 16;  // K, V and the flag
+  static constexpr int kKeyTokens = kNonFinite + 16;
+  static constexpr int kBuffer = kKeys * kPitch * 2 + 16 + kKeys * 4;  // K, V, the flag, the tokens
   static constexpr int kScratch = kK + 2 * kBuffer;
   static constexpr int kScratchPerWarp = 16 * kKeys * 4;
-  static constexpr int kBytes = kScratch + kWarps * kScratchPerWarp;
+  static constexpr int kRowTokens = kScratch + kWarps * kScratchPerWarp;
+  static constexpr int kBytes = kRowTokens + kRows * 4;
 };
 
 // The kernel a call runs: D, its larger head dim (q/k or v) padded to 64, 128 or 256.

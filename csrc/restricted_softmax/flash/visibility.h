@@ -11,6 +11,24 @@
 namespace linattn {
 namespace flash {
 
+// 64 tokens (queries or keys) of one batch entry that a block owns or visits: tokens
+// [start, start + 64) of a sequence, or gathered global tokens global_index[b, start ..] (of which
+// `count` exist).
+// (32-bit: sequences are shorter than 2^31 tokens, and a block keeps these in registers.)
+struct TokenTile {
+  int32_t start = 0;
+  bool gathered = false;
+  int32_t count = 0;
+
+  // Token r of the tile, or −1 past the end.
+  template <typename scalar_t>
+  LINATTN_HD int64_t token(const FlashProblem<scalar_t>& p, int64_t b, int64_t len, int64_t r) const {
+    const int64_t t = start + r;
+    if (!gathered) return t < len ? t : -1;
+    return t < count ? p.global_index[b * len + t] : -1;
+  }
+};
+
 // What the pattern says about the pair (query i, key j) of batch entry b, head h, both in range.
 struct Pair {
   bool visible;
@@ -22,8 +40,12 @@ LINATTN_HD inline int64_t token_index(int64_t b, int64_t h, int64_t heads, int64
   return (b * heads + (heads == 1 ? 0 : h)) * len + t;
 }
 
+// With gathered global tokens (FlashProblem::global_index) each visible pair is computed once: a
+// global row's pairs in its gathered row tile (`row_gathered`), a global key's in its gathered
+// key tile (`key_gathered`); elsewhere they are hidden.
 template <typename scalar_t>
-LINATTN_HD inline Pair pair_of(const FlashProblem<scalar_t>& p, int64_t b, int64_t h, int64_t i, int64_t j) {
+LINATTN_HD inline Pair pair_of(const FlashProblem<scalar_t>& p, int64_t b, int64_t h, int64_t i, int64_t j,
+                               bool row_gathered = false, bool key_gathered = false) {
   const int64_t aligned = i + (p.k_len - p.q_len);
   bool visible;
   if (p.layout != nullptr) {
@@ -38,7 +60,11 @@ LINATTN_HD inline Pair pair_of(const FlashProblem<scalar_t>& p, int64_t b, int64
   } else {
     const int64_t d = aligned - j;
     visible = (p.left < 0 || d <= p.left) && (p.right < 0 || d >= -p.right) && (p.dilation == 1 || d % p.dilation == 0);
-    if (p.global_mask != nullptr) visible = visible || p.global_mask[b * p.q_len + i] || p.global_mask[b * p.k_len + j];
+    if (p.global_mask != nullptr) {
+      if (row_gathered || key_gathered) visible = true;
+      else visible = visible && !p.global_mask[b * p.k_len + j];
+      if (!row_gathered && p.global_mask[b * p.q_len + i]) visible = false;
+    }
   }
   if (visible && p.q_segments != nullptr) {
     visible = p.q_segments[token_index(b, h, p.segment_heads, p.q_len, i)] ==
@@ -61,10 +87,11 @@ struct Score {
 
 template <typename scalar_t>
 LINATTN_HD inline Score score_of(const WarpContext& w, const FlashProblem<scalar_t>& p, int64_t b, int64_t h,
-                                 int64_t i, int64_t j, TileKind kind, float scaled) {
-  if (i >= p.q_len || j >= p.k_len) return {-INFINITY, false};
+                                 int64_t i, int64_t j, TileKind kind, float scaled, bool row_gathered = false,
+                                 bool key_gathered = false) {
+  if (i < 0 || j < 0 || i >= p.q_len || j >= p.k_len) return {-INFINITY, false};
   if (kind == kPartial) {
-    const Pair pair = pair_of(p, b, h, i, j);
+    const Pair pair = pair_of(p, b, h, i, j, row_gathered, key_gathered);
     if (!pair.visible) return {-INFINITY, false};
     if (pair.fixed) return {static_cast<float>(kSelfScore), false};
   }
@@ -95,14 +122,70 @@ struct Band {
   LINATTN_HD int64_t first() const { return begin() / kKeys; }
   LINATTN_HD int64_t last() const { return end() <= begin() ? first() - 1 : (end() - 1) / kKeys; }
 
-  LINATTN_HD TileKind kind(int64_t tile) const {
+  // (b: the batch entry, for the tiles that hold global tokens.)
+  LINATTN_HD TileKind kind(int64_t tile, int64_t b = 0) const {
     const int64_t j0 = tile * kKeys, j1 = j0 + kKeys;
     if (j1 > p.k_len || p.dilation != 1 || p.key_padding != nullptr || p.q_segments != nullptr) return kPartial;
+    if (p.global_tiles != nullptr &&
+        (p.global_tiles[b * p.k_tiles + tile] || p.global_tiles[b * p.q_tiles + i0 / kRows])) return kPartial;
     // d = aligned row − key over the tile: every pair inside [−right, left]?
     const int64_t offset = p.k_len - p.q_len;
     const int64_t d_min = i0 + offset - (j1 - 1), d_max = i1 - 1 + offset - j0;
     const bool inside = (p.left < 0 || d_max <= p.left) && (p.right < 0 || d_min >= -p.right);
     return inside ? kWhole : kPartial;
+  }
+};
+
+// The tiles of the other side (keys for a query block, queries for a key block) a block visits,
+// in order: `ranged` tiles — the plan's row `listed` (layouts), else tiles first, first + 1, ...
+// (a band) — then `gathered` tiles of gathered global tokens (`gathered_count` of them).
+struct Visits {
+  const int32_t* listed = nullptr;
+  const uint8_t* kinds = nullptr;  // the plan's kinds, per tile of the row
+  int32_t first = 0, ranged = 0, gathered = 0, gathered_count = 0;
+
+  LINATTN_HD int64_t count() const { return ranged + gathered; }
+  LINATTN_HD TokenTile tile(int64_t n) const {
+    if (n >= ranged) return {static_cast<int32_t>((n - ranged) * kKeys), true, gathered_count};
+    return {static_cast<int32_t>((listed != nullptr ? listed[n] : first + n) * kKeys), false, 0};
+  }
+  // The plan's row for `tile` of (plan batch, plan heads, tiles, other tiles) lists.
+  template <typename scalar_t>
+  LINATTN_HD void use_plan(const FlashProblem<scalar_t>& p, const int32_t* tiles_list, const int32_t* counts,
+                           const uint8_t* kind_list, int64_t b, int64_t h, int64_t tiles, int64_t tile,
+                           int64_t other_tiles) {
+    const int64_t pb = p.plan_batch == 1 ? 0 : b, ph = p.plan_heads == 1 ? 0 : h;
+    const int64_t row = (pb * p.plan_heads + ph) * tiles + tile;
+    listed = tiles_list + row * other_tiles;
+    kinds = kind_list + row * other_tiles;
+    ranged = counts[row];
+  }
+  LINATTN_HD void use_range(int64_t begin, int64_t last) {
+    first = static_cast<int32_t>(begin);
+    ranged = static_cast<int32_t>(last >= begin ? last - begin + 1 : 0);
+  }
+  // Then the tiles of the batch entry's `count` gathered global tokens.
+  LINATTN_HD void add_gathered(int32_t count) {
+    gathered_count = count;
+    gathered = (count + kKeys - 1) / kKeys;
+  }
+};
+
+// A block's own tile of 64 tokens: block index `index` of a launch of `regular` blocks (batch,
+// head, tile) over `tiles` tiles, then as many over gathered global tokens.
+struct BlockTokens {
+  int64_t bh, b, h;
+  TokenTile own;
+
+  template <typename scalar_t>
+  LINATTN_HD BlockTokens(const FlashProblem<scalar_t>& p, int64_t index, int64_t tiles) {
+    const int64_t regular = p.batch * p.heads * tiles;
+    const bool gathered = index >= regular;
+    const int64_t i = gathered ? index - regular : index;
+    bh = i / tiles;
+    b = bh / p.heads;
+    h = bh % p.heads;
+    own = {static_cast<int32_t>(i % tiles * kRows), gathered, gathered ? p.global_count[b] : 0};
   }
 };
 
