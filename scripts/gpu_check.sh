@@ -45,6 +45,8 @@ suite_seconds=$SECONDS
 SECONDS=0
 "$PY" -m benchmarks.bench_cuda --out "$OUT" "$@" 2>&1 | tee "$OUT/bench_cuda.log"
 "$PY" -m benchmarks.bench_restricted_cuda --out "$OUT" "$@" 2>&1 | tee "$OUT/bench_restricted_cuda.log"
+"$PY" -m benchmarks.bench_swin --device cuda --dtype bfloat16 --batch 32 --out "$OUT" "$@" 2>&1 \
+  | tee "$OUT/bench_swin.log"
 bench_seconds=$SECONDS
 
 "$PY" scripts/gpu_report.py "$OUT" "build=$build_seconds" "cuda_tests=$cuda_seconds" \

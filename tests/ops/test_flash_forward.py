@@ -293,6 +293,30 @@ def test_autograd_opcheck_and_compile(name):
     torch.library.opcheck(FWD, args)
 
 
+def test_compile_with_dynamic_lengths():
+    """torch.compile(fullgraph=True, dynamic=True) over two lengths, a window and a layout (the
+    plan built inside the graph): equal to eager, no recompilation per length."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    with ops.fused_implementation():
+        def window(a, b, c):
+            return ops.restricted.restricted_softmax(a, b, c, 0.3, Pattern(window=(9, 3), causal=True))[0]
+
+        def layout(a, b, c):
+            blocks = -(-a.shape[2] // 16)
+            pattern = Pattern(layout=torch.ones(1, blocks, blocks, dtype=torch.bool).tril(), block_size=16)
+            return ops.restricted.restricted_softmax(a, b, c, 0.3, pattern)[0]
+
+        for fn in (window, layout):
+            counter = CompileCounterWithBackend("inductor")
+            compiled = torch.compile(fn, fullgraph=True, dynamic=True, backend=counter)
+            for T in (70, 133):
+                q, k, v = make(1, 2, T, T, 32, 32, torch.bfloat16, seed=T)
+                assert torch.equal(compiled(q, k, v), fn(q, k, v))
+            assert counter.frame_count == 1, f"{fn.__name__}: compiled {counter.frame_count} times"
+
+
 def test_public_api_runs_the_engine():
     """linattn.sliding_window_attention under the fused switch runs the engine and matches the
     operator's default path."""
@@ -331,6 +355,27 @@ def test_cubins_hold_tensor_core_instructions_and_no_local_memory():
 
 
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@needs_gpu
+def test_cuda_graph_capture():
+    """The forward and backward (window, and a layout whose plan ATen builds on the device) need no
+    host synchronisation: captured in a CUDA graph, replay equals eager."""
+    q, k, v = (t.cuda() for t in make(2, 2, 200, 200, 64, 64, torch.bfloat16, seed=5))
+    layout = (torch.rand(1, 4, 4, generator=torch.Generator().manual_seed(0)) < 0.6).cuda()
+    for pattern in (Pattern(window=(30, 30)), Pattern(layout=layout, block_size=64, causal=True)):
+        args = (q, k, v, 0.125, *pattern.op_args())
+        eager = FWD(*args)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        stream = torch.cuda.Stream()
+        with torch.cuda.stream(stream):
+            FWD(*args)  # warm-up on the capturing stream
+            with torch.cuda.graph(graph, stream=stream):
+                captured = FWD(*args)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(captured[0], eager[0]) and torch.equal(captured[1], eager[1])
 
 
 @needs_gpu
