@@ -92,6 +92,17 @@ def test_many_global_tokens(dtype):
                            q_segments=segments, k_segments=segments))
 
 
+def test_packed_documents():
+    """Tiles of other documents are skipped in both launches: gradients equal the reference."""
+    T = 333
+    lengths = [50, 7, 130, 1, 90, 55]
+    segments = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths)).view(1, 1, T)
+    segments = torch.cat([segments, segments.flip(-1)], 0).contiguous()
+    q, k, v = make(2, 2, T, T, 32, 32, torch.bfloat16, seed=7)
+    check(q, k, v, Pattern(causal=True, q_segments=segments, k_segments=segments))
+    check(q, k, v, Pattern(window=(40, 40), q_segments=segments, k_segments=segments))
+
+
 def test_bias_gradient_sums_over_batch_and_shared_heads():
     """Swin's case: a bias shared by the batch (and by the heads), with shifted-window segments."""
     T, H = 49, 3

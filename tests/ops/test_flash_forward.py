@@ -251,6 +251,32 @@ def test_global_tokens_are_gathered():
     assert counters()["mma"] == (band_tiles + tiles) * 4 * per_warp + tiles * 1 * per_warp
 
 
+def test_packed_documents_skip_tiles_of_other_documents():
+    """Causal attention over a packed batch of 8 documents of 64 tokens: each query tile visits
+    only its own document's tile (the tile pairs whose segment ids cannot meet are skipped), so
+    the mma count is 8 tiles' worth, not the 36 of the whole causal triangle."""
+    T, D = 512, 32
+    segments = (torch.arange(T) // 64).view(1, 1, T)
+    q, k, v = make(1, 1, T, T, D, D, torch.bfloat16, seed=2)
+    check(q, k, v, Pattern(causal=True, q_segments=segments, k_segments=segments))
+    per_warp = 2 * 8 + 4 * 4
+    assert counters()["mma"] == 8 * 4 * per_warp
+
+
+@pytest.mark.parametrize("dtype", HALF_TYPES)
+def test_packed_documents_of_uneven_lengths(dtype):
+    """Documents crossing tile edges, per-head segment ids, a window and a layout."""
+    T = 333
+    lengths = [50, 7, 130, 1, 90, 55]
+    segments = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths)).view(1, 1, T)
+    segments = torch.cat([segments, segments.flip(-1)], 0).expand(2, 2, T).contiguous()
+    q, k, v = make(2, 2, T, T, 32, 32, dtype, seed=7)
+    check(q, k, v, Pattern(causal=True, q_segments=segments, k_segments=segments))
+    check(q, k, v, Pattern(window=(40, 40), q_segments=segments, k_segments=segments))
+    layout = torch.ones(1, 21, 21, dtype=torch.bool)
+    check(q, k, v, Pattern(layout=layout, block_size=16, causal=True, q_segments=segments, k_segments=segments))
+
+
 @pytest.mark.parametrize("dtype", HALF_TYPES)
 def test_many_global_tokens(dtype):
     """More global tokens than a tile holds (two gathered tiles), with padding and segments."""

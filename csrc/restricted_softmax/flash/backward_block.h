@@ -210,8 +210,15 @@ struct KeyBlock : BackwardBlockBase<scalar_t, D> {
     warp::copy_rows_from<kThreads, kKeys>(w, this->value_rows(L::kResident1), b, h, 0, key);
   }
 
+  // Whether visit n's queries share no segment with the block's keys: nothing is loaded or computed.
+  LINATTN_HD bool skips(int64_t n) const { return segments_apart(p, b, h, visits.tile(n), own); }
+
   // Visit n's query rows, dO rows, lse and delta (past the end: zeros, lse −inf).
   LINATTN_HD void issue(const WarpContext& w, int64_t n) const {
+    if (skips(n)) {
+      warp::cp_async_commit(w);
+      return;
+    }
     const uint32_t base = Base::buffer(n);
     const TokenTile queries = visits.tile(n);
     auto query = [&](int r) { return queries.token(p, b, p.q_len, r); };
@@ -233,7 +240,7 @@ struct KeyBlock : BackwardBlockBase<scalar_t, D> {
   static constexpr int kHalf = kRows / 2;
 
   LINATTN_HD void attend(const WarpContext& w, State& s, int64_t n) const {
-    if (key_of(w.warp * 16) < 0) return;
+    if (key_of(w.warp * 16) < 0 || skips(n)) return;
     const uint32_t base = Base::buffer(n);
     const TokenTile queries = visits.tile(n);
     const TileKind kind = kind_of(queries);
@@ -332,7 +339,14 @@ struct QueryBlock : BackwardBlockBase<scalar_t, D> {
     });
   }
 
+  // Whether visit n's keys share no segment with the block's queries (as the forward).
+  LINATTN_HD bool skips(int64_t n) const { return segments_apart(p, b, h, own, visits.tile(n)); }
+
   LINATTN_HD void issue(const WarpContext& w, int64_t n) const {
+    if (skips(n)) {
+      warp::cp_async_commit(w);
+      return;
+    }
     const uint32_t base = Base::buffer(n);
     const TokenTile keys = visits.tile(n);
     auto key = [&](int r) { return keys.token(p, b, p.k_len, r); };
@@ -342,7 +356,7 @@ struct QueryBlock : BackwardBlockBase<scalar_t, D> {
   }
 
   LINATTN_HD void attend(const WarpContext& w, State& s, int64_t n) const {
-    if (row_of(w, 0, 0) < 0) return;  // (lane 0's first row: the warp's first)
+    if (row_of(w, 0, 0) < 0 || skips(n)) return;  // (lane 0's first row: the warp's first)
     const uint32_t base = Base::buffer(n);
     const TokenTile keys = visits.tile(n);
     const uint32_t warp_rows = static_cast<uint32_t>(w.warp * 16 * L::kPitch);

@@ -92,8 +92,15 @@ struct FlashBlock {
     });
   }
 
-  // Issues the copies of visit n's keys and values.
+  // Whether visit n's keys share no segment with the rows: nothing is loaded or computed.
+  LINATTN_HD bool skips(int64_t n) const { return segments_apart(p, b, h, rows, visits.tile(n)); }
+
+  // Issues the copies of visit n's keys and values (commits an empty group for a skipped one).
   LINATTN_HD void issue_keys(const WarpContext& w, int64_t n) const {
+    if (skips(n)) {
+      warp::cp_async_commit(w);
+      return;
+    }
     const uint32_t base = buffer(n);
     const TokenTile keys = visits.tile(n);
     auto key = [&](int r) { return keys.token(p, b, p.k_len, r); };
@@ -111,6 +118,7 @@ struct FlashBlock {
   // holds Inf or NaN raises the tile's flag (see exact_values).
   LINATTN_HD void prepare_keys(const WarpContext& w, int64_t n) const {
     warp::cp_async_wait<0>(w);
+    if (skips(n)) return;
     const uint32_t base = buffer(n);
     const TokenTile keys = visits.tile(n);
     const warp::RowTile<scalar_t> x = value_rows();
@@ -288,7 +296,7 @@ struct FlashBlock {
 
   // Visit n of the warp's rows: scores, softmax step, P·V.
   LINATTN_HD void attend(const WarpContext& w, State& s, int64_t n) const {
-    if (idle(w)) return;
+    if (idle(w) || skips(n)) return;
     const uint32_t base = buffer(n);
     const TokenTile keys = visits.tile(n);
     const TileKind kind = kind_of(keys);

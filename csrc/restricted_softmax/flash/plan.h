@@ -22,6 +22,7 @@
 
 #include <ATen/ATen.h>
 
+#include <limits>
 #include <vector>
 
 namespace linattn {
@@ -76,6 +77,18 @@ inline at::Tensor tile_kinds(const RestrictedPattern& p, int64_t q_len, int64_t 
   kind = at::where(ragged, at::clamp_max(kind, 1), kind);
   if (per_pair) kind = at::clamp_max(kind, 1);
   return kind.to(at::kByte).contiguous();
+}
+
+// Per (batch, segment head, 64-token tile) the least and greatest id of a (B, heads, T) segment
+// tensor: (B, heads, tiles, 2) int64 (padding past T takes neither).
+inline at::Tensor segment_ranges(const at::Tensor& ids, int64_t tiles) {
+  const int64_t pad = tiles * kRows - ids.size(2);
+  auto padded = [&](int64_t value) {
+    return at::constant_pad_nd(ids, {0, pad}, c10::Scalar(value)).view({ids.size(0), ids.size(1), tiles, kRows});
+  };
+  const at::Tensor least = padded(std::numeric_limits<int64_t>::max()).amin(-1);
+  const at::Tensor greatest = padded(std::numeric_limits<int64_t>::min()).amax(-1);
+  return at::stack({least, greatest}, -1).contiguous();
 }
 
 // The visit lists of a tile-kind tensor (..., tiles, other tiles): per row the count of visited
@@ -138,6 +151,13 @@ FlashCall<scalar_t> prepare_call(const at::Tensor& q, const at::Tensor& k, const
   if (pattern.q_segments.has_value()) p.segment_heads = pattern.q_segments->size(1);
   p.positions = call.template hold<int64_t>(pattern.positions);
   if (pattern.positions.has_value()) p.position_heads = pattern.positions->size(1);
+  if (pattern.q_segments.has_value()) {
+    const at::Tensor q_range = segment_ranges(*pattern.q_segments, p.q_tiles);
+    const at::Tensor k_range = segment_ranges(*pattern.k_segments, p.k_tiles);
+    call.held.insert(call.held.end(), {q_range, k_range});
+    p.q_segment_range = q_range.const_data_ptr<int64_t>();
+    p.k_segment_range = k_range.const_data_ptr<int64_t>();
+  }
   p.bias = call.template hold<scalar_t>(pattern.bias);
   if (pattern.bias.has_value()) p.bias_heads = pattern.bias->size(0);
   if (pattern.global_mask.has_value()) {

@@ -65,6 +65,12 @@ struct FlashProblem {
   const int32_t* global_index = nullptr;
   const int32_t* global_count = nullptr;
   const uint8_t* global_tiles = nullptr;
+  // With segments: per (batch, segment head, 64-token tile) the least and greatest segment id of
+  // the tile's queries / keys ((B, segment_heads, tiles, 2) int64, plan.h). A tile pair whose
+  // ranges do not meet holds no visible pair and is skipped (packed documents: causal attention
+  // over a packed batch costs its documents' squares, not the batch's).
+  const int64_t* q_segment_range = nullptr;
+  const int64_t* k_segment_range = nullptr;
   Strided4<const scalar_t> q, k, v;
   bool q_vector = false, k_vector = false, v_vector = false;  // rows copy as 16-byte cp.async
   scalar_t* out = nullptr;  // (B, H, T_q, dv) contiguous

@@ -189,6 +189,18 @@ struct BlockTokens {
   }
 };
 
+// Whether the segment ids of two tiles cannot meet (FlashProblem::q_segment_range): no pair of
+// them is visible. Gathered tiles are never skipped.
+template <typename scalar_t>
+LINATTN_HD inline bool segments_apart(const FlashProblem<scalar_t>& p, int64_t b, int64_t h, const TokenTile& queries,
+                                      const TokenTile& keys) {
+  if (p.q_segment_range == nullptr || queries.gathered || keys.gathered) return false;
+  const int64_t row = b * p.segment_heads + (p.segment_heads == 1 ? 0 : h);
+  const int64_t* q = p.q_segment_range + (row * p.q_tiles + queries.start / kRows) * 2;
+  const int64_t* k = p.k_segment_range + (row * p.k_tiles + keys.start / kKeys) * 2;
+  return q[1] < k[0] || k[1] < q[0];
+}
+
 // The transposed band: query tiles [first, last] whose rows see keys [j0, j1) through the window
 // (the tiles whose band holds the key tile).
 template <typename scalar_t>
