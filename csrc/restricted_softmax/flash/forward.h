@@ -4,7 +4,9 @@
 //
 // One block of 4 warps owns 64 query rows of one (batch, head), 16 rows a warp, and visits only
 // the key tiles (64 keys) its rows can see: the window's band, computed here, or the list the
-// plan (plan.h) made on the device for layouts and global tokens. Per key tile:
+// plan (plan.h) made on the device for a layout; then tiles of gathered global keys (Longformer;
+// the global rows are blocks of their own); tiles of other documents (segment ids) are skipped.
+// Per key tile:
 //   S = scale · Q Kᵀ on tensor cores; where the tile is only partly visible, −inf for the hidden
 //       pairs (per pair, visibility.h); the bias added, kSelfScore for fixed pairs;
 //   online softmax in fp32 registers (running row maximum and sum), O rescaled;
