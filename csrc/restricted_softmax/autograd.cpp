@@ -12,14 +12,8 @@ namespace linattn {
 namespace {
 
 using Optional = std::optional<at::Tensor>;
-using Forward = std::tuple<at::Tensor, at::Tensor>(
-    const at::Tensor&, const at::Tensor&, const at::Tensor&, double, int64_t, int64_t, int64_t, bool,
-    const Optional&, int64_t, const Optional&, const Optional&, const Optional&, const Optional&, const Optional&,
-    const Optional&);
-using Backward = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
-    const at::Tensor&, const Optional&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-    const at::Tensor&, double, int64_t, int64_t, int64_t, bool, const Optional&, int64_t, const Optional&,
-    const Optional&, const Optional&, const Optional&, const Optional&, const Optional&);
+using Forward = RestrictedForwardSignature;
+using Backward = RestrictedBackwardSignature;
 
 constexpr char kForward[] = "linattn::restricted_softmax_fwd";
 constexpr char kBackward[] = "linattn::restricted_softmax_bwd";

@@ -83,6 +83,18 @@ inline void check_grad_lse(const char* op, const std::optional<at::Tensor>& grad
   window_left, window_right, dilation, causal, layout, block_size, global_mask, key_padding_mask, q_segments, \
       k_segments, positions, bias
 
+// The operators' signatures (schema.cpp), for typed handles to them (autograd, fallbacks).
+using RestrictedForwardSignature = std::tuple<at::Tensor, at::Tensor>(
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, double, int64_t, int64_t, int64_t, bool,
+    const std::optional<at::Tensor>&, int64_t, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
+    const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
+    const std::optional<at::Tensor>&);
+using RestrictedBackwardSignature = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+    const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+    const at::Tensor&, const at::Tensor&, double, int64_t, int64_t, int64_t, bool, const std::optional<at::Tensor>&,
+    int64_t, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
+    const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&);
+
 // The pattern arguments of the schema, as every kernel receives them.
 struct RestrictedPattern {
   int64_t left, right, dilation;

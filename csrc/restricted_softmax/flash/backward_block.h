@@ -82,12 +82,6 @@ struct BackwardBlockBase {
                                const BlockTokens& block)
       : p(problem), g(gradients), bh(block.bh), b(block.b), h(block.h), own(block.own) {}
 
-  // Whether a token of the block's own tile is a global token computed by its gathered tile's
-  // block instead (a regular block's global rows or keys get no gradient from it).
-  LINATTN_HD bool computed_elsewhere(int64_t token) const {
-    return !own.gathered && p.global_index != nullptr && p.global_mask[b * p.q_len + token];
-  }
-
   LINATTN_HD static uint32_t buffer(int64_t n) { return static_cast<uint32_t>((n & 1) * L::kBuffer); }
 
   LINATTN_HD warp::RowTile<scalar_t> rows(const Strided4<const scalar_t>* x, bool vector, int64_t len, int64_t dim,
@@ -148,7 +142,7 @@ struct BackwardBlockBase {
       LINATTN_UNROLL
       for (int half = 0; half < 2; ++half) {
         const int64_t row = own.token(p, b, len, w.warp * 16 + gi + 8 * half);
-        if (row < 0 || computed_elsewhere(row)) continue;
+        if (row < 0 || gathered_elsewhere(p, b, own, row, len)) continue;
         LINATTN_UNROLL
         for (int j = 0; j < D / 8; ++j) {
           LINATTN_UNROLL
@@ -198,8 +192,7 @@ struct KeyBlock : BackwardBlockBase<scalar_t, D> {
   LINATTN_HD TileKind kind_of(const TokenTile& queries) const {
     if (own.gathered || queries.gathered) return kPartial;
     if (visits.kinds != nullptr) return static_cast<TileKind>(visits.kinds[queries.start / kRows]);
-    const int64_t i0 = queries.start;
-    return Band<scalar_t>{p, i0, i0 + kRows < p.q_len ? i0 + kRows : p.q_len}.kind(own.start / kKeys, b);
+    return band_of(p, queries).kind(own.start / kKeys, b);
   }
 
   LINATTN_HD int64_t key_of(int r) const { return own.token(p, b, p.k_len, r); }
@@ -302,23 +295,11 @@ struct QueryBlock : BackwardBlockBase<scalar_t, D> {
   // The forward's visits (FlashBlock).
   LINATTN_HD QueryBlock(const FlashProblem<scalar_t>& problem, const FlashGradients<scalar_t>& gradients,
                         int64_t index)
-      : Base(problem, gradients, BlockTokens(problem, index, problem.q_tiles)),
-        band{problem, own.start, own.start + kRows < problem.q_len ? own.start + kRows : problem.q_len} {
-    if (own.gathered) {
-      if (own.start < own.count) visits.use_range(0, p.k_tiles - 1);
-    } else if (p.visit_tiles != nullptr) {
-      visits.use_plan(p, p.visit_tiles, p.visit_counts, p.tile_kinds, b, h, p.q_tiles, own.start / kRows, p.k_tiles);
-    } else {
-      visits.use_range(band.first(), band.last());
-      if (p.global_index != nullptr) visits.add_gathered(p.global_count[b]);
-    }
+      : Base(problem, gradients, BlockTokens(problem, index, problem.q_tiles)), band(band_of(problem, own)) {
+    visits = key_visits(p, b, h, own, band);
   }
 
-  LINATTN_HD TileKind kind_of(const TokenTile& keys) const {
-    if (own.gathered || keys.gathered) return kPartial;
-    if (visits.kinds != nullptr) return static_cast<TileKind>(visits.kinds[keys.start / kKeys]);
-    return band.kind(keys.start / kKeys, b);
-  }
+  LINATTN_HD TileKind kind_of(const TokenTile& keys) const { return key_tile_kind(visits, band, own, keys, b); }
 
   LINATTN_HD int64_t row_of(const WarpContext& w, int lane, int half) const {
     return own.token(p, b, p.q_len, w.warp * 16 + warp::group_of(lane) + 8 * half);

@@ -43,23 +43,11 @@ struct FlashBlock {
         b(block.b),
         h(block.h),
         rows(block.own),
-        band{problem, rows.start, rows.start + kRows < problem.q_len ? rows.start + kRows : problem.q_len} {
-    if (rows.gathered) {
-      if (rows.start < rows.count) visits.use_range(0, p.k_tiles - 1);
-    } else if (p.visit_tiles != nullptr) {
-      visits.use_plan(p, p.visit_tiles, p.visit_counts, p.tile_kinds, b, h, p.q_tiles, rows.start / kRows, p.k_tiles);
-    } else {
-      visits.use_range(band.first(), band.last());
-      if (p.global_index != nullptr) visits.add_gathered(p.global_count[b]);
-    }
-  }
+        band(band_of(problem, rows)),
+        visits(key_visits(problem, b, h, rows, band)) {}
 
   // How much of visit n's key tile the rows see.
-  LINATTN_HD TileKind kind_of(const TokenTile& keys) const {
-    if (rows.gathered || keys.gathered) return kPartial;
-    if (visits.kinds != nullptr) return static_cast<TileKind>(visits.kinds[keys.start / kKeys]);
-    return band.kind(keys.start / kKeys, b);
-  }
+  LINATTN_HD TileKind kind_of(const TokenTile& keys) const { return key_tile_kind(visits, band, rows, keys, b); }
 
   // The key/value buffer of visit n (double-buffered).
   LINATTN_HD static uint32_t buffer(int64_t n) { return static_cast<uint32_t>((n & 1) * L::kBuffer); }
@@ -321,7 +309,7 @@ struct FlashBlock {
       LINATTN_UNROLL
       for (int half = 0; half < 2; ++half) {
         const int64_t row = row_of(w, lane, half);
-        if (row < 0 || (!rows.gathered && p.global_index != nullptr && p.global_mask[b * p.q_len + row])) continue;
+        if (row < 0 || gathered_elsewhere(p, b, rows, row, p.q_len)) continue;
         const float l = sums[half][lane];
         const float inverse = l == 0.0f ? 0.0f : 1.0f / l;
         const int64_t out_row = (bh * p.q_len + row) * p.value_dim;

@@ -281,12 +281,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_backward_call(
 inline std::tuple<at::Tensor, at::Tensor> unfused_forward(const at::Tensor& q, const at::Tensor& k,
                                                           const at::Tensor& v, double scale,
                                                           LINATTN_RESTRICTED_PATTERN_PARAMS) {
-  using Signature = std::tuple<at::Tensor, at::Tensor>(
-      const at::Tensor&, const at::Tensor&, const at::Tensor&, double, int64_t, int64_t, int64_t, bool,
-      const std::optional<at::Tensor>&, int64_t, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
-      const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
-      const std::optional<at::Tensor>&);
-  static const auto op = linattn_op<Signature>("linattn::restricted_softmax_fwd");
+  static const auto op = linattn_op<RestrictedForwardSignature>("linattn::restricted_softmax_fwd");
   return op.call(q, k, v, scale, LINATTN_RESTRICTED_PATTERN_ARGS);
 }
 
@@ -294,12 +289,7 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> unfused_backwa
     const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_lse, const at::Tensor& q, const at::Tensor& k,
     const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, double scale,
     LINATTN_RESTRICTED_PATTERN_PARAMS) {
-  using Optional = std::optional<at::Tensor>;
-  using Signature = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
-      const at::Tensor&, const Optional&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-      const at::Tensor&, double, int64_t, int64_t, int64_t, bool, const Optional&, int64_t, const Optional&,
-      const Optional&, const Optional&, const Optional&, const Optional&, const Optional&);
-  static const auto op = linattn_op<Signature>("linattn::restricted_softmax_bwd");
+  static const auto op = linattn_op<RestrictedBackwardSignature>("linattn::restricted_softmax_bwd");
   return op.call(grad_out, grad_lse, q, k, v, out, lse, scale, LINATTN_RESTRICTED_PATTERN_ARGS);
 }
 

@@ -78,7 +78,7 @@ LINATTN_HD inline Pair pair_of(const FlashProblem<scalar_t>& p, int64_t b, int64
 }
 
 // The score of the pair (i, j) as softmax sees it, from its scaled product `scaled`: −inf when
-// hidden (or out of range), kSelfScore when fixed, else with the bias added. `gradient`: whether
+// hidden (or −1, a token past the end), kSelfScore when fixed, else with the bias added. `gradient`: whether
 // the pair passes a score gradient (visible and not fixed). Per pair only in partial tiles.
 struct Score {
   float value;
@@ -89,7 +89,7 @@ template <typename scalar_t>
 LINATTN_HD inline Score score_of(const WarpContext& w, const FlashProblem<scalar_t>& p, int64_t b, int64_t h,
                                  int64_t i, int64_t j, TileKind kind, float scaled, bool row_gathered = false,
                                  bool key_gathered = false) {
-  if (i < 0 || j < 0 || i >= p.q_len || j >= p.k_len) return {-INFINITY, false};
+  if (i < 0 || j < 0) return {-INFINITY, false};  // past the end (TokenTile::token)
   if (kind == kPartial) {
     const Pair pair = pair_of(p, b, h, i, j, row_gathered, key_gathered);
     if (!pair.visible) return {-INFINITY, false};
@@ -170,6 +170,47 @@ struct Visits {
     gathered = (count + kKeys - 1) / kKeys;
   }
 };
+
+// Whether token `token` of a regular tile (of a sequence of `len`, T_q = T_k with global tokens)
+// is a global token, whose outputs or gradients its gathered tile's block writes instead.
+template <typename scalar_t>
+LINATTN_HD inline bool gathered_elsewhere(const FlashProblem<scalar_t>& p, int64_t b, const TokenTile& tile,
+                                          int64_t token, int64_t len) {
+  return !tile.gathered && p.global_index != nullptr && p.global_mask[b * len + token];
+}
+
+// The window's band of a query tile (rows [start, start + 64) up to the sequence's end).
+template <typename scalar_t>
+LINATTN_HD inline Band<scalar_t> band_of(const FlashProblem<scalar_t>& p, const TokenTile& rows) {
+  return {p, rows.start, rows.start + kRows < p.q_len ? rows.start + kRows : p.q_len};
+}
+
+// The key tiles a block of queries visits (the forward's blocks and the backward's query
+// blocks): a regular block its band (or its plan row), then the tiles of gathered global keys; a
+// block of gathered global rows every key tile.
+template <typename scalar_t>
+LINATTN_HD inline Visits key_visits(const FlashProblem<scalar_t>& p, int64_t b, int64_t h, const TokenTile& rows,
+                                    const Band<scalar_t>& band) {
+  Visits visits;
+  if (rows.gathered) {
+    if (rows.start < rows.count) visits.use_range(0, p.k_tiles - 1);
+  } else if (p.visit_tiles != nullptr) {
+    visits.use_plan(p, p.visit_tiles, p.visit_counts, p.tile_kinds, b, h, p.q_tiles, rows.start / kRows, p.k_tiles);
+  } else {
+    visits.use_range(band.first(), band.last());
+    if (p.global_index != nullptr) visits.add_gathered(p.global_count[b]);
+  }
+  return visits;
+}
+
+// How much of a visited key tile those rows see.
+template <typename scalar_t>
+LINATTN_HD inline TileKind key_tile_kind(const Visits& visits, const Band<scalar_t>& band, const TokenTile& rows,
+                                         const TokenTile& keys, int64_t b) {
+  if (rows.gathered || keys.gathered) return kPartial;
+  if (visits.kinds != nullptr) return static_cast<TileKind>(visits.kinds[keys.start / kKeys]);
+  return band.kind(keys.start / kKeys, b);
+}
 
 // A block's own tile of 64 tokens: block index `index` of a launch of `regular` blocks (batch,
 // head, tile) over `tiles` tiles, then as many over gathered global tokens.
