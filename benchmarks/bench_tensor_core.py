@@ -4,7 +4,8 @@ GPU can give, from the warp emulation and the compiled cubins.
 
   - linear attention: emulated global traffic of one forward as a multiple of its floor (reading
     q, k, v and writing o once), and ldmatrix wavefronts per 8x8 matrix (1.00 = no bank
-    conflicts), at the issue's shape: B=1 H=2 D=128 T=4096 bf16, causal and not;
+    conflicts), at the issue's shape: B=1 H=2 D=128 T=4096 bf16, causal and not; the same for
+    one backward (floor: q, k, v, o, grad_out read, dq, dk, dv written once);
   - the flash engine, sliding window (256, 256) and causal at B=1 H=2 D=64 T=4096 bf16: score
     pairs computed per visible pair (the tiles' waste at the band's edges), K/V bytes read per
     visited key tile's bytes (1.00 = each visited tile read once) and wavefronts per matrix;
@@ -41,6 +42,10 @@ def _linear_instance(m):
     return int(m.group(2)), int(m.group(3)), m.group(5)
 
 
+def _linear_backward_instance(m):
+    return int(m.group(3)), int(m.group(4)), f"{m.group(6)} {m.group(2)}"
+
+
 def _flash_instance(m):
     return int(m.group(2)), int(m.group(2)), m.group(4)
 
@@ -53,6 +58,10 @@ KERNELS = {
     "linear": {"pattern": r"Function (\S*tensor_core\S*forward_kernelILi(\d+)ELi(\d+)EN3c10(\d+)(\w+?)EEEv\S*):",
                "instance": _linear_instance, "threads": 256,
                "shared": lambda dk, dv: torch.ops.linattn._tensor_core_shared_bytes(dk, dv)},
+    "linear-bwd": {"pattern": r"Function (\S*tensor_core\S*(query|key_value)_gradient_kernelILi(\d+)ELi(\d+)EN3c10"
+                              r"(\d+)(\w+?)EEEv\S*):",
+                   "instance": _linear_backward_instance, "threads": 256,
+                   "shared": lambda dk, dv: torch.ops.linattn._tensor_core_shared_bytes(dk, dv, True)},
     "flash": {"pattern": r"Function (\S*flash\S*forward_kernelILi(\d+)EN3c10(\d+)(\w+?)EEEv\S*):",
               "instance": _flash_instance, "threads": 128,
               "shared": lambda d, _: torch.ops.linattn._flash_shared_bytes(d, d, False)},
@@ -77,6 +86,19 @@ def emulated_figures(T, D, causal, processors):
             "written_bytes": written,
             "traffic_over_floor": (read + written) / floor,
             "wavefronts_per_matrix": wavefronts / max(matrices, 1)}
+
+
+def emulated_backward_figures(T, D, causal):
+    """One backward at B=1 H=2 (the forward's final state handed over, as autograd does)."""
+    q, k, v = (torch.randn(1, 2, T, D).mul(0.3).bfloat16() for _ in range(3))
+    out, state, normalizer = torch.ops.linattn.linear_attn_fwd_fused(q, k, v, None, None, ELU, causal, True, 1e-6)
+    torch.ops.linattn._reset_warp_emulation_counters()
+    torch.ops.linattn.linear_attn_bwd_fused(torch.randn_like(out), None, q, k, v, out, normalizer, None, None, ELU,
+                                            causal, True, state)
+    mma, matrices, wavefronts, shuffles, read, written = torch.ops.linattn._warp_emulation_counters().tolist()
+    floor = 8 * 2 * T * D * 2
+    return {"T": T, "D": D, "causal": causal, "mma": mma, "read_bytes": read, "written_bytes": written,
+            "traffic_over_floor": (read + written) / floor, "wavefronts_per_matrix": wavefronts / max(matrices, 1)}
 
 
 def emulated_flash_figures(T, D, window, causal):
@@ -172,6 +194,12 @@ def main():
         print(f"  {'causal' if e['causal'] else 'full':>6}, {kind}: traffic {e['traffic_over_floor']:.3f}x the floor "
               f"(target <= 1.15 unsplit, 2 split), {e['wavefronts_per_matrix']:.2f} wavefronts per ldmatrix matrix, "
               f"{e['mma']} mma")
+    backward = [emulated_backward_figures(T, 128, causal) for causal in (True, False)]
+    print(f"Emulated tensor-core backward, B=1 H=2 D=128 T={T} bf16 (floor = q, k, v, o, grad_out read + dq, dk, dv "
+          f"written once):")
+    for e in backward:
+        print(f"  {'causal' if e['causal'] else 'full':>6}: traffic {e['traffic_over_floor']:.3f}x the floor "
+              f"(target <= 1.3), {e['wavefronts_per_matrix']:.2f} wavefronts per ldmatrix matrix, {e['mma']} mma")
     flash = [emulated_flash_figures(T, 64, 256, causal) for causal in (False, True)]
     print(f"Emulated flash engine forward, B=1 H=2 D=64 T={T} bf16, sliding window 256:")
     for e in flash:
@@ -187,7 +215,8 @@ def main():
     if cubins is None:
         print(f"Cubins: {why}")
     else:
-        print("Compiled kernels (linear: forward_kernel<DK, DV, dtype>; flash: forward_kernel<D, dtype>, "
+        print("Compiled kernels (linear: forward_kernel<DK, DV, dtype>; linear-bwd: query / key_value_gradient_kernel"
+              "<DK, DV, dtype>; flash: forward_kernel<D, dtype>, "
               "backward_kernel<KeyBlock or QueryBlock<dtype, D>>):")
         print(f"  {'kernel':9} {'arch':6} {'DK':>4} {'DV':>4} {'dtype':19} {'regs':>5} {'stack':>5} {'local':>5} "
               f"{'HMMA':>5} {'smem KiB':>8} {'H100 blocks/SM':>14}")
@@ -196,11 +225,11 @@ def main():
                   f"{r['stack']:>5} "
                   f"{r['local']:>5} {r.get('hmma', '?'):>5} {r['shared_bytes'] / 1024:>8.1f} "
                   f"{r['h100_blocks_per_sm']:>14}")
-        print("  Linear: below two blocks per SM because each block keeps its fp32 state in its 8 warps'\n"
-              "  registers (at D = 128 a lane holds 68 of them) and two chunk buffers in shared memory; the\n"
-              "  next chunk's cp.async copies hide the load latency instead of a second block.")
-    path, _ = write_results("results", "tensor_core", {"machine": machine_info(), "emulated": emulated, "flash": flash,
-                                                          "cubins": cubins})
+        print("  Linear (both directions): below two blocks per SM because each block keeps its fp32 state in\n"
+              "  its 8 warps' registers (at D = 128 a lane holds 68 of them) and two chunk buffers in shared\n"
+              "  memory; the next chunk's cp.async copies hide the load latency instead of a second block.")
+    figures = {"machine": machine_info(), "emulated": emulated, "backward": backward, "flash": flash, "cubins": cubins}
+    path, _ = write_results("results", "tensor_core", figures)
     print(f"Wrote {path}")
 
 

@@ -15,3 +15,11 @@
 #else
 #define LINATTN_UNROLL
 #endif
+
+// Inlines a helper in device code even where it is called more than once: one that takes a
+// register array by reference and is not inlined passes the array through local memory.
+#if defined(__CUDACC__)
+#define LINATTN_INLINE __forceinline__
+#else
+#define LINATTN_INLINE inline
+#endif

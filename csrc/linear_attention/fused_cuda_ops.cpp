@@ -29,6 +29,12 @@ struct CudaLaunch {
                 ": batch · heads = ", p.blocks(), " exceeds a CUDA grid");
     tensor_core::launch_forward(p, stream);
   }
+  template <typename scalar_t>
+  void operator()(const tensor_core::BackwardProblem<scalar_t>& p) const {
+    TORCH_CHECK(p.blocks() <= std::numeric_limits<int32_t>::max(), kLinearAttentionOp,
+                ": batch · heads = ", p.blocks(), " exceeds a CUDA grid");
+    tensor_core::launch_backward(p, stream);
+  }
   template <typename Problem>
   void operator()(const Problem& p) const {
     TORCH_CHECK(p.blocks() <= std::numeric_limits<int32_t>::max(), kLinearAttentionOp,

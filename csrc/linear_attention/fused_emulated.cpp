@@ -6,6 +6,7 @@
 #include "fused_plans.h"
 #include "../common/warp/host_block.h"
 #include "../common/warp/host_settings.h"
+#include "tensor_core/backward.h"
 #include "tensor_core/forward.h"
 
 #include <ATen/Parallel.h>
@@ -27,18 +28,18 @@ struct HostExec {
   }
 };
 
-// The tensor-core forward on the CPU: each block's warps emulated lane by lane through the
-// warp-operation layer, counting what they do (common/warp/emulation.h).
-template <int DK, int DV, typename scalar_t>
-void emulate_tensor_core_forward(const tensor_core::ForwardProblem<scalar_t>& p) {
-  using State = tensor_core::WarpState<DK, DV>;
-  at::parallel_for(0, p.blocks(), 1, [&](int64_t begin, int64_t end) {
+// Blocks of a tensor-core kernel on the CPU: each block's warps emulated lane by lane through the
+// warp-operation layer, counting what they do (common/warp/emulation.h). `program(exec, block)`
+// is the kernel's block program.
+template <typename State, typename Program>
+void emulate_blocks(int64_t blocks, int64_t shared_bytes, const Program& program) {
+  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
     warp::EmulationCounters counters;
     const warp::CountingScope counting(counters);
-    warp::HostBlock<State> exec(tensor_core::kWarps, tensor_core::Layout<DK, DV>::kBytes);
+    warp::HostBlock<State> exec(tensor_core::kWarps, shared_bytes);
     for (int64_t block = begin; block < end; ++block) {
       exec.reset();
-      tensor_core::run_forward_block<DK, DV>(exec, p, block);
+      program(exec, block);
       exec.finish();
     }
     warp::emulation_totals().add(counters);
@@ -51,7 +52,27 @@ struct EmulatedLaunch {
   template <typename scalar_t>
   void operator()(const tensor_core::ForwardProblem<scalar_t>& p) const {
     tensor_core::with_head_dims(p.feature_dim, p.value_dim, [&](auto dk, auto dv) {
-      emulate_tensor_core_forward<decltype(dk)::value, decltype(dv)::value>(p);
+      constexpr int DK = decltype(dk)::value, DV = decltype(dv)::value;
+      emulate_blocks<tensor_core::WarpState<DK, DV>>(
+          p.blocks(), tensor_core::Layout<DK, DV>::kBytes,
+          [&](const auto& exec, int64_t block) { tensor_core::run_forward_block<DK, DV>(exec, p, block); });
+    });
+  }
+
+  template <typename scalar_t>
+  void operator()(const tensor_core::BackwardProblem<scalar_t>& p) const {
+    tensor_core::with_backward_head_dims(p.feature_dim, p.value_dim, [&](auto dk, auto dv) {
+      constexpr int DK = decltype(dk)::value, DV = decltype(dv)::value;
+      constexpr int64_t bytes = tensor_core::BackwardLayout<DK, DV>::kBytes;
+      if (p.pass == tensor_core::BackwardPass::kQuery) {
+        emulate_blocks<tensor_core::QueryState<DK, DV>>(p.blocks(), bytes, [&](const auto& exec, int64_t block) {
+          tensor_core::run_query_gradient_block<DK, DV>(exec, p, block);
+        });
+      } else {
+        emulate_blocks<tensor_core::KeyValueState<DK, DV>>(p.blocks(), bytes, [&](const auto& exec, int64_t block) {
+          tensor_core::run_key_value_gradient_block<DK, DV>(exec, p, block);
+        });
+      }
     });
   }
 

@@ -1,8 +1,10 @@
 // The fused linear attention operators' host side, shared by the CUDA kernels
 // (fused_cuda_ops.cpp) and their CPU emulation (fused_emulated.cpp): check the inputs, allocate
-// the outputs and describe each pass as a ScanProblem (fused_scan.h); `launch(problem)` runs
-// it on the device at hand. The forward is one pass; the backward three (dq; dk; dv and the
-// initial state's gradient), each reading the inputs again rather than saved chunk states.
+// the outputs and describe each pass as a ScanProblem (fused_scan.h) or, for 16-bit inputs, as
+// the tensor-core kernels' problems (tensor_core/); `launch(problem)` runs it on the device at
+// hand. The forward is one pass; the backward three on SIMT (dq; dk; dv and the initial state's
+// gradient) or two on tensor cores (dq; dk, dv and dS0), each reading the inputs again rather
+// than saved chunk states.
 #pragma once
 
 #include "fused_scan.h"
@@ -160,6 +162,40 @@ std::optional<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>> backwa
   at::Tensor initial, grad_final, final, mask;  // contiguous copies where needed (optional_ptr)
   const bool* mask_ptr = optional_ptr<bool>(key_padding_mask, mask);
   const at::Tensor den = normalizer.contiguous();
+  if (tensor_core::takes_backward(s, q.scalar_type(), max_shared_bytes)) {
+    // 16-bit inputs with head dims up to 128: the tensor-core backward (tensor_core/backward.h).
+    AT_DISPATCH_REDUCED_FLOATING_TYPES(q.scalar_type(), "linear_attn_bwd_fused", [&] {
+      tensor_core::BackwardProblem<scalar_t> p;
+      describe_call<tensor_core::BackwardProblem<scalar_t>, scalar_t>(p, s, q, k, v, mask_ptr);
+      p.grad_out = view_of<scalar_t>(grad_out);
+      p.out = view_of<scalar_t>(out);
+      p.q_vector = warp::vector_rows<scalar_t>(q);
+      p.k_vector = warp::vector_rows<scalar_t>(k);
+      p.v_vector = warp::vector_rows<scalar_t>(v);
+      p.grad_vector = warp::vector_rows<scalar_t>(grad_out);
+      p.normalizer = den.const_data_ptr<float>();
+      p.grad_q = grad_q.data_ptr<scalar_t>();
+      p.grad_k = grad_k.data_ptr<scalar_t>();
+      p.grad_v = grad_v.data_ptr<scalar_t>();
+      const at::Tensor row_scalars = at::empty({s.batch, s.heads, s.q_len, 2}, acc);
+      p.row_scalars = row_scalars.data_ptr<float>();
+      auto query = p;
+      query.pass = tensor_core::BackwardPass::kQuery;
+      query.state_in = state_view<const float>(optional_ptr<float>(initial_state, initial), s, false);
+      if (!causal && final_state.has_value()) {
+        // Non-causal, every query saw the forward's final state: no pass over the keys.
+        query.state_in = state_view<const float>(optional_ptr<float>(final_state, final), s, false);
+        query.state_complete = true;
+      }
+      auto key_value = p;
+      key_value.pass = tensor_core::BackwardPass::kKeyValue;
+      key_value.state_in = state_view<const float>(optional_ptr<float>(grad_final_state, grad_final), s, false);
+      key_value.state_out = state_view<float>(grad_initial.data_ptr<float>(), s, false);
+      launch(query);
+      launch(key_value);
+    });
+    return std::make_tuple(grad_q, grad_k, grad_v, grad_initial);
+  }
   bool fits = true;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "linear_attn_bwd_fused", [&] {
     using acc_t = at::opmath_type<scalar_t>;

@@ -98,6 +98,19 @@ LINATTN_HD inline void rows_as_a_operand(const WarpContext& w, uint32_t origin, 
   ldmatrix_x4<false>(w, a, offset);
 }
 
+// An A operand (16 rows m × 16 columns k) whose columns k are rows of shared memory (16 elements
+// m along each row from `origin`): Kᵀ for a state update Kᵀ·V, four 8×8 matrices read transposed
+// (matrix i: k + 8 (i / 2), m + 8 (i % 2)).
+LINATTN_HD inline void rows_as_a_operand_transposed(const WarpContext& w, uint32_t origin, int pitch,
+                                                    Fragment (&a)[4]) {
+  Lanes<uint32_t> offset;
+  for_lanes(w, [&](int lane) {
+    const int m = lane / 8;
+    offset[lane] = origin + (m / 2 * 8 + lane % 8) * pitch + m % 2 * 16;
+  });
+  ldmatrix_x4<true>(w, a, offset);
+}
+
 // A B operand whose 8 columns n are rows of shared memory (16 elements k along each row from
 // `origin`): Kᵀ for scores Q·Kᵀ, two 8×8 matrices read as stored.
 LINATTN_HD inline void rows_as_b_operand_transposed(const WarpContext& w, uint32_t origin, int pitch,

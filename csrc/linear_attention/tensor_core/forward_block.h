@@ -17,7 +17,59 @@ LINATTN_HD inline uint32_t feature_pair(int map, uint32_t pair, bool valid_lo, b
 }
 
 // Which operand rows a chunk buffer holds.
-enum class Operand : int { kQuery = 0, kKey = 1, kValue = 2 };
+enum class Operand : int { kQuery = 0, kKey = 1, kValue = 2, kCotangent = 3 };
+
+// o[j] += Σ score(row, key) · value(key, j, c) over the visible pairs of a 16×16 block of scores
+// (an A fragment: 16 rows × 16 keys, as the mma reads it), for the lane's rows g, g + 8 and columns
+// c = 2t, 2t + 1 of kTiles output tiles, adding nothing for a pair that is not visible: an mma
+// would add 0 · Inf = NaN to a row whose masked key's row holds Inf or NaN, a row the reference
+// never lets see it. Goes through the warp's fp32 scratch tile at `scratch` (16 × 16 × 4 bytes);
+// kernels take it only for chunks whose rows hold Inf or NaN.
+//
+// The block is scores[block] (a loop rather than an index: registers cannot be indexed at run time).
+template <typename scalar_t, int kBlocks, int kTiles, typename Visible, typename Value>
+LINATTN_HD void add_visible_pairs(const WarpContext& w, uint32_t scratch, const Fragment (&scores)[kBlocks][4],
+                                  int block, const Visible& visible, const Value& value,
+                                  Accumulator (&o)[kTiles][4]) {
+  LINATTN_UNROLL
+  for (int kk = 0; kk < kBlocks; ++kk) {
+    if (kk != block) continue;
+    warp::for_lanes(w, [&](int lane) {
+      const int g = warp::group_of(lane), t = warp::thread_in_group(lane);
+      LINATTN_UNROLL
+      for (int i = 0; i < 4; ++i) {
+        const int row = g + 8 * (i % 2), key = 2 * t + 8 * (i / 2);
+        warp::store_shared<float>(w, scratch + (row * 16 + key) * 4, warp::unpack_lo<scalar_t>(scores[kk][i][lane]));
+        warp::store_shared<float>(w, scratch + (row * 16 + key + 1) * 4,
+                                  warp::unpack_hi<scalar_t>(scores[kk][i][lane]));
+      }
+    });
+  }
+  warp::sync(w);
+  warp::for_lanes(w, [&](int lane) {
+    const int g = warp::group_of(lane), t = warp::thread_in_group(lane);
+    LINATTN_UNROLL
+    for (int half = 0; half < 2; ++half) {
+      const int row = g + 8 * half;
+      for (int key = 0; key < 16; ++key) {
+        if (!visible(row, key)) continue;
+        const float score = warp::load_shared<float>(w, scratch + (row * 16 + key) * 4);
+        LINATTN_UNROLL
+        for (int j = 0; j < kTiles; ++j) {
+          LINATTN_UNROLL
+          for (int e = 0; e < 2; ++e) o[j][2 * half + e][lane] += score * value(key, j, 2 * t + e);
+        }
+      }
+    }
+  });
+  warp::sync(w);
+}
+
+// A 16-bit element of shared memory as fp32.
+template <typename scalar_t>
+LINATTN_HD inline float shared_element(const WarpContext& w, uint32_t offset) {
+  return static_cast<float>(scalar_t(warp::load_shared<uint16_t>(w, offset), typename scalar_t::from_bits_t()));
+}
 
 template <typename scalar_t, int DK, int DV>
 struct ForwardBlock {
@@ -143,12 +195,7 @@ struct ForwardBlock {
 
   // φ(K)ᵀ for the state update: features mi·16.. (rows) × keys kk·16.. (columns), an A operand.
   LINATTN_HD void key_transposed_fragment(const WarpContext& w, uint32_t base, int mi, int kk, Fragment (&a)[4]) const {
-    Lanes<uint32_t> offset;
-    warp::for_lanes(w, [&](int lane) {
-      const int m = lane / 8;  // matrix m: keys +8 (m / 2), features +8 (m % 2)
-      offset[lane] = base + L::kK + (kk * 16 + m / 2 * 8 + lane % 8) * L::kQKPitch + (mi * 16 + m % 2 * 8) * 2;
-    });
-    warp::ldmatrix_x4<true>(w, a, offset);
+    warp::rows_as_a_operand_transposed(w, base + L::kK + kk * 16 * L::kQKPitch + mi * 32, L::kQKPitch, a);
   }
 
   // [V | 1] for keys kk·16.. (rows) × 8 columns of tile ni (ni = DV / 8: the ones), a B operand.
@@ -172,13 +219,6 @@ struct ForwardBlock {
 
   // --- the state -------------------------------------------------------------------------------
 
-  // Tile `slot` of warp w: its (row tile, column tile), or false past the last column tile.
-  LINATTN_HD static bool state_tile(int warp_index, int slot, int& mi, int& ni) {
-    mi = warp_index / State::kWarpsPerRowTile * State::kRowTilesPerWarp + slot / State::kColsPerWarp;
-    ni = warp_index % State::kWarpsPerRowTile * State::kColsPerWarp + slot % State::kColsPerWarp;
-    return ni < State::kStateCols;
-  }
-
   // Element i of accumulator tile (mi, ni) for `lane`: its state row and column (the normalizer
   // tile's column 0 is the state's column dv, its other columns none: -1).
   LINATTN_HD int64_t state_row(int mi, int lane, int i) const { return mi * 16 + warp::group_of(lane) + 8 * (i / 2); }
@@ -192,7 +232,7 @@ struct ForwardBlock {
     LINATTN_UNROLL
     for (int slot = 0; slot < State::kTilesPerWarp; ++slot) {
       int mi = 0, ni = 0;
-      const bool mine = state_tile(w.warp, slot, mi, ni);
+      const bool mine = State::tile(w.warp, slot, mi, ni);
       warp::for_lanes(w, [&](int lane) {
         LINATTN_UNROLL
         for (int i = 0; i < 4; ++i) {
@@ -209,7 +249,7 @@ struct ForwardBlock {
     LINATTN_UNROLL
     for (int slot = 0; slot < State::kTilesPerWarp; ++slot) {
       int mi = 0, ni = 0;
-      if (!state_tile(w.warp, slot, mi, ni)) continue;
+      if (!State::tile(w.warp, slot, mi, ni)) continue;
       warp::for_lanes(w, [&](int lane) {
         LINATTN_UNROLL
         for (int i = 0; i < 4; ++i) {
@@ -228,7 +268,7 @@ struct ForwardBlock {
     LINATTN_UNROLL
     for (int slot = 0; slot < State::kTilesPerWarp; ++slot) {
       int mi = 0, ni = 0;
-      if (!state_tile(w.warp, slot, mi, ni)) continue;
+      if (!State::tile(w.warp, slot, mi, ni)) continue;
       warp::for_lanes(w, [&](int lane) {
         const int g = warp::group_of(lane), t = warp::thread_in_group(lane);
         LINATTN_UNROLL
@@ -247,13 +287,13 @@ struct ForwardBlock {
       LINATTN_UNROLL
       for (int r = 0; r < State::kRowTilesPerWarp; ++r) {
         int mi = 0, ni = 0;
-        state_tile(w.warp, r * State::kColsPerWarp, mi, ni);
+        State::tile(w.warp, r * State::kColsPerWarp, mi, ni);
         Fragment a[4];
         key_transposed_fragment(w, base, mi, kk, a);
         LINATTN_UNROLL
         for (int c = 0; c < State::kColsPerWarp; ++c) {
           const int slot = r * State::kColsPerWarp + c;
-          if (!state_tile(w.warp, slot, mi, ni)) continue;
+          if (!State::tile(w.warp, slot, mi, ni)) continue;
           Fragment bf[2];
           value_fragment(w, base, kk, ni, bf);
           warp::mma_16816<scalar_t>(s.state[slot], a, bf);
@@ -267,54 +307,20 @@ struct ForwardBlock {
   // Value tile j (0 .. kOutTiles) of warp half `ch`: a state column tile.
   LINATTN_HD static int out_tile(int ch, int j) { return j < kColsPerHalf ? ch * kColsPerHalf + j : DV / 8; }
 
-  // The diagonal block's scores · [V | 1] without multiplying a masked (0) score by V: the mma
-  // would turn 0 · Inf into NaN in rows before the key holding Inf, which never see that key.
-  // Taken only for chunks whose V holds Inf or NaN; the scores go through the warp's scratch tile.
+  // The diagonal block's scores · [V | 1] over visible pairs only (add_visible_pairs): for chunks
+  // whose V holds Inf or NaN.
   LINATTN_HD void diagonal_exactly(const WarpContext& w, uint32_t base, const Fragment (&scores)[kChunk / 16][4],
                                    Accumulator (&o)[kOutTiles][4]) const {
     const int rb = w.warp % 4, ch = w.warp / 4;
-    const uint32_t scratch = L::kScratch + w.warp * 16 * 16 * 4;
-    LINATTN_UNROLL
-    for (int kk = 0; kk < kChunk / 16; ++kk) {
-      if (kk != rb) continue;
-      warp::for_lanes(w, [&](int lane) {
-        const int g = warp::group_of(lane), t = warp::thread_in_group(lane);
-        LINATTN_UNROLL
-        for (int i = 0; i < 4; ++i) {
-          const int row = g + 8 * (i % 2), key = 2 * t + 8 * (i / 2);
-          warp::store_shared<float>(w, scratch + (row * 16 + key) * 4, warp::unpack_lo<scalar_t>(scores[kk][i][lane]));
-          warp::store_shared<float>(w, scratch + (row * 16 + key + 1) * 4, warp::unpack_hi<scalar_t>(scores[kk][i][lane]));
-        }
-      });
-    }
-    warp::sync(w);
-    warp::for_lanes(w, [&](int lane) {
-      const int g = warp::group_of(lane), t = warp::thread_in_group(lane);
-      LINATTN_UNROLL
-      for (int half = 0; half < 2; ++half) {
-        const int row = g + 8 * half;
-        for (int key = 0; key <= row; ++key) {
-          const float score = warp::load_shared<float>(w, scratch + (row * 16 + key) * 4);
-          const uint32_t value_row = base + L::kV + (rb * 16 + key) * L::kVPitch;
-          LINATTN_UNROLL
-          for (int j = 0; j < kOutTiles; ++j) {
-            LINATTN_UNROLL
-            for (int e = 0; e < 2; ++e) {
-              const int col = out_tile(ch, j) * 8 + 2 * t + e;
-              float value;
-              if (j == kOutTiles - 1) {
-                value = col == DV ? 1.0f : 0.0f;  // the ones column
-              } else {
-                const uint16_t bits = warp::load_shared<uint16_t>(w, value_row + col * 2);
-                value = static_cast<float>(scalar_t(bits, typename scalar_t::from_bits_t()));
-              }
-              o[j][2 * half + e][lane] += score * value;
-            }
-          }
-        }
-      }
-    });
-    warp::sync(w);
+    const uint32_t values = base + L::kV + rb * 16 * L::kVPitch;
+    add_visible_pairs<scalar_t>(
+        w, L::kScratch + w.warp * 16 * 16 * 4, scores, rb, [](int row, int key) { return key <= row; },
+        [&](int key, int j, int c) {
+          const int col = out_tile(ch, j) * 8 + c;
+          if (j == kOutTiles - 1) return col == DV ? 1.0f : 0.0f;  // the ones column
+          return shared_element<scalar_t>(w, values + key * L::kVPitch + col * 2);
+        },
+        o);
   }
 
   // The chunk's output rows 16·rb.. for the warp's half of the value columns, and the normalizer.

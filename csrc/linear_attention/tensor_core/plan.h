@@ -3,7 +3,7 @@
 // fused_plans.h, which builds the problem.
 #pragma once
 
-#include "problem.h"
+#include "backward_problem.h"
 #include "../kernel.h"
 
 #include "../../common/warp/host_settings.h"
@@ -22,6 +22,14 @@ inline bool takes(const LinearAttentionShape& s, at::ScalarType dtype, int64_t m
   if (dtype != at::kBFloat16 && dtype != at::kHalf) return false;
   if (s.feature_dim > 256 || s.value_dim > 256 || !warp::tensor_cores_enabled()) return false;
   return shared_bytes_of(s.feature_dim, s.value_dim) <= max_shared_bytes;
+}
+
+// Whether the tensor-core backward (backward.h) takes this call: 16-bit inputs, head dims up to
+// 128 (a block holds U, feature dim × (value dim + 1), in fp32 registers), shared memory that fits.
+inline bool takes_backward(const LinearAttentionShape& s, at::ScalarType dtype, int64_t max_shared_bytes) {
+  if (dtype != at::kBFloat16 && dtype != at::kHalf) return false;
+  if (s.feature_dim > 128 || s.value_dim > 128 || !warp::tensor_cores_enabled()) return false;
+  return backward_shared_bytes_of(s.feature_dim, s.value_dim) <= max_shared_bytes;
 }
 
 // The value tiles of a call; one even without value columns (dv = 0), whose block still writes

@@ -97,21 +97,30 @@ inline int64_t shared_bytes_of(int64_t dk, int64_t dv) {
   return bytes;
 }
 
-// A warp's registers that live across the block's barriers: its tiles of the fp32 state. Warp w
-// owns kRowTilesPerWarp row tiles (16 features each) of the state and, in each, a contiguous
-// range of kColsPerWarp 8-column tiles, so its tiles of a row share one φ(K)ᵀ fragment and their
-// addresses differ by constants. (DK <= 128: several warps share a row tile; DK = 256: each warp
-// has two.)
-template <int DK, int DV>
+// A warp's registers that live across the block's barriers: its tiles of an fp32 state of
+// kRows rows and kCols + kExtraCols·8 columns (the forward's [S | z]: DK × (DV + 8), its last
+// 8-column tile holding z; the backward's (dS_N + Σ φ(q) G'ᵀ) alike, and its Sᵀ: DV × DK without
+// an extra tile). Warp w owns kRowTilesPerWarp row tiles (16 rows each) of the state and, in each,
+// a contiguous range of kColsPerWarp 8-column tiles, so its tiles of a row share one A fragment and
+// their addresses differ by constants. (kRows <= 128: several warps share a row tile; kRows = 256:
+// each warp has two.)
+template <int kRows, int kCols, int kExtraCols = 1>
 struct WarpState {
-  static constexpr int kStateCols = DV / 8 + 1;  // n8 tiles: the values', then [z 0 ... 0]
-  static constexpr int kRowTiles = DK / 16;
+  static constexpr int kStateCols = kCols / 8 + kExtraCols;  // n8 tiles
+  static constexpr int kRowTiles = kRows / 16;
   static_assert(kWarps % kRowTiles == 0 || kRowTiles % kWarps == 0, "row tiles spread evenly over warps");
   static constexpr int kRowTilesPerWarp = kRowTiles > kWarps ? kRowTiles / kWarps : 1;
   static constexpr int kWarpsPerRowTile = kRowTiles < kWarps ? kWarps / kRowTiles : 1;
   static constexpr int kColsPerWarp = (kStateCols + kWarpsPerRowTile - 1) / kWarpsPerRowTile;
   static constexpr int kTilesPerWarp = kRowTilesPerWarp * kColsPerWarp;
   Accumulator state[kTilesPerWarp][4];
+
+  // Tile `slot` of warp w: its (row tile, column tile), or false past the last column tile.
+  LINATTN_HD static bool tile(int warp_index, int slot, int& mi, int& ni) {
+    mi = warp_index / kWarpsPerRowTile * kRowTilesPerWarp + slot / kColsPerWarp;
+    ni = warp_index % kWarpsPerRowTile * kColsPerWarp + slot % kColsPerWarp;
+    return ni < kStateCols;
+  }
 };
 
 }  // namespace tensor_core

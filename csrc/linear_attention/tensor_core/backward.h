@@ -1,0 +1,135 @@
+// The tensor-core backward of linear attention (bf16 and fp16 inputs, fp32 accumulation, head dims
+// up to 128), written once against the warp-operation layer (common/warp/) for the GPU and its CPU
+// emulation. Two launches, a block of 8 warps per (batch, head) in each, chunks of 64 rows
+// (docs/guide/cuda.md, "The tensor-core backward"; G' is the cotangent of [numerator | normalizer],
+// built from grad_out, out and the saved normalizer as the rows land):
+//
+//   query pass, forwards in time, the state Sᵀ (value dim × feature dim, fp32 registers) and z:
+//     dφ(q)_i = G_i Sᵀ + gn_i z + Σ_{j <= i in the chunk} (G_i · v_j + gn_i) φ(k_j)
+//     Sᵀ += Vᵀ φ(K),  z += Σ φ(k_j);  it also writes each row's 1 / d and gn for the next pass
+//     (G_i = g_i / d_i, gn_i = −(g_i · o_i) / d_i);
+//   key-value pass, backwards in time, U = dS_N + Σ_{later rows} φ(q_i) G'_iᵀ (fp32 registers):
+//     dv_j    = φ(k_j) U_v + Σ_{i >= j} (φ(k_j) · φ(q_i)) G_i
+//     dφ(k)_j = U_v v_j + u + Σ_{i >= j} (v_j · G_i + gn_i) φ(q_i)
+//     U += φ(Q)ᵀ G';  after the first chunk U is dS0.
+// Non-causal: the state over every key (query pass; or the forward's final state, handed over)
+// or U over every query (key-value pass) first, then the rows against it. No state per chunk ever
+// reaches memory, and nothing is accumulated with atomics: deterministic.
+#pragma once
+
+#include "backward_block.h"
+
+namespace linattn {
+namespace tensor_core {
+
+// Streams chunks: `work(w, s, base, start, rows)` runs once a chunk's rows are in shared memory,
+// while the next one's are in flight; `between(w, s, step, previous base)` runs first in the phase
+// that prepares chunk `step` (> 0), once every warp is done with the chunk before. Rows
+// [begin, end), forwards or backwards in time.
+template <typename Block, typename Exec, typename Between, typename Work>
+LINATTN_HD LINATTN_INLINE void stream_chunks(const Exec& exec, const Block& blk, int64_t begin, int64_t end,
+                                             bool reverse, bool queries, bool keys, const Between& between,
+                                             const Work& work) {
+  const int64_t chunks = (end - begin + kChunk - 1) / kChunk;
+  if (chunks <= 0) return;
+  auto start_of = [&](int64_t step) { return begin + (reverse ? chunks - 1 - step : step) * kChunk; };
+  exec([&](const WarpContext& w, auto&) { blk.issue_chunk(w, Block::buffer(0), start_of(0), queries, keys); });
+  for (int64_t step = 0; step < chunks; ++step) {
+    const int64_t start = start_of(step);
+    const uint32_t base = Block::buffer(step);
+    exec([&](const WarpContext& w, auto& s) {
+      if (step > 0) between(w, s, Block::buffer(step - 1));
+      blk.prepare_chunk(w, base, start, queries, keys);
+    });
+    exec([&](const WarpContext& w, auto& s) {
+      if (step + 1 < chunks) blk.issue_chunk(w, Block::buffer(step + 1), start_of(step + 1), queries, keys);
+      const int64_t left = end - start;
+      work(w, s, base, start, static_cast<int>(left < kChunk ? left : kChunk));
+    });
+  }
+}
+
+// The query pass for block `block` ((batch, head)): writes dq.
+template <int DK, int DV, typename scalar_t, typename Exec>
+LINATTN_HD LINATTN_INLINE void run_query_gradient_block(const Exec& exec, const BackwardProblem<scalar_t>& p,
+                                                        int64_t block) {
+  using Block = BackwardBlock<scalar_t, DK, DV>;
+  using L = typename Block::L;
+  using State = QueryState<DK, DV>;
+  const Block blk(p, block);
+  auto publish = [&](const WarpContext& w, const State& s) { Block::publish(w, s, L::kSPitch, L::kStateLow); };
+  auto accumulate = [&](const WarpContext& w, State& s, uint32_t base, int rows) {
+    Block::accumulate(w, s, base + L::kV, L::kVPitch, base + L::kK, L::kQKPitch, rows);
+  };
+  auto nothing = [](const WarpContext&, State&, uint32_t) {};
+  exec([&](const WarpContext& w, State& s) {
+    blk.load_s(w, s);
+    publish(w, s);
+  });
+  if (p.causal) {
+    // z and the state copy take in the chunk before once every warp has read them.
+    stream_chunks(exec, blk, 0, p.q_len, false, true, true,
+                  [&](const WarpContext& w, State& s, uint32_t previous) {
+                    blk.add_key_sums(w, previous);
+                    publish(w, s);
+                  },
+                  [&](const WarpContext& w, State& s, uint32_t base, int64_t start, int rows) {
+                    blk.query_gradient(w, base, start);
+                    accumulate(w, s, base, rows);
+                  });
+    return;
+  }
+  if (!p.state_complete) {
+    stream_chunks(exec, blk, 0, p.k_len, false, false, true, nothing,
+                  [&](const WarpContext& w, State& s, uint32_t base, int64_t, int rows) {
+                    accumulate(w, s, base, rows);
+                    blk.add_key_sums(w, base);
+                  });
+    exec([&](const WarpContext& w, State& s) { publish(w, s); });
+  }
+  stream_chunks(exec, blk, 0, p.q_len, false, true, false, nothing,
+                [&](const WarpContext& w, State&, uint32_t base, int64_t start, int) {
+                  blk.query_gradient(w, base, start);
+                });
+}
+
+// The key-value pass for block `block`: writes dk, dv and dS0.
+template <int DK, int DV, typename scalar_t, typename Exec>
+LINATTN_HD LINATTN_INLINE void run_key_value_gradient_block(const Exec& exec, const BackwardProblem<scalar_t>& p,
+                                                            int64_t block) {
+  using Block = BackwardBlock<scalar_t, DK, DV>;
+  using L = typename Block::L;
+  using State = KeyValueState<DK, DV>;
+  const Block blk(p, block);
+  auto publish = [&](const WarpContext& w, const State& s) { Block::publish(w, s, L::kUPitch); };
+  auto accumulate = [&](const WarpContext& w, State& s, uint32_t base, int rows) {
+    Block::accumulate(w, s, base + L::kQ, L::kQKPitch, base + L::kG, L::kGPitch, rows);
+  };
+  auto nothing = [](const WarpContext&, State&, uint32_t) {};
+  exec([&](const WarpContext& w, State& s) {
+    blk.load_u(w, s);
+    publish(w, s);
+  });
+  if (p.causal) {
+    stream_chunks(exec, blk, 0, p.q_len, true, true, true,
+                  [&](const WarpContext& w, State& s, uint32_t) { publish(w, s); },
+                  [&](const WarpContext& w, State& s, uint32_t base, int64_t start, int rows) {
+                    blk.key_value_gradients(w, base, start);
+                    accumulate(w, s, base, rows);
+                  });
+  } else {
+    stream_chunks(exec, blk, 0, p.q_len, false, true, false, nothing,
+                  [&](const WarpContext& w, State& s, uint32_t base, int64_t, int rows) {
+                    accumulate(w, s, base, rows);
+                  });
+    exec([&](const WarpContext& w, State& s) { publish(w, s); });
+    stream_chunks(exec, blk, 0, p.k_len, false, false, true, nothing,
+                  [&](const WarpContext& w, State&, uint32_t base, int64_t start, int) {
+                    blk.key_value_gradients(w, base, start);
+                  });
+  }
+  exec([&](const WarpContext& w, State& s) { blk.store_u(w, s); });
+}
+
+}  // namespace tensor_core
+}  // namespace linattn

@@ -1,0 +1,581 @@
+// One block of the tensor-core backward (backward.h) as the operations its phases call: loading
+// and preparing a chunk's rows (φ(q), φ(k), v and the augmented cotangent G'), the state tiles,
+// and a chunk's gradient rows. Written per warp on the warp-operation layer (common/warp/).
+//
+// Notation (docs/guide/cuda.md, "The tensor-core backward"): per chunk of 64 rows, warp w takes the
+// 16 rows rb = w % 4 of the chunk and half (ch = w / 4) of the output columns. G = G'[:, :dv] and
+// gn = G'[:, dv] (the normalizer's cotangent); U = [U_v | u], S = [S_v | z].
+#pragma once
+
+#include "backward_problem.h"
+#include "forward_block.h"
+
+namespace linattn {
+namespace tensor_core {
+
+// φ'(x) from φ(x): elu+1 is x + 1 > 1 for x > 0 (φ' = 1) and eˣ = φ' otherwise; relu's is 1 where
+// φ > 0. NaN stays NaN for elu+1 and gives 0 for relu, as fused::feature_derivative.
+LINATTN_HD inline float derivative_from_feature(int map, float phi) {
+  if (map == kFeatureElu) return phi > 1.0f ? 1.0f : phi;
+  if (map == kFeatureRelu) return phi > 0.0f ? 1.0f : 0.0f;
+  return 1.0f;
+}
+
+template <typename scalar_t, int DK, int DV>
+struct BackwardBlock {
+  using L = BackwardLayout<DK, DV>;
+  static constexpr int kValueTiles = DV / 16;    // n8 tiles of a warp's half of the value columns
+  static constexpr int kFeatureTiles = DK / 16;  // ... of the feature columns
+  static constexpr int kKeyBlocks = kChunk / 16;
+
+  const BackwardProblem<scalar_t>& p;
+  int64_t bh, b, h;
+  Strided4<const scalar_t> cotangent;  // grad_out, which the G' rows are built from
+
+  LINATTN_HD BackwardBlock(const BackwardProblem<scalar_t>& problem, int64_t index)
+      : p(problem), bh(index), b(index / problem.heads), h(index % problem.heads), cotangent(problem.grad_out) {}
+
+  // The buffer of the block's step-th chunk.
+  LINATTN_HD static uint32_t buffer(int64_t step) { return static_cast<uint32_t>((step & 1) * L::kBuffer); }
+
+  // Whether the chunk's Q rows are loaded: the query pass needs them only for φ'(q).
+  LINATTN_HD bool wants_queries() const {
+    return p.pass == BackwardPass::kKeyValue || p.feature_map != kFeatureIdentity;
+  }
+
+  // --- loads (as the forward's: each thread prepares the 16-byte pieces it copied) -------------
+
+  LINATTN_HD warp::RowTile<scalar_t> rows_of(Operand operand) const {
+    if (operand == Operand::kQuery) return {&p.q, p.q_vector, p.q_len, p.feature_dim, DK, L::kQKPitch, L::kQ};
+    if (operand == Operand::kKey) return {&p.k, p.k_vector, p.k_len, p.feature_dim, DK, L::kQKPitch, L::kK};
+    if (operand == Operand::kValue) return {&p.v, p.v_vector, p.k_len, p.value_dim, DV, L::kVPitch, L::kV};
+    return {&cotangent, p.grad_vector, p.q_len, p.value_dim, DV, L::kGPitch, L::kG};
+  }
+
+  // Issues the loads of a chunk: its query-side rows (Q, G) and/or key-side rows (K, V).
+  LINATTN_HD void issue_chunk(const WarpContext& w, uint32_t base, int64_t start, bool queries, bool keys) const {
+    auto load = [&](Operand operand) { warp::copy_rows<kThreads, kChunk>(w, rows_of(operand), b, h, base, start); };
+    if (queries) {
+      if (wants_queries()) load(Operand::kQuery);
+      load(Operand::kCotangent);
+    }
+    if (keys) {
+      load(Operand::kKey);
+      load(Operand::kValue);
+    }
+    if (w.warp == 0) warp::for_lanes(w, [&](int lane) {
+      if (lane == 0) warp::store_shared<uint32_t>(w, base + L::kFlags, 0u);
+    });
+    warp::cp_async_commit(w);
+  }
+
+  LINATTN_HD bool padded(int64_t key) const {
+    return p.key_padding != nullptr && p.key_padding[b * p.k_len + key];
+  }
+
+  LINATTN_HD void raise_flag(const WarpContext& w, uint32_t base, int flag) const {
+    warp::store_shared<uint8_t>(w, base + L::kFlags + flag, 1);
+  }
+
+  // φ of Q or K rows, 0 in a padded key's row and past the head dim; raises the operand's flag
+  // where φ holds Inf or NaN.
+  LINATTN_HD void prepare_features(const WarpContext& w, Operand operand, uint32_t base, int64_t start) const {
+    const warp::RowTile<scalar_t> x = rows_of(operand);
+    const int flag = operand == Operand::kQuery ? L::kQueryFlag : L::kKeyFlag;
+    warp::each_piece<kThreads, kChunk>(w, x, [&](int r, int col) {
+      const int64_t row = start + r;
+      const bool valid = row < x.rows && (operand == Operand::kQuery || !padded(row));
+      const uint32_t at = base + x.offset + static_cast<uint32_t>(r * x.pitch + col * 2);
+      bool non_finite = false;
+      LINATTN_UNROLL
+      for (int i = 0; i < 4; ++i) {
+        const int64_t c = col + 2 * i;
+        const uint32_t pair = warp::load_shared<uint32_t>(w, at + 4 * i);
+        const uint32_t phi = feature_pair<scalar_t>(p.feature_map, pair, valid && c < x.dim, valid && c + 1 < x.dim);
+        non_finite = non_finite || !warp::finite_pair<scalar_t>(phi);
+        warp::store_shared<uint32_t>(w, at + 4 * i, phi);
+      }
+      if (non_finite) raise_flag(w, base, flag);
+    });
+  }
+
+  // V rows, 0 in a padded key's row.
+  LINATTN_HD void prepare_values(const WarpContext& w, uint32_t base, int64_t start) const {
+    if (p.key_padding == nullptr) return;
+    const warp::RowTile<scalar_t> x = rows_of(Operand::kValue);
+    warp::each_piece<kThreads, kChunk>(w, x, [&](int r, int col) {
+      if (start + r >= x.rows || !padded(start + r)) return;
+      const uint32_t at = base + x.offset + static_cast<uint32_t>(r * x.pitch + col * 2);
+      LINATTN_UNROLL
+      for (int i = 0; i < 4; ++i) warp::store_shared<uint32_t>(w, at + 4 * i, 0u);
+    });
+  }
+
+  // The cotangent rows, in rounds in which a row's pieces are DV / 8 consecutive lanes of one warp
+  // (the lane of its first piece speaks for the row). Query pass: g stays as it is; the row's lanes
+  // sum g · o by shuffles, and its scalars 1 / d and g · o go to shared memory and, as
+  // (1 / d, gn = −(g · o) / d), to row_scalars; a row whose g is all 0 gets 0s (it passes nothing,
+  // not 0 · o). Key-value pass: G' = [g / d | gn] from row_scalars (gn at column DV), raising the
+  // cotangent flag where G holds Inf or NaN.
+  LINATTN_HD void prepare_cotangent(const WarpContext& w, uint32_t base, int64_t start) const {
+    constexpr int kPiecesPerRow = DV / 8;
+    static_assert(kChunk * kPiecesPerRow % kThreads == 0, "every lane has a piece in every round");
+    LINATTN_UNROLL
+    for (int round = 0; round < kChunk * kPiecesPerRow / kThreads; ++round) {
+      auto piece = [&](int lane, int& r, int& col) {
+        const int e = round * kThreads + w.warp * warp::kWarpSize + lane;
+        r = e / kPiecesPerRow;
+        col = e % kPiecesPerRow * 8;
+      };
+      if (p.pass == BackwardPass::kQuery) {
+        Lanes<float> dot, nonzero;
+        warp::for_lanes(w, [&](int lane) {
+          int r = 0, col = 0;
+          piece(lane, r, col);
+          const int64_t row = start + r;
+          float sum = 0.0f, any = 0.0f;
+          LINATTN_UNROLL
+          for (int i = 0; i < 8; ++i) {
+            if (row >= p.q_len || col + i >= p.value_dim) continue;
+            const float g = shared_element<scalar_t>(w, base + L::kG + r * L::kGPitch + (col + i) * 2);
+            if (g == 0.0f) continue;  // adds nothing, not 0 · Inf
+            any = 1.0f;
+            if (p.normalize) sum += g * static_cast<float>(warp::load_global(w, &p.out.at(b, h, row, col + i)));
+          }
+          dot[lane] = sum;
+          nonzero[lane] = any;
+        });
+        for (int offset = kPiecesPerRow / 2; offset > 0; offset /= 2) {
+          Lanes<int> partner;
+          warp::for_lanes(w, [&](int lane) { partner[lane] = lane ^ offset; });
+          const Lanes<float> other_dot = warp::shuffle(w, dot, partner);
+          const Lanes<float> other_nonzero = warp::shuffle(w, nonzero, partner);
+          warp::for_lanes(w, [&](int lane) {
+            dot[lane] += other_dot[lane];
+            nonzero[lane] += other_nonzero[lane];
+          });
+        }
+        warp::for_lanes(w, [&](int lane) {
+          int r = 0, col = 0;
+          piece(lane, r, col);
+          const int64_t row = start + r;
+          if (col != 0) return;
+          float inv = 0.0f;
+          if (row < p.q_len && nonzero[lane] > 0.0f) {
+            inv = 1.0f;
+            if (p.normalize) {
+              const float den = warp::load_global(w, p.normalizer + bh * p.q_len + row);
+              inv = fused::vanished(den) ? 0.0f : 1.0f / den;
+            }
+          }
+          const float g_dot_o = inv != 0.0f ? dot[lane] : 0.0f;
+          warp::store_shared<float>(w, base + L::kScalars + r * 8, inv);
+          warp::store_shared<float>(w, base + L::kScalars + r * 8 + 4, g_dot_o);
+          if (row < p.q_len) {
+            float* scalars = p.row_scalars + 2 * (bh * p.q_len + row);
+            warp::store_global(w, scalars, inv);
+            warp::store_global(w, scalars + 1, -g_dot_o * inv);
+          }
+        });
+        continue;
+      }
+      Lanes<float> inv, gn;
+      warp::for_lanes(w, [&](int lane) {
+        int r = 0, col = 0;
+        piece(lane, r, col);
+        const int64_t row = start + r;
+        inv[lane] = gn[lane] = 0.0f;
+        if (col != 0 || row >= p.q_len) return;
+        const float* scalars = p.row_scalars + 2 * (bh * p.q_len + row);
+        inv[lane] = warp::load_global(w, scalars);
+        gn[lane] = warp::load_global(w, scalars + 1);
+      });
+      Lanes<int> leader;  // the lane of the row's first piece
+      warp::for_lanes(w, [&](int lane) { leader[lane] = lane & ~(kPiecesPerRow - 1); });
+      inv = warp::shuffle(w, inv, leader);
+      warp::for_lanes(w, [&](int lane) {
+        int r = 0, col = 0;
+        piece(lane, r, col);
+        const uint32_t at = base + L::kG + static_cast<uint32_t>(r * L::kGPitch + col * 2);
+        bool non_finite = false;
+        LINATTN_UNROLL
+        for (int i = 0; i < 4; ++i) {
+          const uint32_t pair = warp::load_shared<uint32_t>(w, at + 4 * i);
+          const uint32_t scaled = warp::pack<scalar_t>(warp::unpack_lo<scalar_t>(pair) * inv[lane],
+                                                       warp::unpack_hi<scalar_t>(pair) * inv[lane]);
+          non_finite = non_finite || !warp::finite_pair<scalar_t>(scaled);
+          warp::store_shared<uint32_t>(w, at + 4 * i, scaled);
+        }
+        if (non_finite) raise_flag(w, base, L::kCotangentFlag);
+        if (col == 0) {
+          const uint32_t extra = base + L::kG + static_cast<uint32_t>(r * L::kGPitch + DV * 2);
+          warp::store_shared<uint32_t>(w, extra, warp::pack<scalar_t>(gn[lane], 0.0f));
+          LINATTN_UNROLL
+          for (int i = 1; i < 4; ++i) warp::store_shared<uint32_t>(w, extra + 4 * i, 0u);
+        }
+      });
+    }
+  }
+
+  // Once the chunk's copies issued by this warp have landed: prepares what it copied.
+  LINATTN_HD void prepare_chunk(const WarpContext& w, uint32_t base, int64_t start, bool queries, bool keys) const {
+    warp::cp_async_wait<0>(w);
+    if (queries) {
+      if (wants_queries()) prepare_features(w, Operand::kQuery, base, start);
+      prepare_cotangent(w, base, start);
+    }
+    if (keys) {
+      prepare_features(w, Operand::kKey, base, start);
+      prepare_values(w, base, start);
+    }
+  }
+
+  LINATTN_HD bool flag(const WarpContext& w, uint32_t base, int which) const {
+    return warp::load_shared<uint8_t>(w, base + L::kFlags + which) != 0;
+  }
+
+  // Key-value pass: gn of chunk row r (16-bit, as the mma sees G').
+  LINATTN_HD float normalizer_cotangent(const WarpContext& w, uint32_t base, int r) const {
+    return shared_element<scalar_t>(w, base + L::kG + r * L::kGPitch + DV * 2);
+  }
+
+  // --- the state ------------------------------------------------------------------------------
+
+  // Loads (or stores) a state's tiles: element (row, col) of tile slot i at `at(row, col, ...)`.
+  template <typename State, typename Element>
+  LINATTN_HD static void each_state_element(const WarpContext& w, State& s, const Element& element) {
+    LINATTN_UNROLL
+    for (int slot = 0; slot < State::kTilesPerWarp; ++slot) {
+      int mi = 0, ni = 0;
+      const bool mine = State::tile(w.warp, slot, mi, ni);
+      warp::for_lanes(w, [&](int lane) {
+        const int g = warp::group_of(lane), t = warp::thread_in_group(lane);
+        LINATTN_UNROLL
+        for (int i = 0; i < 4; ++i) {
+          element(mine, mi * 16 + g + 8 * (i / 2), ni * 8 + 2 * t + i % 2, s.state[slot][i][lane]);
+        }
+      });
+    }
+  }
+
+  // The 16-bit copy of a state the chunk's products read, `pitch` bytes a row; with a `low` copy,
+  // the state is hi + lo (hi its 16-bit rounding, lo that of the rest).
+  template <typename State>
+  LINATTN_HD static void publish(const WarpContext& w, const State& s, int pitch, uint32_t low = 0) {
+    LINATTN_UNROLL
+    for (int slot = 0; slot < State::kTilesPerWarp; ++slot) {
+      int mi = 0, ni = 0;
+      if (!State::tile(w.warp, slot, mi, ni)) continue;
+      warp::for_lanes(w, [&](int lane) {
+        const int g = warp::group_of(lane), t = warp::thread_in_group(lane);
+        LINATTN_UNROLL
+        for (int half = 0; half < 2; ++half) {
+          const uint32_t offset = (mi * 16 + g + 8 * half) * pitch + (ni * 8 + 2 * t) * 2;
+          const float x0 = s.state[slot][2 * half][lane], x1 = s.state[slot][2 * half + 1][lane];
+          const uint32_t hi = warp::pack<scalar_t>(x0, x1);
+          warp::store_shared<uint32_t>(w, L::kState + offset, hi);
+          if (low != 0) {
+            const uint32_t lo =
+                warp::pack<scalar_t>(x0 - warp::unpack_lo<scalar_t>(hi), x1 - warp::unpack_hi<scalar_t>(hi));
+            warp::store_shared<uint32_t>(w, low + offset, lo);
+          }
+        }
+      });
+    }
+  }
+
+  // U's column `col` of the (m, dv + 1) views: the value columns, then u (the first column of the
+  // extra tile) at dv; −1 for none.
+  LINATTN_HD int64_t augmented_column(int col) const {
+    if (col >= DV) return col == DV ? p.value_dim : -1;
+    return col < p.value_dim ? col : -1;
+  }
+
+  // U from dS_N (zeros without one).
+  LINATTN_HD void load_u(const WarpContext& w, KeyValueState<DK, DV>& s) const {
+    each_state_element(w, s, [&](bool mine, int row, int col, float& x) {
+      const int64_t c = augmented_column(col);
+      const bool stored = mine && p.state_in.data != nullptr && row < p.feature_dim && c >= 0;
+      x = stored ? warp::load_global(w, p.state_in.at(bh, row, c)) : 0.0f;
+    });
+  }
+
+  // dS0 = U after the first chunk.
+  LINATTN_HD void store_u(const WarpContext& w, KeyValueState<DK, DV>& s) const {
+    if (p.state_out.data == nullptr) return;
+    each_state_element(w, s, [&](bool mine, int row, int col, float& x) {
+      const int64_t c = augmented_column(col);
+      if (mine && row < p.feature_dim && c >= 0) warp::store_global(w, p.state_out.at(bh, row, c), x);
+    });
+  }
+
+  // Sᵀ (rows: value columns, columns: features) and z from the forward's state (zeros without one).
+  LINATTN_HD void load_s(const WarpContext& w, QueryState<DK, DV>& s) const {
+    const bool given = p.state_in.data != nullptr;
+    each_state_element(w, s, [&](bool mine, int row, int col, float& x) {
+      const bool stored = mine && given && row < p.value_dim && col < p.feature_dim;
+      x = stored ? warp::load_global(w, p.state_in.at(bh, col, row)) : 0.0f;
+    });
+    warp::for_lanes(w, [&](int lane) {
+      const int f = w.warp * warp::kWarpSize + lane;
+      if (f >= DK) return;
+      const float z = given && f < p.feature_dim ? warp::load_global(w, p.state_in.at(bh, f, p.value_dim)) : 0.0f;
+      warp::store_shared<float>(w, L::kZ + f * 4, z);
+    });
+  }
+
+  // z += the column sums of the chunk's φ(K) rows (0 in padded and past-the-end rows).
+  LINATTN_HD void add_key_sums(const WarpContext& w, uint32_t base) const {
+    warp::for_lanes(w, [&](int lane) {
+      const int f = w.warp * warp::kWarpSize + lane;
+      if (f >= DK) return;
+      float sum = 0.0f;
+      for (int r = 0; r < kChunk; ++r) sum += shared_element<scalar_t>(w, base + L::kK + r * L::kQKPitch + f * 2);
+      warp::store_shared<float>(w, L::kZ + f * 4, warp::load_shared<float>(w, L::kZ + f * 4) + sum);
+    });
+  }
+
+  // state += Xᵀ · Y over the chunk's `rows` rows: X rows at x (pitch xp) give the state's rows,
+  // Y rows at y (pitch yp) its columns. U += φ(Q)ᵀ G' (Y with gn at column DV), Sᵀ += Vᵀ φ(K).
+  template <typename State>
+  LINATTN_HD static void accumulate(const WarpContext& w, State& s, uint32_t x, int xp, uint32_t y,
+                                                   int yp, int rows) {
+    for (int kk = 0; kk * 16 < rows; ++kk) {
+      LINATTN_UNROLL
+      for (int r = 0; r < State::kRowTilesPerWarp; ++r) {
+        int mi = 0, ni = 0;
+        State::tile(w.warp, r * State::kColsPerWarp, mi, ni);
+        Fragment a[4];
+        warp::rows_as_a_operand_transposed(w, x + kk * 16 * xp + mi * 32, xp, a);
+        LINATTN_UNROLL
+        for (int c = 0; c < State::kColsPerWarp; ++c) {
+          const int slot = r * State::kColsPerWarp + c;
+          if (!State::tile(w.warp, slot, mi, ni)) continue;
+          Fragment bf[2];
+          warp::rows_as_b_operand(w, y + kk * 16 * yp + ni * 16, yp, bf);
+          warp::mma_16816<scalar_t>(s.state[slot], a, bf);
+        }
+      }
+    }
+  }
+
+  // --- products of a chunk --------------------------------------------------------------------
+
+  // The masked scores of rows 16·rb.. against the chunk's 64 columns, finish(row, col, X_rb · Yᵀ)
+  // over kSteps 16-column slices (X rows at x, Y rows at y), as A fragments of 16 columns each.
+  // Forwards (`reverse` false) column j is seen by rows i >= j; backwards rows j see columns
+  // i >= j. Masked pairs are 0 (an Inf or NaN computed there is dropped).
+  template <int kSteps, typename Finish>
+  LINATTN_HD static void masked_scores(const WarpContext& w, uint32_t x, int xp, uint32_t y, int yp,
+                                                      bool reverse, const Finish& finish,
+                                                      Fragment (&scores)[kKeyBlocks][4]) {
+    const int rb = w.warp % 4;
+    Accumulator sc[kChunk / 8][4];
+    warp::clear(w, sc);
+    LINATTN_UNROLL
+    for (int ks = 0; ks < kSteps; ++ks) {
+      Fragment a[4];
+      warp::rows_as_a_operand(w, x + rb * 16 * xp + ks * 32, xp, a);
+      LINATTN_UNROLL
+      for (int nt = 0; nt < kChunk / 8; ++nt) {
+        if (reverse ? nt < 2 * rb : nt > 2 * rb + 1) continue;
+        Fragment bf[2];
+        warp::rows_as_b_operand_transposed(w, y + nt * 8 * yp + ks * 32, yp, bf);
+        warp::mma_16816<scalar_t>(sc[nt], a, bf);
+      }
+    }
+    warp::for_lanes(w, [&](int lane) {
+      const int g = warp::group_of(lane), t = warp::thread_in_group(lane);
+      LINATTN_UNROLL
+      for (int nt = 0; nt < kChunk / 8; ++nt) {
+        LINATTN_UNROLL
+        for (int i = 0; i < 4; ++i) {
+          const int row = rb * 16 + g + 8 * (i / 2), col = nt * 8 + 2 * t + i % 2;
+          const bool visible = reverse ? col >= row : col <= row;
+          sc[nt][i][lane] = visible ? finish(row, col, sc[nt][i][lane]) : 0.0f;
+        }
+      }
+    });
+    // The C fragments of two score tiles are the A fragment of their 16 columns.
+    warp::for_lanes(w, [&](int lane) {
+      LINATTN_UNROLL
+      for (int kk = 0; kk < kKeyBlocks; ++kk) {
+        LINATTN_UNROLL
+        for (int i = 0; i < 4; ++i) {
+          const Accumulator* tile = sc[2 * kk + i / 2];
+          scores[kk][i][lane] = warp::pack<scalar_t>(tile[2 * (i % 2)][lane], tile[2 * (i % 2) + 1][lane]);
+        }
+      }
+    });
+  }
+
+  // o += X_rb · T over kSteps 16-row slices of T (X rows at x; T's rows at t, the warp's first
+  // column there): a row block times a state copy.
+  template <int kSteps, int kTiles>
+  LINATTN_HD static void times_state(const WarpContext& w, uint32_t x, int xp, uint32_t t, int tp,
+                                     Accumulator (&o)[kTiles][4]) {
+    const int rb = w.warp % 4;
+    LINATTN_UNROLL
+    for (int ks = 0; ks < kSteps; ++ks) {
+      Fragment a[4];
+      warp::rows_as_a_operand(w, x + rb * 16 * xp + ks * 32, xp, a);
+      LINATTN_UNROLL
+      for (int j = 0; j < kTiles; ++j) {
+        Fragment bf[2];
+        warp::rows_as_b_operand(w, t + ks * 16 * tp + j * 16, tp, bf);
+        warp::mma_16816<scalar_t>(o[j], a, bf);
+      }
+    }
+  }
+
+  // o += Σ over the chunk's visible 16-row blocks: scores · Y (Y rows at y, the warp's first column
+  // there). The diagonal block goes through add_visible_pairs when `exact` (Y holds Inf or NaN).
+  template <int kTiles>
+  LINATTN_HD void times_rows(const WarpContext& w, const Fragment (&scores)[kKeyBlocks][4], uint32_t y,
+                                            int yp, bool reverse, bool exact, Accumulator (&o)[kTiles][4]) const {
+    const int rb = w.warp % 4;
+    LINATTN_UNROLL
+    for (int kk = 0; kk < kKeyBlocks; ++kk) {
+      if ((reverse ? kk < rb : kk > rb) || (kk == rb && exact)) continue;
+      LINATTN_UNROLL
+      for (int j = 0; j < kTiles; ++j) {
+        Fragment bf[2];
+        warp::rows_as_b_operand(w, y + kk * 16 * yp + j * 16, yp, bf);
+        warp::mma_16816<scalar_t>(o[j], scores[kk], bf);
+      }
+    }
+    if (!exact) return;
+    const uint32_t rows = y + rb * 16 * yp;
+    add_visible_pairs<scalar_t>(
+        w, L::kScratch + w.warp * 16 * 16 * 4, scores, rb,
+        [&](int row, int key) { return reverse ? key >= row : key <= row; },
+        [&](int key, int j, int c) { return shared_element<scalar_t>(w, rows + key * yp + (j * 8 + c) * 2); }, o);
+  }
+
+  // Calls store(chunk row r, column col, value) for the lane's elements of a warp's output tiles
+  // (rows 16·rb.., columns from col0).
+  template <int kTiles, typename Store>
+  LINATTN_HD static void each_output(const WarpContext& w, const Accumulator (&o)[kTiles][4], int col0,
+                                     const Store& store) {
+    const int rb = w.warp % 4;
+    warp::for_lanes(w, [&](int lane) {
+      const int g = warp::group_of(lane), t = warp::thread_in_group(lane);
+      LINATTN_UNROLL
+      for (int j = 0; j < kTiles; ++j) {
+        LINATTN_UNROLL
+        for (int i = 0; i < 4; ++i) store(rb * 16 + g + 8 * (i / 2), col0 + j * 8 + 2 * t + i % 2, o[j][i][lane]);
+      }
+    });
+  }
+
+  // Query pass: row r's 1 / d (0: the row passes nothing) and g · o.
+  LINATTN_HD float row_inverse(const WarpContext& w, uint32_t base, int r) const {
+    return warp::load_shared<float>(w, base + L::kScalars + r * 8);
+  }
+  LINATTN_HD float row_dot(const WarpContext& w, uint32_t base, int r) const {
+    return warp::load_shared<float>(w, base + L::kScalars + r * 8 + 4);
+  }
+
+  // dq for the chunk's rows 16·rb.. and the warp's half of the features:
+  //   dφ(q)_i = (g_i Sᵀ − (g_i · o_i) z) / d_i + Σ_{j <= i in the chunk} (g_i · v_j − g_i · o_i) / d_i φ(k_j),
+  //   dq = dφ(q) ⊙ φ'(q).
+  // g and v enter the products as they are and Sᵀ as hi + lo: the two terms of the state's part
+  // cancel where o_i is close to what Sᵀ gives, so they keep fp32's precision until the difference.
+  LINATTN_HD void query_gradient(const WarpContext& w, uint32_t base, int64_t start) const {
+    const int rb = w.warp % 4, f0 = w.warp / 4 * (DK / 2);
+    if (start + rb * 16 >= p.q_len) return;
+    Accumulator o[kFeatureTiles][4];
+    warp::clear(w, o);
+    times_state<DV / 16>(w, base + L::kG, L::kGPitch, L::kState + f0 * 2, L::kSPitch, o);
+    times_state<DV / 16>(w, base + L::kG, L::kGPitch, L::kStateLow + f0 * 2, L::kSPitch, o);
+    warp::for_lanes(w, [&](int lane) {
+      const int g = warp::group_of(lane), t = warp::thread_in_group(lane);
+      LINATTN_UNROLL
+      for (int j = 0; j < kFeatureTiles; ++j) {
+        LINATTN_UNROLL
+        for (int i = 0; i < 4; ++i) {
+          const int r = rb * 16 + g + 8 * (i / 2), f = f0 + j * 8 + 2 * t + i % 2;
+          const float z = warp::load_shared<float>(w, L::kZ + f * 4);
+          o[j][i][lane] = row_inverse(w, base, r) * (o[j][i][lane] - row_dot(w, base, r) * z);
+        }
+      }
+    });
+    if (p.causal) {
+      Fragment scores[kKeyBlocks][4];
+      masked_scores<DV / 16>(w, base + L::kG, L::kGPitch, base + L::kV, L::kVPitch, false,
+                             [&](int row, int, float x) {
+                               return (x - row_dot(w, base, row)) * row_inverse(w, base, row);
+                             },
+                             scores);
+      times_rows(w, scores, base + L::kK + f0 * 2, L::kQKPitch, false, flag(w, base, L::kKeyFlag), o);
+    }
+    each_output(w, o, f0, [&](int r, int f, float x) {
+      const int64_t row = start + r;
+      if (row >= p.q_len || f >= p.feature_dim) return;
+      if (p.feature_map != kFeatureIdentity)
+        x *= derivative_from_feature(p.feature_map,
+                                     shared_element<scalar_t>(w, base + L::kQ + r * L::kQKPitch + f * 2));
+      warp::store_global(w, p.grad_q + (bh * p.q_len + row) * p.feature_dim + f, scalar_t(x));
+    });
+  }
+
+  // dv and dk for the chunk's key rows 16·rb.. and the warp's half of the columns:
+  //   dv_j = φ(k_j) U_v + Σ_{i >= j in the chunk} (φ(k_j) · φ(q_i)) G_i,
+  //   dφ(k)_j = U_v v_j + u + Σ_{i >= j} (v_j · G_i + gn_i) φ(q_i),   dk = dφ(k) ⊙ φ'(k);
+  // 0 for padded keys.
+  LINATTN_HD void key_value_gradients(const WarpContext& w, uint32_t base, int64_t start) const {
+    const int rb = w.warp % 4, ch = w.warp / 4;
+    if (start + rb * 16 >= p.k_len) return;
+    {
+      const int c0 = ch * (DV / 2);
+      // (Registers bound the order: the scores packed to 16 bits before the output tiles start.)
+      Fragment scores[kKeyBlocks][4];
+      if (p.causal) {
+        masked_scores<DK / 16>(w, base + L::kK, L::kQKPitch, base + L::kQ, L::kQKPitch, true,
+                               [](int, int, float x) { return x; }, scores);
+      }
+      Accumulator o[kValueTiles][4];
+      warp::clear(w, o);
+      times_state<DK / 16>(w, base + L::kK, L::kQKPitch, L::kState + c0 * 2, L::kUPitch, o);
+      if (p.causal) {
+        times_rows(w, scores, base + L::kG + c0 * 2, L::kGPitch, true, flag(w, base, L::kCotangentFlag), o);
+      }
+      each_output(w, o, c0, [&](int r, int c, float x) {
+        const int64_t row = start + r;
+        if (row >= p.k_len || c >= p.value_dim) return;
+        warp::store_global(w, p.grad_v + (bh * p.k_len + row) * p.value_dim + c, scalar_t(padded(row) ? 0.0f : x));
+      });
+    }
+    const int f0 = ch * (DK / 2);
+    Fragment scores[kKeyBlocks][4];
+    if (p.causal) {
+      masked_scores<DV / 16>(w, base + L::kV, L::kVPitch, base + L::kG, L::kGPitch, true,
+                             [&](int, int col, float x) { return x + normalizer_cotangent(w, base, col); }, scores);
+    }
+    Accumulator o[kFeatureTiles][4];
+    warp::clear(w, o);
+    // U_v v_j: Uᵀ's rows are U's columns, so the state copy is read as a transposed B operand.
+    LINATTN_UNROLL
+    for (int ks = 0; ks < DV / 16; ++ks) {
+      Fragment a[4];
+      warp::rows_as_a_operand(w, base + L::kV + rb * 16 * L::kVPitch + ks * 32, L::kVPitch, a);
+      LINATTN_UNROLL
+      for (int j = 0; j < kFeatureTiles; ++j) {
+        Fragment bf[2];
+        warp::rows_as_b_operand_transposed(w, L::kState + (f0 + j * 8) * L::kUPitch + ks * 32, L::kUPitch, bf);
+        warp::mma_16816<scalar_t>(o[j], a, bf);
+      }
+    }
+    if (p.causal) times_rows(w, scores, base + L::kQ + f0 * 2, L::kQKPitch, true, flag(w, base, L::kQueryFlag), o);
+    each_output(w, o, f0, [&](int r, int f, float x) {
+      const int64_t row = start + r;
+      if (row >= p.k_len || f >= p.feature_dim) return;
+      x += shared_element<scalar_t>(w, L::kState + f * L::kUPitch + DV * 2);  // u
+      x *= derivative_from_feature(p.feature_map, shared_element<scalar_t>(w, base + L::kK + r * L::kQKPitch + f * 2));
+      warp::store_global(w, p.grad_k + (bh * p.k_len + row) * p.feature_dim + f, scalar_t(padded(row) ? 0.0f : x));
+    });
+  }
+};
+
+}  // namespace tensor_core
+}  // namespace linattn

@@ -1,0 +1,106 @@
+// What one launch of the tensor-core backward (backward.h) is given, the shared-memory layout of a
+// block and the head-dim instances its kernels are compiled for.
+#pragma once
+
+#include "problem.h"
+
+#include <algorithm>
+
+namespace linattn {
+namespace tensor_core {
+
+// The two launches of the backward (docs/guide/cuda.md, "The tensor-core backward").
+enum class BackwardPass : int {
+  kQuery = 0,     // dq: a scan forwards in time with the state Sᵀ
+  kKeyValue = 1,  // dk, dv and dS0: a scan backwards in time with U = dS_N + Σ φ(q) G'ᵀ
+};
+
+// Everything one launch reads and writes; one block per (batch, head). The cotangent of the
+// augmented output [numerator | normalizer] is G' = [g / d | −(g · o) / d] (g = grad_out, o = out,
+// d = the saved normalizer; [g | 0] unnormalized), 0 for a row whose g is all 0. The query pass
+// reduces g · o as its rows land and writes each row's scalars (1 / d, or 0 for such a row, and
+// gn = −(g · o) / d) to row_scalars, from which the key-value pass builds G' without reading o.
+template <typename scalar_t>
+struct BackwardProblem {
+  int64_t batch = 0, heads = 0, q_len = 0, k_len = 0, feature_dim = 0, value_dim = 0;
+  int feature_map = kFeatureIdentity;
+  bool normalize = true, causal = true;
+  float eps = 1e-6f;  // (unused: the saved normalizer holds it)
+  Strided4<const scalar_t> q, k, v, grad_out, out;
+  // Whether rows load as 16-byte cp.async (ForwardProblem's q_vector).
+  bool q_vector = false, k_vector = false, v_vector = false, grad_vector = false;
+  const float* normalizer = nullptr;  // (B, H, T_q), the forward's (eps included)
+  const bool* key_padding = nullptr;  // (B, T_k), true = padded, or null
+  BackwardPass pass = BackwardPass::kQuery;
+  // kQuery: the forward's initial state (causal), or with state_complete its final state (non-
+  // causal: every query saw it, so no pass over the keys); kKeyValue: dS_N. (m, dv + 1) each, or null.
+  fused::StateView<const float> state_in;
+  bool state_complete = false;
+  fused::StateView<float> state_out;  // kKeyValue: dS0, (m, dv + 1)
+  scalar_t* grad_q = nullptr;         // (B, H, T_q, m) contiguous
+  scalar_t* grad_k = nullptr;         // (B, H, T_k, m)
+  scalar_t* grad_v = nullptr;         // (B, H, T_k, dv)
+  float* row_scalars = nullptr;       // (B, H, T_q, 2): written by the query pass, read by the other
+
+  LINATTN_HD int64_t blocks() const { return batch * heads; }
+};
+
+// Shared memory of one block: two chunk buffers, each with the chunk's φ(Q), φ(K), V and G rows
+// (kKeyValue: G' with its normalizer column at DV, then zeros to DV + 8; kQuery: g as it is), the
+// rows' scalars (kQuery: 1 / d and g · o, fp32) and flags (which rows hold Inf or NaN); the 16-bit
+// copy of the state (kKeyValue: U, DK rows of DV + 8 columns; kQuery: Sᵀ, DV rows of DK columns,
+// as two 16-bit parts hi + lo so that g Sᵀ keeps fp32's precision where it cancels against
+// (g · o) z); kQuery's fp32 z = the column sums of φ(K) so far; a 16×16 fp32 scratch tile per warp.
+template <int DK, int DV>
+struct BackwardLayout {
+  static constexpr int kQKPitch = warp::padded_pitch(DK * 2), kVPitch = warp::padded_pitch(DV * 2);
+  static constexpr int kGPitch = warp::padded_pitch((DV + 8) * 2);
+  static constexpr int kQ = 0, kK = kQ + kChunk * kQKPitch, kV = kK + kChunk * kQKPitch;
+  static constexpr int kG = kV + kChunk * kVPitch;
+  // Flag bytes: φ(Q), φ(K), G (its value columns) hold Inf or NaN in this chunk.
+  static constexpr int kScalars = kG + kChunk * kGPitch;  // per row: 1 / d, g · o
+  static constexpr int kFlags = kScalars + kChunk * 8;
+  static constexpr int kQueryFlag = 0, kKeyFlag = 1, kCotangentFlag = 2;
+  static constexpr int kBuffer = kFlags + 16;
+  static constexpr int kUPitch = kGPitch, kSPitch = kQKPitch;
+  static constexpr int kState = 2 * kBuffer;
+  static constexpr int kStateLow = kState + DV * kSPitch;  // kQuery: Sᵀ − hi
+  static constexpr int kZ = kState + std::max(DK * kUPitch, 2 * DV * kSPitch);
+  static constexpr int kScratch = kZ + DK * 4;
+  static constexpr int kBytes = kScratch + kWarps * 16 * 16 * 4;
+};
+
+// The kernels compiled: feature and value dims each padded to 64 or 128 (one block owns the whole
+// of both: the key gradient's scores reduce over every value column).
+LINATTN_HD inline int padded_backward_dim(int64_t d) { return d <= 64 ? 64 : 128; }
+
+// Calls f(std::integral_constant<int, DK>{}, std::integral_constant<int, DV>{}) for the kernel
+// compiled for head dims dk and dv (both at most 128).
+template <typename F>
+void with_backward_head_dims(int64_t dk, int64_t dv, F&& f) {
+  using k64 = std::integral_constant<int, 64>;
+  using k128 = std::integral_constant<int, 128>;
+  const int DK = padded_backward_dim(dk), DV = padded_backward_dim(dv);
+  if (DK == 64 && DV == 64) f(k64{}, k64{});
+  else if (DK == 64) f(k64{}, k128{});
+  else if (DV == 64) f(k128{}, k64{});
+  else f(k128{}, k128{});
+}
+
+inline int64_t backward_shared_bytes_of(int64_t dk, int64_t dv) {
+  int64_t bytes = 0;
+  with_backward_head_dims(dk, dv, [&](auto k, auto v) {
+    bytes = BackwardLayout<decltype(k)::value, decltype(v)::value>::kBytes;
+  });
+  return bytes;
+}
+
+// The registers a warp keeps across barriers: U = [U_v | u] (DK × (DV + 8), as the forward's
+// state) in the key-value pass, Sᵀ (DV × DK) in the query pass.
+template <int DK, int DV>
+using KeyValueState = WarpState<DK, DV, 1>;
+template <int DK, int DV>
+using QueryState = WarpState<DV, DK, 0>;
+
+}  // namespace tensor_core
+}  // namespace linattn
