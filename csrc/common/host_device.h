@@ -16,6 +16,14 @@
 #define LINATTN_UNROLL
 #endif
 
+// Keeps the next loop rolled in device code: a rare path whose unrolled body would hold more
+// registers live than the kernel has (the tensor-core kernels' pair-by-pair diagonal blocks).
+#if defined(__CUDA_ARCH__)
+#define LINATTN_NO_UNROLL _Pragma("unroll 1")
+#else
+#define LINATTN_NO_UNROLL
+#endif
+
 // Inlines a helper in device code even where it is called more than once: one that takes a
 // register array by reference and is not inlined passes the array through local memory.
 #if defined(__CUDACC__)

@@ -257,10 +257,10 @@ def test_cubins_hold_tensor_core_instructions_and_no_local_memory():
     for row in rows:
         name = f"{row['arch']} DK={row['dk']} DV={row['dv']} {row['dtype']}"
         assert row["hmma"] > 0, f"{name}: no tensor-core instructions"
-        # Known shortfall: the key-value pass with a head dim of 128 sits at 255 registers and
-        # spills about 100 bytes a thread (U alone is 68 registers a lane at 128 × 129); the
-        # query pass and the 64 × 64 instance spill nothing. The bound catches any growth.
-        spill_allowed = 128 if "key_value" in row["dtype"] and max(row["dk"], row["dv"]) == 128 else 0
+        # Known shortfall: the key-value pass at 128 × 128 sits at 255 registers (U alone is 68 a
+        # lane) and keeps one loop-invariant value in 8 bytes of stack, reloaded once per chunk;
+        # every other instance has no local memory. The bound catches any growth.
+        spill_allowed = 8 if "key_value" in row["dtype"] and row["dk"] == row["dv"] == 128 else 0
         assert row["stack"] <= spill_allowed and row["local"] == 0, f"{name}: local memory (register spills)"
 
 

@@ -65,6 +65,19 @@ LINATTN_HD void for_lanes(const WarpContext& w, Body&& body) {
 #endif
 }
 
+// x, which the device compiler may not take for any other computation of the same value: an
+// index used at a kernel's start and again at its end is then recomputed at the end instead of
+// being kept live (or spilled) across the whole kernel.
+LINATTN_HD inline int opaque(int x) {
+#if defined(__CUDA_ARCH__)
+  int result;
+  asm volatile("mov.b32 %0, %1;" : "=r"(result) : "r"(x));
+  return result;
+#else
+  return x;
+#endif
+}
+
 // The mma fragment coordinates of a lane (PTX ISA, "Matrix Fragments for mma.m16n8k16"):
 // group = lane / 4 selects the row (A, C) or column (B), thread = lane % 4 the pair of columns
 // (A, C) or rows (B).

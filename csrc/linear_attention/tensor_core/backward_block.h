@@ -241,14 +241,18 @@ struct BackwardBlock {
 
   // --- the state ------------------------------------------------------------------------------
 
-  // Loads (or stores) a state's tiles: element (row, col) of tile slot i at `at(row, col, ...)`.
+  // Calls element(mine, row, col, x) for the elements x of the warp's state tiles (mine: the tile
+  // is the warp's; past the last column tile it is not). The indices are computed afresh on every
+  // call (warp::opaque): the loads at the start and the stores at the end would otherwise share
+  // them, kept live across the kernel.
   template <typename State, typename Element>
   LINATTN_HD static void each_state_element(const WarpContext& w, State& s, const Element& element) {
     LINATTN_UNROLL
     for (int slot = 0; slot < State::kTilesPerWarp; ++slot) {
       int mi = 0, ni = 0;
-      const bool mine = State::tile(w.warp, slot, mi, ni);
-      warp::for_lanes(w, [&](int lane) {
+      const bool mine = State::tile(warp::opaque(w.warp), slot, mi, ni);
+      warp::for_lanes(w, [&](int lane_index) {
+        const int lane = warp::opaque(lane_index);
         const int g = warp::group_of(lane), t = warp::thread_in_group(lane);
         LINATTN_UNROLL
         for (int i = 0; i < 4; ++i) {
@@ -369,44 +373,44 @@ struct BackwardBlock {
   LINATTN_HD static void masked_scores(const WarpContext& w, uint32_t x, int xp, uint32_t y, int yp,
                                                       bool reverse, const Finish& finish,
                                                       Fragment (&scores)[kKeyBlocks][4]) {
-    const int rb = w.warp % 4;
-    Accumulator sc[kChunk / 8][4];
-    warp::clear(w, sc);
+    // One 16-column block at a time (its two score tiles packed before the next starts: registers
+    // for 8 fp32 tiles at once are what the kernel lacks); a block wholly masked is 0 without mma.
+    const int rb = warp::opaque(w.warp) % 4;
     LINATTN_UNROLL
-    for (int ks = 0; ks < kSteps; ++ks) {
-      Fragment a[4];
-      warp::rows_as_a_operand(w, x + rb * 16 * xp + ks * 32, xp, a);
-      LINATTN_UNROLL
-      for (int nt = 0; nt < kChunk / 8; ++nt) {
-        if (reverse ? nt < 2 * rb : nt > 2 * rb + 1) continue;
-        Fragment bf[2];
-        warp::rows_as_b_operand_transposed(w, y + nt * 8 * yp + ks * 32, yp, bf);
-        warp::mma_16816<scalar_t>(sc[nt], a, bf);
+    for (int kk = 0; kk < kKeyBlocks; ++kk) {
+      Accumulator sc[2][4];
+      warp::clear(w, sc);
+      if (reverse ? kk >= rb : kk <= rb) {
+        LINATTN_UNROLL
+        for (int ks = 0; ks < kSteps; ++ks) {
+          Fragment a[4];
+          warp::rows_as_a_operand(w, x + rb * 16 * xp + ks * 32, xp, a);
+          LINATTN_UNROLL
+          for (int half = 0; half < 2; ++half) {
+            Fragment bf[2];
+            warp::rows_as_b_operand_transposed(w, y + (kk * 16 + half * 8) * yp + ks * 32, yp, bf);
+            warp::mma_16816<scalar_t>(sc[half], a, bf);
+          }
+        }
       }
+      warp::for_lanes(w, [&](int lane) {
+        const int g = warp::group_of(lane), t = warp::thread_in_group(lane);
+        LINATTN_UNROLL
+        for (int half = 0; half < 2; ++half) {
+          LINATTN_UNROLL
+          for (int i = 0; i < 4; ++i) {
+            const int row = rb * 16 + g + 8 * (i / 2), col = kk * 16 + half * 8 + 2 * t + i % 2;
+            const bool visible = reverse ? col >= row : col <= row;
+            sc[half][i][lane] = visible ? finish(row, col, sc[half][i][lane]) : 0.0f;
+          }
+        }
+        // The C fragments of the two score tiles are the A fragment of their 16 columns.
+        LINATTN_UNROLL
+        for (int i = 0; i < 4; ++i) {
+          scores[kk][i][lane] = warp::pack<scalar_t>(sc[i / 2][2 * (i % 2)][lane], sc[i / 2][2 * (i % 2) + 1][lane]);
+        }
+      });
     }
-    warp::for_lanes(w, [&](int lane) {
-      const int g = warp::group_of(lane), t = warp::thread_in_group(lane);
-      LINATTN_UNROLL
-      for (int nt = 0; nt < kChunk / 8; ++nt) {
-        LINATTN_UNROLL
-        for (int i = 0; i < 4; ++i) {
-          const int row = rb * 16 + g + 8 * (i / 2), col = nt * 8 + 2 * t + i % 2;
-          const bool visible = reverse ? col >= row : col <= row;
-          sc[nt][i][lane] = visible ? finish(row, col, sc[nt][i][lane]) : 0.0f;
-        }
-      }
-    });
-    // The C fragments of two score tiles are the A fragment of their 16 columns.
-    warp::for_lanes(w, [&](int lane) {
-      LINATTN_UNROLL
-      for (int kk = 0; kk < kKeyBlocks; ++kk) {
-        LINATTN_UNROLL
-        for (int i = 0; i < 4; ++i) {
-          const Accumulator* tile = sc[2 * kk + i / 2];
-          scores[kk][i][lane] = warp::pack<scalar_t>(tile[2 * (i % 2)][lane], tile[2 * (i % 2) + 1][lane]);
-        }
-      }
-    });
   }
 
   // o += X_rb · T over kSteps 16-row slices of T (X rows at x; T's rows at t, the warp's first
@@ -414,7 +418,7 @@ struct BackwardBlock {
   template <int kSteps, int kTiles>
   LINATTN_HD static void times_state(const WarpContext& w, uint32_t x, int xp, uint32_t t, int tp,
                                      Accumulator (&o)[kTiles][4]) {
-    const int rb = w.warp % 4;
+    const int rb = warp::opaque(w.warp) % 4;
     LINATTN_UNROLL
     for (int ks = 0; ks < kSteps; ++ks) {
       Fragment a[4];
@@ -433,7 +437,7 @@ struct BackwardBlock {
   template <int kTiles>
   LINATTN_HD void times_rows(const WarpContext& w, const Fragment (&scores)[kKeyBlocks][4], uint32_t y,
                                             int yp, bool reverse, bool exact, Accumulator (&o)[kTiles][4]) const {
-    const int rb = w.warp % 4;
+    const int rb = warp::opaque(w.warp) % 4;
     LINATTN_UNROLL
     for (int kk = 0; kk < kKeyBlocks; ++kk) {
       if ((reverse ? kk < rb : kk > rb) || (kk == rb && exact)) continue;
@@ -457,7 +461,7 @@ struct BackwardBlock {
   template <int kTiles, typename Store>
   LINATTN_HD static void each_output(const WarpContext& w, const Accumulator (&o)[kTiles][4], int col0,
                                      const Store& store) {
-    const int rb = w.warp % 4;
+    const int rb = warp::opaque(w.warp) % 4;
     warp::for_lanes(w, [&](int lane) {
       const int g = warp::group_of(lane), t = warp::thread_in_group(lane);
       LINATTN_UNROLL
@@ -524,57 +528,70 @@ struct BackwardBlock {
   //   dφ(k)_j = U_v v_j + u + Σ_{i >= j} (v_j · G_i + gn_i) φ(q_i),   dk = dφ(k) ⊙ φ'(k);
   // 0 for padded keys.
   LINATTN_HD void key_value_gradients(const WarpContext& w, uint32_t base, int64_t start) const {
-    const int rb = w.warp % 4, ch = w.warp / 4;
+    // (warp::opaque: the addresses below are recomputed in each chunk, not kept across the loop.)
+    const int warp_index = warp::opaque(w.warp), rb = warp_index % 4, ch = warp_index / 4;
     if (start + rb * 16 >= p.k_len) return;
+    // (Registers bound the order: the scores packed to 16 bits before any output tile starts, and
+    // the warp's columns in parts of 32 (four 8-column tiles) beside U.)
+    constexpr int kPart = 4;
     {
-      const int c0 = ch * (DV / 2);
-      // (Registers bound the order: the scores packed to 16 bits before the output tiles start.)
       Fragment scores[kKeyBlocks][4];
       if (p.causal) {
         masked_scores<DK / 16>(w, base + L::kK, L::kQKPitch, base + L::kQ, L::kQKPitch, true,
                                [](int, int, float x) { return x; }, scores);
       }
-      Accumulator o[kValueTiles][4];
-      warp::clear(w, o);
-      times_state<DK / 16>(w, base + L::kK, L::kQKPitch, L::kState + c0 * 2, L::kUPitch, o);
-      if (p.causal) {
-        times_rows(w, scores, base + L::kG + c0 * 2, L::kGPitch, true, flag(w, base, L::kCotangentFlag), o);
+      LINATTN_UNROLL
+      for (int part = 0; part < kValueTiles / kPart; ++part) {
+        const int c0 = ch * (DV / 2) + part * kPart * 8;
+        Accumulator o[kPart][4];
+        warp::clear(w, o);
+        times_state<DK / 16>(w, base + L::kK, L::kQKPitch, L::kState + c0 * 2, L::kUPitch, o);
+        if (p.causal) {
+          times_rows(w, scores, base + L::kG + c0 * 2, L::kGPitch, true, flag(w, base, L::kCotangentFlag), o);
+        }
+        each_output(w, o, c0, [&](int r, int c, float x) {
+          const int64_t row = start + r;
+          if (row >= p.k_len || c >= p.value_dim) return;
+          warp::store_global(w, p.grad_v + (bh * p.k_len + row) * p.value_dim + c,
+                             scalar_t(padded(row) ? 0.0f : x));
+        });
       }
-      each_output(w, o, c0, [&](int r, int c, float x) {
-        const int64_t row = start + r;
-        if (row >= p.k_len || c >= p.value_dim) return;
-        warp::store_global(w, p.grad_v + (bh * p.k_len + row) * p.value_dim + c, scalar_t(padded(row) ? 0.0f : x));
-      });
     }
-    const int f0 = ch * (DK / 2);
     Fragment scores[kKeyBlocks][4];
     if (p.causal) {
       masked_scores<DV / 16>(w, base + L::kV, L::kVPitch, base + L::kG, L::kGPitch, true,
                              [&](int, int col, float x) { return x + normalizer_cotangent(w, base, col); }, scores);
     }
-    Accumulator o[kFeatureTiles][4];
-    warp::clear(w, o);
-    // U_v v_j: Uᵀ's rows are U's columns, so the state copy is read as a transposed B operand.
     LINATTN_UNROLL
-    for (int ks = 0; ks < DV / 16; ++ks) {
-      Fragment a[4];
-      warp::rows_as_a_operand(w, base + L::kV + rb * 16 * L::kVPitch + ks * 32, L::kVPitch, a);
+    for (int part = 0; part < kFeatureTiles / kPart; ++part) {
+      const int f0 = ch * (DK / 2) + part * kPart * 8;
+      Accumulator o[kPart][4];
+      warp::clear(w, o);
+      // U_v v_j: Uᵀ's rows are U's columns, so the state copy is read as a transposed B operand.
       LINATTN_UNROLL
-      for (int j = 0; j < kFeatureTiles; ++j) {
-        Fragment bf[2];
-        warp::rows_as_b_operand_transposed(w, L::kState + (f0 + j * 8) * L::kUPitch + ks * 32, L::kUPitch, bf);
-        warp::mma_16816<scalar_t>(o[j], a, bf);
+      for (int ks = 0; ks < DV / 16; ++ks) {
+        Fragment a[4];
+        warp::rows_as_a_operand(w, base + L::kV + rb * 16 * L::kVPitch + ks * 32, L::kVPitch, a);
+        LINATTN_UNROLL
+        for (int j = 0; j < kPart; ++j) {
+          Fragment bf[2];
+          warp::rows_as_b_operand_transposed(w, L::kState + (f0 + j * 8) * L::kUPitch + ks * 32, L::kUPitch, bf);
+          warp::mma_16816<scalar_t>(o[j], a, bf);
+        }
       }
+      if (p.causal) times_rows(w, scores, base + L::kQ + f0 * 2, L::kQKPitch, true, flag(w, base, L::kQueryFlag), o);
+      each_output(w, o, f0, [&](int r, int f, float x) {
+        const int64_t row = start + r;
+        if (row >= p.k_len || f >= p.feature_dim) return;
+        x += shared_element<scalar_t>(w, L::kState + f * L::kUPitch + DV * 2);  // u
+        x *= derivative_from_feature(p.feature_map,
+                                     shared_element<scalar_t>(w, base + L::kK + r * L::kQKPitch + f * 2));
+        warp::store_global(w, p.grad_k + (bh * p.k_len + row) * p.feature_dim + f,
+                           scalar_t(padded(row) ? 0.0f : x));
+      });
     }
-    if (p.causal) times_rows(w, scores, base + L::kQ + f0 * 2, L::kQKPitch, true, flag(w, base, L::kQueryFlag), o);
-    each_output(w, o, f0, [&](int r, int f, float x) {
-      const int64_t row = start + r;
-      if (row >= p.k_len || f >= p.feature_dim) return;
-      x += shared_element<scalar_t>(w, L::kState + f * L::kUPitch + DV * 2);  // u
-      x *= derivative_from_feature(p.feature_map, shared_element<scalar_t>(w, base + L::kK + r * L::kQKPitch + f * 2));
-      warp::store_global(w, p.grad_k + (bh * p.k_len + row) * p.feature_dim + f, scalar_t(padded(row) ? 0.0f : x));
-    });
   }
+
 };
 
 }  // namespace tensor_core

@@ -49,16 +49,16 @@ LINATTN_HD void add_visible_pairs(const WarpContext& w, uint32_t scratch, const 
   warp::for_lanes(w, [&](int lane) {
     const int g = warp::group_of(lane), t = warp::thread_in_group(lane);
     LINATTN_UNROLL
-    for (int half = 0; half < 2; ++half) {
-      const int row = g + 8 * half;
-      for (int key = 0; key < 16; ++key) {
-        if (!visible(row, key)) continue;
-        const float score = warp::load_shared<float>(w, scratch + (row * 16 + key) * 4);
-        LINATTN_UNROLL
-        for (int j = 0; j < kTiles; ++j) {
-          LINATTN_UNROLL
-          for (int e = 0; e < 2; ++e) o[j][2 * half + e][lane] += score * value(key, j, 2 * t + e);
+    for (int j = 0; j < kTiles; ++j) {
+      LINATTN_UNROLL
+      for (int i = 0; i < 4; ++i) {
+        const int row = g + 8 * (i / 2), c = 2 * t + i % 2;
+        float sum = 0.0f;
+        LINATTN_NO_UNROLL
+        for (int key = 0; key < 16; ++key) {
+          if (visible(row, key)) sum += warp::load_shared<float>(w, scratch + (row * 16 + key) * 4) * value(key, j, c);
         }
+        o[j][i][lane] += sum;
       }
     }
   });
