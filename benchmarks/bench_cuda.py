@@ -1,6 +1,6 @@
 """Linear attention on a CUDA GPU: linattn's fused kernels and its generic path against SDPA
 (flash backend where it applies) and flash-linear-attention when importable ("fused" runs the
-tensor-core forward for bf16, "fused-simt" the same call on the SIMT kernels); forward and
+tensor-core forward and backward for bf16, "fused-simt" the same calls on the SIMT kernels); forward and
 forward+backward, medians of CUDA-event timings. Linear attention on a GPU is bound by memory
 traffic, so each row also gives the bandwidth of reading q, k, v and writing o once, next to a
 device-to-device copy measured in the same run (the floor of the issue's targets).
@@ -59,15 +59,9 @@ def implementations(causal, fla):
             return linattn.linear_attention(q, k, v, causal=causal)
         return run
 
-    def simt_fused(q, k, v):
-        # The fused backend without the tensor-core forward (16-bit inputs; the same call otherwise).
-        os.environ["LINATTN_TENSOR_CORES"] = "0"
-        try:
-            return linattn_with("fused")(q, k, v)
-        finally:
-            del os.environ["LINATTN_TENSOR_CORES"]
-
-    impls = {"fused": linattn_with("fused"), "fused-simt": simt_fused, "generic": linattn_with("generic"),
+    # "fused-simt" is the fused backend with LINATTN_TENSOR_CORES=0, which measure() sets around
+    # both its timings (the backward runs outside the call).
+    impls = {"fused": linattn_with("fused"), "fused-simt": linattn_with("fused"), "generic": linattn_with("generic"),
              "sdpa": lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=causal)}
     if fla is not None and causal:
         # FLA's chunk kernel takes (B, T, H, D) and has no normalizer: the same memory traffic.
@@ -97,6 +91,8 @@ def measure(args):
                             continue  # float32 has no tensor-core path: "fused" is the SIMT kernel
                         row = dict(B=B, H=H, D=D, T=T, dtype=str(dtype).split(".")[-1], causal=causal, impl=name,
                                    floor_ms=floor_ms)
+                        if name == "fused-simt":
+                            os.environ["LINATTN_TENSOR_CORES"] = "0"
                         try:
                             row["fwd_ms"] = cuda_median_ms(lambda: fn(q, k, v), reps)
                             row["fwd_bwd_ms"] = cuda_median_ms(
@@ -106,6 +102,8 @@ def measure(args):
                             row["error"] = "out of memory"
                         except Exception as error:  # one failing implementation must not end a GPU run
                             row["error"] = f"{type(error).__name__}: {error}"[:300]
+                        finally:
+                            os.environ.pop("LINATTN_TENSOR_CORES", None)
                         torch.cuda.empty_cache()
                         rows.append(row)
                         print(_format(row), flush=True)
