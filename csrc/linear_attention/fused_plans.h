@@ -191,8 +191,21 @@ std::optional<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>> backwa
       key_value.pass = tensor_core::BackwardPass::kKeyValue;
       key_value.state_in = state_view<const float>(optional_ptr<float>(grad_final_state, grad_final), s, false);
       key_value.state_out = state_view<float>(grad_initial.data_ptr<float>(), s, false);
-      launch(query);
-      launch(key_value);
+      const int64_t segments = tensor_core::segments_for(s, launch.processors());
+      if (segments == 1) {
+        launch(query);
+        launch(key_value);
+        return;
+      }
+      // One long sequence: split it (the forward's segment sums give the query pass its states).
+      tensor_core::ForwardProblem<scalar_t> sums;
+      describe_call<tensor_core::ForwardProblem<scalar_t>, scalar_t>(sums, s, q, k, v, mask_ptr);
+      sums.q_vector = p.q_vector;
+      sums.k_vector = p.k_vector;
+      sums.v_vector = p.v_vector;
+      sums.value_tiles = tensor_core::value_tiles_of(s);
+      tensor_core::split_backward(query, key_value, sums, segments, initial_state, final_state, grad_final_state,
+                                  grad_initial, launch);
     });
     return std::make_tuple(grad_q, grad_k, grad_v, grad_initial);
   }

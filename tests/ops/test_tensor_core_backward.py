@@ -223,12 +223,37 @@ def test_falls_back_when_shared_memory_is_small(monkeypatch):
     check(q, k, v, TOLERANCE[torch.bfloat16])
 
 
-def test_traffic_and_bank_conflicts():
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("hand_final_state", [True, False])
+def test_sequence_split(monkeypatch, causal, hand_final_state):
+    """Too few (batch, head) blocks for the GPU's SMs: the rows are cut into segments (emulating 16
+    SMs, B·H = 2 and T = 1600 give three), each pass starting from states summed per segment. Every
+    gradient against the reference (mask, initial state and dS_N included) and against the unsplit
+    run, which writes no per-segment sums."""
+    B, H, T, m, dv = 1, 2, 1600, 32, 24
+    q, k, v = make(B, H, T, T, m, dv, torch.bfloat16, seed=13)
+    mask = torch.zeros(B, T, dtype=torch.bool)
+    mask[0, 560:600] = True
+    options = dict(causal=causal, initial_state=initial_state_of(B, H, m, dv), mask=mask,
+                   hand_final_state=hand_final_state)
+    monkeypatch.setenv("LINATTN_EMULATED_SMS", "16")
+    check(q, k, v, TOLERANCE[torch.bfloat16], **options)
+    _, _, split, _ = run(q, k, v, **options)
+    split_written = counters()["written_bytes"]
+    monkeypatch.setenv("LINATTN_EMULATED_SMS", "2")
+    _, _, whole, _ = run(q, k, v, **options)
+    assert split_written > counters()["written_bytes"], "the split did not run (no segment sums written)"
+    for name, a, b in zip(("dq", "dk", "dv", "dS0"), split, whole):
+        assert_close(a, b.double(), TOLERANCE[torch.bfloat16], name)
+
+
+def test_traffic_and_bank_conflicts(monkeypatch):
     """Global traffic of the causal backward at B=1 H=2 D=128 T=1024 bf16 as a multiple of its
     floor (q, k, v, o and grad_out read, dq, dk, dv written once) and no ldmatrix bank conflicts.
     The two passes read q, k, v and grad_out twice and o once (the query pass hands each row's
     scalars to the other): 1.5x in the limit, 1.57x here with dS_N, dS0 and the row scalars; the issue's
     1.3x would need dq in the reverse pass (benchmarks/bench_tensor_core.py prints T=4096)."""
+    monkeypatch.setenv("LINATTN_EMULATED_SMS", "2")  # a block per (batch, head): no sequence split
     B, H, T, D = 1, 2, 1024, 128
     q, k, v = make(B, H, T, T, D, D, torch.bfloat16, seed=6, scale=0.3)
     run(q, k, v, grad_state=None)

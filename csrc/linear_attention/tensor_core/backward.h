@@ -14,7 +14,8 @@
 //     U += φ(Q)ᵀ G';  after the first chunk U is dS0.
 // Non-causal: the state over every key (query pass; or the forward's final state, handed over)
 // or U over every query (key-value pass) first, then the rows against it. No state per chunk ever
-// reaches memory, and nothing is accumulated with atomics: deterministic.
+// reaches memory, and nothing is accumulated with atomics: deterministic. One long sequence is
+// split into segments, a block each, from states summed per segment (plan.h, split_backward).
 #pragma once
 
 #include "backward_block.h"
@@ -49,7 +50,7 @@ LINATTN_HD LINATTN_INLINE void stream_chunks(const Exec& exec, const Block& blk,
   }
 }
 
-// The query pass for block `block` ((batch, head)): writes dq.
+// The query pass for block `block` ((batch, head[, segment])): writes dq and the row scalars.
 template <int DK, int DV, typename scalar_t, typename Exec>
 LINATTN_HD LINATTN_INLINE void run_query_gradient_block(const Exec& exec, const BackwardProblem<scalar_t>& p,
                                                         int64_t block) {
@@ -62,13 +63,16 @@ LINATTN_HD LINATTN_INLINE void run_query_gradient_block(const Exec& exec, const 
     Block::accumulate(w, s, base + L::kV, L::kVPitch, base + L::kK, L::kQKPitch, rows);
   };
   auto nothing = [](const WarpContext&, State&, uint32_t) {};
+  int64_t q_begin = 0, q_end = 0, k_begin = 0, k_end = 0;
+  blk.row_range(p.q_len, p.segment_rows_q, q_begin, q_end);
+  blk.row_range(p.k_len, p.segment_rows_k, k_begin, k_end);
   exec([&](const WarpContext& w, State& s) {
     blk.load_s(w, s);
     publish(w, s);
   });
   if (p.causal) {
     // z and the state copy take in the chunk before once every warp has read them.
-    stream_chunks(exec, blk, 0, p.q_len, false, true, true,
+    stream_chunks(exec, blk, q_begin, q_end, false, true, true,
                   [&](const WarpContext& w, State& s, uint32_t previous) {
                     blk.add_key_sums(w, previous);
                     publish(w, s);
@@ -80,20 +84,21 @@ LINATTN_HD LINATTN_INLINE void run_query_gradient_block(const Exec& exec, const 
     return;
   }
   if (!p.state_complete) {
-    stream_chunks(exec, blk, 0, p.k_len, false, false, true, nothing,
+    stream_chunks(exec, blk, k_begin, k_end, false, false, true, nothing,
                   [&](const WarpContext& w, State& s, uint32_t base, int64_t, int rows) {
                     accumulate(w, s, base, rows);
                     blk.add_key_sums(w, base);
                   });
     exec([&](const WarpContext& w, State& s) { publish(w, s); });
   }
-  stream_chunks(exec, blk, 0, p.q_len, false, true, false, nothing,
+  stream_chunks(exec, blk, q_begin, q_end, false, true, false, nothing,
                 [&](const WarpContext& w, State&, uint32_t base, int64_t start, int) {
                   blk.query_gradient(w, base, start);
                 });
 }
 
-// The key-value pass for block `block`: writes dk, dv and dS0.
+// The key-value pass for block `block`: writes dk, dv and dS0 (kKeyValueSums: only the segment's
+// Σ φ(q) G'ᵀ).
 template <int DK, int DV, typename scalar_t, typename Exec>
 LINATTN_HD LINATTN_INLINE void run_key_value_gradient_block(const Exec& exec, const BackwardProblem<scalar_t>& p,
                                                             int64_t block) {
@@ -105,25 +110,32 @@ LINATTN_HD LINATTN_INLINE void run_key_value_gradient_block(const Exec& exec, co
   auto accumulate = [&](const WarpContext& w, State& s, uint32_t base, int rows) {
     Block::accumulate(w, s, base + L::kQ, L::kQKPitch, base + L::kG, L::kGPitch, rows);
   };
+  auto accumulate_chunk = [&](const WarpContext& w, State& s, uint32_t base, int64_t, int rows) {
+    accumulate(w, s, base, rows);
+  };
   auto nothing = [](const WarpContext&, State&, uint32_t) {};
+  int64_t q_begin = 0, q_end = 0, k_begin = 0, k_end = 0;
+  blk.row_range(p.q_len, p.segment_rows_q, q_begin, q_end);
+  blk.row_range(p.k_len, p.segment_rows_k, k_begin, k_end);
   exec([&](const WarpContext& w, State& s) {
     blk.load_u(w, s);
     publish(w, s);
   });
-  if (p.causal) {
-    stream_chunks(exec, blk, 0, p.q_len, true, true, true,
+  if (p.pass == BackwardPass::kKeyValueSums) {
+    stream_chunks(exec, blk, q_begin, q_end, false, true, false, nothing, accumulate_chunk);
+  } else if (p.causal) {
+    stream_chunks(exec, blk, q_begin, q_end, true, true, true,
                   [&](const WarpContext& w, State& s, uint32_t) { publish(w, s); },
                   [&](const WarpContext& w, State& s, uint32_t base, int64_t start, int rows) {
                     blk.key_value_gradients(w, base, start);
                     accumulate(w, s, base, rows);
                   });
   } else {
-    stream_chunks(exec, blk, 0, p.q_len, false, true, false, nothing,
-                  [&](const WarpContext& w, State& s, uint32_t base, int64_t, int rows) {
-                    accumulate(w, s, base, rows);
-                  });
-    exec([&](const WarpContext& w, State& s) { publish(w, s); });
-    stream_chunks(exec, blk, 0, p.k_len, false, false, true, nothing,
+    if (!p.state_complete) {
+      stream_chunks(exec, blk, q_begin, q_end, false, true, false, nothing, accumulate_chunk);
+      exec([&](const WarpContext& w, State& s) { publish(w, s); });
+    }
+    stream_chunks(exec, blk, k_begin, k_end, false, false, true, nothing,
                   [&](const WarpContext& w, State&, uint32_t base, int64_t start, int) {
                     blk.key_value_gradients(w, base, start);
                   });

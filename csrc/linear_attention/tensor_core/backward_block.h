@@ -29,11 +29,27 @@ struct BackwardBlock {
   static constexpr int kKeyBlocks = kChunk / 16;
 
   const BackwardProblem<scalar_t>& p;
-  int64_t bh, b, h;
+  // Block index = bh · segments + segment; states are per block.
+  int64_t state_index, bh, b, h, segment;
   Strided4<const scalar_t> cotangent;  // grad_out, which the G' rows are built from
 
   LINATTN_HD BackwardBlock(const BackwardProblem<scalar_t>& problem, int64_t index)
-      : p(problem), bh(index), b(index / problem.heads), h(index % problem.heads), cotangent(problem.grad_out) {}
+      : p(problem),
+        state_index(index),
+        bh(index / problem.segments),
+        b(bh / problem.heads),
+        h(bh % problem.heads),
+        segment(index % problem.segments),
+        cotangent(problem.grad_out) {}
+
+  // The block's rows [begin, end) of `rows` (all of them unless the sequence is split).
+  LINATTN_HD void row_range(int64_t rows, int64_t segment_rows, int64_t& begin, int64_t& end) const {
+    begin = 0;
+    end = rows;
+    if (p.segments == 1) return;
+    begin = segment * segment_rows < rows ? segment * segment_rows : rows;
+    end = begin + segment_rows < rows ? begin + segment_rows : rows;
+  }
 
   // The buffer of the block's step-th chunk.
   LINATTN_HD static uint32_t buffer(int64_t step) { return static_cast<uint32_t>((step & 1) * L::kBuffer); }
@@ -300,16 +316,16 @@ struct BackwardBlock {
     each_state_element(w, s, [&](bool mine, int row, int col, float& x) {
       const int64_t c = augmented_column(col);
       const bool stored = mine && p.state_in.data != nullptr && row < p.feature_dim && c >= 0;
-      x = stored ? warp::load_global(w, p.state_in.at(bh, row, c)) : 0.0f;
+      x = stored ? warp::load_global(w, p.state_in.at(state_index, row, c)) : 0.0f;
     });
   }
 
-  // dS0 = U after the first chunk.
+  // U after the block's first chunk: dS0 (kKeyValue), the segment's sum (kKeyValueSums).
   LINATTN_HD void store_u(const WarpContext& w, KeyValueState<DK, DV>& s) const {
     if (p.state_out.data == nullptr) return;
     each_state_element(w, s, [&](bool mine, int row, int col, float& x) {
       const int64_t c = augmented_column(col);
-      if (mine && row < p.feature_dim && c >= 0) warp::store_global(w, p.state_out.at(bh, row, c), x);
+      if (mine && row < p.feature_dim && c >= 0) warp::store_global(w, p.state_out.at(state_index, row, c), x);
     });
   }
 
@@ -318,12 +334,13 @@ struct BackwardBlock {
     const bool given = p.state_in.data != nullptr;
     each_state_element(w, s, [&](bool mine, int row, int col, float& x) {
       const bool stored = mine && given && row < p.value_dim && col < p.feature_dim;
-      x = stored ? warp::load_global(w, p.state_in.at(bh, col, row)) : 0.0f;
+      x = stored ? warp::load_global(w, p.state_in.at(state_index, col, row)) : 0.0f;
     });
     warp::for_lanes(w, [&](int lane) {
       const int f = w.warp * warp::kWarpSize + lane;
       if (f >= DK) return;
-      const float z = given && f < p.feature_dim ? warp::load_global(w, p.state_in.at(bh, f, p.value_dim)) : 0.0f;
+      const bool stored = given && f < p.feature_dim;
+      const float z = stored ? warp::load_global(w, p.state_in.at(state_index, f, p.value_dim)) : 0.0f;
       warp::store_shared<float>(w, L::kZ + f * 4, z);
     });
   }

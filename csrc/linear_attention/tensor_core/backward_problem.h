@@ -13,6 +13,8 @@ namespace tensor_core {
 enum class BackwardPass : int {
   kQuery = 0,     // dq: a scan forwards in time with the state Sᵀ
   kKeyValue = 1,  // dk, dv and dS0: a scan backwards in time with U = dS_N + Σ φ(q) G'ᵀ
+  // The sequence split only: each segment's Σ φ(q) G'ᵀ over its query rows to state_out.
+  kKeyValueSums = 2,
 };
 
 // Everything one launch reads and writes; one block per (batch, head). The cotangent of the
@@ -33,16 +35,22 @@ struct BackwardProblem {
   const bool* key_padding = nullptr;  // (B, T_k), true = padded, or null
   BackwardPass pass = BackwardPass::kQuery;
   // kQuery: the forward's initial state (causal), or with state_complete its final state (non-
-  // causal: every query saw it, so no pass over the keys); kKeyValue: dS_N. (m, dv + 1) each, or null.
+  // causal: every query saw it, so no pass over the keys); kKeyValue: dS_N, or with state_complete
+  // U over every query (non-causal: no pass over the queries). (m, dv + 1) each, or null.
   fused::StateView<const float> state_in;
   bool state_complete = false;
-  fused::StateView<float> state_out;  // kKeyValue: dS0, (m, dv + 1)
+  fused::StateView<float> state_out;  // kKeyValue: dS0; kKeyValueSums: the segments' sums
+  // The sequence split (one long sequence has too few (batch, head) blocks to fill a GPU), as the
+  // forward's (ForwardProblem): a block per (batch, head, segment) of segment_rows_q query and
+  // segment_rows_k key rows; state views are indexed by block, holding the state the segment's
+  // scan starts from (split_backward in plan.h builds them).
+  int64_t segments = 1, segment_rows_q = 0, segment_rows_k = 0;
   scalar_t* grad_q = nullptr;         // (B, H, T_q, m) contiguous
   scalar_t* grad_k = nullptr;         // (B, H, T_k, m)
   scalar_t* grad_v = nullptr;         // (B, H, T_k, dv)
   float* row_scalars = nullptr;       // (B, H, T_q, 2): written by the query pass, read by the other
 
-  LINATTN_HD int64_t blocks() const { return batch * heads; }
+  LINATTN_HD int64_t blocks() const { return batch * heads * segments; }
 };
 
 // Shared memory of one block: two chunk buffers, each with the chunk's φ(Q), φ(K), V and G rows

@@ -91,5 +91,83 @@ void split_forward(ForwardProblem<scalar_t> p, int64_t segments, const std::opti
   launch(outputs);
 }
 
+// Runs the backward split into `segments` (the views of the states below are (B, H, segments,
+// m, dv + 1), contiguous):
+//   1. the state each query segment starts from: the forward's segment sums Σ φ(k)[v | 1]ᵀ
+//      (sums_problem, kSegmentStates) and their prefix (causal; non-causal: their total, or the
+//      forward's final state when it is handed over, without a launch);
+//   2. the query pass per segment (dq, and the row scalars the other passes read);
+//   3. each segment's Σ φ(q) G'ᵀ (kKeyValueSums) and their suffix sums: the U each key segment
+//      starts from (non-causal: the total), and dS0 = dS_N + their total;
+//   4. the key-value pass per segment (dk, dv).
+// Prefix and suffix sums are fp32 ATen ops in a fixed order: deterministic. Writes grad_initial.
+template <typename scalar_t, typename Launch>
+void split_backward(BackwardProblem<scalar_t> query, BackwardProblem<scalar_t> key_value,
+                    ForwardProblem<scalar_t> sums_problem, int64_t segments,
+                    const std::optional<at::Tensor>& initial_state, const std::optional<at::Tensor>& final_state,
+                    const std::optional<at::Tensor>& grad_final_state, at::Tensor& grad_initial,
+                    const Launch& launch) {
+  const int64_t B = query.batch, H = query.heads, m = query.feature_dim, dv = query.value_dim;
+  const bool causal = query.causal;
+  const auto options = grad_initial.options();
+  const int64_t rows_q = segment_rows(query.q_len, segments), rows_k = segment_rows(query.k_len, segments);
+  auto split = [&](auto& problem) {
+    problem.segments = segments;
+    problem.segment_rows_q = rows_q;
+    problem.segment_rows_k = rows_k;
+  };
+  auto every_segment = [&](const at::Tensor& state) {
+    return state.unsqueeze(2).expand({B, H, segments, m, dv + 1}).contiguous();
+  };
+  auto view = [&](auto* data) { return fused::augmented_state_view(data, m, dv, false); };
+
+  at::Tensor before;
+  if (causal || !final_state.has_value()) {
+    const at::Tensor sums = at::empty({B, H, segments, m, dv + 1}, options);
+    split(sums_problem);
+    sums_problem.pass = Pass::kSegmentStates;
+    sums_problem.state_in = {};
+    sums_problem.state_out = view(sums.data_ptr<float>());
+    launch(sums_problem);
+    if (causal) {
+      before = sums.cumsum(2).sub_(sums);
+      if (initial_state.has_value()) before.add_(initial_state->unsqueeze(2));
+    } else {
+      at::Tensor total = sums.sum(2);
+      if (initial_state.has_value()) total.add_(*initial_state);
+      before = every_segment(total);
+    }
+  } else {
+    before = every_segment(*final_state);
+  }
+  split(query);
+  query.state_in = view(before.const_data_ptr<float>());
+  query.state_complete = !causal;
+  launch(query);
+
+  const at::Tensor u_sums = at::empty({B, H, segments, m, dv + 1}, options);
+  auto sums_pass = key_value;
+  split(sums_pass);
+  sums_pass.pass = BackwardPass::kKeyValueSums;
+  sums_pass.state_in = {};
+  sums_pass.state_out = view(u_sums.data_ptr<float>());
+  launch(sums_pass);
+  at::Tensor total = u_sums.sum(2);
+  if (grad_final_state.has_value()) total.add_(*grad_final_state);
+  grad_initial.copy_(total);
+  at::Tensor after;
+  if (causal) {
+    after = u_sums.flip(2).cumsum(2).flip(2).sub_(u_sums);
+    if (grad_final_state.has_value()) after.add_(grad_final_state->unsqueeze(2));
+  } else {
+    after = every_segment(total);
+  }
+  split(key_value);
+  key_value.state_in = view(after.const_data_ptr<float>());
+  key_value.state_complete = !causal;
+  key_value.state_out = {};
+  launch(key_value);
+}
+
 }  // namespace tensor_core
 }  // namespace linattn
