@@ -88,16 +88,20 @@ def emulated_figures(T, D, causal, processors):
             "wavefronts_per_matrix": wavefronts / max(matrices, 1)}
 
 
-def emulated_backward_figures(T, D, causal):
-    """One backward at B=1 H=2 (the forward's final state handed over, as autograd does)."""
+def emulated_backward_figures(T, D, causal, processors):
+    """One backward at B=1 H=2 (the forward's final state handed over, as autograd does) on an
+    emulated GPU of `processors` SMs (2: a block per (batch, head); 132: the sequence split)."""
+    os.environ["LINATTN_EMULATED_SMS"] = str(processors)
     q, k, v = (torch.randn(1, 2, T, D).mul(0.3).bfloat16() for _ in range(3))
     out, state, normalizer = torch.ops.linattn.linear_attn_fwd_fused(q, k, v, None, None, ELU, causal, True, 1e-6)
     torch.ops.linattn._reset_warp_emulation_counters()
     torch.ops.linattn.linear_attn_bwd_fused(torch.randn_like(out), None, q, k, v, out, normalizer, None, None, ELU,
                                             causal, True, state)
+    del os.environ["LINATTN_EMULATED_SMS"]
     mma, matrices, wavefronts, shuffles, read, written = torch.ops.linattn._warp_emulation_counters().tolist()
     floor = 8 * 2 * T * D * 2
-    return {"T": T, "D": D, "causal": causal, "mma": mma, "read_bytes": read, "written_bytes": written,
+    return {"T": T, "D": D, "causal": causal, "processors": processors, "mma": mma, "read_bytes": read,
+            "written_bytes": written,
             "traffic_over_floor": (read + written) / floor, "wavefronts_per_matrix": wavefronts / max(matrices, 1)}
 
 
@@ -194,12 +198,15 @@ def main():
         print(f"  {'causal' if e['causal'] else 'full':>6}, {kind}: traffic {e['traffic_over_floor']:.3f}x the floor "
               f"(target <= 1.15 unsplit, 2 split), {e['wavefronts_per_matrix']:.2f} wavefronts per ldmatrix matrix, "
               f"{e['mma']} mma")
-    backward = [emulated_backward_figures(T, 128, causal) for causal in (True, False)]
+    backward = [emulated_backward_figures(T, 128, causal, processors) for processors in (2, 132)
+                for causal in (True, False)]
     print(f"Emulated tensor-core backward, B=1 H=2 D=128 T={T} bf16 (floor = q, k, v, o, grad_out read + dq, dk, dv "
           f"written once):")
     for e in backward:
-        print(f"  {'causal' if e['causal'] else 'full':>6}: traffic {e['traffic_over_floor']:.3f}x the floor "
-              f"(target <= 1.3), {e['wavefronts_per_matrix']:.2f} wavefronts per ldmatrix matrix, {e['mma']} mma")
+        kind = "one block per head" if e["processors"] == 2 else "split for 132 SMs"
+        print(f"  {'causal' if e['causal'] else 'full':>6}, {kind}: traffic {e['traffic_over_floor']:.3f}x the floor "
+              f"(target <= 1.3 unsplit), {e['wavefronts_per_matrix']:.2f} wavefronts per ldmatrix matrix, "
+              f"{e['mma']} mma")
     flash = [emulated_flash_figures(T, 64, 256, causal) for causal in (False, True)]
     print(f"Emulated flash engine forward, B=1 H=2 D=64 T={T} bf16, sliding window 256:")
     for e in flash:
