@@ -61,6 +61,26 @@ def assert_close(actual, expected, tol, what=""):
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
+def compiled_kernel_rows(kernel):
+    """The compiled tensor-core kernels of family `kernel` (benchmarks/bench_tensor_core.py's
+    KERNELS: a name, or a predicate on it) as cuobjdump reads them from the built library: registers,
+    stack, local memory and HMMA count per instance. Skips in a build without CUDA kernels or
+    without cuobjdump / nvdisasm, which CI must have (install.sh installs them)."""
+    import os
+
+    from linattn import _build_info
+
+    if not getattr(_build_info, "CUDA_KERNELS", False):
+        pytest.skip("a build without the CUDA kernels")
+    from benchmarks.bench_tensor_core import cubin_figures, find_tool
+
+    if find_tool("cuobjdump") is None or find_tool("nvdisasm") is None:
+        assert not os.environ.get("CI"), "CI installs nvidia-cuda-cuobjdump and nvidia-cuda-nvdisasm (install.sh)"
+        pytest.skip("cuobjdump / nvdisasm not installed")
+    wanted = kernel if callable(kernel) else (lambda name: name == kernel)
+    return [row for row in cubin_figures(linattn._C.__file__)[0] if wanted(row["kernel"])]
+
+
 # --- the methods of linattn.nn.MultiheadAttention, as the module and GPU tests build them ---
 
 METHOD_OPTIONS = {

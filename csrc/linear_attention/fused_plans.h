@@ -71,6 +71,28 @@ ScanProblem<scalar_t, acc_t> problem_of(const LinearAttentionShape& s, const at:
   return p;
 }
 
+// A tensor-core problem's inputs: the call and whether q, k, v rows load as 16-byte copies.
+template <typename Problem, typename scalar_t>
+Problem tensor_core_inputs(const LinearAttentionShape& s, const at::Tensor& q, const at::Tensor& k,
+                           const at::Tensor& v, const bool* mask) {
+  Problem p;
+  describe_call<Problem, scalar_t>(p, s, q, k, v, mask);
+  p.q_vector = warp::vector_rows<scalar_t>(q);
+  p.k_vector = warp::vector_rows<scalar_t>(k);
+  p.v_vector = warp::vector_rows<scalar_t>(v);
+  return p;
+}
+
+// The tensor-core forward's problem (without outputs: the sequence split's state sums).
+template <typename scalar_t>
+tensor_core::ForwardProblem<scalar_t> tensor_core_forward_inputs(const LinearAttentionShape& s, const at::Tensor& q,
+                                                                 const at::Tensor& k, const at::Tensor& v,
+                                                                 const bool* mask) {
+  auto p = tensor_core_inputs<tensor_core::ForwardProblem<scalar_t>, scalar_t>(s, q, k, v, mask);
+  p.value_tiles = tensor_core::value_tiles_of(s);
+  return p;
+}
+
 // The tensor-core forward's problem; outputs contiguous.
 template <typename scalar_t>
 tensor_core::ForwardProblem<scalar_t> tensor_core_problem(const LinearAttentionShape& s, const at::Tensor& q,
@@ -78,16 +100,11 @@ tensor_core::ForwardProblem<scalar_t> tensor_core_problem(const LinearAttentionS
                                                           const bool* mask, StateView<const float> state_in,
                                                           StateView<float> state_out, at::Tensor& out,
                                                           at::Tensor& normalizer) {
-  tensor_core::ForwardProblem<scalar_t> p;
-  describe_call<tensor_core::ForwardProblem<scalar_t>, scalar_t>(p, s, q, k, v, mask);
-  p.q_vector = warp::vector_rows<scalar_t>(q);
-  p.k_vector = warp::vector_rows<scalar_t>(k);
-  p.v_vector = warp::vector_rows<scalar_t>(v);
+  auto p = tensor_core_forward_inputs<scalar_t>(s, q, k, v, mask);
   p.state_in = state_in;
   p.state_out = state_out;
   p.out = out.data_ptr<scalar_t>();
   p.normalizer = normalizer.data_ptr<float>();
-  p.value_tiles = tensor_core::value_tiles_of(s);
   return p;
 }
 
@@ -165,13 +182,9 @@ std::optional<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>> backwa
   if (tensor_core::takes_backward(s, q.scalar_type(), max_shared_bytes)) {
     // 16-bit inputs with head dims up to 128: the tensor-core backward (tensor_core/backward.h).
     AT_DISPATCH_REDUCED_FLOATING_TYPES(q.scalar_type(), "linear_attn_bwd_fused", [&] {
-      tensor_core::BackwardProblem<scalar_t> p;
-      describe_call<tensor_core::BackwardProblem<scalar_t>, scalar_t>(p, s, q, k, v, mask_ptr);
+      auto p = tensor_core_inputs<tensor_core::BackwardProblem<scalar_t>, scalar_t>(s, q, k, v, mask_ptr);
       p.grad_out = view_of<scalar_t>(grad_out);
       p.out = view_of<scalar_t>(out);
-      p.q_vector = warp::vector_rows<scalar_t>(q);
-      p.k_vector = warp::vector_rows<scalar_t>(k);
-      p.v_vector = warp::vector_rows<scalar_t>(v);
       p.grad_vector = warp::vector_rows<scalar_t>(grad_out);
       p.normalizer = den.const_data_ptr<float>();
       p.grad_q = grad_q.data_ptr<scalar_t>();
@@ -198,14 +211,8 @@ std::optional<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>> backwa
         return;
       }
       // One long sequence: split it (the forward's segment sums give the query pass its states).
-      tensor_core::ForwardProblem<scalar_t> sums;
-      describe_call<tensor_core::ForwardProblem<scalar_t>, scalar_t>(sums, s, q, k, v, mask_ptr);
-      sums.q_vector = p.q_vector;
-      sums.k_vector = p.k_vector;
-      sums.v_vector = p.v_vector;
-      sums.value_tiles = tensor_core::value_tiles_of(s);
-      tensor_core::split_backward(query, key_value, sums, segments, initial_state, final_state, grad_final_state,
-                                  grad_initial, launch);
+      tensor_core::split_backward(query, key_value, tensor_core_forward_inputs<scalar_t>(s, q, k, v, mask_ptr),
+                                  segments, initial_state, final_state, grad_final_state, grad_initial, launch);
     });
     return std::make_tuple(grad_q, grad_k, grad_v, grad_initial);
   }

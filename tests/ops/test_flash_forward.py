@@ -5,7 +5,6 @@ CPU tensors through the warp-operation layer's emulation (every lane of every wa
 mma with the PTX ISA's fragment layouts, cp.async landing only at its wait, shared memory starting
 as NaN). Every pattern kind is checked against softmax under Pattern.dense_mask in float64, and
 each test counts the mma instructions the emulation executed, so it cannot pass on another path."""
-import os
 
 import pytest
 import torch
@@ -13,7 +12,7 @@ import torch
 import linattn
 from linattn import ops, reference
 from linattn.ops.restricted import Pattern
-from conftest import TOLERANCE, assert_close
+from conftest import TOLERANCE, assert_close, compiled_kernel_rows
 
 FWD = torch.ops.linattn.restricted_softmax_fwd_fused.default
 HALF_TYPES = [torch.bfloat16, torch.float16]
@@ -359,16 +358,7 @@ def test_cubins_hold_tensor_core_instructions_and_no_local_memory():
     """The compiled kernels (sm_80 and sm_90, bf16 and fp16; forward D = 64, 128, 256, backward key
     and query blocks D = 64, 128) use mma.sync (HMMA.16816.F32 in their SASS) and no local memory:
     no register spills, no stack."""
-    from linattn import _build_info
-
-    if not getattr(_build_info, "CUDA_KERNELS", False):
-        pytest.skip("a build without the CUDA kernels")
-    from benchmarks.bench_tensor_core import cubin_figures, find_tool
-
-    if find_tool("cuobjdump") is None or find_tool("nvdisasm") is None:
-        assert not os.environ.get("CI"), "CI installs nvidia-cuda-cuobjdump and nvidia-cuda-nvdisasm (install.sh)"
-        pytest.skip("cuobjdump / nvdisasm not installed")
-    rows = [row for row in cubin_figures(linattn._C.__file__)[0] if row["kernel"].startswith("flash")]
+    rows = compiled_kernel_rows(lambda name: name.startswith("flash"))
     dtypes = ("BFloat16", "Half")
     forward = {("flash", arch, d, dtype) for arch in ("sm_80", "sm_90") for d in (64, 128, 256) for dtype in dtypes}
     backward = {("flash-bwd", arch, d, f"{dtype} {block}") for arch in ("sm_80", "sm_90") for d in (64, 128)

@@ -5,14 +5,13 @@ pass (dq, forwards in time) and a key-value pass (dk, dv and the initial state's
 backwards in time); on CPU tensors through the warp-operation layer's emulation. Every test counts
 the mma instructions the backward's emulation executed, so it cannot pass on the SIMT kernels."""
 import math
-import os
 
 import pytest
 import torch
 
 import linattn
 from linattn import ops, reference
-from conftest import TOLERANCE, assert_close
+from conftest import TOLERANCE, assert_close, compiled_kernel_rows
 
 FWD = torch.ops.linattn.linear_attn_fwd_fused.default
 BWD = torch.ops.linattn.linear_attn_bwd_fused.default
@@ -267,16 +266,7 @@ def test_traffic_and_bank_conflicts(monkeypatch):
 def test_cubins_hold_tensor_core_instructions_and_no_local_memory():
     """Both passes' kernels (sm_80 and sm_90, every head-dim and dtype instance) use mma.sync
     (HMMA.16816.F32 in their SASS); local memory only where noted below."""
-    from linattn import _build_info
-
-    if not getattr(_build_info, "CUDA_KERNELS", False):
-        pytest.skip("a build without the CUDA kernels")
-    from benchmarks.bench_tensor_core import cubin_figures, find_tool
-
-    if find_tool("cuobjdump") is None or find_tool("nvdisasm") is None:
-        assert not os.environ.get("CI"), "CI installs nvidia-cuda-cuobjdump and nvidia-cuda-nvdisasm (install.sh)"
-        pytest.skip("cuobjdump / nvdisasm not installed")
-    rows = [row for row in cubin_figures(linattn._C.__file__)[0] if row["kernel"] == "linear-bwd"]
+    rows = compiled_kernel_rows("linear-bwd")
     assert {row["arch"] for row in rows} == {"sm_80", "sm_90"}
     assert len(rows) == 2 * 2 * 4 * 2  # architectures, dtypes, (DK, DV) instances, passes
     for row in rows:

@@ -6,16 +6,13 @@ with the PTX ISA's fragment layouts, cp.async landing only at its wait, shared m
 NaN). Each test counts the mma instructions the emulation executed, so a test cannot pass on
 another path. Figures of the static checks (traffic, bank conflicts) are printed by
 benchmarks/bench_tensor_core.py; the thresholds the issue sets are asserted here."""
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 import linattn
 from linattn import ops, reference
-from conftest import TOLERANCE, assert_close
+from conftest import TOLERANCE, assert_close, compiled_kernel_rows
 
 FWD = torch.ops.linattn.linear_attn_fwd_fused.default
 HALF_TYPES = [torch.bfloat16, torch.float16]
@@ -230,16 +227,7 @@ def test_a_later_value_never_reaches_earlier_rows(dtype, bad):
 def test_cubins_hold_tensor_core_instructions_and_no_local_memory():
     """The compiled kernels (sm_80 and sm_90, every head-dim and dtype instance) use mma.sync
     (HMMA.16816.F32 in their SASS) and no local memory: no register spills, no stack."""
-    from linattn import _build_info
-
-    if not getattr(_build_info, "CUDA_KERNELS", False):
-        pytest.skip("a build without the CUDA kernels")
-    from benchmarks.bench_tensor_core import cubin_figures, find_tool
-
-    if find_tool("cuobjdump") is None or find_tool("nvdisasm") is None:
-        assert not os.environ.get("CI"), "CI installs nvidia-cuda-cuobjdump and nvidia-cuda-nvdisasm (install.sh)"
-        pytest.skip("cuobjdump / nvdisasm not installed")
-    rows = [row for row in cubin_figures(linattn._C.__file__)[0] if row["kernel"] == "linear"]
+    rows = compiled_kernel_rows("linear")
     assert {row["arch"] for row in rows} == {"sm_80", "sm_90"}
     assert len(rows) == 2 * 2 * 5  # two architectures, two dtypes, five (DK, DV) instances
     for row in rows:

@@ -58,7 +58,9 @@ LINATTN_HD LINATTN_INLINE void run_query_gradient_block(const Exec& exec, const 
   using L = typename Block::L;
   using State = QueryState<DK, DV>;
   const Block blk(p, block);
-  auto publish = [&](const WarpContext& w, const State& s) { Block::publish(w, s, L::kSPitch, L::kStateLow); };
+  auto publish = [&](const WarpContext& w, const State& s) {
+    s.template publish<scalar_t>(w, L::kState, L::kSPitch, L::kStateLow);
+  };
   auto accumulate = [&](const WarpContext& w, State& s, uint32_t base, int rows) {
     Block::accumulate(w, s, base + L::kV, L::kVPitch, base + L::kK, L::kQKPitch, rows);
   };
@@ -106,7 +108,7 @@ LINATTN_HD LINATTN_INLINE void run_key_value_gradient_block(const Exec& exec, co
   using L = typename Block::L;
   using State = KeyValueState<DK, DV>;
   const Block blk(p, block);
-  auto publish = [&](const WarpContext& w, const State& s) { Block::publish(w, s, L::kUPitch); };
+  auto publish = [&](const WarpContext& w, const State& s) { s.template publish<scalar_t>(w, L::kState, L::kUPitch); };
   auto accumulate = [&](const WarpContext& w, State& s, uint32_t base, int rows) {
     Block::accumulate(w, s, base + L::kQ, L::kQKPitch, base + L::kG, L::kGPitch, rows);
   };

@@ -44,11 +44,7 @@ struct BackwardBlock {
 
   // The block's rows [begin, end) of `rows` (all of them unless the sequence is split).
   LINATTN_HD void row_range(int64_t rows, int64_t segment_rows, int64_t& begin, int64_t& end) const {
-    begin = 0;
-    end = rows;
-    if (p.segments == 1) return;
-    begin = segment * segment_rows < rows ? segment * segment_rows : rows;
-    end = begin + segment_rows < rows ? begin + segment_rows : rows;
+    segment_row_range(p.segments, segment, rows, segment_rows, begin, end);
   }
 
   // The buffer of the block's step-th chunk.
@@ -257,64 +253,10 @@ struct BackwardBlock {
 
   // --- the state ------------------------------------------------------------------------------
 
-  // Calls element(mine, row, col, x) for the elements x of the warp's state tiles (mine: the tile
-  // is the warp's; past the last column tile it is not). The indices are computed afresh on every
-  // call (warp::opaque): the loads at the start and the stores at the end would otherwise share
-  // them, kept live across the kernel.
-  template <typename State, typename Element>
-  LINATTN_HD static void each_state_element(const WarpContext& w, State& s, const Element& element) {
-    LINATTN_UNROLL
-    for (int slot = 0; slot < State::kTilesPerWarp; ++slot) {
-      int mi = 0, ni = 0;
-      const bool mine = State::tile(warp::opaque(w.warp), slot, mi, ni);
-      warp::for_lanes(w, [&](int lane_index) {
-        const int lane = warp::opaque(lane_index);
-        const int g = warp::group_of(lane), t = warp::thread_in_group(lane);
-        LINATTN_UNROLL
-        for (int i = 0; i < 4; ++i) {
-          element(mine, mi * 16 + g + 8 * (i / 2), ni * 8 + 2 * t + i % 2, s.state[slot][i][lane]);
-        }
-      });
-    }
-  }
-
-  // The 16-bit copy of a state the chunk's products read, `pitch` bytes a row; with a `low` copy,
-  // the state is hi + lo (hi its 16-bit rounding, lo that of the rest).
-  template <typename State>
-  LINATTN_HD static void publish(const WarpContext& w, const State& s, int pitch, uint32_t low = 0) {
-    LINATTN_UNROLL
-    for (int slot = 0; slot < State::kTilesPerWarp; ++slot) {
-      int mi = 0, ni = 0;
-      if (!State::tile(w.warp, slot, mi, ni)) continue;
-      warp::for_lanes(w, [&](int lane) {
-        const int g = warp::group_of(lane), t = warp::thread_in_group(lane);
-        LINATTN_UNROLL
-        for (int half = 0; half < 2; ++half) {
-          const uint32_t offset = (mi * 16 + g + 8 * half) * pitch + (ni * 8 + 2 * t) * 2;
-          const float x0 = s.state[slot][2 * half][lane], x1 = s.state[slot][2 * half + 1][lane];
-          const uint32_t hi = warp::pack<scalar_t>(x0, x1);
-          warp::store_shared<uint32_t>(w, L::kState + offset, hi);
-          if (low != 0) {
-            const uint32_t lo =
-                warp::pack<scalar_t>(x0 - warp::unpack_lo<scalar_t>(hi), x1 - warp::unpack_hi<scalar_t>(hi));
-            warp::store_shared<uint32_t>(w, low + offset, lo);
-          }
-        }
-      });
-    }
-  }
-
-  // U's column `col` of the (m, dv + 1) views: the value columns, then u (the first column of the
-  // extra tile) at dv; −1 for none.
-  LINATTN_HD int64_t augmented_column(int col) const {
-    if (col >= DV) return col == DV ? p.value_dim : -1;
-    return col < p.value_dim ? col : -1;
-  }
-
   // U from dS_N (zeros without one).
   LINATTN_HD void load_u(const WarpContext& w, KeyValueState<DK, DV>& s) const {
-    each_state_element(w, s, [&](bool mine, int row, int col, float& x) {
-      const int64_t c = augmented_column(col);
+    s.each_element(w, [&](bool mine, int row, int col, float& x) {
+      const int64_t c = augmented_state_column(col, DV, 0, p.value_dim);
       const bool stored = mine && p.state_in.data != nullptr && row < p.feature_dim && c >= 0;
       x = stored ? warp::load_global(w, p.state_in.at(state_index, row, c)) : 0.0f;
     });
@@ -323,8 +265,8 @@ struct BackwardBlock {
   // U after the block's first chunk: dS0 (kKeyValue), the segment's sum (kKeyValueSums).
   LINATTN_HD void store_u(const WarpContext& w, KeyValueState<DK, DV>& s) const {
     if (p.state_out.data == nullptr) return;
-    each_state_element(w, s, [&](bool mine, int row, int col, float& x) {
-      const int64_t c = augmented_column(col);
+    s.each_element(w, [&](bool mine, int row, int col, float& x) {
+      const int64_t c = augmented_state_column(col, DV, 0, p.value_dim);
       if (mine && row < p.feature_dim && c >= 0) warp::store_global(w, p.state_out.at(state_index, row, c), x);
     });
   }
@@ -332,7 +274,7 @@ struct BackwardBlock {
   // Sᵀ (rows: value columns, columns: features) and z from the forward's state (zeros without one).
   LINATTN_HD void load_s(const WarpContext& w, QueryState<DK, DV>& s) const {
     const bool given = p.state_in.data != nullptr;
-    each_state_element(w, s, [&](bool mine, int row, int col, float& x) {
+    s.each_element(w, [&](bool mine, int row, int col, float& x) {
       const bool stored = mine && given && row < p.value_dim && col < p.feature_dim;
       x = stored ? warp::load_global(w, p.state_in.at(state_index, col, row)) : 0.0f;
     });

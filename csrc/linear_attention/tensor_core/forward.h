@@ -27,7 +27,7 @@ namespace tensor_core {
 // The block program. `exec(phase)` runs phase(warp context, warp state) for every warp of the
 // block, then waits for all of them (a barrier).
 template <int DK, int DV, typename scalar_t, typename Exec>
-LINATTN_HD void run_forward_block(const Exec& exec, const ForwardProblem<scalar_t>& p, int64_t block) {
+LINATTN_HD LINATTN_INLINE void run_forward_block(const Exec& exec, const ForwardProblem<scalar_t>& p, int64_t block) {
   using Block = ForwardBlock<scalar_t, DK, DV>;
   using State = WarpState<DK, DV>;
   const Block blk(p, block);

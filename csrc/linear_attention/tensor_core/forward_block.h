@@ -101,13 +101,7 @@ struct ForwardBlock {
 
   // The block's rows [begin, end) of `rows` (all of them unless the sequence is split).
   LINATTN_HD void row_range(int64_t rows, int64_t segment_rows, int64_t& begin, int64_t& end) const {
-    if (p.segments == 1) {
-      begin = 0;
-      end = rows;
-      return;
-    }
-    begin = segment * segment_rows < rows ? segment * segment_rows : rows;
-    end = begin + segment_rows < rows ? begin + segment_rows : rows;
+    segment_row_range(p.segments, segment, rows, segment_rows, begin, end);
   }
 
   // --- loads ---------------------------------------------------------------------------------
@@ -219,66 +213,28 @@ struct ForwardBlock {
 
   // --- the state -------------------------------------------------------------------------------
 
-  // Element i of accumulator tile (mi, ni) for `lane`: its state row and column (the normalizer
-  // tile's column 0 is the state's column dv, its other columns none: -1).
-  LINATTN_HD int64_t state_row(int mi, int lane, int i) const { return mi * 16 + warp::group_of(lane) + 8 * (i / 2); }
-  LINATTN_HD int64_t state_col(int ni, int lane, int i) const {
-    const int c = 2 * warp::thread_in_group(lane) + i % 2;
-    if (ni == DV / 8) return c == 0 ? p.value_dim : -1;
-    return col0 + ni * 8 + c < p.value_dim ? col0 + ni * 8 + c : -1;
-  }
+  LINATTN_HD int64_t state_col(int col) const { return augmented_state_column(col, DV, col0, p.value_dim); }
 
   LINATTN_HD void load_state(const WarpContext& w, State& s) const {
-    LINATTN_UNROLL
-    for (int slot = 0; slot < State::kTilesPerWarp; ++slot) {
-      int mi = 0, ni = 0;
-      const bool mine = State::tile(w.warp, slot, mi, ni);
-      warp::for_lanes(w, [&](int lane) {
-        LINATTN_UNROLL
-        for (int i = 0; i < 4; ++i) {
-          const int64_t row = state_row(mi, lane, i), col = state_col(ni, lane, i);
-          const bool stored = mine && p.state_in.data != nullptr && row < p.feature_dim && col >= 0;
-          s.state[slot][i][lane] = stored ? warp::load_global(w, p.state_in.at(state_index, row, col)) : 0.0f;
-        }
-      });
-    }
+    s.each_element(w, [&](bool mine, int row, int c, float& x) {
+      const int64_t col = state_col(c);
+      const bool stored = mine && p.state_in.data != nullptr && row < p.feature_dim && col >= 0;
+      x = stored ? warp::load_global(w, p.state_in.at(state_index, row, col)) : 0.0f;
+    });
   }
 
-  LINATTN_HD void store_state(const WarpContext& w, const State& s) const {
+  LINATTN_HD void store_state(const WarpContext& w, State& s) const {
     if (p.state_out.data == nullptr) return;
-    LINATTN_UNROLL
-    for (int slot = 0; slot < State::kTilesPerWarp; ++slot) {
-      int mi = 0, ni = 0;
-      if (!State::tile(w.warp, slot, mi, ni)) continue;
-      warp::for_lanes(w, [&](int lane) {
-        LINATTN_UNROLL
-        for (int i = 0; i < 4; ++i) {
-          const int64_t row = state_row(mi, lane, i), col = state_col(ni, lane, i);
-          const bool written = col >= 0 && (col < p.value_dim || tile == 0);  // z: tile 0's
-          if (row < p.feature_dim && written) {
-            warp::store_global(w, p.state_out.at(state_index, row, col), s.state[slot][i][lane]);
-          }
-        }
-      });
-    }
+    s.each_element(w, [&](bool mine, int row, int c, float& x) {
+      const int64_t col = state_col(c);
+      const bool written = mine && col >= 0 && (col < p.value_dim || tile == 0);  // z: tile 0's
+      if (row < p.feature_dim && written) warp::store_global(w, p.state_out.at(state_index, row, col), x);
+    });
   }
 
   // The 16-bit copy the queries read: each warp writes its tiles.
   LINATTN_HD void publish_state(const WarpContext& w, const State& s) const {
-    LINATTN_UNROLL
-    for (int slot = 0; slot < State::kTilesPerWarp; ++slot) {
-      int mi = 0, ni = 0;
-      if (!State::tile(w.warp, slot, mi, ni)) continue;
-      warp::for_lanes(w, [&](int lane) {
-        const int g = warp::group_of(lane), t = warp::thread_in_group(lane);
-        LINATTN_UNROLL
-        for (int half = 0; half < 2; ++half) {
-          const uint32_t offset = L::kState + (mi * 16 + g + 8 * half) * L::kStatePitch + (ni * 8 + 2 * t) * 2;
-          warp::store_shared<uint32_t>(
-              w, offset, warp::pack<scalar_t>(s.state[slot][2 * half][lane], s.state[slot][2 * half + 1][lane]));
-        }
-      });
-    }
+    s.template publish<scalar_t>(w, L::kState, L::kStatePitch);
   }
 
   // St += φ(K)ᵀ [V | 1] over the chunk's keys (`keys` of them hold data).

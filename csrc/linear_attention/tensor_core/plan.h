@@ -57,113 +57,116 @@ inline int64_t segment_rows(int64_t rows, int64_t segments) {
   return (per + kChunk - 1) / kChunk * kChunk;
 }
 
-// Runs p split into `segments`: the segments' state sums (one launch), their prefix sums in ATen
-// (fp32, a fixed order: deterministic), then every segment's outputs from the state before it
-// (one launch). Writes p's outputs and final_state ((B, H, m, dv + 1)).
-template <typename scalar_t, typename Launch>
-void split_forward(ForwardProblem<scalar_t> p, int64_t segments, const std::optional<at::Tensor>& initial_state,
-                   at::Tensor& final_state, const Launch& launch) {
-  const int64_t m = p.feature_dim, w = p.value_dim + 1;
-  const auto options = final_state.options();
+// Cuts a problem's rows into `segments` (a block per (batch, head, segment); ForwardProblem and
+// BackwardProblem alike).
+template <typename Problem>
+void cut_into_segments(Problem& p, int64_t segments) {
   p.segments = segments;
   p.segment_rows_q = segment_rows(p.q_len, segments);
   p.segment_rows_k = segment_rows(p.k_len, segments);
-  const at::Tensor sums = at::empty({p.batch, p.heads, segments, m, w}, options);
-  auto states = p;
-  states.pass = Pass::kSegmentStates;
-  states.state_in = {};
-  states.state_out = fused::augmented_state_view<float>(sums.data_ptr<float>(), m, p.value_dim, false);
-  launch(states);
-  at::Tensor total = sums.sum(2);
-  if (initial_state.has_value()) total.add_(*initial_state);
-  final_state.copy_(total);
-  at::Tensor before;  // the state each segment's rows start from
-  if (p.causal) {
-    before = sums.cumsum(2).sub_(sums);
-    if (initial_state.has_value()) before.add_(initial_state->unsqueeze(2));
-  } else {
-    before = total.unsqueeze(2).expand({p.batch, p.heads, segments, m, w}).contiguous();
-  }
-  auto outputs = p;
-  outputs.pass = Pass::kSegmentOutputs;
-  outputs.state_in = fused::augmented_state_view<const float>(before.data_ptr<float>(), m, p.value_dim, false);
-  outputs.state_out = {};
-  launch(outputs);
 }
 
-// Runs the backward split into `segments` (the views of the states below are (B, H, segments,
-// m, dv + 1), contiguous):
-//   1. the state each query segment starts from: the forward's segment sums Σ φ(k)[v | 1]ᵀ
-//      (sums_problem, kSegmentStates) and their prefix (causal; non-causal: their total, or the
-//      forward's final state when it is handed over, without a launch);
+// (B, H, segments, m, dv + 1) contiguous states, one per block of a split launch.
+inline at::Tensor segment_state_tensor(int64_t batch, int64_t heads, int64_t segments, int64_t m, int64_t dv,
+                                       const at::TensorOptions& options) {
+  return at::empty({batch, heads, segments, m, dv + 1}, options);
+}
+template <typename T>
+fused::StateView<T> segment_state_view(T* data, int64_t m, int64_t dv) {
+  return fused::augmented_state_view<T>(data, m, dv, false);
+}
+
+// Each segment's Σ φ(k)[v | 1]ᵀ over its key rows (the forward's kSegmentStates launch).
+template <typename scalar_t, typename Launch>
+at::Tensor segment_state_sums(ForwardProblem<scalar_t> p, int64_t segments, const at::TensorOptions& options,
+                              const Launch& launch) {
+  const at::Tensor sums = segment_state_tensor(p.batch, p.heads, segments, p.feature_dim, p.value_dim, options);
+  cut_into_segments(p, segments);
+  p.pass = Pass::kSegmentStates;
+  p.state_in = {};
+  p.state_out = segment_state_view(sums.data_ptr<float>(), p.feature_dim, p.value_dim);
+  launch(p);
+  return sums;
+}
+
+// From per-segment sums (B, H, segments, m, dv + 1) and the state before the first row (or none):
+// their total plus it, and the state each segment's scan starts from: causal, that plus the sums
+// of the segments before it (`reverse`: after it, for a scan backwards in time); non-causal, the
+// total for every segment. fp32 ATen ops in a fixed order: deterministic.
+struct SegmentStarts {
+  at::Tensor total, starts;
+};
+inline SegmentStarts segment_starts(const at::Tensor& sums, const std::optional<at::Tensor>& first, bool causal,
+                                    bool reverse) {
+  SegmentStarts result;
+  result.total = sums.sum(2);
+  if (first.has_value()) result.total.add_(*first);
+  if (causal) {
+    result.starts = (reverse ? sums.flip(2).cumsum(2).flip(2) : sums.cumsum(2)).sub_(sums);
+    if (first.has_value()) result.starts.add_(first->unsqueeze(2));
+  } else {
+    result.starts = result.total.unsqueeze(2).expand(sums.sizes()).contiguous();
+  }
+  return result;
+}
+
+// Runs p split into `segments`: the segments' state sums (one launch), the state each segment's
+// rows start from (segment_starts), then every segment's outputs from it (one launch). Writes p's
+// outputs and final_state ((B, H, m, dv + 1)).
+template <typename scalar_t, typename Launch>
+void split_forward(ForwardProblem<scalar_t> p, int64_t segments, const std::optional<at::Tensor>& initial_state,
+                   at::Tensor& final_state, const Launch& launch) {
+  const at::Tensor sums = segment_state_sums(p, segments, final_state.options(), launch);
+  const SegmentStarts states = segment_starts(sums, initial_state, p.causal, false);
+  final_state.copy_(states.total);
+  cut_into_segments(p, segments);
+  p.pass = Pass::kSegmentOutputs;
+  p.state_in = segment_state_view(states.starts.const_data_ptr<float>(), p.feature_dim, p.value_dim);
+  p.state_out = {};
+  launch(p);
+}
+
+// Runs the backward split into `segments`:
+//   1. the state each query segment starts from: the forward's segment sums (sums_problem) and
+//      segment_starts (non-causal with the forward's final state handed over: that, no launch);
 //   2. the query pass per segment (dq, and the row scalars the other passes read);
-//   3. each segment's Σ φ(q) G'ᵀ (kKeyValueSums) and their suffix sums: the U each key segment
-//      starts from (non-causal: the total), and dS0 = dS_N + their total;
+//   3. each segment's Σ φ(q) G'ᵀ (kKeyValueSums) and segment_starts backwards in time from dS_N:
+//      the U each key segment starts from, and dS0 (their total);
 //   4. the key-value pass per segment (dk, dv).
-// Prefix and suffix sums are fp32 ATen ops in a fixed order: deterministic. Writes grad_initial.
+// Writes grad_initial.
 template <typename scalar_t, typename Launch>
 void split_backward(BackwardProblem<scalar_t> query, BackwardProblem<scalar_t> key_value,
-                    ForwardProblem<scalar_t> sums_problem, int64_t segments,
+                    const ForwardProblem<scalar_t>& sums_problem, int64_t segments,
                     const std::optional<at::Tensor>& initial_state, const std::optional<at::Tensor>& final_state,
                     const std::optional<at::Tensor>& grad_final_state, at::Tensor& grad_initial,
                     const Launch& launch) {
-  const int64_t B = query.batch, H = query.heads, m = query.feature_dim, dv = query.value_dim;
+  const int64_t m = query.feature_dim, dv = query.value_dim;
   const bool causal = query.causal;
   const auto options = grad_initial.options();
-  const int64_t rows_q = segment_rows(query.q_len, segments), rows_k = segment_rows(query.k_len, segments);
-  auto split = [&](auto& problem) {
-    problem.segments = segments;
-    problem.segment_rows_q = rows_q;
-    problem.segment_rows_k = rows_k;
-  };
-  auto every_segment = [&](const at::Tensor& state) {
-    return state.unsqueeze(2).expand({B, H, segments, m, dv + 1}).contiguous();
-  };
-  auto view = [&](auto* data) { return fused::augmented_state_view(data, m, dv, false); };
 
   at::Tensor before;
   if (causal || !final_state.has_value()) {
-    const at::Tensor sums = at::empty({B, H, segments, m, dv + 1}, options);
-    split(sums_problem);
-    sums_problem.pass = Pass::kSegmentStates;
-    sums_problem.state_in = {};
-    sums_problem.state_out = view(sums.data_ptr<float>());
-    launch(sums_problem);
-    if (causal) {
-      before = sums.cumsum(2).sub_(sums);
-      if (initial_state.has_value()) before.add_(initial_state->unsqueeze(2));
-    } else {
-      at::Tensor total = sums.sum(2);
-      if (initial_state.has_value()) total.add_(*initial_state);
-      before = every_segment(total);
-    }
+    before = segment_starts(segment_state_sums(sums_problem, segments, options, launch), initial_state, causal,
+                            false).starts;
   } else {
-    before = every_segment(*final_state);
+    before = final_state->unsqueeze(2).expand({query.batch, query.heads, segments, m, dv + 1}).contiguous();
   }
-  split(query);
-  query.state_in = view(before.const_data_ptr<float>());
+  cut_into_segments(query, segments);
+  query.state_in = segment_state_view(before.const_data_ptr<float>(), m, dv);
   query.state_complete = !causal;
   launch(query);
 
-  const at::Tensor u_sums = at::empty({B, H, segments, m, dv + 1}, options);
+  const at::Tensor u_sums = segment_state_tensor(query.batch, query.heads, segments, m, dv, options);
   auto sums_pass = key_value;
-  split(sums_pass);
+  cut_into_segments(sums_pass, segments);
   sums_pass.pass = BackwardPass::kKeyValueSums;
   sums_pass.state_in = {};
-  sums_pass.state_out = view(u_sums.data_ptr<float>());
+  sums_pass.state_out = segment_state_view(u_sums.data_ptr<float>(), m, dv);
   launch(sums_pass);
-  at::Tensor total = u_sums.sum(2);
-  if (grad_final_state.has_value()) total.add_(*grad_final_state);
-  grad_initial.copy_(total);
-  at::Tensor after;
-  if (causal) {
-    after = u_sums.flip(2).cumsum(2).flip(2).sub_(u_sums);
-    if (grad_final_state.has_value()) after.add_(grad_final_state->unsqueeze(2));
-  } else {
-    after = every_segment(total);
-  }
-  split(key_value);
-  key_value.state_in = view(after.const_data_ptr<float>());
+  const SegmentStarts after = segment_starts(u_sums, grad_final_state, causal, true);
+  grad_initial.copy_(after.total);
+  cut_into_segments(key_value, segments);
+  key_value.state_in = segment_state_view(after.starts.const_data_ptr<float>(), m, dv);
   key_value.state_complete = !causal;
   key_value.state_out = {};
   launch(key_value);

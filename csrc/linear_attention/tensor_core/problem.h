@@ -121,7 +121,72 @@ struct WarpState {
     ni = warp_index % kWarpsPerRowTile * kColsPerWarp + slot % kColsPerWarp;
     return ni < kStateCols;
   }
+
+  // Calls element(mine, row, col, x) for the lane's elements x of the warp's tiles (mine: the tile
+  // is the warp's; past the last column tile it is not). The indices are computed afresh on every
+  // call (warp::opaque): a kernel's loads at its start and stores at its end would otherwise share
+  // them, kept live (or spilled) across the whole kernel.
+  template <typename Element>
+  LINATTN_HD void each_element(const WarpContext& w, const Element& element) {
+    LINATTN_UNROLL
+    for (int slot = 0; slot < kTilesPerWarp; ++slot) {
+      int mi = 0, ni = 0;
+      const bool mine = tile(warp::opaque(w.warp), slot, mi, ni);
+      warp::for_lanes(w, [&](int lane_index) {
+        const int lane = warp::opaque(lane_index);
+        const int g = warp::group_of(lane), t = warp::thread_in_group(lane);
+        LINATTN_UNROLL
+        for (int i = 0; i < 4; ++i) {
+          element(mine, mi * 16 + g + 8 * (i / 2), ni * 8 + 2 * t + i % 2, state[slot][i][lane]);
+        }
+      });
+    }
+  }
+
+  // The 16-bit copy the chunk's products read, at shared offset `origin`, `pitch` bytes a row; with
+  // a `low` offset, the state as hi + lo (hi its 16-bit rounding, lo that of the rest).
+  template <typename half_t>
+  LINATTN_HD void publish(const WarpContext& w, uint32_t origin, int pitch, uint32_t low = 0) const {
+    LINATTN_UNROLL
+    for (int slot = 0; slot < kTilesPerWarp; ++slot) {
+      int mi = 0, ni = 0;
+      if (!tile(w.warp, slot, mi, ni)) continue;
+      warp::for_lanes(w, [&](int lane) {
+        const int g = warp::group_of(lane), t = warp::thread_in_group(lane);
+        LINATTN_UNROLL
+        for (int half = 0; half < 2; ++half) {
+          const uint32_t offset = (mi * 16 + g + 8 * half) * pitch + (ni * 8 + 2 * t) * 2;
+          const float x0 = state[slot][2 * half][lane], x1 = state[slot][2 * half + 1][lane];
+          const uint32_t hi = warp::pack<half_t>(x0, x1);
+          warp::store_shared<uint32_t>(w, origin + offset, hi);
+          if (low != 0) {
+            const uint32_t lo = warp::pack<half_t>(x0 - warp::unpack_lo<half_t>(hi), x1 - warp::unpack_hi<half_t>(hi));
+            warp::store_shared<uint32_t>(w, low + offset, lo);
+          }
+        }
+      });
+    }
+  }
 };
+
+// Column `col` of a block's state tiles in the (m, dv + 1) state: the block's `tile_cols` value
+// columns from col0, then the extra tile, whose column 0 is the state's column dv (z, or u); −1
+// for none.
+LINATTN_HD inline int64_t augmented_state_column(int col, int tile_cols, int64_t col0, int64_t value_dim) {
+  if (col >= tile_cols) return col == tile_cols ? value_dim : -1;
+  return col0 + col < value_dim ? col0 + col : -1;
+}
+
+// The rows [begin, end) of `rows` that segment `segment` of `segments` (segment_rows each) owns:
+// all of them unless the sequence is split.
+LINATTN_HD inline void segment_row_range(int64_t segments, int64_t segment, int64_t rows, int64_t segment_rows,
+                                         int64_t& begin, int64_t& end) {
+  begin = 0;
+  end = rows;
+  if (segments == 1) return;
+  begin = segment * segment_rows < rows ? segment * segment_rows : rows;
+  end = begin + segment_rows < rows ? begin + segment_rows : rows;
+}
 
 }  // namespace tensor_core
 }  // namespace linattn
