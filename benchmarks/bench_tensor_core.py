@@ -55,13 +55,17 @@ def _flash_backward_instance(m):
 
 
 KERNELS = {
-    "linear": {"pattern": r"Function (\S*tensor_core\S*forward_kernelILi(\d+)ELi(\d+)EN3c10(\d+)(\w+?)EEEv\S*):",
+    "linear": {"pattern": r"Function (\S*tensor_core\S*\dforward_kernelILi(\d+)ELi(\d+)EN3c10(\d+)(\w+?)EEEv\S*):",
                "instance": _linear_instance, "threads": 256,
                "shared": lambda dk, dv: torch.ops.linattn._tensor_core_shared_bytes(dk, dv)},
     "linear-bwd": {"pattern": r"Function (\S*tensor_core\S*(query|key_value)_gradient_kernelILi(\d+)ELi(\d+)EN3c10"
                               r"(\d+)(\w+?)EEEv\S*):",
                    "instance": _linear_backward_instance, "threads": 256,
                    "shared": lambda dk, dv: torch.ops.linattn._tensor_core_shared_bytes(dk, dv, True)},
+    "delta": {"pattern": r"Function (\S*delta_tensor_core\S*delta_forward_kernelILi(\d+)ELi(\d+)EN3c10(\d+)(\w+?)"
+                         r"EEEv\S*):",
+              "instance": _linear_instance, "threads": 256,
+              "shared": lambda dk, dv: torch.ops.linattn._delta_tensor_core_shared_bytes(dk, dv)},
     "flash": {"pattern": r"Function (\S*flash\S*forward_kernelILi(\d+)EN3c10(\d+)(\w+?)EEEv\S*):",
               "instance": _flash_instance, "threads": 128,
               "shared": lambda d, _: torch.ops.linattn._flash_shared_bytes(d, d, False)},
@@ -103,6 +107,20 @@ def emulated_backward_figures(T, D, causal, processors):
     return {"T": T, "D": D, "causal": causal, "processors": processors, "mma": mma, "read_bytes": read,
             "written_bytes": written,
             "traffic_over_floor": (read + written) / floor, "wavefronts_per_matrix": wavefronts / max(matrices, 1)}
+
+
+def emulated_delta_figures(T, D, causal):
+    """One delta-rule forward (Gated DeltaNet) at B=1 H=2: traffic over its floor (q, k, v, β, g
+    read and o written once), wavefronts per ldmatrix matrix, and mma per 64-row chunk and head."""
+    q, k, v = (torch.randn(1, 2, T, D).bfloat16() for _ in range(3))
+    beta, gate = torch.rand(1, 2, T), -0.05 * torch.rand(1, 2, T)
+    torch.ops.linattn._reset_warp_emulation_counters()
+    torch.ops.linattn.delta_rule_fwd_fused(q, k, v, beta, gate, None, None, causal, D ** -0.5, True)
+    mma, matrices, wavefronts, shuffles, read, written = torch.ops.linattn._warp_emulation_counters().tolist()
+    floor = 4 * 2 * T * D * 2 + 2 * 2 * T * 4
+    return {"T": T, "D": D, "causal": causal, "mma": mma, "read_bytes": read, "written_bytes": written,
+            "traffic_over_floor": (read + written) / floor, "wavefronts_per_matrix": wavefronts / max(matrices, 1),
+            "mma_per_chunk": mma / (2 * -(-T // 64))}
 
 
 def emulated_flash_figures(T, D, window, causal):
@@ -207,6 +225,13 @@ def main():
         print(f"  {'causal' if e['causal'] else 'full':>6}, {kind}: traffic {e['traffic_over_floor']:.3f}x the floor "
               f"(target <= 1.3 unsplit), {e['wavefronts_per_matrix']:.2f} wavefronts per ldmatrix matrix, "
               f"{e['mma']} mma")
+    delta = [emulated_delta_figures(T, 128, causal) for causal in (True, False)]
+    print(f"Emulated delta-rule forward (Gated DeltaNet), B=1 H=2 D=128 T={T} bf16 (floor = q, k, v, beta, g read "
+          f"+ o written once):")
+    for e in delta:
+        print(f"  {'causal' if e['causal'] else 'full':>6}: traffic {e['traffic_over_floor']:.3f}x the floor "
+              f"(the final state's write above it), {e['wavefronts_per_matrix']:.2f} wavefronts per ldmatrix matrix, "
+              f"{e['mma_per_chunk']:.0f} mma per chunk and head")
     flash = [emulated_flash_figures(T, 64, 256, causal) for causal in (False, True)]
     print(f"Emulated flash engine forward, B=1 H=2 D=64 T={T} bf16, sliding window 256:")
     for e in flash:
@@ -223,7 +248,7 @@ def main():
         print(f"Cubins: {why}")
     else:
         print("Compiled kernels (linear: forward_kernel<DK, DV, dtype>; linear-bwd: query / key_value_gradient_kernel"
-              "<DK, DV, dtype>; flash: forward_kernel<D, dtype>, "
+              "<DK, DV, dtype>; delta: delta_forward_kernel<DK, DV, dtype>; flash: forward_kernel<D, dtype>, "
               "backward_kernel<KeyBlock or QueryBlock<dtype, D>>):")
         print(f"  {'kernel':9} {'arch':6} {'DK':>4} {'DV':>4} {'dtype':19} {'regs':>5} {'stack':>5} {'local':>5} "
               f"{'HMMA':>5} {'smem KiB':>8} {'H100 blocks/SM':>14}")
@@ -235,7 +260,8 @@ def main():
         print("  Linear (both directions): below two blocks per SM because each block keeps its fp32 state in\n"
               "  its 8 warps' registers (at D = 128 a lane holds 68 of them) and two chunk buffers in shared\n"
               "  memory; the next chunk's cp.async copies hide the load latency instead of a second block.")
-    figures = {"machine": machine_info(), "emulated": emulated, "backward": backward, "flash": flash, "cubins": cubins}
+    figures = {"machine": machine_info(), "emulated": emulated, "backward": backward, "delta": delta, "flash": flash,
+               "cubins": cubins}
     path, _ = write_results("results", "tensor_core", figures)
     print(f"Wrote {path}")
 

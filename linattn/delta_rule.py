@@ -18,7 +18,11 @@ def l2_normalize(x: torch.Tensor) -> torch.Tensor:
     return (wide * torch.rsqrt(wide.square().sum(-1, keepdim=True) + _L2_EPS)).to(x.dtype)
 
 
-def _forward_op():
+def _forward_op(device_type: str):
+    """The forward a call on `device_type` runs (routing.py): with the fused CUDA backend the
+    tensor-core forward (which runs delta_rule_fwd itself for calls it does not take)."""
+    if routing.fused_in_use(device_type):
+        return torch.ops.linattn.delta_rule_fwd_fused.default
     return (torch.ops.linattn.delta_rule_fwd_generic if routing.generic_in_use()
             else torch.ops.linattn.delta_rule_fwd).default
 
@@ -76,7 +80,9 @@ def delta_rule_attention(
 
     Every tensor argument is differentiable (q, k, v, beta, gate, initial_state). CPU tensors run
     the fused chunkwise kernel, other devices the device-generic one (the same algorithm in ATen
-    operations; with cu_seqlens it reads the offsets on the host).
+    operations; with cu_seqlens it reads the offsets on the host). With the fused CUDA backend
+    (linattn.set_cuda_backend("fused")) bf16/fp16 CUDA tensors with dk <= 128 run a tensor-core
+    forward (docs/guide/cuda.md); the backward stays the device-generic one.
 
     Returns:
         out (B, H, T, dv) in q's dtype, or (out, final_state) when output_final_state.
@@ -86,7 +92,7 @@ def delta_rule_attention(
         initial_state = initial_state.to(accumulate_dtype(q.dtype))
     if cu_seqlens is not None and cu_seqlens.dtype != torch.int32:
         cu_seqlens = cu_seqlens.to(torch.int32)
-    out, final_state = _forward_op()(q, k, v, beta, gate, initial_state, cu_seqlens, bool(causal), scale,
+    out, final_state = _forward_op(q.device.type)(q, k, v, beta, gate, initial_state, cu_seqlens, bool(causal), scale,
                                      bool(normalize_qk))
     return (out, final_state) if output_final_state else out
 

@@ -3,8 +3,8 @@
 # torch installed there (for the visible GPU's architecture), runs the CUDA tests (both CUDA
 # backends, the fused kernels' own tests, CUDA graphs and streams), the whole test suite with the
 # fused kernels as the CUDA backend, then the GPU benchmarks (linear attention; restricted softmax
-# against FlexAttention), and writes one JSON report with the pass/fail counts, the timings and the
-# device: $OUT_DIR/gpu_check.json (default results/gpu_check).
+# against FlexAttention; the delta rule against flash-linear-attention), and writes one JSON report
+# with the pass/fail counts, the timings and the device: $OUT_DIR/gpu_check.json (default results/gpu_check).
 # Installs nothing from the network (GPU machines here have none): torch, pytest and ninja must be
 # there already. Usage: bash scripts/gpu_check.sh [--quick]   (--quick: the CUDA tests and the
 # benchmark at the CUDA issue's target points, without the whole suite: fits a lent GPU's minutes)
@@ -30,7 +30,7 @@ PYTEST_EXTRA=()
 SECONDS=0
 "$PY" -m pytest -q -p no:cacheprovider "${PYTEST_EXTRA[@]}" tests/gpu/test_cuda.py tests/ops/test_fused_kernels.py \
   tests/ops/test_tensor_core_forward.py tests/ops/test_tensor_core_backward.py tests/ops/test_flash_forward.py \
-  tests/ops/test_flash_backward.py \
+  tests/ops/test_flash_backward.py tests/ops/test_delta_rule_tensor_core.py \
   --junitxml="$OUT/cuda_tests.xml" 2>&1 | tail -n 40 | tee "$OUT/cuda_tests.log"
 cuda_seconds=$SECONDS
 
@@ -46,6 +46,7 @@ suite_seconds=$SECONDS
 SECONDS=0
 "$PY" -m benchmarks.bench_cuda --out "$OUT" "$@" 2>&1 | tee "$OUT/bench_cuda.log"
 "$PY" -m benchmarks.bench_restricted_cuda --out "$OUT" "$@" 2>&1 | tee "$OUT/bench_restricted_cuda.log"
+"$PY" -m benchmarks.bench_delta_cuda --out "$OUT" "$@" 2>&1 | tee "$OUT/bench_delta_cuda.log"
 "$PY" -m benchmarks.bench_swin --device cuda --dtype bfloat16 --batch 32 --out "$OUT" "$@" 2>&1 \
   | tee "$OUT/bench_swin.log"
 bench_seconds=$SECONDS

@@ -37,6 +37,7 @@ def main():
         "suite_fused_backend": test_counts(os.path.join(folder, "suite_fused_backend.xml")),
         "benchmark": benchmark("bench_cuda"),
         "benchmark_restricted": benchmark("bench_restricted_cuda"),
+        "benchmark_delta_rule": benchmark("bench_delta_cuda"),
         "benchmark_swin": benchmark("swin_cuda"),
     }
     path = os.path.join(folder, "gpu_check.json")

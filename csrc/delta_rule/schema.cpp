@@ -1,6 +1,7 @@
 // The schemas of the delta-rule operators (docs/methods.md §11). Kernels register per dispatch
 // key in this folder: cpu.cpp (CPU), generic.cpp (every other device, and the *_generic twins),
-// meta.cpp (fake tensors), autograd.cpp (Autograd), step.cpp (decoding).
+// fused_*.cpp (the tensor-core forward and its emulation), meta.cpp (fake tensors), autograd.cpp
+// (Autograd), step.cpp (decoding).
 #include <torch/library.h>
 
 #include <string>
@@ -28,6 +29,14 @@ TORCH_LIBRARY_FRAGMENT(linattn, m) {
            "Tensor grad_log_gate, Tensor grad_initial_state)")
               .c_str());
   }
+  // The tensor-core forward of the fused CUDA backend (tensor_core/forward.h): same contract as
+  // delta_rule_fwd; CUDA kernels on CUDA tensors, their emulation on CPU tensors (tests); calls it
+  // does not take (fp32/fp64, key dims above 128) run delta_rule_fwd. Its
+  // gradient is delta_rule_bwd's (which recomputes from the inputs).
+  m.def(
+      "delta_rule_fwd_fused(Tensor q, Tensor k, Tensor v, Tensor beta, Tensor? log_gate=None, "
+      "Tensor? initial_state=None, Tensor? cu_seqlens=None, bool causal=True, float scale=1.0, "
+      "bool normalize_qk=False) -> (Tensor out, Tensor final_state)");
   // One decoding step of the recurrence above: q, k (B, H, dk), v (B, H, dv), beta and log_gate
   // (B, H), state (B, H, dk, dv) in the accumulation dtype. Returns out (B, H, dv) and the new
   // state. ATen operations (differentiable through them): O(dk · dv) per head.

@@ -18,11 +18,13 @@ _cuda_backend = _checked_backend(os.environ.get("LINATTN_CUDA_BACKEND", "generic
 
 
 def set_cuda_backend(name: str) -> None:
-    """Choose how CUDA tensors run linear attention (no decay, no packed sequences) and restricted
-    softmax (windows, layouts, Swin): "generic" (the default: batched ATen ops) or "fused"
-    (linattn's fused CUDA kernels: linear attention's scans and tensor-core forward, the flash
-    engine's forward; opt-in until they have run on hardware and beat the generic path). docs/guide/cuda.md says which path has been
-    run on which GPU. Also set by the environment variable LINATTN_CUDA_BACKEND."""
+    """Choose how CUDA tensors run linear attention (no decay, no packed sequences), restricted
+    softmax (windows, layouts, Swin) and the delta rule's forward (bf16/fp16, key dims up to 128):
+    "generic" (the default: batched ATen ops) or "fused" (linattn's fused CUDA kernels: linear
+    attention's scans and tensor-core forward and backward, the flash engine, the delta rule's
+    tensor-core forward; opt-in until they have run on hardware and beat the generic path).
+    docs/guide/cuda.md says which path has been run on which GPU. Also set by the environment
+    variable LINATTN_CUDA_BACKEND."""
     global _cuda_backend
     _cuda_backend = _checked_backend(name, "linattn.set_cuda_backend: name")
 
@@ -61,5 +63,5 @@ def generic_in_use() -> bool:
 
 
 def fused_in_use(device_type: str) -> bool:
-    """Whether a linear-attention or restricted-softmax call on `device_type` runs the fused operators."""
+    """Whether a linear-attention, restricted-softmax or delta-rule call on `device_type` runs the fused operators."""
     return _use_fused or (device_type == "cuda" and _cuda_backend == "fused" and not _use_generic)

@@ -120,6 +120,39 @@ LINATTN_HD inline void rows_as_b_operand_transposed(const WarpContext& w, uint32
   ldmatrix_x2<false>(w, bf, offset);
 }
 
+// Accumulator tiles (C fragments: 16 rows × 8 columns each, tile j at columns 8j), packed to 16
+// bits and times `sign`, as the A fragments of their kTiles / 2 groups of 16 columns: the C
+// fragments of two neighbouring tiles hold exactly the registers of one A fragment, so a product's
+// result feeds the next product without leaving registers.
+template <typename half_t, int kTiles>
+LINATTN_HD void as_a_fragments(const WarpContext& w, const Accumulator (&c)[kTiles][4], Fragment (&a)[kTiles / 2][4],
+                               float sign = 1.0f) {
+  for_lanes(w, [&](int lane) {
+    LINATTN_UNROLL
+    for (int kk = 0; kk < kTiles / 2; ++kk) {
+      LINATTN_UNROLL
+      for (int i = 0; i < 4; ++i) {
+        const Accumulator* tile = c[2 * kk + i / 2];
+        a[kk][i][lane] = pack<half_t>(sign * tile[2 * (i % 2)][lane], sign * tile[2 * (i % 2) + 1][lane]);
+      }
+    }
+  });
+}
+
+// Calls element(row, col, x) for the lane's elements x of accumulator tiles (rows 0 .. 15, columns
+// 0 .. 8 kTiles − 1 of the tiles side by side).
+template <int kTiles, typename Element>
+LINATTN_HD void each_accumulator(const WarpContext& w, Accumulator (&c)[kTiles][4], const Element& element) {
+  for_lanes(w, [&](int lane) {
+    const int g = group_of(lane), t = thread_in_group(lane);
+    LINATTN_UNROLL
+    for (int j = 0; j < kTiles; ++j) {
+      LINATTN_UNROLL
+      for (int i = 0; i < 4; ++i) element(g + 8 * (i / 2), j * 8 + 2 * t + i % 2, c[j][i][lane]);
+    }
+  });
+}
+
 // Sets accumulator tiles to 0.
 template <int N>
 LINATTN_HD void clear(const WarpContext& w, Accumulator (&tiles)[N][4]) {

@@ -65,6 +65,27 @@ LINATTN_HD void add_visible_pairs(const WarpContext& w, uint32_t scratch, const 
   warp::sync(w);
 }
 
+// Scores (fp32) of a chunk's query rows 16·rb .. 16·rb + 15 against its keys 0 .. 16·rb + 15 (the
+// later keys are masked whole and left 0): Q and K rows at shared offsets q_origin and k_origin,
+// `pitch` bytes a row, DK columns. The caller masks the diagonal block.
+template <typename scalar_t, int DK>
+LINATTN_HD void lower_scores(const WarpContext& w, uint32_t q_origin, uint32_t k_origin, int pitch, int rb,
+                             Accumulator (&sc)[kChunk / 8][4]) {
+  warp::clear(w, sc);
+  LINATTN_UNROLL
+  for (int ks = 0; ks < DK / 16; ++ks) {
+    Fragment qf[4];
+    warp::rows_as_a_operand(w, q_origin + rb * 16 * pitch + ks * 32, pitch, qf);
+    LINATTN_UNROLL
+    for (int nt = 0; nt < kChunk / 8; ++nt) {
+      if (nt > 2 * rb + 1) continue;
+      Fragment bf[2];
+      warp::rows_as_b_operand_transposed(w, k_origin + nt * 8 * pitch + ks * 32, pitch, bf);
+      warp::mma_16816<scalar_t>(sc[nt], qf, bf);
+    }
+  }
+}
+
 // A 16-bit element of shared memory as fp32.
 template <typename scalar_t>
 LINATTN_HD inline float shared_element(const WarpContext& w, uint32_t offset) {
@@ -288,44 +309,13 @@ struct ForwardBlock {
     // state product, and the scores packed to 16 bits before the output tiles are started.)
     Fragment scores[kChunk / 16][4];  // A fragments of the masked scores, 16 keys each
     if (causal) {
-      // Scores against keys 0 .. 16·rb + 15 of the chunk (the later ones are masked whole).
       Accumulator sc[kChunk / 8][4];
-      warp::clear(w, sc);
-      LINATTN_UNROLL
-      for (int ks = 0; ks < DK / 16; ++ks) {
-        Fragment qf[4];
-        query_fragment(w, base, rb, ks, qf);
-        LINATTN_UNROLL
-        for (int nt = 0; nt < kChunk / 8; ++nt) {
-          if (nt > 2 * rb + 1) continue;
-          Fragment bf[2];
-          key_fragment(w, base, nt, ks, bf);
-          warp::mma_16816<scalar_t>(sc[nt], qf, bf);
-        }
-      }
+      lower_scores<scalar_t, DK>(w, base + L::kQ, base + L::kK, L::kQKPitch, rb, sc);
       // The diagonal block: key j is seen by rows i >= j.
-      warp::for_lanes(w, [&](int lane) {
-        const int g = warp::group_of(lane), t = warp::thread_in_group(lane);
-        LINATTN_UNROLL
-        for (int nt = 0; nt < kChunk / 8; ++nt) {
-          LINATTN_UNROLL
-          for (int i = 0; i < 4; ++i) {
-            const int row = rb * 16 + g + 8 * (i / 2), key = nt * 8 + 2 * t + i % 2;
-            if (key > row) sc[nt][i][lane] = 0.0f;
-          }
-        }
+      warp::each_accumulator(w, sc, [&](int r, int key, float& x) {
+        if (key > rb * 16 + r) x = 0.0f;
       });
-      // The C fragments of two score tiles are the A fragment of their 16 keys.
-      warp::for_lanes(w, [&](int lane) {
-        LINATTN_UNROLL
-        for (int kk = 0; kk < kChunk / 16; ++kk) {
-          LINATTN_UNROLL
-          for (int i = 0; i < 4; ++i) {
-            const Accumulator* tile = sc[2 * kk + i / 2];
-            scores[kk][i][lane] = warp::pack<scalar_t>(tile[2 * (i % 2)][lane], tile[2 * (i % 2) + 1][lane]);
-          }
-        }
-      });
+      warp::as_a_fragments<scalar_t>(w, sc, scores);
     }
     Accumulator o[kOutTiles][4];
     warp::clear(w, o);

@@ -112,19 +112,10 @@ LINATTN_HD void rows_times_rows(const WarpContext& w, uint32_t a_origin, uint32_
 }
 
 // A product tile's C fragments, packed to 16 bits, as the A fragments of its N / 16 groups of 16
-// columns.
+// columns (row_copy.h).
 template <typename scalar_t, int N = kKeys>
 LINATTN_HD void as_a_fragments(const WarpContext& w, const ProductTile<N>& c, Fragment (&a)[N / 16][4]) {
-  warp::for_lanes(w, [&](int lane) {
-    LINATTN_UNROLL
-    for (int kk = 0; kk < N / 16; ++kk) {
-      LINATTN_UNROLL
-      for (int i = 0; i < 4; ++i) {
-        const Accumulator* tile = c[2 * kk + i / 2];
-        a[kk][i][lane] = warp::pack<scalar_t>(tile[2 * (i % 2)][lane], tile[2 * (i % 2) + 1][lane]);
-      }
-    }
-  });
+  warp::as_a_fragments<scalar_t>(w, c, a);
 }
 
 // acc (16 rows × D) += A (16 × N, as_a_fragments) · the N rows from shared offset `origin`, over

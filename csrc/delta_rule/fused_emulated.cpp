@@ -1,0 +1,53 @@
+// delta_rule_fwd_fused on CPU tensors: the tensor-core forward's blocks run through the
+// warp-operation layer's emulation (every lane of every warp, ldmatrix and mma with the PTX ISA's
+// fragment layouts, cp.async landing only at its wait, shared memory starting as NaN), so the
+// tests check on any machine what the GPU will execute. Slow by design. Calls the kernel does not
+// take run delta_rule_fwd's CPU kernel.
+#include "fused.h"
+#include "tensor_core/forward.h"
+#include "../common/warp/host_block.h"
+
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+namespace linattn {
+namespace {
+
+struct EmulatedLaunch {
+  template <typename scalar_t>
+  void operator()(const delta_tensor_core::DeltaForwardProblem<scalar_t>& p) const {
+    delta_tensor_core::with_head_dims(p.key_dim, p.value_dim, [&](auto dk, auto dv) {
+      constexpr int DK = decltype(dk)::value, DV = decltype(dv)::value;
+      using State = delta_tensor_core::DeltaState<DK, DV>;
+      at::parallel_for(0, p.blocks(), 1, [&](int64_t begin, int64_t end) {
+        warp::EmulationCounters counters;
+        const warp::CountingScope counting(counters);
+        warp::HostBlock<State> exec(delta_tensor_core::kWarps, delta_tensor_core::DeltaLayout<DK, DV>::kBytes);
+        for (int64_t block = begin; block < end; ++block) {
+          exec.reset();
+          delta_tensor_core::run_delta_forward_block<DK, DV>(exec, p, block);
+          exec.finish();
+        }
+        warp::emulation_totals().add(counters);
+      });
+    });
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor> forward_emulated(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                    const at::Tensor& beta, const std::optional<at::Tensor>& log_gate,
+                                                    const std::optional<at::Tensor>& initial_state,
+                                                    const std::optional<at::Tensor>& cu_seqlens, bool causal,
+                                                    double scale, bool normalize_qk) {
+  auto result = delta_fused::forward(q, k, v, beta, log_gate, initial_state, cu_seqlens, causal, scale, normalize_qk,
+                                     warp::emulated_shared_bytes(), EmulatedLaunch{});
+  if (result.has_value()) return *result;
+  return delta_fused::forward_elsewhere(q, k, v, beta, log_gate, initial_state, cu_seqlens, causal, scale,
+                                        normalize_qk);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(linattn, CPU, m) { m.impl("delta_rule_fwd_fused", &forward_emulated); }
+
+}  // namespace linattn

@@ -1,0 +1,517 @@
+// One block of the delta rule's tensor-core forward (forward.h) as the operations its phases call:
+// loading and normalising a chunk's rows, its gates, the UT transform, u, the outputs and the
+// state update. Written per warp on the warp-operation layer (common/warp/).
+#pragma once
+
+#include "problem.h"
+#include "../../linear_attention/tensor_core/forward_block.h"  // lower_scores
+
+#include <cmath>
+
+namespace linattn {
+namespace delta_tensor_core {
+
+constexpr float kL2Eps = 1e-6f;  // x · (Σ x² + eps)^{-1/2}, as the CPU kernel and l2_normalize
+
+LINATTN_HD inline float exp_of(float x) {
+#if defined(__CUDA_ARCH__)
+  return __expf(x);
+#else
+  return std::exp(x);
+#endif
+}
+
+LINATTN_HD inline float inverse_sqrt(float x) {
+#if defined(__CUDA_ARCH__)
+  return rsqrtf(x);
+#else
+  return 1.0f / std::sqrt(x);
+#endif
+}
+
+// Calls element(e) for e = this thread, + 256, ... below count: a block-wide loop over the
+// elements of a small fp32 matrix in shared memory.
+template <typename Element>
+LINATTN_HD void each_block_element(const WarpContext& w, int count, const Element& element) {
+  warp::for_lanes(w, [&](int lane) {
+    for (int e = w.warp * warp::kWarpSize + lane; e < count; e += kThreads) element(e);
+  });
+}
+
+template <typename scalar_t, int DK, int DV>
+struct DeltaForwardBlock {
+  using L = DeltaLayout<DK, DV>;
+  using State = DeltaState<DK, DV>;
+  static constexpr int kColsPerHalf = DV / 16;  // value n8 tiles per warp (two warps per row block)
+
+  const DeltaForwardProblem<scalar_t>& p;
+  // Block index = (state_index · value_tiles) + tile; state_index = (batch or sequence) · H + head.
+  int64_t tile, state_index, b, h, col0;
+  int64_t row0 = 0, rows = 0;  // the block's sequence: rows [row0, row0 + rows) of (b, h)
+  int64_t token0 = 0;          // index of its first row in (B, H, T) per-token tensors
+  Strided4<const scalar_t> v_tile;  // v from the tile's first column
+
+  LINATTN_HD DeltaForwardBlock(const DeltaForwardProblem<scalar_t>& problem, int64_t index)
+      : p(problem),
+        tile(index % problem.value_tiles),
+        state_index(index / problem.value_tiles),
+        b(problem.offsets != nullptr ? 0 : state_index / problem.heads),
+        h(state_index % problem.heads),
+        col0(tile * DV),
+        v_tile(problem.v) {
+    v_tile.data += col0 * problem.v.stride[3];
+    rows = problem.length;
+    if (problem.offsets != nullptr) {
+      const int64_t n = state_index / problem.heads;
+      row0 = problem.offsets[n];
+      rows = problem.offsets[n + 1] - row0;
+    }
+    token0 = (b * problem.heads + h) * problem.length + row0;
+  }
+
+  LINATTN_HD int64_t chunks() const { return (rows + kChunk - 1) / kChunk; }
+
+  LINATTN_HD static uint32_t buffer(int64_t chunk) { return static_cast<uint32_t>((chunk & 1) * L::kBuffer); }
+  LINATTN_HD bool gated() const { return p.log_gate != nullptr; }
+
+  // fp32 values of shared memory: per-row arrays and the square matrices.
+  LINATTN_HD static float row_value(const WarpContext& w, int array, int row) {
+    return warp::load_shared<float>(w, static_cast<uint32_t>(array + row * 4));
+  }
+  LINATTN_HD static float square(const WarpContext& w, int matrix, int r, int c) {
+    return warp::load_shared<float>(w, static_cast<uint32_t>(matrix + (r * L::kSquarePitch + c) * 4));
+  }
+  LINATTN_HD static void set_square(const WarpContext& w, int matrix, int r, int c, float x) {
+    warp::store_shared<float>(w, static_cast<uint32_t>(matrix + (r * L::kSquarePitch + c) * 4), x);
+  }
+
+  // --- loads ---------------------------------------------------------------------------------
+
+  // The tiles' rows end with the block's sequence.
+  LINATTN_HD warp::RowTile<scalar_t> rows_of(int operand) const {
+    const int64_t end = row0 + rows;
+    if (operand == 0) return {&p.q, p.q_vector, end, p.key_dim, DK, L::kQKPitch, L::kQ};
+    if (operand == 1) return {&p.k, p.k_vector, end, p.key_dim, DK, L::kQKPitch, L::kK};
+    return {&v_tile, p.v_vector, end, p.value_dim - col0, DV, L::kVPitch, L::kV};
+  }
+
+  // Issues the copies of chunk `chunk` (its rows from `start` of the sequence; zeros past its end
+  // and past the head dims, so those rows and columns add nothing): Q rows and/or K and V rows.
+  LINATTN_HD void issue_chunk(const WarpContext& w, int64_t chunk, int64_t start, bool want_q, bool want_kv) const {
+    const uint32_t base = buffer(chunk);
+    if (want_q) warp::copy_rows<kThreads, kChunk>(w, rows_of(0), b, h, base, row0 + start);
+    if (want_kv) {
+      warp::copy_rows<kThreads, kChunk>(w, rows_of(1), b, h, base, row0 + start);
+      warp::copy_rows<kThreads, kChunk>(w, rows_of(2), b, h, base, row0 + start);
+    }
+    warp::cp_async_commit(w);
+  }
+
+  // The chunk's β, G = cumulative log-gates, e^G and e^{G_last − G} (warp 0; rows past the end
+  // have β = 0 and g = 0, so they change nothing and G_last is the last row's).
+  LINATTN_HD void load_gates(const WarpContext& w, int64_t start) const {
+    if (w.warp != 0) return;
+    const int64_t first = token0 + start;
+    Lanes<float> beta[2], g[2];
+    warp::for_lanes(w, [&](int lane) {
+      LINATTN_UNROLL
+      for (int half = 0; half < 2; ++half) {
+        const bool valid = start + lane + 32 * half < rows;
+        const int64_t at = first + lane + 32 * half;
+        beta[half][lane] = valid ? warp::load_global(w, p.beta + at) : 0.0f;
+        g[half][lane] = valid && gated() ? warp::load_global(w, p.log_gate + at) : 0.0f;
+      }
+    });
+    // Inclusive prefix sums over the 64 rows: per half by shuffles, then the first half's total.
+    LINATTN_UNROLL
+    for (int half = 0; half < 2; ++half) {
+      LINATTN_UNROLL
+      for (int offset = 1; offset < warp::kWarpSize; offset *= 2) {
+        Lanes<int> source;
+        warp::for_lanes(w, [&](int lane) { source[lane] = lane >= offset ? lane - offset : lane; });
+        const Lanes<float> earlier = warp::shuffle(w, g[half], source);
+        warp::for_lanes(w, [&](int lane) {
+          if (lane >= offset) g[half][lane] += earlier[lane];
+        });
+      }
+    }
+    Lanes<int> last;
+    warp::for_lanes(w, [&](int lane) { last[lane] = warp::kWarpSize - 1; });
+    const Lanes<float> first_total = warp::shuffle(w, g[0], last);
+    warp::for_lanes(w, [&](int lane) { g[1][lane] += first_total[lane]; });
+    const Lanes<float> total = warp::shuffle(w, g[1], last);
+    warp::for_lanes(w, [&](int lane) {
+      LINATTN_UNROLL
+      for (int half = 0; half < 2; ++half) {
+        const uint32_t at = static_cast<uint32_t>((lane + 32 * half) * 4);
+        warp::store_shared<float>(w, L::kBeta + at, beta[half][lane]);
+        warp::store_shared<float>(w, L::kG + at, g[half][lane]);
+        warp::store_shared<float>(w, L::kExpG + at, gated() ? exp_of(g[half][lane]) : 1.0f);
+        warp::store_shared<float>(w, L::kDecay + at, gated() ? exp_of(total[lane] - g[half][lane]) : 1.0f);
+      }
+    });
+  }
+
+  // q and k rows scaled to unit length in shared memory, x · (Σ x² + eps)^{-1/2} (normalize_qk):
+  // a row's 16-byte pieces are spread over DK / 8 lanes, whose sums of squares meet by shuffles.
+  LINATTN_HD void normalize_rows(const WarpContext& w, uint32_t base, bool want_q, bool want_k) const {
+    constexpr int kLanesPerRow = DK / 8, kRowsPerPass = warp::kWarpSize / kLanesPerRow;
+    constexpr int kRowsPerWarp = kChunk / kWarps;
+    LINATTN_UNROLL
+    for (int operand = 0; operand < 2; ++operand) {
+      if (!(operand == 0 ? want_q : want_k)) continue;
+      const uint32_t origin = base + (operand == 0 ? L::kQ : L::kK);
+      LINATTN_NO_UNROLL
+      for (int pass = 0; pass < kRowsPerWarp / kRowsPerPass; ++pass) {
+        Lanes<uint32_t> at;
+        Lanes<float> sum;
+        warp::for_lanes(w, [&](int lane) {
+          const int row = w.warp * kRowsPerWarp + pass * kRowsPerPass + lane / kLanesPerRow;
+          at[lane] = origin + static_cast<uint32_t>(row * L::kQKPitch + (lane % kLanesPerRow) * 16);
+          float s = 0.0f;
+          LINATTN_UNROLL
+          for (int i = 0; i < 4; ++i) {
+            const uint32_t pair = warp::load_shared<uint32_t>(w, at[lane] + 4 * i);
+            const float lo = warp::unpack_lo<scalar_t>(pair), hi = warp::unpack_hi<scalar_t>(pair);
+            s += lo * lo + hi * hi;
+          }
+          sum[lane] = s;
+        });
+        LINATTN_UNROLL
+        for (int mask = kLanesPerRow / 2; mask > 0; mask /= 2) {
+          Lanes<int> source;
+          warp::for_lanes(w, [&](int lane) { source[lane] = lane ^ mask; });
+          const Lanes<float> other = warp::shuffle(w, sum, source);
+          warp::for_lanes(w, [&](int lane) { sum[lane] += other[lane]; });
+        }
+        warp::for_lanes(w, [&](int lane) {
+          const float r = inverse_sqrt(sum[lane] + kL2Eps);
+          LINATTN_UNROLL
+          for (int i = 0; i < 4; ++i) {
+            const uint32_t pair = warp::load_shared<uint32_t>(w, at[lane] + 4 * i);
+            warp::store_shared<uint32_t>(w, at[lane] + 4 * i,
+                                         warp::pack<scalar_t>(warp::unpack_lo<scalar_t>(pair) * r,
+                                                              warp::unpack_hi<scalar_t>(pair) * r));
+          }
+        });
+      }
+    }
+  }
+
+  // --- the UT transform ------------------------------------------------------------------------
+  // A = strict_tril(diag(β) (K Kᵀ ⊙ Γ)), Γ_ij = e^{G_i − G_j}, and T = (I + A)⁻¹ in fp32, by
+  // blocks of 16: the diagonal blocks by forward substitution, then the blocks below them by
+  // T_ij = −T_ii (Σ A T)_ij, doubling (16 → 32 → 64). T's 16-bit forms fold in the row scalings
+  // of the right-hand sides: Tw = T diag(β e^G) (W = Tw K), Tu = T diag(β) (U = Tu V).
+
+  // A's blocks (rb, cb), cb <= rb: warp w takes row block w % 4 and column blocks w / 4, w / 4 + 2.
+  LINATTN_HD void key_products(const WarpContext& w, uint32_t base) const {
+    const int rb = w.warp % 4;
+    LINATTN_UNROLL
+    for (int pick = 0; pick < 2; ++pick) {
+      const int cb = w.warp / 4 + 2 * pick;
+      if (cb > rb) continue;
+      Accumulator acc[2][4];
+      warp::clear(w, acc);
+      LINATTN_UNROLL
+      for (int ks = 0; ks < DK / 16; ++ks) {
+        Fragment a[4];
+        warp::rows_as_a_operand(w, base + L::kK + rb * 16 * L::kQKPitch + ks * 32, L::kQKPitch, a);
+        LINATTN_UNROLL
+        for (int n = 0; n < 2; ++n) {
+          Fragment bf[2];
+          warp::rows_as_b_operand_transposed(w, base + L::kK + (cb * 16 + n * 8) * L::kQKPitch + ks * 32,
+                                             L::kQKPitch, bf);
+          warp::mma_16816<scalar_t>(acc[n], a, bf);
+        }
+      }
+      warp::each_accumulator(w, acc, [&](int r, int c, float& kk_product) {
+        const int row = rb * 16 + r, col = cb * 16 + c;
+        float x = 0.0f;
+        if (col < row) {
+          x = row_value(w, L::kBeta, row) * kk_product;
+          if (gated()) x *= exp_of(row_value(w, L::kG, row) - row_value(w, L::kG, col));
+        }
+        set_square(w, L::kA, row, col, x);
+      });
+    }
+  }
+
+  // T_ij (fp32) and its 16-bit forms.
+  LINATTN_HD void set_inverse(const WarpContext& w, int r, int c, float x) const {
+    set_square(w, L::kT, r, c, x);
+    const float beta = row_value(w, L::kBeta, c);
+    const uint32_t at = static_cast<uint32_t>(r * L::kTPitch + c * 2);
+    warp::store_shared<uint16_t>(w, L::kTw + at, scalar_t(x * beta * row_value(w, L::kExpG, c)).x);
+    warp::store_shared<uint16_t>(w, L::kTu + at, scalar_t(x * beta).x);
+  }
+
+  // The four diagonal blocks of T, column by column (threads 0 .. 63: block c / 16, column c % 16),
+  // and zeros in the blocks above the diagonal that the doubling products read (T01, T23).
+  LINATTN_HD void invert_diagonal_blocks(const WarpContext& w) const {
+    if (w.warp >= 2) return;
+    warp::for_lanes(w, [&](int lane) {
+      const int c = w.warp * warp::kWarpSize + lane, bb = c / 16, j = c % 16, o = bb * 16;
+      float x[16];
+      LINATTN_UNROLL
+      for (int i = 0; i < 16; ++i) {
+        float s = i == j ? 1.0f : 0.0f;
+        LINATTN_UNROLL
+        for (int m = 0; m < i; ++m) s -= square(w, L::kA, o + i, o + m) * x[m];
+        x[i] = s;
+        set_inverse(w, o + i, o + j, s);
+        if (bb % 2 == 1) set_square(w, L::kT, o - 16 + i, o + j, 0.0f);
+      }
+    });
+  }
+
+  // dst (rows × cols at (r0, c0) of T, or of the product scratch when `into_inverse` is false) =
+  // sign · lhs · rhs, lhs rows × inner at (lr, lc) of `lhs_matrix`, rhs inner × cols at (rr, rc)
+  // of `rhs_matrix` (square matrices or the scratch, by its own pitch).
+  LINATTN_HD void product(const WarpContext& w, int rows, int cols, int inner, int lhs_matrix, int lr, int lc,
+                          int rhs_matrix, int rr, int rc, bool into_inverse, int r0, int c0, float sign) const {
+    const auto pitch_of = [](int matrix) { return matrix == L::kProduct ? L::kProductPitch : L::kSquarePitch; };
+    const int lp = pitch_of(lhs_matrix), rp = pitch_of(rhs_matrix);
+    each_block_element(w, rows * cols, [&](int e) {
+      const int r = e / cols, c = e % cols;
+      float s = 0.0f;
+      for (int k = 0; k < inner; ++k) {
+        s += warp::load_shared<float>(w, static_cast<uint32_t>(lhs_matrix + ((lr + r) * lp + lc + k) * 4)) *
+             warp::load_shared<float>(w, static_cast<uint32_t>(rhs_matrix + ((rr + k) * rp + rc + c) * 4));
+      }
+      if (into_inverse) {
+        set_inverse(w, r0 + r, c0 + c, sign * s);
+      } else {
+        warp::store_shared<float>(w, static_cast<uint32_t>(L::kProduct + ((r0 + r) * L::kProductPitch + c0 + c) * 4),
+                                  sign * s);
+      }
+    });
+  }
+
+  // The doubling's four products, one per phase (each reads what the one before wrote):
+  //   step 0: P0 = A10 T00, P1 = A32 T22;   step 1: T10 = −T11 P0, T32 = −T33 P1;
+  //   step 2: P = A[32:, :32] T[:32, :32];  step 3: T[32:, :32] = −T[32:, 32:] P.
+  LINATTN_HD void inverse_step(const WarpContext& w, int step) const {
+    if (step == 0) {
+      product(w, 16, 16, 16, L::kA, 16, 0, L::kT, 0, 0, false, 0, 0, 1.0f);
+      product(w, 16, 16, 16, L::kA, 48, 32, L::kT, 32, 32, false, 16, 0, 1.0f);
+    } else if (step == 1) {
+      product(w, 16, 16, 16, L::kT, 16, 16, L::kProduct, 0, 0, true, 16, 0, -1.0f);
+      product(w, 16, 16, 16, L::kT, 48, 48, L::kProduct, 16, 0, true, 48, 32, -1.0f);
+    } else if (step == 2) {
+      product(w, 32, 32, 32, L::kA, 32, 0, L::kT, 0, 0, false, 0, 0, 1.0f);
+    } else {
+      product(w, 32, 32, 32, L::kT, 32, 32, L::kProduct, 0, 0, true, 32, 0, -1.0f);
+    }
+  }
+
+  // --- u = U − W S0 ----------------------------------------------------------------------------
+
+  // The value tile (of the block's DV columns) that tile j of warp half ch is.
+  LINATTN_HD static int half_tile(int ch, int j) { return ch * kColsPerHalf + j; }
+
+  // The 16-bit state for keys ks·16.. (rows) × 8 columns of tile ni, a B operand.
+  LINATTN_HD static void state_fragment(const WarpContext& w, int ks, int ni, Fragment (&bf)[2]) {
+    warp::rows_as_b_operand(w, L::kState + ks * 16 * L::kVPitch + ni * 16, L::kVPitch, bf);
+  }
+
+  // Rows 16·rb.. of u for the warp's half of the value columns (warp w: rb = w % 4, half w / 4),
+  // to shared memory in 16 bits. W is formed 16 key columns at a time and consumed at once.
+  LINATTN_HD void pseudo_values(const WarpContext& w, uint32_t base) const {
+    const int rb = w.warp % 4, ch = w.warp / 4;
+    Accumulator u[kColsPerHalf][4];
+    warp::clear(w, u);
+    LINATTN_UNROLL
+    for (int kk = 0; kk < 4; ++kk) {
+      if (kk > rb) continue;
+      Fragment a[4];
+      warp::rows_as_a_operand(w, L::kTu + rb * 16 * L::kTPitch + kk * 32, L::kTPitch, a);
+      LINATTN_UNROLL
+      for (int j = 0; j < kColsPerHalf; ++j) {
+        Fragment bf[2];
+        warp::rows_as_b_operand(w, base + L::kV + kk * 16 * L::kVPitch + half_tile(ch, j) * 16, L::kVPitch, bf);
+        warp::mma_16816<scalar_t>(u[j], a, bf);
+      }
+    }
+    LINATTN_UNROLL
+    for (int ks = 0; ks < DK / 16; ++ks) {
+      Accumulator wk[2][4];
+      warp::clear(w, wk);
+      LINATTN_UNROLL
+      for (int kk = 0; kk < 4; ++kk) {
+        if (kk > rb) continue;
+        Fragment a[4];
+        warp::rows_as_a_operand(w, L::kTw + rb * 16 * L::kTPitch + kk * 32, L::kTPitch, a);
+        LINATTN_UNROLL
+        for (int n = 0; n < 2; ++n) {
+          Fragment bf[2];
+          warp::rows_as_b_operand(w, base + L::kK + kk * 16 * L::kQKPitch + (ks * 16 + n * 8) * 2, L::kQKPitch, bf);
+          warp::mma_16816<scalar_t>(wk[n], a, bf);
+        }
+      }
+      // −W's 16 × 16 slice as an A operand, times S0's rows.
+      Fragment minus_w[1][4];
+      warp::as_a_fragments<scalar_t>(w, wk, minus_w, -1.0f);
+      LINATTN_UNROLL
+      for (int j = 0; j < kColsPerHalf; ++j) {
+        Fragment bf[2];
+        state_fragment(w, ks, half_tile(ch, j), bf);
+        warp::mma_16816<scalar_t>(u[j], minus_w[0], bf);
+      }
+    }
+    warp::for_lanes(w, [&](int lane) {
+      const int g = warp::group_of(lane), t = warp::thread_in_group(lane);
+      LINATTN_UNROLL
+      for (int j = 0; j < kColsPerHalf; ++j) {
+        LINATTN_UNROLL
+        for (int half = 0; half < 2; ++half) {
+          const int row = rb * 16 + g + 8 * half, col = half_tile(ch, j) * 8 + 2 * t;
+          warp::store_shared<uint32_t>(w, static_cast<uint32_t>(L::kU + row * L::kVPitch + col * 2),
+                                       warp::pack<scalar_t>(u[j][2 * half][lane], u[j][2 * half + 1][lane]));
+        }
+      }
+    });
+  }
+
+  // --- the state -------------------------------------------------------------------------------
+
+  LINATTN_HD int64_t state_offset(int row, int c) const {
+    return (state_index * p.key_dim + row) * p.value_dim + col0 + c;
+  }
+  LINATTN_HD bool state_element(int row, int c) const { return row < p.key_dim && col0 + c < p.value_dim; }
+
+  LINATTN_HD void load_state(const WarpContext& w, State& s) const {
+    s.each_element(w, [&](bool mine, int row, int c, float& x) {
+      const bool stored = mine && p.state_in != nullptr && state_element(row, c);
+      x = stored ? warp::load_global(w, p.state_in + state_offset(row, c)) : 0.0f;
+    });
+  }
+
+  LINATTN_HD void store_state(const WarpContext& w, State& s) const {
+    s.each_element(w, [&](bool mine, int row, int c, float& x) {
+      if (mine && state_element(row, c)) warp::store_global(w, p.state_out + state_offset(row, c), x);
+    });
+  }
+
+  LINATTN_HD void publish_state(const WarpContext& w, const State& s) const {
+    s.template publish<scalar_t>(w, L::kState, L::kVPitch);
+  }
+
+  // S1 = e^{G_last} S0 + Kᵀ diag(e^{G_last − G}) u over the chunk's keys (`keys` of them hold data).
+  LINATTN_HD void update_state(const WarpContext& w, State& s, uint32_t base, int keys) const {
+    if (gated()) {
+      const float fade = row_value(w, L::kExpG, kChunk - 1);
+      s.each_element(w, [&](bool, int, int, float& x) { x *= fade; });
+    }
+    for (int kk = 0; kk * 16 < keys; ++kk) {
+      LINATTN_UNROLL
+      for (int r = 0; r < State::kRowTilesPerWarp; ++r) {
+        int mi = 0, ni = 0;
+        State::tile(w.warp, r * State::kColsPerWarp, mi, ni);
+        Fragment a[4];  // Kᵀ: keys mi·16.. (rows) × chunk rows kk·16.. (columns), scaled per column
+        warp::rows_as_a_operand_transposed(w, base + L::kK + kk * 16 * L::kQKPitch + mi * 32, L::kQKPitch, a);
+        if (gated()) {
+          warp::for_lanes(w, [&](int lane) {
+            const int t = warp::thread_in_group(lane);
+            LINATTN_UNROLL
+            for (int i = 0; i < 4; ++i) {
+              const int col = kk * 16 + 2 * t + 8 * (i / 2);
+              const float lo = warp::unpack_lo<scalar_t>(a[i][lane]), hi = warp::unpack_hi<scalar_t>(a[i][lane]);
+              const float decay_lo = row_value(w, L::kDecay, col), decay_hi = row_value(w, L::kDecay, col + 1);
+              a[i][lane] = warp::pack<scalar_t>(lo * decay_lo, hi * decay_hi);
+            }
+          });
+        }
+        LINATTN_UNROLL
+        for (int c = 0; c < State::kColsPerWarp; ++c) {
+          const int slot = r * State::kColsPerWarp + c;
+          if (!State::tile(w.warp, slot, mi, ni)) continue;
+          Fragment bf[2];
+          warp::rows_as_b_operand(w, L::kU + kk * 16 * L::kVPitch + ni * 16, L::kVPitch, bf);
+          warp::mma_16816<scalar_t>(s.state[slot], a, bf);
+        }
+      }
+    }
+  }
+
+  // --- the output ------------------------------------------------------------------------------
+
+  // The chunk's output rows 16·rb.. (from `start` of the sequence) for the warp's half of the value columns (warp w: rb = w % 4,
+  // half w / 4): causal, scale · (diag(e^G) Q S0 + (Q Kᵀ ⊙ Γ ⊙ lower) u); non-causal (the state
+  // copy holds the final state), scale · Q S.
+  LINATTN_HD void output(const WarpContext& w, uint32_t base, int64_t start, bool causal) const {
+    const int rb = w.warp % 4, ch = w.warp / 4;
+    const int64_t first = start + rb * 16;  // of the sequence
+    if (first >= rows) return;
+    Fragment scores[kChunk / 16][4];  // A fragments of the masked, decayed scores, 16 keys each
+    if (causal) {
+      Accumulator sc[kChunk / 8][4];
+      tensor_core::lower_scores<scalar_t, DK>(w, base + L::kQ, base + L::kK, L::kQKPitch, rb, sc);
+      warp::each_accumulator(w, sc, [&](int r, int key, float& x) {
+        const int row = rb * 16 + r;
+        if (key > row) {
+          x = 0.0f;
+        } else if (gated()) {
+          x *= exp_of(row_value(w, L::kG, row) - row_value(w, L::kG, key));
+        }
+      });
+      warp::as_a_fragments<scalar_t>(w, sc, scores);
+    }
+    Accumulator o[kColsPerHalf][4];
+    warp::clear(w, o);
+    LINATTN_UNROLL
+    for (int ks = 0; ks < DK / 16; ++ks) {
+      Fragment qf[4];
+      warp::rows_as_a_operand(w, base + L::kQ + rb * 16 * L::kQKPitch + ks * 32, L::kQKPitch, qf);
+      LINATTN_UNROLL
+      for (int j = 0; j < kColsPerHalf; ++j) {
+        Fragment bf[2];
+        state_fragment(w, ks, half_tile(ch, j), bf);
+        warp::mma_16816<scalar_t>(o[j], qf, bf);
+      }
+    }
+    if (causal) {
+      if (gated()) {
+        warp::for_lanes(w, [&](int lane) {
+          const int g = warp::group_of(lane);
+          LINATTN_UNROLL
+          for (int j = 0; j < kColsPerHalf; ++j) {
+            LINATTN_UNROLL
+            for (int i = 0; i < 4; ++i) o[j][i][lane] *= row_value(w, L::kExpG, rb * 16 + g + 8 * (i / 2));
+          }
+        });
+      }
+      LINATTN_UNROLL
+      for (int kk = 0; kk < kChunk / 16; ++kk) {
+        if (kk > rb) continue;
+        LINATTN_UNROLL
+        for (int j = 0; j < kColsPerHalf; ++j) {
+          Fragment bf[2];
+          warp::rows_as_b_operand(w, L::kU + kk * 16 * L::kVPitch + half_tile(ch, j) * 16, L::kVPitch, bf);
+          warp::mma_16816<scalar_t>(o[j], scores[kk], bf);
+        }
+      }
+    }
+    warp::for_lanes(w, [&](int lane) {
+      const int g = warp::group_of(lane), t = warp::thread_in_group(lane);
+      LINATTN_UNROLL
+      for (int half = 0; half < 2; ++half) {
+        const int64_t row = first + g + 8 * half;
+        if (row >= rows) continue;
+        const int64_t out_row = (token0 + row) * p.value_dim;
+        LINATTN_UNROLL
+        for (int j = 0; j < kColsPerHalf; ++j) {
+          LINATTN_UNROLL
+          for (int e = 0; e < 2; ++e) {
+            const int64_t col = col0 + half_tile(ch, j) * 8 + 2 * t + e;
+            if (col >= p.value_dim) continue;
+            warp::store_global(w, p.out + out_row + col, scalar_t(p.scale * o[j][2 * half + e][lane]));
+          }
+        }
+      }
+    });
+  }
+};
+
+}  // namespace delta_tensor_core
+}  // namespace linattn
