@@ -27,7 +27,8 @@ def linearize(model, *, method: str = "hybrid", feature_map="hedgehog", window: 
     """Replaces every softmax attention layer of `model` with linearized attention, in place.
 
     The pretrained projections are kept; the new parameters are only each layer's feature maps
-    φ_q, φ_k (and, for the hybrid, a per-head scale of the linear term). Each layer keeps its exact
+    φ_q, φ_k (and, for the hybrid, a per-head scale of the linear term; for the delta rule, the
+    per-head projections of β and the gate). Each layer keeps its exact
     softmax as a teacher (linattn.conversion.set_mode(model, "teacher") runs the original model).
 
     Args:
@@ -36,9 +37,11 @@ def linearize(model, *, method: str = "hybrid", feature_map="hedgehog", window: 
             the attention modules linattn.swap_attention handles (torch.nn.MultiheadAttention,
             timm's Attention, torchvision's Swin), swapped for linattn's with the "linearized"
             method, their weights kept.
-        method: "linear" (linear attention alone, constant-size state when causal) or "hybrid"
+        method: "linear" (linear attention alone, constant-size state when causal), "hybrid"
             (exact softmax in a sliding window and on global tokens, linear attention for the rest,
-            one normaliser; LoLCATs-style).
+            one normaliser; LoLCATs-style), or "deltanet" / "gated_deltanet" (the delta rule on the
+            learned features, β and the gate learned from each head's key: docs/methods.md §11;
+            constant-size state).
         feature_map: "hedgehog" (per-head [softmax(xW + b), softmax(−xW − b)], Zhang et al. 2024) or
             "t2r" (per-head relu(xW + b), Kasai et al. 2021); separate maps for q and k, per layer.
         window: the hybrid's exact window ``|i − j| <= window`` (causal: the `window` previous keys).

@@ -16,6 +16,13 @@ Student, per head, with learned feature maps φ_q, φ_k (linattn.nn.learned_feat
   its weight: the softmax-normalised features of Hedgehog are on another scale per query;
   measured on all-MiniLM-L6-v2, weighting by it learned 3x slower.)
 
+- "deltanet" / "gated_deltanet": the delta rule (docs/methods.md §11) on the learned features,
+      S_t = e^{g_t} (I − β_t k̂_t k̂_tᵀ) S_{t−1} + β_t k̂_t v_tᵀ,   y_i = S_iᵀ q̂_i   (causal; else S_T)
+  with q̂, k̂ the L2-normalised φ_q(q), φ_k(k) and β_t (and the gate g_t ≤ 0) learned from the
+  head's key as linattn.nn.methods.delta does (a sigmoid and −e^A softplus of per-head projections);
+  read-out scale 1 (a stored key reads back ≈ β v, on the values' scale, as softmax's averages are).
+  A padded key writes nothing and fades nothing (β = 0, g = 0).
+
 Modes: "student" (the default after linearize), "teacher" (the exact softmax: the model as it
 was), "transfer" (returns the teacher's output, so every layer sees the original activations, and
 keeps the student's loss against it for linattn.attention_transfer).
@@ -31,12 +38,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
+from ..delta_rule import delta_rule_attention
 from ..functional import linear_attention, linear_attention_step
 from ..ops import accumulate_dtype
 from ..nn.learned_feature_maps import learned_feature_map
 
 # The students, by name: whether one attends a window (and global tokens) exactly.
-EXACT_WINDOW = {"linear": False, "hybrid": True}
+EXACT_WINDOW = {"linear": False, "hybrid": True, "deltanet": False, "gated_deltanet": False}
+DELTA_RULE = ("deltanet", "gated_deltanet")  # the students whose memory is the delta rule's state
 METHODS = tuple(EXACT_WINDOW)
 MODES = ("student", "teacher", "transfer")
 LOSSES = ("output_mse", "attention_ce")
@@ -49,7 +58,7 @@ class LinearizedAttention(nn.Module):
 
     Args:
         heads, head_dim: H and d of the layer's queries and keys.
-        method: "linear" or "hybrid".
+        method: "linear", "hybrid", "deltanet" or "gated_deltanet".
         feature_map: "hedgehog", "t2r", or a pair of modules (φ_q, φ_k) mapping (B, H, T, d) to
             positive features (B, H, T, m).
         window: the hybrid's exact window, keys with ``|i − j| <= window`` (causal: ``i − window <= j <= i``).
@@ -84,6 +93,11 @@ class LinearizedAttention(nn.Module):
         self.window, self.global_tokens = window, global_tokens
         self.log_linear_scale = (nn.Parameter(torch.full((heads,), math.log(linear_scale))) if self.exact_window
                                  else None)
+        self.delta_rule = None  # β (and the gate) of a delta-rule student, from the head's key
+        if method in DELTA_RULE:
+            from ..nn.methods.delta import DeltaNetMethod, GatedDeltaNetMethod
+
+            self.delta_rule = (GatedDeltaNetMethod if method == "gated_deltanet" else DeltaNetMethod)(heads, head_dim)
         self.mode = "student"
         self.loss_kind = "output_mse"
         self.last_loss: Optional[torch.Tensor] = None
@@ -104,13 +118,13 @@ class LinearizedAttention(nn.Module):
         """The linearized attention (B, H, T_q, dv). initial_sums (hybrid, causal; decoding):
         [Σ φ_k(k) vᵀ | Σ φ_k(k)] (B, H, m, dv + 1) of earlier keys that no query attends exactly."""
         phi_q, phi_k = self.feature_map_q(q), self.feature_map_k(k)
+        if self.delta_rule is not None:
+            self._same_length(q, k)
+            return self._delta_rule(phi_q, phi_k, k, v, key_padding_mask, causal)
         if not self.exact_window:
             return linear_attention(phi_q, phi_k, v, causal=causal, feature_map=None, eps=LINEAR_EPS,
                                     key_padding_mask=key_padding_mask)
-        if q.shape[2] != k.shape[2]:
-            raise ValueError(f"linattn.linearize: the hybrid attends a whole sequence at once (as many queries as "
-                             f"keys), got {q.shape[2]} queries and {k.shape[2]} keys (decoding: "
-                             "LinearizedAttention.decode)")
+        self._same_length(q, k)
         pattern, global_keys = self._window_pattern(q, k, key_padding_mask, causal)
         y_window, lse = ops.restricted.restricted_softmax(q, k, v, scale, pattern)
         if causal and global_keys is not None:
@@ -134,6 +148,22 @@ class LinearizedAttention(nn.Module):
             # A global row attends to every key exactly: no linear term.
             sums = sums.masked_fill(pattern.global_mask[:, None, :, None], 0.0)
         return self._mix(y_window, sums, has_window=~torch.isinf(lse)[..., None])
+
+    def _same_length(self, q, k) -> None:
+        if q.shape[2] != k.shape[2]:
+            raise ValueError(f"linattn.linearize: the {self.method} student attends a whole sequence at once (as many "
+                             f"queries as keys), got {q.shape[2]} queries and {k.shape[2]} keys (decoding: "
+                             "LinearizedAttention.decode)")
+
+    def _delta_rule(self, phi_q, phi_k, k, v, key_padding_mask, causal, initial_state=None, output_final_state=False):
+        """The delta-rule student on the features (β and the gate from the raw keys k)."""
+        beta, gate = self.delta_rule.beta_and_gate(k)
+        if key_padding_mask is not None:  # a padded key neither writes (β = 0) nor fades the state (g = 0)
+            skipped = key_padding_mask[:, None, :].expand_as(beta)
+            beta = beta.masked_fill(skipped, 0.0)
+            gate = None if gate is None else gate.masked_fill(skipped, 0.0)
+        return delta_rule_attention(phi_q, phi_k, v, beta, gate=gate, causal=causal, scale=self.delta_rule.scale,
+                                    initial_state=initial_state, output_final_state=output_final_state)
 
     def _mix(self, y_window, sums, has_window=None) -> torch.Tensor:
         """The hybrid's output from the exact part y_window (normalised to mass 1) and the linear
@@ -178,12 +208,18 @@ class LinearizedAttention(nn.Module):
         after the `entry["length"]` tokens the entry has seen (entry None: none yet; the returned
         entry counts the new ones), equal to what
         the whole sequence gives its last n rows. Constant-size: "linear" keeps the recurrent state
-        (S, z); "hybrid" keeps the keys some later query still attends exactly (the sink and the
-        last `window`) and [Σ φ_k(k) vᵀ | Σ φ_k(k)] of every other key seen."""
+        (S, z), the delta-rule students their state S; "hybrid" keeps the keys some later query
+        still attends exactly (the sink and the last `window`) and [Σ φ_k(k) vᵀ | Σ φ_k(k)] of
+        every other key seen."""
         if self.mode != "student":
             raise ValueError(f"linattn.linearize: incremental decoding runs the student; this layer is in mode "
                              f"{self.mode!r} (linattn.conversion.set_mode(model, 'student'))")
         seen = 0 if entry is None else entry["length"]
+        if self.delta_rule is not None:  # the delta rule's state (B, H, m, dv)
+            phi_q, phi_k = self.feature_map_q(q), self.feature_map_k(k)
+            out, state = self._delta_rule(phi_q, phi_k, k, v, None, True, None if entry is None else entry["state"],
+                                          output_final_state=True)
+            return out, {"state": state, "length": seen + q.shape[2]}
         if not self.exact_window:
             state = None if entry is None else entry["state"]
             phi_q, phi_k = self.feature_map_q(q), self.feature_map_k(k)
@@ -225,7 +261,13 @@ class LinearizedAttention(nn.Module):
 
     def student_weights(self, q, k, scale: float, key_padding_mask: Optional[torch.Tensor], causal: bool) -> torch.Tensor:
         """The student's attention weights (B, H, T_q, T_k), dense (for the attention_ce loss and
-        inspection: O(T²) memory)."""
+        inspection: O(T²) memory; a delta-rule student's implicit matrix, out = weights @ v, whose
+        rows need not be positive or sum to 1)."""
+        if self.delta_rule is not None:  # the output is linear in v: the identity as values gives the matrix
+            self._same_length(q, k)
+            identity = torch.eye(k.shape[2], device=q.device, dtype=q.dtype).expand(*k.shape[:2], -1, -1)
+            return self._delta_rule(self.feature_map_q(q), self.feature_map_k(k), k, identity, key_padding_mask,
+                                    causal)
         visible = _dense_mask(q, k, key_padding_mask, causal)
         visible = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device) if visible is None else visible
         kernel = (self.feature_map_q(q) @ self.feature_map_k(k).transpose(-1, -2)) * visible

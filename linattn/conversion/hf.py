@@ -41,23 +41,24 @@ _learned_linear_attention = _kernelized(_learned_linear)
 def linearized_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """transformers' attention function for linearized layers: (output (B, T, H, dv), None). The
     linear student runs as linattn.hf's linear attention does (caches, LinearStateCache's
-    recurrent state, packed documents); the hybrid and the teacher / transfer modes take whole
-    sequences."""
+    recurrent state, packed documents); the hybrid, the delta-rule students and the teacher /
+    transfer modes take whole sequences (and decode from a LinearStateCache's entry)."""
     layer = getattr(module, ATTRIBUTE, None)
     if layer is None:
         raise ValueError(f"{_where(module)}: this attention layer was not linearized (run linattn.linearize on the "
                          "model that owns it)")
-    if layer.mode == "student" and not layer.exact_window:
+    if layer.mode == "student" and layer.method == "linear":
         return _learned_linear_attention(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
     key, value, seen, state_layer = _prepare(module, query, key, value, attention_mask, 0.0, kwargs)
     if seen.documents is not None or seen.window[0] >= 0:
         raise ValueError(f"{_where(module)}: linearized layers run plain causal or bidirectional attention with key "
                          "padding (not yet packed documents or the model's own sliding window)")
     scale = float(scaling if scaling is not None else query.shape[-1] ** -0.5)
-    if state_layer is not None:  # the hybrid student decoding from its constant-size state
+    if state_layer is not None:  # the hybrid or delta-rule student decoding from its constant-size state
         if seen.padding is not None:
-            raise ValueError(f"{_where(module)}: the hybrid's LinearStateCache takes unpadded sequences (one prompt, "
-                             "or prompts of one length); with padded prompts use transformers' own cache")
+            raise ValueError(f"{_where(module)}: the {layer.method} student's LinearStateCache takes unpadded "
+                             "sequences (one prompt, or prompts of one length); with padded prompts use transformers' "
+                             "own cache")
         out = state_layer.attend(lambda initial_state, output_final_state: layer.decode(
             query, key, value, scale, initial_state))
     elif seen.causal and query.shape[2] != key.shape[2]:

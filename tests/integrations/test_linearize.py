@@ -32,7 +32,7 @@ def batch(length=40, seed=1):
     return {"input_ids": ids, "attention_mask": mask}
 
 
-@pytest.mark.parametrize("method", ["hybrid", "linear"])
+@pytest.mark.parametrize("method", ["hybrid", "linear", "deltanet", "gated_deltanet"])
 def test_linearize_records_layers_and_the_teacher_is_the_original_model(method):
     model, inputs = bert(dtype=torch.float64), batch()
     original = model(**inputs).last_hidden_state
@@ -81,7 +81,39 @@ def test_student_equals_its_dense_definition(method, causal, feature_map):
     torch.testing.assert_close(layer.student(q, k2, v2, 0.5, padding, causal)[rows], got[rows])
 
 
-@pytest.mark.parametrize("method", ["hybrid", "linear"])
+@pytest.mark.parametrize("method", ["deltanet", "gated_deltanet"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_delta_rule_students_are_the_recurrence_on_their_features(method, causal):
+    """The delta-rule students: the float64 per-token recurrence (linattn.reference.delta_rule) on
+    the L2-normalised learned features, β and the gate from the raw keys, read-out scale 1; padded
+    keys write and fade nothing; the dense weights apply the same map to v."""
+    from linattn import reference
+    from linattn.delta_rule import l2_normalize
+
+    torch.manual_seed(3)
+    layer = LinearizedAttention(2, 4, method=method).double()
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    q, k, v = (torch.randn(2, 2, 23, 4, dtype=torch.float64) for _ in range(3))
+    padding = torch.zeros(2, 23, dtype=torch.bool)
+    padding[1, 17:] = True
+    got = layer.student(q, k, v, 0.5, padding, causal)
+    beta, gate = layer.delta_rule.beta_and_gate(k)
+    beta = beta.masked_fill(padding[:, None], 0.0)
+    gate = None if gate is None else gate.masked_fill(padding[:, None], 0.0)
+    expected, _ = reference.delta_rule(l2_normalize(layer.feature_map_q(q)), l2_normalize(layer.feature_map_k(k)), v,
+                                       beta, gate=gate, scale=1.0, causal=causal)
+    rows = ~padding[:, None, :, None].expand_as(got)
+    torch.testing.assert_close(got[rows], expected[rows], rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(dense_student(layer, q, k, v, 0.5, padding, causal)[rows], got[rows])
+    k2, v2 = k.clone(), v.clone()
+    k2[1, :, 17:] = 100.0
+    v2[1, :, 17:] = -7.0
+    torch.testing.assert_close(layer.student(q, k2, v2, 0.5, padding, causal)[rows], got[rows])
+
+
+@pytest.mark.parametrize("method", ["hybrid", "linear", "gated_deltanet"])
 def test_causal_left_padding_changes_nothing(method):
     """A left-padded causal row (batched generation's prompts) gives its real queries what the
     unpadded sequence gives: the padding is invisible and the hybrid's sink is the first real token."""
@@ -137,7 +169,8 @@ def test_state_dict_round_trip():
     torch.testing.assert_close(fresh(**inputs).last_hidden_state, expected)
 
 
-@pytest.mark.parametrize("model_fn, method", [(bert, "hybrid"), (bert, "linear"), (llama, "hybrid")])
+@pytest.mark.parametrize("model_fn, method", [(bert, "hybrid"), (bert, "linear"), (llama, "hybrid"),
+                                             (bert, "deltanet"), (llama, "gated_deltanet")])
 def test_transfer_reduces_every_layer_loss(model_fn, method):
     model = model_fn()
     linattn.linearize(model, method=method, window=4)
@@ -208,7 +241,7 @@ def test_lora_through_peft():
     assert all(p.grad is not None for p in trainable.values())
 
 
-@pytest.mark.parametrize("method", ["linear", "hybrid"])
+@pytest.mark.parametrize("method", ["linear", "hybrid", "gated_deltanet"])
 def test_students_generate_from_a_constant_size_state(method, monkeypatch):
     """A decoder linearized with either student generates through linattn.hf.LinearStateCache (the
     linear (S, z) state; the hybrid's sink, last `window` keys and linear sums: O(1) per token) the
@@ -222,7 +255,7 @@ def test_students_generate_from_a_constant_size_state(method, monkeypatch):
     ids = torch.randint(0, 61, (2, 9), generator=torch.Generator().manual_seed(2))
     mask = torch.ones_like(ids)
     decoded = []
-    if method == "hybrid":  # count the calls that decode from the state
+    if method != "linear":  # count the calls that decode from the state
         decode = LinearizedAttention.decode
         monkeypatch.setattr(LinearizedAttention, "decode", lambda self, *a: decoded.append(1) or decode(self, *a))
     runs = [model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, **options)
