@@ -126,4 +126,16 @@ def delta_rule_step(
         state = q.new_zeros(*q.shape[:2], q.shape[-1], v.shape[-1], dtype=acc)
     elif state.dtype != acc:
         state = state.to(acc)
+    if _fused_cuda_step(q, k, v, beta, gate, state):
+        return torch.ops.linattn.delta_rule_step_fused(q, k, v, beta, gate, state, float(scale))
     return torch.ops.linattn.delta_rule_step(q, k, v, beta, gate, state, float(scale))
+
+
+def _fused_cuda_step(*tensors) -> bool:
+    """Whether a step runs the fused CUDA kernel (one launch; docs/guide/decoding.md): CUDA tensors
+    under the fused backend, 16- or 32-bit, no gradient wanted (the kernel is not differentiable;
+    CPU tensors make the same choice inside delta_rule_step)."""
+    q = tensors[0]
+    if not (q.is_cuda and routing.fused_in_use("cuda") and q.dtype != torch.float64):
+        return False
+    return not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors))

@@ -66,4 +66,36 @@ inline void check_delta_rule_grads(const at::Tensor& grad_out, const std::option
   }
 }
 
+// The decoding step's arguments (delta_rule_step and its fused kernels).
+constexpr const char* kStepOp = "linattn.delta_rule_step";
+
+inline void check_delta_step_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                    const at::Tensor& beta, const std::optional<at::Tensor>& log_gate,
+                                    const at::Tensor& state) {
+  const char* op = kStepOp;
+  check_dim(op, "q", q, 3, "(B, H, dk)");
+  check_dim(op, "k", k, 3, "(B, H, dk)");
+  check_dim(op, "v", v, 3, "(B, H, dv)");
+  check_floating(op, "q", q);
+  check_same_device_dtype(op, "k", k, "q", q);
+  check_same_device_dtype(op, "v", v, "q", q);
+  check_shape(op, "k", k, q.sym_sizes(), "(like q)");
+  TORCH_CHECK(v.sym_size(0) == q.sym_size(0) && v.sym_size(1) == q.sym_size(1), op,
+              ": v must share q's batch and head dims, got q ", shape_str(q), " and v ", shape_str(v));
+  const std::vector<c10::SymInt> heads{q.sym_size(0), q.sym_size(1)};
+  check_same_device(op, "beta", beta, "q", q);
+  check_floating(op, "beta", beta);
+  check_shape(op, "beta", beta, heads, "(B, H)");
+  if (log_gate.has_value()) {
+    check_same_device(op, "log_gate", *log_gate, "q", q);
+    check_floating(op, "log_gate", *log_gate);
+    check_shape(op, "log_gate", *log_gate, heads, "(B, H)");
+  }
+  const auto acc = accumulate_type(q.scalar_type());
+  check_same_device(op, "state", state, "q", q);
+  TORCH_CHECK(state.scalar_type() == acc, op, ": state must be ", acc, " for ", q.scalar_type(), " inputs, got ",
+              state.scalar_type());
+  check_shape(op, "state", state, {q.sym_size(0), q.sym_size(1), q.sym_size(2), v.sym_size(2)}, "(B, H, dk, dv)");
+}
+
 }  // namespace linattn

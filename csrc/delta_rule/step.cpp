@@ -19,36 +19,6 @@
 namespace linattn {
 namespace {
 
-constexpr const char* kStepOp = "linattn.delta_rule_step";
-
-void check_step_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& beta,
-                       const std::optional<at::Tensor>& log_gate, const at::Tensor& state) {
-  const char* op = kStepOp;
-  check_dim(op, "q", q, 3, "(B, H, dk)");
-  check_dim(op, "k", k, 3, "(B, H, dk)");
-  check_dim(op, "v", v, 3, "(B, H, dv)");
-  check_floating(op, "q", q);
-  check_same_device_dtype(op, "k", k, "q", q);
-  check_same_device_dtype(op, "v", v, "q", q);
-  check_shape(op, "k", k, q.sym_sizes(), "(like q)");
-  TORCH_CHECK(v.sym_size(0) == q.sym_size(0) && v.sym_size(1) == q.sym_size(1), op,
-              ": v must share q's batch and head dims, got q ", shape_str(q), " and v ", shape_str(v));
-  const std::vector<c10::SymInt> heads{q.sym_size(0), q.sym_size(1)};
-  check_same_device(op, "beta", beta, "q", q);
-  check_floating(op, "beta", beta);
-  check_shape(op, "beta", beta, heads, "(B, H)");
-  if (log_gate.has_value()) {
-    check_same_device(op, "log_gate", *log_gate, "q", q);
-    check_floating(op, "log_gate", *log_gate);
-    check_shape(op, "log_gate", *log_gate, heads, "(B, H)");
-  }
-  const auto acc = accumulate_type(q.scalar_type());
-  check_same_device(op, "state", state, "q", q);
-  TORCH_CHECK(state.scalar_type() == acc, op, ": state must be ", acc, " for ", q.scalar_type(), " inputs, got ",
-              state.scalar_type());
-  check_shape(op, "state", state, {q.sym_size(0), q.sym_size(1), q.sym_size(2), v.sym_size(2)}, "(B, H, dk, dv)");
-}
-
 std::tuple<at::Tensor, at::Tensor> step_in_aten(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                 const at::Tensor& beta, const std::optional<at::Tensor>& log_gate,
                                                 const at::Tensor& state, double scale) {
@@ -81,7 +51,7 @@ std::tuple<at::Tensor, at::Tensor> delta_rule_step(const at::Tensor& q, const at
                                   .typed<decltype(delta_rule_step)>();
     return fused.call(q, k, v, beta, log_gate, state, scale);  // which checks the inputs
   }
-  check_step_inputs(q, k, v, beta, log_gate, state);
+  check_delta_step_inputs(q, k, v, beta, log_gate, state);
   return step_in_aten(q, k, v, beta, log_gate, state, scale);
 }
 
@@ -138,7 +108,7 @@ std::tuple<at::Tensor, at::Tensor> delta_rule_step_fused_cpu(const at::Tensor& q
                                                              const at::Tensor& v, const at::Tensor& beta,
                                                              const std::optional<at::Tensor>& log_gate,
                                                              const at::Tensor& state, double scale) {
-  check_step_inputs(q, k, v, beta, log_gate, state);
+  check_delta_step_inputs(q, k, v, beta, log_gate, state);
   const auto acc = accumulate_type(q.scalar_type());
   const at::Tensor S = state.contiguous();
   const at::Tensor b = beta.to(acc).contiguous();
@@ -155,7 +125,7 @@ std::tuple<at::Tensor, at::Tensor> delta_rule_step_fused_meta(const at::Tensor& 
                                                               const at::Tensor& v, const at::Tensor& beta,
                                                               const std::optional<at::Tensor>& log_gate,
                                                               const at::Tensor& state, double) {
-  check_step_inputs(q, k, v, beta, log_gate, state);
+  check_delta_step_inputs(q, k, v, beta, log_gate, state);
   return {at::empty_symint({q.sym_size(0), q.sym_size(1), v.sym_size(2)}, q.options()),
           at::empty_like(state, at::MemoryFormat::Contiguous)};
 }
