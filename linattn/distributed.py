@@ -1,4 +1,5 @@
-"""Context parallelism for linear attention over torch.distributed (LASP-style state passing).
+"""Context parallelism for linear attention and the delta rule over torch.distributed (LASP-style
+state passing; the delta rule's is context_parallel_delta_rule's docstring).
 
 Each rank holds a contiguous slice of one long sequence, in rank order. Linear attention needs
 from the other ranks only their states, (S, z) of size m × dv per head, whatever their lengths:
@@ -21,10 +22,11 @@ import torch
 import torch.distributed as dist
 
 from . import ops
+from .delta_rule import delta_rule_attention, l2_normalize
 from .feature_maps import resolve_feature_map
 from .functional import linear_attention, log_fade_factors
 
-__all__ = ["context_parallel_linear_attention"]
+__all__ = ["context_parallel_linear_attention", "context_parallel_delta_rule"]
 
 
 class _AllGather(torch.autograd.Function):
@@ -43,6 +45,12 @@ class _AllGather(torch.autograd.Function):
         grad = grad.contiguous()
         dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
         return grad[dist.get_rank(ctx.group)], None
+
+
+def _check_initialized(where):
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError(f"{where}: torch.distributed is not initialized; call "
+                           "torch.distributed.init_process_group first")
 
 
 def context_parallel_linear_attention(
@@ -75,9 +83,7 @@ def context_parallel_linear_attention(
         Every rank must call it (a collective).
     """
     where = "linattn.distributed.context_parallel_linear_attention"
-    if not dist.is_available() or not dist.is_initialized():
-        raise RuntimeError(f"{where}: torch.distributed is not initialized; call "
-                           "torch.distributed.init_process_group first")
+    _check_initialized(where)
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(f"{where}: q, k and v must be 4-D (B, H, T_r, D), got {tuple(q.shape)}, "
                          f"{tuple(k.shape)} and {tuple(v.shape)}")
@@ -128,3 +134,87 @@ def context_parallel_linear_attention(
         q, k, v, causal=causal, feature_map=feature_map, normalize=normalize, eps=eps,
         key_padding_mask=key_padding_mask, decay=decay, gate=gate, initial_state=(S_init, z_init),
     )
+
+
+def context_parallel_delta_rule(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    beta: torch.Tensor,
+    *,
+    gate: Optional[torch.Tensor] = None,
+    group: Optional[dist.ProcessGroup] = None,
+    causal: bool = True,
+    scale: Optional[float] = None,
+    initial_state: Optional[torch.Tensor] = None,
+    output_final_state: bool = False,
+    normalize_qk: bool = True,
+):
+    """The delta rule (linattn.delta_rule_attention, docs/methods.md §11) over a sequence split
+    across the ranks of `group` (default: the world).
+
+    A slice acts on the state it receives as an affine map, S_end = M_r S_start + N_r, with
+    M_r = Π_t e^{g_t}(I − β_t k_t k_tᵀ) (dk × dk) and N_r the state the slice leaves from zero.
+    One local call gives both: the slice's own keys, β and gates on the values [v | 0] from the
+    state [0 | I] end in [N_r | M_r] (each state column evolves on its own). One all_gather of
+    those (dk × (dv + dk) per head); every rank composes the maps of the ranks before it in rank
+    order (causal; non-causal: all of them, for the final state every query reads), then runs
+    its slice from that state. About twice a slice's single-process work (dv + dk state columns,
+    then dv), and the exchange does not grow with the slices' lengths.
+
+    Args:
+        q, k: (B, H, T_r, dk); v: (B, H, T_r, dv); beta, gate: (B, H, T_r): this rank's slice;
+            the slices of ranks 0, 1, ... are consecutive pieces of one sequence (lengths may
+            differ, and may be 0). B, H, dk, dv, dtype and device must be the same on every rank.
+        causal, scale, normalize_qk: as in linattn.delta_rule_attention.
+        initial_state: (B, H, dk, dv), the same on every rank: the state before the sequence.
+        output_final_state: also return the state after the whole sequence (the same on every rank).
+
+    Returns:
+        this rank's output slice (B, H, T_r, dv) — what delta_rule_attention gives for the whole
+        sequence, cut to this rank's positions — or (out, final_state). Differentiable (q, k, v,
+        beta, gate, initial_state). Every rank must call it (a collective).
+    """
+    where = "linattn.distributed.context_parallel_delta_rule"
+    _check_initialized(where)
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"{where}: q, k and v must be 4-D (B, H, T_r, D), got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)} and {tuple(v.shape)}")
+    acc = ops.accumulate_dtype(q.dtype)
+    rank = dist.get_rank(group)
+    batch, heads, _, dk = k.shape
+    dv = v.shape[-1]
+    scale = dk ** -0.5 if scale is None else float(scale)
+
+    # 1. This slice's affine map [N_r | M_r], in one call.
+    values = torch.cat([v, v.new_zeros(*v.shape[:-1], dk)], dim=-1)
+    identity = torch.eye(dk, dtype=acc, device=q.device).expand(batch, heads, dk, dk)
+    start = torch.cat([q.new_zeros(batch, heads, dk, dv, dtype=acc), identity], dim=-1)
+    _, local_map = delta_rule_attention(q, k, values, beta, gate=gate, causal=True, scale=scale,
+                                        initial_state=start, output_final_state=True, normalize_qk=normalize_qk)
+
+    # 2. Everyone's maps in one collective, composed in rank order from the initial state. Every
+    # rank's slot enters the result (times 0 when it does not count), so the gather's backward,
+    # an all-reduce, runs on every rank.
+    maps = _AllGather.apply(local_map, group)
+    state = (initial_state.to(acc) if initial_state is not None
+             else torch.zeros(batch, heads, dk, dv, dtype=acc, device=q.device))
+    before = state
+    unused = torch.zeros_like(state)
+    for r in range(maps.shape[0]):
+        shift, transition = maps[r][..., :dv], maps[r][..., dv:]
+        if r == rank:
+            before = state
+        state = transition @ state + shift  # after rank r's slice
+        if r >= rank and causal:
+            unused = unused + 0.0 * maps[r][..., :dv]
+    final_state = state
+
+    # 3. This slice from the state before it (causal), or every query reading the final state.
+    if causal:
+        out = delta_rule_attention(q, k, v, beta, gate=gate, causal=True, scale=scale,
+                                   initial_state=before + unused, normalize_qk=normalize_qk)
+    else:
+        queries = l2_normalize(q.to(acc)) if normalize_qk else q.to(acc)  # as the kernels: in acc
+        out = (scale * (queries @ final_state)).to(q.dtype)
+    return (out, final_state) if output_final_state else out

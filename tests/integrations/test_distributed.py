@@ -1,8 +1,9 @@
-"""linattn.distributed.context_parallel_linear_attention on 2 and 4 gloo processes of this
-machine: each rank's output slice and the gradients of its q, k, v (and the decay's, summed
-over ranks) must equal the single-process linear_attention on the whole sequence, in float64,
-for causal and non-causal attention, decay and gates, key padding, uneven and empty slices;
-and a DDP-wrapped model with a context-parallel layer must train like the single-process one."""
+"""linattn.distributed.context_parallel_linear_attention and context_parallel_delta_rule on 2 and 4
+gloo processes of this machine: each rank's output slice and the gradients of its inputs (and the
+decay's / initial state's, summed over ranks) must equal the single-process linear_attention /
+delta_rule_attention on the whole sequence, in float64, for causal and non-causal attention,
+decay and gates, key padding, states, uneven and empty slices; and a DDP-wrapped model with a
+context-parallel layer must train like the single-process one."""
 import os
 import tempfile
 
@@ -12,7 +13,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import linattn
-from linattn.distributed import context_parallel_linear_attention
+from linattn.distributed import context_parallel_delta_rule, context_parallel_linear_attention
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason="torch.distributed with gloo is not available")
@@ -86,6 +87,7 @@ def _worker(rank, world, init_file, reports):
                 total = local_decay.grad.clone()
                 dist.all_reduce(total)
                 torch.testing.assert_close(total, expected_decay_grad, rtol=1e-9, atol=1e-9)
+        _delta_rule_check(rank, start, end, T)
         _ddp_check(rank, world, start, end, T)
         reports.put(("passed", rank))
         dist.barrier()  # no rank tears gloo down while another still talks to it
@@ -94,6 +96,50 @@ def _worker(rank, world, init_file, reports):
         raise
     finally:
         dist.destroy_process_group()
+
+
+DELTA_CONFIGS = [dict(causal=True, gated=True, state=True), dict(causal=True, gated=False, state=False),
+                 dict(causal=False, gated=True, state=True)]
+
+
+def _delta_rule_check(rank, start, end, T):
+    """context_parallel_delta_rule: this rank's slice of the whole sequence's output and final
+    state, and the gradients of its q, k, v, beta, gate (and of the initial state, summed)."""
+    for config in DELTA_CONFIGS:
+        g = torch.Generator().manual_seed(11)
+        q, k = (torch.randn(B, H, T, D, generator=g, dtype=torch.float64) for _ in range(2))
+        v = torch.randn(B, H, T, DV, generator=g, dtype=torch.float64)
+        beta = torch.rand(B, H, T, generator=g, dtype=torch.float64)
+        gate = -0.3 * torch.rand(B, H, T, generator=g, dtype=torch.float64) if config["gated"] else None
+        state = torch.randn(B, H, D, DV, generator=g, dtype=torch.float64) if config["state"] else None
+        weight = torch.randn(B, H, T, DV, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+        state_weight = torch.randn(B, H, D, DV, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+        inputs = [t for t in (q, k, v, beta, gate, state)]
+        whole_leaves = [None if t is None else t.clone().requires_grad_() for t in inputs]
+        whole, whole_final = linattn.delta_rule_attention(
+            *whole_leaves[:4], gate=whole_leaves[4], initial_state=whole_leaves[5], causal=config["causal"],
+            output_final_state=True)
+        ((whole * weight).sum() + (whole_final * state_weight).sum()).backward()
+
+        cut = [None if t is None else (t[:, :, start:end] if t.dim() >= 3 and t is not state else t) for t in inputs]
+        local = [None if t is None else t.clone().requires_grad_() for t in cut]
+        out, final = context_parallel_delta_rule(*local[:4], gate=local[4], initial_state=local[5],
+                                                 causal=config["causal"], output_final_state=True)
+        # The final state is every rank's: its loss term counts once, on rank 0.
+        loss = (out * weight[:, :, start:end]).sum() + (final * state_weight).sum() * (rank == 0)
+        loss.backward()
+        torch.testing.assert_close(out, whole[:, :, start:end].detach(), rtol=1e-10, atol=1e-10,
+                                   msg=lambda m: f"delta {config} output: {m}")
+        torch.testing.assert_close(final, whole_final.detach(), rtol=1e-10, atol=1e-10)
+        for name, got, want in zip(("q", "k", "v", "beta", "gate"), local[:5], whole_leaves[:5]):
+            if got is None:
+                continue
+            torch.testing.assert_close(got.grad, want.grad[:, :, start:end], rtol=1e-8, atol=1e-9,
+                                       msg=lambda m: f"delta {config} grad {name}: {m}")
+        if local[5] is not None:  # each rank holds its part of the initial state's gradient
+            total = local[5].grad.clone()
+            dist.all_reduce(total)
+            torch.testing.assert_close(total, whole_leaves[5].grad, rtol=1e-8, atol=1e-9)
 
 
 class _Layer(torch.nn.Module):
