@@ -109,16 +109,21 @@ def emulated_backward_figures(T, D, causal, processors):
             "traffic_over_floor": (read + written) / floor, "wavefronts_per_matrix": wavefronts / max(matrices, 1)}
 
 
-def emulated_delta_figures(T, D, causal):
-    """One delta-rule forward (Gated DeltaNet) at B=1 H=2: traffic over its floor (q, k, v, β, g
-    read and o written once), wavefronts per ldmatrix matrix, and mma per 64-row chunk and head."""
+def emulated_delta_figures(T, D, causal, processors):
+    """One delta-rule forward (Gated DeltaNet) at B=1 H=2 on an emulated GPU of `processors` SMs
+    (2: a block per head; 132: causal calls split into segments, two passes): traffic over its
+    floor (q, k, v, β, g read and o written once), wavefronts per ldmatrix matrix, and mma per
+    64-row chunk and head."""
+    os.environ["LINATTN_EMULATED_SMS"] = str(processors)
     q, k, v = (torch.randn(1, 2, T, D).bfloat16() for _ in range(3))
     beta, gate = torch.rand(1, 2, T), -0.05 * torch.rand(1, 2, T)
     torch.ops.linattn._reset_warp_emulation_counters()
     torch.ops.linattn.delta_rule_fwd_fused(q, k, v, beta, gate, None, None, causal, D ** -0.5, True)
+    del os.environ["LINATTN_EMULATED_SMS"]
     mma, matrices, wavefronts, shuffles, read, written = torch.ops.linattn._warp_emulation_counters().tolist()
     floor = 4 * 2 * T * D * 2 + 2 * 2 * T * 4
-    return {"T": T, "D": D, "causal": causal, "mma": mma, "read_bytes": read, "written_bytes": written,
+    return {"T": T, "D": D, "causal": causal, "processors": processors, "mma": mma, "read_bytes": read,
+            "written_bytes": written,
             "traffic_over_floor": (read + written) / floor, "wavefronts_per_matrix": wavefronts / max(matrices, 1),
             "mma_per_chunk": mma / (2 * -(-T // 64))}
 
@@ -225,11 +230,13 @@ def main():
         print(f"  {'causal' if e['causal'] else 'full':>6}, {kind}: traffic {e['traffic_over_floor']:.3f}x the floor "
               f"(target <= 1.3 unsplit), {e['wavefronts_per_matrix']:.2f} wavefronts per ldmatrix matrix, "
               f"{e['mma']} mma")
-    delta = [emulated_delta_figures(T, 128, causal) for causal in (True, False)]
+    delta = [emulated_delta_figures(T, 128, causal, processors) for processors, causal in
+             ((2, True), (2, False), (132, True))]
     print(f"Emulated delta-rule forward (Gated DeltaNet), B=1 H=2 D=128 T={T} bf16 (floor = q, k, v, beta, g read "
           f"+ o written once):")
     for e in delta:
-        print(f"  {'causal' if e['causal'] else 'full':>6}: traffic {e['traffic_over_floor']:.3f}x the floor "
+        kind = "one block per head" if e["processors"] == 2 else "split for 132 SMs"
+        print(f"  {'causal' if e['causal'] else 'full':>6}, {kind}: traffic {e['traffic_over_floor']:.3f}x the floor "
               f"(the final state's write above it), {e['wavefronts_per_matrix']:.2f} wavefronts per ldmatrix matrix, "
               f"{e['mma_per_chunk']:.0f} mma per chunk and head")
     flash = [emulated_flash_figures(T, 64, 256, causal) for causal in (False, True)]

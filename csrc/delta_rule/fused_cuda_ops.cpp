@@ -16,6 +16,7 @@ namespace {
 
 struct CudaLaunch {
   cudaStream_t stream;
+  int64_t processors() const { return multiprocessors(); }
   template <typename scalar_t>
   void operator()(const delta_tensor_core::DeltaForwardProblem<scalar_t>& p) const {
     TORCH_CHECK(p.blocks() <= std::numeric_limits<int32_t>::max(), kDeltaRuleOp,

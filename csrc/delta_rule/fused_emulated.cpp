@@ -14,6 +14,7 @@ namespace linattn {
 namespace {
 
 struct EmulatedLaunch {
+  int64_t processors() const { return warp::emulated_processors(); }
   template <typename scalar_t>
   void operator()(const delta_tensor_core::DeltaForwardProblem<scalar_t>& p) const {
     delta_tensor_core::with_head_dims(p.key_dim, p.value_dim, [&](auto dk, auto dv) {

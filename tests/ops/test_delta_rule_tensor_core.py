@@ -126,6 +126,27 @@ def test_collinear_keys_and_full_writes():
         check(q, keys, v, ones, gate, S0, 1.5e-2)
 
 
+@pytest.mark.parametrize("gated, with_state, dv", [(True, True, 48), (False, False, 48), (True, True, 200)])
+def test_sequence_split(monkeypatch, gated, with_state, dv):
+    """Few (batch, head) blocks on many SMs: the sequence is cut into segments, each segment's affine
+    map of the state ([N | M] from [0 | I] on [v | 0]) computed at once, composed in order, and every
+    segment run again from its true state. Equal to the unsplit kernel up to rounding and to the
+    recurrence; more mma than the unsplit run (the two passes ran)."""
+    q, k, v, beta, gate, S0 = make(1, 2, 1100, 32, dv, torch.bfloat16, seed=12, gated=gated, state=with_state)
+    monkeypatch.setenv("LINATTN_EMULATED_SMS", "2")
+    whole, S_whole = run(q, k, v, beta, gate, S0)
+    unsplit_mma = mma_count()
+    monkeypatch.setenv("LINATTN_EMULATED_SMS", "132")  # 2 segments of 576 rows (the second padded)
+    out, S = run(q, k, v, beta, gate, S0)
+    assert mma_count() > unsplit_mma
+    assert out.shape == v.shape and out.is_contiguous() and S.shape == (1, 2, 32, dv)
+    assert_close(out, whole.double(), 1e-2, "split vs unsplit out")
+    assert_close(S, S_whole.double(), 1e-2, "split vs unsplit state")
+    ref_out, ref_S = expected(q, k, v, beta, gate, S0)
+    assert_close(out, ref_out, TOL[torch.bfloat16], "out")
+    assert_close(S, ref_S, TOL[torch.bfloat16], "final state")
+
+
 def test_chaining_states_equals_one_call():
     q, k, v, beta, gate, S0 = make(1, 2, 200, 32, 32, torch.bfloat16, seed=6)
     whole, S_whole = run(q, k, v, beta, gate, S0)

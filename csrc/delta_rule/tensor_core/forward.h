@@ -60,8 +60,8 @@ LINATTN_HD LINATTN_INLINE void run_delta_forward_block(const Exec& exec, const D
     }
   };
 
-  if (p.causal) {
-    walk_state(true);
+  if (p.causal || p.out == nullptr) {  // without outputs (the sequence split's maps): the state alone
+    walk_state(p.out != nullptr);
   } else {
     walk_state(false);
     exec([&](const WarpContext& w, State& s) {

@@ -33,7 +33,7 @@ struct DeltaForwardProblem {
   const float* log_gate = nullptr;  // (B, H, T) contiguous, or null (DeltaNet)
   const float* state_in = nullptr;  // (B, H, dk, dv) contiguous, or null for zeros
   float* state_out = nullptr;       // (B, H, dk, dv) contiguous
-  scalar_t* out = nullptr;          // (B, H, T, dv) contiguous
+  scalar_t* out = nullptr;          // (B, H, T, dv) contiguous, or null: the final state only
   // Value dims wider than the kernel's DV run in tiles of DV columns, a block each: the state's
   // columns, u's and the output's depend on the same columns of V and S only.
   int64_t value_tiles = 1;
