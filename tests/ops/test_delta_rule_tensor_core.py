@@ -228,6 +228,29 @@ def test_the_public_function_and_gradients_through_the_fused_backend():
         assert torch.equal(a, b)  # the same backward, recomputing from the same inputs
 
 
+@pytest.mark.parametrize("method", ["deltanet", "gated_deltanet"])
+def test_modules_run_it_under_the_fused_backend(method):
+    """linattn.nn.MultiheadAttention(method=...) in bfloat16 takes the tensor-core forward under the
+    fused backend (with key padding: padded keys have β = 0), close to the CPU kernel's output."""
+    torch.manual_seed(0)
+    module = linattn.nn.MultiheadAttention(64, 2, method=method, batch_first=True, dtype=torch.bfloat16)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    x = torch.randn(2, 90, 64, dtype=torch.bfloat16)
+    padding = torch.zeros(2, 90, dtype=torch.bool)
+    padding[1, 70:] = True
+    want, _ = module(x, x, x, key_padding_mask=padding, is_causal=True, need_weights=False,
+                     attn_mask=torch.ones(90, 90, dtype=torch.bool).triu(1))
+    torch.ops.linattn._reset_warp_emulation_counters()
+    with ops.fused_implementation():
+        got, _ = module(x, x, x, key_padding_mask=padding, is_causal=True, need_weights=False,
+                        attn_mask=torch.ones(90, 90, dtype=torch.bool).triu(1))
+    assert mma_count() > 0
+    real = ~padding
+    assert_close(got[real], want[real].double(), 2e-2, "module output")
+
+
 def test_opcheck_and_compile():
     q, k, v, beta, gate, S0 = make(1, 2, 33, 16, 16, torch.bfloat16, seed=9)
     args = (q, k, v, beta, gate, S0, None, True, 0.25, True)
