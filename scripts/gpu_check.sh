@@ -30,7 +30,7 @@ PYTEST_EXTRA=()
 SECONDS=0
 "$PY" -m pytest -q -p no:cacheprovider "${PYTEST_EXTRA[@]}" tests/gpu/test_cuda.py tests/ops/test_fused_kernels.py \
   tests/ops/test_tensor_core_forward.py tests/ops/test_tensor_core_backward.py tests/ops/test_flash_forward.py \
-  tests/ops/test_flash_backward.py tests/ops/test_delta_rule_tensor_core.py \
+  tests/ops/test_flash_backward.py tests/ops/test_delta_rule_tensor_core.py tests/ops/test_delta_rule_step_kernel.py \
   --junitxml="$OUT/cuda_tests.xml" 2>&1 | tail -n 40 | tee "$OUT/cuda_tests.log"
 cuda_seconds=$SECONDS
 
