@@ -94,10 +94,10 @@ class LinearizedAttention(nn.Module):
         self.log_linear_scale = (nn.Parameter(torch.full((heads,), math.log(linear_scale))) if self.exact_window
                                  else None)
         self.delta_rule = None  # β (and the gate) of a delta-rule student, from the head's key
-        if method in DELTA_RULE:
-            from ..nn.methods.delta import DeltaNetMethod, GatedDeltaNetMethod
+        if method in DELTA_RULE:  # the registered method of that name: its β (and gate) projections
+            from ..nn.methods import METHODS as REGISTERED
 
-            self.delta_rule = (GatedDeltaNetMethod if method == "gated_deltanet" else DeltaNetMethod)(heads, head_dim)
+            self.delta_rule = REGISTERED[method](heads, head_dim)
         self.mode = "student"
         self.loss_kind = "output_mse"
         self.last_loss: Optional[torch.Tensor] = None

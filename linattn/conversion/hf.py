@@ -47,7 +47,7 @@ def linearized_attention(module, query, key, value, attention_mask, scaling=None
     if layer is None:
         raise ValueError(f"{_where(module)}: this attention layer was not linearized (run linattn.linearize on the "
                          "model that owns it)")
-    if layer.mode == "student" and layer.method == "linear":
+    if layer.mode == "student" and not layer.exact_window and layer.delta_rule is None:  # the linear student
         return _learned_linear_attention(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
     key, value, seen, state_layer = _prepare(module, query, key, value, attention_mask, 0.0, kwargs)
     if seen.documents is not None or seen.window[0] >= 0:
