@@ -193,27 +193,24 @@ def context_parallel_delta_rule(
     _, local_map = delta_rule_attention(q, k, values, beta, gate=gate, causal=True, scale=scale,
                                         initial_state=start, output_final_state=True, normalize_qk=normalize_qk)
 
-    # 2. Everyone's maps in one collective, composed in rank order from the initial state. Every
-    # rank's slot enters the result (times 0 when it does not count), so the gather's backward,
-    # an all-reduce, runs on every rank.
+    # 2. Everyone's maps in one collective, composed in rank order from the initial state.
     maps = _AllGather.apply(local_map, group)
     state = (initial_state.to(acc) if initial_state is not None
              else torch.zeros(batch, heads, dk, dv, dtype=acc, device=q.device))
     before = state
-    unused = torch.zeros_like(state)
     for r in range(maps.shape[0]):
-        shift, transition = maps[r][..., :dv], maps[r][..., dv:]
         if r == rank:
             before = state
-        state = transition @ state + shift  # after rank r's slice
-        if r >= rank and causal:
-            unused = unused + 0.0 * maps[r][..., :dv]
+        state = maps[r][..., dv:] @ state + maps[r][..., :dv]  # after rank r's slice
     final_state = state
 
     # 3. This slice from the state before it (causal), or every query reading the final state.
     if causal:
+        # Every slot of the gather enters the output (times 0), so its backward, an all-reduce, runs
+        # on every rank, rank 0 included.
+        before = before + 0.0 * maps[..., :dv].sum(0)
         out = delta_rule_attention(q, k, v, beta, gate=gate, causal=True, scale=scale,
-                                   initial_state=before + unused, normalize_qk=normalize_qk)
+                                   initial_state=before, normalize_qk=normalize_qk)
     else:
         queries = l2_normalize(q.to(acc)) if normalize_qk else q.to(acc)  # as the kernels: in acc
         out = (scale * (queries @ final_state)).to(q.dtype)

@@ -157,11 +157,7 @@ class LinearizedAttention(nn.Module):
 
     def _delta_rule(self, phi_q, phi_k, k, v, key_padding_mask, causal, initial_state=None, output_final_state=False):
         """The delta-rule student on the features (β and the gate from the raw keys k)."""
-        beta, gate = self.delta_rule.beta_and_gate(k)
-        if key_padding_mask is not None:  # a padded key neither writes (β = 0) nor fades the state (g = 0)
-            skipped = key_padding_mask[:, None, :].expand_as(beta)
-            beta = beta.masked_fill(skipped, 0.0)
-            gate = None if gate is None else gate.masked_fill(skipped, 0.0)
+        beta, gate = self.delta_rule.beta_and_gate(k, key_padding_mask)  # a padded key writes and fades nothing
         return delta_rule_attention(phi_q, phi_k, v, beta, gate=gate, causal=causal, scale=self.delta_rule.scale,
                                     initial_state=initial_state, output_final_state=output_final_state)
 

@@ -22,10 +22,7 @@ def _delta_rule(name):
                              f"learned β{' and gate' if name.endswith('gated_deltanet') else ''}: call "
                              f"linattn.hf.use_delta_rule(model{', gated=False' if name == 'linattn_deltanet' else ''}) "
                              "(before building the optimizer)")
-        beta, gate = core.beta_and_gate(k)
-        if padding is not None:  # a padded key neither writes nor fades the state
-            beta = beta.masked_fill(padding[:, None, :], 0.0)
-            gate = None if gate is None else gate.masked_fill(padding[:, None, :], 0.0)
+        beta, gate = core.beta_and_gate(k, padding)  # a padded key neither writes nor fades the state
         return delta_rule_attention(q, k, v, beta, gate=gate, causal=causal, scale=core.scale, initial_state=initial_state,
                                     output_final_state=output_final_state, cu_seqlens=cu_seqlens)
 

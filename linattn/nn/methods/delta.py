@@ -73,25 +73,26 @@ class DeltaNetMethod(MethodModule):
         """a_h · k_t + b_h for every (batch, head, t): (N, H, T)."""
         return torch.einsum("nhtd,hd->nht", k, weight.to(k.dtype)) + bias.to(k.dtype)[None, :, None]
 
-    def beta_and_gate(self, k):
-        """(β, g) for keys k (N, H, T, hd); g is None for DeltaNet."""
+    def beta_and_gate(self, k, skipped=None):
+        """(β, g) for keys k (N, H, T, hd); g is None for DeltaNet. skipped (N, T) or (N, H, T)
+        bool: keys that neither write (β = 0) nor fade the state (g = 0)."""
         beta = torch.sigmoid(self._per_head(k, self.beta_weight, self.beta_bias))
-        if not self.gated:
-            return beta, None
-        step = F.softplus(self._per_head(k, self.gate_weight, self.gate_bias))
-        return beta, -torch.exp(self.A_log.to(k.dtype))[None, :, None] * step
-
-    def forward(self, q, k, v, *, causal, key_padding_mask, attn_mask, dropout_p, need_weights):
-        beta, gate = self.beta_and_gate(k)
-        skipped = None
-        if key_padding_mask is not None:
-            skipped = key_padding_mask[:, None, :].expand_as(beta)
-        if dropout_p > 0.0:
-            dropped = torch.rand_like(beta) < dropout_p
-            skipped = dropped if skipped is None else skipped | dropped
-        if skipped is not None:  # a skipped key neither writes (β = 0) nor fades the state (g = 0)
+        gate = None
+        if self.gated:
+            step = F.softplus(self._per_head(k, self.gate_weight, self.gate_bias))
+            gate = -torch.exp(self.A_log.to(k.dtype))[None, :, None] * step
+        if skipped is not None:
+            skipped = skipped.expand_as(beta) if skipped.dim() == 3 else skipped[:, None, :].expand_as(beta)
             beta = beta.masked_fill(skipped, 0.0)
             gate = None if gate is None else gate.masked_fill(skipped, 0.0)
+        return beta, gate
+
+    def forward(self, q, k, v, *, causal, key_padding_mask, attn_mask, dropout_p, need_weights):
+        skipped = None if key_padding_mask is None else key_padding_mask[:, None, :]
+        if dropout_p > 0.0:
+            dropped = torch.rand(k.shape[:3], dtype=k.dtype, device=k.device) < dropout_p
+            skipped = dropped if skipped is None else skipped | dropped
+        beta, gate = self.beta_and_gate(k, skipped)
         out = delta_rule_attention(q, k, v, beta, gate=gate, causal=causal, scale=self.scale)
         if not need_weights:
             return out, None
