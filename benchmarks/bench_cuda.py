@@ -44,6 +44,20 @@ def copy_bandwidth(reps):
     return 2 * src.numel() * 4 / (ms * 1e-3)
 
 
+def time_into(row, forward, forward_backward, reps):
+    """row["fwd_ms"] and row["fwd_bwd_ms"] (medians of `reps`), or row["error"]: one failing
+    implementation must not end a GPU run. Returns whether both timings are there."""
+    try:
+        row["fwd_ms"] = cuda_median_ms(forward, reps)
+        row["fwd_bwd_ms"] = cuda_median_ms(forward_backward, reps)
+    except torch.cuda.OutOfMemoryError:
+        row["error"] = "out of memory"
+    except Exception as error:  # noqa: BLE001 - reported in the row
+        row["error"] = f"{type(error).__name__}: {error}"[:300]
+    torch.cuda.empty_cache()
+    return "fwd_bwd_ms" in row
+
+
 def flash_linear_attention():
     try:
         from fla.ops.linear_attn import chunk_linear_attn  # flash-linear-attention, optional
@@ -94,17 +108,11 @@ def measure(args):
                         if name == "fused-simt":
                             os.environ["LINATTN_TENSOR_CORES"] = "0"
                         try:
-                            row["fwd_ms"] = cuda_median_ms(lambda: fn(q, k, v), reps)
-                            row["fwd_bwd_ms"] = cuda_median_ms(
-                                lambda: torch.autograd.grad(fn(q, k, v), (q, k, v), grad), reps)
-                            row["fwd_vs_floor"] = row["fwd_ms"] / floor_ms
-                        except torch.cuda.OutOfMemoryError:
-                            row["error"] = "out of memory"
-                        except Exception as error:  # one failing implementation must not end a GPU run
-                            row["error"] = f"{type(error).__name__}: {error}"[:300]
+                            if time_into(row, lambda: fn(q, k, v),
+                                         lambda: torch.autograd.grad(fn(q, k, v), (q, k, v), grad), reps):
+                                row["fwd_vs_floor"] = row["fwd_ms"] / floor_ms
                         finally:
                             os.environ.pop("LINATTN_TENSOR_CORES", None)
-                        torch.cuda.empty_cache()
                         rows.append(row)
                         print(_format(row), flush=True)
     linattn.set_cuda_backend(previous_backend)
@@ -114,7 +122,7 @@ def measure(args):
 
 def _format(row):
     times = (f"fwd {row['fwd_ms']:9.3f} ms  fwd+bwd {row['fwd_bwd_ms']:9.3f} ms  fwd/floor {row['fwd_vs_floor']:6.2f}x"
-             if "fwd_ms" in row else row["error"])
+             if "fwd_bwd_ms" in row else row["error"])
     return (f"B={row['B']} H={row['H']} D={row['D']} T={row['T']:6d} {row['dtype']:8s} "
             f"{'causal' if row['causal'] else 'full  '} {row['impl']:8s} {times}")
 

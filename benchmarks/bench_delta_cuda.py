@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 import linattn
-from benchmarks.bench_cuda import copy_bandwidth, cuda_median_ms
+from benchmarks.bench_cuda import copy_bandwidth, time_into
 from benchmarks.common import write_results
 
 # (B, H, D): Gated DeltaNet layers of current hybrid models use 16-32 heads of 128.
@@ -83,18 +83,11 @@ def measure(args):
                         continue  # one softmax row per shape is enough
                     row = dict(B=B, H=H, D=D, T=T, gated=gated, impl=name, floor_ms=floor_ms)
                     inputs = (q, k, v, beta, g)
-                    try:
-                        row["fwd_ms"] = cuda_median_ms(lambda: fn(*inputs), reps)
-                        row["fwd_bwd_ms"] = cuda_median_ms(
-                            lambda: torch.autograd.grad(fn(*inputs), (q, k, v, beta), grad), reps)
+                    if time_into(row, lambda: fn(*inputs),
+                                 lambda: torch.autograd.grad(fn(*inputs), (q, k, v, beta), grad), reps):
                         row["fwd_vs_floor"] = row["fwd_ms"] / floor_ms
                         if name != "sdpa":
                             row["fwd_tflops"] = 2 * chunk_multiply_adds(B, H, T, D) / (row["fwd_ms"] * 1e-3) / 1e12
-                    except torch.cuda.OutOfMemoryError:
-                        row["error"] = "out of memory"
-                    except Exception as error:  # one failing implementation must not end a GPU run
-                        row["error"] = f"{type(error).__name__}: {error}"[:300]
-                    torch.cuda.empty_cache()
                     rows.append(row)
                     print(_format(row), flush=True)
     linattn.set_cuda_backend(previous_backend)
@@ -103,7 +96,7 @@ def measure(args):
 
 
 def _format(row):
-    if "fwd_ms" not in row:
+    if "fwd_bwd_ms" not in row:
         times = row["error"]
     else:
         times = (f"fwd {row['fwd_ms']:9.3f} ms  fwd+bwd {row['fwd_bwd_ms']:9.3f} ms  "
