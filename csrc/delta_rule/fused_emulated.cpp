@@ -5,9 +5,8 @@
 // take run delta_rule_fwd's CPU kernel.
 #include "fused.h"
 #include "tensor_core/forward.h"
-#include "../common/warp/host_block.h"
+#include "../common/warp/host_grid.h"
 
-#include <ATen/Parallel.h>
 #include <torch/library.h>
 
 namespace linattn {
@@ -19,18 +18,9 @@ struct EmulatedLaunch {
   void operator()(const delta_tensor_core::DeltaForwardProblem<scalar_t>& p) const {
     delta_tensor_core::with_head_dims(p.key_dim, p.value_dim, [&](auto dk, auto dv) {
       constexpr int DK = decltype(dk)::value, DV = decltype(dv)::value;
-      using State = delta_tensor_core::DeltaState<DK, DV>;
-      at::parallel_for(0, p.blocks(), 1, [&](int64_t begin, int64_t end) {
-        warp::EmulationCounters counters;
-        const warp::CountingScope counting(counters);
-        warp::HostBlock<State> exec(delta_tensor_core::kWarps, delta_tensor_core::DeltaLayout<DK, DV>::kBytes);
-        for (int64_t block = begin; block < end; ++block) {
-          exec.reset();
-          delta_tensor_core::run_delta_forward_block<DK, DV>(exec, p, block);
-          exec.finish();
-        }
-        warp::emulation_totals().add(counters);
-      });
+      warp::emulate_grid<delta_tensor_core::DeltaState<DK, DV>>(
+          delta_tensor_core::kWarps, p.blocks(), delta_tensor_core::DeltaLayout<DK, DV>::kBytes,
+          [&](const auto& exec, int64_t block) { delta_tensor_core::run_delta_forward_block<DK, DV>(exec, p, block); });
     });
   }
 };

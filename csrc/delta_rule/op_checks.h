@@ -67,12 +67,12 @@ inline void check_delta_rule_grads(const at::Tensor& grad_out, const std::option
 }
 
 // The decoding step's arguments (delta_rule_step and its fused kernels).
-constexpr const char* kStepOp = "linattn.delta_rule_step";
+constexpr const char* kDeltaStepOp = "linattn.delta_rule_step";
 
 inline void check_delta_step_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                     const at::Tensor& beta, const std::optional<at::Tensor>& log_gate,
                                     const at::Tensor& state) {
-  const char* op = kStepOp;
+  const char* op = kDeltaStepOp;
   check_dim(op, "q", q, 3, "(B, H, dk)");
   check_dim(op, "k", k, 3, "(B, H, dk)");
   check_dim(op, "v", v, 3, "(B, H, dv)");

@@ -22,7 +22,7 @@ struct CudaLaunch {
   cudaStream_t stream;
   template <typename scalar_t>
   void operator()(const delta_step::StepProblem<scalar_t>& p) const {
-    TORCH_CHECK(p.batch * p.heads <= std::numeric_limits<int32_t>::max() && p.value_dim <= 65535 * 128, kStepOp,
+    TORCH_CHECK(p.batch * p.heads <= std::numeric_limits<int32_t>::max() && p.value_dim <= 65535 * 128, kDeltaStepOp,
                 ": batch · heads = ", p.batch * p.heads, " or dv = ", p.value_dim, " exceeds the fused step's grid");
     delta_step::launch_step(p, stream);
   }

@@ -20,8 +20,8 @@ std::tuple<at::Tensor, at::Tensor> fused_step(const at::Tensor& q, const at::Ten
                                               const at::Tensor& beta, const std::optional<at::Tensor>& log_gate,
                                               const at::Tensor& state, double scale, const Launch& launch) {
   check_delta_step_inputs(q, k, v, beta, log_gate, state);
-  TORCH_CHECK(q.scalar_type() != at::kDouble, kStepOp, ": the fused step kernel takes float32, bfloat16 or float16 "
-              "inputs, got ", q.scalar_type());
+  TORCH_CHECK(q.scalar_type() != at::kDouble, kDeltaStepOp,
+              ": the fused step kernel takes float32, bfloat16 or float16 inputs, got ", q.scalar_type());
   const at::Tensor S = state.contiguous();
   const at::Tensor b = beta.to(at::kFloat).contiguous();
   const at::Tensor g = log_gate.has_value() ? log_gate->to(at::kFloat).contiguous() : at::Tensor();

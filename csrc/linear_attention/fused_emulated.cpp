@@ -4,7 +4,7 @@
 // mask and chunk boundary the GPU will execute. Slow by design (one scalar loop per thread).
 #include "plain_entry.h"
 #include "fused_plans.h"
-#include "../common/warp/host_block.h"
+#include "../common/warp/host_grid.h"
 #include "../common/warp/host_settings.h"
 #include "tensor_core/backward.h"
 #include "tensor_core/forward.h"
@@ -28,22 +28,10 @@ struct HostExec {
   }
 };
 
-// Blocks of a tensor-core kernel on the CPU: each block's warps emulated lane by lane through the
-// warp-operation layer, counting what they do (common/warp/emulation.h). `program(exec, block)`
-// is the kernel's block program.
+// Blocks of a tensor-core kernel on the CPU (common/warp/host_grid.h), 8 warps each.
 template <typename State, typename Program>
 void emulate_blocks(int64_t blocks, int64_t shared_bytes, const Program& program) {
-  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
-    warp::EmulationCounters counters;
-    const warp::CountingScope counting(counters);
-    warp::HostBlock<State> exec(tensor_core::kWarps, shared_bytes);
-    for (int64_t block = begin; block < end; ++block) {
-      exec.reset();
-      program(exec, block);
-      exec.finish();
-    }
-    warp::emulation_totals().add(counters);
-  });
+  warp::emulate_grid<State>(tensor_core::kWarps, blocks, shared_bytes, program);
 }
 
 struct EmulatedLaunch {

@@ -5,9 +5,8 @@
 #include "flash/backward.h"
 #include "flash/forward.h"
 #include "flash/plan.h"
-#include "../common/warp/host_block.h"
+#include "../common/warp/host_grid.h"
 
-#include <ATen/Parallel.h>
 #include <torch/library.h>
 
 namespace linattn {
@@ -15,35 +14,18 @@ namespace {
 
 template <int D, typename scalar_t>
 void emulate_forward(const flash::FlashProblem<scalar_t>& p) {
-  using State = flash::WarpState<D>;
-  at::parallel_for(0, p.blocks(), 1, [&](int64_t begin, int64_t end) {
-    warp::EmulationCounters counters;
-    const warp::CountingScope counting(counters);
-    warp::HostBlock<State> exec(flash::kWarps, flash::Layout<D>::kBytes);
-    for (int64_t block = begin; block < end; ++block) {
-      exec.reset();
-      flash::run_forward_block<D>(exec, p, block);
-      exec.finish();
-    }
-    warp::emulation_totals().add(counters);
-  });
+  warp::emulate_grid<flash::WarpState<D>>(flash::kWarps, p.blocks(), flash::Layout<D>::kBytes,
+                                          [&](const auto& exec, int64_t block) {
+                                            flash::run_forward_block<D>(exec, p, block);
+                                          });
 }
 
 // Blocks [0, blocks) of one backward launch (Block: KeyBlock or QueryBlock).
 template <typename Block, typename scalar_t>
 void emulate_backward_blocks(const flash::FlashProblem<scalar_t>& p, const flash::FlashGradients<scalar_t>& g,
                              int64_t blocks, int64_t shared_bytes) {
-  using State = typename Block::State;
-  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
-    warp::EmulationCounters counters;
-    const warp::CountingScope counting(counters);
-    warp::HostBlock<State> exec(flash::kWarps, shared_bytes);
-    for (int64_t block = begin; block < end; ++block) {
-      exec.reset();
-      flash::run_backward_block<Block>(exec, p, g, block);
-      exec.finish();
-    }
-    warp::emulation_totals().add(counters);
+  warp::emulate_grid<typename Block::State>(flash::kWarps, blocks, shared_bytes, [&](const auto& exec, int64_t block) {
+    flash::run_backward_block<Block>(exec, p, g, block);
   });
 }
 

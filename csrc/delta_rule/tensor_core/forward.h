@@ -4,9 +4,9 @@
 // step; docs/methods.md §11 derives it), on tensor cores:
 //
 // One block of 8 warps owns one (batch or packed sequence, head, value tile) and walks its
-// sequence in chunks of 64 rows. The state S (key dim × value tile, fp32) lives in the warps' mma accumulator registers
-// from the first chunk to the last; a 16-bit copy sits in shared memory for the products that
-// read it. Per chunk, phases separated by barriers:
+// sequence in chunks of 64 rows. The state S (key dim × value tile, fp32) lives in the warps' mma
+// accumulator registers from the first chunk to the last; a 16-bit copy sits in shared memory for
+// the products that read it. Per chunk, phases separated by barriers:
 //   rows land (cp.async, the next chunk's in flight), gates: β, G, e^G, e^{G_last − G};
 //   q and k rows normalised (normalize_qk);
 //   A = strict_tril(diag(β)(K Kᵀ ⊙ Γ))                  tensor cores, then fp32 in shared memory

@@ -436,9 +436,9 @@ struct DeltaForwardBlock {
 
   // --- the output ------------------------------------------------------------------------------
 
-  // The chunk's output rows 16·rb.. (from `start` of the sequence) for the warp's half of the value columns (warp w: rb = w % 4,
-  // half w / 4): causal, scale · (diag(e^G) Q S0 + (Q Kᵀ ⊙ Γ ⊙ lower) u); non-causal (the state
-  // copy holds the final state), scale · Q S.
+  // The chunk's output rows 16·rb.. (from `start` of the sequence) for the warp's half of the value
+  // columns (warp w: rb = w % 4, half w / 4): causal, scale · (diag(e^G) Q S0 + (Q Kᵀ ⊙ Γ ⊙ lower) u);
+  // non-causal (the state copy holds the final state), scale · Q S.
   LINATTN_HD void output(const WarpContext& w, uint32_t base, int64_t start, bool causal) const {
     const int rb = w.warp % 4, ch = w.warp / 4;
     const int64_t first = start + rb * 16;  // of the sequence
@@ -472,14 +472,7 @@ struct DeltaForwardBlock {
     }
     if (causal) {
       if (gated()) {
-        warp::for_lanes(w, [&](int lane) {
-          const int g = warp::group_of(lane);
-          LINATTN_UNROLL
-          for (int j = 0; j < kColsPerHalf; ++j) {
-            LINATTN_UNROLL
-            for (int i = 0; i < 4; ++i) o[j][i][lane] *= row_value(w, L::kExpG, rb * 16 + g + 8 * (i / 2));
-          }
-        });
+        warp::each_accumulator(w, o, [&](int r, int, float& x) { x *= row_value(w, L::kExpG, rb * 16 + r); });
       }
       LINATTN_UNROLL
       for (int kk = 0; kk < kChunk / 16; ++kk) {
