@@ -59,19 +59,32 @@ def time_into(row, forward, forward_backward, reps):
 
 
 def flash_linear_attention():
+    """FLA's chunk kernels for plain and gated linear attention, or None when it does not import."""
     try:
         from fla.ops.linear_attn import chunk_linear_attn  # flash-linear-attention, optional
+        from fla.ops.simple_gla import chunk_simple_gla
     except ImportError:
         return None
-    return chunk_linear_attn
+    return chunk_linear_attn, chunk_simple_gla
 
 
-def implementations(causal, fla):
+def implementations(causal, fla, gate=None):
+    """name -> fn(q, k, v) at one point; with a (B, H, T) log-gate only those that take one."""
     def linattn_with(backend):
         def run(q, k, v):
             linattn.set_cuda_backend(backend)
-            return linattn.linear_attention(q, k, v, causal=causal)
+            return linattn.linear_attention(q, k, v, causal=causal, gate=gate)
         return run
+
+    def bthd(t):
+        return t.transpose(1, 2)
+
+    if gate is not None:
+        impls = {"fused": linattn_with("fused"), "generic": linattn_with("generic")}
+        if fla is not None:
+            # FLA's simple GLA: the same per-token scalar log-gate, no feature map, no normalizer.
+            impls["fla"] = lambda q, k, v: bthd(fla[1](bthd(q), bthd(k), bthd(v), g=bthd(gate))[0])
+        return impls
 
     # "fused-simt" is the fused backend with LINATTN_TENSOR_CORES=0, which measure() sets around
     # both its timings (the backward runs outside the call).
@@ -79,9 +92,14 @@ def implementations(causal, fla):
              "sdpa": lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=causal)}
     if fla is not None and causal:
         # FLA's chunk kernel takes (B, T, H, D) and has no normalizer: the same memory traffic.
-        impls["fla"] = lambda q, k, v: fla(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                          normalize=False)[0]
+        impls["fla"] = lambda q, k, v: bthd(fla[0](bthd(q), bthd(k), bthd(v), normalize=False)[0])
     return impls
+
+
+def points(causal, dtype, lengths):
+    """(T, gated) at one configuration: the gated rows (causal only) in bf16, the issue's target dtype."""
+    gated = (False, True) if causal and dtype == torch.bfloat16 else (False,)
+    return [(T, g) for T in lengths for g in gated]
 
 
 def measure(args):
@@ -93,18 +111,22 @@ def measure(args):
     for (B, H, D), (quick_lengths, lengths) in CONFIGS.items():
         for dtype in (torch.bfloat16, torch.float32):
             for causal in (True, False):
-                for T in quick_lengths if args.quick else lengths:
+                for T, gated in points(causal, dtype, quick_lengths if args.quick else lengths):
                     q, k, v = (torch.randn(B, H, T, D, device="cuda", dtype=dtype, requires_grad=True) for _ in range(3))
                     grad = torch.randn(B, H, T, D, device="cuda", dtype=dtype)
+                    # log-gates in [log 0.9, 0): a state that fades over tens of tokens, as trained GLA's do
+                    gate = torch.rand(B, H, T, device="cuda").mul(-0.105) if gated else None
                     io_bytes = 4 * B * H * T * D * q.element_size()
                     floor_ms = io_bytes / bandwidth * 1e3
-                    for name, fn in implementations(causal, fla).items():
+                    for name, fn in implementations(causal, fla, gate).items():
                         if name == "sdpa" and T > args.sdpa_max_T:
                             continue
-                        if name == "fused-simt" and dtype == torch.float32:
-                            continue  # float32 has no tensor-core path: "fused" is the SIMT kernel
-                        row = dict(B=B, H=H, D=D, T=T, dtype=str(dtype).split(".")[-1], causal=causal, impl=name,
-                                   floor_ms=floor_ms)
+                        if name == "fused-simt" and (dtype == torch.float32 or args.quick):
+                            # float32 has no tensor-core path ("fused" is the SIMT kernel); --quick
+                            # leaves out the superseded SIMT kernel to fit a lent GPU's minutes
+                            continue
+                        row = dict(B=B, H=H, D=D, T=T, dtype=str(dtype).split(".")[-1], causal=causal, gated=gated,
+                                   impl=name, floor_ms=floor_ms)
                         if name == "fused-simt":
                             os.environ["LINATTN_TENSOR_CORES"] = "0"
                         try:
@@ -124,7 +146,7 @@ def _format(row):
     times = (f"fwd {row['fwd_ms']:9.3f} ms  fwd+bwd {row['fwd_bwd_ms']:9.3f} ms  fwd/floor {row['fwd_vs_floor']:6.2f}x"
              if "fwd_bwd_ms" in row else row["error"])
     return (f"B={row['B']} H={row['H']} D={row['D']} T={row['T']:6d} {row['dtype']:8s} "
-            f"{'causal' if row['causal'] else 'full  '} {row['impl']:8s} {times}")
+            f"{'causal' if row['causal'] else 'full  '} {'gated' if row.get('gated') else '     '} {row['impl']:8s} {times}")
 
 
 def main():

@@ -285,19 +285,20 @@ def delta_rule(q, k, v, beta, *, gate=None, scale=None, initial_state=None, caus
     """The delta rule (docs/methods.md §11) token by token in float64, written from the formula:
     S_t = e^{g_t} (I − β_t k_t k_tᵀ) S_{t−1} + β_t k_t v_tᵀ, o_t = scale · S_tᵀ q_t (causal), or
     scale · S_Tᵀ q_t for every t (non-causal). q and k are used as given (no normalisation).
+    (I − β k kᵀ) S is applied as S − β k (kᵀ S): the same product in O(dk · dv) per token instead of
+    O(dk² · dv), which kept a GPU test's T=3000, dk=128 recurrence over a minute.
     Returns (out, S_T)."""
     q, k, v, beta = q.double(), k.double(), v.double(), beta.double()
     B, H, T, dk = q.shape
     scale = dk ** -0.5 if scale is None else scale
     S = (initial_state.double().clone() if initial_state is not None
          else q.new_zeros(B, H, dk, v.shape[-1]))
-    eye = torch.eye(dk, dtype=torch.float64, device=q.device)
     outs = []
     for t in range(T):
-        kt = k[:, :, t]
+        kt = k[:, :, t, :, None]  # (B, H, dk, 1)
+        bt = beta[:, :, t, None, None]
         fade = gate[:, :, t].double().exp()[..., None, None] if gate is not None else 1.0
-        transition = eye - beta[:, :, t, None, None] * kt[..., :, None] * kt[..., None, :]
-        S = fade * (transition @ S) + beta[:, :, t, None, None] * kt[..., :, None] * v[:, :, t, None, :]
+        S = fade * (S - bt * kt * (kt.transpose(-1, -2) @ S)) + bt * kt * v[:, :, t, None, :]
         outs.append(scale * (q[:, :, t, None, :] @ S).squeeze(-2))
     out = torch.stack(outs, 2) if T else v.new_zeros(B, H, 0, v.shape[-1]).double()
     if not causal:

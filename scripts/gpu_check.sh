@@ -2,7 +2,8 @@
 # Everything a GPU machine should check, in one command (issue 12): builds linattn against the
 # torch installed there (for the visible GPU's architecture), runs the CUDA tests (both CUDA
 # backends, the fused kernels' own tests, CUDA graphs and streams), the whole test suite with the
-# fused kernels as the CUDA backend, then the GPU benchmarks (linear attention; restricted softmax
+# fused kernels as the CUDA backend, an Nsight Compute profile of the tensor-core kernels
+# (scripts/gpu_profile.sh), then the GPU benchmarks (linear attention; restricted softmax
 # against FlexAttention; the delta rule against flash-linear-attention), and writes one JSON report
 # with the pass/fail counts, the timings and the device: $OUT_DIR/gpu_check.json (default results/gpu_check).
 # Installs nothing from the network (GPU machines here have none): torch, pytest and ninja must be
@@ -17,7 +18,9 @@ export MAX_JOBS=${MAX_JOBS:-$(nproc)} PYTHONUNBUFFERED=1
 
 SECONDS=0
 "$PY" -m pip install --no-build-isolation --no-deps -e . >"$OUT/build.log" 2>&1
-echo "build: exit $? in ${SECONDS}s (log: $OUT/build.log)"
+build_exit=$?
+echo "build: exit $build_exit in ${SECONDS}s (log: $OUT/build.log)"
+if [[ $build_exit != 0 ]]; then tail -n 60 "$OUT/build.log"; exit 1; fi
 build_seconds=$SECONDS
 
 # With pytest-xdist a test that crashes the process fails alone (its worker is restarted)
@@ -25,17 +28,21 @@ build_seconds=$SECONDS
 # Both were there on the H100 image this ran on (2026-11-24); neither is required.
 PYTEST_EXTRA=()
 "$PY" -c "import xdist" 2>/dev/null && PYTEST_EXTRA+=(-n "$(( $(nproc) < 8 ? $(nproc) : 8 ))")
-"$PY" -c "import pytest_timeout" 2>/dev/null && PYTEST_EXTRA+=(--timeout 300)
+# --quick runs only the tests that touch the GPU (the emulation tests in the same files run in CI),
+# a hung one failing after 90 s.
+QUICK=0; [[ " $* " == *" --quick "* ]] && QUICK=1
+"$PY" -c "import pytest_timeout" 2>/dev/null && PYTEST_EXTRA+=(--timeout "$([[ $QUICK == 1 ]] && echo 90 || echo 300)")
+[[ $QUICK == 1 ]] && PYTEST_EXTRA+=(-k "cuda or stream")
 
 SECONDS=0
 "$PY" -m pytest -q -p no:cacheprovider "${PYTEST_EXTRA[@]}" tests/gpu/test_cuda.py tests/ops/test_fused_kernels.py \
   tests/ops/test_tensor_core_forward.py tests/ops/test_tensor_core_backward.py tests/ops/test_flash_forward.py \
   tests/ops/test_flash_backward.py tests/ops/test_delta_rule_tensor_core.py tests/ops/test_delta_rule_step_kernel.py \
-  --junitxml="$OUT/cuda_tests.xml" 2>&1 | tail -n 40 | tee "$OUT/cuda_tests.log"
+  -rfE --junitxml="$OUT/cuda_tests.xml" 2>&1 | tee "$OUT/cuda_tests.log" | tail -n 40
 cuda_seconds=$SECONDS
 
 SECONDS=0
-if [[ " $* " == *" --quick "* ]]; then
+if [[ $QUICK == 1 ]]; then
   echo "suite with the fused backend: skipped (--quick fits the time a GPU is lent)" | tee "$OUT/suite.log"
 else
   LINATTN_CUDA_BACKEND=fused "$PY" -m pytest -q -p no:cacheprovider "${PYTEST_EXTRA[@]}" tests \
@@ -43,13 +50,23 @@ else
 fi
 suite_seconds=$SECONDS
 
+limit() { [[ $QUICK == 1 ]] && echo "$1" || echo 7200; }
+
+# What limits each tensor-core kernel (Nsight Compute, where the machine lets it read counters).
 SECONDS=0
-"$PY" -m benchmarks.bench_cuda --out "$OUT" "$@" 2>&1 | tee "$OUT/bench_cuda.log"
-"$PY" -m benchmarks.bench_restricted_cuda --out "$OUT" "$@" 2>&1 | tee "$OUT/bench_restricted_cuda.log"
-"$PY" -m benchmarks.bench_delta_cuda --out "$OUT" "$@" 2>&1 | tee "$OUT/bench_delta_cuda.log"
-"$PY" -m benchmarks.bench_swin --device cuda --dtype bfloat16 --batch 32 --out "$OUT" "$@" 2>&1 \
+OUT_DIR="$OUT" timeout "$(limit 120)" bash scripts/gpu_profile.sh
+profile_seconds=$SECONDS
+
+# --quick: each benchmark under its own time limit in seconds (the linear-attention table first and
+# longest) so that one slow or hung benchmark cannot take the others' minutes.
+SECONDS=0
+timeout "$(limit 200)" "$PY" -m benchmarks.bench_cuda --out "$OUT" "$@" 2>&1 | tee "$OUT/bench_cuda.log"
+timeout "$(limit 100)" "$PY" -m benchmarks.bench_delta_cuda --out "$OUT" "$@" 2>&1 | tee "$OUT/bench_delta_cuda.log"
+timeout "$(limit 90)" "$PY" -m benchmarks.bench_restricted_cuda --out "$OUT" "$@" 2>&1 \
+  | tee "$OUT/bench_restricted_cuda.log"
+timeout "$(limit 60)" "$PY" -m benchmarks.bench_swin --device cuda --dtype bfloat16 --batch 32 --out "$OUT" "$@" 2>&1 \
   | tee "$OUT/bench_swin.log"
 bench_seconds=$SECONDS
 
 "$PY" scripts/gpu_report.py "$OUT" "build=$build_seconds" "cuda_tests=$cuda_seconds" \
-  "suite=$suite_seconds" "benchmark=$bench_seconds"
+  "suite=$suite_seconds" "profile=$profile_seconds" "benchmark=$bench_seconds"

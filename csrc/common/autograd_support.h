@@ -12,9 +12,12 @@
 #include <torch/csrc/autograd/functions/basic_ops.h>
 #include <torch/csrc/autograd/functions/utils.h>
 
+#include <memory>
 #include <optional>
 #include <string>
 #include <tuple>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 namespace linattn {
@@ -43,8 +46,21 @@ inline const char* kNoDoubleBackward =
 
 namespace detail {
 
+// How torch holds a graph node: c10::intrusive_ptr since torch 2.13 or so, std::shared_ptr before
+// (torch 2.11 on the GPU machines here); the edge's pointer type says which this build has.
+using NodePtr = decltype(torch::autograd::Edge::function);
+
+template <typename NodeType, typename... A>
+NodePtr make_node(A&&... args) {
+  if constexpr (std::is_same_v<NodePtr, std::shared_ptr<torch::autograd::Node>>) {
+    return std::make_shared<NodeType>(std::forward<A>(args)...);
+  } else {
+    return c10::make_intrusive<NodeType>(std::forward<A>(args)...);
+  }
+}
+
 template <typename Tuple, size_t... I>
-void attach(Tuple& results, const c10::intrusive_ptr<torch::autograd::Node>& node,
+void attach(Tuple& results, const NodePtr& node,
             std::index_sequence<I...>) {
   (torch::autograd::set_history(std::get<I>(results), node), ...);
 }
@@ -98,7 +114,7 @@ struct FirstOrderOnly<Name, std::tuple<Outs...>(Args...)> {
       results = op.call(args...);
     }
     if (!tracked.empty()) {
-      c10::intrusive_ptr<torch::autograd::Node> node = c10::make_intrusive<torch::autograd::Error>(
+      detail::NodePtr node = detail::make_node<torch::autograd::Error>(
           kNoDoubleBackward, torch::autograd::collect_next_edges(at::ArrayRef<at::Tensor>(tracked)));
       detail::attach(results, node, std::index_sequence_for<Outs...>{});
     }

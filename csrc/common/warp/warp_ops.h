@@ -38,6 +38,12 @@ LINATTN_HD inline float unpack_hi(uint32_t pair) {
   return static_cast<float>(half_t(static_cast<uint16_t>(pair >> 16), typename half_t::from_bits_t()));
 }
 
+// x rounded to the 16-bit type as pack rounds it, back in fp32.
+template <typename half_t>
+LINATTN_HD inline float round_to(float x) {
+  return static_cast<float>(half_t(x));
+}
+
 #if defined(__CUDA_ARCH__)
 // --- device: inline PTX -----------------------------------------------------------------------
 

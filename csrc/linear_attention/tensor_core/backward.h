@@ -108,7 +108,9 @@ LINATTN_HD LINATTN_INLINE void run_key_value_gradient_block(const Exec& exec, co
   using L = typename Block::L;
   using State = KeyValueState<DK, DV>;
   const Block blk(p, block);
-  auto publish = [&](const WarpContext& w, const State& s) { s.template publish<scalar_t>(w, L::kState, L::kUPitch); };
+  auto publish = [&](const WarpContext& w, const State& s) {
+    s.template publish<scalar_t>(w, L::kState, L::kUPitch, L::kULow);
+  };
   auto accumulate = [&](const WarpContext& w, State& s, uint32_t base, int rows) {
     Block::accumulate(w, s, base + L::kQ, L::kQKPitch, base + L::kG, L::kGPitch, rows);
   };

@@ -126,9 +126,12 @@ struct BackwardBlock {
   // The cotangent rows, in rounds in which a row's pieces are DV / 8 consecutive lanes of one warp
   // (the lane of its first piece speaks for the row). Query pass: g stays as it is; the row's lanes
   // sum g · o by shuffles, and its scalars 1 / d and g · o go to shared memory and, as
-  // (1 / d, gn = −(g · o) / d), to row_scalars; a row whose g is all 0 gets 0s (it passes nothing,
-  // not 0 · o). Key-value pass: G' = [g / d | gn] from row_scalars (gn at column DV), raising the
-  // cotangent flag where G holds Inf or NaN.
+  // (1 / d, gn), to row_scalars; a row whose g is all 0 gets 0s (it passes nothing, not 0 · o).
+  // gn = −G · o with G = g / d rounded to 16 bits as the key-value pass's mma sees it, so that
+  // v_j · G + gn is exactly 0 where v_j = o (one key: the gradient of q and k is 0 there; with
+  // gn = −(g · o) / d instead, bf16's rounding of G left 40% of the tests' floor in dk).
+  // Key-value pass: G' = [g / d | gn as hi + lo] from row_scalars (gn at columns DV, DV + 1),
+  // raising the cotangent flag where G holds Inf or NaN.
   LINATTN_HD void prepare_cotangent(const WarpContext& w, uint32_t base, int64_t start) const {
     constexpr int kPiecesPerRow = DV / 8;
     static_assert(kChunk * kPiecesPerRow % kThreads == 0, "every lane has a piece in every round");
@@ -139,31 +142,53 @@ struct BackwardBlock {
         r = e / kPiecesPerRow;
         col = e % kPiecesPerRow * 8;
       };
+      Lanes<int> leader;  // the lane of the row's first piece
+      warp::for_lanes(w, [&](int lane) { leader[lane] = lane & ~(kPiecesPerRow - 1); });
       if (p.pass == BackwardPass::kQuery) {
-        Lanes<float> dot, nonzero;
+        // The row's 1 / d, read once by its first lane (0 where d vanished; unnormalized: unused).
+        Lanes<float> row_inv;
         warp::for_lanes(w, [&](int lane) {
           int r = 0, col = 0;
           piece(lane, r, col);
           const int64_t row = start + r;
-          float sum = 0.0f, any = 0.0f;
+          row_inv[lane] = 0.0f;
+          if (col != 0 || row >= p.q_len || !p.normalize) return;
+          const float den = warp::load_global(w, p.normalizer + bh * p.q_len + row);
+          row_inv[lane] = fused::vanished(den) ? 0.0f : 1.0f / den;
+        });
+        row_inv = warp::shuffle(w, row_inv, leader);
+        Lanes<float> dot, rounded_dot, nonzero;
+        warp::for_lanes(w, [&](int lane) {
+          int r = 0, col = 0;
+          piece(lane, r, col);
+          const int64_t row = start + r;
+          float sum = 0.0f, rounded_sum = 0.0f, any = 0.0f;
+          const float inv = row_inv[lane];
           LINATTN_UNROLL
           for (int i = 0; i < 8; ++i) {
             if (row >= p.q_len || col + i >= p.value_dim) continue;
             const float g = shared_element<scalar_t>(w, base + L::kG + r * L::kGPitch + (col + i) * 2);
             if (g == 0.0f) continue;  // adds nothing, not 0 · Inf
             any = 1.0f;
-            if (p.normalize) sum += g * static_cast<float>(warp::load_global(w, &p.out.at(b, h, row, col + i)));
+            if (p.normalize) {
+              const float o = warp::load_global(w, &p.out.at(b, h, row, col + i));
+              sum += g * o;
+              rounded_sum += warp::round_to<scalar_t>(g * inv) * o;
+            }
           }
           dot[lane] = sum;
+          rounded_dot[lane] = rounded_sum;
           nonzero[lane] = any;
         });
         for (int offset = kPiecesPerRow / 2; offset > 0; offset /= 2) {
           Lanes<int> partner;
           warp::for_lanes(w, [&](int lane) { partner[lane] = lane ^ offset; });
           const Lanes<float> other_dot = warp::shuffle(w, dot, partner);
+          const Lanes<float> other_rounded = warp::shuffle(w, rounded_dot, partner);
           const Lanes<float> other_nonzero = warp::shuffle(w, nonzero, partner);
           warp::for_lanes(w, [&](int lane) {
             dot[lane] += other_dot[lane];
+            rounded_dot[lane] += other_rounded[lane];
             nonzero[lane] += other_nonzero[lane];
           });
         }
@@ -173,20 +198,14 @@ struct BackwardBlock {
           const int64_t row = start + r;
           if (col != 0) return;
           float inv = 0.0f;
-          if (row < p.q_len && nonzero[lane] > 0.0f) {
-            inv = 1.0f;
-            if (p.normalize) {
-              const float den = warp::load_global(w, p.normalizer + bh * p.q_len + row);
-              inv = fused::vanished(den) ? 0.0f : 1.0f / den;
-            }
-          }
+          if (row < p.q_len && nonzero[lane] > 0.0f) inv = p.normalize ? row_inv[lane] : 1.0f;
           const float g_dot_o = inv != 0.0f ? dot[lane] : 0.0f;
           warp::store_shared<float>(w, base + L::kScalars + r * 8, inv);
           warp::store_shared<float>(w, base + L::kScalars + r * 8 + 4, g_dot_o);
           if (row < p.q_len) {
             float* scalars = p.row_scalars + 2 * (bh * p.q_len + row);
             warp::store_global(w, scalars, inv);
-            warp::store_global(w, scalars + 1, -g_dot_o * inv);
+            warp::store_global(w, scalars + 1, inv != 0.0f ? -rounded_dot[lane] : 0.0f);
           }
         });
         continue;
@@ -202,8 +221,6 @@ struct BackwardBlock {
         inv[lane] = warp::load_global(w, scalars);
         gn[lane] = warp::load_global(w, scalars + 1);
       });
-      Lanes<int> leader;  // the lane of the row's first piece
-      warp::for_lanes(w, [&](int lane) { leader[lane] = lane & ~(kPiecesPerRow - 1); });
       inv = warp::shuffle(w, inv, leader);
       warp::for_lanes(w, [&](int lane) {
         int r = 0, col = 0;
@@ -221,7 +238,8 @@ struct BackwardBlock {
         if (non_finite) raise_flag(w, base, L::kCotangentFlag);
         if (col == 0) {
           const uint32_t extra = base + L::kG + static_cast<uint32_t>(r * L::kGPitch + DV * 2);
-          warp::store_shared<uint32_t>(w, extra, warp::pack<scalar_t>(gn[lane], 0.0f));
+          const float hi = warp::round_to<scalar_t>(gn[lane]);
+          warp::store_shared<uint32_t>(w, extra, warp::pack<scalar_t>(hi, gn[lane] - hi));
           LINATTN_UNROLL
           for (int i = 1; i < 4; ++i) warp::store_shared<uint32_t>(w, extra + 4 * i, 0u);
         }
@@ -246,10 +264,19 @@ struct BackwardBlock {
     return warp::load_shared<uint8_t>(w, base + L::kFlags + which) != 0;
   }
 
-  // Key-value pass: gn of chunk row r (16-bit, as the mma sees G').
+  // Key-value pass: gn of chunk row r (hi + lo, as the mma sees G').
   LINATTN_HD float normalizer_cotangent(const WarpContext& w, uint32_t base, int r) const {
-    return shared_element<scalar_t>(w, base + L::kG + r * L::kGPitch + DV * 2);
+    const uint32_t at = base + L::kG + r * L::kGPitch + DV * 2;
+    return shared_element<scalar_t>(w, at) + shared_element<scalar_t>(w, at + 2);
   }
+
+  // Key-value pass: u of feature f, from the state copy's hi and lo parts of columns DV and DV + 1.
+  LINATTN_HD float u_of(const WarpContext& w, int f) const {
+    const uint32_t at = f * L::kUPitch + DV * 2;
+    return (shared_element<scalar_t>(w, L::kState + at) + shared_element<scalar_t>(w, L::kULow + at)) +
+           (shared_element<scalar_t>(w, L::kState + at + 2) + shared_element<scalar_t>(w, L::kULow + at + 2));
+  }
+
 
   // --- the state ------------------------------------------------------------------------------
 
@@ -262,9 +289,11 @@ struct BackwardBlock {
     });
   }
 
-  // U after the block's first chunk: dS0 (kKeyValue), the segment's sum (kKeyValueSums).
+  // U after the block's first chunk: dS0 (kKeyValue), the segment's sum (kKeyValueSums); u is the
+  // sum of its columns DV and DV + 1 (from gn's hi and lo parts).
   LINATTN_HD void store_u(const WarpContext& w, KeyValueState<DK, DV>& s) const {
     if (p.state_out.data == nullptr) return;
+    s.fold_column_pair(w, DV);
     s.each_element(w, [&](bool mine, int row, int col, float& x) {
       const int64_t c = augmented_state_column(col, DV, 0, p.value_dim);
       if (mine && row < p.feature_dim && c >= 0) warp::store_global(w, p.state_out.at(state_index, row, c), x);
@@ -526,23 +555,29 @@ struct BackwardBlock {
       const int f0 = ch * (DK / 2) + part * kPart * 8;
       Accumulator o[kPart][4];
       warp::clear(w, o);
-      // U_v v_j: Uᵀ's rows are U's columns, so the state copy is read as a transposed B operand.
+      // U_v v_j: Uᵀ's rows are U's columns, so the state copy is read as a transposed B operand;
+      // hi and lo, as u is (the two cancel where v_j is close to the later rows' outputs). (One
+      // part after the other, V's fragments loaded twice: both at once spilled at 128 × 128.)
       LINATTN_UNROLL
-      for (int ks = 0; ks < DV / 16; ++ks) {
-        Fragment a[4];
-        warp::rows_as_a_operand(w, base + L::kV + rb * 16 * L::kVPitch + ks * 32, L::kVPitch, a);
+      for (int part_of_u = 0; part_of_u < 2; ++part_of_u) {
+        const int origin = part_of_u == 0 ? L::kState : L::kULow;
         LINATTN_UNROLL
-        for (int j = 0; j < kPart; ++j) {
-          Fragment bf[2];
-          warp::rows_as_b_operand_transposed(w, L::kState + (f0 + j * 8) * L::kUPitch + ks * 32, L::kUPitch, bf);
-          warp::mma_16816<scalar_t>(o[j], a, bf);
+        for (int ks = 0; ks < DV / 16; ++ks) {
+          Fragment a[4];
+          warp::rows_as_a_operand(w, base + L::kV + rb * 16 * L::kVPitch + ks * 32, L::kVPitch, a);
+          LINATTN_UNROLL
+          for (int j = 0; j < kPart; ++j) {
+            Fragment bf[2];
+            warp::rows_as_b_operand_transposed(w, origin + (f0 + j * 8) * L::kUPitch + ks * 32, L::kUPitch, bf);
+            warp::mma_16816<scalar_t>(o[j], a, bf);
+          }
         }
       }
       if (p.causal) times_rows(w, scores, base + L::kQ + f0 * 2, L::kQKPitch, true, flag(w, base, L::kQueryFlag), o);
       each_output(w, o, f0, [&](int r, int f, float x) {
         const int64_t row = start + r;
         if (row >= p.k_len || f >= p.feature_dim) return;
-        x += shared_element<scalar_t>(w, L::kState + f * L::kUPitch + DV * 2);  // u
+        x += u_of(w, f);
         x *= derivative_from_feature(p.feature_map,
                                      shared_element<scalar_t>(w, base + L::kK + r * L::kQKPitch + f * 2));
         warp::store_global(w, p.grad_k + (bh * p.k_len + row) * p.feature_dim + f,

@@ -54,11 +54,12 @@ struct BackwardProblem {
 };
 
 // Shared memory of one block: two chunk buffers, each with the chunk's φ(Q), φ(K), V and G rows
-// (kKeyValue: G' with its normalizer column at DV, then zeros to DV + 8; kQuery: g as it is), the
-// rows' scalars (kQuery: 1 / d and g · o, fp32) and flags (which rows hold Inf or NaN); the 16-bit
-// copy of the state (kKeyValue: U, DK rows of DV + 8 columns; kQuery: Sᵀ, DV rows of DK columns,
-// as two 16-bit parts hi + lo so that g Sᵀ keeps fp32's precision where it cancels against
-// (g · o) z); kQuery's fp32 z = the column sums of φ(K) so far; a 16×16 fp32 scratch tile per warp.
+// (kKeyValue: G' with its normalizer column gn as two 16-bit parts hi + lo at DV and DV + 1, then
+// zeros to DV + 8; kQuery: g as it is), the rows' scalars (kQuery: 1 / d and g · o, fp32) and flags
+// (which rows hold Inf or NaN); the 16-bit copy of the state as two 16-bit parts hi + lo
+// (kKeyValue: U, DK rows of DV + 8 columns; kQuery: Sᵀ, DV rows of DK columns), so that the terms
+// that cancel — g Sᵀ against (g · o) z, U_v v_j against u — keep fp32's precision until their
+// difference; kQuery's fp32 z = the column sums of φ(K) so far; a 16×16 fp32 scratch tile per warp.
 template <int DK, int DV>
 struct BackwardLayout {
   static constexpr int kQKPitch = warp::padded_pitch(DK * 2), kVPitch = warp::padded_pitch(DV * 2);
@@ -73,7 +74,8 @@ struct BackwardLayout {
   static constexpr int kUPitch = kGPitch, kSPitch = kQKPitch;
   static constexpr int kState = 2 * kBuffer;
   static constexpr int kStateLow = kState + DV * kSPitch;  // kQuery: Sᵀ − hi
-  static constexpr int kZ = kState + std::max(DK * kUPitch, 2 * DV * kSPitch);
+  static constexpr int kULow = kState + DK * kUPitch;      // kKeyValue: U − hi
+  static constexpr int kZ = kState + std::max(2 * DK * kUPitch, 2 * DV * kSPitch);
   static constexpr int kScratch = kZ + DK * 4;
   static constexpr int kBytes = kScratch + kWarps * 16 * 16 * 4;
 };

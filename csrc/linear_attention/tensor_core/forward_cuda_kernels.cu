@@ -39,8 +39,13 @@ void launch_forward(const ForwardProblem<scalar_t>& p, cudaStream_t stream) {
                  [&](auto dk, auto dv) { launch_dims<decltype(dk)::value, decltype(dv)::value>(p, stream); });
 }
 
+// Each 16-bit type in its own translation unit, so that a parallel build compiles the two at
+// once: this file instantiates bfloat16, forward_cuda_kernels_fp16.cu includes it for float16.
+#if !defined(LINATTN_FLOAT16_INSTANCES)
 template void launch_forward<c10::BFloat16>(const ForwardProblem<c10::BFloat16>&, cudaStream_t);
+#else
 template void launch_forward<c10::Half>(const ForwardProblem<c10::Half>&, cudaStream_t);
+#endif
 
 }  // namespace tensor_core
 }  // namespace linattn

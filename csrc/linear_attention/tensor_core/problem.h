@@ -143,6 +143,24 @@ struct WarpState {
     }
   }
 
+  // Adds column col + 1 into column col (even) and zeroes it: a value the state accumulated in two
+  // parts (the backward's u, from gn's hi and lo columns of G').
+  LINATTN_HD void fold_column_pair(const WarpContext& w, int col) {
+    LINATTN_UNROLL
+    for (int slot = 0; slot < kTilesPerWarp; ++slot) {
+      int mi = 0, ni = 0;
+      if (!tile(w.warp, slot, mi, ni)) continue;
+      warp::for_lanes(w, [&](int lane) {
+        if (ni * 8 + 2 * warp::thread_in_group(lane) != col) return;
+        LINATTN_UNROLL
+        for (int half = 0; half < 2; ++half) {
+          state[slot][2 * half][lane] += state[slot][2 * half + 1][lane];
+          state[slot][2 * half + 1][lane] = 0.0f;
+        }
+      });
+    }
+  }
+
   // The 16-bit copy the chunk's products read, at shared offset `origin`, `pitch` bytes a row; with
   // a `low` offset, the state as hi + lo (hi its 16-bit rounding, lo that of the rest).
   template <typename half_t>

@@ -45,10 +45,15 @@ void launch_backward(const FlashProblem<scalar_t>& p, const FlashGradients<scala
   });
 }
 
+// Each 16-bit type in its own translation unit, so that a parallel build compiles the two at
+// once: this file instantiates bfloat16, backward_cuda_kernels_fp16.cu includes it for float16.
+#if !defined(LINATTN_FLOAT16_INSTANCES)
 template void launch_backward<c10::BFloat16>(const FlashProblem<c10::BFloat16>&, const FlashGradients<c10::BFloat16>&,
                                              cudaStream_t);
+#else
 template void launch_backward<c10::Half>(const FlashProblem<c10::Half>&, const FlashGradients<c10::Half>&,
                                          cudaStream_t);
+#endif
 
 }  // namespace flash
 }  // namespace linattn

@@ -41,8 +41,13 @@ void launch_forward(const FlashProblem<scalar_t>& p, cudaStream_t stream) {
   with_head_dim(p.head_dim, p.value_dim, [&](auto d) { launch_dim<decltype(d)::value>(p, stream); });
 }
 
+// Each 16-bit type in its own translation unit, so that a parallel build compiles the two at
+// once: this file instantiates bfloat16, forward_cuda_kernels_fp16.cu includes it for float16.
+#if !defined(LINATTN_FLOAT16_INSTANCES)
 template void launch_forward<c10::BFloat16>(const FlashProblem<c10::BFloat16>&, cudaStream_t);
+#else
 template void launch_forward<c10::Half>(const FlashProblem<c10::Half>&, cudaStream_t);
+#endif
 
 }  // namespace flash
 }  // namespace linattn
