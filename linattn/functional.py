@@ -53,7 +53,9 @@ def linear_attention(
         decay: (H,) per-head γ in (0, 1] (RetNet, Lightning): S_i = γ S_{i−1} + φ(k_i) v_iᵀ.
         gate: (B, H, T) log-gates g <= 0 (Mamba-2, simple GLA): S_i = e^{g_i} S_{i−1} + φ(k_i) v_iᵀ.
             Both causal only; differentiable (decay and gate too). CPU tensors run the fused
-            kernel, others the device-generic one (csrc/linear_attention/fading_generic.cpp).
+            kernel, others the device-generic one (csrc/linear_attention/fading_generic.cpp);
+            under set_cuda_backend("fused") bf16/fp16 CUDA tensors run the forward on tensor cores
+            (docs/guide/cuda.md), the backward on the generic kernel.
         cu_seqlens: (N + 1,) int32 offsets of packed variable-length sequences (flash-attn's
             convention; linattn/varlen.py): q, k, v are (1, H, total, D) and each sequence
             attends only to itself; states are per sequence, (N, H, m, dv) and (N, H, m); gate

@@ -9,19 +9,26 @@
 # Installs nothing from the network (GPU machines here have none): torch, pytest and ninja must be
 # there already. Usage: bash scripts/gpu_check.sh [--quick]   (--quick: the CUDA tests and the
 # benchmark at the CUDA issue's target points, without the whole suite: fits a lent GPU's minutes)
+# GPU_CHECK_STAGES picks stages (default "build tests suite profile bench"): a lent GPU's 10-minute
+# commands take "build tests profile", then, on the still-warm machine whose build is kept, "bench".
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 OUT=${OUT_DIR:-results/gpu_check}
 mkdir -p "$OUT"
 export MAX_JOBS=${MAX_JOBS:-$(nproc)} PYTHONUNBUFFERED=1
+STAGES=" ${GPU_CHECK_STAGES:-build tests suite profile bench} "
+wants() { [[ "$STAGES" == *" $1 "* ]]; }
+build_seconds=0 cuda_seconds=0 suite_seconds=0 profile_seconds=0 bench_seconds=0
 
-SECONDS=0
-"$PY" -m pip install --no-build-isolation --no-deps -e . >"$OUT/build.log" 2>&1
-build_exit=$?
-echo "build: exit $build_exit in ${SECONDS}s (log: $OUT/build.log)"
-if [[ $build_exit != 0 ]]; then tail -n 60 "$OUT/build.log"; exit 1; fi
-build_seconds=$SECONDS
+if wants build; then
+  SECONDS=0
+  "$PY" -m pip install --no-build-isolation --no-deps -e . >"$OUT/build.log" 2>&1
+  build_exit=$?
+  echo "build: exit $build_exit in ${SECONDS}s (log: $OUT/build.log)"
+  if [[ $build_exit != 0 ]]; then tail -n 60 "$OUT/build.log"; exit 1; fi
+  build_seconds=$SECONDS
+fi
 
 # With pytest-xdist a test that crashes the process fails alone (its worker is restarted)
 # instead of ending the stage without a report; pytest-timeout turns a hung kernel into a failure.
@@ -34,39 +41,47 @@ QUICK=0; [[ " $* " == *" --quick "* ]] && QUICK=1
 "$PY" -c "import pytest_timeout" 2>/dev/null && PYTEST_EXTRA+=(--timeout "$([[ $QUICK == 1 ]] && echo 90 || echo 300)")
 [[ $QUICK == 1 ]] && PYTEST_EXTRA+=(-k "cuda or stream")
 
-SECONDS=0
-"$PY" -m pytest -q -p no:cacheprovider "${PYTEST_EXTRA[@]}" tests/gpu/test_cuda.py tests/ops/test_fused_kernels.py \
-  tests/ops/test_tensor_core_forward.py tests/ops/test_tensor_core_backward.py tests/ops/test_flash_forward.py \
-  tests/ops/test_flash_backward.py tests/ops/test_delta_rule_tensor_core.py tests/ops/test_delta_rule_step_kernel.py \
-  -rfE --junitxml="$OUT/cuda_tests.xml" 2>&1 | tee "$OUT/cuda_tests.log" | tail -n 40
-cuda_seconds=$SECONDS
-
-SECONDS=0
-if [[ $QUICK == 1 ]]; then
-  echo "suite with the fused backend: skipped (--quick fits the time a GPU is lent)" | tee "$OUT/suite.log"
-else
-  LINATTN_CUDA_BACKEND=fused "$PY" -m pytest -q -p no:cacheprovider "${PYTEST_EXTRA[@]}" tests \
-    --junitxml="$OUT/suite_fused_backend.xml" 2>&1 | tail -n 40 | tee "$OUT/suite.log"
+if wants tests; then
+  SECONDS=0
+  "$PY" -m pytest -q -p no:cacheprovider "${PYTEST_EXTRA[@]}" tests/gpu/test_cuda.py tests/ops/test_fused_kernels.py \
+    tests/ops/test_tensor_core_forward.py tests/ops/test_tensor_core_backward.py tests/ops/test_flash_forward.py \
+    tests/ops/test_flash_backward.py tests/ops/test_delta_rule_tensor_core.py tests/ops/test_delta_rule_step_kernel.py \
+    -rfE --junitxml="$OUT/cuda_tests.xml" 2>&1 | tee "$OUT/cuda_tests.log" | tail -n 40
+  cuda_seconds=$SECONDS
 fi
-suite_seconds=$SECONDS
+
+if wants suite; then
+  SECONDS=0
+  if [[ $QUICK == 1 ]]; then
+    echo "suite with the fused backend: skipped (--quick fits the time a GPU is lent)" | tee "$OUT/suite.log"
+  else
+    LINATTN_CUDA_BACKEND=fused "$PY" -m pytest -q -p no:cacheprovider "${PYTEST_EXTRA[@]}" tests \
+      --junitxml="$OUT/suite_fused_backend.xml" 2>&1 | tail -n 40 | tee "$OUT/suite.log"
+  fi
+  suite_seconds=$SECONDS
+fi
 
 limit() { [[ $QUICK == 1 ]] && echo "$1" || echo 7200; }
 
 # What limits each tensor-core kernel (Nsight Compute, where the machine lets it read counters).
-SECONDS=0
-OUT_DIR="$OUT" timeout "$(limit 120)" bash scripts/gpu_profile.sh
-profile_seconds=$SECONDS
+if wants profile; then
+  SECONDS=0
+  OUT_DIR="$OUT" timeout "$(limit 120)" bash scripts/gpu_profile.sh
+  profile_seconds=$SECONDS
+fi
 
 # --quick: each benchmark under its own time limit in seconds (the linear-attention table first and
 # longest) so that one slow or hung benchmark cannot take the others' minutes.
-SECONDS=0
-timeout "$(limit 200)" "$PY" -m benchmarks.bench_cuda --out "$OUT" "$@" 2>&1 | tee "$OUT/bench_cuda.log"
-timeout "$(limit 100)" "$PY" -m benchmarks.bench_delta_cuda --out "$OUT" "$@" 2>&1 | tee "$OUT/bench_delta_cuda.log"
-timeout "$(limit 90)" "$PY" -m benchmarks.bench_restricted_cuda --out "$OUT" "$@" 2>&1 \
-  | tee "$OUT/bench_restricted_cuda.log"
-timeout "$(limit 60)" "$PY" -m benchmarks.bench_swin --device cuda --dtype bfloat16 --batch 32 --out "$OUT" "$@" 2>&1 \
-  | tee "$OUT/bench_swin.log"
-bench_seconds=$SECONDS
+if wants bench; then
+  SECONDS=0
+  timeout "$(limit 220)" "$PY" -m benchmarks.bench_cuda --out "$OUT" "$@" 2>&1 | tee "$OUT/bench_cuda.log"
+  timeout "$(limit 120)" "$PY" -m benchmarks.bench_delta_cuda --out "$OUT" "$@" 2>&1 | tee "$OUT/bench_delta_cuda.log"
+  timeout "$(limit 100)" "$PY" -m benchmarks.bench_restricted_cuda --out "$OUT" "$@" 2>&1 \
+    | tee "$OUT/bench_restricted_cuda.log"
+  timeout "$(limit 70)" "$PY" -m benchmarks.bench_swin --device cuda --dtype bfloat16 --batch 32 --out "$OUT" "$@" \
+    2>&1 | tee "$OUT/bench_swin.log"
+  bench_seconds=$SECONDS
+fi
 
 "$PY" scripts/gpu_report.py "$OUT" "build=$build_seconds" "cuda_tests=$cuda_seconds" \
   "suite=$suite_seconds" "profile=$profile_seconds" "benchmark=$bench_seconds"

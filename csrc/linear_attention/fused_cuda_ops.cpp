@@ -70,13 +70,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cuda(
                           key_padding_mask, feature_map, causal, normalize, final_state);
 }
 
+// A fading state on the tensor cores, or nothing where they do not take the call.
+std::optional<std::tuple<at::Tensor, at::Tensor, at::Tensor>> fading_forward_cuda(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const std::optional<at::Tensor>& initial_state, const std::optional<at::Tensor>& key_padding_mask,
+    int64_t feature_map, bool causal, bool normalize, double eps, const at::Tensor& log_decay) {
+  const c10::cuda::CUDAGuard guard(q.device());
+  return fused::forward(q, k, v, initial_state, key_padding_mask, feature_map, causal, normalize, eps,
+                        shared_memory_per_block(), CudaLaunch{c10::cuda::getCurrentCUDAStream().stream()}, log_decay);
+}
+
 constexpr char kImplementation[] = "fused CUDA kernels";
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(linattn, CUDA, m) {
-  m.impl("linear_attn_fwd_fused", &plain_forward<&forward_cuda, kImplementation>);
-  m.impl("linear_attn_bwd_fused", &plain_backward<&backward_cuda, kImplementation>);
+  m.impl("linear_attn_fwd_fused", &fused_forward<&forward_cuda, &fading_forward_cuda>);
+  m.impl("linear_attn_bwd_fused", &fused_backward<&backward_cuda, kImplementation>);
 }
 
 }  // namespace linattn

@@ -104,13 +104,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_emulated(
   return *result;
 }
 
+// A fading state on the emulated tensor cores, or nothing where they do not take the call.
+std::optional<std::tuple<at::Tensor, at::Tensor, at::Tensor>> fading_forward_emulated(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const std::optional<at::Tensor>& initial_state, const std::optional<at::Tensor>& key_padding_mask,
+    int64_t feature_map, bool causal, bool normalize, double eps, const at::Tensor& log_decay) {
+  return fused::forward(q, k, v, initial_state, key_padding_mask, feature_map, causal, normalize, eps,
+                        warp::emulated_shared_bytes(), EmulatedLaunch{}, log_decay);
+}
+
 constexpr char kImplementation[] = "fused kernels' emulation";
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(linattn, CPU, m) {
-  m.impl("linear_attn_fwd_fused", &plain_forward<&forward_emulated, kImplementation>);
-  m.impl("linear_attn_bwd_fused", &plain_backward<&backward_emulated, kImplementation>);
+  m.impl("linear_attn_fwd_fused", &fused_forward<&forward_emulated, &fading_forward_emulated>);
+  m.impl("linear_attn_bwd_fused", &fused_backward<&backward_emulated, kImplementation>);
 }
 
 }  // namespace linattn

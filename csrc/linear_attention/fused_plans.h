@@ -108,14 +108,25 @@ tensor_core::ForwardProblem<scalar_t> tensor_core_problem(const LinearAttentionS
   return p;
 }
 
+// The forward, or nothing where no kernel takes the call (a block that does not fit; a fading
+// state, `log_decay`, runs only on the tensor cores: causal self-attention, unsplit, since the
+// segments' states would need the decay between them).
 template <typename Launch>
 std::optional<std::tuple<at::Tensor, at::Tensor, at::Tensor>> forward(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const std::optional<at::Tensor>& initial_state, const std::optional<at::Tensor>& key_padding_mask,
     int64_t feature_map, bool causal, bool normalize, double eps, int64_t max_shared_bytes,
-    const Launch& launch) {
+    const Launch& launch, const std::optional<at::Tensor>& log_decay = std::nullopt) {
   check_forward_inputs(q, k, v, initial_state, key_padding_mask, feature_map, causal, eps);
   const LinearAttentionShape s = kernel_shape(q, k, v, feature_map, causal, normalize, eps);
+  at::Tensor decay;  // the log factors as the kernel reads them, (B, H, T) contiguous fp32
+  if (log_decay.has_value()) {
+    const bool fits = causal && s.q_len == s.k_len && tensor_core::takes(s, q.scalar_type(), max_shared_bytes) &&
+                      log_decay->dim() == 3 && log_decay->size(0) == s.batch && log_decay->size(1) == s.heads &&
+                      log_decay->size(2) == s.k_len && log_decay->device() == q.device();
+    if (!fits) return std::nullopt;
+    decay = log_decay->to(at::kFloat).contiguous();
+  }
   const auto acc = q.options().dtype(accumulate_type(q.scalar_type()));
   auto out = at::empty({s.batch, s.heads, s.q_len, s.value_dim}, q.options());
   auto final_state = at::empty({s.batch, s.heads, s.feature_dim, s.value_dim + 1}, acc);
@@ -125,11 +136,12 @@ std::optional<std::tuple<at::Tensor, at::Tensor, at::Tensor>> forward(
   if (tensor_core::takes(s, q.scalar_type(), max_shared_bytes)) {
     // 16-bit inputs with head dims up to 256: the tensor-core scan (tensor_core/forward.h).
     const auto in = state_view<const float>(optional_ptr<float>(initial_state, initial), s, false);
-    const int64_t segments = tensor_core::segments_for(s, launch.processors());
+    const int64_t segments = decay.defined() ? 1 : tensor_core::segments_for(s, launch.processors());
     AT_DISPATCH_REDUCED_FLOATING_TYPES(q.scalar_type(), "linear_attn_fwd_fused", [&] {
       auto p = tensor_core_problem<scalar_t>(s, q, k, v, mask_ptr, in,
                                              state_view<float>(final_state.data_ptr<float>(), s, false), out,
                                              normalizer);
+      if (decay.defined()) p.log_decay = decay.const_data_ptr<float>();
       if (segments == 1) {
         launch(p);
       } else {

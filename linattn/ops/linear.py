@@ -45,11 +45,14 @@ def _onnx_export_flags():
 _in_onnx_export = _onnx_export_flags()
 
 
-def forward_op(device_type: str = "cpu", extended: bool = False):
+def forward_op(device_type: str = "cpu", extended: bool = False, packed: bool = False):
     """The forward operator a call on `device_type` runs (routing.py; ONNX export: the decomposed twin).
-    extended: the call has a fading state or packed sequences, which the fused kernels and the
-    decomposed twin do not run."""
+    extended: the call has a fading state or packed sequences (packed), which the decomposed twin
+    does not run; the fused operator runs a fading state on tensor cores where it can and hands
+    the rest to linear_attn_fwd."""
     if extended:
+        if routing.fused_in_use(device_type) and not packed and not routing.generic_in_use():
+            return torch.ops.linattn.linear_attn_fwd_fused.default
         return (torch.ops.linattn.linear_attn_fwd_generic if routing.generic_in_use()
                 else torch.ops.linattn.linear_attn_fwd).default
     if _in_onnx_export():

@@ -98,17 +98,6 @@ def test_compile_with_mask_and_state():
 
 # --- one schema for the linear family: plain, fading (log_decay) and packed (cu_seqlens) ---
 
-def test_fused_kernels_refuse_fading_and_packing():
-    """The fused kernels register under the family's one schema but run the plain operator only:
-    a fading state or a packing is refused with a message, never ignored."""
-    q, k, v = (torch.randn(1, 2, 8, 4) for _ in range(3))
-    op = torch.ops.linattn.linear_attn_fwd_fused
-    with pytest.raises(RuntimeError, match=r"neither a fading state \(log_decay\) nor packed sequences"):
-        op(q, k, v, None, None, 1, True, True, 1e-6, -torch.rand(1, 2, 8))
-    with pytest.raises(RuntimeError, match=r"neither a fading state \(log_decay\) nor packed sequences"):
-        op(q, k, v, None, None, 1, True, True, 1e-6, None, torch.tensor([0, 3, 8], dtype=torch.int32))
-
-
 def _extended_calls():
     """(forward args, grad_final_state) of fading and packed calls, float64."""
     g = torch.Generator().manual_seed(3)
@@ -158,6 +147,25 @@ def test_generic_kernel_runs_fading_and_packing_as_the_cpu_kernel(case):
             assert got.numel() == 0, name
             continue
         assert_close(got, want, 1e-9, name)
+
+
+@pytest.mark.parametrize("case", list(_extended_calls()))
+def test_fused_operators_hand_what_tensor_cores_do_not_take_to_the_family_operator(case):
+    """The fused operators take the family's whole schema: a fading state runs on tensor cores
+    where they take the call (16-bit inputs: tests/ops/test_tensor_core_forward.py); otherwise,
+    and for packed sequences, linear_attn_fwd / linear_attn_bwd run it, here in float64: the same
+    outputs, states, normalizers and gradients, bit for bit — never refused, never ignored."""
+    args, grad_final = _extended_calls()[case]
+    outputs = {}
+    for suffix in ("", "_fused"):
+        out, state, normalizer = getattr(torch.ops.linattn, "linear_attn_fwd" + suffix)(*args)
+        q, k, v, initial, mask, code, causal, normalize, _, log_decay, cu = args
+        grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=out.dtype)
+        grads = getattr(torch.ops.linattn, "linear_attn_bwd" + suffix)(
+            grad_out, grad_final, q, k, v, out, normalizer, initial, mask, code, causal, normalize, None, log_decay, cu)
+        outputs[suffix] = (out, state, normalizer, *grads)
+    for got, want in zip(outputs["_fused"], outputs[""]):
+        assert torch.equal(got, want)
 
 
 @pytest.mark.parametrize("case", list(_extended_calls()))

@@ -331,3 +331,87 @@ def test_no_value_columns_still_write_z(causal):
     ref, _, z = reference_forward(q, k, v, causal=causal)
     assert out.shape == ref.shape
     assert_close(S[..., 0], z, TOLERANCE[torch.bfloat16], "final z")
+
+
+def gated_inputs(B, H, T, m, dv, dtype, seed, strength=1.0):
+    """q, k, v, a per-head decay γ and (B, H, T) log-gates for a fading state (strength scales how
+    fast it fades: 1 forgets over a few dozen tokens, 30 within a token)."""
+    q, k, v = make(B, H, T, T, m, dv, dtype, seed=seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    decay = torch.rand(H, generator=g, dtype=torch.float64) * 0.1 + 0.9
+    gate = -torch.rand(B, H, T, generator=g, dtype=torch.float64) * 0.1 * strength
+    return q, k, v, decay.float(), gate.float()
+
+
+def log_factors_of(decay, gate):
+    return decay.double().log()[None, :, None] + gate.double()
+
+
+def gated_reference(q, k, v, decay, gate, **options):
+    return reference.decayed_linear_attention(q, k, v, log_factors_of(decay, gate), **options)
+
+
+@pytest.mark.parametrize("dtype", HALF_TYPES)
+@pytest.mark.parametrize("T", [1, 17, 64, 65, 200])
+@pytest.mark.parametrize("m, dv", [(32, 24), (128, 128), (100, 160)])
+def test_fading_state_runs_on_tensor_cores(dtype, T, m, dv):
+    """decay and gate (a fading state) inside the tensor-core forward: e^(b_i − b_j) on the chunk's
+    fp32 scores, e^(b_i) on the earlier chunks' part, the state faded by the chunk's total and its
+    keys by e^(b_last − b_j) (b = the chunk's cumulative log factors; no positive exponent), against
+    the float64 reference, the final state too; the backward is the device's fading kernel."""
+    q, k, v, decay, gate = gated_inputs(2, 3, T, m, dv, dtype, seed=T + m)
+    torch.ops.linattn._reset_warp_emulation_counters()
+    with ops.fused_implementation():
+        out, (S, z) = linattn.linear_attention(q, k, v, causal=True, decay=decay, gate=gate, output_final_state=True)
+    assert counters()["mma"] > 0, "the tensor-core forward did not run"
+    ref, (ref_S, ref_z) = gated_reference(q, k, v, decay, gate)
+    assert_close(out, ref, TOLERANCE[dtype], "out")
+    assert_close(S, ref_S, TOLERANCE[dtype], "final S")
+    assert_close(z, ref_z, TOLERANCE[dtype], "final z")
+
+
+@pytest.mark.parametrize("strength", [0.0, 30.0])
+def test_fading_state_extremes_padding_and_initial_state(strength):
+    """No fading (log factors 0) and a state that forgets within a token (e^(-3) per step and
+    less), with key padding and an initial state, through the tensor cores."""
+    B, H, T, m, dv = 2, 2, 150, 64, 64
+    q, k, v, decay, gate = gated_inputs(B, H, T, m, dv, torch.bfloat16, seed=5, strength=strength)
+    if strength == 0.0:
+        decay = torch.ones_like(decay)
+    mask = torch.zeros(B, T, dtype=torch.bool)
+    mask[1, 100:] = True
+    mask[0, 3] = True
+    g = torch.Generator().manual_seed(9)
+    S0 = torch.randn(B, H, m, dv, generator=g)
+    z0 = torch.rand(B, H, m, generator=g) * 2
+    torch.ops.linattn._reset_warp_emulation_counters()
+    with ops.fused_implementation():
+        out, (S, z) = linattn.linear_attention(q, k, v, causal=True, decay=decay, gate=gate, key_padding_mask=mask,
+                                               initial_state=(S0, z0), output_final_state=True)
+    assert counters()["mma"] > 0, "the tensor-core forward did not run"
+    ref, (ref_S, ref_z) = gated_reference(q, k, v, decay, gate, key_padding_mask=mask,
+                                          initial_state=(S0.double(), z0.double()))
+    assert_close(out, ref, TOLERANCE[torch.bfloat16], "out")
+    assert_close(S, ref_S, TOLERANCE[torch.bfloat16], "final S")
+    assert_close(z, ref_z, TOLERANCE[torch.bfloat16], "final z")
+
+
+def test_fading_state_gradients_opcheck_and_compile():
+    """Gated calls under the fused operators: the gradients of q, k, v, the gate and the decay
+    (the fading backward of the device) against the reference, opcheck of the operator with
+    log_decay, and torch.compile(fullgraph=True) equal to eager."""
+    q, k, v, decay, gate = gated_inputs(1, 2, 90, 32, 32, torch.bfloat16, seed=4)
+    leaves = [t.requires_grad_() for t in (q, k, v, decay, gate)]
+    with ops.fused_implementation():
+        out = linattn.linear_attention(q, k, v, causal=True, decay=decay, gate=gate)
+        grads = torch.autograd.grad(out.float().square().sum(), leaves)
+        compiled = torch.compile(lambda *t: linattn.linear_attention(*t[:3], causal=True, decay=t[3], gate=t[4]),
+                                 fullgraph=True)
+        assert torch.equal(compiled(*leaves), out)
+    ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
+    ref = gated_reference(*ref_leaves)[0]
+    ref_grads = torch.autograd.grad(ref.square().sum(), ref_leaves)
+    for name, a, b in zip(("q", "k", "v", "decay", "gate"), grads, ref_grads):
+        assert_close(a, b, 4 * TOLERANCE[torch.bfloat16], f"grad {name}")
+    log_decay = log_factors_of(decay.detach(), gate.detach()).float()
+    torch.library.opcheck(FWD, (q.detach(), k.detach(), v.detach(), None, None, ELU, True, True, 1e-6, log_decay))

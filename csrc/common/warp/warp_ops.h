@@ -13,6 +13,8 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include <cmath>
+
 #if !defined(__CUDA_ARCH__)
 #include "emulation.h"
 
@@ -36,6 +38,15 @@ LINATTN_HD inline float unpack_lo(uint32_t pair) {
 template <typename half_t>
 LINATTN_HD inline float unpack_hi(uint32_t pair) {
   return static_cast<float>(half_t(static_cast<uint16_t>(pair >> 16), typename half_t::from_bits_t()));
+}
+
+// e^x in fp32: the device's fast exponential (ex2.approx), std::exp on the host.
+LINATTN_HD inline float exp_of(float x) {
+#if defined(__CUDA_ARCH__)
+  return __expf(x);
+#else
+  return std::exp(x);
+#endif
 }
 
 // x rounded to the 16-bit type as pack rounds it, back in fp32.

@@ -5,6 +5,7 @@
 
 #include "problem.h"
 #include "../../linear_attention/tensor_core/forward_block.h"  // lower_scores
+#include "../../common/warp/scan.h"
 
 #include <cmath>
 
@@ -13,13 +14,7 @@ namespace delta_tensor_core {
 
 constexpr float kL2Eps = 1e-6f;  // x · (Σ x² + eps)^{-1/2}, as the CPU kernel and l2_normalize
 
-LINATTN_HD inline float exp_of(float x) {
-#if defined(__CUDA_ARCH__)
-  return __expf(x);
-#else
-  return std::exp(x);
-#endif
-}
+using warp::exp_of;
 
 LINATTN_HD inline float inverse_sqrt(float x) {
 #if defined(__CUDA_ARCH__)
@@ -122,24 +117,7 @@ struct DeltaForwardBlock {
         g[half][lane] = valid && gated() ? warp::load_global(w, p.log_gate + at) : 0.0f;
       }
     });
-    // Inclusive prefix sums over the 64 rows: per half by shuffles, then the first half's total.
-    LINATTN_UNROLL
-    for (int half = 0; half < 2; ++half) {
-      LINATTN_UNROLL
-      for (int offset = 1; offset < warp::kWarpSize; offset *= 2) {
-        Lanes<int> source;
-        warp::for_lanes(w, [&](int lane) { source[lane] = lane >= offset ? lane - offset : lane; });
-        const Lanes<float> earlier = warp::shuffle(w, g[half], source);
-        warp::for_lanes(w, [&](int lane) {
-          if (lane >= offset) g[half][lane] += earlier[lane];
-        });
-      }
-    }
-    Lanes<int> last;
-    warp::for_lanes(w, [&](int lane) { last[lane] = warp::kWarpSize - 1; });
-    const Lanes<float> first_total = warp::shuffle(w, g[0], last);
-    warp::for_lanes(w, [&](int lane) { g[1][lane] += first_total[lane]; });
-    const Lanes<float> total = warp::shuffle(w, g[1], last);
+    const Lanes<float> total = warp::inclusive_scan_64(w, g);
     warp::for_lanes(w, [&](int lane) {
       LINATTN_UNROLL
       for (int half = 0; half < 2; ++half) {

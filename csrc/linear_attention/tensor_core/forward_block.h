@@ -4,6 +4,7 @@
 #pragma once
 
 #include "problem.h"
+#include "../../common/warp/scan.h"
 
 namespace linattn {
 namespace tensor_core {
@@ -193,7 +194,64 @@ struct ForwardBlock {
     if (want_kv) {
       prepare_rows(w, Operand::kKey, base, start);
       prepare_rows(w, Operand::kValue, base, start);
+      if (fading()) load_decay(w, base, start);
     }
+  }
+
+  // --- a fading state (causal: rows and keys are the same positions) ---------------------------
+
+  LINATTN_HD bool fading() const { return p.log_decay != nullptr; }
+
+  // The chunk's cumulative log factors b_r = a_0 + ... + a_r, e^{b_r} (what the earlier chunks'
+  // state is worth at row r) and e^{b_last − b_r} (what key r is worth at the chunk's end), by
+  // warp 0. Rows past the end have a = 0, so b_last is the last row's; no exponent is positive.
+  LINATTN_HD void load_decay(const WarpContext& w, uint32_t base, int64_t start) const {
+    if (w.warp != 0) return;
+    Lanes<float> b[2];
+    warp::for_lanes(w, [&](int lane) {
+      LINATTN_UNROLL
+      for (int half = 0; half < 2; ++half) {
+        const int64_t row = start + lane + 32 * half;
+        b[half][lane] = row < p.k_len ? warp::load_global(w, p.log_decay + bh * p.k_len + row) : 0.0f;
+      }
+    });
+    const Lanes<float> total = warp::inclusive_scan_64(w, b);
+    warp::for_lanes(w, [&](int lane) {
+      LINATTN_UNROLL
+      for (int half = 0; half < 2; ++half) {
+        const uint32_t at = static_cast<uint32_t>((lane + 32 * half) * 4);
+        warp::store_shared<float>(w, base + L::kCumulativeDecay + at, b[half][lane]);
+        warp::store_shared<float>(w, base + L::kRowFade + at, warp::exp_of(b[half][lane]));
+        warp::store_shared<float>(w, base + L::kKeyFade + at, warp::exp_of(total[lane] - b[half][lane]));
+      }
+    });
+  }
+
+  LINATTN_HD static float decay_row(const WarpContext& w, uint32_t array, int r) {
+    return warp::load_shared<float>(w, array + static_cast<uint32_t>(r * 4));
+  }
+
+  // Fragments of [V | 1] (keys kk·16 .., B operands) weighted by e^{b_last − b_key}: what each key
+  // adds to the state at the chunk's end. fade[i] holds the factors of the lane's keys
+  // kk·16 + 8·(i / 2) + 2t + i % 2 (key_fades).
+  LINATTN_HD void key_fades(const WarpContext& w, uint32_t base, int kk, Lanes<float> (&fade)[4]) const {
+    warp::for_lanes(w, [&](int lane) {
+      const int t = warp::thread_in_group(lane);
+      LINATTN_UNROLL
+      for (int i = 0; i < 4; ++i) {
+        fade[i][lane] = decay_row(w, base + L::kKeyFade, kk * 16 + 8 * (i / 2) + 2 * t + i % 2);
+      }
+    });
+  }
+  LINATTN_HD static void fade_keys(const WarpContext& w, const Lanes<float> (&fade)[4], Fragment (&bf)[2]) {
+    warp::for_lanes(w, [&](int lane) {
+      LINATTN_UNROLL
+      for (int r = 0; r < 2; ++r) {
+        const uint32_t pair = bf[r][lane];
+        bf[r][lane] = warp::pack<scalar_t>(warp::unpack_lo<scalar_t>(pair) * fade[2 * r][lane],
+                                           warp::unpack_hi<scalar_t>(pair) * fade[2 * r + 1][lane]);
+      }
+    });
   }
 
   // --- fragments (of prepared rows) ------------------------------------------------------------
@@ -258,9 +316,17 @@ struct ForwardBlock {
     s.template publish<scalar_t>(w, L::kState, L::kStatePitch);
   }
 
-  // St += φ(K)ᵀ [V | 1] over the chunk's keys (`keys` of them hold data).
+  // St += φ(K)ᵀ [V | 1] over the chunk's keys (`keys` of them hold data); with a fading state
+  // St = e^{b_last} St + φ(K)ᵀ (e^{b_last − b} ⊙ [V | 1]).
   LINATTN_HD void update_state(const WarpContext& w, State& s, uint32_t base, int keys) const {
+    const bool fade = fading();
+    if (fade) {
+      const float chunk_fade = decay_row(w, base + L::kRowFade, kChunk - 1);
+      s.each_element(w, [&](bool, int, int, float& x) { x *= chunk_fade; });
+    }
     for (int kk = 0; kk * 16 < keys; ++kk) {
+      Lanes<float> fades[4];
+      if (fade) key_fades(w, base, kk, fades);
       LINATTN_UNROLL
       for (int r = 0; r < State::kRowTilesPerWarp; ++r) {
         int mi = 0, ni = 0;
@@ -273,6 +339,7 @@ struct ForwardBlock {
           if (!State::tile(w.warp, slot, mi, ni)) continue;
           Fragment bf[2];
           value_fragment(w, base, kk, ni, bf);
+          if (fade) fade_keys(w, fades, bf);
           warp::mma_16816<scalar_t>(s.state[slot], a, bf);
         }
       }
@@ -311,9 +378,17 @@ struct ForwardBlock {
     if (causal) {
       Accumulator sc[kChunk / 8][4];
       lower_scores<scalar_t, DK>(w, base + L::kQ, base + L::kK, L::kQKPitch, rb, sc);
-      // The diagonal block: key j is seen by rows i >= j.
+      // The diagonal block: key j is seen by rows i >= j; a fading state weights the pair by
+      // e^{b_i − b_j} <= 1, in fp32 before the scores are rounded to 16 bits.
+      const bool fade = fading();
       warp::each_accumulator(w, sc, [&](int r, int key, float& x) {
-        if (key > rb * 16 + r) x = 0.0f;
+        const int row = rb * 16 + r;
+        if (key > row) {
+          x = 0.0f;
+        } else if (fade) {
+          const uint32_t b = base + L::kCumulativeDecay;
+          x *= warp::exp_of(decay_row(w, b, row) - decay_row(w, b, key));
+        }
       });
       warp::as_a_fragments<scalar_t>(w, sc, scores);
     }
@@ -330,6 +405,21 @@ struct ForwardBlock {
         state_fragment(w, ks, out_tile(ch, j), bf);
         warp::mma_16816<scalar_t>(o[j], qf, bf);
       }
+    }
+    if (fading()) {
+      // The earlier chunks' state is worth e^{b_i} at row i.
+      warp::for_lanes(w, [&](int lane) {
+        const int g = warp::group_of(lane);
+        LINATTN_UNROLL
+        for (int half = 0; half < 2; ++half) {
+          const float fade = decay_row(w, base + L::kRowFade, rb * 16 + g + 8 * half);
+          LINATTN_UNROLL
+          for (int j = 0; j < kOutTiles; ++j) {
+            o[j][2 * half][lane] *= fade;
+            o[j][2 * half + 1][lane] *= fade;
+          }
+        }
+      });
     }
     // This chunk: scores · [V | 1].
     if (causal) {

@@ -36,6 +36,10 @@ struct ForwardProblem {
   // load as one 16-byte cp.async (otherwise element by element).
   bool q_vector = false, k_vector = false, v_vector = false;
   const bool* key_padding = nullptr;  // (B, T_k), true = padded, or null
+  // A fading state (causal, T_q = T_k, unsplit): (B, H, T) contiguous fp32 log factors a_t <= 0
+  // (log γ of a per-head decay plus a log-gate), the state multiplied by e^{a_t} before token t
+  // joins; null for none.
+  const float* log_decay = nullptr;
   fused::StateView<const float> state_in;  // (m, dv + 1) per (batch, head), or null for zeros
   fused::StateView<float> state_out;       // or null
   scalar_t* out = nullptr;                 // (B, H, T_q, dv) contiguous
@@ -56,15 +60,20 @@ struct ForwardProblem {
   LINATTN_HD int64_t blocks() const { return batch * heads * segments * value_tiles; }
 };
 
-// Shared memory of one block: two chunk buffers (Q, K and V rows, a non-finite flag), the 16-bit
-// copy of the state [S | z 0 ... 0] (DK rows of DV + 8 columns) and a scratch tile per warp.
+// Shared memory of one block: two chunk buffers (Q, K and V rows, a non-finite flag, and for a
+// fading state the chunk's cumulative log factors b_r = a_0 + ... + a_r with their exponentials),
+// the 16-bit copy of the state [S | z 0 ... 0] (DK rows of DV + 8 columns) and a scratch tile per
+// warp.
 template <int DK, int DV>
 struct Layout {
   static constexpr int kQKPitch = warp::padded_pitch(DK * 2), kVPitch = warp::padded_pitch(DV * 2);
   static constexpr int kStatePitch = warp::padded_pitch((DV + 8) * 2);
   static constexpr int kQ = 0, kK = kQ + kChunk * kQKPitch, kV = kK + kChunk * kQKPitch;
   static constexpr int kNonFinite = kV + kChunk * kVPitch;  // a byte: the chunk's V holds Inf or NaN
-  static constexpr int kBuffer = kNonFinite + 16;
+  // A fading state's fp32 rows (ForwardBlock::load_decay): b_r, e^{b_r}, e^{b_last − b_r}.
+  static constexpr int kCumulativeDecay = kNonFinite + 16, kRowFade = kCumulativeDecay + kChunk * 4;
+  static constexpr int kKeyFade = kRowFade + kChunk * 4;
+  static constexpr int kBuffer = kKeyFade + kChunk * 4;
   static constexpr int kState = 2 * kBuffer;
   static constexpr int kScratch = kState + DK * kStatePitch;  // per warp, 16x16 fp32: see diagonal_exactly
   static constexpr int kBytes = kScratch + kWarps * 16 * 16 * 4;
