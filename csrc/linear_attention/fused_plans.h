@@ -109,8 +109,7 @@ tensor_core::ForwardProblem<scalar_t> tensor_core_problem(const LinearAttentionS
 }
 
 // The forward, or nothing where no kernel takes the call (a block that does not fit; a fading
-// state, `log_decay`, runs only on the tensor cores: causal self-attention, unsplit, since the
-// segments' states would need the decay between them).
+// state, `log_decay`, runs only on the tensor cores: causal self-attention).
 template <typename Launch>
 std::optional<std::tuple<at::Tensor, at::Tensor, at::Tensor>> forward(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -136,7 +135,7 @@ std::optional<std::tuple<at::Tensor, at::Tensor, at::Tensor>> forward(
   if (tensor_core::takes(s, q.scalar_type(), max_shared_bytes)) {
     // 16-bit inputs with head dims up to 256: the tensor-core scan (tensor_core/forward.h).
     const auto in = state_view<const float>(optional_ptr<float>(initial_state, initial), s, false);
-    const int64_t segments = decay.defined() ? 1 : tensor_core::segments_for(s, launch.processors());
+    const int64_t segments = tensor_core::segments_for(s, launch.processors());
     AT_DISPATCH_REDUCED_FLOATING_TYPES(q.scalar_type(), "linear_attn_fwd_fused", [&] {
       auto p = tensor_core_problem<scalar_t>(s, q, k, v, mask_ptr, in,
                                              state_view<float>(final_state.data_ptr<float>(), s, false), out,
@@ -145,7 +144,7 @@ std::optional<std::tuple<at::Tensor, at::Tensor, at::Tensor>> forward(
       if (segments == 1) {
         launch(p);
       } else {
-        tensor_core::split_forward(p, segments, initial_state, final_state, launch);
+        tensor_core::split_forward(p, segments, initial_state, final_state, launch, decay);
       }
     });
     return std::make_tuple(out, final_state, normalizer);

@@ -415,3 +415,28 @@ def test_fading_state_gradients_opcheck_and_compile():
         assert_close(a, b, 4 * TOLERANCE[torch.bfloat16], f"grad {name}")
     log_decay = log_factors_of(decay.detach(), gate.detach()).float()
     torch.library.opcheck(FWD, (q.detach(), k.detach(), v.detach(), None, None, ELU, True, True, 1e-6, log_decay))
+
+
+@pytest.mark.parametrize("initial", [False, True])
+def test_fading_state_split_into_segments(monkeypatch, initial):
+    """One long sequence with a fading state, split into segments for 132 SMs: each segment's
+    state sums fade within it (the kernel), and the starts are a scan over segments in which every
+    state fades by the segment's total (fading_segment_starts); against the float64 reference, and
+    against the unsplit kernel (2 SMs)."""
+    B, H, T, m, dv = 1, 2, 1700, 32, 24
+    q, k, v, decay, gate = gated_inputs(B, H, T, m, dv, torch.bfloat16, seed=12, strength=0.2)
+    g = torch.Generator().manual_seed(13)
+    state = (torch.randn(B, H, m, dv, generator=g), torch.rand(B, H, m, generator=g) + 1) if initial else None
+    results = {}
+    for sms in ("132", "2"):
+        monkeypatch.setenv("LINATTN_EMULATED_SMS", sms)
+        with ops.fused_implementation():
+            results[sms] = linattn.linear_attention(q, k, v, causal=True, decay=decay, gate=gate, initial_state=state,
+                                                    output_final_state=True)
+    ref_state = None if state is None else tuple(t.double() for t in state)
+    ref, (ref_S, ref_z) = gated_reference(q, k, v, decay, gate, initial_state=ref_state)
+    out, (S, z) = results["132"]
+    assert_close(out, ref, TOLERANCE[torch.bfloat16], "out")
+    assert_close(S, ref_S, TOLERANCE[torch.bfloat16], "final S")
+    assert_close(z, ref_z, TOLERANCE[torch.bfloat16], "final z")
+    assert_close(out, results["2"][0].double(), TOLERANCE[torch.bfloat16], "split vs whole")

@@ -12,6 +12,7 @@
 
 #include <algorithm>
 #include <optional>
+#include <vector>
 
 namespace linattn {
 namespace tensor_core {
@@ -110,14 +111,42 @@ inline SegmentStarts segment_starts(const at::Tensor& sums, const std::optional<
   return result;
 }
 
+// segment_starts for a fading state (causal): a segment's sums are what its keys add by its end,
+// and every state fades by e^{A_s} across segment s (A_s the sum of its log factors, from
+// log_decay (B, H, T)), so the starts are a scan over segments, start_{s+1} = e^{A_s} start_s +
+// sums_s, from the state before the first row — no positive exponent; fp32 ATen ops in a fixed
+// order (segments of one launch: a few dozen at most).
+inline SegmentStarts fading_segment_starts(const at::Tensor& sums, const std::optional<at::Tensor>& first,
+                                           const at::Tensor& log_decay, int64_t rows_per_segment) {
+  const int64_t segments = sums.size(2), length = log_decay.size(2);
+  const at::Tensor padded = at::constant_pad_nd(log_decay, {0, segments * rows_per_segment - length});
+  const at::Tensor fades = padded.view({log_decay.size(0), log_decay.size(1), segments, rows_per_segment})
+                               .sum(-1).exp_().unsqueeze(-1).unsqueeze(-1);
+  SegmentStarts result;
+  at::Tensor running = first.has_value() ? first->to(at::kFloat) : at::zeros_like(sums.select(2, 0));
+  std::vector<at::Tensor> starts;
+  starts.reserve(segments);
+  for (int64_t s = 0; s < segments; ++s) {
+    starts.push_back(running);
+    running = running * fades.select(2, s) + sums.select(2, s);
+  }
+  result.starts = at::stack(starts, 2).contiguous();
+  result.total = running;
+  return result;
+}
+
 // Runs p split into `segments`: the segments' state sums (one launch), the state each segment's
-// rows start from (segment_starts), then every segment's outputs from it (one launch). Writes p's
+// rows start from (segment_starts; fading_segment_starts with a fading state, `log_decay` being
+// its (B, H, T) fp32 log factors), then every segment's outputs from it (one launch). Writes p's
 // outputs and final_state ((B, H, m, dv + 1)).
 template <typename scalar_t, typename Launch>
 void split_forward(ForwardProblem<scalar_t> p, int64_t segments, const std::optional<at::Tensor>& initial_state,
-                   at::Tensor& final_state, const Launch& launch) {
+                   at::Tensor& final_state, const Launch& launch, const at::Tensor& log_decay = at::Tensor()) {
   const at::Tensor sums = segment_state_sums(p, segments, final_state.options(), launch);
-  const SegmentStarts states = segment_starts(sums, initial_state, p.causal, false);
+  const SegmentStarts states =
+      log_decay.defined()
+          ? fading_segment_starts(sums, initial_state, log_decay, segment_rows(p.k_len, segments))
+          : segment_starts(sums, initial_state, p.causal, false);
   final_state.copy_(states.total);
   cut_into_segments(p, segments);
   p.pass = Pass::kSegmentOutputs;
