@@ -76,17 +76,20 @@ KERNELS = {
 }
 
 
-def emulated_figures(T, D, causal, processors):
+def emulated_figures(T, D, causal, processors, gated=False):
     """One forward at B=1 H=2 on an emulated GPU of `processors` SMs (2: one block per (batch,
-    head), the whole kernel; 132, an H100's: the sequence split into segments)."""
+    head), the whole kernel; 132, an H100's: the sequence split into segments); `gated`: with a
+    fading state (fp32 log factors, whose read joins the floor)."""
     os.environ["LINATTN_EMULATED_SMS"] = str(processors)
     q, k, v = (torch.randn(1, 2, T, D).mul(0.3).bfloat16() for _ in range(3))
+    log_decay = -0.05 * torch.rand(1, 2, T) if gated else None
     torch.ops.linattn._reset_warp_emulation_counters()
-    torch.ops.linattn.linear_attn_fwd_fused(q, k, v, None, None, ELU, causal, True, 1e-6)
+    torch.ops.linattn.linear_attn_fwd_fused(q, k, v, None, None, ELU, causal, True, 1e-6, log_decay)
     del os.environ["LINATTN_EMULATED_SMS"]
     mma, matrices, wavefronts, shuffles, read, written = torch.ops.linattn._warp_emulation_counters().tolist()
-    floor = 4 * 2 * T * D * 2
-    return {"T": T, "D": D, "causal": causal, "processors": processors, "mma": mma, "read_bytes": read,
+    floor = 4 * 2 * T * D * 2 + (2 * T * 4 if gated else 0)
+    return {"T": T, "D": D, "causal": causal, "gated": gated, "processors": processors, "mma": mma,
+            "read_bytes": read,
             "written_bytes": written,
             "traffic_over_floor": (read + written) / floor,
             "wavefronts_per_matrix": wavefronts / max(matrices, 1)}
@@ -215,10 +218,13 @@ def main():
     args = parser.parse_args()
     T = 1024 if args.quick else 4096
     emulated = [emulated_figures(T, 128, causal, processors) for processors in (2, 132) for causal in (True, False)]
-    print(f"Emulated tensor-core forward, B=1 H=2 D=128 T={T} bf16 (floor = q, k, v read + o written once):")
+    emulated += [emulated_figures(T, 128, True, processors, gated=True) for processors in (2, 132)]
+    print(f"Emulated tensor-core forward, B=1 H=2 D=128 T={T} bf16 (floor = q, k, v read + o written once; "
+          f"gated: + the log factors read):")
     for e in emulated:
         kind = "one block per head" if e["processors"] == 2 else "split for 132 SMs"
-        print(f"  {'causal' if e['causal'] else 'full':>6}, {kind}: traffic {e['traffic_over_floor']:.3f}x the floor "
+        mask = ("gated" if e["gated"] else "causal") if e["causal"] else "full"
+        print(f"  {mask:>6}, {kind}: traffic {e['traffic_over_floor']:.3f}x the floor "
               f"(target <= 1.15 unsplit, 2 split), {e['wavefronts_per_matrix']:.2f} wavefronts per ldmatrix matrix, "
               f"{e['mma']} mma")
     backward = [emulated_backward_figures(T, 128, causal, processors) for processors in (2, 132)
