@@ -52,6 +52,17 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return diff / scale if scale > 0 else diff
 
 
+def log_factors(decay, gate, B, H, T):
+    """The (B, H, T) float64 log factors of a fading state: log γ of a per-head decay (H,) plus the
+    log-gates (B, H, T), either or both None; differentiable in both."""
+    log_f = torch.zeros(B, H, T, dtype=torch.float64)
+    if decay is not None:
+        log_f = log_f + decay.double().log().view(1, H, 1)
+    if gate is not None:
+        log_f = log_f + gate.double()
+    return log_f
+
+
 def assert_close(actual, expected, tol, what=""):
     err = relative_error(actual, expected)
     assert err <= tol, f"{what}: relative error {err:.3e} > {tol:.1e}"

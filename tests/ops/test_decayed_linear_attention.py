@@ -11,6 +11,7 @@ import torch
 
 import linattn
 from linattn import ops, reference
+from conftest import log_factors
 
 IMPLEMENTATIONS = {"fused": contextlib.nullcontext, "generic": ops.generic_implementation}
 
@@ -28,15 +29,6 @@ def make(B=2, H=3, T=70, D=6, dv=5, dtype=torch.float32, seed=0):
     state = (torch.randn(B, H, D, dv, generator=g).to(acc), (torch.rand(B, H, D, generator=g) + 1).to(acc))
     mask = torch.rand(B, T, generator=g) < 0.15
     return q, k, v, decay, gate, state, mask
-
-
-def log_factors(decay, gate, B, H, T):
-    log_f = torch.zeros(B, H, T, dtype=torch.float64)
-    if decay is not None:
-        log_f = log_f + decay.double().log().view(1, H, 1)
-    if gate is not None:
-        log_f = log_f + gate.double()
-    return log_f
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -12,7 +12,7 @@ import torch
 
 import linattn
 from linattn import ops, reference
-from conftest import TOLERANCE, assert_close, compiled_kernel_rows
+from conftest import TOLERANCE, assert_close, compiled_kernel_rows, log_factors
 
 FWD = torch.ops.linattn.linear_attn_fwd_fused.default
 HALF_TYPES = [torch.bfloat16, torch.float16]
@@ -343,12 +343,8 @@ def gated_inputs(B, H, T, m, dv, dtype, seed, strength=1.0):
     return q, k, v, decay.float(), gate.float()
 
 
-def log_factors_of(decay, gate):
-    return decay.double().log()[None, :, None] + gate.double()
-
-
 def gated_reference(q, k, v, decay, gate, **options):
-    return reference.decayed_linear_attention(q, k, v, log_factors_of(decay, gate), **options)
+    return reference.decayed_linear_attention(q, k, v, log_factors(decay, gate, *gate.shape), **options)
 
 
 @pytest.mark.parametrize("dtype", HALF_TYPES)
@@ -413,7 +409,7 @@ def test_fading_state_gradients_opcheck_and_compile():
     ref_grads = torch.autograd.grad(ref.square().sum(), ref_leaves)
     for name, a, b in zip(("q", "k", "v", "decay", "gate"), grads, ref_grads):
         assert_close(a, b, 4 * TOLERANCE[torch.bfloat16], f"grad {name}")
-    log_decay = log_factors_of(decay.detach(), gate.detach()).float()
+    log_decay = log_factors(decay.detach(), gate.detach(), *gate.shape).float()
     torch.library.opcheck(FWD, (q.detach(), k.detach(), v.detach(), None, None, ELU, True, True, 1e-6, log_decay))
 
 

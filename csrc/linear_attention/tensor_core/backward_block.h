@@ -277,7 +277,6 @@ struct BackwardBlock {
            (shared_element<scalar_t>(w, L::kState + at + 2) + shared_element<scalar_t>(w, L::kULow + at + 2));
   }
 
-
   // --- the state ------------------------------------------------------------------------------
 
   // U from dS_N (zeros without one).

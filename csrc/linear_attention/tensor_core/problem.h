@@ -36,7 +36,7 @@ struct ForwardProblem {
   // load as one 16-byte cp.async (otherwise element by element).
   bool q_vector = false, k_vector = false, v_vector = false;
   const bool* key_padding = nullptr;  // (B, T_k), true = padded, or null
-  // A fading state (causal, T_q = T_k, unsplit): (B, H, T) contiguous fp32 log factors a_t <= 0
+  // A fading state (causal, T_q = T_k): (B, H, T) contiguous fp32 log factors a_t <= 0
   // (log γ of a per-head decay plus a log-gate), the state multiplied by e^{a_t} before token t
   // joins; null for none.
   const float* log_decay = nullptr;
