@@ -43,7 +43,7 @@ def _linear_instance(m):
 
 
 def _linear_backward_instance(m):
-    return int(m.group(3)), int(m.group(4)), f"{m.group(6)} {m.group(2)}"
+    return int(m.group(3)), int(m.group(4)), f"{m.group(6)} {m.group(2)}{' gated' if m.group(7) == '1' else ''}"
 
 
 def _flash_instance(m):
@@ -59,7 +59,7 @@ KERNELS = {
                "instance": _linear_instance, "threads": 256,
                "shared": lambda dk, dv: torch.ops.linattn._tensor_core_shared_bytes(dk, dv)},
     "linear-bwd": {"pattern": r"Function (\S*tensor_core\S*(query|key_value)_gradient_kernelILi(\d+)ELi(\d+)EN3c10"
-                              r"(\d+)(\w+?)EEEv\S*):",
+                              r"(\d+)(\w+?)ELb([01])EEEv\S*):",
                    "instance": _linear_backward_instance, "threads": 256,
                    "shared": lambda dk, dv: torch.ops.linattn._tensor_core_shared_bytes(dk, dv, True)},
     "delta": {"pattern": r"Function (\S*delta_tensor_core\S*delta_forward_kernelILi(\d+)ELi(\d+)EN3c10(\d+)(\w+?)"
@@ -95,19 +95,23 @@ def emulated_figures(T, D, causal, processors, gated=False):
             "wavefronts_per_matrix": wavefronts / max(matrices, 1)}
 
 
-def emulated_backward_figures(T, D, causal, processors):
+def emulated_backward_figures(T, D, causal, processors, gated=False):
     """One backward at B=1 H=2 (the forward's final state handed over, as autograd does) on an
-    emulated GPU of `processors` SMs (2: a block per (batch, head); 132: the sequence split)."""
+    emulated GPU of `processors` SMs (2: a block per (batch, head); 132: the sequence split);
+    `gated`: with a fading state (the log factors read and dL/dc written, fp32, join the floor)."""
     os.environ["LINATTN_EMULATED_SMS"] = str(processors)
     q, k, v = (torch.randn(1, 2, T, D).mul(0.3).bfloat16() for _ in range(3))
-    out, state, normalizer = torch.ops.linattn.linear_attn_fwd_fused(q, k, v, None, None, ELU, causal, True, 1e-6)
+    log_decay = -0.05 * torch.rand(1, 2, T) if gated else None
+    out, state, normalizer = torch.ops.linattn.linear_attn_fwd_fused(q, k, v, None, None, ELU, causal, True, 1e-6,
+                                                                     log_decay)
     torch.ops.linattn._reset_warp_emulation_counters()
     torch.ops.linattn.linear_attn_bwd_fused(torch.randn_like(out), None, q, k, v, out, normalizer, None, None, ELU,
-                                            causal, True, state)
+                                            causal, True, None if gated else state, log_decay)
     del os.environ["LINATTN_EMULATED_SMS"]
     mma, matrices, wavefronts, shuffles, read, written = torch.ops.linattn._warp_emulation_counters().tolist()
-    floor = 8 * 2 * T * D * 2
-    return {"T": T, "D": D, "causal": causal, "processors": processors, "mma": mma, "read_bytes": read,
+    floor = 8 * 2 * T * D * 2 + (2 * 2 * T * 4 if gated else 0)
+    return {"T": T, "D": D, "causal": causal, "gated": gated, "processors": processors, "mma": mma,
+            "read_bytes": read,
             "written_bytes": written,
             "traffic_over_floor": (read + written) / floor, "wavefronts_per_matrix": wavefronts / max(matrices, 1)}
 
@@ -229,11 +233,13 @@ def main():
               f"{e['mma']} mma")
     backward = [emulated_backward_figures(T, 128, causal, processors) for processors in (2, 132)
                 for causal in (True, False)]
+    backward += [emulated_backward_figures(T, 128, True, processors, gated=True) for processors in (2, 132)]
     print(f"Emulated tensor-core backward, B=1 H=2 D=128 T={T} bf16 (floor = q, k, v, o, grad_out read + dq, dk, dv "
-          f"written once):")
+          f"written once; gated: + the log factors read and their gradient written):")
     for e in backward:
         kind = "one block per head" if e["processors"] == 2 else "split for 132 SMs"
-        print(f"  {'causal' if e['causal'] else 'full':>6}, {kind}: traffic {e['traffic_over_floor']:.3f}x the floor "
+        mask = ("gated" if e["gated"] else "causal") if e["causal"] else "full"
+        print(f"  {mask:>6}, {kind}: traffic {e['traffic_over_floor']:.3f}x the floor "
               f"(target <= 1.3 unsplit), {e['wavefronts_per_matrix']:.2f} wavefronts per ldmatrix matrix, "
               f"{e['mma']} mma")
     delta = [emulated_delta_figures(T, 128, causal, processors) for processors, causal in
@@ -261,7 +267,7 @@ def main():
         print(f"Cubins: {why}")
     else:
         print("Compiled kernels (linear: forward_kernel<DK, DV, dtype>; linear-bwd: query / key_value_gradient_kernel"
-              "<DK, DV, dtype>; delta: delta_forward_kernel<DK, DV, dtype>; flash: forward_kernel<D, dtype>, "
+              "<DK, DV, dtype, gated>; delta: delta_forward_kernel<DK, DV, dtype>; flash: forward_kernel<D, dtype>, "
               "backward_kernel<KeyBlock or QueryBlock<dtype, D>>):")
         print(f"  {'kernel':9} {'arch':6} {'DK':>4} {'DV':>4} {'dtype':19} {'regs':>5} {'stack':>5} {'local':>5} "
               f"{'HMMA':>5} {'smem KiB':>8} {'H100 blocks/SM':>14}")

@@ -63,6 +63,24 @@ def log_factors(decay, gate, B, H, T):
     return log_f
 
 
+def gated_inputs(B, H, T, m, dv, dtype, seed, strength=1.0):
+    """q, k, v (B, H, T, ·) of `dtype`, a per-head decay γ (H,) and (B, H, T) log-gates for a fading
+    state, float32 (strength scales how fast it fades: 1 forgets over a few dozen tokens, 30 within
+    a token)."""
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(B, H, T, d, generator=g, dtype=torch.float64).to(dtype) for d in (m, m, dv))
+    g = torch.Generator().manual_seed(seed + 1)
+    decay = torch.rand(H, generator=g, dtype=torch.float64) * 0.1 + 0.9
+    gate = -torch.rand(B, H, T, generator=g, dtype=torch.float64) * 0.1 * strength
+    return q, k, v, decay.float(), gate.float()
+
+
+def gated_reference(q, k, v, decay, gate, **options):
+    """linattn.reference.decayed_linear_attention (float64) with the log factors of decay and gate."""
+    from linattn import reference
+    return reference.decayed_linear_attention(q, k, v, log_factors(decay, gate, *gate.shape), **options)
+
+
 def assert_close(actual, expected, tol, what=""):
     err = relative_error(actual, expected)
     assert err <= tol, f"{what}: relative error {err:.3e} > {tol:.1e}"

@@ -80,13 +80,26 @@ std::optional<std::tuple<at::Tensor, at::Tensor, at::Tensor>> fading_forward_cud
                         shared_memory_per_block(), CudaLaunch{c10::cuda::getCurrentCUDAStream().stream()}, log_decay);
 }
 
+// The backward of a fading state on the tensor cores, or nothing where they do not take the call.
+std::optional<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>> fading_backward_cuda(
+    const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_final_state, const at::Tensor& q,
+    const at::Tensor& k, const at::Tensor& v, const at::Tensor& out, const at::Tensor& normalizer,
+    const std::optional<at::Tensor>& initial_state, const std::optional<at::Tensor>& key_padding_mask,
+    int64_t feature_map, bool causal, bool normalize, const std::optional<at::Tensor>& final_state,
+    const at::Tensor& log_decay) {
+  const c10::cuda::CUDAGuard guard(q.device());
+  return fused::fading_backward(grad_out, grad_final_state, q, k, v, out, normalizer, initial_state, key_padding_mask,
+                                feature_map, causal, normalize, final_state, log_decay, shared_memory_per_block(),
+                                CudaLaunch{c10::cuda::getCurrentCUDAStream().stream()});
+}
+
 constexpr char kImplementation[] = "fused CUDA kernels";
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(linattn, CUDA, m) {
   m.impl("linear_attn_fwd_fused", &fused_forward<&forward_cuda, &fading_forward_cuda>);
-  m.impl("linear_attn_bwd_fused", &fused_backward<&backward_cuda, kImplementation>);
+  m.impl("linear_attn_bwd_fused", &fused_backward<&backward_cuda, &fading_backward_cuda, kImplementation>);
 }
 
 }  // namespace linattn

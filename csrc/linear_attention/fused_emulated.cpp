@@ -52,13 +52,30 @@ struct EmulatedLaunch {
     tensor_core::with_backward_head_dims(p.feature_dim, p.value_dim, [&](auto dk, auto dv) {
       constexpr int DK = decltype(dk)::value, DV = decltype(dv)::value;
       constexpr int64_t bytes = tensor_core::BackwardLayout<DK, DV>::kBytes;
-      if (p.pass == tensor_core::BackwardPass::kQuery) {
+      const bool fading = p.log_decay != nullptr;  // its own instances, as on the GPU
+      if (p.pass == tensor_core::BackwardPass::kQuerySums) {
         emulate_blocks<tensor_core::QueryState<DK, DV>>(p.blocks(), bytes, [&](const auto& exec, int64_t block) {
-          tensor_core::run_query_gradient_block<DK, DV>(exec, p, block);
+          if (fading) {
+            tensor_core::run_query_sums_block<DK, DV, true>(exec, p, block);
+          } else {
+            tensor_core::run_query_sums_block<DK, DV, false>(exec, p, block);
+          }
+        });
+      } else if (p.pass == tensor_core::BackwardPass::kQuery) {
+        emulate_blocks<tensor_core::QueryState<DK, DV>>(p.blocks(), bytes, [&](const auto& exec, int64_t block) {
+          if (fading) {
+            tensor_core::run_query_gradient_block<DK, DV, true>(exec, p, block);
+          } else {
+            tensor_core::run_query_gradient_block<DK, DV, false>(exec, p, block);
+          }
         });
       } else {
         emulate_blocks<tensor_core::KeyValueState<DK, DV>>(p.blocks(), bytes, [&](const auto& exec, int64_t block) {
-          tensor_core::run_key_value_gradient_block<DK, DV>(exec, p, block);
+          if (fading) {
+            tensor_core::run_key_value_gradient_block<DK, DV, true>(exec, p, block);
+          } else {
+            tensor_core::run_key_value_gradient_block<DK, DV, false>(exec, p, block);
+          }
         });
       }
     });
@@ -113,13 +130,24 @@ std::optional<std::tuple<at::Tensor, at::Tensor, at::Tensor>> fading_forward_emu
                         warp::emulated_shared_bytes(), EmulatedLaunch{}, log_decay);
 }
 
+std::optional<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>> fading_backward_emulated(
+    const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_final_state, const at::Tensor& q,
+    const at::Tensor& k, const at::Tensor& v, const at::Tensor& out, const at::Tensor& normalizer,
+    const std::optional<at::Tensor>& initial_state, const std::optional<at::Tensor>& key_padding_mask,
+    int64_t feature_map, bool causal, bool normalize, const std::optional<at::Tensor>& final_state,
+    const at::Tensor& log_decay) {
+  return fused::fading_backward(grad_out, grad_final_state, q, k, v, out, normalizer, initial_state, key_padding_mask,
+                                feature_map, causal, normalize, final_state, log_decay, warp::emulated_shared_bytes(),
+                                EmulatedLaunch{});
+}
+
 constexpr char kImplementation[] = "fused kernels' emulation";
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(linattn, CPU, m) {
   m.impl("linear_attn_fwd_fused", &fused_forward<&forward_emulated, &fading_forward_emulated>);
-  m.impl("linear_attn_bwd_fused", &fused_backward<&backward_emulated, kImplementation>);
+  m.impl("linear_attn_bwd_fused", &fused_backward<&backward_emulated, &fading_backward_emulated, kImplementation>);
 }
 
 }  // namespace linattn

@@ -83,7 +83,7 @@ Problem tensor_core_inputs(const LinearAttentionShape& s, const at::Tensor& q, c
   return p;
 }
 
-// The tensor-core forward's problem (without outputs: the sequence split's state sums).
+// The tensor-core forward's problem without its outputs.
 template <typename scalar_t>
 tensor_core::ForwardProblem<scalar_t> tensor_core_forward_inputs(const LinearAttentionShape& s, const at::Tensor& q,
                                                                  const at::Tensor& k, const at::Tensor& v,
@@ -171,6 +171,92 @@ std::optional<std::tuple<at::Tensor, at::Tensor, at::Tensor>> forward(
   return std::make_tuple(out, final_state, normalizer);
 }
 
+// The backward's outputs, uninitialized: dq, dk, dv (the inputs' dtype) and the initial state's
+// gradient (the accumulation dtype `acc`).
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> empty_gradients(const LinearAttentionShape& s,
+                                                                                  const at::TensorOptions& options,
+                                                                                  const at::TensorOptions& acc) {
+  return {at::empty({s.batch, s.heads, s.q_len, s.feature_dim}, options),
+          at::empty({s.batch, s.heads, s.k_len, s.feature_dim}, options),
+          at::empty({s.batch, s.heads, s.k_len, s.value_dim}, options),
+          at::empty({s.batch, s.heads, s.feature_dim, s.value_dim + 1}, acc)};
+}
+
+// The tensor-core backward (tensor_core/backward.h) of a call it takes: dq, dk, dv, dS0 and, with
+// a fading state (`decay`: (B, H, T) fp32 contiguous log factors, else undefined), dL/dc for
+// c = cumsum(log factors): the passes' row terms φ(q)·dφ(q) − φ(k)·dφ(k), and ⟨dS_N, S_N⟩ at the
+// last row (S_N: the final state the query pass reaches).
+template <typename Launch>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> tensor_core_backward(
+    const LinearAttentionShape& s, const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_final_state,
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& normalizer, const std::optional<at::Tensor>& initial_state,
+    const std::optional<at::Tensor>& key_padding_mask, const std::optional<at::Tensor>& final_state,
+    const at::Tensor& decay, const Launch& launch) {
+  const auto acc = q.options().dtype(at::kFloat);
+  // (Named tensors, not a structured binding: the dispatch lambdas capture them.)
+  at::Tensor grad_q, grad_k, grad_v, grad_initial;
+  std::tie(grad_q, grad_k, grad_v, grad_initial) = empty_gradients(s, q.options(), acc);
+  at::Tensor initial, grad_final, final, mask;  // contiguous copies where needed (optional_ptr)
+  const bool* mask_ptr = optional_ptr<bool>(key_padding_mask, mask);
+  const at::Tensor den = normalizer.contiguous();
+  const bool fading = decay.defined();
+  // A fading state: each row's terms of dL/dc, and the final state the query pass reaches where
+  // dS_N meets it.
+  const at::Tensor row_terms = fading ? at::empty({s.batch, s.heads, s.q_len, 4}, acc) : at::Tensor();
+  at::Tensor reached;
+  const int64_t segments = tensor_core::segments_for(s, launch.processors());
+  AT_DISPATCH_REDUCED_FLOATING_TYPES(q.scalar_type(), "linear_attn_bwd_fused", [&] {
+    auto p = tensor_core_inputs<tensor_core::BackwardProblem<scalar_t>, scalar_t>(s, q, k, v, mask_ptr);
+    p.grad_out = view_of<scalar_t>(grad_out);
+    p.out = view_of<scalar_t>(out);
+    p.grad_vector = warp::vector_rows<scalar_t>(grad_out);
+    p.normalizer = den.const_data_ptr<float>();
+    p.grad_q = grad_q.data_ptr<scalar_t>();
+    p.grad_k = grad_k.data_ptr<scalar_t>();
+    p.grad_v = grad_v.data_ptr<scalar_t>();
+    const at::Tensor row_scalars = at::empty({s.batch, s.heads, s.q_len, 2}, acc);
+    p.row_scalars = row_scalars.data_ptr<float>();
+    if (fading) {
+      p.log_decay = decay.const_data_ptr<float>();
+      p.row_terms = row_terms.data_ptr<float>();
+    }
+    auto query = p;
+    query.pass = tensor_core::BackwardPass::kQuery;
+    query.state_in = state_view<const float>(optional_ptr<float>(initial_state, initial), s, false);
+    if (!s.causal && final_state.has_value()) {
+      // Non-causal, every query saw the forward's final state: no pass over the keys.
+      query.state_in = state_view<const float>(optional_ptr<float>(final_state, final), s, false);
+      query.state_complete = true;
+    }
+    auto key_value = p;
+    key_value.pass = tensor_core::BackwardPass::kKeyValue;
+    key_value.state_in = state_view<const float>(optional_ptr<float>(grad_final_state, grad_final), s, false);
+    key_value.state_out = state_view<float>(grad_initial.data_ptr<float>(), s, false);
+    if (segments == 1) {
+      if (fading && grad_final_state.has_value()) {
+        reached = at::empty({s.batch, s.heads, s.feature_dim, s.value_dim + 1}, acc);
+        query.state_out = state_view<float>(reached.data_ptr<float>(), s, false);
+      }
+      launch(query);
+      launch(key_value);
+      return;
+    }
+    // One long sequence: split it.
+    reached = tensor_core::split_backward(query, key_value, segments, initial_state, final_state, grad_final_state,
+                                          grad_initial, launch, decay);
+  });
+  at::Tensor grad_cumulative;
+  if (fading) {
+    grad_cumulative = row_terms.select(-1, 0) + row_terms.select(-1, 1) - row_terms.select(-1, 2) -
+                      row_terms.select(-1, 3);
+    if (grad_final_state.has_value() && s.q_len > 0) {
+      grad_cumulative.select(-1, s.q_len - 1).add_((*grad_final_state * reached).sum({-2, -1}));
+    }
+  }
+  return {grad_q, grad_k, grad_v, grad_initial, grad_cumulative};
+}
+
 template <typename Launch>
 std::optional<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>> backward(
     const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_final_state,
@@ -182,51 +268,19 @@ std::optional<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>> backwa
   check_backward_inputs(grad_out, grad_final_state, q, k, v, out, normalizer, initial_state,
                         key_padding_mask, feature_map, causal, final_state);
   const LinearAttentionShape s = kernel_shape(q, k, v, feature_map, causal, normalize, 1.0);
+  if (tensor_core::takes_backward(s, q.scalar_type(), max_shared_bytes)) {
+    // 16-bit inputs with head dims up to 128: the tensor-core backward (tensor_core/backward.h).
+    auto grads = tensor_core_backward(s, grad_out, grad_final_state, q, k, v, out, normalizer, initial_state,
+                                      key_padding_mask, final_state, at::Tensor(), launch);
+    return std::make_tuple(std::get<0>(grads), std::get<1>(grads), std::get<2>(grads), std::get<3>(grads));
+  }
   const auto acc = q.options().dtype(accumulate_type(q.scalar_type()));
-  auto grad_q = at::empty({s.batch, s.heads, s.q_len, s.feature_dim}, q.options());
-  auto grad_k = at::empty({s.batch, s.heads, s.k_len, s.feature_dim}, q.options());
-  auto grad_v = at::empty({s.batch, s.heads, s.k_len, s.value_dim}, q.options());
-  auto grad_initial = at::empty({s.batch, s.heads, s.feature_dim, s.value_dim + 1}, acc);
+  // (Named tensors, not a structured binding: the dispatch lambdas capture them.)
+  at::Tensor grad_q, grad_k, grad_v, grad_initial;
+  std::tie(grad_q, grad_k, grad_v, grad_initial) = empty_gradients(s, q.options(), acc);
   at::Tensor initial, grad_final, final, mask;  // contiguous copies where needed (optional_ptr)
   const bool* mask_ptr = optional_ptr<bool>(key_padding_mask, mask);
   const at::Tensor den = normalizer.contiguous();
-  if (tensor_core::takes_backward(s, q.scalar_type(), max_shared_bytes)) {
-    // 16-bit inputs with head dims up to 128: the tensor-core backward (tensor_core/backward.h).
-    AT_DISPATCH_REDUCED_FLOATING_TYPES(q.scalar_type(), "linear_attn_bwd_fused", [&] {
-      auto p = tensor_core_inputs<tensor_core::BackwardProblem<scalar_t>, scalar_t>(s, q, k, v, mask_ptr);
-      p.grad_out = view_of<scalar_t>(grad_out);
-      p.out = view_of<scalar_t>(out);
-      p.grad_vector = warp::vector_rows<scalar_t>(grad_out);
-      p.normalizer = den.const_data_ptr<float>();
-      p.grad_q = grad_q.data_ptr<scalar_t>();
-      p.grad_k = grad_k.data_ptr<scalar_t>();
-      p.grad_v = grad_v.data_ptr<scalar_t>();
-      const at::Tensor row_scalars = at::empty({s.batch, s.heads, s.q_len, 2}, acc);
-      p.row_scalars = row_scalars.data_ptr<float>();
-      auto query = p;
-      query.pass = tensor_core::BackwardPass::kQuery;
-      query.state_in = state_view<const float>(optional_ptr<float>(initial_state, initial), s, false);
-      if (!causal && final_state.has_value()) {
-        // Non-causal, every query saw the forward's final state: no pass over the keys.
-        query.state_in = state_view<const float>(optional_ptr<float>(final_state, final), s, false);
-        query.state_complete = true;
-      }
-      auto key_value = p;
-      key_value.pass = tensor_core::BackwardPass::kKeyValue;
-      key_value.state_in = state_view<const float>(optional_ptr<float>(grad_final_state, grad_final), s, false);
-      key_value.state_out = state_view<float>(grad_initial.data_ptr<float>(), s, false);
-      const int64_t segments = tensor_core::segments_for(s, launch.processors());
-      if (segments == 1) {
-        launch(query);
-        launch(key_value);
-        return;
-      }
-      // One long sequence: split it (the forward's segment sums give the query pass its states).
-      tensor_core::split_backward(query, key_value, tensor_core_forward_inputs<scalar_t>(s, q, k, v, mask_ptr),
-                                  segments, initial_state, final_state, grad_final_state, grad_initial, launch);
-    });
-    return std::make_tuple(grad_q, grad_k, grad_v, grad_initial);
-  }
   bool fits = true;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "linear_attn_bwd_fused", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -287,6 +341,28 @@ std::optional<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>> backwa
   });
   if (!fits) return std::nullopt;
   return std::make_tuple(grad_q, grad_k, grad_v, grad_initial);
+}
+
+// The backward of a fading state (log_decay) on the tensor cores, with dL/dc as the fifth
+// gradient, or nothing where they do not take the call (as `forward`'s log_decay).
+template <typename Launch>
+std::optional<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>> fading_backward(
+    const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_final_state,
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& normalizer, const std::optional<at::Tensor>& initial_state,
+    const std::optional<at::Tensor>& key_padding_mask, int64_t feature_map, bool causal,
+    bool normalize, const std::optional<at::Tensor>& final_state, const at::Tensor& log_decay,
+    int64_t max_shared_bytes, const Launch& launch) {
+  check_backward_inputs(grad_out, grad_final_state, q, k, v, out, normalizer, initial_state,
+                        key_padding_mask, feature_map, causal, final_state);
+  const LinearAttentionShape s = kernel_shape(q, k, v, feature_map, causal, normalize, 1.0);
+  const bool fits = causal && s.q_len == s.k_len &&
+                    tensor_core::takes_backward(s, q.scalar_type(), max_shared_bytes) && log_decay.dim() == 3 &&
+                    log_decay.size(0) == s.batch && log_decay.size(1) == s.heads &&
+                    log_decay.size(2) == s.k_len && log_decay.device() == q.device();
+  if (!fits) return std::nullopt;
+  return tensor_core_backward(s, grad_out, grad_final_state, q, k, v, out, normalizer, initial_state,
+                              key_padding_mask, final_state, log_decay.to(at::kFloat).contiguous(), launch);
 }
 
 }  // namespace fused

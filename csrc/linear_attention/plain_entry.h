@@ -54,12 +54,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> plain_bac
   return {grad_q, grad_k, grad_v, grad_initial, at::empty({0}, normalizer.options())};
 }
 
-// The fused operators' entry: plain calls run `Forward`; a fading state (log_decay) runs `Fading`
-// where it takes the call (the tensor-core forward) and otherwise, as packed sequences do, the
-// operator linattn::linear_attn_fwd on the same device, what the other backends run for those
-// calls. Their backward is linattn::linear_attn_bwd's (fading_generic.cpp on CUDA, the CPU kernel
-// on CPU tensors), whose inputs (out, the normalizer with eps, the final state) mean the same
-// whichever forward made them.
+// The fused operators' entry: plain calls run `Forward` / `Backward`; a fading state (log_decay)
+// runs `Fading` / `FadingBackward` where they take the call (the tensor cores) and otherwise, as
+// packed sequences do, the operators linattn::linear_attn_fwd / linear_attn_bwd on the same device,
+// what the other backends run for those calls (fading_generic.cpp on CUDA, the CPU kernel on CPU
+// tensors), whose inputs and outputs (out, the normalizer with eps, the final state, dL/dc) mean
+// the same whichever implementation made them: a forward of one and the backward of another meet.
 using FadingForward = std::optional<std::tuple<at::Tensor, at::Tensor, at::Tensor>> (*)(
     const at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
     const std::optional<at::Tensor>&, int64_t, bool, bool, double, const at::Tensor&);
@@ -85,7 +85,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_forward(
                              log_decay, cu_seqlens);
 }
 
-template <PlainBackward Backward, const char* Implementation>
+using FadingBackward = std::optional<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>> (*)(
+    const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+    const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
+    int64_t, bool, bool, const std::optional<at::Tensor>&, const at::Tensor&);
+
+template <PlainBackward Backward, FadingBackward Fading, const char* Implementation>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_backward(
     const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_final_state, const at::Tensor& q,
     const at::Tensor& k, const at::Tensor& v, const at::Tensor& out, const at::Tensor& normalizer,
@@ -96,6 +101,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_bac
     return plain_backward<Backward, Implementation>(grad_out, grad_final_state, q, k, v, out, normalizer,
                                                     initial_state, key_padding_mask, feature_map, causal, normalize,
                                                     final_state, log_decay, cu_seqlens);
+  }
+  if (!cu_seqlens.has_value()) {
+    auto result = Fading(grad_out, grad_final_state, q, k, v, out, normalizer, initial_state, key_padding_mask,
+                         feature_map, causal, normalize, final_state, *log_decay);
+    if (result.has_value()) return *result;
   }
   static const auto op = linattn_op<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
       const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&, const at::Tensor&,

@@ -281,14 +281,17 @@ def test_cubins_hold_tensor_core_instructions_and_no_local_memory():
     (HMMA.16816.F32 in their SASS); local memory only where noted below."""
     rows = compiled_kernel_rows("linear-bwd")
     assert {row["arch"] for row in rows} == {"sm_80", "sm_90"}
-    assert len(rows) == 2 * 2 * 4 * 2  # architectures, dtypes, (DK, DV) instances, passes
+    assert len(rows) == 2 * 2 * 4 * 2 * 2  # architectures, dtypes, (DK, DV) instances, passes, plain and gated
     for row in rows:
         name = f"{row['arch']} DK={row['dk']} DV={row['dv']} {row['dtype']}"
         assert row["hmma"] > 0, f"{name}: no tensor-core instructions"
         # Known shortfall: the key-value pass at 128 × 128 sits at 255 registers (U alone is 68 a
-        # lane) and keeps one loop-invariant value in 8 bytes of stack, reloaded once per chunk;
-        # every other instance has no local memory. The bound catches any growth.
-        spill_allowed = 8 if "key_value" in row["dtype"] and row["dk"] == row["dv"] == 128 else 0
+        # lane) and keeps loop-invariant values on the stack, reloaded once per chunk: 8 bytes,
+        # 16 in its gated instance (a fading state's factors); every other instance has no local
+        # memory. The bound catches any growth.
+        spill_allowed = 0
+        if "key_value" in row["dtype"] and row["dk"] == row["dv"] == 128:
+            spill_allowed = 16 if "gated" in row["dtype"] else 8
         assert row["stack"] <= spill_allowed and row["local"] == 0, f"{name}: local memory (register spills)"
 
 

@@ -12,7 +12,7 @@ import torch
 
 import linattn
 from linattn import ops, reference
-from conftest import TOLERANCE, assert_close, compiled_kernel_rows, log_factors
+from conftest import TOLERANCE, assert_close, compiled_kernel_rows, gated_inputs, gated_reference, log_factors
 
 FWD = torch.ops.linattn.linear_attn_fwd_fused.default
 HALF_TYPES = [torch.bfloat16, torch.float16]
@@ -333,20 +333,6 @@ def test_no_value_columns_still_write_z(causal):
     assert_close(S[..., 0], z, TOLERANCE[torch.bfloat16], "final z")
 
 
-def gated_inputs(B, H, T, m, dv, dtype, seed, strength=1.0):
-    """q, k, v, a per-head decay γ and (B, H, T) log-gates for a fading state (strength scales how
-    fast it fades: 1 forgets over a few dozen tokens, 30 within a token)."""
-    q, k, v = make(B, H, T, T, m, dv, dtype, seed=seed)
-    g = torch.Generator().manual_seed(seed + 1)
-    decay = torch.rand(H, generator=g, dtype=torch.float64) * 0.1 + 0.9
-    gate = -torch.rand(B, H, T, generator=g, dtype=torch.float64) * 0.1 * strength
-    return q, k, v, decay.float(), gate.float()
-
-
-def gated_reference(q, k, v, decay, gate, **options):
-    return reference.decayed_linear_attention(q, k, v, log_factors(decay, gate, *gate.shape), **options)
-
-
 @pytest.mark.parametrize("dtype", HALF_TYPES)
 @pytest.mark.parametrize("T", [1, 17, 64, 65, 200])
 @pytest.mark.parametrize("m, dv", [(32, 24), (128, 128), (100, 160)])
@@ -354,7 +340,7 @@ def test_fading_state_runs_on_tensor_cores(dtype, T, m, dv):
     """decay and gate (a fading state) inside the tensor-core forward: e^(b_i − b_j) on the chunk's
     fp32 scores, e^(b_i) on the earlier chunks' part, the state faded by the chunk's total and its
     keys by e^(b_last − b_j) (b = the chunk's cumulative log factors; no positive exponent), against
-    the float64 reference, the final state too; the backward is the device's fading kernel."""
+    the float64 reference, the final state too (the backward: test_tensor_core_fading_backward.py)."""
     q, k, v, decay, gate = gated_inputs(2, 3, T, m, dv, dtype, seed=T + m)
     torch.ops.linattn._reset_warp_emulation_counters()
     with ops.fused_implementation():
@@ -394,7 +380,7 @@ def test_fading_state_extremes_padding_and_initial_state(strength):
 
 def test_fading_state_gradients_opcheck_and_compile():
     """Gated calls under the fused operators: the gradients of q, k, v, the gate and the decay
-    (the fading backward of the device) against the reference, opcheck of the operator with
+    (the tensor-core backward) against the reference, opcheck of the forward operator with
     log_decay, and torch.compile(fullgraph=True) equal to eager."""
     q, k, v, decay, gate = gated_inputs(1, 2, 90, 32, 32, torch.bfloat16, seed=4)
     leaves = [t.requires_grad_() for t in (q, k, v, decay, gate)]

@@ -7,11 +7,14 @@
 //   query pass, forwards in time, the state Sᵀ (value dim × feature dim, fp32 registers) and z:
 //     dφ(q)_i = G_i Sᵀ + gn_i z + Σ_{j <= i in the chunk} (G_i · v_j + gn_i) φ(k_j)
 //     Sᵀ += Vᵀ φ(K),  z += Σ φ(k_j);  it also writes each row's 1 / d and gn for the next pass
-//     (G_i = g_i / d_i, gn_i = −(g_i · o_i) / d_i);
+//     (G_i = g_i / d_i rounded to 16 bits, gn_i = −G_i · o_i);
 //   key-value pass, backwards in time, U = dS_N + Σ_{later rows} φ(q_i) G'_iᵀ (fp32 registers):
 //     dv_j    = φ(k_j) U_v + Σ_{i >= j} (φ(k_j) · φ(q_i)) G_i
 //     dφ(k)_j = U_v v_j + u + Σ_{i >= j} (v_j · G_i + gn_i) φ(q_i)
 //     U += φ(Q)ᵀ G';  after the first chunk U is dS0.
+// A fading state (log factors; causal) weights each part as the forward does and fades both
+// states across a chunk; each pass also writes its rows' φ(q)·dφ(q) or φ(k)·dφ(k) (row_terms),
+// from which the host forms dL/dc (fused_plans.h, tensor_core_backward).
 // Non-causal: the state over every key (query pass; or the forward's final state, handed over)
 // or U over every query (key-value pass) first, then the rows against it. No state per chunk ever
 // reaches memory, and nothing is accumulated with atomics: deterministic. One long sequence is
@@ -50,19 +53,23 @@ LINATTN_HD LINATTN_INLINE void stream_chunks(const Exec& exec, const Block& blk,
   }
 }
 
-// The query pass for block `block` ((batch, head[, segment])): writes dq and the row scalars.
-template <int DK, int DV, typename scalar_t, typename Exec>
+// The query pass for block `block` ((batch, head[, segment])): writes dq and the row scalars (and,
+// kFading, the rows' terms of dL/dc; the problem's log_decay must then be set).
+template <int DK, int DV, bool kFading, typename scalar_t, typename Exec>
 LINATTN_HD LINATTN_INLINE void run_query_gradient_block(const Exec& exec, const BackwardProblem<scalar_t>& p,
                                                         int64_t block) {
-  using Block = BackwardBlock<scalar_t, DK, DV>;
+  using Block = BackwardBlock<scalar_t, DK, DV, kFading>;
   using L = typename Block::L;
   using State = QueryState<DK, DV>;
   const Block blk(p, block);
   auto publish = [&](const WarpContext& w, const State& s) {
     s.template publish<scalar_t>(w, L::kState, L::kSPitch, L::kStateLow);
   };
+  // Sᵀ += Vᵀ φ(K); a fading state: Sᵀ = e^{b_last} Sᵀ + (e^{b_last − b} ⊙ V)ᵀ φ(K).
   auto accumulate = [&](const WarpContext& w, State& s, uint32_t base, int rows) {
-    Block::accumulate(w, s, base + L::kV, L::kVPitch, base + L::kK, L::kQKPitch, rows);
+    blk.fade_state(w, s, base);
+    Block::accumulate(w, s, base + L::kV, L::kVPitch, base + L::kK, L::kQKPitch, rows,
+                      kFading ? base + L::kKeyFade : Block::kNoFactors);
   };
   auto nothing = [](const WarpContext&, State&, uint32_t) {};
   int64_t q_begin = 0, q_end = 0, k_begin = 0, k_end = 0;
@@ -83,6 +90,14 @@ LINATTN_HD LINATTN_INLINE void run_query_gradient_block(const Exec& exec, const 
                     blk.query_gradient(w, base, start);
                     accumulate(w, s, base, rows);
                   });
+    if (p.state_out.data != nullptr) {
+      // The final state: z takes in the last chunk (no chunk after it did), then both are stored.
+      const int64_t chunks = (q_end - q_begin + kChunk - 1) / kChunk;
+      exec([&](const WarpContext& w, State& s) {
+        if (chunks > 0) blk.add_key_sums(w, Block::buffer(chunks - 1));
+        blk.store_s(w, s);
+      });
+    }
     return;
   }
   if (!p.state_complete) {
@@ -99,20 +114,47 @@ LINATTN_HD LINATTN_INLINE void run_query_gradient_block(const Exec& exec, const 
                 });
 }
 
+// The sequence split's kQuerySums for block `block`: the segment's [Σ φ(k) vᵀ | Σ φ(k)] over its
+// key rows (faded to its end under a fading state) to state_out, as the query pass's scan takes
+// them. A kernel of its own: beside the query pass's loop it cost that kernel registers.
+template <int DK, int DV, bool kFading, typename scalar_t, typename Exec>
+LINATTN_HD LINATTN_INLINE void run_query_sums_block(const Exec& exec, const BackwardProblem<scalar_t>& p,
+                                                    int64_t block) {
+  using Block = BackwardBlock<scalar_t, DK, DV, kFading>;
+  using L = typename Block::L;
+  using State = QueryState<DK, DV>;
+  const Block blk(p, block);
+  int64_t k_begin = 0, k_end = 0;
+  blk.row_range(p.k_len, p.segment_rows_k, k_begin, k_end);
+  exec([&](const WarpContext& w, State& s) { blk.load_s(w, s); });
+  stream_chunks(exec, blk, k_begin, k_end, false, false, true, [](const WarpContext&, State&, uint32_t) {},
+                [&](const WarpContext& w, State& s, uint32_t base, int64_t, int rows) {
+                  blk.fade_state(w, s, base);
+                  Block::accumulate(w, s, base + L::kV, L::kVPitch, base + L::kK, L::kQKPitch, rows,
+                                    kFading ? base + L::kKeyFade : Block::kNoFactors);
+                  blk.add_key_sums(w, base);
+                });
+  exec([&](const WarpContext& w, State& s) { blk.store_s(w, s); });
+}
+
 // The key-value pass for block `block`: writes dk, dv and dS0 (kKeyValueSums: only the segment's
 // Σ φ(q) G'ᵀ).
-template <int DK, int DV, typename scalar_t, typename Exec>
+template <int DK, int DV, bool kFading, typename scalar_t, typename Exec>
 LINATTN_HD LINATTN_INLINE void run_key_value_gradient_block(const Exec& exec, const BackwardProblem<scalar_t>& p,
                                                             int64_t block) {
-  using Block = BackwardBlock<scalar_t, DK, DV>;
+  using Block = BackwardBlock<scalar_t, DK, DV, kFading>;
   using L = typename Block::L;
   using State = KeyValueState<DK, DV>;
   const Block blk(p, block);
   auto publish = [&](const WarpContext& w, const State& s) {
     s.template publish<scalar_t>(w, L::kState, L::kUPitch, L::kULow);
   };
+  // U += φ(Q)ᵀ G'; a fading state: U = e^{b_last} U + (e^{b} ⊙ φ(Q))ᵀ G' (U is faded to the
+  // chunk's start, as the scan backwards in time reaches it).
   auto accumulate = [&](const WarpContext& w, State& s, uint32_t base, int rows) {
-    Block::accumulate(w, s, base + L::kQ, L::kQKPitch, base + L::kG, L::kGPitch, rows);
+    blk.fade_state(w, s, base);
+    Block::accumulate(w, s, base + L::kQ, L::kQKPitch, base + L::kG, L::kGPitch, rows,
+                      kFading ? base + L::kRowFade : Block::kNoFactors);
   };
   auto accumulate_chunk = [&](const WarpContext& w, State& s, uint32_t base, int64_t, int rows) {
     accumulate(w, s, base, rows);
@@ -126,7 +168,8 @@ LINATTN_HD LINATTN_INLINE void run_key_value_gradient_block(const Exec& exec, co
     publish(w, s);
   });
   if (p.pass == BackwardPass::kKeyValueSums) {
-    stream_chunks(exec, blk, q_begin, q_end, false, true, false, nothing, accumulate_chunk);
+    // (Backwards in time under a fading state: the sum faded to the segment's start.)
+    stream_chunks(exec, blk, q_begin, q_end, kFading, true, false, nothing, accumulate_chunk);
   } else if (p.causal) {
     stream_chunks(exec, blk, q_begin, q_end, true, true, true,
                   [&](const WarpContext& w, State& s, uint32_t) { publish(w, s); },

@@ -4,7 +4,9 @@
 //
 // Notation (docs/guide/cuda.md, "The tensor-core backward"): per chunk of 64 rows, warp w takes the
 // 16 rows rb = w % 4 of the chunk and half (ch = w / 4) of the output columns. G = G'[:, :dv] and
-// gn = G'[:, dv] (the normalizer's cotangent); U = [U_v | u], S = [S_v | z].
+// gn = G'[:, dv] (the normalizer's cotangent); U = [U_v | u], S = [S_v | z]. A fading state (causal)
+// weights pairs as the forward does: e^{b_i − b_j} inside a chunk, e^{b_i} on the earlier chunks'
+// state, e^{b_last − b_j} on what key j adds to it (b = the chunk's cumulative log factors).
 #pragma once
 
 #include "backward_problem.h"
@@ -21,7 +23,9 @@ LINATTN_HD inline float derivative_from_feature(int map, float phi) {
   return 1.0f;
 }
 
-template <typename scalar_t, int DK, int DV>
+// kFading: the instance for a fading state (log_decay set), compiled apart so that its registers
+// do not weigh on the plain kernels.
+template <typename scalar_t, int DK, int DV, bool kFading = false>
 struct BackwardBlock {
   using L = BackwardLayout<DK, DV>;
   static constexpr int kValueTiles = DV / 16;    // n8 tiles of a warp's half of the value columns
@@ -50,9 +54,12 @@ struct BackwardBlock {
   // The buffer of the block's step-th chunk.
   LINATTN_HD static uint32_t buffer(int64_t step) { return static_cast<uint32_t>((step & 1) * L::kBuffer); }
 
-  // Whether the chunk's Q rows are loaded: the query pass needs them only for φ'(q).
+  LINATTN_HD static constexpr bool fading() { return kFading; }
+
+  // Whether the chunk's Q rows are loaded: the query pass needs them only for φ'(q) and a fading
+  // state's φ(q)·dφ(q).
   LINATTN_HD bool wants_queries() const {
-    return p.pass == BackwardPass::kKeyValue || p.feature_map != kFeatureIdentity;
+    return p.pass == BackwardPass::kKeyValue || p.feature_map != kFeatureIdentity || fading();
   }
 
   // --- loads (as the forward's: each thread prepares the 16-byte pieces it copied) -------------
@@ -123,15 +130,17 @@ struct BackwardBlock {
     });
   }
 
-  // The cotangent rows, in rounds in which a row's pieces are DV / 8 consecutive lanes of one warp
-  // (the lane of its first piece speaks for the row). Query pass: g stays as it is; the row's lanes
-  // sum g · o by shuffles, and its scalars 1 / d and g · o go to shared memory and, as
-  // (1 / d, gn), to row_scalars; a row whose g is all 0 gets 0s (it passes nothing, not 0 · o).
-  // gn = −G · o with G = g / d rounded to 16 bits as the key-value pass's mma sees it, so that
-  // v_j · G + gn is exactly 0 where v_j = o (one key: the gradient of q and k is 0 there; with
-  // gn = −(g · o) / d instead, bf16's rounding of G left 40% of the tests' floor in dk).
-  // Key-value pass: G' = [g / d | gn as hi + lo] from row_scalars (gn at columns DV, DV + 1),
-  // raising the cotangent flag where G holds Inf or NaN.
+  // The cotangent rows as G' = [g / d | gn as hi + lo] (gn at columns DV, DV + 1, then zeros), the
+  // same in both passes, so that a pair's weight (G'_i · [v_j | 1]) rounds alike in each (the
+  // gradient of a fading state's log factors is a difference of the two passes' sums). In rounds
+  // in which a row's pieces are DV / 8 consecutive lanes of one warp (the lane of its first piece
+  // speaks for the row). The query pass computes the row's scalars: 1 / d (0 where d vanished, 1
+  // unnormalized) and gn = −G · o with G = g / d rounded to 16 bits as the mma sees it, summed by
+  // the row's lanes with shuffles, so that v_j · G + gn is exactly 0 where v_j = o (one key: the
+  // gradient of q and k is 0 there; with gn = −(g · o) / d instead, bf16's rounding of G left 40%
+  // of the tests' floor in dk); a row whose g is all 0 gets 0s (it passes nothing, not 0 · o). It
+  // writes them to row_scalars, from which the key-value pass takes them without reading o.
+  // Raises the cotangent flag where G holds Inf or NaN.
   LINATTN_HD void prepare_cotangent(const WarpContext& w, uint32_t base, int64_t start) const {
     constexpr int kPiecesPerRow = DV / 8;
     static_assert(kChunk * kPiecesPerRow % kThreads == 0, "every lane has a piece in every round");
@@ -144,84 +153,22 @@ struct BackwardBlock {
       };
       Lanes<int> leader;  // the lane of the row's first piece
       warp::for_lanes(w, [&](int lane) { leader[lane] = lane & ~(kPiecesPerRow - 1); });
-      if (p.pass == BackwardPass::kQuery) {
-        // The row's 1 / d, read once by its first lane (0 where d vanished; unnormalized: unused).
-        Lanes<float> row_inv;
-        warp::for_lanes(w, [&](int lane) {
-          int r = 0, col = 0;
-          piece(lane, r, col);
-          const int64_t row = start + r;
-          row_inv[lane] = 0.0f;
-          if (col != 0 || row >= p.q_len || !p.normalize) return;
-          const float den = warp::load_global(w, p.normalizer + bh * p.q_len + row);
-          row_inv[lane] = fused::vanished(den) ? 0.0f : 1.0f / den;
-        });
-        row_inv = warp::shuffle(w, row_inv, leader);
-        Lanes<float> dot, rounded_dot, nonzero;
-        warp::for_lanes(w, [&](int lane) {
-          int r = 0, col = 0;
-          piece(lane, r, col);
-          const int64_t row = start + r;
-          float sum = 0.0f, rounded_sum = 0.0f, any = 0.0f;
-          const float inv = row_inv[lane];
-          LINATTN_UNROLL
-          for (int i = 0; i < 8; ++i) {
-            if (row >= p.q_len || col + i >= p.value_dim) continue;
-            const float g = shared_element<scalar_t>(w, base + L::kG + r * L::kGPitch + (col + i) * 2);
-            if (g == 0.0f) continue;  // adds nothing, not 0 · Inf
-            any = 1.0f;
-            if (p.normalize) {
-              const float o = warp::load_global(w, &p.out.at(b, h, row, col + i));
-              sum += g * o;
-              rounded_sum += warp::round_to<scalar_t>(g * inv) * o;
-            }
-          }
-          dot[lane] = sum;
-          rounded_dot[lane] = rounded_sum;
-          nonzero[lane] = any;
-        });
-        for (int offset = kPiecesPerRow / 2; offset > 0; offset /= 2) {
-          Lanes<int> partner;
-          warp::for_lanes(w, [&](int lane) { partner[lane] = lane ^ offset; });
-          const Lanes<float> other_dot = warp::shuffle(w, dot, partner);
-          const Lanes<float> other_rounded = warp::shuffle(w, rounded_dot, partner);
-          const Lanes<float> other_nonzero = warp::shuffle(w, nonzero, partner);
-          warp::for_lanes(w, [&](int lane) {
-            dot[lane] += other_dot[lane];
-            rounded_dot[lane] += other_rounded[lane];
-            nonzero[lane] += other_nonzero[lane];
-          });
-        }
-        warp::for_lanes(w, [&](int lane) {
-          int r = 0, col = 0;
-          piece(lane, r, col);
-          const int64_t row = start + r;
-          if (col != 0) return;
-          float inv = 0.0f;
-          if (row < p.q_len && nonzero[lane] > 0.0f) inv = p.normalize ? row_inv[lane] : 1.0f;
-          const float g_dot_o = inv != 0.0f ? dot[lane] : 0.0f;
-          warp::store_shared<float>(w, base + L::kScalars + r * 8, inv);
-          warp::store_shared<float>(w, base + L::kScalars + r * 8 + 4, g_dot_o);
-          if (row < p.q_len) {
-            float* scalars = p.row_scalars + 2 * (bh * p.q_len + row);
-            warp::store_global(w, scalars, inv);
-            warp::store_global(w, scalars + 1, inv != 0.0f ? -rounded_dot[lane] : 0.0f);
-          }
-        });
-        continue;
-      }
       Lanes<float> inv, gn;
-      warp::for_lanes(w, [&](int lane) {
-        int r = 0, col = 0;
-        piece(lane, r, col);
-        const int64_t row = start + r;
-        inv[lane] = gn[lane] = 0.0f;
-        if (col != 0 || row >= p.q_len) return;
-        const float* scalars = p.row_scalars + 2 * (bh * p.q_len + row);
-        inv[lane] = warp::load_global(w, scalars);
-        gn[lane] = warp::load_global(w, scalars + 1);
-      });
-      inv = warp::shuffle(w, inv, leader);
+      if (p.pass == BackwardPass::kQuery) {
+        row_scalars_of(w, base, start, piece, leader, inv, gn);
+      } else {
+        warp::for_lanes(w, [&](int lane) {
+          int r = 0, col = 0;
+          piece(lane, r, col);
+          const int64_t row = start + r;
+          inv[lane] = gn[lane] = 0.0f;
+          if (col != 0 || row >= p.q_len) return;
+          const float* scalars = p.row_scalars + 2 * (bh * p.q_len + row);
+          inv[lane] = warp::load_global(w, scalars);
+          gn[lane] = warp::load_global(w, scalars + 1);
+        });
+        inv = warp::shuffle(w, inv, leader);
+      }
       warp::for_lanes(w, [&](int lane) {
         int r = 0, col = 0;
         piece(lane, r, col);
@@ -247,9 +194,70 @@ struct BackwardBlock {
     }
   }
 
+  // Query pass, one round of prepare_cotangent: each row's 1 / d (in every lane of the row, `inv`)
+  // and gn (in its first lane), also written to row_scalars.
+  template <typename Piece>
+  LINATTN_HD void row_scalars_of(const WarpContext& w, uint32_t base, int64_t start, const Piece& piece,
+                                 const Lanes<int>& leader, Lanes<float>& inv, Lanes<float>& gn) const {
+    constexpr int kPiecesPerRow = DV / 8;
+    // The row's 1 / d, read once by its first lane (0 where d vanished; unnormalized: 1).
+    warp::for_lanes(w, [&](int lane) {
+      int r = 0, col = 0;
+      piece(lane, r, col);
+      const int64_t row = start + r;
+      inv[lane] = 1.0f;
+      if (col != 0 || row >= p.q_len || !p.normalize) return;
+      const float den = warp::load_global(w, p.normalizer + bh * p.q_len + row);
+      inv[lane] = fused::vanished(den) ? 0.0f : 1.0f / den;
+    });
+    inv = warp::shuffle(w, inv, leader);
+    Lanes<float> rounded_dot, nonzero;
+    warp::for_lanes(w, [&](int lane) {
+      int r = 0, col = 0;
+      piece(lane, r, col);
+      const int64_t row = start + r;
+      float rounded_sum = 0.0f, any = 0.0f;
+      LINATTN_UNROLL
+      for (int i = 0; i < 8; ++i) {
+        if (row >= p.q_len || col + i >= p.value_dim) continue;
+        const float g = shared_element<scalar_t>(w, base + L::kG + r * L::kGPitch + (col + i) * 2);
+        if (g == 0.0f) continue;  // adds nothing, not 0 · Inf
+        any = 1.0f;
+        if (p.normalize) {
+          const float o = warp::load_global(w, &p.out.at(b, h, row, col + i));
+          rounded_sum += warp::round_to<scalar_t>(g * inv[lane]) * o;
+        }
+      }
+      rounded_dot[lane] = rounded_sum;
+      nonzero[lane] = any;
+    });
+    for (int offset = kPiecesPerRow / 2; offset > 0; offset /= 2) {
+      Lanes<int> partner;
+      warp::for_lanes(w, [&](int lane) { partner[lane] = lane ^ offset; });
+      const Lanes<float> other_rounded = warp::shuffle(w, rounded_dot, partner);
+      const Lanes<float> other_nonzero = warp::shuffle(w, nonzero, partner);
+      warp::for_lanes(w, [&](int lane) {
+        rounded_dot[lane] += other_rounded[lane];
+        nonzero[lane] += other_nonzero[lane];
+      });
+    }
+    warp::for_lanes(w, [&](int lane) {
+      int r = 0, col = 0;
+      piece(lane, r, col);
+      const int64_t row = start + r;
+      if (row >= p.q_len || nonzero[lane] == 0.0f) inv[lane] = 0.0f;
+      gn[lane] = inv[lane] != 0.0f ? -rounded_dot[lane] : 0.0f;
+      if (col != 0 || row >= p.q_len) return;
+      float* scalars = p.row_scalars + 2 * (bh * p.q_len + row);
+      warp::store_global(w, scalars, inv[lane]);
+      warp::store_global(w, scalars + 1, gn[lane]);
+    });
+  }
+
   // Once the chunk's copies issued by this warp have landed: prepares what it copied.
   LINATTN_HD void prepare_chunk(const WarpContext& w, uint32_t base, int64_t start, bool queries, bool keys) const {
     warp::cp_async_wait<0>(w);
+    if (fading()) load_chunk_decay<L>(w, p.log_decay + bh * p.k_len, p.k_len, start, base);
     if (queries) {
       if (wants_queries()) prepare_features(w, Operand::kQuery, base, start);
       prepare_cotangent(w, base, start);
@@ -264,7 +272,7 @@ struct BackwardBlock {
     return warp::load_shared<uint8_t>(w, base + L::kFlags + which) != 0;
   }
 
-  // Key-value pass: gn of chunk row r (hi + lo, as the mma sees G').
+  // gn of chunk row r (hi + lo, as the mma sees G').
   LINATTN_HD float normalizer_cotangent(const WarpContext& w, uint32_t base, int r) const {
     const uint32_t at = base + L::kG + r * L::kGPitch + DV * 2;
     return shared_element<scalar_t>(w, at) + shared_element<scalar_t>(w, at + 2);
@@ -315,29 +323,73 @@ struct BackwardBlock {
     });
   }
 
-  // z += the column sums of the chunk's φ(K) rows (0 in padded and past-the-end rows).
+  // Query pass with state_out: the final state [S | z] (from Sᵀ and z).
+  LINATTN_HD void store_s(const WarpContext& w, QueryState<DK, DV>& s) const {
+    if (p.state_out.data == nullptr) return;
+    s.each_element(w, [&](bool mine, int row, int col, float& x) {
+      if (!mine || row >= p.value_dim || col >= p.feature_dim) return;
+      warp::store_global(w, p.state_out.at(state_index, col, row), x);
+    });
+    warp::for_lanes(w, [&](int lane) {
+      const int f = w.warp * warp::kWarpSize + lane;
+      if (f >= p.feature_dim) return;
+      warp::store_global(w, p.state_out.at(state_index, f, p.value_dim), warp::load_shared<float>(w, L::kZ + f * 4));
+    });
+  }
+
+  // z += the column sums of the chunk's φ(K) rows (0 in padded and past-the-end rows); with a
+  // fading state z = e^{b_last} z + Σ e^{b_last − b_j} φ(k_j), in fp32 as Sᵀ takes it (accumulate).
   LINATTN_HD void add_key_sums(const WarpContext& w, uint32_t base) const {
+    constexpr bool fade = kFading;
     warp::for_lanes(w, [&](int lane) {
       const int f = w.warp * warp::kWarpSize + lane;
       if (f >= DK) return;
       float sum = 0.0f;
-      for (int r = 0; r < kChunk; ++r) sum += shared_element<scalar_t>(w, base + L::kK + r * L::kQKPitch + f * 2);
-      warp::store_shared<float>(w, L::kZ + f * 4, warp::load_shared<float>(w, L::kZ + f * 4) + sum);
+      for (int r = 0; r < kChunk; ++r) {
+        float x = shared_element<scalar_t>(w, base + L::kK + r * L::kQKPitch + f * 2);
+        if (fade) x *= decay_row(w, base + L::kKeyFade, r);
+        sum += x;
+      }
+      const float before = warp::load_shared<float>(w, L::kZ + f * 4);
+      warp::store_shared<float>(w, L::kZ + f * 4, (fade ? before * chunk_fade(w, base) : before) + sum);
     });
+  }
+
+  // A fading state: e^{b_last}, what the state is worth across the whole chunk.
+  LINATTN_HD static float chunk_fade(const WarpContext& w, uint32_t base) {
+    return decay_row(w, base + L::kRowFade, kChunk - 1);
+  }
+
+  // A fading state, before the chunk's rows join the state: state ×= e^{b_last}.
+  template <typename State>
+  LINATTN_HD void fade_state(const WarpContext& w, State& s, uint32_t base) const {
+    if (!fading()) return;
+    const float fade = chunk_fade(w, base);
+    s.each_element(w, [&](bool, int, int, float& x) { x *= fade; });
   }
 
   // state += Xᵀ · Y over the chunk's `rows` rows: X rows at x (pitch xp) give the state's rows,
   // Y rows at y (pitch yp) its columns. U += φ(Q)ᵀ G' (Y with gn at column DV), Sᵀ += Vᵀ φ(K).
+  // With `factors` (a chunk's fp32 row array, kNoFactors for none) row r enters weighted by
+  // factors[r], in X's copy as hi + lo: two mma, so that the state holds the products to fp32's
+  // precision, as the other pass's rows see them (the gradient of the log factors is a difference
+  // of the two passes' sums); in the key-value pass U_v and u take the same products and still
+  // cancel. (X's fragment is split once for all of a row tile's columns.)
+  static constexpr uint32_t kNoFactors = ~0u;
   template <typename State>
-  LINATTN_HD static void accumulate(const WarpContext& w, State& s, uint32_t x, int xp, uint32_t y,
-                                                   int yp, int rows) {
+  LINATTN_HD static void accumulate(const WarpContext& w, State& s, uint32_t x, int xp, uint32_t y, int yp, int rows,
+                                    uint32_t factors) {
+    const bool scaled = factors != kNoFactors;
     for (int kk = 0; kk * 16 < rows; ++kk) {
+      Lanes<float> f[4];
+      if (scaled) k_row_factors(w, factors, kk, f);
       LINATTN_UNROLL
       for (int r = 0; r < State::kRowTilesPerWarp; ++r) {
         int mi = 0, ni = 0;
         State::tile(w.warp, r * State::kColsPerWarp, mi, ni);
-        Fragment a[4];
+        Fragment a[4], a_lo[4];
         warp::rows_as_a_operand_transposed(w, x + kk * 16 * xp + mi * 32, xp, a);
+        if (scaled) split_scaled_a_columns<scalar_t>(w, f, a, a_lo);
         LINATTN_UNROLL
         for (int c = 0; c < State::kColsPerWarp; ++c) {
           const int slot = r * State::kColsPerWarp + c;
@@ -345,6 +397,7 @@ struct BackwardBlock {
           Fragment bf[2];
           warp::rows_as_b_operand(w, y + kk * 16 * yp + ni * 16, yp, bf);
           warp::mma_16816<scalar_t>(s.state[slot], a, bf);
+          if (scaled) warp::mma_16816<scalar_t>(s.state[slot], a_lo, bf);
         }
       }
     }
@@ -381,7 +434,10 @@ struct BackwardBlock {
         }
       }
       warp::for_lanes(w, [&](int lane) {
-        const int g = warp::group_of(lane), t = warp::thread_in_group(lane);
+        // (warp::opaque: the rows and columns are computed here for each block, not kept across
+        // the chunk loop; `finish` may index shared memory by them.)
+        const int lane_index = warp::opaque(lane);
+        const int g = warp::group_of(lane_index), t = warp::thread_in_group(lane_index);
         LINATTN_UNROLL
         for (int half = 0; half < 2; ++half) {
           LINATTN_UNROLL
@@ -428,10 +484,12 @@ struct BackwardBlock {
     LINATTN_UNROLL
     for (int kk = 0; kk < kKeyBlocks; ++kk) {
       if ((reverse ? kk < rb : kk > rb) || (kk == rb && exact)) continue;
+      // (warp::opaque: the block's row addresses are computed here, not kept across the chunk loop.)
+      const uint32_t block_rows = static_cast<uint32_t>(warp::opaque(static_cast<int>(y + kk * 16 * yp)));
       LINATTN_UNROLL
       for (int j = 0; j < kTiles; ++j) {
         Fragment bf[2];
-        warp::rows_as_b_operand(w, y + kk * 16 * yp + j * 16, yp, bf);
+        warp::rows_as_b_operand(w, block_rows + j * 16, yp, bf);
         warp::mma_16816<scalar_t>(o[j], scores[kk], bf);
       }
     }
@@ -459,65 +517,144 @@ struct BackwardBlock {
     });
   }
 
-  // Query pass: row r's 1 / d (0: the row passes nothing) and g · o.
-  LINATTN_HD float row_inverse(const WarpContext& w, uint32_t base, int r) const {
-    return warp::load_shared<float>(w, base + L::kScalars + r * 8);
-  }
-  LINATTN_HD float row_dot(const WarpContext& w, uint32_t base, int r) const {
-    return warp::load_shared<float>(w, base + L::kScalars + r * 8 + 4);
-  }
-
-  // dq for the chunk's rows 16·rb.. and the warp's half of the features:
-  //   dφ(q)_i = (g_i Sᵀ − (g_i · o_i) z) / d_i + Σ_{j <= i in the chunk} (g_i · v_j − g_i · o_i) / d_i φ(k_j),
-  //   dq = dφ(q) ⊙ φ'(q).
-  // g and v enter the products as they are and Sᵀ as hi + lo: the two terms of the state's part
-  // cancel where o_i is close to what Sᵀ gives, so they keep fp32's precision until the difference.
-  LINATTN_HD void query_gradient(const WarpContext& w, uint32_t base, int64_t start) const {
-    const int rb = w.warp % 4, f0 = w.warp / 4 * (DK / 2);
-    if (start + rb * 16 >= p.q_len) return;
-    Accumulator o[kFeatureTiles][4];
-    warp::clear(w, o);
-    times_state<DV / 16>(w, base + L::kG, L::kGPitch, L::kState + f0 * 2, L::kSPitch, o);
-    times_state<DV / 16>(w, base + L::kG, L::kGPitch, L::kStateLow + f0 * 2, L::kSPitch, o);
+  // o's rows (16·rb + g, + 8) × a chunk's fp32 row array.
+  template <int kTiles>
+  LINATTN_HD static void scale_rows(const WarpContext& w, uint32_t array, Accumulator (&o)[kTiles][4]) {
+    const int rb = warp::opaque(w.warp) % 4;
     warp::for_lanes(w, [&](int lane) {
-      const int g = warp::group_of(lane), t = warp::thread_in_group(lane);
       LINATTN_UNROLL
-      for (int j = 0; j < kFeatureTiles; ++j) {
+      for (int half = 0; half < 2; ++half) {
+        const float f = decay_row(w, array, rb * 16 + warp::group_of(lane) + 8 * half);
         LINATTN_UNROLL
-        for (int i = 0; i < 4; ++i) {
-          const int r = rb * 16 + g + 8 * (i / 2), f = f0 + j * 8 + 2 * t + i % 2;
-          const float z = warp::load_shared<float>(w, L::kZ + f * 4);
-          o[j][i][lane] = row_inverse(w, base, r) * (o[j][i][lane] - row_dot(w, base, r) * z);
+        for (int j = 0; j < kTiles; ++j) {
+          o[j][2 * half][lane] *= f;
+          o[j][2 * half + 1][lane] *= f;
         }
       }
     });
+  }
+
+  // e^{b_later − b_earlier}: the weight of a pair of the chunk's rows under a fading state.
+  LINATTN_HD static float pair_fade(const WarpContext& w, uint32_t base, int later, int earlier) {
+    return warp::exp_of(decay_row(w, base + L::kCumulativeDecay, later) -
+                        decay_row(w, base + L::kCumulativeDecay, earlier));
+  }
+
+  // A fading state's row terms of dL/dc: sum[half] += Σ over the lane's elements of row
+  // 16·rb + g + 8·half of o(r, c) · X(r, c) (o's columns from col0; X the chunk's φ(q) or φ(k)
+  // rows at x), then store_row_terms.
+  template <int kTiles>
+  LINATTN_HD void row_products(const WarpContext& w, const Accumulator (&o)[kTiles][4], int col0, uint32_t x,
+                               Lanes<float> (&sum)[2]) const {
+    const int rb = warp::opaque(w.warp) % 4;
+    warp::for_lanes(w, [&](int lane) {
+      const int g = warp::group_of(lane), t = warp::thread_in_group(lane);
+      LINATTN_UNROLL
+      for (int j = 0; j < kTiles; ++j) {
+        LINATTN_UNROLL
+        for (int i = 0; i < 4; ++i) {
+          const int r = rb * 16 + g + 8 * (i / 2), c = col0 + j * 8 + 2 * t + i % 2;
+          if (c >= p.feature_dim) continue;
+          sum[i / 2][lane] += o[j][i][lane] * shared_element<scalar_t>(w, x + r * L::kQKPitch + c * 2);
+        }
+      }
+    });
+  }
+
+  // Sums each row's four lanes and writes the rows' terms to row_terms[..., slot].
+  LINATTN_HD void store_row_terms(const WarpContext& w, Lanes<float> (&sum)[2], int64_t start, int slot) const {
+    const int rb = warp::opaque(w.warp) % 4;
+    for (int offset = 1; offset < 4; offset *= 2) {
+      Lanes<int> partner;
+      warp::for_lanes(w, [&](int lane) { partner[lane] = lane ^ offset; });
+      LINATTN_UNROLL
+      for (int half = 0; half < 2; ++half) {
+        const Lanes<float> other = warp::shuffle(w, sum[half], partner);
+        warp::for_lanes(w, [&](int lane) { sum[half][lane] += other[lane]; });
+      }
+    }
+    warp::for_lanes(w, [&](int lane) {
+      if (warp::thread_in_group(lane) != 0) return;
+      LINATTN_UNROLL
+      for (int half = 0; half < 2; ++half) {
+        const int64_t row = start + rb * 16 + warp::group_of(lane) + 8 * half;
+        if (row < p.q_len) warp::store_global(w, p.row_terms + (bh * p.q_len + row) * 4 + slot, sum[half][lane]);
+      }
+    });
+  }
+
+  LINATTN_HD static void clear_sums(const WarpContext& w, Lanes<float> (&sum)[2]) {
+    warp::for_lanes(w, [&](int lane) { sum[0][lane] = sum[1][lane] = 0.0f; });
+  }
+
+  // dq for the chunk's rows 16·rb.. and the warp's half of the features:
+  //   dφ(q)_i = G_i Sᵀ + gn_i z + Σ_{j <= i in the chunk} (G_i · v_j + gn_i) φ(k_j),
+  //   dq = dφ(q) ⊙ φ'(q);
+  // a fading state weights the state's part by e^{b_i} and pair (i, j) by e^{b_i − b_j}, and each
+  // row's φ(q)·dφ(q) goes to row_terms. The pairs' weights are the key-value pass's (its dφ(k)),
+  // bit for bit. G and v enter the products as they are and Sᵀ as hi + lo: the state's two terms
+  // cancel where o_i is close to what Sᵀ gives, so they keep fp32's precision until the difference.
+  LINATTN_HD void query_gradient(const WarpContext& w, uint32_t base, int64_t start) const {
+    const int rb = w.warp % 4, ch = w.warp / 4;
+    if (start + rb * 16 >= p.q_len) return;
+    constexpr bool fade = kFading;
+    // (Registers bound the order, as in key_value_gradients: the scores packed to 16 bits first,
+    // then the warp's features in parts of 32 columns, 16 with a fading state.)
+    constexpr int kPart = kFading ? 2 : 4;
+    Fragment scores[kKeyBlocks][4];
     if (p.causal) {
-      Fragment scores[kKeyBlocks][4];
       masked_scores<DV / 16>(w, base + L::kG, L::kGPitch, base + L::kV, L::kVPitch, false,
-                             [&](int row, int, float x) {
-                               return (x - row_dot(w, base, row)) * row_inverse(w, base, row);
+                             [&](int row, int col, float x) {
+                               x += normalizer_cotangent(w, base, row);
+                               return fade ? x * pair_fade(w, base, row, col) : x;
                              },
                              scores);
-      times_rows(w, scores, base + L::kK + f0 * 2, L::kQKPitch, false, flag(w, base, L::kKeyFlag), o);
     }
-    each_output(w, o, f0, [&](int r, int f, float x) {
-      const int64_t row = start + r;
-      if (row >= p.q_len || f >= p.feature_dim) return;
-      if (p.feature_map != kFeatureIdentity)
-        x *= derivative_from_feature(p.feature_map,
-                                     shared_element<scalar_t>(w, base + L::kQ + r * L::kQKPitch + f * 2));
-      warp::store_global(w, p.grad_q + (bh * p.q_len + row) * p.feature_dim + f, scalar_t(x));
-    });
+    Lanes<float> sum[2];
+    if (fade) clear_sums(w, sum);
+    LINATTN_UNROLL
+    for (int part = 0; part < kFeatureTiles / kPart; ++part) {
+      const int f0 = ch * (DK / 2) + part * kPart * 8;
+      Accumulator o[kPart][4];
+      warp::clear(w, o);
+      times_state<DV / 16>(w, base + L::kG, L::kGPitch, L::kState + f0 * 2, L::kSPitch, o);
+      times_state<DV / 16>(w, base + L::kG, L::kGPitch, L::kStateLow + f0 * 2, L::kSPitch, o);
+      warp::for_lanes(w, [&](int lane) {
+        const int g = warp::group_of(lane), t = warp::thread_in_group(lane);
+        LINATTN_UNROLL
+        for (int j = 0; j < kPart; ++j) {
+          LINATTN_UNROLL
+          for (int i = 0; i < 4; ++i) {
+            const int r = rb * 16 + g + 8 * (i / 2), f = f0 + j * 8 + 2 * t + i % 2;
+            o[j][i][lane] += normalizer_cotangent(w, base, r) * warp::load_shared<float>(w, L::kZ + f * 4);
+          }
+        }
+      });
+      if (fade) scale_rows(w, base + L::kRowFade, o);
+      if (p.causal) times_rows(w, scores, base + L::kK + f0 * 2, L::kQKPitch, false, flag(w, base, L::kKeyFlag), o);
+      if (fade) row_products(w, o, f0, base + L::kQ, sum);
+      each_output(w, o, f0, [&](int r, int f, float x) {
+        const int64_t row = start + r;
+        if (row >= p.q_len || f >= p.feature_dim) return;
+        if (p.feature_map != kFeatureIdentity)
+          x *= derivative_from_feature(p.feature_map,
+                                       shared_element<scalar_t>(w, base + L::kQ + r * L::kQKPitch + f * 2));
+        warp::store_global(w, p.grad_q + (bh * p.q_len + row) * p.feature_dim + f, scalar_t(x));
+      });
+    }
+    if (fade) store_row_terms(w, sum, start, ch);
   }
 
   // dv and dk for the chunk's key rows 16·rb.. and the warp's half of the columns:
   //   dv_j = φ(k_j) U_v + Σ_{i >= j in the chunk} (φ(k_j) · φ(q_i)) G_i,
   //   dφ(k)_j = U_v v_j + u + Σ_{i >= j} (v_j · G_i + gn_i) φ(q_i),   dk = dφ(k) ⊙ φ'(k);
-  // 0 for padded keys.
+  // 0 for padded keys. A fading state weights the state's parts by e^{b_last − b_j} and pair
+  // (i, j) by e^{b_i − b_j}, and each key's φ(k)·dφ(k) goes to row_terms.
   LINATTN_HD void key_value_gradients(const WarpContext& w, uint32_t base, int64_t start) const {
     // (warp::opaque: the addresses below are recomputed in each chunk, not kept across the loop.)
     const int warp_index = warp::opaque(w.warp), rb = warp_index % 4, ch = warp_index / 4;
     if (start + rb * 16 >= p.k_len) return;
+    constexpr bool fade = kFading;
     // (Registers bound the order: the scores packed to 16 bits before any output tile starts, and
     // the warp's columns in parts of 32 (four 8-column tiles) beside U.)
     constexpr int kPart = 4;
@@ -525,7 +662,8 @@ struct BackwardBlock {
       Fragment scores[kKeyBlocks][4];
       if (p.causal) {
         masked_scores<DK / 16>(w, base + L::kK, L::kQKPitch, base + L::kQ, L::kQKPitch, true,
-                               [](int, int, float x) { return x; }, scores);
+                               [&](int row, int col, float x) { return fade ? x * pair_fade(w, base, col, row) : x; },
+                               scores);
       }
       LINATTN_UNROLL
       for (int part = 0; part < kValueTiles / kPart; ++part) {
@@ -533,6 +671,7 @@ struct BackwardBlock {
         Accumulator o[kPart][4];
         warp::clear(w, o);
         times_state<DK / 16>(w, base + L::kK, L::kQKPitch, L::kState + c0 * 2, L::kUPitch, o);
+        if (fade) scale_rows(w, base + L::kKeyFade, o);
         if (p.causal) {
           times_rows(w, scores, base + L::kG + c0 * 2, L::kGPitch, true, flag(w, base, L::kCotangentFlag), o);
         }
@@ -547,8 +686,14 @@ struct BackwardBlock {
     Fragment scores[kKeyBlocks][4];
     if (p.causal) {
       masked_scores<DV / 16>(w, base + L::kV, L::kVPitch, base + L::kG, L::kGPitch, true,
-                             [&](int, int col, float x) { return x + normalizer_cotangent(w, base, col); }, scores);
+                             [&](int row, int col, float x) {
+                               x += normalizer_cotangent(w, base, col);
+                               return fade ? x * pair_fade(w, base, col, row) : x;
+                             },
+                             scores);
     }
+    Lanes<float> sum[2];
+    if (fade) clear_sums(w, sum);
     LINATTN_UNROLL
     for (int part = 0; part < kFeatureTiles / kPart; ++part) {
       const int f0 = ch * (DK / 2) + part * kPart * 8;
@@ -572,19 +717,29 @@ struct BackwardBlock {
           }
         }
       }
+      // + u, the whole state's part faded to key j.
+      warp::for_lanes(w, [&](int lane) {
+        const int t = warp::thread_in_group(lane);
+        LINATTN_UNROLL
+        for (int j = 0; j < kPart; ++j) {
+          LINATTN_UNROLL
+          for (int i = 0; i < 4; ++i) o[j][i][lane] += u_of(w, f0 + j * 8 + 2 * t + i % 2);
+        }
+      });
+      if (fade) scale_rows(w, base + L::kKeyFade, o);
       if (p.causal) times_rows(w, scores, base + L::kQ + f0 * 2, L::kQKPitch, true, flag(w, base, L::kQueryFlag), o);
+      if (fade) row_products(w, o, f0, base + L::kK, sum);
       each_output(w, o, f0, [&](int r, int f, float x) {
         const int64_t row = start + r;
         if (row >= p.k_len || f >= p.feature_dim) return;
-        x += u_of(w, f);
         x *= derivative_from_feature(p.feature_map,
                                      shared_element<scalar_t>(w, base + L::kK + r * L::kQKPitch + f * 2));
         warp::store_global(w, p.grad_k + (bh * p.k_len + row) * p.feature_dim + f,
                            scalar_t(padded(row) ? 0.0f : x));
       });
     }
+    if (fade) store_row_terms(w, sum, start, 2 + ch);
   }
-
 };
 
 }  // namespace tensor_core

@@ -10,24 +10,35 @@ namespace linattn {
 namespace tensor_core {
 namespace {
 
-template <int DK, int DV, typename scalar_t>
+template <int DK, int DV, typename scalar_t, bool kFading>
 __global__ void __launch_bounds__(kThreads, 1) query_gradient_kernel(const BackwardProblem<scalar_t> p) {
 #if defined(__CUDA_ARCH__)
   extern __shared__ __align__(16) unsigned char shared[];
   const warp::WarpContext context = warp::this_warp(shared);
   QueryState<DK, DV> state;
-  run_query_gradient_block<DK, DV>(warp::DeviceBlock<QueryState<DK, DV>>{context, state}, p,
+  run_query_gradient_block<DK, DV, kFading>(warp::DeviceBlock<QueryState<DK, DV>>{context, state}, p,
                                    static_cast<int64_t>(blockIdx.x));
 #endif
 }
 
-template <int DK, int DV, typename scalar_t>
+template <int DK, int DV, typename scalar_t, bool kFading>
+__global__ void __launch_bounds__(kThreads, 1) query_sums_kernel(const BackwardProblem<scalar_t> p) {
+#if defined(__CUDA_ARCH__)
+  extern __shared__ __align__(16) unsigned char shared[];
+  const warp::WarpContext context = warp::this_warp(shared);
+  QueryState<DK, DV> state;
+  run_query_sums_block<DK, DV, kFading>(warp::DeviceBlock<QueryState<DK, DV>>{context, state}, p,
+                                        static_cast<int64_t>(blockIdx.x));
+#endif
+}
+
+template <int DK, int DV, typename scalar_t, bool kFading>
 __global__ void __launch_bounds__(kThreads, 1) key_value_gradient_kernel(const BackwardProblem<scalar_t> p) {
 #if defined(__CUDA_ARCH__)
   extern __shared__ __align__(16) unsigned char shared[];
   const warp::WarpContext context = warp::this_warp(shared);
   KeyValueState<DK, DV> state;
-  run_key_value_gradient_block<DK, DV>(warp::DeviceBlock<KeyValueState<DK, DV>>{context, state}, p,
+  run_key_value_gradient_block<DK, DV, kFading>(warp::DeviceBlock<KeyValueState<DK, DV>>{context, state}, p,
                                        static_cast<int64_t>(blockIdx.x));
 #endif
 }
@@ -48,10 +59,19 @@ void launch_backward(const BackwardProblem<scalar_t>& p, cudaStream_t stream) {
   with_backward_head_dims(p.feature_dim, p.value_dim, [&](auto dk, auto dv) {
     constexpr int DK = decltype(dk)::value, DV = decltype(dv)::value;
     constexpr int bytes = BackwardLayout<DK, DV>::kBytes;
+    // A fading state runs its own instances (BackwardBlock's kFading).
+    const bool fading = p.log_decay != nullptr;
     if (p.pass == BackwardPass::kQuery) {
-      launch_kernel(query_gradient_kernel<DK, DV, scalar_t>, bytes, p, stream);
+      launch_kernel(fading ? query_gradient_kernel<DK, DV, scalar_t, true>
+                           : query_gradient_kernel<DK, DV, scalar_t, false>,
+                    bytes, p, stream);
+    } else if (p.pass == BackwardPass::kQuerySums) {
+      launch_kernel(fading ? query_sums_kernel<DK, DV, scalar_t, true> : query_sums_kernel<DK, DV, scalar_t, false>,
+                    bytes, p, stream);
     } else {
-      launch_kernel(key_value_gradient_kernel<DK, DV, scalar_t>, bytes, p, stream);
+      launch_kernel(fading ? key_value_gradient_kernel<DK, DV, scalar_t, true>
+                           : key_value_gradient_kernel<DK, DV, scalar_t, false>,
+                    bytes, p, stream);
     }
   });
 }

@@ -15,13 +15,17 @@ enum class BackwardPass : int {
   kKeyValue = 1,  // dk, dv and dS0: a scan backwards in time with U = dS_N + Σ φ(q) G'ᵀ
   // The sequence split only: each segment's Σ φ(q) G'ᵀ over its query rows to state_out.
   kKeyValueSums = 2,
+  // The sequence split only: each segment's [Σ φ(k) vᵀ | Σ φ(k)] over its key rows to state_out
+  // (the query pass's kernel, as its state takes them).
+  kQuerySums = 3,
 };
 
 // Everything one launch reads and writes; one block per (batch, head). The cotangent of the
-// augmented output [numerator | normalizer] is G' = [g / d | −(g · o) / d] (g = grad_out, o = out,
-// d = the saved normalizer; [g | 0] unnormalized), 0 for a row whose g is all 0. The query pass
-// reduces g · o as its rows land and writes each row's scalars (1 / d, or 0 for such a row, and
-// gn = −(g · o) / d) to row_scalars, from which the key-value pass builds G' without reading o.
+// augmented output [numerator | normalizer] is G' = [G | gn] with G = g / d rounded to 16 bits and
+// gn = −G · o (g = grad_out, o = out, d = the saved normalizer; [g | 0] unnormalized), 0 for a row
+// whose g is all 0. The query pass reduces G · o as its rows land and writes each row's scalars
+// (1 / d, or 0 for such a row, and gn) to row_scalars, from which the key-value pass builds the
+// same G' without reading o.
 template <typename scalar_t>
 struct BackwardProblem {
   int64_t batch = 0, heads = 0, q_len = 0, k_len = 0, feature_dim = 0, value_dim = 0;
@@ -33,13 +37,21 @@ struct BackwardProblem {
   bool q_vector = false, k_vector = false, v_vector = false, grad_vector = false;
   const float* normalizer = nullptr;  // (B, H, T_q), the forward's (eps included)
   const bool* key_padding = nullptr;  // (B, T_k), true = padded, or null
+  // A fading state (causal, T_q = T_k), as the forward's (ForwardProblem::log_decay), or null. The
+  // passes then also write each row's terms of dL/dc (c = the cumulative log factors) to row_terms
+  // (B, H, T, 4): φ(q)·dφ(q) in two halves of the features (query pass, [0] and [1]) and φ(k)·dφ(k)
+  // (key-value pass, [2] and [3]); dL/dc = [0] + [1] − [2] − [3] (+ ⟨dS_N, S_N⟩ at the last row).
+  const float* log_decay = nullptr;
+  float* row_terms = nullptr;
   BackwardPass pass = BackwardPass::kQuery;
   // kQuery: the forward's initial state (causal), or with state_complete its final state (non-
   // causal: every query saw it, so no pass over the keys); kKeyValue: dS_N, or with state_complete
   // U over every query (non-causal: no pass over the queries). (m, dv + 1) each, or null.
   fused::StateView<const float> state_in;
   bool state_complete = false;
-  fused::StateView<float> state_out;  // kKeyValue: dS0; kKeyValueSums: the segments' sums
+  // kKeyValue: dS0; kKeyValueSums: the segments' sums; kQuery (causal, optional): the final state
+  // [S | z] it reaches (a fading state's dL/dc takes ⟨dS_N, S_N⟩).
+  fused::StateView<float> state_out;
   // The sequence split (one long sequence has too few (batch, head) blocks to fill a GPU), as the
   // forward's (ForwardProblem): a block per (batch, head, segment) of segment_rows_q query and
   // segment_rows_k key rows; state views are indexed by block, holding the state the segment's
@@ -53,13 +65,13 @@ struct BackwardProblem {
   LINATTN_HD int64_t blocks() const { return batch * heads * segments; }
 };
 
-// Shared memory of one block: two chunk buffers, each with the chunk's φ(Q), φ(K), V and G rows
-// (kKeyValue: G' with its normalizer column gn as two 16-bit parts hi + lo at DV and DV + 1, then
-// zeros to DV + 8; kQuery: g as it is), the rows' scalars (kQuery: 1 / d and g · o, fp32) and flags
-// (which rows hold Inf or NaN); the 16-bit copy of the state as two 16-bit parts hi + lo
-// (kKeyValue: U, DK rows of DV + 8 columns; kQuery: Sᵀ, DV rows of DK columns), so that the terms
-// that cancel — g Sᵀ against (g · o) z, U_v v_j against u — keep fp32's precision until their
-// difference; kQuery's fp32 z = the column sums of φ(K) so far; a 16×16 fp32 scratch tile per warp.
+// Shared memory of one block: two chunk buffers, each with the chunk's φ(Q), φ(K), V and G' rows
+// (G' with its normalizer column gn as two 16-bit parts hi + lo at DV and DV + 1, then zeros to
+// DV + 8), flags (which rows hold Inf or NaN) and a fading state's log-factor rows; the 16-bit copy
+// of the state as two 16-bit parts hi + lo (kKeyValue: U, DK rows of DV + 8 columns; kQuery: Sᵀ, DV
+// rows of DK columns), so that the terms that cancel — G Sᵀ against gn z, U_v v_j against u — keep
+// fp32's precision until their difference; kQuery's fp32 z = the column sums of φ(K) so far; a
+// 16×16 fp32 scratch tile per warp.
 template <int DK, int DV>
 struct BackwardLayout {
   static constexpr int kQKPitch = warp::padded_pitch(DK * 2), kVPitch = warp::padded_pitch(DV * 2);
@@ -67,10 +79,12 @@ struct BackwardLayout {
   static constexpr int kQ = 0, kK = kQ + kChunk * kQKPitch, kV = kK + kChunk * kQKPitch;
   static constexpr int kG = kV + kChunk * kVPitch;
   // Flag bytes: φ(Q), φ(K), G (its value columns) hold Inf or NaN in this chunk.
-  static constexpr int kScalars = kG + kChunk * kGPitch;  // per row: 1 / d, g · o
-  static constexpr int kFlags = kScalars + kChunk * 8;
+  static constexpr int kFlags = kG + kChunk * kGPitch;
   static constexpr int kQueryFlag = 0, kKeyFlag = 1, kCotangentFlag = 2;
-  static constexpr int kBuffer = kFlags + 16;
+  // A fading state's fp32 rows (load_chunk_decay): b_r, e^{b_r}, e^{b_last − b_r}.
+  static constexpr int kCumulativeDecay = kFlags + 16, kRowFade = kCumulativeDecay + kChunk * 4;
+  static constexpr int kKeyFade = kRowFade + kChunk * 4;
+  static constexpr int kBuffer = kKeyFade + kChunk * 4;
   static constexpr int kUPitch = kGPitch, kSPitch = kQKPitch;
   static constexpr int kState = 2 * kBuffer;
   static constexpr int kStateLow = kState + DV * kSPitch;  // kQuery: Sᵀ − hi

@@ -93,6 +93,91 @@ LINATTN_HD inline float shared_element(const WarpContext& w, uint32_t offset) {
   return static_cast<float>(scalar_t(warp::load_shared<uint16_t>(w, offset), typename scalar_t::from_bits_t()));
 }
 
+// --- a fading state: the chunk's log factors (both the forward's and the backward's layouts name
+// their fp32 rows kCumulativeDecay, kRowFade and kKeyFade) --------------------------------------
+
+// The chunk's cumulative log factors b_r = a_0 + ... + a_r, e^{b_r} (what the earlier chunks'
+// state is worth at row r) and e^{b_last − b_r} (what key r is worth at the chunk's end), by warp 0,
+// from one sequence's `length` factors. Rows past the end have a = 0, so b_last is the last row's;
+// no exponent is positive.
+template <typename L>
+LINATTN_HD void load_chunk_decay(const WarpContext& w, const float* log_decay, int64_t length, int64_t start,
+                                 uint32_t base) {
+  if (w.warp != 0) return;
+  Lanes<float> b[2];
+  warp::for_lanes(w, [&](int lane) {
+    LINATTN_UNROLL
+    for (int half = 0; half < 2; ++half) {
+      const int64_t row = start + lane + 32 * half;
+      b[half][lane] = row < length ? warp::load_global(w, log_decay + row) : 0.0f;
+    }
+  });
+  const Lanes<float> total = warp::inclusive_scan_64(w, b);
+  warp::for_lanes(w, [&](int lane) {
+    LINATTN_UNROLL
+    for (int half = 0; half < 2; ++half) {
+      const uint32_t at = static_cast<uint32_t>((lane + 32 * half) * 4);
+      warp::store_shared<float>(w, base + L::kCumulativeDecay + at, b[half][lane]);
+      warp::store_shared<float>(w, base + L::kRowFade + at, warp::exp_of(b[half][lane]));
+      warp::store_shared<float>(w, base + L::kKeyFade + at, warp::exp_of(total[lane] - b[half][lane]));
+    }
+  });
+}
+
+// Row r of a chunk's fp32 row array (b, e^b or e^{b_last − b}).
+LINATTN_HD inline float decay_row(const WarpContext& w, uint32_t array, int r) {
+  return warp::load_shared<float>(w, array + static_cast<uint32_t>(r * 4));
+}
+
+// The factors of chunk rows kk·16 .. kk·16 + 15 where an mma's k index runs over them, as the lane
+// holds them: f[i] is row kk·16 + 8 (i / 2) + 2t + i % 2 — a B operand's rows (b[r]: f[2r],
+// f[2r + 1]) and an A operand's columns (a[i]: f[2 (i / 2)], f[2 (i / 2) + 1]) alike.
+LINATTN_HD inline void k_row_factors(const WarpContext& w, uint32_t array, int kk, Lanes<float> (&f)[4]) {
+  warp::for_lanes(w, [&](int lane) {
+    // (warp::opaque: the rows are computed where they are read, not kept across a kernel's loop.)
+    const int t = warp::thread_in_group(warp::opaque(lane));
+    LINATTN_UNROLL
+    for (int i = 0; i < 4; ++i) f[i][lane] = decay_row(w, array, kk * 16 + 8 * (i / 2) + 2 * t + i % 2);
+  });
+}
+
+// The pair x ⊙ (f_lo, f_hi), rounded to 16 bits.
+template <typename half_t>
+LINATTN_HD inline uint32_t scaled_pair(uint32_t pair, float f_lo, float f_hi) {
+  return warp::pack<half_t>(warp::unpack_lo<half_t>(pair) * f_lo, warp::unpack_hi<half_t>(pair) * f_hi);
+}
+
+// x ⊙ (f_lo, f_hi) in two parts: the pair becomes the product rounded to 16 bits (hi) and the
+// rounded rest (lo) is returned, so that hi + lo carries the product to fp32's precision.
+template <typename half_t>
+LINATTN_HD inline uint32_t split_scaled_pair(uint32_t& pair, float f_lo, float f_hi) {
+  const float x0 = warp::unpack_lo<half_t>(pair) * f_lo, x1 = warp::unpack_hi<half_t>(pair) * f_hi;
+  pair = warp::pack<half_t>(x0, x1);
+  return warp::pack<half_t>(x0 - warp::unpack_lo<half_t>(pair), x1 - warp::unpack_hi<half_t>(pair));
+}
+
+// A B operand (16 k rows × 8 columns) with k row r weighted by its factor (k_row_factors).
+template <typename half_t>
+LINATTN_HD void scale_b_rows(const WarpContext& w, const Lanes<float> (&f)[4], Fragment (&bf)[2]) {
+  warp::for_lanes(w, [&](int lane) {
+    LINATTN_UNROLL
+    for (int r = 0; r < 2; ++r) bf[r][lane] = scaled_pair<half_t>(bf[r][lane], f[2 * r][lane], f[2 * r + 1][lane]);
+  });
+}
+
+// An A operand (16 rows × 16 k columns) with k column c weighted by its factor (k_row_factors), as
+// hi (in place) + lo (split_scaled_pair).
+template <typename half_t>
+LINATTN_HD void split_scaled_a_columns(const WarpContext& w, const Lanes<float> (&f)[4], Fragment (&a)[4],
+                                       Fragment (&lo)[4]) {
+  warp::for_lanes(w, [&](int lane) {
+    LINATTN_UNROLL
+    for (int i = 0; i < 4; ++i) {
+      lo[i][lane] = split_scaled_pair<half_t>(a[i][lane], f[2 * (i / 2)][lane], f[2 * (i / 2) + 1][lane]);
+    }
+  });
+}
+
 template <typename scalar_t, int DK, int DV>
 struct ForwardBlock {
   using L = Layout<DK, DV>;
@@ -202,56 +287,8 @@ struct ForwardBlock {
 
   LINATTN_HD bool fading() const { return p.log_decay != nullptr; }
 
-  // The chunk's cumulative log factors b_r = a_0 + ... + a_r, e^{b_r} (what the earlier chunks'
-  // state is worth at row r) and e^{b_last − b_r} (what key r is worth at the chunk's end), by
-  // warp 0. Rows past the end have a = 0, so b_last is the last row's; no exponent is positive.
   LINATTN_HD void load_decay(const WarpContext& w, uint32_t base, int64_t start) const {
-    if (w.warp != 0) return;
-    Lanes<float> b[2];
-    warp::for_lanes(w, [&](int lane) {
-      LINATTN_UNROLL
-      for (int half = 0; half < 2; ++half) {
-        const int64_t row = start + lane + 32 * half;
-        b[half][lane] = row < p.k_len ? warp::load_global(w, p.log_decay + bh * p.k_len + row) : 0.0f;
-      }
-    });
-    const Lanes<float> total = warp::inclusive_scan_64(w, b);
-    warp::for_lanes(w, [&](int lane) {
-      LINATTN_UNROLL
-      for (int half = 0; half < 2; ++half) {
-        const uint32_t at = static_cast<uint32_t>((lane + 32 * half) * 4);
-        warp::store_shared<float>(w, base + L::kCumulativeDecay + at, b[half][lane]);
-        warp::store_shared<float>(w, base + L::kRowFade + at, warp::exp_of(b[half][lane]));
-        warp::store_shared<float>(w, base + L::kKeyFade + at, warp::exp_of(total[lane] - b[half][lane]));
-      }
-    });
-  }
-
-  LINATTN_HD static float decay_row(const WarpContext& w, uint32_t array, int r) {
-    return warp::load_shared<float>(w, array + static_cast<uint32_t>(r * 4));
-  }
-
-  // Fragments of [V | 1] (keys kk·16 .., B operands) weighted by e^{b_last − b_key}: what each key
-  // adds to the state at the chunk's end. fade[i] holds the factors of the lane's keys
-  // kk·16 + 8·(i / 2) + 2t + i % 2 (key_fades).
-  LINATTN_HD void key_fades(const WarpContext& w, uint32_t base, int kk, Lanes<float> (&fade)[4]) const {
-    warp::for_lanes(w, [&](int lane) {
-      const int t = warp::thread_in_group(lane);
-      LINATTN_UNROLL
-      for (int i = 0; i < 4; ++i) {
-        fade[i][lane] = decay_row(w, base + L::kKeyFade, kk * 16 + 8 * (i / 2) + 2 * t + i % 2);
-      }
-    });
-  }
-  LINATTN_HD static void fade_keys(const WarpContext& w, const Lanes<float> (&fade)[4], Fragment (&bf)[2]) {
-    warp::for_lanes(w, [&](int lane) {
-      LINATTN_UNROLL
-      for (int r = 0; r < 2; ++r) {
-        const uint32_t pair = bf[r][lane];
-        bf[r][lane] = warp::pack<scalar_t>(warp::unpack_lo<scalar_t>(pair) * fade[2 * r][lane],
-                                           warp::unpack_hi<scalar_t>(pair) * fade[2 * r + 1][lane]);
-      }
-    });
+    load_chunk_decay<L>(w, p.log_decay + bh * p.k_len, p.k_len, start, base);
   }
 
   // --- fragments (of prepared rows) ------------------------------------------------------------
@@ -326,7 +363,7 @@ struct ForwardBlock {
     }
     for (int kk = 0; kk * 16 < keys; ++kk) {
       Lanes<float> fades[4];
-      if (fade) key_fades(w, base, kk, fades);
+      if (fade) k_row_factors(w, base + L::kKeyFade, kk, fades);
       LINATTN_UNROLL
       for (int r = 0; r < State::kRowTilesPerWarp; ++r) {
         int mi = 0, ni = 0;
@@ -339,7 +376,7 @@ struct ForwardBlock {
           if (!State::tile(w.warp, slot, mi, ni)) continue;
           Fragment bf[2];
           value_fragment(w, base, kk, ni, bf);
-          if (fade) fade_keys(w, fades, bf);
+          if (fade) scale_b_rows<scalar_t>(w, fades, bf);
           warp::mma_16816<scalar_t>(s.state[slot], a, bf);
         }
       }

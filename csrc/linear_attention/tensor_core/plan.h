@@ -115,19 +115,22 @@ inline SegmentStarts segment_starts(const at::Tensor& sums, const std::optional<
 // and every state fades by e^{A_s} across segment s (A_s the sum of its log factors, from
 // log_decay (B, H, T)), so the starts are a scan over segments, start_{s+1} = e^{A_s} start_s +
 // sums_s, from the state before the first row — no positive exponent; fp32 ATen ops in a fixed
-// order (segments of one launch: a few dozen at most).
+// order (segments of one launch: a few dozen at most). `reverse`: the scan backwards in time of
+// the backward's U (sums faded to their segment's start, `first` the state after the last row),
+// start_{s−1} = e^{A_s} start_s + sums_s; total is then the state before the first row.
 inline SegmentStarts fading_segment_starts(const at::Tensor& sums, const std::optional<at::Tensor>& first,
-                                           const at::Tensor& log_decay, int64_t rows_per_segment) {
+                                           const at::Tensor& log_decay, int64_t rows_per_segment,
+                                           bool reverse = false) {
   const int64_t segments = sums.size(2), length = log_decay.size(2);
   const at::Tensor padded = at::constant_pad_nd(log_decay, {0, segments * rows_per_segment - length});
   const at::Tensor fades = padded.view({log_decay.size(0), log_decay.size(1), segments, rows_per_segment})
                                .sum(-1).exp_().unsqueeze(-1).unsqueeze(-1);
   SegmentStarts result;
   at::Tensor running = first.has_value() ? first->to(at::kFloat) : at::zeros_like(sums.select(2, 0));
-  std::vector<at::Tensor> starts;
-  starts.reserve(segments);
-  for (int64_t s = 0; s < segments; ++s) {
-    starts.push_back(running);
+  std::vector<at::Tensor> starts(static_cast<size_t>(segments));
+  for (int64_t i = 0; i < segments; ++i) {
+    const int64_t s = reverse ? segments - 1 - i : i;
+    starts[static_cast<size_t>(s)] = running;
     running = running * fades.select(2, s) + sums.select(2, s);
   }
   result.starts = at::stack(starts, 2).contiguous();
@@ -155,50 +158,68 @@ void split_forward(ForwardProblem<scalar_t> p, int64_t segments, const std::opti
   launch(p);
 }
 
+// Each segment's sums (B, H, segments, m, dv + 1) from pass `pass` of p cut into `segments`
+// (kQuerySums: [Σ φ(k) vᵀ | Σ φ(k)] over its key rows; kKeyValueSums: Σ φ(q) G'ᵀ over its query rows).
+template <typename scalar_t, typename Launch>
+at::Tensor backward_segment_sums(BackwardProblem<scalar_t> p, BackwardPass pass, int64_t segments,
+                                 const at::TensorOptions& options, const Launch& launch) {
+  const at::Tensor sums = segment_state_tensor(p.batch, p.heads, segments, p.feature_dim, p.value_dim, options);
+  cut_into_segments(p, segments);
+  p.pass = pass;
+  p.state_in = {};
+  p.state_out = segment_state_view(sums.data_ptr<float>(), p.feature_dim, p.value_dim);
+  launch(p);
+  return sums;
+}
+
 // Runs the backward split into `segments`:
-//   1. the state each query segment starts from: the forward's segment sums (sums_problem) and
+//   1. the state each query segment starts from: each segment's [Σ φ(k) vᵀ | Σ φ(k)] (kQuerySums,
+//      the query pass's own kernel, so that the states are those its scan would reach) and
 //      segment_starts (non-causal with the forward's final state handed over: that, no launch);
 //   2. the query pass per segment (dq, and the row scalars the other passes read);
 //   3. each segment's Σ φ(q) G'ᵀ (kKeyValueSums) and segment_starts backwards in time from dS_N:
 //      the U each key segment starts from, and dS0 (their total);
 //   4. the key-value pass per segment (dk, dv).
-// Writes grad_initial.
+// A fading state (`log_decay` (B, H, T) fp32, as the problems' log_decay) scans over segments with
+// fading_segment_starts both ways. Writes grad_initial; returns the final state step 1 reached
+// (causal; a fading state's dL/dc takes it).
 template <typename scalar_t, typename Launch>
-void split_backward(BackwardProblem<scalar_t> query, BackwardProblem<scalar_t> key_value,
-                    const ForwardProblem<scalar_t>& sums_problem, int64_t segments,
-                    const std::optional<at::Tensor>& initial_state, const std::optional<at::Tensor>& final_state,
-                    const std::optional<at::Tensor>& grad_final_state, at::Tensor& grad_initial,
-                    const Launch& launch) {
+at::Tensor split_backward(BackwardProblem<scalar_t> query, BackwardProblem<scalar_t> key_value, int64_t segments,
+                          const std::optional<at::Tensor>& initial_state, const std::optional<at::Tensor>& final_state,
+                          const std::optional<at::Tensor>& grad_final_state, at::Tensor& grad_initial,
+                          const Launch& launch, const at::Tensor& log_decay = at::Tensor()) {
   const int64_t m = query.feature_dim, dv = query.value_dim;
-  const bool causal = query.causal;
+  const bool causal = query.causal, fading = log_decay.defined();
   const auto options = grad_initial.options();
 
-  at::Tensor before;
+  at::Tensor before, reached;
   if (causal || !final_state.has_value()) {
-    before = segment_starts(segment_state_sums(sums_problem, segments, options, launch), initial_state, causal,
-                            false).starts;
+    const at::Tensor sums = backward_segment_sums(query, BackwardPass::kQuerySums, segments, options, launch);
+    const SegmentStarts starts =
+        fading ? fading_segment_starts(sums, initial_state, log_decay, segment_rows(query.k_len, segments))
+               : segment_starts(sums, initial_state, causal, false);
+    before = starts.starts;
+    reached = starts.total;
   } else {
     before = final_state->unsqueeze(2).expand({query.batch, query.heads, segments, m, dv + 1}).contiguous();
   }
   cut_into_segments(query, segments);
   query.state_in = segment_state_view(before.const_data_ptr<float>(), m, dv);
+  query.state_out = {};
   query.state_complete = !causal;
   launch(query);
 
-  const at::Tensor u_sums = segment_state_tensor(query.batch, query.heads, segments, m, dv, options);
-  auto sums_pass = key_value;
-  cut_into_segments(sums_pass, segments);
-  sums_pass.pass = BackwardPass::kKeyValueSums;
-  sums_pass.state_in = {};
-  sums_pass.state_out = segment_state_view(u_sums.data_ptr<float>(), m, dv);
-  launch(sums_pass);
-  const SegmentStarts after = segment_starts(u_sums, grad_final_state, causal, true);
+  const at::Tensor u_sums = backward_segment_sums(key_value, BackwardPass::kKeyValueSums, segments, options, launch);
+  const SegmentStarts after =
+      fading ? fading_segment_starts(u_sums, grad_final_state, log_decay, segment_rows(query.q_len, segments), true)
+             : segment_starts(u_sums, grad_final_state, causal, true);
   grad_initial.copy_(after.total);
   cut_into_segments(key_value, segments);
   key_value.state_in = segment_state_view(after.starts.const_data_ptr<float>(), m, dv);
   key_value.state_complete = !causal;
   key_value.state_out = {};
   launch(key_value);
+  return reached;
 }
 
 }  // namespace tensor_core
