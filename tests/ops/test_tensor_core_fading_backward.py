@@ -18,6 +18,7 @@ BWD = torch.ops.linattn.linear_attn_bwd_fused.default
 BWD_GENERIC = torch.ops.linattn.linear_attn_bwd.default
 HALF_TYPES = [torch.bfloat16, torch.float16]
 ELU = 1
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 NAMES = ("q", "k", "v", "decay", "gate", "S0", "z0")
 
 
@@ -37,10 +38,12 @@ def loss_of(out, S, z, grad_out, grad_S, grad_z):
 
 def gradients(q, k, v, decay, gate, initial_state=None, seed=1, expect_tensor_cores=True, **options):
     """Gradients of a random linear function of out and the final state (S, z) for every input,
-    through the fused operators, and the same in float64 through the reference."""
+    through the fused operators (on the inputs' device), and the same in float64 through the
+    reference (on the CPU)."""
     B, H, T, m = q.shape
     dv = v.shape[-1]
     cot = cotangents(B, H, T, m, dv, seed)
+    device_cot = [c.to(q.device) for c in cot]
     leaves = [t.clone().requires_grad_() for t in (q, k, v, decay, gate)]
     state = None
     if initial_state is not None:
@@ -50,19 +53,21 @@ def gradients(q, k, v, decay, gate, initial_state=None, seed=1, expect_tensor_co
         out, (S, z) = linattn.linear_attention(*leaves[:3], causal=True, decay=leaves[3], gate=leaves[4],
                                                initial_state=state, output_final_state=True, **options)
         torch.ops.linattn._reset_warp_emulation_counters()
-        grads = torch.autograd.grad(loss_of(out, S, z, *cot), leaves)
-    ran = backward_mma() > 0
-    assert ran == expect_tensor_cores, "the tensor-core backward did not run" if expect_tensor_cores else "it ran"
-    ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
+        grads = torch.autograd.grad(loss_of(out, S, z, *device_cot), leaves)
+    if q.device.type == "cpu":  # (the counters are the emulation's)
+        ran = backward_mma() > 0
+        assert ran == expect_tensor_cores, "the tensor-core backward did not run" if expect_tensor_cores else "it ran"
+    ref_leaves = [t.detach().cpu().double().requires_grad_() for t in leaves]
     ref_state = tuple(ref_leaves[5:]) if initial_state is not None else None
-    ref, (ref_S, ref_z) = gated_reference(*ref_leaves[:5], initial_state=ref_state, **options)
+    ref_options = {key: val.cpu() if torch.is_tensor(val) else val for key, val in options.items()}
+    ref, (ref_S, ref_z) = gated_reference(*ref_leaves[:5], initial_state=ref_state, **ref_options)
     ref_grads = torch.autograd.grad(loss_of(ref, ref_S, ref_z, *cot), ref_leaves)
     return grads, ref_grads
 
 
 def check(grads, ref_grads, tol):
     for name, got, want in zip(NAMES, grads, ref_grads):
-        assert_close(got, want, tol, f"grad {name}")
+        assert_close(got.cpu(), want, tol, f"grad {name}")
 
 
 @pytest.mark.parametrize("dtype", HALF_TYPES)
@@ -164,3 +169,21 @@ def test_opcheck_and_compile():
             assert torch.equal(a, b), name
         else:
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=name)
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", HALF_TYPES)
+@pytest.mark.parametrize("m, dv, T", [(64, 64, 1000), (128, 128, 777), (100, 33, 130)])
+def test_cuda_kernels_match_reference(dtype, m, dv, T):
+    """On the GPU: every gradient (q, k, v, decay, gate, the initial state) against the float64
+    reference, with padded keys; B·H = 2 splits the longer sequences into segments on a GPU of
+    many SMs."""
+    B, H = 1, 2
+    q, k, v, decay, gate = gated_inputs(B, H, T, m, dv, dtype, seed=T, strength=0.3)
+    g = torch.Generator().manual_seed(T)
+    state = (torch.randn(B, H, m, dv, generator=g).cuda(), (torch.rand(B, H, m, generator=g) + 1).cuda())
+    mask = torch.zeros(B, T, dtype=torch.bool)
+    mask[0, T // 3:T // 3 + 20] = True
+    cuda = [t.cuda() for t in (q, k, v, decay, gate)]
+    grads, ref = gradients(*cuda, initial_state=state, key_padding_mask=mask.cuda())
+    check(grads, ref, 2 * TOLERANCE[dtype])
