@@ -67,7 +67,7 @@ def varlen_linear_attention(where, q, k, v, phi_q, phi_k, code, cu_seqlens, *, c
         check.check_state(where, "initial_state", initial_state, phi_k.expand(sequences, *phi_k.shape[1:]), v)
     acc = ops.accumulate_dtype(q.dtype)
     initial = None if initial_state is None else ops.augmented_state(initial_state, acc)
-    out, final_state, _ = ops.linear.forward_op(q.device.type, extended=True, packed=True)(
+    out, final_state, _ = ops.linear.forward_op(q.device.type, extended=True)(
         phi_q, phi_k, v, initial, None, code, causal, normalize, float(eps), log_decay, cu_seqlens
     )
     return out, ops.returned_state(final_state, causal) if need_state else None

@@ -70,27 +70,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cuda(
                           key_padding_mask, feature_map, causal, normalize, final_state);
 }
 
-// A fading state on the tensor cores, or nothing where they do not take the call.
-std::optional<std::tuple<at::Tensor, at::Tensor, at::Tensor>> fading_forward_cuda(
+// A fading state and/or packed sequences on the tensor cores, or nothing where they do not take the call.
+std::optional<std::tuple<at::Tensor, at::Tensor, at::Tensor>> extended_forward_cuda(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const std::optional<at::Tensor>& initial_state, const std::optional<at::Tensor>& key_padding_mask,
-    int64_t feature_map, bool causal, bool normalize, double eps, const at::Tensor& log_decay) {
+    int64_t feature_map, bool causal, bool normalize, double eps, const std::optional<at::Tensor>& log_decay,
+    const std::optional<at::Tensor>& cu_seqlens) {
   const c10::cuda::CUDAGuard guard(q.device());
   return fused::forward(q, k, v, initial_state, key_padding_mask, feature_map, causal, normalize, eps,
-                        shared_memory_per_block(), CudaLaunch{c10::cuda::getCurrentCUDAStream().stream()}, log_decay);
+                        shared_memory_per_block(), CudaLaunch{c10::cuda::getCurrentCUDAStream().stream()}, log_decay,
+                        cu_seqlens);
 }
 
-// The backward of a fading state on the tensor cores, or nothing where they do not take the call.
-std::optional<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>> fading_backward_cuda(
+// Their backward, or nothing where the tensor cores do not take the call.
+std::optional<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>> extended_backward_cuda(
     const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_final_state, const at::Tensor& q,
     const at::Tensor& k, const at::Tensor& v, const at::Tensor& out, const at::Tensor& normalizer,
     const std::optional<at::Tensor>& initial_state, const std::optional<at::Tensor>& key_padding_mask,
     int64_t feature_map, bool causal, bool normalize, const std::optional<at::Tensor>& final_state,
-    const at::Tensor& log_decay) {
+    const std::optional<at::Tensor>& log_decay, const std::optional<at::Tensor>& cu_seqlens) {
   const c10::cuda::CUDAGuard guard(q.device());
-  return fused::fading_backward(grad_out, grad_final_state, q, k, v, out, normalizer, initial_state, key_padding_mask,
-                                feature_map, causal, normalize, final_state, log_decay, shared_memory_per_block(),
-                                CudaLaunch{c10::cuda::getCurrentCUDAStream().stream()});
+  return fused::extended_backward(grad_out, grad_final_state, q, k, v, out, normalizer, initial_state,
+                                   key_padding_mask, feature_map, causal, normalize, final_state, log_decay, cu_seqlens,
+                                   shared_memory_per_block(), CudaLaunch{c10::cuda::getCurrentCUDAStream().stream()});
 }
 
 constexpr char kImplementation[] = "fused CUDA kernels";
@@ -98,8 +100,8 @@ constexpr char kImplementation[] = "fused CUDA kernels";
 }  // namespace
 
 TORCH_LIBRARY_IMPL(linattn, CUDA, m) {
-  m.impl("linear_attn_fwd_fused", &fused_forward<&forward_cuda, &fading_forward_cuda>);
-  m.impl("linear_attn_bwd_fused", &fused_backward<&backward_cuda, &fading_backward_cuda, kImplementation>);
+  m.impl("linear_attn_fwd_fused", &fused_forward<&forward_cuda, &extended_forward_cuda>);
+  m.impl("linear_attn_bwd_fused", &fused_backward<&backward_cuda, &extended_backward_cuda, kImplementation>);
 }
 
 }  // namespace linattn

@@ -121,24 +121,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_emulated(
   return *result;
 }
 
-// A fading state on the emulated tensor cores, or nothing where they do not take the call.
-std::optional<std::tuple<at::Tensor, at::Tensor, at::Tensor>> fading_forward_emulated(
+// A fading state and/or packed sequences on the emulated tensor cores, or nothing where they do not take the call.
+std::optional<std::tuple<at::Tensor, at::Tensor, at::Tensor>> extended_forward_emulated(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const std::optional<at::Tensor>& initial_state, const std::optional<at::Tensor>& key_padding_mask,
-    int64_t feature_map, bool causal, bool normalize, double eps, const at::Tensor& log_decay) {
+    int64_t feature_map, bool causal, bool normalize, double eps, const std::optional<at::Tensor>& log_decay,
+    const std::optional<at::Tensor>& cu_seqlens) {
   return fused::forward(q, k, v, initial_state, key_padding_mask, feature_map, causal, normalize, eps,
-                        warp::emulated_shared_bytes(), EmulatedLaunch{}, log_decay);
+                        warp::emulated_shared_bytes(), EmulatedLaunch{}, log_decay, cu_seqlens);
 }
 
-std::optional<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>> fading_backward_emulated(
+// Their backward, or nothing where the tensor cores do not take the call.
+std::optional<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>> extended_backward_emulated(
     const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_final_state, const at::Tensor& q,
     const at::Tensor& k, const at::Tensor& v, const at::Tensor& out, const at::Tensor& normalizer,
     const std::optional<at::Tensor>& initial_state, const std::optional<at::Tensor>& key_padding_mask,
     int64_t feature_map, bool causal, bool normalize, const std::optional<at::Tensor>& final_state,
-    const at::Tensor& log_decay) {
-  return fused::fading_backward(grad_out, grad_final_state, q, k, v, out, normalizer, initial_state, key_padding_mask,
-                                feature_map, causal, normalize, final_state, log_decay, warp::emulated_shared_bytes(),
-                                EmulatedLaunch{});
+    const std::optional<at::Tensor>& log_decay, const std::optional<at::Tensor>& cu_seqlens) {
+  return fused::extended_backward(grad_out, grad_final_state, q, k, v, out, normalizer, initial_state,
+                                   key_padding_mask, feature_map, causal, normalize, final_state, log_decay, cu_seqlens,
+                                   warp::emulated_shared_bytes(), EmulatedLaunch{});
 }
 
 constexpr char kImplementation[] = "fused kernels' emulation";
@@ -146,8 +148,8 @@ constexpr char kImplementation[] = "fused kernels' emulation";
 }  // namespace
 
 TORCH_LIBRARY_IMPL(linattn, CPU, m) {
-  m.impl("linear_attn_fwd_fused", &fused_forward<&forward_emulated, &fading_forward_emulated>);
-  m.impl("linear_attn_bwd_fused", &fused_backward<&backward_emulated, &fading_backward_emulated, kImplementation>);
+  m.impl("linear_attn_fwd_fused", &fused_forward<&forward_emulated, &extended_forward_emulated>);
+  m.impl("linear_attn_bwd_fused", &fused_backward<&backward_emulated, &extended_backward_emulated, kImplementation>);
 }
 
 }  // namespace linattn

@@ -108,39 +108,79 @@ tensor_core::ForwardProblem<scalar_t> tensor_core_problem(const LinearAttentionS
   return p;
 }
 
+// Packed sequences (cu_seqlens) as the tensor-core kernels take them: the offsets, contiguous,
+// and the number of sequences (each with its own state). The offsets' values are checked here on
+// CPU tensors (the emulation); on a GPU reading them would cost a device synchronisation, and the
+// kernels clamp each sequence's rows into the packing instead (sequence_rows), so that bad offsets
+// never reach memory out of bounds — the device-generic path's policy.
+struct PackedRows {
+  at::Tensor offsets;
+  tensor_core::Packing packing;
+};
+inline PackedRows packed_rows(const std::optional<at::Tensor>& cu_seqlens, int64_t total) {
+  PackedRows r;
+  if (!cu_seqlens.has_value()) return r;
+  if (cu_seqlens->is_cpu()) read_sequence_offsets(*cu_seqlens, total);
+  r.offsets = cu_seqlens->contiguous();
+  r.packing.offsets = r.offsets.const_data_ptr<int32_t>();
+  r.packing.sequences = r.offsets.numel() - 1;
+  return r;
+}
+
+// The states of a call: one per (batch, head), or per (sequence, head) when packed.
+inline int64_t state_count(const LinearAttentionShape& s, const PackedRows& packed) {
+  return packed.offsets.defined() ? packed.packing.sequences : s.batch;
+}
+
+// Whether the tensor cores take a fading state's log factors `log_decay`: causal self-attention
+// whose factors are (B, H, T) on q's device.
+inline bool takes_log_decay(const LinearAttentionShape& s, const at::Tensor& log_decay, const at::Tensor& q) {
+  return s.causal && s.q_len == s.k_len && log_decay.dim() == 3 && log_decay.size(0) == s.batch &&
+         log_decay.size(1) == s.heads && log_decay.size(2) == s.k_len && log_decay.device() == q.device();
+}
+
 // The forward, or nothing where no kernel takes the call (a block that does not fit; a fading
-// state, `log_decay`, runs only on the tensor cores: causal self-attention).
+// state, `log_decay`, and packed sequences, `cu_seqlens` ((1, H, total, ·) inputs, states per
+// sequence), run only on the tensor cores).
 template <typename Launch>
 std::optional<std::tuple<at::Tensor, at::Tensor, at::Tensor>> forward(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const std::optional<at::Tensor>& initial_state, const std::optional<at::Tensor>& key_padding_mask,
     int64_t feature_map, bool causal, bool normalize, double eps, int64_t max_shared_bytes,
-    const Launch& launch, const std::optional<at::Tensor>& log_decay = std::nullopt) {
-  check_forward_inputs(q, k, v, initial_state, key_padding_mask, feature_map, causal, eps);
+    const Launch& launch, const std::optional<at::Tensor>& log_decay = std::nullopt,
+    const std::optional<at::Tensor>& cu_seqlens = std::nullopt) {
+  if (cu_seqlens.has_value()) {
+    check_no_padding_when_packed(key_padding_mask);
+    check_varlen_forward_inputs(q, k, v, *cu_seqlens, log_decay, initial_state, feature_map, causal, eps);
+  } else {
+    check_forward_inputs(q, k, v, initial_state, key_padding_mask, feature_map, causal, eps);
+  }
   const LinearAttentionShape s = kernel_shape(q, k, v, feature_map, causal, normalize, eps);
+  const bool on_tensor_cores = tensor_core::takes(s, q.scalar_type(), max_shared_bytes);
+  if ((log_decay.has_value() || cu_seqlens.has_value()) && !on_tensor_cores) return std::nullopt;
   at::Tensor decay;  // the log factors as the kernel reads them, (B, H, T) contiguous fp32
   if (log_decay.has_value()) {
-    const bool fits = causal && s.q_len == s.k_len && tensor_core::takes(s, q.scalar_type(), max_shared_bytes) &&
-                      log_decay->dim() == 3 && log_decay->size(0) == s.batch && log_decay->size(1) == s.heads &&
-                      log_decay->size(2) == s.k_len && log_decay->device() == q.device();
-    if (!fits) return std::nullopt;
+    if (!takes_log_decay(s, *log_decay, q)) return std::nullopt;
     decay = log_decay->to(at::kFloat).contiguous();
   }
+  const PackedRows packed = packed_rows(cu_seqlens, s.q_len);
   const auto acc = q.options().dtype(accumulate_type(q.scalar_type()));
   auto out = at::empty({s.batch, s.heads, s.q_len, s.value_dim}, q.options());
-  auto final_state = at::empty({s.batch, s.heads, s.feature_dim, s.value_dim + 1}, acc);
+  auto final_state = at::empty({state_count(s, packed), s.heads, s.feature_dim, s.value_dim + 1}, acc);
   auto normalizer = at::empty({s.batch, s.heads, s.q_len}, acc);
   at::Tensor initial, mask;  // contiguous copies where needed (optional_ptr)
   const bool* mask_ptr = optional_ptr<bool>(key_padding_mask, mask);
-  if (tensor_core::takes(s, q.scalar_type(), max_shared_bytes)) {
+  if (on_tensor_cores) {
     // 16-bit inputs with head dims up to 256: the tensor-core scan (tensor_core/forward.h).
     const auto in = state_view<const float>(optional_ptr<float>(initial_state, initial), s, false);
-    const int64_t segments = tensor_core::segments_for(s, launch.processors());
+    // (Packed sequences fill the GPU with many (sequence, head) blocks: no split.)
+    const int64_t segments = packed.offsets.defined() ? 1 : tensor_core::segments_for(s, launch.processors());
     AT_DISPATCH_REDUCED_FLOATING_TYPES(q.scalar_type(), "linear_attn_fwd_fused", [&] {
       auto p = tensor_core_problem<scalar_t>(s, q, k, v, mask_ptr, in,
                                              state_view<float>(final_state.data_ptr<float>(), s, false), out,
                                              normalizer);
       if (decay.defined()) p.log_decay = decay.const_data_ptr<float>();
+      p.packing = packed.packing;
       if (segments == 1) {
         launch(p);
       } else {
@@ -171,32 +211,52 @@ std::optional<std::tuple<at::Tensor, at::Tensor, at::Tensor>> forward(
   return std::make_tuple(out, final_state, normalizer);
 }
 
-// The backward's outputs, uninitialized: dq, dk, dv (the inputs' dtype) and the initial state's
-// gradient (the accumulation dtype `acc`).
+// The backward's outputs, uninitialized: dq, dk, dv (the inputs' dtype) and the gradient of the
+// `states` initial states (the accumulation dtype `acc`).
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> empty_gradients(const LinearAttentionShape& s,
+                                                                                  int64_t states,
                                                                                   const at::TensorOptions& options,
                                                                                   const at::TensorOptions& acc) {
   return {at::empty({s.batch, s.heads, s.q_len, s.feature_dim}, options),
           at::empty({s.batch, s.heads, s.k_len, s.feature_dim}, options),
           at::empty({s.batch, s.heads, s.k_len, s.value_dim}, options),
-          at::empty({s.batch, s.heads, s.feature_dim, s.value_dim + 1}, acc)};
+          at::empty({states, s.heads, s.feature_dim, s.value_dim + 1}, acc)};
+}
+
+// Adds ⟨dS_N, S_N⟩ (per state: (states, H)) to dL/dc (B, H, T) at each sequence's last row: row
+// T − 1, or with packed sequences the row before each offset but the first (an empty sequence's
+// term is 0, and its index clamped into the packing). On the device, no synchronisation.
+inline void add_final_state_terms(at::Tensor& grad_cumulative, const at::Tensor& terms, const PackedRows& packed) {
+  const int64_t T = grad_cumulative.size(-1);
+  if (T == 0) return;
+  if (!packed.offsets.defined()) {
+    grad_cumulative.select(-1, T - 1).add_(terms);
+    return;
+  }
+  const at::Tensor ends = packed.offsets.slice(0, 1).to(at::kLong);
+  const at::Tensor starts = packed.offsets.slice(0, 0, -1).to(at::kLong);
+  const at::Tensor last_rows = (ends - 1).clamp(0, T - 1);
+  const at::Tensor present = (ends > starts).to(terms.scalar_type());           // (N,)
+  const at::Tensor per_row = (terms * present.unsqueeze(1)).transpose(0, 1);    // (H, N)
+  grad_cumulative.select(0, 0).index_add_(1, last_rows, per_row);
 }
 
 // The tensor-core backward (tensor_core/backward.h) of a call it takes: dq, dk, dv, dS0 and, with
 // a fading state (`decay`: (B, H, T) fp32 contiguous log factors, else undefined), dL/dc for
 // c = cumsum(log factors): the passes' row terms φ(q)·dφ(q) − φ(k)·dφ(k), and ⟨dS_N, S_N⟩ at the
-// last row (S_N: the final state the query pass reaches).
+// last row (S_N: the final state the query pass reaches). `packed`: packed sequences, or none.
 template <typename Launch>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> tensor_core_backward(
     const LinearAttentionShape& s, const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_final_state,
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
     const at::Tensor& normalizer, const std::optional<at::Tensor>& initial_state,
     const std::optional<at::Tensor>& key_padding_mask, const std::optional<at::Tensor>& final_state,
-    const at::Tensor& decay, const Launch& launch) {
+    const at::Tensor& decay, const PackedRows& packed, const Launch& launch) {
   const auto acc = q.options().dtype(at::kFloat);
+  const int64_t states = state_count(s, packed);
   // (Named tensors, not a structured binding: the dispatch lambdas capture them.)
   at::Tensor grad_q, grad_k, grad_v, grad_initial;
-  std::tie(grad_q, grad_k, grad_v, grad_initial) = empty_gradients(s, q.options(), acc);
+  std::tie(grad_q, grad_k, grad_v, grad_initial) = empty_gradients(s, states, q.options(), acc);
   at::Tensor initial, grad_final, final, mask;  // contiguous copies where needed (optional_ptr)
   const bool* mask_ptr = optional_ptr<bool>(key_padding_mask, mask);
   const at::Tensor den = normalizer.contiguous();
@@ -205,7 +265,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> tensor_co
   // dS_N meets it.
   const at::Tensor row_terms = fading ? at::empty({s.batch, s.heads, s.q_len, 4}, acc) : at::Tensor();
   at::Tensor reached;
-  const int64_t segments = tensor_core::segments_for(s, launch.processors());
+  const int64_t segments = packed.offsets.defined() ? 1 : tensor_core::segments_for(s, launch.processors());
   AT_DISPATCH_REDUCED_FLOATING_TYPES(q.scalar_type(), "linear_attn_bwd_fused", [&] {
     auto p = tensor_core_inputs<tensor_core::BackwardProblem<scalar_t>, scalar_t>(s, q, k, v, mask_ptr);
     p.grad_out = view_of<scalar_t>(grad_out);
@@ -221,6 +281,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> tensor_co
       p.log_decay = decay.const_data_ptr<float>();
       p.row_terms = row_terms.data_ptr<float>();
     }
+    p.packing = packed.packing;
     auto query = p;
     query.pass = tensor_core::BackwardPass::kQuery;
     query.state_in = state_view<const float>(optional_ptr<float>(initial_state, initial), s, false);
@@ -235,7 +296,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> tensor_co
     key_value.state_out = state_view<float>(grad_initial.data_ptr<float>(), s, false);
     if (segments == 1) {
       if (fading && grad_final_state.has_value()) {
-        reached = at::empty({s.batch, s.heads, s.feature_dim, s.value_dim + 1}, acc);
+        reached = at::empty({states, s.heads, s.feature_dim, s.value_dim + 1}, acc);
         query.state_out = state_view<float>(reached.data_ptr<float>(), s, false);
       }
       launch(query);
@@ -246,12 +307,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> tensor_co
     reached = tensor_core::split_backward(query, key_value, segments, initial_state, final_state, grad_final_state,
                                           grad_initial, launch, decay);
   });
-  at::Tensor grad_cumulative;
+  at::Tensor grad_cumulative = at::empty({0}, acc);  // (none without a fading state)
   if (fading) {
     grad_cumulative = row_terms.select(-1, 0) + row_terms.select(-1, 1) - row_terms.select(-1, 2) -
                       row_terms.select(-1, 3);
-    if (grad_final_state.has_value() && s.q_len > 0) {
-      grad_cumulative.select(-1, s.q_len - 1).add_((*grad_final_state * reached).sum({-2, -1}));
+    if (grad_final_state.has_value()) {
+      add_final_state_terms(grad_cumulative, (*grad_final_state * reached).sum({-2, -1}), packed);
     }
   }
   return {grad_q, grad_k, grad_v, grad_initial, grad_cumulative};
@@ -271,13 +332,13 @@ std::optional<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>> backwa
   if (tensor_core::takes_backward(s, q.scalar_type(), max_shared_bytes)) {
     // 16-bit inputs with head dims up to 128: the tensor-core backward (tensor_core/backward.h).
     auto grads = tensor_core_backward(s, grad_out, grad_final_state, q, k, v, out, normalizer, initial_state,
-                                      key_padding_mask, final_state, at::Tensor(), launch);
+                                      key_padding_mask, final_state, at::Tensor(), PackedRows(), launch);
     return std::make_tuple(std::get<0>(grads), std::get<1>(grads), std::get<2>(grads), std::get<3>(grads));
   }
   const auto acc = q.options().dtype(accumulate_type(q.scalar_type()));
   // (Named tensors, not a structured binding: the dispatch lambdas capture them.)
   at::Tensor grad_q, grad_k, grad_v, grad_initial;
-  std::tie(grad_q, grad_k, grad_v, grad_initial) = empty_gradients(s, q.options(), acc);
+  std::tie(grad_q, grad_k, grad_v, grad_initial) = empty_gradients(s, s.batch, q.options(), acc);
   at::Tensor initial, grad_final, final, mask;  // contiguous copies where needed (optional_ptr)
   const bool* mask_ptr = optional_ptr<bool>(key_padding_mask, mask);
   const at::Tensor den = normalizer.contiguous();
@@ -343,26 +404,31 @@ std::optional<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>> backwa
   return std::make_tuple(grad_q, grad_k, grad_v, grad_initial);
 }
 
-// The backward of a fading state (log_decay) on the tensor cores, with dL/dc as the fifth
-// gradient, or nothing where they do not take the call (as `forward`'s log_decay).
+// The backward of a fading state (log_decay) and/or packed sequences (cu_seqlens) on the tensor
+// cores, with dL/dc as the fifth gradient (undefined without a fading state), or nothing where they
+// do not take the call (as `forward`'s).
 template <typename Launch>
-std::optional<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>> fading_backward(
+std::optional<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>> extended_backward(
     const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_final_state,
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
     const at::Tensor& normalizer, const std::optional<at::Tensor>& initial_state,
     const std::optional<at::Tensor>& key_padding_mask, int64_t feature_map, bool causal,
-    bool normalize, const std::optional<at::Tensor>& final_state, const at::Tensor& log_decay,
-    int64_t max_shared_bytes, const Launch& launch) {
-  check_backward_inputs(grad_out, grad_final_state, q, k, v, out, normalizer, initial_state,
-                        key_padding_mask, feature_map, causal, final_state);
+    bool normalize, const std::optional<at::Tensor>& final_state, const std::optional<at::Tensor>& log_decay,
+    const std::optional<at::Tensor>& cu_seqlens, int64_t max_shared_bytes, const Launch& launch) {
+  if (cu_seqlens.has_value()) {
+    check_no_padding_when_packed(key_padding_mask);
+    check_varlen_backward_inputs(grad_out, grad_final_state, q, k, v, *cu_seqlens, log_decay, out, normalizer,
+                                 initial_state, feature_map, causal, final_state);
+  } else {
+    check_backward_inputs(grad_out, grad_final_state, q, k, v, out, normalizer, initial_state,
+                          key_padding_mask, feature_map, causal, final_state);
+  }
   const LinearAttentionShape s = kernel_shape(q, k, v, feature_map, causal, normalize, 1.0);
-  const bool fits = causal && s.q_len == s.k_len &&
-                    tensor_core::takes_backward(s, q.scalar_type(), max_shared_bytes) && log_decay.dim() == 3 &&
-                    log_decay.size(0) == s.batch && log_decay.size(1) == s.heads &&
-                    log_decay.size(2) == s.k_len && log_decay.device() == q.device();
-  if (!fits) return std::nullopt;
+  if (!tensor_core::takes_backward(s, q.scalar_type(), max_shared_bytes)) return std::nullopt;
+  if (log_decay.has_value() && !takes_log_decay(s, *log_decay, q)) return std::nullopt;
+  const at::Tensor decay = log_decay.has_value() ? log_decay->to(at::kFloat).contiguous() : at::Tensor();
   return tensor_core_backward(s, grad_out, grad_final_state, q, k, v, out, normalizer, initial_state,
-                              key_padding_mask, final_state, log_decay.to(at::kFloat).contiguous(), launch);
+                              key_padding_mask, final_state, decay, packed_rows(cu_seqlens, s.q_len), launch);
 }
 
 }  // namespace fused

@@ -55,16 +55,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> plain_bac
 }
 
 // The fused operators' entry: plain calls run `Forward` / `Backward`; a fading state (log_decay)
-// runs `Fading` / `FadingBackward` where they take the call (the tensor cores) and otherwise, as
-// packed sequences do, the operators linattn::linear_attn_fwd / linear_attn_bwd on the same device,
-// what the other backends run for those calls (fading_generic.cpp on CUDA, the CPU kernel on CPU
-// tensors), whose inputs and outputs (out, the normalizer with eps, the final state, dL/dc) mean
-// the same whichever implementation made them: a forward of one and the backward of another meet.
-using FadingForward = std::optional<std::tuple<at::Tensor, at::Tensor, at::Tensor>> (*)(
+// or packed sequences (cu_seqlens) run `Extended` / `ExtendedBackward` where they take the call
+// (the tensor cores) and otherwise the operators linattn::linear_attn_fwd / linear_attn_bwd on the
+// same device, what the other backends run for those calls (fading_generic.cpp on CUDA, the CPU
+// kernel on CPU tensors), whose inputs and outputs (out, the normalizer with eps, the final state,
+// dL/dc) mean the same whichever implementation made them: a forward of one and the backward of
+// another meet.
+using ExtendedForward = std::optional<std::tuple<at::Tensor, at::Tensor, at::Tensor>> (*)(
     const at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
-    const std::optional<at::Tensor>&, int64_t, bool, bool, double, const at::Tensor&);
+    const std::optional<at::Tensor>&, int64_t, bool, bool, double, const std::optional<at::Tensor>&,
+    const std::optional<at::Tensor>&);
 
-template <PlainForward Forward, FadingForward Fading>
+template <PlainForward Forward, ExtendedForward Extended>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_forward(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const std::optional<at::Tensor>& initial_state, const std::optional<at::Tensor>& key_padding_mask,
@@ -73,10 +75,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_forward(
   if (!log_decay.has_value() && !cu_seqlens.has_value()) {
     return Forward(q, k, v, initial_state, key_padding_mask, feature_map, causal, normalize, eps);
   }
-  if (!cu_seqlens.has_value()) {
-    auto result = Fading(q, k, v, initial_state, key_padding_mask, feature_map, causal, normalize, eps, *log_decay);
-    if (result.has_value()) return *result;
-  }
+  auto result = Extended(q, k, v, initial_state, key_padding_mask, feature_map, causal, normalize, eps, log_decay,
+                         cu_seqlens);
+  if (result.has_value()) return *result;
   static const auto op = linattn_op<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
       const at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
       const std::optional<at::Tensor>&, int64_t, bool, bool, double, const std::optional<at::Tensor>&,
@@ -85,12 +86,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_forward(
                              log_decay, cu_seqlens);
 }
 
-using FadingBackward = std::optional<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>> (*)(
+using ExtendedBackward = std::optional<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>> (*)(
     const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
     const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
-    int64_t, bool, bool, const std::optional<at::Tensor>&, const at::Tensor&);
+    int64_t, bool, bool, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
+    const std::optional<at::Tensor>&);
 
-template <PlainBackward Backward, FadingBackward Fading, const char* Implementation>
+template <PlainBackward Backward, ExtendedBackward Extended, const char* Implementation>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_backward(
     const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_final_state, const at::Tensor& q,
     const at::Tensor& k, const at::Tensor& v, const at::Tensor& out, const at::Tensor& normalizer,
@@ -102,11 +104,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_bac
                                                     initial_state, key_padding_mask, feature_map, causal, normalize,
                                                     final_state, log_decay, cu_seqlens);
   }
-  if (!cu_seqlens.has_value()) {
-    auto result = Fading(grad_out, grad_final_state, q, k, v, out, normalizer, initial_state, key_padding_mask,
-                         feature_map, causal, normalize, final_state, *log_decay);
-    if (result.has_value()) return *result;
-  }
+  auto result = Extended(grad_out, grad_final_state, q, k, v, out, normalizer, initial_state, key_padding_mask,
+                         feature_map, causal, normalize, final_state, log_decay, cu_seqlens);
+  if (result.has_value()) return *result;
   static const auto op = linattn_op<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
       const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
       const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,

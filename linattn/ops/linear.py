@@ -45,13 +45,13 @@ def _onnx_export_flags():
 _in_onnx_export = _onnx_export_flags()
 
 
-def forward_op(device_type: str = "cpu", extended: bool = False, packed: bool = False):
+def forward_op(device_type: str = "cpu", extended: bool = False):
     """The forward operator a call on `device_type` runs (routing.py; ONNX export: the decomposed twin).
-    extended: the call has a fading state or packed sequences (packed), which the decomposed twin
-    does not run; the fused operator runs a fading state on tensor cores where it can and hands
-    the rest to linear_attn_fwd."""
+    extended: the call has a fading state or packed sequences, which the decomposed twin does not
+    run; the fused operator runs them on tensor cores where it can and hands the rest to
+    linear_attn_fwd."""
     if extended:
-        if routing.fused_in_use(device_type) and not packed and not routing.generic_in_use():
+        if routing.fused_in_use(device_type) and not routing.generic_in_use():
             return torch.ops.linattn.linear_attn_fwd_fused.default
         return (torch.ops.linattn.linear_attn_fwd_generic if routing.generic_in_use()
                 else torch.ops.linattn.linear_attn_fwd).default

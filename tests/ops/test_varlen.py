@@ -35,7 +35,7 @@ def per_sequence(fn, offsets, *tensors):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("feature_map,normalize", [("elu", True), ("relu", True), ("identity", False)])
-def test_against_reference_per_sequence(dtype, causal, feature_map, normalize, implementation):
+def test_against_reference_per_sequence(dtype, causal, feature_map, normalize, linear_implementation):
     q, k, v, cu = packed(dtype=dtype)
     out, (S, z) = linattn.linear_attention(q, k, v, causal=causal, feature_map=feature_map, normalize=normalize,
                                            cu_seqlens=cu, output_final_state=True)

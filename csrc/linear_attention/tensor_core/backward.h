@@ -73,8 +73,8 @@ LINATTN_HD LINATTN_INLINE void run_query_gradient_block(const Exec& exec, const 
   };
   auto nothing = [](const WarpContext&, State&, uint32_t) {};
   int64_t q_begin = 0, q_end = 0, k_begin = 0, k_end = 0;
-  blk.row_range(p.q_len, p.segment_rows_q, q_begin, q_end);
-  blk.row_range(p.k_len, p.segment_rows_k, k_begin, k_end);
+  blk.query_rows(q_begin, q_end);
+  blk.key_rows(k_begin, k_end);
   exec([&](const WarpContext& w, State& s) {
     blk.load_s(w, s);
     publish(w, s);
@@ -125,7 +125,7 @@ LINATTN_HD LINATTN_INLINE void run_query_sums_block(const Exec& exec, const Back
   using State = QueryState<DK, DV>;
   const Block blk(p, block);
   int64_t k_begin = 0, k_end = 0;
-  blk.row_range(p.k_len, p.segment_rows_k, k_begin, k_end);
+  blk.key_rows(k_begin, k_end);
   exec([&](const WarpContext& w, State& s) { blk.load_s(w, s); });
   stream_chunks(exec, blk, k_begin, k_end, false, false, true, [](const WarpContext&, State&, uint32_t) {},
                 [&](const WarpContext& w, State& s, uint32_t base, int64_t, int rows) {
@@ -161,8 +161,8 @@ LINATTN_HD LINATTN_INLINE void run_key_value_gradient_block(const Exec& exec, co
   };
   auto nothing = [](const WarpContext&, State&, uint32_t) {};
   int64_t q_begin = 0, q_end = 0, k_begin = 0, k_end = 0;
-  blk.row_range(p.q_len, p.segment_rows_q, q_begin, q_end);
-  blk.row_range(p.k_len, p.segment_rows_k, k_begin, k_end);
+  blk.query_rows(q_begin, q_end);
+  blk.key_rows(k_begin, k_end);
   exec([&](const WarpContext& w, State& s) {
     blk.load_u(w, s);
     publish(w, s);

@@ -26,29 +26,33 @@ LINATTN_HD inline float derivative_from_feature(int map, float phi) {
 // kFading: the instance for a fading state (log_decay set), compiled apart so that its registers
 // do not weigh on the plain kernels.
 template <typename scalar_t, int DK, int DV, bool kFading = false>
-struct BackwardBlock {
+struct BackwardBlock : SequenceRows {
   using L = BackwardLayout<DK, DV>;
   static constexpr int kValueTiles = DV / 16;    // n8 tiles of a warp's half of the value columns
   static constexpr int kFeatureTiles = DK / 16;  // ... of the feature columns
   static constexpr int kKeyBlocks = kChunk / 16;
 
   const BackwardProblem<scalar_t>& p;
-  // Block index = bh · segments + segment; states are per block.
-  int64_t state_index, bh, b, h, segment;
+  // Block index = nh · segments + segment, nh = (batch or packed sequence) · heads + head; states
+  // are per block. Where its rows lie (bh, b, h, first, q_end, k_end) is the SequenceRows it
+  // derives from.
+  int64_t state_index, segment;
   Strided4<const scalar_t> cotangent;  // grad_out, which the G' rows are built from
 
   LINATTN_HD BackwardBlock(const BackwardProblem<scalar_t>& problem, int64_t index)
-      : p(problem),
+      : SequenceRows(sequence_rows(problem.packing, index / problem.segments, problem.heads, problem.q_len,
+                                   problem.k_len)),
+        p(problem),
         state_index(index),
-        bh(index / problem.segments),
-        b(bh / problem.heads),
-        h(bh % problem.heads),
         segment(index % problem.segments),
         cotangent(problem.grad_out) {}
 
-  // The block's rows [begin, end) of `rows` (all of them unless the sequence is split).
-  LINATTN_HD void row_range(int64_t rows, int64_t segment_rows, int64_t& begin, int64_t& end) const {
-    segment_row_range(p.segments, segment, rows, segment_rows, begin, end);
+  // The block's query and key rows [begin, end) (all of its sequence's unless it is split).
+  LINATTN_HD void query_rows(int64_t& begin, int64_t& end) const {
+    segment_row_range(p.segments, segment, first, q_end, p.segment_rows_q, begin, end);
+  }
+  LINATTN_HD void key_rows(int64_t& begin, int64_t& end) const {
+    segment_row_range(p.segments, segment, first, k_end, p.segment_rows_k, begin, end);
   }
 
   // The buffer of the block's step-th chunk.
@@ -65,10 +69,10 @@ struct BackwardBlock {
   // --- loads (as the forward's: each thread prepares the 16-byte pieces it copied) -------------
 
   LINATTN_HD warp::RowTile<scalar_t> rows_of(Operand operand) const {
-    if (operand == Operand::kQuery) return {&p.q, p.q_vector, p.q_len, p.feature_dim, DK, L::kQKPitch, L::kQ};
-    if (operand == Operand::kKey) return {&p.k, p.k_vector, p.k_len, p.feature_dim, DK, L::kQKPitch, L::kK};
-    if (operand == Operand::kValue) return {&p.v, p.v_vector, p.k_len, p.value_dim, DV, L::kVPitch, L::kV};
-    return {&cotangent, p.grad_vector, p.q_len, p.value_dim, DV, L::kGPitch, L::kG};
+    if (operand == Operand::kQuery) return {&p.q, p.q_vector, q_end, p.feature_dim, DK, L::kQKPitch, L::kQ};
+    if (operand == Operand::kKey) return {&p.k, p.k_vector, k_end, p.feature_dim, DK, L::kQKPitch, L::kK};
+    if (operand == Operand::kValue) return {&p.v, p.v_vector, k_end, p.value_dim, DV, L::kVPitch, L::kV};
+    return {&cotangent, p.grad_vector, q_end, p.value_dim, DV, L::kGPitch, L::kG};
   }
 
   // Issues the loads of a chunk: its query-side rows (Q, G) and/or key-side rows (K, V).
@@ -162,7 +166,7 @@ struct BackwardBlock {
           piece(lane, r, col);
           const int64_t row = start + r;
           inv[lane] = gn[lane] = 0.0f;
-          if (col != 0 || row >= p.q_len) return;
+          if (col != 0 || row >= q_end) return;
           const float* scalars = p.row_scalars + 2 * (bh * p.q_len + row);
           inv[lane] = warp::load_global(w, scalars);
           gn[lane] = warp::load_global(w, scalars + 1);
@@ -206,7 +210,7 @@ struct BackwardBlock {
       piece(lane, r, col);
       const int64_t row = start + r;
       inv[lane] = 1.0f;
-      if (col != 0 || row >= p.q_len || !p.normalize) return;
+      if (col != 0 || row >= q_end || !p.normalize) return;
       const float den = warp::load_global(w, p.normalizer + bh * p.q_len + row);
       inv[lane] = fused::vanished(den) ? 0.0f : 1.0f / den;
     });
@@ -219,7 +223,7 @@ struct BackwardBlock {
       float rounded_sum = 0.0f, any = 0.0f;
       LINATTN_UNROLL
       for (int i = 0; i < 8; ++i) {
-        if (row >= p.q_len || col + i >= p.value_dim) continue;
+        if (row >= q_end || col + i >= p.value_dim) continue;
         const float g = shared_element<scalar_t>(w, base + L::kG + r * L::kGPitch + (col + i) * 2);
         if (g == 0.0f) continue;  // adds nothing, not 0 · Inf
         any = 1.0f;
@@ -245,9 +249,9 @@ struct BackwardBlock {
       int r = 0, col = 0;
       piece(lane, r, col);
       const int64_t row = start + r;
-      if (row >= p.q_len || nonzero[lane] == 0.0f) inv[lane] = 0.0f;
+      if (row >= q_end || nonzero[lane] == 0.0f) inv[lane] = 0.0f;
       gn[lane] = inv[lane] != 0.0f ? -rounded_dot[lane] : 0.0f;
-      if (col != 0 || row >= p.q_len) return;
+      if (col != 0 || row >= q_end) return;
       float* scalars = p.row_scalars + 2 * (bh * p.q_len + row);
       warp::store_global(w, scalars, inv[lane]);
       warp::store_global(w, scalars + 1, gn[lane]);
@@ -257,7 +261,7 @@ struct BackwardBlock {
   // Once the chunk's copies issued by this warp have landed: prepares what it copied.
   LINATTN_HD void prepare_chunk(const WarpContext& w, uint32_t base, int64_t start, bool queries, bool keys) const {
     warp::cp_async_wait<0>(w);
-    if (fading()) load_chunk_decay<L>(w, p.log_decay + bh * p.k_len, p.k_len, start, base);
+    if (fading()) load_chunk_decay<L>(w, p.log_decay + bh * p.k_len, k_end, start, base);
     if (queries) {
       if (wants_queries()) prepare_features(w, Operand::kQuery, base, start);
       prepare_cotangent(w, base, start);
@@ -578,7 +582,7 @@ struct BackwardBlock {
       LINATTN_UNROLL
       for (int half = 0; half < 2; ++half) {
         const int64_t row = start + rb * 16 + warp::group_of(lane) + 8 * half;
-        if (row < p.q_len) warp::store_global(w, p.row_terms + (bh * p.q_len + row) * 4 + slot, sum[half][lane]);
+        if (row < q_end) warp::store_global(w, p.row_terms + (bh * p.q_len + row) * 4 + slot, sum[half][lane]);
       }
     });
   }
@@ -596,7 +600,7 @@ struct BackwardBlock {
   // cancel where o_i is close to what Sᵀ gives, so they keep fp32's precision until the difference.
   LINATTN_HD void query_gradient(const WarpContext& w, uint32_t base, int64_t start) const {
     const int rb = w.warp % 4, ch = w.warp / 4;
-    if (start + rb * 16 >= p.q_len) return;
+    if (start + rb * 16 >= q_end) return;
     constexpr bool fade = kFading;
     // (Registers bound the order, as in key_value_gradients: the scores packed to 16 bits first,
     // then the warp's features in parts of 32 columns, 16 with a fading state.)
@@ -635,7 +639,7 @@ struct BackwardBlock {
       if (fade) row_products(w, o, f0, base + L::kQ, sum);
       each_output(w, o, f0, [&](int r, int f, float x) {
         const int64_t row = start + r;
-        if (row >= p.q_len || f >= p.feature_dim) return;
+        if (row >= q_end || f >= p.feature_dim) return;
         if (p.feature_map != kFeatureIdentity)
           x *= derivative_from_feature(p.feature_map,
                                        shared_element<scalar_t>(w, base + L::kQ + r * L::kQKPitch + f * 2));
@@ -653,7 +657,7 @@ struct BackwardBlock {
   LINATTN_HD void key_value_gradients(const WarpContext& w, uint32_t base, int64_t start) const {
     // (warp::opaque: the addresses below are recomputed in each chunk, not kept across the loop.)
     const int warp_index = warp::opaque(w.warp), rb = warp_index % 4, ch = warp_index / 4;
-    if (start + rb * 16 >= p.k_len) return;
+    if (start + rb * 16 >= k_end) return;
     constexpr bool fade = kFading;
     // (Registers bound the order: the scores packed to 16 bits before any output tile starts, and
     // the warp's columns in parts of 32 (four 8-column tiles) beside U.)
@@ -677,7 +681,7 @@ struct BackwardBlock {
         }
         each_output(w, o, c0, [&](int r, int c, float x) {
           const int64_t row = start + r;
-          if (row >= p.k_len || c >= p.value_dim) return;
+          if (row >= k_end || c >= p.value_dim) return;
           warp::store_global(w, p.grad_v + (bh * p.k_len + row) * p.value_dim + c,
                              scalar_t(padded(row) ? 0.0f : x));
         });
@@ -731,7 +735,7 @@ struct BackwardBlock {
       if (fade) row_products(w, o, f0, base + L::kK, sum);
       each_output(w, o, f0, [&](int r, int f, float x) {
         const int64_t row = start + r;
-        if (row >= p.k_len || f >= p.feature_dim) return;
+        if (row >= k_end || f >= p.feature_dim) return;
         x *= derivative_from_feature(p.feature_map,
                                      shared_element<scalar_t>(w, base + L::kK + r * L::kQKPitch + f * 2));
         warp::store_global(w, p.grad_k + (bh * p.k_len + row) * p.feature_dim + f,

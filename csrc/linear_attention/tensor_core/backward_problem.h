@@ -61,8 +61,10 @@ struct BackwardProblem {
   scalar_t* grad_k = nullptr;         // (B, H, T_k, m)
   scalar_t* grad_v = nullptr;         // (B, H, T_k, dv)
   float* row_scalars = nullptr;       // (B, H, T_q, 2): written by the query pass, read by the other
+  // Packed sequences, as the forward's (ForwardProblem::packing): states per (sequence, head).
+  Packing packing;
 
-  LINATTN_HD int64_t blocks() const { return batch * heads * segments; }
+  LINATTN_HD int64_t blocks() const { return sequence_heads(packing, batch, heads) * segments; }
 };
 
 // Shared memory of one block: two chunk buffers, each with the chunk's φ(Q), φ(K), V and G' rows

@@ -62,8 +62,8 @@ LINATTN_HD LINATTN_INLINE void run_forward_block(const Exec& exec, const Forward
   };
 
   int64_t q_begin = 0, q_end = 0, k_begin = 0, k_end = 0;
-  blk.row_range(p.q_len, p.segment_rows_q, q_begin, q_end);
-  blk.row_range(p.k_len, p.segment_rows_k, k_begin, k_end);
+  blk.query_rows(q_begin, q_end);
+  blk.key_rows(k_begin, k_end);
   exec([&](const WarpContext& w, State& s) {
     blk.load_state(w, s);
     if (p.pass != Pass::kSegmentStates) blk.publish_state(w, s);

@@ -98,10 +98,10 @@ LINATTN_HD inline float shared_element(const WarpContext& w, uint32_t offset) {
 
 // The chunk's cumulative log factors b_r = a_0 + ... + a_r, e^{b_r} (what the earlier chunks'
 // state is worth at row r) and e^{b_last − b_r} (what key r is worth at the chunk's end), by warp 0,
-// from one sequence's `length` factors. Rows past the end have a = 0, so b_last is the last row's;
-// no exponent is positive.
+// from the chunk's rows `start` .. of a (batch, head)'s factors, its sequence ending at row `end`.
+// Rows past the end have a = 0, so b_last is the last row's; no exponent is positive.
 template <typename L>
-LINATTN_HD void load_chunk_decay(const WarpContext& w, const float* log_decay, int64_t length, int64_t start,
+LINATTN_HD void load_chunk_decay(const WarpContext& w, const float* log_decay, int64_t end, int64_t start,
                                  uint32_t base) {
   if (w.warp != 0) return;
   Lanes<float> b[2];
@@ -109,7 +109,7 @@ LINATTN_HD void load_chunk_decay(const WarpContext& w, const float* log_decay, i
     LINATTN_UNROLL
     for (int half = 0; half < 2; ++half) {
       const int64_t row = start + lane + 32 * half;
-      b[half][lane] = row < length ? warp::load_global(w, log_decay + row) : 0.0f;
+      b[half][lane] = row < end ? warp::load_global(w, log_decay + row) : 0.0f;
     }
   });
   const Lanes<float> total = warp::inclusive_scan_64(w, b);
@@ -179,24 +179,25 @@ LINATTN_HD void split_scaled_a_columns(const WarpContext& w, const Lanes<float> 
 }
 
 template <typename scalar_t, int DK, int DV>
-struct ForwardBlock {
+struct ForwardBlock : SequenceRows {
   using L = Layout<DK, DV>;
   using State = WarpState<DK, DV>;
   static constexpr int kColsPerHalf = DV / 16;  // value n8 tiles per output warp
   static constexpr int kOutTiles = kColsPerHalf + 1;  // plus the normalizer tile
 
   const ForwardProblem<scalar_t>& p;
-  // Block index = ((bh · segments) + segment) · value_tiles + tile; states are per (bh, segment).
-  int64_t tile, state_index, bh, b, h, segment, col0;
+  // Block index = ((nh · segments) + segment) · value_tiles + tile, nh = (batch or packed
+  // sequence) · heads + head; states are per (nh, segment). Where its rows lie (bh, b, h, first,
+  // q_end, k_end) is the SequenceRows it derives from.
+  int64_t tile, state_index, segment, col0;
   Strided4<const scalar_t> v_tile;  // v from the tile's first column
 
   LINATTN_HD ForwardBlock(const ForwardProblem<scalar_t>& problem, int64_t index)
-      : p(problem),
+      : SequenceRows(sequence_rows(problem.packing, index / problem.value_tiles / problem.segments, problem.heads,
+                                   problem.q_len, problem.k_len)),
+        p(problem),
         tile(index % problem.value_tiles),
         state_index(index / problem.value_tiles),
-        bh(state_index / problem.segments),
-        b(bh / problem.heads),
-        h(bh % problem.heads),
         segment(state_index % problem.segments),
         col0(tile * DV),
         v_tile(problem.v) {
@@ -206,9 +207,12 @@ struct ForwardBlock {
   // The chunk buffer of the block's chunk number `chunk` (counted from its first row).
   LINATTN_HD static uint32_t buffer(int64_t chunk) { return static_cast<uint32_t>((chunk & 1) * L::kBuffer); }
 
-  // The block's rows [begin, end) of `rows` (all of them unless the sequence is split).
-  LINATTN_HD void row_range(int64_t rows, int64_t segment_rows, int64_t& begin, int64_t& end) const {
-    segment_row_range(p.segments, segment, rows, segment_rows, begin, end);
+  // The block's query rows [begin, end) (all of its sequence's unless the sequence is split).
+  LINATTN_HD void query_rows(int64_t& begin, int64_t& end) const {
+    segment_row_range(p.segments, segment, first, q_end, p.segment_rows_q, begin, end);
+  }
+  LINATTN_HD void key_rows(int64_t& begin, int64_t& end) const {
+    segment_row_range(p.segments, segment, first, k_end, p.segment_rows_k, begin, end);
   }
 
   // --- loads ---------------------------------------------------------------------------------
@@ -218,9 +222,10 @@ struct ForwardBlock {
   // later every warp reads finished rows.
 
   LINATTN_HD warp::RowTile<scalar_t> rows_of(Operand operand) const {
-    if (operand == Operand::kQuery) return {&p.q, p.q_vector, p.q_len, p.feature_dim, DK, L::kQKPitch, L::kQ};
-    if (operand == Operand::kKey) return {&p.k, p.k_vector, p.k_len, p.feature_dim, DK, L::kQKPitch, L::kK};
-    return {&v_tile, p.v_vector, p.k_len, p.value_dim - col0, DV, L::kVPitch, L::kV};
+    // (Rows end with the block's sequence: a packed sequence's neighbour adds nothing.)
+    if (operand == Operand::kQuery) return {&p.q, p.q_vector, q_end, p.feature_dim, DK, L::kQKPitch, L::kQ};
+    if (operand == Operand::kKey) return {&p.k, p.k_vector, k_end, p.feature_dim, DK, L::kQKPitch, L::kK};
+    return {&v_tile, p.v_vector, k_end, p.value_dim - col0, DV, L::kVPitch, L::kV};
   }
 
   LINATTN_HD void load_rows(const WarpContext& w, Operand operand, uint32_t base, int64_t start) const {
@@ -288,7 +293,7 @@ struct ForwardBlock {
   LINATTN_HD bool fading() const { return p.log_decay != nullptr; }
 
   LINATTN_HD void load_decay(const WarpContext& w, uint32_t base, int64_t start) const {
-    load_chunk_decay<L>(w, p.log_decay + bh * p.k_len, p.k_len, start, base);
+    load_chunk_decay<L>(w, p.log_decay + bh * p.k_len, k_end, start, base);
   }
 
   // --- fragments (of prepared rows) ------------------------------------------------------------
@@ -408,7 +413,7 @@ struct ForwardBlock {
   LINATTN_HD void output(const WarpContext& w, uint32_t base, int64_t start, bool causal) const {
     const int rb = w.warp % 4, ch = w.warp / 4;
     const int64_t row0 = start + rb * 16;
-    if (row0 >= p.q_len) return;
+    if (row0 >= q_end) return;
     // (Registers bound the order: one 16-column slice of φ(Q) at a time, loaded again for the
     // state product, and the scores packed to 16 bits before the output tiles are started.)
     Fragment scores[kChunk / 16][4];  // A fragments of the masked scores, 16 keys each
@@ -483,7 +488,7 @@ struct ForwardBlock {
       LINATTN_UNROLL
       for (int half = 0; half < 2; ++half) {
         const int64_t row = row0 + g + 8 * half;
-        if (row >= p.q_len) continue;
+        if (row >= q_end) continue;
         const float den = (half == 0 ? den_top[lane] : den_bottom[lane]) + p.eps;
         const int64_t out_row = (bh * p.q_len + row) * p.value_dim;
         LINATTN_UNROLL

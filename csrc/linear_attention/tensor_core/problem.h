@@ -24,6 +24,46 @@ constexpr int kChunk = 64;  // rows per chunk: 4 row blocks of 16
 
 enum class Pass : int { kWhole = 0, kSegmentStates = 1, kSegmentOutputs = 2 };
 
+// Packed sequences (flash-attn's cu_seqlens, batch 1): sequence n is rows [offsets[n],
+// offsets[n + 1]) of every head (0 first, non-decreasing, the packed length last: checked on the
+// host for CPU tensors, clamped by sequence_rows on a GPU) with a state of its own, a block per
+// (sequence, head); `offsets` null: no packing.
+struct Packing {
+  const int32_t* offsets = nullptr;
+  int64_t sequences = 0;
+};
+
+// Where the rows of block sequence `nh` ((batch or packed sequence) · heads + head) lie: the
+// (batch, head) `bh` of the (B, H, T, ·) tensors that holds them (packed: batch 0) and its rows
+// [first, q_end) of the queries and [first, k_end) of the keys. A GPU caller's offsets are not
+// checked on the host (that would synchronise), so they are clamped into the packing: bad ones
+// never reach memory out of bounds.
+struct SequenceRows {
+  int64_t bh = 0, b = 0, h = 0, first = 0, q_end = 0, k_end = 0;
+};
+LINATTN_HD inline SequenceRows sequence_rows(const Packing& packing, int64_t nh, int64_t heads, int64_t q_len,
+                                             int64_t k_len) {
+  SequenceRows r;
+  r.h = nh % heads;
+  if (packing.offsets == nullptr) {
+    r.b = nh / heads;
+    r.bh = nh;
+    r.q_end = q_len;
+    r.k_end = k_len;
+  } else {
+    const int64_t n = nh / heads, first = packing.offsets[n], end = packing.offsets[n + 1];
+    r.bh = r.h;  // batch 0
+    r.first = first < 0 ? 0 : first < q_len ? first : q_len;
+    r.q_end = r.k_end = end < r.first ? r.first : end < q_len ? end : q_len;
+  }
+  return r;
+}
+
+// The number of (batch or sequence, head) pairs a launch has blocks for.
+LINATTN_HD inline int64_t sequence_heads(const Packing& packing, int64_t batch, int64_t heads) {
+  return (packing.offsets != nullptr ? packing.sequences : batch) * heads;
+}
+
 // Everything one launch reads and writes; one block per (batch, head) (and segment).
 template <typename scalar_t>
 struct ForwardProblem {
@@ -56,8 +96,11 @@ struct ForwardProblem {
   // Value dims wider than the kernel's DV run in tiles of DV columns, a block each (every tile
   // computes the normalizer; tile 0 writes it and the state's z column).
   int64_t value_tiles = 1;
+  // Packed sequences (q_len = k_len, no key padding, one segment), or none. States are then per
+  // (sequence, head), and a fading state's log factors (1, H, T).
+  Packing packing;
 
-  LINATTN_HD int64_t blocks() const { return batch * heads * segments * value_tiles; }
+  LINATTN_HD int64_t blocks() const { return sequence_heads(packing, batch, heads) * segments * value_tiles; }
 };
 
 // Shared memory of one block: two chunk buffers (Q, K and V rows, a non-finite flag, and for a
@@ -204,15 +247,15 @@ LINATTN_HD inline int64_t augmented_state_column(int col, int tile_cols, int64_t
   return col0 + col < value_dim ? col0 + col : -1;
 }
 
-// The rows [begin, end) of `rows` that segment `segment` of `segments` (segment_rows each) owns:
-// all of them unless the sequence is split.
-LINATTN_HD inline void segment_row_range(int64_t segments, int64_t segment, int64_t rows, int64_t segment_rows,
-                                         int64_t& begin, int64_t& end) {
-  begin = 0;
-  end = rows;
+// The rows [begin, end) of rows [first, last) that segment `segment` of `segments` (segment_rows
+// each) owns: all of them unless the sequence is split.
+LINATTN_HD inline void segment_row_range(int64_t segments, int64_t segment, int64_t first, int64_t last,
+                                         int64_t segment_rows, int64_t& begin, int64_t& end) {
+  begin = first;
+  end = last;
   if (segments == 1) return;
-  begin = segment * segment_rows < rows ? segment * segment_rows : rows;
-  end = begin + segment_rows < rows ? begin + segment_rows : rows;
+  begin = first + segment * segment_rows < last ? first + segment * segment_rows : last;
+  end = begin + segment_rows < last ? begin + segment_rows : last;
 }
 
 }  // namespace tensor_core
