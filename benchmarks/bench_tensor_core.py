@@ -5,7 +5,8 @@ GPU can give, from the warp emulation and the compiled cubins.
   - linear attention: emulated global traffic of one forward as a multiple of its floor (reading
     q, k, v and writing o once), and ldmatrix wavefronts per 8x8 matrix (1.00 = no bank
     conflicts), at the issue's shape: B=1 H=2 D=128 T=4096 bf16, causal and not; the same for
-    one backward (floor: q, k, v, o, grad_out read, dq, dk, dv written once);
+    one backward (floor: q, k, v, o, grad_out read, dq, dk, dv written once); the same for a
+    causal forward and backward of packed sequences (cu_seqlens, documents of mixed lengths);
   - the flash engine, sliding window (256, 256) and causal at B=1 H=2 D=64 T=4096 bf16: score
     pairs computed per visible pair (the tiles' waste at the band's edges), K/V bytes read per
     visited key tile's bytes (1.00 = each visited tile read once) and wavefronts per matrix;
@@ -21,6 +22,7 @@ nvidia-cuda-nvdisasm); without them, or in a build without the CUDA kernels, the
 left out. Writes results/tensor_core.json.
 """
 import argparse
+import itertools
 import os
 import re
 import shutil
@@ -114,6 +116,36 @@ def emulated_backward_figures(T, D, causal, processors, gated=False):
             "read_bytes": read,
             "written_bytes": written,
             "traffic_over_floor": (read + written) / floor, "wavefronts_per_matrix": wavefronts / max(matrices, 1)}
+
+
+def packing_of(T):
+    """cu_seqlens cutting T rows into documents of mixed lengths (none a multiple of the chunk)."""
+    lengths, total = [], 0
+    for length in itertools.cycle((700, 33, 1500, 250, 97)):
+        length = min(length, T - total)
+        if length <= 0:
+            break
+        lengths.append(length)
+        total += length
+    return torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32)
+
+
+def emulated_packed_figures(T, D):
+    """One causal forward and backward of T packed rows in documents of mixed lengths (packing_of),
+    H=2: traffic over the same floors as above (forward: q, k, v read + o written; backward: q, k,
+    v, o, grad_out read + dq, dk, dv written)."""
+    q, k, v = (torch.randn(1, 2, T, D).mul(0.3).bfloat16() for _ in range(3))
+    cu = packing_of(T)
+    torch.ops.linattn._reset_warp_emulation_counters()
+    out, _, normalizer = torch.ops.linattn.linear_attn_fwd_fused(q, k, v, None, None, ELU, True, True, 1e-6, None, cu)
+    _, _, _, _, read, written = torch.ops.linattn._warp_emulation_counters().tolist()
+    forward = (read + written) / (4 * 2 * T * D * 2)
+    torch.ops.linattn._reset_warp_emulation_counters()
+    torch.ops.linattn.linear_attn_bwd_fused(torch.randn_like(out), None, q, k, v, out, normalizer, None, None, ELU,
+                                            True, True, None, None, cu)
+    _, _, _, _, read, written = torch.ops.linattn._warp_emulation_counters().tolist()
+    return {"T": T, "D": D, "sequences": len(cu) - 1, "forward_traffic_over_floor": forward,
+            "backward_traffic_over_floor": (read + written) / (8 * 2 * T * D * 2)}
 
 
 def emulated_delta_figures(T, D, causal, processors):
@@ -242,6 +274,10 @@ def main():
         print(f"  {mask:>6}, {kind}: traffic {e['traffic_over_floor']:.3f}x the floor "
               f"(target <= 1.3 unsplit), {e['wavefronts_per_matrix']:.2f} wavefronts per ldmatrix matrix, "
               f"{e['mma']} mma")
+    packed = emulated_packed_figures(T, 128)
+    print(f"Emulated tensor-core forward and backward of {packed['sequences']} packed sequences (cu_seqlens, "
+          f"lengths 33-1500), H=2 D=128 T={T} bf16, causal: traffic {packed['forward_traffic_over_floor']:.3f}x "
+          f"and {packed['backward_traffic_over_floor']:.3f}x their floors (above)")
     delta = [emulated_delta_figures(T, 128, causal, processors) for processors, causal in
              ((2, True), (2, False), (132, True))]
     print(f"Emulated delta-rule forward (Gated DeltaNet), B=1 H=2 D=128 T={T} bf16 (floor = q, k, v, beta, g read "
@@ -279,8 +315,8 @@ def main():
         print("  Linear (both directions): below two blocks per SM because each block keeps its fp32 state in\n"
               "  its 8 warps' registers (at D = 128 a lane holds 68 of them) and two chunk buffers in shared\n"
               "  memory; the next chunk's cp.async copies hide the load latency instead of a second block.")
-    figures = {"machine": machine_info(), "emulated": emulated, "backward": backward, "delta": delta, "flash": flash,
-               "cubins": cubins}
+    figures = {"machine": machine_info(), "emulated": emulated, "backward": backward, "packed": packed,
+               "delta": delta, "flash": flash, "cubins": cubins}
     path, _ = write_results("results", "tensor_core", figures)
     print(f"Wrote {path}")
 

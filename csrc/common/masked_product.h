@@ -2,7 +2,8 @@
 // excluded, never multiplied by 0: with an Inf or NaN in the right operand, 0·Inf = NaN would
 // otherwise reach rows that cannot see that position. Finite operands (the common case, found
 // by a vectorized scan) take one GEMM, since then 0·x = 0 exactly; others an exact loop that
-// skips the masked pairs. Shared by the linear-attention and window-attention CPU kernels.
+// skips the masked pairs. Shared by the linear-attention, delta-rule and window-attention CPU
+// kernels.
 #pragma once
 
 #include "cpu_isa.h"
@@ -49,6 +50,16 @@ void add_masked_product(bool transpose_a, int64_t M, int64_t N, int64_t w, const
       for (int64_t c = 0; c < w; ++c) o[c] += a * x[c];
     }
   }
+}
+
+// out (L × w) += tril(A)·X, or tril(A)ᵀ·X when transpose_a: the causal product of a chunk,
+// A's strictly upper triangle already 0 and excluded (linear attention's chunks, the delta rule's
+// P·u).
+template <typename acc_t>
+void add_causal_product(bool transpose_a, int64_t L, int64_t w, const acc_t* A, int64_t lda,
+                        const acc_t* X, int64_t ldx, acc_t* out, int64_t ldo) {
+  add_masked_product(transpose_a, L, L, w, A, lda, X, ldx, out, ldo,
+                     [](int64_t i, int64_t j) { return j <= i; });
 }
 
 }  // namespace LINATTN_ISA

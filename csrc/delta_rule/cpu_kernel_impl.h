@@ -20,6 +20,7 @@
 // the chunks in reverse with the gradient of the state, dS, differentiating each step above;
 // the solves' adjoints are backward substitutions with (I + A)ᵀ.
 #include "../common/cpu_gemm.h"
+#include "../common/masked_product.h"
 #include "../common/row_loader.h"
 
 namespace linattn {
@@ -279,7 +280,9 @@ struct DeltaKernel {
         gemm<acc_t>(false, false, L, dv, dk, Q.data(), dk, S.data(), dv, acc_t(0), O.data(), dv);
         for (int64_t i = 0; i < L; ++i)
           for (int64_t c = 0; c < dv; ++c) O[i * dv + c] *= eG[i];
-        gemm<acc_t>(false, false, L, dv, L, P.data(), C, u.data(), dv, acc_t(1), O.data(), dv);
+        // (The masked pairs left out, not multiplied by 0: a later row's Inf or NaN in u never
+        // reaches an earlier row, as in the per-token recurrence.)
+        add_causal_product(false, L, dv, P.data(), C, u.data(), dv, O.data(), dv);
         for (int64_t e = 0; e < L * dv; ++e) O[e] *= scale;
         store_rows(x.out + row_index(it, r0) * dv, O.data(), L, dv);
       }

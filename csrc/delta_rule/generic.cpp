@@ -8,6 +8,7 @@
 // (every device without a kernel of its own) and their *_generic twins (what the tests run on
 // CPU tensors). Packed batches loop over their sequences: cu_seqlens is read on the host.
 #include "op_checks.h"
+#include "../common/causal_product.h"
 
 #include <ATen/ATen.h>
 #include <torch/library.h>
@@ -95,8 +96,9 @@ Walk walk(const Chunks& c, at::Tensor S, bool causal, double scale) {
     const at::Tensor u = c.U.select(2, n) - at::matmul(c.W.select(2, n), S);
     us.push_back(u);
     if (causal) {
+      // (P·u with the masked pairs left out: a later row's Inf or NaN never reaches an earlier one.)
       outs.push_back((at::matmul(c.eG.select(2, n).unsqueeze(-1) * c.q.select(2, n), S) +
-                      at::matmul(c.P.select(2, n), u)) * scale);
+                      causal_product(c.P.select(2, n), u)) * scale);
     }
     S = c.carry.select(2, n).unsqueeze(-1) * S + at::matmul(c.Kt.select(2, n).transpose(-1, -2), u);
   }

@@ -62,15 +62,6 @@ bool vanished(acc_t d) {
   return std::abs(d) < std::numeric_limits<acc_t>::min();
 }
 
-// out (L × w) += tril(A)·X, or tril(A)ᵀ·X when transpose_a: the causal product of a chunk,
-// A's strictly upper triangle masked (keep_causal has zeroed it) and excluded.
-template <typename acc_t>
-void add_causal_product(bool transpose_a, int64_t L, int64_t w, const acc_t* A, int64_t lda,
-                        const acc_t* X, int64_t ldx, acc_t* out, int64_t ldo) {
-  add_masked_product(transpose_a, L, L, w, A, lda, X, ldx, out, ldo,
-                     [](int64_t i, int64_t j) { return j <= i; });
-}
-
 // A block of L rows in the accumulation type: the input itself where it can be multiplied in
 // place (see Kernel::kInPlace), else a scratch copy. ld is its row stride in elements.
 template <typename acc_t>

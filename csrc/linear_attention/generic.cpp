@@ -4,6 +4,7 @@
 // CompositeExplicitAutograd kernel of the main operators, and under the *_generic names so
 // the tests can run it on CPU tensors; the fading and packed forms are in fading_generic.cpp.
 #include "generic.h"
+#include "../common/causal_product.h"
 #include "op_checks.h"
 #include "plain_entry.h"
 
@@ -48,19 +49,6 @@ at::Tensor feature_derivative(const at::Tensor& x, FeatureMap map) {
 
 namespace {
 
-// tril(A)·V for a batch of chunks (A is the caller's temporary: masked in place), the strictly
-// upper (masked) pairs excluded rather than multiplied by 0: non-finite entries of V are taken
-// out of the product, and the entries of the rows that can see one (same column, same or earlier
-// row) are NaN. Without a host-side branch on the data this costs a few element-wise passes, no
-// extra product.
-at::Tensor causal_product(at::Tensor A, const at::Tensor& V) {
-  const at::Tensor finite_part = at::nan_to_num(V, 0.0, 0.0, 0.0);
-  const at::Tensor non_finite = at::ne(finite_part, V);  // NaN != 0, ±inf != 0
-  at::Tensor product = at::matmul(A.tril_(), finite_part);
-  // int32 counts: ONNX's CumSum (exports trace this path) takes no byte type.
-  return product.masked_fill_(at::cumsum(non_finite, -2, at::kInt).gt(0), NAN);
-}
-
 // For every row i: O_i = Q_i (S0 + Σ_{j≤i} K_j V_jᵀ); also returns the final state. S0 may be
 // undefined (no initial state: nothing to add).
 // Q, K: (B, H, T, a); V: (B, H, T, b); S0: (B, H, a, b).
@@ -79,7 +67,7 @@ std::tuple<at::Tensor, at::Tensor> causal_scan(const at::Tensor& Q, const at::Te
     return (pad ? at::constant_pad_nd(x, {0, 0, 0, pad}) : x).reshape({B * H * n, C, x.size(3)});
   };
   const at::Tensor Qc = chunked(Q), Kc = chunked(K), Vc = chunked(V);
-  at::Tensor O = causal_product(at::bmm(Qc, Kc.transpose(-1, -2)), Vc);
+  at::Tensor O = causal_product(at::bmm(Qc, Kc.transpose(-1, -2)).tril_(), Vc);
   // The state before each chunk, written in place: S0 (or 0) before the first, then S0 plus the
   // prefix sums of the chunks' own states.
   const at::Tensor chunk_states = at::bmm(Kc.transpose(-1, -2), Vc).view({B, H, n, a, b});

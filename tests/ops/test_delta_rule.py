@@ -306,3 +306,20 @@ def test_bad_packing_offsets_raise(implementation):
         linattn.delta_rule_attention(q, k, v, beta, cu_seqlens=cu[:-1])
     with pytest.raises(RuntimeError, match="non-decreasing"):
         linattn.delta_rule_attention(q, k, v, beta, cu_seqlens=torch.tensor([0, 100, 50, cu[-1]], dtype=torch.int32))
+
+
+@pytest.mark.parametrize("poisoned", ["v", "k", "q"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_a_later_non_finite_row_never_reaches_earlier_rows(implementation, poisoned, value):
+    """Inf or NaN in row 40 of q, k or v (inside the first 64-row chunk): every earlier row's output
+    is what it is without row 40 (the per-token recurrence never lets row j reach a row i < j), and
+    finite. The chunk's intra-chunk product P·u must leave the masked pairs out rather than
+    multiply them by 0 (0 · NaN = NaN)."""
+    q, k, v, beta, gate, S0 = make(B=1, H=2, T=70)
+    clean = linattn.delta_rule_attention(q, k, v, beta, gate=gate, initial_state=S0)
+    inputs = {"q": q.clone(), "k": k.clone(), "v": v.clone()}
+    inputs[poisoned][:, :, 40, 1] = value
+    out = linattn.delta_rule_attention(inputs["q"], inputs["k"], inputs["v"], beta, gate=gate, initial_state=S0)
+    assert torch.isfinite(out[:, :, :40]).all(), "a later row's Inf/NaN reached earlier rows"
+    assert_close(out[:, :, :40], clean[:, :, :40], 1e-12, "earlier rows")
+    assert not torch.isfinite(out[:, :, 40]).all(), "the poisoned row itself must see its value"
