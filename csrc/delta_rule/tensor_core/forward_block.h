@@ -224,8 +224,8 @@ struct DeltaForwardBlock {
     warp::store_shared<uint16_t>(w, L::kTu + at, scalar_t(x * beta).x);
   }
 
-  // The four diagonal blocks of T, column by column (threads 0 .. 63: block c / 16, column c % 16),
-  // and zeros in the blocks above the diagonal that the doubling products read (T01, T23).
+  // The four diagonal blocks of T, column by column (threads 0 .. 63: block c / 16, column c % 16).
+  // (The blocks above the diagonal are never read: the doubling products skip T's upper triangle.)
   LINATTN_HD void invert_diagonal_blocks(const WarpContext& w) const {
     if (w.warp >= 2) return;
     warp::for_lanes(w, [&](int lane) {
@@ -238,22 +238,25 @@ struct DeltaForwardBlock {
         for (int m = 0; m < i; ++m) s -= square(w, L::kA, o + i, o + m) * x[m];
         x[i] = s;
         set_inverse(w, o + i, o + j, s);
-        if (bb % 2 == 1) set_square(w, L::kT, o - 16 + i, o + j, 0.0f);
       }
     });
   }
 
   // dst (rows × cols at (r0, c0) of T, or of the product scratch when `into_inverse` is false) =
   // sign · lhs · rhs, lhs rows × inner at (lr, lc) of `lhs_matrix`, rhs inner × cols at (rr, rc)
-  // of `rhs_matrix` (square matrices or the scratch, by its own pitch).
+  // of `rhs_matrix` (square matrices or the scratch, by its own pitch). One factor is a lower-
+  // triangular block of T (`lower_lhs`: the left one, else the right one), whose zeros above the
+  // diagonal are skipped rather than multiplied: half the work, and no 0 · NaN from a later row.
   LINATTN_HD void product(const WarpContext& w, int rows, int cols, int inner, int lhs_matrix, int lr, int lc,
-                          int rhs_matrix, int rr, int rc, bool into_inverse, int r0, int c0, float sign) const {
+                          int rhs_matrix, int rr, int rc, bool lower_lhs, bool into_inverse, int r0, int c0,
+                          float sign) const {
     const auto pitch_of = [](int matrix) { return matrix == L::kProduct ? L::kProductPitch : L::kSquarePitch; };
     const int lp = pitch_of(lhs_matrix), rp = pitch_of(rhs_matrix);
     each_block_element(w, rows * cols, [&](int e) {
       const int r = e / cols, c = e % cols;
       float s = 0.0f;
-      for (int k = 0; k < inner; ++k) {
+      const int k_begin = lower_lhs ? 0 : c, k_end = lower_lhs ? r + 1 : inner;
+      for (int k = k_begin; k < k_end; ++k) {
         s += warp::load_shared<float>(w, static_cast<uint32_t>(lhs_matrix + ((lr + r) * lp + lc + k) * 4)) *
              warp::load_shared<float>(w, static_cast<uint32_t>(rhs_matrix + ((rr + k) * rp + rc + c) * 4));
       }
@@ -271,15 +274,15 @@ struct DeltaForwardBlock {
   //   step 2: P = A[32:, :32] T[:32, :32];  step 3: T[32:, :32] = −T[32:, 32:] P.
   LINATTN_HD void inverse_step(const WarpContext& w, int step) const {
     if (step == 0) {
-      product(w, 16, 16, 16, L::kA, 16, 0, L::kT, 0, 0, false, 0, 0, 1.0f);
-      product(w, 16, 16, 16, L::kA, 48, 32, L::kT, 32, 32, false, 16, 0, 1.0f);
+      product(w, 16, 16, 16, L::kA, 16, 0, L::kT, 0, 0, false, false, 0, 0, 1.0f);
+      product(w, 16, 16, 16, L::kA, 48, 32, L::kT, 32, 32, false, false, 16, 0, 1.0f);
     } else if (step == 1) {
-      product(w, 16, 16, 16, L::kT, 16, 16, L::kProduct, 0, 0, true, 16, 0, -1.0f);
-      product(w, 16, 16, 16, L::kT, 48, 48, L::kProduct, 16, 0, true, 48, 32, -1.0f);
+      product(w, 16, 16, 16, L::kT, 16, 16, L::kProduct, 0, 0, true, true, 16, 0, -1.0f);
+      product(w, 16, 16, 16, L::kT, 48, 48, L::kProduct, 16, 0, true, true, 48, 32, -1.0f);
     } else if (step == 2) {
-      product(w, 32, 32, 32, L::kA, 32, 0, L::kT, 0, 0, false, 0, 0, 1.0f);
+      product(w, 32, 32, 32, L::kA, 32, 0, L::kT, 0, 0, false, false, 0, 0, 1.0f);
     } else {
-      product(w, 32, 32, 32, L::kT, 32, 32, L::kProduct, 0, 0, true, 32, 0, -1.0f);
+      product(w, 32, 32, 32, L::kT, 32, 32, L::kProduct, 0, 0, true, true, 32, 0, -1.0f);
     }
   }
 
