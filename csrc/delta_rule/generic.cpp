@@ -90,23 +90,22 @@ struct Walk {
 };
 
 Walk walk(const Chunks& c, at::Tensor S, bool causal, double scale) {
-  std::vector<at::Tensor> entering, us, outs;
+  std::vector<at::Tensor> entering, us;
   for (int64_t n = 0; n < c.count; ++n) {
     entering.push_back(S);
     const at::Tensor u = c.U.select(2, n) - at::matmul(c.W.select(2, n), S);
     us.push_back(u);
-    if (causal) {
-      // (P·u with the masked pairs left out: a later row's Inf or NaN never reaches an earlier one.)
-      outs.push_back((at::matmul(c.eG.select(2, n).unsqueeze(-1) * c.q.select(2, n), S) +
-                      causal_product(c.P.select(2, n), u)) * scale);
-    }
     S = c.carry.select(2, n).unsqueeze(-1) * S + at::matmul(c.Kt.select(2, n).transpose(-1, -2), u);
   }
   Walk w;
   w.entering = at::stack(entering, 2);
   w.u = at::stack(us, 2);
-  if (causal) w.out = at::stack(outs, 2);
   w.final_state = S;
+  if (causal) {
+    // Every chunk's outputs at once (a few launches, not a few per chunk), from the states entering
+    // them; P·u with the masked pairs left out: a later row's Inf or NaN never reaches an earlier one.
+    w.out = (at::matmul(c.eG.unsqueeze(-1) * c.q, w.entering) + causal_product(c.P, w.u)) * scale;
+  }
   return w;
 }
 
