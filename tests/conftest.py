@@ -75,6 +75,23 @@ def gated_inputs(B, H, T, m, dv, dtype, seed, strength=1.0):
     return q, k, v, decay.float(), gate.float()
 
 
+def fading_extremes(m, dv, strength):
+    """B=2 H=2 T=150 gated inputs (gated_inputs, bf16) at one of the fading extremes — strength 0:
+    no fading at all (decay 1, gates 0); 30: a state that forgets within a token — with a key
+    padding mask (sequence 1 padded from row 100, key 3 of sequence 0) and an initial state
+    (S0, z0), z0 in [0, 2). Returns q, k, v, decay, gate, mask, (S0, z0)."""
+    B, H, T = 2, 2, 150
+    q, k, v, decay, gate = gated_inputs(B, H, T, m, dv, torch.bfloat16, seed=5, strength=strength)
+    if strength == 0.0:
+        decay = torch.ones_like(decay)
+    mask = torch.zeros(B, T, dtype=torch.bool)
+    mask[1, 100:] = True
+    mask[0, 3] = True
+    g = torch.Generator().manual_seed(9)
+    state = (torch.randn(B, H, m, dv, generator=g), torch.rand(B, H, m, generator=g) * 2)
+    return q, k, v, decay, gate, mask, state
+
+
 def gated_reference(q, k, v, decay, gate, **options):
     """linattn.reference.decayed_linear_attention (float64) with the log factors of decay and gate."""
     from linattn import reference

@@ -11,7 +11,7 @@ import torch
 
 import linattn
 from linattn import ops
-from conftest import TOLERANCE, assert_close, gated_inputs, gated_reference, log_factors
+from conftest import TOLERANCE, assert_close, fading_extremes, gated_inputs, gated_reference, log_factors
 
 FWD = torch.ops.linattn.linear_attn_fwd_fused.default
 BWD = torch.ops.linattn.linear_attn_bwd_fused.default
@@ -87,15 +87,7 @@ def test_feature_maps_padding_and_initial_state(strength, feature_map, normalize
     """No fading (log factors 0) and a state that forgets within a token, under each feature map
     (unnormalized, φ(q)·dφ(q) carries the whole query side of dL/dc; normalized, it is nearly 0),
     with padded keys and an initial state whose gradients are checked too."""
-    B, H, T, m, dv = 2, 2, 150, 64, 48
-    q, k, v, decay, gate = gated_inputs(B, H, T, m, dv, torch.bfloat16, seed=5, strength=strength)
-    if strength == 0.0:
-        decay = torch.ones_like(decay)
-    mask = torch.zeros(B, T, dtype=torch.bool)
-    mask[1, 100:] = True
-    mask[0, 3] = True
-    g = torch.Generator().manual_seed(9)
-    state = (torch.randn(B, H, m, dv, generator=g), torch.rand(B, H, m, generator=g) * 2)
+    q, k, v, decay, gate, mask, state = fading_extremes(64, 48, strength)
     grads, ref = gradients(q, k, v, decay, gate, initial_state=state, key_padding_mask=mask, feature_map=feature_map,
                            normalize=normalize)
     check(grads, ref, 2 * TOLERANCE[torch.bfloat16])

@@ -12,7 +12,8 @@ import torch
 
 import linattn
 from linattn import ops, reference
-from conftest import TOLERANCE, assert_close, compiled_kernel_rows, gated_inputs, gated_reference, log_factors
+from conftest import (TOLERANCE, assert_close, compiled_kernel_rows, fading_extremes, gated_inputs, gated_reference,
+                      log_factors)
 
 FWD = torch.ops.linattn.linear_attn_fwd_fused.default
 HALF_TYPES = [torch.bfloat16, torch.float16]
@@ -356,16 +357,7 @@ def test_fading_state_runs_on_tensor_cores(dtype, T, m, dv):
 def test_fading_state_extremes_padding_and_initial_state(strength):
     """No fading (log factors 0) and a state that forgets within a token (e^(-3) per step and
     less), with key padding and an initial state, through the tensor cores."""
-    B, H, T, m, dv = 2, 2, 150, 64, 64
-    q, k, v, decay, gate = gated_inputs(B, H, T, m, dv, torch.bfloat16, seed=5, strength=strength)
-    if strength == 0.0:
-        decay = torch.ones_like(decay)
-    mask = torch.zeros(B, T, dtype=torch.bool)
-    mask[1, 100:] = True
-    mask[0, 3] = True
-    g = torch.Generator().manual_seed(9)
-    S0 = torch.randn(B, H, m, dv, generator=g)
-    z0 = torch.rand(B, H, m, generator=g) * 2
+    q, k, v, decay, gate, mask, (S0, z0) = fading_extremes(64, 64, strength)
     torch.ops.linattn._reset_warp_emulation_counters()
     with ops.fused_implementation():
         out, (S, z) = linattn.linear_attention(q, k, v, causal=True, decay=decay, gate=gate, key_padding_mask=mask,
