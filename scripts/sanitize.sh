@@ -37,7 +37,8 @@ cd "$BUILD"
   "$ROOT"/tests/ops/test_fused_kernels.py "$ROOT"/tests/ops/test_fuzz.py "$ROOT"/tests/ops/test_autograd_registration.py \
   "$ROOT"/tests/ops/test_delta_rule.py "$ROOT"/tests/ops/test_delta_rule_fuzz.py \
   "$ROOT"/tests/ops/test_warp_layer.py "$ROOT"/tests/ops/test_tensor_core_forward.py \
-  "$ROOT"/tests/ops/test_tensor_core_backward.py "$ROOT"/tests/ops/test_delta_rule_tensor_core.py \
+  "$ROOT"/tests/ops/test_tensor_core_backward.py "$ROOT"/tests/ops/test_tensor_core_fading_backward.py \
+  "$ROOT"/tests/ops/test_tensor_core_packed.py "$ROOT"/tests/ops/test_delta_rule_tensor_core.py \
   "$ROOT"/tests/ops/test_delta_rule_step_kernel.py \
   "$ROOT"/tests/ops/test_flash_forward.py "$ROOT"/tests/ops/test_flash_backward.py \
   -k "not swin_swap_models" "$@"
