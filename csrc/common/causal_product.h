@@ -1,24 +1,34 @@
 // The device-generic (ATen) form of common/masked_product.h's causal product: tril(A)·V for a batch
 // of chunks with the strictly upper (masked) pairs excluded rather than multiplied by 0. Non-finite
-// entries of V are taken out of the product and the entries of the rows that can see one (same
-// column, same or later row) are NaN, so a later row's Inf or NaN never reaches an earlier row.
-// Without a host-side branch on the data (no synchronisation) it costs a few element-wise passes,
-// no extra product. Shared by the generic linear attention and delta rule.
+// entries of V are taken out of the product and given back as marks to the rows that can see one
+// (same column, same or later row), so a later row's Inf or NaN never reaches an earlier row.
+// Without a host-side branch on the data (no synchronisation) it costs three element-wise passes,
+// no extra product. Shared by the generic linear attention (forward and backward) and delta rule.
 #pragma once
 
 #include <ATen/ATen.h>
-
-#include <cmath>
+#include <ATen/core/grad_mode.h>
 
 namespace linattn {
 
+// V (…, L, w) as its finite part (non-finite entries 0) and the marks of what was dropped, summed
+// down the rows (dim -2): 0 until a row meets a non-finite entry in its column, ±inf or NaN from
+// there on. Adding the marks to a product of the finite part gives the rows that met one their
+// non-finite value back. With `consume`, V (a temporary of the caller's) becomes the marks.
+struct FiniteSplit {
+  at::Tensor finite, marks;
+};
+
+inline FiniteSplit split_non_finite(at::Tensor V, bool consume = false) {
+  at::Tensor finite = at::nan_to_num(V, 0.0, 0.0, 0.0);
+  if (at::GradMode::is_enabled() && V.requires_grad()) return {finite, (V - finite).detach().cumsum(-2)};
+  return {finite, (consume ? V.sub_(finite) : V - finite).cumsum_(-2)};
+}
+
 // `lower`: A with its strictly upper triangle already 0 (… , L, L); V (… , L, w).
 inline at::Tensor causal_product(const at::Tensor& lower, const at::Tensor& V) {
-  const at::Tensor finite_part = at::nan_to_num(V, 0.0, 0.0, 0.0);
-  const at::Tensor non_finite = at::ne(finite_part, V);  // NaN != 0, ±inf != 0
-  at::Tensor product = at::matmul(lower, finite_part);
-  // int32 counts: ONNX's CumSum (exports trace this path) takes no byte type.
-  return product.masked_fill_(at::cumsum(non_finite, -2, at::kInt).gt(0), NAN);
+  const FiniteSplit split = split_non_finite(V);
+  return at::matmul(lower, split.finite).add_(split.marks);
 }
 
 }  // namespace linattn

@@ -248,11 +248,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_fading_generic(
   check_log_decay(log_decay, q, sizes);
   const auto acc = accumulate_type(q.scalar_type());
   const auto map = static_cast<FeatureMap>(feature_map);
-  const at::Tensor Q = features(q.to(acc), map);
-  const at::Tensor K = key_features(k.to(acc), key_padding_mask, map);
+  const std::vector<at::Tensor> phi = query_key_features(q, k, map, acc);
+  const at::Tensor K = mask_padded_keys(phi[1], k, key_padding_mask);
   const at::Tensor Vp = augmented_values(v, key_padding_mask, acc);
-  const ScanResult r = decayed_scan(Q, K, Vp, log_decay, initial_state.value_or(at::Tensor()), at::Tensor());
-  const auto [out, normalizer] = normalized_output(r.out, v.size(3), normalize, eps, q.scalar_type());
+  const ScanResult r = decayed_scan(phi[0], K, Vp, log_decay, initial_state.value_or(at::Tensor()), at::Tensor());
+  const bool may_vanish = !normalizer_cannot_vanish(map, initial_state.has_value(), eps, acc);
+  const auto [out, normalizer] = normalized_output(r.out, v.size(3), normalize, eps, q.scalar_type(), may_vanish);
   return {out, r.final_state.contiguous(), normalizer.contiguous()};
 }
 
@@ -304,8 +305,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_packed_generic(
   const at::Tensor sums = causal ? decayed_scan(in.Q, in.K, in.Vp, in.a, at::Tensor(), in.rows.ids).out
                                  : whole_sequence_sums(in.Q, in.K, in.Vp, in.rows.ids);
   const at::Tensor final_state = in.rows.as_states(sums.index_select(2, in.rows.state_rows));
+  const bool may_vanish = !normalizer_cannot_vanish(static_cast<FeatureMap>(feature_map), initial_state.has_value(),
+                                                    eps, accumulate_type(q.scalar_type()));
   const auto [out, normalizer] =
-      normalized_output(sums.index_select(2, in.rows.real), v.size(3), normalize, eps, q.scalar_type());
+      normalized_output(sums.index_select(2, in.rows.real), v.size(3), normalize, eps, q.scalar_type(), may_vanish);
   return {out, final_state.contiguous(), normalizer.contiguous()};
 }
 

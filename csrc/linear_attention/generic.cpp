@@ -2,7 +2,8 @@
 // matmuls and a cumulative sum over chunk states), so that CUDA and every other backend get
 // a correct implementation without a fused kernel. It is registered as the
 // CompositeExplicitAutograd kernel of the main operators, and under the *_generic names so
-// the tests can run it on CPU tensors; the fading and packed forms are in fading_generic.cpp.
+// the tests can run it on CPU tensors; the plain forward is in generic_forward.cpp, the fading
+// and packed forms in fading_generic.cpp.
 #include "generic.h"
 #include "../common/causal_product.h"
 #include "op_checks.h"
@@ -12,16 +13,13 @@
 #include <torch/library.h>
 
 #include <limits>
+#include <vector>
 
 namespace linattn {
 
-namespace {
+bool tracked(const at::Tensor& x) { return x.defined() && at::GradMode::is_enabled() && x.requires_grad(); }
 
-// Whether autograd records ops on x (the CompositeImplicitAutograd kernels run this code on
-// tracked tensors): then no out= variants, and no in-place op on a value a backward keeps.
-bool tracked(const at::Tensor& x) { return at::GradMode::is_enabled() && x.requires_grad(); }
-
-}  // namespace
+at::Tensor plus_state(const at::Tensor& x, const at::Tensor& state) { return state.defined() ? x + state : x; }
 
 at::Tensor features(const at::Tensor& x, FeatureMap map) {
   switch (map) {
@@ -47,6 +45,33 @@ at::Tensor feature_derivative(const at::Tensor& x, FeatureMap map) {
   }
 }
 
+// The state entering each chunk: S0 (or 0) before the first, then S0 plus the prefix sums of the
+// chunks' own states (B, H, n, a, b); and the final state. Written in place unless autograd records.
+std::tuple<at::Tensor, at::Tensor> entering_states(const at::Tensor& chunk_states, const at::Tensor& S0) {
+  const int64_t n = chunk_states.size(2);
+  at::Tensor before, last;
+  if (tracked(chunk_states) || tracked(S0)) {  // out of place, for autograd
+    const at::Tensor inclusive = chunk_states.cumsum(2);
+    before = at::cat({at::zeros_like(chunk_states.narrow(2, 0, 1)), inclusive.narrow(2, 0, n - 1)}, 2);
+    if (S0.defined()) before = before + S0.unsqueeze(2);
+    last = inclusive.select(2, n - 1);
+  } else {
+    before = at::empty_like(chunk_states);
+    if (n > 1) {
+      at::Tensor after_first = before.narrow(2, 1, n - 1);
+      at::cumsum_out(after_first, chunk_states.narrow(2, 0, n - 1), 2);
+    }
+    last = n > 1 ? before.select(2, n - 1) + chunk_states.select(2, n - 1) : chunk_states.select(2, 0).clone();
+    if (S0.defined()) {
+      before.select(2, 0).copy_(S0);
+      if (n > 1) before.narrow(2, 1, n - 1).add_(S0.unsqueeze(2));
+    } else {
+      before.select(2, 0).zero_();
+    }
+  }
+  return {before, S0.defined() ? S0 + last : last};
+}
+
 namespace {
 
 // For every row i: O_i = Q_i (S0 + Σ_{j≤i} K_j V_jᵀ); also returns the final state. S0 may be
@@ -68,54 +93,11 @@ std::tuple<at::Tensor, at::Tensor> causal_scan(const at::Tensor& Q, const at::Te
   };
   const at::Tensor Qc = chunked(Q), Kc = chunked(K), Vc = chunked(V);
   at::Tensor O = causal_product(at::bmm(Qc, Kc.transpose(-1, -2)).tril_(), Vc);
-  // The state before each chunk, written in place: S0 (or 0) before the first, then S0 plus the
-  // prefix sums of the chunks' own states.
   const at::Tensor chunk_states = at::bmm(Kc.transpose(-1, -2), Vc).view({B, H, n, a, b});
-  at::Tensor before, last;
-  if (tracked(chunk_states) || (S0.defined() && tracked(S0))) {  // out of place, for autograd
-    const at::Tensor inclusive = chunk_states.cumsum(2);
-    before = at::cat({at::zeros_like(chunk_states.narrow(2, 0, 1)), inclusive.narrow(2, 0, n - 1)}, 2);
-    if (S0.defined()) before = before + S0.unsqueeze(2);
-    last = inclusive.select(2, n - 1);
-  } else {
-    before = at::empty_like(chunk_states);
-    if (n > 1) {
-      at::Tensor after_first = before.narrow(2, 1, n - 1);
-      at::cumsum_out(after_first, chunk_states.narrow(2, 0, n - 1), 2);
-    }
-    last = n > 1 ? before.select(2, n - 1) + chunk_states.select(2, n - 1) : chunk_states.select(2, 0).clone();
-    if (S0.defined()) {
-      before.select(2, 0).copy_(S0);
-      if (n > 1) before.narrow(2, 1, n - 1).add_(S0.unsqueeze(2));
-    } else {
-      before.select(2, 0).zero_();
-    }
-  }
-  at::Tensor final_state = S0.defined() ? S0 + last : last;
+  const auto [before, final_state] = entering_states(chunk_states, S0);
   O.baddbmm_(Qc, before.view({B * H * n, a, b}));
   O = O.view({B, H, n * C, b});
   return {pad ? O.narrow(2, 0, T) : O, final_state};
-}
-
-// Same with the sums running backwards in time: O_i = Q_i (S0 + Σ_{j≥i} K_j V_jᵀ).
-std::tuple<at::Tensor, at::Tensor> reverse_causal_scan(const at::Tensor& Q, const at::Tensor& K,
-                                                       const at::Tensor& V, const at::Tensor& S0) {
-  auto [O, final_state] = causal_scan(Q.flip(2), K.flip(2), V.flip(2), S0);
-  return {O.flip(2), final_state};
-}
-
-}  // namespace
-
-namespace {
-
-// φ(x) in the accumulation dtype. A 16-bit x is converted into a fresh tensor, which φ then
-// overwrites (one full-size temporary fewer than features(x.to(acc))).
-at::Tensor acc_features(const at::Tensor& x, FeatureMap map, at::ScalarType acc) {
-  if (x.scalar_type() == acc || tracked(x) || map == kFeatureIdentity) return features(x.to(acc), map);
-  at::Tensor y = x.to(acc);
-  if (map == kFeatureRelu) return y.relu_();
-  const at::Tensor positive = at::relu(y);
-  return y.clamp_max_(0).exp_().add_(positive);
 }
 
 }  // namespace
@@ -127,8 +109,6 @@ at::Tensor augmented_values(const at::Tensor& v, const std::optional<at::Tensor>
   return mask.has_value() ? augmented.masked_fill_(mask->unsqueeze(1).unsqueeze(-1), 0) : augmented;
 }
 
-namespace {
-
 // φ(k) with padded keys zeroed: they then leave the state and every sum. In place, unless φ is k
 // itself (the identity map) or autograd may keep it (relu's backward reads it): a copy then.
 at::Tensor mask_padded_keys(const at::Tensor& phi, const at::Tensor& k, const std::optional<at::Tensor>& mask) {
@@ -136,8 +116,6 @@ at::Tensor mask_padded_keys(const at::Tensor& phi, const at::Tensor& k, const st
   const at::Tensor padded = mask->unsqueeze(1).unsqueeze(-1);
   return phi.is_same(k) || tracked(phi) ? phi.masked_fill(padded, 0) : phi.masked_fill_(padded, 0);
 }
-
-}  // namespace
 
 at::Tensor key_features(const at::Tensor& k, const std::optional<at::Tensor>& mask, FeatureMap map) {
   return mask_padded_keys(features(k, map), k, mask);
@@ -161,16 +139,30 @@ at::Tensor inverse_normalizer(const at::Tensor& normalizer) {
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> normalized_output(const at::Tensor& O, int64_t value_dim, bool normalize,
-                                                     double eps, at::ScalarType out_dtype) {
+                                                     double eps, at::ScalarType out_dtype, bool may_vanish,
+                                                     const at::Tensor& marks) {
   const at::Tensor numerator = O.narrow(-1, 0, value_dim);
   const at::Tensor normalizer = O.select(-1, value_dim) + eps;
-  if (!normalize) return {numerator.to(out_dtype).contiguous(), normalizer};
-  // numerator · (1/normalizer), as the CPU kernel; a vanished row is 0 (numerator·0: still NaN
-  // where it sees a NaN or Inf). Written straight into the output dtype, rounded once.
-  const at::Tensor inverse = inverse_normalizer(normalizer);
-  if (tracked(numerator)) return {(numerator * inverse).to(out_dtype).contiguous(), normalizer};
+  // numerator / normalizer; a vanished normalizer divides by +inf, so the row is 0 (still NaN where
+  // it saw a NaN or an inf). The marks are added (0, or the non-finite value a row met).
+  at::Tensor divisor;
+  if (normalize) {
+    divisor = may_vanish ? at::where(vanished(normalizer), std::numeric_limits<double>::infinity(), normalizer)
+                         : normalizer;
+    divisor = divisor.unsqueeze(-1);
+  }
+  if (tracked(numerator) || tracked(normalizer)) {
+    at::Tensor out = normalize ? numerator / divisor : numerator;
+    if (marks.defined()) out = out + marks;
+    return {out.to(out_dtype).contiguous(), normalizer};
+  }
+  // Written straight into the output dtype, rounded once.
   at::Tensor out = at::empty(numerator.sizes(), numerator.options().dtype(out_dtype));
-  at::mul_out(out, numerator, inverse);
+  if (normalize) {
+    marks.defined() ? at::addcdiv_out(out, marks, numerator, divisor) : at::div_out(out, numerator, divisor);
+  } else {
+    marks.defined() ? at::add_out(out, numerator, marks) : out.copy_(numerator);
+  }
   return {out, normalizer};
 }
 
@@ -195,42 +187,6 @@ at::Tensor augmented_cotangent(const at::Tensor& G, const at::Tensor& out, const
   return Gp.masked_fill_(no_cotangent, 0);
 }
 
-namespace {
-
-// The state, or an undefined tensor (nothing to add) when none was given.
-at::Tensor state_or_none(const std::optional<at::Tensor>& state) {
-  return state.has_value() ? *state : at::Tensor();
-}
-
-// x + state, or x itself without a state.
-at::Tensor plus_state(const at::Tensor& x, const at::Tensor& state) {
-  return state.defined() ? x + state : x;
-}
-
-}  // namespace
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_generic(
-    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const std::optional<at::Tensor>& initial_state, const std::optional<at::Tensor>& key_padding_mask,
-    int64_t feature_map, bool causal, bool normalize, double eps) {
-  check_forward_inputs(q, k, v, initial_state, key_padding_mask, feature_map, causal, eps);
-  const LinearAttentionShape s = kernel_shape(q, k, v, feature_map, causal, normalize, eps);
-  const auto acc = accumulate_type(q.scalar_type());
-  const at::Tensor Q = acc_features(q, s.feature_map, acc);
-  const at::Tensor K = mask_padded_keys(acc_features(k, s.feature_map, acc), k, key_padding_mask);
-  const at::Tensor Vp = augmented_values(v, key_padding_mask, acc);
-  const at::Tensor S0 = state_or_none(initial_state);
-  at::Tensor O, final_state;
-  if (causal) {
-    std::tie(O, final_state) = causal_scan(Q, K, Vp, S0);
-  } else {
-    final_state = plus_state(at::matmul(K.transpose(-1, -2), Vp), S0);
-    O = at::matmul(Q, final_state);
-  }
-  const auto [out, normalizer] = normalized_output(O, s.value_dim, normalize, eps, q.scalar_type());
-  return {out, final_state.contiguous(), normalizer.contiguous()};
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_generic(
     const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_final_state,
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
@@ -243,14 +199,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_generic(
   const auto acc = accumulate_type(q.scalar_type());
   const at::Tensor q_acc = q.to(acc), k_acc = k.to(acc);
   // Without autograd recording (the usual backward), temporaries are reused in place and φ is
-  // built from its derivative: elu+1's is exp(min(x, 0)), and φ = that + relu(x).
+  // built from its derivative: elu+1's is exp(min(x, 0)), and φ = that + relu(x), for the queries
+  // and the keys as one list (one launch for both on CUDA).
   const bool in_place = !(tracked(q) || tracked(k) || tracked(v) || tracked(grad_out) || tracked(out));
-  const bool elu = s.feature_map == kFeatureElu && in_place;
-  const at::Tensor dphi_q = s.feature_map == kFeatureIdentity ? at::Tensor() : feature_derivative(q_acc, s.feature_map);
-  const at::Tensor dphi_k = s.feature_map == kFeatureIdentity ? at::Tensor() : feature_derivative(k_acc, s.feature_map);
-  const at::Tensor Q = elu ? at::relu(q_acc).add_(dphi_q) : features(q_acc, s.feature_map);
-  const at::Tensor K = mask_padded_keys(elu ? at::relu(k_acc).add_(dphi_k) : features(k_acc, s.feature_map), k_acc,
-                                        key_padding_mask);
+  at::Tensor Q, K, dphi_q, dphi_k;
+  if (s.feature_map == kFeatureElu && in_place) {
+    const std::vector<at::Tensor> inputs{q_acc, k_acc};
+    const std::vector<at::Tensor> derivatives = at::_foreach_clamp_max(inputs, 0);
+    at::_foreach_exp_(derivatives);
+    const std::vector<at::Tensor> phi = at::_foreach_clamp_min(inputs, 0);
+    at::_foreach_add_(phi, derivatives);
+    dphi_q = derivatives[0], dphi_k = derivatives[1], Q = phi[0], K = phi[1];
+  } else {
+    if (s.feature_map != kFeatureIdentity) {
+      dphi_q = feature_derivative(q_acc, s.feature_map);
+      dphi_k = feature_derivative(k_acc, s.feature_map);
+    }
+    Q = features(q_acc, s.feature_map), K = features(k_acc, s.feature_map);
+  }
+  K = mask_padded_keys(K, k_acc, key_padding_mask);
   const at::Tensor Vp = augmented_values(v, key_padding_mask, acc);
   const at::Tensor G = grad_out.to(acc);
   // Gradient with respect to the augmented output [numerator | normalizer].
@@ -261,8 +228,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_generic(
   at::Tensor dq, dk, dvp, d_initial;
   if (causal) {
     dq = std::get<0>(causal_scan(Gp, Vp, K, transposed(S0)));
-    dk = std::get<0>(reverse_causal_scan(Vp, Gp, Q, transposed(dSN)));
-    std::tie(dvp, d_initial) = reverse_causal_scan(K, Q, Gp, dSN);
+    // The sums over later rows are causal scans of the reversed sequence; each input reversed once.
+    const at::Tensor Vr = Vp.flip(2), Gr = Gp.flip(2), Qr = Q.flip(2), Kr = K.flip(2);
+    dk = std::get<0>(causal_scan(Vr, Gr, Qr, transposed(dSN))).flip(2);
+    std::tie(dvp, d_initial) = causal_scan(Kr, Qr, Gr, dSN);
+    dvp = dvp.flip(2);
   } else {
     // Every query saw the final state: the forward's when handed over, else recomputed.
     const at::Tensor state =

@@ -8,8 +8,19 @@
 
 #include <optional>
 #include <tuple>
+#include <vector>
 
 namespace linattn {
+
+// Whether autograd records ops on x (the CompositeImplicitAutograd kernels run this code on
+// tracked tensors): then no out= variants, and no in-place op on a value a backward keeps.
+bool tracked(const at::Tensor& x);
+
+// The state, or an undefined tensor (nothing to add) when none was given; x + state, or x itself.
+inline at::Tensor state_or_none(const std::optional<at::Tensor>& state) {
+  return state.has_value() ? *state : at::Tensor();
+}
+at::Tensor plus_state(const at::Tensor& x, const at::Tensor& state);
 
 // φ(x) of a fused feature map in ATen ops (elu+1 as exp(x) for x <= 0, as the CPU kernels), and
 // its derivative (elu+1 and relu; the identity's is 1).
@@ -17,17 +28,28 @@ at::Tensor features(const at::Tensor& x, FeatureMap map);
 at::Tensor feature_derivative(const at::Tensor& x, FeatureMap map);
 
 // Building blocks of the generic formulations (generic.cpp), in the accumulation dtype:
-// [v | 1] and φ(k) with padded keys' rows 0; the normalizer test (0 or subnormal: the row is 0);
-// (out in out_dtype, contiguous; normalizer) from the augmented sums O = [numerator | denominator]; the
-// cotangent of O
-// from the output's.
+// [v | 1] and φ(k) with padded keys' rows 0 (φ computed here, or given); the normalizer test (0 or
+// subnormal: the row is 0); (out in out_dtype, contiguous; normalizer) from the augmented sums
+// O = [numerator | denominator] — `may_vanish` false skips the test where no normalizer can vanish,
+// `marks` (when defined) are added to the output —; the state entering each chunk of a causal scan
+// and the final state; the cotangent of O from the output's.
 at::Tensor augmented_values(const at::Tensor& v, const std::optional<at::Tensor>& mask, at::ScalarType acc);
 at::Tensor key_features(const at::Tensor& k, const std::optional<at::Tensor>& mask, FeatureMap map);
+at::Tensor mask_padded_keys(const at::Tensor& phi, const at::Tensor& k, const std::optional<at::Tensor>& mask);
 at::Tensor vanished(const at::Tensor& normalizer);
+std::tuple<at::Tensor, at::Tensor> entering_states(const at::Tensor& chunk_states, const at::Tensor& S0);
 std::tuple<at::Tensor, at::Tensor> normalized_output(const at::Tensor& O, int64_t value_dim, bool normalize,
-                                                     double eps, at::ScalarType out_dtype);
+                                                     double eps, at::ScalarType out_dtype, bool may_vanish = true,
+                                                     const at::Tensor& marks = at::Tensor());
 at::Tensor augmented_cotangent(const at::Tensor& grad_out, const at::Tensor& out, const at::Tensor& normalizer,
                                bool normalize);
+
+// generic_forward.cpp: φ(q), φ(k) in `storage` (as one list where nothing traces or records), and
+// whether no normalizer can vanish (non-negative features, no initial state, eps >= the smallest
+// normal number), so that normalized_output may skip its test.
+std::vector<at::Tensor> query_key_features(const at::Tensor& q, const at::Tensor& k, FeatureMap map,
+                                           at::ScalarType storage);
+bool normalizer_cannot_vanish(FeatureMap map, bool has_initial_state, double eps, at::ScalarType acc);
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_generic(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
