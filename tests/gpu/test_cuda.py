@@ -85,3 +85,30 @@ def test_compiled_linear_attention_on_cuda(cuda_backend):
     fn = lambda q, k, v: linattn.linear_attention(q, k, v, causal=True)  # noqa: E731
     compiled = torch.compile(fn, fullgraph=True, dynamic=True)
     assert_close(compiled(q, k, v), fn(q, k, v).double(), 1e-6, "compiled")
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("mask", [False, True])
+def test_generic_bf16_branch_on_cuda_equals_the_cpu_run_of_the_same_code(causal, mask):
+    """The device-generic forward's bf16 branch (csrc/linear_attention/generic_forward.cpp): on CUDA
+    its sums go through bmm's out_dtype overloads, on CPU tensors (where the suite checks it) through
+    fp32 copies of the same operands. The same roundings, so the same result up to the order of the
+    fp32 sums; a NaN value reaches the same rows."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 1000, 64, generator=g).bfloat16() for _ in range(3))
+    v[1, 2, 500, 7] = float("nan")
+    key_padding_mask = torch.zeros(2, 1000, dtype=torch.bool)
+    key_padding_mask[0, 900:] = mask
+    args = dict(causal=causal, key_padding_mask=key_padding_mask if mask else None)
+    with linattn.ops.generic_implementation():
+        on_cpu = linattn.linear_attention(q, k, v, **args)
+    previous = linattn.cuda_backend()
+    linattn.set_cuda_backend("generic")
+    try:
+        on_cuda = linattn.linear_attention(q.cuda(), k.cuda(), v.cuda(), **{
+            **args, "key_padding_mask": key_padding_mask.cuda() if mask else None}).cpu()
+    finally:
+        linattn.set_cuda_backend(previous)
+    assert torch.equal(torch.isfinite(on_cuda), torch.isfinite(on_cpu))
+    finite = torch.isfinite(on_cpu)
+    assert_close(on_cuda[finite], on_cpu[finite], 3e-3, "generic bf16, CUDA vs CPU")
