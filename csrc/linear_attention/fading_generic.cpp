@@ -26,6 +26,7 @@
 #include <ATen/ATen.h>
 
 #include <limits>
+#include <vector>
 
 namespace linattn {
 namespace {
@@ -228,8 +229,9 @@ struct PackedInputs {
     k_acc = k.to(acc);
     const int64_t heads = q.size(1);
     const at::Tensor one_hot = rows.one_hot(heads, q_acc.options());
-    Q = rows.place(features(q_acc, map), at::Tensor(), one_hot);
-    K = rows.place(features(k_acc, map), one_hot, at::Tensor());
+    const std::vector<at::Tensor> phi = query_key_features(q_acc, k_acc, map, acc);
+    Q = rows.place(phi[0], at::Tensor(), one_hot);
+    K = rows.place(phi[1], one_hot, at::Tensor());
     Vp = rows.place(augmented_values(v, std::nullopt, acc),
                     initial_state.has_value() ? rows.as_rows(*initial_state) : at::Tensor(), at::Tensor());
     a = log_decay.has_value() ? rows.place_factors(*log_decay)
