@@ -88,10 +88,7 @@ std::tuple<at::Tensor, at::Tensor> causal_scan(const at::Tensor& Q, const at::Te
   const int64_t C = std::max<int64_t>(64, std::min(a, b));
   const int64_t n = (T + C - 1) / C;
   const int64_t pad = n * C - T;
-  auto chunked = [&](const at::Tensor& x) {  // (B·H·n, C, ·): a view unless T needs padding
-    return (pad ? at::constant_pad_nd(x, {0, 0, 0, pad}) : x).reshape({B * H * n, C, x.size(3)});
-  };
-  const at::Tensor Qc = chunked(Q), Kc = chunked(K), Vc = chunked(V);
+  const at::Tensor Qc = in_chunks(Q, n, C), Kc = in_chunks(K, n, C), Vc = in_chunks(V, n, C);
   at::Tensor O = causal_product(at::bmm(Qc, Kc.transpose(-1, -2)).tril_(), Vc);
   const at::Tensor chunk_states = at::bmm(Kc.transpose(-1, -2), Vc).view({B, H, n, a, b});
   const auto [before, final_state] = entering_states(chunk_states, S0);

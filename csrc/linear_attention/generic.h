@@ -49,6 +49,8 @@ at::Tensor augmented_cotangent(const at::Tensor& grad_out, const at::Tensor& out
 // normal number), so that normalized_output may skip its test.
 std::vector<at::Tensor> query_key_features(const at::Tensor& q, const at::Tensor& k, FeatureMap map,
                                            at::ScalarType storage);
+// x (B, H, T, d) as (B·H·n, C, d) chunks, padded with zero rows to n·C: a view unless T needs it.
+at::Tensor in_chunks(const at::Tensor& x, int64_t n, int64_t C);
 bool normalizer_cannot_vanish(FeatureMap map, bool has_initial_state, double eps, at::ScalarType acc);
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_generic(

@@ -67,12 +67,6 @@ void add_wide_bmm(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
   }
 }
 
-// x (B, H, T, d) as (B·H·n, C, d) chunks, padded with zero rows to n·C: a view unless T needs it.
-at::Tensor in_chunks(const at::Tensor& x, int64_t n, int64_t C) {
-  const int64_t pad = n * C - x.size(2);
-  return (pad ? at::constant_pad_nd(x, {0, 0, 0, pad}) : x).reshape({x.size(0) * x.size(1) * n, C, x.size(3)});
-}
-
 struct CausalSums {
   at::Tensor sums;         // (B, H, T, b) in the accumulation dtype: Q_i (S0 + Σ_{j≤i} K_j V_jᵀ)
   at::Tensor marks;        // (B, H, T, b) in V's dtype: 0, or non-finite where a row met a non-finite value
@@ -103,6 +97,12 @@ CausalSums causal_sums(const at::Tensor& Q, const at::Tensor& K, at::Tensor Vp, 
 }
 
 }  // namespace
+
+// x (B, H, T, d) as (B·H·n, C, d) chunks, padded with zero rows to n·C: a view unless T needs it.
+at::Tensor in_chunks(const at::Tensor& x, int64_t n, int64_t C) {
+  const int64_t pad = n * C - x.size(2);
+  return (pad ? at::constant_pad_nd(x, {0, 0, 0, pad}) : x).reshape({x.size(0) * x.size(1) * n, C, x.size(3)});
+}
 
 // φ(q), φ(k) in `storage`. Untracked and untraced, as a list: elu+1 is exp(min(x, 0)) + max(x, 0)
 // (exactly exp(x) below 0, as the CPU kernels), four list operations for both.
