@@ -1,5 +1,5 @@
-"""The delta rule (DeltaNet, Gated DeltaNet) on a CUDA GPU: linattn's tensor-core forward ("fused":
-the fused backend; its backward is the device-generic one) and its device-generic path against
+"""The delta rule (DeltaNet, Gated DeltaNet) on a CUDA GPU: linattn's tensor-core forward and
+backward ("fused": the fused backend) and its device-generic path against
 flash-linear-attention's Triton chunk kernels when importable, with SDPA's causal flash softmax at
 the same shape as the yardstick users compare with; forward and forward+backward, medians of
 CUDA-event timings. Each row gives the forward's time over its memory floor (reading q, k, v, β,

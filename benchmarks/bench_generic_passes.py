@@ -52,15 +52,15 @@ class DirectCalls(TorchDispatchMode):
     """Records the ATen calls a linattn operator's kernel makes itself (not those they make in
     turn) and the bytes of the fresh tensors they return."""
 
-    def __init__(self, op):
+    def __init__(self, op, key=torch._C.DispatchKey.CompositeExplicitAutograd):
         super().__init__()
-        self.op, self.calls, self.allocated = op, [], 0
+        self.op, self.key, self.calls, self.allocated = op, key, [], 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is self.op:  # run its kernel with this mode active, so that its calls come here
+        if func is self.op:  # run its kernel (for self.key) with this mode active, so that its calls come here
             with self:
-                return func._op_dk(torch._C.DispatchKey.CompositeExplicitAutograd, *args, **kwargs)
+                return func._op_dk(self.key, *args, **kwargs)
         if func is torch.ops.aten.baddbmm.dtype_out and kwargs["out"].is_meta:
             # PyTorch's Meta decomposition of this overload misreads its arguments; its result is
             # `out`, which already has the product's shape and dtype (CUDA's kernel checks them).
@@ -73,9 +73,9 @@ class DirectCalls(TorchDispatchMode):
         return result
 
 
-def count(op, *args):
+def count(op, *args, key=torch._C.DispatchKey.CompositeExplicitAutograd):
     op(*args)  # warm: the first call may set up caches
-    mode = DirectCalls(op)
+    mode = DirectCalls(op, key)
     with mode:
         op(*args)
     return Counter(mode.calls), mode.allocated

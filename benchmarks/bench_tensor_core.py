@@ -52,6 +52,14 @@ def _flash_instance(m):
     return int(m.group(2)), int(m.group(2)), m.group(4)
 
 
+def _delta_forward_instance(m):  # the keeping instance re-walks the state for the backward
+    return int(m.group(2)), int(m.group(3)), m.group(5) + (" keeping" if m.group(6) == "1" else "")
+
+
+def _delta_walk_instance(m):  # 64 value columns a block
+    return int(m.group(2)), 64, m.group(4)
+
+
 def _flash_backward_instance(m):
     return int(m.group(5)), int(m.group(5)), f"{m.group(4)} {m.group(2)}"
 
@@ -65,9 +73,13 @@ KERNELS = {
                    "instance": _linear_backward_instance, "threads": 256,
                    "shared": lambda dk, dv: torch.ops.linattn._tensor_core_shared_bytes(dk, dv, True)},
     "delta": {"pattern": r"Function (\S*delta_tensor_core\S*delta_forward_kernelILi(\d+)ELi(\d+)EN3c10(\d+)(\w+?)"
-                         r"EEEv\S*):",
-              "instance": _linear_instance, "threads": 256,
+                         r"ELb([01])EEEv\S*):",
+              "instance": _delta_forward_instance, "threads": 256,
               "shared": lambda dk, dv: torch.ops.linattn._delta_tensor_core_shared_bytes(dk, dv)},
+    "delta-bwd": {"pattern": r"Function (\S*delta_tensor_core\S*delta_backward_walk_kernelILi(\d+)EN3c10(\d+)(\w+?)"
+                             r"EEEv\S*):",
+                  "instance": _delta_walk_instance, "threads": 256,
+                  "shared": lambda dk, _: torch.ops.linattn._delta_tensor_core_shared_bytes(dk, 64, True)},
     "flash": {"pattern": r"Function (\S*flash\S*forward_kernelILi(\d+)EN3c10(\d+)(\w+?)EEEv\S*):",
               "instance": _flash_instance, "threads": 128,
               "shared": lambda d, _: torch.ops.linattn._flash_shared_bytes(d, d, False)},
@@ -303,7 +315,8 @@ def main():
         print(f"Cubins: {why}")
     else:
         print("Compiled kernels (linear: forward_kernel<DK, DV, dtype>; linear-bwd: query / key_value_gradient_kernel"
-              "<DK, DV, dtype, gated>; delta: delta_forward_kernel<DK, DV, dtype>; flash: forward_kernel<D, dtype>, "
+              "<DK, DV, dtype, gated>; delta: delta_forward_kernel<DK, DV, dtype, keeping>; delta-bwd: "
+              "delta_backward_walk_kernel<DK, dtype>; flash: forward_kernel<D, dtype>, "
               "backward_kernel<KeyBlock or QueryBlock<dtype, D>>):")
         print(f"  {'kernel':9} {'arch':6} {'DK':>4} {'DV':>4} {'dtype':19} {'regs':>5} {'stack':>5} {'local':>5} "
               f"{'HMMA':>5} {'smem KiB':>8} {'H100 blocks/SM':>14}")

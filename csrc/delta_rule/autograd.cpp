@@ -1,5 +1,6 @@
 // Autograd of the delta-rule operators, in C++ (common/autograd_support.h says why): one Function
-// for delta_rule_fwd and its generic and fused twins; the backward operators are first-order only.
+// for delta_rule_fwd and its generic and fused twins (each with its backward); the backward
+// operators are first-order only.
 #include "../common/autograd_support.h"
 
 #include <ATen/ATen.h>
@@ -20,7 +21,8 @@ constexpr char kForward[] = "linattn::delta_rule_fwd";
 constexpr char kBackward[] = "linattn::delta_rule_bwd";
 constexpr char kForwardGeneric[] = "linattn::delta_rule_fwd_generic";
 constexpr char kBackwardGeneric[] = "linattn::delta_rule_bwd_generic";
-constexpr char kForwardFused[] = "linattn::delta_rule_fwd_fused";  // its gradient: delta_rule_bwd
+constexpr char kForwardFused[] = "linattn::delta_rule_fwd_fused";
+constexpr char kBackwardFused[] = "linattn::delta_rule_bwd_fused";
 
 template <const char* ForwardName, const char* BackwardName>
 struct DeltaRule : torch::autograd::Function<DeltaRule<ForwardName, BackwardName>> {
@@ -78,9 +80,10 @@ std::tuple<at::Tensor, at::Tensor> delta_rule_autograd(const at::Tensor& q, cons
 TORCH_LIBRARY_IMPL(linattn, Autograd, m) {
   m.impl("delta_rule_fwd", &delta_rule_autograd<kForward, kBackward>);
   m.impl("delta_rule_fwd_generic", &delta_rule_autograd<kForwardGeneric, kBackwardGeneric>);
-  m.impl("delta_rule_fwd_fused", &delta_rule_autograd<kForwardFused, kBackward>);
+  m.impl("delta_rule_fwd_fused", &delta_rule_autograd<kForwardFused, kBackwardFused>);
   m.impl("delta_rule_bwd", &FirstOrderOnly<kBackward, Backward>::call);
   m.impl("delta_rule_bwd_generic", &FirstOrderOnly<kBackwardGeneric, Backward>::call);
+  m.impl("delta_rule_bwd_fused", &FirstOrderOnly<kBackwardFused, Backward>::call);
 }
 
 }  // namespace linattn

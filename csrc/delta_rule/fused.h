@@ -35,13 +35,20 @@ inline bool takes(const at::Tensor& q, const at::Tensor& v, int64_t max_shared_b
   return delta_tensor_core::shared_bytes_of(q.size(3), v.size(3)) <= max_shared_bytes;
 }
 
+// What a walk keeps for the backward (DeltaForwardProblem::chunk_states and chunk_values,
+// contiguous fp32), or nothing.
+struct Kept {
+  at::Tensor chunk_states, chunk_values;
+};
+
 // One launch over q, k, v (B, H, T, ·) with β and the gate in fp32 (contiguous), from `initial`
 // (contiguous fp32, or undefined: zeros) into `final_state`; `out` null: the final state only.
+// `launch(problem)` runs it; value tiles of `tile_width` columns (0: the forward's width).
 template <typename Launch>
 void launch_call(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& beta,
                  const at::Tensor& gate, const at::Tensor& initial, at::Tensor& final_state, at::Tensor* out,
                  bool causal, double scale, bool normalize_qk, const at::Tensor& offsets, int64_t sequences,
-                 const Launch& launch) {
+                 const Launch& launch, const Kept& kept = {}, int64_t tile_width = 0) {
   AT_DISPATCH_REDUCED_FLOATING_TYPES(q.scalar_type(), "delta_rule_fwd_fused", [&] {
     delta_tensor_core::DeltaForwardProblem<scalar_t> p;
     p.batch = q.size(0);
@@ -63,10 +70,12 @@ void launch_call(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, 
     p.state_in = data_or_null<float>(initial);
     p.state_out = final_state.mutable_data_ptr<float>();
     p.out = out != nullptr ? out->mutable_data_ptr<scalar_t>() : nullptr;
-    const int64_t width = delta_tensor_core::value_tile_width(p.value_dim);
+    const int64_t width = tile_width > 0 ? tile_width : delta_tensor_core::value_tile_width(p.value_dim);
     p.value_tiles = std::max<int64_t>(1, (p.value_dim + width - 1) / width);
     p.offsets = data_or_null<int32_t>(offsets);
     p.sequences = sequences;
+    p.chunk_states = kept.chunk_states.defined() ? kept.chunk_states.mutable_data_ptr<float>() : nullptr;
+    p.chunk_values = kept.chunk_values.defined() ? kept.chunk_values.mutable_data_ptr<float>() : nullptr;
     if (p.blocks() > 0) launch(p);
   });
 }

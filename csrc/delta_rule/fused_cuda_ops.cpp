@@ -1,7 +1,9 @@
-// delta_rule_fwd_fused for CUDA tensors: the tensor-core forward (tensor_core/forward.h) on the
-// tensors' device and current stream; calls it does not take run the device-generic path.
+// delta_rule_fwd_fused and delta_rule_bwd_fused for CUDA tensors: the tensor-core kernels
+// (tensor_core/forward.h, backward_walk.h) on the tensors' device and current stream; calls they
+// do not take run the device-generic path.
 // Compiled only in CUDA builds (setup.py: *cuda* sources).
 #include "fused.h"
+#include "fused_backward.h"
 #include "tensor_core/launch.h"
 #include "../common/cuda_device.h"
 
@@ -23,6 +25,16 @@ struct CudaLaunch {
                 ": batch · heads · value tiles = ", p.blocks(), " exceeds a CUDA grid");
     delta_tensor_core::launch_forward(p, stream);
   }
+  template <typename scalar_t>
+  void forward_keeping(const delta_tensor_core::DeltaForwardProblem<scalar_t>& p) const {
+    delta_tensor_core::launch_forward_keeping(p, stream);
+  }
+  template <typename scalar_t>
+  void backward_walk(const delta_tensor_core::DeltaForwardProblem<scalar_t>& p) const {
+    TORCH_CHECK(p.blocks() <= std::numeric_limits<int32_t>::max(), kDeltaRuleOp,
+                ": batch · heads · value tiles = ", p.blocks(), " exceeds a CUDA grid");
+    delta_tensor_core::launch_backward_walk(p, stream);
+  }
 };
 
 std::tuple<at::Tensor, at::Tensor> forward_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -38,8 +50,26 @@ std::tuple<at::Tensor, at::Tensor> forward_cuda(const at::Tensor& q, const at::T
                                         normalize_qk);
 }
 
+delta_fused::Gradients backward_cuda(const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_final_state,
+                                     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                     const at::Tensor& beta, const std::optional<at::Tensor>& log_gate,
+                                     const std::optional<at::Tensor>& initial_state,
+                                     const std::optional<at::Tensor>& cu_seqlens, bool causal, double scale,
+                                     bool normalize_qk) {
+  const c10::cuda::CUDAGuard guard(q.device());
+  auto result = delta_fused::backward(grad_out, grad_final_state, q, k, v, beta, log_gate, initial_state, cu_seqlens,
+                                      causal, scale, normalize_qk, shared_memory_per_block(),
+                                      CudaLaunch{c10::cuda::getCurrentCUDAStream().stream()});
+  if (result.has_value()) return *result;
+  return delta_fused::backward_elsewhere(grad_out, grad_final_state, q, k, v, beta, log_gate, initial_state,
+                                         cu_seqlens, causal, scale, normalize_qk);
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(linattn, CUDA, m) { m.impl("delta_rule_fwd_fused", &forward_cuda); }
+TORCH_LIBRARY_IMPL(linattn, CUDA, m) {
+  m.impl("delta_rule_fwd_fused", &forward_cuda);
+  m.impl("delta_rule_bwd_fused", &backward_cuda);
+}
 
 }  // namespace linattn

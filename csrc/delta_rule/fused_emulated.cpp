@@ -1,9 +1,11 @@
-// delta_rule_fwd_fused on CPU tensors: the tensor-core forward's blocks run through the
-// warp-operation layer's emulation (every lane of every warp, ldmatrix and mma with the PTX ISA's
-// fragment layouts, cp.async landing only at its wait, shared memory starting as NaN), so the
-// tests check on any machine what the GPU will execute. Slow by design. Calls the kernel does not
-// take run delta_rule_fwd's CPU kernel.
+// delta_rule_fwd_fused and delta_rule_bwd_fused on CPU tensors: the tensor-core kernels' blocks
+// run through the warp-operation layer's emulation (every lane of every warp, ldmatrix and mma
+// with the PTX ISA's fragment layouts, cp.async landing only at its wait, shared memory starting
+// as NaN), so the tests check on any machine what the GPU will execute. Slow by design. Calls
+// the kernels do not take run delta_rule_fwd's / delta_rule_bwd's CPU kernel.
 #include "fused.h"
+#include "fused_backward.h"
+#include "tensor_core/backward_walk.h"
 #include "tensor_core/forward.h"
 #include "../common/warp/host_grid.h"
 
@@ -23,6 +25,38 @@ struct EmulatedLaunch {
           [&](const auto& exec, int64_t block) { delta_tensor_core::run_delta_forward_block<DK, DV>(exec, p, block); });
     });
   }
+  // The backward's two walks, 64 value columns a block: the forward's keeping instance and the
+  // backward walk.
+  template <typename scalar_t>
+  void forward_keeping(const delta_tensor_core::DeltaForwardProblem<scalar_t>& p) const {
+    with_walk_key_dim(p, [&](auto dk) {
+      constexpr int DK = decltype(dk)::value, DV = delta_tensor_core::kWalkValueTile;
+      warp::emulate_grid<delta_tensor_core::DeltaState<DK, DV>>(
+          delta_tensor_core::kWarps, p.blocks(), delta_tensor_core::DeltaLayout<DK, DV>::kBytes,
+          [&](const auto& exec, int64_t block) {
+            delta_tensor_core::run_delta_forward_block<DK, DV, true>(exec, p, block);
+          });
+    });
+  }
+  template <typename scalar_t>
+  void backward_walk(const delta_tensor_core::DeltaForwardProblem<scalar_t>& p) const {
+    with_walk_key_dim(p, [&](auto dk) {
+      constexpr int DK = decltype(dk)::value;
+      warp::emulate_grid<delta_tensor_core::DeltaState<DK, delta_tensor_core::kWalkValueTile>>(
+          delta_tensor_core::kWarps, p.blocks(), delta_tensor_core::DeltaWalkLayout<DK>::kBytes,
+          [&](const auto& exec, int64_t block) {
+            delta_tensor_core::run_delta_backward_walk_block<DK>(exec, p, block);
+          });
+    });
+  }
+  template <typename scalar_t, typename F>
+  static void with_walk_key_dim(const delta_tensor_core::DeltaForwardProblem<scalar_t>& p, F&& f) {
+    if (delta_tensor_core::padded_key_dim(p.key_dim) == 64) {
+      f(std::integral_constant<int, 64>{});
+    } else {
+      f(std::integral_constant<int, 128>{});
+    }
+  }
 };
 
 std::tuple<at::Tensor, at::Tensor> forward_emulated(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -37,8 +71,24 @@ std::tuple<at::Tensor, at::Tensor> forward_emulated(const at::Tensor& q, const a
                                         normalize_qk);
 }
 
+delta_fused::Gradients backward_emulated(const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_final_state,
+                                         const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                         const at::Tensor& beta, const std::optional<at::Tensor>& log_gate,
+                                         const std::optional<at::Tensor>& initial_state,
+                                         const std::optional<at::Tensor>& cu_seqlens, bool causal, double scale,
+                                         bool normalize_qk) {
+  auto result = delta_fused::backward(grad_out, grad_final_state, q, k, v, beta, log_gate, initial_state, cu_seqlens,
+                                      causal, scale, normalize_qk, warp::emulated_shared_bytes(), EmulatedLaunch{});
+  if (result.has_value()) return *result;
+  return delta_fused::backward_elsewhere(grad_out, grad_final_state, q, k, v, beta, log_gate, initial_state,
+                                         cu_seqlens, causal, scale, normalize_qk);
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(linattn, CPU, m) { m.impl("delta_rule_fwd_fused", &forward_emulated); }
+TORCH_LIBRARY_IMPL(linattn, CPU, m) {
+  m.impl("delta_rule_fwd_fused", &forward_emulated);
+  m.impl("delta_rule_bwd_fused", &backward_emulated);
+}
 
 }  // namespace linattn

@@ -7,6 +7,7 @@
 // gradient for all chunks at once. Registered as CompositeExplicitAutograd for delta_rule_fwd/bwd
 // (every device without a kernel of its own) and their *_generic twins (what the tests run on
 // CPU tensors). Packed batches loop over their sequences: cu_seqlens is read on the host.
+#include "generic.h"
 #include "op_checks.h"
 #include "../common/causal_product.h"
 
@@ -17,18 +18,10 @@
 #include <vector>
 
 namespace linattn {
-namespace {
+namespace delta_generic {
 
-using Optional = std::optional<at::Tensor>;
 constexpr int64_t kChunk = 64;
 
-struct Chunks {
-  int64_t length = 0, chunk = 0, count = 0;
-  at::Tensor q, k, v, beta, G, eG, gamma, Bkk, A, M, W, U, P, carry, decay, Kt, lower, strict;
-};
-
-// (B, H, T, ...) → (B, H, n, C, ...) after padding T to n·C rows of zeros: a padded row has
-// β = 0 and g = 0, so it changes no state, and its output is cut off.
 at::Tensor to_chunks(const at::Tensor& x, int64_t chunk, int64_t count, int64_t pad) {
   at::Tensor padded = x.dim() == 4 ? at::constant_pad_nd(x, {0, 0, 0, pad}) : at::constant_pad_nd(x, {0, pad});
   std::vector<int64_t> shape{x.size(0), x.size(1), count, chunk};
@@ -78,6 +71,72 @@ Chunks prepare(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, co
   return c;
 }
 
+std::pair<at::Tensor, at::Tensor> normalized(const at::Tensor& x) {
+  const at::Tensor wide = x.to(accumulate_type(x.scalar_type()));
+  const at::Tensor r = at::rsqrt(wide.square().sum(-1, true) + 1e-6);
+  return {wide * r, r};
+}
+
+at::Tensor unnormalized_gradient(const at::Tensor& grad, const at::Tensor& xhat, const at::Tensor& r) {
+  const at::Tensor g = grad.to(xhat.scalar_type());
+  return r * (g - xhat * (xhat * g).sum(-1, true));
+}
+
+Gradients assemble_gradients(const Chunks& c, const Walks& walks, const at::Tensor& dO, at::Tensor grad_q,
+                             bool causal, const Optional& log_gate, at::ScalarType out_type,
+                             at::ScalarType beta_type, const at::Tensor& grad_initial) {
+  const int64_t dk = c.k.size(-1);
+  const at::Tensor &du = walks.du, &dS1 = walks.leaving, &S0 = walks.entering;
+  const at::Tensor zero = at::zeros({}, c.G.options());
+  // S1 = e^{G_last} S0 + Ktᵀ u
+  const at::Tensor dKt = at::matmul(walks.u, dS1.transpose(-1, -2));
+  at::Tensor dK = c.decay.unsqueeze(-1) * dKt;
+  const at::Tensor r = c.decay * (c.k * dKt).sum(-1);
+  at::Tensor dG = -r;
+  const at::Tensor carried = r.sum(-1, true) + c.carry * (dS1 * S0).sum({-1, -2}).unsqueeze(-1);
+  dG = dG + at::constant_pad_nd(carried, {c.chunk - 1, 0});
+  at::Tensor dQ;
+  if (causal) {  // O = diag(e^G) Q S0 + P u
+    const at::Tensor dP = at::where(c.lower, at::matmul(dO, walks.u.transpose(-1, -2)), zero);
+    dQ = c.eG.unsqueeze(-1) * at::matmul(dO, S0.transpose(-1, -2));
+    dG = dG + (dQ * c.q).sum(-1);
+    const at::Tensor E = dP * c.P;
+    dG = dG + E.sum(-1) - E.sum(-2);
+    const at::Tensor dZ = dP * c.gamma;
+    dQ = dQ + at::matmul(dZ, c.k);
+    dK = dK + at::matmul(dZ.transpose(-1, -2), c.q);
+  }
+  // u = U − W S0, then the solves' adjoints.
+  const at::Tensor dW = -at::matmul(du, S0.transpose(-1, -2));
+  const at::Tensor adj = at::linalg_solve_triangular(c.M.transpose(-1, -2), at::cat({dW, du}, -1), /*upper=*/true,
+                                                     /*left=*/true, /*unitriangular=*/true);
+  const at::Tensor dWh = adj.narrow(-1, 0, dk), dVh = adj.narrow(-1, dk, c.v.size(-1));
+  const at::Tensor dA = at::where(c.strict, -(at::matmul(dVh, c.U.transpose(-1, -2)) + at::matmul(dWh, c.W.transpose(-1, -2))), zero);
+  const at::Tensor dV = c.beta.unsqueeze(-1) * dVh;
+  const at::Tensor kw = (c.k * dWh).sum(-1) * c.eG;
+  at::Tensor dbeta = (c.v * dVh).sum(-1) + kw + (dA * c.Bkk).sum(-1);
+  dK = dK + (c.beta * c.eG).unsqueeze(-1) * dWh;
+  dG = dG + c.beta * kw;
+  const at::Tensor D = dA * c.A;
+  dG = dG + D.sum(-1) - D.sum(-2);
+  const at::Tensor F = dA * c.beta.unsqueeze(-1) * c.gamma;
+  dK = dK + at::matmul(F, c.k) + at::matmul(F.transpose(-1, -2), c.k);
+  at::Tensor grad_gate = at::empty({0}, c.G.options());
+  if (log_gate.has_value()) {  // g_l enters every G_i with i ≥ l of its chunk
+    grad_gate = from_chunks(dG.flip(-1).cumsum(-1).flip(-1).unsqueeze(-1), c.length).squeeze(-1).to(log_gate->scalar_type()).contiguous();
+  }
+  if (causal) grad_q = from_chunks(dQ, c.length);
+  return {grad_q.to(out_type).contiguous(), from_chunks(dK, c.length).to(out_type).contiguous(),
+          from_chunks(dV, c.length).to(out_type).contiguous(),
+          from_chunks(dbeta.unsqueeze(-1), c.length).squeeze(-1).to(beta_type).contiguous(), grad_gate, grad_initial};
+}
+
+}  // namespace delta_generic
+
+namespace {
+
+using namespace delta_generic;
+
 at::Tensor state_or_zeros(const Optional& state, const at::Tensor& q, const at::Tensor& v) {
   if (state.has_value()) return *state;
   return at::zeros({q.size(0), q.size(1), q.size(3), v.size(3)}, q.options().dtype(accumulate_type(q.scalar_type())));
@@ -121,8 +180,6 @@ std::tuple<at::Tensor, at::Tensor> forward_one(const at::Tensor& q, const at::Te
   return {out.to(q.scalar_type()).contiguous(), w.final_state};
 }
 
-using Gradients = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
-
 Gradients backward_one(const at::Tensor& grad_out, const Optional& grad_final_state, const at::Tensor& q,
                        const at::Tensor& k, const at::Tensor& v, const at::Tensor& beta, const Optional& log_gate,
                        const Optional& initial_state, bool causal, double scale) {
@@ -154,62 +211,8 @@ Gradients backward_one(const at::Tensor& grad_out, const Optional& grad_final_st
     dS = c.carry.select(2, n).unsqueeze(-1) * dS - at::matmul(c.W.select(2, n).transpose(-1, -2), du);
     if (causal) dS = dS + at::matmul((c.eG.select(2, n).unsqueeze(-1) * c.q.select(2, n)).transpose(-1, -2), dO.select(2, n));
   }
-  const at::Tensor du = at::stack(dus, 2), dS1 = at::stack(leaving, 2), S0 = w.entering;
-  const at::Tensor zero = at::zeros({}, c.G.options());
-  // S1 = e^{G_last} S0 + Ktᵀ u
-  const at::Tensor dKt = at::matmul(w.u, dS1.transpose(-1, -2));
-  at::Tensor dK = c.decay.unsqueeze(-1) * dKt;
-  const at::Tensor r = c.decay * (c.k * dKt).sum(-1);
-  at::Tensor dG = -r;
-  const at::Tensor carried = r.sum(-1, true) + c.carry * (dS1 * S0).sum({-1, -2}).unsqueeze(-1);
-  dG = dG + at::constant_pad_nd(carried, {c.chunk - 1, 0});
-  at::Tensor dQ;
-  if (causal) {  // O = diag(e^G) Q S0 + P u
-    const at::Tensor dP = at::where(c.lower, at::matmul(dO, w.u.transpose(-1, -2)), zero);
-    dQ = c.eG.unsqueeze(-1) * at::matmul(dO, S0.transpose(-1, -2));
-    dG = dG + (dQ * c.q).sum(-1);
-    const at::Tensor E = dP * c.P;
-    dG = dG + E.sum(-1) - E.sum(-2);
-    const at::Tensor dZ = dP * c.gamma;
-    dQ = dQ + at::matmul(dZ, c.k);
-    dK = dK + at::matmul(dZ.transpose(-1, -2), c.q);
-  }
-  // u = U − W S0, then the solves' adjoints.
-  const at::Tensor dW = -at::matmul(du, S0.transpose(-1, -2));
-  const at::Tensor adj = at::linalg_solve_triangular(c.M.transpose(-1, -2), at::cat({dW, du}, -1), /*upper=*/true,
-                                                     /*left=*/true, /*unitriangular=*/true);
-  const at::Tensor dWh = adj.narrow(-1, 0, k.size(3)), dVh = adj.narrow(-1, k.size(3), v.size(3));
-  const at::Tensor dA = at::where(c.strict, -(at::matmul(dVh, c.U.transpose(-1, -2)) + at::matmul(dWh, c.W.transpose(-1, -2))), zero);
-  const at::Tensor dV = c.beta.unsqueeze(-1) * dVh;
-  const at::Tensor kw = (c.k * dWh).sum(-1) * c.eG;
-  at::Tensor dbeta = (c.v * dVh).sum(-1) + kw + (dA * c.Bkk).sum(-1);
-  dK = dK + (c.beta * c.eG).unsqueeze(-1) * dWh;
-  dG = dG + c.beta * kw;
-  const at::Tensor D = dA * c.A;
-  dG = dG + D.sum(-1) - D.sum(-2);
-  const at::Tensor F = dA * c.beta.unsqueeze(-1) * c.gamma;
-  dK = dK + at::matmul(F, c.k) + at::matmul(F.transpose(-1, -2), c.k);
-  at::Tensor grad_gate = gate_grad_empty;
-  if (log_gate.has_value()) {  // g_l enters every G_i with i ≥ l of its chunk
-    grad_gate = from_chunks(dG.flip(-1).cumsum(-1).flip(-1).unsqueeze(-1), c.length).squeeze(-1).to(log_gate->scalar_type()).contiguous();
-  }
-  if (causal) grad_q = from_chunks(dQ, c.length);
-  return {grad_q.to(q.scalar_type()).contiguous(), from_chunks(dK, c.length).to(q.scalar_type()).contiguous(),
-          from_chunks(dV, c.length).to(q.scalar_type()).contiguous(),
-          from_chunks(dbeta.unsqueeze(-1), c.length).squeeze(-1).to(beta.scalar_type()).contiguous(), grad_gate, dS};
-}
-
-// x · (Σ x² + 1e-6)^{-1/2} per row in the accumulation dtype, and that factor (…, 1).
-std::pair<at::Tensor, at::Tensor> normalized(const at::Tensor& x) {
-  const at::Tensor wide = x.to(accumulate_type(x.scalar_type()));
-  const at::Tensor r = at::rsqrt(wide.square().sum(-1, true) + 1e-6);
-  return {wide * r, r};
-}
-
-// The gradient of the raw rows from that of the normalised ones x̂: r (dx̂ − x̂ (x̂ · dx̂)).
-at::Tensor unnormalized_gradient(const at::Tensor& grad, const at::Tensor& xhat, const at::Tensor& r) {
-  const at::Tensor g = grad.to(xhat.scalar_type());
-  return r * (g - xhat * (xhat * g).sum(-1, true));
+  const Walks walks{w.entering, w.u, at::stack(leaving, 2), at::stack(dus, 2)};
+  return assemble_gradients(c, walks, dO, grad_q, causal, log_gate, q.scalar_type(), beta.scalar_type(), dS);
 }
 
 // Rows [begin, end) of a packed (1, H, total, ·) or (1, H, total) tensor; state n of (N, H, ·, ·).

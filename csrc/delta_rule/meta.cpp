@@ -41,7 +41,9 @@ TORCH_LIBRARY_IMPL(linattn, Meta, m) {
   for (const char* name : {"delta_rule_fwd", "delta_rule_fwd_generic", "delta_rule_fwd_fused"}) {
     m.impl(name, &forward_meta);
   }
-  for (const char* name : {"delta_rule_bwd", "delta_rule_bwd_generic"}) m.impl(name, &backward_meta);
+  for (const char* name : {"delta_rule_bwd", "delta_rule_bwd_generic", "delta_rule_bwd_fused"}) {
+    m.impl(name, &backward_meta);
+  }
 }
 
 }  // namespace linattn

@@ -31,12 +31,19 @@ TORCH_LIBRARY_FRAGMENT(linattn, m) {
   }
   // The tensor-core forward of the fused CUDA backend (tensor_core/forward.h): same contract as
   // delta_rule_fwd; CUDA kernels on CUDA tensors, their emulation on CPU tensors (tests); calls it
-  // does not take (fp32/fp64, key dims above 128) run delta_rule_fwd. Its
-  // gradient is delta_rule_bwd's (which recomputes from the inputs).
+  // does not take (fp32/fp64, key dims above 128) run delta_rule_fwd.
   m.def(
       "delta_rule_fwd_fused(Tensor q, Tensor k, Tensor v, Tensor beta, Tensor? log_gate=None, "
       "Tensor? initial_state=None, Tensor? cu_seqlens=None, bool causal=True, float scale=1.0, "
       "bool normalize_qk=False) -> (Tensor out, Tensor final_state)");
+  // Its gradient: the tensor-core backward (fused_backward.h: the forward and a backward walk on
+  // tensor cores, the products parallel over chunks batched); same contract as delta_rule_bwd,
+  // which runs the calls it does not take (packed sequences, what the forward does not take).
+  m.def(
+      "delta_rule_bwd_fused(Tensor grad_out, Tensor? grad_final_state, Tensor q, Tensor k, Tensor v, Tensor beta, "
+      "Tensor? log_gate=None, Tensor? initial_state=None, Tensor? cu_seqlens=None, bool causal=True, "
+      "float scale=1.0, bool normalize_qk=False) -> (Tensor grad_q, Tensor grad_k, Tensor grad_v, Tensor grad_beta, "
+      "Tensor grad_log_gate, Tensor grad_initial_state)");
   // One decoding step of the recurrence above: q, k (B, H, dk), v (B, H, dv), beta and log_gate
   // (B, H), state (B, H, dk, dv) in the accumulation dtype. Returns out (B, H, dv) and the new
   // state. ATen operations (differentiable through them): O(dk · dv) per head.

@@ -207,25 +207,18 @@ def test_calls_it_does_not_take_run_the_cpu_kernel(monkeypatch, case):
         assert torch.equal(a, b)
 
 
-def test_the_public_function_and_gradients_through_the_fused_backend():
+def test_the_public_function_runs_it_under_the_fused_backend():
     """delta_rule_attention routes to the fused forward under the fused backend (the tensor cores
-    run) and its gradients are delta_rule_bwd's, as without it."""
+    run), close to the CPU kernel's output. (Its gradient, delta_rule_bwd_fused, is
+    test_delta_rule_tensor_core_backward.py's.)"""
     q, k, v, beta, gate, S0 = make(1, 2, 70, 32, 16, torch.bfloat16, seed=8)
-    leaves = [t.clone().requires_grad_() for t in (q, k, v, beta, gate, S0)]
-    g = torch.Generator().manual_seed(2)
-    d_out = torch.randn(v.shape, generator=g).bfloat16()
     torch.ops.linattn._reset_warp_emulation_counters()
     with ops.fused_implementation():
-        out, S = linattn.delta_rule_attention(*leaves[:4], gate=leaves[4], initial_state=leaves[5],
-                                              output_final_state=True)
+        out, S = linattn.delta_rule_attention(q, k, v, beta, gate=gate, initial_state=S0, output_final_state=True)
     assert mma_count() > 0
-    fused_grads = torch.autograd.grad((out * d_out).sum() + S.sum(), leaves)
-    plain = [t.clone().requires_grad_() for t in (q, k, v, beta, gate, S0)]
-    out2, S2 = linattn.delta_rule_attention(*plain[:4], gate=plain[4], initial_state=plain[5], output_final_state=True)
-    plain_grads = torch.autograd.grad((out2 * d_out).sum() + S2.sum(), plain)
+    out2, S2 = linattn.delta_rule_attention(q, k, v, beta, gate=gate, initial_state=S0, output_final_state=True)
     assert_close(out, out2.double(), 2e-2, "out")
-    for a, b in zip(fused_grads, plain_grads):
-        assert torch.equal(a, b)  # the same backward, recomputing from the same inputs
+    assert_close(S, S2.double(), 2e-2, "final state")
 
 
 @pytest.mark.parametrize("method", ["deltanet", "gated_deltanet"])
@@ -273,7 +266,8 @@ def test_cubins_hold_tensor_core_instructions_and_no_local_memory():
     no local memory: no register spills, no stack."""
     rows = compiled_kernel_rows("delta")
     assert {row["arch"] for row in rows} == {"sm_80", "sm_90"}
-    assert len(rows) == 2 * 2 * 4  # two architectures, two dtypes, four (DK, DV) instances
+    # two architectures, two dtypes, four (DK, DV) instances and the backward's two keeping ones (DV = 64)
+    assert len(rows) == 2 * 2 * (4 + 2)
     for row in rows:
         name = f"{row['arch']} DK={row['dk']} DV={row['dv']} {row['dtype']}"
         assert row["hmma"] > 0, f"{name}: no tensor-core instructions"

@@ -22,10 +22,11 @@
 namespace linattn {
 namespace delta_tensor_core {
 
-template <int DK, int DV, typename scalar_t, typename Exec>
+// kKeep: the backward's re-walk (fused_backward.h), keeping the state entering every chunk and u.
+template <int DK, int DV, bool kKeep = false, typename scalar_t, typename Exec>
 LINATTN_HD LINATTN_INLINE void run_delta_forward_block(const Exec& exec, const DeltaForwardProblem<scalar_t>& p,
                                                        int64_t block) {
-  using Block = DeltaForwardBlock<scalar_t, DK, DV>;
+  using Block = DeltaForwardBlock<scalar_t, DK, DV, kKeep>;
   using State = DeltaState<DK, DV>;
   const Block blk(p, block);
   const int64_t chunks = blk.chunks();
@@ -44,15 +45,13 @@ LINATTN_HD LINATTN_INLINE void run_delta_forward_block(const Exec& exec, const D
       const int rows = static_cast<int>(blk.rows - start < kChunk ? blk.rows - start : kChunk);
       exec([&](const WarpContext& w, State& s) {
         if (chunk > 0) blk.publish_state(w, s);  // every warp has read the previous state
+        blk.store_chunk_state(w, s, chunk);       // (the state entering the chunk, where it is kept)
         warp::cp_async_wait<0>(w);
         if (chunk + 1 < chunks) blk.issue_chunk(w, chunk + 1, start + kChunk, outputs, true);
         blk.load_gates(w, start);
       });
-      if (p.normalize_qk) exec([&](const WarpContext& w, State&) { blk.normalize_rows(w, base, outputs, true); });
-      exec([&](const WarpContext& w, State&) { blk.key_products(w, base); });
-      exec([&](const WarpContext& w, State&) { blk.invert_diagonal_blocks(w); });
-      for (int step = 0; step < 4; ++step) exec([&](const WarpContext& w, State&) { blk.inverse_step(w, step); });
-      exec([&](const WarpContext& w, State&) { blk.pseudo_values(w, base); });
+      prepare_chunk<State>(exec, blk, base, outputs);
+      exec([&](const WarpContext& w, State&) { blk.pseudo_values(w, base, start); });
       exec([&](const WarpContext& w, State& s) {
         if (outputs) blk.output(w, base, start, true);
         blk.update_state(w, s, base, rows);

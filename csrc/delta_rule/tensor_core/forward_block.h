@@ -33,7 +33,9 @@ LINATTN_HD void each_block_element(const WarpContext& w, int count, const Elemen
   });
 }
 
-template <typename scalar_t, int DK, int DV>
+// kKeep: the instance that keeps its walk for the backward (chunk_states, chunk_values), compiled
+// apart so that the plain forward's registers do not carry it.
+template <typename scalar_t, int DK, int DV, bool kKeep = false>
 struct DeltaForwardBlock {
   using L = DeltaLayout<DK, DV>;
   using State = DeltaState<DK, DV>;
@@ -297,8 +299,9 @@ struct DeltaForwardBlock {
   }
 
   // Rows 16·rb.. of u for the warp's half of the value columns (warp w: rb = w % 4, half w / 4),
-  // to shared memory in 16 bits. W is formed 16 key columns at a time and consumed at once.
-  LINATTN_HD void pseudo_values(const WarpContext& w, uint32_t base) const {
+  // the chunk's rows from `start` of the sequence (store_row_values). W is formed 16 key columns
+  // at a time and consumed at once.
+  LINATTN_HD void pseudo_values(const WarpContext& w, uint32_t base, int64_t start) const {
     const int rb = w.warp % 4, ch = w.warp / 4;
     Accumulator u[kColsPerHalf][4];
     warp::clear(w, u);
@@ -340,6 +343,22 @@ struct DeltaForwardBlock {
         warp::mma_16816<scalar_t>(u[j], minus_w[0], bf);
       }
     }
+    store_row_values(w, u, start);
+  }
+
+  // Rows 16·rb.. of a chunk's row values (u; the backward's du) for the warp's half of the value
+  // columns: to shared memory (kU) in 16 bits, and in fp32 to chunk_values where it is kept.
+  LINATTN_HD void store_row_values(const WarpContext& w, const Accumulator (&x)[kColsPerHalf][4],
+                                   int64_t start) const {
+    store_row_tiles(w, x, L::kU, 1.0f, start);
+  }
+
+  // Rows 16·rb.. × the warp's half of the value columns (warp w: rb = w % 4, half w / 4), times
+  // `sign`, to shared memory at `origin` (value-row pitch) in 16 bits; with kKeep and `start` >= 0
+  // (the chunk's first row in the sequence) also to chunk_values in fp32.
+  LINATTN_HD void store_row_tiles(const WarpContext& w, const Accumulator (&x)[kColsPerHalf][4], int origin,
+                                  float sign, int64_t start) const {
+    const int rb = w.warp % 4, ch = w.warp / 4;
     warp::for_lanes(w, [&](int lane) {
       const int g = warp::group_of(lane), t = warp::thread_in_group(lane);
       LINATTN_UNROLL
@@ -347,8 +366,15 @@ struct DeltaForwardBlock {
         LINATTN_UNROLL
         for (int half = 0; half < 2; ++half) {
           const int row = rb * 16 + g + 8 * half, col = half_tile(ch, j) * 8 + 2 * t;
-          warp::store_shared<uint32_t>(w, static_cast<uint32_t>(L::kU + row * L::kVPitch + col * 2),
-                                       warp::pack<scalar_t>(u[j][2 * half][lane], u[j][2 * half + 1][lane]));
+          const float x0 = sign * x[j][2 * half][lane], x1 = sign * x[j][2 * half + 1][lane];
+          warp::store_shared<uint32_t>(w, static_cast<uint32_t>(origin + row * L::kVPitch + col * 2),
+                                       warp::pack<scalar_t>(x0, x1));
+          if (!kKeep || start < 0 || start + row >= rows) continue;
+          float* kept = p.chunk_values + (token0 + start + row) * p.value_dim + col0 + col;
+          LINATTN_UNROLL
+          for (int e = 0; e < 2; ++e) {
+            if (col0 + col + e < p.value_dim) warp::store_global(w, kept + e, sign * x[j][2 * half + e][lane]);
+          }
         }
       }
     });
@@ -378,28 +404,53 @@ struct DeltaForwardBlock {
     s.template publish<scalar_t>(w, L::kState, L::kVPitch);
   }
 
+  // The state at a boundary of chunk `chunk`, to chunk_states where the walk is kept.
+  LINATTN_HD void store_chunk_state(const WarpContext& w, State& s, int64_t chunk) const {
+    if (!kKeep) return;
+    float* kept = p.chunk_states + (state_index * chunks() + chunk) * p.key_dim * p.value_dim;
+    s.each_element(w, [&](bool mine, int row, int c, float& x) {
+      if (mine && state_element(row, c)) warp::store_global(w, kept + row * p.value_dim + col0 + c, x);
+    });
+  }
+
   // S1 = e^{G_last} S0 + Kᵀ diag(e^{G_last − G}) u over the chunk's keys (`keys` of them hold data).
   LINATTN_HD void update_state(const WarpContext& w, State& s, uint32_t base, int keys) const {
-    if (gated()) {
-      const float fade = row_value(w, L::kExpG, kChunk - 1);
-      s.each_element(w, [&](bool, int, int, float& x) { x *= fade; });
-    }
+    fade_state(w, s);
+    add_to_state(w, s, base + L::kK, gated() ? L::kDecay : kNoFactors, 1.0f, L::kU, keys);
+  }
+
+  // A gated state, before the chunk's rows join it: state ×= e^{G_last}.
+  LINATTN_HD void fade_state(const WarpContext& w, State& s) const {
+    if (!gated()) return;
+    const float fade = row_value(w, L::kExpG, kChunk - 1);
+    s.each_element(w, [&](bool, int, int, float& x) { x *= fade; });
+  }
+
+  // state += Xᵀ diag(f) Y over the chunk's first `keys` rows: X rows at x (pitch kQKPitch) give the
+  // state's rows, Y rows at y (pitch kVPitch, from the block's first value column) its columns;
+  // f_r = multiplier · factors[r] (a per-row fp32 array of the layout, or kNoFactors: multiplier),
+  // applied to Xᵀ's 16-bit columns.
+  static constexpr int kNoFactors = -1;
+  LINATTN_HD void add_to_state(const WarpContext& w, State& s, uint32_t x, int factors, float multiplier,
+                               uint32_t y, int keys) const {
+    const bool scaled = factors != kNoFactors || multiplier != 1.0f;
     for (int kk = 0; kk * 16 < keys; ++kk) {
       LINATTN_UNROLL
       for (int r = 0; r < State::kRowTilesPerWarp; ++r) {
         int mi = 0, ni = 0;
         State::tile(w.warp, r * State::kColsPerWarp, mi, ni);
-        Fragment a[4];  // Kᵀ: keys mi·16.. (rows) × chunk rows kk·16.. (columns), scaled per column
-        warp::rows_as_a_operand_transposed(w, base + L::kK + kk * 16 * L::kQKPitch + mi * 32, L::kQKPitch, a);
-        if (gated()) {
+        Fragment a[4];  // Xᵀ: its columns mi·16.. (rows) × chunk rows kk·16.. (columns), scaled per column
+        warp::rows_as_a_operand_transposed(w, x + kk * 16 * L::kQKPitch + mi * 32, L::kQKPitch, a);
+        if (scaled) {
           warp::for_lanes(w, [&](int lane) {
             const int t = warp::thread_in_group(lane);
             LINATTN_UNROLL
             for (int i = 0; i < 4; ++i) {
               const int col = kk * 16 + 2 * t + 8 * (i / 2);
               const float lo = warp::unpack_lo<scalar_t>(a[i][lane]), hi = warp::unpack_hi<scalar_t>(a[i][lane]);
-              const float decay_lo = row_value(w, L::kDecay, col), decay_hi = row_value(w, L::kDecay, col + 1);
-              a[i][lane] = warp::pack<scalar_t>(lo * decay_lo, hi * decay_hi);
+              const float f_lo = factors == kNoFactors ? multiplier : multiplier * row_value(w, factors, col);
+              const float f_hi = factors == kNoFactors ? multiplier : multiplier * row_value(w, factors, col + 1);
+              a[i][lane] = warp::pack<scalar_t>(lo * f_lo, hi * f_hi);
             }
           });
         }
@@ -408,7 +459,7 @@ struct DeltaForwardBlock {
           const int slot = r * State::kColsPerWarp + c;
           if (!State::tile(w.warp, slot, mi, ni)) continue;
           Fragment bf[2];
-          warp::rows_as_b_operand(w, L::kU + kk * 16 * L::kVPitch + ni * 16, L::kVPitch, bf);
+          warp::rows_as_b_operand(w, y + kk * 16 * L::kVPitch + ni * 16, L::kVPitch, bf);
           warp::mma_16816<scalar_t>(s.state[slot], a, bf);
         }
       }
@@ -486,6 +537,17 @@ struct DeltaForwardBlock {
     });
   }
 };
+
+// The phases that prepare a chunk once its rows have landed (Block: the forward's block or the
+// backward walk's): q (want_q) and k rows normalised with normalize_qk, then the UT transform — A,
+// T's diagonal blocks, the doubling's four products.
+template <typename State, typename Block, typename Exec>
+LINATTN_HD LINATTN_INLINE void prepare_chunk(const Exec& exec, const Block& blk, uint32_t base, bool want_q) {
+  if (blk.p.normalize_qk) exec([&](const WarpContext& w, State&) { blk.normalize_rows(w, base, want_q, true); });
+  exec([&](const WarpContext& w, State&) { blk.key_products(w, base); });
+  exec([&](const WarpContext& w, State&) { blk.invert_diagonal_blocks(w); });
+  for (int step = 0; step < 4; ++step) exec([&](const WarpContext& w, State&) { blk.inverse_step(w, step); });
+}
 
 }  // namespace delta_tensor_core
 }  // namespace linattn

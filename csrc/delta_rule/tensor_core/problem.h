@@ -41,6 +41,12 @@ struct DeltaForwardProblem {
   // host: 0 first, non-decreasing, `length` last) with its own state (N, H, dk, dv); null: none.
   const int32_t* offsets = nullptr;
   int64_t sequences = 0;
+  // What the backward keeps of a walk (unpacked calls; the kKeep instances write them): the state
+  // at one boundary of every chunk, (B, H, ⌈T / 64⌉, dk, dv) fp32, and a row value per token,
+  // (B, H, T, dv) fp32. The forward's keeping instance records the state entering each chunk and
+  // u; the backward's walk (backward_walk.h) the gradient of the state leaving each chunk and du.
+  float* chunk_states = nullptr;
+  float* chunk_values = nullptr;
 
   LINATTN_HD int64_t blocks() const { return (offsets != nullptr ? sequences : batch) * heads * value_tiles; }
 };
@@ -89,6 +95,21 @@ inline int64_t shared_bytes_of(int64_t dk, int64_t dv) {
   int64_t bytes = 0;
   with_head_dims(dk, dv, [&](auto k, auto v) { bytes = DeltaLayout<decltype(k)::value, decltype(v)::value>::kBytes; });
   return bytes;
+}
+
+// The backward walk (backward_walk.h) takes 64 value columns a block whatever the value dim (a
+// 128 × 128 block would not fit) and adds Y = −Twᵀ du (16-bit) to the forward's layout.
+constexpr int kWalkValueTile = 64;
+
+template <int DK>
+struct DeltaWalkLayout : DeltaLayout<DK, kWalkValueTile> {
+  using Base = DeltaLayout<DK, kWalkValueTile>;
+  static constexpr int kY = Base::kBytes;
+  static constexpr int kBytes = kY + kChunk * Base::kVPitch;
+};
+
+inline int64_t walk_shared_bytes_of(int64_t dk) {
+  return padded_key_dim(dk) == 64 ? DeltaWalkLayout<64>::kBytes : DeltaWalkLayout<128>::kBytes;
 }
 
 template <int DK, int DV>
