@@ -1,4 +1,5 @@
 import contextlib
+import functools
 import pathlib
 
 import pytest
@@ -118,13 +119,22 @@ def compiled_kernel_rows(kernel):
 
     if not getattr(_build_info, "CUDA_KERNELS", False):
         pytest.skip("a build without the CUDA kernels")
-    from benchmarks.bench_tensor_core import cubin_figures, find_tool
+    from benchmarks.bench_tensor_core import find_tool
 
     if find_tool("cuobjdump") is None or find_tool("nvdisasm") is None:
         assert not os.environ.get("CI"), "CI installs nvidia-cuda-cuobjdump and nvidia-cuda-nvdisasm (install.sh)"
         pytest.skip("cuobjdump / nvdisasm not installed")
     wanted = kernel if callable(kernel) else (lambda name: name == kernel)
-    return [row for row in cubin_figures(linattn._C.__file__)[0] if wanted(row["kernel"])]
+    return [row for row in _all_kernel_rows(linattn._C.__file__) if wanted(row["kernel"])]
+
+
+@functools.lru_cache(maxsize=1)
+def _all_kernel_rows(library):
+    """Every compiled kernel's row, read once per session (cuobjdump over the whole library takes
+    about 100 s here; five test files ask)."""
+    from benchmarks.bench_tensor_core import cubin_figures
+
+    return tuple(cubin_figures(library)[0])
 
 
 # --- the methods of linattn.nn.MultiheadAttention, as the module and GPU tests build them ---

@@ -297,3 +297,26 @@ def test_cuda_kernel_equals_emulation():
         cpu = FWD(q, k, v, beta, gate, S0, None, causal, 0.125, True)
         for a, b in zip(gpu, cpu):
             assert_close(a.cpu(), b.double(), 1e-2, "GPU vs emulation")
+
+
+@pytest.mark.parametrize("poisoned", ["q", "k", "v", "beta", "gate"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_a_later_non_finite_row_never_reaches_earlier_rows(poisoned, value):
+    """Inf or NaN in row 40 (the chunk's third 16-row block, whose diagonal mma blocks would meet it
+    through their zeros above the diagonal): the earlier rows' outputs are bitwise those without
+    it, the row itself is not finite. q's stays in its own row; the others poison the rows from
+    40 on and the state (screen_rows)."""
+    q, k, v, beta, gate, S0 = make(1, 2, 150, 32, 24, torch.bfloat16, seed=12)
+    clean, _ = run(q, k, v, beta, gate, S0)
+    inputs = {"q": q.clone(), "k": k.clone(), "v": v.clone(), "beta": beta.clone(), "gate": gate.clone()}
+    if poisoned in ("beta", "gate"):
+        inputs[poisoned][:, :, 40] = -value if poisoned == "gate" else value
+    else:
+        inputs[poisoned][:, :, 40, 1] = value
+    out, S = run(inputs["q"], inputs["k"], inputs["v"], inputs["beta"], inputs["gate"], S0)
+    assert torch.equal(out[:, :, :40], clean[:, :, :40]), "a later row's Inf/NaN reached earlier rows"
+    assert not torch.isfinite(out[:, :, 40]).all(), "the poisoned row itself must see its value"
+    if poisoned == "q":
+        assert torch.equal(out[:, :, 41:], clean[:, :, 41:])
+    else:
+        assert torch.isnan(out[:, :, 41:]).all() and torch.isnan(S).all()

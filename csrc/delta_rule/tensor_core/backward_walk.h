@@ -134,9 +134,9 @@ LINATTN_HD LINATTN_INLINE void run_delta_backward_walk_block(const Exec& exec, c
       blk.store_chunk_state(w, s, chunk);      // dS leaving the chunk
       warp::cp_async_wait<0>(w);
       if (chunk > 0) blk.issue_chunk(w, step + 1, start - kChunk, p.causal, true);
-      blk.load_gates(w, start);
+      blk.load_gates(w, start, /*screen=*/false);
     });
-    prepare_chunk<State>(exec, blk, base, p.causal);
+    prepare_chunk<State>(exec, blk, base, p.causal, /*screen=*/false);
     exec([&](const WarpContext& w, State&) { blk.pseudo_gradients(w, base, start); });
     exec([&](const WarpContext& w, State&) { blk.through_transform(w); });
     exec([&](const WarpContext& w, State& s) { blk.update_gradient(w, s, base, rows); });

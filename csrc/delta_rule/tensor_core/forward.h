@@ -8,6 +8,8 @@
 // accumulator registers from the first chunk to the last; a 16-bit copy sits in shared memory for
 // the products that read it. Per chunk, phases separated by barriers:
 //   rows land (cp.async, the next chunk's in flight), gates: β, G, e^G, e^{G_last − G};
+//   K and V rows screened for Inf and NaN (forward_block.h, screen_rows: a later row's never
+//   reaches an earlier one; rows from the first flagged one on, and the state, are NaN);
 //   q and k rows normalised (normalize_qk);
 //   A = strict_tril(diag(β)(K Kᵀ ⊙ Γ))                  tensor cores, then fp32 in shared memory
 //   T = (I + A)⁻¹                                        fp32: 16-blocks by substitution, doubling
@@ -48,13 +50,14 @@ LINATTN_HD LINATTN_INLINE void run_delta_forward_block(const Exec& exec, const D
         blk.store_chunk_state(w, s, chunk);       // (the state entering the chunk, where it is kept)
         warp::cp_async_wait<0>(w);
         if (chunk + 1 < chunks) blk.issue_chunk(w, chunk + 1, start + kChunk, outputs, true);
-        blk.load_gates(w, start);
+        blk.load_gates(w, start, /*screen=*/true);
       });
-      prepare_chunk<State>(exec, blk, base, outputs);
+      prepare_chunk<State>(exec, blk, base, outputs, /*screen=*/true);
       exec([&](const WarpContext& w, State&) { blk.pseudo_values(w, base, start); });
       exec([&](const WarpContext& w, State& s) {
         if (outputs) blk.output(w, base, start, true);
         blk.update_state(w, s, base, rows);
+        blk.poison_state(w, s);
       });
     }
   };

@@ -8,6 +8,8 @@
 #include "../../common/warp/scan.h"
 
 #include <cmath>
+#include <cstring>
+#include <limits>
 
 namespace linattn {
 namespace delta_tensor_core {
@@ -15,6 +17,25 @@ namespace delta_tensor_core {
 constexpr float kL2Eps = 1e-6f;  // x · (Σ x² + eps)^{-1/2}, as the CPU kernel and l2_normalize
 
 using warp::exp_of;
+
+// Whether x is neither Inf nor NaN (by its exponent bits: no fast-math assumption can fold it).
+LINATTN_HD inline bool finite_float(float x) {
+#if defined(__CUDA_ARCH__)
+  const uint32_t bits = __float_as_uint(x);
+#else
+  uint32_t bits;
+  std::memcpy(&bits, &x, sizeof(bits));
+#endif
+  return (bits & 0x7f800000u) != 0x7f800000u;
+}
+
+LINATTN_HD inline float quiet_nan() {
+#if defined(__CUDA_ARCH__)
+  return __int_as_float(0x7fc00000);
+#else
+  return std::numeric_limits<float>::quiet_NaN();
+#endif
+}
 
 LINATTN_HD inline float inverse_sqrt(float x) {
 #if defined(__CUDA_ARCH__)
@@ -105,8 +126,9 @@ struct DeltaForwardBlock {
   }
 
   // The chunk's β, G = cumulative log-gates, e^G and e^{G_last − G} (warp 0; rows past the end
-  // have β = 0 and g = 0, so they change nothing and G_last is the last row's).
-  LINATTN_HD void load_gates(const WarpContext& w, int64_t start) const {
+  // have β = 0 and g = 0, so they change nothing and G_last is the last row's). With `screen` (the
+  // forward), a row whose β or g is Inf or NaN is flagged and takes β = g = 0 (screen_rows says why).
+  LINATTN_HD void load_gates(const WarpContext& w, int64_t start, bool screen) const {
     if (w.warp != 0) return;
     const int64_t first = token0 + start;
     Lanes<float> beta[2], g[2];
@@ -117,6 +139,10 @@ struct DeltaForwardBlock {
         const int64_t at = first + lane + 32 * half;
         beta[half][lane] = valid ? warp::load_global(w, p.beta + at) : 0.0f;
         g[half][lane] = valid && gated() ? warp::load_global(w, p.log_gate + at) : 0.0f;
+        if (!screen) continue;
+        const bool bad = !finite_float(beta[half][lane]) || !finite_float(g[half][lane]);
+        warp::store_shared<uint8_t>(w, static_cast<uint32_t>(L::kRowFlags + lane + 32 * half), bad ? 1 : 0);
+        if (bad) beta[half][lane] = g[half][lane] = 0.0f;
       }
     });
     const Lanes<float> total = warp::inclusive_scan_64(w, g);
@@ -130,6 +156,67 @@ struct DeltaForwardBlock {
         warp::store_shared<float>(w, L::kDecay + at, gated() ? exp_of(total[lane] - g[half][lane]) : 1.0f);
       }
     });
+  }
+
+  // --- Inf and NaN ----------------------------------------------------------------------------
+  // In the recurrence row j never reaches an earlier row. The tensor-core products do skip the
+  // blocks above the diagonal, but a diagonal 16 × 16 block's zeros above its diagonal meet a
+  // later row's Inf or NaN inside the mma (0 · NaN = NaN): in Tu·V, Tw·K and P·u. So the forward
+  // screens each chunk: a K or V piece holding Inf or NaN is zeroed and its row flagged (β and g
+  // in load_gates), every product then runs on finite values — earlier rows exactly as without
+  // the flagged one — and the rows from the first flagged one on are poisoned: their outputs and
+  // the state after the chunk are NaN (what the recurrence makes of them is Inf or NaN in the
+  // columns they reach; here every column). q needs no screen: its rows are A operands, a row's
+  // Inf or NaN stays in its own output.
+
+  LINATTN_HD void screen_rows(const WarpContext& w, uint32_t base) const {
+    LINATTN_UNROLL
+    for (int operand = 1; operand < 3; ++operand) {
+      const warp::RowTile<scalar_t> x = rows_of(operand);
+      warp::each_piece<kThreads, kChunk>(w, x, [&](int r, int col) {
+        const uint32_t at = base + x.offset + static_cast<uint32_t>(r * x.pitch + col * 2);
+        bool finite = true;
+        LINATTN_UNROLL
+        for (int i = 0; i < 4; ++i) {
+          finite = finite && warp::finite_pair<scalar_t>(warp::load_shared<uint32_t>(w, at + 4 * i));
+        }
+        if (finite) return;
+        LINATTN_UNROLL
+        for (int i = 0; i < 4; ++i) warp::store_shared<uint32_t>(w, at + 4 * i, 0u);
+        warp::store_shared<uint8_t>(w, static_cast<uint32_t>(L::kRowFlags + r), 1);
+      });
+    }
+  }
+
+  // The first flagged row of the chunk (kChunk for none) to kFirstBad (warp 2, idle while warps 0
+  // and 1 invert T's diagonal blocks): a minimum over the 64 flags by shuffles.
+  LINATTN_HD void find_first_bad_row(const WarpContext& w) const {
+    if (w.warp != 2) return;
+    Lanes<float> first;
+    warp::for_lanes(w, [&](int lane) {
+      const bool low = warp::load_shared<uint8_t>(w, static_cast<uint32_t>(L::kRowFlags + lane)) != 0;
+      const bool high = warp::load_shared<uint8_t>(w, static_cast<uint32_t>(L::kRowFlags + lane + 32)) != 0;
+      first[lane] = static_cast<float>(low ? lane : high ? lane + 32 : kChunk);
+    });
+    LINATTN_UNROLL
+    for (int mask = warp::kWarpSize / 2; mask > 0; mask /= 2) {
+      Lanes<int> source;
+      warp::for_lanes(w, [&](int lane) { source[lane] = lane ^ mask; });
+      const Lanes<float> other = warp::shuffle(w, first, source);
+      warp::for_lanes(w, [&](int lane) { first[lane] = other[lane] < first[lane] ? other[lane] : first[lane]; });
+    }
+    warp::for_lanes(w, [&](int lane) {
+      if (lane == 0) warp::store_shared<int>(w, L::kFirstBad, static_cast<int>(first[lane]));
+    });
+  }
+
+  LINATTN_HD static int first_bad_row(const WarpContext& w) { return warp::load_shared<int>(w, L::kFirstBad); }
+
+  // After a chunk with a flagged row: the state is NaN (and so is every later output).
+  LINATTN_HD void poison_state(const WarpContext& w, State& s) const {
+    if (first_bad_row(w) >= kChunk) return;
+    const float nan = quiet_nan();
+    s.each_element(w, [&](bool, int, int, float& x) { x = nan; });
   }
 
   // q and k rows scaled to unit length in shared memory, x · (Σ x² + eps)^{-1/2} (normalize_qk):
@@ -524,13 +611,16 @@ struct DeltaForwardBlock {
         const int64_t row = first + g + 8 * half;
         if (row >= rows) continue;
         const int64_t out_row = (token0 + row) * p.value_dim;
+        // (causal: rows from the chunk's first flagged row on are poisoned, see screen_rows)
+        const bool poisoned = causal && rb * 16 + g + 8 * half >= first_bad_row(w);
         LINATTN_UNROLL
         for (int j = 0; j < kColsPerHalf; ++j) {
           LINATTN_UNROLL
           for (int e = 0; e < 2; ++e) {
             const int64_t col = col0 + half_tile(ch, j) * 8 + 2 * t + e;
             if (col >= p.value_dim) continue;
-            warp::store_global(w, p.out + out_row + col, scalar_t(p.scale * o[j][2 * half + e][lane]));
+            const float x = poisoned ? quiet_nan() : p.scale * o[j][2 * half + e][lane];
+            warp::store_global(w, p.out + out_row + col, scalar_t(x));
           }
         }
       }
@@ -539,13 +629,19 @@ struct DeltaForwardBlock {
 };
 
 // The phases that prepare a chunk once its rows have landed (Block: the forward's block or the
-// backward walk's): q (want_q) and k rows normalised with normalize_qk, then the UT transform — A,
-// T's diagonal blocks, the doubling's four products.
+// backward walk's): with `screen` (the forward) its K and V rows screened for Inf and NaN, q
+// (want_q) and k rows normalised with normalize_qk, then the UT transform — A, T's diagonal blocks
+// (and the first flagged row), the doubling's four products.
 template <typename State, typename Block, typename Exec>
-LINATTN_HD LINATTN_INLINE void prepare_chunk(const Exec& exec, const Block& blk, uint32_t base, bool want_q) {
+LINATTN_HD LINATTN_INLINE void prepare_chunk(const Exec& exec, const Block& blk, uint32_t base, bool want_q,
+                                             bool screen) {
+  if (screen) exec([&](const WarpContext& w, State&) { blk.screen_rows(w, base); });
   if (blk.p.normalize_qk) exec([&](const WarpContext& w, State&) { blk.normalize_rows(w, base, want_q, true); });
   exec([&](const WarpContext& w, State&) { blk.key_products(w, base); });
-  exec([&](const WarpContext& w, State&) { blk.invert_diagonal_blocks(w); });
+  exec([&](const WarpContext& w, State&) {
+    blk.invert_diagonal_blocks(w);
+    if (screen) blk.find_first_bad_row(w);
+  });
   for (int step = 0; step < 4; ++step) exec([&](const WarpContext& w, State&) { blk.inverse_step(w, step); });
 }
 

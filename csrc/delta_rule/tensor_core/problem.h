@@ -53,7 +53,7 @@ struct DeltaForwardProblem {
 
 // Shared memory of one block: two chunk buffers (Q, K and V rows), the 16-bit copy of the state
 // (DK rows of DV columns), the chunk's per-row gate values, the fp32 matrices of the UT transform
-// (A, its inverse T, a 32 × 32 product), T's two 16-bit forms and u.
+// (A, its inverse T, a 32 × 32 product), T's two 16-bit forms, u and the non-finite screen.
 template <int DK, int DV>
 struct DeltaLayout {
   static constexpr int kQKPitch = warp::padded_pitch(DK * 2), kVPitch = warp::padded_pitch(DV * 2);
@@ -70,7 +70,10 @@ struct DeltaLayout {
   static constexpr int kTPitch = warp::padded_pitch(kChunk * 2);  // T's 16-bit forms
   static constexpr int kTw = kProduct + 32 * kProductPitch * 4, kTu = kTw + kChunk * kTPitch;
   static constexpr int kU = kTu + kChunk * kTPitch;
-  static constexpr int kBytes = kU + kChunk * kVPitch;
+  // The forward's screen for Inf and NaN (forward_block.h, screen_rows): a byte per chunk row, then
+  // the first flagged row (int; kChunk for none).
+  static constexpr int kRowFlags = kU + kChunk * kVPitch, kFirstBad = kRowFlags + kChunk;
+  static constexpr int kBytes = kFirstBad + 16;
 };
 
 // The kernel a call runs: DK, its key dim padded to 64 or 128, and DV, the value columns a block
