@@ -36,9 +36,9 @@ inline bool takes(const at::Tensor& q, const at::Tensor& v, int64_t max_shared_b
 }
 
 // What a walk keeps for the backward (DeltaForwardProblem::chunk_states and chunk_values,
-// contiguous fp32), or nothing.
+// contiguous fp32; packed: chunk_offsets, int32), or nothing.
 struct Kept {
-  at::Tensor chunk_states, chunk_values;
+  at::Tensor chunk_states, chunk_values, chunk_offsets;
 };
 
 // One launch over q, k, v (B, H, T, ·) with β and the gate in fp32 (contiguous), from `initial`
@@ -76,6 +76,7 @@ void launch_call(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, 
     p.sequences = sequences;
     p.chunk_states = kept.chunk_states.defined() ? kept.chunk_states.mutable_data_ptr<float>() : nullptr;
     p.chunk_values = kept.chunk_values.defined() ? kept.chunk_values.mutable_data_ptr<float>() : nullptr;
+    p.chunk_offsets = data_or_null<int32_t>(kept.chunk_offsets);
     if (p.blocks() > 0) launch(p);
   });
 }

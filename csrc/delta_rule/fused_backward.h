@@ -5,9 +5,11 @@
 //      the chunks in reverse, keeping dS leaving every chunk and du.
 //   3. Every gradient from those, for all chunks at once: the device-generic backward's batched
 //      products (generic.h, assemble_gradients) — the sequential part is the kernels'.
-// Memory: two states per chunk (fp32), as the device-generic backward. Packed sequences run one
-// such call per sequence (as the device-generic backward does). A call it does not take (what the
-// forward does not take) returns nothing, and the caller runs delta_rule_bwd on the same device.
+// Memory: two states per chunk (fp32), as the device-generic backward. Packed sequences run in
+// the same launches: the kernels take the offsets, and the batched products see every sequence's
+// rows padded to whole chunks, all sequences' chunks end to end (ChunkLayout). A call it does not
+// take (what the forward does not take) returns nothing, and the caller runs delta_rule_bwd on the
+// same device.
 #pragma once
 
 #include "fused.h"
@@ -28,64 +30,128 @@ using Backward = Gradients(const at::Tensor&, const Optional&, const at::Tensor&
                            const at::Tensor&, const at::Tensor&, const Optional&, const Optional&,
                            const Optional&, bool, double, bool);
 
-// One batch of sequences (no packing, T > 0, inputs checked). `launch` runs the two walks:
-// launch.forward_keeping(problem), launch.backward_walk(problem).
+// How the batched products see the rows. Unpacked: as they lie, (B, H, T) in chunks of 64 (or T).
+// Packed (B = 1): every sequence's rows padded to whole chunks of 64 and the sequences' chunks laid
+// end to end, (1, H, n · 64), so that no chunk mixes two sequences: slot_rows gives the row each
+// slot reads (`total`: a zero row), token_slots the slot of each row, chunk_sequences the sequence
+// of each chunk, chunk_offsets (N + 1) each sequence's first chunk, as the kernels index it.
+struct ChunkLayout {
+  at::Tensor offsets, chunk_offsets, slot_rows, token_slots, chunk_sequences;
+  int64_t sequences = 0, chunks = 0;
+
+  bool packed() const { return offsets.defined(); }
+  // (1, H, total, ...) → (1, H, n · 64, ...)
+  at::Tensor gather(const at::Tensor& x) const {
+    if (!packed()) return x;
+    std::vector<int64_t> pad(2 * (x.dim() - 2), 0);
+    pad.back() = 1;  // the zero row at index `total`
+    return at::constant_pad_nd(x, pad).index_select(2, slot_rows);
+  }
+  // (1, H, n · 64, ...) → (1, H, total, ...)
+  at::Tensor scatter(const at::Tensor& x) const { return packed() ? x.index_select(2, token_slots) : x; }
+};
+
+inline ChunkLayout packed_layout(const at::Tensor& cu_seqlens, const std::vector<int64_t>& offsets, int64_t total) {
+  constexpr int64_t C = delta_tensor_core::kChunk;
+  ChunkLayout layout;
+  layout.offsets = cu_seqlens.contiguous();
+  layout.sequences = static_cast<int64_t>(offsets.size()) - 1;
+  std::vector<int32_t> chunk_offsets{0};
+  std::vector<int64_t> slot_rows, token_slots(total), chunk_sequences;
+  for (int64_t n = 0; n < layout.sequences; ++n) {
+    const int64_t begin = offsets[n], length = offsets[n + 1] - begin, chunks = (length + C - 1) / C;
+    for (int64_t r = 0; r < chunks * C; ++r) {
+      if (r < length) token_slots[begin + r] = static_cast<int64_t>(slot_rows.size());
+      slot_rows.push_back(r < length ? begin + r : total);
+    }
+    chunk_sequences.insert(chunk_sequences.end(), chunks, n);
+    chunk_offsets.push_back(static_cast<int32_t>(chunk_offsets.back() + chunks));
+  }
+  layout.chunks = chunk_offsets.back();
+  const auto device = cu_seqlens.device();
+  const auto longs = [&](const std::vector<int64_t>& x) {
+    return at::tensor(x, at::TensorOptions().dtype(at::kLong)).to(device);
+  };
+  layout.chunk_offsets = at::tensor(chunk_offsets, at::TensorOptions().dtype(at::kInt)).to(device);
+  layout.slot_rows = longs(slot_rows);
+  layout.token_slots = longs(token_slots);
+  layout.chunk_sequences = longs(chunk_sequences);
+  return layout;
+}
+
+// The walks and the batched products over `layout` (at least one chunk; inputs checked). `launch`
+// runs the two walks: launch.forward_keeping(problem), launch.backward_walk(problem).
 template <typename Launch>
-Gradients backward_unpacked(const at::Tensor& grad_out, const Optional& grad_final_state, const at::Tensor& q,
-                            const at::Tensor& k, const at::Tensor& v, const at::Tensor& beta, const Optional& log_gate,
-                            const Optional& initial_state, bool causal, double scale, bool normalize_qk,
-                            const Launch& launch) {
+Gradients backward_walked(const at::Tensor& grad_out, const Optional& grad_final_state, const at::Tensor& q,
+                          const at::Tensor& k, const at::Tensor& v, const at::Tensor& beta, const Optional& log_gate,
+                          const Optional& initial_state, bool causal, double scale, bool normalize_qk,
+                          const ChunkLayout& layout, const Launch& launch) {
   using namespace delta_generic;
   const int64_t B = q.size(0), H = q.size(1), T = q.size(2), dk = q.size(3), dv = v.size(3);
-  const int64_t chunks = (T + delta_tensor_core::kChunk - 1) / delta_tensor_core::kChunk;
+  const int64_t states = layout.packed() ? layout.sequences : B;
   const auto f32 = q.options().dtype(at::kFloat);
   const at::Tensor b = beta.to(at::kFloat).contiguous();
   const at::Tensor g = log_gate.has_value() ? log_gate->to(at::kFloat).contiguous() : at::Tensor();
   const at::Tensor initial = initial_state.has_value() ? initial_state->contiguous() : at::Tensor();
-  const at::Tensor none;
+  const auto kept = [&] {
+    return Kept{at::empty({B, H, layout.chunks, dk, dv}, f32), at::empty({B, H, T, dv}, f32), layout.chunk_offsets};
+  };
 
   // 1. The state entering every chunk, u and the final state.
-  const Kept forward_walk{at::empty({B, H, chunks, dk, dv}, f32), at::empty({B, H, T, dv}, f32)};
-  at::Tensor final_state = at::empty({B, H, dk, dv}, f32);
-  launch_call(q, k, v, b, g, initial, final_state, nullptr, causal, scale, normalize_qk, none, 0,
-              [&](const auto& problem) { launch.forward_keeping(problem); }, forward_walk,
+  const Kept forward_walk = kept();
+  at::Tensor final_state = at::empty({states, H, dk, dv}, f32);
+  launch_call(q, k, v, b, g, initial, final_state, nullptr, causal, scale, normalize_qk, layout.offsets,
+              layout.sequences, [&](const auto& problem) { launch.forward_keeping(problem); }, forward_walk,
               delta_tensor_core::kWalkValueTile);
 
-  // q and k as the batched products take them (normalised in fp32), dO with the scale.
+  // q and k as the batched products take them (normalised in fp32), dO with the scale; the rows
+  // in the layout's chunks.
   at::Tensor qh = q.to(at::kFloat), kh = k.to(at::kFloat), rq, rk;
   if (normalize_qk) {
     std::tie(qh, rq) = normalized(q);
     std::tie(kh, rk) = normalized(k);
   }
-  const at::Tensor dO = grad_out.to(at::kFloat) * scale;
-  at::Tensor dS = grad_final_state.has_value() ? grad_final_state->contiguous() : at::zeros({B, H, dk, dv}, f32);
+  const Chunks c = prepare(layout.gather(qh), layout.gather(kh), layout.gather(v), layout.gather(beta),
+                           log_gate.has_value() ? Optional(layout.gather(*log_gate)) : std::nullopt, causal);
+  const auto chunked = [&](const at::Tensor& x) {
+    return to_chunks(layout.gather(x), c.chunk, c.count, c.count * c.chunk - c.length);
+  };
+  const at::Tensor dO = chunked(grad_out.to(at::kFloat) * scale);
+  at::Tensor dS = grad_final_state.has_value() ? grad_final_state->contiguous() : at::zeros({states, H, dk, dv}, f32);
   at::Tensor grad_q;
-  if (!causal) {  // out = scale · Q S_T
-    grad_q = at::matmul(dO, final_state.transpose(-1, -2));
-    dS = (dS + at::matmul(qh.transpose(-1, -2), dO)).contiguous();
+  if (!causal) {  // out = scale · Q S_T: per chunk, with the state of the chunk's sequence
+    const at::Tensor final_of_chunk =
+        layout.packed() ? final_state.index_select(0, layout.chunk_sequences).transpose(0, 1).unsqueeze(0)
+                        : final_state.unsqueeze(2);
+    grad_q = at::matmul(dO, final_of_chunk.transpose(-1, -2)).flatten(2, 3).narrow(2, 0, c.length);
+    const at::Tensor per_chunk = at::matmul(c.q.transpose(-1, -2), dO);  // (B, H, n, dk, dv)
+    const at::Tensor summed =
+        layout.packed()
+            ? at::zeros({1, H, states, dk, dv}, f32).index_add_(2, layout.chunk_sequences, per_chunk)[0].transpose(0, 1)
+            : per_chunk.sum(2);
+    dS = (dS + summed).contiguous();
   }
 
   // 2. dS leaving every chunk, du and dS entering the first.
-  const Kept backward_walk{at::empty({B, H, chunks, dk, dv}, f32), at::empty({B, H, T, dv}, f32)};
-  at::Tensor grad_initial = at::empty({B, H, dk, dv}, f32);
-  launch_call(q, k, grad_out, b, g, dS, grad_initial, nullptr, causal, scale, normalize_qk, none, 0,
-              [&](const auto& problem) { launch.backward_walk(problem); }, backward_walk,
+  const Kept backward_walk = kept();
+  at::Tensor grad_initial = at::empty({states, H, dk, dv}, f32);
+  launch_call(q, k, grad_out, b, g, dS, grad_initial, nullptr, causal, scale, normalize_qk, layout.offsets,
+              layout.sequences, [&](const auto& problem) { launch.backward_walk(problem); }, backward_walk,
               delta_tensor_core::kWalkValueTile);
 
   // 3. The rest, parallel over the chunks.
-  const Chunks c = prepare(qh, kh, v, beta, log_gate, causal);
-  const auto chunked = [&](const at::Tensor& x) { return to_chunks(x, c.chunk, c.count, c.count * c.chunk - T); };
   const Walks walks{forward_walk.chunk_states, chunked(forward_walk.chunk_values), backward_walk.chunk_states,
                     chunked(backward_walk.chunk_values)};
   auto [dq, dk_, dv_, dbeta, dgate, dinitial] =
-      assemble_gradients(c, walks, causal ? chunked(dO) : dO, grad_q, causal, log_gate, at::kFloat,
-                         beta.scalar_type(), grad_initial);
+      assemble_gradients(c, walks, dO, grad_q, causal, log_gate, at::kFloat, beta.scalar_type(), grad_initial);
+  dq = layout.scatter(dq), dk_ = layout.scatter(dk_), dv_ = layout.scatter(dv_), dbeta = layout.scatter(dbeta);
+  if (log_gate.has_value()) dgate = layout.scatter(dgate);
   if (normalize_qk) {
     dq = unnormalized_gradient(dq, qh, rq);
     dk_ = unnormalized_gradient(dk_, kh, rk);
   }
   return Gradients{dq.to(q.scalar_type()).contiguous(), dk_.to(q.scalar_type()).contiguous(),
-                   dv_.to(q.scalar_type()).contiguous(), dbeta, dgate, dinitial};
+                   dv_.to(q.scalar_type()).contiguous(), dbeta.contiguous(), dgate.contiguous(), dinitial};
 }
 
 template <typename Launch>
@@ -99,37 +165,25 @@ std::optional<Gradients> backward(const at::Tensor& grad_out, const Optional& gr
   if (!takes(q, v, max_shared_bytes) || delta_tensor_core::walk_shared_bytes_of(q.size(3)) > max_shared_bytes) {
     return std::nullopt;
   }
-  const auto one = [&](const at::Tensor& d_out, const Optional& d_final, const at::Tensor& qs, const at::Tensor& ks,
-                       const at::Tensor& vs, const at::Tensor& bs, const Optional& gs, const Optional& s0) {
-    if (qs.size(2) == 0) {  // nothing to walk: the state's gradient passes through
-      const auto f32 = q.options().dtype(at::kFloat);
-      const at::Tensor dS = d_final.has_value() ? d_final->clone() : at::zeros({qs.size(0), qs.size(1), qs.size(3),
-                                                                                 vs.size(3)}, f32);
-      return Gradients{at::zeros_like(qs), at::zeros_like(ks), at::zeros_like(vs), at::zeros_like(bs),
-                       gs.has_value() ? at::zeros_like(*gs) : at::empty({0}, f32), dS};
-    }
-    return backward_unpacked(d_out, d_final, qs, ks, vs, bs, gs, s0, causal, scale, normalize_qk, launch);
-  };
-  if (!cu_seqlens.has_value()) return one(grad_out, grad_final_state, q, k, v, beta, log_gate, initial_state);
-  // Packed sequences: one call per sequence, its rows and its own states.
-  const std::vector<int64_t> offsets = read_packed_offsets(kDeltaRuleOp, *cu_seqlens, q.size(2));
-  if (offsets.size() == 1) return std::nullopt;  // no sequence at all: delta_rule_bwd's shapes
-  const auto rows = [](const Optional& t, int64_t a, int64_t b) {
-    return t.has_value() ? Optional(t->slice(2, a, b)) : std::nullopt;
-  };
-  const auto state = [](const Optional& t, int64_t n) {
-    return t.has_value() ? Optional(t->slice(0, n, n + 1)) : std::nullopt;
-  };
-  std::vector<at::Tensor> parts[6];
-  for (size_t n = 0; n + 1 < offsets.size(); ++n) {
-    const int64_t a = offsets[n], b = offsets[n + 1];
-    const Gradients g = one(grad_out.slice(2, a, b), state(grad_final_state, n), q.slice(2, a, b), k.slice(2, a, b),
-                            v.slice(2, a, b), beta.slice(2, a, b), rows(log_gate, a, b), state(initial_state, n));
-    parts[0].push_back(std::get<0>(g)), parts[1].push_back(std::get<1>(g)), parts[2].push_back(std::get<2>(g));
-    parts[3].push_back(std::get<3>(g)), parts[4].push_back(std::get<4>(g)), parts[5].push_back(std::get<5>(g));
+  ChunkLayout layout;
+  int64_t states = q.size(0);
+  if (cu_seqlens.has_value()) {
+    const std::vector<int64_t> offsets = read_packed_offsets(kDeltaRuleOp, *cu_seqlens, q.size(2));
+    if (offsets.size() == 1) return std::nullopt;  // no sequence at all: delta_rule_bwd's shapes
+    layout = packed_layout(*cu_seqlens, offsets, q.size(2));
+    states = layout.sequences;
+  } else {
+    layout.chunks = (q.size(2) + delta_tensor_core::kChunk - 1) / delta_tensor_core::kChunk;
   }
-  return Gradients{at::cat(parts[0], 2), at::cat(parts[1], 2), at::cat(parts[2], 2), at::cat(parts[3], 2),
-                   log_gate.has_value() ? at::cat(parts[4], 2) : parts[4].front(), at::cat(parts[5], 0)};
+  if (layout.chunks == 0) {  // no row at all: the state's gradient passes through
+    const auto f32 = q.options().dtype(at::kFloat);
+    const at::Tensor dS = grad_final_state.has_value() ? grad_final_state->clone()
+                                                       : at::zeros({states, q.size(1), q.size(3), v.size(3)}, f32);
+    return Gradients{at::zeros_like(q), at::zeros_like(k), at::zeros_like(v), at::zeros_like(beta),
+                     log_gate.has_value() ? at::zeros_like(*log_gate) : at::empty({0}, f32), dS};
+  }
+  return backward_walked(grad_out, grad_final_state, q, k, v, beta, log_gate, initial_state, causal, scale,
+                         normalize_qk, layout, launch);
 }
 
 // delta_rule_bwd on the same device (the CPU kernel; the device-generic path on CUDA).

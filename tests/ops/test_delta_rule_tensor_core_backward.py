@@ -118,11 +118,13 @@ def test_long_half_precision_sequence_stays_finite():
     assert all(torch.isfinite(g).all() for g in grads)
 
 
+@pytest.mark.parametrize("dtype", HALF_TYPES)
 @pytest.mark.parametrize("causal", [True, False])
-def test_packed_sequences_match_the_recurrence_per_sequence(causal):
-    """cu_seqlens (an empty sequence included): each sequence's gradients are those of its own
-    recurrence from its own state."""
-    inputs, d_out, _ = make(1, 2, 200, 32, 24, torch.bfloat16, seed=10)
+def test_packed_sequences_match_the_recurrence_per_sequence(dtype, causal):
+    """cu_seqlens (an empty sequence included, lengths across chunk boundaries): one call, the
+    sequences' chunks end to end; each sequence's gradients are those of its own recurrence from
+    its own state."""
+    inputs, d_out, _ = make(1, 2, 200, 32, 24, dtype, seed=10)
     bounds = [0, 70, 70, 135, 200]
     cu = torch.tensor(bounds, dtype=torch.int32)
     g = torch.Generator().manual_seed(11)
@@ -137,7 +139,7 @@ def test_packed_sequences_match_the_recurrence_per_sequence(causal):
         want = reference_gradients(piece, d_out[:, :, a:b], d_final[n:n + 1], causal=causal, scale=0.25)
         for name, x, y in zip(NAMES, got, want):
             x = x[n:n + 1] if name == "initial_state" else x[:, :, a:b]
-            assert_close(x, y, TOL[torch.bfloat16], f"sequence {n} grad {name}")
+            assert_close(x, y, TOL[dtype], f"sequence {n} grad {name}")
 
 
 def test_calls_it_does_not_take_run_the_cpu_kernel():

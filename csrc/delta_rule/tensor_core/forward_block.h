@@ -494,7 +494,10 @@ struct DeltaForwardBlock {
   // The state at a boundary of chunk `chunk`, to chunk_states where the walk is kept.
   LINATTN_HD void store_chunk_state(const WarpContext& w, State& s, int64_t chunk) const {
     if (!kKeep) return;
-    float* kept = p.chunk_states + (state_index * chunks() + chunk) * p.key_dim * p.value_dim;
+    const int64_t index = p.offsets != nullptr
+                              ? h * p.chunk_offsets[p.sequences] + p.chunk_offsets[state_index / p.heads] + chunk
+                              : state_index * chunks() + chunk;
+    float* kept = p.chunk_states + index * p.key_dim * p.value_dim;
     s.each_element(w, [&](bool mine, int row, int c, float& x) {
       if (mine && state_element(row, c)) warp::store_global(w, kept + row * p.value_dim + col0 + c, x);
     });

@@ -41,12 +41,15 @@ struct DeltaForwardProblem {
   // host: 0 first, non-decreasing, `length` last) with its own state (N, H, dk, dv); null: none.
   const int32_t* offsets = nullptr;
   int64_t sequences = 0;
-  // What the backward keeps of a walk (unpacked calls; the kKeep instances write them): the state
+  // What the backward keeps of a walk (the kKeep instances write them): the state
   // at one boundary of every chunk, (B, H, ⌈T / 64⌉, dk, dv) fp32, and a row value per token,
   // (B, H, T, dv) fp32. The forward's keeping instance records the state entering each chunk and
   // u; the backward's walk (backward_walk.h) the gradient of the state leaving each chunk and du.
   float* chunk_states = nullptr;
   float* chunk_values = nullptr;
+  // Packed and kept: sequence n's chunks are chunks chunk_offsets[n] .. of its head's
+  // chunk_offsets[sequences] (chunk_states is then (1, H, Σ chunks, dk, dv)).
+  const int32_t* chunk_offsets = nullptr;
 
   LINATTN_HD int64_t blocks() const { return (offsets != nullptr ? sequences : batch) * heads * value_tiles; }
 };
