@@ -37,6 +37,7 @@ using Backward = Gradients(const at::Tensor&, const Optional&, const at::Tensor&
 // of each chunk, chunk_offsets (N + 1) each sequence's first chunk, as the kernels index it.
 struct ChunkLayout {
   at::Tensor offsets, chunk_offsets, slot_rows, token_slots, chunk_sequences;
+  std::vector<int64_t> chunk_starts;  // chunk_offsets on the host
   int64_t sequences = 0, chunks = 0;
 
   bool packed() const { return offsets.defined(); }
@@ -68,6 +69,7 @@ inline ChunkLayout packed_layout(const at::Tensor& cu_seqlens, const std::vector
     chunk_offsets.push_back(static_cast<int32_t>(chunk_offsets.back() + chunks));
   }
   layout.chunks = chunk_offsets.back();
+  layout.chunk_starts.assign(chunk_offsets.begin(), chunk_offsets.end());
   const auto device = cu_seqlens.device();
   const auto longs = [&](const std::vector<int64_t>& x) {
     return at::tensor(x, at::TensorOptions().dtype(at::kLong)).to(device);
@@ -125,10 +127,16 @@ Gradients backward_walked(const at::Tensor& grad_out, const Optional& grad_final
                         : final_state.unsqueeze(2);
     grad_q = at::matmul(dO, final_of_chunk.transpose(-1, -2)).flatten(2, 3).narrow(2, 0, c.length);
     const at::Tensor per_chunk = at::matmul(c.q.transpose(-1, -2), dO);  // (B, H, n, dk, dv)
-    const at::Tensor summed =
-        layout.packed()
-            ? at::zeros({1, H, states, dk, dv}, f32).index_add_(2, layout.chunk_sequences, per_chunk)[0].transpose(0, 1)
-            : per_chunk.sum(2);
+    at::Tensor summed;
+    if (layout.packed()) {  // each sequence's chunks, which lie together (a sum each: deterministic)
+      summed = at::empty({states, H, dk, dv}, f32);
+      for (int64_t n = 0; n < states; ++n) {
+        const int64_t first = layout.chunk_starts[n], count = layout.chunk_starts[n + 1] - first;
+        summed[n].copy_(count > 0 ? per_chunk[0].narrow(1, first, count).sum(1) : at::zeros({H, dk, dv}, f32));
+      }
+    } else {
+      summed = per_chunk.sum(2);
+    }
     dS = (dS + summed).contiguous();
   }
 

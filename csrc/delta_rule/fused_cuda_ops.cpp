@@ -21,19 +21,22 @@ struct CudaLaunch {
   int64_t processors() const { return multiprocessors(); }
   template <typename scalar_t>
   void operator()(const delta_tensor_core::DeltaForwardProblem<scalar_t>& p) const {
-    TORCH_CHECK(p.blocks() <= std::numeric_limits<int32_t>::max(), kDeltaRuleOp,
-                ": batch · heads · value tiles = ", p.blocks(), " exceeds a CUDA grid");
+    check_grid(p.blocks());
     delta_tensor_core::launch_forward(p, stream);
   }
   template <typename scalar_t>
   void forward_keeping(const delta_tensor_core::DeltaForwardProblem<scalar_t>& p) const {
+    check_grid(p.blocks());
     delta_tensor_core::launch_forward_keeping(p, stream);
   }
   template <typename scalar_t>
   void backward_walk(const delta_tensor_core::DeltaForwardProblem<scalar_t>& p) const {
-    TORCH_CHECK(p.blocks() <= std::numeric_limits<int32_t>::max(), kDeltaRuleOp,
-                ": batch · heads · value tiles = ", p.blocks(), " exceeds a CUDA grid");
+    check_grid(p.blocks());
     delta_tensor_core::launch_backward_walk(p, stream);
+  }
+  static void check_grid(int64_t blocks) {
+    TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(), kDeltaRuleOp,
+                ": batch · heads · value tiles = ", blocks, " exceeds a CUDA grid");
   }
 };
 
