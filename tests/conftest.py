@@ -128,6 +128,17 @@ def compiled_kernel_rows(kernel):
     return [row for row in _all_kernel_rows(linattn._C.__file__) if wanted(row["kernel"])]
 
 
+def assert_tensor_cores_without_local_memory(rows, instances):
+    """The compiled kernels' rows: for sm_80 and sm_90, `instances` of them in all, each holding
+    tensor-core instructions (HMMA.16816.F32) and no local memory (no register spills, no stack)."""
+    assert {row["arch"] for row in rows} == {"sm_80", "sm_90"}
+    assert len(rows) == instances
+    for row in rows:
+        name = f"{row['arch']} DK={row['dk']} DV={row['dv']} {row['dtype']}"
+        assert row["hmma"] > 0, f"{name}: no tensor-core instructions"
+        assert row["stack"] == 0 and row["local"] == 0, f"{name}: local memory (register spills)"
+
+
 @functools.lru_cache(maxsize=1)
 def _all_kernel_rows(library):
     """Every compiled kernel's row, read once per session (cuobjdump over the whole library takes

@@ -12,7 +12,7 @@ import torch
 import linattn
 from linattn import ops, reference
 from linattn.delta_rule import l2_normalize
-from conftest import assert_close, compiled_kernel_rows
+from conftest import assert_close, assert_tensor_cores_without_local_memory, compiled_kernel_rows
 
 FWD = torch.ops.linattn.delta_rule_fwd_fused.default
 HALF_TYPES = [torch.bfloat16, torch.float16]
@@ -264,14 +264,8 @@ def test_opcheck_and_compile():
 def test_cubins_hold_tensor_core_instructions_and_no_local_memory():
     """The compiled kernels (sm_80 and sm_90, every head-dim and dtype instance) use mma.sync and
     no local memory: no register spills, no stack."""
-    rows = compiled_kernel_rows("delta")
-    assert {row["arch"] for row in rows} == {"sm_80", "sm_90"}
     # two architectures, two dtypes, four (DK, DV) instances and the backward's two keeping ones (DV = 64)
-    assert len(rows) == 2 * 2 * (4 + 2)
-    for row in rows:
-        name = f"{row['arch']} DK={row['dk']} DV={row['dv']} {row['dtype']}"
-        assert row["hmma"] > 0, f"{name}: no tensor-core instructions"
-        assert row["stack"] == 0 and row["local"] == 0, f"{name}: local memory (register spills)"
+    assert_tensor_cores_without_local_memory(compiled_kernel_rows("delta"), 2 * 2 * (4 + 2))
 
 
 @needs_gpu

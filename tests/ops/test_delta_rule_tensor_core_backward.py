@@ -13,7 +13,7 @@ import torch
 import linattn
 from linattn import ops, reference
 from linattn.delta_rule import l2_normalize
-from conftest import assert_close, compiled_kernel_rows
+from conftest import assert_close, assert_tensor_cores_without_local_memory, compiled_kernel_rows
 
 FWD = torch.ops.linattn.delta_rule_fwd_fused.default
 BWD = torch.ops.linattn.delta_rule_bwd_fused.default
@@ -207,13 +207,7 @@ def test_opcheck_and_compile():
 def test_cubins_hold_tensor_core_instructions_and_no_local_memory():
     """The compiled backward walks (sm_80 and sm_90, both dtypes, DK = 64 and 128) use mma.sync and
     no local memory."""
-    rows = compiled_kernel_rows("delta-bwd")
-    assert {row["arch"] for row in rows} == {"sm_80", "sm_90"}
-    assert len(rows) == 2 * 2 * 2
-    for row in rows:
-        name = f"{row['arch']} DK={row['dk']} {row['dtype']}"
-        assert row["hmma"] > 0, f"{name}: no tensor-core instructions"
-        assert row["stack"] == 0 and row["local"] == 0, f"{name}: local memory (register spills)"
+    assert_tensor_cores_without_local_memory(compiled_kernel_rows("delta-bwd"), 2 * 2 * 2)
 
 
 @needs_gpu

@@ -12,8 +12,8 @@ import torch
 
 import linattn
 from linattn import ops, reference
-from conftest import (TOLERANCE, assert_close, compiled_kernel_rows, fading_extremes, gated_inputs, gated_reference,
-                      log_factors)
+from conftest import (TOLERANCE, assert_close, assert_tensor_cores_without_local_memory, compiled_kernel_rows,
+                      fading_extremes, gated_inputs, gated_reference, log_factors)
 
 FWD = torch.ops.linattn.linear_attn_fwd_fused.default
 HALF_TYPES = [torch.bfloat16, torch.float16]
@@ -228,13 +228,8 @@ def test_a_later_value_never_reaches_earlier_rows(dtype, bad):
 def test_cubins_hold_tensor_core_instructions_and_no_local_memory():
     """The compiled kernels (sm_80 and sm_90, every head-dim and dtype instance) use mma.sync
     (HMMA.16816.F32 in their SASS) and no local memory: no register spills, no stack."""
-    rows = compiled_kernel_rows("linear")
-    assert {row["arch"] for row in rows} == {"sm_80", "sm_90"}
-    assert len(rows) == 2 * 2 * 5  # two architectures, two dtypes, five (DK, DV) instances
-    for row in rows:
-        name = f"{row['arch']} DK={row['dk']} DV={row['dv']} {row['dtype']}"
-        assert row["hmma"] > 0, f"{name}: no tensor-core instructions"
-        assert row["stack"] == 0 and row["local"] == 0, f"{name}: local memory (register spills)"
+    # two architectures, two dtypes, five (DK, DV) instances
+    assert_tensor_cores_without_local_memory(compiled_kernel_rows("linear"), 2 * 2 * 5)
 
 
 @pytest.mark.parametrize("causal", [True, False])
