@@ -41,7 +41,7 @@ H100 = {"registers": 65536, "shared": 228 * 1024, "reserved_per_block": 1024, "t
 # The compiled kernels by family: how to read (DK, DV, dtype) from a mangled name, threads per
 # block (kThreads) and shared memory per block for the head-dim instance.
 def _linear_instance(m):
-    return int(m.group(2)), int(m.group(3)), m.group(5)
+    return int(m.group(2)), int(m.group(3)), f"{m.group(5)}{' gated' if m.group(6) == '1' else ''}"
 
 
 def _linear_backward_instance(m):
@@ -65,7 +65,8 @@ def _flash_backward_instance(m):
 
 
 KERNELS = {
-    "linear": {"pattern": r"Function (\S*tensor_core\S*\dforward_kernelILi(\d+)ELi(\d+)EN3c10(\d+)(\w+?)EEEv\S*):",
+    "linear": {"pattern": r"Function (\S*tensor_core\S*\dforward_kernelILi(\d+)ELi(\d+)EN3c10(\d+)(\w+?)ELb([01])EEEv"
+                          r"\S*):",
                "instance": _linear_instance, "threads": 256,
                "shared": lambda dk, dv: torch.ops.linattn._tensor_core_shared_bytes(dk, dv)},
     "linear-bwd": {"pattern": r"Function (\S*tensor_core\S*(query|key_value)_gradient_kernelILi(\d+)ELi(\d+)EN3c10"
@@ -253,6 +254,10 @@ def cubin_figures(library):
                                   capture_output=True, text=True, env=env).stdout
             row["hmma"] = len(re.findall(r"\bHMMA\.16816\.F32", sass))
             row["ldsm"] = len(re.findall(r"\bLDSM\b", sass))
+            # Static instruction count, and the convergence barriers a branch the compiler cannot
+            # prove warp-uniform costs (BSSY/BSYNC pairs): the overhead around the mma.
+            row["instructions"] = len(re.findall(r"/\*[0-9a-f]{4,}\*/\s+\S", sass))
+            row["bssy"] = len(re.findall(r"\bBSSY\b", sass))
     for row in rows:
         spec = KERNELS[row["kernel"]]
         row["shared_bytes"] = spec["shared"](row["dk"], row["dv"])
@@ -314,16 +319,17 @@ def main():
     if cubins is None:
         print(f"Cubins: {why}")
     else:
-        print("Compiled kernels (linear: forward_kernel<DK, DV, dtype>; linear-bwd: query / key_value_gradient_kernel"
-              "<DK, DV, dtype, gated>; delta: delta_forward_kernel<DK, DV, dtype, keeping>; delta-bwd: "
+        print("Compiled kernels (linear: forward_kernel<DK, DV, dtype, gated>; linear-bwd: query / "
+              "key_value_gradient_kernel<DK, DV, dtype, gated>; delta: delta_forward_kernel<DK, DV, dtype, keeping>; delta-bwd: "
               "delta_backward_walk_kernel<DK, dtype>; flash: forward_kernel<D, dtype>, "
               "backward_kernel<KeyBlock or QueryBlock<dtype, D>>):")
         print(f"  {'kernel':9} {'arch':6} {'DK':>4} {'DV':>4} {'dtype':19} {'regs':>5} {'stack':>5} {'local':>5} "
-              f"{'HMMA':>5} {'smem KiB':>8} {'H100 blocks/SM':>14}")
+              f"{'HMMA':>5} {'SASS':>6} {'BSSY':>5} {'smem KiB':>8} {'H100 blocks/SM':>14}")
         for r in cubins:
             print(f"  {r['kernel']:9} {r['arch']:6} {r['dk']:>4} {r['dv']:>4} {r['dtype']:19} {r['registers']:>5} "
                   f"{r['stack']:>5} "
-                  f"{r['local']:>5} {r.get('hmma', '?'):>5} {r['shared_bytes'] / 1024:>8.1f} "
+                  f"{r['local']:>5} {r.get('hmma', '?'):>5} {r.get('instructions', '?'):>6} {r.get('bssy', '?'):>5} "
+                  f"{r['shared_bytes'] / 1024:>8.1f} "
                   f"{r['h100_blocks_per_sm']:>14}")
         print("  Linear (both directions): below two blocks per SM because each block keeps its fp32 state in\n"
               "  its 8 warps' registers (at D = 128 a lane holds 68 of them) and two chunk buffers in shared\n"

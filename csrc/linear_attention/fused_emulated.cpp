@@ -43,7 +43,13 @@ struct EmulatedLaunch {
       constexpr int DK = decltype(dk)::value, DV = decltype(dv)::value;
       emulate_blocks<tensor_core::WarpState<DK, DV>>(
           p.blocks(), tensor_core::Layout<DK, DV>::kBytes,
-          [&](const auto& exec, int64_t block) { tensor_core::run_forward_block<DK, DV>(exec, p, block); });
+          [&](const auto& exec, int64_t block) {
+            if (p.log_decay != nullptr) {  // its own instance, as on the GPU
+              tensor_core::run_forward_block<DK, DV, true>(exec, p, block);
+            } else {
+              tensor_core::run_forward_block<DK, DV, false>(exec, p, block);
+            }
+          });
     });
   }
 

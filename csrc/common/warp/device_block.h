@@ -24,6 +24,8 @@ struct DeviceBlock {
 __device__ inline WarpContext this_warp(unsigned char* shared) {
   WarpContext context;
   context.shared = shared;
+  // (Not broadcast as warp-uniform here: kernels that branch on it ask for warp::uniform where
+  // it pays; known everywhere, it raised the backward's register pressure into spills.)
   context.warp = static_cast<int>(threadIdx.x) / kWarpSize;
   context.lane = static_cast<int>(threadIdx.x) % kWarpSize;
   return context;

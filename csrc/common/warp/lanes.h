@@ -78,6 +78,20 @@ LINATTN_HD inline int opaque(int x) {
 #endif
 }
 
+// A warp-uniform x (a warp index) as the device compiler then knows it is: lane 0's, broadcast. A
+// branch on it is a uniform branch, without the reconvergence barrier (BSSY/BSYNC) a possibly
+// divergent one costs around each mma inside it.
+LINATTN_HD inline int uniform(int x) {
+#if defined(__CUDA_ARCH__)
+  return __shfl_sync(0xffffffffu, x, 0);
+#else
+  return x;
+#endif
+}
+
+// Both: opaque (above) and known to be warp-uniform.
+LINATTN_HD inline int opaque_uniform(int x) { return uniform(opaque(x)); }
+
 // The mma fragment coordinates of a lane (PTX ISA, "Matrix Fragments for mma.m16n8k16"):
 // group = lane / 4 selects the row (A, C) or column (B), thread = lane % 4 the pair of columns
 // (A, C) or rows (B).

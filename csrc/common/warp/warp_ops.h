@@ -55,6 +55,12 @@ LINATTN_HD inline float round_to(float x) {
   return static_cast<float>(half_t(x));
 }
 
+// 16 bytes of shared memory as four 32-bit words: one 16-byte access (load_shared, store_shared)
+// where four 4-byte ones would each pay an instruction and, stores between loads, their order.
+struct alignas(16) Words4 {
+  uint32_t word[4];
+};
+
 #if defined(__CUDA_ARCH__)
 // --- device: inline PTX -----------------------------------------------------------------------
 

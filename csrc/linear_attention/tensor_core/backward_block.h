@@ -18,9 +18,8 @@ namespace tensor_core {
 // φ'(x) from φ(x): elu+1 is x + 1 > 1 for x > 0 (φ' = 1) and eˣ = φ' otherwise; relu's is 1 where
 // φ > 0. NaN stays NaN for elu+1 and gives 0 for relu, as fused::feature_derivative.
 LINATTN_HD inline float derivative_from_feature(int map, float phi) {
-  if (map == kFeatureElu) return phi > 1.0f ? 1.0f : phi;
-  if (map == kFeatureRelu) return phi > 0.0f ? 1.0f : 0.0f;
-  return 1.0f;
+  const float elu = phi > 1.0f ? 1.0f : phi, relu = phi > 0.0f ? 1.0f : 0.0f;  // (selections, no branch)
+  return map == kFeatureElu ? elu : map == kFeatureRelu ? relu : 1.0f;
 }
 
 // kFading: the instance for a fading state (log_decay set), compiled apart so that its registers
@@ -109,16 +108,14 @@ struct BackwardBlock : SequenceRows {
       const int64_t row = start + r;
       const bool valid = row < x.rows && (operand == Operand::kQuery || !padded(row));
       const uint32_t at = base + x.offset + static_cast<uint32_t>(r * x.pitch + col * 2);
-      bool non_finite = false;
+      warp::Words4 piece = warp::load_shared<warp::Words4>(w, at);
+      const int64_t left = x.dim - col;
+      feature_piece<scalar_t>(p.feature_map, !valid ? 0 : left < 8 ? static_cast<int>(left) : 8, piece);
+      bool finite = true;
       LINATTN_UNROLL
-      for (int i = 0; i < 4; ++i) {
-        const int64_t c = col + 2 * i;
-        const uint32_t pair = warp::load_shared<uint32_t>(w, at + 4 * i);
-        const uint32_t phi = feature_pair<scalar_t>(p.feature_map, pair, valid && c < x.dim, valid && c + 1 < x.dim);
-        non_finite = non_finite || !warp::finite_pair<scalar_t>(phi);
-        warp::store_shared<uint32_t>(w, at + 4 * i, phi);
-      }
-      if (non_finite) raise_flag(w, base, flag);
+      for (int i = 0; i < 4; ++i) finite = finite && warp::finite_pair<scalar_t>(piece.word[i]);
+      warp::store_shared<warp::Words4>(w, at, piece);
+      if (!finite) raise_flag(w, base, flag);
     });
   }
 
@@ -383,17 +380,19 @@ struct BackwardBlock : SequenceRows {
   template <typename State>
   LINATTN_HD static void accumulate(const WarpContext& w, State& s, uint32_t x, int xp, uint32_t y, int yp, int rows,
                                     uint32_t factors) {
-    const bool scaled = factors != kNoFactors;
+    // (Factors come with the fading instance only: kNoFactors otherwise. The B fragments are
+    // loaded one by one: all of a row tile's at once spill at 128 × 128.)
+    constexpr bool scaled = kFading;
     for (int kk = 0; kk * 16 < rows; ++kk) {
       Lanes<float> f[4];
-      if (scaled) k_row_factors(w, factors, kk, f);
+      if constexpr (scaled) k_row_factors(w, factors, kk, f);
       LINATTN_UNROLL
       for (int r = 0; r < State::kRowTilesPerWarp; ++r) {
         int mi = 0, ni = 0;
         State::tile(w.warp, r * State::kColsPerWarp, mi, ni);
         Fragment a[4], a_lo[4];
         warp::rows_as_a_operand_transposed(w, x + kk * 16 * xp + mi * 32, xp, a);
-        if (scaled) split_scaled_a_columns<scalar_t>(w, f, a, a_lo);
+        if constexpr (scaled) split_scaled_a_columns<scalar_t>(w, f, a, a_lo);
         LINATTN_UNROLL
         for (int c = 0; c < State::kColsPerWarp; ++c) {
           const int slot = r * State::kColsPerWarp + c;
@@ -401,7 +400,7 @@ struct BackwardBlock : SequenceRows {
           Fragment bf[2];
           warp::rows_as_b_operand(w, y + kk * 16 * yp + ni * 16, yp, bf);
           warp::mma_16816<scalar_t>(s.state[slot], a, bf);
-          if (scaled) warp::mma_16816<scalar_t>(s.state[slot], a_lo, bf);
+          if constexpr (scaled) warp::mma_16816<scalar_t>(s.state[slot], a_lo, bf);
         }
       }
     }
@@ -419,7 +418,7 @@ struct BackwardBlock : SequenceRows {
                                                       Fragment (&scores)[kKeyBlocks][4]) {
     // One 16-column block at a time (its two score tiles packed before the next starts: registers
     // for 8 fp32 tiles at once are what the kernel lacks); a block wholly masked is 0 without mma.
-    const int rb = warp::opaque(w.warp) % 4;
+    const int rb = warp::opaque_uniform(w.warp) % 4;
     LINATTN_UNROLL
     for (int kk = 0; kk < kKeyBlocks; ++kk) {
       Accumulator sc[2][4];
@@ -465,7 +464,7 @@ struct BackwardBlock : SequenceRows {
   template <int kSteps, int kTiles>
   LINATTN_HD static void times_state(const WarpContext& w, uint32_t x, int xp, uint32_t t, int tp,
                                      Accumulator (&o)[kTiles][4]) {
-    const int rb = warp::opaque(w.warp) % 4;
+    const int rb = warp::opaque_uniform(w.warp) % 4;
     LINATTN_UNROLL
     for (int ks = 0; ks < kSteps; ++ks) {
       Fragment a[4];
@@ -484,7 +483,7 @@ struct BackwardBlock : SequenceRows {
   template <int kTiles>
   LINATTN_HD void times_rows(const WarpContext& w, const Fragment (&scores)[kKeyBlocks][4], uint32_t y,
                                             int yp, bool reverse, bool exact, Accumulator (&o)[kTiles][4]) const {
-    const int rb = warp::opaque(w.warp) % 4;
+    const int rb = warp::opaque_uniform(w.warp) % 4;
     LINATTN_UNROLL
     for (int kk = 0; kk < kKeyBlocks; ++kk) {
       if ((reverse ? kk < rb : kk > rb) || (kk == rb && exact)) continue;
@@ -505,18 +504,35 @@ struct BackwardBlock : SequenceRows {
         [&](int key, int j, int c) { return shared_element<scalar_t>(w, rows + key * yp + (j * 8 + c) * 2); }, o);
   }
 
-  // Calls store(chunk row r, column col, value) for the lane's elements of a warp's output tiles
-  // (rows 16·rb.., columns from col0).
-  template <int kTiles, typename Store>
-  LINATTN_HD static void each_output(const WarpContext& w, const Accumulator (&o)[kTiles][4], int col0,
-                                     const Store& store) {
-    const int rb = warp::opaque(w.warp) % 4;
+  // Writes a warp's output tiles (chunk rows 16·rb.. from sequence row `start`, columns from col0)
+  // into rows [.., end) and columns [0, dim) of `out`, a (bh, len, dim) 16-bit tensor: the element
+  // x of chunk row r, column c as value(r, c, x). A lane's two neighbouring columns leave as one
+  // 4-byte store when dim is even (their address then is too); the row check is made once per row.
+  template <int kTiles, typename Value>
+  LINATTN_HD void store_output(const WarpContext& w, const Accumulator (&o)[kTiles][4], int col0, int64_t start,
+                               int64_t end, int64_t len, int64_t dim, scalar_t* out, const Value& value) const {
+    const int rb = warp::opaque_uniform(w.warp) % 4;
+    const bool paired = dim % 2 == 0;
     warp::for_lanes(w, [&](int lane) {
       const int g = warp::group_of(lane), t = warp::thread_in_group(lane);
       LINATTN_UNROLL
-      for (int j = 0; j < kTiles; ++j) {
+      for (int half = 0; half < 2; ++half) {
+        const int r = rb * 16 + g + 8 * half;
+        const int64_t row = start + r;
+        if (row >= end) continue;
+        scalar_t* const out_row = out + (bh * len + row) * dim;
         LINATTN_UNROLL
-        for (int i = 0; i < 4; ++i) store(rb * 16 + g + 8 * (i / 2), col0 + j * 8 + 2 * t + i % 2, o[j][i][lane]);
+        for (int j = 0; j < kTiles; ++j) {
+          const int c = col0 + j * 8 + 2 * t;
+          if (c >= dim) continue;
+          const float x0 = value(r, c, o[j][2 * half][lane]), x1 = value(r, c + 1, o[j][2 * half + 1][lane]);
+          if (paired) {
+            warp::store_global(w, reinterpret_cast<uint32_t*>(out_row + c), warp::pack<scalar_t>(x0, x1));
+          } else {
+            warp::store_global(w, out_row + c, scalar_t(x0));
+            if (c + 1 < dim) warp::store_global(w, out_row + c + 1, scalar_t(x1));
+          }
+        }
       }
     });
   }
@@ -524,7 +540,7 @@ struct BackwardBlock : SequenceRows {
   // o's rows (16·rb + g, + 8) × a chunk's fp32 row array.
   template <int kTiles>
   LINATTN_HD static void scale_rows(const WarpContext& w, uint32_t array, Accumulator (&o)[kTiles][4]) {
-    const int rb = warp::opaque(w.warp) % 4;
+    const int rb = warp::opaque_uniform(w.warp) % 4;
     warp::for_lanes(w, [&](int lane) {
       LINATTN_UNROLL
       for (int half = 0; half < 2; ++half) {
@@ -550,7 +566,7 @@ struct BackwardBlock : SequenceRows {
   template <int kTiles>
   LINATTN_HD void row_products(const WarpContext& w, const Accumulator (&o)[kTiles][4], int col0, uint32_t x,
                                Lanes<float> (&sum)[2]) const {
-    const int rb = warp::opaque(w.warp) % 4;
+    const int rb = warp::opaque_uniform(w.warp) % 4;
     warp::for_lanes(w, [&](int lane) {
       const int g = warp::group_of(lane), t = warp::thread_in_group(lane);
       LINATTN_UNROLL
@@ -567,7 +583,7 @@ struct BackwardBlock : SequenceRows {
 
   // Sums each row's four lanes and writes the rows' terms to row_terms[..., slot].
   LINATTN_HD void store_row_terms(const WarpContext& w, Lanes<float> (&sum)[2], int64_t start, int slot) const {
-    const int rb = warp::opaque(w.warp) % 4;
+    const int rb = warp::opaque_uniform(w.warp) % 4;
     for (int offset = 1; offset < 4; offset *= 2) {
       Lanes<int> partner;
       warp::for_lanes(w, [&](int lane) { partner[lane] = lane ^ offset; });
@@ -637,13 +653,10 @@ struct BackwardBlock : SequenceRows {
       if (fade) scale_rows(w, base + L::kRowFade, o);
       if (p.causal) times_rows(w, scores, base + L::kK + f0 * 2, L::kQKPitch, false, flag(w, base, L::kKeyFlag), o);
       if (fade) row_products(w, o, f0, base + L::kQ, sum);
-      each_output(w, o, f0, [&](int r, int f, float x) {
-        const int64_t row = start + r;
-        if (row >= q_end || f >= p.feature_dim) return;
-        if (p.feature_map != kFeatureIdentity)
-          x *= derivative_from_feature(p.feature_map,
-                                       shared_element<scalar_t>(w, base + L::kQ + r * L::kQKPitch + f * 2));
-        warp::store_global(w, p.grad_q + (bh * p.q_len + row) * p.feature_dim + f, scalar_t(x));
+      store_output(w, o, f0, start, q_end, p.q_len, p.feature_dim, p.grad_q, [&](int r, int f, float x) {
+        if (p.feature_map == kFeatureIdentity) return x;
+        return x * derivative_from_feature(p.feature_map,
+                                           shared_element<scalar_t>(w, base + L::kQ + r * L::kQKPitch + f * 2));
       });
     }
     if (fade) store_row_terms(w, sum, start, ch);
@@ -656,7 +669,7 @@ struct BackwardBlock : SequenceRows {
   // (i, j) by e^{b_i − b_j}, and each key's φ(k)·dφ(k) goes to row_terms.
   LINATTN_HD void key_value_gradients(const WarpContext& w, uint32_t base, int64_t start) const {
     // (warp::opaque: the addresses below are recomputed in each chunk, not kept across the loop.)
-    const int warp_index = warp::opaque(w.warp), rb = warp_index % 4, ch = warp_index / 4;
+    const int warp_index = warp::opaque_uniform(w.warp), rb = warp_index % 4, ch = warp_index / 4;
     if (start + rb * 16 >= k_end) return;
     constexpr bool fade = kFading;
     // (Registers bound the order: the scores packed to 16 bits before any output tile starts, and
@@ -679,12 +692,8 @@ struct BackwardBlock : SequenceRows {
         if (p.causal) {
           times_rows(w, scores, base + L::kG + c0 * 2, L::kGPitch, true, flag(w, base, L::kCotangentFlag), o);
         }
-        each_output(w, o, c0, [&](int r, int c, float x) {
-          const int64_t row = start + r;
-          if (row >= k_end || c >= p.value_dim) return;
-          warp::store_global(w, p.grad_v + (bh * p.k_len + row) * p.value_dim + c,
-                             scalar_t(padded(row) ? 0.0f : x));
-        });
+        store_output(w, o, c0, start, k_end, p.k_len, p.value_dim, p.grad_v,
+                     [&](int r, int, float x) { return padded(start + r) ? 0.0f : x; });
       }
     }
     Fragment scores[kKeyBlocks][4];
@@ -733,13 +742,10 @@ struct BackwardBlock : SequenceRows {
       if (fade) scale_rows(w, base + L::kKeyFade, o);
       if (p.causal) times_rows(w, scores, base + L::kQ + f0 * 2, L::kQKPitch, true, flag(w, base, L::kQueryFlag), o);
       if (fade) row_products(w, o, f0, base + L::kK, sum);
-      each_output(w, o, f0, [&](int r, int f, float x) {
-        const int64_t row = start + r;
-        if (row >= k_end || f >= p.feature_dim) return;
+      store_output(w, o, f0, start, k_end, p.k_len, p.feature_dim, p.grad_k, [&](int r, int f, float x) {
         x *= derivative_from_feature(p.feature_map,
                                      shared_element<scalar_t>(w, base + L::kK + r * L::kQKPitch + f * 2));
-        warp::store_global(w, p.grad_k + (bh * p.k_len + row) * p.feature_dim + f,
-                           scalar_t(padded(row) ? 0.0f : x));
+        return padded(start + r) ? 0.0f : x;
       });
     }
     if (fade) store_row_terms(w, sum, start, 2 + ch);

@@ -26,14 +26,16 @@ namespace tensor_core {
 
 // The block program. `exec(phase)` runs phase(warp context, warp state) for every warp of the
 // block, then waits for all of them (a barrier).
-template <int DK, int DV, typename scalar_t, typename Exec>
+// kFading: the instance for a fading state (p.log_decay set), compiled apart.
+template <int DK, int DV, bool kFading, typename scalar_t, typename Exec>
 LINATTN_HD LINATTN_INLINE void run_forward_block(const Exec& exec, const ForwardProblem<scalar_t>& p, int64_t block) {
-  using Block = ForwardBlock<scalar_t, DK, DV>;
+  using Block = ForwardBlock<scalar_t, DK, DV, kFading>;
   using State = WarpState<DK, DV>;
   const Block blk(p, block);
 
-  // Streams rows [begin, end) in chunks: `work(w, s, start, base, rows)` runs once the chunk's
-  // rows (from row `start`) are in shared memory, while the next chunk's are in flight.
+  // Streams rows [begin, end) in chunks: `work(w, s, start, base)` runs once the chunk's rows
+  // (from row `start`; past the sequence's end, zeros) are in shared memory, while the next chunk's
+  // are in flight.
   // `republish`: the state changes with every chunk, and its 16-bit copy is rewritten once every
   // warp has read the old one.
   auto stream = [&](int64_t begin, int64_t end, bool want_q, bool want_kv, bool republish, auto&& work) {
@@ -48,18 +50,15 @@ LINATTN_HD LINATTN_INLINE void run_forward_block(const Exec& exec, const Forward
       });
       exec([&](const WarpContext& w, State& s) {
         if (chunk + 1 < chunks) blk.issue_chunk(w, chunk + 1, start + kChunk, want_q, want_kv);
-        const int64_t left = end - start;
-        work(w, s, start, Block::buffer(chunk), static_cast<int>(left < kChunk ? left : kChunk));
+        work(w, s, start, Block::buffer(chunk));
       });
     }
   };
-  auto outputs = [&](const WarpContext& w, State& s, int64_t start, uint32_t base, int rows) {
+  auto outputs = [&](const WarpContext& w, State& s, int64_t start, uint32_t base) {
     blk.output(w, base, start, p.causal);
-    if (p.causal) blk.update_state(w, s, base, rows);
+    if (p.causal) blk.update_state(w, s, base);
   };
-  auto accumulate = [&](const WarpContext& w, State& s, int64_t, uint32_t base, int rows) {
-    blk.update_state(w, s, base, rows);
-  };
+  auto accumulate = [&](const WarpContext& w, State& s, int64_t, uint32_t base) { blk.update_state(w, s, base); };
 
   int64_t q_begin = 0, q_end = 0, k_begin = 0, k_end = 0;
   blk.query_rows(q_begin, q_end);

@@ -9,12 +9,36 @@
 namespace linattn {
 namespace tensor_core {
 
-// φ of both halves of a 16-bit pair, 0 where not valid.
+// The feature maps as the tensor-core kernels apply them (forward and backward alike, so that
+// the backward recomputes the forward's φ bit for bit), each without a branch: elu+1 is x + 1 for
+// x > 0 and e^x otherwise, by the device's fast exponential; NaN stays NaN in both.
+LINATTN_HD inline float elu_plus_one(float x) {
+  const float e = warp::exp_of(x);
+  return x > 0.0f ? x + 1.0f : e;
+}
+LINATTN_HD inline float relu(float x) { return x < 0.0f ? 0.0f : x; }
+
+// φ of a piece's 8 columns (four 16-bit pairs) in place, 0 from column `valid` on (columns past
+// the head dim; valid = 0 for a row that must add nothing). The map is chosen once per piece, so
+// a column costs a few instructions without a branch.
 template <typename half_t>
-LINATTN_HD inline uint32_t feature_pair(int map, uint32_t pair, bool valid_lo, bool valid_hi) {
-  const float lo = valid_lo ? fused::feature<float>(map, warp::unpack_lo<half_t>(pair)) : 0.0f;
-  const float hi = valid_hi ? fused::feature<float>(map, warp::unpack_hi<half_t>(pair)) : 0.0f;
-  return warp::pack<half_t>(lo, hi);
+LINATTN_HD inline void feature_piece(int map, int valid, warp::Words4& piece) {
+  auto apply = [&](auto&& phi) {
+    LINATTN_UNROLL
+    for (int i = 0; i < 4; ++i) {
+      // (φ of every column, then the selection: no branch around a column's φ.)
+      const float lo = phi(warp::unpack_lo<half_t>(piece.word[i]));
+      const float hi = phi(warp::unpack_hi<half_t>(piece.word[i]));
+      piece.word[i] = warp::pack<half_t>(2 * i < valid ? lo : 0.0f, 2 * i + 1 < valid ? hi : 0.0f);
+    }
+  };
+  if (map == kFeatureElu) {
+    apply([](float x) { return elu_plus_one(x); });
+  } else if (map == kFeatureRelu) {
+    apply([](float x) { return relu(x); });
+  } else {
+    apply([](float x) { return x; });
+  }
 }
 
 // Which operand rows a chunk buffer holds.
@@ -178,7 +202,9 @@ LINATTN_HD void split_scaled_a_columns(const WarpContext& w, const Lanes<float> 
   });
 }
 
-template <typename scalar_t, int DK, int DV>
+// kFading: a fading state (decay, gates), compiled apart so that the plain kernel carries none
+// of its branches.
+template <typename scalar_t, int DK, int DV, bool kFading>
 struct ForwardBlock : SequenceRows {
   using L = Layout<DK, DV>;
   using State = WarpState<DK, DV>;
@@ -244,21 +270,20 @@ struct ForwardBlock : SequenceRows {
       if (valid && operand != Operand::kQuery && p.key_padding != nullptr)
         valid = !warp::load_global(w, p.key_padding + b * p.k_len + row);
       const uint32_t at = base + x.offset + static_cast<uint32_t>(r * x.pitch + col * 2);
-      bool non_finite = false;
-      LINATTN_UNROLL
-      for (int i = 0; i < 4; ++i) {
-        const uint32_t pair = warp::load_shared<uint32_t>(w, at + 4 * i);
-        const int64_t c = col + 2 * i;
-        uint32_t result;
-        if (operand == Operand::kValue) {
-          result = valid ? pair : 0u;
-          non_finite = non_finite || !warp::finite_pair<scalar_t>(result);
-        } else {
-          result = feature_pair<scalar_t>(p.feature_map, pair, valid && c < x.dim, valid && c + 1 < x.dim);
+      warp::Words4 piece = warp::load_shared<warp::Words4>(w, at);
+      if (operand == Operand::kValue) {
+        bool finite = true;
+        LINATTN_UNROLL
+        for (int i = 0; i < 4; ++i) {
+          piece.word[i] = valid ? piece.word[i] : 0u;
+          finite = finite && warp::finite_pair<scalar_t>(piece.word[i]);
         }
-        warp::store_shared<uint32_t>(w, at + 4 * i, result);
+        if (!finite) warp::store_shared<uint8_t>(w, base + L::kNonFinite, 1);
+      } else {
+        const int64_t left = x.dim - col;
+        feature_piece<scalar_t>(p.feature_map, !valid ? 0 : left < 8 ? static_cast<int>(left) : 8, piece);
       }
-      if (non_finite) warp::store_shared<uint8_t>(w, base + L::kNonFinite, 1);
+      warp::store_shared<warp::Words4>(w, at, piece);
     });
   }
 
@@ -284,13 +309,13 @@ struct ForwardBlock : SequenceRows {
     if (want_kv) {
       prepare_rows(w, Operand::kKey, base, start);
       prepare_rows(w, Operand::kValue, base, start);
-      if (fading()) load_decay(w, base, start);
+      if constexpr (kFading) load_decay(w, base, start);
     }
   }
 
   // --- a fading state (causal: rows and keys are the same positions) ---------------------------
 
-  LINATTN_HD bool fading() const { return p.log_decay != nullptr; }
+  LINATTN_HD static constexpr bool fading() { return kFading; }
 
   LINATTN_HD void load_decay(const WarpContext& w, uint32_t base, int64_t start) const {
     load_chunk_decay<L>(w, p.log_decay + bh * p.k_len, k_end, start, base);
@@ -358,37 +383,53 @@ struct ForwardBlock : SequenceRows {
     s.template publish<scalar_t>(w, L::kState, L::kStatePitch);
   }
 
-  // St += φ(K)ᵀ [V | 1] over the chunk's keys (`keys` of them hold data); with a fading state
-  // St = e^{b_last} St + φ(K)ᵀ (e^{b_last − b} ⊙ [V | 1]).
-  LINATTN_HD void update_state(const WarpContext& w, State& s, uint32_t base, int keys) const {
-    const bool fade = fading();
-    if (fade) {
+  // St += φ(K)ᵀ [V | 1] over the chunk's keys; with a fading state
+  // St = e^{b_last} St + φ(K)ᵀ (e^{b_last − b} ⊙ [V | 1]). Every key block of the chunk, whole:
+  // rows past the sequence's end are zeros in shared memory (copy_rows, prepare_rows) and add
+  // nothing, so the loop has no run-time bound and no branch between its products. A row tile's
+  // B fragments are all loaded before its products, so that their loads overlap.
+  LINATTN_HD void update_state(const WarpContext& w, State& s, uint32_t base) const {
+    if constexpr (kFading) {
       const float chunk_fade = decay_row(w, base + L::kRowFade, kChunk - 1);
       s.each_element(w, [&](bool, int, int, float& x) { x *= chunk_fade; });
     }
-    for (int kk = 0; kk * 16 < keys; ++kk) {
+    const int warp_index = warp::uniform(w.warp);
+    LINATTN_UNROLL
+    for (int kk = 0; kk < kChunk / 16; ++kk) {
       Lanes<float> fades[4];
-      if (fade) k_row_factors(w, base + L::kKeyFade, kk, fades);
+      if constexpr (kFading) k_row_factors(w, base + L::kKeyFade, kk, fades);
       LINATTN_UNROLL
       for (int r = 0; r < State::kRowTilesPerWarp; ++r) {
         int mi = 0, ni = 0;
-        State::tile(w.warp, r * State::kColsPerWarp, mi, ni);
+        State::tile(warp_index, r * State::kColsPerWarp, mi, ni);
         Fragment a[4];
         key_transposed_fragment(w, base, mi, kk, a);
+        Fragment bf[State::kColsPerWarp][2];
+        LINATTN_UNROLL
+        for (int c = 0; c < State::kColsPerWarp; ++c) {
+          if (!State::tile(warp_index, r * State::kColsPerWarp + c, mi, ni)) continue;
+          value_fragment(w, base, kk, ni, bf[c]);
+          if constexpr (kFading) scale_b_rows<scalar_t>(w, fades, bf[c]);
+        }
         LINATTN_UNROLL
         for (int c = 0; c < State::kColsPerWarp; ++c) {
           const int slot = r * State::kColsPerWarp + c;
-          if (!State::tile(w.warp, slot, mi, ni)) continue;
-          Fragment bf[2];
-          value_fragment(w, base, kk, ni, bf);
-          if (fade) scale_b_rows<scalar_t>(w, fades, bf);
-          warp::mma_16816<scalar_t>(s.state[slot], a, bf);
+          if (State::tile(warp_index, slot, mi, ni)) warp::mma_16816<scalar_t>(s.state[slot], a, bf[c]);
         }
       }
     }
   }
 
   // --- the output ------------------------------------------------------------------------------
+
+  // The output work of warp w: query rows 16·rb.. of the chunk (rb = row_block) and half `ch` of
+  // the value columns (value_half). Row block rb sees rb + 1 key blocks, so the warps sharing a
+  // scheduler (w and w + 4: warps are spread over an SM's four schedulers by w mod 4) take row
+  // blocks rb and 3 − rb: every scheduler then has the same work per chunk.
+  LINATTN_HD static int value_half(int warp_index) { return warp_index / 4; }
+  LINATTN_HD static int row_block(int warp_index) {
+    return value_half(warp_index) == 0 ? warp_index % 4 : 3 - warp_index % 4;
+  }
 
   // Value tile j (0 .. kOutTiles) of warp half `ch`: a state column tile.
   LINATTN_HD static int out_tile(int ch, int j) { return j < kColsPerHalf ? ch * kColsPerHalf + j : DV / 8; }
@@ -397,7 +438,7 @@ struct ForwardBlock : SequenceRows {
   // whose V holds Inf or NaN.
   LINATTN_HD void diagonal_exactly(const WarpContext& w, uint32_t base, const Fragment (&scores)[kChunk / 16][4],
                                    Accumulator (&o)[kOutTiles][4]) const {
-    const int rb = w.warp % 4, ch = w.warp / 4;
+    const int warp_index = warp::uniform(w.warp), rb = row_block(warp_index), ch = value_half(warp_index);
     const uint32_t values = base + L::kV + rb * 16 * L::kVPitch;
     add_visible_pairs<scalar_t>(
         w, L::kScratch + w.warp * 16 * 16 * 4, scores, rb, [](int row, int key) { return key <= row; },
@@ -411,7 +452,7 @@ struct ForwardBlock : SequenceRows {
 
   // The chunk's output rows 16·rb.. for the warp's half of the value columns, and the normalizer.
   LINATTN_HD void output(const WarpContext& w, uint32_t base, int64_t start, bool causal) const {
-    const int rb = w.warp % 4, ch = w.warp / 4;
+    const int warp_index = warp::uniform(w.warp), rb = row_block(warp_index), ch = value_half(warp_index);
     const int64_t row0 = start + rb * 16;
     if (row0 >= q_end) return;
     // (Registers bound the order: one 16-column slice of φ(Q) at a time, loaded again for the
@@ -422,12 +463,11 @@ struct ForwardBlock : SequenceRows {
       lower_scores<scalar_t, DK>(w, base + L::kQ, base + L::kK, L::kQKPitch, rb, sc);
       // The diagonal block: key j is seen by rows i >= j; a fading state weights the pair by
       // e^{b_i − b_j} <= 1, in fp32 before the scores are rounded to 16 bits.
-      const bool fade = fading();
       warp::each_accumulator(w, sc, [&](int r, int key, float& x) {
         const int row = rb * 16 + r;
         if (key > row) {
           x = 0.0f;
-        } else if (fade) {
+        } else if constexpr (kFading) {
           const uint32_t b = base + L::kCumulativeDecay;
           x *= warp::exp_of(decay_row(w, b, row) - decay_row(w, b, key));
         }
@@ -448,7 +488,7 @@ struct ForwardBlock : SequenceRows {
         warp::mma_16816<scalar_t>(o[j], qf, bf);
       }
     }
-    if (fading()) {
+    if constexpr (kFading) {
       // The earlier chunks' state is worth e^{b_i} at row i.
       warp::for_lanes(w, [&](int lane) {
         const int g = warp::group_of(lane);
@@ -483,6 +523,9 @@ struct ForwardBlock : SequenceRows {
     warp::for_lanes(w, [&](int lane) { leader[lane] = lane & ~3; });
     const Lanes<float> den_top = warp::shuffle(w, o[kOutTiles - 1][0], leader);
     const Lanes<float> den_bottom = warp::shuffle(w, o[kOutTiles - 1][2], leader);
+    // Rows are divided by their normalizer as a multiplication by its reciprocal, once per row;
+    // a tile of whole 8-column blocks at even offsets stores its pairs of columns 4 bytes at once.
+    const bool paired = p.value_dim % 2 == 0 && col0 + DV <= p.value_dim;
     warp::for_lanes(w, [&](int lane) {
       const int g = warp::group_of(lane), t = warp::thread_in_group(lane);
       LINATTN_UNROLL
@@ -490,16 +533,26 @@ struct ForwardBlock : SequenceRows {
         const int64_t row = row0 + g + 8 * half;
         if (row >= q_end) continue;
         const float den = (half == 0 ? den_top[lane] : den_bottom[lane]) + p.eps;
+        // (A vanished normalizer makes the row 0, or NaN where the numerator is not finite.)
+        const float scale = !p.normalize ? 1.0f : fused::vanished(den) ? 0.0f : 1.0f / den;
         const int64_t out_row = (bh * p.q_len + row) * p.value_dim;
-        LINATTN_UNROLL
-        for (int j = 0; j < kColsPerHalf; ++j) {
+        if (paired) {
           LINATTN_UNROLL
-          for (int e = 0; e < 2; ++e) {
-            const int64_t col = col0 + out_tile(ch, j) * 8 + 2 * t + e;
-            if (col >= p.value_dim) continue;
-            float value = o[j][2 * half + e][lane];
-            if (p.normalize) value = fused::vanished(den) ? value * 0.0f : value / den;
-            warp::store_global(w, p.out + out_row + col, scalar_t(value));
+          for (int j = 0; j < kColsPerHalf; ++j) {
+            const int64_t col = col0 + out_tile(ch, j) * 8 + 2 * t;
+            const float x0 = o[j][2 * half][lane] * scale, x1 = o[j][2 * half + 1][lane] * scale;
+            const uint32_t pair = warp::pack<scalar_t>(x0, x1);
+            warp::store_global(w, reinterpret_cast<uint32_t*>(p.out + out_row + col), pair);
+          }
+        } else {
+          LINATTN_UNROLL
+          for (int j = 0; j < kColsPerHalf; ++j) {
+            LINATTN_UNROLL
+            for (int e = 0; e < 2; ++e) {
+              const int64_t col = col0 + out_tile(ch, j) * 8 + 2 * t + e;
+              if (col >= p.value_dim) continue;
+              warp::store_global(w, p.out + out_row + col, scalar_t(o[j][2 * half + e][lane] * scale));
+            }
           }
         }
         if (tile == 0 && ch == 0 && t == 0) warp::store_global(w, p.normalizer + bh * p.q_len + row, den);

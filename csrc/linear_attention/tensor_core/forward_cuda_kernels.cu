@@ -10,24 +10,35 @@ namespace linattn {
 namespace tensor_core {
 namespace {
 
-template <int DK, int DV, typename scalar_t>
+// kFading: a fading state's instance (decay, gates), compiled apart from the plain one.
+template <int DK, int DV, typename scalar_t, bool kFading>
 __global__ void __launch_bounds__(kThreads, 1) forward_kernel(const ForwardProblem<scalar_t> p) {
 #if defined(__CUDA_ARCH__)  // (the host pass of nvcc sees the host WarpContext, without a lane)
   extern __shared__ __align__(16) unsigned char shared[];
   const warp::WarpContext context = warp::this_warp(shared);
   WarpState<DK, DV> state;
-  run_forward_block<DK, DV>(warp::DeviceBlock<WarpState<DK, DV>>{context, state}, p, static_cast<int64_t>(blockIdx.x));
+  run_forward_block<DK, DV, kFading>(warp::DeviceBlock<WarpState<DK, DV>>{context, state}, p,
+                                     static_cast<int64_t>(blockIdx.x));
 #endif
+}
+
+template <int DK, int DV, typename scalar_t, bool kFading>
+void launch_instance(const ForwardProblem<scalar_t>& p, cudaStream_t stream) {
+  constexpr int bytes = Layout<DK, DV>::kBytes;
+  auto* kernel = forward_kernel<DK, DV, scalar_t, kFading>;
+  // Above 48 KiB a kernel must opt in to its dynamic shared memory.
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+  kernel<<<static_cast<unsigned int>(p.blocks()), kThreads, bytes, stream>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 template <int DK, int DV, typename scalar_t>
 void launch_dims(const ForwardProblem<scalar_t>& p, cudaStream_t stream) {
-  constexpr int bytes = Layout<DK, DV>::kBytes;
-  // Above 48 KiB a kernel must opt in to its dynamic shared memory.
-  C10_CUDA_CHECK(cudaFuncSetAttribute(forward_kernel<DK, DV, scalar_t>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                      bytes));
-  forward_kernel<DK, DV, scalar_t><<<static_cast<unsigned int>(p.blocks()), kThreads, bytes, stream>>>(p);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (p.log_decay != nullptr) {
+    launch_instance<DK, DV, scalar_t, true>(p, stream);
+  } else {
+    launch_instance<DK, DV, scalar_t, false>(p, stream);
+  }
 }
 
 }  // namespace

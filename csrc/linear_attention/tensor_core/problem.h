@@ -183,7 +183,7 @@ struct WarpState {
     LINATTN_UNROLL
     for (int slot = 0; slot < kTilesPerWarp; ++slot) {
       int mi = 0, ni = 0;
-      const bool mine = tile(warp::opaque(w.warp), slot, mi, ni);
+      const bool mine = tile(warp::opaque_uniform(w.warp), slot, mi, ni);
       warp::for_lanes(w, [&](int lane_index) {
         const int lane = warp::opaque(lane_index);
         const int g = warp::group_of(lane), t = warp::thread_in_group(lane);

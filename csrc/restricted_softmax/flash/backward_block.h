@@ -109,6 +109,23 @@ struct BackwardBlockBase {
   template <int N, typename Pair, typename Lse, typename Delta>
   LINATTN_HD void probabilities(const WarpContext& w, TileKind kind, ProductTile<N>& s, ProductTile<N>& dp,
                                 const Pair& pair, const Lse& lse_of, const Delta& delta_of, bool bias_gradient) const {
+    // (The pattern's general code per pair only where the tile needs it: once per tile.)
+    if (simple_scores(p, kind)) {
+      each_probability<N>(w, s, dp, pair, lse_of, delta_of, bias_gradient,
+                          [&](int64_t query, int64_t key, bool, bool, float x) {
+                            return simple_score_of(p, query, key, kind, x);
+                          });
+    } else {
+      each_probability<N>(w, s, dp, pair, lse_of, delta_of, bias_gradient,
+                          [&](int64_t query, int64_t key, bool row_gathered, bool key_gathered, float x) {
+                            return score_of(w, p, b, h, query, key, kind, x, row_gathered, key_gathered);
+                          });
+    }
+  }
+  template <int N, typename Pair, typename Lse, typename Delta, typename ScoreOf>
+  LINATTN_HD void each_probability(const WarpContext& w, ProductTile<N>& s, ProductTile<N>& dp, const Pair& pair,
+                                   const Lse& lse_of, const Delta& delta_of, bool bias_gradient,
+                                   const ScoreOf& score_at) const {
     warp::for_lanes(w, [&](int lane) {
       LINATTN_UNROLL
       for (int nt = 0; nt < N / 8; ++nt) {
@@ -117,8 +134,7 @@ struct BackwardBlockBase {
           int64_t query = 0, key = 0;
           bool row_gathered = false, key_gathered = false;
           pair(lane, nt, i, query, key, row_gathered, key_gathered);
-          const Score score =
-              score_of(w, p, b, h, query, key, kind, s[nt][i][lane] * p.scale, row_gathered, key_gathered);
+          const Score score = score_at(query, key, row_gathered, key_gathered, s[nt][i][lane] * p.scale);
           const float lse = lse_of(lane, nt, i);
           const float prob = lse == -INFINITY ? 0.0f : exp_of(score.value - lse);
           s[nt][i][lane] = prob;

@@ -158,18 +158,27 @@ struct FlashBlock {
   LINATTN_HD void scores(const WarpContext& w, uint32_t base, const TokenTile& keys, TileKind kind,
                          ScoreTile& sc) const {
     rows_times_rows<scalar_t, D>(w, L::kQ + w.warp * 16 * L::kPitch, base + L::kK, L::kPitch, p.head_dim, sc);
-    warp::for_lanes(w, [&](int lane) {
-      LINATTN_UNROLL
-      for (int nt = 0; nt < kKeys / 8; ++nt) {
+    auto each_pair = [&](const auto& score) {
+      warp::for_lanes(w, [&](int lane) {
         LINATTN_UNROLL
-        for (int i = 0; i < 4; ++i) {
-          const int64_t row = shared_row(w, lane, i / 2);
-          const int64_t key = shared_key(w, base, nt * 8 + 2 * warp::thread_in_group(lane) + i % 2);
-          sc[nt][i][lane] =
-              score_of(w, p, b, h, row, key, kind, sc[nt][i][lane] * p.scale, rows.gathered, keys.gathered).value;
+        for (int nt = 0; nt < kKeys / 8; ++nt) {
+          LINATTN_UNROLL
+          for (int i = 0; i < 4; ++i) {
+            const int64_t row = shared_row(w, lane, i / 2);
+            const int64_t key = shared_key(w, base, nt * 8 + 2 * warp::thread_in_group(lane) + i % 2);
+            sc[nt][i][lane] = score(row, key, sc[nt][i][lane] * p.scale).value;
+          }
         }
-      }
-    });
+      });
+    };
+    // (The pattern's general code per pair only where the tile needs it: once per tile.)
+    if (simple_scores(p, kind)) {
+      each_pair([&](int64_t row, int64_t key, float x) { return simple_score_of(p, row, key, kind, x); });
+    } else {
+      each_pair([&](int64_t row, int64_t key, float x) {
+        return score_of(w, p, b, h, row, key, kind, x, rows.gathered, keys.gathered);
+      });
+    }
   }
 
   // Online softmax over one tile: the new running maxima, the old sums and outputs rescaled,

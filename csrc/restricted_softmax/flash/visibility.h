@@ -40,6 +40,22 @@ LINATTN_HD inline int64_t token_index(int64_t b, int64_t h, int64_t heads, int64
   return (b * heads + (heads == 1 ? 0 : h)) * len + t;
 }
 
+// Whether query i sees key j through the window's band (both in range; left or right < 0: that
+// side unbounded).
+template <typename scalar_t>
+LINATTN_HD inline bool in_band(const FlashProblem<scalar_t>& p, int64_t i, int64_t j) {
+  const int64_t d = i + (p.k_len - p.q_len) - j;
+  return (p.left < 0 || d <= p.left) && (p.right < 0 || d >= -p.right);
+}
+
+// Whether the pattern is a window's band and nothing else (no layout, dilation, global tokens,
+// segments, key padding, shared-QK positions or bias): a pair's score then needs only in_band.
+template <typename scalar_t>
+LINATTN_HD inline bool plain_band(const FlashProblem<scalar_t>& p) {
+  return p.layout == nullptr && p.dilation == 1 && p.global_mask == nullptr && p.q_segments == nullptr &&
+         p.key_padding == nullptr && p.positions == nullptr && p.bias == nullptr;
+}
+
 // With gathered global tokens (FlashProblem::global_index) each visible pair is computed once: a
 // global row's pairs in its gathered row tile (`row_gathered`), a global key's in its gathered
 // key tile (`key_gathered`); elsewhere they are hidden.
@@ -58,8 +74,7 @@ LINATTN_HD inline Pair pair_of(const FlashProblem<scalar_t>& p, int64_t b, int64
       visible = visible && j <= aligned;
     }
   } else {
-    const int64_t d = aligned - j;
-    visible = (p.left < 0 || d <= p.left) && (p.right < 0 || d >= -p.right) && (p.dilation == 1 || d % p.dilation == 0);
+    visible = in_band(p, i, j) && (p.dilation == 1 || (aligned - j) % p.dilation == 0);
     if (p.global_mask != nullptr) {
       if (row_gathered || key_gathered) visible = true;
       else visible = visible && !p.global_mask[b * p.k_len + j];
@@ -100,6 +115,19 @@ LINATTN_HD inline Score score_of(const WarpContext& w, const FlashProblem<scalar
     scaled += static_cast<float>(warp::load_global(w, p.bias + (head * p.q_len + i) * p.k_len + j));
   }
   return {scaled, true};
+}
+
+// Whether a tile's scores need no per-pair pattern: seen whole without a bias, or a plain band
+// (decided once per tile; simple_score_of then gives score_of's values).
+template <typename scalar_t>
+LINATTN_HD inline bool simple_scores(const FlashProblem<scalar_t>& p, TileKind kind) {
+  return (kind == kWhole && p.bias == nullptr) || plain_band(p);
+}
+template <typename scalar_t>
+LINATTN_HD inline Score simple_score_of(const FlashProblem<scalar_t>& p, int64_t i, int64_t j, TileKind kind,
+                                        float scaled) {
+  const bool visible = i >= 0 && j >= 0 && (kind == kWhole || in_band(p, i, j));
+  return visible ? Score{scaled, true} : Score{-INFINITY, false};
 }
 
 // The window's band for the query rows [i0, i1): key tiles [first, last] (none when last < first),
