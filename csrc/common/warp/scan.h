@@ -1,12 +1,27 @@
-// Prefix sums across a warp's lanes on the warp-operation layer (shuffles): what the tensor-core
-// kernels use for a chunk's cumulative log factors (linear attention's fading state, the delta
-// rule's gates).
+// Reductions and prefix sums across a warp's lanes on the warp-operation layer (shuffles): what
+// the tensor-core kernels use for a chunk's cumulative log factors (linear attention's fading
+// state, the delta rule's gates), row norms and a chunk's first flagged row.
 #pragma once
 
 #include "warp_ops.h"
 
 namespace linattn {
 namespace warp {
+
+// x combined over each group of kGroup neighbouring lanes (a power of two), the result in every
+// lane of the group: a butterfly of shuffles, partners lane ^ kGroup / 2, then ^ kGroup / 4, ...
+// `combine(mine, partner's)` is associative and commutative (a sum, a minimum).
+template <int kGroup, typename Combine>
+LINATTN_HD inline Lanes<float> butterfly(const WarpContext& w, Lanes<float> x, const Combine& combine) {
+  LINATTN_UNROLL
+  for (int mask = kGroup / 2; mask > 0; mask /= 2) {
+    Lanes<int> partner;
+    for_lanes(w, [&](int lane) { partner[lane] = lane ^ mask; });
+    const Lanes<float> other = shuffle(w, x, partner);
+    for_lanes(w, [&](int lane) { x[lane] = combine(x[lane], other[lane]); });
+  }
+  return x;
+}
 
 // Inclusive prefix sums of 64 values held in two halves (x[half][lane] is value 32·half + lane):
 // each half by shuffles, then the first half's total added to the second. Returns the total of

@@ -77,7 +77,7 @@ struct DeltaBackwardWalkBlock : DeltaForwardBlock<scalar_t, DK, kWalkValueTile, 
         }
       }
     }
-    this->store_row_values(w, du, start);
+    this->store_row_tiles(w, du, L::kU, 1.0f, start);
   }
 
   // Rows 16·rb.. of Y = −Twᵀ du (Tw lower triangular: the blocks kk >= rb of du), 16-bit, to kY.

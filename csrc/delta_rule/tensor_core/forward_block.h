@@ -198,13 +198,7 @@ struct DeltaForwardBlock {
       const bool high = warp::load_shared<uint8_t>(w, static_cast<uint32_t>(L::kRowFlags + lane + 32)) != 0;
       first[lane] = static_cast<float>(low ? lane : high ? lane + 32 : kChunk);
     });
-    LINATTN_UNROLL
-    for (int mask = warp::kWarpSize / 2; mask > 0; mask /= 2) {
-      Lanes<int> source;
-      warp::for_lanes(w, [&](int lane) { source[lane] = lane ^ mask; });
-      const Lanes<float> other = warp::shuffle(w, first, source);
-      warp::for_lanes(w, [&](int lane) { first[lane] = other[lane] < first[lane] ? other[lane] : first[lane]; });
-    }
+    first = warp::butterfly<warp::kWarpSize>(w, first, [](float a, float b) { return b < a ? b : a; });
     warp::for_lanes(w, [&](int lane) {
       if (lane == 0) warp::store_shared<int>(w, L::kFirstBad, static_cast<int>(first[lane]));
     });
@@ -244,13 +238,7 @@ struct DeltaForwardBlock {
           }
           sum[lane] = s;
         });
-        LINATTN_UNROLL
-        for (int mask = kLanesPerRow / 2; mask > 0; mask /= 2) {
-          Lanes<int> source;
-          warp::for_lanes(w, [&](int lane) { source[lane] = lane ^ mask; });
-          const Lanes<float> other = warp::shuffle(w, sum, source);
-          warp::for_lanes(w, [&](int lane) { sum[lane] += other[lane]; });
-        }
+        sum = warp::butterfly<kLanesPerRow>(w, sum, [](float a, float b) { return a + b; });
         warp::for_lanes(w, [&](int lane) {
           const float r = inverse_sqrt(sum[lane] + kL2Eps);
           LINATTN_UNROLL
@@ -386,7 +374,7 @@ struct DeltaForwardBlock {
   }
 
   // Rows 16·rb.. of u for the warp's half of the value columns (warp w: rb = w % 4, half w / 4),
-  // the chunk's rows from `start` of the sequence (store_row_values). W is formed 16 key columns
+  // the chunk's rows from `start` of the sequence (store_row_tiles). W is formed 16 key columns
   // at a time and consumed at once.
   LINATTN_HD void pseudo_values(const WarpContext& w, uint32_t base, int64_t start) const {
     const int rb = w.warp % 4, ch = w.warp / 4;
@@ -430,14 +418,7 @@ struct DeltaForwardBlock {
         warp::mma_16816<scalar_t>(u[j], minus_w[0], bf);
       }
     }
-    store_row_values(w, u, start);
-  }
-
-  // Rows 16·rb.. of a chunk's row values (u; the backward's du) for the warp's half of the value
-  // columns: to shared memory (kU) in 16 bits, and in fp32 to chunk_values where it is kept.
-  LINATTN_HD void store_row_values(const WarpContext& w, const Accumulator (&x)[kColsPerHalf][4],
-                                   int64_t start) const {
-    store_row_tiles(w, x, L::kU, 1.0f, start);
+    store_row_tiles(w, u, L::kU, 1.0f, start);
   }
 
   // Rows 16·rb.. × the warp's half of the value columns (warp w: rb = w % 4, half w / 4), times
@@ -482,8 +463,13 @@ struct DeltaForwardBlock {
   }
 
   LINATTN_HD void store_state(const WarpContext& w, State& s) const {
+    store_state_to(w, s, p.state_out + state_offset(0, 0));
+  }
+
+  // The block's state tile (key_dim rows of value_dim-wide rows, from its column col0) at `to`.
+  LINATTN_HD void store_state_to(const WarpContext& w, State& s, float* to) const {
     s.each_element(w, [&](bool mine, int row, int c, float& x) {
-      if (mine && state_element(row, c)) warp::store_global(w, p.state_out + state_offset(row, c), x);
+      if (mine && state_element(row, c)) warp::store_global(w, to + row * p.value_dim + c, x);
     });
   }
 
@@ -497,10 +483,7 @@ struct DeltaForwardBlock {
     const int64_t index = p.offsets != nullptr
                               ? h * p.chunk_offsets[p.sequences] + p.chunk_offsets[state_index / p.heads] + chunk
                               : state_index * chunks() + chunk;
-    float* kept = p.chunk_states + index * p.key_dim * p.value_dim;
-    s.each_element(w, [&](bool mine, int row, int c, float& x) {
-      if (mine && state_element(row, c)) warp::store_global(w, kept + row * p.value_dim + col0 + c, x);
-    });
+    store_state_to(w, s, p.chunk_states + index * p.key_dim * p.value_dim + col0);
   }
 
   // S1 = e^{G_last} S0 + Kᵀ diag(e^{G_last − G}) u over the chunk's keys (`keys` of them hold data).
