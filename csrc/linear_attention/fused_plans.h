@@ -132,6 +132,12 @@ inline int64_t state_count(const LinearAttentionShape& s, const PackedRows& pack
   return packed.offsets.defined() ? packed.packing.sequences : s.batch;
 }
 
+// How the tensor-core kernels cut a call's sequences for `processors` SMs (tensor_core/plan.h).
+inline tensor_core::Split split_of(const LinearAttentionShape& s, const PackedRows& packed, int64_t processors) {
+  if (packed.offsets.defined()) return tensor_core::packed_split_for(s, packed.packing.sequences, processors);
+  return tensor_core::split_for(s, processors);
+}
+
 // Whether the tensor cores take a fading state's log factors `log_decay`: causal self-attention
 // whose factors are (B, H, T) on q's device.
 inline bool takes_log_decay(const LinearAttentionShape& s, const at::Tensor& log_decay, const at::Tensor& q) {
@@ -173,18 +179,17 @@ std::optional<std::tuple<at::Tensor, at::Tensor, at::Tensor>> forward(
   if (on_tensor_cores) {
     // 16-bit inputs with head dims up to 256: the tensor-core scan (tensor_core/forward.h).
     const auto in = state_view<const float>(optional_ptr<float>(initial_state, initial), s, false);
-    // (Packed sequences fill the GPU with many (sequence, head) blocks: no split.)
-    const int64_t segments = packed.offsets.defined() ? 1 : tensor_core::segments_for(s, launch.processors());
+    const tensor_core::Split split = split_of(s, packed, launch.processors());
     AT_DISPATCH_REDUCED_FLOATING_TYPES(q.scalar_type(), "linear_attn_fwd_fused", [&] {
       auto p = tensor_core_problem<scalar_t>(s, q, k, v, mask_ptr, in,
                                              state_view<float>(final_state.data_ptr<float>(), s, false), out,
                                              normalizer);
       if (decay.defined()) p.log_decay = decay.const_data_ptr<float>();
       p.packing = packed.packing;
-      if (segments == 1) {
+      if (split.segments == 1) {
         launch(p);
       } else {
-        tensor_core::split_forward(p, segments, initial_state, final_state, launch, decay);
+        tensor_core::split_forward(p, split, initial_state, final_state, launch, decay, packed.offsets);
       }
     });
     return std::make_tuple(out, final_state, normalizer);
@@ -265,7 +270,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> tensor_co
   // dS_N meets it.
   const at::Tensor row_terms = fading ? at::empty({s.batch, s.heads, s.q_len, 4}, acc) : at::Tensor();
   at::Tensor reached;
-  const int64_t segments = packed.offsets.defined() ? 1 : tensor_core::segments_for(s, launch.processors());
+  const tensor_core::Split split = split_of(s, packed, launch.processors());
   AT_DISPATCH_REDUCED_FLOATING_TYPES(q.scalar_type(), "linear_attn_bwd_fused", [&] {
     auto p = tensor_core_inputs<tensor_core::BackwardProblem<scalar_t>, scalar_t>(s, q, k, v, mask_ptr);
     p.grad_out = view_of<scalar_t>(grad_out);
@@ -294,7 +299,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> tensor_co
     key_value.pass = tensor_core::BackwardPass::kKeyValue;
     key_value.state_in = state_view<const float>(optional_ptr<float>(grad_final_state, grad_final), s, false);
     key_value.state_out = state_view<float>(grad_initial.data_ptr<float>(), s, false);
-    if (segments == 1) {
+    if (split.segments == 1) {
       if (fading && grad_final_state.has_value()) {
         reached = at::empty({states, s.heads, s.feature_dim, s.value_dim + 1}, acc);
         query.state_out = state_view<float>(reached.data_ptr<float>(), s, false);
@@ -303,9 +308,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> tensor_co
       launch(key_value);
       return;
     }
-    // One long sequence: split it.
-    reached = tensor_core::split_backward(query, key_value, segments, initial_state, final_state, grad_final_state,
-                                          grad_initial, launch, decay);
+    // Long sequences, too few blocks: split them.
+    reached = tensor_core::split_backward(query, key_value, split, initial_state, final_state, grad_final_state,
+                                          grad_initial, launch, decay, packed.offsets);
   });
   at::Tensor grad_cumulative = at::empty({0}, acc);  // (none without a fading state)
   if (fading) {

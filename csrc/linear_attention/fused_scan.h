@@ -73,6 +73,12 @@ LINATTN_HD bool vanished(acc_t d) {
   return (d < acc_t(0) ? -d : d) < Limits<acc_t>::min_normal;
 }
 
+// 1 / d, or 0 where d vanished (the row's outputs then are 0, or NaN where they see Inf or NaN).
+template <typename acc_t>
+LINATTN_HD acc_t inverse_unless_vanished(acc_t d) {
+  return vanished(d) ? acc_t(0) : acc_t(1) / d;
+}
+
 // φ(x) and φ'(x). elu+1 is x + 1 for x > 0 and exp(x) otherwise (exactly, not expm1(x) + 1).
 template <typename acc_t>
 LINATTN_HD acc_t feature(int map, acc_t x) {
@@ -203,7 +209,7 @@ LINATTN_HD void prepare_cotangent_row(const ScanProblem<scalar_t, acc_t>& p, int
   acc_t inv = 0;
   if (p.normalize) {
     const acc_t den = p.normalizer_saved[(b * p.heads + h) * p.q_len + row];
-    inv = vanished(den) ? acc_t(0) : acc_t(1) / den;
+    inv = inverse_unless_vanished(den);
   }
   info[0] = all_zero ? acc_t(1) : acc_t(0);
   info[1] = inv;

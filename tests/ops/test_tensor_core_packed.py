@@ -91,6 +91,31 @@ def each_sequence_alone(q, k, v, offsets, state, gate, causal, seed=3, **options
     return results, grads
 
 
+def reference_per_sequence(leaves, offsets, causal, cots=None):
+    """The float64 reference run on each sequence of `leaves` (q, k, v, S0, z0[, log-gates]) and joined,
+    and its gradients of loss_of against `cots` (or the cotangents packed_run draws)."""
+    ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
+    H, dv = leaves[0].shape[1], leaves[2].shape[-1]
+    outs, states = [], []
+    for n, (a, b) in enumerate(zip(offsets[:-1], offsets[1:])):
+        initial = (ref_leaves[3][n:n + 1], ref_leaves[4][n:n + 1])
+        if a == b:
+            outs.append(ref_leaves[0].new_zeros(1, H, 0, dv))
+            states.append(initial)
+            continue
+        rows = [t[:, :, a:b] for t in ref_leaves[:3]]
+        if len(ref_leaves) > 5:
+            out, final = gated_reference(*rows, torch.ones(H, dtype=torch.float64), ref_leaves[5][:, :, a:b],
+                                         initial_state=initial)
+        else:
+            out, final = reference.linear_attention(*rows, causal=causal, initial_state=initial)
+        outs.append(out)
+        states.append(final)
+    ref = (torch.cat(outs, 2), tuple(torch.cat([s[i] for s in states]) for i in range(2)))
+    cots = cots if cots is not None else cotangents(ref[0], *ref[1], 3)
+    return ref, torch.autograd.grad(loss_of(ref, cots), ref_leaves)
+
+
 def flat(results):
     out, (S, z) = results
     return out, S, z
@@ -132,21 +157,7 @@ def test_against_reference_and_every_pass_on_tensor_cores():
         torch.ops.linattn._reset_warp_emulation_counters()
         grads = torch.autograd.grad(loss_of(results, cots), leaves)
         assert counters()["mma"] > 0, "the tensor-core backward did not run"
-    ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
-    outs, states = [], []
-    for n, (a, b) in enumerate(zip(OFFSETS[:-1], OFFSETS[1:])):
-        initial = (ref_leaves[3][n:n + 1], ref_leaves[4][n:n + 1])
-        if a == b:
-            outs.append(ref_leaves[0].new_zeros(1, H, 0, dv))
-            states.append(initial)
-            continue
-        rows = [t[:, :, a:b] for t in (*ref_leaves[:3], ref_leaves[5])]
-        decay = torch.ones(H, dtype=torch.float64)
-        out, final = gated_reference(*rows[:3], decay, rows[3], initial_state=initial)
-        outs.append(out)
-        states.append(final)
-    ref = (torch.cat(outs, 2), tuple(torch.cat([s[i] for s in states]) for i in range(2)))
-    ref_grads = torch.autograd.grad(loss_of(ref, cots), ref_leaves)
+    ref, ref_grads = reference_per_sequence(leaves, OFFSETS, True, cots)
     for name, a, b in zip(("out", "S", "z"), flat(results), flat(ref)):
         assert_close(a, b, TOLERANCE[dtype], name)
     for name, a, b in zip(("q", "k", "v", "S0", "z0", "gate"), grads, ref_grads):
@@ -195,6 +206,61 @@ def test_falls_back_where_the_tensor_cores_do_not_take_the_call():
         assert_close(a, b.double(), TOLERANCE[torch.bfloat16], f"grad {name}")
 
 
+def test_split_of_one_packed_sequence_equals_the_unpacked_split(monkeypatch):
+    """One packed sequence whose (sequence, head) blocks leave SMs idle is split as the unpacked call is
+    (6 emulated SMs, H = 2, T = 1536: three segments of 512 rows either way), so out, state and every
+    gradient equal the unpacked call's bit for bit, and the split ran (it writes per-segment sums)."""
+    T = 1536
+    q, k, v, cu, state, gate = packed_inputs(2, 64, 48, torch.bfloat16, offsets=[0, T], seed=15, gated=True)
+    monkeypatch.setenv("LINATTN_EMULATED_SMS", "6")
+    torch.ops.linattn._reset_warp_emulation_counters()
+    packed, packed_grads = packed_run(q, k, v, cu, state, gate, True)
+    split_written = counters()["written_bytes"]
+    alone, alone_grads = each_sequence_alone(q, k, v, [0, T], state, gate, True)
+    for name, a, b in zip(("out", "S", "z"), flat(packed), flat(alone)):
+        assert torch.equal(a, b), name
+    for name, a, b in zip(("q", "k", "v", "S0", "z0"), packed_grads, alone_grads):
+        assert torch.equal(a, b), f"grad {name}"
+    assert_close(packed_grads[5], alone_grads[5].double(), 1e-6, "grad gate")
+    monkeypatch.setenv("LINATTN_EMULATED_SMS", "1")  # as many SMs as blocks: no split
+    torch.ops.linattn._reset_warp_emulation_counters()
+    packed_run(q, k, v, cu, state, gate, True)
+    assert split_written > counters()["written_bytes"], "the split did not run (no segment sums written)"
+
+
+# Sequences of unequal lengths: 16 emulated SMs over 5 sequences × 2 heads want 2 segments per
+# sequence; sized for the mean length (520 rows: 512 each), 6 segments cover the packing, so the
+# long sequences run 3 each and the short ones' blocks past their ends are empty.
+UNEQUAL = [0, 0, 37, 1300, 1400, 2600]
+
+
+@pytest.mark.parametrize("causal, gated", [(True, False), (False, False), (True, True)])
+def test_split_packed_sequences_against_reference_and_unsplit(monkeypatch, causal, gated):
+    """Packed sequences of unequal lengths split into segments (see UNEQUAL): out, states and every
+    gradient (the gate's too) against the float64 reference per sequence and against the unsplit
+    packed call; the split ran (it writes per-segment sums), every part on the tensor cores."""
+    H, m, dv = 2, 32, 40
+    q, k, v, cu, state, gate = packed_inputs(H, m, dv, torch.bfloat16, offsets=UNEQUAL, seed=16, gated=gated)
+    results = {}
+    for sms in ("16", "1"):  # (1: no split)
+        monkeypatch.setenv("LINATTN_EMULATED_SMS", sms)
+        torch.ops.linattn._reset_warp_emulation_counters()
+        results[sms] = packed_run(q, k, v, cu, state, gate, causal)
+        results[sms + " counters"] = counters()
+    split, split_grads = results["16"]
+    whole, whole_grads = results["1"]
+    assert results["16 counters"]["mma"] > 0, "the tensor cores did not run"
+    assert results["16 counters"]["written_bytes"] > results["1 counters"]["written_bytes"], "no split ran"
+    ref, ref_grads = reference_per_sequence(leaves_of(q, k, v, state, gate), UNEQUAL, causal)
+    names = ("q", "k", "v", "S0", "z0", "gate")
+    for name, a, b, c in zip(("out", "S", "z"), flat(split), flat(ref), flat(whole)):
+        assert_close(a, b, TOLERANCE[torch.bfloat16], name)
+        assert_close(a, c.double(), TOLERANCE[torch.bfloat16], f"{name} split vs whole")
+    for name, a, b, c in zip(names, split_grads, ref_grads, whole_grads):
+        assert_close(a, b, 2 * TOLERANCE[torch.bfloat16], f"grad {name}")
+        assert_close(a, c.double(), TOLERANCE[torch.bfloat16], f"grad {name} split vs whole")
+
+
 @pytest.mark.parametrize("offsets, message", [([0, 50, 20, 300], "non-decreasing"), ([0, 50, 299], "end at")])
 def test_bad_offsets_raise(offsets, message):
     q, k, v, _, _, _ = packed_inputs(1, 32, 32, torch.bfloat16, seed=11)
@@ -233,7 +299,7 @@ def test_opcheck_and_compile():
 def test_cuda_kernels_equal_each_sequence_alone(dtype, causal, gated):
     """On the GPU: a packed call's outputs and gradients equal the per-sequence calls' bit for bit
     (as in the emulation) at head dims 128."""
-    offsets = [0, 0, 1, 40, 104, 104, 1275, 3000]
+    offsets = [0, 0, 1, 40, 104, 104, 700, 1000]  # (under 1024 rows: neither call splits)
     q, k, v, cu, state, gate = packed_inputs(4, 128, 128, dtype, offsets=offsets, seed=13, gated=gated)
     cuda = [t.cuda() for t in (q, k, v)]
     state = tuple(t.cuda() for t in state)

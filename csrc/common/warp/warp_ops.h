@@ -324,5 +324,19 @@ inline void atomic_add_global(const WarpContext&, float* p, float value) {
 
 #endif
 
+// One lane's pair of 16-bit columns c, c + 1 of a row (x0, x1 rounded to T): one 4-byte store
+// when `paired` (the caller's promise that the row's dim is even, so the address is 4-byte
+// aligned, and that c + 1 < dim), else each column below `dim` on its own.
+template <typename T>
+LINATTN_HD inline void store_column_pair(const WarpContext& w, T* row, int64_t c, int64_t dim, bool paired, float x0,
+                                         float x1) {
+  if (paired) {
+    store_global(w, reinterpret_cast<uint32_t*>(row + c), pack<T>(x0, x1));
+    return;
+  }
+  if (c < dim) store_global(w, row + c, T(x0));
+  if (c + 1 < dim) store_global(w, row + c + 1, T(x1));
+}
+
 }  // namespace warp
 }  // namespace linattn

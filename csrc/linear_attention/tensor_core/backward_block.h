@@ -209,7 +209,7 @@ struct BackwardBlock : SequenceRows {
       inv[lane] = 1.0f;
       if (col != 0 || row >= q_end || !p.normalize) return;
       const float den = warp::load_global(w, p.normalizer + bh * p.q_len + row);
-      inv[lane] = fused::vanished(den) ? 0.0f : 1.0f / den;
+      inv[lane] = fused::inverse_unless_vanished(den);
     });
     inv = warp::shuffle(w, inv, leader);
     Lanes<float> rounded_dot, nonzero;
@@ -232,16 +232,9 @@ struct BackwardBlock : SequenceRows {
       rounded_dot[lane] = rounded_sum;
       nonzero[lane] = any;
     });
-    for (int offset = kPiecesPerRow / 2; offset > 0; offset /= 2) {
-      Lanes<int> partner;
-      warp::for_lanes(w, [&](int lane) { partner[lane] = lane ^ offset; });
-      const Lanes<float> other_rounded = warp::shuffle(w, rounded_dot, partner);
-      const Lanes<float> other_nonzero = warp::shuffle(w, nonzero, partner);
-      warp::for_lanes(w, [&](int lane) {
-        rounded_dot[lane] += other_rounded[lane];
-        nonzero[lane] += other_nonzero[lane];
-      });
-    }
+    const auto sum = [](float mine, float other) { return mine + other; };
+    rounded_dot = warp::butterfly<kPiecesPerRow>(w, rounded_dot, sum);
+    nonzero = warp::butterfly<kPiecesPerRow>(w, nonzero, sum);
     warp::for_lanes(w, [&](int lane) {
       int r = 0, col = 0;
       piece(lane, r, col);
@@ -526,12 +519,7 @@ struct BackwardBlock : SequenceRows {
           const int c = col0 + j * 8 + 2 * t;
           if (c >= dim) continue;
           const float x0 = value(r, c, o[j][2 * half][lane]), x1 = value(r, c + 1, o[j][2 * half + 1][lane]);
-          if (paired) {
-            warp::store_global(w, reinterpret_cast<uint32_t*>(out_row + c), warp::pack<scalar_t>(x0, x1));
-          } else {
-            warp::store_global(w, out_row + c, scalar_t(x0));
-            if (c + 1 < dim) warp::store_global(w, out_row + c + 1, scalar_t(x1));
-          }
+          warp::store_column_pair(w, out_row, c, dim, paired, x0, x1);
         }
       }
     });

@@ -52,8 +52,8 @@ struct BackwardProblem {
   // kKeyValue: dS0; kKeyValueSums: the segments' sums; kQuery (causal, optional): the final state
   // [S | z] it reaches (a fading state's dL/dc takes ⟨dS_N, S_N⟩).
   fused::StateView<float> state_out;
-  // The sequence split (one long sequence has too few (batch, head) blocks to fill a GPU), as the
-  // forward's (ForwardProblem): a block per (batch, head, segment) of segment_rows_q query and
+  // The sequence split (long sequences with too few blocks to fill a GPU), as the forward's
+  // (ForwardProblem): a block per (batch or sequence, head, segment) of segment_rows_q query and
   // segment_rows_k key rows; state views are indexed by block, holding the state the segment's
   // scan starts from (split_backward in plan.h builds them).
   int64_t segments = 1, segment_rows_q = 0, segment_rows_k = 0;

@@ -534,26 +534,13 @@ struct ForwardBlock : SequenceRows {
         if (row >= q_end) continue;
         const float den = (half == 0 ? den_top[lane] : den_bottom[lane]) + p.eps;
         // (A vanished normalizer makes the row 0, or NaN where the numerator is not finite.)
-        const float scale = !p.normalize ? 1.0f : fused::vanished(den) ? 0.0f : 1.0f / den;
-        const int64_t out_row = (bh * p.q_len + row) * p.value_dim;
-        if (paired) {
-          LINATTN_UNROLL
-          for (int j = 0; j < kColsPerHalf; ++j) {
-            const int64_t col = col0 + out_tile(ch, j) * 8 + 2 * t;
-            const float x0 = o[j][2 * half][lane] * scale, x1 = o[j][2 * half + 1][lane] * scale;
-            const uint32_t pair = warp::pack<scalar_t>(x0, x1);
-            warp::store_global(w, reinterpret_cast<uint32_t*>(p.out + out_row + col), pair);
-          }
-        } else {
-          LINATTN_UNROLL
-          for (int j = 0; j < kColsPerHalf; ++j) {
-            LINATTN_UNROLL
-            for (int e = 0; e < 2; ++e) {
-              const int64_t col = col0 + out_tile(ch, j) * 8 + 2 * t + e;
-              if (col >= p.value_dim) continue;
-              warp::store_global(w, p.out + out_row + col, scalar_t(o[j][2 * half + e][lane] * scale));
-            }
-          }
+        const float scale = p.normalize ? fused::inverse_unless_vanished(den) : 1.0f;
+        scalar_t* const out_row = p.out + (bh * p.q_len + row) * p.value_dim;
+        LINATTN_UNROLL
+        for (int j = 0; j < kColsPerHalf; ++j) {
+          const int64_t col = col0 + out_tile(ch, j) * 8 + 2 * t;
+          warp::store_column_pair(w, out_row, col, p.value_dim, paired, o[j][2 * half][lane] * scale,
+                                  o[j][2 * half + 1][lane] * scale);
         }
         if (tile == 0 && ch == 0 && t == 0) warp::store_global(w, p.normalizer + bh * p.q_len + row, den);
       }

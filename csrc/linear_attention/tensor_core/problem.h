@@ -84,9 +84,11 @@ struct ForwardProblem {
   fused::StateView<float> state_out;       // or null
   scalar_t* out = nullptr;                 // (B, H, T_q, dv) contiguous
   float* normalizer = nullptr;             // (B, H, T_q)
-  // The sequence split (one long sequence has too few (batch, head) blocks to fill a GPU): the
-  // rows are cut into `segments` of segment_rows_q query / segment_rows_k key rows (multiples of
-  // the chunk), a block per (batch, head, segment), in two launches with a prefix sum between:
+  // The sequence split (long sequences with too few (batch or sequence, head) blocks to fill a
+  // GPU; plan.h): each sequence's rows, from its first, are cut into `segments` of segment_rows_q
+  // query / segment_rows_k key rows (multiples of the chunk; a packed sequence's segments past its
+  // end are empty), a block per (batch or sequence, head, segment), in two launches with a prefix
+  // sum between:
   //   kSegmentStates: block (bh, s) writes Σ φ(k)[v | 1]ᵀ over its key rows to state_out[bh·S + s];
   //   kSegmentOutputs: block (bh, s) reads the state before its rows (causal; non-causal: the
   //                    total) from state_in[bh·S + s] and writes its query rows' outputs.
@@ -96,7 +98,7 @@ struct ForwardProblem {
   // Value dims wider than the kernel's DV run in tiles of DV columns, a block each (every tile
   // computes the normalizer; tile 0 writes it and the state's z column).
   int64_t value_tiles = 1;
-  // Packed sequences (q_len = k_len, no key padding, one segment), or none. States are then per
+  // Packed sequences (q_len = k_len, no key padding), or none. States are then per
   // (sequence, head), and a fading state's log factors (1, H, T).
   Packing packing;
 
