@@ -143,12 +143,15 @@ def packing_of(T):
     return torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32)
 
 
-def emulated_packed_figures(T, D):
-    """One causal forward and backward of T packed rows in documents of mixed lengths (packing_of),
-    H=2: traffic over the same floors as above (forward: q, k, v read + o written; backward: q, k,
-    v, o, grad_out read + dq, dk, dv written)."""
+def emulated_packed_figures(T, D, processors, cu=None):
+    """One causal forward and backward of T packed rows in documents of mixed lengths (packing_of,
+    or the offsets `cu`), H=2, on an emulated GPU of `processors` SMs (1: a block per (sequence,
+    head); 132, an H100's: long sequences split into segments): traffic over the same floors as
+    above (forward: q, k, v read + o written; backward: q, k, v, o, grad_out read + dq, dk, dv
+    written)."""
+    os.environ["LINATTN_EMULATED_SMS"] = str(processors)
     q, k, v = (torch.randn(1, 2, T, D).mul(0.3).bfloat16() for _ in range(3))
-    cu = packing_of(T)
+    cu = packing_of(T) if cu is None else cu
     torch.ops.linattn._reset_warp_emulation_counters()
     out, _, normalizer = torch.ops.linattn.linear_attn_fwd_fused(q, k, v, None, None, ELU, True, True, 1e-6, None, cu)
     _, _, _, _, read, written = torch.ops.linattn._warp_emulation_counters().tolist()
@@ -157,7 +160,10 @@ def emulated_packed_figures(T, D):
     torch.ops.linattn.linear_attn_bwd_fused(torch.randn_like(out), None, q, k, v, out, normalizer, None, None, ELU,
                                             True, True, None, None, cu)
     _, _, _, _, read, written = torch.ops.linattn._warp_emulation_counters().tolist()
-    return {"T": T, "D": D, "sequences": len(cu) - 1, "forward_traffic_over_floor": forward,
+    del os.environ["LINATTN_EMULATED_SMS"]
+    lengths = (cu[1:] - cu[:-1]).tolist()
+    return {"T": T, "D": D, "sequences": len(cu) - 1, "shortest": min(lengths), "longest": max(lengths),
+            "processors": processors, "forward_traffic_over_floor": forward,
             "backward_traffic_over_floor": (read + written) / (8 * 2 * T * D * 2)}
 
 
@@ -291,10 +297,16 @@ def main():
         print(f"  {mask:>6}, {kind}: traffic {e['traffic_over_floor']:.3f}x the floor "
               f"(target <= 1.3 unsplit), {e['wavefronts_per_matrix']:.2f} wavefronts per ldmatrix matrix, "
               f"{e['mma']} mma")
-    packed = emulated_packed_figures(T, 128)
-    print(f"Emulated tensor-core forward and backward of {packed['sequences']} packed sequences (cu_seqlens, "
-          f"lengths 33-1500), H=2 D=128 T={T} bf16, causal: traffic {packed['forward_traffic_over_floor']:.3f}x "
-          f"and {packed['backward_traffic_over_floor']:.3f}x their floors (above)")
+    two_long = torch.tensor([0, T // 2 - 96, T], dtype=torch.int32)
+    packed = [emulated_packed_figures(T, 128, processors) for processors in (1, 132)]
+    packed += [emulated_packed_figures(T, 128, processors, two_long) for processors in (1, 132)]
+    print(f"Emulated tensor-core forward and backward of packed sequences (cu_seqlens), H=2 D=128 T={T} bf16, "
+          f"causal:")
+    for e in packed:
+        documents = f"{e['sequences']} of {e['shortest']}-{e['longest']} rows"
+        kind = "a block per (sequence, head)" if e["processors"] == 1 else "132 SMs (long ones split)"
+        print(f"  {documents}, {kind}: traffic {e['forward_traffic_over_floor']:.3f}x and "
+              f"{e['backward_traffic_over_floor']:.3f}x their floors (above)")
     delta = [emulated_delta_figures(T, 128, causal, processors) for processors, causal in
              ((2, True), (2, False), (132, True))]
     print(f"Emulated delta-rule forward (Gated DeltaNet), B=1 H=2 D=128 T={T} bf16 (floor = q, k, v, beta, g read "

@@ -14,8 +14,10 @@
 // - Non-finite values: the chunk's own product reads their finite part, and the rows that met
 //   one get it back as a mark (the cumulative sum of the dropped part: 0, or ±inf/NaN from the
 //   row that holds it on) added to the output in the same operation that normalizes it.
-// - The normalizer is the ones column of the same products, and is divided by directly where it
-//   cannot vanish (non-negative features, no initial state, eps above the smallest normal).
+// - The normalizer is the ones column of the same products (non-causal without padded keys, the
+//   state's z is φ(k)'s column sums instead, written beside S: no [v | 1] copy), and is divided by
+//   directly where it cannot vanish (non-negative features, no initial state, eps above the
+//   smallest normal).
 #include "generic.h"
 #include "../common/causal_product.h"
 #include "op_checks.h"
@@ -65,6 +67,31 @@ void add_wide_bmm(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
   } else {
     out.baddbmm_(a.to(out.scalar_type()), b.to(out.scalar_type()));
   }
+}
+
+// out = a·b batched, written into `out` (in the accumulation dtype; any row stride).
+void wide_bmm_into(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
+  if (a.scalar_type() == out.scalar_type()) {
+    at::bmm_out(out, a, b);
+  } else if (has_widening_bmm(a)) {
+    at::bmm_out(out, a, b, out.scalar_type());
+  } else {
+    at::bmm_out(out, a.to(out.scalar_type()), b.to(out.scalar_type()));
+  }
+}
+
+// The non-causal final state [S | z] = φ(K)ᵀ [v | 1] (+ S0), (B, H, a, dv + 1) in `acc`, without
+// the [v | 1] copy: S by one product written into the state's first columns, z as φ(K)'s column
+// sums into its last. (out= operations: only for untracked, untraced operands.)
+at::Tensor state_in_place(const at::Tensor& K, const at::Tensor& v, const at::Tensor& S0, at::ScalarType acc) {
+  const int64_t B = K.size(0), H = K.size(1), a = K.size(3), dv = v.size(3);
+  at::Tensor state = at::empty({B, H, a, dv + 1}, K.options().dtype(acc));
+  at::Tensor S = state.narrow(-1, 0, dv).view({B * H, a, dv});  // B and H merge: a view
+  wide_bmm_into(S, K.reshape({B * H, K.size(2), a}).transpose(-1, -2), v.reshape({B * H, v.size(2), dv}));
+  at::Tensor z = state.select(-1, dv);
+  at::sum_out(z, K, {2}, false, acc);
+  if (S0.defined()) state.add_(S0);
+  return state;
 }
 
 struct CausalSums {
@@ -155,10 +182,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_generic(
   const at::Tensor v_stored = v.scalar_type() == storage ? v : v.to(storage);
   const int64_t T = k.size(2);
   // Causal: chunks of C rows, [v | 1] padded to n·C rows with ones (the padded keys are 0).
+  // Non-causal without padded keys (whose values must be zeroed first): no [v | 1] copy.
   const int64_t C = std::max<int64_t>(64, std::min(q.size(3), v.size(3) + 1));
   const int64_t pad = causal && T > 0 ? (T + C - 1) / C * C - T : 0;
-  at::Tensor Vp = at::constant_pad_nd(v_stored, {0, 1, 0, pad}, 1.0);
-  if (key_padding_mask.has_value()) Vp.narrow(2, 0, T).masked_fill_(key_padding_mask->unsqueeze(1).unsqueeze(-1), 0);
+  const bool without_ones = !causal && !key_padding_mask.has_value() && !traced(q) && !tracked(K) &&
+                            !tracked(v_stored) && !tracked(S0);
+  at::Tensor Vp;
+  if (!without_ones) {
+    Vp = at::constant_pad_nd(v_stored, {0, 1, 0, pad}, 1.0);
+    if (key_padding_mask.has_value())
+      Vp.narrow(2, 0, T).masked_fill_(key_padding_mask->unsqueeze(1).unsqueeze(-1), 0);
+  }
   at::Tensor sums, marks, final_state;
   if (causal && T == 0) {
     sums = Q.new_zeros({q.size(0), q.size(1), 0, s.value_dim + 1}, Q.options().dtype(acc));
@@ -172,7 +206,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_generic(
   } else {
     const int64_t B = q.size(0), H = q.size(1), a = q.size(3), b = s.value_dim + 1;
     auto batched = [&](const at::Tensor& x) { return x.reshape({B * H, x.size(2), x.size(3)}); };
-    final_state = plus_state(wide_bmm(batched(K).transpose(-1, -2), batched(Vp), acc).view({B, H, a, b}), S0);
+    final_state = without_ones
+                      ? state_in_place(K, v_stored, S0, acc)
+                      : plus_state(wide_bmm(batched(K).transpose(-1, -2), batched(Vp), acc).view({B, H, a, b}), S0);
     const at::Tensor read = final_state.scalar_type() == storage ? final_state : final_state.to(storage);
     sums = wide_bmm(batched(Q), read.view({B * H, a, b}), acc).view({B, H, q.size(2), b});
   }

@@ -228,10 +228,10 @@ def test_split_of_one_packed_sequence_equals_the_unpacked_split(monkeypatch):
     assert split_written > counters()["written_bytes"], "the split did not run (no segment sums written)"
 
 
-# Sequences of unequal lengths: 16 emulated SMs over 5 sequences × 2 heads want 2 segments per
-# sequence; sized for the mean length (520 rows: 512 each), 6 segments cover the packing, so the
-# long sequences run 3 each and the short ones' blocks past their ends are empty.
-UNEQUAL = [0, 0, 37, 1300, 1400, 2600]
+# Sequences of unequal lengths: 16 emulated SMs over 3 sequences × 2 heads want 3 segments per
+# sequence, but 3100 rows hold states for 2 (3100 // (512 · 3)), so segments of 1600 rows: the
+# long sequence, starting mid-chunk, runs as two; the short ones' second blocks are empty.
+UNEQUAL = [0, 37, 3000, 3100]
 
 
 @pytest.mark.parametrize("causal, gated", [(True, False), (False, False), (True, True)])

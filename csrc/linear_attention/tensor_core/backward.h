@@ -75,6 +75,7 @@ LINATTN_HD LINATTN_INLINE void run_query_gradient_block(const Exec& exec, const 
   int64_t q_begin = 0, q_end = 0, k_begin = 0, k_end = 0;
   blk.query_rows(q_begin, q_end);
   blk.key_rows(k_begin, k_end);
+  if (q_begin == q_end && k_begin == k_end && p.state_out.data == nullptr) return;  // as the forward's
   exec([&](const WarpContext& w, State& s) {
     blk.load_s(w, s);
     publish(w, s);
@@ -163,6 +164,7 @@ LINATTN_HD LINATTN_INLINE void run_key_value_gradient_block(const Exec& exec, co
   int64_t q_begin = 0, q_end = 0, k_begin = 0, k_end = 0;
   blk.query_rows(q_begin, q_end);
   blk.key_rows(k_begin, k_end);
+  if (q_begin == q_end && k_begin == k_end && p.state_out.data == nullptr) return;  // as the forward's
   exec([&](const WarpContext& w, State& s) {
     blk.load_u(w, s);
     publish(w, s);

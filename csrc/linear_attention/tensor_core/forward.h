@@ -63,6 +63,9 @@ LINATTN_HD LINATTN_INLINE void run_forward_block(const Exec& exec, const Forward
   int64_t q_begin = 0, q_end = 0, k_begin = 0, k_end = 0;
   blk.query_rows(q_begin, q_end);
   blk.key_rows(k_begin, k_end);
+  // A block without rows that writes no state (a packed sequence's segment past its end) has
+  // nothing to do: its state would be read for nothing. (Uniform over the block.)
+  if (q_begin == q_end && k_begin == k_end && p.state_out.data == nullptr) return;
   exec([&](const WarpContext& w, State& s) {
     blk.load_state(w, s);
     if (p.pass != Pass::kSegmentStates) blk.publish_state(w, s);

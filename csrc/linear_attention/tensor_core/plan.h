@@ -68,16 +68,21 @@ inline Split split_for(const LinearAttentionShape& s, int64_t processors) {
 // `sequences` packed sequences of `s.q_len` rows in all (batch 1). Their lengths are on the device
 // (reading them would synchronise), so segments are sized for the mean length, enough of them
 // that a sequence of the whole packed length is covered: a shorter sequence's blocks past its end
-// have no rows (they write zero sums and leave). At most kPackedSegmentsPerWanted times the
-// segments wanted, so the per-segment states stay a few times those of an unpacked split.
+// have no rows (they write zero sums and leave). Every (sequence, head) has as many segment states
+// as the longest sequence could need, each written, read and scanned, so their number is held to
+// what one sequence of the packed length would have (a segment per kMinimumSegment rows, the
+// unpacked split's bound: sequences · segments <= rows / kMinimumSegment) and to
+// kPackedSegmentsPerWanted times the segments the SMs want. Many short sequences therefore stay
+// whole (their blocks fill the GPU, or the states would cost more than the parallelism gains).
 constexpr int64_t kPackedSegmentsPerWanted = 4;
 
 inline Split packed_split_for(const LinearAttentionShape& s, int64_t sequences, int64_t processors) {
   const int64_t blocks = sequences * s.heads * value_tiles_of(s), total = s.q_len;
-  if (blocks == 0 || blocks >= processors || total < 2 * kMinimumSegment) return {};
+  if (blocks == 0 || blocks >= processors) return {};
   const int64_t wanted = (processors + blocks - 1) / blocks, mean = (total + sequences - 1) / sequences;
+  const int64_t most = std::min(kPackedSegmentsPerWanted * wanted, total / (kMinimumSegment * sequences));
+  if (most <= 1) return {};
   int64_t rows = std::max(kMinimumSegment, segment_rows(mean, wanted));
-  const int64_t most = kPackedSegmentsPerWanted * wanted;
   if ((total + rows - 1) / rows > most) rows = segment_rows(total, most);
   const int64_t segments = (total + rows - 1) / rows;
   if (segments <= 1) return {};
@@ -159,7 +164,8 @@ inline at::Tensor segment_fades(const at::Tensor& log_decay, const Split& split,
   const at::Tensor first = bounds.slice(0, 0, -1), end = at::maximum(bounds.slice(0, 1), first);
   const at::Tensor steps = at::arange(segments + 1, bounds.options()) * rows;  // each segment's start, and the end
   const at::Tensor rows_at = at::minimum(first.unsqueeze(1) + steps, end.unsqueeze(1));  // (N, segments + 1)
-  const at::Tensor sums = running.index_select(1, rows_at.flatten()).view({running.size(0), first.size(0), segments + 1});
+  const at::Tensor sums =
+      running.index_select(1, rows_at.flatten()).view({running.size(0), first.size(0), segments + 1});
   return (sums.narrow(2, 1, segments) - sums.narrow(2, 0, segments)).to(at::kFloat).permute({1, 0, 2}).exp_();
 }
 
