@@ -99,10 +99,21 @@ std::tuple<at::Tensor, at::Tensor> causal_scan(const at::Tensor& Q, const at::Te
 
 }  // namespace
 
-// [v | 1], with a padded key's row all 0: its value is never read, so a NaN there stays out.
+// [v | 1] in `acc`, with a padded key's row all 0: its value is never read, so a NaN there stays
+// out. Untracked, v is widened as it is copied into place (one fresh tensor, not a widened copy
+// and then a padded one).
 at::Tensor augmented_values(const at::Tensor& v, const std::optional<at::Tensor>& mask,
                             at::ScalarType acc) {
-  at::Tensor augmented = at::constant_pad_nd(v.to(acc), {0, 1}, 1.0);  // a fresh tensor: masked in place
+  at::Tensor augmented;  // a fresh tensor: masked in place
+  if (tracked(v)) {
+    augmented = at::constant_pad_nd(v.to(acc), {0, 1}, 1.0);
+  } else {
+    auto sizes = v.sizes().vec();
+    sizes.back() += 1;
+    augmented = at::empty(sizes, v.options().dtype(acc));
+    augmented.narrow(-1, 0, v.size(-1)).copy_(v);
+    augmented.select(-1, v.size(-1)).fill_(1);
+  }
   return mask.has_value() ? augmented.masked_fill_(mask->unsqueeze(1).unsqueeze(-1), 0) : augmented;
 }
 
@@ -170,10 +181,13 @@ at::Tensor augmented_cotangent(const at::Tensor& G, const at::Tensor& out, const
   if (!normalize) return at::constant_pad_nd(G, {0, 1});  // the normalizer's cotangent: 0
   const at::Tensor inv = inverse_normalizer(normalizer);
   const at::Tensor zero = G == 0;
-  const at::Tensor g_dot_out = at::where(zero, 0, G * out.to(G.scalar_type())).sum(-1, true);
+  const bool recorded = tracked(G) || tracked(out);
+  // G·o in G's dtype (o promoted exactly within the product: no widened copy), 0 where G is 0.
+  const at::Tensor products = G * out;
+  const at::Tensor g_dot_out = (recorded ? at::where(zero, 0, products) : products.masked_fill_(zero, 0)).sum(-1, true);
   const at::Tensor d_normalizer = -g_dot_out * inv;
   const at::Tensor no_cotangent = zero.all(-1, true);
-  if (tracked(G) || tracked(out)) return at::where(no_cotangent, 0, at::cat({G * inv, d_normalizer}, -1));
+  if (recorded) return at::where(no_cotangent, 0, at::cat({G * inv, d_normalizer}, -1));
   // [G·inv | d_normalizer] written into one tensor, rows without a cotangent zeroed in place.
   auto sizes = G.sizes().vec();
   sizes.back() += 1;
@@ -204,7 +218,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_generic(
     const std::vector<at::Tensor> inputs{q_acc, k_acc};
     const std::vector<at::Tensor> derivatives = at::_foreach_clamp_max(inputs, 0);
     at::_foreach_exp_(derivatives);
-    const std::vector<at::Tensor> phi = at::_foreach_clamp_min(inputs, 0);
+    // Widened inputs are the operator's own copies: φ takes their place.
+    std::vector<at::Tensor> phi = inputs;
+    if (q.scalar_type() != acc) {
+      at::_foreach_clamp_min_(phi, 0);
+    } else {
+      phi = at::_foreach_clamp_min(inputs, 0);
+    }
     at::_foreach_add_(phi, derivatives);
     dphi_q = derivatives[0], dphi_k = derivatives[1], Q = phi[0], K = phi[1];
   } else {
@@ -214,7 +234,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_generic(
     }
     Q = features(q_acc, s.feature_map), K = features(k_acc, s.feature_map);
   }
-  K = mask_padded_keys(K, k_acc, key_padding_mask);
+  K = mask_padded_keys(K, k, key_padding_mask);  // (k: φ may be k itself, never a copy of ours)
   const at::Tensor Vp = augmented_values(v, key_padding_mask, acc);
   const at::Tensor G = grad_out.to(acc);
   // Gradient with respect to the augmented output [numerator | normalizer].

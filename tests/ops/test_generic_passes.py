@@ -67,3 +67,27 @@ def test_cuda_branch_bytes_stay_within_issue_25_targets(causal, ratio):
     from benchmarks.bench_generic_passes import measure
     forward = next(row for row in measure("meta", causal) if row["pass"] == "forward")
     assert forward["bytes_ratio"] <= ratio, forward
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("feature_map", [IDENTITY, ELU, RELU])
+@pytest.mark.parametrize("causal", [True, False])
+def test_backward_works_in_place_only_in_its_own_copies(dtype, feature_map, causal):
+    """The generic backward builds φ in place in the widened copies of q and k it made itself, and
+    zeroes padded keys in place only there: q, k, v, out and grad_out are left as they were (float32
+    inputs are not copied, so φ and the mask then take fresh tensors), and the gradients equal the
+    CPU kernel's to rounding."""
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(2, 3, 37, 16, generator=g).to(dtype) for _ in range(3))
+    mask = torch.zeros(2, 37, dtype=torch.bool)
+    mask[1, 20:] = True
+    out, state, normalizer = FWD(q, k, v, None, mask, feature_map, causal, True, 1e-6, None, None)
+    grad = torch.randn(out.shape, generator=g).to(dtype)
+    inputs = [t.clone() for t in (q, k, v, out, grad)]
+    args = (grad, None, q, k, v, out, normalizer, None, mask, feature_map, causal, True, state, None, None)
+    generic = torch.ops.linattn.linear_attn_bwd_generic.default(*args)
+    for name, now, before in zip(("q", "k", "v", "out", "grad_out"), (q, k, v, out, grad), inputs):
+        assert torch.equal(now, before), name
+    kernel = torch.ops.linattn.linear_attn_bwd.default(*args)
+    for name, a, b in zip(("dq", "dk", "dv"), generic, kernel):
+        torch.testing.assert_close(a.double(), b.double(), rtol=1e-2, atol=1e-2 * b.abs().max().item(), msg=name)
