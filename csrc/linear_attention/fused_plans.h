@@ -129,7 +129,7 @@ inline PackedRows packed_rows(const std::optional<at::Tensor>& cu_seqlens, int64
 
 // The states of a call: one per (batch, head), or per (sequence, head) when packed.
 inline int64_t state_count(const LinearAttentionShape& s, const PackedRows& packed) {
-  return packed.offsets.defined() ? packed.packing.sequences : s.batch;
+  return tensor_core::sequence_count(packed.packing, s.batch);
 }
 
 // How the tensor-core kernels cut a call's sequences for `processors` SMs (tensor_core/plan.h).

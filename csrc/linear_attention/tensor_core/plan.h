@@ -98,16 +98,11 @@ void cut_into_segments(Problem& p, const Split& split) {
   p.segment_rows_k = split.rows_k;
 }
 
-// The number of states of a problem: one per (batch or packed sequence, head) and segment.
-template <typename Problem>
-int64_t sequences_of(const Problem& p) {
-  return p.packing.offsets != nullptr ? p.packing.sequences : p.batch;
-}
-
 // (B or N, H, segments, m, dv + 1) contiguous states, one per block of a split launch.
 template <typename Problem>
 at::Tensor segment_state_tensor(const Problem& p, int64_t segments, const at::TensorOptions& options) {
-  return at::empty({sequences_of(p), p.heads, segments, p.feature_dim, p.value_dim + 1}, options);
+  return at::empty({sequence_count(p.packing, p.batch), p.heads, segments, p.feature_dim, p.value_dim + 1},
+                   options);
 }
 template <typename T>
 fused::StateView<T> segment_state_view(T* data, int64_t m, int64_t dv) {
@@ -258,8 +253,8 @@ at::Tensor split_backward(BackwardProblem<scalar_t> query, BackwardProblem<scala
     before = starts.starts;
     reached = starts.total;
   } else {
-    before = final_state->unsqueeze(2).expand({sequences_of(query), query.heads, split.segments, m, dv + 1});
-    before = before.contiguous();
+    const int64_t sequences = sequence_count(query.packing, query.batch);
+    before = final_state->unsqueeze(2).expand({sequences, query.heads, split.segments, m, dv + 1}).contiguous();
   }
   cut_into_segments(query, split);
   query.state_in = segment_state_view(before.const_data_ptr<float>(), m, dv);

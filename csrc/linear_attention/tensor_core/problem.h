@@ -59,9 +59,14 @@ LINATTN_HD inline SequenceRows sequence_rows(const Packing& packing, int64_t nh,
   return r;
 }
 
+// The number of batch entries, or of packed sequences: one state each per head.
+LINATTN_HD inline int64_t sequence_count(const Packing& packing, int64_t batch) {
+  return packing.offsets != nullptr ? packing.sequences : batch;
+}
+
 // The number of (batch or sequence, head) pairs a launch has blocks for.
 LINATTN_HD inline int64_t sequence_heads(const Packing& packing, int64_t batch, int64_t heads) {
-  return (packing.offsets != nullptr ? packing.sequences : batch) * heads;
+  return sequence_count(packing, batch) * heads;
 }
 
 // Everything one launch reads and writes; one block per (batch, head) (and segment).
