@@ -2,7 +2,9 @@
 one call issues and how many bytes they allocate. On a GPU each operation that computes is a
 kernel launch and each allocation a pass over memory; CUDA tensors run this path until the fused
 kernels are proven on hardware, so these counts are its cost there. B=2 H=4 T=1024 D=64 bf16,
-elu+1 features, normalized, forward (linear_attn_fwd_generic) and backward (linear_attn_bwd_generic):
+elu+1 features, normalized, forward (linear_attn_fwd_generic) and backward (linear_attn_bwd_generic),
+causal, non-causal, causal with a fading state (per-token log factors: decay and gates), and
+packed sequences (cu_seqlens) causal and not:
 
   - operations: the operator's direct ATen calls; "computing" leaves out views and empty
     allocations (no kernel);
@@ -81,34 +83,45 @@ def count(op, *args, key=torch._C.DispatchKey.CompositeExplicitAutograd):
     return Counter(mode.calls), mode.allocated
 
 
-def measure(device, causal, B=2, H=4, T=1024, D=64, dtype=torch.bfloat16):
+def measure(device, causal, B=2, H=4, T=1024, D=64, dtype=torch.bfloat16, gated=False, packed=False):
+    """gated: a fading state (per-token log factors, the decay and gate path; causal only); packed:
+    the same B·T rows as one packed batch of three documents (cu_seqlens 0, 600, 1400, B·T)."""
     g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(B, H, T, D, generator=g).to(dtype).to(device) for _ in range(3))
+    shape = (1, H, B * T, D) if packed else (B, H, T, D)
+    q, k, v = (torch.randn(shape, generator=g).to(dtype).to(device) for _ in range(3))
+    log_decay = (-0.1 * torch.rand(shape[:3], generator=g)).to(device) if gated else None
+    cu_seqlens = torch.tensor([0, 600, 1400, B * T], dtype=torch.int32, device=device) if packed else None
     io_bytes = 4 * q.numel() * q.element_size()
     fwd = torch.ops.linattn.linear_attn_fwd_generic.default
-    args = (q, k, v, None, None, ELU, causal, True, 1e-6, None, None)
+    args = (q, k, v, None, None, ELU, causal, True, 1e-6, log_decay, cu_seqlens)
     out, state, normalizer = fwd(*args)
     grad = torch.randn(out.shape, generator=g).to(dtype).to(device)
     bwd = torch.ops.linattn.linear_attn_bwd_generic.default
-    bwd_args = (grad, None, q, k, v, out, normalizer, None, None, ELU, causal, True, state, None, None)
+    bwd_args = (grad, None, q, k, v, out, normalizer, None, None, ELU, causal, True, state, log_decay, cu_seqlens)
     rows = []
     for name, op, op_args in (("forward", fwd, args), ("backward", bwd, bwd_args)):
         counts, allocated = count(op, *op_args)
         computing = sum(n for call, n in counts.items() if call not in VIEWS)
-        rows.append({"device": device, "pass": name, "causal": causal, "operations": sum(counts.values()),
-                     "computing": computing, "bytes_ratio": allocated / io_bytes, "ops": dict(counts)})
+        rows.append({"device": device, "pass": name, "causal": causal, "gated": gated, "packed": packed,
+                     "operations": sum(counts.values()), "computing": computing,
+                     "bytes_ratio": allocated / io_bytes, "ops": dict(counts)})
     return rows
 
 
 def main():
     argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()
-    rows = [row for device in ("cpu", "meta") for causal in (True, False) for row in measure(device, causal)]
-    print(f"{'tensors':<8} {'pass':<9} {'causal':<7} {'operations':>10} {'computing':>9} {'bytes / qkvo':>12}"
-          "   target (computing, bytes)")
+    forms = ((True, False, False), (False, False, False), (True, True, False), (True, False, True),
+             (False, False, True))  # (causal, gated, packed)
+    rows = [row for device in ("cpu", "meta") for causal, gated, packed in forms
+            for row in measure(device, causal, gated=gated, packed=packed)]
+    print(f"{'tensors':<8} {'pass':<9} {'causal':<7} {'gated':<6} {'packed':<7} {'operations':>10} {'computing':>9} "
+          f"{'bytes / qkvo':>12}   target (computing, bytes)")
     for row in rows:
-        target = TARGETS[row["causal"]] if row["pass"] == "forward" else ("-", "-")
-        print(f"{row['device']:<8} {row['pass']:<9} {str(row['causal']):<7} {row['operations']:>10} "
-              f"{row['computing']:>9} {row['bytes_ratio']:>11.1f}x   {target[0]}, {target[1]}x")
+        plain = not (row["gated"] or row["packed"])
+        target = TARGETS[row["causal"]] if row["pass"] == "forward" and plain else ("-", "-")
+        print(f"{row['device']:<8} {row['pass']:<9} {str(row['causal']):<7} {str(row['gated']):<6} "
+              f"{str(row['packed']):<7} {row['operations']:>10} {row['computing']:>9} {row['bytes_ratio']:>11.1f}x"
+              f"   {target[0]}, {target[1]}x")
     path, _ = write_results("results", "generic_passes", {"machine": machine_info(), "rows": rows})
     print(f"raw numbers: {path}")
 

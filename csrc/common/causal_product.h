@@ -31,4 +31,16 @@ inline at::Tensor causal_product(const at::Tensor& lower, const at::Tensor& V) {
   return at::matmul(lower, split.finite).add_(split.marks);
 }
 
+// `lower`: A with its strictly upper triangle already 0 (…, L, L); X (…, L, w): tril(A)ᵀ·X, the
+// sums over later rows (row j: Σ_{i≥j} A_ij X_i) with the masked pairs excluded: X's non-finite
+// entries are taken out and given back as marks summed up the rows (row j gets those of rows
+// i ≥ j), by a cumulative sum of the rows in reverse order.
+inline at::Tensor anticausal_product(const at::Tensor& lower, const at::Tensor& X) {
+  const at::Tensor finite = at::nan_to_num(X, 0.0, 0.0, 0.0);
+  const bool recorded = at::GradMode::is_enabled() && X.requires_grad();
+  const at::Tensor reversed = (recorded ? (X - finite).detach() : X - finite).flip(-2);
+  const at::Tensor marks = (recorded ? reversed.cumsum(-2) : reversed.cumsum_(-2)).flip(-2);
+  return at::matmul(lower.transpose(-1, -2), finite).add_(marks);
+}
+
 }  // namespace linattn

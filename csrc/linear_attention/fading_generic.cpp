@@ -16,10 +16,12 @@
 // state and the carried states are masked to the rows of one sequence, so each sequence is
 // computed as if alone, with no host synchronisation and no large reset factor.
 //
-// The backward is the same primitive four times (the gradients of such a scan are scans, the
-// ones over keys running backwards in time), and dL/dc_t = G_t·O_t − K_t·dK_t (+ ⟨dS_T, S_T⟩ at
-// the last row): row t's factor scales the sums it reads as a query and fades the keys it wrote.
-// Values are augmented with a ones column throughout, so the normalizer comes out of the same sums.
+// The backward (`decayed_scan_backward`) works on the same chunks with the same weights: the
+// gradients of such a scan are scans, the ones over keys running backwards in time, which the
+// transposed in-chunk and chunk-to-chunk weights give without reversing any input; and dL/dc_t =
+// G_t·O_t − K_t·dK_t (+ ⟨dS_T, S_T⟩ at the last row): row t's factor scales the sums it reads as a
+// query and fades the keys it wrote. Values are augmented with a ones column throughout, so the
+// normalizer comes out of the same sums.
 #include "generic.h"
 #include "op_checks.h"
 
@@ -40,6 +42,69 @@ struct ScanResult {
   at::Tensor final_state;  // (B, H, m, dv); undefined with segments
 };
 
+// What every scan over the same rows shares, forwards or backwards in time: the rows (B, H, T) in
+// chunks of C with their log factors a (<= 0) and segments ((T,) int64 sequence ids, or undefined).
+// All weights are exponentials of differences that are <= 0.
+struct DecayedChunks {
+  int64_t B = 0, H = 0, T = 0, C = 0, n = 0, pad = 0;
+  at::Tensor pair_decay;  // (B, H, n, C, C): e^{b_r − b_s} for key s <= query r of one sequence, else 0
+  at::Tensor to_end;      // (B, H, n, C, 1): e^{b_last − b_s}, what key s is worth at its chunk's end
+  at::Tensor row_fade;    // (B, H, n, C, 1): e^{b_r}, what the state entering the chunk is worth at row r
+  at::Tensor A;           // (B, H, n): the cumulative chunk totals, A_c = c at chunk c's last row
+  at::Tensor A_before;    // (B, H, n): A_{c−1}, A_{−1} = 0
+  at::Tensor carry;       // (B, H, n, n): e^{A_{c−1} − A_{c'}} from chunk c' to a later chunk c, else 0
+  at::Tensor apart;       // with segments: (n, C, C), whether rows r and s are of different sequences
+
+  // T > 0.
+  DecayedChunks(const at::Tensor& a, const at::Tensor& segments)
+      : B(a.size(0)), H(a.size(1)), T(a.size(2)), C(chunk_length(T)), n((T + C - 1) / C), pad(n * C - T) {
+    const at::Tensor b = (pad ? at::constant_pad_nd(a, {0, pad}) : a).reshape({B, H, n, C}).cumsum(-1);  // <= 0
+    at::Tensor seg;
+    at::Tensor hidden = at::ones({C, C}, a.options().dtype(at::kBool)).triu(1);
+    if (segments.defined()) {
+      // Padded rows join the last sequence (no key, no fading, outputs dropped).
+      seg = at::cat({segments, segments.narrow(0, T - 1, 1).expand({pad})}).view({n, C});
+      apart = seg.unsqueeze(-1) != seg.unsqueeze(-2);
+      hidden = hidden.logical_or(apart);  // (n, C, C): other sequences too
+    }
+    pair_decay = (b.unsqueeze(-1) - b.unsqueeze(-2)).masked_fill(hidden, kMinusInfinity).exp();
+    to_end = (b.narrow(-1, C - 1, 1) - b).exp().unsqueeze(-1);
+    if (seg.defined()) to_end = to_end * (seg == seg.narrow(1, C - 1, 1)).unsqueeze(-1);  // the last row's sequence
+    A = b.select(-1, C - 1).cumsum(-1);
+    A_before = at::constant_pad_nd(A.narrow(-1, 0, n - 1), {1, 0});
+    at::Tensor earlier = at::ones({n, n}, hidden.options()).tril(-1);
+    if (seg.defined())  // chunk c' reaches chunk c only within one sequence
+      earlier = earlier.logical_and(seg.narrow(1, 0, 1) == seg.select(1, C - 1).unsqueeze(0));
+    carry = (A_before.unsqueeze(-1) - A.unsqueeze(-2)).masked_fill(earlier.logical_not(), kMinusInfinity).exp();
+    row_fade = b.exp().unsqueeze(-1);
+    if (seg.defined())  // only rows of the sequence the chunk starts in take the carried state
+      row_fade = row_fade * (seg == seg.narrow(1, 0, 1)).unsqueeze(-1);
+  }
+
+  // (B, H, T, w) rows as (B, H, n, C, w) chunks, zero rows past T (a view without padding:
+  // constant_pad_nd would copy).
+  at::Tensor chunked(const at::Tensor& x) const {
+    return (pad ? at::constant_pad_nd(x, {0, 0, 0, pad}) : x).reshape({B, H, n, C, x.size(3)});
+  }
+  // And back.
+  at::Tensor rows(const at::Tensor& x) const {
+    const at::Tensor y = x.reshape({B, H, n * C, x.size(-1)});
+    return pad ? y.narrow(2, 0, T) : y;
+  }
+
+  // The states entering each chunk, Σ_{c' < c} carry · U_{c'} (+ e^{A_{c−1}} S0): U (B, H, n, m, w).
+  at::Tensor entering(const at::Tensor& U, const at::Tensor& S0) const {
+    const at::Tensor S = at::matmul(carry, U.reshape({B, H, n, U.size(3) * U.size(4)})).view(U.sizes());
+    return S0.defined() ? S + A_before.exp().unsqueeze(-1).unsqueeze(-1) * S0.unsqueeze(2) : S;
+  }
+  // The state after the last row: every chunk's state faded to the end (+ e^{A_last} S0).
+  at::Tensor final_state(const at::Tensor& U, const at::Tensor& S0) const {
+    const at::Tensor to_last = (A.narrow(-1, n - 1, 1) - A).exp();  // (B, H, n)
+    const at::Tensor S = (to_last.unsqueeze(-1).unsqueeze(-1) * U).sum(2);
+    return S0.defined() ? S + A.select(-1, n - 1).exp().unsqueeze(-1).unsqueeze(-1) * S0 : S;
+  }
+};
+
 // Q, K (B, H, T, m), V (B, H, T, dv), a (B, H, T) log factors (<= 0), S0 (B, H, m, dv) or
 // undefined, segments (T,) int64 or undefined (then no S0 and no final state).
 ScanResult decayed_scan(const at::Tensor& Q, const at::Tensor& K, const at::Tensor& V, const at::Tensor& a,
@@ -51,59 +116,12 @@ ScanResult decayed_scan(const at::Tensor& Q, const at::Tensor& K, const at::Tens
     if (!segmented) S = S0.defined() ? S0.clone() : at::zeros({B, H, m, dv}, V.options());
     return {at::zeros({B, H, 0, dv}, V.options()), S};
   }
-  const int64_t C = chunk_length(T), n = (T + C - 1) / C, pad = n * C - T;
-  // Padded rows: no key, no fading, outputs dropped; with segments they join the last sequence.
-  auto chunked = [&](const at::Tensor& x) {
-    return at::constant_pad_nd(x, {0, 0, 0, pad}).view({B, H, n, C, x.size(3)});
-  };
-  const at::Tensor q_c = chunked(Q), k_c = chunked(K), v_c = chunked(V);
-  const at::Tensor b = at::constant_pad_nd(a, {0, pad}).view({B, H, n, C}).cumsum(-1);  // <= 0
-  at::Tensor seg;
-  at::Tensor hidden = at::ones({C, C}, a.options().dtype(at::kBool)).triu(1);
-  if (segmented) {
-    seg = at::cat({segments, segments.narrow(0, T - 1, 1).expand({pad})}).view({n, C});
-    hidden = hidden.logical_or(seg.unsqueeze(-1) != seg.unsqueeze(-2));  // (n, C, C): other sequences too
-  }
-  const at::Tensor pair_decay = (b.unsqueeze(-1) - b.unsqueeze(-2)).masked_fill(hidden, kMinusInfinity).exp();
-  at::Tensor O = at::matmul(at::matmul(q_c, k_c.transpose(-1, -2)) * pair_decay, v_c);  // (B, H, n, C, dv)
-
-  // Chunk states and the state entering each chunk.
-  at::Tensor to_end = (b.narrow(-1, C - 1, 1) - b).exp().unsqueeze(-1);  // e^{b_last − b_s}
-  if (segmented) to_end = to_end * (seg == seg.narrow(1, C - 1, 1)).unsqueeze(-1);  // the last row's sequence
-  const at::Tensor U = at::matmul((k_c * to_end).transpose(-1, -2), v_c);  // (B, H, n, m, dv)
-  const at::Tensor A = b.select(-1, C - 1).cumsum(-1);                     // (B, H, n), <= 0
-  const at::Tensor A_before = at::constant_pad_nd(A.narrow(-1, 0, n - 1), {1, 0});  // A_{c−1}, A_{−1} = 0
-  at::Tensor earlier = at::ones({n, n}, hidden.options()).tril(-1);
-  if (segmented)  // chunk c' reaches chunk c only within one sequence
-    earlier = earlier.logical_and(seg.narrow(1, 0, 1) == seg.select(1, C - 1).unsqueeze(0));
-  const at::Tensor carry =
-      (A_before.unsqueeze(-1) - A.unsqueeze(-2)).masked_fill(earlier.logical_not(), kMinusInfinity).exp();
-  at::Tensor S_in = at::matmul(carry, U.reshape({B, H, n, m * dv})).view({B, H, n, m, dv});
-  if (S0.defined()) S_in = S_in + A_before.exp().unsqueeze(-1).unsqueeze(-1) * S0.unsqueeze(2);
-  at::Tensor row_fade = b.exp().unsqueeze(-1);  // e^{b_r}
-  if (segmented)  // only rows of the sequence the chunk starts in take the carried state
-    row_fade = row_fade * (seg == seg.narrow(1, 0, 1)).unsqueeze(-1);
-  O = O + row_fade * at::matmul(q_c, S_in);
-
-  at::Tensor S;
-  if (!segmented) {
-    // The final state: every chunk's state faded to the end, plus the initial one faded by the
-    // whole sequence.
-    const at::Tensor to_last = (A.narrow(-1, n - 1, 1) - A).exp();  // (B, H, n)
-    S = (to_last.unsqueeze(-1).unsqueeze(-1) * U).sum(2);
-    if (S0.defined()) S = S + A.select(-1, n - 1).exp().unsqueeze(-1).unsqueeze(-1) * S0;
-  }
-  return {O.reshape({B, H, n * C, dv}).narrow(2, 0, T), S};
-}
-
-at::Tensor flip_rows(const at::Tensor& x) { return x.flip(2); }
-
-// The log factors of the reversed sequence: reversed row u adds a_{T−u} (u >= 1), so that
-// c'_u − c'_{u'} = c_t − c_s for the original rows t = T−1−u' >= s = T−1−u.
-at::Tensor reversed_factors(const at::Tensor& a) {
-  const int64_t T = a.size(-1);
-  if (T == 0) return a;
-  return at::constant_pad_nd(a.flip(-1).narrow(-1, 0, T - 1), {1, 0});
+  const DecayedChunks ch(a, segments);
+  const at::Tensor q_c = ch.chunked(Q), k_c = ch.chunked(K), v_c = ch.chunked(V);
+  at::Tensor O = at::matmul(at::matmul(q_c, k_c.transpose(-1, -2)) * ch.pair_decay, v_c);  // (B, H, n, C, dv)
+  const at::Tensor U = at::matmul((k_c * ch.to_end).transpose(-1, -2), v_c);  // chunk states (B, H, n, m, dv)
+  O = O + ch.row_fade * at::matmul(q_c, ch.entering(U, S0));
+  return {ch.rows(O), segmented ? at::Tensor() : ch.final_state(U, S0)};
 }
 
 // Σ over the last dim of x·y, for rows.
@@ -113,36 +131,67 @@ struct ScanGrads {
   at::Tensor dQ, dK, dV, dc, dS0;  // dS0 undefined with segments
 };
 
-// The gradients of decayed_scan's output (cotangent G) and final state (dSN, undefined = 0);
-// O and S_T are the forward's (dc needs them). With segments, S0 and dSN are not used.
+// The gradients of decayed_scan(Q, K, V, a, S0, segments) for the cotangent G of its output and
+// dSN of its final state (undefined = 0); with segments, S0 and dSN are not used. With w_ts =
+// e^{c_t − c_s} for key s <= query t of one sequence:
+//   dQ_t = Σ_s w_ts (G_t·V_s) K_s + e^{c_t} G_t S0ᵀ
+//   dK_s = Σ_t w_ts (G_t·V_s) Q_t + e^{c_T − c_s} V_s dSNᵀ,   dV_s = Σ_t w_ts (Q_t·K_s) G_t + e^{c_T − c_s} K_s dSN
+//   dc_t = G_t·O_t − K_t·dK_t (+ ⟨dSN, S_T⟩ at the last row): row t's factor scales the sums it
+//          reads as a query and fades the keys it wrote.
+// All on the forward's chunks, no reversed copy: inside a chunk the pair weights W = (G Vᵀ) ⊙ decay
+// serve dQ (W K) and dK (Wᵀ Q), the forward's scores P = (Q Kᵀ) ⊙ decay serve O (P V) and dV
+// (Pᵀ G); across chunks the states entering each chunk (the forward's) serve O and dQ, and what the
+// later chunks' queries read, Σ_{c > c'} carry_{c c'} Y_c with Y_c = (e^b ⊙ Q_c)ᵀ G_c (the same
+// carry matrix, transposed), serves dK and dV.
 ScanGrads decayed_scan_backward(const at::Tensor& G, const at::Tensor& dSN, const at::Tensor& Q, const at::Tensor& K,
                                 const at::Tensor& V, const at::Tensor& a, const at::Tensor& S0,
-                                const at::Tensor& segments, const at::Tensor& O, const at::Tensor& S_T) {
+                                const at::Tensor& segments) {
   const bool segmented = segments.defined();
-  const at::Tensor a_r = reversed_factors(a);
-  const at::Tensor seg_r = segmented ? segments.flip(0) : at::Tensor();
-  const at::Tensor dSN_or_none = segmented ? at::Tensor() : dSN;
+  const int64_t T = a.size(-1);
   ScanGrads g;
-  // dQ_t = Σ_{s<=t} e^{c_t−c_s} (G_t·V_s) K_s + e^{c_t} G_t S0ᵀ.
-  g.dQ = decayed_scan(G, V, K, a, segmented || !S0.defined() ? at::Tensor() : S0.transpose(-1, -2), segments).out;
-  // dK_s = Σ_{t>=s} e^{c_t−c_s} (G_t·V_s) Q_t + e^{c_T−c_s} dSN V_s.
-  g.dK = flip_rows(decayed_scan(flip_rows(V), flip_rows(G), flip_rows(Q), a_r,
-                                dSN_or_none.defined() ? dSN_or_none.transpose(-1, -2) : at::Tensor(), seg_r)
-                       .out);
-  // dV_s = Σ_{t>=s} e^{c_t−c_s} (Q_t·K_s) G_t + e^{c_T−c_s} dSNᵀ K_s; the reversed scan's final
-  // state is e^{−c_0} dS0.
-  const ScanResult values = decayed_scan(flip_rows(K), flip_rows(Q), flip_rows(G), a_r, dSN_or_none, seg_r);
-  g.dV = flip_rows(values.out);
+  if (T == 0) {
+    g.dQ = at::zeros_like(Q), g.dK = at::zeros_like(K), g.dV = at::zeros_like(V), g.dc = at::zeros_like(a);
+    if (!segmented) g.dS0 = dSN.defined() ? dSN.clone() : at::zeros({K.size(0), K.size(1), K.size(3), V.size(3)},
+                                                                     V.options());
+    return g;
+  }
+  const at::Tensor S0_used = segmented ? at::Tensor() : S0, dSN_used = segmented ? at::Tensor() : dSN;
+  const DecayedChunks ch(a, segments);
+  const at::Tensor q_c = ch.chunked(Q), k_c = ch.chunked(K), v_c = ch.chunked(V), g_c = ch.chunked(G);
+  // The forward, recomputed in the accumulation dtype (dc reads O and S_T).
+  const at::Tensor P = at::matmul(q_c, k_c.transpose(-1, -2)) * ch.pair_decay;
+  const at::Tensor U = at::matmul((k_c * ch.to_end).transpose(-1, -2), v_c);  // (B, H, n, m, dv)
+  const at::Tensor S_in = ch.entering(U, S0_used);
+  const at::Tensor O = ch.rows(at::matmul(P, v_c) + ch.row_fade * at::matmul(q_c, S_in));
+  // Inside each chunk.
+  const at::Tensor W = at::matmul(g_c, v_c.transpose(-1, -2)) * ch.pair_decay;
+  at::Tensor dQ = at::matmul(W, k_c) + ch.row_fade * at::matmul(g_c, S_in.transpose(-1, -2));
+  at::Tensor dK = at::matmul(W.transpose(-1, -2), q_c);
+  at::Tensor dV = at::matmul(P.transpose(-1, -2), g_c);
+  // What the later chunks' queries read from chunk c' (and dSN, faded from the end to its end).
+  const at::Tensor Y = at::matmul((q_c * ch.row_fade).transpose(-1, -2), g_c);  // (B, H, n, m, dv)
+  const int64_t n = ch.n, m = Y.size(3), dv = Y.size(4);
+  at::Tensor after =
+      at::matmul(ch.carry.transpose(-1, -2), Y.reshape({ch.B, ch.H, n, m * dv})).view({ch.B, ch.H, n, m, dv});
+  if (dSN_used.defined()) {
+    const at::Tensor to_last = (ch.A.narrow(-1, n - 1, 1) - ch.A).exp();  // e^{A_last − A_c}
+    after = after + to_last.unsqueeze(-1).unsqueeze(-1) * dSN_used.unsqueeze(2);
+  }
+  dK = dK + ch.to_end * at::matmul(v_c, after.transpose(-1, -2));
+  dV = dV + ch.to_end * at::matmul(k_c, after);
+  g.dQ = ch.rows(dQ);
+  g.dK = ch.rows(dK);
+  g.dV = ch.rows(dV);
   if (!segmented) {
-    const int64_t T = a.size(-1);
-    g.dS0 = T == 0 ? values.final_state
-                   : a.narrow(-1, 0, 1).exp().unsqueeze(-1) * values.final_state;
+    // S0 enters chunk c faded by e^{A_{c−1}} and the final state by e^{A_last}.
+    g.dS0 = (ch.A_before.exp().unsqueeze(-1).unsqueeze(-1) * Y).sum(2);
+    if (dSN_used.defined()) g.dS0 = g.dS0 + ch.A.select(-1, n - 1).exp().unsqueeze(-1).unsqueeze(-1) * dSN_used;
   }
   g.dc = row_dot(G, O) - row_dot(K, g.dK);
-  if (!segmented && dSN.defined() && a.size(-1) > 0) {
-    const int64_t T = a.size(-1);
+  if (!segmented && dSN_used.defined()) {
+    const at::Tensor S_T = ch.final_state(U, S0_used);
     g.dc = g.dc.index_add(-1, at::full({1}, T - 1, a.options().dtype(at::kLong)),
-                          (dSN * S_T).sum({-2, -1}).unsqueeze(-1));
+                          (dSN_used * S_T).sum({-2, -1}).unsqueeze(-1));
   }
   return g;
 }
@@ -205,14 +254,24 @@ struct StateRows {
   }
 };
 
-// Σ over every key of the query's sequence: the causal sum, the reversed causal sum, minus the
-// query's own key (counted by both).
-at::Tensor whole_sequence_sums(const at::Tensor& Q, const at::Tensor& K, const at::Tensor& V, const at::Tensor& ids) {
-  const at::Tensor zero = at::zeros({Q.size(0), Q.size(1), Q.size(2)}, Q.options());
-  const at::Tensor forward = decayed_scan(Q, K, V, zero, at::Tensor(), ids).out;
-  const at::Tensor backward =
-      flip_rows(decayed_scan(flip_rows(Q), flip_rows(K), flip_rows(V), zero, at::Tensor(), ids.flip(0)).out);
-  return forward + backward - row_dot(Q, K).unsqueeze(-1) * V;
+// Σ over every key of the query's sequence, Q_t · Σ_{s in seq(t)} K_sᵀ V_s (B, H, T, dv), on the
+// chunks of packed rows without fading (`ch`: zero factors, segments): the pairs of one sequence
+// inside a chunk, the earlier chunks' states as the causal scan carries them (into the rows of
+// the sequence a chunk starts in, from the keys of the one a chunk ends in), and the later chunks'
+// states by the same carry transposed (into the rows of the sequence a chunk ends in, from the
+// keys of the one a chunk starts in). No reversed copy.
+at::Tensor whole_sequence_sums(const DecayedChunks& ch, const at::Tensor& Q, const at::Tensor& K, const at::Tensor& V) {
+  const at::Tensor q_c = ch.chunked(Q), k_c = ch.chunked(K), v_c = ch.chunked(V);
+  const at::Tensor pairs = at::matmul(q_c, k_c.transpose(-1, -2)).masked_fill_(ch.apart, 0);
+  at::Tensor O = at::matmul(pairs, v_c);
+  const at::Tensor earlier = at::matmul((k_c * ch.to_end).transpose(-1, -2), v_c);  // (B, H, n, m, dv)
+  O = O + ch.row_fade * at::matmul(q_c, ch.entering(earlier, at::Tensor()));
+  const at::Tensor later = at::matmul((k_c * ch.row_fade).transpose(-1, -2), v_c);
+  const int64_t m = later.size(3), dv = later.size(4);
+  const at::Tensor from_later =
+      at::matmul(ch.carry.transpose(-1, -2), later.reshape({ch.B, ch.H, ch.n, m * dv})).view(later.sizes());
+  O = O + ch.to_end * at::matmul(q_c, from_later);
+  return ch.rows(O);
 }
 
 // The inputs of a packed call in the accumulation dtype, expanded with the state rows.
@@ -271,30 +330,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
   const auto acc = accumulate_type(q.scalar_type());
   const auto map = static_cast<FeatureMap>(feature_map);
   const at::Tensor q_acc = q.to(acc), k_acc = k.to(acc);
-  const at::Tensor Q = features(q_acc, map);
-  const at::Tensor K = key_features(k_acc, key_padding_mask, map);
+  const bool in_place = !(tracked(q) || tracked(k) || tracked(v) || tracked(grad_out) || tracked(out));
+  const BackwardFeatures phi = backward_features(q, q_acc, k_acc, map, in_place);
+  const at::Tensor& Q = phi.Q;
+  const at::Tensor K = mask_padded_keys(phi.K, k, key_padding_mask);
   const at::Tensor Vp = augmented_values(v, key_padding_mask, acc);
   const at::Tensor S0 = initial_state.has_value()
                             ? *initial_state
                             : at::zeros({q.size(0), q.size(1), q.size(3), v.size(3) + 1}, Q.options());
   const at::Tensor dSN = grad_final_state.value_or(at::Tensor());
-  const ScanResult forward = decayed_scan(Q, K, Vp, log_decay, S0, at::Tensor());
   const at::Tensor G = augmented_cotangent(grad_out.to(acc), out, normalizer, normalize);
-  ScanGrads g = decayed_scan_backward(G, dSN, Q, K, Vp, log_decay, S0, at::Tensor(), forward.out,
-                                      forward.final_state);
-  if (map != kFeatureIdentity) {
-    g.dQ = g.dQ * feature_derivative(q_acc, map);
-    g.dK = g.dK * feature_derivative(k_acc, map);
-  }
-  at::Tensor dv = g.dV.narrow(-1, 0, v.size(3));
+  const ScanGrads g = decayed_scan_backward(G, dSN, Q, K, Vp, log_decay, S0, at::Tensor());
+  const auto dtype = q.scalar_type();
+  at::Tensor dq = through_features(g.dQ, phi.dphi_q, dtype, in_place);
+  at::Tensor dk = through_features(g.dK, phi.dphi_k, dtype, in_place);
+  at::Tensor dv = g.dV.narrow(-1, 0, v.size(3)).to(dtype).contiguous();
   if (key_padding_mask.has_value()) {  // padded keys got φ(k) := 0 and [v | 1] := 0
     const at::Tensor padded = key_padding_mask->unsqueeze(1).unsqueeze(-1);
-    g.dK = g.dK.masked_fill(padded, 0);
+    dk = dk.masked_fill(padded, 0);
     dv = dv.masked_fill(padded, 0);
   }
-  const auto dtype = q.scalar_type();
-  return {g.dQ.to(dtype).contiguous(), g.dK.to(dtype).contiguous(), dv.to(dtype).contiguous(),
-          g.dS0.contiguous(), g.dc.contiguous()};
+  return {dq, dk, dv, g.dS0.contiguous(), g.dc.contiguous()};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_packed_generic(
@@ -305,7 +361,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_packed_generic(
   if (cu_seqlens.is_cpu()) read_sequence_offsets(cu_seqlens, q.size(2));  // value checks where they cost no sync
   const PackedInputs in(q, k, v, cu_seqlens, log_decay, initial_state, static_cast<FeatureMap>(feature_map));
   const at::Tensor sums = causal ? decayed_scan(in.Q, in.K, in.Vp, in.a, at::Tensor(), in.rows.ids).out
-                                 : whole_sequence_sums(in.Q, in.K, in.Vp, in.rows.ids);
+                                 : whole_sequence_sums(DecayedChunks(in.a, in.rows.ids), in.Q, in.K, in.Vp);
   const at::Tensor final_state = in.rows.as_states(sums.index_select(2, in.rows.state_rows));
   const bool may_vanish = !normalizer_cannot_vanish(static_cast<FeatureMap>(feature_map), initial_state.has_value(),
                                                     eps, accumulate_type(q.scalar_type()));
@@ -330,9 +386,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
                                   grad_final_state.has_value() ? rows.as_rows(*grad_final_state) : at::Tensor());
   at::Tensor dQ, dK, dV, dc;
   if (causal) {
-    const at::Tensor O = decayed_scan(in.Q, in.K, in.Vp, in.a, at::Tensor(), rows.ids).out;
-    const ScanGrads g =
-        decayed_scan_backward(G, at::Tensor(), in.Q, in.K, in.Vp, in.a, at::Tensor(), rows.ids, O, at::Tensor());
+    const ScanGrads g = decayed_scan_backward(G, at::Tensor(), in.Q, in.K, in.Vp, in.a, at::Tensor(), rows.ids);
     dQ = g.dQ;
     dK = g.dK;
     dV = g.dV;
@@ -347,20 +401,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
     }
   } else {
     // The sums over the whole sequence are symmetric in the pairs: each gradient is such a sum.
-    dQ = whole_sequence_sums(G, in.Vp, in.K, rows.ids);
-    dK = whole_sequence_sums(in.Vp, G, in.Q, rows.ids);
-    dV = whole_sequence_sums(in.K, in.Q, G, rows.ids);
+    const DecayedChunks chunks(in.a, rows.ids);
+    dQ = whole_sequence_sums(chunks, G, in.Vp, in.K);
+    dK = whole_sequence_sums(chunks, in.Vp, G, in.Q);
+    dV = whole_sequence_sums(chunks, in.K, in.Q, G);
   }
   dQ = dQ.index_select(2, rows.real);
   dK = dK.index_select(2, rows.real);
   const at::Tensor d_initial = rows.as_states(dV.index_select(2, rows.key_rows));
   dV = dV.index_select(2, rows.real).narrow(-1, 0, v.size(3));
-  if (map != kFeatureIdentity) {
-    dQ = dQ * feature_derivative(in.q_acc, map);
-    dK = dK * feature_derivative(in.k_acc, map);
-  }
   const auto dtype = q.scalar_type();
-  return {dQ.to(dtype).contiguous(), dK.to(dtype).contiguous(), dV.to(dtype).contiguous(), d_initial.contiguous(),
+  const bool in_place = !(tracked(q) || tracked(k) || tracked(v) || tracked(grad_out) || tracked(out));
+  const bool mapped = map != kFeatureIdentity;
+  return {through_features(dQ, mapped ? feature_derivative(in.q_acc, map) : at::Tensor(), dtype, in_place),
+          through_features(dK, mapped ? feature_derivative(in.k_acc, map) : at::Tensor(), dtype, in_place),
+          dV.to(dtype).contiguous(), d_initial.contiguous(),
           dc.defined() ? dc.contiguous() : at::empty({0}, normalizer.options())};
 }
 

@@ -74,27 +74,48 @@ std::tuple<at::Tensor, at::Tensor> entering_states(const at::Tensor& chunk_state
 
 namespace {
 
-// For every row i: O_i = Q_i (S0 + Σ_{j≤i} K_j V_jᵀ); also returns the final state. S0 may be
-// undefined (no initial state: nothing to add).
-// Q, K: (B, H, T, a); V: (B, H, T, b); S0: (B, H, a, b).
-// The chunk is at least min(a, b) long, so the T/C chunk states held at once take no more
-// memory than T·max(a, b) per batch·head, as much as one input.
-std::tuple<at::Tensor, at::Tensor> causal_scan(const at::Tensor& Q, const at::Tensor& K,
-                                               const at::Tensor& V, const at::Tensor& S0) {
-  const int64_t B = Q.size(0), H = Q.size(1), T = Q.size(2), a = Q.size(3), b = V.size(3);
+// The causal gradients in chunks of C rows, with no reversed copy of an input (B, H, T, ·):
+//   dQ_i  = G'_i (S0 + Σ_{j≤i} K_jᵀ Vp_j)ᵀ        = G'_i S0ᵀ + Σ_{j≤i} (G'_i·Vp_j) K_j
+//   dK_j  = Vp_j U_jᵀ,  dVp_j = K_j U_j,  U_j = dS_N + Σ_{i≥j} Q_iᵀ G'_i,  dS0 = U_0.
+// Inside a chunk, the pair weights are two score blocks shared by the three gradients: A = G' Vpᵀ
+// (dQ: tril(A) K; dK: tril(A)ᵀ Q) and P = Q Kᵀ (dVp: tril(P)ᵀ G'). Across chunks, the states
+// before each chunk (K_cᵀ Vp_c, prefix sums from S0) give dQ, and the states after it (Q_cᵀ G'_c,
+// suffix sums from dS_N: the chunks' sums in reverse order, a copy of the states only) give dK and
+// dVp. The chunk is at least min(a, b) long, so the chunk states held at once take no more memory
+// than T·max(a, b) per batch·head, as much as one input.
+struct CausalGradients {
+  at::Tensor dq, dk, dvp, d_initial;
+};
+CausalGradients causal_gradients(const at::Tensor& Q, const at::Tensor& K, const at::Tensor& Vp,
+                                 const at::Tensor& Gp, const at::Tensor& S0, const at::Tensor& dSN) {
+  const int64_t B = Q.size(0), H = Q.size(1), T = Q.size(2), a = Q.size(3), b = Vp.size(3);
   if (T == 0) {
-    return {Q.new_zeros({B, H, 0, b}), S0.defined() ? S0.clone() : Q.new_zeros({B, H, a, b})};
+    const at::Tensor none = dSN.defined() ? dSN.clone() : Q.new_zeros({B, H, a, b});
+    return {Q.new_zeros({B, H, 0, a}), Q.new_zeros({B, H, 0, a}), Q.new_zeros({B, H, 0, b}), none};
   }
   const int64_t C = std::max<int64_t>(64, std::min(a, b));
   const int64_t n = (T + C - 1) / C;
-  const int64_t pad = n * C - T;
-  const at::Tensor Qc = in_chunks(Q, n, C), Kc = in_chunks(K, n, C), Vc = in_chunks(V, n, C);
-  at::Tensor O = causal_product(at::bmm(Qc, Kc.transpose(-1, -2)).tril_(), Vc);
-  const at::Tensor chunk_states = at::bmm(Kc.transpose(-1, -2), Vc).view({B, H, n, a, b});
-  const auto [before, final_state] = entering_states(chunk_states, S0);
-  O.baddbmm_(Qc, before.view({B * H * n, a, b}));
-  O = O.view({B, H, n * C, b});
-  return {pad ? O.narrow(2, 0, T) : O, final_state};
+  const at::Tensor Qc = in_chunks(Q, n, C), Kc = in_chunks(K, n, C), Vc = in_chunks(Vp, n, C),
+                   Gc = in_chunks(Gp, n, C);
+  const at::Tensor A = at::bmm(Gc, Vc.transpose(-1, -2)).tril_();
+  at::Tensor dq = causal_product(A, Kc);
+  at::Tensor dk = anticausal_product(A, Qc);
+  at::Tensor dvp = anticausal_product(at::bmm(Qc, Kc.transpose(-1, -2)).tril_(), Gc);
+  // Before each chunk: S0 + the earlier chunks' K_cᵀ Vp_c.
+  const at::Tensor before =
+      std::get<0>(entering_states(at::bmm(Kc.transpose(-1, -2), Vc).view({B, H, n, a, b}), S0));
+  dq.baddbmm_(Gc, before.view({B * H * n, a, b}).transpose(-1, -2));
+  // After each chunk: dS_N + the later chunks' Q_cᵀ G'_c, summed from the last chunk back.
+  const at::Tensor later = at::bmm(Qc.transpose(-1, -2), Gc).view({B, H, n, a, b}).flip(2);
+  const auto [after_reversed, d_initial] = entering_states(later, dSN);
+  const at::Tensor after = after_reversed.flip(2).view({B * H * n, a, b});
+  dk.baddbmm_(Vc, after.transpose(-1, -2));
+  dvp.baddbmm_(Kc, after);
+  auto rows = [&](const at::Tensor& x) {
+    const at::Tensor y = x.view({B, H, n * C, x.size(-1)});
+    return n * C > T ? y.narrow(2, 0, T) : y;
+  };
+  return {rows(dq), rows(dk), rows(dvp), d_initial};
 }
 
 }  // namespace
@@ -198,6 +219,42 @@ at::Tensor augmented_cotangent(const at::Tensor& G, const at::Tensor& out, const
   return Gp.masked_fill_(no_cotangent, 0);
 }
 
+BackwardFeatures backward_features(const at::Tensor& q, const at::Tensor& q_acc, const at::Tensor& k_acc,
+                                   FeatureMap map, bool in_place) {
+  BackwardFeatures f;
+  if (map == kFeatureElu && in_place) {
+    // φ built from its derivative: elu+1's is exp(min(x, 0)), and φ = that + relu(x), for the
+    // queries and the keys as one list (one launch for both on CUDA).
+    const std::vector<at::Tensor> inputs{q_acc, k_acc};
+    const std::vector<at::Tensor> derivatives = at::_foreach_clamp_max(inputs, 0);
+    at::_foreach_exp_(derivatives);
+    // Widened inputs are the operator's own copies: φ takes their place.
+    std::vector<at::Tensor> phi = inputs;
+    if (q.scalar_type() != q_acc.scalar_type()) {
+      at::_foreach_clamp_min_(phi, 0);
+    } else {
+      phi = at::_foreach_clamp_min(inputs, 0);
+    }
+    at::_foreach_add_(phi, derivatives);
+    f.dphi_q = derivatives[0], f.dphi_k = derivatives[1], f.Q = phi[0], f.K = phi[1];
+    return f;
+  }
+  if (map != kFeatureIdentity) {
+    f.dphi_q = feature_derivative(q_acc, map);
+    f.dphi_k = feature_derivative(k_acc, map);
+  }
+  f.Q = features(q_acc, map), f.K = features(k_acc, map);
+  return f;
+}
+
+at::Tensor through_features(const at::Tensor& grad, const at::Tensor& derivative, at::ScalarType dtype,
+                            bool in_place) {
+  if (!derivative.defined()) return grad.to(dtype).contiguous();
+  if (!in_place) return (grad * derivative).to(dtype).contiguous();
+  at::Tensor result = at::empty(grad.sizes(), grad.options().dtype(dtype));
+  return at::mul_out(result, grad, derivative);  // rounded once, into the input dtype
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_generic(
     const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_final_state,
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
@@ -209,31 +266,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_generic(
   const LinearAttentionShape s = kernel_shape(q, k, v, feature_map, causal, normalize, 1.0);
   const auto acc = accumulate_type(q.scalar_type());
   const at::Tensor q_acc = q.to(acc), k_acc = k.to(acc);
-  // Without autograd recording (the usual backward), temporaries are reused in place and φ is
-  // built from its derivative: elu+1's is exp(min(x, 0)), and φ = that + relu(x), for the queries
-  // and the keys as one list (one launch for both on CUDA).
   const bool in_place = !(tracked(q) || tracked(k) || tracked(v) || tracked(grad_out) || tracked(out));
-  at::Tensor Q, K, dphi_q, dphi_k;
-  if (s.feature_map == kFeatureElu && in_place) {
-    const std::vector<at::Tensor> inputs{q_acc, k_acc};
-    const std::vector<at::Tensor> derivatives = at::_foreach_clamp_max(inputs, 0);
-    at::_foreach_exp_(derivatives);
-    // Widened inputs are the operator's own copies: φ takes their place.
-    std::vector<at::Tensor> phi = inputs;
-    if (q.scalar_type() != acc) {
-      at::_foreach_clamp_min_(phi, 0);
-    } else {
-      phi = at::_foreach_clamp_min(inputs, 0);
-    }
-    at::_foreach_add_(phi, derivatives);
-    dphi_q = derivatives[0], dphi_k = derivatives[1], Q = phi[0], K = phi[1];
-  } else {
-    if (s.feature_map != kFeatureIdentity) {
-      dphi_q = feature_derivative(q_acc, s.feature_map);
-      dphi_k = feature_derivative(k_acc, s.feature_map);
-    }
-    Q = features(q_acc, s.feature_map), K = features(k_acc, s.feature_map);
-  }
+  const BackwardFeatures phi = backward_features(q, q_acc, k_acc, s.feature_map, in_place);
+  const at::Tensor& Q = phi.Q;
+  at::Tensor K = phi.K;
   K = mask_padded_keys(K, k, key_padding_mask);  // (k: φ may be k itself, never a copy of ours)
   const at::Tensor Vp = augmented_values(v, key_padding_mask, acc);
   const at::Tensor G = grad_out.to(acc);
@@ -241,15 +277,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_generic(
   const at::Tensor Gp = augmented_cotangent(G, out, normalizer, normalize);
   const at::Tensor S0 = state_or_none(initial_state);
   const at::Tensor dSN = state_or_none(grad_final_state);
-  auto transposed = [](const at::Tensor& x) { return x.defined() ? x.transpose(-1, -2) : x; };
   at::Tensor dq, dk, dvp, d_initial;
   if (causal) {
-    dq = std::get<0>(causal_scan(Gp, Vp, K, transposed(S0)));
-    // The sums over later rows are causal scans of the reversed sequence; each input reversed once.
-    const at::Tensor Vr = Vp.flip(2), Gr = Gp.flip(2), Qr = Q.flip(2), Kr = K.flip(2);
-    dk = std::get<0>(causal_scan(Vr, Gr, Qr, transposed(dSN))).flip(2);
-    std::tie(dvp, d_initial) = causal_scan(Kr, Qr, Gr, dSN);
-    dvp = dvp.flip(2);
+    CausalGradients g = causal_gradients(Q, K, Vp, Gp, S0, dSN);
+    dq = std::move(g.dq), dk = std::move(g.dk), dvp = std::move(g.dvp), d_initial = std::move(g.d_initial);
   } else {
     // Every query saw the final state: the forward's when handed over, else recomputed.
     const at::Tensor state =
@@ -261,14 +292,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_generic(
   }
   // Back through φ; padded keys got φ(k) := 0, so their gradient is 0.
   const auto dtype = q.scalar_type();
-  auto through_features = [&](const at::Tensor& grad, const at::Tensor& derivative) {
-    if (!derivative.defined()) return grad.to(dtype).contiguous();
-    if (!in_place) return (grad * derivative).to(dtype).contiguous();
-    at::Tensor result = at::empty(grad.sizes(), grad.options().dtype(dtype));
-    return at::mul_out(result, grad, derivative);  // rounded once, into the input dtype
-  };
-  dq = through_features(dq, dphi_q);
-  dk = through_features(dk, dphi_k);
+  dq = through_features(dq, phi.dphi_q, dtype, in_place);
+  dk = through_features(dk, phi.dphi_k, dtype, in_place);
   at::Tensor dv = dvp.narrow(-1, 0, s.value_dim).to(dtype).contiguous();
   if (key_padding_mask.has_value()) {
     const at::Tensor padded = key_padding_mask->unsqueeze(1).unsqueeze(-1);

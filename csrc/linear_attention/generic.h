@@ -44,6 +44,19 @@ std::tuple<at::Tensor, at::Tensor> normalized_output(const at::Tensor& O, int64_
 at::Tensor augmented_cotangent(const at::Tensor& grad_out, const at::Tensor& out, const at::Tensor& normalizer,
                                bool normalize);
 
+// For a backward: φ(q), φ(k) and their derivatives (undefined for the identity map) from the
+// backward's widened inputs q_acc, k_acc (q: the input, to tell whether q_acc is a copy of it).
+// `in_place` (nothing records): elu+1's φ is built from its derivative, both for q and k as one
+// list, in place in q_acc and k_acc where those are the backward's own copies. And the chain rule's
+// last step: grad ⊙ φ' (undefined: 1) in `dtype`, rounded once, contiguous.
+struct BackwardFeatures {
+  at::Tensor Q, K, dphi_q, dphi_k;
+};
+BackwardFeatures backward_features(const at::Tensor& q, const at::Tensor& q_acc, const at::Tensor& k_acc,
+                                   FeatureMap map, bool in_place);
+at::Tensor through_features(const at::Tensor& grad, const at::Tensor& derivative, at::ScalarType dtype,
+                            bool in_place);
+
 // generic_forward.cpp: φ(q), φ(k) in `storage` (as one list where nothing traces or records), and
 // whether no normalizer can vanish (non-negative features, no initial state, eps >= the smallest
 // normal number), so that normalized_output may skip its test.
