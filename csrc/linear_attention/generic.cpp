@@ -89,9 +89,9 @@ struct CausalGradients {
 CausalGradients causal_gradients(const at::Tensor& Q, const at::Tensor& K, const at::Tensor& Vp,
                                  const at::Tensor& Gp, const at::Tensor& S0, const at::Tensor& dSN) {
   const int64_t B = Q.size(0), H = Q.size(1), T = Q.size(2), a = Q.size(3), b = Vp.size(3);
-  if (T == 0) {
-    const at::Tensor none = dSN.defined() ? dSN.clone() : Q.new_zeros({B, H, a, b});
-    return {Q.new_zeros({B, H, 0, a}), Q.new_zeros({B, H, 0, a}), Q.new_zeros({B, H, 0, b}), none};
+  if (T == 0) {  // no rows: the initial state's gradient is the final state's
+    const at::Tensor d_initial = dSN.defined() ? dSN.clone() : Q.new_zeros({B, H, a, b});
+    return {Q.new_zeros({B, H, 0, a}), Q.new_zeros({B, H, 0, a}), Q.new_zeros({B, H, 0, b}), d_initial};
   }
   const int64_t C = std::max<int64_t>(64, std::min(a, b));
   const int64_t n = (T + C - 1) / C;
