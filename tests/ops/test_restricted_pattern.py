@@ -44,16 +44,14 @@ def dense_reference(q, k, v, scale, visible):
     return probs @ v, lse
 
 
-@pytest.mark.parametrize("suffix", ["", "_generic"])
-@pytest.mark.parametrize("case", list(cases()))
-def test_every_pattern_equals_softmax_under_its_dense_mask(case, suffix):
-    T_q, T_k, pattern = cases()[case]
-    g = torch.Generator().manual_seed(7)
-    q, k, v = (torch.randn(B, H, T, 8, generator=g, dtype=torch.float64).requires_grad_() for T in (T_q, T_k, T_k))
-    op = getattr(torch.ops.linattn, "restricted_softmax_fwd" + suffix)
+def check_against_dense_mask(op, T_q, T_k, pattern, seed=7, heads=H):
+    """op's out, lse and gradients (lse's cotangent included) equal softmax under the pattern's dense
+    mask, in float64."""
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(B, heads, T, 8, generator=g, dtype=torch.float64).requires_grad_()
+               for T in (T_q, T_k, T_k))
     out, lse = op(q, k, v, 0.4, *pattern.op_args())
-    visible = pattern.dense_mask(T_q, T_k)
-    ref_out, ref_lse = dense_reference(q, k, v, 0.4, visible)
+    ref_out, ref_lse = dense_reference(q, k, v, 0.4, pattern.dense_mask(T_q, T_k))
     torch.testing.assert_close(out, ref_out, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(lse, ref_lse, rtol=1e-10, atol=1e-10)
     w_out = torch.randn(out.shape, generator=g, dtype=torch.float64)
@@ -66,6 +64,12 @@ def test_every_pattern_equals_softmax_under_its_dense_mask(case, suffix):
     ref_grads = torch.autograd.grad(loss(ref_out, ref_lse), (q, k, v))
     for name, got, want in zip("qkv", grads, ref_grads):
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9, msg=f"grad {name}")
+
+
+@pytest.mark.parametrize("suffix", ["", "_generic"])
+@pytest.mark.parametrize("case", list(cases()))
+def test_every_pattern_equals_softmax_under_its_dense_mask(case, suffix):
+    check_against_dense_mask(getattr(torch.ops.linattn, "restricted_softmax_fwd" + suffix), *cases()[case])
 
 
 def test_op_args_follow_the_schema():

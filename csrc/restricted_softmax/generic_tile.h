@@ -1,0 +1,34 @@
+// The device-generic restricted softmax's arithmetic on one tile: query rows against the keys they
+// may see, in ATen ops, for any leading (batch) dimensions: (..., L, D) queries, (..., n, D) keys
+// and values, a (..., L, n) visibility that broadcasts. generic.cpp's layout loop (one tile per
+// block of rows) and generic_window.cpp's windows (many blocks of rows in one tile) share it.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <tuple>
+
+namespace linattn::restricted_generic {
+
+// What a pattern says about a tile's pairs: visibility, and optionally a score bias and the
+// visible pairs whose score is fixed at kSelfScore (a token's own key under shared QK; no score
+// gradient). All broadcast against the (..., L, n) scores.
+struct PairBlock {
+  at::Tensor visible, bias, fixed;
+};
+
+// Softmax of the tile's scaled queries Q (the scale applied) against K over the visible pairs,
+// times V: out (..., L, dv) and lse (..., L), in Q's (accumulate) dtype. A row without a visible
+// key is 0 with lse −inf.
+std::tuple<at::Tensor, at::Tensor> tile_forward(const at::Tensor& Q, const at::Tensor& K, const at::Tensor& V,
+                                                const PairBlock& pairs);
+
+// The tile's gradients from the saved lse (..., L) and δ − grad_lse (..., L, 1): dQ (already times
+// `scale`, as Q was scaled), dK, dV, and the visible pairs' score gradient dS (the bias's).
+struct TileGradients {
+  at::Tensor dQ, dK, dV, dS;
+};
+TileGradients tile_backward(const at::Tensor& Q, const at::Tensor& K, const at::Tensor& V, const at::Tensor& G,
+                            const at::Tensor& lse, const at::Tensor& delta, double scale, const PairBlock& pairs);
+
+}  // namespace linattn::restricted_generic
