@@ -75,6 +75,25 @@ class DirectCalls(TorchDispatchMode):
         return result
 
 
+class LaunchCalls(DirectCalls):
+    """DirectCalls that tells launches from calls returning (a view of) an input: `to` a dtype the
+    tensor has, `contiguous` of a contiguous tensor, `flatten`/`unflatten` (named "view:<call>")."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        result = super().__torch_dispatch__(func, types, args, kwargs)
+        if func is not self.op:
+            inputs = {_storage(t) for t in _tensors(args) + _tensors(list(kwargs.values()))}
+            outputs = _tensors(result)
+            if outputs and all(_storage(t) in inputs for t in outputs):
+                self.calls[-1] = "view:" + self.calls[-1]
+        return result
+
+    def launches(self):
+        """The calls that compute: a kernel launch each on a GPU."""
+        return sum(1 for call in self.calls if call not in VIEWS and not call.startswith("view:"))
+
+
 def count(op, *args, key=torch._C.DispatchKey.CompositeExplicitAutograd):
     op(*args)  # warm: the first call may set up caches
     mode = DirectCalls(op, key)

@@ -21,28 +21,10 @@ from collections import Counter
 
 import torch
 
-from benchmarks.bench_generic_passes import VIEWS, DirectCalls, _storage, _tensors
+from benchmarks.bench_generic_passes import VIEWS, LaunchCalls
 from benchmarks.common import machine_info, write_results
 from linattn.ops.restricted import Pattern
 
-
-class LaunchCalls(DirectCalls):
-    """DirectCalls that tells launches from calls returning (a view of) an input: `to` a dtype the
-    tensor has, `contiguous` of a contiguous tensor, `flatten`/`unflatten` (named "view:<call>")."""
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        result = super().__torch_dispatch__(func, types, args, kwargs)
-        if func is not self.op:
-            inputs = {_storage(t) for t in _tensors(args) + _tensors(list(kwargs.values()))}
-            outputs = _tensors(result)
-            if outputs and all(_storage(t) in inputs for t in outputs):
-                self.calls[-1] = "view:" + self.calls[-1]
-        return result
-
-    def launches(self):
-        """The calls that compute: a kernel launch each on a GPU."""
-        return sum(1 for call in self.calls if call not in VIEWS and not call.startswith("view:"))
 
 def bigbird_layout(T, block, H, seed=0):
     n = T // block

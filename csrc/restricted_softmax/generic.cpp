@@ -70,9 +70,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> engine_backward(
     const Visibility& visibility, const std::optional<at::Tensor>& bias = std::nullopt) {
   const auto acc = accumulate_type(q.scalar_type());
   const at::Tensor Q = q.to(acc) * scale, K = k.to(acc), V = v.to(acc), G = grad_out.to(acc);
-  // δ_i = dO_i · O_i, a zero cotangent contributing nothing (not 0·O, NaN for NaN O).
-  at::Tensor delta = at::where(G == 0, 0, G * out.to(acc)).sum(-1, true);
-  if (grad_lse.has_value()) delta = delta - grad_lse->unsqueeze(-1);
+  const at::Tensor delta = restricted_generic::softmax_delta(G, out, grad_lse);
   at::Tensor dQ = at::zeros_like(Q), dK = at::zeros_like(K), dV = at::zeros_like(V);
   at::Tensor dBias = bias.has_value() ? at::zeros(bias->sizes(), Q.options()) : at::empty({0}, q.options());
   for (const BlockPlan& block : plan) {

@@ -44,6 +44,12 @@ std::tuple<at::Tensor, at::Tensor> tile_forward(const at::Tensor& Q, const at::T
   return {at::where(sum == 0, 0, out / sum), at::where(sum == 0, -kInf, shift + sum.log()).squeeze(-1)};
 }
 
+at::Tensor softmax_delta(const at::Tensor& G, const at::Tensor& out, const std::optional<at::Tensor>& grad_lse) {
+  at::Tensor delta = at::where(G == 0, 0, G * out.to(G.scalar_type())).sum(-1, true);
+  if (grad_lse.has_value()) delta = delta - grad_lse->unsqueeze(-1);
+  return delta;
+}
+
 TileGradients tile_backward(const at::Tensor& Q, const at::Tensor& K, const at::Tensor& V, const at::Tensor& G,
                             const at::Tensor& lse, const at::Tensor& delta, double scale, const PairBlock& pairs) {
   const at::Tensor lse_rows = lse.unsqueeze(-1);

@@ -6,6 +6,7 @@
 
 #include <ATen/ATen.h>
 
+#include <optional>
 #include <tuple>
 
 namespace linattn::restricted_generic {
@@ -22,6 +23,11 @@ struct PairBlock {
 // key is 0 with lse −inf.
 std::tuple<at::Tensor, at::Tensor> tile_forward(const at::Tensor& Q, const at::Tensor& K, const at::Tensor& V,
                                                 const PairBlock& pairs);
+
+// δ − grad_lse (B, H, T_q, 1), which every row's score gradients subtract, from the cotangent G in the
+// accumulate type: δ_i = G_i · O_i, a zero cotangent contributing nothing (not 0·O, NaN for NaN O);
+// grad_lse nullable.
+at::Tensor softmax_delta(const at::Tensor& G, const at::Tensor& out, const std::optional<at::Tensor>& grad_lse);
 
 // The tile's gradients from the saved lse (..., L) and δ − grad_lse (..., L, 1): dQ (already times
 // `scale`, as Q was scaled), dK, dV, and the visible pairs' score gradient dS (the bias's).

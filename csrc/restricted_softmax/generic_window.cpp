@@ -120,17 +120,20 @@ at::Tensor tile_visibility(const WindowAttentionShape& s, const RestrictedPatter
     if (s.dilation > 1) in_window = both(in_window, d.remainder(s.dilation).eq(0));
     if (columns > ix.band_width) in_window = both(in_window, at::arange(columns, d.options()).lt(ix.band_width));
   }
-  // Rows and keys as indices into per-token tensors (padding clamped: it is invisible already).
-  const auto rows_at = [&] { return ix.rows.clamp_max(s.q_len - 1).flatten(); };
-  const auto keys_at = [&] { return ix.keys.clamp(0, s.k_len - 1).flatten(); };
+  // Rows and keys as indices into the per-token tensors that are there (padding clamped: it is
+  // invisible already).
+  const bool segments = p.q_segments.has_value(), global_keys = p.global_mask.has_value() && !global_rows;
+  at::Tensor rows_at, keys_at;
+  if (p.global_mask.has_value() || segments) rows_at = ix.rows.clamp_max(s.q_len - 1).flatten();
+  if (global_keys || segments || p.key_padding_mask.has_value()) keys_at = ix.keys.clamp(0, s.k_len - 1).flatten();
   visible = visible.unsqueeze(0);  // (B or 1, n, L, c)
   if (p.global_mask.has_value()) {
     const at::Tensor& global = *p.global_mask;
-    const at::Tensor global_row = global.index_select(1, rows_at()).view({s.batch, n, L, 1});
+    const at::Tensor global_row = global.index_select(1, rows_at).view({s.batch, n, L, 1});
     if (global_rows) {
       visible = visible.logical_and(global_row);
     } else {
-      at::Tensor seen = global.index_select(1, keys_at()).view({s.batch, n, 1, columns});
+      at::Tensor seen = global.index_select(1, keys_at).view({s.batch, n, 1, columns});
       if (in_window.defined()) seen = seen.logical_or(in_window);
       visible = visible.logical_and(seen).logical_and(global_row.logical_not());
     }
@@ -139,12 +142,12 @@ at::Tensor tile_visibility(const WindowAttentionShape& s, const RestrictedPatter
   }
   if (p.key_padding_mask.has_value())
     visible = visible.logical_and(
-        p.key_padding_mask->index_select(1, keys_at()).view({s.batch, n, 1, columns}).logical_not());
+        p.key_padding_mask->index_select(1, keys_at).view({s.batch, n, 1, columns}).logical_not());
   visible = visible.unsqueeze(1);  // (B or 1, H or 1, n, L, c)
   if (p.q_segments.has_value()) {
     const int64_t heads = p.q_segments->size(1);
-    const at::Tensor seg_q = p.q_segments->index_select(2, rows_at()).view({s.batch, heads, n, L, 1});
-    const at::Tensor seg_k = p.k_segments->index_select(2, keys_at()).view({s.batch, heads, n, 1, columns});
+    const at::Tensor seg_q = p.q_segments->index_select(2, rows_at).view({s.batch, heads, n, L, 1});
+    const at::Tensor seg_k = p.k_segments->index_select(2, keys_at).view({s.batch, heads, n, 1, columns});
     visible = visible.logical_and(seg_q.eq(seg_k));
   }
   return visible;
@@ -222,6 +225,45 @@ std::vector<at::Tensor> global_row_chunks(const at::Tensor& global_keys, const W
   return chunks;
 }
 
+// What a window call's forward and backward both start from: the global tokens, the tiling, the
+// scaled queries padded to whole blocks, the keys and values in the accumulate type (as the band tiles
+// read them, and the global keys' rows).
+struct WindowOperands {
+  at::Tensor global_keys;
+  int64_t globals;
+  WindowGeometry g;
+  int64_t rows;  // the padded query rows
+  at::Tensor Q, K, V;
+  KeySource source;
+  at::Tensor K_global, V_global;
+
+  // A band tile's keys and values, (B, H, n, c, ·), and its visibility.
+  at::Tensor tile_keys_of(const Tile& t) const { return tile_keys(source.K, source.origin, t, K_global); }
+  at::Tensor tile_values_of(const Tile& t) const { return tile_keys(source.V, source.origin, t, V_global); }
+  PairBlock band_pairs(const WindowAttentionShape& s, const RestrictedPattern& p, const Tile& t) const {
+    return {tile_visibility(s, p, g.offset, tile_index(t, global_keys), false), {}, {}};
+  }
+  PairBlock global_row_pairs(const WindowAttentionShape& s, const RestrictedPattern& p,
+                             const at::Tensor& chunk) const {
+    return {tile_visibility(s, p, g.offset, global_rows_index(chunk, s.k_len), true), {}, {}};
+  }
+};
+
+WindowOperands window_operands(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale,
+                               const WindowAttentionShape& s, const RestrictedPattern& p) {
+  const auto acc = accumulate_type(q.scalar_type());
+  WindowOperands w;
+  w.global_keys = global_tokens(p, q);
+  w.globals = w.global_keys.numel();
+  w.g = window_geometry(s, w.globals);
+  w.rows = w.g.row_blocks * w.g.block;
+  w.Q = padded_rows(q.to(acc) * scale, w.rows);
+  w.K = k.to(acc), w.V = v.to(acc);
+  w.source = key_source(w.K, w.V, w.g, s.k_len);
+  if (w.globals > 0) w.K_global = w.K.index_select(2, w.global_keys), w.V_global = w.V.index_select(2, w.global_keys);
+  return w;
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> window_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -231,32 +273,21 @@ std::tuple<at::Tensor, at::Tensor> window_forward(const at::Tensor& q, const at:
   const int64_t B = s.batch, H = s.heads, dv = s.value_dim;
   if (s.batch * s.heads * s.q_len * s.k_len == 0)
     return {at::zeros({B, H, s.q_len, dv}, q.options()), at::full({B, H, s.q_len}, -kInf, q.options().dtype(acc))};
-  const at::Tensor global_keys = global_tokens(p, q);
-  const int64_t globals = global_keys.numel();
-  const WindowGeometry g = window_geometry(s, globals);
-  const int64_t rows = g.row_blocks * g.block;
-  const at::Tensor Q = padded_rows(q.to(acc) * scale, rows), K = k.to(acc), V = v.to(acc);
-  const KeySource source = key_source(K, V, g, s.k_len);
-  at::Tensor K_global, V_global;
-  if (globals > 0) K_global = K.index_select(2, global_keys), V_global = V.index_select(2, global_keys);
-  const at::Tensor out = at::empty({B, H, rows, dv}, Q.options()), lse = at::empty({B, H, rows}, Q.options());
-  for (const Tile& t : band_tiles(g, s)) {
-    if (t.width + globals == 0) {  // rows without a key: 0, lse −inf
+  const WindowOperands w = window_operands(q, k, v, scale, s, p);
+  const at::Tensor out = at::empty({B, H, w.rows, dv}, w.Q.options()), lse = at::empty({B, H, w.rows}, w.Q.options());
+  for (const Tile& t : band_tiles(w.g, s)) {
+    if (t.width + w.globals == 0) {  // rows without a key: 0, lse −inf
       block_rows(out, t).zero_();
       block_rows(lse, t).fill_(-kInf);
       continue;
     }
-    const TileIndex ix = tile_index(t, global_keys);
-    const auto [o, l] = tile_forward(block_rows(Q, t), tile_keys(source.K, source.origin, t, K_global),
-                                     tile_keys(source.V, source.origin, t, V_global),
-                                     {tile_visibility(s, p, g.offset, ix, false), {}, {}});
+    const auto [o, l] = tile_forward(block_rows(w.Q, t), w.tile_keys_of(t), w.tile_values_of(t), w.band_pairs(s, p, t));
     block_rows(out, t).copy_(o);
     block_rows(lse, t).copy_(l);
   }
-  for (const at::Tensor& chunk : global_row_chunks(global_keys, s)) {  // band tiles left these rows 0, −inf
-    const TileIndex ix = global_rows_index(chunk, s.k_len);
-    const auto [o, l] = tile_forward(Q.index_select(2, chunk).unsqueeze(2), K.unsqueeze(2), V.unsqueeze(2),
-                                     {tile_visibility(s, p, g.offset, ix, true), {}, {}});
+  for (const at::Tensor& chunk : global_row_chunks(w.global_keys, s)) {  // band tiles left these rows 0, −inf
+    const auto [o, l] = tile_forward(w.Q.index_select(2, chunk).unsqueeze(2), w.K.unsqueeze(2), w.V.unsqueeze(2),
+                                     w.global_row_pairs(s, p, chunk));
     out.index_add_(2, chunk, o.squeeze(2));
     lse.index_copy_(2, chunk, at::maximum(lse.index_select(2, chunk), l.squeeze(2)));
   }
@@ -272,38 +303,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> window_backward(const at::Tensor&
                                                                const RestrictedPattern& p) {
   const auto acc = accumulate_type(q.scalar_type()), dtype = q.scalar_type();
   if (s.batch * s.heads * s.q_len * s.k_len == 0) return {at::zeros_like(q), at::zeros_like(k), at::zeros_like(v)};
-  const at::Tensor global_keys = global_tokens(p, q);
-  const int64_t globals = global_keys.numel();
-  const WindowGeometry g = window_geometry(s, globals);
-  const int64_t rows = g.row_blocks * g.block;
-  const at::Tensor K = k.to(acc), V = v.to(acc), G_rows = grad_out.to(acc);
-  // δ_i = dO_i · O_i, a zero cotangent contributing nothing (not 0·O, NaN for NaN O).
-  at::Tensor delta = at::where(G_rows == 0, 0, G_rows * out.to(acc)).sum(-1, true);
-  if (grad_lse.has_value()) delta = delta - grad_lse->unsqueeze(-1);
-  const at::Tensor Q = padded_rows(q.to(acc) * scale, rows), G = padded_rows(G_rows, rows);
-  const at::Tensor D = padded_rows(delta, rows), LSE = padded_rows(lse.unsqueeze(-1), rows, -kInf).squeeze(-1);
-  const KeySource source = key_source(K, V, g, s.k_len);
-  at::Tensor K_global, V_global, dK_global, dV_global;
-  if (globals > 0) {
-    K_global = K.index_select(2, global_keys), V_global = V.index_select(2, global_keys);
-    dK_global = at::zeros_like(K_global), dV_global = at::zeros_like(V_global);
-  }
-  const at::Tensor dQ = at::zeros_like(Q);
-  const at::Tensor dK_source = at::zeros(source.K.sizes(), Q.options());
-  const at::Tensor dV_source = at::zeros(source.V.sizes(), Q.options());
-  for (const Tile& t : band_tiles(g, s)) {
-    if (t.width + globals == 0) continue;  // rows without a key pass no gradient
-    const TileIndex ix = tile_index(t, global_keys);
-    const TileGradients grads = tile_backward(
-        block_rows(Q, t), tile_keys(source.K, source.origin, t, K_global),
-        tile_keys(source.V, source.origin, t, V_global), block_rows(G, t), block_rows(LSE, t), block_rows(D, t),
-        scale, {tile_visibility(s, p, g.offset, ix, false), {}, {}});
+  const WindowOperands w = window_operands(q, k, v, scale, s, p);
+  const KeySource& source = w.source;
+  const at::Tensor G_rows = grad_out.to(acc), G = padded_rows(G_rows, w.rows);
+  const at::Tensor D = padded_rows(softmax_delta(G_rows, out, grad_lse), w.rows);
+  const at::Tensor LSE = padded_rows(lse.unsqueeze(-1), w.rows, -kInf).squeeze(-1);
+  at::Tensor dK_global, dV_global;
+  if (w.globals > 0) dK_global = at::zeros_like(w.K_global), dV_global = at::zeros_like(w.V_global);
+  const at::Tensor dQ = at::zeros_like(w.Q);
+  const at::Tensor dK_source = at::zeros(source.K.sizes(), w.Q.options());
+  const at::Tensor dV_source = at::zeros(source.V.sizes(), w.Q.options());
+  for (const Tile& t : band_tiles(w.g, s)) {
+    if (t.width + w.globals == 0) continue;  // rows without a key pass no gradient
+    const TileGradients grads =
+        tile_backward(block_rows(w.Q, t), w.tile_keys_of(t), w.tile_values_of(t), block_rows(G, t),
+                      block_rows(LSE, t), block_rows(D, t), scale, w.band_pairs(s, p, t));
     block_rows(dQ, t).copy_(grads.dQ);
     add_band(dK_source, source.origin, t, grads.dK.narrow(3, 0, t.width));
     add_band(dV_source, source.origin, t, grads.dV.narrow(3, 0, t.width));
-    if (globals > 0) {
-      dK_global.add_(grads.dK.narrow(3, t.width, globals).sum(2));
-      dV_global.add_(grads.dV.narrow(3, t.width, globals).sum(2));
+    if (w.globals > 0) {
+      dK_global.add_(grads.dK.narrow(3, t.width, w.globals).sum(2));
+      dV_global.add_(grads.dV.narrow(3, t.width, w.globals).sum(2));
     }
   }
   // The keys [0, T_k) of the padded (or cropped) gradients.
@@ -316,16 +336,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> window_backward(const at::Tensor&
     return all;
   };
   const at::Tensor dK = keys_of(dK_source), dV = keys_of(dV_source);
-  if (globals > 0) {
-    dK.index_add_(2, global_keys, dK_global);
-    dV.index_add_(2, global_keys, dV_global);
+  if (w.globals > 0) {
+    dK.index_add_(2, w.global_keys, dK_global);
+    dV.index_add_(2, w.global_keys, dV_global);
   }
-  for (const at::Tensor& chunk : global_row_chunks(global_keys, s)) {
-    const TileIndex ix = global_rows_index(chunk, s.k_len);
+  for (const at::Tensor& chunk : global_row_chunks(w.global_keys, s)) {
     const TileGradients grads = tile_backward(
-        Q.index_select(2, chunk).unsqueeze(2), K.unsqueeze(2), V.unsqueeze(2), G.index_select(2, chunk).unsqueeze(2),
-        LSE.index_select(2, chunk).unsqueeze(2), D.index_select(2, chunk).unsqueeze(2), scale,
-        {tile_visibility(s, p, g.offset, ix, true), {}, {}});
+        w.Q.index_select(2, chunk).unsqueeze(2), w.K.unsqueeze(2), w.V.unsqueeze(2),
+        G.index_select(2, chunk).unsqueeze(2), LSE.index_select(2, chunk).unsqueeze(2),
+        D.index_select(2, chunk).unsqueeze(2), scale, w.global_row_pairs(s, p, chunk));
     dQ.index_add_(2, chunk, grads.dQ.squeeze(2));
     dK.add_(grads.dK.squeeze(2));
     dV.add_(grads.dV.squeeze(2));

@@ -7,8 +7,7 @@ kernel where a tile bound splits a call, and counted: a call's kernel launches d
 import pytest
 import torch
 
-from benchmarks.bench_generic_passes import DirectCalls
-from benchmarks.bench_restricted_generic_passes import LaunchCalls
+from benchmarks.bench_generic_passes import DirectCalls, LaunchCalls
 from linattn.ops.restricted import Pattern
 from test_restricted_pattern import B, H, check_against_dense_mask
 
