@@ -76,13 +76,14 @@ class DirectCalls(TorchDispatchMode):
 
 
 class LaunchCalls(DirectCalls):
-    """DirectCalls that tells launches from calls returning (a view of) an input: `to` a dtype the
-    tensor has, `contiguous` of a contiguous tensor, `flatten`/`unflatten` (named "view:<call>")."""
+    """DirectCalls that tells launches from calls returning (a view of) an input without writing it:
+    `to` a dtype the tensor has, `contiguous` of a contiguous tensor, `flatten`/`unflatten` (named
+    "view:<call>"). A call that writes into an input (`add_`, `index_put_`, `out=`) is a launch."""
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         result = super().__torch_dispatch__(func, types, args, kwargs)
-        if func is not self.op:
+        if func is not self.op and not func._schema.is_mutable:
             inputs = {_storage(t) for t in _tensors(args) + _tensors(list(kwargs.values()))}
             outputs = _tensors(result)
             if outputs and all(_storage(t) in inputs for t in outputs):

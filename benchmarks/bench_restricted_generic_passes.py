@@ -7,8 +7,10 @@ is proven on hardware), and so do other devices.
 
 Patterns at B=2 H=4 D=64 float32 (the generic path computes in float32 for every 16-bit input
 too): causal sliding window 256, a symmetric window (128, 128) with dilation 2, Longformer
-(256, 256) with 16 global tokens, and a BigBird-style block layout (block 64: 1 band block each
-side, 2 global and 2 random blocks a row), at T = 1024 and 4096, forward and backward.
+(256, 256) with 16 global tokens, a BigBird-style block layout (block 64: 1 band block each side,
+2 global and 2 random blocks a row; one layout row per head) and Reformer's chunks (block 64: each
+block sees itself and the one before; one layout for every head), at T = 1024 and 4096, forward and
+backward.
 
     python -m benchmarks.bench_restricted_generic_passes
 
@@ -38,6 +40,12 @@ def bigbird_layout(T, block, H, seed=0):
     return layout
 
 
+def chunk_layout(T, block):
+    i = torch.arange(T // block)
+    d = i[:, None] - i[None, :]
+    return ((d == 0) | (d == 1)).unsqueeze(0)
+
+
 def patterns(B, T, H):
     global_mask = torch.zeros(B, T, dtype=torch.bool)
     global_mask[:, torch.linspace(0, T - 1, 16).long()] = True
@@ -46,6 +54,7 @@ def patterns(B, T, H):
         "window (128, 128) dilation 2": Pattern(window=(128, 128), dilation=2),
         "longformer (256, 256) + 16 global": Pattern(window=(256, 256), global_mask=global_mask),
         "bigbird layout, block 64": Pattern(layout=bigbird_layout(T, 64, H), block_size=64),
+        "chunks (self + previous), block 64": Pattern(layout=chunk_layout(T, 64), block_size=64),
     }
 
 

@@ -11,14 +11,14 @@ namespace {
 
 constexpr double kInf = std::numeric_limits<double>::infinity();
 
-// A·X over the visible pairs only: masked entries of A are 0 already, and a non-finite entry of
-// X is taken out of the product; the outputs that see one (through a visible pair) are NaN.
-at::Tensor masked_matmul(const at::Tensor& A, const at::Tensor& visible, const at::Tensor& X) {
+// A·X over the visible pairs only (visible_f: the visibility as 0/1 in X's dtype): masked entries of A
+// are 0 already, and a non-finite entry of X is taken out of the product; the outputs that see one
+// (through a visible pair) are NaN.
+at::Tensor masked_matmul(const at::Tensor& A, const at::Tensor& visible_f, const at::Tensor& X) {
   const at::Tensor finite = at::isfinite(X);
-  const at::Tensor product = at::matmul(A, at::where(finite, X, at::zeros({}, X.options())));
-  const at::Tensor sees_non_finite =
-      at::matmul(visible.to(X.scalar_type()), at::logical_not(finite).to(X.scalar_type())) > 0;
-  return at::where(sees_non_finite, at::full({}, NAN, X.options()), product);
+  const at::Tensor product = at::matmul(A, at::where(finite, X, 0));
+  const at::Tensor non_finite = at::where(finite, 0.0, 1.0).to(X.scalar_type());
+  return at::where(at::matmul(visible_f, non_finite).gt(0), NAN, product);
 }
 
 // The scores with the pattern's bias and fixed scores applied.
@@ -34,14 +34,14 @@ std::tuple<at::Tensor, at::Tensor> tile_forward(const at::Tensor& Q, const at::T
                                                 const PairBlock& pairs) {
   const at::Tensor& visible = pairs.visible;
   const at::Tensor scores = adjusted_scores(at::matmul(Q, K.transpose(-1, -2)), pairs);
-  const at::Tensor row_max = scores.masked_fill(visible.logical_not(), -kInf).amax(-1, true);
+  const at::Tensor row_max = at::where(visible, scores, -kInf).amax(-1, true);
   // A row without visible keys is shifted by 0 (its probabilities are all 0, its output 0);
   // one whose visible scores are all −inf keeps −inf, so −inf − −inf gives NaN, as softmax does.
   const at::Tensor shift = at::where(visible.any(-1, true), row_max, 0);
   const at::Tensor probs = at::where(visible, (scores - shift).exp(), 0);
-  const at::Tensor sum = probs.sum(-1, true);
-  const at::Tensor out = masked_matmul(probs, visible, V);
-  return {at::where(sum == 0, 0, out / sum), at::where(sum == 0, -kInf, shift + sum.log()).squeeze(-1)};
+  const at::Tensor sum = probs.sum(-1, true), empty = sum.eq(0);
+  const at::Tensor out = masked_matmul(probs, visible.to(V.scalar_type()), V);
+  return {at::where(empty, 0, out / sum), at::where(empty, -kInf, shift + sum.log()).squeeze(-1)};
 }
 
 at::Tensor softmax_delta(const at::Tensor& G, const at::Tensor& out, const std::optional<at::Tensor>& grad_lse) {
@@ -56,14 +56,14 @@ TileGradients tile_backward(const at::Tensor& Q, const at::Tensor& K, const at::
   const at::Tensor visible = pairs.visible.logical_and(lse_rows != -kInf);
   const at::Tensor probs =
       at::where(visible, (adjusted_scores(at::matmul(Q, K.transpose(-1, -2)), pairs) - lse_rows).exp(), 0);
-  const at::Tensor visible_t = visible.transpose(-1, -2);
+  const at::Tensor visible_f = visible.to(Q.scalar_type()), visible_f_t = visible_f.transpose(-1, -2);
   TileGradients grads;
-  grads.dV = masked_matmul(probs.transpose(-1, -2), visible_t, G);
+  grads.dV = masked_matmul(probs.transpose(-1, -2), visible_f_t, G);
   const at::Tensor dP = at::matmul(G, V.transpose(-1, -2));
   const at::Tensor scored = pairs.fixed.defined() ? visible.logical_and(pairs.fixed.logical_not()) : visible;
   grads.dS = at::where(scored, probs * (dP - delta), 0);
-  grads.dQ = masked_matmul(grads.dS, visible, K) * scale;
-  grads.dK = masked_matmul(grads.dS.transpose(-1, -2), visible_t, Q);
+  grads.dQ = masked_matmul(grads.dS, visible_f, K) * scale;
+  grads.dK = masked_matmul(grads.dS.transpose(-1, -2), visible_f_t, Q);
   return grads;
 }
 

@@ -11,6 +11,11 @@
 
 namespace linattn::restricted_generic {
 
+// Score elements a tile may hold (128 MiB in fp32; a tile's temporaries are a few times that). On a
+// GPU a tile's passes are then bound by memory bandwidth, not launch overhead, so larger tiles would
+// buy little; memory stays bounded at any T.
+inline constexpr int64_t kTileScores = int64_t{1} << 25;
+
 // What a pattern says about a tile's pairs: visibility, and optionally a score bias and the
 // visible pairs whose score is fixed at kSelfScore (a token's own key under shared QK; no score
 // gradient). All broadcast against the (..., L, n) scores.

@@ -22,10 +22,6 @@
 namespace linattn::restricted_generic {
 namespace {
 
-// Score elements a tile may hold (128 MiB in fp32; a tile's temporaries are a few times that). On a
-// GPU a tile's passes are then bound by memory bandwidth, not launch overhead, so larger tiles would
-// buy little; memory stays bounded at any T.
-constexpr int64_t kTileScores = int64_t{1} << 25;
 constexpr double kInf = std::numeric_limits<double>::infinity();
 
 int64_t round_up(int64_t x, int64_t multiple) { return (x + multiple - 1) / multiple * multiple; }
@@ -269,10 +265,7 @@ WindowOperands window_operands(const at::Tensor& q, const at::Tensor& k, const a
 std::tuple<at::Tensor, at::Tensor> window_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                   double scale, const WindowAttentionShape& s,
                                                   const RestrictedPattern& p) {
-  const auto acc = accumulate_type(q.scalar_type());
   const int64_t B = s.batch, H = s.heads, dv = s.value_dim;
-  if (s.batch * s.heads * s.q_len * s.k_len == 0)
-    return {at::zeros({B, H, s.q_len, dv}, q.options()), at::full({B, H, s.q_len}, -kInf, q.options().dtype(acc))};
   const WindowOperands w = window_operands(q, k, v, scale, s, p);
   const at::Tensor out = at::empty({B, H, w.rows, dv}, w.Q.options()), lse = at::empty({B, H, w.rows}, w.Q.options());
   for (const Tile& t : band_tiles(w.g, s)) {
@@ -302,7 +295,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> window_backward(const at::Tensor&
                                                                const WindowAttentionShape& s,
                                                                const RestrictedPattern& p) {
   const auto acc = accumulate_type(q.scalar_type()), dtype = q.scalar_type();
-  if (s.batch * s.heads * s.q_len * s.k_len == 0) return {at::zeros_like(q), at::zeros_like(k), at::zeros_like(v)};
   const WindowOperands w = window_operands(q, k, v, scale, s, p);
   const KeySource& source = w.source;
   const at::Tensor G_rows = grad_out.to(acc), G = padded_rows(G_rows, w.rows);
