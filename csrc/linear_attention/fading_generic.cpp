@@ -105,6 +105,21 @@ struct DecayedChunks {
   }
 };
 
+// decayed_scan's terms in chunks, which its backward recomputes: the decayed pair scores P (B, H, n, C, C),
+// the chunk states U (B, H, n, m, dv), the states entering each chunk, and the output O (B, H, n, C, dv).
+struct ScanTerms {
+  at::Tensor q_c, k_c, v_c, P, U, S_in, O;
+
+  ScanTerms(const DecayedChunks& ch, const at::Tensor& Q, const at::Tensor& K, const at::Tensor& V,
+            const at::Tensor& S0)
+      : q_c(ch.chunked(Q)), k_c(ch.chunked(K)), v_c(ch.chunked(V)) {
+    P = at::matmul(q_c, k_c.transpose(-1, -2)) * ch.pair_decay;
+    U = at::matmul((k_c * ch.to_end).transpose(-1, -2), v_c);
+    S_in = ch.entering(U, S0);
+    O = at::matmul(P, v_c) + ch.row_fade * at::matmul(q_c, S_in);
+  }
+};
+
 // Q, K (B, H, T, m), V (B, H, T, dv), a (B, H, T) log factors (<= 0), S0 (B, H, m, dv) or
 // undefined, segments (T,) int64 or undefined (then no S0 and no final state).
 ScanResult decayed_scan(const at::Tensor& Q, const at::Tensor& K, const at::Tensor& V, const at::Tensor& a,
@@ -117,11 +132,8 @@ ScanResult decayed_scan(const at::Tensor& Q, const at::Tensor& K, const at::Tens
     return {at::zeros({B, H, 0, dv}, V.options()), S};
   }
   const DecayedChunks ch(a, segments);
-  const at::Tensor q_c = ch.chunked(Q), k_c = ch.chunked(K), v_c = ch.chunked(V);
-  at::Tensor O = at::matmul(at::matmul(q_c, k_c.transpose(-1, -2)) * ch.pair_decay, v_c);  // (B, H, n, C, dv)
-  const at::Tensor U = at::matmul((k_c * ch.to_end).transpose(-1, -2), v_c);  // chunk states (B, H, n, m, dv)
-  O = O + ch.row_fade * at::matmul(q_c, ch.entering(U, S0));
-  return {ch.rows(O), segmented ? at::Tensor() : ch.final_state(U, S0)};
+  const ScanTerms f(ch, Q, K, V, S0);
+  return {ch.rows(f.O), segmented ? at::Tensor() : ch.final_state(f.U, S0)};
 }
 
 // Σ over the last dim of x·y, for rows.
@@ -157,12 +169,10 @@ ScanGrads decayed_scan_backward(const at::Tensor& G, const at::Tensor& dSN, cons
   }
   const at::Tensor S0_used = segmented ? at::Tensor() : S0, dSN_used = segmented ? at::Tensor() : dSN;
   const DecayedChunks ch(a, segments);
-  const at::Tensor q_c = ch.chunked(Q), k_c = ch.chunked(K), v_c = ch.chunked(V), g_c = ch.chunked(G);
   // The forward, recomputed in the accumulation dtype (dc reads O and S_T).
-  const at::Tensor P = at::matmul(q_c, k_c.transpose(-1, -2)) * ch.pair_decay;
-  const at::Tensor U = at::matmul((k_c * ch.to_end).transpose(-1, -2), v_c);  // (B, H, n, m, dv)
-  const at::Tensor S_in = ch.entering(U, S0_used);
-  const at::Tensor O = ch.rows(at::matmul(P, v_c) + ch.row_fade * at::matmul(q_c, S_in));
+  const ScanTerms f(ch, Q, K, V, S0_used);
+  const at::Tensor &q_c = f.q_c, &k_c = f.k_c, &v_c = f.v_c, &P = f.P, &U = f.U, &S_in = f.S_in;
+  const at::Tensor g_c = ch.chunked(G), O = ch.rows(f.O);
   // Inside each chunk.
   const at::Tensor W = at::matmul(g_c, v_c.transpose(-1, -2)) * ch.pair_decay;
   at::Tensor dQ = at::matmul(W, k_c) + ch.row_fade * at::matmul(g_c, S_in.transpose(-1, -2));
@@ -254,15 +264,21 @@ struct StateRows {
   }
 };
 
+// Q·Kᵀ within each chunk (chunked operands), pairs of different sequences 0.
+at::Tensor chunk_pairs(const DecayedChunks& ch, const at::Tensor& q_c, const at::Tensor& k_c) {
+  return at::matmul(q_c, k_c.transpose(-1, -2)).masked_fill_(ch.apart, 0);
+}
+
 // Σ over every key of the query's sequence, Q_t · Σ_{s in seq(t)} K_sᵀ V_s (B, H, T, dv), on the
 // chunks of packed rows without fading (`ch`: zero factors, segments): the pairs of one sequence
 // inside a chunk, the earlier chunks' states as the causal scan carries them (into the rows of
 // the sequence a chunk starts in, from the keys of the one a chunk ends in), and the later chunks'
 // states by the same carry transposed (into the rows of the sequence a chunk ends in, from the
 // keys of the one a chunk starts in). No reversed copy.
-at::Tensor whole_sequence_sums(const DecayedChunks& ch, const at::Tensor& Q, const at::Tensor& K, const at::Tensor& V) {
-  const at::Tensor q_c = ch.chunked(Q), k_c = ch.chunked(K), v_c = ch.chunked(V);
-  const at::Tensor pairs = at::matmul(q_c, k_c.transpose(-1, -2)).masked_fill_(ch.apart, 0);
+// Operands in chunks (ch.chunked), and their `pairs` = chunk_pairs(ch, q_c, k_c) (a backward has one
+// as the transpose of another's).
+at::Tensor whole_sequence_sums(const DecayedChunks& ch, const at::Tensor& q_c, const at::Tensor& k_c,
+                               const at::Tensor& v_c, const at::Tensor& pairs) {
   at::Tensor O = at::matmul(pairs, v_c);
   const at::Tensor earlier = at::matmul((k_c * ch.to_end).transpose(-1, -2), v_c);  // (B, H, n, m, dv)
   O = O + ch.row_fade * at::matmul(q_c, ch.entering(earlier, at::Tensor()));
@@ -330,7 +346,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
   const auto acc = accumulate_type(q.scalar_type());
   const auto map = static_cast<FeatureMap>(feature_map);
   const at::Tensor q_acc = q.to(acc), k_acc = k.to(acc);
-  const bool in_place = !(tracked(q) || tracked(k) || tracked(v) || tracked(grad_out) || tracked(out));
+  const bool in_place = !any_tracked({q, k, v, grad_out, out});
   const BackwardFeatures phi = backward_features(q, q_acc, k_acc, map, in_place);
   const at::Tensor& Q = phi.Q;
   const at::Tensor K = mask_padded_keys(phi.K, k, key_padding_mask);
@@ -360,8 +376,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_packed_generic(
   check_varlen_forward_inputs(q, k, v, cu_seqlens, log_decay, initial_state, feature_map, causal, eps);
   if (cu_seqlens.is_cpu()) read_sequence_offsets(cu_seqlens, q.size(2));  // value checks where they cost no sync
   const PackedInputs in(q, k, v, cu_seqlens, log_decay, initial_state, static_cast<FeatureMap>(feature_map));
-  const at::Tensor sums = causal ? decayed_scan(in.Q, in.K, in.Vp, in.a, at::Tensor(), in.rows.ids).out
-                                 : whole_sequence_sums(DecayedChunks(in.a, in.rows.ids), in.Q, in.K, in.Vp);
+  at::Tensor sums;
+  if (causal) {
+    sums = decayed_scan(in.Q, in.K, in.Vp, in.a, at::Tensor(), in.rows.ids).out;
+  } else {
+    const DecayedChunks ch(in.a, in.rows.ids);
+    const at::Tensor q_c = ch.chunked(in.Q), k_c = ch.chunked(in.K);
+    sums = whole_sequence_sums(ch, q_c, k_c, ch.chunked(in.Vp), chunk_pairs(ch, q_c, k_c));
+  }
   const at::Tensor final_state = in.rows.as_states(sums.index_select(2, in.rows.state_rows));
   const bool may_vanish = !normalizer_cannot_vanish(static_cast<FeatureMap>(feature_map), initial_state.has_value(),
                                                     eps, accumulate_type(q.scalar_type()));
@@ -401,17 +423,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
     }
   } else {
     // The sums over the whole sequence are symmetric in the pairs: each gradient is such a sum.
-    const DecayedChunks chunks(in.a, rows.ids);
-    dQ = whole_sequence_sums(chunks, G, in.Vp, in.K);
-    dK = whole_sequence_sums(chunks, in.Vp, G, in.Q);
-    dV = whole_sequence_sums(chunks, in.K, in.Q, G);
+    const DecayedChunks ch(in.a, rows.ids);
+    const at::Tensor g_c = ch.chunked(G), vp_c = ch.chunked(in.Vp), k_c = ch.chunked(in.K), q_c = ch.chunked(in.Q);
+    const at::Tensor G_Vp = chunk_pairs(ch, g_c, vp_c);
+    dQ = whole_sequence_sums(ch, g_c, vp_c, k_c, G_Vp);
+    dK = whole_sequence_sums(ch, vp_c, g_c, q_c, G_Vp.transpose(-1, -2));
+    dV = whole_sequence_sums(ch, k_c, q_c, g_c, chunk_pairs(ch, k_c, q_c));
   }
   dQ = dQ.index_select(2, rows.real);
   dK = dK.index_select(2, rows.real);
   const at::Tensor d_initial = rows.as_states(dV.index_select(2, rows.key_rows));
   dV = dV.index_select(2, rows.real).narrow(-1, 0, v.size(3));
   const auto dtype = q.scalar_type();
-  const bool in_place = !(tracked(q) || tracked(k) || tracked(v) || tracked(grad_out) || tracked(out));
+  const bool in_place = !any_tracked({q, k, v, grad_out, out});
   const bool mapped = map != kFeatureIdentity;
   return {through_features(dQ, mapped ? feature_derivative(in.q_acc, map) : at::Tensor(), dtype, in_place),
           through_features(dK, mapped ? feature_derivative(in.k_acc, map) : at::Tensor(), dtype, in_place),

@@ -12,12 +12,16 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <limits>
 #include <vector>
 
 namespace linattn {
 
 bool tracked(const at::Tensor& x) { return x.defined() && at::GradMode::is_enabled() && x.requires_grad(); }
+bool any_tracked(std::initializer_list<at::Tensor> xs) {
+  return std::any_of(xs.begin(), xs.end(), [](const at::Tensor& x) { return tracked(x); });
+}
 
 at::Tensor plus_state(const at::Tensor& x, const at::Tensor& state) { return state.defined() ? x + state : x; }
 
@@ -266,7 +270,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_generic(
   const LinearAttentionShape s = kernel_shape(q, k, v, feature_map, causal, normalize, 1.0);
   const auto acc = accumulate_type(q.scalar_type());
   const at::Tensor q_acc = q.to(acc), k_acc = k.to(acc);
-  const bool in_place = !(tracked(q) || tracked(k) || tracked(v) || tracked(grad_out) || tracked(out));
+  const bool in_place = !any_tracked({q, k, v, grad_out, out});
   const BackwardFeatures phi = backward_features(q, q_acc, k_acc, s.feature_map, in_place);
   const at::Tensor& Q = phi.Q;
   at::Tensor K = phi.K;

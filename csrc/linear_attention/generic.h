@@ -6,6 +6,7 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <initializer_list>
 #include <optional>
 #include <tuple>
 #include <vector>
@@ -15,6 +16,8 @@ namespace linattn {
 // Whether autograd records ops on x (the CompositeImplicitAutograd kernels run this code on
 // tracked tensors): then no out= variants, and no in-place op on a value a backward keeps.
 bool tracked(const at::Tensor& x);
+// Whether any of them is: a backward whose inputs nothing records may work in place.
+bool any_tracked(std::initializer_list<at::Tensor> xs);
 
 // The state, or an undefined tensor (nothing to add) when none was given; x + state, or x itself.
 inline at::Tensor state_or_none(const std::optional<at::Tensor>& state) {
