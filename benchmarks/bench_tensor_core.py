@@ -39,7 +39,8 @@ H100 = {"registers": 65536, "shared": 228 * 1024, "reserved_per_block": 1024, "t
 
 
 # The compiled kernels by family: how to read (DK, DV, dtype) from a mangled name, threads per
-# block (kThreads) and shared memory per block for the head-dim instance.
+# block (kThreads; for the flash backward a function of D: BackwardShape) and shared memory per
+# block for the head-dim instance.
 def _linear_instance(m):
     return int(m.group(2)), int(m.group(3)), f"{m.group(5)}{' gated' if m.group(6) == '1' else ''}"
 
@@ -86,7 +87,7 @@ KERNELS = {
               "shared": lambda d, _: torch.ops.linattn._flash_shared_bytes(d, d, False)},
     "flash-bwd": {"pattern": r"Function (\S*flash\S*backward_kernelINS0_\d+(KeyBlock|QueryBlock)"
                              r"IN3c10(\d+)(\w+?)ELi(\d+)\S*):",
-                  "instance": _flash_backward_instance, "threads": 128,
+                  "instance": _flash_backward_instance, "threads": lambda d: 256 if d > 128 else 128,
                   "shared": lambda d, _: torch.ops.linattn._flash_shared_bytes(d, d, True)},
 }
 
@@ -267,7 +268,8 @@ def cubin_figures(library):
     for row in rows:
         spec = KERNELS[row["kernel"]]
         row["shared_bytes"] = spec["shared"](row["dk"], row["dv"])
-        row["h100_blocks_per_sm"] = h100_blocks_per_sm(row["registers"], row["shared_bytes"], spec["threads"])
+        threads = spec["threads"](row["dk"]) if callable(spec["threads"]) else spec["threads"]
+        row["h100_blocks_per_sm"] = h100_blocks_per_sm(row["registers"], row["shared_bytes"], threads)
     return rows, None
 
 

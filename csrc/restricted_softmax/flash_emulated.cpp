@@ -24,7 +24,7 @@ void emulate_forward(const flash::FlashProblem<scalar_t>& p) {
 template <typename Block, typename scalar_t>
 void emulate_backward_blocks(const flash::FlashProblem<scalar_t>& p, const flash::FlashGradients<scalar_t>& g,
                              int64_t blocks, int64_t shared_bytes) {
-  warp::emulate_grid<typename Block::State>(flash::kWarps, blocks, shared_bytes, [&](const auto& exec, int64_t block) {
+  warp::emulate_grid<typename Block::State>(Block::kWarps, blocks, shared_bytes, [&](const auto& exec, int64_t block) {
     flash::run_backward_block<Block>(exec, p, g, block);
   });
 }

@@ -4,13 +4,13 @@
 // pairs with the key blocks each sees (generic_layout.cpp); both share the per-tile arithmetic
 // (generic_tile.cpp), so memory stays bounded by the tile size at any T, never T×T.
 #include "generic_layout.h"
+#include "generic_tile.h"
 #include "generic_window.h"
 #include "op_checks.h"
 
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
-#include <limits>
 
 namespace linattn {
 namespace {
@@ -25,7 +25,7 @@ std::tuple<at::Tensor, at::Tensor> forward_generic(const at::Tensor& q, const at
   const WindowAttentionShape s = window_kernel_shape(q, k, v, p.left, p.window_right(), p.dilation, scale);
   if (empty_call(s))  // rows without a key: 0, lse −inf
     return {at::zeros({s.batch, s.heads, s.q_len, s.value_dim}, q.options()),
-            at::full({s.batch, s.heads, s.q_len}, -std::numeric_limits<double>::infinity(),
+            at::full({s.batch, s.heads, s.q_len}, -restricted_generic::kInf,
                      q.options().dtype(accumulate_type(q.scalar_type())))};
   if (p.uses_layout()) return restricted_generic::layout_forward(q, k, v, scale, s, p);
   return restricted_generic::window_forward(q, k, v, scale, s, p);

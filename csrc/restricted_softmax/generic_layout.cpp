@@ -22,14 +22,12 @@
 
 #include <algorithm>
 #include <initializer_list>
-#include <limits>
 #include <numeric>
 #include <vector>
 
 namespace linattn::restricted_generic {
 namespace {
 
-constexpr double kInf = std::numeric_limits<double>::infinity();
 
 // An advanced-indexing list; std::nullopt takes a whole dimension.
 c10::List<std::optional<at::Tensor>> indices(std::initializer_list<std::optional<at::Tensor>> list) {
@@ -169,12 +167,7 @@ std::vector<LayoutTile> layout_tiles(const at::Tensor& present, const LayoutGeom
 
 // (B, H, T, ...) padded along T to blocks · size (with `fill`) and split: (B, H, blocks, size, ...).
 at::Tensor in_blocks(const at::Tensor& t, int64_t blocks, int64_t size, double fill = 0) {
-  at::Tensor padded = t;
-  if (blocks * size != t.size(2)) {
-    std::vector<int64_t> pads(2 * (t.dim() - 2), 0);  // from the last dimension; T's (before, after) last
-    pads.back() = blocks * size - t.size(2);
-    padded = at::constant_pad_nd(t, pads, fill);
-  }
+  const at::Tensor padded = padded_rows(t, blocks * size, fill);
   std::vector<int64_t> sizes = padded.sizes().vec();
   sizes[2] = size;
   sizes.insert(sizes.begin() + 2, blocks);

@@ -4,12 +4,11 @@
 #include "kernel.h"
 
 #include <cmath>
-#include <limits>
+#include <vector>
 
 namespace linattn::restricted_generic {
 namespace {
 
-constexpr double kInf = std::numeric_limits<double>::infinity();
 
 // A·X over the visible pairs only (visible_f: the visibility as 0/1 in X's dtype): masked entries of A
 // are 0 already, and a non-finite entry of X is taken out of the product; the outputs that see one
@@ -65,6 +64,13 @@ TileGradients tile_backward(const at::Tensor& Q, const at::Tensor& K, const at::
   grads.dQ = masked_matmul(grads.dS, visible_f, K) * scale;
   grads.dK = masked_matmul(grads.dS.transpose(-1, -2), visible_f_t, Q);
   return grads;
+}
+
+at::Tensor padded_rows(const at::Tensor& t, int64_t rows, double fill) {
+  if (t.size(2) == rows) return t;
+  std::vector<int64_t> pads(2 * (t.dim() - 2), 0);  // (before, after) from the last dimension: T's last
+  pads.back() = rows - t.size(2);
+  return at::constant_pad_nd(t, pads, fill);
 }
 
 }  // namespace linattn::restricted_generic

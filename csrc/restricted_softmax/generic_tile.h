@@ -6,10 +6,14 @@
 
 #include <ATen/ATen.h>
 
+#include <limits>
 #include <optional>
 #include <tuple>
 
 namespace linattn::restricted_generic {
+
+// The lse of a row without a visible key is −kInf; padded lse rows are filled with it.
+inline constexpr double kInf = std::numeric_limits<double>::infinity();
 
 // Score elements a tile may hold (128 MiB in fp32; a tile's temporaries are a few times that). On a
 // GPU a tile's passes are then bound by memory bandwidth, not launch overhead, so larger tiles would
@@ -28,6 +32,10 @@ struct PairBlock {
 // key is 0 with lse −inf.
 std::tuple<at::Tensor, at::Tensor> tile_forward(const at::Tensor& Q, const at::Tensor& K, const at::Tensor& V,
                                                 const PairBlock& pairs);
+
+// (B, H, T, ...) with rows appended along T up to `rows`, filled with `fill` (t itself when it has
+// them already).
+at::Tensor padded_rows(const at::Tensor& t, int64_t rows, double fill = 0);
 
 // δ − grad_lse (B, H, T_q, 1), which every row's score gradients subtract, from the cotangent G in the
 // accumulate type: δ_i = G_i · O_i, a zero cotangent contributing nothing (not 0·O, NaN for NaN O);

@@ -16,13 +16,11 @@
 #include "generic_tile.h"
 
 #include <algorithm>
-#include <limits>
 #include <vector>
 
 namespace linattn::restricted_generic {
 namespace {
 
-constexpr double kInf = std::numeric_limits<double>::infinity();
 
 int64_t round_up(int64_t x, int64_t multiple) { return (x + multiple - 1) / multiple * multiple; }
 
@@ -184,12 +182,6 @@ void add_band(const at::Tensor& target, int64_t origin, const Tile& t, const at:
     target.narrow(2, start + j * L, t.blocks * L).unflatten(2, {t.blocks, L}).add_(band.narrow(3, j * L, L));
 }
 
-// (B, H, T, ·) with rows appended up to `rows`, filled with `fill`.
-at::Tensor padded_rows(const at::Tensor& t, int64_t rows, double fill = 0) {
-  if (t.size(2) == rows) return t;
-  return at::constant_pad_nd(t, {0, 0, 0, rows - t.size(2)}, fill);
-}
-
 // Keys and values as the band tiles read them: padded (or cropped) once to the keys the sliding blocks
 // cover, [origin, origin + (row_blocks − 1)·L + W); span tiles read them as they are.
 struct KeySource {
@@ -299,7 +291,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> window_backward(const at::Tensor&
   const KeySource& source = w.source;
   const at::Tensor G_rows = grad_out.to(acc), G = padded_rows(G_rows, w.rows);
   const at::Tensor D = padded_rows(softmax_delta(G_rows, out, grad_lse), w.rows);
-  const at::Tensor LSE = padded_rows(lse.unsqueeze(-1), w.rows, -kInf).squeeze(-1);
+  const at::Tensor LSE = padded_rows(lse, w.rows, -kInf);
   at::Tensor dK_global, dV_global;
   if (w.globals > 0) dK_global = at::zeros_like(w.K_global), dV_global = at::zeros_like(w.V_global);
   const at::Tensor dQ = at::zeros_like(w.Q);

@@ -1,7 +1,8 @@
 """The restricted-softmax flash engine's backward (csrc/restricted_softmax/flash/backward.h).
 
-restricted_softmax_bwd_fused runs it for bfloat16 and float16 inputs with head dims up to 128; on
-CPU tensors through the warp-operation layer's emulation. Gradients of q, k, v and the bias (lse's
+restricted_softmax_bwd_fused runs it for bfloat16 and float16 inputs with head dims up to 256 (8
+warps a block there, two per 16 rows, each with half of the gradients' columns); on CPU tensors
+through the warp-operation layer's emulation. Gradients of q, k, v and the bias (lse's
 cotangent included) are checked against float64 autograd through softmax under
 Pattern.dense_mask, for every pattern kind; each test counts the mma instructions the emulation
 executed, so it cannot pass on another path."""
@@ -64,7 +65,8 @@ def test_layout_patterns(dtype, name):
     check(q, k, v, pattern)
 
 
-@pytest.mark.parametrize("D, dv", [(8, 8), (16, 40), (64, 64), (65, 63), (100, 128), (128, 128), (128, 16)])
+@pytest.mark.parametrize("D, dv", [(8, 8), (16, 40), (64, 64), (65, 63), (100, 128), (128, 128), (128, 16),
+                                   (129, 64), (40, 200), (256, 256), (250, 131)])
 def test_head_dims(D, dv):
     q, k, v = make(1, 2, 77, 77, D, dv, torch.bfloat16, seed=D)
     check(q, k, v, Pattern(window=(30, 10)), scale=D ** -0.5)
@@ -114,6 +116,22 @@ def test_bias_gradient_sums_over_batch_and_shared_heads():
                                q_segments=segments, k_segments=segments))
 
 
+@pytest.mark.parametrize("dtype", HALF_TYPES)
+def test_head_dim_256_column_groups(dtype):
+    """At D = 256 two warps share each 16 rows, one per half of the gradients' columns: with a
+    bias (added to its gradient by one of them only), global tokens (gathered rows and keys) and a
+    layout, every column of every gradient matches the reference."""
+    T = 90
+    q, k, v = make(2, 2, T, T, 256, 192, dtype, seed=4)
+    bias = torch.randn(2, T, T, generator=torch.Generator().manual_seed(5)).to(dtype)
+    check(q, k, v, Pattern(layout=torch.ones(1, 1, 1, dtype=torch.bool), block_size=T, bias=bias), scale=1 / 16)
+    global_mask = torch.zeros(2, T, dtype=torch.bool)
+    global_mask[0, [3, 70]] = True
+    check(q, k, v, Pattern(window=(16, 16), global_mask=global_mask), scale=1 / 16)
+    layout = torch.rand(2, 6, 6, generator=torch.Generator().manual_seed(6)) < 0.5
+    check(q, k, v, Pattern(layout=layout, block_size=16, causal=True), scale=1 / 16)
+
+
 def test_rows_and_keys_without_pairs_get_zero_gradients():
     q, k, v = make(2, 2, 90, 90, 32, 32, torch.bfloat16, seed=2)
     padding = torch.zeros(2, 90, dtype=torch.bool)
@@ -132,11 +150,15 @@ def test_strided_inputs_and_grad_out():
     check(q, k, v, Pattern(window=(33, 7)))
 
 
-def test_head_dims_past_128_and_other_dtypes_run_the_operator():
+def test_other_dtypes_and_too_little_shared_memory_run_the_operator(monkeypatch):
+    """float32 runs the operator's own backward; so does D = 256 on a GPU whose blocks cannot hold
+    the backward's 199 KiB of shared memory (an A100's 163 KiB; an H100's 227 KiB can)."""
     pattern = Pattern(window=(9, 9))
-    q, k, v = make(1, 2, 70, 70, 160, 64, torch.bfloat16)
-    gradients(q, k, v, 0.1, pattern, engine=False)
     q, k, v = make(1, 2, 70, 70, 16, 16, torch.float32)
+    gradients(q, k, v, 0.1, pattern, engine=False)
+    assert torch.ops.linattn._flash_shared_bytes(256, 256, True) == 203776
+    q, k, v = make(1, 2, 70, 70, 160, 64, torch.bfloat16)
+    monkeypatch.setenv("LINATTN_EMULATED_SHARED_BYTES", str(163 * 1024))
     gradients(q, k, v, 0.1, pattern, engine=False)
 
 
@@ -169,15 +191,19 @@ needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CU
 
 
 @needs_gpu
-@pytest.mark.parametrize("name", list(window_patterns(8)) + list(layout_patterns(8, 1)))
-def test_cuda_kernels_match_reference(name):
+@pytest.mark.parametrize("name, D", [(name, 64) for name in list(window_patterns(8)) + list(layout_patterns(8, 1))]
+                         + [("global tokens and padding", 256), ("causal window 70", 200)])
+def test_cuda_kernels_match_reference(name, D):
+    block_limit = torch.cuda.get_device_properties().shared_memory_per_block_optin
+    if torch.ops.linattn._flash_shared_bytes(D, D, True) > block_limit:
+        pytest.skip("this GPU's blocks cannot hold the backward's shared memory at this head dim")
     T, H = 333, 2
     pattern = {**window_patterns(T), **layout_patterns(T, H)}[name]
     if pattern.bias is not None:
         pattern = Pattern(**{**pattern.__dict__, "bias": pattern.bias.bfloat16()})
     on_gpu = Pattern(**{key: value.cuda() if isinstance(value, torch.Tensor) else value
                         for key, value in pattern.__dict__.items()})
-    q, k, v = make(2, H, T, T, 64, 64, torch.bfloat16, seed=3)
+    q, k, v = make(2, H, T, T, D, D, torch.bfloat16, seed=3)
     out, lse = FWD(q.cuda(), k.cuda(), v.cuda(), 0.125, *on_gpu.op_args())
     grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).bfloat16()
     gpu = BWD(grad_out.cuda(), None, q.cuda(), k.cuda(), v.cuda(), out, lse, 0.125, *on_gpu.op_args())

@@ -356,12 +356,12 @@ def test_public_api_runs_the_engine():
 
 def test_cubins_hold_tensor_core_instructions_and_no_local_memory():
     """The compiled kernels (sm_80 and sm_90, bf16 and fp16; forward D = 64, 128, 256, backward key
-    and query blocks D = 64, 128) use mma.sync (HMMA.16816.F32 in their SASS) and no local memory:
+    and query blocks D = 64, 128, 256) use mma.sync (HMMA.16816.F32 in their SASS) and no local memory:
     no register spills, no stack."""
     rows = compiled_kernel_rows(lambda name: name.startswith("flash"))
     dtypes = ("BFloat16", "Half")
     forward = {("flash", arch, d, dtype) for arch in ("sm_80", "sm_90") for d in (64, 128, 256) for dtype in dtypes}
-    backward = {("flash-bwd", arch, d, f"{dtype} {block}") for arch in ("sm_80", "sm_90") for d in (64, 128)
+    backward = {("flash-bwd", arch, d, f"{dtype} {block}") for arch in ("sm_80", "sm_90") for d in (64, 128, 256)
                 for dtype in dtypes for block in ("KeyBlock", "QueryBlock")}
     assert {(row["kernel"], row["arch"], row["dk"], row["dtype"]) for row in rows} == forward | backward
     for row in rows:

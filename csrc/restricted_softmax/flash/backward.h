@@ -1,4 +1,4 @@
-// The flash engine's backward (bf16 and fp16, head dims up to 128): FlashAttention-2's gradients
+// The flash engine's backward (bf16 and fp16, head dims up to 256): FlashAttention-2's gradients
 // recomputed from the forward's logsumexp, in two launches that write every gradient once (no
 // atomics, deterministic; only grad_bias, summed over the batch, adds atomically):
 //   key blocks   (64 keys, resident K and V; visit the query tiles that see them):
@@ -10,7 +10,9 @@
 // dS = 0; fixed pairs (shared-QK positions) have P but dS = 0. The pattern's visits are the
 // forward's: the window's band (transposed for key blocks) or the plan and its transpose.
 // Recomputing S and dP in both launches costs 7 products per tile pair instead of FA-2's 5 with
-// atomic dQ; the streamed tiles are double-buffered (cp.async) as in the forward.
+// atomic dQ; the streamed tiles are double-buffered (cp.async) as in the forward. At D = 256 a
+// block has 8 warps, two per 16 rows, each accumulating half of the gradients' columns
+// (BackwardShape, backward_block.h).
 #pragma once
 
 #include "backward_block.h"

@@ -40,15 +40,28 @@ struct BackwardLayout {
   static constexpr int kBytes = 2 * kTile + 2 * kBuffer;
 };
 
-// The backward runs head dims up to 128: a key block's warps hold dK and dV (16 rows × D fp32
-// each) in registers, which at D = 256 would not fit beside the products.
-constexpr int kMaxBackwardHeadDim = 128;
+// How a backward block is laid out over its warps. Each 16 rows of the block (keys or queries)
+// belong to a warp that holds their gradients (dK and dV, or dQ: 16 rows × D fp32 each) in
+// registers; at D = 256 those would not fit beside the products, so the block has 8 warps: warps
+// w and w + 4 share 16 rows, compute the same products (S, dP), and accumulate the gradients'
+// first and last 128 columns. Twice the score products per tile pair at D = 256, but the tiles
+// are loaded once for both (against a second block per column half, which would read them twice).
+template <int D>
+struct BackwardShape {
+  static constexpr int kColumnGroups = D > 128 ? 2 : 1;
+  static constexpr int kColumns = D / kColumnGroups;  // of the gradients, per warp
+  static constexpr int kBlockWarps = kWarps * kColumnGroups;
+  static constexpr int kBlockThreads = kBlockWarps * warp::kWarpSize;
+  // Blocks per SM the registers are budgeted for (255 a thread either way; D = 64 would
+  // otherwise be held to 168 and spill); the shared memory at D = 256 allows one anyway.
+  static constexpr int kMinBlocks = kColumnGroups == 1 ? 2 : 1;
+};
 
-// Calls f(std::integral_constant<int, D>{}) for the backward compiled for these head dims (64 or 128).
+// Calls f(std::integral_constant<int, D>{}) for the backward compiled for these head dims (64, 128
+// or 256: the forward's).
 template <typename F>
 void with_backward_head_dim(int64_t head_dim, int64_t value_dim, F&& f) {
-  if (padded_head_dim(head_dim, value_dim) == 64) f(std::integral_constant<int, 64>{});
-  else f(std::integral_constant<int, 128>{});
+  with_head_dim(head_dim, value_dim, static_cast<F&&>(f));
 }
 
 inline int64_t backward_shared_bytes_of(int64_t head_dim, int64_t value_dim) {
@@ -58,11 +71,13 @@ inline int64_t backward_shared_bytes_of(int64_t head_dim, int64_t value_dim) {
 }
 
 // A warp's registers across barriers: the gradient rows it accumulates (dK and dV of 16 keys, or
-// dQ of 16 queries), and for a query block its rows' lse and delta.
+// dQ of 16 queries; their columns of the warp's column group), and for a query block its rows'
+// lse and delta.
 template <int D>
 struct BackwardState {
-  Accumulator first[D / 8][4];   // dK or dQ (unscaled)
-  Accumulator second[D / 8][4];  // dV (key blocks)
+  static constexpr int kColumns = BackwardShape<D>::kColumns;
+  Accumulator first[kColumns / 8][4];   // dK or dQ (unscaled)
+  Accumulator second[kColumns / 8][4];  // dV (key blocks)
   Lanes<float> lse[2], delta[2];
 };
 
@@ -72,6 +87,9 @@ template <typename scalar_t, int D>
 struct BackwardBlockBase {
   using L = BackwardLayout<D>;
   using State = BackwardState<D>;
+  using Shape = BackwardShape<D>;
+  static constexpr int kWarps = Shape::kBlockWarps, kThreads = Shape::kBlockThreads;
+  static constexpr int kColumns = Shape::kColumns;
   const FlashProblem<scalar_t>& p;
   const FlashGradients<scalar_t>& g;
   int64_t bh, b, h;
@@ -83,6 +101,11 @@ struct BackwardBlockBase {
       : p(problem), g(gradients), bh(block.bh), b(block.b), h(block.h), own(block.own) {}
 
   LINATTN_HD static uint32_t buffer(int64_t n) { return static_cast<uint32_t>((n & 1) * L::kBuffer); }
+
+  // Warp w's rows of the block's tile (16 from 16 · row_warp) and the first gradient column it
+  // accumulates (BackwardShape).
+  LINATTN_HD static int row_warp(const WarpContext& w) { return w.warp % flash::kWarps; }
+  LINATTN_HD static int first_column(const WarpContext& w) { return w.warp / flash::kWarps * kColumns; }
 
   LINATTN_HD warp::RowTile<scalar_t> rows(const Strided4<const scalar_t>* x, bool vector, int64_t len, int64_t dim,
                                           uint32_t offset) const {
@@ -149,21 +172,22 @@ struct BackwardBlockBase {
     });
   }
 
-  // Warp w's 16 rows of the block's own tile of a (B, H, len, width) gradient from accumulators,
-  // times `factor`.
-  LINATTN_HD void store_rows(const WarpContext& w, const Accumulator (&acc)[D / 8][4], scalar_t* out, int64_t len,
-                             int64_t width, float factor) const {
+  // Warp w's 16 rows of the block's own tile of a (B, H, len, width) gradient from accumulators
+  // (its column group), times `factor`.
+  LINATTN_HD void store_rows(const WarpContext& w, const Accumulator (&acc)[kColumns / 8][4], scalar_t* out,
+                             int64_t len, int64_t width, float factor) const {
+    const int first = first_column(w);
     warp::for_lanes(w, [&](int lane) {
       const int gi = warp::group_of(lane), t = warp::thread_in_group(lane);
       LINATTN_UNROLL
       for (int half = 0; half < 2; ++half) {
-        const int64_t row = own.token(p, b, len, w.warp * 16 + gi + 8 * half);
+        const int64_t row = own.token(p, b, len, row_warp(w) * 16 + gi + 8 * half);
         if (row < 0 || gathered_elsewhere(p, b, own, row, len)) continue;
         LINATTN_UNROLL
-        for (int j = 0; j < D / 8; ++j) {
+        for (int j = 0; j < kColumns / 8; ++j) {
           LINATTN_UNROLL
           for (int e = 0; e < 2; ++e) {
-            const int64_t col = j * 8 + 2 * t + e;
+            const int64_t col = first + j * 8 + 2 * t + e;
             if (col >= width) continue;
             const scalar_t value(acc[j][2 * half + e][lane] * factor);
             warp::store_global(w, out + (bh * len + row) * width + col, value);
@@ -187,6 +211,8 @@ struct KeyBlock : BackwardBlockBase<scalar_t, D> {
   using Base::own;
   using Base::p;
   using Base::visits;
+  using Base::kThreads;
+  using Base::kColumns;
 
   // Regular key blocks visit the query tiles of the transposed band (or plan), then the tiles of
   // gathered global rows; blocks of gathered global keys visit every query tile, then those.
@@ -249,11 +275,12 @@ struct KeyBlock : BackwardBlockBase<scalar_t, D> {
   static constexpr int kHalf = kRows / 2;
 
   LINATTN_HD void attend(const WarpContext& w, State& s, int64_t n) const {
-    if (key_of(w.warp * 16) < 0 || skips(n)) return;
+    const int rw = Base::row_warp(w), first = Base::first_column(w);
+    if (key_of(rw * 16) < 0 || skips(n)) return;
     const uint32_t base = Base::buffer(n);
     const TokenTile queries = visits.tile(n);
     const TileKind kind = kind_of(queries);
-    const uint32_t warp_rows = static_cast<uint32_t>(w.warp * 16 * L::kPitch);
+    const uint32_t warp_rows = static_cast<uint32_t>(rw * 16 * L::kPitch);
     LINATTN_UNROLL
     for (int half = 0; half < 2; ++half) {
       const uint32_t rows = static_cast<uint32_t>(half * kHalf * L::kPitch);
@@ -268,7 +295,7 @@ struct KeyBlock : BackwardBlockBase<scalar_t, D> {
           w, kind, st, dpt,
           [&](int lane, int nt, int i, int64_t& query, int64_t& key, bool& row_gathered, bool& key_gathered) {
             query = queries.token(p, b, p.q_len, column(lane, nt, i));
-            key = key_of(w.warp * 16 + warp::group_of(lane) + 8 * (i / 2));
+            key = key_of(rw * 16 + warp::group_of(lane) + 8 * (i / 2));
             row_gathered = queries.gathered;
             key_gathered = own.gathered;
           },
@@ -279,11 +306,14 @@ struct KeyBlock : BackwardBlockBase<scalar_t, D> {
             return warp::load_shared<float>(w, base + L::kDelta + column(lane, nt, i) * 4);
           },
           false);
+      // The warp's column group of dV += Pᵀ dO and dK += dSᵀ Q.
+      const uint32_t columns = static_cast<uint32_t>(first * 2);
       Fragment a[kHalf / 16][4];
       as_a_fragments<scalar_t, kHalf>(w, st, a);
-      add_product<scalar_t, D, kHalf>(w, a, grad_out, L::kPitch, p.value_dim, s.second);  // dV += Pᵀ dO
+      add_product<scalar_t, kColumns, kHalf>(w, a, grad_out + columns, L::kPitch, p.value_dim - first, s.second);
       as_a_fragments<scalar_t, kHalf>(w, dpt, a);
-      add_product<scalar_t, D, kHalf>(w, a, streamed_queries, L::kPitch, p.head_dim, s.first);  // dK += dSᵀ Q
+      add_product<scalar_t, kColumns, kHalf>(w, a, streamed_queries + columns, L::kPitch, p.head_dim - first,
+                                             s.first);
     }
   }
 
@@ -306,6 +336,8 @@ struct QueryBlock : BackwardBlockBase<scalar_t, D> {
   using Base::own;
   using Base::p;
   using Base::visits;
+  using Base::kThreads;
+  using Base::kColumns;
   Band<scalar_t> band;
 
   // The forward's visits (FlashBlock).
@@ -318,7 +350,7 @@ struct QueryBlock : BackwardBlockBase<scalar_t, D> {
   LINATTN_HD TileKind kind_of(const TokenTile& keys) const { return key_tile_kind(visits, band, own, keys, b); }
 
   LINATTN_HD int64_t row_of(const WarpContext& w, int lane, int half) const {
-    return own.token(p, b, p.q_len, w.warp * 16 + warp::group_of(lane) + 8 * half);
+    return own.token(p, b, p.q_len, Base::row_warp(w) * 16 + warp::group_of(lane) + 8 * half);
   }
 
   // Q and dO rows, and each lane's rows' lse and delta into its registers.
@@ -356,7 +388,8 @@ struct QueryBlock : BackwardBlockBase<scalar_t, D> {
     if (row_of(w, 0, 0) < 0 || skips(n)) return;  // (lane 0's first row: the warp's first)
     const uint32_t base = Base::buffer(n);
     const TokenTile keys = visits.tile(n);
-    const uint32_t warp_rows = static_cast<uint32_t>(w.warp * 16 * L::kPitch);
+    const int first = Base::first_column(w);
+    const uint32_t warp_rows = static_cast<uint32_t>(Base::row_warp(w) * 16 * L::kPitch);
     ScoreTile sc, dp;  // S and dP: the warp's 16 queries × the tile's 64 keys
     rows_times_rows<scalar_t, D>(w, L::kResident0 + warp_rows, base + L::kStreamed0, L::kPitch, p.head_dim, sc);
     rows_times_rows<scalar_t, D>(w, L::kResident1 + warp_rows, base + L::kStreamed1, L::kPitch, p.value_dim, dp);
@@ -369,10 +402,11 @@ struct QueryBlock : BackwardBlockBase<scalar_t, D> {
           key_gathered = keys.gathered;
         },
         [&](int lane, int, int i) { return s.lse[i / 2][lane]; },
-        [&](int lane, int, int i) { return s.delta[i / 2][lane]; }, true);
+        [&](int lane, int, int i) { return s.delta[i / 2][lane]; }, first == 0);  // (one column group adds)
     Fragment a[kKeys / 16][4];
     as_a_fragments<scalar_t>(w, dp, a);
-    add_product<scalar_t, D>(w, a, base + L::kStreamed0, L::kPitch, p.head_dim, s.first);  // dQ += dS K
+    add_product<scalar_t, kColumns>(w, a, base + L::kStreamed0 + static_cast<uint32_t>(first * 2), L::kPitch,
+                                    p.head_dim - first, s.first);  // dQ += dS K, the warp's columns
   }
 
   LINATTN_HD void finish(const WarpContext& w, const State& s) const {

@@ -1,5 +1,6 @@
 // The flash engine's backward (backward.h) as two CUDA kernels: key blocks (dK, dV) and query
-// blocks (dQ), 4 warps each, the block program's phases separated by __syncthreads().
+// blocks (dQ), 4 warps each (8 at D = 256: BackwardShape), the block program's phases separated by
+// __syncthreads().
 #include "backward.h"
 #include "launch.h"
 #include "../../common/warp/device_block.h"
@@ -10,10 +11,8 @@ namespace linattn {
 namespace flash {
 namespace {
 
-// Registers budgeted for two blocks per SM (255 a thread; D = 64 would otherwise be held to 168
-// and spill).
 template <typename Block, typename scalar_t>
-__global__ void __launch_bounds__(kThreads, 2) backward_kernel(const FlashProblem<scalar_t> p,
+__global__ void __launch_bounds__(Block::kThreads, Block::Shape::kMinBlocks) backward_kernel(const FlashProblem<scalar_t> p,
                                                             const FlashGradients<scalar_t> g) {
 #if defined(__CUDA_ARCH__)  // (the host pass of nvcc sees the host WarpContext, without a lane)
   extern __shared__ __align__(16) unsigned char shared[];
@@ -30,7 +29,7 @@ void launch_blocks(const FlashProblem<scalar_t>& p, const FlashGradients<scalar_
   if (blocks == 0) return;
   C10_CUDA_CHECK(cudaFuncSetAttribute(backward_kernel<Block, scalar_t>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                       bytes));
-  backward_kernel<Block, scalar_t><<<static_cast<unsigned int>(blocks), kThreads, bytes, stream>>>(p, g);
+  backward_kernel<Block, scalar_t><<<static_cast<unsigned int>(blocks), Block::kThreads, bytes, stream>>>(p, g);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
