@@ -49,8 +49,11 @@ def _linear_backward_instance(m):
     return int(m.group(3)), int(m.group(4)), f"{m.group(6)} {m.group(2)}{' gated' if m.group(7) == '1' else ''}"
 
 
+SINGLE_BUFFERED = " single-buffered"  # the flash engine's D = 256 blocks for GPUs whose blocks hold less (A100)
+
+
 def _flash_instance(m):
-    return int(m.group(2)), int(m.group(2)), m.group(4)
+    return int(m.group(2)), int(m.group(2)), m.group(5) + (SINGLE_BUFFERED if m.group(3) == "1" else "")
 
 
 def _delta_forward_instance(m):  # the keeping instance re-walks the state for the backward
@@ -62,33 +65,39 @@ def _delta_walk_instance(m):  # 64 value columns a block
 
 
 def _flash_backward_instance(m):
-    return int(m.group(5)), int(m.group(5)), f"{m.group(4)} {m.group(2)}"
+    single = SINGLE_BUFFERED if m.group(6) == "1" else ""
+    return int(m.group(5)), int(m.group(5)), f"{m.group(4)} {m.group(2)}{single}"
+
+
+def _flash_shared(backward):
+    def shared(d, _, label):
+        return torch.ops.linattn._flash_shared_bytes(d, d, backward, 1 if SINGLE_BUFFERED in label else 2)
+    return shared
 
 
 KERNELS = {
     "linear": {"pattern": r"Function (\S*tensor_core\S*\dforward_kernelILi(\d+)ELi(\d+)EN3c10(\d+)(\w+?)ELb([01])EEEv"
                           r"\S*):",
                "instance": _linear_instance, "threads": 256,
-               "shared": lambda dk, dv: torch.ops.linattn._tensor_core_shared_bytes(dk, dv)},
+               "shared": lambda dk, dv, *_: torch.ops.linattn._tensor_core_shared_bytes(dk, dv)},
     "linear-bwd": {"pattern": r"Function (\S*tensor_core\S*(query|key_value)_gradient_kernelILi(\d+)ELi(\d+)EN3c10"
                               r"(\d+)(\w+?)ELb([01])EEEv\S*):",
                    "instance": _linear_backward_instance, "threads": 256,
-                   "shared": lambda dk, dv: torch.ops.linattn._tensor_core_shared_bytes(dk, dv, True)},
+                   "shared": lambda dk, dv, *_: torch.ops.linattn._tensor_core_shared_bytes(dk, dv, True)},
     "delta": {"pattern": r"Function (\S*delta_tensor_core\S*delta_forward_kernelILi(\d+)ELi(\d+)EN3c10(\d+)(\w+?)"
                          r"ELb([01])EEEv\S*):",
               "instance": _delta_forward_instance, "threads": 256,
-              "shared": lambda dk, dv: torch.ops.linattn._delta_tensor_core_shared_bytes(dk, dv)},
+              "shared": lambda dk, dv, *_: torch.ops.linattn._delta_tensor_core_shared_bytes(dk, dv)},
     "delta-bwd": {"pattern": r"Function (\S*delta_tensor_core\S*delta_backward_walk_kernelILi(\d+)EN3c10(\d+)(\w+?)"
                              r"EEEv\S*):",
                   "instance": _delta_walk_instance, "threads": 256,
-                  "shared": lambda dk, _: torch.ops.linattn._delta_tensor_core_shared_bytes(dk, 64, True)},
-    "flash": {"pattern": r"Function (\S*flash\S*forward_kernelILi(\d+)EN3c10(\d+)(\w+?)EEEv\S*):",
-              "instance": _flash_instance, "threads": 128,
-              "shared": lambda d, _: torch.ops.linattn._flash_shared_bytes(d, d, False)},
+                  "shared": lambda dk, *_: torch.ops.linattn._delta_tensor_core_shared_bytes(dk, 64, True)},
+    "flash": {"pattern": r"Function (\S*flash\S*forward_kernelILi(\d+)ELi(\d)EN3c10(\d+)(\w+?)EEEv\S*):",
+              "instance": _flash_instance, "threads": 128, "shared": _flash_shared(False)},
     "flash-bwd": {"pattern": r"Function (\S*flash\S*backward_kernelINS0_\d+(KeyBlock|QueryBlock)"
-                             r"IN3c10(\d+)(\w+?)ELi(\d+)\S*):",
+                             r"IN3c10(\d+)(\w+?)ELi(\d+)ELi(\d)E\S*):",
                   "instance": _flash_backward_instance, "threads": lambda d: 256 if d > 128 else 128,
-                  "shared": lambda d, _: torch.ops.linattn._flash_shared_bytes(d, d, True)},
+                  "shared": _flash_shared(True)},
 }
 
 
@@ -267,7 +276,7 @@ def cubin_figures(library):
             row["bssy"] = len(re.findall(r"\bBSSY\b", sass))
     for row in rows:
         spec = KERNELS[row["kernel"]]
-        row["shared_bytes"] = spec["shared"](row["dk"], row["dv"])
+        row["shared_bytes"] = spec["shared"](row["dk"], row["dv"], row["dtype"])
         threads = spec["threads"](row["dk"]) if callable(spec["threads"]) else spec["threads"]
         row["h100_blocks_per_sm"] = h100_blocks_per_sm(row["registers"], row["shared_bytes"], threads)
     return rows, None
@@ -334,9 +343,9 @@ def main():
         print(f"Cubins: {why}")
     else:
         print("Compiled kernels (linear: forward_kernel<DK, DV, dtype, gated>; linear-bwd: query / "
-              "key_value_gradient_kernel<DK, DV, dtype, gated>; delta: delta_forward_kernel<DK, DV, dtype, keeping>; delta-bwd: "
-              "delta_backward_walk_kernel<DK, dtype>; flash: forward_kernel<D, dtype>, "
-              "backward_kernel<KeyBlock or QueryBlock<dtype, D>>):")
+              "key_value_gradient_kernel<DK, DV, dtype, gated>; delta: delta_forward_kernel<DK, DV, dtype, keeping>; "
+              "delta-bwd: delta_backward_walk_kernel<DK, dtype>; flash: forward_kernel<D, buffers, dtype>, "
+              "backward_kernel<KeyBlock or QueryBlock<dtype, D, buffers>>):")
         print(f"  {'kernel':9} {'arch':6} {'DK':>4} {'DV':>4} {'dtype':19} {'regs':>5} {'stack':>5} {'local':>5} "
               f"{'HMMA':>5} {'SASS':>6} {'BSSY':>5} {'smem KiB':>8} {'H100 blocks/SM':>14}")
         for r in cubins:

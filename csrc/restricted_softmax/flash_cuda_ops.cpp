@@ -20,12 +20,12 @@ std::tuple<at::Tensor, at::Tensor> forward_cuda(const at::Tensor& q, const at::T
   const RestrictedPattern pattern{LINATTN_RESTRICTED_PATTERN_ARGS};
   check_restricted_inputs(q, k, v, scale, pattern);
   const c10::cuda::CUDAGuard guard(q.device());
-  if (!flash::takes(q, v, shared_memory_per_block()))
-    return flash::unfused_forward(q, k, v, scale, LINATTN_RESTRICTED_PATTERN_ARGS);
-  return flash::run_call(q, k, v, scale, pattern, [](const auto& problem) {
+  const int buffers = flash::buffers_taking(q, v, false, shared_memory_per_block());
+  if (buffers == 0) return flash::unfused_forward(q, k, v, scale, LINATTN_RESTRICTED_PATTERN_ARGS);
+  return flash::run_call(q, k, v, scale, pattern, [&](const auto& problem) {
     TORCH_CHECK(problem.blocks() <= std::numeric_limits<int32_t>::max(), kRestrictedSoftmaxOp,
                 ": batch · heads · query tiles = ", problem.blocks(), " exceeds a CUDA grid");
-    flash::launch_forward(problem, c10::cuda::getCurrentCUDAStream().stream());
+    flash::launch_forward(problem, buffers, c10::cuda::getCurrentCUDAStream().stream());
   });
 }
 
@@ -36,13 +36,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cuda(
   const RestrictedPattern pattern{LINATTN_RESTRICTED_PATTERN_ARGS};
   check_restricted_backward_inputs(grad_out, grad_lse, q, k, v, out, lse, scale, pattern);
   const c10::cuda::CUDAGuard guard(q.device());
-  if (!flash::takes_backward(q, v, shared_memory_per_block()))
+  const int buffers = flash::buffers_taking(q, v, true, shared_memory_per_block());
+  if (buffers == 0)
     return flash::unfused_backward(grad_out, grad_lse, q, k, v, out, lse, scale, LINATTN_RESTRICTED_PATTERN_ARGS);
-  auto launch = [](const auto& problem, const auto& gradients) {
+  auto launch = [&](const auto& problem, const auto& gradients) {
     const int64_t blocks = std::max(problem.blocks(), problem.key_blocks());
     TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(), kRestrictedSoftmaxOp,
                 ": batch · heads · tiles exceeds a CUDA grid");
-    flash::launch_backward(problem, gradients, c10::cuda::getCurrentCUDAStream().stream());
+    flash::launch_backward(problem, gradients, buffers, c10::cuda::getCurrentCUDAStream().stream());
   };
   return flash::run_backward_call(grad_out, grad_lse, q, k, v, out, lse, scale, pattern, launch);
 }

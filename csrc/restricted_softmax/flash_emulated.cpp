@@ -12,11 +12,11 @@
 namespace linattn {
 namespace {
 
-template <int D, typename scalar_t>
+template <int D, int Buffers, typename scalar_t>
 void emulate_forward(const flash::FlashProblem<scalar_t>& p) {
-  warp::emulate_grid<flash::WarpState<D>>(flash::kWarps, p.blocks(), flash::Layout<D>::kBytes,
+  warp::emulate_grid<flash::WarpState<D>>(flash::kWarps, p.blocks(), flash::Layout<D, Buffers>::kBytes,
                                           [&](const auto& exec, int64_t block) {
-                                            flash::run_forward_block<D>(exec, p, block);
+                                            flash::run_forward_block<D, Buffers>(exec, p, block);
                                           });
 }
 
@@ -29,22 +29,23 @@ void emulate_backward_blocks(const flash::FlashProblem<scalar_t>& p, const flash
   });
 }
 
-template <int D, typename scalar_t>
+template <int D, int Buffers, typename scalar_t>
 void emulate_backward(const flash::FlashProblem<scalar_t>& p, const flash::FlashGradients<scalar_t>& g) {
-  constexpr int64_t bytes = flash::BackwardLayout<D>::kBytes;
-  emulate_backward_blocks<flash::KeyBlock<scalar_t, D>>(p, g, p.key_blocks(), bytes);
-  emulate_backward_blocks<flash::QueryBlock<scalar_t, D>>(p, g, p.blocks(), bytes);
+  constexpr int64_t bytes = flash::BackwardLayout<D, Buffers>::kBytes;
+  emulate_backward_blocks<flash::KeyBlock<scalar_t, D, Buffers>>(p, g, p.key_blocks(), bytes);
+  emulate_backward_blocks<flash::QueryBlock<scalar_t, D, Buffers>>(p, g, p.blocks(), bytes);
 }
 
 std::tuple<at::Tensor, at::Tensor> forward_emulated(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                     double scale, LINATTN_RESTRICTED_PATTERN_PARAMS) {
   const RestrictedPattern pattern{LINATTN_RESTRICTED_PATTERN_ARGS};
   check_restricted_inputs(q, k, v, scale, pattern);
-  if (!flash::takes(q, v, warp::emulated_shared_bytes()))
-    return flash::unfused_forward(q, k, v, scale, LINATTN_RESTRICTED_PATTERN_ARGS);
-  return flash::run_call(q, k, v, scale, pattern, [](const auto& problem) {
-    flash::with_head_dim(problem.head_dim, problem.value_dim,
-                         [&](auto d) { emulate_forward<decltype(d)::value>(problem); });
+  const int buffers = flash::buffers_taking(q, v, false, warp::emulated_shared_bytes());
+  if (buffers == 0) return flash::unfused_forward(q, k, v, scale, LINATTN_RESTRICTED_PATTERN_ARGS);
+  return flash::run_call(q, k, v, scale, pattern, [&](const auto& problem) {
+    flash::with_instance(problem.head_dim, problem.value_dim, buffers, [&](auto d, auto n) {
+      emulate_forward<decltype(d)::value, decltype(n)::value>(problem);
+    });
   });
 }
 
@@ -54,13 +55,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_emulated(
     LINATTN_RESTRICTED_PATTERN_PARAMS) {
   const RestrictedPattern pattern{LINATTN_RESTRICTED_PATTERN_ARGS};
   check_restricted_backward_inputs(grad_out, grad_lse, q, k, v, out, lse, scale, pattern);
-  if (!flash::takes_backward(q, v, warp::emulated_shared_bytes()))
+  const int buffers = flash::buffers_taking(q, v, true, warp::emulated_shared_bytes());
+  if (buffers == 0)
     return flash::unfused_backward(grad_out, grad_lse, q, k, v, out, lse, scale, LINATTN_RESTRICTED_PATTERN_ARGS);
   return flash::run_backward_call(grad_out, grad_lse, q, k, v, out, lse, scale, pattern,
-                                  [](const auto& problem, const auto& gradients) {
-                                    flash::with_backward_head_dim(problem.head_dim, problem.value_dim, [&](auto d) {
-                                      emulate_backward<decltype(d)::value>(problem, gradients);
-                                    });
+                                  [&](const auto& problem, const auto& gradients) {
+                                    flash::with_instance(problem.head_dim, problem.value_dim, buffers,
+                                                         [&](auto d, auto n) {
+                                                           emulate_backward<decltype(d)::value, decltype(n)::value>(
+                                                               problem, gradients);
+                                                         });
                                   });
 }
 

@@ -152,14 +152,41 @@ def test_strided_inputs_and_grad_out():
 
 def test_other_dtypes_and_too_little_shared_memory_run_the_operator(monkeypatch):
     """float32 runs the operator's own backward; so does D = 256 on a GPU whose blocks cannot hold
-    the backward's 199 KiB of shared memory (an A100's 163 KiB; an H100's 227 KiB can)."""
+    even the single-buffered backward's 133 KiB of shared memory."""
     pattern = Pattern(window=(9, 9))
     q, k, v = make(1, 2, 70, 70, 16, 16, torch.float32)
     gradients(q, k, v, 0.1, pattern, engine=False)
-    assert torch.ops.linattn._flash_shared_bytes(256, 256, True) == 203776
     q, k, v = make(1, 2, 70, 70, 160, 64, torch.bfloat16)
-    monkeypatch.setenv("LINATTN_EMULATED_SHARED_BYTES", str(163 * 1024))
+    monkeypatch.setenv("LINATTN_EMULATED_SHARED_BYTES", str(130 * 1024))
     gradients(q, k, v, 0.1, pattern, engine=False)
+
+
+@pytest.mark.parametrize("dtype", HALF_TYPES)
+def test_single_buffered_blocks_equal_double_buffered(dtype, monkeypatch):
+    """At D = 256 an A100's blocks (163 KiB) hold one streamed-tile buffer, not two (forward 182 KiB,
+    backward 199 KiB): the single-buffered kernels run there and give the very same bits (the same
+    arithmetic in the same order; only when the next tile is loaded differs), over patterns that
+    visit many tiles."""
+    assert [torch.ops.linattn._flash_shared_bytes(256, 256, backward, buffers)
+            for backward in (False, True) for buffers in (2, 1)] == [186144, 118288, 203776, 135680]
+    T = 200
+    q, k, v = make(2, 2, T, T, 256, 200, dtype, seed=12)
+    global_mask = torch.zeros(2, T, dtype=torch.bool)
+    global_mask[1, [5, 150]] = True
+    layout = torch.rand(2, 7, 7, generator=torch.Generator().manual_seed(2)) < 0.6
+    grad_out = torch.randn(2, 2, T, 200, generator=torch.Generator().manual_seed(3)).to(dtype)
+    for pattern in (Pattern(window=(70, 70), global_mask=global_mask), Pattern(layout=layout, block_size=32)):
+        results = []
+        for kib in (227, 163):
+            monkeypatch.setenv("LINATTN_EMULATED_SHARED_BYTES", str(kib * 1024))
+            torch.ops.linattn._reset_warp_emulation_counters()
+            out, lse = FWD(q, k, v, 1 / 16, *pattern.op_args())
+            grads = BWD(grad_out, None, q, k, v, out, lse, 1 / 16, *pattern.op_args())
+            assert counters()["mma"] > 0, "the engine did not run"
+            results.append((out, lse, *grads[:3]))
+        for double, single in zip(*results):
+            assert torch.equal(double, single)
+    check(q, k, v, Pattern(window=(70, 70), global_mask=global_mask), scale=1 / 16)  # (at 163 KiB)
 
 
 def test_equals_the_cpu_kernel_backward():
@@ -195,7 +222,7 @@ needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CU
                          + [("global tokens and padding", 256), ("causal window 70", 200)])
 def test_cuda_kernels_match_reference(name, D):
     block_limit = torch.cuda.get_device_properties().shared_memory_per_block_optin
-    if torch.ops.linattn._flash_shared_bytes(D, D, True) > block_limit:
+    if torch.ops.linattn._flash_shared_bytes(D, D, True, 1) > block_limit:
         pytest.skip("this GPU's blocks cannot hold the backward's shared memory at this head dim")
     T, H = 333, 2
     pattern = {**window_patterns(T), **layout_patterns(T, H)}[name]

@@ -10,7 +10,8 @@
 // dS = 0; fixed pairs (shared-QK positions) have P but dS = 0. The pattern's visits are the
 // forward's: the window's band (transposed for key blocks) or the plan and its transpose.
 // Recomputing S and dP in both launches costs 7 products per tile pair instead of FA-2's 5 with
-// atomic dQ; the streamed tiles are double-buffered (cp.async) as in the forward. At D = 256 a
+// atomic dQ; the streamed tiles are double-buffered (cp.async) as in the forward (or single-
+// buffered where two buffers do not fit, as the forward's). At D = 256 a
 // block has 8 warps, two per 16 rows, each accumulating half of the gradients' columns
 // (BackwardShape, backward_block.h).
 #pragma once
@@ -38,9 +39,11 @@ LINATTN_HD void run_backward_block(const Exec& exec, const FlashProblem<scalar_t
   for (int64_t n = 0; n < visits; ++n) {
     exec([&](const WarpContext& w, State&) { warp::cp_async_wait<0>(w); });
     exec([&](const WarpContext& w, State& s) {
-      if (n + 1 < visits) blk.issue(w, n + 1);
+      if (Block::kBuffers == 2 && n + 1 < visits) blk.issue(w, n + 1);
       blk.attend(w, s, n);
     });
+    // One buffer: the next tile once every warp is done with this one.
+    if (Block::kBuffers == 1 && n + 1 < visits) exec([&](const WarpContext& w, State&) { blk.issue(w, n + 1); });
   }
   exec([&](const WarpContext& w, State& s) { blk.finish(w, s); });
 }

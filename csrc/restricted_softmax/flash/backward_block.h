@@ -28,16 +28,18 @@ struct FlashGradients {
 
 // Shared memory of a backward block: two resident 64-row tiles (the key block's K and V, or the
 // query block's Q and dO), and two buffers of two streamed tiles each (Q and dO, or K and V) with
-// the streamed query rows' lse and delta (64 floats each).
-template <int D>
+// the streamed query rows' lse and delta (64 floats each); or one such buffer (Layout's `Buffers`:
+// D = 256 on an A100, 199 KiB double-buffered against its 163).
+template <int D, int Buffers = 2>
 struct BackwardLayout {
+  static constexpr int kBuffers = Buffers;
   static constexpr int kPitch = warp::padded_pitch(D * 2);
   static constexpr int kTile = kRows * kPitch;
   static constexpr int kResident0 = 0, kResident1 = kTile;
   static constexpr int kStreamed0 = 2 * kTile, kStreamed1 = 3 * kTile;  // + buffer offset
   static constexpr int kLse = 4 * kTile, kDelta = kLse + kRows * 4;      // + buffer offset
   static constexpr int kBuffer = 2 * kTile + 2 * kRows * 4;
-  static constexpr int kBytes = 2 * kTile + 2 * kBuffer;
+  static constexpr int kBytes = 2 * kTile + Buffers * kBuffer;
 };
 
 // How a backward block is laid out over its warps. Each 16 rows of the block (keys or queries)
@@ -57,17 +59,27 @@ struct BackwardShape {
   static constexpr int kMinBlocks = kColumnGroups == 1 ? 2 : 1;
 };
 
-// Calls f(std::integral_constant<int, D>{}) for the backward compiled for these head dims (64, 128
-// or 256: the forward's).
-template <typename F>
-void with_backward_head_dim(int64_t head_dim, int64_t value_dim, F&& f) {
-  with_head_dim(head_dim, value_dim, static_cast<F&&>(f));
+// The backward's instances are the forward's (with_instance: D = 64, 128 or 256, and D = 256
+// single-buffered).
+inline int64_t backward_shared_bytes_of(int64_t head_dim, int64_t value_dim, int buffers = 2) {
+  int64_t bytes = 0;
+  with_instance(head_dim, value_dim, buffers, [&](auto d, auto n) {
+    bytes = BackwardLayout<decltype(d)::value, decltype(n)::value>::kBytes;
+  });
+  return bytes;
 }
 
-inline int64_t backward_shared_bytes_of(int64_t head_dim, int64_t value_dim) {
-  int64_t bytes = 0;
-  with_backward_head_dim(head_dim, value_dim, [&](auto d) { bytes = BackwardLayout<decltype(d)::value>::kBytes; });
-  return bytes;
+// The streamed-tile buffers a block of the forward (or the backward) gets for these head dims when
+// a block may have `max_shared_bytes`: 2, else 1 (D = 256 only: with_instance), else 0 (the engine
+// does not take the call).
+inline int buffers_for(int64_t head_dim, int64_t value_dim, bool backward, int64_t max_shared_bytes) {
+  auto bytes = [&](int buffers) {
+    return backward ? backward_shared_bytes_of(head_dim, value_dim, buffers)
+                    : shared_bytes_of(head_dim, value_dim, buffers);
+  };
+  if (bytes(2) <= max_shared_bytes) return 2;
+  if (padded_head_dim(head_dim, value_dim) == 256 && bytes(1) <= max_shared_bytes) return 1;
+  return 0;
 }
 
 // A warp's registers across barriers: the gradient rows it accumulates (dK and dV of 16 keys, or
@@ -83,9 +95,10 @@ struct BackwardState {
 
 // What both backward blocks share: the (batch, head) and own tokens of the block, its visits,
 // loads, the probabilities and the stores.
-template <typename scalar_t, int D>
+template <typename scalar_t, int D, int Buffers>
 struct BackwardBlockBase {
-  using L = BackwardLayout<D>;
+  using L = BackwardLayout<D, Buffers>;
+  static constexpr int kBuffers = Buffers;
   using State = BackwardState<D>;
   using Shape = BackwardShape<D>;
   static constexpr int kWarps = Shape::kBlockWarps, kThreads = Shape::kBlockThreads;
@@ -100,7 +113,7 @@ struct BackwardBlockBase {
                                const BlockTokens& block)
       : p(problem), g(gradients), bh(block.bh), b(block.b), h(block.h), own(block.own) {}
 
-  LINATTN_HD static uint32_t buffer(int64_t n) { return static_cast<uint32_t>((n & 1) * L::kBuffer); }
+  LINATTN_HD static uint32_t buffer(int64_t n) { return static_cast<uint32_t>((n % Buffers) * L::kBuffer); }
 
   // Warp w's rows of the block's tile (16 from 16 · row_warp) and the first gradient column it
   // accumulates (BackwardShape).
@@ -200,9 +213,9 @@ struct BackwardBlockBase {
 
 // A key block: 64 keys of one (batch, head), resident K and V; it visits the query tiles that
 // see them and accumulates dK = scale · Σ dSᵀ Q and dV = Σ Pᵀ dO (warp w: keys 16 w ..).
-template <typename scalar_t, int D>
-struct KeyBlock : BackwardBlockBase<scalar_t, D> {
-  using Base = BackwardBlockBase<scalar_t, D>;
+template <typename scalar_t, int D, int Buffers = 2>
+struct KeyBlock : BackwardBlockBase<scalar_t, D, Buffers> {
+  using Base = BackwardBlockBase<scalar_t, D, Buffers>;
   using L = typename Base::L;
   using State = typename Base::State;
   using Base::b;
@@ -325,9 +338,9 @@ struct KeyBlock : BackwardBlockBase<scalar_t, D> {
 
 // A query block: 64 queries of one (batch, head), resident Q and dO; it visits the key tiles they
 // see (as the forward) and accumulates dQ = scale · Σ dS K (warp w: queries 16 w ..).
-template <typename scalar_t, int D>
-struct QueryBlock : BackwardBlockBase<scalar_t, D> {
-  using Base = BackwardBlockBase<scalar_t, D>;
+template <typename scalar_t, int D, int Buffers = 2>
+struct QueryBlock : BackwardBlockBase<scalar_t, D, Buffers> {
+  using Base = BackwardBlockBase<scalar_t, D, Buffers>;
   using L = typename Base::L;
   using State = typename Base::State;
   using Base::b;

@@ -36,11 +36,13 @@ void launch_blocks(const FlashProblem<scalar_t>& p, const FlashGradients<scalar_
 }  // namespace
 
 template <typename scalar_t>
-void launch_backward(const FlashProblem<scalar_t>& p, const FlashGradients<scalar_t>& g, cudaStream_t stream) {
-  with_backward_head_dim(p.head_dim, p.value_dim, [&](auto d) {
-    constexpr int D = decltype(d)::value, bytes = BackwardLayout<D>::kBytes;
-    launch_blocks<KeyBlock<scalar_t, D>>(p, g, p.key_blocks(), bytes, stream);
-    launch_blocks<QueryBlock<scalar_t, D>>(p, g, p.blocks(), bytes, stream);
+void launch_backward(const FlashProblem<scalar_t>& p, const FlashGradients<scalar_t>& g, int buffers,
+                     cudaStream_t stream) {
+  with_instance(p.head_dim, p.value_dim, buffers, [&](auto d, auto n) {
+    constexpr int D = decltype(d)::value, Buffers = decltype(n)::value;
+    constexpr int bytes = BackwardLayout<D, Buffers>::kBytes;
+    launch_blocks<KeyBlock<scalar_t, D, Buffers>>(p, g, p.key_blocks(), bytes, stream);
+    launch_blocks<QueryBlock<scalar_t, D, Buffers>>(p, g, p.blocks(), bytes, stream);
   });
 }
 
@@ -48,9 +50,9 @@ void launch_backward(const FlashProblem<scalar_t>& p, const FlashGradients<scala
 // once: this file instantiates bfloat16, backward_cuda_kernels_fp16.cu includes it for float16.
 #if !defined(LINATTN_FLOAT16_INSTANCES)
 template void launch_backward<c10::BFloat16>(const FlashProblem<c10::BFloat16>&, const FlashGradients<c10::BFloat16>&,
-                                             cudaStream_t);
+                                             int, cudaStream_t);
 #else
-template void launch_backward<c10::Half>(const FlashProblem<c10::Half>&, const FlashGradients<c10::Half>&,
+template void launch_backward<c10::Half>(const FlashProblem<c10::Half>&, const FlashGradients<c10::Half>&, int,
                                          cudaStream_t);
 #endif
 

@@ -12,7 +12,8 @@
 //   online softmax in fp32 registers (running row maximum and sum), O rescaled;
 //   O += P V on tensor cores, P packed to 16 bits straight from the score accumulators.
 // The rows' outputs and logsumexp are written once at the end. The next key tile is in flight
-// (cp.async, double-buffered) while the current one computes.
+// (cp.async, double-buffered) while the current one computes; a single-buffered block (D = 256
+// where two buffers do not fit, Layout) issues it once every warp is done with the current one.
 #pragma once
 
 #include "forward_block.h"
@@ -22,9 +23,9 @@ namespace flash {
 
 // The block program. `exec(phase)` runs phase(warp context, warp state) for every warp of the
 // block, then waits for all of them (a barrier).
-template <int D, typename scalar_t, typename Exec>
+template <int D, int Buffers, typename scalar_t, typename Exec>
 LINATTN_HD void run_forward_block(const Exec& exec, const FlashProblem<scalar_t>& p, int64_t block) {
-  using Block = FlashBlock<scalar_t, D>;
+  using Block = FlashBlock<scalar_t, D, Buffers>;
   using State = WarpState<D>;
   const Block blk(p, block);
   const int64_t visits = blk.visits.count();
@@ -38,9 +39,10 @@ LINATTN_HD void run_forward_block(const Exec& exec, const FlashProblem<scalar_t>
   for (int64_t n = 0; n < visits; ++n) {
     exec([&](const WarpContext& w, State&) { blk.prepare_keys(w, n); });
     exec([&](const WarpContext& w, State& s) {
-      if (n + 1 < visits) blk.issue_keys(w, n + 1);
+      if (Buffers == 2 && n + 1 < visits) blk.issue_keys(w, n + 1);
       blk.attend(w, s, n);
     });
+    if (Buffers == 1 && n + 1 < visits) exec([&](const WarpContext& w, State&) { blk.issue_keys(w, n + 1); });
   }
   exec([&](const WarpContext& w, State& s) { blk.finish(w, s); });
 }

@@ -22,9 +22,10 @@ LINATTN_HD inline float exp_of(float x) {
 
 LINATTN_HD inline float minus_infinity() { return -INFINITY; }
 
-template <typename scalar_t, int D>
+template <typename scalar_t, int D, int Buffers = 2>
 struct FlashBlock {
-  using L = Layout<D>;
+  using L = Layout<D, Buffers>;
+  static constexpr int kBuffers = Buffers;
   using State = WarpState<D>;
 
   const FlashProblem<scalar_t>& p;
@@ -49,8 +50,8 @@ struct FlashBlock {
   // How much of visit n's key tile the rows see.
   LINATTN_HD TileKind kind_of(const TokenTile& keys) const { return key_tile_kind(visits, band, rows, keys, b); }
 
-  // The key/value buffer of visit n (double-buffered).
-  LINATTN_HD static uint32_t buffer(int64_t n) { return static_cast<uint32_t>((n & 1) * L::kBuffer); }
+  // The key/value buffer of visit n (alternating, or the one buffer).
+  LINATTN_HD static uint32_t buffer(int64_t n) { return static_cast<uint32_t>((n % Buffers) * L::kBuffer); }
 
   // --- loads ---------------------------------------------------------------------------------
 

@@ -14,39 +14,43 @@ namespace {
 template <int D>
 constexpr int kBlocksPerSM = D == 64 ? 3 : D == 128 ? 2 : 1;
 
-template <int D, typename scalar_t>
+template <int D, int Buffers, typename scalar_t>
 __global__ void __launch_bounds__(kThreads, kBlocksPerSM<D>) forward_kernel(const FlashProblem<scalar_t> p) {
 #if defined(__CUDA_ARCH__)  // (the host pass of nvcc sees the host WarpContext, without a lane)
   extern __shared__ __align__(16) unsigned char shared[];
   const warp::WarpContext context = warp::this_warp(shared);
   WarpState<D> state;
-  run_forward_block<D>(warp::DeviceBlock<WarpState<D>>{context, state}, p, static_cast<int64_t>(blockIdx.x));
+  run_forward_block<D, Buffers>(warp::DeviceBlock<WarpState<D>>{context, state}, p,
+                                static_cast<int64_t>(blockIdx.x));
 #endif
 }
 
-template <int D, typename scalar_t>
-void launch_dim(const FlashProblem<scalar_t>& p, cudaStream_t stream) {
-  constexpr int bytes = Layout<D>::kBytes;
+template <int D, int Buffers, typename scalar_t>
+void launch_instance(const FlashProblem<scalar_t>& p, cudaStream_t stream) {
+  constexpr int bytes = Layout<D, Buffers>::kBytes;
+  auto* kernel = forward_kernel<D, Buffers, scalar_t>;
   // Above 48 KiB a kernel must opt in to its dynamic shared memory.
-  C10_CUDA_CHECK(cudaFuncSetAttribute(forward_kernel<D, scalar_t>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
-  forward_kernel<D, scalar_t><<<static_cast<unsigned int>(p.blocks()), kThreads, bytes, stream>>>(p);
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+  kernel<<<static_cast<unsigned int>(p.blocks()), kThreads, bytes, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 }  // namespace
 
 template <typename scalar_t>
-void launch_forward(const FlashProblem<scalar_t>& p, cudaStream_t stream) {
+void launch_forward(const FlashProblem<scalar_t>& p, int buffers, cudaStream_t stream) {
   if (p.blocks() == 0) return;
-  with_head_dim(p.head_dim, p.value_dim, [&](auto d) { launch_dim<decltype(d)::value>(p, stream); });
+  with_instance(p.head_dim, p.value_dim, buffers, [&](auto d, auto n) {
+    launch_instance<decltype(d)::value, decltype(n)::value>(p, stream);
+  });
 }
 
 // Each 16-bit type in its own translation unit, so that a parallel build compiles the two at
 // once: this file instantiates bfloat16, forward_cuda_kernels_fp16.cu includes it for float16.
 #if !defined(LINATTN_FLOAT16_INSTANCES)
-template void launch_forward<c10::BFloat16>(const FlashProblem<c10::BFloat16>&, cudaStream_t);
+template void launch_forward<c10::BFloat16>(const FlashProblem<c10::BFloat16>&, int, cudaStream_t);
 #else
-template void launch_forward<c10::Half>(const FlashProblem<c10::Half>&, cudaStream_t);
+template void launch_forward<c10::Half>(const FlashProblem<c10::Half>&, int, cudaStream_t);
 #endif
 
 }  // namespace flash

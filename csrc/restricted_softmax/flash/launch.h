@@ -9,14 +9,15 @@
 namespace linattn {
 namespace flash {
 
-// One block per (batch, head, query tile) on `stream`, asynchronously (CUDA-graph capturable).
-// Instantiated for c10::BFloat16 and c10::Half.
+// One block per (batch, head, query tile) on `stream`, asynchronously (CUDA-graph capturable), with
+// `buffers` streamed-tile buffers (buffers_taking). Instantiated for c10::BFloat16 and c10::Half.
 template <typename scalar_t>
-void launch_forward(const FlashProblem<scalar_t>& p, cudaStream_t stream);
+void launch_forward(const FlashProblem<scalar_t>& p, int buffers, cudaStream_t stream);
 
 // The backward's two launches (key blocks, then query blocks) on `stream`, asynchronously.
 template <typename scalar_t>
-void launch_backward(const FlashProblem<scalar_t>& p, const FlashGradients<scalar_t>& g, cudaStream_t stream);
+void launch_backward(const FlashProblem<scalar_t>& p, const FlashGradients<scalar_t>& g, int buffers,
+                     cudaStream_t stream);
 
 }  // namespace flash
 }  // namespace linattn

@@ -28,19 +28,15 @@
 namespace linattn {
 namespace flash {
 
-// Whether the engine takes the call: 16-bit inputs, head dims 1 to 256 whose kernel's shared
-// memory fits in what a block may have.
-inline bool takes(const at::Tensor& q, const at::Tensor& v, int64_t max_shared_bytes) {
-  if (q.scalar_type() != at::kBFloat16 && q.scalar_type() != at::kHalf) return false;
+// The streamed-tile buffers of the engine's forward (backward: of its backward) for this call, or 0
+// where it does not take the call: 16-bit inputs, head dims 1 to 256 whose kernel's shared memory
+// fits in what a block may have (buffers_for: an H100 takes every head dim double-buffered, an
+// A100 D = 256 single-buffered).
+inline int buffers_taking(const at::Tensor& q, const at::Tensor& v, bool backward, int64_t max_shared_bytes) {
+  if (q.scalar_type() != at::kBFloat16 && q.scalar_type() != at::kHalf) return 0;
   const int64_t d = q.size(3), dv = v.size(3);
-  if (d < 1 || dv < 1 || d > 256 || dv > 256 || !warp::tensor_cores_enabled()) return false;
-  return shared_bytes_of(d, dv) <= max_shared_bytes;
-}
-
-// Whether the backward (backward.h) takes it too: its shared memory fits as well (at D = 256 an
-// H100's 227 KiB does, an A100's 163 KiB does not).
-inline bool takes_backward(const at::Tensor& q, const at::Tensor& v, int64_t max_shared_bytes) {
-  return takes(q, v, max_shared_bytes) && backward_shared_bytes_of(q.size(3), v.size(3)) <= max_shared_bytes;
+  if (d < 1 || dv < 1 || d > 256 || dv > 256 || !warp::tensor_cores_enabled()) return 0;
+  return buffers_for(d, dv, backward, max_shared_bytes);
 }
 
 inline int64_t tiles_of(int64_t length, int64_t tile) { return (length + tile - 1) / tile; }

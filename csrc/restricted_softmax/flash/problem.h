@@ -138,15 +138,18 @@ LINATTN_HD void add_product(const WarpContext& w, const Fragment (&a)[N / 16][4]
 // Shared memory of one block: the query tile, two key/value tile buffers (each with a flag: the
 // tile's V holds Inf or NaN, and the tile's key tokens), a per-warp scratch of probabilities (see
 // exact_values) and the query tile's tokens. (Tokens as int32, −1 past the end: the per-pair
-// pattern reads them from here rather than keeping their arithmetic in registers.)
-template <int D>
+// pattern reads them from here rather than keeping their arithmetic in registers.) `Buffers`: two
+// key/value buffers, the next tile landing while this one computes, or one where two do not fit a
+// block (D = 256 on an A100: 182 KiB against its 163; see buffers_for).
+template <int D, int Buffers = 2>
 struct Layout {
+  static constexpr int kBuffers = Buffers;
   static constexpr int kPitch = warp::padded_pitch(D * 2);
   static constexpr int kQ = 0;
   static constexpr int kK = kRows * kPitch, kV = kK + kKeys * kPitch, kNonFinite = kV + kKeys * kPitch;
   static constexpr int kKeyTokens = kNonFinite + 16;
   static constexpr int kBuffer = kKeys * kPitch * 2 + 16 + kKeys * 4;  // K, V, the flag, the tokens
-  static constexpr int kScratch = kK + 2 * kBuffer;
+  static constexpr int kScratch = kK + Buffers * kBuffer;
   static constexpr int kScratchPerWarp = 16 * kKeys * 4;
   static constexpr int kRowTokens = kScratch + kWarps * kScratchPerWarp;
   static constexpr int kBytes = kRowTokens + kRows * 4;
@@ -167,9 +170,27 @@ void with_head_dim(int64_t head_dim, int64_t value_dim, F&& f) {
   else f(std::integral_constant<int, 256>{});
 }
 
-inline int64_t shared_bytes_of(int64_t head_dim, int64_t value_dim) {
+// Calls f(D, Buffers) (integral constants) for the kernel compiled for these head dims with
+// `buffers` streamed-tile buffers: one is compiled only for D = 256, the one head dim whose
+// double-buffered blocks can outgrow a GPU's (smaller head dims fit an A100's twice over).
+template <typename F>
+void with_instance(int64_t head_dim, int64_t value_dim, int buffers, F&& f) {
+  with_head_dim(head_dim, value_dim, [&](auto d) {
+    if constexpr (decltype(d)::value == 256) {
+      if (buffers == 1) {
+        f(d, std::integral_constant<int, 1>{});
+        return;
+      }
+    }
+    f(d, std::integral_constant<int, 2>{});
+  });
+}
+
+inline int64_t shared_bytes_of(int64_t head_dim, int64_t value_dim, int buffers = 2) {
   int64_t bytes = 0;
-  with_head_dim(head_dim, value_dim, [&](auto d) { bytes = Layout<decltype(d)::value>::kBytes; });
+  with_instance(head_dim, value_dim, buffers, [&](auto d, auto n) {
+    bytes = Layout<decltype(d)::value, decltype(n)::value>::kBytes;
+  });
   return bytes;
 }
 
