@@ -2,10 +2,13 @@
 its generic path against compiled FlexAttention with the same BlockMask and, where the dense mask
 fits, SDPA; forward and forward+backward, medians of CUDA-event timings, bf16.
 
-Patterns at B=4 H=16 T=16384 D=64 and B=1 H=32 T=65536 D=128: sliding windows w = 256 and 1024
+Patterns at B=4 H=16 T=16384 D=64, B=1 H=32 T=65536 D=128 and (Gemma's local layers' head dim)
+B=2 H=8 T=16384 D=256: sliding windows w = 256 and 1024
 (causal and both sides), Longformer (w = 512 with 16 global tokens) and BigBird (blocks of 64: 3
 band blocks, 2 global, 3 random per row). --quick: the first shape and four patterns (window 256
-causal, window 1024, Longformer, BigBird): each pattern compiles FlexAttention's kernels anew.
+causal, window 1024, Longformer, BigBird): each pattern compiles FlexAttention's kernels anew. An
+implementation that fails at a point (FlexAttention's kernels at D = 256 may not fit a GPU's
+shared memory) gets a row saying why, and the run goes on.
 TFLOP/s count the work the pattern needs (4·D per visible pair forward, 2.5x that
 forward+backward, as FlashAttention counts); the
 "peak" row is FlexAttention on full causal attention at the same shape, the tensor-core rate the
@@ -23,7 +26,7 @@ from benchmarks.common import write_results
 from linattn import ops
 from linattn.ops.restricted import Pattern
 
-SHAPES = {"quick": [(4, 16, 16384, 64)], "full": [(4, 16, 16384, 64), (1, 32, 65536, 128)]}
+SHAPES = {"quick": [(4, 16, 16384, 64)], "full": [(4, 16, 16384, 64), (1, 32, 65536, 128), (2, 8, 16384, 256)]}
 QUICK_PATTERNS = ("window 256 causal", "window 1024", "longformer 512 + 16 global", "bigbird 64 (3+2+3)")
 
 
@@ -85,13 +88,23 @@ def main():
             both = cuda_median_ms(lambda: run().backward(grad))
             return fwd, both
 
+        def failed(pattern_name, impl, error):
+            message = f"{type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}"
+            rows.append({"shape": (B, H, T, D), "pattern": pattern_name, "impl": impl, "error": message})
+            print(f"B={B} H={H} T={T} D={D} {pattern_name:28s} {impl:16s} failed: {message}", flush=True)
+            torch.cuda.empty_cache()
+
         causal_mask = create_block_mask(lambda b, h, qi, ki: qi >= ki, None, None, T, T)
-        peak_fwd, peak_both = timed(lambda: flex(q, k, v, block_mask=causal_mask, scale=scale))
-        causal_flops = 4 * D * T * (T + 1) / 2 * B * H
-        rows.append({"shape": (B, H, T, D), "pattern": "full causal (peak)", "impl": "flex",
-                     "fwd_ms": peak_fwd, "fwd_bwd_ms": peak_both, "fwd_tflops": causal_flops / peak_fwd / 1e9,
-                     "fwd_bwd_tflops": 2.5 * causal_flops / peak_both / 1e9})
-        peak = rows[-1]
+        peak_rate = None  # FlexAttention's causal TFLOP/s forward, None where it failed
+        try:
+            peak_fwd, peak_both = timed(lambda: flex(q, k, v, block_mask=causal_mask, scale=scale))
+            causal_flops = 4 * D * T * (T + 1) / 2 * B * H
+            peak_rate = causal_flops / peak_fwd / 1e9
+            rows.append({"shape": (B, H, T, D), "pattern": "full causal (peak)", "impl": "flex",
+                         "fwd_ms": peak_fwd, "fwd_bwd_ms": peak_both, "fwd_tflops": peak_rate,
+                         "fwd_bwd_tflops": 2.5 * causal_flops / peak_both / 1e9})
+        except Exception as error:  # noqa: BLE001 - a failing row is reported, not fatal
+            failed("full causal (peak)", "flex", error)
         for name, pattern, mask_mod in patterns(B, T, "cuda"):
             if args.quick and name not in QUICK_PATTERNS:
                 continue
@@ -104,14 +117,20 @@ def main():
                     return ops.restricted.restricted_softmax(q, k, v, scale, pattern)[0]
                 implementations[f"linattn {backend}"] = run
             for impl, run in implementations.items():
-                fwd, both = timed(run)
+                try:
+                    fwd, both = timed(run)
+                except Exception as error:  # noqa: BLE001 - a failing row is reported, not fatal
+                    failed(name, impl, error)
+                    continue
                 flops = 4 * D * visible * H
+                of_peak = flops / fwd / 1e9 / peak_rate if peak_rate else None
                 rows.append({"shape": (B, H, T, D), "pattern": name, "impl": impl, "fwd_ms": fwd, "fwd_bwd_ms": both,
                              "fwd_tflops": flops / fwd / 1e9, "fwd_bwd_tflops": 2.5 * flops / both / 1e9,
-                             "fwd_of_peak": flops / fwd / 1e9 / peak["fwd_tflops"]})
+                             "fwd_of_peak": of_peak})
                 print(f"B={B} H={H} T={T} D={D} {name:28s} {impl:16s} fwd {fwd:8.3f} ms  fwd+bwd {both:8.3f} ms  "
                       f"{rows[-1]['fwd_tflops']:6.1f} / {rows[-1]['fwd_bwd_tflops']:6.1f} TFLOP/s "
-                      f"({rows[-1]['fwd_of_peak']:.0%} of FlexAttention's causal rate)", flush=True)
+                      + (f"({of_peak:.0%} of FlexAttention's causal rate)" if of_peak else "(no FlexAttention peak)"),
+                      flush=True)
     ops.set_cuda_backend("generic")
     path, _ = write_results(args.out, "bench_restricted_cuda", {"device": torch.cuda.get_device_name(), "rows": rows})
     print(f"Wrote {path}")

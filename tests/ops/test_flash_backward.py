@@ -132,6 +132,21 @@ def test_head_dim_256_column_groups(dtype):
     check(q, k, v, Pattern(layout=layout, block_size=16, causal=True), scale=1 / 16)
 
 
+def test_head_dim_256_reads_each_tile_once_for_both_column_groups():
+    """The two warps of each 16 rows share the block's tiles: the D = 256 backward reads twice the
+    bytes of the D = 128 one on the same pattern (rows twice as wide), not four times (a block per
+    column half would read every tile twice)."""
+    read = {}
+    for D in (128, 256):
+        q, k, v = make(1, 2, 300, 300, D, D, torch.bfloat16, seed=1)
+        pattern = Pattern(window=(60, 60))
+        out, lse = FWD(q, k, v, D ** -0.5, *pattern.op_args())
+        torch.ops.linattn._reset_warp_emulation_counters()
+        BWD(torch.ones_like(out), None, q, k, v, out, lse, D ** -0.5, *pattern.op_args())
+        read[D] = counters()["read_bytes"]
+    assert 1.9 < read[256] / read[128] <= 2.0
+
+
 def test_rows_and_keys_without_pairs_get_zero_gradients():
     q, k, v = make(2, 2, 90, 90, 32, 32, torch.bfloat16, seed=2)
     padding = torch.zeros(2, 90, dtype=torch.bool)
