@@ -2,11 +2,14 @@
 linattn_performer must match the same model running a dense float64 reference of the same math
 (registered here, applying transformers' own 4-D mask), with padding (left and right),
 grouped-query heads, causal (Llama) and bidirectional (BERT, ViT) attention; linattn_local must
-equal sdpa (float64, 1e-10) in the models' own sliding windows (Mistral, Qwen2) and full
+equal sdpa (float64, 1e-10) in the models' own sliding windows (Mistral, Qwen2, Gemma-3 at head
+dim 256, whose bf16 training step also runs the flash engine's emulation forward and backward) and full
 attention (BERT, Llama); generation must give the same tokens through transformers' dynamic,
 static and sliding caches, linattn.hf.LinearStateCache (constant size) and no cache; packed
 documents (position_ids restarting inside a row) attend each to itself through the varlen
 operators; masks linattn cannot honour raise; training runs backward."""
+import copy
+
 import pytest
 import torch
 
@@ -245,6 +248,58 @@ def sliding_model(kind, window=5, seed=0):
 @pytest.mark.parametrize("padding", [None, "left", "right"])
 def test_local_is_exactly_sdpa_in_the_models_window(kind, padding):
     assert_same_logits(sliding_model(kind).double(), "linattn_local", "sdpa", padding, length=14, tolerance=1e-10)
+
+
+def gemma3(window, seed=0):
+    """A small Gemma-3 decoder at its real head dim, 256: two sliding-window layers, one full."""
+    if not hasattr(transformers, "Gemma3TextConfig"):
+        pytest.skip("this transformers has no Gemma-3")
+    config = transformers.Gemma3TextConfig(
+        vocab_size=61, hidden_size=64, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=256, query_pre_attn_scalar=256, max_position_embeddings=512,
+        sliding_window=window, layer_types=["sliding_attention", "sliding_attention", "full_attention"])
+    torch.manual_seed(seed)
+    return transformers.Gemma3ForCausalLM(config)
+
+
+@pytest.mark.parametrize("padding", [None, "left", "right"])
+def test_gemma3_local_is_exactly_sdpa(padding):
+    assert_same_logits(gemma3(window=4).eval().double(), "linattn_local", "sdpa", padding, length=14,
+                       tolerance=1e-10)
+
+
+def test_gemma3_bf16_training_step_runs_the_flash_engine_at_head_dim_256():
+    """A bf16 training step of Gemma-3 under linattn_local with the fused operators (on CPU tensors
+    their emulation of the CUDA kernels): forward and backward both run the flash engine at head
+    dim 256, and the loss and the attention weights' gradients are as close to float64's as
+    SDPA's own bf16 step."""
+    from linattn import ops
+
+    reference = gemma3(window=40).double()
+    ids = torch.randint(0, 61, (2, 90), generator=torch.Generator().manual_seed(1))
+
+    def step(model, implementation, counted=False):
+        model.zero_grad()
+        out = with_implementation(model, implementation)(ids, labels=ids)
+        mma_forward = torch.ops.linattn._warp_emulation_counters()[0].item()
+        torch.ops.linattn._reset_warp_emulation_counters()
+        out.loss.backward()
+        if counted:
+            assert mma_forward > 0, "the forward did not run the flash engine"
+            assert torch.ops.linattn._warp_emulation_counters()[0].item() > 0, "the backward did not run it"
+        grads = {name: p.grad.double() for name, p in model.named_parameters() if "self_attn" in name}
+        return out.loss.double(), grads
+
+    expected_loss, expected = step(reference, "sdpa")
+    sdpa_loss, sdpa = step(copy.deepcopy(reference).bfloat16(), "sdpa")
+    with ops.fused_implementation():
+        torch.ops.linattn._reset_warp_emulation_counters()
+        loss, got = step(copy.deepcopy(reference).bfloat16(), "linattn_local", counted=True)
+    assert abs(loss - expected_loss) <= 2 * abs(sdpa_loss - expected_loss) + 1e-3
+    for name, grad in expected.items():
+        error = (got[name] - grad).norm() / grad.norm()
+        sdpa_error = (sdpa[name] - grad).norm() / grad.norm()
+        assert error <= 1.5 * sdpa_error + 1e-3, f"{name}: {error:.3g} against SDPA bf16's {sdpa_error:.3g}"
 
 
 @pytest.mark.parametrize("cache", ["dynamic", "static"])

@@ -32,7 +32,6 @@ struct FlashGradients {
 // D = 256 on an A100, 199 KiB double-buffered against its 163).
 template <int D, int Buffers = 2>
 struct BackwardLayout {
-  static constexpr int kBuffers = Buffers;
   static constexpr int kPitch = warp::padded_pitch(D * 2);
   static constexpr int kTile = kRows * kPitch;
   static constexpr int kResident0 = 0, kResident1 = kTile;

@@ -25,7 +25,6 @@ LINATTN_HD inline float minus_infinity() { return -INFINITY; }
 template <typename scalar_t, int D, int Buffers = 2>
 struct FlashBlock {
   using L = Layout<D, Buffers>;
-  static constexpr int kBuffers = Buffers;
   using State = WarpState<D>;
 
   const FlashProblem<scalar_t>& p;

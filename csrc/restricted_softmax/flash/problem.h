@@ -143,7 +143,6 @@ LINATTN_HD void add_product(const WarpContext& w, const Fragment (&a)[N / 16][4]
 // block (D = 256 on an A100: 182 KiB against its 163; see buffers_for).
 template <int D, int Buffers = 2>
 struct Layout {
-  static constexpr int kBuffers = Buffers;
   static constexpr int kPitch = warp::padded_pitch(D * 2);
   static constexpr int kQ = 0;
   static constexpr int kK = kRows * kPitch, kV = kK + kKeys * kPitch, kNonFinite = kV + kKeys * kPitch;
