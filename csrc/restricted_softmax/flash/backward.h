@@ -11,9 +11,8 @@
 // forward's: the window's band (transposed for key blocks) or the plan and its transpose.
 // Recomputing S and dP in both launches costs 7 products per tile pair instead of FA-2's 5 with
 // atomic dQ; the streamed tiles are double-buffered (cp.async) as in the forward (or single-
-// buffered where two buffers do not fit, as the forward's). At D = 256 a
-// block has 8 warps, two per 16 rows, each accumulating half of the gradients' columns
-// (BackwardShape, backward_block.h).
+// buffered where two buffers do not fit, as the forward's). At D = 256 a block has 8 warps, two per
+// 16 rows, each accumulating half of the gradients' columns (BackwardShape, backward_block.h).
 #pragma once
 
 #include "backward_block.h"

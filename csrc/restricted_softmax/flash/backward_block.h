@@ -69,15 +69,15 @@ inline int64_t backward_shared_bytes_of(int64_t head_dim, int64_t value_dim, int
 }
 
 // The streamed-tile buffers a block of the forward (or the backward) gets for these head dims when
-// a block may have `max_shared_bytes`: 2, else 1 (D = 256 only: with_instance), else 0 (the engine
-// does not take the call).
+// a block may have `max_shared_bytes`: 2, else 1 (at kSingleBufferedHeadDim only), else 0 (the
+// engine does not take the call).
 inline int buffers_for(int64_t head_dim, int64_t value_dim, bool backward, int64_t max_shared_bytes) {
   auto bytes = [&](int buffers) {
     return backward ? backward_shared_bytes_of(head_dim, value_dim, buffers)
                     : shared_bytes_of(head_dim, value_dim, buffers);
   };
   if (bytes(2) <= max_shared_bytes) return 2;
-  if (padded_head_dim(head_dim, value_dim) == 256 && bytes(1) <= max_shared_bytes) return 1;
+  if (padded_head_dim(head_dim, value_dim) == kSingleBufferedHeadDim && bytes(1) <= max_shared_bytes) return 1;
   return 0;
 }
 

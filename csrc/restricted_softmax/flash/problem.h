@@ -169,13 +169,16 @@ void with_head_dim(int64_t head_dim, int64_t value_dim, F&& f) {
   else f(std::integral_constant<int, 256>{});
 }
 
+// The one head dim whose kernels also come single-buffered: its double-buffered blocks can
+// outgrow a GPU's (smaller head dims fit an A100's twice over).
+constexpr int kSingleBufferedHeadDim = 256;
+
 // Calls f(D, Buffers) (integral constants) for the kernel compiled for these head dims with
-// `buffers` streamed-tile buffers: one is compiled only for D = 256, the one head dim whose
-// double-buffered blocks can outgrow a GPU's (smaller head dims fit an A100's twice over).
+// `buffers` streamed-tile buffers (1 only at kSingleBufferedHeadDim; 2 elsewhere).
 template <typename F>
 void with_instance(int64_t head_dim, int64_t value_dim, int buffers, F&& f) {
   with_head_dim(head_dim, value_dim, [&](auto d) {
-    if constexpr (decltype(d)::value == 256) {
+    if constexpr (decltype(d)::value == kSingleBufferedHeadDim) {
       if (buffers == 1) {
         f(d, std::integral_constant<int, 1>{});
         return;
