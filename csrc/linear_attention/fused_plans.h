@@ -19,6 +19,8 @@
 
 #include <optional>
 #include <tuple>
+#include <utility>
+#include <vector>
 
 namespace linattn {
 namespace fused {
@@ -246,22 +248,34 @@ inline void add_final_state_terms(at::Tensor& grad_cumulative, const at::Tensor&
   grad_cumulative.select(0, 0).index_add_(1, last_rows, per_row);
 }
 
-// The tensor-core backward (tensor_core/backward.h) of a call it takes: dq, dk, dv, dS0 and, with
-// a fading state (`decay`: (B, H, T) fp32 contiguous log factors, else undefined), dL/dc for
-// c = cumsum(log factors): the passes' row terms φ(q)·dφ(q) − φ(k)·dφ(k), and ⟨dS_N, S_N⟩ at the
-// last row (S_N: the final state the query pass reaches). `packed`: packed sequences, or none.
+// fp32 (B, H, T, ·) gradients a head-dim tile of the tensor-core backward adds its partial dq, dk
+// and dv into (tensor_core_backward).
+struct GradientSums {
+  at::Tensor q, k, v;
+};
+
+// The tensor-core backward (tensor_core/backward.h) of a call the kernels take whole (head dims up
+// to kBackwardTile): dq, dk, dv, dS0 and, with a fading state (`decay`: (B, H, T) fp32 contiguous
+// log factors, else undefined), dL/dc for c = cumsum(log factors): the passes' row terms
+// φ(q)·dφ(q) − φ(k)·dφ(k), and ⟨dS_N, S_N⟩ at the last row (S_N: the final state the query pass
+// reaches). `packed`: packed sequences, or none. With `sums` dq, dk and dv are added into them
+// instead (and returned undefined).
 template <typename Launch>
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> tensor_core_backward(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> tensor_core_backward_whole(
     const LinearAttentionShape& s, const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_final_state,
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
     const at::Tensor& normalizer, const std::optional<at::Tensor>& initial_state,
     const std::optional<at::Tensor>& key_padding_mask, const std::optional<at::Tensor>& final_state,
-    const at::Tensor& decay, const PackedRows& packed, const Launch& launch) {
+    const at::Tensor& decay, const PackedRows& packed, const Launch& launch, const GradientSums* sums = nullptr) {
   const auto acc = q.options().dtype(at::kFloat);
   const int64_t states = state_count(s, packed);
   // (Named tensors, not a structured binding: the dispatch lambdas capture them.)
   at::Tensor grad_q, grad_k, grad_v, grad_initial;
-  std::tie(grad_q, grad_k, grad_v, grad_initial) = empty_gradients(s, states, q.options(), acc);
+  if (sums == nullptr) {
+    std::tie(grad_q, grad_k, grad_v, grad_initial) = empty_gradients(s, states, q.options(), acc);
+  } else {
+    grad_initial = at::empty({states, s.heads, s.feature_dim, s.value_dim + 1}, acc);
+  }
   at::Tensor initial, grad_final, final, mask;  // contiguous copies where needed (optional_ptr)
   const bool* mask_ptr = optional_ptr<bool>(key_padding_mask, mask);
   const at::Tensor den = normalizer.contiguous();
@@ -277,9 +291,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> tensor_co
     p.out = view_of<scalar_t>(out);
     p.grad_vector = warp::vector_rows<scalar_t>(grad_out);
     p.normalizer = den.const_data_ptr<float>();
-    p.grad_q = grad_q.data_ptr<scalar_t>();
-    p.grad_k = grad_k.data_ptr<scalar_t>();
-    p.grad_v = grad_v.data_ptr<scalar_t>();
+    if (sums == nullptr) {
+      p.grad_q = grad_q.data_ptr<scalar_t>();
+      p.grad_k = grad_k.data_ptr<scalar_t>();
+      p.grad_v = grad_v.data_ptr<scalar_t>();
+    } else {
+      p.grad_q_sum = sums->q.data_ptr<float>();
+      p.grad_k_sum = sums->k.data_ptr<float>();
+      p.grad_v_sum = sums->v.data_ptr<float>();
+    }
     const at::Tensor row_scalars = at::empty({s.batch, s.heads, s.q_len, 2}, acc);
     p.row_scalars = row_scalars.data_ptr<float>();
     if (fading) {
@@ -323,6 +343,91 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> tensor_co
   return {grad_q, grad_k, grad_v, grad_initial, grad_cumulative};
 }
 
+// Where the tiles of a head dim lie: [offset, offset + width) pieces of at most kBackwardTile
+// columns (offsets multiples of it, so 16-byte rows stay 16-byte rows); one empty piece for d = 0.
+inline std::vector<std::pair<int64_t, int64_t>> head_dim_tiles(int64_t d) {
+  std::vector<std::pair<int64_t, int64_t>> tiles;
+  for (int64_t offset = 0; offset == 0 || offset < d; offset += tensor_core::kBackwardTile) {
+    tiles.emplace_back(offset, std::min(tensor_core::kBackwardTile, d - offset));
+  }
+  return tiles;
+}
+
+// The tensor-core backward of a call it takes (tensor_core_backward_whole's outputs). Head dims
+// above kBackwardTile (a block keeps Sᵀ or U, value × feature columns, in fp32 registers) run as
+// one backward per (feature tile, value tile), one after another:
+//   query pass: dφ(q)[f] = Σ over value tiles of G[t] Sᵀ[t, f] + gn[t] z[f] + Σ_j (G_i[t] · v_j[t]
+//     + gn_i[t]) φ(k_j)[f], with gn[t] = −G[t] · o[t] the tile's share of gn (they sum to it);
+//   key-value pass: dv[t] = Σ over feature tiles of φ(k)[f] U_v[f, t] + Σ_i (φ(k_j)[f] · φ(q_i)[f])
+//     G_i[t]; dφ(k)[f] = Σ over value tiles of U_v[f, t] v_j[t] + u[f, t] + Σ_i (...) φ(q_i)[f].
+// So each tile adds its fp32 gradients into (B, H, T, ·) sums rounded to 16 bits once at the end;
+// a tile's states are the (f, t) block of the call's with z (the forward's: in every value tile)
+// or the final state's u column (dS_N's: in value tile 0 only, as its sums over tiles count it
+// once); dS0's u column and dL/dc are sums over the tiles. Q and K are read once per value tile,
+// V, out and grad_out once per feature tile.
+template <typename Launch>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> tensor_core_backward(
+    const LinearAttentionShape& s, const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_final_state,
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& normalizer, const std::optional<at::Tensor>& initial_state,
+    const std::optional<at::Tensor>& key_padding_mask, const std::optional<at::Tensor>& final_state,
+    const at::Tensor& decay, const PackedRows& packed, const Launch& launch) {
+  const int64_t m = s.feature_dim, dv = s.value_dim;
+  if (m <= tensor_core::kBackwardTile && dv <= tensor_core::kBackwardTile) {
+    return tensor_core_backward_whole(s, grad_out, grad_final_state, q, k, v, out, normalizer, initial_state,
+                                      key_padding_mask, final_state, decay, packed, launch);
+  }
+  const auto acc = q.options().dtype(at::kFloat);
+  const auto feature_tiles = head_dim_tiles(m), value_tiles = head_dim_tiles(dv);
+  std::vector<at::Tensor> q_sums, k_sums, v_sums;
+  for (const auto& tile : feature_tiles) {
+    q_sums.push_back(at::zeros({s.batch, s.heads, s.q_len, tile.second}, acc));
+    k_sums.push_back(at::zeros({s.batch, s.heads, s.k_len, tile.second}, acc));
+  }
+  for (const auto& tile : value_tiles) v_sums.push_back(at::zeros({s.batch, s.heads, s.k_len, tile.second}, acc));
+  at::Tensor grad_initial = at::empty({state_count(s, packed), s.heads, m, dv + 1}, acc);
+  grad_initial.select(-1, dv).zero_();
+  at::Tensor grad_cumulative = at::empty({0}, acc);
+  for (size_t fi = 0; fi < feature_tiles.size(); ++fi) {
+    const int64_t f0 = feature_tiles[fi].first, fw = feature_tiles[fi].second;
+    for (size_t ti = 0; ti < value_tiles.size(); ++ti) {
+      const int64_t v0 = value_tiles[ti].first, vw = value_tiles[ti].second;
+      // The (f, t) block of a state, with its z / u column or zeros in its place.
+      auto state_tile = [&](const std::optional<at::Tensor>& state, bool last_column) -> std::optional<at::Tensor> {
+        if (!state.has_value()) return std::nullopt;
+        const at::Tensor rows = state->narrow(-2, f0, fw);
+        const at::Tensor last = rows.narrow(-1, dv, 1);
+        return at::cat({rows.narrow(-1, v0, vw), last_column ? last : at::zeros_like(last)}, -1);
+      };
+      LinearAttentionShape tile = s;
+      tile.feature_dim = fw;
+      tile.value_dim = vw;
+      const GradientSums sums{q_sums[fi], k_sums[fi], v_sums[ti]};
+      const auto grads = tensor_core_backward_whole(
+          tile, grad_out.narrow(-1, v0, vw), state_tile(grad_final_state, ti == 0), q.narrow(-1, f0, fw),
+          k.narrow(-1, f0, fw), v.narrow(-1, v0, vw), out.narrow(-1, v0, vw), normalizer,
+          state_tile(initial_state, true), key_padding_mask, state_tile(final_state, true), decay, packed, launch,
+          &sums);
+      const at::Tensor& tile_initial = std::get<3>(grads);
+      const at::Tensor initial_rows = grad_initial.narrow(-2, f0, fw);
+      initial_rows.narrow(-1, v0, vw).copy_(tile_initial.narrow(-1, 0, vw));
+      initial_rows.select(-1, dv).add_(tile_initial.select(-1, vw));
+      if (decay.defined()) {
+        grad_cumulative = grad_cumulative.numel() == 0 ? std::get<4>(grads) : grad_cumulative + std::get<4>(grads);
+      }
+    }
+  }
+  // Each sum rounded once, straight into its columns of the 16-bit gradient.
+  auto rounded = [&](const std::vector<at::Tensor>& sums, const std::vector<std::pair<int64_t, int64_t>>& tiles,
+                     int64_t len, int64_t dim) {
+    at::Tensor grad = at::empty({s.batch, s.heads, len, dim}, q.options());
+    for (size_t i = 0; i < tiles.size(); ++i) grad.narrow(-1, tiles[i].first, tiles[i].second).copy_(sums[i]);
+    return grad;
+  };
+  return {rounded(q_sums, feature_tiles, s.q_len, m), rounded(k_sums, feature_tiles, s.k_len, m),
+          rounded(v_sums, value_tiles, s.k_len, dv), grad_initial, grad_cumulative};
+}
+
 template <typename Launch>
 std::optional<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>> backward(
     const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_final_state,
@@ -335,7 +440,7 @@ std::optional<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>> backwa
                         key_padding_mask, feature_map, causal, final_state);
   const LinearAttentionShape s = kernel_shape(q, k, v, feature_map, causal, normalize, 1.0);
   if (tensor_core::takes_backward(s, q.scalar_type(), max_shared_bytes)) {
-    // 16-bit inputs with head dims up to 128: the tensor-core backward (tensor_core/backward.h).
+    // 16-bit inputs with head dims up to 256: the tensor-core backward (tensor_core/backward.h).
     auto grads = tensor_core_backward(s, grad_out, grad_final_state, q, k, v, out, normalizer, initial_state,
                                       key_padding_mask, final_state, at::Tensor(), PackedRows(), launch);
     return std::make_tuple(std::get<0>(grads), std::get<1>(grads), std::get<2>(grads), std::get<3>(grads));

@@ -1,6 +1,7 @@
 """The tensor-core backward of linear attention (csrc/linear_attention/tensor_core/backward.h).
 
-linear_attn_bwd_fused runs it for bfloat16 and float16 inputs with head dims up to 128: a query
+linear_attn_bwd_fused runs it for bfloat16 and float16 inputs with head dims up to 128 (up to 256 as
+tiles of 128: test_tensor_core_wide_backward.py): a query
 pass (dq, forwards in time) and a key-value pass (dk, dv and the initial state's gradient,
 backwards in time); on CPU tensors through the warp-operation layer's emulation. Every test counts
 the mma instructions the backward's emulation executed, so it cannot pass on the SIMT kernels."""
@@ -219,8 +220,9 @@ def test_zero_cotangent_rows_pass_nothing():
         assert torch.isfinite(grad[0, 1, :5]).all(), name
 
 
-def test_falls_back_to_simt_above_128_or_when_disabled(monkeypatch):
-    q, k, v = make(1, 1, 40, 40, 130, 16, torch.bfloat16, seed=11)
+def test_falls_back_to_simt_above_256_or_when_disabled(monkeypatch):
+    """(Head dims from 129 to 256 run as tiles: test_tensor_core_wide_backward.py.)"""
+    q, k, v = make(1, 1, 40, 40, 264, 16, torch.bfloat16, seed=11)
     check(q, k, v, TOLERANCE[torch.bfloat16], expect_tensor_cores=False)
     monkeypatch.setenv("LINATTN_TENSOR_CORES", "0")
     q, k, v = make(1, 1, 40, 40, 32, 16, torch.bfloat16, seed=11)
@@ -295,11 +297,10 @@ def test_cubins_hold_tensor_core_instructions_and_no_local_memory():
         assert row["stack"] <= spill_allowed and row["local"] == 0, f"{name}: local memory (register spills)"
 
 
-@pytest.mark.parametrize("causal", [True, False])
-def test_autograd_opcheck_and_compile(causal):
+def check_autograd_opcheck_and_compile(H, T, m, dv, causal, scale=1.0):
     """Through linattn.linear_attention with the fused backend: gradients against the reference,
     torch.compile(fullgraph=True) equal to eager, and opcheck of the backward operator."""
-    q, k, v = (t.requires_grad_() for t in make(1, 2, 70, 70, 32, 32, torch.bfloat16, seed=8))
+    q, k, v = (t.requires_grad_() for t in make(1, H, T, T, m, dv, torch.bfloat16, seed=8, scale=scale))
     with ops.fused_implementation():
         torch.ops.linattn._reset_warp_emulation_counters()
         out = linattn.linear_attention(q, k, v, causal=causal)
@@ -319,6 +320,11 @@ def test_autograd_opcheck_and_compile(causal):
     out_, state, normalizer = FWD(q.detach(), k.detach(), v.detach(), None, None, 1, causal, True, 1e-6)
     torch.library.opcheck(BWD, (torch.randn_like(out_), torch.randn_like(state), q.detach(), k.detach(), v.detach(),
                                 out_, normalizer, None, None, 1, causal, True, state))
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_autograd_opcheck_and_compile(causal):
+    check_autograd_opcheck_and_compile(2, 70, 32, 32, causal)
 
 
 @needs_gpu

@@ -498,12 +498,15 @@ struct BackwardBlock : SequenceRows {
   }
 
   // Writes a warp's output tiles (chunk rows 16·rb.. from sequence row `start`, columns from col0)
-  // into rows [.., end) and columns [0, dim) of `out`, a (bh, len, dim) 16-bit tensor: the element
-  // x of chunk row r, column c as value(r, c, x). A lane's two neighbouring columns leave as one
-  // 4-byte store when dim is even (their address then is too); the row check is made once per row.
+  // into rows [.., end) and columns [0, dim) of `out`, a (bh, len, dim) 16-bit tensor, or adds
+  // them into `sum`, its fp32 twin, where that is set (a head-dim tile's partial gradients): the
+  // element x of chunk row r, column c as value(r, c, x). A lane's two neighbouring 16-bit columns
+  // leave as one 4-byte store when dim is even (their address then is too); the row check is made
+  // once per row.
   template <int kTiles, typename Value>
   LINATTN_HD void store_output(const WarpContext& w, const Accumulator (&o)[kTiles][4], int col0, int64_t start,
-                               int64_t end, int64_t len, int64_t dim, scalar_t* out, const Value& value) const {
+                               int64_t end, int64_t len, int64_t dim, scalar_t* out, float* sum,
+                               const Value& value) const {
     const int rb = warp::opaque_uniform(w.warp) % 4;
     const bool paired = dim % 2 == 0;
     warp::for_lanes(w, [&](int lane) {
@@ -513,13 +516,19 @@ struct BackwardBlock : SequenceRows {
         const int r = rb * 16 + g + 8 * half;
         const int64_t row = start + r;
         if (row >= end) continue;
-        scalar_t* const out_row = out + (bh * len + row) * dim;
+        const int64_t row_offset = (bh * len + row) * dim;
         LINATTN_UNROLL
         for (int j = 0; j < kTiles; ++j) {
           const int c = col0 + j * 8 + 2 * t;
           if (c >= dim) continue;
           const float x0 = value(r, c, o[j][2 * half][lane]), x1 = value(r, c + 1, o[j][2 * half + 1][lane]);
-          warp::store_column_pair(w, out_row, c, dim, paired, x0, x1);
+          if (sum == nullptr) {
+            warp::store_column_pair(w, out + row_offset, c, dim, paired, x0, x1);
+            continue;
+          }
+          float* const sum_row = sum + row_offset;
+          warp::store_global(w, sum_row + c, warp::load_global(w, sum_row + c) + x0);
+          if (c + 1 < dim) warp::store_global(w, sum_row + c + 1, warp::load_global(w, sum_row + c + 1) + x1);
         }
       }
     });
@@ -641,11 +650,12 @@ struct BackwardBlock : SequenceRows {
       if (fade) scale_rows(w, base + L::kRowFade, o);
       if (p.causal) times_rows(w, scores, base + L::kK + f0 * 2, L::kQKPitch, false, flag(w, base, L::kKeyFlag), o);
       if (fade) row_products(w, o, f0, base + L::kQ, sum);
-      store_output(w, o, f0, start, q_end, p.q_len, p.feature_dim, p.grad_q, [&](int r, int f, float x) {
-        if (p.feature_map == kFeatureIdentity) return x;
-        return x * derivative_from_feature(p.feature_map,
-                                           shared_element<scalar_t>(w, base + L::kQ + r * L::kQKPitch + f * 2));
-      });
+      store_output(w, o, f0, start, q_end, p.q_len, p.feature_dim, p.grad_q, p.grad_q_sum,
+                   [&](int r, int f, float x) {
+                     if (p.feature_map == kFeatureIdentity) return x;
+                     const float phi = shared_element<scalar_t>(w, base + L::kQ + r * L::kQKPitch + f * 2);
+                     return x * derivative_from_feature(p.feature_map, phi);
+                   });
     }
     if (fade) store_row_terms(w, sum, start, ch);
   }
@@ -680,7 +690,7 @@ struct BackwardBlock : SequenceRows {
         if (p.causal) {
           times_rows(w, scores, base + L::kG + c0 * 2, L::kGPitch, true, flag(w, base, L::kCotangentFlag), o);
         }
-        store_output(w, o, c0, start, k_end, p.k_len, p.value_dim, p.grad_v,
+        store_output(w, o, c0, start, k_end, p.k_len, p.value_dim, p.grad_v, p.grad_v_sum,
                      [&](int r, int, float x) { return padded(start + r) ? 0.0f : x; });
       }
     }
@@ -730,11 +740,12 @@ struct BackwardBlock : SequenceRows {
       if (fade) scale_rows(w, base + L::kKeyFade, o);
       if (p.causal) times_rows(w, scores, base + L::kQ + f0 * 2, L::kQKPitch, true, flag(w, base, L::kQueryFlag), o);
       if (fade) row_products(w, o, f0, base + L::kK, sum);
-      store_output(w, o, f0, start, k_end, p.k_len, p.feature_dim, p.grad_k, [&](int r, int f, float x) {
-        x *= derivative_from_feature(p.feature_map,
-                                     shared_element<scalar_t>(w, base + L::kK + r * L::kQKPitch + f * 2));
-        return padded(start + r) ? 0.0f : x;
-      });
+      store_output(w, o, f0, start, k_end, p.k_len, p.feature_dim, p.grad_k, p.grad_k_sum,
+                   [&](int r, int f, float x) {
+                     x *= derivative_from_feature(p.feature_map,
+                                                  shared_element<scalar_t>(w, base + L::kK + r * L::kQKPitch + f * 2));
+                     return padded(start + r) ? 0.0f : x;
+                   });
     }
     if (fade) store_row_terms(w, sum, start, 2 + ch);
   }

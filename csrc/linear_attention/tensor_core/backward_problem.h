@@ -60,6 +60,14 @@ struct BackwardProblem {
   scalar_t* grad_q = nullptr;         // (B, H, T_q, m) contiguous
   scalar_t* grad_k = nullptr;         // (B, H, T_k, m)
   scalar_t* grad_v = nullptr;         // (B, H, T_k, dv)
+  // Head dims above the kernels' 128, which the host runs as tiles of features × value columns
+  // (fused_plans.h, tensor_core_backward): each tile's gradients are partial sums over the other
+  // axis, so where these are set the passes add their fp32 gradients into them (the shapes of
+  // grad_q, grad_k, grad_v; tiles launch one after another, so no atomics) instead of writing
+  // 16-bit ones; the host rounds the totals once.
+  float* grad_q_sum = nullptr;
+  float* grad_k_sum = nullptr;
+  float* grad_v_sum = nullptr;
   float* row_scalars = nullptr;       // (B, H, T_q, 2): written by the query pass, read by the other
   // Packed sequences, as the forward's (ForwardProblem::packing): states per (sequence, head).
   Packing packing;
@@ -99,6 +107,10 @@ struct BackwardLayout {
 // The kernels compiled: feature and value dims each padded to 64 or 128 (one block owns the whole
 // of both: the key gradient's scores reduce over every value column).
 LINATTN_HD inline int padded_backward_dim(int64_t d) { return d <= 64 ? 64 : 128; }
+
+// The widest head dims a kernel takes; wider calls run as tiles of at most this many features and
+// value columns, tile by tile (fused_plans.h, tensor_core_backward).
+constexpr int64_t kBackwardTile = 128;
 
 // Calls f(std::integral_constant<int, DK>{}, std::integral_constant<int, DV>{}) for the kernel
 // compiled for head dims dk and dv (both at most 128).

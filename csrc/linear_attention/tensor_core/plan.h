@@ -26,11 +26,14 @@ inline bool takes(const LinearAttentionShape& s, at::ScalarType dtype, int64_t m
 }
 
 // Whether the tensor-core backward (backward.h) takes this call: 16-bit inputs, head dims up to
-// 128 (a block holds U, feature dim × (value dim + 1), in fp32 registers), shared memory that fits.
+// 256 (a block holds U, feature dim × (value dim + 1), in fp32 registers, so the kernels take up to
+// 128 of each and wider calls run as tiles: fused_plans.h, tensor_core_backward), shared memory
+// that fits.
 inline bool takes_backward(const LinearAttentionShape& s, at::ScalarType dtype, int64_t max_shared_bytes) {
   if (dtype != at::kBFloat16 && dtype != at::kHalf) return false;
-  if (s.feature_dim > 128 || s.value_dim > 128 || !warp::tensor_cores_enabled()) return false;
-  return backward_shared_bytes_of(s.feature_dim, s.value_dim) <= max_shared_bytes;
+  if (s.feature_dim > 256 || s.value_dim > 256 || !warp::tensor_cores_enabled()) return false;
+  return backward_shared_bytes_of(std::min<int64_t>(s.feature_dim, kBackwardTile),
+                                  std::min<int64_t>(s.value_dim, kBackwardTile)) <= max_shared_bytes;
 }
 
 // The value tiles of a call; one even without value columns (dv = 0), whose block still writes
