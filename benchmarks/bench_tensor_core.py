@@ -120,11 +120,6 @@ def emulated_figures(T, D, causal, processors, gated=False):
             "wavefronts_per_matrix": wavefronts / max(matrices, 1)}
 
 
-# A wide backward's fp32 sums outside the kernels: zeroed (4 bytes written an element), then rounded
-# into the 16-bit gradient (4 read, 2 written).
-WIDE_SUM_BYTES = 10
-
-
 def emulated_backward_figures(T, D, causal, processors, gated=False):
     """One backward at B=1 H=2 (the forward's final state handed over, as autograd does) on an
     emulated GPU of `processors` SMs (2: a block per (batch, head); 132: the sequence split);
@@ -314,9 +309,8 @@ def main():
               f"(target <= 1.3 unsplit), {e['wavefronts_per_matrix']:.2f} wavefronts per ldmatrix matrix, "
               f"{e['mma']} mma")
     wide = [emulated_backward_figures(T, 256, causal, 2) for causal in (True, False)]
-    print(f"Emulated tensor-core backward at head dim 256 (four 128 x 128 tiles, fp32 sums), B=1 H=2 T={T} bf16, "
-          f"one block per head and tile (the sums' zeroing and final rounding, {WIDE_SUM_BYTES} bytes an element of "
-          f"dq, dk, dv, are ATen's and not counted):")
+    print(f"Emulated tensor-core backward at head dim 256 (four 128 x 128 tiles, dq, dk, dv through fp32 sums), "
+          f"B=1 H=2 T={T} bf16, one block per head and tile (floor as above):")
     for e in wide:
         print(f"  {'causal' if e['causal'] else 'full':>6}: traffic {e['traffic_over_floor']:.3f}x the floor, "
               f"{e['wavefronts_per_matrix']:.2f} wavefronts per ldmatrix matrix, {e['mma']} mma")

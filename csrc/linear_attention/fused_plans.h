@@ -248,30 +248,32 @@ inline void add_final_state_terms(at::Tensor& grad_cumulative, const at::Tensor&
   grad_cumulative.select(0, 0).index_add_(1, last_rows, per_row);
 }
 
-// fp32 (B, H, T, ·) gradients a head-dim tile of the tensor-core backward adds its partial dq, dk
-// and dv into (tensor_core_backward).
-struct GradientSums {
-  at::Tensor q, k, v;
+// Where a head-dim tile of the tensor-core backward puts its dq, dk and dv (tensor_core_backward):
+// into columns of the call's gradients, through fp32 sums where a gradient sums over tiles.
+struct GradientTiles {
+  at::Tensor q, k, v;       // the call's (B, H, T, ·) gradients
+  int64_t q0 = 0, v0 = 0;   // the tile's first feature and value column
+  tensor_core::GradientTile q_tile, k_tile, v_tile;
 };
 
 // The tensor-core backward (tensor_core/backward.h) of a call the kernels take whole (head dims up
 // to kBackwardTile): dq, dk, dv, dS0 and, with a fading state (`decay`: (B, H, T) fp32 contiguous
 // log factors, else undefined), dL/dc for c = cumsum(log factors): the passes' row terms
 // φ(q)·dφ(q) − φ(k)·dφ(k), and ⟨dS_N, S_N⟩ at the last row (S_N: the final state the query pass
-// reaches). `packed`: packed sequences, or none. With `sums` dq, dk and dv are added into them
-// instead (and returned undefined).
+// reaches). `packed`: packed sequences, or none. With `tiles` (a tile of a wider call) dq, dk and
+// dv go where it says instead (and are returned undefined).
 template <typename Launch>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> tensor_core_backward_whole(
     const LinearAttentionShape& s, const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_final_state,
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
     const at::Tensor& normalizer, const std::optional<at::Tensor>& initial_state,
     const std::optional<at::Tensor>& key_padding_mask, const std::optional<at::Tensor>& final_state,
-    const at::Tensor& decay, const PackedRows& packed, const Launch& launch, const GradientSums* sums = nullptr) {
+    const at::Tensor& decay, const PackedRows& packed, const Launch& launch, const GradientTiles* tiles = nullptr) {
   const auto acc = q.options().dtype(at::kFloat);
   const int64_t states = state_count(s, packed);
   // (Named tensors, not a structured binding: the dispatch lambdas capture them.)
   at::Tensor grad_q, grad_k, grad_v, grad_initial;
-  if (sums == nullptr) {
+  if (tiles == nullptr) {
     std::tie(grad_q, grad_k, grad_v, grad_initial) = empty_gradients(s, states, q.options(), acc);
   } else {
     grad_initial = at::empty({states, s.heads, s.feature_dim, s.value_dim + 1}, acc);
@@ -291,14 +293,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> tensor_co
     p.out = view_of<scalar_t>(out);
     p.grad_vector = warp::vector_rows<scalar_t>(grad_out);
     p.normalizer = den.const_data_ptr<float>();
-    if (sums == nullptr) {
+    if (tiles == nullptr) {
       p.grad_q = grad_q.data_ptr<scalar_t>();
       p.grad_k = grad_k.data_ptr<scalar_t>();
       p.grad_v = grad_v.data_ptr<scalar_t>();
     } else {
-      p.grad_q_sum = sums->q.data_ptr<float>();
-      p.grad_k_sum = sums->k.data_ptr<float>();
-      p.grad_v_sum = sums->v.data_ptr<float>();
+      p.grad_q = tiles->q.data_ptr<scalar_t>() + tiles->q0;
+      p.grad_k = tiles->k.data_ptr<scalar_t>() + tiles->q0;
+      p.grad_v = tiles->v.data_ptr<scalar_t>() + tiles->v0;
+      p.grad_q_tile = tiles->q_tile;
+      p.grad_k_tile = tiles->k_tile;
+      p.grad_v_tile = tiles->v_tile;
     }
     const at::Tensor row_scalars = at::empty({s.batch, s.heads, s.q_len, 2}, acc);
     p.row_scalars = row_scalars.data_ptr<float>();
@@ -353,18 +358,30 @@ inline std::vector<std::pair<int64_t, int64_t>> head_dim_tiles(int64_t d) {
   return tiles;
 }
 
+// How tile i of n along a sum over tiles leaves its part (tensor_core::GradientTile), its fp32 sum
+// `sum` (unused when n = 1), into a 16-bit gradient of row pitch `pitch`.
+inline tensor_core::GradientTile gradient_tile(size_t i, size_t n, const at::Tensor& sum, int64_t pitch) {
+  using tensor_core::Partial;
+  tensor_core::GradientTile tile;
+  tile.part = n == 1 ? Partial::kWhole : i == 0 ? Partial::kFirst : i + 1 == n ? Partial::kLast : Partial::kMiddle;
+  tile.sum = n == 1 ? nullptr : sum.data_ptr<float>();
+  tile.pitch = pitch;
+  return tile;
+}
+
 // The tensor-core backward of a call it takes (tensor_core_backward_whole's outputs). Head dims
 // above kBackwardTile (a block keeps Sᵀ or U, value × feature columns, in fp32 registers) run as
-// one backward per (feature tile, value tile), one after another:
-//   query pass: dφ(q)[f] = Σ over value tiles of G[t] Sᵀ[t, f] + gn[t] z[f] + Σ_j (G_i[t] · v_j[t]
+// one backward per (feature tile, value tile), one after another (docs/guide/cuda.md, "Head dims
+// above 128"):
+//   query pass: dφ(q)[f] = Σ over value tiles t of G[t] Sᵀ[t, f] + gn[t] z[f] + Σ_j (G_i[t] · v_j[t]
 //     + gn_i[t]) φ(k_j)[f], with gn[t] = −G[t] · o[t] the tile's share of gn (they sum to it);
-//   key-value pass: dv[t] = Σ over feature tiles of φ(k)[f] U_v[f, t] + Σ_i (φ(k_j)[f] · φ(q_i)[f])
+//   key-value pass: dv[t] = Σ over feature tiles f of φ(k)[f] U_v[f, t] + Σ_i (φ(k_j)[f] · φ(q_i)[f])
 //     G_i[t]; dφ(k)[f] = Σ over value tiles of U_v[f, t] v_j[t] + u[f, t] + Σ_i (...) φ(q_i)[f].
-// So each tile adds its fp32 gradients into (B, H, T, ·) sums rounded to 16 bits once at the end;
-// a tile's states are the (f, t) block of the call's with z (the forward's: in every value tile)
-// or the final state's u column (dS_N's: in value tile 0 only, as its sums over tiles count it
-// once); dS0's u column and dL/dc are sums over the tiles. Q and K are read once per value tile,
-// V, out and grad_out once per feature tile.
+// dq and dk[f] are sums over value tiles, dv[t] over feature tiles: fp32 sums (GradientTile), the
+// last tile rounding the total into the 16-bit gradient. A tile's states are the (f, t) block of
+// the call's with z (the forward's: in every value tile) or the final state's u column (dS_N's: in
+// value tile 0 only, as the sums over tiles then count it once); dS0's u column and dL/dc are sums
+// over the tiles.
 template <typename Launch>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> tensor_core_backward(
     const LinearAttentionShape& s, const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_final_state,
@@ -379,18 +396,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> tensor_co
   }
   const auto acc = q.options().dtype(at::kFloat);
   const auto feature_tiles = head_dim_tiles(m), value_tiles = head_dim_tiles(dv);
-  std::vector<at::Tensor> q_sums, k_sums, v_sums;
-  for (const auto& tile : feature_tiles) {
-    q_sums.push_back(at::zeros({s.batch, s.heads, s.q_len, tile.second}, acc));
-    k_sums.push_back(at::zeros({s.batch, s.heads, s.k_len, tile.second}, acc));
+  const size_t nf = feature_tiles.size(), nv = value_tiles.size();
+  GradientTiles to;
+  std::tie(to.q, to.k, to.v, std::ignore) = empty_gradients(s, 0, q.options(), acc);
+  // fp32 sums, one per tile of a gradient that sums over more than one tile.
+  std::vector<at::Tensor> q_sums(nf), k_sums(nf), v_sums(nv);
+  for (size_t i = 0; i < nf && nv > 1; ++i) {
+    q_sums[i] = at::empty({s.batch, s.heads, s.q_len, feature_tiles[i].second}, acc);
+    k_sums[i] = at::empty({s.batch, s.heads, s.k_len, feature_tiles[i].second}, acc);
   }
-  for (const auto& tile : value_tiles) v_sums.push_back(at::zeros({s.batch, s.heads, s.k_len, tile.second}, acc));
+  for (size_t i = 0; i < nv && nf > 1; ++i) {
+    v_sums[i] = at::empty({s.batch, s.heads, s.k_len, value_tiles[i].second}, acc);
+  }
   at::Tensor grad_initial = at::empty({state_count(s, packed), s.heads, m, dv + 1}, acc);
   grad_initial.select(-1, dv).zero_();
   at::Tensor grad_cumulative = at::empty({0}, acc);
-  for (size_t fi = 0; fi < feature_tiles.size(); ++fi) {
+  for (size_t fi = 0; fi < nf; ++fi) {
     const int64_t f0 = feature_tiles[fi].first, fw = feature_tiles[fi].second;
-    for (size_t ti = 0; ti < value_tiles.size(); ++ti) {
+    for (size_t ti = 0; ti < nv; ++ti) {
       const int64_t v0 = value_tiles[ti].first, vw = value_tiles[ti].second;
       // The (f, t) block of a state, with its z / u column or zeros in its place.
       auto state_tile = [&](const std::optional<at::Tensor>& state, bool last_column) -> std::optional<at::Tensor> {
@@ -402,12 +425,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> tensor_co
       LinearAttentionShape tile = s;
       tile.feature_dim = fw;
       tile.value_dim = vw;
-      const GradientSums sums{q_sums[fi], k_sums[fi], v_sums[ti]};
+      to.q0 = f0;
+      to.v0 = v0;
+      to.q_tile = gradient_tile(ti, nv, q_sums[fi], m);
+      to.k_tile = gradient_tile(ti, nv, k_sums[fi], m);
+      to.v_tile = gradient_tile(fi, nf, v_sums[ti], dv);
       const auto grads = tensor_core_backward_whole(
           tile, grad_out.narrow(-1, v0, vw), state_tile(grad_final_state, ti == 0), q.narrow(-1, f0, fw),
           k.narrow(-1, f0, fw), v.narrow(-1, v0, vw), out.narrow(-1, v0, vw), normalizer,
           state_tile(initial_state, true), key_padding_mask, state_tile(final_state, true), decay, packed, launch,
-          &sums);
+          &to);
       const at::Tensor& tile_initial = std::get<3>(grads);
       const at::Tensor initial_rows = grad_initial.narrow(-2, f0, fw);
       initial_rows.narrow(-1, v0, vw).copy_(tile_initial.narrow(-1, 0, vw));
@@ -417,15 +444,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> tensor_co
       }
     }
   }
-  // Each sum rounded once, straight into its columns of the 16-bit gradient.
-  auto rounded = [&](const std::vector<at::Tensor>& sums, const std::vector<std::pair<int64_t, int64_t>>& tiles,
-                     int64_t len, int64_t dim) {
-    at::Tensor grad = at::empty({s.batch, s.heads, len, dim}, q.options());
-    for (size_t i = 0; i < tiles.size(); ++i) grad.narrow(-1, tiles[i].first, tiles[i].second).copy_(sums[i]);
-    return grad;
-  };
-  return {rounded(q_sums, feature_tiles, s.q_len, m), rounded(k_sums, feature_tiles, s.k_len, m),
-          rounded(v_sums, value_tiles, s.k_len, dv), grad_initial, grad_cumulative};
+  return {to.q, to.k, to.v, grad_initial, grad_cumulative};
 }
 
 template <typename Launch>

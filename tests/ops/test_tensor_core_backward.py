@@ -248,8 +248,13 @@ def test_sequence_split(monkeypatch, causal, hand_final_state):
     q, k, v = make(B, H, T, T, m, dv, torch.bfloat16, seed=13)
     mask = torch.zeros(B, T, dtype=torch.bool)
     mask[0, 560:600] = True
-    options = dict(causal=causal, initial_state=initial_state_of(B, H, m, dv), mask=mask,
-                   hand_final_state=hand_final_state)
+    check_split(monkeypatch, q, k, v, causal=causal, initial_state=initial_state_of(B, H, m, dv), mask=mask,
+                hand_final_state=hand_final_state)
+
+
+def check_split(monkeypatch, q, k, v, **options):
+    """B·H = 2 rows of T = 1600 split into segments for 16 emulated SMs: against the reference and the
+    unsplit run (2 SMs), and the split ran (it writes per-segment sums)."""
     monkeypatch.setenv("LINATTN_EMULATED_SMS", "16")
     check(q, k, v, TOLERANCE[torch.bfloat16], **options)
     _, _, split, _ = run(q, k, v, **options)

@@ -498,17 +498,18 @@ struct BackwardBlock : SequenceRows {
   }
 
   // Writes a warp's output tiles (chunk rows 16·rb.. from sequence row `start`, columns from col0)
-  // into rows [.., end) and columns [0, dim) of `out`, a (bh, len, dim) 16-bit tensor, or adds
-  // them into `sum`, its fp32 twin, where that is set (a head-dim tile's partial gradients): the
-  // element x of chunk row r, column c as value(r, c, x). A lane's two neighbouring 16-bit columns
-  // leave as one 4-byte store when dim is even (their address then is too); the row check is made
-  // once per row.
+  // into rows [.., end) and columns [0, dim) of `out`, a (bh, len, dim) 16-bit tensor (rows
+  // tile.pitch apart if set), or, a tile's part of a gradient summed over tiles, as `tile` says
+  // (GradientTile): the element x of chunk row r, column c as value(r, c, x). A lane's two
+  // neighbouring 16-bit columns leave as one 4-byte store when dim and the pitch are even (their
+  // address then is too); the row check is made once per row.
   template <int kTiles, typename Value>
   LINATTN_HD void store_output(const WarpContext& w, const Accumulator (&o)[kTiles][4], int col0, int64_t start,
-                               int64_t end, int64_t len, int64_t dim, scalar_t* out, float* sum,
+                               int64_t end, int64_t len, int64_t dim, scalar_t* out, const GradientTile& tile,
                                const Value& value) const {
     const int rb = warp::opaque_uniform(w.warp) % 4;
-    const bool paired = dim % 2 == 0;
+    const int64_t pitch = tile.pitch != 0 ? tile.pitch : dim;
+    const bool paired = dim % 2 == 0 && pitch % 2 == 0;
     warp::for_lanes(w, [&](int lane) {
       const int g = warp::group_of(lane), t = warp::thread_in_group(lane);
       LINATTN_UNROLL
@@ -516,19 +517,25 @@ struct BackwardBlock : SequenceRows {
         const int r = rb * 16 + g + 8 * half;
         const int64_t row = start + r;
         if (row >= end) continue;
-        const int64_t row_offset = (bh * len + row) * dim;
         LINATTN_UNROLL
         for (int j = 0; j < kTiles; ++j) {
           const int c = col0 + j * 8 + 2 * t;
           if (c >= dim) continue;
-          const float x0 = value(r, c, o[j][2 * half][lane]), x1 = value(r, c + 1, o[j][2 * half + 1][lane]);
-          if (sum == nullptr) {
-            warp::store_column_pair(w, out + row_offset, c, dim, paired, x0, x1);
-            continue;
+          float x0 = value(r, c, o[j][2 * half][lane]), x1 = value(r, c + 1, o[j][2 * half + 1][lane]);
+          if (tile.part != Partial::kWhole) {
+            float* const sum = tile.sum + (bh * len + row) * dim + c;
+            const bool second = c + 1 < dim;
+            if (tile.part != Partial::kFirst) {
+              x0 += warp::load_global(w, sum);
+              if (second) x1 += warp::load_global(w, sum + 1);
+            }
+            if (tile.part != Partial::kLast) {
+              warp::store_global(w, sum, x0);
+              if (second) warp::store_global(w, sum + 1, x1);
+              continue;
+            }
           }
-          float* const sum_row = sum + row_offset;
-          warp::store_global(w, sum_row + c, warp::load_global(w, sum_row + c) + x0);
-          if (c + 1 < dim) warp::store_global(w, sum_row + c + 1, warp::load_global(w, sum_row + c + 1) + x1);
+          warp::store_column_pair(w, out + (bh * len + row) * pitch, c, dim, paired, x0, x1);
         }
       }
     });
@@ -650,7 +657,7 @@ struct BackwardBlock : SequenceRows {
       if (fade) scale_rows(w, base + L::kRowFade, o);
       if (p.causal) times_rows(w, scores, base + L::kK + f0 * 2, L::kQKPitch, false, flag(w, base, L::kKeyFlag), o);
       if (fade) row_products(w, o, f0, base + L::kQ, sum);
-      store_output(w, o, f0, start, q_end, p.q_len, p.feature_dim, p.grad_q, p.grad_q_sum,
+      store_output(w, o, f0, start, q_end, p.q_len, p.feature_dim, p.grad_q, p.grad_q_tile,
                    [&](int r, int f, float x) {
                      if (p.feature_map == kFeatureIdentity) return x;
                      const float phi = shared_element<scalar_t>(w, base + L::kQ + r * L::kQKPitch + f * 2);
@@ -690,7 +697,7 @@ struct BackwardBlock : SequenceRows {
         if (p.causal) {
           times_rows(w, scores, base + L::kG + c0 * 2, L::kGPitch, true, flag(w, base, L::kCotangentFlag), o);
         }
-        store_output(w, o, c0, start, k_end, p.k_len, p.value_dim, p.grad_v, p.grad_v_sum,
+        store_output(w, o, c0, start, k_end, p.k_len, p.value_dim, p.grad_v, p.grad_v_tile,
                      [&](int r, int, float x) { return padded(start + r) ? 0.0f : x; });
       }
     }
@@ -740,7 +747,7 @@ struct BackwardBlock : SequenceRows {
       if (fade) scale_rows(w, base + L::kKeyFade, o);
       if (p.causal) times_rows(w, scores, base + L::kQ + f0 * 2, L::kQKPitch, true, flag(w, base, L::kQueryFlag), o);
       if (fade) row_products(w, o, f0, base + L::kK, sum);
-      store_output(w, o, f0, start, k_end, p.k_len, p.feature_dim, p.grad_k, p.grad_k_sum,
+      store_output(w, o, f0, start, k_end, p.k_len, p.feature_dim, p.grad_k, p.grad_k_tile,
                    [&](int r, int f, float x) {
                      x *= derivative_from_feature(p.feature_map,
                                                   shared_element<scalar_t>(w, base + L::kK + r * L::kQKPitch + f * 2));

@@ -20,6 +20,17 @@ enum class BackwardPass : int {
   kQuerySums = 3,
 };
 
+// How a tile of a wide backward (fused_plans.h, tensor_core_backward) leaves a gradient that is a
+// sum over tiles: the first tile along the sum writes its fp32 part to `sum` ((B, H, T, tile
+// width)), a middle one adds its own, the last adds its own and writes the total, rounded once,
+// into its columns of the 16-bit gradient. Tiles run one after another on one stream: no atomics.
+enum class Partial : int { kWhole = 0, kFirst = 1, kMiddle = 2, kLast = 3 };
+struct GradientTile {
+  Partial part = Partial::kWhole;
+  float* sum = nullptr;
+  int64_t pitch = 0;  // the 16-bit gradient's row pitch in elements (0: the tile's width)
+};
+
 // Everything one launch reads and writes; one block per (batch, head). The cotangent of the
 // augmented output [numerator | normalizer] is G' = [G | gn] with G = g / d rounded to 16 bits and
 // gn = −G · o (g = grad_out, o = out, d = the saved normalizer; [g | 0] unnormalized), 0 for a row
@@ -60,14 +71,10 @@ struct BackwardProblem {
   scalar_t* grad_q = nullptr;         // (B, H, T_q, m) contiguous
   scalar_t* grad_k = nullptr;         // (B, H, T_k, m)
   scalar_t* grad_v = nullptr;         // (B, H, T_k, dv)
-  // Head dims above the kernels' 128, which the host runs as tiles of features × value columns
-  // (fused_plans.h, tensor_core_backward): each tile's gradients are partial sums over the other
-  // axis, so where these are set the passes add their fp32 gradients into them (the shapes of
-  // grad_q, grad_k, grad_v; tiles launch one after another, so no atomics) instead of writing
-  // 16-bit ones; the host rounds the totals once.
-  float* grad_q_sum = nullptr;
-  float* grad_k_sum = nullptr;
-  float* grad_v_sum = nullptr;
+  // Head dims above the kernels' 128 run as tiles of features × value columns (fused_plans.h,
+  // tensor_core_backward), whose gradients are partial sums over the other axis: where each of dq,
+  // dk and dv goes (GradientTile). grad_q, grad_k and grad_v then point at the tile's first column.
+  GradientTile grad_q_tile, grad_k_tile, grad_v_tile;
   float* row_scalars = nullptr;       // (B, H, T_q, 2): written by the query pass, read by the other
   // Packed sequences, as the forward's (ForwardProblem::packing): states per (sequence, head).
   Packing packing;
