@@ -47,6 +47,7 @@ def sliding_window_attention(
     key_padding_mask: Optional[torch.Tensor] = None,
     scale: Optional[float] = None,
     cu_seqlens: Optional[torch.Tensor] = None,
+    sinks: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Softmax attention in which query i sees only the keys of its window (docs/methods.md §5).
 
@@ -66,12 +67,15 @@ def sliding_window_attention(
             convention, as in linear_attention): q, k, v (1, H, total, D), and a query sees only
             the keys of its window that belong to its own sequence (no host synchronisation:
             the offsets become per-token sequence ids on the device). Not with global_mask.
+        sinks: (H,) per-head sink logits (gpt-oss's attention sinks, transformers' ``s_aux``):
+            every row's softmax also counts one more key of score sinks[h] and value 0, so a
+            row can give part of its attention to nothing. Differentiable.
 
     Returns (B, H, T_q, dv) in the input dtype. A row that sees no key returns 0 (and passes
     zero gradients), never NaN. Computed flash-style in blocks: memory O(T·(block + window)),
     never a T×T matrix; float32 accumulation for every dtype.
     """
-    if (type(window) is int and dilation == 1 and global_mask is None and cu_seqlens is None
+    if (type(window) is int and dilation == 1 and global_mask is None and cu_seqlens is None and sinks is None
             and (scale is None or type(scale) is float) and not torch.compiler.is_compiling()):
         # The common call goes straight to the operator, whose C++ checks match the ones below:
         # only a call it refuses runs them, to raise in the caller's terms.
@@ -103,6 +107,8 @@ def sliding_window_attention(
         scale = q.shape[-1] ** -0.5 if q.shape[-1] > 0 else 1.0
     elif isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
         raise ValueError(f"{where}: scale must be a finite number or None, got {scale!r}")
+    if sinks is not None:
+        check_sinks(where, sinks, q)
     segments = None
     if cu_seqlens is not None:
         if global_mask is not None:
@@ -112,8 +118,28 @@ def sliding_window_attention(
     pattern = ops.restricted.Pattern(window=(left, right), dilation=int(dilation), causal=bool(causal),
                                      global_mask=global_mask, key_padding_mask=key_padding_mask, q_segments=segments,
                                      k_segments=segments)
-    out, _ = ops.restricted.restricted_softmax(q, k, v, float(scale), pattern)
-    return out
+    out, lse = ops.restricted.restricted_softmax(q, k, v, float(scale), pattern)
+    return out if sinks is None else with_sinks(out, lse, sinks)
+
+
+def check_sinks(where: str, sinks, q: torch.Tensor) -> None:
+    if not isinstance(sinks, torch.Tensor):
+        raise TypeError(f"{where}: sinks must be a tensor of per-head logits, got {type(sinks).__name__}")
+    if sinks.shape != (q.shape[1],) or not sinks.is_floating_point():
+        raise ValueError(f"{where}: sinks must be a floating (H,) = ({q.shape[1]},) tensor of per-head logits, got "
+                         f"{sinks.dtype} {tuple(sinks.shape)}")
+    if sinks.device != q.device:
+        raise ValueError(f"{where}: sinks must be on q's device {q.device}, got {sinks.device}")
+
+
+def with_sinks(out: torch.Tensor, lse: torch.Tensor, sinks: torch.Tensor) -> torch.Tensor:
+    """Softmax attention whose rows also count a key of score sinks[h] and value 0, from the one
+    without it: out · e^lse / (e^lse + e^sink) = out · sigmoid(lse − sink), exactly (the
+    operator's lse takes a cotangent, so gradients reach q, k and the sinks through it); in fp32, or
+    float64 for float64 inputs. A row that sees no key (lse −inf) stays 0."""
+    dtype = torch.promote_types(out.dtype, torch.float32)
+    factor = torch.sigmoid(lse.to(dtype) - sinks.to(dtype).view(1, -1, 1))
+    return (out * factor.unsqueeze(-1)).to(out.dtype)
 
 
 def window_mask(length_q, length_k, window, *, causal=False, dilation=1, global_mask=None,

@@ -4,7 +4,7 @@ linattn_performer must match the same model running a dense float64 reference of
 grouped-query heads, causal (Llama) and bidirectional (BERT, ViT) attention; linattn_local must
 equal sdpa (float64, 1e-10) in the models' own sliding windows (Mistral, Qwen2, Gemma-3 at head
 dim 256, whose bf16 training step also runs the flash engine's emulation forward and backward) and full
-attention (BERT, Llama); generation must give the same tokens through transformers' dynamic,
+attention (BERT, Llama), and eager on gpt-oss (attention sinks); generation must give the same tokens through transformers' dynamic,
 static and sliding caches, linattn.hf.LinearStateCache (constant size) and no cache; packed
 documents (position_ids restarting inside a row) attend each to itself through the varlen
 operators; masks linattn cannot honour raise; training runs backward."""
@@ -266,6 +266,43 @@ def gemma3(window, seed=0):
 def test_gemma3_local_is_exactly_sdpa(padding):
     assert_same_logits(gemma3(window=4).eval().double(), "linattn_local", "sdpa", padding, length=14,
                        tolerance=1e-10)
+
+
+def gpt_oss(seed=0):
+    """A small gpt-oss decoder: a sliding-window layer and a full one, both with attention sinks
+    (drawn away from their zero init so that they matter), grouped-query heads, a small MoE."""
+    if not hasattr(transformers, "GptOssConfig"):
+        pytest.skip("this transformers has no gpt-oss")
+    config = transformers.GptOssConfig(
+        vocab_size=61, hidden_size=32, intermediate_size=16, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, sliding_window=4, num_local_experts=4, num_experts_per_tok=2,
+        max_position_embeddings=512, layer_types=["sliding_attention", "full_attention"],
+        experts_implementation="eager")  # (its grouped-mm experts take no float64)
+    torch.manual_seed(seed)
+    model = transformers.GptOssForCausalLM(config).eval()
+    with torch.no_grad():
+        for module in model.modules():
+            if hasattr(module, "sinks"):
+                module.sinks.normal_(0.0, 1.0)
+    return model
+
+
+@pytest.mark.parametrize("padding", [None, "left", "right"])
+def test_gpt_oss_attention_sinks_are_exactly_eager(padding):
+    """transformers' gpt-oss attention concatenates each head's sink logit to the scores; linattn_local
+    rescales the windowed softmax by sigmoid(lse − sink): the same logits to 1e-10 in float64, and the
+    same gradient of the sinks."""
+    model = gpt_oss().double()
+    assert_same_logits(model, "linattn_local", "eager", padding, length=14, tolerance=1e-10)
+    ids = torch.randint(0, 61, (2, 12), generator=torch.Generator().manual_seed(3))
+    grads = {}
+    for implementation in ("eager", "linattn_local"):
+        model.zero_grad()
+        with_implementation(model, implementation)(ids, labels=ids).loss.backward()
+        grads[implementation] = [layer.self_attn.sinks.grad.clone() for layer in model.model.layers]
+    for got, expected in zip(grads["linattn_local"], grads["eager"]):
+        assert expected.abs().max() > 0
+        torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-12)
 
 
 def test_gemma3_bf16_training_step_runs_the_flash_engine_at_head_dim_256():
