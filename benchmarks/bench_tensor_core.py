@@ -5,8 +5,9 @@ GPU can give, from the warp emulation and the compiled cubins.
   - linear attention: emulated global traffic of one forward as a multiple of its floor (reading
     q, k, v and writing o once), and ldmatrix wavefronts per 8x8 matrix (1.00 = no bank
     conflicts), at the issue's shape: B=1 H=2 D=128 T=4096 bf16, causal and not; the same for
-    one backward (floor: q, k, v, o, grad_out read, dq, dk, dv written once); the same for a
-    causal forward and backward of packed sequences (cu_seqlens, documents of mixed lengths);
+    one backward (floor: q, k, v, o, grad_out read, dq, dk, dv written once), and for one at
+    D=256 (four 128 x 128 tiles); the same for a causal forward and backward of packed sequences
+    (cu_seqlens, documents of mixed lengths);
   - the flash engine, sliding window (256, 256) and causal at B=1 H=2 D=64 T=4096 bf16: score
     pairs computed per visible pair (the tiles' waste at the band's edges), K/V bytes read per
     visited key tile's bytes (1.00 = each visited tile read once) and wavefronts per matrix;
