@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from .. import functional
 from ..ops import accumulate_dtype
 from ..feature_maps import FEATURE_MAPS, favor_features
-from ..window import window_bounds
+from ..window import window_bounds, with_sinks
 
 def state_of(phi_visible: torch.Tensor, values: torch.Tensor):
     """The recurrent state (S, z) of keys every query sees, in the accumulation dtype."""
@@ -225,13 +225,17 @@ def _attend_window(core, q, k, v, ring_entry, length, where):
         values = entry["v"] = _writable(entry["v"], v).index_copy_(2, slot, v)
         filled = min(length + 1, ring)
         out = F.scaled_dot_product_attention(q, keys[:, :, :filled], values[:, :, :filled])
+        if core.sinks is not None:  # the row's logsumexp over the same keys, for the sink's share
+            scores = (q * q.shape[-1] ** -0.5) @ keys[:, :, :filled].transpose(-1, -2)
+            out = with_sinks(out, scores.logsumexp(-1), core.sinks)
         return out, entry
     # A chunk (or dilation): the past keys in order, then the window kernel, bottom-right aligned.
     past = min(length, left)
     order = (torch.arange(length - past, length, device=k.device) % ring)
     keys = torch.cat([entry["k"].index_select(2, order), k], dim=2)
     values = torch.cat([entry["v"].index_select(2, order), v], dim=2)
-    out = functional.sliding_window_attention(q, keys, values, (left, 0), causal=True, dilation=core.dilation)
+    out = functional.sliding_window_attention(q, keys, values, (left, 0), causal=True, dilation=core.dilation,
+                                              sinks=core.sinks)
     kept = min(n, ring)
     slots = torch.arange(length + n - kept, length + n, device=k.device) % ring
     entry["k"] = _writable(entry["k"], k).index_copy_(2, slots, k[:, :, n - kept:])

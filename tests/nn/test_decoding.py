@@ -19,6 +19,7 @@ CASES = [
     ("local", {"window": 5}),
     ("local", {"window": 6, "dilation": 2}),
     ("local", {"window": (3, 7)}),
+    ("local", {"window": 5, "sinks": True}),
     ("hybrid", {"window": 4}),
     ("deltanet", {}),
     ("gated_deltanet", {}),
@@ -34,6 +35,9 @@ def module(method, opts, dtype=torch.float64, batch_first=True, **kwargs):
     if method == "hybrid":
         with torch.no_grad():
             m.core.gate.copy_(torch.tensor([0.7, -1.2]))
+    if opts.get("sinks"):  # learned sinks, away from their zero init
+        with torch.no_grad():
+            m.core.sinks.copy_(torch.tensor([0.5, -1.0]))
     if method in ("deltanet", "gated_deltanet"):  # token-dependent β and gate, as after training
         with torch.no_grad():
             for p in m.core.parameters():

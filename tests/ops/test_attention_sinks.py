@@ -125,3 +125,36 @@ def test_without_sinks_the_reference_is_softmax():
     q, k, v, _ = inputs(dtype=torch.float64)
     minus_inf = torch.full((3,), float("-inf"), dtype=torch.float64)
     assert_close(reference_with_sinks(q, k, v, 5, minus_inf), reference.sliding_window_attention(q, k, v, 5), 1e-12)
+
+
+# --- linattn.nn.MultiheadAttention(method="local", sinks=True) ---------------------------------
+
+def test_module_sinks_output_weights_and_gradient():
+    """The local method's learned sinks: the output is the float64 reference's under the module's
+    sinks, need_weights gives each key's share (rows summing to 1 − the sink's), the sinks get a
+    gradient, and a state dict from torch's module (no sinks) loads, leaving them as they are."""
+    from linattn.nn import MultiheadAttention
+    torch.manual_seed(0)
+    m = MultiheadAttention(16, 2, method="local", window=4, sinks=True, batch_first=True, dtype=torch.float64)
+    assert "sinks=True" in repr(m.core)
+    with torch.no_grad():
+        m.core.sinks.copy_(torch.tensor([0.5, -1.0]))
+    x = torch.randn(2, 20, 16, dtype=torch.float64)
+    projected = torch.nn.functional.linear(x, m.in_proj_weight, m.in_proj_bias).detach()
+    q, k, v = (t.reshape(2, 20, 2, 8).transpose(1, 2) for t in projected.chunk(3, -1))
+    out, weights = m(x, x, x, need_weights=True, average_attn_weights=False)
+    attended = reference_with_sinks(q, k, v, 4, m.core.sinks.detach())
+    expected = m.out_proj(attended.transpose(1, 2).reshape(2, 20, 16))
+    assert_close(out, expected, 1e-10, "out")
+    visible = linattn.window_mask(20, 20, 4)
+    scores = (q @ k.transpose(-1, -2) / 8 ** 0.5).masked_fill(~visible, float("-inf"))
+    sink = m.core.sinks.detach().view(1, 2, 1, 1).expand(2, 2, 20, 1)
+    expected_weights = torch.softmax(torch.cat([scores, sink], -1), -1)[..., :-1]
+    assert_close(weights, expected_weights, 1e-10, "weights")
+    out.sum().backward()
+    assert m.core.sinks.grad is not None and m.core.sinks.grad.abs().min() > 0
+    before = m.core.sinks.detach().clone()
+    m.load_state_dict(torch.nn.MultiheadAttention(16, 2, batch_first=True, dtype=torch.float64).state_dict())
+    assert torch.equal(m.core.sinks.detach(), before)
+    with pytest.raises(TypeError, match="sinks must be True or False"):
+        MultiheadAttention(16, 2, method="local", sinks=1)

@@ -7,7 +7,7 @@ from torch import nn
 
 from ... import functional, lsh, reference
 from ...sparse import layout_mask
-from ...window import window_bounds, window_mask
+from ...window import window_bounds, window_mask, with_sinks
 from ..decoding import decode_hybrid, decode_local
 from .base import MethodModule, _check_choice, _check_positive_int, _drop_keys, _masked_softmax_weights
 from .kernelized import LinearMethod
@@ -18,26 +18,33 @@ class LocalMethod(MethodModule):
     Options:
       window: an int w (each query sees the keys within w positions; causal: the w before it
         and itself) or a (left, right) pair with flash-attn's window_size meaning; default 128;
-      dilation: keep every d-th key of the window (Longformer's dilated windows), default 1.
+      dilation: keep every d-th key of the window (Longformer's dilated windows), default 1;
+      sinks: True adds gpt-oss's attention sinks, a learned logit per head (the parameter
+        `sinks`, zeros at first) that every row's softmax counts as one more key of value 0;
+        default False.
     Accepts key padding and causal masks; dropout drops whole keys, as for the linear methods."""
 
     name = "local"
     decoder = staticmethod(decode_local)
     hf_implementations = ("linattn_local",)
-    options = ("window", "dilation")
+    options = ("window", "dilation", "sinks")
     supports_causal = True
     takes_any_mask = False
     supports_extra_keys = False  # bias_kv / zero_attn keys would fall outside most windows
 
-    def __init__(self, num_heads: int, head_dim: int, device=None, dtype=None, *, window=128, dilation=1):
+    def __init__(self, num_heads: int, head_dim: int, device=None, dtype=None, *, window=128, dilation=1,
+                 sinks=False):
         super().__init__()
         where = f"linattn method {self.name!r}"
         window_bounds(where, window, causal=False)  # raises on a bad window
         _check_positive_int(self.name, "dilation", dilation)
+        if not isinstance(sinks, bool):
+            raise TypeError(f"{where}: sinks must be True or False, got {sinks!r}")
         self.window, self.dilation = window, dilation
+        self.sinks = nn.Parameter(torch.zeros(num_heads, device=device, dtype=dtype)) if sinks else None
 
     def extra_repr(self) -> str:
-        return f"window={self.window!r}, dilation={self.dilation}"
+        return f"window={self.window!r}, dilation={self.dilation}" + (", sinks=True" if self.sinks is not None else "")
 
     def global_mask(self, k, given):
         """The global tokens for keys k: the ones given (longformer), or none."""
@@ -48,7 +55,7 @@ class LocalMethod(MethodModule):
         global_mask = self.global_mask(k, global_mask)
         out = functional.sliding_window_attention(
             q, k, v, self.window, causal=causal, dilation=self.dilation, global_mask=global_mask,
-            key_padding_mask=key_padding_mask,
+            key_padding_mask=key_padding_mask, sinks=self.sinks,
         )
         if not need_weights:
             return out, None
@@ -57,6 +64,9 @@ class LocalMethod(MethodModule):
             key_padding_mask=key_padding_mask, batch=q.shape[0], device=q.device,
         )
         weights = _masked_softmax_weights(q, k, visible)
+        if self.sinks is not None:  # the keys' share of each row, the sink taking the rest
+            scores = ((q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)).masked_fill(~visible, float("-inf"))
+            weights = with_sinks(weights, scores.logsumexp(-1), self.sinks)
         return out, weights if key_scale is None else weights * key_scale
 
 
