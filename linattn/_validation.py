@@ -50,7 +50,8 @@ def check_same_device_dtype(where: str, names: tuple, tensors: tuple) -> None:
 
 
 def check_fade(where: str, name: str, t, shape: tuple, layout: str, device) -> None:
-    """A decay (H,) or gate ((B, H) per step, (B, H, T) per sequence): float, that shape, on `device`."""
+    """A per-head or per-token float tensor — a decay or attention sinks (H,), a gate ((B, H) per
+    step, (B, H, T) per sequence): float, that shape, on `device`."""
     check_tensor(where, name, t, len(shape), layout)
     check_float_dtype(where, name, t)
     if tuple(t.shape) != tuple(shape) or t.device != device:

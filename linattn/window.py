@@ -108,7 +108,7 @@ def sliding_window_attention(
     elif isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
         raise ValueError(f"{where}: scale must be a finite number or None, got {scale!r}")
     if sinks is not None:
-        check_sinks(where, sinks, q)
+        check.check_fade(where, "sinks", sinks, (q.shape[1],), "(H,) of per-head logits", q.device)
     segments = None
     if cu_seqlens is not None:
         if global_mask is not None:
@@ -120,16 +120,6 @@ def sliding_window_attention(
                                      k_segments=segments)
     out, lse = ops.restricted.restricted_softmax(q, k, v, float(scale), pattern)
     return out if sinks is None else with_sinks(out, lse, sinks)
-
-
-def check_sinks(where: str, sinks, q: torch.Tensor) -> None:
-    if not isinstance(sinks, torch.Tensor):
-        raise TypeError(f"{where}: sinks must be a tensor of per-head logits, got {type(sinks).__name__}")
-    if sinks.shape != (q.shape[1],) or not sinks.is_floating_point():
-        raise ValueError(f"{where}: sinks must be a floating (H,) = ({q.shape[1]},) tensor of per-head logits, got "
-                         f"{sinks.dtype} {tuple(sinks.shape)}")
-    if sinks.device != q.device:
-        raise ValueError(f"{where}: sinks must be on q's device {q.device}, got {sinks.device}")
 
 
 def with_sinks(out: torch.Tensor, lse: torch.Tensor, sinks: torch.Tensor) -> torch.Tensor:

@@ -224,11 +224,13 @@ def _attend_window(core, q, k, v, ring_entry, length, where):
         keys = entry["k"] = _writable(entry["k"], k).index_copy_(2, slot, k)
         values = entry["v"] = _writable(entry["v"], v).index_copy_(2, slot, v)
         filled = min(length + 1, ring)
-        out = F.scaled_dot_product_attention(q, keys[:, :, :filled], values[:, :, :filled])
-        if core.sinks is not None:  # the row's logsumexp over the same keys, for the sink's share
-            scores = (q * q.shape[-1] ** -0.5) @ keys[:, :, :filled].transpose(-1, -2)
-            out = with_sinks(out, scores.logsumexp(-1), core.sinks)
-        return out, entry
+        if core.sinks is None:
+            return F.scaled_dot_product_attention(q, keys[:, :, :filled], values[:, :, :filled]), entry
+        # Sinks: the row's softmax and its logsumexp (the sink's share) from one product of scores.
+        acc = torch.promote_types(q.dtype, torch.float32)
+        scores = ((q * q.shape[-1] ** -0.5) @ keys[:, :, :filled].transpose(-1, -2)).to(acc)
+        out = torch.softmax(scores, -1) @ values[:, :, :filled].to(acc)
+        return with_sinks(out, scores.logsumexp(-1), core.sinks).to(q.dtype), entry
     # A chunk (or dilation): the past keys in order, then the window kernel, bottom-right aligned.
     past = min(length, left)
     order = (torch.arange(length - past, length, device=k.device) % ring)

@@ -9,7 +9,8 @@ from ... import functional, lsh, reference
 from ...sparse import layout_mask
 from ...window import window_bounds, window_mask, with_sinks
 from ..decoding import decode_hybrid, decode_local
-from .base import MethodModule, _check_choice, _check_positive_int, _drop_keys, _masked_softmax_weights
+from .base import (MethodModule, _check_choice, _check_positive_int, _drop_keys, _masked_softmax_weights,
+                   _softmax_over_visible)
 from .kernelized import LinearMethod
 
 
@@ -63,10 +64,12 @@ class LocalMethod(MethodModule):
             q.shape[2], k.shape[2], self.window, causal=causal, dilation=self.dilation, global_mask=global_mask,
             key_padding_mask=key_padding_mask, batch=q.shape[0], device=q.device,
         )
-        weights = _masked_softmax_weights(q, k, visible)
-        if self.sinks is not None:  # the keys' share of each row, the sink taking the rest
-            scores = ((q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)).masked_fill(~visible, float("-inf"))
-            weights = with_sinks(weights, scores.logsumexp(-1), self.sinks)
+        if self.sinks is None:
+            weights = _masked_softmax_weights(q, k, visible)
+        else:  # the keys' share of each row, the sink taking the rest (one product for both)
+            scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)
+            lse = scores.masked_fill(~visible, float("-inf")).logsumexp(-1)
+            weights = with_sinks(_softmax_over_visible(scores, visible), lse, self.sinks)
         return out, weights if key_scale is None else weights * key_scale
 
 
