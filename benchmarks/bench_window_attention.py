@@ -9,6 +9,9 @@ a fresh process (peak RSS above baseline) for the largest T.
 
     python -m benchmarks.bench_window_attention            # T up to 65536, w 128/256/512 (~15 min)
     python -m benchmarks.bench_window_attention --quick    # T 1024/4096, w 256 (~1 min)
+    python -m benchmarks.bench_window_attention --quick --softcap 50   # Gemma-2's logit soft-capping:
+        linattn capped against itself uncapped (the cap's cost) and FlexAttention with the same
+        cap as a score_mod (SDPA and local-attention cannot cap, so they are left out)
 
 Writes results/window_attention.json and results/window_attention.png.
 """
@@ -31,10 +34,18 @@ def make_inputs(T, requires_grad):
     return [torch.randn(B, H, T, D, generator=g).requires_grad_(requires_grad) for _ in range(3)]
 
 
-def implementations(T, w, sdpa_max):
-    """name -> (forward fn(q, k, v), whether it can be trained, i.e. has a CPU backward)."""
-    impls = {"linattn": (lambda q, k, v: linattn.sliding_window_attention(q, k, v, w, causal=True), True)}
-    if T <= sdpa_max:
+BASELINE = "linattn"  # the implementation every ratio is taken against
+UNCAPPED = "linattn (no cap)"  # with --softcap: the same call without the cap
+
+
+def implementations(T, w, sdpa_max, softcap=None):
+    """name -> (forward fn(q, k, v), whether it can be trained, i.e. has a CPU backward). With a
+    softcap, every implementation caps but UNCAPPED, and those that cannot are left out."""
+    impls = {BASELINE: (lambda q, k, v: linattn.sliding_window_attention(q, k, v, w, causal=True, softcap=softcap),
+                        True)}
+    if softcap is not None:
+        impls[UNCAPPED] = (lambda q, k, v: linattn.sliding_window_attention(q, k, v, w, causal=True), True)
+    if T <= sdpa_max and softcap is None:
         band = linattn.window_mask(T, T, w, causal=True)[0, 0]
         impls["sdpa dense mask"] = (lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=band), True)
     try:
@@ -48,23 +59,30 @@ def implementations(T, w, sdpa_max):
         # out of memory at T=16384).
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         compiled = torch.compile(flex_attention, dynamic=False)
-        impls["flex (compiled fwd)"] = (lambda q, k, v: compiled(q, k, v, block_mask=block_mask), False)
+        if softcap is None:
+            impls["flex (compiled fwd)"] = (lambda q, k, v: compiled(q, k, v, block_mask=block_mask), False)
+        else:
+            def capped(score, b, h, i, j):
+                return softcap * torch.tanh(score / softcap)
+
+            impls["flex softcap (compiled fwd)"] = (
+                lambda q, k, v: compiled(q, k, v, score_mod=capped, block_mask=block_mask), False)
     try:
         from local_attention import LocalAttention
     except ImportError:
         LocalAttention = None
-    if LocalAttention is not None:
+    if LocalAttention is not None and softcap is None:
         local = LocalAttention(window_size=w, causal=True, look_backward=1, exact_windowsize=True, autopad=True,
                                use_rotary_pos_emb=False)
         impls["local-attention"] = (lambda q, k, v: local(q, k, v), True)
     return impls
 
 
-def check_agreement(T=300, w=37):
+def check_agreement(softcap, T=300, w=37):
     q, k, v = make_inputs(T, False)
-    outs = {name: fn(q, k, v) for name, (fn, _) in implementations(T, w, sdpa_max=T).items()}
+    outs = {name: fn(q, k, v) for name, (fn, _) in implementations(T, w, T, softcap).items() if name != UNCAPPED}
     for name, out in outs.items():
-        err = (out - outs["linattn"]).abs().max().item()
+        err = (out - outs[BASELINE]).abs().max().item()
         assert err < 1e-4, f"{name} disagrees with linattn: max error {err:.2e}"
 
 
@@ -76,8 +94,8 @@ def forward_backward(fn):
     return run
 
 
-def measure(T, w, reps, sdpa_max):
-    impls = implementations(T, w, sdpa_max)
+def measure(T, w, reps, sdpa_max, softcap):
+    impls = implementations(T, w, sdpa_max, softcap)
     q, k, v = make_inputs(T, False)
     with torch.no_grad():
         fwd = interleaved_medians({n: (lambda f=f: f(q, k, v)) for n, (f, _) in impls.items()}, reps)
@@ -104,12 +122,13 @@ def main():
     parser.add_argument("--out", default="results")
     parser.add_argument("--lengths", type=int, nargs="+", help="sequence lengths (default by mode)")
     parser.add_argument("--windows", type=int, nargs="+", help="window sizes (default by mode)")
+    parser.add_argument("--softcap", type=float, help="cap every implementation's scores (Gemma-2: 50)")
     parser.add_argument("--memory-child", nargs=2, type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_child:
         return peak_memory_child(*args.memory_child)
     torch.manual_seed(0)
-    check_agreement()
+    check_agreement(args.softcap)
     info = machine_info()
     lengths = args.lengths or ([1024, 4096] if args.quick else [1024, 4096, 16384, 65536])
     windows = args.windows or ([256] if args.quick else [128, 256, 512])
@@ -124,21 +143,22 @@ def main():
         tqdm = lambda x, **_: x
     points = [(T, w) for w in windows for T in lengths]
     for T, w in tqdm(points, desc="window attention"):
-        rows.append(measure(T, w, reps, sdpa_max))
+        rows.append(measure(T, w, reps, sdpa_max, args.softcap))
     largest = max(lengths)
     memory = run_child(["benchmarks.bench_window_attention", "--memory-child", str(largest), "256"])
-    names = sorted({n for r in rows for n in r["forward_s"]}, key=lambda n: (n != "linattn", n))
-    print(f"\ncausal sliding window, B={B} H={H} D={D}, fp32; median ms (ratio = other's time / linattn's)")
+    names = sorted({n for r in rows for n in r["forward_s"]}, key=lambda n: (n != BASELINE, n))
+    capped = "" if args.softcap is None else f", scores soft-capped at {args.softcap:g}"
+    print(f"\ncausal sliding window, B={B} H={H} D={D}, fp32{capped}; median ms (ratio = other's time / linattn's)")
     for r in rows:
         T, w = r["T"], r["w"]
         work = 4 * T * (w + 1) * D * B * H
-        t = r["forward_s"]["linattn"]
+        t = r["forward_s"][BASELINE]
         line = f"T={T:>6} w={w:>4}  fwd {t * 1e3:8.1f} ms {work / t / 1e9:6.1f} GFLOP/s ({work / t / 1e9 / gemm:4.0%} GEMM)"
         for n in names[1:]:
             if n in r["forward_s"]:
                 line += f" | {n} {r['forward_s'][n] * 1e3:.1f} ms ({r['forward_s'][n] / t:.2f}x)"
         print(line)
-        tb = r["forward_backward_s"]["linattn"]
+        tb = r["forward_backward_s"][BASELINE]
         line = f"{'':>15}  fwd+bwd {tb * 1e3:8.1f} ms"
         for n in names[1:]:
             if n in r["forward_backward_s"]:
@@ -162,8 +182,10 @@ def main():
         ax.set(xscale="log", yscale="log", xlabel="T", ylabel="ms", title=f"causal window w=256, {title}")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
-    payload = {"machine": info, "gemm_gflops": gemm, "B": B, "H": H, "D": D, "rows": rows, "peak_memory": memory}
-    json_path, png_path = write_results(args.out, "window_attention", payload, fig)
+    payload = {"machine": info, "gemm_gflops": gemm, "B": B, "H": H, "D": D, "softcap": args.softcap, "rows": rows,
+               "peak_memory": memory}
+    name = "window_attention" if args.softcap is None else "window_attention_softcap"
+    json_path, png_path = write_results(args.out, name, payload, fig)
     print(f"\nwrote {json_path} and {png_path}")
 
 

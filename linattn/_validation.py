@@ -104,6 +104,16 @@ def check_eps(where: str, eps) -> None:
         raise ValueError(f"{where}: eps must be a finite number > 0, got {eps!r}")
 
 
+def softcap_of(where: str, softcap) -> float:
+    """The restricted softmax's cap as the operator takes it: None is no capping (0.0); else a
+    finite number > 0 (Gemma-2's logit soft-capping: scores become softcap·tanh(s / softcap))."""
+    if softcap is None:
+        return 0.0
+    if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real) or not (0 < float(softcap) < float("inf")):
+        raise ValueError(f"{where}: softcap must be a finite number > 0 or None, got {softcap!r}")
+    return float(softcap)
+
+
 def check_features(where: str, phi_q: torch.Tensor, phi_k: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> None:
     """A callable feature map must keep (B, H, T) and give q and k the same feature dim."""
     for name, phi, x in (("q", phi_q, q), ("k", phi_k, k)):

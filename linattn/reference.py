@@ -184,12 +184,15 @@ def sliding_window_attention(q, k, v, window, *, causal=False, dilation=1, globa
     return masked_softmax_attention(q, k, v, visible, scale)
 
 
-def masked_softmax_attention(q, k, v, visible, scale, *, bias=None, fixed=None, return_lse=False):
+def masked_softmax_attention(q, k, v, visible, scale, *, bias=None, fixed=None, softcap=0.0, return_lse=False):
     """Softmax over exactly the visible keys (a dense bool mask), in float64, masked terms
-    excluded; a row with no visible key is 0 (lse −inf). bias is added to the scaled scores;
-    `fixed` pairs score kSelfScore (−1e5) whatever q and k are."""
+    excluded; a row with no visible key is 0 (lse −inf). softcap > 0 caps the scaled scores s to
+    softcap·tanh(s / softcap); bias is added after; `fixed` pairs score kSelfScore (−1e5)
+    whatever q and k are."""
     q, k, v = q.double(), k.double(), v.double()
     scores = (q @ k.transpose(-1, -2)) * scale
+    if softcap:
+        scores = softcap * torch.tanh(scores / softcap)
     if bias is not None:
         scores = scores + bias.double()
     if fixed is not None:

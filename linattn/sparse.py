@@ -29,6 +29,7 @@ def block_sparse_attention(
     causal: bool = False,
     scale: Optional[float] = None,
     key_padding_mask: Optional[torch.Tensor] = None,
+    softcap: Optional[float] = None,
 ) -> torch.Tensor:
     """Softmax attention in which query i sees key j when layout[h, i // b, j // b] is True.
 
@@ -38,6 +39,8 @@ def block_sparse_attention(
         block_size: b.
         causal: also hide keys after the query (j > i + T_k − T_q), inside blocks too.
         key_padding_mask: (B, T_k) bool, True = padded key. scale: default D ** -0.5.
+        softcap: c > 0 caps every scaled score s to c·tanh(s / c) (Gemma-2's logit soft-capping);
+            None = no capping.
 
     The kernel visits only the present blocks (never a T×T matrix); a row that sees no key
     returns 0 with zero gradients. Same engine, guarantees and dtypes as
@@ -61,7 +64,7 @@ def block_sparse_attention(
     elif isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
         raise ValueError(f"{where}: scale must be a finite number or None, got {scale!r}")
     pattern = ops.restricted.Pattern(layout=layout, block_size=int(block_size), causal=bool(causal),
-                                     key_padding_mask=key_padding_mask)
+                                     key_padding_mask=key_padding_mask, softcap=check.softcap_of(where, softcap))
     out, _ = ops.restricted.restricted_softmax(q, k, v, float(scale), pattern)
     return out
 

@@ -48,6 +48,7 @@ def sliding_window_attention(
     scale: Optional[float] = None,
     cu_seqlens: Optional[torch.Tensor] = None,
     sinks: Optional[torch.Tensor] = None,
+    softcap: Optional[float] = None,
 ) -> torch.Tensor:
     """Softmax attention in which query i sees only the keys of its window (docs/methods.md §5).
 
@@ -70,13 +71,15 @@ def sliding_window_attention(
         sinks: (H,) per-head sink logits (gpt-oss's attention sinks, transformers' ``s_aux``):
             every row's softmax also counts one more key of score sinks[h] and value 0, so a
             row can give part of its attention to nothing. Differentiable.
+        softcap: c > 0 caps every scaled score s to c·tanh(s / c) before the softmax (Gemma-2's
+            logit soft-capping, flash-attn's ``softcap``); None = no capping.
 
     Returns (B, H, T_q, dv) in the input dtype. A row that sees no key returns 0 (and passes
     zero gradients), never NaN. Computed flash-style in blocks: memory O(T·(block + window)),
     never a T×T matrix; float32 accumulation for every dtype.
     """
     if (type(window) is int and dilation == 1 and global_mask is None and cu_seqlens is None and sinks is None
-            and (scale is None or type(scale) is float) and not torch.compiler.is_compiling()):
+            and softcap is None and (scale is None or type(scale) is float) and not torch.compiler.is_compiling()):
         # The common call goes straight to the operator, whose C++ checks match the ones below:
         # only a call it refuses runs them, to raise in the caller's terms.
         try:
@@ -109,6 +112,7 @@ def sliding_window_attention(
         raise ValueError(f"{where}: scale must be a finite number or None, got {scale!r}")
     if sinks is not None:
         check.check_fade(where, "sinks", sinks, (q.shape[1],), "(H,) of per-head logits", q.device)
+    cap = check.softcap_of(where, softcap)
     segments = None
     if cu_seqlens is not None:
         if global_mask is not None:
@@ -117,7 +121,7 @@ def sliding_window_attention(
         segments = sequence_ids(where, cu_seqlens, q.shape[2]).view(1, 1, -1)
     pattern = ops.restricted.Pattern(window=(left, right), dilation=int(dilation), causal=bool(causal),
                                      global_mask=global_mask, key_padding_mask=key_padding_mask, q_segments=segments,
-                                     k_segments=segments)
+                                     k_segments=segments, softcap=cap)
     out, lse = ops.restricted.restricted_softmax(q, k, v, float(scale), pattern)
     return out if sinks is None else with_sinks(out, lse, sinks)
 

@@ -51,5 +51,17 @@ inline double exp_nonpositive(double x) {
   return std::exp(x > 0.0 ? 0.0 : x);
 }
 
+// tanh(x) in float32 from exp_nonpositive, branch-free so that loops over it vectorize (the
+// restricted softmax's soft-capped scores, c·tanh(s / c)): (1 − e) / (1 + e) with e = e^(−2|x|),
+// the sign put back. Its error is absolute, a few float ulps of 1 (relatively larger only where
+// |tanh x| < 1e-3), which is the error a capped score may carry: softmax sees scores' absolute
+// errors. ±Inf give ±1, NaN stays NaN. float64 keeps std::tanh.
+inline float tanh_of(float x) {
+  const float e = exp_nonpositive(-2.0f * std::fabs(x));
+  return std::copysign((1.0f - e) / (1.0f + e), x);
+}
+
+inline double tanh_of(double x) { return std::tanh(x); }
+
 }  // namespace LINATTN_ISA
 }  // namespace linattn

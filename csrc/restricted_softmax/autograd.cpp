@@ -41,6 +41,7 @@ struct RestrictedSoftmax : torch::autograd::Function<RestrictedSoftmax<ForwardNa
     ctx->saved_data["options"] =
         c10::List<int64_t>({window_left, window_right, dilation, causal, block_size});
     ctx->saved_data["scale"] = scale;
+    ctx->saved_data["softcap"] = softcap;
     ctx->set_materialize_grads(false);
     return {out, lse};
   }
@@ -56,10 +57,12 @@ struct RestrictedSoftmax : torch::autograd::Function<RestrictedSoftmax<ForwardNa
     auto [grad_q, grad_k, grad_v, grad_bias] =
         op.call(grad_out, grad_lse, saved[0], saved[1], saved[2], saved[3], saved[4],
                 ctx->saved_data["scale"].toDouble(), options[0], options[1], options[2], options[3] != 0, pattern(0),
-                options[4], pattern(1), pattern(2), pattern(3), pattern(4), pattern(5), pattern(6));
+                options[4], pattern(1), pattern(2), pattern(3), pattern(4), pattern(5), pattern(6),
+                ctx->saved_data["softcap"].toDouble());
     if (!bias.defined()) grad_bias = at::Tensor();
-    // Gradients for q, k, v, then scale and the pattern's arguments: the bias only.
-    return {grad_q, grad_k, grad_v, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, grad_bias};
+    // Gradients for q, k, v, then scale and the pattern's arguments: the bias only (softcap is a
+    // constant of the model, as scale).
+    return {grad_q, grad_k, grad_v, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, grad_bias, {}};
   }
 };
 

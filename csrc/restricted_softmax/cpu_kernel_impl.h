@@ -313,10 +313,11 @@ struct BlockPattern {
 template <typename acc_t>
 struct EngineScratch {
   std::vector<acc_t> q, k, v, g, scores, probs, o, dq, dk_part, dv_part, row_max, row_sum, lse_rows, delta;
+  std::vector<acc_t> slope;  // soft-capped calls only: d(capped score) / d(score) per pair
   std::vector<unsigned char> vis;
   bool in_use = false;
 
-  void reserve_for(int64_t D, int64_t dv) {
+  void reserve_for(int64_t D, int64_t dv, bool soft_capped) {
     auto at_least = [](auto& buffer, int64_t size) {
       if (static_cast<int64_t>(buffer.size()) < size) buffer.resize(size);
     };
@@ -335,6 +336,7 @@ struct EngineScratch {
     at_least(lse_rows, kBlock);
     at_least(delta, kBlock);
     at_least(vis, kBlock * kKeyGroup);
+    if (soft_capped) at_least(slope, kBlock * kKeyGroup);
   }
 };
 
@@ -357,15 +359,16 @@ struct SoftmaxEngine {
   EngineScratch<acc_t> own;  // used only when this thread's kept scratch is taken
   EngineScratch<acc_t>& buffers;
   std::vector<acc_t>&q, &k, &v, &g, &scores, &probs, &o, &dq, &dk_part, &dv_part, &row_max, &row_sum, &lse_rows,
-      &delta;
+      &delta, &slope;
   std::vector<unsigned char>& vis;
 
   SoftmaxEngine(const WindowAttentionShape& shape, const Pattern& visible)
       : s(shape), pattern(visible), D(shape.head_dim), dv(shape.value_dim), buffers(claim_scratch(own)),
         q(buffers.q), k(buffers.k), v(buffers.v), g(buffers.g), scores(buffers.scores), probs(buffers.probs),
         o(buffers.o), dq(buffers.dq), dk_part(buffers.dk_part), dv_part(buffers.dv_part), row_max(buffers.row_max),
-        row_sum(buffers.row_sum), lse_rows(buffers.lse_rows), delta(buffers.delta), vis(buffers.vis) {
-    buffers.reserve_for(D, dv);
+        row_sum(buffers.row_sum), lse_rows(buffers.lse_rows), delta(buffers.delta), slope(buffers.slope),
+        vis(buffers.vis) {
+    buffers.reserve_for(D, dv, shape.softcap > 0);
   }
   ~SoftmaxEngine() { buffers.in_use = false; }
   SoftmaxEngine(const SoftmaxEngine&) = delete;
@@ -391,14 +394,32 @@ struct SoftmaxEngine {
     for (int64_t x = 0; x < L * D; ++x) q[x] *= scale;
   }
 
-  // scores = q kᵀ for the group, and the visibility of each pair.
+  // scores = q kᵀ for the group (soft-capped), and the visibility of each pair.
   void score(int64_t bi, int64_t hi, int64_t i0, int64_t L, const std::vector<int64_t>& keys) {
     const int64_t n = static_cast<int64_t>(keys.size());
+    const int64_t width = lane_width(n);  // the row loops' columns past n: never visible
     gemm<acc_t>(false, true, L, n, D, q.data(), D, k.data(), D, 0, scores.data(), kKeyGroup);
+    if (s.softcap > 0) soft_cap(L, width);
     pattern.visibility(bi, hi, i0, L, keys, vis.data(), kKeyGroup);
     pattern.adjust_scores(bi, hi, i0, L, keys, scores.data(), vis.data(), kKeyGroup);
-    const int64_t width = lane_width(n);  // the row loops' columns past n: never visible
     for (int64_t r = 0; r < L; ++r) std::fill(vis.data() + r * kKeyGroup + n, vis.data() + r * kKeyGroup + width, 0);
+  }
+
+  // Logit soft-capping (Gemma-2): s ← c·tanh(s / c), before the pattern's bias; `slope` keeps
+  // 1 − tanh², the factor a score gradient passes through (the columns past the group's keys
+  // hold stale scores: capped all the same, never visible).
+  void soft_cap(int64_t L, int64_t width) {
+    const acc_t cap = static_cast<acc_t>(s.softcap), inverse = acc_t(1) / cap;
+    for (int64_t r = 0; r < L; ++r) {
+      acc_t* sr = scores.data() + r * kKeyGroup;
+      acc_t* dr = slope.data() + r * kKeyGroup;
+#pragma omp simd
+      for (int64_t c = 0; c < width; ++c) {
+        const acc_t t = tanh_of(sr[c] * inverse);
+        sr[c] = cap * t;
+        dr[c] = acc_t(1) - t * t;
+      }
+    }
   }
 
   // A key group's keys and values into scratch, its scores and visibility; returns its size.
@@ -512,6 +533,16 @@ struct SoftmaxEngine {
           for (int64_t c = 0; c < width; ++c) dsr[c] = vr[c] == 1 ? pr[c] * (dsr[c] - d) : acc_t(0);
         }
         if (grad_bias) pattern.add_bias_grad(hi, i0, L, keys, scores.data(), kKeyGroup, grad_bias);
+        // The capped score's gradient (the bias's, added after capping) times the cap's slope is
+        // the raw score's; selected, so that a hidden pair's slope (NaN from a NaN score) stays out.
+        if (s.softcap > 0)
+          for (int64_t r = 0; r < L; ++r) {
+            acc_t* dsr = scores.data() + r * kKeyGroup;
+            const acc_t* sl = slope.data() + r * kKeyGroup;
+            const unsigned char* vr = vis.data() + r * kKeyGroup;
+#pragma omp simd
+            for (int64_t c = 0; c < width; ++c) dsr[c] = vr[c] == 1 ? dsr[c] * sl[c] : acc_t(0);
+          }
         // dQ += dS K (scaled at the end), dK_keys += dSᵀ (scale·Q)
         add_masked_product(false, L, n, D, scores.data(), kKeyGroup, k.data(), D, dq.data(), D, visible_pair());
         add_masked_product(true, L, n, D, scores.data(), kKeyGroup, q.data(), D, dk_keys, D, visible_pair());

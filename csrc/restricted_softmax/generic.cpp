@@ -22,7 +22,7 @@ std::tuple<at::Tensor, at::Tensor> forward_generic(const at::Tensor& q, const at
                                                    double scale, LINATTN_RESTRICTED_PATTERN_PARAMS) {
   const RestrictedPattern p{LINATTN_RESTRICTED_PATTERN_ARGS};
   check_restricted_inputs(q, k, v, scale, p);
-  const WindowAttentionShape s = window_kernel_shape(q, k, v, p.left, p.window_right(), p.dilation, scale);
+  const WindowAttentionShape s = window_kernel_shape(q, k, v, p, scale);
   if (empty_call(s))  // rows without a key: 0, lse −inf
     return {at::zeros({s.batch, s.heads, s.q_len, s.value_dim}, q.options()),
             at::full({s.batch, s.heads, s.q_len}, -restricted_generic::kInf,
@@ -37,7 +37,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_generic(
     LINATTN_RESTRICTED_PATTERN_PARAMS) {
   const RestrictedPattern p{LINATTN_RESTRICTED_PATTERN_ARGS};
   check_restricted_backward_inputs(grad_out, grad_lse, q, k, v, out, lse, scale, p);
-  const WindowAttentionShape s = window_kernel_shape(q, k, v, p.left, p.window_right(), p.dilation, scale);
+  const WindowAttentionShape s = window_kernel_shape(q, k, v, p, scale);
   if (empty_call(s))
     return {at::zeros_like(q), at::zeros_like(k), at::zeros_like(v),
             p.bias ? at::zeros_like(*p.bias) : at::empty({0}, q.options())};

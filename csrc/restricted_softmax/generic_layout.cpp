@@ -212,6 +212,7 @@ PairBlock tile_pairs(const WindowAttentionShape& s, const RestrictedPattern& p, 
     visible = visible.logical_and(
         per_token(*p.q_segments, rows_at).unsqueeze(-1).eq(per_token(*p.k_segments, keys_at).unsqueeze(-2)));
   PairBlock pairs;
+  pairs.softcap = p.softcap;
   if (p.positions.has_value()) {
     const at::Tensor pos_q = per_token(*p.positions, rows_at).unsqueeze(-1);
     const at::Tensor pos_k = per_token(*p.positions, keys_at).unsqueeze(-2);

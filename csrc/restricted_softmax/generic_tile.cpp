@@ -20,8 +20,13 @@ at::Tensor masked_matmul(const at::Tensor& A, const at::Tensor& visible_f, const
   return at::where(at::matmul(visible_f, non_finite).gt(0), NAN, product);
 }
 
-// The scores with the pattern's bias and fixed scores applied.
-at::Tensor adjusted_scores(at::Tensor scores, const PairBlock& pairs) {
+// tanh(s / softcap) of the raw scaled scores (a soft-capped pattern's).
+at::Tensor capped_tanh(const at::Tensor& scores, const PairBlock& pairs) { return (scores / pairs.softcap).tanh(); }
+
+// The scores with the pattern's cap (`tanh`: capped_tanh's, when it has one), bias and fixed
+// scores applied.
+at::Tensor adjusted_scores(at::Tensor scores, const PairBlock& pairs, const at::Tensor& tanh = {}) {
+  if (pairs.softcap > 0) scores = (tanh.defined() ? tanh : capped_tanh(scores, pairs)) * pairs.softcap;
   if (pairs.bias.defined()) scores = scores + pairs.bias;
   if (pairs.fixed.defined()) scores = at::where(pairs.fixed, kSelfScore, scores);
   return scores;
@@ -53,16 +58,20 @@ TileGradients tile_backward(const at::Tensor& Q, const at::Tensor& K, const at::
                             const at::Tensor& lse, const at::Tensor& delta, double scale, const PairBlock& pairs) {
   const at::Tensor lse_rows = lse.unsqueeze(-1);
   const at::Tensor visible = pairs.visible.logical_and(lse_rows != -kInf);
-  const at::Tensor probs =
-      at::where(visible, (adjusted_scores(at::matmul(Q, K.transpose(-1, -2)), pairs) - lse_rows).exp(), 0);
+  const at::Tensor raw = at::matmul(Q, K.transpose(-1, -2));
+  const at::Tensor tanh = pairs.softcap > 0 ? capped_tanh(raw, pairs) : at::Tensor();
+  const at::Tensor probs = at::where(visible, (adjusted_scores(raw, pairs, tanh) - lse_rows).exp(), 0);
   const at::Tensor visible_f = visible.to(Q.scalar_type()), visible_f_t = visible_f.transpose(-1, -2);
   TileGradients grads;
   grads.dV = masked_matmul(probs.transpose(-1, -2), visible_f_t, G);
   const at::Tensor dP = at::matmul(G, V.transpose(-1, -2));
   const at::Tensor scored = pairs.fixed.defined() ? visible.logical_and(pairs.fixed.logical_not()) : visible;
   grads.dS = at::where(scored, probs * (dP - delta), 0);
-  grads.dQ = masked_matmul(grads.dS, visible_f, K) * scale;
-  grads.dK = masked_matmul(grads.dS.transpose(-1, -2), visible_f_t, Q);
+  // A capped score's gradient passes the cap's slope 1 − tanh² (selected: a hidden pair's NaN
+  // slope stays out); the bias's gradient is dS itself, added after the cap.
+  const at::Tensor dS_raw = tanh.defined() ? at::where(scored, grads.dS * (1 - tanh * tanh), 0) : grads.dS;
+  grads.dQ = masked_matmul(dS_raw, visible_f, K) * scale;
+  grads.dK = masked_matmul(dS_raw.transpose(-1, -2), visible_f_t, Q);
   return grads;
 }
 

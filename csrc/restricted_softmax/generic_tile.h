@@ -22,9 +22,11 @@ inline constexpr int64_t kTileScores = int64_t{1} << 25;
 
 // What a pattern says about a tile's pairs: visibility, and optionally a score bias and the
 // visible pairs whose score is fixed at kSelfScore (a token's own key under shared QK; no score
-// gradient). All broadcast against the (..., L, n) scores.
+// gradient). All broadcast against the (..., L, n) scores. softcap > 0 caps the scaled scores to
+// softcap·tanh(s / softcap) before the bias (Gemma-2's logit soft-capping).
 struct PairBlock {
   at::Tensor visible, bias, fixed;
+  double softcap = 0;
 };
 
 // Softmax of the tile's scaled queries Q (the scale applied) against K over the visible pairs,

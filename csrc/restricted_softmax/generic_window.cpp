@@ -229,11 +229,11 @@ struct WindowOperands {
   at::Tensor tile_keys_of(const Tile& t) const { return tile_keys(source.K, source.origin, t, K_global); }
   at::Tensor tile_values_of(const Tile& t) const { return tile_keys(source.V, source.origin, t, V_global); }
   PairBlock band_pairs(const WindowAttentionShape& s, const RestrictedPattern& p, const Tile& t) const {
-    return {tile_visibility(s, p, g.offset, tile_index(t, global_keys), false), {}, {}};
+    return {tile_visibility(s, p, g.offset, tile_index(t, global_keys), false), {}, {}, p.softcap};
   }
   PairBlock global_row_pairs(const WindowAttentionShape& s, const RestrictedPattern& p,
                              const at::Tensor& chunk) const {
-    return {tile_visibility(s, p, g.offset, global_rows_index(chunk, s.k_len), true), {}, {}};
+    return {tile_visibility(s, p, g.offset, global_rows_index(chunk, s.k_len), true), {}, {}, p.softcap};
   }
 };
 

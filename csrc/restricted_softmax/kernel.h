@@ -26,6 +26,7 @@ struct WindowAttentionShape {
   int64_t right = -1;
   int64_t dilation = 1;
   double scale = 1.0;
+  double softcap = 0.0;   // > 0: scaled scores capped to softcap·tanh(s / softcap), before any bias
 
   // The keys [begin, end) that rows [i0, i1) can see through their window.
   int64_t band_begin(int64_t i0) const {

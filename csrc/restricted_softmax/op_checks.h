@@ -78,22 +78,22 @@ inline void check_grad_lse(const char* op, const std::optional<at::Tensor>& grad
       const std::optional<at::Tensor>&layout, int64_t block_size,                                  \
       const std::optional<at::Tensor>&global_mask, const std::optional<at::Tensor>&key_padding_mask, \
       const std::optional<at::Tensor>&q_segments, const std::optional<at::Tensor>&k_segments,       \
-      const std::optional<at::Tensor>&positions, const std::optional<at::Tensor>&bias
+      const std::optional<at::Tensor>&positions, const std::optional<at::Tensor>&bias, double softcap
 #define LINATTN_RESTRICTED_PATTERN_ARGS                                                                    \
   window_left, window_right, dilation, causal, layout, block_size, global_mask, key_padding_mask, q_segments, \
-      k_segments, positions, bias
+      k_segments, positions, bias, softcap
 
 // The operators' signatures (schema.cpp), for typed handles to them (autograd, fallbacks).
 using RestrictedForwardSignature = std::tuple<at::Tensor, at::Tensor>(
     const at::Tensor&, const at::Tensor&, const at::Tensor&, double, int64_t, int64_t, int64_t, bool,
     const std::optional<at::Tensor>&, int64_t, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
     const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
-    const std::optional<at::Tensor>&);
+    const std::optional<at::Tensor>&, double);
 using RestrictedBackwardSignature = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
     const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
     const at::Tensor&, const at::Tensor&, double, int64_t, int64_t, int64_t, bool, const std::optional<at::Tensor>&,
     int64_t, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
-    const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&);
+    const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, double);
 
 // The pattern arguments of the schema, as every kernel receives them.
 struct RestrictedPattern {
@@ -107,6 +107,7 @@ struct RestrictedPattern {
   const std::optional<at::Tensor>& k_segments;
   const std::optional<at::Tensor>& positions;
   const std::optional<at::Tensor>& bias;
+  double softcap;  // > 0: scaled scores become softcap·tanh(s / softcap) before the bias; 0 = off
 
   // The region is a layout of blocks, or else a sliding window (unbounded: every key).
   bool uses_layout() const { return layout.has_value(); }
@@ -135,6 +136,8 @@ inline WindowAttentionSizes check_restricted_inputs(const at::Tensor& q, const a
   const char* op = kRestrictedSoftmaxOp;
   check_qkv(op, q, k, v);
   TORCH_CHECK(std::isfinite(scale), op, ": scale must be finite, got ", scale);
+  TORCH_CHECK(std::isfinite(p.softcap) && p.softcap >= 0, op,
+              ": softcap must be a finite number >= 0 (0 = no capping), got ", p.softcap);
   const WindowAttentionSizes s{q.sym_size(0), q.sym_size(1), q.sym_size(2),
                                k.sym_size(2), q.sym_size(3), v.sym_size(3)};
   check_key_mask(op, "key_padding_mask", p.key_padding_mask, q, k, "True = padded key");
@@ -184,9 +187,8 @@ inline WindowAttentionSizes check_restricted_backward_inputs(const at::Tensor& g
   return s;
 }
 
-inline WindowAttentionShape window_kernel_shape(const at::Tensor& q, const at::Tensor& k,
-                                                const at::Tensor& v, int64_t left, int64_t right,
-                                                int64_t dilation, double scale) {
+inline WindowAttentionShape window_kernel_shape(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                const RestrictedPattern& p, double scale) {
   WindowAttentionShape s;
   s.batch = q.size(0);
   s.heads = q.size(1);
@@ -194,10 +196,11 @@ inline WindowAttentionShape window_kernel_shape(const at::Tensor& q, const at::T
   s.k_len = k.size(2);
   s.head_dim = q.size(3);
   s.value_dim = v.size(3);
-  s.left = left;
-  s.right = right;
-  s.dilation = dilation;
+  s.left = p.left;
+  s.right = p.window_right();
+  s.dilation = p.dilation;
   s.scale = scale;
+  s.softcap = p.softcap;
   return s;
 }
 

@@ -17,11 +17,13 @@
 //   shifted-window regions, Reformer's buckets), and key j is not padded (key_padding_mask (B, T_k)).
 // Score terms (with a layout): bias (1 or H, T_q, T_k) added to the scaled scores, with its
 // gradient grad_bias (size 0 without one); positions (B, 1 or H, T) of a permuted sequence
-// (causal compares them; a token's own key scores -1e5, docs/methods.md §7).
+// (causal compares them; a token's own key scores -1e5, docs/methods.md §7). With any region:
+// softcap c > 0 caps the scaled scores to c·tanh(s / c) before the bias (Gemma-2's logit
+// soft-capping; 0 = off).
 constexpr const char* kPatternArguments =
     "int window_left=-1, int window_right=-1, int dilation=1, bool causal=False, Tensor? layout=None, "
     "int block_size=1, Tensor? global_mask=None, Tensor? key_padding_mask=None, Tensor? q_segments=None, "
-    "Tensor? k_segments=None, Tensor? positions=None, Tensor? bias=None";
+    "Tensor? k_segments=None, Tensor? positions=None, Tensor? bias=None, float softcap=0.";
 
 TORCH_LIBRARY_FRAGMENT(linattn, m) {
   // Restricted softmax attention (docs/methods.md §5–§7): one schema for every pattern. lse

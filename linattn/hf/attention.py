@@ -144,17 +144,11 @@ def _performer_forward():
     return forward
 
 
-def _reject_unsupported(where, kwargs):
-    if kwargs.get("softcap") is not None:  # Gemma-2's logit soft-capping
-        raise ValueError(f"{where}: softcap={kwargs['softcap']!r} is not supported by linattn_local")
-
-
 def local(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """Exact softmax attention in the layer's own pattern (causal or not, its sliding window,
-    key padding, gpt-oss's attention sinks `s_aux`) through linattn's fused window kernel: memory
-    linear in the sequence."""
+    key padding, gpt-oss's attention sinks `s_aux`, Gemma-2's logit soft-capping `softcap`) through
+    linattn's fused window kernel: memory linear in the sequence."""
     where = _where(module)
-    _reject_unsupported(where, kwargs)
     key, value, seen, state_layer = _prepare(module, query, key, value, attention_mask, dropout, kwargs)
     if state_layer is not None:
         raise ValueError(f"{where}: a LinearStateCache keeps linear-attention states; softmax attention "
@@ -162,11 +156,12 @@ def local(module, query, key, value, attention_mask, scaling=None, dropout=0.0, 
     if seen.documents is not None:
         (q, k, v), cu_seqlens = _as_packing(seen.documents, query, key, value)
         out = sliding_window_attention(q, k, v, seen.window, causal=seen.causal, scale=scaling, cu_seqlens=cu_seqlens,
-                                       sinks=kwargs.get("s_aux"))
+                                       sinks=kwargs.get("s_aux"), softcap=kwargs.get("softcap"))
         out = _unpack(out, query.shape[0])
     else:
         out = sliding_window_attention(query, key, value, seen.window, causal=seen.causal,
-                                       key_padding_mask=seen.padding, scale=scaling, sinks=kwargs.get("s_aux"))
+                                       key_padding_mask=seen.padding, scale=scaling, sinks=kwargs.get("s_aux"),
+                                       softcap=kwargs.get("softcap"))
     return out.transpose(1, 2).contiguous(), None
 
 

@@ -4,7 +4,8 @@ linattn_performer must match the same model running a dense float64 reference of
 grouped-query heads, causal (Llama) and bidirectional (BERT, ViT) attention; linattn_local must
 equal sdpa (float64, 1e-10) in the models' own sliding windows (Mistral, Qwen2, Gemma-3 at head
 dim 256, whose bf16 training step also runs the flash engine's emulation forward and backward) and full
-attention (BERT, Llama), and eager on gpt-oss (attention sinks); generation must give the same tokens through transformers' dynamic,
+attention (BERT, Llama), eager on gpt-oss (attention sinks), and a float64 reference of logit
+soft-capping on Gemma-2; generation must give the same tokens through transformers' dynamic,
 static and sliding caches, linattn.hf.LinearStateCache (constant size) and no cache; packed
 documents (position_ids restarting inside a row) attend each to itself through the varlen
 operators; masks linattn cannot honour raise; training runs backward."""
@@ -38,9 +39,28 @@ def reference_attention(module, query, key, value, attention_mask, scaling=None,
     return out.to(query.dtype).transpose(1, 2).contiguous(), None
 
 
+def softcap_reference(module, query, key, value, attention_mask, scaling=None, dropout=0.0, softcap=None, **kwargs):
+    """Dense float64 softmax over the keys transformers' mask lets each query see, the scaled scores
+    soft-capped to c·tanh(s / c) first (Gemma-2); a query that sees no key gets 0. (transformers'
+    own eager path takes its softmax in float32, and its fully padded rows turn NaN.)"""
+    causal = bool(kwargs.get("is_causal", getattr(module, "is_causal", False)))
+    groups = query.shape[1] // key.shape[1]
+    key, value = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)
+    T_q, T_k = query.shape[2], key.shape[2]
+    visible = torch.ones(T_q, T_k, dtype=torch.bool)
+    if causal:
+        visible = torch.arange(T_k)[None, :] <= torch.arange(T_q)[:, None] + (T_k - T_q)
+    if attention_mask is not None:
+        visible = visible & (attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0)
+    out = linattn.reference.masked_softmax_attention(query, key, value, visible, scaling, softcap=softcap or 0.0)
+    return out.to(query.dtype).transpose(1, 2).contiguous(), None
+
+
 linattn.hf.register()
 AttentionInterface.register("test_reference_linear", reference_attention)
 AttentionMaskInterface.register("test_reference_linear", sdpa_mask)
+AttentionInterface.register("test_reference_softcap", softcap_reference)
+AttentionMaskInterface.register("test_reference_softcap", sdpa_mask)
 
 
 def with_implementation(model, name):
@@ -294,15 +314,21 @@ def test_gpt_oss_attention_sinks_are_exactly_eager(padding):
     same gradient of the sinks."""
     model = gpt_oss().double()
     assert_same_logits(model, "linattn_local", "eager", padding, length=14, tolerance=1e-10)
+    expected = parameter_grads(model, "eager", "sinks")
+    got = parameter_grads(model, "linattn_local", "sinks")
+    assert len(expected) == 2
+    for name, grad in expected.items():
+        assert grad.abs().max() > 0
+        torch.testing.assert_close(got[name], grad, rtol=1e-9, atol=1e-12, msg=name)
+
+
+def parameter_grads(model, implementation, part):
+    """The gradients of the parameters named with `part` after one training loss's backward under
+    `implementation`."""
     ids = torch.randint(0, 61, (2, 12), generator=torch.Generator().manual_seed(3))
-    grads = {}
-    for implementation in ("eager", "linattn_local"):
-        model.zero_grad()
-        with_implementation(model, implementation)(ids, labels=ids).loss.backward()
-        grads[implementation] = [layer.self_attn.sinks.grad.clone() for layer in model.model.layers]
-    for got, expected in zip(grads["linattn_local"], grads["eager"]):
-        assert expected.abs().max() > 0
-        torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-12)
+    model.zero_grad()
+    with_implementation(model, implementation)(ids, labels=ids).loss.backward()
+    return {name: p.grad.clone() for name, p in model.named_parameters() if part in name}
 
 
 def test_gemma3_bf16_training_step_runs_the_flash_engine_at_head_dim_256():
@@ -361,12 +387,41 @@ def test_linear_methods_refuse_a_sliding_window_that_matters():
     model(torch.randint(0, 61, (1, 5)))  # a window as long as the sequence changes nothing
 
 
-def test_local_rejects_soft_capping_and_state_caches():
+def gemma2(softcap, seed=0):
+    """A small Gemma-2 decoder: a sliding-window layer and a full one, with logit soft-capping (a
+    small cap, so that tanh bends the scores well away from linear)."""
+    if not hasattr(transformers, "Gemma2Config"):
+        pytest.skip("this transformers has no Gemma-2")
     config = transformers.Gemma2Config(vocab_size=61, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                       num_attention_heads=4, num_key_value_heads=2, head_dim=8, sliding_window=4)
-    model = with_implementation(transformers.Gemma2ForCausalLM(config).eval(), "linattn_local")
-    with pytest.raises(ValueError, match="softcap"):
-        model(torch.randint(0, 61, (1, 6)))
+                                       num_attention_heads=4, num_key_value_heads=2, head_dim=8, sliding_window=4,
+                                       query_pre_attn_scalar=1, attn_logit_softcapping=softcap,
+                                       initializer_range=0.2, max_position_embeddings=512)  # scores of a few units
+    torch.manual_seed(seed)
+    return transformers.Gemma2ForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize("padding", [None, "left", "right"])
+def test_gemma2_soft_capping_is_exactly_the_reference(padding):
+    """Gemma-2 caps every layer's scaled scores to c·tanh(s / c) before its mask; linattn_local caps
+    them in the window kernel: the same logits to 1e-10 in float64 as a dense float64 reference
+    under transformers' own masks, and the same gradients of the attention weights; eager's to its
+    float32 softmax. The cap matters: without it the logits move."""
+    model = gemma2(softcap=1.5).double()
+    assert_same_logits(model, "linattn_local", "test_reference_softcap", padding, length=14, tolerance=1e-10)
+    if padding is None:  # (with padding, eager's fully masked rows turn NaN and reach real rows)
+        assert_same_logits(model, "linattn_local", "eager", padding, length=14, tolerance=1e-5)
+    expected = parameter_grads(model, "test_reference_softcap", "self_attn")
+    got = parameter_grads(model, "linattn_local", "self_attn")
+    for name, grad in expected.items():
+        torch.testing.assert_close(got[name], grad, rtol=1e-9, atol=1e-12, msg=name)
+    ids = torch.randint(0, 61, (2, 12), generator=torch.Generator().manual_seed(3))
+    uncapped = gemma2(softcap=None).double()
+    with torch.no_grad():
+        assert not torch.allclose(with_implementation(model, "eager")(ids).logits,
+                                  with_implementation(uncapped, "eager")(ids).logits, atol=1e-3)
+
+
+def test_local_rejects_state_caches():
     model = with_implementation(llama(), "linattn_local")
     with pytest.raises(ValueError, match="LinearStateCache"):
         model(torch.randint(0, 61, (1, 6)), past_key_values=linattn.hf.LinearStateCache())

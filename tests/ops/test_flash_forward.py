@@ -44,7 +44,7 @@ def reference_forward(q, k, v, scale, pattern):
         fixed = p[:, :, :, None] == p[:, :, None, :]
     visible = pattern.dense_mask(q.shape[2], k.shape[2])
     return reference.masked_softmax_attention(q, k, v, visible, scale, bias=pattern.bias, fixed=fixed,
-                                              return_lse=True)
+                                              softcap=pattern.softcap, return_lse=True)
 
 
 def check(q, k, v, pattern, scale=0.3):

@@ -137,7 +137,8 @@ struct BackwardBlockBase {
   }
 
   // P and dS of one product tile (in place of S and dP): P = exp(S − lse) (0 where hidden or for
-  // a row that saw no key), dS = P (dP − delta) where the pair passes a score gradient, else 0.
+  // a row that saw no key), dS = P (dP − delta) where the pair passes a score gradient, else 0
+  // (times the soft cap's slope: the gradient of the raw scaled score).
   // `pair(lane, nt, i, query, key, row_gathered, key_gathered)` names the element's pair;
   // lse_of/delta_of(lane, nt, i) its query's values. `bias_gradient`: add dS to grad_bias (one of
   // the two blocks does).
@@ -169,12 +170,19 @@ struct BackwardBlockBase {
           int64_t query = 0, key = 0;
           bool row_gathered = false, key_gathered = false;
           pair(lane, nt, i, query, key, row_gathered, key_gathered);
-          const Score score = score_at(query, key, row_gathered, key_gathered, s[nt][i][lane] * p.scale);
+          // A soft-capped score cap·tanh(x / cap) passes its gradient through the slope 1 − tanh².
+          float scaled = s[nt][i][lane] * p.scale, slope = 1.0f;
+          if (p.softcap > 0.0f) {
+            const float t = capped_tanh(scaled, p.softcap);
+            scaled = p.softcap * t;
+            slope = 1.0f - t * t;
+          }
+          const Score score = score_at(query, key, row_gathered, key_gathered, scaled);
           const float lse = lse_of(lane, nt, i);
           const float prob = lse == -INFINITY ? 0.0f : exp_of(score.value - lse);
           s[nt][i][lane] = prob;
           const float ds = score.gradient ? prob * (dp[nt][i][lane] - delta_of(lane, nt, i)) : 0.0f;
-          dp[nt][i][lane] = ds;
+          dp[nt][i][lane] = score.gradient ? ds * slope : 0.0f;  // the bias's gradient is ds itself
           if (bias_gradient && g.grad_bias != nullptr && score.gradient) {
             const int64_t head = p.bias_heads == 1 ? 0 : h;
             warp::atomic_add_global(w, g.grad_bias + (head * p.q_len + query) * p.k_len + key, ds);

@@ -22,6 +22,22 @@ LINATTN_HD inline float exp_of(float x) {
 
 LINATTN_HD inline float minus_infinity() { return -INFINITY; }
 
+// tanh(x / cap) of a soft-capped score (Gemma-2's logit soft-capping: the score becomes
+// cap·tanh(x / cap)); the accurate tanh on both sides (within 2 ulp of each other).
+LINATTN_HD inline float capped_tanh(float x, float cap) {
+#if defined(__CUDA_ARCH__)
+  return tanhf(x / cap);
+#else
+  return std::tanh(x / cap);
+#endif
+}
+
+// The scaled score x with the problem's cap applied (x itself without one).
+template <typename Problem>
+LINATTN_HD inline float soft_capped(const Problem& p, float x) {
+  return p.softcap > 0.0f ? p.softcap * capped_tanh(x, p.softcap) : x;
+}
+
 template <typename scalar_t, int D, int Buffers = 2>
 struct FlashBlock {
   using L = Layout<D, Buffers>;
@@ -153,8 +169,8 @@ struct FlashBlock {
     });
   }
 
-  // The scaled scores of the warp's 16 rows against the tile's 64 keys, with the pattern applied
-  // (score_of): −inf where a pair is hidden, the bias added, kSelfScore where fixed.
+  // The scaled scores of the warp's 16 rows against the tile's 64 keys, soft-capped, with the
+  // pattern applied (score_of): −inf where a pair is hidden, the bias added, kSelfScore where fixed.
   LINATTN_HD void scores(const WarpContext& w, uint32_t base, const TokenTile& keys, TileKind kind,
                          ScoreTile& sc) const {
     rows_times_rows<scalar_t, D>(w, L::kQ + w.warp * 16 * L::kPitch, base + L::kK, L::kPitch, p.head_dim, sc);
@@ -166,7 +182,7 @@ struct FlashBlock {
           for (int i = 0; i < 4; ++i) {
             const int64_t row = shared_row(w, lane, i / 2);
             const int64_t key = shared_key(w, base, nt * 8 + 2 * warp::thread_in_group(lane) + i % 2);
-            sc[nt][i][lane] = score(row, key, sc[nt][i][lane] * p.scale).value;
+            sc[nt][i][lane] = score(row, key, soft_capped(p, sc[nt][i][lane] * p.scale)).value;
           }
         }
       });

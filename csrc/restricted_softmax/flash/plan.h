@@ -126,6 +126,7 @@ FlashCall<scalar_t> prepare_call(const at::Tensor& q, const at::Tensor& k, const
   p.head_dim = q.size(3);
   p.value_dim = v.size(3);
   p.scale = static_cast<float>(scale);
+  p.softcap = static_cast<float>(pattern.softcap);
   p.q_tiles = tiles_of(p.q_len, kRows);
   p.k_tiles = tiles_of(p.k_len, kKeys);
   p.causal = pattern.causal;

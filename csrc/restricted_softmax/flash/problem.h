@@ -31,6 +31,7 @@ template <typename scalar_t>
 struct FlashProblem {
   int64_t batch = 0, heads = 0, q_len = 0, k_len = 0, head_dim = 0, value_dim = 0;
   float scale = 1.0f;
+  float softcap = 0.0f;  // > 0: scaled scores capped to softcap·tanh(s / softcap) before the bias
   // The region: a sliding window (left, right with causality folded in, -1 = unbounded),
   // dilation and Longformer global tokens (B, T); or a block layout (layout_heads, q_blocks,
   // k_blocks) of `block` × `block` blocks, contiguous.
