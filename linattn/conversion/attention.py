@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
+from .._validation import softcap_of
 from ..delta_rule import delta_rule_attention
 from ..functional import linear_attention, linear_attention_step
 from ..ops import accumulate_dtype
@@ -65,12 +66,17 @@ class LinearizedAttention(nn.Module):
         global_tokens: the hybrid's exact global tokens: None, "first" or "first_last" (causal
             layers: the first real token alone, an attention sink).
         linear_scale: γ's initial value (per head, learned as log γ).
+        softcap: the teacher's logit soft-capping (Gemma-2: scaled scores s become c·tanh(s / c));
+            the teacher and the hybrid's exact softmax cap alike. None: none (linearize takes it
+            from each transformers layer).
     """
 
     def __init__(self, heads: int, head_dim: int, *, method: str = "hybrid", feature_map="hedgehog", window: int = 64,
-                 global_tokens: Optional[str] = "first_last", linear_scale: float = 1e-2):
+                 global_tokens: Optional[str] = "first_last", linear_scale: float = 1e-2,
+                 softcap: Optional[float] = None):
         super().__init__()
         where = "linattn.linearize"
+        self.softcap = softcap_of(where, softcap) or None
         if method not in METHODS:
             raise ValueError(f"{where}: method must be one of {METHODS}, got {method!r}")
         if global_tokens not in GLOBAL_TOKENS:
@@ -104,12 +110,17 @@ class LinearizedAttention(nn.Module):
 
     def extra_repr(self) -> str:
         window = f", window={self.window}, global_tokens={self.global_tokens!r}" if self.exact_window else ""
-        return f"method={self.method!r}{window}, mode={self.mode!r}"
+        cap = f", softcap={self.softcap:g}" if self.softcap else ""
+        return f"method={self.method!r}{window}{cap}, mode={self.mode!r}"
 
     # --- the two attentions -------------------------------------------------------------------
 
     def teacher(self, q, k, v, scale: float, key_padding_mask: Optional[torch.Tensor], causal: bool) -> torch.Tensor:
-        """The layer's exact softmax attention (B, H, T_q, dv)."""
+        """The layer's exact softmax attention (B, H, T_q, dv); a soft-capped one through the
+        restricted-softmax operator (SDPA cannot cap)."""
+        if self.softcap:
+            pattern = ops.restricted.Pattern(causal=causal, key_padding_mask=key_padding_mask, softcap=self.softcap)
+            return ops.restricted.restricted_softmax(q, k, v, scale, pattern)[0]
         return F.scaled_dot_product_attention(q, k, v, attn_mask=_dense_mask(q, k, key_padding_mask, causal),
                                               scale=scale)
 
@@ -195,8 +206,8 @@ class LinearizedAttention(nn.Module):
             global_keys = torch.stack([first, last], 1)
         # With a sink, "causal" is the window (w, 0) (the kernel takes global tokens only without it).
         pattern = ops.restricted.Pattern(window=(self.window, 0 if causal else self.window),
-                                         causal=causal and global_mask is None,
-                                         global_mask=global_mask, key_padding_mask=key_padding_mask)
+                                         causal=causal and global_mask is None, global_mask=global_mask,
+                                         key_padding_mask=key_padding_mask, softcap=self.softcap or 0.0)
         return pattern, global_keys
 
     def decode(self, q, k, v, scale: float, entry: Optional[dict]):
@@ -234,7 +245,10 @@ class LinearizedAttention(nn.Module):
         values = v if entry is None else torch.cat([entry["v"], v], dim=2)
         sums = None if entry is None else entry["sums"]
         if n == 1:  # every kept key is in the new row's window (or the sink): plain softmax over them
-            out = F.scaled_dot_product_attention(q, keys, values, scale=scale)
+            if self.softcap:
+                out = torch.softmax(_capped(q @ keys.transpose(-1, -2) * scale, self.softcap), -1) @ values
+            else:
+                out = F.scaled_dot_product_attention(q, keys, values, scale=scale)
             if sums is not None:
                 out = self._mix(out, (self.feature_map_q(q).to(sums.dtype) @ sums).to(v.dtype))
         else:  # a chunk: the full-sequence student over kept + new, from the sums; its last n rows
@@ -274,7 +288,7 @@ class LinearizedAttention(nn.Module):
         exact = pattern.dense_mask(q.shape[2], k.shape[2], q.device)
         if causal:  # the sink's row (see student)
             exact = exact & torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril()
-        scores = ((q @ k.transpose(-1, -2)) * scale).masked_fill(~exact, float("-inf"))
+        scores = _capped((q @ k.transpose(-1, -2)) * scale, self.softcap).masked_fill(~exact, float("-inf"))
         lse = torch.logsumexp(scores, -1, keepdim=True)
         has_window = ~torch.isinf(lse)
         window_weights = torch.exp(scores - torch.where(has_window, lse, 0)).masked_fill(~exact, 0)
@@ -287,7 +301,7 @@ class LinearizedAttention(nn.Module):
         """The weights the current mode applies (B, H, T_q, T_k): the student's, or the softmax's."""
         if self.mode == "student":
             return self.student_weights(q, k, scale, key_padding_mask, causal)
-        return _softmax_weights(q, k, scale, key_padding_mask, causal)
+        return _softmax_weights(q, k, scale, key_padding_mask, causal, self.softcap)
 
     # --- what the model calls -----------------------------------------------------------------
 
@@ -307,7 +321,7 @@ class LinearizedAttention(nn.Module):
             error = (self.student(q, k, v, scale, key_padding_mask, causal).float() - target.float()) ** 2
         else:  # attention_ce: cross-entropy of the student's weights under the teacher's
             with torch.no_grad():
-                teacher = _softmax_weights(q.float(), k.float(), scale, key_padding_mask, causal)
+                teacher = _softmax_weights(q.float(), k.float(), scale, key_padding_mask, causal, self.softcap)
             weights = self.student_weights(q, k, scale, key_padding_mask, causal).float()
             error = -(teacher * torch.log(weights.clamp_min(1e-12))).sum(-1, keepdim=True)
         if rows is None:
@@ -333,10 +347,15 @@ def _dense_mask(q, k, key_padding_mask, causal) -> Optional[torch.Tensor]:
     return mask
 
 
-def _softmax_weights(q, k, scale, key_padding_mask, causal) -> torch.Tensor:
+def _capped(scores: torch.Tensor, softcap: Optional[float]) -> torch.Tensor:
+    """Scaled scores soft-capped to c·tanh(s / c) (Gemma-2), or as they are without a cap."""
+    return softcap * torch.tanh(scores / softcap) if softcap else scores
+
+
+def _softmax_weights(q, k, scale, key_padding_mask, causal, softcap=None) -> torch.Tensor:
     """The teacher's attention weights (B, H, T_q, T_k), dense."""
     mask = _dense_mask(q, k, key_padding_mask, causal)
-    scores = (q @ k.transpose(-1, -2)) * scale
+    scores = _capped((q @ k.transpose(-1, -2)) * scale, softcap)
     return torch.softmax(scores if mask is None else scores.masked_fill(~mask, float("-inf")), -1)
 
 

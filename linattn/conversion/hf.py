@@ -8,12 +8,12 @@ The layers are found by running the model once on example inputs with a probing 
 architectures, any model whose attention goes through the interface (BERT, Llama-family, ViT, ...).
 """
 from collections.abc import Mapping
-from typing import Dict, List
+from typing import Dict, List, NamedTuple, Optional
 
 import torch
 
 from ..functional import linear_attention
-from ..hf.attention import _kernelized, _prepare
+from ..hf.attention import _kernelized, _prepare, _window_binds
 from .attention import LINEAR_EPS, LinearizedAttention
 
 IMPLEMENTATION = "linattn_linearized"
@@ -47,12 +47,16 @@ def linearized_attention(module, query, key, value, attention_mask, scaling=None
     if layer is None:
         raise ValueError(f"{_where(module)}: this attention layer was not linearized (run linattn.linearize on the "
                          "model that owns it)")
+    if kwargs.get("softcap") != layer.softcap:
+        raise ValueError(f"{_where(module)}: the layer runs with softcap={kwargs.get('softcap')!r}, but was linearized "
+                         f"with softcap={layer.softcap!r} (the teacher's logit soft-capping)")
     if layer.mode == "student" and not layer.exact_window and layer.delta_rule is None:  # the linear student
         return _learned_linear_attention(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
     key, value, seen, state_layer = _prepare(module, query, key, value, attention_mask, 0.0, kwargs)
-    if seen.documents is not None or seen.window[0] >= 0:
+    if seen.documents is not None or _window_binds(seen):
         raise ValueError(f"{_where(module)}: linearized layers run plain causal or bidirectional attention with key "
-                         "padding (not yet packed documents or the model's own sliding window)")
+                         "padding (not yet packed documents, or the model's own sliding window where it is shorter "
+                         "than the sequence)")
     scale = float(scaling if scaling is not None else query.shape[-1] ** -0.5)
     if state_layer is not None:  # the hybrid or delta-rule student decoding from its constant-size state
         if seen.padding is not None:
@@ -70,11 +74,25 @@ def linearized_attention(module, query, key, value, attention_mask, scaling=None
     return out.transpose(1, 2).contiguous(), None
 
 
+class ProbedLayer(NamedTuple):
+    """An attention layer as the probe saw it: its module, heads, head dims, and the score terms
+    transformers passed (Gemma-2's logit soft-capping, gpt-oss's attention sinks)."""
+    module: torch.nn.Module
+    heads: int
+    head_dim: int
+    value_dim: int
+    softcap: Optional[float]
+    has_sinks: bool
+
+
 def _probe_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """The exact softmax (transformers' sdpa function), recording who called it with what shapes."""
+    """The exact softmax (transformers' sdpa function), recording who called it with what shapes
+    and score terms."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    _probe_attention.seen.setdefault(id(module), (module, query.shape[1], query.shape[3], value.shape[3]))
+    _probe_attention.seen.setdefault(id(module), ProbedLayer(module, query.shape[1], query.shape[3], value.shape[3],
+                                                             kwargs.get("softcap"), kwargs.get("s_aux") is not None))
+    kwargs.pop("softcap", None)  # (sdpa refuses a cap; the probe's outputs only carry the model on to its layers)
     return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
 
 
@@ -94,8 +112,8 @@ def register() -> None:
     AttentionMaskInterface.register(PROBE, sdpa_mask)
 
 
-def attention_layers(model, example_inputs) -> List[tuple]:
-    """(module, heads, head_dim, value_dim) of every attention layer the model runs on example_inputs."""
+def attention_layers(model, example_inputs) -> List[ProbedLayer]:
+    """Every attention layer the model runs on example_inputs, as the probe saw it."""
     previous = model.config._attn_implementation
     _probe_attention.seen = {}
     model.set_attn_implementation(PROBE)
@@ -136,11 +154,16 @@ def linearize_hf(model, example_inputs, options: Dict) -> List[str]:
                          "the example inputs; nothing to linearize")
     names = {id(module): name for name, module in model.named_modules()}
     replaced = []
-    for module, heads, head_dim, value_dim in layers:
+    for probed in layers:
+        module = probed.module
         if getattr(module, ATTRIBUTE, None) is not None:
             raise ValueError(f"linattn.linearize: {names[id(module)]} is already linearized")
+        if probed.has_sinks:
+            raise ValueError(f"linattn.linearize: {names[id(module)]} has attention sinks (s_aux, gpt-oss), which the "
+                             "teacher and students do not model yet")
         parameter = next(model.parameters())
-        layer = LinearizedAttention(heads, head_dim, **options).to(device=parameter.device, dtype=parameter.dtype)
+        layer = LinearizedAttention(probed.heads, probed.head_dim, softcap=probed.softcap, **options)
+        layer = layer.to(device=parameter.device, dtype=parameter.dtype)
         module.add_module(ATTRIBUTE, layer)
         replaced.append(names[id(module)])
     model.set_attn_implementation(IMPLEMENTATION)

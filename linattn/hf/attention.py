@@ -63,10 +63,16 @@ def _unpack(out, batch):
     return out.reshape(out.shape[1], batch, -1, out.shape[3]).transpose(0, 1)
 
 
-def _reject_binding_window(where, seen):
+def _window_binds(seen) -> bool:
+    """Whether the layer's sliding window hides a key from a query in this call (a window at least
+    as long as the sequence changes nothing)."""
     left, right = seen.window
     reach = seen.total_keys - 1  # the farthest any key can be from a query
-    if (0 <= left < reach) or (not seen.causal and 0 <= right < reach):
+    return (0 <= left < reach) or (not seen.causal and 0 <= right < reach)
+
+
+def _reject_binding_window(where, seen):
+    if _window_binds(seen):
         raise ValueError(f"{where}: this layer attends in a sliding window {seen.window}, which linear attention "
                          "cannot honour; use attn_implementation='linattn_local' for it")
 

@@ -52,10 +52,11 @@ def use_delta_rule(model, *, gated: bool = True, example_inputs=None) -> List[st
                          "AttentionInterface on the example inputs")
     names = {id(module): qualified for qualified, module in model.named_modules()}
     parameter = next(model.parameters())
-    for module, heads, head_dim, _ in layers:
-        module.add_module(ATTRIBUTE, _CORES[name](heads, head_dim, device=parameter.device, dtype=parameter.dtype))
+    for layer in layers:
+        core = _CORES[name](layer.heads, layer.head_dim, device=parameter.device, dtype=parameter.dtype)
+        layer.module.add_module(ATTRIBUTE, core)
     model.set_attn_implementation(name)
-    return [names[id(module)] for module, *_ in layers]
+    return [names[id(layer.module)] for layer in layers]
 
 
 def delta_rule_layers(model) -> List[Optional[object]]:

@@ -3,8 +3,8 @@ linattn_performer must match the same model running a dense float64 reference of
 (registered here, applying transformers' own 4-D mask), with padding (left and right),
 grouped-query heads, causal (Llama) and bidirectional (BERT, ViT) attention; linattn_local must
 equal sdpa (float64, 1e-10) in the models' own sliding windows (Mistral, Qwen2, Gemma-3 at head
-dim 256, whose bf16 training step also runs the flash engine's emulation forward and backward) and full
-attention (BERT, Llama), eager on gpt-oss (attention sinks), and a float64 reference of logit
+dim 256, whose bf16 training step also runs the flash engine's emulation forward and backward; ModernBERT's
+bidirectional windows) and full attention (BERT, Llama), eager on gpt-oss (attention sinks), and a float64 reference of logit
 soft-capping on Gemma-2; generation must give the same tokens through transformers' dynamic,
 static and sliding caches, linattn.hf.LinearStateCache (constant size) and no cache; packed
 documents (position_ids restarting inside a row) attend each to itself through the varlen
@@ -145,6 +145,29 @@ def test_bert_bidirectional_with_padding(implementation, expected_implementation
     got = with_implementation(model, implementation)(ids, attention_mask=mask).last_hidden_state
     expected = with_implementation(model, expected_implementation)(ids, attention_mask=mask).last_hidden_state
     torch.testing.assert_close(got[mask.bool()], expected[mask.bool()], rtol=tolerance, atol=tolerance)
+
+
+def test_modernbert_local_layers_are_exactly_sdpa(monkeypatch):
+    """ModernBERT alternates bidirectional sliding-window layers (local_attention keys in all) with
+    global ones: linattn_local runs each in its own pattern and equals sdpa in float64 with padding."""
+    if not hasattr(transformers, "ModernBertConfig"):
+        pytest.skip("this transformers has no ModernBERT")
+    config = transformers.ModernBertConfig(vocab_size=61, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                           num_attention_heads=4, max_position_embeddings=64, pad_token_id=0,
+                                           local_attention=4, global_attn_every_n_layers=3)
+    torch.manual_seed(0)
+    model = transformers.ModernBertModel(config).eval().double()
+    ids = torch.randint(1, 61, (2, 14), generator=torch.Generator().manual_seed(4))
+    mask = torch.ones(2, 14, dtype=torch.long)
+    mask[1, 9:] = 0
+    windows = []
+    run = linattn.hf.attention.sliding_window_attention
+    monkeypatch.setattr(linattn.hf.attention, "sliding_window_attention",
+                        lambda *args, **kwargs: windows.append(args[3]) or run(*args, **kwargs))
+    got = with_implementation(model, "linattn_local")(ids, attention_mask=mask).last_hidden_state
+    assert sorted(windows) == [(-1, -1), (2, 2), (2, 2)], windows  # one global layer, two local ones
+    expected = with_implementation(model, "sdpa")(ids, attention_mask=mask).last_hidden_state
+    torch.testing.assert_close(got[mask.bool()], expected[mask.bool()], rtol=1e-10, atol=1e-10)
 
 
 def test_vit():

@@ -295,3 +295,79 @@ def test_errors():
         linattn.attention_transfer(bert(), [batch()])
     with pytest.raises(ValueError, match="loss must be one of"):
         linattn.attention_transfer(model, [batch()], loss="kl")
+
+
+def gemma2(softcap, window=64, seed=0):
+    """A small Gemma-2 (soft-capped scores of a few units; its sliding window longer than the
+    sequences here, so that every layer is plain causal attention)."""
+    if not hasattr(transformers, "Gemma2Config"):
+        pytest.skip("this transformers has no Gemma-2")
+    config = transformers.Gemma2Config(vocab_size=61, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2, head_dim=8, sliding_window=window,
+                                       query_pre_attn_scalar=1, attn_logit_softcapping=softcap, initializer_range=0.2,
+                                       max_position_embeddings=128)
+    torch.manual_seed(seed)
+    return transformers.Gemma2ForCausalLM(config).eval().double()
+
+
+def test_gemma2_soft_capping_reaches_the_teacher_and_the_hybrid():
+    """Each layer takes the model's cap from the probe: the teacher is the soft-capped model (eager's
+    float32 softmax aside), not the uncapped one; the hybrid caps its exact softmax, as its dense
+    definition does; a call with another cap than the layer's is refused."""
+    ids = torch.randint(0, 61, (2, 20), generator=torch.Generator().manual_seed(4))
+    model = gemma2(softcap=1.5)
+    original = model.set_attn_implementation("eager") or model(ids).logits
+    uncapped = gemma2(softcap=None)
+    uncapped.set_attn_implementation("eager")
+    assert not torch.allclose(uncapped(ids).logits, original, atol=1e-3)
+    linattn.linearize(model, method="hybrid", window=3)
+    assert [layer.softcap for layer in linearized_layers(model).values()] == [1.5, 1.5]
+    set_mode(model, "teacher")
+    torch.testing.assert_close(model(ids).logits, original, rtol=1e-5, atol=1e-5)
+    set_mode(model, "student")
+    assert torch.isfinite(model(ids).logits).all()
+    for layer in linearized_layers(model).values():
+        layer.softcap = 2.0
+    with pytest.raises(ValueError, match="softcap=1.5, but was linearized with softcap=2.0"):
+        model(ids)
+    short_window = linattn.linearize(gemma2(softcap=1.5, window=6), method="hybrid", window=3)
+    with pytest.raises(ValueError, match="sliding window where it is shorter than the sequence"):
+        short_window(ids)
+    short_window(ids[:, :6])  # a window as long as the sequence changes nothing
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_soft_capped_hybrid_equals_its_dense_definition_and_decodes(causal):
+    torch.manual_seed(3)
+    layer = LinearizedAttention(2, 4, method="hybrid", window=3, softcap=0.8).double()
+    q, k, v = (torch.randn(2, 2, 23, 4, dtype=torch.float64) for _ in range(3))
+    padding = torch.zeros(2, 23, dtype=torch.bool)
+    padding[1, 17:] = True
+    got = layer.student(q, k, v, 0.9, padding, causal)
+    rows = ~padding[:, None, :, None].expand_as(got)
+    torch.testing.assert_close(got[rows], dense_student(layer, q, k, v, 0.9, padding, causal)[rows],
+                               rtol=1e-10, atol=1e-10)
+    uncapped = LinearizedAttention(2, 4, method="hybrid", window=3).double()
+    uncapped.load_state_dict(layer.state_dict())
+    assert not torch.allclose(uncapped.student(q, k, v, 0.9, padding, causal), got)
+    if causal:  # decoding: a prompt, then one token at a time, equals the whole sequence
+        whole = layer.student(q, k, v, 0.9, None, True)
+        out, entry = layer.decode(q[:, :, :9], k[:, :, :9], v[:, :, :9], 0.9, None)
+        pieces = [out]
+        for t in range(9, 23):
+            out, entry = layer.decode(q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1], 0.9, entry)
+            pieces.append(out)
+        torch.testing.assert_close(torch.cat(pieces, 2), whole, rtol=1e-10, atol=1e-10)
+
+
+def test_attention_sinks_are_refused():
+    if not hasattr(transformers, "GptOssConfig"):
+        pytest.skip("this transformers has no gpt-oss")
+    config = transformers.GptOssConfig(
+        vocab_size=61, hidden_size=32, intermediate_size=16, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, sliding_window=64, num_local_experts=4, num_experts_per_tok=2,
+        max_position_embeddings=128, layer_types=["sliding_attention", "full_attention"])
+    with pytest.raises(ValueError, match="attention sinks"):
+        linattn.linearize(transformers.GptOssForCausalLM(config).eval())
+    with pytest.raises(ValueError, match="softcap must be a finite number > 0"):
+        LinearizedAttention(2, 4, softcap=-1.0)

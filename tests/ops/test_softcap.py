@@ -179,3 +179,32 @@ def test_operator_refuses_a_negative_or_non_finite_cap():
             op = getattr(torch.ops.linattn, "restricted_softmax_fwd" + suffix)
             with pytest.raises(RuntimeError, match="softcap must be a finite number >= 0"):
                 op(q, k, v, 1.0, *Pattern(softcap=bad).op_args())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("D", [64, 256])
+@pytest.mark.parametrize("name", ["causal", "global tokens and padding", "layout, bias, shared-QK positions"])
+def test_cuda_kernels_match_emulation_and_reference(name, D):
+    """On a GPU the flash kernels cap with tanhf: forward against float64, forward and backward
+    against their own emulation on the CPU."""
+    FWD = torch.ops.linattn.restricted_softmax_fwd_fused.default
+    BWD = torch.ops.linattn.restricted_softmax_bwd_fused.default
+    block_limit = torch.cuda.get_device_properties().shared_memory_per_block_optin
+    if torch.ops.linattn._flash_shared_bytes(D, D, True, 1) > block_limit:
+        pytest.skip("this GPU's blocks cannot hold the backward's shared memory at this head dim")
+    T, H = 333, 2
+    pattern = patterns(T, H)[name]
+    if pattern.bias is not None:
+        pattern = with_bias(pattern, pattern.bias.bfloat16())
+    on_gpu = Pattern(**{key: value.cuda() if isinstance(value, torch.Tensor) else value
+                        for key, value in pattern.__dict__.items()})
+    q, k, v = make(2, H, T, T, D, D, torch.bfloat16, seed=3)
+    out, lse = FWD(q.cuda(), k.cuda(), v.cuda(), SCALE / 4, *on_gpu.op_args())
+    ref_out, _ = reference_forward(q, k, v, SCALE / 4, pattern)
+    assert_close(out.cpu(), ref_out, TOLERANCE[torch.bfloat16], "GPU vs float64")
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).bfloat16()
+    gpu = BWD(grad_out.cuda(), None, q.cuda(), k.cuda(), v.cuda(), out, lse, SCALE / 4, *on_gpu.op_args())
+    emulated = BWD(grad_out, None, q, k, v, out.cpu(), lse.cpu(), SCALE / 4, *pattern.op_args())
+    for a, b in zip(gpu, emulated):
+        if b.numel():
+            assert_close(a.cpu(), b.double(), 2 * TOLERANCE[torch.bfloat16], "GPU vs emulation")
