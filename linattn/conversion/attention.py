@@ -31,7 +31,7 @@ Decoding (LinearizedAttention.decode): a causal student continues from a constan
 linear state (S, z), or the hybrid's kept keys (sink + last `window`) and the sums of the rest.
 """
 import math
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +43,10 @@ from ..delta_rule import delta_rule_attention
 from ..functional import linear_attention, linear_attention_step
 from ..ops import accumulate_dtype
 from ..nn.learned_feature_maps import learned_feature_map
+
+# A model's own sliding window as flash-attn's (left, right) bounds, −1 = unbounded (the teacher's).
+Window = Tuple[int, int]
+NO_WINDOW: Window = (-1, -1)
 
 # The students, by name: whether one attends a window (and global tokens) exactly.
 EXACT_WINDOW = {"linear": False, "hybrid": True, "deltanet": False, "gated_deltanet": False}
@@ -115,11 +119,15 @@ class LinearizedAttention(nn.Module):
 
     # --- the two attentions -------------------------------------------------------------------
 
-    def teacher(self, q, k, v, scale: float, key_padding_mask: Optional[torch.Tensor], causal: bool) -> torch.Tensor:
-        """The layer's exact softmax attention (B, H, T_q, dv); a soft-capped one through the
-        restricted-softmax operator (SDPA cannot cap)."""
-        if self.softcap:
-            pattern = ops.restricted.Pattern(causal=causal, key_padding_mask=key_padding_mask, softcap=self.softcap)
+    def teacher(self, q, k, v, scale: float, key_padding_mask: Optional[torch.Tensor], causal: bool,
+                window: Window = NO_WINDOW) -> torch.Tensor:
+        """The layer's exact softmax attention (B, H, T_q, dv), in the model's own sliding `window`
+        (flash-attn's (left, right) bounds, −1 = unbounded). A windowed or soft-capped one runs the
+        restricted-softmax operator: SDPA cannot cap, and a windowed row that sees no key (a padded
+        query among padded keys) is 0 there, where SDPA's NaN would reach real rows of the next layer."""
+        if self.softcap or window != NO_WINDOW:
+            pattern = ops.restricted.Pattern(window=window, causal=causal, key_padding_mask=key_padding_mask,
+                                             softcap=self.softcap or 0.0)
             return ops.restricted.restricted_softmax(q, k, v, scale, pattern)[0]
         return F.scaled_dot_product_attention(q, k, v, attn_mask=_dense_mask(q, k, key_padding_mask, causal),
                                               scale=scale)
@@ -297,31 +305,34 @@ class LinearizedAttention(nn.Module):
         denominator = has_window.to(kernel.dtype) + gamma * outside.sum(-1, keepdim=True)
         return (window_weights + gamma * outside) / denominator.clamp_min(torch.finfo(kernel.dtype).tiny)
 
-    def attention_weights(self, q, k, scale: float, key_padding_mask: Optional[torch.Tensor], causal: bool):
+    def attention_weights(self, q, k, scale: float, key_padding_mask: Optional[torch.Tensor], causal: bool,
+                          window: Window = NO_WINDOW):
         """The weights the current mode applies (B, H, T_q, T_k): the student's, or the softmax's."""
         if self.mode == "student":
             return self.student_weights(q, k, scale, key_padding_mask, causal)
-        return _softmax_weights(q, k, scale, key_padding_mask, causal, self.softcap)
+        return _softmax_weights(q, k, scale, key_padding_mask, causal, self.softcap, window)
 
     # --- what the model calls -----------------------------------------------------------------
 
     def forward(self, q, k, v, scale: float, key_padding_mask: Optional[torch.Tensor] = None,
-                causal: bool = False) -> torch.Tensor:
+                causal: bool = False, window: Window = NO_WINDOW) -> torch.Tensor:
+        """The current mode's attention. `window`: the model's own sliding window, which the
+        teacher honours; the students attend every key (they learn to match the windowed teacher)."""
         if self.mode == "student":
             return self.student(q, k, v, scale, key_padding_mask, causal)
         with torch.no_grad():
-            target = self.teacher(q, k, v, scale, key_padding_mask, causal)
+            target = self.teacher(q, k, v, scale, key_padding_mask, causal, window)
         if self.mode == "transfer":
-            self.last_loss = self._loss(q, k, v, target, scale, key_padding_mask, causal)
+            self.last_loss = self._loss(q, k, v, target, scale, key_padding_mask, causal, window)
         return target
 
-    def _loss(self, q, k, v, target, scale, key_padding_mask, causal) -> torch.Tensor:
+    def _loss(self, q, k, v, target, scale, key_padding_mask, causal, window) -> torch.Tensor:
         rows = _real_queries(q, key_padding_mask)  # (B, 1, T_q, 1) or None: padded queries are left out
         if self.loss_kind == "output_mse":
             error = (self.student(q, k, v, scale, key_padding_mask, causal).float() - target.float()) ** 2
         else:  # attention_ce: cross-entropy of the student's weights under the teacher's
             with torch.no_grad():
-                teacher = _softmax_weights(q.float(), k.float(), scale, key_padding_mask, causal, self.softcap)
+                teacher = _softmax_weights(q.float(), k.float(), scale, key_padding_mask, causal, self.softcap, window)
             weights = self.student_weights(q, k, scale, key_padding_mask, causal).float()
             error = -(teacher * torch.log(weights.clamp_min(1e-12))).sum(-1, keepdim=True)
         if rows is None:
@@ -335,12 +346,12 @@ def _with_ones(v: torch.Tensor) -> torch.Tensor:
     return torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)
 
 
-def _dense_mask(q, k, key_padding_mask, causal) -> Optional[torch.Tensor]:
-    """SDPA's boolean mask (True = attend) for padding and causality (bottom-right aligned), or None."""
+def _dense_mask(q, k, key_padding_mask, causal, window: Window = NO_WINDOW) -> Optional[torch.Tensor]:
+    """SDPA's boolean mask (True = attend) for padding, causality and a sliding window (bottom-right
+    aligned, flash-attn's bounds), or None."""
     mask = None
-    if causal:
-        i = torch.arange(q.shape[2], device=q.device)[:, None] + (k.shape[2] - q.shape[2])
-        mask = torch.arange(k.shape[2], device=q.device)[None, :] <= i
+    if causal or window != NO_WINDOW:
+        mask = ops.restricted.Pattern(window=window, causal=causal).dense_mask(q.shape[2], k.shape[2], q.device)[0, 0]
     if key_padding_mask is not None:
         keys = ~key_padding_mask[:, None, None, :]
         mask = keys if mask is None else mask & keys
@@ -352,11 +363,14 @@ def _capped(scores: torch.Tensor, softcap: Optional[float]) -> torch.Tensor:
     return softcap * torch.tanh(scores / softcap) if softcap else scores
 
 
-def _softmax_weights(q, k, scale, key_padding_mask, causal, softcap=None) -> torch.Tensor:
-    """The teacher's attention weights (B, H, T_q, T_k), dense."""
-    mask = _dense_mask(q, k, key_padding_mask, causal)
+def _softmax_weights(q, k, scale, key_padding_mask, causal, softcap=None, window: Window = NO_WINDOW) -> torch.Tensor:
+    """The teacher's attention weights (B, H, T_q, T_k), dense; a row that sees no key is 0."""
+    mask = _dense_mask(q, k, key_padding_mask, causal, window)
     scores = _capped((q @ k.transpose(-1, -2)) * scale, softcap)
-    return torch.softmax(scores if mask is None else scores.masked_fill(~mask, float("-inf")), -1)
+    if mask is None:
+        return torch.softmax(scores, -1)
+    weights = torch.softmax(scores.masked_fill(~mask, float("-inf")), -1)
+    return torch.where(mask.any(-1, keepdim=True), weights, 0.0)
 
 
 def _real_queries(q, key_padding_mask) -> Optional[torch.Tensor]:

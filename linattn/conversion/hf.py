@@ -34,8 +34,19 @@ def _learned_linear(module, q, k, v, causal, padding, initial_state=None, output
                             output_final_state=output_final_state, cu_seqlens=cu_seqlens)
 
 
-# Built once: the kernelized wrapper (caches, state cache, packed documents) around the learned maps.
-_learned_linear_attention = _kernelized(_learned_linear)
+def _reject_dropped_keys(where, seen) -> None:
+    """A student attends every key of the sequence, also in a layer whose model attends in a sliding
+    window (its teacher does); a transformers cache that dropped keys older than the window (a
+    sliding layer's) cannot give it them."""
+    if seen.key_offset > 0:
+        raise ValueError(f"{where}: transformers' cache dropped this sliding-window layer's first {seen.key_offset} "
+                         "keys, which the linearized student attends: generate with "
+                         "past_key_values=linattn.hf.LinearStateCache() (constant size) or use_cache=False")
+
+
+# Built once: the kernelized wrapper (caches, state cache, packed documents) around the learned maps; the
+# model's own window is the teacher's (the student attends every key).
+_learned_linear_attention = _kernelized(_learned_linear, window_rule=_reject_dropped_keys)
 
 
 def linearized_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -53,10 +64,13 @@ def linearized_attention(module, query, key, value, attention_mask, scaling=None
     if layer.mode == "student" and not layer.exact_window and layer.delta_rule is None:  # the linear student
         return _learned_linear_attention(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
     key, value, seen, state_layer = _prepare(module, query, key, value, attention_mask, 0.0, kwargs)
-    if seen.documents is not None or _window_binds(seen):
+    if seen.documents is not None:
         raise ValueError(f"{_where(module)}: linearized layers run plain causal or bidirectional attention with key "
-                         "padding (not yet packed documents, or the model's own sliding window where it is shorter "
-                         "than the sequence)")
+                         "padding (not yet packed documents)")
+    if layer.mode == "student":
+        _reject_dropped_keys(_where(module), seen)
+    # The teacher attends in the model's own window where it hides keys; the students learn to match it.
+    window = tuple(seen.window) if _window_binds(seen) else (-1, -1)
     scale = float(scaling if scaling is not None else query.shape[-1] ** -0.5)
     if state_layer is not None:  # the hybrid or delta-rule student decoding from its constant-size state
         if seen.padding is not None:
@@ -68,9 +82,10 @@ def linearized_attention(module, query, key, value, attention_mask, scaling=None
     elif seen.causal and query.shape[2] != key.shape[2]:
         # transformers' key/value cache: the new queries are the last rows of the whole sequence.
         past = query.new_zeros(*query.shape[:2], key.shape[2] - query.shape[2], query.shape[3])
-        out = layer(torch.cat([past, query], dim=2), key, value, scale, seen.padding, True)[:, :, -query.shape[2]:]
+        out = layer(torch.cat([past, query], dim=2), key, value, scale, seen.padding, True, window)
+        out = out[:, :, -query.shape[2]:]
     else:
-        out = layer(query, key, value, scale, seen.padding, seen.causal)
+        out = layer(query, key, value, scale, seen.padding, seen.causal, window)
     return out.transpose(1, 2).contiguous(), None
 
 

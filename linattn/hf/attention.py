@@ -77,14 +77,14 @@ def _reject_binding_window(where, seen):
                          "cannot honour; use attn_implementation='linattn_local' for it")
 
 
-def _kernelized(attend):
+def _kernelized(attend, window_rule=_reject_binding_window):
     """An attention function for a kernelized method, given attend(module, q, k, v, causal,
     key_padding_mask, initial_state=, output_final_state=, cu_seqlens=)."""
 
     def forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
         where = _where(module)
         key, value, seen, state_layer = _prepare(module, query, key, value, attention_mask, dropout, kwargs)
-        _reject_binding_window(where, seen)
+        window_rule(where, seen)
         q_len, k_len, padding = query.shape[2], key.shape[2], seen.padding
         if seen.documents is not None:
             (q, k, v), cu_seqlens = _as_packing(seen.documents, query, key, value)

@@ -41,6 +41,7 @@ class Visibility:
     keys: int  # how many of the passed keys a query can see: a static cache's unfilled tail is cut
     total_keys: int  # the sequence's keys so far (with a state cache, more than those passed)
     documents: Optional[torch.Tensor] = None  # (B, T): packed documents, each attending only to itself
+    key_offset: int = 0  # the first passed key's position: > 0 when a sliding cache dropped earlier keys
 
 
 def _closure(function, name):
@@ -183,7 +184,8 @@ def visibility(where, module, mask, q_len, k_len, kwargs, state_cache: bool) -> 
         padding = None if bool(visible.all()) else ~visible
         if pattern.documents is not None and (state_cache or padding is not None or q_len != k_len):
             raise ValueError(f"{where}: packed documents need the whole rows at once, without padding or a cache")
-        return Visibility(causal, window, padding, keys, total, pattern.documents)
+        key_offset = 0 if state_cache else pattern.kv_offset
+        return Visibility(causal, window, padding, keys, total, pattern.documents, key_offset)
     causal, window = _model_pattern(module, kwargs)
     if mask is None:
         return Visibility(causal, window, None, k_len, k_len)

@@ -147,16 +147,22 @@ def test_bert_bidirectional_with_padding(implementation, expected_implementation
     torch.testing.assert_close(got[mask.bool()], expected[mask.bool()], rtol=tolerance, atol=tolerance)
 
 
-def test_modernbert_local_layers_are_exactly_sdpa(monkeypatch):
-    """ModernBERT alternates bidirectional sliding-window layers (local_attention keys in all) with
-    global ones: linattn_local runs each in its own pattern and equals sdpa in float64 with padding."""
+def modernbert():
+    """A small float64 ModernBERT: two bidirectional sliding-window layers (local_attention=4: two
+    keys on each side) and a global one."""
     if not hasattr(transformers, "ModernBertConfig"):
         pytest.skip("this transformers has no ModernBERT")
     config = transformers.ModernBertConfig(vocab_size=61, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
                                            num_attention_heads=4, max_position_embeddings=64, pad_token_id=0,
                                            local_attention=4, global_attn_every_n_layers=3)
     torch.manual_seed(0)
-    model = transformers.ModernBertModel(config).eval().double()
+    return transformers.ModernBertModel(config).eval().double()
+
+
+def test_modernbert_local_layers_are_exactly_sdpa(monkeypatch):
+    """ModernBERT alternates bidirectional sliding-window layers (local_attention keys in all) with
+    global ones: linattn_local runs each in its own pattern and equals sdpa in float64 with padding."""
+    model = modernbert()
     ids = torch.randint(1, 61, (2, 14), generator=torch.Generator().manual_seed(4))
     mask = torch.ones(2, 14, dtype=torch.long)
     mask[1, 9:] = 0

@@ -1,7 +1,10 @@
 """linattn.linearize and linattn.attention_transfer (docs/methods.md §10) on small transformers models
-built here (BERT bidirectional, Llama causal): the record of what was replaced, teacher mode = the
-original model, the student's math against a dense float64 definition, padding, state_dict round
-trips, compile, transfer reducing every layer's loss, and errors."""
+built here (BERT bidirectional, Llama causal; Mistral's and ModernBERT's sliding windows, Gemma-2's
+soft-capping): the record of what was replaced, teacher mode = the original model, the student's
+math against a dense float64 definition, padding, state_dict round trips, compile, transfer reducing
+every layer's loss, and errors."""
+import math
+
 import pytest
 import torch
 
@@ -330,10 +333,13 @@ def test_gemma2_soft_capping_reaches_the_teacher_and_the_hybrid():
         layer.softcap = 2.0
     with pytest.raises(ValueError, match="softcap=1.5, but was linearized with softcap=2.0"):
         model(ids)
-    short_window = linattn.linearize(gemma2(softcap=1.5, window=6), method="hybrid", window=3)
-    with pytest.raises(ValueError, match="sliding window where it is shorter than the sequence"):
-        short_window(ids)
-    short_window(ids[:, :6])  # a window as long as the sequence changes nothing
+    # A window shorter than the sequence and the cap, together in the teacher.
+    short_window = gemma2(softcap=1.5, window=6)
+    short_window.set_attn_implementation("eager")
+    original = short_window(ids).logits
+    linattn.linearize(short_window, method="hybrid", window=3)
+    set_mode(short_window, "teacher")
+    torch.testing.assert_close(short_window(ids).logits, original, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("causal", [False, True])
@@ -371,3 +377,60 @@ def test_attention_sinks_are_refused():
         linattn.linearize(transformers.GptOssForCausalLM(config).eval())
     with pytest.raises(ValueError, match="softcap must be a finite number > 0"):
         LinearizedAttention(2, 4, softcap=-1.0)
+
+
+def mistral(window=4, seed=0):
+    config = transformers.MistralConfig(vocab_size=61, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, sliding_window=window,
+                                        max_position_embeddings=128)
+    torch.manual_seed(seed)
+    return transformers.MistralForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize("method", ["hybrid", "linear"])
+def test_sliding_window_layers_learn_from_their_windowed_teacher(method):
+    """A model whose sliding window is shorter than the sequence: the teacher is the model itself
+    (its window honoured: equal to sdpa's windowed attention to 1e-10 in float64, padding included),
+    both losses train against it, and the student, which attends every key, generates from the
+    state cache as it does recomputing; transformers' sliding cache, which drops keys the student
+    reads, is refused by name."""
+    model = mistral().double()
+    inputs = batch(length=14)
+    original = with_sdpa(model)(**inputs).logits
+    linattn.linearize(model, method=method, window=2)
+    set_mode(model, "teacher")
+    real = inputs["attention_mask"].bool()
+    torch.testing.assert_close(model(**inputs).logits[real], original[real], rtol=1e-10, atol=1e-10)
+    set_mode(model, "transfer")
+    model(**inputs)
+    assert all(torch.isfinite(layer.last_loss) for layer in linearized_layers(model).values())
+    for loss in ("output_mse", "attention_ce"):
+        history = linattn.attention_transfer(model, [inputs], steps=3, loss=loss, progress=False)
+        assert all(math.isfinite(value) for values in history.values() for value in values)
+    ids = inputs["input_ids"][:1, :9]
+    runs = [model.generate(ids, max_new_tokens=6, do_sample=False, **options)
+            for options in ({"past_key_values": linattn.hf.LinearStateCache()}, {"use_cache": False})]
+    assert runs[0].tolist() == runs[1].tolist()
+    with pytest.raises(ValueError, match="dropped this sliding-window layer's first"):
+        model.generate(ids, max_new_tokens=6, do_sample=False)
+
+
+def with_sdpa(model):
+    model.set_attn_implementation("sdpa")
+    return model
+
+
+def test_modernbert_bidirectional_windows_are_the_teacher():
+    """ModernBERT's local layers attend in a bidirectional window shorter than the sequence: the
+    teacher honours it (equal to sdpa in float64, padding included) and the hybrid student trains."""
+    from test_hf import modernbert
+
+    model = with_sdpa(modernbert())
+    inputs = batch(length=14)
+    original = model(**inputs).last_hidden_state
+    linattn.linearize(model, method="hybrid", window=1)
+    set_mode(model, "teacher")
+    real = inputs["attention_mask"].bool()
+    torch.testing.assert_close(model(**inputs).last_hidden_state[real], original[real], rtol=1e-10, atol=1e-10)
+    history = linattn.attention_transfer(model, [inputs], steps=3, progress=False)
+    assert len(history) == 3 + 1 and all(math.isfinite(v) for values in history.values() for v in values)  # + total
