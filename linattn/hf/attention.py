@@ -72,7 +72,8 @@ def _window_binds(seen) -> bool:
 
 
 def _reject_binding_window(where, seen):
-    if _window_binds(seen):
+    # A cache that dropped keys older than the window (a sliding layer's) binds the window as well.
+    if _window_binds(seen) or seen.key_offset > 0:
         raise ValueError(f"{where}: this layer attends in a sliding window {seen.window}, which linear attention "
                          "cannot honour; use attn_implementation='linattn_local' for it")
 

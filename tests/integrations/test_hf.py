@@ -414,6 +414,8 @@ def test_linear_methods_refuse_a_sliding_window_that_matters():
     with pytest.raises(ValueError, match="linattn_local"):
         model(torch.randint(0, 61, (1, 9)))
     model(torch.randint(0, 61, (1, 5)))  # a window as long as the sequence changes nothing
+    with pytest.raises(ValueError, match="linattn_local"):  # nor can it past the window's keys a sliding cache drops
+        model.generate(torch.randint(0, 61, (1, 5)), max_new_tokens=4, do_sample=False, pad_token_id=0)
 
 
 def gemma2(softcap, seed=0):
