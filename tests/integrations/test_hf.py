@@ -452,6 +452,21 @@ def test_gemma2_soft_capping_is_exactly_the_reference(padding):
                                   with_implementation(uncapped, "eager")(ids).logits, atol=1e-3)
 
 
+def test_gemma2_generation_with_soft_capping_matches_the_reference():
+    """Generation through transformers' caches (the sliding layer's trimmed one included) with left
+    padding: the same tokens and logits as the float64 soft-capping reference."""
+    model = gemma2(softcap=1.5).double()
+    ids = torch.randint(1, 61, (2, 9), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    kwargs = dict(attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0, output_logits=True,
+                  return_dict_in_generate=True)
+    got = with_implementation(model, "linattn_local").generate(ids, **kwargs)
+    expected = with_implementation(model, "test_reference_softcap").generate(ids, **kwargs)
+    assert torch.equal(got.sequences, expected.sequences)
+    torch.testing.assert_close(torch.stack(got.logits), torch.stack(expected.logits), rtol=1e-9, atol=1e-9)
+
+
 def test_local_rejects_state_caches():
     model = with_implementation(llama(), "linattn_local")
     with pytest.raises(ValueError, match="LinearStateCache"):
