@@ -224,20 +224,22 @@ def _attend_window(core, q, k, v, ring_entry, length, where):
         keys = entry["k"] = _writable(entry["k"], k).index_copy_(2, slot, k)
         values = entry["v"] = _writable(entry["v"], v).index_copy_(2, slot, v)
         filled = min(length + 1, ring)
-        if core.sinks is None:
+        if core.sinks is None and not core.softcap:
             return F.scaled_dot_product_attention(q, keys[:, :, :filled], values[:, :, :filled]), entry
-        # Sinks: the row's softmax and its logsumexp (the sink's share) from one product of scores.
+        # Sinks or a cap: the row's softmax (and its logsumexp, the sink's share) from one product of scores.
         acc = torch.promote_types(q.dtype, torch.float32)
-        scores = ((q * q.shape[-1] ** -0.5) @ keys[:, :, :filled].transpose(-1, -2)).to(acc)
+        scores = core.scores(q.to(acc), keys[:, :, :filled].to(acc))
         out = torch.softmax(scores, -1) @ values[:, :, :filled].to(acc)
-        return with_sinks(out, scores.logsumexp(-1), core.sinks).to(q.dtype), entry
+        if core.sinks is not None:
+            out = with_sinks(out, scores.logsumexp(-1), core.sinks)
+        return out.to(q.dtype), entry
     # A chunk (or dilation): the past keys in order, then the window kernel, bottom-right aligned.
     past = min(length, left)
     order = (torch.arange(length - past, length, device=k.device) % ring)
     keys = torch.cat([entry["k"].index_select(2, order), k], dim=2)
     values = torch.cat([entry["v"].index_select(2, order), v], dim=2)
     out = functional.sliding_window_attention(q, keys, values, (left, 0), causal=True, dilation=core.dilation,
-                                              sinks=core.sinks)
+                                              sinks=core.sinks, softcap=core.softcap)
     kept = min(n, ring)
     slots = torch.arange(length + n - kept, length + n, device=k.device) % ring
     entry["k"] = _writable(entry["k"], k).index_copy_(2, slots, k[:, :, n - kept:])

@@ -20,6 +20,8 @@ CASES = [
     ("local", {"window": 6, "dilation": 2}),
     ("local", {"window": (3, 7)}),
     ("local", {"window": 5, "sinks": True}),
+    ("local", {"window": 5, "softcap": 0.8}),
+    ("local", {"window": 5, "sinks": True, "softcap": 0.8}),
     ("hybrid", {"window": 4}),
     ("deltanet", {}),
     ("gated_deltanet", {}),

@@ -208,3 +208,36 @@ def test_cuda_kernels_match_emulation_and_reference(name, D):
     for a, b in zip(gpu, emulated):
         if b.numel():
             assert_close(a.cpu(), b.double(), 2 * TOLERANCE[torch.bfloat16], "GPU vs emulation")
+
+
+# --- linattn.nn.MultiheadAttention(method="local", softcap=c) ---------------------------------
+
+@pytest.mark.parametrize("sinks", [False, True])
+def test_module_soft_capping_output_weights_and_gradient(sinks):
+    """The local method's cap (with and without sinks): the output and need_weights equal the float64
+    reference's softmax over capped scores; the gradient reaches the projections; bad caps raise."""
+    from linattn.nn import MultiheadAttention
+
+    torch.manual_seed(0)
+    m = MultiheadAttention(16, 2, method="local", window=4, softcap=0.8, sinks=sinks, batch_first=True,
+                           dtype=torch.float64)
+    assert "softcap=0.8" in repr(m.core)
+    x = torch.randn(2, 20, 16, dtype=torch.float64) * 3
+    projected = torch.nn.functional.linear(x, m.in_proj_weight, m.in_proj_bias).detach()
+    q, k, v = (t.reshape(2, 20, 2, 8).transpose(1, 2) for t in projected.chunk(3, -1))
+    out, weights = m(x, x, x, need_weights=True, average_attn_weights=False)
+    visible = linattn.window_mask(20, 20, 4)
+    scores = 0.8 * torch.tanh(q @ k.transpose(-1, -2) / 8 ** 0.5 / 0.8)
+    scores = scores.masked_fill(~visible, float("-inf"))
+    if sinks:
+        sink = m.core.sinks.detach().view(1, 2, 1, 1).expand(2, 2, 20, 1)
+        expected_weights = torch.softmax(torch.cat([scores, sink], -1), -1)[..., :-1]
+    else:
+        expected_weights = torch.softmax(scores, -1)
+    torch.testing.assert_close(weights, expected_weights, rtol=1e-10, atol=1e-10)
+    expected = m.out_proj((expected_weights @ v).transpose(1, 2).reshape(2, 20, 16))
+    torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
+    out.sum().backward()
+    assert m.in_proj_weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="softcap must be a finite number > 0"):
+        MultiheadAttention(16, 2, method="local", softcap=-1.0)

@@ -9,6 +9,7 @@ from ... import functional, lsh, reference
 from ...sparse import layout_mask
 from ...window import window_bounds, window_mask, with_sinks
 from ..decoding import decode_hybrid, decode_local
+from ... import _validation as check
 from .base import (MethodModule, _check_choice, _check_positive_int, _drop_keys, _masked_softmax_weights,
                    _softmax_over_visible)
 from .kernelized import LinearMethod
@@ -22,21 +23,24 @@ class LocalMethod(MethodModule):
       dilation: keep every d-th key of the window (Longformer's dilated windows), default 1;
       sinks: True adds gpt-oss's attention sinks, a learned logit per head (the parameter
         `sinks`, zeros at first) that every row's softmax counts as one more key of value 0;
-        default False.
+        default False;
+      softcap: c > 0 caps the scaled scores s to c·tanh(s / c) (Gemma-2's logit soft-capping);
+        default None (no cap).
     Accepts key padding and causal masks; dropout drops whole keys, as for the linear methods."""
 
     name = "local"
     decoder = staticmethod(decode_local)
     hf_implementations = ("linattn_local",)
-    options = ("window", "dilation", "sinks")
+    options = ("window", "dilation", "sinks", "softcap")
     supports_causal = True
     takes_any_mask = False
     supports_extra_keys = False  # bias_kv / zero_attn keys would fall outside most windows
 
     def __init__(self, num_heads: int, head_dim: int, device=None, dtype=None, *, window=128, dilation=1,
-                 sinks=False):
+                 sinks=False, softcap=None):
         super().__init__()
         where = f"linattn method {self.name!r}"
+        self.softcap = check.softcap_of(where, softcap) or None
         window_bounds(where, window, causal=False)  # raises on a bad window
         _check_positive_int(self.name, "dilation", dilation)
         if not isinstance(sinks, bool):
@@ -45,7 +49,14 @@ class LocalMethod(MethodModule):
         self.sinks = nn.Parameter(torch.zeros(num_heads, device=device, dtype=dtype)) if sinks else None
 
     def extra_repr(self) -> str:
-        return f"window={self.window!r}, dilation={self.dilation}" + (", sinks=True" if self.sinks is not None else "")
+        sinks = ", sinks=True" if self.sinks is not None else ""
+        cap = f", softcap={self.softcap:g}" if self.softcap else ""
+        return f"window={self.window!r}, dilation={self.dilation}{sinks}{cap}"
+
+    def scores(self, q, k) -> torch.Tensor:
+        """The scaled scores, soft-capped when the method caps (for need_weights and decoding)."""
+        scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)
+        return self.softcap * torch.tanh(scores / self.softcap) if self.softcap else scores
 
     def global_mask(self, k, given):
         """The global tokens for keys k: the ones given (longformer), or none."""
@@ -56,7 +67,7 @@ class LocalMethod(MethodModule):
         global_mask = self.global_mask(k, global_mask)
         out = functional.sliding_window_attention(
             q, k, v, self.window, causal=causal, dilation=self.dilation, global_mask=global_mask,
-            key_padding_mask=key_padding_mask, sinks=self.sinks,
+            key_padding_mask=key_padding_mask, sinks=self.sinks, softcap=self.softcap,
         )
         if not need_weights:
             return out, None
@@ -64,12 +75,11 @@ class LocalMethod(MethodModule):
             q.shape[2], k.shape[2], self.window, causal=causal, dilation=self.dilation, global_mask=global_mask,
             key_padding_mask=key_padding_mask, batch=q.shape[0], device=q.device,
         )
-        if self.sinks is None:
-            weights = _masked_softmax_weights(q, k, visible)
-        else:  # the keys' share of each row, the sink taking the rest (one product for both)
-            scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)
+        scores = self.scores(q, k)
+        weights = _softmax_over_visible(scores, visible)
+        if self.sinks is not None:  # the keys' share of each row, the sink taking the rest
             lse = scores.masked_fill(~visible, float("-inf")).logsumexp(-1)
-            weights = with_sinks(_softmax_over_visible(scores, visible), lse, self.sinks)
+            weights = with_sinks(weights, lse, self.sinks)
         return out, weights if key_scale is None else weights * key_scale
 
 
