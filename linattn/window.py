@@ -49,7 +49,8 @@ def sliding_window_attention(
     cu_seqlens: Optional[torch.Tensor] = None,
     sinks: Optional[torch.Tensor] = None,
     softcap: Optional[float] = None,
-) -> torch.Tensor:
+    return_lse: bool = False,
+):
     """Softmax attention in which query i sees only the keys of its window (docs/methods.md §5).
 
     Args:
@@ -73,13 +74,16 @@ def sliding_window_attention(
             row can give part of its attention to nothing. Differentiable.
         softcap: c > 0 caps every scaled score s to c·tanh(s / c) before the softmax (Gemma-2's
             logit soft-capping, flash-attn's ``softcap``); None = no capping.
+        return_lse: also return each row's logsumexp of its scores (B, H, T_q), fp32 (float64 for
+            float64 inputs), the sinks' logits included; −inf for a row that sees no key. It takes
+            a gradient (partial attentions combine by it: flash-attn's ``return_attn_probs``).
 
-    Returns (B, H, T_q, dv) in the input dtype. A row that sees no key returns 0 (and passes
+    Returns (B, H, T_q, dv) in the input dtype (and the lse with return_lse). A row that sees no key returns 0 (and passes
     zero gradients), never NaN. Computed flash-style in blocks: memory O(T·(block + window)),
     never a T×T matrix; float32 accumulation for every dtype.
     """
     if (type(window) is int and dilation == 1 and global_mask is None and cu_seqlens is None and sinks is None
-            and softcap is None and (scale is None or type(scale) is float) and not torch.compiler.is_compiling()):
+            and softcap is None and not return_lse and (scale is None or type(scale) is float) and not torch.compiler.is_compiling()):
         # The common call goes straight to the operator, whose C++ checks match the ones below:
         # only a call it refuses runs them, to raise in the caller's terms.
         try:
@@ -123,7 +127,10 @@ def sliding_window_attention(
                                      global_mask=global_mask, key_padding_mask=key_padding_mask, q_segments=segments,
                                      k_segments=segments, softcap=cap)
     out, lse = ops.restricted.restricted_softmax(q, k, v, float(scale), pattern)
-    return out if sinks is None else with_sinks(out, lse, sinks)
+    if sinks is not None:
+        out = with_sinks(out, lse, sinks)
+        lse = torch.logaddexp(lse, sinks.to(lse.dtype).view(1, -1, 1)) if return_lse else lse
+    return (out, lse) if return_lse else out
 
 
 def with_sinks(out: torch.Tensor, lse: torch.Tensor, sinks: torch.Tensor) -> torch.Tensor:

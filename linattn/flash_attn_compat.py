@@ -1,0 +1,93 @@
+"""flash-attn's functional interface on linattn's restricted-softmax operator, so that code written
+against ``flash_attn.flash_attn_func`` / ``flash_attn_varlen_func`` runs unchanged on CPUs and on
+GPUs flash-attn does not serve:
+
+    from linattn.flash_attn_compat import flash_attn_func, flash_attn_varlen_func
+
+Same layouts ((B, T, H, D); packed (total, H, D) with int32 ``cu_seqlens``), flash-attn 2.1's
+bottom-right causal alignment, ``window_size``, ``softcap``, ``softmax_scale``, grouped-query heads
+(k and v with fewer heads, each serving H / H_k query heads: expanded to H, a copy) and
+``return_attn_probs`` (the logsumexp, as flash-attn returns it; no probability matrix). Exact
+softmax, any T and head dim, every dtype, forward and backward. What the operator does not do
+raises, naming the argument: ``dropout_p`` > 0, ``alibi_slopes``, a paged ``block_table``, and
+packed calls whose query and key offsets differ (cross-attention between packed sequences)."""
+from typing import Optional, Tuple
+
+import torch
+
+from . import _validation as check
+from .window import sliding_window_attention
+
+
+def _refuse_unsupported(where: str, dropout_p, alibi_slopes) -> None:
+    if dropout_p != 0:
+        raise ValueError(f"{where}: dropout_p must be 0 (linattn's softmax has no attention dropout), got {dropout_p!r}")
+    if alibi_slopes is not None:
+        raise ValueError(f"{where}: alibi_slopes is not supported (pass alibi_slopes=None)")
+
+
+def _with_query_heads(where: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head_dim: int):
+    """k and v with as many heads as q (head dim `head_dim` of the layout): grouped-query heads expanded."""
+    heads, kv_heads = q.shape[head_dim], k.shape[head_dim]
+    if v.shape[head_dim] != kv_heads or heads % max(kv_heads, 1) != 0:
+        raise ValueError(f"{where}: k and v must have the same number of heads, dividing q's {heads}, got k "
+                         f"{tuple(k.shape)} and v {tuple(v.shape)}")
+    groups = heads // kv_heads
+    if groups == 1:
+        return k, v
+    return k.repeat_interleave(groups, dim=head_dim), v.repeat_interleave(groups, dim=head_dim)
+
+
+def _window(where: str, window_size) -> Tuple[int, int]:
+    if not (isinstance(window_size, (tuple, list)) and len(window_size) == 2):
+        raise TypeError(f"{where}: window_size must be a (left, right) pair, got {window_size!r}")
+    return tuple(window_size)
+
+
+def flash_attn_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0,
+                    softmax_scale: Optional[float] = None, causal: bool = False, window_size=(-1, -1),
+                    softcap: float = 0.0, alibi_slopes=None, deterministic: bool = False,
+                    return_attn_probs: bool = False):
+    """flash_attn.flash_attn_func: q (B, T_q, H, D), k (B, T_k, H_k, D), v (B, T_k, H_k, dv) ->
+    out (B, T_q, H, dv); with return_attn_probs, (out, softmax_lse (B, H, T_q) fp32, None).
+    `deterministic` is accepted: every path here is deterministic."""
+    where = "linattn.flash_attn_compat.flash_attn_func"
+    _refuse_unsupported(where, dropout_p, alibi_slopes)
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check.check_tensor(where, name, t, 4, "(B, T, H, D)")
+    k, v = _with_query_heads(where, q, k, v, head_dim=2)
+    out, lse = sliding_window_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                        _window(where, window_size), causal=bool(causal), scale=softmax_scale,
+                                        softcap=softcap or None, return_lse=True)
+    out = out.transpose(1, 2)
+    return (out, lse, None) if return_attn_probs else out
+
+
+def flash_attn_varlen_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                           cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, dropout_p: float = 0.0,
+                           softmax_scale: Optional[float] = None, causal: bool = False, window_size=(-1, -1),
+                           softcap: float = 0.0, alibi_slopes=None, deterministic: bool = False,
+                           return_attn_probs: bool = False, block_table=None):
+    """flash_attn.flash_attn_varlen_func for packed sequences: q (total, H, D), k (total, H_k, D),
+    v (total, H_k, dv), cu_seqlens_q = cu_seqlens_k (N + 1,) int32 offsets -> out (total, H, dv);
+    with return_attn_probs, (out, softmax_lse (H, total) fp32, None). Each sequence attends to
+    itself alone (no host synchronisation: the offsets become per-token ids on the device), except
+    that distinct offset tensors are compared once (torch.equal; a synchronisation on a GPU).
+    max_seqlen_q/k are accepted and not needed."""
+    where = "linattn.flash_attn_compat.flash_attn_varlen_func"
+    _refuse_unsupported(where, dropout_p, alibi_slopes)
+    if block_table is not None:
+        raise ValueError(f"{where}: a paged KV cache (block_table) is not supported")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check.check_tensor(where, name, t, 3, "(total, H, D)")
+    if cu_seqlens_k is not cu_seqlens_q and not (
+            isinstance(cu_seqlens_k, torch.Tensor) and isinstance(cu_seqlens_q, torch.Tensor)
+            and cu_seqlens_k.shape == cu_seqlens_q.shape and torch.equal(cu_seqlens_q, cu_seqlens_k)):
+        raise ValueError(f"{where}: cu_seqlens_q and cu_seqlens_k must be the same offsets (each packed sequence "
+                         "attends to itself); cross-attention between packed sequences is not supported")
+    k, v = _with_query_heads(where, q, k, v, head_dim=1)
+    packed = [t.transpose(0, 1).unsqueeze(0) for t in (q, k, v)]  # (1, H, total, ·)
+    out, lse = sliding_window_attention(*packed, _window(where, window_size), causal=bool(causal), scale=softmax_scale,
+                                        cu_seqlens=cu_seqlens_q, softcap=softcap or None, return_lse=True)
+    out = out[0].transpose(0, 1)
+    return (out, lse[0], None) if return_attn_probs else out
