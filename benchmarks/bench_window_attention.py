@@ -10,8 +10,9 @@ a fresh process (peak RSS above baseline) for the largest T.
     python -m benchmarks.bench_window_attention            # T up to 65536, w 128/256/512 (~15 min)
     python -m benchmarks.bench_window_attention --quick    # T 1024/4096, w 256 (~1 min)
     python -m benchmarks.bench_window_attention --quick --softcap 50   # Gemma-2's logit soft-capping:
-        linattn capped against itself uncapped (the cap's cost) and FlexAttention with the same
+        linattn capped against itself without it (the cap's cost) and FlexAttention with the same
         cap as a score_mod (SDPA and local-attention cannot cap, so they are left out)
+    python -m benchmarks.bench_window_attention --quick --alibi        # ALiBi slopes, likewise
 
 Writes results/window_attention.json and results/window_attention.png.
 """
@@ -35,17 +36,20 @@ def make_inputs(T, requires_grad):
 
 
 BASELINE = "linattn"  # the implementation every ratio is taken against
-UNCAPPED = "linattn (no cap)"  # with --softcap: the same call without the cap
+PLAIN = "linattn (no score terms)"  # with --softcap / --alibi: the same call without them
+SLOPES = 2.0 ** -torch.arange(1, H + 1, dtype=torch.float32)  # ALiBi's geometric slopes
 
 
-def implementations(T, w, sdpa_max, softcap=None):
+def implementations(T, w, sdpa_max, softcap=None, alibi=False):
     """name -> (forward fn(q, k, v), whether it can be trained, i.e. has a CPU backward). With a
-    softcap, every implementation caps but UNCAPPED, and those that cannot are left out."""
-    impls = {BASELINE: (lambda q, k, v: linattn.sliding_window_attention(q, k, v, w, causal=True, softcap=softcap),
-                        True)}
-    if softcap is not None:
-        impls[UNCAPPED] = (lambda q, k, v: linattn.sliding_window_attention(q, k, v, w, causal=True), True)
-    if T <= sdpa_max and softcap is None:
+    softcap or ALiBi, every implementation applies them but PLAIN, and those that cannot are left out."""
+    slopes = SLOPES if alibi else None
+    terms = softcap is not None or alibi
+    impls = {BASELINE: (lambda q, k, v: linattn.sliding_window_attention(q, k, v, w, causal=True, softcap=softcap,
+                                                                         alibi_slopes=slopes), True)}
+    if terms:
+        impls[PLAIN] = (lambda q, k, v: linattn.sliding_window_attention(q, k, v, w, causal=True), True)
+    if T <= sdpa_max and not terms:
         band = linattn.window_mask(T, T, w, causal=True)[0, 0]
         impls["sdpa dense mask"] = (lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=band), True)
     try:
@@ -59,28 +63,30 @@ def implementations(T, w, sdpa_max, softcap=None):
         # out of memory at T=16384).
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         compiled = torch.compile(flex_attention, dynamic=False)
-        if softcap is None:
+        if not terms:
             impls["flex (compiled fwd)"] = (lambda q, k, v: compiled(q, k, v, block_mask=block_mask), False)
         else:
-            def capped(score, b, h, i, j):
-                return softcap * torch.tanh(score / softcap)
+            def score_terms(score, b, h, i, j):
+                if softcap is not None:
+                    score = softcap * torch.tanh(score / softcap)
+                return score - SLOPES[h] * (i - j).abs() if alibi else score
 
-            impls["flex softcap (compiled fwd)"] = (
-                lambda q, k, v: compiled(q, k, v, score_mod=capped, block_mask=block_mask), False)
+            impls["flex score_mod (compiled fwd)"] = (
+                lambda q, k, v: compiled(q, k, v, score_mod=score_terms, block_mask=block_mask), False)
     try:
         from local_attention import LocalAttention
     except ImportError:
         LocalAttention = None
-    if LocalAttention is not None and softcap is None:
+    if LocalAttention is not None and not terms:
         local = LocalAttention(window_size=w, causal=True, look_backward=1, exact_windowsize=True, autopad=True,
                                use_rotary_pos_emb=False)
         impls["local-attention"] = (lambda q, k, v: local(q, k, v), True)
     return impls
 
 
-def check_agreement(softcap, T=300, w=37):
+def check_agreement(softcap, alibi, T=300, w=37):
     q, k, v = make_inputs(T, False)
-    outs = {name: fn(q, k, v) for name, (fn, _) in implementations(T, w, T, softcap).items() if name != UNCAPPED}
+    outs = {name: fn(q, k, v) for name, (fn, _) in implementations(T, w, T, softcap, alibi).items() if name != PLAIN}
     for name, out in outs.items():
         err = (out - outs[BASELINE]).abs().max().item()
         assert err < 1e-4, f"{name} disagrees with linattn: max error {err:.2e}"
@@ -94,8 +100,8 @@ def forward_backward(fn):
     return run
 
 
-def measure(T, w, reps, sdpa_max, softcap):
-    impls = implementations(T, w, sdpa_max, softcap)
+def measure(T, w, reps, sdpa_max, softcap, alibi):
+    impls = implementations(T, w, sdpa_max, softcap, alibi)
     q, k, v = make_inputs(T, False)
     with torch.no_grad():
         fwd = interleaved_medians({n: (lambda f=f: f(q, k, v)) for n, (f, _) in impls.items()}, reps)
@@ -123,12 +129,13 @@ def main():
     parser.add_argument("--lengths", type=int, nargs="+", help="sequence lengths (default by mode)")
     parser.add_argument("--windows", type=int, nargs="+", help="window sizes (default by mode)")
     parser.add_argument("--softcap", type=float, help="cap every implementation's scores (Gemma-2: 50)")
+    parser.add_argument("--alibi", action="store_true", help="ALiBi slopes 2^-1 .. 2^-H in every implementation")
     parser.add_argument("--memory-child", nargs=2, type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_child:
         return peak_memory_child(*args.memory_child)
     torch.manual_seed(0)
-    check_agreement(args.softcap)
+    check_agreement(args.softcap, args.alibi)
     info = machine_info()
     lengths = args.lengths or ([1024, 4096] if args.quick else [1024, 4096, 16384, 65536])
     windows = args.windows or ([256] if args.quick else [128, 256, 512])
@@ -143,11 +150,12 @@ def main():
         tqdm = lambda x, **_: x
     points = [(T, w) for w in windows for T in lengths]
     for T, w in tqdm(points, desc="window attention"):
-        rows.append(measure(T, w, reps, sdpa_max, args.softcap))
+        rows.append(measure(T, w, reps, sdpa_max, args.softcap, args.alibi))
     largest = max(lengths)
     memory = run_child(["benchmarks.bench_window_attention", "--memory-child", str(largest), "256"])
     names = sorted({n for r in rows for n in r["forward_s"]}, key=lambda n: (n != BASELINE, n))
-    capped = "" if args.softcap is None else f", scores soft-capped at {args.softcap:g}"
+    capped = ("" if args.softcap is None else f", scores soft-capped at {args.softcap:g}") + (
+        ", ALiBi" if args.alibi else "")
     print(f"\ncausal sliding window, B={B} H={H} D={D}, fp32{capped}; median ms (ratio = other's time / linattn's)")
     for r in rows:
         T, w = r["T"], r["w"]
@@ -182,9 +190,9 @@ def main():
         ax.set(xscale="log", yscale="log", xlabel="T", ylabel="ms", title=f"causal window w=256, {title}")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
-    payload = {"machine": info, "gemm_gflops": gemm, "B": B, "H": H, "D": D, "softcap": args.softcap, "rows": rows,
-               "peak_memory": memory}
-    name = "window_attention" if args.softcap is None else "window_attention_softcap"
+    payload = {"machine": info, "gemm_gflops": gemm, "B": B, "H": H, "D": D, "softcap": args.softcap,
+               "alibi": args.alibi, "rows": rows, "peak_memory": memory}
+    name = "window_attention" + ("_softcap" if args.softcap is not None else "") + ("_alibi" if args.alibi else "")
     json_path, png_path = write_results(args.out, name, payload, fig)
     print(f"\nwrote {json_path} and {png_path}")
 

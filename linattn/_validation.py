@@ -114,6 +114,20 @@ def softcap_of(where: str, softcap) -> float:
     return float(softcap)
 
 
+def check_alibi_slopes(where: str, slopes, q: torch.Tensor) -> None:
+    """ALiBi's slopes as flash-attn takes them: float32 (H,) or (B, H), on q's device."""
+    if slopes is None:
+        return
+    if not isinstance(slopes, torch.Tensor) or slopes.dtype != torch.float32:
+        got = f"{slopes.dtype} tensor" if isinstance(slopes, torch.Tensor) else type(slopes).__name__
+        raise TypeError(f"{where}: alibi_slopes must be a float32 tensor, got {got}")
+    B, H = q.shape[0], q.shape[1]
+    if tuple(slopes.shape) not in ((H,), (B, H)):
+        raise ValueError(f"{where}: alibi_slopes must have shape (H={H},) or (B={B}, H={H}), got {tuple(slopes.shape)}")
+    if slopes.device != q.device:
+        raise ValueError(f"{where}: alibi_slopes must be on {q.device}, got {slopes.device}")
+
+
 def check_features(where: str, phi_q: torch.Tensor, phi_k: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> None:
     """A callable feature map must keep (B, H, T) and give q and k the same feature dim."""
     for name, phi, x in (("q", phi_q, q), ("k", phi_k, k)):

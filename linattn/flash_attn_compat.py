@@ -6,11 +6,12 @@ GPUs flash-attn does not serve:
 
 Same layouts ((B, T, H, D); packed (total, H, D) with int32 ``cu_seqlens``), flash-attn 2.1's
 bottom-right causal alignment, ``window_size``, ``softcap``, ``softmax_scale``, grouped-query heads
-(k and v with fewer heads, each serving H / H_k query heads: expanded to H, a copy) and
-``return_attn_probs`` (the logsumexp, as flash-attn returns it; no probability matrix). Exact
-softmax, any T and head dim, every dtype, forward and backward. What the operator does not do
-raises, naming the argument: ``dropout_p`` > 0, ``alibi_slopes``, a paged ``block_table``, and
-packed calls whose query and key offsets differ (cross-attention between packed sequences)."""
+(k and v with fewer heads, each serving H / H_k query heads: expanded to H, a copy),
+``alibi_slopes`` and ``return_attn_probs`` (the logsumexp, as flash-attn returns it; no
+probability matrix). Exact softmax, any T and head dim, every dtype, forward and backward. What
+the operator does not do raises, naming the argument: ``dropout_p`` > 0, a paged ``block_table``,
+per-sequence ALiBi slopes in a packed call, and packed calls whose query and key offsets differ
+(cross-attention between packed sequences)."""
 from typing import Optional, Tuple
 
 import torch
@@ -19,11 +20,10 @@ from . import _validation as check
 from .window import sliding_window_attention
 
 
-def _refuse_unsupported(where: str, dropout_p, alibi_slopes) -> None:
+def _refuse_dropout(where: str, dropout_p) -> None:
     if dropout_p != 0:
-        raise ValueError(f"{where}: dropout_p must be 0 (linattn's softmax has no attention dropout), got {dropout_p!r}")
-    if alibi_slopes is not None:
-        raise ValueError(f"{where}: alibi_slopes is not supported (pass alibi_slopes=None)")
+        raise ValueError(f"{where}: dropout_p must be 0 (linattn's softmax has no attention dropout), got "
+                         f"{dropout_p!r}")
 
 
 def _with_query_heads(where: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head_dim: int):
@@ -52,13 +52,13 @@ def flash_attn_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p
     out (B, T_q, H, dv); with return_attn_probs, (out, softmax_lse (B, H, T_q) fp32, None).
     `deterministic` is accepted: every path here is deterministic."""
     where = "linattn.flash_attn_compat.flash_attn_func"
-    _refuse_unsupported(where, dropout_p, alibi_slopes)
+    _refuse_dropout(where, dropout_p)
     for name, t in (("q", q), ("k", k), ("v", v)):
         check.check_tensor(where, name, t, 4, "(B, T, H, D)")
     k, v = _with_query_heads(where, q, k, v, head_dim=2)
     out, lse = sliding_window_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                         _window(where, window_size), causal=bool(causal), scale=softmax_scale,
-                                        softcap=softcap or None, return_lse=True)
+                                        softcap=softcap or None, alibi_slopes=alibi_slopes, return_lse=True)
     out = out.transpose(1, 2)
     return (out, lse, None) if return_attn_probs else out
 
@@ -75,9 +75,12 @@ def flash_attn_varlen_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu
     that distinct offset tensors are compared once (torch.equal; a synchronisation on a GPU).
     max_seqlen_q/k are accepted and not needed."""
     where = "linattn.flash_attn_compat.flash_attn_varlen_func"
-    _refuse_unsupported(where, dropout_p, alibi_slopes)
+    _refuse_dropout(where, dropout_p)
     if block_table is not None:
         raise ValueError(f"{where}: a paged KV cache (block_table) is not supported")
+    if alibi_slopes is not None and alibi_slopes.dim() != 1:
+        raise ValueError(f"{where}: alibi_slopes must be one slope per head (H,) in a packed call, got "
+                         f"{tuple(alibi_slopes.shape)}")
     for name, t in (("q", q), ("k", k), ("v", v)):
         check.check_tensor(where, name, t, 3, "(total, H, D)")
     if cu_seqlens_k is not cu_seqlens_q and not (
@@ -88,6 +91,7 @@ def flash_attn_varlen_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu
     k, v = _with_query_heads(where, q, k, v, head_dim=1)
     packed = [t.transpose(0, 1).unsqueeze(0) for t in (q, k, v)]  # (1, H, total, ·)
     out, lse = sliding_window_attention(*packed, _window(where, window_size), causal=bool(causal), scale=softmax_scale,
-                                        cu_seqlens=cu_seqlens_q, softcap=softcap or None, return_lse=True)
+                                        cu_seqlens=cu_seqlens_q, softcap=softcap or None, alibi_slopes=alibi_slopes,
+                                        return_lse=True)
     out = out[0].transpose(0, 1)
     return (out, lse[0], None) if return_attn_probs else out

@@ -184,15 +184,22 @@ def sliding_window_attention(q, k, v, window, *, causal=False, dilation=1, globa
     return masked_softmax_attention(q, k, v, visible, scale)
 
 
-def masked_softmax_attention(q, k, v, visible, scale, *, bias=None, fixed=None, softcap=0.0, return_lse=False):
+def masked_softmax_attention(q, k, v, visible, scale, *, bias=None, fixed=None, softcap=0.0, alibi_slopes=None,
+                             return_lse=False):
     """Softmax over exactly the visible keys (a dense bool mask), in float64, masked terms
     excluded; a row with no visible key is 0 (lse −inf). softcap > 0 caps the scaled scores s to
-    softcap·tanh(s / softcap); bias is added after; `fixed` pairs score kSelfScore (−1e5)
-    whatever q and k are."""
+    softcap·tanh(s / softcap); ALiBi's −slope·|i + T_k − T_q − j| (alibi_slopes (H,) or (B, H)) and
+    bias are added after; `fixed` pairs score kSelfScore (−1e5) whatever q and k are."""
     q, k, v = q.double(), k.double(), v.double()
     scores = (q @ k.transpose(-1, -2)) * scale
     if softcap:
         scores = softcap * torch.tanh(scores / softcap)
+    if alibi_slopes is not None:
+        T_q, T_k = q.shape[2], k.shape[2]
+        rows, keys = torch.arange(T_q, device=q.device)[:, None] + (T_k - T_q), torch.arange(T_k, device=q.device)
+        distance = (rows - keys).abs()
+        slopes = alibi_slopes.double().reshape(-1 if alibi_slopes.dim() == 2 else 1, q.shape[1], 1, 1)
+        scores = scores - slopes * distance.double()
     if bias is not None:
         scores = scores + bias.double()
     if fixed is not None:

@@ -30,6 +30,7 @@ def block_sparse_attention(
     scale: Optional[float] = None,
     key_padding_mask: Optional[torch.Tensor] = None,
     softcap: Optional[float] = None,
+    alibi_slopes: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Softmax attention in which query i sees key j when layout[h, i // b, j // b] is True.
 
@@ -40,7 +41,7 @@ def block_sparse_attention(
         causal: also hide keys after the query (j > i + T_k − T_q), inside blocks too.
         key_padding_mask: (B, T_k) bool, True = padded key. scale: default D ** -0.5.
         softcap: c > 0 caps every scaled score s to c·tanh(s / c) (Gemma-2's logit soft-capping);
-            None = no capping.
+            None = no capping. alibi_slopes: (H,) or (B, H) float32, ALiBi's −slope·|i + T_k − T_q − j|.
 
     The kernel visits only the present blocks (never a T×T matrix); a row that sees no key
     returns 0 with zero gradients. Same engine, guarantees and dtypes as
@@ -59,12 +60,14 @@ def block_sparse_attention(
                          f"T_q={q.shape[2]}, T_k={k.shape[2]}, block_size={block_size}, got {tuple(layout.shape)}")
     if layout.device != q.device:
         raise ValueError(f"{where}: layout must be on {q.device}, got {layout.device}")
+    check.check_alibi_slopes(where, alibi_slopes, q)
     if scale is None:
         scale = q.shape[-1] ** -0.5 if q.shape[-1] > 0 else 1.0
     elif isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
         raise ValueError(f"{where}: scale must be a finite number or None, got {scale!r}")
     pattern = ops.restricted.Pattern(layout=layout, block_size=int(block_size), causal=bool(causal),
-                                     key_padding_mask=key_padding_mask, softcap=check.softcap_of(where, softcap))
+                                     key_padding_mask=key_padding_mask, softcap=check.softcap_of(where, softcap),
+                                     alibi_slopes=alibi_slopes)
     out, _ = ops.restricted.restricted_softmax(q, k, v, float(scale), pattern)
     return out
 

@@ -49,6 +49,7 @@ def sliding_window_attention(
     cu_seqlens: Optional[torch.Tensor] = None,
     sinks: Optional[torch.Tensor] = None,
     softcap: Optional[float] = None,
+    alibi_slopes: Optional[torch.Tensor] = None,
     return_lse: bool = False,
 ):
     """Softmax attention in which query i sees only the keys of its window (docs/methods.md §5).
@@ -74,16 +75,19 @@ def sliding_window_attention(
             row can give part of its attention to nothing. Differentiable.
         softcap: c > 0 caps every scaled score s to c·tanh(s / c) before the softmax (Gemma-2's
             logit soft-capping, flash-attn's ``softcap``); None = no capping.
+        alibi_slopes: (H,) or (B, H) float32: ALiBi (flash-attn's ``alibi_slopes``), each score
+            gets −slope·|i + T_k − T_q − j| (after the cap); the slopes take no gradient.
         return_lse: also return each row's logsumexp of its scores (B, H, T_q), fp32 (float64 for
             float64 inputs), the sinks' logits included; −inf for a row that sees no key. It takes
             a gradient (partial attentions combine by it: flash-attn's ``return_attn_probs``).
 
-    Returns (B, H, T_q, dv) in the input dtype (and the lse with return_lse). A row that sees no key returns 0 (and passes
-    zero gradients), never NaN. Computed flash-style in blocks: memory O(T·(block + window)),
+    Returns (B, H, T_q, dv) in the input dtype (and the lse with return_lse). A row that sees no
+    key returns 0 (and passes zero gradients), never NaN. Computed flash-style in blocks: memory O(T·(block + window)),
     never a T×T matrix; float32 accumulation for every dtype.
     """
     if (type(window) is int and dilation == 1 and global_mask is None and cu_seqlens is None and sinks is None
-            and softcap is None and not return_lse and (scale is None or type(scale) is float) and not torch.compiler.is_compiling()):
+            and softcap is None and alibi_slopes is None and not return_lse
+            and (scale is None or type(scale) is float) and not torch.compiler.is_compiling()):
         # The common call goes straight to the operator, whose C++ checks match the ones below:
         # only a call it refuses runs them, to raise in the caller's terms.
         try:
@@ -117,6 +121,7 @@ def sliding_window_attention(
     if sinks is not None:
         check.check_fade(where, "sinks", sinks, (q.shape[1],), "(H,) of per-head logits", q.device)
     cap = check.softcap_of(where, softcap)
+    check.check_alibi_slopes(where, alibi_slopes, q)
     segments = None
     if cu_seqlens is not None:
         if global_mask is not None:
@@ -125,7 +130,7 @@ def sliding_window_attention(
         segments = sequence_ids(where, cu_seqlens, q.shape[2]).view(1, 1, -1)
     pattern = ops.restricted.Pattern(window=(left, right), dilation=int(dilation), causal=bool(causal),
                                      global_mask=global_mask, key_padding_mask=key_padding_mask, q_segments=segments,
-                                     k_segments=segments, softcap=cap)
+                                     k_segments=segments, softcap=cap, alibi_slopes=alibi_slopes)
     out, lse = ops.restricted.restricted_softmax(q, k, v, float(scale), pattern)
     if sinks is not None:
         out = with_sinks(out, lse, sinks)

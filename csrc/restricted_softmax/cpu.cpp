@@ -37,6 +37,13 @@ struct PairTermsHolder {
   }
 };
 
+// The shape with the pattern's ALiBi slopes (a contiguous copy kept alive in `keep`).
+WindowAttentionShape with_alibi(WindowAttentionShape s, const RestrictedPattern& p, at::Tensor& keep) {
+  s.alibi = optional_ptr<float>(p.alibi_slopes, keep);
+  if (s.alibi != nullptr) s.alibi_batch_stride = keep.dim() == 2 ? keep.size(1) : 0;
+  return s;
+}
+
 BlockLayout block_layout(const at::Tensor& layout, int64_t block_size, bool causal) {
   BlockLayout b;
   b.data = layout.const_data_ptr<bool>();
@@ -53,7 +60,8 @@ std::tuple<at::Tensor, at::Tensor> forward_cpu(const at::Tensor& q, const at::Te
                                                double scale, LINATTN_RESTRICTED_PATTERN_PARAMS) {
   const RestrictedPattern p{LINATTN_RESTRICTED_PATTERN_ARGS};
   check_restricted_inputs(q, k, v, scale, p);
-  const WindowAttentionShape s = window_kernel_shape(q, k, v, p, scale);
+  at::Tensor alibi;
+  const WindowAttentionShape s = with_alibi(window_kernel_shape(q, k, v, p, scale), p, alibi);
   auto out = at::empty({s.batch, s.heads, s.q_len, s.value_dim}, q.options());
   auto lse = at::empty({s.batch, s.heads, s.q_len}, q.options().dtype(accumulate_type(q.scalar_type())));
   at::Tensor global, padding, layout_c = p.uses_layout() ? p.layout->contiguous() : at::Tensor();
@@ -81,7 +89,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
     LINATTN_RESTRICTED_PATTERN_PARAMS) {
   const RestrictedPattern p{LINATTN_RESTRICTED_PATTERN_ARGS};
   check_restricted_backward_inputs(grad_out, grad_lse, q, k, v, out, lse, scale, p);
-  const WindowAttentionShape s = window_kernel_shape(q, k, v, p, scale);
+  at::Tensor alibi;
+  const WindowAttentionShape s = with_alibi(window_kernel_shape(q, k, v, p, scale), p, alibi);
   auto grad_q = at::empty({s.batch, s.heads, s.q_len, s.head_dim}, q.options());
   auto grad_k = at::empty({s.batch, s.heads, s.k_len, s.head_dim}, q.options());
   auto grad_v = at::empty({s.batch, s.heads, s.k_len, s.value_dim}, q.options());

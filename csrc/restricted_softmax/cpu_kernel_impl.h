@@ -314,6 +314,7 @@ template <typename acc_t>
 struct EngineScratch {
   std::vector<acc_t> q, k, v, g, scores, probs, o, dq, dk_part, dv_part, row_max, row_sum, lse_rows, delta;
   std::vector<acc_t> slope;  // soft-capped calls only: d(capped score) / d(score) per pair
+  std::vector<acc_t> key_positions;  // ALiBi calls only: a key group's positions
   std::vector<unsigned char> vis;
   bool in_use = false;
 
@@ -400,9 +401,33 @@ struct SoftmaxEngine {
     const int64_t width = lane_width(n);  // the row loops' columns past n: never visible
     gemm<acc_t>(false, true, L, n, D, q.data(), D, k.data(), D, 0, scores.data(), kKeyGroup);
     if (s.softcap > 0) soft_cap(L, width);
+    if (s.alibi != nullptr) add_alibi(bi, hi, i0, L, keys);
     pattern.visibility(bi, hi, i0, L, keys, vis.data(), kKeyGroup);
     pattern.adjust_scores(bi, hi, i0, L, keys, scores.data(), vis.data(), kKeyGroup);
     for (int64_t r = 0; r < L; ++r) std::fill(vis.data() + r * kKeyGroup + n, vis.data() + r * kKeyGroup + width, 0);
+  }
+
+  // A key group's positions (ALiBi), in this thread's scratch.
+  acc_t* key_positions(int64_t n) {
+    if (static_cast<int64_t>(buffers.key_positions.size()) < n) buffers.key_positions.resize(kKeyGroup);
+    return buffers.key_positions.data();
+  }
+
+  // ALiBi: scores −= slope · |a − j|, a = i + T_k − T_q the query's aligned position (after the
+  // cap, before the pattern's bias, as flash-attn adds it).
+  void add_alibi(int64_t bi, int64_t hi, int64_t i0, int64_t L, const std::vector<int64_t>& keys) {
+    const acc_t slope = static_cast<acc_t>(s.alibi[bi * s.alibi_batch_stride + hi]);
+    const int64_t n = static_cast<int64_t>(keys.size()), first = run_start(keys);
+    // The group's key positions once, in acc_t (exact: positions are far below 2^24), so that the
+    // per-row loop is a vector subtract, abs and multiply-add.
+    acc_t* key_at = key_positions(n);
+    for (int64_t c = 0; c < n; ++c) key_at[c] = static_cast<acc_t>(first >= 0 ? first + c : keys[c]);
+    for (int64_t r = 0; r < L; ++r) {
+      const acc_t a = static_cast<acc_t>(i0 + r + (s.k_len - s.q_len));
+      acc_t* sr = scores.data() + r * kKeyGroup;
+#pragma omp simd
+      for (int64_t c = 0; c < n; ++c) sr[c] -= slope * std::abs(a - key_at[c]);
+    }
   }
 
   // Logit soft-capping (Gemma-2): s ← c·tanh(s / c), before the pattern's bias; `slope` keeps

@@ -179,7 +179,7 @@ at::Tensor from_blocks(const at::Tensor& t, int64_t length) { return t.flatten(2
 
 // (B or 1, H or 1, n, L, c) visibility of a tile's pairs, and the pattern's score terms.
 PairBlock tile_pairs(const WindowAttentionShape& s, const RestrictedPattern& p, const LayoutGeometry& g,
-                     const LayoutTile& t) {
+                     const LayoutTile& t, at::ScalarType scores_dtype) {
   const int64_t n = t.rows.size(0), L = t.rows.size(1), M = t.key_blocks.size(1), c = t.keys.size(1);
   // Padding is invisible: rows past T_q, keys past T_k (in the last key block) and the lists' padding.
   const bool padded_rows = s.q_len % L != 0, padded_keys = s.k_len % g.block != 0;
@@ -226,6 +226,17 @@ PairBlock tile_pairs(const WindowAttentionShape& s, const RestrictedPattern& p, 
                                  ? at::index(bias, indices({t.heads.view({n, 1, 1}), r, k})).unsqueeze(0)
                                  : at::index(bias, indices({std::nullopt, r, k}));  // (H or 1, n, L, c)
     pairs.bias = terms.unsqueeze(0).to(accumulate_type(bias.scalar_type()));
+  }
+  if (p.alibi_slopes.has_value()) {  // ALiBi's terms join the bias (both added after the cap)
+    const at::Tensor& slopes = *p.alibi_slopes;
+    at::Tensor per_pair = slopes_per_head(slopes);  // (B or 1, H, 1, 1, 1)
+    if (g.per_head) {  // the tile's entries are (head, block) pairs: (B or 1, 1, n, 1, 1)
+      const at::Tensor heads = slopes.dim() == 1 ? slopes.index_select(0, t.heads).view({1, 1, n, 1, 1})
+                                                 : slopes.index_select(1, t.heads).view({slopes.size(0), 1, n, 1, 1});
+      per_pair = heads;
+    }
+    const at::Tensor alibi = alibi_terms(per_pair, t.rows, t.keys, s.k_len - s.q_len, scores_dtype);
+    pairs.bias = pairs.bias.defined() ? pairs.bias + alibi : alibi;
   }
   pairs.visible = visible;
   return pairs;
@@ -313,7 +324,8 @@ std::tuple<at::Tensor, at::Tensor> layout_forward(const at::Tensor& q, const at:
   const at::Tensor lse = at::full({B, H, o.g.row_blocks, o.g.rows}, -kInf, o.Q.options());
   for (const LayoutTile& t : o.tiles) {
     const auto [tile_out, tile_lse] =
-        tile_forward(o.rows_of(o.Q, t), o.keys_of(o.K, t), o.keys_of(o.V, t), tile_pairs(s, p, o.g, t));
+        tile_forward(o.rows_of(o.Q, t), o.keys_of(o.K, t), o.keys_of(o.V, t),
+                     tile_pairs(s, p, o.g, t, o.Q.scalar_type()));
     o.put_rows(out, t, tile_out);
     o.put_rows(lse, t, tile_lse);
   }
@@ -337,7 +349,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layout_backward(
   for (const LayoutTile& t : o.tiles) {
     const TileGradients grads =
         tile_backward(o.rows_of(o.Q, t), o.keys_of(o.K, t), o.keys_of(o.V, t), o.rows_of(G, t), o.rows_of(LSE, t),
-                      o.rows_of(D, t), scale, tile_pairs(s, p, o.g, t));
+                      o.rows_of(D, t), scale, tile_pairs(s, p, o.g, t, o.Q.scalar_type()));
     o.put_rows(dQ, t, grads.dQ);
     o.add_keys(dK, t, grads.dK);
     o.add_keys(dV, t, grads.dV);

@@ -75,6 +75,17 @@ TileGradients tile_backward(const at::Tensor& Q, const at::Tensor& K, const at::
   return grads;
 }
 
+at::Tensor alibi_terms(const at::Tensor& slopes, const at::Tensor& rows, const at::Tensor& keys, int64_t offset,
+                       at::ScalarType dtype) {
+  const at::Tensor distance = (rows.unsqueeze(-1) + offset - keys.unsqueeze(1)).abs().to(dtype);  // (n, L, c)
+  return slopes.to(dtype).neg() * distance;
+}
+
+at::Tensor slopes_per_head(const at::Tensor& slopes) {
+  const int64_t batch = slopes.dim() == 1 ? 1 : slopes.size(0);
+  return slopes.reshape({batch, slopes.size(-1), 1, 1, 1});
+}
+
 at::Tensor padded_rows(const at::Tensor& t, int64_t rows, double fill) {
   if (t.size(2) == rows) return t;
   std::vector<int64_t> pads(2 * (t.dim() - 2), 0);  // (before, after) from the last dimension: T's last

@@ -29,6 +29,15 @@ struct PairBlock {
   double softcap = 0;
 };
 
+// ALiBi's score terms −slope·|row + offset − key| of a tile (flash-attn's; offset = T_k − T_q), for
+// rows (n, L) and keys (n, c) as indices and `slopes` shaped to broadcast against the (..., n, L, c)
+// scores, in `dtype`: a PairBlock's bias (added after the cap, as flash-attn adds it).
+at::Tensor alibi_terms(const at::Tensor& slopes, const at::Tensor& rows, const at::Tensor& keys, int64_t offset,
+                       at::ScalarType dtype);
+
+// The pattern's ALiBi slopes (H) or (B, H) as (B or 1, H, 1, 1, 1), against (B, H, n, L, c) scores.
+at::Tensor slopes_per_head(const at::Tensor& slopes);
+
 // Softmax of the tile's scaled queries Q (the scale applied) against K over the visible pairs,
 // times V: out (..., L, dv) and lse (..., L), in Q's (accumulate) dtype. A row without a visible
 // key is 0 with lse −inf.

@@ -229,11 +229,19 @@ struct WindowOperands {
   at::Tensor tile_keys_of(const Tile& t) const { return tile_keys(source.K, source.origin, t, K_global); }
   at::Tensor tile_values_of(const Tile& t) const { return tile_keys(source.V, source.origin, t, V_global); }
   PairBlock band_pairs(const WindowAttentionShape& s, const RestrictedPattern& p, const Tile& t) const {
-    return {tile_visibility(s, p, g.offset, tile_index(t, global_keys), false), {}, {}, p.softcap};
+    return pairs_of(s, p, tile_index(t, global_keys), false);
   }
   PairBlock global_row_pairs(const WindowAttentionShape& s, const RestrictedPattern& p,
                              const at::Tensor& chunk) const {
-    return {tile_visibility(s, p, g.offset, global_rows_index(chunk, s.k_len), true), {}, {}, p.softcap};
+    return pairs_of(s, p, global_rows_index(chunk, s.k_len), true);
+  }
+  // The visibility of a tile's pairs, and ALiBi's terms as its bias (a window has no bias of its own).
+  PairBlock pairs_of(const WindowAttentionShape& s, const RestrictedPattern& p, const TileIndex& ix,
+                     bool global_rows) const {
+    at::Tensor alibi;
+    if (p.alibi_slopes.has_value())
+      alibi = alibi_terms(slopes_per_head(*p.alibi_slopes), ix.rows, ix.keys, g.offset, Q.scalar_type());
+    return {tile_visibility(s, p, g.offset, ix, global_rows), alibi, {}, p.softcap};
   }
 };
 

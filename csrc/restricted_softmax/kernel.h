@@ -27,6 +27,10 @@ struct WindowAttentionShape {
   int64_t dilation = 1;
   double scale = 1.0;
   double softcap = 0.0;   // > 0: scaled scores capped to softcap·tanh(s / softcap), before any bias
+  // ALiBi (flash-attn's): −alibi[b · alibi_batch_stride + h] · |i + T_k − T_q − j| added to the
+  // (capped) scores, before any bias; null = none. Contiguous float32, (H) (stride 0) or (B, H).
+  const float* alibi = nullptr;
+  int64_t alibi_batch_stride = 0;
 
   // The keys [begin, end) that rows [i0, i1) can see through their window.
   int64_t band_begin(int64_t i0) const {

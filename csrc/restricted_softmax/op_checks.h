@@ -78,22 +78,24 @@ inline void check_grad_lse(const char* op, const std::optional<at::Tensor>& grad
       const std::optional<at::Tensor>&layout, int64_t block_size,                                  \
       const std::optional<at::Tensor>&global_mask, const std::optional<at::Tensor>&key_padding_mask, \
       const std::optional<at::Tensor>&q_segments, const std::optional<at::Tensor>&k_segments,       \
-      const std::optional<at::Tensor>&positions, const std::optional<at::Tensor>&bias, double softcap
+      const std::optional<at::Tensor>&positions, const std::optional<at::Tensor>&bias, double softcap, \
+      const std::optional<at::Tensor>&alibi_slopes
 #define LINATTN_RESTRICTED_PATTERN_ARGS                                                                    \
   window_left, window_right, dilation, causal, layout, block_size, global_mask, key_padding_mask, q_segments, \
-      k_segments, positions, bias, softcap
+      k_segments, positions, bias, softcap, alibi_slopes
 
 // The operators' signatures (schema.cpp), for typed handles to them (autograd, fallbacks).
 using RestrictedForwardSignature = std::tuple<at::Tensor, at::Tensor>(
     const at::Tensor&, const at::Tensor&, const at::Tensor&, double, int64_t, int64_t, int64_t, bool,
     const std::optional<at::Tensor>&, int64_t, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
     const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
-    const std::optional<at::Tensor>&, double);
+    const std::optional<at::Tensor>&, double, const std::optional<at::Tensor>&);
 using RestrictedBackwardSignature = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
     const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
     const at::Tensor&, const at::Tensor&, double, int64_t, int64_t, int64_t, bool, const std::optional<at::Tensor>&,
     int64_t, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
-    const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, double);
+    const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, double,
+    const std::optional<at::Tensor>&);
 
 // The pattern arguments of the schema, as every kernel receives them.
 struct RestrictedPattern {
@@ -108,6 +110,7 @@ struct RestrictedPattern {
   const std::optional<at::Tensor>& positions;
   const std::optional<at::Tensor>& bias;
   double softcap;  // > 0: scaled scores become softcap·tanh(s / softcap) before the bias; 0 = off
+  const std::optional<at::Tensor>& alibi_slopes;  // (H) or (B, H) float32: −slope·|a − j| added after the cap
 
   // The region is a layout of blocks, or else a sliding window (unbounded: every key).
   bool uses_layout() const { return layout.has_value(); }
@@ -138,6 +141,15 @@ inline WindowAttentionSizes check_restricted_inputs(const at::Tensor& q, const a
   TORCH_CHECK(std::isfinite(scale), op, ": scale must be finite, got ", scale);
   TORCH_CHECK(std::isfinite(p.softcap) && p.softcap >= 0, op,
               ": softcap must be a finite number >= 0 (0 = no capping), got ", p.softcap);
+  if (p.alibi_slopes.has_value()) {
+    const at::Tensor& slopes = *p.alibi_slopes;
+    check_same_device(op, "alibi_slopes", slopes, "q", q);
+    TORCH_CHECK(slopes.scalar_type() == at::kFloat, op, ": alibi_slopes must be float32, got ", slopes.scalar_type());
+    TORCH_CHECK((slopes.dim() == 1 && slopes.sym_size(0) == q.sym_size(1)) ||
+                    (slopes.dim() == 2 && slopes.sym_size(0) == q.sym_size(0) && slopes.sym_size(1) == q.sym_size(1)),
+                op, ": alibi_slopes must have shape (H=", q.sym_size(1), ") or (B=", q.sym_size(0), ", H=",
+                q.sym_size(1), "), got ", shape_str(slopes));
+  }
   const WindowAttentionSizes s{q.sym_size(0), q.sym_size(1), q.sym_size(2),
                                k.sym_size(2), q.sym_size(3), v.sym_size(3)};
   check_key_mask(op, "key_padding_mask", p.key_padding_mask, q, k, "True = padded key");

@@ -27,7 +27,9 @@ class Pattern:
     With a layout, two score terms: ``bias`` (1 or H, T_q, T_k) added to the scaled scores
     (differentiable), and ``positions`` (B, 1 or H, T) of a permuted sequence (a token's own key
     scores −1e5, Reformer's shared-QK rule). With any region, ``softcap`` c > 0 caps the scaled
-    scores s to c·tanh(s / c) before the bias (Gemma-2's logit soft-capping; 0 = off).
+    scores s to c·tanh(s / c) before the bias (Gemma-2's logit soft-capping; 0 = off), and
+    ``alibi_slopes`` (H,) or (B, H) float32 add −slope·|a − j| after the cap (flash-attn's ALiBi;
+    no gradient).
     """
 
     window: Tuple[int, int] = (-1, -1)
@@ -42,12 +44,13 @@ class Pattern:
     positions: Optional[torch.Tensor] = None
     bias: Optional[torch.Tensor] = None
     softcap: float = 0.0
+    alibi_slopes: Optional[torch.Tensor] = None
 
     def op_args(self) -> tuple:
         """The operator's pattern arguments, in schema order (after q, k, v and scale)."""
         return (self.window[0], self.window[1], self.dilation, self.causal, self.layout, self.block_size,
                 self.global_mask, self.key_padding_mask, self.q_segments, self.k_segments, self.positions, self.bias,
-                float(self.softcap))
+                float(self.softcap), self.alibi_slopes)
 
     def dense_mask(self, length_q: int, length_k: int, device=None) -> torch.Tensor:
         """The (B or 1, H or 1, T_q, T_k) bool mask, True = the query sees the key, straight from the

@@ -2,7 +2,7 @@
 restricted-softmax operator. Against float64 softmax under flash-attn's own definitions (layouts,
 bottom-right causal alignment, window_size, softcap, grouped-query heads, the returned logsumexp),
 forward and backward; packed sequences each equal to the sequence alone; compile; and the
-arguments it refuses, by name. (sliding_window_attention's return_lse is checked here too.)"""
+arguments it refuses, by name (ALiBi: tests/ops/test_alibi.py). (sliding_window_attention's return_lse is checked here too.)"""
 import math
 
 import pytest
@@ -107,8 +107,6 @@ def test_what_it_refuses_is_named():
     q, k, v = make(1, 5, 5, 2, 2, 4)
     with pytest.raises(ValueError, match="dropout_p must be 0"):
         flash_attn_func(q, k, v, dropout_p=0.1)
-    with pytest.raises(ValueError, match="alibi_slopes is not supported"):
-        flash_attn_func(q, k, v, alibi_slopes=torch.ones(2))
     with pytest.raises(ValueError, match="k and v must have the same number of heads, dividing q's 2"):
         flash_attn_func(q, k[:, :, :1].expand(1, 5, 3, 4), v)
     with pytest.raises(TypeError, match="window_size must be a"):
@@ -119,6 +117,8 @@ def test_what_it_refuses_is_named():
         flash_attn_varlen_func(*packed, cu, torch.tensor([0, 3, 5], dtype=torch.int32), 3, 3)
     with pytest.raises(ValueError, match="block_table"):
         flash_attn_varlen_func(*packed, cu, cu, 3, 3, block_table=torch.zeros(1, 1, dtype=torch.int32))
+    with pytest.raises(ValueError, match=r"alibi_slopes must be one slope per head \(H,\) in a packed call"):
+        flash_attn_varlen_func(*packed, cu, cu, 3, 3, alibi_slopes=torch.ones(2, 2))
 
 
 def test_sliding_window_attention_returns_the_lse_sinks_included():

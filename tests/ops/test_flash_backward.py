@@ -243,13 +243,19 @@ def test_cuda_kernels_match_reference(name, D):
     pattern = {**window_patterns(T), **layout_patterns(T, H)}[name]
     if pattern.bias is not None:
         pattern = Pattern(**{**pattern.__dict__, "bias": pattern.bias.bfloat16()})
+    assert_gpu_backward_matches_emulation(*make(2, H, T, T, D, D, torch.bfloat16, seed=3), 0.125, pattern)
+
+
+def assert_gpu_backward_matches_emulation(q, k, v, scale, pattern):
+    """The fused forward on the GPU, then its backward there and in the CPU emulation, the
+    gradients compared; returns the GPU's (out, lse) on the CPU."""
     on_gpu = Pattern(**{key: value.cuda() if isinstance(value, torch.Tensor) else value
                         for key, value in pattern.__dict__.items()})
-    q, k, v = make(2, H, T, T, D, D, torch.bfloat16, seed=3)
-    out, lse = FWD(q.cuda(), k.cuda(), v.cuda(), 0.125, *on_gpu.op_args())
-    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).bfloat16()
-    gpu = BWD(grad_out.cuda(), None, q.cuda(), k.cuda(), v.cuda(), out, lse, 0.125, *on_gpu.op_args())
-    emulated = BWD(grad_out, None, q, k, v, out.cpu(), lse.cpu(), 0.125, *pattern.op_args())
+    out, lse = FWD(q.cuda(), k.cuda(), v.cuda(), scale, *on_gpu.op_args())
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(q.dtype)
+    gpu = BWD(grad_out.cuda(), None, q.cuda(), k.cuda(), v.cuda(), out, lse, scale, *on_gpu.op_args())
+    emulated = BWD(grad_out, None, q, k, v, out.cpu(), lse.cpu(), scale, *pattern.op_args())
     for a, b in zip(gpu, emulated):
         if b.numel():
-            assert_close(a.cpu(), b.double(), 2 * TOLERANCE[torch.bfloat16], "GPU vs emulation")
+            assert_close(a.cpu(), b.double(), 2 * TOLERANCE[q.dtype], "GPU vs emulation")
+    return out.cpu(), lse.cpu()

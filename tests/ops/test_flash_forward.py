@@ -44,7 +44,8 @@ def reference_forward(q, k, v, scale, pattern):
         fixed = p[:, :, :, None] == p[:, :, None, :]
     visible = pattern.dense_mask(q.shape[2], k.shape[2])
     return reference.masked_softmax_attention(q, k, v, visible, scale, bias=pattern.bias, fixed=fixed,
-                                              softcap=pattern.softcap, return_lse=True)
+                                              softcap=pattern.softcap, alibi_slopes=pattern.alibi_slopes,
+                                              return_lse=True)
 
 
 def check(q, k, v, pattern, scale=0.3):

@@ -13,7 +13,7 @@ import linattn
 from linattn import ops, reference
 from linattn.ops.restricted import Pattern
 from conftest import TOLERANCE, assert_close
-from test_flash_backward import check as check_flash_backward
+from test_flash_backward import assert_gpu_backward_matches_emulation, check as check_flash_backward
 from test_flash_forward import HALF_TYPES, check as check_flash_forward, ids, make, reference_forward
 
 # Small against the scores (unit-normal q and k, D = 16, scale 0.9: scores of spread ~3.6), so that
@@ -59,13 +59,18 @@ def test_float64_equals_softmax_over_capped_scores(suffix, name):
     q, k, v = (t.requires_grad_() for t in make(2, H, T, T, 16, 12, torch.float64, seed=4))
     bias = pattern.bias.clone().requires_grad_() if pattern.bias is not None else None
     pattern = with_bias(pattern, bias)
-    op = getattr(torch.ops.linattn, "restricted_softmax_fwd" + suffix)
+    ref_out = check_float64(getattr(torch.ops.linattn, "restricted_softmax_fwd" + suffix), q, k, v, pattern)
+    # The cap matters here: without it every output moves.
+    assert (reference_forward(q, k, v, SCALE, uncapped(pattern))[0] - ref_out).abs().max() > 0.05
+
+
+def check_float64(op, q, k, v, pattern):
+    """op's out, lse and gradients of q, k, v and the pattern's bias (cotangents of out and lse) equal
+    float64 autograd through reference_forward, to 1e-10 / 1e-9; returns the reference's output."""
     out, lse = op(q, k, v, SCALE, *pattern.op_args())
     ref_out, ref_lse = reference_forward(q, k, v, SCALE, pattern)
     torch.testing.assert_close(out, ref_out, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(lse, ref_lse, rtol=1e-10, atol=1e-10)
-    # The cap matters here: without it every output moves.
-    assert (reference_forward(q, k, v, SCALE, uncapped(pattern))[0] - ref_out).abs().max() > 0.05
     g = torch.Generator().manual_seed(5)
     w_out = torch.randn(out.shape, generator=g, dtype=torch.float64)
     w_lse = torch.randn(lse.shape, generator=g, dtype=torch.float64).masked_fill(torch.isinf(ref_lse), 0)
@@ -73,11 +78,12 @@ def test_float64_equals_softmax_over_capped_scores(suffix, name):
     def loss(out, lse):
         return (out * w_out).sum() + (torch.where(torch.isinf(lse), 0, lse) * w_lse).sum()
 
-    leaves = [q, k, v] + ([bias] if bias is not None else [])
+    leaves = [q, k, v] + ([pattern.bias] if pattern.bias is not None else [])
     grads = torch.autograd.grad(loss(out, lse), leaves)
     expected = torch.autograd.grad(loss(ref_out, ref_lse), leaves)
     for label, got, want in zip(("q", "k", "v", "bias"), grads, expected):
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9, msg=f"grad {label}")
+    return ref_out
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -101,10 +107,12 @@ def test_cpu_kernel_in_every_dtype(dtype, name):
 def test_flash_engine_forward_and_backward(dtype, name):
     """The flash engine (its emulation; mma counted by the shared checks) caps in the forward's
     scores and passes the cap's slope in the backward's."""
-    T, H = 150, 2
-    pattern = patterns(T, H)[name]
-    if pattern.bias is not None:
-        pattern = with_bias(pattern, pattern.bias.to(dtype))
+    pattern = patterns(150, 2)[name]
+    check_flash_engine(pattern if pattern.bias is None else with_bias(pattern, pattern.bias.to(dtype)), dtype)
+
+
+def check_flash_engine(pattern, dtype, T=150, H=2):
+    """The flash engine's forward and backward (its emulation, mma counted) against float64."""
     q, k, v = make(2, H, T, T, 40, 24, dtype, seed=7)
     check_flash_forward(q, k, v, pattern, scale=SCALE)
     check_flash_backward(q, k, v, pattern, scale=SCALE)
@@ -187,8 +195,6 @@ def test_operator_refuses_a_negative_or_non_finite_cap():
 def test_cuda_kernels_match_emulation_and_reference(name, D):
     """On a GPU the flash kernels cap with tanhf: forward against float64, forward and backward
     against their own emulation on the CPU."""
-    FWD = torch.ops.linattn.restricted_softmax_fwd_fused.default
-    BWD = torch.ops.linattn.restricted_softmax_bwd_fused.default
     block_limit = torch.cuda.get_device_properties().shared_memory_per_block_optin
     if torch.ops.linattn._flash_shared_bytes(D, D, True, 1) > block_limit:
         pytest.skip("this GPU's blocks cannot hold the backward's shared memory at this head dim")
@@ -196,18 +202,9 @@ def test_cuda_kernels_match_emulation_and_reference(name, D):
     pattern = patterns(T, H)[name]
     if pattern.bias is not None:
         pattern = with_bias(pattern, pattern.bias.bfloat16())
-    on_gpu = Pattern(**{key: value.cuda() if isinstance(value, torch.Tensor) else value
-                        for key, value in pattern.__dict__.items()})
     q, k, v = make(2, H, T, T, D, D, torch.bfloat16, seed=3)
-    out, lse = FWD(q.cuda(), k.cuda(), v.cuda(), SCALE / 4, *on_gpu.op_args())
-    ref_out, _ = reference_forward(q, k, v, SCALE / 4, pattern)
-    assert_close(out.cpu(), ref_out, TOLERANCE[torch.bfloat16], "GPU vs float64")
-    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).bfloat16()
-    gpu = BWD(grad_out.cuda(), None, q.cuda(), k.cuda(), v.cuda(), out, lse, SCALE / 4, *on_gpu.op_args())
-    emulated = BWD(grad_out, None, q, k, v, out.cpu(), lse.cpu(), SCALE / 4, *pattern.op_args())
-    for a, b in zip(gpu, emulated):
-        if b.numel():
-            assert_close(a.cpu(), b.double(), 2 * TOLERANCE[torch.bfloat16], "GPU vs emulation")
+    out, _ = assert_gpu_backward_matches_emulation(q, k, v, SCALE / 4, pattern)
+    assert_close(out, reference_forward(q, k, v, SCALE / 4, pattern)[0], TOLERANCE[torch.bfloat16], "GPU vs float64")
 
 
 # --- linattn.nn.MultiheadAttention(method="local", softcap=c) ---------------------------------

@@ -177,7 +177,8 @@ struct BackwardBlockBase {
             scaled = p.softcap * t;
             slope = 1.0f - t * t;
           }
-          const Score score = score_at(query, key, row_gathered, key_gathered, scaled);
+          const float alibi = alibi_of(w, p, b, h, query, key);
+          const Score score = score_at(query, key, row_gathered, key_gathered, scaled + alibi);
           const float lse = lse_of(lane, nt, i);
           const float prob = lse == -INFINITY ? 0.0f : exp_of(score.value - lse);
           s[nt][i][lane] = prob;

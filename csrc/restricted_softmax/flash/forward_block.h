@@ -38,6 +38,15 @@ LINATTN_HD inline float soft_capped(const Problem& p, float x) {
   return p.softcap > 0.0f ? p.softcap * capped_tanh(x, p.softcap) : x;
 }
 
+// ALiBi's term of query i and key j in batch entry b, head h (0 without slopes; i or j −1 past the
+// end: any finite value, the pair is hidden).
+template <typename Problem>
+LINATTN_HD inline float alibi_of(const WarpContext& w, const Problem& p, int64_t b, int64_t h, int64_t i, int64_t j) {
+  if (p.alibi == nullptr) return 0.0f;
+  const int64_t d = i + (p.k_len - p.q_len) - j;
+  return -warp::load_global(w, p.alibi + b * p.alibi_batch_stride + h) * static_cast<float>(d < 0 ? -d : d);
+}
+
 template <typename scalar_t, int D, int Buffers = 2>
 struct FlashBlock {
   using L = Layout<D, Buffers>;
@@ -182,7 +191,8 @@ struct FlashBlock {
           for (int i = 0; i < 4; ++i) {
             const int64_t row = shared_row(w, lane, i / 2);
             const int64_t key = shared_key(w, base, nt * 8 + 2 * warp::thread_in_group(lane) + i % 2);
-            sc[nt][i][lane] = score(row, key, soft_capped(p, sc[nt][i][lane] * p.scale)).value;
+            const float capped = soft_capped(p, sc[nt][i][lane] * p.scale);
+            sc[nt][i][lane] = score(row, key, capped + alibi_of(w, p, b, h, row, key)).value;
           }
         }
       });

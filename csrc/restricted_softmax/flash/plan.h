@@ -156,6 +156,8 @@ FlashCall<scalar_t> prepare_call(const at::Tensor& q, const at::Tensor& k, const
     p.k_segment_range = k_range.const_data_ptr<int64_t>();
   }
   p.bias = call.template hold<scalar_t>(pattern.bias);
+  p.alibi = call.template hold<float>(pattern.alibi_slopes);
+  if (pattern.alibi_slopes.has_value()) p.alibi_batch_stride = pattern.alibi_slopes->dim() == 2 ? p.heads : 0;
   if (pattern.bias.has_value()) p.bias_heads = pattern.bias->size(0);
   if (pattern.global_mask.has_value()) {
     const at::Tensor& global = pattern.global_mask.value();

@@ -32,6 +32,9 @@ struct FlashProblem {
   int64_t batch = 0, heads = 0, q_len = 0, k_len = 0, head_dim = 0, value_dim = 0;
   float scale = 1.0f;
   float softcap = 0.0f;  // > 0: scaled scores capped to softcap·tanh(s / softcap) before the bias
+  // ALiBi: −alibi[b · alibi_batch_stride + h] · |i + T_k − T_q − j| added after the cap (null: none).
+  const float* alibi = nullptr;
+  int64_t alibi_batch_stride = 0;
   // The region: a sliding window (left, right with causality folded in, -1 = unbounded),
   // dilation and Longformer global tokens (B, T); or a block layout (layout_heads, q_blocks,
   // k_blocks) of `block` × `block` blocks, contiguous.
