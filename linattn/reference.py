@@ -188,7 +188,7 @@ def masked_softmax_attention(q, k, v, visible, scale, *, bias=None, fixed=None, 
                              return_lse=False):
     """Softmax over exactly the visible keys (a dense bool mask), in float64, masked terms
     excluded; a row with no visible key is 0 (lse −inf). softcap > 0 caps the scaled scores s to
-    softcap·tanh(s / softcap); ALiBi's −slope·|i + T_k − T_q − j| (alibi_slopes (H,) or (B, H)) and
+    softcap·tanh(s / softcap); ALiBi's ``−slope·|i + T_k − T_q − j|`` (alibi_slopes (H,) or (B, H)) and
     bias are added after; `fixed` pairs score kSelfScore (−1e5) whatever q and k are."""
     q, k, v = q.double(), k.double(), v.double()
     scores = (q @ k.transpose(-1, -2)) * scale

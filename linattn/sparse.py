@@ -41,7 +41,7 @@ def block_sparse_attention(
         causal: also hide keys after the query (j > i + T_k − T_q), inside blocks too.
         key_padding_mask: (B, T_k) bool, True = padded key. scale: default D ** -0.5.
         softcap: c > 0 caps every scaled score s to c·tanh(s / c) (Gemma-2's logit soft-capping);
-            None = no capping. alibi_slopes: (H,) or (B, H) float32, ALiBi's −slope·|i + T_k − T_q − j|.
+            None = no capping. alibi_slopes: (H,) or (B, H) float32, ALiBi's ``−slope·|i + T_k − T_q − j|``.
 
     The kernel visits only the present blocks (never a T×T matrix); a row that sees no key
     returns 0 with zero gradients. Same engine, guarantees and dtypes as

@@ -76,7 +76,7 @@ def sliding_window_attention(
         softcap: c > 0 caps every scaled score s to c·tanh(s / c) before the softmax (Gemma-2's
             logit soft-capping, flash-attn's ``softcap``); None = no capping.
         alibi_slopes: (H,) or (B, H) float32: ALiBi (flash-attn's ``alibi_slopes``), each score
-            gets −slope·|i + T_k − T_q − j| (after the cap); the slopes take no gradient.
+            gets ``−slope·|i + T_k − T_q − j|`` (after the cap); the slopes take no gradient.
         return_lse: also return each row's logsumexp of its scores (B, H, T_q), fp32 (float64 for
             float64 inputs), the sinks' logits included; −inf for a row that sees no key. It takes
             a gradient (partial attentions combine by it: flash-attn's ``return_attn_probs``).

@@ -28,7 +28,7 @@ class Pattern:
     (differentiable), and ``positions`` (B, 1 or H, T) of a permuted sequence (a token's own key
     scores −1e5, Reformer's shared-QK rule). With any region, ``softcap`` c > 0 caps the scaled
     scores s to c·tanh(s / c) before the bias (Gemma-2's logit soft-capping; 0 = off), and
-    ``alibi_slopes`` (H,) or (B, H) float32 add −slope·|a − j| after the cap (flash-attn's ALiBi;
+    ``alibi_slopes`` (H,) or (B, H) float32 add ``−slope·|a − j|`` after the cap (flash-attn's ALiBi;
     no gradient).
     """
 
