@@ -13,6 +13,10 @@ a fresh process (peak RSS above baseline) for the largest T.
         linattn capped against itself without it (the cap's cost) and FlexAttention with the same
         cap as a score_mod (SDPA and local-attention cannot cap, so they are left out)
     python -m benchmarks.bench_window_attention --quick --alibi        # ALiBi slopes, likewise
+    python -m benchmarks.bench_window_attention --quick --kv-heads 2   # grouped-query heads (8 query
+        heads over 2 key/value heads): linattn reading the shared heads in place against itself on
+        heads repeated first (what a model without native support does), SDPA and FlexAttention
+        with enable_gqa
 
 Writes results/window_attention.json and results/window_attention.png.
 """
@@ -28,15 +32,17 @@ from benchmarks.common import (current_rss_bytes, gemm_gflops, interleaved_media
                                reset_peak_rss, run_child, write_results)
 
 B, H, D = 1, 8, 64
+KV_HEADS = H  # --kv-heads: key/value heads, each serving H / KV_HEADS query heads
 
 
 def make_inputs(T, requires_grad):
     g = torch.Generator().manual_seed(T)
-    return [torch.randn(B, H, T, D, generator=g).requires_grad_(requires_grad) for _ in range(3)]
+    return [torch.randn(B, heads, T, D, generator=g).requires_grad_(requires_grad) for heads in (H, KV_HEADS, KV_HEADS)]
 
 
 BASELINE = "linattn"  # the implementation every ratio is taken against
 PLAIN = "linattn (no score terms)"  # with --softcap / --alibi: the same call without them
+REPEATED = "linattn (heads repeated)"  # with --kv-heads: the same call on k and v repeated to H heads
 SLOPES = 2.0 ** -torch.arange(1, H + 1, dtype=torch.float32)  # ALiBi's geometric slopes
 
 
@@ -49,9 +55,17 @@ def implementations(T, w, sdpa_max, softcap=None, alibi=False):
                                                                          alibi_slopes=slopes), True)}
     if terms:
         impls[PLAIN] = (lambda q, k, v: linattn.sliding_window_attention(q, k, v, w, causal=True), True)
+    grouped = KV_HEADS != H
+    if grouped:
+        def repeated(q, k, v):
+            k, v = (x.repeat_interleave(H // KV_HEADS, 1) for x in (k, v))
+            return linattn.sliding_window_attention(q, k, v, w, causal=True, softcap=softcap, alibi_slopes=slopes)
+
+        impls[REPEATED] = (repeated, True)
     if T <= sdpa_max and not terms:
         band = linattn.window_mask(T, T, w, causal=True)[0, 0]
-        impls["sdpa dense mask"] = (lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=band), True)
+        impls["sdpa dense mask"] = (
+            lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=band, enable_gqa=grouped), True)
     try:
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
     except ImportError:  # pragma: no cover - older torch
@@ -64,7 +78,8 @@ def implementations(T, w, sdpa_max, softcap=None, alibi=False):
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         compiled = torch.compile(flex_attention, dynamic=False)
         if not terms:
-            impls["flex (compiled fwd)"] = (lambda q, k, v: compiled(q, k, v, block_mask=block_mask), False)
+            impls["flex (compiled fwd)"] = (
+                lambda q, k, v: compiled(q, k, v, block_mask=block_mask, enable_gqa=grouped), False)
         else:
             def score_terms(score, b, h, i, j):
                 if softcap is not None:
@@ -72,12 +87,13 @@ def implementations(T, w, sdpa_max, softcap=None, alibi=False):
                 return score - SLOPES[h] * (i - j).abs() if alibi else score
 
             impls["flex score_mod (compiled fwd)"] = (
-                lambda q, k, v: compiled(q, k, v, score_mod=score_terms, block_mask=block_mask), False)
+                lambda q, k, v: compiled(q, k, v, score_mod=score_terms, block_mask=block_mask, enable_gqa=grouped),
+                False)
     try:
         from local_attention import LocalAttention
     except ImportError:
         LocalAttention = None
-    if LocalAttention is not None and not terms:
+    if LocalAttention is not None and not terms and not grouped:
         local = LocalAttention(window_size=w, causal=True, look_backward=1, exact_windowsize=True, autopad=True,
                                use_rotary_pos_emb=False)
         impls["local-attention"] = (lambda q, k, v: local(q, k, v), True)
@@ -112,13 +128,15 @@ def measure(T, w, reps, sdpa_max, softcap, alibi):
     return {"T": T, "w": w, "forward_s": fwd, "forward_backward_s": both}
 
 
-def peak_memory_child(T, w):
+def peak_memory_child(T, w, kv_heads):
     """Run in a fresh process: peak RSS of one linattn forward+backward above the baseline."""
+    global KV_HEADS
+    KV_HEADS = kv_heads
     q, k, v = make_inputs(T, True)
     base = current_rss_bytes()
     reset_peak_rss()
     forward_backward(lambda a, b, c: linattn.sliding_window_attention(a, b, c, w, causal=True))(q, k, v)
-    tensors = 4 * B * H * T * D * 7  # q, k, v, out and three gradients, fp32
+    tensors = 4 * B * T * D * (3 * H + 4 * KV_HEADS)  # q, out, dq; k, v, dk, dv (fp32)
     print(json.dumps({"peak_above_baseline": peak_rss_bytes() - base, "tensors": tensors}))
 
 
@@ -130,10 +148,15 @@ def main():
     parser.add_argument("--windows", type=int, nargs="+", help="window sizes (default by mode)")
     parser.add_argument("--softcap", type=float, help="cap every implementation's scores (Gemma-2: 50)")
     parser.add_argument("--alibi", action="store_true", help="ALiBi slopes 2^-1 .. 2^-H in every implementation")
-    parser.add_argument("--memory-child", nargs=2, type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--kv-heads", type=int, default=H, help=f"key/value heads, dividing H={H} (grouped-query)")
+    parser.add_argument("--memory-child", nargs=3, type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_child:
         return peak_memory_child(*args.memory_child)
+    global KV_HEADS
+    if args.kv_heads < 1 or H % args.kv_heads:
+        parser.error(f"--kv-heads must divide H={H}, got {args.kv_heads}")
+    KV_HEADS = args.kv_heads
     torch.manual_seed(0)
     check_agreement(args.softcap, args.alibi)
     info = machine_info()
@@ -152,10 +175,10 @@ def main():
     for T, w in tqdm(points, desc="window attention"):
         rows.append(measure(T, w, reps, sdpa_max, args.softcap, args.alibi))
     largest = max(lengths)
-    memory = run_child(["benchmarks.bench_window_attention", "--memory-child", str(largest), "256"])
+    memory = run_child(["benchmarks.bench_window_attention", "--memory-child", str(largest), "256", str(KV_HEADS)])
     names = sorted({n for r in rows for n in r["forward_s"]}, key=lambda n: (n != BASELINE, n))
     capped = ("" if args.softcap is None else f", scores soft-capped at {args.softcap:g}") + (
-        ", ALiBi" if args.alibi else "")
+        ", ALiBi" if args.alibi else "") + (f", {KV_HEADS} key/value heads" if KV_HEADS != H else "")
     print(f"\ncausal sliding window, B={B} H={H} D={D}, fp32{capped}; median ms (ratio = other's time / linattn's)")
     for r in rows:
         T, w = r["T"], r["w"]
@@ -190,9 +213,10 @@ def main():
         ax.set(xscale="log", yscale="log", xlabel="T", ylabel="ms", title=f"causal window w=256, {title}")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
-    payload = {"machine": info, "gemm_gflops": gemm, "B": B, "H": H, "D": D, "softcap": args.softcap,
-               "alibi": args.alibi, "rows": rows, "peak_memory": memory}
+    payload = {"machine": info, "gemm_gflops": gemm, "B": B, "H": H, "D": D, "kv_heads": KV_HEADS,
+               "softcap": args.softcap, "alibi": args.alibi, "rows": rows, "peak_memory": memory}
     name = "window_attention" + ("_softcap" if args.softcap is not None else "") + ("_alibi" if args.alibi else "")
+    name += f"_kv{KV_HEADS}" if KV_HEADS != H else ""
     json_path, png_path = write_results(args.out, name, payload, fig)
     print(f"\nwrote {json_path} and {png_path}")
 

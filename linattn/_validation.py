@@ -59,12 +59,22 @@ def check_fade(where: str, name: str, t, shape: tuple, layout: str, device) -> N
                          f"got {tuple(t.shape)} on {t.device}")
 
 
-def check_qkv(where: str, q, k, v, causal: bool) -> None:
+def check_qkv(where: str, q, k, v, causal: bool, grouped: bool = False) -> None:
+    """q, k, v of shape (B, H, T, D); grouped: k and v may have H_kv heads, H_kv dividing H
+    (grouped-query attention)."""
     for name, t in (("q", q), ("k", k), ("v", v)):
-        check_tensor(where, name, t, 4, "(B, H, T, D)")
+        check_tensor(where, name, t, 4, "(B, H_kv, T, D)" if grouped and name != "q" else "(B, H, T, D)")
     check_float_dtype(where, "q", q)
     check_same_device_dtype(where, ("q", "k", "v"), (q, k, v))
-    if q.shape[:2] != k.shape[:2] or k.shape[:2] != v.shape[:2]:
+    if grouped:
+        if q.shape[0] != k.shape[0] or k.shape[:2] != v.shape[:2]:
+            raise ValueError(f"{where}: q, k and v must share the batch dim, and k and v the head dim, "
+                             f"got q {shape(q)}, k {shape(k)} and v {shape(v)}")
+        heads, kv_heads = q.shape[1], k.shape[1]
+        if kv_heads != heads and (kv_heads == 0 or heads % kv_heads != 0):
+            raise ValueError(f"{where}: q's heads must be a multiple of k and v's (grouped-query attention), "
+                             f"got q {shape(q)} and k {shape(k)}")
+    elif q.shape[:2] != k.shape[:2] or k.shape[:2] != v.shape[:2]:
         raise ValueError(
             f"{where}: q, k and v must share batch and head dims (B, H), "
             f"got q {shape(q)}, k {shape(k)} and v {shape(v)}"

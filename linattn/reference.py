@@ -189,8 +189,12 @@ def masked_softmax_attention(q, k, v, visible, scale, *, bias=None, fixed=None, 
     """Softmax over exactly the visible keys (a dense bool mask), in float64, masked terms
     excluded; a row with no visible key is 0 (lse −inf). softcap > 0 caps the scaled scores s to
     softcap·tanh(s / softcap); ALiBi's ``−slope·|i + T_k − T_q − j|`` (alibi_slopes (H,) or (B, H)) and
-    bias are added after; `fixed` pairs score kSelfScore (−1e5) whatever q and k are."""
+    bias are added after; `fixed` pairs score kSelfScore (−1e5) whatever q and k are. k and v may
+    have fewer heads than q (grouped-query attention: each serves H / H_kv query heads)."""
     q, k, v = q.double(), k.double(), v.double()
+    if k.shape[1] != q.shape[1]:
+        group = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
     scores = (q @ k.transpose(-1, -2)) * scale
     if softcap:
         scores = softcap * torch.tanh(scores / softcap)

@@ -35,6 +35,8 @@ def block_sparse_attention(
     """Softmax attention in which query i sees key j when layout[h, i // b, j // b] is True.
 
     Args:
+        q, k, v: (B, H, T_q, D), (B, H_kv, T_k, D), (B, H_kv, T_k, dv), H_kv dividing H
+            (grouped-query attention, as sliding_window_attention).
         layout: (H or 1, ⌈T_q/b⌉, ⌈T_k/b⌉) bool (a last partial block is fine); see
             block_local_layout and bigbird_layout.
         block_size: b.
@@ -48,7 +50,7 @@ def block_sparse_attention(
     sliding_window_attention.
     """
     where = "linattn.block_sparse_attention"
-    check.check_qkv(where, q, k, v, causal=False)
+    check.check_qkv(where, q, k, v, causal=False, grouped=True)
     _check_positive(where, "block_size", block_size)
     check.check_key_padding_mask(where, key_padding_mask, k)
     if not isinstance(layout, torch.Tensor) or layout.dtype != torch.bool or layout.dim() != 3:

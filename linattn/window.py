@@ -55,7 +55,10 @@ def sliding_window_attention(
     """Softmax attention in which query i sees only the keys of its window (docs/methods.md §5).
 
     Args:
-        q, k, v: (B, H, T_q, D), (B, H, T_k, D), (B, H, T_k, dv); any strides, any lengths.
+        q, k, v: (B, H, T_q, D), (B, H_kv, T_k, D), (B, H_kv, T_k, dv); any strides, any lengths.
+            H_kv dividing H: grouped-query (and multi-query) attention, query head h reading key/value
+            head h // (H / H_kv) in place (never repeated in memory); k and v's gradients are per
+            shared head.
         window: an int w (``|i − j| <= w``; causal: i − w <= j <= i) or (left, right) with
             flash-attn's window_size meaning: key j is seen when a − left <= j <= a + right with
             a = i + T_k − T_q (bottom-right alignment), −1 = unbounded.
@@ -102,7 +105,7 @@ def sliding_window_attention(
         except Exception:
             pass
     where = "linattn.sliding_window_attention"
-    check.check_qkv(where, q, k, v, causal=False)
+    check.check_qkv(where, q, k, v, causal=False, grouped=True)
     left, right = window_bounds(where, window, causal)
     if not _is_int(dilation) or dilation < 1:
         raise ValueError(f"{where}: dilation must be an int >= 1, got {dilation!r}")

@@ -51,22 +51,48 @@ inline void check_shape(const char* op, const char* name, const at::Tensor& t,
               ", got ", shape_str(t));
 }
 
-// q (B, H, T_q, D), k (B, H, T_k, D), v (B, H, T_k, dv): one floating dtype, one device.
-inline void check_qkv(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+// q, k and v's ranks, dtypes and devices (k and v's layout named `kv_layout` in messages).
+inline void check_qkv_tensors(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                              const char* kv_layout) {
   check_dim(op, "q", q, 4, "(B, H, T, D)");
-  check_dim(op, "k", k, 4, "(B, H, T, D)");
-  check_dim(op, "v", v, 4, "(B, H, T, D)");
+  check_dim(op, "k", k, 4, kv_layout);
+  check_dim(op, "v", v, 4, kv_layout);
   check_floating(op, "q", q);
   check_same_device_dtype(op, "k", k, "q", q);
   check_same_device_dtype(op, "v", v, "q", q);
-  TORCH_CHECK(q.sym_size(0) == k.sym_size(0) && q.sym_size(1) == k.sym_size(1) &&
-                  k.sym_size(0) == v.sym_size(0) && k.sym_size(1) == v.sym_size(1),
-              op, ": q, k and v must share batch and head dims, got q ", shape_str(q), ", k ",
-              shape_str(k), " and v ", shape_str(v));
+}
+
+// q and k's head dims agree, and k and v's lengths.
+inline void check_qkv_dims(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
   TORCH_CHECK(q.sym_size(3) == k.sym_size(3), op, ": q and k must have the same head dim, got q ",
               shape_str(q), " and k ", shape_str(k));
   TORCH_CHECK(k.sym_size(2) == v.sym_size(2), op, ": k and v must have the same length, got k ",
               shape_str(k), " and v ", shape_str(v));
+}
+
+// q (B, H, T_q, D), k (B, H, T_k, D), v (B, H, T_k, dv): one floating dtype, one device.
+inline void check_qkv(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  check_qkv_tensors(op, q, k, v, "(B, H, T, D)");
+  TORCH_CHECK(q.sym_size(0) == k.sym_size(0) && q.sym_size(1) == k.sym_size(1) &&
+                  k.sym_size(0) == v.sym_size(0) && k.sym_size(1) == v.sym_size(1),
+              op, ": q, k and v must share batch and head dims, got q ", shape_str(q), ", k ",
+              shape_str(k), " and v ", shape_str(v));
+  check_qkv_dims(op, q, k, v);
+}
+
+// As check_qkv, with grouped-query heads: k and v may have fewer heads than q, H_kv dividing H
+// (query head h reads key/value head h / (H / H_kv); grouped-query and multi-query attention).
+inline void check_grouped_qkv(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  check_qkv_tensors(op, q, k, v, "(B, H_kv, T, D)");
+  TORCH_CHECK(q.sym_size(0) == k.sym_size(0) && k.sym_size(0) == v.sym_size(0) && k.sym_size(1) == v.sym_size(1),
+              op, ": q, k and v must share the batch dim, and k and v the head dim, got q ", shape_str(q), ", k ",
+              shape_str(k), " and v ", shape_str(v));
+  const c10::SymInt& heads = q.sym_size(1);
+  const c10::SymInt& kv_heads = k.sym_size(1);
+  TORCH_CHECK(kv_heads == heads || (kv_heads > 0 && heads % kv_heads == 0), op,
+              ": q's heads must be a multiple of k and v's (grouped-query attention), got q ", shape_str(q),
+              " and k ", shape_str(k));
+  check_qkv_dims(op, q, k, v);
 }
 
 // A per-key bool mask (B, T_k) on q's device (key padding, Longformer's global tokens).

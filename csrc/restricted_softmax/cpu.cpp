@@ -92,8 +92,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
   at::Tensor alibi;
   const WindowAttentionShape s = with_alibi(window_kernel_shape(q, k, v, p, scale), p, alibi);
   auto grad_q = at::empty({s.batch, s.heads, s.q_len, s.head_dim}, q.options());
-  auto grad_k = at::empty({s.batch, s.heads, s.k_len, s.head_dim}, q.options());
-  auto grad_v = at::empty({s.batch, s.heads, s.k_len, s.value_dim}, q.options());
+  auto grad_k = at::empty({s.batch, s.kv_heads(), s.k_len, s.head_dim}, q.options());
+  auto grad_v = at::empty({s.batch, s.kv_heads(), s.k_len, s.value_dim}, q.options());
   at::Tensor grad_bias = at::empty({0}, q.options());
   const at::Tensor lse_c = lse.contiguous(), grad_out_c = grad_out.contiguous();
   at::Tensor global, padding, grad_lse_c, layout_c = p.uses_layout() ? p.layout->contiguous() : at::Tensor();
@@ -112,7 +112,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
       if (p.bias.has_value()) grad_bias = held.grad_bias.to(p.bias->scalar_type());
     } else {
       LINATTN_CPU_ISA_DISPATCH(window_attention_backward_cpu<scalar_t, acc_t>(
-          s, view_of<scalar_t>(grad_out_c), optional_ptr<acc_t>(grad_lse, grad_lse_c), view_of<scalar_t>(q), view_of<scalar_t>(k), view_of<scalar_t>(v),
+          s, view_of<scalar_t>(grad_out_c), optional_ptr<acc_t>(grad_lse, grad_lse_c), view_of<scalar_t>(q),
+          view_of<scalar_t>(k), view_of<scalar_t>(v),
           view_of<scalar_t>(out), lse_c.const_data_ptr<acc_t>(), global_ptr, padding_ptr, held.terms,
           grad_q.mutable_data_ptr<scalar_t>(), grad_k.mutable_data_ptr<scalar_t>(),
           grad_v.mutable_data_ptr<scalar_t>()));

@@ -318,7 +318,7 @@ struct EngineScratch {
   std::vector<unsigned char> vis;
   bool in_use = false;
 
-  void reserve_for(int64_t D, int64_t dv, bool soft_capped) {
+  void reserve_for(int64_t D, int64_t dv, bool soft_capped, bool with_alibi) {
     auto at_least = [](auto& buffer, int64_t size) {
       if (static_cast<int64_t>(buffer.size()) < size) buffer.resize(size);
     };
@@ -338,6 +338,7 @@ struct EngineScratch {
     at_least(delta, kBlock);
     at_least(vis, kBlock * kKeyGroup);
     if (soft_capped) at_least(slope, kBlock * kKeyGroup);
+    if (with_alibi) at_least(key_positions, kKeyGroup);
   }
 };
 
@@ -369,7 +370,7 @@ struct SoftmaxEngine {
         o(buffers.o), dq(buffers.dq), dk_part(buffers.dk_part), dv_part(buffers.dv_part), row_max(buffers.row_max),
         row_sum(buffers.row_sum), lse_rows(buffers.lse_rows), delta(buffers.delta), slope(buffers.slope),
         vis(buffers.vis) {
-    buffers.reserve_for(D, dv, shape.softcap > 0);
+    buffers.reserve_for(D, dv, shape.softcap > 0, shape.alibi != nullptr);
   }
   ~SoftmaxEngine() { buffers.in_use = false; }
   SoftmaxEngine(const SoftmaxEngine&) = delete;
@@ -407,12 +408,6 @@ struct SoftmaxEngine {
     for (int64_t r = 0; r < L; ++r) std::fill(vis.data() + r * kKeyGroup + n, vis.data() + r * kKeyGroup + width, 0);
   }
 
-  // A key group's positions (ALiBi), in this thread's scratch.
-  acc_t* key_positions(int64_t n) {
-    if (static_cast<int64_t>(buffers.key_positions.size()) < n) buffers.key_positions.resize(kKeyGroup);
-    return buffers.key_positions.data();
-  }
-
   // ALiBi: scores −= slope · |a − j|, a = i + T_k − T_q the query's aligned position (after the
   // cap, before the pattern's bias, as flash-attn adds it).
   void add_alibi(int64_t bi, int64_t hi, int64_t i0, int64_t L, const std::vector<int64_t>& keys) {
@@ -420,7 +415,7 @@ struct SoftmaxEngine {
     const int64_t n = static_cast<int64_t>(keys.size()), first = run_start(keys);
     // The group's key positions once, in acc_t (exact: positions are far below 2^24), so that the
     // per-row loop is a vector subtract, abs and multiply-add.
-    acc_t* key_at = key_positions(n);
+    acc_t* key_at = buffers.key_positions.data();  // kKeyGroup entries (reserve_for)
     for (int64_t c = 0; c < n; ++c) key_at[c] = static_cast<acc_t>(first >= 0 ? first + c : keys[c]);
     for (int64_t r = 0; r < L; ++r) {
       const acc_t a = static_cast<acc_t>(i0 + r + (s.k_len - s.q_len));
@@ -450,8 +445,8 @@ struct SoftmaxEngine {
   // A key group's keys and values into scratch, its scores and visibility; returns its size.
   int64_t load_group(const Strided4<const scalar_t>& K, const Strided4<const scalar_t>& V, int64_t bi,
                      int64_t hi, int64_t i0, int64_t L, const std::vector<int64_t>& keys) {
-    gather(k, D, K, bi, hi, keys);
-    gather(v, dv, V, bi, hi, keys);
+    gather(k, D, K, bi, s.kv_head(hi), keys);
+    gather(v, dv, V, bi, s.kv_head(hi), keys);
     score(bi, hi, i0, L, keys);
     return static_cast<int64_t>(keys.size());
   }
@@ -501,15 +496,25 @@ struct SoftmaxEngine {
     }
   }
 
-  // grad_lse (nullable) is the cotangent of lse: it enters as δ_i − grad_lse_i. grad_bias is
-  // this thread's bias-gradient accumulator (null without a bias).
-  void backward(int64_t bh, Strided4<const scalar_t> G, Strided4<const scalar_t> Q,
-                Strided4<const scalar_t> K, Strided4<const scalar_t> V, Strided4<const scalar_t> O,
-                const acc_t* lse, const acc_t* grad_lse, scalar_t* grad_q, scalar_t* grad_k, scalar_t* grad_v,
-                std::vector<acc_t>& dk_acc, std::vector<acc_t>& dv_acc, acc_t* grad_bias) {
+  // The gradients of query heads [bh, bh + count) (batch · H indexing; grouped-query heads of
+  // one shared key/value head): their dq, and their dk, dv summed in head order into the
+  // accumulators (k_len rows each, zeroed by the caller).
+  void backward_heads(int64_t bh, int64_t count, Strided4<const scalar_t> G, Strided4<const scalar_t> Q,
+                      Strided4<const scalar_t> K, Strided4<const scalar_t> V, Strided4<const scalar_t> O,
+                      const acc_t* lse, const acc_t* grad_lse, scalar_t* grad_q, acc_t* dk_acc, acc_t* dv_acc,
+                      acc_t* grad_bias) {
+    for (int64_t head = bh; head < bh + count; ++head)
+      backward_head(head, G, Q, K, V, O, lse, grad_lse, grad_q, dk_acc, dv_acc, grad_bias);
+  }
+
+  // One query head's part: its dq, and its terms of dk, dv added to the accumulators. grad_lse
+  // (nullable) is the cotangent of lse: it enters as δ_i − grad_lse_i. grad_bias is this thread's
+  // bias-gradient accumulator (null without a bias).
+  void backward_head(int64_t bh, Strided4<const scalar_t> G, Strided4<const scalar_t> Q,
+                     Strided4<const scalar_t> K, Strided4<const scalar_t> V, Strided4<const scalar_t> O,
+                     const acc_t* lse, const acc_t* grad_lse, scalar_t* grad_q, acc_t* dk_acc, acc_t* dv_acc,
+                     acc_t* grad_bias) {
     const int64_t bi = bh / s.heads, hi = bh % s.heads;
-    dk_acc.assign(s.k_len * D, acc_t(0));
-    dv_acc.assign(s.k_len * dv, acc_t(0));
     const acc_t scale = static_cast<acc_t>(s.scale);
     for (int64_t i0 = 0; i0 < s.q_len; i0 += kBlock) {
       const int64_t L = std::min(kBlock, s.q_len - i0);
@@ -538,8 +543,8 @@ struct SoftmaxEngine {
         // Key and value gradients of a run of consecutive keys accumulate in place; other groups
         // go through the parts, scattered below.
         const int64_t first = run_start(keys);
-        acc_t* dv_keys = first >= 0 ? dv_acc.data() + first * dv : dv_part.data();
-        acc_t* dk_keys = first >= 0 ? dk_acc.data() + first * D : dk_part.data();
+        acc_t* dv_keys = first >= 0 ? dv_acc + first * dv : dv_part.data();
+        acc_t* dk_keys = first >= 0 ? dk_acc + first * D : dk_part.data();
         if (first < 0) {
           std::fill(dv_part.begin(), dv_part.begin() + n * dv, acc_t(0));
           std::fill(dk_part.begin(), dk_part.begin() + n * D, acc_t(0));
@@ -573,8 +578,8 @@ struct SoftmaxEngine {
         add_masked_product(true, L, n, D, scores.data(), kKeyGroup, q.data(), D, dk_keys, D, visible_pair());
         if (first < 0)
           for (int64_t c = 0; c < n; ++c) {
-            acc_t* dkr = dk_acc.data() + keys[c] * D;
-            acc_t* dvr = dv_acc.data() + keys[c] * dv;
+            acc_t* dkr = dk_acc + keys[c] * D;
+            acc_t* dvr = dv_acc + keys[c] * dv;
             for (int64_t x = 0; x < D; ++x) dkr[x] += dk_part[c * D + x];
             for (int64_t x = 0; x < dv; ++x) dvr[x] += dv_part[c * dv + x];
           }
@@ -582,10 +587,6 @@ struct SoftmaxEngine {
       scalar_t* dq_rows = grad_q + (bh * s.q_len + i0) * D;
       for (int64_t x = 0; x < L * D; ++x) dq_rows[x] = static_cast<scalar_t>(dq[x] * scale);
     }
-    scalar_t* dk_rows = grad_k + bh * s.k_len * D;
-    scalar_t* dv_rows = grad_v + bh * s.k_len * dv;
-    for (int64_t x = 0; x < s.k_len * D; ++x) dk_rows[x] = static_cast<scalar_t>(dk_acc[x]);
-    for (int64_t x = 0; x < s.k_len * dv; ++x) dv_rows[x] = static_cast<scalar_t>(dv_acc[x]);
   }
 };
 
@@ -610,10 +611,17 @@ void run_backward(const WindowAttentionShape& shape, const Pattern& pattern, Str
                   const acc_t* grad_lse, Strided4<const scalar_t> q, Strided4<const scalar_t> k,
                   Strided4<const scalar_t> v, Strided4<const scalar_t> out, const acc_t* lse, scalar_t* grad_q,
                   scalar_t* grad_k, scalar_t* grad_v, acc_t* grad_bias = nullptr, int64_t bias_size = 0) {
-  const int64_t items = shape.batch * shape.heads;
+  // Key and value gradients gather contributions from every query block of every query head that
+  // reads them. Work items: one per (batch, key/value head), its query heads run in turn into one
+  // accumulator; or, with grouped-query heads too few to keep the threads busy (one sequence, few
+  // shared heads), one per query head, each into fp32 partials that are summed per shared head
+  // after, in head order.
+  const int64_t group = shape.kv_group, k_len = shape.k_len, D = shape.head_dim, dv = shape.value_dim;
+  const bool per_query_head = group > 1 && shape.batch * shape.kv_heads() < at::get_num_threads();
+  const int64_t unit = per_query_head ? 1 : group, items = shape.batch * shape.heads / std::max<int64_t>(unit, 1);
+  std::vector<acc_t> partial_k(per_query_head ? items * k_len * D : 0);
+  std::vector<acc_t> partial_v(per_query_head ? items * k_len * dv : 0);
   std::vector<std::vector<acc_t>> chunk_bias_grads(grad_bias ? items : 0);
-  // Key and value gradients gather contributions from every query block of a (batch, head):
-  // one work item per (batch, head), with its accumulators.
   at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
     SoftmaxEngine<scalar_t, acc_t, Pattern> engine(shape, pattern);
     std::vector<acc_t> dk_acc, dv_acc;
@@ -625,9 +633,40 @@ void run_backward(const WindowAttentionShape& shape, const Pattern& pattern, Str
       chunk_bias_grads[begin].assign(bias_size, acc_t(0));
       bias_acc = chunk_bias_grads[begin].data();
     }
-    for (int64_t bh = begin; bh < end; ++bh)
-      engine.backward(bh, grad_out, q, k, v, out, lse, grad_lse, grad_q, grad_k, grad_v, dk_acc, dv_acc, bias_acc);
+    for (int64_t item = begin; item < end; ++item) {
+      acc_t *dk_item = nullptr, *dv_item = nullptr;
+      if (per_query_head) {  // zeroed at allocation
+        dk_item = partial_k.data() + item * k_len * D;
+        dv_item = partial_v.data() + item * k_len * dv;
+      } else {
+        dk_acc.assign(k_len * D, acc_t(0));
+        dv_acc.assign(k_len * dv, acc_t(0));
+        dk_item = dk_acc.data();
+        dv_item = dv_acc.data();
+      }
+      engine.backward_heads(item * unit, unit, grad_out, q, k, v, out, lse, grad_lse, grad_q, dk_item, dv_item,
+                            bias_acc);
+      if (!per_query_head) {  // item is the shared head's (batch · H_kv) index
+        for (int64_t x = 0; x < k_len * D; ++x) grad_k[item * k_len * D + x] = static_cast<scalar_t>(dk_item[x]);
+        for (int64_t x = 0; x < k_len * dv; ++x) grad_v[item * k_len * dv + x] = static_cast<scalar_t>(dv_item[x]);
+      }
+    }
   });
+  if (per_query_head) {
+    auto fold = [&](const std::vector<acc_t>& partial, scalar_t* grad, int64_t width) {
+      const int64_t rows = k_len * width;
+      at::parallel_for(0, shape.batch * shape.kv_heads(), 1, [&](int64_t begin, int64_t end) {
+        for (int64_t bkv = begin; bkv < end; ++bkv)
+          for (int64_t x = 0; x < rows; ++x) {
+            acc_t sum = partial[bkv * group * rows + x];
+            for (int64_t j = 1; j < group; ++j) sum += partial[(bkv * group + j) * rows + x];
+            grad[bkv * rows + x] = static_cast<scalar_t>(sum);
+          }
+      });
+    };
+    fold(partial_k, grad_k, D);
+    fold(partial_v, grad_v, dv);
+  }
   for (const auto& chunk : chunk_bias_grads)
     for (int64_t x = 0; x < static_cast<int64_t>(chunk.size()); ++x) grad_bias[x] += chunk[x];
 }

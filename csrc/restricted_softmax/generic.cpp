@@ -15,6 +15,21 @@
 namespace linattn {
 namespace {
 
+// Grouped-query heads: the tiles read one key/value head per query head, so k and v are
+// repeated to H heads here (copies; the CPU and flash engines read the shared heads in place)...
+at::Tensor per_query_head(const at::Tensor& x, const WindowAttentionShape& s) {
+  if (s.kv_group == 1) return x;
+  const int64_t kv_heads = s.kv_heads();
+  return x.unsqueeze(2).expand({x.size(0), kv_heads, s.kv_group, x.size(2), x.size(3)})
+      .reshape({x.size(0), s.heads, x.size(2), x.size(3)});
+}
+
+// ...and the gradients of the repeats summed back onto each shared head.
+at::Tensor per_shared_head(const at::Tensor& grad, const WindowAttentionShape& s) {
+  if (s.kv_group == 1) return grad;
+  return grad.view({grad.size(0), s.kv_heads(), s.kv_group, grad.size(2), grad.size(3)}).sum(2);
+}
+
 // No score to compute (an empty batch, head count or length): the window and layout tiles assume one.
 bool empty_call(const WindowAttentionShape& s) { return s.batch * s.heads * s.q_len * s.k_len == 0; }
 
@@ -27,8 +42,9 @@ std::tuple<at::Tensor, at::Tensor> forward_generic(const at::Tensor& q, const at
     return {at::zeros({s.batch, s.heads, s.q_len, s.value_dim}, q.options()),
             at::full({s.batch, s.heads, s.q_len}, -restricted_generic::kInf,
                      q.options().dtype(accumulate_type(q.scalar_type())))};
-  if (p.uses_layout()) return restricted_generic::layout_forward(q, k, v, scale, s, p);
-  return restricted_generic::window_forward(q, k, v, scale, s, p);
+  const at::Tensor k_heads = per_query_head(k, s), v_heads = per_query_head(v, s);
+  if (p.uses_layout()) return restricted_generic::layout_forward(q, k_heads, v_heads, scale, s, p);
+  return restricted_generic::window_forward(q, k_heads, v_heads, scale, s, p);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_generic(
@@ -41,9 +57,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_generic(
   if (empty_call(s))
     return {at::zeros_like(q), at::zeros_like(k), at::zeros_like(v),
             p.bias ? at::zeros_like(*p.bias) : at::empty({0}, q.options())};
-  if (p.uses_layout()) return restricted_generic::layout_backward(grad_out, grad_lse, q, k, v, out, lse, scale, s, p);
-  auto [dq, dk, dv] = restricted_generic::window_backward(grad_out, grad_lse, q, k, v, out, lse, scale, s, p);
-  return {dq, dk, dv, at::empty({0}, q.options())};
+  const at::Tensor k_heads = per_query_head(k, s), v_heads = per_query_head(v, s);
+  if (p.uses_layout()) {
+    auto [dq, dk, dv, grad_bias] =
+        restricted_generic::layout_backward(grad_out, grad_lse, q, k_heads, v_heads, out, lse, scale, s, p);
+    return {dq, per_shared_head(dk, s), per_shared_head(dv, s), grad_bias};
+  }
+  auto [dq, dk, dv] =
+      restricted_generic::window_backward(grad_out, grad_lse, q, k_heads, v_heads, out, lse, scale, s, p);
+  return {dq, per_shared_head(dk, s), per_shared_head(dv, s), at::empty({0}, q.options())};
 }
 
 }  // namespace

@@ -18,6 +18,9 @@ namespace linattn {
 struct WindowAttentionShape {
   int64_t batch = 0;
   int64_t heads = 0;
+  // Grouped-query attention: query head h reads key/value head h / kv_group (k and v have
+  // heads / kv_group heads; their gradients too).
+  int64_t kv_group = 1;
   int64_t q_len = 0;
   int64_t k_len = 0;
   int64_t head_dim = 0;   // D of q and k
@@ -31,6 +34,9 @@ struct WindowAttentionShape {
   // (capped) scores, before any bias; null = none. Contiguous float32, (H) (stride 0) or (B, H).
   const float* alibi = nullptr;
   int64_t alibi_batch_stride = 0;
+
+  int64_t kv_heads() const { return heads / kv_group; }
+  int64_t kv_head(int64_t h) const { return h / kv_group; }
 
   // The keys [begin, end) that rows [i0, i1) can see through their window.
   int64_t band_begin(int64_t i0) const {

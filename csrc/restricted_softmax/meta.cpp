@@ -22,8 +22,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_meta(
   const auto s =
       check_restricted_backward_inputs(grad_out, grad_lse, q, k, v, out, lse, scale, {LINATTN_RESTRICTED_PATTERN_ARGS});
   return {at::empty_symint({s.batch, s.heads, s.q_len, s.head_dim}, q.options()),
-          at::empty_symint({s.batch, s.heads, s.k_len, s.head_dim}, q.options()),
-          at::empty_symint({s.batch, s.heads, s.k_len, s.value_dim}, q.options()),
+          at::empty_symint({s.batch, s.kv_heads, s.k_len, s.head_dim}, q.options()),
+          at::empty_symint({s.batch, s.kv_heads, s.k_len, s.value_dim}, q.options()),
           bias.has_value() ? at::empty_symint(bias->sym_sizes(), bias->options()) : at::empty({0}, q.options())};
 }
 

@@ -12,7 +12,7 @@ namespace linattn {
 constexpr const char* kRestrictedSoftmaxOp = "linattn.restricted_softmax";
 
 struct WindowAttentionSizes {
-  c10::SymInt batch, heads, q_len, k_len, head_dim, value_dim;
+  c10::SymInt batch, heads, q_len, k_len, head_dim, value_dim, kv_heads;
 };
 
 // The optional per-token and per-pair terms of a pattern (PairTerms in kernel.h), as tensors.
@@ -137,7 +137,7 @@ inline void check_layout(const char* op, const at::Tensor& layout, int64_t block
 inline WindowAttentionSizes check_restricted_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                     double scale, const RestrictedPattern& p) {
   const char* op = kRestrictedSoftmaxOp;
-  check_qkv(op, q, k, v);
+  check_grouped_qkv(op, q, k, v);
   TORCH_CHECK(std::isfinite(scale), op, ": scale must be finite, got ", scale);
   TORCH_CHECK(std::isfinite(p.softcap) && p.softcap >= 0, op,
               ": softcap must be a finite number >= 0 (0 = no capping), got ", p.softcap);
@@ -151,7 +151,7 @@ inline WindowAttentionSizes check_restricted_inputs(const at::Tensor& q, const a
                 q.sym_size(1), "), got ", shape_str(slopes));
   }
   const WindowAttentionSizes s{q.sym_size(0), q.sym_size(1), q.sym_size(2),
-                               k.sym_size(2), q.sym_size(3), v.sym_size(3)};
+                               k.sym_size(2), q.sym_size(3), v.sym_size(3), k.sym_size(1)};
   check_key_mask(op, "key_padding_mask", p.key_padding_mask, q, k, "True = padded key");
   if (p.uses_layout()) {
     TORCH_CHECK(p.left == -1 && p.right == -1 && p.dilation == 1 && !p.global_mask.has_value(), op,
@@ -204,6 +204,7 @@ inline WindowAttentionShape window_kernel_shape(const at::Tensor& q, const at::T
   WindowAttentionShape s;
   s.batch = q.size(0);
   s.heads = q.size(1);
+  s.kv_group = k.size(1) > 0 ? q.size(1) / k.size(1) : 1;
   s.q_len = q.size(2);
   s.k_len = k.size(2);
   s.head_dim = q.size(3);

@@ -254,7 +254,8 @@ class LinearizedAttention(nn.Module):
         sums = None if entry is None else entry["sums"]
         if n == 1:  # every kept key is in the new row's window (or the sink): plain softmax over them
             if self.softcap:
-                out = torch.softmax(_capped(q @ keys.transpose(-1, -2) * scale, self.softcap), -1) @ values
+                scores = ops.restricted.soft_capped(q @ keys.transpose(-1, -2) * scale, self.softcap)
+                out = torch.softmax(scores, -1) @ values
             else:
                 out = F.scaled_dot_product_attention(q, keys, values, scale=scale)
             if sums is not None:
@@ -296,7 +297,8 @@ class LinearizedAttention(nn.Module):
         exact = pattern.dense_mask(q.shape[2], k.shape[2], q.device)
         if causal:  # the sink's row (see student)
             exact = exact & torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril()
-        scores = _capped((q @ k.transpose(-1, -2)) * scale, self.softcap).masked_fill(~exact, float("-inf"))
+        scores = ops.restricted.soft_capped((q @ k.transpose(-1, -2)) * scale, self.softcap)
+        scores = scores.masked_fill(~exact, float("-inf"))
         lse = torch.logsumexp(scores, -1, keepdim=True)
         has_window = ~torch.isinf(lse)
         window_weights = torch.exp(scores - torch.where(has_window, lse, 0)).masked_fill(~exact, 0)
@@ -358,15 +360,10 @@ def _dense_mask(q, k, key_padding_mask, causal, window: Window = NO_WINDOW) -> O
     return mask
 
 
-def _capped(scores: torch.Tensor, softcap: Optional[float]) -> torch.Tensor:
-    """Scaled scores soft-capped to c·tanh(s / c) (Gemma-2), or as they are without a cap."""
-    return softcap * torch.tanh(scores / softcap) if softcap else scores
-
-
 def _softmax_weights(q, k, scale, key_padding_mask, causal, softcap=None, window: Window = NO_WINDOW) -> torch.Tensor:
     """The teacher's attention weights (B, H, T_q, T_k), dense; a row that sees no key is 0."""
     mask = _dense_mask(q, k, key_padding_mask, causal, window)
-    scores = _capped((q @ k.transpose(-1, -2)) * scale, softcap)
+    scores = ops.restricted.soft_capped((q @ k.transpose(-1, -2)) * scale, softcap)
     if mask is None:
         return torch.softmax(scores, -1)
     weights = torch.softmax(scores.masked_fill(~mask, float("-inf")), -1)

@@ -30,31 +30,35 @@ def _where(module) -> str:
     return f"linattn.hf ({module.__class__.__name__})"
 
 
-def _prepare(module, query, key, value, attention_mask, dropout, kwargs):
-    """Shared by every method: heads repeated, who sees whom, key dropout in training, and the
-    state-cache layer when a LinearStateCache handed these keys over."""
+def _prepare(module, query, key, value, attention_mask, dropout, kwargs, shared_heads=False):
+    """Shared by every method: heads repeated (unless shared_heads: the method reads grouped-query
+    key/value heads in place; each query head still drops keys of its own in training), who sees
+    whom, key dropout in training, and the state-cache layer when a LinearStateCache handed these
+    keys over."""
     state_layer = getattr(key, "_linattn_state_layer", None)
     heads = query.shape[1]
-    key, value = _repeat_heads(key, heads), _repeat_heads(value, heads)
+    drops_keys = module.training and dropout > 0
+    if not shared_heads or drops_keys:
+        key, value = _repeat_heads(key, heads), _repeat_heads(value, heads)
     seen = visibility(_where(module), module, attention_mask, query.shape[2], key.shape[2], kwargs,
                       state_cache=state_layer is not None)
     key, value = key[:, :, :seen.keys], value[:, :, :seen.keys]
-    if module.training:  # whole keys, as linattn's own modules drop them
+    if drops_keys:  # whole keys, as linattn's own modules drop them
         value, _ = _drop_keys(value, dropout)
     return key, value, seen, state_layer
 
 
 def _as_packing(documents, *tensors):
-    """Rows of packed documents (B, H, T, ·) as one packing (1, H, B·T, ·) and its cu_seqlens:
+    """Rows of packed documents (B, H or H_kv, T, ·) as one packing (1, same, B·T, ·) and its cu_seqlens:
     each document becomes one sequence of linattn's varlen operators (reads the boundaries on
     the host, as transformers' own detection of packed rows does)."""
-    B, heads, T = tensors[0].shape[:3]
+    B, T = tensors[0].shape[0], tensors[0].shape[2]
     rows = torch.arange(B, device=documents.device)[:, None] * (T + 1)  # ids distinct across rows
     ids = (documents.to(torch.int64) + rows).flatten()
     starts = torch.nonzero(ids[1:] != ids[:-1]).flatten() + 1
     ends = torch.tensor([0, B * T], device=documents.device)
     cu_seqlens = torch.cat([ends[:1], starts, ends[1:]]).to(device=tensors[0].device, dtype=torch.int32)
-    packed = [t.transpose(0, 1).reshape(1, heads, B * T, t.shape[3]) for t in tensors]
+    packed = [t.transpose(0, 1).reshape(1, t.shape[1], B * T, t.shape[3]) for t in tensors]
     return packed, cu_seqlens
 
 
@@ -154,9 +158,11 @@ def _performer_forward():
 def local(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """Exact softmax attention in the layer's own pattern (causal or not, its sliding window,
     key padding, gpt-oss's attention sinks `s_aux`, Gemma-2's logit soft-capping `softcap`) through
-    linattn's fused window kernel: memory linear in the sequence."""
+    linattn's fused window kernel: memory linear in the sequence; grouped-query key/value heads
+    are read in place (the cache's heads, never repeated)."""
     where = _where(module)
-    key, value, seen, state_layer = _prepare(module, query, key, value, attention_mask, dropout, kwargs)
+    key, value, seen, state_layer = _prepare(module, query, key, value, attention_mask, dropout, kwargs,
+                                             shared_heads=True)
     if state_layer is not None:
         raise ValueError(f"{where}: a LinearStateCache keeps linear-attention states; softmax attention "
                          "(linattn_local) needs transformers' key/value cache")

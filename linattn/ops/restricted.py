@@ -86,6 +86,13 @@ class Pattern:
         return visible
 
 
+def soft_capped(scores: torch.Tensor, softcap: Optional[float]) -> torch.Tensor:
+    """Scaled scores capped to c·tanh(s / c) as the operator caps them (Gemma-2's logit
+    soft-capping), or as they are for no cap (None or 0): for the Python paths that form scores
+    themselves (need_weights, decoding, the linearization teacher)."""
+    return softcap * torch.tanh(scores / softcap) if softcap else scores
+
+
 def restricted_softmax_op(device_type: str = "cpu"):
     """The forward operator a call on `device_type` runs: the flash engine's under the fused CUDA
     backend (routing.py; on CPU tensors its emulation, under the tests' switch), the device-generic

@@ -299,6 +299,31 @@ def test_local_is_exactly_sdpa_in_the_models_window(kind, padding):
     assert_same_logits(sliding_model(kind).double(), "linattn_local", "sdpa", padding, length=14, tolerance=1e-10)
 
 
+def test_local_reads_grouped_query_heads_in_place(monkeypatch):
+    """Mistral's 2 key/value heads reach the window operator as they are (never repeated to its 4
+    query heads) and the logits still equal sdpa's; in training with attention dropout each query
+    head drops keys of its own, so there they are repeated."""
+    import linattn.hf.attention as hf_attention
+
+    heads_seen = []
+    window_attention = hf_attention.sliding_window_attention
+
+    def counting(q, k, v, *args, **kwargs):
+        heads_seen.append((q.shape[1], k.shape[1], v.shape[1]))
+        return window_attention(q, k, v, *args, **kwargs)
+
+    monkeypatch.setattr(hf_attention, "sliding_window_attention", counting)
+    assert_same_logits(sliding_model("mistral").double(), "linattn_local", "sdpa", "left", length=14, tolerance=1e-10)
+    assert heads_seen == [(4, 2, 2)] * 2  # both layers, one call each
+    heads_seen.clear()
+    model = sliding_model("mistral")
+    model.config.attention_dropout = 0.1
+    for layer in model.model.layers:
+        layer.self_attn.attention_dropout = 0.1
+    with_implementation(model.train(), "linattn_local")(torch.randint(0, 61, (2, 9)))
+    assert heads_seen == [(4, 4, 4)] * 2
+
+
 def gemma3(window, seed=0):
     """A small Gemma-3 decoder at its real head dim, 256: two sliding-window layers, one full."""
     if not hasattr(transformers, "Gemma3TextConfig"):

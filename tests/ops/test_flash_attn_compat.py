@@ -103,6 +103,35 @@ def test_compiles_fullgraph():
     assert torch.equal(compiled(q, k, v), expected)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_packed_cross_attention_equals_each_pair_alone(dtype):
+    """Different query and key offsets (a packed encoder-decoder batch, grouped-query heads): query
+    sequence n attends to all of key sequence n, as flash-attn's varlen call does — one empty key
+    sequence's queries get 0 and lse −inf; forward and backward against each pair alone in float64."""
+    cu_q = torch.tensor([0, 5, 5, 17, 20], dtype=torch.int32)  # a sequence without queries
+    cu_k = torch.tensor([0, 9, 13, 30, 30], dtype=torch.int32)  # the last without keys
+    q, k, v = (t[0].requires_grad_() for t in make(1, 20, 30, 4, 2, 8, dtype=dtype, seed=6))
+    out, lse, _ = flash_attn_varlen_func(q, k, v, cu_q, cu_k, 12, 17, softcap=2.0, return_attn_probs=True)
+    weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    (out.double() * weights).sum().backward()
+    tol = 1e-10 if dtype == torch.float64 else 2e-2
+    for (q0, q1), (k0, k1) in zip(zip(cu_q.tolist(), cu_q[1:].tolist()), zip(cu_k.tolist(), cu_k[1:].tolist())):
+        parts = [t.detach()[None, a:b].double().requires_grad_() for t, (a, b) in ((q, (q0, q1)), (k, (k0, k1)),
+                                                                                  (v, (k0, k1)))]
+        want, want_lse = flash_reference(*parts, softcap=2.0)
+        torch.testing.assert_close(out[q0:q1].double(), want[0], rtol=tol, atol=tol)
+        if k1 == k0:
+            assert torch.all(out[q0:q1] == 0) and torch.all(lse[:, q0:q1] == float("-inf"))
+            continue
+        torch.testing.assert_close(lse[:, q0:q1].double(), want_lse[0], rtol=tol, atol=tol)
+        if q1 == q0:  # keys no query sees: zero gradients
+            assert torch.all(k.grad[k0:k1] == 0) and torch.all(v.grad[k0:k1] == 0)
+        else:
+            (want[0] * weights[q0:q1]).sum().backward()
+            for part, full, (a, b) in zip(parts, (q, k, v), ((q0, q1), (k0, k1), (k0, k1))):
+                torch.testing.assert_close(full.grad[a:b].double(), part.grad[0], rtol=tol, atol=tol)
+
+
 def test_what_it_refuses_is_named():
     q, k, v = make(1, 5, 5, 2, 2, 4)
     with pytest.raises(ValueError, match="dropout_p must be 0"):
@@ -113,8 +142,14 @@ def test_what_it_refuses_is_named():
         flash_attn_func(q, k, v, window_size=3)
     cu = torch.tensor([0, 2, 5], dtype=torch.int32)
     packed = [t[0] for t in (q, k, v)]
-    with pytest.raises(ValueError, match="cu_seqlens_q and cu_seqlens_k must be the same offsets"):
-        flash_attn_varlen_func(*packed, cu, torch.tensor([0, 3, 5], dtype=torch.int32), 3, 3)
+    other = torch.tensor([0, 3, 5], dtype=torch.int32)
+    for options in (dict(causal=True), dict(window_size=(2, 2)), dict(alibi_slopes=torch.ones(2))):
+        with pytest.raises(ValueError, match="cross-attention between packed sequences"):
+            flash_attn_varlen_func(*packed, cu, other, 3, 3, **options)
+    with pytest.raises(ValueError, match="must hold as many sequences"):
+        flash_attn_varlen_func(*packed, cu, torch.tensor([0, 5], dtype=torch.int32), 3, 3)
+    with pytest.raises(ValueError, match=r"\(cu_seqlens_k\): cu_seqlens must be non-decreasing offsets"):
+        flash_attn_varlen_func(*packed, cu, torch.tensor([0, 3, 4], dtype=torch.int32), 3, 3)
     with pytest.raises(ValueError, match="block_table"):
         flash_attn_varlen_func(*packed, cu, cu, 3, 3, block_table=torch.zeros(1, 1, dtype=torch.int32))
     with pytest.raises(ValueError, match=r"alibi_slopes must be one slope per head \(H,\) in a packed call"):

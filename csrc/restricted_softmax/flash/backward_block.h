@@ -262,8 +262,8 @@ struct KeyBlock : BackwardBlockBase<scalar_t, D, Buffers> {
 
   LINATTN_HD void issue_resident(const WarpContext& w, State&) const {
     auto key = [&](int r) { return key_of(r); };
-    warp::copy_rows_from<kThreads, kKeys>(w, this->key_rows(L::kResident0), b, h, 0, key);
-    warp::copy_rows_from<kThreads, kKeys>(w, this->value_rows(L::kResident1), b, h, 0, key);
+    warp::copy_rows_from<kThreads, kKeys>(w, this->key_rows(L::kResident0), b, p.kv_head(h), 0, key);
+    warp::copy_rows_from<kThreads, kKeys>(w, this->value_rows(L::kResident1), b, p.kv_head(h), 0, key);
   }
 
   // Whether visit n's queries share no segment with the block's keys: nothing is loaded or computed.
@@ -400,8 +400,8 @@ struct QueryBlock : BackwardBlockBase<scalar_t, D, Buffers> {
     const uint32_t base = Base::buffer(n);
     const TokenTile keys = visits.tile(n);
     auto key = [&](int r) { return keys.token(p, b, p.k_len, r); };
-    warp::copy_rows_from<kThreads, kKeys>(w, this->key_rows(L::kStreamed0), b, h, base, key);
-    warp::copy_rows_from<kThreads, kKeys>(w, this->value_rows(L::kStreamed1), b, h, base, key);
+    warp::copy_rows_from<kThreads, kKeys>(w, this->key_rows(L::kStreamed0), b, p.kv_head(h), base, key);
+    warp::copy_rows_from<kThreads, kKeys>(w, this->value_rows(L::kStreamed1), b, p.kv_head(h), base, key);
     warp::cp_async_commit(w);
   }
 

@@ -117,8 +117,8 @@ struct FlashBlock {
     const uint32_t base = buffer(n);
     const TokenTile keys = visits.tile(n);
     auto key = [&](int r) { return keys.token(p, b, p.k_len, r); };
-    warp::copy_rows_from<kThreads, kKeys>(w, key_rows(), b, h, base, key);
-    warp::copy_rows_from<kThreads, kKeys>(w, value_rows(), b, h, base, key);
+    warp::copy_rows_from<kThreads, kKeys>(w, key_rows(), b, p.kv_head(h), base, key);
+    warp::copy_rows_from<kThreads, kKeys>(w, value_rows(), b, p.kv_head(h), base, key);
     store_tokens(w, base + L::kKeyTokens, key);
     if (w.warp == 0) warp::for_lanes(w, [&](int lane) {
       if (lane == 0) warp::store_shared<uint8_t>(w, base + L::kNonFinite, 0);

@@ -30,6 +30,9 @@ enum TileKind : uint8_t { kHidden = 0, kPartial = 1, kWhole = 2 };
 template <typename scalar_t>
 struct FlashProblem {
   int64_t batch = 0, heads = 0, q_len = 0, k_len = 0, head_dim = 0, value_dim = 0;
+  // Grouped-query attention: head h reads k and v at head h / kv_group (the backward's key blocks
+  // still write per query head; plan.h sums them onto the shared heads).
+  int64_t kv_group = 1;
   float scale = 1.0f;
   float softcap = 0.0f;  // > 0: scaled scores capped to softcap·tanh(s / softcap) before the bias
   // ALiBi: −alibi[b · alibi_batch_stride + h] · |i + T_k − T_q − j| added after the cap (null: none).
@@ -80,6 +83,7 @@ struct FlashProblem {
   scalar_t* out = nullptr;  // (B, H, T_q, dv) contiguous
   float* lse = nullptr;     // (B, H, T_q)
 
+  LINATTN_HD int64_t kv_head(int64_t h) const { return h / kv_group; }
   // Tiles of gathered global tokens per (batch, head): at most as many as of tokens (the count
   // itself lives on the device; blocks past it return at once).
   LINATTN_HD int64_t gathered_tiles() const { return global_index != nullptr ? q_tiles : 0; }

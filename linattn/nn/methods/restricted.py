@@ -5,7 +5,7 @@ import math
 import torch
 from torch import nn
 
-from ... import functional, lsh, reference
+from ... import functional, lsh, ops, reference
 from ...sparse import layout_mask
 from ...window import window_bounds, window_mask, with_sinks
 from ..decoding import decode_hybrid, decode_local
@@ -56,7 +56,7 @@ class LocalMethod(MethodModule):
     def scores(self, q, k) -> torch.Tensor:
         """The scaled scores, soft-capped when the method caps (for need_weights and decoding)."""
         scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)
-        return self.softcap * torch.tanh(scores / self.softcap) if self.softcap else scores
+        return ops.restricted.soft_capped(scores, self.softcap)
 
     def global_mask(self, k, given):
         """The global tokens for keys k: the ones given (longformer), or none."""
