@@ -1,8 +1,9 @@
 """flash-attn's functional interface on linattn's restricted-softmax operator, so that code written
-against ``flash_attn.flash_attn_func`` / ``flash_attn_varlen_func`` runs unchanged on CPUs and on
-GPUs flash-attn does not serve:
+against ``flash_attn.flash_attn_func`` / ``flash_attn_varlen_func`` (and their qkv- and kv-packed
+forms, and ``flash_attn_with_kvcache`` for decoding: linattn/flash_attn_kvcache.py) runs unchanged
+on CPUs and on GPUs flash-attn does not serve:
 
-    from linattn.flash_attn_compat import flash_attn_func, flash_attn_varlen_func
+    from linattn.flash_attn_compat import flash_attn_func, flash_attn_varlen_func, flash_attn_with_kvcache
 
 Same layouts ((B, T, H, D); packed (total, H, D) with int32 ``cu_seqlens``), flash-attn 2.1's
 bottom-right causal alignment, ``window_size``, ``softcap``, ``softmax_scale``, grouped-query heads
@@ -19,6 +20,7 @@ import torch
 from . import _validation as check
 from . import ops
 from .varlen import check_cu_seqlens, sequence_ids
+from .flash_attn_kvcache import flash_attn_with_kvcache  # noqa: F401  (part of this interface)
 from .window import sliding_window_attention
 
 
@@ -99,6 +101,59 @@ def flash_attn_varlen_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu
                                            _window(where, window_size), softcap, alibi_slopes)
     out = out[0].transpose(0, 1)
     return (out, lse[0], None) if return_attn_probs else out
+
+
+def flash_attn_qkvpacked_func(qkv: torch.Tensor, dropout_p: float = 0.0, softmax_scale: Optional[float] = None,
+                              causal: bool = False, window_size=(-1, -1), softcap: float = 0.0, alibi_slopes=None,
+                              deterministic: bool = False, return_attn_probs: bool = False):
+    """flash_attn.flash_attn_qkvpacked_func: qkv (B, T, 3, H, D) -> flash_attn_func of its three
+    views (the gradient lands in the packed tensor)."""
+    check.check_tensor("linattn.flash_attn_compat.flash_attn_qkvpacked_func", "qkv", qkv, 5, "(B, T, 3, H, D)")
+    return flash_attn_func(*_unpacked("flash_attn_qkvpacked_func", "qkv", qkv, 2, 3), dropout_p, softmax_scale,
+                           causal, window_size, softcap, alibi_slopes, deterministic, return_attn_probs)
+
+
+def flash_attn_kvpacked_func(q: torch.Tensor, kv: torch.Tensor, dropout_p: float = 0.0,
+                             softmax_scale: Optional[float] = None, causal: bool = False, window_size=(-1, -1),
+                             softcap: float = 0.0, alibi_slopes=None, deterministic: bool = False,
+                             return_attn_probs: bool = False):
+    """flash_attn.flash_attn_kvpacked_func: q (B, T_q, H, D), kv (B, T_k, 2, H_k, D)."""
+    check.check_tensor("linattn.flash_attn_compat.flash_attn_kvpacked_func", "kv", kv, 5, "(B, T_k, 2, H_k, D)")
+    return flash_attn_func(q, *_unpacked("flash_attn_kvpacked_func", "kv", kv, 2, 2), dropout_p, softmax_scale,
+                           causal, window_size, softcap, alibi_slopes, deterministic, return_attn_probs)
+
+
+def flash_attn_varlen_qkvpacked_func(qkv: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
+                                     dropout_p: float = 0.0, softmax_scale: Optional[float] = None,
+                                     causal: bool = False, window_size=(-1, -1), softcap: float = 0.0,
+                                     alibi_slopes=None, deterministic: bool = False, return_attn_probs: bool = False):
+    """flash_attn.flash_attn_varlen_qkvpacked_func: qkv (total, 3, H, D), cu_seqlens (N + 1,) int32."""
+    check.check_tensor("linattn.flash_attn_compat.flash_attn_varlen_qkvpacked_func", "qkv", qkv, 4,
+                       "(total, 3, H, D)")
+    return flash_attn_varlen_func(*_unpacked("flash_attn_varlen_qkvpacked_func", "qkv", qkv, 1, 3), cu_seqlens,
+                                  cu_seqlens, max_seqlen, max_seqlen, dropout_p, softmax_scale, causal, window_size,
+                                  softcap, alibi_slopes, deterministic, return_attn_probs)
+
+
+def flash_attn_varlen_kvpacked_func(q: torch.Tensor, kv: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                                    cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int,
+                                    dropout_p: float = 0.0, softmax_scale: Optional[float] = None,
+                                    causal: bool = False, window_size=(-1, -1), softcap: float = 0.0,
+                                    alibi_slopes=None, deterministic: bool = False, return_attn_probs: bool = False):
+    """flash_attn.flash_attn_varlen_kvpacked_func: q (total_q, H, D), kv (total_k, 2, H_k, D)."""
+    check.check_tensor("linattn.flash_attn_compat.flash_attn_varlen_kvpacked_func", "kv", kv, 4,
+                       "(total_k, 2, H_k, D)")
+    return flash_attn_varlen_func(q, *_unpacked("flash_attn_varlen_kvpacked_func", "kv", kv, 1, 2), cu_seqlens_q,
+                                  cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale, causal,
+                                  window_size, softcap, alibi_slopes, deterministic, return_attn_probs)
+
+
+def _unpacked(function: str, name: str, packed: torch.Tensor, dim: int, parts: int):
+    """The `parts` views of a packed tensor along `dim` (no copies)."""
+    if packed.shape[dim] != parts:
+        raise ValueError(f"linattn.flash_attn_compat.{function}: {name} must have {parts} at dim {dim}, got "
+                         f"{tuple(packed.shape)}")
+    return packed.unbind(dim)
 
 
 def _packed_cross_attention(where, q, k, v, cu_seqlens_q, cu_seqlens_k, scale, causal, window, softcap, alibi_slopes):
