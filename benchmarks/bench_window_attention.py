@@ -13,6 +13,8 @@ a fresh process (peak RSS above baseline) for the largest T.
         linattn capped against itself without it (the cap's cost) and FlexAttention with the same
         cap as a score_mod (SDPA and local-attention cannot cap, so they are left out)
     python -m benchmarks.bench_window_attention --quick --alibi        # ALiBi slopes, likewise
+    python -m benchmarks.bench_window_attention --quick --dropout 0.1  # attention dropout: linattn
+        against itself without it (the mask's cost) and SDPA with the same dropout_p
     python -m benchmarks.bench_window_attention --quick --kv-heads 2   # grouped-query heads (8 query
         heads over 2 key/value heads): linattn reading the shared heads in place against itself on
         heads repeated first (what a model without native support does), SDPA and FlexAttention
@@ -33,6 +35,7 @@ from benchmarks.common import (current_rss_bytes, gemm_gflops, interleaved_media
 
 B, H, D = 1, 8, 64
 KV_HEADS = H  # --kv-heads: key/value heads, each serving H / KV_HEADS query heads
+DROPOUT = 0.0  # --dropout: attention dropout probability
 
 
 def make_inputs(T, requires_grad):
@@ -50,9 +53,11 @@ def implementations(T, w, sdpa_max, softcap=None, alibi=False):
     """name -> (forward fn(q, k, v), whether it can be trained, i.e. has a CPU backward). With a
     softcap or ALiBi, every implementation applies them but PLAIN, and those that cannot are left out."""
     slopes = SLOPES if alibi else None
-    terms = softcap is not None or alibi
+    scored = softcap is not None or alibi  # score terms SDPA cannot add
+    terms = scored or DROPOUT > 0
     impls = {BASELINE: (lambda q, k, v: linattn.sliding_window_attention(q, k, v, w, causal=True, softcap=softcap,
-                                                                         alibi_slopes=slopes), True)}
+                                                                         alibi_slopes=slopes, dropout_p=DROPOUT),
+                        True)}
     if terms:
         impls[PLAIN] = (lambda q, k, v: linattn.sliding_window_attention(q, k, v, w, causal=True), True)
     grouped = KV_HEADS != H
@@ -62,15 +67,15 @@ def implementations(T, w, sdpa_max, softcap=None, alibi=False):
             return linattn.sliding_window_attention(q, k, v, w, causal=True, softcap=softcap, alibi_slopes=slopes)
 
         impls[REPEATED] = (repeated, True)
-    if T <= sdpa_max and not terms:
+    if T <= sdpa_max and not scored:
         band = linattn.window_mask(T, T, w, causal=True)[0, 0]
-        impls["sdpa dense mask"] = (
-            lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=band, enable_gqa=grouped), True)
+        impls["sdpa dense mask"] = (lambda q, k, v: F.scaled_dot_product_attention(
+            q, k, v, attn_mask=band, enable_gqa=grouped, dropout_p=DROPOUT), True)
     try:
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
     except ImportError:  # pragma: no cover - older torch
         create_block_mask = None
-    if create_block_mask is not None and T <= 16384:
+    if create_block_mask is not None and T <= 16384 and not DROPOUT:
         block_mask = create_block_mask(lambda b, h, i, j: (j <= i) & (i - j <= w), None, None, T, T, device="cpu")
         # One compilation per (T, w) point, as a user with fixed shapes would have: without a
         # higher limit dynamo stops after 8 and runs flex_attention unfused (a T×T score matrix,
@@ -101,6 +106,8 @@ def implementations(T, w, sdpa_max, softcap=None, alibi=False):
 
 
 def check_agreement(softcap, alibi, T=300, w=37):
+    if DROPOUT:  # every implementation draws its own mask
+        return
     q, k, v = make_inputs(T, False)
     outs = {name: fn(q, k, v) for name, (fn, _) in implementations(T, w, T, softcap, alibi).items() if name != PLAIN}
     for name, out in outs.items():
@@ -148,15 +155,16 @@ def main():
     parser.add_argument("--windows", type=int, nargs="+", help="window sizes (default by mode)")
     parser.add_argument("--softcap", type=float, help="cap every implementation's scores (Gemma-2: 50)")
     parser.add_argument("--alibi", action="store_true", help="ALiBi slopes 2^-1 .. 2^-H in every implementation")
+    parser.add_argument("--dropout", type=float, default=0.0, help="attention dropout probability")
     parser.add_argument("--kv-heads", type=int, default=H, help=f"key/value heads, dividing H={H} (grouped-query)")
     parser.add_argument("--memory-child", nargs=3, type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_child:
         return peak_memory_child(*args.memory_child)
-    global KV_HEADS
+    global KV_HEADS, DROPOUT
     if args.kv_heads < 1 or H % args.kv_heads:
         parser.error(f"--kv-heads must divide H={H}, got {args.kv_heads}")
-    KV_HEADS = args.kv_heads
+    KV_HEADS, DROPOUT = args.kv_heads, args.dropout
     torch.manual_seed(0)
     check_agreement(args.softcap, args.alibi)
     info = machine_info()
@@ -178,7 +186,8 @@ def main():
     memory = run_child(["benchmarks.bench_window_attention", "--memory-child", str(largest), "256", str(KV_HEADS)])
     names = sorted({n for r in rows for n in r["forward_s"]}, key=lambda n: (n != BASELINE, n))
     capped = ("" if args.softcap is None else f", scores soft-capped at {args.softcap:g}") + (
-        ", ALiBi" if args.alibi else "") + (f", {KV_HEADS} key/value heads" if KV_HEADS != H else "")
+        ", ALiBi" if args.alibi else "") + (f", {KV_HEADS} key/value heads" if KV_HEADS != H else "") + (
+        f", dropout {DROPOUT:g}" if DROPOUT else "")
     print(f"\ncausal sliding window, B={B} H={H} D={D}, fp32{capped}; median ms (ratio = other's time / linattn's)")
     for r in rows:
         T, w = r["T"], r["w"]
@@ -213,10 +222,10 @@ def main():
         ax.set(xscale="log", yscale="log", xlabel="T", ylabel="ms", title=f"causal window w=256, {title}")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
-    payload = {"machine": info, "gemm_gflops": gemm, "B": B, "H": H, "D": D, "kv_heads": KV_HEADS,
+    payload = {"machine": info, "gemm_gflops": gemm, "B": B, "H": H, "D": D, "kv_heads": KV_HEADS, "dropout": DROPOUT,
                "softcap": args.softcap, "alibi": args.alibi, "rows": rows, "peak_memory": memory}
     name = "window_attention" + ("_softcap" if args.softcap is not None else "") + ("_alibi" if args.alibi else "")
-    name += f"_kv{KV_HEADS}" if KV_HEADS != H else ""
+    name += (f"_kv{KV_HEADS}" if KV_HEADS != H else "") + (f"_dropout{DROPOUT:g}" if DROPOUT else "")
     json_path, png_path = write_results(args.out, name, payload, fig)
     print(f"\nwrote {json_path} and {png_path}")
 

@@ -124,6 +124,13 @@ def softcap_of(where: str, softcap) -> float:
     return float(softcap)
 
 
+def dropout_of(where: str, dropout_p) -> float:
+    """Attention dropout's probability: a number in [0, 1)."""
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real) or not 0 <= float(dropout_p) < 1:
+        raise ValueError(f"{where}: dropout_p must be a number in [0, 1), got {dropout_p!r}")
+    return float(dropout_p)
+
+
 def check_alibi_slopes(where: str, slopes, q: torch.Tensor) -> None:
     """ALiBi's slopes as flash-attn takes them: float32 (H,) or (B, H), on q's device."""
     if slopes is None:

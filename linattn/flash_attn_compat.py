@@ -10,7 +10,8 @@ bottom-right causal alignment, ``window_size``, ``softcap``, ``softmax_scale``, 
 (k and v with fewer heads, each serving H / H_k query heads: read in place, never repeated),
 ``alibi_slopes`` and ``return_attn_probs`` (the logsumexp, as flash-attn returns it; no
 probability matrix). Exact softmax, any T and head dim, every dtype, forward and backward. What
-the operator does not do raises, naming the argument: ``dropout_p`` > 0, a paged ``block_table``,
+the operator does not do raises, naming the argument: ``dropout_p`` > 0 on tensors other than the
+CPU's (attention dropout runs in the CPU kernel so far), a paged ``block_table``,
 per-sequence ALiBi slopes in a packed call, and causal, windowed or ALiBi packed calls whose query
 and key offsets differ (packed cross-attention is bidirectional over each key sequence)."""
 from typing import Optional, Tuple
@@ -22,12 +23,6 @@ from . import ops
 from .varlen import check_cu_seqlens, sequence_ids
 from .flash_attn_kvcache import flash_attn_with_kvcache  # noqa: F401  (part of this interface)
 from .window import sliding_window_attention
-
-
-def _refuse_dropout(where: str, dropout_p) -> None:
-    if dropout_p != 0:
-        raise ValueError(f"{where}: dropout_p must be 0 (linattn's softmax has no attention dropout), got "
-                         f"{dropout_p!r}")
 
 
 def _check_kv_heads(where: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head_dim: int) -> None:
@@ -53,13 +48,13 @@ def flash_attn_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p
     out (B, T_q, H, dv); with return_attn_probs, (out, softmax_lse (B, H, T_q) fp32, None).
     `deterministic` is accepted: every path here is deterministic."""
     where = "linattn.flash_attn_compat.flash_attn_func"
-    _refuse_dropout(where, dropout_p)
     for name, t in (("q", q), ("k", k), ("v", v)):
         check.check_tensor(where, name, t, 4, "(B, T, H, D)")
     _check_kv_heads(where, q, k, v, head_dim=2)
     out, lse = sliding_window_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                         _window(where, window_size), causal=bool(causal), scale=softmax_scale,
-                                        softcap=softcap or None, alibi_slopes=alibi_slopes, return_lse=True)
+                                        softcap=softcap or None, alibi_slopes=alibi_slopes, dropout_p=dropout_p,
+                                        return_lse=True)
     out = out.transpose(1, 2)
     return (out, lse, None) if return_attn_probs else out
 
@@ -79,7 +74,6 @@ def flash_attn_varlen_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu
     (whose alignment would be per sequence) are refused there. max_seqlen_q/k are accepted and not
     needed."""
     where = "linattn.flash_attn_compat.flash_attn_varlen_func"
-    _refuse_dropout(where, dropout_p)
     if block_table is not None:
         raise ValueError(f"{where}: a paged KV cache (block_table) is not supported")
     if alibi_slopes is not None and alibi_slopes.dim() != 1:
@@ -95,10 +89,10 @@ def flash_attn_varlen_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu
     if same_offsets:
         out, lse = sliding_window_attention(*packed, _window(where, window_size), causal=bool(causal),
                                             scale=softmax_scale, cu_seqlens=cu_seqlens_q, softcap=softcap or None,
-                                            alibi_slopes=alibi_slopes, return_lse=True)
+                                            alibi_slopes=alibi_slopes, dropout_p=dropout_p, return_lse=True)
     else:
         out, lse = _packed_cross_attention(where, *packed, cu_seqlens_q, cu_seqlens_k, softmax_scale, causal,
-                                           _window(where, window_size), softcap, alibi_slopes)
+                                           _window(where, window_size), softcap, alibi_slopes, dropout_p)
     out = out[0].transpose(0, 1)
     return (out, lse[0], None) if return_attn_probs else out
 
@@ -156,7 +150,8 @@ def _unpacked(function: str, name: str, packed: torch.Tensor, dim: int, parts: i
     return packed.unbind(dim)
 
 
-def _packed_cross_attention(where, q, k, v, cu_seqlens_q, cu_seqlens_k, scale, causal, window, softcap, alibi_slopes):
+def _packed_cross_attention(where, q, k, v, cu_seqlens_q, cu_seqlens_k, scale, causal, window, softcap, alibi_slopes,
+                            dropout_p):
     """Query sequence n of the packing attends to every key of key sequence n: the offsets as
     per-token sequence ids of queries and keys (segments of the restricted softmax), q (1, H, total_q,
     D) and k, v (1, H_k, total_k, ·). (out, lse)."""
@@ -177,5 +172,7 @@ def _packed_cross_attention(where, q, k, v, cu_seqlens_q, cu_seqlens_k, scale, c
     if scale is None:
         scale = q.shape[-1] ** -0.5 if q.shape[-1] > 0 else 1.0
     cap = check.softcap_of(where, softcap or None)
-    pattern = ops.restricted.Pattern(q_segments=ids[0], k_segments=ids[1], softcap=cap)
+    dropout = check.dropout_of(where, dropout_p)
+    pattern = ops.restricted.Pattern(q_segments=ids[0], k_segments=ids[1], softcap=cap, dropout_p=dropout,
+                                     dropout_seed=ops.restricted.dropout_seed_from() if dropout else None)
     return ops.restricted.restricted_softmax(q, k, v, float(scale), pattern)

@@ -185,12 +185,14 @@ def sliding_window_attention(q, k, v, window, *, causal=False, dilation=1, globa
 
 
 def masked_softmax_attention(q, k, v, visible, scale, *, bias=None, fixed=None, softcap=0.0, alibi_slopes=None,
-                             return_lse=False):
+                             keep=None, dropout_p=0.0, return_lse=False):
     """Softmax over exactly the visible keys (a dense bool mask), in float64, masked terms
     excluded; a row with no visible key is 0 (lse −inf). softcap > 0 caps the scaled scores s to
     softcap·tanh(s / softcap); ALiBi's ``−slope·|i + T_k − T_q − j|`` (alibi_slopes (H,) or (B, H)) and
     bias are added after; `fixed` pairs score kSelfScore (−1e5) whatever q and k are. k and v may
-    have fewer heads than q (grouped-query attention: each serves H / H_kv query heads)."""
+    have fewer heads than q (grouped-query attention: each serves H / H_kv query heads). keep
+    (B, H, T_q, T_k) bool applies attention dropout: probabilities where it is False dropped after
+    the softmax, the others scaled by 1 / (1 − dropout_p); the lse is the undropped softmax's."""
     q, k, v = q.double(), k.double(), v.double()
     if k.shape[1] != q.shape[1]:
         group = q.shape[1] // k.shape[1]
@@ -211,6 +213,8 @@ def masked_softmax_attention(q, k, v, visible, scale, *, bias=None, fixed=None, 
     scores = scores.masked_fill(~visible, float("-inf"))
     probs = torch.softmax(scores, dim=-1)
     probs = torch.where(visible.any(-1, keepdim=True), probs, torch.zeros_like(probs))  # no key: 0, not NaN
+    if keep is not None:
+        probs = probs * keep.to(probs.dtype) / (1.0 - dropout_p)
     out = _visible_sum(probs, visible, v)
     return (out, torch.logsumexp(scores, dim=-1)) if return_lse else out
 

@@ -31,6 +31,8 @@ def block_sparse_attention(
     key_padding_mask: Optional[torch.Tensor] = None,
     softcap: Optional[float] = None,
     alibi_slopes: Optional[torch.Tensor] = None,
+    dropout_p: float = 0.0,
+    generator: Optional[torch.Generator] = None,
 ) -> torch.Tensor:
     """Softmax attention in which query i sees key j when layout[h, i // b, j // b] is True.
 
@@ -44,6 +46,7 @@ def block_sparse_attention(
         key_padding_mask: (B, T_k) bool, True = padded key. scale: default D ** -0.5.
         softcap: c > 0 caps every scaled score s to c·tanh(s / c) (Gemma-2's logit soft-capping);
             None = no capping. alibi_slopes: (H,) or (B, H) float32, ALiBi's ``−slope·|i + T_k − T_q − j|``.
+        dropout_p, generator: attention dropout, as sliding_window_attention's.
 
     The kernel visits only the present blocks (never a T×T matrix); a row that sees no key
     returns 0 with zero gradients. Same engine, guarantees and dtypes as
@@ -67,9 +70,11 @@ def block_sparse_attention(
         scale = q.shape[-1] ** -0.5 if q.shape[-1] > 0 else 1.0
     elif isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
         raise ValueError(f"{where}: scale must be a finite number or None, got {scale!r}")
+    dropout = check.dropout_of(where, dropout_p)
     pattern = ops.restricted.Pattern(layout=layout, block_size=int(block_size), causal=bool(causal),
                                      key_padding_mask=key_padding_mask, softcap=check.softcap_of(where, softcap),
-                                     alibi_slopes=alibi_slopes)
+                                     alibi_slopes=alibi_slopes, dropout_p=dropout,
+                                     dropout_seed=ops.restricted.dropout_seed_from(generator) if dropout else None)
     out, _ = ops.restricted.restricted_softmax(q, k, v, float(scale), pattern)
     return out
 

@@ -50,6 +50,8 @@ def sliding_window_attention(
     sinks: Optional[torch.Tensor] = None,
     softcap: Optional[float] = None,
     alibi_slopes: Optional[torch.Tensor] = None,
+    dropout_p: float = 0.0,
+    generator: Optional[torch.Generator] = None,
     return_lse: bool = False,
 ):
     """Softmax attention in which query i sees only the keys of its window (docs/methods.md §5).
@@ -80,6 +82,11 @@ def sliding_window_attention(
             logit soft-capping, flash-attn's ``softcap``); None = no capping.
         alibi_slopes: (H,) or (B, H) float32: ALiBi (flash-attn's ``alibi_slopes``), each score
             gets ``−slope·|i + T_k − T_q − j|`` (after the cap); the slopes take no gradient.
+        dropout_p: attention dropout (flash-attn's and SDPA's ``dropout_p``; pass 0 in evaluation):
+            each probability is dropped with this probability after the softmax, the kept ones
+            scaled by 1 / (1 − p); the mask is drawn pair by pair from a seed taken from
+            `generator` (default torch's CPU generator) and drawn again by the backward, never
+            stored. CPU tensors only so far.
         return_lse: also return each row's logsumexp of its scores (B, H, T_q), fp32 (float64 for
             float64 inputs), the sinks' logits included; −inf for a row that sees no key. It takes
             a gradient (partial attentions combine by it: flash-attn's ``return_attn_probs``).
@@ -89,7 +96,7 @@ def sliding_window_attention(
     never a T×T matrix; float32 accumulation for every dtype.
     """
     if (type(window) is int and dilation == 1 and global_mask is None and cu_seqlens is None and sinks is None
-            and softcap is None and alibi_slopes is None and not return_lse
+            and softcap is None and alibi_slopes is None and not dropout_p and not return_lse
             and (scale is None or type(scale) is float) and not torch.compiler.is_compiling()):
         # The common call goes straight to the operator, whose C++ checks match the ones below:
         # only a call it refuses runs them, to raise in the caller's terms.
@@ -125,6 +132,7 @@ def sliding_window_attention(
         check.check_fade(where, "sinks", sinks, (q.shape[1],), "(H,) of per-head logits", q.device)
     cap = check.softcap_of(where, softcap)
     check.check_alibi_slopes(where, alibi_slopes, q)
+    dropout = check.dropout_of(where, dropout_p)
     segments = None
     if cu_seqlens is not None:
         if global_mask is not None:
@@ -133,7 +141,8 @@ def sliding_window_attention(
         segments = sequence_ids(where, cu_seqlens, q.shape[2]).view(1, 1, -1)
     pattern = ops.restricted.Pattern(window=(left, right), dilation=int(dilation), causal=bool(causal),
                                      global_mask=global_mask, key_padding_mask=key_padding_mask, q_segments=segments,
-                                     k_segments=segments, softcap=cap, alibi_slopes=alibi_slopes)
+                                     k_segments=segments, softcap=cap, alibi_slopes=alibi_slopes, dropout_p=dropout,
+                                     dropout_seed=ops.restricted.dropout_seed_from(generator) if dropout else None)
     out, lse = ops.restricted.restricted_softmax(q, k, v, float(scale), pattern)
     if sinks is not None:
         out = with_sinks(out, lse, sinks)

@@ -38,11 +38,12 @@ struct RestrictedSoftmax : torch::autograd::Function<RestrictedSoftmax<ForwardNa
     auto [out, lse] = op().call(q, k, v, scale, LINATTN_RESTRICTED_PATTERN_ARGS);
     ctx->save_for_backward({q, k, v, out, lse, saved_of(layout), saved_of(global_mask), saved_of(key_padding_mask),
                             saved_of(q_segments), saved_of(k_segments), saved_of(positions), saved_of(bias),
-                            saved_of(alibi_slopes)});
+                            saved_of(alibi_slopes), saved_of(dropout_seed)});
     ctx->saved_data["options"] =
         c10::List<int64_t>({window_left, window_right, dilation, causal, block_size});
     ctx->saved_data["scale"] = scale;
     ctx->saved_data["softcap"] = softcap;
+    ctx->saved_data["dropout_p"] = dropout_p;
     ctx->set_materialize_grads(false);
     return {out, lse};
   }
@@ -59,11 +60,12 @@ struct RestrictedSoftmax : torch::autograd::Function<RestrictedSoftmax<ForwardNa
         op.call(grad_out, grad_lse, saved[0], saved[1], saved[2], saved[3], saved[4],
                 ctx->saved_data["scale"].toDouble(), options[0], options[1], options[2], options[3] != 0, pattern(0),
                 options[4], pattern(1), pattern(2), pattern(3), pattern(4), pattern(5), pattern(6),
-                ctx->saved_data["softcap"].toDouble(), pattern(7));
+                ctx->saved_data["softcap"].toDouble(), pattern(7), ctx->saved_data["dropout_p"].toDouble(),
+                pattern(8));
     if (!bias.defined()) grad_bias = at::Tensor();
     // Gradients for q, k, v, then scale and the pattern's arguments: the bias only (softcap is a
-    // constant of the model, as scale).
-    return {grad_q, grad_k, grad_v, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, grad_bias, {}, {}};
+    // constant of the model, as scale; the backward draws the forward's dropout mask again).
+    return {grad_q, grad_k, grad_v, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, grad_bias, {}, {}, {}, {}};
   }
 };
 

@@ -17,6 +17,7 @@
 #include "../common/cpu_gemm.h"
 #include "../common/fast_math.h"
 #include "../common/masked_product.h"
+#include "../common/philox.h"
 #include "../common/row_loader.h"
 #include "../common/row_reductions.h"
 
@@ -315,10 +316,11 @@ struct EngineScratch {
   std::vector<acc_t> q, k, v, g, scores, probs, o, dq, dk_part, dv_part, row_max, row_sum, lse_rows, delta;
   std::vector<acc_t> slope;  // soft-capped calls only: d(capped score) / d(score) per pair
   std::vector<acc_t> key_positions;  // ALiBi calls only: a key group's positions
+  std::vector<acc_t> keep, dropped;  // dropout calls only: per pair 0 or 1 / (1 − p); P with it applied
   std::vector<unsigned char> vis;
   bool in_use = false;
 
-  void reserve_for(int64_t D, int64_t dv, bool soft_capped, bool with_alibi) {
+  void reserve_for(int64_t D, int64_t dv, bool soft_capped, bool with_alibi, bool drops) {
     auto at_least = [](auto& buffer, int64_t size) {
       if (static_cast<int64_t>(buffer.size()) < size) buffer.resize(size);
     };
@@ -339,6 +341,10 @@ struct EngineScratch {
     at_least(vis, kBlock * kKeyGroup);
     if (soft_capped) at_least(slope, kBlock * kKeyGroup);
     if (with_alibi) at_least(key_positions, kKeyGroup);
+    if (drops) {
+      at_least(keep, kBlock * kKeyGroup);
+      at_least(dropped, kBlock * kKeyGroup);
+    }
   }
 };
 
@@ -370,7 +376,7 @@ struct SoftmaxEngine {
         o(buffers.o), dq(buffers.dq), dk_part(buffers.dk_part), dv_part(buffers.dv_part), row_max(buffers.row_max),
         row_sum(buffers.row_sum), lse_rows(buffers.lse_rows), delta(buffers.delta), slope(buffers.slope),
         vis(buffers.vis) {
-    buffers.reserve_for(D, dv, shape.softcap > 0, shape.alibi != nullptr);
+    buffers.reserve_for(D, dv, shape.softcap > 0, shape.alibi != nullptr, shape.drops());
   }
   ~SoftmaxEngine() { buffers.in_use = false; }
   SoftmaxEngine(const SoftmaxEngine&) = delete;
@@ -425,6 +431,25 @@ struct SoftmaxEngine {
     }
   }
 
+  // Attention dropout's factor of each pair of the group: 1 / (1 − p) where the pair's Philox bits
+  // keep it, else 0 (common/philox.h; the columns past the group's keys: 0).
+  void dropout_factors(int64_t bh, int64_t i0, int64_t L, const std::vector<int64_t>& keys) {
+    const int64_t n = static_cast<int64_t>(keys.size()), width = lane_width(n), first = run_start(keys);
+    const uint64_t seed = s.dropout_seed;
+    const uint32_t threshold = s.dropout_threshold;
+    const acc_t scale = static_cast<acc_t>(s.dropout_scale);
+    for (int64_t r = 0; r < L; ++r) {
+      acc_t* kr = buffers.keep.data() + r * kKeyGroup;
+      const int64_t i = i0 + r;
+#pragma omp simd
+      for (int64_t c = 0; c < n; ++c) {
+        const int64_t j = first >= 0 ? first + c : keys[c];
+        kr[c] = dropout_bits(seed, bh, i, j) >= threshold ? scale : acc_t(0);
+      }
+      std::fill(kr + n, kr + width, acc_t(0));
+    }
+  }
+
   // Logit soft-capping (Gemma-2): s ← c·tanh(s / c), before the pattern's bias; `slope` keeps
   // 1 − tanh², the factor a score gradient passes through (the columns past the group's keys
   // hold stale scores: capped all the same, never visible).
@@ -465,6 +490,7 @@ struct SoftmaxEngine {
     std::fill(row_sum.begin(), row_sum.end(), acc_t(0));
     for (const auto& keys : pattern.key_groups(bi, hi, i0, i0 + L).groups) {
       const int64_t n = load_group(K, V, bi, hi, i0, L, keys), width = lane_width(n);
+      if (s.drops()) dropout_factors(bh, i0, L, keys);
       for (int64_t r = 0; r < L; ++r) {
         const acc_t* sr = scores.data() + r * kKeyGroup;
         const unsigned char* vr = vis.data() + r * kKeyGroup;
@@ -481,6 +507,11 @@ struct SoftmaxEngine {
         const acc_t alpha = m_old == minus_infinity<acc_t>() ? acc_t(0) : exp_nonpositive(m_old - m_new);
         masked_exp(pr, sr, vr, m_new, width);
         row_sum[r] = row_sum[r] * alpha + row_total(pr, width);
+        if (s.drops()) {  // dropped after the softmax's sum: the output, not the normalizer
+          const acc_t* kr = buffers.keep.data() + r * kKeyGroup;
+#pragma omp simd
+          for (int64_t c = 0; c < width; ++c) pr[c] *= kr[c];
+        }
         row_max[r] = m_new;
         acc_t* orow = o.data() + r * dv;
         for (int64_t c = 0; c < dv; ++c) orow[c] *= alpha;
@@ -549,11 +580,27 @@ struct SoftmaxEngine {
           std::fill(dv_part.begin(), dv_part.begin() + n * dv, acc_t(0));
           std::fill(dk_part.begin(), dk_part.begin() + n * D, acc_t(0));
         }
-        // dV_keys += Pᵀ dO
-        add_masked_product(true, L, n, dv, probs.data(), kKeyGroup, g.data(), dv, dv_keys, dv, visible_pair());
-        // dP = dO Vᵀ, then dS = P ⊙ (dP − δ) on visible pairs whose score is not fixed (scores
-        // is reused for dS).
+        // dV_keys += Pᵀ dO (with dropout, the dropped P the forward multiplied V by)
+        const acc_t* p_applied = probs.data();
+        if (s.drops()) {
+          dropout_factors(bh, i0, L, keys);
+          acc_t* pd = buffers.dropped.data();
+          const acc_t* kept = buffers.keep.data();
+#pragma omp simd
+          for (int64_t x = 0; x < L * kKeyGroup; ++x) pd[x] = probs[x] * kept[x];
+          p_applied = pd;
+        }
+        add_masked_product(true, L, n, dv, p_applied, kKeyGroup, g.data(), dv, dv_keys, dv, visible_pair());
+        // dP = dO Vᵀ (times the dropout factors: the gradient of the undropped P), then
+        // dS = P ⊙ (dP − δ) on visible pairs whose score is not fixed (scores is reused for dS).
         gemm<acc_t>(false, true, L, n, dv, g.data(), dv, v.data(), dv, 0, scores.data(), kKeyGroup);
+        if (s.drops())
+          for (int64_t r = 0; r < L; ++r) {
+            acc_t* dsr = scores.data() + r * kKeyGroup;
+            const acc_t* kr = buffers.keep.data() + r * kKeyGroup;
+#pragma omp simd
+            for (int64_t c = 0; c < width; ++c) dsr[c] *= kr[c];
+          }
         for (int64_t r = 0; r < L; ++r) {
           acc_t* dsr = scores.data() + r * kKeyGroup;
           const acc_t* pr = probs.data() + r * kKeyGroup;

@@ -34,6 +34,12 @@ struct WindowAttentionShape {
   // (capped) scores, before any bias; null = none. Contiguous float32, (H) (stride 0) or (B, H).
   const float* alibi = nullptr;
   int64_t alibi_batch_stride = 0;
+  // Dropout (common/philox.h): pair (b, h, i, j) is kept when dropout_bits(dropout_seed, b · H + h,
+  // i, j) >= dropout_threshold, and its probability scaled by dropout_scale; scale 0 = no dropout.
+  uint64_t dropout_seed = 0;
+  uint32_t dropout_threshold = 0;
+  double dropout_scale = 0.0;
+  bool drops() const { return dropout_scale != 0.0; }
 
   int64_t kv_heads() const { return heads / kv_group; }
   int64_t kv_head(int64_t h) const { return h / kv_group; }

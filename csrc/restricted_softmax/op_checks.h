@@ -3,6 +3,7 @@
 #pragma once
 
 #include "../common/checks.h"
+#include "../common/philox.h"
 #include "kernel.h"
 
 #include <cmath>
@@ -79,23 +80,24 @@ inline void check_grad_lse(const char* op, const std::optional<at::Tensor>& grad
       const std::optional<at::Tensor>&global_mask, const std::optional<at::Tensor>&key_padding_mask, \
       const std::optional<at::Tensor>&q_segments, const std::optional<at::Tensor>&k_segments,       \
       const std::optional<at::Tensor>&positions, const std::optional<at::Tensor>&bias, double softcap, \
-      const std::optional<at::Tensor>&alibi_slopes
+      const std::optional<at::Tensor>&alibi_slopes, double dropout_p, const std::optional<at::Tensor>&dropout_seed
 #define LINATTN_RESTRICTED_PATTERN_ARGS                                                                    \
   window_left, window_right, dilation, causal, layout, block_size, global_mask, key_padding_mask, q_segments, \
-      k_segments, positions, bias, softcap, alibi_slopes
+      k_segments, positions, bias, softcap, alibi_slopes, dropout_p, dropout_seed
 
 // The operators' signatures (schema.cpp), for typed handles to them (autograd, fallbacks).
 using RestrictedForwardSignature = std::tuple<at::Tensor, at::Tensor>(
     const at::Tensor&, const at::Tensor&, const at::Tensor&, double, int64_t, int64_t, int64_t, bool,
     const std::optional<at::Tensor>&, int64_t, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
     const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
-    const std::optional<at::Tensor>&, double, const std::optional<at::Tensor>&);
+    const std::optional<at::Tensor>&, double, const std::optional<at::Tensor>&, double,
+    const std::optional<at::Tensor>&);
 using RestrictedBackwardSignature = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
     const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
     const at::Tensor&, const at::Tensor&, double, int64_t, int64_t, int64_t, bool, const std::optional<at::Tensor>&,
     int64_t, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
     const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, double,
-    const std::optional<at::Tensor>&);
+    const std::optional<at::Tensor>&, double, const std::optional<at::Tensor>&);
 
 // The pattern arguments of the schema, as every kernel receives them.
 struct RestrictedPattern {
@@ -111,6 +113,12 @@ struct RestrictedPattern {
   const std::optional<at::Tensor>& bias;
   double softcap;  // > 0: scaled scores become softcap·tanh(s / softcap) before the bias; 0 = off
   const std::optional<at::Tensor>& alibi_slopes;  // (H) or (B, H) float32: −slope·|a − j| added after the cap
+  double dropout_p;  // probabilities dropped with this probability (0 = none) by dropout_seed's Philox bits
+  const std::optional<at::Tensor>& dropout_seed;  // CPU int64 (1)
+
+  bool drops() const { return dropout_p > 0; }
+  // The dropout seed (read on the host: a CPU tensor); 0 without dropout.
+  uint64_t seed() const { return drops() ? static_cast<uint64_t>(dropout_seed->item<int64_t>()) : 0; }
 
   // The region is a layout of blocks, or else a sliding window (unbounded: every key).
   bool uses_layout() const { return layout.has_value(); }
@@ -149,6 +157,17 @@ inline WindowAttentionSizes check_restricted_inputs(const at::Tensor& q, const a
                     (slopes.dim() == 2 && slopes.sym_size(0) == q.sym_size(0) && slopes.sym_size(1) == q.sym_size(1)),
                 op, ": alibi_slopes must have shape (H=", q.sym_size(1), ") or (B=", q.sym_size(0), ", H=",
                 q.sym_size(1), "), got ", shape_str(slopes));
+  }
+  TORCH_CHECK(std::isfinite(p.dropout_p) && p.dropout_p >= 0 && p.dropout_p < 1, op,
+              ": dropout_p must be in [0, 1), got ", p.dropout_p);
+  if (p.drops()) {
+    TORCH_CHECK(p.dropout_seed.has_value(), op, ": dropout_p > 0 needs a dropout_seed");
+    const at::Tensor& seed = *p.dropout_seed;
+    // (Meta: fake tensors of any device come as meta; the real kernels see the CPU tensor.)
+    const bool host = seed.device().is_cpu() || seed.device().is_meta();
+    TORCH_CHECK(host && seed.scalar_type() == at::kLong && seed.dim() == 1 && seed.sym_numel() == 1,
+                op, ": dropout_seed must be a CPU int64 tensor of shape (1,), got ", seed.scalar_type(), " ",
+                shape_str(seed), " on ", seed.device());
   }
   const WindowAttentionSizes s{q.sym_size(0), q.sym_size(1), q.sym_size(2),
                                k.sym_size(2), q.sym_size(3), v.sym_size(3), k.sym_size(1)};
@@ -214,6 +233,11 @@ inline WindowAttentionShape window_kernel_shape(const at::Tensor& q, const at::T
   s.dilation = p.dilation;
   s.scale = scale;
   s.softcap = p.softcap;
+  if (p.drops()) {
+    s.dropout_seed = p.seed();
+    s.dropout_threshold = dropout_threshold(p.dropout_p);
+    s.dropout_scale = 1.0 / (1.0 - p.dropout_p);
+  }
   return s;
 }
 

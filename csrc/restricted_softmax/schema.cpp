@@ -20,12 +20,16 @@
 // (causal compares them; a token's own key scores -1e5, docs/methods.md §7). With any region:
 // softcap c > 0 caps the scaled scores to c·tanh(s / c) before the bias (Gemma-2's logit
 // soft-capping; 0 = off); alibi_slopes (H) or (B, H) float32 add -slope·|i + T_k − T_q − j| to the
-// scores after the cap (flash-attn's ALiBi; no gradient).
+// scores after the cap (flash-attn's ALiBi; no gradient). Dropout: with dropout_p > 0 each
+// probability is dropped with probability dropout_p after the softmax's normalization (the kept
+// ones scaled by 1 / (1 − dropout_p)), pair (b, h, i, j) by the Philox bits of dropout_seed, a CPU
+// int64 tensor (1,) (common/philox.h): the backward draws the same mask again. lse is the undropped
+// softmax's.
 constexpr const char* kPatternArguments =
     "int window_left=-1, int window_right=-1, int dilation=1, bool causal=False, Tensor? layout=None, "
     "int block_size=1, Tensor? global_mask=None, Tensor? key_padding_mask=None, Tensor? q_segments=None, "
     "Tensor? k_segments=None, Tensor? positions=None, Tensor? bias=None, float softcap=0., "
-    "Tensor? alibi_slopes=None";
+    "Tensor? alibi_slopes=None, float dropout_p=0., Tensor? dropout_seed=None";
 
 TORCH_LIBRARY_FRAGMENT(linattn, m) {
   // Restricted softmax attention (docs/methods.md §5–§7): one schema for every pattern. lse

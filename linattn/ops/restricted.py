@@ -29,7 +29,9 @@ class Pattern:
     scores −1e5, Reformer's shared-QK rule). With any region, ``softcap`` c > 0 caps the scaled
     scores s to c·tanh(s / c) before the bias (Gemma-2's logit soft-capping; 0 = off), and
     ``alibi_slopes`` (H,) or (B, H) float32 add ``−slope·|a − j|`` after the cap (flash-attn's ALiBi;
-    no gradient).
+    no gradient). ``dropout_p`` > 0 drops each probability after the softmax (the kept ones scaled
+    by 1 / (1 − p)), pair by pair from the Philox bits of ``dropout_seed`` (a CPU int64 (1,) tensor;
+    ``dropout_seed_from``); not part of the dense mask.
     """
 
     window: Tuple[int, int] = (-1, -1)
@@ -45,12 +47,14 @@ class Pattern:
     bias: Optional[torch.Tensor] = None
     softcap: float = 0.0
     alibi_slopes: Optional[torch.Tensor] = None
+    dropout_p: float = 0.0
+    dropout_seed: Optional[torch.Tensor] = None
 
     def op_args(self) -> tuple:
         """The operator's pattern arguments, in schema order (after q, k, v and scale)."""
         return (self.window[0], self.window[1], self.dilation, self.causal, self.layout, self.block_size,
                 self.global_mask, self.key_padding_mask, self.q_segments, self.k_segments, self.positions, self.bias,
-                float(self.softcap), self.alibi_slopes)
+                float(self.softcap), self.alibi_slopes, float(self.dropout_p), self.dropout_seed)
 
     def dense_mask(self, length_q: int, length_k: int, device=None) -> torch.Tensor:
         """The (B or 1, H or 1, T_q, T_k) bool mask, True = the query sees the key, straight from the
@@ -84,6 +88,12 @@ class Pattern:
         if self.key_padding_mask is not None:
             visible = visible & ~self.key_padding_mask.to(device)[:, None, None, :]
         return visible
+
+
+def dropout_seed_from(generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """A fresh dropout seed, a CPU int64 (1,) tensor drawn from `generator` (default: torch's CPU
+    generator, so torch.manual_seed makes the masks reproducible); inside torch.compile a graph op."""
+    return torch.randint(-2 ** 63, 2 ** 63 - 1, (1,), dtype=torch.int64, generator=generator)
 
 
 def soft_capped(scores: torch.Tensor, softcap: Optional[float]) -> torch.Tensor:

@@ -134,8 +134,8 @@ def test_packed_cross_attention_equals_each_pair_alone(dtype):
 
 def test_what_it_refuses_is_named():
     q, k, v = make(1, 5, 5, 2, 2, 4)
-    with pytest.raises(ValueError, match="dropout_p must be 0"):
-        flash_attn_func(q, k, v, dropout_p=0.1)
+    with pytest.raises(ValueError, match=r"dropout_p must be a number in \[0, 1\)"):  # (dropout: test_dropout.py)
+        flash_attn_func(q, k, v, dropout_p=1.5)
     with pytest.raises(ValueError, match="k and v must have the same number of heads, dividing q's 2"):
         flash_attn_func(q, k[:, :, :1].expand(1, 5, 3, 4), v)
     with pytest.raises(TypeError, match="window_size must be a"):

@@ -64,11 +64,12 @@ def test_float64_equals_softmax_over_capped_scores(suffix, name):
     assert (reference_forward(q, k, v, SCALE, uncapped(pattern))[0] - ref_out).abs().max() > 0.05
 
 
-def check_float64(op, q, k, v, pattern):
+def check_float64(op, q, k, v, pattern, reference=reference_forward):
     """op's out, lse and gradients of q, k, v and the pattern's bias (cotangents of out and lse) equal
-    float64 autograd through reference_forward, to 1e-10 / 1e-9; returns the reference's output."""
+    float64 autograd through `reference` (q, k, v, scale, pattern), to 1e-10 / 1e-9; returns the
+    reference's output."""
     out, lse = op(q, k, v, SCALE, *pattern.op_args())
-    ref_out, ref_lse = reference_forward(q, k, v, SCALE, pattern)
+    ref_out, ref_lse = reference(q, k, v, SCALE, pattern)
     torch.testing.assert_close(out, ref_out, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(lse, ref_lse, rtol=1e-10, atol=1e-10)
     g = torch.Generator().manual_seed(5)
