@@ -317,6 +317,7 @@ struct EngineScratch {
   std::vector<acc_t> slope;  // soft-capped calls only: d(capped score) / d(score) per pair
   std::vector<acc_t> key_positions;  // ALiBi calls only: a key group's positions
   std::vector<acc_t> keep, dropped;  // dropout calls only: per pair 0 or 1 / (1 − p); P with it applied
+  std::vector<uint32_t> dropout_words;  // dropout calls only: a run's Philox words, four per quad of keys
   std::vector<unsigned char> vis;
   bool in_use = false;
 
@@ -344,6 +345,7 @@ struct EngineScratch {
     if (drops) {
       at_least(keep, kBlock * kKeyGroup);
       at_least(dropped, kBlock * kKeyGroup);
+      at_least(dropout_words, kKeyGroup + 8);  // a run spans at most kKeyGroup / 4 + 2 quads
     }
   }
 };
@@ -438,13 +440,30 @@ struct SoftmaxEngine {
     const uint64_t seed = s.dropout_seed;
     const uint32_t threshold = s.dropout_threshold;
     const acc_t scale = static_cast<acc_t>(s.dropout_scale);
+    auto factor = [&](uint32_t bits) { return bits >= threshold ? scale : acc_t(0); };
     for (int64_t r = 0; r < L; ++r) {
       acc_t* kr = buffers.keep.data() + r * kKeyGroup;
       const int64_t i = i0 + r;
+      if (first >= 0) {
+        // A run of keys: one Philox evaluation serves the four keys of an aligned quad (its four
+        // words; dropout_bits' definition), the quads' evaluations vectorized.
+        const int64_t quad0 = first >> 2, quads = ((first + n - 1) >> 2) - quad0 + 1;
+        uint32_t* bits = buffers.dropout_words.data();
 #pragma omp simd
-      for (int64_t c = 0; c < n; ++c) {
-        const int64_t j = first >= 0 ? first + c : keys[c];
-        kr[c] = dropout_bits(seed, bh, i, j) >= threshold ? scale : acc_t(0);
+        for (int64_t t = 0; t < quads; ++t) {
+          const Philox4 w = philox4x32_10(static_cast<uint32_t>(quad0 + t), static_cast<uint32_t>(i),
+                                          static_cast<uint32_t>(bh), 0u, seed);
+          bits[4 * t] = w.x[0];
+          bits[4 * t + 1] = w.x[1];
+          bits[4 * t + 2] = w.x[2];
+          bits[4 * t + 3] = w.x[3];
+        }
+        const int64_t skip = first & 3;  // words of the first quad before the run
+#pragma omp simd
+        for (int64_t c = 0; c < n; ++c) kr[c] = factor(bits[skip + c]);
+      } else {
+#pragma omp simd
+        for (int64_t c = 0; c < n; ++c) kr[c] = factor(dropout_bits(seed, bh, i, keys[c]));
       }
       std::fill(kr + n, kr + width, acc_t(0));
     }
