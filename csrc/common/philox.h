@@ -37,9 +37,13 @@ LINATTN_HD inline Philox4 philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, u
 // normalization, the kept ones scaled by 1 / (1 − p)). The 32 random bits of the pair (query i,
 // key j) of flattened batch·head bh: word j mod 4 of the counter (j / 4, i, bh, 0) — four
 // neighbouring keys share one evaluation where an engine draws them together.
+// The four words of keys [4·quad, 4·quad + 4) of that row.
+LINATTN_HD inline Philox4 dropout_quad(uint64_t seed, int64_t bh, int64_t i, int64_t quad) {
+  return philox4x32_10(static_cast<uint32_t>(quad), static_cast<uint32_t>(i), static_cast<uint32_t>(bh), 0u, seed);
+}
+
 LINATTN_HD inline uint32_t dropout_bits(uint64_t seed, int64_t bh, int64_t i, int64_t j) {
-  const Philox4 r = philox4x32_10(static_cast<uint32_t>(j >> 2), static_cast<uint32_t>(i),
-                                  static_cast<uint32_t>(bh), 0u, seed);
+  const Philox4 r = dropout_quad(seed, bh, i, j >> 2);
   const int word = static_cast<int>(j & 3);  // selected, not indexed: r stays in registers on a GPU
   return word == 0 ? r.x[0] : word == 1 ? r.x[1] : word == 2 ? r.x[2] : r.x[3];
 }

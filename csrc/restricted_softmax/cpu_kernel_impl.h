@@ -451,8 +451,7 @@ struct SoftmaxEngine {
         uint32_t* bits = buffers.dropout_words.data();
 #pragma omp simd
         for (int64_t t = 0; t < quads; ++t) {
-          const Philox4 w = philox4x32_10(static_cast<uint32_t>(quad0 + t), static_cast<uint32_t>(i),
-                                          static_cast<uint32_t>(bh), 0u, seed);
+          const Philox4 w = dropout_quad(seed, bh, i, quad0 + t);
           bits[4 * t] = w.x[0];
           bits[4 * t + 1] = w.x[1];
           bits[4 * t + 2] = w.x[2];

@@ -16,18 +16,13 @@ namespace linattn {
 namespace {
 
 // Grouped-query heads: the tiles read one key/value head per query head, so k and v are
-// repeated to H heads here (copies; the CPU and flash engines read the shared heads in place)...
+// repeated to H heads here (copies; the CPU and flash engines read the shared heads in place), and
+// the repeats' gradients summed back onto each shared head (summed_per_shared_head, op_checks.h).
 at::Tensor per_query_head(const at::Tensor& x, const WindowAttentionShape& s) {
   if (s.kv_group == 1) return x;
   const int64_t kv_heads = s.kv_heads();
   return x.unsqueeze(2).expand({x.size(0), kv_heads, s.kv_group, x.size(2), x.size(3)})
       .reshape({x.size(0), s.heads, x.size(2), x.size(3)});
-}
-
-// ...and the gradients of the repeats summed back onto each shared head.
-at::Tensor per_shared_head(const at::Tensor& grad, const WindowAttentionShape& s) {
-  if (s.kv_group == 1) return grad;
-  return grad.view({grad.size(0), s.kv_heads(), s.kv_group, grad.size(2), grad.size(3)}).sum(2);
 }
 
 // Attention dropout runs in the CPU kernel only so far (its mask is drawn pair by pair where the
@@ -70,11 +65,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_generic(
   if (p.uses_layout()) {
     auto [dq, dk, dv, grad_bias] =
         restricted_generic::layout_backward(grad_out, grad_lse, q, k_heads, v_heads, out, lse, scale, s, p);
-    return {dq, per_shared_head(dk, s), per_shared_head(dv, s), grad_bias};
+    return {dq, summed_per_shared_head(dk, s.kv_group), summed_per_shared_head(dv, s.kv_group), grad_bias};
   }
   auto [dq, dk, dv] =
       restricted_generic::window_backward(grad_out, grad_lse, q, k_heads, v_heads, out, lse, scale, s, p);
-  return {dq, per_shared_head(dk, s), per_shared_head(dv, s), at::empty({0}, q.options())};
+  return {dq, summed_per_shared_head(dk, s.kv_group), summed_per_shared_head(dv, s.kv_group),
+          at::empty({0}, q.options())};
 }
 
 }  // namespace

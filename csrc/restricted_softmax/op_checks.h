@@ -218,12 +218,24 @@ inline WindowAttentionSizes check_restricted_backward_inputs(const at::Tensor& g
   return s;
 }
 
+// Grouped-query heads: query heads per key/value head (1 for an empty call).
+inline int64_t kv_group_of(const at::Tensor& q, const at::Tensor& k) {
+  return k.size(1) > 0 ? q.size(1) / k.size(1) : 1;
+}
+
+// Gradients of k or v computed per query head (B, H, T_k, ·) summed onto their shared heads
+// (B, H / group, T_k, ·): the device-generic path's repeats, the flash engine's key blocks.
+inline at::Tensor summed_per_shared_head(const at::Tensor& grad, int64_t group) {
+  if (group == 1) return grad;
+  return grad.view({grad.size(0), grad.size(1) / group, group, grad.size(2), grad.size(3)}).sum(2);
+}
+
 inline WindowAttentionShape window_kernel_shape(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                 const RestrictedPattern& p, double scale) {
   WindowAttentionShape s;
   s.batch = q.size(0);
   s.heads = q.size(1);
-  s.kv_group = k.size(1) > 0 ? q.size(1) / k.size(1) : 1;
+  s.kv_group = kv_group_of(q, k);
   s.q_len = q.size(2);
   s.k_len = k.size(2);
   s.head_dim = q.size(3);

@@ -121,7 +121,7 @@ FlashCall<scalar_t> prepare_call(const at::Tensor& q, const at::Tensor& k, const
   FlashProblem<scalar_t>& p = call.problem;
   p.batch = q.size(0);
   p.heads = q.size(1);
-  p.kv_group = k.size(1) > 0 ? p.heads / k.size(1) : 1;
+  p.kv_group = kv_group_of(q, k);
   p.q_len = q.size(2);
   p.k_len = k.size(2);
   p.head_dim = q.size(3);
@@ -244,14 +244,6 @@ FlashBackwardCall<scalar_t> prepare_backward(const at::Tensor& grad_out, const s
   return call;
 }
 
-// Grouped-query heads: the key blocks write dk and dv per query head (B, H, T_k, ·), each block
-// its own rows (rounded to the input dtype), as flash-attn 2 does; here they are summed onto the
-// shared heads (B, H / group, ·).
-inline at::Tensor per_shared_head(const at::Tensor& grad, int64_t group) {
-  if (group == 1) return grad;
-  return grad.view({grad.size(0), grad.size(1) / group, group, grad.size(2), grad.size(3)}).sum(2);
-}
-
 // Runs a call the engine takes: launch(problem) for its bf16 or fp16 problem; returns (out, lse).
 template <typename Launch>
 std::tuple<at::Tensor, at::Tensor> run_call(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -279,8 +271,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_backward_call(
     launch(call.forward.problem, call.gradients);
     const at::Tensor grad_bias =
         pattern.bias.has_value() ? call.grad_bias.to(pattern.bias->scalar_type()) : at::empty({0}, q.options());
+    // Grouped-query heads: the key blocks wrote dk and dv per query head, each block its own rows
+    // (rounded to the input dtype), as flash-attn 2 does; summed onto the shared heads here.
     const int64_t group = call.forward.problem.kv_group;
-    return {call.grad_q, per_shared_head(call.grad_k, group), per_shared_head(call.grad_v, group), grad_bias};
+    return {call.grad_q, summed_per_shared_head(call.grad_k, group), summed_per_shared_head(call.grad_v, group),
+            grad_bias};
   };
   return q.scalar_type() == at::kBFloat16 ? run(c10::BFloat16{}) : run(c10::Half{});
 }
