@@ -59,6 +59,11 @@ def check_fade(where: str, name: str, t, shape: tuple, layout: str, device) -> N
                          f"got {tuple(t.shape)} on {t.device}")
 
 
+def shares_heads(heads: int, kv_heads: int) -> bool:
+    """Whether kv_heads key/value heads can serve heads query heads (grouped-query attention)."""
+    return kv_heads == heads or (kv_heads > 0 and heads % kv_heads == 0)
+
+
 def check_qkv(where: str, q, k, v, causal: bool, grouped: bool = False) -> None:
     """q, k, v of shape (B, H, T, D); grouped: k and v may have H_kv heads, H_kv dividing H
     (grouped-query attention)."""
@@ -70,8 +75,7 @@ def check_qkv(where: str, q, k, v, causal: bool, grouped: bool = False) -> None:
         if q.shape[0] != k.shape[0] or k.shape[:2] != v.shape[:2]:
             raise ValueError(f"{where}: q, k and v must share the batch dim, and k and v the head dim, "
                              f"got q {shape(q)}, k {shape(k)} and v {shape(v)}")
-        heads, kv_heads = q.shape[1], k.shape[1]
-        if kv_heads != heads and (kv_heads == 0 or heads % kv_heads != 0):
+        if not shares_heads(q.shape[1], k.shape[1]):
             raise ValueError(f"{where}: q's heads must be a multiple of k and v's (grouped-query attention), "
                              f"got q {shape(q)} and k {shape(k)}")
     elif q.shape[:2] != k.shape[:2] or k.shape[:2] != v.shape[:2]:

@@ -29,7 +29,7 @@ def _check_kv_heads(where: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     """k and v have as many heads, dividing q's (dim `head_dim` of the layout), in the caller's terms
     (the operator reads the shared heads in place)."""
     heads, kv_heads = q.shape[head_dim], k.shape[head_dim]
-    if v.shape[head_dim] != kv_heads or (kv_heads != heads and (kv_heads == 0 or heads % kv_heads != 0)):
+    if v.shape[head_dim] != kv_heads or not check.shares_heads(heads, kv_heads):
         raise ValueError(f"{where}: k and v must have the same number of heads, dividing q's {heads}, got k "
                          f"{tuple(k.shape)} and v {tuple(v.shape)}")
 
