@@ -10,8 +10,7 @@ bottom-right causal alignment, ``window_size``, ``softcap``, ``softmax_scale``, 
 (k and v with fewer heads, each serving H / H_k query heads: read in place, never repeated),
 ``alibi_slopes`` and ``return_attn_probs`` (the logsumexp, as flash-attn returns it; no
 probability matrix). Exact softmax, any T and head dim, every dtype, forward and backward. What
-the operator does not do raises, naming the argument: ``dropout_p`` > 0 on tensors other than the
-CPU's (attention dropout runs in the CPU kernel so far), a paged ``block_table``,
+the operator does not do raises, naming the argument: a paged ``block_table``,
 per-sequence ALiBi slopes in a packed call, and causal, windowed or ALiBi packed calls whose query
 and key offsets differ (packed cross-attention is bidirectional over each key sequence)."""
 from typing import Optional, Tuple

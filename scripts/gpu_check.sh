@@ -48,6 +48,7 @@ if wants tests; then
     tests/ops/test_tensor_core_wide_backward.py tests/ops/test_tensor_core_fading_backward.py \
     tests/ops/test_tensor_core_packed.py tests/ops/test_flash_forward.py \
     tests/ops/test_flash_backward.py tests/ops/test_softcap.py tests/ops/test_alibi.py tests/ops/test_grouped_query.py \
+    tests/ops/test_dropout.py \
     tests/ops/test_delta_rule_tensor_core.py \
     tests/ops/test_delta_rule_tensor_core_backward.py tests/ops/test_delta_rule_step_kernel.py \
     -rfE --junitxml="$OUT/cuda_tests.xml" 2>&1 | tee "$OUT/cuda_tests.log" | tail -n 40

@@ -25,13 +25,6 @@ at::Tensor per_query_head(const at::Tensor& x, const WindowAttentionShape& s) {
       .reshape({x.size(0), s.heads, x.size(2), x.size(3)});
 }
 
-// Attention dropout runs in the CPU kernel only so far (its mask is drawn pair by pair where the
-// kernel scores; the tiles here would draw it as tensors).
-void refuse_dropout(const RestrictedPattern& p, const at::Tensor& q) {
-  TORCH_CHECK(!p.drops(), kRestrictedSoftmaxOp, ": dropout_p > 0 runs on CPU tensors only so far, got ", q.device(),
-              " tensors (", q.device().is_cpu() ? "the device-generic kernels" : "this device", " take dropout_p = 0)");
-}
-
 // No score to compute (an empty batch, head count or length): the window and layout tiles assume one.
 bool empty_call(const WindowAttentionShape& s) { return s.batch * s.heads * s.q_len * s.k_len == 0; }
 
@@ -39,7 +32,6 @@ std::tuple<at::Tensor, at::Tensor> forward_generic(const at::Tensor& q, const at
                                                    double scale, LINATTN_RESTRICTED_PATTERN_PARAMS) {
   const RestrictedPattern p{LINATTN_RESTRICTED_PATTERN_ARGS};
   check_restricted_inputs(q, k, v, scale, p);
-  refuse_dropout(p, q);
   const WindowAttentionShape s = window_kernel_shape(q, k, v, p, scale);
   if (empty_call(s))  // rows without a key: 0, lse −inf
     return {at::zeros({s.batch, s.heads, s.q_len, s.value_dim}, q.options()),
@@ -56,7 +48,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_generic(
     LINATTN_RESTRICTED_PATTERN_PARAMS) {
   const RestrictedPattern p{LINATTN_RESTRICTED_PATTERN_ARGS};
   check_restricted_backward_inputs(grad_out, grad_lse, q, k, v, out, lse, scale, p);
-  refuse_dropout(p, q);
   const WindowAttentionShape s = window_kernel_shape(q, k, v, p, scale);
   if (empty_call(s))
     return {at::zeros_like(q), at::zeros_like(k), at::zeros_like(v),

@@ -16,6 +16,7 @@
 // gradients with index_put_(accumulate=True), which sorts its indices on CUDA: deterministic there.
 #include "generic_layout.h"
 
+#include "generic_dropout.h"
 #include "generic_tile.h"
 
 #include <ATen/core/List.h>
@@ -237,6 +238,16 @@ PairBlock tile_pairs(const WindowAttentionShape& s, const RestrictedPattern& p, 
     }
     const at::Tensor alibi = alibi_terms(per_pair, t.rows, t.keys, s.k_len - s.q_len, scores_dtype);
     pairs.bias = pairs.bias.defined() ? pairs.bias + alibi : alibi;
+  }
+  if (s.drops()) {  // the pairs' batch·head: (B, H, 1, 1, 1), or (B, 1, n, 1, 1) with the pairs' own heads
+    const auto index = t.rows.options();
+    const at::Tensor bh = g.per_head ? (at::arange(s.batch, index) * s.heads).view({s.batch, 1, 1, 1, 1}) +
+                                           t.heads.view({1, 1, n, 1, 1})
+                                     : at::arange(s.batch * s.heads, index).view({s.batch, s.heads, 1, 1, 1});
+    KeyRuns keys;  // the listed key blocks as runs of b keys where they start on a quad
+    if (g.block % 4 == 0) keys = {t.key_blocks * g.block, g.block, 0};
+    else keys.single = t.keys;
+    pairs.dropout = dropout_factors(dropout_draw(s), bh, t.rows, keys, scores_dtype);
   }
   pairs.visible = visible;
   return pairs;

@@ -44,7 +44,8 @@ std::tuple<at::Tensor, at::Tensor> tile_forward(const at::Tensor& Q, const at::T
   const at::Tensor shift = at::where(visible.any(-1, true), row_max, 0);
   const at::Tensor probs = at::where(visible, (scores - shift).exp(), 0);
   const at::Tensor sum = probs.sum(-1, true), empty = sum.eq(0);
-  const at::Tensor out = masked_matmul(probs, visible.to(V.scalar_type()), V);
+  const at::Tensor kept = pairs.dropout.defined() ? probs * pairs.dropout : probs;  // after the sum: lse undropped
+  const at::Tensor out = masked_matmul(kept, visible.to(V.scalar_type()), V);
   return {at::where(empty, 0, out / sum), at::where(empty, -kInf, shift + sum.log()).squeeze(-1)};
 }
 
@@ -63,8 +64,12 @@ TileGradients tile_backward(const at::Tensor& Q, const at::Tensor& K, const at::
   const at::Tensor probs = at::where(visible, (adjusted_scores(raw, pairs, tanh) - lse_rows).exp(), 0);
   const at::Tensor visible_f = visible.to(Q.scalar_type()), visible_f_t = visible_f.transpose(-1, -2);
   TileGradients grads;
-  grads.dV = masked_matmul(probs.transpose(-1, -2), visible_f_t, G);
-  const at::Tensor dP = at::matmul(G, V.transpose(-1, -2));
+  // With dropout, V met the dropped probabilities, and the undropped ones' gradient is dP's times
+  // the factors.
+  const at::Tensor kept = pairs.dropout.defined() ? probs * pairs.dropout : probs;
+  grads.dV = masked_matmul(kept.transpose(-1, -2), visible_f_t, G);
+  at::Tensor dP = at::matmul(G, V.transpose(-1, -2));
+  if (pairs.dropout.defined()) dP = dP * pairs.dropout;
   const at::Tensor scored = pairs.fixed.defined() ? visible.logical_and(pairs.fixed.logical_not()) : visible;
   grads.dS = at::where(scored, probs * (dP - delta), 0);
   // A capped score's gradient passes the cap's slope 1 − tanh² (selected: a hidden pair's NaN

@@ -23,9 +23,11 @@ inline constexpr int64_t kTileScores = int64_t{1} << 25;
 // What a pattern says about a tile's pairs: visibility, and optionally a score bias and the
 // visible pairs whose score is fixed at kSelfScore (a token's own key under shared QK; no score
 // gradient). All broadcast against the (..., L, n) scores. softcap > 0 caps the scaled scores to
-// softcap·tanh(s / softcap) before the bias (Gemma-2's logit soft-capping).
+// softcap·tanh(s / softcap) before the bias (Gemma-2's logit soft-capping). `dropout`, when
+// defined: each pair's attention-dropout factor, 0 or 1 / (1 − p) (generic_dropout.h), applied to the
+// probabilities after the softmax's sum.
 struct PairBlock {
-  at::Tensor visible, bias, fixed;
+  at::Tensor visible, bias, fixed, dropout;
   double softcap = 0;
 };
 

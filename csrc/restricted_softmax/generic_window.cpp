@@ -13,6 +13,7 @@
 // shifted adds, so no two blocks' sums meet in one call: deterministic on every device.
 #include "generic_window.h"
 
+#include "generic_dropout.h"
 #include "generic_tile.h"
 
 #include <algorithm>
@@ -73,9 +74,11 @@ std::vector<Tile> band_tiles(const WindowGeometry& g, const WindowAttentionShape
 // A tile's query rows (n, L) and key columns (n, c) as indices: the band, then the global keys, a
 // global key inside the block's band marked −1 there (a band column holds it already). Indices
 // outside [0, T) are padding.
+// The same keys as runs for the dropout mask: each block's band, then the global keys one by one.
 struct TileIndex {
   at::Tensor rows, keys;
   int64_t band_width;
+  KeyRuns runs;
 };
 
 TileIndex tile_index(const Tile& t, const at::Tensor& global_keys) {
@@ -83,17 +86,21 @@ TileIndex tile_index(const Tile& t, const at::Tensor& global_keys) {
   const at::Tensor starts = at::arange(t.blocks, options).mul_(t.rows_per_block).unsqueeze(-1);  // (n, 1)
   TileIndex ix{starts + at::arange(t.first_row, t.first_row + t.rows_per_block, options),
                starts + at::arange(t.first_key, t.first_key + t.width, options), t.width};
+  // Every band starts at first_key + i·L, L a multiple of 4 (or one block): one alignment.
+  if (t.width > 0) ix.runs = {starts + t.first_key, t.width, (t.first_key % 4 + 4) % 4};
   if (global_keys.numel() > 0) {
     const at::Tensor first = starts + t.first_key;
     const at::Tensor in_band = global_keys.ge(first).logical_and(global_keys.lt(first + t.width));  // (n, g)
-    ix.keys = at::cat({ix.keys, at::where(in_band, -1, global_keys.expand({t.blocks, global_keys.numel()}))}, 1);
+    ix.runs.single = at::where(in_band, -1, global_keys.expand({t.blocks, global_keys.numel()}));
+    ix.keys = at::cat({ix.keys, ix.runs.single}, 1);
   }
   return ix;
 }
 
 // The global rows (those of a chunk of the global tokens) against every key.
 TileIndex global_rows_index(const at::Tensor& rows, int64_t k_len) {
-  return {rows.unsqueeze(0), at::arange(k_len, rows.options()).unsqueeze(0), k_len};
+  return {rows.unsqueeze(0), at::arange(k_len, rows.options()).unsqueeze(0), k_len,
+          {at::zeros({1, 1}, rows.options()), k_len, 0}};
 }
 
 at::Tensor both(const at::Tensor& a, const at::Tensor& b) { return a.defined() ? a.logical_and(b) : b; }
@@ -238,10 +245,14 @@ struct WindowOperands {
   // The visibility of a tile's pairs, and ALiBi's terms as its bias (a window has no bias of its own).
   PairBlock pairs_of(const WindowAttentionShape& s, const RestrictedPattern& p, const TileIndex& ix,
                      bool global_rows) const {
-    at::Tensor alibi;
+    at::Tensor alibi, dropout;
     if (p.alibi_slopes.has_value())
       alibi = alibi_terms(slopes_per_head(*p.alibi_slopes), ix.rows, ix.keys, g.offset, Q.scalar_type());
-    return {tile_visibility(s, p, g.offset, ix, global_rows), alibi, {}, p.softcap};
+    if (s.drops()) {  // the pairs' batch·head: (B, H, 1, 1, 1)
+      const at::Tensor bh = at::arange(s.batch * s.heads, ix.rows.options()).view({s.batch, s.heads, 1, 1, 1});
+      dropout = dropout_factors(dropout_draw(s), bh, ix.rows, ix.runs, Q.scalar_type());
+    }
+    return {tile_visibility(s, p, g.offset, ix, global_rows), alibi, {}, dropout, p.softcap};
   }
 };
 

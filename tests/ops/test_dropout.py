@@ -4,11 +4,11 @@ dropped after the softmax, the kept ones scaled by 1 / (1 − p), pair (b, h, i,
 Philox4x32-10 bits of (seed; j / 4, i, b·H + h, 0), word j mod 4, reach ⌊p·2^32⌋ (common/philox.h).
 
 An independent Philox in numpy, checked against Random123's known-answer vectors, gives the mask;
-the CPU kernel's mask (read through one-hot values) must be that mask exactly, and its out, lse
-and gradients equal float64 softmax with that mask, for every pattern kind, grouped-query heads,
-the lse's cotangent; the kept fraction and its independence across neighbouring pairs; gradcheck,
-opcheck, compile; the seeds drawn from torch's generator; and the refusals (other devices, p
-outside [0, 1))."""
+the CPU kernel's and the device-generic tiles' masks (read through one-hot values) must be that
+mask exactly, and their out, lse and gradients equal float64 softmax with that mask, for every
+pattern kind, grouped-query heads, the lse's cotangent; the kept fraction and its independence
+across neighbouring pairs; gradcheck, opcheck, compile; the seeds drawn from torch's generator; and
+the refusals (p outside [0, 1), a missing or malformed seed)."""
 import numpy as np
 import pytest
 import torch
@@ -74,19 +74,50 @@ def reference_forward(q, k, v, pattern):
                                               keep=keep, dropout_p=pattern.dropout_p, return_lse=True)
 
 
-def test_the_kernels_mask_is_the_definitions():
-    """Values one-hot per key make out[i, j] the dropped probability itself: it is 0 exactly where
-    the definition drops the pair (every pair visible, so every kept probability is positive)."""
+def mask_through_one_hot_values(op, B, H, T, pattern, dtype=torch.float64):
+    """Values one-hot per key make out[i, j] the dropped probability itself: nonzero exactly where
+    the pair is visible and kept (every kept probability is positive)."""
+    q, k = (torch.randn(B, H, T, 8, generator=torch.Generator().manual_seed(s), dtype=dtype) for s in (1, 2))
+    v = torch.eye(T, dtype=dtype).expand(B, H, T, T)
+    return op(q, k, v, SCALE, *pattern.op_args())[0] != 0
+
+
+@pytest.mark.parametrize("suffix", ["", "_generic"])
+def test_the_kernels_mask_is_the_definitions(suffix):
+    """The CPU kernel's and the device-generic tiles' masks (windows, global tokens, layouts per head
+    and shared, blocks of whole quads of keys and not) are the definition's, bit for bit."""
+    op = getattr(torch.ops.linattn, "restricted_softmax_fwd" + suffix)
     B, H, T, p = 2, 3, 70, 0.3
-    q, k = (torch.randn(B, H, T, 8, generator=torch.Generator().manual_seed(s), dtype=torch.float64) for s in (1, 2))
-    v = torch.eye(T, dtype=torch.float64).expand(B, H, T, T)
     seed = seed_of(-123456789012345)  # negative: its two's-complement bits are the key
-    out, _ = FWD(q, k, v, SCALE, *Pattern(dropout_p=p, dropout_seed=seed).op_args())
-    assert torch.equal(out != 0, keep_mask(seed, B, H, T, T, p))
+    keep = keep_mask(seed, B, H, T, T, p)
+    global_mask = torch.zeros(B, T, dtype=torch.bool)
+    global_mask[1, [0, 33]] = True
+    n = -(-T // 8)
+    for pattern in (Pattern(), Pattern(window=(9, 4), global_mask=global_mask),
+                    Pattern(layout=torch.rand(H, n, n, generator=torch.Generator().manual_seed(2)) < 0.5,
+                            block_size=8),
+                    Pattern(layout=torch.rand(1, n, n, generator=torch.Generator().manual_seed(3)) < 0.5,
+                            block_size=8, causal=True),
+                    Pattern(layout=torch.rand(1, 12, 12, generator=torch.Generator().manual_seed(4)) < 0.5,
+                            block_size=6)):
+        visible = pattern.dense_mask(T, T).expand(B, H, T, T)
+        got = mask_through_one_hot_values(op, B, H, T, with_dropout(pattern, p, seed))
+        assert torch.equal(got, keep & visible)
 
 
+def test_the_generic_mask_in_row_chunks():
+    """A tile whose one block of rows exceeds the generic path's Philox chunk (2^22 pairs: causal
+    span tiles of 2 heads × 2100 × 2100) draws it in row chunks, the same mask."""
+    B, H, T, p = 1, 2, 2100, 0.5
+    seed = seed_of(77)
+    got = mask_through_one_hot_values(torch.ops.linattn.restricted_softmax_fwd_generic, B, H, T,
+                                      Pattern(causal=True, dropout_p=p, dropout_seed=seed), torch.float32)
+    assert torch.equal(got, keep_mask(seed, B, H, T, T, p) & torch.ones(T, T, dtype=torch.bool).tril())
+
+
+@pytest.mark.parametrize("suffix", ["", "_generic"])
 @pytest.mark.parametrize("name", list(patterns(8, 1)))
-def test_float64_equals_softmax_with_the_mask(name):
+def test_float64_equals_softmax_with_the_mask(suffix, name):
     """out, lse (the undropped softmax's) and the gradients of q, k, v (grouped-query heads) and the
     bias, for cotangents of out and lse, equal float64 autograd with the definition's mask."""
     T, H = 37, 4
@@ -96,7 +127,8 @@ def test_float64_equals_softmax_with_the_mask(name):
     k, v = (torch.randn(2, 2, T, d, generator=g, dtype=torch.float64, requires_grad=True) for d in (16, 12))
     bias = pattern.bias.clone().requires_grad_() if pattern.bias is not None else None
     pattern = Pattern(**{**pattern.__dict__, "bias": bias})
-    check_float64(FWD, q, k, v, pattern, reference=lambda q, k, v, scale, pattern: reference_forward(q, k, v, pattern))
+    check_float64(getattr(torch.ops.linattn, "restricted_softmax_fwd" + suffix), q, k, v, pattern,
+                  reference=lambda q, k, v, scale, pattern: reference_forward(q, k, v, pattern))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -184,6 +216,36 @@ def test_refusals_name_the_argument():
         FWD(q, k, v, 1.0, *Pattern(dropout_p=0.5).op_args())
     with pytest.raises(RuntimeError, match=r"dropout_seed must be a CPU int64 tensor of shape \(1,\)"):
         FWD(q, k, v, 1.0, *Pattern(dropout_p=0.5, dropout_seed=torch.tensor([1, 2])).op_args())
-    with pytest.raises(RuntimeError, match="dropout_p > 0 runs on CPU tensors only so far"):
-        torch.ops.linattn.restricted_softmax_fwd_generic(q, k, v, 1.0, *with_dropout(Pattern(), 0.5,
-                                                                                      seed_of(1)).op_args())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("suffix", ["", "_fused"])
+def test_cuda_masks_are_the_definitions(suffix):
+    """On a GPU: the default path's and the flash engine's masks are the definition's, and their
+    outputs and gradients equal the CPU kernel's (float32 default path; bf16 flash engine)."""
+    op = getattr(torch.ops.linattn, "restricted_softmax_fwd" + suffix)
+    B, H, T, p = 2, 3, 150, 0.3
+    seed = seed_of(-5)
+    n = -(-T // 16)
+    for pattern in (Pattern(window=(20, 5)), Pattern(causal=True),
+                    Pattern(layout=torch.rand(H, n, n, generator=torch.Generator().manual_seed(2)) < 0.5,
+                            block_size=16)):
+        dropped = with_dropout(pattern, p, seed)
+        q, k = (torch.randn(B, H, T, 64, generator=torch.Generator().manual_seed(s)) for s in (1, 2))
+        v = torch.eye(T).expand(B, H, T, T).contiguous()
+        dtype = torch.bfloat16 if suffix else torch.float32
+        q, k = (t.to(dtype).cuda() for t in (q, k))
+        layout = dropped.layout.cuda() if dropped.layout is not None else None
+        on_gpu = Pattern(**{**dropped.__dict__, "layout": layout})
+        got = op(q, k, v.to(dtype).cuda(), SCALE, *on_gpu.op_args())[0] != 0
+        keep = keep_mask(seed, B, H, T, T, p)
+        assert torch.equal(got.cpu(), keep & pattern.dense_mask(T, T).expand(B, H, T, T))
+        x = [torch.randn(B, H, T, 64, generator=torch.Generator().manual_seed(s)).to(dtype) for s in (3, 4, 5)]
+        x_gpu = [t.cuda().requires_grad_() for t in x]
+        x_cpu = [t.requires_grad_() for t in x]
+        out_gpu, out_cpu = op(*x_gpu, SCALE, *on_gpu.op_args())[0], FWD(*x_cpu, SCALE, *dropped.op_args())[0]
+        assert_close(out_gpu.cpu(), out_cpu, TOLERANCE[dtype], "GPU vs CPU out")
+        w = torch.randn(out_cpu.shape, generator=torch.Generator().manual_seed(6)).to(dtype)
+        for got_grad, want in zip(torch.autograd.grad((out_gpu * w.cuda()).sum(), x_gpu),
+                                  torch.autograd.grad((out_cpu * w).sum(), x_cpu)):
+            assert_close(got_grad.cpu(), want, TOLERANCE[dtype], "GPU vs CPU grad")
