@@ -223,17 +223,18 @@ def masked_softmax_attention(q, k, v, visible, scale, *, bias=None, fixed=None, 
 SELF_SCORE = -1e5
 
 
-def swin_attention(q, k, v, *, bias=None, regions=None, scale=None):
+def swin_attention(q, k, v, *, bias=None, regions=None, scale=None, keep=None, dropout_p=0.0):
     """Swin window attention (docs/methods.md §6) in float64 on partitioned windows (G, H, N, D):
     scaled scores plus bias (H or 1, N, N), tokens of different regions (nW, N) (window g uses
-    row g % nW) not seeing each other."""
+    row g % nW) not seeing each other; with attention dropout's keep mask (G, H, N, N) as
+    masked_softmax_attention takes it."""
     G, N = q.shape[0], q.shape[2]
     scale = (q.shape[-1] ** -0.5 if q.shape[-1] > 0 else 1.0) if scale is None else scale
     visible = torch.ones(G, 1, N, N, dtype=torch.bool, device=q.device)
     if regions is not None:
         r = regions.repeat(G // regions.shape[0], 1)
         visible = (r[:, :, None] == r[:, None, :]).unsqueeze(1)
-    return masked_softmax_attention(q, k, v, visible, scale, bias=bias)
+    return masked_softmax_attention(q, k, v, visible, scale, bias=bias, keep=keep, dropout_p=dropout_p)
 
 
 def lsh_attention_weights(qk, buckets, bucket_size, *, causal=False, key_padding_mask=None, scale=None):

@@ -25,6 +25,8 @@ def swin_attention(
     bias: Optional[torch.Tensor] = None,
     regions: Optional[torch.Tensor] = None,
     scale: Optional[float] = None,
+    dropout_p: float = 0.0,
+    generator: Optional[torch.Generator] = None,
 ) -> torch.Tensor:
     """Swin's window attention: softmax inside each window of already-partitioned tokens.
 
@@ -35,6 +37,9 @@ def swin_attention(
         regions: (nW, N) int64, the region id of each token of each window (window g uses row
             g % nW): tokens of different regions do not see each other (the shifted-window mask).
         scale: default D ** -0.5.
+        dropout_p, generator: attention dropout (torch's ``attn_drop``; pass 0 in evaluation),
+            as sliding_window_attention's: each probability dropped in the operator after the
+            softmax, pair (g, h, i, j) by the Philox bits of a seed drawn from `generator`.
     Returns (G, H, N, dv).
     """
     where = "linattn.swin_attention"
@@ -52,8 +57,11 @@ def swin_attention(
     if scale is None:
         scale = q.shape[-1] ** -0.5 if q.shape[-1] > 0 else 1.0
     # One block holding every pair: the pattern is the regions (segments), the bias a score term.
+    dropout = check.dropout_of(where, dropout_p)
     pattern = ops.restricted.Pattern(layout=torch.ones(1, 1, 1, dtype=torch.bool, device=q.device),
-                                     block_size=max(N, 1), q_segments=segments, k_segments=segments, bias=bias)
+                                     block_size=max(N, 1), q_segments=segments, k_segments=segments, bias=bias,
+                                     dropout_p=dropout,
+                                     dropout_seed=ops.restricted.dropout_seed_from(generator) if dropout else None)
     out, _ = ops.restricted.restricted_softmax(q, k, v, float(scale), pattern)
     return out
 
@@ -92,13 +100,8 @@ def shifted_window_attention(
     """torchvision.models.swin_transformer.shifted_window_attention, same signature and result,
     computed by the fused window kernels. input (B, H, W, C); relative_position_bias
     (1, heads, N, N); logit_scale (heads, 1, 1) selects Swin V2's cosine attention.
-
-    attention_dropout > 0 in training is not supported (the probabilities are never
-    materialized to drop): it raises a ValueError."""
-    where = "linattn.shifted_window_attention"
-    if attention_dropout > 0 and training:
-        raise ValueError(f"{where}: attention_dropout > 0 is not supported in training (got {attention_dropout}); "
-                         "the fused kernels never materialize the attention probabilities")
+    attention_dropout drops probabilities in the operator in training (swin_attention's dropout_p;
+    torchvision's own draws from torch's generator differently, so the masks differ)."""
     B, H, W, C = input.shape
     pad_r = (window_size[1] - W % window_size[1]) % window_size[1]
     pad_b = (window_size[0] - H % window_size[0]) % window_size[0]
@@ -127,7 +130,7 @@ def shifted_window_attention(
         scale = 1.0
     regions = shifted_window_regions(pad_H, pad_W, window_size, shift_size, device=x.device) if shifted else None
     x = swin_attention(q, k, v, bias=relative_position_bias.reshape(-1, N, N).to(q.dtype), regions=regions,
-                         scale=scale)
+                       scale=scale, dropout_p=attention_dropout if training else 0.0)
 
     x = x.transpose(1, 2).reshape(x.size(0), N, C)
     x = F.linear(x, proj_weight, proj_bias)

@@ -42,10 +42,14 @@ LINATTN_HD inline Philox4 dropout_quad(uint64_t seed, int64_t bh, int64_t i, int
   return philox4x32_10(static_cast<uint32_t>(quad), static_cast<uint32_t>(i), static_cast<uint32_t>(bh), 0u, seed);
 }
 
-LINATTN_HD inline uint32_t dropout_bits(uint64_t seed, int64_t bh, int64_t i, int64_t j) {
-  const Philox4 r = dropout_quad(seed, bh, i, j >> 2);
+// Key j's word of its quad's evaluation.
+LINATTN_HD inline uint32_t dropout_word(const Philox4& r, int64_t j) {
   const int word = static_cast<int>(j & 3);  // selected, not indexed: r stays in registers on a GPU
   return word == 0 ? r.x[0] : word == 1 ? r.x[1] : word == 2 ? r.x[2] : r.x[3];
+}
+
+LINATTN_HD inline uint32_t dropout_bits(uint64_t seed, int64_t bh, int64_t i, int64_t j) {
+  return dropout_word(dropout_quad(seed, bh, i, j >> 2), j);
 }
 
 // A pair is kept when its bits reach the threshold: probability 1 − threshold / 2^32 ≈ 1 − p.

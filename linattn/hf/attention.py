@@ -32,9 +32,9 @@ def _where(module) -> str:
 
 def _prepare(module, query, key, value, attention_mask, dropout, kwargs, shared_heads=False):
     """Shared by every method: heads repeated (unless shared_heads: the method reads grouped-query
-    key/value heads in place; each query head still drops keys of its own in training), who sees
-    whom, key dropout in training, and the state-cache layer when a LinearStateCache handed these
-    keys over."""
+    key/value heads in place), who sees whom, whole-key dropout in training (the kernelized
+    methods'; one whose operator drops probabilities passes 0), and the state-cache layer when a
+    LinearStateCache handed these keys over."""
     state_layer = getattr(key, "_linattn_state_layer", None)
     heads = query.shape[1]
     drops_keys = module.training and dropout > 0
@@ -159,22 +159,24 @@ def local(module, query, key, value, attention_mask, scaling=None, dropout=0.0, 
     """Exact softmax attention in the layer's own pattern (causal or not, its sliding window,
     key padding, gpt-oss's attention sinks `s_aux`, Gemma-2's logit soft-capping `softcap`) through
     linattn's fused window kernel: memory linear in the sequence; grouped-query key/value heads
-    are read in place (the cache's heads, never repeated)."""
+    are read in place (the cache's heads, never repeated). Attention dropout in training drops
+    each probability in the operator, as the models' eager attention does."""
     where = _where(module)
-    key, value, seen, state_layer = _prepare(module, query, key, value, attention_mask, dropout, kwargs,
+    key, value, seen, state_layer = _prepare(module, query, key, value, attention_mask, 0.0, kwargs,
                                              shared_heads=True)
+    dropout_p = dropout if module.training else 0.0
     if state_layer is not None:
         raise ValueError(f"{where}: a LinearStateCache keeps linear-attention states; softmax attention "
                          "(linattn_local) needs transformers' key/value cache")
     if seen.documents is not None:
         (q, k, v), cu_seqlens = _as_packing(seen.documents, query, key, value)
         out = sliding_window_attention(q, k, v, seen.window, causal=seen.causal, scale=scaling, cu_seqlens=cu_seqlens,
-                                       sinks=kwargs.get("s_aux"), softcap=kwargs.get("softcap"))
+                                       sinks=kwargs.get("s_aux"), softcap=kwargs.get("softcap"), dropout_p=dropout_p)
         out = _unpack(out, query.shape[0])
     else:
         out = sliding_window_attention(query, key, value, seen.window, causal=seen.causal,
                                        key_padding_mask=seen.padding, scale=scaling, sinks=kwargs.get("s_aux"),
-                                       softcap=kwargs.get("softcap"))
+                                       softcap=kwargs.get("softcap"), dropout_p=dropout_p)
     return out.transpose(1, 2).contiguous(), None
 
 

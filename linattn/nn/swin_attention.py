@@ -36,12 +36,6 @@ def _adopt(source: nn.Module, cls: type) -> nn.Module:
     return swapped
 
 
-def _check_no_attention_dropout(kind: str, p: float) -> None:
-    if p > 0:
-        raise ValueError(f"linattn.swap_attention: {kind} with attention dropout {p} cannot be swapped: the fused "
-                         "window kernels never materialize the attention probabilities to drop (set it to 0)")
-
-
 def _torchvision_forward(self, x: torch.Tensor) -> torch.Tensor:
     return shifted_window_attention(
         x, self.qkv.weight, self.proj.weight, self.get_relative_position_bias(), self.window_size, self.num_heads,
@@ -58,7 +52,8 @@ def _timm_forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) ->
     # timm passes the shifted-window mask as (nW, N, N) with 0 for pairs of one region and a
     # large negative value otherwise; a token's region is named by the first key it sees.
     regions = None if mask is None else (mask == 0).to(torch.uint8).argmax(-1)
-    out = swin_attention(q, k, v, bias=self._get_rel_pos_bias()[0].to(q.dtype), regions=regions, scale=self.scale)
+    out = swin_attention(q, k, v, bias=self._get_rel_pos_bias()[0].to(q.dtype), regions=regions, scale=self.scale,
+                         dropout_p=self.attn_drop.p if self.training else 0.0)
     return self.proj_drop(self.proj(out.transpose(1, 2).reshape(G, N, -1)))
 
 
@@ -76,9 +71,7 @@ def is_timm_window_attention(module: nn.Module) -> bool:
 def swap_window_attention(module: nn.Module) -> nn.Module:
     """The linattn twin of a torchvision or timm Swin window-attention block (see the module doc)."""
     if is_torchvision_window_attention(module):
-        _check_no_attention_dropout(type(module).__name__, module.attention_dropout)
         return _adopt(module, _subclass(type(module), _torchvision_forward, "torchvision"))
     if is_timm_window_attention(module):
-        _check_no_attention_dropout("timm WindowAttention", module.attn_drop.p)
         return _adopt(module, _subclass(type(module), _timm_forward, "timm"))
     raise TypeError(f"linattn: {type(module).__qualname__} is not a Swin window-attention block linattn can swap")

@@ -96,6 +96,39 @@ def dropout_seed_from(generator: Optional[torch.Generator] = None) -> torch.Tens
     return torch.randint(-2 ** 63, 2 ** 63 - 1, (1,), dtype=torch.int64, generator=generator)
 
 
+_WORD = 0xFFFFFFFF
+
+
+def _mul_hi_lo(x: torch.Tensor, m: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(high, low) 32-bit halves of x·m for 32-bit words x (int64) and a multiplier m < 2^32, the
+    word split into 16-bit halves so that no product leaves int64 (generic_dropout.cpp's way)."""
+    low = (x & 0xFFFF) * m
+    mid = (x >> 16) * m + (low >> 16)
+    return mid >> 16, ((mid & 0xFFFF) << 16) | (low & 0xFFFF)
+
+
+def dropout_keep_mask(seed: torch.Tensor, batch: int, heads: int, q_len: int, k_len: int, dropout_p: float,
+                      device=None) -> torch.Tensor:
+    """(B, H, T_q, T_k) bool: the pairs the operator's attention dropout keeps under `seed` (a
+    Pattern's dropout_seed): pair (b, h, i, j) when word j mod 4 of Philox4x32-10 at the counter
+    (j / 4, i, b·H + h, 0) reaches ⌊p·2^32⌋ (csrc/common/philox.h). Dense, for the weights
+    need_weights returns; every engine draws the same bits where it scores."""
+    key = int(seed.reshape(-1)[0]) & 0xFFFFFFFFFFFFFFFF
+    index = dict(dtype=torch.int64, device=device)
+    j = torch.arange(k_len, **index)
+    c0, c1 = (j >> 2).view(1, 1, 1, -1), torch.arange(q_len, **index).view(1, 1, -1, 1)
+    c2, c3 = torch.arange(batch * heads, **index).view(batch, heads, 1, 1), torch.zeros((), **index)
+    k0, k1 = key & _WORD, key >> 32
+    for _ in range(10):
+        (high0, low0), (high1, low1) = _mul_hi_lo(c0, 0xD2511F53), _mul_hi_lo(c2, 0xCD9E8D57)
+        c0, c1, c2, c3 = high1 ^ c1 ^ k0, low1, high0 ^ c3 ^ k1, low0
+        k0, k1 = (k0 + 0x9E3779B9) & _WORD, (k1 + 0xBB67AE85) & _WORD
+    shape = (batch, heads, q_len, k_len)
+    words = torch.stack([c.expand(shape) for c in (c0, c1, c2, c3)], -1)
+    bits = words.gather(-1, (j & 3).view(1, 1, 1, -1, 1).expand(*shape, 1)).squeeze(-1)
+    return bits >= min(int(dropout_p * 4294967296.0), _WORD)
+
+
 def soft_capped(scores: torch.Tensor, softcap: Optional[float]) -> torch.Tensor:
     """Scaled scores capped to c·tanh(s / c) as the operator caps them (Gemma-2's logit
     soft-capping), or as they are for no cap (None or 0): for the Python paths that form scores

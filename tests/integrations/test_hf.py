@@ -301,27 +301,32 @@ def test_local_is_exactly_sdpa_in_the_models_window(kind, padding):
 
 def test_local_reads_grouped_query_heads_in_place(monkeypatch):
     """Mistral's 2 key/value heads reach the window operator as they are (never repeated to its 4
-    query heads) and the logits still equal sdpa's; in training with attention dropout each query
-    head drops keys of its own, so there they are repeated."""
+    query heads) and the logits still equal sdpa's; in training with attention dropout too, the
+    operator dropping each probability (the layer's dropout_p reaches it; eval passes 0)."""
     import linattn.hf.attention as hf_attention
 
     heads_seen = []
     window_attention = hf_attention.sliding_window_attention
 
     def counting(q, k, v, *args, **kwargs):
-        heads_seen.append((q.shape[1], k.shape[1], v.shape[1]))
+        heads_seen.append((q.shape[1], k.shape[1], v.shape[1], kwargs.get("dropout_p")))
         return window_attention(q, k, v, *args, **kwargs)
 
     monkeypatch.setattr(hf_attention, "sliding_window_attention", counting)
     assert_same_logits(sliding_model("mistral").double(), "linattn_local", "sdpa", "left", length=14, tolerance=1e-10)
-    assert heads_seen == [(4, 2, 2)] * 2  # both layers, one call each
+    assert heads_seen == [(4, 2, 2, 0.0)] * 2  # both layers, one call each
     heads_seen.clear()
     model = sliding_model("mistral")
     model.config.attention_dropout = 0.1
     for layer in model.model.layers:
         layer.self_attn.attention_dropout = 0.1
-    with_implementation(model.train(), "linattn_local")(torch.randint(0, 61, (2, 9)))
-    assert heads_seen == [(4, 4, 4)] * 2
+    tokens = torch.randint(0, 61, (2, 9))
+    torch.manual_seed(0)
+    first = with_implementation(model.train(), "linattn_local")(tokens).logits
+    assert heads_seen == [(4, 2, 2, 0.1)] * 2
+    torch.manual_seed(0)
+    assert torch.equal(model(tokens).logits, first)
+    assert not torch.equal(model(tokens).logits, first)
 
 
 def gemma3(window, seed=0):

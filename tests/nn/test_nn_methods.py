@@ -195,7 +195,7 @@ def test_linformer_accepts_shorter_inputs():
         assert out.shape == (2, length, 16) and weights.shape == (2, length, length)
 
 
-@pytest.mark.parametrize("name", ["linear", "performer", "efficient", "linformer", "softmax"])
+@pytest.mark.parametrize("name", ["linear", "performer", "efficient", "linformer", "softmax", "local", "bigbird"])
 def test_dropout_is_applied_in_training_only_and_unbiased(name):
     torch.manual_seed(0)
     module = _build(name, dropout=0.3)
@@ -211,6 +211,39 @@ def test_dropout_is_applied_in_training_only_and_unbiased(name):
     assert not torch.allclose(draws[0], reference_out)
     # Dropout keeps the expectation: the mean of many draws approaches the eval output.
     assert (draws.mean(0) - reference_out).norm() < 0.1 * reference_out.norm()
+
+
+@pytest.mark.parametrize("name", ["local-dilated", "longformer", "bigbird"])
+def test_restricted_methods_drop_probabilities_in_the_operator(name):
+    """local, longformer and bigbird drop attention probabilities pair by pair in the operator (not
+    whole keys): the weights need_weights returns in training are the dropped ones the output
+    applied (out = out_proj(weights @ v)), about p of the visible pairs are 0 and the kept ones are
+    the undropped weights / (1 − p), and torch.manual_seed reproduces the draw."""
+    p, T = 0.4, 37
+    torch.manual_seed(0)
+    module = _build(name, dropout=p)
+    x = torch.randn(2, T, 24, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        undropped = module.eval()(x, x, x, need_weights=True, average_attn_weights=False)[1]
+        module.train()
+        torch.manual_seed(5)
+        out, weights = module(x, x, x, need_weights=True, average_attn_weights=False)
+        torch.manual_seed(5)
+        again = module(x, x, x, need_weights=True, average_attn_weights=False)
+        fast = module(x, x, x, need_weights=False)[0]
+    assert torch.equal(again[0], out) and torch.equal(again[1], weights)
+    assert not torch.allclose(fast, out)  # a fresh draw
+    v = (x @ module.in_proj_weight[48:].T + module.in_proj_bias[48:]).view(2, T, 3, 8).transpose(1, 2)
+    rebuilt = module.out_proj((weights @ v).transpose(1, 2).reshape(2, T, 24))
+    assert_close(rebuilt, out, 1e-5, "weights @ v")
+    visible = undropped > 0
+    dropped = (visible & (weights == 0)).sum().item() / visible.sum().item()
+    assert abs(dropped - p) < 0.05
+    kept = weights > 0
+    assert_close(weights[kept], undropped[kept] / (1 - p), 1e-6, "kept weights")
+    # Pairs, not whole keys: most keys are kept for some queries and dropped for others.
+    mixed = ((visible & (weights == 0)).any(-2) & kept.any(-2)).sum().item() / visible.any(-2).sum().item()
+    assert mixed > 0.5
 
 
 def test_performer_redraws_in_training_only():

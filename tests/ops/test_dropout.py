@@ -18,6 +18,7 @@ from linattn import reference
 from linattn.flash_attn_compat import flash_attn_func
 from linattn.ops.restricted import Pattern, dropout_seed_from
 from conftest import TOLERANCE, assert_close
+from test_flash_forward import counters
 from test_softcap import SCALE, check_float64, patterns
 
 FWD = torch.ops.linattn.restricted_softmax_fwd
@@ -131,6 +132,58 @@ def test_float64_equals_softmax_with_the_mask(suffix, name):
                   reference=lambda q, k, v, scale, pattern: reference_forward(q, k, v, pattern))
 
 
+FUSED_FWD = torch.ops.linattn.restricted_softmax_fwd_fused.default
+FUSED_BWD = torch.ops.linattn.restricted_softmax_bwd_fused.default
+
+
+def test_the_flash_engines_mask_is_the_definitions():
+    """The flash engine's emulation (mma counted) drops the definition's pairs: bands whose keys
+    start off a quad (a thread's two keys then straddle quads), gathered global tokens, a layout."""
+    B, H, T, p = 2, 3, 70, 0.3
+    seed = seed_of(-987654321)
+    keep = keep_mask(seed, B, H, T, T, p)
+    global_mask = torch.zeros(B, T, dtype=torch.bool)
+    global_mask[1, [0, 33]] = True
+    n = -(-T // 16)
+    for pattern in (Pattern(window=(9, 4), global_mask=global_mask), Pattern(window=(-1, 3)),
+                    Pattern(layout=torch.rand(H, n, n, generator=torch.Generator().manual_seed(2)) < 0.5,
+                            block_size=16, causal=True)):
+        torch.ops.linattn._reset_warp_emulation_counters()
+        got = mask_through_one_hot_values(FUSED_FWD, B, H, T, with_dropout(pattern, p, seed), torch.bfloat16)
+        assert counters()["mma"] > 0, "the flash engine did not run"
+        assert torch.equal(got, keep & pattern.dense_mask(T, T).expand(B, H, T, T))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("name", list(patterns(8, 1)))
+def test_flash_engine_forward_and_backward(dtype, name):
+    """The flash engine's emulation with dropout and grouped-query heads: out, lse and the gradients
+    of q, k, v and the bias (cotangents of out and lse) against float64 with the definition's mask."""
+    T, H = 150, 4
+    pattern = with_dropout(patterns(T, H)[name], 0.2, seed_of(31))
+    if pattern.bias is not None:
+        pattern = Pattern(**{**pattern.__dict__, "bias": pattern.bias.to(dtype)})
+    g = torch.Generator().manual_seed(9)
+    q = torch.randn(2, H, T, 40, generator=g).to(dtype)
+    k, v = (torch.randn(2, 2, T, d, generator=g).to(dtype) for d in (40, 24))
+    torch.ops.linattn._reset_warp_emulation_counters()
+    out, lse = FUSED_FWD(q, k, v, SCALE, *pattern.op_args())
+    w_out = torch.randn(out.shape, generator=g).to(dtype)
+    w_lse = torch.randn(lse.shape, generator=g).masked_fill(torch.isinf(lse), 0)
+    grads = FUSED_BWD(w_out, w_lse, q, k, v, out, lse, SCALE, *pattern.op_args())
+    assert counters()["mma"] > 0, "the flash engine did not run"
+    leaves = [t.double().requires_grad_() for t in (q, k, v)]
+    bias = pattern.bias.double().requires_grad_() if pattern.bias is not None else None
+    ref_out, ref_lse = reference_forward(*leaves, Pattern(**{**pattern.__dict__, "bias": bias}))
+    assert_close(out, ref_out, TOLERANCE[dtype], "out")
+    finite = torch.isfinite(ref_lse)
+    assert_close(lse[finite], ref_lse[finite], 1e-4, "lse")
+    loss = (ref_out * w_out.double()).sum() + (torch.where(finite, ref_lse, 0) * w_lse.double()).sum()
+    expected = torch.autograd.grad(loss, leaves + ([bias] if bias is not None else []))
+    for label, got, want in zip(("q", "k", "v", "bias"), grads, expected):
+        assert_close(got, want, 2 * TOLERANCE[dtype], f"grad {label}")
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_lower_precision(dtype):
     T, H = 150, 2
@@ -190,7 +243,7 @@ def test_gradcheck_opcheck_compile_and_the_fused_switch():
     assert torch.autograd.gradcheck(lambda q, k, v: FWD(q, k, v, SCALE, *pattern.op_args()), (q, k, v))
     x = [t.detach().float().requires_grad_() for t in (q, k, v)]
     torch.library.opcheck(FWD.default, (*x, SCALE, *with_dropout(Pattern(causal=True), 0.4, seed_of(1)).op_args()))
-    # The flash engine does not take dropout: its operator runs the CPU kernel (no mma), equal.
+    # float32 inputs are not the flash engine's: its operator runs the CPU kernel, equal.
     fused = torch.ops.linattn.restricted_softmax_fwd_fused(*x, SCALE, *pattern.op_args())
     assert torch.equal(fused[0], FWD(*x, SCALE, *pattern.op_args())[0])
 

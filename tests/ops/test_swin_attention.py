@@ -153,11 +153,50 @@ def test_swin_swap_models_timm():
     assert sum(type(m).__name__.startswith("Linattn") for m in swapped.modules()) == 12
 
 
-def test_swap_refuses_attention_dropout():
+def test_swapped_blocks_train_with_attention_dropout():
+    """A torchvision and a timm block with attention dropout swap, and in training drop the
+    operator's pairs: each equals its own attention in float64 with the keep mask of the seed it
+    drew (ops.restricted.dropout_keep_mask); in eval mode they drop nothing."""
     models = pytest.importorskip("torchvision.models.swin_transformer")
-    block = models.ShiftedWindowAttention(32, [4, 4], [2, 2], 2, attention_dropout=0.1)
-    with pytest.raises(ValueError, match="attention dropout 0.1 cannot be swapped"):
-        linattn.swap_attention(torch.nn.Sequential(block))
+    torch.manual_seed(0)
+    block = models.ShiftedWindowAttention(32, [4, 4], [2, 2], 2, attention_dropout=0.3).double()
+    swapped = linattn.swap_attention(torch.nn.Sequential(copy.deepcopy(block)))
+    assert sum(type(m).__name__.startswith("Linattn") for m in swapped.modules()) == 1
+    x = torch.randn(2, 8, 8, 32, dtype=torch.float64)
+    assert_close(swapped.eval()(x), block.eval()(x), 1e-12, "eval: no dropout")
+    # In training: swin_attention's seed comes from torch's generator; draw the same one here.
+    swapped.train()
+    torch.manual_seed(7)
+    out = swapped(x)
+    torch.manual_seed(7)
+    seed = linattn.ops.restricted.dropout_seed_from()
+    calls = []
+    original = linattn.swin.swin_attention
+
+    def with_the_mask(q, k, v, *, bias=None, regions=None, scale=None, dropout_p=0.0, generator=None):
+        calls.append(dropout_p)
+        keep = linattn.ops.restricted.dropout_keep_mask(seed, *q.shape[:3], k.shape[2], dropout_p)
+        return reference.swin_attention(q, k, v, bias=bias, regions=regions, scale=scale, keep=keep,
+                                        dropout_p=dropout_p)
+
+    linattn.swin.swin_attention = with_the_mask
+    try:
+        expected = linattn.swin.shifted_window_attention(
+            x, block.qkv.weight, block.proj.weight, block.get_relative_position_bias(), block.window_size,
+            block.num_heads, shift_size=block.shift_size, attention_dropout=0.3, qkv_bias=block.qkv.bias,
+            proj_bias=block.proj.bias, training=True)
+    finally:
+        linattn.swin.swin_attention = original
+    assert calls == [0.3]
+    assert_close(out, expected, 1e-12, "training with dropout")
+    assert not torch.allclose(out, swapped.eval()(x))
+    timm = pytest.importorskip("timm")
+    model = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, num_classes=10, attn_drop_rate=0.2)
+    swapped = linattn.swap_attention(model)
+    assert sum(type(m).__name__.startswith("Linattn") for m in swapped.modules()) == 12
+    with torch.no_grad():
+        x = torch.randn(1, 3, 224, 224)
+        assert not torch.equal(swapped.train()(x), swapped(x))
 
 
 def test_the_old_name_window_attention_still_works_and_warns():

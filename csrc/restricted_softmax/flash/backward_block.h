@@ -137,8 +137,8 @@ struct BackwardBlockBase {
   }
 
   // P and dS of one product tile (in place of S and dP): P = exp(S − lse) (0 where hidden or for
-  // a row that saw no key), dS = P (dP − delta) where the pair passes a score gradient, else 0
-  // (times the soft cap's slope: the gradient of the raw scaled score).
+  // a row that saw no key; times the dropout factor), dS = P (dP·factor − delta) where the pair
+  // passes a score gradient, else 0 (times the soft cap's slope: the gradient of the raw scaled score).
   // `pair(lane, nt, i, query, key, row_gathered, key_gathered)` names the element's pair;
   // lse_of/delta_of(lane, nt, i) its query's values. `bias_gradient`: add dS to grad_bias (one of
   // the two blocks does).
@@ -181,8 +181,16 @@ struct BackwardBlockBase {
           const Score score = score_at(query, key, row_gathered, key_gathered, scaled + alibi);
           const float lse = lse_of(lane, nt, i);
           const float prob = lse == -INFINITY ? 0.0f : exp_of(score.value - lse);
+          // With dropout, dV's P is the dropped one the forward multiplied V by, and the gradient
+          // of the undropped P is dP times the factor (one Philox evaluation per element here).
+          float dprob = dp[nt][i][lane];
           s[nt][i][lane] = prob;
-          const float ds = score.gradient ? prob * (dp[nt][i][lane] - delta_of(lane, nt, i)) : 0.0f;
+          if (p.drops()) {
+            const float keep = dropout_factor(p, dropout_bits(p.dropout_seed, bh, query, key));
+            s[nt][i][lane] = prob * keep;
+            dprob *= keep;
+          }
+          const float ds = score.gradient ? prob * (dprob - delta_of(lane, nt, i)) : 0.0f;
           dp[nt][i][lane] = score.gradient ? ds * slope : 0.0f;  // the bias's gradient is ds itself
           if (bias_gradient && g.grad_bias != nullptr && score.gradient) {
             const int64_t head = p.bias_heads == 1 ? 0 : h;

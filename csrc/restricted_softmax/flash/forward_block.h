@@ -47,6 +47,13 @@ LINATTN_HD inline float alibi_of(const WarpContext& w, const Problem& p, int64_t
   return -warp::load_global(w, p.alibi + b * p.alibi_batch_stride + h) * static_cast<float>(d < 0 ? -d : d);
 }
 
+// Attention dropout's factor of a pair from its Philox bits (common/philox.h): dropout_scale where
+// they keep it, else 0.
+template <typename Problem>
+LINATTN_HD inline float dropout_factor(const Problem& p, uint32_t bits) {
+  return bits >= p.dropout_threshold ? p.dropout_scale : 0.0f;
+}
+
 template <typename scalar_t, int D, int Buffers = 2>
 struct FlashBlock {
   using L = Layout<D, Buffers>;
@@ -251,6 +258,51 @@ struct FlashBlock {
     });
   }
 
+  // Attention dropout's keep bits of the thread's 32 pairs of a key tile (bit 4·nt + i for element
+  // sc[nt][i]). Drawn before the scores, in loops that are not unrolled, so that Philox's registers
+  // meet neither the score tile nor its products: at D = 256 the accumulators leave no room. A
+  // thread's two neighbouring keys (columns 2t, 2t + 1) share one evaluation where they lie in one
+  // quad, as a band's do. (Counters in 32 bits, as dropout_quad casts them; −1 past the end too.)
+  LINATTN_HD Lanes<uint32_t> keep_bits(const WarpContext& w, uint32_t base) const {
+    Lanes<uint32_t> kept;
+    warp::for_lanes(w, [&](int lane) {
+      const uint32_t block_head = static_cast<uint32_t>(bh);
+      uint32_t bits = 0;
+      LINATTN_NO_UNROLL
+      for (int nt = 0; nt < kKeys / 8; ++nt) {
+        const int column = nt * 8 + 2 * warp::thread_in_group(lane);
+        const int32_t key0 = warp::load_shared<int32_t>(w, base + L::kKeyTokens + column * 4);
+        const int32_t key1 = warp::load_shared<int32_t>(w, base + L::kKeyTokens + (column + 1) * 4);
+        LINATTN_NO_UNROLL
+        for (int half = 0; half < 2; ++half) {
+          const uint32_t row = static_cast<uint32_t>(shared_row(w, lane, half));
+          const auto quad_of = [&](int32_t key) {
+            return philox4x32_10(static_cast<uint32_t>(key >> 2), row, block_head, 0u, p.dropout_seed);
+          };
+          const Philox4 quad = quad_of(key0);
+          const uint32_t bits1 = dropout_word((key1 >> 2) == (key0 >> 2) ? quad : quad_of(key1), key1);
+          const int bit = 4 * nt + 2 * half;
+          bits |= static_cast<uint32_t>(dropout_word(quad, key0) >= p.dropout_threshold) << bit;
+          bits |= static_cast<uint32_t>(bits1 >= p.dropout_threshold) << (bit + 1);
+        }
+      }
+      kept[lane] = bits;
+    });
+    return kept;
+  }
+
+  // Attention dropout, after the step's sums (the lse stays the undropped softmax's): each
+  // probability times dropout_scale where its keep bit is set, else 0.
+  LINATTN_HD void drop(const WarpContext& w, const Lanes<uint32_t>& kept, ScoreTile& sc) const {
+    warp::for_lanes(w, [&](int lane) {
+      LINATTN_UNROLL
+      for (int nt = 0; nt < kKeys / 8; ++nt) {
+        LINATTN_UNROLL
+        for (int i = 0; i < 4; ++i) sc[nt][i][lane] *= (kept[lane] >> (4 * nt + i)) & 1u ? p.dropout_scale : 0.0f;
+      }
+    });
+  }
+
   // The maximum (or sum) of x over the four lanes of each lane group (the lanes of one row).
   LINATTN_HD static Lanes<float> group_reduce(const WarpContext& w, Lanes<float> x, bool maximum) {
     LINATTN_UNROLL
@@ -317,15 +369,18 @@ struct FlashBlock {
     warp::sync(w);
   }
 
-  // Visit n of the warp's rows: scores, softmax step, P·V.
+  // Visit n of the warp's rows: scores, softmax step (and dropout), P·V.
   LINATTN_HD void attend(const WarpContext& w, State& s, int64_t n) const {
     if (idle(w) || skips(n)) return;
     const uint32_t base = buffer(n);
     const TokenTile keys = visits.tile(n);
     const TileKind kind = kind_of(keys);
+    Lanes<uint32_t> kept{};  // drawn before the scores (keep_bits)
+    if (p.drops()) kept = keep_bits(w, base);
     ScoreTile sc;
     scores(w, base, keys, kind, sc);
     softmax_step(w, s, sc);
+    if (p.drops()) drop(w, kept, sc);
     if (warp::load_shared<uint8_t>(w, base + L::kNonFinite) != 0) exact_values(w, s, base, keys, kind, sc);
     else add_values(w, s, base, sc);
   }

@@ -3,6 +3,7 @@
 // registers each warp keeps across barriers.
 #pragma once
 
+#include "../../common/philox.h"
 #include "../../common/warp/row_copy.h"
 #include "../../common/strided.h"
 
@@ -38,6 +39,11 @@ struct FlashProblem {
   // ALiBi: −alibi[b · alibi_batch_stride + h] · |i + T_k − T_q − j| added after the cap (null: none).
   const float* alibi = nullptr;
   int64_t alibi_batch_stride = 0;
+  // Attention dropout (common/philox.h): pair (b, h, i, j) kept when dropout_bits(dropout_seed,
+  // b·H + h, i, j) reaches dropout_threshold, its probability then times dropout_scale; scale 0: none.
+  uint64_t dropout_seed = 0;
+  uint32_t dropout_threshold = 0;
+  float dropout_scale = 0.0f;
   // The region: a sliding window (left, right with causality folded in, -1 = unbounded),
   // dilation and Longformer global tokens (B, T); or a block layout (layout_heads, q_blocks,
   // k_blocks) of `block` × `block` blocks, contiguous.
@@ -84,6 +90,7 @@ struct FlashProblem {
   float* lse = nullptr;     // (B, H, T_q)
 
   LINATTN_HD int64_t kv_head(int64_t h) const { return h / kv_group; }
+  LINATTN_HD bool drops() const { return dropout_scale != 0.0f; }
   // Tiles of gathered global tokens per (batch, head): at most as many as of tokens (the count
   // itself lives on the device; blocks past it return at once).
   LINATTN_HD int64_t gathered_tiles() const { return global_index != nullptr ? q_tiles : 0; }

@@ -1,10 +1,11 @@
 """The base of the methods: capabilities, option checks, and what several methods share (key
-dropout, the implicit weights of normalized linear attention, states of always-visible keys)."""
+dropout, probability dropout through the operator, the implicit weights of normalized linear attention, states of always-visible keys)."""
 import math
 
 import torch
 from torch import nn
 
+from ... import ops
 from ..masks import causal_pattern
 
 
@@ -16,6 +17,28 @@ def _drop_keys(v: torch.Tensor, dropout_p: float):
     keep = torch.empty(v.shape[:3], device=v.device, dtype=v.dtype).bernoulli_(1.0 - dropout_p)
     scale = keep / (1.0 - dropout_p)
     return v * scale.unsqueeze(-1), scale.unsqueeze(-2)
+
+
+def _probability_dropout(dropout_p: float, need_weights: bool):
+    """Attention dropout for the methods whose operator drops each probability after the softmax
+    (local, longformer, bigbird: torch's and flash-attn's meaning, the same mask on every device):
+    the functional's keyword arguments, and for need_weights the seed the operator will draw (its
+    weights are dropped alike, with ops.restricted.dropout_keep_mask), else None."""
+    if dropout_p <= 0.0:
+        return {}, None
+    if not need_weights:  # the operator draws its seed from torch's generator (a graph op when compiled)
+        return {"dropout_p": dropout_p}, None
+    state = int(torch.randint(0, 2 ** 62, (1,)))
+    seed = ops.restricted.dropout_seed_from(torch.Generator().manual_seed(state))
+    return {"dropout_p": dropout_p, "generator": torch.Generator().manual_seed(state)}, seed
+
+
+def _dropped_weights(weights: torch.Tensor, seed, dropout_p: float) -> torch.Tensor:
+    """need_weights' (B, H, L, S) weights as the operator dropped them under `seed` (None: as they are)."""
+    if seed is None:
+        return weights
+    keep = ops.restricted.dropout_keep_mask(seed, *weights.shape, dropout_p, device=weights.device)
+    return weights * keep / (1.0 - dropout_p)
 
 
 def _normalized_weights(phi_q, phi_k, causal: bool, key_padding_mask, eps: float, phi_visible=None) -> torch.Tensor:

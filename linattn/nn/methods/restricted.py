@@ -10,8 +10,8 @@ from ...sparse import layout_mask
 from ...window import window_bounds, window_mask, with_sinks
 from ..decoding import decode_hybrid, decode_local
 from ... import _validation as check
-from .base import (MethodModule, _check_choice, _check_positive_int, _drop_keys, _masked_softmax_weights,
-                   _softmax_over_visible)
+from .base import (MethodModule, _check_choice, _check_positive_int, _drop_keys, _dropped_weights,
+                   _masked_softmax_weights, _probability_dropout, _softmax_over_visible)
 from .kernelized import LinearMethod
 
 
@@ -26,7 +26,8 @@ class LocalMethod(MethodModule):
         default False;
       softcap: c > 0 caps the scaled scores s to c·tanh(s / c) (Gemma-2's logit soft-capping);
         default None (no cap).
-    Accepts key padding and causal masks; dropout drops whole keys, as for the linear methods."""
+    Accepts key padding and causal masks; dropout drops attention probabilities (each pair, after
+    the softmax, as torch does) in the operator."""
 
     name = "local"
     decoder = staticmethod(decode_local)
@@ -63,11 +64,11 @@ class LocalMethod(MethodModule):
         return given
 
     def forward(self, q, k, v, *, causal, key_padding_mask, attn_mask, dropout_p, need_weights, global_mask=None):
-        v, key_scale = _drop_keys(v, dropout_p)
+        dropout, seed = _probability_dropout(dropout_p, need_weights)
         global_mask = self.global_mask(k, global_mask)
         out = functional.sliding_window_attention(
             q, k, v, self.window, causal=causal, dilation=self.dilation, global_mask=global_mask,
-            key_padding_mask=key_padding_mask, sinks=self.sinks, softcap=self.softcap,
+            key_padding_mask=key_padding_mask, sinks=self.sinks, softcap=self.softcap, **dropout,
         )
         if not need_weights:
             return out, None
@@ -80,7 +81,7 @@ class LocalMethod(MethodModule):
         if self.sinks is not None:  # the keys' share of each row, the sink taking the rest
             lse = scores.masked_fill(~visible, float("-inf")).logsumexp(-1)
             weights = with_sinks(weights, lse, self.sinks)
-        return out, weights if key_scale is None else weights * key_scale
+        return out, _dropped_weights(weights, seed, dropout_p)
 
 
 class LongformerMethod(LocalMethod):
@@ -118,7 +119,7 @@ class BigBirdMethod(MethodModule):
     Options: block_size (64), num_random (3 random blocks per block row), num_global (2: the
     first and the last block), seed (the random blocks follow from it, per sequence length and
     head, so they are fixed for a layer; default 0; see layout()). Key padding and causal masks (causal hides
-    later keys inside the layout too); dropout drops whole keys, as for the linear methods."""
+    later keys inside the layout too); dropout drops attention probabilities in the operator, as local."""
 
     name = "bigbird"
     options = ("block_size", "num_random", "num_global", "seed")
@@ -164,16 +165,15 @@ class BigBirdMethod(MethodModule):
         if q.shape[2] != k.shape[2]:
             raise ValueError("linattn method 'bigbird': self-attention only (as many queries as keys), got "
                              f"{q.shape[2]} queries and {k.shape[2]} keys")
-        v, key_scale = _drop_keys(v, dropout_p)
+        dropout, seed = _probability_dropout(dropout_p, need_weights)
         layout = self.layout(k.shape[2], k.device)
         out = functional.block_sparse_attention(q, k, v, layout, self.block_size, causal=causal,
-                                                key_padding_mask=key_padding_mask)
+                                                key_padding_mask=key_padding_mask, **dropout)
         if not need_weights:
             return out, None
         visible = layout_mask(layout, self.block_size, q.shape[2], k.shape[2], causal=causal,
                               key_padding_mask=key_padding_mask)
-        weights = _masked_softmax_weights(q, k, visible)
-        return out, weights if key_scale is None else weights * key_scale
+        return out, _dropped_weights(_masked_softmax_weights(q, k, visible), seed, dropout_p)
 
 
 class HybridMethod(MethodModule):
