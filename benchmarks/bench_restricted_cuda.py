@@ -5,7 +5,8 @@ fits, SDPA; forward and forward+backward, medians of CUDA-event timings, bf16.
 Patterns at B=4 H=16 T=16384 D=64, B=1 H=32 T=65536 D=128 and (Gemma's local layers' head dim)
 B=2 H=8 T=16384 D=256: sliding windows w = 256 and 1024
 (causal and both sides), Longformer (w = 512 with 16 global tokens) and BigBird (blocks of 64: 3
-band blocks, 2 global, 3 random per row). --quick: the first shape and four patterns (window 256
+band blocks, 2 global, 3 random per row); at window 256 causal also the flash engine with
+attention dropout 0.1 (FlexAttention has none). --quick: the first shape and four patterns (window 256
 causal, window 1024, Longformer, BigBird): each pattern compiles FlexAttention's kernels anew. An
 implementation that fails at a point (FlexAttention's kernels at D = 256 may not fit a GPU's
 shared memory) gets a row saying why, and the run goes on.
@@ -116,6 +117,14 @@ def main():
                     ops.set_cuda_backend(backend)
                     return ops.restricted.restricted_softmax(q, k, v, scale, pattern)[0]
                 implementations[f"linattn {backend}"] = run
+            if name == "window 256 causal":  # the flash engine's attention dropout (its keep bits drawn in registers)
+                dropped = Pattern(**{**pattern.__dict__, "dropout_p": 0.1,
+                                     "dropout_seed": ops.restricted.dropout_seed_from()})
+
+                def run_dropped():
+                    ops.set_cuda_backend("fused")
+                    return ops.restricted.restricted_softmax(q, k, v, scale, dropped)[0]
+                implementations["linattn fused p=0.1"] = run_dropped
             for impl, run in implementations.items():
                 try:
                     fwd, both = timed(run)

@@ -1,5 +1,6 @@
 """The base of the methods: capabilities, option checks, and what several methods share (key
-dropout, probability dropout through the operator, the implicit weights of normalized linear attention, states of always-visible keys)."""
+dropout, probability dropout through the operator, the implicit weights of normalized linear
+attention, states of always-visible keys)."""
 import math
 
 import torch
