@@ -14,7 +14,10 @@ Student, per head, with learned feature maps φ_q, φ_k (linattn.nn.learned_feat
   every key and are seen by every query, exactly; a causal layer keeps only the first real token,
   as an attention sink. (The window's own mass Σ e^{s} is not used as
   its weight: the softmax-normalised features of Hedgehog are on another scale per query;
-  measured on all-MiniLM-L6-v2, weighting by it learned 3x slower.)
+  measured on all-MiniLM-L6-v2, weighting by it learned 3x slower.) A layer with learned attention
+  sinks (gpt-oss: a logit s_h per head that every row's softmax counts as one more key of value 0)
+  keeps them in the teacher and in the hybrid's exact part: the sink's mass relative to the
+  window's, e^{s_h − lse_i}, joins the normaliser, 1 + e^{s_h − lse_i} + γ Σ φφ.
 
 - "deltanet" / "gated_deltanet": the delta rule (docs/methods.md §11) on the learned features,
       S_t = e^{g_t} (I − β_t k̂_t k̂_tᵀ) S_{t−1} + β_t k̂_t v_tᵀ,   y_i = S_iᵀ q̂_i   (causal; else S_T)
@@ -43,6 +46,7 @@ from ..delta_rule import delta_rule_attention
 from ..functional import linear_attention, linear_attention_step
 from ..ops import accumulate_dtype
 from ..nn.learned_feature_maps import learned_feature_map
+from ..window import with_sinks
 
 # A model's own sliding window as flash-attn's (left, right) bounds, −1 = unbounded (the teacher's).
 Window = Tuple[int, int]
@@ -73,16 +77,23 @@ class LinearizedAttention(nn.Module):
         softcap: the teacher's logit soft-capping (Gemma-2: scaled scores s become c·tanh(s / c));
             the teacher and the hybrid's exact softmax cap alike. None: none (linearize takes it
             from each transformers layer).
+        sinks: whether the layer has attention sinks (gpt-oss; their (H,) logits come with each
+            call, the model's own parameter): the teacher and the hybrid count them; the other
+            students have no softmax to count them in.
     """
 
     def __init__(self, heads: int, head_dim: int, *, method: str = "hybrid", feature_map="hedgehog", window: int = 64,
                  global_tokens: Optional[str] = "first_last", linear_scale: float = 1e-2,
-                 softcap: Optional[float] = None):
+                 softcap: Optional[float] = None, sinks: bool = False):
         super().__init__()
         where = "linattn.linearize"
         self.softcap = softcap_of(where, softcap) or None
         if method not in METHODS:
             raise ValueError(f"{where}: method must be one of {METHODS}, got {method!r}")
+        if sinks and not EXACT_WINDOW[method]:
+            raise ValueError(f"{where}: a layer with attention sinks (gpt-oss) linearizes to the hybrid student, whose "
+                             f"exact softmax counts them; the {method!r} student has none (method='hybrid')")
+        self.sinks = bool(sinks)
         if global_tokens not in GLOBAL_TOKENS:
             raise ValueError(f"{where}: global_tokens must be one of {GLOBAL_TOKENS}, got {global_tokens!r}")
         if not isinstance(window, int) or isinstance(window, bool) or window < 0:
@@ -115,27 +126,31 @@ class LinearizedAttention(nn.Module):
     def extra_repr(self) -> str:
         window = f", window={self.window}, global_tokens={self.global_tokens!r}" if self.exact_window else ""
         cap = f", softcap={self.softcap:g}" if self.softcap else ""
-        return f"method={self.method!r}{window}{cap}, mode={self.mode!r}"
+        sinks = ", sinks=True" if self.sinks else ""
+        return f"method={self.method!r}{window}{cap}{sinks}, mode={self.mode!r}"
 
     # --- the two attentions -------------------------------------------------------------------
 
     def teacher(self, q, k, v, scale: float, key_padding_mask: Optional[torch.Tensor], causal: bool,
-                window: Window = NO_WINDOW) -> torch.Tensor:
+                window: Window = NO_WINDOW, sinks: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The layer's exact softmax attention (B, H, T_q, dv), in the model's own sliding `window`
-        (flash-attn's (left, right) bounds, −1 = unbounded). A windowed or soft-capped one runs the
-        restricted-softmax operator: SDPA cannot cap, and a windowed row that sees no key (a padded
-        query among padded keys) is 0 there, where SDPA's NaN would reach real rows of the next layer."""
-        if self.softcap or window != NO_WINDOW:
+        (flash-attn's (left, right) bounds, −1 = unbounded), counting the attention `sinks` (H,).
+        A windowed, soft-capped or sinking one runs the restricted-softmax operator: SDPA cannot cap
+        or sink, and a windowed row that sees no key (a padded query among padded keys) is 0 there,
+        where SDPA's NaN would reach real rows of the next layer."""
+        if self.softcap or window != NO_WINDOW or sinks is not None:
             pattern = ops.restricted.Pattern(window=window, causal=causal, key_padding_mask=key_padding_mask,
                                              softcap=self.softcap or 0.0)
-            return ops.restricted.restricted_softmax(q, k, v, scale, pattern)[0]
+            out, lse = ops.restricted.restricted_softmax(q, k, v, scale, pattern)
+            return out if sinks is None else with_sinks(out, lse, sinks)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=_dense_mask(q, k, key_padding_mask, causal),
                                               scale=scale)
 
     def student(self, q, k, v, scale: float, key_padding_mask: Optional[torch.Tensor], causal: bool,
-                initial_sums: Optional[torch.Tensor] = None) -> torch.Tensor:
+                initial_sums: Optional[torch.Tensor] = None, sinks: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The linearized attention (B, H, T_q, dv). initial_sums (hybrid, causal; decoding):
-        [Σ φ_k(k) vᵀ | Σ φ_k(k)] (B, H, m, dv + 1) of earlier keys that no query attends exactly."""
+        [Σ φ_k(k) vᵀ | Σ φ_k(k)] (B, H, m, dv + 1) of earlier keys that no query attends exactly.
+        sinks: the layer's attention-sink logits (H,) (a sinking layer's hybrid)."""
         phi_q, phi_k = self.feature_map_q(q), self.feature_map_k(k)
         if self.delta_rule is not None:
             self._same_length(q, k)
@@ -149,7 +164,11 @@ class LinearizedAttention(nn.Module):
         if causal and global_keys is not None:
             # The kernel's window (w, 0) is causal by itself, but its global row sees every key: the
             # sink's own row attends to itself alone (every key before it is padding).
-            y_window = torch.where(pattern.global_mask[:, None, :, None], v, y_window)
+            own_row = pattern.global_mask[:, None, :]
+            y_window = torch.where(own_row[..., None], v, y_window)
+            if sinks is not None:  # that row's lse is its own score
+                own = ops.restricted.soft_capped((q * k).sum(-1) * scale, self.softcap)
+                lse = torch.where(own_row, own.to(lse.dtype), lse)
         # [Σ φφ v | Σ φφ] over every key in one unnormalised call, minus the same sums over the keys
         # the window attends exactly: what the linear term covers is everything else.
         values = _with_ones(v)
@@ -166,7 +185,8 @@ class LinearizedAttention(nn.Module):
             sums = sums - _global_key_sums(phi_q, phi_k, values, global_keys, self.window, causal)
             # A global row attends to every key exactly: no linear term.
             sums = sums.masked_fill(pattern.global_mask[:, None, :, None], 0.0)
-        return self._mix(y_window, sums, has_window=~torch.isinf(lse)[..., None])
+        has_window = ~torch.isinf(lse)[..., None]
+        return self._mix(y_window, sums, has_window, _sink_mass(sinks, lse[..., None], has_window))
 
     def _same_length(self, q, k) -> None:
         if q.shape[2] != k.shape[2]:
@@ -180,15 +200,20 @@ class LinearizedAttention(nn.Module):
         return delta_rule_attention(phi_q, phi_k, v, beta, gate=gate, causal=causal, scale=self.delta_rule.scale,
                                     initial_state=initial_state, output_final_state=output_final_state)
 
-    def _mix(self, y_window, sums, has_window=None) -> torch.Tensor:
+    def _mix(self, y_window, sums, has_window=None, sink_mass=None) -> torch.Tensor:
         """The hybrid's output from the exact part y_window (normalised to mass 1) and the linear
-        sums [Σ φφ v | Σ φφ] over the other keys, under one normaliser. has_window (…, 1) bool: the
-        rows that see a key exactly (None: every row); a row that sees none has the linear term alone."""
+        sums [Σ φφ v | Σ φφ] over the other keys (None: no key outside the exact part), under one
+        normaliser. has_window (…, 1) bool: the rows that see a key exactly (None: every row); a row
+        that sees none has the linear term alone. sink_mass (…, 1): the attention sink's mass
+        relative to the window's (_sink_mass), or None."""
+        if sums is None:
+            sums = y_window.new_zeros(*y_window.shape[:-1], y_window.shape[-1] + 1)
         numerator, z = sums[..., :-1], sums[..., -1:].clamp_min(0)
         gamma = self.log_linear_scale.exp().to(y_window.dtype)[None, :, None, None]
+        extra = gamma * z if sink_mass is None else gamma * z + sink_mass.to(y_window.dtype)
         if has_window is None:  # the denominator is at least 1
-            return (y_window + gamma * numerator) / (1 + gamma * z)
-        denominator = has_window.to(y_window.dtype) + gamma * z
+            return (y_window + gamma * numerator) / (1 + extra)
+        denominator = has_window.to(y_window.dtype) + extra
         out = (torch.where(has_window, y_window, 0.0) + gamma * numerator) / denominator.clamp_min(
             torch.finfo(y_window.dtype).tiny)
         return torch.where(denominator > 0, out, 0.0)
@@ -218,7 +243,7 @@ class LinearizedAttention(nn.Module):
                                          key_padding_mask=key_padding_mask, softcap=self.softcap or 0.0)
         return pattern, global_keys
 
-    def decode(self, q, k, v, scale: float, entry: Optional[dict]):
+    def decode(self, q, k, v, scale: float, entry: Optional[dict], sinks: Optional[torch.Tensor] = None):
         """Causal incremental decoding of the student: (out (B, H, n, dv), entry) for n new tokens
         after the `entry["length"]` tokens the entry has seen (entry None: none yet; the returned
         entry counts the new ones), equal to what
@@ -253,16 +278,20 @@ class LinearizedAttention(nn.Module):
         values = v if entry is None else torch.cat([entry["v"], v], dim=2)
         sums = None if entry is None else entry["sums"]
         if n == 1:  # every kept key is in the new row's window (or the sink): plain softmax over them
-            if self.softcap:
+            sink_mass = None
+            if self.softcap or sinks is not None:
                 scores = ops.restricted.soft_capped(q @ keys.transpose(-1, -2) * scale, self.softcap)
                 out = torch.softmax(scores, -1) @ values
+                sink_mass = _sink_mass(sinks, torch.logsumexp(scores, -1, keepdim=True))
             else:
                 out = F.scaled_dot_product_attention(q, keys, values, scale=scale)
-            if sums is not None:
-                out = self._mix(out, (self.feature_map_q(q).to(sums.dtype) @ sums).to(v.dtype))
+            if sums is not None or sink_mass is not None:
+                linear = None if sums is None else (self.feature_map_q(q).to(sums.dtype) @ sums).to(v.dtype)
+                out = self._mix(out, linear, sink_mass=sink_mass)
         else:  # a chunk: the full-sequence student over kept + new, from the sums; its last n rows
             queries = torch.cat([q.new_zeros(*q.shape[:2], len(kept), q.shape[3]), q], dim=2)
-            out = self.student(queries, keys, values, scale, None, True, initial_sums=sums)[:, :, len(kept):]
+            out = self.student(queries, keys, values, scale, None, True, initial_sums=sums,
+                               sinks=sinks)[:, :, len(kept):]
         # Keys leaving every later window (all but the sink and the last `window`) go into the sums.
         total = seen + n
         stays = [(p == 0 and sink) or p >= total - self.window for p in kept + list(range(seen, total))]
@@ -278,10 +307,11 @@ class LinearizedAttention(nn.Module):
         return out, {"k": keys.index_select(2, index), "v": values.index_select(2, index), "sums": sums,
                      "length": total}
 
-    def student_weights(self, q, k, scale: float, key_padding_mask: Optional[torch.Tensor], causal: bool) -> torch.Tensor:
+    def student_weights(self, q, k, scale: float, key_padding_mask: Optional[torch.Tensor], causal: bool,
+                        sinks: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The student's attention weights (B, H, T_q, T_k), dense (for the attention_ce loss and
         inspection: O(T²) memory; a delta-rule student's implicit matrix, out = weights @ v, whose
-        rows need not be positive or sum to 1)."""
+        rows need not be positive or sum to 1; with sinks, the sink's share is left out)."""
         if self.delta_rule is not None:  # the output is linear in v: the identity as values gives the matrix
             self._same_length(q, k)
             identity = torch.eye(k.shape[2], device=q.device, dtype=q.dtype).expand(*k.shape[:2], -1, -1)
@@ -305,37 +335,45 @@ class LinearizedAttention(nn.Module):
         outside = kernel.masked_fill(exact, 0)
         gamma = self.log_linear_scale.exp().to(kernel.dtype)[None, :, None, None]
         denominator = has_window.to(kernel.dtype) + gamma * outside.sum(-1, keepdim=True)
+        sink_mass = _sink_mass(sinks, lse, has_window)
+        if sink_mass is not None:
+            denominator = denominator + sink_mass.to(kernel.dtype)
         return (window_weights + gamma * outside) / denominator.clamp_min(torch.finfo(kernel.dtype).tiny)
 
     def attention_weights(self, q, k, scale: float, key_padding_mask: Optional[torch.Tensor], causal: bool,
-                          window: Window = NO_WINDOW):
+                          window: Window = NO_WINDOW, sinks: Optional[torch.Tensor] = None):
         """The weights the current mode applies (B, H, T_q, T_k): the student's, or the softmax's."""
         if self.mode == "student":
-            return self.student_weights(q, k, scale, key_padding_mask, causal)
-        return _softmax_weights(q, k, scale, key_padding_mask, causal, self.softcap, window)
+            return self.student_weights(q, k, scale, key_padding_mask, causal, sinks)
+        return _softmax_weights(q, k, scale, key_padding_mask, causal, self.softcap, window, sinks)
 
     # --- what the model calls -----------------------------------------------------------------
 
     def forward(self, q, k, v, scale: float, key_padding_mask: Optional[torch.Tensor] = None,
-                causal: bool = False, window: Window = NO_WINDOW) -> torch.Tensor:
+                causal: bool = False, window: Window = NO_WINDOW, sinks: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The current mode's attention. `window`: the model's own sliding window, which the
-        teacher honours; the students attend every key (they learn to match the windowed teacher)."""
+        teacher honours; the students attend every key (they learn to match the windowed teacher).
+        `sinks`: the attention-sink logits (H,) of a layer built with sinks=True (required there)."""
+        if (sinks is not None) != self.sinks:
+            raise ValueError(f"linattn.linearize: this layer was linearized {'with' if self.sinks else 'without'} "
+                             f"attention sinks, but the call {'passes none' if self.sinks else 'passes sink logits'}")
         if self.mode == "student":
-            return self.student(q, k, v, scale, key_padding_mask, causal)
+            return self.student(q, k, v, scale, key_padding_mask, causal, sinks=sinks)
         with torch.no_grad():
-            target = self.teacher(q, k, v, scale, key_padding_mask, causal, window)
+            target = self.teacher(q, k, v, scale, key_padding_mask, causal, window, sinks)
         if self.mode == "transfer":
-            self.last_loss = self._loss(q, k, v, target, scale, key_padding_mask, causal, window)
+            self.last_loss = self._loss(q, k, v, target, scale, key_padding_mask, causal, window, sinks)
         return target
 
-    def _loss(self, q, k, v, target, scale, key_padding_mask, causal, window) -> torch.Tensor:
+    def _loss(self, q, k, v, target, scale, key_padding_mask, causal, window, sinks=None) -> torch.Tensor:
         rows = _real_queries(q, key_padding_mask)  # (B, 1, T_q, 1) or None: padded queries are left out
         if self.loss_kind == "output_mse":
-            error = (self.student(q, k, v, scale, key_padding_mask, causal).float() - target.float()) ** 2
-        else:  # attention_ce: cross-entropy of the student's weights under the teacher's
+            error = (self.student(q, k, v, scale, key_padding_mask, causal, sinks=sinks).float() - target.float()) ** 2
+        else:  # attention_ce: cross-entropy of the student's weights under the teacher's (the keys' shares)
             with torch.no_grad():
-                teacher = _softmax_weights(q.float(), k.float(), scale, key_padding_mask, causal, self.softcap, window)
-            weights = self.student_weights(q, k, scale, key_padding_mask, causal).float()
+                teacher = _softmax_weights(q.float(), k.float(), scale, key_padding_mask, causal, self.softcap, window,
+                                           sinks)
+            weights = self.student_weights(q, k, scale, key_padding_mask, causal, sinks).float()
             error = -(teacher * torch.log(weights.clamp_min(1e-12))).sum(-1, keepdim=True)
         if rows is None:
             return error.mean()
@@ -360,14 +398,32 @@ def _dense_mask(q, k, key_padding_mask, causal, window: Window = NO_WINDOW) -> O
     return mask
 
 
-def _softmax_weights(q, k, scale, key_padding_mask, causal, softcap=None, window: Window = NO_WINDOW) -> torch.Tensor:
-    """The teacher's attention weights (B, H, T_q, T_k), dense; a row that sees no key is 0."""
+def _softmax_weights(q, k, scale, key_padding_mask, causal, softcap=None, window: Window = NO_WINDOW,
+                     sinks=None) -> torch.Tensor:
+    """The teacher's attention weights (B, H, T_q, T_k), dense; a row that sees no key is 0. With
+    attention sinks (H,), the keys' shares of a softmax that also counts the sink."""
     mask = _dense_mask(q, k, key_padding_mask, causal, window)
     scores = ops.restricted.soft_capped((q @ k.transpose(-1, -2)) * scale, softcap)
-    if mask is None:
-        return torch.softmax(scores, -1)
-    weights = torch.softmax(scores.masked_fill(~mask, float("-inf")), -1)
-    return torch.where(mask.any(-1, keepdim=True), weights, 0.0)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    if sinks is not None:
+        sink = sinks.to(scores.dtype).view(1, -1, 1, 1).expand(*scores.shape[:-1], 1)
+        weights = torch.softmax(torch.cat([scores, sink], -1), -1)[..., :-1]
+    else:
+        weights = torch.softmax(scores, -1)
+    return weights if mask is None else torch.where(mask.any(-1, keepdim=True), weights, 0.0)
+
+
+def _sink_mass(sinks: Optional[torch.Tensor], lse: torch.Tensor, has_window=None) -> Optional[torch.Tensor]:
+    """e^{s_h − lse}: an attention sink's mass relative to a softmax's keys of logsumexp lse (…, 1),
+    (B, H, ·, 1); 0 in rows without a key (has_window False); None without sinks."""
+    if sinks is None:
+        return None
+    logits = sinks.to(lse.dtype).view(1, -1, 1, 1)
+    if has_window is None:
+        return torch.exp(logits - lse)
+    # (lse −inf never reaches the exponential: its infinite mass would give NaN gradients through where)
+    return torch.where(has_window, torch.exp(logits - torch.where(has_window, lse, 0.0)), 0.0)
 
 
 def _real_queries(q, key_padding_mask) -> Optional[torch.Tensor]:

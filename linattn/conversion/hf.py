@@ -61,6 +61,7 @@ def linearized_attention(module, query, key, value, attention_mask, scaling=None
     if kwargs.get("softcap") != layer.softcap:
         raise ValueError(f"{_where(module)}: the layer runs with softcap={kwargs.get('softcap')!r}, but was linearized "
                          f"with softcap={layer.softcap!r} (the teacher's logit soft-capping)")
+    sinks = kwargs.get("s_aux")  # gpt-oss's attention-sink logits (H,), the model's own parameter
     if layer.mode == "student" and not layer.exact_window and layer.delta_rule is None:  # the linear student
         return _learned_linear_attention(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
     key, value, seen, state_layer = _prepare(module, query, key, value, attention_mask, 0.0, kwargs)
@@ -78,14 +79,14 @@ def linearized_attention(module, query, key, value, attention_mask, scaling=None
                              "sequences (one prompt, or prompts of one length); with padded prompts use transformers' "
                              "own cache")
         out = state_layer.attend(lambda initial_state, output_final_state: layer.decode(
-            query, key, value, scale, initial_state))
+            query, key, value, scale, initial_state, sinks))
     elif seen.causal and query.shape[2] != key.shape[2]:
         # transformers' key/value cache: the new queries are the last rows of the whole sequence.
         past = query.new_zeros(*query.shape[:2], key.shape[2] - query.shape[2], query.shape[3])
-        out = layer(torch.cat([past, query], dim=2), key, value, scale, seen.padding, True, window)
+        out = layer(torch.cat([past, query], dim=2), key, value, scale, seen.padding, True, window, sinks)
         out = out[:, :, -query.shape[2]:]
     else:
-        out = layer(query, key, value, scale, seen.padding, seen.causal, window)
+        out = layer(query, key, value, scale, seen.padding, seen.causal, window, sinks)
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -173,11 +174,9 @@ def linearize_hf(model, example_inputs, options: Dict) -> List[str]:
         module = probed.module
         if getattr(module, ATTRIBUTE, None) is not None:
             raise ValueError(f"linattn.linearize: {names[id(module)]} is already linearized")
-        if probed.has_sinks:
-            raise ValueError(f"linattn.linearize: {names[id(module)]} has attention sinks (s_aux, gpt-oss), which the "
-                             "teacher and students do not model yet")
         parameter = next(model.parameters())
-        layer = LinearizedAttention(probed.heads, probed.head_dim, softcap=probed.softcap, **options)
+        layer = LinearizedAttention(probed.heads, probed.head_dim, softcap=probed.softcap, sinks=probed.has_sinks,
+                                    **options)
         layer = layer.to(device=parameter.device, dtype=parameter.dtype)
         module.add_module(ATTRIBUTE, layer)
         replaced.append(names[id(module)])

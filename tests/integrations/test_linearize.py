@@ -1,8 +1,8 @@
 """linattn.linearize and linattn.attention_transfer (docs/methods.md §10) on small transformers models
 built here (BERT bidirectional, Llama causal; Mistral's and ModernBERT's sliding windows, Gemma-2's
-soft-capping): the record of what was replaced, teacher mode = the original model, the student's
-math against a dense float64 definition, padding, state_dict round trips, compile, transfer reducing
-every layer's loss, and errors."""
+soft-capping, gpt-oss's attention sinks): the record of what was replaced, teacher mode = the
+original model, the student's math against a dense float64 definition, padding, state_dict round
+trips, compile, transfer reducing every layer's loss, and errors."""
 import math
 
 import pytest
@@ -366,17 +366,101 @@ def test_soft_capped_hybrid_equals_its_dense_definition_and_decodes(causal):
         torch.testing.assert_close(torch.cat(pieces, 2), whole, rtol=1e-10, atol=1e-10)
 
 
-def test_attention_sinks_are_refused():
+def gpt_oss(seed=0):
+    """A small gpt-oss (attention sinks of a few units, one sliding and one full layer)."""
     if not hasattr(transformers, "GptOssConfig"):
         pytest.skip("this transformers has no gpt-oss")
     config = transformers.GptOssConfig(
         vocab_size=61, hidden_size=32, intermediate_size=16, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, head_dim=8, sliding_window=64, num_local_experts=4, num_experts_per_tok=2,
-        max_position_embeddings=128, layer_types=["sliding_attention", "full_attention"])
-    with pytest.raises(ValueError, match="attention sinks"):
-        linattn.linearize(transformers.GptOssForCausalLM(config).eval())
+        max_position_embeddings=128, layer_types=["sliding_attention", "full_attention"],
+        experts_implementation="eager")  # (its grouped-mm experts take no float64)
+    torch.manual_seed(seed)
+    model = transformers.GptOssForCausalLM(config).eval().double()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.sinks.copy_(2 * torch.randn(4, dtype=torch.float64))
+    return model
+
+
+def test_gpt_oss_sinks_reach_the_teacher_and_the_hybrid():
+    """gpt-oss's attention sinks (transformers' s_aux): each layer learns from the probe that it
+    sinks; the teacher is the model (eager) with its sinks; the hybrid student counts them and
+    decodes from a LinearStateCache as the whole sequence gives; the students without a softmax and
+    a call without the sinks are refused, naming them."""
+    ids = torch.randint(0, 61, (2, 20), generator=torch.Generator().manual_seed(4))
+    model = gpt_oss()
+    original = model.set_attn_implementation("eager") or model(ids).logits
+    linattn.linearize(model, method="hybrid", window=3)
+    assert [layer.sinks for layer in linearized_layers(model).values()] == [True, True]
+    set_mode(model, "teacher")
+    torch.testing.assert_close(model(ids).logits, original, rtol=1e-9, atol=1e-9)
+    set_mode(model, "student")
+    student = model(ids).logits
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.sinks.add_(1.0)
+    assert not torch.allclose(model(ids).logits, student)  # the student counts the sinks
+    from linattn.hf import LinearStateCache
+
+    prompt = ids[:1, :12]
+    whole = model(ids[:1]).logits[:, 11:]
+    cache = LinearStateCache()
+    pieces = [model(prompt, past_key_values=cache, use_cache=True).logits[:, -1:]]
+    for t in range(12, 20):
+        pieces.append(model(ids[:1, t:t + 1], past_key_values=cache, use_cache=True).logits)
+    torch.testing.assert_close(torch.cat(pieces, 1), whole, rtol=1e-9, atol=1e-9)
+    with pytest.raises(ValueError, match="attention sinks .* the 'linear' student has none"):
+        linattn.linearize(gpt_oss(), method="linear")
+    layer = LinearizedAttention(2, 4, method="hybrid", sinks=True)
+    q = torch.randn(1, 2, 5, 4)
+    with pytest.raises(ValueError, match="linearized with attention sinks, but the call passes none"):
+        layer(q, q, q, 0.5)
     with pytest.raises(ValueError, match="softcap must be a finite number > 0"):
         LinearizedAttention(2, 4, softcap=-1.0)
+
+
+@pytest.mark.parametrize("loss", ["output_mse", "attention_ce"])
+def test_gpt_oss_transfer_reduces_every_layer_loss(loss):
+    """Transfer with the sinks in the teacher's targets and the student's outputs or weights."""
+    model = gpt_oss()
+    linattn.linearize(model, method="hybrid", window=4)
+    inputs = [batch(seed=s) for s in range(3)]
+    history = linattn.attention_transfer(model, inputs, steps=40, lr=3e-2, loss=loss, progress=False)
+    for name in (name for name in history if name != "total"):  # (cross-entropy has the teacher's entropy as floor)
+        assert sum(history[name][-3:]) < (0.8 if loss == "output_mse" else 0.95) * sum(history[name][:3]), name
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_sinking_hybrid_equals_its_dense_definition_and_decodes(causal):
+    """The hybrid with attention sinks against its dense weights (the sink's mass e^{s − lse} in the
+    normaliser; out = weights @ v, the sink's value 0), finite gradients to the sinks with padded
+    rows, the teacher against softmax with a sink column, and decoding token by token."""
+    torch.manual_seed(3)
+    layer = LinearizedAttention(2, 4, method="hybrid", window=3, sinks=True).double()
+    sinks = torch.tensor([1.5, -0.5], dtype=torch.float64, requires_grad=True)
+    q, k, v = (torch.randn(2, 2, 23, 4, dtype=torch.float64) for _ in range(3))
+    padding = torch.zeros(2, 23, dtype=torch.bool)
+    padding[1, 17:] = True
+    got = layer.student(q, k, v, 0.9, padding, causal, sinks=sinks)
+    rows = ~padding[:, None, :, None].expand_as(got)
+    dense = layer.student_weights(q, k, 0.9, padding, causal, sinks) @ v
+    torch.testing.assert_close(got[rows], dense[rows], rtol=1e-10, atol=1e-10)
+    assert not torch.allclose(layer.student(q, k, v, 0.9, padding, causal, sinks=sinks.detach() - 3)[rows], got[rows])
+    assert torch.isfinite(torch.autograd.grad(got[rows].sum(), sinks)[0]).all()
+    from linattn.conversion.attention import _softmax_weights
+
+    teacher = layer.teacher(q, k, v, 0.9, padding, causal, sinks=sinks)
+    expected = _softmax_weights(q, k, 0.9, padding, causal, sinks=sinks) @ v
+    torch.testing.assert_close(teacher[rows], expected[rows], rtol=1e-10, atol=1e-10)
+    if causal:  # decoding: a prompt, then one token at a time, equals the whole sequence
+        whole = layer.student(q, k, v, 0.9, None, True, sinks=sinks)
+        out, entry = layer.decode(q[:, :, :9], k[:, :, :9], v[:, :, :9], 0.9, None, sinks)
+        pieces = [out]
+        for t in range(9, 23):
+            out, entry = layer.decode(q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1], 0.9, entry, sinks)
+            pieces.append(out)
+        torch.testing.assert_close(torch.cat(pieces, 2), whole, rtol=1e-10, atol=1e-10)
 
 
 def mistral(window=4, seed=0):
