@@ -59,6 +59,7 @@ def lsh_attention(
     generator: Optional[torch.Generator] = None,
     rotations: Optional[torch.Tensor] = None,
     scale: Optional[float] = None,
+    dropout_p: float = 0.0,
 ) -> torch.Tensor:
     """Reformer's shared-QK LSH attention.
 
@@ -71,6 +72,10 @@ def lsh_attention(
         key_padding_mask: (B, T) bool, True = padded.
         generator: draws the rotations (reproducible results); or pass `rotations`
             (n_hashes, D, n_buckets / 2) directly. scale: default D ** -0.5.
+        dropout_p: attention dropout (pass 0 in evaluation): each round's probabilities dropped
+            pair by pair in the operator (sliding_window_attention's Philox mask, over the rounds'
+            sorted rows: lsh_dropout_keep gives it in token order), the rounds still weighted by
+            their undropped logsumexps; its seed drawn from `generator` after the rotations.
     Returns (B, H, T, dv). Differentiable in qk and v (the hashing itself is not).
     """
     where = "linattn.lsh_attention"
@@ -87,6 +92,7 @@ def lsh_attention(
                          f"{n_buckets // 2}) for T={T} and bucket_size={bucket_size}, got {tuple(rotations.shape)}")
     if scale is None:
         scale = D ** -0.5 if D > 0 else 1.0
+    dropout = check.dropout_of(where, dropout_p)
     dv = v.shape[-1]
     R = n_hashes
     buckets = lsh_buckets(qk, rotations)  # (B, H, R, T)
@@ -108,7 +114,8 @@ def lsh_attention(
         key_segments = segments.masked_fill(padded, -1)
     pattern = ops.restricted.Pattern(layout=chunk_layout(T, bucket_size, qk.device), block_size=int(bucket_size),
                                      causal=bool(causal), q_segments=segments, k_segments=key_segments,
-                                     positions=order.reshape(B, H * R, T))
+                                     positions=order.reshape(B, H * R, T), dropout_p=dropout,
+                                     dropout_seed=ops.restricted.dropout_seed_from(generator) if dropout else None)
     out, lse = ops.restricted.restricted_softmax(q_sorted, k_sorted, v_sorted, float(scale), pattern)
     # Back to the input order, then the rounds weighted by softmax over their logsumexps (a row
     # that sees nothing in any round, a padded token's, is 0).
@@ -121,3 +128,16 @@ def lsh_attention(
     total = e.sum(dim=2, keepdim=True)
     weights = e / torch.where(total == 0, torch.ones_like(total), total)
     return (weights.unsqueeze(-1) * out.to(weights.dtype)).sum(dim=2).to(v.dtype)
+
+
+def lsh_dropout_keep(seed: torch.Tensor, buckets: torch.Tensor, dropout_p: float) -> torch.Tensor:
+    """(B, H, rounds, T, T) bool: the pairs lsh_attention's dropout keeps under `seed`, per round in
+    token order (the operator draws them over each round's rows sorted by (bucket, position): head
+    h·rounds + r, rows and keys at their ranks), for the dense weights of need_weights and tests."""
+    B, H, R, T = buckets.shape
+    positions = torch.arange(T, device=buckets.device)
+    rank = (buckets * T + positions).argsort(dim=-1).argsort(dim=-1)  # original position -> sorted row
+    sorted_keep = ops.restricted.dropout_keep_mask(seed, B, H * R, T, T, dropout_p, device=buckets.device)
+    sorted_keep = sorted_keep.view(B, H, R, T, T)
+    rows = sorted_keep.gather(3, rank.unsqueeze(-1).expand(B, H, R, T, T))
+    return rows.gather(4, rank.unsqueeze(-2).expand(B, H, R, T, T))

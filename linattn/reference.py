@@ -237,12 +237,15 @@ def swin_attention(q, k, v, *, bias=None, regions=None, scale=None, keep=None, d
     return masked_softmax_attention(q, k, v, visible, scale, bias=bias, keep=keep, dropout_p=dropout_p)
 
 
-def lsh_attention_weights(qk, buckets, bucket_size, *, causal=False, key_padding_mask=None, scale=None):
+def lsh_attention_weights(qk, buckets, bucket_size, *, causal=False, key_padding_mask=None, scale=None, keep=None,
+                          dropout_p=0.0):
     """The (B, H, T, T) attention weights of Reformer LSH attention (docs/methods.md §7) in float64
     from given buckets (B, H, rounds, T), written as dense masks without sorting any tensor: in
     round r, token i sees token j when both share a bucket, j's chunk (of its rank in the
     (bucket, position) order) is i's or the one before, j <= i when causal, and j is not padded;
-    i's own score is −1e5; rounds are weighted by the softmax of their logsumexps."""
+    i's own score is −1e5; rounds are weighted by the softmax of their logsumexps. keep (B, H,
+    rounds, T, T) bool: attention dropout's kept pairs per round (lsh.lsh_dropout_keep), the kept
+    probabilities scaled by 1 / (1 − dropout_p)."""
     B, H, T, D = qk.shape
     scale = (D ** -0.5 if D > 0 else 1.0) if scale is None else scale
     q = qk.double()
@@ -263,7 +266,10 @@ def lsh_attention_weights(qk, buckets, bucket_size, *, causal=False, key_padding
         scores = torch.where(torch.eye(T, dtype=torch.bool, device=qk.device), torch.full_like(scores, SELF_SCORE),
                              scores).masked_fill(~visible, float("-inf"))
         lse = torch.logsumexp(scores, dim=-1)
-        probs.append(torch.where(visible.any(-1, keepdim=True), torch.softmax(scores, -1), torch.zeros_like(scores)))
+        round_probs = torch.where(visible.any(-1, keepdim=True), torch.softmax(scores, -1), torch.zeros_like(scores))
+        if keep is not None:
+            round_probs = round_probs * keep[:, :, r] / (1.0 - dropout_p)
+        probs.append(round_probs)
         lses.append(lse)
     lse = torch.stack(lses)  # (rounds, B, H, T)
     finite_max = torch.where(torch.isfinite(lse.amax(0)), lse.amax(0), torch.zeros_like(lse[0]))

@@ -85,6 +85,33 @@ def test_compile_fullgraph_matches_eager():
         assert_close(a, b, 1e-5, "compiled gradient")
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_dropout_drops_each_rounds_pairs(implementation, causal):
+    """Attention dropout per round, in the operator's sorted rows: output and gradients equal the
+    float64 reference whose rounds drop the pairs lsh_dropout_keep gives in token order (the
+    rounds weighted by their undropped logsumexps)."""
+    qk, v = inputs(T=45)
+    padding = torch.zeros(2, 45, dtype=torch.bool)
+    padding[1, 38:] = True
+    rotations = lsh.lsh_rotations(2, 8, lsh.lsh_buckets_count(45, 8), generator=torch.Generator().manual_seed(1),
+                                  dtype=torch.float64)
+    out = linattn.lsh_attention(qk, v, n_hashes=2, bucket_size=8, causal=causal, key_padding_mask=padding,
+                                rotations=rotations, dropout_p=0.3, generator=torch.Generator().manual_seed(3))
+    seed = linattn.ops.restricted.dropout_seed_from(torch.Generator().manual_seed(3))
+    buckets = lsh.lsh_buckets(qk, rotations)
+    keep = lsh.lsh_dropout_keep(seed, buckets, 0.3)
+    assert 0.6 < keep.double().mean().item() < 0.8
+    want = reference.lsh_attention_weights(qk, buckets, 8, causal=causal, key_padding_mask=padding, keep=keep,
+                                           dropout_p=0.3) @ v
+    undropped = linattn.lsh_attention(qk, v, n_hashes=2, bucket_size=8, causal=causal, key_padding_mask=padding,
+                                      rotations=rotations)
+    assert not torch.allclose(out, undropped)
+    assert_close(out, want, 1e-10, "out")
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    for got, ref in zip(torch.autograd.grad(out, [qk, v], g), torch.autograd.grad(want, [qk, v], g)):
+        assert_close(got, ref, 1e-9, "grad")
+
+
 def test_errors():
     qk, v = inputs()
     with pytest.raises(ValueError, match="n_hashes must be an int >= 1"):

@@ -12,8 +12,9 @@ key_padding_mask into a bool mask (True = padded), or rejected it (see masks.py)
 
 What dropout means differs, because only the softmax methods form attention weights:
   - softmax, linformer: dropout on the attention probabilities, as nn.MultiheadAttention does;
-  - local, longformer, bigbird: the same, pair by pair in the restricted-softmax operator
-    (its Philox mask, the same on every device; need_weights returns the dropped weights);
+  - local, longformer, bigbird, reformer: the same, pair by pair in the restricted-softmax
+    operator (its Philox mask, the same on every device; reformer per hashing round;
+    need_weights returns the dropped weights);
   - deltanet, gated_deltanet: whole keys are skipped (they write nothing) with probability p;
   - linear, performer, efficient: whole keys (columns of the implicit attention matrix) are
     dropped per batch and head with probability p and the rest scaled by 1/(1 − p), applied to

@@ -227,8 +227,8 @@ class ReformerMethod(MethodModule):
     redraw_in_training (False): in training mode, draw fresh rotations from torch's random
     generator at every forward call instead (the Reformer paper's stochastic hashing; seed it
     with torch.manual_seed), keeping the fixed ones for eval.
-    Self-attention only; key padding and causal masks; dropout drops whole keys. need_weights
-    builds the dense (T, T) weights (O(T²))."""
+    Self-attention only; key padding and causal masks; dropout drops each round's attention
+    probabilities in the operator. need_weights builds the dense (T, T) weights (O(T²))."""
 
     name = "reformer"
     options = ("n_hashes", "bucket_size", "seed", "redraw_in_training")
@@ -271,12 +271,14 @@ class ReformerMethod(MethodModule):
         if q.shape[2] != k.shape[2]:
             raise ValueError("linattn method 'reformer': self-attention only (as many queries as keys), got "
                              f"{q.shape[2]} queries and {k.shape[2]} keys")
-        v, key_scale = _drop_keys(v, dropout_p)
+        dropout, seed = _probability_dropout(dropout_p, need_weights)
         rotations = self.rotations(q.shape[2], q.device, q.dtype)
         out = lsh.lsh_attention(q, v, n_hashes=self.n_hashes, bucket_size=self.bucket_size, causal=causal,
-                                key_padding_mask=key_padding_mask, rotations=rotations)
+                                key_padding_mask=key_padding_mask, rotations=rotations, **dropout)
         if not need_weights:
             return out, None
-        weights = reference.lsh_attention_weights(q, lsh.lsh_buckets(q, rotations), self.bucket_size, causal=causal,
-                                                  key_padding_mask=key_padding_mask).to(q.dtype)
-        return out, weights if key_scale is None else weights * key_scale
+        buckets = lsh.lsh_buckets(q, rotations)
+        keep = None if seed is None else lsh.lsh_dropout_keep(seed, buckets, dropout_p)
+        weights = reference.lsh_attention_weights(q, buckets, self.bucket_size, causal=causal,
+                                                  key_padding_mask=key_padding_mask, keep=keep, dropout_p=dropout_p)
+        return out, weights.to(q.dtype)
