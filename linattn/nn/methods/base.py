@@ -22,9 +22,9 @@ def _drop_keys(v: torch.Tensor, dropout_p: float):
 
 def _probability_dropout(dropout_p: float, need_weights: bool):
     """Attention dropout for the methods whose operator drops each probability after the softmax
-    (local, longformer, bigbird: torch's and flash-attn's meaning, the same mask on every device):
-    the functional's keyword arguments, and for need_weights the seed the operator will draw (its
-    weights are dropped alike, with ops.restricted.dropout_keep_mask), else None."""
+    (local, longformer, bigbird, reformer: torch's and flash-attn's meaning, the same mask on every
+    device): the functional's keyword arguments, and for need_weights the seed the operator will
+    draw (their weights are dropped alike: ops.restricted.dropout_keep_mask), else None."""
     if dropout_p <= 0.0:
         return {}, None
     if not need_weights:  # the operator draws its seed from torch's generator (a graph op when compiled)
