@@ -406,11 +406,9 @@ def _softmax_weights(q, k, scale, key_padding_mask, causal, softcap=None, window
     scores = ops.restricted.soft_capped((q @ k.transpose(-1, -2)) * scale, softcap)
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
+    weights = torch.softmax(scores, -1)
     if sinks is not None:
-        sink = sinks.to(scores.dtype).view(1, -1, 1, 1).expand(*scores.shape[:-1], 1)
-        weights = torch.softmax(torch.cat([scores, sink], -1), -1)[..., :-1]
-    else:
-        weights = torch.softmax(scores, -1)
+        weights = with_sinks(weights, torch.logsumexp(scores, -1), sinks)
     return weights if mask is None else torch.where(mask.any(-1, keepdim=True), weights, 0.0)
 
 
