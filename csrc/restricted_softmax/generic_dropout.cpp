@@ -49,54 +49,54 @@ std::array<at::Tensor, 4> philox(at::Tensor c0, at::Tensor c1, at::Tensor c2, ui
 }
 
 // The kept pairs' factors from their Philox bits, in dtype (the scale rounded to dtype, as the kernels do).
-at::Tensor factors_of(const DropoutDraw& draw, const at::Tensor& bits, at::ScalarType dtype) {
-  return bits.ge(static_cast<int64_t>(draw.threshold)).to(dtype).mul_(draw.scale);
+at::Tensor factors_of(const WindowAttentionShape& s, const at::Tensor& bits, at::ScalarType dtype) {
+  return bits.ge(static_cast<int64_t>(s.dropout_threshold)).to(dtype).mul_(s.dropout_scale);
 }
 
 // One Philox evaluation per pair: word j mod 4 of the counter (j / 4, i, bh, 0) (dropout_bits).
-at::Tensor pair_factors(const DropoutDraw& draw, const at::Tensor& bh, const at::Tensor& rows, const at::Tensor& keys,
-                        at::ScalarType dtype) {
+at::Tensor pair_factors(const WindowAttentionShape& s, const at::Tensor& bh, const at::Tensor& rows,
+                        const at::Tensor& keys, at::ScalarType dtype) {
   const at::Tensor key = keys.bitwise_and(kWord).unsqueeze(-2);  // (n, 1, c)
   const at::Tensor word = key.bitwise_and(3);
   const auto w = philox(at::bitwise_right_shift(key, 2), rows.bitwise_and(kWord).unsqueeze(-1),
-                        bh.bitwise_and(kWord), draw.seed);
-  return factors_of(draw, at::where(word.eq(0), w[0], at::where(word.eq(1), w[1], at::where(word.eq(2), w[2], w[3]))),
+                        bh.bitwise_and(kWord), s.dropout_seed);
+  return factors_of(s, at::where(word.eq(0), w[0], at::where(word.eq(1), w[1], at::where(word.eq(2), w[2], w[3]))),
                     dtype);
 }
 
 // One evaluation per quad of keys: runs of `length` keys from `starts` (n, R), every start ≡
 // `alignment` (mod 4); the words of each run's quads, laid end to end, are its keys' bits from
 // word `alignment` on.
-at::Tensor run_factors(const DropoutDraw& draw, const at::Tensor& bh, const at::Tensor& rows, const at::Tensor& starts,
-                       int64_t length, int64_t alignment, at::ScalarType dtype) {
+at::Tensor run_factors(const WindowAttentionShape& s, const at::Tensor& bh, const at::Tensor& rows,
+                       const at::Tensor& starts, int64_t length, int64_t alignment, at::ScalarType dtype) {
   const int64_t quads = (alignment + length + 3) / 4;
   const at::Tensor first_quad = starts.div(4, "floor");  // keys are 4·quad + word, word in [0, 4)
   const at::Tensor quad = (first_quad.unsqueeze(-1) + at::arange(quads, starts.options())).bitwise_and_(kWord);
   const int64_t n = starts.size(0), R = starts.size(1);
   const auto w = philox(quad.view({n, 1, R * quads}), rows.bitwise_and(kWord).unsqueeze(-1), bh.bitwise_and(kWord),
-                        draw.seed);  // (..., n, L, R·quads) each
+                        s.dropout_seed);  // (..., n, L, R·quads) each
   const at::Tensor words = at::stack({w[0], w[1], w[2], w[3]}, -1);  // (..., n, L, R·quads, 4)
   std::vector<int64_t> runs = words.sizes().vec();
   runs.resize(runs.size() - 2);
   runs.insert(runs.end(), {R, quads * 4});
-  return factors_of(draw, words.reshape(runs).narrow(-1, alignment, length).flatten(-2), dtype);
+  return factors_of(s, words.reshape(runs).narrow(-1, alignment, length).flatten(-2), dtype);
 }
 
 // The factors of the pairs (bh, rows, keys) of one chunk, keys given as KeyRuns.
-at::Tensor chunk_factors(const DropoutDraw& draw, const at::Tensor& bh, const at::Tensor& rows, const KeyRuns& keys,
-                         int64_t first_block, int64_t blocks, at::ScalarType dtype) {
+at::Tensor chunk_factors(const WindowAttentionShape& s, const at::Tensor& bh, const at::Tensor& rows,
+                         const KeyRuns& keys, int64_t first_block, int64_t blocks, at::ScalarType dtype) {
   std::vector<at::Tensor> parts;
   if (keys.starts.defined())
-    parts.push_back(run_factors(draw, bh, rows, keys.starts.narrow(0, first_block, blocks), keys.length,
+    parts.push_back(run_factors(s, bh, rows, keys.starts.narrow(0, first_block, blocks), keys.length,
                                 keys.alignment, dtype));
   if (keys.single.defined() && keys.single.size(1) > 0)
-    parts.push_back(pair_factors(draw, bh, rows, keys.single.narrow(0, first_block, blocks), dtype));
+    parts.push_back(pair_factors(s, bh, rows, keys.single.narrow(0, first_block, blocks), dtype));
   return parts.size() == 1 ? parts.front() : at::cat(parts, -1);
 }
 
 }  // namespace
 
-at::Tensor dropout_factors(const DropoutDraw& draw, const at::Tensor& bh, const at::Tensor& rows,
+at::Tensor dropout_factors(const WindowAttentionShape& s, const at::Tensor& bh, const at::Tensor& rows,
                            const KeyRuns& keys, at::ScalarType dtype) {
   const int64_t n = rows.size(0), L = rows.size(1), c = keys.columns();
   std::vector<int64_t> leading = bh.sizes().vec();  // (..., n or 1, 1, 1): the pairs' (..., n, L, c)
@@ -117,13 +117,13 @@ at::Tensor dropout_factors(const DropoutDraw& draw, const at::Tensor& bh, const 
     const at::Tensor bh_blocks = bh_per_block ? bh.narrow(block_dim, b0, nb) : bh;
     const at::Tensor block_rows = rows.narrow(0, b0, nb), target = factors.narrow(block_dim, b0, nb);
     if (nb > 1 || per_block <= kDropoutChunk) {
-      target.copy_(chunk_factors(draw, bh_blocks, block_rows, keys, b0, nb, dtype));
+      target.copy_(chunk_factors(s, bh_blocks, block_rows, keys, b0, nb, dtype));
       continue;
     }
     for (int64_t r0 = 0; r0 < L; r0 += rows_at_once) {
       const int64_t nr = std::min(rows_at_once, L - r0);
       target.narrow(block_dim + 1, r0, nr)
-          .copy_(chunk_factors(draw, bh_blocks, block_rows.narrow(1, r0, nr), keys, b0, 1, dtype));
+          .copy_(chunk_factors(s, bh_blocks, block_rows.narrow(1, r0, nr), keys, b0, 1, dtype));
     }
   }
   return factors;

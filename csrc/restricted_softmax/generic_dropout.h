@@ -11,16 +11,6 @@
 
 namespace linattn::restricted_generic {
 
-struct DropoutDraw {
-  uint64_t seed;
-  uint32_t threshold;  // a pair is kept when its bits reach it
-  double scale;        // 1 / (1 − p), the kept pairs' factor
-};
-
-inline DropoutDraw dropout_draw(const WindowAttentionShape& s) {
-  return {s.dropout_seed, s.dropout_threshold, s.dropout_scale};
-}
-
 // A tile's keys per block of rows (n blocks): runs of `length` consecutive keys from `starts`
 // (n, R), each start ≡ `alignment` (mod 4), then the keys in `single` (n, S), in that order; either
 // part may be undefined. Runs draw one Philox evaluation per four keys, single keys one each.
@@ -34,12 +24,12 @@ struct KeyRuns {
   }
 };
 
-// The factors 1 / (1 − p) (kept) or 0 (dropped) of the pairs (bh, row, key) in `dtype`, shaped as
-// the broadcast of `bh` (flattened batch·head, broadcasting against (..., n, 1, 1)), `rows` (n, L)
-// and the keys (n, c) to (..., n, L, c). Indices outside the tensors (padding) draw some factor, as
-// every pair does; the tiles never see them. Philox's int64 temporaries are bounded by drawing
-// at most kDropoutChunk pairs at a time.
-at::Tensor dropout_factors(const DropoutDraw& draw, const at::Tensor& bh, const at::Tensor& rows,
+// The factors dropout_scale (kept) or 0 (dropped) of the call `s`'s pairs (bh, row, key) in
+// `dtype`, shaped as the broadcast of `bh` (flattened batch·head, broadcasting against
+// (..., n, 1, 1)), `rows` (n, L) and the keys (n, c) to (..., n, L, c). Indices outside the tensors
+// (padding) draw some factor, as every pair does; the tiles never see them. Philox's int64
+// temporaries are bounded by drawing at most kDropoutChunk pairs at a time.
+at::Tensor dropout_factors(const WindowAttentionShape& s, const at::Tensor& bh, const at::Tensor& rows,
                            const KeyRuns& keys, at::ScalarType dtype);
 
 }  // namespace linattn::restricted_generic

@@ -247,7 +247,7 @@ PairBlock tile_pairs(const WindowAttentionShape& s, const RestrictedPattern& p, 
     KeyRuns keys;  // the listed key blocks as runs of b keys where they start on a quad
     if (g.block % 4 == 0) keys = {t.key_blocks * g.block, g.block, 0};
     else keys.single = t.keys;
-    pairs.dropout = dropout_factors(dropout_draw(s), bh, t.rows, keys, scores_dtype);
+    pairs.dropout = dropout_factors(s, bh, t.rows, keys, scores_dtype);
   }
   pairs.visible = visible;
   return pairs;

@@ -250,7 +250,7 @@ struct WindowOperands {
       alibi = alibi_terms(slopes_per_head(*p.alibi_slopes), ix.rows, ix.keys, g.offset, Q.scalar_type());
     if (s.drops()) {  // the pairs' batch·head: (B, H, 1, 1, 1)
       const at::Tensor bh = at::arange(s.batch * s.heads, ix.rows.options()).view({s.batch, s.heads, 1, 1, 1});
-      dropout = dropout_factors(dropout_draw(s), bh, ix.rows, ix.runs, Q.scalar_type());
+      dropout = dropout_factors(s, bh, ix.rows, ix.runs, Q.scalar_type());
     }
     return {tile_visibility(s, p, g.offset, ix, global_rows), alibi, {}, dropout, p.softcap};
   }

@@ -119,6 +119,10 @@ struct RestrictedPattern {
   bool drops() const { return dropout_p > 0; }
   // The dropout seed (read on the host: a CPU tensor); 0 without dropout.
   uint64_t seed() const { return drops() ? static_cast<uint64_t>(dropout_seed->item<int64_t>()) : 0; }
+  // The threshold the pairs' Philox bits must reach to be kept, and the kept pairs' factor 1 / (1 − p)
+  // (common/philox.h); 0 and 0 without dropout.
+  uint32_t keep_threshold() const { return drops() ? dropout_threshold(dropout_p) : 0; }
+  double keep_scale() const { return drops() ? 1.0 / (1.0 - dropout_p) : 0.0; }
 
   // The region is a layout of blocks, or else a sliding window (unbounded: every key).
   bool uses_layout() const { return layout.has_value(); }
@@ -245,11 +249,9 @@ inline WindowAttentionShape window_kernel_shape(const at::Tensor& q, const at::T
   s.dilation = p.dilation;
   s.scale = scale;
   s.softcap = p.softcap;
-  if (p.drops()) {
-    s.dropout_seed = p.seed();
-    s.dropout_threshold = dropout_threshold(p.dropout_p);
-    s.dropout_scale = 1.0 / (1.0 - p.dropout_p);
-  }
+  s.dropout_seed = p.seed();
+  s.dropout_threshold = p.keep_threshold();
+  s.dropout_scale = p.keep_scale();
   return s;
 }
 

@@ -128,11 +128,9 @@ FlashCall<scalar_t> prepare_call(const at::Tensor& q, const at::Tensor& k, const
   p.value_dim = v.size(3);
   p.scale = static_cast<float>(scale);
   p.softcap = static_cast<float>(pattern.softcap);
-  if (pattern.drops()) {
-    p.dropout_seed = pattern.seed();
-    p.dropout_threshold = dropout_threshold(pattern.dropout_p);
-    p.dropout_scale = static_cast<float>(1.0 / (1.0 - pattern.dropout_p));
-  }
+  p.dropout_seed = pattern.seed();
+  p.dropout_threshold = pattern.keep_threshold();
+  p.dropout_scale = static_cast<float>(pattern.keep_scale());
   p.q_tiles = tiles_of(p.q_len, kRows);
   p.k_tiles = tiles_of(p.k_len, kKeys);
   p.causal = pattern.causal;
