@@ -33,7 +33,7 @@ import linattn  # noqa: F401  (registers the operators)
 from benchmarks.common import machine_info, write_results
 
 VIEWS = {"view", "reshape", "transpose", "narrow", "select", "unsqueeze", "expand", "as_strided", "slice",
-         "empty", "empty_like", "t", "alias", "detach"}
+         "empty", "empty_like", "t", "alias", "detach", "squeeze", "movedim"}
 ELU = 1
 TARGETS = {True: (20, 4.0), False: (10, 2.0)}
 

@@ -5,8 +5,9 @@ asked key the model must produce its value. A small causal model (2 blocks of a 
 convolution — the previous-token mixing that every one of these architectures uses — then
 attention, then an MLP; d_model 64, 2 heads of 32, no position embedding) is trained from scratch
 with the same budget for each attention method: softmax (exact, a cache that grows with the
-context), linear attention (elu+1: a fixed-size state that only accumulates), DeltaNet and Gated
-DeltaNet (a fixed-size state that overwrites what it mispredicts). Recall accuracy on held-out
+context), linear attention (elu+1: a fixed-size state that only accumulates), GLA (the same state
+fading channel by channel by learned gates), DeltaNet and Gated DeltaNet (a fixed-size state that
+overwrites what it mispredicts). Recall accuracy on held-out
 sequences is reported per number of pairs (sequence length 4P).
 
     python examples/associative_recall.py            # the README's table (a few minutes on 2 cores)
@@ -27,7 +28,7 @@ from torch import nn
 
 import linattn
 
-METHODS = ("softmax", "linear", "deltanet", "gated_deltanet")
+METHODS = ("softmax", "linear", "gla", "deltanet", "gated_deltanet")
 KEYS, VALUES = 128, 128  # token ids: keys 0..127, values 128..255
 
 

@@ -74,8 +74,8 @@ def context_parallel_linear_attention(
             of ranks 0, 1, ... are consecutive pieces of one sequence (lengths may differ, and
             may be 0). B, H, D, dv, dtype and device must be the same on every rank.
         causal, feature_map, normalize, eps, key_padding_mask (B, T_r), decay (H,), gate
-            (B, H, T_r): as in linattn.linear_attention, for this rank's slice (decay and gate
-            need causal=True).
+            (B, H, T_r) or per feature channel (B, H, T_r, m): as in linattn.linear_attention, for
+            this rank's slice (decay and gate need causal=True).
 
     Returns:
         this rank's output slice (B, H, T_r, dv): what linattn.linear_attention gives for the
@@ -99,22 +99,24 @@ def context_parallel_linear_attention(
     if key_padding_mask is not None:
         phi_k = phi_k.masked_fill(key_padding_mask[:, None, :, None], 0.0)
     weighted = phi_k
-    log_fade = torch.zeros(q.shape[0], q.shape[1], dtype=acc, device=q.device)
+    # (B, H, w): one log factor for the whole state, or per feature channel (w = m) with per-channel gates.
+    log_fade = torch.zeros(q.shape[0], q.shape[1], 1, dtype=acc, device=q.device)
     if decay is not None or gate is not None:
-        cumulative = log_fade_factors(where, decay, gate, k, causal, acc).cumsum(-1)
-        log_fade = cumulative[..., -1] if q.shape[2] else log_fade
+        factors = log_fade_factors(where, decay, gate, k, causal, acc, phi_k.shape[-1])
+        cumulative = (factors if factors.dim() == 4 else factors.unsqueeze(-1)).cumsum(2)  # (B, H, T_r, w)
+        log_fade = cumulative[:, :, -1] if q.shape[2] else cumulative.new_zeros(cumulative.shape[:2] + cumulative.shape[3:])
         # Key j reaches the slice's end faded by exp(c_T − c_j) <= 1 (no positive exponent).
-        weighted = phi_k * torch.exp(log_fade.unsqueeze(-1) - cumulative).unsqueeze(-1)
+        weighted = phi_k * torch.exp(log_fade.unsqueeze(2) - cumulative)
     S_local = weighted.transpose(-1, -2) @ v.to(acc)
     z_local = weighted.sum(-2)
 
     # 2. Everyone's states, in one collective: the backward then runs exactly one all-reduce on
     # every rank, in the same order (separate gathers could run theirs in different orders).
     batch, heads, m, dv = S_local.shape
-    packed = torch.cat([S_local.flatten(2), z_local, log_fade.unsqueeze(-1)], dim=-1)
+    packed = torch.cat([S_local.flatten(2), z_local, log_fade], dim=-1)
     gathered = _AllGather.apply(packed, group)
     S_all = gathered[..., : m * dv].unflatten(-1, (m, dv))
-    z_all, fade_all = gathered[..., m * dv: m * dv + m], gathered[..., -1]
+    z_all, fade_all = gathered[..., m * dv: m * dv + m], gathered[..., m * dv + m:]
     # The states this slice continues from, combined in rank order. Every rank's slot enters the
     # sum (weight 0 when it does not count), so the gather's output is always part of the graph.
     S_init, z_init = torch.zeros_like(S_local), torch.zeros_like(z_local)
@@ -126,8 +128,8 @@ def context_parallel_linear_attention(
             weight = torch.exp(fade_all[r + 1:rank].sum(0))
         else:
             weight = torch.ones_like(log_fade)
-        S_init = S_init + S_all[r] * weight[..., None, None]
-        z_init = z_init + z_all[r] * weight[..., None]
+        S_init = S_init + S_all[r] * weight[..., None]  # (B, H, w, 1): the whole state or its rows
+        z_init = z_init + z_all[r] * weight
 
     # 3. This slice from that state.
     return linear_attention(

@@ -51,15 +51,18 @@ def linear_attention(
         output_final_state: also return the state (S, z) after the last key, in float32
             (float64 for float64 inputs); feeding it back as initial_state continues the sequence.
         decay: (H,) per-head γ in (0, 1] (RetNet, Lightning): S_i = γ S_{i−1} + φ(k_i) v_iᵀ.
-        gate: (B, H, T) log-gates g <= 0 (Mamba-2, simple GLA): S_i = e^{g_i} S_{i−1} + φ(k_i) v_iᵀ.
-            Both causal only; differentiable (decay and gate too). CPU tensors run the fused
-            kernel, others the device-generic one (csrc/linear_attention/fading_generic.cpp);
-            under set_cuda_backend("fused") bf16/fp16 CUDA tensors run the forward on tensor cores
-            (docs/guide/cuda.md), the backward on the generic kernel.
+        gate: (B, H, T) log-gates g <= 0 (Mamba-2, simple GLA): S_i = e^{g_i} S_{i−1} + φ(k_i) v_iᵀ;
+            or (B, H, T, m) one log-gate per feature channel (GLA): row c of the state (and of z)
+            fades by e^{g_ic}, S_i = diag(e^{g_i}) S_{i−1} + φ(k_i) v_iᵀ, m the feature dim (D for
+            the built-in maps). Both causal only; differentiable (decay and gate too). CPU tensors
+            run the fused kernel, others the device-generic one
+            (csrc/linear_attention/fading_generic.cpp), as do per-channel gates on every device;
+            under set_cuda_backend("fused") bf16/fp16 CUDA tensors run per-token gates on tensor
+            cores (docs/guide/cuda.md).
         cu_seqlens: (N + 1,) int32 offsets of packed variable-length sequences (flash-attn's
             convention; linattn/varlen.py): q, k, v are (1, H, total, D) and each sequence
             attends only to itself; states are per sequence, (N, H, m, dv) and (N, H, m); gate
-            is (1, H, total). No key_padding_mask (there is no padding).
+            is (1, H, total) or (1, H, total, m). No key_padding_mask (there is no padding).
 
     Returns:
         out (B, H, T_q, dv) in the input dtype, or (out, (S, z)) when output_final_state.
@@ -101,7 +104,8 @@ def linear_attention(
     acc = ops.accumulate_dtype(q.dtype)
     if cu_seqlens is not None:
         check_cu_seqlens(where, cu_seqlens, q, k, key_padding_mask)
-        log_decay = None if decay is None and gate is None else log_fade_factors(where, decay, gate, q, causal, acc)
+        log_decay = None if decay is None and gate is None else log_fade_factors(where, decay, gate, q, causal, acc,
+                                                                                       phi_k.shape[-1])
         out, state = varlen_linear_attention(
             where, q, k, v, phi_q, phi_k, code, cu_seqlens, causal=causal, normalize=normalize, eps=eps,
             log_decay=log_decay, initial_state=initial_state, need_state=output_final_state,
@@ -114,7 +118,7 @@ def linear_attention(
 
     log_decay = None
     if decay is not None or gate is not None:
-        log_decay = log_fade_factors(where, decay, gate, q, causal, acc)
+        log_decay = log_fade_factors(where, decay, gate, q, causal, acc, phi_k.shape[-1])
     out, final_state, _ = ops.linear.forward_op(q.device.type, extended=log_decay is not None)(
         phi_q, phi_k, v, initial, key_padding_mask, code, causal, normalize, float(eps), log_decay
     )
@@ -123,25 +127,31 @@ def linear_attention(
     return out, ops.returned_state(final_state, causal)  # decay and gate imply causal
 
 
-def log_fade_factors(where, decay, gate, q, causal, acc):
-    """(B, H, T) log factors of the fading state: log γ per head plus the per-token log-gates."""
+def log_fade_factors(where, decay, gate, q, causal, acc, feature_dim):
+    """Log factors of the fading state: log γ per head plus the log-gates, (B, H, T) one per token, or
+    (B, H, T, m) one per token and feature channel when the gate is per channel."""
     if not causal:
         raise ValueError(f"{where}: decay and gate fade a causal state; call it with causal=True, got causal=False")
     batch, heads, length = q.shape[0], q.shape[1], q.shape[2]
-    log_decay = torch.zeros(batch, heads, length, dtype=acc, device=q.device)
+    per_channel = gate is not None and gate.dim() == 4
+    rows = (batch, heads, length, feature_dim) if per_channel else (batch, heads, length)
+    log_decay = None  # the sum of what is given (callers give a decay, a gate or both)
     # Value checks read the data: eager CPU tensors only (no host sync on accelerators).
     checking = not torch.compiler.is_compiling() and q.device.type == "cpu"
     if decay is not None:
         check.check_fade(where, "decay", decay, (heads,), "(H,)", q.device)
         if checking and not bool(((decay > 0) & (decay <= 1)).all()):
             raise ValueError(f"{where}: decay must lie in (0, 1], got {decay.tolist()}")
-        log_decay = log_decay + decay.to(acc).log().view(1, heads, 1)
+        log_decay = decay.to(acc).log().view((1, heads) + (1,) * (len(rows) - 2)).expand(rows)
     if gate is not None:
-        check.check_fade(where, "gate", gate, (batch, heads, length), "(B, H, T)", q.device)
+        if per_channel:
+            check.check_fade(where, "gate", gate, rows, "(B, H, T, m), m the feature dim", q.device)
+        else:
+            check.check_fade(where, "gate", gate, rows, "(B, H, T) or (B, H, T, m)", q.device)
         if checking and not bool((gate <= 0).all()):
             raise ValueError(f"{where}: gate holds log-gates, which must be <= 0 (and not NaN)")
-        log_decay = log_decay + gate.to(acc)
-    return log_decay
+        log_decay = gate.to(acc) if log_decay is None else log_decay + gate.to(acc)
+    return log_decay.contiguous()
 
 
 def performer_attention(

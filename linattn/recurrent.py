@@ -4,7 +4,8 @@ A causal linear attention layer carries a state (S, z), S (B, H, m, dv) and z (B
 new token updates it and reads it in O(m·dv), whatever its position, so generation costs the
 same per token at any context length. With a per-head decay γ (RetNet, Lightning) or per-token
 log-gates g ≤ 0 (Mamba-2, simple GLA) the state fades first: S_i = f_i S_{i−1} + φ(k_i) v_iᵀ,
-z_i = f_i z_{i−1} + φ(k_i), f_i = γ·e^{g_i}.
+z_i = f_i z_{i−1} + φ(k_i), f_i = γ·e^{g_i}; with per-channel log-gates (GLA) f_i is a vector and
+row c of S and z fades by its entry c.
 
 One operator on every device (torch.ops.linattn.linear_attn_step: a fused CPU kernel, ATen ops
 elsewhere), under autograd (gradients for q, k, v, the state, decay and gate) and inside
@@ -41,7 +42,8 @@ def linear_attention_step(
             `linear_attention(..., causal=True, output_final_state=True)`; None = empty.
         feature_map, normalize, eps: as in `linear_attention`.
         decay: (H,) per-head γ in (0, 1]: the state is multiplied by γ before the token joins.
-        gate: (B, H) log-gate g <= 0 of this token: the state is multiplied by e^g.
+        gate: (B, H) log-gate g <= 0 of this token: the state is multiplied by e^g; or (B, H, m),
+            one per feature channel (GLA): row c of S and z is multiplied by e^{g_c}.
 
     Returns:
         (out (B, H, dv) in the input dtype, new state (S, z) in float32, or float64 for float64
@@ -95,7 +97,7 @@ def linear_attention_step(
     else:
         check.check_state(where, "state", state, phi_k.unsqueeze(2), v.unsqueeze(2))
         S, z = state[0].to(acc), state[1].to(acc)
-    factor = _state_factor(where, decay, gate, batch, heads, v.device, acc)
+    factor = _state_factor(where, decay, gate, batch, heads, m, v.device, acc)
     # The operator runs the CPU kernel or, on other devices, its ATen formulation (the _generic
     # twin: that formulation on CPU tensors too, for the tests). A callable's features are in the
     # accumulation dtype, and so must the values be then.
@@ -105,14 +107,19 @@ def linear_attention_step(
     return out.to(q.dtype), (S, z)
 
 
-def _state_factor(where, decay, gate, batch, heads, device, acc) -> Optional[torch.Tensor]:
-    """(B, H) multiplier of the state, γ·e^g, or None when neither is given."""
+def _state_factor(where, decay, gate, batch, heads, feature_dim, device, acc) -> Optional[torch.Tensor]:
+    """The state's multiplier γ·e^g: (B, H), or (B, H, m) for a per-channel gate; None when neither is given."""
     factor = None
     if decay is not None:
         check.check_fade(where, "decay", decay, (heads,), "(H,)", device)
         factor = decay.to(acc).unsqueeze(0).expand(batch, heads)
     if gate is not None:
-        check.check_fade(where, "gate", gate, (batch, heads), "(B, H)", device)
+        if gate.dim() == 3:
+            check.check_fade(where, "gate", gate, (batch, heads, feature_dim), "(B, H, m), m the feature dim", device)
+            if factor is not None:
+                factor = factor.unsqueeze(-1)
+        else:
+            check.check_fade(where, "gate", gate, (batch, heads), "(B, H) or (B, H, m)", device)
         gate_factor = gate.to(acc).exp()
         factor = gate_factor if factor is None else factor * gate_factor
     return factor

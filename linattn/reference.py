@@ -71,33 +71,40 @@ def decayed_linear_attention(q, k, v, log_factors, *, feature_map="elu", normali
                              initial_state=None, key_padding_mask=None):
     """Causal linear attention with a fading state (docs/methods.md §1, decay and gates) in float64:
     S_i = f_i S_{i−1} + φ(k_i) v_iᵀ with log f = log_factors (B, H, T) (log γ of a per-head decay,
-    or the log-gates g). Dense: o_i sums w_ij φ(q_i)·φ(k_j) v_j over j <= i with
-    w_ij = exp(c_i − c_j), c the cumulative sum of log f (only c_i − c_j <= 0 is exponentiated),
-    plus e^{c_i} φ(q_i)ᵀ S_0. A padded key has φ(k) = 0 (its position still fades the state).
-    Returns (out, (S_T, z_T))."""
+    or the log-gates g), or (B, H, T, m) one per feature channel (GLA: row c of S fades by f_ic).
+    Dense: o_i sums w_ij φ(q_i)·φ(k_j) v_j over j <= i with w_ij = exp(c_i − c_j) — per channel
+    inside the dot product, Σ_c φ(q_i)_c φ(k_j)_c exp(c_ic − c_jc) —, c the cumulative sum of log f
+    (only c_i − c_j <= 0 is exponentiated), plus (e^{c_i} ⊙ φ(q_i))ᵀ S_0. A padded key has φ(k) = 0
+    (its position still fades the state). Returns (out, (S_T, z_T))."""
     phi = resolve_feature_map(feature_map, "linattn.reference.decayed_linear_attention")
     q, k, v = q.double(), k.double(), v.double()
     phi_q, phi_k = (q, k) if phi is None else (phi(q), phi(k))
     if key_padding_mask is not None:
         phi_k = phi_k.masked_fill(key_padding_mask[:, None, :, None], 0.0)
         v = v.masked_fill(key_padding_mask[:, None, :, None], 0.0)
-    c = log_factors.double().cumsum(-1)                                   # (B, H, T)
+    per_channel = log_factors.dim() == 4
+    c = log_factors.double().cumsum(2)                                    # (B, H, T[, m])
+    c4 = c if per_channel else c.unsqueeze(-1)                            # (B, H, T, w)
     T = q.shape[2]
     later = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)
-    exponent = (c.unsqueeze(-1) - c.unsqueeze(-2)).masked_fill(later, float("-inf"))
-    weights = exponent.exp() * (phi_q @ phi_k.transpose(-1, -2))         # (B, H, T, T)
+    exponent = (c4.unsqueeze(3) - c4.unsqueeze(2)).masked_fill(later[..., None], float("-inf"))  # (B, H, T, T, w)
+    if per_channel:
+        weights = torch.einsum("bhic,bhjc,bhijc->bhij", phi_q, phi_k, exponent.exp())
+    else:
+        weights = exponent.squeeze(-1).exp() * (phi_q @ phi_k.transpose(-1, -2))  # (B, H, T, T)
     numerator = weights @ v
     denominator = weights.sum(-1)
-    S_T = (phi_k * (c[..., -1:] - c).exp().unsqueeze(-1)).transpose(-1, -2) @ v
-    z_T = (phi_k * (c[..., -1:] - c).exp().unsqueeze(-1)).sum(-2)
+    whole = c4[:, :, -1:] if T else c4.new_zeros(c4.shape[0], c4.shape[1], 1, c4.shape[3])  # an empty sequence
+    to_end = phi_k * (whole - c4).exp()                                   # φ(k_j) ⊙ e^{c_T − c_j}
+    S_T = to_end.transpose(-1, -2) @ v
+    z_T = to_end.sum(-2)
     if initial_state is not None:
         S0, z0 = initial_state[0].double(), initial_state[1].double()
-        carry = c.exp().unsqueeze(-1)                                     # e^{c_i} <= 1
-        numerator = numerator + carry * (phi_q @ S0)
-        denominator = denominator + carry.squeeze(-1) * (phi_q @ z0.unsqueeze(-1)).squeeze(-1)
-        whole = c[..., -1:] if c.shape[-1] else c.new_zeros(*c.shape[:-1], 1)  # an empty sequence: no fading
-        S_T = S_T + whole.exp().unsqueeze(-1) * S0
-        z_T = z_T + whole.exp() * z0
+        faded_q = phi_q * c4.exp()                                        # e^{c_i} <= 1
+        numerator = numerator + faded_q @ S0
+        denominator = denominator + (faded_q @ z0.unsqueeze(-1)).squeeze(-1)
+        S_T = S_T + whole.exp().transpose(-1, -2) * S0                   # (B, H, w, 1): rows of S0
+        z_T = z_T + whole.exp().squeeze(2) * z0
     if not normalize:
         return numerator, (S_T, z_T)
     denominator = denominator + eps

@@ -55,10 +55,12 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
 
 def log_factors(decay, gate, B, H, T):
     """The (B, H, T) float64 log factors of a fading state: log γ of a per-head decay (H,) plus the
-    log-gates (B, H, T), either or both None; differentiable in both."""
-    log_f = torch.zeros(B, H, T, dtype=torch.float64)
+    log-gates (B, H, T), either or both None; differentiable in both. Per-channel gates (B, H, T, m)
+    give (B, H, T, m) factors."""
+    channels = tuple(gate.shape[3:]) if gate is not None else ()
+    log_f = torch.zeros(B, H, T, *channels, dtype=torch.float64)
     if decay is not None:
-        log_f = log_f + decay.double().log().view(1, H, 1)
+        log_f = log_f + decay.double().log().view(1, H, 1, *(1 for _ in channels))
     if gate is not None:
         log_f = log_f + gate.double()
     return log_f
@@ -97,6 +99,41 @@ def gated_reference(q, k, v, decay, gate, **options):
     """linattn.reference.decayed_linear_attention (float64) with the log factors of decay and gate."""
     from linattn import reference
     return reference.decayed_linear_attention(q, k, v, log_factors(decay, gate, *gate.shape), **options)
+
+
+def assert_same_gradients(ours, theirs, inputs, names, tol=1e-9, seed=9):
+    """ours(*inputs) and theirs(*inputs) return tuples of outputs: their gradients for the same random
+    cotangents must agree, input by input (named in the message)."""
+    a, b = ours(*inputs), theirs(*inputs)
+    g = torch.Generator().manual_seed(seed)
+    weights = [torch.randn(x.shape, generator=g, dtype=x.dtype) for x in a]
+    grads_a = torch.autograd.grad(sum((x * w).sum() for x, w in zip(a, weights)), inputs)
+    grads_b = torch.autograd.grad(sum((x * w).sum() for x, w in zip(b, weights)), inputs)
+    for name, x, y in zip(names, grads_a, grads_b):
+        torch.testing.assert_close(x, y, rtol=tol, atol=tol, msg=lambda m, name=name: f"d{name}: {m}")
+
+
+def assert_compiled_module_equals_eager(module, x, mask):
+    """A causal self-attention training step of `module` on x under torch.compile(fullgraph=True):
+    the loss and every parameter's gradient equal eager's."""
+    torch._dynamo.reset()
+
+    def loss(mod):
+        return mod(x, x, x, attn_mask=mask, is_causal=True, need_weights=False)[0].square().mean()
+
+    eager = loss(module)
+    eager_grads = torch.autograd.grad(eager, list(module.parameters()))
+    compiled = torch.compile(loss, fullgraph=True)(module)
+    compiled_grads = torch.autograd.grad(compiled, list(module.parameters()))
+    assert_close(compiled, eager, 1e-5, "loss")
+    for a, b in zip(compiled_grads, eager_grads):
+        assert_close(a, b, 1e-4, "grad")
+
+
+def module_heads(module, x):
+    """The (N, H, L, hd) q, k, v heads a linattn.nn.MultiheadAttention makes of self-attention input x."""
+    q, k, v = torch.nn.functional.linear(x, module.in_proj_weight, module.in_proj_bias).chunk(3, dim=-1)
+    return [t.unflatten(-1, (module.num_heads, module.head_dim)).transpose(1, 2) for t in (q, k, v)]
 
 
 def assert_close(actual, expected, tol, what=""):

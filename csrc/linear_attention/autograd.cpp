@@ -41,7 +41,7 @@ at::Tensor reverse_cumsum(const at::Tensor& x) {
 // torch.compile traces the backward).
 at::Tensor segment_reverse_cumsum(const at::Tensor& x, const at::Tensor& cu_seqlens) {
   const at::Tensor ends = cu_seqlens.slice(0, 1).to(at::kLong);
-  const at::Tensor positions = at::ones_like(x.select(0, 0).select(0, 0), ends.options()).cumsum(0) - 1;
+  const at::Tensor positions = at::ones_like(x.flatten(0, -2).select(0, 0), ends.options()).cumsum(0) - 1;
   const at::Tensor sequence = at::bucketize(positions, ends, /*out_int32=*/false, /*right=*/true);
   const at::Tensor end_of = ends.index_select(0, sequence.clamp_max(at::Scalar(ends.sym_numel() - 1)));
   const at::Tensor suffix = at::constant_pad_nd(reverse_cumsum(x), {0, 1});  // a 0 after the last row
@@ -85,8 +85,11 @@ struct LinearAttention : torch::autograd::Function<LinearAttention<ForwardName, 
     if (!initial.defined()) grad_initial = at::Tensor();
     at::Tensor grad_log_decay;
     if (log_decay.defined()) {
-      grad_log_decay = cu_seqlens.defined() ? segment_reverse_cumsum(grad_cumulative, cu_seqlens)
-                                            : reverse_cumsum(grad_cumulative);
+      // Per-channel factors (B, H, T, m) sum along T as the channels' rows.
+      const bool per_channel = grad_cumulative.dim() == 4;
+      const at::Tensor rows = per_channel ? grad_cumulative.movedim(3, 2) : grad_cumulative;
+      grad_log_decay = cu_seqlens.defined() ? segment_reverse_cumsum(rows, cu_seqlens) : reverse_cumsum(rows);
+      if (per_channel) grad_log_decay = grad_log_decay.movedim(2, 3);
     }
     return {grad_q, grad_k, grad_v, grad_initial, {}, {}, {}, {}, {}, grad_log_decay, {}};
   }
@@ -175,9 +178,13 @@ struct LinearAttentionStep : torch::autograd::Function<LinearAttentionStep<StepN
     const at::Tensor grad_v = at::matmul(phi_k.unsqueeze(-2), grad_S).squeeze(-2);
     at::Tensor grad_factor;
     if (factor.defined()) {
-      grad_factor = (grad_S * S).sum({-1, -2}) + (grad_z * z).sum(-1);
-      grad_S = grad_S * factor.unsqueeze(-1).unsqueeze(-1);
-      grad_z = grad_z * factor.unsqueeze(-1);
+      // (B, H) scales the whole state, (B, H, m) each feature channel's row of it.
+      const bool per_channel = factor.dim() == 3;
+      const at::Tensor row_factor = per_channel ? factor : factor.unsqueeze(-1);
+      grad_factor = (grad_S * S).sum(-1) + grad_z * z;
+      if (!per_channel) grad_factor = grad_factor.sum(-1);
+      grad_S = grad_S * row_factor.unsqueeze(-1);
+      grad_z = grad_z * row_factor;
     }
     return {(grad_phi_q * slope_q).to(q.scalar_type()), (grad_phi_k * slope_k).to(k.scalar_type()),
             grad_v.to(v.scalar_type()), grad_S, grad_z, grad_factor, {}, {}, {}};

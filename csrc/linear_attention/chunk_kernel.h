@@ -24,8 +24,8 @@ struct Operands {
   acc_t* den = nullptr;                 // normalizers (B, H, N): written forward, read backward
   scalar_t *dq = nullptr, *dk = nullptr, *dv = nullptr;
   acc_t* grad_initial = nullptr;
-  const acc_t* log_decay = nullptr;     // (B, H, N) log factors of a fading state, causal, or null
-  acc_t* grad_log_decay = nullptr;      // (B, H, N) dL/dc (c = cumsum of log_decay), or null
+  const acc_t* log_decay = nullptr;     // (B, H, N[, m]) log factors of a fading state, causal, or null
+  acc_t* grad_log_decay = nullptr;      // (B, H, N[, m]) dL/dc (c = cumsum of log_decay), or null
 };
 
 // The state is split while a kernel runs: S (m × dv) multiplies values in GEMMs of width dv,
@@ -43,17 +43,23 @@ struct Kernel {
   int64_t m;    // feature dim
   int64_t dv;   // value dim
   int64_t dvp;  // dv + 1: the augmented state width of the operator's layout
+  int64_t w;    // log factors per row: 1, or m per channel (LinearAttentionShape::decay_width)
 
   // Per-thread scratch, every block contiguous with leading dim = its column count.
   std::vector<acc_t> q, k, v, g, gd, a, b, o, dk;
   std::vector<acc_t> S, z, Rs, rz;  // state [S | z] and its gradient [Rs | rz]
   std::vector<acc_t> unit;           // C ones: row sums as dot products
   // A fading state (log_decay): per chunk row r, b_r = Σ_{l<=r} log f (local cumulative),
-  // e^{b_r} and e^{b_last − b_r} (all exponents <= 0), and decayed copies of φ(q) and φ(k).
+  // e^{b_r} and e^{b_last − b_r} (all exponents <= 0), and decayed copies of φ(q) and φ(k);
+  // L × w each. Per channel also the split factors of the chunk's pairs (see channel_scores),
+  // whether the chunk allows them, and scratch for the split operands.
   std::vector<acc_t> cb, eb, et, qd, kd;
+  std::vector<acc_t> fq, fk, qt, kt, tmp;
+  bool tame = false;
 
   Kernel(const LinearAttentionShape& shape, int64_t chunk)
-      : s(shape), C(chunk), m(shape.feature_dim), dv(shape.value_dim), dvp(shape.value_dim + 1) {
+      : s(shape), C(chunk), m(shape.feature_dim), dv(shape.value_dim), dvp(shape.value_dim + 1),
+        w(shape.decay_width) {
     q.resize(C * m);
     k.resize(C * m);
     v.resize(C * dv);
@@ -70,20 +76,32 @@ struct Kernel {
     Rs.resize(m * dv);
     rz.resize(m);
     unit.assign(C, acc_t(1));
-    cb.resize(C);
-    eb.resize(C);
-    et.resize(C);
+    cb.resize(C * w);
+    eb.resize(C * w);
+    et.resize(C * w);
     qd.resize(C * m);
     kd.resize(C * m);
+    if (per_channel()) {
+      for (auto* x : {&fq, &fk, &qt, &kt, &tmp}) x->resize(C * m);
+    }
   }
 
   // ---- A fading state (docs/methods.md §1, decay and gates): inside a chunk only differences of
   // the local cumulative log factors b are exponentiated, never a positive sum. ----
 
-  // Loads the chunk's decays; false when the state does not fade.
-  bool load_decay(const Operands<scalar_t, acc_t>& x, int64_t bh, int64_t t0, int64_t L) {
+  bool per_channel() const { return w > 1; }
+  // Where row t's log factors (and their gradients) lie.
+  int64_t factor_offset(int64_t bh, int64_t t) const { return (bh * s.q_pitch + t) * w; }
+
+  // Loads the chunk's decays; false when the state does not fade. (flatten: the exponentials
+  // inline, so that their loops vectorize.)
+  [[gnu::flatten]] bool load_decay(const Operands<scalar_t, acc_t>& x, int64_t bh, int64_t t0, int64_t L) {
     if (!x.log_decay) return false;
-    const acc_t* a = x.log_decay + bh * s.q_pitch + t0;
+    const acc_t* a = x.log_decay + factor_offset(bh, t0);
+    if (per_channel()) {
+      load_channel_decay(a, L);
+      return true;
+    }
     acc_t run = 0;
     for (int64_t r = 0; r < L; ++r) cb[r] = run += a[r];
     for (int64_t r = 0; r < L; ++r) {
@@ -114,11 +132,122 @@ struct Kernel {
     return {dst.data(), m};
   }
 
+  // ---- Per-channel factors (GLA: log_decay (B, H, N, m), docs/methods.md §1): row c of the
+  // state fades by its own factor, so a pair's weight e^{b_rc − b_sc} lies inside the dot product.
+  // A chunk whose factors span at most kTameSpan in every channel (b_first − b_last) splits each
+  // weight through the channel's midpoint ref: φ(q_r) ⊙ e^{b_r − ref} times φ(k_s) ⊙ e^{ref − b_s},
+  // both factors within e^{±kTameSpan / 2} (far from overflow, and from underflow for any feature
+  // above 1e-20), so the chunk's products stay GEMMs as without gates; the pairs above the
+  // diagonal, whose true weights grow, are never used. A chunk that fades further (a channel
+  // closing hard) takes the exact pair-by-pair sums, every exponent <= 0. ----
+  static constexpr acc_t kTameSpan = 80;
+
+  [[gnu::flatten]] void load_channel_decay(const acc_t* a, int64_t L) {
+    for (int64_t c = 0; c < m; ++c) cb[c] = a[c];
+    for (int64_t r = 1; r < L; ++r)
+      for (int64_t c = 0; c < m; ++c) cb[r * m + c] = cb[(r - 1) * m + c] + a[r * m + c];
+    const acc_t* last = cb.data() + (L - 1) * m;
+    for (int64_t r = 0; r < L; ++r)
+      for (int64_t c = 0; c < m; ++c) {
+        eb[r * m + c] = exp_nonpositive(cb[r * m + c]);
+        et[r * m + c] = exp_nonpositive(last[c] - cb[r * m + c]);
+      }
+    acc_t span = 0;
+    for (int64_t c = 0; c < m; ++c) span = std::max(span, cb[c] - last[c]);
+    tame = span <= kTameSpan;  // (NaN factors make NaN outputs either way)
+    if (!tame) return;
+    for (int64_t r = 0; r < L; ++r)
+      for (int64_t c = 0; c < m; ++c) {
+        const acc_t x = cb[r * m + c] - acc_t(0.5) * (cb[c] + last[c]);  // in [−span/2, span/2]
+        const acc_t down = exp_nonpositive(std::min(x, acc_t(0))), up = exp_nonpositive(std::min(-x, acc_t(0)));
+        fq[r * m + c] = x <= acc_t(0) ? down : acc_t(1) / up;
+        fk[r * m + c] = x <= acc_t(0) ? acc_t(1) / down : up;
+      }
+  }
+
+  // dst = f ⊙ w element by element (L × m).
+  Rows<acc_t> scaled_elementwise(std::vector<acc_t>& dst, Rows<acc_t> f, const acc_t* w_, int64_t L) {
+    for (int64_t r = 0; r < L; ++r)
+      for (int64_t c = 0; c < m; ++c) dst[r * m + c] = w_[r * m + c] * f.row(r)[c];
+    return {dst.data(), m};
+  }
+  // x (L × m, ld m) ⊙= w element by element.
+  void scale_elementwise(acc_t* x, const acc_t* w_, int64_t L) {
+    for (int64_t i = 0; i < L * m; ++i) x[i] *= w_[i];
+  }
+  acc_t pair_weight(int64_t r, int64_t s_, int64_t c) const { return exp_nonpositive(cb[r * m + c] - cb[s_ * m + c]); }
+
+  // A (L × L, ld C) = Σ_c x_rc y_sc e^{b_rc − b_sc} for s <= r, 0 above: the chunk's causal scores.
+  [[gnu::flatten]] void channel_scores(Rows<acc_t> xf, Rows<acc_t> yf, acc_t* A, int64_t L) {
+    if (tame) {
+      const Rows<acc_t> xt = scaled_elementwise(qt, xf, fq.data(), L);
+      const Rows<acc_t> yt = scaled_elementwise(kt, yf, fk.data(), L);
+      gemm<acc_t>(false, true, L, L, m, xt.data, xt.ld, yt.data, yt.ld, 0, A, C);
+      keep_causal(A, L, C);
+      return;
+    }
+    for (int64_t r = 0; r < L; ++r) {
+      for (int64_t j = 0; j <= r; ++j) {
+        acc_t sum = 0;
+        for (int64_t c = 0; c < m; ++c) sum += xf.row(r)[c] * yf.row(j)[c] * pair_weight(r, j, c);
+        A[r * C + j] = sum;
+      }
+      std::fill(A + r * C + r + 1, A + r * C + L, acc_t(0));
+    }
+  }
+
+  // out (L × m, ld m) += Σ_{s <= r} D_rs y_s ⊙ e^{b_r − b_s}, for pair cotangents D (causal, ld C).
+  [[gnu::flatten]] void channel_to_queries(const acc_t* D, Rows<acc_t> yf, acc_t* out, int64_t L) {
+    if (tame) {
+      const Rows<acc_t> yt = scaled_elementwise(kt, yf, fk.data(), L);
+      std::fill(tmp.begin(), tmp.begin() + L * m, acc_t(0));
+      add_causal_product(false, L, m, D, C, yt.data, yt.ld, tmp.data(), m);
+      for (int64_t i = 0; i < L * m; ++i) out[i] += tmp[i] * fq[i];
+      return;
+    }
+    for (int64_t r = 0; r < L; ++r)
+      for (int64_t j = 0; j <= r; ++j) {
+        const acc_t d = D[r * C + j];
+        if (d == acc_t(0)) continue;  // adds nothing, not 0·Inf
+        for (int64_t c = 0; c < m; ++c) out[r * m + c] += d * yf.row(j)[c] * pair_weight(r, j, c);
+      }
+  }
+
+  // out (L × m, ld m) += Σ_{r >= s} D_rs x_r ⊙ e^{b_r − b_s}: the same weights, towards the keys.
+  [[gnu::flatten]] void channel_to_keys(const acc_t* D, Rows<acc_t> xf, acc_t* out, int64_t L) {
+    if (tame) {
+      const Rows<acc_t> xt = scaled_elementwise(qt, xf, fq.data(), L);
+      std::fill(tmp.begin(), tmp.begin() + L * m, acc_t(0));
+      add_causal_product(true, L, m, D, C, xt.data, xt.ld, tmp.data(), m);
+      for (int64_t i = 0; i < L * m; ++i) out[i] += tmp[i] * fk[i];
+      return;
+    }
+    for (int64_t j = 0; j < L; ++j)
+      for (int64_t r = j; r < L; ++r) {
+        const acc_t d = D[r * C + j];
+        if (d == acc_t(0)) continue;
+        for (int64_t c = 0; c < m; ++c) out[j * m + c] += d * xf.row(r)[c] * pair_weight(r, j, c);
+      }
+  }
+
+  // Scales row c of [X | x] (the state or its gradient) by f[c]: per channel, across a chunk.
+  void fade_rows(std::vector<acc_t>& X, std::vector<acc_t>& x, const acc_t* f) {
+    for (int64_t r = 0; r < m; ++r) {
+      for (int64_t c = 0; c < dv; ++c) X[r * dv + c] *= f[r];
+      x[r] *= f[r];
+    }
+  }
+
   // The state takes the chunk's keys (forward in time). Fading (load_decay ran for the chunk):
   // [S | z] = e^{b_last} [S | z] + Σ_s e^{b_last − b_s} φ(k_s) [v_s | 1]ᵀ.
   void take_keys(Rows<acc_t> kf, Rows<acc_t> vr, int64_t L, bool decayed) {
     if (!decayed) {
       accumulate_state(kf, vr, L);
+      return;
+    }
+    if (per_channel()) {  // row c by e^{b_last,c}, key s by e^{b_last − b_s} channel by channel
+      fade_rows(S, z, eb.data() + (L - 1) * m);
+      accumulate_state(scaled_elementwise(kd, kf, et.data(), L), vr, L);
       return;
     }
     for (auto& e : S) e *= eb[L - 1];
@@ -131,6 +260,11 @@ struct Kernel {
   void take_queries(Rows<acc_t> qf, int64_t L, bool decayed) {
     if (!decayed) {
       add_query_terms(qf, L);
+      return;
+    }
+    if (per_channel()) {
+      fade_rows(Rs, rz, eb.data() + (L - 1) * m);
+      add_query_terms(scaled_elementwise(qd, qf, eb.data(), L), L);
       return;
     }
     for (auto& e : Rs) e *= eb[L - 1];
@@ -365,9 +499,13 @@ struct Kernel {
   // A fading state's gradient at the last token: <R_N, S'_N> (see backward()); [S | z] must
   // hold the final state and [Rs | rz] the final state's gradient.
   void add_final_state_term(const Operands<scalar_t, acc_t>& x, int64_t bh) {
-    if (x.grad_log_decay && s.q_len > 0 && x.grad_final)
-      x.grad_log_decay[bh * s.q_pitch + s.q_len - 1] +=
-          dot(Rs.data(), S.data(), m * dv) + dot(rz.data(), z.data(), m);
+    if (!x.grad_log_decay || s.q_len == 0 || !x.grad_final) return;
+    acc_t* dc = x.grad_log_decay + factor_offset(bh, s.q_len - 1);
+    if (!per_channel()) {
+      dc[0] += dot(Rs.data(), S.data(), m * dv) + dot(rz.data(), z.data(), m);
+      return;
+    }
+    for (int64_t r = 0; r < m; ++r) dc[r] += dot(Rs.data() + r * dv, S.data() + r * dv, dv) + rz[r] * z[r];
   }
 
   // Outputs of queries [begin, end) from the state in [S | z] (causal: the state of the keys
@@ -381,22 +519,29 @@ struct Kernel {
       const int64_t L = std::min(C, end - t0);
       const Rows<acc_t> qf = features(q, x.q, bi, hi, t0, L);
       acc_t* num = numerators(out_bh, t0);
-      gemm<acc_t>(false, false, L, dv, m, qf.data, qf.ld, S.data(), dv, 0, num, dv);
+      // O_c = Q_c S + tril(Q_c K_cᵀ) V_c, then the state takes the chunk (with a fading state:
+      // row r sees S faded by e^{b_r}, key s by e^{b_r − b_s}; per channel, φ(q_r) ⊙ e^{b_r}
+      // reads S).
+      const bool decayed = s.causal && load_decay(x, bh, t0, L);
+      const bool channels = decayed && per_channel();
+      const Rows<acc_t> reader = channels ? scaled_elementwise(qd, qf, eb.data(), L) : qf;
+      gemm<acc_t>(false, false, L, dv, m, reader.data, reader.ld, S.data(), dv, 0, num, dv);
       if (!s.causal) {
         finish_output(out_bh, num, den_bh, qf, nullptr, t0, L);
         continue;
       }
-      // O_c = Q_c S + tril(Q_c K_cᵀ) V_c, then the state takes the chunk (with a fading state:
-      // row r sees S faded by e^{b_r}, key s by e^{b_r − b_s}).
-      const bool decayed = load_decay(x, bh, t0, L);
-      if (decayed) scale_rows(num, dv, eb.data(), L, dv);
+      if (decayed && !channels) scale_rows(num, dv, eb.data(), L, dv);
       const Rows<acc_t> kf = features(k, x.k, bi, hi, t0, L, mask);
       const Rows<acc_t> vr = values(x.v, bi, hi, t0, L, mask);
-      gemm<acc_t>(false, true, L, L, m, qf.data, qf.ld, kf.data, kf.ld, 0, a.data(), C);
-      keep_causal(a.data(), L, C);
-      if (decayed) decay_scores(a.data(), L);
+      if (channels) {
+        channel_scores(qf, kf, a.data(), L);
+      } else {
+        gemm<acc_t>(false, true, L, L, m, qf.data, qf.ld, kf.data, kf.ld, 0, a.data(), C);
+        keep_causal(a.data(), L, C);
+        if (decayed) decay_scores(a.data(), L);
+      }
       add_causal_product(false, L, dv, a.data(), C, vr.data, vr.ld, num, dv);
-      finish_output(out_bh, num, den_bh, qf, a.data(), t0, L, decayed ? eb.data() : nullptr);
+      finish_output(out_bh, num, den_bh, reader, a.data(), t0, L, decayed && !channels ? eb.data() : nullptr);
       take_keys(kf, vr, L, decayed);
     }
   }
@@ -415,20 +560,32 @@ struct Kernel {
       gemm<acc_t>(false, true, L, m, dv, g.data(), dv, S.data(), dv, 0, o.data(), m);
       add_outer(o.data(), m, gd.data(), z.data(), L, m);
       const bool decayed = s.causal && load_decay(x, bh, t0, L);
-      if (decayed) scale_rows(o.data(), m, eb.data(), L, m);
+      const bool channels = decayed && per_channel();
+      if (channels) scale_elementwise(o.data(), eb.data(), L);
+      else if (decayed) scale_rows(o.data(), m, eb.data(), L, m);
       if (s.causal) {
         const Rows<acc_t> kf = features(k, x.k, bi, hi, t0, L, mask);
         const Rows<acc_t> vr = values(x.v, bi, hi, t0, L, mask);
         cotangent_scores(vr, mask, t0, L);
-        if (decayed) decay_scores(b.data(), L);
-        add_causal_product(false, L, m, b.data(), C, kf.data, kf.ld, o.data(), m);
+        if (channels) {
+          channel_to_queries(b.data(), kf, o.data(), L);
+        } else {
+          if (decayed) decay_scores(b.data(), L);
+          add_causal_product(false, L, m, b.data(), C, kf.data, kf.ld, o.data(), m);
+        }
         take_keys(kf, vr, L, decayed);
       }
       const Rows<acc_t> qf = features(q, x.q, bi, hi, t0, L);
       if (add_to_r) add_query_terms(qf, L);
-      // dL/dc_i gets φ(q_i)·dφ(q_i) (see backward()).
+      // dL/dc_i gets φ(q_i)·dφ(q_i) (see backward()); per channel, φ(q_i) ⊙ dφ(q_i).
       if (x.grad_log_decay)
-        for (int64_t r = 0; r < L; ++r) x.grad_log_decay[bh * s.q_pitch + t0 + r] += dot(qf.row(r), o.data() + r * m, m);
+        for (int64_t r = 0; r < L; ++r) {
+          acc_t* dc = x.grad_log_decay + factor_offset(bh, t0 + r);
+          if (channels)
+            for (int64_t c = 0; c < m; ++c) dc[c] += qf.row(r)[c] * o[r * m + c];
+          else
+            dc[0] += dot(qf.row(r), o.data() + r * m, m);
+        }
       store_feature_grads(dq_bh, o.data(), qf, t0, L);
     }
   }
@@ -448,30 +605,47 @@ struct Kernel {
       const int64_t L = std::min(C, end - t0);
       const Rows<acc_t> kf = features(k, x.k, bi, hi, t0, L, mask);
       const Rows<acc_t> vr = values(x.v, bi, hi, t0, L, mask);
-      key_grads(kf, vr, L);
+      // dK_c += tril(G'_c V'_cᵀ)ᵀ Q_c;  dV_c += tril(Q_c K_cᵀ)ᵀ G_c;  R += Q_cᵀ G'_c
+      // (fading: key s reaches the state after the chunk by e^{b_last − b_s}, query r sees
+      // the state before it by e^{b_r}, and R fades by e^{b_last} across the chunk; per channel
+      // element by element).
+      const bool decayed = s.causal && load_decay(x, bh, t0, L);
+      const bool channels = decayed && per_channel();
+      if (channels) {
+        key_grads(scaled_elementwise(kd, kf, et.data(), L), vr, L);
+        scale_elementwise(dk.data(), et.data(), L);
+      } else {
+        key_grads(kf, vr, L);
+      }
       if (s.causal) {
-        // dK_c += tril(G'_c V'_cᵀ)ᵀ Q_c;  dV_c += tril(Q_c K_cᵀ)ᵀ G_c;  R += Q_cᵀ G'_c
-        // (fading: key s reaches the state after the chunk by e^{b_last − b_s}, query r sees
-        // the state before it by e^{b_r}, and R fades by e^{b_last} across the chunk).
-        const bool decayed = load_decay(x, bh, t0, L);
-        if (decayed) {
+        if (decayed && !channels) {
           scale_rows(dk.data(), m, et.data(), L, m);
           scale_rows(o.data(), dv, et.data(), L, dv);
         }
         const Rows<acc_t> qf = features(q, x.q, bi, hi, t0, L);
         load_output_grads(x.grad_out, x.out, x.den + bh * s.q_pitch, bi, hi, t0, L);
         cotangent_scores(vr, mask, t0, L);
-        if (decayed) decay_scores(b.data(), L);
-        add_causal_product(true, L, m, b.data(), C, qf.data, qf.ld, dk.data(), m);
-        gemm<acc_t>(false, true, L, L, m, qf.data, qf.ld, kf.data, kf.ld, 0, a.data(), C);
-        keep_causal(a.data(), L, C);
-        if (decayed) decay_scores(a.data(), L);
+        if (channels) {
+          channel_to_keys(b.data(), qf, dk.data(), L);
+          channel_scores(qf, kf, a.data(), L);
+        } else {
+          if (decayed) decay_scores(b.data(), L);
+          add_causal_product(true, L, m, b.data(), C, qf.data, qf.ld, dk.data(), m);
+          gemm<acc_t>(false, true, L, L, m, qf.data, qf.ld, kf.data, kf.ld, 0, a.data(), C);
+          keep_causal(a.data(), L, C);
+          if (decayed) decay_scores(a.data(), L);
+        }
         add_causal_product(true, L, dv, a.data(), C, g.data(), dv, o.data(), dv);
         take_queries(qf, L, decayed);
-        // dL/dc_j gets −φ(k_j)·dφ(k_j) (see backward()).
+        // dL/dc_j gets −φ(k_j)·dφ(k_j) (see backward()); per channel, −φ(k_j) ⊙ dφ(k_j).
         if (x.grad_log_decay)
-          for (int64_t r = 0; r < L; ++r)
-            x.grad_log_decay[bh * s.q_pitch + t0 + r] -= dot(kf.row(r), dk.data() + r * m, m);
+          for (int64_t r = 0; r < L; ++r) {
+            acc_t* dc = x.grad_log_decay + factor_offset(bh, t0 + r);
+            if (channels)
+              for (int64_t c = 0; c < m; ++c) dc[c] -= kf.row(r)[c] * dk[r * m + c];
+            else
+              dc[0] -= dot(kf.row(r), dk.data() + r * m, m);
+          }
       }
       store_feature_grads(dk_bh, dk.data(), kf, t0, L, mask);
       store_value_grads(dv_bh, o.data(), t0, L, mask);

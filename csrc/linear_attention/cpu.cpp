@@ -14,6 +14,12 @@
 namespace linattn {
 namespace {
 
+// The kernel's shape with the log factors' width: 1 per token, or m per token and channel.
+LinearAttentionShape with_decay_width(LinearAttentionShape s, const at::Tensor& log_decay) {
+  s.decay_width = log_decay.defined() && log_decay.dim() == 4 ? log_decay.size(3) : 1;
+  return s;
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& log_decay,
     const std::optional<at::Tensor>& initial_state, const std::optional<at::Tensor>& key_padding_mask,
@@ -21,7 +27,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(
   const LinearAttentionSizes sizes =
       check_forward_inputs(q, k, v, initial_state, key_padding_mask, feature_map, causal, eps);
   if (log_decay.defined()) check_log_decay(log_decay, q, sizes);
-  const LinearAttentionShape s = kernel_shape(q, k, v, feature_map, causal, normalize, eps);
+  const LinearAttentionShape s =
+      with_decay_width(kernel_shape(q, k, v, feature_map, causal, normalize, eps), log_decay);
   const auto acc = accumulate_type(q.scalar_type());
   auto out = at::empty({s.batch, s.heads, s.q_len, s.value_dim}, q.options());
   auto final_state =
@@ -51,7 +58,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
       check_backward_inputs(grad_out, grad_final_state, q, k, v, out, normalizer, initial_state,
                             key_padding_mask, feature_map, causal, final_state);
   if (log_decay.defined()) check_log_decay(log_decay, q, sizes);
-  const LinearAttentionShape s = kernel_shape(q, k, v, feature_map, causal, normalize, 1.0);
+  const LinearAttentionShape s =
+      with_decay_width(kernel_shape(q, k, v, feature_map, causal, normalize, 1.0), log_decay);
   const auto acc = accumulate_type(q.scalar_type());
   auto grad_q = at::empty({s.batch, s.heads, s.q_len, s.feature_dim}, q.options());
   auto grad_k = at::empty({s.batch, s.heads, s.k_len, s.feature_dim}, q.options());
@@ -60,7 +68,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
       at::empty({s.batch, s.heads, s.feature_dim, s.value_dim + 1}, q.options().dtype(acc));
   const at::Tensor decay = log_decay.defined() ? log_decay.contiguous() : at::Tensor();
   // dL/dc per position (c = cumsum of log_decay); the caller sums it backward in time.
-  auto grad_cumulative = decay.defined() ? at::zeros({s.batch, s.heads, s.q_len}, q.options().dtype(acc))
+  auto grad_cumulative = decay.defined() ? at::zeros(decay.sizes(), q.options().dtype(acc))  // per row or channel
                                          : at::empty({0}, q.options().dtype(acc));
   const at::Tensor den = normalizer.contiguous();
   at::Tensor initial, grad_final, final, mask;
@@ -89,7 +97,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_forward_cpu(
     const std::optional<at::Tensor>& log_decay, const std::optional<at::Tensor>& initial_state,
     int64_t feature_map, bool causal, bool normalize, double eps) {
   check_varlen_forward_inputs(q, k, v, cu_seqlens, log_decay, initial_state, feature_map, causal, eps);
-  const LinearAttentionShape s = kernel_shape(q, k, v, feature_map, causal, normalize, eps);
+  const LinearAttentionShape s =
+      with_decay_width(kernel_shape(q, k, v, feature_map, causal, normalize, eps), log_decay.value_or(at::Tensor()));
   const std::vector<int64_t> offsets = read_sequence_offsets(cu_seqlens, s.q_len);
   const int64_t sequences = static_cast<int64_t>(offsets.size()) - 1;
   const auto acc = accumulate_type(q.scalar_type());
@@ -116,7 +125,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> varlen_ba
     const std::optional<at::Tensor>& final_state) {
   check_varlen_backward_inputs(grad_out, grad_final_state, q, k, v, cu_seqlens, log_decay, out, normalizer,
                                initial_state, feature_map, causal, final_state);
-  const LinearAttentionShape s = kernel_shape(q, k, v, feature_map, causal, normalize, 1.0);
+  const LinearAttentionShape s =
+      with_decay_width(kernel_shape(q, k, v, feature_map, causal, normalize, 1.0), log_decay.value_or(at::Tensor()));
   const std::vector<int64_t> offsets = read_sequence_offsets(cu_seqlens, s.q_len);
   const int64_t sequences = static_cast<int64_t>(offsets.size()) - 1;
   const auto acc = accumulate_type(q.scalar_type());
@@ -125,7 +135,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> varlen_ba
   auto grad_v = at::empty({1, s.heads, s.k_len, s.value_dim}, q.options());
   auto grad_initial = at::empty({sequences, s.heads, s.feature_dim, s.value_dim + 1}, q.options().dtype(acc));
   const at::Tensor decay = log_decay.has_value() ? log_decay->contiguous() : at::Tensor();
-  auto grad_cumulative = decay.defined() ? at::zeros({1, s.heads, s.q_len}, q.options().dtype(acc))
+  auto grad_cumulative = decay.defined() ? at::zeros(decay.sizes(), q.options().dtype(acc))
                                          : at::empty({0}, q.options().dtype(acc));
   const at::Tensor den = normalizer.contiguous();
   const at::Tensor initial = initial_state.has_value() ? initial_state->contiguous() : at::Tensor();

@@ -101,8 +101,8 @@ Operands<scalar_t, acc_t> sequence_operands(Operands<scalar_t, acc_t> x, const L
   auto at_row = [start](auto* p, int64_t width) { return p ? p + start * width : p; };
   auto at_state = [n, state](auto* p) { return p ? p + n * state : p; };
   x.q = rows(x.q), x.k = rows(x.k), x.v = rows(x.v), x.grad_out = rows(x.grad_out), x.out = rows(x.out);
-  x.o = at_row(x.o, dv), x.den = at_row(x.den, 1), x.log_decay = at_row(x.log_decay, 1);
-  x.grad_log_decay = at_row(x.grad_log_decay, 1);
+  x.o = at_row(x.o, dv), x.den = at_row(x.den, 1), x.log_decay = at_row(x.log_decay, shape.decay_width);
+  x.grad_log_decay = at_row(x.grad_log_decay, shape.decay_width);
   x.dq = at_row(x.dq, m), x.dk = at_row(x.dk, m), x.dv = at_row(x.dv, dv);
   x.initial = at_state(x.initial), x.final_state = at_state(x.final_state);
   x.grad_final = at_state(x.grad_final), x.grad_initial = at_state(x.grad_initial);

@@ -12,6 +12,9 @@
 // - the state entering chunk c is Σ_{c' < c} e^{A_{c−1} − A_{c'}} U_{c'} + e^{A_{c−1}} S0, with A
 //   the cumulative chunk totals: one (chunks × chunks) lower-triangular product, again with only
 //   exponents <= 0. Its cost, chunks²·m·dv, is why long sequences take longer chunks.
+// Per-channel factors (log_decay (B, H, T, m), GLA) weight each feature channel of a pair on its own:
+// a chunk's pairs are then summed in halves (ChannelHalves), and each channel carries its own
+// chunk-to-chunk matrix; everything else takes the factors element by element.
 // With `segments` (per-row sequence ids) nothing crosses a sequence start: pairs, a chunk's own
 // state and the carried states are masked to the rows of one sequence, so each sequence is
 // computed as if alone, with no host synchronisation and no large reset factor.
@@ -35,30 +38,116 @@ namespace {
 
 constexpr double kMinusInfinity = -std::numeric_limits<double>::infinity();
 
-int64_t chunk_length(int64_t T) { return T <= 16384 ? 64 : 128; }
+// Per-channel factors carry one (n × n) chunk-to-chunk matrix per channel: longer chunks keep it small.
+int64_t chunk_length(int64_t T, bool per_channel) {
+  if (per_channel) return T <= 4096 ? 64 : T <= 16384 ? 128 : 256;
+  return T <= 16384 ? 64 : 128;
+}
 
 struct ScanResult {
   at::Tensor out;          // (B, H, T, dv)
   at::Tensor final_state;  // (B, H, m, dv); undefined with segments
 };
 
+// Per-channel factors inside a chunk (GLA-style gates): key s reaches query r with weight e^{b_r − b_s}
+// in each feature channel, so a pair's score is no longer a product of two numbers. The chunk is cut in
+// halves, recursively: the queries of a second half meet the keys of its first half through the factors
+// at the first half's last row, ref, as (x_r ⊙ e^{b_r − ref}) · (y_s ⊙ e^{ref − b_s}), both exponents
+// <= 0; the remaining pairs lie in the halves, down to the diagonal (weight 1). log2(C) levels of
+// batched products cover every pair s <= r once, and nothing overflows whatever the gates.
+struct ChannelHalves {
+  struct Level {
+    int64_t h = 0;                    // half length: the level's blocks are 2h rows
+    at::Tensor query_fade, key_fade;  // (B, H, n, C / 2h, h, m): e^{b_r − ref}, e^{ref − b_s}
+  };
+  std::vector<Level> levels;
+  int64_t C = 0;
+
+  ChannelHalves() = default;
+  // b (B, H, n, C, m): the cumulative factors inside each chunk, C a power of two.
+  explicit ChannelHalves(const at::Tensor& b) : C(b.size(3)) {
+    for (int64_t h = 1; h < C; h *= 2) {
+      const at::Tensor halves = split(b, h);
+      const at::Tensor lo = halves.select(4, 0), hi = halves.select(4, 1);
+      const at::Tensor ref = lo.narrow(-2, h - 1, 1);
+      levels.push_back({h, (hi - ref).exp(), (ref - lo).exp()});
+    }
+  }
+
+  // Rows (B, H, n, C, w) as (B, H, n, C / 2h, 2, h, w): each block's two halves.
+  static at::Tensor split(const at::Tensor& x, int64_t h) {
+    return x.reshape({x.size(0), x.size(1), x.size(2), x.size(3) / (2 * h), 2, h, x.size(4)});
+  }
+  // The (first half's keys, second half's queries) block of each 2h block of pairs D (B, H, n, C, C).
+  static at::Tensor lower_block(const at::Tensor& D, int64_t h) {
+    const int64_t blocks = D.size(3) / (2 * h);
+    return D.reshape({D.size(0), D.size(1), D.size(2), blocks, 2 * h, blocks, 2 * h})
+        .diagonal(0, 3, 5)
+        .movedim(-1, 3)
+        .narrow(-2, h, h)
+        .narrow(-1, 0, h);
+  }
+  // Half blocks (B, H, n, C / 2h, h, w) placed in the second (or first) halves of rows (B, H, n, C, w).
+  static at::Tensor as_rows(const at::Tensor& half, bool second) {
+    const at::Tensor padded = at::constant_pad_nd(half.unsqueeze(4), {0, 0, 0, 0, second ? 1 : 0, second ? 0 : 1});
+    return padded.reshape({half.size(0), half.size(1), half.size(2), -1, half.size(-1)});
+  }
+
+  // P_rs = Σ_c x_rc y_sc e^{b_rc − b_sc} for s <= r, else 0: (B, H, n, C, C).
+  at::Tensor scores(const at::Tensor& x, const at::Tensor& y) const {
+    at::Tensor P = (x * y).sum(-1).unsqueeze(-1).unsqueeze(-1);  // (B, H, n, C, 1, 1): the diagonal
+    for (const Level& l : levels) {
+      const at::Tensor blocks = P.reshape({P.size(0), P.size(1), P.size(2), -1, 2, l.h, l.h});
+      const at::Tensor first = blocks.select(4, 0), second = blocks.select(4, 1);
+      const at::Tensor across = at::matmul(split(x, l.h).select(4, 1) * l.query_fade,
+                                           (split(y, l.h).select(4, 0) * l.key_fade).transpose(-1, -2));
+      P = at::cat({at::cat({first, at::zeros_like(first)}, -1), at::cat({across, second}, -1)}, -2);
+    }
+    return P.reshape({P.size(0), P.size(1), P.size(2), C, C});
+  }
+  // Σ_{s <= r} D_rs y_s ⊙ e^{b_r − b_s}: (B, H, n, C, m) for pair weights D (B, H, n, C, C).
+  at::Tensor to_queries(const at::Tensor& D, const at::Tensor& y) const {
+    at::Tensor out = D.diagonal(0, -2, -1).unsqueeze(-1) * y;
+    for (const Level& l : levels)
+      out = out + as_rows(at::matmul(lower_block(D, l.h), split(y, l.h).select(4, 0) * l.key_fade) * l.query_fade,
+                          true);
+    return out;
+  }
+  // Σ_{r >= s} D_rs x_r ⊙ e^{b_r − b_s}: (B, H, n, C, m).
+  at::Tensor to_keys(const at::Tensor& D, const at::Tensor& x) const {
+    at::Tensor out = D.diagonal(0, -2, -1).unsqueeze(-1) * x;
+    for (const Level& l : levels)
+      out = out + as_rows(at::matmul(lower_block(D, l.h).transpose(-1, -2),
+                                     split(x, l.h).select(4, 1) * l.query_fade) * l.key_fade,
+                          false);
+    return out;
+  }
+};
+
 // What every scan over the same rows shares, forwards or backwards in time: the rows (B, H, T) in
-// chunks of C with their log factors a (<= 0) and segments ((T,) int64 sequence ids, or undefined).
-// All weights are exponentials of differences that are <= 0.
+// chunks of C with their log factors a (<= 0) — (B, H, T) one per row, or (B, H, T, m) one per row
+// and feature channel — and segments ((T,) int64 sequence ids, or undefined). All weights are
+// exponentials of differences that are <= 0. Below, w is 1 for per-row factors and m per channel.
 struct DecayedChunks {
   int64_t B = 0, H = 0, T = 0, C = 0, n = 0, pad = 0;
-  at::Tensor pair_decay;  // (B, H, n, C, C): e^{b_r − b_s} for key s <= query r of one sequence, else 0
-  at::Tensor to_end;      // (B, H, n, C, 1): e^{b_last − b_s}, what key s is worth at its chunk's end
-  at::Tensor row_fade;    // (B, H, n, C, 1): e^{b_r}, what the state entering the chunk is worth at row r
-  at::Tensor A;           // (B, H, n): the cumulative chunk totals, A_c = c at chunk c's last row
-  at::Tensor A_before;    // (B, H, n): A_{c−1}, A_{−1} = 0
-  at::Tensor carry;       // (B, H, n, n): e^{A_{c−1} − A_{c'}} from chunk c' to a later chunk c, else 0
+  bool per_channel = false;
+  at::Tensor pair_decay;  // per row: (B, H, n, C, C), e^{b_r − b_s} for key s <= query r of one sequence, else 0
+  ChannelHalves halves;   // per channel: the pairs' weights in halves
+  at::Tensor to_end;      // (B, H, n, C, w): e^{b_last − b_s}, what key s is worth at its chunk's end
+  at::Tensor row_fade;    // (B, H, n, C, w): e^{b_r}, what the state entering the chunk is worth at row r
+  at::Tensor A;           // (B, H, n, w): the cumulative chunk totals, A_c = c at chunk c's last row
+  at::Tensor A_before;    // (B, H, n, w): A_{c−1}, A_{−1} = 0
+  at::Tensor carry;       // e^{A_{c−1} − A_{c'}} from chunk c' to a later chunk c, else 0: (B, H, n, n) per row,
+                          // (B, H, m, n, n) per channel
   at::Tensor apart;       // with segments: (n, C, C), whether rows r and s are of different sequences
 
   // T > 0.
   DecayedChunks(const at::Tensor& a, const at::Tensor& segments)
-      : B(a.size(0)), H(a.size(1)), T(a.size(2)), C(chunk_length(T)), n((T + C - 1) / C), pad(n * C - T) {
-    const at::Tensor b = (pad ? at::constant_pad_nd(a, {0, pad}) : a).reshape({B, H, n, C}).cumsum(-1);  // <= 0
+      : B(a.size(0)), H(a.size(1)), T(a.size(2)), C(chunk_length(T, a.dim() == 4)), n((T + C - 1) / C),
+        pad(n * C - T), per_channel(a.dim() == 4) {
+    // b (B, H, n, C, w), <= 0.
+    const at::Tensor rows = per_channel ? a : a.unsqueeze(-1);
+    const at::Tensor b = (pad ? at::constant_pad_nd(rows, {0, 0, 0, pad}) : rows).reshape({B, H, n, C, -1}).cumsum(3);
     at::Tensor seg;
     at::Tensor hidden = at::ones({C, C}, a.options().dtype(at::kBool)).triu(1);
     if (segments.defined()) {
@@ -67,16 +156,25 @@ struct DecayedChunks {
       apart = seg.unsqueeze(-1) != seg.unsqueeze(-2);
       hidden = hidden.logical_or(apart);  // (n, C, C): other sequences too
     }
-    pair_decay = (b.unsqueeze(-1) - b.unsqueeze(-2)).masked_fill(hidden, kMinusInfinity).exp();
-    to_end = (b.narrow(-1, C - 1, 1) - b).exp().unsqueeze(-1);
+    if (per_channel) {
+      halves = ChannelHalves(b);
+    } else {
+      const at::Tensor b1 = b.squeeze(-1);
+      pair_decay = (b1.unsqueeze(-1) - b1.unsqueeze(-2)).masked_fill(hidden, kMinusInfinity).exp();
+    }
+    to_end = (b.narrow(3, C - 1, 1) - b).exp();
     if (seg.defined()) to_end = to_end * (seg == seg.narrow(1, C - 1, 1)).unsqueeze(-1);  // the last row's sequence
-    A = b.select(-1, C - 1).cumsum(-1);
-    A_before = at::constant_pad_nd(A.narrow(-1, 0, n - 1), {1, 0});
+    A = b.select(3, C - 1).cumsum(2);
+    A_before = at::constant_pad_nd(A.narrow(2, 0, n - 1), {0, 0, 1, 0});
     at::Tensor earlier = at::ones({n, n}, hidden.options()).tril(-1);
     if (seg.defined())  // chunk c' reaches chunk c only within one sequence
       earlier = earlier.logical_and(seg.narrow(1, 0, 1) == seg.select(1, C - 1).unsqueeze(0));
-    carry = (A_before.unsqueeze(-1) - A.unsqueeze(-2)).masked_fill(earlier.logical_not(), kMinusInfinity).exp();
-    row_fade = b.exp().unsqueeze(-1);
+    // Per channel the channels lead: one (n × n) matrix each.
+    const at::Tensor A_lead = per_channel ? A.movedim(-1, 2) : A.squeeze(-1);
+    const at::Tensor A_before_lead = per_channel ? A_before.movedim(-1, 2) : A_before.squeeze(-1);
+    carry = (A_before_lead.unsqueeze(-1) - A_lead.unsqueeze(-2)).masked_fill(earlier.logical_not(), kMinusInfinity)
+                .exp();
+    row_fade = b.exp();
     if (seg.defined())  // only rows of the sequence the chunk starts in take the carried state
       row_fade = row_fade * (seg == seg.narrow(1, 0, 1)).unsqueeze(-1);
   }
@@ -92,16 +190,46 @@ struct DecayedChunks {
     return pad ? y.narrow(2, 0, T) : y;
   }
 
-  // The states entering each chunk, Σ_{c' < c} carry · U_{c'} (+ e^{A_{c−1}} S0): U (B, H, n, m, w).
-  at::Tensor entering(const at::Tensor& U, const at::Tensor& S0) const {
-    const at::Tensor S = at::matmul(carry, U.reshape({B, H, n, U.size(3) * U.size(4)})).view(U.sizes());
-    return S0.defined() ? S + A_before.exp().unsqueeze(-1).unsqueeze(-1) * S0.unsqueeze(2) : S;
+  // Inside each chunk, chunked operands: the scores P_rs = x_r · y_s weighted by the factors between key s
+  // and query r, for s <= r of one sequence, else 0 (B, H, n, C, C).
+  at::Tensor scores(const at::Tensor& x, const at::Tensor& y) const {
+    if (!per_channel) return at::matmul(x, y.transpose(-1, -2)) * pair_decay;
+    const at::Tensor P = halves.scores(x, y);
+    return apart.defined() ? P.masked_fill(apart, 0) : P;
   }
+  // For pair cotangents D (B, H, n, C, C): what they send back to the queries through keys y, and to the
+  // keys through queries x (the transposed weights), (B, H, n, C, m).
+  at::Tensor to_queries(const at::Tensor& D, const at::Tensor& y) const {
+    if (!per_channel) return at::matmul(D * pair_decay, y);
+    return halves.to_queries(apart.defined() ? D.masked_fill(apart, 0) : D, y);
+  }
+  at::Tensor to_keys(const at::Tensor& D, const at::Tensor& x) const {
+    if (!per_channel) return at::matmul((D * pair_decay).transpose(-1, -2), x);
+    return halves.to_keys(apart.defined() ? D.masked_fill(apart, 0) : D, x);
+  }
+
+  // Σ_{c'} M_{c c'} X_{c'} for chunk-to-chunk weights M (carry or its transpose) and per-chunk states X
+  // (B, H, n, m, w'): per channel, row i of the states takes channel i's weights.
+  at::Tensor across_chunks(const at::Tensor& M, const at::Tensor& X) const {
+    if (!per_channel)
+      return at::matmul(M, X.reshape({B, H, n, X.size(3) * X.size(4)})).view(X.sizes());
+    return at::matmul(M, X.transpose(2, 3)).transpose(2, 3);
+  }
+  // The states entering each chunk, Σ_{c' < c} carry · U_{c'} (+ e^{A_{c−1}} S0): U (B, H, n, m, w').
+  at::Tensor entering(const at::Tensor& U, const at::Tensor& S0) const {
+    const at::Tensor S = across_chunks(carry, U);
+    return S0.defined() ? S + A_before.exp().unsqueeze(-1) * S0.unsqueeze(2) : S;
+  }
+  // What the later chunks read from chunk c' (the scan backwards in time): Σ_{c > c'} carry_{c c'} Y_c.
+  at::Tensor leaving(const at::Tensor& Y) const { return across_chunks(carry.transpose(-1, -2), Y); }
+  // e^{A_last − A_c} (B, H, n, w, 1): from chunk c's end to the last row, for states (B, H, n, m, w').
+  at::Tensor to_last() const { return (A.narrow(2, n - 1, 1) - A).exp().unsqueeze(-1); }
+  // e^{A_last} (B, H, w, 1), for a state (B, H, m, w').
+  at::Tensor whole_fade() const { return A.select(2, n - 1).exp().unsqueeze(-1); }
   // The state after the last row: every chunk's state faded to the end (+ e^{A_last} S0).
   at::Tensor final_state(const at::Tensor& U, const at::Tensor& S0) const {
-    const at::Tensor to_last = (A.narrow(-1, n - 1, 1) - A).exp();  // (B, H, n)
-    const at::Tensor S = (to_last.unsqueeze(-1).unsqueeze(-1) * U).sum(2);
-    return S0.defined() ? S + A.select(-1, n - 1).exp().unsqueeze(-1).unsqueeze(-1) * S0 : S;
+    const at::Tensor S = (to_last() * U).sum(2);
+    return S0.defined() ? S + whole_fade() * S0 : S;
   }
 };
 
@@ -113,14 +241,16 @@ struct ScanTerms {
   ScanTerms(const DecayedChunks& ch, const at::Tensor& Q, const at::Tensor& K, const at::Tensor& V,
             const at::Tensor& S0)
       : q_c(ch.chunked(Q)), k_c(ch.chunked(K)), v_c(ch.chunked(V)) {
-    P = at::matmul(q_c, k_c.transpose(-1, -2)) * ch.pair_decay;
+    P = ch.scores(q_c, k_c);
     U = at::matmul((k_c * ch.to_end).transpose(-1, -2), v_c);
     S_in = ch.entering(U, S0);
-    O = at::matmul(P, v_c) + ch.row_fade * at::matmul(q_c, S_in);
+    // Per row the fade scales the output row, per channel the query's channels.
+    O = at::matmul(P, v_c) +
+        (ch.per_channel ? at::matmul(q_c * ch.row_fade, S_in) : ch.row_fade * at::matmul(q_c, S_in));
   }
 };
 
-// Q, K (B, H, T, m), V (B, H, T, dv), a (B, H, T) log factors (<= 0), S0 (B, H, m, dv) or
+// Q, K (B, H, T, m), V (B, H, T, dv), a (B, H, T) or (B, H, T, m) log factors (<= 0), S0 (B, H, m, dv) or
 // undefined, segments (T,) int64 or undefined (then no S0 and no final state).
 ScanResult decayed_scan(const at::Tensor& Q, const at::Tensor& K, const at::Tensor& V, const at::Tensor& a,
                         const at::Tensor& S0, const at::Tensor& segments) {
@@ -159,7 +289,7 @@ ScanGrads decayed_scan_backward(const at::Tensor& G, const at::Tensor& dSN, cons
                                 const at::Tensor& V, const at::Tensor& a, const at::Tensor& S0,
                                 const at::Tensor& segments) {
   const bool segmented = segments.defined();
-  const int64_t T = a.size(-1);
+  const int64_t T = a.size(2);
   ScanGrads g;
   if (T == 0) {
     g.dQ = at::zeros_like(Q), g.dK = at::zeros_like(K), g.dV = at::zeros_like(V), g.dc = at::zeros_like(a);
@@ -172,36 +302,40 @@ ScanGrads decayed_scan_backward(const at::Tensor& G, const at::Tensor& dSN, cons
   // The forward, recomputed in the accumulation dtype (dc reads O and S_T).
   const ScanTerms f(ch, Q, K, V, S0_used);
   const at::Tensor &q_c = f.q_c, &k_c = f.k_c, &v_c = f.v_c, &P = f.P, &U = f.U, &S_in = f.S_in;
-  const at::Tensor g_c = ch.chunked(G), O = ch.rows(f.O);
-  // Inside each chunk.
-  const at::Tensor W = at::matmul(g_c, v_c.transpose(-1, -2)) * ch.pair_decay;
-  at::Tensor dQ = at::matmul(W, k_c) + ch.row_fade * at::matmul(g_c, S_in.transpose(-1, -2));
-  at::Tensor dK = at::matmul(W.transpose(-1, -2), q_c);
+  const at::Tensor g_c = ch.chunked(G);
+  // Inside each chunk: the pairs' cotangents G Vᵀ, weighted as the scores were.
+  const at::Tensor GV = at::matmul(g_c, v_c.transpose(-1, -2));
+  at::Tensor dQ, dK;
+  if (ch.per_channel) {
+    dQ = ch.to_queries(GV, k_c) + at::matmul(g_c, S_in.transpose(-1, -2)) * ch.row_fade;
+    dK = ch.to_keys(GV, q_c);
+  } else {
+    const at::Tensor W = GV * ch.pair_decay;  // one weighting for both
+    dQ = at::matmul(W, k_c) + ch.row_fade * at::matmul(g_c, S_in.transpose(-1, -2));
+    dK = at::matmul(W.transpose(-1, -2), q_c);
+  }
   at::Tensor dV = at::matmul(P.transpose(-1, -2), g_c);
   // What the later chunks' queries read from chunk c' (and dSN, faded from the end to its end).
   const at::Tensor Y = at::matmul((q_c * ch.row_fade).transpose(-1, -2), g_c);  // (B, H, n, m, dv)
-  const int64_t n = ch.n, m = Y.size(3), dv = Y.size(4);
-  at::Tensor after =
-      at::matmul(ch.carry.transpose(-1, -2), Y.reshape({ch.B, ch.H, n, m * dv})).view({ch.B, ch.H, n, m, dv});
-  if (dSN_used.defined()) {
-    const at::Tensor to_last = (ch.A.narrow(-1, n - 1, 1) - ch.A).exp();  // e^{A_last − A_c}
-    after = after + to_last.unsqueeze(-1).unsqueeze(-1) * dSN_used.unsqueeze(2);
-  }
+  at::Tensor after = ch.leaving(Y);
+  if (dSN_used.defined()) after = after + ch.to_last() * dSN_used.unsqueeze(2);
   dK = dK + ch.to_end * at::matmul(v_c, after.transpose(-1, -2));
-  dV = dV + ch.to_end * at::matmul(k_c, after);
+  dV = dV + at::matmul(k_c * ch.to_end, after);
   g.dQ = ch.rows(dQ);
   g.dK = ch.rows(dK);
   g.dV = ch.rows(dV);
   if (!segmented) {
     // S0 enters chunk c faded by e^{A_{c−1}} and the final state by e^{A_last}.
-    g.dS0 = (ch.A_before.exp().unsqueeze(-1).unsqueeze(-1) * Y).sum(2);
-    if (dSN_used.defined()) g.dS0 = g.dS0 + ch.A.select(-1, n - 1).exp().unsqueeze(-1).unsqueeze(-1) * dSN_used;
+    g.dS0 = (ch.A_before.exp().unsqueeze(-1) * Y).sum(2);
+    if (dSN_used.defined()) g.dS0 = g.dS0 + ch.whole_fade() * dSN_used;
   }
-  g.dc = row_dot(G, O) - row_dot(K, g.dK);
+  // Per channel, channel i of row t's factor scales channel i of what it reads and fades channel i of
+  // what it wrote; per row, the channels' sum.
+  g.dc = ch.per_channel ? Q * g.dQ - K * g.dK : row_dot(G, ch.rows(f.O)) - row_dot(K, g.dK);
   if (!segmented && dSN_used.defined()) {
-    const at::Tensor S_T = ch.final_state(U, S0_used);
-    g.dc = g.dc.index_add(-1, at::full({1}, T - 1, a.options().dtype(at::kLong)),
-                          (dSN_used * S_T).sum({-2, -1}).unsqueeze(-1));
+    const at::Tensor dS_S = dSN_used * ch.final_state(U, S0_used);  // (B, H, m, dv)
+    g.dc = g.dc.index_add(2, at::full({1}, T - 1, a.options().dtype(at::kLong)),
+                          ch.per_channel ? dS_S.sum(-1).unsqueeze(2) : dS_S.sum({-2, -1}).unsqueeze(-1));
   }
   return g;
 }
@@ -247,9 +381,11 @@ struct StateRows {
     if (at_states.defined()) out = out.index_copy(2, state_rows, at_states);
     return out;
   }
-  // (1, H, expanded) log factors: the packed ones, 0 on the extra rows.
+  // (1, H, expanded[, m]) log factors: the packed ones, 0 on the extra rows.
   at::Tensor place_factors(const at::Tensor& a) const {
-    return at::zeros({1, a.size(1), expanded}, a.options()).index_copy(2, real, a);
+    std::vector<int64_t> sizes = a.sizes().vec();
+    sizes[2] = expanded;
+    return at::zeros(sizes, a.options()).index_copy(2, real, a);
   }
   // The identity rows e_i of every sequence, (1, H, N·m, m).
   at::Tensor one_hot(int64_t heads, const at::TensorOptions& options) const {
@@ -418,7 +554,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
       const at::Tensor last = (cu_seqlens.narrow(0, 1, rows.sequences).to(at::kLong) - 1).repeat_interleave(rows.m);
       const at::Tensor nonempty = (cu_seqlens.narrow(0, 1, rows.sequences) > cu_seqlens.narrow(0, 0, rows.sequences))
                                       .repeat_interleave(rows.m);
-      const at::Tensor state_terms = at::where(nonempty, g.dc.index_select(2, rows.state_rows), 0);
+      const at::Tensor state_terms = at::where(per_channel_factors(log_decay) ? nonempty.unsqueeze(-1) : nonempty,
+                                               g.dc.index_select(2, rows.state_rows), 0);
       dc = g.dc.index_select(2, rows.real).index_add(2, last.clamp_min(0), state_terms);
     }
   } else {

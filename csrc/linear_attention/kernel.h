@@ -30,6 +30,9 @@ struct LinearAttentionShape {
   // packed batch, whose rows sit inside the (1, H, total, ·) buffers of all of them.
   int64_t q_pitch = 0;
   int64_t k_pitch = 0;
+  // Log factors per row of a fading state (log_decay): 1 per token, or feature_dim per token
+  // (per-channel gates, GLA: row c of the state fades by its own factor).
+  int64_t decay_width = 1;
 };
 
 // The entry points of each instruction-set build of the kernels (cpu_kernel_impl.h); the

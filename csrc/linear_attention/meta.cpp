@@ -58,7 +58,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> decayed_b
                                         std::nullopt);
   const LinearAttentionSizes s = check_inputs(q, k, v, initial_state, key_padding_mask, feature_map, true);
   check_log_decay(log_decay, q, s);
-  return {gq, gk, gv, gi, at::empty_symint({s.batch, s.heads, s.q_len}, log_decay.options())};
+  return {gq, gk, gv, gi, at::empty_symint(log_decay.sym_sizes(), log_decay.options())};  // per row or channel
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_forward_meta(
@@ -87,7 +87,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> varlen_ba
           at::empty_symint({1, s.heads, s.k_len, s.feature_dim}, q.options()),
           at::empty_symint({1, s.heads, s.k_len, s.value_dim}, q.options()),
           at::empty_symint({cu_seqlens.sym_size(0) - 1, s.heads, s.feature_dim, s.value_dim + 1}, acc),
-          log_decay.has_value() ? at::empty_symint({1, s.heads, s.q_len}, acc) : at::empty({0}, acc)};
+          log_decay.has_value() ? at::empty_symint(log_decay->sym_sizes(), acc) : at::empty({0}, acc)};
 }
 
 // The operators' Meta entries, routed as the CPU kernel routes them.

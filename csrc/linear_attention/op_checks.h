@@ -94,15 +94,31 @@ inline LinearAttentionSizes check_backward_inputs(
   return s;
 }
 
-// log_decay (B, H, T) of the decayed operators: the accumulation dtype, on q's device.
-inline void check_log_decay(const at::Tensor& log_decay, const at::Tensor& q,
-                            const LinearAttentionSizes& s) {
+// log_decay of the decayed operators: (B, H, T) one factor per token (decay and scalar gates), or
+// (B, H, T, m) one per token and feature channel (GLA-style gates, docs/methods.md §1); `rows` is
+// {B, H, T} ({1, H, total} when packed). The accumulation dtype, on q's device.
+inline void check_log_decay_rows(const at::Tensor& log_decay, const at::Tensor& q, const LinearAttentionSizes& s,
+                                 std::vector<c10::SymInt> rows, const char* layout, const char* channel_layout) {
   const char* op = kLinearAttentionOp;
   check_same_device(op, "log_decay", log_decay, "q", q);
   TORCH_CHECK(log_decay.scalar_type() == accumulate_type(q.scalar_type()), op,
               ": log_decay must be ", accumulate_type(q.scalar_type()), " for ", q.scalar_type(),
               " inputs, got ", log_decay.scalar_type());
-  check_shape(op, "log_decay", log_decay, {s.batch, s.heads, s.q_len}, "(B, H, T)");
+  if (log_decay.dim() == 4) {
+    rows.push_back(s.feature_dim);
+    check_shape(op, "log_decay", log_decay, rows, channel_layout);
+  } else {
+    check_shape(op, "log_decay", log_decay, rows, layout);
+  }
+}
+
+inline void check_log_decay(const at::Tensor& log_decay, const at::Tensor& q, const LinearAttentionSizes& s) {
+  check_log_decay_rows(log_decay, q, s, {s.batch, s.heads, s.q_len}, "(B, H, T)", "(B, H, T, m)");
+}
+
+// Whether the factors are per feature channel, (B, H, T, m), rather than per token.
+inline bool per_channel_factors(const std::optional<at::Tensor>& log_decay) {
+  return log_decay.has_value() && log_decay->dim() == 4;
 }
 
 // The operator's extensions, checked where a kernel takes them (CPU and Meta).
@@ -154,11 +170,7 @@ inline LinearAttentionSizes check_varlen_inputs(const at::Tensor& q, const at::T
     check_state(op, "initial_state", *initial_state, q, {sequences, s.heads, s.feature_dim, s.value_dim + 1});
   if (log_decay.has_value()) {
     TORCH_CHECK(causal, op, ": decay and gates need causal=True");
-    check_same_device(op, "log_decay", *log_decay, "q", q);
-    TORCH_CHECK(log_decay->scalar_type() == accumulate_type(q.scalar_type()), op, ": log_decay must be ",
-                accumulate_type(q.scalar_type()), " for ", q.scalar_type(), " inputs, got ",
-                log_decay->scalar_type());
-    check_shape(op, "log_decay", *log_decay, {1, s.heads, s.q_len}, "(1, H, total)");
+    check_log_decay_rows(*log_decay, q, s, {1, s.heads, s.q_len}, "(1, H, total)", "(1, H, total, m)");
   }
   return s;
 }

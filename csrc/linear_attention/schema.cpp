@@ -16,12 +16,13 @@ TORCH_LIBRARY_FRAGMENT(linattn, m) {
   // log_decay (B, H, T), causal only: a fading state — before token i joins, the state is
   // multiplied by exp(log_decay[b, h, i]) <= 1 (log γ of a per-head decay plus a log-gate), in the
   // accumulation dtype; grad_log_decay is then dL/dc_i for c = cumsum(log_decay) (the autograd
-  // sums it backward in time), else empty.
+  // sums it backward in time), else empty. log_decay (B, H, T, m) fades each feature channel on its
+  // own (GLA-style gates: row i of the state by exp(log_decay[b, h, t, i])); its gradient has its shape.
   // cu_seqlens (N + 1,) int32: packed variable-length sequences (flash-attn's convention):
   // q, k, v (1, H, total, ·) hold N sequences back to back, each attending only to itself;
-  // states per sequence (N, H, m, dv + 1); log_decay (1, H, total); no key_padding_mask.
-  // The CPU kernel runs every case; the device-generic and fused kernels the plain one (other
-  // devices get decay and packing from linattn.linear_attention's generic formulation).
+  // states per sequence (N, H, m, dv + 1); log_decay (1, H, total[, m]); no key_padding_mask.
+  // Every kernel takes every case, except that per-channel factors run the device-generic
+  // formulation (fading_generic.cpp) on every device.
   m.def(
       "linear_attn_fwd(Tensor q, Tensor k, Tensor v, Tensor? initial_state, "
       "Tensor? key_padding_mask, int feature_map, bool causal, bool normalize, float eps, "
@@ -48,7 +49,8 @@ TORCH_LIBRARY_FRAGMENT(linattn, m) {
       "(Tensor grad_q, Tensor grad_k, Tensor grad_v, Tensor grad_initial_state, Tensor grad_log_decay)");
   // One decoding step (recurrent form): S' = factor·S + φ(k) vᵀ, z' = factor·z + φ(k),
   // out = φ(q)ᵀS' / (φ(q)·z' + eps) (or the numerator alone). q, k (B, H, D), v (B, H, dv);
-  // S (B, H, m, dv), z (B, H, m) and factor (B, H) in the accumulation dtype; m = D. A fused CPU
+  // S (B, H, m, dv), z (B, H, m) and factor (B, H) — or (B, H, m), one per feature channel, scaling
+  // row i of S and z — in the accumulation dtype; m = D. A fused CPU
   // kernel, and ATen ops on every other device (step.cpp); the _generic twin runs the latter on
   // CPU tensors too, for the tests.
   for (const char* name : {"linear_attn_step", "linear_attn_step_generic"}) {

@@ -147,13 +147,17 @@ class SequenceParallel {
       const Piece& piece = pieces[i];
       if (piece.queries != queries || (queries ? piece.slot < bound : piece.slot >= bound)) continue;
       const acc_t* part = partial_.data() + (bh * pieces_ + i) * width_;
-      acc_t fade = acc_t(1);
+      // One factor for the whole state, or per channel one per row of it (decay_width = m).
+      const int64_t w = s_.decay_width, row = s_.value_dim + 1;
+      std::vector<acc_t> fade(w, acc_t(1));
       if (x_.log_decay) {
-        acc_t total = 0;
-        for (int64_t t = piece.begin; t < piece.end; ++t) total += x_.log_decay[bh * s_.q_pitch + t];
-        fade = exp_nonpositive(total);
+        for (int64_t c = 0; c < w; ++c) {
+          acc_t total = 0;
+          for (int64_t t = piece.begin; t < piece.end; ++t) total += x_.log_decay[(bh * s_.q_pitch + t) * w + c];
+          fade[c] = exp_nonpositive(total);
+        }
       }
-      for (int64_t j = 0; j < width_; ++j) sum[j] = fade * sum[j] + part[j];
+      for (int64_t j = 0; j < width_; ++j) sum[j] = fade[w == 1 ? 0 : j / row] * sum[j] + part[j];
     }
     if (queries)
       kernel.unpack_state(kernel.Rs.data(), kernel.rz.data(), sum.data(), 0);

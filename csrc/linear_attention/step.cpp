@@ -54,7 +54,10 @@ StepSizes check_step_inputs(const at::Tensor& q, const at::Tensor& k, const at::
     check_same_device(op, "factor", *factor, "q", q);
     TORCH_CHECK(factor->scalar_type() == acc, op, ": factor must be ", acc, " for ",
                 q.scalar_type(), " inputs, got ", factor->scalar_type());
-    check_shape(op, "factor", *factor, {s.batch, s.heads}, "(B, H)");
+    if (factor->dim() == 3)  // per feature channel (GLA-style gates)
+      check_shape(op, "factor", *factor, {s.batch, s.heads, s.feature_dim}, "(B, H, m)");
+    else
+      check_shape(op, "factor", *factor, {s.batch, s.heads}, "(B, H)");
   }
   return s;
 }
@@ -84,6 +87,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> step_cpu(
                    *vp = v.const_data_ptr<scalar_t>();
     const acc_t *Sp = S.const_data_ptr<acc_t>(), *zp = z.const_data_ptr<acc_t>();
     const acc_t* fp = factor.defined() ? factor.const_data_ptr<acc_t>() : nullptr;
+    const bool per_channel = factor.defined() && factor.dim() == 3;
     scalar_t* op = out.mutable_data_ptr<scalar_t>();
     acc_t *So = S_out.mutable_data_ptr<acc_t>(), *zo = z_out.mutable_data_ptr<acc_t>();
     // Tiny per row (m·dv); only split rows over threads when there is enough work for it.
@@ -96,9 +100,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> step_cpu(
           phi_k[i] = feature(static_cast<acc_t>(kp[r * m + i]), feature_map);
         }
         for (int64_t j = 0; j < dv; ++j) values[j] = static_cast<acc_t>(vp[r * dv + j]), num[j] = 0;
-        const acc_t f = fp ? fp[r] : acc_t(1);
         acc_t den = 0;
         for (int64_t i = 0; i < m; ++i) {
+          const acc_t f = !fp ? acc_t(1) : per_channel ? fp[r * m + i] : fp[r];
           const acc_t* s_row = Sp + (r * m + i) * dv;
           acc_t* o_row = So + (r * m + i) * dv;
           const acc_t pk = phi_k[i], pq = phi_q[i];
@@ -142,9 +146,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> step_generic(
   const auto map = static_cast<FeatureMap>(feature_map);
   const at::Tensor phi_q = features(q.to(acc), map), phi_k = features(k.to(acc), map);
   at::Tensor S_out = S, z_out = z;
-  if (factor.has_value()) {
-    S_out = S_out * factor->unsqueeze(-1).unsqueeze(-1);
-    z_out = z_out * factor->unsqueeze(-1);
+  if (factor.has_value()) {  // (B, H), or (B, H, m): one per feature channel, a row of S
+    const at::Tensor row_factor = factor->dim() == 3 ? *factor : factor->unsqueeze(-1);
+    S_out = S_out * row_factor.unsqueeze(-1);
+    z_out = z_out * row_factor;
   }
   S_out = (S_out + phi_k.unsqueeze(-1) * v.to(acc).unsqueeze(-2)).contiguous();
   z_out = (z_out + phi_k).contiguous();

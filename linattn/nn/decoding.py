@@ -160,16 +160,18 @@ def decode_softmax(core, q, k, v, entry, visible_kv, where):
 # --- linear and performer: the recurrent state ------------------------------------------------
 
 
-def _recurrent(q, k, v, state, feature_map, eps):
-    """Causal normalized linear attention from `state`: (out, state). One token takes the
-    recurrent step (O(m·dv)), a chunk the chunked kernel."""
+def _recurrent(q, k, v, state, feature_map, eps, gate=None):
+    """Causal normalized linear attention from `state` (with log-gates `gate` (N, H, L[, m]) if
+    given): (out, state). One token takes the recurrent step (O(m·dv)), a chunk the chunked kernel."""
     if q.shape[2] == 1:
         out, state = functional.linear_attention_step(
-            q[:, :, 0], k[:, :, 0], v[:, :, 0], state, feature_map=feature_map, eps=eps
+            q[:, :, 0], k[:, :, 0], v[:, :, 0], state, feature_map=feature_map, eps=eps,
+            gate=None if gate is None else gate[:, :, 0],
         )
         return out.unsqueeze(2), state
     return functional.linear_attention(
-        q, k, v, causal=True, feature_map=feature_map, eps=eps, initial_state=state, output_final_state=True
+        q, k, v, causal=True, feature_map=feature_map, eps=eps, gate=gate, initial_state=state,
+        output_final_state=True,
     )
 
 
@@ -183,6 +185,13 @@ def decode_linear(core, q, k, v, entry, visible_kv, where):
     phi = FEATURE_MAPS[core.feature_map]
     state = _initial_state(entry, None if visible_kv is None else phi(visible_kv[0]), visible_kv)
     out, state = _recurrent(q, k, v, state, core.feature_map, core.eps)
+    return out, {"state": state}
+
+
+def decode_gated_linear(core, q, k, v, entry, visible_kv, where):
+    """GLA's state (S, z) with its per-channel gates (docs/methods.md §1), constant-size."""
+    out, state = _recurrent(q, k, v, None if entry is None else entry["state"], core.feature_map, core.eps,
+                            core.log_gates(k))
     return out, {"state": state}
 
 

@@ -99,9 +99,9 @@ class MultiheadAttention(nn.MultiheadAttention):
         cache: a linattn.nn.DecodingCache for incremental (token by token) causal decoding: the
         new tokens (one or many) attend causally to themselves and to every token this module
         saw through the cache before, with the results of running the whole sequence at once.
-        Methods softmax (a growing key/value cache), linear, performer, deltanet and
-        gated_deltanet (a constant-size state), local (the window's keys) and hybrid; self-attention without masks, and
-        need_weights=False."""
+        Methods softmax (a growing key/value cache), linear, gla, performer, deltanet and
+        gated_deltanet (a constant-size state), local (the window's keys) and hybrid; self-attention without masks,
+        and need_weights=False."""
         where = f"linattn.nn.MultiheadAttention(method={self.method!r})"
         if cache is not None:
             return self._forward_cached(where, query, key, value, key_padding_mask, need_weights, attn_mask, cache)

@@ -27,6 +27,7 @@ CONFIGS = [
     dict(causal=True, feature_map="relu", padding=True),
     dict(causal=False, padding=True),
     dict(causal=True, feature_map="identity", normalize=False, gate=True),
+    dict(causal=True, gate=True, per_channel=True, decay=True),  # GLA-style gates, one per feature channel
 ]
 
 
@@ -38,7 +39,8 @@ def _inputs(T, config):
     if config.get("decay"):
         extra["decay"] = torch.tensor([1.0, 0.9, 0.6], dtype=torch.float64)
     if config.get("gate"):
-        extra["gate"] = -torch.rand(B, H, T, generator=g, dtype=torch.float64)
+        channels = (D,) if config.get("per_channel") else ()
+        extra["gate"] = -torch.rand(B, H, T, *channels, generator=g, dtype=torch.float64)
     if config.get("padding"):
         extra["key_padding_mask"] = torch.rand(B, T, generator=g) < 0.3
     for name in ("causal", "feature_map", "normalize"):

@@ -11,7 +11,7 @@ import linattn
 from linattn import reference
 from linattn.delta_rule import l2_normalize
 
-from conftest import assert_close
+from conftest import assert_close, assert_compiled_module_equals_eager, module_heads
 
 METHODS = ("deltanet", "gated_deltanet")
 
@@ -25,11 +25,6 @@ def module(method, dtype=torch.float64, **kwargs):
     return m
 
 
-def heads(m, x):
-    q, k, v = F.linear(x, m.in_proj_weight, m.in_proj_bias).chunk(3, dim=-1)
-    return [t.unflatten(-1, (m.num_heads, m.head_dim)).transpose(1, 2) for t in (q, k, v)]
-
-
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("causal", [True, False])
 def test_the_module_computes_the_documented_recurrence(method, causal):
@@ -37,7 +32,7 @@ def test_the_module_computes_the_documented_recurrence(method, causal):
     x = torch.randn(2, 9, 16, dtype=torch.float64)
     out, _ = m(x, x, x, is_causal=causal, attn_mask=nn.Transformer.generate_square_subsequent_mask(9) if causal else None,
                need_weights=False)
-    q, k, v = heads(m, x)
+    q, k, v = module_heads(m, x)
     core = m.core
     beta = torch.sigmoid(torch.einsum("nhtd,hd->nht", k, core.beta_weight) + core.beta_bias[:, None])
     gate = None
@@ -57,7 +52,7 @@ def test_weights_are_the_matrix_the_output_applies(method, causal):
     x = torch.randn(2, 7, 16, dtype=torch.float64)
     mask = nn.Transformer.generate_square_subsequent_mask(7, dtype=torch.float64) if causal else None
     out, weights = m(x, x, x, attn_mask=mask, is_causal=causal, average_attn_weights=False)
-    _, _, v = heads(m, x)
+    _, _, v = module_heads(m, x)
     expected = m.out_proj((weights @ v).transpose(1, 2).flatten(2))
     assert weights.shape == (2, 2, 7, 7)
     assert_close(out, expected, 1e-12, method)
@@ -113,18 +108,5 @@ def test_swapped_encoder_trains_every_new_parameter(method):
 
 @pytest.mark.parametrize("method", METHODS)
 def test_compiled_module_equals_eager(method):
-    torch._dynamo.reset()
-    m = module(method, dtype=torch.float32)
-    x = torch.randn(2, 70, 16)
-    mask = nn.Transformer.generate_square_subsequent_mask(70)
-
-    def loss(module):
-        return module(x, x, x, attn_mask=mask, is_causal=True, need_weights=False)[0].square().mean()
-
-    eager = loss(m)
-    eager_grads = torch.autograd.grad(eager, list(m.parameters()))
-    compiled = torch.compile(loss, fullgraph=True)(m)
-    compiled_grads = torch.autograd.grad(compiled, list(m.parameters()))
-    assert_close(compiled, eager, 1e-5, "loss")
-    for a, b in zip(compiled_grads, eager_grads):
-        assert_close(a, b, 1e-4, "grad")
+    assert_compiled_module_equals_eager(module(method, dtype=torch.float32), torch.randn(2, 70, 16),
+                                        nn.Transformer.generate_square_subsequent_mask(70))

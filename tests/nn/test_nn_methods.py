@@ -142,7 +142,7 @@ def test_compiled_module_matches_eager(name):
 
 
 def test_unknown_method_and_options_list_the_valid_ones():
-    with pytest.raises(ValueError, match=r"unknown method 'favor'.*available methods: \['additive', 'bigbird', 'deltanet', 'efficient', 'gated_deltanet', 'hybrid', 'linear'"):
+    with pytest.raises(ValueError, match=r"unknown method 'favor'.*available methods: \['additive', 'bigbird', 'deltanet', 'efficient', 'gated_deltanet', 'gla', 'hybrid', 'linear'"):
         linattn.nn.MultiheadAttention(16, 2, method="favor")
     with pytest.raises(ValueError, match=r"unknown option\(s\) \['nb_features'\]; valid options: \['feature_map', 'eps'\]"):
         linattn.nn.MultiheadAttention(16, 2, method="linear", nb_features=3)
@@ -212,6 +212,16 @@ def test_dropout_is_applied_in_training_only_and_unbiased(name):
     assert not torch.allclose(draws[0], reference_out)
     # Dropout keeps the expectation: the mean of many draws approaches the eval output.
     assert (draws.mean(0) - reference_out).norm() < 0.1 * reference_out.norm()
+
+
+@pytest.mark.parametrize("name", ["linear", "performer", "efficient"])
+def test_dropping_every_key_leaves_the_output_bias(name):
+    # p = 1 drops every key: the values are 0, not 0/0 (torch's dropout with p = 1 gives zeros too).
+    torch.manual_seed(0)
+    module = _build(name, dropout=1.0).train()
+    x = torch.randn(2, 7, 24)
+    out = module(x, x, x, need_weights=False)[0]
+    torch.testing.assert_close(out, module.out_proj.bias.expand_as(out))
 
 
 @pytest.mark.parametrize("name", ["local-dilated", "longformer", "bigbird", "reformer"])

@@ -11,7 +11,7 @@ import torch
 
 import linattn
 from linattn import ops, reference
-from conftest import log_factors
+from conftest import assert_same_gradients, log_factors
 
 IMPLEMENTATIONS = {"fused": contextlib.nullcontext, "generic": ops.generic_implementation}
 
@@ -54,8 +54,11 @@ def test_forward_and_state_match_reference(dtype, kind, T, impl):
 @pytest.mark.parametrize("feature_map,normalize", [("elu", True), ("relu", True), ("identity", False), ("elu", False)])
 @pytest.mark.parametrize("T", [5, 130])
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)
-def test_gradients_match_reference(feature_map, normalize, T, impl):
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_gradients_match_reference(feature_map, normalize, T, impl, per_channel):
     q, k, v, decay, gate, state, mask = make(T=T, dtype=torch.float64)
+    if per_channel:  # GLA: one log-gate per feature channel (test_channel_gates.py has the rest)
+        gate = -torch.rand(*gate.shape, q.shape[-1], generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     inputs = [t.clone().requires_grad_() for t in (q, k, v, decay, gate, state[0], state[1])]
 
     def ours(q, k, v, decay, gate, S0, z0):
@@ -65,20 +68,13 @@ def test_gradients_match_reference(feature_map, normalize, T, impl):
         return out, S, z
 
     def theirs(q, k, v, decay, gate, S0, z0):
-        out, (S, z) = reference.decayed_linear_attention(q, k, v, decay.log().view(1, 3, 1) + gate,
+        out, (S, z) = reference.decayed_linear_attention(q, k, v, log_factors(decay, gate, 2, 3, T),
                                                          feature_map=feature_map, normalize=normalize,
                                                          initial_state=(S0, z0), key_padding_mask=mask)
         return out, S, z
 
     with IMPLEMENTATIONS[impl]():
-        a = ours(*inputs)
-    b = theirs(*inputs)
-    g = torch.Generator().manual_seed(9)
-    weights = [torch.randn(x.shape, generator=g, dtype=torch.float64) for x in a]
-    grads_a = torch.autograd.grad(sum((x * w).sum() for x, w in zip(a, weights)), inputs)
-    grads_b = torch.autograd.grad(sum((x * w).sum() for x, w in zip(b, weights)), inputs)
-    for name, x, y in zip(("q", "k", "v", "decay", "gate", "S0", "z0"), grads_a, grads_b):
-        torch.testing.assert_close(x, y, rtol=1e-9, atol=1e-9, msg=lambda m, name=name: f"d{name}: {m}")
+        assert_same_gradients(ours, theirs, inputs, ("q", "k", "v", "decay", "gate", "S0", "z0"))
 
 
 def test_gradcheck():
@@ -95,8 +91,11 @@ def test_gradcheck():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_equals_token_by_token_step(dtype):
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_equals_token_by_token_step(dtype, per_channel):
     q, k, v, decay, gate, state, _ = make(T=40, dtype=dtype)
+    if per_channel:  # GLA: the step's gate is (B, H, m)
+        gate = (-torch.rand(*gate.shape, q.shape[-1], generator=torch.Generator().manual_seed(3)) * 0.5).to(dtype)
     whole, (S_w, z_w) = linattn.linear_attention(q, k, v, causal=True, decay=decay, gate=gate, initial_state=state,
                                                  output_final_state=True)
     step_state, outs = state, []
@@ -106,6 +105,7 @@ def test_equals_token_by_token_step(dtype):
         outs.append(out)
     torch.testing.assert_close(torch.stack(outs, 2).float(), whole.float(), rtol=TOL[dtype], atol=TOL[dtype])
     torch.testing.assert_close(step_state[0], S_w, rtol=TOL[dtype], atol=TOL[dtype])
+    torch.testing.assert_close(step_state[1], z_w, rtol=TOL[dtype], atol=TOL[dtype])
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)

@@ -145,7 +145,10 @@ def test_compile_fullgraph_equals_eager(implementation):
     (lambda q, k, v: linattn.linear_attention_step(q[:, :, None], k, v), "q must be a 3-D tensor (B, H, D)"),
     (lambda q, k, v: linattn.linear_attention_step(q, k[..., :3], v), "q and k must have the same shape"),
     (lambda q, k, v: linattn.linear_attention_step(q, k, v, decay=torch.ones(4)), "decay must have shape (3,)"),
-    (lambda q, k, v: linattn.linear_attention_step(q, k, v, gate=torch.zeros(2, 3, 1)), "gate must be a 2-D tensor"),
+    (lambda q, k, v: linattn.linear_attention_step(q, k, v, gate=torch.zeros(2, 3, 1, 1)), "gate must be a 2-D tensor"),
+    # (B, H, m) is a per-channel gate, one entry per feature
+    (lambda q, k, v: linattn.linear_attention_step(q, k, v, gate=torch.zeros(2, 3, 1)),
+     "gate must have shape (2, 3, 7) (B, H, m)"),
     (lambda q, k, v: linattn.linear_attention_step(q, k, v, (torch.zeros(2, 3, 7, 4), torch.zeros(2, 3, 7))),
      "state S must have shape (2, 3, 7, 5)"),
     (lambda q, k, v: linattn.linear_attention_step(q, k, v, feature_map="identity"), "feature_map='identity'"),

@@ -16,7 +16,7 @@ What dropout means differs, because only the softmax methods form attention weig
     operator (its Philox mask, the same on every device; reformer per hashing round;
     need_weights returns the dropped weights);
   - deltanet, gated_deltanet: whole keys are skipped (they write nothing) with probability p;
-  - linear, performer, efficient: whole keys (columns of the implicit attention matrix) are
+  - linear, gla, performer, efficient: whole keys (columns of the implicit attention matrix) are
     dropped per batch and head with probability p and the rest scaled by 1/(1 − p), applied to
     the values, so out = weights @ v still holds, with the same expectation as torch's dropout;
     the normalizer is left as it is.
@@ -26,7 +26,7 @@ from torch import nn
 from .base import MethodModule, _drop_keys  # noqa: F401  (hf uses _drop_keys)
 # Importing the families defines (and so registers) their methods.
 from .softmax import AdditiveMethod, LinformerMethod, SoftmaxMethod  # noqa: F401
-from .kernelized import EfficientMethod, LinearMethod, PerformerMethod  # noqa: F401
+from .kernelized import EfficientMethod, GatedLinearMethod, LinearMethod, PerformerMethod  # noqa: F401
 from .restricted import BigBirdMethod, HybridMethod, LocalMethod, LongformerMethod, ReformerMethod  # noqa: F401
 from .delta import DeltaNetMethod, GatedDeltaNetMethod  # noqa: F401
 from .linearized import LinearizedMethod  # noqa: F401

@@ -16,7 +16,7 @@ def _drop_keys(v: torch.Tensor, dropout_p: float):
     if dropout_p <= 0.0:
         return v, None
     keep = torch.empty(v.shape[:3], device=v.device, dtype=v.dtype).bernoulli_(1.0 - dropout_p)
-    scale = keep / (1.0 - dropout_p)
+    scale = keep / (1.0 - dropout_p) if dropout_p < 1.0 else keep  # p = 1 drops every key (0, not 0/0)
     return v * scale.unsqueeze(-1), scale.unsqueeze(-2)
 
 

@@ -3,13 +3,15 @@ which never form attention weights (need_weights computes the implicit ones)."""
 import math
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from ... import functional
 from ...feature_maps import FEATURE_MAPS, PERFORMER_KERNELS, efficient_feature_maps, favor_features, random_features
 from .base import (
     MethodModule, _check_choice, _check_eps, _check_positive_int, _drop_keys, _normalized_weights, _split_visible,
 )
-from ..decoding import decode_linear, decode_performer, state_of
+from ..decoding import decode_gated_linear, decode_linear, decode_performer, state_of
 
 
 class LinearMethod(MethodModule):
@@ -45,6 +47,74 @@ class LinearMethod(MethodModule):
         if not need_weights:
             return out, None
         weights = _normalized_weights(phi(q), phi(k), causal, key_padding_mask, self.eps, phi_visible)
+        return out, weights if key_scale is None else weights * key_scale
+
+
+class GatedLinearMethod(MethodModule):
+    """Gated linear attention (GLA, Yang et al. 2024), docs/methods.md §1: linear attention whose state
+    fades feature channel by feature channel by learned, token-dependent gates; options feature_map
+    ("elu" for elu+1, or "relu") and eps. A method sees each head's q, k and v, so the log-gates are a
+    learned projection of the head's key (itself a projection of the input), squashed as GLA does:
+        g_t = logsigmoid(W_h k_t + b_h) / 16     (one entry per feature channel, <= 0)
+    with W_h (H, hd, hd) initialised to 0 and b_h so that −g is log-uniform in [1e-4, 1e-2] over the
+    channels: at construction the gates do not depend on the token (slow, varied forgetting, as
+    the gated_deltanet method starts), and the projection learns to make them. Causal only (the
+    gates fade a state in time); key padding (a padded key writes nothing and fades nothing);
+    dropout skips whole keys as for "linear"; need_weights gives the implicit (L, L) matrix
+    out = weights @ v."""
+
+    name = "gla"
+    decoder = staticmethod(decode_gated_linear)
+    options = ("feature_map", "eps")
+    supports_causal = True
+    takes_any_mask = False
+    supports_extra_keys = False
+    temperature = 16.0  # GLA's normaliser of the log-gates
+
+    def __init__(self, num_heads: int, head_dim: int, device=None, dtype=None, *, feature_map="elu", eps=1e-6):
+        super().__init__()
+        _check_choice(self.name, "feature_map", feature_map, ("elu", "relu"))
+        _check_eps(self.name, eps)
+        self.feature_map, self.eps = feature_map, float(eps)
+        factory = dict(device=device, dtype=dtype)
+        self.gate_weight = nn.Parameter(torch.empty(num_heads, head_dim, head_dim, **factory))
+        self.gate_bias = nn.Parameter(torch.empty(num_heads, head_dim, **factory))
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        heads, channels = self.gate_bias.shape
+        rate = torch.logspace(-4, -2, channels, dtype=torch.float64)  # −g per channel
+        # logsigmoid(b) / τ = −rate  <=>  softplus(−b) = τ·rate  <=>  b = −softplus⁻¹(τ·rate).
+        y = self.temperature * rate
+        self.gate_weight.zero_()
+        self.gate_bias.copy_(-(y + torch.log(-torch.expm1(-y))).expand(heads, channels))
+
+    def extra_repr(self) -> str:
+        return f"feature_map={self.feature_map!r}, eps={self.eps}, heads={self.gate_bias.shape[0]}"
+
+    def log_gates(self, k, skipped=None):
+        """(N, H, L, hd) log-gates for keys k (N, H, L, hd); skipped (N, L) bool: keys that fade nothing."""
+        x = torch.einsum("nhtd,hed->nhte", k, self.gate_weight.to(k.dtype)) + self.gate_bias.to(k.dtype)[None, :, None]
+        gate = F.logsigmoid(x) / self.temperature
+        return gate if skipped is None else gate.masked_fill(skipped[:, None, :, None], 0.0)
+
+    def forward(self, q, k, v, *, causal, key_padding_mask, attn_mask, dropout_p, need_weights):
+        if not causal:
+            raise ValueError(f"linattn method {self.name!r}: the gates fade a state in time, so it is causal only; "
+                             "call it with is_causal=True or a causal attn_mask")
+        gate = self.log_gates(k, key_padding_mask)
+        v, key_scale = _drop_keys(v, dropout_p)
+        attend = dict(causal=True, feature_map=self.feature_map, eps=self.eps, key_padding_mask=key_padding_mask,
+                      gate=gate)
+        out = functional.linear_attention(q, k, v, **attend)
+        if not need_weights:
+            return out, None
+        # The output is linear in v (the normalizer does not read it): the identity as values gives
+        # the matrix it applies.
+        length = k.shape[2]
+        identity = torch.eye(length, device=v.device, dtype=v.dtype).expand(*v.shape[:2], length, length)
+        weights = functional.linear_attention(q, k, identity, **attend)
         return out, weights if key_scale is None else weights * key_scale
 
 
