@@ -25,13 +25,19 @@ Student, per head, with learned feature maps φ_q, φ_k (linattn.nn.learned_feat
   head's key as linattn.nn.methods.delta does (a sigmoid and −e^A softplus of per-head projections);
   read-out scale 1 (a stored key reads back ≈ β v, on the values' scale, as softmax's averages are).
   A padded key writes nothing and fades nothing (β = 0, g = 0).
+- "gla": the "linear" student whose state fades channel by channel (GLA, docs/methods.md §1),
+      y_i = Σ_{j<=i} Σ_c φ_q(q_i)_c φ_k(k_j)_c e^{b_ic − b_jc} v_j / (the same sum without v_j),
+  b the cumulative per-channel log-gates g_t = logsigmoid(W_h k_t + b_h) / 16 learned from the head's
+  key (linattn.nn.methods.kernelized.ChannelGates, one gate per feature channel, initially
+  token-independent slow forgetting). Causal layers (decoders) only; a padded key writes and fades
+  nothing.
 
 Modes: "student" (the default after linearize), "teacher" (the exact softmax: the model as it
 was), "transfer" (returns the teacher's output, so every layer sees the original activations, and
 keeps the student's loss against it for linattn.attention_transfer).
 
 Decoding (LinearizedAttention.decode): a causal student continues from a constant-size entry, the
-linear state (S, z), or the hybrid's kept keys (sink + last `window`) and the sums of the rest.
+linear (or gla) state (S, z), or the hybrid's kept keys (sink + last `window`) and the sums of the rest.
 """
 import math
 from typing import Optional, Tuple
@@ -53,8 +59,9 @@ Window = Tuple[int, int]
 NO_WINDOW: Window = (-1, -1)
 
 # The students, by name: whether one attends a window (and global tokens) exactly.
-EXACT_WINDOW = {"linear": False, "hybrid": True, "deltanet": False, "gated_deltanet": False}
+EXACT_WINDOW = {"linear": False, "hybrid": True, "deltanet": False, "gated_deltanet": False, "gla": False}
 DELTA_RULE = ("deltanet", "gated_deltanet")  # the students whose memory is the delta rule's state
+CHANNEL_GATED = ("gla",)  # the linear students whose state fades channel by channel
 METHODS = tuple(EXACT_WINDOW)
 MODES = ("student", "teacher", "transfer")
 LOSSES = ("output_mse", "attention_ce")
@@ -67,7 +74,7 @@ class LinearizedAttention(nn.Module):
 
     Args:
         heads, head_dim: H and d of the layer's queries and keys.
-        method: "linear", "hybrid", "deltanet" or "gated_deltanet".
+        method: "linear", "hybrid", "deltanet", "gated_deltanet" or "gla" (causal layers only).
         feature_map: "hedgehog", "t2r", or a pair of modules (φ_q, φ_k) mapping (B, H, T, d) to
             positive features (B, H, T, m).
         window: the hybrid's exact window, keys with ``|i − j| <= window`` (causal: ``i − window <= j <= i``).
@@ -119,9 +126,21 @@ class LinearizedAttention(nn.Module):
             from ..nn.methods import METHODS as REGISTERED
 
             self.delta_rule = REGISTERED[method](heads, head_dim)
+        self.gates = None  # the gla student's per-channel gates, one per feature channel, from the head's key
+        if method in CHANNEL_GATED:
+            from ..nn.methods.kernelized import ChannelGates
+
+            with torch.no_grad():  # the feature dim m, whatever the feature maps are
+                channels = self.feature_map_k(torch.zeros(1, heads, 1, head_dim)).shape[-1]
+            self.gates = ChannelGates(heads, head_dim, channels)
         self.mode = "student"
         self.loss_kind = "output_mse"
         self.last_loss: Optional[torch.Tensor] = None
+
+    @property
+    def plain_linear(self) -> bool:
+        """Whether the student is the "linear" one: no exact part, no delta rule, no gates."""
+        return not self.exact_window and self.delta_rule is None and self.gates is None
 
     def extra_repr(self) -> str:
         window = f", window={self.window}, global_tokens={self.global_tokens!r}" if self.exact_window else ""
@@ -155,6 +174,8 @@ class LinearizedAttention(nn.Module):
         if self.delta_rule is not None:
             self._same_length(q, k)
             return self._delta_rule(phi_q, phi_k, k, v, key_padding_mask, causal)
+        if self.gates is not None:
+            return self._gated(phi_q, phi_k, k, v, key_padding_mask, causal)
         if not self.exact_window:
             return linear_attention(phi_q, phi_k, v, causal=causal, feature_map=None, eps=LINEAR_EPS,
                                     key_padding_mask=key_padding_mask)
@@ -199,6 +220,17 @@ class LinearizedAttention(nn.Module):
         beta, gate = self.delta_rule.beta_and_gate(k, key_padding_mask)  # a padded key writes and fades nothing
         return delta_rule_attention(phi_q, phi_k, v, beta, gate=gate, causal=causal, scale=self.delta_rule.scale,
                                     initial_state=initial_state, output_final_state=output_final_state)
+
+    def _gated(self, phi_q, phi_k, k, v, key_padding_mask, causal, initial_state=None, output_final_state=False):
+        """The gla student on the features (the gates from the raw keys k; a padded key fades nothing)."""
+        if not causal:
+            raise ValueError("linattn.linearize: the gla student's gates fade a state in time, so it linearizes "
+                             "causal layers (decoders) only; for a bidirectional layer use method='hybrid', "
+                             "'linear' or 'deltanet'")
+        self._same_length(phi_q, phi_k)
+        return linear_attention(phi_q, phi_k, v, causal=True, feature_map=None, eps=LINEAR_EPS,
+                                key_padding_mask=key_padding_mask, gate=self.gates(k, key_padding_mask),
+                                initial_state=initial_state, output_final_state=output_final_state)
 
     def _mix(self, y_window, sums, has_window=None, sink_mass=None) -> torch.Tensor:
         """The hybrid's output from the exact part y_window (normalised to mass 1) and the linear
@@ -247,8 +279,8 @@ class LinearizedAttention(nn.Module):
         """Causal incremental decoding of the student: (out (B, H, n, dv), entry) for n new tokens
         after the `entry["length"]` tokens the entry has seen (entry None: none yet; the returned
         entry counts the new ones), equal to what
-        the whole sequence gives its last n rows. Constant-size: "linear" keeps the recurrent state
-        (S, z), the delta-rule students their state S; "hybrid" keeps the keys some later query
+        the whole sequence gives its last n rows. Constant-size: "linear" and "gla" keep the recurrent
+        state (S, z), the delta-rule students their state S; "hybrid" keeps the keys some later query
         still attends exactly (the sink and the last `window`) and [Σ φ_k(k) vᵀ | Σ φ_k(k)] of
         every other key seen."""
         if self.mode != "student":
@@ -259,6 +291,15 @@ class LinearizedAttention(nn.Module):
             phi_q, phi_k = self.feature_map_q(q), self.feature_map_k(k)
             out, state = self._delta_rule(phi_q, phi_k, k, v, None, True, None if entry is None else entry["state"],
                                           output_final_state=True)
+            return out, {"state": state, "length": seen + q.shape[2]}
+        if self.gates is not None:  # the gla state (S, z), faded channel by channel
+            phi_q, phi_k = self.feature_map_q(q), self.feature_map_k(k)
+            state = None if entry is None else entry["state"]
+            if q.shape[2] == 1:
+                out, state = linear_attention_step(phi_q[:, :, 0], phi_k[:, :, 0], v[:, :, 0], state, feature_map=None,
+                                                   eps=LINEAR_EPS, gate=self.gates(k)[:, :, 0])
+                return out.unsqueeze(2), {"state": state, "length": seen + 1}
+            out, state = self._gated(phi_q, phi_k, k, v, None, True, state, output_final_state=True)
             return out, {"state": state, "length": seen + q.shape[2]}
         if not self.exact_window:
             state = None if entry is None else entry["state"]
@@ -312,11 +353,12 @@ class LinearizedAttention(nn.Module):
         """The student's attention weights (B, H, T_q, T_k), dense (for the attention_ce loss and
         inspection: O(T²) memory; a delta-rule student's implicit matrix, out = weights @ v, whose
         rows need not be positive or sum to 1; with sinks, the sink's share is left out)."""
-        if self.delta_rule is not None:  # the output is linear in v: the identity as values gives the matrix
+        if self.delta_rule is not None or self.gates is not None:
+            # The output is linear in v (the gla normaliser does not read it): the identity as values gives the matrix.
             self._same_length(q, k)
             identity = torch.eye(k.shape[2], device=q.device, dtype=q.dtype).expand(*k.shape[:2], -1, -1)
-            return self._delta_rule(self.feature_map_q(q), self.feature_map_k(k), k, identity, key_padding_mask,
-                                    causal)
+            run = self._delta_rule if self.delta_rule is not None else self._gated
+            return run(self.feature_map_q(q), self.feature_map_k(k), k, identity, key_padding_mask, causal)
         visible = _dense_mask(q, k, key_padding_mask, causal)
         visible = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device) if visible is None else visible
         kernel = (self.feature_map_q(q) @ self.feature_map_k(k).transpose(-1, -2)) * visible

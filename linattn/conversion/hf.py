@@ -62,7 +62,7 @@ def linearized_attention(module, query, key, value, attention_mask, scaling=None
         raise ValueError(f"{_where(module)}: the layer runs with softcap={kwargs.get('softcap')!r}, but was linearized "
                          f"with softcap={layer.softcap!r} (the teacher's logit soft-capping)")
     sinks = kwargs.get("s_aux")  # gpt-oss's attention-sink logits (H,), the model's own parameter
-    if layer.mode == "student" and not layer.exact_window and layer.delta_rule is None:  # the linear student
+    if layer.mode == "student" and layer.plain_linear:
         return _learned_linear_attention(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
     key, value, seen, state_layer = _prepare(module, query, key, value, attention_mask, 0.0, kwargs)
     if seen.documents is not None:

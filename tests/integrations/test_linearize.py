@@ -116,7 +116,56 @@ def test_delta_rule_students_are_the_recurrence_on_their_features(method, causal
     torch.testing.assert_close(layer.student(q, k2, v2, 0.5, padding, causal)[rows], got[rows])
 
 
-@pytest.mark.parametrize("method", ["hybrid", "linear", "gated_deltanet"])
+@pytest.mark.parametrize("feature_map", ["hedgehog", "t2r"])
+def test_gla_student_is_the_gated_recurrence_on_its_features(feature_map):
+    """The gla student: linear attention on the learned features whose state fades channel by channel
+    by the gates learned from the raw keys (the float64 dense reference), one gate per feature
+    channel; padded keys write and fade nothing; the dense weights apply the same map to v; a
+    bidirectional call is refused."""
+    from linattn import reference
+
+    torch.manual_seed(3)
+    layer = LinearizedAttention(2, 4, method="gla", feature_map=feature_map).double()
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    q, k, v = (torch.randn(2, 2, 23, 4, dtype=torch.float64) for _ in range(3))
+    padding = torch.zeros(2, 23, dtype=torch.bool)
+    padding[1, 5:9] = True  # a hole: the later keys must not see it fade the state
+    got = layer.student(q, k, v, 0.5, padding, True)
+    phi_q, phi_k = layer.feature_map_q(q), layer.feature_map_k(k)
+    gate = layer.gates(k).masked_fill(padding[:, None, :, None], 0.0)
+    assert gate.shape == phi_k.shape and (gate <= 0).all()
+    expected, _ = reference.decayed_linear_attention(phi_q, phi_k, v, gate, feature_map=None,
+                                                     key_padding_mask=padding)
+    rows = ~padding[:, None, :, None].expand_as(got)
+    torch.testing.assert_close(got[rows], expected[rows], rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(dense_student(layer, q, k, v, 0.5, padding, True)[rows], got[rows])
+    kept = ~padding[1]
+    alone = layer.student(q[1:, :, kept], k[1:, :, kept], v[1:, :, kept], 0.5, None, True)
+    torch.testing.assert_close(got[1:, :, kept], alone, rtol=1e-10, atol=1e-10)
+    with pytest.raises(ValueError, match="causal layers"):
+        layer.student(q, k, v, 0.5, None, False)
+
+
+def test_gla_student_decodes_token_by_token():
+    torch.manual_seed(5)
+    layer = LinearizedAttention(2, 4, method="gla").double()
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    q, k, v = (torch.randn(1, 2, 12, 4, dtype=torch.float64) for _ in range(3))
+    whole = layer.student(q, k, v, 0.5, None, True)
+    out, entry = layer.decode(q[:, :, :5], k[:, :, :5], v[:, :, :5], 0.5, None)  # a prompt, then tokens
+    pieces = [out]
+    for t in range(5, 12):
+        out, entry = layer.decode(q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1], 0.5, entry)
+        pieces.append(out)
+    assert entry["length"] == 12
+    torch.testing.assert_close(torch.cat(pieces, 2), whole, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("method", ["hybrid", "linear", "gated_deltanet", "gla"])
 def test_causal_left_padding_changes_nothing(method):
     """A left-padded causal row (batched generation's prompts) gives its real queries what the
     unpadded sequence gives: the padding is invisible and the hybrid's sink is the first real token."""
@@ -173,7 +222,7 @@ def test_state_dict_round_trip():
 
 
 @pytest.mark.parametrize("model_fn, method", [(bert, "hybrid"), (bert, "linear"), (llama, "hybrid"),
-                                             (bert, "deltanet"), (llama, "gated_deltanet")])
+                                             (bert, "deltanet"), (llama, "gated_deltanet"), (llama, "gla")])
 def test_transfer_reduces_every_layer_loss(model_fn, method):
     model = model_fn()
     linattn.linearize(model, method=method, window=4)
@@ -244,7 +293,7 @@ def test_lora_through_peft():
     assert all(p.grad is not None for p in trainable.values())
 
 
-@pytest.mark.parametrize("method", ["linear", "hybrid", "gated_deltanet"])
+@pytest.mark.parametrize("method", ["linear", "hybrid", "gated_deltanet", "gla"])
 def test_students_generate_from_a_constant_size_state(method, monkeypatch):
     """A decoder linearized with either student generates through linattn.hf.LinearStateCache (the
     linear (S, z) state; the hybrid's sink, last `window` keys and linear sums: O(1) per token) the

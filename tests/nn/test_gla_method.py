@@ -43,7 +43,7 @@ def test_the_module_computes_the_documented_recurrence():
     out, _ = m(x, x, x, is_causal=True, attn_mask=causal_mask(9), need_weights=False)
     q, k, v = module_heads(m, x)
     core = m.core
-    gate = F.logsigmoid(torch.einsum("nhtd,hed->nhte", k, core.gate_weight) + core.gate_bias[:, None]) / 16
+    gate = F.logsigmoid(torch.einsum("nhtd,hed->nhte", k, core.gates.weight) + core.gates.bias[:, None]) / 16
     assert (gate <= 0).all() and gate.shape == (2, 2, 9, 8)
     ref, _ = reference.decayed_linear_attention(q, k, v, gate)
     assert_close(out, m.out_proj(ref.transpose(1, 2).flatten(2)), 1e-12, "gla")

@@ -70,7 +70,8 @@ class TinyDecoder(torch.nn.Module):
         return x
 
 
-@pytest.mark.parametrize("student,global_tokens", [("linear", None), ("hybrid", None), ("hybrid", "first")])
+@pytest.mark.parametrize("student,global_tokens",
+                         [("linear", None), ("hybrid", None), ("hybrid", "first"), ("gla", None)])
 def test_linattn_softmax_modules_linearize_and_decode(student, global_tokens):
     """linattn's own softmax modules linearize in place (weights kept, teacher = the original);
     the student then decodes through a DecodingCache, a prompt chunk and single tokens, with the

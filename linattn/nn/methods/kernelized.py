@@ -50,18 +50,51 @@ class LinearMethod(MethodModule):
         return out, weights if key_scale is None else weights * key_scale
 
 
+class ChannelGates(nn.Module):
+    """GLA's per-channel log-gates from a head's key (docs/methods.md §1), for the "gla" method and the
+    linearized "gla" student: g_t = logsigmoid(W_h k_t + b_h) / 16, one entry per state channel (<= 0),
+    with W_h (H, channels, hd) initialised to 0 and b_h so that −g is log-uniform in [1e-4, 1e-2] over
+    the channels: at construction the gates do not depend on the token (slow, varied forgetting, as the
+    gated_deltanet method starts), and the projection learns to make them."""
+
+    temperature = 16.0  # GLA's normaliser of the log-gates
+
+    def __init__(self, heads: int, head_dim: int, channels: int, device=None, dtype=None):
+        super().__init__()
+        factory = dict(device=device, dtype=dtype)
+        self.weight = nn.Parameter(torch.empty(heads, channels, head_dim, **factory))
+        self.bias = nn.Parameter(torch.empty(heads, channels, **factory))
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        heads, channels = self.bias.shape
+        rate = torch.logspace(-4, -2, channels, dtype=torch.float64)  # −g per channel
+        # logsigmoid(b) / τ = −rate  <=>  softplus(−b) = τ·rate  <=>  b = −softplus⁻¹(τ·rate).
+        y = self.temperature * rate
+        self.weight.zero_()
+        self.bias.copy_(-(y + torch.log(-torch.expm1(-y))).expand(heads, channels))
+
+    def extra_repr(self) -> str:
+        heads, channels, head_dim = self.weight.shape
+        return f"heads={heads}, channels={channels}, head_dim={head_dim}"
+
+    def forward(self, k, skipped=None):
+        """(N, H, L, channels) log-gates for keys k (N, H, L, hd); skipped (N, L) bool: keys that fade nothing."""
+        x = torch.einsum("nhtd,hed->nhte", k, self.weight.to(k.dtype)) + self.bias.to(k.dtype)[None, :, None]
+        gate = F.logsigmoid(x) / self.temperature
+        return gate if skipped is None else gate.masked_fill(skipped[:, None, :, None], 0.0)
+
+
 class GatedLinearMethod(MethodModule):
     """Gated linear attention (GLA, Yang et al. 2024), docs/methods.md §1: linear attention whose state
     fades feature channel by feature channel by learned, token-dependent gates; options feature_map
     ("elu" for elu+1, or "relu") and eps. A method sees each head's q, k and v, so the log-gates are a
-    learned projection of the head's key (itself a projection of the input), squashed as GLA does:
-        g_t = logsigmoid(W_h k_t + b_h) / 16     (one entry per feature channel, <= 0)
-    with W_h (H, hd, hd) initialised to 0 and b_h so that −g is log-uniform in [1e-4, 1e-2] over the
-    channels: at construction the gates do not depend on the token (slow, varied forgetting, as
-    the gated_deltanet method starts), and the projection learns to make them. Causal only (the
-    gates fade a state in time); key padding (a padded key writes nothing and fades nothing);
-    dropout skips whole keys as for "linear"; need_weights gives the implicit (L, L) matrix
-    out = weights @ v."""
+    learned projection of the head's key (itself a projection of the input), squashed as GLA does,
+    g_t = logsigmoid(W_h k_t + b_h) / 16 (`core.gates`: ChannelGates, initially token-independent slow
+    forgetting). Causal only (the gates fade a state in time); key padding (a padded key writes
+    nothing and fades nothing); dropout skips whole keys as for "linear"; need_weights gives the
+    implicit (L, L) matrix out = weights @ v."""
 
     name = "gla"
     decoder = staticmethod(decode_gated_linear)
@@ -69,35 +102,20 @@ class GatedLinearMethod(MethodModule):
     supports_causal = True
     takes_any_mask = False
     supports_extra_keys = False
-    temperature = 16.0  # GLA's normaliser of the log-gates
 
     def __init__(self, num_heads: int, head_dim: int, device=None, dtype=None, *, feature_map="elu", eps=1e-6):
         super().__init__()
         _check_choice(self.name, "feature_map", feature_map, ("elu", "relu"))
         _check_eps(self.name, eps)
         self.feature_map, self.eps = feature_map, float(eps)
-        factory = dict(device=device, dtype=dtype)
-        self.gate_weight = nn.Parameter(torch.empty(num_heads, head_dim, head_dim, **factory))
-        self.gate_bias = nn.Parameter(torch.empty(num_heads, head_dim, **factory))
-        self.reset_parameters()
-
-    @torch.no_grad()
-    def reset_parameters(self) -> None:
-        heads, channels = self.gate_bias.shape
-        rate = torch.logspace(-4, -2, channels, dtype=torch.float64)  # −g per channel
-        # logsigmoid(b) / τ = −rate  <=>  softplus(−b) = τ·rate  <=>  b = −softplus⁻¹(τ·rate).
-        y = self.temperature * rate
-        self.gate_weight.zero_()
-        self.gate_bias.copy_(-(y + torch.log(-torch.expm1(-y))).expand(heads, channels))
+        self.gates = ChannelGates(num_heads, head_dim, head_dim, device, dtype)
 
     def extra_repr(self) -> str:
-        return f"feature_map={self.feature_map!r}, eps={self.eps}, heads={self.gate_bias.shape[0]}"
+        return f"feature_map={self.feature_map!r}, eps={self.eps}"
 
     def log_gates(self, k, skipped=None):
         """(N, H, L, hd) log-gates for keys k (N, H, L, hd); skipped (N, L) bool: keys that fade nothing."""
-        x = torch.einsum("nhtd,hed->nhte", k, self.gate_weight.to(k.dtype)) + self.gate_bias.to(k.dtype)[None, :, None]
-        gate = F.logsigmoid(x) / self.temperature
-        return gate if skipped is None else gate.masked_fill(skipped[:, None, :, None], 0.0)
+        return self.gates(k, skipped)
 
     def forward(self, q, k, v, *, causal, key_padding_mask, attn_mask, dropout_p, need_weights):
         if not causal:

@@ -9,7 +9,8 @@ from .base import MethodModule
 class LinearizedMethod(MethodModule):
     """Linearized softmax attention, docs/methods.md §10 (built by linattn.linearize). Options:
       student: "hybrid" (exact window + global tokens, linear for the rest), "linear",
-        "deltanet" or "gated_deltanet" (the delta rule on the learned features);
+        "deltanet" or "gated_deltanet" (the delta rule on the learned features), "gla" (linear with
+        learned per-channel gates; causal only);
       feature_map: "hedgehog" or "t2r" (learned, per head, separate for q and k);
       window (64), global_tokens ("first_last", "first" or None), linear_scale (0.01): as
       linattn.linearize.
