@@ -157,7 +157,7 @@ def decode_softmax(core, q, k, v, entry, visible_kv, where):
     return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask), entry
 
 
-# --- linear and performer: the recurrent state ------------------------------------------------
+# --- linear, gla and performer: the recurrent state -------------------------------------------
 
 
 def _recurrent(q, k, v, state, feature_map, eps, gate=None):
