@@ -49,8 +49,9 @@ from torch import nn
 from .. import ops
 from .._validation import softcap_of
 from ..delta_rule import delta_rule_attention
-from ..functional import linear_attention, linear_attention_step
+from ..functional import linear_attention
 from ..ops import accumulate_dtype
+from ..nn.decoding import _recurrent
 from ..nn.learned_feature_maps import learned_feature_map
 from ..window import with_sinks
 
@@ -221,7 +222,7 @@ class LinearizedAttention(nn.Module):
         return delta_rule_attention(phi_q, phi_k, v, beta, gate=gate, causal=causal, scale=self.delta_rule.scale,
                                     initial_state=initial_state, output_final_state=output_final_state)
 
-    def _gated(self, phi_q, phi_k, k, v, key_padding_mask, causal, initial_state=None, output_final_state=False):
+    def _gated(self, phi_q, phi_k, k, v, key_padding_mask, causal):
         """The gla student on the features (the gates from the raw keys k; a padded key fades nothing)."""
         if not causal:
             raise ValueError("linattn.linearize: the gla student's gates fade a state in time, so it linearizes "
@@ -229,8 +230,7 @@ class LinearizedAttention(nn.Module):
                              "'linear' or 'deltanet'")
         self._same_length(phi_q, phi_k)
         return linear_attention(phi_q, phi_k, v, causal=True, feature_map=None, eps=LINEAR_EPS,
-                                key_padding_mask=key_padding_mask, gate=self.gates(k, key_padding_mask),
-                                initial_state=initial_state, output_final_state=output_final_state)
+                                key_padding_mask=key_padding_mask, gate=self.gates(k, key_padding_mask))
 
     def _mix(self, y_window, sums, has_window=None, sink_mass=None) -> torch.Tensor:
         """The hybrid's output from the exact part y_window (normalised to mass 1) and the linear
@@ -292,24 +292,11 @@ class LinearizedAttention(nn.Module):
             out, state = self._delta_rule(phi_q, phi_k, k, v, None, True, None if entry is None else entry["state"],
                                           output_final_state=True)
             return out, {"state": state, "length": seen + q.shape[2]}
-        if self.gates is not None:  # the gla state (S, z), faded channel by channel
-            phi_q, phi_k = self.feature_map_q(q), self.feature_map_k(k)
-            state = None if entry is None else entry["state"]
-            if q.shape[2] == 1:
-                out, state = linear_attention_step(phi_q[:, :, 0], phi_k[:, :, 0], v[:, :, 0], state, feature_map=None,
-                                                   eps=LINEAR_EPS, gate=self.gates(k)[:, :, 0])
-                return out.unsqueeze(2), {"state": state, "length": seen + 1}
-            out, state = self._gated(phi_q, phi_k, k, v, None, True, state, output_final_state=True)
-            return out, {"state": state, "length": seen + q.shape[2]}
-        if not self.exact_window:
-            state = None if entry is None else entry["state"]
-            phi_q, phi_k = self.feature_map_q(q), self.feature_map_k(k)
-            if q.shape[2] == 1:
-                out, state = linear_attention_step(phi_q[:, :, 0], phi_k[:, :, 0], v[:, :, 0], state, feature_map=None,
-                                                   eps=LINEAR_EPS)
-                return out.unsqueeze(2), {"state": state, "length": seen + 1}
-            out, state = linear_attention(phi_q, phi_k, v, causal=True, feature_map=None, eps=LINEAR_EPS,
-                                          initial_state=state, output_final_state=True)
+        if not self.exact_window:  # linear or gla: the state (S, z) (gla's faded channel by channel): one
+            # token takes the step, a chunk the operator
+            gate = None if self.gates is None else self.gates(k)
+            out, state = _recurrent(self.feature_map_q(q), self.feature_map_k(k), v,
+                                    None if entry is None else entry["state"], None, LINEAR_EPS, gate)
             return out, {"state": state, "length": seen + q.shape[2]}
         n = q.shape[2]
         sink = self.global_tokens is not None

@@ -154,6 +154,11 @@ def _check_positive_int(method: str, name: str, value, allow_none: bool = False)
         raise ValueError(f"linattn method {method!r}: {name} must be {expected}, got {value!r}")
 
 
+def _softplus_inverse(y: torch.Tensor) -> torch.Tensor:
+    """x with softplus(x) = y (y > 0): the bias that makes a softplus-squashed gate start at y."""
+    return y + torch.log(-torch.expm1(-y))
+
+
 def _check_eps(method: str, eps) -> None:
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0 or math.isinf(eps):
         raise ValueError(f"linattn method {method!r}: eps must be a finite float > 0, got {eps!r}")

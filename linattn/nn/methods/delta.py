@@ -24,7 +24,7 @@ from torch import nn
 
 from ...delta_rule import delta_rule_attention
 from ..decoding import decode_delta_rule
-from .base import MethodModule
+from .base import MethodModule, _softplus_inverse
 
 
 class DeltaNetMethod(MethodModule):
@@ -63,7 +63,7 @@ class DeltaNetMethod(MethodModule):
             heads = self.gate_bias.numel()
             dt = torch.logspace(math.log10(1e-4), math.log10(1e-2), heads, dtype=torch.float64)
             self.gate_weight.zero_()
-            self.gate_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # softplus⁻¹(dt)
+            self.gate_bias.copy_(_softplus_inverse(dt))
             self.A_log.zero_()
 
     def extra_repr(self) -> str:

@@ -9,7 +9,8 @@ from torch import nn
 from ... import functional
 from ...feature_maps import FEATURE_MAPS, PERFORMER_KERNELS, efficient_feature_maps, favor_features, random_features
 from .base import (
-    MethodModule, _check_choice, _check_eps, _check_positive_int, _drop_keys, _normalized_weights, _split_visible,
+    MethodModule, _check_choice, _check_eps, _check_positive_int, _drop_keys, _normalized_weights, _softplus_inverse,
+    _split_visible,
 )
 from ..decoding import decode_gated_linear, decode_linear, decode_performer, state_of
 
@@ -71,9 +72,8 @@ class ChannelGates(nn.Module):
         heads, channels = self.bias.shape
         rate = torch.logspace(-4, -2, channels, dtype=torch.float64)  # −g per channel
         # logsigmoid(b) / τ = −rate  <=>  softplus(−b) = τ·rate  <=>  b = −softplus⁻¹(τ·rate).
-        y = self.temperature * rate
         self.weight.zero_()
-        self.bias.copy_(-(y + torch.log(-torch.expm1(-y))).expand(heads, channels))
+        self.bias.copy_(-_softplus_inverse(self.temperature * rate).expand(heads, channels))
 
     def extra_repr(self) -> str:
         heads, channels, head_dim = self.weight.shape
@@ -86,7 +86,7 @@ class ChannelGates(nn.Module):
         return gate if skipped is None else gate.masked_fill(skipped[:, None, :, None], 0.0)
 
 
-class GatedLinearMethod(MethodModule):
+class GatedLinearMethod(LinearMethod):
     """Gated linear attention (GLA, Yang et al. 2024), docs/methods.md §1: linear attention whose state
     fades feature channel by feature channel by learned, token-dependent gates; options feature_map
     ("elu" for elu+1, or "relu") and eps. A method sees each head's q, k and v, so the log-gates are a
@@ -98,20 +98,12 @@ class GatedLinearMethod(MethodModule):
 
     name = "gla"
     decoder = staticmethod(decode_gated_linear)
-    options = ("feature_map", "eps")
-    supports_causal = True
-    takes_any_mask = False
+    hf_implementations = ()
     supports_extra_keys = False
 
     def __init__(self, num_heads: int, head_dim: int, device=None, dtype=None, *, feature_map="elu", eps=1e-6):
-        super().__init__()
-        _check_choice(self.name, "feature_map", feature_map, ("elu", "relu"))
-        _check_eps(self.name, eps)
-        self.feature_map, self.eps = feature_map, float(eps)
+        super().__init__(num_heads, head_dim, device, dtype, feature_map=feature_map, eps=eps)
         self.gates = ChannelGates(num_heads, head_dim, head_dim, device, dtype)
-
-    def extra_repr(self) -> str:
-        return f"feature_map={self.feature_map!r}, eps={self.eps}"
 
     def log_gates(self, k, skipped=None):
         """(N, H, L, hd) log-gates for keys k (N, H, L, hd); skipped (N, L) bool: keys that fade nothing."""
