@@ -1,6 +1,7 @@
-"""The delta rule on the CPU: linattn's chunkwise kernel (DeltaNet and Gated DeltaNet) against the
-per-token recurrence in PyTorch, flash-linear-attention's chunkwise PyTorch references
-(delta_rule_chunkwise, naive_chunk_gated_delta_rule; skipped when fla-core is absent), and
+"""The delta rule on the CPU: linattn's chunkwise kernel (DeltaNet, Gated DeltaNet and KDA's gates
+per key channel) against the per-token recurrence in PyTorch, flash-linear-attention's chunkwise
+PyTorch references (delta_rule_chunkwise, naive_chunk_gated_delta_rule, naive_chunk_kda; skipped
+when fla-core is absent), and
 linattn's own causal linear attention at the same size. Forward (no_grad) and forward+backward,
 round-robin in one run, medians; B=1, H=8, D=64, fp32. Peak memory of a forward+backward is
 measured in a fresh process per length (memory linear in T).
@@ -32,7 +33,8 @@ def inputs(T, seed=0):
     q, k = linattn.delta_rule.l2_normalize(q), linattn.delta_rule.l2_normalize(k)
     beta = torch.rand(B, H, T, generator=g)
     gate = -torch.rand(B, H, T, generator=g) * 0.1
-    return q, k, v, beta, gate
+    channel_gate = -torch.rand(B, H, T, D, generator=g) * 0.1  # KDA: one per key channel
+    return q, k, v, beta, gate, channel_gate
 
 
 def recurrence(q, k, v, beta, gate=None):
@@ -49,59 +51,74 @@ def recurrence(q, k, v, beta, gate=None):
     return torch.stack(outs, 2)
 
 
+# The gate an implementation takes (its function's last argument), and linattn's row of that kind.
+OURS = {None: "linattn DeltaNet", "token": "linattn Gated DeltaNet", "channel": "linattn KDA"}
+
+
 def implementations(T):
-    """name -> (function of (q, k, v, beta, gate) returning out, uses the gate)."""
+    """name -> (function of (q, k, v, beta, gate) returning out, the gate it takes: None, "token" (B, H, T)
+    or "channel" (B, H, T, D))."""
+    ours = lambda q, k, v, b, g: linattn.delta_rule_attention(q, k, v, b, gate=g, normalize_qk=False)  # noqa: E731
     impls = {
-        "linattn DeltaNet": (lambda q, k, v, b, g: linattn.delta_rule_attention(q, k, v, b, normalize_qk=False), False),
-        "linattn Gated DeltaNet": (lambda q, k, v, b, g: linattn.delta_rule_attention(q, k, v, b, gate=g, normalize_qk=False), True),
-        "linattn linear attention": (lambda q, k, v, b, g: linattn.linear_attention(q, k, v, causal=True), False),
+        "linattn DeltaNet": (lambda q, k, v, b, g: linattn.delta_rule_attention(q, k, v, b, normalize_qk=False), None),
+        "linattn Gated DeltaNet": (ours, "token"),
+        "linattn KDA": (ours, "channel"),
+        "linattn linear attention": (lambda q, k, v, b, g: linattn.linear_attention(q, k, v, causal=True), None),
     }
     try:
         from fla.ops.delta_rule.naive import delta_rule_chunkwise
         from fla.ops.gated_delta_rule.naive import naive_chunk_gated_delta_rule
+        from fla.ops.kda.naive import naive_chunk_kda
     except ImportError:
         print("fla-core not installed: flash-linear-attention's references skipped", file=sys.stderr)
     else:
-        impls["fla chunkwise reference"] = (lambda q, k, v, b, g: delta_rule_chunkwise(q, k, v, b)[0], False)
-        bthd = lambda x: x.transpose(1, 2)  # noqa: E731  (its gated reference takes (B, T, H, ·))
+        impls["fla chunkwise reference"] = (lambda q, k, v, b, g: delta_rule_chunkwise(q, k, v, b)[0], None)
+        bthd = lambda x: x.transpose(1, 2)  # noqa: E731  (its gated references take (B, T, H, ·))
         impls["fla gated chunkwise reference"] = (
-            lambda q, k, v, b, g: bthd(naive_chunk_gated_delta_rule(bthd(q), bthd(k), bthd(v), bthd(g), bthd(b))[0]), True)
+            lambda q, k, v, b, g: bthd(naive_chunk_gated_delta_rule(bthd(q), bthd(k), bthd(v), bthd(g), bthd(b))[0]),
+            "token")
+        impls["fla KDA chunkwise reference"] = (
+            lambda q, k, v, b, g: bthd(naive_chunk_kda(bthd(q), bthd(k), bthd(v), bthd(g), bthd(b))[0]), "channel")
     if T <= RECURRENCE_MAX_T:
-        impls["per-token recurrence"] = (lambda q, k, v, b, g: recurrence(q, k, v, b), False)
+        impls["per-token recurrence"] = (lambda q, k, v, b, g: recurrence(q, k, v, b), None)
     return impls
 
 
 def run(T, reps):
-    q, k, v, beta, gate = inputs(T)
+    q, k, v, beta, gate, channel_gate = inputs(T)
+    gates = {None: None, "token": gate, "channel": channel_gate}
     grad = torch.randn(B, H, T, D, generator=torch.Generator().manual_seed(1))
-    leaves = [t.clone().requires_grad_() for t in (q, k, v, beta, gate)]
+    leaves = [t.clone().requires_grad_() for t in (q, k, v, beta)]
+    gate_leaves = {kind: None if g is None else g.clone().requires_grad_() for kind, g in gates.items()}
     impls = implementations(T)
 
-    def forward(fn):
+    def forward(fn, kind):
         def call():
             with torch.no_grad():
-                fn(q, k, v, beta, gate)
+                fn(q, k, v, beta, gates[kind])
         return call
 
-    def forward_backward(fn):
+    def forward_backward(fn, kind):
         def call():
-            for t in leaves:
-                t.grad = None
-            fn(*leaves).backward(grad)
+            for t in [*leaves, gate_leaves[kind]]:
+                if t is not None:
+                    t.grad = None
+            fn(*leaves, gate_leaves[kind]).backward(grad)
         return call
 
     slow = {name for name in impls if name.startswith(("fla", "per-token"))}
     fast = {name: impl for name, impl in impls.items() if name not in slow}
-    fwd = interleaved_medians({n: forward(fn) for n, (fn, _) in fast.items()}, reps)
-    both = interleaved_medians({n: forward_backward(fn) for n, (fn, _) in fast.items()}, reps)
+    fwd = interleaved_medians({n: forward(*impl) for n, impl in fast.items()}, reps)
+    both = interleaved_medians({n: forward_backward(*impl) for n, impl in fast.items()}, reps)
     # The references take 10-100x longer: fewer repetitions, run after the fast ones.
-    fwd.update(interleaved_medians({n: forward(impls[n][0]) for n in slow}, max(1, reps // 3)))
-    both.update(interleaved_medians({n: forward_backward(impls[n][0]) for n in slow}, max(1, reps // 3)))
+    fwd.update(interleaved_medians({n: forward(*impls[n]) for n in slow}, max(1, reps // 3)))
+    both.update(interleaved_medians({n: forward_backward(*impls[n]) for n in slow}, max(1, reps // 3)))
     rows = []
-    for name, (_, gated) in impls.items():
-        ours = "linattn Gated DeltaNet" if gated else "linattn DeltaNet"
-        rows.append({"T": T, "implementation": name, "fwd_ms": fwd[name] * 1e3, "fwd_bwd_ms": both[name] * 1e3,
-                     "linattn_speedup_fwd": fwd[name] / fwd[ours], "linattn_speedup_fwd_bwd": both[name] / both[ours]})
+    for name, (_, kind) in impls.items():
+        ours = OURS[kind]
+        rows.append({"T": T, "implementation": name, "gate": kind, "fwd_ms": fwd[name] * 1e3,
+                     "fwd_bwd_ms": both[name] * 1e3, "linattn_speedup_fwd": fwd[name] / fwd[ours],
+                     "linattn_speedup_fwd_bwd": both[name] / both[ours]})
     return rows
 
 
@@ -130,7 +147,7 @@ def decoding_step_rows(reps):
 
 def memory_child(T):
     """(In a fresh process) peak RSS growth of one DeltaNet forward+backward at length T."""
-    q, k, v, beta, _ = inputs(T)
+    q, k, v, beta, _, _ = inputs(T)
     leaves = [t.clone().requires_grad_() for t in (q, k, v, beta)]
     grad = torch.randn(B, H, T, D)
     before = current_rss_bytes()

@@ -6,7 +6,7 @@ convolution — the previous-token mixing that every one of these architectures 
 attention, then an MLP; d_model 64, 2 heads of 32, no position embedding) is trained from scratch
 with the same budget for each attention method: softmax (exact, a cache that grows with the
 context), linear attention (elu+1: a fixed-size state that only accumulates), GLA (the same state
-fading channel by channel by learned gates), DeltaNet and Gated DeltaNet (a fixed-size state that
+fading channel by channel by learned gates), DeltaNet, Gated DeltaNet and KDA (a fixed-size state that
 overwrites what it mispredicts). Recall accuracy on held-out
 sequences is reported per number of pairs (sequence length 4P).
 
@@ -28,7 +28,7 @@ from torch import nn
 
 import linattn
 
-METHODS = ("softmax", "linear", "gla", "deltanet", "gated_deltanet")
+METHODS = ("softmax", "linear", "gla", "deltanet", "gated_deltanet", "kda")
 KEYS, VALUES = 128, 128  # token ids: keys 0..127, values 128..255
 
 

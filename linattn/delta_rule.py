@@ -1,4 +1,4 @@
-"""The delta rule (DeltaNet, Gated DeltaNet), docs/methods.md §11: linear attention whose state is
+"""The delta rule (DeltaNet, Gated DeltaNet, Kimi Delta Attention), docs/methods.md §11: linear attention whose state is
 corrected towards each value instead of accumulating it. The operators are C++
 (csrc/delta_rule/: the chunkwise CPU kernel, the device-generic path, Meta kernels, autograd)."""
 from typing import Optional
@@ -49,21 +49,22 @@ def delta_rule_attention(
     cu_seqlens: Optional[torch.Tensor] = None,
     normalize_qk: bool = True,
 ):
-    """The delta rule (Schlag et al. 2021; Yang et al. 2024) and its gated form (Gated DeltaNet,
-    Yang, Kautz and Hatamizadeh 2025), docs/methods.md §11. Per (batch, head), with a state S
-    (dk × dv):
+    """The delta rule (Schlag et al. 2021; Yang et al. 2024) and its gated forms (Gated DeltaNet,
+    Yang, Kautz and Hatamizadeh 2025; Kimi Delta Attention, Kimi Team 2025), docs/methods.md §11.
+    Per (batch, head), with a state S (dk × dv):
 
-        S_t = e^{g_t} (I − β_t k_t k_tᵀ) S_{t−1} + β_t k_t v_tᵀ,     o_t = scale · S_tᵀ q_t
+        S_t = (I − β_t k_t k_tᵀ) Diag(e^{g_t}) S_{t−1} + β_t k_t v_tᵀ,     o_t = scale · S_tᵀ q_t
 
     i.e. the state is first faded by the gate, then corrected towards v_t where it mispredicts
-    it (S_{t−1}ᵀ k_t ≠ v_t) — online regression instead of linear attention's accumulation.
+    it (S_{t−1}ᵀ k_t ≠ v_t) — online regression instead of linear attention's accumulation. A gate
+    per token fades the whole state; a gate per key channel (KDA) fades row c by e^{g_tc}.
 
     Args:
         q, k: (B, H, T, dk); v: (B, H, T, dv); any strides and floating dtype.
         beta: (B, H, T) writing strengths, in (0, 1] as the papers use them (a sigmoid of a
             projection); (0, 2) keeps the transition contractive with unit keys.
-        gate: (B, H, T) log-gates g <= 0 (Gated DeltaNet's g = −e^A · softplus(·)) or None
-            (DeltaNet, g = 0).
+        gate: (B, H, T) log-gates g <= 0 (Gated DeltaNet's g = −e^A · softplus(·)), (B, H, T, dk)
+            one per key channel (Kimi Delta Attention), or None (DeltaNet, g = 0).
         causal: True (the recurrence above); False: every query reads the final state,
             o_t = scale · S_Tᵀ q_t (an encoder's bidirectional read of the same memory).
         scale: the output scale, dk ** -0.5 by default (as flash-linear-attention).
@@ -72,8 +73,8 @@ def delta_rule_attention(
         output_final_state: also return the state after the last token (float32, float64 for
             float64 inputs); feeding it back as initial_state continues the sequence.
         cu_seqlens: (N + 1,) int32 offsets of packed sequences (flash-attn's convention): q, k, v
-            are (1, H, total, ·), beta and gate (1, H, total), each sequence runs from its own
-            state.
+            are (1, H, total, ·), beta and gate (1, H, total[, dk]), each sequence runs from its
+            own state.
         normalize_qk: L2-normalise q and k over their last dim first, x · (Σ x² + 1e-6)^{-1/2}
             (the papers' default; with unit keys and β in (0, 1] the state cannot blow up). Done
             inside the kernels, gradients included.
@@ -82,7 +83,7 @@ def delta_rule_attention(
     the fused chunkwise kernel, other devices the device-generic one (the same algorithm in ATen
     operations; with cu_seqlens it reads the offsets on the host). With the fused CUDA backend
     (linattn.set_cuda_backend("fused")) bf16/fp16 CUDA tensors with dk <= 128 run a tensor-core
-    forward and backward (docs/guide/cuda.md).
+    forward and backward (docs/guide/cuda.md); per-channel gates run the device-generic path there.
 
     Returns:
         out (B, H, T, dv) in q's dtype, or (out, final_state) when output_final_state.
@@ -111,7 +112,8 @@ def delta_rule_step(
     """One decoding step of delta_rule_attention (causal), with a constant-size state.
 
     Args:
-        q, k: (B, H, dk); v: (B, H, dv); beta and gate: (B, H).
+        q, k: (B, H, dk); v: (B, H, dv); beta: (B, H); gate: (B, H), (B, H, dk) per key channel,
+            or None.
         state: (B, H, dk, dv) from delta_rule_attention(..., output_final_state=True) or an
             earlier step, or None (zeros).
 

@@ -156,7 +156,7 @@ def context_parallel_delta_rule(
     across the ranks of `group` (default: the world).
 
     A slice acts on the state it receives as an affine map, S_end = M_r S_start + N_r, with
-    M_r = Π_t e^{g_t}(I − β_t k_t k_tᵀ) (dk × dk) and N_r the state the slice leaves from zero.
+    M_r = Π_t (I − β_t k_t k_tᵀ) Diag(e^{g_t}) (dk × dk) and N_r the state the slice leaves from zero.
     One local call gives both: the slice's own keys, β and gates on the values [v | 0] from the
     state [0 | I] end in [N_r | M_r] (each state column evolves on its own). One all_gather of
     those (dk × (dv + dk) per head); every rank composes the maps of the ranks before it in rank
@@ -165,7 +165,8 @@ def context_parallel_delta_rule(
     then dv), and the exchange does not grow with the slices' lengths.
 
     Args:
-        q, k: (B, H, T_r, dk); v: (B, H, T_r, dv); beta, gate: (B, H, T_r): this rank's slice;
+        q, k: (B, H, T_r, dk); v: (B, H, T_r, dv); beta, gate: (B, H, T_r) (gate (B, H, T_r, dk)
+            per key channel): this rank's slice;
             the slices of ranks 0, 1, ... are consecutive pieces of one sequence (lengths may
             differ, and may be 0). B, H, dk, dv, dtype and device must be the same on every rank.
         causal, scale, normalize_qk: as in linattn.delta_rule_attention.

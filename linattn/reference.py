@@ -315,8 +315,9 @@ def additive_attention(q, k, v, w, *, window=None, causal=False, key_padding_mas
 
 def delta_rule(q, k, v, beta, *, gate=None, scale=None, initial_state=None, causal=True):
     """The delta rule (docs/methods.md §11) token by token in float64, written from the formula:
-    S_t = e^{g_t} (I − β_t k_t k_tᵀ) S_{t−1} + β_t k_t v_tᵀ, o_t = scale · S_tᵀ q_t (causal), or
-    scale · S_Tᵀ q_t for every t (non-causal). q and k are used as given (no normalisation).
+    S_t = (I − β_t k_t k_tᵀ) Diag(e^{g_t}) S_{t−1} + β_t k_t v_tᵀ, o_t = scale · S_tᵀ q_t (causal), or
+    scale · S_Tᵀ q_t for every t (non-causal); gate (B, H, T) one per token or (B, H, T, dk) one per
+    key channel (KDA). q and k are used as given (no normalisation).
     (I − β k kᵀ) S is applied as S − β k (kᵀ S): the same product in O(dk · dv) per token instead of
     O(dk² · dv), which kept a GPU test's T=3000, dk=128 recurrence over a minute.
     Returns (out, S_T)."""
@@ -329,8 +330,10 @@ def delta_rule(q, k, v, beta, *, gate=None, scale=None, initial_state=None, caus
     for t in range(T):
         kt = k[:, :, t, :, None]  # (B, H, dk, 1)
         bt = beta[:, :, t, None, None]
-        fade = gate[:, :, t].double().exp()[..., None, None] if gate is not None else 1.0
-        S = fade * (S - bt * kt * (kt.transpose(-1, -2) @ S)) + bt * kt * v[:, :, t, None, :]
+        if gate is not None:  # (B, H, 1, 1) per token, (B, H, dk, 1) per key channel
+            fade = gate[:, :, t].double().exp()[..., None]
+            S = (fade if gate.dim() == 4 else fade[..., None]) * S
+        S = S - bt * kt * (kt.transpose(-1, -2) @ S) + bt * kt * v[:, :, t, None, :]
         outs.append(scale * (q[:, :, t, None, :] @ S).squeeze(-2))
     out = torch.stack(outs, 2) if T else v.new_zeros(B, H, 0, v.shape[-1]).double()
     if not causal:

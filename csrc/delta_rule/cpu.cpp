@@ -14,7 +14,8 @@
 namespace linattn {
 namespace {
 
-DeltaRuleShape kernel_shape(const at::Tensor& q, const at::Tensor& v, bool causal, double scale, bool normalize_qk) {
+DeltaRuleShape kernel_shape(const at::Tensor& q, const at::Tensor& v, const std::optional<at::Tensor>& log_gate,
+                            bool causal, double scale, bool normalize_qk) {
   DeltaRuleShape s;
   s.batch = q.size(0);
   s.heads = q.size(1);
@@ -24,10 +25,11 @@ DeltaRuleShape kernel_shape(const at::Tensor& q, const at::Tensor& v, bool causa
   s.causal = causal;
   s.scale = scale;
   s.normalize_qk = normalize_qk;
+  s.gate_width = per_channel_gates(log_gate) ? s.key_dim : 1;
   return s;
 }
 
-// A per-token (B, H, T) tensor or a state, contiguous in the accumulation type.
+// A per-token (B, H, T[, dk]) tensor or a state, contiguous in the accumulation type.
 at::Tensor as_acc(const std::optional<at::Tensor>& t, at::ScalarType acc) {
   return t.has_value() ? t->to(acc).contiguous() : at::Tensor();
 }
@@ -53,7 +55,7 @@ std::tuple<at::Tensor, at::Tensor> forward_cpu(const at::Tensor& q, const at::Te
                                                const std::optional<at::Tensor>& cu_seqlens, bool causal,
                                                double scale, bool normalize_qk) {
   const DeltaRuleSizes sizes = check_delta_rule_inputs(q, k, v, beta, log_gate, initial_state, cu_seqlens, scale);
-  const DeltaRuleShape s = kernel_shape(q, v, causal, scale, normalize_qk);
+  const DeltaRuleShape s = kernel_shape(q, v, log_gate, causal, scale, normalize_qk);
   const Packing packing = packing_of(cu_seqlens, s.length);
   const auto acc = accumulate_type(q.scalar_type());
   auto out = at::empty({s.batch, s.heads, s.length, s.value_dim}, q.options());
@@ -76,14 +78,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     double scale, bool normalize_qk) {
   const DeltaRuleSizes sizes = check_delta_rule_inputs(q, k, v, beta, log_gate, initial_state, cu_seqlens, scale);
   check_delta_rule_grads(grad_out, grad_final_state, q, v, sizes);
-  const DeltaRuleShape s = kernel_shape(q, v, causal, scale, normalize_qk);
+  const DeltaRuleShape s = kernel_shape(q, v, log_gate, causal, scale, normalize_qk);
   const Packing packing = packing_of(cu_seqlens, s.length);
   const auto acc = accumulate_type(q.scalar_type());
   auto grad_q = at::empty({s.batch, s.heads, s.length, s.key_dim}, q.options());
   auto grad_k = at::empty({s.batch, s.heads, s.length, s.key_dim}, q.options());
   auto grad_v = at::empty({s.batch, s.heads, s.length, s.value_dim}, q.options());
   auto grad_beta = at::empty({s.batch, s.heads, s.length}, q.options().dtype(acc));
-  auto grad_gate = log_gate.has_value() ? at::empty({s.batch, s.heads, s.length}, q.options().dtype(acc))
+  auto grad_gate = log_gate.has_value() ? at::empty(log_gate->sizes(), q.options().dtype(acc))
                                         : at::empty({0}, q.options().dtype(acc));
   auto grad_initial = at::empty_symint(sizes.state(), q.options().dtype(acc));
   const at::Tensor b = as_acc(beta, acc), g = as_acc(log_gate, acc), initial = as_acc(initial_state, acc);

@@ -19,6 +19,14 @@
 // states with a forward pass (one dk × dv state per chunk is kept: memory linear in T), then walks
 // the chunks in reverse with the gradient of the state, dS, differentiating each step above;
 // the solves' adjoints are backward substitutions with (I + A)ᵀ.
+//
+// Gates per key channel (Kimi Delta Attention: S_t = (I − β_t k_t k_tᵀ) Diag(e^{g_t}) S_{t−1} + …)
+// change only where the factors sit: G_i becomes a row of dk cumulative gates, e^G and the decays
+// scale q, k and the state's rows element by element, and a pair (i, j) weighs channel c by
+// e^{G_ic − G_jc} inside the products K Kᵀ and Q Kᵀ (common/channel_pairs.h: split GEMMs, or exact
+// pair sums in a chunk that fades too far). The same chunk formulas hold with e^G ⊙ Q for
+// diag(e^G) Q, e^{G_last} ⊙ rows of S0, and Kt = K ⊙ e^{G_last − G} (docs/methods.md §11).
+#include "../common/channel_pairs.h"
 #include "../common/cpu_gemm.h"
 #include "../common/masked_product.h"
 #include "../common/row_loader.h"
@@ -125,16 +133,28 @@ struct DeltaKernel {
   std::vector<acc_t> gamma, A, Bkk, P, dP;
   std::vector<acc_t> S, dS, tmpS;
   std::vector<acc_t> states;  // backward: the state entering every chunk of the item
+  // Gates per key channel: the chunk's factors (pairs.eb = e^G, pairs.et = e^{G_last − G}),
+  // dL/dG (L × dk) and two L × dk scratch blocks.
+  const bool per_channel;
+  ChannelPairs<acc_t> pairs;
+  std::vector<acc_t> dGc, X1, X2;
 
   explicit DeltaKernel(const DeltaRuleShape& shape)
       : s(shape), dk(shape.key_dim), dv(shape.value_dim), H(shape.heads), T(shape.length),
-        scale(static_cast<acc_t>(shape.scale)) {
+        scale(static_cast<acc_t>(shape.scale)), per_channel(shape.gate_width > 1),
+        pairs(per_channel ? kDeltaChunk : 0, per_channel ? shape.key_dim : 0) {
+    if (per_channel)
+      for (auto* b : {&dGc, &X1, &X2}) b->resize(C * dk);
     for (auto* b : {&Q, &K, &W, &Kt, &dQ, &dK, &dKt, &dW}) b->resize(C * dk);
     for (auto* b : {&V, &dO, &U, &u, &O, &du}) b->resize(C * dv);
     for (auto* b : {&beta, &G, &eG, &decay, &dG, &colsum, &rq, &rk}) b->resize(C);
     for (auto* b : {&gamma, &A, &Bkk, &P, &dP}) b->resize(C * C);
     for (auto* b : {&S, &dS, &tmpS}) b->resize(dk * dv);
   }
+
+  // Row i's factor e^{G_i} (channel c of it per channel) and its decay to the chunk's end.
+  acc_t row_fade(int64_t i, int64_t c) const { return per_channel ? pairs.eb[i * dk + c] : eG[i]; }
+  acc_t to_end(int64_t i, int64_t c) const { return per_channel ? pairs.et[i * dk + c] : decay[i]; }
 
   int64_t row_index(const DeltaItem& it, int64_t t) const { return (it.b * H + it.h) * T + t; }
 
@@ -163,9 +183,14 @@ struct DeltaKernel {
       for (int64_t e = 0; e < L * dv; ++e) dO[e] *= scale;  // every use of dO carries the scale
     }
     const int64_t base = row_index(it, r0);
+    for (int64_t i = 0; i < L; ++i) beta[i] = x.beta[base + i];
+    if (per_channel) {
+      pairs.load(x.log_gate + base * dk, L);
+      for (int64_t e = 0; e < L * dk; ++e) Kt[e] = pairs.et[e] * K[e];
+      return;
+    }
     acc_t running(0);
     for (int64_t i = 0; i < L; ++i) {
-      beta[i] = x.beta[base + i];
       running += x.log_gate ? x.log_gate[base + i] : acc_t(0);
       G[i] = running;
       eG[i] = x.log_gate ? std::exp(running) : acc_t(1);
@@ -187,18 +212,20 @@ struct DeltaKernel {
 
   // The UT transform: Bkk, A, W and U.
   void transform(int64_t L) {
-    // Bkk = strict_tril(K Kᵀ ⊙ Γ), A = diag(β) Bkk.
-    gemm<acc_t>(false, true, L, L, dk, K.data(), dk, K.data(), dk, acc_t(0), Bkk.data(), C);
-    for (int64_t i = 0; i < L; ++i) {
-      for (int64_t j = 0; j < i; ++j) {
-        Bkk[i * C + j] *= gamma[i * C + j];
-        A[i * C + j] = beta[i] * Bkk[i * C + j];
-      }
+    // Bkk = strict_tril(K Kᵀ ⊙ Γ), A = diag(β) Bkk (per channel: the weights inside the product;
+    // Bkk's diagonal, computed there, is never read).
+    if (per_channel) {
+      pairs.scores(K.data(), dk, K.data(), dk, Bkk.data(), L);
+    } else {
+      gemm<acc_t>(false, true, L, L, dk, K.data(), dk, K.data(), dk, acc_t(0), Bkk.data(), C);
+      for (int64_t i = 0; i < L; ++i)
+        for (int64_t j = 0; j < i; ++j) Bkk[i * C + j] *= gamma[i * C + j];
     }
-    // (I + A) [W | U] = [diag(β e^G) K | diag(β) V], by forward substitution.
+    for (int64_t i = 0; i < L; ++i)
+      for (int64_t j = 0; j < i; ++j) A[i * C + j] = beta[i] * Bkk[i * C + j];
+    // (I + A) [W | U] = [diag(β) (e^G ⊙ K) | diag(β) V], by forward substitution.
     for (int64_t i = 0; i < L; ++i) {
-      const acc_t bw = beta[i] * eG[i];
-      for (int64_t c = 0; c < dk; ++c) W[i * dk + c] = bw * K[i * dk + c];
+      for (int64_t c = 0; c < dk; ++c) W[i * dk + c] = beta[i] * row_fade(i, c) * K[i * dk + c];
       for (int64_t c = 0; c < dv; ++c) U[i * dv + c] = beta[i] * V[i * dv + c];
     }
     unit_triangular_solve<false>(A.data(), C, W.data(), dk, L, dk);
@@ -233,6 +260,7 @@ struct DeltaKernel {
 
   // P = tril(Q Kᵀ ⊙ Γ), diagonal included.
   void intra_scores(int64_t L) {
+    if (per_channel) return pairs.scores(Q.data(), dk, K.data(), dk, P.data(), L);
     gemm<acc_t>(false, true, L, L, dk, Q.data(), dk, K.data(), dk, acc_t(0), P.data(), C);
     for (int64_t i = 0; i < L; ++i) {
       for (int64_t j = 0; j <= i; ++j) P[i * C + j] *= gamma[i * C + j];
@@ -240,11 +268,25 @@ struct DeltaKernel {
     }
   }
 
-  // S ← e^{G_last} S + Ktᵀ u.
+  // S ← e^{G_last} S + Ktᵀ u (per channel, row c of S by e^{G_last,c}).
   void advance_state(acc_t* state, int64_t L) {
-    const acc_t carry = eG[L - 1];
-    if (carry != acc_t(1)) for (int64_t e = 0; e < dk * dv; ++e) state[e] *= carry;
+    fade_state_rows(state, L);
     gemm<acc_t>(true, false, dk, dv, L, Kt.data(), dk, u.data(), dv, acc_t(1), state, dv);
+  }
+
+  // X (dk × dv) ← e^{G_last} X, row by row per channel.
+  void fade_state_rows(acc_t* X, int64_t L) const {
+    for (int64_t r = 0; r < dk; ++r) {
+      const acc_t f = row_fade(L - 1, r);
+      if (f == acc_t(1)) continue;
+      for (int64_t c = 0; c < dv; ++c) X[r * dv + c] *= f;
+    }
+  }
+
+  // dst (L × dk) = e^G ⊙ Q: the rows that read the state entering the chunk.
+  void faded_queries(acc_t* dst, int64_t L) const {
+    for (int64_t i = 0; i < L; ++i)
+      for (int64_t c = 0; c < dk; ++c) dst[i * dk + c] = row_fade(i, c) * Q[i * dk + c];
   }
 
   void store_rows(scalar_t* dst, const acc_t* src, int64_t L, int64_t cols) const {
@@ -275,11 +317,10 @@ struct DeltaKernel {
       const int64_t L = std::min(C, it.end - r0);
       prepare(x, it, r0, L, false);
       pseudo_values(S.data(), L);
-      if (s.causal) {  // O = scale · (diag(e^G) Q S0 + P u), before S moves on
+      if (s.causal) {  // O = scale · ((e^G ⊙ Q) S0 + P u), before S moves on
         intra_scores(L);
-        gemm<acc_t>(false, false, L, dv, dk, Q.data(), dk, S.data(), dv, acc_t(0), O.data(), dv);
-        for (int64_t i = 0; i < L; ++i)
-          for (int64_t c = 0; c < dv; ++c) O[i * dv + c] *= eG[i];
+        faded_queries(dQ.data(), L);  // dQ is scratch in the forward
+        gemm<acc_t>(false, false, L, dv, dk, dQ.data(), dk, S.data(), dv, acc_t(0), O.data(), dv);
         // (The masked pairs left out, not multiplied by 0: a later row's Inf or NaN in u never
         // reaches an earlier row, as in the per-token recurrence.)
         add_causal_product(false, L, dv, P.data(), C, u.data(), dv, O.data(), dv);
@@ -336,64 +377,52 @@ struct DeltaKernel {
   }
 
   // One chunk of the reverse pass: dS holds dL/d(state after the chunk) on entry and
-  // dL/d(state before it) on exit; the chunk's rows get their gradients.
+  // dL/d(state before it) on exit; the chunk's rows get their gradients. dL/dG collects in dG
+  // (L) per token or dGc (L × dk) per channel; the gates' gradient is its suffix sums.
   void chunk_backward(const DeltaOperands<scalar_t, acc_t>& x, const DeltaItem& it, int64_t c, int64_t r0,
                       int64_t L, const acc_t* S0) {
     const bool causal = s.causal;
     load_chunk(x, it, r0, L, causal);
     restore(c, L);
     std::fill(dG.begin(), dG.begin() + L, acc_t(0));
+    if (per_channel) std::fill(dGc.begin(), dGc.begin() + L * dk, acc_t(0));
 
     // S1 = e^{G_last} S0 + Ktᵀ u: du = Kt dS, dKt = u dSᵀ.
     gemm<acc_t>(false, false, L, dv, dk, Kt.data(), dk, dS.data(), dv, acc_t(0), du.data(), dv);
     gemm<acc_t>(false, true, L, dk, dv, u.data(), dv, dS.data(), dv, acc_t(0), dKt.data(), dk);
-    acc_t carried = eG[L - 1] * dot(dS.data(), S0, dk * dv);
-    for (int64_t i = 0; i < L; ++i) {
-      const acc_t r = decay[i] * dot(K.data() + i * dk, dKt.data() + i * dk, dk);
-      carried += r;
-      dG[i] -= r;
-      for (int64_t cc = 0; cc < dk; ++cc) dK[i * dk + cc] = decay[i] * dKt[i * dk + cc];
-    }
-    dG[L - 1] += carried;
+    state_fade_gradients(S0, L);
 
-    if (causal) {  // O = diag(e^G) Q S0 + P u, dO already scaled
+    if (causal) {  // O = (e^G ⊙ Q) S0 + P u, dO already scaled
       intra_scores(L);
       gemm<acc_t>(true, false, L, dv, L, P.data(), C, dO.data(), dv, acc_t(1), du.data(), dv);
       gemm<acc_t>(false, true, L, L, dv, dO.data(), dv, u.data(), dv, acc_t(0), dP.data(), C);
       gemm<acc_t>(false, true, L, dk, dv, dO.data(), dv, S0, dv, acc_t(0), dQ.data(), dk);
-      for (int64_t i = 0; i < L; ++i) {
-        for (int64_t cc = 0; cc < dk; ++cc) dQ[i * dk + cc] *= eG[i];
-        dG[i] += dot(Q.data() + i * dk, dQ.data() + i * dk, dk);
-      }
-      // dG_i += Σ_j E_ij − Σ_j E_ji for E = dP ⊙ P; dP becomes dZ = dP ⊙ Γ, the gradient of Q Kᵀ.
-      acc_t* __restrict dp = dP.data();
-      const acc_t* __restrict p = P.data();
-      const acc_t* __restrict gm = gamma.data();
-      acc_t* __restrict column = colsum.data();
-      std::fill(column, column + L, acc_t(0));
-      for (int64_t i = 0; i < L; ++i) {
-        acc_t row(0);
-        for (int64_t j = 0; j <= i; ++j) {
-          const acc_t e = dp[i * C + j] * p[i * C + j];
-          row += e;
-          column[j] += e;
-          dp[i * C + j] *= gm[i * C + j];
+      if (per_channel) {
+        for (int64_t e = 0; e < L * dk; ++e) {
+          dQ[e] *= pairs.eb[e];
+          dGc[e] += Q[e] * dQ[e];
         }
-        for (int64_t j = i + 1; j < L; ++j) dp[i * C + j] = acc_t(0);
-        dG[i] += row;
+        // ∂P_ij/∂G_ic = q_ic k_jc e^{G_ic − G_jc} = −∂P_ij/∂G_jc; the pairs j > i are no pairs.
+        clear_above_diagonal(dP.data(), L, 1);
+        clear_blocks(L);
+        pairs.to_queries(dP.data(), K.data(), dk, X1.data(), L);
+        pairs.to_keys(dP.data(), Q.data(), dk, X2.data(), L);
+        for (int64_t e = 0; e < L * dk; ++e) {
+          dQ[e] += X1[e];
+          dK[e] += X2[e];
+          dGc[e] += Q[e] * X1[e] - K[e] * X2[e];
+        }
+      } else {
+        score_gradients(L);
       }
-      for (int64_t j = 0; j < L; ++j) dG[j] -= column[j];
-      gemm<acc_t>(false, false, L, dk, L, dP.data(), C, K.data(), dk, acc_t(1), dQ.data(), dk);
-      gemm<acc_t>(true, false, L, dk, L, dP.data(), C, Q.data(), dk, acc_t(1), dK.data(), dk);
     }
 
-    // dS0 = e^{G_last} dS + (diag(e^G) Q)ᵀ dO − Wᵀ du.
+    // dS0 = e^{G_last} dS + (e^G ⊙ Q)ᵀ dO − Wᵀ du.
     gemm<acc_t>(true, false, dk, dv, L, W.data(), dk, du.data(), dv, acc_t(0), tmpS.data(), dv);
-    const acc_t carry = eG[L - 1];
-    for (int64_t e = 0; e < dk * dv; ++e) dS[e] = carry * dS[e] - tmpS[e];
+    fade_state_rows(dS.data(), L);
+    for (int64_t e = 0; e < dk * dv; ++e) dS[e] -= tmpS[e];
     if (causal) {
-      for (int64_t i = 0; i < L; ++i)
-        for (int64_t cc = 0; cc < dk; ++cc) Kt[i * dk + cc] = eG[i] * Q[i * dk + cc];  // Kt is free now
+      faded_queries(Kt.data(), L);  // Kt is free now
       gemm<acc_t>(true, false, dk, dv, L, Kt.data(), dk, dO.data(), dv, acc_t(1), dS.data(), dv);
     }
 
@@ -405,40 +434,7 @@ struct DeltaKernel {
     // dA = −(dV̂ Uᵀ + dŴ Wᵀ), strictly lower.
     gemm<acc_t>(false, true, L, L, dv, du.data(), dv, U.data(), dv, acc_t(0), dP.data(), C);
     gemm<acc_t>(false, true, L, L, dk, dW.data(), dk, W.data(), dk, acc_t(1), dP.data(), C);
-    {
-      acc_t* __restrict da = dP.data();  // dA on entry (negated), F = dA ⊙ β_i Γ, the gradient of K Kᵀ, on exit
-      const acc_t* __restrict bkk = Bkk.data();
-      const acc_t* __restrict gm = gamma.data();
-      acc_t* __restrict column = colsum.data();
-      std::fill(column, column + L, acc_t(0));
-      for (int64_t i = 0; i < L; ++i) {
-        const acc_t* dvh = du.data() + i * dv;
-        const acc_t* dwh = dW.data() + i * dk;
-        const acc_t kw = eG[i] * dot(K.data() + i * dk, dwh, dk);
-        acc_t db = dot(V.data() + i * dv, dvh, dv) + kw;
-        acc_t row(0);
-        const acc_t b = beta[i];
-        for (int64_t j = 0; j < i; ++j) {
-          const acc_t dA_ij = -da[i * C + j];
-          const acc_t w = dA_ij * bkk[i * C + j];  // dA_ij · Bkk_ij; dA_ij · A_ij = β_i · w
-          db += w;
-          row += w;
-          column[j] += b * w;
-          da[i * C + j] = dA_ij * b * gm[i * C + j];
-        }
-        da[i * C + i] = acc_t(0);
-        x.dbeta[row_index(it, r0 + i)] = db;
-        dG[i] += b * (kw + row);
-        const acc_t bw = b * eG[i];
-        for (int64_t cc = 0; cc < dk; ++cc) dK[i * dk + cc] += bw * dwh[cc];
-        for (int64_t cc = 0; cc < dv; ++cc) O[i * dv + cc] = b * dvh[cc];  // dV
-      }
-      for (int64_t j = 0; j < L; ++j) dG[j] -= column[j];
-      // F + Fᵀ: K Kᵀ is symmetric, so dK gets (F + Fᵀ) K in one product.
-      for (int64_t i = 0; i < L; ++i)
-        for (int64_t j = i + 1; j < L; ++j) da[i * C + j] = da[j * C + i];
-    }
-    gemm<acc_t>(false, false, L, dk, L, dP.data(), C, K.data(), dk, acc_t(1), dK.data(), dk);
+    transform_gradients(x, it, r0, L);
 
     const int64_t base = row_index(it, r0);
     if (s.normalize_qk) {
@@ -448,13 +444,145 @@ struct DeltaKernel {
     if (causal) store_rows(x.dq + base * dk, dQ.data(), L, dk);
     store_rows(x.dk + base * dk, dK.data(), L, dk);
     store_rows(x.dv + base * dv, O.data(), L, dv);
-    if (x.dgate) {  // g_l enters every G_i with i ≥ l of its chunk
+    if (x.dgate) store_gate_gradients(x.dgate, base, L);
+  }
+
+  // From dKt (the gradient of Kt = K ⊙ e^{G_last − G}) and dS (of S1 = e^{G_last} S0 + …): dK's
+  // first term and dL/dG — row i's own gate fades its key (−), the last row's fades everything.
+  void state_fade_gradients(const acc_t* S0, int64_t L) {
+    if (!per_channel) {
+      acc_t carried = eG[L - 1] * dot(dS.data(), S0, dk * dv);
+      for (int64_t i = 0; i < L; ++i) {
+        const acc_t r = decay[i] * dot(K.data() + i * dk, dKt.data() + i * dk, dk);
+        carried += r;
+        dG[i] -= r;
+        for (int64_t cc = 0; cc < dk; ++cc) dK[i * dk + cc] = decay[i] * dKt[i * dk + cc];
+      }
+      dG[L - 1] += carried;
+      return;
+    }
+    acc_t* carried = X1.data();  // per channel, dk entries
+    for (int64_t cc = 0; cc < dk; ++cc)
+      carried[cc] = pairs.eb[(L - 1) * dk + cc] * dot(dS.data() + cc * dv, S0 + cc * dv, dv);
+    for (int64_t i = 0; i < L; ++i)
+      for (int64_t cc = 0; cc < dk; ++cc) {
+        const int64_t e = i * dk + cc;
+        dK[e] = pairs.et[e] * dKt[e];
+        const acc_t r = K[e] * dK[e];
+        carried[cc] += r;
+        dGc[e] -= r;
+      }
+    for (int64_t cc = 0; cc < dk; ++cc) dGc[(L - 1) * dk + cc] += carried[cc];
+  }
+
+  // Per token: dQ and dK through P = tril(Q Kᵀ ⊙ Γ) from dP, and dG through Γ.
+  void score_gradients(int64_t L) {
+    for (int64_t i = 0; i < L; ++i) {
+      for (int64_t cc = 0; cc < dk; ++cc) dQ[i * dk + cc] *= eG[i];
+      dG[i] += dot(Q.data() + i * dk, dQ.data() + i * dk, dk);
+    }
+    // dG_i += Σ_j E_ij − Σ_j E_ji for E = dP ⊙ P; dP becomes dZ = dP ⊙ Γ, the gradient of Q Kᵀ.
+    acc_t* __restrict dp = dP.data();
+    const acc_t* __restrict p = P.data();
+    const acc_t* __restrict gm = gamma.data();
+    acc_t* __restrict column = colsum.data();
+    std::fill(column, column + L, acc_t(0));
+    for (int64_t i = 0; i < L; ++i) {
+      acc_t row(0);
+      for (int64_t j = 0; j <= i; ++j) {
+        const acc_t e = dp[i * C + j] * p[i * C + j];
+        row += e;
+        column[j] += e;
+        dp[i * C + j] *= gm[i * C + j];
+      }
+      for (int64_t j = i + 1; j < L; ++j) dp[i * C + j] = acc_t(0);
+      dG[i] += row;
+    }
+    for (int64_t j = 0; j < L; ++j) dG[j] -= column[j];
+    gemm<acc_t>(false, false, L, dk, L, dP.data(), C, K.data(), dk, acc_t(1), dQ.data(), dk);
+    gemm<acc_t>(true, false, L, dk, L, dP.data(), C, Q.data(), dk, acc_t(1), dK.data(), dk);
+  }
+
+  // From dV̂ (in du), dŴ (in dW) and −dA (in dP): dβ (stored), dV (into O), dK's and dG's terms
+  // through W's right-hand side diag(β) (e^G ⊙ K) and through Bkk, whose gradient is F = dA ⊙ β_i.
+  void transform_gradients(const DeltaOperands<scalar_t, acc_t>& x, const DeltaItem& it, int64_t r0, int64_t L) {
+    acc_t* __restrict da = dP.data();  // −dA on entry; F (⊙ Γ per token) strictly lower on exit
+    const acc_t* __restrict bkk = Bkk.data();
+    const acc_t* __restrict gm = gamma.data();
+    acc_t* __restrict column = colsum.data();
+    std::fill(column, column + L, acc_t(0));
+    for (int64_t i = 0; i < L; ++i) {
+      const acc_t* dvh = du.data() + i * dv;
+      const acc_t* dwh = dW.data() + i * dk;
+      const acc_t b = beta[i];
+      acc_t kw(0);  // (e^G ⊙ k_i) · dŴ_i
+      for (int64_t cc = 0; cc < dk; ++cc) {
+        const acc_t term = row_fade(i, cc) * K[i * dk + cc] * dwh[cc];
+        kw += term;
+        if (per_channel) dGc[i * dk + cc] += b * term;
+      }
+      acc_t db = dot(V.data() + i * dv, dvh, dv) + kw;
+      acc_t row(0);
+      for (int64_t j = 0; j < i; ++j) {
+        const acc_t dA_ij = -da[i * C + j];
+        const acc_t w = dA_ij * bkk[i * C + j];  // dA_ij · Bkk_ij; dA_ij · A_ij = β_i · w
+        db += w;
+        row += w;
+        column[j] += b * w;
+        da[i * C + j] = per_channel ? dA_ij * b : dA_ij * b * gm[i * C + j];
+      }
+      x.dbeta[row_index(it, r0 + i)] = db;
+      if (!per_channel) dG[i] += b * (kw + row);
+      for (int64_t cc = 0; cc < dk; ++cc) dK[i * dk + cc] += b * row_fade(i, cc) * dwh[cc];
+      for (int64_t cc = 0; cc < dv; ++cc) O[i * dv + cc] = b * dvh[cc];  // dV
+    }
+    clear_above_diagonal(da, L, 0);
+    if (per_channel) {  // Bkk_ij = Σ_c k_ic k_jc e^{G_ic − G_jc}: F towards row i and towards column j
+      clear_blocks(L);
+      pairs.to_queries(da, K.data(), dk, X1.data(), L);
+      pairs.to_keys(da, K.data(), dk, X2.data(), L);
+      for (int64_t e = 0; e < L * dk; ++e) {
+        dK[e] += X1[e] + X2[e];
+        dGc[e] += K[e] * (X1[e] - X2[e]);
+      }
+      return;
+    }
+    for (int64_t j = 0; j < L; ++j) dG[j] -= column[j];
+    // F + Fᵀ: K Kᵀ is symmetric, so dK gets (F + Fᵀ) K in one product.
+    for (int64_t i = 0; i < L; ++i)
+      for (int64_t j = i + 1; j < L; ++j) da[i * C + j] = da[j * C + i];
+    gemm<acc_t>(false, false, L, dk, L, dP.data(), C, K.data(), dk, acc_t(1), dK.data(), dk);
+  }
+
+  // The pair gradients' destinations X1, X2 (L × dk) = 0.
+  void clear_blocks(int64_t L) {
+    std::fill(X1.begin(), X1.begin() + L * dk, acc_t(0));
+    std::fill(X2.begin(), X2.begin() + L * dk, acc_t(0));
+  }
+
+  // X (L × L, ld C) = 0 from column i + offset on in row i: the diagonal kept (offset 1) or not (0).
+  void clear_above_diagonal(acc_t* X, int64_t L, int64_t offset) const {
+    for (int64_t i = 0; i < L; ++i)
+      if (i + offset < L) std::fill(X + i * C + i + offset, X + i * C + L, acc_t(0));
+  }
+
+  // g_l enters every G_i with i ≥ l of its chunk: dL/dg is the suffix sum of dL/dG (per channel).
+  void store_gate_gradients(acc_t* dgate, int64_t base, int64_t L) {
+    if (!per_channel) {
       acc_t suffix(0);
       for (int64_t i = L - 1; i >= 0; --i) {
         suffix += dG[i];
-        x.dgate[base + i] = suffix;
+        dgate[base + i] = suffix;
       }
+      return;
     }
+    acc_t* suffix = X1.data();
+    std::fill(suffix, suffix + dk, acc_t(0));
+    for (int64_t i = L - 1; i >= 0; --i)
+      for (int64_t cc = 0; cc < dk; ++cc) {
+        suffix[cc] += dGc[i * dk + cc];
+        dgate[(base + i) * dk + cc] = suffix[cc];
+      }
   }
 };
 

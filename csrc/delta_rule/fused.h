@@ -28,9 +28,11 @@ using Forward = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::
                                                    const Optional&, bool, double, bool);
 
 // Whether the tensor-core forward takes a call: 16-bit inputs, key dim up to 128 (the state's
-// rows in registers) and a block's shared memory that fits.
-inline bool takes(const at::Tensor& q, const at::Tensor& v, int64_t max_shared_bytes) {
+// rows in registers), a block's shared memory that fits, and gates per token (per-channel gates
+// run the operator's other path).
+inline bool takes(const at::Tensor& q, const at::Tensor& v, const Optional& log_gate, int64_t max_shared_bytes) {
   if (q.scalar_type() != at::kBFloat16 && q.scalar_type() != at::kHalf) return false;
+  if (per_channel_gates(log_gate)) return false;
   if (q.size(3) > 128 || !warp::tensor_cores_enabled()) return false;
   return delta_tensor_core::shared_bytes_of(q.size(3), v.size(3)) <= max_shared_bytes;
 }
@@ -148,7 +150,7 @@ std::optional<std::tuple<at::Tensor, at::Tensor>> forward(const at::Tensor& q, c
                                                           bool normalize_qk, int64_t max_shared_bytes,
                                                           const Launch& launch) {
   check_delta_rule_inputs(q, k, v, beta, log_gate, initial_state, cu_seqlens, scale);
-  if (!takes(q, v, max_shared_bytes)) return std::nullopt;
+  if (!takes(q, v, log_gate, max_shared_bytes)) return std::nullopt;
   const int64_t B = q.size(0), H = q.size(1), T = q.size(2), dk = q.size(3), dv = v.size(3);
   // Per-token scalars and the state in fp32, contiguous (T values per head: small beside q).
   const at::Tensor b = beta.to(at::kFloat).contiguous();

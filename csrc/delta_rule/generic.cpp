@@ -33,12 +33,21 @@ at::Tensor from_chunks(const at::Tensor& x, int64_t length) {
   return x.flatten(2, 3).slice(2, 0, length);
 }
 
+// Per-channel gates: the chunk a power of two (ChannelHalves halves it down to single rows).
+int64_t chunk_length(int64_t T, bool per_channel) {
+  if (!per_channel || T >= kChunk) return std::min<int64_t>(kChunk, T);
+  int64_t C = 1;
+  while (C < T) C *= 2;
+  return C;
+}
+
 Chunks prepare(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& beta,
                const Optional& log_gate, bool causal) {
   const auto acc = accumulate_type(q.scalar_type());
   Chunks c;
+  c.per_channel = log_gate.has_value() && log_gate->dim() == 4;
   c.length = q.size(2);
-  c.chunk = std::min<int64_t>(kChunk, c.length);
+  c.chunk = chunk_length(c.length, c.per_channel);
   c.count = (c.length + c.chunk - 1) / c.chunk;
   const int64_t pad = c.count * c.chunk - c.length;
   c.q = to_chunks(q.to(acc), c.chunk, c.count, pad);
@@ -47,27 +56,35 @@ Chunks prepare(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, co
   c.beta = to_chunks(beta.to(acc), c.chunk, c.count, pad);
   const at::Tensor g = log_gate.has_value() ? to_chunks(log_gate->to(acc), c.chunk, c.count, pad)
                                             : at::zeros_like(c.beta);
-  c.G = g.cumsum(-1);
+  const int64_t row_dim = c.per_channel ? -2 : -1;
+  c.G = g.cumsum(row_dim);
   c.eG = c.G.exp();
   const at::Tensor idx = at::arange(c.chunk, q.options().dtype(at::kLong));
   c.lower = idx.unsqueeze(1) >= idx.unsqueeze(0);
   c.strict = idx.unsqueeze(1) > idx.unsqueeze(0);
-  // Γ_ij = e^{G_i − G_j} for j ≤ i: the exponent is masked before exp, never after (it is > 0 above).
-  const at::Tensor minus_inf = at::full({}, -std::numeric_limits<double>::infinity(), c.G.options());
-  c.gamma = at::where(c.lower, c.G.unsqueeze(-1) - c.G.unsqueeze(-2), minus_inf).exp();
   const at::Tensor zero = at::zeros({}, c.G.options());
-  c.Bkk = at::where(c.strict, at::matmul(c.k, c.k.transpose(-1, -2)) * c.gamma, zero);
+  if (c.per_channel) {  // pair (i, j) weighs channel x by e^{G_ix − G_jx}: inside the dot products
+    c.halves = ChannelHalves(c.G);
+    c.Bkk = at::where(c.strict, c.halves.scores(c.k, c.k), zero);
+    if (causal) c.P = c.halves.scores(c.q, c.k);
+  } else {
+    // Γ_ij = e^{G_i − G_j} for j ≤ i: the exponent is masked before exp, never after (it is > 0 above).
+    const at::Tensor minus_inf = at::full({}, -std::numeric_limits<double>::infinity(), c.G.options());
+    c.gamma = at::where(c.lower, c.G.unsqueeze(-1) - c.G.unsqueeze(-2), minus_inf).exp();
+    c.Bkk = at::where(c.strict, at::matmul(c.k, c.k.transpose(-1, -2)) * c.gamma, zero);
+    if (causal) c.P = at::where(c.lower, at::matmul(c.q, c.k.transpose(-1, -2)) * c.gamma, zero);
+  }
   c.A = c.beta.unsqueeze(-1) * c.Bkk;
   c.M = c.A + at::eye(c.chunk, c.G.options());
-  const at::Tensor rhs = at::cat({(c.beta * c.eG).unsqueeze(-1) * c.k, c.beta.unsqueeze(-1) * c.v}, -1);
+  const at::Tensor rhs = at::cat({c.beta.unsqueeze(-1) * c.rows(c.eG) * c.k, c.beta.unsqueeze(-1) * c.v}, -1);
   const at::Tensor solved = at::linalg_solve_triangular(c.M, rhs, /*upper=*/false, /*left=*/true, /*unitriangular=*/true);
   c.W = solved.narrow(-1, 0, k.size(3));
   c.U = solved.narrow(-1, k.size(3), v.size(3));
-  if (causal) c.P = at::where(c.lower, at::matmul(c.q, c.k.transpose(-1, -2)) * c.gamma, zero);
-  const at::Tensor last = c.G.narrow(-1, c.chunk - 1, 1);
-  c.carry = last.exp();  // (B, H, n, 1)
+  const at::Tensor last = c.G.narrow(row_dim, c.chunk - 1, 1);
+  c.last_fade = last.exp();  // (B, H, n, 1) or (B, H, n, 1, dk)
+  c.state_fade = c.per_channel ? c.last_fade.transpose(-1, -2) : c.last_fade.unsqueeze(-1);
   c.decay = (last - c.G).exp();
-  c.Kt = c.decay.unsqueeze(-1) * c.k;
+  c.Kt = c.rows(c.decay) * c.k;
   return c;
 }
 
@@ -85,26 +102,36 @@ at::Tensor unnormalized_gradient(const at::Tensor& grad, const at::Tensor& xhat,
 Gradients assemble_gradients(const Chunks& c, const Walks& walks, const at::Tensor& dO, at::Tensor grad_q,
                              bool causal, const Optional& log_gate, at::ScalarType out_type,
                              at::ScalarType beta_type, const at::Tensor& grad_initial) {
-  const int64_t dk = c.k.size(-1);
+  const int64_t dk = c.k.size(-1), row_dim = c.per_channel ? -2 : -1;
   const at::Tensor &du = walks.du, &dS1 = walks.leaving, &S0 = walks.entering;
   const at::Tensor zero = at::zeros({}, c.G.options());
+  // dG (the gates' shape, per chunk) collects dL/dG_i; the gates' gradient is its reverse cumsum.
   // S1 = e^{G_last} S0 + Ktᵀ u
   const at::Tensor dKt = at::matmul(walks.u, dS1.transpose(-1, -2));
-  at::Tensor dK = c.decay.unsqueeze(-1) * dKt;
-  const at::Tensor r = c.decay * (c.k * dKt).sum(-1);
+  at::Tensor dK = c.rows(c.decay) * dKt;
+  const at::Tensor r = c.to_gates(c.k * dK);
   at::Tensor dG = -r;
-  const at::Tensor carried = r.sum(-1, true) + c.carry * (dS1 * S0).sum({-1, -2}).unsqueeze(-1);
-  dG = dG + at::constant_pad_nd(carried, {c.chunk - 1, 0});
+  const at::Tensor state_term = c.per_channel ? (dS1 * S0).sum(-1).unsqueeze(-2) : (dS1 * S0).sum({-1, -2}).unsqueeze(-1);
+  const at::Tensor carried = r.sum(row_dim, true) + c.last_fade * state_term;
+  dG = dG + at::constant_pad_nd(carried, c.per_channel ? std::vector<int64_t>{0, 0, c.chunk - 1, 0}
+                                                       : std::vector<int64_t>{c.chunk - 1, 0});
   at::Tensor dQ;
-  if (causal) {  // O = diag(e^G) Q S0 + P u
+  if (causal) {  // O = (e^G ⊙ Q) S0 + P u
     const at::Tensor dP = at::where(c.lower, at::matmul(dO, walks.u.transpose(-1, -2)), zero);
-    dQ = c.eG.unsqueeze(-1) * at::matmul(dO, S0.transpose(-1, -2));
-    dG = dG + (dQ * c.q).sum(-1);
-    const at::Tensor E = dP * c.P;
-    dG = dG + E.sum(-1) - E.sum(-2);
-    const at::Tensor dZ = dP * c.gamma;
-    dQ = dQ + at::matmul(dZ, c.k);
-    dK = dK + at::matmul(dZ.transpose(-1, -2), c.q);
+    dQ = c.rows(c.eG) * at::matmul(dO, S0.transpose(-1, -2));
+    dG = dG + c.to_gates(dQ * c.q);
+    if (c.per_channel) {  // ∂P_ij/∂G_ix = q_ix k_jx e^{G_ix − G_jx} = −∂P_ij/∂G_jx
+      const at::Tensor dQp = c.halves.to_queries(dP, c.k), dKp = c.halves.to_keys(dP, c.q);
+      dG = dG + c.q * dQp - c.k * dKp;
+      dQ = dQ + dQp;
+      dK = dK + dKp;
+    } else {
+      const at::Tensor E = dP * c.P;
+      dG = dG + E.sum(-1) - E.sum(-2);
+      const at::Tensor dZ = dP * c.gamma;
+      dQ = dQ + at::matmul(dZ, c.k);
+      dK = dK + at::matmul(dZ.transpose(-1, -2), c.q);
+    }
   }
   // u = U − W S0, then the solves' adjoints.
   const at::Tensor dW = -at::matmul(du, S0.transpose(-1, -2));
@@ -113,17 +140,28 @@ Gradients assemble_gradients(const Chunks& c, const Walks& walks, const at::Tens
   const at::Tensor dWh = adj.narrow(-1, 0, dk), dVh = adj.narrow(-1, dk, c.v.size(-1));
   const at::Tensor dA = at::where(c.strict, -(at::matmul(dVh, c.U.transpose(-1, -2)) + at::matmul(dWh, c.W.transpose(-1, -2))), zero);
   const at::Tensor dV = c.beta.unsqueeze(-1) * dVh;
-  const at::Tensor kw = (c.k * dWh).sum(-1) * c.eG;
-  at::Tensor dbeta = (c.v * dVh).sum(-1) + kw + (dA * c.Bkk).sum(-1);
-  dK = dK + (c.beta * c.eG).unsqueeze(-1) * dWh;
-  dG = dG + c.beta * kw;
-  const at::Tensor D = dA * c.A;
-  dG = dG + D.sum(-1) - D.sum(-2);
-  const at::Tensor F = dA * c.beta.unsqueeze(-1) * c.gamma;
-  dK = dK + at::matmul(F, c.k) + at::matmul(F.transpose(-1, -2), c.k);
+  const at::Tensor kw = c.to_gates(c.k * dWh * c.rows(c.eG));  // (e^G ⊙ k) · dŴ, per channel or summed
+  at::Tensor dbeta = (c.v * dVh).sum(-1) + (c.per_channel ? kw.sum(-1) : kw) + (dA * c.Bkk).sum(-1);
+  dK = dK + c.beta.unsqueeze(-1) * c.rows(c.eG) * dWh;
+  dG = dG + (c.per_channel ? c.beta.unsqueeze(-1) : c.beta) * kw;
+  const at::Tensor F = dA * c.beta.unsqueeze(-1);  // the gradient of Bkk (strictly lower)
+  if (c.per_channel) {
+    const at::Tensor to_rows = c.halves.to_queries(F, c.k), to_columns = c.halves.to_keys(F, c.k);
+    dG = dG + c.k * (to_rows - to_columns);
+    dK = dK + to_rows + to_columns;
+  } else {
+    const at::Tensor D = dA * c.A;
+    dG = dG + D.sum(-1) - D.sum(-2);
+    const at::Tensor Fg = F * c.gamma;
+    dK = dK + at::matmul(Fg, c.k) + at::matmul(Fg.transpose(-1, -2), c.k);
+  }
   at::Tensor grad_gate = at::empty({0}, c.G.options());
   if (log_gate.has_value()) {  // g_l enters every G_i with i ≥ l of its chunk
-    grad_gate = from_chunks(dG.flip(-1).cumsum(-1).flip(-1).unsqueeze(-1), c.length).squeeze(-1).to(log_gate->scalar_type()).contiguous();
+    const at::Tensor suffix = dG.flip(row_dim).cumsum(row_dim).flip(row_dim);
+    grad_gate = (c.per_channel ? from_chunks(suffix, c.length)
+                               : from_chunks(suffix.unsqueeze(-1), c.length).squeeze(-1))
+                    .to(log_gate->scalar_type())
+                    .contiguous();
   }
   if (causal) grad_q = from_chunks(dQ, c.length);
   return {grad_q.to(out_type).contiguous(), from_chunks(dK, c.length).to(out_type).contiguous(),
@@ -154,7 +192,7 @@ Walk walk(const Chunks& c, at::Tensor S, bool causal, double scale) {
     entering.push_back(S);
     const at::Tensor u = c.U.select(2, n) - at::matmul(c.W.select(2, n), S);
     us.push_back(u);
-    S = c.carry.select(2, n).unsqueeze(-1) * S + at::matmul(c.Kt.select(2, n).transpose(-1, -2), u);
+    S = c.state_fade.select(2, n) * S + at::matmul(c.Kt.select(2, n).transpose(-1, -2), u);
   }
   Walk w;
   w.entering = at::stack(entering, 2);
@@ -163,7 +201,7 @@ Walk walk(const Chunks& c, at::Tensor S, bool causal, double scale) {
   if (causal) {
     // Every chunk's outputs at once (a few launches, not a few per chunk), from the states entering
     // them; P·u with the masked pairs left out: a later row's Inf or NaN never reaches an earlier one.
-    w.out = (at::matmul(c.eG.unsqueeze(-1) * c.q, w.entering) + causal_product(c.P, w.u)) * scale;
+    w.out = (at::matmul(c.rows(c.eG) * c.q, w.entering) + causal_product(c.P, w.u)) * scale;
   }
   return w;
 }
@@ -208,8 +246,8 @@ Gradients backward_one(const at::Tensor& grad_out, const Optional& grad_final_st
     at::Tensor du = at::matmul(c.Kt.select(2, n), dS);
     if (causal) du = du + at::matmul(c.P.select(2, n).transpose(-1, -2), dO.select(2, n));
     dus[n] = du;
-    dS = c.carry.select(2, n).unsqueeze(-1) * dS - at::matmul(c.W.select(2, n).transpose(-1, -2), du);
-    if (causal) dS = dS + at::matmul((c.eG.select(2, n).unsqueeze(-1) * c.q.select(2, n)).transpose(-1, -2), dO.select(2, n));
+    dS = c.state_fade.select(2, n) * dS - at::matmul(c.W.select(2, n).transpose(-1, -2), du);
+    if (causal) dS = dS + at::matmul((c.rows(c.eG).select(2, n) * c.q.select(2, n)).transpose(-1, -2), dO.select(2, n));
   }
   const Walks walks{w.entering, w.u, at::stack(leaving, 2), at::stack(dus, 2)};
   return assemble_gradients(c, walks, dO, grad_q, causal, log_gate, q.scalar_type(), beta.scalar_type(), dS);

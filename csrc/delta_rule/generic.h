@@ -3,6 +3,8 @@
 // assembly of every gradient once the state's two walks are known (generic.cpp).
 #pragma once
 
+#include "../common/channel_halves.h"
+
 #include <ATen/ATen.h>
 
 #include <optional>
@@ -16,11 +18,23 @@ using Optional = std::optional<at::Tensor>;
 using Gradients = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
 // The chunks of one (batch of) sequence(s) in the accumulation dtype, (B, H, n, C, ...): C = 64
-// (or T when shorter), the rows padded with zeros to n·C. G the cumulative log-gates, Γ, A, the UT
-// transform's W and U, P = Q Kᵀ ⊙ Γ masked (causal), and the decays (generic.cpp says each).
+// (or T when shorter; with per-channel gates the next power of two, for ChannelHalves), the rows
+// padded with zeros to n·C. G the cumulative log-gates, A, the UT transform's W and U, P = Q Kᵀ ⊙ Γ
+// masked (causal), and the decays (generic.cpp says each). Gates per token make row factors
+// (B, H, n, C) and Γ one matrix per chunk; gates per key channel (B, H, T, dk) make factors
+// (B, H, n, C, dk) and pair weights that differ channel by channel (`halves`; gamma undefined).
 struct Chunks {
   int64_t length = 0, chunk = 0, count = 0;
-  at::Tensor q, k, v, beta, G, eG, gamma, Bkk, A, M, W, U, P, carry, decay, Kt, lower, strict;
+  bool per_channel = false;
+  at::Tensor q, k, v, beta, G, eG, gamma, Bkk, A, M, W, U, P, decay, Kt, lower, strict;
+  at::Tensor last_fade;   // e^{G_last}: (B, H, n, 1), or (B, H, n, 1, dk) per channel
+  at::Tensor state_fade;  // the same as a factor of the state (B, H, n, dk, dv): (…, 1, 1) or (…, dk, 1)
+  ChannelHalves halves;
+
+  // A row factor (B, H, n, C[, dk]) against rows (B, H, n, C, d): (…, C, 1) per token, (…, C, dk) per channel.
+  at::Tensor rows(const at::Tensor& factor) const { return per_channel ? factor : factor.unsqueeze(-1); }
+  // x (B, H, n, C, dk) reduced to the gates' shape: summed over the channels per token, as is per channel.
+  at::Tensor to_gates(const at::Tensor& x) const { return per_channel ? x : x.sum(-1); }
 };
 
 // (B, H, T, ...) → (B, H, n, C, ...) after padding T to n·C rows of zeros: a padded row has

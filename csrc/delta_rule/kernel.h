@@ -2,8 +2,9 @@
 //
 // The state S is (dk × dv) per (batch, head) — or per (sequence, head) of a packed batch — in the
 // accumulation type (float32, float64 for float64 inputs). Token t updates it as
-//   S_t = e^{g_t} (I − β_t k_t k_tᵀ) S_{t−1} + β_t k_t v_tᵀ,     o_t = scale · S_tᵀ q_t
-// (causal), or o_t = scale · S_Tᵀ q_t (non-causal: every query reads the final state).
+//   S_t = (I − β_t k_t k_tᵀ) Diag(e^{g_t}) S_{t−1} + β_t k_t v_tᵀ,     o_t = scale · S_tᵀ q_t
+// (causal), or o_t = scale · S_Tᵀ q_t (non-causal: every query reads the final state); g_t one
+// log-gate per token (Gated DeltaNet) or one per key channel, row c of S fading by e^{g_tc} (KDA).
 #pragma once
 
 #include "../common/cpu_isa.h"
@@ -22,6 +23,7 @@ struct DeltaRuleShape {
   bool causal = true;
   double scale = 1.0;
   bool normalize_qk = false;  // q and k L2-normalised per row inside the kernels
+  int64_t gate_width = 1;     // log-gates per row: 1, or key_dim (per key channel)
 };
 
 // The entry points of each instruction-set build of the kernels (cpu_kernel_impl.h).

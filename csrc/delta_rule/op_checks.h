@@ -25,6 +25,25 @@ inline void check_per_token(const char* name, const at::Tensor& t, const at::Ten
   check_shape(kDeltaRuleOp, name, t, {q.sym_size(0), q.sym_size(1), q.sym_size(2)}, "(B, H, T)");
 }
 
+// The log-gates: (B, H, T) one per token (Gated DeltaNet), or (B, H, T, dk) one per key channel
+// (Kimi Delta Attention: row c of the state fades by its own gate).
+inline void check_log_gate(const at::Tensor& log_gate, const at::Tensor& q) {
+  check_same_device(kDeltaRuleOp, "log_gate", log_gate, "q", q);
+  check_floating(kDeltaRuleOp, "log_gate", log_gate);
+  std::vector<c10::SymInt> rows{q.sym_size(0), q.sym_size(1), q.sym_size(2)};
+  if (log_gate.dim() == 4) {
+    rows.push_back(q.sym_size(3));
+    check_shape(kDeltaRuleOp, "log_gate", log_gate, rows, "(B, H, T, dk)");
+  } else {
+    check_shape(kDeltaRuleOp, "log_gate", log_gate, rows, "(B, H, T) or (B, H, T, dk)");
+  }
+}
+
+// Whether the gates are per key channel (B, H, T, dk) rather than per token.
+inline bool per_channel_gates(const std::optional<at::Tensor>& log_gate) {
+  return log_gate.has_value() && log_gate->dim() == 4;
+}
+
 inline DeltaRuleSizes check_delta_rule_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                               const at::Tensor& beta, const std::optional<at::Tensor>& log_gate,
                                               const std::optional<at::Tensor>& initial_state,
@@ -35,7 +54,7 @@ inline DeltaRuleSizes check_delta_rule_inputs(const at::Tensor& q, const at::Ten
               shape_str(q), " and k ", shape_str(k));
   TORCH_CHECK(std::isfinite(scale), op, ": scale must be finite, got ", scale);
   check_per_token("beta", beta, q);
-  if (log_gate.has_value()) check_per_token("log_gate", *log_gate, q);
+  if (log_gate.has_value()) check_log_gate(*log_gate, q);
   DeltaRuleSizes s{q.sym_size(0), q.sym_size(1), q.sym_size(2), q.sym_size(3), v.sym_size(3), q.sym_size(0)};
   if (cu_seqlens.has_value()) {
     TORCH_CHECK(q.sym_size(0) == 1, op, ": packed sequences (cu_seqlens) need q, k, v of batch 1 (1, H, total, D), got q ",
@@ -89,7 +108,11 @@ inline void check_delta_step_inputs(const at::Tensor& q, const at::Tensor& k, co
   if (log_gate.has_value()) {
     check_same_device(op, "log_gate", *log_gate, "q", q);
     check_floating(op, "log_gate", *log_gate);
-    check_shape(op, "log_gate", *log_gate, heads, "(B, H)");
+    if (log_gate->dim() == 3) {
+      check_shape(op, "log_gate", *log_gate, q.sym_sizes(), "(B, H, dk)");
+    } else {
+      check_shape(op, "log_gate", *log_gate, heads, "(B, H) or (B, H, dk)");
+    }
   }
   const auto acc = accumulate_type(q.scalar_type());
   check_same_device(op, "state", state, "q", q);

@@ -1,5 +1,6 @@
 // One decoding step of the delta rule (docs/methods.md §11): S' = e^g S, then
-// S'' = S' + β k (v − S'ᵀ k)ᵀ and out = scale · S''ᵀ q. O(dk · dv) per head.
+// S'' = S' + β k (v − S'ᵀ k)ᵀ and out = scale · S''ᵀ q. O(dk · dv) per head. A gate (B, H, dk)
+// fades row r of S by e^{g_r} (Kimi Delta Attention), one (B, H) the whole state.
 //   - delta_rule_step (CompositeImplicitAutograd, every device): ATen operations that autograd
 //     differentiates; on CPU tensors with no gradient wanted it calls the fused step instead.
 //   - delta_rule_step_fused: per (batch, head) two passes over the state (the prediction S'ᵀk,
@@ -24,7 +25,10 @@ std::tuple<at::Tensor, at::Tensor> step_in_aten(const at::Tensor& q, const at::T
                                                 const at::Tensor& state, double scale) {
   const auto acc = accumulate_type(q.scalar_type());
   at::Tensor S = state;
-  if (log_gate.has_value()) S = S * log_gate->to(acc).exp().unsqueeze(-1).unsqueeze(-1);
+  if (log_gate.has_value()) {
+    const at::Tensor factor = log_gate->to(acc).exp().unsqueeze(-1);  // (B, H, dk, 1) or (B, H, 1)
+    S = S * (log_gate->dim() == 3 ? factor : factor.unsqueeze(-1));
+  }
   const at::Tensor kk = k.to(acc), qq = q.to(acc);
   const at::Tensor predicted = at::matmul(kk.unsqueeze(-2), S).squeeze(-2);                     // S'ᵀ k
   const at::Tensor correction = beta.to(acc).unsqueeze(-1) * (v.to(acc) - predicted);           // β (v − S'ᵀ k)
@@ -65,27 +69,29 @@ void fused_step_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tenso
   acc_t* Sn = new_state.data_ptr<acc_t>();
   const acc_t* b_ptr = beta.const_data_ptr<acc_t>();
   const acc_t* g_ptr = gate.defined() ? gate.const_data_ptr<acc_t>() : nullptr;
+  const int64_t gate_width = gate.defined() && gate.dim() == 3 ? dk : 1;
   const scalar_t *qp = q.const_data_ptr<scalar_t>(), *kp = k.const_data_ptr<scalar_t>(), *vp = v.const_data_ptr<scalar_t>();
   scalar_t* op = out.data_ptr<scalar_t>();
   at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> key(dk), correction(dv), read(dv);
+    std::vector<acc_t> key(dk), factor(dk), correction(dv), read(dv);
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / H, h = bh % H;
-      const acc_t factor = g_ptr != nullptr ? std::exp(g_ptr[bh]) : acc_t(1);
+      for (int64_t r = 0; r < dk; ++r)  // row r's factor: the head's, or its key channel's
+        factor[r] = g_ptr != nullptr ? std::exp(g_ptr[bh * gate_width + (gate_width > 1 ? r : 0)]) : acc_t(1);
       const acc_t* S_bh = S + bh * dk * dv;
       acc_t* Sn_bh = Sn + bh * dk * dv;
       for (int64_t r = 0; r < dk; ++r) key[r] = acc_t(kp[b * k.stride(0) + h * k.stride(1) + r * k.stride(2)]);
-      // The prediction S'ᵀk = e^g Sᵀk, then the correction β (v − S'ᵀk).
+      // The prediction S'ᵀk = Sᵀ (e^g ⊙ k), then the correction β (v − S'ᵀk).
       std::fill(correction.begin(), correction.end(), acc_t(0));
       for (int64_t r = 0; r < dk; ++r) {
-        const acc_t kr = key[r];
+        const acc_t kr = key[r] * factor[r];
         const acc_t* row = S_bh + r * dv;
         for (int64_t c = 0; c < dv; ++c) correction[c] += kr * row[c];
       }
       const acc_t bt = b_ptr[bh];
       for (int64_t c = 0; c < dv; ++c) {
         const acc_t vc = acc_t(vp[b * v.stride(0) + h * v.stride(1) + c * v.stride(2)]);
-        correction[c] = bt * (vc - factor * correction[c]);
+        correction[c] = bt * (vc - correction[c]);
       }
       // S'' = e^g S + k correctionᵀ, read by q in the same pass.
       std::fill(read.begin(), read.end(), acc_t(0));
@@ -93,8 +99,9 @@ void fused_step_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tenso
         const acc_t kr = key[r], qr = acc_t(qp[b * q.stride(0) + h * q.stride(1) + r * q.stride(2)]);
         const acc_t* row = S_bh + r * dv;
         acc_t* out_row = Sn_bh + r * dv;
+        const acc_t fr = factor[r];
         for (int64_t c = 0; c < dv; ++c) {
-          const acc_t updated = factor * row[c] + kr * correction[c];
+          const acc_t updated = fr * row[c] + kr * correction[c];
           out_row[c] = updated;
           read[c] += qr * updated;
         }

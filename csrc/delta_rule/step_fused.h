@@ -44,6 +44,7 @@ std::tuple<at::Tensor, at::Tensor> fused_step(const at::Tensor& q, const at::Ten
       }
       p.beta = b.const_data_ptr<float>();
       p.log_gate = g.defined() ? g.const_data_ptr<float>() : nullptr;
+      p.gate_width = g.defined() && g.dim() == 3 ? p.key_dim : 1;
       p.state = S.const_data_ptr<float>();
       p.new_state = new_state.mutable_data_ptr<float>();
       p.out = out.mutable_data_ptr<scalar_t>();

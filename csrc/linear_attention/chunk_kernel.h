@@ -4,6 +4,7 @@
 #pragma once
 
 #include "chunk_math.h"
+#include "../common/channel_pairs.h"
 
 namespace linattn {
 namespace LINATTN_ISA {
@@ -50,16 +51,14 @@ struct Kernel {
   std::vector<acc_t> S, z, Rs, rz;  // state [S | z] and its gradient [Rs | rz]
   std::vector<acc_t> unit;           // C ones: row sums as dot products
   // A fading state (log_decay): per chunk row r, b_r = Σ_{l<=r} log f (local cumulative),
-  // e^{b_r} and e^{b_last − b_r} (all exponents <= 0), and decayed copies of φ(q) and φ(k);
-  // L × w each. Per channel also the split factors of the chunk's pairs (see channel_scores),
-  // whether the chunk allows them, and scratch for the split operands.
+  // e^{b_r} and e^{b_last − b_r} (all exponents <= 0): cb, eb and et per row, `pairs` (with the
+  // chunk's pair weights) per channel; and decayed copies of φ(q) and φ(k).
   std::vector<acc_t> cb, eb, et, qd, kd;
-  std::vector<acc_t> fq, fk, qt, kt, tmp;
-  bool tame = false;
+  ChannelPairs<acc_t> pairs;
 
   Kernel(const LinearAttentionShape& shape, int64_t chunk)
       : s(shape), C(chunk), m(shape.feature_dim), dv(shape.value_dim), dvp(shape.value_dim + 1),
-        w(shape.decay_width) {
+        w(shape.decay_width), pairs(w > 1 ? chunk : 0, w > 1 ? m : 0) {
     q.resize(C * m);
     k.resize(C * m);
     v.resize(C * dv);
@@ -76,14 +75,10 @@ struct Kernel {
     Rs.resize(m * dv);
     rz.resize(m);
     unit.assign(C, acc_t(1));
-    cb.resize(C * w);
-    eb.resize(C * w);
-    et.resize(C * w);
+    if (!per_channel())
+      for (auto* x : {&cb, &eb, &et}) x->resize(C);
     qd.resize(C * m);
     kd.resize(C * m);
-    if (per_channel()) {
-      for (auto* x : {&fq, &fk, &qt, &kt, &tmp}) x->resize(C * m);
-    }
   }
 
   // ---- A fading state (docs/methods.md §1, decay and gates): inside a chunk only differences of
@@ -99,7 +94,7 @@ struct Kernel {
     if (!x.log_decay) return false;
     const acc_t* a = x.log_decay + factor_offset(bh, t0);
     if (per_channel()) {
-      load_channel_decay(a, L);
+      pairs.load(a, L);
       return true;
     }
     acc_t run = 0;
@@ -133,37 +128,8 @@ struct Kernel {
   }
 
   // ---- Per-channel factors (GLA: log_decay (B, H, N, m), docs/methods.md §1): row c of the
-  // state fades by its own factor, so a pair's weight e^{b_rc − b_sc} lies inside the dot product.
-  // A chunk whose factors span at most kTameSpan in every channel (b_first − b_last) splits each
-  // weight through the channel's midpoint ref: φ(q_r) ⊙ e^{b_r − ref} times φ(k_s) ⊙ e^{ref − b_s},
-  // both factors within e^{±kTameSpan / 2} (far from overflow, and from underflow for any feature
-  // above 1e-20), so the chunk's products stay GEMMs as without gates; the pairs above the
-  // diagonal, whose true weights grow, are never used. A chunk that fades further (a channel
-  // closing hard) takes the exact pair-by-pair sums, every exponent <= 0. ----
-  static constexpr acc_t kTameSpan = 80;
-
-  [[gnu::flatten]] void load_channel_decay(const acc_t* a, int64_t L) {
-    for (int64_t c = 0; c < m; ++c) cb[c] = a[c];
-    for (int64_t r = 1; r < L; ++r)
-      for (int64_t c = 0; c < m; ++c) cb[r * m + c] = cb[(r - 1) * m + c] + a[r * m + c];
-    const acc_t* last = cb.data() + (L - 1) * m;
-    for (int64_t r = 0; r < L; ++r)
-      for (int64_t c = 0; c < m; ++c) {
-        eb[r * m + c] = exp_nonpositive(cb[r * m + c]);
-        et[r * m + c] = exp_nonpositive(last[c] - cb[r * m + c]);
-      }
-    acc_t span = 0;
-    for (int64_t c = 0; c < m; ++c) span = std::max(span, cb[c] - last[c]);
-    tame = span <= kTameSpan;  // (NaN factors make NaN outputs either way)
-    if (!tame) return;
-    for (int64_t r = 0; r < L; ++r)
-      for (int64_t c = 0; c < m; ++c) {
-        const acc_t x = cb[r * m + c] - acc_t(0.5) * (cb[c] + last[c]);  // in [−span/2, span/2]
-        const acc_t down = exp_nonpositive(std::min(x, acc_t(0))), up = exp_nonpositive(std::min(-x, acc_t(0)));
-        fq[r * m + c] = x <= acc_t(0) ? down : acc_t(1) / up;
-        fk[r * m + c] = x <= acc_t(0) ? acc_t(1) / down : up;
-      }
-  }
+  // state fades by its own factor, so a pair's weight e^{b_rc − b_sc} lies inside the dot product
+  // (common/channel_pairs.h: split GEMMs, or exact pair sums in a chunk that fades too far). ----
 
   // dst = f ⊙ w element by element (L × m).
   Rows<acc_t> scaled_elementwise(std::vector<acc_t>& dst, Rows<acc_t> f, const acc_t* w_, int64_t L) {
@@ -175,59 +141,15 @@ struct Kernel {
   void scale_elementwise(acc_t* x, const acc_t* w_, int64_t L) {
     for (int64_t i = 0; i < L * m; ++i) x[i] *= w_[i];
   }
-  acc_t pair_weight(int64_t r, int64_t s_, int64_t c) const { return exp_nonpositive(cb[r * m + c] - cb[s_ * m + c]); }
-
-  // A (L × L, ld C) = Σ_c x_rc y_sc e^{b_rc − b_sc} for s <= r, 0 above: the chunk's causal scores.
-  [[gnu::flatten]] void channel_scores(Rows<acc_t> xf, Rows<acc_t> yf, acc_t* A, int64_t L) {
-    if (tame) {
-      const Rows<acc_t> xt = scaled_elementwise(qt, xf, fq.data(), L);
-      const Rows<acc_t> yt = scaled_elementwise(kt, yf, fk.data(), L);
-      gemm<acc_t>(false, true, L, L, m, xt.data, xt.ld, yt.data, yt.ld, 0, A, C);
-      keep_causal(A, L, C);
-      return;
-    }
-    for (int64_t r = 0; r < L; ++r) {
-      for (int64_t j = 0; j <= r; ++j) {
-        acc_t sum = 0;
-        for (int64_t c = 0; c < m; ++c) sum += xf.row(r)[c] * yf.row(j)[c] * pair_weight(r, j, c);
-        A[r * C + j] = sum;
-      }
-      std::fill(A + r * C + r + 1, A + r * C + L, acc_t(0));
-    }
+  // The chunk's pair products per channel (see `pairs`) on feature rows.
+  void channel_scores(Rows<acc_t> xf, Rows<acc_t> yf, acc_t* A, int64_t L) {
+    pairs.scores(xf.data, xf.ld, yf.data, yf.ld, A, L);
   }
-
-  // out (L × m, ld m) += Σ_{s <= r} D_rs y_s ⊙ e^{b_r − b_s}, for pair cotangents D (causal, ld C).
-  [[gnu::flatten]] void channel_to_queries(const acc_t* D, Rows<acc_t> yf, acc_t* out, int64_t L) {
-    if (tame) {
-      const Rows<acc_t> yt = scaled_elementwise(kt, yf, fk.data(), L);
-      std::fill(tmp.begin(), tmp.begin() + L * m, acc_t(0));
-      add_causal_product(false, L, m, D, C, yt.data, yt.ld, tmp.data(), m);
-      for (int64_t i = 0; i < L * m; ++i) out[i] += tmp[i] * fq[i];
-      return;
-    }
-    for (int64_t r = 0; r < L; ++r)
-      for (int64_t j = 0; j <= r; ++j) {
-        const acc_t d = D[r * C + j];
-        if (d == acc_t(0)) continue;  // adds nothing, not 0·Inf
-        for (int64_t c = 0; c < m; ++c) out[r * m + c] += d * yf.row(j)[c] * pair_weight(r, j, c);
-      }
+  void channel_to_queries(const acc_t* D, Rows<acc_t> yf, acc_t* out, int64_t L) {
+    pairs.to_queries(D, yf.data, yf.ld, out, L);
   }
-
-  // out (L × m, ld m) += Σ_{r >= s} D_rs x_r ⊙ e^{b_r − b_s}: the same weights, towards the keys.
-  [[gnu::flatten]] void channel_to_keys(const acc_t* D, Rows<acc_t> xf, acc_t* out, int64_t L) {
-    if (tame) {
-      const Rows<acc_t> xt = scaled_elementwise(qt, xf, fq.data(), L);
-      std::fill(tmp.begin(), tmp.begin() + L * m, acc_t(0));
-      add_causal_product(true, L, m, D, C, xt.data, xt.ld, tmp.data(), m);
-      for (int64_t i = 0; i < L * m; ++i) out[i] += tmp[i] * fk[i];
-      return;
-    }
-    for (int64_t j = 0; j < L; ++j)
-      for (int64_t r = j; r < L; ++r) {
-        const acc_t d = D[r * C + j];
-        if (d == acc_t(0)) continue;
-        for (int64_t c = 0; c < m; ++c) out[j * m + c] += d * xf.row(r)[c] * pair_weight(r, j, c);
-      }
+  void channel_to_keys(const acc_t* D, Rows<acc_t> xf, acc_t* out, int64_t L) {
+    pairs.to_keys(D, xf.data, xf.ld, out, L);
   }
 
   // Scales row c of [X | x] (the state or its gradient) by f[c]: per channel, across a chunk.
@@ -246,8 +168,8 @@ struct Kernel {
       return;
     }
     if (per_channel()) {  // row c by e^{b_last,c}, key s by e^{b_last − b_s} channel by channel
-      fade_rows(S, z, eb.data() + (L - 1) * m);
-      accumulate_state(scaled_elementwise(kd, kf, et.data(), L), vr, L);
+      fade_rows(S, z, pairs.eb.data() + (L - 1) * m);
+      accumulate_state(scaled_elementwise(kd, kf, pairs.et.data(), L), vr, L);
       return;
     }
     for (auto& e : S) e *= eb[L - 1];
@@ -263,8 +185,8 @@ struct Kernel {
       return;
     }
     if (per_channel()) {
-      fade_rows(Rs, rz, eb.data() + (L - 1) * m);
-      add_query_terms(scaled_elementwise(qd, qf, eb.data(), L), L);
+      fade_rows(Rs, rz, pairs.eb.data() + (L - 1) * m);
+      add_query_terms(scaled_elementwise(qd, qf, pairs.eb.data(), L), L);
       return;
     }
     for (auto& e : Rs) e *= eb[L - 1];
@@ -524,7 +446,7 @@ struct Kernel {
       // reads S).
       const bool decayed = s.causal && load_decay(x, bh, t0, L);
       const bool channels = decayed && per_channel();
-      const Rows<acc_t> reader = channels ? scaled_elementwise(qd, qf, eb.data(), L) : qf;
+      const Rows<acc_t> reader = channels ? scaled_elementwise(qd, qf, pairs.eb.data(), L) : qf;
       gemm<acc_t>(false, false, L, dv, m, reader.data, reader.ld, S.data(), dv, 0, num, dv);
       if (!s.causal) {
         finish_output(out_bh, num, den_bh, qf, nullptr, t0, L);
@@ -561,7 +483,7 @@ struct Kernel {
       add_outer(o.data(), m, gd.data(), z.data(), L, m);
       const bool decayed = s.causal && load_decay(x, bh, t0, L);
       const bool channels = decayed && per_channel();
-      if (channels) scale_elementwise(o.data(), eb.data(), L);
+      if (channels) scale_elementwise(o.data(), pairs.eb.data(), L);
       else if (decayed) scale_rows(o.data(), m, eb.data(), L, m);
       if (s.causal) {
         const Rows<acc_t> kf = features(k, x.k, bi, hi, t0, L, mask);
@@ -612,8 +534,8 @@ struct Kernel {
       const bool decayed = s.causal && load_decay(x, bh, t0, L);
       const bool channels = decayed && per_channel();
       if (channels) {
-        key_grads(scaled_elementwise(kd, kf, et.data(), L), vr, L);
-        scale_elementwise(dk.data(), et.data(), L);
+        key_grads(scaled_elementwise(kd, kf, pairs.et.data(), L), vr, L);
+        scale_elementwise(dk.data(), pairs.et.data(), L);
       } else {
         key_grads(kf, vr, L);
       }

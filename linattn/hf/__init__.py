@@ -12,8 +12,9 @@ register() adds to transformers' AttentionInterface, with a mask interface of it
   - "linattn_linear_relu": the same with the relu feature map;
   - "linattn_performer": Performer FAVOR+ (docs/methods.md §2) with a fixed projection per layer
     (⌈D·ln D⌉ orthogonal random features seeded by the layer index, a non-persistent buffer);
-  - "linattn_deltanet", "linattn_gated_deltanet": the delta rule (docs/methods.md §11) with
-    learned β (and gate) per layer, which use_delta_rule(model) attaches and switches to;
+  - "linattn_deltanet", "linattn_gated_deltanet", "linattn_kda": the delta rule (docs/methods.md
+    §11) with learned β (and gate: per head, or per key channel for KDA) per layer, which
+    use_delta_rule(model) attaches and switches to;
   - "linattn_local": exact softmax attention in the layer's own pattern, through the fused
     sliding-window kernel: the model's sliding window where it has one (Mistral, Qwen2, Gemma),
     full causal or bidirectional attention elsewhere; memory linear in the sequence.
@@ -41,11 +42,11 @@ IMPLEMENTATIONS = tuple(name for cls in METHODS.values() for name in cls.hf_impl
 _registered = False
 
 
-def use_delta_rule(model, *, gated: bool = True, example_inputs=None):
-    """linattn.hf.delta_rule.use_delta_rule: DeltaNet / Gated DeltaNet in a transformers model."""
+def use_delta_rule(model, *, gated: bool = True, per_channel: bool = False, example_inputs=None):
+    """linattn.hf.delta_rule.use_delta_rule: DeltaNet / Gated DeltaNet / KDA in a transformers model."""
     from .delta_rule import use_delta_rule as attach
 
-    return attach(model, gated=gated, example_inputs=example_inputs)
+    return attach(model, gated=gated, per_channel=per_channel, example_inputs=example_inputs)
 
 
 def register() -> None:

@@ -101,7 +101,7 @@ def _worker(rank, world, init_file, reports):
 
 
 DELTA_CONFIGS = [dict(causal=True, gated=True, state=True), dict(causal=True, gated=False, state=False),
-                 dict(causal=False, gated=True, state=True)]
+                 dict(causal=False, gated=True, state=True), dict(causal=True, gated="per_channel", state=True)]
 
 
 def _delta_rule_check(rank, start, end, T):
@@ -112,7 +112,8 @@ def _delta_rule_check(rank, start, end, T):
         q, k = (torch.randn(B, H, T, D, generator=g, dtype=torch.float64) for _ in range(2))
         v = torch.randn(B, H, T, DV, generator=g, dtype=torch.float64)
         beta = torch.rand(B, H, T, generator=g, dtype=torch.float64)
-        gate = -0.3 * torch.rand(B, H, T, generator=g, dtype=torch.float64) if config["gated"] else None
+        channels = (D,) if config["gated"] == "per_channel" else ()  # KDA: a gate per key channel
+        gate = -0.3 * torch.rand(B, H, T, *channels, generator=g, dtype=torch.float64) if config["gated"] else None
         state = torch.randn(B, H, D, DV, generator=g, dtype=torch.float64) if config["state"] else None
         weight = torch.randn(B, H, T, DV, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
         state_weight = torch.randn(B, H, D, DV, generator=torch.Generator().manual_seed(4), dtype=torch.float64)

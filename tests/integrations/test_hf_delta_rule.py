@@ -1,4 +1,4 @@
-"""linattn.hf.use_delta_rule: DeltaNet / Gated DeltaNet in transformers models (small configs, no
+"""linattn.hf.use_delta_rule: DeltaNet / Gated DeltaNet / KDA in transformers models (small configs, no
 downloads). The layers' learned β and gate are attached (parameters, state_dict), the model's
 output equals the same layers computed by hand from the float64 recurrence, left/right padding
 writes nothing, generation gives the same tokens with transformers' cache, LinearStateCache
@@ -14,12 +14,12 @@ from linattn.delta_rule import l2_normalize
 transformers = pytest.importorskip("transformers")
 
 
-def llama(gated=True, seed=0):
+def llama(gated=True, seed=0, per_channel=False):
     config = transformers.LlamaConfig(vocab_size=61, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
     torch.manual_seed(seed)
     model = transformers.LlamaForCausalLM(config).double().eval()
-    names = linattn.hf.use_delta_rule(model, gated=gated)
+    names = linattn.hf.use_delta_rule(model, gated=gated, per_channel=per_channel)
     assert names == ["model.layers.0.self_attn", "model.layers.1.self_attn"]
     with torch.no_grad():  # token-dependent β and gate, as after training
         for core in linattn.hf.delta_rule.delta_rule_layers(model):
@@ -28,10 +28,12 @@ def llama(gated=True, seed=0):
     return model
 
 
-@pytest.mark.parametrize("gated", [True, False])
-def test_layers_get_learned_projections_and_compute_the_recurrence(gated):
-    model = llama(gated)
-    assert model.config._attn_implementation == ("linattn_gated_deltanet" if gated else "linattn_deltanet")
+@pytest.mark.parametrize("gated,per_channel,implementation", [(True, False, "linattn_gated_deltanet"),
+                                                              (False, False, "linattn_deltanet"),
+                                                              (True, True, "linattn_kda")])
+def test_layers_get_learned_projections_and_compute_the_recurrence(gated, per_channel, implementation):
+    model = llama(gated, per_channel=per_channel)
+    assert model.config._attn_implementation == implementation
     keys = [k for k in model.state_dict() if "linattn_delta_rule" in k]
     assert len(keys) == 2 * (5 if gated else 2)
     attention = model.model.layers[0].self_attn
@@ -54,6 +56,7 @@ def test_layers_get_learned_projections_and_compute_the_recurrence(gated):
     q, k = transformers.models.llama.modeling_llama.apply_rotary_pos_emb(q, k, cos, sin)
     k, v = k.repeat_interleave(2, 1), v.repeat_interleave(2, 1)
     beta, gate = attention.linattn_delta_rule.beta_and_gate(k)
+    assert gate is None or gate.shape == (k.shape if per_channel else k.shape[:3])
     out, _ = reference.delta_rule(l2_normalize(q), l2_normalize(k), v, beta, gate=gate, scale=1.0)
     expected = attention.o_proj(out.transpose(1, 2).flatten(2))
     torch.testing.assert_close(seen["out"], expected, rtol=1e-10, atol=1e-10)
@@ -73,8 +76,9 @@ def test_padded_tokens_write_nothing(padding):
     torch.testing.assert_close(got, alone, rtol=1e-9, atol=1e-9)
 
 
-def test_generation_with_kv_cache_state_cache_and_no_cache():
-    model = llama()
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_generation_with_kv_cache_state_cache_and_no_cache(per_channel):
+    model = llama(per_channel=per_channel)
     ids = torch.randint(0, 61, (2, 9), generator=torch.Generator().manual_seed(2))
     kwargs = dict(max_new_tokens=10, do_sample=False, pad_token_id=0)
     with_kv = model.generate(ids, **kwargs)
@@ -122,3 +126,8 @@ def test_without_use_delta_rule_the_message_says_what_to_call():
     model.set_attn_implementation("linattn_gated_deltanet")
     with pytest.raises(ValueError, match=r"call linattn.hf.use_delta_rule\(model\)"):
         model(torch.randint(0, 61, (1, 5)))
+    model.set_attn_implementation("linattn_kda")
+    with pytest.raises(ValueError, match=r"call linattn.hf.use_delta_rule\(model, per_channel=True\)"):
+        model(torch.randint(0, 61, (1, 5)))
+    with pytest.raises(ValueError, match="needs gated=True"):
+        linattn.hf.use_delta_rule(model, gated=False, per_channel=True)

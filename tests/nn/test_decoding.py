@@ -25,6 +25,7 @@ CASES = [
     ("hybrid", {"window": 4}),
     ("deltanet", {}),
     ("gated_deltanet", {}),
+    ("kda", {}),
 ]
 IDS = [f"{method}-{'-'.join(f'{k}={v}' for k, v in opts.items())}" for method, opts in CASES]
 PIECES = (5, 1, 1, 3, 1, 7, 1, 1, 1, 2)  # 23 tokens: a prompt, steps and chunks
@@ -40,7 +41,7 @@ def module(method, opts, dtype=torch.float64, batch_first=True, **kwargs):
     if opts.get("sinks"):  # learned sinks, away from their zero init
         with torch.no_grad():
             m.core.sinks.copy_(torch.tensor([0.5, -1.0]))
-    if method in ("deltanet", "gated_deltanet"):  # token-dependent β and gate, as after training
+    if method in ("deltanet", "gated_deltanet", "kda"):  # token-dependent β and gate, as after training
         with torch.no_grad():
             for p in m.core.parameters():
                 p.copy_(torch.randn_like(p))
@@ -123,7 +124,7 @@ def test_cache_size(method, opts):
         assert sizes[5] == sizes[-1]
         if method == "linear":  # S (2, 2, 8, 8) and z (2, 2, 8) in float64
             assert sizes[-1] == (2 * 2 * 8 * 8 + 2 * 2 * 8) * 8
-        if method == "gated_deltanet":  # S (2, 2, 8, 8) in float64
+        if method in ("gated_deltanet", "kda"):  # S (2, 2, 8, 8) in float64
             assert sizes[-1] == 2 * 2 * 8 * 8 * 8
 
 

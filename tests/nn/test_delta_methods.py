@@ -1,4 +1,4 @@
-"""The methods "deltanet" and "gated_deltanet" of linattn.nn.MultiheadAttention (docs/methods.md
+"""The methods "deltanet", "gated_deltanet" and "kda" of linattn.nn.MultiheadAttention (docs/methods.md
 §11): β and the gate from the head's key as documented, the implicit weights, key padding that
 writes nothing, dropout that skips keys, swap_attention into an encoder that then trains, and
 torch.compile(fullgraph=True) equal to eager."""
@@ -13,7 +13,7 @@ from linattn.delta_rule import l2_normalize
 
 from conftest import assert_close, assert_compiled_module_equals_eager, module_heads
 
-METHODS = ("deltanet", "gated_deltanet")
+METHODS = ("deltanet", "gated_deltanet", "kda")
 
 
 def module(method, dtype=torch.float64, **kwargs):
@@ -40,6 +40,10 @@ def test_the_module_computes_the_documented_recurrence(method, causal):
         gate = -core.A_log.exp()[:, None] * F.softplus(torch.einsum("nhtd,hd->nht", k, core.gate_weight)
                                                        + core.gate_bias[:, None])
         assert (gate <= 0).all()
+    if method == "kda":  # one gate per key channel
+        gate = -core.A_log.exp()[:, None, None] * F.softplus(torch.einsum("nhtd,hed->nhte", k, core.gate_weight)
+                                                             + core.gate_bias[:, None])
+        assert gate.shape == k.shape and (gate <= 0).all()
     ref, _ = reference.delta_rule(l2_normalize(q), l2_normalize(k), v, beta, gate=gate, causal=causal, scale=1.0)
     expected = m.out_proj(ref.transpose(1, 2).flatten(2))
     assert_close(out, expected, 1e-12, method)

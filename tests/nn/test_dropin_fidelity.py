@@ -14,7 +14,7 @@ import linattn
 
 METHODS = {"softmax": {}, "linear": {}, "performer": {"seed": 0}, "efficient": {}, "linformer": {"max_seq_len": 16},
            "local": {"window": 2}, "longformer": {"window": 2}, "bigbird": {"block_size": 2}, "hybrid": {"window": 2},
-           "deltanet": {}, "gated_deltanet": {}}
+           "deltanet": {}, "gated_deltanet": {}, "kda": {}}
 
 
 def _module(method, **kwargs):

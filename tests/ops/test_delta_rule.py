@@ -234,12 +234,18 @@ def test_opcheck(name):
     torch.library.opcheck(op, (*args[:4], None, None, None, False, 0.5))
     torch.library.opcheck(op, (*args[:4], args[4], args[5], None, True, 0.5, True))  # normalize_qk in the kernel
     torch.library.opcheck(op, (*args[:4], None, None, None, False, 0.5, True))
+    channel_gate = (gate.unsqueeze(-1) * torch.linspace(0.5, 2.0, q.shape[-1])).requires_grad_()  # KDA
+    torch.library.opcheck(op, (*args[:4], channel_gate, args[5], None, True, 0.5))
+    torch.library.opcheck(op, (*args[:4], channel_gate, None, None, False, 0.5, True))
     pq, pk, pv, pb, pg, pS, cu = packed(dtype=torch.float32)
     torch.library.opcheck(op, (pq, pk, pv, pb, pg, pS.requires_grad_(), cu, True, 0.5))
 
 
-def test_compile_fullgraph_equals_eager(implementation):
+@pytest.mark.parametrize("gates", ["per token", "per key channel"])
+def test_compile_fullgraph_equals_eager(implementation, gates):
     q, k, v, beta, gate, S0 = make(T=80, dtype=torch.float32)
+    if gates == "per key channel":  # KDA (test_delta_rule_channel_gates.py tests the rest)
+        gate = gate.unsqueeze(-1) * torch.linspace(0.5, 2.0, q.shape[-1])
 
     def f(q, k, v, beta, gate, S0):
         out, S = linattn.delta_rule_attention(q, k, v, beta, gate=gate, initial_state=S0, output_final_state=True)

@@ -1,5 +1,6 @@
 """Property-based fuzzing (hypothesis) of delta_rule_attention: shapes around the chunk (0-size
-too), strides (transposed, sliced, offset views), every dtype, gates, initial states, packed
+too), strides (transposed, sliced, offset views), every dtype, gates per token or per key channel
+(KDA), initial states, packed
 sequences (empty ones too), causal or not, on the CPU kernel and the device-generic path (and, in
 16 bits, the tensor-core forward through its emulation): each
 case equals the float64 recurrence (reference.delta_rule) forward, and its gradients are finite
@@ -55,7 +56,8 @@ def cases(draw):
     q, k = (torch.randn(B, H, T, dk, generator=g, dtype=torch.float64) for _ in range(2))
     v = torch.randn(B, H, T, dv, generator=g, dtype=torch.float64)
     beta = torch.rand(B, H, T, generator=g, dtype=torch.float64) * draw(st.sampled_from([1.0, 1.9]))
-    gate = -torch.rand(B, H, T, generator=g, dtype=torch.float64) * draw(st.sampled_from([0.01, 1.0, 30.0]))
+    channels = (dk,) if draw(st.booleans()) else ()  # a gate per key channel, or per token
+    gate = -torch.rand(B, H, T, *channels, generator=g, dtype=torch.float64) * draw(st.sampled_from([0.01, 1.0, 30.0]))
     states = len(lengths) if packed else B
     S0 = torch.randn(states, H, dk, dv, generator=g, dtype=torch.float64)
     return dict(q=q, k=k, v=v, beta=beta, gate=gate if draw(st.booleans()) else None,
@@ -131,6 +133,8 @@ def tensor_core_cases(draw):
     c["q"], c["k"] = (torch.randn(B, H, T, dk, generator=g, dtype=torch.float64) for _ in range(2))
     if c["S0"] is not None:
         c["S0"] = torch.randn(c["S0"].shape[0], H, dk, c["v"].shape[-1], generator=g, dtype=torch.float64)
+    if c["gate"] is not None and c["gate"].dim() == 4:  # the tensor cores take gates per token only
+        c["gate"] = c["gate"][..., 0].contiguous()
     return c
 
 

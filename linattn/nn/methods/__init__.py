@@ -15,7 +15,7 @@ What dropout means differs, because only the softmax methods form attention weig
   - local, longformer, bigbird, reformer: the same, pair by pair in the restricted-softmax
     operator (its Philox mask, the same on every device; reformer per hashing round;
     need_weights returns the dropped weights);
-  - deltanet, gated_deltanet: whole keys are skipped (they write nothing) with probability p;
+  - deltanet, gated_deltanet, kda: whole keys are skipped (they write nothing) with probability p;
   - linear, gla, performer, efficient: whole keys (columns of the implicit attention matrix) are
     dropped per batch and head with probability p and the rest scaled by 1/(1 − p), applied to
     the values, so out = weights @ v still holds, with the same expectation as torch's dropout;
@@ -28,7 +28,7 @@ from .base import MethodModule, _drop_keys  # noqa: F401  (hf uses _drop_keys)
 from .softmax import AdditiveMethod, LinformerMethod, SoftmaxMethod  # noqa: F401
 from .kernelized import EfficientMethod, GatedLinearMethod, LinearMethod, PerformerMethod  # noqa: F401
 from .restricted import BigBirdMethod, HybridMethod, LocalMethod, LongformerMethod, ReformerMethod  # noqa: F401
-from .delta import DeltaNetMethod, GatedDeltaNetMethod  # noqa: F401
+from .delta import DeltaNetMethod, GatedDeltaNetMethod, KimiDeltaMethod  # noqa: F401
 from .linearized import LinearizedMethod  # noqa: F401
 
 # Every MethodModule subclass with a name, in the order of definition (softmax's family first).

@@ -1,13 +1,15 @@
-"""The delta rule as attention methods (docs/methods.md §11): "deltanet" and "gated_deltanet".
+"""The delta rule as attention methods (docs/methods.md §11): "deltanet", "gated_deltanet" and "kda".
 
 A method sees each head's q, k and v, not the layer's input, so the writing strength β and the
 gate are learned projections of the head's key — itself the key projection of the input, so
 β_t = σ(a_h · k_t + b_h) is a projection of x_t whose weight lies in that head's key space:
     β_t   = sigmoid(a_h · k_t + b_h)                                  (both methods)
     g_t   = −e^{A_h} · softplus(c_h · k_t + d_h)                        (gated_deltanet)
-with a_h, c_h (H, hd) initialised to 0, b_h to 0 (β = 1/2), A_h to 0 and d_h so that
-softplus(d_h) is log-uniform in [1e-4, 1e-2] over the heads: at construction β and the gate do
-not depend on the token, and the projections learn to make them. (Mamba-2 and Gated DeltaNet
+    g_t   = −e^{A_h} · softplus(C_h k_t + d_h), one entry per key channel (kda)
+with a_h, c_h (H, hd) and C_h (H, hd, hd) initialised to 0, b_h to 0 (β = 1/2), A_h to 0 and d_h
+so that softplus(d_h) is log-uniform in [1e-4, 1e-2] over the heads (gated_deltanet) or over each
+head's key channels (kda, as Kimi Delta Attention's per-channel dt_bias): at construction β and the
+gate do not depend on the token, and the projections learn to make them. (Mamba-2 and Gated DeltaNet
 draw the step size from [1e-3, 1e-1] over many heads; with a layer's few heads that made half
 of them forget within tens of tokens, and associative recall learned half as fast: 0.48 vs 0.68
 at 8 pairs after 1000 steps of examples/associative_recall.py.) The read-out scale is 1: with L2-normalised q and k,
@@ -42,6 +44,7 @@ class DeltaNetMethod(MethodModule):
     takes_any_mask = False
     supports_extra_keys = False
     gated = False
+    per_channel = False  # one gate per key channel (kda) rather than per head
     scale = 1.0  # the read-out scale (module docstring)
 
     def __init__(self, num_heads: int, head_dim: int, device=None, dtype=None):
@@ -50,8 +53,9 @@ class DeltaNetMethod(MethodModule):
         self.beta_weight = nn.Parameter(torch.empty(num_heads, head_dim, **factory))
         self.beta_bias = nn.Parameter(torch.empty(num_heads, **factory))
         if self.gated:
-            self.gate_weight = nn.Parameter(torch.empty(num_heads, head_dim, **factory))
-            self.gate_bias = nn.Parameter(torch.empty(num_heads, **factory))
+            channels = (head_dim,) if self.per_channel else ()
+            self.gate_weight = nn.Parameter(torch.empty(num_heads, *channels, head_dim, **factory))
+            self.gate_bias = nn.Parameter(torch.empty(num_heads, *channels, **factory))
             self.A_log = nn.Parameter(torch.empty(num_heads, **factory))
         self.reset_parameters()
 
@@ -59,11 +63,11 @@ class DeltaNetMethod(MethodModule):
     def reset_parameters(self) -> None:
         self.beta_weight.zero_()
         self.beta_bias.zero_()
-        if self.gated:
-            heads = self.gate_bias.numel()
-            dt = torch.logspace(math.log10(1e-4), math.log10(1e-2), heads, dtype=torch.float64)
+        if self.gated:  # softplus(d) log-uniform over the heads, or over each head's channels
+            count = self.gate_bias.shape[-1]
+            dt = torch.logspace(math.log10(1e-4), math.log10(1e-2), count, dtype=torch.float64)
             self.gate_weight.zero_()
-            self.gate_bias.copy_(_softplus_inverse(dt))
+            self.gate_bias.copy_(_softplus_inverse(dt).expand(self.gate_bias.shape))
             self.A_log.zero_()
 
     def extra_repr(self) -> str:
@@ -73,18 +77,26 @@ class DeltaNetMethod(MethodModule):
         """a_h · k_t + b_h for every (batch, head, t): (N, H, T)."""
         return torch.einsum("nhtd,hd->nht", k, weight.to(k.dtype)) + bias.to(k.dtype)[None, :, None]
 
+    def _per_channel(self, k, weight, bias):
+        """C_h k_t + d_h for every (batch, head, t): (N, H, T, hd)."""
+        return torch.einsum("nhtd,hed->nhte", k, weight.to(k.dtype)) + bias.to(k.dtype)[None, :, None]
+
     def beta_and_gate(self, k, skipped=None):
-        """(β, g) for keys k (N, H, T, hd); g is None for DeltaNet. skipped (N, T) or (N, H, T)
-        bool: keys that neither write (β = 0) nor fade the state (g = 0)."""
+        """(β, g) for keys k (N, H, T, hd); g is None for DeltaNet, (N, H, T) for Gated DeltaNet,
+        (N, H, T, hd) for KDA. skipped (N, T) or (N, H, T) bool: keys that neither write (β = 0) nor
+        fade the state (g = 0)."""
         beta = torch.sigmoid(self._per_head(k, self.beta_weight, self.beta_bias))
         gate = None
         if self.gated:
-            step = F.softplus(self._per_head(k, self.gate_weight, self.gate_bias))
-            gate = -torch.exp(self.A_log.to(k.dtype))[None, :, None] * step
+            project = self._per_channel if self.per_channel else self._per_head
+            step = F.softplus(project(k, self.gate_weight, self.gate_bias))
+            rate = torch.exp(self.A_log.to(k.dtype))[None, :, None]
+            gate = -(rate[..., None] if self.per_channel else rate) * step
         if skipped is not None:
             skipped = skipped.expand_as(beta) if skipped.dim() == 3 else skipped[:, None, :].expand_as(beta)
             beta = beta.masked_fill(skipped, 0.0)
-            gate = None if gate is None else gate.masked_fill(skipped, 0.0)
+            if gate is not None:
+                gate = gate.masked_fill(skipped[..., None] if self.per_channel else skipped, 0.0)
         return beta, gate
 
     def forward(self, q, k, v, *, causal, key_padding_mask, attn_mask, dropout_p, need_weights):
@@ -111,3 +123,15 @@ class GatedDeltaNetMethod(DeltaNetMethod):
     name = "gated_deltanet"
     hf_implementations = ("linattn_gated_deltanet",)
     gated = True
+
+
+class KimiDeltaMethod(DeltaNetMethod):
+    """Kimi Delta Attention (KDA, Kimi Team 2025), docs/methods.md §11: Gated DeltaNet whose gate is
+    one learned, token-dependent factor per key channel, so each row of the state forgets at its own
+    rate; β and the gates from learned projections of each head's key (linattn.nn.methods.delta).
+    No options; masks, dropout and need_weights as for "deltanet"."""
+
+    name = "kda"
+    hf_implementations = ("linattn_kda",)
+    gated = True
+    per_channel = True
