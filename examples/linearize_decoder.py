@@ -13,6 +13,7 @@ that grows, the linearized models from a state whose size is fixed.
     python examples/linearize_decoder.py            # the README's table (about 10 minutes on 2 cores)
     python examples/linearize_decoder.py --quick    # a few steps, to see it run
     python examples/linearize_decoder.py --students gla linear   # GLA's student (learned per-channel gates)
+    python examples/linearize_decoder.py --students gated_deltanet kda   # the delta-rule students
 
 Writes results/linearize_decoder.json and .png (held-out bits per byte against transfer steps).
 """
@@ -191,9 +192,10 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a few steps of everything")
     parser.add_argument("--window", type=int, default=16, help="the hybrid's exact window (default 16)")
-    parser.add_argument("--students", nargs="+", default=["linear", "hybrid"], choices=["linear", "hybrid", "gla"],
+    parser.add_argument("--students", nargs="+", default=["linear", "hybrid"],
+                        choices=["linear", "hybrid", "gla", "deltanet", "gated_deltanet", "kda"],
                         help="the students to transfer (default: linear hybrid; gla: linear with learned "
-                             "per-channel gates)")
+                             "per-channel gates; deltanet, gated_deltanet, kda: the delta rule)")
     parser.add_argument("--output", default=None, help="path prefix of the .json and .png (default "
                         "results/linearize_decoder)")
     args = parser.parse_args()
@@ -232,8 +234,9 @@ def main():
 
     prompt, tokens = held[:128], 64 if quick else 2048
     table = []
-    names = {"linear": "Hedgehog linear", "hybrid": f"Hedgehog hybrid (window {window} + sink)", "gla": "Hedgehog gla"}
-    for name, model in [("softmax (key/value cache)", original)] + [(names[s], students[s]) for s in args.students]:
+    names = {"hybrid": f"Hedgehog hybrid (window {window} + sink)"}
+    for name, model in [("softmax (key/value cache)", original)] + [(names.get(s, f"Hedgehog {s}"), students[s])
+                                                                   for s in args.students]:
         text, ms, cache_bytes = generate(model, prompt, tokens)
         results["generation"].append({"model": name, "ms_per_token": ms, "cache_bytes": cache_bytes,
                                       "sample": text[:300]})

@@ -13,9 +13,10 @@ TORCH_LIBRARY_FRAGMENT(linattn, m) {
   // float64 for float64 inputs):
   //   S_t = (I − β_t k_t k_tᵀ) Diag(e^{g_t}) S_{t−1} + β_t k_t v_tᵀ,   out_t = scale · S_tᵀ q_t,
   // or, non-causal, out_t = scale · S_Tᵀ q_t. cu_seqlens (N + 1,) int32: N packed sequences in
-  // (1, H, total, ·) tensors (log_gate (1, H, total[, dk])), each with its own state (N, H, dk, dv). normalize_qk: q and k are
-  // first L2-normalised per row inside the kernels, x · (Σ x² + 1e-6)^{-1/2}, and the gradients
-  // are those of the raw q and k; else they are used as given. The backward returns dL/dbeta and
+  // (1, H, total, ·) tensors (log_gate (1, H, total[, dk])), each with its own state
+  // (N, H, dk, dv). normalize_qk: q and k are first L2-normalised per row inside the kernels,
+  // x · (Σ x² + 1e-6)^{-1/2}, and the gradients are those of the raw q and k; else they are used
+  // as given. The backward returns dL/dbeta and
   // dL/dlog_gate in their input dtypes (grad_log_gate empty without a gate) and dL/dinitial_state
   // (zeros without one).
   for (const char* suffix : {"", "_generic"}) {

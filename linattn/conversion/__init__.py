@@ -39,9 +39,9 @@ def linearize(model, *, method: str = "hybrid", feature_map="hedgehog", window: 
             method, their weights kept.
         method: "linear" (linear attention alone, constant-size state when causal), "hybrid"
             (exact softmax in a sliding window and on global tokens, linear attention for the rest,
-            one normaliser; LoLCATs-style), or "deltanet" / "gated_deltanet" (the delta rule on the
-            learned features, β and the gate learned from each head's key: docs/methods.md §11;
-            constant-size state), or "gla" (the linear student whose state fades channel by
+            one normaliser; LoLCATs-style), or "deltanet" / "gated_deltanet" / "kda" (the delta rule
+            on the learned features, β and the gate — per head, or per feature channel for kda —
+            learned from each head's key: docs/methods.md §11; constant-size state), or "gla" (the linear student whose state fades channel by
             channel by gates learned from each head's key, GLA: docs/methods.md §1; causal layers,
             constant-size state).
         feature_map: "hedgehog" (per-head [softmax(xW + b), softmax(−xW − b)], Zhang et al. 2024) or

@@ -19,10 +19,11 @@ Student, per head, with learned feature maps φ_q, φ_k (linattn.nn.learned_feat
   keeps them in the teacher and in the hybrid's exact part: the sink's mass relative to the
   window's, e^{s_h − lse_i}, joins the normaliser, 1 + e^{s_h − lse_i} + γ Σ φφ.
 
-- "deltanet" / "gated_deltanet": the delta rule (docs/methods.md §11) on the learned features,
-      S_t = e^{g_t} (I − β_t k̂_t k̂_tᵀ) S_{t−1} + β_t k̂_t v_tᵀ,   y_i = S_iᵀ q̂_i   (causal; else S_T)
-  with q̂, k̂ the L2-normalised φ_q(q), φ_k(k) and β_t (and the gate g_t ≤ 0) learned from the
-  head's key as linattn.nn.methods.delta does (a sigmoid and −e^A softplus of per-head projections);
+- "deltanet" / "gated_deltanet" / "kda": the delta rule (docs/methods.md §11) on the learned features,
+      S_t = (I − β_t k̂_t k̂_tᵀ) Diag(e^{g_t}) S_{t−1} + β_t k̂_t v_tᵀ,   y_i = S_iᵀ q̂_i   (causal; else S_T)
+  with q̂, k̂ the L2-normalised φ_q(q), φ_k(k) and β_t (and the gate g_t ≤ 0: one per head, or for kda
+  one per feature channel) learned from the head's key as linattn.nn.methods.delta does (a sigmoid
+  and −e^A softplus of projections);
   read-out scale 1 (a stored key reads back ≈ β v, on the values' scale, as softmax's averages are).
   A padded key writes nothing and fades nothing (β = 0, g = 0).
 - "gla": the "linear" student whose state fades channel by channel (GLA, docs/methods.md §1),
@@ -60,8 +61,9 @@ Window = Tuple[int, int]
 NO_WINDOW: Window = (-1, -1)
 
 # The students, by name: whether one attends a window (and global tokens) exactly.
-EXACT_WINDOW = {"linear": False, "hybrid": True, "deltanet": False, "gated_deltanet": False, "gla": False}
-DELTA_RULE = ("deltanet", "gated_deltanet")  # the students whose memory is the delta rule's state
+EXACT_WINDOW = {"linear": False, "hybrid": True, "deltanet": False, "gated_deltanet": False, "kda": False,
+                "gla": False}
+DELTA_RULE = ("deltanet", "gated_deltanet", "kda")  # the students whose memory is the delta rule's state
 CHANNEL_GATED = ("gla",)  # the linear students whose state fades channel by channel
 METHODS = tuple(EXACT_WINDOW)
 MODES = ("student", "teacher", "transfer")
@@ -75,7 +77,7 @@ class LinearizedAttention(nn.Module):
 
     Args:
         heads, head_dim: H and d of the layer's queries and keys.
-        method: "linear", "hybrid", "deltanet", "gated_deltanet" or "gla" (causal layers only).
+        method: "linear", "hybrid", "deltanet", "gated_deltanet", "kda" or "gla" (causal layers only).
         feature_map: "hedgehog", "t2r", or a pair of modules (φ_q, φ_k) mapping (B, H, T, d) to
             positive features (B, H, T, m).
         window: the hybrid's exact window, keys with ``|i − j| <= window`` (causal: ``i − window <= j <= i``).
@@ -123,16 +125,17 @@ class LinearizedAttention(nn.Module):
         self.log_linear_scale = (nn.Parameter(torch.full((heads,), math.log(linear_scale))) if self.exact_window
                                  else None)
         self.delta_rule = None  # β (and the gate) of a delta-rule student, from the head's key
+        with torch.no_grad():  # the feature dim m, whatever the feature maps are
+            channels = self.feature_map_k(torch.zeros(1, heads, 1, head_dim)).shape[-1]
         if method in DELTA_RULE:  # the registered method of that name: its β (and gate) projections
             from ..nn.methods import METHODS as REGISTERED
 
-            self.delta_rule = REGISTERED[method](heads, head_dim)
+            core = REGISTERED[method]
+            self.delta_rule = core(heads, head_dim, channels=channels) if core.per_channel else core(heads, head_dim)
         self.gates = None  # the gla student's per-channel gates, one per feature channel, from the head's key
         if method in CHANNEL_GATED:
             from ..nn.methods.kernelized import ChannelGates
 
-            with torch.no_grad():  # the feature dim m, whatever the feature maps are
-                channels = self.feature_map_k(torch.zeros(1, heads, 1, head_dim)).shape[-1]
             self.gates = ChannelGates(heads, head_dim, channels)
         self.mode = "student"
         self.loss_kind = "output_mse"

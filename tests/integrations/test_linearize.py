@@ -84,7 +84,7 @@ def test_student_equals_its_dense_definition(method, causal, feature_map):
     torch.testing.assert_close(layer.student(q, k2, v2, 0.5, padding, causal)[rows], got[rows])
 
 
-@pytest.mark.parametrize("method", ["deltanet", "gated_deltanet"])
+@pytest.mark.parametrize("method", ["deltanet", "gated_deltanet", "kda"])
 @pytest.mark.parametrize("causal", [False, True])
 def test_delta_rule_students_are_the_recurrence_on_their_features(method, causal):
     """The delta-rule students: the float64 per-token recurrence (linattn.reference.delta_rule) on
@@ -104,7 +104,9 @@ def test_delta_rule_students_are_the_recurrence_on_their_features(method, causal
     got = layer.student(q, k, v, 0.5, padding, causal)
     beta, gate = layer.delta_rule.beta_and_gate(k)
     beta = beta.masked_fill(padding[:, None], 0.0)
-    gate = None if gate is None else gate.masked_fill(padding[:, None], 0.0)
+    if gate is not None:  # per head (N, H, T) or, kda, per feature channel (N, H, T, m)
+        assert gate.shape == (layer.feature_map_k(k).shape if method == "kda" else k.shape[:3])
+        gate = gate.masked_fill(padding[:, None, :, None] if gate.dim() == 4 else padding[:, None], 0.0)
     expected, _ = reference.delta_rule(l2_normalize(layer.feature_map_q(q)), l2_normalize(layer.feature_map_k(k)), v,
                                        beta, gate=gate, scale=1.0, causal=causal)
     rows = ~padding[:, None, :, None].expand_as(got)
@@ -165,7 +167,7 @@ def test_gla_student_decodes_token_by_token():
     torch.testing.assert_close(torch.cat(pieces, 2), whole, rtol=1e-10, atol=1e-10)
 
 
-@pytest.mark.parametrize("method", ["hybrid", "linear", "gated_deltanet", "gla"])
+@pytest.mark.parametrize("method", ["hybrid", "linear", "gated_deltanet", "kda", "gla"])
 def test_causal_left_padding_changes_nothing(method):
     """A left-padded causal row (batched generation's prompts) gives its real queries what the
     unpadded sequence gives: the padding is invisible and the hybrid's sink is the first real token."""
@@ -222,7 +224,8 @@ def test_state_dict_round_trip():
 
 
 @pytest.mark.parametrize("model_fn, method", [(bert, "hybrid"), (bert, "linear"), (llama, "hybrid"),
-                                             (bert, "deltanet"), (llama, "gated_deltanet"), (llama, "gla")])
+                                             (bert, "deltanet"), (llama, "gated_deltanet"), (llama, "gla"),
+                                             (llama, "kda")])
 def test_transfer_reduces_every_layer_loss(model_fn, method):
     model = model_fn()
     linattn.linearize(model, method=method, window=4)
@@ -293,7 +296,7 @@ def test_lora_through_peft():
     assert all(p.grad is not None for p in trainable.values())
 
 
-@pytest.mark.parametrize("method", ["linear", "hybrid", "gated_deltanet", "gla"])
+@pytest.mark.parametrize("method", ["linear", "hybrid", "gated_deltanet", "kda", "gla"])
 def test_students_generate_from_a_constant_size_state(method, monkeypatch):
     """A decoder linearized with either student generates through linattn.hf.LinearStateCache (the
     linear (S, z) state; the hybrid's sink, last `window` keys and linear sums: O(1) per token) the

@@ -47,15 +47,17 @@ class DeltaNetMethod(MethodModule):
     per_channel = False  # one gate per key channel (kda) rather than per head
     scale = 1.0  # the read-out scale (module docstring)
 
-    def __init__(self, num_heads: int, head_dim: int, device=None, dtype=None):
+    def __init__(self, num_heads: int, head_dim: int, device=None, dtype=None, *, channels=None):
+        """channels: the state's key width when per_channel (default head_dim; linattn.linearize's kda
+        student runs the delta rule on wider features of the key)."""
         super().__init__()
         factory = dict(device=device, dtype=dtype)
         self.beta_weight = nn.Parameter(torch.empty(num_heads, head_dim, **factory))
         self.beta_bias = nn.Parameter(torch.empty(num_heads, **factory))
         if self.gated:
-            channels = (head_dim,) if self.per_channel else ()
-            self.gate_weight = nn.Parameter(torch.empty(num_heads, *channels, head_dim, **factory))
-            self.gate_bias = nn.Parameter(torch.empty(num_heads, *channels, **factory))
+            per_gate = (channels or head_dim,) if self.per_channel else ()  # gates per head and token
+            self.gate_weight = nn.Parameter(torch.empty(num_heads, *per_gate, head_dim, **factory))
+            self.gate_bias = nn.Parameter(torch.empty(num_heads, *per_gate, **factory))
             self.A_log = nn.Parameter(torch.empty(num_heads, **factory))
         self.reset_parameters()
 
@@ -78,12 +80,12 @@ class DeltaNetMethod(MethodModule):
         return torch.einsum("nhtd,hd->nht", k, weight.to(k.dtype)) + bias.to(k.dtype)[None, :, None]
 
     def _per_channel(self, k, weight, bias):
-        """C_h k_t + d_h for every (batch, head, t): (N, H, T, hd)."""
+        """C_h k_t + d_h for every (batch, head, t): (N, H, T, channels)."""
         return torch.einsum("nhtd,hed->nhte", k, weight.to(k.dtype)) + bias.to(k.dtype)[None, :, None]
 
     def beta_and_gate(self, k, skipped=None):
         """(β, g) for keys k (N, H, T, hd); g is None for DeltaNet, (N, H, T) for Gated DeltaNet,
-        (N, H, T, hd) for KDA. skipped (N, T) or (N, H, T) bool: keys that neither write (β = 0) nor
+        (N, H, T, channels) for KDA. skipped (N, T) or (N, H, T) bool: keys that neither write (β = 0) nor
         fade the state (g = 0)."""
         beta = torch.sigmoid(self._per_head(k, self.beta_weight, self.beta_bias))
         gate = None
