@@ -36,6 +36,7 @@ cd "$BUILD"
   "$ROOT"/tests/ops/test_decayed_linear_attention.py "$ROOT"/tests/ops/test_varlen.py "$ROOT"/tests/ops/test_recurrent_step.py \
   "$ROOT"/tests/ops/test_fused_kernels.py "$ROOT"/tests/ops/test_fuzz.py "$ROOT"/tests/ops/test_autograd_registration.py \
   "$ROOT"/tests/ops/test_delta_rule.py "$ROOT"/tests/ops/test_delta_rule_fuzz.py \
+  "$ROOT"/tests/ops/test_delta_rule_channel_gates.py "$ROOT"/tests/ops/test_channel_gates.py \
   "$ROOT"/tests/ops/test_warp_layer.py "$ROOT"/tests/ops/test_tensor_core_forward.py \
   "$ROOT"/tests/ops/test_tensor_core_backward.py "$ROOT"/tests/ops/test_tensor_core_fading_backward.py \
   "$ROOT"/tests/ops/test_tensor_core_packed.py "$ROOT"/tests/ops/test_delta_rule_tensor_core.py \

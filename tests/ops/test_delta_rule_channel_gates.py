@@ -17,6 +17,7 @@ from linattn.delta_rule import l2_normalize
 from conftest import assert_close
 
 DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 3e-2, torch.float16: 5e-3}
 
 
@@ -44,7 +45,7 @@ def leaves(*tensors):
 
 def gradients(ins, out, S, seed=1):
     g = torch.Generator().manual_seed(seed)
-    d_out, d_S = torch.randn(out.shape, generator=g), torch.randn(S.shape, generator=g)
+    d_out, d_S = (torch.randn(x.shape, generator=g, dtype=torch.float64).to(x.device) for x in (out, S))
     return torch.autograd.grad((out.double() * d_out).sum() + (S.double() * d_S).sum(),
                                [t for t in ins if t is not None])
 
@@ -231,3 +232,18 @@ def test_bad_gate_shapes_raise_naming_them(implementation):
         linattn.delta_rule_attention(q, k, v, beta, gate=gate[..., :5])
     with pytest.raises(RuntimeError, match=r"log_gate must have shape \[2, 2, 6\] \(B, H, dk\)"):
         linattn.delta_rule_step(q[:, :, 0], k[:, :, 0], v[:, :, 0], beta[:, :, 0], gate=gate[:, :, 0, :5])
+
+
+@needs_gpu
+@pytest.mark.parametrize("backend", ["generic", "fused"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_tensors_match_the_recurrence(backend, dtype):
+    """On a GPU: per-channel gates run the device-generic path under either CUDA backend (the fused
+    one hands them over), forward and backward, T = 200 (four chunks), with states."""
+    q, k, v, beta, gate, S0 = (t.cuda() for t in make(B=2, H=3, T=200, dk=64, dv=32, dtype=dtype))
+    previous = linattn.cuda_backend()
+    linattn.set_cuda_backend(backend)
+    try:
+        assert_matches_reference(q, k, v, beta, gate, S0, True, TOL[dtype])
+    finally:
+        linattn.set_cuda_backend(previous)

@@ -1,6 +1,7 @@
 """The delta rule's fused decoding step on CUDA (csrc/delta_rule/step_kernel.h: a thread per value
 column), tested on any machine through its CPU emulation (_delta_rule_step_emulated runs the very
-column program each GPU thread runs) against the float64 formula, and on a GPU against both."""
+column program each GPU thread runs) against the float64 formula, and on a GPU against both; gates
+per head (Gated DeltaNet) or per key channel (KDA)."""
 import pytest
 import torch
 
@@ -19,23 +20,24 @@ def make(B, H, dk, dv, dtype, gated=True, seed=0):
     q, k = (torch.nn.functional.normalize(torch.randn(B, H, dk, generator=g), dim=-1).to(dtype) for _ in range(2))
     v = torch.randn(B, H, dv, generator=g).to(dtype)
     beta = torch.rand(B, H, generator=g).to(dtype)
-    gate = (-torch.rand(B, H, generator=g)).to(dtype) if gated else None
+    channels = (dk,) if gated == "per channel" else ()
+    gate = (-torch.rand(B, H, *channels, generator=g)).to(dtype) if gated else None
     state = torch.randn(B, H, dk, dv, generator=g)
     return q, k, v, beta, gate, state
 
 
 def formula(q, k, v, beta, gate, state, scale):
-    """S' = e^g S, S'' = S' + β k (v − S'ᵀk)ᵀ, out = scale · S''ᵀ q, in float64."""
+    """S' = Diag(e^g) S, S'' = S' + β k (v − S'ᵀk)ᵀ, out = scale · S''ᵀ q, in float64."""
     q, k, v, beta, S = q.double(), k.double(), v.double(), beta.double(), state.double()
-    if gate is not None:
-        S = S * gate.double().exp()[..., None, None]
+    if gate is not None:  # (B, H): the whole state; (B, H, dk): row by row
+        S = S * (gate.double().exp()[..., None] if gate.dim() == 3 else gate.double().exp()[..., None, None])
     predicted = torch.einsum("bhk,bhkv->bhv", k, S)
     S = S + k[..., :, None] * (beta[..., None] * (v - predicted))[..., None, :]
     return scale * torch.einsum("bhk,bhkv->bhv", q, S), S
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("gated", [True, False])
+@pytest.mark.parametrize("gated", [True, False, "per channel"])
 @pytest.mark.parametrize("dk, dv", [(1, 1), (16, 16), (37, 129), (128, 128), (64, 300)])
 def test_column_program_matches_the_formula(dtype, gated, dk, dv):
     q, k, v, beta, gate, state = make(2, 3, dk, dv, dtype, gated, seed=dk + dv)
@@ -70,8 +72,9 @@ def test_equals_the_cpu_kernel_and_refuses_float64():
 
 @needs_gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_cuda_kernel_matches_the_formula_and_the_emulation(dtype):
-    q, k, v, beta, gate, state = make(4, 8, 128, 200, dtype, seed=7)
+@pytest.mark.parametrize("gated", [True, "per channel"])
+def test_cuda_kernel_matches_the_formula_and_the_emulation(dtype, gated):
+    q, k, v, beta, gate, state = make(4, 8, 128, 200, dtype, gated, seed=7)
     cuda = [t.cuda() for t in (q, k, v, beta, gate, state)]
     out, new_state = torch.ops.linattn.delta_rule_step_fused(*cuda, 0.3)
     ref_out, ref_state = formula(q, k, v, beta, gate, state, 0.3)
