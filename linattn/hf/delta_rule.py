@@ -13,7 +13,13 @@ from .attention import _kernelized
 ATTRIBUTE = "linattn_delta_rule"
 _CORES = {"linattn_deltanet": DeltaNetMethod, "linattn_gated_deltanet": GatedDeltaNetMethod,
           "linattn_kda": KimiDeltaMethod}
-_ARGUMENTS = {"linattn_deltanet": ", gated=False", "linattn_gated_deltanet": "", "linattn_kda": ", per_channel=True"}
+
+
+def _use_arguments(core) -> str:
+    """The use_delta_rule arguments that attach `core` (a DeltaNetMethod class)."""
+    if not core.gated:
+        return ", gated=False"
+    return ", per_channel=True" if core.per_channel else ""
 
 
 def _delta_rule(name):
@@ -22,7 +28,8 @@ def _delta_rule(name):
         if not isinstance(core, _CORES[name]):
             raise ValueError(f"linattn.hf ({module.__class__.__name__}): attn_implementation={name!r} needs the layer's "
                              f"learned β{' and gate' if _CORES[name].gated else ''}: call "
-                             f"linattn.hf.use_delta_rule(model{_ARGUMENTS[name]}) (before building the optimizer)")
+                             f"linattn.hf.use_delta_rule(model{_use_arguments(_CORES[name])}) (before building the "
+                             "optimizer)")
         beta, gate = core.beta_and_gate(k, padding)  # a padded key neither writes nor fades the state
         return delta_rule_attention(q, k, v, beta, gate=gate, causal=causal, scale=core.scale, initial_state=initial_state,
                                     output_final_state=output_final_state, cu_seqlens=cu_seqlens)
