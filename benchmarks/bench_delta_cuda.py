@@ -1,9 +1,10 @@
-"""The delta rule (DeltaNet, Gated DeltaNet) on a CUDA GPU: linattn's tensor-core forward and
+"""The delta rule (DeltaNet, Gated DeltaNet, KDA) on a CUDA GPU: linattn's tensor-core forward and
 backward ("fused": the fused backend) and its device-generic path against
 flash-linear-attention's Triton chunk kernels when importable, with SDPA's causal flash softmax at
 the same shape as the yardstick users compare with; forward and forward+backward, medians of
 CUDA-event timings. Each row gives the forward's time over its memory floor (reading q, k, v, β,
-g and writing o once at the rate of a device-to-device copy measured in the same run) and its
+g — KDA's a gate per key channel — and writing o once at the rate of a device-to-device copy
+measured in the same run) and its
 tensor-core rate (the chunkwise algorithm's multiply-adds per chunk of 64: K Kᵀ, T·[K | V], W·S,
 Q Kᵀ, Q·S, P·u, Kᵀ·u).
 
@@ -23,31 +24,40 @@ from benchmarks.common import write_results
 CONFIGS = {(8, 16, 128): ([4096], [1024, 4096, 16384]), (1, 16, 128): ([16384], [4096, 16384, 65536])}
 
 
+KINDS = ("gated", "kda", "plain")  # a gate per token, per key channel (KDA), none
+
+
 def flash_linear_attention():
     try:
         from fla.ops.delta_rule import chunk_delta_rule  # flash-linear-attention, optional
         from fla.ops.gated_delta_rule import chunk_gated_delta_rule
     except ImportError:
         return None
-    return chunk_delta_rule, chunk_gated_delta_rule
+    try:
+        from fla.ops.kda import chunk_kda
+    except ImportError:  # (versions before KDA)
+        chunk_kda = None
+    return chunk_delta_rule, chunk_gated_delta_rule, chunk_kda
 
 
-def implementations(gated, fla):
+def implementations(kind, fla):
     def linattn_with(backend):
         def run(q, k, v, beta, g):
             linattn.set_cuda_backend(backend)
-            return linattn.delta_rule_attention(q, k, v, beta, gate=g if gated else None)
+            return linattn.delta_rule_attention(q, k, v, beta, gate=None if kind == "plain" else g)
         return run
 
     impls = {"fused": linattn_with("fused"), "generic": linattn_with("generic"),
              "sdpa": lambda q, k, v, beta, g: F.scaled_dot_product_attention(q, k, v, is_causal=True)}
-    if fla is not None:
-        plain, gated_rule = fla
+    if fla is not None and (kind != "kda" or fla[2] is not None):
+        plain, gated_rule, kda = fla
 
         def run_fla(q, k, v, beta, g):
             # (B, T, H, D) layouts; q and k L2-normalised inside the kernel, as linattn's default.
             q, k, v, beta = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), beta.transpose(1, 2)
-            if gated:
+            if kind == "kda":
+                return kda(q, k, v, g.transpose(1, 2), beta, use_qk_l2norm_in_kernel=True)[0]
+            if kind == "gated":
                 return gated_rule(q, k, v, g.transpose(1, 2), beta, use_qk_l2norm_in_kernel=True)[0]
             return plain(q, k, v, beta, use_qk_l2norm_in_kernel=True)[0]
         impls["fla"] = run_fla
@@ -70,18 +80,20 @@ def measure(args):
     previous_backend = linattn.cuda_backend()
     dtype = torch.bfloat16
     for (B, H, D), (quick_lengths, lengths) in CONFIGS.items():
-        for gated in (True, False):
+        for kind in KINDS:
             for T in quick_lengths if args.quick else lengths:
                 q, k, v = (torch.randn(B, H, T, D, device="cuda", dtype=dtype, requires_grad=True) for _ in range(3))
                 beta = torch.rand(B, H, T, device="cuda", dtype=dtype).requires_grad_()
-                g = (-0.05 * torch.rand(B, H, T, device="cuda")).to(dtype).requires_grad_()
+                channels = (D,) if kind == "kda" else ()
+                g = (-0.05 * torch.rand(B, H, T, *channels, device="cuda")).to(dtype).requires_grad_()
                 grad = torch.randn(B, H, T, D, device="cuda", dtype=dtype)
-                io_bytes = 4 * B * H * T * D * q.element_size() + 2 * B * H * T * beta.element_size()
+                io_bytes = 4 * B * H * T * D * q.element_size() + B * H * T * beta.element_size()
+                io_bytes += 0 if kind == "plain" else g.numel() * g.element_size()
                 floor_ms = io_bytes / bandwidth * 1e3
-                for name, fn in implementations(gated, fla).items():
-                    if name == "sdpa" and (T > args.sdpa_max_T or not gated):
+                for name, fn in implementations(kind, fla).items():
+                    if name == "sdpa" and (T > args.sdpa_max_T or kind != "gated"):
                         continue  # one softmax row per shape is enough
-                    row = dict(B=B, H=H, D=D, T=T, gated=gated, impl=name, floor_ms=floor_ms)
+                    row = dict(B=B, H=H, D=D, T=T, kind=kind, impl=name, floor_ms=floor_ms)
                     inputs = (q, k, v, beta, g)
                     if time_into(row, lambda: fn(*inputs),
                                  lambda: torch.autograd.grad(fn(*inputs), (q, k, v, beta), grad), reps):
@@ -101,7 +113,7 @@ def _format(row):
     else:
         times = (f"fwd {row['fwd_ms']:9.3f} ms  fwd+bwd {row['fwd_bwd_ms']:9.3f} ms  "
                  f"fwd/floor {row['fwd_vs_floor']:6.2f}x  {row.get('fwd_tflops', float('nan')):6.1f} TFLOP/s")
-    return (f"B={row['B']} H={row['H']} D={row['D']} T={row['T']:6d} {'gated' if row['gated'] else 'plain'} "
+    return (f"B={row['B']} H={row['H']} D={row['D']} T={row['T']:6d} {row['kind']:5s} "
             f"{row['impl']:8s} {times}")
 
 

@@ -57,12 +57,16 @@ def _flash_instance(m):
     return int(m.group(2)), int(m.group(2)), m.group(5) + (SINGLE_BUFFERED if m.group(3) == "1" else "")
 
 
+CHANNELS = " channels"  # the delta rule's instances for gates per key channel (KDA)
+
+
 def _delta_forward_instance(m):  # the keeping instance re-walks the state for the backward
-    return int(m.group(2)), int(m.group(3)), m.group(5) + (" keeping" if m.group(6) == "1" else "")
+    keeping = " keeping" if m.group(6) == "1" else ""
+    return int(m.group(2)), int(m.group(3)), m.group(5) + keeping + (CHANNELS if m.group(7) == "1" else "")
 
 
 def _delta_walk_instance(m):  # 64 value columns a block
-    return int(m.group(2)), 64, m.group(4)
+    return int(m.group(2)), 64, m.group(4) + (CHANNELS if m.group(5) == "1" else "")
 
 
 def _flash_backward_instance(m):
@@ -86,13 +90,15 @@ KERNELS = {
                    "instance": _linear_backward_instance, "threads": 256,
                    "shared": lambda dk, dv, *_: torch.ops.linattn._tensor_core_shared_bytes(dk, dv, True)},
     "delta": {"pattern": r"Function (\S*delta_tensor_core\S*delta_forward_kernelILi(\d+)ELi(\d+)EN3c10(\d+)(\w+?)"
-                         r"ELb([01])EEEv\S*):",
+                         r"ELb([01])ELb([01])EEEv\S*):",
               "instance": _delta_forward_instance, "threads": 256,
-              "shared": lambda dk, dv, *_: torch.ops.linattn._delta_tensor_core_shared_bytes(dk, dv)},
+              "shared": lambda dk, dv, label: torch.ops.linattn._delta_tensor_core_shared_bytes(
+                  dk, dv, False, CHANNELS in label)},
     "delta-bwd": {"pattern": r"Function (\S*delta_tensor_core\S*delta_backward_walk_kernelILi(\d+)EN3c10(\d+)(\w+?)"
-                             r"EEEv\S*):",
+                             r"ELb([01])EEEv\S*):",
                   "instance": _delta_walk_instance, "threads": 256,
-                  "shared": lambda dk, *_: torch.ops.linattn._delta_tensor_core_shared_bytes(dk, 64, True)},
+                  "shared": lambda dk, _, label: torch.ops.linattn._delta_tensor_core_shared_bytes(
+                      dk, 64, True, CHANNELS in label)},
     "flash": {"pattern": r"Function (\S*flash\S*forward_kernelILi(\d+)ELi(\d)EN3c10(\d+)(\w+?)EEEv\S*):",
               "instance": _flash_instance, "threads": 128, "shared": _flash_shared(False)},
     "flash-bwd": {"pattern": r"Function (\S*flash\S*backward_kernelINS0_\d+(KeyBlock|QueryBlock)"
@@ -178,20 +184,21 @@ def emulated_packed_figures(T, D, processors, cu=None):
             "backward_traffic_over_floor": (read + written) / (8 * 2 * T * D * 2)}
 
 
-def emulated_delta_figures(T, D, causal, processors):
-    """One delta-rule forward (Gated DeltaNet) at B=1 H=2 on an emulated GPU of `processors` SMs
-    (2: a block per head; 132: causal calls split into segments, two passes): traffic over its
-    floor (q, k, v, β, g read and o written once), wavefronts per ldmatrix matrix, and mma per
-    64-row chunk and head."""
+def emulated_delta_figures(T, D, causal, processors, per_channel=False):
+    """One delta-rule forward (Gated DeltaNet; per_channel: KDA, a gate per key channel) at B=1 H=2
+    on an emulated GPU of `processors` SMs (2: a block per head; 132: causal calls split into
+    segments, two passes): traffic over its floor (q, k, v, β, g read and o written once),
+    wavefronts per ldmatrix matrix, and mma per 64-row chunk and head."""
     os.environ["LINATTN_EMULATED_SMS"] = str(processors)
     q, k, v = (torch.randn(1, 2, T, D).bfloat16() for _ in range(3))
-    beta, gate = torch.rand(1, 2, T), -0.05 * torch.rand(1, 2, T)
+    beta, gate = torch.rand(1, 2, T), -0.05 * torch.rand(1, 2, T, *((D,) if per_channel else ()))
     torch.ops.linattn._reset_warp_emulation_counters()
     torch.ops.linattn.delta_rule_fwd_fused(q, k, v, beta, gate, None, None, causal, D ** -0.5, True)
     del os.environ["LINATTN_EMULATED_SMS"]
     mma, matrices, wavefronts, shuffles, read, written = torch.ops.linattn._warp_emulation_counters().tolist()
-    floor = 4 * 2 * T * D * 2 + 2 * 2 * T * 4
-    return {"T": T, "D": D, "causal": causal, "processors": processors, "mma": mma, "read_bytes": read,
+    floor = 4 * 2 * T * D * 2 + 2 * 2 * T * 4 + (2 * T * D * 4 if per_channel else 0)
+    return {"T": T, "D": D, "causal": causal, "processors": processors, "per_channel": per_channel, "mma": mma,
+            "read_bytes": read,
             "written_bytes": written,
             "traffic_over_floor": (read + written) / floor, "wavefronts_per_matrix": wavefronts / max(matrices, 1),
             "mma_per_chunk": mma / (2 * -(-T // 64))}
@@ -325,12 +332,13 @@ def main():
         kind = "a block per (sequence, head)" if e["processors"] == 1 else "132 SMs (long ones split)"
         print(f"  {documents}, {kind}: traffic {e['forward_traffic_over_floor']:.3f}x and "
               f"{e['backward_traffic_over_floor']:.3f}x their floors (above)")
-    delta = [emulated_delta_figures(T, 128, causal, processors) for processors, causal in
-             ((2, True), (2, False), (132, True))]
-    print(f"Emulated delta-rule forward (Gated DeltaNet), B=1 H=2 D=128 T={T} bf16 (floor = q, k, v, beta, g read "
-          f"+ o written once):")
+    delta = [emulated_delta_figures(T, 128, causal, processors, per_channel) for processors, causal in
+             ((2, True), (2, False), (132, True)) for per_channel in (False, True)]
+    print(f"Emulated delta-rule forward (Gated DeltaNet; KDA: a gate per key channel), B=1 H=2 D=128 T={T} bf16 "
+          f"(floor = q, k, v, beta, g read + o written once; KDA's g is (T, dk) fp32):")
     for e in delta:
         kind = "one block per head" if e["processors"] == 2 else "split for 132 SMs"
+        kind += ", KDA" if e["per_channel"] else ""
         print(f"  {'causal' if e['causal'] else 'full':>6}, {kind}: traffic {e['traffic_over_floor']:.3f}x the floor "
               f"(the final state's write above it), {e['wavefronts_per_matrix']:.2f} wavefronts per ldmatrix matrix, "
               f"{e['mma_per_chunk']:.0f} mma per chunk and head")
@@ -350,13 +358,13 @@ def main():
         print(f"Cubins: {why}")
     else:
         print("Compiled kernels (linear: forward_kernel<DK, DV, dtype, gated>; linear-bwd: query / "
-              "key_value_gradient_kernel<DK, DV, dtype, gated>; delta: delta_forward_kernel<DK, DV, dtype, keeping>; "
-              "delta-bwd: delta_backward_walk_kernel<DK, dtype>; flash: forward_kernel<D, buffers, dtype>, "
+              "key_value_gradient_kernel<DK, DV, dtype, gated>; delta: delta_forward_kernel<DK, DV, dtype, keeping, "
+              "channels>; delta-bwd: delta_backward_walk_kernel<DK, dtype, channels>; flash: forward_kernel<D, buffers, dtype>, "
               "backward_kernel<KeyBlock or QueryBlock<dtype, D, buffers>>):")
-        print(f"  {'kernel':9} {'arch':6} {'DK':>4} {'DV':>4} {'dtype':19} {'regs':>5} {'stack':>5} {'local':>5} "
+        print(f"  {'kernel':9} {'arch':6} {'DK':>4} {'DV':>4} {'dtype':25} {'regs':>5} {'stack':>5} {'local':>5} "
               f"{'HMMA':>5} {'SASS':>6} {'BSSY':>5} {'smem KiB':>8} {'H100 blocks/SM':>14}")
         for r in cubins:
-            print(f"  {r['kernel']:9} {r['arch']:6} {r['dk']:>4} {r['dv']:>4} {r['dtype']:19} {r['registers']:>5} "
+            print(f"  {r['kernel']:9} {r['arch']:6} {r['dk']:>4} {r['dv']:>4} {r['dtype']:25} {r['registers']:>5} "
                   f"{r['stack']:>5} "
                   f"{r['local']:>5} {r.get('hmma', '?'):>5} {r.get('instructions', '?'):>6} {r.get('bssy', '?'):>5} "
                   f"{r['shared_bytes'] / 1024:>8.1f} "

@@ -83,7 +83,7 @@ def delta_rule_attention(
     the fused chunkwise kernel, other devices the device-generic one (the same algorithm in ATen
     operations; with cu_seqlens it reads the offsets on the host). With the fused CUDA backend
     (linattn.set_cuda_backend("fused")) bf16/fp16 CUDA tensors with dk <= 128 run a tensor-core
-    forward and backward (docs/guide/cuda.md); per-channel gates run the device-generic path there.
+    forward and backward (docs/guide/cuda.md), per-channel gates included.
 
     Returns:
         out (B, H, T, dv) in q's dtype, or (out, final_state) when output_final_state.

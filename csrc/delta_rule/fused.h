@@ -28,13 +28,11 @@ using Forward = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::
                                                    const Optional&, bool, double, bool);
 
 // Whether the tensor-core forward takes a call: 16-bit inputs, key dim up to 128 (the state's
-// rows in registers), a block's shared memory that fits, and gates per token (per-channel gates
-// run the operator's other path).
+// rows in registers) and a block's shared memory that fits (gates per key channel add their G).
 inline bool takes(const at::Tensor& q, const at::Tensor& v, const Optional& log_gate, int64_t max_shared_bytes) {
   if (q.scalar_type() != at::kBFloat16 && q.scalar_type() != at::kHalf) return false;
-  if (per_channel_gates(log_gate)) return false;
   if (q.size(3) > 128 || !warp::tensor_cores_enabled()) return false;
-  return delta_tensor_core::shared_bytes_of(q.size(3), v.size(3)) <= max_shared_bytes;
+  return delta_tensor_core::shared_bytes_of(q.size(3), v.size(3), per_channel_gates(log_gate)) <= max_shared_bytes;
 }
 
 // What a walk keeps for the backward (DeltaForwardProblem::chunk_states and chunk_values,
@@ -69,10 +67,12 @@ void launch_call(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, 
     p.v_vector = warp::vector_rows<scalar_t>(v);
     p.beta = beta.const_data_ptr<float>();
     p.log_gate = data_or_null<float>(gate);
+    p.gate_per_channel = gate.defined() && gate.dim() == 4;
     p.state_in = data_or_null<float>(initial);
     p.state_out = final_state.mutable_data_ptr<float>();
     p.out = out != nullptr ? out->mutable_data_ptr<scalar_t>() : nullptr;
-    const int64_t width = tile_width > 0 ? tile_width : delta_tensor_core::value_tile_width(p.value_dim);
+    const int64_t width =
+        tile_width > 0 ? tile_width : delta_tensor_core::value_tile_width(p.value_dim, p.gate_per_channel);
     p.value_tiles = std::max<int64_t>(1, (p.value_dim + width - 1) / width);
     p.offsets = data_or_null<int32_t>(offsets);
     p.sequences = sequences;
@@ -156,10 +156,11 @@ std::optional<std::tuple<at::Tensor, at::Tensor>> forward(const at::Tensor& q, c
   const at::Tensor b = beta.to(at::kFloat).contiguous();
   const at::Tensor g = log_gate.has_value() ? log_gate->to(at::kFloat).contiguous() : at::Tensor();
   const at::Tensor initial = initial_state.has_value() ? initial_state->contiguous() : at::Tensor();
-  const int64_t width = delta_tensor_core::value_tile_width(dv);
+  const bool per_channel = per_channel_gates(log_gate);
+  const int64_t width = delta_tensor_core::value_tile_width(dv, per_channel);
   const int64_t segments =
       causal && !cu_seqlens.has_value() ? segments_for(B * H * ((dv + width - 1) / width), T, launch.processors()) : 1;
-  if (segments > 1 && delta_tensor_core::shared_bytes_of(dk, dk + dv) <= max_shared_bytes) {
+  if (segments > 1 && delta_tensor_core::shared_bytes_of(dk, dk + dv, per_channel) <= max_shared_bytes) {
     return split_forward(q, k, v, b, g, initial, scale, normalize_qk, segments, launch);
   }
   // Packed sequences: the offsets checked on the host (a copy, and a sync, for CUDA tensors, as

@@ -171,7 +171,7 @@ std::optional<Gradients> backward(const at::Tensor& grad_out, const Optional& gr
   const DeltaRuleSizes sizes = check_delta_rule_inputs(q, k, v, beta, log_gate, initial_state, cu_seqlens, scale);
   check_delta_rule_grads(grad_out, grad_final_state, q, v, sizes);
   if (!takes(q, v, log_gate, max_shared_bytes) ||
-      delta_tensor_core::walk_shared_bytes_of(q.size(3)) > max_shared_bytes) {
+      delta_tensor_core::walk_shared_bytes_of(q.size(3), per_channel_gates(log_gate)) > max_shared_bytes) {
     return std::nullopt;
   }
   ChunkLayout layout;

@@ -18,44 +18,55 @@ struct EmulatedLaunch {
   int64_t processors() const { return warp::emulated_processors(); }
   template <typename scalar_t>
   void operator()(const delta_tensor_core::DeltaForwardProblem<scalar_t>& p) const {
+    if (p.gate_per_channel) {
+      delta_tensor_core::with_key_dim(p.key_dim, [&](auto dk) {
+        forward_block<decltype(dk)::value, delta_tensor_core::kChannelValueTile, false, true>(p);
+      });
+      return;
+    }
     delta_tensor_core::with_head_dims(p.key_dim, p.value_dim, [&](auto dk, auto dv) {
-      constexpr int DK = decltype(dk)::value, DV = decltype(dv)::value;
-      warp::emulate_grid<delta_tensor_core::DeltaState<DK, DV>>(
-          delta_tensor_core::kWarps, p.blocks(), delta_tensor_core::DeltaLayout<DK, DV>::kBytes,
-          [&](const auto& exec, int64_t block) { delta_tensor_core::run_delta_forward_block<DK, DV>(exec, p, block); });
+      forward_block<decltype(dk)::value, decltype(dv)::value, false, false>(p);
     });
   }
   // The backward's two walks, 64 value columns a block: the forward's keeping instance and the
   // backward walk.
   template <typename scalar_t>
   void forward_keeping(const delta_tensor_core::DeltaForwardProblem<scalar_t>& p) const {
-    with_walk_key_dim(p, [&](auto dk) {
+    delta_tensor_core::with_key_dim(p.key_dim, [&](auto dk) {
       constexpr int DK = decltype(dk)::value, DV = delta_tensor_core::kWalkValueTile;
-      warp::emulate_grid<delta_tensor_core::DeltaState<DK, DV>>(
-          delta_tensor_core::kWarps, p.blocks(), delta_tensor_core::DeltaLayout<DK, DV>::kBytes,
-          [&](const auto& exec, int64_t block) {
-            delta_tensor_core::run_delta_forward_block<DK, DV, true>(exec, p, block);
-          });
+      if (p.gate_per_channel) {
+        forward_block<DK, DV, true, true>(p);
+      } else {
+        forward_block<DK, DV, true, false>(p);
+      }
     });
   }
   template <typename scalar_t>
   void backward_walk(const delta_tensor_core::DeltaForwardProblem<scalar_t>& p) const {
-    with_walk_key_dim(p, [&](auto dk) {
-      constexpr int DK = decltype(dk)::value;
-      warp::emulate_grid<delta_tensor_core::DeltaState<DK, delta_tensor_core::kWalkValueTile>>(
-          delta_tensor_core::kWarps, p.blocks(), delta_tensor_core::DeltaWalkLayout<DK>::kBytes,
-          [&](const auto& exec, int64_t block) {
-            delta_tensor_core::run_delta_backward_walk_block<DK>(exec, p, block);
-          });
+    delta_tensor_core::with_key_dim(p.key_dim, [&](auto dk) {
+      if (p.gate_per_channel) {
+        walk_block<decltype(dk)::value, true>(p);
+      } else {
+        walk_block<decltype(dk)::value, false>(p);
+      }
     });
   }
-  template <typename scalar_t, typename F>
-  static void with_walk_key_dim(const delta_tensor_core::DeltaForwardProblem<scalar_t>& p, F&& f) {
-    if (delta_tensor_core::padded_key_dim(p.key_dim) == 64) {
-      f(std::integral_constant<int, 64>{});
-    } else {
-      f(std::integral_constant<int, 128>{});
-    }
+
+  template <int DK, int DV, bool kKeep, bool kChannels, typename scalar_t>
+  static void forward_block(const delta_tensor_core::DeltaForwardProblem<scalar_t>& p) {
+    warp::emulate_grid<delta_tensor_core::DeltaState<DK, DV>>(
+        delta_tensor_core::kWarps, p.blocks(), delta_tensor_core::DeltaLayout<DK, DV, kChannels>::kBytes,
+        [&](const auto& exec, int64_t block) {
+          delta_tensor_core::run_delta_forward_block<DK, DV, kKeep, kChannels>(exec, p, block);
+        });
+  }
+  template <int DK, bool kChannels, typename scalar_t>
+  static void walk_block(const delta_tensor_core::DeltaForwardProblem<scalar_t>& p) {
+    warp::emulate_grid<delta_tensor_core::DeltaState<DK, delta_tensor_core::kWalkValueTile>>(
+        delta_tensor_core::kWarps, p.blocks(), delta_tensor_core::DeltaWalkLayout<DK, kChannels>::kBytes,
+        [&](const auto& exec, int64_t block) {
+          delta_tensor_core::run_delta_backward_walk_block<DK, kChannels>(exec, p, block);
+        });
   }
 };
 

@@ -4,7 +4,7 @@ gate (B, H, T, dk) fades row c of the state by e^{g_tc} before each delta update
 path (pairs in recursive halves) against the float64 per-token recurrence, forward and backward, at
 odd lengths around the chunk, every dtype, with states in and out; equal gates in every channel
 equal the per-token kernel; packed sequences; decoding steps (the ATen formula, the CPU step kernel,
-the CUDA step's emulation); the tensor-core operator's fallback; gradcheck, the step's opcheck
+the CUDA step's emulation); the tensor-core operator's float32 fallback; gradcheck, the step's opcheck
 (the operators' opcheck and compile: test_delta_rule.py);
 flash-linear-attention's naive KDA as an oracle when installed; errors naming the argument."""
 import pytest
@@ -184,11 +184,13 @@ def test_decoding_step_is_differentiable_in_the_gate():
     assert torch.autograd.gradcheck(lambda q, k, v, b, g, s: linattn.delta_rule_step(q, k, v, b, s, gate=g), args)
 
 
-def test_tensor_core_operator_hands_per_channel_gates_to_the_other_path():
-    """delta_rule_fwd_fused / _bwd_fused (here their CPU emulation) take per-token gates only;
-    per-channel gates run delta_rule_fwd / _bwd, with the same results."""
-    q, k, v, beta, gate, S0 = make(B=1, H=2, T=100, dk=16, dv=16, dtype=torch.bfloat16)
+def test_tensor_core_operator_hands_float32_per_channel_gates_to_the_other_path():
+    """delta_rule_fwd_fused / _bwd_fused (here their CPU emulation) take 16-bit inputs (per-channel
+    gates too: test_delta_rule_tensor_core_channel_gates.py); float32 runs delta_rule_fwd / _bwd,
+    with the same results."""
+    q, k, v, beta, gate, S0 = make(B=1, H=2, T=100, dk=16, dv=16, dtype=torch.float32)
     args = (q, k, v, beta, gate, S0, None, True, 0.25, True)
+    torch.ops.linattn._reset_warp_emulation_counters()
     fused = torch.ops.linattn.delta_rule_fwd_fused(*args)
     plain = torch.ops.linattn.delta_rule_fwd(*args)
     assert all(torch.equal(a, b) for a, b in zip(fused, plain))
@@ -196,6 +198,7 @@ def test_tensor_core_operator_hands_per_channel_gates_to_the_other_path():
     bwd = (grad_out, None, *args[:9], True)
     assert all(torch.equal(a, b) for a, b in zip(torch.ops.linattn.delta_rule_bwd_fused(*bwd),
                                                   torch.ops.linattn.delta_rule_bwd(*bwd)))
+    assert int(torch.ops.linattn._warp_emulation_counters()[0]) == 0
 
 
 def test_gradcheck(implementation):
@@ -238,8 +241,9 @@ def test_bad_gate_shapes_raise_naming_them(implementation):
 @pytest.mark.parametrize("backend", ["generic", "fused"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cuda_tensors_match_the_recurrence(backend, dtype):
-    """On a GPU: per-channel gates run the device-generic path under either CUDA backend (the fused
-    one hands them over), forward and backward, T = 200 (four chunks), with states."""
+    """On a GPU: per-channel gates under either CUDA backend (the fused one runs bf16 on the tensor
+    cores, float32 on the device-generic path), forward and backward, T = 200 (four chunks), with
+    states."""
     q, k, v, beta, gate, S0 = (t.cuda() for t in make(B=2, H=3, T=200, dk=64, dv=32, dtype=dtype))
     previous = linattn.cuda_backend()
     linattn.set_cuda_backend(backend)

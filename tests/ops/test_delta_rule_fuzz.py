@@ -133,8 +133,9 @@ def tensor_core_cases(draw):
     c["q"], c["k"] = (torch.randn(B, H, T, dk, generator=g, dtype=torch.float64) for _ in range(2))
     if c["S0"] is not None:
         c["S0"] = torch.randn(c["S0"].shape[0], H, dk, c["v"].shape[-1], generator=g, dtype=torch.float64)
-    if c["gate"] is not None and c["gate"].dim() == 4:  # the tensor cores take gates per token only
-        c["gate"] = c["gate"][..., 0].contiguous()
+    if c["gate"] is not None and c["gate"].dim() == 4:  # a gate per (new) key channel
+        strength = draw(st.sampled_from([0.01, 1.0, 30.0]))
+        c["gate"] = -torch.rand(B, H, T, dk, generator=g, dtype=torch.float64) * strength
     return c
 
 

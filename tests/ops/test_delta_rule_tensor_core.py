@@ -264,8 +264,9 @@ def test_opcheck_and_compile():
 def test_cubins_hold_tensor_core_instructions_and_no_local_memory():
     """The compiled kernels (sm_80 and sm_90, every head-dim and dtype instance) use mma.sync and
     no local memory: no register spills, no stack."""
-    # two architectures, two dtypes, four (DK, DV) instances and the backward's two keeping ones (DV = 64)
-    assert_tensor_cores_without_local_memory(compiled_kernel_rows("delta"), 2 * 2 * (4 + 2))
+    # two architectures, two dtypes, four (DK, DV) instances and the backward's two keeping ones (DV = 64),
+    # and for gates per key channel two forward and two keeping ones (DK = 64, 128; DV = 64)
+    assert_tensor_cores_without_local_memory(compiled_kernel_rows("delta"), 2 * 2 * (4 + 2 + 2 + 2))
 
 
 @needs_gpu

@@ -205,9 +205,9 @@ def test_opcheck_and_compile():
 
 
 def test_cubins_hold_tensor_core_instructions_and_no_local_memory():
-    """The compiled backward walks (sm_80 and sm_90, both dtypes, DK = 64 and 128) use mma.sync and
-    no local memory."""
-    assert_tensor_cores_without_local_memory(compiled_kernel_rows("delta-bwd"), 2 * 2 * 2)
+    """The compiled backward walks (sm_80 and sm_90, both dtypes, DK = 64 and 128, gates per token and
+    per key channel) use mma.sync and no local memory."""
+    assert_tensor_cores_without_local_memory(compiled_kernel_rows("delta-bwd"), 2 * 2 * 2 * 2)
 
 
 @needs_gpu

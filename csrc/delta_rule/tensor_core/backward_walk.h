@@ -13,6 +13,10 @@
 // buffers with grad_out in V's place, the gates, the normalisation and T = (I + A)⁻¹ with its
 // 16-bit form Tw = T diag(β e^G) (W = Tw K); dS lives in the accumulator registers as S does
 // there, its 16-bit copy in S's place. Shared memory adds Y = −Twᵀ du.
+//
+// Gates per key channel (kChannels; forward_block.h): du = (K ⊙ e^{G_last − G}) dS + scale ·
+// (Pᵀ ⊙ upper) dO with the pair weights P, dS ← Diag(e^{G_last}) dS + (K ⊙ e^G)ᵀ Y +
+// scale · (Q ⊙ e^G)ᵀ dO, and Tw = T diag(β) (W = Tw (K ⊙ e^G)).
 #pragma once
 
 #include "forward_block.h"
@@ -21,12 +25,13 @@
 namespace linattn {
 namespace delta_tensor_core {
 
-template <typename scalar_t, int DK>
-struct DeltaBackwardWalkBlock : DeltaForwardBlock<scalar_t, DK, kWalkValueTile, /*kKeep=*/true> {
-  using Base = DeltaForwardBlock<scalar_t, DK, kWalkValueTile, true>;
-  using L = DeltaWalkLayout<DK>;
+template <typename scalar_t, int DK, bool kChannels = false>
+struct DeltaBackwardWalkBlock : DeltaForwardBlock<scalar_t, DK, kWalkValueTile, /*kKeep=*/true, kChannels> {
+  using Base = DeltaForwardBlock<scalar_t, DK, kWalkValueTile, true, kChannels>;
+  using L = DeltaWalkLayout<DK, kChannels>;
   using Base::kColsPerHalf;
   using Base::half_tile;
+  using Base::gate_sum;
   using Base::p;
   using Base::row_value;
   using State = typename Base::State;  // dS: DeltaState<DK, 64>
@@ -44,6 +49,11 @@ struct DeltaBackwardWalkBlock : DeltaForwardBlock<scalar_t, DK, kWalkValueTile, 
     for (int ks = 0; ks < DK / 16; ++ks) {  // K_rb dS
       Fragment kf[4];
       warp::rows_as_a_operand(w, base + L::kK + rb * 16 * L::kQKPitch + ks * 32, L::kQKPitch, kf);
+      if constexpr (kChannels) {  // K ⊙ e^{G_last − G}
+        warp::scale_a_operand<scalar_t>(w, kf, [&](int r, int c) {
+          return warp::exp_of(gate_sum(w, kChunk - 1, ks * 16 + c) - gate_sum(w, rb * 16 + r, ks * 16 + c));
+        });
+      }
       LINATTN_UNROLL
       for (int j = 0; j < kColsPerHalf; ++j) {
         Fragment bf[2];
@@ -51,7 +61,7 @@ struct DeltaBackwardWalkBlock : DeltaForwardBlock<scalar_t, DK, kWalkValueTile, 
         warp::mma_16816<scalar_t>(du[j], kf, bf);
       }
     }
-    if (this->gated()) {
+    if (this->gated() && !kChannels) {
       warp::each_accumulator(w, du, [&](int r, int, float& x) { x *= row_value(w, L::kDecay, rb * 16 + r); });
     }
     if (p.causal) {
@@ -59,13 +69,17 @@ struct DeltaBackwardWalkBlock : DeltaForwardBlock<scalar_t, DK, kWalkValueTile, 
       Fragment scores[kChunk / 16][4];
       const bool gated = this->gated();
       const float scale = p.scale;
-      tensor_core::BackwardBlock<scalar_t, DK, kWalkValueTile>::template masked_scores<DK / 16>(
-          w, base + L::kK, L::kQKPitch, base + L::kQ, L::kQKPitch, /*reverse=*/true,
-          [&](int row, int col, float x) {
-            x *= scale;
-            return gated ? x * warp::exp_of(row_value(w, L::kG, col) - row_value(w, L::kG, row)) : x;
-          },
-          scores);
+      if constexpr (kChannels) {
+        channel_scores(w, base, scores);
+      } else {
+        tensor_core::BackwardBlock<scalar_t, DK, kWalkValueTile>::template masked_scores<DK / 16>(
+            w, base + L::kK, L::kQKPitch, base + L::kQ, L::kQKPitch, /*reverse=*/true,
+            [&](int row, int col, float x) {
+              x *= scale;
+              return gated ? x * warp::exp_of(row_value(w, L::kG, col) - row_value(w, L::kG, row)) : x;
+            },
+            scores);
+      }
       LINATTN_UNROLL
       for (int kk = 0; kk < kChunk / 16; ++kk) {
         if (kk < rb) continue;
@@ -78,6 +92,31 @@ struct DeltaBackwardWalkBlock : DeltaForwardBlock<scalar_t, DK, kWalkValueTile, 
       }
     }
     this->store_row_tiles(w, du, L::kU, 1.0f, start);
+  }
+
+  // Gates per key channel: the scores above as A fragments, scale · P_ji for the queries j >= i of
+  // key i, their pair weights by pair_block above the diagonal blocks and from diagonal_pairs' Dᵀ in
+  // them (masked_scores' order: a 16-column block at a time).
+  LINATTN_HD void channel_scores(const WarpContext& w, uint32_t base, Fragment (&scores)[kChunk / 16][4]) const {
+    const int rb = w.warp % 4;
+    LINATTN_UNROLL
+    for (int kk = 0; kk < kChunk / 16; ++kk) {
+      Accumulator sc[2][4];
+      warp::clear(w, sc);
+      if (kk > rb) this->pair_block(w, sc, 0, base + L::kK, rb, base + L::kQ, kk);
+      warp::each_accumulator(w, sc, [&](int r, int c, float& x) {
+        const int row = rb * 16 + r, col = kk * 16 + c;
+        if (col < row) {
+          x = 0.0f;
+        } else {
+          x = p.scale * (kk == rb ? Base::square(w, L::kA, col, row) : x);
+        }
+      });
+      Fragment block[1][4];
+      warp::as_a_fragments<scalar_t>(w, sc, block);
+      LINATTN_UNROLL
+      for (int i = 0; i < 4; ++i) scores[kk][i] = block[0][i];
+    }
   }
 
   // Rows 16·rb.. of Y = −Twᵀ du (Tw lower triangular: the blocks kk >= rb of du), 16-bit, to kY.
@@ -103,6 +142,14 @@ struct DeltaBackwardWalkBlock : DeltaForwardBlock<scalar_t, DK, kWalkValueTile, 
   // dS ← e^{G_last} dS + Kᵀ Y (+ scale · Qᵀ diag(e^G) dO, causal) over the chunk's `keys` rows.
   LINATTN_HD void update_gradient(const WarpContext& w, State& s, uint32_t base, int keys) const {
     this->fade_state(w, s);
+    if constexpr (kChannels) {  // (K ⊙ e^G)ᵀ Y + scale · (Q ⊙ e^G)ᵀ dO
+      const auto faded = [&](float multiplier) {
+        return [&w, multiplier](int row, int c) { return multiplier * warp::exp_of(gate_sum(w, row, c)); };
+      };
+      this->add_to_state_with(w, s, base + L::kK, true, faded(1.0f), L::kY, keys);
+      if (p.causal) this->add_to_state_with(w, s, base + L::kQ, true, faded(p.scale), base + L::kV, keys);
+      return;
+    }
     this->add_to_state(w, s, base + L::kK, Base::kNoFactors, 1.0f, L::kY, keys);
     if (p.causal) {
       this->add_to_state(w, s, base + L::kQ, this->gated() ? L::kExpG : Base::kNoFactors, p.scale, base + L::kV, keys);
@@ -112,10 +159,10 @@ struct DeltaBackwardWalkBlock : DeltaForwardBlock<scalar_t, DK, kWalkValueTile, 
 
 // The block program: dS from grad_final_state (state_in; zeros without one) through the chunks in
 // reverse, into grad_initial_state (state_out).
-template <int DK, typename scalar_t, typename Exec>
+template <int DK, bool kChannels = false, typename scalar_t, typename Exec>
 LINATTN_HD LINATTN_INLINE void run_delta_backward_walk_block(const Exec& exec, const DeltaForwardProblem<scalar_t>& p,
                                                              int64_t block) {
-  using Block = DeltaBackwardWalkBlock<scalar_t, DK>;
+  using Block = DeltaBackwardWalkBlock<scalar_t, DK, kChannels>;
   using State = DeltaState<DK, kWalkValueTile>;
   const Block blk(p, block);
   const int64_t chunks = blk.chunks();
@@ -136,7 +183,7 @@ LINATTN_HD LINATTN_INLINE void run_delta_backward_walk_block(const Exec& exec, c
       if (chunk > 0) blk.issue_chunk(w, step + 1, start - kChunk, p.causal, true);
       blk.load_gates(w, start, /*screen=*/false);
     });
-    prepare_chunk<State>(exec, blk, base, p.causal, /*screen=*/false);
+    prepare_chunk<State>(exec, blk, base, start, p.causal, /*screen=*/false);
     exec([&](const WarpContext& w, State&) { blk.pseudo_gradients(w, base, start); });
     exec([&](const WarpContext& w, State&) { blk.through_transform(w); });
     exec([&](const WarpContext& w, State& s) { blk.update_gradient(w, s, base, rows); });

@@ -1,4 +1,4 @@
-// The delta rule's tensor-core forward (DeltaNet, Gated DeltaNet; bf16 and fp16 inputs, fp32
+// The delta rule's tensor-core forward (DeltaNet, Gated DeltaNet, KDA; bf16 and fp16 inputs, fp32
 // accumulation), written once against the warp-operation layer (common/warp/) for the GPU and its
 // CPU emulation. The chunkwise algorithm of the CPU kernel (cpu_kernel_impl.h says it step by
 // step; docs/methods.md §11 derives it), on tensor cores:
@@ -25,10 +25,11 @@ namespace linattn {
 namespace delta_tensor_core {
 
 // kKeep: the backward's re-walk (fused_backward.h), keeping the state entering every chunk and u.
-template <int DK, int DV, bool kKeep = false, typename scalar_t, typename Exec>
+// kChannels: gates per key channel (forward_block.h says what changes).
+template <int DK, int DV, bool kKeep = false, bool kChannels = false, typename scalar_t, typename Exec>
 LINATTN_HD LINATTN_INLINE void run_delta_forward_block(const Exec& exec, const DeltaForwardProblem<scalar_t>& p,
                                                        int64_t block) {
-  using Block = DeltaForwardBlock<scalar_t, DK, DV, kKeep>;
+  using Block = DeltaForwardBlock<scalar_t, DK, DV, kKeep, kChannels>;
   using State = DeltaState<DK, DV>;
   const Block blk(p, block);
   const int64_t chunks = blk.chunks();
@@ -52,7 +53,7 @@ LINATTN_HD LINATTN_INLINE void run_delta_forward_block(const Exec& exec, const D
         if (chunk + 1 < chunks) blk.issue_chunk(w, chunk + 1, start + kChunk, outputs, true);
         blk.load_gates(w, start, /*screen=*/true);
       });
-      prepare_chunk<State>(exec, blk, base, outputs, /*screen=*/true);
+      prepare_chunk<State>(exec, blk, base, start, outputs, /*screen=*/true);
       exec([&](const WarpContext& w, State&) { blk.pseudo_values(w, base, start); });
       exec([&](const WarpContext& w, State& s) {
         if (outputs) blk.output(w, base, start, true);

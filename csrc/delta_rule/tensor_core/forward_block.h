@@ -5,6 +5,7 @@
 
 #include "problem.h"
 #include "../../linear_attention/tensor_core/forward_block.h"  // lower_scores
+#include "../../common/warp/operand_factors.h"
 #include "../../common/warp/scan.h"
 
 #include <cmath>
@@ -55,10 +56,12 @@ LINATTN_HD void each_block_element(const WarpContext& w, int count, const Elemen
 }
 
 // kKeep: the instance that keeps its walk for the backward (chunk_states, chunk_values), compiled
-// apart so that the plain forward's registers do not carry it.
-template <typename scalar_t, int DK, int DV, bool kKeep = false>
+// apart so that the plain forward's registers do not carry it. kChannels: the instance for gates
+// per key channel (Kimi Delta Attention; "gates per key channel" below says what changes).
+template <typename scalar_t, int DK, int DV, bool kKeep = false, bool kChannels = false>
 struct DeltaForwardBlock {
-  using L = DeltaLayout<DK, DV>;
+  using L = DeltaLayout<DK, DV, kChannels>;
+  static constexpr bool kPerChannel = kChannels;
   using State = DeltaState<DK, DV>;
   static constexpr int kColsPerHalf = DV / 16;  // value n8 tiles per warp (two warps per row block)
 
@@ -128,6 +131,8 @@ struct DeltaForwardBlock {
   // The chunk's β, G = cumulative log-gates, e^G and e^{G_last − G} (warp 0; rows past the end
   // have β = 0 and g = 0, so they change nothing and G_last is the last row's). With `screen` (the
   // forward), a row whose β or g is Inf or NaN is flagged and takes β = g = 0 (screen_rows says why).
+  // Gates per key channel leave these rows' g at 0 (e^G = 1: T's forms fold in β alone) and load
+  // their own (load_channel_gates).
   LINATTN_HD void load_gates(const WarpContext& w, int64_t start, bool screen) const {
     if (w.warp != 0) return;
     const int64_t first = token0 + start;
@@ -138,7 +143,7 @@ struct DeltaForwardBlock {
         const bool valid = start + lane + 32 * half < rows;
         const int64_t at = first + lane + 32 * half;
         beta[half][lane] = valid ? warp::load_global(w, p.beta + at) : 0.0f;
-        g[half][lane] = valid && gated() ? warp::load_global(w, p.log_gate + at) : 0.0f;
+        g[half][lane] = valid && gated() && !kChannels ? warp::load_global(w, p.log_gate + at) : 0.0f;
         if (!screen) continue;
         const bool bad = !finite_float(beta[half][lane]) || !finite_float(g[half][lane]);
         warp::store_shared<uint8_t>(w, static_cast<uint32_t>(L::kRowFlags + lane + 32 * half), bad ? 1 : 0);
@@ -155,6 +160,96 @@ struct DeltaForwardBlock {
         warp::store_shared<float>(w, L::kExpG + at, gated() ? exp_of(g[half][lane]) : 1.0f);
         warp::store_shared<float>(w, L::kDecay + at, gated() ? exp_of(total[lane] - g[half][lane]) : 1.0f);
       }
+    });
+  }
+
+  // --- gates per key channel (kChannels) --------------------------------------------------------
+  // Row c of the state forgets at its own rate, so the chunk's G is a matrix, G_rc = g_0c + … + g_rc
+  // (fp32 in shared memory), and each factor the per-token kernel applies to a product's rows moves
+  // inside the product as an operand's elementwise factor (operand_factors.h): e^G ⊙ Q for Q S0,
+  // K ⊙ e^G for W = Tu (K ⊙ e^G), K ⊙ e^{G_last − G} for the state's update, S0's row c faded by
+  // e^{G_last,c}; and the pair weights Σ_c x_ic y_jc e^{G_ic − G_jc} of A and of the scores on tensor
+  // cores between 16-row blocks (pair_block), in fp32 within them (diagonal_pairs). Where the
+  // log-gates are <= 0 (logs of forget gates) no factor exceeds 1: no 16-bit operand overflows.
+
+  LINATTN_HD static float gate_sum(const WarpContext& w, int r, int c) {
+    return warp::load_shared<float>(w, static_cast<uint32_t>(L::kGates + (r * L::kGatePitch + c) * 4));
+  }
+
+  // G for the chunk's rows from `start` of the sequence: threads 0 .. DK − 1 take a channel each
+  // down the rows (zeros past the sequence and the key dim). With `screen` (the forward), a row with
+  // an Inf or NaN gate is flagged and its gate taken as 0, as load_gates does for β.
+  LINATTN_HD void load_channel_gates(const WarpContext& w, int64_t start, bool screen) const {
+    if (!kChannels || w.warp * warp::kWarpSize >= DK) return;
+    warp::for_lanes(w, [&](int lane) {
+      const int c = w.warp * warp::kWarpSize + lane;
+      const float* gates = p.log_gate + (token0 + start) * p.key_dim + c;
+      const int64_t left = rows - start;
+      const int valid = c < p.key_dim ? static_cast<int>(left < kChunk ? left : kChunk) : 0;
+      float total = 0.0f;
+      for (int r = 0; r < kChunk; ++r) {
+        float g = r < valid ? warp::load_global(w, gates + r * p.key_dim) : 0.0f;
+        if (screen && !finite_float(g)) {
+          warp::store_shared<uint8_t>(w, static_cast<uint32_t>(L::kRowFlags + r), 1);
+          g = 0.0f;
+        }
+        total += g;
+        warp::store_shared<float>(w, static_cast<uint32_t>(L::kGates + (r * L::kGatePitch + c) * 4), total);
+      }
+    });
+  }
+
+  // Σ_c x_c y_c e^{G_xc − G_yc} over the key channels, x row xr of the 16-bit rows at `x`, y row yr
+  // at `y` (pitch kQKPitch), in fp32 with an exponential per channel: within a 16-row block a split
+  // through a reference row would leave one factor above 1, without bound.
+  LINATTN_HD float pair_weight(const WarpContext& w, uint32_t x, int xr, uint32_t y, int yr) const {
+    float sum = 0.0f;
+    for (int c = 0; c < p.key_dim; c += 2) {  // (an odd key dim's last pair: a zero column, G = 0)
+      const uint32_t xs = warp::load_shared<uint32_t>(w, x + static_cast<uint32_t>(xr * L::kQKPitch + c * 2));
+      const uint32_t ys = warp::load_shared<uint32_t>(w, y + static_cast<uint32_t>(yr * L::kQKPitch + c * 2));
+      sum += warp::unpack_lo<scalar_t>(xs) * warp::unpack_lo<scalar_t>(ys) *
+             exp_of(gate_sum(w, xr, c) - gate_sum(w, yr, c));
+      sum += warp::unpack_hi<scalar_t>(xs) * warp::unpack_hi<scalar_t>(ys) *
+             exp_of(gate_sum(w, xr, c + 1) - gate_sum(w, yr, c + 1));
+    }
+    return sum;
+  }
+
+  // acc's tiles first, first + 1 (rows 16·mb.. of the rows at `m` × rows 16·nb.. of the rows at `n`)
+  // += the pair weights Σ_c m_ic n_jc e^{G_later,c − G_earlier,c} of two different 16-row blocks, on
+  // tensor cores: split through the later block's first row r, the later rows times e^{G − G_r} and
+  // the earlier times e^{G_r − G}, each factor <= 1.
+  template <int kTiles>
+  LINATTN_HD void pair_block(const WarpContext& w, Accumulator (&acc)[kTiles][4], int first, uint32_t m, int mb,
+                             uint32_t n, int nb) const {
+    const int ref = (mb > nb ? mb : nb) * 16;
+    const float m_sign = mb > nb ? 1.0f : -1.0f;  // the m rows' factor is e^{m_sign (G − G_r)}
+    LINATTN_NO_UNROLL  // (the key steps rolled: registers, not instructions, bound these kernels)
+    for (int ks = 0; ks < DK / 16; ++ks) {
+      Fragment a[4];
+      warp::rows_as_a_operand(w, m + mb * 16 * L::kQKPitch + ks * 32, L::kQKPitch, a);
+      warp::scale_a_operand<scalar_t>(w, a, [&](int r, int c) {
+        return exp_of(m_sign * (gate_sum(w, mb * 16 + r, ks * 16 + c) - gate_sum(w, ref, ks * 16 + c)));
+      });
+      LINATTN_UNROLL
+      for (int half = 0; half < 2; ++half) {
+        Fragment bf[2];
+        warp::rows_as_b_operand_transposed(w, n + (nb * 16 + half * 8) * L::kQKPitch + ks * 32, L::kQKPitch, bf);
+        warp::scale_b_operand<scalar_t>(w, bf, [&](int c, int j) {
+          return exp_of(m_sign * (gate_sum(w, ref, ks * 16 + c) - gate_sum(w, nb * 16 + half * 8 + j, ks * 16 + c)));
+        });
+        warp::mma_16816<scalar_t>(acc[first + half], a, bf);
+      }
+    }
+  }
+
+  // The diagonal blocks of the causal scores' pair weights, D_ij = Σ_c q_ic k_jc e^{G_ic − G_jc} for
+  // j <= i in the same 16-row block (0 elsewhere in the block), to A's square (free once the
+  // doubling has read A): the forward's output reads D, the backward walk Dᵀ.
+  LINATTN_HD void diagonal_pairs(const WarpContext& w, uint32_t base) const {
+    each_block_element(w, kChunk * 16, [&](int e) {
+      const int row = e / 16, col = row / 16 * 16 + e % 16;
+      set_square(w, L::kA, row, col, col <= row ? pair_weight(w, base + L::kQ, row, base + L::kK, col) : 0.0f);
     });
   }
 
@@ -260,24 +355,38 @@ struct DeltaForwardBlock {
   // of the right-hand sides: Tw = T diag(β e^G) (W = Tw K), Tu = T diag(β) (U = Tu V).
 
   // A's blocks (rb, cb), cb <= rb: warp w takes row block w % 4 and column blocks w / 4, w / 4 + 2.
+  // Gates per key channel: the blocks below the diagonal as pair_block's, the diagonal ones' pair
+  // weights in fp32 by every thread.
   LINATTN_HD void key_products(const WarpContext& w, uint32_t base) const {
     const int rb = w.warp % 4;
+    if constexpr (kChannels) {
+      each_block_element(w, kChunk * 16, [&](int e) {
+        const int row = e / 16, col = row / 16 * 16 + e % 16;
+        const float x = col < row ? row_value(w, L::kBeta, row) * pair_weight(w, base + L::kK, row, base + L::kK, col)
+                                  : 0.0f;
+        set_square(w, L::kA, row, col, x);
+      });
+    }
     LINATTN_UNROLL
     for (int pick = 0; pick < 2; ++pick) {
       const int cb = w.warp / 4 + 2 * pick;
-      if (cb > rb) continue;
+      if (cb > rb || (kChannels && cb == rb)) continue;
       Accumulator acc[2][4];
       warp::clear(w, acc);
-      LINATTN_UNROLL
-      for (int ks = 0; ks < DK / 16; ++ks) {
-        Fragment a[4];
-        warp::rows_as_a_operand(w, base + L::kK + rb * 16 * L::kQKPitch + ks * 32, L::kQKPitch, a);
+      if constexpr (kChannels) {
+        pair_block(w, acc, 0, base + L::kK, rb, base + L::kK, cb);
+      } else {
         LINATTN_UNROLL
-        for (int n = 0; n < 2; ++n) {
-          Fragment bf[2];
-          warp::rows_as_b_operand_transposed(w, base + L::kK + (cb * 16 + n * 8) * L::kQKPitch + ks * 32,
-                                             L::kQKPitch, bf);
-          warp::mma_16816<scalar_t>(acc[n], a, bf);
+        for (int ks = 0; ks < DK / 16; ++ks) {
+          Fragment a[4];
+          warp::rows_as_a_operand(w, base + L::kK + rb * 16 * L::kQKPitch + ks * 32, L::kQKPitch, a);
+          LINATTN_UNROLL
+          for (int n = 0; n < 2; ++n) {
+            Fragment bf[2];
+            warp::rows_as_b_operand_transposed(w, base + L::kK + (cb * 16 + n * 8) * L::kQKPitch + ks * 32,
+                                               L::kQKPitch, bf);
+            warp::mma_16816<scalar_t>(acc[n], a, bf);
+          }
         }
       }
       warp::each_accumulator(w, acc, [&](int r, int c, float& kk_product) {
@@ -285,7 +394,7 @@ struct DeltaForwardBlock {
         float x = 0.0f;
         if (col < row) {
           x = row_value(w, L::kBeta, row) * kk_product;
-          if (gated()) x *= exp_of(row_value(w, L::kG, row) - row_value(w, L::kG, col));
+          if (gated() && !kChannels) x *= exp_of(row_value(w, L::kG, row) - row_value(w, L::kG, col));
         }
         set_square(w, L::kA, row, col, x);
       });
@@ -405,6 +514,11 @@ struct DeltaForwardBlock {
         for (int n = 0; n < 2; ++n) {
           Fragment bf[2];
           warp::rows_as_b_operand(w, base + L::kK + kk * 16 * L::kQKPitch + (ks * 16 + n * 8) * 2, L::kQKPitch, bf);
+          if constexpr (kChannels) {  // W = Tu (K ⊙ e^G)
+            warp::scale_b_operand<scalar_t>(w, bf, [&](int r, int c) {
+              return exp_of(gate_sum(w, kk * 16 + r, ks * 16 + n * 8 + c));
+            });
+          }
           warp::mma_16816<scalar_t>(wk[n], a, bf);
         }
       }
@@ -486,15 +600,27 @@ struct DeltaForwardBlock {
     store_state_to(w, s, p.chunk_states + index * p.key_dim * p.value_dim + col0);
   }
 
-  // S1 = e^{G_last} S0 + Kᵀ diag(e^{G_last − G}) u over the chunk's keys (`keys` of them hold data).
+  // S1 = e^{G_last} S0 + Kᵀ diag(e^{G_last − G}) u over the chunk's keys (`keys` of them hold data);
+  // gates per key channel: Diag(e^{G_last}) S0 + (K ⊙ e^{G_last − G})ᵀ u.
   LINATTN_HD void update_state(const WarpContext& w, State& s, uint32_t base, int keys) const {
     fade_state(w, s);
-    add_to_state(w, s, base + L::kK, gated() ? L::kDecay : kNoFactors, 1.0f, L::kU, keys);
+    if constexpr (kChannels) {
+      add_to_state_with(w, s, base + L::kK, true, [&](int row, int c) {
+        return exp_of(gate_sum(w, kChunk - 1, c) - gate_sum(w, row, c));
+      }, L::kU, keys);
+    } else {
+      add_to_state(w, s, base + L::kK, gated() ? L::kDecay : kNoFactors, 1.0f, L::kU, keys);
+    }
   }
 
-  // A gated state, before the chunk's rows join it: state ×= e^{G_last}.
+  // A gated state, before the chunk's rows join it: state ×= e^{G_last} (per key channel: row c of
+  // the state ×= e^{G_last,c}).
   LINATTN_HD void fade_state(const WarpContext& w, State& s) const {
     if (!gated()) return;
+    if constexpr (kChannels) {
+      s.each_element(w, [&](bool, int row, int, float& x) { x *= exp_of(gate_sum(w, kChunk - 1, row)); });
+      return;
+    }
     const float fade = row_value(w, L::kExpG, kChunk - 1);
     s.each_element(w, [&](bool, int, int, float& x) { x *= fade; });
   }
@@ -507,25 +633,24 @@ struct DeltaForwardBlock {
   LINATTN_HD void add_to_state(const WarpContext& w, State& s, uint32_t x, int factors, float multiplier,
                                uint32_t y, int keys) const {
     const bool scaled = factors != kNoFactors || multiplier != 1.0f;
+    add_to_state_with(w, s, x, scaled, [&](int row, int) {
+      return factors == kNoFactors ? multiplier : multiplier * row_value(w, factors, row);
+    }, y, keys);
+  }
+
+  // The same with Xᵀ's element (channel c, chunk row r) times factor(r, c) where `scaled`.
+  template <typename Factor>
+  LINATTN_HD void add_to_state_with(const WarpContext& w, State& s, uint32_t x, bool scaled, const Factor& factor,
+                                    uint32_t y, int keys) const {
     for (int kk = 0; kk * 16 < keys; ++kk) {
       LINATTN_UNROLL
       for (int r = 0; r < State::kRowTilesPerWarp; ++r) {
         int mi = 0, ni = 0;
         State::tile(w.warp, r * State::kColsPerWarp, mi, ni);
-        Fragment a[4];  // Xᵀ: its columns mi·16.. (rows) × chunk rows kk·16.. (columns), scaled per column
+        Fragment a[4];  // Xᵀ: its columns mi·16.. (rows) × chunk rows kk·16.. (columns)
         warp::rows_as_a_operand_transposed(w, x + kk * 16 * L::kQKPitch + mi * 32, L::kQKPitch, a);
         if (scaled) {
-          warp::for_lanes(w, [&](int lane) {
-            const int t = warp::thread_in_group(lane);
-            LINATTN_UNROLL
-            for (int i = 0; i < 4; ++i) {
-              const int col = kk * 16 + 2 * t + 8 * (i / 2);
-              const float lo = warp::unpack_lo<scalar_t>(a[i][lane]), hi = warp::unpack_hi<scalar_t>(a[i][lane]);
-              const float f_lo = factors == kNoFactors ? multiplier : multiplier * row_value(w, factors, col);
-              const float f_hi = factors == kNoFactors ? multiplier : multiplier * row_value(w, factors, col + 1);
-              a[i][lane] = warp::pack<scalar_t>(lo * f_lo, hi * f_hi);
-            }
-          });
+          warp::scale_a_operand<scalar_t>(w, a, [&](int r, int c) { return factor(kk * 16 + c, mi * 16 + r); });
         }
         LINATTN_UNROLL
         for (int c = 0; c < State::kColsPerWarp; ++c) {
@@ -542,8 +667,10 @@ struct DeltaForwardBlock {
   // --- the output ------------------------------------------------------------------------------
 
   // The chunk's output rows 16·rb.. (from `start` of the sequence) for the warp's half of the value
-  // columns (warp w: rb = w % 4, half w / 4): causal, scale · (diag(e^G) Q S0 + (Q Kᵀ ⊙ Γ ⊙ lower) u);
-  // non-causal (the state copy holds the final state), scale · Q S.
+  // columns (warp w: rb = w % 4, half w / 4): causal, scale · (diag(e^G) Q S0 + (Q Kᵀ ⊙ Γ ⊙ lower) u)
+  // (per key channel: scale · ((Q ⊙ e^G) S0 + P u), P the pair weights, below the diagonal blocks
+  // by pair_block, in them diagonal_pairs'); non-causal (the state copy holds the final state),
+  // scale · Q S.
   LINATTN_HD void output(const WarpContext& w, uint32_t base, int64_t start, bool causal) const {
     const int rb = w.warp % 4, ch = w.warp / 4;
     const int64_t first = start + rb * 16;  // of the sequence
@@ -551,12 +678,22 @@ struct DeltaForwardBlock {
     Fragment scores[kChunk / 16][4];  // A fragments of the masked, decayed scores, 16 keys each
     if (causal) {
       Accumulator sc[kChunk / 8][4];
-      tensor_core::lower_scores<scalar_t, DK>(w, base + L::kQ, base + L::kK, L::kQKPitch, rb, sc);
+      if constexpr (kChannels) {
+        warp::clear(w, sc);
+        LINATTN_UNROLL
+        for (int kk = 0; kk < kChunk / 16; ++kk) {
+          if (kk < rb) pair_block(w, sc, 2 * kk, base + L::kQ, rb, base + L::kK, kk);
+        }
+      } else {
+        tensor_core::lower_scores<scalar_t, DK>(w, base + L::kQ, base + L::kK, L::kQKPitch, rb, sc);
+      }
       warp::each_accumulator(w, sc, [&](int r, int key, float& x) {
         const int row = rb * 16 + r;
         if (key > row) {
           x = 0.0f;
-        } else if (gated()) {
+        } else if (kChannels && key >= rb * 16) {
+          x = square(w, L::kA, row, key);
+        } else if (gated() && !kChannels) {
           x *= exp_of(row_value(w, L::kG, row) - row_value(w, L::kG, key));
         }
       });
@@ -564,19 +701,30 @@ struct DeltaForwardBlock {
     }
     Accumulator o[kColsPerHalf][4];
     warp::clear(w, o);
-    LINATTN_UNROLL
-    for (int ks = 0; ks < DK / 16; ++ks) {
+    const auto times_state = [&](int ks) {
       Fragment qf[4];
       warp::rows_as_a_operand(w, base + L::kQ + rb * 16 * L::kQKPitch + ks * 32, L::kQKPitch, qf);
+      if (kChannels && causal) {  // e^G ⊙ Q
+        warp::scale_a_operand<scalar_t>(w, qf, [&](int r, int c) {
+          return exp_of(gate_sum(w, rb * 16 + r, ks * 16 + c));
+        });
+      }
       LINATTN_UNROLL
       for (int j = 0; j < kColsPerHalf; ++j) {
         Fragment bf[2];
         state_fragment(w, ks, half_tile(ch, j), bf);
         warp::mma_16816<scalar_t>(o[j], qf, bf);
       }
+    };
+    if constexpr (kChannels) {
+      LINATTN_NO_UNROLL  // (rolled: the factors' registers)
+      for (int ks = 0; ks < DK / 16; ++ks) times_state(ks);
+    } else {
+      LINATTN_UNROLL
+      for (int ks = 0; ks < DK / 16; ++ks) times_state(ks);
     }
     if (causal) {
-      if (gated()) {
+      if (gated() && !kChannels) {
         warp::each_accumulator(w, o, [&](int r, int, float& x) { x *= row_value(w, L::kExpG, rb * 16 + r); });
       }
       LINATTN_UNROLL
@@ -614,21 +762,33 @@ struct DeltaForwardBlock {
   }
 };
 
-// The phases that prepare a chunk once its rows have landed (Block: the forward's block or the
-// backward walk's): with `screen` (the forward) its K and V rows screened for Inf and NaN, q
-// (want_q) and k rows normalised with normalize_qk, then the UT transform — A, T's diagonal blocks
-// (and the first flagged row), the doubling's four products.
+// The phases that prepare a chunk (its rows from `start` of the sequence) once its rows have landed
+// (Block: the forward's block or the backward walk's): with `screen` (the forward) its K and V rows
+// screened for Inf and NaN, gates per key channel loaded, q (want_q) and k rows normalised with
+// normalize_qk, then the UT transform — A, T's diagonal blocks (and the first flagged row), the
+// doubling's four products (per key channel, with the last, the diagonal blocks of the scores'
+// pair weights where q is wanted).
 template <typename State, typename Block, typename Exec>
-LINATTN_HD LINATTN_INLINE void prepare_chunk(const Exec& exec, const Block& blk, uint32_t base, bool want_q,
-                                             bool screen) {
-  if (screen) exec([&](const WarpContext& w, State&) { blk.screen_rows(w, base); });
+LINATTN_HD LINATTN_INLINE void prepare_chunk(const Exec& exec, const Block& blk, uint32_t base, int64_t start,
+                                             bool want_q, bool screen) {
+  if (screen || Block::kPerChannel) {
+    exec([&](const WarpContext& w, State&) {
+      if (screen) blk.screen_rows(w, base);
+      blk.load_channel_gates(w, start, screen);
+    });
+  }
   if (blk.p.normalize_qk) exec([&](const WarpContext& w, State&) { blk.normalize_rows(w, base, want_q, true); });
   exec([&](const WarpContext& w, State&) { blk.key_products(w, base); });
   exec([&](const WarpContext& w, State&) {
     blk.invert_diagonal_blocks(w);
     if (screen) blk.find_first_bad_row(w);
   });
-  for (int step = 0; step < 4; ++step) exec([&](const WarpContext& w, State&) { blk.inverse_step(w, step); });
+  for (int step = 0; step < 4; ++step) {
+    exec([&](const WarpContext& w, State&) {
+      blk.inverse_step(w, step);
+      if (Block::kPerChannel && want_q && step == 3) blk.diagonal_pairs(w, base);
+    });
+  }
 }
 
 }  // namespace delta_tensor_core

@@ -1,54 +1,32 @@
-// The delta rule's tensor-core forward (forward.h) as a CUDA kernel: one block of 8 warps per
-// (batch, head, value tile), the block program's phases separated by __syncthreads().
-#include "forward.h"
-#include "launch.h"
-#include "../../common/warp/device_block.h"
-
-#include <c10/cuda/CUDAException.h>
+// The delta rule's tensor-core forward (forward.h) on CUDA, gates per token or none; calls with
+// gates per key channel go to channel_cuda_kernels.cu's instances.
+#include "kernels.cuh"
 
 namespace linattn {
 namespace delta_tensor_core {
-namespace {
-
-template <int DK, int DV, typename scalar_t, bool kKeep>
-__global__ void __launch_bounds__(kThreads, 1) delta_forward_kernel(const DeltaForwardProblem<scalar_t> p) {
-#if defined(__CUDA_ARCH__)  // (the host pass of nvcc sees the host WarpContext, without a lane)
-  extern __shared__ __align__(16) unsigned char shared[];
-  const warp::WarpContext context = warp::this_warp(shared);
-  DeltaState<DK, DV> state;
-  run_delta_forward_block<DK, DV, kKeep>(warp::DeviceBlock<DeltaState<DK, DV>>{context, state}, p,
-                                  static_cast<int64_t>(blockIdx.x));
-#endif
-}
-
-template <int DK, int DV, bool kKeep = false, typename scalar_t>
-void launch_dims(const DeltaForwardProblem<scalar_t>& p, cudaStream_t stream) {
-  constexpr int bytes = DeltaLayout<DK, DV>::kBytes;
-  // Above 48 KiB a kernel must opt in to its dynamic shared memory.
-  C10_CUDA_CHECK(cudaFuncSetAttribute(delta_forward_kernel<DK, DV, scalar_t, kKeep>,
-                                      cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
-  delta_forward_kernel<DK, DV, scalar_t, kKeep>
-      <<<static_cast<unsigned int>(p.blocks()), kThreads, bytes, stream>>>(p);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
-}  // namespace
 
 template <typename scalar_t>
 void launch_forward(const DeltaForwardProblem<scalar_t>& p, cudaStream_t stream) {
   if (p.blocks() == 0) return;
-  with_head_dims(p.key_dim, p.value_dim,
-                 [&](auto dk, auto dv) { launch_dims<decltype(dk)::value, decltype(dv)::value>(p, stream); });
+  if (p.gate_per_channel) {
+    launch_channel_forward(p, /*keep=*/false, stream);
+    return;
+  }
+  with_head_dims(p.key_dim, p.value_dim, [&](auto dk, auto dv) {
+    launch_forward_dims<decltype(dk)::value, decltype(dv)::value, false, false>(p, stream);
+  });
 }
 
 template <typename scalar_t>
 void launch_forward_keeping(const DeltaForwardProblem<scalar_t>& p, cudaStream_t stream) {
   if (p.blocks() == 0) return;
-  if (padded_key_dim(p.key_dim) == 64) {
-    launch_dims<64, kWalkValueTile, true>(p, stream);
-  } else {
-    launch_dims<128, kWalkValueTile, true>(p, stream);
+  if (p.gate_per_channel) {
+    launch_channel_forward(p, /*keep=*/true, stream);
+    return;
   }
+  with_key_dim(p.key_dim, [&](auto dk) {
+    launch_forward_dims<decltype(dk)::value, kWalkValueTile, true, false>(p, stream);
+  });
 }
 
 // Each 16-bit type in its own translation unit, so that a parallel build compiles the two at

@@ -1,6 +1,6 @@
-// The delta rule's tensor-core launchers (forward_cuda_kernels.cu, backward_walk_cuda_kernels.cu),
-// declared with no CUDA header beyond the runtime's stream type, so host code compiled without
-// nvcc can call them.
+// The delta rule's tensor-core launchers (forward_cuda_kernels.cu, backward_walk_cuda_kernels.cu,
+// channel_cuda_kernels.cu), declared with no CUDA header beyond the runtime's stream type, so host
+// code compiled without nvcc can call them.
 #pragma once
 
 #include "problem.h"
@@ -24,6 +24,13 @@ void launch_forward_keeping(const DeltaForwardProblem<scalar_t>& p, cudaStream_t
 // grad_out, state_in / state_out the state's gradient after the last chunk / before the first.
 template <typename scalar_t>
 void launch_backward_walk(const DeltaForwardProblem<scalar_t>& p, cudaStream_t stream);
+
+// Gates per key channel (p.gate_per_channel; the three above call these): the forward (or, with
+// `keep`, the backward's re-walk) and the backward walk, value tiles of kChannelValueTile columns.
+template <typename scalar_t>
+void launch_channel_forward(const DeltaForwardProblem<scalar_t>& p, bool keep, cudaStream_t stream);
+template <typename scalar_t>
+void launch_channel_backward_walk(const DeltaForwardProblem<scalar_t>& p, cudaStream_t stream);
 
 }  // namespace delta_tensor_core
 }  // namespace linattn

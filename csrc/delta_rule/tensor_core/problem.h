@@ -31,6 +31,9 @@ struct DeltaForwardProblem {
   bool q_vector = false, k_vector = false, v_vector = false;
   const float* beta = nullptr;      // (B, H, T) contiguous
   const float* log_gate = nullptr;  // (B, H, T) contiguous, or null (DeltaNet)
+  // Kimi Delta Attention: log_gate is (B, H, T, key_dim) contiguous, a gate per key channel (the
+  // kChannels instances of the kernels take these calls).
+  bool gate_per_channel = false;
   const float* state_in = nullptr;  // (B, H, dk, dv) contiguous, or null for zeros
   float* state_out = nullptr;       // (B, H, dk, dv) contiguous
   scalar_t* out = nullptr;          // (B, H, T, dv) contiguous, or null: the final state only
@@ -56,8 +59,9 @@ struct DeltaForwardProblem {
 
 // Shared memory of one block: two chunk buffers (Q, K and V rows), the 16-bit copy of the state
 // (DK rows of DV columns), the chunk's per-row gate values, the fp32 matrices of the UT transform
-// (A, its inverse T, a 32 × 32 product), T's two 16-bit forms, u and the non-finite screen.
-template <int DK, int DV>
+// (A, its inverse T, a 32 × 32 product), T's two 16-bit forms, u and the non-finite screen; with
+// gates per key channel (kChannels) the chunk's cumulative log-gates, 64 rows × DK channels fp32.
+template <int DK, int DV, bool kChannels = false>
 struct DeltaLayout {
   static constexpr int kQKPitch = warp::padded_pitch(DK * 2), kVPitch = warp::padded_pitch(DV * 2);
   static constexpr int kQ = 0, kK = kQ + kChunk * kQKPitch, kV = kK + kChunk * kQKPitch;
@@ -76,16 +80,21 @@ struct DeltaLayout {
   // The forward's screen for Inf and NaN (forward_block.h, screen_rows): a byte per chunk row, then
   // the first flagged row (int; kChunk for none).
   static constexpr int kRowFlags = kU + kChunk * kVPitch, kFirstBad = kRowFlags + kChunk;
-  static constexpr int kBytes = kFirstBad + 16;
+  static constexpr int kGatePitch = DK + 4;  // fp32 elements a row of G (kChannels)
+  static constexpr int kGates = kFirstBad + 16;
+  static constexpr int kBytes = kChannels ? kGates + kChunk * kGatePitch * 4 : kGates;
 };
 
 // The kernel a call runs: DK, its key dim padded to 64 or 128, and DV, the value columns a block
-// takes (64 or 128).
+// takes (64 or 128; always 64 with gates per key channel: their G would not fit beside 128).
+constexpr int kChannelValueTile = 64;
 LINATTN_HD inline int padded_key_dim(int64_t dk) { return dk <= 64 ? 64 : 128; }
-LINATTN_HD inline int value_tile_width(int64_t dv) { return dv <= 64 ? 64 : 128; }
+LINATTN_HD inline int value_tile_width(int64_t dv, bool per_channel = false) {
+  return per_channel ? kChannelValueTile : dv <= 64 ? 64 : 128;
+}
 
 // Calls f(std::integral_constant<int, DK>{}, std::integral_constant<int, DV>{}) for the kernel
-// compiled for head dims dk (<= 128) and dv.
+// compiled for head dims dk (<= 128) and dv, gates per token or none.
 template <typename F>
 void with_head_dims(int64_t dk, int64_t dv, F&& f) {
   using k64 = std::integral_constant<int, 64>;
@@ -97,9 +106,23 @@ void with_head_dims(int64_t dk, int64_t dv, F&& f) {
   else f(k128{}, k128{});
 }
 
-inline int64_t shared_bytes_of(int64_t dk, int64_t dv) {
+// Calls f(std::integral_constant<int, DK>{}) for the kernels compiled for key dim dk (<= 128) whose
+// value tiles are fixed (the backward's walks, gates per key channel).
+template <typename F>
+void with_key_dim(int64_t dk, F&& f) {
+  if (padded_key_dim(dk) == 64) f(std::integral_constant<int, 64>{});
+  else f(std::integral_constant<int, 128>{});
+}
+
+inline int64_t shared_bytes_of(int64_t dk, int64_t dv, bool per_channel = false) {
   int64_t bytes = 0;
-  with_head_dims(dk, dv, [&](auto k, auto v) { bytes = DeltaLayout<decltype(k)::value, decltype(v)::value>::kBytes; });
+  if (per_channel) {
+    with_key_dim(dk, [&](auto k) {
+      bytes = DeltaLayout<decltype(k)::value, kChannelValueTile, true>::kBytes;
+    });
+  } else {
+    with_head_dims(dk, dv, [&](auto k, auto v) { bytes = DeltaLayout<decltype(k)::value, decltype(v)::value>::kBytes; });
+  }
   return bytes;
 }
 
@@ -107,15 +130,17 @@ inline int64_t shared_bytes_of(int64_t dk, int64_t dv) {
 // 128 × 128 block would not fit) and adds Y = −Twᵀ du (16-bit) to the forward's layout.
 constexpr int kWalkValueTile = 64;
 
-template <int DK>
-struct DeltaWalkLayout : DeltaLayout<DK, kWalkValueTile> {
-  using Base = DeltaLayout<DK, kWalkValueTile>;
+template <int DK, bool kChannels = false>
+struct DeltaWalkLayout : DeltaLayout<DK, kWalkValueTile, kChannels> {
+  using Base = DeltaLayout<DK, kWalkValueTile, kChannels>;
   static constexpr int kY = Base::kBytes;
   static constexpr int kBytes = kY + kChunk * Base::kVPitch;
 };
 
-inline int64_t walk_shared_bytes_of(int64_t dk) {
-  return padded_key_dim(dk) == 64 ? DeltaWalkLayout<64>::kBytes : DeltaWalkLayout<128>::kBytes;
+inline int64_t walk_shared_bytes_of(int64_t dk, bool per_channel = false) {
+  const bool narrow = padded_key_dim(dk) == 64;
+  if (per_channel) return narrow ? DeltaWalkLayout<64, true>::kBytes : DeltaWalkLayout<128, true>::kBytes;
+  return narrow ? DeltaWalkLayout<64>::kBytes : DeltaWalkLayout<128>::kBytes;
 }
 
 template <int DK, int DV>
