@@ -30,12 +30,17 @@ every step runs the cached keys into a state: correct, O(context) per token). Pa
 `past_key_values=linattn.hf.LinearStateCache()` with the linear methods (and the delta rule) and
 each layer keeps only its recurrent state ((S, z), or the delta rule's S): constant memory and O(1) work per generated token.
 
+Pretrained hybrids whose layers are already Gated DeltaNet or KDA (Qwen3-Next, Qwen3.5,
+OLMo-hybrid, Kimi Linear, …): use_fla_compat(model) runs those layers' own kernel calls on linattn's
+delta-rule operator (linattn.fla_compat; restore_fla_compat() undoes it).
+
 transformers is an optional extra (`pip install transformers`), imported only when used.
 """
 from ..nn.methods import METHODS
 from .state_cache import LinearStateCache
 
-__all__ = ["register", "LinearStateCache", "IMPLEMENTATIONS", "use_delta_rule"]
+__all__ = ["register", "LinearStateCache", "IMPLEMENTATIONS", "use_delta_rule", "use_fla_compat",
+           "restore_fla_compat"]
 
 # Each method names the implementations it registers (its class's hf_implementations).
 IMPLEMENTATIONS = tuple(name for cls in METHODS.values() for name in cls.hf_implementations)
@@ -47,6 +52,21 @@ def use_delta_rule(model, *, gated: bool = True, per_channel: bool = False, exam
     from .delta_rule import use_delta_rule as attach
 
     return attach(model, gated=gated, per_channel=per_channel, example_inputs=example_inputs)
+
+
+def use_fla_compat(model) -> int:
+    """linattn.hf.delta_rule_layers.use_fla_compat: a pretrained hybrid's own Gated DeltaNet / KDA
+    layers (Qwen3-Next, Qwen3.5, OLMo-hybrid, Kimi Linear, …) on linattn's delta-rule operator."""
+    from .delta_rule_layers import use_fla_compat as route
+
+    return route(model)
+
+
+def restore_fla_compat() -> int:
+    """Undoes use_fla_compat (every modeling module it changed)."""
+    from .delta_rule_layers import restore_fla_compat as restore
+
+    return restore()
 
 
 def register() -> None:
