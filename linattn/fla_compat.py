@@ -1,11 +1,15 @@
-"""flash-linear-attention's functional interface for the delta-rule family on linattn's operator, so
-that code written against ``fla.ops`` runs unchanged on CPUs and on any GPU, with
-``torch.compile(fullgraph=True)`` and packed sequences in any batch:
+"""flash-linear-attention's functional interface for the delta-rule family (and gated linear
+attention: ``chunk_gla``, ``chunk_simple_gla``) on linattn's operators, so that code written
+against ``fla.ops`` runs unchanged on CPUs and on any GPU, with ``torch.compile(fullgraph=True)``
+and packed sequences in any batch:
 
     from linattn.fla_compat import chunk_gated_delta_rule, chunk_kda
 
 DeltaNet (``chunk_delta_rule``), Gated DeltaNet (``chunk_gated_delta_rule``) and Kimi Delta
-Attention (``chunk_kda``), each with its ``fused_recurrent_*`` form. Same layouts: q and k
+Attention (``chunk_kda``), GLA (``chunk_gla``: a log-gate per key channel) and simple GLA
+(``chunk_simple_gla``: per token, and/or ``g_gamma`` per head), each with its ``fused_recurrent_*``
+form (the GLA family: linear attention with the identity feature map and no normaliser; its
+states are (N, H, K, V) too, without value heads of their own). Same layouts: q and k
 (B, T, H, K), v (B, T, HV, V), β (B, T, HV), g (B, T, HV) or for KDA (B, T, HV, K); grouped value
 attention (GVA) where HV is a multiple of H, q/k head h serving value heads h·HV/H … (h+1)·HV/H − 1
 (repeated for the operator: a copy of q and k); packed sequences as (1, total, ·) with
@@ -26,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from .delta_rule import delta_rule_attention, delta_rule_step
+from .functional import linear_attention
 
 # Options of flash-linear-attention's functions that only steer its kernels (memory, tiling, host
 # copies): nothing to do here.
@@ -156,3 +161,55 @@ def fused_recurrent_kda(q, k, v, g, beta, scale=None, initial_state=None, output
     return _kda("fused_recurrent_kda", q, k, v, g, beta, scale, initial_state, output_final_state,
                 use_qk_l2norm_in_kernel, use_gate_in_kernel, use_beta_sigmoid_in_kernel, allow_neg_eigval, safe_gate,
                 lower_bound, cu_seqlens, options, recurrent=True)
+
+
+def _gated_linear(where, q, k, v, g, g_gamma, scale, initial_state, output_final_state, cu_seqlens, options):
+    """o_t = scale · S_tᵀ q_t, S_t = Diag(e^{g_t}) γ S_{t−1} + k_t v_tᵀ: linattn's linear attention
+    with the identity feature map, no normaliser, gates (and a per-head decay γ = e^{g_gamma})."""
+    _refuse_others(where, options)
+    if q.dim() != 4 or k.shape != q.shape or v.dim() != 4 or v.shape[:3] != q.shape[:3]:
+        raise ValueError(f"{where}: q and k must be (B, T, H, K) and v (B, T, H, V), got q {tuple(q.shape)}, "
+                         f"k {tuple(k.shape)}, v {tuple(v.shape)}")
+    B, T, H, K = q.shape
+    scale = K ** -0.5 if scale is None else scale
+    if cu_seqlens is not None:
+        if B != 1:
+            raise ValueError(f"{where}: with cu_seqlens the sequences are packed in a batch of 1, got B={B}")
+        cu_seqlens = cu_seqlens.to(torch.int32)
+    state = None
+    if initial_state is not None:
+        state = (initial_state, initial_state.new_zeros(initial_state.shape[:3]))
+    out, (S, _) = linear_attention((q * scale).transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True,
+                                   feature_map="identity", normalize=False,
+                                   decay=None if g_gamma is None else g_gamma.float().exp(),
+                                   gate=None if g is None else g.transpose(1, 2), initial_state=state,
+                                   output_final_state=True, cu_seqlens=cu_seqlens)
+    return out.transpose(1, 2).contiguous(), S if output_final_state else None
+
+
+def chunk_gla(q, k, v, g, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None, **options):
+    """Gated linear attention (GLA): a log-gate per key channel, g (B, T, H, K),
+    S_t = Diag(e^{g_t}) S_{t−1} + k_t v_tᵀ, o_t = scale · S_tᵀ q_t."""
+    return _gated_linear("chunk_gla", q, k, v, g, None, scale, initial_state, output_final_state, cu_seqlens, options)
+
+
+def fused_recurrent_gla(q, k, v, gk=None, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None,
+                        **options):
+    """chunk_gla's recurrence (fla names the per-channel gate gk here; value-side gates gv and
+    `reverse` are not implemented)."""
+    return _gated_linear("fused_recurrent_gla", q, k, v, gk, None, scale, initial_state, output_final_state,
+                         cu_seqlens, options)
+
+
+def chunk_simple_gla(q, k, v, g=None, g_gamma=None, scale=None, initial_state=None, output_final_state=False,
+                     cu_seqlens=None, **options):
+    """Simple GLA: a log-gate per token and head, g (B, T, H), and/or a constant one per head,
+    g_gamma (H,)."""
+    return _gated_linear("chunk_simple_gla", q, k, v, g, g_gamma, scale, initial_state, output_final_state,
+                         cu_seqlens, options)
+
+
+def fused_recurrent_simple_gla(q, k, v, g=None, g_gamma=None, scale=None, initial_state=None, output_final_state=False,
+                               cu_seqlens=None, **options):
+    return _gated_linear("fused_recurrent_simple_gla", q, k, v, g, g_gamma, scale, initial_state, output_final_state,
+                         cu_seqlens, options)

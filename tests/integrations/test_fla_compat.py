@@ -210,3 +210,83 @@ def test_pretrained_hybrids_run_their_layers_on_linattn(build, monkeypatch):
     assert {name.startswith("chunk") for name in calls} == {True, False}  # prefill chunks, one-token steps
     assert_close(got, want.double(), 1e-5, "logits")
     assert torch.equal(got_tokens, want_tokens)
+
+
+# --- gated linear attention ------------------------------------------------------------------------
+
+def gla_expected(q, k, v, g, S0, scale=None, decay=None):
+    """float64 recurrence S_t = Diag(e^{g_t}) γ S_{t−1} + k_t v_tᵀ, o_t = scale · S_tᵀ q_t (g per
+    channel (B, T, H, K) or per token (B, T, H))."""
+    q, k, v = (x.double() for x in (q, k, v))
+    B, T, H, K = q.shape
+    scale = K ** -0.5 if scale is None else scale
+    S = torch.zeros(B, H, K, v.shape[-1], dtype=torch.float64) if S0 is None else S0.double().clone()
+    outs = []
+    for t in range(T):
+        fade = torch.ones(B, H, K, dtype=torch.float64)
+        if g is not None:
+            gate = g[:, t].double().exp()
+            fade = fade * (gate if g.dim() == 4 else gate[..., None])
+        if decay is not None:
+            fade = fade * decay.double()[:, None]
+        S = fade[..., None] * S + k[:, t, :, :, None] * v[:, t, :, None, :]
+        outs.append(scale * torch.einsum("bhk,bhkv->bhv", q[:, t], S))
+    return torch.stack(outs, 1), S
+
+
+@pytest.mark.parametrize("name", ["chunk_gla", "fused_recurrent_gla"])
+def test_gla_matches_the_recurrence(name):
+    q, k, v, g, _, S0 = make(HV=2, per_channel=True, seed=10)
+    out, S = getattr(fla_compat, name)(q, k, v, g, initial_state=S0, output_final_state=True)
+    ref_out, ref_S = gla_expected(q, k, v, g, S0)
+    assert out.shape == v.shape and out.is_contiguous()
+    assert_close(out, ref_out, 1e-5, "out")
+    assert_close(S, ref_S, 1e-5, "final state")
+
+
+@pytest.mark.parametrize("name", ["chunk_simple_gla", "fused_recurrent_simple_gla"])
+def test_simple_gla_with_gates_and_a_head_decay(name):
+    q, k, v, g, _, S0 = make(HV=2, seed=11)
+    g_gamma = torch.tensor([-0.05, -0.2])
+    out, S = getattr(fla_compat, name)(q, k, v, g, g_gamma=g_gamma, scale=0.3, initial_state=S0,
+                                       output_final_state=True)
+    ref_out, ref_S = gla_expected(q, k, v, g, S0, scale=0.3, decay=g_gamma.exp())
+    assert_close(out, ref_out, 1e-5, "out")
+    assert_close(S, ref_S, 1e-5, "final state")
+    with pytest.raises(NotImplementedError, match="reverse"):
+        getattr(fla_compat, name)(q, k, v, g, reverse=True)
+
+
+def test_gla_packed_sequences_and_gradients():
+    cu = torch.tensor([0, 30, 70], dtype=torch.long)
+    inputs = [x.double().requires_grad_() for x in make(B=1, HV=2, per_channel=True, seed=12)]
+    q, k, v, g, _, _ = inputs
+    S0 = torch.randn(2, 2, 16, 24, dtype=torch.float64, requires_grad=True)
+    out, S = fla_compat.chunk_gla(q, k, v, g, initial_state=S0, output_final_state=True, cu_seqlens=cu)
+    pieces = [gla_expected(*(x[:, a:b] for x in (q, k, v, g)), S0[n:n + 1])
+              for n, (a, b) in enumerate([(0, 30), (30, 70)])]
+    ref_out = torch.cat([p[0] for p in pieces], 1)
+    ref_S = torch.cat([p[1] for p in pieces], 0)
+    assert_close(out, ref_out, 1e-9, "out")
+    assert_close(S, ref_S, 1e-9, "final states")
+    w = torch.randn_like(out)
+    leaves = [q, k, v, g, S0]
+    got = torch.autograd.grad((out * w).sum() + S.sum(), leaves)
+    want = torch.autograd.grad((ref_out * w).sum() + ref_S.sum(), leaves)
+    for name, a, b in zip(("q", "k", "v", "g", "initial_state"), got, want):
+        assert_close(a, b, 1e-9, f"grad {name}")
+
+
+def test_gla_agrees_with_flash_linear_attentions_naive_references():
+    naive_gla = pytest.importorskip("fla.ops.gla.naive")
+    naive_simple = pytest.importorskip("fla.ops.simple_gla.naive")
+    q, k, v, g, _, S0 = make(HV=2, per_channel=True, seed=13)
+    out, S = fla_compat.chunk_gla(q, k, v, g, initial_state=S0, output_final_state=True)
+    ref_out, ref_S = naive_gla.naive_recurrent_gla(q, k, v, g, initial_state=S0, output_final_state=True)
+    assert_close(out, ref_out.double(), 1e-5, "GLA out vs fla")
+    assert_close(S, ref_S.double(), 1e-5, "GLA state vs fla")
+    g = g[..., 0]
+    out, S = fla_compat.chunk_simple_gla(q, k, v, g, initial_state=S0, output_final_state=True)
+    ref_out, ref_S = naive_simple.naive_recurrent_simple_gla(q, k, v, g, initial_state=S0, output_final_state=True)
+    assert_close(out, ref_out.double(), 1e-5, "simple GLA out vs fla")
+    assert_close(S, ref_S.double(), 1e-5, "simple GLA state vs fla")
