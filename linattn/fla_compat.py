@@ -43,6 +43,15 @@ def _refuse_others(where: str, options: dict) -> None:
             raise NotImplementedError(f"{where}: {name}={value!r} is not supported by linattn.fla_compat")
 
 
+def _int32_offsets(where: str, batch: int, cu_seqlens):
+    """fla's packed-sequence offsets (any integer dtype) as the operators take them: int32, batch 1."""
+    if cu_seqlens is None:
+        return None
+    if batch != 1:
+        raise ValueError(f"{where}: with cu_seqlens the sequences are packed in a batch of 1, got B={batch}")
+    return cu_seqlens.to(torch.int32)
+
+
 def _delta_rule(where: str, q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm_in_kernel,
                 cu_seqlens, per_channel: bool, recurrent: bool) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     if q.dim() != 4 or k.shape != q.shape or v.dim() != 4 or v.shape[:2] != q.shape[:2]:
@@ -70,12 +79,8 @@ def _delta_rule(where: str, q, k, v, g, beta, scale, initial_state, output_final
                                      scale=scale, normalize_qk=use_qk_l2norm_in_kernel)
         out = out.unsqueeze(1)
     else:
-        if cu_seqlens is not None:
-            if B != 1:
-                raise ValueError(f"{where}: with cu_seqlens the sequences are packed in a batch of 1, got B={B}")
-            cu_seqlens = cu_seqlens.to(torch.int32)
         out, state = delta_rule_attention(*heads_first, gate=gate, scale=scale, initial_state=initial_state,
-                                          output_final_state=True, cu_seqlens=cu_seqlens,
+                                          output_final_state=True, cu_seqlens=_int32_offsets(where, B, cu_seqlens),
                                           normalize_qk=use_qk_l2norm_in_kernel)
         out = out.transpose(1, 2)
     return out.contiguous(), state if output_final_state else None
@@ -172,10 +177,7 @@ def _gated_linear(where, q, k, v, g, g_gamma, scale, initial_state, output_final
                          f"k {tuple(k.shape)}, v {tuple(v.shape)}")
     B, T, H, K = q.shape
     scale = K ** -0.5 if scale is None else scale
-    if cu_seqlens is not None:
-        if B != 1:
-            raise ValueError(f"{where}: with cu_seqlens the sequences are packed in a batch of 1, got B={B}")
-        cu_seqlens = cu_seqlens.to(torch.int32)
+    cu_seqlens = _int32_offsets(where, B, cu_seqlens)
     state = None
     if initial_state is not None:
         state = (initial_state, initial_state.new_zeros(initial_state.shape[:3]))
