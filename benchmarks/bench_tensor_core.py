@@ -42,8 +42,9 @@ H100 = {"registers": 65536, "shared": 228 * 1024, "reserved_per_block": 1024, "t
 # The compiled kernels by family: how to read (DK, DV, dtype) from a mangled name, threads per
 # block (kThreads; for the flash backward a function of D: BackwardShape) and shared memory per
 # block for the head-dim instance.
-def _linear_instance(m):
-    return int(m.group(2)), int(m.group(3)), f"{m.group(5)}{' gated' if m.group(6) == '1' else ''}"
+def _linear_instance(m):  # gated: a fading state; channels: gates per channel (GLA)
+    gated = " gated" if m.group(6) == "1" else ""
+    return int(m.group(2)), int(m.group(3)), m.group(5) + gated + (CHANNELS if m.group(7) == "1" else "")
 
 
 def _linear_backward_instance(m):
@@ -57,7 +58,7 @@ def _flash_instance(m):
     return int(m.group(2)), int(m.group(2)), m.group(5) + (SINGLE_BUFFERED if m.group(3) == "1" else "")
 
 
-CHANNELS = " channels"  # the delta rule's instances for gates per key channel (KDA)
+CHANNELS = " channels"  # the instances for gates per channel (linear attention: GLA; the delta rule: KDA)
 
 
 def _delta_forward_instance(m):  # the keeping instance re-walks the state for the backward
@@ -81,10 +82,11 @@ def _flash_shared(backward):
 
 
 KERNELS = {
-    "linear": {"pattern": r"Function (\S*tensor_core\S*\dforward_kernelILi(\d+)ELi(\d+)EN3c10(\d+)(\w+?)ELb([01])EEEv"
-                          r"\S*):",
+    "linear": {"pattern": r"Function (\S*tensor_core\S*\dforward_kernelILi(\d+)ELi(\d+)EN3c10(\d+)(\w+?)ELb([01])"
+                          r"ELb([01])EEEv\S*):",
                "instance": _linear_instance, "threads": 256,
-               "shared": lambda dk, dv, *_: torch.ops.linattn._tensor_core_shared_bytes(dk, dv)},
+               "shared": lambda dk, dv, label: torch.ops.linattn._tensor_core_shared_bytes(dk, dv, False,
+                                                                                           CHANNELS in label)},
     "linear-bwd": {"pattern": r"Function (\S*tensor_core\S*(query|key_value)_gradient_kernelILi(\d+)ELi(\d+)EN3c10"
                               r"(\d+)(\w+?)ELb([01])EEEv\S*):",
                    "instance": _linear_backward_instance, "threads": 256,
@@ -108,19 +110,20 @@ KERNELS = {
 }
 
 
-def emulated_figures(T, D, causal, processors, gated=False):
+def emulated_figures(T, D, causal, processors, gated=False, per_channel=False):
     """One forward at B=1 H=2 on an emulated GPU of `processors` SMs (2: one block per (batch,
     head), the whole kernel; 132, an H100's: the sequence split into segments); `gated`: with a
-    fading state (fp32 log factors, whose read joins the floor)."""
+    fading state (fp32 log factors, whose read joins the floor; per_channel: GLA's (T, D) of them)."""
     os.environ["LINATTN_EMULATED_SMS"] = str(processors)
     q, k, v = (torch.randn(1, 2, T, D).mul(0.3).bfloat16() for _ in range(3))
-    log_decay = -0.05 * torch.rand(1, 2, T) if gated else None
+    log_decay = -0.05 * torch.rand(1, 2, T, *((D,) if per_channel else ())) if gated else None
     torch.ops.linattn._reset_warp_emulation_counters()
     torch.ops.linattn.linear_attn_fwd_fused(q, k, v, None, None, ELU, causal, True, 1e-6, log_decay)
     del os.environ["LINATTN_EMULATED_SMS"]
     mma, matrices, wavefronts, shuffles, read, written = torch.ops.linattn._warp_emulation_counters().tolist()
-    floor = 4 * 2 * T * D * 2 + (2 * T * 4 if gated else 0)
-    return {"T": T, "D": D, "causal": causal, "gated": gated, "processors": processors, "mma": mma,
+    floor = 4 * 2 * T * D * 2 + (2 * T * 4 * (D if per_channel else 1) if gated else 0)
+    return {"T": T, "D": D, "causal": causal, "gated": gated, "per_channel": per_channel, "processors": processors,
+            "mma": mma, "mma_per_chunk": mma / (2 * -(-T // 64)),
             "read_bytes": read,
             "written_bytes": written,
             "traffic_over_floor": (read + written) / floor,
@@ -296,15 +299,16 @@ def main():
     args = parser.parse_args()
     T = 1024 if args.quick else 4096
     emulated = [emulated_figures(T, 128, causal, processors) for processors in (2, 132) for causal in (True, False)]
-    emulated += [emulated_figures(T, 128, True, processors, gated=True) for processors in (2, 132)]
+    emulated += [emulated_figures(T, 128, True, processors, gated=True, per_channel=per_channel)
+                 for per_channel in (False, True) for processors in (2, 132)]
     print(f"Emulated tensor-core forward, B=1 H=2 D=128 T={T} bf16 (floor = q, k, v read + o written once; "
-          f"gated: + the log factors read):")
+          f"gated: + the log factors read; GLA: gates per channel, (T, D) fp32 of them):")
     for e in emulated:
         kind = "one block per head" if e["processors"] == 2 else "split for 132 SMs"
-        mask = ("gated" if e["gated"] else "causal") if e["causal"] else "full"
+        mask = (("GLA" if e["per_channel"] else "gated") if e["gated"] else "causal") if e["causal"] else "full"
         print(f"  {mask:>6}, {kind}: traffic {e['traffic_over_floor']:.3f}x the floor "
               f"(target <= 1.15 unsplit, 2 split), {e['wavefronts_per_matrix']:.2f} wavefronts per ldmatrix matrix, "
-              f"{e['mma']} mma")
+              f"{e['mma']} mma ({e['mma_per_chunk']:.0f} per chunk and head)")
     backward = [emulated_backward_figures(T, 128, causal, processors) for processors in (2, 132)
                 for causal in (True, False)]
     backward += [emulated_backward_figures(T, 128, True, processors, gated=True) for processors in (2, 132)]
@@ -357,7 +361,7 @@ def main():
     if cubins is None:
         print(f"Cubins: {why}")
     else:
-        print("Compiled kernels (linear: forward_kernel<DK, DV, dtype, gated>; linear-bwd: query / "
+        print("Compiled kernels (linear: forward_kernel<DK, DV, dtype, gated, channels>; linear-bwd: query / "
               "key_value_gradient_kernel<DK, DV, dtype, gated>; delta: delta_forward_kernel<DK, DV, dtype, keeping, "
               "channels>; delta-bwd: delta_backward_walk_kernel<DK, dtype, channels>; flash: forward_kernel<D, buffers, dtype>, "
               "backward_kernel<KeyBlock or QueryBlock<dtype, D, buffers>>):")

@@ -39,7 +39,8 @@ cd "$BUILD"
   "$ROOT"/tests/ops/test_delta_rule_channel_gates.py "$ROOT"/tests/ops/test_channel_gates.py \
   "$ROOT"/tests/ops/test_warp_layer.py "$ROOT"/tests/ops/test_tensor_core_forward.py \
   "$ROOT"/tests/ops/test_tensor_core_backward.py "$ROOT"/tests/ops/test_tensor_core_fading_backward.py \
-  "$ROOT"/tests/ops/test_tensor_core_packed.py "$ROOT"/tests/ops/test_delta_rule_tensor_core.py \
+  "$ROOT"/tests/ops/test_tensor_core_packed.py "$ROOT"/tests/ops/test_tensor_core_channel_gates.py \
+  "$ROOT"/tests/ops/test_delta_rule_tensor_core.py \
   "$ROOT"/tests/ops/test_delta_rule_step_kernel.py "$ROOT"/tests/ops/test_delta_rule_tensor_core_channel_gates.py \
   "$ROOT"/tests/ops/test_flash_forward.py "$ROOT"/tests/ops/test_flash_backward.py \
   "$ROOT"/tests/ops/test_grouped_query.py "$ROOT"/tests/ops/test_dropout.py "$ROOT"/tests/ops/test_softcap.py \

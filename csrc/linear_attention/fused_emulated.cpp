@@ -41,6 +41,17 @@ struct EmulatedLaunch {
   void operator()(const tensor_core::ForwardProblem<scalar_t>& p) const {
     tensor_core::with_head_dims(p.feature_dim, p.value_dim, [&](auto dk, auto dv) {
       constexpr int DK = decltype(dk)::value, DV = decltype(dv)::value;
+      if (p.gate_per_channel) {  // its own instance (feature dims up to 128: fused::channels_fit)
+        if constexpr (DK <= 128) {
+          emulate_blocks<tensor_core::WarpState<DK, DV>>(
+              p.blocks(), tensor_core::Layout<DK, DV, true>::kBytes, [&](const auto& exec, int64_t block) {
+                tensor_core::run_forward_block<DK, DV, true, true>(exec, p, block);
+              });
+        } else {
+          TORCH_CHECK(false, "tensor-core gates per channel take feature dims up to 128, got ", p.feature_dim);
+        }
+        return;
+      }
       emulate_blocks<tensor_core::WarpState<DK, DV>>(
           p.blocks(), tensor_core::Layout<DK, DV>::kBytes,
           [&](const auto& exec, int64_t block) {

@@ -141,10 +141,20 @@ inline tensor_core::Split split_of(const LinearAttentionShape& s, const PackedRo
 }
 
 // Whether the tensor cores take a fading state's log factors `log_decay`: causal self-attention
-// whose factors are (B, H, T) on q's device.
-inline bool takes_log_decay(const LinearAttentionShape& s, const at::Tensor& log_decay, const at::Tensor& q) {
-  return s.causal && s.q_len == s.k_len && log_decay.dim() == 3 && log_decay.size(0) == s.batch &&
-         log_decay.size(1) == s.heads && log_decay.size(2) == s.k_len && log_decay.device() == q.device();
+// whose factors are (B, H, T) on q's device, or (B, H, T, m) gates per channel where
+// `per_channel_fits` (the forward's kChannels instance fits: channels_fit; the backward has none).
+inline bool takes_log_decay(const LinearAttentionShape& s, const at::Tensor& log_decay, const at::Tensor& q,
+                            bool per_channel_fits = false) {
+  const bool rows = log_decay.dim() == 3 ||
+                    (per_channel_fits && log_decay.dim() == 4 && log_decay.size(3) == s.feature_dim);
+  return s.causal && s.q_len == s.k_len && rows && log_decay.size(0) == s.batch && log_decay.size(1) == s.heads &&
+         log_decay.size(2) == s.k_len && log_decay.device() == q.device();
+}
+
+// Whether the forward's instance for gates per channel fits a block's shared memory (feature dims
+// up to 128: G beside a 256-wide chunk would not).
+inline bool channels_fit(const LinearAttentionShape& s, int64_t max_shared_bytes) {
+  return s.feature_dim <= 128 && tensor_core::shared_bytes_of(s.feature_dim, s.value_dim, true) <= max_shared_bytes;
 }
 
 // The forward, or nothing where no kernel takes the call (a block that does not fit; a fading
@@ -166,9 +176,9 @@ std::optional<std::tuple<at::Tensor, at::Tensor, at::Tensor>> forward(
   const LinearAttentionShape s = kernel_shape(q, k, v, feature_map, causal, normalize, eps);
   const bool on_tensor_cores = tensor_core::takes(s, q.scalar_type(), max_shared_bytes);
   if ((log_decay.has_value() || cu_seqlens.has_value()) && !on_tensor_cores) return std::nullopt;
-  at::Tensor decay;  // the log factors as the kernel reads them, (B, H, T) contiguous fp32
+  at::Tensor decay;  // the log factors as the kernel reads them, (B, H, T[, m]) contiguous fp32
   if (log_decay.has_value()) {
-    if (!takes_log_decay(s, *log_decay, q)) return std::nullopt;
+    if (!takes_log_decay(s, *log_decay, q, channels_fit(s, max_shared_bytes))) return std::nullopt;
     decay = log_decay->to(at::kFloat).contiguous();
   }
   const PackedRows packed = packed_rows(cu_seqlens, s.q_len);
@@ -186,7 +196,10 @@ std::optional<std::tuple<at::Tensor, at::Tensor, at::Tensor>> forward(
       auto p = tensor_core_problem<scalar_t>(s, q, k, v, mask_ptr, in,
                                              state_view<float>(final_state.data_ptr<float>(), s, false), out,
                                              normalizer);
-      if (decay.defined()) p.log_decay = decay.const_data_ptr<float>();
+      if (decay.defined()) {
+        p.log_decay = decay.const_data_ptr<float>();
+        p.gate_per_channel = decay.dim() == 4;
+      }
       p.packing = packed.packing;
       if (split.segments == 1) {
         launch(p);

@@ -139,6 +139,15 @@ LINATTN_HD void as_a_fragments(const WarpContext& w, const Accumulator (&c)[kTil
   });
 }
 
+// Calls element(e) for e = this thread, + kThreads, ... below count: a block-wide loop over the
+// elements of a small matrix in shared memory (a block of kThreads threads).
+template <int kThreads, typename Element>
+LINATTN_HD void each_block_element(const WarpContext& w, int count, const Element& element) {
+  for_lanes(w, [&](int lane) {
+    for (int e = w.warp * kWarpSize + lane; e < count; e += kThreads) element(e);
+  });
+}
+
 // Calls element(row, col, x) for the lane's elements x of accumulator tiles (rows 0 .. 15, columns
 // 0 .. 8 kTiles − 1 of the tiles side by side).
 template <int kTiles, typename Element>

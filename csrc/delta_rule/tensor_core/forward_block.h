@@ -5,7 +5,7 @@
 
 #include "problem.h"
 #include "../../linear_attention/tensor_core/forward_block.h"  // lower_scores
-#include "../../common/warp/operand_factors.h"
+#include "../../common/warp/gated_pairs.h"
 #include "../../common/warp/scan.h"
 
 #include <cmath>
@@ -44,15 +44,6 @@ LINATTN_HD inline float inverse_sqrt(float x) {
 #else
   return 1.0f / std::sqrt(x);
 #endif
-}
-
-// Calls element(e) for e = this thread, + 256, ... below count: a block-wide loop over the
-// elements of a small fp32 matrix in shared memory.
-template <typename Element>
-LINATTN_HD void each_block_element(const WarpContext& w, int count, const Element& element) {
-  warp::for_lanes(w, [&](int lane) {
-    for (int e = w.warp * warp::kWarpSize + lane; e < count; e += kThreads) element(e);
-  });
 }
 
 // kKeep: the instance that keeps its walk for the backward (chunk_states, chunk_values), compiled
@@ -166,88 +157,53 @@ struct DeltaForwardBlock {
   // --- gates per key channel (kChannels) --------------------------------------------------------
   // Row c of the state forgets at its own rate, so the chunk's G is a matrix, G_rc = g_0c + … + g_rc
   // (fp32 in shared memory), and each factor the per-token kernel applies to a product's rows moves
-  // inside the product as an operand's elementwise factor (operand_factors.h): e^G ⊙ Q for Q S0,
+  // inside the product as an operand's elementwise factor (warp/operand_factors.h): e^G ⊙ Q for Q S0,
   // K ⊙ e^G for W = Tu (K ⊙ e^G), K ⊙ e^{G_last − G} for the state's update, S0's row c faded by
   // e^{G_last,c}; and the pair weights Σ_c x_ic y_jc e^{G_ic − G_jc} of A and of the scores on tensor
-  // cores between 16-row blocks (pair_block), in fp32 within them (diagonal_pairs). Where the
-  // log-gates are <= 0 (logs of forget gates) no factor exceeds 1: no 16-bit operand overflows.
+  // cores between 16-row blocks (pair_block), in fp32 within them (diagonal_pairs; both through
+  // warp/gated_pairs.h). Where the log-gates are <= 0 (logs of forget gates) no factor exceeds 1: no
+  // 16-bit operand overflows.
 
-  LINATTN_HD static float gate_sum(const WarpContext& w, int r, int c) {
-    return warp::load_shared<float>(w, static_cast<uint32_t>(L::kGates + (r * L::kGatePitch + c) * 4));
-  }
+  LINATTN_HD static float gate_sum(const WarpContext& w, int r, int c) { return gates().at(w, r, c); }
 
   // G for the chunk's rows from `start` of the sequence: threads 0 .. DK − 1 take a channel each
   // down the rows (zeros past the sequence and the key dim). With `screen` (the forward), a row with
   // an Inf or NaN gate is flagged and its gate taken as 0, as load_gates does for β.
   LINATTN_HD void load_channel_gates(const WarpContext& w, int64_t start, bool screen) const {
-    if (!kChannels || w.warp * warp::kWarpSize >= DK) return;
-    warp::for_lanes(w, [&](int lane) {
-      const int c = w.warp * warp::kWarpSize + lane;
-      const float* gates = p.log_gate + (token0 + start) * p.key_dim + c;
+    if constexpr (kChannels) {
       const int64_t left = rows - start;
-      const int valid = c < p.key_dim ? static_cast<int>(left < kChunk ? left : kChunk) : 0;
-      float total = 0.0f;
-      for (int r = 0; r < kChunk; ++r) {
-        float g = r < valid ? warp::load_global(w, gates + r * p.key_dim) : 0.0f;
-        if (screen && !finite_float(g)) {
-          warp::store_shared<uint8_t>(w, static_cast<uint32_t>(L::kRowFlags + r), 1);
-          g = 0.0f;
-        }
-        total += g;
-        warp::store_shared<float>(w, static_cast<uint32_t>(L::kGates + (r * L::kGatePitch + c) * 4), total);
-      }
-    });
+      auto take = [&](int r, float g) {
+        if (!screen || finite_float(g)) return g;
+        warp::store_shared<uint8_t>(w, static_cast<uint32_t>(L::kRowFlags + r), 1);
+        return 0.0f;
+      };
+      warp::load_cumulative_gates<kChunk, DK>(w, gates(), p.log_gate + (token0 + start) * p.key_dim, p.key_dim,
+                                              static_cast<int>(left < kChunk ? left : kChunk), p.key_dim, take);
+    }
   }
 
+  // The chunk's G as the shared pair-weight helpers read it (common/warp/gated_pairs.h).
+  LINATTN_HD static constexpr warp::ChannelGates gates() { return {static_cast<uint32_t>(L::kGates), L::kGatePitch}; }
+
   // Σ_c x_c y_c e^{G_xc − G_yc} over the key channels, x row xr of the 16-bit rows at `x`, y row yr
-  // at `y` (pitch kQKPitch), in fp32 with an exponential per channel: within a 16-row block a split
-  // through a reference row would leave one factor above 1, without bound.
+  // at `y`, in fp32 (gated_pair_weight).
   LINATTN_HD float pair_weight(const WarpContext& w, uint32_t x, int xr, uint32_t y, int yr) const {
-    float sum = 0.0f;
-    for (int c = 0; c < p.key_dim; c += 2) {  // (an odd key dim's last pair: a zero column, G = 0)
-      const uint32_t xs = warp::load_shared<uint32_t>(w, x + static_cast<uint32_t>(xr * L::kQKPitch + c * 2));
-      const uint32_t ys = warp::load_shared<uint32_t>(w, y + static_cast<uint32_t>(yr * L::kQKPitch + c * 2));
-      sum += warp::unpack_lo<scalar_t>(xs) * warp::unpack_lo<scalar_t>(ys) *
-             exp_of(gate_sum(w, xr, c) - gate_sum(w, yr, c));
-      sum += warp::unpack_hi<scalar_t>(xs) * warp::unpack_hi<scalar_t>(ys) *
-             exp_of(gate_sum(w, xr, c + 1) - gate_sum(w, yr, c + 1));
-    }
-    return sum;
+    return warp::gated_pair_weight<scalar_t>(w, gates(), static_cast<int>(p.key_dim), x, xr, y, yr, L::kQKPitch);
   }
 
   // acc's tiles first, first + 1 (rows 16·mb.. of the rows at `m` × rows 16·nb.. of the rows at `n`)
-  // += the pair weights Σ_c m_ic n_jc e^{G_later,c − G_earlier,c} of two different 16-row blocks, on
-  // tensor cores: split through the later block's first row r, the later rows times e^{G − G_r} and
-  // the earlier times e^{G_r − G}, each factor <= 1.
+  // += the pair weights of two different 16-row blocks, on tensor cores (gated_pair_block).
   template <int kTiles>
   LINATTN_HD void pair_block(const WarpContext& w, Accumulator (&acc)[kTiles][4], int first, uint32_t m, int mb,
                              uint32_t n, int nb) const {
-    const int ref = (mb > nb ? mb : nb) * 16;
-    const float m_sign = mb > nb ? 1.0f : -1.0f;  // the m rows' factor is e^{m_sign (G − G_r)}
-    LINATTN_NO_UNROLL  // (the key steps rolled: registers, not instructions, bound these kernels)
-    for (int ks = 0; ks < DK / 16; ++ks) {
-      Fragment a[4];
-      warp::rows_as_a_operand(w, m + mb * 16 * L::kQKPitch + ks * 32, L::kQKPitch, a);
-      warp::scale_a_operand<scalar_t>(w, a, [&](int r, int c) {
-        return exp_of(m_sign * (gate_sum(w, mb * 16 + r, ks * 16 + c) - gate_sum(w, ref, ks * 16 + c)));
-      });
-      LINATTN_UNROLL
-      for (int half = 0; half < 2; ++half) {
-        Fragment bf[2];
-        warp::rows_as_b_operand_transposed(w, n + (nb * 16 + half * 8) * L::kQKPitch + ks * 32, L::kQKPitch, bf);
-        warp::scale_b_operand<scalar_t>(w, bf, [&](int c, int j) {
-          return exp_of(m_sign * (gate_sum(w, ref, ks * 16 + c) - gate_sum(w, nb * 16 + half * 8 + j, ks * 16 + c)));
-        });
-        warp::mma_16816<scalar_t>(acc[first + half], a, bf);
-      }
-    }
+    warp::gated_pair_block<scalar_t, DK>(w, gates(), acc, first, m, mb, n, nb, L::kQKPitch);
   }
 
   // The diagonal blocks of the causal scores' pair weights, D_ij = Σ_c q_ic k_jc e^{G_ic − G_jc} for
   // j <= i in the same 16-row block (0 elsewhere in the block), to A's square (free once the
   // doubling has read A): the forward's output reads D, the backward walk Dᵀ.
   LINATTN_HD void diagonal_pairs(const WarpContext& w, uint32_t base) const {
-    each_block_element(w, kChunk * 16, [&](int e) {
+    warp::each_block_element<kThreads>(w, kChunk * 16, [&](int e) {
       const int row = e / 16, col = row / 16 * 16 + e % 16;
       set_square(w, L::kA, row, col, col <= row ? pair_weight(w, base + L::kQ, row, base + L::kK, col) : 0.0f);
     });
@@ -360,7 +316,7 @@ struct DeltaForwardBlock {
   LINATTN_HD void key_products(const WarpContext& w, uint32_t base) const {
     const int rb = w.warp % 4;
     if constexpr (kChannels) {
-      each_block_element(w, kChunk * 16, [&](int e) {
+      warp::each_block_element<kThreads>(w, kChunk * 16, [&](int e) {
         const int row = e / 16, col = row / 16 * 16 + e % 16;
         const float x = col < row ? row_value(w, L::kBeta, row) * pair_weight(w, base + L::kK, row, base + L::kK, col)
                                   : 0.0f;
@@ -438,7 +394,7 @@ struct DeltaForwardBlock {
                           float sign) const {
     const auto pitch_of = [](int matrix) { return matrix == L::kProduct ? L::kProductPitch : L::kSquarePitch; };
     const int lp = pitch_of(lhs_matrix), rp = pitch_of(rhs_matrix);
-    each_block_element(w, rows * cols, [&](int e) {
+    warp::each_block_element<kThreads>(w, rows * cols, [&](int e) {
       const int r = e / cols, c = e % cols;
       float s = 0.0f;
       const int k_begin = lower_lhs ? 0 : c, k_end = lower_lhs ? r + 1 : inner;

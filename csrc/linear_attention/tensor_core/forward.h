@@ -26,10 +26,11 @@ namespace tensor_core {
 
 // The block program. `exec(phase)` runs phase(warp context, warp state) for every warp of the
 // block, then waits for all of them (a barrier).
-// kFading: the instance for a fading state (p.log_decay set), compiled apart.
-template <int DK, int DV, bool kFading, typename scalar_t, typename Exec>
+// kFading: the instance for a fading state (p.log_decay set), compiled apart; kChannels with it:
+// gates per channel (p.gate_per_channel).
+template <int DK, int DV, bool kFading, bool kChannels = false, typename scalar_t, typename Exec>
 LINATTN_HD LINATTN_INLINE void run_forward_block(const Exec& exec, const ForwardProblem<scalar_t>& p, int64_t block) {
-  using Block = ForwardBlock<scalar_t, DK, DV, kFading>;
+  using Block = ForwardBlock<scalar_t, DK, DV, kFading, kChannels>;
   using State = WarpState<DK, DV>;
   const Block blk(p, block);
 
@@ -48,6 +49,10 @@ LINATTN_HD LINATTN_INLINE void run_forward_block(const Exec& exec, const Forward
         if (republish && chunk > 0) blk.publish_state(w, s);
         blk.prepare_chunk(w, chunk, start, want_q, want_kv);
       });
+      // Gates per channel: the scores' diagonal blocks, once every row of the chunk is ready.
+      if constexpr (kChannels) {
+        if (want_q && want_kv) exec([&](const WarpContext& w, State&) { blk.diagonal_pairs(w, Block::buffer(chunk)); });
+      }
       exec([&](const WarpContext& w, State& s) {
         if (chunk + 1 < chunks) blk.issue_chunk(w, chunk + 1, start + kChunk, want_q, want_kv);
         work(w, s, start, Block::buffer(chunk));

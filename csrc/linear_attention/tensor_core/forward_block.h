@@ -4,6 +4,7 @@
 #pragma once
 
 #include "problem.h"
+#include "../../common/warp/gated_pairs.h"
 #include "../../common/warp/scan.h"
 
 namespace linattn {
@@ -203,10 +204,12 @@ LINATTN_HD void split_scaled_a_columns(const WarpContext& w, const Lanes<float> 
 }
 
 // kFading: a fading state (decay, gates), compiled apart so that the plain kernel carries none
-// of its branches.
-template <typename scalar_t, int DK, int DV, bool kFading>
+// of its branches. kChannels (with kFading): gates per feature channel (GLA; "gates per channel"
+// below says what changes).
+template <typename scalar_t, int DK, int DV, bool kFading, bool kChannels = false>
 struct ForwardBlock : SequenceRows {
-  using L = Layout<DK, DV>;
+  static_assert(kFading || !kChannels, "gates per channel are a fading state");
+  using L = Layout<DK, DV, kChannels>;
   using State = WarpState<DK, DV>;
   static constexpr int kColsPerHalf = DV / 16;  // value n8 tiles per output warp
   static constexpr int kOutTiles = kColsPerHalf + 1;  // plus the normalizer tile
@@ -318,7 +321,43 @@ struct ForwardBlock : SequenceRows {
   LINATTN_HD static constexpr bool fading() { return kFading; }
 
   LINATTN_HD void load_decay(const WarpContext& w, uint32_t base, int64_t start) const {
-    load_chunk_decay<L>(w, p.log_decay + bh * p.k_len, k_end, start, base);
+    if constexpr (kChannels) {
+      const int64_t left = k_end - start;
+      warp::load_cumulative_gates<kChunk, DK>(w, gates(), p.log_decay + (bh * p.k_len + start) * p.feature_dim,
+                                              p.feature_dim, static_cast<int>(left < kChunk ? left : kChunk),
+                                              p.feature_dim, [](int, float g) { return g; });
+    } else {
+      load_chunk_decay<L>(w, p.log_decay + bh * p.k_len, k_end, start, base);
+    }
+  }
+
+  // --- gates per channel (kChannels) ------------------------------------------------------------
+  // Row c of the state fades at its own rate, so the chunk's cumulative log factors are a matrix,
+  // G_rc = a_0c + … + a_rc (fp32 in shared memory, L::kGates), and each factor the per-token
+  // instance applies to a product's rows moves inside the product as an operand's elementwise
+  // factor (warp/operand_factors.h): φ(Q) ⊙ e^G for φ(Q) St, φ(K) ⊙ e^{G_last − G} for the state's
+  // update, the state's row c faded by e^{G_last,c}; the causal scores' pair weights
+  // Σ_c φ(q)_ic φ(k)_jc e^{G_ic − G_jc} on tensor cores between 16-row blocks, in fp32 within them
+  // (diagonal_pairs; both through warp/gated_pairs.h). Where the log factors are <= 0 no factor
+  // exceeds 1: no 16-bit operand overflows.
+
+  LINATTN_HD static constexpr warp::ChannelGates gates() { return {static_cast<uint32_t>(L::kGates), L::kGatePitch}; }
+  LINATTN_HD static float gate_sum(const WarpContext& w, int r, int c) { return gates().at(w, r, c); }
+
+  // The pair weights of the chunk's diagonal 16 × 16 blocks, D_ij for key j <= row i of the same
+  // block (0 above the diagonal), to kDiagonal: by every thread, once the chunk's rows are ready.
+  LINATTN_HD void diagonal_pairs(const WarpContext& w, uint32_t base) const {
+    warp::each_block_element<kThreads>(w, kChunk * 16, [&](int e) {
+      const int row = e / 16, col = row / 16 * 16 + e % 16;
+      const float x = col <= row ? warp::gated_pair_weight<scalar_t>(w, gates(), static_cast<int>(p.feature_dim),
+                                                                       base + L::kQ, row, base + L::kK, col,
+                                                                       L::kQKPitch)
+                                 : 0.0f;
+      warp::store_shared<float>(w, static_cast<uint32_t>(L::kDiagonal + e * 4), x);
+    });
+  }
+  LINATTN_HD static float diagonal_pair(const WarpContext& w, int row, int key) {
+    return warp::load_shared<float>(w, static_cast<uint32_t>(L::kDiagonal + (row * 16 + key % 16) * 4));
   }
 
   // --- fragments (of prepared rows) ------------------------------------------------------------
@@ -389,7 +428,9 @@ struct ForwardBlock : SequenceRows {
   // nothing, so the loop has no run-time bound and no branch between its products. A row tile's
   // B fragments are all loaded before its products, so that their loads overlap.
   LINATTN_HD void update_state(const WarpContext& w, State& s, uint32_t base) const {
-    if constexpr (kFading) {
+    if constexpr (kChannels) {  // row c by e^{G_last,c}
+      s.each_element(w, [&](bool, int row, int, float& x) { x *= warp::exp_of(gate_sum(w, kChunk - 1, row)); });
+    } else if constexpr (kFading) {
       const float chunk_fade = decay_row(w, base + L::kRowFade, kChunk - 1);
       s.each_element(w, [&](bool, int, int, float& x) { x *= chunk_fade; });
     }
@@ -397,19 +438,24 @@ struct ForwardBlock : SequenceRows {
     LINATTN_UNROLL
     for (int kk = 0; kk < kChunk / 16; ++kk) {
       Lanes<float> fades[4];
-      if constexpr (kFading) k_row_factors(w, base + L::kKeyFade, kk, fades);
+      if constexpr (kFading && !kChannels) k_row_factors(w, base + L::kKeyFade, kk, fades);
       LINATTN_UNROLL
       for (int r = 0; r < State::kRowTilesPerWarp; ++r) {
         int mi = 0, ni = 0;
         State::tile(warp_index, r * State::kColsPerWarp, mi, ni);
         Fragment a[4];
         key_transposed_fragment(w, base, mi, kk, a);
+        if constexpr (kChannels) {  // feature mi·16 + r of key kk·16 + c by e^{G_last − G_key}
+          warp::scale_a_operand<scalar_t>(w, a, [&](int r, int c) {
+            return warp::exp_of(gate_sum(w, kChunk - 1, mi * 16 + r) - gate_sum(w, kk * 16 + c, mi * 16 + r));
+          });
+        }
         Fragment bf[State::kColsPerWarp][2];
         LINATTN_UNROLL
         for (int c = 0; c < State::kColsPerWarp; ++c) {
           if (!State::tile(warp_index, r * State::kColsPerWarp + c, mi, ni)) continue;
           value_fragment(w, base, kk, ni, bf[c]);
-          if constexpr (kFading) scale_b_rows<scalar_t>(w, fades, bf[c]);
+          if constexpr (kFading && !kChannels) scale_b_rows<scalar_t>(w, fades, bf[c]);
         }
         LINATTN_UNROLL
         for (int c = 0; c < State::kColsPerWarp; ++c) {
@@ -460,13 +506,25 @@ struct ForwardBlock : SequenceRows {
     Fragment scores[kChunk / 16][4];  // A fragments of the masked scores, 16 keys each
     if (causal) {
       Accumulator sc[kChunk / 8][4];
-      lower_scores<scalar_t, DK>(w, base + L::kQ, base + L::kK, L::kQKPitch, rb, sc);
+      if constexpr (kChannels) {
+        warp::clear(w, sc);
+        LINATTN_UNROLL
+        for (int kk = 0; kk < kChunk / 16; ++kk) {
+          if (kk < rb) warp::gated_pair_block<scalar_t, DK>(w, gates(), sc, 2 * kk, base + L::kQ, rb, base + L::kK, kk,
+                                                            L::kQKPitch);
+        }
+      } else {
+        lower_scores<scalar_t, DK>(w, base + L::kQ, base + L::kK, L::kQKPitch, rb, sc);
+      }
       // The diagonal block: key j is seen by rows i >= j; a fading state weights the pair by
-      // e^{b_i − b_j} <= 1, in fp32 before the scores are rounded to 16 bits.
+      // e^{b_i − b_j} <= 1, in fp32 before the scores are rounded to 16 bits (gates per channel:
+      // diagonal_pairs' sums).
       warp::each_accumulator(w, sc, [&](int r, int key, float& x) {
         const int row = rb * 16 + r;
         if (key > row) {
           x = 0.0f;
+        } else if constexpr (kChannels) {
+          if (key >= rb * 16) x = diagonal_pair(w, row, key);
         } else if constexpr (kFading) {
           const uint32_t b = base + L::kCumulativeDecay;
           x *= warp::exp_of(decay_row(w, b, row) - decay_row(w, b, key));
@@ -481,6 +539,11 @@ struct ForwardBlock : SequenceRows {
     for (int ks = 0; ks < DK / 16; ++ks) {
       Fragment qf[4];
       query_fragment(w, base, rb, ks, qf);
+      if constexpr (kChannels) {  // φ(q_i) ⊙ e^{G_i}
+        warp::scale_a_operand<scalar_t>(w, qf, [&](int r, int c) {
+          return warp::exp_of(gate_sum(w, rb * 16 + r, ks * 16 + c));
+        });
+      }
       LINATTN_UNROLL
       for (int j = 0; j < kOutTiles; ++j) {
         Fragment bf[2];
@@ -488,7 +551,7 @@ struct ForwardBlock : SequenceRows {
         warp::mma_16816<scalar_t>(o[j], qf, bf);
       }
     }
-    if constexpr (kFading) {
+    if constexpr (kFading && !kChannels) {
       // The earlier chunks' state is worth e^{b_i} at row i.
       warp::for_lanes(w, [&](int lane) {
         const int g = warp::group_of(lane);

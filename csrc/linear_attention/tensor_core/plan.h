@@ -147,24 +147,35 @@ inline SegmentStarts segment_starts(const at::Tensor& sums, const std::optional<
 }
 
 // e^{A_s} per (batch or packed sequence, head, segment s): A_s the sum of the log factors
-// (B, H, T) fp32 over the segment's rows. Packed sequences (`offsets`: (N + 1) int32 on the
-// factors' device) take differences of a float64 running sum (which keep fp32's accuracy at any
-// length) at their segments' bounds, the offsets clamped into the packing as the kernels clamp
-// them: no synchronisation.
+// (B, H, T) fp32 over the segment's rows; gates per channel ((B, H, T, m)): per channel as well,
+// (B or N, H, segments, m). Packed sequences (`offsets`: (N + 1) int32 on the factors' device)
+// take differences of a float64 running sum (which keep fp32's accuracy at any length) at their
+// segments' bounds, the offsets clamped into the packing as the kernels clamp them: no
+// synchronisation.
 inline at::Tensor segment_fades(const at::Tensor& log_decay, const Split& split, const at::Tensor& offsets) {
   const int64_t segments = split.segments, rows = split.rows_k, length = log_decay.size(2);
+  const bool per_channel = log_decay.dim() == 4;
+  const at::Tensor by_rows = per_channel ? log_decay.movedim(3, 2) : log_decay;  // rows last
+  at::Tensor fades;  // (B or N, H[, m], segments)
   if (!offsets.defined()) {
-    const at::Tensor padded = at::constant_pad_nd(log_decay, {0, segments * rows - length});
-    return padded.view({log_decay.size(0), log_decay.size(1), segments, rows}).sum(-1).exp_();
+    const at::Tensor padded = at::constant_pad_nd(by_rows, {0, segments * rows - length});
+    std::vector<int64_t> shape = padded.sizes().vec();
+    shape.back() = segments;
+    shape.push_back(rows);
+    fades = padded.reshape(shape).sum(-1).exp_();
+  } else {
+    const at::Tensor running = at::constant_pad_nd(by_rows.select(0, 0).to(at::kDouble).cumsum(-1), {1, 0});
+    const at::Tensor bounds = offsets.to(at::kLong).clamp(0, length);
+    const at::Tensor first = bounds.slice(0, 0, -1), end = at::maximum(bounds.slice(0, 1), first);
+    const at::Tensor steps = at::arange(segments + 1, bounds.options()) * rows;  // each segment's start, and the end
+    const at::Tensor rows_at = at::minimum(first.unsqueeze(1) + steps, end.unsqueeze(1));  // (N, segments + 1)
+    std::vector<int64_t> shape = running.sizes().vec();  // (H[, m], N, segments + 1)
+    shape.back() = first.size(0);
+    shape.push_back(segments + 1);
+    const at::Tensor sums = running.index_select(-1, rows_at.flatten()).view(shape);
+    fades = (sums.narrow(-1, 1, segments) - sums.narrow(-1, 0, segments)).to(at::kFloat).movedim(-2, 0).exp_();
   }
-  const at::Tensor running = at::constant_pad_nd(log_decay.select(0, 0).to(at::kDouble).cumsum(-1), {1, 0});
-  const at::Tensor bounds = offsets.to(at::kLong).clamp(0, length);
-  const at::Tensor first = bounds.slice(0, 0, -1), end = at::maximum(bounds.slice(0, 1), first);
-  const at::Tensor steps = at::arange(segments + 1, bounds.options()) * rows;  // each segment's start, and the end
-  const at::Tensor rows_at = at::minimum(first.unsqueeze(1) + steps, end.unsqueeze(1));  // (N, segments + 1)
-  const at::Tensor sums =
-      running.index_select(1, rows_at.flatten()).view({running.size(0), first.size(0), segments + 1});
-  return (sums.narrow(2, 1, segments) - sums.narrow(2, 0, segments)).to(at::kFloat).permute({1, 0, 2}).exp_();
+  return per_channel ? fades.movedim(2, 3) : fades;
 }
 
 // segment_starts for a fading state (causal): a segment's sums are what its keys add by its end,
@@ -177,7 +188,8 @@ inline at::Tensor segment_fades(const at::Tensor& log_decay, const Split& split,
 inline SegmentStarts fading_segment_starts(const at::Tensor& sums, const std::optional<at::Tensor>& first,
                                            const at::Tensor& fades, bool reverse = false) {
   const int64_t segments = sums.size(2);
-  const at::Tensor factors = fades.unsqueeze(-1).unsqueeze(-1);
+  // Per token a state fades as a whole, per channel row by row.
+  const at::Tensor factors = fades.dim() == 4 ? fades.unsqueeze(-1) : fades.unsqueeze(-1).unsqueeze(-1);
   SegmentStarts result;
   at::Tensor running = first.has_value() ? first->to(at::kFloat) : at::zeros_like(sums.select(2, 0));
   std::vector<at::Tensor> starts(static_cast<size_t>(segments));

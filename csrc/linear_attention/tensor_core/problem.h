@@ -83,8 +83,10 @@ struct ForwardProblem {
   const bool* key_padding = nullptr;  // (B, T_k), true = padded, or null
   // A fading state (causal, T_q = T_k): (B, H, T) contiguous fp32 log factors a_t <= 0
   // (log γ of a per-head decay plus a log-gate), the state multiplied by e^{a_t} before token t
-  // joins; null for none.
+  // joins; null for none. With gate_per_channel (GLA), (B, H, T, m): row c of the state multiplied
+  // by e^{a_tc} (the kernels' kChannels instances).
   const float* log_decay = nullptr;
+  bool gate_per_channel = false;
   fused::StateView<const float> state_in;  // (m, dv + 1) per (batch, head), or null for zeros
   fused::StateView<float> state_out;       // or null
   scalar_t* out = nullptr;                 // (B, H, T_q, dv) contiguous
@@ -113,8 +115,11 @@ struct ForwardProblem {
 // Shared memory of one block: two chunk buffers (Q, K and V rows, a non-finite flag, and for a
 // fading state the chunk's cumulative log factors b_r = a_0 + ... + a_r with their exponentials),
 // the 16-bit copy of the state [S | z 0 ... 0] (DK rows of DV + 8 columns) and a scratch tile per
-// warp.
-template <int DK, int DV>
+// warp. kChannels (gates per channel): the chunk's cumulative log-gates G (kChunk rows of DK fp32
+// channels; one copy, written in the phase that prepares the chunk, once the one before is done)
+// and the pair weights of the causal scores' diagonal 16 × 16 blocks (fp32, row r's at kDiagonal
+// + r · 16 · 4: ForwardBlock::diagonal_pairs).
+template <int DK, int DV, bool kChannels = false>
 struct Layout {
   static constexpr int kQKPitch = warp::padded_pitch(DK * 2), kVPitch = warp::padded_pitch(DV * 2);
   static constexpr int kStatePitch = warp::padded_pitch((DV + 8) * 2);
@@ -126,7 +131,10 @@ struct Layout {
   static constexpr int kBuffer = kKeyFade + kChunk * 4;
   static constexpr int kState = 2 * kBuffer;
   static constexpr int kScratch = kState + DK * kStatePitch;  // per warp, 16x16 fp32: see diagonal_exactly
-  static constexpr int kBytes = kScratch + kWarps * 16 * 16 * 4;
+  static constexpr int kGatePitch = DK + 4;  // fp32 elements a row of G
+  static constexpr int kGates = kScratch + kWarps * 16 * 16 * 4;
+  static constexpr int kDiagonal = kGates + kChunk * kGatePitch * 4;
+  static constexpr int kBytes = kChannels ? kDiagonal + kChunk * 16 * 4 : kGates;
 };
 
 // The kernel a call runs: DK, its feature dim padded to 64, 128 or 256, and DV, the value columns
@@ -149,10 +157,13 @@ void with_head_dims(int64_t dk, int64_t dv, F&& f) {
   else f(k128{}, k128{});
 }
 
-// The shared memory of one block for head dims dk and dv.
-inline int64_t shared_bytes_of(int64_t dk, int64_t dv) {
+// The shared memory of one block for head dims dk and dv (per_channel: gates per channel).
+inline int64_t shared_bytes_of(int64_t dk, int64_t dv, bool per_channel = false) {
   int64_t bytes = 0;
-  with_head_dims(dk, dv, [&](auto k, auto v) { bytes = Layout<decltype(k)::value, decltype(v)::value>::kBytes; });
+  with_head_dims(dk, dv, [&](auto k, auto v) {
+    constexpr int DK = decltype(k)::value, DV = decltype(v)::value;
+    bytes = per_channel ? Layout<DK, DV, true>::kBytes : Layout<DK, DV>::kBytes;
+  });
   return bytes;
 }
 

@@ -1,0 +1,3 @@
+// forward_channel_cuda_kernels.cu's float16 instances, in a translation unit of their own.
+#define LINATTN_FLOAT16_INSTANCES
+#include "forward_channel_cuda_kernels.cu"
