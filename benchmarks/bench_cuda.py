@@ -59,17 +59,20 @@ def time_into(row, forward, forward_backward, reps):
 
 
 def flash_linear_attention():
-    """FLA's chunk kernels for plain and gated linear attention, or None when it does not import."""
+    """FLA's chunk kernels for plain, gated (a log-gate per token) and GLA (per channel) linear
+    attention, or None when it does not import."""
     try:
+        from fla.ops.gla import chunk_gla
         from fla.ops.linear_attn import chunk_linear_attn  # flash-linear-attention, optional
         from fla.ops.simple_gla import chunk_simple_gla
     except ImportError:
         return None
-    return chunk_linear_attn, chunk_simple_gla
+    return chunk_linear_attn, chunk_simple_gla, chunk_gla
 
 
 def implementations(causal, fla, gate=None):
-    """name -> fn(q, k, v) at one point; with a (B, H, T) log-gate only those that take one."""
+    """name -> fn(q, k, v) at one point; with a (B, H, T) log-gate, or a (B, H, T, D) one (GLA), only
+    those that take one."""
     def linattn_with(backend):
         def run(q, k, v):
             linattn.set_cuda_backend(backend)
@@ -81,9 +84,12 @@ def implementations(causal, fla, gate=None):
 
     if gate is not None:
         impls = {"fused": linattn_with("fused"), "generic": linattn_with("generic")}
-        if fla is not None:
+        if fla is not None and gate.dim() == 3:
             # FLA's simple GLA: the same per-token scalar log-gate, no feature map, no normalizer.
             impls["fla"] = lambda q, k, v: bthd(fla[1](bthd(q), bthd(k), bthd(v), g=bthd(gate))[0])
+        elif fla is not None:
+            # FLA's GLA: the same per-channel log-gates, no feature map, no normalizer.
+            impls["fla"] = lambda q, k, v: bthd(fla[2](bthd(q), bthd(k), bthd(v), g=bthd(gate))[0])
         return impls
 
     # "fused-simt" is the fused backend with LINATTN_TENSOR_CORES=0, which measure() sets around
@@ -96,10 +102,12 @@ def implementations(causal, fla, gate=None):
     return impls
 
 
-def points(causal, dtype, lengths):
-    """(T, gated) at one configuration: the gated rows (causal only) in bf16, the issue's target dtype."""
-    gated = (False, True) if causal and dtype == torch.bfloat16 else (False,)
-    return [(T, g) for T in lengths for g in gated]
+def points(causal, dtype, lengths, quick):
+    """(T, gating) at one configuration: "" none, "gated" a log-gate per token, "gla" one per channel;
+    the fading rows causal only, in bf16 (the issue's target dtype); GLA at the shortest length only
+    with --quick (a lent GPU's minutes)."""
+    kinds = ("", "gated", "gla") if causal and dtype == torch.bfloat16 else ("",)
+    return [(T, g) for T in lengths for g in kinds if g != "gla" or not quick or T == lengths[0]]
 
 
 def measure(args):
@@ -111,11 +119,12 @@ def measure(args):
     for (B, H, D), (quick_lengths, lengths) in CONFIGS.items():
         for dtype in (torch.bfloat16, torch.float32):
             for causal in (True, False):
-                for T, gated in points(causal, dtype, quick_lengths if args.quick else lengths):
+                for T, gating in points(causal, dtype, quick_lengths if args.quick else lengths, args.quick):
                     q, k, v = (torch.randn(B, H, T, D, device="cuda", dtype=dtype, requires_grad=True) for _ in range(3))
                     grad = torch.randn(B, H, T, D, device="cuda", dtype=dtype)
                     # log-gates in [log 0.9, 0): a state that fades over tens of tokens, as trained GLA's do
-                    gate = torch.rand(B, H, T, device="cuda").mul(-0.105) if gated else None
+                    gate_shape = (B, H, T) if gating == "gated" else (B, H, T, D)
+                    gate = torch.rand(gate_shape, device="cuda").mul(-0.105) if gating else None
                     io_bytes = 4 * B * H * T * D * q.element_size()
                     floor_ms = io_bytes / bandwidth * 1e3
                     for name, fn in implementations(causal, fla, gate).items():
@@ -125,8 +134,8 @@ def measure(args):
                             # float32 has no tensor-core path ("fused" is the SIMT kernel); --quick
                             # leaves out the superseded SIMT kernel to fit a lent GPU's minutes
                             continue
-                        row = dict(B=B, H=H, D=D, T=T, dtype=str(dtype).split(".")[-1], causal=causal, gated=gated,
-                                   impl=name, floor_ms=floor_ms)
+                        row = dict(B=B, H=H, D=D, T=T, dtype=str(dtype).split(".")[-1], causal=causal,
+                                   gated=bool(gating), gla=gating == "gla", impl=name, floor_ms=floor_ms)
                         if name == "fused-simt":
                             os.environ["LINATTN_TENSOR_CORES"] = "0"
                         try:
@@ -146,7 +155,11 @@ def _format(row):
     times = (f"fwd {row['fwd_ms']:9.3f} ms  fwd+bwd {row['fwd_bwd_ms']:9.3f} ms  fwd/floor {row['fwd_vs_floor']:6.2f}x"
              if "fwd_bwd_ms" in row else row["error"])
     return (f"B={row['B']} H={row['H']} D={row['D']} T={row['T']:6d} {row['dtype']:8s} "
-            f"{'causal' if row['causal'] else 'full  '} {'gated' if row.get('gated') else '     '} {row['impl']:8s} {times}")
+            f"{'causal' if row['causal'] else 'full  '} {_gating(row):5s} {row['impl']:8s} {times}")
+
+
+def _gating(row):
+    return "gla" if row.get("gla") else "gated" if row.get("gated") else ""
 
 
 def main():

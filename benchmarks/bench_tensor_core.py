@@ -48,7 +48,8 @@ def _linear_instance(m):  # gated: a fading state; channels: gates per channel (
 
 
 def _linear_backward_instance(m):
-    return int(m.group(3)), int(m.group(4)), f"{m.group(6)} {m.group(2)}{' gated' if m.group(7) == '1' else ''}"
+    gated = " gated" if m.group(7) == "1" else ""
+    return int(m.group(3)), int(m.group(4)), f"{m.group(6)} {m.group(2)}{gated}{CHANNELS if m.group(8) == '1' else ''}"
 
 
 SINGLE_BUFFERED = " single-buffered"  # the flash engine's D = 256 blocks for GPUs whose blocks hold less (A100)
@@ -88,9 +89,10 @@ KERNELS = {
                "shared": lambda dk, dv, label: torch.ops.linattn._tensor_core_shared_bytes(dk, dv, False,
                                                                                            CHANNELS in label)},
     "linear-bwd": {"pattern": r"Function (\S*tensor_core\S*(query|key_value)_gradient_kernelILi(\d+)ELi(\d+)EN3c10"
-                              r"(\d+)(\w+?)ELb([01])EEEv\S*):",
+                              r"(\d+)(\w+?)ELb([01])ELb([01])EEEv\S*):",
                    "instance": _linear_backward_instance, "threads": 256,
-                   "shared": lambda dk, dv, *_: torch.ops.linattn._tensor_core_shared_bytes(dk, dv, True)},
+                   "shared": lambda dk, dv, label: torch.ops.linattn._tensor_core_shared_bytes(dk, dv, True,
+                                                                                               CHANNELS in label)},
     "delta": {"pattern": r"Function (\S*delta_tensor_core\S*delta_forward_kernelILi(\d+)ELi(\d+)EN3c10(\d+)(\w+?)"
                          r"ELb([01])ELb([01])EEEv\S*):",
               "instance": _delta_forward_instance, "threads": 256,
@@ -130,13 +132,14 @@ def emulated_figures(T, D, causal, processors, gated=False, per_channel=False):
             "wavefronts_per_matrix": wavefronts / max(matrices, 1)}
 
 
-def emulated_backward_figures(T, D, causal, processors, gated=False):
+def emulated_backward_figures(T, D, causal, processors, gated=False, per_channel=False):
     """One backward at B=1 H=2 (the forward's final state handed over, as autograd does) on an
     emulated GPU of `processors` SMs (2: a block per (batch, head); 132: the sequence split);
-    `gated`: with a fading state (the log factors read and dL/dc written, fp32, join the floor)."""
+    `gated`: with a fading state (the log factors read and dL/dc written, fp32, join the floor;
+    per_channel: GLA's, (T, D) of each)."""
     os.environ["LINATTN_EMULATED_SMS"] = str(processors)
     q, k, v = (torch.randn(1, 2, T, D).mul(0.3).bfloat16() for _ in range(3))
-    log_decay = -0.05 * torch.rand(1, 2, T) if gated else None
+    log_decay = -0.05 * torch.rand(1, 2, T, *((D,) if per_channel else ())) if gated else None
     out, state, normalizer = torch.ops.linattn.linear_attn_fwd_fused(q, k, v, None, None, ELU, causal, True, 1e-6,
                                                                      log_decay)
     torch.ops.linattn._reset_warp_emulation_counters()
@@ -144,9 +147,9 @@ def emulated_backward_figures(T, D, causal, processors, gated=False):
                                             causal, True, None if gated else state, log_decay)
     del os.environ["LINATTN_EMULATED_SMS"]
     mma, matrices, wavefronts, shuffles, read, written = torch.ops.linattn._warp_emulation_counters().tolist()
-    floor = 8 * 2 * T * D * 2 + (2 * 2 * T * 4 if gated else 0)
-    return {"T": T, "D": D, "causal": causal, "gated": gated, "processors": processors, "mma": mma,
-            "read_bytes": read,
+    floor = 8 * 2 * T * D * 2 + (2 * 2 * T * 4 * (D if per_channel else 1) if gated else 0)
+    return {"T": T, "D": D, "causal": causal, "gated": gated, "per_channel": per_channel, "processors": processors,
+            "mma": mma, "read_bytes": read,
             "written_bytes": written,
             "traffic_over_floor": (read + written) / floor, "wavefronts_per_matrix": wavefronts / max(matrices, 1)}
 
@@ -311,12 +314,14 @@ def main():
               f"{e['mma']} mma ({e['mma_per_chunk']:.0f} per chunk and head)")
     backward = [emulated_backward_figures(T, 128, causal, processors) for processors in (2, 132)
                 for causal in (True, False)]
-    backward += [emulated_backward_figures(T, 128, True, processors, gated=True) for processors in (2, 132)]
+    backward += [emulated_backward_figures(T, 128, True, processors, gated=True, per_channel=per_channel)
+                 for per_channel in (False, True) for processors in (2, 132)]
     print(f"Emulated tensor-core backward, B=1 H=2 D=128 T={T} bf16 (floor = q, k, v, o, grad_out read + dq, dk, dv "
-          f"written once; gated: + the log factors read and their gradient written):")
+          f"written once; gated: + the log factors read and their gradient written; GLA: (T, D) of each, value "
+          f"tiles of 64):")
     for e in backward:
         kind = "one block per head" if e["processors"] == 2 else "split for 132 SMs"
-        mask = ("gated" if e["gated"] else "causal") if e["causal"] else "full"
+        mask = (("GLA" if e["per_channel"] else "gated") if e["gated"] else "causal") if e["causal"] else "full"
         print(f"  {mask:>6}, {kind}: traffic {e['traffic_over_floor']:.3f}x the floor "
               f"(target <= 1.3 unsplit), {e['wavefronts_per_matrix']:.2f} wavefronts per ldmatrix matrix, "
               f"{e['mma']} mma")
@@ -362,7 +367,7 @@ def main():
         print(f"Cubins: {why}")
     else:
         print("Compiled kernels (linear: forward_kernel<DK, DV, dtype, gated, channels>; linear-bwd: query / "
-              "key_value_gradient_kernel<DK, DV, dtype, gated>; delta: delta_forward_kernel<DK, DV, dtype, keeping, "
+              "key_value_gradient_kernel<DK, DV, dtype, gated, channels>; delta: delta_forward_kernel<DK, DV, dtype, keeping, "
               "channels>; delta-bwd: delta_backward_walk_kernel<DK, dtype, channels>; flash: forward_kernel<D, buffers, dtype>, "
               "backward_kernel<KeyBlock or QueryBlock<dtype, D, buffers>>):")
         print(f"  {'kernel':9} {'arch':6} {'DK':>4} {'DV':>4} {'dtype':25} {'regs':>5} {'stack':>5} {'local':>5} "

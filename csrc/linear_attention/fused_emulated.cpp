@@ -68,34 +68,34 @@ struct EmulatedLaunch {
   void operator()(const tensor_core::BackwardProblem<scalar_t>& p) const {
     tensor_core::with_backward_head_dims(p.feature_dim, p.value_dim, [&](auto dk, auto dv) {
       constexpr int DK = decltype(dk)::value, DV = decltype(dv)::value;
-      constexpr int64_t bytes = tensor_core::BackwardLayout<DK, DV>::kBytes;
-      const bool fading = p.log_decay != nullptr;  // its own instances, as on the GPU
-      if (p.pass == tensor_core::BackwardPass::kQuerySums) {
-        emulate_blocks<tensor_core::QueryState<DK, DV>>(p.blocks(), bytes, [&](const auto& exec, int64_t block) {
-          if (fading) {
-            tensor_core::run_query_sums_block<DK, DV, true>(exec, p, block);
-          } else {
-            tensor_core::run_query_sums_block<DK, DV, false>(exec, p, block);
-          }
-        });
-      } else if (p.pass == tensor_core::BackwardPass::kQuery) {
-        emulate_blocks<tensor_core::QueryState<DK, DV>>(p.blocks(), bytes, [&](const auto& exec, int64_t block) {
-          if (fading) {
-            tensor_core::run_query_gradient_block<DK, DV, true>(exec, p, block);
-          } else {
-            tensor_core::run_query_gradient_block<DK, DV, false>(exec, p, block);
-          }
-        });
+      // A fading state and gates per channel run their own instances, as on the GPU.
+      if (p.gate_per_channel) {
+        emulate_pass<DK, DV, true, true>(p);
+      } else if (p.log_decay != nullptr) {
+        emulate_pass<DK, DV, true, false>(p);
       } else {
-        emulate_blocks<tensor_core::KeyValueState<DK, DV>>(p.blocks(), bytes, [&](const auto& exec, int64_t block) {
-          if (fading) {
-            tensor_core::run_key_value_gradient_block<DK, DV, true>(exec, p, block);
-          } else {
-            tensor_core::run_key_value_gradient_block<DK, DV, false>(exec, p, block);
-          }
-        });
+        emulate_pass<DK, DV, false, false>(p);
       }
     });
+  }
+
+  template <int DK, int DV, bool kFading, bool kChannels, typename scalar_t>
+  static void emulate_pass(const tensor_core::BackwardProblem<scalar_t>& p) {
+    constexpr int64_t bytes = tensor_core::BackwardLayout<DK, DV, kChannels>::kBytes;
+    using QueryState = tensor_core::QueryState<DK, DV>;
+    if (p.pass == tensor_core::BackwardPass::kQuerySums) {
+      emulate_blocks<QueryState>(p.blocks(), bytes, [&](const auto& exec, int64_t block) {
+        tensor_core::run_query_sums_block<DK, DV, kFading, kChannels>(exec, p, block);
+      });
+    } else if (p.pass == tensor_core::BackwardPass::kQuery) {
+      emulate_blocks<QueryState>(p.blocks(), bytes, [&](const auto& exec, int64_t block) {
+        tensor_core::run_query_gradient_block<DK, DV, kFading, kChannels>(exec, p, block);
+      });
+    } else {
+      emulate_blocks<tensor_core::KeyValueState<DK, DV>>(p.blocks(), bytes, [&](const auto& exec, int64_t block) {
+        tensor_core::run_key_value_gradient_block<DK, DV, kFading, kChannels>(exec, p, block);
+      });
+    }
   }
 
   template <typename Problem>

@@ -142,7 +142,7 @@ inline tensor_core::Split split_of(const LinearAttentionShape& s, const PackedRo
 
 // Whether the tensor cores take a fading state's log factors `log_decay`: causal self-attention
 // whose factors are (B, H, T) on q's device, or (B, H, T, m) gates per channel where
-// `per_channel_fits` (the forward's kChannels instance fits: channels_fit; the backward has none).
+// `per_channel_fits` (an instance for them fits: channels_fit, or channel_value_tile's backward).
 inline bool takes_log_decay(const LinearAttentionShape& s, const at::Tensor& log_decay, const at::Tensor& q,
                             bool per_channel_fits = false) {
   const bool rows = log_decay.dim() == 3 ||
@@ -245,19 +245,22 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> empty_gradient
 
 // Adds ⟨dS_N, S_N⟩ (per state: (states, H)) to dL/dc (B, H, T) at each sequence's last row: row
 // T − 1, or with packed sequences the row before each offset but the first (an empty sequence's
-// term is 0, and its index clamped into the packing). On the device, no synchronisation.
+// term is 0, and its index clamped into the packing). On the device, no synchronisation. Gates per
+// channel: the states' row products (states, H, m) into dL/dc (B, H, T, m).
 inline void add_final_state_terms(at::Tensor& grad_cumulative, const at::Tensor& terms, const PackedRows& packed) {
-  const int64_t T = grad_cumulative.size(-1);
+  const int64_t T = grad_cumulative.size(2);
   if (T == 0) return;
   if (!packed.offsets.defined()) {
-    grad_cumulative.select(-1, T - 1).add_(terms);
+    grad_cumulative.select(2, T - 1).add_(terms);
     return;
   }
   const at::Tensor ends = packed.offsets.slice(0, 1).to(at::kLong);
   const at::Tensor starts = packed.offsets.slice(0, 0, -1).to(at::kLong);
   const at::Tensor last_rows = (ends - 1).clamp(0, T - 1);
-  const at::Tensor present = (ends > starts).to(terms.scalar_type());           // (N,)
-  const at::Tensor per_row = (terms * present.unsqueeze(1)).transpose(0, 1);    // (H, N)
+  std::vector<int64_t> shape(static_cast<size_t>(terms.dim()), 1);
+  shape[0] = -1;
+  const at::Tensor present = (ends > starts).to(terms.scalar_type()).view(shape);  // (N, 1[, 1])
+  const at::Tensor per_row = (terms * present).transpose(0, 1);                    // (H, N[, m])
   grad_cumulative.select(0, 0).index_add_(1, last_rows, per_row);
 }
 
@@ -294,10 +297,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> tensor_co
   at::Tensor initial, grad_final, final, mask;  // contiguous copies where needed (optional_ptr)
   const bool* mask_ptr = optional_ptr<bool>(key_padding_mask, mask);
   const at::Tensor den = normalizer.contiguous();
-  const bool fading = decay.defined();
-  // A fading state: each row's terms of dL/dc, and the final state the query pass reaches where
-  // dS_N meets it.
-  const at::Tensor row_terms = fading ? at::empty({s.batch, s.heads, s.q_len, 4}, acc) : at::Tensor();
+  const bool fading = decay.defined(), per_channel = fading && decay.dim() == 4;
+  // A fading state: each row's terms of dL/dc (gates per channel: dL/dc itself, (B, H, T, m)), and
+  // the final state the query pass reaches where dS_N meets it.
+  const at::Tensor row_terms =
+      fading ? at::empty({s.batch, s.heads, s.q_len, per_channel ? s.feature_dim : 4}, acc) : at::Tensor();
   at::Tensor reached;
   const tensor_core::Split split = split_of(s, packed, launch.processors());
   AT_DISPATCH_REDUCED_FLOATING_TYPES(q.scalar_type(), "linear_attn_bwd_fused", [&] {
@@ -322,6 +326,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> tensor_co
     p.row_scalars = row_scalars.data_ptr<float>();
     if (fading) {
       p.log_decay = decay.const_data_ptr<float>();
+      p.gate_per_channel = per_channel;
       p.row_terms = row_terms.data_ptr<float>();
     }
     p.packing = packed.packing;
@@ -352,10 +357,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> tensor_co
   });
   at::Tensor grad_cumulative = at::empty({0}, acc);  // (none without a fading state)
   if (fading) {
-    grad_cumulative = row_terms.select(-1, 0) + row_terms.select(-1, 1) - row_terms.select(-1, 2) -
-                      row_terms.select(-1, 3);
+    grad_cumulative = per_channel ? row_terms
+                                  : row_terms.select(-1, 0) + row_terms.select(-1, 1) - row_terms.select(-1, 2) -
+                                        row_terms.select(-1, 3);
     if (grad_final_state.has_value()) {
-      add_final_state_terms(grad_cumulative, (*grad_final_state * reached).sum({-2, -1}), packed);
+      const at::Tensor products = *grad_final_state * reached;
+      add_final_state_terms(grad_cumulative, per_channel ? products.sum(-1) : products.sum({-2, -1}), packed);
     }
   }
   return {grad_q, grad_k, grad_v, grad_initial, grad_cumulative};
@@ -363,10 +370,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> tensor_co
 
 // Where the tiles of a head dim lie: [offset, offset + width) pieces of at most kBackwardTile
 // columns (offsets multiples of it, so 16-byte rows stay 16-byte rows); one empty piece for d = 0.
-inline std::vector<std::pair<int64_t, int64_t>> head_dim_tiles(int64_t d) {
+inline std::vector<std::pair<int64_t, int64_t>> head_dim_tiles(int64_t d,
+                                                               int64_t width = tensor_core::kBackwardTile) {
   std::vector<std::pair<int64_t, int64_t>> tiles;
-  for (int64_t offset = 0; offset == 0 || offset < d; offset += tensor_core::kBackwardTile) {
-    tiles.emplace_back(offset, std::min(tensor_core::kBackwardTile, d - offset));
+  for (int64_t offset = 0; offset == 0 || offset < d; offset += width) {
+    tiles.emplace_back(offset, std::min(width, d - offset));
   }
   return tiles;
 }
@@ -401,14 +409,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> tensor_co
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
     const at::Tensor& normalizer, const std::optional<at::Tensor>& initial_state,
     const std::optional<at::Tensor>& key_padding_mask, const std::optional<at::Tensor>& final_state,
-    const at::Tensor& decay, const PackedRows& packed, const Launch& launch) {
+    const at::Tensor& decay, const PackedRows& packed, const Launch& launch,
+    int64_t value_width = tensor_core::kBackwardTile) {
   const int64_t m = s.feature_dim, dv = s.value_dim;
-  if (m <= tensor_core::kBackwardTile && dv <= tensor_core::kBackwardTile) {
+  if (m <= tensor_core::kBackwardTile && dv <= value_width) {
     return tensor_core_backward_whole(s, grad_out, grad_final_state, q, k, v, out, normalizer, initial_state,
                                       key_padding_mask, final_state, decay, packed, launch);
   }
   const auto acc = q.options().dtype(at::kFloat);
-  const auto feature_tiles = head_dim_tiles(m), value_tiles = head_dim_tiles(dv);
+  const auto feature_tiles = head_dim_tiles(m), value_tiles = head_dim_tiles(dv, value_width);
   const size_t nf = feature_tiles.size(), nv = value_tiles.size();
   GradientTiles to;
   std::tie(to.q, to.k, to.v, std::ignore) = empty_gradients(s, 0, q.options(), acc);
@@ -567,10 +576,17 @@ std::optional<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Ten
   }
   const LinearAttentionShape s = kernel_shape(q, k, v, feature_map, causal, normalize, 1.0);
   if (!tensor_core::takes_backward(s, q.scalar_type(), max_shared_bytes)) return std::nullopt;
-  if (log_decay.has_value() && !takes_log_decay(s, *log_decay, q)) return std::nullopt;
+  // Gates per channel: feature dims up to 128 (one feature tile, so dL/dc's columns are the tile's),
+  // value columns in tiles of 64 (channel_value_tile).
+  const int64_t channel_tile = s.feature_dim <= tensor_core::kBackwardTile
+                                   ? tensor_core::channel_value_tile(s.feature_dim, max_shared_bytes)
+                                   : 0;
+  if (log_decay.has_value() && !takes_log_decay(s, *log_decay, q, channel_tile > 0)) return std::nullopt;
   const at::Tensor decay = log_decay.has_value() ? log_decay->to(at::kFloat).contiguous() : at::Tensor();
+  const bool per_channel = decay.defined() && decay.dim() == 4;
   return tensor_core_backward(s, grad_out, grad_final_state, q, k, v, out, normalizer, initial_state,
-                              key_padding_mask, final_state, decay, packed_rows(cu_seqlens, s.q_len), launch);
+                              key_padding_mask, final_state, decay, packed_rows(cu_seqlens, s.q_len), launch,
+                              per_channel ? channel_tile : tensor_core::kBackwardTile);
 }
 
 }  // namespace fused

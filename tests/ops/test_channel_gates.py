@@ -287,10 +287,10 @@ def test_matches_flash_linear_attention_reference_function():
     torch.testing.assert_close(S, h, rtol=1e-4, atol=1e-4)
 
 
-def test_fused_backend_runs_tensor_cores_forward_and_the_generic_backward():
+def test_fused_backend_runs_the_tensor_cores():
     # The fused operators (here their CPU emulation, what CUDA tensors run under
-    # set_cuda_backend("fused")): the forward on the tensor cores' instance for gates per channel
-    # (test_tensor_core_channel_gates.py), the backward on the device-generic kernel, exactly.
+    # set_cuda_backend("fused")) run the tensor cores' instances for gates per channel, forward and
+    # backward (test_tensor_core_channel_gates.py), agreeing with the device-generic kernel.
     q, k, v, gate, state, _ = make(T=70, dtype=torch.bfloat16)
     log_decay = gate.float().contiguous()
     args = (q, k, v, None, None, 1, True, True, 1e-6, log_decay)
@@ -302,5 +302,9 @@ def test_fused_backend_runs_tensor_cores_forward_and_the_generic_backward():
         torch.testing.assert_close(x.float(), y.float(), rtol=2e-2, atol=2e-2)
     grad = torch.randn(q.shape[:3] + (5,), generator=torch.Generator().manual_seed(13)).to(q.dtype)
     back = (grad, None, q, k, v, fused[0], fused[2], None, None, 1, True, True, None, log_decay)
-    for x, y in zip(torch.ops.linattn.linear_attn_bwd_fused(*back), torch.ops.linattn.linear_attn_bwd_generic(*back)):
-        torch.testing.assert_close(x, y)
+    torch.ops.linattn._reset_warp_emulation_counters()
+    fused_grads = torch.ops.linattn.linear_attn_bwd_fused(*back)
+    assert torch.ops.linattn._warp_emulation_counters()[0] > 0, "the tensor-core backward did not run"
+    for x, y in zip(fused_grads, torch.ops.linattn.linear_attn_bwd_generic(*back)):
+        if x is not None and x.numel():
+            torch.testing.assert_close(x.float(), y.float(), rtol=3e-2, atol=3e-2)

@@ -1,12 +1,13 @@
 """Gates per channel (GLA: a log-gate per token and feature channel, (B, H, T, m)) on linear
-attention's tensor-core forward: the kChannels instance of csrc/linear_attention/tensor_core/forward.h
-(the chunk's cumulative log-gates a matrix, the factors inside the products as operand factors, the
-causal scores' pair weights by split mma between 16-row blocks and in fp32 within them:
-common/warp/gated_pairs.h). The backward of such a call runs the device-generic kernel.
+attention's tensor-core kernels: the kChannels instances of csrc/linear_attention/tensor_core/
+forward.h and backward.h (the chunk's cumulative log-gates a matrix, the factors inside the products
+as operand factors, pair weights by split mma between 16-row blocks and in fp32 within them:
+common/warp/gated_pairs.h; dL/dc per channel from the two passes' terms).
 
-linear_attn_fwd_fused on CPU tensors runs it through the warp-operation layer's emulation; each test
-counts the mma instructions the emulation executed, so a test cannot pass on another path. Oracle:
-the float64 dense reference (reference.decayed_linear_attention)."""
+linear_attn_fwd_fused / _bwd_fused on CPU tensors run them through the warp-operation layer's
+emulation; each test counts the mma instructions the emulation executed, so a test cannot pass on
+another path. Oracle: the float64 dense reference (reference.decayed_linear_attention) and autograd
+through it."""
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ from linattn import ops, reference
 from conftest import assert_close
 
 FWD = torch.ops.linattn.linear_attn_fwd_fused.default
+BWD = torch.ops.linattn.linear_attn_bwd_fused.default
 HALF_TYPES = [torch.bfloat16, torch.float16]
 # As the per-token fading instance's (test_tensor_core_forward.py), with one more 16-bit rounding
 # of φ(q), φ(k) and their pair factors inside the products.
@@ -35,6 +37,15 @@ def make(B, H, T, m, dv, dtype, seed=0, strength=0.3):
     v = torch.randn(B, H, T, dv, generator=g).to(dtype)
     gate = -torch.rand(B, H, T, m, generator=g) * strength
     return q, k, v, gate
+
+
+def strong_gates(B, T, H=2, m=32):
+    """(B, H, T, m) log-gates, each channel of a head one of three kinds: closing by up to e^-40 a
+    token, barely fading (-0.05), never fading."""
+    g = torch.Generator().manual_seed(6)
+    kind = torch.randint(0, 3, (B, H, 1, m), generator=g)
+    return torch.where(kind == 0, -40.0 * torch.rand(B, H, T, m, generator=g),
+                       torch.where(kind == 1, -0.05 * torch.rand(B, H, T, m, generator=g), torch.zeros(B, H, T, m)))
 
 
 def fused(q, k, v, gate, **options):
@@ -96,12 +107,7 @@ def test_strong_gates_stay_finite_and_exact(dtype):
     fading: every factor inside a product stays <= 1 (the split through the later block's first
     row, exact pair sums within a block), so nothing overflows and the outputs match."""
     q, k, v, _ = make(2, 2, 200, 32, 24, dtype, seed=5)
-    g = torch.Generator().manual_seed(6)
-    kind = torch.randint(0, 3, (2, 2, 1, 32), generator=g)
-    gate = torch.where(kind == 0, -40.0 * torch.rand(2, 2, 200, 32, generator=g),
-                       torch.where(kind == 1, -0.05 * torch.rand(2, 2, 200, 32, generator=g),
-                                   torch.zeros(2, 2, 200, 32)))
-    check(q, k, v, gate, TOL[dtype])
+    check(q, k, v, strong_gates(2, 200), TOL[dtype])
 
 
 def test_equal_channels_match_the_per_token_instance():
@@ -192,26 +198,145 @@ def test_packed_split_fades_per_sequence(monkeypatch):
         assert_close(S[n:n + 1], ref_S, TOL[torch.bfloat16], f"sequence {n} S")
 
 
-def test_gradients_opcheck_and_compile():
-    """A training step under the fused operators: the tensor-core forward, then the device-generic
-    backward (no tensor-core backward takes gates per channel yet); every gradient, the gate's too,
-    against the float64 reference; opcheck of the forward operator with (B, H, T, m) log factors;
-    torch.compile(fullgraph=True) equal to eager."""
+def gradients(q, k, v, gate, decay=None, initial_state=None, seed=0, fused_backend=True, **options):
+    """out, the final state and the gradients of q, k, v, the gate (and decay, S0, z0 where given) of
+    a random linear function of out and the final state: under the fused operators (asserting that
+    the tensor-core backward ran), or through the float64 reference."""
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v, gate)]
+    extra = [t.detach().clone().requires_grad_() for t in ((decay,) if decay is not None else ())]
+    state = None if initial_state is None else tuple(t.detach().clone().requires_grad_() for t in initial_state)
+    g = torch.Generator().manual_seed(seed)
+    if fused_backend:
+        with ops.fused_implementation():
+            out, (S, z) = linattn.linear_attention(*leaves[:3], causal=True, gate=leaves[3],
+                                                   decay=extra[0] if extra else None, initial_state=state,
+                                                   output_final_state=True, **options)
+    else:
+        log_f = leaves[3]
+        if extra:
+            log_f = log_f + extra[0].log().view(1, -1, 1, 1)
+        out, (S, z) = reference.decayed_linear_attention(*leaves[:3], log_f, initial_state=state, **options)
+    weights = [torch.randn(t.shape, generator=g, dtype=torch.float64) for t in (out, S, z)]
+    loss = sum((t.double() * w).sum() for t, w in zip((out, S, z), weights))
+    inputs = leaves + extra + (list(state) if state is not None else [])
+    torch.ops.linattn._reset_warp_emulation_counters()
+    grads = torch.autograd.grad(loss, inputs)
+    if fused_backend:
+        assert mma_count() > 0, "the tensor-core backward did not run"
+    return grads
+
+
+def double(*tensors):
+    return [None if t is None else t.double() for t in tensors]
+
+
+def check_gradients(q, k, v, gate, tol, decay=None, initial_state=None, **options):
+    ours = gradients(q, k, v, gate, decay, initial_state, **options)
+    state = None if initial_state is None else tuple(double(*initial_state))
+    theirs = gradients(*double(q, k, v, gate), None if decay is None else decay.double(), state,
+                       fused_backend=False, **options)
+    names = ["q", "k", "v", "gate"] + (["decay"] if decay is not None else []) + (["S0", "z0"] if state else [])
+    for name, a, b in zip(names, ours, theirs):
+        assert_close(a, b, tol, f"grad {name}")
+
+
+@pytest.mark.parametrize("dtype", HALF_TYPES)
+@pytest.mark.parametrize("T", [1, 17, 64, 65, 150])
+def test_gradients_around_the_chunk(dtype, T):
+    check_gradients(*make(2, 2, T, 32, 24, dtype, seed=T), 2 * TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", HALF_TYPES)
+@pytest.mark.parametrize("m, dv", [(8, 8), (64, 64), (100, 33), (128, 128), (48, 160)])
+def test_gradients_head_dims_and_value_tiles(dtype, m, dv):
+    """Feature dims up to 128; value columns in tiles of 64 (dv > 64: dq, dk and dL/dc summed over
+    the tiles)."""
+    check_gradients(*make(1, 2, 100, m, dv, dtype, seed=m + dv), 2 * TOL[dtype])
+
+
+@pytest.mark.parametrize("feature_map, normalize", [("elu", True), ("relu", True), ("elu", False),
+                                                    ("identity", False)])
+def test_gradients_feature_maps_padding_decay_and_state(feature_map, normalize):
+    """φ' on dq and dk, key padding (0 gradients for padded keys), a per-head decay folded into the
+    gates (its gradient too) and an initial state (dS0, dz0)."""
+    q, k, v, gate = make(2, 3, 100, 32, 24, torch.bfloat16, seed=3)
+    g = torch.Generator().manual_seed(4)
+    mask = torch.rand(2, 100, generator=g) < 0.2
+    state = (torch.randn(2, 3, 32, 24, generator=g), torch.rand(2, 3, 32, generator=g) + 1)
+    decay = torch.tensor([1.0, 0.97, 0.6])
+    check_gradients(q, k, v, gate, 2 * TOL[torch.bfloat16], decay=decay, initial_state=state, key_padding_mask=mask,
+                    feature_map=feature_map, normalize=normalize)
+
+
+@pytest.mark.parametrize("dtype", HALF_TYPES)
+def test_gradients_under_strong_gates(dtype):
+    """Channels closing by up to e^-40 a token beside channels that barely fade or never do: every
+    factor of the backward's products stays <= 1 (split through a reference row between the blocks,
+    exact within them), so nothing overflows and every gradient matches."""
+    q, k, v, _ = make(1, 2, 150, 32, 24, dtype, seed=5)
+    check_gradients(q, k, v, strong_gates(1, 150), 2 * TOL[dtype])
+
+
+def test_packed_gradients_equal_each_sequence_alone():
+    """Packed sequences: dq, dk, dv equal one call per sequence bit for bit; the gate's gradient
+    (its reverse cumulative sum runs per segment of the packing in one, per call in the other) to
+    fp32 rounding."""
+    offsets = [0, 5, 70, 200]
+    q, k, v, gate = make(1, 2, 200, 32, 24, torch.bfloat16, seed=8)
+    g = torch.Generator().manual_seed(9)
+    cot = torch.randn(1, 2, 200, 24, generator=g).bfloat16()
+
+    def run(rows, cu=None):
+        leaves = [t.clone().requires_grad_() for t in rows]
+        with ops.fused_implementation():
+            out = linattn.linear_attention(*leaves[:3], causal=True, gate=leaves[3], cu_seqlens=cu)
+        return torch.autograd.grad(out, leaves, cot[:, :, :out.shape[2]] if cu is None else cot)
+
+    packed = run((q, k, v, gate), torch.tensor(offsets, dtype=torch.int32))
+    for n, (a, b) in enumerate(zip(offsets[:-1], offsets[1:])):
+        rows = [t[:, :, a:b] for t in (q, k, v, gate)]
+        cot_rows = cot[:, :, a:b]
+        leaves = [t.clone().requires_grad_() for t in rows]
+        with ops.fused_implementation():
+            out = linattn.linear_attention(*leaves[:3], causal=True, gate=leaves[3])
+        alone = torch.autograd.grad(out, leaves, cot_rows)
+        for name, x, y in zip(("q", "k", "v"), packed, alone):
+            assert torch.equal(x[:, :, a:b], y), f"sequence {n} grad {name}"
+        assert_close(packed[3][:, :, a:b], alone[3].double(), 1e-5, f"sequence {n} grad gate")
+
+
+def test_gradients_split_into_segments(monkeypatch):
+    """One long sequence split into segments for 132 SMs in the backward too (the query and key-value
+    passes per segment from states scanned over segments, fading channel by channel)."""
+    monkeypatch.setenv("LINATTN_EMULATED_SMS", "132")
+    q, k, v, gate = make(1, 1, 1200, 32, 24, torch.bfloat16, seed=12, strength=0.05)
+    g = torch.Generator().manual_seed(13)
+    state = (torch.randn(1, 1, 32, 24, generator=g), torch.rand(1, 1, 32, generator=g) + 1)
+    check_gradients(q, k, v, gate, 2 * TOL[torch.bfloat16], initial_state=state)
+
+
+def test_opcheck_and_compile():
+    """opcheck of both fused operators with (B, H, T, m) log factors; torch.compile(fullgraph=True)
+    of a training step equal to eager, output and gradients."""
     q, k, v, gate = make(1, 2, 90, 32, 24, torch.bfloat16, seed=4)
     leaves = [t.clone().requires_grad_() for t in (q, k, v, gate)]
-    torch.ops.linattn._reset_warp_emulation_counters()
+
+    def step(*t):
+        out = linattn.linear_attention(*t[:3], causal=True, gate=t[3])
+        return out, torch.autograd.grad(out.float().square().sum(), t)
+
     with ops.fused_implementation():
-        out = linattn.linear_attention(*leaves[:3], causal=True, gate=leaves[3])
-        assert mma_count() > 0, "the tensor-core forward did not run"
-        grads = torch.autograd.grad(out.float().square().sum(), leaves)
+        eager = step(*leaves)
         compiled = torch.compile(lambda *t: linattn.linear_attention(*t[:3], causal=True, gate=t[3]), fullgraph=True)
-        assert torch.equal(compiled(*leaves), out)
-    ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
-    ref = reference.decayed_linear_attention(*ref_leaves)[0]
-    ref_grads = torch.autograd.grad(ref.square().sum(), ref_leaves)
-    for name, a, b in zip(("q", "k", "v", "gate"), grads, ref_grads):
-        assert_close(a, b, 4 * TOL[torch.bfloat16], f"grad {name}")
-    torch.library.opcheck(FWD, (q, k, v, None, None, ELU, True, True, 1e-6, gate.contiguous()))
+        out = compiled(*leaves)
+        assert torch.equal(out, eager[0])
+        for a, b in zip(torch.autograd.grad(out.float().square().sum(), leaves), eager[1]):
+            assert torch.equal(a, b)
+    log_decay = gate.contiguous()
+    torch.library.opcheck(FWD, (q, k, v, None, None, ELU, True, True, 1e-6, log_decay))
+    out, state, normalizer = FWD(q, k, v, None, None, ELU, True, True, 1e-6, log_decay)
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(5)).bfloat16()
+    torch.library.opcheck(BWD, (grad, None, q, k, v, out, normalizer, None, None, ELU, True, True, None, log_decay))
 
 
 def test_wide_features_fall_back_to_the_device_kernel():
@@ -227,15 +352,16 @@ def test_wide_features_fall_back_to_the_device_kernel():
     assert_close(state[..., :16], ref_S, TOL[torch.bfloat16], "final S")
 
 
-def test_shared_memory_of_the_instance():
+def test_shared_memory_of_the_instances():
     """G (64 rows of DK + 4 fp32) and the diagonal blocks' pair weights (64 × 16 fp32) beside the
-    per-token layout: at DK = DV = 128, within an H100 block's 227 KiB."""
-    plain = torch.ops.linattn._tensor_core_shared_bytes(128, 128)
-    channels = torch.ops.linattn._tensor_core_shared_bytes(128, 128, False, True)
-    assert channels - plain == 64 * 132 * 4 + 64 * 16 * 4
-    assert channels <= 227 * 1024
-    with pytest.raises(RuntimeError, match="per_channel"):
-        torch.ops.linattn._tensor_core_shared_bytes(64, 64, True, True)
+    per-token layouts: the forward at DK = DV = 128 within an H100 block's 227 KiB; the backward's
+    128 x 128 not (so it takes 64-column value tiles), its 128 x 64 within."""
+    extra = 64 * 132 * 4 + 64 * 16 * 4
+    shared = torch.ops.linattn._tensor_core_shared_bytes
+    assert shared(128, 128, False, True) - shared(128, 128) == extra
+    assert shared(128, 128, False, True) <= 227 * 1024
+    assert shared(128, 128, True, True) - shared(128, 128, True) == extra
+    assert shared(128, 128, True, True) > 227 * 1024 >= shared(128, 64, True, True)
 
 
 @needs_gpu

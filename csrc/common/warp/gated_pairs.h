@@ -14,13 +14,13 @@ namespace linattn {
 namespace warp {
 
 // A chunk's cumulative log-gates G in shared memory: fp32, row r's channel c at
-// origin + (r · pitch + c) · 4 bytes.
+// kOrigin + (r · kPitch + c) · 4 bytes (kPitch floats a row). Compile-time, as every address the
+// helpers below form from it: the kernels' registers are what bounds them.
+template <int kOrigin, int kPitch>
 struct ChannelGates {
-  uint32_t origin = 0;
-  int pitch = 0;  // floats per row
-
-  LINATTN_HD float at(const WarpContext& w, int r, int c) const {
-    return load_shared<float>(w, origin + static_cast<uint32_t>((r * pitch + c) * 4));
+  LINATTN_HD static constexpr int at_offset(int r, int c) { return kOrigin + (r * kPitch + c) * 4; }
+  LINATTN_HD static float at(const WarpContext& w, int r, int c) {
+    return load_shared<float>(w, static_cast<uint32_t>(at_offset(r, c)));
   }
 };
 
@@ -28,26 +28,28 @@ struct ChannelGates {
 // the rows, summing `gates` (row r's channel c at gates[r · row_stride + c]) over the first
 // valid_rows rows and `channels` channels (0 past them, so G_last is the last valid row's); each
 // gate passes through take(r, g) first (the delta rule's forward flags a non-finite one there).
-template <int kRows, int kChannels, typename Take>
-LINATTN_HD void load_cumulative_gates(const WarpContext& w, const ChannelGates& G, const float* gates,
-                                      int64_t row_stride, int valid_rows, int64_t channels, const Take& take) {
+template <int kRows, int kChannels, typename Gates, typename Take>
+LINATTN_HD void load_cumulative_gates(const WarpContext& w, Gates, const float* gates, int64_t row_stride,
+                                      int valid_rows, int64_t channels, const Take& take) {
   if (w.warp * kWarpSize >= kChannels) return;
   for_lanes(w, [&](int lane) {
     const int c = w.warp * kWarpSize + lane;
     const int valid = c < channels ? valid_rows : 0;
     float total = 0.0f;
+    LINATTN_UNROLL_BY_4
     for (int r = 0; r < kRows; ++r) {
       total += take(r, r < valid ? load_global(w, gates + r * row_stride + c) : 0.0f);
-      store_shared<float>(w, G.origin + static_cast<uint32_t>((r * G.pitch + c) * 4), total);
+      store_shared<float>(w, static_cast<uint32_t>(Gates::at_offset(r, c)), total);
     }
   });
 }
 
-// w_ij for row xr of the 16-bit rows at `x` and row yr of those at `y` (`pitch` bytes a row), over
+// w_ij for row xr of the 16-bit rows at `x` and row yr of those at `y` (kRowPitch bytes a row), over
 // the first `channels` channels, in fp32 (an odd channel count's last pair holds a zero column).
-template <typename half_t>
-LINATTN_HD float gated_pair_weight(const WarpContext& w, const ChannelGates& G, int channels, uint32_t x, int xr,
-                                   uint32_t y, int yr, int pitch) {
+template <typename half_t, int kRowPitch, typename Gates>
+LINATTN_HD float gated_pair_weight(const WarpContext& w, Gates G, int channels, uint32_t x, int xr, uint32_t y,
+                                   int yr) {
+  constexpr int pitch = kRowPitch;
   float sum = 0.0f;
   for (int c = 0; c < channels; c += 2) {
     const uint32_t xs = load_shared<uint32_t>(w, x + static_cast<uint32_t>(xr * pitch + c * 2));
@@ -59,11 +61,12 @@ LINATTN_HD float gated_pair_weight(const WarpContext& w, const ChannelGates& G, 
 }
 
 // acc's tiles first, first + 1 (rows 16·mb.. of the rows at `m` × rows 16·nb.. of the rows at `n`,
-// `pitch` bytes a row, DK channels) += the pair weights of two different 16-row blocks (mb != nb),
+// kRowPitch bytes a row, DK channels) += the pair weights of two different 16-row blocks (mb != nb),
 // on tensor cores, split through the later block's first row.
-template <typename half_t, int DK, int kTiles>
-LINATTN_HD void gated_pair_block(const WarpContext& w, const ChannelGates& G, Accumulator (&acc)[kTiles][4], int first,
-                                 uint32_t m, int mb, uint32_t n, int nb, int pitch) {
+template <typename half_t, int DK, int kRowPitch, typename Gates, int kTiles>
+LINATTN_HD void gated_pair_block(const WarpContext& w, Gates G, Accumulator (&acc)[kTiles][4], int first, uint32_t m,
+                                 int mb, uint32_t n, int nb) {
+  constexpr int pitch = kRowPitch;
   const int ref = (mb > nb ? mb : nb) * 16;
   const float m_sign = mb > nb ? 1.0f : -1.0f;  // the m rows' factor is e^{m_sign (G − G_r)}
   LINATTN_NO_UNROLL  // (the key steps rolled: registers, not instructions, bound these kernels)

@@ -164,7 +164,7 @@ struct DeltaForwardBlock {
   // warp/gated_pairs.h). Where the log-gates are <= 0 (logs of forget gates) no factor exceeds 1: no
   // 16-bit operand overflows.
 
-  LINATTN_HD static float gate_sum(const WarpContext& w, int r, int c) { return gates().at(w, r, c); }
+  LINATTN_HD static float gate_sum(const WarpContext& w, int r, int c) { return Gates::at(w, r, c); }
 
   // G for the chunk's rows from `start` of the sequence: threads 0 .. DK − 1 take a channel each
   // down the rows (zeros past the sequence and the key dim). With `screen` (the forward), a row with
@@ -183,12 +183,13 @@ struct DeltaForwardBlock {
   }
 
   // The chunk's G as the shared pair-weight helpers read it (common/warp/gated_pairs.h).
-  LINATTN_HD static constexpr warp::ChannelGates gates() { return {static_cast<uint32_t>(L::kGates), L::kGatePitch}; }
+  using Gates = warp::ChannelGates<L::kGates, L::kGatePitch>;
+  LINATTN_HD static constexpr Gates gates() { return {}; }
 
   // Σ_c x_c y_c e^{G_xc − G_yc} over the key channels, x row xr of the 16-bit rows at `x`, y row yr
   // at `y`, in fp32 (gated_pair_weight).
   LINATTN_HD float pair_weight(const WarpContext& w, uint32_t x, int xr, uint32_t y, int yr) const {
-    return warp::gated_pair_weight<scalar_t>(w, gates(), static_cast<int>(p.key_dim), x, xr, y, yr, L::kQKPitch);
+    return warp::gated_pair_weight<scalar_t, L::kQKPitch>(w, gates(), static_cast<int>(p.key_dim), x, xr, y, yr);
   }
 
   // acc's tiles first, first + 1 (rows 16·mb.. of the rows at `m` × rows 16·nb.. of the rows at `n`)
@@ -196,7 +197,7 @@ struct DeltaForwardBlock {
   template <int kTiles>
   LINATTN_HD void pair_block(const WarpContext& w, Accumulator (&acc)[kTiles][4], int first, uint32_t m, int mb,
                              uint32_t n, int nb) const {
-    warp::gated_pair_block<scalar_t, DK>(w, gates(), acc, first, m, mb, n, nb, L::kQKPitch);
+    warp::gated_pair_block<scalar_t, DK, L::kQKPitch>(w, gates(), acc, first, m, mb, n, nb);
   }
 
   // The diagonal blocks of the causal scores' pair weights, D_ij = Σ_c q_ic k_jc e^{G_ic − G_jc} for

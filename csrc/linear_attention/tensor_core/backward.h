@@ -45,6 +45,12 @@ LINATTN_HD LINATTN_INLINE void stream_chunks(const Exec& exec, const Block& blk,
       if (step > 0) between(w, s, Block::buffer(step - 1));
       blk.prepare_chunk(w, base, start, queries, keys);
     });
+    // Gates per channel: the diagonal blocks' pair weights, once every row of the chunk is ready.
+    if constexpr (Block::kPerChannel) {
+      if (queries && keys && blk.wants_diagonal_pairs()) {
+        exec([&](const WarpContext& w, auto&) { blk.diagonal_pairs(w, base); });
+      }
+    }
     exec([&](const WarpContext& w, auto& s) {
       if (step + 1 < chunks) blk.issue_chunk(w, Block::buffer(step + 1), start_of(step + 1), queries, keys);
       const int64_t left = end - start;
@@ -55,21 +61,23 @@ LINATTN_HD LINATTN_INLINE void stream_chunks(const Exec& exec, const Block& blk,
 
 // The query pass for block `block` ((batch, head[, segment])): writes dq and the row scalars (and,
 // kFading, the rows' terms of dL/dc; the problem's log_decay must then be set).
-template <int DK, int DV, bool kFading, typename scalar_t, typename Exec>
+template <int DK, int DV, bool kFading, bool kChannels = false, typename scalar_t, typename Exec>
 LINATTN_HD LINATTN_INLINE void run_query_gradient_block(const Exec& exec, const BackwardProblem<scalar_t>& p,
                                                         int64_t block) {
-  using Block = BackwardBlock<scalar_t, DK, DV, kFading>;
+  using Block = BackwardBlock<scalar_t, DK, DV, kFading, kChannels>;
   using L = typename Block::L;
   using State = QueryState<DK, DV>;
   const Block blk(p, block);
   auto publish = [&](const WarpContext& w, const State& s) {
     s.template publish<scalar_t>(w, L::kState, L::kSPitch, L::kStateLow);
   };
-  // Sᵀ += Vᵀ φ(K); a fading state: Sᵀ = e^{b_last} Sᵀ + (e^{b_last − b} ⊙ V)ᵀ φ(K).
+  // Sᵀ += Vᵀ φ(K); a fading state: Sᵀ = e^{b_last} Sᵀ + (e^{b_last − b} ⊙ V)ᵀ φ(K); gates per
+  // channel: Sᵀ = Sᵀ Diag(e^{G_last}) + Vᵀ (φ(K) ⊙ e^{G_last − G}).
   auto accumulate = [&](const WarpContext& w, State& s, uint32_t base, int rows) {
     blk.fade_state(w, s, base);
-    Block::accumulate(w, s, base + L::kV, L::kVPitch, base + L::kK, L::kQKPitch, rows,
-                      kFading ? base + L::kKeyFade : Block::kNoFactors);
+    Block::template accumulate<kChannels ? Block::ChannelSide::kFeaturesInY : Block::ChannelSide::kNone>(
+        w, s, base + L::kV, L::kVPitch, base + L::kK, L::kQKPitch, rows,
+        kFading ? base + L::kKeyFade : Block::kNoFactors);
   };
   auto nothing = [](const WarpContext&, State&, uint32_t) {};
   int64_t q_begin = 0, q_end = 0, k_begin = 0, k_end = 0;
@@ -118,10 +126,10 @@ LINATTN_HD LINATTN_INLINE void run_query_gradient_block(const Exec& exec, const 
 // The sequence split's kQuerySums for block `block`: the segment's [Σ φ(k) vᵀ | Σ φ(k)] over its
 // key rows (faded to its end under a fading state) to state_out, as the query pass's scan takes
 // them. A kernel of its own: beside the query pass's loop it cost that kernel registers.
-template <int DK, int DV, bool kFading, typename scalar_t, typename Exec>
+template <int DK, int DV, bool kFading, bool kChannels = false, typename scalar_t, typename Exec>
 LINATTN_HD LINATTN_INLINE void run_query_sums_block(const Exec& exec, const BackwardProblem<scalar_t>& p,
                                                     int64_t block) {
-  using Block = BackwardBlock<scalar_t, DK, DV, kFading>;
+  using Block = BackwardBlock<scalar_t, DK, DV, kFading, kChannels>;
   using L = typename Block::L;
   using State = QueryState<DK, DV>;
   const Block blk(p, block);
@@ -131,8 +139,9 @@ LINATTN_HD LINATTN_INLINE void run_query_sums_block(const Exec& exec, const Back
   stream_chunks(exec, blk, k_begin, k_end, false, false, true, [](const WarpContext&, State&, uint32_t) {},
                 [&](const WarpContext& w, State& s, uint32_t base, int64_t, int rows) {
                   blk.fade_state(w, s, base);
-                  Block::accumulate(w, s, base + L::kV, L::kVPitch, base + L::kK, L::kQKPitch, rows,
-                                    kFading ? base + L::kKeyFade : Block::kNoFactors);
+                  Block::template accumulate<kChannels ? Block::ChannelSide::kFeaturesInY : Block::ChannelSide::kNone>(
+                      w, s, base + L::kV, L::kVPitch, base + L::kK, L::kQKPitch, rows,
+                      kFading ? base + L::kKeyFade : Block::kNoFactors);
                   blk.add_key_sums(w, base);
                 });
   exec([&](const WarpContext& w, State& s) { blk.store_s(w, s); });
@@ -140,10 +149,10 @@ LINATTN_HD LINATTN_INLINE void run_query_sums_block(const Exec& exec, const Back
 
 // The key-value pass for block `block`: writes dk, dv and dS0 (kKeyValueSums: only the segment's
 // Σ φ(q) G'ᵀ).
-template <int DK, int DV, bool kFading, typename scalar_t, typename Exec>
+template <int DK, int DV, bool kFading, bool kChannels = false, typename scalar_t, typename Exec>
 LINATTN_HD LINATTN_INLINE void run_key_value_gradient_block(const Exec& exec, const BackwardProblem<scalar_t>& p,
                                                             int64_t block) {
-  using Block = BackwardBlock<scalar_t, DK, DV, kFading>;
+  using Block = BackwardBlock<scalar_t, DK, DV, kFading, kChannels>;
   using L = typename Block::L;
   using State = KeyValueState<DK, DV>;
   const Block blk(p, block);
@@ -151,11 +160,13 @@ LINATTN_HD LINATTN_INLINE void run_key_value_gradient_block(const Exec& exec, co
     s.template publish<scalar_t>(w, L::kState, L::kUPitch, L::kULow);
   };
   // U += φ(Q)ᵀ G'; a fading state: U = e^{b_last} U + (e^{b} ⊙ φ(Q))ᵀ G' (U is faded to the
-  // chunk's start, as the scan backwards in time reaches it).
+  // chunk's start, as the scan backwards in time reaches it); gates per channel:
+  // U = Diag(e^{G_last}) U + (φ(Q) ⊙ e^G)ᵀ G'.
   auto accumulate = [&](const WarpContext& w, State& s, uint32_t base, int rows) {
     blk.fade_state(w, s, base);
-    Block::accumulate(w, s, base + L::kQ, L::kQKPitch, base + L::kG, L::kGPitch, rows,
-                      kFading ? base + L::kRowFade : Block::kNoFactors);
+    Block::template accumulate<kChannels ? Block::ChannelSide::kFeaturesInX : Block::ChannelSide::kNone>(
+        w, s, base + L::kQ, L::kQKPitch, base + L::kG, L::kGPitch, rows,
+        kFading ? base + L::kRowFade : Block::kNoFactors);
   };
   auto accumulate_chunk = [&](const WarpContext& w, State& s, uint32_t base, int64_t, int rows) {
     accumulate(w, s, base, rows);

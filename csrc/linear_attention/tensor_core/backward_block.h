@@ -12,6 +12,8 @@
 #include "backward_problem.h"
 #include "forward_block.h"
 
+#include <type_traits>
+
 namespace linattn {
 namespace tensor_core {
 
@@ -23,10 +25,13 @@ LINATTN_HD inline float derivative_from_feature(int map, float phi) {
 }
 
 // kFading: the instance for a fading state (log_decay set), compiled apart so that its registers
-// do not weigh on the plain kernels.
-template <typename scalar_t, int DK, int DV, bool kFading = false>
+// do not weigh on the plain kernels. kChannels (with kFading): gates per channel (GLA; "gates per
+// channel" below says what changes).
+template <typename scalar_t, int DK, int DV, bool kFading = false, bool kChannels = false>
 struct BackwardBlock : SequenceRows {
-  using L = BackwardLayout<DK, DV>;
+  static_assert(kFading || !kChannels, "gates per channel are a fading state");
+  static constexpr bool kPerChannel = kChannels;
+  using L = BackwardLayout<DK, DV, kChannels>;
   static constexpr int kValueTiles = DV / 16;    // n8 tiles of a warp's half of the value columns
   static constexpr int kFeatureTiles = DK / 16;  // ... of the feature columns
   static constexpr int kKeyBlocks = kChunk / 16;
@@ -58,6 +63,146 @@ struct BackwardBlock : SequenceRows {
   LINATTN_HD static uint32_t buffer(int64_t step) { return static_cast<uint32_t>((step & 1) * L::kBuffer); }
 
   LINATTN_HD static constexpr bool fading() { return kFading; }
+
+  // --- gates per channel (kChannels) ------------------------------------------------------------
+  // As the forward's (forward_block.h): the chunk's G (kGates, loaded as the chunk is prepared),
+  // each factor inside a product as an operand's elementwise factor, the pair weights
+  // Σ_c φ(k)_jc φ(q)_ic e^{G_ic − G_jc} of dv's scores by split mma between 16-row blocks and from
+  // the diagonal blocks' fp32 sums (gated_diagonal_pairs, in a phase of their own). The parts of dq
+  // and dk that sum over rows with a per-feature factor, Σ_j D_ij φ(k)_jf e^{G_if − G_jf}, factor
+  // through a reference row r between the two blocks (e^{G_if − G_rf} · e^{G_rf − G_jf}, each <= 1):
+  // the other block's rows scaled as a B operand, the sum's rows afterwards; within a diagonal block
+  // element by element in fp32 (gated_diagonal_terms). No factor exceeds 1 for log-gates <= 0.
+
+  using Gates = warp::ChannelGates<L::kGates, L::kGatePitch>;
+  LINATTN_HD static constexpr Gates gates() { return {}; }
+  LINATTN_HD static float gate_sum(const WarpContext& w, int r, int c) { return Gates::at(w, r, c); }
+
+  // Whether the chunk's diagonal pair weights are wanted: the causal key-value pass's dv.
+  LINATTN_HD bool wants_diagonal_pairs() const {
+    return kChannels && p.causal && p.pass == BackwardPass::kKeyValue;
+  }
+  LINATTN_HD void diagonal_pairs(const WarpContext& w, uint32_t base) const {
+    gated_diagonal_pairs<scalar_t, L>(w, base, p.feature_dim);
+  }
+
+  // The reference row of row block rb's sums over other blocks: its first row (dq: the earlier
+  // blocks' keys) or the next block's first (dk: the later blocks' queries; the chunk's last row for
+  // the last block, which has none).
+  LINATTN_HD static int reference_row(int rb, bool reverse) {
+    return reverse ? (rb + 1) * 16 < kChunk ? (rb + 1) * 16 : kChunk - 1 : rb * 16;
+  }
+
+  // Calls element(r, c, x) for the lane's elements x of a warp's output tiles: chunk row
+  // r = 16·rb + g (+ 8), column c = col0 + 8j + 2t (+ 1). (O: Accumulator or const Accumulator.)
+  template <int kTiles, typename O, typename Element>
+  LINATTN_HD static void each_output_element(const WarpContext& w, int col0, O (&o)[kTiles][4],
+                                             const Element& element) {
+    const int rb = warp::opaque_uniform(w.warp) % 4;
+    warp::for_lanes(w, [&](int lane) {
+      const int g = warp::group_of(lane), t = warp::thread_in_group(lane);
+      LINATTN_UNROLL
+      for (int j = 0; j < kTiles; ++j) {
+        LINATTN_UNROLL
+        for (int i = 0; i < 4; ++i) element(rb * 16 + g + 8 * (i / 2), col0 + j * 8 + 2 * t + i % 2, o[j][i][lane]);
+      }
+    });
+  }
+
+  // o's elements times factor(row, col).
+  template <int kTiles, typename Factor>
+  LINATTN_HD static void scale_elements(const WarpContext& w, int col0, Accumulator (&o)[kTiles][4],
+                                        const Factor& factor) {
+    each_output_element(w, col0, o, [&](int r, int c, float& x) { x *= factor(r, c); });
+  }
+
+  // dv's scores under gates per channel: row j of block rb (a key) against the chunk's later query
+  // rows i >= j, the pair weights (gated_pair_block above the diagonal blocks, the diagonal blocks'
+  // fp32 sums in them), as A fragments of 16 columns each.
+  LINATTN_HD void gated_key_scores(const WarpContext& w, uint32_t base, Fragment (&scores)[kKeyBlocks][4]) const {
+    const int rb = warp::opaque_uniform(w.warp) % 4;
+    LINATTN_UNROLL
+    for (int kk = 0; kk < kKeyBlocks; ++kk) {
+      Accumulator sc[2][4];
+      warp::clear(w, sc);
+      if (kk > rb) {
+        warp::gated_pair_block<scalar_t, DK, L::kQKPitch>(w, gates(), sc, 0, base + L::kK, rb, base + L::kQ, kk);
+      }
+      if (kk == rb) {
+        warp::each_accumulator(w, sc, [&](int r, int col, float& x) {
+          const int row = rb * 16 + r, query = kk * 16 + col;
+          x = query >= row ? diagonal_pair<L>(w, query, row) : 0.0f;
+        });
+      }
+      warp::for_lanes(w, [&](int lane) {
+        LINATTN_UNROLL
+        for (int i = 0; i < 4; ++i) {
+          scores[kk][i][lane] = warp::pack<scalar_t>(sc[i / 2][2 * (i % 2)][lane], sc[i / 2][2 * (i % 2) + 1][lane]);
+        }
+      });
+    }
+  }
+
+  // o += Σ over the other 16-row blocks (before rb, or after it `reverse`) of scores · (Y ⊙ F): Y's
+  // rows at y (the warp's first column col0 there), F_kf = e^{±(G_kf − G_rf)} <= 1 through rb's
+  // reference row r; then the diagonal block exactly, in fp32 (gated_diagonal_terms) — o's rows to
+  // be scaled by the other half of the factor in between (see the callers).
+  template <int kTiles>
+  LINATTN_HD void times_gated_blocks(const WarpContext& w, const Fragment (&scores)[kKeyBlocks][4], uint32_t y,
+                                     int col0, bool reverse, Accumulator (&o)[kTiles][4]) const {
+    const int rb = warp::opaque_uniform(w.warp) % 4, ref = reference_row(rb, reverse);
+    const float sign = reverse ? 1.0f : -1.0f;  // later rows: e^{G − G_r}; earlier: e^{G_r − G}
+    LINATTN_UNROLL
+    for (int kk = 0; kk < kKeyBlocks; ++kk) {
+      if (reverse ? kk <= rb : kk >= rb) continue;
+      const uint32_t block_rows = static_cast<uint32_t>(warp::opaque(static_cast<int>(y + kk * 16 * L::kQKPitch)));
+      LINATTN_UNROLL
+      for (int j = 0; j < kTiles; ++j) {
+        Fragment bf[2];
+        warp::rows_as_b_operand(w, block_rows + j * 16, L::kQKPitch, bf);
+        warp::scale_b_operand<scalar_t>(w, bf, [&](int row, int col) {
+          const int feature = col0 + j * 8 + col;
+          return warp::exp_of(sign * (gate_sum(w, kk * 16 + row, feature) - gate_sum(w, ref, feature)));
+        });
+        warp::mma_16816<scalar_t>(o[j], scores[kk], bf);
+      }
+    }
+  }
+
+  // o += the diagonal block's Σ_k score(row, k) · Y_kf e^{G_later,f − G_earlier,f} over visible pairs
+  // (k <= row, or k >= row `reverse`), in fp32 through the warp's scratch (add_visible_pairs: a masked pair
+  // meets no Inf or NaN).
+  template <int kTiles>
+  LINATTN_HD void gated_diagonal_terms(const WarpContext& w, const Fragment (&scores)[kKeyBlocks][4], uint32_t y,
+                                       int col0, bool reverse, Accumulator (&o)[kTiles][4]) const {
+    const int rb = warp::opaque_uniform(w.warp) % 4;
+    const uint32_t rows = y + rb * 16 * L::kQKPitch;
+    add_visible_pairs<scalar_t>(
+        w, L::kScratch + w.warp * 16 * 16 * 4, scores, rb,
+        [&](int row, int key) { return reverse ? key >= row : key <= row; },
+        [&](int row, int key, int j, int c) {
+          const int f = col0 + j * 8 + c;
+          const int later = rb * 16 + (reverse ? key : row), earlier = rb * 16 + (reverse ? row : key);
+          return shared_element<scalar_t>(w, rows + key * L::kQKPitch + f * 2) *
+                 warp::exp_of(gate_sum(w, later, f) - gate_sum(w, earlier, f));
+        },
+        o);
+  }
+
+  // Gates per channel: dL/dc's terms of the warp's rows and columns, o ⊙ X (X the chunk's φ(q) or
+  // φ(k) rows at x) into row_terms (B, H, T, m): written (the query pass) or subtracted (the key-value
+  // pass, which runs after it).
+  template <int kTiles>
+  LINATTN_HD void channel_terms(const WarpContext& w, const Accumulator (&o)[kTiles][4], int col0, uint32_t x,
+                                int64_t start, int64_t end, bool subtract) const {
+    each_output_element(w, col0, o, [&](int r, int f, float dx) {
+      const int64_t row = start + r;
+      if (row >= end || f >= p.feature_dim) return;
+      const float term = dx * shared_element<scalar_t>(w, x + r * L::kQKPitch + f * 2);
+      float* const at = p.row_terms + (bh * p.q_len + row) * p.feature_dim + f;
+      warp::store_global(w, at, subtract ? warp::load_global(w, at) - term : term);
+    });
+  }
 
   // Whether the chunk's Q rows are loaded: the query pass needs them only for φ'(q) and a fading
   // state's φ(q)·dφ(q).
@@ -251,7 +396,14 @@ struct BackwardBlock : SequenceRows {
   // Once the chunk's copies issued by this warp have landed: prepares what it copied.
   LINATTN_HD void prepare_chunk(const WarpContext& w, uint32_t base, int64_t start, bool queries, bool keys) const {
     warp::cp_async_wait<0>(w);
-    if (fading()) load_chunk_decay<L>(w, p.log_decay + bh * p.k_len, k_end, start, base);
+    if constexpr (kChannels) {
+      const int64_t left = k_end - start;
+      warp::load_cumulative_gates<kChunk, DK>(w, gates(), p.log_decay + (bh * p.k_len + start) * p.feature_dim,
+                                              p.feature_dim, static_cast<int>(left < kChunk ? left : kChunk),
+                                              p.feature_dim, [](int, float g) { return g; });
+    } else if (fading()) {
+      load_chunk_decay<L>(w, p.log_decay + bh * p.k_len, k_end, start, base);
+    }
     if (queries) {
       if (wants_queries()) prepare_features(w, Operand::kQuery, base, start);
       prepare_cotangent(w, base, start);
@@ -341,11 +493,18 @@ struct BackwardBlock : SequenceRows {
       float sum = 0.0f;
       for (int r = 0; r < kChunk; ++r) {
         float x = shared_element<scalar_t>(w, base + L::kK + r * L::kQKPitch + f * 2);
-        if (fade) x *= decay_row(w, base + L::kKeyFade, r);
+        if constexpr (kChannels) {
+          x *= warp::exp_of(gate_sum(w, kChunk - 1, f) - gate_sum(w, r, f));
+        } else if (fade) {
+          x *= decay_row(w, base + L::kKeyFade, r);
+        }
         sum += x;
       }
       const float before = warp::load_shared<float>(w, L::kZ + f * 4);
-      warp::store_shared<float>(w, L::kZ + f * 4, (fade ? before * chunk_fade(w, base) : before) + sum);
+      const float faded = kChannels ? before * warp::exp_of(gate_sum(w, kChunk - 1, f))
+                          : fade    ? before * chunk_fade(w, base)
+                                    : before;
+      warp::store_shared<float>(w, L::kZ + f * 4, faded + sum);
     });
   }
 
@@ -354,10 +513,18 @@ struct BackwardBlock : SequenceRows {
     return decay_row(w, base + L::kRowFade, kChunk - 1);
   }
 
-  // A fading state, before the chunk's rows join the state: state ×= e^{b_last}.
+  // A fading state, before the chunk's rows join the state: state ×= e^{b_last}; gates per channel
+  // fade feature f's row of U (or column of Sᵀ) by e^{G_last,f}.
   template <typename State>
   LINATTN_HD void fade_state(const WarpContext& w, State& s, uint32_t base) const {
     if (!fading()) return;
+    if constexpr (kChannels) {
+      constexpr bool feature_rows = std::is_same_v<State, KeyValueState<DK, DV>>;
+      s.each_element(w, [&](bool, int row, int col, float& x) {
+        x *= warp::exp_of(gate_sum(w, kChunk - 1, feature_rows ? row : col));
+      });
+      return;
+    }
     const float fade = chunk_fade(w, base);
     s.each_element(w, [&](bool, int, int, float& x) { x *= fade; });
   }
@@ -369,13 +536,18 @@ struct BackwardBlock : SequenceRows {
   // precision, as the other pass's rows see them (the gradient of the log factors is a difference
   // of the two passes' sums); in the key-value pass U_v and u take the same products and still
   // cancel. (X's fragment is split once for all of a row tile's columns.)
+  //
+  // Gates per channel (`channels`: which operand holds the features) weight elementwise instead:
+  // kFeaturesInX (U += (φ(Q) ⊙ e^G)ᵀ G', X's element (feature, row)) or kFeaturesInY
+  // (Sᵀ += Vᵀ (φ(K) ⊙ e^{G_last − G}), Y's element (row, feature)), as hi + lo likewise.
   static constexpr uint32_t kNoFactors = ~0u;
-  template <typename State>
+  enum class ChannelSide : int { kNone = 0, kFeaturesInX = 1, kFeaturesInY = 2 };
+  template <ChannelSide channels = ChannelSide::kNone, typename State>
   LINATTN_HD static void accumulate(const WarpContext& w, State& s, uint32_t x, int xp, uint32_t y, int yp, int rows,
                                     uint32_t factors) {
     // (Factors come with the fading instance only: kNoFactors otherwise. The B fragments are
     // loaded one by one: all of a row tile's at once spill at 128 × 128.)
-    constexpr bool scaled = kFading;
+    constexpr bool scaled = kFading && !kChannels;
     for (int kk = 0; kk * 16 < rows; ++kk) {
       Lanes<float> f[4];
       if constexpr (scaled) k_row_factors(w, factors, kk, f);
@@ -386,14 +558,31 @@ struct BackwardBlock : SequenceRows {
         Fragment a[4], a_lo[4];
         warp::rows_as_a_operand_transposed(w, x + kk * 16 * xp + mi * 32, xp, a);
         if constexpr (scaled) split_scaled_a_columns<scalar_t>(w, f, a, a_lo);
+        if constexpr (channels == ChannelSide::kFeaturesInX) {
+          warp::split_scale_a_operand<scalar_t>(w, a, a_lo, [&](int row, int col) {
+            return warp::exp_of(gate_sum(w, kk * 16 + col, mi * 16 + row));
+          });
+        }
         LINATTN_UNROLL
         for (int c = 0; c < State::kColsPerWarp; ++c) {
           const int slot = r * State::kColsPerWarp + c;
           if (!State::tile(w.warp, slot, mi, ni)) continue;
           Fragment bf[2];
           warp::rows_as_b_operand(w, y + kk * 16 * yp + ni * 16, yp, bf);
-          warp::mma_16816<scalar_t>(s.state[slot], a, bf);
-          if constexpr (scaled) warp::mma_16816<scalar_t>(s.state[slot], a_lo, bf);
+          if constexpr (channels == ChannelSide::kFeaturesInY) {
+            Fragment b_lo[2];
+            warp::split_scale_b_operand<scalar_t>(w, bf, b_lo, [&](int row, int col) {
+              const int feature = ni * 8 + col;
+              return warp::exp_of(gate_sum(w, kChunk - 1, feature) - gate_sum(w, kk * 16 + row, feature));
+            });
+            warp::mma_16816<scalar_t>(s.state[slot], a, bf);
+            warp::mma_16816<scalar_t>(s.state[slot], a, b_lo);
+          } else {
+            warp::mma_16816<scalar_t>(s.state[slot], a, bf);
+            if constexpr (scaled || channels == ChannelSide::kFeaturesInX) {
+              warp::mma_16816<scalar_t>(s.state[slot], a_lo, bf);
+            }
+          }
         }
       }
     }
@@ -454,14 +643,19 @@ struct BackwardBlock : SequenceRows {
 
   // o += X_rb · T over kSteps 16-row slices of T (X rows at x; T's rows at t, the warp's first
   // column there): a row block times a state copy.
-  template <int kSteps, int kTiles>
+  // With `factor`, X's element (row r of the block, column c) enters as X · factor(16·rb + r, c).
+  struct NoFactor {};
+  template <int kSteps, int kTiles, typename Factor = NoFactor>
   LINATTN_HD static void times_state(const WarpContext& w, uint32_t x, int xp, uint32_t t, int tp,
-                                     Accumulator (&o)[kTiles][4]) {
+                                     Accumulator (&o)[kTiles][4], const Factor& factor = {}) {
     const int rb = warp::opaque_uniform(w.warp) % 4;
     LINATTN_UNROLL
     for (int ks = 0; ks < kSteps; ++ks) {
       Fragment a[4];
       warp::rows_as_a_operand(w, x + rb * 16 * xp + ks * 32, xp, a);
+      if constexpr (!std::is_same_v<Factor, NoFactor>) {
+        warp::scale_a_operand<scalar_t>(w, a, [&](int r, int c) { return factor(rb * 16 + r, ks * 16 + c); });
+      }
       LINATTN_UNROLL
       for (int j = 0; j < kTiles; ++j) {
         Fragment bf[2];
@@ -494,7 +688,8 @@ struct BackwardBlock : SequenceRows {
     add_visible_pairs<scalar_t>(
         w, L::kScratch + w.warp * 16 * 16 * 4, scores, rb,
         [&](int row, int key) { return reverse ? key >= row : key <= row; },
-        [&](int key, int j, int c) { return shared_element<scalar_t>(w, rows + key * yp + (j * 8 + c) * 2); }, o);
+        [&](int, int key, int j, int c) { return shared_element<scalar_t>(w, rows + key * yp + (j * 8 + c) * 2); },
+        o);
   }
 
   // Writes a warp's output tiles (chunk rows 16·rb.. from sequence row `start`, columns from col0)
@@ -611,6 +806,63 @@ struct BackwardBlock : SequenceRows {
     warp::for_lanes(w, [&](int lane) { sum[0][lane] = sum[1][lane] = 0.0f; });
   }
 
+  // o = G_i Sᵀ + gn_i z for the warp's rows and features f0 .. (the earlier chunks' part of dφ(q)).
+  template <int kPart>
+  LINATTN_HD void query_state_part(const WarpContext& w, uint32_t base, int f0, Accumulator (&o)[kPart][4]) const {
+    const int rb = warp::opaque_uniform(w.warp) % 4;
+    warp::clear(w, o);
+    times_state<DV / 16>(w, base + L::kG, L::kGPitch, L::kState + f0 * 2, L::kSPitch, o);
+    times_state<DV / 16>(w, base + L::kG, L::kGPitch, L::kStateLow + f0 * 2, L::kSPitch, o);
+    warp::for_lanes(w, [&](int lane) {
+      const int g = warp::group_of(lane), t = warp::thread_in_group(lane);
+      LINATTN_UNROLL
+      for (int j = 0; j < kPart; ++j) {
+        LINATTN_UNROLL
+        for (int i = 0; i < 4; ++i) {
+          const int r = rb * 16 + g + 8 * (i / 2), f = f0 + j * 8 + 2 * t + i % 2;
+          o[j][i][lane] += normalizer_cotangent(w, base, r) * warp::load_shared<float>(w, L::kZ + f * 4);
+        }
+      }
+    });
+  }
+
+  // dq = dφ(q) ⊙ φ'(q) of the warp's rows (chunk rows from `start`) and columns from f0.
+  template <int kPart>
+  LINATTN_HD void store_query_gradient(const WarpContext& w, uint32_t base, int64_t start, int f0,
+                                       const Accumulator (&o)[kPart][4]) const {
+    store_output(w, o, f0, start, q_end, p.q_len, p.feature_dim, p.grad_q, p.grad_q_tile, [&](int r, int f, float x) {
+      if (p.feature_map == kFeatureIdentity) return x;
+      const float phi = shared_element<scalar_t>(w, base + L::kQ + r * L::kQKPitch + f * 2);
+      return x * derivative_from_feature(p.feature_map, phi);
+    });
+  }
+
+  // dq under gates per channel (the causal query pass):
+  //   dφ(q)_i = e^{G_i} ⊙ (G_i Sᵀ + gn_i z) + Σ_{j <= i in the chunk} D_ij φ(k_j) ⊙ e^{G_i − G_j},
+  //   D_ij = G_i · v_j + gn_i, formed as ((G_i Sᵀ + gn_i z) ⊙ e^{G_r} + Σ_{earlier blocks} D (φ(K) ⊙
+  //   e^{G_r − G})) ⊙ e^{G_i − G_r} plus the diagonal block's terms, r the row block's first row;
+  // each element's φ(q) ⊙ dφ(q) goes to row_terms.
+  LINATTN_HD void channel_query_gradient(const WarpContext& w, uint32_t base, int64_t start) const {
+    const int rb = w.warp % 4, ch = w.warp / 4, ref = reference_row(rb, false);
+    if (start + rb * 16 >= q_end) return;
+    constexpr int kPart = 2;
+    Fragment scores[kKeyBlocks][4];
+    masked_scores<DV / 16>(w, base + L::kG, L::kGPitch, base + L::kV, L::kVPitch, false,
+                           [&](int row, int, float x) { return x + normalizer_cotangent(w, base, row); }, scores);
+    LINATTN_UNROLL
+    for (int part = 0; part < kFeatureTiles / kPart; ++part) {
+      const int f0 = ch * (DK / 2) + part * kPart * 8;
+      Accumulator o[kPart][4];
+      query_state_part(w, base, f0, o);
+      scale_elements(w, f0, o, [&](int, int f) { return warp::exp_of(gate_sum(w, ref, f)); });
+      times_gated_blocks(w, scores, base + L::kK + f0 * 2, f0, false, o);
+      scale_elements(w, f0, o, [&](int r, int f) { return warp::exp_of(gate_sum(w, r, f) - gate_sum(w, ref, f)); });
+      gated_diagonal_terms(w, scores, base + L::kK, f0, false, o);
+      channel_terms(w, o, f0, base + L::kQ, start, q_end, false);
+      store_query_gradient(w, base, start, f0, o);
+    }
+  }
+
   // dq for the chunk's rows 16·rb.. and the warp's half of the features:
   //   dφ(q)_i = G_i Sᵀ + gn_i z + Σ_{j <= i in the chunk} (G_i · v_j + gn_i) φ(k_j),
   //   dq = dφ(q) ⊙ φ'(q);
@@ -619,6 +871,10 @@ struct BackwardBlock : SequenceRows {
   // bit for bit. G and v enter the products as they are and Sᵀ as hi + lo: the state's two terms
   // cancel where o_i is close to what Sᵀ gives, so they keep fp32's precision until the difference.
   LINATTN_HD void query_gradient(const WarpContext& w, uint32_t base, int64_t start) const {
+    if constexpr (kChannels) {
+      channel_query_gradient(w, base, start);
+      return;
+    }
     const int rb = w.warp % 4, ch = w.warp / 4;
     if (start + rb * 16 >= q_end) return;
     constexpr bool fade = kFading;
@@ -640,31 +896,103 @@ struct BackwardBlock : SequenceRows {
     for (int part = 0; part < kFeatureTiles / kPart; ++part) {
       const int f0 = ch * (DK / 2) + part * kPart * 8;
       Accumulator o[kPart][4];
-      warp::clear(w, o);
-      times_state<DV / 16>(w, base + L::kG, L::kGPitch, L::kState + f0 * 2, L::kSPitch, o);
-      times_state<DV / 16>(w, base + L::kG, L::kGPitch, L::kStateLow + f0 * 2, L::kSPitch, o);
-      warp::for_lanes(w, [&](int lane) {
-        const int g = warp::group_of(lane), t = warp::thread_in_group(lane);
-        LINATTN_UNROLL
-        for (int j = 0; j < kPart; ++j) {
-          LINATTN_UNROLL
-          for (int i = 0; i < 4; ++i) {
-            const int r = rb * 16 + g + 8 * (i / 2), f = f0 + j * 8 + 2 * t + i % 2;
-            o[j][i][lane] += normalizer_cotangent(w, base, r) * warp::load_shared<float>(w, L::kZ + f * 4);
-          }
-        }
-      });
+      query_state_part(w, base, f0, o);
       if (fade) scale_rows(w, base + L::kRowFade, o);
       if (p.causal) times_rows(w, scores, base + L::kK + f0 * 2, L::kQKPitch, false, flag(w, base, L::kKeyFlag), o);
       if (fade) row_products(w, o, f0, base + L::kQ, sum);
-      store_output(w, o, f0, start, q_end, p.q_len, p.feature_dim, p.grad_q, p.grad_q_tile,
-                   [&](int r, int f, float x) {
-                     if (p.feature_map == kFeatureIdentity) return x;
-                     const float phi = shared_element<scalar_t>(w, base + L::kQ + r * L::kQKPitch + f * 2);
-                     return x * derivative_from_feature(p.feature_map, phi);
-                   });
+      store_query_gradient(w, base, start, f0, o);
     }
     if (fade) store_row_terms(w, sum, start, ch);
+  }
+
+  // o = U_v v_j + u for the warp's key rows and features f0 .. (the later chunks' part of dφ(k)).
+  template <int kPart>
+  LINATTN_HD void key_state_part(const WarpContext& w, uint32_t base, int f0, Accumulator (&o)[kPart][4]) const {
+    const int rb = warp::opaque_uniform(w.warp) % 4;
+    warp::clear(w, o);
+    // U_v v_j: Uᵀ's rows are U's columns, so the state copy is read as a transposed B operand;
+    // hi and lo, as u is (the two cancel where v_j is close to the later rows' outputs). (One
+    // part after the other, V's fragments loaded twice: both at once spilled at 128 × 128.)
+    LINATTN_UNROLL
+    for (int part_of_u = 0; part_of_u < 2; ++part_of_u) {
+      const int origin = part_of_u == 0 ? L::kState : L::kULow;
+      LINATTN_UNROLL
+      for (int ks = 0; ks < DV / 16; ++ks) {
+        Fragment a[4];
+        warp::rows_as_a_operand(w, base + L::kV + rb * 16 * L::kVPitch + ks * 32, L::kVPitch, a);
+        LINATTN_UNROLL
+        for (int j = 0; j < kPart; ++j) {
+          Fragment bf[2];
+          warp::rows_as_b_operand_transposed(w, origin + (f0 + j * 8) * L::kUPitch + ks * 32, L::kUPitch, bf);
+          warp::mma_16816<scalar_t>(o[j], a, bf);
+        }
+      }
+    }
+    // + u, the whole state's part faded to key j.
+    warp::for_lanes(w, [&](int lane) {
+      const int t = warp::thread_in_group(lane);
+      LINATTN_UNROLL
+      for (int j = 0; j < kPart; ++j) {
+        LINATTN_UNROLL
+        for (int i = 0; i < 4; ++i) o[j][i][lane] += u_of(w, f0 + j * 8 + 2 * t + i % 2);
+      }
+    });
+  }
+
+  // dk = dφ(k) ⊙ φ'(k) of the warp's key rows and columns from f0, 0 for padded keys.
+  template <int kPart>
+  LINATTN_HD void store_key_gradient(const WarpContext& w, uint32_t base, int64_t start, int f0,
+                                     const Accumulator (&o)[kPart][4]) const {
+    store_output(w, o, f0, start, k_end, p.k_len, p.feature_dim, p.grad_k, p.grad_k_tile, [&](int r, int f, float x) {
+      x *= derivative_from_feature(p.feature_map, shared_element<scalar_t>(w, base + L::kK + r * L::kQKPitch + f * 2));
+      return padded(start + r) ? 0.0f : x;
+    });
+  }
+
+  // dv and dk under gates per channel (the causal key-value pass):
+  //   dv_j = (φ(k_j) ⊙ e^{G_last − G_j}) U_v + Σ_{i >= j in the chunk} P_ji G_i, P the pair weights
+  //   (gated_key_scores);
+  //   dφ(k)_j = e^{G_last − G_j} ⊙ (U_v v_j + u) + Σ_{i >= j} E_ji φ(q_i) ⊙ e^{G_i − G_j},
+  //   E_ji = v_j · G_i + gn_i, formed as ((U_v v_j + u) ⊙ e^{G_last − G_r} + Σ_{later blocks} E (φ(Q) ⊙
+  //   e^{G − G_r})) ⊙ e^{G_r − G_j} plus the diagonal block's terms, r the next block's first row;
+  // each element's φ(k) ⊙ dφ(k) is subtracted from row_terms; 0 for padded keys.
+  LINATTN_HD void channel_key_value_gradients(const WarpContext& w, uint32_t base, int64_t start) const {
+    const int warp_index = warp::opaque_uniform(w.warp), rb = warp_index % 4, ch = warp_index / 4;
+    const int ref = reference_row(rb, true);
+    if (start + rb * 16 >= k_end) return;
+    constexpr int kPart = 2;
+    {
+      Fragment scores[kKeyBlocks][4];
+      gated_key_scores(w, base, scores);
+      LINATTN_UNROLL
+      for (int part = 0; part < kValueTiles / kPart; ++part) {
+        const int c0 = ch * (DV / 2) + part * kPart * 8;
+        Accumulator o[kPart][4];
+        warp::clear(w, o);
+        times_state<DK / 16>(w, base + L::kK, L::kQKPitch, L::kState + c0 * 2, L::kUPitch, o, [&](int r, int f) {
+          return warp::exp_of(gate_sum(w, kChunk - 1, f) - gate_sum(w, r, f));
+        });
+        times_rows(w, scores, base + L::kG + c0 * 2, L::kGPitch, true, flag(w, base, L::kCotangentFlag), o);
+        store_output(w, o, c0, start, k_end, p.k_len, p.value_dim, p.grad_v, p.grad_v_tile,
+                     [&](int r, int, float x) { return padded(start + r) ? 0.0f : x; });
+      }
+    }
+    Fragment scores[kKeyBlocks][4];
+    masked_scores<DV / 16>(w, base + L::kV, L::kVPitch, base + L::kG, L::kGPitch, true,
+                           [&](int, int col, float x) { return x + normalizer_cotangent(w, base, col); }, scores);
+    LINATTN_UNROLL
+    for (int part = 0; part < kFeatureTiles / kPart; ++part) {
+      const int f0 = ch * (DK / 2) + part * kPart * 8;
+      Accumulator o[kPart][4];
+      key_state_part(w, base, f0, o);
+      scale_elements(w, f0, o,
+                     [&](int, int f) { return warp::exp_of(gate_sum(w, kChunk - 1, f) - gate_sum(w, ref, f)); });
+      times_gated_blocks(w, scores, base + L::kQ + f0 * 2, f0, true, o);
+      scale_elements(w, f0, o, [&](int r, int f) { return warp::exp_of(gate_sum(w, ref, f) - gate_sum(w, r, f)); });
+      gated_diagonal_terms(w, scores, base + L::kQ, f0, true, o);
+      channel_terms(w, o, f0, base + L::kK, start, k_end, true);
+      store_key_gradient(w, base, start, f0, o);
+    }
   }
 
   // dv and dk for the chunk's key rows 16·rb.. and the warp's half of the columns:
@@ -673,6 +1001,10 @@ struct BackwardBlock : SequenceRows {
   // 0 for padded keys. A fading state weights the state's parts by e^{b_last − b_j} and pair
   // (i, j) by e^{b_i − b_j}, and each key's φ(k)·dφ(k) goes to row_terms.
   LINATTN_HD void key_value_gradients(const WarpContext& w, uint32_t base, int64_t start) const {
+    if constexpr (kChannels) {
+      channel_key_value_gradients(w, base, start);
+      return;
+    }
     // (warp::opaque: the addresses below are recomputed in each chunk, not kept across the loop.)
     const int warp_index = warp::opaque_uniform(w.warp), rb = warp_index % 4, ch = warp_index / 4;
     if (start + rb * 16 >= k_end) return;
@@ -716,43 +1048,11 @@ struct BackwardBlock : SequenceRows {
     for (int part = 0; part < kFeatureTiles / kPart; ++part) {
       const int f0 = ch * (DK / 2) + part * kPart * 8;
       Accumulator o[kPart][4];
-      warp::clear(w, o);
-      // U_v v_j: Uᵀ's rows are U's columns, so the state copy is read as a transposed B operand;
-      // hi and lo, as u is (the two cancel where v_j is close to the later rows' outputs). (One
-      // part after the other, V's fragments loaded twice: both at once spilled at 128 × 128.)
-      LINATTN_UNROLL
-      for (int part_of_u = 0; part_of_u < 2; ++part_of_u) {
-        const int origin = part_of_u == 0 ? L::kState : L::kULow;
-        LINATTN_UNROLL
-        for (int ks = 0; ks < DV / 16; ++ks) {
-          Fragment a[4];
-          warp::rows_as_a_operand(w, base + L::kV + rb * 16 * L::kVPitch + ks * 32, L::kVPitch, a);
-          LINATTN_UNROLL
-          for (int j = 0; j < kPart; ++j) {
-            Fragment bf[2];
-            warp::rows_as_b_operand_transposed(w, origin + (f0 + j * 8) * L::kUPitch + ks * 32, L::kUPitch, bf);
-            warp::mma_16816<scalar_t>(o[j], a, bf);
-          }
-        }
-      }
-      // + u, the whole state's part faded to key j.
-      warp::for_lanes(w, [&](int lane) {
-        const int t = warp::thread_in_group(lane);
-        LINATTN_UNROLL
-        for (int j = 0; j < kPart; ++j) {
-          LINATTN_UNROLL
-          for (int i = 0; i < 4; ++i) o[j][i][lane] += u_of(w, f0 + j * 8 + 2 * t + i % 2);
-        }
-      });
+      key_state_part(w, base, f0, o);
       if (fade) scale_rows(w, base + L::kKeyFade, o);
       if (p.causal) times_rows(w, scores, base + L::kQ + f0 * 2, L::kQKPitch, true, flag(w, base, L::kQueryFlag), o);
       if (fade) row_products(w, o, f0, base + L::kK, sum);
-      store_output(w, o, f0, start, k_end, p.k_len, p.feature_dim, p.grad_k, p.grad_k_tile,
-                   [&](int r, int f, float x) {
-                     x *= derivative_from_feature(p.feature_map,
-                                                  shared_element<scalar_t>(w, base + L::kK + r * L::kQKPitch + f * 2));
-                     return padded(start + r) ? 0.0f : x;
-                   });
+      store_key_gradient(w, base, start, f0, o);
     }
     if (fade) store_row_terms(w, sum, start, 2 + ch);
   }

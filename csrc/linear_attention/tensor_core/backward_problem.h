@@ -52,7 +52,11 @@ struct BackwardProblem {
   // passes then also write each row's terms of dL/dc (c = the cumulative log factors) to row_terms
   // (B, H, T, 4): φ(q)·dφ(q) in two halves of the features (query pass, [0] and [1]) and φ(k)·dφ(k)
   // (key-value pass, [2] and [3]); dL/dc = [0] + [1] − [2] − [3] (+ ⟨dS_N, S_N⟩ at the last row).
+  // With gate_per_channel (GLA), log_decay is (B, H, T, m) and row_terms (B, H, T, m) holds dL/dc
+  // itself, channel by channel: the query pass writes φ(q) ⊙ dφ(q), the key-value pass subtracts
+  // φ(k) ⊙ dφ(k) in place (+ the final state's row terms at the last row, on the host).
   const float* log_decay = nullptr;
+  bool gate_per_channel = false;
   float* row_terms = nullptr;
   BackwardPass pass = BackwardPass::kQuery;
   // kQuery: the forward's initial state (causal), or with state_complete its final state (non-
@@ -88,8 +92,9 @@ struct BackwardProblem {
 // of the state as two 16-bit parts hi + lo (kKeyValue: U, DK rows of DV + 8 columns; kQuery: Sᵀ, DV
 // rows of DK columns), so that the terms that cancel — G Sᵀ against gn z, U_v v_j against u — keep
 // fp32's precision until their difference; kQuery's fp32 z = the column sums of φ(K) so far; a
-// 16×16 fp32 scratch tile per warp.
-template <int DK, int DV>
+// 16×16 fp32 scratch tile per warp. kChannels (gates per channel), as the forward's Layout: the
+// chunk's G (one copy) and the diagonal blocks' pair weights (the key-value pass's dv).
+template <int DK, int DV, bool kChannels = false>
 struct BackwardLayout {
   static constexpr int kQKPitch = warp::padded_pitch(DK * 2), kVPitch = warp::padded_pitch(DV * 2);
   static constexpr int kGPitch = warp::padded_pitch((DV + 8) * 2);
@@ -108,7 +113,10 @@ struct BackwardLayout {
   static constexpr int kULow = kState + DK * kUPitch;      // kKeyValue: U − hi
   static constexpr int kZ = kState + std::max(2 * DK * kUPitch, 2 * DV * kSPitch);
   static constexpr int kScratch = kZ + DK * 4;
-  static constexpr int kBytes = kScratch + kWarps * 16 * 16 * 4;
+  static constexpr int kGatePitch = DK + 4;  // fp32 elements a row of G
+  static constexpr int kGates = kScratch + kWarps * 16 * 16 * 4;
+  static constexpr int kDiagonal = kGates + kChunk * kGatePitch * 4;
+  static constexpr int kBytes = kChannels ? kDiagonal + kChunk * 16 * 4 : kGates;
 };
 
 // The kernels compiled: feature and value dims each padded to 64 or 128 (one block owns the whole
@@ -132,12 +140,22 @@ void with_backward_head_dims(int64_t dk, int64_t dv, F&& f) {
   else f(k128{}, k128{});
 }
 
-inline int64_t backward_shared_bytes_of(int64_t dk, int64_t dv) {
+inline int64_t backward_shared_bytes_of(int64_t dk, int64_t dv, bool per_channel = false) {
   int64_t bytes = 0;
   with_backward_head_dims(dk, dv, [&](auto k, auto v) {
-    bytes = BackwardLayout<decltype(k)::value, decltype(v)::value>::kBytes;
+    constexpr int DK = decltype(k)::value, DV = decltype(v)::value;
+    bytes = per_channel ? BackwardLayout<DK, DV, true>::kBytes : BackwardLayout<DK, DV>::kBytes;
   });
   return bytes;
+}
+
+// The value columns a backward instance for gates per channel takes at once: 64 beside feature dim
+// dk (<= 128), wider value dims running as tiles of 64, or 0 where that does not fit
+// `max_shared_bytes` (the call then runs the device's own kernel). (128 columns: G does not fit
+// beside 128 × 128, and the key-value pass at 64 × 128 spilled 184 bytes.)
+constexpr int64_t kChannelValueTile = 64;
+inline int64_t channel_value_tile(int64_t dk, int64_t max_shared_bytes) {
+  return backward_shared_bytes_of(dk, kChannelValueTile, true) <= max_shared_bytes ? kChannelValueTile : 0;
 }
 
 // The registers a warp keeps across barriers: U = [U_v | u] (DK × (DV + 8), as the forward's

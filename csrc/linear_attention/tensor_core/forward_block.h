@@ -45,7 +45,7 @@ LINATTN_HD inline void feature_piece(int map, int valid, warp::Words4& piece) {
 // Which operand rows a chunk buffer holds.
 enum class Operand : int { kQuery = 0, kKey = 1, kValue = 2, kCotangent = 3 };
 
-// o[j] += Σ score(row, key) · value(key, j, c) over the visible pairs of a 16×16 block of scores
+// o[j] += Σ score(row, key) · value(row, key, j, c) over the visible pairs of a 16×16 block of scores
 // (an A fragment: 16 rows × 16 keys, as the mma reads it), for the lane's rows g, g + 8 and columns
 // c = 2t, 2t + 1 of kTiles output tiles, adding nothing for a pair that is not visible: an mma
 // would add 0 · Inf = NaN to a row whose masked key's row holds Inf or NaN, a row the reference
@@ -82,7 +82,9 @@ LINATTN_HD void add_visible_pairs(const WarpContext& w, uint32_t scratch, const 
         float sum = 0.0f;
         LINATTN_NO_UNROLL
         for (int key = 0; key < 16; ++key) {
-          if (visible(row, key)) sum += warp::load_shared<float>(w, scratch + (row * 16 + key) * 4) * value(key, j, c);
+          if (visible(row, key)) {
+            sum += warp::load_shared<float>(w, scratch + (row * 16 + key) * 4) * value(row, key, j, c);
+          }
         }
         o[j][i][lane] += sum;
       }
@@ -116,6 +118,30 @@ LINATTN_HD void lower_scores(const WarpContext& w, uint32_t q_origin, uint32_t k
 template <typename scalar_t>
 LINATTN_HD inline float shared_element(const WarpContext& w, uint32_t offset) {
   return static_cast<float>(scalar_t(warp::load_shared<uint16_t>(w, offset), typename scalar_t::from_bits_t()));
+}
+
+// --- gates per channel: the causal scores' diagonal blocks (the forward's and the backward's
+// layouts name kQ, kK, kQKPitch, kGates, kGatePitch and kDiagonal) --------------------------------
+
+// The pair weights Σ_c φ(q)_ic φ(k)_jc e^{G_ic − G_jc} of the chunk's diagonal 16 × 16 blocks, for
+// key j <= row i of the same block (0 above the diagonal), to L::kDiagonal (row i's at i · 16):
+// by every thread, once the chunk's rows are ready (warp/gated_pairs.h).
+template <typename scalar_t, typename L>
+LINATTN_HD void gated_diagonal_pairs(const WarpContext& w, uint32_t base, int64_t channels) {
+  using Gates = warp::ChannelGates<L::kGates, L::kGatePitch>;
+  warp::each_block_element<kThreads>(w, kChunk * 16, [&](int e) {
+    const int row = e / 16, col = row / 16 * 16 + e % 16;
+    const float x = col <= row ? warp::gated_pair_weight<scalar_t, L::kQKPitch>(w, Gates{}, static_cast<int>(channels),
+                                                                                base + L::kQ, row, base + L::kK, col)
+                               : 0.0f;
+    warp::store_shared<float>(w, static_cast<uint32_t>(L::kDiagonal + e * 4), x);
+  });
+}
+
+// Pair (row, key) of a diagonal block (key <= row, both chunk rows), as gated_diagonal_pairs left it.
+template <typename L>
+LINATTN_HD float diagonal_pair(const WarpContext& w, int row, int key) {
+  return warp::load_shared<float>(w, static_cast<uint32_t>(L::kDiagonal + (row * 16 + key % 16) * 4));
 }
 
 // --- a fading state: the chunk's log factors (both the forward's and the backward's layouts name
@@ -341,23 +367,12 @@ struct ForwardBlock : SequenceRows {
   // (diagonal_pairs; both through warp/gated_pairs.h). Where the log factors are <= 0 no factor
   // exceeds 1: no 16-bit operand overflows.
 
-  LINATTN_HD static constexpr warp::ChannelGates gates() { return {static_cast<uint32_t>(L::kGates), L::kGatePitch}; }
-  LINATTN_HD static float gate_sum(const WarpContext& w, int r, int c) { return gates().at(w, r, c); }
+  using Gates = warp::ChannelGates<L::kGates, L::kGatePitch>;
+  LINATTN_HD static constexpr Gates gates() { return {}; }
+  LINATTN_HD static float gate_sum(const WarpContext& w, int r, int c) { return Gates::at(w, r, c); }
 
-  // The pair weights of the chunk's diagonal 16 × 16 blocks, D_ij for key j <= row i of the same
-  // block (0 above the diagonal), to kDiagonal: by every thread, once the chunk's rows are ready.
   LINATTN_HD void diagonal_pairs(const WarpContext& w, uint32_t base) const {
-    warp::each_block_element<kThreads>(w, kChunk * 16, [&](int e) {
-      const int row = e / 16, col = row / 16 * 16 + e % 16;
-      const float x = col <= row ? warp::gated_pair_weight<scalar_t>(w, gates(), static_cast<int>(p.feature_dim),
-                                                                       base + L::kQ, row, base + L::kK, col,
-                                                                       L::kQKPitch)
-                                 : 0.0f;
-      warp::store_shared<float>(w, static_cast<uint32_t>(L::kDiagonal + e * 4), x);
-    });
-  }
-  LINATTN_HD static float diagonal_pair(const WarpContext& w, int row, int key) {
-    return warp::load_shared<float>(w, static_cast<uint32_t>(L::kDiagonal + (row * 16 + key % 16) * 4));
+    gated_diagonal_pairs<scalar_t, L>(w, base, p.feature_dim);
   }
 
   // --- fragments (of prepared rows) ------------------------------------------------------------
@@ -488,7 +503,7 @@ struct ForwardBlock : SequenceRows {
     const uint32_t values = base + L::kV + rb * 16 * L::kVPitch;
     add_visible_pairs<scalar_t>(
         w, L::kScratch + w.warp * 16 * 16 * 4, scores, rb, [](int row, int key) { return key <= row; },
-        [&](int key, int j, int c) {
+        [&](int, int key, int j, int c) {
           const int col = out_tile(ch, j) * 8 + c;
           if (j == kOutTiles - 1) return col == DV ? 1.0f : 0.0f;  // the ones column
           return shared_element<scalar_t>(w, values + key * L::kVPitch + col * 2);
@@ -510,8 +525,10 @@ struct ForwardBlock : SequenceRows {
         warp::clear(w, sc);
         LINATTN_UNROLL
         for (int kk = 0; kk < kChunk / 16; ++kk) {
-          if (kk < rb) warp::gated_pair_block<scalar_t, DK>(w, gates(), sc, 2 * kk, base + L::kQ, rb, base + L::kK, kk,
-                                                            L::kQKPitch);
+          if (kk < rb) {
+            warp::gated_pair_block<scalar_t, DK, L::kQKPitch>(w, gates(), sc, 2 * kk, base + L::kQ, rb, base + L::kK,
+                                                              kk);
+          }
         }
       } else {
         lower_scores<scalar_t, DK>(w, base + L::kQ, base + L::kK, L::kQKPitch, rb, sc);
@@ -524,7 +541,7 @@ struct ForwardBlock : SequenceRows {
         if (key > row) {
           x = 0.0f;
         } else if constexpr (kChannels) {
-          if (key >= rb * 16) x = diagonal_pair(w, row, key);
+          if (key >= rb * 16) x = diagonal_pair<L>(w, row, key);
         } else if constexpr (kFading) {
           const uint32_t b = base + L::kCumulativeDecay;
           x *= warp::exp_of(decay_row(w, b, row) - decay_row(w, b, key));

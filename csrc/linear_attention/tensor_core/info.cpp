@@ -1,6 +1,6 @@
 // linattn::_tensor_core_shared_bytes(dk, dv, backward=False, per_channel=False): the shared memory
-// one block of the tensor-core forward (or backward; per_channel: the forward's instance for gates
-// per channel) takes for head dims up to dk and dv (what benchmarks/bench_tensor_core.py reports
+// one block of the tensor-core forward (or backward; per_channel: the instances for gates per
+// channel) takes for head dims up to dk and dv (what benchmarks/bench_tensor_core.py reports
 // beside the compiled kernels' registers).
 #include "backward_problem.h"
 
@@ -11,8 +11,7 @@ namespace tensor_core {
 namespace {
 
 int64_t shared_bytes_for(int64_t dk, int64_t dv, bool backward, bool per_channel) {
-  TORCH_CHECK(!(backward && per_channel), "_tensor_core_shared_bytes: no backward instance takes per_channel=True");
-  return backward ? backward_shared_bytes_of(dk, dv) : shared_bytes_of(dk, dv, per_channel);
+  return backward ? backward_shared_bytes_of(dk, dv, per_channel) : shared_bytes_of(dk, dv, per_channel);
 }
 
 }  // namespace
