@@ -322,7 +322,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> tensor_co
       p.grad_k_tile = tiles->k_tile;
       p.grad_v_tile = tiles->v_tile;
     }
-    const at::Tensor row_scalars = at::empty({s.batch, s.heads, s.q_len, 2}, acc);
+    const at::Tensor row_scalars = at::empty({s.batch, s.heads, s.q_len, tensor_core::kRowScalars}, acc);
     p.row_scalars = row_scalars.data_ptr<float>();
     if (fading) {
       p.log_decay = decay.const_data_ptr<float>();

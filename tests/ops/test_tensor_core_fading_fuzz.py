@@ -98,10 +98,11 @@ def _gate_terms_scale(q, k, dq, dk, final_terms, per_channel):
 @FUZZ
 @given(cases(), st.sampled_from([torch.bfloat16, torch.float16]))
 def test_fading_tensor_cores_match_the_reference(c, dtype):
-    # Known bug, left out here until it is fixed (the stop-55 note): in float16, a normalized row
-    # that sees no key (its keys all padded, no initial state) has d = eps, so G = g / d overflows
-    # float16 and the query pass's G Sᵀ with S = 0 makes its dq NaN where the reference has 0.
-    assume(not (dtype == torch.float16 and c["form"] == "elu" and c["mask"]))
+    # float16's range, not a defect (docs/guide/cuda.md, "The tensor-core backward"): a normalized
+    # row whose own key is padded under gates of up to −30 a token sees its other keys at weights in
+    # float16's subnormals (d near eps), whose scores then keep a few bits (out ~1e-2 off there);
+    # bfloat16 has float32's exponent range.
+    assume(not (dtype == torch.float16 and c["form"] == "elu" and c["mask"] and c["strength"] >= 30))
     B, H, T, m, dv = c["B"], c["H"], c["T"], c["m"], c["dv"]
     g = torch.Generator().manual_seed(c["seed"])
     q, k = (torch.randn(B, H, T, m, generator=g).to(dtype) for _ in range(2))

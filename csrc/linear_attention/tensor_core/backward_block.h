@@ -12,6 +12,7 @@
 #include "backward_problem.h"
 #include "forward_block.h"
 
+#include <cstring>
 #include <type_traits>
 
 namespace linattn {
@@ -24,6 +25,25 @@ LINATTN_HD inline float derivative_from_feature(int map, float phi) {
   return map == kFeatureElu ? elu : map == kFeatureRelu ? relu : 1.0f;
 }
 
+// The smallest power of two σ >= 1 with bound / σ < kRowScaleLimit; 1 where the bound is Inf or
+// NaN (a row holding Inf or NaN takes the flags' path instead). For bound / limit = 1.m · 2^e,
+// σ = 2^(e + 1): the exponent field plus one over a zero mantissa (bits, not frexp / ldexp, whose
+// device versions cost the query pass registers it did not have).
+LINATTN_HD inline float row_scale_above(float bound) {
+  if (!(bound > kRowScaleLimit) || !(bound < INFINITY)) return 1.0f;
+  const float ratio = bound * (1.0f / kRowScaleLimit);  // (exact: a power of two)
+#if defined(__CUDA_ARCH__)
+  return __uint_as_float(((__float_as_uint(ratio) >> 23) + 1u) << 23);
+#else
+  uint32_t bits;
+  std::memcpy(&bits, &ratio, sizeof(bits));
+  bits = ((bits >> 23) + 1u) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return scale;
+#endif
+}
+
 // kFading: the instance for a fading state (log_decay set), compiled apart so that its registers
 // do not weigh on the plain kernels. kChannels (with kFading): gates per channel (GLA; "gates per
 // channel" below says what changes).
@@ -31,6 +51,8 @@ template <typename scalar_t, int DK, int DV, bool kFading = false, bool kChannel
 struct BackwardBlock : SequenceRows {
   static_assert(kFading || !kChannels, "gates per channel are a fading state");
   static constexpr bool kPerChannel = kChannels;
+  // float16 (range 65504) holds a normalized row's G' / σ (BackwardProblem, row_scalars_of).
+  static constexpr bool kRowScaled = std::is_same_v<scalar_t, c10::Half>;
   using L = BackwardLayout<DK, DV, kChannels>;
   static constexpr int kValueTiles = DV / 16;    // n8 tiles of a warp's half of the value columns
   static constexpr int kFeatureTiles = DK / 16;  // ... of the feature columns
@@ -189,18 +211,21 @@ struct BackwardBlock : SequenceRows {
         o);
   }
 
-  // Gates per channel: dL/dc's terms of the warp's rows and columns, o ⊙ X (X the chunk's φ(q) or
-  // φ(k) rows at x) into row_terms (B, H, T, m): written (the query pass) or subtracted (the key-value
-  // pass, which runs after it).
+  // Gates per channel: dL/dc's terms of the warp's rows and columns, o ⊙ X into row_terms (B, H, T,
+  // m): the query pass writes φ(q) ⊙ dφ(q) (times row_scale), the key-value pass (`keys`, launched
+  // after it) subtracts φ(k) ⊙ dφ(k).
   template <int kTiles>
-  LINATTN_HD void channel_terms(const WarpContext& w, const Accumulator (&o)[kTiles][4], int col0, uint32_t x,
-                                int64_t start, int64_t end, bool subtract) const {
+  LINATTN_HD void channel_terms(const WarpContext& w, const Accumulator (&o)[kTiles][4], int col0, uint32_t base,
+                                int64_t start, int64_t end, bool keys) const {
+    const uint32_t x = base + (keys ? L::kK : L::kQ);
     each_output_element(w, col0, o, [&](int r, int f, float dx) {
       const int64_t row = start + r;
-      if (row >= end || f >= p.feature_dim) return;
-      const float term = dx * shared_element<scalar_t>(w, x + r * L::kQKPitch + f * 2);
+      // (A padded key's φ(k) is 0 and adds nothing: not 0 · dφ(k), which may be Inf or NaN there.)
+      if (row >= end || f >= p.feature_dim || (keys && padded(row))) return;
+      const float term = dx * shared_element<scalar_t>(w, x + r * L::kQKPitch + f * 2) *
+                         (keys ? 1.0f : row_scale(w, base, r));
       float* const at = p.row_terms + (bh * p.q_len + row) * p.feature_dim + f;
-      warp::store_global(w, at, subtract ? warp::load_global(w, at) - term : term);
+      warp::store_global(w, at, keys ? warp::load_global(w, at) - term : term);
     });
   }
 
@@ -245,7 +270,8 @@ struct BackwardBlock : SequenceRows {
   }
 
   // φ of Q or K rows, 0 in a padded key's row and past the head dim; raises the operand's flag
-  // where φ holds Inf or NaN.
+  // where φ holds Inf or NaN. Outside the query pass, float16's φ(q_i) is taken times the row's
+  // scale σ_i (it meets G'_i / σ_i in every product there).
   LINATTN_HD void prepare_features(const WarpContext& w, Operand operand, uint32_t base, int64_t start) const {
     const warp::RowTile<scalar_t> x = rows_of(operand);
     const int flag = operand == Operand::kQuery ? L::kQueryFlag : L::kKeyFlag;
@@ -255,7 +281,13 @@ struct BackwardBlock : SequenceRows {
       const uint32_t at = base + x.offset + static_cast<uint32_t>(r * x.pitch + col * 2);
       warp::Words4 piece = warp::load_shared<warp::Words4>(w, at);
       const int64_t left = x.dim - col;
-      feature_piece<scalar_t>(p.feature_map, !valid ? 0 : left < 8 ? static_cast<int>(left) : 8, piece);
+      float scale = 1.0f;
+      if constexpr (kRowScaled) {
+        if (operand == Operand::kQuery && p.pass != BackwardPass::kQuery && p.normalize && valid) {
+          scale = warp::load_global(w, p.row_scalars + kRowScalars * (bh * p.q_len + row) + 2);
+        }
+      }
+      feature_piece<scalar_t>(p.feature_map, !valid ? 0 : left < 8 ? static_cast<int>(left) : 8, piece, scale);
       bool finite = true;
       LINATTN_UNROLL
       for (int i = 0; i < 4; ++i) finite = finite && warp::finite_pair<scalar_t>(piece.word[i]);
@@ -286,7 +318,7 @@ struct BackwardBlock : SequenceRows {
   // gradient of q and k is 0 there; with gn = −(g · o) / d instead, bf16's rounding of G left 40%
   // of the tests' floor in dk); a row whose g is all 0 gets 0s (it passes nothing, not 0 · o). It
   // writes them to row_scalars, from which the key-value pass takes them without reading o.
-  // Raises the cotangent flag where G holds Inf or NaN.
+  // float16 holds a row as G' / σ (row_scales). Raises the cotangent flag where G holds Inf or NaN.
   LINATTN_HD void prepare_cotangent(const WarpContext& w, uint32_t base, int64_t start) const {
     constexpr int kPiecesPerRow = DV / 8;
     static_assert(kChunk * kPiecesPerRow % kThreads == 0, "every lane has a piece in every round");
@@ -299,9 +331,10 @@ struct BackwardBlock : SequenceRows {
       };
       Lanes<int> leader;  // the lane of the row's first piece
       warp::for_lanes(w, [&](int lane) { leader[lane] = lane & ~(kPiecesPerRow - 1); });
-      Lanes<float> inv, gn;
+      Lanes<float> inv, gn, scale;
+      warp::for_lanes(w, [&](int lane) { scale[lane] = 0.0f; });
       if (p.pass == BackwardPass::kQuery) {
-        row_scalars_of(w, base, start, piece, leader, inv, gn);
+        row_scalars_of(w, base, start, piece, leader, inv, gn, scale);
       } else {
         warp::for_lanes(w, [&](int lane) {
           int r = 0, col = 0;
@@ -309,7 +342,7 @@ struct BackwardBlock : SequenceRows {
           const int64_t row = start + r;
           inv[lane] = gn[lane] = 0.0f;
           if (col != 0 || row >= q_end) return;
-          const float* scalars = p.row_scalars + 2 * (bh * p.q_len + row);
+          const float* scalars = p.row_scalars + kRowScalars * (bh * p.q_len + row);
           inv[lane] = warp::load_global(w, scalars);
           gn[lane] = warp::load_global(w, scalars + 1);
         });
@@ -333,18 +366,22 @@ struct BackwardBlock : SequenceRows {
           const uint32_t extra = base + L::kG + static_cast<uint32_t>(r * L::kGPitch + DV * 2);
           const float hi = warp::round_to<scalar_t>(gn[lane]);
           warp::store_shared<uint32_t>(w, extra, warp::pack<scalar_t>(hi, gn[lane] - hi));
+          // (The query pass's σ at DV + 2, for row_scale; 0 elsewhere: U's update reads it.)
+          warp::store_shared<float>(w, extra + 4, kRowScaled ? scale[lane] : 0.0f);
           LINATTN_UNROLL
-          for (int i = 1; i < 4; ++i) warp::store_shared<uint32_t>(w, extra + 4 * i, 0u);
+          for (int i = 2; i < 4; ++i) warp::store_shared<uint32_t>(w, extra + 4 * i, 0u);
         }
       });
     }
   }
 
-  // Query pass, one round of prepare_cotangent: each row's 1 / d (in every lane of the row, `inv`)
-  // and gn (in its first lane), also written to row_scalars.
+  // Query pass, one round of prepare_cotangent: each row's 1 / d (in every lane of the row, `inv`),
+  // gn (in its first lane) and scale σ (kRowScaled; both others divided by it), also written to
+  // row_scalars.
   template <typename Piece>
   LINATTN_HD void row_scalars_of(const WarpContext& w, uint32_t base, int64_t start, const Piece& piece,
-                                 const Lanes<int>& leader, Lanes<float>& inv, Lanes<float>& gn) const {
+                                 const Lanes<int>& leader, Lanes<float>& inv, Lanes<float>& gn,
+                                 Lanes<float>& scale) const {
     constexpr int kPiecesPerRow = DV / 8;
     // The row's 1 / d, read once by its first lane (0 where d vanished; unnormalized: 1).
     warp::for_lanes(w, [&](int lane) {
@@ -357,6 +394,10 @@ struct BackwardBlock : SequenceRows {
       inv[lane] = fused::inverse_unless_vanished(den);
     });
     inv = warp::shuffle(w, inv, leader);
+    warp::for_lanes(w, [&](int lane) { scale[lane] = 1.0f; });
+    if constexpr (kRowScaled) {
+      if (p.normalize) scale = row_scales(w, base, start, piece, inv);
+    }
     Lanes<float> rounded_dot, nonzero;
     warp::for_lanes(w, [&](int lane) {
       int r = 0, col = 0;
@@ -384,13 +425,51 @@ struct BackwardBlock : SequenceRows {
       int r = 0, col = 0;
       piece(lane, r, col);
       const int64_t row = start + r;
+      if constexpr (kRowScaled) {
+        // gn past the limit too (|G · o| of a row of large outputs): a further power of two, the
+        // same as dividing before the rounding, short of float16's subnormals.
+        const float further = row_scale_above(::fabsf(rounded_dot[lane]));
+        scale[lane] *= further;
+        inv[lane] /= further;
+        rounded_dot[lane] /= further;
+      }
       if (row >= q_end || nonzero[lane] == 0.0f) inv[lane] = 0.0f;
       gn[lane] = inv[lane] != 0.0f ? -rounded_dot[lane] : 0.0f;
       if (col != 0 || row >= q_end) return;
-      float* scalars = p.row_scalars + 2 * (bh * p.q_len + row);
+      float* scalars = p.row_scalars + kRowScalars * (bh * p.q_len + row);
       warp::store_global(w, scalars, inv[lane]);
       warp::store_global(w, scalars + 1, gn[lane]);
+      warp::store_global(w, scalars + 2, scale[lane]);
     });
+  }
+
+  // float16, normalized: each row's first scale (in every lane of the row), the power of two that
+  // keeps max |g / d| / σ within kRowScaleLimit (before rounding), and inv divided by it; 1 for
+  // every row that fits, as nearly all do: a row needs σ > 1 only where d is tiny against g (a row
+  // that sees almost nothing, d near eps). (gn's bound comes after its sum: row_scalars_of.)
+  template <typename Piece>
+  LINATTN_HD Lanes<float> row_scales(const WarpContext& w, uint32_t base, int64_t start, const Piece& piece,
+                                     Lanes<float>& inv) const {
+    constexpr int kPiecesPerRow = DV / 8;
+    Lanes<float> largest;
+    warp::for_lanes(w, [&](int lane) {
+      int r = 0, col = 0;
+      piece(lane, r, col);
+      largest[lane] = 0.0f;
+      if (start + r >= q_end) return;
+      LINATTN_UNROLL
+      for (int i = 0; i < 8; ++i) {
+        const float g = shared_element<scalar_t>(w, base + L::kG + r * L::kGPitch + (col + i) * 2);
+        largest[lane] = ::fmaxf(largest[lane], ::fabsf(g * inv[lane]));  // (columns past dv hold 0)
+      }
+    });
+    largest = warp::butterfly<kPiecesPerRow>(w, largest, [](float mine, float other) { return ::fmaxf(mine, other); });
+    Lanes<float> scale;
+    warp::for_lanes(w, [&](int lane) {
+      scale[lane] = row_scale_above(largest[lane]);
+      inv[lane] /= scale[lane];
+    });
+    return scale;
   }
 
   // Once the chunk's copies issued by this warp have landed: prepares what it copied.
@@ -753,6 +832,16 @@ struct BackwardBlock : SequenceRows {
     });
   }
 
+  // The query pass: what chunk row r's dφ(q) is multiplied by as it leaves (its row terms, dq):
+  // float16's σ (G' entered as G' / σ), read where each element is (not a pass over the tiles,
+  // which cost the kernels registers); 1 otherwise.
+  LINATTN_HD float row_scale(const WarpContext& w, uint32_t base, int r) const {
+    if constexpr (kRowScaled) {
+      if (p.normalize) return warp::load_shared<float>(w, base + L::kG + r * L::kGPitch + (DV + 2) * 2);
+    }
+    return 1.0f;
+  }
+
   // e^{b_later − b_earlier}: the weight of a pair of the chunk's rows under a fading state.
   LINATTN_HD static float pair_fade(const WarpContext& w, uint32_t base, int later, int earlier) {
     return warp::exp_of(decay_row(w, base + L::kCumulativeDecay, later) -
@@ -760,12 +849,14 @@ struct BackwardBlock : SequenceRows {
   }
 
   // A fading state's row terms of dL/dc: sum[half] += Σ over the lane's elements of row
-  // 16·rb + g + 8·half of o(r, c) · X(r, c) (o's columns from col0; X the chunk's φ(q) or φ(k)
-  // rows at x), then store_row_terms.
+  // 16·rb + g + 8·half of o(r, c) · X(r, c) (o's columns from col0; X the chunk's φ(q) rows, times
+  // row_scale, or its φ(k) rows `keys`; chunk row r is sequence row start + r), then
+  // store_row_terms. A padded key adds nothing: its φ(k) is 0, its dφ(k) may be Inf or NaN.
   template <int kTiles>
-  LINATTN_HD void row_products(const WarpContext& w, const Accumulator (&o)[kTiles][4], int col0, uint32_t x,
-                               Lanes<float> (&sum)[2]) const {
+  LINATTN_HD void row_products(const WarpContext& w, const Accumulator (&o)[kTiles][4], int col0, uint32_t base,
+                               int64_t start, bool keys, Lanes<float> (&sum)[2]) const {
     const int rb = warp::opaque_uniform(w.warp) % 4;
+    const uint32_t x = base + (keys ? L::kK : L::kQ);
     warp::for_lanes(w, [&](int lane) {
       const int g = warp::group_of(lane), t = warp::thread_in_group(lane);
       LINATTN_UNROLL
@@ -773,8 +864,9 @@ struct BackwardBlock : SequenceRows {
         LINATTN_UNROLL
         for (int i = 0; i < 4; ++i) {
           const int r = rb * 16 + g + 8 * (i / 2), c = col0 + j * 8 + 2 * t + i % 2;
-          if (c >= p.feature_dim) continue;
-          sum[i / 2][lane] += o[j][i][lane] * shared_element<scalar_t>(w, x + r * L::kQKPitch + c * 2);
+          if (c >= p.feature_dim || (keys && padded(start + r))) continue;
+          const float scale = keys ? 1.0f : row_scale(w, base, r);
+          sum[i / 2][lane] += o[j][i][lane] * shared_element<scalar_t>(w, x + r * L::kQKPitch + c * 2) * scale;
         }
       }
     });
@@ -826,11 +918,13 @@ struct BackwardBlock : SequenceRows {
     });
   }
 
-  // dq = dφ(q) ⊙ φ'(q) of the warp's rows (chunk rows from `start`) and columns from f0.
+  // dq = dφ(q) ⊙ φ'(q) (times row_scale) of the warp's rows (chunk rows from `start`) and columns
+  // from f0.
   template <int kPart>
   LINATTN_HD void store_query_gradient(const WarpContext& w, uint32_t base, int64_t start, int f0,
                                        const Accumulator (&o)[kPart][4]) const {
     store_output(w, o, f0, start, q_end, p.q_len, p.feature_dim, p.grad_q, p.grad_q_tile, [&](int r, int f, float x) {
+      x *= row_scale(w, base, r);
       if (p.feature_map == kFeatureIdentity) return x;
       const float phi = shared_element<scalar_t>(w, base + L::kQ + r * L::kQKPitch + f * 2);
       return x * derivative_from_feature(p.feature_map, phi);
@@ -858,7 +952,7 @@ struct BackwardBlock : SequenceRows {
       times_gated_blocks(w, scores, base + L::kK + f0 * 2, f0, false, o);
       scale_elements(w, f0, o, [&](int r, int f) { return warp::exp_of(gate_sum(w, r, f) - gate_sum(w, ref, f)); });
       gated_diagonal_terms(w, scores, base + L::kK, f0, false, o);
-      channel_terms(w, o, f0, base + L::kQ, start, q_end, false);
+      channel_terms(w, o, f0, base, start, q_end, false);
       store_query_gradient(w, base, start, f0, o);
     }
   }
@@ -899,7 +993,7 @@ struct BackwardBlock : SequenceRows {
       query_state_part(w, base, f0, o);
       if (fade) scale_rows(w, base + L::kRowFade, o);
       if (p.causal) times_rows(w, scores, base + L::kK + f0 * 2, L::kQKPitch, false, flag(w, base, L::kKeyFlag), o);
-      if (fade) row_products(w, o, f0, base + L::kQ, sum);
+      if (fade) row_products(w, o, f0, base, start, false, sum);
       store_query_gradient(w, base, start, f0, o);
     }
     if (fade) store_row_terms(w, sum, start, ch);
@@ -990,7 +1084,7 @@ struct BackwardBlock : SequenceRows {
       times_gated_blocks(w, scores, base + L::kQ + f0 * 2, f0, true, o);
       scale_elements(w, f0, o, [&](int r, int f) { return warp::exp_of(gate_sum(w, ref, f) - gate_sum(w, r, f)); });
       gated_diagonal_terms(w, scores, base + L::kQ, f0, true, o);
-      channel_terms(w, o, f0, base + L::kK, start, k_end, true);
+      channel_terms(w, o, f0, base, start, k_end, true);
       store_key_gradient(w, base, start, f0, o);
     }
   }
@@ -1051,7 +1145,7 @@ struct BackwardBlock : SequenceRows {
       key_state_part(w, base, f0, o);
       if (fade) scale_rows(w, base + L::kKeyFade, o);
       if (p.causal) times_rows(w, scores, base + L::kQ + f0 * 2, L::kQKPitch, true, flag(w, base, L::kQueryFlag), o);
-      if (fade) row_products(w, o, f0, base + L::kK, sum);
+      if (fade) row_products(w, o, f0, base, start, true, sum);
       store_key_gradient(w, base, start, f0, o);
     }
     if (fade) store_row_terms(w, sum, start, 2 + ch);

@@ -35,8 +35,14 @@ struct GradientTile {
 // augmented output [numerator | normalizer] is G' = [G | gn] with G = g / d rounded to 16 bits and
 // gn = −G · o (g = grad_out, o = out, d = the saved normalizer; [g | 0] unnormalized), 0 for a row
 // whose g is all 0. The query pass reduces G · o as its rows land and writes each row's scalars
-// (1 / d, or 0 for such a row, and gn) to row_scalars, from which the key-value pass builds the
-// same G' without reading o.
+// (1 / d, or 0 for such a row, gn and σ; kRowScalars floats a row) to row_scalars, from which the
+// other passes build the same G' without reading o. In float16 a row whose G' would pass
+// kRowScaleLimit is held as G' / σ, σ a power of two (1 / d and gn are then stored divided by σ):
+// the query pass multiplies the row's dφ(q) by σ, the others its φ(q) (every product they form is
+// bilinear in φ(q_i) and G'_i), so a row that sees almost no key (d near eps) overflows nothing.
+constexpr int kRowScalars = 3;
+constexpr float kRowScaleLimit = 16384.0f;  // float16's G' stays within it (its range ends at 65504)
+
 template <typename scalar_t>
 struct BackwardProblem {
   int64_t batch = 0, heads = 0, q_len = 0, k_len = 0, feature_dim = 0, value_dim = 0;
@@ -79,7 +85,7 @@ struct BackwardProblem {
   // tensor_core_backward), whose gradients are partial sums over the other axis: where each of dq,
   // dk and dv goes (GradientTile). grad_q, grad_k and grad_v then point at the tile's first column.
   GradientTile grad_q_tile, grad_k_tile, grad_v_tile;
-  float* row_scalars = nullptr;       // (B, H, T_q, 2): written by the query pass, read by the other
+  float* row_scalars = nullptr;  // (B, H, T_q, kRowScalars): written by the query pass, read by the others
   // Packed sequences, as the forward's (ForwardProblem::packing): states per (sequence, head).
   Packing packing;
 
@@ -88,12 +94,14 @@ struct BackwardProblem {
 
 // Shared memory of one block: two chunk buffers, each with the chunk's φ(Q), φ(K), V and G' rows
 // (G' with its normalizer column gn as two 16-bit parts hi + lo at DV and DV + 1, then zeros to
-// DV + 8), flags (which rows hold Inf or NaN) and a fading state's log-factor rows; the 16-bit copy
-// of the state as two 16-bit parts hi + lo (kKeyValue: U, DK rows of DV + 8 columns; kQuery: Sᵀ, DV
-// rows of DK columns), so that the terms that cancel — G Sᵀ against gn z, U_v v_j against u — keep
-// fp32's precision until their difference; kQuery's fp32 z = the column sums of φ(K) so far; a
-// 16×16 fp32 scratch tile per warp. kChannels (gates per channel), as the forward's Layout: the
-// chunk's G (one copy) and the diagonal blocks' pair weights (the key-value pass's dv).
+// DV + 8; in the query pass, which reads no column past DV + 1, float16's row scale σ as fp32 at
+// DV + 2), flags (which rows hold Inf or NaN) and a fading state's log-factor rows; the 16-bit
+// copy of the state as two 16-bit parts hi + lo (kKeyValue: U, DK rows of DV + 8 columns; kQuery:
+// Sᵀ, DV rows of DK columns), so that the terms that cancel — G Sᵀ against gn z, U_v v_j against u
+// — keep fp32's precision until their difference; kQuery's fp32 z = the column sums of φ(K) so
+// far; a 16×16 fp32 scratch tile per warp. kChannels (gates per channel), as the
+// forward's Layout: the chunk's G (one copy) and the diagonal blocks' pair weights (the key-value
+// pass's dv).
 template <int DK, int DV, bool kChannels = false>
 struct BackwardLayout {
   static constexpr int kQKPitch = warp::padded_pitch(DK * 2), kVPitch = warp::padded_pitch(DV * 2);

@@ -23,13 +23,13 @@ LINATTN_HD inline float relu(float x) { return x < 0.0f ? 0.0f : x; }
 // the head dim; valid = 0 for a row that must add nothing). The map is chosen once per piece, so
 // a column costs a few instructions without a branch.
 template <typename half_t>
-LINATTN_HD inline void feature_piece(int map, int valid, warp::Words4& piece) {
+LINATTN_HD inline void feature_piece(int map, int valid, warp::Words4& piece, float scale = 1.0f) {
   auto apply = [&](auto&& phi) {
     LINATTN_UNROLL
     for (int i = 0; i < 4; ++i) {
       // (φ of every column, then the selection: no branch around a column's φ.)
-      const float lo = phi(warp::unpack_lo<half_t>(piece.word[i]));
-      const float hi = phi(warp::unpack_hi<half_t>(piece.word[i]));
+      const float lo = phi(warp::unpack_lo<half_t>(piece.word[i])) * scale;
+      const float hi = phi(warp::unpack_hi<half_t>(piece.word[i])) * scale;
       piece.word[i] = warp::pack<half_t>(2 * i < valid ? lo : 0.0f, 2 * i + 1 < valid ? hi : 0.0f);
     }
   };
