@@ -864,7 +864,8 @@ struct BackwardBlock : SequenceRows {
         LINATTN_UNROLL
         for (int i = 0; i < 4; ++i) {
           const int r = rb * 16 + g + 8 * (i / 2), c = col0 + j * 8 + 2 * t + i % 2;
-          if (c >= p.feature_dim || (keys && padded(start + r))) continue;
+          // (Rows past the sequence's end are not stored, and have no mask entry to read.)
+          if (c >= p.feature_dim || (keys && start + r < k_end && padded(start + r))) continue;
           const float scale = keys ? 1.0f : row_scale(w, base, r);
           sum[i / 2][lane] += o[j][i][lane] * shared_element<scalar_t>(w, x + r * L::kQKPitch + c * 2) * scale;
         }
