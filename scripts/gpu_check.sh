@@ -47,7 +47,7 @@ if wants tests; then
     tests/ops/test_tensor_core_forward.py tests/ops/test_tensor_core_backward.py \
     tests/ops/test_tensor_core_wide_backward.py tests/ops/test_tensor_core_fading_backward.py \
     tests/ops/test_tensor_core_packed.py tests/ops/test_tensor_core_channel_gates.py tests/ops/test_flash_forward.py \
-    tests/ops/test_tensor_core_float16_rows.py \
+    tests/ops/test_tensor_core_float16_range.py \
     tests/ops/test_flash_backward.py tests/ops/test_softcap.py tests/ops/test_alibi.py tests/ops/test_grouped_query.py \
     tests/ops/test_dropout.py \
     tests/ops/test_delta_rule_tensor_core.py \

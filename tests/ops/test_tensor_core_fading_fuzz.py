@@ -1,7 +1,8 @@
 """Property-based fuzzing of linear attention's tensor-core kernels with a fading state (a log-gate per
 token, or per feature channel: GLA) through their CPU emulation: random lengths around the chunk,
 feature and value dims, gate strengths from none to a state that forgets within a token, a per-head
-decay, key padding, initial states and feature maps; forward (out, final state) and every gradient
+decay, key padding, initial states (normalized: up to 3e5, past float16's range) and feature maps;
+forward (out, final state) and every gradient
 (q, k, v, the gate) against the float64 reference, each example asserting that the tensor cores ran
 both directions. LINATTN_FUZZ_EXAMPLES scales the example count, as in test_fuzz.py."""
 import os
@@ -38,7 +39,7 @@ def cases(draw):
     return dict(B=draw(st.integers(1, 2)), H=draw(st.integers(1, 2)), T=draw(LENGTHS), m=m, dv=draw(st.integers(1, 80)),
                 per_channel=draw(st.booleans()), strength=draw(st.sampled_from([0.0, 0.05, 1.0, 30.0])), form=form,
                 decay=draw(st.booleans()), mask=draw(st.booleans()), state=draw(st.booleans()),
-                seed=draw(st.integers(0, 2 ** 16)))
+                state_size=draw(st.sampled_from([1.0, 1.0, 1e3, 3e5])), seed=draw(st.integers(0, 2 ** 16)))
 
 
 def _mma():
@@ -110,7 +111,13 @@ def test_fading_tensor_cores_match_the_reference(c, dtype):
     gate = -torch.rand(B, H, T, *((m,) if c["per_channel"] else ()), generator=g) * c["strength"]
     decay = torch.rand(H, generator=g) * 0.5 + 0.5 if c["decay"] else None
     mask = torch.rand(B, T, generator=g) < 0.2 if c["mask"] else None
-    state = (torch.randn(B, H, m, dv, generator=g), torch.rand(B, H, m, generator=g) + 1) if c["state"] else None
+    # (A state past float16's range: its 16-bit copies are scaled by a power of two, and d grows with
+    # it, so G = g / d takes the rows' square-root scale. Normalized only: unnormalized outputs would
+    # pass float16's range themselves.)
+    big = c["state_size"] if c["form"] == "elu" else 1.0
+    state = None
+    if c["state"]:
+        state = (torch.randn(B, H, m, dv, generator=g) * big, (torch.rand(B, H, m, generator=g) + 1) * big)
     feature_map = c["form"].split("-")[0]
     options = dict(feature_map=feature_map, normalize=c["form"] == "elu", key_padding_mask=mask)
 

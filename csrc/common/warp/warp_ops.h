@@ -19,6 +19,7 @@
 #include "emulation.h"
 
 #include <algorithm>
+#include <cstring>
 #endif
 
 namespace linattn {
@@ -53,6 +54,47 @@ LINATTN_HD inline float exp_of(float x) {
 template <typename half_t>
 LINATTN_HD inline float round_to(float x) {
   return static_cast<float>(half_t(x));
+}
+
+// --- fp32 bits ---------------------------------------------------------------------------------
+// Tests and scales by a float's bits: no fast-math assumption can fold them, and they cost no
+// registers where frexp / ldexp did.
+
+LINATTN_HD inline uint32_t bits_of(float x) {
+#if defined(__CUDA_ARCH__)
+  return __float_as_uint(x);
+#else
+  uint32_t bits;
+  std::memcpy(&bits, &x, sizeof(bits));
+  return bits;
+#endif
+}
+LINATTN_HD inline float float_of(uint32_t bits) {
+#if defined(__CUDA_ARCH__)
+  return __uint_as_float(bits);
+#else
+  float x;
+  std::memcpy(&x, &bits, sizeof(x));
+  return x;
+#endif
+}
+
+// Whether x is neither Inf nor NaN (by its exponent bits).
+LINATTN_HD inline bool finite_float(float x) { return (bits_of(x) & 0x7f800000u) != 0x7f800000u; }
+
+// The smallest power of two σ >= 1 with bound / σ <= limit (a power of two); 1 where the bound is
+// within it, Inf or NaN. For bound / limit = 1.m · 2^e (e >= 0), σ = 2^(e + 1): the exponent field
+// plus one over a zero mantissa.
+LINATTN_HD inline float power_of_two_above(float bound, float limit) {
+  if (!(bound > limit) || !finite_float(bound)) return 1.0f;
+  const float ratio = bound * (1.0f / limit);  // (exact: a power of two)
+  return float_of(((bits_of(ratio) >> 23) + 1u) << 23);
+}
+
+// A power of two near √x for a finite x > 0: 2^(e / 2) for x = 1.m · 2^e (e / 2 rounded toward 0).
+LINATTN_HD inline float power_of_two_near_square_root(float x) {
+  const int exponent = static_cast<int>((bits_of(x) >> 23) & 0xffu) - 127;
+  return float_of(static_cast<uint32_t>(exponent / 2 + 127) << 23);
 }
 
 // 16 bytes of shared memory as four 32-bit words: one 16-byte access (load_shared, store_shared)

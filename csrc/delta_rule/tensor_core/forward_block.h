@@ -9,7 +9,6 @@
 #include "../../common/warp/scan.h"
 
 #include <cmath>
-#include <cstring>
 #include <limits>
 
 namespace linattn {
@@ -18,17 +17,7 @@ namespace delta_tensor_core {
 constexpr float kL2Eps = 1e-6f;  // x · (Σ x² + eps)^{-1/2}, as the CPU kernel and l2_normalize
 
 using warp::exp_of;
-
-// Whether x is neither Inf nor NaN (by its exponent bits: no fast-math assumption can fold it).
-LINATTN_HD inline bool finite_float(float x) {
-#if defined(__CUDA_ARCH__)
-  const uint32_t bits = __float_as_uint(x);
-#else
-  uint32_t bits;
-  std::memcpy(&bits, &x, sizeof(bits));
-#endif
-  return (bits & 0x7f800000u) != 0x7f800000u;
-}
+using warp::finite_float;  // (by exponent bits: no fast-math assumption can fold it)
 
 LINATTN_HD inline float quiet_nan() {
 #if defined(__CUDA_ARCH__)

@@ -69,7 +69,7 @@ LINATTN_HD LINATTN_INLINE void run_query_gradient_block(const Exec& exec, const 
   using State = QueryState<DK, DV>;
   const Block blk(p, block);
   auto publish = [&](const WarpContext& w, const State& s) {
-    s.template publish<scalar_t>(w, L::kState, L::kSPitch, L::kStateLow);
+    s.template publish<scalar_t>(w, L::kState, L::kSPitch, L::kStateLow, Block::publish_scale(w));
   };
   // Sᵀ += Vᵀ φ(K); a fading state: Sᵀ = e^{b_last} Sᵀ + (e^{b_last − b} ⊙ V)ᵀ φ(K); gates per
   // channel: Sᵀ = Sᵀ Diag(e^{G_last}) + Vᵀ (φ(K) ⊙ e^{G_last − G}).
@@ -78,16 +78,19 @@ LINATTN_HD LINATTN_INLINE void run_query_gradient_block(const Exec& exec, const 
     Block::template accumulate<kChannels ? Block::ChannelSide::kFeaturesInY : Block::ChannelSide::kNone>(
         w, s, base + L::kV, L::kVPitch, base + L::kK, L::kQKPitch, rows,
         kFading ? base + L::kKeyFade : Block::kNoFactors);
+    Block::record_state_size(w, s);
   };
   auto nothing = [](const WarpContext&, State&, uint32_t) {};
   int64_t q_begin = 0, q_end = 0, k_begin = 0, k_end = 0;
   blk.query_rows(q_begin, q_end);
   blk.key_rows(k_begin, k_end);
   if (q_begin == q_end && k_begin == k_end && p.state_out.data == nullptr) return;  // as the forward's
+  // (Two phases: float16's copy is scaled by a size every warp recorded as it loaded its tiles.)
   exec([&](const WarpContext& w, State& s) {
     blk.load_s(w, s);
-    publish(w, s);
+    Block::record_state_size(w, s);
   });
+  exec([&](const WarpContext& w, State& s) { publish(w, s); });
   if (p.causal) {
     // z and the state copy take in the chunk before once every warp has read them.
     stream_chunks(exec, blk, q_begin, q_end, false, true, true,
@@ -157,7 +160,7 @@ LINATTN_HD LINATTN_INLINE void run_key_value_gradient_block(const Exec& exec, co
   using State = KeyValueState<DK, DV>;
   const Block blk(p, block);
   auto publish = [&](const WarpContext& w, const State& s) {
-    s.template publish<scalar_t>(w, L::kState, L::kUPitch, L::kULow);
+    s.template publish<scalar_t>(w, L::kState, L::kUPitch, L::kULow, Block::publish_scale(w));
   };
   // U += φ(Q)ᵀ G'; a fading state: U = e^{b_last} U + (e^{b} ⊙ φ(Q))ᵀ G' (U is faded to the
   // chunk's start, as the scan backwards in time reaches it); gates per channel:
@@ -167,6 +170,7 @@ LINATTN_HD LINATTN_INLINE void run_key_value_gradient_block(const Exec& exec, co
     Block::template accumulate<kChannels ? Block::ChannelSide::kFeaturesInX : Block::ChannelSide::kNone>(
         w, s, base + L::kQ, L::kQKPitch, base + L::kG, L::kGPitch, rows,
         kFading ? base + L::kRowFade : Block::kNoFactors);
+    Block::record_state_size(w, s);
   };
   auto accumulate_chunk = [&](const WarpContext& w, State& s, uint32_t base, int64_t, int rows) {
     accumulate(w, s, base, rows);
@@ -178,8 +182,9 @@ LINATTN_HD LINATTN_INLINE void run_key_value_gradient_block(const Exec& exec, co
   if (q_begin == q_end && k_begin == k_end && p.state_out.data == nullptr) return;  // as the forward's
   exec([&](const WarpContext& w, State& s) {
     blk.load_u(w, s);
-    publish(w, s);
+    Block::record_state_size(w, s);
   });
+  exec([&](const WarpContext& w, State& s) { publish(w, s); });
   if (p.pass == BackwardPass::kKeyValueSums) {
     // (Backwards in time under a fading state: the sum faded to the segment's start.)
     stream_chunks(exec, blk, q_begin, q_end, kFading, true, false, nothing, accumulate_chunk);

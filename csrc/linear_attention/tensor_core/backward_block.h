@@ -11,8 +11,8 @@
 
 #include "backward_problem.h"
 #include "forward_block.h"
+#include "state_scale.h"
 
-#include <cstring>
 #include <type_traits>
 
 namespace linattn {
@@ -25,25 +25,6 @@ LINATTN_HD inline float derivative_from_feature(int map, float phi) {
   return map == kFeatureElu ? elu : map == kFeatureRelu ? relu : 1.0f;
 }
 
-// The smallest power of two σ >= 1 with bound / σ < kRowScaleLimit; 1 where the bound is Inf or
-// NaN (a row holding Inf or NaN takes the flags' path instead). For bound / limit = 1.m · 2^e,
-// σ = 2^(e + 1): the exponent field plus one over a zero mantissa (bits, not frexp / ldexp, whose
-// device versions cost the query pass registers it did not have).
-LINATTN_HD inline float row_scale_above(float bound) {
-  if (!(bound > kRowScaleLimit) || !(bound < INFINITY)) return 1.0f;
-  const float ratio = bound * (1.0f / kRowScaleLimit);  // (exact: a power of two)
-#if defined(__CUDA_ARCH__)
-  return __uint_as_float(((__float_as_uint(ratio) >> 23) + 1u) << 23);
-#else
-  uint32_t bits;
-  std::memcpy(&bits, &ratio, sizeof(bits));
-  bits = ((bits >> 23) + 1u) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return scale;
-#endif
-}
-
 // kFading: the instance for a fading state (log_decay set), compiled apart so that its registers
 // do not weigh on the plain kernels. kChannels (with kFading): gates per channel (GLA; "gates per
 // channel" below says what changes).
@@ -53,6 +34,8 @@ struct BackwardBlock : SequenceRows {
   static constexpr bool kPerChannel = kChannels;
   // float16 (range 65504) holds a normalized row's G' / σ (BackwardProblem, row_scalars_of).
   static constexpr bool kRowScaled = std::is_same_v<scalar_t, c10::Half>;
+  // ... and its state copies as state / σ (state_scale.h).
+  static constexpr bool kStateScaled = kStateCopyScaled<scalar_t>;
   using L = BackwardLayout<DK, DV, kChannels>;
   static constexpr int kValueTiles = DV / 16;    // n8 tiles of a warp's half of the value columns
   static constexpr int kFeatureTiles = DK / 16;  // ... of the feature columns
@@ -230,9 +213,9 @@ struct BackwardBlock : SequenceRows {
   }
 
   // Whether the chunk's Q rows are loaded: the query pass needs them only for φ'(q) and a fading
-  // state's φ(q)·dφ(q).
+  // state's φ(q)·dφ(q); the key-value pass and its segment sums (Σ φ(q) G'ᵀ) always.
   LINATTN_HD bool wants_queries() const {
-    return p.pass == BackwardPass::kKeyValue || p.feature_map != kFeatureIdentity || fading();
+    return p.pass != BackwardPass::kQuery || p.feature_map != kFeatureIdentity || fading();
   }
 
   // --- loads (as the forward's: each thread prepares the 16-byte pieces it copied) -------------
@@ -428,7 +411,7 @@ struct BackwardBlock : SequenceRows {
       if constexpr (kRowScaled) {
         // gn past the limit too (|G · o| of a row of large outputs): a further power of two, the
         // same as dividing before the rounding, short of float16's subnormals.
-        const float further = row_scale_above(::fabsf(rounded_dot[lane]));
+        const float further = warp::power_of_two_above(::fabsf(rounded_dot[lane]), kRowScaleLimit);
         scale[lane] *= further;
         inv[lane] /= further;
         rounded_dot[lane] /= further;
@@ -443,10 +426,11 @@ struct BackwardBlock : SequenceRows {
     });
   }
 
-  // float16, normalized: each row's first scale (in every lane of the row), the power of two that
-  // keeps max |g / d| / σ within kRowScaleLimit (before rounding), and inv divided by it; 1 for
-  // every row that fits, as nearly all do: a row needs σ > 1 only where d is tiny against g (a row
-  // that sees almost nothing, d near eps). (gn's bound comes after its sum: row_scalars_of.)
+  // float16, normalized: each row's first scale (in every lane of the row), and inv divided by it:
+  // the power of two that keeps max |g / d| / σ within kRowScaleLimit (before rounding), σ > 1
+  // only where d is tiny against g (a row that sees almost nothing, d near eps); for a row whose
+  // max |g / d| is below kRowSmallLimit, about its square root (BackwardProblem); 1 for the rows
+  // between. (gn's bound comes after its sum: row_scalars_of.)
   template <typename Piece>
   LINATTN_HD Lanes<float> row_scales(const WarpContext& w, uint32_t base, int64_t start, const Piece& piece,
                                      Lanes<float>& inv) const {
@@ -466,7 +450,9 @@ struct BackwardBlock : SequenceRows {
     largest = warp::butterfly<kPiecesPerRow>(w, largest, [](float mine, float other) { return ::fmaxf(mine, other); });
     Lanes<float> scale;
     warp::for_lanes(w, [&](int lane) {
-      scale[lane] = row_scale_above(largest[lane]);
+      const float x = largest[lane];
+      scale[lane] = x > 0.0f && x < kRowSmallLimit ? warp::power_of_two_near_square_root(x)
+                                                   : warp::power_of_two_above(x, kRowScaleLimit);
       inv[lane] /= scale[lane];
     });
     return scale;
@@ -585,6 +571,25 @@ struct BackwardBlock : SequenceRows {
                                     : before;
       warp::store_shared<float>(w, L::kZ + f * 4, faded + sum);
     });
+  }
+
+  // float16's state copies (state_scale.h): the warp's largest state element, recorded once the
+  // state changed (before a barrier); 1 / σ to publish the copy with, σ chosen from every warp's
+  // size (1 but in float16); and a product of the copy brought back to the state's scale.
+  template <typename State>
+  LINATTN_HD static void record_state_size(const WarpContext& w, const State& s) {
+    if constexpr (kStateScaled) StateScales::record(w, s, L::kStateScales);
+  }
+  LINATTN_HD static float publish_scale(const WarpContext& w) {
+    if constexpr (kStateScaled) return 1.0f / StateScales::choose(w, L::kStateScales);
+    return 1.0f;
+  }
+  template <int kTiles>
+  LINATTN_HD static void unscale_state_product(const WarpContext& w, Accumulator (&o)[kTiles][4]) {
+    if constexpr (kStateScaled) {
+      const float sigma = StateScales::of(w, L::kStateScales);
+      warp::each_accumulator(w, o, [&](int, int, float& x) { x *= sigma; });
+    }
   }
 
   // A fading state: e^{b_last}, what the state is worth across the whole chunk.
@@ -906,6 +911,7 @@ struct BackwardBlock : SequenceRows {
     warp::clear(w, o);
     times_state<DV / 16>(w, base + L::kG, L::kGPitch, L::kState + f0 * 2, L::kSPitch, o);
     times_state<DV / 16>(w, base + L::kG, L::kGPitch, L::kStateLow + f0 * 2, L::kSPitch, o);
+    unscale_state_product(w, o);
     warp::for_lanes(w, [&](int lane) {
       const int g = warp::group_of(lane), t = warp::thread_in_group(lane);
       LINATTN_UNROLL
@@ -1032,6 +1038,7 @@ struct BackwardBlock : SequenceRows {
         for (int i = 0; i < 4; ++i) o[j][i][lane] += u_of(w, f0 + j * 8 + 2 * t + i % 2);
       }
     });
+    unscale_state_product(w, o);
   }
 
   // dk = dφ(k) ⊙ φ'(k) of the warp's key rows and columns from f0, 0 for padded keys.
@@ -1067,6 +1074,7 @@ struct BackwardBlock : SequenceRows {
         times_state<DK / 16>(w, base + L::kK, L::kQKPitch, L::kState + c0 * 2, L::kUPitch, o, [&](int r, int f) {
           return warp::exp_of(gate_sum(w, kChunk - 1, f) - gate_sum(w, r, f));
         });
+        unscale_state_product(w, o);
         times_rows(w, scores, base + L::kG + c0 * 2, L::kGPitch, true, flag(w, base, L::kCotangentFlag), o);
         store_output(w, o, c0, start, k_end, p.k_len, p.value_dim, p.grad_v, p.grad_v_tile,
                      [&](int r, int, float x) { return padded(start + r) ? 0.0f : x; });
@@ -1120,6 +1128,7 @@ struct BackwardBlock : SequenceRows {
         Accumulator o[kPart][4];
         warp::clear(w, o);
         times_state<DK / 16>(w, base + L::kK, L::kQKPitch, L::kState + c0 * 2, L::kUPitch, o);
+        unscale_state_product(w, o);
         if (fade) scale_rows(w, base + L::kKeyFade, o);
         if (p.causal) {
           times_rows(w, scores, base + L::kG + c0 * 2, L::kGPitch, true, flag(w, base, L::kCotangentFlag), o);

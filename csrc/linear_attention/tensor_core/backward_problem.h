@@ -40,8 +40,13 @@ struct GradientTile {
 // kRowScaleLimit is held as G' / σ, σ a power of two (1 / d and gn are then stored divided by σ):
 // the query pass multiplies the row's dφ(q) by σ, the others its φ(q) (every product they form is
 // bilinear in φ(q_i) and G'_i), so a row that sees almost no key (d near eps) overflows nothing.
+// At the other end a row whose largest |G| is below kRowSmallLimit (d large against g: a long
+// sequence's later rows, a large state) takes σ about √max |G| (a power of two), splitting the
+// product between the two factors so that neither falls into float16's subnormals (below 2^−14,
+// where its spacing 2^−24 is coarse against G of 1e-7; φ(q) is about 1 with elu+1 and relu).
 constexpr int kRowScalars = 3;
 constexpr float kRowScaleLimit = 16384.0f;  // float16's G' stays within it (its range ends at 65504)
+constexpr float kRowSmallLimit = 1.0f / 256.0f;  // 2^−8: float16's normals reach 6 binades below
 
 template <typename scalar_t>
 struct BackwardProblem {
@@ -99,7 +104,8 @@ struct BackwardProblem {
 // copy of the state as two 16-bit parts hi + lo (kKeyValue: U, DK rows of DV + 8 columns; kQuery:
 // Sᵀ, DV rows of DK columns), so that the terms that cancel — G Sᵀ against gn z, U_v v_j against u
 // — keep fp32's precision until their difference; kQuery's fp32 z = the column sums of φ(K) so
-// far; a 16×16 fp32 scratch tile per warp. kChannels (gates per channel), as the
+// far; a 16×16 fp32 scratch tile per warp; the warps' state sizes and scales (float16's copies
+// hold the state divided by a power of two: state_scale.h). kChannels (gates per channel), as the
 // forward's Layout: the chunk's G (one copy) and the diagonal blocks' pair weights (the key-value
 // pass's dv).
 template <int DK, int DV, bool kChannels = false>
@@ -122,7 +128,8 @@ struct BackwardLayout {
   static constexpr int kZ = kState + std::max(2 * DK * kUPitch, 2 * DV * kSPitch);
   static constexpr int kScratch = kZ + DK * 4;
   static constexpr int kGatePitch = DK + 4;  // fp32 elements a row of G
-  static constexpr int kGates = kScratch + kWarps * 16 * 16 * 4;
+  static constexpr int kStateScales = kScratch + kWarps * 16 * 16 * 4;  // float16's (state_scale.h)
+  static constexpr int kGates = kStateScales + kStateScaleBytes;
   static constexpr int kDiagonal = kGates + kChunk * kGatePitch * 4;
   static constexpr int kBytes = kChannels ? kDiagonal + kChunk * 16 * 4 : kGates;
 };

@@ -4,7 +4,8 @@
 // One block of 8 warps owns one (batch, head) and scans its sequence in chunks of 64 rows. The
 // state St = [S | z] (feature dim × (value dim + 1), fp32) lives in the warps' mma accumulator
 // registers from the first chunk to the last, never in global memory; a bf16/fp16 copy of it sits
-// in shared memory for the chunk's queries to read. Per chunk (causal):
+// in shared memory for the chunk's queries to read (float16's over a power of two past its range:
+// state_scale.h). Per chunk (causal):
 //   O   = φ(Q)·St_prev + mask(φ(Q) φ(K)ᵀ) · [V | 1]      scores and output on tensor cores
 //   St += φ(K)ᵀ · [V | 1]
 // and the output row is O's numerator over its last column (the normalizer) + eps. The ones
@@ -71,10 +72,9 @@ LINATTN_HD LINATTN_INLINE void run_forward_block(const Exec& exec, const Forward
   // A block without rows that writes no state (a packed sequence's segment past its end) has
   // nothing to do: its state would be read for nothing. (Uniform over the block.)
   if (q_begin == q_end && k_begin == k_end && p.state_out.data == nullptr) return;
-  exec([&](const WarpContext& w, State& s) {
-    blk.load_state(w, s);
-    if (p.pass != Pass::kSegmentStates) blk.publish_state(w, s);
-  });
+  // (Two phases: float16's copy is scaled by a size every warp recorded as it loaded its tiles.)
+  exec([&](const WarpContext& w, State& s) { blk.load_state(w, s); });
+  if (p.pass != Pass::kSegmentStates) exec([&](const WarpContext& w, State& s) { blk.publish_state(w, s); });
   if (p.pass == Pass::kSegmentStates) {
     stream(k_begin, k_end, false, true, false, accumulate);
   } else if (p.causal) {

@@ -4,6 +4,7 @@
 #pragma once
 
 #include "problem.h"
+#include "state_scale.h"
 #include "../../common/warp/gated_pairs.h"
 #include "../../common/warp/scan.h"
 
@@ -239,6 +240,7 @@ struct ForwardBlock : SequenceRows {
   using State = WarpState<DK, DV>;
   static constexpr int kColsPerHalf = DV / 16;  // value n8 tiles per output warp
   static constexpr int kOutTiles = kColsPerHalf + 1;  // plus the normalizer tile
+  static constexpr bool kStateScaled = kStateCopyScaled<scalar_t>;  // float16: the copy is St / σ
 
   const ForwardProblem<scalar_t>& p;
   // Block index = ((nh · segments) + segment) · value_tiles + tile, nh = (batch or packed
@@ -421,6 +423,7 @@ struct ForwardBlock : SequenceRows {
       const bool stored = mine && p.state_in.data != nullptr && row < p.feature_dim && col >= 0;
       x = stored ? warp::load_global(w, p.state_in.at(state_index, row, col)) : 0.0f;
     });
+    record_state_size(w, s);
   }
 
   LINATTN_HD void store_state(const WarpContext& w, State& s) const {
@@ -432,9 +435,23 @@ struct ForwardBlock : SequenceRows {
     });
   }
 
-  // The 16-bit copy the queries read: each warp writes its tiles.
+  // The 16-bit copy the queries read: each warp writes its tiles (float16: St / σ, once every
+  // warp recorded its size since the state last changed; state_scale.h).
   LINATTN_HD void publish_state(const WarpContext& w, const State& s) const {
-    s.template publish<scalar_t>(w, L::kState, L::kStatePitch);
+    float scale = 1.0f;
+    if constexpr (kStateScaled) scale = 1.0f / StateScales::choose(w, L::kStateScales);
+    s.template publish<scalar_t>(w, L::kState, L::kStatePitch, 0, scale);
+  }
+
+  // float16: the warp's largest state element, once the state changed (before a barrier).
+  LINATTN_HD void record_state_size(const WarpContext& w, const State& s) const {
+    if constexpr (kStateScaled) StateScales::record(w, s, L::kStateScales);
+  }
+
+  // σ of the copy the queries read (1 but in float16).
+  LINATTN_HD static float state_scale(const WarpContext& w) {
+    if constexpr (kStateScaled) return StateScales::of(w, L::kStateScales);
+    return 1.0f;
   }
 
   // St += φ(K)ᵀ [V | 1] over the chunk's keys; with a fading state
@@ -479,6 +496,7 @@ struct ForwardBlock : SequenceRows {
         }
       }
     }
+    record_state_size(w, s);
   }
 
   // --- the output ------------------------------------------------------------------------------
@@ -568,13 +586,16 @@ struct ForwardBlock : SequenceRows {
         warp::mma_16816<scalar_t>(o[j], qf, bf);
       }
     }
-    if constexpr (kFading && !kChannels) {
-      // The earlier chunks' state is worth e^{b_i} at row i.
+    if constexpr ((kFading && !kChannels) || kStateScaled) {
+      // The earlier chunks' state is worth e^{b_i} at row i (a fading state), and float16's copy
+      // of it is St / σ.
+      const float sigma = state_scale(w);
       warp::for_lanes(w, [&](int lane) {
         const int g = warp::group_of(lane);
         LINATTN_UNROLL
         for (int half = 0; half < 2; ++half) {
-          const float fade = decay_row(w, base + L::kRowFade, rb * 16 + g + 8 * half);
+          float fade = sigma;
+          if constexpr (kFading && !kChannels) fade *= decay_row(w, base + L::kRowFade, rb * 16 + g + 8 * half);
           LINATTN_UNROLL
           for (int j = 0; j < kOutTiles; ++j) {
             o[j][2 * half][lane] *= fade;

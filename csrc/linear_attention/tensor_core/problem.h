@@ -114,11 +114,13 @@ struct ForwardProblem {
 
 // Shared memory of one block: two chunk buffers (Q, K and V rows, a non-finite flag, and for a
 // fading state the chunk's cumulative log factors b_r = a_0 + ... + a_r with their exponentials),
-// the 16-bit copy of the state [S | z 0 ... 0] (DK rows of DV + 8 columns) and a scratch tile per
-// warp. kChannels (gates per channel): the chunk's cumulative log-gates G (kChunk rows of DK fp32
+// the 16-bit copy of the state [S | z 0 ... 0] (DK rows of DV + 8 columns), a scratch tile per
+// warp and the warps' state sizes and scales (float16's; state_scale.h). kChannels (gates per channel): the chunk's cumulative log-gates G (kChunk rows of DK fp32
 // channels; one copy, written in the phase that prepares the chunk, once the one before is done)
 // and the pair weights of the causal scores' diagonal 16 × 16 blocks (fp32, row r's at kDiagonal
 // + r · 16 · 4: ForwardBlock::diagonal_pairs).
+constexpr int kStateScaleBytes = 2 * kWarps * 4;  // each warp's state size and scale (state_scale.h)
+
 template <int DK, int DV, bool kChannels = false>
 struct Layout {
   static constexpr int kQKPitch = warp::padded_pitch(DK * 2), kVPitch = warp::padded_pitch(DV * 2);
@@ -132,7 +134,8 @@ struct Layout {
   static constexpr int kState = 2 * kBuffer;
   static constexpr int kScratch = kState + DK * kStatePitch;  // per warp, 16x16 fp32: see diagonal_exactly
   static constexpr int kGatePitch = DK + 4;  // fp32 elements a row of G
-  static constexpr int kGates = kScratch + kWarps * 16 * 16 * 4;
+  static constexpr int kStateScales = kScratch + kWarps * 16 * 16 * 4;  // float16's (state_scale.h)
+  static constexpr int kGates = kStateScales + kStateScaleBytes;
   static constexpr int kDiagonal = kGates + kChunk * kGatePitch * 4;
   static constexpr int kBytes = kChannels ? kDiagonal + kChunk * 16 * 4 : kGates;
 };
@@ -231,10 +234,29 @@ struct WarpState {
     }
   }
 
+  // The largest |x| of the warp's tiles as each lane holds them (Inf where one is Inf or NaN).
+  LINATTN_HD void largest(const WarpContext& w, Lanes<float>& size) const {
+    warp::for_lanes(w, [&](int lane) { size[lane] = 0.0f; });
+    LINATTN_UNROLL
+    for (int slot = 0; slot < kTilesPerWarp; ++slot) {
+      int mi = 0, ni = 0;
+      if (!tile(w.warp, slot, mi, ni)) continue;
+      warp::for_lanes(w, [&](int lane) {
+        LINATTN_UNROLL
+        for (int i = 0; i < 4; ++i) {
+          const float x = state[slot][i][lane];
+          size[lane] = warp::finite_float(x) ? ::fmaxf(size[lane], ::fabsf(x)) : INFINITY;
+        }
+      });
+    }
+  }
+
   // The 16-bit copy the chunk's products read, at shared offset `origin`, `pitch` bytes a row; with
-  // a `low` offset, the state as hi + lo (hi its 16-bit rounding, lo that of the rest).
+  // a `low` offset, the state as hi + lo (hi its 16-bit rounding, lo that of the rest). Each
+  // element is multiplied by `scale` first (1 / σ, σ a power of two: exact; state_scale.h).
   template <typename half_t>
-  LINATTN_HD void publish(const WarpContext& w, uint32_t origin, int pitch, uint32_t low = 0) const {
+  LINATTN_HD void publish(const WarpContext& w, uint32_t origin, int pitch, uint32_t low = 0,
+                          float scale = 1.0f) const {
     LINATTN_UNROLL
     for (int slot = 0; slot < kTilesPerWarp; ++slot) {
       int mi = 0, ni = 0;
@@ -244,7 +266,7 @@ struct WarpState {
         LINATTN_UNROLL
         for (int half = 0; half < 2; ++half) {
           const uint32_t offset = (mi * 16 + g + 8 * half) * pitch + (ni * 8 + 2 * t) * 2;
-          const float x0 = state[slot][2 * half][lane], x1 = state[slot][2 * half + 1][lane];
+          const float x0 = state[slot][2 * half][lane] * scale, x1 = state[slot][2 * half + 1][lane] * scale;
           const uint32_t hi = warp::pack<half_t>(x0, x1);
           warp::store_shared<uint32_t>(w, origin + offset, hi);
           if (low != 0) {
