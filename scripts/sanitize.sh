@@ -40,7 +40,7 @@ cd "$BUILD"
   "$ROOT"/tests/ops/test_warp_layer.py "$ROOT"/tests/ops/test_tensor_core_forward.py \
   "$ROOT"/tests/ops/test_tensor_core_backward.py "$ROOT"/tests/ops/test_tensor_core_fading_backward.py \
   "$ROOT"/tests/ops/test_tensor_core_packed.py "$ROOT"/tests/ops/test_tensor_core_channel_gates.py \
-  "$ROOT"/tests/ops/test_tensor_core_float16_range.py \
+  "$ROOT"/tests/ops/test_tensor_core_float16_range.py "$ROOT"/tests/ops/test_tensor_core_split_fuzz.py \
   "$ROOT"/tests/ops/test_delta_rule_tensor_core.py \
   "$ROOT"/tests/ops/test_delta_rule_step_kernel.py "$ROOT"/tests/ops/test_delta_rule_tensor_core_channel_gates.py \
   "$ROOT"/tests/ops/test_flash_forward.py "$ROOT"/tests/ops/test_flash_backward.py \

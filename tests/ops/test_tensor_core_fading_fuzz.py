@@ -12,6 +12,7 @@ import torch
 
 import linattn
 from linattn import ops, reference
+from tensor_core_fuzz_checks import close, gate_terms_scale, gradient_scales, output_scales
 
 hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, assume, given, settings, strategies as st  # noqa: E402
@@ -44,56 +45,6 @@ def cases(draw):
 
 def _mma():
     return int(torch.ops.linattn._warp_emulation_counters()[0])
-
-
-def _close(got, expected, tol, what, scale=0.0):
-    """Relative error in norm, relative to at least `scale` (the size of the terms a gradient is a
-    difference of) and 1e-3 of an element's typical size."""
-    floor = max(1e-3 * expected.numel() ** 0.5, scale)
-    err = (got.double() - expected).norm().item() / max(expected.norm().item(), floor)
-    assert err <= tol, f"{what}: relative error {err:.2e} > {tol:.1e}"
-
-
-def _term_scales(q, k, v, log_f, state, weights, options):
-    """The size of the terms each gradient of q, k, v sums, per tensor: the float64 reference's
-    gradients with every sign made positive (|v|, |S0|, |cotangents|; |q|, |k| under the identity
-    map) and, normalized, the output's two parts (through the numerator, through the normalizer)
-    added rather than subtracted (test_fuzz.py's _gradient_term_scales). A gradient whose terms
-    cancel — a state that forgets within a token leaves each normalized row its own value, so dq is
-    about 0 — is then compared to what it is made of, not to its own size."""
-    signless = options["feature_map"] == "identity"
-    leaves = [(t.abs() if signless else t).detach().double().requires_grad_() for t in (q, k)]
-    leaves.append(v.detach().double().abs().requires_grad_())
-    plain = {**options, "normalize": False}
-    S0 = None if state is None else (state[0].abs(), state[1].abs())
-    numerator, (S, z) = reference.decayed_linear_attention(*leaves, log_f, initial_state=S0, **plain)
-    w_out, w_S, w_z = (w.abs() for w in weights)
-    parts = [(S * w_S).sum() + (z * w_z).sum()]
-    if options["normalize"]:
-        ones = torch.ones_like(leaves[2][..., :1])
-        Z0 = None if S0 is None else (S0[1][..., None], S0[1])
-        denominator = reference.decayed_linear_attention(leaves[0], leaves[1], ones, log_f, initial_state=Z0,
-                                                         **plain)[0] + 1e-6
-        parts += [(numerator / denominator.detach() * w_out).sum(), (numerator.detach() / denominator * w_out).sum()]
-    else:
-        parts.append((numerator * w_out).sum())
-    scales = [torch.zeros_like(t) for t in leaves]
-    for part in parts:
-        grads = torch.autograd.grad(part, leaves, allow_unused=True, retain_graph=True)
-        scales = [s + (0 if g is None else g.abs()) for s, g in zip(scales, grads)]
-    return [x.norm().item() for x in scales]
-
-
-def _gate_terms_scale(q, k, dq, dk, final_terms, per_channel):
-    """The size of what the gate's gradient is a difference of: the reverse cumulative sums of
-    |q ⊙ dq| + |k ⊙ dk| (per channel, or summed over the features per token), as dL/dc's terms
-    φ(q)·dφ(q) − φ(k)·dφ(k) are summed, with |dS_N ⊙ S_N| (final_terms, (B, H, m)) at the last row
-    (with one row and no state they cancel to exactly 0)."""
-    terms = (q.double() * dq).abs() + (k.double() * dk).abs()
-    terms[:, :, -1] += final_terms
-    if not per_channel:
-        terms = terms.sum(-1)
-    return terms.flip(2).cumsum(2).flip(2).norm().item()
 
 
 @FUZZ
@@ -137,14 +88,15 @@ def test_fading_tensor_cores_match_the_reference(c, dtype):
     ref, (ref_S, ref_z) = reference.decayed_linear_attention(*ref_leaves[:3], log_f, initial_state=ref_state,
                                                              **options)
     tol = TOL[dtype]
-    # (Compared to the size of their terms: the reference with every sign positive.)
+
+    def attend(q, k, v, initial_state, normalize):
+        return reference.decayed_linear_attention(q, k, v, log_f.detach(), initial_state=initial_state,
+                                                  **{**options, "normalize": normalize})
+
     signless = feature_map == "identity"
-    magnitudes = reference.decayed_linear_attention(
-        *(t.abs() if signless else t for t in ref_leaves[:2]), ref_leaves[2].abs(), log_f,
-        initial_state=None if ref_state is None else tuple(t.abs() for t in ref_state), **options)
-    for name, got, expected, size in zip(("out", "final S", "final z"), (out, S, z), (ref, ref_S, ref_z),
-                                         (magnitudes[0], *magnitudes[1])):
-        _close(got.detach(), expected.detach(), tol, name, size.norm().item())
+    sizes = output_scales(attend, q, k, v, ref_state, signless, options["normalize"])
+    for name, got, expected, size in zip(("out", "final S", "final z"), (out, S, z), (ref, ref_S, ref_z), sizes):
+        close(got.detach(), expected.detach(), tol, name, size)
 
     w = torch.Generator().manual_seed(c["seed"] + 1)
     weights = [torch.randn(t.shape, generator=w, dtype=torch.float64) for t in (ref, ref_S, ref_z)]
@@ -156,9 +108,9 @@ def test_fading_tensor_cores_match_the_reference(c, dtype):
     grads = torch.autograd.grad(loss(out, S, z), leaves)
     assert _mma() > 0, "the tensor-core backward did not run"
     ref_grads = torch.autograd.grad(loss(ref, ref_S, ref_z), ref_leaves)
-    scales = _term_scales(q, k, v, log_f.detach(), ref_state, weights, options)
+    scales = gradient_scales(attend, q, k, v, ref_state, weights, signless, options["normalize"])
     for name, a, b, scale in zip(("q", "k", "v"), grads, ref_grads, scales):
-        _close(a, b, 2 * tol, f"grad {name}", scale)
+        close(a, b, 2 * tol, f"grad {name}", scale)
     final_terms = (weights[1] * ref_S.detach()).abs().sum(-1) + (weights[2] * ref_z.detach()).abs()
-    scale = _gate_terms_scale(q, k, ref_grads[0], ref_grads[1], final_terms, c["per_channel"])
-    _close(grads[3], ref_grads[3], 2 * tol, "grad gate", scale)
+    scale = gate_terms_scale(q, k, ref_grads[0], ref_grads[1], final_terms, c["per_channel"])
+    close(grads[3], ref_grads[3], 2 * tol, "grad gate", scale)
