@@ -1,15 +1,12 @@
-"""flash-linear-attention's functional interface for the delta-rule family (and gated linear
-attention: ``chunk_gla``, ``chunk_simple_gla``) on linattn's operators, so that code written
-against ``fla.ops`` runs unchanged on CPUs and on any GPU, with ``torch.compile(fullgraph=True)``
-and packed sequences in any batch:
+"""flash-linear-attention's functional interface for the delta-rule family and the linear-attention
+family (``linattn/fla_linear.py``: GLA, simple GLA, linear_attn, retention, lightning attention) on
+linattn's operators, so that code written against ``fla.ops`` runs unchanged on CPUs and on any GPU,
+with ``torch.compile(fullgraph=True)`` and packed sequences in any batch:
 
-    from linattn.fla_compat import chunk_gated_delta_rule, chunk_kda
+    from linattn.fla_compat import chunk_gated_delta_rule, chunk_kda, chunk_retention
 
 DeltaNet (``chunk_delta_rule``), Gated DeltaNet (``chunk_gated_delta_rule``) and Kimi Delta
-Attention (``chunk_kda``), GLA (``chunk_gla``: a log-gate per key channel) and simple GLA
-(``chunk_simple_gla``: per token, and/or ``g_gamma`` per head), each with its ``fused_recurrent_*``
-form (the GLA family: linear attention with the identity feature map and no normaliser; its
-states are (N, H, K, V) too, without value heads of their own). Same layouts: q and k
+Attention (``chunk_kda``), each with its ``fused_recurrent_*`` form. Same layouts: q and k
 (B, T, H, K), v (B, T, HV, V), β (B, T, HV), g (B, T, HV) or for KDA (B, T, HV, K); grouped value
 attention (GVA) where HV is a multiple of H, q/k head h serving value heads h·HV/H … (h+1)·HV/H − 1
 (repeated for the operator: a copy of q and k); packed sequences as (1, total, ·) with
@@ -20,7 +17,8 @@ the same recurrence (the chunked operator is exact, not an approximation of it);
 packing runs ``delta_rule_step``. Outputs are contiguous (B, T, HV, V) in q's dtype. Options that
 change nothing here (``chunk_size``, ``cu_seqlens_cpu``, ``disable_recompute``, ``safe_gate`` with
 gates already computed) are accepted; ones linattn does not implement raise, naming the option
-(``return_intermediate_states``, ``state_v_first``, ``cp_context``, ``use_graph``, ``head_first``).
+(``return_intermediate_states``, ``state_v_first`` for the delta rule, ``cp_context``,
+``use_graph``, ``head_first``, ``gv``).
 
 docs/guide/functional.md says more; ``linattn.hf.use_fla_compat`` routes transformers' Qwen3-Next
 and Kimi Linear layers here."""
@@ -30,27 +28,10 @@ import torch
 import torch.nn.functional as F
 
 from .delta_rule import delta_rule_attention, delta_rule_step
-from .functional import linear_attention
-
-# Options of flash-linear-attention's functions that only steer its kernels (memory, tiling, host
-# copies): nothing to do here.
-_HINTS = ("chunk_size", "cu_seqlens_cpu", "disable_recompute", "max_num_seqs")
-
-
-def _refuse_others(where: str, options: dict) -> None:
-    for name, value in options.items():
-        if name not in _HINTS and value not in (None, False):
-            raise NotImplementedError(f"{where}: {name}={value!r} is not supported by linattn.fla_compat")
-
-
-def _int32_offsets(where: str, batch: int, cu_seqlens):
-    """fla's packed-sequence offsets (any integer dtype) as the operators take them: int32, batch 1."""
-    if cu_seqlens is None:
-        return None
-    if batch != 1:
-        raise ValueError(f"{where}: with cu_seqlens the sequences are packed in a batch of 1, got B={batch}")
-    return cu_seqlens.to(torch.int32)
-
+from .fla_linear import (  # noqa: F401 (re-exported: the linear-attention family)
+    chunk_gla, chunk_lightning_attn, chunk_linear_attn, chunk_retention, chunk_simple_gla, fused_chunk_linear_attn,
+    fused_chunk_retention, fused_recurrent_gla, fused_recurrent_lightning_attn, fused_recurrent_linear_attn,
+    fused_recurrent_retention, fused_recurrent_simple_gla, int32_offsets, parallel_retention, refuse_others)
 
 def _delta_rule(where: str, q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm_in_kernel,
                 cu_seqlens, per_channel: bool, recurrent: bool) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
@@ -80,7 +61,7 @@ def _delta_rule(where: str, q, k, v, g, beta, scale, initial_state, output_final
         out = out.unsqueeze(1)
     else:
         out, state = delta_rule_attention(*heads_first, gate=gate, scale=scale, initial_state=initial_state,
-                                          output_final_state=True, cu_seqlens=_int32_offsets(where, B, cu_seqlens),
+                                          output_final_state=True, cu_seqlens=int32_offsets(where, B, cu_seqlens),
                                           normalize_qk=use_qk_l2norm_in_kernel)
         out = out.transpose(1, 2)
     return out.contiguous(), state if output_final_state else None
@@ -89,14 +70,14 @@ def _delta_rule(where: str, q, k, v, g, beta, scale, initial_state, output_final
 def chunk_delta_rule(q, k, v, beta, scale=None, initial_state=None, output_final_state=False,
                      use_qk_l2norm_in_kernel=False, cu_seqlens=None, **options):
     """DeltaNet: S_t = (I − β_t k_t k_tᵀ) S_{t−1} + β_t k_t v_tᵀ, o_t = scale · S_tᵀ q_t."""
-    _refuse_others("chunk_delta_rule", options)
+    refuse_others("chunk_delta_rule", options)
     return _delta_rule("chunk_delta_rule", q, k, v, None, beta, scale, initial_state, output_final_state,
                        use_qk_l2norm_in_kernel, cu_seqlens, per_channel=False, recurrent=False)
 
 
 def fused_recurrent_delta_rule(q, k, v, beta, scale=None, initial_state=None, output_final_state=False,
                                use_qk_l2norm_in_kernel=False, cu_seqlens=None, **options):
-    _refuse_others("fused_recurrent_delta_rule", options)
+    refuse_others("fused_recurrent_delta_rule", options)
     return _delta_rule("fused_recurrent_delta_rule", q, k, v, None, beta, scale, initial_state, output_final_state,
                        use_qk_l2norm_in_kernel, cu_seqlens, per_channel=False, recurrent=True)
 
@@ -105,14 +86,14 @@ def chunk_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, out
                            use_qk_l2norm_in_kernel=False, cu_seqlens=None, **options):
     """Gated DeltaNet: the state faded by e^{g_t} (g <= 0, one per token and value head) before
     each delta update."""
-    _refuse_others("chunk_gated_delta_rule", options)
+    refuse_others("chunk_gated_delta_rule", options)
     return _delta_rule("chunk_gated_delta_rule", q, k, v, g, beta, scale, initial_state, output_final_state,
                        use_qk_l2norm_in_kernel, cu_seqlens, per_channel=False, recurrent=False)
 
 
 def fused_recurrent_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,
                                      use_qk_l2norm_in_kernel=False, cu_seqlens=None, **options):
-    _refuse_others("fused_recurrent_gated_delta_rule", options)
+    refuse_others("fused_recurrent_gated_delta_rule", options)
     return _delta_rule("fused_recurrent_gated_delta_rule", q, k, v, g, beta, scale, initial_state,
                        output_final_state, use_qk_l2norm_in_kernel, cu_seqlens, per_channel=False, recurrent=True)
 
@@ -138,7 +119,7 @@ def _kda(where, q, k, v, g, beta, scale, initial_state, output_final_state, use_
          use_gate_in_kernel, use_beta_sigmoid_in_kernel, allow_neg_eigval, safe_gate, lower_bound, cu_seqlens,
          options, recurrent):
     A_log, dt_bias = options.pop("A_log", None), options.pop("dt_bias", None)
-    _refuse_others(where, options)
+    refuse_others(where, options)
     if use_gate_in_kernel:
         g = kda_gate(g, A_log, dt_bias, lower_bound)
     elif A_log is not None or dt_bias is not None:
@@ -166,52 +147,3 @@ def fused_recurrent_kda(q, k, v, g, beta, scale=None, initial_state=None, output
     return _kda("fused_recurrent_kda", q, k, v, g, beta, scale, initial_state, output_final_state,
                 use_qk_l2norm_in_kernel, use_gate_in_kernel, use_beta_sigmoid_in_kernel, allow_neg_eigval, safe_gate,
                 lower_bound, cu_seqlens, options, recurrent=True)
-
-
-def _gated_linear(where, q, k, v, g, g_gamma, scale, initial_state, output_final_state, cu_seqlens, options):
-    """o_t = scale · S_tᵀ q_t, S_t = Diag(e^{g_t}) γ S_{t−1} + k_t v_tᵀ: linattn's linear attention
-    with the identity feature map, no normaliser, gates (and a per-head decay γ = e^{g_gamma})."""
-    _refuse_others(where, options)
-    if q.dim() != 4 or k.shape != q.shape or v.dim() != 4 or v.shape[:3] != q.shape[:3]:
-        raise ValueError(f"{where}: q and k must be (B, T, H, K) and v (B, T, H, V), got q {tuple(q.shape)}, "
-                         f"k {tuple(k.shape)}, v {tuple(v.shape)}")
-    B, T, H, K = q.shape
-    scale = K ** -0.5 if scale is None else scale
-    cu_seqlens = _int32_offsets(where, B, cu_seqlens)
-    state = None
-    if initial_state is not None:
-        state = (initial_state, initial_state.new_zeros(initial_state.shape[:3]))
-    out, (S, _) = linear_attention((q * scale).transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True,
-                                   feature_map="identity", normalize=False,
-                                   decay=None if g_gamma is None else g_gamma.float().exp(),
-                                   gate=None if g is None else g.transpose(1, 2), initial_state=state,
-                                   output_final_state=True, cu_seqlens=cu_seqlens)
-    return out.transpose(1, 2).contiguous(), S if output_final_state else None
-
-
-def chunk_gla(q, k, v, g, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None, **options):
-    """Gated linear attention (GLA): a log-gate per key channel, g (B, T, H, K),
-    S_t = Diag(e^{g_t}) S_{t−1} + k_t v_tᵀ, o_t = scale · S_tᵀ q_t."""
-    return _gated_linear("chunk_gla", q, k, v, g, None, scale, initial_state, output_final_state, cu_seqlens, options)
-
-
-def fused_recurrent_gla(q, k, v, gk=None, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None,
-                        **options):
-    """chunk_gla's recurrence (fla names the per-channel gate gk here; value-side gates gv and
-    `reverse` are not implemented)."""
-    return _gated_linear("fused_recurrent_gla", q, k, v, gk, None, scale, initial_state, output_final_state,
-                         cu_seqlens, options)
-
-
-def chunk_simple_gla(q, k, v, g=None, g_gamma=None, scale=None, initial_state=None, output_final_state=False,
-                     cu_seqlens=None, **options):
-    """Simple GLA: a log-gate per token and head, g (B, T, H), and/or a constant one per head,
-    g_gamma (H,)."""
-    return _gated_linear("chunk_simple_gla", q, k, v, g, g_gamma, scale, initial_state, output_final_state,
-                         cu_seqlens, options)
-
-
-def fused_recurrent_simple_gla(q, k, v, g=None, g_gamma=None, scale=None, initial_state=None, output_final_state=False,
-                               cu_seqlens=None, **options):
-    return _gated_linear("fused_recurrent_simple_gla", q, k, v, g, g_gamma, scale, initial_state, output_final_state,
-                         cu_seqlens, options)

@@ -69,7 +69,7 @@ LINATTN_HD LINATTN_INLINE void run_query_gradient_block(const Exec& exec, const 
   using State = QueryState<DK, DV>;
   const Block blk(p, block);
   auto publish = [&](const WarpContext& w, const State& s) {
-    s.template publish<scalar_t>(w, L::kState, L::kSPitch, L::kStateLow, Block::publish_scale(w));
+    s.template publish<scalar_t>(w, L::kState, L::kSPitch, L::kStateLow, Block::Scales::publish_scale(w));
   };
   // Sᵀ += Vᵀ φ(K); a fading state: Sᵀ = e^{b_last} Sᵀ + (e^{b_last − b} ⊙ V)ᵀ φ(K); gates per
   // channel: Sᵀ = Sᵀ Diag(e^{G_last}) + Vᵀ (φ(K) ⊙ e^{G_last − G}).
@@ -78,17 +78,17 @@ LINATTN_HD LINATTN_INLINE void run_query_gradient_block(const Exec& exec, const 
     Block::template accumulate<kChannels ? Block::ChannelSide::kFeaturesInY : Block::ChannelSide::kNone>(
         w, s, base + L::kV, L::kVPitch, base + L::kK, L::kQKPitch, rows,
         kFading ? base + L::kKeyFade : Block::kNoFactors);
-    Block::record_state_size(w, s);
   };
   auto nothing = [](const WarpContext&, State&, uint32_t) {};
   int64_t q_begin = 0, q_end = 0, k_begin = 0, k_end = 0;
   blk.query_rows(q_begin, q_end);
   blk.key_rows(k_begin, k_end);
   if (q_begin == q_end && k_begin == k_end && p.state_out.data == nullptr) return;  // as the forward's
-  // (Two phases: float16's copy is scaled by a size every warp recorded as it loaded its tiles.)
+  // (Two phases: float16's copy is scaled by a size every warp recorded as it loaded its tiles;
+  // a size is recorded only where a publish follows: state_scale.h.)
   exec([&](const WarpContext& w, State& s) {
     blk.load_s(w, s);
-    Block::record_state_size(w, s);
+    Block::Scales::record(w, s);
   });
   exec([&](const WarpContext& w, State& s) { publish(w, s); });
   if (p.causal) {
@@ -101,6 +101,7 @@ LINATTN_HD LINATTN_INLINE void run_query_gradient_block(const Exec& exec, const 
                   [&](const WarpContext& w, State& s, uint32_t base, int64_t start, int rows) {
                     blk.query_gradient(w, base, start);
                     accumulate(w, s, base, rows);
+                    Block::Scales::record(w, s);
                   });
     if (p.state_out.data != nullptr) {
       // The final state: z takes in the last chunk (no chunk after it did), then both are stored.
@@ -118,6 +119,7 @@ LINATTN_HD LINATTN_INLINE void run_query_gradient_block(const Exec& exec, const 
                     accumulate(w, s, base, rows);
                     blk.add_key_sums(w, base);
                   });
+    exec([&](const WarpContext& w, State& s) { Block::Scales::record(w, s); });
     exec([&](const WarpContext& w, State& s) { publish(w, s); });
   }
   stream_chunks(exec, blk, q_begin, q_end, false, true, false, nothing,
@@ -160,7 +162,7 @@ LINATTN_HD LINATTN_INLINE void run_key_value_gradient_block(const Exec& exec, co
   using State = KeyValueState<DK, DV>;
   const Block blk(p, block);
   auto publish = [&](const WarpContext& w, const State& s) {
-    s.template publish<scalar_t>(w, L::kState, L::kUPitch, L::kULow, Block::publish_scale(w));
+    s.template publish<scalar_t>(w, L::kState, L::kUPitch, L::kULow, Block::Scales::publish_scale(w));
   };
   // U += φ(Q)ᵀ G'; a fading state: U = e^{b_last} U + (e^{b} ⊙ φ(Q))ᵀ G' (U is faded to the
   // chunk's start, as the scan backwards in time reaches it); gates per channel:
@@ -170,7 +172,6 @@ LINATTN_HD LINATTN_INLINE void run_key_value_gradient_block(const Exec& exec, co
     Block::template accumulate<kChannels ? Block::ChannelSide::kFeaturesInX : Block::ChannelSide::kNone>(
         w, s, base + L::kQ, L::kQKPitch, base + L::kG, L::kGPitch, rows,
         kFading ? base + L::kRowFade : Block::kNoFactors);
-    Block::record_state_size(w, s);
   };
   auto accumulate_chunk = [&](const WarpContext& w, State& s, uint32_t base, int64_t, int rows) {
     accumulate(w, s, base, rows);
@@ -180,11 +181,14 @@ LINATTN_HD LINATTN_INLINE void run_key_value_gradient_block(const Exec& exec, co
   blk.query_rows(q_begin, q_end);
   blk.key_rows(k_begin, k_end);
   if (q_begin == q_end && k_begin == k_end && p.state_out.data == nullptr) return;  // as the forward's
+  // (As the query pass's: a size recorded only where a publish follows. The segments' sums read
+  // no copy.)
+  const bool publishes = p.pass != BackwardPass::kKeyValueSums;
   exec([&](const WarpContext& w, State& s) {
     blk.load_u(w, s);
-    Block::record_state_size(w, s);
+    if (publishes) Block::Scales::record(w, s);
   });
-  exec([&](const WarpContext& w, State& s) { publish(w, s); });
+  if (publishes) exec([&](const WarpContext& w, State& s) { publish(w, s); });
   if (p.pass == BackwardPass::kKeyValueSums) {
     // (Backwards in time under a fading state: the sum faded to the segment's start.)
     stream_chunks(exec, blk, q_begin, q_end, kFading, true, false, nothing, accumulate_chunk);
@@ -194,10 +198,12 @@ LINATTN_HD LINATTN_INLINE void run_key_value_gradient_block(const Exec& exec, co
                   [&](const WarpContext& w, State& s, uint32_t base, int64_t start, int rows) {
                     blk.key_value_gradients(w, base, start);
                     accumulate(w, s, base, rows);
+                    Block::Scales::record(w, s);
                   });
   } else {
     if (!p.state_complete) {
       stream_chunks(exec, blk, q_begin, q_end, false, true, false, nothing, accumulate_chunk);
+      exec([&](const WarpContext& w, State& s) { Block::Scales::record(w, s); });
       exec([&](const WarpContext& w, State& s) { publish(w, s); });
     }
     stream_chunks(exec, blk, k_begin, k_end, false, false, true, nothing,

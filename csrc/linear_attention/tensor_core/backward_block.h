@@ -34,9 +34,9 @@ struct BackwardBlock : SequenceRows {
   static constexpr bool kPerChannel = kChannels;
   // float16 (range 65504) holds a normalized row's G' / σ (BackwardProblem, row_scalars_of).
   static constexpr bool kRowScaled = std::is_same_v<scalar_t, c10::Half>;
-  // ... and its state copies as state / σ (state_scale.h).
-  static constexpr bool kStateScaled = kStateCopyScaled<scalar_t>;
   using L = BackwardLayout<DK, DV, kChannels>;
+  // ... and its state copies as state / σ (state_scale.h).
+  using Scales = StateScales<scalar_t, L::kStateScales>;
   static constexpr int kValueTiles = DV / 16;    // n8 tiles of a warp's half of the value columns
   static constexpr int kFeatureTiles = DK / 16;  // ... of the feature columns
   static constexpr int kKeyBlocks = kChunk / 16;
@@ -573,25 +573,6 @@ struct BackwardBlock : SequenceRows {
     });
   }
 
-  // float16's state copies (state_scale.h): the warp's largest state element, recorded once the
-  // state changed (before a barrier); 1 / σ to publish the copy with, σ chosen from every warp's
-  // size (1 but in float16); and a product of the copy brought back to the state's scale.
-  template <typename State>
-  LINATTN_HD static void record_state_size(const WarpContext& w, const State& s) {
-    if constexpr (kStateScaled) StateScales::record(w, s, L::kStateScales);
-  }
-  LINATTN_HD static float publish_scale(const WarpContext& w) {
-    if constexpr (kStateScaled) return 1.0f / StateScales::choose(w, L::kStateScales);
-    return 1.0f;
-  }
-  template <int kTiles>
-  LINATTN_HD static void unscale_state_product(const WarpContext& w, Accumulator (&o)[kTiles][4]) {
-    if constexpr (kStateScaled) {
-      const float sigma = StateScales::of(w, L::kStateScales);
-      warp::each_accumulator(w, o, [&](int, int, float& x) { x *= sigma; });
-    }
-  }
-
   // A fading state: e^{b_last}, what the state is worth across the whole chunk.
   LINATTN_HD static float chunk_fade(const WarpContext& w, uint32_t base) {
     return decay_row(w, base + L::kRowFade, kChunk - 1);
@@ -911,7 +892,7 @@ struct BackwardBlock : SequenceRows {
     warp::clear(w, o);
     times_state<DV / 16>(w, base + L::kG, L::kGPitch, L::kState + f0 * 2, L::kSPitch, o);
     times_state<DV / 16>(w, base + L::kG, L::kGPitch, L::kStateLow + f0 * 2, L::kSPitch, o);
-    unscale_state_product(w, o);
+    Scales::unscale(w, o);
     warp::for_lanes(w, [&](int lane) {
       const int g = warp::group_of(lane), t = warp::thread_in_group(lane);
       LINATTN_UNROLL
@@ -1038,7 +1019,7 @@ struct BackwardBlock : SequenceRows {
         for (int i = 0; i < 4; ++i) o[j][i][lane] += u_of(w, f0 + j * 8 + 2 * t + i % 2);
       }
     });
-    unscale_state_product(w, o);
+    Scales::unscale(w, o);
   }
 
   // dk = dφ(k) ⊙ φ'(k) of the warp's key rows and columns from f0, 0 for padded keys.
@@ -1074,7 +1055,7 @@ struct BackwardBlock : SequenceRows {
         times_state<DK / 16>(w, base + L::kK, L::kQKPitch, L::kState + c0 * 2, L::kUPitch, o, [&](int r, int f) {
           return warp::exp_of(gate_sum(w, kChunk - 1, f) - gate_sum(w, r, f));
         });
-        unscale_state_product(w, o);
+        Scales::unscale(w, o);
         times_rows(w, scores, base + L::kG + c0 * 2, L::kGPitch, true, flag(w, base, L::kCotangentFlag), o);
         store_output(w, o, c0, start, k_end, p.k_len, p.value_dim, p.grad_v, p.grad_v_tile,
                      [&](int r, int, float x) { return padded(start + r) ? 0.0f : x; });
@@ -1128,7 +1109,7 @@ struct BackwardBlock : SequenceRows {
         Accumulator o[kPart][4];
         warp::clear(w, o);
         times_state<DK / 16>(w, base + L::kK, L::kQKPitch, L::kState + c0 * 2, L::kUPitch, o);
-        unscale_state_product(w, o);
+        Scales::unscale(w, o);
         if (fade) scale_rows(w, base + L::kKeyFade, o);
         if (p.causal) {
           times_rows(w, scores, base + L::kG + c0 * 2, L::kGPitch, true, flag(w, base, L::kCotangentFlag), o);

@@ -60,9 +60,14 @@ LINATTN_HD LINATTN_INLINE void run_forward_block(const Exec& exec, const Forward
       });
     }
   };
+  // (float16's copy is scaled by the size every warp recorded since the state changed: only
+  // where a publish follows; state_scale.h.)
   auto outputs = [&](const WarpContext& w, State& s, int64_t start, uint32_t base) {
     blk.output(w, base, start, p.causal);
-    if (p.causal) blk.update_state(w, s, base);
+    if (p.causal) {
+      blk.update_state(w, s, base);
+      Block::Scales::record(w, s);
+    }
   };
   auto accumulate = [&](const WarpContext& w, State& s, int64_t, uint32_t base) { blk.update_state(w, s, base); };
 
@@ -73,8 +78,12 @@ LINATTN_HD LINATTN_INLINE void run_forward_block(const Exec& exec, const Forward
   // nothing to do: its state would be read for nothing. (Uniform over the block.)
   if (q_begin == q_end && k_begin == k_end && p.state_out.data == nullptr) return;
   // (Two phases: float16's copy is scaled by a size every warp recorded as it loaded its tiles.)
-  exec([&](const WarpContext& w, State& s) { blk.load_state(w, s); });
-  if (p.pass != Pass::kSegmentStates) exec([&](const WarpContext& w, State& s) { blk.publish_state(w, s); });
+  const bool publishes = p.pass != Pass::kSegmentStates;
+  exec([&](const WarpContext& w, State& s) {
+    blk.load_state(w, s);
+    if (publishes) Block::Scales::record(w, s);
+  });
+  if (publishes) exec([&](const WarpContext& w, State& s) { blk.publish_state(w, s); });
   if (p.pass == Pass::kSegmentStates) {
     stream(k_begin, k_end, false, true, false, accumulate);
   } else if (p.causal) {
@@ -82,6 +91,7 @@ LINATTN_HD LINATTN_INLINE void run_forward_block(const Exec& exec, const Forward
   } else {
     if (p.pass == Pass::kWhole) {
       stream(k_begin, k_end, false, true, false, accumulate);
+      exec([&](const WarpContext& w, State& s) { Block::Scales::record(w, s); });
       exec([&](const WarpContext& w, State& s) { blk.publish_state(w, s); });
     }
     stream(q_begin, q_end, true, false, false, outputs);

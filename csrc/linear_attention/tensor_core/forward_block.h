@@ -240,7 +240,7 @@ struct ForwardBlock : SequenceRows {
   using State = WarpState<DK, DV>;
   static constexpr int kColsPerHalf = DV / 16;  // value n8 tiles per output warp
   static constexpr int kOutTiles = kColsPerHalf + 1;  // plus the normalizer tile
-  static constexpr bool kStateScaled = kStateCopyScaled<scalar_t>;  // float16: the copy is St / σ
+  using Scales = StateScales<scalar_t, L::kStateScales>;  // float16: the copy is St / σ
 
   const ForwardProblem<scalar_t>& p;
   // Block index = ((nh · segments) + segment) · value_tiles + tile, nh = (batch or packed
@@ -423,7 +423,6 @@ struct ForwardBlock : SequenceRows {
       const bool stored = mine && p.state_in.data != nullptr && row < p.feature_dim && col >= 0;
       x = stored ? warp::load_global(w, p.state_in.at(state_index, row, col)) : 0.0f;
     });
-    record_state_size(w, s);
   }
 
   LINATTN_HD void store_state(const WarpContext& w, State& s) const {
@@ -438,20 +437,7 @@ struct ForwardBlock : SequenceRows {
   // The 16-bit copy the queries read: each warp writes its tiles (float16: St / σ, once every
   // warp recorded its size since the state last changed; state_scale.h).
   LINATTN_HD void publish_state(const WarpContext& w, const State& s) const {
-    float scale = 1.0f;
-    if constexpr (kStateScaled) scale = 1.0f / StateScales::choose(w, L::kStateScales);
-    s.template publish<scalar_t>(w, L::kState, L::kStatePitch, 0, scale);
-  }
-
-  // float16: the warp's largest state element, once the state changed (before a barrier).
-  LINATTN_HD void record_state_size(const WarpContext& w, const State& s) const {
-    if constexpr (kStateScaled) StateScales::record(w, s, L::kStateScales);
-  }
-
-  // σ of the copy the queries read (1 but in float16).
-  LINATTN_HD static float state_scale(const WarpContext& w) {
-    if constexpr (kStateScaled) return StateScales::of(w, L::kStateScales);
-    return 1.0f;
+    s.template publish<scalar_t>(w, L::kState, L::kStatePitch, 0, Scales::publish_scale(w));
   }
 
   // St += φ(K)ᵀ [V | 1] over the chunk's keys; with a fading state
@@ -496,7 +482,6 @@ struct ForwardBlock : SequenceRows {
         }
       }
     }
-    record_state_size(w, s);
   }
 
   // --- the output ------------------------------------------------------------------------------
@@ -586,10 +571,10 @@ struct ForwardBlock : SequenceRows {
         warp::mma_16816<scalar_t>(o[j], qf, bf);
       }
     }
-    if constexpr ((kFading && !kChannels) || kStateScaled) {
+    if constexpr ((kFading && !kChannels) || Scales::kScaled) {
       // The earlier chunks' state is worth e^{b_i} at row i (a fading state), and float16's copy
       // of it is St / σ.
-      const float sigma = state_scale(w);
+      const float sigma = Scales::of(w);
       warp::for_lanes(w, [&](int lane) {
         const int g = warp::group_of(lane);
         LINATTN_UNROLL
