@@ -20,6 +20,7 @@ from typing import Optional
 import torch
 
 from .functional import linear_attention
+from .varlen import sequence_ids
 
 # Options of flash-linear-attention's functions that only steer its kernels (memory, tiling, host
 # copies): nothing to do here.
@@ -35,23 +36,27 @@ def refuse_others(where: str, options: dict) -> None:
             raise NotImplementedError(f"{where}: {name}={shown} is not supported by linattn.fla_compat")
 
 
-def int32_offsets(where: str, batch: int, cu_seqlens):
-    """fla's packed-sequence offsets (any integer dtype) as the operators take them: int32, batch 1."""
+def int32_offsets(where: str, batch: int, cu_seqlens, device=None):
+    """fla's packed-sequence offsets (any integer dtype) as the operators take them: int32, batch 1,
+    on the inputs' `device` where given (checked before any row is gathered by them)."""
     if cu_seqlens is None:
         return None
     if batch != 1:
         raise ValueError(f"{where}: with cu_seqlens the sequences are packed in a batch of 1, got B={batch}")
+    if device is not None and cu_seqlens.device != device:
+        raise ValueError(f"{where}: cu_seqlens must be on the inputs' device {device}, got {cu_seqlens.device}")
     return cu_seqlens.to(torch.int32)
 
 
-def reversed_rows(x: torch.Tensor, cu_seqlens: Optional[torch.Tensor]) -> torch.Tensor:
+def reversed_rows(where: str, x: torch.Tensor, cu_seqlens: Optional[torch.Tensor]) -> torch.Tensor:
     """x (B, T, ...) with each sequence's rows in reverse order (its own inverse): the whole T, or
-    each packed sequence [cu_seqlens[n], cu_seqlens[n + 1]). Computed on the device (no sync)."""
+    each packed sequence [cu_seqlens[n], cu_seqlens[n + 1]) (int32 offsets on x's device; their
+    values checked for eager CPU tensors, as every packed call's). On the device (no sync)."""
     if cu_seqlens is None:
         return x.flip(1)
-    offsets = cu_seqlens.to(device=x.device, dtype=torch.long)
+    sequence = sequence_ids(where, cu_seqlens, x.shape[1])
+    offsets = cu_seqlens.long()
     rows = torch.arange(x.shape[1], device=x.device)
-    sequence = torch.searchsorted(offsets, rows, right=True) - 1
     return x.index_select(1, offsets[sequence] + offsets[sequence + 1] - 1 - rows)
 
 
@@ -67,7 +72,7 @@ def gated_linear(where, q, k, v, g, decay, scale, initial_state, output_final_st
                          f"k {tuple(k.shape)}, v {tuple(v.shape)}")
     B, T, H, K = q.shape
     scale = K ** -0.5 if scale is None else scale
-    offsets = int32_offsets(where, B, cu_seqlens)
+    offsets = int32_offsets(where, B, cu_seqlens, q.device)
     S0, z0 = (initial_state if normalize and isinstance(initial_state, tuple) else (initial_state, None))
     state = None
     if S0 is not None or z0 is not None:
@@ -78,8 +83,8 @@ def gated_linear(where, q, k, v, g, decay, scale, initial_state, output_final_st
         z0 = S0.new_zeros(S0.shape[:3]) if z0 is None else z0.reshape(S0.shape[:3])
         state = (S0, z0)
     if reverse:
-        q, k, v = (reversed_rows(x, offsets) for x in (q, k, v))
-        g = None if g is None else reversed_rows(g, offsets)
+        q, k, v = (reversed_rows(where, x, offsets) for x in (q, k, v))
+        g = None if g is None else reversed_rows(where, g, offsets)
     if normalize:
         form = dict(feature_map=None, normalize=True, eps=1e-10 / scale)
     else:
@@ -90,7 +95,7 @@ def gated_linear(where, q, k, v, g, decay, scale, initial_state, output_final_st
                                    output_final_state=True, cu_seqlens=offsets, **form)
     out = out.transpose(1, 2)
     if reverse:
-        out = reversed_rows(out, offsets)
+        out = reversed_rows(where, out, offsets)
     out = out.contiguous()
     if state_v_first:
         S = S.transpose(-1, -2).contiguous()

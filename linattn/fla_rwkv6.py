@@ -14,19 +14,20 @@ import torch
 
 from .fla_linear import int32_offsets, refuse_others, reversed_rows
 from .functional import linear_attention
+from .varlen import sequence_ids
 
 
-def shifted_rows(x: torch.Tensor, cu_seqlens) -> torch.Tensor:
+def shifted_rows(where: str, x: torch.Tensor, cu_seqlens) -> torch.Tensor:
     """x (B, T, ...) moved one row later within each sequence (the whole T, or each packed sequence
-    [cu_seqlens[n], cu_seqlens[n + 1])), each sequence's first row zero. On the device (no sync)."""
+    [cu_seqlens[n], cu_seqlens[n + 1]): int32 offsets on x's device), each sequence's first row
+    zero. On the device (no sync)."""
     T = x.shape[1]
     rows = torch.arange(T, device=x.device)
     moved = x.index_select(1, (rows - 1).clamp_min(0))
     if cu_seqlens is None:
         first = rows == 0
     else:
-        offsets = cu_seqlens.to(device=x.device, dtype=torch.long)
-        first = offsets[torch.searchsorted(offsets, rows, right=True) - 1] == rows
+        first = cu_seqlens.long()[sequence_ids(where, cu_seqlens, T)] == rows
     return moved.masked_fill(first.view(1, T, *([1] * (x.dim() - 2))), 0)
 
 
@@ -47,17 +48,17 @@ def rwkv6(where, r, k, v, w, u, scale, initial_state, output_final_state, revers
     if u.shape != (H, K):
         raise ValueError(f"{where}: u must be (H, K) = {(H, K)}, got {tuple(u.shape)}")
     scale = K ** -0.5 if scale is None else scale
-    offsets = int32_offsets(where, B, cu_seqlens)
+    offsets = int32_offsets(where, B, cu_seqlens, r.device)
     state = None if initial_state is None else (initial_state, initial_state.new_zeros(initial_state.shape[:3]))
     # (In the order the recurrence runs: reverse reads each sequence from its last token.)
-    rr, kk, vv, ww = (reversed_rows(x, offsets) for x in (r, k, v, w)) if reverse else (r, k, v, w)
-    moved = [shifted_rows(x, offsets).transpose(1, 2) for x in (kk, vv, ww)]
+    rr, kk, vv, ww = (reversed_rows(where, x, offsets) for x in (r, k, v, w)) if reverse else (r, k, v, w)
+    moved = [shifted_rows(where, x, offsets).transpose(1, 2) for x in (kk, vv, ww)]
     out, (S, _) = linear_attention((rr * scale).transpose(1, 2), moved[0], moved[1], causal=True,
                                    feature_map="identity", normalize=False, gate=moved[2], initial_state=state,
                                    output_final_state=True, cu_seqlens=offsets)
     out = out.transpose(1, 2)
     if reverse:
-        out = reversed_rows(out, offsets)
+        out = reversed_rows(where, out, offsets)
     acc = torch.promote_types(r.dtype, torch.float32)
     bonus = scale * (r.to(acc) * u.to(acc) * k.to(acc)).sum(-1, keepdim=True) * v.to(acc)
     out = (out.to(acc) + bonus).to(r.dtype).contiguous()

@@ -263,6 +263,8 @@ def test_bad_shapes_and_states_raise_naming_them():
         fla_compat.chunk_retention(q, k[:, :, :1], v)
     with pytest.raises(ValueError, match="batch of 1"):
         fla_compat.chunk_linear_attn(q, k, v, cu_seqlens=torch.tensor([0, 5]))
+    with pytest.raises(ValueError, match="cu_seqlens must be non-decreasing"):
+        fla_compat.fused_recurrent_simple_gla(q[:1], k[:1], v[:1], reverse=True, cu_seqlens=torch.tensor([0, 3, 9]))
     with pytest.raises(ValueError, match="initial_state"):
         fla_compat.chunk_linear_attn(q, k, v, initial_state=(S0[:, :, :3], None))
 

@@ -45,9 +45,9 @@ def packed_recurrence(bounds, r, k, v, w, u, h0, **options):
 
 def test_shifted_rows_restart_at_each_sequence():
     x = torch.arange(1, 8).view(1, 7, 1)
-    assert shifted_rows(x, None).flatten().tolist() == [0, 1, 2, 3, 4, 5, 6]
-    cu = torch.tensor([0, 3, 3, 4, 7])
-    assert shifted_rows(x, cu).flatten().tolist() == [0, 1, 2, 0, 0, 5, 6]
+    assert shifted_rows("test", x, None).flatten().tolist() == [0, 1, 2, 3, 4, 5, 6]
+    cu = torch.tensor([0, 3, 3, 4, 7], dtype=torch.int32)
+    assert shifted_rows("test", x, cu).flatten().tolist() == [0, 1, 2, 0, 0, 5, 6]
 
 
 @pytest.mark.parametrize("name", ["chunk_rwkv6", "fused_recurrent_rwkv6"])
@@ -125,6 +125,9 @@ def test_bad_shapes_and_options_raise_naming_them():
         fla_compat.chunk_rwkv6(r, k, v, w, u[:, :3])
     with pytest.raises(ValueError, match="w must be"):
         fla_compat.chunk_rwkv6(r, k, v, w[..., :3], u)
+    with pytest.raises(ValueError, match="cu_seqlens must be non-decreasing"):
+        fla_compat.fused_recurrent_rwkv6(r[:1], k[:1], v[:1], w[:1], u, reverse=True,
+                                         cu_seqlens=torch.tensor([0, 3, 9]))
     with pytest.raises(NotImplementedError, match="head_first"):
         fla_compat.chunk_rwkv6(r, k, v, w, u, head_first=True)
     fla_compat.chunk_rwkv6(r, k, v, w, u, chunk_size=64, cu_seqlens_cpu=None)  # hints pass
