@@ -7,7 +7,8 @@ with ``torch.compile(fullgraph=True)`` and packed sequences in any batch:
     from linattn.fla_compat import chunk_gated_delta_rule, chunk_kda, chunk_retention
 
 DeltaNet (``chunk_delta_rule``), Gated DeltaNet (``chunk_gated_delta_rule``) and Kimi Delta
-Attention (``chunk_kda``), each with its ``fused_recurrent_*`` form. Same layouts: q and k
+Attention (``chunk_kda``), each with its ``fused_recurrent_*`` form, and Gated DeltaProduct
+(``chunk_gated_delta_product``: several delta steps a token). Same layouts: q and k
 (B, T, H, K), v (B, T, HV, V), β (B, T, HV), g (B, T, HV) or for KDA (B, T, HV, K); grouped value
 attention (GVA) where HV is a multiple of H, q/k head h serving value heads h·HV/H … (h+1)·HV/H − 1
 (repeated for the operator: a copy of q and k); packed sequences as (1, total, ·) with
@@ -99,6 +100,33 @@ def fused_recurrent_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state
     refuse_others("fused_recurrent_gated_delta_rule", options)
     return _delta_rule("fused_recurrent_gated_delta_rule", q, k, v, g, beta, scale, initial_state,
                        output_final_state, use_qk_l2norm_in_kernel, cu_seqlens, per_channel=False, recurrent=True)
+
+
+def chunk_gated_delta_product(q, k, v, g, beta, num_householder, scale=None, initial_state=None,
+                              output_final_state=False, use_qk_l2norm_in_kernel=False, cu_seqlens=None, **options):
+    """Gated DeltaProduct (Siems et al. 2025): n = num_householder delta steps a token, k, v and β
+    (B, T·n, ·) with token t's steps at rows t·n … t·n + n − 1, q and g (B, T, ·): the state fades
+    by e^{g_t} once before token t's steps and is read (scale · S_tᵀ q_t) after its last. Run as the
+    delta rule over the T·n steps, q zero but at each token's last step and g zero but at its first
+    (l2-normalising a zero row keeps it zero), the outputs taken at the last steps; g may be None."""
+    where = "chunk_gated_delta_product"
+    refuse_others(where, options)
+    n = num_householder
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise ValueError(f"{where}: num_householder must be a positive int, got {n!r}")
+    if q.dim() != 4:
+        raise ValueError(f"{where}: q must be (B, T, H, K), got {tuple(q.shape)}")
+    B, T, H, K = q.shape
+    if k.shape != (B, T * n, H, K):
+        raise ValueError(f"{where}: k must be (B, T·num_householder, H, K) = {(B, T * n, H, K)}, got {tuple(k.shape)}")
+    if g is not None and g.shape != (B, T, H):
+        raise ValueError(f"{where}: g must be (B, T, H) = {(B, T, H)}, got {tuple(g.shape)}")
+    steps = torch.cat([q.new_zeros(B, T, n - 1, H, K), q.unsqueeze(2)], 2).reshape(B, T * n, H, K)
+    gates = None if g is None else torch.cat([g.unsqueeze(2), g.new_zeros(B, T, n - 1, H)], 2).reshape(B, T * n, H)
+    out, state = _delta_rule(where, steps, k, v, gates, beta, scale, initial_state, output_final_state,
+                             use_qk_l2norm_in_kernel, None if cu_seqlens is None else cu_seqlens * n,
+                             per_channel=False, recurrent=False)
+    return out[:, n - 1::n].contiguous(), state
 
 
 def kda_gate(g, A_log=None, dt_bias=None, lower_bound=None):

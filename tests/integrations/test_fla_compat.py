@@ -210,3 +210,89 @@ def test_pretrained_hybrids_run_their_layers_on_linattn(build, monkeypatch):
     assert {name.startswith("chunk") for name in calls} == {True, False}  # prefill chunks, one-token steps
     assert_close(got, want.double(), 1e-5, "logits")
     assert torch.equal(got_tokens, want_tokens)
+
+
+# --- Gated DeltaProduct ------------------------------------------------------------------------------
+
+def delta_product_expected(q, k, v, g, beta, n, S0=None, scale=None, normalize=False):
+    """float64: per token, S ×= e^{g_t}, then n delta steps S += β k (v − Sᵀk)ᵀ, then o_t = scale · Sᵀq_t."""
+    q, k, v, beta = (x.double() for x in (q, k, v, beta))
+    if normalize:
+        q, k = l2_normalize(q), l2_normalize(k)
+    B, T, H, K = q.shape
+    scale = K ** -0.5 if scale is None else scale
+    S = torch.zeros(B, H, K, v.shape[-1], dtype=torch.float64) if S0 is None else S0.double().clone()
+    outs = []
+    for t in range(T):
+        if g is not None:
+            S = S * g[:, t].double().exp()[..., None, None]
+        for j in range(t * n, t * n + n):
+            error = v[:, j] - torch.einsum("bhkv,bhk->bhv", S, k[:, j])
+            S = S + beta[:, j, :, None, None] * k[:, j, :, :, None] * error[:, :, None, :]
+        outs.append(scale * torch.einsum("bhkv,bhk->bhv", S, q[:, t]))
+    return torch.stack(outs, 1), S
+
+
+def delta_product_inputs(B=2, T=23, H=2, K=16, V=24, n=3, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, T, H, K, generator=gen)
+    k = l2_normalize(torch.randn(B, T * n, H, K, generator=gen))
+    v = torch.randn(B, T * n, H, V, generator=gen)
+    beta = torch.rand(B, T * n, H, generator=gen)
+    g = -0.3 * torch.rand(B, T, H, generator=gen)
+    S0 = torch.randn(B, H, K, V, generator=gen)
+    return q, k, v, g, beta, S0
+
+
+@pytest.mark.parametrize("n", [1, 3])
+@pytest.mark.parametrize("gated", [True, False])
+def test_gated_delta_product_matches_the_recurrence(n, gated):
+    q, k, v, g, beta, S0 = delta_product_inputs(n=n, seed=20 + n)
+    g = g if gated else None
+    out, S = fla_compat.chunk_gated_delta_product(q, k, v, g, beta, n, initial_state=S0, output_final_state=True,
+                                                  use_qk_l2norm_in_kernel=True)
+    ref_out, ref_S = delta_product_expected(q, k, v, g, beta, n, S0, normalize=True)
+    assert out.shape == (2, 23, 2, 24) and out.is_contiguous()
+    assert_close(out, ref_out, 1e-5, "out")
+    assert_close(S, ref_S, 1e-5, "final state")
+
+
+def test_gated_delta_product_packed_sequences_and_gradients():
+    n = 2
+    cu = torch.tensor([0, 9, 23], dtype=torch.long)
+    q, k, v, g, beta, _ = (x.double().requires_grad_() for x in delta_product_inputs(B=1, n=n, seed=25))
+    S0 = torch.randn(2, 2, 16, 24, dtype=torch.float64, requires_grad=True)
+    out, S = fla_compat.chunk_gated_delta_product(q, k, v, g, beta, n, scale=0.4, initial_state=S0,
+                                                  output_final_state=True, cu_seqlens=cu)
+    pieces = [delta_product_expected(q[:, a:b], k[:, a * n:b * n], v[:, a * n:b * n], g[:, a:b],
+                                     beta[:, a * n:b * n], n, S0[i:i + 1], scale=0.4)
+              for i, (a, b) in enumerate([(0, 9), (9, 23)])]
+    ref_out, ref_S = torch.cat([p[0] for p in pieces], 1), torch.cat([p[1] for p in pieces], 0)
+    assert_close(out, ref_out, 1e-9, "out")
+    assert_close(S, ref_S, 1e-9, "final states")
+    w = torch.randn_like(out)
+    leaves = [q, k, v, g, beta, S0]
+    got = torch.autograd.grad((out * w).sum() + S.sum(), leaves)
+    want = torch.autograd.grad((ref_out * w).sum() + ref_S.sum(), leaves)
+    for name, a, b in zip(("q", "k", "v", "g", "beta", "initial_state"), got, want):
+        assert_close(a, b, 1e-9, f"grad {name}")
+
+
+def test_gated_delta_product_bad_input_raises_naming_it():
+    q, k, v, g, beta, _ = delta_product_inputs(T=5, n=2)
+    with pytest.raises(ValueError, match="num_householder"):
+        fla_compat.chunk_gated_delta_product(q, k, v, g, beta, 0)
+    with pytest.raises(ValueError, match="k must be"):
+        fla_compat.chunk_gated_delta_product(q, k, v, g, beta, 3)
+    with pytest.raises(ValueError, match="g must be"):
+        fla_compat.chunk_gated_delta_product(q, k, v, g[:, :3], beta, 2)
+
+
+def test_gated_delta_product_agrees_with_flash_linear_attentions_naive_reference():
+    naive = pytest.importorskip("fla.ops.gated_delta_product.naive")
+    q, k, v, g, beta, S0 = delta_product_inputs(n=2, seed=26)
+    out, S = fla_compat.chunk_gated_delta_product(q, k, v, g, beta, 2, initial_state=S0, output_final_state=True)
+    ref_out, ref_S = naive.naive_recurrent_gated_delta_product(q, k, v, g, beta, 16 ** -0.5, initial_state=S0,
+                                                                output_final_state=True, num_householder=2)
+    assert_close(out, ref_out.double(), 1e-5, "out vs fla")
+    assert_close(S, ref_S.double(), 1e-5, "final state vs fla")
