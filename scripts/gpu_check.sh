@@ -53,6 +53,7 @@ if wants tests; then
     tests/ops/test_delta_rule_tensor_core.py \
     tests/ops/test_delta_rule_tensor_core_backward.py tests/ops/test_delta_rule_step_kernel.py \
     tests/ops/test_delta_rule_channel_gates.py tests/ops/test_delta_rule_tensor_core_channel_gates.py \
+    tests/integrations/test_fla_compat_cuda.py \
     -rfE --junitxml="$OUT/cuda_tests.xml" 2>&1 | tee "$OUT/cuda_tests.log" | tail -n 40
   cuda_seconds=$SECONDS
 fi
