@@ -48,16 +48,21 @@ def int32_offsets(where: str, batch: int, cu_seqlens, device=None):
     return cu_seqlens.to(torch.int32)
 
 
-def reversed_rows(where: str, x: torch.Tensor, cu_seqlens: Optional[torch.Tensor]) -> torch.Tensor:
-    """x (B, T, ...) with each sequence's rows in reverse order (its own inverse): the whole T, or
-    each packed sequence [cu_seqlens[n], cu_seqlens[n + 1]) (int32 offsets on x's device; their
-    values checked for eager CPU tensors, as every packed call's). On the device (no sync)."""
+def reversal_index(where: str, cu_seqlens: Optional[torch.Tensor], total: int, device) -> Optional[torch.Tensor]:
+    """The row order that reads each packed sequence [cu_seqlens[n], cu_seqlens[n + 1]) backwards
+    (int32 offsets on `device`; their values checked for eager CPU tensors, as every packed call's),
+    computed once a call on the device (no sync); None unpacked (the whole T flips)."""
     if cu_seqlens is None:
-        return x.flip(1)
-    sequence = sequence_ids(where, cu_seqlens, x.shape[1])
+        return None
+    sequence = sequence_ids(where, cu_seqlens, total)
     offsets = cu_seqlens.long()
-    rows = torch.arange(x.shape[1], device=x.device)
-    return x.index_select(1, offsets[sequence] + offsets[sequence + 1] - 1 - rows)
+    return offsets[sequence] + offsets[sequence + 1] - 1 - torch.arange(total, device=device)
+
+
+def reversed_rows(x: torch.Tensor, index: Optional[torch.Tensor]) -> torch.Tensor:
+    """x (B, T, ...) with each sequence's rows in reverse order (its own inverse), `index` from
+    reversal_index."""
+    return x.flip(1) if index is None else x.index_select(1, index)
 
 
 def gated_linear(where, q, k, v, g, decay, scale, initial_state, output_final_state, cu_seqlens, options,
@@ -83,8 +88,9 @@ def gated_linear(where, q, k, v, g, decay, scale, initial_state, output_final_st
         z0 = S0.new_zeros(S0.shape[:3]) if z0 is None else z0.reshape(S0.shape[:3])
         state = (S0, z0)
     if reverse:
-        q, k, v = (reversed_rows(where, x, offsets) for x in (q, k, v))
-        g = None if g is None else reversed_rows(where, g, offsets)
+        order = reversal_index(where, offsets, T, q.device)
+        q, k, v = (reversed_rows(x, order) for x in (q, k, v))
+        g = None if g is None else reversed_rows(g, order)
     if normalize:
         form = dict(feature_map=None, normalize=True, eps=1e-10 / scale)
     else:
@@ -95,7 +101,7 @@ def gated_linear(where, q, k, v, g, decay, scale, initial_state, output_final_st
                                    output_final_state=True, cu_seqlens=offsets, **form)
     out = out.transpose(1, 2)
     if reverse:
-        out = reversed_rows(where, out, offsets)
+        out = reversed_rows(out, order)
     out = out.contiguous()
     if state_v_first:
         S = S.transpose(-1, -2).contiguous()

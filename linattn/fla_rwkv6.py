@@ -12,23 +12,26 @@ state takes the last token's step on top (h_T = Diag(e^{w_T}) S_T + k_T v_Tᵀ).
 v and w; no exponential of −w (which would overflow for the strong decays RWKV-6 learns)."""
 import torch
 
-from .fla_linear import int32_offsets, refuse_others, reversed_rows
+from .fla_linear import int32_offsets, refuse_others, reversal_index, reversed_rows
 from .functional import linear_attention
 from .varlen import sequence_ids
 
 
-def shifted_rows(where: str, x: torch.Tensor, cu_seqlens) -> torch.Tensor:
-    """x (B, T, ...) moved one row later within each sequence (the whole T, or each packed sequence
-    [cu_seqlens[n], cu_seqlens[n + 1]): int32 offsets on x's device), each sequence's first row
-    zero. On the device (no sync)."""
-    T = x.shape[1]
-    rows = torch.arange(T, device=x.device)
-    moved = x.index_select(1, (rows - 1).clamp_min(0))
+def sequence_starts(where: str, cu_seqlens, total: int, device) -> torch.Tensor:
+    """(total,) bool: the rows that start a sequence (row 0, or each packed sequence's first row:
+    int32 offsets on `device`, values checked for eager CPU tensors). On the device (no sync)."""
+    rows = torch.arange(total, device=device)
     if cu_seqlens is None:
-        first = rows == 0
-    else:
-        first = cu_seqlens.long()[sequence_ids(where, cu_seqlens, T)] == rows
-    return moved.masked_fill(first.view(1, T, *([1] * (x.dim() - 2))), 0)
+        return rows == 0
+    return cu_seqlens.long()[sequence_ids(where, cu_seqlens, total)] == rows
+
+
+def shifted_rows(x: torch.Tensor, starts: torch.Tensor) -> torch.Tensor:
+    """x (B, T, ...) moved one row later within each sequence, the rows in `starts` (sequence_starts)
+    zero."""
+    T = x.shape[1]
+    moved = x.index_select(1, (torch.arange(T, device=x.device) - 1).clamp_min(0))
+    return moved.masked_fill(starts.view(1, T, *([1] * (x.dim() - 2))), 0)
 
 
 def _last_rows(x: torch.Tensor, offsets) -> torch.Tensor:
@@ -51,14 +54,16 @@ def rwkv6(where, r, k, v, w, u, scale, initial_state, output_final_state, revers
     offsets = int32_offsets(where, B, cu_seqlens, r.device)
     state = None if initial_state is None else (initial_state, initial_state.new_zeros(initial_state.shape[:3]))
     # (In the order the recurrence runs: reverse reads each sequence from its last token.)
-    rr, kk, vv, ww = (reversed_rows(where, x, offsets) for x in (r, k, v, w)) if reverse else (r, k, v, w)
-    moved = [shifted_rows(where, x, offsets).transpose(1, 2) for x in (kk, vv, ww)]
+    order = reversal_index(where, offsets, T, r.device) if reverse else None
+    rr, kk, vv, ww = (reversed_rows(x, order) for x in (r, k, v, w)) if reverse else (r, k, v, w)
+    starts = sequence_starts(where, offsets, T, r.device)
+    moved = [shifted_rows(x, starts).transpose(1, 2) for x in (kk, vv, ww)]
     out, (S, _) = linear_attention((rr * scale).transpose(1, 2), moved[0], moved[1], causal=True,
                                    feature_map="identity", normalize=False, gate=moved[2], initial_state=state,
                                    output_final_state=True, cu_seqlens=offsets)
     out = out.transpose(1, 2)
     if reverse:
-        out = reversed_rows(where, out, offsets)
+        out = reversed_rows(out, order)
     acc = torch.promote_types(r.dtype, torch.float32)
     bonus = scale * (r.to(acc) * u.to(acc) * k.to(acc)).sum(-1, keepdim=True) * v.to(acc)
     out = (out.to(acc) + bonus).to(r.dtype).contiguous()

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from linattn import fla_compat
-from linattn.fla_rwkv6 import shifted_rows
+from linattn.fla_rwkv6 import sequence_starts, shifted_rows
 
 from conftest import assert_close
 
@@ -45,9 +45,9 @@ def packed_recurrence(bounds, r, k, v, w, u, h0, **options):
 
 def test_shifted_rows_restart_at_each_sequence():
     x = torch.arange(1, 8).view(1, 7, 1)
-    assert shifted_rows("test", x, None).flatten().tolist() == [0, 1, 2, 3, 4, 5, 6]
+    assert shifted_rows(x, sequence_starts("test", None, 7, x.device)).flatten().tolist() == [0, 1, 2, 3, 4, 5, 6]
     cu = torch.tensor([0, 3, 3, 4, 7], dtype=torch.int32)
-    assert shifted_rows("test", x, cu).flatten().tolist() == [0, 1, 2, 0, 0, 5, 6]
+    assert shifted_rows(x, sequence_starts("test", cu, 7, x.device)).flatten().tolist() == [0, 1, 2, 0, 0, 5, 6]
 
 
 @pytest.mark.parametrize("name", ["chunk_rwkv6", "fused_recurrent_rwkv6"])
