@@ -30,6 +30,7 @@ from . import reference  # noqa: E402
 from .feature_maps import elu_feature_map, favor_features, random_features, relu_feature_map  # noqa: E402
 from .functional import efficient_attention, linear_attention, performer_attention  # noqa: E402
 from .functional import sliding_window_attention, swin_attention, window_attention, shifted_window_attention  # noqa: E402
+from .functional import forgetting_attention  # noqa: E402
 from .functional import additive_attention, lsh_attention, linear_attention_step  # noqa: E402
 from .window import window_mask  # noqa: E402
 from .delta_rule import delta_rule_attention, delta_rule_step  # noqa: E402
@@ -42,6 +43,7 @@ from .conversion import attention_transfer, linearize  # noqa: E402
 
 __all__ = [
     "linear_attention", "linear_attention_step", "delta_rule_attention", "delta_rule_step", "performer_attention", "efficient_attention", "sliding_window_attention", "window_mask",
+    "forgetting_attention",
     "block_sparse_attention", "block_local_layout", "swin_attention", "shifted_window_attention", "lsh_attention", "additive_attention", "bigbird_layout", "layout_mask", "random_features", "favor_features",
     "elu_feature_map", "relu_feature_map", "nn", "distributed", "hf", "swap_attention", "reference",
     "set_cuda_backend", "cuda_backend", "linearize", "attention_transfer", "__version__",

@@ -1,6 +1,7 @@
 """Argument checks of the functional API, with messages that name the function, the argument,
 what was expected and what was given. The C++ operators check again (they can be called
 directly), but these run first and speak in the caller's terms."""
+import math
 import numbers
 
 import torch
@@ -116,6 +117,21 @@ def check_eps(where: str, eps) -> None:
     gets a zero output, see docs/methods.md §1.)"""
     if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not (0 < float(eps) < float("inf")):
         raise ValueError(f"{where}: eps must be a finite number > 0, got {eps!r}")
+
+
+def scale_of(where: str, scale, q: torch.Tensor) -> float:
+    """The score scale: D ** -0.5 for None (1 for D = 0), else a finite number, as given."""
+    if scale is None:
+        return q.shape[-1] ** -0.5 if q.shape[-1] > 0 else 1.0
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
+        raise ValueError(f"{where}: scale must be a finite number or None, got {scale!r}")
+    return scale
+
+
+def sinks_checked(where: str, sinks, q: torch.Tensor) -> None:
+    """Attention sinks: None, or (H,) float logits on q's device."""
+    if sinks is not None:
+        check_fade(where, "sinks", sinks, (q.shape[1],), "(H,) of per-head logits", q.device)
 
 
 def softcap_of(where: str, softcap) -> float:

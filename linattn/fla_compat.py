@@ -1,6 +1,7 @@
 """flash-linear-attention's functional interface for the delta-rule family and the linear-attention
 family (``linattn/fla_linear.py``: GLA, simple GLA, linear_attn, retention, lightning attention;
-``linattn/fla_rwkv6.py``: RWKV-6; ``linattn/fla_based.py``: Based) on
+``linattn/fla_rwkv6.py``: RWKV-6; ``linattn/fla_based.py``: Based; ``linattn/fla_attn.py``: softmax
+attention and the Forgetting Transformer's) on
 linattn's operators, so that code written against ``fla.ops`` runs unchanged on CPUs and on any GPU,
 with ``torch.compile(fullgraph=True)`` and packed sequences in any batch:
 
@@ -36,6 +37,7 @@ from .fla_linear import (  # noqa: F401 (re-exported: the linear-attention famil
     fused_recurrent_retention, fused_recurrent_simple_gla, int32_offsets, parallel_retention, refuse_others)
 from .fla_based import fused_chunk_based, parallel_based  # noqa: F401 (re-exported)
 from .fla_rwkv6 import chunk_rwkv6, fused_recurrent_rwkv6  # noqa: F401 (re-exported)
+from .fla_attn import parallel_attn, parallel_forgetting_attn  # noqa: F401 (re-exported)
 
 def _delta_rule(where: str, q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm_in_kernel,
                 cu_seqlens, per_channel: bool, recurrent: bool) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:

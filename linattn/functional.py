@@ -11,6 +11,7 @@ from .feature_maps import (
 )
 from .sparse import bigbird_layout, block_local_layout, block_sparse_attention  # noqa: F401
 from .window import sliding_window_attention  # noqa: F401  (the restricted-softmax family)
+from .forgetting import forgetting_attention  # noqa: F401  (the restricted-softmax family)
 from .swin import shifted_window_attention, swin_attention, window_attention  # noqa: F401
 from .lsh import lsh_attention  # noqa: F401
 from .additive import additive_attention  # noqa: F401

@@ -226,6 +226,28 @@ def masked_softmax_attention(q, k, v, visible, scale, *, bias=None, fixed=None, 
     return (out, torch.logsumexp(scores, dim=-1)) if return_lse else out
 
 
+def forget_decay(log_forget, T_q, T_k):
+    """(B, H, T_q, T_k) float64: D_ij = Σ_{l=j+1}^{a} log f_l for key j <= a, Σ_{l=a+1}^{j} log f_l past
+    it (a = i + T_k − T_q), from log_forget (B, H or 1, T_k), as running sums in float64."""
+    lf = log_forget.double()
+    prefix = torch.nn.functional.pad(lf.cumsum(-1), (1, 0))  # prefix[m] = Σ_{l<m} log f_l
+    a = torch.arange(T_q, device=lf.device) + (T_k - T_q)
+    j = torch.arange(T_k, device=lf.device)
+    at_a, at_j = prefix[..., a + 1].unsqueeze(-1), prefix[..., j + 1].unsqueeze(-2)
+    return torch.where(j[None, :] <= a[:, None], at_a - at_j, at_j - at_a)
+
+
+def forgetting_attention(q, k, v, log_forget, *, causal=True, window=-1, scale=None, key_padding_mask=None,
+                         return_lse=False):
+    """The Forgetting Transformer's attention (docs/methods.md §5.1) in float64: the scaled scores plus
+    forget_decay's D, softmax over exactly the window's visible keys."""
+    scale = (q.shape[-1] ** -0.5 if q.shape[-1] > 0 else 1.0) if scale is None else scale
+    visible = window_mask(q.shape[2], k.shape[2], window, causal=causal, key_padding_mask=key_padding_mask,
+                          batch=q.shape[0], device=q.device)
+    bias = forget_decay(log_forget, q.shape[2], k.shape[2])
+    return masked_softmax_attention(q, k, v, visible, scale, bias=bias, return_lse=return_lse)
+
+
 # Reformer's score for a token attending to itself under shared QK (docs/methods.md §7).
 SELF_SCORE = -1e5
 

@@ -66,10 +66,7 @@ def block_sparse_attention(
     if layout.device != q.device:
         raise ValueError(f"{where}: layout must be on {q.device}, got {layout.device}")
     check.check_alibi_slopes(where, alibi_slopes, q)
-    if scale is None:
-        scale = q.shape[-1] ** -0.5 if q.shape[-1] > 0 else 1.0
-    elif isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
-        raise ValueError(f"{where}: scale must be a finite number or None, got {scale!r}")
+    scale = check.scale_of(where, scale, q)
     dropout = check.dropout_of(where, dropout_p)
     pattern = ops.restricted.Pattern(layout=layout, block_size=int(block_size), causal=bool(causal),
                                      key_padding_mask=key_padding_mask, softcap=check.softcap_of(where, softcap),

@@ -1,6 +1,5 @@
 """Restricted softmax attention (docs/methods.md §5): sliding windows, dilated windows and
 Longformer global tokens, on (B, H, T, D) tensors. Exported from linattn.functional."""
-import math
 import numbers
 from typing import Optional, Tuple, Union
 
@@ -124,12 +123,8 @@ def sliding_window_attention(
             raise ValueError(f"{where}: global_mask needs as many queries as keys, got q {tuple(q.shape)} and k "
                              f"{tuple(k.shape)}")
         check.check_key_padding_mask(where, global_mask, k, name="global_mask", meaning="True = global token")
-    if scale is None:
-        scale = q.shape[-1] ** -0.5 if q.shape[-1] > 0 else 1.0
-    elif isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
-        raise ValueError(f"{where}: scale must be a finite number or None, got {scale!r}")
-    if sinks is not None:
-        check.check_fade(where, "sinks", sinks, (q.shape[1],), "(H,) of per-head logits", q.device)
+    scale = check.scale_of(where, scale, q)
+    check.sinks_checked(where, sinks, q)
     cap = check.softcap_of(where, softcap)
     check.check_alibi_slopes(where, alibi_slopes, q)
     dropout = check.dropout_of(where, dropout_p)

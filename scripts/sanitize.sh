@@ -45,5 +45,6 @@ cd "$BUILD"
   "$ROOT"/tests/ops/test_delta_rule_step_kernel.py "$ROOT"/tests/ops/test_delta_rule_tensor_core_channel_gates.py \
   "$ROOT"/tests/ops/test_flash_forward.py "$ROOT"/tests/ops/test_flash_backward.py \
   "$ROOT"/tests/ops/test_grouped_query.py "$ROOT"/tests/ops/test_dropout.py "$ROOT"/tests/ops/test_softcap.py \
-  "$ROOT"/tests/ops/test_alibi.py "$ROOT"/tests/ops/test_flash_attn_kvcache.py \
+  "$ROOT"/tests/ops/test_alibi.py "$ROOT"/tests/ops/test_forgetting_attention.py \
+  "$ROOT"/tests/ops/test_flash_attn_kvcache.py \
   -k "not swin_swap_models" "$@"

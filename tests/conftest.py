@@ -130,6 +130,26 @@ def assert_compiled_module_equals_eager(module, x, mask):
         assert_close(a, b, 1e-4, "grad")
 
 
+def assert_swapped_encoder_trains(method):
+    """swap_attention puts `method` into both layers of a small causal encoder, and one training step
+    gives every parameter of the new cores a nonzero gradient."""
+    from torch import nn
+
+    import linattn
+
+    torch.manual_seed(0)
+    encoder = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True), 2,
+                                    enable_nested_tensor=False)
+    linattn.swap_attention(encoder, method=method)
+    cores = [layer.self_attn.core for layer in encoder.layers]
+    assert [type(c).name for c in cores] == [method, method]  # two layers replaced
+    x = torch.randn(3, 10, 16)
+    encoder(x, mask=nn.Transformer.generate_square_subsequent_mask(10), is_causal=True).square().mean().backward()
+    for core in cores:
+        for name, p in core.named_parameters():
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
 def module_heads(module, x):
     """The (N, H, L, hd) q, k, v heads a linattn.nn.MultiheadAttention makes of self-attention input x."""
     q, k, v = torch.nn.functional.linear(x, module.in_proj_weight, module.in_proj_bias).chunk(3, dim=-1)

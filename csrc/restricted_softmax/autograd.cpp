@@ -38,7 +38,7 @@ struct RestrictedSoftmax : torch::autograd::Function<RestrictedSoftmax<ForwardNa
     auto [out, lse] = op().call(q, k, v, scale, LINATTN_RESTRICTED_PATTERN_ARGS);
     ctx->save_for_backward({q, k, v, out, lse, saved_of(layout), saved_of(global_mask), saved_of(key_padding_mask),
                             saved_of(q_segments), saved_of(k_segments), saved_of(positions), saved_of(bias),
-                            saved_of(alibi_slopes), saved_of(dropout_seed)});
+                            saved_of(alibi_slopes), saved_of(dropout_seed), saved_of(forget_cumsum)});
     ctx->saved_data["options"] =
         c10::List<int64_t>({window_left, window_right, dilation, causal, block_size});
     ctx->saved_data["scale"] = scale;
@@ -56,16 +56,20 @@ struct RestrictedSoftmax : torch::autograd::Function<RestrictedSoftmax<ForwardNa
     const Optional grad_lse = grads[1].defined() ? Optional(grads[1].contiguous()) : std::nullopt;
     auto pattern = [&](int i) { return optional_of(saved[kSavedPattern + i]); };
     const at::Tensor& bias = saved[kSavedPattern + 6];
-    auto [grad_q, grad_k, grad_v, grad_bias] =
+    const at::Tensor& forget_cumsum = saved[kSavedPattern + 9];
+    auto [grad_q, grad_k, grad_v, grad_bias, grad_forget] =
         op.call(grad_out, grad_lse, saved[0], saved[1], saved[2], saved[3], saved[4],
                 ctx->saved_data["scale"].toDouble(), options[0], options[1], options[2], options[3] != 0, pattern(0),
                 options[4], pattern(1), pattern(2), pattern(3), pattern(4), pattern(5), pattern(6),
                 ctx->saved_data["softcap"].toDouble(), pattern(7), ctx->saved_data["dropout_p"].toDouble(),
-                pattern(8));
+                pattern(8), pattern(9));
     if (!bias.defined()) grad_bias = at::Tensor();
-    // Gradients for q, k, v, then scale and the pattern's arguments: the bias only (softcap is a
-    // constant of the model, as scale; the backward draws the forward's dropout mask again).
-    return {grad_q, grad_k, grad_v, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, grad_bias, {}, {}, {}, {}};
+    if (!forget_cumsum.defined()) grad_forget = at::Tensor();
+    // Gradients for q, k, v, then scale and the pattern's arguments: the bias and the forget gates
+    // only (softcap is a constant of the model, as scale; the backward draws the forward's dropout
+    // mask again).
+    return {grad_q, grad_k, grad_v, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, grad_bias, {}, {}, {}, {},
+            grad_forget};
   }
 };
 
@@ -74,7 +78,7 @@ std::tuple<at::Tensor, at::Tensor> restricted_softmax_autograd(const at::Tensor&
                                                                const at::Tensor& v, double scale,
                                                                LINATTN_RESTRICTED_PATTERN_PARAMS) {
   using Function = RestrictedSoftmax<ForwardName, BackwardName>;
-  if (!needs_graph(q, k, v, bias))
+  if (!needs_graph(q, k, v, bias, forget_cumsum))
     return call_below_autograd(Function::op(), q, k, v, scale, LINATTN_RESTRICTED_PATTERN_ARGS);
   auto r = Function::apply(q, k, v, scale, LINATTN_RESTRICTED_PATTERN_ARGS);
   return {r[0], r[1]};

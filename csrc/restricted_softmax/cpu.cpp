@@ -16,15 +16,16 @@ namespace {
 // accumulate-type) copies the pointers refer to.
 template <typename acc_t>
 struct PairTermsHolder {
-  at::Tensor bias, grad_bias, q_segments, k_segments, positions;
+  at::Tensor bias, grad_bias, q_segments, k_segments, positions, forget_cumsum, grad_forget_cumsum;
   PairTerms<acc_t> terms;
 
-  PairTermsHolder(const PairTermTensors& t, bool with_grad_bias) {
+  // with_grads: the backward's, which also allocates the terms' gradients.
+  PairTermsHolder(const PairTermTensors& t, bool with_grads) {
     if (t.bias.has_value()) {
       bias = t.bias->to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
       terms.bias = bias.const_data_ptr<acc_t>();
       terms.bias_heads = bias.size(0);
-      if (with_grad_bias) {
+      if (with_grads) {
         grad_bias = at::zeros_like(bias);
         terms.grad_bias = grad_bias.mutable_data_ptr<acc_t>();
       }
@@ -34,6 +35,11 @@ struct PairTermsHolder {
     if (t.q_segments.has_value()) terms.segment_heads = t.q_segments->size(1);
     terms.positions = optional_ptr<int64_t>(t.positions, positions);
     if (t.positions.has_value()) terms.position_heads = t.positions->size(1);
+    terms.forget_cumsum = optional_ptr<acc_t>(t.forget_cumsum, forget_cumsum);
+    if (t.forget_cumsum.has_value() && with_grads) {
+      grad_forget_cumsum = at::zeros_like(forget_cumsum);
+      terms.grad_forget_cumsum = grad_forget_cumsum.mutable_data_ptr<acc_t>();
+    }
   }
 };
 
@@ -83,7 +89,7 @@ std::tuple<at::Tensor, at::Tensor> forward_cpu(const at::Tensor& q, const at::Te
   return {out, lse};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
+RestrictedGradients backward_cpu(
     const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_lse, const at::Tensor& q, const at::Tensor& k,
     const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, double scale,
     LINATTN_RESTRICTED_PATTERN_PARAMS) {
@@ -94,7 +100,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
   auto grad_q = at::empty({s.batch, s.heads, s.q_len, s.head_dim}, q.options());
   auto grad_k = at::empty({s.batch, s.kv_heads(), s.k_len, s.head_dim}, q.options());
   auto grad_v = at::empty({s.batch, s.kv_heads(), s.k_len, s.value_dim}, q.options());
-  at::Tensor grad_bias = at::empty({0}, q.options());
+  at::Tensor grad_bias = at::empty({0}, q.options()), grad_forget = at::empty({0}, q.options());
   const at::Tensor lse_c = lse.contiguous(), grad_out_c = grad_out.contiguous();
   at::Tensor global, padding, grad_lse_c, layout_c = p.uses_layout() ? p.layout->contiguous() : at::Tensor();
   const bool* global_ptr = optional_ptr<bool>(p.global_mask, global);
@@ -118,8 +124,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
           grad_q.mutable_data_ptr<scalar_t>(), grad_k.mutable_data_ptr<scalar_t>(),
           grad_v.mutable_data_ptr<scalar_t>()));
     }
+    if (p.forget_cumsum.has_value()) grad_forget = held.grad_forget_cumsum;
   });
-  return {grad_q, grad_k, grad_v, grad_bias};
+  return {grad_q, grad_k, grad_v, grad_bias, grad_forget};
 }
 
 }  // namespace

@@ -315,13 +315,14 @@ template <typename acc_t>
 struct EngineScratch {
   std::vector<acc_t> q, k, v, g, scores, probs, o, dq, dk_part, dv_part, row_max, row_sum, lse_rows, delta;
   std::vector<acc_t> slope;  // soft-capped calls only: d(capped score) / d(score) per pair
-  std::vector<acc_t> key_positions;  // ALiBi calls only: a key group's positions
+  std::vector<acc_t> key_positions;  // ALiBi and forget-gate calls only: a key group's positions
+  std::vector<acc_t> key_forget;     // forget-gate calls only: a key group's cumulative log gates
   std::vector<acc_t> keep, dropped;  // dropout calls only: per pair 0 or 1 / (1 − p); P with it applied
   std::vector<uint32_t> dropout_words;  // dropout calls only: a run's Philox words, four per quad of keys
   std::vector<unsigned char> vis;
   bool in_use = false;
 
-  void reserve_for(int64_t D, int64_t dv, bool soft_capped, bool with_alibi, bool drops) {
+  void reserve_for(int64_t D, int64_t dv, bool soft_capped, bool with_alibi, bool with_forget, bool drops) {
     auto at_least = [](auto& buffer, int64_t size) {
       if (static_cast<int64_t>(buffer.size()) < size) buffer.resize(size);
     };
@@ -341,7 +342,8 @@ struct EngineScratch {
     at_least(delta, kBlock);
     at_least(vis, kBlock * kKeyGroup);
     if (soft_capped) at_least(slope, kBlock * kKeyGroup);
-    if (with_alibi) at_least(key_positions, kKeyGroup);
+    if (with_alibi || with_forget) at_least(key_positions, kKeyGroup);
+    if (with_forget) at_least(key_forget, kKeyGroup);
     if (drops) {
       at_least(keep, kBlock * kKeyGroup);
       at_least(dropped, kBlock * kKeyGroup);
@@ -360,10 +362,19 @@ EngineScratch<acc_t>& claim_scratch(EngineScratch<acc_t>& own) {
 }
 
 // The flash-style engine, for any pattern with key_groups() and visibility().
+// The Forgetting Transformer's gates of a call (PairTerms' forget_cumsum, nullable): the
+// cumulative log forget gates (B, H, T_k) and their gradient's accumulator.
+template <typename acc_t>
+struct ForgetGates {
+  const acc_t* cumsum = nullptr;
+  acc_t* grad = nullptr;
+};
+
 template <typename scalar_t, typename acc_t, typename Pattern>
 struct SoftmaxEngine {
   const WindowAttentionShape& s;
   const Pattern& pattern;
+  const ForgetGates<acc_t> forget;
   int64_t D, dv;
 
   EngineScratch<acc_t> own;  // used only when this thread's kept scratch is taken
@@ -372,13 +383,13 @@ struct SoftmaxEngine {
       &delta, &slope;
   std::vector<unsigned char>& vis;
 
-  SoftmaxEngine(const WindowAttentionShape& shape, const Pattern& visible)
-      : s(shape), pattern(visible), D(shape.head_dim), dv(shape.value_dim), buffers(claim_scratch(own)),
+  SoftmaxEngine(const WindowAttentionShape& shape, const Pattern& visible, ForgetGates<acc_t> gates)
+      : s(shape), pattern(visible), forget(gates), D(shape.head_dim), dv(shape.value_dim), buffers(claim_scratch(own)),
         q(buffers.q), k(buffers.k), v(buffers.v), g(buffers.g), scores(buffers.scores), probs(buffers.probs),
         o(buffers.o), dq(buffers.dq), dk_part(buffers.dk_part), dv_part(buffers.dv_part), row_max(buffers.row_max),
         row_sum(buffers.row_sum), lse_rows(buffers.lse_rows), delta(buffers.delta), slope(buffers.slope),
         vis(buffers.vis) {
-    buffers.reserve_for(D, dv, shape.softcap > 0, shape.alibi != nullptr, shape.drops());
+    buffers.reserve_for(D, dv, shape.softcap > 0, shape.alibi != nullptr, gates.cumsum != nullptr, shape.drops());
   }
   ~SoftmaxEngine() { buffers.in_use = false; }
   SoftmaxEngine(const SoftmaxEngine&) = delete;
@@ -411,6 +422,7 @@ struct SoftmaxEngine {
     gemm<acc_t>(false, true, L, n, D, q.data(), D, k.data(), D, 0, scores.data(), kKeyGroup);
     if (s.softcap > 0) soft_cap(L, width);
     if (s.alibi != nullptr) add_alibi(bi, hi, i0, L, keys);
+    if (forget.cumsum != nullptr) add_forget(bi, hi, i0, L, keys);
     pattern.visibility(bi, hi, i0, L, keys, vis.data(), kKeyGroup);
     pattern.adjust_scores(bi, hi, i0, L, keys, scores.data(), vis.data(), kKeyGroup);
     for (int64_t r = 0; r < L; ++r) std::fill(vis.data() + r * kKeyGroup + n, vis.data() + r * kKeyGroup + width, 0);
@@ -430,6 +442,62 @@ struct SoftmaxEngine {
       acc_t* sr = scores.data() + r * kKeyGroup;
 #pragma omp simd
       for (int64_t c = 0; c < n; ++c) sr[c] -= slope * std::abs(a - key_at[c]);
+    }
+  }
+
+  // The forget gates' decay (after the cap and ALiBi, before the pattern's bias): scores += c_a − c_j
+  // for keys j <= a, c_j − c_a past a (a = i + T_k − T_q; c the head's cumulative log gates). Leaves
+  // the group's positions and gates in key_positions and key_forget, for the backward's gradient.
+  void add_forget(int64_t bi, int64_t hi, int64_t i0, int64_t L, const std::vector<int64_t>& keys) {
+    const acc_t* c = forget.cumsum + (bi * s.heads + hi) * s.k_len;
+    const int64_t n = static_cast<int64_t>(keys.size()), first = run_start(keys);
+    acc_t* key_at = buffers.key_positions.data();
+    acc_t* key_c = buffers.key_forget.data();
+    for (int64_t x = 0; x < n; ++x) {
+      const int64_t j = first >= 0 ? first + x : keys[x];
+      key_at[x] = static_cast<acc_t>(j);
+      key_c[x] = c[j];
+    }
+    for (int64_t r = 0; r < L; ++r) {
+      const int64_t a = i0 + r + (s.k_len - s.q_len);
+      const acc_t position = static_cast<acc_t>(a), ca = c[a];
+      acc_t* sr = scores.data() + r * kKeyGroup;
+#pragma omp simd
+      for (int64_t x = 0; x < n; ++x) {
+        const acc_t d = ca - key_c[x];
+        sr[x] += key_at[x] <= position ? d : -d;
+      }
+    }
+  }
+
+  // Their gradient from the group's score gradients dS (0 on hidden pairs): each pair's signed dS
+  // joins its query's position a and leaves its key's.
+  void add_forget_grad(int64_t bi, int64_t hi, int64_t i0, int64_t L, const std::vector<int64_t>& keys,
+                       const acc_t* dS) const {
+    acc_t* grad = forget.grad + (bi * s.heads + hi) * s.k_len;
+    const int64_t n = static_cast<int64_t>(keys.size()), first = run_start(keys);
+    const acc_t* key_at = buffers.key_positions.data();
+    for (int64_t r = 0; r < L; ++r) {
+      const int64_t a = i0 + r + (s.k_len - s.q_len);
+      const acc_t position = static_cast<acc_t>(a);
+      const acc_t* ds = dS + r * kKeyGroup;
+      acc_t row = 0;
+      if (first >= 0) {
+        acc_t* gk = grad + first;
+#pragma omp simd reduction(+ : row)
+        for (int64_t x = 0; x < n; ++x) {
+          const acc_t signed_ds = key_at[x] <= position ? ds[x] : -ds[x];
+          row += signed_ds;
+          gk[x] -= signed_ds;
+        }
+      } else {
+        for (int64_t x = 0; x < n; ++x) {
+          const acc_t signed_ds = key_at[x] <= position ? ds[x] : -ds[x];
+          row += signed_ds;
+          grad[keys[x]] -= signed_ds;
+        }
+      }
+      grad[a] += row;
     }
   }
 
@@ -628,6 +696,7 @@ struct SoftmaxEngine {
           for (int64_t c = 0; c < width; ++c) dsr[c] = vr[c] == 1 ? pr[c] * (dsr[c] - d) : acc_t(0);
         }
         if (grad_bias) pattern.add_bias_grad(hi, i0, L, keys, scores.data(), kKeyGroup, grad_bias);
+        if (forget.grad) add_forget_grad(bi, hi, i0, L, keys, scores.data());
         // The capped score's gradient (the bias's, added after capping) times the cap's slope is
         // the raw score's; selected, so that a hidden pair's slope (NaN from a NaN score) stays out.
         if (s.softcap > 0)
@@ -656,13 +725,14 @@ struct SoftmaxEngine {
 };
 
 template <typename scalar_t, typename acc_t, typename Pattern>
-void run_forward(const WindowAttentionShape& shape, const Pattern& pattern, Strided4<const scalar_t> q,
-                 Strided4<const scalar_t> k, Strided4<const scalar_t> v, scalar_t* out, acc_t* lse) {
+void run_forward(const WindowAttentionShape& shape, const Pattern& pattern, const PairTerms<acc_t>& terms,
+                 Strided4<const scalar_t> q, Strided4<const scalar_t> k, Strided4<const scalar_t> v, scalar_t* out,
+                 acc_t* lse) {
   const int64_t blocks = (shape.q_len + kBlock - 1) / kBlock;
   // Rows are independent in the forward: (batch·head, query block) pairs are the work items,
   // so one long sequence still keeps every thread busy.
   at::parallel_for(0, shape.batch * shape.heads * blocks, 1, [&](int64_t begin, int64_t end) {
-    SoftmaxEngine<scalar_t, acc_t, Pattern> engine(shape, pattern);
+    SoftmaxEngine<scalar_t, acc_t, Pattern> engine(shape, pattern, {terms.forget_cumsum, nullptr});
     for (int64_t item = begin; item < end; ++item)
       engine.forward_block(item / blocks, (item % blocks) * kBlock, q, k, v, out, lse);
   });
@@ -670,9 +740,11 @@ void run_forward(const WindowAttentionShape& shape, const Pattern& pattern, Stri
 
 // grad_bias (bias_size entries, zeroed; null without a bias) receives the sum over (batch, head)
 // of each one's bias gradient: every parallel chunk accumulates its own, and the chunks are
-// added in order, so the result does not depend on thread timing.
+// added in order, so the result does not depend on thread timing. The forget gates' gradient
+// (terms.grad_forget_cumsum, zeroed) has a row per query head, which one work item writes.
 template <typename scalar_t, typename acc_t, typename Pattern>
-void run_backward(const WindowAttentionShape& shape, const Pattern& pattern, Strided4<const scalar_t> grad_out,
+void run_backward(const WindowAttentionShape& shape, const Pattern& pattern, const PairTerms<acc_t>& terms,
+                  Strided4<const scalar_t> grad_out,
                   const acc_t* grad_lse, Strided4<const scalar_t> q, Strided4<const scalar_t> k,
                   Strided4<const scalar_t> v, Strided4<const scalar_t> out, const acc_t* lse, scalar_t* grad_q,
                   scalar_t* grad_k, scalar_t* grad_v, acc_t* grad_bias = nullptr, int64_t bias_size = 0) {
@@ -688,7 +760,7 @@ void run_backward(const WindowAttentionShape& shape, const Pattern& pattern, Str
   std::vector<acc_t> partial_v(per_query_head ? items * k_len * dv : 0);
   std::vector<std::vector<acc_t>> chunk_bias_grads(grad_bias ? items : 0);
   at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
-    SoftmaxEngine<scalar_t, acc_t, Pattern> engine(shape, pattern);
+    SoftmaxEngine<scalar_t, acc_t, Pattern> engine(shape, pattern, {terms.forget_cumsum, terms.grad_forget_cumsum});
     std::vector<acc_t> dk_acc, dv_acc;
     // The first chunk adds straight into grad_bias (zeroed): the same sums in the same order.
     acc_t* bias_acc = nullptr;
@@ -743,7 +815,7 @@ void window_attention_forward_cpu(const WindowAttentionShape& shape, Strided4<co
                                   Strided4<const scalar_t> k, Strided4<const scalar_t> v,
                                   const bool* global_mask, const bool* key_padding_mask,
                                   const PairTerms<acc_t>& terms, scalar_t* out, acc_t* lse) {
-  run_forward(shape, WindowPattern(shape, global_mask, key_padding_mask, terms), q, k, v, out, lse);
+  run_forward(shape, WindowPattern(shape, global_mask, key_padding_mask, terms), terms, q, k, v, out, lse);
 }
 
 template <typename scalar_t, typename acc_t>
@@ -754,7 +826,7 @@ void window_attention_backward_cpu(const WindowAttentionShape& shape,
                                    const bool* global_mask, const bool* key_padding_mask,
                                    const PairTerms<acc_t>& terms, scalar_t* grad_q, scalar_t* grad_k,
                                    scalar_t* grad_v) {
-  run_backward(shape, WindowPattern(shape, global_mask, key_padding_mask, terms), grad_out, grad_lse,
+  run_backward(shape, WindowPattern(shape, global_mask, key_padding_mask, terms), terms, grad_out, grad_lse,
                q, k, v, out, lse, grad_q, grad_k, grad_v);
 }
 
@@ -763,7 +835,7 @@ void block_sparse_attention_forward_cpu(const WindowAttentionShape& shape, const
                                         const PairTerms<acc_t>& terms, Strided4<const scalar_t> q,
                                         Strided4<const scalar_t> k, Strided4<const scalar_t> v,
                                         const bool* key_padding_mask, scalar_t* out, acc_t* lse) {
-  run_forward(shape, BlockPattern<acc_t>{shape, layout, terms, key_padding_mask}, q, k, v, out, lse);
+  run_forward(shape, BlockPattern<acc_t>{shape, layout, terms, key_padding_mask}, terms, q, k, v, out, lse);
 }
 
 template <typename scalar_t, typename acc_t>
@@ -775,8 +847,8 @@ void block_sparse_attention_backward_cpu(const WindowAttentionShape& shape, cons
                                          const bool* key_padding_mask, scalar_t* grad_q,
                                          scalar_t* grad_k, scalar_t* grad_v) {
   const int64_t bias_size = terms.bias ? terms.bias_heads * shape.q_len * shape.k_len : 0;
-  run_backward(shape, BlockPattern<acc_t>{shape, layout, terms, key_padding_mask}, grad_out, grad_lse, q, k, v, out,
-               lse, grad_q, grad_k, grad_v, terms.bias ? terms.grad_bias : nullptr, bias_size);
+  run_backward(shape, BlockPattern<acc_t>{shape, layout, terms, key_padding_mask}, terms, grad_out, grad_lse, q, k, v,
+               out, lse, grad_q, grad_k, grad_v, terms.bias ? terms.grad_bias : nullptr, bias_size);
 }
 
 #define LINATTN_INSTANTIATE(scalar_t, acc_t)                                                      \

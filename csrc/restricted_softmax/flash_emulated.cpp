@@ -41,7 +41,8 @@ std::tuple<at::Tensor, at::Tensor> forward_emulated(const at::Tensor& q, const a
   const RestrictedPattern pattern{LINATTN_RESTRICTED_PATTERN_ARGS};
   check_restricted_inputs(q, k, v, scale, pattern);
   const int buffers = flash::buffers_taking(q, v, false, warp::emulated_shared_bytes());
-  if (buffers == 0) return flash::unfused_forward(q, k, v, scale, LINATTN_RESTRICTED_PATTERN_ARGS);
+  if (buffers == 0 || !flash::takes_terms(pattern))
+    return flash::unfused_forward(q, k, v, scale, LINATTN_RESTRICTED_PATTERN_ARGS);
   return flash::run_call(q, k, v, scale, pattern, [&](const auto& problem) {
     flash::with_instance(problem.head_dim, problem.value_dim, buffers, [&](auto d, auto n) {
       emulate_forward<decltype(d)::value, decltype(n)::value>(problem);
@@ -49,14 +50,14 @@ std::tuple<at::Tensor, at::Tensor> forward_emulated(const at::Tensor& q, const a
   });
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_emulated(
+RestrictedGradients backward_emulated(
     const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_lse, const at::Tensor& q, const at::Tensor& k,
     const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, double scale,
     LINATTN_RESTRICTED_PATTERN_PARAMS) {
   const RestrictedPattern pattern{LINATTN_RESTRICTED_PATTERN_ARGS};
   check_restricted_backward_inputs(grad_out, grad_lse, q, k, v, out, lse, scale, pattern);
   const int buffers = flash::buffers_taking(q, v, true, warp::emulated_shared_bytes());
-  if (buffers == 0)
+  if (buffers == 0 || !flash::takes_terms(pattern))
     return flash::unfused_backward(grad_out, grad_lse, q, k, v, out, lse, scale, LINATTN_RESTRICTED_PATTERN_ARGS);
   return flash::run_backward_call(grad_out, grad_lse, q, k, v, out, lse, scale, pattern,
                                   [&](const auto& problem, const auto& gradients) {

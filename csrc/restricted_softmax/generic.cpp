@@ -42,7 +42,7 @@ std::tuple<at::Tensor, at::Tensor> forward_generic(const at::Tensor& q, const at
   return restricted_generic::window_forward(q, k_heads, v_heads, scale, s, p);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_generic(
+RestrictedGradients backward_generic(
     const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_lse, const at::Tensor& q, const at::Tensor& k,
     const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, double scale,
     LINATTN_RESTRICTED_PATTERN_PARAMS) {
@@ -51,17 +51,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_generic(
   const WindowAttentionShape s = window_kernel_shape(q, k, v, p, scale);
   if (empty_call(s))
     return {at::zeros_like(q), at::zeros_like(k), at::zeros_like(v),
-            p.bias ? at::zeros_like(*p.bias) : at::empty({0}, q.options())};
+            p.bias ? at::zeros_like(*p.bias) : at::empty({0}, q.options()),
+            p.forget_cumsum ? at::zeros_like(*p.forget_cumsum) : at::empty({0}, q.options())};
   const at::Tensor k_heads = per_query_head(k, s), v_heads = per_query_head(v, s);
   if (p.uses_layout()) {
-    auto [dq, dk, dv, grad_bias] =
+    auto [dq, dk, dv, grad_bias, grad_forget] =
         restricted_generic::layout_backward(grad_out, grad_lse, q, k_heads, v_heads, out, lse, scale, s, p);
-    return {dq, summed_per_shared_head(dk, s.kv_group), summed_per_shared_head(dv, s.kv_group), grad_bias};
+    return {dq, summed_per_shared_head(dk, s.kv_group), summed_per_shared_head(dv, s.kv_group), grad_bias,
+            grad_forget};
   }
-  auto [dq, dk, dv] =
+  auto [dq, dk, dv, grad_forget] =
       restricted_generic::window_backward(grad_out, grad_lse, q, k_heads, v_heads, out, lse, scale, s, p);
   return {dq, summed_per_shared_head(dk, s.kv_group), summed_per_shared_head(dv, s.kv_group),
-          at::empty({0}, q.options())};
+          at::empty({0}, q.options()), grad_forget};
 }
 
 }  // namespace

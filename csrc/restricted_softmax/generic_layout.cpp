@@ -17,6 +17,7 @@
 #include "generic_layout.h"
 
 #include "generic_dropout.h"
+#include "generic_forget.h"
 #include "generic_tile.h"
 
 #include <ATen/core/List.h>
@@ -29,13 +30,6 @@
 namespace linattn::restricted_generic {
 namespace {
 
-
-// An advanced-indexing list; std::nullopt takes a whole dimension.
-c10::List<std::optional<at::Tensor>> indices(std::initializer_list<std::optional<at::Tensor>> list) {
-  c10::List<std::optional<at::Tensor>> result;
-  for (const auto& index : list) result.push_back(index);
-  return result;
-}
 
 // How a layout's rows and keys are cut into blocks.
 struct LayoutGeometry {
@@ -178,6 +172,12 @@ at::Tensor in_blocks(const at::Tensor& t, int64_t blocks, int64_t size, double f
 // (B, H, blocks, size, ...) back to the first `length` of its (B, H, T, ...).
 at::Tensor from_blocks(const at::Tensor& t, int64_t length) { return t.flatten(2, 3).narrow(2, 0, length); }
 
+// Where a tile's pairs read the forget gates: its rows and keys, and each entry's head when the layout
+// has a row per head.
+ForgetTile forget_tile(const WindowAttentionShape& s, const LayoutGeometry& g, const LayoutTile& t) {
+  return {t.rows, t.keys, g.per_head ? t.heads : at::Tensor(), s.k_len - s.q_len};
+}
+
 // (B or 1, H or 1, n, L, c) visibility of a tile's pairs, and the pattern's score terms.
 PairBlock tile_pairs(const WindowAttentionShape& s, const RestrictedPattern& p, const LayoutGeometry& g,
                      const LayoutTile& t, at::ScalarType scores_dtype) {
@@ -238,6 +238,10 @@ PairBlock tile_pairs(const WindowAttentionShape& s, const RestrictedPattern& p, 
     }
     const at::Tensor alibi = alibi_terms(per_pair, t.rows, t.keys, s.k_len - s.q_len, scores_dtype);
     pairs.bias = pairs.bias.defined() ? pairs.bias + alibi : alibi;
+  }
+  if (p.forget_cumsum.has_value()) {  // so do the forget gates' (after ALiBi's)
+    const at::Tensor decay = forget_terms(*p.forget_cumsum, forget_tile(s, g, t));
+    pairs.bias = pairs.bias.defined() ? pairs.bias + decay : decay;
   }
   if (s.drops()) {  // the pairs' batch·head: (B, H, 1, 1, 1), or (B, 1, n, 1, 1) with the pairs' own heads
     const auto index = t.rows.options();
@@ -343,7 +347,7 @@ std::tuple<at::Tensor, at::Tensor> layout_forward(const at::Tensor& q, const at:
   return {from_blocks(out, s.q_len).to(q.scalar_type()).contiguous(), from_blocks(lse, s.q_len).contiguous()};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layout_backward(
+RestrictedGradients layout_backward(
     const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_lse, const at::Tensor& q, const at::Tensor& k,
     const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, double scale, const WindowAttentionShape& s,
     const RestrictedPattern& p) {
@@ -357,6 +361,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layout_backward(
   at::Tensor dBias;
   if (p.bias)
     dBias = at::zeros({p.bias->size(0), o.g.row_blocks * o.g.rows, o.g.key_blocks * o.g.block}, o.Q.options());
+  const at::Tensor dForget =
+      p.forget_cumsum.has_value() ? at::zeros_like(*p.forget_cumsum) : at::empty({0}, o.Q.options());
   for (const LayoutTile& t : o.tiles) {
     const TileGradients grads =
         tile_backward(o.rows_of(o.Q, t), o.keys_of(o.K, t), o.keys_of(o.V, t), o.rows_of(G, t), o.rows_of(LSE, t),
@@ -365,10 +371,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layout_backward(
     o.add_keys(dK, t, grads.dK);
     o.add_keys(dV, t, grads.dV);
     if (p.bias) o.add_bias(dBias, t, grads.dS);
+    if (p.forget_cumsum.has_value()) add_forget_grads(dForget, grads.dS, forget_tile(s, o.g, t));
   }
   if (p.bias) dBias = dBias.narrow(1, 0, s.q_len).narrow(2, 0, s.k_len).to(p.bias->scalar_type()).contiguous();
   return {from_blocks(dQ, s.q_len).to(dtype).contiguous(), from_blocks(dK, s.k_len).to(dtype).contiguous(),
-          from_blocks(dV, s.k_len).to(dtype).contiguous(), p.bias ? dBias : at::empty({0}, q.options())};
+          from_blocks(dV, s.k_len).to(dtype).contiguous(), p.bias ? dBias : at::empty({0}, q.options()), dForget};
 }
 
 }  // namespace linattn::restricted_generic

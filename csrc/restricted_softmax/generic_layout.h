@@ -18,9 +18,10 @@ std::tuple<at::Tensor, at::Tensor> layout_forward(const at::Tensor& q, const at:
                                                   double scale, const WindowAttentionShape& s,
                                                   const RestrictedPattern& p);
 
-// dq, dk, dv (q's dtype) and the bias gradient (the bias's dtype; empty without a bias) of a layout
-// pattern; grad_lse (nullable) is lse's cotangent.
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layout_backward(
+// dq, dk, dv (q's dtype), the bias gradient (the bias's dtype; empty without a bias) and the forget
+// gates' (the accumulate type; empty without them) of a layout pattern; grad_lse (nullable) is lse's
+// cotangent.
+RestrictedGradients layout_backward(
     const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_lse, const at::Tensor& q, const at::Tensor& k,
     const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, double scale, const WindowAttentionShape& s,
     const RestrictedPattern& p);

@@ -5,7 +5,9 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/core/List.h>
 
+#include <initializer_list>
 #include <limits>
 #include <optional>
 #include <tuple>
@@ -19,6 +21,13 @@ inline constexpr double kInf = std::numeric_limits<double>::infinity();
 // GPU a tile's passes are then bound by memory bandwidth, not launch overhead, so larger tiles would
 // buy little; memory stays bounded at any T.
 inline constexpr int64_t kTileScores = int64_t{1} << 25;
+
+// An advanced-indexing list; std::nullopt takes a whole dimension.
+inline c10::List<std::optional<at::Tensor>> indices(std::initializer_list<std::optional<at::Tensor>> list) {
+  c10::List<std::optional<at::Tensor>> result;
+  for (const auto& index : list) result.push_back(index);
+  return result;
+}
 
 // What a pattern says about a tile's pairs: visibility, and optionally a score bias and the
 // visible pairs whose score is fixed at kSelfScore (a token's own key under shared QK; no score

@@ -14,6 +14,7 @@
 #include "generic_window.h"
 
 #include "generic_dropout.h"
+#include "generic_forget.h"
 #include "generic_tile.h"
 
 #include <algorithm>
@@ -235,25 +236,32 @@ struct WindowOperands {
   // A band tile's keys and values, (B, H, n, c, ·), and its visibility.
   at::Tensor tile_keys_of(const Tile& t) const { return tile_keys(source.K, source.origin, t, K_global); }
   at::Tensor tile_values_of(const Tile& t) const { return tile_keys(source.V, source.origin, t, V_global); }
+  TileIndex band_index(const Tile& t) const { return tile_index(t, global_keys); }
   PairBlock band_pairs(const WindowAttentionShape& s, const RestrictedPattern& p, const Tile& t) const {
-    return pairs_of(s, p, tile_index(t, global_keys), false);
+    return pairs_of(s, p, band_index(t), false);
   }
   PairBlock global_row_pairs(const WindowAttentionShape& s, const RestrictedPattern& p,
                              const at::Tensor& chunk) const {
     return pairs_of(s, p, global_rows_index(chunk, s.k_len), true);
   }
-  // The visibility of a tile's pairs, and ALiBi's terms as its bias (a window has no bias of its own).
+  // The visibility of a tile's pairs, and ALiBi's and the forget gates' terms as its bias (a window has
+  // no bias of its own).
   PairBlock pairs_of(const WindowAttentionShape& s, const RestrictedPattern& p, const TileIndex& ix,
                      bool global_rows) const {
-    at::Tensor alibi, dropout;
+    at::Tensor terms, dropout;
     if (p.alibi_slopes.has_value())
-      alibi = alibi_terms(slopes_per_head(*p.alibi_slopes), ix.rows, ix.keys, g.offset, Q.scalar_type());
+      terms = alibi_terms(slopes_per_head(*p.alibi_slopes), ix.rows, ix.keys, g.offset, Q.scalar_type());
+    if (p.forget_cumsum.has_value()) {
+      const at::Tensor decay = forget_terms(*p.forget_cumsum, forget_tile(ix));
+      terms = terms.defined() ? terms + decay : decay;
+    }
     if (s.drops()) {  // the pairs' batch·head: (B, H, 1, 1, 1)
       const at::Tensor bh = at::arange(s.batch * s.heads, ix.rows.options()).view({s.batch, s.heads, 1, 1, 1});
       dropout = dropout_factors(s, bh, ix.rows, ix.runs, Q.scalar_type());
     }
-    return {tile_visibility(s, p, g.offset, ix, global_rows), alibi, {}, dropout, p.softcap};
+    return {tile_visibility(s, p, g.offset, ix, global_rows), terms, {}, dropout, p.softcap};
   }
+  ForgetTile forget_tile(const TileIndex& ix) const { return {ix.rows, ix.keys, {}, g.offset}; }
 };
 
 WindowOperands window_operands(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale,
@@ -298,7 +306,7 @@ std::tuple<at::Tensor, at::Tensor> window_forward(const at::Tensor& q, const at:
   return {out.narrow(2, 0, s.q_len).to(q.scalar_type()).contiguous(), lse.narrow(2, 0, s.q_len).contiguous()};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> window_backward(const at::Tensor& grad_out,
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> window_backward(const at::Tensor& grad_out,
                                                                const std::optional<at::Tensor>& grad_lse,
                                                                const at::Tensor& q, const at::Tensor& k,
                                                                const at::Tensor& v, const at::Tensor& out,
@@ -316,11 +324,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> window_backward(const at::Tensor&
   const at::Tensor dQ = at::zeros_like(w.Q);
   const at::Tensor dK_source = at::zeros(source.K.sizes(), w.Q.options());
   const at::Tensor dV_source = at::zeros(source.V.sizes(), w.Q.options());
+  const at::Tensor dForget =
+      p.forget_cumsum.has_value() ? at::zeros_like(*p.forget_cumsum) : at::empty({0}, w.Q.options());
   for (const Tile& t : band_tiles(w.g, s)) {
     if (t.width + w.globals == 0) continue;  // rows without a key pass no gradient
+    const TileIndex ix = w.band_index(t);
     const TileGradients grads =
         tile_backward(block_rows(w.Q, t), w.tile_keys_of(t), w.tile_values_of(t), block_rows(G, t),
-                      block_rows(LSE, t), block_rows(D, t), scale, w.band_pairs(s, p, t));
+                      block_rows(LSE, t), block_rows(D, t), scale, w.pairs_of(s, p, ix, false));
+    if (p.forget_cumsum.has_value()) add_forget_grads(dForget, grads.dS, w.forget_tile(ix));
     block_rows(dQ, t).copy_(grads.dQ);
     add_band(dK_source, source.origin, t, grads.dK.narrow(3, 0, t.width));
     add_band(dV_source, source.origin, t, grads.dV.narrow(3, 0, t.width));
@@ -344,15 +356,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> window_backward(const at::Tensor&
     dV.index_add_(2, w.global_keys, dV_global);
   }
   for (const at::Tensor& chunk : global_row_chunks(w.global_keys, s)) {
+    const TileIndex ix = global_rows_index(chunk, s.k_len);
     const TileGradients grads = tile_backward(
         w.Q.index_select(2, chunk).unsqueeze(2), w.K.unsqueeze(2), w.V.unsqueeze(2),
         G.index_select(2, chunk).unsqueeze(2), LSE.index_select(2, chunk).unsqueeze(2),
-        D.index_select(2, chunk).unsqueeze(2), scale, w.global_row_pairs(s, p, chunk));
+        D.index_select(2, chunk).unsqueeze(2), scale, w.pairs_of(s, p, ix, true));
+    if (p.forget_cumsum.has_value()) add_forget_grads(dForget, grads.dS, w.forget_tile(ix));
     dQ.index_add_(2, chunk, grads.dQ.squeeze(2));
     dK.add_(grads.dK.squeeze(2));
     dV.add_(grads.dV.squeeze(2));
   }
-  return {dQ.narrow(2, 0, s.q_len).to(dtype).contiguous(), dK.to(dtype).contiguous(), dV.to(dtype).contiguous()};
+  return {dQ.narrow(2, 0, s.q_len).to(dtype).contiguous(), dK.to(dtype).contiguous(), dV.to(dtype).contiguous(),
+          dForget};
 }
 
 }  // namespace linattn::restricted_generic

@@ -17,13 +17,11 @@ std::tuple<at::Tensor, at::Tensor> window_forward(const at::Tensor& q, const at:
                                                   double scale, const WindowAttentionShape& s,
                                                   const RestrictedPattern& p);
 
-// dq, dk, dv (q's dtype) of a window pattern; grad_lse (nullable) is lse's cotangent.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> window_backward(const at::Tensor& grad_out,
-                                                               const std::optional<at::Tensor>& grad_lse,
-                                                               const at::Tensor& q, const at::Tensor& k,
-                                                               const at::Tensor& v, const at::Tensor& out,
-                                                               const at::Tensor& lse, double scale,
-                                                               const WindowAttentionShape& s,
-                                                               const RestrictedPattern& p);
+// dq, dk, dv (q's dtype) of a window pattern and the forget gates' gradient (the accumulate type;
+// empty without them); grad_lse (nullable) is lse's cotangent.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> window_backward(
+    const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_lse, const at::Tensor& q, const at::Tensor& k,
+    const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, double scale, const WindowAttentionShape& s,
+    const RestrictedPattern& p);
 
 }  // namespace linattn::restricted_generic

@@ -69,7 +69,8 @@ struct BlockLayout {
   bool causal = false;
 };
 
-// Optional per-pair and per-token terms of the block-sparse operator (all nullable, contiguous):
+// Optional per-pair and per-token terms of the operator (all nullable, contiguous; a window pattern
+// takes the segments and the forget gates only):
 // - bias (bias_heads, T_q, T_k), bias_heads 1 or H: added to the scaled scores (Swin's relative
 //   position bias); its gradient, summed over the batch (and heads when shared), is grad_bias.
 // - segments q (B, segment_heads, T_q) and k (B, segment_heads, T_k): query i sees key j only
@@ -88,6 +89,11 @@ struct PairTerms {
   int64_t segment_heads = 1;
   const int64_t* positions = nullptr;
   int64_t position_heads = 1;
+  // The Forgetting Transformer's cumulative log forget gates c (B, H, T_k), T_q <= T_k: the pair
+  // (i, j) scores c_a − c_j more (c_j − c_a for j > a), a = i + T_k − T_q, after the cap and ALiBi;
+  // grad_forget_cumsum (same shape, zeroed by the caller) receives its gradient. Any pattern.
+  const acc_t* forget_cumsum = nullptr;
+  acc_t* grad_forget_cumsum = nullptr;
 };
 
 // Reformer's score for a token attending to itself under shared QK (docs/methods.md §7).

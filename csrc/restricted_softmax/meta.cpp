@@ -15,7 +15,7 @@ std::tuple<at::Tensor, at::Tensor> forward_meta(const at::Tensor& q, const at::T
           at::empty_symint({s.batch, s.heads, s.q_len}, q.options().dtype(accumulate_type(q.scalar_type())))};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_meta(
+RestrictedGradients backward_meta(
     const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_lse, const at::Tensor& q, const at::Tensor& k,
     const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, double scale,
     LINATTN_RESTRICTED_PATTERN_PARAMS) {
@@ -24,7 +24,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_meta(
   return {at::empty_symint({s.batch, s.heads, s.q_len, s.head_dim}, q.options()),
           at::empty_symint({s.batch, s.kv_heads, s.k_len, s.head_dim}, q.options()),
           at::empty_symint({s.batch, s.kv_heads, s.k_len, s.value_dim}, q.options()),
-          bias.has_value() ? at::empty_symint(bias->sym_sizes(), bias->options()) : at::empty({0}, q.options())};
+          bias.has_value() ? at::empty_symint(bias->sym_sizes(), bias->options()) : at::empty({0}, q.options()),
+          forget_cumsum.has_value() ? at::empty_symint(forget_cumsum->sym_sizes(), forget_cumsum->options())
+                                    : at::empty({0}, q.options())};
 }
 
 }  // namespace

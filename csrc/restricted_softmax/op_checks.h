@@ -22,6 +22,7 @@ struct PairTermTensors {
   const std::optional<at::Tensor>& q_segments;  // (B, 1 or H, T_q) int64
   const std::optional<at::Tensor>& k_segments;  // (B, same, T_k) int64
   const std::optional<at::Tensor>& positions;   // (B, 1 or H, T) int64, T_q == T_k
+  const std::optional<at::Tensor>& forget_cumsum;  // (B, H, T_k), the accumulation dtype, T_q <= T_k
 };
 
 inline void check_token_ids(const char* op, const char* name, const at::Tensor& ids, const at::Tensor& q,
@@ -56,6 +57,17 @@ inline void check_pair_terms(const char* op, const at::Tensor& q, const WindowAt
                 ": q_segments and k_segments must have the same head dim, got ", shape_str(*t.q_segments),
                 " and ", shape_str(*t.k_segments));
   }
+  if (t.forget_cumsum.has_value()) {
+    const at::Tensor& c = *t.forget_cumsum;
+    check_same_device(op, "forget_cumsum", c, "q", q);
+    TORCH_CHECK(c.scalar_type() == accumulate_type(q.scalar_type()), op, ": forget_cumsum must be ",
+                accumulate_type(q.scalar_type()), " for ", q.scalar_type(), " inputs, got ", c.scalar_type());
+    check_shape(op, "forget_cumsum", c, {s.batch, s.heads, s.k_len}, "(B, H, T_k)");
+    TORCH_CHECK(s.q_len <= s.k_len, op, ": forget_cumsum needs T_q <= T_k (queries at the last T_q key positions), "
+                "got T_q=", s.q_len, " and T_k=", s.k_len);
+    TORCH_CHECK(!t.positions.has_value(), op, ": forget_cumsum does not combine with positions (a permuted "
+                "sequence has no gate order)");
+  }
   if (t.positions.has_value()) {
     TORCH_CHECK(s.q_len == s.k_len, op, ": positions need as many queries as keys, got T_q=", s.q_len,
                 " and T_k=", s.k_len);
@@ -80,10 +92,11 @@ inline void check_grad_lse(const char* op, const std::optional<at::Tensor>& grad
       const std::optional<at::Tensor>&global_mask, const std::optional<at::Tensor>&key_padding_mask, \
       const std::optional<at::Tensor>&q_segments, const std::optional<at::Tensor>&k_segments,       \
       const std::optional<at::Tensor>&positions, const std::optional<at::Tensor>&bias, double softcap, \
-      const std::optional<at::Tensor>&alibi_slopes, double dropout_p, const std::optional<at::Tensor>&dropout_seed
+      const std::optional<at::Tensor>&alibi_slopes, double dropout_p, const std::optional<at::Tensor>&dropout_seed, \
+      const std::optional<at::Tensor>&forget_cumsum
 #define LINATTN_RESTRICTED_PATTERN_ARGS                                                                    \
   window_left, window_right, dilation, causal, layout, block_size, global_mask, key_padding_mask, q_segments, \
-      k_segments, positions, bias, softcap, alibi_slopes, dropout_p, dropout_seed
+      k_segments, positions, bias, softcap, alibi_slopes, dropout_p, dropout_seed, forget_cumsum
 
 // The operators' signatures (schema.cpp), for typed handles to them (autograd, fallbacks).
 using RestrictedForwardSignature = std::tuple<at::Tensor, at::Tensor>(
@@ -91,13 +104,17 @@ using RestrictedForwardSignature = std::tuple<at::Tensor, at::Tensor>(
     const std::optional<at::Tensor>&, int64_t, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
     const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
     const std::optional<at::Tensor>&, double, const std::optional<at::Tensor>&, double,
-    const std::optional<at::Tensor>&);
-using RestrictedBackwardSignature = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+    const std::optional<at::Tensor>&, const std::optional<at::Tensor>&);
+using RestrictedBackwardSignature = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
     const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
     const at::Tensor&, const at::Tensor&, double, int64_t, int64_t, int64_t, bool, const std::optional<at::Tensor>&,
     int64_t, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
     const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, double,
-    const std::optional<at::Tensor>&, double, const std::optional<at::Tensor>&);
+    const std::optional<at::Tensor>&, double, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&);
+
+// The backward's outputs: grad_q, grad_k, grad_v, grad_bias, grad_forget_cumsum (the last two of
+// size 0 without their term).
+using RestrictedGradients = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
 // The pattern arguments of the schema, as every kernel receives them.
 struct RestrictedPattern {
@@ -115,6 +132,9 @@ struct RestrictedPattern {
   const std::optional<at::Tensor>& alibi_slopes;  // (H) or (B, H) float32: −slope·|a − j| added after the cap
   double dropout_p;  // probabilities dropped with this probability (0 = none) by dropout_seed's Philox bits
   const std::optional<at::Tensor>& dropout_seed;  // CPU int64 (1)
+  // (B, H, T_k) cumulative log forget gates c in the accumulation dtype: c_a − c_j added to the
+  // scores of key j <= a (c_j − c_a past a), a = i + T_k − T_q (the Forgetting Transformer)
+  const std::optional<at::Tensor>& forget_cumsum;
 
   bool drops() const { return dropout_p > 0; }
   // The dropout seed (read on the host: a CPU tensor); 0 without dropout.
@@ -126,7 +146,7 @@ struct RestrictedPattern {
 
   // The region is a layout of blocks, or else a sliding window (unbounded: every key).
   bool uses_layout() const { return layout.has_value(); }
-  PairTermTensors terms() const { return {bias, q_segments, k_segments, positions}; }
+  PairTermTensors terms() const { return {bias, q_segments, k_segments, positions, forget_cumsum}; }
   // The window's right bound with causality folded in.
   int64_t window_right() const { return causal ? 0 : right; }
 };

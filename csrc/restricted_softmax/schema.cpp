@@ -24,12 +24,17 @@
 // probability is dropped with probability dropout_p after the softmax's normalization (the kept
 // ones scaled by 1 / (1 − dropout_p)), pair (b, h, i, j) by the Philox bits of dropout_seed, a CPU
 // int64 tensor (1,) (common/philox.h): the backward draws the same mask again. lse is the undropped
-// softmax's.
+// softmax's. forget_cumsum (B, H, T_k) in the accumulation dtype (float32; float64 for float64
+// inputs), T_q <= T_k: the Forgetting Transformer's cumulative log forget gates c_j = Σ_{l<=j} log f_l
+// (docs/methods.md §5): query i at key position a = i + T_k − T_q scores c_a − c_j more for key
+// j <= a (the log of the gates' product between them), c_j − c_a for a later key (the same decay
+// read backwards, for bidirectional windows), after the cap and ALiBi; its gradient is
+// grad_forget_cumsum (size 0 without one).
 constexpr const char* kPatternArguments =
     "int window_left=-1, int window_right=-1, int dilation=1, bool causal=False, Tensor? layout=None, "
     "int block_size=1, Tensor? global_mask=None, Tensor? key_padding_mask=None, Tensor? q_segments=None, "
     "Tensor? k_segments=None, Tensor? positions=None, Tensor? bias=None, float softcap=0., "
-    "Tensor? alibi_slopes=None, float dropout_p=0., Tensor? dropout_seed=None";
+    "Tensor? alibi_slopes=None, float dropout_p=0., Tensor? dropout_seed=None, Tensor? forget_cumsum=None";
 
 TORCH_LIBRARY_FRAGMENT(linattn, m) {
   // Restricted softmax attention (docs/methods.md §5–§7): one schema for every pattern. lse
@@ -44,17 +49,19 @@ TORCH_LIBRARY_FRAGMENT(linattn, m) {
     const std::string backward = std::string("restricted_softmax_bwd") + suffix +
                                  "(Tensor grad_out, Tensor? grad_lse, Tensor q, Tensor k, Tensor v, Tensor out, "
                                  "Tensor lse, float scale, " + kPatternArguments +
-                                 ") -> (Tensor grad_q, Tensor grad_k, Tensor grad_v, Tensor grad_bias)";
+                                 ") -> (Tensor grad_q, Tensor grad_k, Tensor grad_v, Tensor grad_bias, "
+                                 "Tensor grad_forget_cumsum)";
     m.def(forward.c_str());  // parsed here: the strings need not outlive the call
     m.def(backward.c_str());
   }
   // The flash engine (flash/forward.h, flash/backward.h): CUDA's fused backend runs it on the GPU,
   // and on CPU tensors it runs the GPU kernels' emulation (the tests' switch). Calls it does not
-  // take (fp32/fp64; head dims past 256) run restricted_softmax_fwd/bwd.
+  // take (fp32/fp64; head dims past 256; forget gates) run restricted_softmax_fwd/bwd.
   m.def((std::string("restricted_softmax_fwd_fused(Tensor q, Tensor k, Tensor v, float scale, ") + kPatternArguments +
          ") -> (Tensor out, Tensor lse)").c_str());
   m.def((std::string("restricted_softmax_bwd_fused(Tensor grad_out, Tensor? grad_lse, Tensor q, Tensor k, Tensor v, "
                      "Tensor out, Tensor lse, float scale, ") +
-         kPatternArguments + ") -> (Tensor grad_q, Tensor grad_k, Tensor grad_v, Tensor grad_bias)")
+         kPatternArguments +
+         ") -> (Tensor grad_q, Tensor grad_k, Tensor grad_v, Tensor grad_bias, Tensor grad_forget_cumsum)")
             .c_str());
 }

@@ -6,7 +6,8 @@ calls, so a decoder generates token by token with the results of running the who
   - local: a ring buffer of the last window + 1 keys and values;
   - hybrid: both;
   - softmax: a key/value cache that grows with the context (the baseline), with room reserved
-    in doublings so that appending a token copies nothing.
+    in doublings so that appending a token copies nothing;
+  - forgetting: the same cache, and the log forget gates of the keys in it.
 A call may bring one token (the decoding step) or many (a prompt, or a chunk of one): a chunk
 runs through the method's causal kernel, starting from what the cache holds.
 
@@ -155,6 +156,20 @@ def decode_softmax(core, q, k, v, entry, visible_kv, where):
         positions = torch.arange(total, device=q.device)
         mask = positions[None, :] <= (total - n + torch.arange(n, device=q.device))[:, None]
     return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask), entry
+
+
+def decode_forgetting(core, q, k, v, entry, visible_kv, where):
+    """The Forgetting Transformer (docs/methods.md §5.1): the keys, values and log forget gates seen so
+    far (a cache that grows as softmax's does); the new queries, the last positions, attend to all of it."""
+    from ..forgetting import forgetting_attention
+
+    entry = {} if entry is None else dict(entry)
+    used = entry.get("used", 0)
+    keys, values = _append(entry, "k", k, used), _append(entry, "v", v, used)
+    gates = _append(entry, "log_forget", core.log_forget(k).unsqueeze(-1), used).squeeze(-1)
+    entry["used"] = used + k.shape[2]
+    out = forgetting_attention(q, keys, values, gates, causal=True, window=core.window, softcap=core.softcap)
+    return out, entry
 
 
 # --- linear, gla and performer: the recurrent state -------------------------------------------

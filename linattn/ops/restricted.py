@@ -31,7 +31,10 @@ class Pattern:
     ``alibi_slopes`` (H,) or (B, H) float32 add ``−slope·|a − j|`` after the cap (flash-attn's ALiBi;
     no gradient). ``dropout_p`` > 0 drops each probability after the softmax (the kept ones scaled
     by 1 / (1 − p)), pair by pair from the Philox bits of ``dropout_seed`` (a CPU int64 (1,) tensor;
-    ``dropout_seed_from``); not part of the dense mask.
+    ``dropout_seed_from``); not part of the dense mask. ``forget_cumsum`` (B, H, T_k) in the
+    accumulation dtype, T_q <= T_k: the Forgetting Transformer's cumulative log forget gates c, adding
+    c_a − c_j to the scores of keys j <= a (c_j − c_a past a) after the cap and ALiBi (differentiable;
+    linattn.forgetting builds it).
     """
 
     window: Tuple[int, int] = (-1, -1)
@@ -49,12 +52,13 @@ class Pattern:
     alibi_slopes: Optional[torch.Tensor] = None
     dropout_p: float = 0.0
     dropout_seed: Optional[torch.Tensor] = None
+    forget_cumsum: Optional[torch.Tensor] = None
 
     def op_args(self) -> tuple:
         """The operator's pattern arguments, in schema order (after q, k, v and scale)."""
         return (self.window[0], self.window[1], self.dilation, self.causal, self.layout, self.block_size,
                 self.global_mask, self.key_padding_mask, self.q_segments, self.k_segments, self.positions, self.bias,
-                float(self.softcap), self.alibi_slopes, float(self.dropout_p), self.dropout_seed)
+                float(self.softcap), self.alibi_slopes, float(self.dropout_p), self.dropout_seed, self.forget_cumsum)
 
     def dense_mask(self, length_q: int, length_k: int, device=None) -> torch.Tensor:
         """The (B or 1, H or 1, T_q, T_k) bool mask, True = the query sees the key, straight from the

@@ -11,7 +11,7 @@ import linattn
 from linattn import reference
 from linattn.delta_rule import l2_normalize
 
-from conftest import assert_close, assert_compiled_module_equals_eager, module_heads
+from conftest import assert_close, assert_compiled_module_equals_eager, assert_swapped_encoder_trains, module_heads
 
 METHODS = ("deltanet", "gated_deltanet", "kda")
 
@@ -96,18 +96,7 @@ def test_dropout_skips_whole_keys(method):
 
 @pytest.mark.parametrize("method", METHODS)
 def test_swapped_encoder_trains_every_new_parameter(method):
-    torch.manual_seed(0)
-    encoder = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True), 2,
-                                    enable_nested_tensor=False)
-    linattn.swap_attention(encoder, method=method)
-    cores = [layer.self_attn.core for layer in encoder.layers]
-    assert [type(c).name for c in cores] == [method, method]  # two layers replaced
-    x = torch.randn(3, 10, 16)
-    mask = nn.Transformer.generate_square_subsequent_mask(10)
-    encoder(x, mask=mask, is_causal=True).square().mean().backward()
-    for core in cores:
-        for name, p in core.named_parameters():
-            assert p.grad is not None and p.grad.abs().sum() > 0, name
+    assert_swapped_encoder_trains(method)
 
 
 @pytest.mark.parametrize("method", METHODS)

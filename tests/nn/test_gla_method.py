@@ -11,7 +11,7 @@ from torch import nn
 import linattn
 from linattn import reference
 
-from conftest import assert_close, assert_compiled_module_equals_eager, module_heads
+from conftest import assert_close, assert_compiled_module_equals_eager, assert_swapped_encoder_trains, module_heads
 
 
 def module(dtype=torch.float64, **kwargs):
@@ -103,17 +103,7 @@ def test_decoding_token_by_token_equals_the_whole_sequence():
 
 
 def test_swapped_encoder_trains_every_new_parameter():
-    torch.manual_seed(0)
-    encoder = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True), 2,
-                                    enable_nested_tensor=False)
-    linattn.swap_attention(encoder, method="gla")
-    cores = [layer.self_attn.core for layer in encoder.layers]
-    assert [type(c).name for c in cores] == ["gla", "gla"]  # two layers replaced
-    x = torch.randn(3, 10, 16)
-    encoder(x, mask=causal_mask(10), is_causal=True).square().mean().backward()
-    for core in cores:
-        for name, p in core.named_parameters():
-            assert p.grad is not None and p.grad.abs().sum() > 0, name
+    assert_swapped_encoder_trains("gla")
 
 
 def test_compiled_module_equals_eager():

@@ -142,7 +142,7 @@ def test_compiled_module_matches_eager(name):
 
 
 def test_unknown_method_and_options_list_the_valid_ones():
-    with pytest.raises(ValueError, match=r"unknown method 'favor'.*available methods: \['additive', 'bigbird', 'deltanet', 'efficient', 'gated_deltanet', 'gla', 'hybrid', 'kda', 'linear'"):
+    with pytest.raises(ValueError, match=r"unknown method 'favor'.*available methods: \['additive', 'bigbird', 'deltanet', 'efficient', 'forgetting', 'gated_deltanet', 'gla', 'hybrid', 'kda', 'linear'"):
         linattn.nn.MultiheadAttention(16, 2, method="favor")
     with pytest.raises(ValueError, match=r"unknown option\(s\) \['nb_features'\]; valid options: \['feature_map', 'eps'\]"):
         linattn.nn.MultiheadAttention(16, 2, method="linear", nb_features=3)

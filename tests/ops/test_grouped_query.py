@@ -61,8 +61,8 @@ def test_cpu_kernel_equals_itself_on_repeated_heads(dtype):
     assert torch.equal(out, out_r) and torch.equal(lse, lse_r)
     grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(2)).to(dtype)
     bwd = torch.ops.linattn.restricted_softmax_bwd
-    dq, dk, dv, _ = bwd(grad_out, None, q, k, v, out, lse, SCALE, *pattern.op_args())
-    dq_r, dk_r, dv_r, _ = bwd(grad_out, None, q, repeated(k, H), repeated(v, H), out, lse, SCALE, *pattern.op_args())
+    dq, dk, dv, *_ = bwd(grad_out, None, q, k, v, out, lse, SCALE, *pattern.op_args())
+    dq_r, dk_r, dv_r, *_ = bwd(grad_out, None, q, repeated(k, H), repeated(v, H), out, lse, SCALE, *pattern.op_args())
     assert dk.shape == k.shape and dv.shape == v.shape
     assert torch.equal(dq, dq_r)
     folded = [g.double().view(2, 2, 3, T, -1).sum(2) for g in (dk_r, dv_r)]

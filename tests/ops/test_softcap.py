@@ -65,9 +65,9 @@ def test_float64_equals_softmax_over_capped_scores(suffix, name):
 
 
 def check_float64(op, q, k, v, pattern, reference=reference_forward):
-    """op's out, lse and gradients of q, k, v and the pattern's bias (cotangents of out and lse) equal
-    float64 autograd through `reference` (q, k, v, scale, pattern), to 1e-10 / 1e-9; returns the
-    reference's output."""
+    """op's out, lse and gradients of q, k, v and the pattern's bias and forget gates (cotangents of out
+    and lse) equal float64 autograd through `reference` (q, k, v, scale, pattern), to 1e-10 / 1e-9;
+    returns the reference's output."""
     out, lse = op(q, k, v, SCALE, *pattern.op_args())
     ref_out, ref_lse = reference(q, k, v, SCALE, pattern)
     torch.testing.assert_close(out, ref_out, rtol=1e-10, atol=1e-10)
@@ -79,10 +79,11 @@ def check_float64(op, q, k, v, pattern, reference=reference_forward):
     def loss(out, lse):
         return (out * w_out).sum() + (torch.where(torch.isinf(lse), 0, lse) * w_lse).sum()
 
-    leaves = [q, k, v] + ([pattern.bias] if pattern.bias is not None else [])
+    terms = {name: t for name in ("bias", "forget_cumsum") if (t := getattr(pattern, name)) is not None}
+    leaves = [q, k, v, *terms.values()]
     grads = torch.autograd.grad(loss(out, lse), leaves)
     expected = torch.autograd.grad(loss(ref_out, ref_lse), leaves)
-    for label, got, want in zip(("q", "k", "v", "bias"), grads, expected):
+    for label, got, want in zip(("q", "k", "v", *terms), grads, expected):
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9, msg=f"grad {label}")
     return ref_out
 

@@ -39,6 +39,10 @@ inline int buffers_taking(const at::Tensor& q, const at::Tensor& v, bool backwar
   return buffers_for(d, dv, backward, max_shared_bytes);
 }
 
+// Whether the engine takes the pattern's score terms: not the forget gates (yet), whose calls run
+// restricted_softmax_fwd/bwd.
+inline bool takes_terms(const RestrictedPattern& p) { return !p.forget_cumsum.has_value(); }
+
 inline int64_t tiles_of(int64_t length, int64_t tile) { return (length + tile - 1) / tile; }
 
 // The tile kinds (1, layout heads, q tiles, k tiles) uint8 of a layout pattern.
@@ -261,13 +265,13 @@ std::tuple<at::Tensor, at::Tensor> run_call(const at::Tensor& q, const at::Tenso
 }
 
 // Runs the backward of a call the backward takes: launch(problem, gradients); returns the
-// gradients as restricted_softmax_bwd does (grad_bias in the bias's dtype, or empty).
+// gradients as restricted_softmax_bwd does (grad_bias in the bias's dtype, or empty; no forget gates).
 template <typename Launch>
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_backward_call(
+RestrictedGradients run_backward_call(
     const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_lse, const at::Tensor& q, const at::Tensor& k,
     const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, double scale, const RestrictedPattern& pattern,
     const Launch& launch) {
-  auto run = [&](auto tag) -> std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> {
+  auto run = [&](auto tag) -> RestrictedGradients {
     using scalar_t = decltype(tag);
     const FlashBackwardCall<scalar_t> call =
         prepare_backward<scalar_t>(grad_out, grad_lse, q, k, v, out, lse, scale, pattern);
@@ -278,7 +282,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_backward_call(
     // (rounded to the input dtype), as flash-attn 2 does; summed onto the shared heads here.
     const int64_t group = call.forward.problem.kv_group;
     return {call.grad_q, summed_per_shared_head(call.grad_k, group), summed_per_shared_head(call.grad_v, group),
-            grad_bias};
+            grad_bias, at::empty({0}, q.options())};
   };
   return q.scalar_type() == at::kBFloat16 ? run(c10::BFloat16{}) : run(c10::Half{});
 }
@@ -292,7 +296,7 @@ inline std::tuple<at::Tensor, at::Tensor> unfused_forward(const at::Tensor& q, c
   return op.call(q, k, v, scale, LINATTN_RESTRICTED_PATTERN_ARGS);
 }
 
-inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> unfused_backward(
+inline RestrictedGradients unfused_backward(
     const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_lse, const at::Tensor& q, const at::Tensor& k,
     const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, double scale,
     LINATTN_RESTRICTED_PATTERN_PARAMS) {

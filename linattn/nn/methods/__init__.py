@@ -12,7 +12,7 @@ key_padding_mask into a bool mask (True = padded), or rejected it (see masks.py)
 
 What dropout means differs, because only the softmax methods form attention weights:
   - softmax, linformer: dropout on the attention probabilities, as nn.MultiheadAttention does;
-  - local, longformer, bigbird, reformer: the same, pair by pair in the restricted-softmax
+  - local, longformer, bigbird, reformer, forgetting: the same, pair by pair in the restricted-softmax
     operator (its Philox mask, the same on every device; reformer per hashing round;
     need_weights returns the dropped weights);
   - deltanet, gated_deltanet, kda: whole keys are skipped (they write nothing) with probability p;
@@ -28,6 +28,7 @@ from .base import MethodModule, _drop_keys  # noqa: F401  (hf uses _drop_keys)
 from .softmax import AdditiveMethod, LinformerMethod, SoftmaxMethod  # noqa: F401
 from .kernelized import EfficientMethod, GatedLinearMethod, LinearMethod, PerformerMethod  # noqa: F401
 from .restricted import BigBirdMethod, HybridMethod, LocalMethod, LongformerMethod, ReformerMethod  # noqa: F401
+from .forgetting import ForgettingMethod  # noqa: F401
 from .delta import DeltaNetMethod, GatedDeltaNetMethod, KimiDeltaMethod  # noqa: F401
 from .linearized import LinearizedMethod  # noqa: F401
 
