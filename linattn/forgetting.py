@@ -75,7 +75,8 @@ def forgetting_attention(
     Returns (B, H, T_q, dv) in the input dtype (and the lse (B, H, T_q) with return_lse). Flash-style
     blocks, never a T×T matrix; the gates' cumulative sums in float64, rounded once to the
     accumulation dtype (float32; float64 for float64 inputs); gradients for q, k, v, log_forget (and
-    sinks). CUDA tensors run the device-generic kernel (the flash engine does not take the gates yet).
+    sinks). CUDA tensors run the device-generic kernel, or the flash engine under the fused CUDA backend
+    (verified through its emulation, not yet on a GPU).
     """
     where = "linattn.forgetting_attention"
     check.check_qkv(where, q, k, v, causal=False, grouped=True)

@@ -21,7 +21,7 @@ std::tuple<at::Tensor, at::Tensor> forward_cuda(const at::Tensor& q, const at::T
   check_restricted_inputs(q, k, v, scale, pattern);
   const c10::cuda::CUDAGuard guard(q.device());
   const int buffers = flash::buffers_taking(q, v, false, shared_memory_per_block());
-  if (buffers == 0 || !flash::takes_terms(pattern))
+  if (buffers == 0)
     return flash::unfused_forward(q, k, v, scale, LINATTN_RESTRICTED_PATTERN_ARGS);
   return flash::run_call(q, k, v, scale, pattern, [&](const auto& problem) {
     TORCH_CHECK(problem.blocks() <= std::numeric_limits<int32_t>::max(), kRestrictedSoftmaxOp,
@@ -38,7 +38,7 @@ RestrictedGradients backward_cuda(
   check_restricted_backward_inputs(grad_out, grad_lse, q, k, v, out, lse, scale, pattern);
   const c10::cuda::CUDAGuard guard(q.device());
   const int buffers = flash::buffers_taking(q, v, true, shared_memory_per_block());
-  if (buffers == 0 || !flash::takes_terms(pattern))
+  if (buffers == 0)
     return flash::unfused_backward(grad_out, grad_lse, q, k, v, out, lse, scale, LINATTN_RESTRICTED_PATTERN_ARGS);
   auto launch = [&](const auto& problem, const auto& gradients) {
     const int64_t blocks = std::max(problem.blocks(), problem.key_blocks());

@@ -41,7 +41,7 @@ std::tuple<at::Tensor, at::Tensor> forward_emulated(const at::Tensor& q, const a
   const RestrictedPattern pattern{LINATTN_RESTRICTED_PATTERN_ARGS};
   check_restricted_inputs(q, k, v, scale, pattern);
   const int buffers = flash::buffers_taking(q, v, false, warp::emulated_shared_bytes());
-  if (buffers == 0 || !flash::takes_terms(pattern))
+  if (buffers == 0)
     return flash::unfused_forward(q, k, v, scale, LINATTN_RESTRICTED_PATTERN_ARGS);
   return flash::run_call(q, k, v, scale, pattern, [&](const auto& problem) {
     flash::with_instance(problem.head_dim, problem.value_dim, buffers, [&](auto d, auto n) {
@@ -57,7 +57,7 @@ RestrictedGradients backward_emulated(
   const RestrictedPattern pattern{LINATTN_RESTRICTED_PATTERN_ARGS};
   check_restricted_backward_inputs(grad_out, grad_lse, q, k, v, out, lse, scale, pattern);
   const int buffers = flash::buffers_taking(q, v, true, warp::emulated_shared_bytes());
-  if (buffers == 0 || !flash::takes_terms(pattern))
+  if (buffers == 0)
     return flash::unfused_backward(grad_out, grad_lse, q, k, v, out, lse, scale, LINATTN_RESTRICTED_PATTERN_ARGS);
   return flash::run_backward_call(grad_out, grad_lse, q, k, v, out, lse, scale, pattern,
                                   [&](const auto& problem, const auto& gradients) {

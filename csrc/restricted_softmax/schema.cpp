@@ -56,7 +56,7 @@ TORCH_LIBRARY_FRAGMENT(linattn, m) {
   }
   // The flash engine (flash/forward.h, flash/backward.h): CUDA's fused backend runs it on the GPU,
   // and on CPU tensors it runs the GPU kernels' emulation (the tests' switch). Calls it does not
-  // take (fp32/fp64; head dims past 256; forget gates) run restricted_softmax_fwd/bwd.
+  // take (fp32/fp64; head dims past 256) run restricted_softmax_fwd/bwd.
   m.def((std::string("restricted_softmax_fwd_fused(Tensor q, Tensor k, Tensor v, float scale, ") + kPatternArguments +
          ") -> (Tensor out, Tensor lse)").c_str());
   m.def((std::string("restricted_softmax_bwd_fused(Tensor grad_out, Tensor? grad_lse, Tensor q, Tensor k, Tensor v, "

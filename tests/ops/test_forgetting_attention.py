@@ -1,11 +1,12 @@
 """The Forgetting Transformer's attention (docs/methods.md §5.1): the restricted-softmax operator's
 `forget_cumsum` term (σ·(c_a − c_j) added to each score, σ = −1 past the query's position) in every
-engine that takes it — the CPU kernel (window and layout patterns), the device-generic kernels
-(window tiles, global rows, layout tiles shared and per head), and the fused op, which hands such
-calls on — against float64 autograd through the dense definition, forward and backward (the gates'
-gradient included, lse's cotangent too); gradcheck, opcheck, compile; linattn.forgetting_attention
-against the reference built from running sums of log f, in every dtype, packed, grouped-query,
-decoding; fla's parallel_forgetting_attn / parallel_attn against fla's own naive reference."""
+engine — the CPU kernel (window and layout patterns), the device-generic kernels (window tiles,
+global rows, layout tiles shared and per head) and the flash engine (its emulation: float64 calls
+it hands on, bf16 and fp16 it runs) — against float64 autograd through the dense definition,
+forward and backward (the gates' gradient included, lse's cotangent too); gradcheck, opcheck,
+compile; linattn.forgetting_attention against the reference built from running sums of log f, in
+every dtype, packed, grouped-query, decoding; fla's parallel_forgetting_attn / parallel_attn
+against fla's own naive reference."""
 import pytest
 import torch
 
@@ -14,7 +15,7 @@ from linattn import reference
 from linattn.fla_compat import parallel_attn, parallel_forgetting_attn
 from linattn.ops.restricted import Pattern
 from conftest import TOLERANCE, assert_close
-from test_flash_forward import make, reference_forward
+from test_flash_forward import HALF_TYPES, counters, make, reference_forward
 from test_softcap import check_float64 as check_terms_float64
 
 SCALE = 0.3
@@ -121,6 +122,51 @@ def test_lower_precision(dtype, suffix, name):
     for label, got, want in zip("qkvc", grads, expected):
         assert got.dtype == (torch.float32 if label == "c" else dtype)
         assert_close(got, want, 4 * TOLERANCE[dtype], f"grad {label}")
+
+
+FUSED_FWD = torch.ops.linattn.restricted_softmax_fwd_fused.default
+FUSED_BWD = torch.ops.linattn.restricted_softmax_bwd_fused.default
+
+
+@pytest.mark.parametrize("dtype", HALF_TYPES)
+@pytest.mark.parametrize("lengths", [(150, 150), (70, 150)])
+@pytest.mark.parametrize("name", list(patterns(150, 150, 2)))
+def test_flash_engine(dtype, lengths, name):
+    """The flash engine's forward and backward (its emulation, mma counted) with the gates against
+    float64 autograd through the dense definition: out, lse, the gradients of q, k, v, the bias and
+    the gates (the key blocks' and query blocks' sums added)."""
+    T_q, T_k = lengths
+    H = 2
+    cases = patterns(T_q, T_k, H)
+    if name not in cases or (T_q != T_k and name not in ("causal", "layout shared, bias")):
+        pytest.skip("global tokens need T_q == T_k; T_q < T_k on two patterns")
+    pattern = with_gates(cases[name], cumsum_of(2, H, T_k, torch.float32, seed=3))
+    if pattern.bias is not None:
+        pattern = Pattern(**{**pattern.__dict__, "bias": pattern.bias.to(dtype)})
+    q, k, v = make(2, H, T_q, T_k, 40, 24, dtype, seed=7)
+    torch.ops.linattn._reset_warp_emulation_counters()
+    out, lse = FUSED_FWD(q, k, v, SCALE, *pattern.op_args())
+    assert counters()["mma"] > 0, "the flash forward did not run"
+    g = torch.Generator().manual_seed(11)
+    w_out = torch.randn(out.shape, generator=g).to(dtype)
+    w_lse = torch.randn(lse.shape, generator=g).masked_fill(torch.isinf(lse), 0)
+    torch.ops.linattn._reset_warp_emulation_counters()
+    grads = FUSED_BWD(w_out, w_lse, q, k, v, out, lse, SCALE, *pattern.op_args())
+    assert counters()["mma"] > 0, "the flash backward did not run"
+    terms = {name: t for name in ("bias", "forget_cumsum") if (t := getattr(pattern, name)) is not None}
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v, *terms.values())]
+    ref_out, ref_lse = dense_reference(*leaves[:3], SCALE, Pattern(**{**pattern.__dict__,
+                                                                      **dict(zip(terms, leaves[3:]))}))
+    assert_close(out, ref_out, TOLERANCE[dtype], "out")
+    finite = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isinf(lse), ~finite)
+    assert_close(lse[finite], ref_lse[finite], 1e-4, "lse")
+    loss = (ref_out * w_out.double()).sum() + (torch.where(finite, ref_lse, 0) * w_lse.double()).sum()
+    expected = torch.autograd.grad(loss, leaves)
+    got = list(grads[:3]) + [grads[3]] * ("bias" in terms) + [grads[4]]
+    for label, grad, want in zip(("q", "k", "v", *terms), got, expected):
+        assert_close(grad, want, 2 * TOLERANCE[dtype], f"grad {label}")
+    assert grads[4].dtype == torch.float32 and expected[-1].abs().max() > 1e-3
 
 
 def test_cpu_and_generic_agree_on_a_long_causal_window():

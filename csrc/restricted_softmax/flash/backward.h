@@ -6,6 +6,9 @@
 //                dV += Pᵀ dO, dK += scale · dSᵀ Q;
 //   query blocks (64 queries, resident Q and dO; visit the key tiles they see, as the forward):
 //                S, P, dP = dO Vᵀ and dS again, dQ += scale · dS K (and grad_bias += dS).
+// With forget gates each block also sums σ·dS over its own rows' pairs (keys: over the queries
+// that see them; queries: over the keys they see) and writes the sum once per token (plan.h adds
+// the two parts).
 // delta = Σ_c dO·O − grad_lse per row is computed before (plan.h). Hidden pairs have P = 0 and
 // dS = 0; fixed pairs (shared-QK positions) have P but dS = 0. The pattern's visits are the
 // forward's: the window's band (transposed for key blocks) or the plan and its transpose.
@@ -31,6 +34,7 @@ LINATTN_HD void run_backward_block(const Exec& exec, const FlashProblem<scalar_t
   exec([&](const WarpContext& w, State& s) {
     warp::clear(w, s.first);
     warp::clear(w, s.second);
+    warp::for_lanes(w, [&](int lane) { s.forget[0][lane] = s.forget[1][lane] = 0.0f; });
     if (visits == 0) return;
     blk.issue_resident(w, s);
     blk.issue(w, 0);  // commits the resident rows too

@@ -19,6 +19,11 @@ struct FlashGradients {
   scalar_t* grad_k = nullptr;    // (B, H, T_k, D)
   scalar_t* grad_v = nullptr;    // (B, H, T_k, dv)
   float* grad_bias = nullptr;    // (bias_heads, T_q, T_k), zeroed; summed over batch (and heads when shared)
+  // The forget gates' gradient in two parts, each written once per token: Σ_j σ·dS of each query
+  // (query blocks; (B, H, T_q)) and −Σ_i σ·dS of each key (key blocks; (B, H, T_k)); plan.h adds
+  // them at the tokens' positions.
+  float* grad_forget_rows = nullptr;
+  float* grad_forget_keys = nullptr;
   // The plan transposed (plan batch, plan heads, k tiles, q tiles): the query tiles that see each
   // key tile, as FlashProblem's plan lists key tiles (null: the window's band, transposed).
   const int32_t* seen_tiles = nullptr;
@@ -90,6 +95,7 @@ struct BackwardState {
   Accumulator first[kColumns / 8][4];   // dK or dQ (unscaled)
   Accumulator second[kColumns / 8][4];  // dV (key blocks)
   Lanes<float> lse[2], delta[2];
+  Lanes<float> forget[2];  // with forget gates: Σ σ·dS over the lane's pairs of its two rows so far
 };
 
 // What both backward blocks share: the (batch, head) and own tokens of the block, its visits,
@@ -144,24 +150,26 @@ struct BackwardBlockBase {
   // the two blocks does).
   template <int N, typename Pair, typename Lse, typename Delta>
   LINATTN_HD void probabilities(const WarpContext& w, TileKind kind, ProductTile<N>& s, ProductTile<N>& dp,
-                                const Pair& pair, const Lse& lse_of, const Delta& delta_of, bool bias_gradient) const {
+                                const Pair& pair, const Lse& lse_of, const Delta& delta_of, bool bias_gradient,
+                                Lanes<float> (&forget)[2]) const {
     // (The pattern's general code per pair only where the tile needs it: once per tile.)
     if (simple_scores(p, kind)) {
-      each_probability<N>(w, s, dp, pair, lse_of, delta_of, bias_gradient,
+      each_probability<N>(w, s, dp, pair, lse_of, delta_of, bias_gradient, forget,
                           [&](int64_t query, int64_t key, bool, bool, float x) {
                             return simple_score_of(p, query, key, kind, x);
                           });
     } else {
-      each_probability<N>(w, s, dp, pair, lse_of, delta_of, bias_gradient,
+      each_probability<N>(w, s, dp, pair, lse_of, delta_of, bias_gradient, forget,
                           [&](int64_t query, int64_t key, bool row_gathered, bool key_gathered, float x) {
                             return score_of(w, p, b, h, query, key, kind, x, row_gathered, key_gathered);
                           });
     }
   }
+  // (`forget`: the lanes' running Σ σ·dS of their two rows, i / 2 the element's row; with forget gates.)
   template <int N, typename Pair, typename Lse, typename Delta, typename ScoreOf>
   LINATTN_HD void each_probability(const WarpContext& w, ProductTile<N>& s, ProductTile<N>& dp, const Pair& pair,
                                    const Lse& lse_of, const Delta& delta_of, bool bias_gradient,
-                                   const ScoreOf& score_at) const {
+                                   Lanes<float> (&forget)[2], const ScoreOf& score_at) const {
     warp::for_lanes(w, [&](int lane) {
       LINATTN_UNROLL
       for (int nt = 0; nt < N / 8; ++nt) {
@@ -177,8 +185,8 @@ struct BackwardBlockBase {
             scaled = p.softcap * t;
             slope = 1.0f - t * t;
           }
-          const float alibi = alibi_of(w, p, b, h, query, key);
-          const Score score = score_at(query, key, row_gathered, key_gathered, scaled + alibi);
+          const float terms = alibi_of(w, p, b, h, query, key) + forget_of(w, p, bh, query, key);
+          const Score score = score_at(query, key, row_gathered, key_gathered, scaled + terms);
           const float lse = lse_of(lane, nt, i);
           const float prob = lse == -INFINITY ? 0.0f : exp_of(score.value - lse);
           // With dropout, dV's P is the dropped one the forward multiplied V by, and the gradient
@@ -192,6 +200,7 @@ struct BackwardBlockBase {
           }
           const float ds = score.gradient ? prob * (dprob - delta_of(lane, nt, i)) : 0.0f;
           dp[nt][i][lane] = score.gradient ? ds * slope : 0.0f;  // the bias's gradient is ds itself
+          if (p.forget != nullptr && score.gradient) forget[i / 2][lane] += forget_sign(p, query, key) * ds;
           if (bias_gradient && g.grad_bias != nullptr && score.gradient) {
             const int64_t head = p.bias_heads == 1 ? 0 : h;
             warp::atomic_add_global(w, g.grad_bias + (head * p.q_len + query) * p.k_len + key, ds);
@@ -199,6 +208,21 @@ struct BackwardBlockBase {
         }
       }
     });
+  }
+
+  // The forget gates' sums of warp w's 16 rows (over the four lanes of each row's group), times
+  // `sign`, into `out` (B, H, len): one lane a row, one column group (both computed the same sums).
+  LINATTN_HD void store_forget(const WarpContext& w, const State& s, float* out, int64_t len, float sign) const {
+    if (out == nullptr || first_column(w) != 0) return;
+    LINATTN_UNROLL
+    for (int half = 0; half < 2; ++half) {
+      const Lanes<float> sums = group_reduce(w, s.forget[half], false);
+      warp::for_lanes(w, [&](int lane) {
+        const int64_t row = own.token(p, b, len, row_warp(w) * 16 + warp::group_of(lane) + 8 * half);
+        if (warp::thread_in_group(lane) != 0 || row < 0 || gathered_elsewhere(p, b, own, row, len)) return;
+        warp::store_global(w, out + bh * len + row, sign * sums[lane]);
+      });
+    }
   }
 
   // Warp w's 16 rows of the block's own tile of a (B, H, len, width) gradient from accumulators
@@ -334,7 +358,7 @@ struct KeyBlock : BackwardBlockBase<scalar_t, D, Buffers> {
           [&](int lane, int nt, int i) {
             return warp::load_shared<float>(w, base + L::kDelta + column(lane, nt, i) * 4);
           },
-          false);
+          false, s.forget);
       // The warp's column group of dV += Pᵀ dO and dK += dSᵀ Q.
       const uint32_t columns = static_cast<uint32_t>(first * 2);
       Fragment a[kHalf / 16][4];
@@ -349,6 +373,7 @@ struct KeyBlock : BackwardBlockBase<scalar_t, D, Buffers> {
   LINATTN_HD void finish(const WarpContext& w, const State& s) const {
     this->store_rows(w, s.first, g.grad_k, p.k_len, p.head_dim, p.scale);
     this->store_rows(w, s.second, g.grad_v, p.k_len, p.value_dim, 1.0f);
+    this->store_forget(w, s, g.grad_forget_keys, p.k_len, -1.0f);
   }
 };
 
@@ -431,7 +456,8 @@ struct QueryBlock : BackwardBlockBase<scalar_t, D, Buffers> {
           key_gathered = keys.gathered;
         },
         [&](int lane, int, int i) { return s.lse[i / 2][lane]; },
-        [&](int lane, int, int i) { return s.delta[i / 2][lane]; }, first == 0);  // (one column group adds)
+        [&](int lane, int, int i) { return s.delta[i / 2][lane]; }, first == 0,  // (one column group adds)
+        s.forget);
     Fragment a[kKeys / 16][4];
     as_a_fragments<scalar_t>(w, dp, a);
     add_product<scalar_t, kColumns>(w, a, base + L::kStreamed0 + static_cast<uint32_t>(first * 2), L::kPitch,
@@ -440,6 +466,7 @@ struct QueryBlock : BackwardBlockBase<scalar_t, D, Buffers> {
 
   LINATTN_HD void finish(const WarpContext& w, const State& s) const {
     this->store_rows(w, s.first, g.grad_q, p.q_len, p.head_dim, p.scale);
+    this->store_forget(w, s, g.grad_forget_rows, p.q_len, 1.0f);
   }
 };
 

@@ -47,11 +47,41 @@ LINATTN_HD inline float alibi_of(const WarpContext& w, const Problem& p, int64_t
   return -warp::load_global(w, p.alibi + b * p.alibi_batch_stride + h) * static_cast<float>(d < 0 ? -d : d);
 }
 
+// Whether key j lies at or before query i's position a = i + T_k − T_q: the forget gates' decay
+// runs forward (+1) or, past a, backwards (−1).
+template <typename Problem>
+LINATTN_HD inline float forget_sign(const Problem& p, int64_t i, int64_t j) {
+  return j <= i + (p.k_len - p.q_len) ? 1.0f : -1.0f;
+}
+
+// The forget gates' term of query i and key j in (batch · H + head) bh: ±(c_a − c_j) (0 without
+// gates, or i or j −1 past the end: the pair is hidden, and nothing out of bounds is read).
+template <typename Problem>
+LINATTN_HD inline float forget_of(const WarpContext& w, const Problem& p, int64_t bh, int64_t i, int64_t j) {
+  if (p.forget == nullptr || i < 0 || j < 0) return 0.0f;
+  const float* c = p.forget + bh * p.k_len;
+  const float at_query = warp::load_global(w, c + i + (p.k_len - p.q_len)), at_key = warp::load_global(w, c + j);
+  return forget_sign(p, i, j) * (at_query - at_key);
+}
+
 // Attention dropout's factor of a pair from its Philox bits (common/philox.h): dropout_scale where
 // they keep it, else 0.
 template <typename Problem>
 LINATTN_HD inline float dropout_factor(const Problem& p, uint32_t bits) {
   return bits >= p.dropout_threshold ? p.dropout_scale : 0.0f;
+}
+
+// The maximum (or sum) of x over the four lanes of each lane group (the lanes of one row of an
+// accumulator tile).
+LINATTN_HD inline Lanes<float> group_reduce(const WarpContext& w, Lanes<float> x, bool maximum) {
+  LINATTN_UNROLL
+  for (int offset = 1; offset <= 2; offset *= 2) {
+    Lanes<int> source;
+    warp::for_lanes(w, [&](int lane) { source[lane] = lane ^ offset; });
+    const Lanes<float> other = warp::shuffle(w, x, source);
+    warp::for_lanes(w, [&](int lane) { x[lane] = maximum ? fmaxf(x[lane], other[lane]) : x[lane] + other[lane]; });
+  }
+  return x;
 }
 
 template <typename scalar_t, int D, int Buffers = 2>
@@ -199,7 +229,8 @@ struct FlashBlock {
             const int64_t row = shared_row(w, lane, i / 2);
             const int64_t key = shared_key(w, base, nt * 8 + 2 * warp::thread_in_group(lane) + i % 2);
             const float capped = soft_capped(p, sc[nt][i][lane] * p.scale);
-            sc[nt][i][lane] = score(row, key, capped + alibi_of(w, p, b, h, row, key)).value;
+            const float terms = alibi_of(w, p, b, h, row, key) + forget_of(w, p, bh, row, key);
+            sc[nt][i][lane] = score(row, key, capped + terms).value;
           }
         }
       });
@@ -301,18 +332,6 @@ struct FlashBlock {
         for (int i = 0; i < 4; ++i) sc[nt][i][lane] *= (kept[lane] >> (4 * nt + i)) & 1u ? p.dropout_scale : 0.0f;
       }
     });
-  }
-
-  // The maximum (or sum) of x over the four lanes of each lane group (the lanes of one row).
-  LINATTN_HD static Lanes<float> group_reduce(const WarpContext& w, Lanes<float> x, bool maximum) {
-    LINATTN_UNROLL
-    for (int offset = 1; offset <= 2; offset *= 2) {
-      Lanes<int> source;
-      warp::for_lanes(w, [&](int lane) { source[lane] = lane ^ offset; });
-      const Lanes<float> other = warp::shuffle(w, x, source);
-      warp::for_lanes(w, [&](int lane) { x[lane] = maximum ? fmaxf(x[lane], other[lane]) : x[lane] + other[lane]; });
-    }
-    return x;
   }
 
   // O += P·V on tensor cores: the probabilities' C fragments, packed to 16 bits, are the A

@@ -39,10 +39,6 @@ inline int buffers_taking(const at::Tensor& q, const at::Tensor& v, bool backwar
   return buffers_for(d, dv, backward, max_shared_bytes);
 }
 
-// Whether the engine takes the pattern's score terms: not the forget gates (yet), whose calls run
-// restricted_softmax_fwd/bwd.
-inline bool takes_terms(const RestrictedPattern& p) { return !p.forget_cumsum.has_value(); }
-
 inline int64_t tiles_of(int64_t length, int64_t tile) { return (length + tile - 1) / tile; }
 
 // The tile kinds (1, layout heads, q tiles, k tiles) uint8 of a layout pattern.
@@ -166,6 +162,7 @@ FlashCall<scalar_t> prepare_call(const at::Tensor& q, const at::Tensor& k, const
   p.bias = call.template hold<scalar_t>(pattern.bias);
   p.alibi = call.template hold<float>(pattern.alibi_slopes);
   if (pattern.alibi_slopes.has_value()) p.alibi_batch_stride = pattern.alibi_slopes->dim() == 2 ? p.heads : 0;
+  p.forget = call.template hold<float>(pattern.forget_cumsum);
   if (pattern.bias.has_value()) p.bias_heads = pattern.bias->size(0);
   if (pattern.global_mask.has_value()) {
     const at::Tensor& global = pattern.global_mask.value();
@@ -212,7 +209,17 @@ struct FlashBackwardCall {
   FlashCall<scalar_t> forward;
   FlashGradients<scalar_t> gradients;
   at::Tensor grad_q, grad_k, grad_v, grad_bias;
+  at::Tensor grad_forget_rows, grad_forget_keys;  // with forget gates (FlashGradients)
   std::vector<at::Tensor> held;
+
+  // The forget gates' gradient (B, H, T_k): the keys' part, and the queries' part at their positions
+  // (the last T_q); empty without gates.
+  at::Tensor grad_forget(const at::Tensor& q) const {
+    if (!grad_forget_keys.defined()) return at::empty({0}, q.options());
+    at::Tensor grad = grad_forget_keys.clone();
+    grad.narrow(2, grad.size(2) - grad_forget_rows.size(2), grad_forget_rows.size(2)).add_(grad_forget_rows);
+    return grad;
+  }
 };
 
 template <typename scalar_t>
@@ -248,6 +255,12 @@ FlashBackwardCall<scalar_t> prepare_backward(const at::Tensor& grad_out, const s
     call.grad_bias = at::zeros(pattern.bias->sizes(), q.options().dtype(at::kFloat));
     g.grad_bias = call.grad_bias.template mutable_data_ptr<float>();
   }
+  if (pattern.forget_cumsum.has_value()) {  // every token's entry is written (zeroed for safety all the same)
+    call.grad_forget_rows = at::zeros({p.batch, p.heads, p.q_len}, q.options().dtype(at::kFloat));
+    call.grad_forget_keys = at::zeros({p.batch, p.heads, p.k_len}, q.options().dtype(at::kFloat));
+    g.grad_forget_rows = call.grad_forget_rows.template mutable_data_ptr<float>();
+    g.grad_forget_keys = call.grad_forget_keys.template mutable_data_ptr<float>();
+  }
   return call;
 }
 
@@ -265,7 +278,8 @@ std::tuple<at::Tensor, at::Tensor> run_call(const at::Tensor& q, const at::Tenso
 }
 
 // Runs the backward of a call the backward takes: launch(problem, gradients); returns the
-// gradients as restricted_softmax_bwd does (grad_bias in the bias's dtype, or empty; no forget gates).
+// gradients as restricted_softmax_bwd does (grad_bias in the bias's dtype, or empty; the forget gates'
+// float32, or empty).
 template <typename Launch>
 RestrictedGradients run_backward_call(
     const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_lse, const at::Tensor& q, const at::Tensor& k,
@@ -282,7 +296,7 @@ RestrictedGradients run_backward_call(
     // (rounded to the input dtype), as flash-attn 2 does; summed onto the shared heads here.
     const int64_t group = call.forward.problem.kv_group;
     return {call.grad_q, summed_per_shared_head(call.grad_k, group), summed_per_shared_head(call.grad_v, group),
-            grad_bias, at::empty({0}, q.options())};
+            grad_bias, call.grad_forget(q)};
   };
   return q.scalar_type() == at::kBFloat16 ? run(c10::BFloat16{}) : run(c10::Half{});
 }

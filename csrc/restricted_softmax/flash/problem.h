@@ -39,6 +39,9 @@ struct FlashProblem {
   // ALiBi: −alibi[b · alibi_batch_stride + h] · |i + T_k − T_q − j| added after the cap (null: none).
   const float* alibi = nullptr;
   int64_t alibi_batch_stride = 0;
+  // The Forgetting Transformer's cumulative log forget gates c (B, H, T_k), float32: c_a − c_j added
+  // for key j <= a = i + T_k − T_q, c_j − c_a past a, after ALiBi (null: none).
+  const float* forget = nullptr;
   // Attention dropout (common/philox.h): pair (b, h, i, j) kept when dropout_bits(dropout_seed,
   // b·H + h, i, j) reaches dropout_threshold, its probability then times dropout_scale; scale 0: none.
   uint64_t dropout_seed = 0;
