@@ -76,3 +76,33 @@ def test_cuda_delta_product_and_based_against_flas_kernels():
     out = fla_compat.parallel_based(qb, kb, vb)
     ref = ops.parallel_based(qb, kb, vb)
     assert_close(out.float(), ref.double(), 2e-2, "parallel_based: out")
+
+
+@needs_gpu
+@pytest.mark.parametrize("backend", ["generic", "fused"])
+@pytest.mark.parametrize("packed, window_size", [(False, None), (True, 37)])
+def test_cuda_forgetting_attention_against_flas_kernel(backend, packed, window_size):
+    """parallel_forgetting_attn (grouped-query heads, gates per query head) on the device-generic path
+    and on the flash engine, against fla's Triton kernel: output and the gradients of q, k, v, g."""
+    import linattn
+
+    forgetting = pytest.importorskip("fla.ops.forgetting_attn")
+    x = _inputs(3, q=(B, T, H, K), k=(B, T, H // 2, K), v=(B, T, H // 2, V), g=(B, T, H))
+    if packed:
+        x = {n: t[:1] for n, t in x.items()}
+    cu = torch.tensor(CU, device="cuda") if packed else None
+    q, k, v = (x[n].bfloat16().requires_grad_() for n in ("q", "k", "v"))
+    g = F.logsigmoid(x["g"] + 2).requires_grad_()
+    previous = linattn.cuda_backend()
+    linattn.set_cuda_backend(backend)
+    try:
+        out = fla_compat.parallel_forgetting_attn(q, k, v, g, window_size=window_size, cu_seqlens=cu)
+        w = torch.randn_like(out)
+        got = torch.autograd.grad((out.float() * w).sum(), [q, k, v, g])
+    finally:
+        linattn.set_cuda_backend(previous)
+    ref = forgetting.parallel_forgetting_attn(q, k, v, g, window_size=window_size, cu_seqlens=cu)
+    want = torch.autograd.grad((ref.float() * w).sum(), [q, k, v, g])
+    assert_close(out.float(), ref.double(), 2e-2, "out")
+    for name, a, b in zip("qkvg", got, want):
+        assert_close(a.float(), b.double(), 4e-2, f"gradient of {name}")
