@@ -34,7 +34,11 @@ def parallel_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: Optional
                   chunk_indices=None, *, sink_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """fla.ops.attn.parallel_attn: causal softmax attention, with the log forget gates g when given
     (then forgetting attention). chunk_indices (fla's precomputed tiling) changes nothing here."""
-    where = "parallel_attn"
+    return _attention("parallel_attn", q, k, v, g, scale, window_size, cu_seqlens, sink_bias)
+
+
+def _attention(where, q, k, v, g, scale, window_size, cu_seqlens, sink_bias=None):
+    """Both functions: softmax attention (forgetting attention with g) in fla's layout, in and out."""
     (q_, k_, v_), window, offsets = _heads_first(where, q, k, v, g, window_size, cu_seqlens)
     if g is None:
         out = sliding_window_attention(q_, k_, v_, window, causal=True, scale=scale, cu_seqlens=offsets,
@@ -53,6 +57,4 @@ def parallel_forgetting_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     where = "parallel_forgetting_attn"
     if g is None:
         raise ValueError(f"{where}: g (B, T, HQ), the log forget gates, is required")
-    (q_, k_, v_), window, offsets = _heads_first(where, q, k, v, g, window_size, cu_seqlens)
-    out = forgetting_attention(q_, k_, v_, g.transpose(1, 2), window=window, scale=scale, cu_seqlens=offsets)
-    return out.transpose(1, 2).contiguous()
+    return _attention(where, q, k, v, g, scale, window_size, cu_seqlens)

@@ -91,7 +91,7 @@ def forgetting_attention(
     if cu_seqlens is not None:
         check_cu_seqlens(where, cu_seqlens, q, k, key_padding_mask)
         segments = sequence_ids(where, cu_seqlens, q.shape[2]).view(1, 1, -1)
-    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    acc = ops.accumulate_dtype(q.dtype)
     pattern = ops.restricted.Pattern(window=(left, right), causal=bool(causal), key_padding_mask=key_padding_mask,
                                      q_segments=segments, k_segments=segments, softcap=cap, dropout_p=dropout,
                                      dropout_seed=ops.restricted.dropout_seed_from(generator) if dropout else None,

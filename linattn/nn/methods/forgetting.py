@@ -21,6 +21,7 @@ from ...forgetting import forgetting_attention
 from ...reference import forget_decay
 from ...window import window_bounds, window_mask
 from ... import _validation as check
+from ... import ops
 from ..decoding import decode_forgetting
 from .base import MethodModule, _dropped_weights, _probability_dropout, _softmax_over_visible, _softplus_inverse
 
@@ -77,7 +78,5 @@ class ForgettingMethod(MethodModule):
         visible = window_mask(q.shape[2], k.shape[2], self.window, causal=causal, key_padding_mask=key_padding_mask,
                               batch=q.shape[0], device=q.device)
         scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)
-        if self.softcap:
-            scores = self.softcap * torch.tanh(scores / self.softcap)
-        scores = scores + forget_decay(log_f, q.shape[2], k.shape[2]).to(scores.dtype)
+        scores = ops.restricted.soft_capped(scores, self.softcap) + forget_decay(log_f, q.shape[2], k.shape[2]).to(scores.dtype)
         return out, _dropped_weights(_softmax_over_visible(scores, visible), seed, dropout_p)
